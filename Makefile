@@ -1,0 +1,46 @@
+# hybrid-toolkit. `make demo` and `make test` install what is missing into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (it lies on this machine's disk); a plain `torch` requirement would pull
+# a multi-GB CUDA build. Override on GPU hosts: make install TORCH_SPEC="torch==2.11.0"
+TORCH_SPEC ?= torch==2.13.0
+LOGDIR ?= runs
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install demo test lint format tensorboard clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev]"
+	@touch $@
+
+demo:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory install && \
+	rm -rf runs/tiny_hybrid && \
+	$(PY) launchers/submit.py recipes/tiny_hybrid.toml --local && \
+	$(PY) -m toolkit.inference.generate --checkpoint runs/tiny_hybrid/checkpoints \
+		--prompt "def " --prompt "import " --max-new-tokens 200 \
+		--temperature 0.7 --top-k 20 --seed 0 && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s (install included); TensorBoard: make tensorboard LOGDIR=runs/tiny_hybrid/tensorboard"
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port 6006
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,74 @@
+"""Generation with states equals recomputing the whole prefix; sampling controls behave."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model_config
+from toolkit.inference.generate import generate, sample_next
+from toolkit.model import HybridLM
+
+
+@pytest.fixture
+def model():
+    return HybridLM(tiny_model_config(), vocab_size=50).eval()
+
+
+def naive_greedy(model, prompt, n):
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(seq)[:, -1, : model.vocab_size]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+def test_greedy_with_states_equals_full_recompute(model):
+    prompt = torch.randint(0, 50, (3, 9))
+    assert torch.equal(generate(model, prompt, 20), naive_greedy(model, prompt, 20))
+
+
+def test_same_seed_same_text_other_seed_other_text(model):
+    prompt = torch.randint(0, 50, (2, 5))
+    a = generate(model, prompt, 30, temperature=1.0, seed=3)
+    b = generate(model, prompt, 30, temperature=1.0, seed=3)
+    c = generate(model, prompt, 30, temperature=1.0, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_never_samples_vocabulary_padding(model):
+    assert model.padded_vocab_size > model.vocab_size
+    with torch.no_grad():
+        model.output_layer.weight[model.vocab_size :] = 100.0  # padding would win every draw
+    out = generate(model, torch.zeros(4, 3, dtype=torch.long), 20, temperature=1.0, seed=0)
+    assert out.max() < model.vocab_size
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    top2 = sample_next(logits, temperature=1.0, top_k=2, generator=g)
+    assert set(top2.tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.64, 0.24, 0.09, ...: top_p 0.8 keeps the first two
+    nucleus = sample_next(logits, temperature=1.0, top_p=0.8, generator=g)
+    assert set(nucleus.tolist()) == {0, 1} and probs[0] < 0.8 < probs[:2].sum()
+    full = sample_next(logits, temperature=1.0, generator=g)
+    assert len(set(full.tolist())) >= 5
+    assert torch.equal(sample_next(logits[:3], top_k=1, temperature=5.0), torch.zeros(3).long())
+
+
+class AlwaysToken(torch.nn.Module):
+    def __init__(self, vocab: int, token: int) -> None:
+        super().__init__()
+        self.vocab, self.token = vocab, token
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape[:-1], self.vocab)
+        logits[..., self.token] = 1.0
+        return logits
+
+
+def test_stops_when_every_row_emitted_end_of_document(model):
+    model.output_layer = AlwaysToken(model.padded_vocab_size, 7)
+    out = generate(model, torch.randint(0, 50, (2, 4)), 50, eod_id=7)
+    assert out.shape == (2, 5) and torch.all(out[:, -1] == 7)
+    assert generate(model, torch.randint(0, 50, (2, 4)), 50).shape == (2, 54)

@@ -1,0 +1,333 @@
+"""The recipe: one TOML file drives model, data, training, parallel layout, checkpoints, logging, Slurm.
+
+`load_recipe(path, overrides)` parses, type-checks and validates; every error names the key and
+the reason, e.g. ``recipes/x.toml: model.hidden_size: expected int, got str 'big'``.
+"""
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed: the message names the file, the key and what to do."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A recipe field with its help text (shown by `python -m toolkit.config --help-keys`)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def req(help: str) -> Any:
+    return field(metadata={"help": help})
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    num_layers: int = req("number of blocks (each block is one Mamba-2, attention or MLP layer)")
+    hidden_size: int = req("model width")
+    seq_length: int = req("training sequence length in tokens")
+    att_ratio: float = opt(0.0, "share of attention blocks (reference ATT)")
+    mlp_ratio: float = opt(0.0, "share of MLP blocks (reference MLP); Mamba share = 1-ATT-MLP")
+    pattern: str | None = opt(None, "explicit layer pattern of M * - (and | stage markers)")
+    num_attention_heads: int = opt(16, "query heads per attention block")
+    num_query_groups: int = opt(8, "key/value heads (GQA groups)")
+    ffn_hidden_size: int = opt(0, "MLP inner width (0: 4 x hidden_size)")
+    mlp_activation: Literal["gelu", "relu2", "swiglu"] = opt("gelu", "MLP activation")
+    norm: Literal["rmsnorm", "layernorm"] = opt("rmsnorm", "block norm type")
+    norm_eps: float = opt(1e-5, "norm epsilon")
+    position_embedding: Literal["none", "rope"] = opt("none", "hybrids use none")
+    rotary_percent: float = opt(1.0, "fraction of each head's channels rotated by RoPE")
+    rotary_base: float = opt(10000.0, "RoPE base")
+    vocab_size: int | None = opt(None, "vocabulary before padding (default: the tokenizer's)")
+    make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this x TP")
+    mamba_state_dim: int = opt(128, "Mamba-2 state size N")
+    mamba_head_dim: int = opt(64, "Mamba-2 head dim P")
+    mamba_num_groups: int = opt(8, "Mamba-2 groups G for B and C")
+    mamba_expand: int = opt(2, "d_inner = expand x hidden_size")
+    mamba_conv_kernel: int = opt(4, "depthwise causal conv width")
+    mamba_chunk_size: int = opt(128, "SSD chunk length")
+    init_std: float = opt(0.02, "init std of linear and embedding weights")
+    kernels: Literal["auto", "reference"] = opt("auto", "SSD implementation")
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    tokenizer: Literal["byte"] = opt("byte", "tokenizer (byte-level: 256 bytes + specials)")
+    source: str = opt("stdlib", "'stdlib' (embedded corpus from Python's sources) or a text file")
+    max_corpus_bytes: int = opt(4_000_000, "cap on the corpus size read from the source")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = req("optimizer steps to run")
+    micro_batch_size: int = opt(1, "sequences per forward/backward")
+    global_batch_size: int = opt(1, "sequences per optimizer step (all ranks, all micro-batches)")
+    lr: float = opt(2.5e-4, "peak learning rate")
+    min_lr: float = opt(2.5e-5, "final learning rate")
+    lr_schedule: Literal["cosine", "wsd", "constant"] = opt("cosine", "decay after warmup")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    decay_steps: int | None = opt(None, "steps over which lr decays (default: steps)")
+    wsd_decay_fraction: float = opt(0.1, "WSD: final fraction of decay_steps spent decaying")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (not on norms, biases, A_log, D, dt_bias)")
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.95, "Adam beta2")
+    adam_eps: float = opt(1e-8, "Adam epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    precision: Literal["fp32", "bf16", "fp8"] = opt("bf16", "compute precision (master weights fp32)")
+    seed: int = opt(1234, "seed for init and data order")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available")
+    nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop, or skip the step")
+    max_skipped_steps: int = opt(10, "with nan_policy=skip, stop after this many skips in a row")
+    sample_prompt: str = opt("", "if set, print a greedy continuation of it after training")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    tp: int = opt(1, "tensor-parallel degree")
+    pp: int = opt(1, "pipeline-parallel degree")
+    dp: int = opt(-1, "data-parallel degree (-1: world size / (tp x pp))")
+    sequence_parallel: bool = opt(False, "shard norms/activations along the sequence under TP")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    dir: str = opt("runs/default/checkpoints", "where checkpoints go")
+    interval: int = opt(0, "save every N steps (0: only at the end)")
+    keep_last: int = opt(2, "how many published checkpoints to keep (0: all)")
+    resume: bool = opt(True, "resume from the latest checkpoint in dir if there is one")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    dir: str = opt("runs/default/tensorboard", "TensorBoard event directory")
+    interval: int = opt(10, "log every N steps")
+    progress_bar: bool = opt(True, "show a progress bar on rank 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class SlurmConfig:
+    partition: str | None = opt(None, "partition (-p)")
+    account: str | None = opt(None, "account (-A)")
+    qos: str | None = opt(None, "quality of service")
+    nodes: int = opt(1, "nodes")
+    gpus_per_node: int = opt(8, "GPUs per node (one task per GPU)")
+    cpus_per_task: int = opt(8, "CPU cores per task")
+    time: str = opt("04:00:00", "time limit HH:MM:SS or D-HH:MM:SS")
+    exclusive: bool = opt(True, "whole nodes")
+    constraint: str | None = opt(None, "node features (-C)")
+    mail_user: str | None = opt(None, "mail address")
+    mail_type: str | None = opt(None, "mail events, e.g. END,FAIL")
+    extra_sbatch: list[str] = opt([], "extra '#SBATCH' lines, without the prefix")
+    container_image: str | None = opt(None, "pyxis image (.sqsh or docker ref) or Apptainer .sif")
+    container_mounts: list[str] = opt([], "host:container mounts")
+    signal_delay_s: int = opt(90, "seconds before the limit to signal a checkpoint-and-requeue")
+    max_num_timeout: int = opt(3, "how many times a job may requeue after a timeout")
+
+
+@dataclass(kw_only=True, slots=True)
+class Recipe:
+    name: str = opt("run", "run name")
+    model: ModelConfig = req("model shape")
+    data: DataConfig = opt(None, "data")
+    train: TrainConfig = req("training")
+    parallel: ParallelConfig = opt(None, "parallel layout")
+    checkpoint: CheckpointConfig = opt(None, "checkpointing")
+    logging: LoggingConfig = opt(None, "logging")
+    slurm: SlurmConfig = opt(None, "Slurm job")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: TOML table -> dataclasses, with errors naming the key.
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a table [{key}], got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool, float) and (type(value) is not tp):
+        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{full}: unknown key{hint}; valid keys: {', '.join(fields)}")
+        kwargs[key] = _convert(value, hints[key], full)
+    for name, f in fields.items():
+        missing_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs and missing_default:
+            full = f"{prefix}.{name}" if prefix else name
+            raise RecipeError(f"{full}: required key is missing ({f.metadata.get('help', '')})")
+        if name not in kwargs and f.default is None and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def apply_override(table: dict[str, Any], assignment: str) -> None:
+    """Apply `section.key=value` (the value in TOML syntax, or a bare string) to a raw table."""
+    path, sep, text = assignment.partition("=")
+    if not sep or not path.strip():
+        raise RecipeError(f"--set {assignment!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    *sections, leaf = path.strip().split(".")
+    node = table
+    for s in sections:
+        node = node.setdefault(s, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {assignment!r}: {s} is not a section")
+    node[leaf] = value
+
+
+def recipe_from_dict(table: dict[str, Any], overrides: list[str] = ()) -> Recipe:
+    table = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
+    for assignment in overrides:
+        apply_override(table, assignment)
+    recipe = _build(Recipe, table, "")
+    validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, type-check and validate a recipe; RecipeError messages start with the file name."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return recipe_from_dict(table, overrides)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values that types cannot express: positive sizes, divisibility, the layout.
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key}: {why}")
+
+
+def validate(r: Recipe, world_size: int | None = None) -> None:
+    """Raise RecipeError for an impossible recipe; with world_size, also check the layout fits it."""
+    from toolkit.layout import build_layout  # local: layout imports nothing from here
+
+    m, t, p = r.model, r.train, r.parallel
+    for key in ("num_layers", "hidden_size", "seq_length", "num_attention_heads", "num_query_groups",
+                "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_expand",
+                "mamba_conv_kernel", "mamba_chunk_size", "make_vocab_size_divisible_by"):
+        _check(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
+    _check(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", "must be >= 0")
+    _check(0 < m.rotary_percent <= 1, "model.rotary_percent", "must be in (0, 1]")
+    try:
+        layout = build_layout(m.num_layers, m.att_ratio, m.mlp_ratio, m.pattern)
+    except ValueError as e:
+        raise RecipeError(f"model.pattern / model.att_ratio / model.mlp_ratio: {e}") from None
+
+    tp = p.tp
+    for key in ("tp", "pp"):
+        _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+    _check(p.dp == -1 or p.dp >= 1, "parallel.dp", f"must be >= 1 or -1 (auto), got {p.dp}")
+    if "*" in layout.pattern:
+        h, g = m.num_attention_heads, m.num_query_groups
+        _check(h % g == 0, "model.num_query_groups", f"{h} heads are not divisible by {g} groups")
+        _check(m.hidden_size % h == 0, "model.num_attention_heads",
+               f"hidden_size {m.hidden_size} is not divisible by {h} heads")
+        _check(h % tp == 0, "parallel.tp", f"{h} attention heads are not divisible by TP={tp}")
+        _check(g % tp == 0, "parallel.tp", f"{g} query groups are not divisible by TP={tp}")
+    if "M" in layout.pattern:
+        d_inner = m.mamba_expand * m.hidden_size
+        _check(d_inner % m.mamba_head_dim == 0, "model.mamba_head_dim",
+               f"d_inner {d_inner} is not divisible by head dim {m.mamba_head_dim}")
+        heads = d_inner // m.mamba_head_dim
+        _check(heads % m.mamba_num_groups == 0, "model.mamba_num_groups",
+               f"{heads} Mamba heads are not divisible by {m.mamba_num_groups} groups")
+        _check(heads % tp == 0, "parallel.tp", f"{heads} Mamba heads are not divisible by TP={tp}")
+        _check(m.mamba_num_groups % tp == 0, "parallel.tp",
+               f"{m.mamba_num_groups} Mamba groups are not divisible by TP={tp}")
+    if "-" in layout.pattern:
+        _check(m.ffn_size % tp == 0, "parallel.tp", f"ffn size {m.ffn_size} is not divisible by TP={tp}")
+    stages = len(layout.stages)
+    if stages > 1:
+        _check(stages == p.pp, "parallel.pp", f"the pattern has {stages} stages ('|'), pp is {p.pp}")
+    else:
+        _check(m.num_layers % p.pp == 0, "parallel.pp",
+               f"{m.num_layers} layers do not split evenly into PP={p.pp} stages (or use '|' markers)")
+
+    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(0 < t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", "must be in (0, 1]")
+    _check(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", f"need 0 <= min_lr <= lr, got {t.min_lr}, {t.lr}")
+    dp = p.dp
+    if dp == -1 and world_size is not None:
+        _check(world_size % (tp * p.pp) == 0, "parallel",
+               f"world size {world_size} is not divisible by TP x PP = {tp * p.pp}")
+        dp = world_size // (tp * p.pp)
+    elif world_size is not None:
+        _check(world_size == tp * p.pp * dp, "parallel",
+               f"TP x PP x DP = {tp}x{p.pp}x{dp} = {tp * p.pp * dp} but the world size is {world_size}")
+    per_step = t.micro_batch_size * max(dp, 1)
+    _check(t.global_batch_size % per_step == 0, "train.global_batch_size",
+           f"{t.global_batch_size} is not divisible by micro_batch_size x DP = {per_step}")
+    _check(r.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    _check(r.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+    _check(r.logging.interval >= 1, "logging.interval", "must be >= 1")
+    _check(r.slurm.nodes >= 1, "slurm.nodes", "must be >= 1")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
+    """Round the vocabulary up to a multiple of divisible_by x TP (Megatron's rule)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple

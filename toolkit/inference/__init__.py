@@ -1,0 +1,1 @@
+"""Inference: generation with the Mamba recurrent state and the attention KV cache."""

@@ -1,0 +1,111 @@
+"""Grouped-query self-attention (no position embedding in hybrids, partial RoPE for the GPT baseline).
+
+`linear_qkv` rows use Megatron's grouped layout: for each KV group g, the q rows of its
+heads/groups query heads, then k_g, then v_g. A tensor-parallel rank therefore owns a contiguous
+block of whole groups, and Megatron checkpoints map onto it without reordering.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of one attention layer; `length` positions are filled."""
+
+    k: torch.Tensor  # [b, groups, max_len, head_dim]
+    v: torch.Tensor
+    length: int = 0
+
+
+class Rotary(nn.Module):
+    """Rotary embedding of the first `rotary_percent` of each head's channels (half-split form)."""
+
+    def __init__(self, head_dim: int, rotary_percent: float = 1.0, base: float = 10000.0) -> None:
+        super().__init__()
+        self.rot_dim = int(head_dim * rotary_percent)
+        if self.rot_dim % 2:
+            raise ValueError(
+                f"rotary: {self.rot_dim} rotated channels is odd (head_dim {head_dim})"
+            )
+        inv_freq = 1.0 / base ** (
+            torch.arange(0, self.rot_dim, 2, dtype=torch.float32) / self.rot_dim
+        )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, t: torch.Tensor, offset: int) -> torch.Tensor:
+        """t [b, l, heads, head_dim] at positions offset .. offset+l-1."""
+        pos = torch.arange(offset, offset + t.size(1), device=t.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(t.device))  # l, rot/2
+        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        rot, rest = t[..., : self.rot_dim].float(), t[..., self.rot_dim :]
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return torch.cat([rotated.to(t.dtype), rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        num_heads: int,
+        num_groups: int,
+        head_dim: int | None = None,
+        rotary: Rotary | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_groups:
+            raise ValueError(f"attention: {num_heads} heads not divisible by {num_groups} groups")
+        self.num_heads, self.num_groups = num_heads, num_groups
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.heads_per_group = num_heads // num_groups
+        qkv_rows = (num_heads + 2 * num_groups) * self.head_dim
+        self.linear_qkv = nn.Linear(hidden_size, qkv_rows, bias=False)
+        self.linear_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.rotary = rotary
+
+    def allocate_state(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        shape = (batch_size, self.num_groups, max_len, self.head_dim)
+        return KVCache(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
+        b, length, _ = x.shape
+        qkv = self.linear_qkv(x).view(
+            b, length, self.num_groups, self.heads_per_group + 2, self.head_dim
+        )
+        q = qkv[:, :, :, :-2].flatten(2, 3)  # b l heads d
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # b l groups d
+        offset = state.length if state is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+        mask, causal = None, True
+        if state is not None:
+            end = offset + length
+            if end > state.k.size(2):
+                raise RuntimeError(f"KV cache holds {state.k.size(2)} positions, {end} needed")
+            state.k[:, :, offset:end] = k
+            state.v[:, :, offset:end] = v
+            state.length = end
+            k, v = state.k[:, :, :end], state.v[:, :, :end]
+            if offset > 0:
+                # SDPA's is_causal aligns the mask top-left: with cached keys, query i must see
+                # keys up to offset + i, so pass the bottom-right mask explicitly.
+                causal = False
+                if length > 1:
+                    q_pos = torch.arange(offset, end, device=x.device)[:, None]
+                    mask = q_pos >= torch.arange(end, device=x.device)[None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_groups != self.num_heads
+        )
+        return self.linear_proj(out.transpose(1, 2).flatten(2))

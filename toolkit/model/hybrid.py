@@ -1,0 +1,150 @@
+"""HybridLM: embedding -> blocks of 'M' (Mamba-2) | '*' (attention) | '-' (MLP) -> norm -> output.
+
+Every block is x + mixer(norm(x)). No position embedding (RoPE only for the GPT baseline), no
+biases in linear layers, untied input and output embeddings. Parameter names follow Megatron's
+where they can (`embedding`, `layers.{i}.mixer.in_proj`, `final_norm`, `output_layer`).
+"""
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolkit.config import ModelConfig, padded_vocab_size
+from toolkit.layout import build_layout
+from toolkit.model.attention import Attention, Rotary
+from toolkit.model.mamba2 import Mamba2Mixer, select_ssd
+from toolkit.model.mlp import MLP
+from toolkit.model.norms import build_norm
+
+
+class Block(nn.Module):
+    def __init__(self, kind: str, mixer: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.kind = kind  # 'M', '*' or '-'
+        self.norm = norm
+        self.mixer = mixer
+
+    def forward(self, x: torch.Tensor, state: Any = None) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), state)
+
+
+def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
+    if kind == "M":
+        return Mamba2Mixer(
+            cfg.hidden_size,
+            d_state=cfg.mamba_state_dim,
+            head_dim=cfg.mamba_head_dim,
+            num_groups=cfg.mamba_num_groups,
+            expand=cfg.mamba_expand,
+            d_conv=cfg.mamba_conv_kernel,
+            chunk_size=cfg.mamba_chunk_size,
+            norm_eps=cfg.norm_eps,
+            ssd=select_ssd(cfg.kernels),
+        )
+    if kind == "*":
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        rotary = None
+        if cfg.position_embedding == "rope":
+            rotary = Rotary(head_dim, cfg.rotary_percent, cfg.rotary_base)
+        return Attention(
+            cfg.hidden_size,
+            num_heads=cfg.num_attention_heads,
+            num_groups=cfg.num_query_groups,
+            rotary=rotary,
+        )
+    if kind == "-":
+        return MLP(cfg.hidden_size, cfg.ffn_size, cfg.mlp_activation)
+    raise ValueError(f"unknown layer symbol {kind!r}")
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: int = 1) -> None:
+        """`vocab_size` is the tokenizer's; the embedding is padded to a multiple of 128 x TP."""
+        super().__init__()
+        self.cfg = cfg
+        self.layout = build_layout(cfg.num_layers, cfg.att_ratio, cfg.mlp_ratio, cfg.pattern)
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tp)
+        self.embedding = nn.Embedding(self.padded_vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(kind, build_mixer(kind, cfg), build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps))
+            for kind in self.layout.pattern
+        )
+        self.final_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.output_layer = nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, std) for embedding and linears; residual-output projections get
+        std / sqrt(2 * num_layers) (Megatron's scaled init); SSM parameters as in Mamba-2."""
+        std = self.cfg.init_std
+        scaled = std / math.sqrt(2 * self.cfg.num_layers)
+        nn.init.normal_(self.embedding.weight, std=std)
+        nn.init.normal_(self.output_layer.weight, std=std)
+        for block in self.layers:
+            for name, module in block.mixer.named_modules():
+                if isinstance(module, nn.Linear):
+                    is_output = name in ("out_proj", "linear_proj", "linear_fc2")
+                    nn.init.normal_(module.weight, std=scaled if is_output else std)
+                elif isinstance(module, nn.Conv1d):
+                    module.reset_parameters()
+            if isinstance(block.mixer, Mamba2Mixer):
+                block.mixer.reset_ssm_parameters()
+                block.mixer.norm.reset_parameters()
+            block.norm.reset_parameters()
+        self.final_norm.reset_parameters()
+
+    def allocate_states(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> list[Any]:
+        """Per-layer decode states: Mamba conv/SSM state, attention KV cache, None for MLPs."""
+        device = device or self.embedding.weight.device
+        dtype = dtype or self.embedding.weight.dtype
+        states: list[Any] = []
+        for block in self.layers:
+            if block.kind == "M":
+                states.append(block.mixer.allocate_state(batch_size, device, dtype))
+            elif block.kind == "*":
+                states.append(block.mixer.allocate_state(batch_size, max_len, device, dtype))
+            else:
+                states.append(None)
+        return states
+
+    def forward(self, tokens: torch.Tensor, states: list[Any] | None = None) -> torch.Tensor:
+        """tokens [b, l] -> logits [b, l, padded_vocab]. With `states`, continue from them and
+        update them in place (prefill, then one token at a time)."""
+        x = self.embedding(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(x, None if states is None else states[i])
+        return self.output_layer(self.final_norm(x))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total parameters and those in matmuls (output layer included, embedding excluded)."""
+    total = sum(p.numel() for p in model.parameters())
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return {"total": total, "matmul": matmul}
+
+
+def flops_per_token(model: HybridLM, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward, DESIGN.md section 5).
+
+    6 x matmul parameters; attention core 12 x layers x seq x hidden, halved for causal masking;
+    SSD scan per Mamba layer and token: 6 x (3 x heads x head_dim x d_state) for the state update
+    and readout, forward + backward.
+    """
+    cfg = model.cfg
+    flops = 6.0 * count_parameters(model)["matmul"]
+    n_att = model.layout.pattern.count("*")
+    flops += 12.0 * n_att * seq_length * cfg.hidden_size / 2
+    n_mamba = model.layout.pattern.count("M")
+    d_inner = cfg.mamba_expand * cfg.hidden_size
+    flops += 6.0 * n_mamba * 3 * d_inner * cfg.mamba_state_dim
+    return flops

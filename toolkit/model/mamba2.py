@@ -1,0 +1,252 @@
+"""Mamba-2 mixer with a pure-PyTorch chunked SSD (the reference kernel) and a one-token decode step.
+
+Shapes: batch b, length l, heads h, head dim p, groups g, state n. in_proj rows are ordered
+[z, x, B, C, dt] (DESIGN.md section 2); head h reads B and C of group h // (heads / groups).
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.model.norms import GatedRMSNorm
+
+# ssd(x, dt, A, B, C, chunk_size, initial_state) -> (y, final_state); see ssd_chunked.
+SSDFunction = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def segment_sum(x: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = sum(x[..., j+1 : i+1]) for j <= i, -inf above the diagonal.
+
+    Built from a masked cumulative sum rather than a difference of cumsums, which cancels badly.
+    """
+    t = x.size(-1)
+    x = x.unsqueeze(-1).expand(*x.shape, t)  # [..., i, j] = x[i]
+    strictly_lower = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device), -1)
+    x = x.masked_fill(~strictly_lower, 0.0)
+    sums = torch.cumsum(x, dim=-2)
+    lower = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
+    return sums.masked_fill(~lower, -torch.inf)
+
+
+def _heads_from_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, l, g, n] -> [b, l, h, n]: each group serves heads/g consecutive heads."""
+    return t.repeat_interleave(heads // t.size(2), dim=2)
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked state-space duality scan, fp32 inside.
+
+    x [b,l,h,p], dt [b,l,h] (after softplus), A [h] (negative), B and C [b,l,g,n],
+    initial_state [b,h,p,n]. Returns y [b,l,h,p] (without the D skip) in x's dtype and the
+    final state [b,h,p,n] in fp32. Equals the recurrence h_t = exp(dt A) h_{t-1} + dt B_t x_t,
+    y_t = C_t h_t.
+    """
+    b, length, heads, p = x.shape
+    pad = (-length) % chunk_size
+    # Zero dt on padded steps: decay exp(0) = 1 and no input, so the final state is unchanged.
+    xf, dtf = F.pad(x.float(), (0, 0, 0, 0, 0, pad)), F.pad(dt.float(), (0, 0, 0, pad))
+    Bf = F.pad(_heads_from_groups(B.float(), heads), (0, 0, 0, 0, 0, pad))
+    Cf = F.pad(_heads_from_groups(C.float(), heads), (0, 0, 0, 0, 0, pad))
+    c = (length + pad) // chunk_size
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # [b, c*k, ...] -> [b, c, k, ...]
+        return t.unflatten(1, (c, chunk_size))
+
+    xdt = chunks(xf * dtf.unsqueeze(-1))  # b c k h p
+    Bc, Cc = chunks(Bf), chunks(Cf)  # b c k h n
+    a = chunks(dtf * A.float()).permute(0, 3, 1, 2)  # b h c k
+    a_cumsum = torch.cumsum(a, dim=-1)
+
+    # 1. Outputs from inputs within the same chunk (the quadratic, attention-like part).
+    decay = torch.exp(segment_sum(a))  # b h c k k
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cc, Bc, decay, xdt)
+
+    # 2. Each chunk's own contribution to the state at its end.
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # b h c k
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, xdt)
+
+    # 3. Carry states across chunks: state entering chunk i, plus the final state.
+    if initial_state is None:
+        initial_state = xf.new_zeros(b, heads, p, Bf.size(-1))
+    states = torch.cat([initial_state.float().unsqueeze(1), chunk_states], dim=1)
+    chunk_decay = torch.exp(segment_sum(F.pad(a_cumsum[..., -1], (1, 0))))  # b h c+1 c+1
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    entering, final_state = states[:, :-1], states[:, -1]
+
+    # 4. Outputs from the state entering each chunk.
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, entering, torch.exp(a_cumsum))
+    y = (y_diag + y_off).flatten(1, 2)[:, :length]
+    return y.to(x.dtype), final_state
+
+
+def ssd_recurrent(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 0,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The defining recurrence, one step at a time (slow; the ground truth for tests)."""
+    b, length, heads, p = x.shape
+    Bh, Ch = _heads_from_groups(B, heads), _heads_from_groups(C, heads)
+    state = x.new_zeros(b, heads, p, B.size(-1)) if initial_state is None else initial_state
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + (dt[:, t, :, None] * x[:, t]).unsqueeze(-1) * Bh[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+    return torch.stack(ys, dim=1), state
+
+
+SSD_KERNELS: dict[str, SSDFunction] = {"reference": ssd_chunked}
+
+
+def select_ssd(kernels: str) -> SSDFunction:
+    """The SSD implementation for `model.kernels`; 'auto' picks the fastest one available."""
+    if kernels == "auto":
+        return SSD_KERNELS["reference"]
+    if kernels not in SSD_KERNELS:
+        raise ValueError(f"model.kernels={kernels!r} is not available here: {sorted(SSD_KERNELS)}")
+    return SSD_KERNELS[kernels]
+
+
+@dataclass
+class MambaState:
+    """Decode state of one Mamba layer: the last d_conv pre-conv columns and the SSM state."""
+
+    conv: torch.Tensor  # [b, conv_dim, d_conv]
+    ssm: torch.Tensor  # [b, heads, head_dim, d_state], fp32
+    seen: int = 0  # tokens consumed so far
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        d_state: int = 128,
+        head_dim: int = 64,
+        num_groups: int = 8,
+        expand: int = 2,
+        d_conv: int = 4,
+        chunk_size: int = 128,
+        norm_eps: float = 1e-5,
+        ssd: SSDFunction = ssd_chunked,
+    ) -> None:
+        super().__init__()
+        self.d_inner = expand * hidden_size
+        if self.d_inner % head_dim:
+            raise ValueError(f"mamba: d_inner {self.d_inner} not divisible by head_dim {head_dim}")
+        self.num_heads = self.d_inner // head_dim
+        if self.num_heads % num_groups:
+            raise ValueError(f"mamba: {self.num_heads} heads not divisible by {num_groups} groups")
+        self.head_dim, self.d_state, self.num_groups = head_dim, d_state, num_groups
+        self.d_conv, self.chunk_size, self.ssd = d_conv, chunk_size, ssd
+        self.conv_dim = self.d_inner + 2 * num_groups * d_state
+        self.split_sizes = [self.d_inner, self.conv_dim, self.num_heads]  # z, xBC, dt
+
+        self.in_proj = nn.Linear(hidden_size, sum(self.split_sizes), bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim)
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, num_groups, norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=False)
+        for p in (self.A_log, self.D, self.dt_bias):
+            p._no_weight_decay = True  # read by the optimizer's parameter grouping
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        self.D.fill_(1.0)
+        log_dt = torch.rand_like(self.dt_bias) * (math.log(dt_max) - math.log(dt_min))
+        dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def allocate_state(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> MambaState:
+        conv = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)
+        ssm = torch.zeros(
+            batch_size,
+            self.num_heads,
+            self.head_dim,
+            self.d_state,
+            device=device,
+            dtype=torch.float32,
+        )
+        return MambaState(conv, ssm)
+
+    def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gn = self.num_groups * self.d_state
+        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
+        return (
+            x.unflatten(-1, (self.num_heads, self.head_dim)),
+            B.unflatten(-1, (self.num_groups, self.d_state)),
+            C.unflatten(-1, (self.num_groups, self.d_state)),
+        )
+
+    def forward(self, u: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
+        if state is not None and state.seen > 0 and u.size(1) == 1:
+            return self.step(u, state)
+        b, length, _ = u.shape
+        z, xbc, dt = self.in_proj(u).split(self.split_sizes, dim=-1)
+
+        # Depthwise causal conv; continuing a sequence, the cached columns are the left context.
+        xbc_t = xbc.transpose(1, 2)
+        if state is not None and state.seen > 0:
+            padded = torch.cat([state.conv[..., 1:].to(xbc_t.dtype), xbc_t], dim=-1)
+        else:
+            padded = F.pad(xbc_t, (self.d_conv - 1, 0))
+        if state is not None:
+            state.conv.copy_(padded[..., -self.d_conv :])  # padded has >= d_conv columns
+        xbc = F.silu(F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        x, B, C = self._split_xbc(xbc.transpose(1, 2))
+
+        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        initial = state.ssm if state is not None and state.seen > 0 else None
+        y, final_state = self.ssd(x, dt, A, B, C, self.chunk_size, initial)
+        if state is not None:
+            state.ssm.copy_(final_state)
+            state.seen += length
+        y = y + x * self.D.to(x.dtype)[:, None]
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def step(self, u: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token [b, 1, hidden] -> [b, 1, hidden], updating `state` in place."""
+        z, xbc, dt = self.in_proj(u.squeeze(1)).split(self.split_sizes, dim=-1)
+        state.conv.copy_(
+            torch.cat([state.conv[..., 1:], xbc.unsqueeze(-1).to(state.conv.dtype)], -1)
+        )
+        weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
+        xbc = (state.conv.to(weight.dtype) * weight).sum(-1) + self.conv1d.bias
+        x, B, C = self._split_xbc(F.silu(xbc))
+
+        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, h]
+        heads = self.num_heads
+        Bh = B.repeat_interleave(heads // self.num_groups, dim=1)  # [b, h, n]
+        Ch = C.repeat_interleave(heads // self.num_groups, dim=1)
+        decay = torch.exp(dt * A)[:, :, None, None]
+        update = (dt.unsqueeze(-1) * x.float()).unsqueeze(-1) * Bh.float().unsqueeze(2)
+        state.ssm.copy_(decay * state.ssm + update)
+        y = torch.einsum("bhpn,bhn->bhp", state.ssm, Ch.float()).to(x.dtype)
+        y = y + x * self.D.to(x.dtype)[:, None]
+        state.seen += 1
+        return self.out_proj(self.norm(y.flatten(-2), z)).unsqueeze(1)

@@ -1,0 +1,51 @@
+"""AdamW with parameter groups, and learning-rate schedules (warmup + cosine / WSD / constant)."""
+
+import math
+
+import torch
+from torch import nn
+
+from toolkit.config import TrainConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, or Mamba's A_log, D and dt_bias."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or getattr(p, "_no_weight_decay", False)
+        (no_decay if exempt else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        foreach=True,
+    )
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """The lr for optimizer step `step` (0-based): linear warmup, then the chosen decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    decay_steps = cfg.decay_steps or cfg.steps
+    if cfg.lr_schedule == "cosine":
+        span = max(decay_steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    # WSD: warmup, stable at lr, then a linear decay to min_lr over the last fraction.
+    decay_start = decay_steps - int(cfg.wsd_decay_fraction * decay_steps)
+    if step < decay_start:
+        return cfg.lr
+    progress = min((step - decay_start) / max(decay_steps - decay_start, 1), 1.0)
+    return cfg.lr - (cfg.lr - cfg.min_lr) * progress

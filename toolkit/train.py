@@ -1,0 +1,328 @@
+"""The training loop (single process today; parallelism wraps the model, the loss and the data slice
+from outside, without changing this loop).
+
+    python -m toolkit.train RECIPE.toml [--set train.steps=100 ...]
+
+Each optimizer step consumes `global_batch_size` samples as micro-batches of `micro_batch_size`,
+with gradients accumulated. The run resumes from the latest checkpoint in `checkpoint.dir`; a
+resumed run continues bit-for-bit where the uninterrupted one would have been. SIGTERM / SIGUSR2
+(Slurm's pre-timeout signal) save a checkpoint at the next step boundary and stop.
+"""
+
+import argparse
+import contextlib
+import logging
+import math
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from toolkit.build import build_model, describe_model, resolve_device
+from toolkit.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    model_tensors,
+    optimizer_tensors,
+    restore_model,
+    restore_optimizer,
+    save_checkpoint,
+)
+from toolkit.config import Recipe, RecipeError, load_recipe
+from toolkit.data import SequenceSampler, load_corpus
+from toolkit.model import HybridLM, flops_per_token
+from toolkit.optim import build_optimizer, learning_rate
+from toolkit.tokenizer import ByteTokenizer, build_tokenizer
+
+log = logging.getLogger("toolkit.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. non-finite loss under nan_policy='stop')."""
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> loss
+    skipped_steps: int = 0
+    checkpoint: str | None = None
+    stopped_by_signal: bool = False
+    sample: str | None = None
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR2; the loop checkpoints and returns at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise NotImplementedError(
+        "train.precision='fp8' needs the GPU backend (Transformer Engine or torchao), which this "
+        "build does not have yet; use 'bf16'"
+    )
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state().tolist()}
+
+
+def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
+    cfg, result = recipe.train, TrainResult()
+    stop = stop or StopRequest()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    tokenizer = build_tokenizer(recipe.data.tokenizer)
+    tokens = load_corpus(recipe.data.source, tokenizer, recipe.data.max_corpus_bytes)
+    sampler = SequenceSampler(tokens, recipe.model.seq_length, cfg.seed)
+    model = build_model(recipe, tokenizer, device)
+    optimizer = build_optimizer(model, cfg)
+    log.info("%s", describe_model(model))
+    log.info(
+        "corpus: %s, %d tokens, %d sequences of %d",
+        recipe.data.source,
+        len(tokens),
+        sampler.num_windows,
+        recipe.model.seq_length,
+    )
+
+    # Data-parallel seam: with DP, each rank takes its slice of every global batch.
+    dp_rank, dp_size = 0, 1
+    micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
+    start_step, consumed = 0, 0
+    ckpt_dir = recipe.checkpoint.dir
+    previous = latest_checkpoint(ckpt_dir) if recipe.checkpoint.resume else None
+    if previous is not None:
+        ckpt = load_checkpoint(previous)
+        if ckpt.metadata["recipe"]["model"] != recipe.to_dict()["model"]:
+            raise RecipeError(
+                f"{previous} was written for a different [model] section; point checkpoint.dir "
+                "elsewhere or set checkpoint.resume=false"
+            )
+        restore_model(model, ckpt)
+        restore_optimizer(model, optimizer, ckpt)
+        torch.set_rng_state(torch.tensor(ckpt.metadata["rng"]["torch"], dtype=torch.uint8))
+        start_step, consumed = ckpt.metadata["step"], ckpt.metadata["consumed_samples"]
+        log.info("resumed from %s at step %d (%d samples consumed)", previous, start_step, consumed)
+
+    def save(step: int) -> None:
+        meta = {
+            "step": step,
+            "consumed_samples": consumed,
+            "recipe": recipe.to_dict(),
+            "rng": rng_state(),
+            "layout": {"tp": 1, "pp": 1, "dp": dp_size},
+            "pattern": model.layout.pattern,
+            "vocab_size": model.vocab_size,
+        }
+        path = save_checkpoint(
+            ckpt_dir,
+            step,
+            model_tensors(model),
+            optimizer_tensors(model, optimizer),
+            meta,
+            keep_last=recipe.checkpoint.keep_last,
+        )
+        result.checkpoint = str(path)
+        log.info("saved checkpoint %s", path)
+
+    from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
+
+    writer = SummaryWriter(recipe.logging.dir)
+    if start_step == 0:
+        writer.add_text("recipe", f"```\n{recipe.to_dict()}\n```")
+        writer.add_text("pattern", model.layout.summary())
+    params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
+    step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    skipped_in_a_row = 0
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not recipe.logging.progress_bar,
+        mininterval=1.0,
+        file=sys.stderr,
+    )
+    step = start_step
+    model.train()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(micro_batches):
+            first = consumed + (dp_rank * micro_batches + micro) * cfg.micro_batch_size
+            inputs, labels = (t.to(device) for t in sampler.batch(first, cfg.micro_batch_size))
+            with autocast_context(cfg.precision, device):
+                logits = model(inputs)
+            loss = loss_fn(logits, labels) / micro_batches
+            loss.backward()
+            loss_sum += loss.detach()
+        loss_value = loss_sum.item()
+        consumed += cfg.global_batch_size
+        step += 1
+
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.nan_policy == "stop":
+                raise TrainingError(
+                    f"step {step}: loss is {loss_value}; stopping without saving this state. "
+                    f"Resume from the last checkpoint in {ckpt_dir} with a lower train.lr, or set "
+                    "train.nan_policy='skip'"
+                )
+            result.skipped_steps += 1
+            skipped_in_a_row += 1
+            log.warning(
+                "step %d: loss is %s, step skipped (%d in a row)",
+                step,
+                loss_value,
+                skipped_in_a_row,
+            )
+            if skipped_in_a_row > cfg.max_skipped_steps:
+                raise TrainingError(f"{skipped_in_a_row} non-finite losses in a row; stopping")
+            continue
+        skipped_in_a_row = 0
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - t0
+        result.losses[step] = loss_value
+
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if step == start_step + 1 or step % recipe.logging.interval == 0 or step == cfg.steps:
+            scalars = {
+                "train/loss": loss_value,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "perf/step_time_s": step_time,
+                "perf/tokens_per_s": tokens_per_step / step_time,
+                "perf/tflops": step_flops / step_time / 1e12,
+                "perf/peak_memory_gb": peak_memory_gb(device),
+                "model/parameters": params,
+                "train/consumed_samples": consumed,
+            }
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, step)
+            writer.flush()
+        interval = recipe.checkpoint.interval
+        if (interval and step % interval == 0) or step == cfg.steps or stop.signum is not None:
+            save(step)
+        if stop.signum is not None:
+            log.warning(
+                "signal %d received: checkpoint saved at step %d, stopping", stop.signum, step
+            )
+            result.stopped_by_signal = True
+            break
+    bar.close()
+    writer.close()
+    if result.losses:
+        steps = sorted(result.losses)
+        log.info(
+            "loss: step %d %.4f -> step %d %.4f",
+            steps[0],
+            result.losses[steps[0]],
+            steps[-1],
+            result.losses[steps[-1]],
+        )
+    if cfg.sample_prompt and not result.stopped_by_signal:
+        result.sample = sample_text(model, tokenizer, cfg.sample_prompt, seed=cfg.seed)
+        log.info(
+            "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
+        )
+    return result
+
+
+def sample_text(
+    model: HybridLM, tokenizer: ByteTokenizer, prompt: str, seed: int, max_new_tokens: int = 200
+) -> str:
+    """A short sampled continuation (greedy decoding of a tiny model loops on whitespace)."""
+    from toolkit.inference.generate import generate
+
+    model.eval()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = generate(
+        model, ids, max_new_tokens, temperature=0.7, top_k=20, seed=seed, eod_id=tokenizer.eod
+    )
+    return tokenizer.decode(out[0].tolist())
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m toolkit.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="recipe TOML file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    return parser
+
+
+def run(recipe_path: str, overrides: list[str]) -> int:
+    """Load, validate and train; exit status 2 for a bad recipe, 1 for a failed run."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stop = StopRequest()
+    stop.install()
+    try:
+        train(recipe, stop)
+    except (TrainingError, RecipeError, NotImplementedError) as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    return run(args.recipe, args.set)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
