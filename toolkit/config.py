@@ -19,7 +19,7 @@ class RecipeError(ValueError):
 
 
 def opt(default: Any, help: str) -> Any:
-    """A recipe field with its help text (shown by `python -m toolkit.config --help-keys`)."""
+    """A recipe field with its help text (listed by `python -m toolkit.config --keys`)."""
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -80,12 +80,16 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear warmup steps")
     decay_steps: int | None = opt(None, "steps over which lr decays (default: steps)")
     wsd_decay_fraction: float = opt(0.1, "WSD: final fraction of decay_steps spent decaying")
-    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (not on norms, biases, A_log, D, dt_bias)")
+    weight_decay: float = opt(
+        0.1, "AdamW decoupled weight decay (not on norms, biases, A_log, D, dt_bias)"
+    )
     adam_beta1: float = opt(0.9, "Adam beta1")
     adam_beta2: float = opt(0.95, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    precision: Literal["fp32", "bf16", "fp8"] = opt("bf16", "compute precision (master weights fp32)")
+    precision: Literal["fp32", "bf16", "fp8"] = opt(
+        "bf16", "compute precision (master weights fp32)"
+    )
     seed: int = opt(1234, "seed for init and data order")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop, or skip the step")
@@ -199,7 +203,9 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
             raise RecipeError(f"{full}: unknown key{hint}; valid keys: {', '.join(fields)}")
         kwargs[key] = _convert(value, hints[key], full)
     for name, f in fields.items():
-        missing_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        missing_default = (
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
         if name not in kwargs and missing_default:
             full = f"{prefix}.{name}" if prefix else name
             raise RecipeError(f"{full}: required key is missing ({f.metadata.get('help', '')})")
@@ -264,9 +270,20 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     from toolkit.layout import build_layout  # local: layout imports nothing from here
 
     m, t, p = r.model, r.train, r.parallel
-    for key in ("num_layers", "hidden_size", "seq_length", "num_attention_heads", "num_query_groups",
-                "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_expand",
-                "mamba_conv_kernel", "mamba_chunk_size", "make_vocab_size_divisible_by"):
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "seq_length",
+        "num_attention_heads",
+        "num_query_groups",
+        "mamba_state_dim",
+        "mamba_head_dim",
+        "mamba_num_groups",
+        "mamba_expand",
+        "mamba_conv_kernel",
+        "mamba_chunk_size",
+        "make_vocab_size_divisible_by",
+    ):
         _check(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
     _check(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", "must be >= 0")
     _check(0 < m.rotary_percent <= 1, "model.rotary_percent", "must be in (0, 1]")
@@ -282,45 +299,79 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     if "*" in layout.pattern:
         h, g = m.num_attention_heads, m.num_query_groups
         _check(h % g == 0, "model.num_query_groups", f"{h} heads are not divisible by {g} groups")
-        _check(m.hidden_size % h == 0, "model.num_attention_heads",
-               f"hidden_size {m.hidden_size} is not divisible by {h} heads")
+        _check(
+            m.hidden_size % h == 0,
+            "model.num_attention_heads",
+            f"hidden_size {m.hidden_size} is not divisible by {h} heads",
+        )
         _check(h % tp == 0, "parallel.tp", f"{h} attention heads are not divisible by TP={tp}")
         _check(g % tp == 0, "parallel.tp", f"{g} query groups are not divisible by TP={tp}")
     if "M" in layout.pattern:
         d_inner = m.mamba_expand * m.hidden_size
-        _check(d_inner % m.mamba_head_dim == 0, "model.mamba_head_dim",
-               f"d_inner {d_inner} is not divisible by head dim {m.mamba_head_dim}")
+        _check(
+            d_inner % m.mamba_head_dim == 0,
+            "model.mamba_head_dim",
+            f"d_inner {d_inner} is not divisible by head dim {m.mamba_head_dim}",
+        )
         heads = d_inner // m.mamba_head_dim
-        _check(heads % m.mamba_num_groups == 0, "model.mamba_num_groups",
-               f"{heads} Mamba heads are not divisible by {m.mamba_num_groups} groups")
+        _check(
+            heads % m.mamba_num_groups == 0,
+            "model.mamba_num_groups",
+            f"{heads} Mamba heads are not divisible by {m.mamba_num_groups} groups",
+        )
         _check(heads % tp == 0, "parallel.tp", f"{heads} Mamba heads are not divisible by TP={tp}")
-        _check(m.mamba_num_groups % tp == 0, "parallel.tp",
-               f"{m.mamba_num_groups} Mamba groups are not divisible by TP={tp}")
+        _check(
+            m.mamba_num_groups % tp == 0,
+            "parallel.tp",
+            f"{m.mamba_num_groups} Mamba groups are not divisible by TP={tp}",
+        )
     if "-" in layout.pattern:
-        _check(m.ffn_size % tp == 0, "parallel.tp", f"ffn size {m.ffn_size} is not divisible by TP={tp}")
+        _check(
+            m.ffn_size % tp == 0,
+            "parallel.tp",
+            f"ffn size {m.ffn_size} is not divisible by TP={tp}",
+        )
     stages = len(layout.stages)
     if stages > 1:
-        _check(stages == p.pp, "parallel.pp", f"the pattern has {stages} stages ('|'), pp is {p.pp}")
+        _check(
+            stages == p.pp, "parallel.pp", f"the pattern has {stages} stages ('|'), pp is {p.pp}"
+        )
     else:
-        _check(m.num_layers % p.pp == 0, "parallel.pp",
-               f"{m.num_layers} layers do not split evenly into PP={p.pp} stages (or use '|' markers)")
+        _check(
+            m.num_layers % p.pp == 0,
+            "parallel.pp",
+            f"{m.num_layers} layers do not split evenly into PP={p.pp} stages (or use '|' markers)",
+        )
 
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(0 < t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", "must be in (0, 1]")
-    _check(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", f"need 0 <= min_lr <= lr, got {t.min_lr}, {t.lr}")
+    _check(
+        t.lr > 0 and 0 <= t.min_lr <= t.lr,
+        "train.min_lr",
+        f"need 0 <= min_lr <= lr, got {t.min_lr}, {t.lr}",
+    )
     dp = p.dp
     if dp == -1 and world_size is not None:
-        _check(world_size % (tp * p.pp) == 0, "parallel",
-               f"world size {world_size} is not divisible by TP x PP = {tp * p.pp}")
+        _check(
+            world_size % (tp * p.pp) == 0,
+            "parallel",
+            f"world size {world_size} is not divisible by TP x PP = {tp * p.pp}",
+        )
         dp = world_size // (tp * p.pp)
     elif world_size is not None:
-        _check(world_size == tp * p.pp * dp, "parallel",
-               f"TP x PP x DP = {tp}x{p.pp}x{dp} = {tp * p.pp * dp} but the world size is {world_size}")
+        _check(
+            world_size == tp * p.pp * dp,
+            "parallel",
+            f"TP x PP x DP = {tp}x{p.pp}x{dp} = {tp * p.pp * dp} but the world size is {world_size}",
+        )
     per_step = t.micro_batch_size * max(dp, 1)
-    _check(t.global_batch_size % per_step == 0, "train.global_batch_size",
-           f"{t.global_batch_size} is not divisible by micro_batch_size x DP = {per_step}")
+    _check(
+        t.global_batch_size % per_step == 0,
+        "train.global_batch_size",
+        f"{t.global_batch_size} is not divisible by micro_batch_size x DP = {per_step}",
+    )
     _check(r.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(r.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     _check(r.logging.interval >= 1, "logging.interval", "must be >= 1")
@@ -331,3 +382,58 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
     """Round the vocabulary up to a multiple of divisible_by x TP (Megatron's rule)."""
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
+
+
+def describe_keys() -> str:
+    """Every recipe key with its type, default and help: the reference for writing recipes."""
+    lines = []
+    for section in dataclasses.fields(Recipe):
+        cls = typing.get_type_hints(Recipe)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        lines.append(f"[{section.name}]")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
+            kind = _type_name(hints[f.name]).replace("typing.", "")
+            lines.append(f"  {f.name} ({kind}, {default}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m toolkit.config",
+        description="Validate a recipe and print it resolved, or list every recipe key.",
+    )
+    parser.add_argument("recipe", nargs="?", help="recipe TOML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--world-size", type=int, help="also check the layout fits this many ranks")
+    parser.add_argument("--keys", action="store_true", help="list all recipe keys and exit")
+    args = parser.parse_args(argv)
+    if args.keys:
+        print(describe_keys())
+        return 0
+    if not args.recipe:
+        parser.error("give a recipe file, or --keys")
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+        if args.world_size is not None:
+            validate(recipe, args.world_size)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(recipe.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

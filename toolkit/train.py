@@ -167,12 +167,14 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step
     trainable = [p for p in model.parameters() if p.requires_grad]
     skipped_in_a_row = 0
+    # A live bar on a terminal; in batch logs (Slurm, CI) one line per logging interval instead.
+    show_bar = recipe.logging.progress_bar and sys.stderr.isatty()
     bar = tqdm(
         total=cfg.steps,
         initial=start_step,
         desc="train",
         unit="step",
-        disable=not recipe.logging.progress_bar,
+        disable=not show_bar,
         mininterval=1.0,
         file=sys.stderr,
     )
@@ -240,6 +242,19 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, step)
             writer.flush()
+            if not show_bar:
+                log.info(
+                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s "
+                    "peak memory %.2f GB",
+                    step,
+                    cfg.steps,
+                    loss_value,
+                    lr,
+                    grad_norm,
+                    scalars["perf/tokens_per_s"],
+                    scalars["perf/tflops"],
+                    scalars["perf/peak_memory_gb"],
+                )
         interval = recipe.checkpoint.interval
         if (interval and step % interval == 0) or step == cfg.steps or stop.signum is not None:
             save(step)
