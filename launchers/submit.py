@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from toolkit.train import run  # noqa: E402
+from toolkit.train import add_recipe_arguments, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,15 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="launchers/submit.py",
         description="Train a recipe locally (--local). Slurm submission is not available yet.",
     )
-    parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/tiny_hybrid.toml")
+    add_recipe_arguments(parser)
     parser.add_argument("--local", action="store_true", help="run here, in this process")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)",
-    )
     args = parser.parse_args(argv)
     if not args.local:
         parser.error("Slurm submission is not implemented in this version; use --local to run here")

@@ -10,22 +10,23 @@ def _deterministic():
     yield
 
 
+# A model small enough for exhaustive CPU tests, with every block type.
+TINY_MODEL = dict(
+    num_layers=4,
+    hidden_size=32,
+    seq_length=64,
+    pattern="M*-M",
+    att_ratio=0.25,
+    mlp_ratio=0.25,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=64,
+    mamba_state_dim=8,
+    mamba_head_dim=8,
+    mamba_num_groups=2,
+    mamba_chunk_size=8,
+)
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
-    """A model small enough for exhaustive CPU tests, with every block type available."""
-    base = dict(
-        num_layers=4,
-        hidden_size=32,
-        seq_length=64,
-        pattern="M*-M",
-        att_ratio=0.25,
-        mlp_ratio=0.25,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=64,
-        mamba_state_dim=8,
-        mamba_head_dim=8,
-        mamba_num_groups=2,
-        mamba_chunk_size=8,
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
+    return ModelConfig(**(TINY_MODEL | overrides))

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import TINY_MODEL
 from toolkit.config import TrainConfig, recipe_from_dict
 from toolkit.model.mamba2 import Mamba2Mixer
 from toolkit.optim import learning_rate, parameter_groups
@@ -16,21 +17,7 @@ def make_recipe(tmp_path, corpus_text: str, **train_overrides):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus_text)
     table = {
-        "model": dict(
-            num_layers=4,
-            hidden_size=32,
-            seq_length=32,
-            pattern="M*-M",
-            att_ratio=0.25,
-            mlp_ratio=0.25,
-            num_attention_heads=4,
-            num_query_groups=2,
-            ffn_hidden_size=64,
-            mamba_state_dim=8,
-            mamba_head_dim=8,
-            mamba_num_groups=2,
-            mamba_chunk_size=8,
-        ),
+        "model": TINY_MODEL | {"seq_length": 32},
         "data": {"source": str(corpus)},
         "train": dict(
             steps=6,

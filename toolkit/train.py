@@ -297,13 +297,9 @@ def sample_text(
     return tokenizer.decode(out[0].tolist())
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m toolkit.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("recipe", help="recipe TOML file")
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe argument and --set overrides, shared by every entry point that trains."""
+    parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/tiny_hybrid.toml")
     parser.add_argument(
         "--set",
         action="append",
@@ -311,7 +307,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)",
     )
-    return parser
 
 
 def run(recipe_path: str, overrides: list[str]) -> int:
@@ -335,7 +330,13 @@ def run(recipe_path: str, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m toolkit.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_recipe_arguments(parser)
+    args = parser.parse_args(argv)
     return run(args.recipe, args.set)
 
 

@@ -37,7 +37,9 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
     """Per-parameter optimizer state keyed '<param name>/<state key>' (e.g. exp_avg, step)."""
     out = {}
     for name, p in model.named_parameters():
@@ -65,9 +67,7 @@ def restore_model(model: nn.Module, ckpt: Checkpoint) -> None:
             p.copy_(saved)
 
 
-def restore_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint
-) -> None:
+def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     for name, p in model.named_parameters():
         keys = {k.split("/", 1)[1]: v for k, v in ckpt.optim.items() if k.split("/", 1)[0] == name}
         if keys:

@@ -210,9 +210,7 @@ def _read_group(path: Path) -> Checkpoint:
     parts = {}
     for prefix in ("model", "optim"):
         sub = group[prefix]
-        parts[prefix] = {
-            name: _read_array(arr, str(path)) for name, arr in sub.arrays()
-        }
+        parts[prefix] = {name: _read_array(arr, str(path)) for name, arr in sub.arrays()}
         for name, g in sub.groups():  # optimizer state is nested: optim/<param>/<moment>
             for moment, arr in g.arrays():
                 parts[prefix][f"{name}/{moment}"] = _read_array(arr, str(path))
