@@ -171,3 +171,11 @@ def test_mamba_init_matches_the_reference_ranges():
     assert torch.all(mixer.D == 1)
     dt = torch.nn.functional.softplus(mixer.dt_bias)
     assert dt.min() >= 1e-3 - 1e-7 and dt.max() <= 0.1 + 1e-6
+
+
+def test_a_fresh_run_never_overwrites_checkpoints(tmp_path):
+    train(make_recipe(tmp_path, RANDOM_TEXT, steps=1))
+    fresh = make_recipe(tmp_path, RANDOM_TEXT, steps=1)
+    fresh.checkpoint.resume = False
+    with pytest.raises(ValueError, match="already holds checkpoints \\(latest step_00000001\\)"):
+        train(fresh)

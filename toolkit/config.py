@@ -286,11 +286,22 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     ):
         _check(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
     _check(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", "must be >= 0")
+    _check(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be > 0 if set")
     _check(0 < m.rotary_percent <= 1, "model.rotary_percent", "must be in (0, 1]")
+    for key in ("att_ratio", "mlp_ratio"):
+        _check(
+            0 <= getattr(m, key) <= 1, f"model.{key}", f"must be in [0, 1], got {getattr(m, key)}"
+        )
+    _check(
+        m.att_ratio + m.mlp_ratio <= 1 + 1e-9,
+        "model.mlp_ratio",
+        "att_ratio + mlp_ratio must be <= 1",
+    )
     try:
         layout = build_layout(m.num_layers, m.att_ratio, m.mlp_ratio, m.pattern)
     except ValueError as e:
-        raise RecipeError(f"model.pattern / model.att_ratio / model.mlp_ratio: {e}") from None
+        key = "model.pattern" if m.pattern is not None else "model.att_ratio / model.mlp_ratio"
+        raise RecipeError(f"{key}: {e}") from None
 
     tp = p.tp
     for key in ("tp", "pp"):
@@ -345,10 +356,13 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
 
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(t.decay_steps is None or t.decay_steps >= 1, "train.decay_steps", "must be >= 1 if set")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(0 < t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction", "must be in (0, 1]")
     _check(
-        t.lr > 0 and 0 <= t.min_lr <= t.lr,
+        0 <= t.min_lr <= t.lr,
         "train.min_lr",
         f"need 0 <= min_lr <= lr, got {t.min_lr}, {t.lr}",
     )
@@ -375,7 +389,11 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(r.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(r.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     _check(r.logging.interval >= 1, "logging.interval", "must be >= 1")
-    _check(r.slurm.nodes >= 1, "slurm.nodes", "must be >= 1")
+    for key in ("nodes", "gpus_per_node", "cpus_per_task"):
+        value = getattr(r.slurm, key)
+        _check(value >= 1, f"slurm.{key}", f"must be >= 1, got {value}")
+    _check(r.slurm.max_num_timeout >= 0, "slurm.max_num_timeout", "must be >= 0")
+    _check(r.slurm.signal_delay_s >= 0, "slurm.signal_delay_s", "must be >= 0")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:

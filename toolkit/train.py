@@ -121,7 +121,12 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
     start_step, consumed = 0, 0
     ckpt_dir = recipe.checkpoint.dir
-    previous = latest_checkpoint(ckpt_dir) if recipe.checkpoint.resume else None
+    previous = latest_checkpoint(ckpt_dir)
+    if previous is not None and not recipe.checkpoint.resume:
+        raise RecipeError(
+            f"checkpoint.dir={ckpt_dir} already holds checkpoints (latest {previous.name}) and "
+            "checkpoint.resume is false: choose another checkpoint.dir, or resume"
+        )
     if previous is not None:
         ckpt = load_checkpoint(previous)
         if ckpt.metadata["recipe"]["model"] != recipe.to_dict()["model"]:

@@ -87,6 +87,13 @@ def _write_array(group: zarr.Group, name: str, tensor: torch.Tensor) -> None:
 
 
 def _read_array(arr: zarr.Array, where: str) -> torch.Tensor:
+    # zarr returns the fill value for a missing chunk; every chunk was written, so one missing
+    # means a damaged checkpoint.
+    if arr.nchunks_initialized != arr.nchunks:
+        raise CheckpointError(
+            f"{where}: array {arr.path!r} has {arr.nchunks - arr.nchunks_initialized} of "
+            f"{arr.nchunks} chunk files missing"
+        )
     try:
         data = arr[...]
     except Exception as e:  # the codec raises on a checksum mismatch
@@ -137,8 +144,13 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dirname(step)
+    if final.exists():
+        raise CheckpointError(
+            f"{final} already exists; a published checkpoint is never overwritten"
+        )
+    for leftover in [*root.glob(".tmp-step_*"), *root.glob(".trash-step_*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # from a save that crashed
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed attempt
     group = zarr.open_group(tmp, mode="w")
     group.attrs.update(
         {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "metadata": metadata}
@@ -151,17 +163,22 @@ def save_checkpoint(
     for prefix, tensors in (("model", model), ("optim", optim)):
         for name, tensor in tensors.items():
             back = getattr(written, prefix)[name]
-            if back.dtype != tensor.dtype or not torch.equal(back, tensor.detach().cpu()):
+            same = back.dtype == tensor.dtype and back.shape == tensor.shape
+            if (
+                not same or _to_numpy(back)[0].tobytes() != _to_numpy(tensor)[0].tobytes()
+            ):  # bits: NaN too
                 raise CheckpointError(f"{tmp}: {prefix}/{name} did not read back identically")
     _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
     _write_text_atomic(root / "latest", final.name + "\n")
     if keep_last > 0:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        older = [p for p in list_checkpoints(root) if p.name < final.name]
+        for old in older[: max(len(older) - (keep_last - 1), 0)]:
+            # Rename first (atomic), so a crash never leaves a half-deleted step_* behind.
+            trash = root / f".trash-{old.name}"
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     return final
 
 
