@@ -1,0 +1,99 @@
+"""Process groups from the environment: Slurm (srun, one task per GPU), torchrun, or one process.
+
+Ranks are laid out TP innermost, then DP, then PP: rank = (pp * DP + dp) * TP + tp, so a TP group
+sits on consecutive ranks (one node) and its all-reduces stay on NVLink.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from toolkit.config import ParallelConfig, RecipeError
+
+
+@dataclass
+class ParallelEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp: int
+    pp: int
+    dp: int
+    mesh: DeviceMesh | None = None  # dims ("pp", "dp", "tp"); None for a single process
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        return None if self.mesh is None else self.mesh.get_group(dim)
+
+    def coordinate(self, dim: str) -> int:
+        return 0 if self.mesh is None else self.mesh.get_local_rank(dim)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coordinate("tp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coordinate("dp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coordinate("pp")
+
+
+def launch_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's or Slurm's variables; (0, 1, 0) if neither."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or a launcher that sets them
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def resolve_layout(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
+    """(tp, pp, dp) for this world size; dp=-1 takes what TP x PP leaves."""
+    tp, pp = cfg.tp, cfg.pp
+    if world_size % (tp * pp):
+        raise RecipeError(
+            f"parallel: world size {world_size} is not divisible by TP x PP = {tp * pp}"
+        )
+    dp = world_size // (tp * pp) if cfg.dp == -1 else cfg.dp
+    if tp * pp * dp != world_size:
+        raise RecipeError(
+            f"parallel: TP x PP x DP = {tp}x{pp}x{dp} = {tp * pp * dp} but the world size is "
+            f"{world_size}"
+        )
+    return tp, pp, dp
+
+
+def init_distributed(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelEnv:
+    """Join the job's process group (NCCL on GPUs, gloo on CPUs) and build the TP x PP x DP mesh.
+
+    MASTER_ADDR / MASTER_PORT must be set when world size > 1 (the launchers set them).
+    """
+    rank, world_size, local_rank = launch_environment()
+    tp, pp, dp = resolve_layout(cfg, world_size)
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size == 1:
+        return ParallelEnv(0, 1, 0, device, tp, pp, dp)
+    if not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise RuntimeError(f"rank {rank}: {var} is not set; launch through launchers/")
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=10),
+        )
+    mesh = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+    return ParallelEnv(rank, world_size, local_rank, device, tp, pp, dp, mesh)

@@ -1,0 +1,172 @@
+"""Megatron-style tensor parallelism for HybridLM, applied in place from outside the model.
+
+Every mixer becomes column-parallel in, row-parallel out: its input passes through `copy_to_tp`
+(identity forward, all-reduce of the gradient backward) and its output through `reduce_from_tp`
+(all-reduce forward, identity backward). The mixers keep their own code: they are simply given
+their rank's slice of heads, groups and channels.
+
+- Mamba-2: in_proj rows and conv1d channels per component (sharding.py), A_log, D, dt_bias and
+  the gated norm by heads/groups, out_proj by columns. The group-wise norm needs no communication
+  because every group lives on one rank.
+- Attention: linear_qkv rows by whole KV groups (its rows are grouped), linear_proj by columns.
+- MLP: linear_fc1 rows (SwiGLU: gate and up separately), linear_fc2 columns.
+- Embedding and output layer: vocab-parallel; the loss is `vocab_parallel_cross_entropy`.
+Norms stay replicated; their gradients are identical on every TP rank.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.model.attention import Attention
+from toolkit.model.hybrid import HybridLM
+from toolkit.model.mamba2 import Mamba2Mixer
+from toolkit.model.mlp import MLP
+from toolkit.parallel.sharding import mamba_components, shard_indices
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, group)
+
+
+def _keep_rows(linear: nn.Module, rows: torch.Tensor, attr: str = "weight") -> None:
+    param = getattr(linear, attr)
+    setattr(linear, attr, nn.Parameter(param.detach()[rows].clone()))
+    if isinstance(linear, nn.Linear):
+        linear.out_features = len(rows)
+
+
+def _keep_columns(linear: nn.Linear, columns: slice) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach()[:, columns].clone())
+    linear.in_features = linear.weight.shape[1]
+
+
+def _even(size: int, tp: int, rank: int) -> slice:
+    part = size // tp
+    return slice(rank * part, (rank + 1) * part)
+
+
+def shard_mamba(m: Mamba2Mixer, tp: int, rank: int) -> None:
+    layout = mamba_components(m)
+    _keep_rows(m.in_proj, shard_indices(layout["in_proj"], tp, rank))
+    conv = shard_indices(layout["conv1d"], tp, rank)
+    _keep_rows(m.conv1d, conv, "weight")
+    _keep_rows(m.conv1d, conv, "bias")
+    heads = _even(m.num_heads, tp, rank)
+    for name in ("A_log", "D", "dt_bias"):
+        old = getattr(m, name)
+        new = nn.Parameter(old.detach()[heads].clone())
+        new._no_weight_decay = True
+        setattr(m, name, new)
+    m.norm.weight = nn.Parameter(m.norm.weight.detach()[_even(m.d_inner, tp, rank)].clone())
+    _keep_columns(m.out_proj, _even(m.d_inner, tp, rank))
+    m.d_inner //= tp
+    m.num_heads //= tp
+    m.num_groups //= tp
+    m.norm.groups //= tp
+    m.conv_dim = m.d_inner + 2 * m.num_groups * m.d_state
+    m.conv1d.in_channels = m.conv1d.out_channels = m.conv1d.groups = m.conv_dim
+    m.split_sizes = [m.d_inner, m.conv_dim, m.num_heads]
+
+
+def shard_attention(a: Attention, tp: int, rank: int) -> None:
+    rows_per_group = (a.heads_per_group + 2) * a.head_dim
+    groups = _even(a.num_groups, tp, rank)
+    _keep_rows(
+        a.linear_qkv, torch.arange(groups.start * rows_per_group, groups.stop * rows_per_group)
+    )
+    _keep_columns(a.linear_proj, _even(a.num_heads * a.head_dim, tp, rank))
+    a.num_heads //= tp
+    a.num_groups //= tp
+
+
+def shard_mlp(m: MLP, tp: int, rank: int) -> None:
+    ffn = m.linear_fc2.in_features
+    if m.activation == "swiglu":
+        rows = shard_indices([("gate", ffn), ("up", ffn)], tp, rank)
+    else:
+        rows = torch.arange(ffn)[_even(ffn, tp, rank)]
+    _keep_rows(m.linear_fc1, rows)
+    _keep_columns(m.linear_fc2, _even(ffn, tp, rank))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """This rank's rows [vocab_start, vocab_start + rows) of the embedding; ids elsewhere give
+    zeros here and are filled in by the all-reduce over TP."""
+
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group: dist.ProcessGroup) -> None:
+        super().__init__(weight.shape[0], weight.shape[1], _weight=weight)
+        self.vocab_start, self.group = vocab_start, group
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """Mean cross-entropy from vocab-sharded logits [b, l, V/TP] without gathering them."""
+    logits = logits.float().flatten(0, 1)
+    labels = labels.flatten()
+    local_max = logits.detach().max(-1).values
+    dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - local_max.unsqueeze(-1)
+    sum_exp = reduce_from_tp(shifted.exp().sum(-1), group)
+    local = labels - vocab_start
+    mine = (local >= 0) & (local < logits.size(-1))
+    picked = shifted.gather(-1, local.clamp(0, logits.size(-1) - 1).unsqueeze(-1)).squeeze(-1)
+    target = reduce_from_tp(picked * mine, group)
+    return (sum_exp.log() - target).mean()
+
+
+def apply_tp(model: HybridLM, *, group: dist.ProcessGroup, tp: int, rank: int) -> int:
+    """Shard `model` in place for TP rank `rank` of `tp`; returns this rank's first vocab id."""
+    if tp == 1:
+        return 0
+    shard = {Mamba2Mixer: shard_mamba, Attention: shard_attention, MLP: shard_mlp}
+    for block in model.layers:
+        shard[type(block.mixer)](block.mixer, tp, rank)
+        block.mixer.register_forward_pre_hook(
+            lambda mod, args: (copy_to_tp(args[0], group), *args[1:])
+        )
+        block.mixer.register_forward_hook(lambda mod, args, out: reduce_from_tp(out, group))
+    vocab = _even(model.padded_vocab_size, tp, rank)
+    weight = nn.Parameter(model.embedding.weight.detach()[vocab].clone())
+    model.embedding = VocabParallelEmbedding(weight, vocab.start, group)
+    _keep_rows(model.output_layer, torch.arange(vocab.start, vocab.stop))
+    # Each rank's logits see only its vocab slice: sum their input gradients across TP.
+    model.output_layer.register_forward_pre_hook(lambda mod, args: (copy_to_tp(args[0], group),))
+    return vocab.start
