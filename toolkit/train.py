@@ -21,23 +21,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from toolkit.build import build_model, describe_model, resolve_device
 from toolkit.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    model_tensors,
-    optimizer_tensors,
     restore_model,
     restore_optimizer,
     save_checkpoint,
 )
 from toolkit.config import Recipe, RecipeError, load_recipe
 from toolkit.data import SequenceSampler, load_corpus
+from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import build_optimizer, learning_rate
+from toolkit.parallel.runtime import average_over_dp, clip_grad_norm, global_state, parallelize
 from toolkit.tokenizer import ByteTokenizer, build_tokenizer
 
 log = logging.getLogger("toolkit.train")
@@ -81,10 +80,6 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     )
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -98,7 +93,11 @@ def rng_state() -> dict:
 def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     cfg, result = recipe.train, TrainResult()
     stop = stop or StopRequest()
-    device = resolve_device(cfg.device)
+    env = init_distributed(recipe.parallel, resolve_device(cfg.device).type)
+    device, main_rank = env.device, env.rank == 0
+    if not main_rank:
+        log.setLevel(logging.WARNING)
+    # The same seed everywhere: every rank builds the same full model, then keeps its shard.
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -106,8 +105,14 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     tokens = load_corpus(recipe.data.source, tokenizer, recipe.data.max_corpus_bytes)
     sampler = SequenceSampler(tokens, recipe.model.seq_length, cfg.seed)
     model = build_model(recipe, tokenizer, device)
-    optimizer = build_optimizer(model, cfg)
     log.info("%s", describe_model(model))
+    params = sum(p.numel() for p in model.parameters())
+    step_flops = flops_per_token(model, recipe.model.seq_length)  # per token, whole model
+    loss_fn = parallelize(model, env)
+    optimizer = build_optimizer(model, cfg)
+    log.info(
+        "layout: TP=%d PP=%d DP=%d on %d ranks (%s)", env.tp, env.pp, env.dp, env.world_size, device
+    )
     log.info(
         "corpus: %s, %d tokens, %d sequences of %d",
         recipe.data.source,
@@ -116,8 +121,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         recipe.model.seq_length,
     )
 
-    # Data-parallel seam: with DP, each rank takes its slice of every global batch.
-    dp_rank, dp_size = 0, 1
+    # Each DP rank takes its own slice of every global batch.
+    dp_rank, dp_size = env.dp_rank, env.dp
     micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
     start_step, consumed = 0, 0
     ckpt_dir = recipe.checkpoint.dir
@@ -141,39 +146,43 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         log.info("resumed from %s at step %d (%d samples consumed)", previous, start_step, consumed)
 
     def save(step: int) -> None:
+        model_state, optim_state = global_state(model, optimizer, env)  # collective
+        if not main_rank:
+            barrier(env)
+            return
         meta = {
             "step": step,
             "consumed_samples": consumed,
             "recipe": recipe.to_dict(),
             "rng": rng_state(),
-            "layout": {"tp": 1, "pp": 1, "dp": dp_size},
+            "layout": {"tp": env.tp, "pp": env.pp, "dp": env.dp},
             "pattern": model.layout.pattern,
             "vocab_size": model.vocab_size,
         }
         path = save_checkpoint(
             ckpt_dir,
             step,
-            model_tensors(model),
-            optimizer_tensors(model, optimizer),
+            model_state,
+            optim_state,
             meta,
             keep_last=recipe.checkpoint.keep_last,
         )
         result.checkpoint = str(path)
         log.info("saved checkpoint %s", path)
+        barrier(env)
 
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
-    writer = SummaryWriter(recipe.logging.dir)
-    if start_step == 0:
+    writer = SummaryWriter(recipe.logging.dir) if main_rank else None
+    if writer is not None and start_step == 0:
         writer.add_text("recipe", f"```\n{recipe.to_dict()}\n```")
         writer.add_text("pattern", model.layout.summary())
-    params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
-    step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step
+    step_flops *= tokens_per_step
     trainable = [p for p in model.parameters() if p.requires_grad]
     skipped_in_a_row = 0
     # A live bar on a terminal; in batch logs (Slurm, CI) one line per logging interval instead.
-    show_bar = recipe.logging.progress_bar and sys.stderr.isatty()
+    show_bar = main_rank and recipe.logging.progress_bar and sys.stderr.isatty()
     bar = tqdm(
         total=cfg.steps,
         initial=start_step,
@@ -199,6 +208,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             loss = loss_fn(logits, labels) / micro_batches
             loss.backward()
             loss_sum += loss.detach()
+        average_over_dp([loss_sum, *(p.grad for p in trainable if p.grad is not None)], env)
         loss_value = loss_sum.item()
         consumed += cfg.global_batch_size
         step += 1
@@ -224,7 +234,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             continue
         skipped_in_a_row = 0
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+        grad_norm = clip_grad_norm(trainable, clip, env)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - t0
@@ -232,7 +242,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
 
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if step == start_step + 1 or step % recipe.logging.interval == 0 or step == cfg.steps:
+        log_now = step == start_step + 1 or step % recipe.logging.interval == 0 or step == cfg.steps
+        if writer is not None and log_now:
             scalars = {
                 "train/loss": loss_value,
                 "train/lr": lr,
@@ -261,16 +272,16 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                     scalars["perf/peak_memory_gb"],
                 )
         interval = recipe.checkpoint.interval
-        if (interval and step % interval == 0) or step == cfg.steps or stop.signum is not None:
+        stopping = stop_requested(stop, env)
+        if (interval and step % interval == 0) or step == cfg.steps or stopping:
             save(step)
-        if stop.signum is not None:
-            log.warning(
-                "signal %d received: checkpoint saved at step %d, stopping", stop.signum, step
-            )
+        if stopping:
+            log.warning("stop signal received: checkpoint saved at step %d, stopping", step)
             result.stopped_by_signal = True
             break
     bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
     if result.losses:
         steps = sorted(result.losses)
         log.info(
@@ -280,12 +291,25 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             steps[-1],
             result.losses[steps[-1]],
         )
-    if cfg.sample_prompt and not result.stopped_by_signal:
+    if cfg.sample_prompt and not result.stopped_by_signal and main_rank and env.tp == 1:
         result.sample = sample_text(model, tokenizer, cfg.sample_prompt, seed=cfg.seed)
         log.info(
             "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
         )
     return result
+
+
+def barrier(env: ParallelEnv) -> None:
+    if env.world_size > 1:
+        torch.distributed.barrier()
+
+
+def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:
+    """Whether any rank got a stop signal: all ranks must checkpoint and stop at the same step."""
+    flag = torch.tensor(float(stop.signum is not None))
+    if env.world_size > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
 
 
 def sample_text(
@@ -331,6 +355,9 @@ def run(recipe_path: str, overrides: list[str]) -> int:
     except (TrainingError, RecipeError, NotImplementedError) as e:
         log.error("%s", e)
         return 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -5,6 +5,8 @@ into name -> tensor dicts and `restore_*` put it back. The sharded store replace
 behind these functions without changing the trainer.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -17,6 +19,10 @@ from toolkit.checkpoint.store import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from toolkit.parallel.sharding import shard_like
+
+# gather(param, local state) -> the global tensor (identity on one rank).
+Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = [
     "Checkpoint",
@@ -33,22 +39,29 @@ __all__ = [
 ]
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters()}
+def _as_is(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    return local.detach()
+
+
+def model_tensors(model: nn.Module, gather: Gather = _as_is) -> dict[str, torch.Tensor]:
+    """Parameters by name; `gather(param, local)` turns a shard into the global tensor."""
+    return {name: gather(p, p) for name, p in model.named_parameters()}
 
 
 def optimizer_tensors(
-    model: nn.Module, optimizer: torch.optim.Optimizer
+    model: nn.Module, optimizer: torch.optim.Optimizer, gather: Gather = _as_is
 ) -> dict[str, torch.Tensor]:
     """Per-parameter optimizer state keyed '<param name>/<state key>' (e.g. exp_avg, step)."""
     out = {}
     for name, p in model.named_parameters():
         for key, value in optimizer.state.get(p, {}).items():
-            out[f"{name}/{key}"] = torch.as_tensor(value).detach()
+            value = torch.as_tensor(value)
+            out[f"{name}/{key}"] = gather(p, value) if value.shape == p.shape else value.detach()
     return out
 
 
 def restore_model(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Copy global tensors into the model; TP-sharded parameters take their own slice."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(ckpt.model))
     unexpected = sorted(set(ckpt.model) - set(params))
@@ -59,18 +72,23 @@ def restore_model(model: nn.Module, ckpt: Checkpoint) -> None:
         )
     with torch.no_grad():
         for name, p in params.items():
-            saved = ckpt.model[name]
+            saved = shard_like(p, ckpt.model[name])
             if saved.shape != p.shape:
+                shard = " (this rank's shard)" if hasattr(p, "_tp_dim") else ""
                 raise CheckpointError(
-                    f"{ckpt.path}: {name} has shape {tuple(saved.shape)}, model has {tuple(p.shape)}"
+                    f"{ckpt.path}: {name} has shape {tuple(ckpt.model[name].shape)}, model has "
+                    f"{tuple(p.shape)}{shard}"
                 )
             p.copy_(saved)
 
 
 def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     for name, p in model.named_parameters():
-        keys = {k.split("/", 1)[1]: v for k, v in ckpt.optim.items() if k.split("/", 1)[0] == name}
-        if keys:
-            optimizer.state[p] = {
-                k: v.to(p.device) if k != "step" else v.clone() for k, v in keys.items()
-            }
+        state = {}
+        for key, value in ckpt.optim.items():
+            owner, _, moment = key.rpartition("/")
+            if owner == name:
+                is_moment = value.shape == ckpt.model[name].shape
+                state[moment] = shard_like(p, value).to(p.device) if is_moment else value.clone()
+        if state:
+            optimizer.state[p] = state

@@ -59,15 +59,27 @@ def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return _ReduceFromTP.apply(x, group)
 
 
-def _keep_rows(linear: nn.Module, rows: torch.Tensor, attr: str = "weight") -> None:
-    param = getattr(linear, attr)
-    setattr(linear, attr, nn.Parameter(param.detach()[rows].clone()))
-    if isinstance(linear, nn.Linear):
-        linear.out_features = len(rows)
+def _shard(param: nn.Parameter, dim: int, index: torch.Tensor) -> nn.Parameter:
+    """This rank's slice of `param`, remembering where it came from (`_tp_dim`, `_tp_index`:
+    global positions along dim) so state can be gathered to, and cut from, the global tensor."""
+    shard = nn.Parameter(param.detach().index_select(dim, index).clone())
+    shard._tp_dim, shard._tp_index = dim, index
+    if getattr(param, "_no_weight_decay", False):
+        shard._no_weight_decay = True
+    return shard
+
+
+def _keep_rows(module: nn.Module, rows: torch.Tensor | slice, attr: str = "weight") -> None:
+    param = getattr(module, attr)
+    if isinstance(rows, slice):
+        rows = torch.arange(param.shape[0])[rows]
+    setattr(module, attr, _shard(param, 0, rows))
+    if isinstance(module, nn.Linear):
+        module.out_features = len(rows)
 
 
 def _keep_columns(linear: nn.Linear, columns: slice) -> None:
-    linear.weight = nn.Parameter(linear.weight.detach()[:, columns].clone())
+    linear.weight = _shard(linear.weight, 1, torch.arange(linear.weight.shape[1])[columns])
     linear.in_features = linear.weight.shape[1]
 
 
@@ -82,13 +94,9 @@ def shard_mamba(m: Mamba2Mixer, tp: int, rank: int) -> None:
     conv = shard_indices(layout["conv1d"], tp, rank)
     _keep_rows(m.conv1d, conv, "weight")
     _keep_rows(m.conv1d, conv, "bias")
-    heads = _even(m.num_heads, tp, rank)
     for name in ("A_log", "D", "dt_bias"):
-        old = getattr(m, name)
-        new = nn.Parameter(old.detach()[heads].clone())
-        new._no_weight_decay = True
-        setattr(m, name, new)
-    m.norm.weight = nn.Parameter(m.norm.weight.detach()[_even(m.d_inner, tp, rank)].clone())
+        _keep_rows(m, _even(m.num_heads, tp, rank), name)
+    _keep_rows(m.norm, _even(m.d_inner, tp, rank))
     _keep_columns(m.out_proj, _even(m.d_inner, tp, rank))
     m.d_inner //= tp
     m.num_heads //= tp
@@ -115,7 +123,7 @@ def shard_mlp(m: MLP, tp: int, rank: int) -> None:
     if m.activation == "swiglu":
         rows = shard_indices([("gate", ffn), ("up", ffn)], tp, rank)
     else:
-        rows = torch.arange(ffn)[_even(ffn, tp, rank)]
+        rows = _even(ffn, tp, rank)
     _keep_rows(m.linear_fc1, rows)
     _keep_columns(m.linear_fc2, _even(ffn, tp, rank))
 
@@ -126,6 +134,7 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def __init__(self, weight: torch.Tensor, vocab_start: int, group: dist.ProcessGroup) -> None:
         super().__init__(weight.shape[0], weight.shape[1], _weight=weight)
+        self.weight = weight  # keep the parameter itself: it carries the shard placement
         self.vocab_start, self.group = vocab_start, group
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -164,9 +173,30 @@ def apply_tp(model: HybridLM, *, group: dist.ProcessGroup, tp: int, rank: int) -
         )
         block.mixer.register_forward_hook(lambda mod, args, out: reduce_from_tp(out, group))
     vocab = _even(model.padded_vocab_size, tp, rank)
-    weight = nn.Parameter(model.embedding.weight.detach()[vocab].clone())
+    weight = _shard(model.embedding.weight, 0, torch.arange(vocab.start, vocab.stop))
     model.embedding = VocabParallelEmbedding(weight, vocab.start, group)
-    _keep_rows(model.output_layer, torch.arange(vocab.start, vocab.stop))
+    _keep_rows(model.output_layer, vocab)
     # Each rank's logits see only its vocab slice: sum their input gradients across TP.
     model.output_layer.register_forward_pre_hook(lambda mod, args: (copy_to_tp(args[0], group),))
     return vocab.start
+
+
+def gather_from_tp(
+    param: torch.Tensor, local: torch.Tensor, group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """The global tensor of a (possibly sharded) parameter's `local` state (the parameter itself,
+    its gradient or an optimizer moment). Collective over the TP group when sharded."""
+    dim = getattr(param, "_tp_dim", None)
+    if dim is None or group is None:
+        return local.detach()
+    size = dist.get_world_size(group)
+    pieces = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(pieces, local.detach().contiguous(), group=group)
+    indices = [torch.empty_like(param._tp_index) for _ in range(size)]
+    dist.all_gather(indices, param._tp_index, group=group)
+    shape = list(local.shape)
+    shape[dim] = sum(len(i) for i in indices)
+    full = local.new_empty(shape)
+    for index, piece in zip(indices, pieces):
+        full.index_copy_(dim, index, piece)
+    return full
