@@ -179,3 +179,10 @@ def test_a_fresh_run_never_overwrites_checkpoints(tmp_path):
     fresh.checkpoint.resume = False
     with pytest.raises(ValueError, match="already holds checkpoints \\(latest step_00000001\\)"):
         train(fresh)
+
+
+def test_checkpointing_can_be_switched_off(tmp_path):
+    recipe = make_recipe(tmp_path, RANDOM_TEXT, steps=2)
+    recipe.checkpoint.enabled = False
+    assert train(recipe).checkpoint is None
+    assert not (tmp_path / "ckpt").exists()

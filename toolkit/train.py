@@ -273,10 +273,11 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 )
         interval = recipe.checkpoint.interval
         stopping = stop_requested(stop, env)
-        if (interval and step % interval == 0) or step == cfg.steps or stopping:
+        due = (interval and step % interval == 0) or step == cfg.steps or stopping
+        if due and recipe.checkpoint.enabled:
             save(step)
         if stopping:
-            log.warning("stop signal received: checkpoint saved at step %d, stopping", step)
+            log.warning("stop signal received: stopping after step %d", step)
             result.stopped_by_signal = True
             break
     bar.close()
@@ -306,7 +307,7 @@ def barrier(env: ParallelEnv) -> None:
 
 def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:
     """Whether any rank got a stop signal: all ranks must checkpoint and stop at the same step."""
-    flag = torch.tensor(float(stop.signum is not None))
+    flag = torch.tensor(float(stop.signum is not None), device=env.device)
     if env.world_size > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag)

@@ -46,16 +46,14 @@ def average_over_dp(tensors: list[torch.Tensor], env: ParallelEnv) -> None:
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: ParallelEnv) -> float:
     """Global gradient norm over the whole model (TP shards counted once each, replicated
     parameters once), then scale gradients so it is at most max_norm (as torch's clip does)."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if hasattr(p, "_tp_dim"):
-            sharded += sq
-        else:
-            replicated += sq
+    grads = [p for p in params if p.grad is not None]
+    zero = torch.zeros((), dtype=torch.float64, device=env.device)
+    sharded = sum(
+        (p.grad.detach().double().square().sum() for p in grads if hasattr(p, "_tp_dim")), zero
+    )
+    replicated = sum(
+        (p.grad.detach().double().square().sum() for p in grads if not hasattr(p, "_tp_dim")), zero
+    )
     if env.tp > 1:
         dist.all_reduce(sharded, group=env.group("tp"))
     total = math.sqrt(float(sharded + replicated))

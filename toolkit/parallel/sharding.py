@@ -38,4 +38,4 @@ def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """Cut this rank's piece of `full` (a global tensor) the way `param` was cut by TP; a
     parameter that was not cut (`_tp_dim` unset) takes `full` whole."""
     dim = getattr(param, "_tp_dim", None)
-    return full if dim is None else full.index_select(dim, param._tp_index)
+    return full if dim is None else full.index_select(dim, param._tp_index.to(full.device))

@@ -62,7 +62,7 @@ def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 def _shard(param: nn.Parameter, dim: int, index: torch.Tensor) -> nn.Parameter:
     """This rank's slice of `param`, remembering where it came from (`_tp_dim`, `_tp_index`:
     global positions along dim) so state can be gathered to, and cut from, the global tensor."""
-    shard = nn.Parameter(param.detach().index_select(dim, index).clone())
+    shard = nn.Parameter(param.detach().index_select(dim, index.to(param.device)).clone())
     shard._tp_dim, shard._tp_index = dim, index
     if getattr(param, "_no_weight_decay", False):
         shard._no_weight_decay = True
@@ -192,11 +192,12 @@ def gather_from_tp(
     size = dist.get_world_size(group)
     pieces = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(pieces, local.detach().contiguous(), group=group)
-    indices = [torch.empty_like(param._tp_index) for _ in range(size)]
-    dist.all_gather(indices, param._tp_index, group=group)
+    index = param._tp_index.to(local.device)  # NCCL gathers device tensors only
+    indices = [torch.empty_like(index) for _ in range(size)]
+    dist.all_gather(indices, index, group=group)
     shape = list(local.shape)
     shape[dim] = sum(len(i) for i in indices)
     full = local.new_empty(shape)
     for index, piece in zip(indices, pieces):
         full.index_copy_(dim, index, piece)
-    return full
+    return full.cpu()  # a checkpoint holds every tensor at once: keep them off the GPU
