@@ -250,7 +250,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 "train/grad_norm": grad_norm,
                 "perf/step_time_s": step_time,
                 "perf/tokens_per_s": tokens_per_step / step_time,
-                "perf/tflops": step_flops / step_time / 1e12,
+                "perf/tflops_per_gpu": step_flops / step_time / 1e12 / env.world_size,
                 "perf/peak_memory_gb": peak_memory_gb(device),
                 "model/parameters": params,
                 "train/consumed_samples": consumed,
@@ -260,7 +260,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             writer.flush()
             if not show_bar:
                 log.info(
-                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s "
+                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s per GPU "
                     "peak memory %.2f GB",
                     step,
                     cfg.steps,
@@ -268,7 +268,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                     lr,
                     grad_norm,
                     scalars["perf/tokens_per_s"],
-                    scalars["perf/tflops"],
+                    scalars["perf/tflops_per_gpu"],
                     scalars["perf/peak_memory_gb"],
                 )
         interval = recipe.checkpoint.interval
