@@ -186,9 +186,19 @@ def single_process_run(tmp_path_factory):
     return losses(tmp / "tp1" / "tb")
 
 
-@pytest.mark.parametrize("layout", [{"tp": 2, "dp": 1}, {"tp": 1, "dp": 2}], ids=["tp2", "dp2"])
-def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_process_run, layout):
-    proc = launch(write_recipe(tmp_path, "run", 4, **layout), 2)
+LAYOUTS = {
+    "tp2": {"tp": 2, "dp": 1},
+    "dp2": {"tp": 1, "dp": 2},
+    "pp2": {"pp": 2, "dp": 1},
+    "pp2_tp2": {"pp": 2, "tp": 2, "dp": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_process_run, name):
+    layout = LAYOUTS[name]
+    nproc = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
+    proc = launch(write_recipe(tmp_path, "run", 4, **layout), nproc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = losses(tmp_path / "run" / "tb")
     assert sorted(got) == [1, 2, 3, 4]
@@ -199,8 +209,9 @@ def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_proce
         assert got[step] == pytest.approx(single_process_run[step], rel=1e-4), (step, got)
 
 
-def test_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path, single_process_run):
-    recipe = write_recipe(tmp_path, "run", 2, tp=2, dp=1)
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
+def test_checkpoint_saved_at_another_layout_resumes_at_tp1(tmp_path, single_process_run, layout):
+    recipe = write_recipe(tmp_path, "run", 2, dp=1, **layout)
     assert launch(recipe, 2).returncode == 0
     resumed = write_recipe(tmp_path, "run", 4, tp=1, dp=1)  # same checkpoint and TensorBoard dirs
     proc = launch(resumed, 1)
@@ -220,3 +231,14 @@ def test_a_layout_that_does_not_fit_fails_before_any_process_starts(tmp_path):
         proc.returncode == 2
         and "parallel.tp: 4 attention heads are not divisible by TP=3" in proc.stderr
     )
+
+
+def test_pipeline_stages_follow_the_pattern_markers():
+    from toolkit.parallel.pp import stage_ranges
+
+    even = HybridLM(tiny_model_config(pattern="M*-M"), vocab_size=50)
+    assert stage_ranges(even, 2) == [range(0, 2), range(2, 4)]
+    marked = HybridLM(tiny_model_config(pattern="M|*-M"), vocab_size=50)
+    assert stage_ranges(marked, 2) == [range(0, 1), range(1, 4)]
+    with pytest.raises(ValueError, match="pattern has 2 stages, expected 4"):
+        stage_ranges(marked, 4)

@@ -36,7 +36,13 @@ from toolkit.data import SequenceSampler, load_corpus
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import build_optimizer, learning_rate
-from toolkit.parallel.runtime import average_over_dp, clip_grad_norm, global_state, parallelize
+from toolkit.parallel.runtime import (
+    StepRunner,
+    average_over_dp,
+    clip_grad_norm,
+    global_state,
+    parallelize,
+)
 from toolkit.tokenizer import ByteTokenizer, build_tokenizer
 
 log = logging.getLogger("toolkit.train")
@@ -109,7 +115,21 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     params = sum(p.numel() for p in model.parameters())
     step_flops = flops_per_token(model, recipe.model.seq_length)  # per token, whole model
     loss_fn = parallelize(model, env)
-    optimizer = build_optimizer(model, cfg)
+    # Each DP rank takes its own slice of every global batch.
+    dp_rank, dp_size = env.dp_rank, env.dp
+    micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
+    run_step = StepRunner(
+        model,
+        env,
+        loss_fn,
+        micro_batch_size=cfg.micro_batch_size,
+        micro_batches=micro_batches,
+        seq_length=recipe.model.seq_length,
+        autocast=lambda: autocast_context(cfg.precision, device),
+        logits_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+    )
+    module = run_step.module  # the whole model, or this rank's pipeline stage
+    optimizer = build_optimizer(module, cfg)
     log.info(
         "layout: TP=%d PP=%d DP=%d on %d ranks (%s)", env.tp, env.pp, env.dp, env.world_size, device
     )
@@ -121,9 +141,6 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         recipe.model.seq_length,
     )
 
-    # Each DP rank takes its own slice of every global batch.
-    dp_rank, dp_size = env.dp_rank, env.dp
-    micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
     start_step, consumed = 0, 0
     ckpt_dir = recipe.checkpoint.dir
     previous = latest_checkpoint(ckpt_dir)
@@ -139,14 +156,14 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 f"{previous} was written for a different [model] section; point checkpoint.dir "
                 "elsewhere or set checkpoint.resume=false"
             )
-        restore_model(model, ckpt)
-        restore_optimizer(model, optimizer, ckpt)
+        restore_model(module, ckpt, whole=env.pp == 1)
+        restore_optimizer(module, optimizer, ckpt)
         torch.set_rng_state(torch.tensor(ckpt.metadata["rng"]["torch"], dtype=torch.uint8))
         start_step, consumed = ckpt.metadata["step"], ckpt.metadata["consumed_samples"]
         log.info("resumed from %s at step %d (%d samples consumed)", previous, start_step, consumed)
 
     def save(step: int) -> None:
-        model_state, optim_state = global_state(model, optimizer, env)  # collective
+        model_state, optim_state = global_state(module, optimizer, env)  # collective
         if not main_rank:
             barrier(env)
             return
@@ -179,7 +196,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         writer.add_text("pattern", model.layout.summary())
     tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
     step_flops *= tokens_per_step
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in module.parameters() if p.requires_grad]
     skipped_in_a_row = 0
     # A live bar on a terminal; in batch logs (Slurm, CI) one line per logging interval instead.
     show_bar = main_rank and recipe.logging.progress_bar and sys.stderr.isatty()
@@ -193,21 +210,15 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         file=sys.stderr,
     )
     step = start_step
-    model.train()
+    module.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(micro_batches):
-            first = consumed + (dp_rank * micro_batches + micro) * cfg.micro_batch_size
-            inputs, labels = (t.to(device) for t in sampler.batch(first, cfg.micro_batch_size))
-            with autocast_context(cfg.precision, device):
-                logits = model(inputs)
-            loss = loss_fn(logits, labels) / micro_batches
-            loss.backward()
-            loss_sum += loss.detach()
+        first = consumed + dp_rank * micro_batches * cfg.micro_batch_size
+        batch = sampler.batch(first, micro_batches * cfg.micro_batch_size)
+        loss_sum = run_step(*(t.to(device) for t in batch))
         average_over_dp([loss_sum, *(p.grad for p in trainable if p.grad is not None)], env)
         loss_value = loss_sum.item()
         consumed += cfg.global_batch_size

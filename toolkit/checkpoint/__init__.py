@@ -60,11 +60,12 @@ def optimizer_tensors(
     return out
 
 
-def restore_model(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Copy global tensors into the model; TP-sharded parameters take their own slice."""
+def restore_model(model: nn.Module, ckpt: Checkpoint, whole: bool = True) -> None:
+    """Copy global tensors into the model; TP-sharded parameters take their own slice. With
+    whole=False (a pipeline stage) the checkpoint may hold parameters the module lacks."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(ckpt.model))
-    unexpected = sorted(set(ckpt.model) - set(params))
+    unexpected = sorted(set(ckpt.model) - set(params)) if whole else []
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt.path}: parameters do not match the model: missing {missing[:5]}, "

@@ -4,6 +4,7 @@ reduction over DP, clipping by the global norm, and the global (layout-free) sta
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import partial
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from toolkit.checkpoint import model_tensors, optimizer_tensors
 from toolkit.distributed import ParallelEnv
 from toolkit.model import HybridLM
+from toolkit.parallel.pp import build_pipeline
 from toolkit.parallel.tp import apply_tp, gather_from_tp, vocab_parallel_cross_entropy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -23,9 +25,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def parallelize(model: HybridLM, env: ParallelEnv) -> LossFn:
-    """Apply the layout to a freshly built (identical on every rank) model; returns the loss."""
-    if env.pp > 1:
-        raise NotImplementedError("parallel.pp > 1: pipeline parallelism is not implemented yet")
+    """Apply tensor parallelism to a freshly built (identical on every rank) model; returns the
+    loss for its logits. Pipeline stages are cut afterwards, by StepRunner."""
     if env.tp == 1:
         return cross_entropy
     group = env.group("tp")
@@ -56,7 +57,10 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: ParallelEnv
     )
     if env.tp > 1:
         dist.all_reduce(sharded, group=env.group("tp"))
-    total = math.sqrt(float(sharded + replicated))
+    squares = sharded + replicated
+    if env.pp > 1:  # each stage holds different parameters
+        dist.all_reduce(squares, group=env.group("pp"))
+    total = math.sqrt(float(squares))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for p in params:
@@ -70,4 +74,74 @@ def global_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Parameters and optimizer state as global tensors, whatever the layout (collective)."""
     gather = partial(gather_from_tp, group=env.group("tp") if env.tp > 1 else None)
-    return model_tensors(model, gather), optimizer_tensors(model, optimizer, gather)
+    params, optim = model_tensors(model, gather), optimizer_tensors(model, optimizer, gather)
+    if env.pp > 1:  # each stage holds its own blocks: collect them on the first stage
+        group = env.group("pp")
+        parts = [None] * env.pp if env.pp_rank == 0 else None
+        params = {k: v.cpu() for k, v in params.items()}
+        optim = {k: v.cpu() for k, v in optim.items()}
+        dist.gather_object((params, optim), parts, dst=dist.get_global_rank(group, 0), group=group)
+        if parts is not None:
+            params = {k: v for p, _ in parts for k, v in p.items()}
+            optim = {k: v for _, o in parts for k, v in o.items()}
+    return params, optim
+
+
+class StepRunner:
+    """Forward and backward of one optimizer step's batch on this rank: a loop over micro-batches
+    with gradient accumulation, or a pipeline schedule when PP > 1. Returns the mean micro-batch
+    loss, the same on every rank of the model replica."""
+
+    def __init__(
+        self,
+        model: HybridLM,
+        env: ParallelEnv,
+        loss_fn: LossFn,
+        *,
+        micro_batch_size: int,
+        micro_batches: int,
+        seq_length: int,
+        autocast: Callable[[], AbstractContextManager],
+        logits_dtype: torch.dtype,
+    ) -> None:
+        self.env, self.loss_fn, self.autocast = env, loss_fn, autocast
+        self.micro_batch_size, self.micro_batches = micro_batch_size, micro_batches
+        self.module: torch.nn.Module = model
+        self.schedule = None
+        if env.pp > 1:
+            self.module, self.schedule = build_pipeline(
+                model,
+                env,
+                loss_fn=loss_fn,
+                micro_batch_size=micro_batch_size,
+                micro_batches=micro_batches,
+                seq_length=seq_length,
+                logits_dtype=logits_dtype,
+            )
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.schedule is None:
+            total = torch.zeros((), device=inputs.device)
+            for x, y in zip(
+                inputs.split(self.micro_batch_size), labels.split(self.micro_batch_size)
+            ):
+                with self.autocast():
+                    logits = self.module(x)
+                loss = self.loss_fn(logits, y) / self.micro_batches
+                loss.backward()
+                total += loss.detach()
+            return total
+        losses: list[torch.Tensor] = []
+        with self.autocast():
+            if self.module.first:
+                self.schedule.step(inputs, return_outputs=False)
+            elif self.module.last:
+                self.schedule.step(target=labels, losses=losses, return_outputs=False)
+            else:
+                self.schedule.step(return_outputs=False)
+        # Only the last stage has the loss: share it along the pipeline.
+        total = torch.zeros((), device=inputs.device)
+        if losses:
+            total += torch.stack([loss.detach().float() for loss in losses]).mean()
+        dist.all_reduce(total, group=self.env.group("pp"))
+        return total
