@@ -17,7 +17,10 @@ tiny() {  # name nproc overrides...
 tiny tp1 1
 tiny tp2 2 --set parallel.tp=2
 tiny dp2 2 --set parallel.dp=2 --set train.micro_batch_size=8
-python3 benchmarks/compare_losses.py "$OUT/tb_tp1" "$OUT/tb_tp2" "$OUT/tb_dp2" | tee "$OUT/compare.txt"
+tiny pp2 2 --set parallel.pp=2 --set train.micro_batch_size=4
+python3 benchmarks/compare_losses.py "$OUT/tb_tp1" "$OUT/tb_tp2" "$OUT/tb_dp2" "$OUT/tb_pp2" \
+  | tee "$OUT/compare.txt"
+[ -n "${SKIP_8B:-}" ] && exit 0
 
 for seq in 4096 2048; do
   python3 launchers/submit.py recipes/8b_hybrid.toml --local --nproc 2 --set parallel.tp=2 \

@@ -28,8 +28,8 @@ from toolkit.checkpoint import (
     restore_model,
     restore_optimizer,
     save_checkpoint,
+    store,
 )
-from toolkit.checkpoint import store
 from toolkit.checkpoint.store import step_dirname
 
 REPO = Path(__file__).resolve().parents[1]
