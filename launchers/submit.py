@@ -50,21 +50,29 @@ def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                for p in procs:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
-                for p in procs:
-                    p.wait()
+                stop_all(procs)
                 return failed[0]
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.2)
     except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
+        stop_all(procs)
         return 130
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM every rank (each saves a checkpoint at its next step boundary), then SIGKILL what
+    still runs after grace_s: a rank blocked in a collective with a dead peer never gets there."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

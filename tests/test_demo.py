@@ -140,3 +140,21 @@ def test_config_cli_validates_and_lists_keys():
     assert bad.returncode == 2 and "world size 6 is not divisible by TP x PP = 4" in bad.stderr
     keys = run("-m", "toolkit.config", "--keys")
     assert "  mamba_state_dim (int, 128): Mamba-2 state size N" in keys.stdout
+
+
+def test_local_launcher_kills_ranks_that_ignore_sigterm():
+    """A rank stuck in a collective with a dead peer never reaches the step boundary where it
+    would stop: after the grace period the launcher must kill it rather than wait forever."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("submit", ROOT / "launchers" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    procs = [subprocess.Popen([sys.executable, "-c", stubborn]) for _ in range(2)]
+    time.sleep(0.5)  # let them install the handler
+    start = time.monotonic()
+    submit.stop_all(procs, grace_s=1.0)
+    assert time.monotonic() - start < 10
+    assert [p.returncode for p in procs] == [-9, -9]
