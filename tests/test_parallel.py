@@ -188,7 +188,8 @@ def single_process_run(tmp_path_factory):
 
 LAYOUTS = {
     "tp2": {"tp": 2, "dp": 1},
-    "dp2": {"tp": 1, "dp": 2},
+    "dp2": {"tp": 1, "dp": 2},  # the optimizer is sharded over DP by default
+    "dp2_replicated_optimizer": {"dp": 2, "shard_optimizer": "false"},
     "pp2": {"pp": 2, "dp": 1},
     "pp2_tp2": {"pp": 2, "tp": 2, "dp": 1},
 }
@@ -197,7 +198,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_process_run, name):
     layout = LAYOUTS[name]
-    nproc = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
+    nproc = layout.get("tp", 1) * layout.get("pp", 1) * layout["dp"]
     proc = launch(write_recipe(tmp_path, "run", 4, **layout), nproc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = losses(tmp_path / "run" / "tb")
@@ -209,9 +210,11 @@ def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_proce
         assert got[step] == pytest.approx(single_process_run[step], rel=1e-4), (step, got)
 
 
-@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout", [{"tp": 2, "dp": 1}, {"pp": 2, "dp": 1}, {"dp": 2}], ids=["tp2", "pp2", "dp2"]
+)
 def test_checkpoint_saved_at_another_layout_resumes_at_tp1(tmp_path, single_process_run, layout):
-    recipe = write_recipe(tmp_path, "run", 2, dp=1, **layout)
+    recipe = write_recipe(tmp_path, "run", 2, **layout)
     assert launch(recipe, 2).returncode == 0
     resumed = write_recipe(tmp_path, "run", 4, tp=1, dp=1)  # same checkpoint and TensorBoard dirs
     proc = launch(resumed, 1)
@@ -242,3 +245,29 @@ def test_pipeline_stages_follow_the_pattern_markers():
     assert stage_ranges(marked, 2) == [range(0, 1), range(1, 4)]
     with pytest.raises(ValueError, match="pattern has 2 stages, expected 4"):
         stage_ranges(marked, 4)
+
+
+def zero_worker(rank: int, world: int, port: int) -> None:
+    env = setup(rank, world, port, dp=world)
+    try:
+        from toolkit.config import TrainConfig
+        from toolkit.optim import build_optimizer
+
+        torch.manual_seed(0)
+        model = HybridLM(tiny_model_config(), vocab_size=50)
+        opt = build_optimizer(model, TrainConfig(steps=1), env.group("dp"))
+        model(torch.randint(0, 50, (2, 8))).square().mean().backward()
+        opt.step()
+        mine = sum(p.numel() for p in model.parameters() if opt.owns(p))
+        total = sum(p.numel() for p in model.parameters())
+        stored = sum(s["exp_avg"].numel() for s in opt.state.values())
+        assert stored == mine and 0.4 * total < mine < 0.6 * total, (mine, total)
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        assert sum(every) == total  # each parameter has exactly one owner
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_optimizer_keeps_half_the_state_per_rank():
+    spawn(zero_worker, 2)

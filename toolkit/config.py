@@ -103,6 +103,9 @@ class ParallelConfig:
     pp: int = opt(1, "pipeline-parallel degree")
     dp: int = opt(-1, "data-parallel degree (-1: world size / (tp x pp))")
     sequence_parallel: bool = opt(False, "shard norms/activations along the sequence under TP")
+    shard_optimizer: bool = opt(
+        True, "with DP > 1, each rank keeps only its share of the Adam state"
+    )
 
 
 @dataclass(kw_only=True, slots=True)

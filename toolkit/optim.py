@@ -3,9 +3,11 @@
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from toolkit.config import TrainConfig
+from toolkit.parallel.zero import ShardedOptimizer
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -22,14 +24,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        parameter_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        foreach=True,
-    )
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, shard_over: dist.ProcessGroup | None = None
+) -> torch.optim.Optimizer | ShardedOptimizer:
+    """AdamW; with `shard_over` (the DP group), each rank holds only its share of the state."""
+
+    def adamw(groups: list[dict]) -> torch.optim.Optimizer:
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, foreach=True)
+
+    groups = parameter_groups(model, cfg.weight_decay)
+    return adamw(groups) if shard_over is None else ShardedOptimizer(groups, adamw, shard_over)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

@@ -129,7 +129,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         logits_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
     )
     module = run_step.module  # the whole model, or this rank's pipeline stage
-    optimizer = build_optimizer(module, cfg)
+    shard_over = env.group("dp") if env.dp > 1 and recipe.parallel.shard_optimizer else None
+    optimizer = build_optimizer(module, cfg, shard_over)
     log.info(
         "layout: TP=%d PP=%d DP=%d on %d ranks (%s)", env.tp, env.pp, env.dp, env.world_size, device
     )

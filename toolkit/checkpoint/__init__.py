@@ -84,7 +84,10 @@ def restore_model(model: nn.Module, ckpt: Checkpoint, whole: bool = True) -> Non
 
 
 def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    owns = getattr(optimizer, "owns", lambda p: True)  # a sharded optimizer keeps its share only
     for name, p in model.named_parameters():
+        if not owns(p):
+            continue
         state = {}
         for key, value in ckpt.optim.items():
             owner, _, moment = key.rpartition("/")

@@ -16,6 +16,7 @@ from toolkit.distributed import ParallelEnv
 from toolkit.model import HybridLM
 from toolkit.parallel.pp import build_pipeline
 from toolkit.parallel.tp import apply_tp, gather_from_tp, vocab_parallel_cross_entropy
+from toolkit.parallel.zero import ShardedOptimizer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,16 +76,20 @@ def global_state(
     """Parameters and optimizer state as global tensors, whatever the layout (collective)."""
     gather = partial(gather_from_tp, group=env.group("tp") if env.tp > 1 else None)
     params, optim = model_tensors(model, gather), optimizer_tensors(model, optimizer, gather)
+    if isinstance(optimizer, ShardedOptimizer):  # each DP rank has its own share of the state
+        optim = _merge_on_first(optim, env.group("dp"), env.dp)
     if env.pp > 1:  # each stage holds its own blocks: collect them on the first stage
-        group = env.group("pp")
-        parts = [None] * env.pp if env.pp_rank == 0 else None
-        params = {k: v.cpu() for k, v in params.items()}
-        optim = {k: v.cpu() for k, v in optim.items()}
-        dist.gather_object((params, optim), parts, dst=dist.get_global_rank(group, 0), group=group)
-        if parts is not None:
-            params = {k: v for p, _ in parts for k, v in p.items()}
-            optim = {k: v for _, o in parts for k, v in o.items()}
+        params = _merge_on_first(params, env.group("pp"), env.pp)
+        optim = _merge_on_first(optim, env.group("pp"), env.pp)
     return params, optim
+
+
+def _merge_on_first(tensors: dict, group: dist.ProcessGroup, size: int) -> dict:
+    """The union of every group member's dict, on the group's first rank (others get theirs)."""
+    parts = [None] * size if dist.get_rank(group) == 0 else None
+    local = {k: v.cpu() for k, v in tensors.items()}
+    dist.gather_object(local, parts, dst=dist.get_global_rank(group, 0), group=group)
+    return {k: v for part in parts for k, v in part.items()} if parts is not None else local
 
 
 class StepRunner:
