@@ -169,6 +169,11 @@ BROKEN = [
         r"^parallel\.sequence_parallel: expected bool, got int 1",
         "int-bool",
     ),
+    case(
+        ["parallel.sequence_parallel=true"],
+        r"^parallel\.sequence_parallel: is not implemented yet",
+        "unimplemented-sequence-parallel",
+    ),
     case(["train.lr=true"], r"^train\.lr: expected float, got bool True", "bool-float"),
     case(["train.lr='fast'"], r"^train\.lr: expected float, got str 'fast'", "str-float"),
     case(["slurm.partition=3"], r"^slurm\.partition: expected str, got int 3", "int-optional-str"),

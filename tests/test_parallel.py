@@ -170,12 +170,12 @@ def launch(recipe: Path, nproc: int, *overrides: str) -> subprocess.CompletedPro
     )
 
 
-def losses(tb_dir: Path) -> dict[int, float]:
+def losses(tb_dir: Path, tag: str = "train/loss") -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train/loss")}
+    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def single_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp1")
     proc = launch(write_recipe(tmp, "tp1", 4, tp=1, dp=1), 1)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return losses(tmp / "tp1" / "tb")
+    return tmp / "tp1" / "tb"
 
 
 LAYOUTS = {
@@ -197,6 +197,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_process_run, name):
+    reference = losses(single_process_run)
     layout = LAYOUTS[name]
     nproc = layout.get("tp", 1) * layout.get("pp", 1) * layout["dp"]
     proc = launch(write_recipe(tmp_path, "run", 4, **layout), nproc)
@@ -205,9 +206,12 @@ def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_proce
     assert sorted(got) == [1, 2, 3, 4]
     # Step 1 differs only by summation order. Later steps go through Adam, whose normalised
     # update turns last-bit differences in tiny gradients into ~1e-5 relative loss differences.
-    assert got[1] == pytest.approx(single_process_run[1], rel=1e-6)
+    assert got[1] == pytest.approx(reference[1], rel=1e-6)
     for step in (2, 3, 4):
-        assert got[step] == pytest.approx(single_process_run[step], rel=1e-4), (step, got)
+        assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got)
+    # The global gradient norm: every shard's gradients, reduced over DP, summed over TP and PP.
+    grad_norm = losses(tmp_path / "run" / "tb", "train/grad_norm")
+    assert grad_norm[1] == pytest.approx(losses(single_process_run, "train/grad_norm")[1], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -221,8 +225,9 @@ def test_checkpoint_saved_at_another_layout_resumes_at_tp1(tmp_path, single_proc
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
     got = losses(tmp_path / "run" / "tb")
+    reference = losses(single_process_run)
     for step in (3, 4):  # optimizer state came back too, or these would drift far more
-        assert got[step] == pytest.approx(single_process_run[step], rel=1e-4)
+        assert got[step] == pytest.approx(reference[step], rel=1e-4)
 
 
 def test_a_layout_that_does_not_fit_fails_before_any_process_starts(tmp_path):

@@ -311,6 +311,7 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     for key in ("tp", "pp"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     _check(p.dp == -1 or p.dp >= 1, "parallel.dp", f"must be >= 1 or -1 (auto), got {p.dp}")
+    _check(not p.sequence_parallel, "parallel.sequence_parallel", "is not implemented yet")
     if "*" in layout.pattern:
         h, g = m.num_attention_heads, m.num_query_groups
         _check(h % g == 0, "model.num_query_groups", f"{h} heads are not divisible by {g} groups")
