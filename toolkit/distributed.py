@@ -6,6 +6,7 @@ sits on consecutive ranks (one node) and its all-reduces stay on NVLink.
 
 import datetime
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,31 @@ def launch_environment() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def slurm_rendezvous(env: dict[str, str] | None = None) -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) for a Slurm job: the first node's NodeAddr from `scontrol`
+    (node names need not resolve in DNS) and a port derived from the job id, so every task of
+    the job computes the same pair without talking to the others."""
+    env = dict(os.environ) if env is None else env
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("Slurm task without SLURM_JOB_NODELIST: cannot find the first node")
+    try:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+        ).stdout.split()
+        node = subprocess.run(
+            ["scontrol", "show", "node", hosts[0]], check=True, capture_output=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError, IndexError) as e:
+        raise RuntimeError(
+            f"cannot resolve the first node of {nodelist!r} with scontrol: {e}"
+        ) from e
+    fields = dict(f.split("=", 1) for f in node.split() if "=" in f)
+    addr = fields.get("NodeAddr") or hosts[0]
+    port = 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    return addr, str(port)
+
+
 def resolve_layout(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
     """(tp, pp, dp) for this world size; dp=-1 takes what TP x PP leaves."""
     tp, pp = cfg.tp, cfg.pp
@@ -74,7 +100,8 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]
 def init_distributed(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelEnv:
     """Join the job's process group (NCCL on GPUs, gloo on CPUs) and build the TP x PP x DP mesh.
 
-    MASTER_ADDR / MASTER_PORT must be set when world size > 1 (the launchers set them).
+    With world size > 1: MASTER_ADDR / MASTER_PORT from the environment (torchrun, our local
+    launcher), or, in a Slurm job that did not set them, from `slurm_rendezvous`.
     """
     rank, world_size, local_rank = launch_environment()
     tp, pp, dp = resolve_layout(cfg, world_size)
@@ -86,6 +113,9 @@ def init_distributed(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelE
     if world_size == 1:
         return ParallelEnv(0, 1, 0, device, tp, pp, dp)
     if not dist.is_initialized():
+        if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"], port = slurm_rendezvous()
+            os.environ.setdefault("MASTER_PORT", port)
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"rank {rank}: {var} is not set; launch through launchers/")
