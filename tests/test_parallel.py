@@ -192,6 +192,7 @@ LAYOUTS = {
     "dp2_replicated_optimizer": {"dp": 2, "shard_optimizer": "false"},
     "pp2": {"pp": 2, "dp": 1},
     "pp2_tp2": {"pp": 2, "tp": 2, "dp": 1},
+    "tp2_dp2": {"tp": 2, "dp": 2},
 }
 
 
