@@ -31,7 +31,7 @@ from toolkit.checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from toolkit.config import Recipe, RecipeError, load_recipe
+from toolkit.config import Recipe, RecipeError, load_recipe, validate
 from toolkit.data import SequenceSampler, load_corpus
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
@@ -100,6 +100,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     cfg, result = recipe.train, TrainResult()
     stop = stop or StopRequest()
     env = init_distributed(recipe.parallel, resolve_device(cfg.device).type)
+    validate(recipe, env.world_size)  # batch sizes against the DP degree this job really has
     device, main_rank = env.device, env.rank == 0
     if not main_rank:
         log.setLevel(logging.WARNING)
