@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Run a recipe: on this machine (--local) or, once the Slurm launcher lands, as a Slurm job.
+"""Run a recipe as a Slurm job (sbatch), or on this machine (--local).
+
+    python launchers/submit.py recipes/8b_hybrid.toml [--nodes 4 --time 2:00:00] [--dry-run]
+    python launchers/submit.py recipes/8b_hybrid.toml --emit-sbatch job.sbatch
 
     python launchers/submit.py recipes/tiny_hybrid.toml --local [--set train.steps=50]
     python launchers/submit.py recipes/tiny_hybrid.toml --local --nproc 2 --set parallel.tp=2
@@ -19,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from toolkit.config import RecipeError, load_recipe, validate  # noqa: E402
+from toolkit.slurm import render_sbatch  # noqa: E402
 from toolkit.train import add_recipe_arguments, run  # noqa: E402
 
 
@@ -75,17 +79,86 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
             p.wait()
 
 
+SLURM_FLAGS = ("nodes", "time", "partition", "account", "qos")
+
+
+def submit_to_slurm(args: argparse.Namespace) -> int:
+    """Render the sbatch script; print it (--dry-run), write it (--emit-sbatch) or submit it."""
+    overrides = list(args.set)
+    for key in SLURM_FLAGS:
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(
+                f"slurm.{key}={value!r}" if isinstance(value, str) else f"slurm.{key}={value}"
+            )
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+        s = recipe.slurm
+        world = s.nodes * (s.tasks_per_node or s.gpus_per_node or 1)
+        validate(recipe, world_size=world)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = Path.cwd()
+    log_dir = workdir / "runs" / recipe.name / "slurm"
+    python = s.python or ("python3" if s.container_image else sys.executable)
+    script = render_sbatch(
+        recipe,
+        Path(args.recipe).resolve(),
+        overrides,
+        python=python,
+        workdir=workdir,
+        log_dir=log_dir,
+    )
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    if args.emit_sbatch:
+        log_dir.mkdir(parents=True, exist_ok=True)  # sbatch fails a job whose log dir is missing
+        Path(args.emit_sbatch).write_text(script)
+        print(f"wrote {args.emit_sbatch}: submit it with `sbatch {args.emit_sbatch}`")
+        return 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path.write_text(script)
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        print(
+            "error: sbatch not found: is this a Slurm login node? (--dry-run shows the script)",
+            file=sys.stderr,
+        )
+        return 2
+    if proc.returncode != 0:
+        print(f"error: sbatch rejected the job: {proc.stderr.strip()}", file=sys.stderr)
+        return proc.returncode
+    job_id = proc.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id} ({world} ranks on {s.nodes} node(s)); script {path}")
+    print(f"log:      {log_dir}/{recipe.name}-{job_id}.out")
+    print(f"follow:   squeue -j {job_id}; tail -f {log_dir}/{recipe.name}-{job_id}.out")
+    print(f"metrics:  make tensorboard LOGDIR={recipe.logging.dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="launchers/submit.py",
-        description="Train a recipe locally (--local). Slurm submission is not available yet.",
+        description="Submit a recipe to Slurm (sbatch), print or write its sbatch script, or run "
+        "it here with --local.",
     )
     add_recipe_arguments(parser)
     parser.add_argument("--local", action="store_true", help="run here instead of on Slurm")
     parser.add_argument("--nproc", type=int, default=1, help="with --local: number of ranks")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
+    parser.add_argument("--emit-sbatch", metavar="FILE", help="write a standalone sbatch script")
+    parser.add_argument("--nodes", type=int, help="override slurm.nodes")
+    parser.add_argument("--time", help="override slurm.time, e.g. 2:00:00")
+    parser.add_argument("--partition", help="override slurm.partition")
+    parser.add_argument("--account", help="override slurm.account")
+    parser.add_argument("--qos", help="override slurm.qos")
     args = parser.parse_args(argv)
     if not args.local:
-        parser.error("Slurm submission is not implemented in this version; use --local to run here")
+        return submit_to_slurm(args)
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
     if args.nproc == 1:

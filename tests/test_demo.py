@@ -106,7 +106,7 @@ def test_demo_checkpoint_and_generation_cli(demo_run):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["recipes/tiny_hybrid.toml"], "use --local"),
+        (["recipes/tiny_hybrid.toml", "--set", "slurm.tasks_per_node=8"], "the world size is 8"),
         (
             ["recipes/tiny_hybrid.toml", "--local", "--set", "model.hiden_size=3"],
             "model.hiden_size: unknown key",
@@ -158,3 +158,22 @@ def test_local_launcher_kills_ranks_that_ignore_sigterm():
     submit.stop_all(procs, grace_s=1.0)
     assert time.monotonic() - start < 10
     assert [p.returncode for p in procs] == [-9, -9]
+
+
+def test_dry_run_prints_the_sbatch_script():
+    proc = run(
+        "launchers/submit.py",
+        "recipes/tiny_hybrid.toml",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--set",
+        "parallel.dp=-1",
+        "--set",
+        "train.micro_batch_size=8",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(
+        "#!/bin/bash\n#SBATCH --job-name=tiny_hybrid\n#SBATCH --nodes=2\n"
+    )
+    assert "--gpus-per-node" not in proc.stdout and "srun --kill-on-bad-exit=1" in proc.stdout

@@ -186,3 +186,27 @@ def test_checkpointing_can_be_switched_off(tmp_path):
     recipe.checkpoint.enabled = False
     assert train(recipe).checkpoint is None
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_pre_timeout_signal_requeues_the_slurm_job(tmp_path, monkeypatch):
+    """USR2 (Slurm's signal before the time limit): checkpoint, then `scontrol requeue`."""
+    import os
+    import signal
+
+    from toolkit.train import StopRequest
+
+    calls = tmp_path / "calls"
+    stub = tmp_path / "bin" / "scontrol"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    stop = StopRequest()
+    stop.signum = signal.SIGTERM  # a preemption: Slurm requeues by itself, we only checkpoint
+    train(make_recipe(tmp_path / "a", RANDOM_TEXT, steps=4), stop)
+    assert not calls.exists()
+    stop.signum = signal.SIGUSR2
+    result = train(make_recipe(tmp_path / "b", RANDOM_TEXT, steps=4), stop)
+    assert result.stopped_by_signal and result.checkpoint.endswith("step_00000001")
+    assert calls.read_text() == "requeue 77\n"

@@ -130,7 +130,8 @@ class SlurmConfig:
     account: str | None = opt(None, "account (-A)")
     qos: str | None = opt(None, "quality of service")
     nodes: int = opt(1, "nodes")
-    gpus_per_node: int = opt(8, "GPUs per node (one task per GPU)")
+    gpus_per_node: int = opt(8, "GPUs per node (one task per GPU); 0 for CPU-only nodes")
+    tasks_per_node: int = opt(0, "ranks per node (0: one per GPU, or 1 without GPUs)")
     cpus_per_task: int = opt(8, "CPU cores per task")
     time: str = opt("04:00:00", "time limit HH:MM:SS or D-HH:MM:SS")
     exclusive: bool = opt(True, "whole nodes")
@@ -140,6 +141,9 @@ class SlurmConfig:
     extra_sbatch: list[str] = opt([], "extra '#SBATCH' lines, without the prefix")
     container_image: str | None = opt(None, "pyxis image (.sqsh or docker ref) or Apptainer .sif")
     container_mounts: list[str] = opt([], "host:container mounts")
+    python: str | None = opt(
+        None, "Python on the nodes (default: this one; python3 in a container)"
+    )
     signal_delay_s: int = opt(90, "seconds before the limit to signal a checkpoint-and-requeue")
     max_num_timeout: int = opt(3, "how many times a job may requeue after a timeout")
 
@@ -394,9 +398,11 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(r.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(r.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     _check(r.logging.interval >= 1, "logging.interval", "must be >= 1")
-    for key in ("nodes", "gpus_per_node", "cpus_per_task"):
+    for key in ("nodes", "cpus_per_task"):
         value = getattr(r.slurm, key)
         _check(value >= 1, f"slurm.{key}", f"must be >= 1, got {value}")
+    for key in ("gpus_per_node", "tasks_per_node"):
+        _check(getattr(r.slurm, key) >= 0, f"slurm.{key}", "must be >= 0")
     _check(r.slurm.max_num_timeout >= 0, "slurm.max_num_timeout", "must be >= 0")
     _check(r.slurm.signal_delay_s >= 0, "slurm.signal_delay_s", "must be >= 0")
 

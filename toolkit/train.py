@@ -13,8 +13,10 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -305,12 +307,27 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             steps[-1],
             result.losses[steps[-1]],
         )
+    if result.stopped_by_signal and stop.signum == signal.SIGUSR2 and main_rank:
+        requeue_slurm_job()
     if cfg.sample_prompt and not result.stopped_by_signal and main_rank and env.tp == 1:
         result.sample = sample_text(model, tokenizer, cfg.sample_prompt, seed=cfg.seed)
         log.info(
             "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
         )
     return result
+
+
+def requeue_slurm_job() -> None:
+    """Slurm's pre-timeout signal (USR2): put this job back in the queue; it resumes from the
+    checkpoint just written. (A preemption or `scontrol requeue` requeues the job by itself.)"""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode == 0:
+        log.warning("requeued Slurm job %s; it will resume from the checkpoint", job)
+    else:
+        log.error("could not requeue Slurm job %s: %s", job, done.stderr.strip())
 
 
 def barrier(env: ParallelEnv) -> None:
