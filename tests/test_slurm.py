@@ -77,6 +77,16 @@ def test_submit_two_nodes(cluster, tmp_path):
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     assert f"tiny_hybrid-{job_id}.out" in proc.stdout and "squeue -j" in proc.stdout
     check_training(finished_log(cluster, tmp_path, job_id), tmp_path, 12)
+    status = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "status.py")],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+    )
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if line.startswith(job_id + " "))
+    assert row.split()[1:3] == ["tiny_hybrid", "COMPLETED"]
+    assert "12/12" in row and "runs/ck/step_00000012" in row
 
 
 def test_emitted_script_runs_with_plain_sbatch(cluster, tmp_path):
