@@ -121,22 +121,34 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     path.write_text(script)
-    try:
-        proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
-    except FileNotFoundError:
-        print(
-            "error: sbatch not found: is this a Slurm login node? (--dry-run shows the script)",
-            file=sys.stderr,
-        )
-        return 2
-    if proc.returncode != 0:
-        print(f"error: sbatch rejected the job: {proc.stderr.strip()}", file=sys.stderr)
-        return proc.returncode
-    job_id = proc.stdout.strip().split(";")[0]
-    print(f"submitted job {job_id} ({world} ranks on {s.nodes} node(s)); script {path}")
+    # A chain: each job starts after the previous one ends, however it ended, and resumes from
+    # the latest checkpoint; a finished run makes the rest exit at once.
+    job_ids: list[str] = []
+    for _ in range(args.chain):
+        dependency = [f"--dependency=afterany:{job_ids[-1]}"] if job_ids else []
+        if not job_ids and args.dependency:
+            dependency = [f"--dependency={args.dependency}"]
+        try:
+            proc = subprocess.run(
+                ["sbatch", "--parsable", *dependency, str(path)], capture_output=True, text=True
+            )
+        except FileNotFoundError:
+            print(
+                "error: sbatch not found: is this a Slurm login node? (--dry-run shows the script)",
+                file=sys.stderr,
+            )
+            return 2
+        if proc.returncode != 0:
+            print(f"error: sbatch rejected the job: {proc.stderr.strip()}", file=sys.stderr)
+            return proc.returncode
+        job_ids.append(proc.stdout.strip().split(";")[0])
+    job_id = job_ids[0]
+    chained = f", then {', '.join(job_ids[1:])} in a chain" if len(job_ids) > 1 else ""
+    print(f"submitted job {job_id} ({world} ranks on {s.nodes} node(s)){chained}; script {path}")
     print(f"log:      {log_dir}/{recipe.name}-{job_id}.out")
-    print(f"follow:   squeue -j {job_id}; tail -f {log_dir}/{recipe.name}-{job_id}.out")
+    print(f"follow:   squeue -j {','.join(job_ids)}; tail -f {log_dir}/{recipe.name}-{job_id}.out")
     print(f"metrics:  make tensorboard LOGDIR={recipe.logging.dir}")
+    print("status:   python launchers/status.py")
     return 0
 
 
@@ -156,7 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partition", help="override slurm.partition")
     parser.add_argument("--account", help="override slurm.account")
     parser.add_argument("--qos", help="override slurm.qos")
+    parser.add_argument("--dependency", help="sbatch dependency of the first job, e.g. afterok:123")
+    parser.add_argument(
+        "--chain",
+        type=int,
+        default=1,
+        metavar="N",
+        help="submit N jobs, each starting when the previous ends (long runs)",
+    )
     args = parser.parse_args(argv)
+    if args.chain < 1:
+        parser.error("--chain must be >= 1")
     if not args.local:
         return submit_to_slurm(args)
     if args.nproc < 1:

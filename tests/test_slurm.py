@@ -179,3 +179,27 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     done = [int(s) for s in re.findall(rf"step (\d+)/{steps} loss", text)]
     assert sorted(done) == list(range(1, steps + 1)), done  # none twice, none skipped
     assert "restart 1" in text
+
+
+def test_chained_jobs_continue_one_run(cluster, tmp_path):
+    proc = submit(
+        cluster,
+        tmp_path,
+        "--nodes",
+        "2",
+        *CPU_JOB,
+        "--chain",
+        "2",
+        "--set",
+        "train.steps=6",
+        "--set",
+        'checkpoint.dir="runs/ck"',
+        "--set",
+        'logging.dir="runs/tb"',
+    )
+    assert proc.returncode == 0, proc.stderr
+    first, second = re.search(r"submitted job (\d+) .*then (\d+) in a chain", proc.stdout).groups()
+    finished_log(cluster, tmp_path, first)
+    text = finished_log(cluster, tmp_path, second)
+    assert "resumed from" in text and "at step 6" in text  # the second job found the run done
+    assert not re.search(r"step \d+/6 loss", text)
