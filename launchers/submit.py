@@ -13,7 +13,6 @@ With --nproc N, N processes (gloo on CPUs, NCCL on GPUs) run the recipe's TP x P
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from toolkit.config import RecipeError, load_recipe, validate  # noqa: E402
+from toolkit.distributed import free_port  # noqa: E402
 from toolkit.slurm import render_sbatch  # noqa: E402
 from toolkit.train import add_recipe_arguments, run  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:

@@ -9,17 +9,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from toolkit.distributed import free_port
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 
 
 def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sbin(name: str) -> str:
@@ -53,7 +49,7 @@ class SlurmCluster:
             ],
             check=True,
         )
-        ctld, p1, p2 = _free_port(), _free_port(), _free_port()
+        ctld, p1, p2 = free_port(), free_port(), free_port()
         self.conf.write_text(
             f"""ClusterName=toolkit
 SlurmctldHost={socket.gethostname()}

@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch.multiprocessing as mp
 
 from tests.conftest import TINY_MODEL, tiny_model_config
 from toolkit.config import ParallelConfig
-from toolkit.distributed import init_distributed
+from toolkit.distributed import free_port, init_distributed
 from toolkit.model import HybridLM
 from toolkit.parallel import apply_tp, vocab_parallel_cross_entropy
 from toolkit.parallel.sharding import shard_indices
@@ -37,12 +36,6 @@ MODELS = {
         norm="layernorm",
     ),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(fn, world: int, *args) -> None:

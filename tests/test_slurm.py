@@ -47,6 +47,12 @@ def submit(cluster, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def submit_run(cluster, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """A two-node CPU run of the tiny recipe writing under workdir/runs."""
+    dirs = ["--set", 'checkpoint.dir="runs/ck"', "--set", 'logging.dir="runs/tb"']
+    return submit(cluster, workdir, "--nodes", "2", *CPU_JOB, *dirs, *args)
+
+
 def finished_log(cluster, workdir: Path, job_id: str) -> str:
     assert cluster.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) == "COMPLETED"
     return (workdir / "runs" / "tiny_hybrid" / "slurm" / f"tiny_hybrid-{job_id}.out").read_text()
@@ -60,19 +66,7 @@ def check_training(log: str, workdir: Path, steps: int) -> None:
 
 
 def test_submit_two_nodes(cluster, tmp_path):
-    proc = submit(
-        cluster,
-        tmp_path,
-        "--nodes",
-        "2",
-        *CPU_JOB,
-        "--set",
-        "train.steps=12",
-        "--set",
-        'checkpoint.dir="runs/ck"',
-        "--set",
-        'logging.dir="runs/tb"',
-    )
+    proc = submit_run(cluster, tmp_path, "--set", "train.steps=12")
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     assert f"tiny_hybrid-{job_id}.out" in proc.stdout and "squeue -j" in proc.stdout
@@ -91,21 +85,7 @@ def test_submit_two_nodes(cluster, tmp_path):
 
 def test_emitted_script_runs_with_plain_sbatch(cluster, tmp_path):
     script = tmp_path / "job.sbatch"
-    proc = submit(
-        cluster,
-        tmp_path,
-        "--nodes",
-        "2",
-        *CPU_JOB,
-        "--set",
-        "train.steps=12",
-        "--set",
-        'checkpoint.dir="runs/ck"',
-        "--set",
-        'logging.dir="runs/tb"',
-        "--emit-sbatch",
-        str(script),
-    )
+    proc = submit_run(cluster, tmp_path, "--set", "train.steps=12", "--emit-sbatch", str(script))
     assert proc.returncode == 0, proc.stderr
     out = cluster.run("sbatch", "--parsable", str(script), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -146,22 +126,15 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     import time
 
     steps = 60
-    proc = submit(
+    proc = submit_run(
         cluster,
         tmp_path,
-        "--nodes",
-        "2",
-        *CPU_JOB,
         "--set",
         f"train.steps={steps}",
         "--set",
         "checkpoint.interval=25",
         "--set",
         "checkpoint.keep_last=0",
-        "--set",
-        'checkpoint.dir="runs/ck"',
-        "--set",
-        'logging.dir="runs/tb"',
     )
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
@@ -182,21 +155,7 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
 
 
 def test_chained_jobs_continue_one_run(cluster, tmp_path):
-    proc = submit(
-        cluster,
-        tmp_path,
-        "--nodes",
-        "2",
-        *CPU_JOB,
-        "--chain",
-        "2",
-        "--set",
-        "train.steps=6",
-        "--set",
-        'checkpoint.dir="runs/ck"',
-        "--set",
-        'logging.dir="runs/tb"',
-    )
+    proc = submit_run(cluster, tmp_path, "--chain", "2", "--set", "train.steps=6")
     assert proc.returncode == 0, proc.stderr
     first, second = re.search(r"submitted job (\d+) .*then (\d+) in a chain", proc.stdout).groups()
     finished_log(cluster, tmp_path, first)

@@ -6,6 +6,7 @@ sits on consecutive ranks (one node) and its all-reduces stay on NVLink.
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -44,6 +45,13 @@ class ParallelEnv:
     @property
     def pp_rank(self) -> int:
         return self.coordinate("pp")
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for single-host rendezvous and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch_environment() -> tuple[int, int, int]:
