@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from toolkit.config import RecipeError, load_recipe, validate  # noqa: E402
 from toolkit.distributed import free_port  # noqa: E402
-from toolkit.slurm import render_sbatch  # noqa: E402
+from toolkit.slurm import render_sbatch, tasks_per_node  # noqa: E402
 from toolkit.train import add_recipe_arguments, run  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides)
         s = recipe.slurm
-        world = s.nodes * (s.tasks_per_node or s.gpus_per_node or 1)
+        world = s.nodes * tasks_per_node(s)
         validate(recipe, world_size=world)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)

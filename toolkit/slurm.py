@@ -15,8 +15,13 @@ def _escape(value: str) -> str:
     return value.replace("#", "\\#")
 
 
+def tasks_per_node(s: SlurmConfig) -> int:
+    """Ranks per node: as configured, else one per GPU, else one."""
+    return s.tasks_per_node or s.gpus_per_node or 1
+
+
 def sbatch_directives(s: SlurmConfig, job_name: str, log_dir: Path) -> list[str]:
-    tasks = s.tasks_per_node or s.gpus_per_node or 1
+    tasks = tasks_per_node(s)
     lines = [
         f"--job-name={job_name}",
         f"--nodes={s.nodes}",

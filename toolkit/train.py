@@ -116,7 +116,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     model = build_model(recipe, tokenizer, device)
     log.info("%s", describe_model(model))
     params = sum(p.numel() for p in model.parameters())
-    step_flops = flops_per_token(model, recipe.model.seq_length)  # per token, whole model
+    tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
+    step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step  # whole model
     loss_fn = parallelize(model, env)
     # Each DP rank takes its own slice of every global batch.
     dp_rank, dp_size = env.dp_rank, env.dp
@@ -198,8 +199,6 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     if writer is not None and start_step == 0:
         writer.add_text("recipe", f"```\n{recipe.to_dict()}\n```")
         writer.add_text("pattern", model.layout.summary())
-    tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
-    step_flops *= tokens_per_step
     trainable = [p for p in module.parameters() if p.requires_grad]
     skipped_in_a_row = 0
     # A live bar on a terminal; in batch logs (Slurm, CI) one line per logging interval instead.
