@@ -1,10 +1,12 @@
 """The one place that turns a recipe into objects: tokenizer, model, and a model from a checkpoint."""
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from toolkit.checkpoint import load_checkpoint, restore_model
+from toolkit.checkpoint import load_checkpoint, model_tensors, restore_model, save_checkpoint
 from toolkit.config import Recipe, recipe_from_dict
 from toolkit.model import HybridLM, count_parameters
 from toolkit.tokenizer import ByteTokenizer, build_tokenizer
@@ -52,3 +54,24 @@ def model_from_checkpoint(
     restore_model(model, ckpt)
     log.info("loaded %s (step %s)", ckpt.path, ckpt.metadata.get("step"))
     return model.eval(), recipe, tokenizer
+
+
+def save_model_checkpoint(
+    root: str | Path,
+    model: HybridLM,
+    recipe: Recipe,
+    step: int = 0,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Publish a single-process (unsharded) model as a checkpoint under `root`, with no optimizer
+    state: what converters and importers write. Training can start from it (fine-tuning)."""
+    meta = {
+        "step": step,
+        "consumed_samples": 0,
+        "recipe": recipe.to_dict(),
+        "layout": {"tp": 1, "pp": 1, "dp": 1},
+        "pattern": model.layout.pattern,
+        "vocab_size": model.vocab_size,
+        **(metadata or {}),
+    }
+    return save_checkpoint(root, step, model_tensors(model), {}, meta)
