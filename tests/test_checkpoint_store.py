@@ -15,22 +15,17 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from torch import nn
 
 from toolkit.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    model_tensors,
-    optimizer_tensors,
+    placement,
     resolve_checkpoint,
-    restore_model,
-    restore_optimizer,
     save_checkpoint,
-    store,
 )
-from toolkit.checkpoint.store import step_dirname
+from toolkit.checkpoint.store import FORMAT_VERSION, step_dirname
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,7 +151,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 
 def test_round_trip_multi_chunk_array(tmp_path, monkeypatch):
     # Force small chunks so arrays are split along dim 0 into several chunk files.
-    monkeypatch.setattr(store, "MAX_CHUNK_BYTES", 64)
+    monkeypatch.setattr(placement, "MAX_CHUNK_BYTES", 64)
     t = torch.randn(10, 4)  # 16 bytes/row -> 4 rows/chunk -> 3 chunks
     b = torch.cat([special_bf16(), special_bf16()]).reshape(8, 4)
     path = save_checkpoint(tmp_path, 1, {"w": t, "b": b}, {}, {})
@@ -336,7 +331,7 @@ def test_resolve_checkpoint(tmp_path):
 
 def test_newer_format_version_is_rejected(tmp_path):
     path = save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {}, {})
-    zarr.open_group(path, mode="r+").attrs["format_version"] = store.FORMAT_VERSION + 1
+    zarr.open_group(path, mode="r+").attrs["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(CheckpointError, match="upgrade"):
         load_checkpoint(path)
 
@@ -467,82 +462,3 @@ def test_sigkill_mid_save_never_corrupts(tmp_path):
     assert len(list_checkpoints(root)) == KEEP_LAST
     check_published(root)
     print(f"{interrupted} of 8 kills left a partial write behind")
-
-
-# ---- the model / optimizer seam ----
-
-
-def make_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> None:
-    opt.zero_grad()
-    nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
-
-
-def test_model_and_optimizer_restore_bit_identical(tmp_path):
-    torch.manual_seed(0)
-    batches = [(torch.randn(16, 4), torch.randn(16, 2)) for _ in range(4)]
-    model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for x, y in batches[:3]:
-        train_step(model, opt, x, y)
-
-    mt, ot = model_tensors(model), optimizer_tensors(model, opt)
-    assert set(mt) == {"0.weight", "0.bias", "1.weight", "1.bias"}
-    assert set(ot) == {f"{p}/{k}" for p in mt for k in ("step", "exp_avg", "exp_avg_sq")}
-    save_checkpoint(tmp_path, 3, mt, ot, {"step": 3})
-
-    torch.manual_seed(1)
-    model2 = make_model()
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2, weight_decay=0.1)
-    assert not torch.equal(model2[0].weight, model[0].weight)
-    ckpt = load_checkpoint(tmp_path)
-    restore_model(model2, ckpt)
-    restore_optimizer(model2, opt2, ckpt)
-    for (n, p), p2 in zip(model.named_parameters(), model2.parameters()):
-        assert_bit_equal(p2.detach(), p.detach(), n)
-    for p, p2 in zip(model.parameters(), model2.parameters()):
-        assert set(opt2.state[p2]) == set(opt.state[p])
-        for k, v in opt.state[p].items():
-            assert_bit_equal(torch.as_tensor(opt2.state[p2][k]), torch.as_tensor(v), k)
-
-    # A model restored without its optimizer state diverges: the optimizer restore matters.
-    model3 = make_model()
-    opt3 = torch.optim.AdamW(model3.parameters(), lr=1e-2, weight_decay=0.1)
-    restore_model(model3, ckpt)
-
-    x, y = batches[3]
-    for m, o in ((model, opt), (model2, opt2), (model3, opt3)):
-        train_step(m, o, x, y)
-    for (n, p), p2 in zip(model.named_parameters(), model2.parameters()):
-        assert_bit_equal(p2.detach(), p.detach(), n)
-    for p, p2 in zip(model.parameters(), model2.parameters()):
-        for k, v in opt.state[p].items():
-            assert_bit_equal(torch.as_tensor(opt2.state[p2][k]), torch.as_tensor(v), k)
-    assert not all(torch.equal(p, p3) for p, p3 in zip(model.parameters(), model3.parameters()))
-
-
-def test_restore_model_rejects_mismatched_models(tmp_path):
-    model = make_model()
-    save_checkpoint(tmp_path, 1, model_tensors(model), {}, {})
-    ckpt = load_checkpoint(tmp_path)
-
-    wider = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
-    before = [p.detach().clone() for p in wider.parameters()]
-    with pytest.raises(CheckpointError, match=r"0\.weight.*\(8, 4\).*\(16, 4\)"):
-        restore_model(wider, ckpt)
-    # Nothing was copied into the first parameter (the mismatch is found before copying it).
-    assert torch.equal(wider[0].weight, before[0])
-
-    deeper = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(2, 2))
-    with pytest.raises(CheckpointError, match=r"missing \['2\.bias', '2\.weight'\]"):
-        restore_model(deeper, ckpt)
-
-    shallower = nn.Sequential(nn.Linear(4, 8))
-    with pytest.raises(CheckpointError, match=r"unexpected \['1\.bias', '1\.weight'\]"):
-        restore_model(shallower, ckpt)
-    restore_model(shallower, ckpt, whole=False)  # a pipeline stage may hold a subset
-    assert torch.equal(shallower[0].weight, model[0].weight)

@@ -193,8 +193,7 @@ LAYOUTS = {
 def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_process_run, name):
     reference = losses(single_process_run)
     layout = LAYOUTS[name]
-    nproc = layout.get("tp", 1) * layout.get("pp", 1) * layout["dp"]
-    proc = launch(write_recipe(tmp_path, "run", 4, **layout), nproc)
+    proc = launch(write_recipe(tmp_path, "run", 4, **layout), _world(layout))
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = losses(tmp_path / "run" / "tb")
     assert sorted(got) == [1, 2, 3, 4]
@@ -208,20 +207,34 @@ def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_proce
     assert grad_norm[1] == pytest.approx(losses(single_process_run, "train/grad_norm")[1], rel=1e-5)
 
 
-@pytest.mark.parametrize(
-    "layout", [{"tp": 2, "dp": 1}, {"pp": 2, "dp": 1}, {"dp": 2}], ids=["tp2", "pp2", "dp2"]
-)
-def test_checkpoint_saved_at_another_layout_resumes_at_tp1(tmp_path, single_process_run, layout):
-    recipe = write_recipe(tmp_path, "run", 2, **layout)
-    assert launch(recipe, 2).returncode == 0
-    resumed = write_recipe(tmp_path, "run", 4, tp=1, dp=1)  # same checkpoint and TensorBoard dirs
-    proc = launch(resumed, 1)
+RESHARDS = {  # saved at -> resumed at
+    "tp2_to_tp1": ({"tp": 2, "dp": 1}, {"tp": 1, "dp": 1}),
+    "pp2_to_tp1": ({"pp": 2, "dp": 1}, {"tp": 1, "dp": 1}),
+    "dp2_async_to_tp1": ({"dp": 2}, {"tp": 1, "dp": 1}),
+    "tp1_to_pp2_tp2": ({"tp": 1, "dp": 1}, {"pp": 2, "tp": 2, "dp": 1}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESHARDS))
+def test_checkpoint_resumes_at_another_layout(tmp_path, single_process_run, name):
+    saved_at, resumed_at = RESHARDS[name]
+    recipe = write_recipe(tmp_path, "run", 2, **saved_at)
+    overrides = ["checkpoint.interval=1", "checkpoint.async_save=true"] if "async" in name else []
+    proc = launch(recipe, _world(saved_at), *overrides)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = write_recipe(tmp_path, "run", 4, **resumed_at)  # same checkpoint and TB dirs
+    proc = launch(resumed, _world(resumed_at))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+    assert "resharding step_00000002" in proc.stderr
     got = losses(tmp_path / "run" / "tb")
     reference = losses(single_process_run)
     for step in (3, 4):  # optimizer state came back too, or these would drift far more
         assert got[step] == pytest.approx(reference[step], rel=1e-4)
+
+
+def _world(layout: dict) -> int:
+    return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
 
 
 def test_a_layout_that_does_not_fit_fails_before_any_process_starts(tmp_path):

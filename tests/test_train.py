@@ -77,8 +77,8 @@ def poison_loss(monkeypatch, bad_calls: set[int]):
 
     real, calls = runtime.cross_entropy, [0]
 
-    def loss_fn(logits, labels):
-        loss = real(logits, labels)
+    def loss_fn(logits, labels, **kwargs):
+        loss = real(logits, labels, **kwargs)
         calls[0] += 1
         return loss * float("nan") if calls[0] - 1 in bad_calls else loss
 

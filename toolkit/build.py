@@ -6,7 +6,16 @@ from typing import Any
 
 import torch
 
-from toolkit.checkpoint import load_checkpoint, model_tensors, restore_model, save_checkpoint
+from toolkit.checkpoint import (
+    Comm,
+    RankView,
+    planned_writes,
+    read_metadata,
+    resolve_checkpoint,
+    restore,
+    snapshot,
+    write_checkpoint,
+)
 from toolkit.config import Recipe, recipe_from_dict
 from toolkit.model import HybridLM, count_parameters
 from toolkit.tokenizer import ByteTokenizer, build_tokenizer
@@ -47,13 +56,27 @@ def model_from_checkpoint(
     path: str, device: torch.device | str = "cpu"
 ) -> tuple[HybridLM, Recipe, ByteTokenizer]:
     """Rebuild the model a checkpoint was trained with (its recipe is in the metadata)."""
-    ckpt = load_checkpoint(path)
-    recipe = recipe_from_dict(ckpt.metadata["recipe"])
+    path = resolve_checkpoint(path)
+    recipe = recipe_from_dict(read_metadata(path)["recipe"])
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     model = build_model(recipe, tokenizer, device)
-    restore_model(model, ckpt)
-    log.info("loaded %s (step %s)", ckpt.path, ckpt.metadata.get("step"))
+    meta = restore(path, model, None, RankView(model.cfg, model.vocab_size))
+    log.info("loaded %s (step %s)", path, meta.get("step"))
     return model.eval(), recipe, tokenizer
+
+
+def checkpoint_metadata(
+    recipe: Recipe, model: HybridLM, step: int, consumed_samples: int, layout: dict[str, int]
+) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint: enough to rebuild the model and resume the data."""
+    return {
+        "step": step,
+        "consumed_samples": consumed_samples,
+        "recipe": recipe.to_dict(),
+        "layout": layout,  # the writer's; readers may use any other
+        "pattern": model.layout.pattern,
+        "vocab_size": model.vocab_size,
+    }
 
 
 def save_model_checkpoint(
@@ -65,13 +88,7 @@ def save_model_checkpoint(
 ) -> Path:
     """Publish a single-process (unsharded) model as a checkpoint under `root`, with no optimizer
     state: what converters and importers write. Training can start from it (fine-tuning)."""
-    meta = {
-        "step": step,
-        "consumed_samples": 0,
-        "recipe": recipe.to_dict(),
-        "layout": {"tp": 1, "pp": 1, "dp": 1},
-        "pattern": model.layout.pattern,
-        "vocab_size": model.vocab_size,
-        **(metadata or {}),
-    }
-    return save_checkpoint(root, step, model_tensors(model), {}, meta)
+    layout = {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
+    meta = checkpoint_metadata(recipe, model, step, 0, layout) | (metadata or {})
+    writes = snapshot(planned_writes(model, None, RankView(model.cfg, model.vocab_size)))
+    return write_checkpoint(root, step, writes, meta, Comm())

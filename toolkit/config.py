@@ -115,6 +115,9 @@ class CheckpointConfig:
     interval: int = opt(0, "save every N steps (0: only at the end)")
     keep_last: int = opt(2, "how many published checkpoints to keep (0: all)")
     resume: bool = opt(True, "resume from the latest checkpoint in dir if there is one")
+    async_save: bool = opt(
+        False, "write checkpoints in a background thread (costs one CPU copy of each rank's share)"
+    )
 
 
 @dataclass(kw_only=True, slots=True)

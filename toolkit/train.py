@@ -25,13 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from toolkit.build import build_model, describe_model, resolve_device
+from toolkit.build import build_model, checkpoint_metadata, describe_model, resolve_device
 from toolkit.checkpoint import (
+    CheckpointSaver,
+    Comm,
+    RankView,
     latest_checkpoint,
-    load_checkpoint,
-    restore_model,
-    restore_optimizer,
-    save_checkpoint,
+    read_metadata,
+    restore,
+    restore_rng,
 )
 from toolkit.config import Recipe, RecipeError, load_recipe, validate
 from toolkit.data import SequenceSampler, load_corpus
@@ -42,7 +44,6 @@ from toolkit.parallel.runtime import (
     StepRunner,
     average_over_dp,
     clip_grad_norm,
-    global_state,
     parallelize,
 )
 from toolkit.tokenizer import ByteTokenizer, build_tokenizer
@@ -92,10 +93,6 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state().tolist()}
 
 
 def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
@@ -148,6 +145,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
 
     start_step, consumed = 0, 0
     ckpt_dir = recipe.checkpoint.dir
+    view = RankView(model.cfg, model.vocab_size, env.tp, env.tp_rank, env.dp_rank, env.rank)
+    layout = {"tp": env.tp, "pp": env.pp, "dp": env.dp, "world_size": env.world_size}
     previous = latest_checkpoint(ckpt_dir)
     if previous is not None and not recipe.checkpoint.resume:
         raise RecipeError(
@@ -155,43 +154,33 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             "checkpoint.resume is false: choose another checkpoint.dir, or resume"
         )
     if previous is not None:
-        ckpt = load_checkpoint(previous)
-        if ckpt.metadata["recipe"]["model"] != recipe.to_dict()["model"]:
+        meta = read_metadata(previous)
+        if meta["recipe"]["model"] != recipe.to_dict()["model"]:
             raise RecipeError(
                 f"{previous} was written for a different [model] section; point checkpoint.dir "
                 "elsewhere or set checkpoint.resume=false"
             )
-        restore_model(module, ckpt, whole=env.pp == 1)
-        restore_optimizer(module, optimizer, ckpt)
-        torch.set_rng_state(torch.tensor(ckpt.metadata["rng"]["torch"], dtype=torch.uint8))
-        start_step, consumed = ckpt.metadata["step"], ckpt.metadata["consumed_samples"]
+        restore(previous, module, optimizer, view, whole=env.pp == 1)  # only this rank's slices
+        if meta.get("layout") != layout:
+            log.info("resharding %s from %s to %s", previous.name, meta.get("layout"), layout)
+        if not restore_rng(previous, env.rank):
+            log.info("no RNG state for rank %d in %s: keeping the seeded one", env.rank, previous)
+        start_step, consumed = meta["step"], meta["consumed_samples"]
         log.info("resumed from %s at step %d (%d samples consumed)", previous, start_step, consumed)
 
-    def save(step: int) -> None:
-        model_state, optim_state = global_state(module, optimizer, env)  # collective
-        if not main_rank:
-            barrier(env)
-            return
-        meta = {
-            "step": step,
-            "consumed_samples": consumed,
-            "recipe": recipe.to_dict(),
-            "rng": rng_state(),
-            "layout": {"tp": env.tp, "pp": env.pp, "dp": env.dp},
-            "pattern": model.layout.pattern,
-            "vocab_size": model.vocab_size,
-        }
-        path = save_checkpoint(
-            ckpt_dir,
-            step,
-            model_state,
-            optim_state,
-            meta,
-            keep_last=recipe.checkpoint.keep_last,
-        )
-        result.checkpoint = str(path)
-        log.info("saved checkpoint %s", path)
-        barrier(env)
+    # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
+    # background thread while training uses the other groups.
+    comm = Comm(torch.distributed.new_group(backend="gloo") if env.world_size > 1 else None)
+    saver = CheckpointSaver(
+        ckpt_dir, comm, recipe.checkpoint.keep_last, asynchronous=recipe.checkpoint.async_save
+    )
+
+    def save(step: int, blocking: bool) -> None:
+        meta = checkpoint_metadata(recipe, model, step, consumed, layout)
+        path = saver.save(step, module, optimizer, view, meta, blocking=blocking)
+        if path is not None:
+            result.checkpoint = str(path)
+            log.info("saved checkpoint %s", path)
 
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 
@@ -289,12 +278,15 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         stopping = stop_requested(stop, env)
         due = (interval and step % interval == 0) or step == cfg.steps or stopping
         if due and recipe.checkpoint.enabled:
-            save(step)
+            save(step, blocking=stopping or step == cfg.steps)
         if stopping:
             log.warning("stop signal received: stopping after step %d", step)
             result.stopped_by_signal = True
             break
     bar.close()
+    last = saver.wait()  # a background save still in flight
+    if last is not None:
+        result.checkpoint = str(last)
     if writer is not None:
         writer.close()
     if result.losses:
@@ -327,11 +319,6 @@ def requeue_slurm_job() -> None:
         log.warning("requeued Slurm job %s; it will resume from the checkpoint", job)
     else:
         log.error("could not requeue Slurm job %s: %s", job, done.stderr.strip())
-
-
-def barrier(env: ParallelEnv) -> None:
-    if env.world_size > 1:
-        torch.distributed.barrier()
 
 
 def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:

@@ -1,24 +1,30 @@
 """A checkpoint is a Zarr v3 group per step: one array per tensor, JSON metadata, no pickle.
 
 Layout of `<root>`:
-    step_00000100/        a published checkpoint (zarr group)
-        model/<param name>            e.g. model/layers.0.mixer.in_proj.weight
-        optim/<param name>/exp_avg    Adam moments (fp32)
+    step_00000100/        a published checkpoint (zarr group; its attributes hold the metadata)
+        model/<array>                 e.g. model/layers.0.mixer.in_proj.weight.x
+        optim/<array>/exp_avg         Adam moments (fp32), same shape and chunks as the parameter
+        rng/rank_00000                each rank's torch RNG state (uint8)
     latest                text file naming the newest published step directory
-    .tmp-step_00000100    a checkpoint being written (ignored by readers, removed on retry)
+    .tmp-step_00000100    a checkpoint being written (ignored by readers, removed by the next save)
 
-Commit protocol: write everything into the temporary directory, read it back and compare, fsync,
-rename it into place, then atomically replace `latest`. A crash at any point leaves the previous
-checkpoint and pointer intact. Every chunk carries a CRC32C checksum.
+Commit protocol: create every array's metadata, let each writer fill its own chunks (writers never
+share a chunk), read them back and compare, fsync, rename the directory into place, then
+atomically replace `latest`. A crash at any point leaves the previous checkpoint and pointer
+intact. Every chunk carries a CRC32C checksum; every chunk file is written, zeros too, so a
+missing file is an error rather than silent zeros.
 
 bfloat16 (which zarr and numpy lack) is stored as its raw uint16 bits with the array attribute
 `{"dtype": "bfloat16"}`: a plain numpy user reads it with
 `torch.from_numpy(arr[...].view(np.int16)).view(torch.bfloat16)`, or `(arr[...].astype(np.uint32)
 << 16).view(np.float32)` without torch.
+
+This module is the store; `toolkit.checkpoint.sharded` decides which rank writes what.
 """
 
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,18 +33,30 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.storage import LocalStore
+
+from toolkit.checkpoint import placement
 
 FORMAT = "hybrid-toolkit-checkpoint"
-FORMAT_VERSION = 1
-MAX_CHUNK_BYTES = 256 * 2**20
+FORMAT_VERSION = 2  # 2: packed weights split into components, vocabulary rows unpadded
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupted; the message names the array or file."""
 
 
+@dataclass(frozen=True)
+class ArraySpec:
+    key: str  # e.g. "model/layers.0.norm.weight"
+    shape: tuple[int, ...]
+    dtype: str  # torch's name: "float32", "bfloat16", ...
+    chunks: tuple[int, ...]
+
+
 @dataclass
 class Checkpoint:
+    """A checkpoint read whole: tensors by array name."""
+
     path: Path
     model: dict[str, torch.Tensor]
     optim: dict[str, torch.Tensor]
@@ -49,59 +67,181 @@ def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
-    return t.numpy(), str(t.dtype).removeprefix("torch.")
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
-def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 
 
-def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """One chunk per array unless it is large; then split along dim 0."""
-    if not shape:
-        return ()
-    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
-    rows = max(1, min(shape[0], MAX_CHUNK_BYTES // max(row_bytes, 1)))
-    return (rows, *shape[1:])
+def _numpy_dtype(dtype: str) -> np.dtype:
+    if dtype == "bfloat16":
+        return np.dtype(np.uint16)
+    return torch.empty(0, dtype=getattr(torch, dtype)).numpy().dtype
 
 
-def _write_array(group: zarr.Group, name: str, tensor: torch.Tensor) -> None:
-    data, dtype = _to_numpy(tensor)
-    arr = group.create_array(
-        name,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=_chunks(data.shape, data.itemsize),
-        compressors=[Crc32cCodec()],
-        attributes={"dtype": dtype},
-        # Write every chunk, zeros too: then a missing chunk file is an error, not silent zeros.
-        config={"write_empty_chunks": True},
-    )
-    arr[...] = data
+def spec_for(key: str, tensor: torch.Tensor) -> ArraySpec:
+    """A whole tensor as one array, chunked along dim 0 when large."""
+    shape = tuple(tensor.shape)
+    chunks = placement.chunk_shape(shape, None, 0, tensor.element_size())
+    return ArraySpec(key, shape, dtype_name(tensor.dtype), chunks)
 
 
-def _read_array(arr: zarr.Array, where: str) -> torch.Tensor:
-    # zarr returns the fill value for a missing chunk; every chunk was written, so one missing
-    # means a damaged checkpoint.
+# ---- reading, with a byte count for measuring read amplification ----
+
+
+class ReadCounter:
+    """Chunk files read and their bytes, checksums included (thread-safe: zarr reads from
+    several threads)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.chunks = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+            self.chunks += 1
+
+    @property
+    def payload_bytes(self) -> int:
+        """The tensor data read: bytes without each chunk's 4-byte CRC32C."""
+        return self.bytes - 4 * self.chunks
+
+
+class _CountingStore(LocalStore):
+    def __init__(self, root: Path | str, *, read_only: bool = True, counter=None) -> None:
+        super().__init__(root, read_only=read_only)
+        self.counter = counter
+
+    def with_read_only(self, read_only: bool = False) -> "_CountingStore":
+        return _CountingStore(self.root, read_only=read_only, counter=self.counter)
+
+    async def get(self, key, prototype=None, byte_range=None):
+        buf = await super().get(key, prototype, byte_range)
+        if buf is not None and self.counter is not None and not key.endswith("zarr.json"):
+            self.counter.add(len(buf))
+        return buf
+
+
+def open_checkpoint(path: str | Path, counter: ReadCounter | None = None) -> zarr.Group:
+    """The step directory's group, after checking that it is a checkpoint this toolkit reads."""
+    path = Path(path)
+    try:
+        group = zarr.open_group(_CountingStore(path, counter=counter), mode="r")
+        attrs = dict(group.attrs)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
+    if attrs.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} store (format={attrs.get('format')!r})")
+    version = attrs.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {version} is newer than this toolkit's {FORMAT_VERSION}; "
+            "upgrade the toolkit"
+        )
+    if version < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {version} predates this toolkit's {FORMAT_VERSION} "
+            "(packed weights were not split into components); re-create it with the toolkit "
+            "that wrote it"
+        )
+    return group
+
+
+def metadata(group: zarr.Group) -> dict[str, Any]:
+    return dict(group.attrs).get("metadata", {})
+
+
+def open_array(group: zarr.Group, key: str) -> zarr.Array:
+    """An array of the checkpoint, checked to have all its chunk files (zarr would silently
+    return fill values for a missing one)."""
+    try:
+        arr = group[key]
+    except KeyError:
+        raise CheckpointError(f"{_where(group)}: array {key!r} is missing") from None
     if arr.nchunks_initialized != arr.nchunks:
         raise CheckpointError(
-            f"{where}: array {arr.path!r} has {arr.nchunks - arr.nchunks_initialized} of "
+            f"{_where(group)}: array {key!r} has {arr.nchunks - arr.nchunks_initialized} of "
             f"{arr.nchunks} chunk files missing"
         )
+    return arr
+
+
+def read_region(arr: zarr.Array, index: tuple, where: str) -> torch.Tensor:
+    """Read `arr[index]` (only the chunks it touches); checksums are verified on read."""
     try:
-        data = arr[...]
+        data = arr[index if index else ...]
     except Exception as e:  # the codec raises on a checksum mismatch
         raise CheckpointError(f"{where}: cannot read array {arr.path!r}: {e}") from e
-    return _from_numpy(np.asarray(data), arr.attrs["dtype"])
+    return from_numpy(np.array(data), arr.attrs["dtype"])
 
 
-def _fsync_tree(path: Path) -> None:
+def _where(group: zarr.Group) -> str:
+    return str(getattr(group.store, "root", group.store))
+
+
+# ---- writing ----
+
+
+def begin(root: str | Path, step: int, meta: dict[str, Any]) -> Path:
+    """Start the checkpoint of `step`: remove what crashed saves left, create the temporary
+    group with its metadata. Returns the temporary directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dirname(step)
+    if final.exists():
+        raise CheckpointError(
+            f"{final} already exists; a published checkpoint is never overwritten"
+        )
+    for leftover in [*root.glob(".tmp-step_*"), *root.glob(".trash-step_*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # from a save that crashed
+    tmp = root / f".tmp-{final.name}"
+    group = zarr.open_group(tmp, mode="w")
+    group.attrs.update(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "metadata": meta}
+    )
+    return tmp
+
+
+def create_arrays(tmp: Path, specs: list[ArraySpec]) -> None:
+    group = zarr.open_group(tmp, mode="r+")
+    for spec in specs:
+        group.create_array(
+            spec.key,
+            shape=spec.shape,
+            dtype=_numpy_dtype(spec.dtype),
+            chunks=spec.chunks,
+            fill_value=0,
+            compressors=[Crc32cCodec()],
+            attributes={"dtype": spec.dtype},
+        )
+
+
+def write_region(group: zarr.Group, key: str, index: tuple, tensor: torch.Tensor) -> None:
+    """Write `tensor` into `group[key][index]` and read it back bit for bit. Every chunk is
+    written, zeros too: then a missing chunk file is an error, not silent zeros."""
+    # The setting is not stored with the array: every writer must set it again.
+    arr = group[key].with_config({"write_empty_chunks": True})
+    data = to_numpy(tensor)
+    arr[index if index else ...] = data
+    back = np.array(arr[index if index else ...])
+    if back.shape != data.shape or back.tobytes() != data.tobytes():  # bits: NaN too
+        raise CheckpointError(f"{arr.store}: {key} did not read back identically")
+
+
+def fsync_tree(path: Path) -> None:
     for dirpath, _, files in os.walk(path):
         for f in files:
             fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
@@ -132,43 +272,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model: dict[str, torch.Tensor],
-    optim: dict[str, torch.Tensor],
-    metadata: dict[str, Any],
-    keep_last: int = 0,
-) -> Path:
-    """Write, verify and publish the checkpoint of `step`; returns its directory."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dirname(step)
-    if final.exists():
-        raise CheckpointError(
-            f"{final} already exists; a published checkpoint is never overwritten"
-        )
-    for leftover in [*root.glob(".tmp-step_*"), *root.glob(".trash-step_*")]:
-        shutil.rmtree(leftover, ignore_errors=True)  # from a save that crashed
-    tmp = root / f".tmp-{final.name}"
-    group = zarr.open_group(tmp, mode="w")
-    group.attrs.update(
-        {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "metadata": metadata}
-    )
-    for prefix, tensors in (("model", model), ("optim", optim)):
-        sub = group.create_group(prefix)
-        for name, tensor in tensors.items():
-            _write_array(sub, name, tensor)
-    written = _read_group(tmp)
-    for prefix, tensors in (("model", model), ("optim", optim)):
-        for name, tensor in tensors.items():
-            back = getattr(written, prefix)[name]
-            same = back.dtype == tensor.dtype and back.shape == tensor.shape
-            if (
-                not same or _to_numpy(back)[0].tobytes() != _to_numpy(tensor)[0].tobytes()
-            ):  # bits: NaN too
-                raise CheckpointError(f"{tmp}: {prefix}/{name} did not read back identically")
-    _fsync_tree(tmp)
+def publish(tmp: Path, keep_last: int = 0) -> Path:
+    """Make a fully written and verified temporary checkpoint the latest one; apply retention."""
+    root = tmp.parent
+    final = root / tmp.name.removeprefix(".tmp-")
+    fsync_tree(tmp)
     os.rename(tmp, final)
     _fsync_dir(root)
     _write_text_atomic(root / "latest", final.name + "\n")
@@ -180,6 +288,31 @@ def save_checkpoint(
             os.rename(old, trash)
             shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: dict[str, torch.Tensor],
+    optim: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Write, verify and publish whole tensors from one process (optimizer keys are
+    '<array>/<state>'); returns the step directory. Sharded training saves through
+    `toolkit.checkpoint.sharded`, which uses the same protocol with many writers."""
+    tmp = begin(root, step, metadata)
+    tensors = {f"model/{k}": v for k, v in model.items()} | {
+        f"optim/{k}": v for k, v in optim.items()
+    }
+    create_arrays(tmp, [spec_for(key, t) for key, t in tensors.items()])
+    group = zarr.open_group(tmp, mode="r+")
+    for key, t in tensors.items():
+        write_region(group, key, (), t)
+    return publish(tmp, keep_last)
+
+
+# ---- finding checkpoints ----
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -211,29 +344,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: neither a checkpoint directory nor a step directory")
 
 
-def _read_group(path: Path) -> Checkpoint:
-    try:
-        group = zarr.open_group(path, mode="r")
-        attrs = dict(group.attrs)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
-    if attrs.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} store (format={attrs.get('format')!r})")
-    if attrs.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {attrs['format_version']} is newer than this toolkit's "
-            f"{FORMAT_VERSION}; upgrade the toolkit"
-        )
-    parts = {}
+def array_keys(group: zarr.Group, prefix: str) -> list[str]:
+    """Keys ('model/…', 'optim/…/exp_avg') of every array under `prefix`, sorted."""
+    if prefix not in group:
+        return []
+    return sorted(
+        f"{prefix}/{name}"
+        for name, node in group[prefix].members(max_depth=None)
+        if isinstance(node, zarr.Array)
+    )
+
+
+def load_checkpoint(path: str | Path, counter: ReadCounter | None = None) -> Checkpoint:
+    """Read a whole checkpoint (root or step directory); checksums are verified on read."""
+    path = resolve_checkpoint(path)
+    group = open_checkpoint(path, counter)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for prefix in ("model", "optim"):
-        sub = group[prefix]
-        parts[prefix] = {name: _read_array(arr, str(path)) for name, arr in sub.arrays()}
-        for name, g in sub.groups():  # optimizer state is nested: optim/<param>/<moment>
-            for moment, arr in g.arrays():
-                parts[prefix][f"{name}/{moment}"] = _read_array(arr, str(path))
-    return Checkpoint(path, parts["model"], parts["optim"], attrs.get("metadata", {}))
+        parts[prefix] = {
+            key.removeprefix(prefix + "/"): read_region(open_array(group, key), (), str(path))
+            for key in array_keys(group, prefix)
+        }
+    return Checkpoint(path, parts["model"], parts["optim"], metadata(group))
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint (root or step directory); checksums are verified on read."""
-    return _read_group(resolve_checkpoint(path))
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (root or step directory), without reading any array."""
+    return metadata(open_checkpoint(resolve_checkpoint(path)))

@@ -1,5 +1,5 @@
 """What the training loop needs from the parallel layout, in one place: the loss, gradient
-reduction over DP, clipping by the global norm, and the global (layout-free) state for checkpoints.
+reduction over DP, clipping by the global norm, and the step runner (micro-batches or pipeline).
 """
 
 import math
@@ -11,28 +11,33 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from toolkit.checkpoint import model_tensors, optimizer_tensors
 from toolkit.distributed import ParallelEnv
 from toolkit.model import HybridLM
 from toolkit.parallel.pp import build_pipeline
-from toolkit.parallel.tp import apply_tp, gather_from_tp, vocab_parallel_cross_entropy
-from toolkit.parallel.zero import ShardedOptimizer
+from toolkit.parallel.tp import apply_tp, vocab_parallel_cross_entropy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy over the real vocabulary: padding columns take no probability, so the
+    padded rows never matter (and checkpoints need not store them)."""
+    return F.cross_entropy(logits[..., :vocab_size].float().flatten(0, 1), labels.flatten())
 
 
 def parallelize(model: HybridLM, env: ParallelEnv) -> LossFn:
     """Apply tensor parallelism to a freshly built (identical on every rank) model; returns the
     loss for its logits. Pipeline stages are cut afterwards, by StepRunner."""
     if env.tp == 1:
-        return cross_entropy
+        return partial(cross_entropy, vocab_size=model.vocab_size)
     group = env.group("tp")
     vocab_start = apply_tp(model, group=group, tp=env.tp, rank=env.tp_rank)
-    return partial(vocab_parallel_cross_entropy, vocab_start=vocab_start, group=group)
+    return partial(
+        vocab_parallel_cross_entropy,
+        vocab_start=vocab_start,
+        vocab_size=model.vocab_size,
+        group=group,
+    )
 
 
 def average_over_dp(tensors: list[torch.Tensor], env: ParallelEnv) -> None:
@@ -68,28 +73,6 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: ParallelEnv
             if p.grad is not None:
                 p.grad.mul_(coef)
     return total
-
-
-def global_state(
-    model: HybridLM, optimizer: torch.optim.Optimizer, env: ParallelEnv
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Parameters and optimizer state as global tensors, whatever the layout (collective)."""
-    gather = partial(gather_from_tp, group=env.group("tp") if env.tp > 1 else None)
-    params, optim = model_tensors(model, gather), optimizer_tensors(model, optimizer, gather)
-    if isinstance(optimizer, ShardedOptimizer):  # each DP rank has its own share of the state
-        optim = _merge_on_first(optim, env.group("dp"), env.dp)
-    if env.pp > 1:  # each stage holds its own blocks: collect them on the first stage
-        params = _merge_on_first(params, env.group("pp"), env.pp)
-        optim = _merge_on_first(optim, env.group("pp"), env.pp)
-    return params, optim
-
-
-def _merge_on_first(tensors: dict, group: dist.ProcessGroup, size: int) -> dict:
-    """The union of every group member's dict, on the group's first rank (others get theirs)."""
-    parts = [None] * size if dist.get_rank(group) == 0 else None
-    local = {k: v.cpu() for k, v in tensors.items()}
-    dist.gather_object(local, parts, dst=dist.get_global_rank(group, 0), group=group)
-    return {k: v for part in parts for k, v in part.items()} if parts is not None else local
 
 
 class StepRunner:

@@ -145,11 +145,19 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 def vocab_parallel_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group: dist.ProcessGroup
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    group: dist.ProcessGroup,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy from vocab-sharded logits [b, l, V/TP] without gathering them."""
+    """Mean cross-entropy from vocab-sharded logits [b, l, V/TP] without gathering them; ids at
+    or past `vocab_size` (padding) take no probability."""
     logits = logits.float().flatten(0, 1)
     labels = labels.flatten()
+    if vocab_size is not None:
+        ids = torch.arange(vocab_start, vocab_start + logits.size(-1), device=logits.device)
+        logits = logits.masked_fill(ids >= vocab_size, -torch.inf)
     local_max = logits.detach().max(-1).values
     dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - local_max.unsqueeze(-1)
@@ -157,7 +165,8 @@ def vocab_parallel_cross_entropy(
     local = labels - vocab_start
     mine = (local >= 0) & (local < logits.size(-1))
     picked = shifted.gather(-1, local.clamp(0, logits.size(-1) - 1).unsqueeze(-1)).squeeze(-1)
-    target = reduce_from_tp(picked * mine, group)
+    # where, not multiply: a padding column's -inf times 0 would be NaN
+    target = reduce_from_tp(torch.where(mine, picked, 0.0), group)
     return (sum_exp.log() - target).mean()
 
 
@@ -179,25 +188,3 @@ def apply_tp(model: HybridLM, *, group: dist.ProcessGroup, tp: int, rank: int) -
     # Each rank's logits see only its vocab slice: sum their input gradients across TP.
     model.output_layer.register_forward_pre_hook(lambda mod, args: (copy_to_tp(args[0], group),))
     return vocab.start
-
-
-def gather_from_tp(
-    param: torch.Tensor, local: torch.Tensor, group: dist.ProcessGroup | None
-) -> torch.Tensor:
-    """The global tensor of a (possibly sharded) parameter's `local` state (the parameter itself,
-    its gradient or an optimizer moment). Collective over the TP group when sharded."""
-    dim = getattr(param, "_tp_dim", None)
-    if dim is None or group is None:
-        return local.detach()
-    size = dist.get_world_size(group)
-    pieces = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(pieces, local.detach().contiguous(), group=group)
-    index = param._tp_index.to(local.device)  # NCCL gathers device tensors only
-    indices = [torch.empty_like(index) for _ in range(size)]
-    dist.all_gather(indices, index, group=group)
-    shape = list(local.shape)
-    shape[dim] = sum(len(i) for i in indices)
-    full = local.new_empty(shape)
-    for index, piece in zip(indices, pieces):
-        full.index_copy_(dim, index, piece)
-    return full.cpu()  # a checkpoint holds every tensor at once: keep them off the GPU

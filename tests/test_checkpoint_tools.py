@@ -1,0 +1,96 @@
+"""checkpoints_tools/inspect.py and reshard.py, run as users run them (subprocesses)."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint
+from toolkit.checkpoint import store
+from toolkit.config import load_recipe
+from toolkit.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"checkpoints_tools/{name}.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    recipe = load_recipe(ROOT / "recipes/tiny_hybrid.toml")
+    torch.manual_seed(0)
+    model = build_model(recipe, build_tokenizer("byte"))
+    return save_model_checkpoint(tmp_path_factory.mktemp("ckpt"), model, recipe, step=7)
+
+
+@pytest.mark.parametrize("name", ["inspect", "reshard"])
+def test_help(name):
+    proc = tool(name, "--help")
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_inspect_lists_arrays_and_metadata(checkpoint):
+    proc = tool("inspect", checkpoint.parent)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "step         7" in out and "MM-*M-" in out and "(vocabulary 259)" in out
+    assert re.search(
+        r"model/layers.0.mixer.in_proj.weight.x +\(384, 192\) +float32 +288.0 KiB", out
+    )
+    assert "model/embedding.weight" in out and "(259, 192)" in out
+    assert "model      63 arrays" in out
+
+
+def test_inspect_verify_names_a_damaged_array(tmp_path, checkpoint):
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy)
+    assert tool("inspect", copy, "--verify").returncode == 0
+    chunk = next((copy / "model" / "final_norm.weight" / "c").rglob("*"))
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    proc = tool("inspect", copy, "--verify")
+    assert proc.returncode == 1
+    assert "1 damaged array" in proc.stderr and "'model/final_norm.weight'" in proc.stderr
+    missing = next((copy / "model" / "layers.1.norm.weight" / "c").rglob("*"))
+    missing.unlink()
+    proc = tool("inspect", copy, "--verify")
+    assert "2 damaged array" in proc.stderr and "chunk files missing" in proc.stderr
+
+
+def test_inspect_rejects_what_is_not_a_checkpoint(tmp_path):
+    proc = tool("inspect", tmp_path)
+    assert proc.returncode == 1 and "neither a checkpoint directory" in proc.stderr
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_reshard_rechunks_for_the_target_and_keeps_every_value(tmp_path, checkpoint, tp):
+    proc = tool("reshard", "--in", checkpoint, "--out", tmp_path / "out", "--tp", tp, "--pp", 2)
+    if tp == 3:  # 12 Mamba heads split, but 192-wide attention heads x groups do not
+        assert proc.returncode == 1 and "divisible" in proc.stderr, proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert "for TP=2 PP=2: 63 arrays" in proc.stdout
+    out = store.resolve_checkpoint(tmp_path / "out")
+    group = store.open_checkpoint(out)
+    assert group["model/layers.0.mixer.in_proj.weight.x"].chunks == (192, 192)  # 384 / TP
+    assert group["model/layers.0.mixer.out_proj.weight"].chunks == (192, 192)  # columns
+    assert store.metadata(group)["layout"]["tp"] == 2
+    assert store.metadata(group)["recipe"]["parallel"]["pp"] == 2
+    a, _, _ = model_from_checkpoint(checkpoint)
+    b, _, _ = model_from_checkpoint(out)
+    assert b.padded_vocab_size == 512  # padded for TP=2 now: padding is not stored
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p[:259], q[:259]), name
