@@ -24,6 +24,7 @@ from toolkit.checkpoint import (
     placement,
     resolve_checkpoint,
     save_checkpoint,
+    store,
 )
 from toolkit.checkpoint.store import FORMAT_VERSION, step_dirname
 
@@ -152,6 +153,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 def test_round_trip_multi_chunk_array(tmp_path, monkeypatch):
     # Force small chunks so arrays are split along dim 0 into several chunk files.
     monkeypatch.setattr(placement, "MAX_CHUNK_BYTES", 64)
+    monkeypatch.setattr(store, "WRITE_BLOCK_BYTES", 64)  # and written one chunk at a time
     t = torch.randn(10, 4)  # 16 bytes/row -> 4 rows/chunk -> 3 chunks
     b = torch.cat([special_bf16(), special_bf16()]).reshape(8, 4)
     path = save_checkpoint(tmp_path, 1, {"w": t, "b": b}, {}, {})

@@ -333,7 +333,7 @@ def _read_local(
 ) -> torch.Tensor:
     """This rank's local tensor assembled from its pieces (array `key_of(piece)` each); rows no
     piece covers (vocabulary padding) are zero."""
-    out = torch.zeros(like.shape, dtype=like.dtype)
+    out = None
     for piece in layout:
         key = key_of(piece)
         arr = store.open_array(group, key)
@@ -341,8 +341,12 @@ def _read_local(
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(arr.shape)}, the model needs {piece.shape}"
             )
-        data = store.read_region(arr, piece.global_index(), str(path))
-        out[piece.local_index()] = data.to(out.dtype)
+        data = store.read_region(arr, piece.global_index(), str(path)).to(like.dtype)
+        if len(layout) == 1 and data.shape == like.shape:
+            return data  # the whole local tensor: no copy
+        if out is None:
+            out = torch.zeros(like.shape, dtype=like.dtype)
+        out[piece.local_index()] = data
     return out
 
 

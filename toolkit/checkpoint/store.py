@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -39,6 +40,7 @@ from toolkit.checkpoint import placement
 
 FORMAT = "hybrid-toolkit-checkpoint"
 FORMAT_VERSION = 2  # 2: packed weights split into components, vocabulary rows unpadded
+WRITE_BLOCK_BYTES = 64 << 20  # a writer encodes and verifies at most about this much at a time
 
 
 class CheckpointError(RuntimeError):
@@ -185,7 +187,7 @@ def read_region(arr: zarr.Array, index: tuple, where: str) -> torch.Tensor:
         data = arr[index if index else ...]
     except Exception as e:  # the codec raises on a checksum mismatch
         raise CheckpointError(f"{where}: cannot read array {arr.path!r}: {e}") from e
-    return from_numpy(np.array(data), arr.attrs["dtype"])
+    return from_numpy(np.asarray(data), arr.attrs["dtype"])
 
 
 def _where(group: zarr.Group) -> str:
@@ -230,15 +232,33 @@ def create_arrays(tmp: Path, specs: list[ArraySpec]) -> None:
 
 
 def write_region(group: zarr.Group, key: str, index: tuple, tensor: torch.Tensor) -> None:
-    """Write `tensor` into `group[key][index]` and read it back bit for bit. Every chunk is
-    written, zeros too: then a missing chunk file is an error, not silent zeros."""
+    """Write `tensor` into `group[key][index]` and read it back bit for bit, a block of whole
+    chunk rows at a time (bounded memory). Every chunk is written, zeros too: then a missing
+    chunk file is an error, not silent zeros."""
     # The setting is not stored with the array: every writer must set it again.
     arr = group[key].with_config({"write_empty_chunks": True})
     data = to_numpy(tensor)
-    arr[index if index else ...] = data
-    back = np.array(arr[index if index else ...])
-    if back.shape != data.shape or back.tobytes() != data.tobytes():  # bits: NaN too
+    if data.ndim == 0:
+        _write_block(arr, ..., data, key)
+        return
+    rows = range(*(index[0] if index else slice(None)).indices(arr.shape[0]))
+    row_bytes = max(data[:1].nbytes, 1)
+    step = arr.chunks[0] * max(1, WRITE_BLOCK_BYTES // (row_bytes * arr.chunks[0]))
+    for start in range(0, len(rows), step):
+        block = slice(rows.start + start, rows.start + min(start + step, len(rows)))
+        _write_block(arr, (block, *index[1:]), data[start : start + step], key)
+
+
+def _write_block(arr: zarr.Array, index, data: np.ndarray, key: str) -> None:
+    arr[index] = data
+    back = np.asarray(arr[index])
+    # Compare checksums of the raw bits (NaN payloads too) rather than copies of the bytes.
+    if back.shape != data.shape or _crc(back) != _crc(data):
         raise CheckpointError(f"{arr.store}: {key} did not read back identically")
+
+
+def _crc(a: np.ndarray) -> int:
+    return google_crc32c.value(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
 def fsync_tree(path: Path) -> None:
