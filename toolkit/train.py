@@ -177,10 +177,14 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
 
     def save(step: int, blocking: bool) -> None:
         meta = checkpoint_metadata(recipe, model, step, consumed, layout)
+        start = time.perf_counter()
         path = saver.save(step, module, optimizer, view, meta, blocking=blocking)
+        seconds = time.perf_counter() - start
         if path is not None:
             result.checkpoint = str(path)
-            log.info("saved checkpoint %s", path)
+            log.info("saved checkpoint %s in %.1f s", path, seconds)
+        else:
+            log.info("checkpoint of step %d: training resumed after %.1f s", step, seconds)
 
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
 

@@ -254,7 +254,8 @@ class CheckpointSaver:
             self._result = write_checkpoint(
                 self.root, step, writes, meta, self.comm, self.keep_last
             )
-            log.info("saved checkpoint %s (in the background)", self._result)
+            if self.comm.rank == 0:
+                log.info("saved checkpoint %s (in the background)", self._result)
         except BaseException as e:  # re-raised in the training thread by wait()
             self._result = e
 
