@@ -35,7 +35,8 @@ python3 benchmarks/compare_losses.py "$OUT/tb_ref" "$OUT/tb_tiny" | tee "$OUT/co
 for tp in 1 2; do
   python3 launchers/submit.py recipes/800m_hybrid.toml --local --nproc "$tp" \
     --set parallel.tp=$tp --set 'train.device="cuda"' --set train.steps=2 \
-    --set train.global_batch_size=8 --set "checkpoint.dir=\"/tmp/ck800_tp$tp\"" \
+    --set train.micro_batch_size=1 --set train.global_batch_size=8 \
+    --set "checkpoint.dir=\"/tmp/ck800_tp$tp\"" \
     --set "logging.dir=\"$OUT/tb_800m_tp$tp\"" --set 'train.sample_prompt=""' \
     > "$OUT/800m_tp$tp.log" 2>&1
   echo "800m tp$tp exit $?"; grep -hE "saved checkpoint|Error" "$OUT/800m_tp$tp.log" | tail -3

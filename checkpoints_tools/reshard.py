@@ -55,24 +55,26 @@ def target_specs(recipe_table: dict, tp: int) -> dict[str, tuple[tuple[int, ...]
     }
 
 
-def copy_blocks(src: zarr.Array, dst_group: zarr.Group, key: str, path: str) -> int:
+def copy_blocks(
+    src: zarr.Array, dst_group: zarr.Group, key: str, path: str, counter: ReadCounter
+) -> int:
     """Copy one array in row blocks aligned with both chunkings; returns the bytes copied."""
     dst = dst_group[key]
     if src.ndim == 0:
-        store.write_region(dst_group, key, (), store.read_region(src, (), path))
+        store.write_region(dst_group, key, (), store.read_region(src, (), path, counter))
         return src.dtype.itemsize
     unit = math.lcm(src.chunks[0], dst.chunks[0])
     row_bytes = src.dtype.itemsize * math.prod(src.shape[1:])
     rows = max(unit, (BLOCK_BYTES // max(row_bytes * unit, 1)) * unit)
     for start in range(0, src.shape[0], rows):
         index = (slice(start, min(start + rows, src.shape[0])),)
-        store.write_region(dst_group, key, index, store.read_region(src, index, path))
+        store.write_region(dst_group, key, index, store.read_region(src, index, path, counter))
     return row_bytes * src.shape[0]
 
 
 def reshard_zarr(src_path: Path, out: Path, tp: int, pp: int) -> dict:
     counter = ReadCounter()
-    src = store.open_checkpoint(src_path, counter)
+    src = store.open_checkpoint(src_path)
     meta = store.metadata(src)
     recipe_table = meta["recipe"]
     recipe_table["parallel"] = recipe_table.get("parallel", {}) | {"tp": tp, "pp": pp, "dp": -1}
@@ -103,7 +105,8 @@ def reshard_zarr(src_path: Path, out: Path, tp: int, pp: int) -> dict:
         tqdm(total=len(keys), desc="reshard", unit="array", disable=None) as bar,
     ):
         futures = [
-            pool.submit(copy_blocks, store.open_array(src, k), dst, k, str(src_path)) for k in keys
+            pool.submit(copy_blocks, store.open_array(src, k), dst, k, str(src_path), counter)
+            for k in keys
         ]
         for future in futures:
             written += future.result()

@@ -67,7 +67,7 @@ def test_inspect_verify_names_a_damaged_array(tmp_path, checkpoint):
     missing = next((copy / "model" / "layers.1.norm.weight" / "c").rglob("*"))
     missing.unlink()
     proc = tool("inspect", copy, "--verify")
-    assert "2 damaged array" in proc.stderr and "chunk files missing" in proc.stderr
+    assert "2 damaged array" in proc.stderr and "chunk file c/0 is missing" in proc.stderr
 
 
 def test_inspect_rejects_what_is_not_a_checkpoint(tmp_path):

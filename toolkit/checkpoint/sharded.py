@@ -287,7 +287,7 @@ def restore(
     state) from checkpoint `path`, reading only the chunks they touch. With whole=False (a
     pipeline stage) the checkpoint may hold parameters the module lacks. Returns the metadata."""
     path = store.resolve_checkpoint(path)
-    group = store.open_checkpoint(path, counter)
+    group = store.open_checkpoint(path)
     params = dict(module.named_parameters())
     layouts = {name: view.pieces(name, p) for name, p in params.items()}
     _check_arrays(group, path, layouts, whole)
@@ -295,10 +295,10 @@ def restore(
 
     def load(name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         param, layout = params[name], layouts[name]
-        value = _read_local(group, path, layout, param, lambda piece: f"model/{piece.array}")
+        value = _read_local(group, path, layout, param, lambda p: f"model/{p.array}", counter)
         state = {}
         if optimizer is not None and owns(param):
-            state = _read_state(group, path, layout, param)
+            state = _read_state(group, path, layout, param, counter)
         return value, state
 
     with ThreadPoolExecutor(IO_THREADS) as pool:
@@ -331,6 +331,7 @@ def _read_local(
     layout: list[Piece],
     like: torch.Tensor,
     key_of: Callable[[Piece], str],
+    counter: ReadCounter | None = None,
 ) -> torch.Tensor:
     """This rank's local tensor assembled from its pieces (array `key_of(piece)` each); rows no
     piece covers (vocabulary padding) are zero."""
@@ -342,7 +343,7 @@ def _read_local(
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(arr.shape)}, the model needs {piece.shape}"
             )
-        data = store.read_region(arr, piece.global_index(), str(path)).to(like.dtype)
+        data = store.read_region(arr, piece.global_index(), str(path), counter).to(like.dtype)
         if len(layout) == 1 and data.shape == like.shape:
             return data  # the whole local tensor: no copy
         if out is None:
@@ -352,7 +353,11 @@ def _read_local(
 
 
 def _read_state(
-    group: zarr.Group, path: Path, layout: list[Piece], param: torch.Tensor
+    group: zarr.Group,
+    path: Path,
+    layout: list[Piece],
+    param: torch.Tensor,
+    counter: ReadCounter | None,
 ) -> dict[str, torch.Tensor]:
     first = f"optim/{layout[0].array}"
     if first not in group:
@@ -362,11 +367,11 @@ def _read_state(
         moment = key.rsplit("/", 1)[1]
         arr = store.open_array(group, key)
         if arr.ndim == 0:
-            state[moment] = store.read_region(arr, (), str(path))
+            state[moment] = store.read_region(arr, (), str(path), counter)
         else:
             like = torch.empty(param.shape, dtype=getattr(torch, arr.attrs["dtype"]))
             state[moment] = _read_local(
-                group, path, layout, like, lambda piece, m=moment: f"optim/{piece.array}/{m}"
+                group, path, layout, like, lambda p, m=moment: f"optim/{p.array}/{m}", counter
             )
     return state
 

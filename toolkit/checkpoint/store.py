@@ -22,6 +22,8 @@ bfloat16 (which zarr and numpy lack) is stored as its raw uint16 bits with the a
 This module is the store; `toolkit.checkpoint.sharded` decides which rank writes what.
 """
 
+import itertools
+import math
 import os
 import shutil
 import threading
@@ -34,13 +36,11 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec
-from zarr.storage import LocalStore
 
 from toolkit.checkpoint import placement
 
 FORMAT = "hybrid-toolkit-checkpoint"
 FORMAT_VERSION = 2  # 2: packed weights split into components, vocabulary rows unpadded
-WRITE_BLOCK_BYTES = 64 << 20  # a writer encodes and verifies at most about this much at a time
 
 
 class CheckpointError(RuntimeError):
@@ -122,26 +122,11 @@ class ReadCounter:
         return self.bytes - 4 * self.chunks
 
 
-class _CountingStore(LocalStore):
-    def __init__(self, root: Path | str, *, read_only: bool = True, counter=None) -> None:
-        super().__init__(root, read_only=read_only)
-        self.counter = counter
-
-    def with_read_only(self, read_only: bool = False) -> "_CountingStore":
-        return _CountingStore(self.root, read_only=read_only, counter=self.counter)
-
-    async def get(self, key, prototype=None, byte_range=None):
-        buf = await super().get(key, prototype, byte_range)
-        if buf is not None and self.counter is not None and not key.endswith("zarr.json"):
-            self.counter.add(len(buf))
-        return buf
-
-
-def open_checkpoint(path: str | Path, counter: ReadCounter | None = None) -> zarr.Group:
+def open_checkpoint(path: str | Path) -> zarr.Group:
     """The step directory's group, after checking that it is a checkpoint this toolkit reads."""
     path = Path(path)
     try:
-        group = zarr.open_group(_CountingStore(path, counter=counter), mode="r")
+        group = zarr.open_group(path, mode="r")
         attrs = dict(group.attrs)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from e
@@ -167,27 +152,77 @@ def metadata(group: zarr.Group) -> dict[str, Any]:
 
 
 def open_array(group: zarr.Group, key: str) -> zarr.Array:
-    """An array of the checkpoint, checked to have all its chunk files (zarr would silently
-    return fill values for a missing one)."""
     try:
-        arr = group[key]
+        return group[key]
     except KeyError:
         raise CheckpointError(f"{_where(group)}: array {key!r} is missing") from None
-    if arr.nchunks_initialized != arr.nchunks:
-        raise CheckpointError(
-            f"{_where(group)}: array {key!r} has {arr.nchunks - arr.nchunks_initialized} of "
-            f"{arr.nchunks} chunk files missing"
-        )
-    return arr
 
 
-def read_region(arr: zarr.Array, index: tuple, where: str) -> torch.Tensor:
-    """Read `arr[index]` (only the chunks it touches); checksums are verified on read."""
-    try:
-        data = arr[index if index else ...]
-    except Exception as e:  # the codec raises on a checksum mismatch
-        raise CheckpointError(f"{where}: cannot read array {arr.path!r}: {e}") from e
-    return from_numpy(np.asarray(data), arr.attrs["dtype"])
+# Chunks are read and written here directly, in zarr's own layout (chunk files `c/i/j`, C-order
+# little-endian bytes followed by their CRC32C), so threads work in parallel without zarr's
+# event loop; zarr-python reads the result as any other array.
+
+
+def _array_dir(arr: zarr.Array) -> Path:
+    return Path(arr.store.root) / arr.path
+
+
+def _chunk_file(array_dir: Path, coords: tuple[int, ...]) -> Path:
+    return array_dir.joinpath("c", *map(str, coords))
+
+
+def _boxes(arr: zarr.Array, region: list[range]):
+    """(chunk coords, chunk box, the part of the box inside `region`) for every chunk `region`
+    touches."""
+    spans = [
+        range(r.start // c, (r.stop + c - 1) // c) if len(r) else range(0)
+        for r, c in zip(region, arr.chunks)
+    ]
+    for coords in itertools.product(*spans):
+        box = [range(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, arr.chunks, arr.shape)]
+        inside = [range(max(b.start, r.start), min(b.stop, r.stop)) for b, r in zip(box, region)]
+        yield coords, box, inside
+
+
+def _payload_crc(raw: bytes) -> int:
+    """CRC32C of a chunk file's payload (all but its last 4 bytes), without copying it."""
+    return google_crc32c.value(np.frombuffer(raw, dtype=np.uint8)[:-4])
+
+
+def _region(arr: zarr.Array, index: tuple) -> list[range]:
+    index = tuple(index) + (slice(None),) * (arr.ndim - len(index))
+    return [range(*sl.indices(n)) for sl, n in zip(index, arr.shape)]
+
+
+def read_region(
+    arr: zarr.Array, index: tuple, where: str, counter: ReadCounter | None = None
+) -> torch.Tensor:
+    """Read `arr[index]` (plain slices), touching only the chunk files it needs; every chunk's
+    checksum is verified, and a missing chunk file is an error (zarr would return zeros)."""
+    region = _region(arr, index)
+    out = np.empty([len(r) for r in region], dtype=arr.dtype)
+    array_dir, nbytes = _array_dir(arr), arr.dtype.itemsize * math.prod(arr.chunks)
+    for coords, box, inside in _boxes(arr, region):
+        path = _chunk_file(array_dir, coords)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{where}: array {arr.path!r}: chunk file {path.relative_to(array_dir)} is missing"
+            ) from None
+        if counter is not None:
+            counter.add(len(raw))
+        if len(raw) != nbytes + 4 or _payload_crc(raw) != int.from_bytes(raw[-4:], "little"):
+            raise CheckpointError(
+                f"{where}: array {arr.path!r}: chunk {path.relative_to(array_dir)} is corrupted "
+                "(checksum mismatch or wrong size)"
+            )
+        chunk = np.frombuffer(raw, dtype=arr.dtype, count=nbytes // arr.dtype.itemsize)
+        chunk = chunk.reshape(arr.chunks)
+        src = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inside, box))
+        dst = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inside, region))
+        out[dst] = chunk[src]
+    return from_numpy(out, arr.attrs["dtype"])
 
 
 def _where(group: zarr.Group) -> str:
@@ -232,43 +267,46 @@ def create_arrays(tmp: Path, specs: list[ArraySpec]) -> None:
 
 
 def write_region(group: zarr.Group, key: str, index: tuple, tensor: torch.Tensor) -> None:
-    """Write `tensor` into `group[key][index]` and read it back bit for bit, a block of whole
-    chunk rows at a time (bounded memory). Every chunk is written, zeros too: then a missing
-    chunk file is an error, not silent zeros."""
-    # The setting is not stored with the array: every writer must set it again.
-    arr = group[key].with_config({"write_empty_chunks": True})
+    """Write `tensor` into `group[key][index]`, whose chunks it must cover whole (writers never
+    share a chunk); each chunk file is written, fsynced, and read back to check its checksum."""
+    arr = group[key]
     data = to_numpy(tensor)
-    if data.ndim == 0:
-        _write_block(arr, ..., data, key)
-        return
-    rows = range(*(index[0] if index else slice(None)).indices(arr.shape[0]))
-    row_bytes = max(data[:1].nbytes, 1)
-    step = arr.chunks[0] * max(1, WRITE_BLOCK_BYTES // (row_bytes * arr.chunks[0]))
-    for start in range(0, len(rows), step):
-        block = slice(rows.start + start, rows.start + min(start + step, len(rows)))
-        _write_block(arr, (block, *index[1:]), data[start : start + step], key)
+    region = _region(arr, index)
+    if data.shape != tuple(len(r) for r in region):
+        raise CheckpointError(f"{key}: data of shape {data.shape} for region {region}")
+    array_dir = _array_dir(arr)
+    for coords, box, inside in _boxes(arr, region):
+        if inside != box:
+            raise CheckpointError(f"{key}: region {region} cuts chunk {coords} (a layout bug)")
+        part = data[tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))]
+        if part.shape != tuple(arr.chunks):  # an edge chunk: zarr stores it whole, padded
+            padded = np.zeros(arr.chunks, dtype=data.dtype)
+            padded[tuple(slice(0, n) for n in part.shape)] = part
+            part = padded
+        payload = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+        crc = google_crc32c.value(payload).to_bytes(4, "little")
+        path = _chunk_file(array_dir, coords)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(payload)
+            f.write(crc)
+            f.flush()
+            os.fsync(f.fileno())
+        back = path.read_bytes()
+        if len(back) != len(payload) + 4 or _payload_crc(back) != int.from_bytes(crc, "little"):
+            raise CheckpointError(f"{path}: did not read back identically")
 
 
-def _write_block(arr: zarr.Array, index, data: np.ndarray, key: str) -> None:
-    arr[index] = data
-    back = np.asarray(arr[index])
-    # Compare checksums of the raw bits (NaN payloads too) rather than copies of the bytes.
-    if back.shape != data.shape or _crc(back) != _crc(data):
-        raise CheckpointError(f"{arr.store}: {key} did not read back identically")
-
-
-def _crc(a: np.ndarray) -> int:
-    return google_crc32c.value(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-
-
-def fsync_tree(path: Path) -> None:
+def _fsync_metadata(path: Path) -> None:
+    """fsync every zarr.json and directory under `path` (writers fsync their chunk files)."""
     for dirpath, _, files in os.walk(path):
         for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if f == "zarr.json":
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         _fsync_dir(Path(dirpath))
 
 
@@ -296,7 +334,7 @@ def publish(tmp: Path, keep_last: int = 0) -> Path:
     """Make a fully written and verified temporary checkpoint the latest one; apply retention."""
     root = tmp.parent
     final = root / tmp.name.removeprefix(".tmp-")
-    fsync_tree(tmp)
+    _fsync_metadata(tmp)
     os.rename(tmp, final)
     _fsync_dir(root)
     _write_text_atomic(root / "latest", final.name + "\n")
@@ -378,11 +416,13 @@ def array_keys(group: zarr.Group, prefix: str) -> list[str]:
 def load_checkpoint(path: str | Path, counter: ReadCounter | None = None) -> Checkpoint:
     """Read a whole checkpoint (root or step directory); checksums are verified on read."""
     path = resolve_checkpoint(path)
-    group = open_checkpoint(path, counter)
+    group = open_checkpoint(path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for prefix in ("model", "optim"):
         parts[prefix] = {
-            key.removeprefix(prefix + "/"): read_region(open_array(group, key), (), str(path))
+            key.removeprefix(prefix + "/"): read_region(
+                open_array(group, key), (), str(path), counter
+            )
             for key in array_keys(group, prefix)
         }
     return Checkpoint(path, parts["model"], parts["optim"], metadata(group))
