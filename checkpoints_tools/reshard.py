@@ -61,14 +61,18 @@ def copy_blocks(
     """Copy one array in row blocks aligned with both chunkings; returns the bytes copied."""
     dst = dst_group[key]
     if src.ndim == 0:
-        store.write_region(dst_group, key, (), store.read_region(src, (), path, counter))
+        files = store.write_region(dst_group, key, (), store.read_region(src, (), path, counter))
+        store.fsync_files(files)
         return src.dtype.itemsize
     unit = math.lcm(src.chunks[0], dst.chunks[0])
     row_bytes = src.dtype.itemsize * math.prod(src.shape[1:])
     rows = max(unit, (BLOCK_BYTES // max(row_bytes * unit, 1)) * unit)
+    files = []
     for start in range(0, src.shape[0], rows):
         index = (slice(start, min(start + rows, src.shape[0])),)
-        store.write_region(dst_group, key, index, store.read_region(src, index, path, counter))
+        data = store.read_region(src, index, path, counter)
+        files += store.write_region(dst_group, key, index, data)
+    store.fsync_files(files)
     return row_bytes * src.shape[0]
 
 

@@ -206,11 +206,11 @@ def _write_all(tmp: Path, writes: list[Write]) -> str | None:
     try:
         group = zarr.open_group(tmp, mode="r+")
         with ThreadPoolExecutor(IO_THREADS) as pool:
-            for future in [
+            futures = [
                 pool.submit(store.write_region, group, spec.key, index, t)
                 for spec, index, t in writes
-            ]:
-                future.result()
+            ]
+            store.fsync_files([path for future in futures for path in future.result()])
         return None
     except Exception as e:
         return f"{type(e).__name__}: {e}"

@@ -27,6 +27,8 @@ import math
 import os
 import shutil
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,6 +196,11 @@ def _region(arr: zarr.Array, index: tuple) -> list[range]:
     return [range(*sl.indices(n)) for sl, n in zip(index, arr.shape)]
 
 
+# Chunk files are read, written, checksummed and fsynced by this pool's threads (file I/O and
+# CRC32C release the GIL), also when one array has many chunks.
+_CHUNK_POOL = ThreadPoolExecutor(min(32, 2 * (os.cpu_count() or 1)), "checkpoint-chunk")
+
+
 def read_region(
     arr: zarr.Array, index: tuple, where: str, counter: ReadCounter | None = None
 ) -> torch.Tensor:
@@ -202,7 +209,8 @@ def read_region(
     region = _region(arr, index)
     out = np.empty([len(r) for r in region], dtype=arr.dtype)
     array_dir, nbytes = _array_dir(arr), arr.dtype.itemsize * math.prod(arr.chunks)
-    for coords, box, inside in _boxes(arr, region):
+
+    def read_chunk(coords: tuple[int, ...], box: list[range], inside: list[range]) -> None:
         path = _chunk_file(array_dir, coords)
         try:
             raw = path.read_bytes()
@@ -222,7 +230,16 @@ def read_region(
         src = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inside, box))
         dst = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inside, region))
         out[dst] = chunk[src]
+
+    _run_all(read_chunk, list(_boxes(arr, region)))
     return from_numpy(out, arr.attrs["dtype"])
+
+
+def _run_all(fn: Callable, calls: list[tuple]) -> list:
+    """fn(*args) for every args, on the chunk pool when there is more than one."""
+    if len(calls) <= 1:
+        return [fn(*args) for args in calls]
+    return [f.result() for f in [_CHUNK_POOL.submit(fn, *args) for args in calls]]
 
 
 def _where(group: zarr.Group) -> str:
@@ -266,16 +283,18 @@ def create_arrays(tmp: Path, specs: list[ArraySpec]) -> None:
         )
 
 
-def write_region(group: zarr.Group, key: str, index: tuple, tensor: torch.Tensor) -> None:
+def write_region(group: zarr.Group, key: str, index: tuple, tensor: torch.Tensor) -> list[Path]:
     """Write `tensor` into `group[key][index]`, whose chunks it must cover whole (writers never
-    share a chunk); each chunk file is written, fsynced, and read back to check its checksum."""
+    share a chunk), reading each chunk file back to check its checksum. Returns the files
+    written: the caller fsyncs them (`fsync_files`), all at once."""
     arr = group[key]
     data = to_numpy(tensor)
     region = _region(arr, index)
     if data.shape != tuple(len(r) for r in region):
         raise CheckpointError(f"{key}: data of shape {data.shape} for region {region}")
     array_dir = _array_dir(arr)
-    for coords, box, inside in _boxes(arr, region):
+
+    def write_chunk(coords: tuple[int, ...], box: list[range], inside: list[range]) -> Path:
         if inside != box:
             raise CheckpointError(f"{key}: region {region} cuts chunk {coords} (a layout bug)")
         part = data[tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))]
@@ -290,11 +309,25 @@ def write_region(group: zarr.Group, key: str, index: tuple, tensor: torch.Tensor
         with open(path, "wb") as f:
             f.write(payload)
             f.write(crc)
-            f.flush()
-            os.fsync(f.fileno())
         back = path.read_bytes()
         if len(back) != len(payload) + 4 or _payload_crc(back) != int.from_bytes(crc, "little"):
             raise CheckpointError(f"{path}: did not read back identically")
+        return path
+
+    return _run_all(write_chunk, list(_boxes(arr, region)))
+
+
+def fsync_files(paths: list[Path]) -> None:
+    """Flush written chunk files to disk, in parallel."""
+
+    def fsync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    _run_all(fsync, [(p,) for p in paths])
 
 
 def _fsync_metadata(path: Path) -> None:
@@ -365,8 +398,7 @@ def save_checkpoint(
     }
     create_arrays(tmp, [spec_for(key, t) for key, t in tensors.items()])
     group = zarr.open_group(tmp, mode="r+")
-    for key, t in tensors.items():
-        write_region(group, key, (), t)
+    fsync_files([path for key, t in tensors.items() for path in write_region(group, key, (), t)])
     return publish(tmp, keep_last)
 
 
