@@ -319,31 +319,11 @@ def write_region(group: zarr.Group, key: str, index: tuple, tensor: torch.Tensor
 
 def fsync_files(paths: list[Path]) -> None:
     """Flush written chunk files to disk, in parallel."""
-
-    def fsync(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    _run_all(fsync, [(p,) for p in paths])
+    _run_all(_fsync, [(p,) for p in paths])
 
 
-def _fsync_metadata(path: Path) -> None:
-    """fsync every zarr.json and directory under `path` (writers fsync their chunk files)."""
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            if f == "zarr.json":
-                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path | str) -> None:
+    """fsync a file or a directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -351,16 +331,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_metadata(path: Path) -> None:
+    """fsync every zarr.json and directory under `path` (writers fsync their chunk files)."""
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            if f == "zarr.json":
+                _fsync(os.path.join(dirpath, f))
+        _fsync(dirpath)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def publish(tmp: Path, keep_last: int = 0) -> Path:
@@ -369,7 +354,7 @@ def publish(tmp: Path, keep_last: int = 0) -> Path:
     final = root / tmp.name.removeprefix(".tmp-")
     _fsync_metadata(tmp)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    _fsync(root)
     _write_text_atomic(root / "latest", final.name + "\n")
     if keep_last > 0:
         older = [p for p in list_checkpoints(root) if p.name < final.name]
