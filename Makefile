@@ -7,8 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 LOGDIR ?= runs
 PIP := $(PY) -m pip install --disable-pip-version-check -q
+# Images: containers/ (see README "Containers"). Tools are variables so a site can point elsewhere.
+IMAGE ?= hybrid-toolkit
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER ?= docker
+APPTAINER ?= apptainer
+ENROOT ?= enroot
 
-.PHONY: install demo test lint format tensorboard clean
+.PHONY: install demo test lint format tensorboard clean container sif sqsh
 
 install: $(VENV)/.installed
 
@@ -44,3 +50,16 @@ tensorboard: install
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+container:
+	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "make container needs docker ('$(DOCKER)' not found). Without docker: 'make sif' builds an Apptainer image, or build on a machine with docker and copy the image over."; exit 2; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "'$(DOCKER)' is installed but its daemon does not answer ('$(DOCKER) info' failed): start it, or use another engine (make container DOCKER=podman)"; exit 2; }
+	$(DOCKER) build -f containers/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
+
+sif:
+	@command -v $(APPTAINER) >/dev/null 2>&1 || { echo "make sif needs apptainer (or singularity: make sif APPTAINER=singularity); '$(APPTAINER)' not found"; exit 2; }
+	$(APPTAINER) build $(IMAGE)-$(VERSION).sif containers/toolkit.def
+
+sqsh:
+	@command -v $(ENROOT) >/dev/null 2>&1 || { echo "make sqsh needs enroot ('$(ENROOT)' not found), and the image from 'make container' in the local docker daemon"; exit 2; }
+	$(ENROOT) import -o $(IMAGE)-$(VERSION).sqsh dockerd://$(IMAGE):$(VERSION)
