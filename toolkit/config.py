@@ -70,6 +70,13 @@ class DataConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ProfileConfig:
+    start: int = opt(0, "first step traced by torch.profiler (0: no trace)")
+    steps: int = opt(3, "how many steps to trace")
+    nvtx: bool = opt(False, "NVTX ranges around every block, for Nsight Systems (CUDA only)")
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     steps: int = req("optimizer steps to run")
     micro_batch_size: int = opt(1, "sequences per forward/backward")
@@ -95,6 +102,7 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop, or skip the step")
     max_skipped_steps: int = opt(10, "with nan_policy=skip, stop after this many skips in a row")
     sample_prompt: str = opt("", "if set, print a greedy continuation of it after training")
+    profile: ProfileConfig = opt(None, "profiling: train.profile = {start = 10, steps = 3}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -125,6 +133,9 @@ class LoggingConfig:
     dir: str = opt("runs/default/tensorboard", "TensorBoard event directory")
     interval: int = opt(10, "log every N steps")
     progress_bar: bool = opt(True, "show a progress bar on rank 0")
+    peak_tflops: float = opt(
+        0.0, "per-GPU dense peak TFLOP/s for MFU (0: from the GPU's name; none on CPUs)"
+    )
 
 
 @dataclass(kw_only=True, slots=True)

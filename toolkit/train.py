@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from toolkit.parallel.runtime import (
     clip_grad_norm,
     parallelize,
 )
+from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
 from toolkit.tokenizer import ByteTokenizer, build_tokenizer
 
 log = logging.getLogger("toolkit.train")
@@ -206,6 +208,13 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         file=sys.stderr,
     )
     step = start_step
+    if cfg.profile.nvtx and device.type == "cuda":
+        add_nvtx_ranges(module)
+    elif cfg.profile.nvtx:
+        log.warning("train.profile.nvtx needs CUDA: no NVTX ranges on %s", device)
+    profile_dir = Path(recipe.logging.dir) / "profile"
+    profiler = StepProfiler(cfg.profile, profile_dir, env.rank, device, next_step=step + 1)
+    peak = peak_tflops(device, cfg.precision, recipe.logging.peak_tflops)
     module.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -245,6 +254,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - t0
+        profiler.after_step(step)
         result.losses[step] = loss_value
 
         bar.update(1)
@@ -262,6 +272,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 "model/parameters": params,
                 "train/consumed_samples": consumed,
             }
+            if peak is not None:  # model FLOPs utilisation against the GPU's dense peak
+                scalars["perf/mfu"] = scalars["perf/tflops_per_gpu"] / peak
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, step)
             writer.flush()
@@ -287,6 +299,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             log.warning("stop signal received: stopping after step %d", step)
             result.stopped_by_signal = True
             break
+    profiler.stop()  # if the run ended inside the traced steps
     bar.close()
     last = saver.wait()  # a background save still in flight
     if last is not None:
