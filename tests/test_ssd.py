@@ -61,3 +61,25 @@ def test_splitting_a_sequence_carries_the_state():
     y2, h2 = ssd_chunked(x[:, 13:], dt[:, 13:], A, B[:, 13:], C[:, 13:], 8, h1)
     torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h2, h_full, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_selection_without_mamba_ssm():
+    """Here (no CUDA, no mamba-ssm) 'auto' is the reference, an explicit 'mamba_ssm' is a clear
+    error, and the mamba-ssm wrapper falls back to the reference for CPU tensors."""
+    from toolkit.model.mamba2 import mamba_ssm_available, select_ssd, ssd_chunked, ssd_mamba_ssm
+
+    assert not mamba_ssm_available()
+    assert select_ssd("auto") is ssd_chunked
+    with pytest.raises(ValueError, match="needs CUDA and the mamba-ssm package"):
+        select_ssd("mamba_ssm")
+    with pytest.raises(ValueError, match="is not one of"):
+        select_ssd("flash")
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(1, 10, 4, 3, generator=g), torch.rand(1, 10, 4, generator=g)
+    A, B, C = (
+        -torch.rand(4, generator=g),
+        torch.randn(1, 10, 2, 5, generator=g),
+        torch.randn(1, 10, 2, 5, generator=g),
+    )
+    for got, want in zip(ssd_mamba_ssm(x, dt, A, B, C, 4), ssd_chunked(x, dt, A, B, C, 4)):
+        assert torch.equal(got, want)

@@ -55,7 +55,9 @@ class ModelConfig:
     mamba_conv_kernel: int = opt(4, "depthwise causal conv width")
     mamba_chunk_size: int = opt(128, "SSD chunk length")
     init_std: float = opt(0.02, "init std of linear and embedding weights")
-    kernels: Literal["auto", "reference"] = opt("auto", "SSD implementation")
+    kernels: Literal["auto", "reference", "mamba_ssm"] = opt(
+        "auto", "SSD implementation: mamba_ssm (Triton, CUDA) when available, else reference"
+    )
 
     @property
     def ffn_size(self) -> int:

@@ -280,7 +280,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             if not show_bar:
                 log.info(
                     "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s per GPU "
-                    "peak memory %.2f GB",
+                    "%speak memory %.2f GB",
                     step,
                     cfg.steps,
                     loss_value,
@@ -288,6 +288,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                     grad_norm,
                     scalars["perf/tokens_per_s"],
                     scalars["perf/tflops_per_gpu"],
+                    f"MFU {scalars['perf/mfu']:.1%} " if "perf/mfu" in scalars else "",
                     scalars["perf/peak_memory_gb"],
                 )
         interval = recipe.checkpoint.interval

@@ -1,0 +1,75 @@
+"""mamba-ssm's Triton SSD (model.kernels = "mamba_ssm") against the pure-PyTorch reference on one
+GPU: parity of outputs and gradients, and the time of the SSD alone.
+
+    PYTHONPATH=.:/tmp/site python3 benchmarks/gpu_kernels.py
+
+Parity is relative L2 error (||a - b|| / ||b||) against the reference run in fp32, for fp32 and
+bf16 inputs. Whole-model throughput: run the trainer twice with `--set model.kernels=...`.
+"""
+
+import time
+
+import torch
+
+from toolkit.model.mamba2 import mamba_ssm_available, ssd_chunked, ssd_mamba_ssm
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def inputs(b: int, length: int, heads: int, p: int, groups: int, n: int, dtype: torch.dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=g)
+
+    x = randn(b, length, heads, p).to(dtype)
+    dt = torch.nn.functional.softplus(randn(b, length, heads) - 4)  # fp32, as the mixer passes it
+    A = -torch.exp(randn(heads) * 0.5)
+    B, C = randn(b, length, groups, n).to(dtype), randn(b, length, groups, n).to(dtype)
+    init = randn(b, heads, p, n) * 0.1
+    return [t.requires_grad_() for t in (x, dt, A, B, C, init)]
+
+
+def run(fn, args, chunk):
+    x, dt, A, B, C, init = args
+    y, final = fn(x, dt, A, B, C, chunk, init)
+    (y.float().square().mean() + final.square().mean()).backward()
+    grads = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    return y.detach(), final.detach(), grads
+
+
+def timed(fn, args, chunk, reps=10) -> float:
+    run(fn, args, chunk)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        run(fn, args, chunk)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def main() -> None:
+    assert mamba_ssm_available(), "mamba-ssm is not importable here (see ../shared/device)"
+    shape = dict(b=2, length=2048, heads=32, p=64, groups=8, n=128)
+    print(f"shape {shape}, chunk 128")
+    names = ["y", "final state", "dx", "ddt", "dA", "dB", "dC", "dinit"]
+    reference = run(ssd_chunked, inputs(**shape, dtype=torch.float32), 128)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = run(ssd_mamba_ssm, inputs(**shape, dtype=dtype), 128)
+        errors = [rel_l2(a, b) for a, b in zip([got[0], got[1], *got[2]], [reference[0], reference[1], *reference[2]])]  # fmt: skip
+        print(f"{str(dtype):15} " + "  ".join(f"{n} {e:.1e}" for n, e in zip(names, errors)))
+    for dtype in (torch.bfloat16,):
+        args = inputs(**shape, dtype=dtype)
+        ref_ms, kernel_ms = timed(ssd_chunked, args, 128), timed(ssd_mamba_ssm, args, 128)
+        print(
+            f"SSD fwd+bwd {dtype}: reference {ref_ms:.2f} ms, mamba_ssm {kernel_ms:.2f} ms "
+            f"({ref_ms / kernel_ms:.1f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
