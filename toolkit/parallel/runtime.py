@@ -9,9 +9,9 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from toolkit.distributed import ParallelEnv
+from toolkit.loss import blockwise_cross_entropy
 from toolkit.model import HybridLM
 from toolkit.parallel.pp import build_pipeline
 from toolkit.parallel.tp import apply_tp, vocab_parallel_cross_entropy
@@ -21,8 +21,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Mean cross-entropy over the real vocabulary: padding columns take no probability, so the
-    padded rows never matter (and checkpoints need not store them)."""
-    return F.cross_entropy(logits[..., :vocab_size].float().flatten(0, 1), labels.flatten())
+    padded rows never matter (and checkpoints need not store them). Computed block by block, so
+    no fp32 copy of the whole logits tensor exists (toolkit/loss.py)."""
+    return blockwise_cross_entropy(logits, labels, vocab_size)
 
 
 def parallelize(model: HybridLM, env: ParallelEnv) -> LossFn:
