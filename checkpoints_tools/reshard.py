@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import zarr  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from toolkit.build import build_model  # noqa: E402
+from toolkit.build import build_model, model_from_checkpoint  # noqa: E402
 from toolkit.checkpoint import (  # noqa: E402
     CheckpointError,
     RankView,
@@ -33,6 +33,7 @@ from toolkit.checkpoint import (  # noqa: E402
     resolve_checkpoint,
     store,
 )
+from toolkit.checkpoint.megatron import save_megatron  # noqa: E402
 from toolkit.config import RecipeError, recipe_from_dict, validate  # noqa: E402
 from toolkit.parallel import apply_tp  # noqa: E402
 from toolkit.tokenizer import build_tokenizer  # noqa: E402
@@ -143,10 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = resolve_checkpoint(args.src)
         if args.format == "megatron":
-            from toolkit.checkpoint.megatron import save_megatron
-
-            from toolkit.build import model_from_checkpoint
-
             model, recipe, _ = model_from_checkpoint(src)
             step = store.read_metadata(src).get("step", 0)
             out = save_megatron(model, recipe, args.out, tp=args.tp, pp=args.pp, iteration=step)
