@@ -4,6 +4,7 @@ layouts run in tests/test_parallel.py."""
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +291,68 @@ def test_plain_zarr_reads_what_the_toolkit_writes(tmp_path, monkeypatch):
         for name, tensor in tensors.items():
             plain = np.asarray(group[f"{prefix}/{name}"][...])
             assert np.array_equal(plain, store.to_numpy(tensor)), name
+
+
+SHARDED_CHILD = """
+import os, sys, torch, torch.distributed as dist
+from toolkit.checkpoint import Comm, store, write_checkpoint
+root, step = sys.argv[1], int(sys.argv[2])
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+comm = Comm(dist.new_group(backend="gloo"))
+print("ready", flush=True)
+while True:
+    # Two writers, one array: each writes its half (1 MiB) of every step's tensor.
+    spec = store.ArraySpec("model/w", (512, 1024), "float32", (256, 1024))
+    half = torch.full((256, 1024), float(step))
+    writes = [(spec, (slice(256 * rank, 256 * (rank + 1)),), half)]
+    write_checkpoint(root, step, writes, {"step": step}, comm, keep_last=2)
+    step += 1
+"""
+
+
+def test_sigkill_of_one_sharded_writer_never_corrupts(tmp_path):
+    """Two ranks save together; one is killed at a random moment (the other is then stuck in a
+    collective and killed too). The latest published checkpoint always loads and verifies."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from toolkit.distributed import free_port
+
+    root = tmp_path / "ckpt"
+    rng = random.Random(7)
+    repo = str(Path(__file__).resolve().parents[1])
+    published = []
+    for it in range(3):
+        port = str(free_port())
+        procs = []
+        for rank in range(2):
+            env = dict(os.environ, PYTHONPATH=repo, RANK=str(rank), WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", SHARDED_CHILD, str(root), str(1000 * (it + 1))],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+        try:
+            for proc in procs:
+                assert proc.stdout.readline().strip() == b"ready"
+            time.sleep(rng.uniform(0.2, 1.5))
+            procs[rng.randrange(2)].send_signal(signal.SIGKILL)
+            time.sleep(0.2)
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+                proc.stdout.close()
+        latest = store.latest_checkpoint(root)
+        if latest is None:
+            continue
+        ckpt = load_checkpoint(root)  # every chunk read and its checksum checked
+        step = int(latest.name.removeprefix("step_"))
+        assert torch.equal(ckpt.model["w"], torch.full((512, 1024), float(step)))
+        published.append(step)
+    assert published and published == sorted(published)
