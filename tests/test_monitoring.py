@@ -26,6 +26,7 @@ def run(tmp_path_factory):
     recipe = make_recipe(tmp, RANDOM_TEXT, steps=4)
     recipe.logging.peak_tflops = 0.5  # a made-up peak, so that MFU is logged on the CPU
     recipe.train.profile.start, recipe.train.profile.steps = 2, 2
+    recipe.data.valid_fraction, recipe.train.eval_interval, recipe.train.eval_batches = 0.1, 2, 3
     result = train(recipe)
     return recipe, result
 
@@ -46,6 +47,8 @@ def test_tensorboard_holds_every_metric(run):
         "perf/mfu",
         "perf/peak_memory_gb",
         "model/parameters",
+        "valid/loss",
+        "valid/perplexity",
     } <= tags
     scalar = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags}
     assert scalar["train/loss"] == pytest.approx(result.losses, rel=1e-6)
@@ -101,3 +104,48 @@ def test_report_renders_a_png(run, tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "holds no TensorBoard event files" in proc.stderr
+
+
+def test_validation_loss_is_the_held_out_loss_of_the_model(run):
+    """valid/loss at the last step equals the loss of the saved model on the corpus's held-out
+    end, recomputed here independently; perplexity is its exponential."""
+    import math
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    from toolkit.build import model_from_checkpoint
+    from toolkit.data import SequenceSampler
+
+    recipe, result = run
+    acc = EventAccumulator(recipe.logging.dir)
+    acc.Reload()
+    valid = {e.step: e.value for e in acc.Scalars("valid/loss")}
+    perplexity = {e.step: e.value for e in acc.Scalars("valid/perplexity")}
+    assert sorted(valid) == [2, 4]
+    for step in valid:
+        assert perplexity[step] == pytest.approx(math.exp(valid[step]), rel=1e-5)
+    model, _, tokenizer = model_from_checkpoint(result.checkpoint)
+    tokens = np.array([*RANDOM_TEXT.encode(), tokenizer.eod])  # the corpus ends with <eod>
+    held_out = tokens[len(tokens) - int(len(tokens) * 0.1) :]
+    seq = recipe.model.seq_length
+    losses = []
+    sampler = SequenceSampler(held_out.astype(np.int64), seq, recipe.train.seed)
+    with torch.no_grad():
+        for i in range(3):  # eval_batches micro-batches of micro_batch_size windows
+            inputs, labels = sampler.batch(2 * i, 2)
+            logits = model(inputs)[..., : model.vocab_size]
+            losses.append(F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item())
+    assert valid[4] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert valid[4] != pytest.approx(result.losses[4], rel=1e-3)  # not the training batch
+
+
+def test_validation_settings_are_checked(tmp_path):
+    from toolkit.config import RecipeError, validate
+
+    with pytest.raises(RecipeError, match="train.eval_interval.*data.valid_fraction"):
+        make_recipe(tmp_path, RANDOM_TEXT, eval_interval=5)
+    recipe = make_recipe(tmp_path, RANDOM_TEXT)
+    recipe.data.valid_fraction = 0.6
+    with pytest.raises(RecipeError, match=r"data.valid_fraction.*\[0, 0.5\)"):
+        validate(recipe)

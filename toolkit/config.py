@@ -69,6 +69,9 @@ class DataConfig:
     tokenizer: Literal["byte"] = opt("byte", "tokenizer (byte-level: 256 bytes + specials)")
     source: str = opt("stdlib", "'stdlib' (embedded corpus from Python's sources) or a text file")
     max_corpus_bytes: int = opt(4_000_000, "cap on the corpus size read from the source")
+    valid_fraction: float = opt(
+        0.0, "share of the corpus (its end) held out for validation; never trained on"
+    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -105,6 +108,8 @@ class TrainConfig:
     max_skipped_steps: int = opt(10, "with nan_policy=skip, stop after this many skips in a row")
     sample_prompt: str = opt("", "if set, print a greedy continuation of it after training")
     profile: ProfileConfig = opt(None, "profiling: train.profile = {start = 10, steps = 3}")
+    eval_interval: int = opt(0, "validation loss every N steps and at the end (0: never)")
+    eval_batches: int = opt(4, "micro-batches per validation (the same ones every time)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -380,6 +385,14 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         )
 
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+    _check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+    _check(0 <= r.data.valid_fraction < 0.5, "data.valid_fraction", "must be in [0, 0.5)")
+    _check(
+        t.eval_interval == 0 or r.data.valid_fraction > 0,
+        "train.eval_interval",
+        "needs a validation split: set data.valid_fraction (e.g. 0.01)",
+    )
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

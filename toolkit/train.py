@@ -111,7 +111,12 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
 
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     tokens = load_corpus(recipe.data.source, tokenizer, recipe.data.max_corpus_bytes)
-    sampler = SequenceSampler(tokens, recipe.model.seq_length, cfg.seed)
+    # The corpus's end is held out for validation: training never sees those tokens.
+    held_out = int(len(tokens) * recipe.data.valid_fraction)
+    sampler = SequenceSampler(tokens[: len(tokens) - held_out], recipe.model.seq_length, cfg.seed)
+    valid = (
+        SequenceSampler(tokens[-held_out:], recipe.model.seq_length, cfg.seed) if held_out else None
+    )
     model = build_model(recipe, tokenizer, device)
     log.info("%s", describe_model(model))
     params = sum(p.numel() for p in model.parameters())
@@ -215,6 +220,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     profile_dir = Path(recipe.logging.dir) / "profile"
     profiler = StepProfiler(cfg.profile, profile_dir, env.rank, device, next_step=step + 1)
     peak = peak_tflops(device, cfg.precision, recipe.logging.peak_tflops)
+    if valid is not None and cfg.eval_interval and env.pp > 1:
+        log.warning("validation is not run under pipeline parallelism yet (train.eval_interval)")
     module.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -291,6 +298,18 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                     f"MFU {scalars['perf/mfu']:.1%} " if "perf/mfu" in scalars else "",
                     scalars["perf/peak_memory_gb"],
                 )
+        if (
+            valid is not None
+            and cfg.eval_interval
+            and (step % cfg.eval_interval == 0 or step == cfg.steps)
+        ):
+            valid_loss = validation_loss(module, valid, loss_fn, cfg, env, device)
+            if valid_loss is not None and writer is not None:
+                writer.add_scalar("valid/loss", valid_loss, step)
+                writer.add_scalar("valid/perplexity", math.exp(min(valid_loss, 700.0)), step)
+                writer.flush()
+                log.info("step %d validation loss %.4f (perplexity %.2f)", step, valid_loss,
+                         math.exp(min(valid_loss, 700.0)))  # fmt: skip
         interval = recipe.checkpoint.interval
         stopping = stop_requested(stop, env)
         due = (interval and step % interval == 0) or step == cfg.steps or stopping
@@ -324,6 +343,33 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
         )
     return result
+
+
+@torch.no_grad()
+def validation_loss(
+    module: torch.nn.Module,
+    valid: SequenceSampler,
+    loss_fn,
+    cfg,
+    env: ParallelEnv,
+    device: torch.device,
+) -> float | None:
+    """Mean loss over the first `eval_batches` validation micro-batches (the same ones every
+    time, split over DP ranks). Not under pipeline parallelism (it would need a forward-only
+    schedule): None there."""
+    if env.pp > 1:
+        return None
+    module.eval()
+    total = torch.zeros((), device=device)
+    for i in range(env.dp_rank, cfg.eval_batches, env.dp):
+        inputs, labels = valid.batch(i * cfg.micro_batch_size, cfg.micro_batch_size)
+        with autocast_context(cfg.precision, device):
+            logits = module(inputs.to(device))
+        total += loss_fn(logits, labels.to(device)).float()
+    module.train()
+    if env.dp > 1:
+        torch.distributed.all_reduce(total, group=env.group("dp"))
+    return total.item() / cfg.eval_batches
 
 
 def requeue_slurm_job() -> None:
