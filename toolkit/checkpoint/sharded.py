@@ -239,10 +239,13 @@ class CheckpointSaver:
     ) -> Path | None:
         """Start (or, if blocking, finish) the checkpoint of `step`; returns its path when done."""
         self.wait()
-        writes = snapshot(planned_writes(module, optimizer, view))
-        writes += rng_writes(view.rank)
-        if blocking or not self.asynchronous:
+        if blocking or not self.asynchronous:  # training waits: CPU tensors need no copy
+            writes = [
+                (s, i, t.detach().cpu()) for s, i, t in planned_writes(module, optimizer, view)
+            ]
+            writes += rng_writes(view.rank)
             return write_checkpoint(self.root, step, writes, meta, self.comm, self.keep_last)
+        writes = snapshot(planned_writes(module, optimizer, view)) + rng_writes(view.rank)
         self._thread = Thread(
             target=self._run, args=(step, writes, meta), name=f"checkpoint-{step}", daemon=True
         )
