@@ -5,6 +5,7 @@ import torch
 
 from tests.conftest import tiny_model_config
 from toolkit.model import HybridLM
+from toolkit.model.attention import KVCache
 
 # Mixed: the full forward scans in chunks (fp32 inside), decoding steps the recurrence; on a
 # float64 model the two agree to ~1e-6, well inside this tolerance.
@@ -57,6 +58,30 @@ def test_multi_token_continuation_equals_full_forward(case):
         states = model.allocate_states(2, max_len=24)
         pieces = [model(tokens[:, a:b], states) for a, b in [(0, 2), (2, 11), (11, 12), (12, 24)]]
     torch.testing.assert_close(torch.cat(pieces, 1), full, **TOL)
+
+
+@pytest.mark.parametrize("case", ["attention", "attention_rope"])
+def test_rows_at_different_cache_lengths_continue_together(case):
+    """Continuous batching: rows prefilled to different lengths continue in one batch (one and
+    then several tokens each); every row equals its own full forward at its own positions."""
+    model = build(case)
+    lengths = torch.tensor([3, 9, 5])
+    tokens = torch.randint(0, 50, (3, 16))
+    rows = torch.arange(3)[:, None]
+    with torch.no_grad():
+        full = model(tokens)
+        states = model.allocate_states(3, max_len=16)
+        for r, n in enumerate(lengths.tolist()):
+            model(
+                tokens[r : r + 1, :n],
+                [s and KVCache(s.k[r : r + 1], s.v[r : r + 1]) for s in states],
+            )
+        done = 0
+        for width in (1, 1, 3):
+            pos = lengths[:, None] + done + torch.arange(width)
+            ragged = [s and KVCache(s.k, s.v, lengths=lengths + done) for s in states]
+            torch.testing.assert_close(model(tokens[rows, pos], ragged), full[rows, pos], **TOL)
+            done += width
 
 
 def test_decode_uses_the_state():

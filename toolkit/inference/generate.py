@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from toolkit.inference.sampling import sample
 from toolkit.model import HybridLM
 
 
@@ -22,21 +23,14 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits [b, v] -> token ids [b]. temperature 0 is greedy; top_k 0 and top_p 0 (or 1) are off."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if 0 < top_p < 1:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already cover top_p; keep at least one.
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    b, device = logits.size(0), logits.device
+    return sample(
+        logits,
+        temperature=torch.full((b,), float(temperature), device=device),
+        top_k=torch.full((b,), top_k, device=device),
+        top_p=torch.full((b,), float(top_p), device=device),
+        uniform=torch.rand(b, generator=generator, device=device),
+    )
 
 
 @torch.no_grad()

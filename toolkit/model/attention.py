@@ -19,6 +19,9 @@ class KVCache:
     k: torch.Tensor  # [b, groups, max_len, head_dim]
     v: torch.Tensor
     length: int = 0
+    # Per-row filled positions [b] when rows hold sequences of different lengths (continuous
+    # batching); replaces `length` and is rebound, not changed in place, as tokens are added.
+    lengths: torch.Tensor | None = None
 
 
 class Rotary(nn.Module):
@@ -36,11 +39,12 @@ class Rotary(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, t: torch.Tensor, offset: int) -> torch.Tensor:
-        """t [b, l, heads, head_dim] at positions offset .. offset+l-1."""
-        pos = torch.arange(offset, offset + t.size(1), device=t.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(t.device))  # l, rot/2
-        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+    def forward(self, t: torch.Tensor, offset: int | torch.Tensor) -> torch.Tensor:
+        """t [b, l, heads, head_dim] at positions offset .. offset+l-1; offset is an int or a
+        per-row tensor [b, 1]."""
+        pos = torch.arange(t.size(1), device=t.device, dtype=torch.float32) + offset  # [b,] l
+        freqs = pos.unsqueeze(-1) * self.inv_freq.to(t.device)  # [b,] l, rot/2
+        cos, sin = freqs.cos().unsqueeze(-2), freqs.sin().unsqueeze(-2)
         rot, rest = t[..., : self.rot_dim].float(), t[..., self.rot_dim :]
         x1, x2 = rot.chunk(2, dim=-1)
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -84,10 +88,13 @@ class Attention(nn.Module):
         )
         q = qkv[:, :, :, :-2].flatten(2, 3)  # b l heads d
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # b l groups d
-        offset = state.length if state is not None else 0
+        ragged = state is not None and state.lengths is not None
+        offset = 0 if state is None else state.lengths[:, None] if ragged else state.length
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if ragged:
+            return self.linear_proj(self._attend_ragged(q, k, v, state).transpose(1, 2).flatten(2))
 
         mask, causal = None, True
         if state is not None:
@@ -109,3 +116,26 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_groups != self.num_heads
         )
         return self.linear_proj(out.transpose(1, 2).flatten(2))
+
+    def _attend_ragged(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: KVCache
+    ) -> torch.Tensor:
+        """Rows continue from their own cache lengths: write each row's keys at its positions and
+        let query i of row r see keys up to lengths[r] + i."""
+        b, _, length, _ = k.shape
+        pos = state.lengths[:, None] + torch.arange(length, device=k.device)  # b l
+        end = int(pos.max()) + 1
+        if end > state.k.size(2):
+            raise RuntimeError(f"KV cache holds {state.k.size(2)} positions, {end} needed")
+        rows = torch.arange(b, device=k.device)[:, None]
+        state.k[rows, :, pos] = k.transpose(1, 2)  # indexed as [b, l, groups, d]
+        state.v[rows, :, pos] = v.transpose(1, 2)
+        state.lengths = state.lengths + length
+        mask = pos[:, None, :, None] >= torch.arange(end, device=k.device)  # b 1 l end
+        return F.scaled_dot_product_attention(
+            q,
+            state.k[:, :, :end],
+            state.v[:, :, :end],
+            attn_mask=mask,
+            enable_gqa=self.num_groups != self.num_heads,
+        )

@@ -1,0 +1,197 @@
+"""The continuous-batching engine equals a plain full-forward decode, whatever the batch."""
+
+from dataclasses import fields
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model_config
+from tests.test_decode import CASES
+from tests.test_generate import AlwaysToken, naive_greedy
+from toolkit.inference.engine import Engine, Request, memory_bytes
+from toolkit.model import HybridLM
+from toolkit.tokenizer import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+MODELS = {
+    "hybrid": CASES["hybrid"],
+    "mamba2": CASES["mamba"],
+    "transformer": CASES["attention_rope"],
+}
+
+
+def build(case: str = "hybrid", seq_length: int = 64) -> HybridLM:
+    # float64: batched and unbatched matmuls round differently, and greedy picks must not flip.
+    cfg = tiny_model_config(**MODELS[case], seq_length=seq_length)
+    return HybridLM(cfg, vocab_size=TOKENIZER.vocab_size).double().eval()
+
+
+def prompts(*lengths: int) -> list[list[int]]:
+    return [torch.randint(0, 256, (n,)).tolist() for n in lengths]
+
+
+def alone(model: HybridLM, request: Request) -> Request:
+    return Engine(model, TOKENIZER, slots=1).run([clone(request)])[0]
+
+
+def clone(r: Request) -> Request:
+    return Request(**{f.name: getattr(r, f.name) for f in fields(r) if f.init})
+
+
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_batched_greedy_equals_full_recompute(case):
+    """Prompts of different lengths prefilled together and decoded together, with fewer slots
+    than requests (the last ones wait for a free slot): each equals recomputing its whole
+    sequence at every step."""
+    model = build(case)
+    requests = [
+        Request(prompt=p, max_new_tokens=n, stop_at_eod=False)
+        for p, n in zip(prompts(5, 12, 1, 9, 12, 3), [20, 7, 15, 11, 4, 9])
+    ]
+    Engine(model, TOKENIZER, slots=4).run(requests)
+    for r in requests:
+        expected = naive_greedy(model, torch.tensor([r.prompt]), len(r.tokens))
+        assert r.tokens == expected[0, len(r.prompt) :].tolist()
+        assert len(r.tokens) == r.max_new_tokens and r.finish_reason == "length"
+
+
+def test_sampled_batch_equals_each_request_alone():
+    """Mixed settings in one batch (greedy, temperature, top-k, top-p, seeds): every request gets
+    exactly what it gets alone, logprobs included."""
+    model = build()
+    settings = [
+        dict(temperature=0.0),
+        dict(temperature=1.0, seed=1),
+        dict(temperature=0.7, top_k=5, seed=2),
+        dict(temperature=1.3, top_p=0.9, seed=3),
+        dict(temperature=1.0, seed=1),
+    ]
+    requests = [
+        Request(prompt=p, max_new_tokens=12, logprobs=True, stop_at_eod=False, **s)
+        for p, s in zip(prompts(4, 9, 2, 7, 11), settings)
+    ]
+    Engine(model, TOKENIZER, slots=8).run(requests)
+    for r in requests:
+        ref = alone(model, r)
+        assert r.tokens == ref.tokens
+        torch.testing.assert_close(r.token_logprobs, ref.token_logprobs)
+        torch.testing.assert_close(r.prompt_logprobs, ref.prompt_logprobs)
+
+
+def test_request_joining_mid_batch_gets_its_alone_output():
+    model = build()
+    first = Request(prompt=prompts(6)[0], max_new_tokens=30, temperature=1.0, seed=5)
+    late = Request(prompt=prompts(10)[0], max_new_tokens=10, temperature=1.0, seed=6)
+    engine = Engine(model, TOKENIZER, slots=2)
+    engine.add(first)
+    for _ in range(7):
+        engine.step()
+    assert len(first.tokens) == 7 and not first.done
+    engine.run([late])
+    assert first.tokens == alone(model, first).tokens
+    assert late.tokens == alone(model, late).tokens
+
+
+def test_state_memory_is_allocated_once_and_bounded():
+    model = build()
+    engine = Engine(model, TOKENIZER, slots=2, max_len=48)
+    buffers = [
+        t.data_ptr()
+        for s in engine.states
+        if s is not None
+        for t in vars(s).values()
+        if isinstance(t, torch.Tensor)
+    ]
+    requests = [Request(prompt=p, max_new_tokens=8) for p in prompts(3, 5, 7, 2, 4)]
+    for r in requests:
+        engine.add(r)
+    busiest = 0
+    while engine.has_work():
+        engine.step()
+        busiest = max(busiest, len(engine.active))
+    assert busiest == 2 and all(r.done for r in requests)  # the others waited, none dropped
+    assert buffers == [
+        t.data_ptr()
+        for s in engine.states
+        if s is not None
+        for t in vars(s).values()
+        if isinstance(t, torch.Tensor)
+    ]
+    nbytes = sum(
+        t.nbytes
+        for s in engine.states
+        if s is not None
+        for t in vars(s).values()
+        if isinstance(t, torch.Tensor)
+    )
+    assert memory_bytes(model, 2, 48) == nbytes
+
+
+def test_logprobs_equal_the_full_forward():
+    model = build()
+    r = Request(prompt=prompts(9)[0], max_new_tokens=6, temperature=1.0, seed=0, logprobs=True)
+    Engine(model, TOKENIZER).run([r])
+    seq = torch.tensor([r.prompt + r.tokens])
+    with torch.no_grad():
+        lp = model(seq)[0, :-1, : model.vocab_size].log_softmax(-1)
+    expected = lp.gather(-1, seq[0, 1:, None]).squeeze(-1)
+    got = torch.tensor(r.prompt_logprobs + r.token_logprobs, dtype=expected.dtype)
+    assert len(r.prompt_logprobs) == 8
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    only_prompt = Request(prompt=r.prompt, max_new_tokens=0, logprobs=True)
+    Engine(model, TOKENIZER).run([only_prompt])
+    assert only_prompt.tokens == [] and only_prompt.finish_reason == "length"
+    assert only_prompt.prompt_logprobs == pytest.approx(r.prompt_logprobs)
+
+
+def test_seed_decides_the_sample():
+    model = build()
+    p = prompts(5)[0]
+    runs = [
+        alone(model, Request(prompt=p, max_new_tokens=20, temperature=1.0, seed=s))
+        for s in (3, 3, 4)
+    ]
+    assert runs[0].tokens == runs[1].tokens != runs[2].tokens
+
+
+def test_stop_string_and_end_of_document():
+    model = build()
+    p = prompts(5)[0]
+    free = alone(model, Request(prompt=p, max_new_tokens=24, stop_at_eod=False))
+    text = TOKENIZER.decode(free.tokens)
+    stop = text[6:8]
+    stopped = alone(
+        model, Request(prompt=p, max_new_tokens=24, stop=["\x00never", stop], stop_at_eod=False)
+    )
+    assert stopped.finish_reason == "stop" and stopped.stop_offset == text.find(stop)
+    assert stopped.tokens == free.tokens[: len(stopped.tokens)]
+    assert TOKENIZER.decode(stopped.tokens).endswith(stop)
+
+    model.output_layer = AlwaysToken(model.padded_vocab_size, TOKENIZER.eod)
+    eod = alone(model, Request(prompt=p, max_new_tokens=24))
+    assert eod.finish_reason == "eod" and eod.tokens == [TOKENIZER.eod]
+    assert len(alone(model, Request(prompt=p, max_new_tokens=5, stop_at_eod=False)).tokens) == 5
+
+
+def test_cancel_frees_the_slot():
+    model = build()
+    engine = Engine(model, TOKENIZER, slots=1)
+    hog = Request(prompt=prompts(3)[0], max_new_tokens=50)
+    queued = Request(prompt=prompts(3)[0], max_new_tokens=5)
+    engine.add(hog)
+    engine.add(queued)
+    engine.step()
+    assert queued in engine.waiting
+    hog.cancel()
+    engine.run([])
+    assert hog.finish_reason == "cancelled" and len(hog.tokens) < 50
+    assert queued.finish_reason == "length" and engine.stats["cancelled"] == 1
+
+
+def test_requests_that_cannot_fit_are_refused():
+    engine = Engine(build(), TOKENIZER, slots=1, max_len=16)
+    with pytest.raises(ValueError, match="over the limit of 16"):
+        engine.add(Request(prompt=[1] * 10, max_new_tokens=7))
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.add(Request(prompt=[], max_new_tokens=1))
+    engine.add(Request(prompt=[1] * 10, max_new_tokens=6))

@@ -1,0 +1,345 @@
+"""Continuous-batching decode engine over a fixed number of slots.
+
+Each slot owns one row of every layer's decode state (Mamba conv/SSM state, attention KV cache),
+allocated once for `slots` rows of `max_len` positions: memory never grows with the load.
+Requests wait in a queue until a slot is free (never dropped). Every `step()`:
+1. the running requests decode one token each, in one batch (the rows' caches hold different
+   lengths; attention masks each row at its own position);
+2. waiting requests are prefilled together (prompts of different lengths, no padding: the batch
+   runs up to the shortest prompt, then the longer ones continue from their states) and copied
+   into free slots, so they join the running batch at the next step;
+3. one token is sampled per row with the row's own settings and seed, and finished requests
+   (end of document, stop string, length, cancelled) free their slots.
+"""
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from toolkit.inference.sampling import sample
+from toolkit.model import HybridLM
+from toolkit.model.attention import KVCache
+from toolkit.model.mamba2 import MambaState
+from toolkit.tokenizer import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["length", "stop", "eod", "cancelled", "error"]
+
+
+@dataclass(kw_only=True, eq=False)
+class Request:
+    """One prompt and how to continue it; the engine fills the fields below the line."""
+
+    prompt: list[int]
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 0.0  # 0 or 1: off
+    seed: int | None = None  # None: a fresh random seed
+    stop: Sequence[str] = ()  # stop strings; the text ends before the first one generated
+    stop_at_eod: bool = True
+    logprobs: bool = False  # log-probabilities of the prompt (from its 2nd token) and output
+    on_update: Callable[["Request"], None] | None = None  # called from the engine's thread
+
+    tokens: list[int] = field(default_factory=list, init=False)
+    token_logprobs: list[float] = field(default_factory=list, init=False)
+    prompt_logprobs: list[float] = field(default_factory=list, init=False)
+    finish_reason: FinishReason | None = field(default=None, init=False)
+    stop_offset: int | None = field(default=None, init=False)  # where the stop string begins
+    error: str | None = field(default=None, init=False)
+    cancelled: bool = field(default=False, init=False)  # set by cancel(), from any thread
+    generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Ask the engine to drop the request at its next step (its slot is freed)."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(
+        self,
+        model: HybridLM,
+        tokenizer: ByteTokenizer,
+        *,
+        slots: int = 8,
+        max_len: int | None = None,
+        max_prefill_tokens: int = 8192,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.slots = slots
+        self.max_len = max_len or model.cfg.seq_length
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = model.embedding.weight.device
+        self.states = model.allocate_states(slots, self.max_len)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.active: dict[int, Request] = {}  # slot -> request
+        self.waiting: deque[Request] = deque()
+        self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
+        self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError if the request can never run here."""
+        if not request.prompt:
+            raise ValueError("the prompt has no tokens")
+        if request.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={request.max_new_tokens} is negative")
+        total = len(request.prompt) + request.max_new_tokens
+        if total > self.max_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt)} tokens) plus generation "
+                f"({request.max_new_tokens}) is {total} tokens, over the limit of {self.max_len}"
+            )
+        if max(request.prompt) >= self.model.vocab_size or min(request.prompt) < 0:
+            raise ValueError(f"prompt token ids must lie in [0, {self.model.vocab_size})")
+
+    def add(self, request: Request) -> None:
+        """Queue a request; it joins the running batch at the next step with a free slot."""
+        self.check(request)
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+        request.generator = torch.Generator().manual_seed(seed)
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    def run(self, requests: Sequence[Request]) -> list[Request]:
+        """Add the requests and step until all are finished (for scripts, tests, benchmarks)."""
+        for r in requests:
+            self.add(r)
+        while self.has_work():
+            self.step()
+        return list(requests)
+
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """One decode step for the running batch plus the prefill of newcomers; returns the
+        requests that got a token or finished."""
+        updated = self._drop_cancelled()
+        rows = sorted(self.active)
+        requests = [self.active[s] for s in rows]
+        logits = [self._decode(rows)] if rows else []
+        admitted = self._admit()
+        if admitted:
+            first, prefilled = self._prefill(admitted)
+            updated += [r for r in admitted if r.max_new_tokens == 0]
+            for r in admitted:
+                if r.max_new_tokens == 0:
+                    self._finish(r, "length")
+            generating = [i for i, r in enumerate(admitted) if r.max_new_tokens > 0]
+            logits.append(first[generating])
+            requests += [admitted[i] for i in generating]
+            rows += [prefilled[i] for i in generating]
+        if requests:
+            self._sample(torch.cat(logits), requests, rows)
+            updated += requests
+        for r in updated:
+            if r.on_update is not None:
+                r.on_update(r)
+        return updated
+
+    def fail_all(self, message: str) -> list[Request]:
+        """Finish every request with an error (after an exception inside step())."""
+        failed = list(self.active.values()) + list(self.waiting)
+        self.waiting.clear()
+        for slot in list(self.active):
+            self._release(slot)
+        for r in failed:
+            r.error = message
+            self._finish(r, "error")
+            if r.on_update is not None:
+                r.on_update(r)
+        return failed
+
+    # The model, split so that only the positions that need logits pay for the output layer.
+    def _hidden(self, tokens: torch.Tensor, states: list[Any]) -> torch.Tensor:
+        model = self.model
+        x = model.embedding(tokens)
+        for block, state in zip(model.layers, states, strict=True):
+            x = block(x, state)
+        return model.final_norm(x)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.output_layer(hidden)[..., : self.model.vocab_size].float()
+
+    def _decode(self, rows: list[int]) -> torch.Tensor:
+        """Feed each running slot its pending token; the batch spans slots 0..max(rows) (free slots
+        inside that range compute garbage that nobody reads: views need no gather or scatter)."""
+        hi = rows[-1] + 1
+        tokens = torch.zeros(hi, 1, dtype=torch.long)
+        tokens[rows, 0] = torch.tensor([self.next_input[s] for s in rows])
+        views = []
+        for s in self.states:
+            if isinstance(s, MambaState):
+                views.append(MambaState(s.conv[:hi], s.ssm[:hi], seen=1))
+            elif isinstance(s, KVCache):
+                views.append(KVCache(s.k[:hi], s.v[:hi], lengths=self.positions[:hi]))
+            else:
+                views.append(None)
+        hidden = self._hidden(tokens.to(self.device), views)
+        index = torch.tensor(rows, device=self.device)
+        self.positions[index] += 1
+        return self._logits(hidden[index, 0])
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests for the free slots, within the prefill token budget (at least one)."""
+        free = self.slots - len(self.active)
+        admitted: list[Request] = []
+        budget = self.max_prefill_tokens
+        while self.waiting:
+            r = self.waiting[0]
+            needs_slot = r.max_new_tokens > 0
+            if (needs_slot and free == 0) or (admitted and len(r.prompt) > budget):
+                break
+            admitted.append(self.waiting.popleft())
+            free -= needs_slot
+            budget -= len(r.prompt)
+        return admitted
+
+    def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+        """Run the prompts; returns the logits after each prompt [n, vocab] and the slots the
+        generating requests now occupy (-1 for those that generate nothing)."""
+        n = len(requests)
+        order = sorted(range(n), key=lambda i: -len(requests[i].prompt))
+        lengths = [len(requests[i].prompt) for i in order]
+        # One spare column: the target of the last position (never read as a prompt logprob).
+        tokens = torch.zeros(n, lengths[0] + 1, dtype=torch.long)
+        for row, i in enumerate(order):
+            tokens[row, : lengths[row]] = torch.tensor(requests[i].prompt)
+        tokens = tokens.to(self.device)
+        scratch = self.model.allocate_states(n, lengths[0])
+        last = torch.empty(n, self.model.vocab_size, device=self.device)
+        start = 0
+        for end in sorted(set(lengths)):
+            m = sum(length >= end for length in lengths)  # rows still running: a prefix
+            hidden = self._hidden(tokens[:m, start:end], _prefix_views(scratch, m, start))
+            ending = [row for row in range(m) if lengths[row] == end]
+            last[ending] = self._logits(hidden[ending, -1])
+            for row in range(m):
+                r = requests[order[row]]
+                if r.logprobs:
+                    stop = end - start - (lengths[row] == end)  # the last position has no target
+                    lp = self._logits(hidden[row, :stop]).log_softmax(-1)
+                    target = tokens[row, start + 1 : start + 1 + stop, None]
+                    r.prompt_logprobs += lp.gather(-1, target).squeeze(-1).tolist()
+            start = end
+
+        free = [s for s in range(self.slots) if s not in self.active]
+        slots = [-1] * n
+        for row, i in enumerate(order):
+            r = requests[i]
+            self.stats["prompt_tokens"] += lengths[row]
+            if r.max_new_tokens == 0:
+                continue
+            slot = slots[i] = free.pop(0)
+            self.active[slot] = r
+            self.positions[slot] = lengths[row]
+            for big, small in zip(self.states, scratch, strict=True):
+                if isinstance(big, MambaState):
+                    big.conv[slot].copy_(small.conv[row])
+                    big.ssm[slot].copy_(small.ssm[row])
+                elif isinstance(big, KVCache):
+                    big.k[slot, :, : lengths[row]].copy_(small.k[row, :, : lengths[row]])
+                    big.v[slot, :, : lengths[row]].copy_(small.v[row, :, : lengths[row]])
+        inverse = torch.tensor(order, device=self.device).argsort()
+        return last[inverse], slots
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
+        def column(values: list[float | int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        uniform = [float(torch.rand((), generator=r.generator)) for r in requests]
+        tokens = sample(
+            logits,
+            temperature=column([r.temperature for r in requests], torch.float32),
+            top_k=column([r.top_k for r in requests], torch.long),
+            top_p=column([r.top_p for r in requests], torch.float32),
+            uniform=column(uniform, torch.float64),
+        )
+        logprobs = None
+        if any(r.logprobs for r in requests):
+            logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1).tolist()
+        for i, (r, slot, token) in enumerate(zip(requests, rows, tokens.tolist(), strict=True)):
+            r.tokens.append(token)
+            self.stats["generated_tokens"] += 1
+            if logprobs is not None and r.logprobs:
+                r.token_logprobs.append(logprobs[i])
+            self.next_input[slot] = token
+            reason = self._finish_reason(r, token)
+            if reason is not None:
+                self._release(slot)
+                self._finish(r, reason)
+
+    def _finish_reason(self, r: Request, token: int) -> FinishReason | None:
+        if r.stop_at_eod and token == self.tokenizer.eod:
+            return "eod"
+        if r.stop:
+            text = self.tokenizer.decode(r.tokens)
+            # Only an occurrence that ends in the newest token's text is new.
+            since = max(0, len(text) - len(self.tokenizer.decode([token])) - _longest(r.stop))
+            hits = [i for i in (text.find(s, since) for s in r.stop) if i >= 0]
+            if hits:
+                r.stop_offset = min(hits)
+                return "stop"
+        if len(r.tokens) >= r.max_new_tokens:
+            return "length"
+        return None
+
+    def _drop_cancelled(self) -> list[Request]:
+        dropped = [r for r in self.waiting if r.cancelled]
+        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for slot, r in list(self.active.items()):
+            if r.cancelled:
+                self._release(slot)
+                dropped.append(r)
+        for r in dropped:
+            self._finish(r, "cancelled")
+        return dropped
+
+    def _release(self, slot: int) -> None:
+        del self.active[slot]
+        self.next_input.pop(slot, None)
+        self.positions[slot] = 0  # keeps the decode batch's attention span short
+
+    def _finish(self, r: Request, reason: FinishReason) -> None:
+        r.finish_reason = reason
+        self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
+
+
+def _prefix_views(states: list[Any], m: int, start: int) -> list[Any]:
+    """The first m rows of prefill states that have consumed `start` tokens (views, no copies)."""
+    views: list[Any] = []
+    for s in states:
+        if isinstance(s, MambaState):
+            views.append(MambaState(s.conv[:m], s.ssm[:m], seen=start))
+        elif isinstance(s, KVCache):
+            views.append(KVCache(s.k[:m], s.v[:m], length=start))
+        else:
+            views.append(None)
+    return views
+
+
+def _longest(strings: Sequence[str]) -> int:
+    return max((len(s) for s in strings), default=0)
+
+
+def memory_bytes(model: HybridLM, slots: int, max_len: int) -> int:
+    """Bytes of decode state the engine allocates up front for `slots` x `max_len`."""
+    states = model.allocate_states(1, 1, device=torch.device("meta"))
+    total = 0
+    for s in states:
+        if isinstance(s, MambaState):
+            total += s.conv.nbytes + s.ssm.nbytes
+        elif isinstance(s, KVCache):
+            total += (s.k.nbytes + s.v.nbytes) * max_len
+    return total * slots
