@@ -67,7 +67,9 @@ def test_sampled_batch_equals_each_request_alone():
         dict(temperature=1.0, seed=1),
     ]
     requests = [
-        Request(prompt=p, max_new_tokens=12, logprobs=True, stop_at_eod=False, **s)
+        Request(
+            prompt=p, max_new_tokens=12, logprobs=True, score_prompt=True, stop_at_eod=False, **s
+        )
         for p, s in zip(prompts(4, 9, 2, 7, 11), settings)
     ]
     Engine(model, TOKENIZER, slots=8).run(requests)
@@ -129,7 +131,14 @@ def test_state_memory_is_allocated_once_and_bounded():
 
 def test_logprobs_equal_the_full_forward():
     model = build()
-    r = Request(prompt=prompts(9)[0], max_new_tokens=6, temperature=1.0, seed=0, logprobs=True)
+    r = Request(
+        prompt=prompts(9)[0],
+        max_new_tokens=6,
+        temperature=1.0,
+        seed=0,
+        logprobs=True,
+        score_prompt=True,
+    )
     Engine(model, TOKENIZER).run([r])
     seq = torch.tensor([r.prompt + r.tokens])
     with torch.no_grad():
@@ -138,7 +147,7 @@ def test_logprobs_equal_the_full_forward():
     got = torch.tensor(r.prompt_logprobs + r.token_logprobs, dtype=expected.dtype)
     assert len(r.prompt_logprobs) == 8
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    only_prompt = Request(prompt=r.prompt, max_new_tokens=0, logprobs=True)
+    only_prompt = Request(prompt=r.prompt, max_new_tokens=0, score_prompt=True)
     Engine(model, TOKENIZER).run([only_prompt])
     assert only_prompt.tokens == [] and only_prompt.finish_reason == "length"
     assert only_prompt.prompt_logprobs == pytest.approx(r.prompt_logprobs)

@@ -44,7 +44,8 @@ class Request:
     seed: int | None = None  # None: a fresh random seed
     stop: Sequence[str] = ()  # stop strings; the text ends before the first one generated
     stop_at_eod: bool = True
-    logprobs: bool = False  # log-probabilities of the prompt (from its 2nd token) and output
+    logprobs: bool = False  # log-probabilities of the generated tokens
+    score_prompt: bool = False  # and of the prompt's tokens (from the 2nd): prompt_logprobs
     on_update: Callable[["Request"], None] | None = None  # called from the engine's thread
 
     tokens: list[int] = field(default_factory=list, init=False)
@@ -172,6 +173,15 @@ class Engine:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.output_layer(hidden)[..., : self.model.vocab_size].float()
 
+    def _score(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        """log p(targets[i]) after hidden[i], a block of positions at a time: a long prompt's
+        logits over a large vocabulary would not fit at once."""
+        out: list[float] = []
+        for i in range(0, hidden.size(0), 512):
+            lp = self._logits(hidden[i : i + 512]).log_softmax(-1)
+            out += lp.gather(-1, targets[i : i + lp.size(0), None]).squeeze(-1).tolist()
+        return out
+
     def _decode(self, rows: list[int]) -> torch.Tensor:
         """Feed each running slot its pending token; the batch spans slots 0..max(rows) (free slots
         inside that range compute garbage that nobody reads: views need no gather or scatter)."""
@@ -227,11 +237,9 @@ class Engine:
             last[ending] = self._logits(hidden[ending, -1])
             for row in range(m):
                 r = requests[order[row]]
-                if r.logprobs:
+                if r.score_prompt:
                     stop = end - start - (lengths[row] == end)  # the last position has no target
-                    lp = self._logits(hidden[row, :stop]).log_softmax(-1)
-                    target = tokens[row, start + 1 : start + 1 + stop, None]
-                    r.prompt_logprobs += lp.gather(-1, target).squeeze(-1).tolist()
+                    r.prompt_logprobs += self._score(hidden[row, :stop], tokens[row, start + 1 :])
             start = end
 
         free = [s for s in range(self.slots) if s not in self.active]

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Serve a checkpoint over HTTP: PUT /api (the reference's API), POST /v1/completions (OpenAI
+style, `stream: true` for server-sent events), GET /health.
+
+    python launchers/serve.py --checkpoint runs/tiny_hybrid/checkpoints [--port 5000]
+
+Binds 127.0.0.1 unless --host says otherwise. With --token (or the TOOLKIT_SERVE_TOKEN
+environment variable) every generation request needs `Authorization: Bearer TOKEN`.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOKEN_ENV = "TOOLKIT_SERVE_TOKEN"
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python launchers/serve.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint root or one step directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--token", help=f"require this bearer token (default: ${TOKEN_ENV} if set)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPUs")
+    p.add_argument("--slots", type=int, default=64, help="requests decoded together at most")
+    p.add_argument("--max-len", type=int, help="prompt + generation limit (default: seq_length)")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per step")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
+    args = p.parse_args(argv)
+    for name in ("slots", "max_prefill_tokens", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_len is not None and args.max_len < 2:
+        p.error("--max-len must be >= 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    from toolkit.build import model_from_checkpoint, resolve_device
+    from toolkit.checkpoint import CheckpointError
+    from toolkit.inference.engine import Engine, memory_bytes
+    from toolkit.inference.server import GenerationServer
+
+    try:
+        device = resolve_device(args.device)
+        model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, device)
+    except (CheckpointError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model = model.to(getattr(torch, dtype))
+    max_len = args.max_len or recipe.model.seq_length
+    log.info(
+        "%s: %s, %d slots x %d tokens of decode state (%.1f MiB)",
+        recipe.name,
+        dtype,
+        args.slots,
+        max_len,
+        memory_bytes(model, args.slots, max_len) / 2**20,
+    )
+    engine = Engine(
+        model,
+        tokenizer,
+        slots=args.slots,
+        max_len=max_len,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
+    try:
+        server = GenerationServer(
+            (args.host, args.port),
+            engine,
+            model_name=recipe.name,
+            token=args.token or os.environ.get(TOKEN_ENV) or None,
+            max_body_bytes=args.max_body_bytes,
+            log_prompts=args.log_prompts,
+        )
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    # SIGTERM (Slurm, docker stop) ends the server like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    host, port = server.server_address[:2]
+    log.info(
+        "serving on http://%s:%d (token %s)", host, port, "required" if server.token else "off"
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+log = logging.getLogger("serve")
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The text-generation server as a real process on localhost: API contracts, bad input, many
+concurrent clients, streaming and disconnects, the bearer token, the interactive client."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint
+from toolkit.config import load_recipe
+from toolkit.distributed import free_port
+from toolkit.inference import api
+from toolkit.inference.engine import Engine
+from toolkit.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret"
+MAX_LEN = 4096
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    recipe = load_recipe(ROOT / "recipes/tiny_hybrid.toml", ["model.hidden_size=64"])
+    torch.manual_seed(0)
+    model = build_model(recipe, build_tokenizer("byte"))
+    return save_model_checkpoint(tmp_path_factory.mktemp("ckpt"), model, recipe)
+
+
+class Server:
+    def __init__(self, checkpoint: Path, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.log = log
+        cmd = [sys.executable, str(ROOT / "launchers/serve.py"), "--checkpoint", str(checkpoint)]
+        cmd += ["--port", str(self.port), "--dtype", "float64", "--max-len", str(MAX_LEN), *args]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "TOOLKIT_SERVE_TOKEN": ""}
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, log.read_text()
+            try:
+                if self.call("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(log.read_text())
+
+    def call(self, method: str, path: str, body=None, headers=None, token: str | None = TOKEN):
+        """(status, parsed JSON) of one request on a fresh connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        hdrs = {"Content-Type": "application/json"} | (
+            {"Authorization": f"Bearer {token}"} if token else {}
+        )
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, data, hdrs | (headers or {}))
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read())
+        conn.close()
+        return out
+
+    def health(self) -> dict:
+        return self.call("GET", "/health", token=None)[1]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    s = Server(
+        checkpoint,
+        tmp_path_factory.mktemp("log") / "server.log",
+        "--slots",
+        "8",
+        "--token",
+        TOKEN,
+        "--max-body-bytes",
+        "16384",
+    )
+    yield s
+    s.stop()
+    assert s.proc.returncode == 0  # SIGTERM ends it cleanly
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The same model run alone in this process: what every response must equal."""
+    model, _, tokenizer = model_from_checkpoint(str(checkpoint))
+    model = model.double()
+    limits = api.Limits(max_len=MAX_LEN, vocab_size=model.vocab_size)
+
+    def run(path: str, body: dict) -> dict:
+        engine = Engine(model, tokenizer, slots=1, max_len=MAX_LEN)
+        if path == "/api":
+            return api.megatron_response(
+                engine.run(api.parse_megatron(body, tokenizer, limits)), tokenizer
+            )
+        c = api.parse_completion(body, tokenizer, limits)
+        engine.run(c.requests)
+        return api.completion_response(c, tokenizer, "tiny_hybrid")
+
+    return run
+
+
+def same(got: dict, expected: dict) -> None:
+    """Equal, logprobs to float64 rounding (batched and alone matmuls round differently)."""
+    for key in ("text", "segments", "tokens"):
+        assert got.get(key) == expected.get(key), key
+    if "choices" in expected:
+        for g, e in zip(got["choices"], expected["choices"], strict=True):
+            assert (g["text"], g["finish_reason"]) == (e["text"], e["finish_reason"])
+            assert (g["logprobs"] is None) == (e["logprobs"] is None)
+            if e["logprobs"]:
+                assert g["logprobs"]["tokens"] == e["logprobs"]["tokens"]
+                assert g["logprobs"]["token_logprobs"] == pytest.approx(
+                    e["logprobs"]["token_logprobs"]
+                )
+    if expected.get("logprobs"):
+        for g, e in zip(got["logprobs"], expected["logprobs"], strict=True):
+            assert g == pytest.approx(e)
+
+
+BAD = [
+    ("/api", {"tokens_to_generate": 4}, "prompts"),
+    ("/api", {"prompts": []}, "prompts"),
+    ("/api", {"prompts": ["a"] * 129}, "prompts"),
+    ("/api", {"prompts": "a b".split() + [3]}, "prompts"),
+    ("/api", {"prompts": ["a"], "tokens_to_generate": -1}, "tokens_to_generate"),
+    ("/api", {"prompts": ["a"], "tokens_to_generate": 2.5}, "tokens_to_generate"),
+    ("/api", {"prompts": ["a"], "tokens_to_generate": "8"}, "tokens_to_generate"),
+    ("/api", {"prompts": ["a"], "tokens_to_generate": True}, "tokens_to_generate"),
+    ("/api", {"prompts": ["a"], "tokens_to_generate": 0}, "tokens_to_generate"),
+    ("/api", {"prompts": ["a"], "temperature": 0}, "temperature"),
+    ("/api", {"prompts": ["a"], "temperature": 100.5}, "temperature"),
+    ("/api", {"prompts": ["a"], "temperature": "hot"}, "temperature"),
+    ("/api", {"prompts": ["a"], "top_k": 5, "top_p": 0.5}, "top_p"),
+    ("/api", {"prompts": ["a"], "top_k": -2}, "top_k"),
+    ("/api", {"prompts": ["a"], "top_p": 1.5}, "top_p"),
+    ("/api", {"prompts": ["a"], "random_seed": "x"}, "random_seed"),
+    ("/api", {"prompts": ["x" * (MAX_LEN - 10)], "tokens_to_generate": 20}, "prompts"),
+    ("/api", [1, 2], "body"),
+    ("/v1/completions", {"max_tokens": 3}, "prompt"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "temperature": 101}, "temperature"),
+    ("/v1/completions", {"prompt": "a", "top_k": 3, "top_p": 0.9}, "top_p"),
+    ("/v1/completions", {"prompt": "a", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": MAX_LEN}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(
+    "path,body,field", BAD, ids=[f"{p}:{f}:{i}" for i, (p, _, f) in enumerate(BAD)]
+)
+def test_bad_input_is_400_naming_the_field(server, path, body, field):
+    status, reply = server.call("PUT" if path == "/api" else "POST", path, body)
+    assert status == 400, reply
+    named = reply["field"] if path == "/api" else reply["error"]["param"]
+    assert named == field, reply
+
+
+@pytest.mark.parametrize(
+    "data,headers,field",
+    [
+        (b'{"prompts": ["a"], ', {}, "body"),
+        (b"\xff\xfe", {}, "body"),
+        (b'{"prompts": ["a"]}', {"Content-Type": "text/plain"}, "Content-Type"),
+        (b'{"prompts": ["' + b"a" * 20000 + b'"]}', {}, "Content-Length"),
+    ],
+    ids=["malformed", "not-utf8", "content-type", "oversize"],
+)
+def test_bad_bodies_are_400(server, data, headers, field):
+    status, reply = server.call("PUT", "/api", data, headers)
+    assert (status, reply["field"]) == (400, field), reply
+
+
+def test_unknown_paths_and_methods(server):
+    assert server.call("GET", "/nope")[0] == 404
+    assert server.call("POST", "/api", {"prompts": ["a"]})[0] == 405
+    assert server.health()["status"] == "ok"  # the bad requests above did not hurt it
+
+
+def test_bearer_token_required(server):
+    body = {"prompts": ["a"], "tokens_to_generate": 2}
+    assert server.call("PUT", "/api", body, token=None)[0] == 401
+    status, reply = server.call("PUT", "/api", body, token="wrong")
+    assert status == 401 and reply["field"] == "Authorization"
+    assert server.call("PUT", "/api", body)[0] == 200
+    assert server.call("GET", "/health", token=None)[0] == 200
+
+
+def test_64_concurrent_clients_each_get_their_own_answer(server, reference):
+    def body(i: int) -> tuple[str, dict]:
+        if i % 2:
+            return "/v1/completions", {
+                "prompt": f"client {i} says",
+                "max_tokens": 4 + i % 7,
+                "temperature": [0.0, 0.8][i % 4 == 1],
+                "seed": i,
+                "logprobs": 1,
+            }
+        return "/api", {
+            "prompts": [f"def f{i}(", "x" * (i % 5 + 1)],
+            "tokens_to_generate": 3 + i % 9,
+            "temperature": 0.5 + i / 64,
+            "top_k": i % 4,
+            "random_seed": i,
+            "logprobs": True,
+        }
+
+    def call(i: int) -> dict:
+        path, b = body(i)
+        status, reply = server.call("PUT" if path == "/api" else "POST", path, b)
+        assert status == 200, reply
+        return reply
+
+    with ThreadPoolExecutor(64) as pool:
+        replies = list(pool.map(call, range(64)))
+    for i, reply in enumerate(replies):
+        same(reply, reference(*body(i)))
+
+
+def test_same_seed_same_text(server):
+    body = {"prompts": ["import "], "tokens_to_generate": 24, "random_seed": 7}
+    first, again = (server.call("PUT", "/api", body)[1] for _ in range(2))
+    other = server.call("PUT", "/api", body | {"random_seed": 8})[1]
+    assert first == again and first["tokens"] != other["tokens"]
+
+
+def stream(port: int, body: dict) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    data = json.dumps(body | {"stream": True}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def events(sock: socket.socket) -> list[str]:
+    raw = b""
+    while chunk := sock.recv(65536):
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"200 OK" in head and b"text/event-stream" in head
+    return [e.removeprefix("data: ") for e in body.decode().split("\n\n") if e]
+
+
+def test_stream_equals_the_whole_answer(server):
+    body = {"prompt": "for i in", "max_tokens": 40, "temperature": 0.9, "seed": 3, "stop": ["e("]}
+    parts = events(stream(server.port, body))
+    assert parts[-1] == "[DONE]"
+    chunks = [json.loads(p)["choices"][0] for p in parts[:-1]]
+    whole = server.call("POST", "/v1/completions", body)[1]["choices"][0]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [c["finish_reason"] for c in chunks][-1] == whole["finish_reason"]
+    assert all(c["finish_reason"] is None for c in chunks[:-1]) and len(chunks) > 1
+
+
+def test_disconnecting_stream_client_stalls_nobody_and_frees_its_slot(server):
+    before = server.health()["cancelled"]
+    sock = stream(server.port, {"prompt": "while", "max_tokens": MAX_LEN - 10, "temperature": 1.0})
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # it is generating; we stop reading
+    status, reply = server.call("PUT", "/api", {"prompts": ["ok"], "tokens_to_generate": 5})
+    assert status == 200 and len(reply["tokens"][0]) == 7
+    sock.close()
+    deadline = time.monotonic() + 60
+    while (h := server.health())["active"] or h["cancelled"] == before:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["cancelled"] == before + 1
+
+
+def test_request_log_has_no_prompt_text(server):
+    server.call("PUT", "/api", {"prompts": ["PRIVATE-TEXT"], "tokens_to_generate": 1})
+    time.sleep(0.2)
+    log = server.log.read_text()
+    assert "PUT /api 200" in log and "PRIVATE-TEXT" not in log
+    assert f"serving on http://127.0.0.1:{server.port}" in log
+
+
+def test_open_server_logs_prompts_when_asked(checkpoint, tmp_path):
+    s = Server(checkpoint, tmp_path / "log", "--log-prompts", "--slots", "2")
+    try:
+        status, reply = s.call(
+            "PUT", "/api", {"prompts": ["SHOWN-TEXT"], "tokens_to_generate": 2}, token=None
+        )
+        assert status == 200 and reply["text"][0].startswith("SHOWN-TEXT")
+        time.sleep(0.2)
+        assert "SHOWN-TEXT" in s.log.read_text()
+    finally:
+        s.stop()
+
+
+def run_cli(server: Server, text: str, *args: str) -> str:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launchers/generate_cli.py"),
+            f"127.0.0.1:{server.port}",
+            *args,
+        ],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"TOOLKIT_SERVE_TOKEN": TOKEN},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_interactive_client(server, reference):
+    out = run_cli(server, "def \n6\nx\n-1\nimport\nlots\n3\n", "--top-k", "1")
+    expected = reference("/api", {"prompts": ["def "], "tokens_to_generate": 6, "top_k": 1})
+    assert f"Response:\n{expected['text'][0]}\n" in out
+    assert "Error 400: tokens_to_generate=-1 must be >= 0" in out
+    assert "not a whole number: 'lots'" in out and out.count("Response:") == 2
+    assert run_cli(server, "a\n", "--tokens-to-generate", "2").count("Response:") == 1
+
+
+@pytest.mark.parametrize("script", ["serve.py", "generate_cli.py"])
+def test_help(script):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "usage:" in proc.stdout

@@ -1,0 +1,286 @@
+"""The two HTTP APIs as plain functions: JSON body -> engine requests, finished requests -> JSON.
+
+`PUT /api` keeps the field names of the reference (Megatron) text-generation server so that its
+command-line client works; `POST /v1/completions` follows OpenAI's completions API. Every bad
+value raises BadRequest naming the field (the server answers 400), never a 200 with an error.
+"""
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from toolkit.inference.engine import Request
+from toolkit.tokenizer import ByteTokenizer
+
+MAX_PROMPTS = 128
+MAX_STOP_STRINGS = 16
+
+
+class BadRequest(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_len: int  # prompt + generation, in tokens
+    vocab_size: int
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(name, f"{name} must be a number, got {value!r}")
+    if not lo <= value <= hi:  # also rejects NaN
+        raise BadRequest(name, f"{name}={value} is out of range [{lo}, {hi}]")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, default: int, lo: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(name, f"{name} must be an integer, got {value!r}")
+    if value < lo:
+        raise BadRequest(name, f"{name}={value} must be >= {lo}")
+    return value
+
+
+def _flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(name, f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _strings(body: dict[str, Any], name: str, *, required: bool, most: int) -> list[str]:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(name, f"{name} is missing")
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(name, f"{name} must be a string or a list of strings")
+    if required and not value:
+        raise BadRequest(name, f"{name} is empty: send at least one")
+    if len(value) > most:
+        raise BadRequest(name, f"{name} has {len(value)} entries, at most {most} are allowed")
+    return value
+
+
+def _encode(
+    prompts: list[str], field: str, tokenizer: ByteTokenizer, add_bos: bool, new: int, lim: Limits
+) -> list[list[int]]:
+    out = []
+    for i, text in enumerate(prompts):
+        ids = ([tokenizer.bos] if add_bos else []) + tokenizer.encode(text)
+        if not ids:
+            raise BadRequest(field, f"{field}[{i}] is empty (set add_BOS to start from nothing)")
+        if len(ids) + new > lim.max_len:
+            raise BadRequest(
+                field,
+                f"{field}[{i}] has {len(ids)} tokens; with {new} to generate that is "
+                f"{len(ids) + new}, over the model's limit of {lim.max_len}",
+            )
+        out.append(ids)
+    return out
+
+
+def _one_filter(top_k: int, top_p: float, top_p_off: float) -> None:
+    if top_k > 0 and top_p not in (0.0, top_p_off):
+        raise BadRequest("top_p", "top_k and top_p cannot both be set: choose one")
+
+
+def parse_megatron(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits) -> list[Request]:
+    """The reference server's request: one engine request per prompt."""
+    prompts = _strings(body, "prompts", required=True, most=MAX_PROMPTS)
+    new = _integer(body, "tokens_to_generate", 64, 0)
+    logprobs = _flag(body, "logprobs")
+    if new == 0 and not logprobs:
+        raise BadRequest("tokens_to_generate", "tokens_to_generate=0 needs logprobs=true")
+    temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
+    if temperature == 0:
+        raise BadRequest("temperature", "temperature must be in (0, 100] (greedy: top_k=1)")
+    top_k = _integer(body, "top_k", 0, 0)
+    top_p = _number(body, "top_p", 0.0, 0.0, 1.0)
+    _one_filter(top_k, top_p, 0.0)
+    seed = _integer(body, "random_seed", -1, -1)
+    if body.get("beam_width") not in (None, 1):
+        raise BadRequest("beam_width", "beam search is not supported")
+    stop = _strings(body, "stop_strings", required=False, most=MAX_STOP_STRINGS)
+    if _flag(body, "stop_on_double_eol"):
+        stop.append("\n\n")
+    if _flag(body, "stop_on_eol"):
+        stop.append("\n")
+    if any(not s for s in stop):
+        raise BadRequest("stop_strings", "stop_strings must not contain empty strings")
+    ids = _encode(prompts, "prompts", tokenizer, _flag(body, "add_BOS"), new, lim)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop=tuple(stop))
+    seed_or_none = None if seed < 0 else seed
+    return [
+        Request(
+            prompt=p,
+            max_new_tokens=new,
+            seed=seed_or_none,
+            logprobs=logprobs,
+            score_prompt=logprobs,
+            **settings,
+        )
+        for p in ids
+    ]
+
+
+def generated_text(r: Request, tokenizer: ByteTokenizer, final: bool | None = None) -> str:
+    """The output text so far. Unfinished, it holds back what may still change: an incomplete
+    UTF-8 character and a tail that could become a stop string (never sent, then taken back)."""
+    text = tokenizer.decode(r.tokens)
+    if r.done if final is None else final:
+        return text if r.stop_offset is None else text[: r.stop_offset]
+    text = text.rstrip("\ufffd")
+    for n in range(min(len(text), max((len(s) for s in r.stop), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in r.stop):
+            return text[:-n]
+    return text
+
+
+def megatron_response(requests: list[Request], tokenizer: ByteTokenizer) -> dict[str, Any]:
+    """`text` is prompt + generation; `segments` and `tokens` cover every token (a stop string's
+    tokens included); `logprobs` follow the tokens from the second one."""
+    logprobs = requests[0].logprobs
+    return {
+        "text": [tokenizer.decode(r.prompt) + generated_text(r, tokenizer) for r in requests],
+        "segments": [[tokenizer.token_string(t) for t in r.prompt + r.tokens] for r in requests],
+        "logprobs": [r.prompt_logprobs + r.token_logprobs for r in requests] if logprobs else None,
+        "tokens": [r.prompt + r.tokens for r in requests],
+    }
+
+
+@dataclass
+class Completion:
+    """A parsed /v1/completions request."""
+
+    requests: list[Request]
+    stream: bool
+    echo: bool
+    logprobs: bool
+    id: str
+    created: int
+
+
+def parse_completion(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits) -> Completion:
+    prompts = _strings(body, "prompt", required=True, most=MAX_PROMPTS)
+    new = _integer(body, "max_tokens", 16, 0)
+    temperature = _number(body, "temperature", 1.0, 0.0, 100.0)  # 0 is greedy here
+    top_k = _integer(body, "top_k", 0, 0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0:
+        raise BadRequest("top_p", "top_p must be in (0, 1]")
+    _one_filter(top_k, top_p, 1.0)
+    if _integer(body, "n", 1, 1) != 1 or _integer(body, "best_of", 1, 1) != 1:
+        raise BadRequest("n", "only one completion per prompt (n=1, best_of=1) is supported")
+    seed = body.get("seed")
+    if seed is not None:
+        seed = _integer(body, "seed", 0, 0)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _integer(body, "logprobs", 0, 0)
+    stop = _strings(body, "stop", required=False, most=MAX_STOP_STRINGS)
+    if any(not s for s in stop):
+        raise BadRequest("stop", "stop must not contain empty strings")
+    echo = _flag(body, "echo")
+    ids = _encode(prompts, "prompt", tokenizer, False, new, lim)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop=tuple(stop))
+    want = logprobs is not None
+    requests = [
+        Request(
+            prompt=p,
+            max_new_tokens=new,
+            seed=seed,
+            logprobs=want,
+            score_prompt=want and echo,
+            **settings,
+        )
+        for p in ids
+    ]
+    return Completion(
+        requests=requests,
+        stream=_flag(body, "stream"),
+        echo=echo,
+        logprobs=logprobs is not None,
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+    )
+
+
+def finish_reason(r: Request) -> str | None:
+    """OpenAI's names: a stop string and the end of document are both 'stop'."""
+    return {"eod": "stop", "stop": "stop", "length": "length"}.get(r.finish_reason or "")
+
+
+def completion_logprobs(
+    r: Request, tokenizer: ByteTokenizer, tokens: range, with_prompt: bool, offset: int = 0
+) -> dict[str, Any]:
+    """OpenAI's logprobs object for the generated tokens in `tokens` (and the prompt's before
+    them with echo); top_logprobs are not computed."""
+    ids = r.tokens[tokens.start : tokens.stop]
+    lps: list[float | None] = list(r.token_logprobs[tokens.start : tokens.stop])
+    if with_prompt:
+        ids = r.prompt + ids
+        lps = [None, *r.prompt_logprobs, *lps]
+    strings = [tokenizer.token_string(t) for t in ids]
+    offsets = []
+    for s in strings:
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": strings, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+
+
+def completion_response(c: Completion, tokenizer: ByteTokenizer, model: str) -> dict[str, Any]:
+    choices = []
+    for i, r in enumerate(c.requests):
+        prefix = tokenizer.decode(r.prompt) if c.echo else ""
+        logprobs = None
+        if c.logprobs:
+            logprobs = completion_logprobs(r, tokenizer, range(len(r.tokens)), c.echo)
+        choices.append(
+            {
+                "index": i,
+                "text": prefix + generated_text(r, tokenizer),
+                "logprobs": logprobs,
+                "finish_reason": finish_reason(r),
+            }
+        )
+    prompt_tokens = sum(len(r.prompt) for r in c.requests)
+    completion_tokens = sum(len(r.tokens) for r in c.requests)
+    return {
+        "id": c.id,
+        "object": "text_completion",
+        "created": c.created,
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def completion_chunk(
+    c: Completion, model: str, index: int, text: str, logprobs: Any, reason: str | None
+) -> dict[str, Any]:
+    """One server-sent event of a streamed completion."""
+    return {
+        "id": c.id,
+        "object": "text_completion",
+        "created": c.created,
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}],
+    }
