@@ -1,6 +1,10 @@
 """The continuous-batching engine equals a plain full-forward decode, whatever the batch."""
 
+import json
+import subprocess
+import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +208,21 @@ def test_requests_that_cannot_fit_are_refused():
     with pytest.raises(ValueError, match="no tokens"):
         engine.add(Request(prompt=[], max_new_tokens=1))
     engine.add(Request(prompt=[1] * 10, max_new_tokens=6))
+
+
+def test_decode_benchmark_runs_on_cpu(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "decode.json"
+    args = ["--recipe", str(root / "recipes/tiny_hybrid.toml"), "--contexts", "8,40"]
+    args += ["--batches", "1,3", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+    args += ["--dtype", "float32", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks/decode.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["context"], r["batch"]) for r in rows] == [(8, 1), (8, 3), (40, 1), (40, 3)]
+    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in rows)

@@ -256,7 +256,8 @@ def events(sock: socket.socket) -> list[str]:
 
 
 def test_stream_equals_the_whole_answer(server):
-    body = {"prompt": "for i in", "max_tokens": 40, "temperature": 0.9, "seed": 3, "stop": ["e("]}
+    body = {"prompt": "for i in", "max_tokens": 40, "temperature": 0.9, "seed": 3, "logprobs": 1}
+    body["stop"] = ["e("]
     parts = events(stream(server.port, body))
     assert parts[-1] == "[DONE]"
     chunks = [json.loads(p)["choices"][0] for p in parts[:-1]]
@@ -264,6 +265,11 @@ def test_stream_equals_the_whole_answer(server):
     assert "".join(c["text"] for c in chunks) == whole["text"]
     assert [c["finish_reason"] for c in chunks][-1] == whole["finish_reason"]
     assert all(c["finish_reason"] is None for c in chunks[:-1]) and len(chunks) > 1
+    streamed = [t for c in chunks for t in c["logprobs"]["tokens"]]
+    assert streamed == whole["logprobs"]["tokens"]
+    assert [x for c in chunks for x in c["logprobs"]["token_logprobs"]] == pytest.approx(
+        whole["logprobs"]["token_logprobs"]
+    )
 
 
 def test_disconnecting_stream_client_stalls_nobody_and_frees_its_slot(server):

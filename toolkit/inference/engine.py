@@ -12,7 +12,6 @@ Requests wait in a queue until a slot is free (never dropped). Every `step()`:
    (end of document, stop string, length, cancelled) free their slots.
 """
 
-import logging
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,8 +25,6 @@ from toolkit.model import HybridLM
 from toolkit.model.attention import KVCache
 from toolkit.model.mamba2 import MambaState
 from toolkit.tokenizer import ByteTokenizer
-
-log = logging.getLogger(__name__)
 
 FinishReason = Literal["length", "stop", "eod", "cancelled", "error"]
 
@@ -162,6 +159,22 @@ class Engine:
                 r.on_update(r)
         return failed
 
+    def occupy(self, requests: Sequence[Request], context: int) -> None:
+        """Seat requests in free slots as if each had a `context`-token prompt already prefilled
+        (the states keep whatever they hold): decode benchmarks at long contexts, no prefill.
+        Their next input is their prompt's last token."""
+        free = [s for s in range(self.slots) if s not in self.active]
+        if (
+            len(requests) > len(free)
+            or context + max(r.max_new_tokens for r in requests) > self.max_len
+        ):
+            raise ValueError("more requests than free slots, or context beyond max_len")
+        for slot, r in zip(free, requests):
+            r.generator = torch.Generator().manual_seed(r.seed or 0)
+            self.active[slot] = r
+            self.next_input[slot] = r.prompt[-1]
+            self.positions[slot] = context
+
     # The model, split so that only the positions that need logits pay for the output layer.
     def _hidden(self, tokens: torch.Tensor, states: list[Any]) -> torch.Tensor:
         model = self.model
@@ -278,10 +291,10 @@ class Engine:
         if any(r.logprobs for r in requests):
             logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1).tolist()
         for i, (r, slot, token) in enumerate(zip(requests, rows, tokens.tolist(), strict=True)):
+            if logprobs is not None and r.logprobs:  # before the token: readers go by len(tokens)
+                r.token_logprobs.append(logprobs[i])
             r.tokens.append(token)
             self.stats["generated_tokens"] += 1
-            if logprobs is not None and r.logprobs:
-                r.token_logprobs.append(logprobs[i])
             self.next_input[slot] = token
             reason = self._finish_reason(r, token)
             if reason is not None:
