@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_engine import one_thread  # noqa: F401 (autouse fixture)
 from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint
 from toolkit.config import load_recipe
 from toolkit.distributed import free_port
