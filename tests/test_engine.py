@@ -212,6 +212,26 @@ def test_cancel_frees_the_slot():
     assert queued.finish_reason == "length" and engine.stats["cancelled"] == 1
 
 
+def test_a_failed_step_finishes_every_request_with_the_error():
+    """Nobody waits forever on a request the engine lost: running, being prefilled, waiting."""
+    engine = Engine(build(), TOKENIZER, slots=2)
+    running, newcomer, queued = (Request(prompt=[1, 2], max_new_tokens=9) for _ in range(3))
+    engine.add(running)
+    engine.step()
+    engine.add(newcomer)
+    engine.add(queued)  # no slot left for it: it waits
+
+    def broken(requests):
+        raise RuntimeError("out of memory")
+
+    engine._prefill = broken
+    with pytest.raises(RuntimeError):
+        engine.step()
+    failed = engine.fail_all("generation failed: out of memory")
+    assert set(failed) == {running, newcomer, queued} and not engine.has_work()
+    assert all(r.finish_reason == "error" and "out of memory" in r.error for r in failed)
+
+
 def test_requests_that_cannot_fit_are_refused():
     engine = Engine(build(), TOKENIZER, slots=1, max_len=16)
     with pytest.raises(ValueError, match="over the limit of 16"):

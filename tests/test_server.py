@@ -96,7 +96,7 @@ def reference(checkpoint):
     """The same model run alone in this process: what every response must equal."""
     model, _, tokenizer = model_from_checkpoint(str(checkpoint))
     model = model.double()
-    limits = api.Limits(max_len=MAX_LEN, vocab_size=model.vocab_size)
+    limits = api.Limits(max_len=MAX_LEN)
 
     def run(path: str, body: dict) -> dict:
         engine = Engine(model, tokenizer, slots=1, max_len=MAX_LEN)
@@ -344,3 +344,13 @@ def test_help(script):
         timeout=60,
     )
     assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_serve_refuses_a_missing_checkpoint(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launchers/serve.py"), "--checkpoint", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "error:" in proc.stderr

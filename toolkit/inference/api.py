@@ -26,7 +26,6 @@ class BadRequest(ValueError):
 @dataclass(frozen=True)
 class Limits:
     max_len: int  # prompt + generation, in tokens
-    vocab_size: int
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:

@@ -84,6 +84,7 @@ class Engine:
         self.active: dict[int, Request] = {}  # slot -> request
         self.waiting: deque[Request] = deque()
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
+        self.admitted: list[Request] = []  # taken from the queue by the step in progress
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
     def check(self, request: Request) -> None:
@@ -127,7 +128,7 @@ class Engine:
         rows = sorted(self.active)
         requests = [self.active[s] for s in rows]
         logits = [self._decode(rows)] if rows else []
-        admitted = self._admit()
+        admitted = self.admitted = self._admit()
         if admitted:
             first, prefilled = self._prefill(admitted)
             updated += [r for r in admitted if r.max_new_tokens == 0]
@@ -141,6 +142,7 @@ class Engine:
         if requests:
             self._sample(torch.cat(logits), requests, rows)
             updated += requests
+        self.admitted = []
         for r in updated:
             if r.on_update is not None:
                 r.on_update(r)
@@ -148,8 +150,10 @@ class Engine:
 
     def fail_all(self, message: str) -> list[Request]:
         """Finish every request with an error (after an exception inside step())."""
-        failed = list(self.active.values()) + list(self.waiting)
+        running = list(self.active.values())
+        failed = running + [r for r in self.admitted if r not in running] + list(self.waiting)
         self.waiting.clear()
+        self.admitted = []
         for slot in list(self.active):
             self._release(slot)
         for r in failed:

@@ -81,7 +81,7 @@ class GenerationServer(ThreadingHTTPServer):
         self.token = token
         self.max_body_bytes = max_body_bytes
         self.log_prompts = log_prompts
-        self.limits = api.Limits(max_len=engine.max_len, vocab_size=engine.model.vocab_size)
+        self.limits = api.Limits(max_len=engine.max_len)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self.engine_thread.start()
@@ -102,6 +102,7 @@ class Unauthorized(Exception):
 class Handler(BaseHTTPRequestHandler):
     server: GenerationServer
     protocol_version = "HTTP/1.1"
+    timeout = 600  # seconds a socket may stay silent: idle keep-alives and stuck readers end
 
     def do_GET(self) -> None:
         self._dispatch({"/health": self._health})
@@ -286,7 +287,7 @@ class Handler(BaseHTTPRequestHandler):
                         self._event({"error": {"message": r.error, "type": "server_error"}})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        except OSError:  # reset, broken pipe, or a client that stopped reading (timeout)
             for r in c.requests:
                 r.cancel()
             self.note += " client gone: cancelled"
@@ -311,7 +312,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:
             raise ClientGone from None
 
     def _error(self, status: int, field: str, message: str) -> None:
