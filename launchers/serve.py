@@ -31,16 +31,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="checkpoint root or one step directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--token", help=f"require this bearer token (default: ${TOKEN_ENV} if set)")
+    p.add_argument("--token", help=f"require this bearer token (none given: ${TOKEN_ENV}, if set)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPUs")
     p.add_argument("--slots", type=int, default=64, help="requests decoded together at most")
-    p.add_argument("--max-len", type=int, help="prompt + generation limit (default: seq_length)")
+    p.add_argument(
+        "--max-len", type=int, help="prompt + generation limit (none: the recipe's seq_length)"
+    )
     p.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per step")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="longest prompt piece per pass")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
     args = p.parse_args(argv)
-    for name in ("slots", "max_prefill_tokens", "max_body_bytes"):
+    for name in ("slots", "max_prefill_tokens", "prefill_chunk", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_len is not None and args.max_len < 2:
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         slots=args.slots,
         max_len=max_len,
         max_prefill_tokens=args.max_prefill_tokens,
+        prefill_chunk=args.prefill_chunk,
     )
     try:
         server = GenerationServer(

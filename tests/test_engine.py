@@ -55,15 +55,15 @@ def clone(r: Request) -> Request:
 
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_batched_greedy_equals_full_recompute(case):
-    """Prompts of different lengths prefilled together and decoded together, with fewer slots
-    than requests (the last ones wait for a free slot): each equals recomputing its whole
-    sequence at every step."""
+    """Prompts of different lengths prefilled together (long ones in pieces) and decoded
+    together, with fewer slots than requests (the last ones wait for a free slot): each equals
+    recomputing its whole sequence at every step."""
     model = build(case)
     requests = [
         Request(prompt=p, max_new_tokens=n, stop_at_eod=False)
         for p, n in zip(prompts(5, 12, 1, 9, 12, 3), [20, 7, 15, 11, 4, 9])
     ]
-    Engine(model, TOKENIZER, slots=4).run(requests)
+    Engine(model, TOKENIZER, slots=4, prefill_chunk=5).run(requests)  # prompts in pieces
     for r in requests:
         expected = naive_greedy(model, torch.tensor([r.prompt]), len(r.tokens))
         assert r.tokens == expected[0, len(r.prompt) :].tolist()

@@ -72,12 +72,17 @@ class Engine:
         slots: int = 8,
         max_len: int | None = None,
         max_prefill_tokens: int = 8192,
+        prefill_chunk: int = 2048,
     ) -> None:
+        """`max_prefill_tokens`: prompt tokens admitted per step (one prompt at least);
+        `prefill_chunk`: the most positions of one prompt run through the model at once, which
+        bounds the activations (attention scores grow with its square) for long prompts."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.slots = slots
         self.max_len = max_len or model.cfg.seq_length
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk = prefill_chunk
         self.device = model.embedding.weight.device
         self.states = model.allocate_states(slots, self.max_len)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -247,8 +252,10 @@ class Engine:
         scratch = self.model.allocate_states(n, lengths[0])
         last = torch.empty(n, self.model.vocab_size, device=self.device)
         start = 0
-        for end in sorted(set(lengths)):
-            m = sum(length >= end for length in lengths)  # rows still running: a prefix
+        while start < lengths[0]:
+            m = sum(length > start for length in lengths)  # rows still running: a prefix
+            # Up to the next prompt's end, in pieces of at most prefill_chunk tokens per row.
+            end = min(lengths[m - 1], start + self.prefill_chunk)
             hidden = self._hidden(tokens[:m, start:end], _prefix_views(scratch, m, start))
             ending = [row for row in range(m) if lengths[row] == end]
             last[ending] = self._logits(hidden[ending, -1])
