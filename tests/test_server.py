@@ -354,3 +354,23 @@ def test_serve_refuses_a_missing_checkpoint(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+def test_client_that_leaves_before_its_answer_frees_its_slot(server):
+    before = server.health()["cancelled"]
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    data = json.dumps({"prompts": ["bye"], "tokens_to_generate": MAX_LEN - 10}).encode()
+    sock.sendall(
+        f"PUT /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    deadline = time.monotonic() + 60
+    while not server.health()["active"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sock.close()
+    while (h := server.health())["active"] or h["cancelled"] == before:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["cancelled"] == before + 1

@@ -10,6 +10,8 @@ import hmac
 import json
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -219,12 +221,32 @@ class Handler(BaseHTTPRequestHandler):
         return updates
 
     def _wait(self, requests: list[Request], updates: "queue.SimpleQueue[Request]") -> None:
+        check = time.monotonic()
         while not all(r.done for r in requests):
-            updates.get()
+            try:
+                updates.get(timeout=0.5)
+            except queue.Empty:
+                pass
+            if time.monotonic() - check > 0.5:  # updates come every step: check on a clock
+                check = time.monotonic()
+                if self._client_gone():
+                    for r in requests:
+                        r.cancel()
+                    self.note += " client gone: cancelled"
+                    raise ClientGone
         self.note += f" generated={sum(len(r.tokens) for r in requests)}"
         failed = [r.error for r in requests if r.finish_reason == "error"]
         if failed:
             raise RuntimeError(failed[0])
+
+    def _client_gone(self) -> bool:
+        """Whether the peer closed its end (it sends nothing more while it waits for us)."""
+        if not select.select([self.connection], [], [], 0)[0]:
+            return False
+        try:
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     def _megatron(self) -> None:
         tokenizer = self.server.engine.tokenizer
