@@ -1,4 +1,5 @@
-"""Data: the embedded default corpus and a resumable, deterministic sampler."""
+"""Data: the embedded default corpus, indexed (.bin/.idx) datasets, blends, and resumable,
+deterministic samplers."""
 
 from toolkit.data.corpus import load_corpus
 from toolkit.data.sampler import SequenceSampler

@@ -1,15 +1,53 @@
-"""Deterministic, resumable sampling of fixed-length training sequences from a token stream.
+"""Deterministic, resumable samples of seq_length + 1 tokens (inputs and shifted labels).
 
-The stream is cut into non-overlapping windows of seq_length + 1 tokens (inputs and shifted
-labels); each epoch visits them in a permutation drawn from (seed, epoch). Sample number k of the
-run is a pure function of k, so the position to resume from is one integer: consumed samples.
+Sample number k of a run is a pure function of k (and the seed), for every kind of data, so the
+position to resume from is one integer: consumed samples. Under data parallelism, DP rank r takes
+the r-th contiguous slice of each global batch (`rank_samples`).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
-class SequenceSampler:
+class Samples:
+    """Base of every sample source: subclasses define `sample(k)` and `describe()`."""
+
+    seq_length: int
+
+    def sample(self, k: int) -> np.ndarray:
+        """The seq_length + 1 tokens of sample k (k = 0, 1, ...; epochs repeat the data)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def batch(self, first_sample: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples first_sample .. first_sample+size-1 as (inputs, labels), each [size, seq]."""
+        import torch  # here: tokenizing workers import this package and need no torch
+
+        rows = [self.sample(k).astype(np.int64) for k in range(first_sample, first_sample + size)]
+        block = torch.from_numpy(np.stack(rows))
+        return block[:, :-1], block[:, 1:]
+
+
+def rank_samples(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
+    """The samples DP rank `dp_rank` trains on in the global batch starting at `consumed`:
+    its contiguous share, disjoint from every other rank's."""
+    per_rank = global_batch // dp_size
+    first = consumed + dp_rank * per_rank
+    return range(first, first + per_rank)
+
+
+class SequenceSampler(Samples):
+    """A token stream in memory (the embedded corpus or a text file), cut into non-overlapping
+    windows; each epoch visits them in a permutation drawn from (seed, epoch)."""
+
     def __init__(self, tokens: np.ndarray, seq_length: int, seed: int) -> None:
         self.tokens = tokens
         self.seq_length = seq_length
@@ -28,11 +66,9 @@ class SequenceSampler:
             self._epoch, self._order = epoch, rng.permutation(self.num_windows)
         return int(self._order[index])
 
-    def batch(self, first_sample: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples first_sample .. first_sample+size-1 as (inputs, labels), each [size, seq]."""
-        rows = []
-        for k in range(first_sample, first_sample + size):
-            start = self._window(k) * self.seq_length
-            rows.append(self.tokens[start : start + self.seq_length + 1].astype(np.int64))
-        block = torch.from_numpy(np.stack(rows))
-        return block[:, :-1], block[:, 1:]
+    def sample(self, k: int) -> np.ndarray:
+        start = self._window(k) * self.seq_length
+        return self.tokens[start : start + self.seq_length + 1]
+
+    def describe(self) -> str:
+        return f"{len(self.tokens)} tokens, {self.num_windows} sequences of {self.seq_length}"
