@@ -153,6 +153,7 @@ def test_logprobs_equal_the_full_forward():
         seed=0,
         logprobs=True,
         score_prompt=True,
+        top_logprobs=3,
     )
     Engine(model, TOKENIZER).run([r])
     seq = torch.tensor([r.prompt + r.tokens])
@@ -162,6 +163,10 @@ def test_logprobs_equal_the_full_forward():
     got = torch.tensor(r.prompt_logprobs + r.token_logprobs, dtype=expected.dtype)
     assert len(r.prompt_logprobs) == 8
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    values, ids = lp[8:].topk(3, dim=-1)  # the alternatives at each generated position
+    assert [[t for t, _ in alt] for alt in r.alternatives] == ids.tolist()
+    alternatives = torch.tensor([[v for _, v in a] for a in r.alternatives], dtype=values.dtype)
+    torch.testing.assert_close(alternatives, values, rtol=1e-4, atol=1e-4)
     only_prompt = Request(prompt=r.prompt, max_new_tokens=0, score_prompt=True)
     Engine(model, TOKENIZER).run([only_prompt])
     assert only_prompt.tokens == [] and only_prompt.finish_reason == "length"

@@ -111,6 +111,10 @@ def reference(checkpoint):
     return run
 
 
+def keys(top: list[dict] | None) -> list[list[str]] | None:
+    return None if top is None else [list(alternatives) for alternatives in top]
+
+
 def same(got: dict, expected: dict) -> None:
     """Equal, logprobs to float64 rounding (batched and alone matmuls round differently)."""
     for key in ("text", "segments", "tokens"):
@@ -124,6 +128,7 @@ def same(got: dict, expected: dict) -> None:
                 assert g["logprobs"]["token_logprobs"] == pytest.approx(
                     e["logprobs"]["token_logprobs"]
                 )
+                assert keys(g["logprobs"]["top_logprobs"]) == keys(e["logprobs"]["top_logprobs"])
     if expected.get("logprobs"):
         for g, e in zip(got["logprobs"], expected["logprobs"], strict=True):
             assert g == pytest.approx(e)
@@ -154,6 +159,7 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "top_k": 3, "top_p": 0.9}, "top_p"),
     ("/v1/completions", {"prompt": "a", "stream": "yes"}, "stream"),
     ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "max_tokens": MAX_LEN}, "prompt"),
 ]
 
@@ -206,7 +212,7 @@ def test_64_concurrent_clients_each_get_their_own_answer(server, reference):
                 "max_tokens": 4 + i % 7,
                 "temperature": [0.0, 0.8][i % 4 == 1],
                 "seed": i,
-                "logprobs": 1,
+                "logprobs": i % 3,
             }
         return "/api", {
             "prompts": [f"def f{i}(", "x" * (i % 5 + 1)],

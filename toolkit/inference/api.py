@@ -15,6 +15,7 @@ from toolkit.tokenizer import ByteTokenizer
 
 MAX_PROMPTS = 128
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 
 
 class BadRequest(ValueError):
@@ -190,6 +191,8 @@ def parse_completion(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits
     logprobs = body.get("logprobs")
     if logprobs is not None:
         logprobs = _integer(body, "logprobs", 0, 0)
+        if logprobs > MAX_TOP_LOGPROBS:
+            raise BadRequest("logprobs", f"logprobs={logprobs}: at most {MAX_TOP_LOGPROBS}")
     stop = _strings(body, "stop", required=False, most=MAX_STOP_STRINGS)
     if any(not s for s in stop):
         raise BadRequest("stop", "stop must not contain empty strings")
@@ -204,6 +207,7 @@ def parse_completion(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits
             seed=seed,
             logprobs=want,
             score_prompt=want and echo,
+            top_logprobs=logprobs or 0,
             **settings,
         )
         for p in ids
@@ -227,18 +231,28 @@ def completion_logprobs(
     r: Request, tokenizer: ByteTokenizer, tokens: range, with_prompt: bool, offset: int = 0
 ) -> dict[str, Any]:
     """OpenAI's logprobs object for the generated tokens in `tokens` (and the prompt's before
-    them with echo); top_logprobs are not computed."""
+    them with echo; the prompt's positions have no alternatives: top_logprobs None there)."""
     ids = r.tokens[tokens.start : tokens.stop]
     lps: list[float | None] = list(r.token_logprobs[tokens.start : tokens.stop])
+    top: list[dict[str, float] | None] = [
+        {tokenizer.token_string(t): v for t, v in alt}
+        for alt in r.alternatives[tokens.start : tokens.stop]
+    ]
     if with_prompt:
         ids = r.prompt + ids
         lps = [None, *r.prompt_logprobs, *lps]
+        top = [None] * len(r.prompt) + top
     strings = [tokenizer.token_string(t) for t in ids]
     offsets = []
     for s in strings:
         offsets.append(offset)
         offset += len(s)
-    return {"tokens": strings, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+    return {
+        "tokens": strings,
+        "token_logprobs": lps,
+        "top_logprobs": top if r.top_logprobs else None,
+        "text_offset": offsets,
+    }
 
 
 def completion_response(c: Completion, tokenizer: ByteTokenizer, model: str) -> dict[str, Any]:

@@ -43,11 +43,13 @@ class Request:
     stop_at_eod: bool = True
     logprobs: bool = False  # log-probabilities of the generated tokens
     score_prompt: bool = False  # and of the prompt's tokens (from the 2nd): prompt_logprobs
+    top_logprobs: int = 0  # and the most likely alternatives at each generated position
     on_update: Callable[["Request"], None] | None = None  # called from the engine's thread
 
     tokens: list[int] = field(default_factory=list, init=False)
     token_logprobs: list[float] = field(default_factory=list, init=False)
     prompt_logprobs: list[float] = field(default_factory=list, init=False)
+    alternatives: list[list[tuple[int, float]]] = field(default_factory=list, init=False)
     finish_reason: FinishReason | None = field(default=None, init=False)
     stop_offset: int | None = field(default=None, init=False)  # where the stop string begins
     error: str | None = field(default=None, init=False)
@@ -298,11 +300,18 @@ class Engine:
             top_p=column([r.top_p for r in requests], torch.float32),
             uniform=column(uniform, torch.float64),
         )
-        logprobs = None
+        logprobs, top = None, None
         if any(r.logprobs for r in requests):
-            logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1).tolist()
+            lp = logits.log_softmax(-1)
+            logprobs = lp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+            k = max(r.top_logprobs for r in requests)
+            if k > 0:
+                values, ids = lp.topk(min(k, lp.size(-1)), dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
         for i, (r, slot, token) in enumerate(zip(requests, rows, tokens.tolist(), strict=True)):
             if logprobs is not None and r.logprobs:  # before the token: readers go by len(tokens)
+                if r.top_logprobs:
+                    r.alternatives.append(top[i][: r.top_logprobs])
                 r.token_logprobs.append(logprobs[i])
             r.tokens.append(token)
             self.stats["generated_tokens"] += 1
