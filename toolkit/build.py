@@ -1,4 +1,5 @@
-"""The one place that turns a recipe into objects: tokenizer, model, and a model from a checkpoint."""
+"""The one place that turns a recipe into objects: tokenizer, data, model, and a model from a
+checkpoint."""
 
 import logging
 from pathlib import Path
@@ -16,9 +17,15 @@ from toolkit.checkpoint import (
     snapshot,
     write_checkpoint,
 )
-from toolkit.config import Recipe, recipe_from_dict
+from toolkit.config import Recipe, RecipeError, recipe_from_dict
+from toolkit.data import SequenceSampler, load_corpus
+from toolkit.data.blend import BlendedSamples
+from toolkit.data.index_cache import IndexCache
+from toolkit.data.indexed import IndexedDataset, IndexedDatasetError
+from toolkit.data.packed import SPLITS, PackedSamples, parse_split, split_ranges
+from toolkit.data.sampler import Samples
 from toolkit.model import HybridLM, count_parameters
-from toolkit.tokenizer import ByteTokenizer, build_tokenizer
+from toolkit.tokenizer import Tokenizer, TokenizerError, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(
-    recipe: Recipe, tokenizer: ByteTokenizer, device: torch.device | str = "cpu"
+    recipe: Recipe, tokenizer: Tokenizer, device: torch.device | str = "cpu"
 ) -> HybridLM:
     vocab = recipe.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
@@ -41,6 +48,51 @@ def build_model(
         )
     with torch.device(device):
         return HybridLM(recipe.model, vocab_size=vocab, tp=recipe.parallel.tp)
+
+
+def tokenizer_from_recipe(recipe: Recipe) -> Tokenizer:
+    try:
+        return build_tokenizer(recipe.data.tokenizer)
+    except TokenizerError as e:
+        raise RecipeError(f"data.tokenizer: {e}") from None
+
+
+def build_data(recipe: Recipe, tokenizer: Tokenizer) -> tuple[Samples, Samples | None]:
+    """The training samples and the validation samples (None without a validation split)."""
+    d, seq, seed = recipe.data, recipe.model.seq_length, recipe.train.seed
+    if not d.blend:
+        tokens = load_corpus(d.source, tokenizer, d.max_corpus_bytes)
+        # The corpus's end is held out for validation: training never sees those tokens.
+        held_out = int(len(tokens) * d.valid_fraction)
+        train = SequenceSampler(tokens[: len(tokens) - held_out], seq, seed)
+        return train, SequenceSampler(tokens[-held_out:], seq, seed) if held_out else None
+    train = build_blend(recipe, "train")
+    return train, build_blend(recipe, "valid") if parse_split(d.split)[1] > 0 else None
+
+
+def build_blend(recipe: Recipe, split: str) -> Samples:
+    """One split ('train', 'valid' or 'test') of data.blend; errors name the blend entry."""
+    d = recipe.data
+    shares = parse_split(d.split)
+    parts, weights = [], []
+    for i, (weight, prefix) in enumerate(d.weighted_prefixes()):
+        try:
+            dataset = IndexedDataset(prefix)
+            cache = IndexCache(d.cache_dir or Path(prefix).parent / "index_cache")
+            sequences = split_ranges(len(dataset), shares)[SPLITS.index(split)]
+            part = PackedSamples(
+                dataset, sequences, recipe.model.seq_length, recipe.train.seed, cache, split
+            )
+        except (IndexedDatasetError, ValueError) as e:
+            raise RecipeError(f"data.blend[{i}]: {e}") from None
+        parts.append(part)
+        weights.append(weight)
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return BlendedSamples(parts, weights, IndexCache(d.cache_dir or parts[0].cache.directory))
+    except ValueError as e:
+        raise RecipeError(f"data.blend: {e}") from None
 
 
 def describe_model(model: HybridLM) -> str:
@@ -54,11 +106,11 @@ def describe_model(model: HybridLM) -> str:
 
 def model_from_checkpoint(
     path: str, device: torch.device | str = "cpu"
-) -> tuple[HybridLM, Recipe, ByteTokenizer]:
+) -> tuple[HybridLM, Recipe, Tokenizer]:
     """Rebuild the model a checkpoint was trained with (its recipe is in the metadata)."""
     path = resolve_checkpoint(path)
     recipe = recipe_from_dict(read_metadata(path)["recipe"])
-    tokenizer = build_tokenizer(recipe.data.tokenizer)
+    tokenizer = tokenizer_from_recipe(recipe)
     model = build_model(recipe, tokenizer, device)
     meta = restore(path, model, None, RankView(model.cfg, model.vocab_size))
     log.info("loaded %s (step %s)", path, meta.get("step"))

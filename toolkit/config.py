@@ -6,6 +6,7 @@ the reason, e.g. ``recipes/x.toml: model.hidden_size: expected int, got str 'big
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -66,12 +67,30 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    tokenizer: Literal["byte"] = opt("byte", "tokenizer (byte-level: 256 bytes + specials)")
+    tokenizer: str = opt(
+        "byte",
+        "'byte' (256 bytes + specials), a Hugging Face tokenizer .json file or a SentencePiece "
+        ".model file (or hf:PATH, sentencepiece:PATH)",
+    )
     source: str = opt("stdlib", "'stdlib' (embedded corpus from Python's sources) or a text file")
     max_corpus_bytes: int = opt(4_000_000, "cap on the corpus size read from the source")
     valid_fraction: float = opt(
-        0.0, "share of the corpus (its end) held out for validation; never trained on"
+        0.0, "share of the source (its end) held out for validation; never trained on"
     )
+    blend: list[Any] = opt(
+        [],
+        "indexed datasets (.bin/.idx path prefixes) and weights, [[0.7, 'a'], [0.3, 'b']] "
+        "(or ['a']); used instead of source",
+    )
+    split: str = opt("969,30,1", "train,valid,test shares of each blended dataset's documents")
+    cache_dir: str | None = opt(
+        None,
+        "where sample/shuffle/blend index files go (default: index_cache/ beside each dataset)",
+    )
+
+    def weighted_prefixes(self) -> list[tuple[float, str]]:
+        """data.blend as (weight, prefix) pairs; a bare prefix weighs 1."""
+        return [(1.0, e) if isinstance(e, str) else (float(e[0]), e[1]) for e in self.blend]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -388,10 +407,12 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     _check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
     _check(0 <= r.data.valid_fraction < 0.5, "data.valid_fraction", "must be in [0, 0.5)")
+    valid_share = _validate_blend(r.data)
     _check(
-        t.eval_interval == 0 or r.data.valid_fraction > 0,
+        t.eval_interval == 0 or r.data.valid_fraction > 0 or valid_share > 0,
         "train.eval_interval",
-        "needs a validation split: set data.valid_fraction (e.g. 0.01)",
+        "needs a validation split: set data.valid_fraction (e.g. 0.01), or with data.blend a "
+        "valid share in data.split",
     )
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
@@ -434,6 +455,44 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         _check(getattr(r.slurm, key) >= 0, f"slurm.{key}", "must be >= 0")
     _check(r.slurm.max_num_timeout >= 0, "slurm.max_num_timeout", "must be >= 0")
     _check(r.slurm.signal_delay_s >= 0, "slurm.signal_delay_s", "must be >= 0")
+
+
+def _validate_blend(d: DataConfig) -> float:
+    """Check data.blend and data.split; returns the validation share of a blend (0 without)."""
+    from toolkit.data.packed import parse_split  # local: the data package is not always needed
+
+    for i, e in enumerate(d.blend):
+        pair = (
+            isinstance(e, list)
+            and len(e) == 2
+            and isinstance(e[0], int | float)
+            and not isinstance(e[0], bool)
+            and isinstance(e[1], str)
+        )
+        _check(
+            isinstance(e, str) or pair,
+            f"data.blend[{i}]",
+            f'expected [weight, "prefix"] or "prefix", got {e!r}',
+        )
+        _check(
+            isinstance(e, str) or (math.isfinite(e[0]) and e[0] >= 0),
+            f"data.blend[{i}]",
+            f"weight must be a finite number >= 0, got {e[0] if pair else e!r}",
+        )
+    if not d.blend:
+        return 0.0
+    weights = [w for w, _ in d.weighted_prefixes()]
+    _check(sum(weights) > 0, "data.blend", f"weights must sum to a positive number, got {weights}")
+    _check(d.source == "stdlib", "data.source", "set either data.source or data.blend, not both")
+    _check(
+        d.valid_fraction == 0,
+        "data.valid_fraction",
+        "applies to data.source; a blend's validation share is in data.split",
+    )
+    try:
+        return parse_split(d.split)[1]
+    except ValueError as e:
+        raise RecipeError(f"data.split: {e}") from None
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from toolkit.build import build_model, checkpoint_metadata, describe_model, resolve_device
+from toolkit.build import (
+    build_data,
+    build_model,
+    checkpoint_metadata,
+    describe_model,
+    resolve_device,
+    tokenizer_from_recipe,
+)
 from toolkit.checkpoint import (
     CheckpointSaver,
     Comm,
@@ -37,7 +44,7 @@ from toolkit.checkpoint import (
     restore_rng,
 )
 from toolkit.config import Recipe, RecipeError, load_recipe, validate
-from toolkit.data import SequenceSampler, load_corpus
+from toolkit.data.sampler import Samples, rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import build_optimizer, learning_rate
@@ -48,7 +55,7 @@ from toolkit.parallel.runtime import (
     parallelize,
 )
 from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
-from toolkit.tokenizer import ByteTokenizer, build_tokenizer
+from toolkit.tokenizer import Tokenizer
 
 log = logging.getLogger("toolkit.train")
 
@@ -109,14 +116,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    tokenizer = build_tokenizer(recipe.data.tokenizer)
-    tokens = load_corpus(recipe.data.source, tokenizer, recipe.data.max_corpus_bytes)
-    # The corpus's end is held out for validation: training never sees those tokens.
-    held_out = int(len(tokens) * recipe.data.valid_fraction)
-    sampler = SequenceSampler(tokens[: len(tokens) - held_out], recipe.model.seq_length, cfg.seed)
-    valid = (
-        SequenceSampler(tokens[-held_out:], recipe.model.seq_length, cfg.seed) if held_out else None
-    )
+    tokenizer = tokenizer_from_recipe(recipe)
+    sampler, valid = build_data(recipe, tokenizer)
     model = build_model(recipe, tokenizer, device)
     log.info("%s", describe_model(model))
     params = sum(p.numel() for p in model.parameters())
@@ -142,13 +143,9 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     log.info(
         "layout: TP=%d PP=%d DP=%d on %d ranks (%s)", env.tp, env.pp, env.dp, env.world_size, device
     )
-    log.info(
-        "corpus: %s, %d tokens, %d sequences of %d",
-        recipe.data.source,
-        len(tokens),
-        sampler.num_windows,
-        recipe.model.seq_length,
-    )
+    log.info("data: %s", sampler.describe())
+    if valid is not None:
+        log.info("validation data: %s", valid.describe())
 
     start_step, consumed = 0, 0
     ckpt_dir = recipe.checkpoint.dir
@@ -228,8 +225,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        first = consumed + dp_rank * micro_batches * cfg.micro_batch_size
-        batch = sampler.batch(first, micro_batches * cfg.micro_batch_size)
+        mine = rank_samples(consumed, cfg.global_batch_size, dp_rank, dp_size)
+        batch = sampler.batch(mine.start, len(mine))
         loss_sum = run_step(*(t.to(device) for t in batch))
         average_over_dp([loss_sum, *(p.grad for p in trainable if p.grad is not None)], env)
         loss_value = loss_sum.item()
@@ -348,7 +345,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
 @torch.no_grad()
 def validation_loss(
     module: torch.nn.Module,
-    valid: SequenceSampler,
+    valid: Samples,
     loss_fn,
     cfg,
     env: ParallelEnv,
@@ -394,7 +391,7 @@ def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:
 
 
 def sample_text(
-    model: HybridLM, tokenizer: ByteTokenizer, prompt: str, seed: int, max_new_tokens: int = 200
+    model: HybridLM, tokenizer: Tokenizer, prompt: str, seed: int, max_new_tokens: int = 200
 ) -> str:
     """A short sampled continuation (greedy decoding of a tiny model loops on whitespace)."""
     from toolkit.inference.generate import generate
