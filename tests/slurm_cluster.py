@@ -2,6 +2,7 @@
 (`slurmd -N n1`, `-N n2`), all under one temporary directory, stopped by their pid files."""
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,6 +51,8 @@ class SlurmCluster:
             check=True,
         )
         ctld, p1, p2 = free_port(), free_port(), free_port()
+        # Job ids from a random start: the ranks' rendezvous port comes from the job id, and two
+        # test clusters on one host (parallel test runs) would otherwise both start at job 1.
         self.conf.write_text(
             f"""ClusterName=toolkit
 SlurmctldHost={socket.gethostname()}
@@ -72,6 +75,9 @@ SlurmUser=root
 SlurmdUser=root
 ReturnToService=2
 JobRequeue=1
+FirstJobId={random.randrange(1, 20000)}
+# A job no partition can hold (too many nodes, CPUs) is refused at submission, not left pending
+EnforcePartLimits=ALL
 MinJobAge=600
 KillWait=30
 NodeName=n1 NodeAddr=127.0.0.1 Port={p1} CPUs=2 RealMemory=4000 State=UNKNOWN

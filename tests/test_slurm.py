@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,28 @@ def submit_run(cluster, workdir: Path, *args: str) -> subprocess.CompletedProces
     return submit(cluster, workdir, "--nodes", "2", *CPU_JOB, *dirs, *args)
 
 
-def finished_log(cluster, workdir: Path, job_id: str) -> str:
+def submitted(proc: subprocess.CompletedProcess, via: str = "submitit") -> str:
+    assert proc.returncode == 0, proc.stderr
+    return re.search(rf"submitted job (\d+) .*through {via}", proc.stdout).group(1)
+
+
+def log_path(workdir: Path, job_id: str, via: str = "submitit") -> Path:
+    """Rank 0's log: submitit writes one per task, our sbatch script one for the job."""
+    name = f"{job_id}_0_log.out" if via == "submitit" else f"tiny_hybrid-{job_id}.out"
+    return workdir / "runs" / "tiny_hybrid" / "slurm" / name
+
+
+def finished_log(cluster, workdir: Path, job_id: str, via: str = "submitit") -> str:
     assert cluster.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) == "COMPLETED"
-    return (workdir / "runs" / "tiny_hybrid" / "slurm" / f"tiny_hybrid-{job_id}.out").read_text()
+    return log_path(workdir, job_id, via).read_text()
+
+
+def wait_for(log: Path, pattern: str, after: int = 0, timeout: float = 120) -> None:
+    """Until `pattern` (a regex) is in the log past its first `after` characters."""
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and re.search(pattern, log.read_text()[after:])):
+        assert time.monotonic() < deadline, f"{pattern!r} not in {log} after {timeout} s"
+        time.sleep(0.5)
 
 
 def check_training(log: str, workdir: Path, steps: int) -> None:
@@ -65,12 +85,16 @@ def check_training(log: str, workdir: Path, steps: int) -> None:
     assert (workdir / "runs" / "ck" / "latest").read_text().strip() == f"step_{steps:08d}"
 
 
-def test_submit_two_nodes(cluster, tmp_path):
-    proc = submit_run(cluster, tmp_path, "--set", "train.steps=12")
-    assert proc.returncode == 0, proc.stderr
-    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-    assert f"tiny_hybrid-{job_id}.out" in proc.stdout and "squeue -j" in proc.stdout
-    check_training(finished_log(cluster, tmp_path, job_id), tmp_path, 12)
+def test_submit_two_nodes_through_submitit(cluster, tmp_path):
+    proc = submit_run(cluster, tmp_path, "--set", "train.steps=8")
+    job_id = submitted(proc)
+    log = log_path(tmp_path, job_id)
+    assert f"log:      {log} (rank 0" in proc.stdout and f"squeue -j {job_id};" in proc.stdout
+    check_training(finished_log(cluster, tmp_path, job_id), tmp_path, 8)
+    assert "Job completed successfully" in log.with_name(f"{job_id}_1_log.out").read_text()
+    script = log.with_name(f"{job_id}_submission.sh").read_text()  # submitit's, from our recipe
+    assert "#SBATCH --signal=USR2@90" in script and "#SBATCH --requeue" in script
+    assert "srun --unbuffered" in script and "--kill-on-bad-exit=1" in script
     status = subprocess.run(
         [sys.executable, str(ROOT / "launchers" / "status.py")],
         env=cluster.env,
@@ -80,29 +104,38 @@ def test_submit_two_nodes(cluster, tmp_path):
     assert status.returncode == 0, status.stderr
     row = next(line for line in status.stdout.splitlines() if line.startswith(job_id + " "))
     assert row.split()[1:3] == ["tiny_hybrid", "COMPLETED"]
-    assert "12/12" in row and "runs/ck/step_00000012" in row
+    assert "8/8" in row and "runs/ck/step_00000008" in row
 
 
 def test_emitted_script_runs_with_plain_sbatch(cluster, tmp_path):
     script = tmp_path / "job.sbatch"
-    proc = submit_run(cluster, tmp_path, "--set", "train.steps=12", "--emit-sbatch", str(script))
+    proc = submit_run(cluster, tmp_path, "--set", "train.steps=8", "--emit-sbatch", str(script))
     assert proc.returncode == 0, proc.stderr
     out = cluster.run("sbatch", "--parsable", str(script), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    check_training(finished_log(cluster, tmp_path, out.stdout.strip()), tmp_path, 12)
+    check_training(finished_log(cluster, tmp_path, out.stdout.strip(), "sbatch"), tmp_path, 8)
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--partition", "nosuch"], "invalid partition specified: nosuch"),
+        (
+            ["--via", "sbatch", "--partition", "nosuch"],
+            "sbatch rejected the job: sbatch: error: invalid partition specified: nosuch",
+        ),
+        (["--partition", "nosuch"], "Slurm rejected the job: sbatch: error: invalid partition"),
         (
             ["--set", "slurm.gpus_per_node=4", "--set", "slurm.tasks_per_node=1"],
-            "sbatch rejected the job",
+            "Invalid generic resource (gres) specification",
         ),  # these nodes have no GPUs
-        (["--nodes", "3"], "16 is not divisible by micro_batch_size x DP = 24"),  # ours, first
+        # More than the partition holds: refused at once (EnforcePartLimits), not left pending.
+        (["--nodes", "4", "--set", "train.micro_batch_size=4"], "Node count specification invalid"),
+        (["--set", "slurm.cpus_per_task=64"], "More processors requested than permitted"),
+        # Ours, before Slurm:
+        (["--nodes", "3"], "16 is not divisible by micro_batch_size x DP = 24"),
+        (["--time", "1:00"], "slurm.signal_delay_s: 90 s before a limit of 1:00 leaves no time"),
     ],
-    ids=["partition", "gpus", "batch"],
+    ids=["partition-sbatch", "partition", "gpus", "nodes", "cpus", "batch", "time"],
 )
 def test_bad_submissions_fail_clearly(cluster, tmp_path, args, message):
     proc = submit(cluster, tmp_path, *CPU_JOB, *args)
@@ -121,44 +154,60 @@ def test_missing_recipe_fails_before_slurm(cluster, tmp_path):
 
 
 def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
-    """Preemption: `scontrol requeue` SIGTERMs the ranks, which checkpoint at the next step and
-    exit; the requeued job resumes there. Every step runs exactly once across both runs."""
-    import time
-
-    steps = 60
-    proc = submit_run(
-        cluster,
-        tmp_path,
-        "--set",
-        f"train.steps={steps}",
-        "--set",
-        "checkpoint.interval=25",
-        "--set",
-        "checkpoint.keep_last=0",
-    )
-    assert proc.returncode == 0, proc.stderr
-    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-    log = tmp_path / "runs" / "tiny_hybrid" / "slurm" / f"tiny_hybrid-{job_id}.out"
-    deadline = time.monotonic() + 120
-    while not (log.exists() and f"step 12/{steps}" in log.read_text()):
-        assert time.monotonic() < deadline, "the job did not reach step 12"
-        time.sleep(0.5)
+    """Preemption: `scontrol requeue` SIGTERMs the ranks, which checkpoint at the next step (the
+    trainer's handler, not submitit's, which would ignore SIGTERM) and exit; the requeued job
+    resumes there. Every step runs exactly once across both runs."""
+    steps = 16  # no periodic checkpoint before the end: the one resumed from is the signal's
+    args = ["--set", f"train.steps={steps}", "--set", "checkpoint.interval=25"]
+    job_id = submitted(submit_run(cluster, tmp_path, *args, "--set", "checkpoint.keep_last=0"))
+    wait_for(log_path(tmp_path, job_id), f"step 6/{steps}")
     assert cluster.run("scontrol", "requeue", job_id).returncode == 0
     cluster.wait(job_id, ("PENDING",), timeout=60)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip the hold
     text = finished_log(cluster, tmp_path, job_id)
     resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
-    assert 12 <= resumed_at < 25  # saved on the signal, not at the periodic checkpoint
+    assert 6 <= resumed_at < steps  # saved on the signal
     done = [int(s) for s in re.findall(rf"step (\d+)/{steps} loss", text)]
     assert sorted(done) == list(range(1, steps + 1)), done  # none twice, none skipped
     assert "restart 1" in text
 
 
-def test_chained_jobs_continue_one_run(cluster, tmp_path):
-    proc = submit_run(cluster, tmp_path, "--chain", "2", "--set", "train.steps=6")
-    assert proc.returncode == 0, proc.stderr
-    first, second = re.search(r"submitted job (\d+) .*then (\d+) in a chain", proc.stdout).groups()
-    finished_log(cluster, tmp_path, first)
-    text = finished_log(cluster, tmp_path, second)
-    assert "resumed from" in text and "at step 6" in text  # the second job found the run done
-    assert not re.search(r"step \d+/6 loss", text)
+def test_timeouts_stop_requeueing_after_max_num_timeout(cluster, tmp_path):
+    """slurm.max_num_timeout=1: the first timeout requeues the job, the second ends it.
+
+    Slurm sends --signal up to 60 s early, so a job submitted with a limit short enough for a
+    test could be signalled while still starting (and USR2 would kill it there). Instead the
+    running job's limit is cut to two minutes once it trains: the first time, Slurm's own USR2
+    follows (at its next limit check, within 30 s); the second time the test sends it
+    (`scancel --signal=USR2`) rather than wait. Either way the trainer finds less than
+    signal_delay_s + 60 s left: a timeout."""
+    job_id = submitted(
+        submit_run(
+            cluster, tmp_path, "--set", "train.steps=1000", "--set", "slurm.max_num_timeout=1"
+        )
+    )
+    log = log_path(tmp_path, job_id)
+    wait_for(log, "step 3/1000")
+    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=2")
+    cluster.wait(job_id, ("PENDING",), timeout=60)  # USR2, checkpoint, requeue
+    first = log.read_text()
+    assert "timeout 1 of slurm.max_num_timeout=1" in first and "requeued Slurm job" in first
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10")
+    wait_for(log, r"resumed from[\s\S]*step \d+/1000 loss", after=len(first))
+    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=2")
+    cluster.run("scancel", "--signal=USR2", job_id)
+    assert cluster.wait(job_id, ("FAILED", "COMPLETED", "PENDING", "TIMEOUT")) == "FAILED"
+    assert "(00:02:00) 2 times, more than slurm.max_num_timeout=1: not requeued" in log.read_text()
+    assert log.with_name(f"{job_id}.timeouts").read_text() == "2\n"
+
+
+@pytest.mark.parametrize("via", ["submitit", "sbatch"])
+def test_chained_jobs_continue_one_run(cluster, tmp_path, via):
+    proc = submit_run(cluster, tmp_path, "--via", via, "--chain", "2", "--set", "train.steps=2")
+    first = submitted(proc, via)
+    second = re.search(r"then (\d+) in a chain", proc.stdout).group(1)
+    assert f"log:      {log_path(tmp_path, first, via)}" in proc.stdout
+    finished_log(cluster, tmp_path, first, via)
+    text = finished_log(cluster, tmp_path, second, via)
+    assert "resumed from" in text and "at step 2" in text  # the second job found the run done
+    assert not re.search(r"step \d+/2 loss", text)

@@ -1,11 +1,15 @@
-"""The rendered sbatch script against a golden file (no Slurm needed)."""
+"""The job scripts for a recipe against golden files, and the requeue rule (no Slurm needed)."""
 
+import os
 from pathlib import Path
 
-from toolkit.config import load_recipe
-from toolkit.slurm import render_sbatch
+import pytest
 
-GOLDEN = Path(__file__).parent / "golden" / "8b_hybrid_pyxis.sbatch"
+from toolkit.config import SlurmConfig, load_recipe
+from toolkit.slurm import render_sbatch, requeue_after_signal, slurm_seconds, submitit_parameters
+
+GOLDEN = Path(__file__).parent / "golden"
+RECIPE = Path(__file__).parents[1] / "recipes" / "8b_hybrid.toml"
 OVERRIDES = [
     'slurm.container_image="nvcr.io#nvidia/pytorch:25.01-py3"',
     'slurm.container_mounts=["/lustre/data:/data"]',
@@ -15,7 +19,7 @@ OVERRIDES = [
 
 
 def test_8b_hybrid_script_matches_the_golden_file():
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "8b_hybrid.toml", OVERRIDES)
+    recipe = load_recipe(RECIPE, OVERRIDES)
     script = render_sbatch(
         recipe,
         "/work/recipes/8b_hybrid.toml",
@@ -24,7 +28,75 @@ def test_8b_hybrid_script_matches_the_golden_file():
         workdir="/work",
         log_dir="/work/runs/8b_hybrid/slurm",
     )
-    assert script == GOLDEN.read_text()
+    assert script == (GOLDEN / "8b_hybrid_pyxis.sbatch").read_text()
     # '#' in an #SBATCH line would start a comment; in the srun line it is just text.
     assert "#SBATCH --ntasks-per-node=8" in script and "--signal=USR2@90" in script
     assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in script
+
+
+def test_submitit_script_matches_the_golden_file():
+    """The script submitit writes from our parameters (its own renderer, which SlurmExecutor
+    calls at submission): the same job as the sbatch script, with extra_sbatch lines by name."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    overrides = [*OVERRIDES, 'slurm.extra_sbatch=["--reservation=r1", "--overcommit"]']
+    params = submitit_parameters(
+        load_recipe(RECIPE, overrides), "/work/recipes/8b_hybrid.toml", workdir="/work"
+    )
+    folder = "/work/runs/8b_hybrid/slurm"
+    command = f"python3 -u -m submitit.core._submit {folder}"
+    script = _make_sbatch_string(command=command, folder=folder, **params)
+    assert script == (GOLDEN / "8b_hybrid_pyxis.submitit.sh").read_text()
+
+
+def test_apptainer_image_runs_python_inside_apptainer():
+    overrides = ['slurm.container_image="/images/toolkit.sif"', 'slurm.container_mounts=["/d:/d"]']
+    script = render_sbatch(
+        load_recipe(RECIPE, overrides),
+        RECIPE,
+        [],
+        python="python3",
+        workdir="/work",
+        log_dir="/work/runs",
+    )
+    srun = script.splitlines()[-1]
+    assert srun.startswith("srun --kill-on-bad-exit=1 --cpu-bind=none apptainer exec --nv ")
+    assert "--bind /d:/d --pwd /work /images/toolkit.sif python3 -m toolkit.train" in srun
+    assert "--container-image" not in script  # that is pyxis
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 1800), ("1:30", 90), ("04:00:00", 14400), ("2-1", 176400), ("1-00:00:05", 86405)],
+)
+def test_slurm_times(text, seconds):
+    assert slurm_seconds(text) == seconds
+    assert slurm_seconds("UNLIMITED") is None
+    with pytest.raises(ValueError, match="is not a Slurm time"):
+        slurm_seconds("2h")
+
+
+def test_only_timeouts_count_against_max_num_timeout(tmp_path, monkeypatch):
+    """USR2 near the limit is a timeout, counted next to the job's log; one with time left (a
+    preemption) is not. One timeout is allowed here: the second ends the job unrequeued."""
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(  # `show job` prints tmp_path/job; other calls are logged
+        f'#!/bin/sh\n[ "$1" = show ] && exec cat {tmp_path}/job\necho "$@" >> {tmp_path}/log\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    s = SlurmConfig(time="00:10:00", signal_delay_s=90, max_num_timeout=1)
+    job = tmp_path / "job"
+    fields = f"JobId=5 TimeLimit=00:10:00 StdOut={tmp_path}/logs/5_0_log.out RunTime="
+    (tmp_path / "logs").mkdir()
+    job.write_text(fields + "00:02:00\n")  # preempted: 8 minutes left
+    assert requeue_after_signal(s, "5") is None
+    assert not (tmp_path / "logs" / "5.timeouts").exists()
+    job.write_text(fields + "00:08:35\n")  # 85 s left: the pre-timeout signal
+    assert requeue_after_signal(s, "5") is None
+    assert (tmp_path / "logs" / "5.timeouts").read_text() == "1\n"
+    assert (tmp_path / "log").read_text() == "requeue 5\n" * 2
+    refused = requeue_after_signal(s, "5")
+    assert "reached its time limit (00:10:00) 2 times, more than slurm.max_num_timeout=1" in refused
+    assert (tmp_path / "log").read_text() == "requeue 5\n" * 2  # not a third time

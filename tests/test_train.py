@@ -209,4 +209,4 @@ def test_pre_timeout_signal_requeues_the_slurm_job(tmp_path, monkeypatch):
     stop.signum = signal.SIGUSR2
     result = train(make_recipe(tmp_path / "b", RANDOM_TEXT, steps=4), stop)
     assert result.stopped_by_signal and result.checkpoint.endswith("step_00000001")
-    assert calls.read_text() == "requeue 77\n"
+    assert calls.read_text() == "show job 77\nrequeue 77\n"  # its time limit, then requeue

@@ -13,10 +13,8 @@ import argparse
 import contextlib
 import logging
 import math
-import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from toolkit.checkpoint import (
     restore,
     restore_rng,
 )
-from toolkit.config import Recipe, RecipeError, load_recipe, validate
+from toolkit.config import Recipe, RecipeError, SlurmConfig, load_recipe, validate
 from toolkit.data.sampler import Samples, rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
@@ -55,6 +53,7 @@ from toolkit.parallel.runtime import (
     parallelize,
 )
 from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
+from toolkit.slurm import requeue_after_signal
 from toolkit.tokenizer import Tokenizer
 
 log = logging.getLogger("toolkit.train")
@@ -333,7 +332,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             result.losses[steps[-1]],
         )
     if result.stopped_by_signal and stop.signum == signal.SIGUSR2 and main_rank:
-        requeue_slurm_job()
+        requeue_slurm_job(recipe.slurm)
     if cfg.sample_prompt and not result.stopped_by_signal and main_rank and env.tp == 1:
         result.sample = sample_text(model, tokenizer, cfg.sample_prompt, seed=cfg.seed)
         log.info(
@@ -369,17 +368,13 @@ def validation_loss(
     return total.item() / cfg.eval_batches
 
 
-def requeue_slurm_job() -> None:
+def requeue_slurm_job(s: SlurmConfig) -> None:
     """Slurm's pre-timeout signal (USR2): put this job back in the queue; it resumes from the
-    checkpoint just written. (A preemption or `scontrol requeue` requeues the job by itself.)"""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job is None:
-        return
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if done.returncode == 0:
-        log.warning("requeued Slurm job %s; it will resume from the checkpoint", job)
-    else:
-        log.error("could not requeue Slurm job %s: %s", job, done.stderr.strip())
+    checkpoint just written. After more than slurm.max_num_timeout timeouts, the run ends here
+    (TrainingError). (A preemption or `scontrol requeue` requeues the job by itself.)"""
+    refused = requeue_after_signal(s)
+    if refused is not None:
+        raise TrainingError(refused)
 
 
 def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:
