@@ -151,6 +151,8 @@ BAD = [
     ("/api", {"prompts": ["a"], "top_k": -2}, "top_k"),
     ("/api", {"prompts": ["a"], "top_p": 1.5}, "top_p"),
     ("/api", {"prompts": ["a"], "random_seed": "x"}, "random_seed"),
+    ("/api", {"prompts": ["a"], "random_seed": 2**64}, "random_seed"),
+    ("/api", {"prompts": ["a", "\ud800"]}, "prompts"),
     ("/api", {"prompts": ["x" * (MAX_LEN - 10)], "tokens_to_generate": 20}, "prompts"),
     ("/api", [1, 2], "body"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
@@ -181,8 +183,9 @@ def test_bad_input_is_400_naming_the_field(server, path, body, field):
         (b"\xff\xfe", {}, "body"),
         (b'{"prompts": ["a"]}', {"Content-Type": "text/plain"}, "Content-Type"),
         (b'{"prompts": ["' + b"a" * 20000 + b'"]}', {}, "Content-Length"),
+        (b"[" * 10000, {}, "body"),
     ],
-    ids=["malformed", "not-utf8", "content-type", "oversize"],
+    ids=["malformed", "not-utf8", "content-type", "oversize", "too-deep"],
 )
 def test_bad_bodies_are_400(server, data, headers, field):
     status, reply = server.call("PUT", "/api", data, headers)
@@ -193,6 +196,13 @@ def test_unknown_paths_and_methods(server):
     assert server.call("GET", "/nope")[0] == 404
     assert server.call("POST", "/api", {"prompts": ["a"]})[0] == 405
     assert server.health()["status"] == "ok"  # the bad requests above did not hurt it
+
+
+def test_extreme_but_valid_values_are_served(server):
+    body = {"prompts": ["a"], "tokens_to_generate": 2, "top_k": 2**31 - 1, "random_seed": 2**64 - 1}
+    status, reply = server.call("PUT", "/api", body)
+    assert status == 200 and len(reply["tokens"][0]) == 3
+    assert server.call("PUT", "/api", body | {"top_k": 2**31})[0] == 400
 
 
 def test_bearer_token_required(server):
@@ -242,15 +252,20 @@ def test_same_seed_same_text(server):
     assert first == again and first["tokens"] != other["tokens"]
 
 
-def stream(port: int, body: dict) -> socket.socket:
+def completion(port: int, body: dict) -> socket.socket:
+    """A /v1/completions request on a raw socket, left open for the caller to read or drop."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    data = json.dumps(body | {"stream": True}).encode()
+    data = json.dumps(body).encode()
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n"
     )
     sock.sendall(head.encode() + data)
     return sock
+
+
+def stream(port: int, body: dict) -> socket.socket:
+    return completion(port, body | {"stream": True})
 
 
 def events(sock: socket.socket) -> list[str]:
@@ -281,7 +296,8 @@ def test_stream_equals_the_whole_answer(server):
 
 def test_disconnecting_stream_client_stalls_nobody_and_frees_its_slot(server):
     before = server.health()["cancelled"]
-    sock = stream(server.port, {"prompt": "while", "max_tokens": MAX_LEN - 10, "temperature": 1.0})
+    body = {"prompt": "while", "max_tokens": MAX_LEN - 10, "ignore_eos": True}
+    sock = stream(server.port, body)
     assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # it is generating; we stop reading
     status, reply = server.call("PUT", "/api", {"prompts": ["ok"], "tokens_to_generate": 5})
     assert status == 200 and len(reply["tokens"][0]) == 7
@@ -364,12 +380,8 @@ def test_serve_refuses_a_missing_checkpoint(tmp_path):
 
 def test_client_that_leaves_before_its_answer_frees_its_slot(server):
     before = server.health()["cancelled"]
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
-    data = json.dumps({"prompts": ["bye"], "tokens_to_generate": MAX_LEN - 10}).encode()
-    sock.sendall(
-        f"PUT /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-        + data
+    sock = completion(
+        server.port, {"prompt": "bye", "max_tokens": MAX_LEN - 10, "ignore_eos": True}
     )
     deadline = time.monotonic() + 60
     while not server.health()["active"]:
@@ -380,3 +392,10 @@ def test_client_that_leaves_before_its_answer_frees_its_slot(server):
         assert time.monotonic() < deadline, h
         time.sleep(0.05)
     assert h["cancelled"] == before + 1
+
+
+def test_ignore_eos_generates_to_the_limit():
+    tokenizer, limits = build_tokenizer("byte"), api.Limits(max_len=64)
+    body = {"prompt": "a", "ignore_eos": True}
+    assert not api.parse_completion(body, tokenizer, limits).requests[0].stop_at_eod
+    assert api.parse_completion({"prompt": "a"}, tokenizer, limits).requests[0].stop_at_eod

@@ -16,6 +16,7 @@ from toolkit.tokenizer import ByteTokenizer
 MAX_PROMPTS = 128
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 
 class BadRequest(ValueError):
@@ -40,7 +41,7 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     return float(value)
 
 
-def _integer(body: dict[str, Any], name: str, default: int, lo: int) -> int:
+def _integer(body: dict[str, Any], name: str, default: int, lo: int, hi: int = 2**31 - 1) -> int:
     value = body.get(name, default)
     if value is None:
         return default
@@ -48,6 +49,8 @@ def _integer(body: dict[str, Any], name: str, default: int, lo: int) -> int:
         raise BadRequest(name, f"{name} must be an integer, got {value!r}")
     if value < lo:
         raise BadRequest(name, f"{name}={value} must be >= {lo}")
+    if value > hi:
+        raise BadRequest(name, f"{name}={value} must be <= {hi}")
     return value
 
 
@@ -80,7 +83,10 @@ def _encode(
 ) -> list[list[int]]:
     out = []
     for i, text in enumerate(prompts):
-        ids = ([tokenizer.bos] if add_bos else []) + tokenizer.encode(text)
+        try:
+            ids = ([tokenizer.bos] if add_bos else []) + tokenizer.encode(text)
+        except UnicodeEncodeError as e:  # a lone surrogate, which JSON can carry
+            raise BadRequest(field, f"{field}[{i}] is not valid text: {e}") from None
         if not ids:
             raise BadRequest(field, f"{field}[{i}] is empty (set add_BOS to start from nothing)")
         if len(ids) + new > lim.max_len:
@@ -111,7 +117,7 @@ def parse_megatron(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits) 
     top_k = _integer(body, "top_k", 0, 0)
     top_p = _number(body, "top_p", 0.0, 0.0, 1.0)
     _one_filter(top_k, top_p, 0.0)
-    seed = _integer(body, "random_seed", -1, -1)
+    seed = _integer(body, "random_seed", -1, -1, MAX_SEED)
     if body.get("beam_width") not in (None, 1):
         raise BadRequest("beam_width", "beam search is not supported")
     stop = _strings(body, "stop_strings", required=False, most=MAX_STOP_STRINGS)
@@ -187,7 +193,7 @@ def parse_completion(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits
         raise BadRequest("n", "only one completion per prompt (n=1, best_of=1) is supported")
     seed = body.get("seed")
     if seed is not None:
-        seed = _integer(body, "seed", 0, 0)
+        seed = _integer(body, "seed", 0, 0, MAX_SEED)
     logprobs = body.get("logprobs")
     if logprobs is not None:
         logprobs = _integer(body, "logprobs", 0, 0)
@@ -197,6 +203,7 @@ def parse_completion(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits
     if any(not s for s in stop):
         raise BadRequest("stop", "stop must not contain empty strings")
     echo = _flag(body, "echo")
+    ignore_eos = _flag(body, "ignore_eos")  # vLLM's extension: generate max_tokens regardless
     ids = _encode(prompts, "prompt", tokenizer, False, new, lim)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop=tuple(stop))
     want = logprobs is not None
@@ -208,6 +215,7 @@ def parse_completion(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits
             logprobs=want,
             score_prompt=want and echo,
             top_logprobs=logprobs or 0,
+            stop_at_eod=not ignore_eos,
             **settings,
         )
         for p in ids

@@ -108,6 +108,8 @@ class Engine:
             )
         if max(request.prompt) >= self.model.vocab_size or min(request.prompt) < 0:
             raise ValueError(f"prompt token ids must lie in [0, {self.model.vocab_size})")
+        if request.seed is not None and not 0 <= request.seed < 2**64:
+            raise ValueError(f"seed={request.seed} is not a 64-bit unsigned integer")
 
     def add(self, request: Request) -> None:
         """Queue a request; it joins the running batch at the next step with a free slot."""
@@ -296,7 +298,7 @@ class Engine:
         tokens = sample(
             logits,
             temperature=column([r.temperature for r in requests], torch.float32),
-            top_k=column([r.top_k for r in requests], torch.long),
+            top_k=column([min(r.top_k, logits.size(-1)) for r in requests], torch.long),
             top_p=column([r.top_p for r in requests], torch.float32),
             uniform=column(uniform, torch.float64),
         )

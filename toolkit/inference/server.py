@@ -43,13 +43,22 @@ class EngineThread(threading.Thread):
         self.running = False
         self.inbox.put(None)
 
+    def _add(self, r: Request) -> None:
+        try:
+            self.engine.add(r)
+        except Exception as e:  # submit() checked it: this is our failure, not the client's
+            log.exception("could not queue a request")
+            r.error, r.finish_reason = f"{type(e).__name__}: {e}", "error"
+            if r.on_update is not None:
+                r.on_update(r)
+
     def run(self) -> None:
         while self.running:
             try:  # block only while idle
                 item = self.inbox.get(block=not self.engine.has_work())
                 while True:
                     if item is not None:
-                        self.engine.add(item)
+                        self._add(item)
                     item = self.inbox.get_nowait()
             except queue.Empty:
                 pass
@@ -198,7 +207,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise api.BadRequest("body", f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise api.BadRequest("body", "the body must be a JSON object")
