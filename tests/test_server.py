@@ -195,6 +195,7 @@ def test_bad_bodies_are_400(server, data, headers, field):
 def test_unknown_paths_and_methods(server):
     assert server.call("GET", "/nope")[0] == 404
     assert server.call("POST", "/api", {"prompts": ["a"]})[0] == 405
+    assert server.call("DELETE", "/api")[0] == 405
     assert server.health()["status"] == "ok"  # the bad requests above did not hurt it
 
 

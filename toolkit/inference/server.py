@@ -124,6 +124,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch({"/v1/completions": self._completions})
 
+    def do_DELETE(self) -> None:  # JSON 405/404 rather than the base class's HTML 501
+        self._dispatch({})
+
+    do_PATCH = do_DELETE
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # _dispatch logs one line per request, with what it learnt
 
