@@ -246,6 +246,14 @@ def test_64_concurrent_clients_each_get_their_own_answer(server, reference):
         same(reply, reference(*body(i)))
 
 
+def test_scoring_a_prompt_without_generating(server, reference):
+    body = {"prompts": ["def f(x):", "ab"], "tokens_to_generate": 0, "logprobs": True}
+    status, reply = server.call("PUT", "/api", body)
+    assert status == 200 and reply["text"] == body["prompts"]
+    assert [len(lp) for lp in reply["logprobs"]] == [8, 1]
+    same(reply, reference("/api", body))
+
+
 def test_same_seed_same_text(server):
     body = {"prompts": ["import "], "tokens_to_generate": 24, "random_seed": 7}
     first, again = (server.call("PUT", "/api", body)[1] for _ in range(2))
