@@ -1,12 +1,16 @@
 """Import a checkpoint of the reference framework (per-rank `iter_*/mp_rank_*/model_optim_rng.pt`
-files, any TP and PP, 2024-era or fused-norm keys) as one of ours.
+files at any TP and PP, 2024-era or fused-norm keys) as one of ours.
 
     python checkpoints_tools/import_megatron.py --in megatron_ckpt/ --out runs/imported/checkpoints
 
-The model shape comes from the checkpoint's `args`; the layer pattern from its
-`hybrid_override_pattern`, else --pattern, else --att/--mlp. Only the named files are unpickled
-(they hold an argparse.Namespace, so a plain weights-only load is not always enough). The result
-has no optimizer state: training from it starts a fresh optimizer (fine-tuning).
+Sizes come from the tensors and the checkpoint's `args`; the layer pattern from --pattern, else
+--att/--mlp, else the args' `hybrid_override_pattern` or ratios; whichever is used must describe
+the layers the files hold (with no information at all, the files' own layers are the pattern).
+Every parameter of the model must be in the files and every tensor in the files must be used.
+Only the files of the checkpoint you name are unpickled; the reference pickles an
+argparse.Namespace, so a weights-only load is tried first and a full one logged. The result
+holds no optimizer state: training from it starts a fresh optimizer (fine-tuning).
+Exit status: 0 done, 2 bad input (a wrong directory, pattern, missing rank or key), 1 failure.
 """
 
 import os
@@ -17,51 +21,105 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import argparse  # noqa: E402
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from toolkit.build import save_model_checkpoint  # noqa: E402
-from toolkit.checkpoint.megatron import load_megatron, read_args  # noqa: E402
-from toolkit.config import RecipeError, recipe_from_dict, validate  # noqa: E402
-from toolkit.model import HybridLM, count_parameters  # noqa: E402
+from toolkit.build import build_model, save_model_checkpoint  # noqa: E402
+from toolkit.checkpoint.megatron import (  # noqa: E402
+    check_grid,
+    find_rank_files,
+    get_arg,
+    latest_iteration,
+    load_into,
+    load_megatron,
+)
+from toolkit.checkpoint.megatron_layout import pattern_of  # noqa: E402
+from toolkit.config import RecipeError, recipe_from_dict  # noqa: E402
+from toolkit.layout import allocate_layers  # noqa: E402
+from toolkit.model import count_parameters  # noqa: E402
+from toolkit.tokenizer import build_tokenizer  # noqa: E402
 
 
-def model_table(margs: argparse.Namespace, cli: argparse.Namespace) -> dict:
-    """Our [model] section from the reference's arguments (and the command line)."""
-    get = lambda name, default=None: getattr(margs, name, default)  # noqa: E731
-    heads = get("num_attention_heads")
-    activation = "swiglu" if get("swiglu") else "relu2" if get("squared_relu") else "gelu"
+def model_table(margs: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Our [model] section (without pattern, ratios or vocabulary) for a checkpoint read by
+    load_megatron: sizes measured from its tensors where they show them, the rest (heads, state
+    size, norm, position embedding, sequence length) from its args."""
+    pattern = pattern_of(state)
+    hidden = state["embedding.weight"].shape[1]
+
+    def first(kind: str, param: str) -> tuple[int, ...]:
+        name = f"layers.{pattern.find(kind)}.mixer.{param}"
+        if name not in state:
+            raise KeyError(f"the checkpoint has no {name} (a {kind!r} layer)")
+        return tuple(state[name].shape)
+
+    get = lambda name, default=None: get_arg(margs, name, default)  # noqa: E731
+    heads = get("num_attention_heads") or 1
     table = {
-        "num_layers": get("num_layers"),
-        "hidden_size": get("hidden_size"),
-        "seq_length": get("seq_length"),
+        "num_layers": len(pattern),
+        "hidden_size": hidden,
+        "seq_length": get("seq_length") or get("max_position_embeddings") or 4096,
         "num_attention_heads": heads,
-        "num_query_groups": get("num_query_groups") if get("group_query_attention") else heads,
-        "ffn_hidden_size": get("ffn_hidden_size") or 4 * get("hidden_size"),
-        "mlp_activation": activation,
+        "num_query_groups": (get("group_query_attention") and get("num_query_groups")) or heads,
         "norm": "layernorm" if get("normalization") == "LayerNorm" else "rmsnorm",
         "norm_eps": float(get("norm_epsilon", 1e-5)),
         "position_embedding": "rope" if get("position_embedding_type") == "rope" else "none",
         "rotary_percent": float(get("rotary_percent", 1.0)),
         "rotary_base": float(get("rotary_base", 10000)),
-        "vocab_size": cli.vocab_size or get("vocab_size") or get("padded_vocab_size"),
-        "make_vocab_size_divisible_by": get("make_vocab_size_divisible_by", 128),
-        "mamba_state_dim": get("mamba_state_dim", 128),
-        "mamba_head_dim": get("mamba_head_dim", 64),
-        "mamba_num_groups": get("mamba_num_groups", 8),
-        "mamba_chunk_size": get("mamba_chunk_size", 128),
+        "make_vocab_size_divisible_by": get("make_vocab_size_divisible_by") or 128,
+        "init_std": float(get("init_method_std", 0.02)),
     }
-    pattern = cli.pattern or get("hybrid_override_pattern")
-    if pattern:
-        table["pattern"] = pattern
-    else:
-        table["att_ratio"] = cli.att if cli.att is not None else get("hybrid_attention_ratio", 0.0)
-        table["mlp_ratio"] = cli.mlp if cli.mlp is not None else get("hybrid_mlp_ratio", 0.0)
-    missing = [k for k, v in table.items() if v is None]
-    if missing:
-        raise RecipeError(f"the checkpoint's args lack {missing}; pass them on the command line")
+    if "-" in pattern:
+        ffn = first("-", "linear_fc2.weight")[1]
+        gated = first("-", "linear_fc1.weight")[0] == 2 * ffn
+        activation = "swiglu" if gated else "relu2" if get("squared_relu") else "gelu"
+        table |= {"ffn_hidden_size": ffn, "mlp_activation": activation}
+    if "M" in pattern:
+        d_inner, mamba_heads = first("M", "out_proj.weight")[1], first("M", "A_log")[0]
+        state_dim = get("mamba_state_dim") or 128
+        gn = (first("M", "in_proj.weight")[0] - 2 * d_inner - mamba_heads) // 2
+        if d_inner % hidden or gn % state_dim:
+            raise ValueError(
+                f"Mamba layers: d_inner {d_inner} is not a multiple of hidden {hidden}, or "
+                f"B/C rows {gn} not a multiple of mamba_state_dim {state_dim}"
+            )
+        table |= {
+            "mamba_expand": d_inner // hidden,
+            "mamba_head_dim": d_inner // mamba_heads,
+            "mamba_state_dim": state_dim,
+            "mamba_num_groups": gn // state_dim,
+            "mamba_conv_kernel": first("M", "conv1d.weight")[-1],
+            "mamba_chunk_size": get("mamba_chunk_size") or 128,
+        }
     return table
+
+
+def pattern_keys(found: str, margs: Any, cli: argparse.Namespace) -> dict[str, Any]:
+    """pattern / att_ratio / mlp_ratio for the recipe, checked against `found` (the layers the
+    checkpoint holds)."""
+    if cli.pattern:
+        source, pattern = "--pattern", cli.pattern
+        att, mlp = cli.att or 0.0, cli.mlp or 0.0
+    elif cli.att is not None or cli.mlp is not None:
+        source, pattern = "--att/--mlp", None
+        att, mlp = cli.att or 0.0, cli.mlp or 0.0
+    elif margs is None:
+        source, pattern, att, mlp = "the files' layers", found, 0.0, 0.0
+    else:
+        pattern = get_arg(margs, "hybrid_override_pattern")
+        att = float(get_arg(margs, "hybrid_attention_ratio") or 0.0)
+        mlp = float(get_arg(margs, "hybrid_mlp_ratio") or 0.0)
+        source = "the args' " + ("hybrid_override_pattern" if pattern else "hybrid ratios")
+    layers = pattern.replace("|", "") if pattern else allocate_layers(len(found), att, mlp)
+    if layers != found:
+        raise RecipeError(
+            f"{source} says {layers}, but the checkpoint holds the layers {found}; "
+            f"pass --pattern {found}"
+        )
+    return {"pattern": pattern or found, "att_ratio": att, "mlp_ratio": mlp}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,35 +131,70 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in", dest="src", required=True, help="the Megatron checkpoint dir")
     parser.add_argument("--out", required=True, help="our checkpoint root to create")
     parser.add_argument("--iteration", type=int, help="default: latest_checkpointed_iteration")
-    parser.add_argument("--pattern", help="layer pattern, if the args have none (e.g. M-M*M-)")
-    parser.add_argument("--att", type=float, help="attention share, if no pattern is known")
-    parser.add_argument("--mlp", type=float, help="MLP share, if no pattern is known")
-    parser.add_argument("--vocab-size", type=int, help="real vocabulary (default: from args)")
+    parser.add_argument("--pattern", help="layer pattern of M * - (| marks pipeline stages)")
+    parser.add_argument("--att", type=float, help="attention share, if no pattern is given")
+    parser.add_argument("--mlp", type=float, help="MLP share, if no pattern is given")
+    parser.add_argument(
+        "--tokenizer", help="data.tokenizer: byte (default), or a tokenizer.json / .model file"
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        help="real vocabulary (default: the args', else --tokenizer's, else every row)",
+    )
     parser.add_argument("--name", default="imported", help="run name in the recipe")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
+    )
+    cli = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    src = Path(cli.src)
     try:
-        margs = read_args(args.src, args.iteration)
-        recipe = recipe_from_dict(
-            {"name": args.name, "model": model_table(margs, args), "train": {"steps": 1}}
+        iteration = latest_iteration(src) if cli.iteration is None else cli.iteration
+        state, margs = load_megatron(src, iteration, progress=True)
+        files = find_rank_files(src / f"iter_{iteration:07d}")
+        tp, pp = check_grid(files, margs, src / f"iter_{iteration:07d}")
+        found = pattern_of(state)
+        tokenizer = build_tokenizer(cli.tokenizer or "byte")
+        vocab = (
+            cli.vocab_size
+            or get_arg(margs, "vocab_size")
+            or (cli.tokenizer and tokenizer.vocab_size)
+            or state["embedding.weight"].shape[0]
         )
-        validate(recipe)
-        torch.manual_seed(0)
-        model = HybridLM(recipe.model, vocab_size=recipe.model.vocab_size)
-        load_megatron(model, args.src, args.iteration)
-        iteration = args.iteration
-        if iteration is None:
-            iteration = int((Path(args.src) / "latest_checkpointed_iteration.txt").read_text())
+        sizes = model_table(margs, state) | pattern_keys(found, margs, cli)
+        table = {
+            "name": cli.name,
+            "model": sizes | {"vocab_size": vocab},
+            "data": {"tokenizer": cli.tokenizer or "byte"},
+            "train": {"steps": 1},
+        }
+        recipe = recipe_from_dict(table, cli.set)
+        with torch.no_grad():
+            model = build_model(recipe, build_tokenizer(recipe.data.tokenizer))
+            load_into(model, state, str(src))
+    except (RecipeError, KeyError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:  # unreadable files: torch's zip reader, I/O
+        print(f"error: reading {src}: {e}", file=sys.stderr)
+        return 1
+    try:
         path = save_model_checkpoint(
-            args.out, model, recipe, step=iteration, metadata={"imported_from": args.src}
+            cli.out,
+            model,
+            recipe,
+            step=iteration,
+            metadata={"imported_from": str(src.resolve()), "megatron_tp": tp, "megatron_pp": pp},
         )
-    except (RecipeError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, RuntimeError) as e:
+        print(f"error: writing {cli.out}: {e}", file=sys.stderr)
         return 1
     counts = count_parameters(model)
+    dtype = str(state["embedding.weight"].dtype).removeprefix("torch.")
     print(
-        f"imported {args.src} (TP={margs.tensor_model_parallel_size}, "
-        f"PP={margs.pipeline_model_parallel_size}, iteration {iteration}): "
-        f"{recipe.model.num_layers} layers {model.layout.pattern}, {counts['total']:,} parameters "
+        f"imported {src} iteration {iteration}: TP={tp} PP={pp} ({len(files)} files, {dtype}), "
+        f"{len(found)} layers {found}, {counts['total']:,} parameters, vocabulary {vocab} "
         f"-> {path}"
     )
     return 0

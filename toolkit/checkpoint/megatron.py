@@ -1,20 +1,25 @@
-"""The reference framework's per-rank checkpoints (DESIGN.md section 3): write them from a model,
-read them back at any TP/PP into global tensors.
+"""The reference framework's per-rank checkpoints (DESIGN.md section 3), written from and read
+into a single-process HybridLM of global tensors.
 
     <dir>/latest_checkpointed_iteration.txt
     <dir>/iter_0000100/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
 
-Each rank's tensors are exactly what our own tensor-parallel code cuts (toolkit/parallel/tp.py:
-Mamba in_proj and conv1d per component, attention qkv by whole KV groups, SwiGLU fc1 as
-[gate_r; up_r], vocabulary rows padded to a multiple of make_vocab_size_divisible_by x TP), so
-writing is "cut with apply_tp, rename", and reading is "put each rank's rows back where apply_tp
-took them from". Layer numbers restart on every pipeline stage.
+A rank's tensors are cut exactly as our tensor-parallel code cuts them (Mamba in_proj and conv1d
+per component, attention qkv by whole KV groups, SwiGLU fc1 as [gate_r; up_r], the vocabulary
+padded to make_vocab_size_divisible_by x TP): megatron_layout.py holds the names and the layout.
+Reading needs no model: every split is recovered from the tensors' own shapes, layer numbers are
+made global from how many layers each pipeline stage's files hold, and the layer kinds come from
+the key names.
 """
 
 import argparse
+import dataclasses
 import logging
+import pickle
 import random
 import re
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,77 +27,125 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from toolkit.config import ModelConfig, Recipe, padded_vocab_size
+from toolkit.checkpoint.megatron_layout import (
+    VOCAB_PARAMS,
+    megatron_key,
+    merge_pieces,
+    our_name,
+    rank_piece,
+    tp_dim,
+)
+from toolkit.config import Recipe, padded_vocab_size, validate
+from toolkit.layout import split_stages
 from toolkit.model import HybridLM
-from toolkit.parallel.pp import stage_ranges
-from toolkit.parallel.tp import apply_tp
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 3.0
-# Where a block's pre-norm goes in checkpoints with fused norms, by block kind.
-FUSED_NORM = {"M": "mixer.in_proj", "*": "self_attention.linear_qkv", "-": "mlp.linear_fc1"}
-MIXER_PREFIX = {"M": "mixer", "*": "self_attention", "-": "mlp"}
+RANK_FILE = "model_optim_rng.pt"
 
 
-def megatron_key(name: str, kind_of: dict[int, str], offset: int) -> str:
-    """Our parameter name -> the reference's key, with layer numbers local to a stage."""
-    if name == "embedding.weight":
-        return "embedding.word_embeddings.weight"
-    if name == "output_layer.weight":
-        return "output_layer.weight"
-    if name.startswith("final_norm."):
-        return "decoder." + name
-    match = re.fullmatch(r"layers\.(\d+)\.(norm|mixer)\.(.+)", name)
-    if not match:
-        raise ValueError(f"no Megatron key for parameter {name!r}")
-    layer, part, rest = int(match[1]), match[2], match[3]
-    prefix = f"decoder.layers.{layer - offset}"
-    if part == "norm":
-        return f"{prefix}.norm.{rest}"
-    return f"{prefix}.{MIXER_PREFIX[kind_of[layer]]}.{rest}"
+# ---- writing ----
 
 
-def megatron_args(model: HybridLM, recipe: Recipe, tp: int, pp: int) -> argparse.Namespace:
-    """The model arguments the reference framework checks when it loads a checkpoint."""
-    cfg = model.cfg
-    padded = padded_vocab_size(model.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+def megatron_args(
+    model: HybridLM, recipe: Recipe, tp: int, pp: int, iteration: int
+) -> argparse.Namespace:
+    """The arguments the reference's loader and converters read or compare, and ours."""
+    cfg, train = model.cfg, recipe.train
+    dtype = model.embedding.weight.dtype
+    heads = cfg.num_attention_heads
+    d_inner = cfg.mamba_expand * cfg.hidden_size
     return argparse.Namespace(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
+        num_attention_heads=heads,
         num_query_groups=cfg.num_query_groups,
-        group_query_attention=cfg.num_query_groups != cfg.num_attention_heads,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        group_query_attention=cfg.num_query_groups != heads,
+        kv_channels=cfg.hidden_size // heads,
         ffn_hidden_size=cfg.ffn_size,
         seq_length=cfg.seq_length,
         max_position_embeddings=cfg.seq_length,
-        padded_vocab_size=padded,
+        vocab_size=model.vocab_size,  # ours; the reference takes it from its tokenizer
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+        padded_vocab_size=padded_vocab_size(model.vocab_size, cfg.make_vocab_size_divisible_by, tp),
+        tokenizer_type=None,  # byte-level: no reference tokenizer; say yours on the command line
+        is_hybrid_model=True,
         hybrid_attention_ratio=cfg.att_ratio,
         hybrid_mlp_ratio=cfg.mlp_ratio,
         hybrid_override_pattern=model.layout.pattern,
-        is_hybrid_model=True,
         mamba_state_dim=cfg.mamba_state_dim,
         mamba_head_dim=cfg.mamba_head_dim,
         mamba_num_groups=cfg.mamba_num_groups,
-        mamba_chunk_size=cfg.mamba_chunk_size,  # ours; the reference's Mamba uses 128
+        mamba_num_heads=d_inner // cfg.mamba_head_dim,
+        mamba_expand=cfg.mamba_expand,  # ours: the reference's Mamba layer fixes expand at 2
+        mamba_conv_kernel=cfg.mamba_conv_kernel,  # ours (the reference: d_conv 4)
+        mamba_chunk_size=cfg.mamba_chunk_size,  # ours (the reference: 128)
         normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm",
         norm_epsilon=cfg.norm_eps,
         swiglu=cfg.mlp_activation == "swiglu",
         squared_relu=cfg.mlp_activation == "relu2",
         position_embedding_type="rope" if cfg.position_embedding == "rope" else "none",
+        add_position_embedding=False,
         rotary_percent=cfg.rotary_percent,
-        rotary_base=cfg.rotary_base,
+        rotary_base=int(cfg.rotary_base),
         untie_embeddings_and_output_weights=True,
         add_bias_linear=False,
-        params_dtype=torch.float32,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         init_method_std=cfg.init_std,
-        vocab_size=model.vocab_size,
-        recipe_name=getattr(recipe, "name", ""),
+        seed=train.seed,
+        micro_batch_size=train.micro_batch_size,
+        global_batch_size=train.global_batch_size,
+        train_iters=train.steps,
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        clip_grad=train.grad_clip,
+        iteration=iteration,
+        consumed_train_samples=iteration * train.global_batch_size,  # as the scheduler counts
+        consumed_valid_samples=0,
     )
+
+
+def scheduler_state(recipe: Recipe, iteration: int) -> dict[str, Any]:
+    """The reference's OptimizerParamScheduler.state_dict() for this recipe; it counts samples."""
+    t = recipe.train
+    batch = t.global_batch_size
+    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[t.lr_schedule]
+    return {
+        "max_lr": t.lr,
+        "min_lr": t.min_lr,
+        "lr_warmup_steps": t.warmup_steps * batch,
+        "lr_decay_steps": (t.decay_steps or t.steps) * batch,
+        "lr_decay_style": style,
+        "num_steps": iteration * batch,
+        "start_wd": t.weight_decay,
+        "end_wd": t.weight_decay,
+        "wd_incr_style": "constant",
+        "wd_incr_steps": t.steps * batch,
+    }
+
+
+def rng_state(seed: int) -> list[dict[str, Any]]:
+    """RNG states in the reference's shape. With no GPU here, the CUDA state is the Philox state
+    a generator seeded with `seed` starts from (seed, offset 0: the 16 bytes torch stores)."""
+    cuda = torch.tensor([seed, 0], dtype=torch.int64).view(torch.uint8)
+    return [
+        {
+            "random_rng_state": random.getstate(),
+            "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_state": cuda,
+            "rng_tracker_states": {},
+        }
+    ]
 
 
 def rank_dir(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> Path:
@@ -100,74 +153,79 @@ def rank_dir(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int) ->
     return root / f"iter_{iteration:07d}" / name
 
 
+def stage_bounds(stages: Sequence[str]) -> list[range]:
+    """The layer ranges of pipeline stages given as pattern pieces."""
+    ends = [sum(len(s) for s in stages[: i + 1]) for i in range(len(stages))]
+    return [range(end - len(stage), end) for stage, end in zip(stages, ends)]
+
+
+def stage_of(name: str, stages: Sequence[range]) -> int:
+    """The pipeline stage that holds our parameter `name`."""
+    if name == "embedding.weight":
+        return 0
+    if name.startswith("final_norm.") or name == "output_layer.weight":
+        return len(stages) - 1
+    layer = int(name.split(".")[1])
+    return next(i for i, r in enumerate(stages) if layer in r)
+
+
 def save_megatron(
-    model: HybridLM, recipe: Recipe, out_dir: str | Path, tp: int, pp: int, iteration: int
+    model: HybridLM,
+    recipe: Recipe,
+    out_dir: str | Path,
+    tp: int,
+    pp: int,
+    iteration: int,
+    progress: bool = False,
 ) -> Path:
-    """Write `model` (single-process, global tensors) as a Megatron checkpoint at TP x PP; returns
-    the iteration directory. The files hold no optimizer state: load them with --no-load-optim."""
-    out = Path(out_dir)
+    """Write `model` (single-process, global tensors) as the reference's checkpoint at TP x PP
+    and return the iteration directory. Tensors keep the model's dtype (cast the model to bf16
+    first for a bf16 checkpoint). There is no optimizer state: load with --no-load-optim."""
     cfg = model.cfg
-    kind_of = dict(enumerate(model.layout.pattern))
-    stages = stage_ranges(model, pp)
-    args = megatron_args(model, recipe, tp, pp)
-    for tp_rank in range(tp):
-        with torch.device("meta"):
-            shard = HybridLM(cfg, vocab_size=model.vocab_size, tp=tp)
-        shard = _copy_weights(model, shard)
-        if tp > 1:
-            apply_tp(shard, group=None, tp=tp, rank=tp_rank)
-        params = dict(shard.named_parameters())
-        for pp_rank, layers in enumerate(stages):
-            state = {}
-            for name, p in params.items():
-                layer = re.match(r"layers\.(\d+)\.", name)
-                if layer and int(layer[1]) not in layers:
-                    continue
-                if name == "embedding.weight" and pp_rank != 0:
-                    continue
-                if (name.startswith("final_norm") or name == "output_layer.weight") and (
-                    pp_rank != pp - 1
-                ):
-                    continue
-                state[megatron_key(name, kind_of, layers.start)] = p.detach().clone()
-            path = rank_dir(out, iteration, tp_rank, pp_rank, pp) / "model_optim_rng.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {
-                    "args": args,
-                    "checkpoint_version": CHECKPOINT_VERSION,
-                    "iteration": iteration,
-                    "model": state,
-                    "rng_state": [_rng_state()],
-                },
-                path,
+    stages = model.layout.stages if len(model.layout.stages) == pp else [model.layout.pattern]
+    cfg = dataclasses.replace(cfg, pattern="|".join(stages))  # else an even split, as the reference
+    parallel = dataclasses.replace(recipe.parallel, tp=tp, pp=pp, dp=1)
+    validate(dataclasses.replace(recipe, model=cfg, parallel=parallel))  # heads, groups, stages
+    padded = padded_vocab_size(model.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+    params = {}
+    for name, p in model.named_parameters():
+        p = p.detach()
+        if name in VOCAB_PARAMS:  # the reference pads to a multiple of 128 x TP, with zeros
+            p = torch.cat(
+                [p[: model.vocab_size], p.new_zeros(padded - model.vocab_size, p.shape[1])]
             )
-    (out / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+        params[name] = p
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    stages, pattern = stage_bounds(split_stages(cfg.pattern, pp)), model.layout.pattern
+    out = Path(out_dir)
+    common = {
+        "args": megatron_args(model, recipe, tp, pp, iteration),
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "opt_param_scheduler": scheduler_state(recipe, iteration),
+        "rng_state": rng_state(recipe.train.seed),
+        "num_floating_point_operations_so_far": 0,
+    }
+    grid = [(t, s) for s in range(pp) for t in range(tp)]
+    for tp_rank, pp_rank in _bar(grid, "write ranks", progress):
+        offset = stages[pp_rank].start
+        state = {
+            megatron_key(name, pattern, offset): _own(rank_piece(p, name, shapes, tp, tp_rank))
+            for name, p in params.items()
+            if stage_of(name, stages) == pp_rank
+        }
+        path = rank_dir(out, iteration, tp_rank, pp_rank, pp) / RANK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(common | {"model": state}, path)
+    # The reference writes the bare number; its reader strips whitespace.
+    (out / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return out / f"iter_{iteration:07d}"
 
 
-def _copy_weights(model: HybridLM, target: HybridLM) -> HybridLM:
-    """`target` (built on meta, possibly padded differently) with `model`'s weights; padding rows
-    (they take no probability and see no tokens) are zero."""
-    target = target.to_empty(device="cpu")
-    with torch.no_grad():
-        for (name, p), q in zip(target.named_parameters(), model.parameters()):
-            if name in ("embedding.weight", "output_layer.weight"):
-                p.zero_()
-                p[: model.vocab_size] = q[: model.vocab_size]
-            else:
-                p.copy_(q)
-    return target
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.get_rng_state(),  # no GPU here: a placeholder of the right type
-        "rng_tracker_states": {},
-    }
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or a copy when it is a view into a larger storage (torch.save would write
+    the whole storage)."""
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
 # ---- reading ----
@@ -185,141 +243,182 @@ def latest_iteration(root: Path) -> int:
     return int(text)
 
 
+def _numpy_rng_globals() -> list[Any]:
+    """What a pickled numpy RNG state (the reference's np_rng_state) needs under weights_only."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, np.dtypes.UInt32DType]
+
+
 def load_rank_file(path: Path) -> dict[str, Any]:
-    """torch.load with weights_only (argparse.Namespace allowed); the reference pickles other
-    objects too, so fall back to a full unpickle, but only for this file the user named."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    """torch.load a rank file the user named (it lies in the directory they gave): weights_only,
+    allowing the argparse.Namespace and numpy RNG state the reference pickles; a file that
+    pickles other objects (its args can hold enums and the like) is unpickled in full, logged.
+    Anything else unreadable is an error, never a full unpickle."""
+    mmap = zipfile.is_zipfile(path)  # torch's pre-1.6 format cannot be memory-mapped
+    with torch.serialization.safe_globals([argparse.Namespace, *_numpy_rng_globals()]):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            why = f"it pickles {found[1]}" if found else type(e).__name__
-            log.warning("%s needs a full unpickle (%s); loading it because you named it", path, why)
-    return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            if not found:
+                reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+                why = reason[1].strip() if reason else str(e).splitlines()[0]
+                raise ValueError(f"{path}: not a readable checkpoint file ({why})") from None
+    log.warning(
+        "%s pickles %s: unpickling it in full (weights_only=False) because you named it",
+        path,
+        found[1],
+    )
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
-def read_args(root: str | Path, iteration: int | None = None) -> argparse.Namespace:
-    """The `args` of a checkpoint, from its first rank's file."""
-    root = Path(root)
-    iteration = latest_iteration(root) if iteration is None else iteration
-    files = sorted((root / f"iter_{iteration:07d}").glob("mp_rank_*/model_optim_rng.pt"))
-    if not files:
-        raise FileNotFoundError(f"{root / f'iter_{iteration:07d}'}: no mp_rank_*/ files")
-    return load_rank_file(files[0])["args"]
-
-
-def read_ranks(root: str | Path, iteration: int | None = None) -> tuple[dict, argparse.Namespace]:
-    """{(tp_rank, pp_rank): state dict} of one iteration, and its args. Checks that every rank
-    of the TP x PP grid is there."""
-    root = Path(root)
-    iteration = latest_iteration(root) if iteration is None else iteration
-    it_dir = root / f"iter_{iteration:07d}"
-    files = sorted(it_dir.glob("mp_rank_*/model_optim_rng.pt"))
-    if not files:
-        raise FileNotFoundError(f"{it_dir}: no mp_rank_*/model_optim_rng.pt files")
-    ranks, args = {}, None
-    for path in tqdm(files, desc="read ranks", unit="file", disable=None):
+def find_rank_files(it_dir: Path) -> dict[tuple[int, int], Path]:
+    """{(tp_rank, pp_rank): file} of one iteration directory."""
+    files = {}
+    for path in sorted(it_dir.glob(f"mp_rank_*/{RANK_FILE}")):
         match = re.fullmatch(r"mp_rank_(\d+)(?:_(\d+))?", path.parent.name)
         if not match:
             raise ValueError(f"{path.parent}: not an mp_rank_TT[_PPP] directory")
-        ckpt = load_rank_file(path)
-        ranks[(int(match[1]), int(match[2] or 0))] = ckpt["model"]
-        args = args or ckpt["args"]
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in ranks]
+        files[(int(match[1]), int(match[2] or 0))] = path
+    if not files:
+        raise FileNotFoundError(f"{it_dir}: no mp_rank_*/{RANK_FILE} files")
+    return files
+
+
+def _bar(items: Iterable, desc: str, progress: bool) -> Iterable:
+    # disable=None: a bar only on a terminal, none in logs
+    return tqdm(items, desc=desc, unit="file", disable=None if progress else True)
+
+
+def get_arg(args: Any, name: str, default: Any = None) -> Any:
+    """One of a checkpoint's args, which is an argparse.Namespace or (rarely) a dict."""
+    if isinstance(args, Mapping):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def check_grid(files: Mapping[tuple[int, int], Path], args: Any, it_dir: Path) -> tuple[int, int]:
+    """TP and PP from the args (else from the directory names); every rank must be there."""
+    tp = get_arg(args, "tensor_model_parallel_size") or 1 + max(t for t, _ in files)
+    pp = get_arg(args, "pipeline_model_parallel_size") or 1 + max(p for _, p in files)
+    missing = [(t, p) for p in range(pp) for t in range(tp) if (t, p) not in files]
     if missing:
-        dirs = [rank_dir(root, iteration, t, p, pp).name for t, p in missing]
+        names = [rank_dir(it_dir.parent, 0, t, p, pp).name for t, p in missing]
         raise FileNotFoundError(
-            f"{it_dir}: TP={tp} PP={pp} but rank directories {dirs} are missing"
+            f"{it_dir}: TP={tp} PP={pp} but rank directories {names} are missing"
         )
-    return ranks, args
+    extra = sorted(set(files) - {(t, p) for p in range(pp) for t in range(tp)})
+    if extra:
+        raise ValueError(f"{it_dir}: rank files {extra} lie outside the TP={tp} x PP={pp} grid")
+    return tp, pp
 
 
-def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fused-norm keys -> the 2024 `decoder.layers.N.norm.*` keys; drop Transformer Engine's
-    `_extra_state` entries."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith("_extra_state") or not isinstance(value, torch.Tensor):
-            continue
-        match = re.fullmatch(
-            r"(decoder\.layers\.\d+)\.(?:mixer\.in_proj|self_attention\.linear_qkv|mlp\.linear_fc1)"
-            r"\.layer_norm_(weight|bias)",
-            key,
-        )
-        out[f"{match[1]}.norm.{match[2]}" if match else key] = value
-    return out
+def _stage_names(states: Sequence[Mapping[str, Any]], files: Sequence[Path], offset: int) -> dict:
+    """{our name: [piece of TP rank 0, 1, ...]} of one pipeline stage (its TP ranks' states and
+    files); every TP rank must hold the same keys. Transformer Engine's `_extra_state` entries
+    are not weights: skipped."""
+    per_rank = []
+    for state, path in zip(states, files):
+        names = {}
+        for key, value in state.items():
+            if key.endswith("_extra_state"):
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor")
+            name = our_name(key, offset)
+            if name in names:  # e.g. a layer holding attention and MLP: not a hybrid's layer
+                raise ValueError(f"{path}: {names[name][0]!r} and {key!r} are both our {name}")
+            names[name] = (key, value)
+        per_rank.append(names)
+    first = per_rank[0]
+    for rank, names in enumerate(per_rank):
+        for name in sorted(set(first) ^ set(names)):
+            has, lacks = (0, rank) if name in first else (rank, 0)
+            key = per_rank[has][name][0]
+            raise KeyError(f"{files[lacks]}: no {key!r} ({files[has].parent.name} has it)")
+    return {name: [names[name][1] for names in per_rank] for name in first}
 
 
 def load_megatron(
-    model: HybridLM, root: str | Path, iteration: int | None = None
-) -> argparse.Namespace:
-    """Fill `model` (single-process, built for the checkpoint's shapes) from a Megatron checkpoint
-    at any TP/PP; every parameter must be covered and no key left over. Returns the args."""
-    ranks, args = read_ranks(root, iteration)
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    cfg, kind_of = model.cfg, dict(enumerate(model.layout.pattern))
-    stages = stage_ranges(model, pp)
-    states = {rank: _normalise_keys(state) for rank, state in ranks.items()}
-    layer_counts = [len({k.split(".")[2] for k in states[(0, p)] if k.startswith("decoder.layers.")}) for p in range(pp)]  # fmt: skip
-    if layer_counts != [len(r) for r in stages]:
-        raise ValueError(
-            f"{root}: stages hold {layer_counts} layers, but the pattern "
-            f"{model.layout.pattern} splits into {[len(r) for r in stages]} for PP={pp}"
+    in_dir: str | Path, iteration: int | None = None, progress: bool = False
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Read the reference's checkpoint at any TP/PP into global tensors under our parameter names
+    (`model.load_state_dict`-ready but for the vocabulary rows: embedding and output layer keep
+    the checkpoint's padded rows; load_into fits them) and return them with the checkpoint's
+    args (an argparse.Namespace, or whatever the files hold). Accepts 2024-era
+    `decoder.layers.N.norm.*`, fused `*.layer_norm_weight` and local-spec `input_layernorm` /
+    `pre_mlp_layernorm` pre-norms."""
+    root = Path(in_dir)
+    iteration = latest_iteration(root) if iteration is None else iteration
+    it_dir = root / f"iter_{iteration:07d}"
+    files = find_rank_files(it_dir)
+    ckpts = {min(files): load_rank_file(files[min(files)])}
+    args = ckpts[min(files)].get("args")
+    tp, pp = check_grid(files, args, it_dir)  # before reading the rest: a missing rank fails fast
+    for rank, path in _bar(files.items(), "read ranks", progress):
+        ckpts[rank] = ckpts.get(rank) or load_rank_file(path)
+    pieces: dict[str, list[torch.Tensor]] = {}
+    offset = 0
+    for stage in range(pp):
+        states = [ckpts[(t, stage)]["model"] for t in range(tp)]
+        paths = [files[(t, stage)] for t in range(tp)]
+        local = sorted({int(k.split(".")[2]) for k in states[0] if k.startswith("decoder.layers.")})
+        if local != list(range(len(local))):
+            raise ValueError(f"{paths[0]}: layer numbers {local} are not 0..{len(local) - 1}")
+        for name, stage_pieces in _stage_names(states, paths, offset).items():
+            if name in pieces:
+                raise ValueError(f"{paths[0]}: holds {name}, which an earlier stage holds too")
+            pieces[name] = stage_pieces
+        offset += len(local)
+    # Global shapes first: the Mamba layout of one tensor is measured from its neighbours.
+    shapes = {}
+    for name, ranks in pieces.items():
+        shape, dim = list(ranks[0].shape), tp_dim(name)
+        if dim is not None:
+            shape[dim] *= tp
+        shapes[name] = shape
+    state = {}
+    for name, ranks in pieces.items():
+        if tp_dim(name) is None and any(not torch.equal(ranks[0], r) for r in ranks[1:]):
+            log.warning(
+                "%s: %s differs between TP ranks (replicated); using rank 0's", it_dir, name
+            )
+        state[name] = merge_pieces(ranks, name, shapes)
+    log.info("read %s: TP=%d PP=%d, %d layers, %d tensors", it_dir, tp, pp, offset, len(state))
+    return state, args
+
+
+def load_into(model: HybridLM, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy global tensors (our names) into `model`. Every parameter must be covered and every
+    tensor used; the first model.vocab_size vocabulary rows are taken and the model's own
+    padding rows zeroed (they take no probability and see no tokens)."""
+    params = dict(model.named_parameters())
+    missing, unused = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if missing or unused:
+        raise KeyError(
+            f"{source} does not fit the model ({model.layout.pattern}): "
+            + "; ".join(
+                f"{what} {names[:6]}{' ...' if len(names) > 6 else ''}"
+                for what, names in (("missing", missing), ("no place for", unused))
+                if names
+            )
         )
-    used: set[tuple[tuple[int, int], str]] = set()
-    padded = args.padded_vocab_size
+    vocab = model.vocab_size
     with torch.no_grad():
-        for tp_rank in range(tp):
-            template = _template(cfg, padded, tp, tp_rank)
-            for name, p in model.named_parameters():
-                stage = _stage_of(name, stages, pp)
-                key = megatron_key(name, kind_of, stages[stage].start)
-                rank = (tp_rank, stage)
-                if key not in states[rank]:
-                    raise KeyError(f"{root}: rank {rank} has no {key!r} (for our {name})")
-                used.add((rank, key))
-                _place(p, template[name], states[rank][key], model.vocab_size, name)
-    leftover = sorted(f"{r}:{k}" for r, s in states.items() for k in s if (r, k) not in used)
-    if leftover:
-        raise KeyError(f"{root}: keys the model has no place for: {leftover[:5]}")
-    return args
-
-
-def _template(cfg: ModelConfig, padded_vocab: int, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s parameters of a TP-cut model on the meta device: where its rows came from."""
-    with torch.device("meta"):
-        model = HybridLM(cfg, vocab_size=padded_vocab, tp=1)
-    if tp > 1:
-        apply_tp(model, group=None, tp=tp, rank=rank)
-    return dict(model.named_parameters())
-
-
-def _stage_of(name: str, stages: list[range], pp: int) -> int:
-    if name == "embedding.weight":
-        return 0
-    if name.startswith("final_norm") or name == "output_layer.weight":
-        return pp - 1
-    layer = int(name.split(".")[1])
-    return next(i for i, r in enumerate(stages) if layer in r)
-
-
-def _place(
-    param: torch.Tensor, template: torch.Tensor, value: torch.Tensor, vocab: int, name: str
-) -> None:
-    if tuple(value.shape) != tuple(template.shape):
-        raise ValueError(f"{name}: the checkpoint's shard has shape {tuple(value.shape)}, "
-                         f"expected {tuple(template.shape)}")  # fmt: skip
-    dim = getattr(template, "_tp_dim", None)
-    value = value.to(param.dtype)
-    if dim is None:
-        index = torch.arange(template.shape[0])
-        dim = 0
-    else:
-        index = template._tp_index
-    keep = index < param.shape[dim] if name in ("embedding.weight", "output_layer.weight") else None
-    if keep is not None:  # rows past our padded vocabulary are the checkpoint's padding
-        index, value = index[keep], value.index_select(dim, keep.nonzero().squeeze(1))
-    param.index_copy_(dim, index, value)
-    if name in ("embedding.weight", "output_layer.weight"):
-        param[vocab:] = 0
+        for name, p in params.items():
+            value = state[name]
+            if name in VOCAB_PARAMS:
+                if value.shape[0] < vocab or value.shape[1:] != p.shape[1:]:
+                    raise ValueError(
+                        f"{source}: {name} has shape {tuple(value.shape)}, the model "
+                        f"needs at least {vocab} rows of {p.shape[1]}"
+                    )
+                p.zero_()
+                p[:vocab] = value[:vocab]
+            elif value.shape != p.shape:
+                raise ValueError(
+                    f"{source}: {name} has shape {tuple(value.shape)}, the model "
+                    f"expects {tuple(p.shape)}"
+                )
+            else:
+                p.copy_(value)

@@ -14,8 +14,12 @@ Components = list[tuple[str, int]]
 
 def mamba_components(mixer: nn.Module) -> dict[str, Components]:
     """Component layout of a (global) Mamba2Mixer's packed in_proj rows and conv1d channels."""
-    d_inner, heads = mixer.d_inner, mixer.num_heads
-    gn = mixer.num_groups * mixer.d_state
+    return packed_mamba_components(mixer.d_inner, mixer.num_heads, mixer.num_groups * mixer.d_state)
+
+
+def packed_mamba_components(d_inner: int, heads: int, gn: int) -> dict[str, Components]:
+    """The same layout from sizes alone (d_inner, heads, groups x d_state), for code that sees
+    only tensors, such as checkpoint converters."""
     return {
         "in_proj": [("z", d_inner), ("x", d_inner), ("B", gn), ("C", gn), ("dt", heads)],
         "conv1d": [("x", d_inner), ("B", gn), ("C", gn)],

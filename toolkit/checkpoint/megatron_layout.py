@@ -1,0 +1,156 @@
+"""Names and tensor-parallel layout of the reference framework's checkpoints, as pure functions
+of parameter names and shapes (no model needed): what megatron.py writes and reads with.
+
+Our names are HybridLM's (`layers.3.mixer.in_proj.weight`); the reference's are its state-dict
+keys (`decoder.layers.1.mixer.in_proj.weight` on a later pipeline stage). A TP rank owns its
+piece of every component of a packed tensor (toolkit.parallel.sharding).
+"""
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from toolkit.parallel.sharding import Components, packed_mamba_components, shard_indices
+
+VOCAB_PARAMS = ("embedding.weight", "output_layer.weight")
+MIXER_KEY = {"M": "mixer", "*": "self_attention", "-": "mlp"}
+# A layer's pre-norm: 2024-era `norm`, Megatron's local specs, and the fused (Transformer Engine)
+# norms inside the first linear of each block kind.
+NORM_KEY = re.compile(
+    r"(?:(?:norm|input_layernorm|pre_mlp_layernorm)\."
+    r"|(?:mixer\.in_proj|self_attention\.linear_qkv|mlp\.linear_fc1)\.layer_norm_)(weight|bias)"
+)
+# The one parameter that tells each block kind apart, in our names.
+KIND_MARKER = {"M": "in_proj.weight", "*": "linear_qkv.weight", "-": "linear_fc1.weight"}
+
+
+def megatron_key(name: str, pattern: str, offset: int) -> str:
+    """Our parameter name -> the reference's key, in a model of layer `pattern` (the block kind
+    names the mixer); `offset` is the first layer of the parameter's pipeline stage."""
+    if name == "embedding.weight":
+        return "embedding.word_embeddings.weight"
+    if name == "output_layer.weight":
+        return name
+    if name.startswith("final_norm."):
+        return "decoder." + name
+    match = re.fullmatch(r"layers\.(\d+)\.(norm|mixer)\.(.+)", name)
+    if not match:
+        raise ValueError(f"no Megatron key for parameter {name!r}")
+    layer = int(match[1])
+    prefix = f"decoder.layers.{layer - offset}"
+    if match[2] == "norm":
+        return f"{prefix}.norm.{match[3]}"
+    return f"{prefix}.{MIXER_KEY[pattern[layer]]}.{match[3]}"
+
+
+def our_name(key: str, offset: int) -> str:
+    """The reference's key (any era) -> our parameter name, layer numbers made global."""
+    if key == "embedding.word_embeddings.weight":
+        return "embedding.weight"
+    if key == "output_layer.weight":
+        return key
+    if key.startswith("decoder.final_norm."):
+        return key.removeprefix("decoder.")
+    match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", key)
+    if not match:
+        raise KeyError(f"{key!r} is not a key of a hybrid model")
+    layer, rest = int(match[1]) + offset, match[2]
+    norm = NORM_KEY.fullmatch(rest)
+    if norm:
+        return f"layers.{layer}.norm.{norm[1]}"
+    mixer, _, param = rest.partition(".")
+    if mixer not in MIXER_KEY.values() or not param:
+        raise KeyError(
+            f"{key!r}: unknown block part {mixer!r} (expected mixer, self_attention, mlp)"
+        )
+    return f"layers.{layer}.mixer.{param}"
+
+
+def pattern_of(state: Iterable[str]) -> str:
+    """The layer pattern of a state dict in our names, read from which mixer each layer holds."""
+    kinds: dict[int, str] = {}
+    for name in state:
+        match = re.fullmatch(r"layers\.(\d+)\.mixer\.(.+)", name)
+        for kind, marker in KIND_MARKER.items():
+            if match and match[2] == marker:
+                kinds[int(match[1])] = kind
+    missing = sorted(set(range(max(kinds, default=-1) + 1)) - set(kinds))
+    if missing:
+        raise KeyError(f"layers {missing} have no in_proj, linear_qkv or linear_fc1 weight")
+    return "".join(kinds[i] for i in range(len(kinds)))
+
+
+# ---- tensor-parallel layout (pure) ----
+
+
+def tp_dim(name: str) -> int | None:
+    """The dimension tensor parallelism cuts our parameter `name` along; None: replicated."""
+    if name in VOCAB_PARAMS:
+        return 0  # vocab-parallel
+    if re.fullmatch(r"layers\.\d+\.norm\.\w+|final_norm\.\w+", name):
+        return None
+    match = re.fullmatch(r"layers\.\d+\.mixer\.(.+)", name)
+    param = match[1] if match else ""
+    if param in ("out_proj.weight", "linear_proj.weight", "linear_fc2.weight"):
+        return 1  # row-parallel: input columns
+    if param in (
+        "in_proj.weight",
+        "conv1d.weight",
+        "conv1d.bias",
+        "A_log",
+        "D",
+        "dt_bias",
+        "norm.weight",
+        "linear_qkv.weight",  # rows grouped per KV group: an even cut is a cut by whole groups
+        "linear_fc1.weight",
+    ):
+        return 0
+    raise KeyError(f"no tensor-parallel rule for parameter {name!r}")
+
+
+def tp_components(name: str, shapes: Mapping[str, Sequence[int]]) -> Components:
+    """The components stacked along tp_dim(name) of a global parameter; TP rank r owns the r-th
+    piece of each. `shapes` holds the global shapes of the model's parameters: Mamba's packed
+    in_proj and conv1d are measured from out_proj (d_inner) and A_log (heads), and a SwiGLU fc1
+    is recognised by having twice as many rows as fc2 has columns."""
+    prefix, _, param = name.rpartition(".mixer.")
+
+    def size(other: str, dim: int) -> int:
+        if f"{prefix}.mixer.{other}" not in shapes:
+            raise KeyError(f"{name}: its layout needs {prefix}.mixer.{other}, which is missing")
+        return shapes[f"{prefix}.mixer.{other}"][dim]
+
+    if param in ("in_proj.weight", "conv1d.weight", "conv1d.bias"):
+        d_inner, heads = size("out_proj.weight", 1), size("A_log", 0)
+        gn = (size("in_proj.weight", 0) - 2 * d_inner - heads) // 2
+        layout = packed_mamba_components(d_inner, heads, gn)
+        return layout["in_proj" if param == "in_proj.weight" else "conv1d"]
+    rows = shapes[name][tp_dim(name)]
+    if param == "linear_fc1.weight" and rows == 2 * size("linear_fc2.weight", 1):
+        return [("gate", rows // 2), ("up", rows // 2)]
+    return [(name, rows)]
+
+
+def rank_piece(
+    full: torch.Tensor, name: str, shapes: Mapping[str, Sequence[int]], tp: int, rank: int
+) -> torch.Tensor:
+    """TP rank `rank`'s piece of the global tensor `full` (parameter `name`)."""
+    dim = tp_dim(name)
+    if dim is None or tp == 1:
+        return full
+    return full.index_select(dim, shard_indices(tp_components(name, shapes), tp, rank))
+
+
+def merge_pieces(
+    pieces: Sequence[torch.Tensor], name: str, shapes: Mapping[str, Sequence[int]]
+) -> torch.Tensor:
+    """The global tensor from every TP rank's piece, in rank order (rank_piece's inverse)."""
+    dim, tp = tp_dim(name), len(pieces)
+    if dim is None or tp == 1:
+        return pieces[0].clone()  # not a view of a memory-mapped file that could change
+    full = pieces[0].new_empty(tuple(shapes[name]))
+    components = tp_components(name, shapes)
+    for rank, piece in enumerate(pieces):
+        full.index_copy_(dim, shard_indices(components, tp, rank), piece.to(full.dtype))
+    return full
