@@ -2,7 +2,7 @@
 
 Measures, for one process holding a recipe's whole model plus Adam state (fp32):
 - the disk: `dd` sequential write (fsync'd) and read of a file as large as the checkpoint;
-- a blocking save (write, read back and compare, fsync, publish) in GB/s;
+- a blocking save (write with checksums, fsync, publish) in GB/s;
 - an asynchronous save: how long training is blocked (the CPU snapshot) versus the whole save;
 - a full restore (model and optimizer) in GB/s;
 - lazy restores at TP=2 and TP=4 (every rank, shards cut by the real TP code): bytes read over
