@@ -83,3 +83,18 @@ def test_kernel_selection_without_mamba_ssm():
     )
     for got, want in zip(ssd_mamba_ssm(x, dt, A, B, C, 4), ssd_chunked(x, dt, A, B, C, 4)):
         assert torch.equal(got, want)
+
+
+def test_fused_mamba_path_is_off_without_its_kernels():
+    """The fused op needs CUDA, mamba-ssm and causal-conv1d: here no recipe turns it on, and a
+    mixer told to use it still runs CPU tensors through the reference path, same numbers."""
+    from toolkit.model.mamba2 import Mamba2Mixer, fused_mamba_available, use_fused_mamba
+
+    assert not fused_mamba_available()
+    assert not any(use_fused_mamba(k) for k in ("auto", "mamba_ssm", "reference"))
+    torch.manual_seed(0)
+    plain = Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2, chunk_size=4)
+    fused = Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2, chunk_size=4, fused=True)
+    fused.load_state_dict(plain.state_dict())
+    u = torch.randn(2, 12, 32)
+    assert torch.equal(fused(u), plain(u))

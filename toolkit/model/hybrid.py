@@ -14,7 +14,7 @@ from torch import nn
 from toolkit.config import ModelConfig, padded_vocab_size
 from toolkit.layout import build_layout
 from toolkit.model.attention import Attention, Rotary
-from toolkit.model.mamba2 import Mamba2Mixer, select_ssd
+from toolkit.model.mamba2 import Mamba2Mixer, select_ssd, use_fused_mamba
 from toolkit.model.mlp import MLP
 from toolkit.model.norms import build_norm
 
@@ -42,6 +42,7 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
             chunk_size=cfg.mamba_chunk_size,
             norm_eps=cfg.norm_eps,
             ssd=select_ssd(cfg.kernels),
+            fused=use_fused_mamba(cfg.kernels),
         )
     if kind == "*":
         head_dim = cfg.hidden_size // cfg.num_attention_heads

@@ -151,6 +151,24 @@ def mamba_ssm_available() -> bool:
     return True
 
 
+def fused_mamba_available() -> bool:
+    """Whether mamba-ssm's fused training op (causal conv, SSD and gated norm in one autograd
+    function) can run here: mamba-ssm's Triton kernels plus the causal-conv1d extension."""
+    if not mamba_ssm_available():
+        return False
+    try:
+        import causal_conv1d  # noqa: F401
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined  # noqa: F401
+    except Exception:  # ImportError, or an extension built for another GPU
+        return False
+    return True
+
+
+def use_fused_mamba(kernels: str) -> bool:
+    """`model.kernels` 'auto' and 'mamba_ssm' take the fused op when it is available."""
+    return kernels in ("auto", "mamba_ssm") and fused_mamba_available()
+
+
 SSD_KERNELS: dict[str, SSDFunction] = {"reference": ssd_chunked, "mamba_ssm": ssd_mamba_ssm}
 
 
@@ -190,7 +208,9 @@ class Mamba2Mixer(nn.Module):
         chunk_size: int = 128,
         norm_eps: float = 1e-5,
         ssd: SSDFunction = ssd_chunked,
+        fused: bool = False,
     ) -> None:
+        """`fused`: train through mamba-ssm's fused op on CUDA (same parameters and math)."""
         super().__init__()
         self.d_inner = expand * hidden_size
         if self.d_inner % head_dim:
@@ -199,7 +219,7 @@ class Mamba2Mixer(nn.Module):
         if self.num_heads % num_groups:
             raise ValueError(f"mamba: {self.num_heads} heads not divisible by {num_groups} groups")
         self.head_dim, self.d_state, self.num_groups = head_dim, d_state, num_groups
-        self.d_conv, self.chunk_size, self.ssd = d_conv, chunk_size, ssd
+        self.d_conv, self.chunk_size, self.ssd, self.fused = d_conv, chunk_size, ssd, fused
         self.conv_dim = self.d_inner + 2 * num_groups * d_state
         self.split_sizes = [self.d_inner, self.conv_dim, self.num_heads]  # z, xBC, dt
 
@@ -248,6 +268,8 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
         if state is not None and state.seen > 0 and u.size(1) == 1:
             return self.step(u, state)
+        if state is None and self.fused and u.is_cuda:
+            return self._forward_fused(u)
         b, length, _ = u.shape
         z, xbc, dt = self.in_proj(u).split(self.split_sizes, dim=-1)
 
@@ -271,6 +293,28 @@ class Mamba2Mixer(nn.Module):
             state.seen += length
         y = y + x * self.D.to(x.dtype)[:, None]
         return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def _forward_fused(self, u: torch.Tensor) -> torch.Tensor:
+        """forward() without a state through one mamba-ssm op: conv + SiLU, SSD with D and the
+        softplus of dt + dt_bias, and the group-wise gated RMSNorm (norm after the gate), fused.
+        out_proj stays a module call so that tensor-parallel hooks and autocast apply to it."""
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+
+        y = mamba_split_conv1d_scan_combined(
+            self.in_proj(u),
+            self.conv1d.weight.squeeze(1),
+            self.conv1d.bias,
+            self.dt_bias,
+            -torch.exp(self.A_log.float()),
+            self.D,
+            self.chunk_size,
+            rmsnorm_weight=self.norm.weight,
+            rmsnorm_eps=self.norm.eps,
+            headdim=self.head_dim,
+            ngroups=self.num_groups,  # B and C groups; the norm groups are the same
+            norm_before_gate=False,
+        )
+        return self.out_proj(y)
 
     def step(self, u: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token [b, 1, hidden] -> [b, 1, hidden], updating `state` in place."""
