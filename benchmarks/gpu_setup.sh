@@ -3,7 +3,9 @@
 # Installs what the device image lacks (see ../shared/device/README.md) into .gpu/ (ignored, kept
 # on a warm machine between calls, so a second call skips the work): zarr and its dependencies
 # from .whl/, torchao, mamba-ssm (Triton kernels only) and causal-conv1d (built for sm_90,
-# ~85 s) from .dev/. Sets PYTHONPATH and the Triton autotuning cache. Safe to source twice.
+# ~85 s, or unpacked from .dev/cc1d.tar.xz.part* that an earlier call brought back) from .dev/.
+# Sets PYTHONPATH and the Triton cache (seeded from .dev/triton.tar.xz if present, which skips
+# most of the ~100 s of autotuning). Safe to source twice.
 GPU_SITE=$PWD/.gpu/site
 mkdir -p "$GPU_SITE" .gpu/triton
 if [ ! -e "$GPU_SITE/.done" ]; then
@@ -14,12 +16,18 @@ if [ ! -e "$GPU_SITE/.done" ]; then
     .dev/mamba_ssm-2.3.2.post1.tar.gz
   # Released mamba-ssm imports its Mamba-1 extension unconditionally; Mamba-2 does not use it.
   echo '# Mamba-1 CUDA extension not built' > "$GPU_SITE/selective_scan_cuda.py"
-  rm -rf /tmp/cc1d && mkdir -p /tmp/cc1d && tar xzf .dev/causal_conv1d-1.7.0.tar.gz -C /tmp/cc1d
-  (cd /tmp/cc1d/causal_conv1d-1.7.0 && python3 "$OLDPWD/.dev/patch_cc1d_sm90.py" setup.py --split &&
-    CAUSAL_CONV1D_FORCE_BUILD=TRUE TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 400 \
-      python3 -m pip install -q --no-build-isolation --no-deps --no-index --no-cache-dir \
-      --target "$GPU_SITE" .) > .gpu/causal_conv1d_build.log 2>&1 ||
-    echo "causal-conv1d did not build (see .gpu/causal_conv1d_build.log)"
+  if ls .dev/cc1d.tar.xz.part* > /dev/null 2>&1; then  # built by an earlier call, brought back
+    cat .dev/cc1d.tar.xz.part* | tar xJf - -C "$GPU_SITE"
+  else
+    rm -rf /tmp/cc1d && mkdir -p /tmp/cc1d && tar xzf .dev/causal_conv1d-1.7.0.tar.gz -C /tmp/cc1d
+    (cd /tmp/cc1d/causal_conv1d-1.7.0 && python3 "$OLDPWD/.dev/patch_cc1d_sm90.py" setup.py --split &&
+      CAUSAL_CONV1D_FORCE_BUILD=TRUE TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 400 \
+        python3 -m pip install -q --no-build-isolation --no-deps --no-index --no-cache-dir \
+        --target "$GPU_SITE" .) > .gpu/causal_conv1d_build.log 2>&1 ||
+      echo "causal-conv1d did not build (see .gpu/causal_conv1d_build.log)"
+  fi
+  # Triton's compiled kernels and autotuning results from an earlier call (same image and GPU).
+  [ -e .dev/triton.tar.xz ] && tar xJf .dev/triton.tar.xz -C .gpu
   touch "$GPU_SITE/.done"
 fi
 export PYTHONPATH=$PWD:$GPU_SITE${PYTHONPATH:+:$PYTHONPATH}
