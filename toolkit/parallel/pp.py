@@ -6,6 +6,7 @@ Stages are given explicit input and output shapes: runtime shape inference is av
 """
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -86,3 +87,29 @@ def build_pipeline(
     schedule_cls = Schedule1F1B if micro_batches >= env.pp else ScheduleGPipe
     schedule = schedule_cls(stage, n_microbatches=micro_batches, loss_fn=loss_fn, scale_grads=True)
     return stage_module, schedule
+
+
+@torch.no_grad()
+def pipeline_forward(
+    stage: StageModule,
+    env: ParallelEnv,
+    tokens: torch.Tensor,
+    hidden_size: int,
+    autocast,
+) -> torch.Tensor | None:
+    """Forward only, one micro-batch through every stage in turn (validation needs no schedule):
+    each stage receives the previous one's activations, runs its blocks and sends them on.
+    Returns the logits on the last stage, None on the others. Activations travel as fp32."""
+    group = env.group("pp")
+    index = env.pp_rank
+    if stage.first:
+        x = tokens
+    else:
+        x = torch.empty(*tokens.shape, hidden_size, device=tokens.device, dtype=torch.float32)
+        dist.recv(x, src=dist.get_global_rank(group, index - 1), group=group)
+    with autocast():
+        out = stage(x)
+    if stage.last:
+        return out
+    dist.send(out.float().contiguous(), dst=dist.get_global_rank(group, index + 1), group=group)
+    return None
