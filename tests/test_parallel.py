@@ -118,8 +118,11 @@ def write_recipe(tmp_path: Path, name: str, steps: int, **parallel) -> Path:
         *(f"{k} = {toml_value(v)}" for k, v in model.items()),
         "[data]",
         f'source = "{tmp_path / "corpus.txt"}"',
+        "valid_fraction = 0.1",
         "[train]",
         f"steps = {steps}",
+        "eval_interval = 2",  # validation at every layout, pipelines included
+        "eval_batches = 3",
         "micro_batch_size = 2",
         "global_batch_size = 4",
         "lr = 3e-3",
@@ -205,6 +208,14 @@ def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_proce
     # The global gradient norm: every shard's gradients, reduced over DP, summed over TP and PP.
     grad_norm = losses(tmp_path / "run" / "tb", "train/grad_norm")
     assert grad_norm[1] == pytest.approx(losses(single_process_run, "train/grad_norm")[1], rel=1e-5)
+    # The same held-out micro-batches, split over DP ranks or sent through the pipeline stages.
+    valid, valid_reference = (
+        losses(tmp_path / "run" / "tb", "valid/loss"),
+        losses(single_process_run, "valid/loss"),
+    )
+    assert sorted(valid) == sorted(valid_reference) == [2, 4]
+    for step in (2, 4):
+        assert valid[step] == pytest.approx(valid_reference[step], rel=1e-4), (step, valid)
 
 
 RESHARDS = {  # saved at -> resumed at

@@ -46,6 +46,7 @@ from toolkit.data.sampler import Samples, rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import build_optimizer, learning_rate
+from toolkit.parallel.pp import pipeline_forward
 from toolkit.parallel.runtime import (
     StepRunner,
     average_over_dp,
@@ -216,8 +217,6 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     profile_dir = Path(recipe.logging.dir) / "profile"
     profiler = StepProfiler(cfg.profile, profile_dir, env.rank, device, next_step=step + 1)
     peak = peak_tflops(device, cfg.precision, recipe.logging.peak_tflops)
-    if valid is not None and cfg.eval_interval and env.pp > 1:
-        log.warning("validation is not run under pipeline parallelism yet (train.eval_interval)")
     module.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -299,8 +298,10 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             and cfg.eval_interval
             and (step % cfg.eval_interval == 0 or step == cfg.steps)
         ):
-            valid_loss = validation_loss(module, valid, loss_fn, cfg, env, device)
-            if valid_loss is not None and writer is not None:
+            valid_loss = validation_loss(
+                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size
+            )
+            if writer is not None:
                 writer.add_scalar("valid/loss", valid_loss, step)
                 writer.add_scalar("valid/perplexity", math.exp(min(valid_loss, 700.0)), step)
                 writer.flush()
@@ -349,20 +350,31 @@ def validation_loss(
     cfg,
     env: ParallelEnv,
     device: torch.device,
-) -> float | None:
+    hidden_size: int,
+) -> float:
     """Mean loss over the first `eval_batches` validation micro-batches (the same ones every
-    time, split over DP ranks). Not under pipeline parallelism (it would need a forward-only
-    schedule): None there."""
-    if env.pp > 1:
-        return None
+    time, split over DP ranks). Under PP, `module` is this rank's stage: each micro-batch goes
+    forward through the stages in turn and the last one computes the loss."""
     module.eval()
     total = torch.zeros((), device=device)
     for i in range(env.dp_rank, cfg.eval_batches, env.dp):
         inputs, labels = valid.batch(i * cfg.micro_batch_size, cfg.micro_batch_size)
-        with autocast_context(cfg.precision, device):
-            logits = module(inputs.to(device))
-        total += loss_fn(logits, labels.to(device)).float()
+        if env.pp > 1:
+            logits = pipeline_forward(
+                module,
+                env,
+                inputs.to(device),
+                hidden_size,
+                lambda: autocast_context(cfg.precision, device),
+            )
+        else:
+            with autocast_context(cfg.precision, device):
+                logits = module(inputs.to(device))
+        if logits is not None:
+            total += loss_fn(logits, labels.to(device)).float()
     module.train()
+    if env.pp > 1:  # only the last stage has a loss; every rank logs or returns the same number
+        torch.distributed.all_reduce(total, group=env.group("pp"))
     if env.dp > 1:
         torch.distributed.all_reduce(total, group=env.group("dp"))
     return total.item() / cfg.eval_batches
