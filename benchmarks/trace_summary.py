@@ -40,14 +40,23 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="kernels to list")
     args = parser.parse_args()
     by_name: dict[str, float] = defaultdict(float)
+    by_op: dict[str, float] = defaultdict(float)  # the aten op (or module) that launched it
     count: dict[str, int] = defaultdict(int)
     first, last = float("inf"), 0.0
     for path in args.traces:
         with open(path) as f:
             events = json.load(f)["traceEvents"]
+        # A kernel's "External id" is that of the CPU op that launched it (innermost op wins:
+        # ops are listed outer first, so later ones with the same id overwrite).
+        op_of = {
+            e["args"]["External id"]: e["name"]
+            for e in events
+            if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})
+        }
         for e in events:
             if e.get("cat") != "kernel":
                 continue
+            by_op[op_of.get(e.get("args", {}).get("External id"), "?")] += e["dur"]
             by_name[e["name"]] += e["dur"]
             count[e["name"]] += 1
             first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
@@ -62,6 +71,9 @@ def main() -> None:
     print("\nby family:")
     for label, us in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"  {us / 1e3:9.1f} ms  {us / busy:6.1%}  {label}")
+    print(f"\ntop {args.top} launching ops:")
+    for name, us in sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"  {us / 1e3:9.1f} ms  {us / busy:6.1%}  {name[:110]}")
     print(f"\ntop {args.top} kernels:")
     for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {us / 1e3:9.1f} ms  {us / busy:6.1%}  x{count[name]:<5d} {name[:110]}")

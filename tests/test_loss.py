@@ -45,3 +45,33 @@ def test_trainer_loss_uses_it(monkeypatch):
     assert calls and value.item() == pytest.approx(
         F.cross_entropy(logits[..., :5].flatten(0, 1), labels.flatten()).item(), rel=1e-6
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_form_compiled_on_gpus_equals_the_in_place_one(dtype):
+    """GPUs run `_fusable_block_loss_and_grad` through torch.compile; CI checks its math here,
+    eagerly, against the in-place form that CPUs run."""
+    g = torch.Generator().manual_seed(1)
+    block = (torch.randn(9, 300, generator=g) * 4).to(dtype)[:, :250]  # a padded, strided view
+    target = torch.randint(0, 250, (9,), generator=g)
+    want_loss, want_grad = loss._block_loss_and_grad(block, target, 1 / 9)
+    got_loss, got_grad = loss._fusable_block_loss_and_grad(block, target, 1 / 9)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert got_grad.dtype == want_grad.dtype == dtype
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_failing_compiled_loss_falls_back_to_the_eager_one(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(loss, "_block_function", lambda device: broken)
+    monkeypatch.setattr(loss, "_compiled_block", broken)
+    logits = torch.randn(2, 5, 16, requires_grad=True)
+    labels = torch.randint(0, 16, (2, 5))
+    got = blockwise_cross_entropy(logits, labels)
+    assert got.item() == pytest.approx(
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    )
+    assert "compiled cross-entropy failed (no Triton here)" in caplog.text
+    assert loss._compiled_block is loss._block_loss_and_grad  # later calls go eager at once
