@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from toolkit.build import build_model
-from toolkit.checkpoint import CheckpointSaver, Comm, RankView, ReadCounter, restore
+from toolkit.checkpoint import CheckpointSaver, Comm, RankView, ReadCounter, restore, store
 from toolkit.config import RecipeError, load_recipe, validate
 from toolkit.parallel import apply_tp
 from toolkit.tokenizer import build_tokenizer
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/ckpt-bench", help="scratch directory (wiped)")
     parser.add_argument("--drop-caches", action="store_true", help="drop page cache before reads")
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--quick", action="store_true", help="no async save, no TP restores")
+    parser.add_argument("--no-dd", action="store_true", help="skip dd (e.g. in a thread sweep)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. --set model.num_layers=12")  # fmt: skip
     args = parser.parse_args()
@@ -88,14 +90,16 @@ def main() -> None:
         "checkpoint_gb": nbytes / 1e9,
     }
 
-    ddfile = root / "dd.bin"
-    count = max(1, nbytes // (64 << 20))
-    results["dd_write_gbps"] = dd(
-        ["if=/dev/zero", f"of={ddfile}", "bs=64M", f"count={count}", "conv=fsync"]
-    )
-    results["page_cache_dropped"] = str(drop_caches(args.drop_caches))
-    results["dd_read_gbps"] = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
-    ddfile.unlink()
+    results["chunk_threads"] = store._CHUNK_POOL._max_workers
+    if not args.no_dd:
+        ddfile = root / "dd.bin"
+        count = max(1, nbytes // (64 << 20))
+        results["dd_write_gbps"] = dd(
+            ["if=/dev/zero", f"of={ddfile}", "bs=64M", f"count={count}", "conv=fsync"]
+        )
+        results["page_cache_dropped"] = str(drop_caches(args.drop_caches))
+        results["dd_read_gbps"] = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
+        ddfile.unlink()
 
     saver = CheckpointSaver(root / "ckpt", Comm())
     start = time.perf_counter()
@@ -103,12 +107,13 @@ def main() -> None:
     results["save_s"] = time.perf_counter() - start
     results["save_gbps"] = nbytes / results["save_s"] / 1e9
 
-    async_saver = CheckpointSaver(root / "ckpt", Comm(), asynchronous=True)
-    start = time.perf_counter()
-    async_saver.save(2, model, optimizer, view, {"step": 2})
-    results["async_blocked_s"] = time.perf_counter() - start
-    async_saver.wait()
-    results["async_total_s"] = time.perf_counter() - start
+    if not args.quick:
+        async_saver = CheckpointSaver(root / "ckpt", Comm(), asynchronous=True)
+        start = time.perf_counter()
+        async_saver.save(2, model, optimizer, view, {"step": 2})
+        results["async_blocked_s"] = time.perf_counter() - start
+        async_saver.wait()
+        results["async_total_s"] = time.perf_counter() - start
 
     fresh = copy.deepcopy(model)
     fresh_optimizer = with_adam_state(fresh)
@@ -118,7 +123,7 @@ def main() -> None:
     results["load_s"] = time.perf_counter() - start
     results["load_gbps"] = nbytes / results["load_s"] / 1e9
 
-    for tp in (2, 4):
+    for tp in () if args.quick else (2, 4):
         try:
             validate(load_recipe(args.recipe, [*args.set, f"parallel.tp={tp}"]))
         except RecipeError as e:
@@ -138,8 +143,9 @@ def main() -> None:
         # of the amplification for small vocabularies, none for the 256k one.
         results[f"tp{tp}_read_amplification"] = read / needed
 
-    results["save_vs_dd_write"] = results["save_gbps"] / results["dd_write_gbps"]
-    results["load_vs_dd_read"] = results["load_gbps"] / results["dd_read_gbps"]
+    if not args.no_dd:
+        results["save_vs_dd_write"] = results["save_gbps"] / results["dd_write_gbps"]
+        results["load_vs_dd_read"] = results["load_gbps"] / results["dd_read_gbps"]
     for key, value in results.items():
         print(f"{key:28} {value:.3f}" if isinstance(value, float) else f"{key:28} {value}")
     if args.json:
