@@ -8,11 +8,17 @@ from toolkit import loss
 from toolkit.loss import blockwise_cross_entropy
 
 
+@pytest.mark.parametrize("padded", [64, 50])
+@pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_torch_cross_entropy(monkeypatch, dtype):
-    monkeypatch.setattr(loss, "ROWS_PER_BLOCK", 7)  # 3 x 10 rows: blocks of 7, 7, 7, 7 and 2
+def test_matches_torch_cross_entropy(monkeypatch, dtype, path, padded):
+    """Eager: blocks of 7 of the 30 rows (7, 7, 7, 7, 2). "compiled": the path GPUs take, one
+    block of all rows (run eagerly here), whose gradient is used as is without padding."""
+    monkeypatch.setattr(loss, "ROWS_PER_BLOCK", 7)
+    if path == "compiled":
+        monkeypatch.setattr(loss, "_block_function", lambda _: loss._fusable_block_loss_and_grad)
     g = torch.Generator().manual_seed(0)
-    vocab, padded = 50, 64
+    vocab = 50
     logits = (torch.randn(3, 10, padded, generator=g) * 3).to(dtype)
     labels = torch.randint(0, vocab, (3, 10), generator=g)
 
@@ -75,3 +81,12 @@ def test_a_failing_compiled_loss_falls_back_to_the_eager_one(monkeypatch, caplog
     )
     assert "compiled cross-entropy failed (no Triton here)" in caplog.text
     assert loss._compiled_block is loss._block_loss_and_grad  # later calls go eager at once
+
+
+def test_a_second_backward_is_refused_not_silently_rescaled():
+    """The saved gradient is scaled in place by the first backward."""
+    logits = torch.randn(4, 8, requires_grad=True)
+    got = blockwise_cross_entropy(logits, torch.randint(0, 8, (4,)))
+    got.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        got.backward()

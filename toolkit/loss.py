@@ -57,36 +57,53 @@ def _block_function(device: torch.device):
     return _compiled_block
 
 
+def _loss_and_grad(
+    flat: torch.Tensor, targets: torch.Tensor, vocab_size: int, block_fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss over the rows of `flat` [rows, V] and its gradient, `block_fn` a block at a time.
+    Compiled, nothing is materialised in fp32: one block of all rows, whose gradient is the
+    whole gradient when there is no vocabulary padding (no copy, no zero-fill)."""
+    rows = flat.size(0)
+    block_rows = ROWS_PER_BLOCK if block_fn is _block_loss_and_grad else rows
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    grad = None
+    for start in range(0, rows, block_rows):
+        block = flat[start : start + block_rows, :vocab_size]
+        losses, block_grad = block_fn(block, targets[start : start + block_rows], 1.0 / rows)
+        total += losses.sum(dtype=torch.float64)
+        if block_rows == rows and vocab_size == flat.size(1):
+            return (total / rows).float(), block_grad
+        if grad is None:
+            grad = torch.empty_like(flat)
+            grad[:, vocab_size:] = 0  # padding columns get no gradient
+        grad[start : start + block_rows, :vocab_size] = block_grad
+    return (total / rows).float(), grad
+
+
 class _BlockwiseCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
         global _compiled_block
         flat, targets = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-        rows = flat.size(0)
-        grad = torch.zeros_like(flat)  # padding columns (>= vocab_size) get no gradient
-        total = torch.zeros((), dtype=torch.float64, device=flat.device)
         block_fn = _block_function(flat.device)
-        for start in range(0, rows, ROWS_PER_BLOCK):
-            block = flat[start : start + ROWS_PER_BLOCK, :vocab_size]
-            target = targets[start : start + ROWS_PER_BLOCK]
-            try:
-                losses, block_grad = block_fn(block, target, 1.0 / rows)
-            except Exception as e:  # a compiler problem must not stop training: eager instead
-                if block_fn is _block_loss_and_grad:
-                    raise
-                log.warning("compiled cross-entropy failed (%s); using the eager one", e)
-                block_fn = _compiled_block = _block_loss_and_grad
-                losses, block_grad = block_fn(block, target, 1.0 / rows)
-            total += losses.sum(dtype=torch.float64)
-            grad[start : start + ROWS_PER_BLOCK, :vocab_size] = block_grad
+        try:
+            loss, grad = _loss_and_grad(flat, targets, vocab_size, block_fn)
+        except Exception as e:  # a compiler problem must not stop training: eager instead
+            if block_fn is _block_loss_and_grad:
+                raise
+            log.warning("compiled cross-entropy failed (%s); using the eager one", e)
+            _compiled_block = _block_loss_and_grad
+            loss, grad = _loss_and_grad(flat, targets, vocab_size, _block_loss_and_grad)
         ctx.save_for_backward(grad)
         ctx.shape = logits.shape
-        return (total / rows).float()
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss.to(grad.dtype)).reshape(ctx.shape), None, None
+        # Scaled in place: no second 4 GB buffer. A second backward (retain_graph) is refused
+        # by autograd's version check on the saved tensor.
+        return grad.mul_(grad_loss.to(grad.dtype)).reshape(ctx.shape), None, None
 
 
 def blockwise_cross_entropy(
