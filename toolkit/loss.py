@@ -61,10 +61,13 @@ def _loss_and_grad(
     flat: torch.Tensor, targets: torch.Tensor, vocab_size: int, block_fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss over the rows of `flat` [rows, V] and its gradient, `block_fn` a block at a time.
-    Compiled, nothing is materialised in fp32: one block of all rows, whose gradient is the
-    whole gradient when there is no vocabulary padding (no copy, no zero-fill)."""
+    Compiled, nothing is materialised in fp32: blocks as large as 32-bit indices allow (8,388
+    rows of a 256k vocabulary); a single block's gradient, without vocabulary padding, is the
+    whole gradient (no copy, no zero-fill)."""
     rows = flat.size(0)
-    block_rows = ROWS_PER_BLOCK if block_fn is _block_loss_and_grad else rows
+    block_rows = ROWS_PER_BLOCK
+    if block_fn is not _block_loss_and_grad:  # compiled: as many rows as 32-bit indexing allows
+        block_rows = min(rows, max(1, (2**31 - 1) // flat.size(1)))
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
     grad = None
     for start in range(0, rows, block_rows):
