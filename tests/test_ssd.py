@@ -98,3 +98,20 @@ def test_fused_mamba_path_is_off_without_its_kernels():
     fused.load_state_dict(plain.state_dict())
     u = torch.randn(2, 12, 32)
     assert torch.equal(fused(u), plain(u))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_fp32_definition(dtype):
+    """RMSNorm runs F.rms_norm (fused on CUDA); its numbers must stay the fp32 definition."""
+    from toolkit.model.norms import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=g))
+    x = (torch.randn(3, 5, 96, generator=g) * 4).to(dtype)
+    xf = x.float()
+    want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    got = norm(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=1e-6, atol=1e-6)
