@@ -3,6 +3,7 @@ fail with a RecipeError that names the key and the reason."""
 
 import functools
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -321,6 +322,37 @@ BROKEN += [
 ]
 
 
+BROKEN += [
+    case(
+        ["train.activation_checkpointing='some'"],
+        r"^train\.activation_checkpointing: expected 'none' or 'full' or a list of block kinds "
+        r"\('mamba', 'attention', 'mlp'\), got 'some'",
+        "ac-value",
+    ),
+    case(
+        ["train.activation_checkpointing=['mlp', 'moe']"],
+        r"^train\.activation_checkpointing\[1\]: 'moe' is not a block kind; use 'mamba', "
+        "'attention', 'mlp'",
+        "ac-list-element",
+    ),
+    case(["train.activation_checkpointing=true"], r"^train\.activation_checkpointing: ", "ac-bool"),
+    case(
+        ["train.compile='yes'"], r"^train\.compile: expected False or True .*got 'yes'", "compile"
+    ),
+    case(["train.compile=1"], r"^train\.compile: expected False or True", "compile-int"),
+    case(
+        ["train.compile=['ssm']"],
+        r"^train\.compile\[0\]: 'ssm' is not a block kind",
+        "compile-kind",
+    ),
+    case(
+        ["train.fp8_recipe='blockwise'"],
+        r"^train\.fp8_recipe: 'blockwise' is not one of",
+        "fp8-recipe",
+    ),
+]
+
+
 @pytest.mark.parametrize(("change", "match"), BROKEN)
 def test_broken_recipe_names_key_and_reason(change, match):
     table, overrides = base_table(), []
@@ -495,3 +527,21 @@ def test_list_defaults_are_not_shared():
     a.slurm.container_mounts.append("/x:/y")
     assert b.slurm.container_mounts == []
     assert recipe_from_dict(base_table(), ["slurm.extra_sbatch=[]"]).slurm.extra_sbatch == []
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.activation_checkpointing='full'",
+        "train.activation_checkpointing=['mamba', 'mlp']",
+        "train.activation_checkpointing=[]",
+        "train.compile=true",
+        "train.compile=['attention']",
+        "train.fp8_recipe='rowwise'",
+    ],
+)
+def test_performance_switches_accept_their_values(override):
+    key, _, value = override.partition("=")
+    recipe = recipe_from_dict(base_table(), [override])
+    got = getattr(recipe.train, key.split(".")[1])
+    assert got == tomllib.loads(f"v = {value}")["v"]

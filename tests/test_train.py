@@ -210,3 +210,11 @@ def test_pre_timeout_signal_requeues_the_slurm_job(tmp_path, monkeypatch):
     result = train(make_recipe(tmp_path / "b", RANDOM_TEXT, steps=4), stop)
     assert result.stopped_by_signal and result.checkpoint.endswith("step_00000001")
     assert calls.read_text() == "show job 77\nrequeue 77\n"  # its time limit, then requeue
+
+
+def test_activation_checkpointing_trains_to_the_same_losses(tmp_path):
+    """Recomputing every block in backward replays the same fp32 ops: the same losses (equal to
+    1e-6 relative; bitwise in practice)."""
+    plain = train(make_recipe(tmp_path / "a", RANDOM_TEXT, steps=3))
+    ac = train(make_recipe(tmp_path / "b", RANDOM_TEXT, steps=3, activation_checkpointing="full"))
+    assert ac.losses == pytest.approx(plain.losses, rel=1e-6)

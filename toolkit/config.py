@@ -119,7 +119,23 @@ class TrainConfig:
     adam_eps: float = opt(1e-8, "Adam epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     precision: Literal["fp32", "bf16", "fp8"] = opt(
-        "bf16", "compute precision (master weights fp32)"
+        "bf16",
+        "compute precision (master weights fp32); fp8: the blocks' linears in float8 (Transformer "
+        "Engine if importable, else torchao; CUDA with compute capability >= 8.9), the first and "
+        "last blocks, embedding and output layer in bf16",
+    )
+    fp8_recipe: Literal["tensorwise", "rowwise"] = opt(
+        "tensorwise", "torchao float8 scaling with precision='fp8' (tensorwise was faster here)"
+    )
+    activation_checkpointing: Any = opt(
+        "none",
+        "recompute block activations in backward: 'none', 'full' (every block), or a list of "
+        "block kinds out of 'mamba', 'attention', 'mlp'",
+    )
+    compile: Any = opt(
+        False,
+        "torch.compile each block separately: true, false, or a list of block kinds out of "
+        "'mamba', 'attention', 'mlp'",
     )
     seed: int = opt(1234, "seed for init and data order")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available")
@@ -404,6 +420,10 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         )
 
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check_block_kinds(
+        t.activation_checkpointing, "train.activation_checkpointing", ("none", "full")
+    )
+    _check_block_kinds(t.compile, "train.compile", (False, True))
     _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     _check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
     _check(0 <= r.data.valid_fraction < 0.5, "data.valid_fraction", "must be in [0, 0.5)")
@@ -455,6 +475,27 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         _check(getattr(r.slurm, key) >= 0, f"slurm.{key}", "must be >= 0")
     _check(r.slurm.max_num_timeout >= 0, "slurm.max_num_timeout", "must be >= 0")
     _check(r.slurm.signal_delay_s >= 0, "slurm.signal_delay_s", "must be >= 0")
+
+
+BLOCK_KINDS = {"mamba": "M", "attention": "*", "mlp": "-"}  # recipe name -> pattern symbol
+
+
+def _check_block_kinds(value: Any, key: str, allowed: tuple[Any, Any]) -> None:
+    """A per-block-kind switch: `allowed` (off, on) or a list of block kinds."""
+    if isinstance(value, list):
+        for i, kind in enumerate(value):
+            _check(
+                kind in BLOCK_KINDS,
+                f"{key}[{i}]",
+                f"{kind!r} is not a block kind; use {', '.join(map(repr, BLOCK_KINDS))}",
+            )
+        return
+    _check(
+        value in allowed and type(value) is type(allowed[0]),
+        key,
+        f"expected {' or '.join(map(repr, allowed))} or a list of block kinds "
+        f"({', '.join(map(repr, BLOCK_KINDS))}), got {value!r}",
+    )
 
 
 def _validate_blend(d: DataConfig) -> float:

@@ -99,3 +99,47 @@ def add_nvtx_ranges(model: nn.Module) -> None:
             lambda mod, args, label=label: torch.cuda.nvtx.range_push(label)
         )
         block.register_forward_hook(lambda mod, args, out: torch.cuda.nvtx.range_pop())
+
+
+def measure_matmul_tflops(
+    device: torch.device, precision: str = "bf16", size: int = 8192, iters: int = 20
+) -> float | None:
+    """The matmul rate this device really reaches, in TFLOP/s: a size^3 bf16 matmul, or for 'fp8'
+    an e4m3 `torch._scaled_mm` (CUDA with compute capability >= 8.9; None elsewhere), or fp32 on
+    CPUs (size capped at 1024 there). Median of `iters` timed calls after 3 warm-up calls."""
+    import statistics
+    import time
+
+    if device.type == "cuda":
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    else:
+        if precision == "fp8":
+            return None
+        size, dtype = min(size, 1024), torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    if precision == "fp8":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            return None
+        one = torch.ones((), device=device)
+        a8 = a.to(torch.float8_e4m3fn)
+        b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major, as _scaled_mm wants
+
+        def matmul() -> None:
+            torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    else:
+
+        def matmul() -> None:
+            torch.mm(a, b)
+
+    times = []
+    for i in range(iters + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        matmul()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e12

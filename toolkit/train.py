@@ -10,7 +10,6 @@ resumed run continues bit-for-bit where the uninterrupted one would have been. S
 """
 
 import argparse
-import contextlib
 import logging
 import math
 import resource
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from toolkit.activation_checkpoint import apply_ac, apply_compile
 from toolkit.build import (
     build_data,
     build_model,
@@ -41,7 +41,7 @@ from toolkit.checkpoint import (
     restore,
     restore_rng,
 )
-from toolkit.config import Recipe, RecipeError, SlurmConfig, load_recipe, validate
+from toolkit.config import Recipe, RecipeError, SlurmConfig, TrainConfig, load_recipe, validate
 from toolkit.data.sampler import Samples, rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
@@ -53,6 +53,7 @@ from toolkit.parallel.runtime import (
     clip_grad_norm,
     parallelize,
 )
+from toolkit.precision import Engine, PrecisionError, apply_fp8, autocast_context
 from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
 from toolkit.slurm import requeue_after_signal
 from toolkit.tokenizer import Tokenizer
@@ -87,15 +88,22 @@ class StopRequest:
         self.signum = signum
 
 
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise NotImplementedError(
-        "train.precision='fp8' needs the GPU backend (Transformer Engine or torchao), which this "
-        "build does not have yet; use 'bf16'"
-    )
+def apply_training_transforms(
+    model: HybridLM, cfg: TrainConfig, device: torch.device, tp: int = 1
+) -> Engine | None:
+    """float8 linears (train.precision='fp8'), then activation checkpointing, then per-block
+    torch.compile (torchtitan's order), all from outside the model code. Returns the fp8 engine
+    (None without fp8). fp8 comes before tensor parallelism would; together they are untested."""
+    engine = None
+    if cfg.precision == "fp8":
+        if tp > 1:
+            raise NotImplementedError(
+                "train.precision='fp8' with parallel.tp > 1 is not supported yet: use tp=1 or bf16"
+            )
+        engine, _ = apply_fp8(model, device=device, recipe=cfg.fp8_recipe)
+    apply_ac(model, cfg.activation_checkpointing)
+    apply_compile(model, cfg.compile)
+    return engine
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -123,6 +131,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
     step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step  # whole model
+    engine = apply_training_transforms(model, cfg, device, env.tp)  # fp8 refuses TP > 1 before it
     loss_fn = parallelize(model, env)
     # Each DP rank takes its own slice of every global batch.
     dp_rank, dp_size = env.dp_rank, env.dp
@@ -134,8 +143,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         micro_batch_size=cfg.micro_batch_size,
         micro_batches=micro_batches,
         seq_length=recipe.model.seq_length,
-        autocast=lambda: autocast_context(cfg.precision, device),
-        logits_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+        autocast=lambda: autocast_context(cfg.precision, device, engine),
+        logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
     )
     module = run_step.module  # the whole model, or this rank's pipeline stage
     shard_over = env.group("dp") if env.dp > 1 and recipe.parallel.shard_optimizer else None
@@ -299,7 +308,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             and (step % cfg.eval_interval == 0 or step == cfg.steps)
         ):
             valid_loss = validation_loss(
-                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size
+                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size, engine
             )
             if writer is not None:
                 writer.add_scalar("valid/loss", valid_loss, step)
@@ -351,6 +360,7 @@ def validation_loss(
     env: ParallelEnv,
     device: torch.device,
     hidden_size: int,
+    engine: Engine | None = None,
 ) -> float:
     """Mean loss over the first `eval_batches` validation micro-batches (the same ones every
     time, split over DP ranks). Under PP, `module` is this rank's stage: each micro-batch goes
@@ -365,10 +375,10 @@ def validation_loss(
                 env,
                 inputs.to(device),
                 hidden_size,
-                lambda: autocast_context(cfg.precision, device),
+                lambda: autocast_context(cfg.precision, device, engine),
             )
         else:
-            with autocast_context(cfg.precision, device):
+            with autocast_context(cfg.precision, device, engine):
                 logits = module(inputs.to(device))
         if logits is not None:
             total += loss_fn(logits, labels.to(device)).float()
@@ -437,7 +447,7 @@ def run(recipe_path: str, overrides: list[str]) -> int:
     stop.install()
     try:
         train(recipe, stop)
-    except (TrainingError, RecipeError, NotImplementedError) as e:
+    except (TrainingError, RecipeError, NotImplementedError, PrecisionError) as e:
         log.error("%s", e)
         return 1
     finally:

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One H200, ~9 minutes: training throughput of the 800M hybrid at seq 4096 (bf16; bf16 with
+# per-block torch.compile; bigger micro-batches with and without activation checkpointing; float8
+# through torchao, compiled, tensorwise and rowwise) and the GPU-vs-CPU parity check.
+# Every measurement writes $OUT/<name>.json (benchmarks/train_throughput.py, gpu_parity.py) and
+# $OUT/<name>.log; $OUT/summary.txt is the table. Runs are ordered by priority and skipped once
+# the time budget is spent (GPU_TRAIN_BUDGET_S, default 500 s after set-up).
+# Usage from the repository root, with .dev/ and .whl/ carried:
+#     OUT=/some/dir bash benchmarks/gpu_train.sh
+set -u
+OUT=${OUT:-runs/gpu_train}
+mkdir -p "$OUT"
+START=$(date +%s)
+source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
+echo "set-up $(( $(date +%s) - START )) s"; tail -5 "$OUT/setup.log"
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor  # later processes reuse the compiled blocks
+BUDGET=${GPU_TRAIN_BUDGET_S:-500}
+T0=$(date +%s)
+
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+
+run() {  # name timeout_s command...
+  local name=$1 limit=$2; shift 2
+  local remaining; remaining=$(left)
+  if [ "$remaining" -lt 30 ]; then echo "$name skipped (budget spent)"; return; fi
+  [ "$limit" -gt "$remaining" ] && limit=$remaining
+  local t=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$OUT/$name.log" | cut -c 1-300)"
+}
+
+tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 timed steps
+  local name=$1 limit=$2 mbs=$3; shift 3
+  run "$name" "$limit" python3 benchmarks/train_throughput.py recipes/800m_hybrid.toml \
+    --seq 4096 --mbs "$mbs" --warmup 3 --steps 10 --set 'train.device="cuda"' \
+    --json "$OUT/$name.json" "$@"
+}
+
+run parity 120 python3 benchmarks/gpu_parity.py --json "$OUT/parity.json"
+tp bf16_mbs4 120 4
+tp bf16_compile_mbs4 180 4 --set train.compile=true
+tp fp8_compile_mbs4 150 4 --set 'train.precision="fp8"' --set train.compile=true
+tp bf16_compile_mbs8 120 8 --set train.compile=true
+tp bf16_compile_mbs16_ac_full 120 16 --set train.compile=true \
+  --set 'train.activation_checkpointing="full"'
+tp fp8_rowwise_compile_mbs4 120 4 --set 'train.precision="fp8"' --set train.compile=true \
+  --set 'train.fp8_recipe="rowwise"'
+tp bf16_compile_mbs8_ac_mamba 120 8 --set train.compile=true \
+  --set 'train.activation_checkpointing=["mamba"]'
+
+python3 - "$OUT" > "$OUT/summary.txt" 2>&1 <<'EOF'
+import json, pathlib, sys
+print(f"{'run':32} {'tokens/s':>9} {'step ms':>8} {'TFLOP/s':>8} {'MFU':>6} {'MFU/meas':>8} {'GB':>6}")
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(p.read_text())
+    if p.stem == "parity":
+        one, bf16 = r["one_step"], r["one_step"]["gpu_bf16_autocast"]["rel_l2"]
+        print(f"parity: pass={r.get('pass')}; one step, bf16 logits {bf16['logits']:.2e}, "
+              f"gradient {bf16['grad (all)']:.2e}, fp32 max {one['gpu_fp32']['max_rel_l2']:.2e}; "
+              f"{r['training']['steps']} steps, loss mean/max |diff| "
+              f"{r['training']['mean_abs_diff']:.4f}/{r['training']['max_abs_diff']:.4f}")
+    elif "error" in r:
+        print(f"{p.stem:32} error: {r['error']}")
+    else:
+        print(f"{p.stem:32} {r['tokens_per_s']:9.0f} {r['step_time_s']*1e3:8.1f} "
+              f"{r['tflops_per_gpu']:8.1f} {r['mfu']:6.1%} {r['mfu_of_measured_bf16']:8.1%} "
+              f"{r['peak_memory_gb']:6.1f}  fp8={r['fp8_engine']} fused={r['mamba_fused']} "
+              f"bf16 matmul {r['measured_matmul_tflops']['bf16']:.0f}")
+EOF
+cat "$OUT/summary.txt"
+echo "total $(( $(date +%s) - START )) s"

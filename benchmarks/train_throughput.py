@@ -1,0 +1,196 @@
+"""Training throughput of a recipe's model on one device: tokens/s, step time, TFLOP/s, MFU, memory.
+
+    python3 benchmarks/train_throughput.py recipes/800m_hybrid.toml --seq 4096 --mbs 4 \\
+        [--steps 15] [--warmup 5] [--set train.compile=true ...] [--json OUT.json]
+
+Builds the model on the device (train.device; random tokens, no data pipeline), applies what the
+trainer applies (fp8 linears, activation checkpointing, per-block compile: the recipe's keys, or
+--set), and times full optimizer steps of one micro-batch: forward, loss, backward, gradient
+clipping, AdamW. The warm-up steps absorb compilation and Triton autotuning.
+
+MFU = model FLOP/s (toolkit.model.flops_per_token: 6 x matmul parameters + attention + SSD scan,
+forward and backward) / peak. Two peaks are reported: the data-sheet dense bf16 peak
+(toolkit.profiling.PEAK_TFLOPS; `mfu`) and the bf16 matmul rate measured in the same run
+(`mfu_of_measured_bf16`: 8192^3 on GPUs). fp8 runs also report the measured fp8 rate. On CPUs
+there is no data-sheet peak: MFU is against the measured fp32 matmul rate.
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from toolkit.build import build_model, describe_model, resolve_device, tokenizer_from_recipe  # noqa: E402
+from toolkit.config import RecipeError, load_recipe  # noqa: E402
+from toolkit.model import flops_per_token  # noqa: E402
+from toolkit.optim import build_optimizer  # noqa: E402
+from toolkit.parallel.runtime import cross_entropy  # noqa: E402
+from toolkit.precision import PrecisionError, autocast_context  # noqa: E402
+from toolkit.profiling import measure_matmul_tflops, peak_tflops  # noqa: E402
+from toolkit.train import apply_training_transforms, peak_memory_gb  # noqa: E402
+
+log = logging.getLogger("train_throughput")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    out["cuda"] = torch.version.cuda
+    for name in ("triton", "mamba_ssm", "causal_conv1d", "torchao", "transformer_engine"):
+        try:
+            out[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception:  # noqa: BLE001 - absent or broken: recorded as such
+            out[name] = None
+    return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    overrides = list(args.set)
+    if args.seq:
+        overrides.append(f"model.seq_length={args.seq}")
+    if args.mbs:
+        overrides += [f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs}"]
+    recipe = load_recipe(args.recipe, overrides)
+    cfg, seq, mbs = recipe.train, recipe.model.seq_length, recipe.train.micro_batch_size
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(recipe, tokenizer_from_recipe(recipe), device)
+    log.info("%s", describe_model(model))
+    fpt = flops_per_token(model, seq)
+    mamba = [b.mixer for b in model.layers if b.kind == "M"]
+    engine = apply_training_transforms(model, cfg, device)
+    optimizer = build_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    vocab = model.vocab_size
+
+    def step() -> float:
+        tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device)
+        with autocast_context(cfg.precision, device, engine):
+            logits = model(tokens[:, :-1])
+        loss = cross_entropy(logits, tokens[:, 1:], vocab)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    model.train()
+    losses, warmup_times, times = [], [], []
+    for i in range(args.warmup + args.steps):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = step()
+        synchronize(device)
+        (warmup_times if i < args.warmup else times).append(time.perf_counter() - start)
+        losses.append(float(loss))
+        log.info("step %d: %.3f s, loss %.4f", i + 1, (warmup_times + times)[-1], losses[-1])
+    memory = peak_memory_gb(device)
+
+    step_time = statistics.median(times)
+    tokens = mbs * seq
+    tflops = fpt * tokens / step_time / 1e12
+    measured = {"bf16": measure_matmul_tflops(device, "bf16")}
+    if cfg.precision == "fp8":
+        measured["fp8"] = measure_matmul_tflops(device, "fp8")
+    sheet = peak_tflops(device, "bf16", recipe.logging.peak_tflops)
+    result = {
+        "recipe": args.recipe,
+        "overrides": overrides,
+        "command": " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": versions(),
+        "precision": cfg.precision,
+        "fp8_engine": engine,
+        "fp8_recipe": cfg.fp8_recipe if engine == "torchao" else None,
+        "compile": cfg.compile,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),
+        "kernels": recipe.model.kernels,
+        "seq": seq,
+        "mbs": mbs,
+        "warmup_steps": args.warmup,
+        "steps": args.steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_token": fpt,
+        "step_time_s": step_time,
+        "step_times_s": times,
+        "warmup_times_s": warmup_times,
+        "tokens_per_s": tokens / step_time,
+        "tflops_per_gpu": tflops,
+        "datasheet_bf16_tflops": sheet,
+        "measured_matmul_tflops": measured,
+        "mfu": tflops / sheet if sheet else None,
+        "mfu_of_measured_bf16": tflops / measured["bf16"] if measured["bf16"] else None,
+        "peak_memory_gb": memory,
+        "losses": losses,
+    }
+    if not all(math.isfinite(x) for x in losses):
+        result["error"] = "non-finite loss"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/train_throughput.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/800m_hybrid.toml")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--seq", type=int, help="sequence length (model.seq_length)")
+    parser.add_argument("--mbs", type=int, help="micro-batch size (sequences per step)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
+    )
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    try:
+        result = benchmark(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (PrecisionError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        result = {"recipe": args.recipe, "command": " ".join(sys.argv), "error": str(e)}
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory: {str(e)[:300]}", file=sys.stderr)
+        result = {"recipe": args.recipe, "command": " ".join(sys.argv), "error": "out of memory"}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if "error" in result:
+        return 1
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
+    print(
+        f"{result['tokens_per_s']:,.0f} tokens/s, step {result['step_time_s'] * 1e3:.1f} ms, "
+        f"{result['tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {mfu} of the data-sheet bf16 peak "
+        f"({result['datasheet_bf16_tflops']}), {result['mfu_of_measured_bf16']:.1%} of the "
+        f"measured bf16 matmul ({result['measured_matmul_tflops']['bf16']:.1f} TFLOP/s), "
+        f"peak memory {result['peak_memory_gb']:.2f} GB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
