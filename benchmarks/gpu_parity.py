@@ -12,9 +12,9 @@ the JSON says which ran).
    under bf16 autocast (how the trainer runs). Pass: under bf16, the logits and the whole
    gradient (all parameters as one vector) <= 1e-2; tensors above 1e-2 on their own are listed
    (small, token-summed ones such as dt_bias reach ~2e-2 under bf16 autocast even on the CPU).
-2. `--steps` AdamW steps (lr 1e-3, betas 0.9/0.95, wd 0.1, clip 1.0) on the same batches, CPU fp32
+2. `--steps` AdamW steps (lr 3e-4, betas 0.9/0.95, wd 0.1, clip 1.0) on the same batches, CPU fp32
    vs GPU bf16 autocast. Pass: mean |loss difference| <= 0.03 nats and max <= 0.1 nats, and the
-   loss falls by at least 1 nat (the batches are repeated random motifs: learnable).
+   loss falls by at least 1 nat (the batches follow a fixed bigram cycle: learnable).
 Exit status 0 when everything passes, 1 otherwise.
 """
 
@@ -33,20 +33,22 @@ from toolkit.config import ModelConfig  # noqa: E402
 from toolkit.model import HybridLM  # noqa: E402
 from toolkit.parallel.runtime import cross_entropy  # noqa: E402
 
-VOCAB, SEQ, BATCH = 512, 512, 4
+VOCAB, SEQ, BATCH = 512, 256, 4
+# The 800M's block shapes (its Triton autotuning results apply), 6 blocks, a small vocabulary.
 MODEL = dict(
     num_layers=6,
-    hidden_size=256,
+    hidden_size=1024,
     seq_length=SEQ,
     pattern="M*-M-M",
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=1024,
-    mamba_state_dim=64,
+    att_ratio=0.17,
+    mlp_ratio=0.33,
+    num_attention_heads=16,
+    num_query_groups=8,
+    ffn_hidden_size=4096,
+    mamba_state_dim=128,
     mamba_head_dim=64,
-    mamba_num_groups=2,
-    mamba_chunk_size=64,
-    make_vocab_size_divisible_by=128,
+    mamba_num_groups=8,
+    mamba_chunk_size=128,
 )
 
 
@@ -56,11 +58,15 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def batches(steps: int, seed: int = 0) -> torch.Tensor:
-    """[steps, BATCH, SEQ + 1] tokens: each sequence repeats its own random 24-token motif."""
+    """[steps, BATCH, SEQ + 1] tokens walking one fixed random cycle through 64 of the token ids
+    from random starting points, one token in ten replaced by a random one: a bigram rule the
+    model learns within a few dozen steps, with a loss floor well above zero."""
     g = torch.Generator().manual_seed(seed)
-    motifs = torch.randint(0, VOCAB, (steps, BATCH, 24), generator=g)
-    reps = -(-(SEQ + 1) // 24)
-    return motifs.repeat(1, 1, reps)[..., : SEQ + 1].contiguous()
+    cycle = torch.randperm(VOCAB, generator=g)[:64]
+    starts = torch.randint(0, 64, (steps, BATCH, 1), generator=g)
+    tokens = cycle[(starts + torch.arange(SEQ + 1)) % 64]
+    noise = torch.rand(tokens.shape, generator=g) < 0.1
+    return torch.where(noise, torch.randint(0, VOCAB, tokens.shape, generator=g), tokens)
 
 
 def forward_backward(model: HybridLM, tokens: torch.Tensor, autocast: bool):
@@ -108,7 +114,7 @@ def one_step_parity(cpu: HybridLM, gpu: HybridLM) -> dict:
 
 
 def train_curve(model: HybridLM, data: torch.Tensor, autocast: bool) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     losses = []
     for tokens in data:
         _, _, loss = forward_backward(model, tokens, autocast)

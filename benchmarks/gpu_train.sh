@@ -36,17 +36,24 @@ tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 tim
     --json "$OUT/$name.json" "$@"
 }
 
-run parity 120 python3 benchmarks/gpu_parity.py --json "$OUT/parity.json"
+run parity 150 python3 benchmarks/gpu_parity.py --json "$OUT/parity.json"
 tp bf16_mbs4 120 4
 tp bf16_compile_mbs4 180 4 --set train.compile=true
-tp fp8_compile_mbs4 150 4 --set 'train.precision="fp8"' --set train.compile=true
-tp bf16_compile_mbs8 120 8 --set train.compile=true
-tp bf16_compile_mbs16_ac_full 120 16 --set train.compile=true \
+# If compiling the Mamba blocks (mamba-ssm's fused op inside) fails, compile the others only.
+COMPILE=true
+if ! grep -q tokens_per_s "$OUT/bf16_compile_mbs4.json" 2>/dev/null; then
+  COMPILE='["attention", "mlp"]'
+  tp bf16_compile_no_mamba_mbs4 150 4 --set "train.compile=$COMPILE"
+fi
+tp fp8_compile_mbs4 150 4 --set 'train.precision="fp8"' --set "train.compile=$COMPILE"
+tp bf16_compile_mbs8 120 8 --set "train.compile=$COMPILE"
+tp bf16_compile_mbs16_ac_full 120 16 --set "train.compile=$COMPILE" \
   --set 'train.activation_checkpointing="full"'
-tp fp8_rowwise_compile_mbs4 120 4 --set 'train.precision="fp8"' --set train.compile=true \
+tp fp8_rowwise_compile_mbs4 120 4 --set 'train.precision="fp8"' --set "train.compile=$COMPILE" \
   --set 'train.fp8_recipe="rowwise"'
-tp bf16_compile_mbs8_ac_mamba 120 8 --set train.compile=true \
+tp bf16_compile_mbs8_ac_mamba 120 8 --set "train.compile=$COMPILE" \
   --set 'train.activation_checkpointing=["mamba"]'
+tp fp8_mbs4_eager 90 4 --set 'train.precision="fp8"'
 
 python3 - "$OUT" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys
@@ -62,8 +69,9 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     elif "error" in r:
         print(f"{p.stem:32} error: {r['error']}")
     else:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"{p.stem:32} {r['tokens_per_s']:9.0f} {r['step_time_s']*1e3:8.1f} "
-              f"{r['tflops_per_gpu']:8.1f} {r['mfu']:6.1%} {r['mfu_of_measured_bf16']:8.1%} "
+              f"{r['tflops_per_gpu']:8.1f} {mfu:>6} {r['mfu_of_measured_bf16']:8.1%} "
               f"{r['peak_memory_gb']:6.1f}  fp8={r['fp8_engine']} fused={r['mamba_fused']} "
               f"bf16 matmul {r['measured_matmul_tflops']['bf16']:.0f}")
 EOF
