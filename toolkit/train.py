@@ -415,9 +415,11 @@ def sample_text(
 
     model.eval()
     ids = torch.tensor([tokenizer.encode(prompt)])
-    out = generate(
-        model, ids, max_new_tokens, temperature=0.7, top_k=20, seed=seed, eod_id=tokenizer.eod
-    )
+    # Compiled blocks (train.compile) would recompile for every decode shape: run them eagerly.
+    with torch.compiler.set_stance("force_eager"):
+        out = generate(
+            model, ids, max_new_tokens, temperature=0.7, top_k=20, seed=seed, eod_id=tokenizer.eod
+        )
     return tokenizer.decode(out[0].tolist())
 
 
