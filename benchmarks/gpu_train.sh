@@ -3,8 +3,9 @@
 # per-block torch.compile; bigger micro-batches with and without activation checkpointing; float8
 # through torchao, compiled, tensorwise and rowwise) and the GPU-vs-CPU parity check.
 # Every measurement writes $OUT/<name>.json (benchmarks/train_throughput.py, gpu_parity.py) and
-# $OUT/<name>.log; $OUT/summary.txt is the table. Runs are ordered by priority and skipped once
-# the time budget is spent (GPU_TRAIN_BUDGET_S, default 500 s after set-up).
+# $OUT/<name>.log; $OUT/summary.txt is the table; $OUT/inductor.tar.xz.part* the compiled blocks
+# (carry them in .dev/ next time). Runs are ordered by priority and skipped once the time budget
+# is spent (GPU_TRAIN_BUDGET_S, default 500 s after set-up).
 # Usage from the repository root, with .dev/ and .whl/ carried:
 #     OUT=/some/dir bash benchmarks/gpu_train.sh
 set -u
@@ -13,7 +14,11 @@ mkdir -p "$OUT"
 START=$(date +%s)
 source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
 echo "set-up $(( $(date +%s) - START )) s"; tail -5 "$OUT/setup.log"
-export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor  # later processes reuse the compiled blocks
+# Later processes (and, carried back in .dev/, later calls) reuse the compiled blocks.
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor
+if [ ! -d .gpu/inductor ] && ls .dev/inductor.tar.xz.part* > /dev/null 2>&1; then
+  cat .dev/inductor.tar.xz.part* | tar xJf - -C .gpu
+fi
 BUDGET=${GPU_TRAIN_BUDGET_S:-500}
 T0=$(date +%s)
 
@@ -76,4 +81,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               f"bf16 matmul {r['measured_matmul_tflops']['bf16']:.0f}")
 EOF
 cat "$OUT/summary.txt"
+# The compiled blocks, in parts under 16 MiB, to carry in .dev/ next time (if not too large).
+if [ -d .gpu/inductor ] && [ "$(du -sm .gpu/inductor | cut -f1)" -lt 150 ]; then
+  tar cf - -C .gpu inductor | xz -T0 -3 | split -b 15m - "$OUT/inductor.tar.xz.part"
+fi
 echo "total $(( $(date +%s) - START )) s"
