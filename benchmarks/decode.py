@@ -5,7 +5,10 @@ had a prompt of `context` tokens (the KV cache holds that many positions, the Ma
 fixed size anyway), then whole engine steps are timed: one token per row, sampling and
 bookkeeping included. Reports per-token latency, throughput, and at batch 1 the weight bytes
 read per second (the memory-bandwidth roofline of decode: compare with the device's HBM speed).
-Combinations that do not fit in memory are reported as OOM and skipped.
+Combinations that do not fit in memory are reported as OOM and skipped. On CUDA the engine
+decodes through CUDA graphs unless --no-cuda-graphs. --mamba-ssm-reference also times
+mamba-ssm's own CUDA-graph decode (MambaLMHeadModel, Mamba2 layers, random weights) at the
+same shape, for recipes made of Mamba-2 blocks only.
 
     python benchmarks/decode.py --recipe recipes/8b_hybrid.toml --recipe recipes/8b_gpt3.toml \\
         --contexts 4096,32768 --batches 1,32,64 --device cuda --dtype bfloat16
@@ -14,6 +17,7 @@ Combinations that do not fit in memory are reported as OOM and skipped.
 """
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 from toolkit.build import build_model, resolve_device
-from toolkit.config import RecipeError, load_recipe
+from toolkit.config import Recipe, RecipeError, load_recipe
 from toolkit.inference.engine import Engine, Request, memory_bytes
 from toolkit.model import count_parameters
 from toolkit.tokenizer import build_tokenizer
@@ -55,6 +59,60 @@ def measure(
     return mean, std
 
 
+def measure_mamba_ssm(
+    recipe: Recipe, vocab: int, batch: int, steps: int, warmup: int, dtype: torch.dtype
+) -> tuple[float, float]:
+    """mamba-ssm's generation loop at the recipe's shape: its CUDA-graph decode step (the one
+    `generate(..., cg=True)` replays) plus a greedy pick read on the host, like an engine step.
+    A Mamba-2 state does not grow with the context, so no context is needed."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from mamba_ssm.utils.generation import update_graph_cache
+
+    m = recipe.model
+    config = MambaConfig(
+        d_model=m.hidden_size,
+        d_intermediate=0,  # no MLP
+        n_layer=m.num_layers,
+        vocab_size=vocab,
+        ssm_cfg=dict(
+            layer="Mamba2",
+            d_state=m.mamba_state_dim,
+            headdim=m.mamba_head_dim,
+            ngroups=m.mamba_num_groups,
+            expand=m.mamba_expand,
+            d_conv=m.mamba_conv_kernel,
+            chunk_size=m.mamba_chunk_size,
+        ),
+        rms_norm=True,
+        tie_embeddings=False,  # as ours: the output layer is read at every step
+        pad_vocab_size_multiple=8,
+    )
+    model = MambaLMHeadModel(config, device="cuda", dtype=dtype).eval()
+    cache = None
+    try:
+        with torch.no_grad():
+            cache = update_graph_cache(model, None, batch, 1, warmup + steps + 2, dtype=dtype)
+            ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+            positions = torch.zeros_like(ids)
+            times = []
+            for i in range(warmup + steps):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                logits = cache.run(ids, positions + 1 + i, 1 + i)
+                picked = logits[:, -1].argmax(-1)
+                picked.tolist()  # the host reads the tokens, as the engine's sampling does
+                times.append(time.perf_counter() - start)
+                ids = picked[:, None]
+    finally:
+        del model, cache
+        gc.collect()  # the graphs hold the model's memory pool
+        torch.cuda.empty_cache()
+    times = times[warmup:]
+    mean = sum(times) / len(times)
+    return mean, (sum((t - mean) ** 2 for t in times) / len(times)) ** 0.5
+
+
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -75,13 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (default: graphs)"
+    )
+    p.add_argument(
+        "--mamba-ssm-reference",
+        action="store_true",
+        help="also time mamba-ssm's own decode at pure Mamba-2 recipes' shapes (CUDA)",
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or not args.contexts or not args.batches:
         p.error("--steps >= 1, --warmup >= 0, and at least one context and batch size")
     device = resolve_device(args.device)
+    if args.mamba_ssm_reference and device.type != "cuda":
+        p.error("--mamba-ssm-reference needs a CUDA device")
     dtype = getattr(torch, args.dtype)
+    cuda_graphs = device.type == "cuda" and not args.no_cuda_graphs
     results = []
-    print(f"device {device}, {args.dtype}")
+    print(f"device {device}, {args.dtype}, CUDA graphs {'on' if cuda_graphs else 'off'}")
     print(
         f"{'recipe':<16}{'context':>9}{'batch':>7}{'ms/token':>10}{'tokens/s':>12}{'weights GB/s':>14}"
     )
@@ -105,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         for context in args.contexts:
             for batch in args.batches:
                 row = {"recipe": recipe.name, "context": context, "batch": batch}
+                row["cuda_graphs"] = cuda_graphs
                 max_len = context + args.warmup + args.steps + 2
                 row["state_bytes"] = memory_bytes(model, batch, max_len)
                 try:
-                    engine = Engine(model, build_tokenizer("byte"), slots=batch, max_len=max_len)
+                    engine = Engine(
+                        model,
+                        build_tokenizer("byte"),
+                        slots=batch,
+                        max_len=max_len,
+                        cuda_graphs=cuda_graphs,
+                    )
                     mean, std = measure(engine, batch, context, args.steps, args.warmup)
                 except torch.OutOfMemoryError:
                     row["error"] = "OOM"
@@ -117,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 finally:
                     engine = None
+                    gc.collect()  # the engine and its graph decoder refer to each other
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 row |= {
@@ -130,7 +207,30 @@ def main(argv: list[str] | None = None) -> int:
                     f"{recipe.name:<16}{context:>9}{batch:>7}{1e3 * mean:>10.2f}"
                     f"{batch / mean:>12.1f}{weight_bytes / mean / 1e9:>14.1f}"
                 )
+        vocab, pure_mamba = model.padded_vocab_size, set(model.layout.pattern) == {"M"}
         del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.mamba_ssm_reference and pure_mamba:
+            for batch in args.batches:
+                row = {"recipe": recipe.name, "impl": "mamba_ssm", "context": None, "batch": batch}
+                try:
+                    mean, std = measure_mamba_ssm(
+                        recipe, vocab, batch, args.steps, args.warmup, dtype
+                    )
+                except Exception as e:  # noqa: BLE001 - report (OOM, missing package) and go on
+                    row["error"] = f"{type(e).__name__}: {e}"[:500]
+                    print(f"{'mamba-ssm':<16}{'-':>9}{batch:>7}  {row['error'][:80]}")
+                    results.append(row)
+                    continue
+                row |= {"ms_per_step": 1e3 * mean, "ms_std": 1e3 * std}
+                row |= {"tokens_per_s": batch / mean, "weights_gb_per_s": weight_bytes / mean / 1e9}
+                results.append(row)
+                print(
+                    f"{'mamba-ssm':<16}{'-':>9}{batch:>7}{1e3 * mean:>10.2f}"
+                    f"{batch / mean:>12.1f}{weight_bytes / mean / 1e9:>14.1f}"
+                )
     if args.json:
         args.json.write_text(
             json.dumps({"device": str(device), "dtype": args.dtype, "results": results}, indent=1)

@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per step")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="longest prompt piece per pass")
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="decode eagerly on GPUs (default: CUDA graphs at static shapes; off with --tp > 1)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
     args = p.parse_args(argv)
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         max_len=max_len,
         max_prefill_tokens=args.max_prefill_tokens,
         prefill_chunk=args.prefill_chunk,
+        cuda_graphs=False if args.no_cuda_graphs else None,
     )
     try:
         server = GenerationServer(

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from toolkit.inference.cuda_graph import StaticDecoder
 from toolkit.inference.sampling import sample
 from toolkit.model import HybridLM
 from toolkit.model.attention import KVCache
@@ -75,10 +76,14 @@ class Engine:
         max_len: int | None = None,
         max_prefill_tokens: int = 8192,
         prefill_chunk: int = 2048,
+        cuda_graphs: bool | None = None,
     ) -> None:
         """`max_prefill_tokens`: prompt tokens admitted per step (one prompt at least);
         `prefill_chunk`: the most positions of one prompt run through the model at once, which
-        bounds the activations (attention scores grow with its square) for long prompts."""
+        bounds the activations (attention scores grow with its square) for long prompts;
+        `cuda_graphs`: decode all slots at static shapes (toolkit/inference/cuda_graph.py),
+        replayed as CUDA graphs on a CUDA device and run eagerly elsewhere; None: on for CUDA.
+        Off: only the running rows are decoded, eagerly."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.slots = slots
@@ -88,6 +93,18 @@ class Engine:
         self.device = model.embedding.weight.device
         self.states = model.allocate_states(slots, self.max_len)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.host_positions = [0] * slots  # the same, for choosing a span without a sync
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.decoder = None
+        if cuda_graphs:
+            self.decoder = StaticDecoder(
+                lambda tokens, views: self._logits(self._hidden(tokens, views)[:, 0]),
+                self.states,
+                self.positions,
+                max_len=self.max_len,
+                cuda_graphs=True,
+            )
         self.active: dict[int, Request] = {}  # slot -> request
         self.waiting: deque[Request] = deque()
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
@@ -186,7 +203,7 @@ class Engine:
             r.generator = torch.Generator().manual_seed(r.seed or 0)
             self.active[slot] = r
             self.next_input[slot] = r.prompt[-1]
-            self.positions[slot] = context
+            self.positions[slot] = self.host_positions[slot] = context
 
     # The model, split so that only the positions that need logits pay for the output layer.
     def _hidden(self, tokens: torch.Tensor, states: list[Any]) -> torch.Tensor:
@@ -211,6 +228,8 @@ class Engine:
     def _decode(self, rows: list[int]) -> torch.Tensor:
         """Feed each running slot its pending token; the batch spans slots 0..max(rows) (free slots
         inside that range compute garbage that nobody reads: views need no gather or scatter)."""
+        if self.decoder is not None:
+            return self._decode_static(rows)
         hi = rows[-1] + 1
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor([self.next_input[s] for s in rows])
@@ -226,6 +245,17 @@ class Engine:
         index = torch.tensor(rows, device=self.device)
         self.positions[index] += 1
         return self._logits(hidden[index, 0])
+
+    def _decode_static(self, rows: list[int]) -> torch.Tensor:
+        """The same through the static decoder: all slots, one CUDA graph per attention span."""
+        tokens = torch.zeros(self.slots, dtype=torch.long)
+        tokens[rows] = torch.tensor([self.next_input[s] for s in rows])
+        logits = self.decoder(tokens, max(self.host_positions[s] for s in rows) + 1)
+        index = torch.tensor(rows, device=self.device)
+        self.positions[index] += 1  # in place: the graphs read this tensor
+        for s in rows:
+            self.host_positions[s] += 1
+        return logits[index]
 
     def _admit(self) -> list[Request]:
         """Waiting requests for the free slots, within the prefill token budget (at least one)."""
@@ -279,7 +309,7 @@ class Engine:
                 continue
             slot = slots[i] = free.pop(0)
             self.active[slot] = r
-            self.positions[slot] = lengths[row]
+            self.positions[slot] = self.host_positions[slot] = lengths[row]
             for big, small in zip(self.states, scratch, strict=True):
                 if isinstance(big, MambaState):
                     big.conv[slot].copy_(small.conv[row])
@@ -352,7 +382,8 @@ class Engine:
     def _release(self, slot: int) -> None:
         del self.active[slot]
         self.next_input.pop(slot, None)
-        self.positions[slot] = 0  # keeps the decode batch's attention span short
+        # Keeps the decode batch's attention span short (a free row attends to position 0 only).
+        self.positions[slot] = self.host_positions[slot] = 0
 
     def _finish(self, r: Request, reason: FinishReason) -> None:
         r.finish_reason = reason

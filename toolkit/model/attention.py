@@ -22,6 +22,9 @@ class KVCache:
     # Per-row filled positions [b] when rows hold sequences of different lengths (continuous
     # batching); replaces `length` and is rebound, not changed in place, as tokens are added.
     lengths: torch.Tensor | None = None
+    # Static-shape decode (CUDA graphs): one token per row, attention over the first `span`
+    # positions masked per row; `lengths` is only read (the caller advances it in place).
+    span: int | None = None
 
 
 class Rotary(nn.Module):
@@ -93,6 +96,8 @@ class Attention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if ragged and state.span is not None:
+            return self.linear_proj(self._attend_static(q, k, v, state).flatten(1).unsqueeze(1))
         if ragged:
             return self.linear_proj(self._attend_ragged(q, k, v, state).transpose(1, 2).flatten(2))
 
@@ -139,3 +144,28 @@ class Attention(nn.Module):
             attn_mask=mask,
             enable_gqa=self.num_groups != self.num_heads,
         )
+
+    def _attend_static(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: KVCache
+    ) -> torch.Tensor:
+        """One query per row at position lengths[r], keys over a fixed `span` of the cache: the
+        shapes do not depend on the lengths, and nothing here reads a value on the host, so a
+        CUDA graph can capture it. Returns [b, heads, head_dim]."""
+        b, groups, length, d = k.shape
+        span = state.span
+        if length != 1 or span > state.k.size(2):
+            raise RuntimeError(
+                f"static decode takes one token per row within the cache ({state.k.size(2)} "
+                f"positions); got {length} tokens, span {span}"
+            )
+        pos = state.lengths[:, None]  # b 1
+        rows = torch.arange(b, device=k.device)[:, None]
+        state.k[rows, :, pos] = k.transpose(1, 2)  # indexed as [b, 1, groups, d]
+        state.v[rows, :, pos] = v.transpose(1, 2)
+        # A group's query heads become its queries: no GQA expansion of the keys.
+        q = q.reshape(b, groups, self.heads_per_group, d)
+        mask = pos[:, :, None, None] >= torch.arange(span, device=k.device)  # b 1 1 span
+        out = F.scaled_dot_product_attention(
+            q, state.k[:, :, :span], state.v[:, :, :span], attn_mask=mask
+        )
+        return out.reshape(b, self.num_heads, d)

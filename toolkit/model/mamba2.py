@@ -4,6 +4,7 @@ Shapes: batch b, length l, heads h, head dim p, groups g, state n. in_proj rows 
 [z, x, B, C, dt] (DESIGN.md section 2); head h reads B and C of group h // (heads / groups).
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -317,15 +318,30 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
     def step(self, u: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """One token [b, 1, hidden] -> [b, 1, hidden], updating `state` in place."""
+        """One token [b, 1, hidden] -> [b, 1, hidden], updating `state` in place. Takes
+        mamba-ssm's Triton state update and causal-conv1d's conv update on CUDA when the model
+        chose mamba-ssm kernels (see decode_kernels); the torch code below is the reference."""
+        ssm_update, conv_update = decode_kernels(self, u)
         z, xbc, dt = self.in_proj(u.squeeze(1)).split(self.split_sizes, dim=-1)
-        state.conv.copy_(
-            torch.cat([state.conv[..., 1:], xbc.unsqueeze(-1).to(state.conv.dtype)], -1)
-        )
         weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
-        xbc = (state.conv.to(weight.dtype) * weight).sum(-1) + self.conv1d.bias
-        x, B, C = self._split_xbc(F.silu(xbc))
+        if conv_update is not None and state.conv.dtype == xbc.dtype == weight.dtype:
+            xbc = conv_update(xbc.contiguous(), state.conv, weight, self.conv1d.bias, "silu")
+        else:
+            state.conv.copy_(
+                torch.cat([state.conv[..., 1:], xbc.unsqueeze(-1).to(state.conv.dtype)], -1)
+            )
+            xbc = F.silu((state.conv.to(weight.dtype) * weight).sum(-1) + self.conv1d.bias)
+        x, B, C = self._split_xbc(xbc)
+        if ssm_update is not None:
+            y = self._ssm_step_kernel(ssm_update, x, dt, B, C, state.ssm)
+        else:
+            y = self._ssm_step_torch(x, dt, B, C, state.ssm)
+        state.seen += 1
+        return self.out_proj(self.norm(y.flatten(-2), z)).unsqueeze(1)
 
+    def _ssm_step_torch(
+        self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm: torch.Tensor
+    ) -> torch.Tensor:
         A = -torch.exp(self.A_log.float())
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, h]
         heads = self.num_heads
@@ -333,8 +349,57 @@ class Mamba2Mixer(nn.Module):
         Ch = C.repeat_interleave(heads // self.num_groups, dim=1)
         decay = torch.exp(dt * A)[:, :, None, None]
         update = (dt.unsqueeze(-1) * x.float()).unsqueeze(-1) * Bh.float().unsqueeze(2)
-        state.ssm.copy_(decay * state.ssm + update)
-        y = torch.einsum("bhpn,bhn->bhp", state.ssm, Ch.float()).to(x.dtype)
-        y = y + x * self.D.to(x.dtype)[:, None]
-        state.seen += 1
-        return self.out_proj(self.norm(y.flatten(-2), z)).unsqueeze(1)
+        ssm.copy_(decay * ssm + update)
+        y = torch.einsum("bhpn,bhn->bhp", ssm, Ch.float()).to(x.dtype)
+        return y + x * self.D.to(x.dtype)[:, None]
+
+    def _ssm_step_kernel(
+        self,
+        ssm_update: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        ssm: torch.Tensor,
+    ) -> torch.Tensor:
+        """selective_state_update's layout: per-(head, channel) dt, dt_bias, A and D. Broadcast
+        views (stride 0) let the kernel take its tied-head-dim path; softplus(dt + dt_bias) and
+        the D skip happen inside; z=None: our group-wise gated norm runs after."""
+        h, p, n = self.num_heads, self.head_dim, self.d_state
+        return ssm_update(
+            ssm,  # [b, h, p, n], fp32, updated in place
+            x,  # [b, h, p]
+            dt.unsqueeze(-1).expand(-1, h, p),  # pre-softplus
+            (-torch.exp(self.A_log.float()))[:, None, None].expand(h, p, n),
+            B,  # [b, g, n]
+            C,
+            D=self.D[:, None].expand(h, p),
+            z=None,
+            dt_bias=self.dt_bias[:, None].expand(h, p),
+            dt_softplus=True,
+        )
+
+
+@functools.cache
+def _import_decode_kernels() -> tuple[Callable[..., torch.Tensor] | None, ...]:
+    """(selective_state_update, causal_conv1d_update), None for each that does not import."""
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
+        selective_state_update = None
+    try:
+        from causal_conv1d import causal_conv1d_update
+    except Exception:  # ImportError, or an extension built for another GPU
+        causal_conv1d_update = None
+    return selective_state_update, causal_conv1d_update
+
+
+def decode_kernels(
+    mixer: Mamba2Mixer, u: torch.Tensor
+) -> tuple[Callable[..., torch.Tensor] | None, Callable[..., torch.Tensor] | None]:
+    """The kernels for a decode step: (state update, conv update), None meaning the torch code.
+    Kernels only for CUDA input of a mixer built with mamba-ssm's SSD (`model.kernels` 'auto'
+    where it is available, or 'mamba_ssm'); the conv kernel only where causal-conv1d imports."""
+    if not u.is_cuda or mixer.ssd is not ssd_mamba_ssm:
+        return None, None
+    return _import_decode_kernels()

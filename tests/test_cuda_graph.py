@@ -1,0 +1,228 @@
+"""The static-shape decode step (what the engine replays as CUDA graphs) equals the engine's
+eager decode: run eagerly here on the CPU; the graph itself is checked on a GPU only."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_engine import MODELS, TOKENIZER, build, clone, prompts
+from toolkit.inference import cuda_graph
+from toolkit.inference.cuda_graph import span_bucket
+from toolkit.inference.engine import Engine, Request
+from toolkit.model import mamba2
+from toolkit.model.attention import KVCache
+from toolkit.model.mamba2 import Mamba2Mixer, decode_kernels, ssd_chunked, ssd_mamba_ssm
+
+# float64 models: the static step attends over a longer (masked) span and groups the queries of
+# a KV group differently, so logits differ from the eager path by rounding only.
+LOGIT_TOL = dict(rtol=0.0, atol=1e-10)
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def record_decodes(engine: Engine) -> list[torch.Tensor]:
+    """The logits each decode step returns (running rows, in slot order)."""
+    out: list[torch.Tensor] = []
+    decode = engine._decode
+
+    def spy(rows):
+        out.append(decode(rows))
+        return out[-1]
+
+    engine._decode = spy
+    return out
+
+
+def workload() -> list[Request]:
+    """More requests than slots, of different lengths: rows join and leave mid-batch, and rows
+    decode side by side at different positions."""
+    lengths, new = (5, 12, 1, 9, 20, 3, 7), (14, 4, 17, 9, 6, 11, 8)
+    return [
+        Request(prompt=p, max_new_tokens=n, stop_at_eod=False, logprobs=True, **extra)
+        for p, n, extra in zip(
+            prompts(*lengths),
+            new,
+            [{}, {}, dict(temperature=1.0, seed=3), {}, {}, dict(temperature=0.8, seed=4), {}],
+        )
+    ]
+
+
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_static_decode_equals_eager_engine(case):
+    """Same tokens, same logits at every step; free slots hold garbage that must not leak."""
+    torch.manual_seed(0)
+    model = build(case)
+    requests = workload()
+    eager = Engine(model, TOKENIZER, slots=3, cuda_graphs=False)
+    static = Engine(model, TOKENIZER, slots=3, cuda_graphs=True)  # the CPU: eagerly
+    assert eager.decoder is None and static.decoder is not None
+    for s in static.states:  # every slot starts free: fill it with garbage
+        for t in () if s is None else (v for v in vars(s).values() if torch.is_tensor(v)):
+            t.copy_(torch.randn_like(t.float()) * 10)
+    calls = []
+    static.decoder.forward = lambda tokens, views, f=static.decoder.forward: (
+        calls.append(tokens.size(0)) or f(tokens, views)
+    )
+    eager_logits, static_logits = record_decodes(eager), record_decodes(static)
+    again = [clone(r) for r in requests]
+    eager.run(requests)
+    static.run(again)
+    assert calls and set(calls) == {3}  # every step decodes all slots
+    assert [r.tokens for r in again] == [r.tokens for r in requests]
+    assert len(static_logits) == len(eager_logits)
+    for a, b in zip(static_logits, eager_logits):
+        torch.testing.assert_close(a, b, **LOGIT_TOL)
+    for r, r0 in zip(again, requests):
+        torch.testing.assert_close(r.token_logprobs, r0.token_logprobs, **LOGIT_TOL)
+
+
+def test_static_attention_reads_only_each_rows_prefix():
+    """Keys past a row's position, inside the span, change nothing; the new key lands at the
+    row's position; a wider span gives the same output."""
+    torch.manual_seed(0)
+    model = build("transformer", seq_length=64)
+    attn = model.layers[0].mixer
+    x = torch.randn(3, 1, model.cfg.hidden_size, dtype=torch.float64)
+    lengths = torch.tensor([3, 17, 0])
+    outs = []
+    for span, garbage in ((32, 0.0), (64, 0.0), (32, 100.0)):
+        cache = attn.allocate_state(3, 64, torch.device("cpu"), torch.float64)
+        torch.manual_seed(1)
+        cache.k.normal_(), cache.v.normal_()
+        for r, n in enumerate(lengths.tolist()):  # past the row's position: not to be read
+            cache.k[r, :, n + 1 :] += garbage
+            cache.v[r, :, n + 1 :] -= garbage
+        static = KVCache(cache.k, cache.v, lengths=lengths, span=span)
+        outs.append(attn(x, static))
+        assert torch.equal(static.lengths, lengths)  # read only: the engine advances it
+    ragged_cache = attn.allocate_state(3, 64, torch.device("cpu"), torch.float64)
+    torch.manual_seed(1)
+    ragged_cache.k.normal_(), ragged_cache.v.normal_()
+    ragged = attn(x, KVCache(ragged_cache.k, ragged_cache.v, lengths=lengths))
+    for out in outs:
+        torch.testing.assert_close(out, ragged, **LOGIT_TOL)
+    torch.testing.assert_close(
+        cache.k[[0, 1, 2], :, lengths], ragged_cache.k[[0, 1, 2], :, lengths]
+    )
+    with pytest.raises(RuntimeError, match="one token per row"):
+        attn(x, KVCache(cache.k, cache.v, lengths=lengths, span=65))
+
+
+@pytest.mark.parametrize(
+    "needed, max_len, span",
+    [
+        (1, 100_000, 256),
+        (256, 100_000, 256),
+        (257, 100_000, 512),
+        (4097, 100_000, 4608),
+        (32768, 100_000, 32768),
+        (32769, 100_000, 36864),
+        (40, 64, 64),  # never past the cache
+        (64, 64, 64),
+    ],
+)
+def test_span_bucket(needed, max_len, span):
+    assert span_bucket(needed, max_len) == span
+
+
+def test_span_buckets_bound_the_waste_and_the_graph_count():
+    spans = [span_bucket(n, 1 << 20) for n in range(1, 65537)]
+    assert all(s >= n for n, s in enumerate(spans, 1))
+    assert all((s - n) / n <= 1 / 8 for n, s in enumerate(spans, 1) if n > 2048)
+    assert len({s for s in spans[4096:32768]}) == 24
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="cache"):
+            span_bucket(bad, 64)
+
+
+def test_engine_asks_for_the_longest_rows_span(monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        cuda_graph, "span_bucket", lambda needed, max_len: seen.append(needed) or max_len
+    )
+    model = build("hybrid")
+    requests = [Request(prompt=p, max_new_tokens=3) for p in prompts(4, 9)]
+    Engine(model, TOKENIZER, slots=2, cuda_graphs=True).run(requests)
+    # Two decode steps (the first token comes from the prefill) feed positions 4, 5 (first row)
+    # and 9, 10 (second): the span covers the longest row's position + 1.
+    assert seen == [10, 11]
+
+
+# Torch versions of mamba-ssm's and causal-conv1d's documented decode contracts
+# (selective_state_update_ref, causal_conv1d_update_ref), to check the arguments we pass.
+def selective_state_update_ref(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
+):
+    assert z is None and state.dim() == 4 and A.shape == state.shape[1:]
+    b, h, p, n = state.shape
+    assert x.shape == dt.shape == (b, h, p) and D.shape == dt_bias.shape == (h, p)
+    assert B.shape == C.shape and B.shape[0] == b and B.shape[2] == n
+    dt = dt.float() + dt_bias.float()
+    dt = F.softplus(dt) if dt_softplus else dt
+    Bh = B.repeat_interleave(h // B.size(1), dim=1).float()
+    Ch = C.repeat_interleave(h // C.size(1), dim=1).float()
+    state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x.float())[..., None] * Bh[:, :, None])
+    return (torch.einsum("bhpn,bhn->bhp", state, Ch) + x.float() * D.float()).to(x.dtype)
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
+    assert x.dim() == 2 and conv_state.shape[:2] == x.shape and weight.shape[0] == x.size(1)
+    conv_state.copy_(torch.cat([conv_state[..., 1:], x[..., None]], -1))
+    out = (conv_state * weight).sum(-1) + bias
+    return F.silu(out) if activation == "silu" else out
+
+
+def test_step_through_the_kernel_contracts_equals_the_torch_step(monkeypatch):
+    """The kernel path of Mamba2Mixer.step passes arguments that the kernels' reference
+    implementations turn into exactly the torch step's result."""
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(64, d_state=16, head_dim=16, num_groups=2).double()
+    u = torch.randn(3, 1, 64, dtype=torch.float64)
+    states = [mixer.allocate_state(3, torch.device("cpu"), torch.float64) for _ in range(2)]
+    for s in states:
+        torch.manual_seed(1)
+        s.conv.normal_(), s.ssm.normal_()
+    expected = mixer.step(u, states[0])
+    used = []
+
+    def kernels(m, x):
+        used.append(m)
+        return selective_state_update_ref, causal_conv1d_update_ref
+
+    monkeypatch.setattr(mamba2, "decode_kernels", kernels)
+    got = mixer.step(u, states[1])
+    assert used == [mixer]
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(states[1].ssm, states[0].ssm)
+    torch.testing.assert_close(states[1].conv, states[0].conv)
+
+
+def test_decode_kernels_fall_back_to_torch_on_the_cpu():
+    u = torch.zeros(1, 1, 64)
+    for ssd in (ssd_chunked, ssd_mamba_ssm):
+        mixer = Mamba2Mixer(64, d_state=16, head_dim=16, num_groups=2, ssd=ssd)
+        assert decode_kernels(mixer, u) == (None, None)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs and mamba-ssm's kernels need a CUDA device")
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_cuda_graph_engine_equals_eager_engine_on_gpu(case):
+    model = build(case).float().cuda()
+    requests = workload()
+    eager = Engine(model, TOKENIZER, slots=3, cuda_graphs=False)
+    graphs = Engine(model, TOKENIZER, slots=3)
+    assert graphs.decoder is not None and graphs.decoder.cuda_graphs
+    eager_logits, graph_logits = record_decodes(eager), record_decodes(graphs)
+    again = [clone(r) for r in requests]
+    eager.run(requests)
+    graphs.run(again)
+    assert graphs.decoder.graphs  # recorded, and replayed after the first step
+    for a, b in zip(graph_logits, eager_logits):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
