@@ -337,6 +337,11 @@ BROKEN += [
     ),
     case(["train.activation_checkpointing=true"], r"^train\.activation_checkpointing: ", "ac-bool"),
     case(
+        ["train.activation_checkpointing=[['mlp']]"],
+        r"^train\.activation_checkpointing\[0\]: \['mlp'\] is not a block kind",
+        "ac-nested-list",
+    ),
+    case(
         ["train.compile='yes'"], r"^train\.compile: expected False or True .*got 'yes'", "compile"
     ),
     case(["train.compile=1"], r"^train\.compile: expected False or True", "compile-int"),

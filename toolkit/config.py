@@ -485,7 +485,7 @@ def _check_block_kinds(value: Any, key: str, allowed: tuple[Any, Any]) -> None:
     if isinstance(value, list):
         for i, kind in enumerate(value):
             _check(
-                kind in BLOCK_KINDS,
+                isinstance(kind, str) and kind in BLOCK_KINDS,
                 f"{key}[{i}]",
                 f"{kind!r} is not a block kind; use {', '.join(map(repr, BLOCK_KINDS))}",
             )
