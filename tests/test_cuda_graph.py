@@ -211,6 +211,24 @@ def test_decode_kernels_fall_back_to_torch_on_the_cpu():
         assert decode_kernels(mixer, u) == (None, None)
 
 
+@pytest.mark.skipif(not mamba2.mamba_ssm_available(), reason="needs CUDA and mamba-ssm")
+def test_kernel_step_equals_torch_step_on_gpu():
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(256, d_state=64, head_dim=32, num_groups=2, ssd=ssd_mamba_ssm).cuda()
+    reference = Mamba2Mixer(256, d_state=64, head_dim=32, num_groups=2).cuda()
+    reference.load_state_dict(mixer.state_dict())
+    assert decode_kernels(mixer, torch.zeros(1, device="cuda"))[0] is not None
+    states = [mixer.allocate_state(4, torch.device("cuda"), torch.float32) for _ in range(2)]
+    for s in states:
+        torch.manual_seed(1)
+        s.conv.normal_(), s.ssm.normal_()
+    for _ in range(3):
+        u = torch.randn(4, 1, 256, device="cuda")
+        torch.testing.assert_close(mixer.step(u, states[0]), reference.step(u, states[1]))
+    torch.testing.assert_close(states[0].ssm, states[1].ssm)
+    torch.testing.assert_close(states[0].conv, states[1].conv)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs and mamba-ssm's kernels need a CUDA device")
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_cuda_graph_engine_equals_eager_engine_on_gpu(case):

@@ -324,7 +324,9 @@ class Mamba2Mixer(nn.Module):
         ssm_update, conv_update = decode_kernels(self, u)
         z, xbc, dt = self.in_proj(u.squeeze(1)).split(self.split_sizes, dim=-1)
         weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
-        if conv_update is not None and state.conv.dtype == xbc.dtype == weight.dtype:
+        # causal-conv1d's update wants one dtype throughout and a width of 2 to 4.
+        same_dtype = state.conv.dtype == xbc.dtype == weight.dtype
+        if conv_update is not None and same_dtype and 2 <= self.d_conv <= 4:
             xbc = conv_update(xbc.contiguous(), state.conv, weight, self.conv1d.bias, "silu")
         else:
             state.conv.copy_(
