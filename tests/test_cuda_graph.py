@@ -179,6 +179,13 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
     return F.silu(out) if activation == "silu" else out
 
 
+def gated_rmsnorm_ref(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+    assert bias is None and not norm_before_gate and x.shape == z.shape
+    g = (x.float() * F.silu(z.float())).unflatten(-1, (-1, group_size))
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (g.flatten(-2) * weight.float()).to(x.dtype)
+
+
 def test_step_through_the_kernel_contracts_equals_the_torch_step(monkeypatch):
     """The kernel path of Mamba2Mixer.step passes arguments that the kernels' reference
     implementations turn into exactly the torch step's result."""
@@ -194,7 +201,9 @@ def test_step_through_the_kernel_contracts_equals_the_torch_step(monkeypatch):
 
     def kernels(m, x):
         used.append(m)
-        return selective_state_update_ref, causal_conv1d_update_ref
+        return mamba2.DecodeKernels(
+            selective_state_update_ref, causal_conv1d_update_ref, gated_rmsnorm_ref
+        )
 
     monkeypatch.setattr(mamba2, "decode_kernels", kernels)
     got = mixer.step(u, states[1])
@@ -208,7 +217,7 @@ def test_decode_kernels_fall_back_to_torch_on_the_cpu():
     u = torch.zeros(1, 1, 64)
     for ssd in (ssd_chunked, ssd_mamba_ssm):
         mixer = Mamba2Mixer(64, d_state=16, head_dim=16, num_groups=2, ssd=ssd)
-        assert decode_kernels(mixer, u) == (None, None)
+        assert decode_kernels(mixer, u) == (None, None, None)
 
 
 @pytest.mark.skipif(not mamba2.mamba_ssm_available(), reason="needs CUDA and mamba-ssm")
@@ -217,7 +226,7 @@ def test_kernel_step_equals_torch_step_on_gpu():
     mixer = Mamba2Mixer(256, d_state=64, head_dim=32, num_groups=2, ssd=ssd_mamba_ssm).cuda()
     reference = Mamba2Mixer(256, d_state=64, head_dim=32, num_groups=2).cuda()
     reference.load_state_dict(mixer.state_dict())
-    assert decode_kernels(mixer, torch.zeros(1, device="cuda"))[0] is not None
+    assert None not in decode_kernels(mixer, torch.zeros(1, device="cuda"))
     states = [mixer.allocate_state(4, torch.device("cuda"), torch.float32) for _ in range(2)]
     for s in states:
         torch.manual_seed(1)

@@ -8,6 +8,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -321,7 +322,7 @@ class Mamba2Mixer(nn.Module):
         """One token [b, 1, hidden] -> [b, 1, hidden], updating `state` in place. Takes
         mamba-ssm's Triton state update and causal-conv1d's conv update on CUDA when the model
         chose mamba-ssm kernels (see decode_kernels); the torch code below is the reference."""
-        ssm_update, conv_update = decode_kernels(self, u)
+        ssm_update, conv_update, gated_norm = decode_kernels(self, u)
         z, xbc, dt = self.in_proj(u.squeeze(1)).split(self.split_sizes, dim=-1)
         weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
         # causal-conv1d's update wants one dtype throughout and a width of 2 to 4.
@@ -339,7 +340,20 @@ class Mamba2Mixer(nn.Module):
         else:
             y = self._ssm_step_torch(x, dt, B, C, state.ssm)
         state.seen += 1
-        return self.out_proj(self.norm(y.flatten(-2), z)).unsqueeze(1)
+        y = y.flatten(-2)
+        if gated_norm is not None:  # one kernel instead of ~8 small ones per layer and token
+            y = gated_norm(
+                y.contiguous(),
+                self.norm.weight,
+                None,
+                z=z.contiguous(),
+                eps=self.norm.eps,
+                group_size=y.size(-1) // self.norm.groups,
+                norm_before_gate=False,  # rmsnorm(y * silu(z)), as GatedRMSNorm
+            )
+        else:
+            y = self.norm(y, z)
+        return self.out_proj(y).unsqueeze(1)
 
     def _ssm_step_torch(
         self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm: torch.Tensor
@@ -382,26 +396,38 @@ class Mamba2Mixer(nn.Module):
         )
 
 
+class DecodeKernels(NamedTuple):
+    """Kernels for a decode step; None: the torch code."""
+
+    ssm_update: Callable[..., torch.Tensor] | None = None  # mamba-ssm selective_state_update
+    conv_update: Callable[..., torch.Tensor] | None = None  # causal_conv1d_update
+    gated_norm: Callable[..., torch.Tensor] | None = None  # mamba-ssm rmsnorm_fn (Triton)
+
+
 @functools.cache
-def _import_decode_kernels() -> tuple[Callable[..., torch.Tensor] | None, ...]:
-    """(selective_state_update, causal_conv1d_update), None for each that does not import."""
+def _import_decode_kernels() -> DecodeKernels:
+    """Each kernel that imports here."""
+    found: dict[str, Any] = {}
     try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        found |= dict(ssm_update=selective_state_update, gated_norm=rmsnorm_fn)
     except Exception:  # ImportError, or its missing compiled Mamba-1 extension
-        selective_state_update = None
+        pass
     try:
         from causal_conv1d import causal_conv1d_update
+
+        found["conv_update"] = causal_conv1d_update
     except Exception:  # ImportError, or an extension built for another GPU
-        causal_conv1d_update = None
-    return selective_state_update, causal_conv1d_update
+        pass
+    return DecodeKernels(**found)
 
 
-def decode_kernels(
-    mixer: Mamba2Mixer, u: torch.Tensor
-) -> tuple[Callable[..., torch.Tensor] | None, Callable[..., torch.Tensor] | None]:
-    """The kernels for a decode step: (state update, conv update), None meaning the torch code.
-    Kernels only for CUDA input of a mixer built with mamba-ssm's SSD (`model.kernels` 'auto'
-    where it is available, or 'mamba_ssm'); the conv kernel only where causal-conv1d imports."""
+def decode_kernels(mixer: Mamba2Mixer, u: torch.Tensor) -> DecodeKernels:
+    """The kernels for a decode step. Only for CUDA input of a mixer built with mamba-ssm's SSD
+    (`model.kernels` 'auto' where it is available, or 'mamba_ssm'); the conv kernel only where
+    causal-conv1d imports."""
     if not u.is_cuda or mixer.ssd is not ssd_mamba_ssm:
-        return None, None
+        return DecodeKernels()
     return _import_decode_kernels()
