@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                         cuda_graphs=cuda_graphs,
                     )
                     mean, std = measure(engine, batch, context, args.steps, args.warmup)
+                    if engine.decoder is not None and engine.decoder.error:
+                        row["cuda_graph_error"] = engine.decoder.error[:500]
                 except torch.OutOfMemoryError:
                     row["error"] = "OOM"
                     print(f"{recipe.name:<16}{context:>9}{batch:>7}{'OOM':>10}")

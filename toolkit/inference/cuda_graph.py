@@ -78,6 +78,7 @@ class StaticDecoder:
             log.info("CUDA graphs need a CUDA device; decoding eagerly on %s", self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None  # one memory pool shared by all graphs (never replayed together)
+        self.error: str | None = None  # why recording failed (then the step runs eagerly)
 
     def __call__(self, tokens: torch.Tensor, needed: int) -> torch.Tensor:
         """`tokens` [slots] (any device; free rows: anything valid); `needed`: the longest
@@ -107,9 +108,15 @@ class StaticDecoder:
         current.wait_stream(side)
         logits.record_stream(current)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a server's other threads may touch CUDA meanwhile.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            static_logits = self._step(span)
+        try:
+            # thread_local: a server's other threads may touch CUDA meanwhile.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                static_logits = self._step(span)
+        except Exception as e:  # an op that cannot be captured: slow beats down
+            self.error = f"{type(e).__name__}: {e}"
+            self.cuda_graphs = False
+            log.error("recording a decode graph failed; decoding eagerly: %s", self.error)
+            return logits
         self.pool = graph.pool()
         self.graphs[span] = (graph, static_logits)
         log.info("recorded a decode graph for %d cache positions", span)
