@@ -271,8 +271,12 @@ def test_cli_errors(checkpoint, tmp_path, monkeypatch, capsys):
     assert "no such directory" in capsys.readouterr().err
     assert evaluate.main([*args, "no_such_task_anywhere", "--include-path", str(tmp_path)]) == 2
     assert "unknown task(s): no_such_task_anywhere" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # one mode at a time
-        evaluate.main([*args, "x", "--recipe", "r.toml"])
+    for bad in (["x", "--recipe", "r.toml"], ["x", "--batch-size", "0"]):  # checked by argparse
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main([*args, *bad])
+        assert exit_.value.code == 2
+    with pytest.raises(ValueError, match="'auto' is not supported"):  # lm-eval's own CLI passes it
+        HybridToolkitLM(str(checkpoint), batch_size="auto")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, "toolkit.lm_eval_adapter")
     monkeypatch.delattr(toolkit, "lm_eval_adapter")

@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.recipe is None) == (args.tasks is None):
         parser.error("give --recipe (validation loss) or --tasks (lm-evaluation-harness), not both")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     return args

@@ -50,6 +50,10 @@ class HybridToolkitLM(TemplateLM):
         """`checkpoint`: a checkpoint root (its latest step) or a step directory; `dtype` auto is
         bfloat16 on a GPU, float32 otherwise (as the server)."""
         super().__init__()
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(
+                f"batch_size={batch_size!r}: give a positive number ('auto' is not supported)"
+            )
         dev = resolve_device(str(device))
         model, recipe, tokenizer = model_from_checkpoint(str(checkpoint), dev)
         if dtype == "auto":
