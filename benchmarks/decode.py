@@ -150,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     cuda_graphs = device.type == "cuda" and not args.no_cuda_graphs
     results = []
+
+    def save(row: dict) -> None:  # written at once: a crash later keeps what was measured
+        results.append(row)
+        if args.json:
+            meta = {"device": str(device), "dtype": args.dtype}
+            args.json.write_text(json.dumps(meta | {"results": results}, indent=1))
+
     print(f"device {device}, {args.dtype}, CUDA graphs {'on' if cuda_graphs else 'off'}")
     print(
         f"{'recipe':<16}{'context':>9}{'batch':>7}{'ms/token':>10}{'tokens/s':>12}{'weights GB/s':>14}"
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 except torch.OutOfMemoryError:
                     row["error"] = "OOM"
                     print(f"{recipe.name:<16}{context:>9}{batch:>7}{'OOM':>10}")
-                    results.append(row)
+                    save(row)
                     continue
                 finally:
                     engine = None
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_per_s": batch / mean,
                 }
                 row["weights_gb_per_s"] = weight_bytes / mean / 1e9
-                results.append(row)
+                save(row)
                 print(
                     f"{recipe.name:<16}{context:>9}{batch:>7}{1e3 * mean:>10.2f}"
                     f"{batch / mean:>12.1f}{weight_bytes / mean / 1e9:>14.1f}"
@@ -225,19 +232,15 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # noqa: BLE001 - report (OOM, missing package) and go on
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                     print(f"{'mamba-ssm':<16}{'-':>9}{batch:>7}  {row['error'][:80]}")
-                    results.append(row)
+                    save(row)
                     continue
                 row |= {"ms_per_step": 1e3 * mean, "ms_std": 1e3 * std}
                 row |= {"tokens_per_s": batch / mean, "weights_gb_per_s": weight_bytes / mean / 1e9}
-                results.append(row)
+                save(row)
                 print(
                     f"{'mamba-ssm':<16}{'-':>9}{batch:>7}{1e3 * mean:>10.2f}"
                     f"{batch / mean:>12.1f}{weight_bytes / mean / 1e9:>14.1f}"
                 )
-    if args.json:
-        args.json.write_text(
-            json.dumps({"device": str(device), "dtype": args.dtype, "results": results}, indent=1)
-        )
     return 0
 
 

@@ -1,64 +1,68 @@
 #!/usr/bin/env bash
 # One H200, ~7 minutes: decode speed of the engine (benchmarks/decode.py, random bf16 weights) at
 # the 8B hybrid, pure Mamba-2 and GPT shapes, contexts 4k and 32k, batches 1/32/64, under CUDA
-# graphs; the hybrid at batch 1 eagerly too (what the graphs buy); mamba-ssm's own CUDA-graph
-# decode at the pure Mamba-2 shape; first, the GPU equality tests of the graph engine (tiny
-# models). Writes $OUT/<name>.json and $OUT/<name>.log; $OUT/summary.txt is the table.
+# graphs; mamba-ssm's own CUDA-graph decode at the pure Mamba-2 shape; the GPU equality tests
+# of the graph engine and the decode kernels (tiny models); the hybrid at batch 1 eagerly (what
+# the graphs buy). Brings back three files (the device returns at most 8): $OUT/summary.txt (the
+# table), $OUT/decode.json (every run's results by name) and $OUT/logs.tar.gz (every log).
 # Steps are ordered by priority and skipped once the budget is spent (GPU_DECODE_BUDGET_S,
 # default 420 s after set-up). Usage from the repository root, with .dev/ and .whl/ carried:
 #     OUT=/some/dir bash benchmarks/gpu_decode.sh
 set -u
-OUT=${OUT:-runs/gpu_decode} START=$(date +%s)
-mkdir -p "$OUT" && source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
-echo "set-up $(( $(date +%s) - START )) s"; tail -5 "$OUT/setup.log"
+OUT=${OUT:-runs/gpu_decode} START=$(date +%s) W=$(mktemp -d)  # W: each run's JSON and log
+mkdir -p "$OUT" && source benchmarks/gpu_setup.sh > "$W/setup.log" 2>&1
+echo "set-up $(( $(date +%s) - START )) s"; tail -5 "$W/setup.log"
 DEADLINE=$(( $(date +%s) + ${GPU_DECODE_BUDGET_S:-420} ))
 
 run() {  # name timeout_s command...: skipped past the deadline, cut short at it
   local name=$1 t; t=$(date +%s)
   local limit=$(( DEADLINE - t < $2 ? DEADLINE - t : $2 )); shift 2
   if (( limit < 20 )); then echo "$name skipped (budget spent)"; return; fi
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$OUT/$name.log" | cut -c 1-300)"
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1
+  echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$W/$name.log" | cut -c 1-300)"
 }
 
 decode() {  # name timeout_s recipe extra args...: 3 warm-up + 15 timed steps per point
   local name=$1 limit=$2 recipe=$3; shift 3
   run "$name" "$limit" python3 benchmarks/decode.py --recipe "recipes/$recipe.toml" \
     --contexts 4096,32768 --batches 1,32,64 --steps 15 --warmup 3 --device cuda \
-    --dtype bfloat16 --json "$OUT/$name.json" "$@"
+    --dtype bfloat16 --json "$W/$name.json" "$@"
 }
 
-if python3 -c "import pytest" 2> /dev/null; then
-  run gpu_tests 90 python3 -m pytest -q -x tests/test_cuda_graph.py -k gpu
-fi
 decode 8b_hybrid 120 8b_hybrid
 decode 8b_mamba2 150 8b_mamba2 --mamba-ssm-reference
 decode 8b_gpt3 110 8b_gpt3
+if python3 -c "import pytest" 2> /dev/null; then
+  run gpu_tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph.py -k gpu
+fi
 run 8b_hybrid_eager 60 python3 benchmarks/decode.py --recipe recipes/8b_hybrid.toml \
   --contexts 4096 --batches 1 --steps 5 --warmup 1 --device cuda --dtype bfloat16 \
-  --no-cuda-graphs --json "$OUT/8b_hybrid_eager.json"
+  --no-cuda-graphs --json "$W/8b_hybrid_eager.json"
 # Where the graphs failed, a few points eagerly: a number rather than none.
 for recipe in 8b_hybrid 8b_mamba2 8b_gpt3; do
-  if ! grep -q ms_per_step "$OUT/$recipe.json" 2> /dev/null; then
+  if ! grep -q ms_per_step "$W/$recipe.json" 2> /dev/null; then
     run "${recipe}_eager_fallback" 90 python3 benchmarks/decode.py \
       --recipe "recipes/$recipe.toml" --contexts 4096 --batches 1,64 --steps 3 --warmup 1 \
-      --device cuda --dtype bfloat16 --no-cuda-graphs --json "$OUT/${recipe}_eager_fallback.json"
+      --device cuda --dtype bfloat16 --no-cuda-graphs --json "$W/${recipe}_eager_fallback.json"
   fi
 done
 
-python3 - "$OUT" > "$OUT/summary.txt" 2>&1 <<'EOF'
+python3 - "$W" "$OUT/decode.json" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(runs, indent=1))
 print(f"{'run':24} {'recipe':12} {'context':>8} {'batch':>6} {'ms/step':>9} {'tokens/s':>10} "
       f"{'weights GB/s':>13}")
-for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    for r in json.loads(p.read_text())["results"]:
-        head = f"{p.stem:24} {r['recipe']:12} {str(r['context']):>8} {r['batch']:>6}"
+for name, run in runs.items():
+    for r in run["results"]:
+        head = f"{name:24} {r['recipe']:12} {str(r['context']):>8} {r['batch']:>6}"
         if "error" in r:
             print(f"{head} {r['error'][:100]}")
         else:
             print(f"{head} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10.1f} "
                   f"{r['weights_gb_per_s']:13.1f}  {r.get('impl', 'ours')}"
-                  f" graphs={r.get('cuda_graphs')}")
+                  f" graphs={r.get('cuda_graphs')} {r.get('cuda_graph_error', '')[:100]}")
 EOF
+tar czf "$OUT/logs.tar.gz" -C "$W" $(cd "$W" && ls -- *.log)
 cat "$OUT/summary.txt"
 echo "total $(( $(date +%s) - START )) s"
