@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,10 +48,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks, one per GPU of this node (gloo on CPUs); started here, or "
+        "one task each under srun/torchrun",
+    )
     args = p.parse_args(argv)
     for name in ("slots", "max_prefill_tokens", "prefill_chunk", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.tp < 1:
+        p.error("--tp must be >= 1")
     if args.max_len is not None and args.max_len < 2:
         p.error("--max-len must be >= 2")
     return args
@@ -63,13 +73,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from toolkit.build import model_from_checkpoint, resolve_device
     from toolkit.checkpoint import CheckpointError
+    from toolkit.config import RecipeError
+    from toolkit.inference import tp_serving
     from toolkit.inference.engine import Engine, memory_bytes
     from toolkit.inference.server import GenerationServer
 
+    ranks = None  # TP > 1: this process's place among the ranks
     try:
         device = resolve_device(args.device)
-        model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, device)
-    except (CheckpointError, FileNotFoundError, RuntimeError) as e:
+        if args.tp == 1:
+            model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, device)
+        else:
+            command = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]
+            ranks = tp_serving.start(args.tp, device, command)
+            model, recipe, tokenizer = tp_serving.load_shard(args.checkpoint, ranks)
+            device = ranks.env.device
+    except (CheckpointError, FileNotFoundError, RuntimeError, RecipeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = args.dtype
@@ -85,17 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         max_len,
         memory_bytes(model, args.slots, max_len) / 2**20,
     )
-    engine = Engine(
+    engine_class = Engine if ranks is None else partial(tp_serving.TPEngine, ranks=ranks)
+    engine = engine_class(
         model,
         tokenizer,
         slots=args.slots,
         max_len=max_len,
         max_prefill_tokens=args.max_prefill_tokens,
         prefill_chunk=args.prefill_chunk,
-        cuda_graphs=False if args.no_cuda_graphs else None,
+        # Tensor-parallel collectives are not captured in graphs: TP ranks decode eagerly.
+        cuda_graphs=False if args.no_cuda_graphs or ranks is not None else None,
     )
+    if ranks is not None and not ranks.leader:
+        return tp_serving.follow(engine)
+    server_class = GenerationServer if ranks is None else tp_serving.TPGenerationServer
     try:
-        server = GenerationServer(
+        server = server_class(
             (args.host, args.port),
             engine,
             model_name=recipe.name,
