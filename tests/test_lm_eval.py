@@ -165,7 +165,8 @@ def test_cli_scores_multiple_choice_generation_and_perplexity(checkpoint, refere
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "toolkit.evaluate", "--checkpoint", str(checkpoint)]
     cmd += ["--tasks", "toy_mc,toy_gen,toy_roll", "--include-path", str(tmp_path)]
-    cmd += ["--output", str(out), "--log-samples", "--batch-size", "2", "--dtype", "float64"]
+    cmd += ["--output", str(out), "--log-samples", "--batch-size", "2"]
+    cmd += ["--device", "cpu", "--dtype", "float64"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -203,7 +204,7 @@ def test_cli_scores_multiple_choice_generation_and_perplexity(checkpoint, refere
 
 @pytest.fixture(scope="module")
 def lm(checkpoint) -> HybridToolkitLM:
-    return HybridToolkitLM(str(checkpoint), batch_size=3)  # CPU: float32
+    return HybridToolkitLM(str(checkpoint), batch_size=3, device="cpu")  # float32
 
 
 def requests(kind: str, *args: tuple) -> list[Instance]:
@@ -248,7 +249,7 @@ def test_loglikelihood_rolling_equals_the_plain_forward_in_float32(lm):
 
 def test_generate_until_stops_at_max_gen_toks_and_stop_strings(checkpoint, reference):
     model, tokenizer = reference
-    lm = HybridToolkitLM(str(checkpoint), batch_size=2, dtype="float64")
+    lm = HybridToolkitLM(str(checkpoint), batch_size=2, device="cpu", dtype="float64")
     free = greedy_text(model, tokenizer, "def ", 20)
     stop = pick_stop([free])
     args = [("def ", {"until": [], "max_gen_toks": 20})]
