@@ -67,9 +67,14 @@ def test_static_decode_equals_eager_engine(case):
         for t in () if s is None else (v for v in vars(s).values() if torch.is_tensor(v)):
             t.copy_(torch.randn_like(t.float()) * 10)
     calls = []
-    static.decoder.forward = lambda tokens, views, f=static.decoder.forward: (
-        calls.append(tokens.size(0)) or f(tokens, views)
-    )
+
+    def forward(tokens, views, f=static.decoder.forward):
+        # The host's copy of the positions (it picks the span without a sync) stays exact.
+        assert static.host_positions == static.positions.tolist()
+        calls.append(tokens.size(0))
+        return f(tokens, views)
+
+    static.decoder.forward = forward
     eager_logits, static_logits = record_decodes(eager), record_decodes(static)
     again = [clone(r) for r in requests]
     eager.run(requests)

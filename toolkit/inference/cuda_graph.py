@@ -41,7 +41,9 @@ def span_bucket(needed: int, max_len: int, minimum: int = 256) -> int:
 
 
 def static_views(states: list[Any], positions: torch.Tensor, span: int) -> list[Any]:
-    """Views of all rows of the engine's states for one static decode step (no copies)."""
+    """Views of all rows of the engine's states for one static decode step (no copies). New
+    views each time: the step's Python-side bookkeeping (MambaState.seen += 1) lands on them,
+    and the KV views' `lengths` is the engine's tensor itself, read, never rebound."""
     views: list[Any] = []
     for s in states:
         if isinstance(s, MambaState):
