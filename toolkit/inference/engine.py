@@ -96,7 +96,7 @@ class Engine:
         self.host_positions = [0] * slots  # the same, for choosing a span without a sync
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
-        self.decoder = None
+        self.decoder: StaticDecoder | None = None
         if cuda_graphs:
             self.decoder = StaticDecoder(
                 lambda tokens, views: self._logits(self._hidden(tokens, views)[:, 0]),
