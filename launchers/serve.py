@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tensor-parallel ranks, one per GPU of this node (gloo on CPUs); started here, or "
         "one task each under srun/torchrun",
     )
+    p.add_argument(
+        "--address-file",
+        metavar="PATH",
+        help="once listening, write the reachable host and port here as JSON (removed on exit); "
+        "launchers/serve_slurm.py sets it",
+    )
     args = p.parse_args(argv)
     for name in ("slots", "max_prefill_tokens", "prefill_chunk", "max_body_bytes"):
         if getattr(args, name) < 1:
@@ -136,13 +142,33 @@ def main(argv: list[str] | None = None) -> int:
     log.info(
         "serving on http://%s:%d (token %s)", host, port, "required" if server.token else "off"
     )
+    if args.address_file:
+        write_address(Path(args.address_file), host, port)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if args.address_file:
+            Path(args.address_file).unlink(missing_ok=True)  # a stale address misleads
     return 0
+
+
+def write_address(path: Path, host: str, port: int) -> None:
+    """Where clients reach this server, for whoever started it elsewhere (a Slurm job)."""
+    import json
+    import socket
+
+    if host in ("0.0.0.0", "::", ""):  # every interface: the node's name reaches one of them
+        host = socket.gethostname()
+    info = {"host": host, "port": port, "url": f"http://{host}:{port}", "pid": os.getpid()}
+    info["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, path)  # readers never see half a file
+    log.info("address written to %s", path)
 
 
 log = logging.getLogger("serve")

@@ -83,7 +83,11 @@ class TPServer(Server):
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            super().stop()
+            try:
+                super().stop()
+            finally:  # a stuck rank must not outlive the test run
+                if self.proc.poll() is None:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:

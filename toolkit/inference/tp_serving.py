@@ -313,6 +313,12 @@ class TPGenerationServer(GenerationServer):
             super().serve_forever(poll_interval)
         finally:  # the base class asked the thread to stop: let it tell the followers
             self.engine_thread.join(timeout=60)
+            if self.engine_thread.is_alive():
+                log.error("the engine is stuck in a collective: ending the other ranks")
+                ranks = self.engine_thread.engine.ranks
+                ranks.stopped = True  # a stop broadcast would wait behind the stuck collective
+                for child in ranks.children:
+                    child.kill()
 
 
 def follow(engine: TPEngine) -> int:
