@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from tests.test_engine import one_thread  # noqa: F401 (autouse fixture)
 from tests.test_server import MAX_LEN, Server, same
 from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint
 from toolkit.config import load_recipe
 from toolkit.distributed import free_port
-from toolkit.inference import api
+from toolkit.inference import api, tp_serving
 from toolkit.inference.engine import Engine
 from toolkit.tokenizer import build_tokenizer
 
@@ -210,6 +211,44 @@ def test_unseeded_sampling_is_one_consistent_draw(served):
             logprobs = model(tokens[None, :-1])[0, :, : model.vocab_size].log_softmax(-1)
         scored = logprobs.gather(-1, tokens[1:, None]).squeeze(-1)
         assert reported == pytest.approx(scored.tolist())
+
+
+def shard_worker(rank: int, world: int, port: int, checkpoint: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ranks = tp_serving.start(world, torch.device("cpu"), [])
+    shard, _, _ = tp_serving.load_shard(checkpoint, ranks)
+    full, _, _ = model_from_checkpoint(checkpoint)
+    whole = dict(full.named_parameters())
+    vocab = full.vocab_size
+    for name, param in shard.named_parameters():
+        if not hasattr(param, "_tp_dim"):  # norms: replicated
+            torch.testing.assert_close(param, whole[name], rtol=0, atol=0)
+            continue
+        dim, index = param._tp_dim, param._tp_index
+        assert param.shape[dim] < whole[name].shape[dim], name  # a slice, not the whole
+        value = param.detach()
+        if name in ("embedding.weight", "output_layer.weight"):
+            # padding rows (past the real vocabulary) are not stored: zeros here
+            assert not value[index >= vocab].any(), name
+            value, index = value[index < vocab], index[index < vocab]
+        expected = whole[name].detach().index_select(dim, index)
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    tokens = ranks.broadcast(torch.randint(0, vocab, (2, 9)))
+    with torch.no_grad():
+        local = shard(tokens)
+        expected = full(tokens)[..., rank * local.size(-1) : (rank + 1) * local.size(-1)]
+    torch.testing.assert_close(local[..., : expected.size(-1)], expected, rtol=1e-5, atol=1e-6)
+    ranks.close()
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_each_rank_loads_its_slice_of_the_checkpoint(tmp_path, model):
+    """Built on the meta device, sharded, then filled from the checkpoint: every parameter is
+    this rank's slice of the model alone, and the shards' logits are the model's."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", MODELS[model])
+    mp.spawn(shard_worker, args=(2, free_port(), str(checkpoint)), nprocs=2, join=True)
 
 
 def stop_and_check(server: TPServer, how: str) -> None:
