@@ -52,16 +52,21 @@ class EngineThread(threading.Thread):
             if r.on_update is not None:
                 r.on_update(r)
 
+    def _take(self, idle_timeout: float | None = None) -> None:
+        """Queue what the HTTP threads sent; wait for it only while idle (at most
+        `idle_timeout` seconds; None: until something arrives)."""
+        try:
+            item = self.inbox.get(block=not self.engine.has_work(), timeout=idle_timeout)
+            while True:
+                if item is not None:
+                    self._add(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
     def run(self) -> None:
         while self.running:
-            try:  # block only while idle
-                item = self.inbox.get(block=not self.engine.has_work())
-                while True:
-                    if item is not None:
-                        self._add(item)
-                    item = self.inbox.get_nowait()
-            except queue.Empty:
-                pass
+            self._take()
             if not self.engine.has_work():
                 continue
             try:

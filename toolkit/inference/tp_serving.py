@@ -18,7 +18,6 @@ import ctypes
 import dataclasses
 import logging
 import os
-import queue
 import signal
 import subprocess
 import threading
@@ -269,7 +268,7 @@ class LeaderThread(EngineThread):
     def run(self) -> None:
         try:
             while self.running:
-                self._take()
+                self._take(idle_timeout=HEARTBEAT_S)  # the followers wait in a collective
                 if not self.running:
                     break
                 try:
@@ -287,20 +286,6 @@ class LeaderThread(EngineThread):
                     self.engine.exchange(stop=True)
                 except Exception as e:  # a follower already gone: nothing left to tell
                     log.warning("could not tell the other ranks to stop: %s", e)
-
-    def _take(self) -> None:
-        """Queue what the HTTP threads sent; while idle, wait at most one heartbeat for it."""
-        try:
-            if self.engine.has_work():
-                item = self.inbox.get_nowait()
-            else:
-                item = self.inbox.get(timeout=HEARTBEAT_S)
-            while True:
-                if item is not None:
-                    self._add(item)
-                item = self.inbox.get_nowait()
-        except queue.Empty:
-            pass
 
 
 class TPGenerationServer(GenerationServer):
