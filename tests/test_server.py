@@ -95,7 +95,11 @@ def server(checkpoint, tmp_path_factory):
 def reference(checkpoint):
     """The same model run alone in this process: what every response must equal."""
     model, _, tokenizer = model_from_checkpoint(str(checkpoint))
-    model = model.double()
+    return reference_runner(model.double(), tokenizer)
+
+
+def reference_runner(model, tokenizer):
+    """(path, body) -> the response `model` alone gives, through a fresh one-slot engine."""
     limits = api.Limits(max_len=MAX_LEN)
 
     def run(path: str, body: dict) -> dict:

@@ -16,12 +16,11 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.test_engine import one_thread  # noqa: F401 (autouse fixture)
-from tests.test_server import MAX_LEN, Server, same
+from tests.test_server import Server, reference_runner, same
 from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint
 from toolkit.config import load_recipe
 from toolkit.distributed import free_port
-from toolkit.inference import api, tp_serving
-from toolkit.inference.engine import Engine
+from toolkit.inference import tp_serving
 from toolkit.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,19 +116,7 @@ def served(request, tmp_path_factory):
     model, _, tokenizer = model_from_checkpoint(str(checkpoint))
     model = model.double()
     served_models[server.port] = model
-    limits = api.Limits(max_len=MAX_LEN)
-
-    def reference(path: str, body: dict) -> dict:
-        engine = Engine(model, tokenizer, slots=1, max_len=MAX_LEN)
-        if path == "/api":
-            return api.megatron_response(
-                engine.run(api.parse_megatron(body, tokenizer, limits)), tokenizer
-            )
-        c = api.parse_completion(body, tokenizer, limits)
-        engine.run(c.requests)
-        return api.completion_response(c, tokenizer, "tiny_hybrid")
-
-    yield server, reference
+    yield server, reference_runner(model, tokenizer)
     server.stop()
 
 
