@@ -90,7 +90,7 @@ def main() -> None:
         "checkpoint_gb": nbytes / 1e9,
     }
 
-    results["chunk_threads"] = store._CHUNK_POOL._max_workers
+    results["chunk_threads"] = store.CHUNK_THREADS
     if not args.no_dd:
         ddfile = root / "dd.bin"
         count = max(1, nbytes // (64 << 20))

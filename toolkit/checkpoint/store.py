@@ -199,10 +199,10 @@ def _region(arr: zarr.Array, index: tuple) -> list[range]:
 # Chunk files are read, written, checksummed and fsynced by this pool's threads (file I/O and
 # CRC32C release the GIL), also when one array has many chunks. TOOLKIT_CHECKPOINT_THREADS tunes
 # it for a file system (a parallel one wants more threads, one spinning disk fewer).
-_CHUNK_POOL = ThreadPoolExecutor(
-    int(os.environ.get("TOOLKIT_CHECKPOINT_THREADS") or min(32, 2 * (os.cpu_count() or 1))),
-    "checkpoint-chunk",
+CHUNK_THREADS = int(
+    os.environ.get("TOOLKIT_CHECKPOINT_THREADS") or min(32, 2 * (os.cpu_count() or 1))
 )
+_CHUNK_POOL = ThreadPoolExecutor(CHUNK_THREADS, "checkpoint-chunk")
 
 
 def read_region(
