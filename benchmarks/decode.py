@@ -91,7 +91,7 @@ def measure_mamba_ssm(
     model = MambaLMHeadModel(config, device="cuda", dtype=dtype).eval()
     cache = None
     try:
-        with torch.no_grad():
+        with torch.inference_mode():  # its cache is made of inference tensors
             cache = update_graph_cache(model, None, batch, 1, warmup + steps + 2, dtype=dtype)
             ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
             positions = torch.zeros_like(ids)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One H200, ~7 minutes: decode speed of the engine (benchmarks/decode.py, random bf16 weights) at
 # the 8B hybrid, pure Mamba-2 and GPT shapes, contexts 4k and 32k, batches 1/32/64, under CUDA
-# graphs; mamba-ssm's own CUDA-graph decode at the pure Mamba-2 shape; the GPU equality tests
-# of the graph engine and the decode kernels (tiny models); the hybrid at batch 1 eagerly (what
-# the graphs buy). Brings back three files (the device returns at most 8): $OUT/summary.txt (the
+# graphs (and the Transformer's largest batches at 32k); mamba-ssm's own CUDA-graph decode at the
+# pure Mamba-2 shape; the GPU equality tests of the graph engine, the decode kernels and RMSNorm
+# (tiny models); the hybrid at batch 1 eagerly (what the graphs buy). Brings back three files (the device returns at most 8): $OUT/summary.txt (the
 # table), $OUT/decode.json (every run's results by name) and $OUT/logs.tar.gz (every log).
 # Steps are ordered by priority and skipped once the budget is spent (GPU_DECODE_BUDGET_S,
 # default 420 s after set-up). Usage from the repository root, with .dev/ and .whl/ carried:
@@ -32,8 +32,11 @@ decode() {  # name timeout_s recipe extra args...: 3 warm-up + 15 timed steps pe
 decode 8b_hybrid 120 8b_hybrid
 decode 8b_mamba2 150 8b_mamba2 --mamba-ssm-reference
 decode 8b_gpt3 110 8b_gpt3
+# The Transformer's KV cache fills the GPU at 32k before batch 32: its largest batches there.
+decode 8b_gpt3_fit 60 8b_gpt3 --contexts 32768 --batches 4,7
 if python3 -c "import pytest" 2> /dev/null; then
-  run gpu_tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph.py -k gpu
+  run gpu_tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph.py \
+    tests/test_ssd.py -k "gpu or cuda"
 fi
 run 8b_hybrid_eager 60 python3 benchmarks/decode.py --recipe recipes/8b_hybrid.toml \
   --contexts 4096 --batches 1 --steps 5 --warmup 1 --device cuda --dtype bfloat16 \

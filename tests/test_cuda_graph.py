@@ -9,7 +9,7 @@ from tests.test_engine import MODELS, TOKENIZER, build, clone, prompts
 from toolkit.inference import cuda_graph
 from toolkit.inference.cuda_graph import span_bucket
 from toolkit.inference.engine import Engine, Request
-from toolkit.model import mamba2
+from toolkit.model import attention, mamba2
 from toolkit.model.attention import KVCache
 from toolkit.model.mamba2 import Mamba2Mixer, decode_kernels, ssd_chunked, ssd_mamba_ssm
 
@@ -258,3 +258,42 @@ def test_cuda_graph_engine_equals_eager_engine_on_gpu(case):
     assert graphs.decoder.error is None and graphs.decoder.graphs  # recorded, then replayed
     for a, b in zip(graph_logits, eager_logits):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_decode_steps_follow_in_place_changes_of_A_log():
+    """A = -exp(A_log) is kept between decode steps: loading new weights in place must still
+    change the next step exactly as a mixer built with those weights."""
+    torch.manual_seed(0)
+    kept, fresh = (Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2).double() for _ in "ab")
+    fresh.load_state_dict(kept.state_dict())
+    u = torch.randn(2, 1, 32, dtype=torch.float64)
+    states = [m.allocate_state(2, torch.device("cpu"), torch.float64) for m in (kept, fresh)]
+    for s in states:
+        torch.manual_seed(1)
+        s.conv.normal_(), s.ssm.normal_()
+    with torch.no_grad():
+        kept.step(u, states[0]), fresh.step(u, states[1])  # the first step keeps A
+        new = kept.A_log + 0.5
+        kept.A_log.copy_(new)  # in place, as load_state_dict does
+        fresh = Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2).double()
+        fresh.load_state_dict(kept.state_dict())
+        torch.testing.assert_close(kept.step(u, states[0]), fresh.step(u, states[1]))
+        assert torch.equal(kept.decode_A(), -torch.exp(new.float()))
+
+
+@pytest.mark.parametrize("below", [0, 10**9], ids=["sdpa", "matmul"])
+def test_decode_attention_both_ways_equal_the_definition(monkeypatch, below):
+    """Rows at different lengths over one span, 4 queries per group, in float64."""
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_BELOW", below)
+    g = torch.Generator().manual_seed(0)
+    b, groups, n, span, d = 3, 2, 4, 40, 8
+    q, k, v = (
+        torch.randn(b, groups, m, d, generator=g, dtype=torch.float64) for m in (n, span, span)
+    )
+    lengths = torch.tensor([1, 17, 40])
+    mask = (torch.arange(span) < lengths[:, None])[:, None, None, :]
+    got = attention.decode_attention(q, k, v, mask)
+    for r in range(b):
+        s = q[r] @ k[r, :, : lengths[r]].transpose(-1, -2) / d**0.5
+        want = s.softmax(-1) @ v[r, :, : lengths[r]]
+        torch.testing.assert_close(got[r], want, rtol=0, atol=1e-12)

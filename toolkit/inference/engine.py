@@ -324,14 +324,19 @@ class Engine:
         def column(values: list[float | int], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
-        uniform = [float(torch.rand((), generator=r.generator)) for r in requests]
-        tokens = sample(
-            logits,
-            temperature=column([r.temperature for r in requests], torch.float32),
-            top_k=column([min(r.top_k, logits.size(-1)) for r in requests], torch.long),
-            top_p=column([r.top_p for r in requests], torch.float32),
-            uniform=column(uniform, torch.float64),
-        )
+        if all(r.temperature == 0 for r in requests):
+            # All greedy: no draws (a sampling request's own stream is drawn at every one of
+            # its steps either way) and no settings copied to the device while it waits.
+            tokens = logits.argmax(-1)
+        else:
+            uniform = [float(torch.rand((), generator=r.generator)) for r in requests]
+            tokens = sample(
+                logits,
+                temperature=column([r.temperature for r in requests], torch.float32),
+                top_k=column([min(r.top_k, logits.size(-1)) for r in requests], torch.long),
+                top_p=column([r.top_p for r in requests], torch.float32),
+                uniform=column(uniform, torch.float64),
+            )
         logprobs, top = None, None
         if any(r.logprobs for r in requests):
             lp = logits.log_softmax(-1)

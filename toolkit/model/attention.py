@@ -165,7 +165,28 @@ class Attention(nn.Module):
         # A group's query heads become its queries: no GQA expansion of the keys.
         q = q.reshape(b, groups, self.heads_per_group, d)
         mask = pos[:, :, None, None] >= torch.arange(span, device=k.device)  # b 1 1 span
-        out = F.scaled_dot_product_attention(
-            q, state.k[:, :, :span], state.v[:, :, :span], attn_mask=mask
-        )
+        out = decode_attention(q, state.k[:, :, :span], state.v[:, :, :span], mask)
         return out.reshape(b, self.num_heads, d)
+
+
+# (row, group) pairs from which decode_attention uses SDPA (benchmarks/decode_profile.py).
+MATMUL_ATTENTION_BELOW = 32
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), masked) v for a few queries per (row, group) over a long cache:
+    q [b, g, n, d], k and v [b, g, span, d], mask [b, 1, 1, span] (True: attend).
+
+    SDPA's kernels parallelise over (row, group, query block): with few of those (the 8B
+    hybrid at batch 1: 8 groups) most of the GPU idles while a handful of blocks walk 32k keys
+    (0.64 ms per layer on the H200). Then two batched matmuls, which spread the keys over the
+    whole GPU (94 us); with many (row, group) pairs SDPA is the faster one. Softmax in fp32."""
+    if q.size(0) * q.size(1) >= MATMUL_ATTENTION_BELOW:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.size(-1) ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)

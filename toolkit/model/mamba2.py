@@ -232,6 +232,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, num_groups, norm_eps)
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=False)
+        self._decode_A: tuple[tuple[int, int], torch.Tensor] | None = None  # see decode_A
         for p in (self.A_log, self.D, self.dt_bias):
             p._no_weight_decay = True  # read by the optimizer's parameter grouping
         self.reset_ssm_parameters()
@@ -355,10 +356,21 @@ class Mamba2Mixer(nn.Module):
             y = self.norm(y, z)
         return self.out_proj(y).unsqueeze(1)
 
+    def decode_A(self) -> torch.Tensor:
+        """A = -exp(A_log) in fp32 for decode steps, kept between steps (3 kernels per layer and
+        token otherwise) and recomputed when A_log changes (in place: its version counter moves;
+        moved: its address). With gradients on it is not kept: it would hold the graph."""
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr())
+        if self._decode_A is None or self._decode_A[0] != key:
+            self._decode_A = (key, -torch.exp(self.A_log.float()))
+        return self._decode_A[1]
+
     def _ssm_step_torch(
         self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm: torch.Tensor
     ) -> torch.Tensor:
-        A = -torch.exp(self.A_log.float())
+        A = self.decode_A()
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, h]
         heads = self.num_heads
         Bh = B.repeat_interleave(heads // self.num_groups, dim=1)  # [b, h, n]
@@ -386,7 +398,7 @@ class Mamba2Mixer(nn.Module):
             ssm,  # [b, h, p, n], fp32, updated in place
             x,  # [b, h, p]
             dt.unsqueeze(-1).expand(-1, h, p),  # pre-softplus
-            (-torch.exp(self.A_log.float()))[:, None, None].expand(h, p, n),
+            self.decode_A()[:, None, None].expand(h, p, n),
             B,  # [b, g, n]
             C,
             D=self.D[:, None].expand(h, p),

@@ -17,6 +17,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: bf16 mean-of-squares loses too many bits on wide hidden sizes.
         # x * rsqrt(mean(x^2) + eps) * weight; on CUDA one fused kernel, not ~6 eager passes.
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            # CUDA's kernel already computes in fp32 for bf16/fp16 and rounds once at the end:
+            # the same numbers without the two casts (bf16 inference: 2 of ~12 kernels a block).
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
 
 

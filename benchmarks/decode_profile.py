@@ -1,0 +1,252 @@
+"""Where a decode step's time goes on a GPU: the device's HBM bandwidth, the bandwidth of each
+weight shape's matrix-vector product, and the kernels of one engine step.
+
+1. HBM: a 4 GiB device-to-device copy (bytes read + written per second) and a bf16 sum
+   (bytes read per second).
+2. Every distinct nn.Linear weight shape of the recipe's model, at the decode batch: bytes of
+   weight read per second by F.linear, replayed in a CUDA graph over enough copies of the
+   weight (> 2 GiB) that the 50 MB L2 cache does not serve them.
+3. One engine step (CUDA graph replay, and eagerly) under torch.profiler: step time, the sum of
+   its kernels' times, their count, and the kernels that take the most time.
+
+    python benchmarks/decode_profile.py --recipe recipes/8b_hybrid.toml --context 4096 \\
+        --batch 1 --json profile.json
+"""
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from toolkit.build import build_model
+from toolkit.config import load_recipe
+from toolkit.inference.engine import Engine, Request
+from toolkit.model import attention
+from toolkit.tokenizer import build_tokenizer
+
+
+def graph_time(fn, reps: int) -> float:
+    """Seconds per call of `fn`, replayed `reps` times inside one CUDA graph."""
+    fn(0)  # warm-up: workspaces, autotuning
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (5 * reps)
+
+
+def hbm_bandwidth() -> dict[str, float]:
+    x = torch.randn(2**31 // 2, device="cuda", dtype=torch.bfloat16)  # 2 GiB... x2 below
+    x = torch.cat([x, x])  # 4 GiB
+    y = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    copy = graph_time(lambda i, x=x, y=y: y.copy_(x), 4)
+    read = graph_time(lambda i, x=x: x.sum(dtype=torch.float32), 4)
+    return {"copy_gb_per_s": 2 * nbytes / copy / 1e9, "sum_read_gb_per_s": nbytes / read / 1e9}
+
+
+def gemv_bandwidth(model: nn.Module, batch: int) -> list[dict]:
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            key = tuple(module.weight.shape)
+            shapes.setdefault(key, []).append(name)
+    rows = []
+    for (n, k), names in shapes.items():
+        copies = max(2, -(-(2 << 30) // (n * k * 2)))
+        weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(batch, n, device="cuda", dtype=torch.bfloat16)
+        reps = copies * max(1, 64 // copies)
+
+        def linear(i: int, x=x, w=weights, out=out) -> None:
+            torch.matmul(x, w[i % len(w)].t(), out=out)
+
+        t = graph_time(linear, reps)
+        row = {"shape": [n, k], "layers": len(names), "example": names[0], "us": t * 1e6}
+        row["gb_per_s"] = n * k * 2 / t / 1e9
+        if batch == 1:  # cuBLAS's matrix-vector entry point, for comparison
+
+            def mv(i: int, x=x, w=weights, out=out) -> None:
+                torch.mv(w[i % len(w)], x[0], out=out.view(-1))
+
+            tv = graph_time(mv, reps)
+            row["mv_gb_per_s"] = n * k * 2 / tv / 1e9
+        rows.append(row)
+        print(
+            f"linear {n}x{k} ({len(names)} layers, {names[0]}): {t * 1e6:.1f} us, "
+            f"{row['gb_per_s']:.0f} GB/s"
+            + (f", mv {row['mv_gb_per_s']:.0f} GB/s" if "mv_gb_per_s" in row else "")
+        )
+        del weights, linear
+        torch.cuda.empty_cache()
+    return rows
+
+
+def attention_bandwidth(cfg, batches: list[int], span: int) -> list[dict]:
+    """Decode attention over a `span`-key cache at the model's shape: SDPA with a mask against
+    decode_attention's two matmuls; bytes of keys and values read per second."""
+    groups, d = cfg.num_query_groups, cfg.hidden_size // cfg.num_attention_heads
+    per_group = cfg.num_attention_heads // groups
+    rows = []
+    for b in batches:
+        q = torch.randn(b, groups, per_group, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (
+            torch.randn(b, groups, span, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)
+        )
+        mask = torch.arange(span, device="cuda") < span - 7
+        mask = mask.expand(b, 1, 1, span)
+        nbytes = 2 * k.numel() * k.element_size()
+        row = {"batch": b, "span": span}
+        for name, below in (("sdpa", 0), ("matmul", 1 << 30)):
+            attention.MATMUL_ATTENTION_BELOW = below  # which way decode_attention goes
+            t = graph_time(lambda i, a=(q, k, v, mask): attention.decode_attention(*a), 8)
+            row[f"{name}_us"], row[f"{name}_gb_per_s"] = t * 1e6, nbytes / t / 1e9
+        print(
+            f"attention b={b} span={span}: sdpa {row['sdpa_us']:.0f} us "
+            f"({row['sdpa_gb_per_s']:.0f} GB/s), matmul {row['matmul_us']:.0f} us "
+            f"({row['matmul_gb_per_s']:.0f} GB/s)"
+        )
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def profile_steps(engine: Engine, steps: int, label: str, trace: Path | None) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        engine.step()
+    end.record()
+    torch.cuda.synchronize()
+    step_ms = start.elapsed_time(end) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    replay_ms = None
+    if engine.decoder is not None and engine.decoder.graphs:  # the graph alone, back to back
+        graph = next(iter(engine.decoder.graphs.values()))[0]
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        replay_ms = start.elapsed_time(end) / steps
+        print(f"{label}: graph replays alone {replay_ms:.3f} ms")
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    kernel_us = sum(sum(v) for v in by_name.values()) / steps
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    result = {
+        "label": label,
+        "step_ms": step_ms,
+        "kernel_ms_per_step": kernel_us / 1e3,
+        "kernels_per_step": len(kernels) / steps,
+        "replay_ms": replay_ms,
+        "top": [
+            {
+                "name": name[:140],
+                "calls_per_step": len(v) / steps,
+                "us_per_step": sum(v) / steps,
+                "us_mean": sum(v) / len(v),
+            }
+            for name, v in top
+        ],
+    }
+    print(
+        f"{label}: step {step_ms:.3f} ms, kernels {kernel_us / 1e3:.3f} ms in "
+        f"{len(kernels) / steps:.0f} kernels per step"
+    )
+    for t in result["top"]:
+        print(
+            f"  {t['us_per_step']:9.1f} us  {t['calls_per_step']:6.1f} x {t['us_mean']:7.2f} us"
+            f"  {t['name'][:110]}"
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/decode_profile.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--set", action="append", default=[], help="recipe override key=value")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="profiled steps")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--trace", type=Path, help="Chrome trace of the graph steps")
+    p.add_argument("--skip-gemv", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    result: dict = {"device": torch.cuda.get_device_name()}
+    result["hbm"] = hbm_bandwidth()
+    print(
+        f"HBM: copy {result['hbm']['copy_gb_per_s']:.0f} GB/s, "
+        f"sum {result['hbm']['sum_read_gb_per_s']:.0f} GB/s"
+    )
+    recipe = load_recipe(args.recipe, args.set)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    model = build_model(recipe, build_tokenizer(recipe.data.tokenizer), torch.device("cuda"))
+    torch.set_default_dtype(torch.float32)
+    model.eval()
+    if not args.skip_gemv:
+        result["gemv"] = gemv_bandwidth(model, args.batch)
+    if "*" in model.layout.pattern:
+        below = attention.MATMUL_ATTENTION_BELOW
+        result["attention"] = attention_bandwidth(recipe.model, [1, 2, 4, 8, 32], 32768)
+        attention.MATMUL_ATTENTION_BELOW = below
+    steps = args.steps
+    max_len = -(-(args.context + 4 * steps + 8) // 256) * 256
+    for graphs in (True, False):
+        engine = Engine(
+            model, build_tokenizer("byte"), slots=args.batch, max_len=max_len, cuda_graphs=graphs
+        )
+        requests = [
+            Request(prompt=[0], max_new_tokens=4 * steps + 4, stop_at_eod=False)
+            for _ in range(args.batch)
+        ]
+        engine.occupy(requests, args.context)
+        for _ in range(3):
+            engine.step()
+        label = "graph" if graphs else "eager"
+        result[label] = profile_steps(engine, steps, label, args.trace if graphs else None)
+        for r in requests:
+            r.cancel()
+        engine.step()
+        engine = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
