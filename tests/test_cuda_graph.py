@@ -33,8 +33,9 @@ def record_decodes(engine: Engine) -> list[torch.Tensor]:
     decode = engine._decode
 
     def spy(rows):
-        out.append(decode(rows))
-        return out[-1]
+        logits = decode(rows)
+        out.append(logits.clone())  # a graph's output buffer is overwritten by the next step
+        return logits
 
     engine._decode = spy
     return out

@@ -126,3 +126,27 @@ def test_rms_norm_is_the_fp32_definition(device, dtype, weight_dtype):
     # The CUDA kernel sums in another order: in bf16 a result may round the other way.
     tol = 2**-8 if device == "cuda" and dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=tol, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="mamba-ssm's fused add + norm runs on CUDA only")
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_fused_add_norm_equals_add_then_norm_on_gpu(kind):
+    """The engine's residual sum + next norm: mamba-ssm's kernel against the two torch steps."""
+    from torch import nn
+
+    from toolkit.model import norms
+
+    assert norms._fused_add_norm() is not None
+    torch.manual_seed(0)
+    norm = norms.build_norm(kind, 512, 1e-5).cuda().bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_()
+        if isinstance(norm, nn.LayerNorm):
+            norm.bias.normal_()
+    x, residual = (torch.randn(3, 7, 512, device="cuda", dtype=torch.bfloat16) for _ in "ab")
+    for res in (None, residual):
+        with torch.no_grad():
+            out, total = norms.add_norm(x, res, norm)
+            want_total = x if res is None else res + x
+            assert torch.equal(total, want_total)
+            torch.testing.assert_close(out, norm(want_total), rtol=2**-7, atol=2**-7)

@@ -25,6 +25,7 @@ from toolkit.inference.sampling import sample
 from toolkit.model import HybridLM
 from toolkit.model.attention import KVCache
 from toolkit.model.mamba2 import MambaState
+from toolkit.model.norms import add_norm
 from toolkit.tokenizer import ByteTokenizer
 
 FinishReason = Literal["length", "stop", "eod", "cancelled", "error"]
@@ -105,6 +106,7 @@ class Engine:
                 max_len=self.max_len,
                 cuda_graphs=True,
             )
+        self._rows_index: tuple[tuple[int, ...], Any] = ((), None)  # the last decode's rows
         self.active: dict[int, Request] = {}  # slot -> request
         self.waiting: deque[Request] = deque()
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
@@ -166,7 +168,7 @@ class Engine:
             requests += [admitted[i] for i in generating]
             rows += [prefilled[i] for i in generating]
         if requests:
-            self._sample(torch.cat(logits), requests, rows)
+            self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), requests, rows)
             updated += requests
         self.admitted = []
         for r in updated:
@@ -208,10 +210,12 @@ class Engine:
     # The model, split so that only the positions that need logits pay for the output layer.
     def _hidden(self, tokens: torch.Tensor, states: list[Any]) -> torch.Tensor:
         model = self.model
-        x = model.embedding(tokens)
+        # Each block's x + mixer(norm(x)), with the residual sum fused into the next norm.
+        x, residual = model.embedding(tokens), None
         for block, state in zip(model.layers, states, strict=True):
-            x = block(x, state)
-        return model.final_norm(x)
+            normed, residual = add_norm(x, residual, block.norm)
+            x = block.mixer(normed, state)
+        return add_norm(x, residual, model.final_norm)[0]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.output_layer(hidden)[..., : self.model.vocab_size].float()
@@ -227,7 +231,8 @@ class Engine:
 
     def _decode(self, rows: list[int]) -> torch.Tensor:
         """Feed each running slot its pending token; the batch spans slots 0..max(rows) (free slots
-        inside that range compute garbage that nobody reads: views need no gather or scatter)."""
+        inside that range compute garbage that nobody reads: views need no gather or scatter).
+        The logits may be a CUDA graph's output buffer, which the next step overwrites."""
         if self.decoder is not None:
             return self._decode_static(rows)
         hi = rows[-1] + 1
@@ -250,12 +255,19 @@ class Engine:
         """The same through the static decoder: all slots, one CUDA graph per attention span."""
         tokens = torch.zeros(self.slots, dtype=torch.long)
         tokens[rows] = torch.tensor([self.next_input[s] for s in rows])
+        # Copied before the replay: a copy from host memory waits for the GPU to finish.
+        if self._rows_index[0] != tuple(rows):
+            self._rows_index = (tuple(rows), torch.tensor(rows, device=self.device))
+        index = self._rows_index[1]
         logits = self.decoder(tokens, max(self.host_positions[s] for s in rows) + 1)
-        index = torch.tensor(rows, device=self.device)
-        self.positions[index] += 1  # in place: the graphs read this tensor
+        full = len(rows) == self.slots  # every slot runs: no gather, no scatter
+        if full:
+            self.positions += 1  # in place: the graphs read this tensor
+        else:
+            self.positions[index] += 1
         for s in rows:
             self.host_positions[s] += 1
-        return logits[index]
+        return logits if full else logits[index]
 
     def _admit(self) -> list[Request]:
         """Waiting requests for the free slots, within the prefill token budget (at least one)."""

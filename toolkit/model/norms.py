@@ -1,5 +1,9 @@
 """Normalisation layers: RMSNorm, the gated group-wise RMSNorm of Mamba-2, and a builder."""
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,3 +56,37 @@ def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     raise ValueError(f"unknown norm {kind!r}: expected 'rmsnorm' or 'layernorm'")
+
+
+@functools.cache
+def _fused_add_norm() -> Callable[..., Any] | None:
+    """mamba-ssm's Triton residual-add + (RMS|Layer)Norm, where it imports."""
+    try:
+        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
+        return None
+    return layer_norm_fn
+
+
+def add_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(s), s) with s = residual + x (x alone when residual is None): a block's residual
+    sum and the next block's normalised input. On CUDA, with mamba-ssm, one kernel instead of
+    an add and a norm (a decode step at batch 1 is ~100 such pairs of tiny kernels); the same
+    numbers: the sum rounded to x's dtype, the norm computed in fp32."""
+    fused = _fused_add_norm() if x.is_cuda else None
+    if fused is not None and isinstance(norm, RMSNorm | nn.LayerNorm) and not x.requires_grad:
+        if x.dtype == norm.weight.dtype and (residual is None or residual.dtype == x.dtype):
+            out, total = fused(
+                x,
+                norm.weight,
+                getattr(norm, "bias", None),
+                residual=residual,
+                eps=norm.eps,
+                prenorm=True,
+                is_rms_norm=isinstance(norm, RMSNorm),
+            )
+            return out, total
+    total = x if residual is None else residual + x
+    return norm(total), total
