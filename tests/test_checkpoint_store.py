@@ -24,6 +24,7 @@ from toolkit.checkpoint import (
     placement,
     resolve_checkpoint,
     save_checkpoint,
+    store,
 )
 from toolkit.checkpoint.store import FORMAT_VERSION, step_dirname
 
@@ -462,3 +463,20 @@ def test_sigkill_mid_save_never_corrupts(tmp_path):
     assert len(list_checkpoints(root)) == KEEP_LAST
     check_published(root)
     print(f"{interrupted} of 8 kills left a partial write behind")
+
+
+@pytest.mark.parametrize("change", ["truncated", "extended"])
+@pytest.mark.parametrize("part", ["whole", "slice"], ids=["read into place", "read and copy"])
+def test_chunk_file_of_the_wrong_size_is_detected(tmp_path, change, part):
+    """A whole chunk is read straight into the result, a partial one through a buffer: both
+    check the file's size, as well as its checksum."""
+    w = torch.randn(6, 4)
+    path = save_checkpoint(tmp_path, 1, {"w": w}, {}, {})
+    arr = store.open_array(store.open_checkpoint(path), "model/w")
+    index = (slice(None),) if part == "whole" else (slice(1, 3),)
+    assert torch.equal(store.read_region(arr, index, "here"), w[index])
+    (chunk,) = _chunk_files(path / "model" / "w")
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:-1] if change == "truncated" else data + b"\0")
+    with pytest.raises(CheckpointError, match=r"'model/w'.*corrupted"):
+        store.read_region(arr, index, "here")

@@ -186,9 +186,15 @@ def _boxes(arr: zarr.Array, region: list[range]):
         yield coords, box, inside
 
 
-def _payload_crc(raw: bytes) -> int:
-    """CRC32C of a chunk file's payload (all but its last 4 bytes), without copying it."""
-    return google_crc32c.value(np.frombuffer(raw, dtype=np.uint8)[:-4])
+def _read_into(f: Any, buffer: np.ndarray) -> bool:
+    """Fill `buffer` from the file; False if the file ends first."""
+    view, filled = memoryview(buffer), 0
+    while filled < len(view):  # a single read may return less (over 2 GiB on Linux)
+        n = f.readinto(view[filled:])
+        if not n:
+            return False
+        filled += n
+    return True
 
 
 def _region(arr: zarr.Array, index: tuple) -> list[range]:
@@ -216,24 +222,37 @@ def read_region(
 
     def read_chunk(coords: tuple[int, ...], box: list[range], inside: list[range]) -> None:
         path = _chunk_file(array_dir, coords)
+        src = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inside, box))
+        dst = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inside, region))
+        target = out[dst] if out.ndim else out  # out[()] of a 0-d array is a copy
+        # A whole chunk landing on contiguous memory of `out` (row-split arrays, whole-array
+        # reads) is read straight into it: no intermediate buffer, no copy.
+        direct = inside == box and target.shape == tuple(arr.chunks) and target.flags.c_contiguous
         try:
-            raw = path.read_bytes()
+            with open(path, "rb", buffering=0) as f:
+                if direct:
+                    payload = target.reshape(-1).view(np.uint8)
+                    ok = os.fstat(f.fileno()).st_size == nbytes + 4 and _read_into(f, payload)
+                    crc = f.read(4) if ok else b""
+                else:
+                    raw = f.read()
+                    ok = len(raw) == nbytes + 4
+                    payload = np.frombuffer(raw, dtype=np.uint8)[:-4]
+                    crc = raw[-4:]
         except FileNotFoundError:
             raise CheckpointError(
                 f"{where}: array {arr.path!r}: chunk file {path.relative_to(array_dir)} is missing"
             ) from None
         if counter is not None:
-            counter.add(len(raw))
-        if len(raw) != nbytes + 4 or _payload_crc(raw) != int.from_bytes(raw[-4:], "little"):
+            counter.add(nbytes + 4)
+        if not ok or google_crc32c.value(payload) != int.from_bytes(crc, "little"):
             raise CheckpointError(
                 f"{where}: array {arr.path!r}: chunk {path.relative_to(array_dir)} is corrupted "
                 "(checksum mismatch or wrong size)"
             )
-        chunk = np.frombuffer(raw, dtype=arr.dtype, count=nbytes // arr.dtype.itemsize)
-        chunk = chunk.reshape(arr.chunks)
-        src = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inside, box))
-        dst = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inside, region))
-        out[dst] = chunk[src]
+        if not direct:
+            chunk = payload.view(arr.dtype).reshape(arr.chunks)
+            target[...] = chunk[src]
 
     _run_all(read_chunk, list(_boxes(arr, region)))
     return from_numpy(out, arr.attrs["dtype"])
