@@ -35,7 +35,9 @@ from toolkit.tokenizer import build_tokenizer
 def measure(
     engine: Engine, batch: int, context: int, steps: int, warmup: int
 ) -> tuple[float, float]:
-    """(seconds per step, seconds per step's standard deviation) over `steps` engine steps."""
+    """(seconds per step, seconds per step's standard deviation) over `steps` engine steps.
+    Timed as a run (one sync before, one after), not step by step: with --overlap a step's GPU
+    work runs on into the next step."""
     requests = [
         Request(prompt=[0], max_new_tokens=warmup + steps + 1, stop_at_eod=False)
         for _ in range(batch)
@@ -44,13 +46,14 @@ def measure(
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         engine.step()
-    times = []
+    sync()
+    marks = [time.perf_counter()]
     for _ in range(steps):
-        sync()
-        start = time.perf_counter()
         engine.step()
-        sync()
-        times.append(time.perf_counter() - start)
+        marks.append(time.perf_counter())
+    sync()
+    marks[-1] = time.perf_counter()
+    times = [b - a for a, b in zip(marks, marks[1:])]
     for r in requests:
         r.cancel()
     engine.step()  # frees the slots
@@ -137,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (default: graphs)"
     )
     p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="launch each decode step before the host reads the last one's tokens",
+    )
+    p.add_argument(
         "--mamba-ssm-reference",
         action="store_true",
         help="also time mamba-ssm's own decode at pure Mamba-2 recipes' shapes (CUDA)",
@@ -192,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                         slots=batch,
                         max_len=max_len,
                         cuda_graphs=cuda_graphs,
+                        overlap=args.overlap,
                     )
+                    row["overlap"] = engine.overlap
                     mean, std = measure(engine, batch, context, args.steps, args.warmup)
                     if engine.decoder is not None and engine.decoder.error:
                         row["cuda_graph_error"] = engine.decoder.error[:500]

@@ -6,8 +6,9 @@ weight shape's matrix-vector product, and the kernels of one engine step.
 2. Every distinct nn.Linear weight shape of the recipe's model, at the decode batch: bytes of
    weight read per second by F.linear, replayed in a CUDA graph over enough copies of the
    weight (> 2 GiB) that the 50 MB L2 cache does not serve them.
-3. One engine step (CUDA graph replay, and eagerly) under torch.profiler: step time, the sum of
-   its kernels' times, their count, and the kernels that take the most time.
+3. One engine step (CUDA graph replay; the same with the next step launched ahead, --overlap;
+   eagerly) under torch.profiler: step time, the sum of its kernels' times, their count, and the
+   kernels that take the most time.
 
     python benchmarks/decode_profile.py --recipe recipes/8b_hybrid.toml --context 4096 \\
         --batch 1 --json profile.json
@@ -224,9 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         attention.MATMUL_ATTENTION_BELOW = below
     steps = args.steps
     max_len = -(-(args.context + 4 * steps + 8) // 256) * 256
-    for graphs in (True, False):
+    for label, graphs, overlap in (
+        ("graph", True, False),
+        ("graph_overlap", True, True),
+        ("eager", False, False),
+    ):
         engine = Engine(
-            model, build_tokenizer("byte"), slots=args.batch, max_len=max_len, cuda_graphs=graphs
+            model,
+            build_tokenizer("byte"),
+            slots=args.batch,
+            max_len=max_len,
+            cuda_graphs=graphs,
+            overlap=overlap,
         )
         requests = [
             Request(prompt=[0], max_new_tokens=4 * steps + 4, stop_at_eod=False)
@@ -235,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.occupy(requests, args.context)
         for _ in range(3):
             engine.step()
-        label = "graph" if graphs else "eager"
-        result[label] = profile_steps(engine, steps, label, args.trace if graphs else None)
+        trace = args.trace if label == "graph" else None
+        result[label] = profile_steps(engine, steps, label, trace)
         for r in requests:
             r.cancel()
         engine.step()

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One H200, ~7 minutes: decode speed of the engine (benchmarks/decode.py, random bf16 weights) at
-# the 8B hybrid, pure Mamba-2 and GPT shapes, contexts 4k and 32k, batches 1/32/64, under CUDA
-# graphs (and the Transformer's largest batches at 32k); mamba-ssm's own CUDA-graph decode at the
-# pure Mamba-2 shape; the GPU equality tests of the graph engine, the decode kernels and RMSNorm
-# (tiny models); the hybrid at batch 1 eagerly (what the graphs buy). Brings back three files (the device returns at most 8): $OUT/summary.txt (the
-# table), $OUT/decode.json (every run's results by name) and $OUT/logs.tar.gz (every log).
-# Steps are ordered by priority and skipped once the budget is spent (GPU_DECODE_BUDGET_S,
-# default 420 s after set-up). Usage from the repository root, with .dev/ and .whl/ carried:
+# One H200, ~7 minutes: decode speed of the engine (benchmarks/decode.py, random bf16 weights)
+# at the 8B hybrid, pure Mamba-2 and GPT shapes, contexts 4k and 32k, batches 1/32/64, under
+# CUDA graphs; the hybrid also with each step launched ahead (--overlap); the Transformer's
+# largest batches at 32k; mamba-ssm's own CUDA-graph decode at the pure Mamba-2 shape; the GPU
+# equality tests of the graph engine, the decode kernels and RMSNorm (tiny models); the hybrid
+# at batch 1 eagerly (what the graphs buy). Brings back three files (the device returns at most
+# 8): $OUT/summary.txt (the table), $OUT/decode.json (every run's results by name) and
+# $OUT/logs.tar.gz (every log). Steps are ordered by priority and skipped once the budget is
+# spent (GPU_DECODE_BUDGET_S, default 420 s after set-up). Usage from the repository root, with
+# .dev/ and .whl/ carried:
 #     OUT=/some/dir bash benchmarks/gpu_decode.sh
 set -u
 OUT=${OUT:-runs/gpu_decode} START=$(date +%s) W=$(mktemp -d)  # W: each run's JSON and log
@@ -30,6 +32,8 @@ decode() {  # name timeout_s recipe extra args...: 3 warm-up + 15 timed steps pe
 }
 
 decode 8b_hybrid 120 8b_hybrid
+# The next step launched before the host reads the last one's tokens (Engine overlap).
+decode 8b_hybrid_overlap 120 8b_hybrid --overlap
 decode 8b_mamba2 150 8b_mamba2 --mamba-ssm-reference
 decode 8b_gpt3 110 8b_gpt3
 # The Transformer's KV cache fills the GPU at 32k before batch 32: its largest batches there.
@@ -64,7 +68,8 @@ for name, run in runs.items():
         else:
             print(f"{head} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10.1f} "
                   f"{r['weights_gb_per_s']:13.1f}  {r.get('impl', 'ours')}"
-                  f" graphs={r.get('cuda_graphs')} {r.get('cuda_graph_error', '')[:100]}")
+                  f" graphs={r.get('cuda_graphs')} overlap={r.get('overlap')}"
+                  f" {r.get('cuda_graph_error', '')[:100]}")
 EOF
 tar czf "$OUT/logs.tar.gz" -C "$W" $(cd "$W" && ls -- *.log)
 cat "$OUT/summary.txt"

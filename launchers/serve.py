@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="decode eagerly on GPUs (default: CUDA graphs at static shapes; off with --tp > 1)",
     )
+    p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="with CUDA graphs, launch each decode step before the host reads the last one's "
+        "tokens (the GPU does not wait for the host between steps)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
     p.add_argument(
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         prefill_chunk=args.prefill_chunk,
         # Tensor-parallel collectives are not captured in graphs: TP ranks decode eagerly.
         cuda_graphs=False if args.no_cuda_graphs or ranks is not None else None,
+        overlap=args.overlap,
     )
     if ranks is not None and not ranks.leader:
         return tp_serving.follow(engine)

@@ -89,6 +89,69 @@ def test_static_decode_equals_eager_engine(case):
         torch.testing.assert_close(r.token_logprobs, r0.token_logprobs, **LOGIT_TOL)
 
 
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_overlapped_decode_equals_the_eager_engine(case):
+    """Launching each step before the host reads the previous one's tokens (which reach the
+    graph's input on the device) gives every request the same tokens and logprobs, with rows
+    joining, finishing and sampling, and stop strings; steps launched for a request that then
+    finished are thrown away."""
+    torch.manual_seed(0)
+    model = build(case)
+    requests = workload() + [
+        Request(prompt=[5, 6], max_new_tokens=1, stop_at_eod=False),  # done at its prefill
+        Request(prompt=[7], max_new_tokens=0),
+        Request(prompt=[8, 9, 10], max_new_tokens=12, stop=["e", "a"], top_logprobs=2),
+    ]
+    eager = Engine(model, TOKENIZER, slots=3, cuda_graphs=False)
+    overlapped = Engine(model, TOKENIZER, slots=3, cuda_graphs=True, overlap=True)
+    assert overlapped.overlap and not Engine(model, TOKENIZER, slots=3, overlap=True).overlap
+    events = []
+    launch, apply = overlapped._launch, overlapped._apply
+
+    def spy_launch(owners, **kw):
+        events.append("launch")
+        return launch(owners, **kw)
+
+    def spy_apply(*args):
+        events.append("apply")
+        return apply(*args)
+
+    overlapped._launch, overlapped._apply = spy_launch, spy_apply
+    again = [clone(r) for r in requests]
+    eager.run(requests)
+    overlapped.run(again)
+    for r, r0 in zip(again, requests):
+        assert (r.tokens, r.finish_reason, r.stop_offset) == (
+            r0.tokens,
+            r0.finish_reason,
+            r0.stop_offset,
+        )
+        torch.testing.assert_close(r.token_logprobs, r0.token_logprobs, **LOGIT_TOL)
+        assert [[t for t, _ in alt] for alt in r.alternatives] == [
+            [t for t, _ in alt] for alt in r0.alternatives
+        ]
+    assert overlapped.launched is None and not overlapped.active
+    # The first prompts' tokens are applied (prefill), then the first decode step is launched,
+    # and the second before the host reads the first one's tokens.
+    assert events[:4] == ["apply", "launch", "launch", "apply"]
+
+
+def test_overlapped_decode_drops_a_cancelled_request_and_goes_on():
+    torch.manual_seed(0)
+    model = build("hybrid")
+    engine = Engine(model, TOKENIZER, slots=2, cuda_graphs=True, overlap=True)
+    keep, drop = (Request(prompt=p, max_new_tokens=10, stop_at_eod=False) for p in prompts(4, 6))
+    engine.add(keep), engine.add(drop)
+    for _ in range(3):
+        engine.step()
+    drop.cancel()
+    while engine.has_work():
+        engine.step()
+    assert drop.finish_reason == "cancelled" and len(drop.tokens) < 10
+    reference = Engine(model, TOKENIZER, slots=1, cuda_graphs=False).run([clone(keep)])[0]
+    assert keep.tokens == reference.tokens
+
+
 def test_static_attention_reads_only_each_rows_prefix():
     """Keys past a row's position, inside the span, change nothing; the new key lands at the
     row's position; a wider span gives the same output."""
@@ -280,6 +343,26 @@ def test_decode_steps_follow_in_place_changes_of_A_log():
         fresh.load_state_dict(kept.state_dict())
         torch.testing.assert_close(kept.step(u, states[0]), fresh.step(u, states[1]))
         assert torch.equal(kept.decode_A(), -torch.exp(new.float()))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs and asynchronous copies need a CUDA device")
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_overlapped_graph_engine_equals_the_graph_engine_on_gpu(case):
+    """The same graphs replayed with the inputs fed on the device, the copies to the host
+    asynchronous: the same tokens and logprobs (a step launched ahead may attend over a longer
+    masked span, which rounds differently)."""
+    model = build(case).float().cuda()
+    requests = workload()
+    plain = Engine(model, TOKENIZER, slots=3)
+    overlapped = Engine(model, TOKENIZER, slots=3, overlap=True)
+    assert overlapped.overlap
+    again = [clone(r) for r in requests]
+    plain.run(requests)
+    overlapped.run(again)
+    assert overlapped.decoder.error is None and overlapped.decoder.graphs
+    for r, r0 in zip(again, requests):
+        assert r.tokens == r0.tokens
+        torch.testing.assert_close(r.token_logprobs, r0.token_logprobs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("below", [0, 10**9], ids=["sdpa", "matmul"])

@@ -86,6 +86,11 @@ class StaticDecoder:
         """`tokens` [slots] (any device; free rows: anything valid); `needed`: the longest
         active row's position + 1. The result is overwritten by the next call: index it now."""
         self.tokens.copy_(tokens.view(-1, 1))
+        return self.launch(needed)
+
+    def launch(self, needed: int) -> torch.Tensor:
+        """The step for the tokens already in `self.tokens` (written on the device by the
+        previous step's sampling, with overlap); the same result as __call__."""
         span = span_bucket(needed, self.max_len)
         if not self.cuda_graphs:
             return self._step(span)

@@ -10,6 +10,9 @@ Requests wait in a queue until a slot is free (never dropped). Every `step()`:
    into free slots, so they join the running batch at the next step;
 3. one token is sampled per row with the row's own settings and seed, and finished requests
    (end of document, stop string, length, cancelled) free their slots.
+With `overlap` (CUDA graphs), the tokens a step samples go back into the decode graph's input on
+the GPU and the next step is launched before the host reads them, so the GPU does not wait for
+the host between steps; a request that finishes has one step computed for it and thrown away.
 """
 
 import os
@@ -67,6 +70,15 @@ class Request:
         self.cancelled = True
 
 
+@dataclass
+class Launched:
+    """A decode step launched ahead (overlap): the requests it decodes, by slot, and its logits
+    (the graph's output buffer, valid until the next launch)."""
+
+    owners: dict[int, Request]
+    logits: torch.Tensor
+
+
 class Engine:
     def __init__(
         self,
@@ -78,13 +90,15 @@ class Engine:
         max_prefill_tokens: int = 8192,
         prefill_chunk: int = 2048,
         cuda_graphs: bool | None = None,
+        overlap: bool = False,
     ) -> None:
         """`max_prefill_tokens`: prompt tokens admitted per step (one prompt at least);
         `prefill_chunk`: the most positions of one prompt run through the model at once, which
         bounds the activations (attention scores grow with its square) for long prompts;
         `cuda_graphs`: decode all slots at static shapes (toolkit/inference/cuda_graph.py),
         replayed as CUDA graphs on a CUDA device and run eagerly elsewhere; None: on for CUDA.
-        Off: only the running rows are decoded, eagerly."""
+        Off: only the running rows are decoded, eagerly. `overlap`: with the static decoder,
+        launch each decode step ahead (see the module's docstring); the same tokens."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.slots = slots
@@ -107,6 +121,8 @@ class Engine:
                 cuda_graphs=True,
             )
         self._rows_index: tuple[tuple[int, ...], Any] = ((), None)  # the last decode's rows
+        self.overlap = overlap and self.decoder is not None
+        self.launched: Launched | None = None  # overlap: the decode step running ahead
         self.active: dict[int, Request] = {}  # slot -> request
         self.waiting: deque[Request] = deque()
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
@@ -152,10 +168,79 @@ class Engine:
     def step(self) -> list[Request]:
         """One decode step for the running batch plus the prefill of newcomers; returns the
         requests that got a token or finished."""
+        if self.overlap:
+            return self._step_overlapped()
         updated = self._drop_cancelled()
         rows = sorted(self.active)
         requests = [self.active[s] for s in rows]
         logits = [self._decode(rows)] if rows else []
+        return self._admit_and_sample(updated, logits, requests, rows)
+
+    def _step_overlapped(self) -> list[Request]:
+        """step() with the decode launched ahead: sample the step in flight on the device, feed
+        its tokens to the graph's input, launch the next step, then read the tokens."""
+        updated = self._drop_cancelled()
+        launched, self.launched = self.launched, None
+        if launched is None and self.active:
+            launched = self._launch(dict(self.active), from_host=True)
+        # Rows whose request still holds the slot (not finished, cancelled or replaced since).
+        rows = (
+            []
+            if launched is None
+            else sorted(s for s, r in launched.owners.items() if self.active.get(s) is r)
+        )
+        requests = [self.active[s] for s in rows]
+        copy = None
+        if rows:
+            index = self._index(rows)
+            logits = launched.logits if len(rows) == self.slots else launched.logits[index]
+            picked = self._pick(logits, requests)
+            self.decoder.tokens[index, 0] = picked[0]  # the next step's inputs, on the device
+            copy = self._copy_to_host(picked)
+        # Every running request that has tokens to go: those sampled just now and those seated
+        # by the last prefill (their first token is already in the graph's input).
+        going = {
+            s: r for s, r in self.active.items() if len(r.tokens) + (s in rows) < r.max_new_tokens
+        }
+        if going:
+            self.launched = self._launch(going, from_host=False)
+        if copy is not None:
+            self._apply(self._read_copy(copy), requests, rows)
+            updated += requests
+        return self._admit_and_sample(updated, [], [], [])
+
+    def _launch(self, owners: dict[int, Request], *, from_host: bool) -> "Launched":
+        """Replay the decode graph for the slots in `owners` (their inputs: next_input from the
+        host, or already in the graph's input) and advance their positions."""
+        rows = sorted(owners)
+        if from_host:
+            tokens = torch.zeros(self.slots, dtype=torch.long)
+            tokens[rows] = torch.tensor([self.next_input[s] for s in rows])
+            self.decoder.tokens.copy_(tokens.view(-1, 1))
+        logits = self.decoder.launch(max(self.host_positions[s] for s in rows) + 1)
+        if len(rows) == self.slots:
+            self.positions += 1
+        else:
+            self.positions[self._index(rows)] += 1
+        for s in rows:
+            self.host_positions[s] += 1
+        return Launched(owners, logits)
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """`rows` as a device tensor, kept while the rows stay the same (copied from the host
+        before a launch, or a copy would wait for the GPU)."""
+        if self._rows_index[0] != tuple(rows):
+            self._rows_index = (tuple(rows), torch.tensor(rows, device=self.device))
+        return self._rows_index[1]
+
+    def _admit_and_sample(
+        self,
+        updated: list[Request],
+        logits: list[torch.Tensor],
+        requests: list[Request],
+        rows: list[int],
+    ) -> list[Request]:
+        """Prefill newcomers, sample every row with logits, and report the updated requests."""
         admitted = self.admitted = self._admit()
         if admitted:
             first, prefilled = self._prefill(admitted)
@@ -170,6 +255,10 @@ class Engine:
         if requests:
             self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), requests, rows)
             updated += requests
+            if self.overlap:  # newcomers' first tokens: the graph's input for their first step
+                for r, s in zip(requests, rows):
+                    if self.active.get(s) is r:
+                        self.decoder.tokens[s, 0] = self.next_input[s]
         self.admitted = []
         for r in updated:
             if r.on_update is not None:
@@ -178,6 +267,7 @@ class Engine:
 
     def fail_all(self, message: str) -> list[Request]:
         """Finish every request with an error (after an exception inside step())."""
+        self.launched = None
         running = list(self.active.values())
         failed = running + [r for r in self.admitted if r not in running] + list(self.waiting)
         self.waiting.clear()
@@ -255,10 +345,7 @@ class Engine:
         """The same through the static decoder: all slots, one CUDA graph per attention span."""
         tokens = torch.zeros(self.slots, dtype=torch.long)
         tokens[rows] = torch.tensor([self.next_input[s] for s in rows])
-        # Copied before the replay: a copy from host memory waits for the GPU to finish.
-        if self._rows_index[0] != tuple(rows):
-            self._rows_index = (tuple(rows), torch.tensor(rows, device=self.device))
-        index = self._rows_index[1]
+        index = self._index(rows)
         logits = self.decoder(tokens, max(self.host_positions[s] for s in rows) + 1)
         full = len(rows) == self.slots  # every slot runs: no gather, no scatter
         if full:
@@ -333,12 +420,21 @@ class Engine:
         return last[inverse], slots
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
+        self._apply(
+            self._read_copy(self._copy_to_host(self._pick(logits, requests))), requests, rows
+        )
+
+    def _pick(self, logits: torch.Tensor, requests: list[Request]) -> list[torch.Tensor | None]:
+        """[tokens, their logprobs or None, top logprobs' values or None, their ids or None]:
+        device work only, nothing read on the host (the random draws are made here)."""
+
         def column(values: list[float | int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
+            host = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+            return host.to(self.device, non_blocking=True)
 
         if all(r.temperature == 0 for r in requests):
             # All greedy: no draws (a sampling request's own stream is drawn at every one of
-            # its steps either way) and no settings copied to the device while it waits.
+            # its steps either way) and no settings copied to the device.
             tokens = logits.argmax(-1)
         else:
             uniform = [float(torch.rand((), generator=r.generator)) for r in requests]
@@ -348,16 +444,42 @@ class Engine:
                 top_k=column([min(r.top_k, logits.size(-1)) for r in requests], torch.long),
                 top_p=column([r.top_p for r in requests], torch.float32),
                 uniform=column(uniform, torch.float64),
+                any_sampled=True,
             )
-        logprobs, top = None, None
+        picked: list[torch.Tensor | None] = [tokens, None, None, None]
         if any(r.logprobs for r in requests):
             lp = logits.log_softmax(-1)
-            logprobs = lp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+            picked[1] = lp.gather(-1, tokens[:, None]).squeeze(-1)
             k = max(r.top_logprobs for r in requests)
             if k > 0:
-                values, ids = lp.topk(min(k, lp.size(-1)), dim=-1)
-                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        for i, (r, slot, token) in enumerate(zip(requests, rows, tokens.tolist(), strict=True)):
+                picked[2], picked[3] = lp.topk(min(k, lp.size(-1)), dim=-1)
+        return picked
+
+    def _copy_to_host(self, picked: list[torch.Tensor | None]) -> tuple[list, Any]:
+        """Start copying to the host; on CUDA into pinned memory, without waiting."""
+        if self.device.type != "cuda":
+            return picked, None
+        host = []
+        for t in picked:
+            if t is not None:
+                t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            host.append(t)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def _read_copy(copy: tuple[list, Any]) -> list[list | None]:
+        host, done = copy
+        if done is not None:
+            done.synchronize()
+        return [None if t is None else t.tolist() for t in host]
+
+    def _apply(self, picked: list[list | None], requests: list[Request], rows: list[int]) -> None:
+        """The sampled tokens (and logprobs) reach their requests; finished ones free slots."""
+        tokens, logprobs, values, ids = picked
+        top = None if values is None else [list(zip(i, v)) for i, v in zip(ids, values)]
+        for i, (r, slot, token) in enumerate(zip(requests, rows, tokens, strict=True)):
             if logprobs is not None and r.logprobs:  # before the token: readers go by len(tokens)
                 if r.top_logprobs:
                     r.alternatives.append(top[i][: r.top_logprobs])

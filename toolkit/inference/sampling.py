@@ -15,12 +15,16 @@ def sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     uniform: torch.Tensor,
+    any_sampled: bool | None = None,
 ) -> torch.Tensor:
     """logits [b, v] -> token ids [b]. Per row: temperature 0 is greedy, top_k 0 and top_p 0 (or
-    >= 1) are off, `uniform` in [0, 1) is the row's random draw."""
+    >= 1) are off, `uniform` in [0, 1) is the row's random draw. `any_sampled`: whether a row
+    has a temperature, when the caller knows (None: read it from the device, which waits)."""
     greedy = logits.argmax(-1)
     sampled = temperature > 0
-    if not bool(sampled.any()):
+    if any_sampled is None:
+        any_sampled = bool(sampled.any())
+    if not any_sampled:
         return greedy
     vocab = logits.size(-1)
     scaled = logits.float() / torch.where(sampled, temperature, 1.0)[:, None]
