@@ -235,3 +235,28 @@ def test_compiled_blocks_train_and_sample(tmp_path):
     )
     assert compiled.losses == pytest.approx(plain.losses, rel=1e-4)
     assert compiled.sample.startswith("ab")
+
+
+@pytest.mark.parametrize("max_norm", [1e9, 0.5], ids=["not clipped", "clipped"])
+def test_clip_grad_norm_equals_torchs(max_norm):
+    """The single-process path of our clipping (one multi-tensor norm kernel): the same norm and
+    the same scaled gradients as torch's clip_grad_norm_, parameters without gradients skipped."""
+    from toolkit.distributed import ParallelEnv
+    from toolkit.parallel.runtime import clip_grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = [], []
+    for shape in [(7, 5), (3,), (), (4, 4, 2)]:
+        grad = torch.randn(shape, generator=g)
+        for group in (ours, theirs):
+            p = torch.nn.Parameter(torch.zeros(shape))
+            p.grad = grad.clone()
+            group.append(p)
+    ours.append(torch.nn.Parameter(torch.zeros(3)))  # no gradient: skipped
+    env = ParallelEnv(0, 1, 0, torch.device("cpu"), 1, 1, 1)
+    total = clip_grad_norm(ours, max_norm, env)
+    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert total == pytest.approx(float(want), rel=1e-6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    assert ours[-1].grad is None
