@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One H200, ~9 minutes: training throughput of the 800M hybrid at seq 4096 (bf16; bf16 with
 # per-block torch.compile; bigger micro-batches with and without activation checkpointing; float8
-# through torchao, compiled, tensorwise and rowwise) and the GPU-vs-CPU parity check.
-# Every measurement writes $OUT/<name>.json (benchmarks/train_throughput.py, gpu_parity.py) and
-# $OUT/<name>.log; $OUT/summary.txt is the table; $OUT/inductor.tar.xz.part* the compiled blocks
-# (carry them in .dev/ next time). Runs are ordered by priority and skipped once the time budget
-# is spent (GPU_TRAIN_BUDGET_S, default 500 s after set-up).
+# through torchao, compiled, tensorwise and rowwise), bf16 against float8 at the 8B hybrid's
+# shapes (a quarter of its layers), and the GPU-vs-CPU parity check. Each measurement's JSON
+# (benchmarks/train_throughput.py, gpu_parity.py) and log go into $OUT/runs.tar.gz;
+# $OUT/summary.txt is the table; $OUT/inductor.tar.xz.part* the compiled blocks (carry them in
+# .dev/ next time). Runs are ordered by priority and skipped once the time budget is spent
+# (GPU_TRAIN_BUDGET_S, default 500 s after set-up).
 # Usage from the repository root, with .dev/ and .whl/ carried:
 #     OUT=/some/dir bash benchmarks/gpu_train.sh
 set -u
 OUT=${OUT:-runs/gpu_train}
+W=$(mktemp -d)  # each run's JSON and log; $OUT gets the summary and one archive of them
 mkdir -p "$OUT"
 START=$(date +%s)
 source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
@@ -30,27 +32,39 @@ run() {  # name timeout_s command...
   if [ "$remaining" -lt 30 ]; then echo "$name skipped (budget spent)"; return; fi
   [ "$limit" -gt "$remaining" ] && limit=$remaining
   local t=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$OUT/$name.log" | cut -c 1-300)"
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1
+  echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$W/$name.log" | cut -c 1-300)"
 }
 
 tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 timed steps
   local name=$1 limit=$2 mbs=$3; shift 3
   run "$name" "$limit" python3 benchmarks/train_throughput.py recipes/800m_hybrid.toml \
     --seq 4096 --mbs "$mbs" --warmup 3 --steps 10 --set 'train.device="cuda"' \
-    --json "$OUT/$name.json" "$@"
+    --json "$W/$name.json" "$@"
+}
+
+t8b() {  # name timeout_s extra args...: the 8B hybrid's shapes (hidden 4096, FFN 16384, vocab
+  # 256k) with a quarter of its layers, the same mix (6 Mamba, 7 MLP, 1 attention): fits one GPU
+  local name=$1 limit=$2; shift 2
+  run "$name" "$limit" python3 benchmarks/train_throughput.py recipes/8b_hybrid.toml \
+    --seq 4096 --mbs 1 --warmup 3 --steps 10 --set 'train.device="cuda"' \
+    --set model.num_layers=14 --json "$W/$name.json" "$@"
 }
 
 tp bf16_mbs4 120 4
 tp bf16_compile_mbs4 180 4 --set train.compile=true
 # If compiling the Mamba blocks (mamba-ssm's fused op inside) fails, compile the others only.
 COMPILE=true
-if ! grep -q tokens_per_s "$OUT/bf16_compile_mbs4.json" 2>/dev/null; then
+if ! grep -q tokens_per_s "$W/bf16_compile_mbs4.json" 2>/dev/null; then
   COMPILE='["attention", "mlp"]'
   tp bf16_compile_no_mamba_mbs4 150 4 --set "train.compile=$COMPILE"
 fi
+# FP8's target is on the 8B shapes, where the matmuls weigh more than at 800M.
+t8b 8b14l_bf16 120
+t8b 8b14l_fp8_compile 180 --set 'train.precision="fp8"' --set "train.compile=$COMPILE"
+t8b 8b14l_bf16_compile 150 --set "train.compile=$COMPILE"
 tp fp8_compile_mbs4 150 4 --set 'train.precision="fp8"' --set "train.compile=$COMPILE"
-run parity 150 python3 benchmarks/gpu_parity.py --json "$OUT/parity.json"
+run parity 150 python3 benchmarks/gpu_parity.py --json "$W/parity.json"
 tp bf16_compile_mbs8 120 8 --set "train.compile=$COMPILE"
 tp bf16_compile_mbs16_ac_full 120 16 --set "train.compile=$COMPILE" \
   --set 'train.activation_checkpointing="full"'
@@ -60,7 +74,7 @@ tp bf16_compile_mbs8_ac_mamba 120 8 --set "train.compile=$COMPILE" \
   --set 'train.activation_checkpointing=["mamba"]'
 tp fp8_mbs4_eager 90 4 --set 'train.precision="fp8"'
 
-python3 - "$OUT" > "$OUT/summary.txt" 2>&1 <<'EOF'
+python3 - "$W" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys
 print(f"{'run':32} {'tokens/s':>9} {'step ms':>8} {'TFLOP/s':>8} {'MFU':>6} {'MFU/meas':>8} {'GB':>6}")
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
@@ -81,6 +95,7 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               f"bf16 matmul {r['measured_matmul_tflops']['bf16']:.0f}")
 EOF
 cat "$OUT/summary.txt"
+tar czf "$OUT/runs.tar.gz" -C "$W" .
 # The compiled blocks, in parts under 16 MiB, to carry in .dev/ next time (if not too large).
 if [ -d .gpu/inductor ] && [ "$(du -sm .gpu/inductor | cut -f1)" -lt 150 ]; then
   tar cf - -C .gpu inductor | xz -T0 -3 | split -b 15m - "$OUT/inductor.tar.xz.part"
