@@ -1,7 +1,9 @@
 """Checkpoint I/O against the disk's own bandwidth, in one run on one machine.
 
 Measures, for one process holding a recipe's whole model plus Adam state (fp32):
-- the disk: `dd` sequential write (fsync'd) and read of a file as large as the checkpoint;
+- the disk: `dd` sequential write (fsync'd) and read of a file as large as the checkpoint, of
+  zeros and (when /dev/shm can hold the source) of random bytes: a disk that compresses or
+  skips zeros writes and reads them faster than a checkpoint's incompressible data;
 - a blocking save (write with checksums, fsync, publish) in GB/s;
 - an asynchronous save: how long training is blocked (the CPU snapshot) versus the whole save;
 - a full restore (model and optimizer) in GB/s;
@@ -23,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from toolkit.build import build_model
@@ -37,6 +40,14 @@ def dd(args: list[str]) -> float:
     out = subprocess.run(["dd", *args], capture_output=True, text=True, check=True).stderr
     copied, seconds = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out).groups()
     return int(copied) / float(seconds) / 1e9
+
+
+def random_file(path: Path, nbytes: int) -> None:
+    """`nbytes` of random data (fresh in every 64 MiB block: nothing to deduplicate)."""
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        for start in range(0, nbytes, 64 << 20):
+            f.write(rng.bytes(min(64 << 20, nbytes - start)))
 
 
 def drop_caches(enabled: bool) -> bool:
@@ -100,6 +111,20 @@ def main() -> None:
         results["page_cache_dropped"] = str(drop_caches(args.drop_caches))
         results["dd_read_gbps"] = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
         ddfile.unlink()
+        source = Path("/dev/shm/checkpoint_io_random.bin")
+        if shutil.disk_usage(source.parent).free > 1.2 * nbytes:
+            try:
+                random_file(source, count * (64 << 20))
+                results["dd_random_write_gbps"] = dd(
+                    [f"if={source}", f"of={ddfile}", "bs=64M", "conv=fsync"]
+                )
+            finally:
+                source.unlink(missing_ok=True)
+            drop_caches(args.drop_caches)
+            results["dd_random_read_gbps"] = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
+            ddfile.unlink()
+        else:
+            print("skipping dd of random data: /dev/shm cannot hold a source that large")
 
     saver = CheckpointSaver(root / "ckpt", Comm())
     start = time.perf_counter()
@@ -146,6 +171,13 @@ def main() -> None:
     if not args.no_dd:
         results["save_vs_dd_write"] = results["save_gbps"] / results["dd_write_gbps"]
         results["load_vs_dd_read"] = results["load_gbps"] / results["dd_read_gbps"]
+        if "dd_random_write_gbps" in results:
+            results["save_vs_dd_random_write"] = (
+                results["save_gbps"] / results["dd_random_write_gbps"]
+            )
+            results["load_vs_dd_random_read"] = (
+                results["load_gbps"] / results["dd_random_read_gbps"]
+            )
     for key, value in results.items():
         print(f"{key:28} {value:.3f}" if isinstance(value, float) else f"{key:28} {value}")
     if args.json:

@@ -480,3 +480,26 @@ def test_chunk_file_of_the_wrong_size_is_detected(tmp_path, change, part):
     chunk.write_bytes(data[:-1] if change == "truncated" else data + b"\0")
     with pytest.raises(CheckpointError, match=r"'model/w'.*corrupted"):
         store.read_region(arr, index, "here")
+
+
+def test_checkpoint_io_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/checkpoint_io.py end to end at the tiny recipe: dd of zeros and of random
+    bytes, save, restore and the ratios between them."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "io.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks/checkpoint_io.py"), "--quick"]
+        + ["--recipe", str(root / "recipes/tiny_hybrid.toml"), "--dir", str(tmp_path / "scratch")]
+        + ["--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out.read_text())
+    for key in ("save_gbps", "load_gbps", "dd_write_gbps", "save_vs_dd_write"):
+        assert got[key] > 0, key
+    if "dd_random_write_gbps" in got:  # when /dev/shm has room
+        assert got["save_vs_dd_random_write"] > 0 and got["load_vs_dd_random_read"] > 0
+    assert not (tmp_path / "scratch").exists()  # the scratch directory is removed
