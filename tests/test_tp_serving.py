@@ -2,6 +2,7 @@
 answers exactly like the engine alone, for hybrid and Transformer models, under concurrent
 clients and a client that disconnects mid-stream, and stops every rank on SIGTERM or Ctrl-C."""
 
+import json
 import os
 import signal
 import socket
@@ -273,3 +274,20 @@ def test_bad_tp_is_refused(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
     assert "parallel.tp" in run.stderr and "not divisible by TP=3" in run.stderr
+
+
+def test_tp_serving_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/tp_serve.py end to end (gloo): both servers start, answer, and agree."""
+    out = tmp_path / "tp.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/tp_serve.py"), "--device", "cpu"]
+        + ["--dtype", "float32", "--tokens", "6", "--batches", "2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["same_texts"] == 6 and got["first_difference"] == [None] * 6
+    assert got["tp1"]["speed"]["2"]["tokens_per_s"] > 0 < got["tp2"]["speed"]["2"]["tokens_per_s"]
