@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from toolkit.build import build_model, save_model_checkpoint
+from toolkit.checkpoint import latest_checkpoint
 from toolkit.config import load_recipe
 from toolkit.distributed import free_port
 from toolkit.tokenizer import build_tokenizer
@@ -53,6 +54,8 @@ def serve(checkpoint: Path, tp: int, args: argparse.Namespace, log: Path) -> tup
     cmd += ["--port", str(port), "--tp", str(tp), "--device", args.device]
     cmd += ["--dtype", args.dtype, "--slots", str(max(args.batches))]
     cmd += ["--address-file", str(address)] + (["--no-cuda-graphs"] if args.no_cuda_graphs else [])
+    if tp > 1 and args.tp_cuda_graphs:
+        cmd.append("--tp-cuda-graphs")
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + args.start_timeout
     while not address.exists():
@@ -95,9 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-cuda-graphs",
         action="store_true",
-        help="the --tp 1 server decodes eagerly too (TP ranks always do, for now)",
+        help="the --tp 1 server decodes eagerly too (as TP ranks do by default)",
+    )
+    p.add_argument(
+        "--tp-cuda-graphs",
+        action="store_true",
+        help="the TP server records its decode steps, collectives inside, as CUDA graphs",
     )
     p.add_argument("--start-timeout", type=float, default=900, help="seconds for a server to load")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="write the random checkpoint here, or use the one already there (default: a "
+        "temporary directory); its recipe must be --recipe's",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b]
@@ -107,17 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.set)
     results: dict = {"recipe": recipe.name, "tp": args.tp, "device": args.device}
     results |= {"dtype": args.dtype, "tokens": args.tokens, "eager": args.no_cuda_graphs}
+    results["tp_cuda_graphs"] = args.tp_cuda_graphs
     with tempfile.TemporaryDirectory(prefix="tp_serve_") as scratch:
         scratch = Path(scratch)
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(getattr(torch, args.dtype))  # no fp32 copy of large models
-        try:
-            model = build_model(recipe, build_tokenizer(recipe.data.tokenizer))
-        finally:
-            torch.set_default_dtype(default)
-        checkpoint = save_model_checkpoint(scratch / "ckpt", model, recipe)
-        del model
+        root = args.checkpoint_dir or scratch / "ckpt"
+        checkpoint = latest_checkpoint(root)
+        if checkpoint is None:
+            torch.manual_seed(0)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(getattr(torch, args.dtype))  # no fp32 copy of large models
+            try:
+                model = build_model(recipe, build_tokenizer(recipe.data.tokenizer))
+            finally:
+                torch.set_default_dtype(default)
+            checkpoint = save_model_checkpoint(root, model, recipe)
+            del model
         for tp in (1, args.tp):
             proc, port = serve(checkpoint, tp, args, scratch / f"tp{tp}.log")
             try:

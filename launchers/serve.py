@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="decode eagerly on GPUs (default: CUDA graphs at static shapes; off with --tp > 1)",
     )
     p.add_argument(
+        "--tp-cuda-graphs",
+        action="store_true",
+        help="with --tp, record the decode step with its collectives as CUDA graphs too "
+        "(tested on CPU, not yet measured on GPUs)",
+    )
+    p.add_argument(
         "--overlap",
         action="store_true",
         help="with CUDA graphs, launch each decode step before the host reads the last one's "
@@ -124,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         max_len=max_len,
         max_prefill_tokens=args.max_prefill_tokens,
         prefill_chunk=args.prefill_chunk,
-        # Tensor-parallel collectives are not captured in graphs: TP ranks decode eagerly.
-        cuda_graphs=False if args.no_cuda_graphs or ranks is not None else None,
+        # TP ranks decode eagerly unless asked: graphs with NCCL collectives inside are new here.
+        cuda_graphs=False
+        if args.no_cuda_graphs or (ranks is not None and not args.tp_cuda_graphs)
+        else (None if ranks is None else True),
         overlap=args.overlap,
     )
     if ranks is not None and not ranks.leader:

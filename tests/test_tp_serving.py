@@ -291,3 +291,18 @@ def test_tp_serving_benchmark_runs_on_cpu(tmp_path):
     got = json.loads(out.read_text())
     assert got["same_texts"] == 6 and got["first_difference"] == [None] * 6
     assert got["tp1"]["speed"]["2"]["tokens_per_s"] > 0 < got["tp2"]["speed"]["2"]["tokens_per_s"]
+
+
+def test_two_ranks_on_the_static_decode_step_serve_like_the_engine_alone(tmp_path):
+    """--tp-cuda-graphs: every rank decodes all slots at static shapes (the step a GPU records
+    with its collectives inside; run eagerly on CPUs) and answers as the engine alone."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", MODELS["hybrid"])
+    model, _, tokenizer = model_from_checkpoint(str(checkpoint))
+    reference = reference_runner(model.double(), tokenizer)
+    server = TPServer(checkpoint, tmp_path / "server.log", "--tp", "2", "--tp-cuda-graphs")
+    try:
+        assert "decoding eagerly on cpu" in server.log.read_text()  # the static decoder
+        for path, body in BODIES:
+            same(call(server, path, body), reference(path, body))
+    finally:
+        server.stop()

@@ -185,8 +185,10 @@ class TPEngine(Engine):
     """The engine on one TP rank; `step()` first agrees with the other ranks on what to do."""
 
     def __init__(self, model: HybridLM, tokenizer: Tokenizer, *, ranks: Ranks, **kw: Any) -> None:
-        # Eager decode: the static graph step has not been run with TP collectives inside.
+        # Eager decode unless asked: graphs with TP collectives inside are not yet measured.
         kw.setdefault("cuda_graphs", False)
+        # Overlap samples on each rank from its own logits; TP samples the leader's broadcast.
+        kw["overlap"] = False
         super().__init__(model, tokenizer, **kw)
         self.ranks = ranks
         self.tracked: dict[int, Request] = {}  # id -> unfinished request, the same on every rank
