@@ -62,6 +62,21 @@ def measure(
     return mean, std
 
 
+def measure_prefill(model: torch.nn.Module, context: int) -> float:
+    """Seconds from a `context`-token prompt's arrival to its first token (one request alone:
+    the chunked scan and attention over the prompt, then one sample), after a short warm-up."""
+    # One token: no decode step, so no decode graphs to record.
+    engine = Engine(model, build_tokenizer("byte"), slots=1, max_len=context + 2, cuda_graphs=False)
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    prompt = torch.randint(0, model.vocab_size, (context,)).tolist()
+    engine.run([Request(prompt=prompt[:256], max_new_tokens=1)])  # kernels, autotuning
+    sync()
+    start = time.perf_counter()
+    engine.run([Request(prompt=prompt, max_new_tokens=1)])
+    sync()
+    return time.perf_counter() - start
+
+
 def measure_mamba_ssm(
     recipe: Recipe, vocab: int, batch: int, steps: int, warmup: int, dtype: torch.dtype
 ) -> tuple[float, float]:
@@ -138,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument(
         "--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (default: graphs)"
+    )
+    p.add_argument(
+        "--prefill",
+        action="store_true",
+        help="also time the first token of one prompt of each context length (prefill)",
     )
     p.add_argument(
         "--overlap",
@@ -227,6 +247,24 @@ def main(argv: list[str] | None = None) -> int:
                     f"{recipe.name:<16}{context:>9}{batch:>7}{1e3 * mean:>10.2f}"
                     f"{batch / mean:>12.1f}{weight_bytes / mean / 1e9:>14.1f}"
                 )
+        for context in args.contexts if args.prefill else []:
+            row = {"recipe": recipe.name, "impl": "prefill", "context": context, "batch": 1}
+            try:
+                seconds = measure_prefill(model, context)
+            except torch.OutOfMemoryError:
+                row["error"] = "OOM"
+                print(f"{recipe.name:<16}{context:>9}{'prefill OOM':>17}")
+                save(row)
+                continue
+            finally:
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            row |= {"prefill_s": seconds, "prefill_tokens_per_s": context / seconds}
+            save(row)
+            print(
+                f"{recipe.name:<16}{context:>9}  prefill {seconds:.3f} s, {context / seconds:.0f} tokens/s"
+            )
         vocab, pure_mamba = model.padded_vocab_size, set(model.layout.pattern) == {"M"}
         del model
         gc.collect()

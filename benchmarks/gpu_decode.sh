@@ -2,10 +2,11 @@
 # One H200, ~7 minutes: decode speed of the engine (benchmarks/decode.py, random bf16 weights)
 # at the 8B hybrid, pure Mamba-2 and GPT shapes, contexts 4k and 32k, batches 1/32/64, under
 # CUDA graphs; the hybrid also with each step launched ahead (--overlap); the Transformer's
-# largest batches at 32k; mamba-ssm's own CUDA-graph decode at the pure Mamba-2 shape; the GPU
-# equality tests of the graph engine, the decode kernels and RMSNorm (tiny models); the hybrid
-# at batch 1 eagerly (what the graphs buy). Brings back three files (the device returns at most
-# 8): $OUT/summary.txt (the table), $OUT/decode.json (every run's results by name) and
+# largest batches at 32k; the first token's latency after a 4k and a 32k prompt (prefill) for
+# the hybrid and the Transformer; mamba-ssm's own CUDA-graph decode at the pure Mamba-2 shape;
+# the GPU equality tests of the graph engine, the decode kernels and RMSNorm (tiny models); the
+# hybrid at batch 1 eagerly (what the graphs buy). Brings back three files (the device returns
+# at most 8): $OUT/summary.txt (the table), $OUT/decode.json (every run's results by name) and
 # $OUT/logs.tar.gz (every log). Steps are ordered by priority and skipped once the budget is
 # spent (GPU_DECODE_BUDGET_S, default 420 s after set-up). Usage from the repository root, with
 # .dev/ and .whl/ carried:
@@ -31,11 +32,11 @@ decode() {  # name timeout_s recipe extra args...: 3 warm-up + 15 timed steps pe
     --dtype bfloat16 --json "$W/$name.json" "$@"
 }
 
-decode 8b_hybrid 120 8b_hybrid
+decode 8b_hybrid 150 8b_hybrid --prefill
 # The next step launched before the host reads the last one's tokens (Engine overlap).
 decode 8b_hybrid_overlap 120 8b_hybrid --overlap
 decode 8b_mamba2 150 8b_mamba2 --mamba-ssm-reference
-decode 8b_gpt3 110 8b_gpt3
+decode 8b_gpt3 130 8b_gpt3 --prefill
 # The Transformer's KV cache fills the GPU at 32k before batch 32: its largest batches there.
 decode 8b_gpt3_fit 60 8b_gpt3 --contexts 32768 --batches 4,7
 if python3 -c "import pytest" 2> /dev/null; then
@@ -65,6 +66,9 @@ for name, run in runs.items():
         head = f"{name:24} {r['recipe']:12} {str(r['context']):>8} {r['batch']:>6}"
         if "error" in r:
             print(f"{head} {r['error'][:100]}")
+        elif "prefill_s" in r:
+            print(f"{head} first token after {r['prefill_s']:.3f} s "
+                  f"({r['prefill_tokens_per_s']:.0f} prompt tokens/s)")
         else:
             print(f"{head} {r['ms_per_step']:9.2f} {r['tokens_per_s']:10.1f} "
                   f"{r['weights_gb_per_s']:13.1f}  {r.get('impl', 'ours')}"

@@ -251,7 +251,7 @@ def test_decode_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "decode.json"
     args = ["--recipe", str(root / "recipes/tiny_hybrid.toml"), "--contexts", "8,40"]
     args += ["--batches", "1,3", "--steps", "2", "--warmup", "1", "--device", "cpu"]
-    args += ["--dtype", "float32", "--json", str(out)]
+    args += ["--dtype", "float32", "--prefill", "--json", str(out)]
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks/decode.py"), *args],
         capture_output=True,
@@ -261,5 +261,9 @@ def test_decode_benchmark_runs_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [(r["context"], r["batch"]) for r in rows] == [(8, 1), (8, 3), (40, 1), (40, 3)]
-    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in rows)
+    decode = [r for r in rows if r.get("impl") != "prefill"]
+    assert [(r["context"], r["batch"]) for r in decode] == [(8, 1), (8, 3), (40, 1), (40, 3)]
+    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in decode)
+    prefill = [r for r in rows if r.get("impl") == "prefill"]
+    assert [r["context"] for r in prefill] == [8, 40]
+    assert all(r["prefill_s"] > 0 for r in prefill)
