@@ -173,13 +173,21 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 f"{previous} was written for a different [model] section; point checkpoint.dir "
                 "elsewhere or set checkpoint.resume=false"
             )
+        started = time.perf_counter()
         restore(previous, module, optimizer, view, whole=env.pp == 1)  # only this rank's slices
+        restore_s = time.perf_counter() - started
         if meta.get("layout") != layout:
             log.info("resharding %s from %s to %s", previous.name, meta.get("layout"), layout)
         if not restore_rng(previous, env.rank):
             log.info("no RNG state for rank %d in %s: keeping the seeded one", env.rank, previous)
         start_step, consumed = meta["step"], meta["consumed_samples"]
-        log.info("resumed from %s at step %d (%d samples consumed)", previous, start_step, consumed)
+        log.info(
+            "resumed from %s at step %d (%d samples consumed), restored in %.1f s",
+            previous,
+            start_step,
+            consumed,
+            restore_s,
+        )
 
     # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
     # background thread while training uses the other groups.

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The 8B hybrid on one node of N H200s (issue 10: kind nvidia-h200-x8; on -x4 or -x2 the layouts
+# that fit), in parts that each fit one device call (~9 minutes):
+#   train  seq 4096, micro-batch 1, 8 steps (tokens/s and MFU of steps 4-8): bf16 at TP=4 x DP=2,
+#          TP=8 and TP=2 x DP=4 (8 GPUs; TP=4, TP=2 x DP=2 on 4; TP=2 on 2), FP8 at the first
+#          layout, and TP=2 at 2, 4 and 8 GPUs (data-parallel scaling, per-GPU throughput kept)
+#   ckpt   save at the first layout after 2 steps, then restore it at TP=8 and TP=2 x DP=4
+#          (lazy resharding): the seconds each took, from the training logs
+#   serve  benchmarks/tp_serve.py at TP=N with its decode graphs against one GPU (batch 1, 64)
+# Each run's log goes into $OUT/runs.tar.gz; $OUT/summary.txt is the table. Runs are skipped
+# once the budget is spent (GPU_SCALE_BUDGET_S, default 500 s after set-up). Usage from the
+# repository root, with .dev/ and .whl/ carried:
+#     OUT=/some/dir bash benchmarks/gpu_scale.sh train|ckpt|serve
+set -u
+PART=${1:?which part: train, ckpt or serve}
+OUT=${OUT:-runs/gpu_scale}
+W=$(mktemp -d)
+mkdir -p "$OUT"
+source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
+tail -3 "$OUT/setup.log"
+NGPU=$(nvidia-smi -L | wc -l)
+echo "$NGPU GPUs"
+BUDGET=${GPU_SCALE_BUDGET_S:-500}
+T0=$(date +%s)
+
+run() {  # name timeout_s command...: skipped past the budget, cut short at it
+  local name=$1 limit=$2; shift 2
+  local remaining=$(( BUDGET - ($(date +%s) - T0) ))
+  if [ "$remaining" -lt 60 ]; then echo "$name skipped (budget spent)"; return; fi
+  [ "$limit" -gt "$remaining" ] && limit=$remaining
+  local t=$(date +%s)
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1
+  echo "$name exit $? in $(( $(date +%s) - t )) s: $(grep -E 'step [0-9]+/' "$W/$name.log" \
+    | tail -1 | sed 's/.*tokens\/s/tokens\/s/' | cut -c 1-160)"
+}
+
+train() {  # name nproc tp extra...: the 8B hybrid at TP=tp x DP=nproc/tp
+  local name=$1 nproc=$2 tp=$3; shift 3
+  if [ "$nproc" -gt "$NGPU" ]; then echo "$name skipped ($nproc GPUs)"; return; fi
+  local dp=$(( nproc / tp ))
+  run "$name" 240 python3 launchers/submit.py recipes/8b_hybrid.toml --local --nproc "$nproc" \
+    --set 'train.device="cuda"' --set parallel.tp="$tp" --set parallel.dp="$dp" \
+    --set train.micro_batch_size=1 --set train.global_batch_size=$(( 2 * dp )) \
+    --set logging.interval=1 --set logging.progress_bar=false --set 'train.sample_prompt=""' \
+    --set "logging.dir=\"$W/tb_$name\"" "$@"
+}
+
+case $PART in
+  train)
+    quick=(--set train.steps=8 --set checkpoint.enabled=false)
+    if [ "$NGPU" -ge 8 ]; then
+      train tp4_dp2 8 4 "${quick[@]}"
+      train tp8 8 8 "${quick[@]}"
+      train tp2_dp4 8 2 "${quick[@]}"
+      train tp4_dp2_fp8 8 4 "${quick[@]}" --set 'train.precision="fp8"' --set train.compile=true
+    elif [ "$NGPU" -ge 4 ]; then
+      train tp4 4 4 "${quick[@]}"
+      train tp4_fp8 4 4 "${quick[@]}" --set 'train.precision="fp8"' --set train.compile=true
+    fi
+    train tp2 2 2 "${quick[@]}"
+    train tp2_dp2 4 2 "${quick[@]}"
+    ;;
+  ckpt)
+    dir=(--set "checkpoint.dir=\"$W/ckpt\"")
+    first=$(( NGPU >= 8 ? 4 : 2 ))
+    train "save_tp${first}" "$NGPU" "$first" --set train.steps=2 "${dir[@]}"
+    # checkpoint.enabled=false: resume from checkpoint.dir, write nothing (the next one reads
+    # the same checkpoint).
+    for tp in "$NGPU" 2; do
+      train "restore_tp$tp" "$NGPU" "$tp" --set train.steps=3 --set checkpoint.enabled=false \
+        "${dir[@]}"
+    done
+    du -sh "$W/ckpt"
+    rm -rf "$W/ckpt"
+    ;;
+  serve)
+    run "serve_tp$NGPU" 480 python3 benchmarks/tp_serve.py --recipe recipes/8b_hybrid.toml \
+      --tp "$NGPU" --tp-cuda-graphs --device cuda --dtype bfloat16 --tokens 64 --batches 1,64 \
+      --json "$W/serve_tp$NGPU.json"
+    tail -4 "$W/serve_tp$NGPU.log"
+    ;;
+  *) echo "unknown part $PART: train, ckpt or serve"; exit 2 ;;
+esac
+
+{
+  echo "run: last logged step (tokens/s, TFLOP/s per GPU, MFU, peak memory) or checkpoint times"
+  for f in "$W"/*.log; do
+    name=$(basename "$f" .log)
+    echo "$name: $(grep -E 'step [0-9]+/' "$f" | tail -1 | sed 's/.*grad_norm [0-9.]* //')"
+    grep -hoE "(saved checkpoint \S+ in [0-9.]+ s|resharding .*|restored in [0-9.]+ s)" "$f" \
+      | sed 's/^/    /'
+  done
+} > "$OUT/summary.txt"
+cat "$OUT/summary.txt"
+tar czf "$OUT/runs.tar.gz" -C "$W" --exclude ckpt .
