@@ -35,14 +35,14 @@ decode() {  # name timeout_s recipe extra args...: 3 warm-up + 15 timed steps pe
 decode 8b_hybrid 150 8b_hybrid --prefill
 # The next step launched before the host reads the last one's tokens (Engine overlap).
 decode 8b_hybrid_overlap 120 8b_hybrid --overlap
-decode 8b_mamba2 150 8b_mamba2 --mamba-ssm-reference
-decode 8b_gpt3 130 8b_gpt3 --prefill
-# The Transformer's KV cache fills the GPU at 32k before batch 32: its largest batches there.
-decode 8b_gpt3_fit 60 8b_gpt3 --contexts 32768 --batches 4,7
 if python3 -c "import pytest" 2> /dev/null; then
   run gpu_tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph.py \
     tests/test_ssd.py -k "gpu or cuda"
 fi
+decode 8b_gpt3 130 8b_gpt3 --prefill
+# The Transformer's KV cache fills the GPU at 32k before batch 32: its largest batches there.
+decode 8b_gpt3_fit 60 8b_gpt3 --contexts 32768 --batches 4,7
+decode 8b_mamba2 150 8b_mamba2 --mamba-ssm-reference
 run 8b_hybrid_eager 60 python3 benchmarks/decode.py --recipe recipes/8b_hybrid.toml \
   --contexts 4096 --batches 1 --steps 5 --warmup 1 --device cuda --dtype bfloat16 \
   --no-cuda-graphs --json "$W/8b_hybrid_eager.json"
