@@ -75,6 +75,6 @@ for name, run in runs.items():
                   f" graphs={r.get('cuda_graphs')} overlap={r.get('overlap')}"
                   f" {r.get('cuda_graph_error', '')[:100]}")
 EOF
-tar czf "$OUT/logs.tar.gz" -C "$W" $(cd "$W" && ls -- *.log)
+(cd "$W" && tar czf - -- *.log) > "$OUT/logs.tar.gz"
 cat "$OUT/summary.txt"
 echo "total $(( $(date +%s) - START )) s"

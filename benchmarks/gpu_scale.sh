@@ -28,7 +28,8 @@ run() {  # name timeout_s command...: skipped past the budget, cut short at it
   local remaining=$(( BUDGET - ($(date +%s) - T0) ))
   if [ "$remaining" -lt 60 ]; then echo "$name skipped (budget spent)"; return; fi
   [ "$limit" -gt "$remaining" ] && limit=$remaining
-  local t=$(date +%s)
+  local t
+  t=$(date +%s)
   timeout "$limit" "$@" > "$W/$name.log" 2>&1
   echo "$name exit $? in $(( $(date +%s) - t )) s: $(grep -E 'step [0-9]+/' "$W/$name.log" \
     | tail -1 | sed 's/.*tokens\/s/tokens\/s/' | cut -c 1-160)"

@@ -31,7 +31,8 @@ run() {  # name timeout_s command...
   local remaining; remaining=$(left)
   if [ "$remaining" -lt 30 ]; then echo "$name skipped (budget spent)"; return; fi
   [ "$limit" -gt "$remaining" ] && limit=$remaining
-  local t=$(date +%s)
+  local t
+  t=$(date +%s)
   timeout "$limit" "$@" > "$W/$name.log" 2>&1
   echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$W/$name.log" | cut -c 1-300)"
 }
