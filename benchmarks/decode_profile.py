@@ -5,7 +5,8 @@ weight shape's matrix-vector product, and the kernels of one engine step.
    (bytes read per second).
 2. Every distinct nn.Linear weight shape of the recipe's model, at the decode batch: bytes of
    weight read per second by F.linear, replayed in a CUDA graph over enough copies of the
-   weight (> 2 GiB) that the 50 MB L2 cache does not serve them.
+   weight (> 2 GiB) that the 50 MB L2 cache does not serve them; with --compiled-gemv also
+   torch.compile's kernel for the same product (batch 1).
 3. One engine step (CUDA graph replay; the same with the next step launched ahead, --overlap;
    eagerly) under torch.profiler: step time, the sum of its kernels' times, their count, and the
    kernels that take the most time.
@@ -15,6 +16,7 @@ weight shape's matrix-vector product, and the kernels of one engine step.
 """
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -32,7 +34,7 @@ from toolkit.tokenizer import build_tokenizer
 
 def graph_time(fn, reps: int) -> float:
     """Seconds per call of `fn`, replayed `reps` times inside one CUDA graph."""
-    fn(0)  # warm-up: workspaces, autotuning
+    fn(0), fn(1)  # warm-up: workspaces, autotuning, compilation (before the capture)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -59,7 +61,14 @@ def hbm_bandwidth() -> dict[str, float]:
     return {"copy_gb_per_s": 2 * nbytes / copy / 1e9, "sum_read_gb_per_s": nbytes / read / 1e9}
 
 
-def gemv_bandwidth(model: nn.Module, batch: int) -> list[dict]:
+@functools.cache
+def compiled_gemv():
+    """w @ x for one row as Inductor writes it (a Triton reduction reading w once; products and
+    sums in fp32): a candidate against cuBLAS's kernels for batch-1 decode."""
+    return torch.compile(lambda x, w: (w * x).sum(-1, dtype=torch.float32), dynamic=False)
+
+
+def gemv_bandwidth(model: nn.Module, batch: int, compiled: bool) -> list[dict]:
     shapes: dict[tuple[int, int], list[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -79,18 +88,18 @@ def gemv_bandwidth(model: nn.Module, batch: int) -> list[dict]:
         t = graph_time(linear, reps)
         row = {"shape": [n, k], "layers": len(names), "example": names[0], "us": t * 1e6}
         row["gb_per_s"] = n * k * 2 / t / 1e9
-        if batch == 1:  # cuBLAS's matrix-vector entry point, for comparison
+        if batch == 1 and compiled:  # Inductor's own matrix-vector kernel, for comparison
 
-            def mv(i: int, x=x, w=weights, out=out) -> None:
-                torch.mv(w[i % len(w)], x[0], out=out.view(-1))
+            def gemv(i: int, x=x, w=weights, out=out) -> None:
+                out.view(-1).copy_(compiled_gemv()(x[0], w[i % len(w)]))
 
-            tv = graph_time(mv, reps)
-            row["mv_gb_per_s"] = n * k * 2 / tv / 1e9
+            tv = graph_time(gemv, reps)
+            row["compiled_gb_per_s"] = n * k * 2 / tv / 1e9
         rows.append(row)
         print(
             f"linear {n}x{k} ({len(names)} layers, {names[0]}): {t * 1e6:.1f} us, "
             f"{row['gb_per_s']:.0f} GB/s"
-            + (f", mv {row['mv_gb_per_s']:.0f} GB/s" if "mv_gb_per_s" in row else "")
+            + (f", compiled {row['compiled_gb_per_s']:.0f} GB/s" if compiled else "")
         )
         del weights, linear
         torch.cuda.empty_cache()
@@ -202,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--trace", type=Path, help="Chrome trace of the graph steps")
     p.add_argument("--skip-gemv", action="store_true")
+    p.add_argument(
+        "--compiled-gemv",
+        action="store_true",
+        help="at batch 1, also time torch.compile's matrix-vector kernel for every shape",
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_default_dtype(torch.float32)
     model.eval()
     if not args.skip_gemv:
-        result["gemv"] = gemv_bandwidth(model, args.batch)
+        result["gemv"] = gemv_bandwidth(model, args.batch, args.compiled_gemv)
     if "*" in model.layout.pattern:
         below = attention.MATMUL_ATTENTION_BELOW
         result["attention"] = attention_bandwidth(recipe.model, [1, 2, 4, 8, 32], 32768)
