@@ -102,6 +102,7 @@ def main() -> None:
     }
 
     results["chunk_threads"] = store.CHUNK_THREADS
+    results["early_writeback"] = str(store.EARLY_WRITEBACK)
     if not args.no_dd:
         ddfile = root / "dd.bin"
         count = max(1, nbytes // (64 << 20))

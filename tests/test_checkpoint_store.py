@@ -503,3 +503,17 @@ def test_checkpoint_io_benchmark_runs_on_cpu(tmp_path):
     if "dd_random_write_gbps" in got:  # when /dev/shm has room
         assert got["save_vs_dd_random_write"] > 0 and got["load_vs_dd_random_read"] > 0
     assert not (tmp_path / "scratch").exists()  # the scratch directory is removed
+
+
+def test_early_writeback_saves_the_same_checkpoint(tmp_path, monkeypatch):
+    """TOOLKIT_CHECKPOINT_EARLY_WRITEBACK's path: every chunk file is handed to
+    sync_file_range as soon as it is written, and the checkpoint reads back bit-exactly."""
+    start = store._load_sync_file_range()
+    started = []
+    monkeypatch.setattr(store, "_start_writeback", lambda fd: started.append(start(fd)))
+    model = {"w": torch.randn(6, 4), "b": special_bf16()}
+    path = save_checkpoint(tmp_path, 1, model, {"w/exp_avg": torch.randn(6, 4)}, {})
+    assert len(started) == 3 and set(started) == {0}  # one call per chunk file, each succeeded
+    ckpt = load_checkpoint(path)
+    for key, value in model.items():
+        assert_bit_equal(ckpt.model[key], value)
