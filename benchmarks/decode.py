@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (default: graphs)"
     )
     p.add_argument(
+        "--ssm-state-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the engine's Mamba recurrent state while decoding (mamba-ssm's keeps bf16)",
+    )
+    p.add_argument(
         "--prefill",
         action="store_true",
         help="also time the first token of one prompt of each context length (prefill)",
@@ -212,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["cuda_graphs"] = cuda_graphs
                 # A multiple of 256: the attention span of a graph never ends at an odd size.
                 max_len = -(-(context + args.warmup + args.steps + 2) // 256) * 256
-                row["state_bytes"] = memory_bytes(model, batch, max_len)
+                ssm_dtype = getattr(torch, args.ssm_state_dtype)
+                row["state_bytes"] = memory_bytes(model, batch, max_len, ssm_dtype)
+                row["ssm_state_dtype"] = args.ssm_state_dtype
                 try:
                     engine = Engine(
                         model,
@@ -221,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_len=max_len,
                         cuda_graphs=cuda_graphs,
                         overlap=args.overlap,
+                        ssm_state_dtype=getattr(torch, args.ssm_state_dtype),
                     )
                     row["overlap"] = engine.overlap
                     mean, std = measure(engine, batch, context, args.steps, args.warmup)

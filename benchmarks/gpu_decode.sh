@@ -3,7 +3,8 @@
 # at the 8B hybrid, pure Mamba-2 and GPT shapes, contexts 4k and 32k, batches 1/32/64, under
 # CUDA graphs; the hybrid also with each step launched ahead (--overlap); the Transformer's
 # largest batches at 32k; the first token's latency after a 4k and a 32k prompt (prefill) for
-# the hybrid and the Transformer; mamba-ssm's own CUDA-graph decode at the pure Mamba-2 shape;
+# the hybrid and the Transformer; mamba-ssm's own CUDA-graph decode at the pure Mamba-2 shape,
+# and ours with the recurrent state in bf16 as theirs;
 # the GPU equality tests of the graph engine, the decode kernels and RMSNorm (tiny models); the
 # hybrid at batch 1 eagerly (what the graphs buy). Brings back three files (the device returns
 # at most 8): $OUT/summary.txt (the table), $OUT/decode.json (every run's results by name) and
@@ -43,6 +44,9 @@ decode 8b_gpt3 130 8b_gpt3 --prefill
 # The Transformer's KV cache fills the GPU at 32k before batch 32: its largest batches there.
 decode 8b_gpt3_fit 60 8b_gpt3 --contexts 32768 --batches 4,7
 decode 8b_mamba2 150 8b_mamba2 --mamba-ssm-reference
+# The recurrent state in bf16, as mamba-ssm's generation keeps it: what large batches gain.
+decode 8b_mamba2_bf16_state 90 8b_mamba2 --contexts 4096 --batches 1,64 --ssm-state-dtype bfloat16
+decode 8b_hybrid_bf16_state 90 8b_hybrid --batches 64 --ssm-state-dtype bfloat16
 run 8b_hybrid_eager 60 python3 benchmarks/decode.py --recipe recipes/8b_hybrid.toml \
   --contexts 4096 --batches 1 --steps 5 --warmup 1 --device cuda --dtype bfloat16 \
   --no-cuda-graphs --json "$W/8b_hybrid_eager.json"

@@ -47,6 +47,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="decode eagerly on GPUs (default: CUDA graphs at static shapes; off with --tp > 1)",
     )
     p.add_argument(
+        "--ssm-state-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the Mamba recurrent state kept per request while decoding: bfloat16 halves what "
+        "each step reads and writes for it (as mamba-ssm's generation), float32 is exact",
+    )
+    p.add_argument(
         "--tp-cuda-graphs",
         action="store_true",
         help="with --tp, record the decode step with its collectives as CUDA graphs too "
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_cuda_graphs or (ranks is not None and not args.tp_cuda_graphs)
         else (None if ranks is None else True),
         overlap=args.overlap,
+        ssm_state_dtype=getattr(torch, args.ssm_state_dtype),
     )
     if ranks is not None and not ranks.leader:
         return tp_serving.follow(engine)

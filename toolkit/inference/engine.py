@@ -91,6 +91,7 @@ class Engine:
         prefill_chunk: int = 2048,
         cuda_graphs: bool | None = None,
         overlap: bool = False,
+        ssm_state_dtype: torch.dtype = torch.float32,
     ) -> None:
         """`max_prefill_tokens`: prompt tokens admitted per step (one prompt at least);
         `prefill_chunk`: the most positions of one prompt run through the model at once, which
@@ -98,7 +99,9 @@ class Engine:
         `cuda_graphs`: decode all slots at static shapes (toolkit/inference/cuda_graph.py),
         replayed as CUDA graphs on a CUDA device and run eagerly elsewhere; None: on for CUDA.
         Off: only the running rows are decoded, eagerly. `overlap`: with the static decoder,
-        launch each decode step ahead (see the module's docstring); the same tokens."""
+        launch each decode step ahead (see the module's docstring); the same tokens.
+        `ssm_state_dtype`: the slots' Mamba recurrent states (prefill always runs in fp32);
+        bfloat16 halves the state a decode step reads and writes, as mamba-ssm's generation."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.slots = slots
@@ -106,7 +109,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.prefill_chunk = prefill_chunk
         self.device = model.embedding.weight.device
-        self.states = model.allocate_states(slots, self.max_len)
+        self.states = model.allocate_states(slots, self.max_len, ssm_dtype=ssm_state_dtype)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.host_positions = [0] * slots  # the same, for choosing a span without a sync
         if cuda_graphs is None:
@@ -546,9 +549,11 @@ def _longest(strings: Sequence[str]) -> int:
     return max((len(s) for s in strings), default=0)
 
 
-def memory_bytes(model: HybridLM, slots: int, max_len: int) -> int:
+def memory_bytes(
+    model: HybridLM, slots: int, max_len: int, ssm_dtype: torch.dtype = torch.float32
+) -> int:
     """Bytes of decode state the engine allocates up front for `slots` x `max_len`."""
-    states = model.allocate_states(1, 1, device=torch.device("meta"))
+    states = model.allocate_states(1, 1, device=torch.device("meta"), ssm_dtype=ssm_dtype)
     total = 0
     for s in states:
         if isinstance(s, MambaState):

@@ -104,14 +104,16 @@ class HybridLM(nn.Module):
         max_len: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        ssm_dtype: torch.dtype = torch.float32,
     ) -> list[Any]:
-        """Per-layer decode states: Mamba conv/SSM state, attention KV cache, None for MLPs."""
+        """Per-layer decode states: Mamba conv/SSM state (the SSM part in `ssm_dtype`), attention
+        KV cache, None for MLPs."""
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
         states: list[Any] = []
         for block in self.layers:
             if block.kind == "M":
-                states.append(block.mixer.allocate_state(batch_size, device, dtype))
+                states.append(block.mixer.allocate_state(batch_size, device, dtype, ssm_dtype))
             elif block.kind == "*":
                 states.append(block.mixer.allocate_state(batch_size, max_len, device, dtype))
             else:

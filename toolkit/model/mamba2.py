@@ -193,7 +193,7 @@ class MambaState:
     """Decode state of one Mamba layer: the last d_conv pre-conv columns and the SSM state."""
 
     conv: torch.Tensor  # [b, conv_dim, d_conv]
-    ssm: torch.Tensor  # [b, heads, head_dim, d_state], fp32
+    ssm: torch.Tensor  # [b, heads, head_dim, d_state], fp32 (or bf16 if asked for decode)
     seen: int = 0  # tokens consumed so far
 
 
@@ -246,8 +246,14 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def allocate_state(
-        self, batch_size: int, device: torch.device, dtype: torch.dtype
+        self,
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        ssm_dtype: torch.dtype = torch.float32,
     ) -> MambaState:
+        """`ssm_dtype`: the recurrent state's; fp32 by default (bf16 halves what a decode step
+        reads and writes per sequence, as mamba-ssm's generation does, at some precision)."""
         conv = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)
         ssm = torch.zeros(
             batch_size,
@@ -255,7 +261,7 @@ class Mamba2Mixer(nn.Module):
             self.head_dim,
             self.d_state,
             device=device,
-            dtype=torch.float32,
+            dtype=ssm_dtype,
         )
         return MambaState(conv, ssm)
 
@@ -378,7 +384,7 @@ class Mamba2Mixer(nn.Module):
         decay = torch.exp(dt * A)[:, :, None, None]
         update = (dt.unsqueeze(-1) * x.float()).unsqueeze(-1) * Bh.float().unsqueeze(2)
         ssm.copy_(decay * ssm + update)
-        y = torch.einsum("bhpn,bhn->bhp", ssm, Ch.float()).to(x.dtype)
+        y = torch.einsum("bhpn,bhn->bhp", ssm.float(), Ch.float()).to(x.dtype)
         return y + x * self.D.to(x.dtype)[:, None]
 
     def _ssm_step_kernel(
@@ -395,7 +401,7 @@ class Mamba2Mixer(nn.Module):
         the D skip happen inside; z=None: our group-wise gated norm runs after."""
         h, p, n = self.num_heads, self.head_dim, self.d_state
         return ssm_update(
-            ssm,  # [b, h, p, n], fp32, updated in place
+            ssm,  # [b, h, p, n], fp32 (or bf16), updated in place
             x,  # [b, h, p]
             dt.unsqueeze(-1).expand(-1, h, p),  # pre-softplus
             self.decode_A()[:, None, None].expand(h, p, n),
