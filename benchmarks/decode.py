@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device {device}, {args.dtype}, CUDA graphs {'on' if cuda_graphs else 'off'}")
     print(
-        f"{'recipe':<16}{'context':>9}{'batch':>7}{'ms/token':>10}{'tokens/s':>12}{'weights GB/s':>14}"
+        f"{'recipe':<16}{'context':>9}{'batch':>7}{'ms/token':>10}{'tokens/s':>12}"
+        f"{'weights GB/s':>14}"
     )
     for path in args.recipe:
         try:
@@ -272,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             row |= {"prefill_s": seconds, "prefill_tokens_per_s": context / seconds}
             save(row)
             print(
-                f"{recipe.name:<16}{context:>9}  prefill {seconds:.3f} s, {context / seconds:.0f} tokens/s"
+                f"{recipe.name:<16}{context:>9}  prefill {seconds:.3f} s, "
+                f"{context / seconds:.0f} tokens/s"
             )
         vocab, pure_mamba = model.padded_vocab_size, set(model.layout.pattern) == {"M"}
         del model
