@@ -230,10 +230,11 @@ class Engine:
         return Launched(owners, logits)
 
     def _index(self, rows: list[int]) -> torch.Tensor:
-        """`rows` as a device tensor, kept while the rows stay the same (copied from the host
-        before a launch, or a copy would wait for the GPU)."""
+        """`rows` as a device tensor, kept while the rows stay the same. Copied from pinned
+        memory without waiting: a copy from pageable memory would wait for the GPU to finish."""
         if self._rows_index[0] != tuple(rows):
-            self._rows_index = (tuple(rows), torch.tensor(rows, device=self.device))
+            pinned = torch.tensor(rows, pin_memory=self.device.type == "cuda")
+            self._rows_index = (tuple(rows), pinned.to(self.device, non_blocking=True))
         return self._rows_index[1]
 
     def _admit_and_sample(
