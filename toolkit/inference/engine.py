@@ -185,7 +185,8 @@ class Engine:
         updated = self._drop_cancelled()
         launched, self.launched = self.launched, None
         if launched is None and self.active:
-            launched = self._launch(dict(self.active), from_host=True)
+            owners = dict(self.active)
+            launched = Launched(owners, self._launch(sorted(owners), from_host=True))
         # Rows whose request still holds the slot (not finished, cancelled or replaced since).
         rows = (
             []
@@ -206,28 +207,30 @@ class Engine:
             s: r for s, r in self.active.items() if len(r.tokens) + (s in rows) < r.max_new_tokens
         }
         if going:
-            self.launched = self._launch(going, from_host=False)
+            self.launched = Launched(going, self._launch(sorted(going), from_host=False))
         if copy is not None:
             self._apply(self._read_copy(copy), requests, rows)
             updated += requests
         return self._admit_and_sample(updated, [], [], [])
 
-    def _launch(self, owners: dict[int, Request], *, from_host: bool) -> "Launched":
-        """Replay the decode graph for the slots in `owners` (their inputs: next_input from the
-        host, or already in the graph's input) and advance their positions."""
-        rows = sorted(owners)
+    def _launch(self, rows: list[int], *, from_host: bool) -> torch.Tensor:
+        """Run the static decode step (all slots) for `rows`, sorted: their inputs are their
+        next_input from the host, or already in the graph's input; their positions advance.
+        Returns the logits of every slot, a buffer the next launch overwrites."""
+        needed = max(self.host_positions[s] for s in rows) + 1
         if from_host:
             tokens = torch.zeros(self.slots, dtype=torch.long)
             tokens[rows] = torch.tensor([self.next_input[s] for s in rows])
-            self.decoder.tokens.copy_(tokens.view(-1, 1))
-        logits = self.decoder.launch(max(self.host_positions[s] for s in rows) + 1)
-        if len(rows) == self.slots:
-            self.positions += 1
+            logits = self.decoder(tokens, needed)
+        else:
+            logits = self.decoder.launch(needed)
+        if len(rows) == self.slots:  # every slot runs: no scatter
+            self.positions += 1  # in place: the graphs read this tensor
         else:
             self.positions[self._index(rows)] += 1
         for s in rows:
             self.host_positions[s] += 1
-        return Launched(owners, logits)
+        return logits
 
     def _index(self, rows: list[int]) -> torch.Tensor:
         """`rows` as a device tensor, kept while the rows stay the same. Copied from pinned
@@ -347,18 +350,8 @@ class Engine:
 
     def _decode_static(self, rows: list[int]) -> torch.Tensor:
         """The same through the static decoder: all slots, one CUDA graph per attention span."""
-        tokens = torch.zeros(self.slots, dtype=torch.long)
-        tokens[rows] = torch.tensor([self.next_input[s] for s in rows])
-        index = self._index(rows)
-        logits = self.decoder(tokens, max(self.host_positions[s] for s in rows) + 1)
-        full = len(rows) == self.slots  # every slot runs: no gather, no scatter
-        if full:
-            self.positions += 1  # in place: the graphs read this tensor
-        else:
-            self.positions[index] += 1
-        for s in rows:
-            self.host_positions[s] += 1
-        return logits if full else logits[index]
+        logits = self._launch(rows, from_host=True)
+        return logits if len(rows) == self.slots else logits[self._index(rows)]
 
     def _admit(self) -> list[Request]:
         """Waiting requests for the free slots, within the prefill token budget (at least one)."""
