@@ -203,12 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy of 8B weights
-        try:
-            model = build_model(recipe, build_tokenizer(recipe.data.tokenizer), device).eval()
-        finally:
-            torch.set_default_dtype(default)
+        model = build_model(recipe, build_tokenizer(recipe.data.tokenizer), device, dtype).eval()
         # Bytes a decode step reads: every weight but the embedding (one row per token).
         weight_bytes = (
             count_parameters(model)["total"] - model.embedding.weight.numel()

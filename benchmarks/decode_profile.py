@@ -227,10 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     recipe = load_recipe(args.recipe, args.set)
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    model = build_model(recipe, build_tokenizer(recipe.data.tokenizer), torch.device("cuda"))
-    torch.set_default_dtype(torch.float32)
-    model.eval()
+    tokenizer = build_tokenizer(recipe.data.tokenizer)
+    model = build_model(recipe, tokenizer, torch.device("cuda"), torch.bfloat16).eval()
     if not args.skip_gemv:
         result["gemv"] = gemv_bandwidth(model, args.batch, args.compiled_gemv)
     if "*" in model.layout.pattern:

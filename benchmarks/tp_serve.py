@@ -128,12 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = latest_checkpoint(root)
         if checkpoint is None:
             torch.manual_seed(0)
-            default = torch.get_default_dtype()
-            torch.set_default_dtype(getattr(torch, args.dtype))  # no fp32 copy of large models
-            try:
-                model = build_model(recipe, build_tokenizer(recipe.data.tokenizer))
-            finally:
-                torch.set_default_dtype(default)
+            tokenizer = build_tokenizer(recipe.data.tokenizer)
+            model = build_model(recipe, tokenizer, dtype=getattr(torch, args.dtype))
             checkpoint = save_model_checkpoint(root, model, recipe)
             del model
         for tp in (1, args.tp):

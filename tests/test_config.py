@@ -550,3 +550,17 @@ def test_performance_switches_accept_their_values(override):
     recipe = recipe_from_dict(base_table(), [override])
     got = getattr(recipe.train, key.split(".")[1])
     assert got == tomllib.loads(f"v = {value}")["v"]
+
+
+def test_build_model_in_a_dtype_leaves_the_default_alone():
+    """build_model(dtype=...) creates every parameter in that dtype (no fp32 copy first) and
+    puts the default dtype back."""
+    import torch
+
+    recipe = load_recipe(RECIPE_DIR / "tiny_hybrid.toml")
+    model = build_model(recipe, ByteTokenizer(), "meta", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in build_model(recipe, ByteTokenizer(), "meta").parameters()} == {
+        torch.float32
+    }

@@ -39,15 +39,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(
-    recipe: Recipe, tokenizer: Tokenizer, device: torch.device | str = "cpu"
+    recipe: Recipe,
+    tokenizer: Tokenizer,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> HybridLM:
+    """`dtype`: create the parameters in it directly, with no fp32 copy first (an 8B model's
+    would be 35 GB); None: the default dtype."""
     vocab = recipe.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ValueError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}"
         )
-    with torch.device(device):
-        return HybridLM(recipe.model, vocab_size=vocab, tp=recipe.parallel.tp)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or default)
+    try:
+        with torch.device(device):
+            return HybridLM(recipe.model, vocab_size=vocab, tp=recipe.parallel.tp)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def tokenizer_from_recipe(recipe: Recipe) -> Tokenizer:
