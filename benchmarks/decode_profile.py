@@ -32,6 +32,17 @@ from toolkit.model import attention
 from toolkit.tokenizer import build_tokenizer
 
 
+def cuda_seconds(fn, repeats: int) -> float:
+    """Seconds per call of `fn()` called `repeats` times back to back, by CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
 def graph_time(fn, reps: int) -> float:
     """Seconds per call of `fn`, replayed `reps` times inside one CUDA graph."""
     fn(0), fn(1)  # warm-up: workspaces, autotuning, compilation (before the capture)
@@ -42,13 +53,7 @@ def graph_time(fn, reps: int) -> float:
             fn(i)
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (5 * reps)
+    return cuda_seconds(graph.replay, 5) / reps
 
 
 def hbm_bandwidth() -> dict[str, float]:
@@ -111,7 +116,7 @@ def attention_bandwidth(cfg, batches: list[int], span: int) -> list[dict]:
     decode_attention's two matmuls; bytes of keys and values read per second."""
     groups, d = cfg.num_query_groups, cfg.hidden_size // cfg.num_attention_heads
     per_group = cfg.num_attention_heads // groups
-    rows = []
+    rows, below = [], attention.MATMUL_ATTENTION_BELOW
     for b in batches:
         q = torch.randn(b, groups, per_group, d, device="cuda", dtype=torch.bfloat16)
         k, v = (
@@ -121,9 +126,12 @@ def attention_bandwidth(cfg, batches: list[int], span: int) -> list[dict]:
         mask = mask.expand(b, 1, 1, span)
         nbytes = 2 * k.numel() * k.element_size()
         row = {"batch": b, "span": span}
-        for name, below in (("sdpa", 0), ("matmul", 1 << 30)):
-            attention.MATMUL_ATTENTION_BELOW = below  # which way decode_attention goes
-            t = graph_time(lambda i, a=(q, k, v, mask): attention.decode_attention(*a), 8)
+        for name, threshold in (("sdpa", 0), ("matmul", 1 << 30)):
+            attention.MATMUL_ATTENTION_BELOW = threshold  # which way decode_attention goes
+            try:
+                t = graph_time(lambda i, a=(q, k, v, mask): attention.decode_attention(*a), 8)
+            finally:
+                attention.MATMUL_ATTENTION_BELOW = below
             row[f"{name}_us"], row[f"{name}_gb_per_s"] = t * 1e6, nbytes / t / 1e9
         print(
             f"attention b={b} span={span}: sdpa {row['sdpa_us']:.0f} us "
@@ -139,13 +147,7 @@ def profile_steps(engine: Engine, steps: int, label: str, trace: Path | None) ->
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        engine.step()
-    end.record()
-    torch.cuda.synchronize()
-    step_ms = start.elapsed_time(end) / steps
+    step_ms = 1e3 * cuda_seconds(engine.step, steps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
@@ -153,12 +155,7 @@ def profile_steps(engine: Engine, steps: int, label: str, trace: Path | None) ->
     replay_ms = None
     if engine.decoder is not None and engine.decoder.graphs:  # the graph alone, back to back
         graph = next(iter(engine.decoder.graphs.values()))[0]
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        replay_ms = start.elapsed_time(end) / steps
+        replay_ms = 1e3 * cuda_seconds(graph.replay, steps)
         print(f"{label}: graph replays alone {replay_ms:.3f} ms")
     if trace is not None:
         prof.export_chrome_trace(str(trace))
@@ -232,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_gemv:
         result["gemv"] = gemv_bandwidth(model, args.batch, args.compiled_gemv)
     if "*" in model.layout.pattern:
-        below = attention.MATMUL_ATTENTION_BELOW
         result["attention"] = attention_bandwidth(recipe.model, [1, 2, 4, 8, 32], 32768)
-        attention.MATMUL_ATTENTION_BELOW = below
     steps = args.steps
     max_len = -(-(args.context + 4 * steps + 8) // 256) * 256
     for label, graphs, overlap in (
