@@ -344,7 +344,7 @@ class Engine:
             else:
                 views.append(None)
         hidden = self._hidden(tokens.to(self.device), views)
-        index = torch.tensor(rows, device=self.device)
+        index = self._index(rows)
         self.positions[index] += 1
         return self._logits(hidden[index, 0])
 
