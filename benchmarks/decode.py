@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode_profile import hbm_bandwidth  # benchmarks/, this script's folder
 
 from toolkit.build import build_model, resolve_device
 from toolkit.config import Recipe, RecipeError, load_recipe
@@ -64,12 +65,13 @@ def measure(
 
 def measure_prefill(model: torch.nn.Module, context: int) -> float:
     """Seconds from a `context`-token prompt's arrival to its first token (one request alone:
-    the chunked scan and attention over the prompt, then one sample), after a short warm-up."""
+    the chunked scan and attention over the prompt, then one sample), after a warm-up at the same length."""
     # One token: no decode step, so no decode graphs to record.
     engine = Engine(model, build_tokenizer("byte"), slots=1, max_len=context + 2, cuda_graphs=False)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     prompt = torch.randint(0, model.vocab_size, (context,)).tolist()
-    engine.run([Request(prompt=prompt[:256], max_new_tokens=1)])  # kernels, autotuning
+    # Warm-up at the same length: the kernels' autotuning depends on the shapes.
+    engine.run([Request(prompt=prompt, max_new_tokens=1)])
     sync()
     start = time.perf_counter()
     engine.run([Request(prompt=prompt, max_new_tokens=1)])
@@ -167,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--overlap",
-        action="store_true",
-        help="launch each decode step before the host reads the last one's tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch each decode step before the host reads the last one's tokens (default: on "
+        "with CUDA graphs, as the engine)",
     )
     p.add_argument(
         "--mamba-ssm-reference",
@@ -191,10 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             meta = {"device": str(device), "dtype": args.dtype}
             args.json.write_text(json.dumps(meta | {"results": results}, indent=1))
 
+    # The roofline's denominator, measured in this run: a bf16 sum reading 4 GiB.
+    hbm = hbm_bandwidth()["sum_read_gb_per_s"] if device.type == "cuda" else None
     print(f"device {device}, {args.dtype}, CUDA graphs {'on' if cuda_graphs else 'off'}")
+    if hbm:
+        print(f"HBM read bandwidth {hbm:.0f} GB/s (bf16 sum over 4 GiB)")
     print(
         f"{'recipe':<16}{'context':>9}{'batch':>7}{'ms/token':>10}{'tokens/s':>12}"
-        f"{'weights GB/s':>14}"
+        f"{'weights GB/s':>14}" + (f"{'roofline':>10}" if hbm else "")
     )
     for path in args.recipe:
         try:
@@ -247,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_per_s": batch / mean,
                 }
                 row["weights_gb_per_s"] = weight_bytes / mean / 1e9
+                if hbm:  # batch 1's roofline: weight bytes over the measured read bandwidth
+                    row["hbm_read_gb_per_s"] = hbm
+                    row["of_hbm_roofline"] = row["weights_gb_per_s"] / hbm
                 save(row)
                 print(
                     f"{recipe.name:<16}{context:>9}{batch:>7}{1e3 * mean:>10.2f}"
                     f"{batch / mean:>12.1f}{weight_bytes / mean / 1e9:>14.1f}"
+                    + (f"{row['of_hbm_roofline']:>10.1%}" if hbm else "")
                 )
         for context in args.contexts if args.prefill else []:
             row = {"recipe": recipe.name, "impl": "prefill", "context": context, "batch": 1}

@@ -61,9 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--overlap",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="with CUDA graphs, launch each decode step before the host reads the last one's "
-        "tokens (the GPU does not wait for the host between steps)",
+        "tokens, so the GPU does not wait for the host between steps (default: on with CUDA "
+        "graphs, off with --tp)",
     )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
