@@ -18,6 +18,7 @@ the script asks the kernel to drop clean caches before each read.
 import argparse
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. --set model.num_layers=12")  # fmt: skip
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the save's phases
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)

@@ -33,7 +33,7 @@ def human(n: float) -> str:
 def array_rows(group, keys: list[str]) -> list[tuple[str, str, str, int, str]]:
     rows = []
     for key in keys:
-        arr = group[key]
+        arr = store.open_array(group, key)
         dtype = arr.attrs.get("dtype", str(arr.dtype))
         nbytes = math.prod(arr.shape) * arr.dtype.itemsize
         rows.append((key, str(tuple(arr.shape)), dtype, nbytes, str(tuple(arr.chunks))))

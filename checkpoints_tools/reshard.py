@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import zarr  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from toolkit.build import build_model, model_from_checkpoint  # noqa: E402
@@ -57,10 +56,10 @@ def target_specs(recipe_table: dict, tp: int) -> dict[str, tuple[tuple[int, ...]
 
 
 def copy_blocks(
-    src: zarr.Array, dst_group: zarr.Group, key: str, path: str, counter: ReadCounter
+    src: store.StoredArray, dst_group: Path, key: str, path: str, counter: ReadCounter
 ) -> int:
     """Copy one array in row blocks aligned with both chunkings; returns the bytes copied."""
-    dst = dst_group[key]
+    dst = store.open_array(dst_group, key)
     if src.ndim == 0:
         files = store.write_region(dst_group, key, (), store.read_region(src, (), path, counter))
         store.fsync_files(files)
@@ -88,7 +87,7 @@ def reshard_zarr(src_path: Path, out: Path, tp: int, pp: int) -> dict:
     keys = [k for prefix in ("model", "optim") for k in store.array_keys(src, prefix)]
     array_specs = []
     for key in keys:
-        arr = src[key]
+        arr = store.open_array(src, key)
         name = key.split("/")[1]
         if name not in specs:
             raise CheckpointError(f"{src_path}: {key} is not an array of this recipe's model")
@@ -103,7 +102,7 @@ def reshard_zarr(src_path: Path, out: Path, tp: int, pp: int) -> dict:
     meta["resharded_from"] = str(src_path)
     tmp = store.begin(out, int(dict(src.attrs)["step"]), meta)
     store.create_arrays(tmp, array_specs)
-    dst = zarr.open_group(tmp, mode="r+")
+    dst = tmp
     start, written = time.perf_counter(), 0
     with (
         ThreadPoolExecutor(8) as pool,

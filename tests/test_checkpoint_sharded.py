@@ -29,6 +29,7 @@ from toolkit.checkpoint.sharded import merge_plans
 from toolkit.model import HybridLM
 from toolkit.parallel import apply_tp
 
+CUDA = torch.cuda.is_available()
 VOCAB = 259  # the byte tokenizer's: padded to 384 at TP=1, 512 at TP=2 and TP=4
 
 
@@ -144,8 +145,8 @@ def test_lazy_restore_reads_only_the_slices_it_needs(tmp_path, monkeypatch, tp):
         assert counter.payload_bytes == needed
 
 
-def adamw(model):
-    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+def adamw(model, fused=None):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
 
 
 def train_step(model, optimizer, tokens):
@@ -158,22 +159,34 @@ def train_step(model, optimizer, tokens):
     optimizer.step()
 
 
-def test_model_and_optimizer_restore_bit_identical(tmp_path):
+# The fused AdamW (what training uses on GPUs) keeps its step counts on the parameters' device.
+@pytest.mark.parametrize(
+    "device, fused",
+    [
+        ("cpu", None),
+        ("cpu", True),
+        pytest.param("cuda", True, marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+    ],
+)
+def test_model_and_optimizer_restore_bit_identical(tmp_path, device, fused):
     batches = [
-        torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(i))
+        torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(i)).to(device)
         for i in range(3)
     ]
-    model = full_model()
-    opt = adamw(model)
+    # The reference Mamba path everywhere: on a GPU the fused kernels' autotuning for these
+    # shapes would take minutes, and this tests the optimizer state, not the kernels.
+    model = full_model(kernels="reference").to(device)
+    opt = adamw(model, fused)
     for tokens in batches[:2]:
         train_step(model, opt, tokens)
     save_single(tmp_path, model, opt)
 
-    model2 = full_model(seed=5)
-    opt2 = adamw(model2)
+    model2 = full_model(seed=5, kernels="reference").to(device)
+    opt2 = adamw(model2, fused)
     restore(tmp_path, model2, opt2, view(model2))
-    model3 = full_model(seed=5)  # weights only: its optimizer starts from scratch
-    opt3 = adamw(model3)
+    # Weights only: its optimizer starts from scratch.
+    model3 = full_model(seed=5, kernels="reference").to(device)
+    opt3 = adamw(model3, fused)
     restore(tmp_path, model3, None, view(model3))
     for m, o in ((model, opt), (model2, opt2), (model3, opt3)):
         train_step(m, o, batches[2])
