@@ -201,6 +201,29 @@ def test_model_and_optimizer_restore_bit_identical(tmp_path, device, fused):
     assert not all(torch.equal(p, p3) for p, p3 in zip(model.parameters(), model3.parameters()))
 
 
+def test_a_corrupted_chunk_stops_the_restore_with_an_error_naming_it(tmp_path):
+    """Tensors go into place as they are read (no second copy of the state in memory): a chunk
+    found corrupted stops the restore, and the error names it and says the model is incomplete."""
+    model = full_model()
+    opt = adamw(model)
+    train_step(model, opt, torch.randint(0, VOCAB, (2, 17)))
+    path = save_single(tmp_path, model, opt)
+    chunk = path / "optim" / "layers.2.norm.weight" / "exp_avg" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0x5A
+    chunk.write_bytes(bytes(data))
+    other = full_model(seed=3)
+    with pytest.raises(
+        CheckpointError,
+        match=r"'optim/layers.2.norm.weight/exp_avg': chunk c/0 is corrupted.*model is incomplete",
+    ):
+        restore(path, other, adamw(other), view(other))
+    restore(path, other, None, view(other))  # the weights alone are intact
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        rows = VOCAB if name in placement.VOCAB_PARAMS else None  # padding rows are not stored
+        assert torch.equal(p[:rows], q[:rows]), name
+
+
 def test_restore_rejects_another_model(tmp_path):
     path = save_single(tmp_path, full_model())
     wider = full_model(hidden_size=64)

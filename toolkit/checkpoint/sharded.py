@@ -299,7 +299,9 @@ def restore(
 ) -> dict[str, Any]:
     """Load this rank's slices of the parameters (and, if `optimizer`, its share of the optimizer
     state) from checkpoint `path`, reading only the chunks they touch. With whole=False (a
-    pipeline stage) the checkpoint may hold parameters the module lacks. Returns the metadata."""
+    pipeline stage) the checkpoint may hold parameters the module lacks. Returns the metadata.
+    A checkpoint that does not match the model is refused before anything is read; a chunk
+    found corrupted part way leaves the module partly restored (the error says so)."""
     path = store.resolve_checkpoint(path)
     group = store.open_checkpoint(path)
     params = dict(module.named_parameters())
@@ -307,26 +309,28 @@ def restore(
     _check_arrays(group, path, layouts, whole)
     owns = getattr(optimizer, "owns", lambda p: True)
 
-    def load(name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        param, layout = params[name], layouts[name]
-        value = _read_local(group, path, layout, param, lambda p: f"model/{p.array}", counter)
-        state = {}
-        if optimizer is not None and owns(param):
-            state = _read_state(group, path, layout, param, counter)
-        return value, state
-
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        loaded = dict(zip(params, pool.map(load, params)))
     # The fused AdamW wants its step counts on the parameters' device; the others on the CPU.
     fused = optimizer is not None and any(g.get("fused") for g in optimizer.param_groups)
-    with torch.no_grad():
-        for name, (value, state) in loaded.items():
-            params[name].copy_(value)
+
+    def load(name: str) -> None:
+        # Each tensor goes into place as soon as it is read: the restore holds at most one
+        # tensor per thread in memory, not a second copy of the whole state.
+        param, layout = params[name], layouts[name]
+        value = _read_local(group, path, layout, param, lambda p: f"model/{p.array}", counter)
+        with torch.no_grad():
+            param.copy_(value)
+        if optimizer is not None and owns(param):
+            state = _read_state(group, path, layout, param, counter)
             if state:
-                device = params[name].device
-                optimizer.state[params[name]] = {
-                    k: v.to(device) if v.dim() or fused else v for k, v in state.items()
+                optimizer.state[param] = {
+                    k: v.to(param.device) if v.dim() or fused else v for k, v in state.items()
                 }
+
+    try:
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            list(pool.map(load, params))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (the restore stopped part way: the model is incomplete)") from e
     return store.metadata(group)
 
 
