@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import BytesCodec, Crc32cCodec
 
 from toolkit.checkpoint import (
     CheckpointError,
@@ -225,9 +225,18 @@ def test_array_metadata_is_what_zarr_writes(tmp_path, shape, dtype, chunks):
 def test_an_array_zarr_compressed_is_refused_by_name(tmp_path):
     """The toolkit reads chunks itself; an array with other codecs (here zarr's default
     compression) is an error naming it, not garbage."""
-    zarr.open_group(tmp_path, mode="w").create_array("model/w", shape=(4,), dtype="float32")
-    with pytest.raises(CheckpointError, match=r"'model/w' is stored with codecs"):
-        store.open_array(tmp_path, "model/w")
+    group = zarr.open_group(tmp_path, mode="w")
+    group.create_array("model/w", shape=(4,), dtype="float32")
+    group.create_array(
+        "model/big",
+        shape=(4,),
+        dtype="float32",
+        serializer=BytesCodec(endian="big"),
+        compressors=[Crc32cCodec()],
+    )
+    for key in ("model/w", "model/big"):
+        with pytest.raises(CheckpointError, match=rf"'{key}' is stored with codecs"):
+            store.open_array(tmp_path, key)
     with pytest.raises(CheckpointError, match=r"'model/x' is missing"):
         store.open_array(tmp_path, "model/x")
 

@@ -226,9 +226,11 @@ def open_array(group: zarr.Group | Path, key: str) -> StoredArray:
     if meta is None or meta.get("node_type") != "array":
         raise CheckpointError(f"{root}: array {key!r} is missing")
     codecs = [c.get("name") for c in meta.get("codecs", [])]
+    endian = (meta.get("codecs") or [{}])[0].get("configuration", {}).get("endian", "little")
     encoding = meta.get("chunk_key_encoding", {})
     if (
         codecs != ["bytes", "crc32c"]
+        or endian != "little"
         or encoding.get("configuration", {}).get("separator") != "/"
         or meta.get("chunk_grid", {}).get("name") != "regular"
     ):
@@ -241,7 +243,7 @@ def open_array(group: zarr.Group | Path, key: str) -> StoredArray:
         key,
         tuple(meta["shape"]),
         tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
-        np.dtype(meta["data_type"]).newbyteorder("<"),
+        np.dtype(meta["data_type"]),
         meta.get("attributes", {}),
     )
 
