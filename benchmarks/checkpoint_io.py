@@ -82,6 +82,12 @@ def main() -> None:
     parser.add_argument("--drop-caches", action="store_true", help="drop page cache before reads")
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--quick", action="store_true", help="no async save, no TP restores")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model and its Adam state live: cuda measures a GPU run's save (copies "
+        "to the host included) and resume (copies to the GPU included)",
+    )
     parser.add_argument("--no-dd", action="store_true", help="skip dd (e.g. in a thread sweep)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. --set model.num_layers=12")  # fmt: skip
@@ -93,12 +99,13 @@ def main() -> None:
     root.mkdir(parents=True)
     recipe = load_recipe(args.recipe, args.set)
     torch.manual_seed(0)
-    model = build_model(recipe, build_tokenizer(recipe.data.tokenizer))
+    model = build_model(recipe, build_tokenizer(recipe.data.tokenizer), torch.device(args.device))
     optimizer = with_adam_state(model)
     view = RankView(model.cfg, model.vocab_size)
     nbytes = sum(p.numel() * 4 * 3 for p in model.parameters())  # weights + two moments
     results: dict[str, float | str] = {
         "recipe": " ".join([args.recipe, *args.set]),
+        "device": args.device,
         "parameters": sum(p.numel() for p in model.parameters()),
         "checkpoint_gb": nbytes / 1e9,
     }
@@ -148,6 +155,8 @@ def main() -> None:
     drop_caches(args.drop_caches)
     start = time.perf_counter()
     restore(root / "ckpt", fresh, fresh_optimizer, view)
+    if fresh.embedding.weight.is_cuda:
+        torch.cuda.synchronize()
     results["load_s"] = time.perf_counter() - start
     results["load_gbps"] = nbytes / results["load_s"] / 1e9
 
