@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--overlap",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=argparse.SUPPRESS,  # unset: the engine decides (on with CUDA graphs)
         help="with CUDA graphs, launch each decode step before the host reads the last one's "
         "tokens, so the GPU does not wait for the host between steps (default: on with CUDA "
         "graphs, off with --tp)",
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         cuda_graphs=False
         if args.no_cuda_graphs or (ranks is not None and not args.tp_cuda_graphs)
         else (None if ranks is None else True),
-        overlap=args.overlap,
+        overlap=getattr(args, "overlap", None),
         ssm_state_dtype=getattr(torch, args.ssm_state_dtype),
     )
     if ranks is not None and not ranks.leader:
