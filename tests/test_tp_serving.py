@@ -58,12 +58,20 @@ BODIES = [
 ]
 
 
+def _as_from_a_terminal() -> None:
+    # A job started in the background by a shell (`make test &`) inherits SIGINT ignored; a
+    # terminal's foreground job has it: so does the server, whoever started the tests.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class TPServer(Server):
     """A server in its own session, so that a test can signal the whole group like a terminal."""
 
     def __init__(self, checkpoint: Path, log: Path, *args: str) -> None:
         popen = subprocess.Popen
-        subprocess.Popen = lambda *a, **kw: popen(*a, **kw, start_new_session=True)
+        subprocess.Popen = lambda *a, **kw: popen(
+            *a, **kw, start_new_session=True, preexec_fn=_as_from_a_terminal
+        )
         try:
             super().__init__(checkpoint, log, "--slots", "4", *args)
         finally:
