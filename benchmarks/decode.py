@@ -63,9 +63,17 @@ def measure(
     return mean, std
 
 
+def release_memory(device: torch.device) -> None:
+    """Free what dropped engines and models held (they refer to each other: gc first)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def measure_prefill(model: torch.nn.Module, context: int) -> float:
     """Seconds from a `context`-token prompt's arrival to its first token (one request alone:
-    the chunked scan and attention over the prompt, then one sample), after a warm-up at the same length."""
+    the chunked scan and attention over the prompt, then one sample), after a warm-up at the
+    same length."""
     # One token: no decode step, so no decode graphs to record.
     engine = Engine(model, build_tokenizer("byte"), slots=1, max_len=context + 2, cuda_graphs=False)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
@@ -195,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = {"device": str(device), "dtype": args.dtype}
             args.json.write_text(json.dumps(meta | {"results": results}, indent=1))
 
+    ssm_dtype = getattr(torch, args.ssm_state_dtype)
     # The roofline's denominator, measured in this run: a bf16 sum reading 4 GiB.
     hbm = hbm_bandwidth()["sum_read_gb_per_s"] if device.type == "cuda" else None
     print(f"device {device}, {args.dtype}, CUDA graphs {'on' if cuda_graphs else 'off'}")
@@ -222,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
                 row["cuda_graphs"] = cuda_graphs
                 # A multiple of 256: the attention span of a graph never ends at an odd size.
                 max_len = -(-(context + args.warmup + args.steps + 2) // 256) * 256
-                ssm_dtype = getattr(torch, args.ssm_state_dtype)
                 row["state_bytes"] = memory_bytes(model, batch, max_len, ssm_dtype)
                 row["ssm_state_dtype"] = args.ssm_state_dtype
                 try:
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_len=max_len,
                         cuda_graphs=cuda_graphs,
                         overlap=args.overlap,
-                        ssm_state_dtype=getattr(torch, args.ssm_state_dtype),
+                        ssm_state_dtype=ssm_dtype,
                     )
                     row["overlap"] = engine.overlap
                     mean, std = measure(engine, batch, context, args.steps, args.warmup)
@@ -245,10 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                     save(row)
                     continue
                 finally:
-                    engine = None
-                    gc.collect()  # the engine and its graph decoder refer to each other
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    engine = None  # it and its graph decoder refer to each other: gc frees them
+                    release_memory(device)
                 row |= {
                     "ms_per_step": 1e3 * mean,
                     "ms_std": 1e3 * std,
@@ -274,9 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 save(row)
                 continue
             finally:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                release_memory(device)
             row |= {"prefill_s": seconds, "prefill_tokens_per_s": context / seconds}
             save(row)
             print(
@@ -285,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         vocab, pure_mamba = model.padded_vocab_size, set(model.layout.pattern) == {"M"}
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
         if args.mamba_ssm_reference and pure_mamba:
             for batch in args.batches:
                 row = {"recipe": recipe.name, "impl": "mamba_ssm", "context": None, "batch": batch}

@@ -85,9 +85,9 @@ def reshard_zarr(src_path: Path, out: Path, tp: int, pp: int) -> dict:
     validate(recipe_from_dict(recipe_table))  # the target layout must fit the model
     specs = target_specs(recipe_table, tp)
     keys = [k for prefix in ("model", "optim") for k in store.array_keys(src, prefix)]
+    arrays = {key: store.open_array(src, key) for key in keys}
     array_specs = []
-    for key in keys:
-        arr = store.open_array(src, key)
+    for key, arr in arrays.items():
         name = key.split("/")[1]
         if name not in specs:
             raise CheckpointError(f"{src_path}: {key} is not an array of this recipe's model")
@@ -102,15 +102,14 @@ def reshard_zarr(src_path: Path, out: Path, tp: int, pp: int) -> dict:
     meta["resharded_from"] = str(src_path)
     tmp = store.begin(out, int(dict(src.attrs)["step"]), meta)
     store.create_arrays(tmp, array_specs)
-    dst = tmp
     start, written = time.perf_counter(), 0
     with (
         ThreadPoolExecutor(8) as pool,
         tqdm(total=len(keys), desc="reshard", unit="array", disable=None) as bar,
     ):
         futures = [
-            pool.submit(copy_blocks, store.open_array(src, k), dst, k, str(src_path), counter)
-            for k in keys
+            pool.submit(copy_blocks, arr, tmp, key, str(src_path), counter)
+            for key, arr in arrays.items()
         ]
         for future in futures:
             written += future.result()

@@ -10,9 +10,10 @@ Requests wait in a queue until a slot is free (never dropped). Every `step()`:
    into free slots, so they join the running batch at the next step;
 3. one token is sampled per row with the row's own settings and seed, and finished requests
    (end of document, stop string, length, cancelled) free their slots.
-With `overlap` (on by default with CUDA graphs), the tokens a step samples go back into the decode graph's input on
-the GPU and the next step is launched before the host reads them, so the GPU does not wait for
-the host between steps; a request that finishes has one step computed for it and thrown away.
+With `overlap` (on by default with CUDA graphs), the tokens a step samples go back into the
+decode graph's input on the GPU and the next step is launched before the host reads them, so the
+GPU does not wait for the host between steps; a request that finishes has one step computed for
+it and thrown away.
 """
 
 import os
