@@ -3,7 +3,8 @@
 # measured setting (compiled blocks, micro-batch 8, fused AdamW: 35.7% MFU on 2026-11-29), as a
 # torch.profiler trace of step 6 summed by benchmarks/trace_summary.py; then the checkpoint I/O
 # against the disk (benchmarks/gpu_checkpoint_io.sh). Brings back $OUT/800m.log (the training
-# log and the trace summary) and gpu_checkpoint_io.sh's files under $OUT/io.
+# log and the trace summary) and gpu_checkpoint_io.sh's files under $OUT/io (WITH_IO=0 skips
+# the checkpoint I/O).
 # Usage from the repository root, with .dev/ (the compiled blocks in .dev/inductor.tar.xz.part*
 # skip most of the compilation) and .whl/ carried:
 #     OUT=/some/dir bash benchmarks/gpu_profile_800m.sh
@@ -29,5 +30,6 @@ echo "800m exit $?"
 python3 benchmarks/trace_summary.py "$TB"/profile/*.json --top 40 >> "$OUT/800m.log" 2>&1
 tail -60 "$OUT/800m.log"
 
+[ "${WITH_IO:-1}" = 0 ] && exit 0  # WITH_IO=0: the profile only
 OUT=$OUT/io timeout 330 bash benchmarks/gpu_checkpoint_io.sh
 rm -f "$OUT/io/setup.log"  # the device brings back at most 8 files

@@ -18,12 +18,18 @@ FAMILIES = [  # first match wins
     ("Mamba SSD (Triton)", r"chunk|state_passing|bmm_chunk|ssd"),
     ("conv1d", r"conv1d|causal_conv"),
     ("norm", r"norm|rms"),
-    ("cross-entropy / softmax", r"softmax|log_softmax|cross_entropy|nll"),
+    ("cross-entropy / softmax", r"softmax|log_softmax|cross_entropy|nll|logsumexp"),
     ("optimizer", r"adam|multi_tensor|foreach"),
+    ("other Inductor-generated (Triton)", r"^triton_"),  # fused casts, GELU, adds...
     ("copy / cast", r"copy|cast|convert|memcpy|memset|fill"),
     ("reduction", r"reduce|sum|mean"),
     ("elementwise", r"elementwise|vectorized|unrolled|triton_"),
 ]
+
+
+# Copies and fills that run as DMA (cudaMemcpyAsync/cudaMemsetAsync) are not kernels but take
+# GPU time all the same.
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def family(name: str) -> str:
@@ -54,7 +60,7 @@ def main() -> None:
             if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})
         }
         for e in events:
-            if e.get("cat") != "kernel":
+            if e.get("cat") not in GPU_WORK:
                 continue
             by_op[op_of.get(e.get("args", {}).get("External id"), "?")] += e["dur"]
             by_name[e["name"]] += e["dur"]

@@ -201,6 +201,29 @@ def test_model_and_optimizer_restore_bit_identical(tmp_path, device, fused):
     assert not all(torch.equal(p, p3) for p, p3 in zip(model.parameters(), model3.parameters()))
 
 
+def test_a_cpu_restore_reads_the_parameters_straight_into_place(tmp_path, monkeypatch):
+    """Every parameter is read into its own memory, packed ones (in_proj: z, x, B, C, dt) a
+    component's rows at a time: no buffer, no copy. The vocabulary padding rows, which no array
+    covers, are zeroed."""
+    model = full_model()
+    save_single(tmp_path, model)
+    model2 = full_model(seed=5)
+    in_place, real = [], store.read_region
+
+    def spy(arr, index, where, counter=None, out=None):
+        in_place.append(out is not None)
+        return real(arr, index, where, counter, out=out)
+
+    monkeypatch.setattr(store, "read_region", spy)
+    restore(tmp_path, model2, None, view(model2))
+    assert in_place and all(in_place)
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
+        rows = VOCAB if name in placement.VOCAB_PARAMS else None
+        assert torch.equal(p[:rows], p2[:rows]), name
+        if rows is not None:
+            assert p2[rows:].numel() and not p2[rows:].any(), name  # padding: zero
+
+
 def test_a_corrupted_chunk_stops_the_restore_with_an_error_naming_it(tmp_path):
     """Tensors go into place as they are read (no second copy of the state in memory): a chunk
     found corrupted stops the restore, and the error names it and says the model is incomplete."""

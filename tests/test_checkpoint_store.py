@@ -568,3 +568,31 @@ def test_early_writeback_saves_the_same_checkpoint(tmp_path, monkeypatch):
     ckpt = load_checkpoint(path)
     for key, value in model.items():
         assert_bit_equal(ckpt.model[key], value)
+
+
+def test_read_region_straight_into_a_tensor(tmp_path, monkeypatch):
+    """`out=`: the chunks land in the given tensor's memory (a restored parameter needs no fresh
+    buffer and no copy), whole chunks and a padded edge chunk alike; a tensor of another dtype
+    or shape is refused."""
+    monkeypatch.setattr(placement, "MAX_CHUNK_BYTES", 64)
+    w, b = torch.randn(10, 4), torch.randn(3, 8).bfloat16()  # 3 chunks (the last one padded)
+    path = save_checkpoint(tmp_path, 1, {"w": w, "b": b}, {}, {})
+    group = store.open_checkpoint(path)
+    for key, want in (("model/w", w), ("model/b", b)):
+        arr = store.open_array(group, key)
+        into = torch.full_like(want, 7)
+        assert store.can_read_into(arr, (), into)
+        got = store.read_region(arr, (), "here", out=into)
+        assert got is into and into.data_ptr() == got.data_ptr()
+        assert_bit_equal(into, want)
+    arr = store.open_array(group, "model/w")
+    for wrong in (
+        torch.zeros(10, 4, dtype=torch.float64),
+        torch.zeros(9, 4),
+        torch.zeros(4, 10).t(),
+    ):
+        assert not store.can_read_into(arr, (), wrong)
+        with pytest.raises(ValueError, match="cannot read"):
+            store.read_region(arr, (), "here", out=wrong)
+    into = torch.zeros(2, 4)  # a region of the array
+    assert_bit_equal(store.read_region(arr, (slice(4, 6),), "here", out=into), w[4:6])

@@ -12,11 +12,12 @@ from toolkit.loss import blockwise_cross_entropy
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_torch_cross_entropy(monkeypatch, dtype, path, padded):
-    """Eager: blocks of 7 of the 30 rows (7, 7, 7, 7, 2). "compiled": the path GPUs take, one
-    block of all rows (run eagerly here), whose gradient is used as is without padding."""
+    """Eager: blocks of 7 of the 30 rows (7, 7, 7, 7, 2). "compiled": the functions GPUs
+    compile, run eagerly here, in one block of all rows."""
     monkeypatch.setattr(loss, "ROWS_PER_BLOCK", 7)
     if path == "compiled":
-        monkeypatch.setattr(loss, "_block_function", lambda _: loss._fusable_block_loss_and_grad)
+        fusable = loss._Kernels(loss._block_lse, loss._fusable_block_grad_into, compiled=True)
+        monkeypatch.setattr(loss, "_kernels", lambda _: fusable)
     g = torch.Generator().manual_seed(0)
     vocab = 50
     logits = (torch.randn(3, 10, padded, generator=g) * 3).to(dtype)
@@ -55,24 +56,49 @@ def test_trainer_loss_uses_it(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_form_compiled_on_gpus_equals_the_in_place_one(dtype):
-    """GPUs run `_fusable_block_loss_and_grad` through torch.compile; CI checks its math here,
-    eagerly, against the in-place form that CPUs run."""
+    """GPUs run `_fusable_block_grad_into` through torch.compile; CI checks its math here,
+    eagerly, against the in-place form that CPUs run, writing into a strided (padded) view."""
     g = torch.Generator().manual_seed(1)
     block = (torch.randn(9, 300, generator=g) * 4).to(dtype)[:, :250]  # a padded, strided view
     target = torch.randint(0, 250, (9,), generator=g)
-    want_loss, want_grad = loss._block_loss_and_grad(block, target, 1 / 9)
-    got_loss, got_grad = loss._fusable_block_loss_and_grad(block, target, 1 / 9)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
-    assert got_grad.dtype == want_grad.dtype == dtype
-    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-5, atol=1e-7)
+    lse, _ = loss._block_lse(block, target)
+    scale = torch.tensor(0.5 / 9)
+    want, got = torch.zeros(9, 300, dtype=dtype), torch.zeros(9, 300, dtype=dtype)
+    loss._block_grad_into(want[:, :250], block, target, lse, scale)
+    loss._fusable_block_grad_into(got[:, :250], block, target, lse, scale)
+    assert want.abs().sum() > 0 and not want[:, 250:].any() and not got[:, 250:].any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_compiled_kernels_write_the_gradient_in_place(monkeypatch):
+    """The GPU path end to end through torch.compile (Inductor's C++ backend here, Triton on
+    GPUs): two blocks of rows, each kernel storing into its slice of one gradient buffer, which
+    must equal torch's gradient (a block left unwritten would hold garbage)."""
+    monkeypatch.setattr(loss, "_compiled", None)
+    monkeypatch.setattr(loss, "_row_blocks", lambda flat, k: [slice(0, 8), slice(8, 16)])
+    kernels = loss._kernels(torch.device("cuda"))  # the device type picks compile; runs on CPU
+    assert kernels.compiled
+    monkeypatch.setattr(loss, "_kernels", lambda _: kernels)
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(2, 8, 40, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, 33, (2, 8), generator=g)
+    got = blockwise_cross_entropy(logits, labels, 33)
+    (got * 0.25).backward()
+    ref = logits.detach().clone().requires_grad_()
+    want = F.cross_entropy(ref[..., :33].flatten(0, 1), labels.flatten())
+    (want * 0.25).backward()
+    assert loss._compiled is kernels  # no fallback to the eager kernels happened
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(logits.grad, ref.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_a_failing_compiled_loss_falls_back_to_the_eager_one(monkeypatch, caplog):
     def broken(*args):
         raise RuntimeError("no Triton here")
 
-    monkeypatch.setattr(loss, "_block_function", lambda device: broken)
-    monkeypatch.setattr(loss, "_compiled_block", broken)
+    broken_kernels = loss._Kernels(broken, broken, compiled=True)
+    monkeypatch.setattr(loss, "_compiled", broken_kernels)
+    monkeypatch.setattr(loss, "_kernels", lambda device: loss._compiled)
     logits = torch.randn(2, 5, 16, requires_grad=True)
     labels = torch.randint(0, 16, (2, 5))
     got = blockwise_cross_entropy(logits, labels)
@@ -80,13 +106,18 @@ def test_a_failing_compiled_loss_falls_back_to_the_eager_one(monkeypatch, caplog
         F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
     )
     assert "compiled cross-entropy failed (no Triton here)" in caplog.text
-    assert loss._compiled_block is loss._block_loss_and_grad  # later calls go eager at once
+    assert loss._compiled is loss.EAGER  # later calls go eager at once
+    got.backward()
+    ref = logits.detach().clone().requires_grad_()
+    F.cross_entropy(ref.flatten(0, 1), labels.flatten()).backward()
+    torch.testing.assert_close(logits.grad, ref.grad)
 
 
-def test_a_second_backward_is_refused_not_silently_rescaled():
-    """The saved gradient is scaled in place by the first backward."""
+def test_a_second_backward_gives_the_same_gradient():
+    """Nothing saved is modified by a backward pass: retain_graph works as for any loss."""
     logits = torch.randn(4, 8, requires_grad=True)
     got = blockwise_cross_entropy(logits, torch.randint(0, 8, (4,)))
     got.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        got.backward()
+    first = logits.grad.clone()
+    got.backward()
+    torch.testing.assert_close(logits.grad, 2 * first)

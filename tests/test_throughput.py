@@ -57,3 +57,33 @@ def test_bad_recipe_key_exits_2(capsys):
     args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--set", 'train.activation_checkpointing="x"']
     assert train_throughput.main(args) == 2
     assert "train.activation_checkpointing" in capsys.readouterr().err
+
+
+def test_trace_summary_counts_kernels_and_dma_copies(tmp_path, capsys, monkeypatch):
+    """benchmarks/trace_summary.py on a hand-made trace: kernels and memcpy/memset (DMA, not
+    kernels, but GPU time) are summed by family and by the op that launched them."""
+    spec = importlib.util.spec_from_file_location(
+        "trace_summary", ROOT / "benchmarks/trace_summary.py"
+    )
+    trace_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_summary)
+    events = [
+        {"cat": "cpu_op", "name": "aten::mm", "args": {"External id": 1}},
+        {"cat": "cpu_op", "name": "aten::copy_", "args": {"External id": 2}},
+        {"cat": "kernel", "name": "nvjet_sm90_tst_128x256", "ts": 0, "dur": 600,
+         "args": {"External id": 1}},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "ts": 600, "dur": 300,
+         "args": {"External id": 2}},
+        {"cat": "kernel", "name": "triton_red_fused__to_copy_exp_logsumexp_0", "ts": 900,
+         "dur": 100},
+        {"cat": "cpu_op", "name": "not a GPU event", "ts": 0, "dur": 5000},
+    ]  # fmt: skip
+    path = tmp_path / "rank0.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    monkeypatch.setattr("sys.argv", ["trace_summary", str(path)])
+    trace_summary.main()
+    out = capsys.readouterr().out
+    assert "GPU busy 1.0 ms over 1.0 ms of wall (100%)" in out
+    assert "0.3 ms   30.0%  copy / cast" in out
+    assert "0.1 ms   10.0%  cross-entropy / softmax" in out
+    assert "0.6 ms   60.0%  aten::mm" in out and "0.3 ms   30.0%  aten::copy_" in out

@@ -2,111 +2,130 @@
 
 F.cross_entropy(logits.float()) keeps an fp32 copy of the logits, its softmax for the backward,
 and an fp32 gradient: for a 256k vocabulary and 8k tokens per micro-batch that is 8 GB each.
-Here the loss and its gradient are computed a block of rows at a time in fp32, and only the
-gradient, in the logits' own dtype, is kept for the backward pass. Same numbers: each row's
-log-sum-exp and softmax are computed in fp32 exactly as before.
+Here the forward pass computes each row's log-sum-exp in fp32, a block of rows at a time, and
+keeps only that (4 bytes a row) besides the logits. The backward pass writes the gradient,
+(softmax - one_hot) * upstream gradient / rows, straight into one buffer in the logits' dtype,
+a block at a time: one read of the logits and one write of the gradient, with the upstream scale
+applied in fp32 before rounding (no extra pass over the 256k-wide gradient to scale it).
 """
 
 import logging
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-ROWS_PER_BLOCK = 4096
+ROWS_PER_BLOCK = 4096  # eager blocks: a 4096 x 256k fp32 copy is 4 GB
 log = logging.getLogger(__name__)
 
 
-def _block_loss_and_grad(
-    block: torch.Tensor, target: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of logits [r, V] (any float dtype) -> (per-row loss in fp32, d(loss)/d(block) * scale
-    in the block's dtype), every step in fp32, in place: one fp32 copy of the block at a time."""
-    x = block.to(torch.float32, copy=True)
-    lse = torch.logsumexp(x, dim=-1)
-    losses = lse - x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    softmax = x.sub_(lse.unsqueeze(-1)).exp_()
-    softmax.scatter_add_(-1, target.unsqueeze(-1), softmax.new_full((len(target), 1), -1.0))
-    return losses, softmax.mul_(scale).to(block.dtype)
-
-
-def _fusable_block_loss_and_grad(
-    block: torch.Tensor, target: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same, written out of place for torch.compile, which fuses it into a couple of kernels
-    that read the logits and write the gradient without any fp32 copy of the block."""
+def _block_lse(block: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of logits [r, V] (any float dtype) -> (log-sum-exp, loss), both fp32 [r]."""
     x = block.float()
     lse = torch.logsumexp(x, dim=-1)
-    losses = lse - x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return lse, lse - x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def _block_grad_into(out: Tensor, block: Tensor, target: Tensor, lse: Tensor, scale: Tensor):
+    """out[r, V] = (softmax(block) - one_hot(target)) * scale, every step in fp32, in place on
+    one fp32 copy of the block."""
+    x = block.to(torch.float32, copy=True)
+    softmax = x.sub_(lse.unsqueeze(-1)).exp_()
+    softmax.scatter_add_(-1, target.unsqueeze(-1), softmax.new_full((len(target), 1), -1.0))
+    out.copy_(softmax.mul_(scale))
+
+
+def _fusable_block_grad_into(out: Tensor, block: Tensor, target: Tensor, lse: Tensor, scale):
+    """The same, written out of place for torch.compile, which fuses it into one kernel that
+    reads the logits and stores the gradient into `out` without any fp32 copy of the block."""
+    x = block.float()
     one_hot = torch.arange(x.size(-1), device=x.device) == target.unsqueeze(-1)
-    grad = (torch.exp(x - lse.unsqueeze(-1)) - one_hot.float()) * scale
-    return losses, grad.to(block.dtype)
+    out.copy_((torch.exp(x - lse.unsqueeze(-1)) - one_hot.float()) * scale)
 
 
-_compiled_block = None
+class _Kernels(NamedTuple):
+    lse: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    grad_into: Callable[..., None]
+    compiled: bool
 
 
-def _block_function(device: torch.device):
-    """On CUDA, the block function through torch.compile (Triton kernels instead of ~10 passes
-    of eager fp32 elementwise work over 2 billion logits per micro-batch). Eager elsewhere, or
-    with TOOLKIT_COMPILE_LOSS=0, or if compiling fails (logged once)."""
-    global _compiled_block
+EAGER = _Kernels(_block_lse, _block_grad_into, compiled=False)
+_compiled: _Kernels | None = None
+
+
+def _kernels(device: torch.device) -> _Kernels:
+    """On CUDA, both block functions through torch.compile (a few Triton kernels instead of ~10
+    passes of eager fp32 elementwise work over 2 billion logits per micro-batch). Eager
+    elsewhere, or with TOOLKIT_COMPILE_LOSS=0, or once compiling has failed (logged once)."""
+    global _compiled
     if device.type != "cuda" or os.environ.get("TOOLKIT_COMPILE_LOSS", "1") == "0":
-        return _block_loss_and_grad
-    if _compiled_block is None:
-        _compiled_block = torch.compile(_fusable_block_loss_and_grad, dynamic=False, fullgraph=True)
-    return _compiled_block
+        return EAGER
+    if _compiled is None:
+        compile_ = torch.compile(dynamic=False, fullgraph=True)
+        _compiled = _Kernels(compile_(_block_lse), compile_(_fusable_block_grad_into), True)
+    return _compiled
 
 
-def _loss_and_grad(
-    flat: torch.Tensor, targets: torch.Tensor, vocab_size: int, block_fn
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss over the rows of `flat` [rows, V] and its gradient, `block_fn` a block at a time.
-    Compiled, nothing is materialised in fp32: blocks as large as 32-bit indices allow (8,388
-    rows of a 256k vocabulary); a single block's gradient, without vocabulary padding, is the
-    whole gradient (no copy, no zero-fill)."""
+def _with_fallback(device: torch.device, work: Callable[[_Kernels], object]):
+    """Run `work` with this device's kernels; a compiler problem must not stop training, so a
+    failing compiled kernel is replaced by the eager one for good."""
+    global _compiled
+    kernels = _kernels(device)
+    try:
+        return work(kernels)
+    except Exception as e:
+        if not kernels.compiled:
+            raise
+        log.warning("compiled cross-entropy failed (%s); using the eager one", e)
+        _compiled = EAGER
+        return work(EAGER)
+
+
+def _row_blocks(flat: torch.Tensor, kernels: _Kernels) -> list[slice]:
+    """Compiled: blocks as large as 32-bit indices allow (8,388 rows of a 256k vocabulary)."""
     rows = flat.size(0)
-    block_rows = ROWS_PER_BLOCK
-    if block_fn is not _block_loss_and_grad:  # compiled: as many rows as 32-bit indexing allows
-        block_rows = min(rows, max(1, (2**31 - 1) // flat.size(1)))
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    grad = None
-    for start in range(0, rows, block_rows):
-        block = flat[start : start + block_rows, :vocab_size]
-        losses, block_grad = block_fn(block, targets[start : start + block_rows], 1.0 / rows)
-        total += losses.sum(dtype=torch.float64)
-        if block_rows == rows and vocab_size == flat.size(1):
-            return (total / rows).float(), block_grad
-        if grad is None:
-            grad = torch.empty_like(flat)
-            grad[:, vocab_size:] = 0  # padding columns get no gradient
-        grad[start : start + block_rows, :vocab_size] = block_grad
-    return (total / rows).float(), grad
+    size = ROWS_PER_BLOCK
+    if kernels.compiled:
+        size = min(rows, max(1, (2**31 - 1) // flat.size(1)))
+    return [slice(start, start + size) for start in range(0, rows, size)]
 
 
 class _BlockwiseCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        global _compiled_block
         flat, targets = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-        block_fn = _block_function(flat.device)
-        try:
-            loss, grad = _loss_and_grad(flat, targets, vocab_size, block_fn)
-        except Exception as e:  # a compiler problem must not stop training: eager instead
-            if block_fn is _block_loss_and_grad:
-                raise
-            log.warning("compiled cross-entropy failed (%s); using the eager one", e)
-            _compiled_block = _block_loss_and_grad
-            loss, grad = _loss_and_grad(flat, targets, vocab_size, _block_loss_and_grad)
-        ctx.save_for_backward(grad)
-        ctx.shape = logits.shape
+
+        def lse_and_loss(kernels: _Kernels) -> tuple[torch.Tensor, torch.Tensor]:
+            lse = torch.empty(flat.size(0), dtype=torch.float32, device=flat.device)
+            total = torch.zeros((), dtype=torch.float64, device=flat.device)
+            for rows in _row_blocks(flat, kernels):
+                lse[rows], losses = kernels.lse(flat[rows, :vocab_size], targets[rows])
+                total += losses.sum(dtype=torch.float64)
+            return (total / flat.size(0)).float(), lse
+
+        loss, lse = _with_fallback(flat.device, lse_and_loss)
+        ctx.save_for_backward(flat, targets, lse)
+        ctx.vocab_size, ctx.shape = vocab_size, logits.shape
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        # Scaled in place: no second 4 GB buffer. A second backward (retain_graph) is refused
-        # by autograd's version check on the saved tensor.
-        return grad.mul_(grad_loss.to(grad.dtype)).reshape(ctx.shape), None, None
+        flat, targets, lse = ctx.saved_tensors
+        vocab = ctx.vocab_size
+        scale = grad_loss.float() / flat.size(0)  # a tensor: no host sync, no recompilation
+        grad = torch.empty_like(flat)
+        grad[:, vocab:] = 0  # padding columns get no gradient
+
+        def fill(kernels: _Kernels) -> None:
+            for rows in _row_blocks(flat, kernels):
+                kernels.grad_into(
+                    grad[rows, :vocab], flat[rows, :vocab], targets[rows], lse[rows], scale
+                )
+
+        _with_fallback(flat.device, fill)
+        return grad.view(ctx.shape), None, None
 
 
 def blockwise_cross_entropy(

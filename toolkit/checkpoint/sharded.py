@@ -316,9 +316,12 @@ def restore(
         # Each tensor goes into place as soon as it is read: the restore holds at most one
         # tensor per thread in memory, not a second copy of the whole state.
         param, layout = params[name], layouts[name]
-        value = _read_local(group, path, layout, param, lambda p: f"model/{p.array}", counter)
-        with torch.no_grad():
-            param.copy_(value)
+        value = _read_local(
+            group, path, layout, param, lambda p: f"model/{p.array}", counter, param.detach()
+        )
+        if value.data_ptr() != param.data_ptr():  # not read straight into the parameter
+            with torch.no_grad():
+                param.copy_(value)
         if optimizer is not None and owns(param):
             state = _read_state(group, path, layout, param, counter)
             if state:
@@ -328,7 +331,9 @@ def restore(
 
     try:
         with ThreadPoolExecutor(IO_THREADS) as pool:
-            list(pool.map(load, params))
+            # Largest first: the embedding and output layer (most of the bytes) start at once
+            # instead of leaving a long tail of one big tensor read at the end.
+            list(pool.map(load, sorted(params, key=lambda n: -params[n].numel())))
     except CheckpointError as e:
         raise CheckpointError(f"{e} (the restore stopped part way: the model is incomplete)") from e
     return store.metadata(group)
@@ -353,10 +358,13 @@ def _read_local(
     like: torch.Tensor,
     key_of: Callable[[Piece], str],
     counter: ReadCounter | None = None,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's local tensor assembled from its pieces (array `key_of(piece)` each); rows no
-    piece covers (vocabulary padding) are zero."""
-    out = None
+    piece covers (vocabulary padding) are zero. When every piece can land in its rows of `into`
+    (CPU memory, the stored dtype, contiguous rows), they are read straight into it and `into`
+    is returned: no buffer, no copy."""
+    arrays = []
     for piece in layout:
         key = key_of(piece)
         arr = store.open_array(group, key)
@@ -364,6 +372,19 @@ def _read_local(
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(arr.shape)}, the model needs {piece.shape}"
             )
+        arrays.append((piece, arr))
+    if into is not None and all(
+        store.can_read_into(arr, piece.global_index(), into[piece.local_index()])
+        for piece, arr in arrays
+    ):
+        _zero_uncovered(into, layout)
+        for piece, arr in arrays:
+            store.read_region(
+                arr, piece.global_index(), str(path), counter, out=into[piece.local_index()]
+            )
+        return into
+    out = None
+    for piece, arr in arrays:
         data = store.read_region(arr, piece.global_index(), str(path), counter).to(like.dtype)
         if len(layout) == 1 and data.shape == like.shape:
             return data  # the whole local tensor: no copy
@@ -371,6 +392,20 @@ def _read_local(
             out = torch.zeros(like.shape, dtype=like.dtype)
         out[piece.local_index()] = data
     return out
+
+
+def _zero_uncovered(tensor: torch.Tensor, layout: list[Piece]) -> None:
+    """Zero the rows (along the pieces' dim) that no piece covers: vocabulary padding."""
+    dim = layout[0].dim
+    if dim is None:
+        return  # one piece: the whole tensor
+    size, covered = tensor.shape[dim], 0
+    for start, stop, _ in sorted(piece.local.indices(tensor.shape[dim]) for piece in layout):
+        if start > covered:
+            tensor.narrow(dim, covered, start - covered).zero_()
+        covered = max(covered, stop)
+    if covered < size:
+        tensor.narrow(dim, covered, size - covered).zero_()
 
 
 def _read_state(

@@ -294,13 +294,36 @@ CHUNK_THREADS = int(
 _CHUNK_POOL = ThreadPoolExecutor(CHUNK_THREADS, "checkpoint-chunk")
 
 
+def can_read_into(arr: StoredArray, index: tuple, tensor: torch.Tensor) -> bool:
+    """Whether `read_region(arr, index, out=tensor)` can fill `tensor` in place: CPU memory,
+    contiguous, the stored dtype and the region's shape."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.is_contiguous()
+        and dtype_name(tensor.dtype) == arr.attrs["dtype"]
+        and tuple(tensor.shape) == tuple(len(r) for r in _region(arr, index))
+    )
+
+
 def read_region(
-    arr: StoredArray, index: tuple, where: str, counter: ReadCounter | None = None
+    arr: StoredArray,
+    index: tuple,
+    where: str,
+    counter: ReadCounter | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Read `arr[index]` (plain slices), touching only the chunk files it needs; every chunk's
-    checksum is verified, and a missing chunk file is an error (zarr would return zeros)."""
+    checksum is verified, and a missing chunk file is an error (zarr would return zeros).
+    With `out` (see `can_read_into`), the chunks are read straight into its memory: a restored
+    parameter needs no fresh buffer (page faults) and no copy."""
     region = _region(arr, index)
-    out = np.empty([len(r) for r in region], dtype=arr.dtype)
+    if out is not None:
+        if not can_read_into(arr, index, out):
+            raise ValueError(f"{arr.path}: cannot read {region} into {out.dtype} {out.shape}")
+        result, out = out, to_numpy(out)  # a view of the same memory
+    else:
+        out = np.empty([len(r) for r in region], dtype=arr.dtype)
+        result = None
     array_dir, nbytes = _array_dir(arr), arr.dtype.itemsize * math.prod(arr.chunks)
 
     def read_chunk(coords: tuple[int, ...], box: list[range], inside: list[range]) -> None:
@@ -338,7 +361,7 @@ def read_region(
             target[...] = chunk[src]
 
     _run_all(read_chunk, list(_boxes(arr, region)))
-    return from_numpy(out, arr.attrs["dtype"])
+    return result if result is not None else from_numpy(out, arr.attrs["dtype"])
 
 
 def _run_all(fn: Callable, calls: list[tuple]) -> list:
