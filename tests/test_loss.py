@@ -57,10 +57,11 @@ def test_trainer_loss_uses_it(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_form_compiled_on_gpus_equals_the_in_place_one(dtype):
     """GPUs run `_fusable_block_grad_into` through torch.compile; CI checks its math here,
-    eagerly, against the in-place form that CPUs run, writing into a strided (padded) view."""
+    eagerly, against the in-place form that CPUs run, writing into a strided (padded) view.
+    Targets outside the block (another tensor-parallel rank's columns) get no one-hot."""
     g = torch.Generator().manual_seed(1)
     block = (torch.randn(9, 300, generator=g) * 4).to(dtype)[:, :250]  # a padded, strided view
-    target = torch.randint(0, 250, (9,), generator=g)
+    target = torch.tensor([0, 249, -1, 250, 7, -250, 400, 3, 100])
     lse, _ = loss._block_lse(block, target)
     scale = torch.tensor(0.5 / 9)
     want, got = torch.zeros(9, 300, dtype=dtype), torch.zeros(9, 300, dtype=dtype)
@@ -68,6 +69,11 @@ def test_the_form_compiled_on_gpus_equals_the_in_place_one(dtype):
     loss._fusable_block_grad_into(got[:, :250], block, target, lse, scale)
     assert want.abs().sum() > 0 and not want[:, 250:].any() and not got[:, 250:].any()
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-7)
+    softmax = torch.softmax(block.float(), -1) * scale
+    here = (target >= 0) & (target < 250)
+    assert torch.all(want[~here, :250].float() >= 0)  # no one-hot: softmax only
+    torch.testing.assert_close(want[~here, :250].float(), softmax[~here], rtol=1e-2, atol=1e-7)
+    assert torch.all(want[here, target[here]].float() < 0)  # softmax - 1 at the target
 
 
 def test_the_compiled_kernels_write_the_gradient_in_place(monkeypatch):

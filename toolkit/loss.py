@@ -21,19 +21,23 @@ ROWS_PER_BLOCK = 4096  # eager blocks: a 4096 x 256k fp32 copy is 4 GB
 log = logging.getLogger(__name__)
 
 
-def _block_lse(block: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of logits [r, V] (any float dtype) -> (log-sum-exp, loss), both fp32 [r]."""
+def _block_lse(block: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of logits [r, V] (any float dtype) -> (log-sum-exp, the target's logit), both fp32
+    [r]; a target outside [0, V) (another tensor-parallel rank's column) has logit 0 here."""
     x = block.float()
-    lse = torch.logsumexp(x, dim=-1)
-    return lse, lse - x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    here = (target >= 0) & (target < x.size(-1))
+    picked = x.gather(-1, target.clamp(0, x.size(-1) - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(x, dim=-1), torch.where(here, picked, 0.0)
 
 
 def _block_grad_into(out: Tensor, block: Tensor, target: Tensor, lse: Tensor, scale: Tensor):
     """out[r, V] = (softmax(block) - one_hot(target)) * scale, every step in fp32, in place on
-    one fp32 copy of the block."""
+    one fp32 copy of the block (no one-hot in a row whose target is outside [0, V))."""
     x = block.to(torch.float32, copy=True)
     softmax = x.sub_(lse.unsqueeze(-1)).exp_()
-    softmax.scatter_add_(-1, target.unsqueeze(-1), softmax.new_full((len(target), 1), -1.0))
+    here = (target >= 0) & (target < x.size(-1))
+    index = target.clamp(0, x.size(-1) - 1).unsqueeze(-1)
+    softmax.scatter_add_(-1, index, -here.to(softmax.dtype).unsqueeze(-1))
     out.copy_(softmax.mul_(scale))
 
 
@@ -46,7 +50,7 @@ def _fusable_block_grad_into(out: Tensor, block: Tensor, target: Tensor, lse: Te
 
 
 class _Kernels(NamedTuple):
-    lse: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    lse: Callable[..., tuple[Tensor, Tensor]]
     grad_into: Callable[..., None]
     compiled: bool
 
@@ -83,7 +87,7 @@ def _with_fallback(device: torch.device, work: Callable[[_Kernels], object]):
         return work(EAGER)
 
 
-def _row_blocks(flat: torch.Tensor, kernels: _Kernels) -> list[slice]:
+def _row_blocks(flat: Tensor, kernels: _Kernels) -> list[slice]:
     """Compiled: blocks as large as 32-bit indices allow (8,388 rows of a 256k vocabulary)."""
     rows = flat.size(0)
     size = ROWS_PER_BLOCK
@@ -92,39 +96,54 @@ def _row_blocks(flat: torch.Tensor, kernels: _Kernels) -> list[slice]:
     return [slice(start, start + size) for start in range(0, rows, size)]
 
 
+def row_lse(flat: Tensor, targets: Tensor, columns: int) -> tuple[Tensor, Tensor]:
+    """Each row's log-sum-exp over the first `columns` of `flat` [rows, V] and its target's
+    logit (0 where the target is not among them), fp32, a block of rows at a time."""
+    lse = torch.empty(flat.size(0), dtype=torch.float32, device=flat.device)
+    picked = torch.zeros_like(lse)
+    if columns == 0:  # a tensor-parallel shard of padding only
+        return lse.fill_(-torch.inf), picked
+
+    def fill(kernels: _Kernels) -> None:
+        for rows in _row_blocks(flat, kernels):
+            lse[rows], picked[rows] = kernels.lse(flat[rows, :columns], targets[rows])
+
+    _with_fallback(flat.device, fill)
+    return lse, picked
+
+
+def softmax_grad(flat: Tensor, targets: Tensor, lse: Tensor, scale: Tensor, columns: int) -> Tensor:
+    """d(loss)/d(flat) in flat's dtype: (exp(flat - lse) - one_hot(targets)) * scale over the
+    first `columns`, zero beyond (padding), written straight into one buffer."""
+    grad = torch.empty_like(flat)
+    grad[:, columns:] = 0
+    if columns == 0:
+        return grad
+
+    def fill(kernels: _Kernels) -> None:
+        for rows in _row_blocks(flat, kernels):
+            kernels.grad_into(
+                grad[rows, :columns], flat[rows, :columns], targets[rows], lse[rows], scale
+            )
+
+    _with_fallback(flat.device, fill)
+    return grad
+
+
 class _BlockwiseCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    def forward(ctx, logits: Tensor, labels: Tensor, vocab_size: int) -> Tensor:
         flat, targets = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-
-        def lse_and_loss(kernels: _Kernels) -> tuple[torch.Tensor, torch.Tensor]:
-            lse = torch.empty(flat.size(0), dtype=torch.float32, device=flat.device)
-            total = torch.zeros((), dtype=torch.float64, device=flat.device)
-            for rows in _row_blocks(flat, kernels):
-                lse[rows], losses = kernels.lse(flat[rows, :vocab_size], targets[rows])
-                total += losses.sum(dtype=torch.float64)
-            return (total / flat.size(0)).float(), lse
-
-        loss, lse = _with_fallback(flat.device, lse_and_loss)
+        lse, picked = row_lse(flat, targets, vocab_size)
         ctx.save_for_backward(flat, targets, lse)
         ctx.vocab_size, ctx.shape = vocab_size, logits.shape
-        return loss
+        return ((lse - picked).sum(dtype=torch.float64) / flat.size(0)).float()
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: Tensor):
         flat, targets, lse = ctx.saved_tensors
-        vocab = ctx.vocab_size
         scale = grad_loss.float() / flat.size(0)  # a tensor: no host sync, no recompilation
-        grad = torch.empty_like(flat)
-        grad[:, vocab:] = 0  # padding columns get no gradient
-
-        def fill(kernels: _Kernels) -> None:
-            for rows in _row_blocks(flat, kernels):
-                kernels.grad_into(
-                    grad[rows, :vocab], flat[rows, :vocab], targets[rows], lse[rows], scale
-                )
-
-        _with_fallback(flat.device, fill)
+        grad = softmax_grad(flat, targets, lse, scale, ctx.vocab_size)
         return grad.view(ctx.shape), None, None
 
 
