@@ -251,8 +251,8 @@ class CheckpointSaver:
         """Start (or, if blocking, finish) the checkpoint of `step`; returns its path when done."""
         self.wait()
         if blocking or not self.asynchronous:
-            # Training waits, so nothing is snapshotted: each writer thread copies its tensor to
-            # the host as it writes it (GPU tensors: a few in flight, not a host copy of all).
+            # Training waits, so nothing is snapshotted: the chunk threads copy each chunk to the
+            # host as they write it (GPU tensors: a few chunks in flight, not a host copy of all).
             writes = [(s, i, t.detach()) for s, i, t in planned_writes(module, optimizer, view)]
             writes += rng_writes(view.rank)
             return write_checkpoint(self.root, step, writes, meta, self.comm, self.keep_last)

@@ -416,20 +416,23 @@ def write_region(
 ) -> list[Path]:
     """Write `tensor` into `group[key][index]`, whose chunks it must cover whole (writers never
     share a chunk), each chunk file with its checksum. Returns the files
-    written: the caller fsyncs them (`fsync_files`), all at once."""
+    written: the caller fsyncs them (`fsync_files`), all at once. Each chunk is taken from the
+    tensor as it is written: a GPU tensor's chunks are copied to the host by the chunk threads,
+    overlapping the copies with other chunks' writes (not the whole tensor first)."""
     arr = open_array(group, key)
-    data = to_numpy(tensor)
+    data = tensor.detach()
     region = _region(arr, index)
-    if data.shape != tuple(len(r) for r in region):
-        raise CheckpointError(f"{key}: data of shape {data.shape} for region {region}")
+    if tuple(data.shape) != tuple(len(r) for r in region):
+        raise CheckpointError(f"{key}: data of shape {tuple(data.shape)} for region {region}")
     array_dir = _array_dir(arr)
 
     def write_chunk(coords: tuple[int, ...], box: list[range], inside: list[range]) -> Path:
         if inside != box:
             raise CheckpointError(f"{key}: region {region} cuts chunk {coords} (a layout bug)")
         part = data[tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))]
+        part = to_numpy(part)  # a view of CPU memory; a copy of this chunk from a GPU
         if part.shape != tuple(arr.chunks):  # an edge chunk: zarr stores it whole, padded
-            padded = np.zeros(arr.chunks, dtype=data.dtype)
+            padded = np.zeros(arr.chunks, dtype=part.dtype)
             padded[tuple(slice(0, n) for n in part.shape)] = part
             part = padded
         payload = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
