@@ -3,7 +3,8 @@
 # that fit), in parts that each fit one device call (~9 minutes):
 #   train  seq 4096, micro-batch 1, 8 steps (tokens/s and MFU of steps 4-8): bf16 at TP=4 x DP=2,
 #          TP=8 and TP=2 x DP=4 (8 GPUs; TP=4, TP=2 x DP=2 on 4; TP=2 on 2), FP8 at the first
-#          layout, and TP=2 at 2, 4 and 8 GPUs (data-parallel scaling, per-GPU throughput kept)
+#          layout, and TP=2 at 2, 4 and 8 GPUs (data-parallel scaling, per-GPU throughput kept);
+#          then on 2 GPUs compiled blocks at TP=2 and at DP=2 with the optimizer state sharded
 #   ckpt   save at the first layout after 2 steps, then restore it at TP=8 and TP=2 x DP=4
 #          (lazy resharding): the seconds each took, from the training logs
 #   serve  benchmarks/tp_serve.py at TP=N with its decode graphs against one GPU (batch 1, 64)
@@ -60,6 +61,11 @@ case $PART in
     fi
     train tp2 2 2 "${quick[@]}"
     train tp2_dp2 4 2 "${quick[@]}"
+    # Two GPUs' best candidates for issue 8's 50% MFU: compiled blocks at TP=2, and data
+    # parallelism with the optimizer state sharded (no TP communication; may not fit).
+    train tp2_compile 2 2 "${quick[@]}" --set train.compile=true
+    train dp2_zero1_compile 2 1 "${quick[@]}" --set train.compile=true \
+      --set parallel.shard_optimizer=true
     ;;
   ckpt)
     dir=(--set "checkpoint.dir=\"$W/ckpt\"")
