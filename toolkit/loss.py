@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 ROWS_PER_BLOCK = 4096  # eager blocks: a 4096 x 256k fp32 copy is 4 GB
@@ -96,7 +97,7 @@ def _row_blocks(flat: Tensor, kernels: _Kernels) -> list[slice]:
     return [slice(start, start + size) for start in range(0, rows, size)]
 
 
-def row_lse(flat: Tensor, targets: Tensor, columns: int) -> tuple[Tensor, Tensor]:
+def _row_lse(flat: Tensor, targets: Tensor, columns: int) -> tuple[Tensor, Tensor]:
     """Each row's log-sum-exp over the first `columns` of `flat` [rows, V] and its target's
     logit (0 where the target is not among them), fp32, a block of rows at a time."""
     lse = torch.empty(flat.size(0), dtype=torch.float32, device=flat.device)
@@ -112,7 +113,9 @@ def row_lse(flat: Tensor, targets: Tensor, columns: int) -> tuple[Tensor, Tensor
     return lse, picked
 
 
-def softmax_grad(flat: Tensor, targets: Tensor, lse: Tensor, scale: Tensor, columns: int) -> Tensor:
+def _softmax_grad(
+    flat: Tensor, targets: Tensor, lse: Tensor, scale: Tensor, columns: int
+) -> Tensor:
     """d(loss)/d(flat) in flat's dtype: (exp(flat - lse) - one_hot(targets)) * scale over the
     first `columns`, zero beyond (padding), written straight into one buffer."""
     grad = torch.empty_like(flat)
@@ -130,26 +133,46 @@ def softmax_grad(flat: Tensor, targets: Tensor, lse: Tensor, scale: Tensor, colu
     return grad
 
 
-class _BlockwiseCrossEntropy(torch.autograd.Function):
+class _CrossEntropy(torch.autograd.Function):
+    """The mean loss and its gradient. With `group` (tensor parallelism), `logits` are this
+    rank's columns from `vocab_start`: each rank computes its rows' log-sum-exp over its own
+    columns, and the ranks combine those and the target logits (a few bytes per row)."""
+
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, vocab_size: int) -> Tensor:
-        flat, targets = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-        lse, picked = row_lse(flat, targets, vocab_size)
+    def forward(ctx, logits, labels, vocab_start: int, vocab_size: int, group) -> Tensor:
+        flat = logits.reshape(-1, logits.size(-1))
+        targets = labels.reshape(-1) - vocab_start  # outside [0, columns): another rank's
+        columns = max(0, min(flat.size(1), vocab_size - vocab_start))  # the rest is padding
+        lse, picked = _row_lse(flat, targets, columns)
+        if group is not None:
+            shards = [torch.empty_like(lse) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(shards, lse, group=group)
+            lse = torch.logsumexp(torch.stack(shards), dim=0)
+            dist.all_reduce(picked, group=group)  # each target's logit lives on one rank
         ctx.save_for_backward(flat, targets, lse)
-        ctx.vocab_size, ctx.shape = vocab_size, logits.shape
+        ctx.columns, ctx.shape = columns, logits.shape
         return ((lse - picked).sum(dtype=torch.float64) / flat.size(0)).float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         flat, targets, lse = ctx.saved_tensors
         scale = grad_loss.float() / flat.size(0)  # a tensor: no host sync, no recompilation
-        grad = softmax_grad(flat, targets, lse, scale, ctx.vocab_size)
-        return grad.view(ctx.shape), None, None
+        grad = _softmax_grad(flat, targets, lse, scale, ctx.columns)
+        return grad.view(ctx.shape), None, None, None, None
 
 
 def blockwise_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None
-) -> torch.Tensor:
+    logits: Tensor,
+    labels: Tensor,
+    vocab_size: int | None = None,
+    *,
+    vocab_start: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
     """Mean cross-entropy of `logits` [..., V] against `labels` [...], over the first
-    `vocab_size` columns (the rest is vocabulary padding and takes no probability)."""
-    return _BlockwiseCrossEntropy.apply(logits, labels, vocab_size or logits.size(-1))
+    `vocab_size` columns (the rest is vocabulary padding and takes no probability). With
+    `group`, `logits` are this tensor-parallel rank's vocabulary columns from `vocab_start`,
+    and `vocab_size` counts the whole vocabulary."""
+    if vocab_size is None:
+        vocab_size = vocab_start + logits.size(-1) * (dist.get_world_size(group) if group else 1)
+    return _CrossEntropy.apply(logits, labels, vocab_start, vocab_size, group)

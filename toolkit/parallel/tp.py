@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.loss import row_lse, softmax_grad
+from toolkit.loss import blockwise_cross_entropy
 from toolkit.model.attention import Attention
 from toolkit.model.hybrid import HybridLM
 from toolkit.model.mamba2 import Mamba2Mixer
@@ -145,33 +145,6 @@ class VocabParallelEmbedding(nn.Embedding):
         return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """toolkit/loss.py's cross-entropy on one vocabulary shard: each rank computes its rows'
-    log-sum-exp over its own columns (no fp32 copy of its logits), the ranks combine those and
-    the target logits (a few bytes per row), and the backward pass writes each rank's gradient
-    slice straight into one buffer."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, vocab_start: int, vocab_size: int, group) -> torch.Tensor:
-        flat = logits.reshape(-1, logits.size(-1))
-        local = labels.reshape(-1) - vocab_start  # outside [0, columns): another rank's
-        columns = max(0, min(flat.size(1), vocab_size - vocab_start))  # the rest is padding
-        lse, picked = row_lse(flat, local, columns)
-        shards = [torch.empty_like(lse) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(shards, lse, group=group)
-        lse = torch.logsumexp(torch.stack(shards), dim=0)
-        dist.all_reduce(picked, group=group)  # each target's logit lives on one rank
-        ctx.save_for_backward(flat, local, lse)
-        ctx.columns, ctx.shape = columns, logits.shape
-        return ((lse - picked).sum(dtype=torch.float64) / flat.size(0)).float()
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        flat, local, lse = ctx.saved_tensors
-        grad = softmax_grad(flat, local, lse, grad_loss.float() / flat.size(0), ctx.columns)
-        return grad.view(ctx.shape), None, None, None, None
-
-
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -180,10 +153,8 @@ def vocab_parallel_cross_entropy(
     vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy from vocab-sharded logits [b, l, V/TP] without gathering them; ids at
-    or past `vocab_size` (padding) take no probability."""
-    if vocab_size is None:
-        vocab_size = vocab_start + logits.size(-1) * dist.get_world_size(group)
-    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, vocab_size, group)
+    or past `vocab_size` (padding) take no probability (toolkit/loss.py)."""
+    return blockwise_cross_entropy(logits, labels, vocab_size, vocab_start=vocab_start, group=group)
 
 
 def apply_tp(model: HybridLM, *, group: dist.ProcessGroup, tp: int, rank: int) -> int:
