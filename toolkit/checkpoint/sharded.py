@@ -316,10 +316,9 @@ def restore(
         # Each tensor goes into place as soon as it is read: the restore holds at most one
         # tensor per thread in memory, not a second copy of the whole state.
         param, layout = params[name], layouts[name]
-        value = _read_local(
-            group, path, layout, param, lambda p: f"model/{p.array}", counter, param.detach()
-        )
-        if value.data_ptr() != param.data_ptr():  # not read straight into the parameter
+        into = param.detach()
+        value = _read_local(group, path, layout, param, lambda p: f"model/{p.array}", counter, into)
+        if value is not into:  # not read straight into the parameter
             with torch.no_grad():
                 param.copy_(value)
         if optimizer is not None and owns(param):
