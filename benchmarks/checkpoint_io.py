@@ -6,7 +6,9 @@ Measures, for one process holding a recipe's whole model plus Adam state (fp32):
   skips zeros writes and reads them faster than a checkpoint's incompressible data;
 - a blocking save (write with checksums, fsync, publish) in GB/s;
 - an asynchronous save: how long training is blocked (the CPU snapshot) versus the whole save;
-- a full restore (model and optimizer) in GB/s;
+- a full restore (model and optimizer) in GB/s; with --rounds N, the median of N restores, each
+  right after a dd read of a file as large (a shared virtual disk's speed drifts from minute to
+  minute): the ratio of each pair, and their median;
 - lazy restores at TP=2 and TP=4 (every rank, shards cut by the real TP code): bytes read over
   bytes needed (read amplification).
 Page cache: reads are right after writes, so they may come from memory; with --drop-caches (root)
@@ -89,6 +91,10 @@ def main() -> None:
         "to the host included) and resume (copies to the GPU included)",
     )
     parser.add_argument("--no-dd", action="store_true", help="skip dd (e.g. in a thread sweep)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, metavar="N",
+        help="restore N times, each right after a dd read of a file as large (default 1)",
+    )  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. --set model.num_layers=12")  # fmt: skip
     args = parser.parse_args()
@@ -112,17 +118,17 @@ def main() -> None:
 
     results["chunk_threads"] = store.CHUNK_THREADS
     results["early_writeback"] = str(store.EARLY_WRITEBACK)
+    ddfile = root / "dd.bin"
     if not args.no_dd:
-        ddfile = root / "dd.bin"
         count = max(1, nbytes // (64 << 20))
         results["dd_write_gbps"] = dd(
             ["if=/dev/zero", f"of={ddfile}", "bs=64M", f"count={count}", "conv=fsync"]
         )
         results["page_cache_dropped"] = str(drop_caches(args.drop_caches))
         results["dd_read_gbps"] = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
-        ddfile.unlink()
         source = Path("/dev/shm/checkpoint_io_random.bin")
         if shutil.disk_usage(source.parent).free > 1.2 * nbytes:
+            ddfile.unlink()
             try:
                 random_file(source, count * (64 << 20))
                 results["dd_random_write_gbps"] = dd(
@@ -132,9 +138,11 @@ def main() -> None:
                 source.unlink(missing_ok=True)
             drop_caches(args.drop_caches)
             results["dd_random_read_gbps"] = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
-            ddfile.unlink()
         else:
             print("skipping dd of random data: /dev/shm cannot hold a source that large")
+        results["rounds_read"] = "random" if "dd_random_read_gbps" in results else "zeros"
+        if args.rounds == 1:
+            ddfile.unlink()  # the disk space is the checkpoint's
 
     saver = CheckpointSaver(root / "ckpt", Comm())
     start = time.perf_counter()
@@ -152,13 +160,28 @@ def main() -> None:
 
     fresh = copy.deepcopy(model)
     fresh_optimizer = with_adam_state(fresh)
-    drop_caches(args.drop_caches)
-    start = time.perf_counter()
-    restore(root / "ckpt", fresh, fresh_optimizer, view)
-    if fresh.embedding.weight.is_cuda:
-        torch.cuda.synchronize()
-    results["load_s"] = time.perf_counter() - start
+    load_times, rounds = [], []  # rounds: (dd read GB/s, restore GB/s), back to back
+    for _ in range(args.rounds):
+        paired = args.rounds > 1 and ddfile.exists()
+        if paired:
+            drop_caches(args.drop_caches)
+            dd_gbps = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
+        drop_caches(args.drop_caches)
+        start = time.perf_counter()
+        restore(root / "ckpt", fresh, fresh_optimizer, view)
+        if fresh.embedding.weight.is_cuda:
+            torch.cuda.synchronize()
+        load_times.append(time.perf_counter() - start)
+        if paired:
+            rounds.append((dd_gbps, nbytes / load_times[-1] / 1e9))
+            print(f"round {len(rounds)}: dd read {dd_gbps:.3f} GB/s, restore "
+                  f"{rounds[-1][1]:.3f} GB/s ({rounds[-1][1] / dd_gbps:.0%})")  # fmt: skip
+    ddfile.unlink(missing_ok=True)
+    results["load_s"] = float(np.median(load_times))
     results["load_gbps"] = nbytes / results["load_s"] / 1e9
+    if rounds:
+        results["rounds"] = json.dumps([[round(d, 3), round(r, 3)] for d, r in rounds])
+        results["load_vs_dd_read_rounds_median"] = float(np.median([r / d for d, r in rounds]))
 
     for tp in () if args.quick else (2, 4):
         try:

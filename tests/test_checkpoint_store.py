@@ -535,13 +535,13 @@ def test_chunk_file_of_the_wrong_size_is_detected(tmp_path, change, part):
 
 def test_checkpoint_io_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/checkpoint_io.py end to end at the tiny recipe: dd of zeros and of random
-    bytes, save, restore and the ratios between them."""
+    bytes, save, two restores each paired with a dd read, and the ratios between them."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "io.json"
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks/checkpoint_io.py"), "--quick"]
         + ["--recipe", str(root / "recipes/tiny_hybrid.toml"), "--dir", str(tmp_path / "scratch")]
-        + ["--json", str(out)],
+        + ["--json", str(out), "--rounds", "2"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -553,6 +553,9 @@ def test_checkpoint_io_benchmark_runs_on_cpu(tmp_path):
         assert got[key] > 0, key
     if "dd_random_write_gbps" in got:  # when /dev/shm has room
         assert got["save_vs_dd_random_write"] > 0 and got["load_vs_dd_random_read"] > 0
+    rounds = json.loads(got["rounds"])
+    assert len(rounds) == 2 and all(dd_read > 0 and load > 0 for dd_read, load in rounds)
+    assert got["load_vs_dd_read_rounds_median"] > 0
     assert not (tmp_path / "scratch").exists()  # the scratch directory is removed
 
 
