@@ -1,14 +1,19 @@
 """Print the train/loss curves of several runs side by side, with the largest relative gap to the
 first run: `python benchmarks/compare_losses.py TB_DIR_A TB_DIR_B ...`."""
 
-import sys
+import argparse
+from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def losses(tb_dir: str) -> dict[int, float]:
+    if not Path(tb_dir).is_dir():
+        raise SystemExit(f"error: {tb_dir} is not a directory")
     acc = EventAccumulator(tb_dir)
     acc.Reload()
+    if "train/loss" not in acc.Tags()["scalars"]:
+        raise SystemExit(f"error: {tb_dir} holds no train/loss scalars (a run's TensorBoard dir?)")
     return {e.step: e.value for e in acc.Scalars("train/loss")}
 
 
@@ -23,4 +28,6 @@ def main(dirs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split(":")[0])
+    parser.add_argument("dirs", nargs="+", metavar="TB_DIR", help="runs' TensorBoard directories")
+    main(parser.parse_args().dirs)

@@ -7,6 +7,7 @@ Parity is relative L2 error (||a - b|| / ||b||) against the reference run in fp3
 bf16 inputs. Whole-model throughput: run the trainer twice with `--set model.kernels=...`.
 """
 
+import argparse
 import time
 
 import torch
@@ -53,7 +54,9 @@ def timed(fn, args, chunk, reps=10) -> float:
 
 
 def main() -> None:
-    assert mamba_ssm_available(), "mamba-ssm is not importable here (see ../shared/device)"
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    if not (torch.cuda.is_available() and mamba_ssm_available()):
+        raise SystemExit("error: needs a CUDA device and mamba-ssm (see benchmarks/gpu_setup.sh)")
     shape = dict(b=2, length=2048, heads=32, p=64, groups=8, n=128)
     print(f"shape {shape}, chunk 128")
     names = ["y", "final state", "dx", "ddt", "dA", "dB", "dC", "dinit"]
