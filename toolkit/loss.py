@@ -22,12 +22,19 @@ ROWS_PER_BLOCK = 4096  # eager blocks: a 4096 x 256k fp32 copy is 4 GB
 log = logging.getLogger(__name__)
 
 
+def _target_columns(target: Tensor, columns: int) -> tuple[Tensor, Tensor]:
+    """(whether each row's target is among these `columns`, its column as a [r, 1] index, clamped
+    into range where it is not: another tensor-parallel rank's column)."""
+    here = (target >= 0) & (target < columns)
+    return here, target.clamp(0, columns - 1).unsqueeze(-1)
+
+
 def _block_lse(block: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of logits [r, V] (any float dtype) -> (log-sum-exp, the target's logit), both fp32
     [r]; a target outside [0, V) (another tensor-parallel rank's column) has logit 0 here."""
     x = block.float()
-    here = (target >= 0) & (target < x.size(-1))
-    picked = x.gather(-1, target.clamp(0, x.size(-1) - 1).unsqueeze(-1)).squeeze(-1)
+    here, index = _target_columns(target, x.size(-1))
+    picked = x.gather(-1, index).squeeze(-1)
     return torch.logsumexp(x, dim=-1), torch.where(here, picked, 0.0)
 
 
@@ -36,8 +43,7 @@ def _block_grad_into(out: Tensor, block: Tensor, target: Tensor, lse: Tensor, sc
     one fp32 copy of the block (no one-hot in a row whose target is outside [0, V))."""
     x = block.to(torch.float32, copy=True)
     softmax = x.sub_(lse.unsqueeze(-1)).exp_()
-    here = (target >= 0) & (target < x.size(-1))
-    index = target.clamp(0, x.size(-1) - 1).unsqueeze(-1)
+    here, index = _target_columns(target, x.size(-1))
     softmax.scatter_add_(-1, index, -here.to(softmax.dtype).unsqueeze(-1))
     out.copy_(softmax.mul_(scale))
 
