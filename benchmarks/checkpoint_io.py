@@ -45,6 +45,11 @@ def dd(args: list[str]) -> float:
     return int(copied) / float(seconds) / 1e9
 
 
+def dd_read(path: Path) -> float:
+    """GB/s of dd reading `path` sequentially."""
+    return dd([f"if={path}", "of=/dev/null", "bs=64M"])
+
+
 def random_file(path: Path, nbytes: int) -> None:
     """`nbytes` of random data (fresh in every 64 MiB block: nothing to deduplicate)."""
     rng = np.random.default_rng(0)
@@ -125,7 +130,7 @@ def main() -> None:
             ["if=/dev/zero", f"of={ddfile}", "bs=64M", f"count={count}", "conv=fsync"]
         )
         results["page_cache_dropped"] = str(drop_caches(args.drop_caches))
-        results["dd_read_gbps"] = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
+        results["dd_read_gbps"] = dd_read(ddfile)
         source = Path("/dev/shm/checkpoint_io_random.bin")
         if shutil.disk_usage(source.parent).free > 1.2 * nbytes:
             ddfile.unlink()
@@ -137,7 +142,7 @@ def main() -> None:
             finally:
                 source.unlink(missing_ok=True)
             drop_caches(args.drop_caches)
-            results["dd_random_read_gbps"] = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
+            results["dd_random_read_gbps"] = dd_read(ddfile)
         else:
             print("skipping dd of random data: /dev/shm cannot hold a source that large")
         results["rounds_read"] = "random" if "dd_random_read_gbps" in results else "zeros"
@@ -161,11 +166,11 @@ def main() -> None:
     fresh = copy.deepcopy(model)
     fresh_optimizer = with_adam_state(fresh)
     load_times, rounds = [], []  # rounds: (dd read GB/s, restore GB/s), back to back
+    paired = args.rounds > 1 and ddfile.exists()
     for _ in range(args.rounds):
-        paired = args.rounds > 1 and ddfile.exists()
         if paired:
             drop_caches(args.drop_caches)
-            dd_gbps = dd([f"if={ddfile}", "of=/dev/null", "bs=64M"])
+            dd_gbps = dd_read(ddfile)
         drop_caches(args.drop_caches)
         start = time.perf_counter()
         restore(root / "ckpt", fresh, fresh_optimizer, view)
