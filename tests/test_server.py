@@ -372,17 +372,6 @@ def test_interactive_client(server, reference):
     assert run_cli(server, "a\n", "--tokens-to-generate", "2").count("Response:") == 1
 
 
-@pytest.mark.parametrize("script", ["serve.py", "generate_cli.py"])
-def test_help(script):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launchers" / script), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0 and "usage:" in proc.stdout
-
-
 def test_serve_refuses_a_missing_checkpoint(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launchers/serve.py"), "--checkpoint", str(tmp_path / "none")],
