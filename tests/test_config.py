@@ -429,6 +429,27 @@ def test_schema_and_override_errors_start_with_the_path(tmp_path):
         load_recipe(tiny, ["parallel.tp=5"])
 
 
+def test_a_directory_is_not_a_recipe(tmp_path):
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(tmp_path))}: is a directory"):
+        load_recipe(tmp_path)
+
+
+def test_a_recipe_must_be_utf8(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('name = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 11\)"):
+        load_recipe(path)
+
+
+def test_an_integer_longer_than_python_reads_is_invalid_toml(tmp_path):
+    path = tmp_path / "long.toml"
+    path.write_text("[train]\nsteps = 1" + "0" * 5000 + "\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: not valid TOML"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"^train\.steps: expected int, got str '1000"):
+        recipe_from_dict(base_table(), ["train.steps=1" + "0" * 5000])
+
+
 def test_load_recipe_applies_overrides():
     recipe = load_recipe(RECIPE_DIR / "tiny_hybrid.toml", ["train.steps=3", "name=smoke"])
     assert recipe.train.steps == 3 and recipe.name == "smoke"

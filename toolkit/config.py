@@ -229,6 +229,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _shown(value: Any) -> str:
+    """repr(value) cut to a readable length for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -249,9 +255,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise RecipeError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float: 1 followed by 400 zeros
+            raise RecipeError(f"{key}: {_shown(value)} is too large for a float") from None
     if tp in (int, str, bool, float) and (type(value) is not tp):
-        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise RecipeError(
+            f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_shown(value)}"
+        )
     return value
 
 
@@ -285,7 +296,7 @@ def apply_override(table: dict[str, Any], assignment: str) -> None:
         raise RecipeError(f"--set {assignment!r}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # not TOML (TOMLDecodeError), or an integer of over 4300 digits
         value = text
     *sections, leaf = path.strip().split(".")
     node = table
@@ -309,10 +320,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, type-check and validate a recipe; RecipeError messages start with the file name."""
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_bytes().decode("utf-8"))  # UTF-8 whatever the locale
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a directory; give a recipe .toml file") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); TOML is UTF-8") from None
+    except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     try:
         return recipe_from_dict(table, overrides)
@@ -594,4 +611,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Through the imported module: run as __main__, this file's RecipeError would be a second
+    # class, and toolkit.slurm raises the imported one.
+    from toolkit.config import main as module_main
+
+    raise SystemExit(module_main())
