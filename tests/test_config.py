@@ -1,15 +1,17 @@
 """The recipe schema (toolkit/config.py): shipped recipes load, validate and build; broken recipes
 fail with a RecipeError that names the key and the reason."""
 
+import dataclasses
 import functools
 import re
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 
 from toolkit.build import build_model, describe_model
-from toolkit.config import RecipeError, load_recipe, recipe_from_dict, validate
+from toolkit.config import RANGES, Recipe, RecipeError, load_recipe, recipe_from_dict, validate
 from toolkit.model.hybrid import count_parameters
 from toolkit.tokenizer import ByteTokenizer
 
@@ -272,26 +274,26 @@ BROKEN = [
         "global-batch-dp",
     ),
     case(["train.min_lr=1e-2"], r"^train\.min_lr: need 0 <= min_lr <= lr, got 0\.01", "min-lr-big"),
-    case(["train.min_lr=-1e-5"], r"^train\.min_lr: need 0 <= min_lr <= lr", "min-lr-negative"),
+    case(["train.min_lr=-1e-5"], r"^train\.min_lr: must be >= 0, got -1e-05", "min-lr-negative"),
 ]
 
 # key=value -> the message after "key: "; every size must be positive (or >= 0 where noted).
 NOT_POSITIVE = [
-    ("model.num_layers=-4", "must be > 0, got -4"),
-    ("model.hidden_size=0", "must be > 0, got 0"),
-    ("model.seq_length=0", "must be > 0, got 0"),
-    ("model.num_attention_heads=0", "must be > 0, got 0"),
-    ("model.num_query_groups=-2", "must be > 0, got -2"),
-    ("model.mamba_state_dim=0", "must be > 0, got 0"),
-    ("model.mamba_head_dim=-16", "must be > 0, got -16"),
-    ("model.mamba_num_groups=0", "must be > 0, got 0"),
-    ("model.mamba_expand=0", "must be > 0, got 0"),
-    ("model.mamba_conv_kernel=0", "must be > 0, got 0"),
-    ("model.mamba_chunk_size=0", "must be > 0, got 0"),
-    ("model.make_vocab_size_divisible_by=0", "must be > 0, got 0"),
+    ("model.num_layers=-4", "must be >= 1, got -4"),
+    ("model.hidden_size=0", "must be >= 1, got 0"),
+    ("model.seq_length=0", "must be >= 1, got 0"),
+    ("model.num_attention_heads=0", "must be >= 1, got 0"),
+    ("model.num_query_groups=-2", "must be >= 1, got -2"),
+    ("model.mamba_state_dim=0", "must be >= 1, got 0"),
+    ("model.mamba_head_dim=-16", "must be >= 1, got -16"),
+    ("model.mamba_num_groups=0", "must be >= 1, got 0"),
+    ("model.mamba_expand=0", "must be >= 1, got 0"),
+    ("model.mamba_conv_kernel=0", "must be >= 1, got 0"),
+    ("model.mamba_chunk_size=0", "must be >= 1, got 0"),
+    ("model.make_vocab_size_divisible_by=0", "must be >= 1, got 0"),
     ("model.ffn_hidden_size=-1", "must be >= 0"),
-    ("model.vocab_size=0", "must be > 0"),
-    ("model.vocab_size=-259", "must be > 0"),
+    ("model.vocab_size=0", "must be >= 1"),
+    ("model.vocab_size=-259", "must be >= 1"),
     ("model.rotary_percent=0", r"must be in \(0, 1\]"),
     ("model.att_ratio=-0.1", r"must be in \[0, 1\], got -0\.1"),
     ("train.steps=0", "must be >= 1, got 0"),
@@ -304,8 +306,8 @@ NOT_POSITIVE = [
     ("train.lr=-1e-3", "must be > 0"),
     ("parallel.tp=0", "must be >= 1, got 0"),
     ("parallel.pp=0", "must be >= 1, got 0"),
-    ("parallel.dp=0", r"must be >= 1 or -1 \(auto\), got 0"),
-    ("parallel.dp=-2", r"must be >= 1 or -1 \(auto\), got -2"),
+    ("parallel.dp=0", "must be -1 or >= 1, got 0"),
+    ("parallel.dp=-2", "must be -1 or >= 1, got -2"),
     ("checkpoint.interval=-1", "must be >= 0"),
     ("checkpoint.keep_last=-1", "must be >= 0"),
     ("logging.interval=0", "must be >= 1"),
@@ -314,7 +316,7 @@ NOT_POSITIVE = [
     ("slurm.tasks_per_node=-1", "must be >= 0"),
     ("slurm.cpus_per_task=0", "must be >= 1, got 0"),
     ("slurm.max_num_timeout=-1", "must be >= 0"),
-    ("slurm.signal_delay_s=-5", "must be >= 0"),
+    ("slurm.signal_delay_s=-5", "must be >= 1, got -5"),
 ]
 BROKEN += [
     case([override], rf"^{re.escape(override.partition('=')[0])}: {why}", override)
@@ -355,6 +357,29 @@ BROKEN += [
         r"^train\.fp8_recipe: 'blockwise' is not one of",
         "fp8-recipe",
     ),
+]
+
+# Values that types let through and ranges, names and Slurm's rules must stop.
+BROKEN += [
+    case(["train.lr=inf"], r"^train\.lr: must be a finite number, got inf", "lr-inf"),
+    case(["train.grad_clip=nan"], r"^train\.grad_clip: must be a finite number", "clip-nan"),
+    case(["train.weight_decay=-1.0"], r"^train\.weight_decay: must be >= 0, got -1\.0", "wd-neg"),
+    case(["train.adam_beta2=1.0"], r"^train\.adam_beta2: must be in \[0, 1\), got 1\.0", "beta2"),
+    case(["train.adam_eps=0"], r"^train\.adam_eps: must be > 0, got 0\.0", "adam-eps"),
+    case(["train.seed=-1"], r"^train\.seed: must be >= 0, got -1", "seed-negative"),
+    case(["train.seed=4294967296"], r"^train\.seed: must be <= 4294967295", "seed-numpy"),
+    case(["logging.peak_tflops=-inf"], r"^logging\.peak_tflops: must be a finite", "tflops"),
+    case(["model.norm_eps=nan"], r"^model\.norm_eps: must be a finite number", "eps-nan"),
+    case(["model.rotary_base=-1e4"], r"^model\.rotary_base: must be > 0", "rope-base"),
+    case(["train.profile.steps=0"], r"^train\.profile\.steps: must be >= 1", "profile-steps"),
+    case(["model.num_layers=1000000000"], r"^model\.num_layers: must be <= 10000", "layers-1e9"),
+    case(
+        ["model.num_layers=100000000000000000000"],
+        r"^model\.num_layers: 100000000000000000000 is too large \(over 64 bits\)",
+        "layers-1e20",
+    ),
+    case(["model.hidden_size=33554432"], r"^model\.hidden_size: must be <= 16777216", "huge"),
+    case(["train.lr=" + "1" * 400], r"^train\.lr: 1111.*\(400 characters\) is too large", "lr-int"),
 ]
 
 
@@ -448,6 +473,50 @@ def test_an_integer_longer_than_python_reads_is_invalid_toml(tmp_path):
         load_recipe(path)
     with pytest.raises(RecipeError, match=r"^train\.steps: expected int, got str '1000"):
         recipe_from_dict(base_table(), ["train.steps=1" + "0" * 5000])
+
+
+def test_huge_layer_counts_are_refused_before_the_layout_is_computed(monkeypatch):
+    import toolkit.layout
+
+    def allocate(*args):
+        raise AssertionError("the layout was computed before the bound was checked")
+
+    monkeypatch.setattr(toolkit.layout, "allocate_layers", allocate)
+    for layers in ("1000000000", "100000000000000000000"):
+        with pytest.raises(RecipeError, match=r"^model\.num_layers: "):
+            recipe_from_dict(base_table(), [f"model.num_layers={layers}"])
+
+
+def numeric_fields(cls=Recipe, prefix=""):
+    """(key, type) of every int or float field of the recipe, nested sections included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, f"{key}.")
+        elif {a for a in typing.get_args(tp) or (tp,) if a is not type(None)} in ({int}, {float}):
+            yield key, tp
+
+
+def test_every_numeric_field_has_a_range():
+    keys = {key for key, _ in numeric_fields()}
+    assert keys == set(RANGES), "each numeric recipe field needs its range in config.RANGES"
+    assert len(keys) > 50
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_every_range_refuses_what_lies_outside_it(key):
+    """A value just outside each range, and a non-finite one for floats, name the key."""
+    spec = RANGES[key]
+    low = float(re.search(r"[\[(](\S+),", spec)[1])
+    section, _, leaf = key.rpartition(".")
+    float_field = dict(numeric_fields())[key] is float
+    outside = low - 1 if not float_field else low - 0.5
+    if spec.startswith("-1 or"):
+        outside = 0
+    for value in [outside] + (["nan", "inf"] if float_field else []):
+        with pytest.raises(RecipeError, match=rf"^{re.escape(key)}: "):
+            recipe_from_dict(base_table(), [f"{key}={value}"])
 
 
 def test_load_recipe_applies_overrides():

@@ -69,6 +69,7 @@ def test_ratios_and_summary() -> None:
     ("layers", "att", "mlp", "message"),
     [
         (0, 0.0, 0.0, "num_layers must be >= 1, got 0"),
+        (10**20, 0.0, 0.0, "num_layers must be <= 10000, got 100000000000000000000"),
         (10, -0.1, 0.0, r"att_ratio must be in \[0, 1\], got -0.1"),
         (10, 0.0, 1.5, r"mlp_ratio must be in \[0, 1\], got 1.5"),
         (10, 0.6, 0.5, r"att_ratio \+ mlp_ratio must be <= 1"),
@@ -161,6 +162,7 @@ def test_cli_help() -> None:
     ("args", "message"),
     [
         (["--layers", "-4"], "num_layers must be >= 1"),
+        (["--layers", "100000000000000000000"], "num_layers must be <= 10000"),
         (["--layers", "10", "--att", "1.5"], "att_ratio must be in [0, 1]"),
         (["--layers", "4", "--pattern", "MMxM"], "may only contain"),
         (["--layers", "56", "--pp", "3"], "do not split evenly"),

@@ -11,12 +11,17 @@ from dataclasses import dataclass
 
 MAMBA, ATTENTION, MLP, STAGE_SEP = "M", "*", "-", "|"
 LAYER_SYMBOLS = MAMBA + ATTENTION + MLP
+# Far beyond any real model; the allocation below is linear in the layer count, so a bound keeps
+# a typo such as 1e9 from running out of memory.
+MAX_LAYERS = 10_000
 _KINDS = ((MAMBA, "mamba", "Mamba-2"), (ATTENTION, "attention", "attention"), (MLP, "mlp", "MLP"))
 
 
 def _check_args(num_layers: int, att_ratio: float, mlp_ratio: float) -> None:
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if num_layers > MAX_LAYERS:
+        raise ValueError(f"num_layers must be <= {MAX_LAYERS}, got {num_layers}")
     for name, ratio in (("att_ratio", att_ratio), ("mlp_ratio", mlp_ratio)):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {ratio}")

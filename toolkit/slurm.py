@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import Recipe, RecipeError, SlurmConfig
+from toolkit.config import Recipe, RecipeError, SlurmConfig, check_ranges
 
 log = logging.getLogger("toolkit.slurm")
 
@@ -59,13 +59,7 @@ def slurm_seconds(value: str) -> int | None:
 def check_job(s: SlurmConfig) -> None:
     """RecipeError for a job no cluster could run. The cluster's own sizes (nodes, CPUs, GPUs per
     node) are Slurm's to check at submission."""
-    for key, low in (("nodes", 1), ("cpus_per_task", 1), ("gpus_per_node", 0)):
-        if getattr(s, key) < low:
-            raise RecipeError(f"slurm.{key}: must be >= {low}, got {getattr(s, key)}")
-    if s.tasks_per_node < 0 or s.max_num_timeout < 0 or s.signal_delay_s < 1:
-        raise RecipeError(
-            "slurm: tasks_per_node and max_num_timeout must be >= 0, signal_delay_s >= 1"
-        )
+    check_ranges(s, "slurm")
     if s.gpus_per_node and tasks_per_node(s) > s.gpus_per_node:
         raise RecipeError(
             f"slurm.tasks_per_node: {tasks_per_node(s)} ranks per node but {s.gpus_per_node} GPUs "
