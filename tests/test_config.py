@@ -380,6 +380,15 @@ BROKEN += [
     ),
     case(["model.hidden_size=33554432"], r"^model\.hidden_size: must be <= 16777216", "huge"),
     case(["train.lr=" + "1" * 400], r"^train\.lr: 1111.*\(400 characters\) is too large", "lr-int"),
+    case(["name='../../escaped'"], r"^name: '\.\./\.\./escaped' must be one path component", "up"),
+    case(["name='a/b'"], r"^name: 'a/b' must be one path component", "name-slash"),
+    case(["name='.hidden'"], r"^name: '\.hidden' must be one path component", "name-dot"),
+    case(["name='-x'"], r"^name: '-x' must be one path component", "name-dash"),
+    case(["name=''"], r"^name: '' must be one path component", "name-empty"),
+    case(["name='a b'"], r"^name: 'a b' must be one path component", "name-space"),
+    case(["name='" + "a" * 129 + "'"], r"^name: 'a{37}.*must be one path component", "long"),
+    case(["checkpoint.dir=''"], r"^checkpoint\.dir: must be a directory path", "ckpt-dir"),
+    case(["logging.dir=' '"], r"^logging\.dir: must be a directory path", "log-dir"),
 ]
 
 

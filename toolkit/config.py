@@ -406,6 +406,7 @@ RANGES = {
     "slurm.max_num_timeout": "[0, inf)",
 }
 _INTERVAL = re.compile(r"([\[(])(\S+), (\S+)([\])])")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _check(ok: bool, key: str, why: str) -> None:
@@ -469,9 +470,22 @@ def check_ranges(section: Any, prefix: str = "") -> None:
             )
 
 
+def check_name(name: str, key: str = "name") -> None:
+    """A run or job name is one safe path component: it names Slurm jobs and files."""
+    _check(
+        NAME.fullmatch(name) is not None,
+        key,
+        f"{_shown(name)} must be one path component: letters, digits, '.', '_' and '-', not "
+        "starting with '.' or '-', at most 128 characters",
+    )
+
+
 def validate(r: Recipe, world_size: int | None = None) -> None:
     """Raise RecipeError for an impossible recipe; with world_size, also check the layout fits it."""
     check_ranges(r)  # first: what follows computes and allocates from these numbers
+    check_name(r.name)
+    for key, value in (("checkpoint.dir", r.checkpoint.dir), ("logging.dir", r.logging.dir)):
+        _check(value.strip() != "", key, "must be a directory path, got an empty string")
     layout = _validate_model(r.model)
     _validate_parallel(r, layout)
     _validate_train(r)
