@@ -389,6 +389,27 @@ BROKEN += [
     case(["name='" + "a" * 129 + "'"], r"^name: 'a{37}.*must be one path component", "long"),
     case(["checkpoint.dir=''"], r"^checkpoint\.dir: must be a directory path", "ckpt-dir"),
     case(["logging.dir=' '"], r"^logging\.dir: must be a directory path", "log-dir"),
+    case(["slurm.time='2h'"], r"^slurm\.time: '2h' is not a Slurm time", "slurm-time"),
+    case(
+        ["slurm.time='00:01:00'"],
+        r"^slurm\.signal_delay_s: 90 s before a limit of 00:01:00 leaves no time",
+        "slurm-signal-delay",
+    ),
+    case(
+        ['slurm.partition="gpu\\nrm -rf ~"'],
+        r"^slurm\.partition: 'gpu\\nrm -rf ~' holds a control character",
+        "slurm-newline",
+    ),
+    case(
+        ["slurm.extra_sbatch=['--exclusive', \"--x\\r\"]"],
+        r"^slurm\.extra_sbatch\[1\]: .* holds a control character",
+        "slurm-list-newline",
+    ),
+    case(
+        ["slurm.gpus_per_node=2", "slurm.tasks_per_node=4"],
+        r"^slurm\.tasks_per_node: 4 ranks per node but 2 GPUs",
+        "slurm-ranks-gpus",
+    ),
 ]
 
 

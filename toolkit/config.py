@@ -490,6 +490,7 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _validate_parallel(r, layout)
     _validate_train(r)
     _validate_world_size(r, world_size)
+    _validate_slurm(r.slurm)
     check_supported(r)
 
 
@@ -613,6 +614,14 @@ def _validate_world_size(r: Recipe, world_size: int | None) -> None:
         "train.global_batch_size",
         f"{t.global_batch_size} is not divisible by micro_batch_size x DP = {per_step}",
     )
+
+
+def _validate_slurm(s: SlurmConfig) -> None:
+    """What no cluster could run (slurm.time, signal_delay_s, ranks per GPU): caught here, when
+    the recipe is checked, rather than at submission."""
+    from toolkit.slurm import check_job  # local: toolkit.slurm imports this module
+
+    check_job(s)
 
 
 BLOCK_KINDS = {"mamba": "M", "attention": "*", "mlp": "-"}  # recipe name -> pattern symbol

@@ -10,6 +10,7 @@ SIGTERM and USR2, checkpoints on them at a step boundary, and rank 0 then calls
   FILE` is all a site needs.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -60,6 +61,12 @@ def check_job(s: SlurmConfig) -> None:
     """RecipeError for a job no cluster could run. The cluster's own sizes (nodes, CPUs, GPUs per
     node) are Slurm's to check at submission."""
     check_ranges(s, "slurm")
+    for f in dataclasses.fields(s):  # a line break would end an #SBATCH line and start a command
+        values = getattr(s, f.name)
+        for i, v in enumerate(values if isinstance(values, list) else [values]):
+            if isinstance(v, str) and any(c < " " or c == "\x7f" for c in v):
+                key = f"slurm.{f.name}" + (f"[{i}]" if isinstance(values, list) else "")
+                raise RecipeError(f"{key}: {v!r} holds a control character; give one line")
     if s.gpus_per_node and tasks_per_node(s) > s.gpus_per_node:
         raise RecipeError(
             f"slurm.tasks_per_node: {tasks_per_node(s)} ranks per node but {s.gpus_per_node} GPUs "
