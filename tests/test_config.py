@@ -410,6 +410,11 @@ BROKEN += [
         r"^slurm\.tasks_per_node: 4 ranks per node but 2 GPUs",
         "slurm-ranks-gpus",
     ),
+    case(
+        ["train.precision='fp8'", "parallel.tp=2"],
+        r"^train\.precision: 'fp8' with parallel\.tp = 2 is not supported yet",
+        "fp8-tp",
+    ),
 ]
 
 

@@ -496,8 +496,15 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
 
 def check_supported(r: Recipe) -> None:
     """Combinations of valid settings that the code does not implement yet, refused here rather
-    than failing once the job runs: the one place to lift each when its implementation lands."""
+    than failing once the job runs: the one place to lift each when its implementation lands
+    (train.apply_training_transforms keeps a guard for fp8 with TP, for callers that skip this)."""
     _check(not r.parallel.sequence_parallel, "parallel.sequence_parallel", "is not implemented yet")
+    _check(
+        r.train.precision != "fp8" or r.parallel.tp == 1,
+        "train.precision",
+        f"'fp8' with parallel.tp = {r.parallel.tp} is not supported yet (FP8 under tensor "
+        "parallelism is not implemented): use parallel.tp = 1, or train.precision = 'bf16'",
+    )
 
 
 def _validate_model(m: ModelConfig) -> LayerLayout:
