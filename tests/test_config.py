@@ -689,3 +689,12 @@ def test_build_model_in_a_dtype_leaves_the_default_alone():
     assert {p.dtype for p in build_model(recipe, ByteTokenizer(), "meta").parameters()} == {
         torch.float32
     }
+
+
+def test_world_size_errors_start_with_the_path(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text((RECIPE_DIR / "tiny_hybrid.toml").read_text())
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: parallel: TP x PP x DP"):
+        load_recipe(path, ["parallel.tp=2"], world_size=1)
+    with pytest.raises(RecipeError, match=r"^train\.precision: 'fp8' with parallel\.tp = 2"):
+        recipe_from_dict(base_table(), ["train.precision='fp8'", "parallel.tp=2"], world_size=1)

@@ -310,17 +310,22 @@ def apply_override(table: dict[str, Any], assignment: str) -> None:
     node[leaf] = value
 
 
-def recipe_from_dict(table: dict[str, Any], overrides: list[str] = ()) -> Recipe:
+def recipe_from_dict(
+    table: dict[str, Any], overrides: list[str] = (), world_size: int | None = None
+) -> Recipe:
     table = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
     for assignment in overrides:
         apply_override(table, assignment)
     recipe = _build(Recipe, table, "")
-    validate(recipe)
+    validate(recipe, world_size)
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, type-check and validate a recipe; RecipeError messages start with the file name."""
+def load_recipe(
+    path: str | Path, overrides: list[str] = (), world_size: int | None = None
+) -> Recipe:
+    """Read, type-check and validate a recipe (with world_size: for that many ranks);
+    RecipeError messages start with the file name."""
     path = Path(path)
     try:
         table = tomllib.loads(path.read_bytes().decode("utf-8"))  # UTF-8 whatever the locale
@@ -335,7 +340,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     try:
-        return recipe_from_dict(table, overrides)
+        return recipe_from_dict(table, overrides, world_size)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
 
@@ -489,9 +494,9 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     layout = _validate_model(r.model)
     _validate_parallel(r, layout)
     _validate_train(r)
-    _validate_world_size(r, world_size)
     _validate_slurm(r.slurm)
     check_supported(r)
+    _validate_world_size(r, world_size)  # last: the recipe fits no job, or not this one
 
 
 def check_supported(r: Recipe) -> None:
@@ -737,9 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.recipe:
         parser.error("give a recipe file, or --keys")
     try:
-        recipe = load_recipe(args.recipe, args.set)
-        if args.world_size is not None:
-            validate(recipe, args.world_size)
+        recipe = load_recipe(args.recipe, args.set, args.world_size)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
