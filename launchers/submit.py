@@ -26,8 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from toolkit.config import Recipe, RecipeError, load_recipe, validate  # noqa: E402
-from toolkit.distributed import free_port  # noqa: E402
+# Light imports only: torch loads when training starts, so --help, --dry-run and bad input answer
+# at once.
+from toolkit.config import (  # noqa: E402
+    Recipe,
+    RecipeError,
+    add_recipe_arguments,
+    load_recipe,
+    validate,
+)
 from toolkit.slurm import (  # noqa: E402
     TrainTask,
     check_job,
@@ -36,11 +43,12 @@ from toolkit.slurm import (  # noqa: E402
     submitit_parameters,
     tasks_per_node,
 )
-from toolkit.train import add_recipe_arguments, run  # noqa: E402
 
 
 def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
     """Start nproc ranks of `python -m toolkit.train` here; if one fails, stop the others."""
+    from toolkit.distributed import free_port  # torch: only when ranks start
+
     port = str(free_port())
     sets = [a for o in overrides for a in ("--set", o)]
     procs = []
@@ -249,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
     if args.nproc == 1:
+        from toolkit.train import run  # torch: only when training starts
+
         return run(args.recipe, args.set)
     try:  # a bad recipe or layout fails here, before any process starts
         recipe = load_recipe(args.recipe, args.set)

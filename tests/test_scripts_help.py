@@ -60,3 +60,26 @@ def test_script_answers_help(script, answers):
     code, out = answers[script]
     assert code in (0, None), out[-2000:]
     assert out.startswith("usage:"), out[:500]
+
+
+@pytest.mark.parametrize(
+    "script", ["launchers/submit.py", "launchers/status.py", "launchers/serve_slurm.py"]
+)
+def test_slurm_launchers_answer_help_without_importing_torch(script):
+    """--help (and bad input, and --dry-run) answer at once: torch loads only to train."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{script!r}, '--help']\n"
+        f"sys.path.insert(0, {str(ROOT / script.rsplit('/', 1)[0])!r})\n"
+        "try:\n"
+        f"    runpy.run_path({script!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:")
+    assert proc.stdout.rstrip().endswith("torch imported: False")

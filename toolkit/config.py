@@ -4,6 +4,7 @@
 the reason, e.g. ``recipes/x.toml: model.hidden_size: expected int, got str 'big'``.
 """
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -308,6 +309,18 @@ def apply_override(table: dict[str, Any], assignment: str) -> None:
         if not isinstance(node, dict):
             raise RecipeError(f"--set {assignment!r}: {s} is not a section")
     node[leaf] = value
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe argument and --set overrides, shared by every entry point that trains."""
+    parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/tiny_hybrid.toml")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
 
 
 def recipe_from_dict(
@@ -723,7 +736,6 @@ def describe_keys() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import json
     import sys
 

@@ -41,7 +41,15 @@ from toolkit.checkpoint import (
     restore,
     restore_rng,
 )
-from toolkit.config import Recipe, RecipeError, SlurmConfig, TrainConfig, load_recipe, validate
+from toolkit.config import (
+    Recipe,
+    RecipeError,
+    SlurmConfig,
+    TrainConfig,
+    add_recipe_arguments,
+    load_recipe,
+    validate,
+)
 from toolkit.data.sampler import Samples, rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
@@ -429,18 +437,6 @@ def sample_text(
             model, ids, max_new_tokens, temperature=0.7, top_k=20, seed=seed, eod_id=tokenizer.eod
         )
     return tokenizer.decode(out[0].tolist())
-
-
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The recipe argument and --set overrides, shared by every entry point that trains."""
-    parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/tiny_hybrid.toml")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)",
-    )
 
 
 def run(recipe_path: str, overrides: list[str]) -> int:
