@@ -28,16 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 # Light imports only: torch loads when training starts, so --help, --dry-run and bad input answer
 # at once.
-from toolkit.config import (  # noqa: E402
-    Recipe,
-    RecipeError,
-    add_recipe_arguments,
-    load_recipe,
-    validate,
-)
+from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recipe  # noqa: E402
 from toolkit.slurm import (  # noqa: E402
     TrainTask,
-    check_job,
     python_command,
     render_sbatch,
     submitit_parameters,
@@ -45,12 +38,17 @@ from toolkit.slurm import (  # noqa: E402
 )
 
 
+def train_command(recipe: str, overrides: list[str]) -> list[str]:
+    """The command each local rank runs."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    return [sys.executable, "-m", "toolkit.train", recipe, *sets]
+
+
 def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
     """Start nproc ranks of `python -m toolkit.train` here; if one fails, stop the others."""
     from toolkit.distributed import free_port  # torch: only when ranks start
 
     port = str(free_port())
-    sets = [a for o in overrides for a in ("--set", o)]
     procs = []
     for rank in range(nproc):
         env = {
@@ -62,8 +60,7 @@ def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
             "LOCAL_RANK": str(rank),
             "OMP_NUM_THREADS": "1",
         }
-        cmd = [sys.executable, "-m", "toolkit.train", recipe, *sets]
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(train_command(recipe, overrides), env=env))
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -94,7 +91,8 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
             p.wait()
 
 
-SLURM_FLAGS = ("nodes", "time", "partition", "account", "qos")
+SLURM_FLAGS = ("nodes", "time", "partition", "account", "qos")  # overrides of slurm.*
+SLURM_ONLY = (*SLURM_FLAGS, "emit_sbatch", "via", "dependency")  # refused with --local
 HINT = "sinfo -o '%P %D %c %G' lists each partition's nodes, CPUs and GPUs per node"
 
 
@@ -121,7 +119,7 @@ def submit_sbatch(path: Path, dependency: str | None) -> str:
 
 
 def submitit_submitter(
-    recipe: Recipe, recipe_path: Path, overrides: list[str], python: str, log_dir: Path
+    recipe: Recipe, recipe_path: Path, overrides: list[str], python: str, folder: Path
 ) -> Callable[[str | None], str]:
     """A function dependency -> job id submitting TrainTask through submitit's SlurmExecutor
     (not AutoExecutor, which runs the job here when there is no Slurm). submitit's files (script,
@@ -133,7 +131,7 @@ def submitit_submitter(
     try:
         params = submitit_parameters(recipe, recipe_path, workdir=workdir)
         command = python_command(recipe.slurm, python, workdir)
-        executor = submitit.SlurmExecutor(folder=log_dir, python=shlex.join(command))
+        executor = submitit.SlurmExecutor(folder=folder, python=shlex.join(command))
     except RecipeError as e:
         raise SubmitError(str(e), 2) from None
     except RuntimeError as e:  # no srun on this host
@@ -163,25 +161,24 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
                 f"slurm.{key}={value!r}" if isinstance(value, str) else f"slurm.{key}={value}"
             )
     try:
-        recipe = load_recipe(args.recipe, overrides)
+        recipe = load_recipe(args.recipe, overrides)  # checks the Slurm section too
         s = recipe.slurm
-        check_job(s)
         world = s.nodes * tasks_per_node(s)
-        validate(recipe, world_size=world)
+        load_recipe(args.recipe, overrides, world_size=world)  # and the layout against the job
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = Path.cwd()
-    log_dir = workdir / "runs" / recipe.name / "slurm"
+    logs = workdir / "runs" / recipe.name / "slurm"
     recipe_path = Path(args.recipe).resolve()
     python = s.python or ("python3" if s.container_image else sys.executable)
     script = render_sbatch(
-        recipe, recipe_path, overrides, python=python, workdir=workdir, log_dir=log_dir
+        recipe, recipe_path, overrides, python=python, workdir=workdir, log_dir=logs
     )
     if args.dry_run:
         print(script, end="")
         return 0
-    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch fails a job whose log dir is missing
+    logs.mkdir(parents=True, exist_ok=True)  # sbatch fails a job whose log dir is missing
     if args.emit_sbatch:
         Path(args.emit_sbatch).write_text(script)
         print(f"wrote {args.emit_sbatch}: submit it with `sbatch {args.emit_sbatch}`")
@@ -191,11 +188,11 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
     job_ids: list[str] = []
     try:
         if args.via == "sbatch":
-            path = log_dir / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+            path = logs / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
             path.write_text(script)
             submit = functools.partial(submit_sbatch, path)
         else:
-            submit = submitit_submitter(recipe, recipe_path, overrides, python, log_dir)
+            submit = submitit_submitter(recipe, recipe_path, overrides, python, logs)
         for _ in range(args.chain):
             job_ids.append(submit(f"afterany:{job_ids[-1]}" if job_ids else args.dependency))
     except SubmitError as e:
@@ -203,9 +200,9 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
         return e.status
     job_id = job_ids[0]
     if args.via == "sbatch":
-        log, ranks = log_dir / f"{recipe.name}-{job_id}.out", ""
+        log, ranks = logs / f"{recipe.name}-{job_id}.out", ""
     else:  # submitit: one log per task
-        path, log = log_dir / f"{job_id}_submission.sh", log_dir / f"{job_id}_0_log.out"
+        path, log = logs / f"{job_id}_submission.sh", logs / f"{job_id}_0_log.out"
         ranks = f" (rank 0; rank r writes {job_id}_r_log.out)"
     chained = f", then {', '.join(job_ids[1:])} in a chain" if len(job_ids) > 1 else ""
     print(
@@ -228,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     add_recipe_arguments(parser)
     parser.add_argument("--local", action="store_true", help="run here instead of on Slurm")
     parser.add_argument("--nproc", type=int, default=1, help="with --local: number of ranks")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="start nothing: print the sbatch script (with --local: the command) and exit",
+    )
     parser.add_argument("--emit-sbatch", metavar="FILE", help="write a standalone sbatch script")
     parser.add_argument("--nodes", type=int, help="override slurm.nodes")
     parser.add_argument("--time", help="override slurm.time, e.g. 2:00:00")
@@ -238,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--via",
         choices=("submitit", "sbatch"),
-        default="submitit",
         help="submit through submitit (default) or sbatch of the standalone script",
     )
     parser.add_argument("--dependency", help="sbatch dependency of the first job, e.g. afterok:123")
@@ -252,20 +252,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.chain < 1:
         parser.error("--chain must be >= 1")
-    if not args.local:
-        return submit_to_slurm(args)
-    if args.nproc < 1:
-        parser.error("--nproc must be >= 1")
+    if args.local:
+        slurm_only = [
+            f"--{k.replace('_', '-')}" for k in SLURM_ONLY if getattr(args, k) is not None
+        ]
+        if args.chain != 1:
+            slurm_only.append("--chain")
+        if slurm_only:
+            parser.error(f"{', '.join(slurm_only)}: for Slurm jobs, not with --local")
+        if args.nproc < 1:
+            parser.error("--nproc must be >= 1")
+        return run_here(args)
+    if args.nproc != 1:
+        parser.error("--nproc: with --local; a Slurm job's ranks are slurm.nodes x tasks per node")
+    args.via = args.via or "submitit"
+    return submit_to_slurm(args)
+
+
+def run_here(args: argparse.Namespace) -> int:
+    """--local: check the recipe against --nproc ranks, then train here (--dry-run: only say
+    what would run)."""
+    try:  # a bad recipe or layout fails here, before any process starts
+        load_recipe(args.recipe, args.set, world_size=args.nproc)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        ranks = f"{args.nproc} ranks" if args.nproc > 1 else "1 process"
+        print(f"would run here ({ranks}): {shlex.join(train_command(args.recipe, args.set))}")
+        return 0
     if args.nproc == 1:
         from toolkit.train import run  # torch: only when training starts
 
         return run(args.recipe, args.set)
-    try:  # a bad recipe or layout fails here, before any process starts
-        recipe = load_recipe(args.recipe, args.set)
-        validate(recipe, world_size=args.nproc)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return run_local_processes(args.recipe, args.set, args.nproc)
 
 
