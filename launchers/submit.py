@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recipe  # noqa: E402
 from toolkit.slurm import (  # noqa: E402
     TrainTask,
+    log_dir,
     python_command,
     render_sbatch,
     submitit_parameters,
@@ -169,7 +170,7 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = Path.cwd()
-    logs = workdir / "runs" / recipe.name / "slurm"
+    logs = log_dir(recipe, workdir)
     recipe_path = Path(args.recipe).resolve()
     python = s.python or ("python3" if s.container_image else sys.executable)
     script = render_sbatch(
@@ -178,7 +179,10 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
-    logs.mkdir(parents=True, exist_ok=True)  # sbatch fails a job whose log dir is missing
+    problem = prepare_outputs(args, logs)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.emit_sbatch:
         Path(args.emit_sbatch).write_text(script)
         print(f"wrote {args.emit_sbatch}: submit it with `sbatch {args.emit_sbatch}`")
@@ -214,6 +218,23 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
     print(f"metrics:  make tensorboard LOGDIR={recipe.logging.dir}")
     print("status:   python launchers/status.py")
     return 0
+
+
+def prepare_outputs(args: argparse.Namespace, logs: Path) -> str | None:
+    """Create the Slurm log directory, once nothing stands in the way (else why not, and nothing
+    is created): a place to write --emit-sbatch."""
+    if args.emit_sbatch:
+        target = Path(args.emit_sbatch)
+        if target.is_dir() or not target.parent.is_dir():
+            return f"--emit-sbatch {target}: not a file in an existing directory"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)  # sbatch fails a job whose log dir is missing
+    except OSError as e:
+        return (
+            f"{args.recipe}: logging.dir: cannot create the Slurm log directory {logs} beside "
+            f"it: {e.strerror or e}"
+        )
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

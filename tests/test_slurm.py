@@ -62,7 +62,7 @@ def submitted(proc: subprocess.CompletedProcess, via: str = "submitit") -> str:
 def log_path(workdir: Path, job_id: str, via: str = "submitit") -> Path:
     """Rank 0's log: submitit writes one per task, our sbatch script one for the job."""
     name = f"{job_id}_0_log.out" if via == "submitit" else f"tiny_hybrid-{job_id}.out"
-    return workdir / "runs" / "tiny_hybrid" / "slurm" / name
+    return workdir / "runs" / "slurm" / name  # beside logging.dir = runs/tb
 
 
 def finished_log(cluster, workdir: Path, job_id: str, via: str = "submitit") -> str:

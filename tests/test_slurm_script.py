@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from toolkit.config import SlurmConfig, load_recipe
-from toolkit.slurm import render_sbatch, requeue_after_signal, slurm_seconds, submitit_parameters
+from toolkit.slurm import (
+    log_dir,
+    render_sbatch,
+    requeue_after_signal,
+    slurm_seconds,
+    submitit_parameters,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 RECIPE = Path(__file__).parents[1] / "recipes" / "8b_hybrid.toml"
@@ -26,7 +32,7 @@ def test_8b_hybrid_script_matches_the_golden_file():
         OVERRIDES,
         python="python3",
         workdir="/work",
-        log_dir="/work/runs/8b_hybrid/slurm",
+        log_dir=log_dir(recipe, "/work"),
     )
     assert script == (GOLDEN / "8b_hybrid_pyxis.sbatch").read_text()
     # '#' in an #SBATCH line would start a comment; in the srun line it is just text.
@@ -47,6 +53,50 @@ def test_submitit_script_matches_the_golden_file():
     command = f"python3 -u -m submitit.core._submit {folder}"
     script = _make_sbatch_string(command=command, folder=folder, **params)
     assert script == (GOLDEN / "8b_hybrid_pyxis.submitit.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    ("logging_dir", "expected"),
+    [
+        ("runs/8b_hybrid/tensorboard", "/work/runs/8b_hybrid/slurm"),  # the shipped recipes
+        ("/lustre/me/exp1/tb", "/lustre/me/exp1/slurm"),  # outputs elsewhere: logs with them
+        ("tb", "/work/slurm"),
+    ],
+)
+def test_slurm_logs_go_beside_the_runs_other_outputs(logging_dir, expected):
+    recipe = load_recipe(RECIPE, [f"logging.dir={logging_dir!r}"])
+    assert log_dir(recipe, "/work") == Path(expected)
+    script = render_sbatch(
+        recipe, RECIPE, [], python="python3", workdir="/work", log_dir=log_dir(recipe, "/work")
+    )
+    assert f"#SBATCH --output={expected}/%x-%j.out" in script
+
+
+def test_submit_dry_run_puts_the_log_beside_logging_dir(tmp_path):
+    """Not runs/NAME/slurm under the working directory when logging.dir points elsewhere."""
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "scratch" / "exp1"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parents[1] / "launchers" / "submit.py"),
+            str(RECIPE),
+            "--dry-run",
+            "--set",
+            f"logging.dir='{elsewhere}/tensorboard'",
+            "--set",
+            f"checkpoint.dir='{elsewhere}/checkpoints'",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"#SBATCH --output={elsewhere}/slurm/%x-%j.out" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # --dry-run creates nothing
 
 
 def test_apptainer_image_runs_python_inside_apptainer():

@@ -8,6 +8,7 @@ SIGTERM and USR2, checkpoints on them at a step boundary, and rank 0 then calls
 - `submitit_parameters` and `TrainTask`: what launchers/submit.py gives submitit's SlurmExecutor.
 - `render_sbatch`: the standalone script (`--dry-run`, `--emit-sbatch`, `--via sbatch`); `sbatch
   FILE` is all a site needs.
+- `log_dir`: where a job's logs go.
 """
 
 import dataclasses
@@ -32,6 +33,13 @@ SIGNAL_SLACK_S = 60  # Slurm may send --signal up to 60 s earlier than asked (sb
 def _escape(value: str) -> str:
     # sbatch reads '#' in an #SBATCH line as the start of a comment (pyxis image refs use it).
     return value.replace("#", "\\#")
+
+
+def log_dir(recipe: Recipe, workdir: str | Path) -> Path:
+    """Where a training job's Slurm files go (script, logs, timeout count): `slurm/` beside the
+    run's TensorBoard directory, so runs/NAME/slurm for runs/NAME/tensorboard, and with the run's
+    other outputs wherever logging.dir points."""
+    return (Path(workdir) / recipe.logging.dir).parent / "slurm"
 
 
 def tasks_per_node(s: SlurmConfig) -> int:
