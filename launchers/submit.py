@@ -30,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # at once.
 from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recipe  # noqa: E402
 from toolkit.slurm import (  # noqa: E402
+    TRAIN_HERE,
     TrainTask,
     log_dir,
+    no_slurm_here,
     python_command,
     render_sbatch,
     submitit_parameters,
@@ -105,16 +107,17 @@ class SubmitError(Exception):
         self.status = status
 
 
-def submit_sbatch(path: Path, dependency: str | None) -> str:
-    """`sbatch` of the standalone script; the job id."""
+def submit_sbatch(path: Path, dependency: str | None, advice: str = TRAIN_HERE) -> str:
+    """`sbatch` of the standalone script; the job id. `advice`: what to do without Slurm."""
     cmd = ["sbatch", "--parsable", *([f"--dependency={dependency}"] if dependency else [])]
     try:
         proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True)
     except FileNotFoundError:
-        raise SubmitError(
-            "sbatch not found: is this a Slurm login node? (--dry-run shows the script)", 2
-        ) from None
+        raise SubmitError(no_slurm_here("sbatch", advice=advice) or "no sbatch", 2) from None
     if proc.returncode != 0:
+        no_slurm = no_slurm_here("sbatch", proc.stderr, advice)
+        if no_slurm:
+            raise SubmitError(no_slurm, 2)
         raise SubmitError(f"sbatch rejected the job: {proc.stderr.strip()} ({HINT})")
     return proc.stdout.strip().split(";")[0]
 
@@ -146,6 +149,9 @@ def submitit_submitter(
             with contextlib.redirect_stderr(io.StringIO()):
                 return executor.submit(task).job_id
         except FailedJobError as e:
+            no_slurm = no_slurm_here("sbatch", str(e))
+            if no_slurm:
+                raise SubmitError(no_slurm, 2) from None
             raise SubmitError(f"Slurm rejected the job: {str(e).strip()} ({HINT})") from None
 
     return submit
@@ -222,11 +228,13 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
 
 def prepare_outputs(args: argparse.Namespace, logs: Path) -> str | None:
     """Create the Slurm log directory, once nothing stands in the way (else why not, and nothing
-    is created): a place to write --emit-sbatch."""
+    is created): a place to write --emit-sbatch, or Slurm on this machine to submit to."""
     if args.emit_sbatch:
         target = Path(args.emit_sbatch)
         if target.is_dir() or not target.parent.is_dir():
             return f"--emit-sbatch {target}: not a file in an existing directory"
+    elif no_slurm_here("sbatch"):
+        return no_slurm_here("sbatch")
     try:
         logs.mkdir(parents=True, exist_ok=True)  # sbatch fails a job whose log dir is missing
     except OSError as e:

@@ -8,7 +8,8 @@ SIGTERM and USR2, checkpoints on them at a step boundary, and rank 0 then calls
 - `submitit_parameters` and `TrainTask`: what launchers/submit.py gives submitit's SlurmExecutor.
 - `render_sbatch`: the standalone script (`--dry-run`, `--emit-sbatch`, `--via sbatch`); `sbatch
   FILE` is all a site needs.
-- `log_dir`: where a job's logs go.
+- `log_dir`: where a job's logs go; `no_slurm_here`: a plain sentence when this machine has no
+  usable Slurm.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -40,6 +42,26 @@ def log_dir(recipe: Recipe, workdir: str | Path) -> Path:
     run's TensorBoard directory, so runs/NAME/slurm for runs/NAME/tensorboard, and with the run's
     other outputs wherever logging.dir points."""
     return (Path(workdir) / recipe.logging.dir).parent / "slurm"
+
+
+# What Slurm's commands print when this machine has no Slurm configured: not a job Slurm refused.
+NOT_CONFIGURED = ("Could not establish a configuration source", "s_p_parse_file: cannot stat")
+TRAIN_HERE = (
+    "submit from a Slurm login node, or train on this machine with "
+    "`python launchers/submit.py RECIPE --local` (--dry-run prints the job script)"
+)
+
+
+def no_slurm_here(command: str, stderr: str | None = None, advice: str = TRAIN_HERE) -> str | None:
+    """A plain sentence saying that Slurm is not usable on this machine, and what to do instead;
+    None if it is. Without `stderr`: whether `command` is on PATH; with the stderr of a failed
+    Slurm command: whether Slurm is installed but not set up here."""
+    if stderr is None and shutil.which(command) is None:
+        return f"Slurm was not found on this machine ({command} is not on PATH): {advice}"
+    if stderr is not None and any(s in stderr for s in NOT_CONFIGURED):
+        last = stderr.strip().splitlines()[-1]
+        return f"Slurm is installed but not set up on this machine ({last}): {advice}"
+    return None
 
 
 def tasks_per_node(s: SlurmConfig) -> int:
