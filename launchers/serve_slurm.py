@@ -13,6 +13,7 @@ secret). `scancel JOB` stops it.
 """
 
 import argparse
+import re
 import shlex
 import sys
 import time
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from submit import SubmitError, submit_sbatch  # noqa: E402 (launchers/submit.py)
 
-from toolkit.config import RecipeError, SlurmConfig  # noqa: E402
+from toolkit.config import RecipeError, SlurmConfig, check_name  # noqa: E402
 from toolkit.slurm import (  # noqa: E402
     check_job,
     no_slurm_here,
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def flag(key: str) -> str:
+    """The flag that sets slurm.KEY of the job."""
+    flags = {"tasks_per_node": "--tp", "gpus_per_node": "--gpus"}
+    return flags.get(key, "--" + key.replace("_", "-"))
+
+
 def slurm_config(args: argparse.Namespace) -> SlurmConfig:
     """The job in the training launcher's terms, so that its checks and renderers apply."""
     return SlurmConfig(
@@ -141,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s = slurm_config(args)
     try:
+        check_name(args.job_name, "--job-name")  # it names the address file
         check_job(s)
         checkpoint = check_checkpoint(args.checkpoint, args.tp)
     except (RecipeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The job is made of flags here: --time rather than the recipe's slurm.time.
+        message = re.sub(r"^slurm\.(\w+)", lambda m: flag(m[1]), str(e))
+        print(f"error: {message}", file=sys.stderr)
         return 2
     args.checkpoint = str(checkpoint)
     workdir = Path.cwd()

@@ -84,7 +84,9 @@ def test_cpu_job_script(checkpoint, tmp_path):
     [
         (["--tp", "3"], "not divisible by TP=3"),
         (["--tp", "4", "--gpus", "2"], "each rank needs its own GPU"),
-        (["--time", "soon"], "slurm.time"),
+        (["--time", "soon"], "error: --time: 'soon' is not a Slurm time"),
+        (["--partition", "gpu\nrm -rf ~"], "error: --partition: 'gpu\\nrm -rf ~' holds a control"),
+        (["--job-name", "../x"], "error: --job-name: '../x' must be one path component"),
     ],
 )
 def test_bad_jobs_are_refused_before_submission(checkpoint, tmp_path, args, message):
