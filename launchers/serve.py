@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ranks = None  # TP > 1: this process's place among the ranks
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
         if args.tp == 1:
             model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, device)
         else:

@@ -30,12 +30,22 @@ from toolkit.tokenizer import Tokenizer, TokenizerError, build_tokenizer
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' as a device of this machine; RecipeError naming `key`
+    (the recipe key or flag it came from) for one this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is available here")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(
+            f"{key}: {name!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"{key}: {name!r}, but no CUDA device is available here: use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RecipeError(f"{key}: {name!r}, but this machine has {torch.cuda.device_count()} GPUs")
+    return device
 
 
 def build_model(
@@ -71,7 +81,10 @@ def build_data(recipe: Recipe, tokenizer: Tokenizer) -> tuple[Samples, Samples |
     """The training samples and the validation samples (None without a validation split)."""
     d, seq, seed = recipe.data, recipe.model.seq_length, recipe.train.seed
     if not d.blend:
-        tokens = load_corpus(d.source, tokenizer, d.max_corpus_bytes)
+        try:
+            tokens = load_corpus(d.source, tokenizer, d.max_corpus_bytes)
+        except FileNotFoundError:
+            raise RecipeError(f"data.source: {d.source!r} is not a file") from None
         # The corpus's end is held out for validation: training never sees those tokens.
         held_out = int(len(tokens) * d.valid_fraction)
         train = SequenceSampler(tokens[: len(tokens) - held_out], seq, seed)

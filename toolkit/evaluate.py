@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_tasks(args)
     try:
         recipe = load_recipe(args.recipe, args.set)
-        model, _, tokenizer = model_from_checkpoint(args.checkpoint, resolve_device(args.device))
+        device = resolve_device(args.device, "--device")
+        model, _, tokenizer = model_from_checkpoint(args.checkpoint, device)
         samples = evaluation_samples(recipe, tokenizer, args.split)
     except (RecipeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,7 +54,7 @@ class HybridToolkitLM(TemplateLM):
             raise ValueError(
                 f"batch_size={batch_size!r}: give a positive number ('auto' is not supported)"
             )
-        dev = resolve_device(str(device))
+        dev = resolve_device(str(device), "--device")
         model, recipe, tokenizer = model_from_checkpoint(str(checkpoint), dev)
         if dtype == "auto":
             dtype = "bfloat16" if dev.type == "cuda" else "float32"

@@ -453,7 +453,10 @@ def run(recipe_path: str, overrides: list[str]) -> int:
     stop.install()
     try:
         train(recipe, stop)
-    except (TrainingError, RecipeError, NotImplementedError, PrecisionError) as e:
+    except RecipeError as e:  # found as the run starts: the data, the tokenizer, the world size
+        log.error("%s: %s", recipe_path, e)
+        return 2
+    except (TrainingError, NotImplementedError, PrecisionError) as e:
         log.error("%s", e)
         return 1
     finally:
