@@ -21,11 +21,12 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse  # noqa: E402
 import re  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 from toolkit.build import model_from_checkpoint  # noqa: E402
-from toolkit.checkpoint import CheckpointError  # noqa: E402
+from toolkit.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from toolkit.checkpoint.hf import export_hf  # noqa: E402
 from toolkit.config import RecipeError  # noqa: E402
 from toolkit.tokenizer import ByteTokenizer, HFTokenizer  # noqa: E402
@@ -66,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=sorted(DTYPES), help="weights' dtype (default: the checkpoint's)"
     )
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        print(f"error: --out {out}: exists and is not an empty directory", file=sys.stderr)
+        return 2
+    try:
+        resolve_checkpoint(args.src)
+    except CheckpointError as e:
+        print(f"error: --in {e}", file=sys.stderr)
+        return 2
     try:
         with torch.no_grad():
             model, recipe, tokenizer = model_from_checkpoint(args.src)

@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = resolve_checkpoint(args.checkpoint)
         group = store.open_checkpoint(path)
-    except CheckpointError as e:
+    except CheckpointError as e:  # not a checkpoint: bad input (a damaged one fails --verify: 1)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     meta = store.metadata(group)
     attrs = dict(group.attrs)
     print(f"checkpoint   {path}")

@@ -125,6 +125,22 @@ def reshard_zarr(src_path: Path, out: Path, tp: int, pp: int) -> dict:
     }
 
 
+def check_target(src: Path, out: Path, tp: int, pp: int, fmt: str) -> None:
+    """RecipeError if the model does not split into the target layout (naming the flag and the
+    key) or --out cannot take the result."""
+    try:
+        recipe_from_dict(
+            store.read_metadata(src)["recipe"],
+            [f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.dp=-1"],
+        )
+    except RecipeError as e:
+        raise RecipeError(f"--tp {tp} --pp {pp} do not fit the model of {src}: {e}") from None
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out {out}: exists and is not a directory")
+    if fmt == "zarr" and (out / src.name).exists():
+        raise RecipeError(f"--out {out} already holds {src.name}: give a new directory")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="checkpoints_tools/reshard.py",
@@ -139,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tp < 1 or args.pp < 1:
         parser.error("--tp and --pp must be at least 1")
-    try:
+    try:  # bad input: exit 2 before anything is read in full or written
         src = resolve_checkpoint(args.src)
+        check_target(src, Path(args.out), args.tp, args.pp, args.format)
+    except (CheckpointError, RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         if args.format == "megatron":
             model, recipe, _ = model_from_checkpoint(src)
             step = store.read_metadata(src).get("step", 0)

@@ -65,15 +65,20 @@ def test_inspect_verify_names_a_damaged_array(tmp_path, checkpoint):
 
 
 def test_inspect_rejects_what_is_not_a_checkpoint(tmp_path):
-    proc = tool("inspect", tmp_path)
-    assert proc.returncode == 1 and "neither a checkpoint directory" in proc.stderr
+    proc = tool("inspect", tmp_path)  # bad input: 2 (a damaged checkpoint fails --verify: 1)
+    assert proc.returncode == 2 and "neither a checkpoint directory" in proc.stderr
 
 
 @pytest.mark.parametrize("tp", [2, 3])
 def test_reshard_rechunks_for_the_target_and_keeps_every_value(tmp_path, checkpoint, tp):
     proc = tool("reshard", "--in", checkpoint, "--out", tmp_path / "out", "--tp", tp, "--pp", 2)
-    if tp == 3:  # 12 Mamba heads split, but 192-wide attention heads x groups do not
-        assert proc.returncode == 1 and "divisible" in proc.stderr, proc.stderr
+    if tp == 3:  # 12 Mamba heads split, but 4 attention heads do not: bad input, nothing written
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr == (
+            f"error: --tp 3 --pp 2 do not fit the model of {checkpoint}: parallel.tp: 4 attention "
+            "heads are not divisible by TP=3\n"
+        )
+        assert not (tmp_path / "out").exists()
         return
     assert proc.returncode == 0, proc.stderr
     assert "for TP=2 PP=2: 63 arrays" in proc.stdout
@@ -88,3 +93,9 @@ def test_reshard_rechunks_for_the_target_and_keeps_every_value(tmp_path, checkpo
     assert b.padded_vocab_size == 512  # padded for TP=2 now: padding is not stored
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p[:259], q[:259]), name
+
+
+def test_reshard_refuses_an_output_that_holds_the_step(tmp_path, checkpoint):
+    proc = tool("reshard", "--in", checkpoint, "--out", checkpoint.parent)
+    assert proc.returncode == 2
+    assert f"--out {checkpoint.parent} already holds {checkpoint.name}" in proc.stderr

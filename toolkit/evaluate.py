@@ -110,14 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.tasks is not None:
         return evaluate_tasks(args)
+    checkpoint = None
     try:
         recipe = load_recipe(args.recipe, args.set)
         device = resolve_device(args.device, "--device")
-        model, _, tokenizer = model_from_checkpoint(args.checkpoint, device)
+        checkpoint = resolve_checkpoint(args.checkpoint)  # not a checkpoint: bad input
+        model, _, tokenizer = model_from_checkpoint(checkpoint, device)
         samples = evaluation_samples(recipe, tokenizer, args.split)
     except (RecipeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if checkpoint is None else 1  # a checkpoint, but damaged: a failure
     batches = args.batches or recipe.train.eval_batches
     loss = mean_loss(model, samples, batches, recipe.train.micro_batch_size, recipe.train.precision)
     result = {
