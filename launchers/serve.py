@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.tp < 1:
         p.error("--tp must be >= 1")
+    if not 0 <= args.port <= 65535:
+        p.error("--port must be in [0, 65535] (0: any free port)")
     if args.max_len is not None and args.max_len < 2:
         p.error("--max-len must be >= 2")
     return args

@@ -95,9 +95,14 @@ def preprocess(
     """Write `<prefix>_<json_key>_document.bin/.idx` from a JSONL file; returns the counts."""
     input_path = Path(input_path)
     if not input_path.is_file():
-        raise PreprocessError(f"{input_path}: no such input file")
+        what = "is a directory, not a JSONL file" if input_path.is_dir() else "no such input file"
+        raise PreprocessError(f"{input_path}: {what}")
     vocab_size = build_tokenizer(tokenizer).vocab_size  # fails here, once, for a bad spec
     out = output_prefix(prefix, json_key)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a file where the prefix needs a directory
+        raise PreprocessError(f"--output-prefix {prefix}: {e.strerror}: {e.filename}") from None
     summary, start = Summary(), time.perf_counter()
     total = input_path.stat().st_size
     bar = tqdm(
