@@ -379,6 +379,11 @@ BROKEN += [
         "layers-1e20",
     ),
     case(["model.hidden_size=33554432"], r"^model\.hidden_size: must be <= 16777216", "huge"),
+    case(
+        ["model.num_layers=1" + "0" * 400],
+        r"^model\.num_layers: 1000.*\(401 characters\) is too large \(over 64 bits\)",
+        "layers-1e400",
+    ),
     case(["train.lr=" + "1" * 400], r"^train\.lr: 1111.*\(400 characters\) is too large", "lr-int"),
     case(["name='../../escaped'"], r"^name: '\.\./\.\./escaped' must be one path component", "up"),
     case(["name='a/b'"], r"^name: 'a/b' must be one path component", "name-slash"),

@@ -480,8 +480,9 @@ def check_ranges(section: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_ranges(value, key)
         elif value is not None and _is_numeric(hints[f.name]):
+            if isinstance(value, int):  # before any float conversion, which could overflow
+                _check(abs(value) <= INT64_MAX, key, f"{_shown(value)} is too large (over 64 bits)")
             _check(math.isfinite(value), key, f"must be a finite number, got {value}")
-            _check(abs(value) <= INT64_MAX, key, f"{_shown(value)} is too large (over 64 bits)")
             spec = RANGES[key]
             _check(
                 _in_range(value, spec), key, f"must be {_describe_range(spec, value)}, got {value}"
