@@ -149,8 +149,10 @@ def test_what_is_not_a_recipe_file_is_refused(tmp_path, entry, recipe, words):
         (["data.tokenizer='no-such.json'"], ("recipe.toml", "data.tokenizer")),
         (["parallel.tp=2"], ("recipe.toml", "world size is 1")),  # 1 rank here, 2 asked
         (["train.device='cuda:7'"], ("recipe.toml", "train.device")),
+        (["checkpoint.dir='a-file/ckpt'"], ("recipe.toml", "checkpoint.dir", "a-file")),
+        (["logging.dir='a-file/tb'"], ("recipe.toml", "logging.dir", "a-file")),
     ],
-    ids=["corpus", "tokenizer", "world-size", "device"],
+    ids=["corpus", "tokenizer", "world-size", "device", "ckpt-under-file", "logs-under-file"],
 )
 def test_what_only_this_machine_can_tell_is_refused_before_training(tmp_path, sets, words):
     """Data files, the tokenizer, the ranks and the device are checked as training starts, still
@@ -161,10 +163,11 @@ def test_what_only_this_machine_can_tell_is_refused_before_training(tmp_path, se
         if torch.cuda.device_count() > 7:
             pytest.skip("this machine has a cuda:7")
     (tmp_path / "recipe.toml").write_text(RECIPE)
+    (tmp_path / "a-file").write_text("")
     proc = run(
         SUBMIT, "recipe.toml", "--local", *[a for s in sets for a in ("--set", s)], cwd=tmp_path
     )
-    assert_refused(proc, tmp_path, {"recipe.toml"}, *words)
+    assert_refused(proc, tmp_path, {"recipe.toml", "a-file"}, *words)
 
 
 def test_local_dry_run_starts_nothing(tmp_path):

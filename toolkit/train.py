@@ -439,6 +439,20 @@ def sample_text(
     return tokenizer.decode(out[0].tolist())
 
 
+def check_output_dirs(recipe: Recipe, recipe_path: str) -> None:
+    """RecipeError if checkpoint.dir or logging.dir lies under a file: found now, not when the
+    first checkpoint is saved."""
+    for key, value in (
+        ("checkpoint.dir", recipe.checkpoint.dir),
+        ("logging.dir", recipe.logging.dir),
+    ):
+        path = Path(value).absolute()
+        while not path.exists():
+            path = path.parent
+        if not path.is_dir():
+            raise RecipeError(f"{recipe_path}: {key}: {value!r} is under the file {path}")
+
+
 def run(recipe_path: str, overrides: list[str]) -> int:
     """Load, validate and train; exit status 2 for a bad recipe, 1 for a failed run."""
     logging.basicConfig(
@@ -446,6 +460,7 @@ def run(recipe_path: str, overrides: list[str]) -> int:
     )
     try:
         recipe = load_recipe(recipe_path, overrides)
+        check_output_dirs(recipe, recipe_path)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
