@@ -15,11 +15,12 @@ import socket
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from toolkit.inference import api
 from toolkit.inference.engine import Engine, Request
+from toolkit.inference.http_json import ClientGone, JSONRequestHandler, gone
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,6 @@ class GenerationServer(ThreadingHTTPServer):
             self.engine_thread.stop()
 
 
-class ClientGone(Exception):
-    """The client closed or reset the connection while we were answering (the message says
-    how, for the log)."""
-
-
 class Unauthorized(Exception):
     """The server wants a bearer token and the request did not bring it."""
 
@@ -138,69 +134,13 @@ def allowed(path: str) -> str:
     return ", ".join(methods + (["HEAD"] if "GET" in methods else []) + ["OPTIONS"])
 
 
-def gone(e: BaseException) -> str:
-    """How a client left, in a few words for the log."""
-    if isinstance(e, ClientGone):
-        return str(e)
-    if isinstance(e, ConnectionResetError):
-        return "connection reset"
-    if isinstance(e, BrokenPipeError):
-        return "broken pipe"
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    return f"{type(e).__name__}: {e}"
-
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(JSONRequestHandler):
     server: GenerationServer
-    protocol_version = "HTTP/1.1"
-    timeout = 600  # seconds a socket may stay silent: idle keep-alives and stuck readers end
-
-    def __getattr__(self, name: str) -> Any:
-        # Every method, known or not, goes through _dispatch: the base class answers a method
-        # that has no do_* function with an HTML 501.
-        if name.startswith("do_"):
-            return self._dispatch
-        raise AttributeError(name)
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except (ConnectionError, ClientGone) as e:  # between requests, or inside the headers
-            log.info("%s client gone (%s) before a whole request", self._peer(), gone(e))
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _dispatch logs one line per request, with what it learnt
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        log.info("%s %s", self._peer(), format % args)
-
-    def _peer(self) -> str:
-        host, port = self.client_address[:2]
-        return f"{host}:{port}"
-
-    def send_response_only(self, code: int, message: str | None = None) -> None:
-        # An HTTP/0.9 request (no version, or that one) would get a bare body, which no client
-        # today reads: every answer has a status line and headers.
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"
-        super().send_response_only(code, message)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The base class's own refusals (a malformed request line or headers) as JSON too."""
-        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
-            # The client's choice of protocol is its error; a 5xx says this server failed.
-            code, message = HTTPStatus.BAD_REQUEST, f"{message}: send HTTP/1.1"
-        self.close_connection = True
-        self.status, self.note = 0, ""
-        self._error(code, "request", message or HTTPStatus(code).phrase)
-        log.info("%s %r %d%s", self._peer(), self.requestline[:200], code, self.note)
 
     def _dispatch(self) -> None:
         start = time.perf_counter()
         self.status, self.note = 0, ""
         path = self.path.split("?", 1)[0]
-        # A body that no handler reads would be taken for the next request: close after this one.
         length = self.headers.get("Content-Length", "").strip()
         self.body_unread = "Transfer-Encoding" in self.headers or length not in ("", "0")
         try:
@@ -431,39 +371,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
         self.wfile.flush()
 
-    def _json(
-        self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> None:
-        data = json.dumps(payload).encode()
-        self.status = status
-        if getattr(self, "body_unread", False):
-            self.close_connection = True
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        try:
-            self.end_headers()
-            if self.command != "HEAD":  # HEAD: GET's headers, no body
-                self.wfile.write(data)
-        except OSError as e:
-            raise ClientGone(gone(e)) from None
-
-    def _error(
-        self,
-        status: int,
-        field: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+    def _error_payload(self, status: int, field: str, message: str) -> dict[str, Any]:
         """OpenAI's error object on /v1 paths, the reference client's `message` elsewhere."""
         if getattr(self, "path", "").startswith("/v1/"):
             kind = "invalid_request_error" if status < 500 else "server_error"
-            payload = {"error": {"message": message, "type": kind, "param": field, "code": None}}
-        else:
-            payload = {"message": message, "field": field}
-        self.note += f" error: {message}"
-        self._json(status, payload, headers)
+            return {"error": {"message": message, "type": kind, "param": field, "code": None}}
+        return super()._error_payload(status, field, message)
