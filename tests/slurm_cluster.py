@@ -123,6 +123,12 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout} s")
 
+    def job_nodes(self, job_id: str) -> list[str]:
+        """The nodes the job runs on (its latest allocation), the batch script's first."""
+        out = self.run("scontrol", "show", "job", job_id).stdout
+        nodelist = dict(f.split("=", 1) for f in out.split() if "=" in f).get("NodeList", "")
+        return self.run("scontrol", "show", "hostnames", nodelist).stdout.split()
+
     def job_processes(self, job_id: str, node: str | None = None) -> set[int]:
         """The job's processes on this host (on `node` only, if given): every process whose
         environment names the job, and the slurmstepd daemons above them."""
