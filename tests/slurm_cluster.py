@@ -129,24 +129,32 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         nodelist = dict(f.split("=", 1) for f in out.split() if "=" in f).get("NodeList", "")
         return self.run("scontrol", "show", "hostnames", nodelist).stdout.split()
 
-    def job_processes(self, job_id: str, node: str | None = None) -> set[int]:
-        """The job's processes on this host (on `node` only, if given): every process whose
-        environment names the job, and the slurmstepd daemons above them."""
-        marks = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_CONF={self.conf}".encode()}
-        if node is not None:
-            marks.add(f"SLURMD_NODENAME={node}".encode())
+    def processes(self, *marks: str) -> set[int]:
+        """This cluster's processes on this host (daemons, step daemons, job scripts and tasks all
+        have its SLURM_CONF in their environment) whose environment also holds every mark."""
+        wanted = {f"SLURM_CONF={self.conf}".encode(), *(m.encode() for m in marks)}
         pids = set()
         for proc in Path("/proc").iterdir():
             try:
-                if proc.name.isdigit() and marks <= set(
+                if proc.name.isdigit() and wanted <= set(
                     (proc / "environ").read_bytes().split(b"\0")
                 ):
                     pids.add(int(proc.name))
-                    parent = Path("/proc", (proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    if (parent / "cmdline").read_bytes().startswith(b"slurmstepd"):
-                        pids.add(int(parent.name))
+            except OSError:
+                pass  # gone meanwhile
+        return pids
+
+    def job_processes(self, job_id: str, node: str | None = None) -> set[int]:
+        """The job's processes (on `node` only, if given), and the slurmstepd daemons above them."""
+        marks = [f"SLURM_JOB_ID={job_id}"] + ([f"SLURMD_NODENAME={node}"] if node else [])
+        pids = self.processes(*marks)
+        for pid in list(pids):
+            try:
+                parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                if Path("/proc", parent, "cmdline").read_bytes().startswith(b"slurmstepd"):
+                    pids.add(int(parent))
             except (OSError, ValueError):
-                pass  # gone meanwhile, or not ours to read
+                pass  # gone meanwhile
         return pids
 
     def lose_node(self, node: str, job_id: str) -> set[int]:
@@ -184,7 +192,12 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(0.5)
 
     def stop(self) -> None:
+        """Cancel the jobs and let them end (a step daemon whose slurmd and slurmctld are gone
+        never exits), stop the daemons, then kill whatever of this cluster still runs."""
         self.run("scancel", "--full", "-u", "root")
+        deadline = time.monotonic() + 45  # KillWait=30 for ranks that do not stop on SIGTERM
+        while self.run("squeue", "-h").stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
         for name in (*(f"slurmd-{node}" for node in NODES), "slurmctld", "munged"):
             pid_file = self.root / f"{name}.pid"
             if pid_file.exists():
@@ -192,4 +205,11 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
                     os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
                 except (ProcessLookupError, ValueError):
                     pass
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while (left := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
