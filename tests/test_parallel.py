@@ -278,6 +278,29 @@ def test_checkpoint_resumes_at_another_layout(tmp_path, single_process_run, name
         assert got[step] == pytest.approx(reference[step], rel=1e-4)
 
 
+def test_a_damage_only_one_rank_reads_sends_every_rank_back(tmp_path):
+    """Under PP=2, layer 3 is read by rank 1 alone: when its chunk in the newest checkpoint is
+    damaged, both ranks must resume from the older one (one rank alone would leave the other
+    stage a step ahead, the pipeline out of step), and rank 0 alone warns."""
+    recipe = write_recipe(tmp_path, "run", 2, pp=2, dp=1)
+    proc = launch(recipe, 2, "checkpoint.interval=1", "checkpoint.keep_last=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = losses(tmp_path / "run" / "tb")
+    ckpt = tmp_path / "run" / "ckpt"
+    chunk = ckpt / "step_00000002" / "model" / "layers.3.mixer.in_proj.weight.x" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    proc = launch(recipe, 2, "checkpoint.interval=1", "checkpoint.keep_last=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from {ckpt / 'step_00000001'} at step 1" in proc.stderr
+    assert proc.stderr.count("is damaged") == 1, proc.stderr
+    assert "'model/layers.3.mixer.in_proj.weight.x': chunk c/0/0 is corrupted" in proc.stderr
+    assert losses(tmp_path / "run" / "tb")[2] == first[2]  # step 2 again, bit for bit
+    assert (ckpt / "latest").read_text() == "step_00000002\n"
+    assert (ckpt / "corrupt-step_00000002").is_dir()
+
+
 def _world(layout: dict) -> int:
     return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
 

@@ -165,6 +165,11 @@ class CheckpointConfig:
     interval: int = opt(0, "save every N steps (0: only at the end)")
     keep_last: int = opt(2, "how many published checkpoints to keep (0: all)")
     resume: bool = opt(True, "resume from the latest checkpoint in dir if there is one")
+    on_corrupt: Literal["fallback", "fail"] = opt(
+        "fallback",
+        "resuming from a damaged checkpoint (a chunk's checksum or size is wrong): fall back to "
+        "the newest intact one, with a warning naming what was skipped; or fail (exit 1)",
+    )
     async_save: bool = opt(
         False, "write checkpoints in a background thread (costs one CPU copy of each rank's share)"
     )
