@@ -301,6 +301,31 @@ def test_a_damage_only_one_rank_reads_sends_every_rank_back(tmp_path):
     assert (ckpt / "corrupt-step_00000002").is_dir()
 
 
+def test_the_closing_sample_under_pp_is_the_whole_models(tmp_path):
+    """With PP=2, rank 0 trained only the first stage: its own copy of the model is half trained.
+    The sample printed after training must be what toolkit.inference.generate draws from the
+    final checkpoint with the same settings (temperature 0.7, top-k 20, train.seed)."""
+    recipe = write_recipe(tmp_path, "run", 4, pp=2, dp=1)
+    proc = launch(recipe, 2, "train.sample_prompt=ab")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sample (temperature 0.7, top-k 20) from 'ab':" in proc.stderr
+    ckpt = tmp_path / "run" / "ckpt"
+    assert (ckpt / "latest").read_text() == "step_00000004\n"
+    generated = subprocess.run(
+        [sys.executable, "-m", "toolkit.inference.generate", "--checkpoint", str(ckpt)]
+        + ["--prompt", "ab", "--max-new-tokens", "200", "--temperature", "0.7", "--top-k", "20"]
+        + ["--seed", "1234"],  # train.seed's default
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert generated.returncode == 0, generated.stderr
+    text = generated.stdout.split("--- prompt: 'ab'\n", 1)[1].rsplit("\n---", 1)[0]
+    assert len(text) > len("ab") + 20
+    assert f"from 'ab':\n{text}\n" in proc.stderr, (text, proc.stderr[-1500:])
+
+
 def _world(layout: dict) -> int:
     return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
 

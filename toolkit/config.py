@@ -141,7 +141,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop, or skip the step")
     max_skipped_steps: int = opt(10, "with nan_policy=skip, stop after this many skips in a row")
-    sample_prompt: str = opt("", "if set, print a greedy continuation of it after training")
+    sample_prompt: str = opt(
+        "", "if set, print a sampled continuation of it after training (temperature 0.7, top-k 20)"
+    )
     profile: ProfileConfig = opt(None, "profiling: train.profile = {start = 10, steps = 3}")
     eval_interval: int = opt(0, "validation loss every N steps and at the end (0: never)")
     eval_batches: int = opt(4, "micro-batches per validation (the same ones every time)")

@@ -325,11 +325,13 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         )
     if result.stopped_by_signal and stop.signum == signal.SIGUSR2 and main_rank:
         requeue_slurm_job(recipe.slurm)
-    if cfg.sample_prompt and not result.stopped_by_signal and main_rank and env.tp == 1:
-        result.sample = sample_text(model, tokenizer, cfg.sample_prompt, seed=cfg.seed)
-        log.info(
-            "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
-        )
+    if cfg.sample_prompt and not result.stopped_by_signal and main_rank:
+        final = (result.checkpoint or ckpt_dir) if recipe.checkpoint.enabled else None
+        result.sample = closing_sample(model, tokenizer, cfg, env, final)
+        if result.sample is not None:
+            log.info(
+                "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
+            )
     return result
 
 
@@ -446,6 +448,32 @@ def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:
     if env.world_size > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag)
+
+
+def closing_sample(
+    model: HybridLM,
+    tokenizer: Tokenizer,
+    cfg: TrainConfig,
+    env: ParallelEnv,
+    checkpoint: str | None,
+) -> str | None:
+    """The continuation of train.sample_prompt shown after training. Under TP or PP this rank
+    trained only its part of `model` (the rest is as initialised), so the whole model is read back
+    from the final checkpoint, as toolkit.inference.generate does; without one, no sample."""
+    if env.tp == 1 and env.pp == 1:
+        return sample_text(model, tokenizer, cfg.sample_prompt, seed=cfg.seed)
+    if checkpoint is None:
+        log.info(
+            "no sample of train.sample_prompt: at TP=%d PP=%d it is generated from the final "
+            "checkpoint, and checkpoint.enabled is false",
+            env.tp,
+            env.pp,
+        )
+        return None
+    from toolkit.build import model_from_checkpoint
+
+    full, _, _ = model_from_checkpoint(checkpoint, env.device)
+    return sample_text(full, tokenizer, cfg.sample_prompt, seed=cfg.seed)
 
 
 def sample_text(
