@@ -24,14 +24,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e ".[dev]"
 	@touch $@
 
+# Status 3 from the launcher: a signal stopped the training before its last step (checkpoint
+# saved). The demo then says so and stops, rather than generate and call itself finished.
 demo:
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory install && \
-	rm -rf runs/tiny_hybrid && \
-	$(PY) launchers/submit.py recipes/tiny_hybrid.toml --local && \
+	$(MAKE) --no-print-directory install || exit $$?; \
+	rm -rf runs/tiny_hybrid; \
+	$(PY) launchers/submit.py recipes/tiny_hybrid.toml --local; status=$$?; \
+	if [ $$status -eq 3 ]; then \
+		echo "demo stopped: a signal cut the training short (its last step is checkpointed in runs/tiny_hybrid/checkpoints; '$(PY) launchers/submit.py recipes/tiny_hybrid.toml --local' resumes it)" >&2; \
+		exit 3; \
+	fi; \
+	if [ $$status -ne 0 ]; then echo "demo failed: training exited with status $$status" >&2; exit $$status; fi; \
 	$(PY) -m toolkit.inference.generate --checkpoint runs/tiny_hybrid/checkpoints \
 		--prompt "def " --prompt "import " --max-new-tokens 200 \
-		--temperature 0.7 --top-k 20 --seed 0 && \
+		--temperature 0.7 --top-k 20 --seed 0 || exit $$?; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s (install included); TensorBoard: make tensorboard LOGDIR=runs/tiny_hybrid/tensorboard"
 
 test: install

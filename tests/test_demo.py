@@ -1,7 +1,10 @@
 """The demo path end to end, as a user runs it: launcher -> training -> TensorBoard events ->
 Zarr checkpoint -> generation CLI (a shortened run of recipes/tiny_hybrid.toml)."""
 
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +180,50 @@ def test_dry_run_prints_the_sbatch_script():
         "#!/bin/bash\n#SBATCH --job-name=tiny_hybrid\n#SBATCH --nodes=2\n"
     )
     assert "--gpus-per-node" not in proc.stdout and "srun --kill-on-bad-exit=1" in proc.stdout
+
+
+def read_until(stream, pattern: str) -> str:
+    """Lines of a child's output up to the first that matches `pattern` (all of it at its end)."""
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if re.search(pattern, line):
+            break
+    return "".join(seen)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_says_it_stopped_when_a_signal_cuts_the_training_short(tmp_path):
+    """`make demo` in a scratch directory (the repository's files linked in, a 'venv' whose
+    python records its pid): SIGTERM to the training saves a checkpoint and stops it; the demo
+    must then say it stopped, generate nothing and fail, not call itself finished."""
+    for name in ("Makefile", "toolkit", "launchers", "recipes", "pyproject.toml"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    venv, pids = tmp_path / "venv", tmp_path / "pids"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho $$ >> {pids}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()  # installed: the demo installs nothing here
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "demo", f"VENV={venv}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out = read_until(proc.stdout, r"step 1/240 loss")
+        trainer = int(pids.read_text().split()[0])  # launchers/submit.py --local: one rank
+        os.kill(trainer, signal.SIGTERM)
+        out += proc.stdout.read()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert "stop signal received: stopping after step" in out, out[-3000:]
+    assert "demo stopped: a signal cut the training short" in out
+    assert "demo finished" not in out and "--- prompt" not in out
+    assert proc.returncode != 0
+    assert len(pids.read_text().split()) == 1  # the generation never ran
+    latest = (tmp_path / "runs" / "tiny_hybrid" / "checkpoints" / "latest").read_text()
+    assert latest.startswith("step_") and int(latest.strip()[5:]) < 240

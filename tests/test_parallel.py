@@ -2,6 +2,7 @@
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -324,6 +325,30 @@ def test_the_closing_sample_under_pp_is_the_whole_models(tmp_path):
     text = generated.stdout.split("--- prompt: 'ab'\n", 1)[1].rsplit("\n---", 1)[0]
     assert len(text) > len("ab") + 20
     assert f"from 'ab':\n{text}\n" in proc.stderr, (text, proc.stderr[-1500:])
+
+
+def test_sigterm_to_the_local_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
+    """SIGTERM to `submit.py --local --nproc 2` reaches both ranks (before, it ended the launcher
+    alone and left them training): they checkpoint one step and stop, and the launcher exits with
+    status 3, not 0, so a script can tell a cut-short run from a finished one."""
+    recipe = write_recipe(tmp_path, "run", 40, dp=2)
+    cmd = [sys.executable, "launchers/submit.py", str(recipe), "--local", "--nproc", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        err = ""
+        for line in proc.stderr:
+            err += line
+            if "step 1/40 loss" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        err += proc.stderr.read()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    assert "stop signal received: stopping after step" in err, err[-3000:]
+    latest = (tmp_path / "run" / "ckpt" / "latest").read_text().strip()
+    assert 1 <= int(latest.removeprefix("step_")) < 40
 
 
 def _world(layout: dict) -> int:

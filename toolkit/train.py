@@ -74,6 +74,7 @@ class TrainResult:
     skipped_steps: int = 0
     checkpoint: str | None = None
     stopped_by_signal: bool = False
+    finished: bool = False  # every one of train.steps is done (a signal may stop it before)
     sample: str | None = None
 
 
@@ -307,6 +308,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             log.warning("stop signal received: stopping after step %d", step)
             result.stopped_by_signal = True
             break
+    result.finished = step >= cfg.steps
     profiler.stop()  # if the run ended inside the traced steps
     bar.close()
     last = saver.wait()  # a background save still in flight
@@ -504,8 +506,16 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(recipe_path: str, overrides: list[str]) -> int:
-    """Load, validate and train; exit status 2 for a bad recipe, 1 for a failed run."""
+# The exit status of `launchers/submit.py --local` when a signal stopped the run before its last
+# step (its checkpoint saved): a finished run and a cut-short one must not look alike there. Not
+# the default of `python -m toolkit.train`: under Slurm a stop is a preemption or a timeout that
+# the requeued job resumes, and the job should not end as failed.
+STOPPED = 3
+
+
+def run(recipe_path: str, overrides: list[str], stopped_status: int = 0) -> int:
+    """Load, validate and train; exit status 2 for a bad recipe, 1 for a failed run,
+    `stopped_status` for a run that a signal stopped before train.steps."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -517,14 +527,14 @@ def run(recipe_path: str, overrides: list[str]) -> int:
     stop = StopRequest()
     stop.install()
     try:
-        train(recipe, stop)
+        result = train(recipe, stop)
     except (TrainingError, RecipeError, NotImplementedError, PrecisionError) as e:
         log.error("%s", e)
         return 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    return 0 if result.finished else stopped_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,8 +544,16 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_recipe_arguments(parser)
+    parser.add_argument(
+        "--stopped-status",
+        type=int,
+        default=0,
+        metavar="N",
+        help="exit status when a signal (SIGTERM, SIGUSR2) stopped the run before train.steps, "
+        f"its checkpoint saved (default 0, as Slurm's requeues expect; submit.py --local: {STOPPED})",
+    )
     args = parser.parse_args(argv)
-    return run(args.recipe, args.set)
+    return run(args.recipe, args.set, args.stopped_status)
 
 
 if __name__ == "__main__":
