@@ -227,3 +227,35 @@ def test_make_demo_says_it_stopped_when_a_signal_cuts_the_training_short(tmp_pat
     assert len(pids.read_text().split()) == 1  # the generation never ran
     latest = (tmp_path / "runs" / "tiny_hybrid" / "checkpoints" / "latest").read_text()
     assert latest.startswith("step_") and int(latest.strip()[5:]) < 240
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_installs_only_the_runtime_dependencies(tmp_path):
+    """What `make -n` would run: the demo installs the toolkit alone (no pytest, transformers,
+    lm-eval, torchao...); test and lint add the dev extras, each once (a stamp file each)."""
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    venv = tmp_path / "venv"
+
+    def planned(target: str) -> str:
+        proc = subprocess.run(
+            ["make", "-n", target, f"VENV={venv}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    demo = planned("demo")
+    assert "-m pip install --disable-pip-version-check -q -e .\n" in demo
+    assert "[dev]" not in demo and "launchers/submit.py recipes/tiny_hybrid.toml --local" in demo
+    for target in ("test", "lint"):
+        assert '-q -e ".[dev]"' in planned(target)
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()
+    assert "pip install" not in planned("demo")
+    assert "pip install" in planned("test")  # the dev extras are still missing
+    (venv / ".installed-dev").touch()
+    assert "pip install" not in planned("test") and "pip install" not in planned("lint")
