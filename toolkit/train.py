@@ -261,19 +261,20 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 "train/grad_norm": grad_norm,
                 "perf/step_time_s": step_time,
                 "perf/tokens_per_s": tokens_per_step / step_time,
-                "perf/tflops_per_gpu": step_flops / step_time / 1e12 / env.world_size,
+                # Per rank: one GPU each on GPUs, while CPU ranks may share one processor.
+                "perf/tflops_per_rank": step_flops / step_time / 1e12 / env.world_size,
                 "perf/peak_memory_gb": peak_memory_gb(device),
                 "model/parameters": params,
                 "train/consumed_samples": consumed,
             }
             if peak is not None:  # model FLOPs utilisation against the GPU's dense peak
-                scalars["perf/mfu"] = scalars["perf/tflops_per_gpu"] / peak
+                scalars["perf/mfu"] = scalars["perf/tflops_per_rank"] / peak
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, step)
             writer.flush()
             if not show_bar:
                 log.info(
-                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s per GPU "
+                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s per rank "
                     "%speak memory %.2f GB",
                     step,
                     cfg.steps,
@@ -281,7 +282,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                     lr,
                     grad_norm,
                     scalars["perf/tokens_per_s"],
-                    scalars["perf/tflops_per_gpu"],
+                    scalars["perf/tflops_per_rank"],
                     f"MFU {scalars['perf/mfu']:.1%} " if "perf/mfu" in scalars else "",
                     scalars["perf/peak_memory_gb"],
                 )
