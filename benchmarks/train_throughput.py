@@ -80,7 +80,7 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     def step() -> float:
         tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device)
-        with autocast_context(cfg.precision, device, engine):
+        with autocast_context(cfg.precision, device, engine, cfg.fp8_recipe):
             logits = model(tokens[:, :-1])
         loss = cross_entropy(logits, tokens[:, 1:], vocab)
         loss.backward()
@@ -118,7 +118,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "versions": versions(),
         "precision": cfg.precision,
         "fp8_engine": engine,
-        "fp8_recipe": cfg.fp8_recipe if engine == "torchao" else None,
+        "fp8_recipe": cfg.fp8_recipe if engine else None,
         "compile": cfg.compile,
         "activation_checkpointing": cfg.activation_checkpointing,
         "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),

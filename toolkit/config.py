@@ -124,8 +124,16 @@ class TrainConfig:
         "Engine if importable, else torchao; CUDA with compute capability >= 8.9), the first and "
         "last blocks, embedding and output layer in bf16",
     )
-    fp8_recipe: Literal["tensorwise", "rowwise"] = opt(
-        "tensorwise", "torchao float8 scaling with precision='fp8' (tensorwise was faster here)"
+    fp8_engine: Literal["auto", "transformer_engine", "torchao"] = opt(
+        "auto",
+        "float8 library with precision='fp8': auto takes Transformer Engine when it imports, else "
+        "torchao",
+    )
+    fp8_recipe: Literal["tensorwise", "rowwise", "delayed"] = opt(
+        "tensorwise",
+        "float8 scaling with precision='fp8': tensorwise (one scale per tensor from its current "
+        "amax: torchao tensorwise, Transformer Engine Float8CurrentScaling), rowwise (torchao "
+        "only), delayed (scales from an amax history: Transformer Engine DelayedScaling only)",
     )
     activation_checkpointing: Any = opt(
         "none",
@@ -424,6 +432,19 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         t.activation_checkpointing, "train.activation_checkpointing", ("none", "full")
     )
     _check_block_kinds(t.compile, "train.compile", (False, True))
+    if t.precision == "fp8":
+        _check(
+            not (t.fp8_engine == "torchao" and t.fp8_recipe == "delayed"),
+            "train.fp8_recipe",
+            "'delayed' is Transformer Engine's recipe (torchao has no delayed scaling): use "
+            "'tensorwise' or 'rowwise', or train.fp8_engine='transformer_engine'",
+        )
+        _check(
+            not (t.fp8_engine == "transformer_engine" and t.fp8_recipe == "rowwise"),
+            "train.fp8_recipe",
+            "'rowwise' is torchao's recipe: use 'tensorwise' or 'delayed' with Transformer "
+            "Engine, or train.fp8_engine='torchao'",
+        )
     _check(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     _check(t.eval_batches >= 1, "train.eval_batches", "must be >= 1")
     _check(0 <= r.data.valid_fraction < 0.5, "data.valid_fraction", "must be in [0, 0.5)")

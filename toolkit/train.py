@@ -100,7 +100,14 @@ def apply_training_transforms(
             raise NotImplementedError(
                 "train.precision='fp8' with parallel.tp > 1 is not supported yet: use tp=1 or bf16"
             )
-        engine, _ = apply_fp8(model, device=device, recipe=cfg.fp8_recipe)
+        engine, _ = apply_fp8(model, device=device, engine=cfg.fp8_engine, recipe=cfg.fp8_recipe)
+        if engine == "transformer_engine" and cfg.activation_checkpointing not in ("none", []):
+            # torch.utils.checkpoint recomputes outside Transformer Engine's autocast: the
+            # recomputed linears would not be the float8 ones of the forward pass.
+            raise NotImplementedError(
+                "train.activation_checkpointing with Transformer Engine's fp8 is not supported "
+                "yet: use train.activation_checkpointing='none' or train.fp8_engine='torchao'"
+            )
     apply_ac(model, cfg.activation_checkpointing)
     apply_compile(model, cfg.compile)
     return engine
@@ -143,7 +150,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         micro_batch_size=cfg.micro_batch_size,
         micro_batches=micro_batches,
         seq_length=recipe.model.seq_length,
-        autocast=lambda: autocast_context(cfg.precision, device, engine),
+        autocast=lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
         logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
     )
     module = run_step.module  # the whole model, or this rank's pipeline stage
@@ -383,10 +390,10 @@ def validation_loss(
                 env,
                 inputs.to(device),
                 hidden_size,
-                lambda: autocast_context(cfg.precision, device, engine),
+                lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
             )
         else:
-            with autocast_context(cfg.precision, device, engine):
+            with autocast_context(cfg.precision, device, engine, cfg.fp8_recipe):
                 logits = module(inputs.to(device))
         if logits is not None:
             total += loss_fn(logits, labels.to(device)).float()
