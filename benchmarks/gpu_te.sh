@@ -76,7 +76,7 @@ run() {  # name timeout_s command...
   echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$W/$name.log" | cut -c 1-400)"
 }
 
-run tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -rs
+run tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -rs
 run parity 150 python3 benchmarks/gpu_fp8_parity.py --steps 50 --json "$W/parity.json"
 run 800m_bf16 100 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_bf16.json"
 run 800m_torchao 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_torchao.json" "${AO[@]}"
