@@ -108,7 +108,7 @@ def test_autocast_contexts():
 def test_no_engine_is_a_clear_error(monkeypatch):
     import toolkit.precision as precision
 
-    monkeypatch.setattr(precision, "fp8_engine", lambda: None)
+    monkeypatch.setattr(precision, "fp8_engine", lambda compiled=False: None)
     model = HybridLM(recipe_from_dict({"model": FP8_MODEL, "train": {"steps": 1}}).model, 100)
     with pytest.raises(PrecisionError, match="needs Transformer Engine or torchao"):
         apply_fp8(model, device=CPU, check_device=False)
@@ -168,14 +168,37 @@ def test_torchao_converted_checkpoint_round_trip(tmp_path):
     check(other.state_dict())
 
 
-def test_fp8_engine_prefers_transformer_engine(monkeypatch):
+def test_fp8_engine_with_both_installed_follows_compilation(monkeypatch):
+    """Both libraries: torchao for compiled blocks (faster there on the H200), Transformer
+    Engine for eager ones (torchao's float8 is 0.6x bf16 uncompiled); one: that one."""
     import toolkit.precision as precision
 
-    found = {"transformer_engine": None, "torchao": object()}
+    found = {"transformer_engine": True, "torchao": object()}
+    monkeypatch.setattr(precision, "_te_imports", lambda: found["transformer_engine"])
     monkeypatch.setattr(precision.importlib.util, "find_spec", lambda name: found.get(name))
-    assert fp8_engine() == "torchao"
+    assert fp8_engine(compiled=True) == "torchao"
+    assert fp8_engine(compiled=False) == "transformer_engine"
+    found["torchao"] = None
+    assert fp8_engine(compiled=True) == "transformer_engine"
+    found["transformer_engine"], found["torchao"] = False, object()
+    assert fp8_engine(compiled=False) == "torchao"
     found["torchao"] = None
     assert fp8_engine() is None
+
+
+def test_trainer_tells_auto_whether_blocks_are_compiled(tmp_path, monkeypatch):
+    import toolkit.precision as precision
+    from toolkit.train import apply_training_transforms
+
+    seen = []
+    monkeypatch.setattr(precision, "fp8_engine", lambda compiled=False: seen.append(compiled))
+    monkeypatch.setattr(precision, "check_fp8_device", lambda device: None)
+    for compile_spec, want in ((True, True), (["mlp"], True), (False, False)):
+        r = recipe(tmp_path, precision="fp8", compile=compile_spec)
+        model = build_model(r, ByteTokenizer())
+        with pytest.raises(PrecisionError):  # the stand-in finds no engine; the call is the test
+            apply_training_transforms(model, r.train, CPU)
+        assert seen.pop() is want
 
 
 def test_fp8_with_tensor_parallelism_is_refused(tmp_path):
@@ -202,7 +225,7 @@ def test_recipe_of_the_other_engine_is_a_recipe_error(engine, fp8_recipe):
 def test_auto_engine_refuses_a_recipe_it_cannot_run(monkeypatch):
     import toolkit.precision as precision
 
-    monkeypatch.setattr(precision, "fp8_engine", lambda: "torchao")
+    monkeypatch.setattr(precision, "fp8_engine", lambda compiled=False: "torchao")
     model = HybridLM(recipe_from_dict({"model": FP8_MODEL, "train": {"steps": 1}}).model, 100)
     with pytest.raises(
         PrecisionError, match=r"train\.fp8_recipe='delayed' does not run with torchao"

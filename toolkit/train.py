@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from toolkit.activation_checkpoint import apply_ac, apply_compile
+from toolkit.activation_checkpoint import apply_ac, apply_compile, selected_kinds
 from toolkit.build import (
     build_data,
     build_model,
@@ -100,7 +100,13 @@ def apply_training_transforms(
             raise NotImplementedError(
                 "train.precision='fp8' with parallel.tp > 1 is not supported yet: use tp=1 or bf16"
             )
-        engine, _ = apply_fp8(model, device=device, engine=cfg.fp8_engine, recipe=cfg.fp8_recipe)
+        engine, _ = apply_fp8(
+            model,
+            device=device,
+            engine=cfg.fp8_engine,
+            recipe=cfg.fp8_recipe,
+            compiled=bool(selected_kinds(cfg.compile)),
+        )
         if engine == "transformer_engine" and cfg.activation_checkpointing not in ("none", []):
             # torch.utils.checkpoint recomputes outside Transformer Engine's autocast: the
             # recomputed linears would not be the float8 ones of the forward pass.
