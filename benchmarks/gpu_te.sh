@@ -12,9 +12,11 @@
 # $OUT/pack/ (carry them in .dev/te/ and .dev/ next time). From the repository root, with .dev/
 # and .whl/ carried and the TE core wheel stashed (gpu_setup_te.sh says how):
 #     OUT=/some/dir bash benchmarks/gpu_te.sh [NAME ...]
-#     bash benchmarks/gpu_te.sh warm     detached: once gpu_setup.sh is done, one compiled bf16
-#         step of each model (fills the Triton autotuning and inductor caches in .gpu/) while
-#         Transformer Engine's extension builds; the main run waits for it (at most 4 min)
+#     bash benchmarks/gpu_te.sh warm     detached, after gpu_setup_te.sh prebuild: once
+#         gpu_setup.sh is done, one compiled bf16 step of each model (fills the Triton autotuning
+#         and inductor caches in .gpu/) while Transformer Engine's extension builds; the main run
+#         waits for it (at most 4 min). Untested: the first try ran from the carried tree, which
+#         was gone by the next call; the first timed bf16 run then paid the autotuning.
 set -u
 OUT=${OUT:-runs/gpu_te}
 TE_HOME=${TE_HOME:-$HOME/te}
@@ -32,7 +34,8 @@ TEC=("${FP8[@]}" --set 'train.fp8_engine="transformer_engine"' --set 'train.fp8_
 TED=("${FP8[@]}" --set 'train.fp8_engine="transformer_engine"' --set 'train.fp8_recipe="delayed"')
 
 case "${1:-}" in
-  warm)
+  warm)  # from prebuild's copy of the tree: the carried tree is gone by the next call
+    cd "$TE_HOME/tree" || exit 1
     setsid bash benchmarks/gpu_te.sh _warm > "$TE_HOME/warm.log" 2>&1 < /dev/null &
     echo $! > "$TE_HOME/warm.pid"
     echo "warm-up started (pid $!, log $TE_HOME/warm.log)"
