@@ -31,7 +31,11 @@
 # Use on the GPU machine, from the repository root, in calls run back to back (the machine is
 # given back after 30 s idle and a fresh one has nothing in $TE_HOME; `stash` says what it holds):
 #   bash benchmarks/gpu_setup_te.sh stash [DIR ...]   copy the core wheel's parts found in DIRs
-#                                  (default .dev/te) to $TE_HOME/parts and list what is there
+#                                  (default .dev/te) to $TE_HOME/parts and list what is there. A
+#                                  62 MB part and the tree do not fit one call together: a call
+#                                  that carries only a part does what stash does, without the
+#                                  tree: mkdir -p ~/te/parts && cp PARTDIR/* ~/te/parts/ (as run
+#                                  on 2026-12-03: tree + first part, then one part a call)
 #   bash benchmarks/gpu_setup_te.sh prebuild   start, detached (setsid), gpu_setup.sh and the
 #                                  extension's build, so that they run while parts travel; they
 #                                  run from a copy of the tree in $TE_HOME/tree (needs
