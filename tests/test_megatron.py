@@ -1,10 +1,9 @@
 """Megatron per-rank checkpoints: save at several TP/PP and load back (tensors and logits
 identical), the per-rank layout against hand-computed pieces and against our TP code, 2024-era
-and fused-norm keys, the weights-only fallback, errors, and the import command end to end."""
+and fused-norm keys, errors, and the import command end to end."""
 
 import copy
 import dataclasses
-import enum
 import importlib.util
 import json
 import subprocess
@@ -240,28 +239,6 @@ def test_other_key_styles_import(tmp_path, variant):
     keys = load_rank_file(rank_file(tmp_path, 5, 0, 0))["model"]
     assert "decoder.layers.1.norm.weight" not in keys and len(keys) > 10
     assert_same(model, imported(model, tmp_path))
-
-
-class Backend(enum.Enum):  # stands for the enums newer reference args pickle
-    TE = 1
-
-
-def test_full_unpickle_only_with_a_logged_reason(tmp_path, caplog):
-    model, recipe = model_and_recipe("relu2")
-    save_megatron(model, recipe, tmp_path, tp=1, pp=1, iteration=5)
-    path = rank_file(tmp_path, 5, 0)
-    with caplog.at_level("WARNING"):
-        load_rank_file(path)
-    assert not caplog.records  # our own files load weights-only
-    rewrite(path, lambda s: s, lambda a: setattr(a, "transformer_impl", Backend.TE))
-    with caplog.at_level("WARNING"):
-        state, args = load_megatron(tmp_path)
-    assert args.transformer_impl is Backend.TE
-    assert "weights_only=False" in caplog.text and "Backend" in caplog.text
-    assert str(path) in caplog.text
-    back = HybridLM(model.cfg, vocab_size=VOCAB).eval()
-    load_into(back, state, "x")
-    assert_same(model, back)
 
 
 def test_errors_name_the_file_and_key(tmp_path):
