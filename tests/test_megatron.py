@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from toolkit.checkpoint.megatron import (
     load_rank_file,
     save_megatron,
 )
-from toolkit.checkpoint.megatron_layout import megatron_key
+from toolkit.checkpoint.megatron_layout import NORM_KEY, megatron_key
 from toolkit.config import recipe_from_dict
 from toolkit.model import HybridLM
 from toolkit.parallel.tp import apply_tp
@@ -182,6 +183,12 @@ def test_each_rank_holds_its_piece_of_every_component(tmp_path):
         state["decoder.layers.2.mlp.linear_fc2.weight"], mlp.linear_fc2.weight[:, 32:]
     )
     assert torch.equal(state["decoder.layers.3.norm.weight"], model.layers[3].norm.weight)
+    # Attention's and the MLP's pre-norms are fused into their first linear (replicated).
+    norm = "decoder.layers.{}.{}.layer_norm_weight"
+    assert torch.equal(
+        state[norm.format(1, "self_attention.linear_qkv")], model.layers[1].norm.weight
+    )
+    assert torch.equal(state[norm.format(2, "mlp.linear_fc1")], model.layers[2].norm.weight)
 
 
 def rewrite(path: Path, fn, args_fn=None) -> None:
@@ -193,14 +200,16 @@ def rewrite(path: Path, fn, args_fn=None) -> None:
 
 
 def renamed_norms(state: dict, names: dict[str, str]) -> dict:
-    """Each layer's pre-norm `decoder.layers.N.norm.*` renamed by its block part."""
+    """Each layer's pre-norm, in whichever form the export wrote it (NORM_KEY), renamed by its
+    layer's block part."""
     layers = [k.split(".") for k in state if k.startswith("decoder.layers.")]
     parts = {k[2]: k[3] for k in layers if k[3] != "norm"}
     out = {}
     for key, value in state.items():
-        layer, *rest = key.removeprefix("decoder.layers.").split(".")
-        if key.startswith("decoder.layers.") and rest[0] == "norm":
-            key = f"decoder.layers.{layer}.{names[parts[layer]]}{rest[1]}"
+        match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", key)
+        norm = match and NORM_KEY.fullmatch(match[2])
+        if norm:
+            key = f"decoder.layers.{match[1]}.{names[parts[match[1]]]}{norm[1]}"
         out[key] = value
     return out
 
@@ -230,14 +239,20 @@ def local_spec_norms(state: dict) -> dict:
     return renamed_norms(state, names)
 
 
-@pytest.mark.parametrize("variant", [fused_norms, local_spec_norms])
-def test_other_key_styles_import(tmp_path, variant):
+@pytest.mark.parametrize(
+    "variant,key",
+    [
+        (fused_norms, "decoder.layers.0.mixer.in_proj.layer_norm_weight"),
+        (local_spec_norms, "decoder.layers.1.input_layernorm.weight"),
+    ],
+)
+def test_other_key_styles_import(tmp_path, variant, key):
     model, recipe = model_and_recipe("relu2")
     save_megatron(model, recipe, tmp_path, tp=2, pp=2, iteration=5)
     for path in tmp_path.glob("iter_*/*/model_optim_rng.pt"):
         rewrite(path, variant)
     keys = load_rank_file(rank_file(tmp_path, 5, 0, 0))["model"]
-    assert "decoder.layers.1.norm.weight" not in keys and len(keys) > 10
+    assert key in keys and len(keys) > 10
     assert_same(model, imported(model, tmp_path))
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from toolkit.checkpoint import safe_pickle
 from toolkit.checkpoint.megatron_layout import (
+    GENERATIONS,
     VOCAB_PARAMS,
     megatron_key,
     merge_pieces,
@@ -176,10 +177,15 @@ def save_megatron(
     pp: int,
     iteration: int,
     progress: bool = False,
+    generation: str = "2024",
 ) -> Path:
     """Write `model` (single-process, global tensors) as the reference's checkpoint at TP x PP
-    and return the iteration directory. Tensors keep the model's dtype (cast the model to bf16
-    first for a bf16 checkpoint). There is no optimizer state: load with --no-load-optim."""
+    and return the iteration directory, its keys those of Megatron-core `generation` ("2024":
+    the released checkpoints' Mamba `norm`; "current": fused into in_proj, megatron_layout).
+    Tensors keep the model's dtype (cast the model to bf16 first for a bf16 checkpoint). There
+    is no optimizer state: load with --no-load-optim."""
+    if generation not in GENERATIONS:
+        raise ValueError(f"unknown Megatron generation {generation!r} (one of {GENERATIONS})")
     cfg = model.cfg
     stages = model.layout.stages if len(model.layout.stages) == pp else [model.layout.pattern]
     cfg = dataclasses.replace(cfg, pattern="|".join(stages))  # else an even split, as the reference
@@ -209,7 +215,9 @@ def save_megatron(
     for tp_rank, pp_rank in _bar(grid, "write ranks", progress):
         offset = stages[pp_rank].start
         state = {
-            megatron_key(name, pattern, offset): _own(rank_piece(p, name, shapes, tp, tp_rank))
+            megatron_key(name, pattern, offset, generation): _own(
+                rank_piece(p, name, shapes, tp, tp_rank)
+            )
             for name, p in params.items()
             if stage_of(name, stages) == pp_rank
         }
@@ -402,8 +410,8 @@ def load_megatron(
     the checkpoint's padded rows; load_into fits them) and return them with the checkpoint's
     args (an argparse.Namespace, or whatever the files hold). Accepts 2024-era
     `decoder.layers.N.norm.*`, fused `*.layer_norm_weight` and local-spec `input_layernorm` /
-    `pre_mlp_layernorm` pre-norms. Files are read by the restricted unpickler unless
-    `trust_pickle` (load_rank_file)."""
+    `pre_mlp_layernorm` pre-norms, and current Megatron's `mixer.conv1d_weight|bias`. Files are
+    read by the restricted unpickler unless `trust_pickle` (load_rank_file)."""
     root = Path(in_dir)
     iteration = latest_iteration(root) if iteration is None else iteration
     it_dir = root / f"iter_{iteration:07d}"
