@@ -78,6 +78,8 @@ def hostile_copy(benign, root: Path, where: str, fmt: str, payload: Payload) -> 
         args.evil = payload
     elif where == "model_value":
         ckpt["model"] = ckpt["model"] | {"decoder.layers.0.mixer.D": payload}
+    elif where == "model_key":
+        ckpt["model"] = ckpt["model"] | {payload: torch.zeros(1)}
     elif where == "extra_key":
         ckpt["evil"] = payload
     elif where == "rng_state":
@@ -98,6 +100,7 @@ WHERE = {
     "used_arg": False,
     "unused_arg": True,
     "model_value": False,
+    "model_key": False,
     "extra_key": True,
     "rng_state": True,
     "top_level": False,

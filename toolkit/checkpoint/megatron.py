@@ -287,6 +287,9 @@ def load_rank_file(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
         what = _describe(ckpt.get("model") if isinstance(ckpt, Mapping) else ckpt)
         raise ValueError(f"{path}: holds {what}, not a checkpoint with a 'model' state dict")
+    keys = [key for key in ckpt["model"] if not isinstance(key, str)]
+    if keys:
+        raise ValueError(f"{path}: its model state has a key {_describe(keys[0])}, not a name")
     args = ckpt.get("args")
     if args is not None and not isinstance(args, (argparse.Namespace, Mapping)):
         raise ValueError(f"{path}: its args are {_describe(args)}, not a Namespace")
