@@ -158,12 +158,3 @@ def test_fp8_engine_prefers_transformer_engine(monkeypatch):
     assert fp8_engine() == "torchao"
     found["torchao"] = None
     assert fp8_engine() is None
-
-
-def test_fp8_with_tensor_parallelism_is_refused(tmp_path):
-    from toolkit.train import apply_training_transforms
-
-    r = recipe(tmp_path, precision="fp8")
-    model = build_model(r, ByteTokenizer())
-    with pytest.raises(NotImplementedError, match=r"train\.precision='fp8' with parallel\.tp > 1"):
-        apply_training_transforms(model, r.train, CPU, tp=2)

@@ -152,7 +152,9 @@ class ParallelConfig:
     tp: int = opt(1, "tensor-parallel degree")
     pp: int = opt(1, "pipeline-parallel degree")
     dp: int = opt(-1, "data-parallel degree (-1: world size / (tp x pp))")
-    sequence_parallel: bool = opt(False, "shard norms/activations along the sequence under TP")
+    sequence_parallel: bool = opt(
+        False, "split the residual stream and norms along the sequence over TP ranks (TP > 1)"
+    )
     shard_optimizer: bool = opt(
         True, "with DP > 1, each rank keeps only its share of the Adam state"
     )
@@ -371,7 +373,12 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     for key in ("tp", "pp"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     _check(p.dp == -1 or p.dp >= 1, "parallel.dp", f"must be >= 1 or -1 (auto), got {p.dp}")
-    _check(not p.sequence_parallel, "parallel.sequence_parallel", "is not implemented yet")
+    if p.sequence_parallel:
+        _check(
+            m.seq_length % tp == 0,
+            "parallel.sequence_parallel",
+            f"model.seq_length {m.seq_length} does not split into TP={tp} equal parts",
+        )
     if "*" in layout.pattern:
         h, g = m.num_attention_heads, m.num_query_groups
         _check(h % g == 0, "model.num_query_groups", f"{h} heads are not divisible by {g} groups")
