@@ -200,6 +200,46 @@ def test_fp8_with_tensor_and_sequence_parallelism_matches_one_process():
     spawn(fp8_tp_worker, 2)
 
 
+def saved_by_norms(model: HybridLM, tokens: torch.Tensor) -> int:
+    """Bytes the norms (and with them the residual stream they read) save for the backward
+    pass in one forward, counted with saved-tensor hooks."""
+    inside, total = [False], [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0]:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    norms = [block.norm for block in model.layers] + [model.final_norm]
+    for norm in norms:
+        norm.register_forward_pre_hook(lambda mod, args: inside.__setitem__(0, True))
+        norm.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, False))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens)
+    return total[0]
+
+
+def sp_memory_worker(rank: int, world: int, port: int) -> None:
+    env = setup(rank, world, port, tp=world)
+    try:
+        torch.manual_seed(0)
+        model = HybridLM(tiny_model_config(), vocab_size=50)
+        tokens = torch.randint(0, 50, (2, 32))
+        plain, split = copy.deepcopy(model), copy.deepcopy(model)
+        group = env.group("tp")
+        apply_tp(plain, group=group, tp=world, rank=env.tp_rank)
+        apply_tp(split, group=group, tp=world, rank=env.tp_rank, sequence_parallel=True)
+        without_sp, with_sp = saved_by_norms(plain, tokens), saved_by_norms(split, tokens)
+        assert without_sp > 0
+        assert with_sp / without_sp == pytest.approx(1 / world, rel=0.05), (with_sp, without_sp)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_halves_what_the_norms_save():
+    spawn(sp_memory_worker, 2)
+
+
 def tp_loss_worker(rank: int, world: int, port: int) -> None:
     """The vocab-parallel loss on 8 columns per rank against torch's over the whole vocabulary,
     with the padding ending on rank 1, covering rank 1, or absent; fp32 and bf16 logits."""

@@ -204,6 +204,9 @@ class SlurmConfig:
     )
     signal_delay_s: int = opt(90, "seconds before the limit to signal a checkpoint-and-requeue")
     max_num_timeout: int = opt(3, "how many times a job may requeue after a timeout")
+    gpu_memory_gb: float = opt(
+        0.0, "memory of one GPU in GB (0: unknown); submission refuses a layout that cannot fit"
+    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -597,7 +600,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(recipe.to_dict(), indent=2))
+    from toolkit.memory import describe_plan, gpu_memory_gb, plan_memory  # local: builds models
+
+    world = args.world_size or default_world_size(recipe)
+    print(f"memory plan at {world} ranks (bf16 activations, GPU kernels; toolkit/memory.py):")
+    print(describe_plan(plan_memory(recipe, world), gpu_memory_gb(recipe.slurm.gpu_memory_gb)))
     return 0
+
+
+def default_world_size(recipe: Recipe) -> int:
+    """The ranks a recipe's job gets: its Slurm GPUs, or TP x PP x DP when DP is fixed."""
+    p = recipe.parallel
+    if p.dp != -1:
+        return p.tp * p.pp * p.dp
+    s = recipe.slurm
+    return max(s.nodes * (s.tasks_per_node or s.gpus_per_node or 1), p.tp * p.pp)
 
 
 if __name__ == "__main__":
