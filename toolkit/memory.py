@@ -125,8 +125,8 @@ def _flash_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False,
 
 
 @contextlib.contextmanager
-def _gpu_kernels(block: Block):
-    if block.kind == "M":
+def _gpu_kernels(block: Block, fused_mamba: bool):
+    if block.kind == "M" and fused_mamba:
         block.mixer.forward = types.MethodType(_fused_mamba_forward, block.mixer)
     real, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _flash_attention
     try:
@@ -162,7 +162,8 @@ def _block_activations(block: Block, batch: int, seq: int, local_seq: int, hidde
 
 def plan_memory(recipe: Recipe, world_size: int, *, target: str = "cuda") -> list[StageMemory]:
     """One StageMemory per pipeline stage for `world_size` ranks; `target` is the device kind
-    whose kernels run ('cuda': mamba-ssm and flash attention, 'cpu': the reference code)."""
+    whose kernels run ('cuda': flash attention, and mamba-ssm's fused op unless
+    model.kernels='reference'; 'cpu': the reference code)."""
     m, t, par = recipe.model, recipe.train, recipe.parallel
     tp, pp = par.tp, par.pp
     dp = world_size // (tp * pp)
@@ -181,7 +182,8 @@ def plan_memory(recipe: Recipe, world_size: int, *, target: str = "cuda") -> lis
         per_kind: dict[str, int] = {}
         for kind in sorted(set(model.layout.pattern)):
             block = _sharded_block(kind, m, tp)
-            with _gpu_kernels(block) if target == "cuda" else contextlib.nullcontext():
+            gpu = _gpu_kernels(block, fused_mamba=m.kernels != "reference")
+            with gpu if target == "cuda" else contextlib.nullcontext():
                 per_kind[kind] = _block_activations(block, batch, seq, local_seq, m.hidden_size)
         last = _last_stage_activations(model, batch, seq, local_seq, tp, vocab)
     block_input = batch * local_seq * m.hidden_size * 4  # what a checkpointed block keeps

@@ -61,20 +61,26 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+def _staged(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """gloo runs these collectives on host memory: CUDA tensors go through the host (two ranks
+    sharing one GPU, where NCCL refuses). NCCL takes them where they are."""
+    return t.cpu() if t.is_cuda and dist.get_backend(group) == "gloo" else t
+
+
 def _gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[b, s/TP, ...] on each rank -> [b, s, ...], the ranks' pieces in rank order."""
-    local = x.transpose(0, 1).contiguous()  # the collectives work along dim 0
+    local = _staged(x.transpose(0, 1).contiguous(), group)  # the collectives work along dim 0
     out = local.new_empty((local.shape[0] * dist.get_world_size(group), *local.shape[1:]))
     dist.all_gather_into_tensor(out, local, group=group)
-    return out.transpose(0, 1).contiguous()
+    return out.to(x.device).transpose(0, 1).contiguous()
 
 
 def _reduce_scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[b, s, ...] partial sums on each rank -> this rank's [b, s/TP, ...] of their sum."""
-    full = x.transpose(0, 1).contiguous()
+    full = _staged(x.transpose(0, 1).contiguous(), group)
     out = full.new_empty((full.shape[0] // dist.get_world_size(group), *full.shape[1:]))
     dist.reduce_scatter_tensor(out, full, group=group)
-    return out.transpose(0, 1).contiguous()
+    return out.to(x.device).transpose(0, 1).contiguous()
 
 
 class _GatherFromSP(torch.autograd.Function):
