@@ -188,7 +188,7 @@ def test_fp8_engine_with_both_installed_follows_compilation(monkeypatch):
 
 def test_trainer_tells_auto_whether_blocks_are_compiled(tmp_path, monkeypatch):
     import toolkit.precision as precision
-    from toolkit.train import apply_training_transforms
+    from toolkit.parallel.parallelize import apply_float8
 
     seen = []
     monkeypatch.setattr(precision, "fp8_engine", lambda compiled=False: seen.append(compiled))
@@ -197,17 +197,8 @@ def test_trainer_tells_auto_whether_blocks_are_compiled(tmp_path, monkeypatch):
         r = recipe(tmp_path, precision="fp8", compile=compile_spec)
         model = build_model(r, ByteTokenizer())
         with pytest.raises(PrecisionError):  # the stand-in finds no engine; the call is the test
-            apply_training_transforms(model, r.train, CPU)
+            apply_float8(model, r.train, CPU)
         assert seen.pop() is want
-
-
-def test_fp8_with_tensor_parallelism_is_refused(tmp_path):
-    from toolkit.train import apply_training_transforms
-
-    r = recipe(tmp_path, precision="fp8")
-    model = build_model(r, ByteTokenizer())
-    with pytest.raises(NotImplementedError, match=r"train\.precision='fp8' with parallel\.tp > 1"):
-        apply_training_transforms(model, r.train, CPU, tp=2)
 
 
 @pytest.mark.parametrize(
@@ -245,13 +236,13 @@ def test_requested_engine_that_does_not_import_names_the_key(monkeypatch):
 def test_transformer_engine_with_activation_checkpointing_is_refused(tmp_path, monkeypatch):
     """torch.utils.checkpoint recomputes outside TE's autocast: refused, not silently wrong. The
     engine choice is replaced here (TE need not be installed); the refusal is the trainer's."""
-    import toolkit.train as train_mod
+    import toolkit.parallel.parallelize as parallelize
 
-    monkeypatch.setattr(train_mod, "apply_fp8", lambda *a, **k: ("transformer_engine", []))
+    monkeypatch.setattr(parallelize, "apply_fp8", lambda *a, **k: ("transformer_engine", []))
     r = recipe(tmp_path, precision="fp8", activation_checkpointing="full")
     model = build_model(r, ByteTokenizer())
     with pytest.raises(NotImplementedError, match=r"train\.activation_checkpointing with Transfo"):
-        train_mod.apply_training_transforms(model, r.train, CPU)
+        parallelize.apply_float8(model, r.train, CPU)
 
 
 def store_arrays(path) -> list[str]:
@@ -331,13 +322,16 @@ def test_te_fp8_training_steps_on_gpu(fp8_recipe, compile):
     swapped layers ran FP8, the loss is finite and falls, and the first loss is bf16's."""
     import transformer_engine.pytorch as te
 
-    from toolkit.train import apply_training_transforms
+    from toolkit.activation_checkpoint import apply_ac, apply_compile
+    from toolkit.parallel.parallelize import apply_float8
 
     r = recipe_from_dict(te_recipe_dict(fp8_recipe=fp8_recipe, compile=compile))
     torch.manual_seed(0)
     model = build_model(r, ByteTokenizer(), CUDA)
     ref = copy.deepcopy(model)
-    engine = apply_training_transforms(model, r.train, CUDA)
+    engine = apply_float8(model, r.train, CUDA)
+    apply_ac(model, r.train.activation_checkpointing)
+    apply_compile(model, r.train.compile)
     assert engine == "transformer_engine"
     optimizer = build_optimizer(model, r.train)
     tokens = torch.randint(0, model.vocab_size, (2, 65), device=CUDA)

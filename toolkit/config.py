@@ -160,7 +160,9 @@ class ParallelConfig:
     tp: int = opt(1, "tensor-parallel degree")
     pp: int = opt(1, "pipeline-parallel degree")
     dp: int = opt(-1, "data-parallel degree (-1: world size / (tp x pp))")
-    sequence_parallel: bool = opt(False, "shard norms/activations along the sequence under TP")
+    sequence_parallel: bool = opt(
+        False, "split the residual stream and norms along the sequence over TP ranks (TP > 1)"
+    )
     shard_optimizer: bool = opt(
         True, "with DP > 1, each rank keeps only its share of the Adam state"
     )
@@ -210,6 +212,9 @@ class SlurmConfig:
     )
     signal_delay_s: int = opt(90, "seconds before the limit to signal a checkpoint-and-requeue")
     max_num_timeout: int = opt(3, "how many times a job may requeue after a timeout")
+    gpu_memory_gb: float = opt(
+        0.0, "memory of one GPU in GB (0: unknown); submission refuses a layout that cannot fit"
+    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -379,7 +384,12 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     for key in ("tp", "pp"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     _check(p.dp == -1 or p.dp >= 1, "parallel.dp", f"must be >= 1 or -1 (auto), got {p.dp}")
-    _check(not p.sequence_parallel, "parallel.sequence_parallel", "is not implemented yet")
+    if p.sequence_parallel:
+        _check(
+            m.seq_length % tp == 0,
+            "parallel.sequence_parallel",
+            f"model.seq_length {m.seq_length} does not split into TP={tp} equal parts",
+        )
     if "*" in layout.pattern:
         h, g = m.num_attention_heads, m.num_query_groups
         _check(h % g == 0, "model.num_query_groups", f"{h} heads are not divisible by {g} groups")
@@ -611,7 +621,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(recipe.to_dict(), indent=2))
+    from toolkit.memory import describe_plan, gpu_memory_gb, plan_memory  # local: builds models
+
+    world = args.world_size or default_world_size(recipe)
+    print(f"memory plan at {world} ranks (bf16 activations, GPU kernels; toolkit/memory.py):")
+    print(describe_plan(plan_memory(recipe, world), gpu_memory_gb(recipe.slurm.gpu_memory_gb)))
     return 0
+
+
+def default_world_size(recipe: Recipe) -> int:
+    """The ranks a recipe's job gets: its Slurm GPUs, or TP x PP x DP when DP is fixed."""
+    p = recipe.parallel
+    if p.dp != -1:
+        return p.tp * p.pp * p.dp
+    s = recipe.slurm
+    return max(s.nodes * (s.tasks_per_node or s.gpus_per_node or 1), p.tp * p.pp)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Compute precision: autocast for bf16, float8 linears for fp8 (train.precision).
 
-fp8 swaps the nn.Linear layers of the blocks for float8-training linears, from outside the model:
+fp8 swaps the nn.Linear layers of the blocks for float8-training linears, from outside the model
+(after tensor parallelism has cut them: toolkit/parallel/parallelize.py says why):
 Transformer Engine's `te.Linear` (NVIDIA's containers) or torchao's `Float8Linear` (a small
 wheel); train.fp8_engine picks one ('auto': fp8_engine()). As in the
 reference 8B FP8 recipe, the first and last blocks, the embedding and the output layer stay in
@@ -180,6 +181,7 @@ def _swap_te_linears(model: nn.Module, names: list[str]) -> None:
         )
         with torch.no_grad():
             new.weight.copy_(old.weight)
+        new.weight.__dict__.update(old.weight.__dict__)  # TP shard placement, weight-decay marks
         setattr(parent, child, new)
 
 
