@@ -65,9 +65,10 @@ def train_losses(recipe, env: ParallelEnv, steps: int) -> list[float]:
     parallel = parallelize(model, recipe, env)
     g = torch.Generator().manual_seed(1)
     vocab, seq = model.vocab_size, recipe.model.seq_length
+    batch = recipe.train.global_batch_size  # one optimizer step's sequences, as the plan has it
     losses = []
     for _ in range(steps):
-        tokens = torch.randint(0, vocab, (2, seq + 1), generator=g).to(env.device)
+        tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(env.device)
         loss = parallel.run_step(tokens[:, :-1], tokens[:, 1:])
         parallel.optimizer.step()
         parallel.optimizer.zero_grad(set_to_none=True)
