@@ -154,9 +154,16 @@ def test_local_launcher_kills_ranks_that_ignore_sigterm():
     spec = importlib.util.spec_from_file_location("submit", ROOT / "launchers" / "submit.py")
     submit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(submit)
-    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-    procs = [subprocess.Popen([sys.executable, "-c", stubborn]) for _ in range(2)]
-    time.sleep(0.5)  # let them install the handler
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for p in procs:  # SIGTERM ignored from here on (a fixed sleep raced a loaded machine)
+        assert p.stdout.readline() == "ready\n"
     start = time.monotonic()
     submit.stop_all(procs, grace_s=1.0)
     assert time.monotonic() - start < 10

@@ -77,16 +77,16 @@ def test_resume_refuses_a_different_model(tmp_path):
 
 def poison_loss(monkeypatch, bad_calls: set[int]):
     """Make the loss non-finite on the given loss_fn calls (0-based), as a blow-up would."""
-    import toolkit.parallel.runtime as runtime
+    import toolkit.parallel.parallelize as parallelize  # where the trainer's loss is chosen
 
-    real, calls = runtime.cross_entropy, [0]
+    real, calls = parallelize.cross_entropy, [0]
 
     def loss_fn(logits, labels, **kwargs):
         loss = real(logits, labels, **kwargs)
         calls[0] += 1
         return loss * float("nan") if calls[0] - 1 in bad_calls else loss
 
-    monkeypatch.setattr(runtime, "cross_entropy", loss_fn)
+    monkeypatch.setattr(parallelize, "cross_entropy", loss_fn)
 
 
 def test_nan_loss_stops(tmp_path, monkeypatch):

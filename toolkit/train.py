@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from toolkit.activation_checkpoint import apply_ac, apply_compile
 from toolkit.build import (
     build_data,
     build_model,
@@ -48,15 +47,11 @@ from toolkit.config import Recipe, RecipeError, SlurmConfig, TrainConfig, load_r
 from toolkit.data.sampler import Samples, rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
-from toolkit.optim import build_optimizer, learning_rate
+from toolkit.optim import learning_rate
+from toolkit.parallel.parallelize import parallelize
 from toolkit.parallel.pp import pipeline_forward
-from toolkit.parallel.runtime import (
-    StepRunner,
-    average_over_dp,
-    clip_grad_norm,
-    parallelize,
-)
-from toolkit.precision import Engine, PrecisionError, apply_fp8, autocast_context
+from toolkit.parallel.runtime import average_over_dp, clip_grad_norm
+from toolkit.precision import Engine, PrecisionError, autocast_context
 from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
 from toolkit.slurm import requeue_after_signal
 from toolkit.tokenizer import Tokenizer
@@ -92,24 +87,6 @@ class StopRequest:
         self.signum = signum
 
 
-def apply_training_transforms(
-    model: HybridLM, cfg: TrainConfig, device: torch.device, tp: int = 1
-) -> Engine | None:
-    """float8 linears (train.precision='fp8'), then activation checkpointing, then per-block
-    torch.compile (torchtitan's order), all from outside the model code. Returns the fp8 engine
-    (None without fp8). fp8 comes before tensor parallelism would; together they are untested."""
-    engine = None
-    if cfg.precision == "fp8":
-        if tp > 1:
-            raise NotImplementedError(
-                "train.precision='fp8' with parallel.tp > 1 is not supported yet: use tp=1 or bf16"
-            )
-        engine, _ = apply_fp8(model, device=device, recipe=cfg.fp8_recipe)
-    apply_ac(model, cfg.activation_checkpointing)
-    apply_compile(model, cfg.compile)
-    return engine
-
-
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -135,26 +112,21 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
     step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step  # whole model
-    engine = apply_training_transforms(model, cfg, device, env.tp)  # fp8 refuses TP > 1 before it
-    loss_fn = parallelize(model, env)
+    parallel = parallelize(model, recipe, env)  # fp8, TP/SP, AC, compile, PP, ZeRO: in order
+    module = parallel.module  # the whole model, or this rank's pipeline stage
+    run_step, loss_fn, optimizer = parallel.run_step, parallel.loss_fn, parallel.optimizer
+    engine = parallel.fp8_engine
     # Each DP rank takes its own slice of every global batch.
     dp_rank, dp_size = env.dp_rank, env.dp
-    micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
-    run_step = StepRunner(
-        model,
-        env,
-        loss_fn,
-        micro_batch_size=cfg.micro_batch_size,
-        micro_batches=micro_batches,
-        seq_length=recipe.model.seq_length,
-        autocast=lambda: autocast_context(cfg.precision, device, engine),
-        logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
-    )
-    module = run_step.module  # the whole model, or this rank's pipeline stage
-    shard_over = env.group("dp") if env.dp > 1 and recipe.parallel.shard_optimizer else None
-    optimizer = build_optimizer(module, cfg, shard_over)
+    sp = "+SP" if run_step.sequence_shards > 1 else ""
     log.info(
-        "layout: TP=%d PP=%d DP=%d on %d ranks (%s)", env.tp, env.pp, env.dp, env.world_size, device
+        "layout: TP=%d%s PP=%d DP=%d on %d ranks (%s)",
+        env.tp,
+        sp,
+        env.pp,
+        env.dp,
+        env.world_size,
+        device,
     )
     log.info("data: %s", sampler.describe())
     if valid is not None:
@@ -292,8 +264,9 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             and (step % cfg.eval_interval == 0 or step == cfg.steps)
         ):
             valid_loss = validation_loss(
-                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size, engine
-            )
+                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size, engine,
+                sequence_shards=run_step.sequence_shards,
+            )  # fmt: skip
             if writer is not None:
                 writer.add_scalar("valid/loss", valid_loss, step)
                 writer.add_scalar("valid/perplexity", math.exp(min(valid_loss, 700.0)), step)
@@ -407,6 +380,7 @@ def validation_loss(
     device: torch.device,
     hidden_size: int,
     engine: Engine | None = None,
+    sequence_shards: int = 1,
 ) -> float:
     """Mean loss over the first `eval_batches` validation micro-batches (the same ones every
     time, split over DP ranks). Under PP, `module` is this rank's stage: each micro-batch goes
@@ -421,10 +395,11 @@ def validation_loss(
                 env,
                 inputs.to(device),
                 hidden_size,
-                lambda: autocast_context(cfg.precision, device, engine),
+                lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
+                sequence_shards,
             )
         else:
-            with autocast_context(cfg.precision, device, engine):
+            with autocast_context(cfg.precision, device, engine, cfg.fp8_recipe):
                 logits = module(inputs.to(device))
         if logits is not None:
             total += loss_fn(logits, labels.to(device)).float()
