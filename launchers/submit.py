@@ -9,6 +9,8 @@
     python launchers/submit.py recipes/tiny_hybrid.toml --local --nproc 2 --set parallel.tp=2
 
 With --nproc N, N processes (gloo on CPUs, NCCL on GPUs) run the recipe's TP x PP x DP layout.
+--local exits with status 3 when a signal (SIGTERM) stopped the run before its last step: its
+checkpoint is saved, and the same command resumes it.
 """
 
 import argparse
@@ -40,10 +42,21 @@ from toolkit.train import add_recipe_arguments, run  # noqa: E402
 
 
 def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
-    """Start nproc ranks of `python -m toolkit.train` here; if one fails, stop the others."""
+    """Start nproc ranks of `python -m toolkit.train` here; if one fails, stop the others.
+    SIGTERM and SIGUSR2 are passed on to the ranks, which save a checkpoint at their next step
+    boundary and stop: exit status STOPPED when they stopped before the last step."""
+    from toolkit.train import STOPPED
+
     port = str(free_port())
     sets = [a for o in overrides for a in ("--set", o)]
-    procs = []
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR2)}
     for rank in range(nproc):
         env = {
             **os.environ,
@@ -54,21 +67,24 @@ def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
             "LOCAL_RANK": str(rank),
             "OMP_NUM_THREADS": "1",
         }
-        cmd = [sys.executable, "-m", "toolkit.train", recipe, *sets]
+        cmd = [sys.executable, "-m", "toolkit.train", recipe, *sets, f"--stopped-status={STOPPED}"]
         procs.append(subprocess.Popen(cmd, env=env))
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [c for c in codes if c not in (None, 0, STOPPED)]
             if failed:
                 stop_all(procs)
                 return failed[0]
-            if all(c == 0 for c in codes):
-                return 0
+            if None not in codes:  # the ranks stop at the same step: all stopped, or none
+                return STOPPED if STOPPED in codes else 0
             time.sleep(0.2)
     except KeyboardInterrupt:
         stop_all(procs)
         return 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
@@ -249,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
     if args.nproc == 1:
-        return run(args.recipe, args.set)
+        from toolkit.train import STOPPED
+
+        return run(args.recipe, args.set, stopped_status=STOPPED)
     try:  # a bad recipe or layout fails here, before any process starts
         recipe = load_recipe(args.recipe, args.set)
         validate(recipe, world_size=args.nproc)

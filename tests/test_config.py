@@ -171,9 +171,9 @@ BROKEN = [
         "int-bool",
     ),
     case(
-        ["parallel.sequence_parallel=true"],
-        r"^parallel\.sequence_parallel: is not implemented yet",
-        "unimplemented-sequence-parallel",
+        ["parallel.sequence_parallel=true", "parallel.tp=2", "model.seq_length=33"],
+        r"^parallel\.sequence_parallel: model\.seq_length 33 does not split into TP=2 equal parts",
+        "sequence-parallel-length",
     ),
     case(["train.lr=true"], r"^train\.lr: expected float, got bool True", "bool-float"),
     case(["train.lr='fast'"], r"^train\.lr: expected float, got str 'fast'", "str-float"),
