@@ -501,6 +501,33 @@ def test_sigterm_to_the_local_launcher_stops_every_rank_with_a_checkpoint(tmp_pa
     assert 1 <= int(latest.removeprefix("step_")) < 40
 
 
+def test_the_8b_recipe_trains_at_tp4_with_sequence_parallelism(tmp_path):
+    """recipes/8b_hybrid.toml as shipped (TP=4, sequence parallelism, micro-batch 4, its layer
+    mix) at reduced widths and length, on 4 CPU ranks."""
+    small = {
+        "model.hidden_size": 64,
+        "model.ffn_hidden_size": 128,
+        "model.num_attention_heads": 4,
+        "model.num_query_groups": 4,
+        "model.mamba_num_groups": 4,
+        "model.mamba_state_dim": 16,
+        "model.mamba_head_dim": 8,
+        "model.mamba_chunk_size": 16,
+        "model.seq_length": 64,
+        "model.vocab_size": 512,
+        "train.steps": 2,
+        "train.device": '"cpu"',
+        "train.precision": '"fp32"',
+        "train.sample_prompt": '""',
+        "checkpoint.enabled": "false",
+        "logging.dir": f'"{tmp_path / "tb"}"',
+    }
+    proc = launch(ROOT / "recipes/8b_hybrid.toml", 4, *(f"{k}={v}" for k, v in small.items()))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "layout: TP=4+SP PP=1 DP=1" in proc.stderr
+    assert sorted(losses(tmp_path / "tb")) == [1, 2]
+
+
 def _world(layout: dict) -> int:
     return layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1)
 
