@@ -1,4 +1,6 @@
-# hybrid-toolkit. `make demo` and `make test` install what is missing into .venv first.
+# hybrid-toolkit. `make demo` and `make test` install what is missing into .venv first: the
+# demo only what the toolkit needs to run (.venv/.installed); tests and lint add the dev extras
+# (.venv/.installed-dev: pytest, ruff, transformers, lm-eval, torchao, hadolint).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,35 +15,47 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DOCKER ?= docker
 APPTAINER ?= apptainer
 ENROOT ?= enroot
+# When make started: the demo's time includes the install.
+STARTED := $(shell date +%s)
 
-.PHONY: install demo test lint format tensorboard clean container sif sqsh
+.PHONY: install install-dev demo test lint format tensorboard clean container sif sqsh
 
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e ".[dev]"
 	@touch $@
 
-demo:
-	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory install && \
-	rm -rf runs/tiny_hybrid && \
-	$(PY) launchers/submit.py recipes/tiny_hybrid.toml --local && \
+# Status 3 from the launcher: a signal stopped the training before its last step (checkpoint
+# saved). The demo then says so and stops, rather than generate and call itself finished.
+demo: install
+	@rm -rf runs/tiny_hybrid; \
+	$(PY) launchers/submit.py recipes/tiny_hybrid.toml --local; status=$$?; \
+	if [ $$status -eq 3 ]; then \
+		echo "demo stopped: a signal cut the training short (its last step is checkpointed in runs/tiny_hybrid/checkpoints; '$(PY) launchers/submit.py recipes/tiny_hybrid.toml --local' resumes it)" >&2; \
+		exit 3; \
+	fi; \
+	if [ $$status -ne 0 ]; then echo "demo failed: training exited with status $$status" >&2; exit $$status; fi; \
 	$(PY) -m toolkit.inference.generate --checkpoint runs/tiny_hybrid/checkpoints \
 		--prompt "def " --prompt "import " --max-new-tokens 200 \
-		--temperature 0.7 --top-k 20 --seed 0 && \
-	echo "demo finished in $$(( $$(date +%s) - start )) s (install included); TensorBoard: make tensorboard LOGDIR=runs/tiny_hybrid/tensorboard"
+		--temperature 0.7 --top-k 20 --seed 0 || exit $$?; \
+	echo "demo finished in $$(( $$(date +%s) - $(STARTED) )) s (install included); TensorBoard: make tensorboard LOGDIR=runs/tiny_hybrid/tensorboard"
 
-test: install
+test: install-dev
 	$(PY) -m pytest -q
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check --no-cache .
 	$(VENV)/bin/ruff format --check .
 
-format: install
+format: install-dev
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The 8B hybrid on one node of N H200s (issue 10: kind nvidia-h200-x8; on -x4 or -x2 the layouts
 # that fit), in parts that each fit one device call (~9 minutes):
-#   train  seq 4096, micro-batch 1, 8 steps (tokens/s and MFU of steps 4-8): bf16 at TP=4 x DP=2,
+#   train  seq 4096, 8 steps (tokens/s and MFU of steps 4-8): first the reference's production
+#          layout, TP=4 with sequence parallelism at micro-batch 4, bf16 and FP8 (8 GPUs: x DP=2;
+#          4 GPUs: alone); then without SP at micro-batch 1: bf16 at TP=4 x DP=2,
 #          TP=8 and TP=2 x DP=4 (8 GPUs; TP=4, TP=2 x DP=2 on 4; TP=2 on 2), FP8 at the first
 #          layout, and TP=2 at 2, 4 and 8 GPUs (data-parallel scaling, per-GPU throughput kept);
 #          then on 2 GPUs compiled blocks at TP=2 and at DP=2 with the optimizer state sharded
@@ -43,6 +45,7 @@ train() {  # name nproc tp extra...: the 8B hybrid at TP=tp x DP=nproc/tp
   run "$name" 240 python3 launchers/submit.py recipes/8b_hybrid.toml --local --nproc "$nproc" \
     --set 'train.device="cuda"' --set parallel.tp="$tp" --set parallel.dp="$dp" \
     --set train.micro_batch_size=1 --set train.global_batch_size=$(( 2 * dp )) \
+    --set parallel.sequence_parallel=false \
     --set logging.interval=1 --set logging.progress_bar=false --set 'train.sample_prompt=""' \
     --set "logging.dir=\"$W/tb_$name\"" "$@"
 }
@@ -50,6 +53,14 @@ train() {  # name nproc tp extra...: the 8B hybrid at TP=tp x DP=nproc/tp
 case $PART in
   train)
     quick=(--set train.steps=8 --set checkpoint.enabled=false)
+    fp8=(--set 'train.precision="fp8"' --set train.compile=true)
+    if [ "$NGPU" -ge 4 ]; then  # the 8B recipe as shipped: TP=4 + SP, micro-batch 4
+      sp=(--set parallel.sequence_parallel=true --set train.micro_batch_size=4
+        --set train.global_batch_size=$(( NGPU >= 8 ? 8 : 4 )))
+      n=$(( NGPU >= 8 ? 8 : 4 ))
+      train "tp4_sp_mbs4_on$n" "$n" 4 "${quick[@]}" "${sp[@]}"
+      train "tp4_sp_mbs4_fp8_on$n" "$n" 4 "${quick[@]}" "${sp[@]}" "${fp8[@]}"
+    fi
     if [ "$NGPU" -ge 8 ]; then
       train tp4_dp2 8 4 "${quick[@]}"
       train tp8 8 8 "${quick[@]}"

@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.build import build_model, describe_model, resolve_device, tokenizer_from_recipe  # noqa: E402
 from toolkit.config import RecipeError, load_recipe  # noqa: E402
+from toolkit.distributed import ParallelEnv  # noqa: E402
 from toolkit.model import flops_per_token  # noqa: E402
-from toolkit.optim import build_optimizer  # noqa: E402
+from toolkit.parallel.parallelize import parallelize  # noqa: E402
 from toolkit.parallel.runtime import cross_entropy  # noqa: E402
 from toolkit.precision import PrecisionError, autocast_context  # noqa: E402
 from toolkit.profiling import measure_matmul_tflops, peak_tflops  # noqa: E402
-from toolkit.train import apply_training_transforms, peak_memory_gb  # noqa: E402
+from toolkit.train import peak_memory_gb  # noqa: E402
 
 log = logging.getLogger("train_throughput")
 
@@ -73,14 +74,15 @@ def benchmark(args: argparse.Namespace) -> dict:
     log.info("%s", describe_model(model))
     fpt = flops_per_token(model, seq)
     mamba = [b.mixer for b in model.layers if b.kind == "M"]
-    engine = apply_training_transforms(model, cfg, device)
-    optimizer = build_optimizer(model, cfg)
+    # One process: the recipe's float8, checkpointing and compile, in parallelize's order.
+    parallel = parallelize(model, recipe, ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1))
+    engine, optimizer = parallel.fp8_engine, parallel.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.vocab_size
 
     def step() -> float:
         tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device)
-        with autocast_context(cfg.precision, device, engine):
+        with autocast_context(cfg.precision, device, engine, cfg.fp8_recipe):
             logits = model(tokens[:, :-1])
         loss = cross_entropy(logits, tokens[:, 1:], vocab)
         loss.backward()
@@ -118,7 +120,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "versions": versions(),
         "precision": cfg.precision,
         "fp8_engine": engine,
-        "fp8_recipe": cfg.fp8_recipe if engine == "torchao" else None,
+        "fp8_recipe": cfg.fp8_recipe if engine else None,
         "compile": cfg.compile,
         "activation_checkpointing": cfg.activation_checkpointing,
         "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),

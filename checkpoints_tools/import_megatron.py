@@ -7,9 +7,11 @@ Sizes come from the tensors and the checkpoint's `args`; the layer pattern from 
 --att/--mlp, else the args' `hybrid_override_pattern` or ratios; whichever is used must describe
 the layers the files hold (with no information at all, the files' own layers are the pattern).
 Every parameter of the model must be in the files and every tensor in the files must be used.
-Only the files of the checkpoint you name are unpickled; the reference pickles an
-argparse.Namespace, so a weights-only load is tried first and a full one logged. The result
-holds no optimizer state: training from it starts a fresh optimizer (fine-tuning).
+The files are read by a restricted unpickler: tensors, the args' Namespace and RNG states load,
+any other object a file names (an enum in the args, or code) is left as an inert placeholder
+and never run. --trust-pickle unpickles in full instead (the files can then run any code: only
+for files you trust). The result holds no optimizer state: training from it starts a fresh
+optimizer (fine-tuning).
 Exit status: 0 done, 2 bad input (a wrong directory, pattern, missing rank or key), 1 failure.
 """
 
@@ -142,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="real vocabulary (default: the args', else --tokenizer's, else every row)",
     )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle the files in full (they can run code): only for files you trust",
+    )
     parser.add_argument("--name", default="imported", help="run name in the recipe")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     src = Path(cli.src)
     try:
         iteration = latest_iteration(src) if cli.iteration is None else cli.iteration
-        state, margs = load_megatron(src, iteration, progress=True)
+        state, margs = load_megatron(src, iteration, progress=True, trust_pickle=cli.trust_pickle)
         files = find_rank_files(src / f"iter_{iteration:07d}")
         tp, pp = check_grid(files, margs, src / f"iter_{iteration:07d}")
         found = pattern_of(state)

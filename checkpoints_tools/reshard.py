@@ -3,7 +3,11 @@
 Every layout can already read every checkpoint (its arrays are global), so resharding a Zarr
 store only re-chunks it so that each rank of the target layout writes and reads whole chunks of
 its own: use it before a long run at a very different TP. `--format megatron` writes the
-reference framework's per-rank directory instead (iter_*/mp_rank_*/model_optim_rng.pt).
+reference framework's per-rank directory instead (iter_*/mp_rank_*/model_optim_rng.pt), with
+the state-dict keys of Megatron-core's 2024-era hybrid layer specs (the released checkpoints':
+Mamba pre-norm `norm.weight`), or with `--megatron-generation current` of today's
+(`mixer.in_proj.layer_norm_weight`, `mixer.conv1d_weight`); attention and MLP pre-norms are
+fused into `linear_qkv` / `linear_fc1` in both.
 
     python checkpoints_tools/reshard.py --in runs/x/checkpoints --out runs/x-tp4 --tp 4 --pp 2
 """
@@ -33,6 +37,7 @@ from toolkit.checkpoint import (  # noqa: E402
     store,
 )
 from toolkit.checkpoint.megatron import save_megatron  # noqa: E402
+from toolkit.checkpoint.megatron_layout import GENERATIONS  # noqa: E402
 from toolkit.config import RecipeError, recipe_from_dict, validate  # noqa: E402
 from toolkit.parallel import apply_tp  # noqa: E402
 from toolkit.tokenizer import build_tokenizer  # noqa: E402
@@ -152,9 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="target tensor parallelism")
     parser.add_argument("--pp", type=int, default=1, help="target pipeline parallelism")
     parser.add_argument("--format", choices=["zarr", "megatron"], default="zarr")
+    parser.add_argument(
+        "--megatron-generation",
+        choices=GENERATIONS,
+        help="with --format megatron: whose key names (default 2024, as released checkpoints)",
+    )
     args = parser.parse_args(argv)
     if args.tp < 1 or args.pp < 1:
         parser.error("--tp and --pp must be at least 1")
+    if args.megatron_generation and args.format != "megatron":
+        parser.error("--megatron-generation needs --format megatron")
     try:  # bad input: exit 2 before anything is read in full or written
         src = resolve_checkpoint(args.src)
         check_target(src, Path(args.out), args.tp, args.pp, args.format)
@@ -165,8 +177,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "megatron":
             model, recipe, _ = model_from_checkpoint(src)
             step = store.read_metadata(src).get("step", 0)
-            out = save_megatron(model, recipe, args.out, tp=args.tp, pp=args.pp, iteration=step)
-            print(f"wrote a Megatron checkpoint at TP={args.tp} PP={args.pp}: {out}")
+            generation = args.megatron_generation or "2024"
+            out = save_megatron(
+                model,
+                recipe,
+                args.out,
+                tp=args.tp,
+                pp=args.pp,
+                iteration=step,
+                generation=generation,
+            )
+            print(
+                f"wrote a Megatron checkpoint ({generation} keys) at TP={args.tp} PP={args.pp}: "
+                f"{out}"
+            )
             return 0
         summary = reshard_zarr(src, Path(args.out), args.tp, args.pp)
     except (CheckpointError, RecipeError, ValueError) as e:

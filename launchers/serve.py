@@ -98,6 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # oneDNN (CPU convolutions: the Mamba prefill's conv1d) keeps a compiled primitive per input
+    # shape, up to 1,024 of them, and prefill shapes change with every batch of prompts: a CPU
+    # server grew by ~400 MiB over its first thousand requests. A few dozen cover the shapes
+    # that recur. Set before torch loads oneDNN.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     import torch
 
     from toolkit.build import model_from_checkpoint, resolve_device

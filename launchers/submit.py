@@ -9,6 +9,8 @@
     python launchers/submit.py recipes/tiny_hybrid.toml --local --nproc 2 --set parallel.tp=2
 
 With --nproc N, N processes (gloo on CPUs, NCCL on GPUs) run the recipe's TP x PP x DP layout.
+--local exits with status 3 when a signal (SIGTERM) stopped the run before its last step: its
+checkpoint is saved, and the same command resumes it.
 """
 
 import argparse
@@ -48,11 +50,21 @@ def train_command(recipe: str, overrides: list[str]) -> list[str]:
 
 
 def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
-    """Start nproc ranks of `python -m toolkit.train` here; if one fails, stop the others."""
+    """Start nproc ranks of `python -m toolkit.train` here; if one fails, stop the others.
+    SIGTERM and SIGUSR2 are passed on to the ranks, which save a checkpoint at their next step
+    boundary and stop: exit status STOPPED when they stopped before the last step."""
     from toolkit.distributed import free_port  # torch: only when ranks start
+    from toolkit.train import STOPPED
 
     port = str(free_port())
-    procs = []
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR2)}
     for rank in range(nproc):
         env = {
             **os.environ,
@@ -63,20 +75,24 @@ def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
             "LOCAL_RANK": str(rank),
             "OMP_NUM_THREADS": "1",
         }
-        procs.append(subprocess.Popen(train_command(recipe, overrides), env=env))
+        cmd = [*train_command(recipe, overrides), f"--stopped-status={STOPPED}"]
+        procs.append(subprocess.Popen(cmd, env=env))
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [c for c in codes if c not in (None, 0, STOPPED)]
             if failed:
                 stop_all(procs)
                 return failed[0]
-            if all(c == 0 for c in codes):
-                return 0
+            if None not in codes:  # the ranks stop at the same step: all stopped, or none
+                return STOPPED if STOPPED in codes else 0
             time.sleep(0.2)
     except KeyboardInterrupt:
         stop_all(procs)
         return 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
@@ -157,6 +173,16 @@ def submitit_submitter(
     return submit
 
 
+def memory_problem(recipe: Recipe, world: int) -> str | None:
+    """Why the job's layout cannot fit slurm.gpu_memory_gb (the per-rank plan of toolkit/memory.py
+    against it), or None; nothing to check without a GPU size."""
+    if not recipe.slurm.gpu_memory_gb or not recipe.slurm.gpus_per_node:
+        return None
+    from toolkit.memory import check_fits, plan_memory  # torch: only with a GPU size to check
+
+    return check_fits(plan_memory(recipe, world), recipe.slurm.gpu_memory_gb)
+
+
 def submit_to_slurm(args: argparse.Namespace) -> int:
     """Submit through submitit (default) or sbatch (--via sbatch), or print (--dry-run) or write
     (--emit-sbatch) the standalone sbatch script."""
@@ -174,6 +200,10 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
         load_recipe(args.recipe, overrides, world_size=world)  # and the layout against the job
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    too_big = memory_problem(recipe, world)
+    if too_big:
+        print(f"error: {args.recipe}: slurm.gpu_memory_gb: {too_big}", file=sys.stderr)
         return 2
     workdir = Path.cwd()
     logs = log_dir(recipe, workdir)
@@ -311,9 +341,9 @@ def run_here(args: argparse.Namespace) -> int:
         print(f"would run here ({ranks}): {shlex.join(train_command(args.recipe, args.set))}")
         return 0
     if args.nproc == 1:
-        from toolkit.train import run  # torch: only when training starts
+        from toolkit.train import STOPPED, run  # torch: only when training starts
 
-        return run(args.recipe, args.set)
+        return run(args.recipe, args.set, stopped_status=STOPPED)
     return run_local_processes(args.recipe, args.set, args.nproc)
 
 

@@ -1,5 +1,6 @@
-"""A real two-node Slurm cluster on this host for the tests: munged, slurmctld and two slurmd
-(`slurmd -N n1`, `-N n2`), all under one temporary directory, stopped by their pid files."""
+"""A real Slurm cluster on this host for the tests: munged, slurmctld and three slurmd (`slurmd -N
+n1`, `-N n2`, `-N n3`), all under one temporary directory, stopped by their pid files. Jobs take
+two nodes; the third is the spare that a job requeued after losing a node restarts on."""
 
 import os
 import random
@@ -13,6 +14,7 @@ from pathlib import Path
 from toolkit.distributed import free_port
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
+NODES = ("n1", "n2", "n3")
 
 
 def missing_binaries() -> list[str]:
@@ -32,7 +34,7 @@ class SlurmCluster:
     def start(self) -> "SlurmCluster":
         r = self.root
         r.chmod(0o700)  # munged refuses group- or world-writable directories
-        for d in ("state", "spool/n1", "spool/n2", "log"):
+        for d in ("state", "log", *(f"spool/{node}" for node in NODES)):
             (r / d).mkdir(parents=True, exist_ok=True)
         key = r / "munge.key"
         key.write_bytes(os.urandom(1024))
@@ -50,7 +52,12 @@ class SlurmCluster:
             ],
             check=True,
         )
-        ctld, p1, p2 = free_port(), free_port(), free_port()
+        ctld = free_port()
+        nodes = "\n".join(
+            f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} CPUs=2 RealMemory=4000 "
+            "State=UNKNOWN"
+            for node in NODES
+        )
         # Job ids from a random start: the ranks' rendezvous port comes from the job id, and two
         # test clusters on one host (parallel test runs) would otherwise both start at job 1.
         self.conf.write_text(
@@ -80,13 +87,16 @@ FirstJobId={random.randrange(1, 20000)}
 EnforcePartLimits=ALL
 MinJobAge=600
 KillWait=30
-NodeName=n1 NodeAddr=127.0.0.1 Port={p1} CPUs=2 RealMemory=4000 State=UNKNOWN
-NodeName=n2 NodeAddr=127.0.0.1 Port={p2} CPUs=2 RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+# A node whose slurmd stops answering is DOWN (its jobs requeued) within about 20 s, not 5 min;
+# a live slurmd answers the pings in milliseconds.
+SlurmdTimeout=5
+MessageTimeout=5
+{nodes}
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
         )
         subprocess.run([_sbin("slurmctld"), "-i"], env=self.env, check=True)
-        for node in ("n1", "n2"):
+        for node in NODES:
             subprocess.run([_sbin("slurmd"), "-N", node], env=self.env, check=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -113,13 +123,93 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout} s")
 
+    def job_nodes(self, job_id: str) -> list[str]:
+        """The nodes the job runs on (its latest allocation), the batch script's first."""
+        out = self.run("scontrol", "show", "job", job_id).stdout
+        nodelist = dict(f.split("=", 1) for f in out.split() if "=" in f).get("NodeList", "")
+        return self.run("scontrol", "show", "hostnames", nodelist).stdout.split()
+
+    def processes(self, *marks: str) -> set[int]:
+        """This cluster's processes on this host (daemons, step daemons, job scripts and tasks all
+        have its SLURM_CONF in their environment) whose environment also holds every mark."""
+        wanted = {f"SLURM_CONF={self.conf}".encode(), *(m.encode() for m in marks)}
+        pids = set()
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and wanted <= set(
+                    (proc / "environ").read_bytes().split(b"\0")
+                ):
+                    pids.add(int(proc.name))
+            except OSError:
+                pass  # gone meanwhile
+        return pids
+
+    def job_processes(self, job_id: str, node: str | None = None) -> set[int]:
+        """The job's processes (on `node` only, if given), and the slurmstepd daemons above them."""
+        marks = [f"SLURM_JOB_ID={job_id}"] + ([f"SLURMD_NODENAME={node}"] if node else [])
+        pids = self.processes(*marks)
+        for pid in list(pids):
+            try:
+                parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                if Path("/proc", parent, "cmdline").read_bytes().startswith(b"slurmstepd"):
+                    pids.add(int(parent))
+            except (OSError, ValueError):
+                pass  # gone meanwhile
+        return pids
+
+    def lose_node(self, node: str, job_id: str) -> set[int]:
+        """Take `node` away as a crash would: its slurmd and the job's step daemons and tasks there
+        are all stopped first (none can tell another, or slurmctld, what happens next), then
+        killed. Returns the pids killed."""
+        pids = {
+            int((self.root / f"slurmd-{node}.pid").read_text()),
+            *self.job_processes(job_id, node),
+        }
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        return pids
+
+    def node_state(self, node: str) -> str:
+        """IDLE, MIXED, DOWN+NOT_RESPONDING, ... (`scontrol show node`)."""
+        out = self.run("scontrol", "show", "node", node).stdout
+        return dict(f.split("=", 1) for f in out.split() if "=" in f).get("State", "UNKNOWN")
+
+    def start_node(self, node: str, timeout: float = 60) -> None:
+        """Start `node`'s slurmd again and wait until slurmctld has it back in service
+        (ReturnToService=2 returns a node that was DOWN for not responding)."""
+        subprocess.run([_sbin("slurmd"), "-N", node], env=self.env, check=True)
+        deadline = time.monotonic() + timeout
+        out_of_service = {"DOWN", "NOT_RESPONDING", "UNKNOWN"}
+        while out_of_service & set((state := self.node_state(node)).split("+")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"node {node} still {state!r} {timeout} s after its slurmd started"
+                )
+            time.sleep(0.5)
+
     def stop(self) -> None:
+        """Cancel the jobs and let them end (a step daemon whose slurmd and slurmctld are gone
+        never exits), stop the daemons, then kill whatever of this cluster still runs."""
         self.run("scancel", "--full", "-u", "root")
-        for name in ("slurmd-n1", "slurmd-n2", "slurmctld", "munged"):
+        deadline = time.monotonic() + 45  # KillWait=30 for ranks that do not stop on SIGTERM
+        while self.run("squeue", "-h").stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for name in (*(f"slurmd-{node}" for node in NODES), "slurmctld", "munged"):
             pid_file = self.root / f"{name}.pid"
             if pid_file.exists():
                 try:
                     os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
                 except (ProcessLookupError, ValueError):
                     pass
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while (left := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -104,10 +104,11 @@ MALFORMED = [
     case("slurm-newline", 'slurm.partition="a\\nb"', words=("recipe.toml", "slurm.partition")),
     case("slurm-nodes", "slurm.nodes=0", words=("recipe.toml", "slurm.nodes")),
     case(
-        "fp8-tp2",
+        "fp8-te-checkpointing",
         "train.precision='fp8'",
-        "parallel.tp=2",
-        words=("recipe.toml", "train.precision", "parallel.tp"),
+        "train.fp8_engine='transformer_engine'",
+        "train.activation_checkpointing='full'",
+        words=("recipe.toml", "train.activation_checkpointing", "train.fp8_engine"),
     ),
     case("tp-heads", "parallel.tp=3", words=("recipe.toml", "parallel.tp", "divisible")),
     case("pp-layers", "parallel.pp=3", words=("recipe.toml", "parallel.pp")),
@@ -317,3 +318,14 @@ def test_bad_flags_and_paths_of_the_other_tools(tmp_path, checkpoint, args, word
     if args[0].endswith(".py"):
         args[0] = str(ROOT / args[0])
     assert_refused(run(*args, cwd=tmp_path), tmp_path, before, *words)
+
+
+def test_a_layout_that_cannot_fit_the_gpus_is_refused_before_submission(tmp_path):
+    """The 8B recipe planned against 40 GB GPUs (55.6 GB a rank at TP=4 + SP): refused, naming
+    the largest term of the memory plan; the 80 GB it ships with passes."""
+    recipe = str(ROOT / "recipes" / "8b_hybrid.toml")
+    small = ["--set", "slurm.gpu_memory_gb=40", "--dry-run"]
+    proc = run(SUBMIT, recipe, *small, cwd=tmp_path)
+    assert_refused(proc, tmp_path, set(), "8b_hybrid.toml", "slurm.gpu_memory_gb", "activations")
+    proc = run(SUBMIT, recipe, "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("#!"), proc.stderr[-2000:]

@@ -247,6 +247,23 @@ def test_a_corrupted_chunk_stops_the_restore_with_an_error_naming_it(tmp_path):
         assert torch.equal(p[:rows], q[:rows]), name
 
 
+def test_damaged_array_metadata_is_a_checkpoint_error_naming_it(tmp_path):
+    """A resume passes over a checkpoint that raises CheckpointError: a damaged zarr.json must be
+    one (not a JSONDecodeError or KeyError from deep inside), naming the file or array."""
+    model = full_model()
+    path = save_single(tmp_path, model)
+    meta = path / "model" / "layers.1.mixer.linear_proj.weight" / "zarr.json"
+    text = meta.read_bytes()
+    meta.write_bytes(text[: len(text) // 2])  # truncated
+    with pytest.raises(CheckpointError, match=f"{meta}: unreadable array metadata"):
+        restore(path, full_model(seed=3), None, view(model))
+    meta.write_bytes(text.replace(b'"shape"', b'"shap\xc3\xa9"'))  # parses, a key is wrong
+    with pytest.raises(
+        CheckpointError, match="array 'model/layers.1.mixer.linear_proj.weight' has malformed"
+    ):
+        restore(path, full_model(seed=3), None, view(model))
+
+
 def test_restore_rejects_another_model(tmp_path):
     path = save_single(tmp_path, full_model())
     wider = full_model(hidden_size=64)

@@ -99,3 +99,36 @@ def test_reshard_refuses_an_output_that_holds_the_step(tmp_path, checkpoint):
     proc = tool("reshard", "--in", checkpoint, "--out", checkpoint.parent)
     assert proc.returncode == 2
     assert f"--out {checkpoint.parent} already holds {checkpoint.name}" in proc.stderr
+
+
+def test_reshard_writes_megatron_files_of_either_generation(tmp_path, checkpoint):
+    """--format megatron writes 2024-era keys by default (a Mamba layer's own norm.weight) and
+    current ones on request (fused into in_proj, conv1d_weight); attention and MLP pre-norms
+    are fused in both, and import_megatron.py reads each back to the same weights."""
+    from toolkit.checkpoint.megatron import load_rank_file
+
+    a, _, _ = model_from_checkpoint(checkpoint)  # pattern MM-*M-
+    for generation, tp, pp in (("2024", 1, 1), ("current", 2, 2)):
+        flags = [] if generation == "2024" else ["--megatron-generation", generation]
+        mg = tmp_path / generation
+        argv = ["--in", checkpoint, "--out", mg, "--tp", tp, "--pp", pp, "--format", "megatron"]
+        proc = tool("reshard", *argv, *flags)
+        assert proc.returncode == 0, proc.stderr
+        assert f"({generation} keys) at TP={tp} PP={pp}" in proc.stdout
+        first = next(mg.glob(f"iter_*/mp_rank_00{'_000' if pp > 1 else ''}/model_optim_rng.pt"))
+        keys = set(load_rank_file(first)["model"])
+        mamba = {"2024": "norm.weight", "current": "mixer.in_proj.layer_norm_weight"}
+        assert f"decoder.layers.0.{mamba[generation]}" in keys
+        assert ("decoder.layers.0.mixer.conv1d_weight" in keys) == (generation == "current")
+        assert "decoder.layers.2.mlp.linear_fc1.layer_norm_weight" in keys
+        assert "decoder.layers.2.norm.weight" not in keys
+        proc = tool("import_megatron", "--in", mg, "--out", tmp_path / f"back-{generation}")
+        assert proc.returncode == 0, proc.stderr
+        b, _, _ = model_from_checkpoint(tmp_path / f"back-{generation}")
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p[:259], q[:259]), (generation, name)
+    proc = tool(
+        "reshard", "--in", checkpoint, "--out", tmp_path / "z", "--megatron-generation", "current"
+    )
+    assert proc.returncode == 2 and "needs --format megatron" in proc.stderr
+    assert not (tmp_path / "z").exists()

@@ -173,9 +173,9 @@ BROKEN = [
         "int-bool",
     ),
     case(
-        ["parallel.sequence_parallel=true"],
-        r"^parallel\.sequence_parallel: is not implemented yet",
-        "unimplemented-sequence-parallel",
+        ["parallel.sequence_parallel=true", "parallel.tp=2", "model.seq_length=33"],
+        r"^parallel\.sequence_parallel: model\.seq_length 33 does not split into TP=2 equal parts",
+        "sequence-parallel-length",
     ),
     case(["train.lr=true"], r"^train\.lr: expected float, got bool True", "bool-float"),
     case(["train.lr='fast'"], r"^train\.lr: expected float, got str 'fast'", "str-float"),
@@ -416,9 +416,13 @@ BROKEN += [
         "slurm-ranks-gpus",
     ),
     case(
-        ["train.precision='fp8'", "parallel.tp=2"],
-        r"^train\.precision: 'fp8' with parallel\.tp = 2 is not supported yet",
-        "fp8-tp",
+        [
+            "train.precision='fp8'",
+            "train.fp8_engine='transformer_engine'",
+            "train.activation_checkpointing='full'",
+        ],
+        r"^train\.activation_checkpointing: with Transformer Engine's fp8 is not supported yet",
+        "fp8-te-checkpointing",
     ),
 ]
 
@@ -701,5 +705,10 @@ def test_world_size_errors_start_with_the_path(tmp_path):
     path.write_text((RECIPE_DIR / "tiny_hybrid.toml").read_text())
     with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: parallel: TP x PP x DP"):
         load_recipe(path, ["parallel.tp=2"], world_size=1)
-    with pytest.raises(RecipeError, match=r"^train\.precision: 'fp8' with parallel\.tp = 2"):
-        recipe_from_dict(base_table(), ["train.precision='fp8'", "parallel.tp=2"], world_size=1)
+    te_ac = [
+        "train.precision='fp8'",
+        "train.fp8_engine='transformer_engine'",
+        "train.activation_checkpointing='full'",
+    ]
+    with pytest.raises(RecipeError, match=r"^train\.activation_checkpointing: with Transformer"):
+        recipe_from_dict(base_table(), te_ac, world_size=1)

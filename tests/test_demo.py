@@ -1,7 +1,10 @@
 """The demo path end to end, as a user runs it: launcher -> training -> TensorBoard events ->
 Zarr checkpoint -> generation CLI (a shortened run of recipes/tiny_hybrid.toml)."""
 
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,9 +154,16 @@ def test_local_launcher_kills_ranks_that_ignore_sigterm():
     spec = importlib.util.spec_from_file_location("submit", ROOT / "launchers" / "submit.py")
     submit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(submit)
-    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-    procs = [subprocess.Popen([sys.executable, "-c", stubborn]) for _ in range(2)]
-    time.sleep(0.5)  # let them install the handler
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for p in procs:  # SIGTERM ignored from here on (a fixed sleep raced a loaded machine)
+        assert p.stdout.readline() == "ready\n"
     start = time.monotonic()
     submit.stop_all(procs, grace_s=1.0)
     assert time.monotonic() - start < 10
@@ -177,3 +187,82 @@ def test_dry_run_prints_the_sbatch_script():
         "#!/bin/bash\n#SBATCH --job-name=tiny_hybrid\n#SBATCH --nodes=2\n"
     )
     assert "--gpus-per-node" not in proc.stdout and "srun --kill-on-bad-exit=1" in proc.stdout
+
+
+def read_until(stream, pattern: str) -> str:
+    """Lines of a child's output up to the first that matches `pattern` (all of it at its end)."""
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if re.search(pattern, line):
+            break
+    return "".join(seen)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_says_it_stopped_when_a_signal_cuts_the_training_short(tmp_path):
+    """`make demo` in a scratch directory (the repository's files linked in, a 'venv' whose
+    python records its pid): SIGTERM to the training saves a checkpoint and stops it; the demo
+    must then say it stopped, generate nothing and fail, not call itself finished."""
+    for name in ("Makefile", "toolkit", "launchers", "recipes", "pyproject.toml"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    venv, pids = tmp_path / "venv", tmp_path / "pids"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho $$ >> {pids}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()  # installed: the demo installs nothing here
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "demo", f"VENV={venv}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out = read_until(proc.stdout, r"step 1/240 loss")
+        trainer = int(pids.read_text().split()[0])  # launchers/submit.py --local: one rank
+        os.kill(trainer, signal.SIGTERM)
+        out += proc.stdout.read()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert "stop signal received: stopping after step" in out, out[-3000:]
+    assert "demo stopped: a signal cut the training short" in out
+    assert "demo finished" not in out and "--- prompt" not in out
+    assert proc.returncode != 0
+    assert len(pids.read_text().split()) == 1  # the generation never ran
+    latest = (tmp_path / "runs" / "tiny_hybrid" / "checkpoints" / "latest").read_text()
+    assert latest.startswith("step_") and int(latest.strip()[5:]) < 240
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_installs_only_the_runtime_dependencies(tmp_path):
+    """What `make -n` would run: the demo installs the toolkit alone (no pytest, transformers,
+    lm-eval, torchao...); test and lint add the dev extras, each once (a stamp file each)."""
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    venv = tmp_path / "venv"
+
+    def planned(target: str) -> str:
+        proc = subprocess.run(
+            ["make", "-n", target, f"VENV={venv}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    demo = planned("demo")
+    assert "-m pip install --disable-pip-version-check -q -e .\n" in demo
+    assert "[dev]" not in demo and "launchers/submit.py recipes/tiny_hybrid.toml --local" in demo
+    for target in ("test", "lint"):
+        assert '-q -e ".[dev]"' in planned(target)
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()
+    assert "pip install" not in planned("demo")
+    assert "pip install" in planned("test")  # the dev extras are still missing
+    (venv / ".installed-dev").touch()
+    assert "pip install" not in planned("test") and "pip install" not in planned("lint")

@@ -13,19 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import tiny_model_config
-from toolkit.build import save_model_checkpoint
-from toolkit.checkpoint.hf import byte_tokenizer_files, export_hf
-from toolkit.config import recipe_from_dict
-from toolkit.model import HybridLM
-from toolkit.tokenizer import ByteTokenizer, build_tokenizer
+# transformers is a dev extra: without it these tests skip, not fail.
+pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install -e '.[dev]')"
+)
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from tests.conftest import tiny_model_config  # noqa: E402
+from toolkit.build import save_model_checkpoint  # noqa: E402
+from toolkit.checkpoint.hf import byte_tokenizer_files, export_hf  # noqa: E402
+from toolkit.config import recipe_from_dict  # noqa: E402
+from toolkit.model import HybridLM  # noqa: E402
+from toolkit.tokenizer import ByteTokenizer, build_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 259
-# fp32 logits of size ~1.3: max |ours - transformers'| measured 3.6e-7 to 4.8e-7 (relu2 and gelu,
-# 5 seeds, 8 layers, 40 tokens); the bound is 10x that.
+# fp32 logits of size ~1.3: max |ours - transformers'| measured 3.6e-7 to 4.8e-7 here (relu2 and
+# gelu, 5 seeds, 8 layers, 40 tokens), up to 2.0e-6 with other trained weights: the promised bound.
 TOLERANCE = 5e-6
 
 

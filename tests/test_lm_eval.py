@@ -10,17 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_eval.api.instance import Instance
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-import toolkit
-from tests.test_engine import one_thread  # noqa: F401 (autouse fixture)
-from toolkit import evaluate
-from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint
-from toolkit.config import load_recipe
-from toolkit.inference.generate import generate
-from toolkit.lm_eval_adapter import HybridToolkitLM
-from toolkit.tokenizer import build_tokenizer
+# lm-eval is an optional extra (.[eval], in .[dev]): without it these tests skip, not fail.
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
+
+import toolkit  # noqa: E402
+from tests.test_engine import one_thread  # noqa: E402, F401 (autouse fixture)
+from toolkit import evaluate  # noqa: E402
+from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint  # noqa: E402
+from toolkit.config import load_recipe  # noqa: E402
+from toolkit.inference.generate import generate  # noqa: E402
+from toolkit.lm_eval_adapter import HybridToolkitLM  # noqa: E402
+from toolkit.tokenizer import build_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64  # short, so that long contexts are truncated and documents span several windows

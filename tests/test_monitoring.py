@@ -2,6 +2,7 @@
 a torch.profiler trace of chosen steps, NVTX ranges around blocks, and the PNG report."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_tensorboard_holds_every_metric(run):
         "train/consumed_samples",
         "perf/step_time_s",
         "perf/tokens_per_s",
-        "perf/tflops_per_gpu",
+        "perf/tflops_per_rank",
         "perf/mfu",
         "perf/peak_memory_gb",
         "model/parameters",
@@ -54,12 +55,21 @@ def test_tensorboard_holds_every_metric(run):
     assert scalar["train/loss"] == pytest.approx(result.losses, rel=1e-6)
     for step in range(1, 5):
         assert scalar["train/lr"][step] == pytest.approx(learning_rate(step - 1, recipe.train))
-        assert scalar["perf/mfu"][step] == pytest.approx(scalar["perf/tflops_per_gpu"][step] / 0.5)
+        assert scalar["perf/mfu"][step] == pytest.approx(scalar["perf/tflops_per_rank"][step] / 0.5)
         assert scalar["perf/tokens_per_s"][step] == pytest.approx(
             4 * 32 / scalar["perf/step_time_s"][step], rel=1e-4
         )
         assert scalar["train/consumed_samples"][step] == 4 * step
     assert set(acc.Tags()["tensors"]) >= {"recipe/text_summary", "pattern/text_summary"}
+
+
+def test_the_step_log_says_tflops_per_rank(tmp_path, caplog):
+    """A CPU run has no GPU: its TFLOP/s are per rank (one GPU each, on GPUs)."""
+    with caplog.at_level(logging.INFO, logger="toolkit.train"):
+        train(make_recipe(tmp_path, RANDOM_TEXT, steps=1))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/1 ")]
+    assert len(lines) == 1 and " TFLOP/s per rank " in lines[0], lines
+    assert "GPU" not in lines[0]
 
 
 def test_profiler_traces_the_chosen_steps(run):

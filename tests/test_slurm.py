@@ -211,3 +211,60 @@ def test_chained_jobs_continue_one_run(cluster, tmp_path, via):
     text = finished_log(cluster, tmp_path, second, via)
     assert "resumed from" in text and "at step 2" in text  # the second job found the run done
     assert not re.search(r"step \d+/2 loss", text)
+
+
+def tensorboard_losses(event_file: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def test_lost_node_requeues_and_resumes_from_last_checkpoint(cluster, tmp_path):
+    """A node lost mid-job: the second node's slurmd, step daemon and rank are killed at once.
+    Rank 0 fails at its next collective, slurmctld declares the node DOWN after SlurmdTimeout and
+    requeues the job, which restarts on the other two nodes and resumes from the last published
+    checkpoint: the steps since it run again with the same losses, none is skipped."""
+    steps = 16
+    sets = {"train.steps": steps, "checkpoint.interval": 4, "checkpoint.keep_last": 0}
+    sets |= {"train.global_batch_size": 4, "train.micro_batch_size": 2}  # short steps
+    args = [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
+    job_id = submitted(submit_run(cluster, tmp_path, *args))
+    log, ckpts = log_path(tmp_path, job_id), tmp_path / "runs" / "ck"
+    wait_for(log, f"step 5/{steps} loss")  # past the checkpoint of step 4
+    lost = cluster.job_nodes(job_id)[1]  # the first would take rank 0's log with it
+    try:
+        cluster.lose_node(lost, job_id)
+        assert cluster.wait(job_id, ("PENDING", "FAILED", "COMPLETED", "NODE_FAIL")) == "PENDING"
+        deadline = time.monotonic() + 60  # Slurm ends what is left of the run
+        while left := cluster.job_processes(job_id):
+            assert time.monotonic() < deadline, f"job {job_id} still runs {left}"
+            time.sleep(0.5)
+        first = log.read_text()
+        assert f"srun: error: Node failure on {lost}" in first
+        assert "Restarts=1" in cluster.run("scontrol", "show", "job", job_id).stdout
+        # Only published checkpoints are named; a save cut short stays a .tmp- directory.
+        latest = (ckpts / "latest").read_text().strip()
+        published = sorted(p.name for p in ckpts.glob("step_*"))
+        assert latest == published[-1] and latest >= "step_00000004", published
+        assert all(p.name.startswith((".tmp-step_", ".latest")) for p in ckpts.glob(".*"))
+
+        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip the hold
+        text = finished_log(cluster, tmp_path, job_id)[len(first) :]  # appended to the same log
+        assert lost not in cluster.job_nodes(job_id)
+    finally:
+        cluster.start_node(lost)  # for the tests after this one
+    assert "restart 1" in text
+    resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+    assert f"step_{resumed_at:08d}" == latest
+    before = dict(re.findall(rf"step (\d+)/{steps} loss ([\d.]+)", first))
+    after = dict(re.findall(rf"step (\d+)/{steps} loss ([\d.]+)", text))
+    assert sorted(map(int, after)) == list(range(resumed_at + 1, steps + 1))  # nothing skipped
+    repeated = sorted(set(before) & set(after), key=int)
+    assert len(repeated) >= 5 - resumed_at and all(before[s] == after[s] for s in repeated)
+    # Exactly, not to four decimals: the float32 losses of both runs in TensorBoard.
+    events = sorted((tmp_path / "runs" / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 2
+    lost_run, resumed = (tensorboard_losses(e) for e in events)
+    assert all(lost_run[int(s)] == resumed[int(s)] for s in repeated)

@@ -1,6 +1,10 @@
 """The training loop: learning, exact resume, NaN policy, schedules, optimizer groups, signals."""
 
+import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,16 +77,16 @@ def test_resume_refuses_a_different_model(tmp_path):
 
 def poison_loss(monkeypatch, bad_calls: set[int]):
     """Make the loss non-finite on the given loss_fn calls (0-based), as a blow-up would."""
-    import toolkit.parallel.runtime as runtime
+    import toolkit.parallel.parallelize as parallelize  # where the trainer's loss is chosen
 
-    real, calls = runtime.cross_entropy, [0]
+    real, calls = parallelize.cross_entropy, [0]
 
     def loss_fn(logits, labels, **kwargs):
         loss = real(logits, labels, **kwargs)
         calls[0] += 1
         return loss * float("nan") if calls[0] - 1 in bad_calls else loss
 
-    monkeypatch.setattr(runtime, "cross_entropy", loss_fn)
+    monkeypatch.setattr(parallelize, "cross_entropy", loss_fn)
 
 
 def test_nan_loss_stops(tmp_path, monkeypatch):
@@ -260,3 +264,131 @@ def test_clip_grad_norm_equals_torchs(max_norm):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
     assert ours[-1].grad is None
+
+
+# ---- resuming past a damaged checkpoint (checkpoint.on_corrupt) ----
+
+DAMAGED = ("model", "output_layer.weight", "c", "1", "0")  # a chunk of a model array
+
+
+def damage(step_dir, how: str) -> None:
+    """Flip one bit of a chunk, or cut the chunk file short, as a bad disk or copy would."""
+    chunk = step_dir.joinpath(*DAMAGED)
+    data = bytearray(chunk.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[len(data) // 2 :]
+    chunk.write_bytes(bytes(data))
+
+
+def checkpoint_recipe(tmp_path, steps: int, on_corrupt: str = "fallback"):
+    """Checkpoints every 2 steps, the same lr schedule whatever `steps` is."""
+    recipe = make_recipe(tmp_path, RANDOM_TEXT, steps=steps, decay_steps=6)
+    recipe.checkpoint.interval = 2
+    recipe.checkpoint.keep_last = 2
+    recipe.checkpoint.on_corrupt = on_corrupt
+    return recipe
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog, how):
+    first = train(checkpoint_recipe(tmp_path, steps=4))
+    ckpt = tmp_path / "ckpt"
+    damage(ckpt / "step_00000004", how)
+    damaged = (ckpt / "step_00000004").joinpath(*DAMAGED).read_bytes()
+
+    with caplog.at_level(logging.WARNING):
+        resumed = train(checkpoint_recipe(tmp_path, steps=6))
+    assert sorted(resumed.losses) == [3, 4, 5, 6]  # it resumed from step 2, not from scratch
+    for step in (3, 4):  # and continued bit for bit as the run that wrote step 2 did
+        assert resumed.losses[step] == first.losses[step], (step, resumed.losses, first.losses)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        f"checkpoint {ckpt / 'step_00000004'} is damaged" in w
+        and "array 'model/output_layer.weight': chunk c/1/0 is corrupted" in w
+        for w in warnings
+    ), warnings
+    assert any(
+        f"RESUMING FROM AN OLDER CHECKPOINT: {ckpt / 'step_00000002'} (step 2)" in w
+        and "steps 3-4 (2 steps) will be trained again" in w
+        and "kept as corrupt-step_00000004" in w
+        for w in warnings
+    ), warnings
+    # The damaged checkpoint is kept as it was, out of retention's way; step 4 was saved anew,
+    # `latest` follows the new saves, and keep_last=2 removed step 2 as usual.
+    assert (ckpt / "corrupt-step_00000004").joinpath(*DAMAGED).read_bytes() == damaged
+    assert sorted(p.name for p in ckpt.iterdir() if "step" in p.name) == [
+        "corrupt-step_00000004",
+        "step_00000004",
+        "step_00000006",
+    ]
+    assert (ckpt / "latest").read_text() == "step_00000006\n"
+    again = train(checkpoint_recipe(tmp_path, steps=6))  # the new step 4 and 6 are intact
+    assert again.losses == {}
+
+
+def test_a_damaged_latest_pointer_falls_back_to_the_newest_checkpoint(tmp_path, caplog):
+    train(checkpoint_recipe(tmp_path, steps=4))
+    (tmp_path / "ckpt" / "latest").write_bytes(b"step_0\x80000004\n")
+    with caplog.at_level(logging.WARNING):
+        resumed = train(checkpoint_recipe(tmp_path, steps=6))
+    assert sorted(resumed.losses) == [5, 6]
+    assert "trying the newest published checkpoint instead" in caplog.text
+
+
+def write_toml(path, table: dict) -> None:
+    def value(v):
+        return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v
+
+    lines = []
+    for section, keys in table.items():
+        lines += [f"[{section}]", *(f"{k} = {value(v)}" for k, v in keys.items() if v is not None)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def train_cli(tmp_path, recipe) -> subprocess.CompletedProcess:
+    table = recipe.to_dict()
+    for section in ("parallel", "slurm", "name"):
+        table.pop(section)
+    table["train"].pop("profile")
+    write_toml(tmp_path / "recipe.toml", table)
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.train", str(tmp_path / "recipe.toml")],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_resume_with_no_intact_checkpoint_exits_1_with_one_line(tmp_path):
+    train(checkpoint_recipe(tmp_path, steps=4))
+    ckpt = tmp_path / "ckpt"
+    damage(ckpt / "step_00000004", "flip")
+    damage(ckpt / "step_00000002", "truncate")
+    proc = train_cli(tmp_path, checkpoint_recipe(tmp_path, steps=6))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, proc.stderr
+    assert f"no intact checkpoint to resume from in {ckpt}" in errors[0]
+    assert "step_00000004: " in errors[0] and "step_00000002: " in errors[0]
+    # Nothing was moved or re-pointed: the user finds the directory as it was.
+    assert sorted(p.name for p in ckpt.glob("*step*")) == ["step_00000002", "step_00000004"]
+    assert (ckpt / "latest").read_text() == "step_00000004\n"
+
+
+def test_on_corrupt_fail_exits_1_naming_the_damaged_checkpoint(tmp_path):
+    train(checkpoint_recipe(tmp_path, steps=4))
+    ckpt = tmp_path / "ckpt"
+    damage(ckpt / "step_00000004", "flip")
+    proc = train_cli(tmp_path, checkpoint_recipe(tmp_path, steps=6, on_corrupt="fail"))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, proc.stderr
+    assert f"checkpoint {ckpt / 'step_00000004'} is damaged" in errors[0]
+    assert "'model/output_layer.weight': chunk c/1/0 is corrupted" in errors[0]
+    assert "checkpoint.on_corrupt='fail'" in errors[0]
+    assert sorted(p.name for p in ckpt.glob("*step*")) == ["step_00000002", "step_00000004"]

@@ -128,8 +128,16 @@ class TrainConfig:
         "Engine if importable, else torchao; CUDA with compute capability >= 8.9), the first and "
         "last blocks, embedding and output layer in bf16",
     )
-    fp8_recipe: Literal["tensorwise", "rowwise"] = opt(
-        "tensorwise", "torchao float8 scaling with precision='fp8' (tensorwise was faster here)"
+    fp8_engine: Literal["auto", "transformer_engine", "torchao"] = opt(
+        "auto",
+        "float8 library with precision='fp8': auto takes the one installed; with both, torchao "
+        "when train.compile is on (it was faster here), Transformer Engine when it is off",
+    )
+    fp8_recipe: Literal["tensorwise", "rowwise", "delayed"] = opt(
+        "tensorwise",
+        "float8 scaling with precision='fp8': tensorwise (one scale per tensor from its current "
+        "amax: torchao tensorwise, Transformer Engine Float8CurrentScaling), rowwise (torchao "
+        "only), delayed (scales from an amax history: Transformer Engine DelayedScaling only)",
     )
     activation_checkpointing: Any = opt(
         "none",
@@ -145,7 +153,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop, or skip the step")
     max_skipped_steps: int = opt(10, "with nan_policy=skip, stop after this many skips in a row")
-    sample_prompt: str = opt("", "if set, print a greedy continuation of it after training")
+    sample_prompt: str = opt(
+        "", "if set, print a sampled continuation of it after training (temperature 0.7, top-k 20)"
+    )
     profile: ProfileConfig = opt(None, "profiling: train.profile = {start = 10, steps = 3}")
     eval_interval: int = opt(0, "validation loss every N steps and at the end (0: never)")
     eval_batches: int = opt(4, "micro-batches per validation (the same ones every time)")
@@ -156,7 +166,9 @@ class ParallelConfig:
     tp: int = opt(1, "tensor-parallel degree")
     pp: int = opt(1, "pipeline-parallel degree")
     dp: int = opt(-1, "data-parallel degree (-1: world size / (tp x pp))")
-    sequence_parallel: bool = opt(False, "shard norms/activations along the sequence under TP")
+    sequence_parallel: bool = opt(
+        False, "split the residual stream and norms along the sequence over TP ranks (TP > 1)"
+    )
     shard_optimizer: bool = opt(
         True, "with DP > 1, each rank keeps only its share of the Adam state"
     )
@@ -169,6 +181,11 @@ class CheckpointConfig:
     interval: int = opt(0, "save every N steps (0: only at the end)")
     keep_last: int = opt(2, "how many published checkpoints to keep (0: all)")
     resume: bool = opt(True, "resume from the latest checkpoint in dir if there is one")
+    on_corrupt: Literal["fallback", "fail"] = opt(
+        "fallback",
+        "resuming from a damaged checkpoint (a chunk's checksum or size is wrong): fall back to "
+        "the newest intact one, with a warning naming what was skipped; or fail (exit 1)",
+    )
     async_save: bool = opt(
         False, "write checkpoints in a background thread (costs one CPU copy of each rank's share)"
     )
@@ -206,6 +223,9 @@ class SlurmConfig:
     )
     signal_delay_s: int = opt(90, "seconds before the limit to signal a checkpoint-and-requeue")
     max_num_timeout: int = opt(3, "how many times a job may requeue after a timeout")
+    gpu_memory_gb: float = opt(
+        0.0, "memory of one GPU in GB (0: unknown); submission refuses a layout that cannot fit"
+    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -422,6 +442,7 @@ RANGES = {
     "slurm.cpus_per_task": "[1, inf)",
     "slurm.signal_delay_s": "[1, inf)",
     "slurm.max_num_timeout": "[0, inf)",
+    "slurm.gpu_memory_gb": "[0, inf)",
 }
 _INTERVAL = re.compile(r"([\[(])(\S+), (\S+)([\])])")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -515,14 +536,19 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
 
 def check_supported(r: Recipe) -> None:
     """Combinations of valid settings that the code does not implement yet, refused here rather
-    than failing once the job runs: the one place to lift each when its implementation lands
-    (train.apply_training_transforms keeps a guard for fp8 with TP, for callers that skip this)."""
-    _check(not r.parallel.sequence_parallel, "parallel.sequence_parallel", "is not implemented yet")
+    than failing once the job runs: the one place to lift each when its implementation lands.
+    (With train.fp8_engine='auto' the engine is known only where the job runs: there
+    parallelize.apply_float8 refuses the same combination.)"""
+    t = r.train
     _check(
-        r.train.precision != "fp8" or r.parallel.tp == 1,
-        "train.precision",
-        f"'fp8' with parallel.tp = {r.parallel.tp} is not supported yet (FP8 under tensor "
-        "parallelism is not implemented): use parallel.tp = 1, or train.precision = 'bf16'",
+        not (
+            t.precision == "fp8"
+            and t.fp8_engine == "transformer_engine"
+            and t.activation_checkpointing not in ("none", False, [])
+        ),
+        "train.activation_checkpointing",
+        "with Transformer Engine's fp8 is not supported yet (checkpointing recomputes outside "
+        "its autocast): use train.activation_checkpointing='none' or train.fp8_engine='torchao'",
     )
 
 
@@ -583,6 +609,12 @@ def _validate_parallel(r: Recipe, layout: LayerLayout) -> None:
             "parallel.tp",
             f"ffn size {m.ffn_size} is not divisible by TP={tp}",
         )
+    if p.sequence_parallel:
+        _check(
+            m.seq_length % tp == 0,
+            "parallel.sequence_parallel",
+            f"model.seq_length {m.seq_length} does not split into TP={tp} equal parts",
+        )
     stages = len(layout.stages)
     if stages > 1:
         _check(
@@ -603,6 +635,19 @@ def _validate_train(r: Recipe) -> None:
         t.activation_checkpointing, "train.activation_checkpointing", ("none", "full")
     )
     _check_block_kinds(t.compile, "train.compile", (False, True))
+    if t.precision == "fp8":
+        _check(
+            not (t.fp8_engine == "torchao" and t.fp8_recipe == "delayed"),
+            "train.fp8_recipe",
+            "'delayed' is Transformer Engine's recipe (torchao has no delayed scaling): use "
+            "'tensorwise' or 'rowwise', or train.fp8_engine='transformer_engine'",
+        )
+        _check(
+            not (t.fp8_engine == "transformer_engine" and t.fp8_recipe == "rowwise"),
+            "train.fp8_recipe",
+            "'rowwise' is torchao's recipe: use 'tensorwise' or 'delayed' with Transformer "
+            "Engine, or train.fp8_engine='torchao'",
+        )
     valid_share = _validate_blend(r.data)
     _check(
         t.eval_interval == 0 or r.data.valid_fraction > 0 or valid_share > 0,
@@ -760,7 +805,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(recipe.to_dict(), indent=2))
+    from toolkit.memory import describe_plan, gpu_memory_gb, plan_memory  # local: builds models
+
+    world = args.world_size or default_world_size(recipe)
+    print(f"memory plan at {world} ranks (bf16 activations, GPU kernels; toolkit/memory.py):")
+    print(describe_plan(plan_memory(recipe, world), gpu_memory_gb(recipe.slurm.gpu_memory_gb)))
     return 0
+
+
+def default_world_size(recipe: Recipe) -> int:
+    """The ranks a recipe's job gets: its Slurm GPUs, or TP x PP x DP when DP is fixed."""
+    p = recipe.parallel
+    if p.dp != -1:
+        return p.tp * p.pp * p.dp
+    s = recipe.slurm
+    return max(s.nodes * (s.tasks_per_node or s.gpus_per_node or 1), p.tp * p.pp)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,23 @@
 """Compute precision: autocast for bf16, float8 linears for fp8 (train.precision).
 
-fp8 swaps the nn.Linear layers of the blocks for float8-training linears, from outside the model:
-Transformer Engine's `te.Linear` when it imports (NVIDIA's containers), else torchao's
-`Float8Linear` (a small wheel). As in the reference 8B FP8 recipe, the first and last blocks, the
-embedding and the output layer stay in bf16. The swapped layers keep their module paths and a
-parameter named `weight` (fp32 master, same shape), so checkpoints are the same whichever
-precision wrote them. Measured on the H200 (../shared/device/README.md): torchao float8 is 1.6x
-bf16 on the MLP and Mamba projections only under torch.compile (train.compile) and 0.6x eagerly.
+fp8 swaps the nn.Linear layers of the blocks for float8-training linears, from outside the model
+(after tensor parallelism has cut them: toolkit/parallel/parallelize.py says why):
+Transformer Engine's `te.Linear` (NVIDIA's containers) or torchao's `Float8Linear` (a small
+wheel); train.fp8_engine picks one ('auto': fp8_engine()). As in the
+reference 8B FP8 recipe, the first and last blocks, the embedding and the output layer stay in
+bf16. The swapped layers keep their module paths and one parameter named `weight` (fp32 master,
+same shape); checkpoints hold parameters only (not Transformer Engine's `_extra_state` scaling
+history), so they are the same whichever precision or engine wrote them.
+
+train.fp8_recipe: 'tensorwise' is one scale per tensor from its current amax (torchao's
+tensorwise, Transformer Engine's Float8CurrentScaling), 'rowwise' torchao's per-row scales,
+'delayed' Transformer Engine's DelayedScaling (scales from an amax history). Measured on the H200
+(../shared/device/README.md): torchao float8 is 1.6x bf16 on the MLP and Mamba projections only
+under torch.compile (train.compile) and 0.6x eagerly.
 """
 
 import contextlib
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -21,24 +29,66 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 Engine = Literal["transformer_engine", "torchao"]
+Fp8Recipe = Literal["tensorwise", "rowwise", "delayed"]
+# The recipes each engine runs (train.fp8_recipe values).
+RECIPES: dict[Engine, tuple[str, ...]] = {
+    "transformer_engine": ("tensorwise", "delayed"),
+    "torchao": ("tensorwise", "rowwise"),
+}
 
 
 class PrecisionError(RuntimeError):
     """The requested precision cannot run here (message names the recipe key)."""
 
 
-def fp8_engine() -> Engine | None:
-    """Transformer Engine if it imports, else torchao, else None."""
-    if importlib.util.find_spec("transformer_engine") is not None:
-        try:
-            import transformer_engine.pytorch  # noqa: F401
+def _te_imports() -> bool:
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
 
-            return "transformer_engine"
-        except Exception as e:  # noqa: BLE001 - a broken install falls back to torchao
-            log.warning("transformer_engine is installed but does not import (%s)", e)
-    if importlib.util.find_spec("torchao") is not None:
-        return "torchao"
-    return None
+        return True
+    except Exception as e:  # noqa: BLE001 - a broken install falls back to torchao
+        log.warning("transformer_engine is installed but does not import (%s)", e)
+        return False
+
+
+def fp8_engine(compiled: bool = False) -> Engine | None:
+    """The library train.fp8_engine='auto' takes: the one that is installed; with both, torchao
+    when the blocks are compiled (train.compile; measured on the H200, 800M at micro-batch 8:
+    torchao 92.4k tokens/s, Transformer Engine 88.8k, both current scaling) and Transformer
+    Engine when they are not (torchao's float8 runs at 0.6x bf16 uncompiled). None: neither."""
+    te = _te_imports()
+    ao = importlib.util.find_spec("torchao") is not None
+    if te and ao:
+        return "torchao" if compiled else "transformer_engine"
+    return "transformer_engine" if te else "torchao" if ao else None
+
+
+def _resolve_engine(requested: str | None, compiled: bool) -> Engine:
+    if requested in (None, "auto"):
+        engine = fp8_engine(compiled)
+        if engine is None:
+            raise PrecisionError(
+                "train.precision='fp8' needs Transformer Engine or torchao; neither imports "
+                "here: pip install torchao (or use an NGC PyTorch container), or "
+                "train.precision='bf16'"
+            )
+        return engine
+    if requested == "transformer_engine" and not _te_imports():
+        raise PrecisionError(
+            "train.fp8_engine='transformer_engine' but transformer_engine.pytorch does not import "
+            "here: use an NGC PyTorch container (or benchmarks/gpu_setup_te.sh), or "
+            "train.fp8_engine='auto'"
+        )
+    if requested == "torchao" and importlib.util.find_spec("torchao") is None:
+        raise PrecisionError(
+            "train.fp8_engine='torchao' but torchao is not installed: pip install torchao, or "
+            "train.fp8_engine='auto'"
+        )
+    if requested not in RECIPES:
+        raise PrecisionError(f"train.fp8_engine={requested!r} is not one of auto, {list(RECIPES)}")
+    return requested
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -78,20 +128,23 @@ def apply_fp8(
     model: nn.Module,
     *,
     device: torch.device,
-    engine: Engine | None = None,
-    recipe: Literal["tensorwise", "rowwise"] = "tensorwise",
+    engine: Engine | Literal["auto"] | None = None,
+    recipe: Fp8Recipe = "tensorwise",
     check_device: bool = True,
+    compiled: bool = False,
 ) -> tuple[Engine, list[str]]:
     """Swap the chosen linears for float8 training ones, in place. Returns the engine and the
-    converted module names. `check_device=False` converts on any device (tests: the module tree
-    converts on CPUs; the float8 matmuls do not run there)."""
+    converted module names. `engine` None or 'auto': fp8_engine(compiled), `compiled` saying
+    whether the blocks will be compiled. `check_device=False` converts on any device (tests: the
+    module tree converts on CPUs; the float8 matmuls do not run there)."""
     if check_device:
         check_fp8_device(device)
-    engine = engine or fp8_engine()
-    if engine is None:
+    engine = _resolve_engine(engine, compiled)
+    if recipe not in RECIPES[engine]:
         raise PrecisionError(
-            "train.precision='fp8' needs Transformer Engine or torchao; neither imports here: "
-            "pip install torchao (or use an NGC PyTorch container), or train.precision='bf16'"
+            f"train.fp8_recipe={recipe!r} does not run with {engine} (it runs "
+            f"{' or '.join(map(repr, RECIPES[engine]))}): change train.fp8_recipe, or choose the "
+            f"other library with train.fp8_engine"
         )
     keep = fp8_filter(model)
     names = [name for name, m in model.named_modules() if keep(m, name)]
@@ -103,10 +156,11 @@ def apply_fp8(
     else:
         _swap_te_linears(model, names)
     log.info(
-        "fp8: %d linears through %s (%s); first and last blocks, embedding and output in bf16",
+        "fp8: %d linears through %s (%s scaling); first and last blocks, embedding and output "
+        "in bf16",
         len(names),
         engine,
-        recipe if engine == "torchao" else "delayed scaling",
+        recipe,
     )
     return engine, names
 
@@ -127,15 +181,33 @@ def _swap_te_linears(model: nn.Module, names: list[str]) -> None:
         )
         with torch.no_grad():
             new.weight.copy_(old.weight)
+        new.weight.__dict__.update(old.weight.__dict__)  # TP shard placement, weight-decay marks
         setattr(parent, child, new)
 
 
+@functools.cache
+def te_recipe(name: str) -> object:
+    """Transformer Engine's recipe object for a train.fp8_recipe value, made once: autocast
+    contexts of every step share it (a recipe is not made inside compiled code)."""
+    from transformer_engine.common import recipe
+
+    if name == "delayed":
+        return recipe.DelayedScaling()  # E4M3 forward, E5M2 gradients, max of 1024 amaxes
+    if name == "tensorwise":
+        return recipe.Float8CurrentScaling()
+    raise PrecisionError(f"train.fp8_recipe={name!r} does not run with transformer_engine")
+
+
 def autocast_context(
-    precision: str, device: torch.device, engine: Engine | None = None
+    precision: str,
+    device: torch.device,
+    engine: Engine | None = None,
+    fp8_recipe: str = "tensorwise",
 ) -> contextlib.AbstractContextManager:
     """What a forward pass runs under: nothing (fp32), bf16 autocast, or for fp8 bf16 autocast
-    around the float8 linears (plus Transformer Engine's fp8_autocast when it is the engine). fp8
-    without an engine is a model that was not converted (e.g. evaluation): bf16."""
+    around the float8 linears (plus Transformer Engine's autocast with `fp8_recipe` when it is the
+    engine). fp8 without an engine is a model that was not converted (e.g. evaluation): bf16, and
+    te.Linear layers outside Transformer Engine's autocast compute in bf16."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16" or (precision == "fp8" and engine != "transformer_engine"):
@@ -145,6 +217,9 @@ def autocast_context(
 
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-        stack.enter_context(te.fp8_autocast(enabled=True))
+        if hasattr(te, "autocast"):  # TE >= 2.8; fp8_autocast warns there
+            stack.enter_context(te.autocast(enabled=True, recipe=te_recipe(fp8_recipe)))
+        else:
+            stack.enter_context(te.fp8_autocast(enabled=True, fp8_recipe=te_recipe(fp8_recipe)))
         return stack
     raise ValueError(f"unknown precision {precision!r}")

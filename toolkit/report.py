@@ -2,7 +2,7 @@
 
     python -m toolkit.report runs/tiny_hybrid/tensorboard [--out report.png]
 
-Panels: loss (and validation loss when logged), learning rate, tokens/s, TFLOP/s per GPU (MFU
+Panels: loss (and validation loss when logged), learning rate, tokens/s, TFLOP/s per rank (MFU
 when logged), peak memory, gradient norm.
 """
 
@@ -14,7 +14,8 @@ PANELS = [
     ("loss", ["train/loss", "valid/loss"]),
     ("learning rate", ["train/lr"]),
     ("tokens/s", ["perf/tokens_per_s"]),
-    ("TFLOP/s per GPU", ["perf/tflops_per_gpu"]),
+    # perf/tflops_per_gpu: the same number, as runs before 2026-12 named it
+    ("TFLOP/s per rank", ["perf/tflops_per_rank", "perf/tflops_per_gpu"]),
     ("peak memory (GB)", ["perf/peak_memory_gb"]),
     ("gradient norm", ["train/grad_norm"]),
 ]
@@ -44,7 +45,7 @@ def render(scalars: dict[str, tuple[list[int], list[float]]], out: str | Path, t
         for tag in tags:
             if tag in scalars:
                 ax.plot(*scalars[tag], label=tag)
-        if name == "TFLOP/s per GPU" and "perf/mfu" in scalars:
+        if name == "TFLOP/s per rank" and "perf/mfu" in scalars:
             mfu = ax.twinx()
             mfu.plot(*scalars["perf/mfu"], color="tab:red", alpha=0.4, label="perf/mfu")
             mfu.set_ylabel("MFU")

@@ -4,9 +4,10 @@ from outside, without changing this loop).
     python -m toolkit.train RECIPE.toml [--set train.steps=100 ...]
 
 Each optimizer step consumes `global_batch_size` samples as micro-batches of `micro_batch_size`,
-with gradients accumulated. The run resumes from the latest checkpoint in `checkpoint.dir`; a
-resumed run continues bit-for-bit where the uninterrupted one would have been. SIGTERM / SIGUSR2
-(Slurm's pre-timeout signal) save a checkpoint at the next step boundary and stop.
+with gradients accumulated. The run resumes from the latest checkpoint in `checkpoint.dir` (or,
+if that one is damaged, from the newest intact one: `checkpoint.on_corrupt`); a resumed run
+continues bit-for-bit where the uninterrupted one would have been. SIGTERM / SIGUSR2 (Slurm's
+pre-timeout signal) save a checkpoint at the next step boundary and stop.
 """
 
 import argparse
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from toolkit.activation_checkpoint import apply_ac, apply_compile
 from toolkit.build import (
     build_data,
     build_model,
@@ -33,14 +33,16 @@ from toolkit.build import (
     tokenizer_from_recipe,
 )
 from toolkit.checkpoint import (
+    CheckpointError,
     CheckpointSaver,
     Comm,
     RankView,
-    latest_checkpoint,
+    list_checkpoints,
     read_metadata,
     restore,
     restore_rng,
 )
+from toolkit.checkpoint.resume import restore_newest_intact
 from toolkit.config import (
     Recipe,
     RecipeError,
@@ -53,15 +55,11 @@ from toolkit.config import (
 from toolkit.data.sampler import Samples, rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
-from toolkit.optim import build_optimizer, learning_rate
+from toolkit.optim import learning_rate
+from toolkit.parallel.parallelize import parallelize
 from toolkit.parallel.pp import pipeline_forward
-from toolkit.parallel.runtime import (
-    StepRunner,
-    average_over_dp,
-    clip_grad_norm,
-    parallelize,
-)
-from toolkit.precision import Engine, PrecisionError, apply_fp8, autocast_context
+from toolkit.parallel.runtime import average_over_dp, clip_grad_norm
+from toolkit.precision import Engine, PrecisionError, autocast_context
 from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
 from toolkit.slurm import requeue_after_signal
 from toolkit.tokenizer import Tokenizer
@@ -79,6 +77,7 @@ class TrainResult:
     skipped_steps: int = 0
     checkpoint: str | None = None
     stopped_by_signal: bool = False
+    finished: bool = False  # every one of train.steps is done (a signal may stop it before)
     sample: str | None = None
 
 
@@ -94,24 +93,6 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = signum
-
-
-def apply_training_transforms(
-    model: HybridLM, cfg: TrainConfig, device: torch.device, tp: int = 1
-) -> Engine | None:
-    """float8 linears (train.precision='fp8'), then activation checkpointing, then per-block
-    torch.compile (torchtitan's order), all from outside the model code. Returns the fp8 engine
-    (None without fp8). fp8 comes before tensor parallelism would; together they are untested."""
-    engine = None
-    if cfg.precision == "fp8":
-        if tp > 1:
-            raise NotImplementedError(
-                "train.precision='fp8' with parallel.tp > 1 is not supported yet: use tp=1 or bf16"
-            )
-        engine, _ = apply_fp8(model, device=device, recipe=cfg.fp8_recipe)
-    apply_ac(model, cfg.activation_checkpointing)
-    apply_compile(model, cfg.compile)
-    return engine
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -139,67 +120,33 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
     step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step  # whole model
-    engine = apply_training_transforms(model, cfg, device, env.tp)  # fp8 refuses TP > 1 before it
-    loss_fn = parallelize(model, env)
+    parallel = parallelize(model, recipe, env)  # fp8, TP/SP, AC, compile, PP, ZeRO: in order
+    module = parallel.module  # the whole model, or this rank's pipeline stage
+    run_step, loss_fn, optimizer = parallel.run_step, parallel.loss_fn, parallel.optimizer
+    engine = parallel.fp8_engine
     # Each DP rank takes its own slice of every global batch.
     dp_rank, dp_size = env.dp_rank, env.dp
-    micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
-    run_step = StepRunner(
-        model,
-        env,
-        loss_fn,
-        micro_batch_size=cfg.micro_batch_size,
-        micro_batches=micro_batches,
-        seq_length=recipe.model.seq_length,
-        autocast=lambda: autocast_context(cfg.precision, device, engine),
-        logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
-    )
-    module = run_step.module  # the whole model, or this rank's pipeline stage
-    shard_over = env.group("dp") if env.dp > 1 and recipe.parallel.shard_optimizer else None
-    optimizer = build_optimizer(module, cfg, shard_over)
+    sp = "+SP" if run_step.sequence_shards > 1 else ""
     log.info(
-        "layout: TP=%d PP=%d DP=%d on %d ranks (%s)", env.tp, env.pp, env.dp, env.world_size, device
+        "layout: TP=%d%s PP=%d DP=%d on %d ranks (%s)",
+        env.tp,
+        sp,
+        env.pp,
+        env.dp,
+        env.world_size,
+        device,
     )
     log.info("data: %s", sampler.describe())
     if valid is not None:
         log.info("validation data: %s", valid.describe())
 
-    start_step, consumed = 0, 0
     ckpt_dir = recipe.checkpoint.dir
     view = RankView(model.cfg, model.vocab_size, env.tp, env.tp_rank, env.dp_rank, env.rank)
     layout = {"tp": env.tp, "pp": env.pp, "dp": env.dp, "world_size": env.world_size}
-    previous = latest_checkpoint(ckpt_dir)
-    if previous is not None and not recipe.checkpoint.resume:
-        raise RecipeError(
-            f"checkpoint.dir={ckpt_dir} already holds checkpoints (latest {previous.name}) and "
-            "checkpoint.resume is false: choose another checkpoint.dir, or resume"
-        )
-    if previous is not None:
-        meta = read_metadata(previous)
-        if meta["recipe"]["model"] != recipe.to_dict()["model"]:
-            raise RecipeError(
-                f"{previous} was written for a different [model] section; point checkpoint.dir "
-                "elsewhere or set checkpoint.resume=false"
-            )
-        started = time.perf_counter()
-        restore(previous, module, optimizer, view, whole=env.pp == 1)  # only this rank's slices
-        restore_s = time.perf_counter() - started
-        if meta.get("layout") != layout:
-            log.info("resharding %s from %s to %s", previous.name, meta.get("layout"), layout)
-        if not restore_rng(previous, env.rank):
-            log.info("no RNG state for rank %d in %s: keeping the seeded one", env.rank, previous)
-        start_step, consumed = meta["step"], meta["consumed_samples"]
-        log.info(
-            "resumed from %s at step %d (%d samples consumed), restored in %.1f s",
-            previous,
-            start_step,
-            consumed,
-            restore_s,
-        )
-
     # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
     # background thread while training uses the other groups.
     comm = Comm(torch.distributed.new_group(backend="gloo") if env.world_size > 1 else None)
+    start_step, consumed = resume(recipe, module, optimizer, view, comm, env)
     saver = CheckpointSaver(
         ckpt_dir, comm, recipe.checkpoint.keep_last, asynchronous=recipe.checkpoint.async_save
     )
@@ -294,19 +241,20 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 "train/grad_norm": grad_norm,
                 "perf/step_time_s": step_time,
                 "perf/tokens_per_s": tokens_per_step / step_time,
-                "perf/tflops_per_gpu": step_flops / step_time / 1e12 / env.world_size,
+                # Per rank: one GPU each on GPUs, while CPU ranks may share one processor.
+                "perf/tflops_per_rank": step_flops / step_time / 1e12 / env.world_size,
                 "perf/peak_memory_gb": peak_memory_gb(device),
                 "model/parameters": params,
                 "train/consumed_samples": consumed,
             }
             if peak is not None:  # model FLOPs utilisation against the GPU's dense peak
-                scalars["perf/mfu"] = scalars["perf/tflops_per_gpu"] / peak
+                scalars["perf/mfu"] = scalars["perf/tflops_per_rank"] / peak
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, step)
             writer.flush()
             if not show_bar:
                 log.info(
-                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s per GPU "
+                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s per rank "
                     "%speak memory %.2f GB",
                     step,
                     cfg.steps,
@@ -314,7 +262,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                     lr,
                     grad_norm,
                     scalars["perf/tokens_per_s"],
-                    scalars["perf/tflops_per_gpu"],
+                    scalars["perf/tflops_per_rank"],
                     f"MFU {scalars['perf/mfu']:.1%} " if "perf/mfu" in scalars else "",
                     scalars["perf/peak_memory_gb"],
                 )
@@ -324,8 +272,9 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             and (step % cfg.eval_interval == 0 or step == cfg.steps)
         ):
             valid_loss = validation_loss(
-                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size, engine
-            )
+                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size, engine,
+                sequence_shards=run_step.sequence_shards,
+            )  # fmt: skip
             if writer is not None:
                 writer.add_scalar("valid/loss", valid_loss, step)
                 writer.add_scalar("valid/perplexity", math.exp(min(valid_loss, 700.0)), step)
@@ -341,6 +290,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             log.warning("stop signal received: stopping after step %d", step)
             result.stopped_by_signal = True
             break
+    result.finished = step >= cfg.steps
     profiler.stop()  # if the run ended inside the traced steps
     bar.close()
     last = saver.wait()  # a background save still in flight
@@ -359,12 +309,73 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         )
     if result.stopped_by_signal and stop.signum == signal.SIGUSR2 and main_rank:
         requeue_slurm_job(recipe.slurm)
-    if cfg.sample_prompt and not result.stopped_by_signal and main_rank and env.tp == 1:
-        result.sample = sample_text(model, tokenizer, cfg.sample_prompt, seed=cfg.seed)
-        log.info(
-            "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
-        )
+    if cfg.sample_prompt and not result.stopped_by_signal and main_rank:
+        final = (result.checkpoint or ckpt_dir) if recipe.checkpoint.enabled else None
+        result.sample = closing_sample(model, tokenizer, cfg, env, final)
+        if result.sample is not None:
+            log.info(
+                "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
+            )
     return result
+
+
+def resume(
+    recipe: Recipe,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    view: RankView,
+    comm: Comm,
+    env: ParallelEnv,
+) -> tuple[int, int]:
+    """Restore the newest intact checkpoint in checkpoint.dir (this rank's share of it), passing
+    over damaged ones as checkpoint.on_corrupt says. Returns (step, consumed samples): (0, 0)
+    for a fresh run. Collective."""
+    ckpt = recipe.checkpoint
+    layout = {"tp": env.tp, "pp": env.pp, "dp": env.dp, "world_size": env.world_size}
+    if not ckpt.resume:
+        newest = list_checkpoints(ckpt.dir)
+        if newest:
+            raise RecipeError(
+                f"checkpoint.dir={ckpt.dir} already holds checkpoints (latest {newest[-1].name}) "
+                "and checkpoint.resume is false: choose another checkpoint.dir, or resume"
+            )
+        return 0, 0
+    seeded = torch.get_rng_state()
+
+    def restore_from(path: Path) -> dict:
+        meta = read_metadata(path)
+        if meta["recipe"]["model"] != recipe.to_dict()["model"]:
+            raise RecipeError(
+                f"{path} was written for a different [model] section; point checkpoint.dir "
+                "elsewhere or set checkpoint.resume=false"
+            )
+        # A damaged checkpoint tried before may have restored part of the state: start clean.
+        optimizer.state.clear()
+        torch.set_rng_state(seeded)
+        started = time.perf_counter()
+        restore(path, module, optimizer, view, whole=env.pp == 1)  # only this rank's slices
+        if meta.get("layout") != layout:
+            log.info("resharding %s from %s to %s", path.name, meta.get("layout"), layout)
+        if not restore_rng(path, env.rank):
+            log.info("no RNG state for rank %d in %s: keeping the seeded one", env.rank, path)
+        meta["restore_s"] = time.perf_counter() - started
+        return meta
+
+    try:
+        resumed = restore_newest_intact(ckpt.dir, restore_from, comm, ckpt.on_corrupt)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
+    if resumed is None:
+        return 0, 0
+    meta = resumed.meta
+    log.info(
+        "resumed from %s at step %d (%d samples consumed), restored in %.1f s",
+        resumed.path,
+        meta["step"],
+        meta["consumed_samples"],
+        meta["restore_s"],
+    )
+    return meta["step"], meta["consumed_samples"]
 
 
 @torch.no_grad()
@@ -377,6 +388,7 @@ def validation_loss(
     device: torch.device,
     hidden_size: int,
     engine: Engine | None = None,
+    sequence_shards: int = 1,
 ) -> float:
     """Mean loss over the first `eval_batches` validation micro-batches (the same ones every
     time, split over DP ranks). Under PP, `module` is this rank's stage: each micro-batch goes
@@ -391,10 +403,11 @@ def validation_loss(
                 env,
                 inputs.to(device),
                 hidden_size,
-                lambda: autocast_context(cfg.precision, device, engine),
+                lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
+                sequence_shards,
             )
         else:
-            with autocast_context(cfg.precision, device, engine):
+            with autocast_context(cfg.precision, device, engine, cfg.fp8_recipe):
                 logits = module(inputs.to(device))
         if logits is not None:
             total += loss_fn(logits, labels.to(device)).float()
@@ -421,6 +434,32 @@ def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:
     if env.world_size > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag)
+
+
+def closing_sample(
+    model: HybridLM,
+    tokenizer: Tokenizer,
+    cfg: TrainConfig,
+    env: ParallelEnv,
+    checkpoint: str | None,
+) -> str | None:
+    """The continuation of train.sample_prompt shown after training. Under TP or PP this rank
+    trained only its part of `model` (the rest is as initialised), so the whole model is read back
+    from the final checkpoint, as toolkit.inference.generate does; without one, no sample."""
+    if env.tp == 1 and env.pp == 1:
+        return sample_text(model, tokenizer, cfg.sample_prompt, seed=cfg.seed)
+    if checkpoint is None:
+        log.info(
+            "no sample of train.sample_prompt: at TP=%d PP=%d it is generated from the final "
+            "checkpoint, and checkpoint.enabled is false",
+            env.tp,
+            env.pp,
+        )
+        return None
+    from toolkit.build import model_from_checkpoint
+
+    full, _, _ = model_from_checkpoint(checkpoint, env.device)
+    return sample_text(full, tokenizer, cfg.sample_prompt, seed=cfg.seed)
 
 
 def sample_text(
@@ -453,8 +492,16 @@ def check_output_dirs(recipe: Recipe, recipe_path: str) -> None:
             raise RecipeError(f"{recipe_path}: {key}: {value!r} is under the file {path}")
 
 
-def run(recipe_path: str, overrides: list[str]) -> int:
-    """Load, validate and train; exit status 2 for a bad recipe, 1 for a failed run."""
+# The exit status of `launchers/submit.py --local` when a signal stopped the run before its last
+# step (its checkpoint saved): a finished run and a cut-short one must not look alike there. Not
+# the default of `python -m toolkit.train`: under Slurm a stop is a preemption or a timeout that
+# the requeued job resumes, and the job should not end as failed.
+STOPPED = 3
+
+
+def run(recipe_path: str, overrides: list[str], stopped_status: int = 0) -> int:
+    """Load, validate and train; exit status 2 for a bad recipe, 1 for a failed run,
+    `stopped_status` for a run that a signal stopped before train.steps."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -467,7 +514,7 @@ def run(recipe_path: str, overrides: list[str]) -> int:
     stop = StopRequest()
     stop.install()
     try:
-        train(recipe, stop)
+        result = train(recipe, stop)
     except RecipeError as e:  # found as the run starts: the data, the tokenizer, the world size
         log.error("%s: %s", recipe_path, e)
         return 2
@@ -477,7 +524,7 @@ def run(recipe_path: str, overrides: list[str]) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    return 0 if result.finished else stopped_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,8 +534,16 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_recipe_arguments(parser)
+    parser.add_argument(
+        "--stopped-status",
+        type=int,
+        default=0,
+        metavar="N",
+        help="exit status when a signal (SIGTERM, SIGUSR2) stopped the run before train.steps, "
+        f"its checkpoint saved (default 0, as Slurm's requeues expect; submit.py --local: {STOPPED})",
+    )
     args = parser.parse_args(argv)
-    return run(args.recipe, args.set)
+    return run(args.recipe, args.set, args.stopped_status)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ the key names.
 import argparse
 import dataclasses
 import logging
-import pickle
 import random
 import re
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from toolkit.checkpoint import safe_pickle
 from toolkit.checkpoint.megatron_layout import (
+    GENERATIONS,
     VOCAB_PARAMS,
     megatron_key,
     merge_pieces,
@@ -177,10 +177,15 @@ def save_megatron(
     pp: int,
     iteration: int,
     progress: bool = False,
+    generation: str = "2024",
 ) -> Path:
     """Write `model` (single-process, global tensors) as the reference's checkpoint at TP x PP
-    and return the iteration directory. Tensors keep the model's dtype (cast the model to bf16
-    first for a bf16 checkpoint). There is no optimizer state: load with --no-load-optim."""
+    and return the iteration directory, its keys those of Megatron-core `generation` ("2024":
+    the released checkpoints' Mamba `norm`; "current": fused into in_proj, megatron_layout).
+    Tensors keep the model's dtype (cast the model to bf16 first for a bf16 checkpoint). There
+    is no optimizer state: load with --no-load-optim."""
+    if generation not in GENERATIONS:
+        raise ValueError(f"unknown Megatron generation {generation!r} (one of {GENERATIONS})")
     cfg = model.cfg
     stages = model.layout.stages if len(model.layout.stages) == pp else [model.layout.pattern]
     cfg = dataclasses.replace(cfg, pattern="|".join(stages))  # else an even split, as the reference
@@ -210,7 +215,9 @@ def save_megatron(
     for tp_rank, pp_rank in _bar(grid, "write ranks", progress):
         offset = stages[pp_rank].start
         state = {
-            megatron_key(name, pattern, offset): _own(rank_piece(p, name, shapes, tp, tp_rank))
+            megatron_key(name, pattern, offset, generation): _own(
+                rank_piece(p, name, shapes, tp, tp_rank)
+            )
             for name, p in params.items()
             if stage_of(name, stages) == pp_rank
         }
@@ -243,33 +250,60 @@ def latest_iteration(root: Path) -> int:
     return int(text)
 
 
-def _numpy_rng_globals() -> list[Any]:
-    """What a pickled numpy RNG state (the reference's np_rng_state) needs under weights_only."""
-    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
-    return [np.ndarray, np.dtype, core.multiarray._reconstruct, np.dtypes.UInt32DType]
+def _is_torchscript(path: Path) -> bool:
+    """Whether torch.load would hand the file to torch.jit.load (which runs the archive's
+    code), decided by torch's own zip reader as torch.load decides it."""
+    with open(path, "rb") as f:
+        if not torch.serialization._is_zipfile(f):
+            return False
+        with torch.serialization._open_zipfile_reader(f) as archive:
+            return torch.serialization._is_torchscript_zip(archive)
 
 
-def load_rank_file(path: Path) -> dict[str, Any]:
-    """torch.load a rank file the user named (it lies in the directory they gave): weights_only,
-    allowing the argparse.Namespace and numpy RNG state the reference pickles; a file that
-    pickles other objects (its args can hold enums and the like) is unpickled in full, logged.
-    Anything else unreadable is an error, never a full unpickle."""
-    mmap = zipfile.is_zipfile(path)  # torch's pre-1.6 format cannot be memory-mapped
-    with torch.serialization.safe_globals([argparse.Namespace, *_numpy_rng_globals()]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except pickle.UnpicklingError as e:
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            if not found:
-                reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-                why = reason[1].strip() if reason else str(e).splitlines()[0]
-                raise ValueError(f"{path}: not a readable checkpoint file ({why})") from None
-    log.warning(
-        "%s pickles %s: unpickling it in full (weights_only=False) because you named it",
-        path,
-        found[1],
-    )
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+def load_rank_file(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """torch.load a rank file through the restricted unpickler (safe_pickle): tensors, the
+    Namespace of args and the numpy RNG state load as written; any other object the file names
+    (an enum in args, or a hostile os.system) becomes an inert Placeholder and nothing is run.
+    `trust_pickle` unpickles in full instead, with a warning: only for files you trust.
+    A file that is not a readable checkpoint is a ValueError naming it."""
+    path = Path(path)
+    try:
+        if _is_torchscript(path):
+            raise ValueError("a TorchScript archive, not a checkpoint")
+        with open(path, "rb") as f:
+            mmap = torch.serialization._is_zipfile(f)  # the legacy format cannot be mapped
+        if trust_pickle:
+            log.warning("%s: unpickling in full (--trust-pickle): it can run any code", path)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        else:
+            ckpt = torch.load(
+                path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=safe_pickle
+            )
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # whatever the bytes made the reader raise: bad input
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable checkpoint file ({why})") from None
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
+        what = _describe(ckpt.get("model") if isinstance(ckpt, Mapping) else ckpt)
+        raise ValueError(f"{path}: holds {what}, not a checkpoint with a 'model' state dict")
+    keys = [key for key in ckpt["model"] if not isinstance(key, str)]
+    if keys:
+        raise ValueError(f"{path}: its model state has a key {_describe(keys[0])}, not a name")
+    args = ckpt.get("args")
+    if args is not None and not isinstance(args, (argparse.Namespace, Mapping)):
+        raise ValueError(f"{path}: its args are {_describe(args)}, not a Namespace")
+    rest = {k: v for k, v in ckpt.items() if k != "model"}  # model values are checked later
+    unloaded = sorted({p.qualname for p in safe_pickle.placeholders(rest)})
+    if unloaded:
+        log.info("%s: objects left as placeholders (not loaded): %s", path, ", ".join(unloaded))
+    return ckpt
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, safe_pickle.Placeholder):
+        return repr(value)
+    return "nothing" if value is None else f"a {type(value).__name__}"
 
 
 def find_rank_files(it_dir: Path) -> dict[tuple[int, int], Path]:
@@ -290,11 +324,40 @@ def _bar(items: Iterable, desc: str, progress: bool) -> Iterable:
     return tqdm(items, desc=desc, unit="file", disable=None if progress else True)
 
 
+# Every field of a checkpoint's args that the toolkit reads (here and in import_megatron.py):
+# load_megatron refuses a file where one of them is not data.
+ARGS_READ = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "group_query_attention",
+    "seq_length",
+    "max_position_embeddings",
+    "normalization",
+    "norm_epsilon",
+    "position_embedding_type",
+    "rotary_percent",
+    "rotary_base",
+    "make_vocab_size_divisible_by",
+    "init_method_std",
+    "squared_relu",
+    "mamba_state_dim",
+    "mamba_chunk_size",
+    "hybrid_override_pattern",
+    "hybrid_attention_ratio",
+    "hybrid_mlp_ratio",
+    "vocab_size",
+)
+
+
 def get_arg(args: Any, name: str, default: Any = None) -> Any:
-    """One of a checkpoint's args, which is an argparse.Namespace or (rarely) a dict."""
-    if isinstance(args, Mapping):
-        return args.get(name, default)
-    return getattr(args, name, default)
+    """One of a checkpoint's args, which is an argparse.Namespace or (rarely) a dict; a field
+    that holds an object the restricted unpickler did not load is an error, never used."""
+    value = args.get(name, default) if isinstance(args, Mapping) else getattr(args, name, default)
+    if isinstance(value, safe_pickle.Placeholder):
+        raise ValueError(f"args.{name} is {value!r}: not data (see --trust-pickle)")
+    return value
 
 
 def check_grid(files: Mapping[tuple[int, int], Path], args: Any, it_dir: Path) -> tuple[int, int]:
@@ -324,7 +387,7 @@ def _stage_names(states: Sequence[Mapping[str, Any]], files: Sequence[Path], off
             if key.endswith("_extra_state"):
                 continue
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor")
+                raise ValueError(f"{path}: {key!r} holds {_describe(value)}, not a tensor")
             name = our_name(key, offset)
             if name in names:  # e.g. a layer holding attention and MLP: not a hybrid's layer
                 raise ValueError(f"{path}: {names[name][0]!r} and {key!r} are both our {name}")
@@ -340,23 +403,32 @@ def _stage_names(states: Sequence[Mapping[str, Any]], files: Sequence[Path], off
 
 
 def load_megatron(
-    in_dir: str | Path, iteration: int | None = None, progress: bool = False
+    in_dir: str | Path,
+    iteration: int | None = None,
+    progress: bool = False,
+    trust_pickle: bool = False,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Read the reference's checkpoint at any TP/PP into global tensors under our parameter names
     (`model.load_state_dict`-ready but for the vocabulary rows: embedding and output layer keep
     the checkpoint's padded rows; load_into fits them) and return them with the checkpoint's
     args (an argparse.Namespace, or whatever the files hold). Accepts 2024-era
     `decoder.layers.N.norm.*`, fused `*.layer_norm_weight` and local-spec `input_layernorm` /
-    `pre_mlp_layernorm` pre-norms."""
+    `pre_mlp_layernorm` pre-norms, and current Megatron's `mixer.conv1d_weight|bias`. Files are
+    read by the restricted unpickler unless `trust_pickle` (load_rank_file)."""
     root = Path(in_dir)
     iteration = latest_iteration(root) if iteration is None else iteration
     it_dir = root / f"iter_{iteration:07d}"
     files = find_rank_files(it_dir)
-    ckpts = {min(files): load_rank_file(files[min(files)])}
+    ckpts = {min(files): load_rank_file(files[min(files)], trust_pickle)}
     args = ckpts[min(files)].get("args")
+    for name in ARGS_READ:
+        try:
+            get_arg(args, name)
+        except ValueError as e:
+            raise ValueError(f"{files[min(files)]}: {e}") from None
     tp, pp = check_grid(files, args, it_dir)  # before reading the rest: a missing rank fails fast
     for rank, path in _bar(files.items(), "read ranks", progress):
-        ckpts[rank] = ckpts.get(rank) or load_rank_file(path)
+        ckpts[rank] = ckpts.get(rank) or load_rank_file(path, trust_pickle)
     pieces: dict[str, list[torch.Tensor]] = {}
     offset = 0
     for stage in range(pp):

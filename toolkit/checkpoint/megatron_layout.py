@@ -21,13 +21,28 @@ NORM_KEY = re.compile(
     r"(?:(?:norm|input_layernorm|pre_mlp_layernorm)\."
     r"|(?:mixer\.in_proj|self_attention\.linear_qkv|mlp\.linear_fc1)\.layer_norm_)(weight|bias)"
 )
+# The generations of Megatron-core's hybrid layer specs an export can target (DESIGN.md section
+# 3): "2024" (megatron/core/models/mamba/mamba_layer_specs.py, the released checkpoints) keeps
+# the Mamba layer's pre-norm as its own `norm`; "current" (models/hybrid/hybrid_layer_specs.py)
+# fuses it into in_proj and names the conv parameters `conv1d_weight|bias`. Attention and MLP
+# pre-norms are fused into their first linear in both.
+GENERATIONS = ("2024", "current")
+FUSED_NORM = {"*": "self_attention.linear_qkv.layer_norm_", "-": "mlp.linear_fc1.layer_norm_"}
+CURRENT_MAMBA_NAMES = {
+    "norm.": "mixer.in_proj.layer_norm_",
+    "mixer.conv1d.weight": "mixer.conv1d_weight",
+    "mixer.conv1d.bias": "mixer.conv1d_bias",
+}
 # The one parameter that tells each block kind apart, in our names.
 KIND_MARKER = {"M": "in_proj.weight", "*": "linear_qkv.weight", "-": "linear_fc1.weight"}
 
 
-def megatron_key(name: str, pattern: str, offset: int) -> str:
+def megatron_key(name: str, pattern: str, offset: int, generation: str = "2024") -> str:
     """Our parameter name -> the reference's key, in a model of layer `pattern` (the block kind
-    names the mixer); `offset` is the first layer of the parameter's pipeline stage."""
+    names the mixer and its pre-norm) for Megatron-core `generation` (GENERATIONS); `offset` is
+    the first layer of the parameter's pipeline stage."""
+    if generation not in GENERATIONS:
+        raise ValueError(f"unknown Megatron generation {generation!r} (one of {GENERATIONS})")
     if name == "embedding.weight":
         return "embedding.word_embeddings.weight"
     if name == "output_layer.weight":
@@ -37,11 +52,16 @@ def megatron_key(name: str, pattern: str, offset: int) -> str:
     match = re.fullmatch(r"layers\.(\d+)\.(norm|mixer)\.(.+)", name)
     if not match:
         raise ValueError(f"no Megatron key for parameter {name!r}")
-    layer = int(match[1])
-    prefix = f"decoder.layers.{layer - offset}"
-    if match[2] == "norm":
-        return f"{prefix}.norm.{match[3]}"
-    return f"{prefix}.{MIXER_KEY[pattern[layer]]}.{match[3]}"
+    layer, part, param = int(match[1]), match[2], match[3]
+    kind, prefix = pattern[layer], f"decoder.layers.{layer - offset}"
+    if part == "norm" and kind in FUSED_NORM:
+        return f"{prefix}.{FUSED_NORM[kind]}{param}"
+    rest = f"{part}.{param}" if part == "norm" else f"{MIXER_KEY[kind]}.{param}"
+    if kind == "M" and generation == "current":
+        for ours, theirs in CURRENT_MAMBA_NAMES.items():
+            if rest.startswith(ours):
+                return f"{prefix}.{theirs}{rest.removeprefix(ours)}"
+    return f"{prefix}.{rest}"
 
 
 def our_name(key: str, offset: int) -> str:
@@ -60,6 +80,7 @@ def our_name(key: str, offset: int) -> str:
     if norm:
         return f"layers.{layer}.norm.{norm[1]}"
     mixer, _, param = rest.partition(".")
+    param = re.sub(r"^conv1d_(weight|bias)$", r"conv1d.\1", param)  # current Megatron's names
     if mixer not in MIXER_KEY.values() or not param:
         raise KeyError(
             f"{key!r}: unknown block part {mixer!r} (expected mixer, self_attention, mlp)"

@@ -209,10 +209,13 @@ def group_dir(group: zarr.Group | Path) -> Path:
 
 def _node(group: zarr.Group | Path, key: str) -> dict[str, Any] | None:
     """The parsed zarr.json of `key` under `group`, or None if there is none."""
+    path = group_dir(group) / key / "zarr.json"
     try:
-        return json.loads((group_dir(group) / key / "zarr.json").read_bytes())
+        return json.loads(path.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except ValueError as e:  # a damaged file (not JSON, not UTF-8) is a damaged checkpoint
+        raise CheckpointError(f"{path}: unreadable array metadata: {e}") from None
 
 
 def has(group: zarr.Group | Path, key: str) -> bool:
@@ -238,14 +241,17 @@ def open_array(group: zarr.Group | Path, key: str) -> StoredArray:
             f"{root}: array {key!r} is stored with codecs {codecs} and chunk keys {encoding}; "
             "this toolkit reads plain little-endian chunks with a CRC32C, under 'c/...'"
         )
-    return StoredArray(
-        root,
-        key,
-        tuple(meta["shape"]),
-        tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
-        np.dtype(meta["data_type"]),
-        meta.get("attributes", {}),
-    )
+    try:
+        return StoredArray(
+            root,
+            key,
+            tuple(meta["shape"]),
+            tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
+            np.dtype(meta["data_type"]),
+            meta.get("attributes", {}),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{root}: array {key!r} has malformed metadata: {e!r}") from None
 
 
 def _array_dir(arr: StoredArray) -> Path:
@@ -504,6 +510,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def point_latest(step_dir: Path) -> None:
+    """Atomically make `latest` (beside the step directory) name it."""
+    _write_text_atomic(step_dir.parent / "latest", step_dir.name + "\n")
+
+
 def publish(tmp: Path, keep_last: int = 0) -> Path:
     """Make a fully written and verified temporary checkpoint the latest one; apply retention."""
     root = tmp.parent
@@ -511,7 +522,7 @@ def publish(tmp: Path, keep_last: int = 0) -> Path:
     _fsync_metadata(tmp)
     os.rename(tmp, final)
     _fsync(root)
-    _write_text_atomic(root / "latest", final.name + "\n")
+    point_latest(final)
     if keep_last > 0:
         older = [p for p in list_checkpoints(root) if p.name < final.name]
         for old in older[: max(len(older) - (keep_last - 1), 0)]:
@@ -558,9 +569,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     pointer = Path(root) / "latest"
     if not pointer.is_file():
         return None
-    path = Path(root) / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    name = pointer.read_bytes().decode(errors="replace").strip()
+    path = Path(root) / name
+    if not name.startswith("step_") or "/" in name or not path.is_dir():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint here")
     return path
 
 

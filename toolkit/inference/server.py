@@ -15,11 +15,12 @@ import socket
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from toolkit.inference import api
 from toolkit.inference.engine import Engine, Request
+from toolkit.inference.http_json import ClientGone, JSONRequestHandler, gone
 
 log = logging.getLogger(__name__)
 
@@ -107,59 +108,61 @@ class GenerationServer(ThreadingHTTPServer):
             self.engine_thread.stop()
 
 
-class ClientGone(Exception):
-    """The client closed the connection while we were answering."""
-
-
 class Unauthorized(Exception):
     """The server wants a bearer token and the request did not bring it."""
 
 
-class Handler(BaseHTTPRequestHandler):
+class NotServed(Exception):
+    """No such path (404), or not with this method (405, with the methods that are)."""
+
+    def __init__(self, status: int, message: str, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.allow = status, allow
+
+
+# Path -> {method: handler}. HEAD is answered wherever GET is, OPTIONS everywhere.
+ROUTES = {
+    "/health": {"GET": "_health"},
+    "/api": {"PUT": "_megatron"},
+    "/v1/completions": {"POST": "_completions"},
+}
+
+
+def allowed(path: str) -> str:
+    """The Allow header of a route."""
+    methods = list(ROUTES[path])
+    return ", ".join(methods + (["HEAD"] if "GET" in methods else []) + ["OPTIONS"])
+
+
+class Handler(JSONRequestHandler):
     server: GenerationServer
-    protocol_version = "HTTP/1.1"
-    timeout = 600  # seconds a socket may stay silent: idle keep-alives and stuck readers end
 
-    def do_GET(self) -> None:
-        self._dispatch({"/health": self._health})
-
-    def do_PUT(self) -> None:
-        self._dispatch({"/api": self._megatron})
-
-    def do_POST(self) -> None:
-        self._dispatch({"/v1/completions": self._completions})
-
-    def do_DELETE(self) -> None:  # JSON 405/404 rather than the base class's HTML 501
-        self._dispatch({})
-
-    do_PATCH = do_DELETE
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _dispatch logs one line per request, with what it learnt
-
-    def _dispatch(self, routes: dict[str, Any]) -> None:
+    def _dispatch(self) -> None:
         start = time.perf_counter()
         self.status, self.note = 0, ""
         path = self.path.split("?", 1)[0]
+        length = self.headers.get("Content-Length", "").strip()
+        self.body_unread = "Transfer-Encoding" in self.headers or length not in ("", "0")
         try:
-            if path not in routes:
-                known = path in ("/health", "/api", "/v1/completions")
-                code = HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND
-                self.close_connection = True  # the body, if any, is left unread
-                self._error(code, path, f"{self.command} {path} is not served here")
-            else:
-                routes[path]()
-        except ClientGone:
+            try:
+                self._route(path)
+            except NotServed as e:
+                headers = {"Allow": e.allow} if e.allow else {}
+                self._error(e.status, path, str(e), headers)
+            except Unauthorized:
+                headers = {"WWW-Authenticate": "Bearer"}
+                message = "a valid bearer token is required"
+                self._error(HTTPStatus.UNAUTHORIZED, "Authorization", message, headers)
+            except api.BadRequest as e:
+                self._error(HTTPStatus.BAD_REQUEST, e.field, str(e))
+            except ClientGone:
+                raise
+            except Exception as e:
+                log.exception("request failed")
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "", f"{type(e).__name__}: {e}")
+        except ClientGone as e:  # one line in the log, not a traceback
             self.close_connection = True
-        except Unauthorized:
-            self._error(
-                HTTPStatus.UNAUTHORIZED, "Authorization", "a valid bearer token is required"
-            )
-        except api.BadRequest as e:
-            self._error(HTTPStatus.BAD_REQUEST, e.field, str(e))
-        except Exception as e:
-            log.exception("request failed")
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "", f"{type(e).__name__}: {e}")
+            self.note += f" client gone ({e})"
         finally:
             log.info(
                 "%s %s %s %d %.0f ms%s",
@@ -170,6 +173,21 @@ class Handler(BaseHTTPRequestHandler):
                 1000 * (time.perf_counter() - start),
                 self.note,
             )
+
+    def _route(self, path: str) -> None:
+        methods = ROUTES.get(path)
+        if methods is None:
+            raise NotServed(HTTPStatus.NOT_FOUND, f"{path} is not served here")
+        name = methods.get("GET" if self.command == "HEAD" else self.command)
+        if self.command == "OPTIONS":
+            self._json(
+                HTTPStatus.OK, {"allow": allowed(path).split(", ")}, {"Allow": allowed(path)}
+            )
+        elif name is None:
+            message = f"{self.command} {path} is not served here: use {allowed(path)}"
+            raise NotServed(HTTPStatus.METHOD_NOT_ALLOWED, message, allowed(path))
+        else:
+            getattr(self, name)()
 
     def _health(self) -> None:
         engine = self.server.engine
@@ -203,21 +221,34 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise api.BadRequest("Transfer-Encoding", "send the body with a Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            raise api.BadRequest("Content-Length", "a Content-Length header is required") from None
-        if not 0 <= length <= self.server.max_body_bytes:
+        lengths = self.headers.get_all("Content-Length", [])
+        length = lengths[0].strip() if len(lengths) == 1 else ""
+        if not (length.isascii() and length.isdigit()):
             self.close_connection = True
             raise api.BadRequest(
-                "Content-Length",
-                f"the body is {length} bytes, over the limit of {self.server.max_body_bytes}",
+                "Content-Length", "one Content-Length header with a whole number is required"
             )
-        raw = self.rfile.read(length)
+        limit = self.server.max_body_bytes
+        if len(length) > 18 or int(length) > limit:  # (int() refuses over 4300 digits)
+            self.close_connection = True
+            raise api.BadRequest(
+                "Content-Length", f"the body is {length[:30]} bytes, over the limit of {limit}"
+            )
+        length = int(length)
+        try:
+            raw = self.rfile.read(length)
+        except OSError as e:
+            raise ClientGone(f"{gone(e)} while reading the body") from None
+        self.body_unread = False
+        if len(raw) < length:  # the client stopped sending (it shut its side down)
+            self.close_connection = True
+            raise api.BadRequest(
+                "Content-Length", f"the body ended after {len(raw)} of {length} bytes"
+            )
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # ValueError: invalid UTF-8 or JSON, or an integer of more digits than Python converts.
+        except (ValueError, RecursionError) as e:
             raise api.BadRequest("body", f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise api.BadRequest("body", "the body must be a JSON object")
@@ -248,24 +279,24 @@ class Handler(BaseHTTPRequestHandler):
                 pass
             if time.monotonic() - check > 0.5:  # updates come every step: check on a clock
                 check = time.monotonic()
-                if self._client_gone():
+                if how := self._client_gone():
                     for r in requests:
                         r.cancel()
-                    self.note += " client gone: cancelled"
-                    raise ClientGone
+                    self.note += " cancelled"
+                    raise ClientGone(how)
         self.note += f" generated={sum(len(r.tokens) for r in requests)}"
         failed = [r.error for r in requests if r.finish_reason == "error"]
         if failed:
             raise RuntimeError(failed[0])
 
-    def _client_gone(self) -> bool:
-        """Whether the peer closed its end (it sends nothing more while it waits for us)."""
+    def _client_gone(self) -> str | None:
+        """How the peer left, if it closed its end (it sends nothing more while it waits)."""
         if not select.select([self.connection], [], [], 0)[0]:
-            return False
+            return None
         try:
-            return not self.connection.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return True
+            return None if self.connection.recv(1, socket.MSG_PEEK) else "closed"
+        except OSError as e:
+            return gone(e)
 
     def _megatron(self) -> None:
         tokenizer = self.server.engine.tokenizer
@@ -286,17 +317,17 @@ class Handler(BaseHTTPRequestHandler):
         """Server-sent events: text deltas per choice as tokens arrive, then `data: [DONE]`."""
         tokenizer, name = self.server.engine.tokenizer, self.server.model_name
         self.status = HTTPStatus.OK
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the body ends when the connection does
-        self.end_headers()
         self.close_connection = True
         index = {id(r): i for i, r in enumerate(c.requests)}
         sent_text = [0] * len(c.requests)
         sent_tokens = [0] * len(c.requests)
         finished: set[int] = set()
         try:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")  # the body ends when the connection does
+            self.end_headers()
             if c.echo:
                 for i, r in enumerate(c.requests):
                     self._event(
@@ -328,11 +359,11 @@ class Handler(BaseHTTPRequestHandler):
                         self._event({"error": {"message": r.error, "type": "server_error"}})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except OSError:  # reset, broken pipe, or a client that stopped reading (timeout)
+        except OSError as e:  # reset, broken pipe, or a client that stopped reading (timeout)
             for r in c.requests:
                 r.cancel()
-            self.note += " client gone: cancelled"
-            raise ClientGone from None
+            self.note += " cancelled"
+            raise ClientGone(gone(e)) from None
         finally:
             self.note += f" generated={sum(len(r.tokens) for r in c.requests)} stream"
 
@@ -340,28 +371,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
         self.wfile.flush()
 
-    def _json(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status == HTTPStatus.UNAUTHORIZED:
-            self.send_header("WWW-Authenticate", "Bearer")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        try:
-            self.wfile.write(data)
-        except OSError:
-            raise ClientGone from None
-
-    def _error(self, status: int, field: str, message: str) -> None:
+    def _error_payload(self, status: int, field: str, message: str) -> dict[str, Any]:
         """OpenAI's error object on /v1 paths, the reference client's `message` elsewhere."""
-        if self.path.startswith("/v1/"):
+        if getattr(self, "path", "").startswith("/v1/"):
             kind = "invalid_request_error" if status < 500 else "server_error"
-            payload = {"error": {"message": message, "type": kind, "param": field, "code": None}}
-        else:
-            payload = {"message": message, "field": field}
-        self.note += f" error: {message}"
-        self._json(status, payload)
+            return {"error": {"message": message, "type": kind, "param": field, "code": None}}
+        return super()._error_payload(status, field, message)

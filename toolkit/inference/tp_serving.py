@@ -37,7 +37,7 @@ from toolkit.distributed import ParallelEnv, free_port, init_distributed, launch
 from toolkit.inference.engine import Engine, Request
 from toolkit.inference.server import EngineThread, GenerationServer
 from toolkit.model import HybridLM
-from toolkit.parallel import apply_tp
+from toolkit.parallel.parallelize import apply_tensor_parallel
 from toolkit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def load_shard(checkpoint: str, ranks: Ranks) -> tuple[HybridLM, Recipe, Tokeniz
     tokenizer = tokenizer_from_recipe(recipe)
     with _parameters_on_meta():
         model = build_model(recipe, tokenizer, "cpu")
-    apply_tp(model, group=ranks.group, tp=ranks.tp, rank=ranks.env.tp_rank)
+    apply_tensor_parallel(model, ranks.env)  # parallelize.py's TP step, as training takes it
     device = ranks.env.device
     for module in model.modules():
         for name, param in module._parameters.items():

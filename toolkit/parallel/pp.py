@@ -55,14 +55,21 @@ def build_pipeline(
     micro_batches: int,
     seq_length: int,
     logits_dtype: torch.dtype,
+    sequence_shards: int = 1,
 ) -> tuple[StageModule, Schedule1F1B | ScheduleGPipe]:
-    """This rank's stage of `model` (already tensor-parallel if TP > 1) and its schedule."""
+    """This rank's stage of `model` (already tensor-parallel if TP > 1) and its schedule. Between
+    stages, activations hold 1/`sequence_shards` of the sequence (TP under sequence parallelism);
+    the tokens in and the logits out hold all of it."""
     index = env.pp_rank
     layers = stage_ranges(model, env.pp)[index]
     stage_module = StageModule(model, layers.start, layers.stop, env.pp, index)
     # The example tensors' requires_grad is part of the metadata: activations carry gradients.
     hidden = torch.empty(
-        micro_batch_size, seq_length, model.cfg.hidden_size, device=env.device, requires_grad=True
+        micro_batch_size,
+        seq_length // sequence_shards,
+        model.cfg.hidden_size,
+        device=env.device,
+        requires_grad=True,
     )
     tokens = torch.zeros(micro_batch_size, seq_length, dtype=torch.long, device=env.device)
     local_vocab = model.output_layer.weight.shape[0]
@@ -96,16 +103,21 @@ def pipeline_forward(
     tokens: torch.Tensor,
     hidden_size: int,
     autocast,
+    sequence_shards: int = 1,
 ) -> torch.Tensor | None:
     """Forward only, one micro-batch through every stage in turn (validation needs no schedule):
-    each stage receives the previous one's activations, runs its blocks and sends them on.
-    Returns the logits on the last stage, None on the others. Activations travel as fp32."""
+    each stage receives the previous one's activations (1/`sequence_shards` of the sequence), runs
+    its blocks and sends them on. Returns the logits on the last stage, None on the others.
+    Activations travel as fp32."""
     group = env.group("pp")
     index = env.pp_rank
     if stage.first:
         x = tokens
     else:
-        x = torch.empty(*tokens.shape, hidden_size, device=tokens.device, dtype=torch.float32)
+        batch, length = tokens.shape
+        x = torch.empty(
+            batch, length // sequence_shards, hidden_size, device=tokens.device, dtype=torch.float32
+        )
         dist.recv(x, src=dist.get_global_rank(group, index - 1), group=group)
     with autocast():
         out = stage(x)

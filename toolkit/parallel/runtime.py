@@ -1,11 +1,11 @@
 """What the training loop needs from the parallel layout, in one place: the loss, gradient
 reduction over DP, clipping by the global norm, and the step runner (micro-batches or pipeline).
+The transforms that make the model parallel are applied in parallelize.py.
 """
 
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -14,7 +14,7 @@ from toolkit.distributed import ParallelEnv
 from toolkit.loss import blockwise_cross_entropy
 from toolkit.model import HybridLM
 from toolkit.parallel.pp import build_pipeline
-from toolkit.parallel.tp import apply_tp, vocab_parallel_cross_entropy
+from toolkit.parallel.tp import reduce_sequence_parallel_grads
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -24,21 +24,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -
     padded rows never matter (and checkpoints need not store them). Computed block by block, so
     no fp32 copy of the whole logits tensor exists (toolkit/loss.py)."""
     return blockwise_cross_entropy(logits, labels, vocab_size)
-
-
-def parallelize(model: HybridLM, env: ParallelEnv) -> LossFn:
-    """Apply tensor parallelism to a freshly built (identical on every rank) model; returns the
-    loss for its logits. Pipeline stages are cut afterwards, by StepRunner."""
-    if env.tp == 1:
-        return partial(cross_entropy, vocab_size=model.vocab_size)
-    group = env.group("tp")
-    vocab_start = apply_tp(model, group=group, tp=env.tp, rank=env.tp_rank)
-    return partial(
-        vocab_parallel_cross_entropy,
-        vocab_start=vocab_start,
-        vocab_size=model.vocab_size,
-        group=group,
-    )
 
 
 def average_over_dp(tensors: list[torch.Tensor], env: ParallelEnv) -> None:
@@ -81,7 +66,10 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: ParallelEnv
 class StepRunner:
     """Forward and backward of one optimizer step's batch on this rank: a loop over micro-batches
     with gradient accumulation, or a pipeline schedule when PP > 1. Returns the mean micro-batch
-    loss, the same on every rank of the model replica."""
+    loss, the same on every rank of the model replica, with this rank's gradients complete
+    (sequence-parallel ones summed over TP); averaging over DP is left to the caller.
+    `sequence_shards` is TP under sequence parallelism (the pipeline's activations hold that
+    share of the sequence), else 1."""
 
     def __init__(
         self,
@@ -94,11 +82,13 @@ class StepRunner:
         seq_length: int,
         autocast: Callable[[], AbstractContextManager],
         logits_dtype: torch.dtype,
+        sequence_shards: int = 1,
     ) -> None:
         self.env, self.loss_fn, self.autocast = env, loss_fn, autocast
         self.micro_batch_size, self.micro_batches = micro_batch_size, micro_batches
         self.module: torch.nn.Module = model
         self.schedule = None
+        self.sequence_shards = sequence_shards
         if env.pp > 1:
             self.module, self.schedule = build_pipeline(
                 model,
@@ -107,10 +97,20 @@ class StepRunner:
                 micro_batch_size=micro_batch_size,
                 micro_batches=micro_batches,
                 seq_length=seq_length,
+                sequence_shards=sequence_shards,
                 logits_dtype=logits_dtype,
             )
+        self.sequence_parallel = [
+            p for p in self.module.parameters() if getattr(p, "_sequence_parallel", False)
+        ]
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self._forward_backward(inputs, labels)
+        if self.sequence_parallel:
+            reduce_sequence_parallel_grads(self.sequence_parallel, self.env.group("tp"))
+        return loss
+
+    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.schedule is None:
             total = torch.zeros((), device=inputs.device)
             for x, y in zip(

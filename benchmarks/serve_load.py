@@ -1,0 +1,424 @@
+"""Load on the generation server over HTTP: concurrent clients, each answer checked against the
+same request sent alone, latency percentiles, and the server's memory.
+
+Starts `launchers/serve.py` on a checkpoint (--tiny, the default: a random-weight tiny hybrid it
+writes itself, served on CPU) and measures over HTTP:
+- ready: seconds from the start of the process to /health answering; first: the latency of the
+  first request after that;
+- alone: each of --distinct requests sent once, one at a time: the reference answers;
+- for each N of --clients: N clients at once, each sending one of those requests: a mix of
+  `PUT /api`, `POST /v1/completions`, the same streamed, and streams the client drops after
+  --cancel-after events (half with a reset, half with a plain close), greedy and seeded
+  sampling. Per kind: latency p50/p99; for streams also the time to the first token and the
+  per-token latency ((last event - first event) / (tokens - 1); the streams ignore the end of
+  document so every one generates --tokens tokens); tokens/s of the whole wave. Every answer
+  is compared with the one alone (a dropped stream: what it received is a prefix of it);
+- memory: the server's resident set (VmRSS) and its peak (VmHWM) from /proc before the load and
+  after each wave; the largest N runs --waves times, so memory that grows with the number of
+  requests shows as growth from one of those waves to the next.
+
+    python benchmarks/serve_load.py                          # tiny model, 1/8/32/64 clients
+    python benchmarks/serve_load.py --clients 256 --waves 2 --json load.json
+    python benchmarks/serve_load.py --checkpoint runs/x/checkpoints --device cuda \\
+        --dtype bfloat16 --clients 1,8,32,64
+
+Exits 1 when an answer differs from the same request alone (bf16 on GPUs may flip near ties:
+--no-check reports without failing).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KINDS = ("api", "completion", "stream", "cancel")
+PROMPTS = ["def main():", "The capital of", "import numpy as np\n", "1, 2, 3,", "# TODO", "x = "]
+
+
+@dataclass
+class Spec:
+    """One distinct request: what is sent, and how the client behaves."""
+
+    index: int
+    kind: str  # one of KINDS
+    sampled: bool
+    body: dict[str, Any]
+
+    @property
+    def path(self) -> str:
+        return "/api" if self.kind == "api" else "/v1/completions"
+
+
+@dataclass
+class Outcome:
+    spec: Spec
+    status: int = 0
+    answer: Any = None  # what must equal the same request alone
+    latency: float = 0.0  # seconds, request sent -> answer complete
+    first_event: float | None = None  # streams: seconds to the first text
+    last_event: float | None = None
+    dropped: bool = False  # a cancelling client left before the end
+    error: str = ""
+
+
+def build_specs(count: int, tokens: int, cancel_tokens: int) -> list[Spec]:
+    """`count` distinct requests cycling through the kinds, greedy and seeded-sampled."""
+    specs = []
+    for i in range(count):
+        kind, sampled = KINDS[i % len(KINDS)], (i // len(KINDS)) % 2 == 1
+        prompt = f"{PROMPTS[i % len(PROMPTS)]} {i}"
+        if kind == "api":
+            body = {"prompts": [prompt], "tokens_to_generate": tokens, "random_seed": i}
+            body |= {"temperature": 0.8, "top_k": 0} if sampled else {"top_k": 1}
+        else:
+            body = {"prompt": prompt, "max_tokens": tokens, "seed": i, "ignore_eos": True}
+            body["temperature"] = 0.8 if sampled else 0.0
+            if kind != "completion":
+                body["stream"] = True
+            if kind == "cancel":  # long enough to be still running when the client leaves
+                body["max_tokens"] = cancel_tokens
+        specs.append(Spec(i, kind, sampled, body))
+    return specs
+
+
+async def send(port: int, spec: Spec, cancel_after: int | None = None) -> Outcome:
+    """One request on its own connection. `cancel_after`: drop a stream after that many events
+    (odd specs reset the connection, even ones close it)."""
+    out = Outcome(spec)
+    data = json.dumps(spec.body).encode()
+    method = "PUT" if spec.kind == "api" else "POST"
+    head = (
+        f"{method} {spec.path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    try:
+        writer.write(head.encode() + data)
+        status_line = await reader.readline()
+        out.status = int(status_line.split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("content-type") != "text/event-stream":
+            reply = json.loads(await reader.readexactly(int(headers["content-length"])))
+            out.latency = time.perf_counter() - start
+            if out.status != 200:
+                out.error = json.dumps(reply)[:300]
+            elif spec.kind == "api":
+                out.answer = [reply["text"][0], reply["tokens"][0]]
+            else:
+                choice = reply["choices"][0]
+                out.answer = [choice["text"], choice["finish_reason"]]
+            return out
+        text, reason, events = "", None, 0
+        while line := await reader.readline():
+            if not line.startswith(b"data: "):
+                continue
+            if line.strip() == b"data: [DONE]":
+                break
+            choice = json.loads(line[6:])["choices"][0]
+            if choice["text"]:
+                now = time.perf_counter() - start
+                out.first_event = now if out.first_event is None else out.first_event
+                out.last_event = now
+            text += choice["text"]
+            reason = choice["finish_reason"] or reason
+            events += 1
+            if cancel_after is not None and events >= cancel_after:
+                out.dropped = True
+                if spec.index % 2:  # an RST, as a killed client or a proxy sends
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                break
+        out.latency = time.perf_counter() - start
+        out.answer = text if out.dropped else [text, reason]
+        return out
+    except (OSError, ValueError, KeyError, IndexError, asyncio.IncompleteReadError) as e:
+        out.error = f"{type(e).__name__}: {e}"
+        return out
+    finally:
+        writer.close()
+
+
+def equal(outcome: Outcome, alone: Outcome) -> bool:
+    if outcome.status != 200 or outcome.error:
+        return False
+    if outcome.dropped:  # what arrived before the client left is the start of the answer
+        return alone.answer[0].startswith(outcome.answer)
+    return outcome.answer == alone.answer
+
+
+async def wave(port: int, specs: list[Spec], clients: int, cancel_after: int) -> list[Outcome]:
+    """`clients` clients at once, client i sending specs[i % len(specs)]."""
+    chosen = [specs[i % len(specs)] for i in range(clients)]
+    return list(
+        await asyncio.gather(
+            *(send(port, s, cancel_after if s.kind == "cancel" else None) for s in chosen)
+        )
+    )
+
+
+def percentiles(values: list[float]) -> dict[str, float] | None:
+    """p50 and p99 in milliseconds (nearest rank), None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return 1000 * ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+    return {"p50": round(rank(0.50), 2), "p99": round(rank(0.99), 2), "n": len(values)}
+
+
+def summarize(outcomes: list[Outcome], tokens: int) -> dict[str, Any]:
+    groups: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        if not o.dropped:
+            key = f"{o.spec.kind}/{'sampled' if o.spec.sampled else 'greedy'}"
+            groups.setdefault(key, []).append(o)
+    out = {"all": {"latency_ms": percentiles([o.latency for o in outcomes if not o.dropped])}}
+    for key, group in sorted(groups.items()):
+        stats: dict[str, Any] = {"latency_ms": percentiles([o.latency for o in group])}
+        if key.startswith("stream"):
+            stats["ttft_ms"] = percentiles([o.first_event for o in group if o.first_event])
+            stats["per_token_ms"] = percentiles(
+                [
+                    (o.last_event - o.first_event) / (tokens - 1)
+                    for o in group
+                    if o.first_event is not None and o.last_event is not None and tokens > 1
+                ]
+            )
+        out[key] = stats
+    return out
+
+
+def resources(pid: int) -> dict[str, float]:
+    """The process's resident set and its peak so far (MiB), threads and open files (Linux)."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {
+        "rss_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1),
+        "peak_mib": round(int(status["VmHWM"].split()[0]) / 1024, 1),
+        "threads": int(status["Threads"]),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+    }
+
+
+def settle(
+    pid: int, port: int, threads: int | None = None, timeout: float = 60
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Wait until the engine is idle (dropped streams cancelled, slots freed) and the
+    connection threads have ended: at most `threads` left (None: the same count twice in a
+    row); at most `timeout` seconds. The engine's counters and the process's resources."""
+    deadline, last = time.monotonic() + timeout, -1
+    while True:
+        r = resources(pid)  # before asking /health: its own thread is not counted
+        h = health(port)
+        idle = not h["active"] and not h["waiting"]
+        if idle and r["threads"] <= (last if threads is None else threads):
+            return h, r
+        if time.monotonic() > deadline:
+            return h, r
+        last = r["threads"]
+        time.sleep(0.05)
+
+
+def health(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def tiny_checkpoint(directory: Path, overrides: list[str]) -> Path:
+    """A random-weight checkpoint of the tiny hybrid recipe."""
+    import torch
+
+    from toolkit.build import build_model, save_model_checkpoint
+    from toolkit.config import load_recipe
+    from toolkit.tokenizer import build_tokenizer
+
+    recipe = load_recipe(ROOT / "recipes/tiny_hybrid.toml", overrides)
+    torch.manual_seed(0)
+    model = build_model(recipe, build_tokenizer(recipe.data.tokenizer))
+    return save_model_checkpoint(directory, model, recipe)
+
+
+def start_server(checkpoint: Path, args: argparse.Namespace, log: Path) -> tuple:
+    """(process, port, seconds to ready)."""
+    from toolkit.distributed import free_port
+
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "launchers/serve.py"), "--checkpoint", str(checkpoint)]
+    cmd += ["--port", str(port), "--device", args.device, "--dtype", args.dtype]
+    cmd += ["--slots", str(args.slots), "--max-len", str(args.max_len)]
+    env = os.environ | {"TOOLKIT_SERVE_TOKEN": ""}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    while True:
+        if proc.poll() is not None or time.perf_counter() - start > args.start_timeout:
+            proc.kill()
+            raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
+        try:
+            health(port)
+            return proc, port, time.perf_counter() - start
+        except OSError:
+            time.sleep(0.1)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything the module docstring lists, as a dictionary (what --json writes)."""
+    specs = build_specs(args.distinct, args.tokens, args.cancel_tokens)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results: dict[str, Any] = {"config": config}
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as scratch:
+        checkpoint = args.checkpoint or tiny_checkpoint(Path(scratch) / "ckpt", args.set)
+        log = args.log or Path(scratch) / "server.log"
+        proc, port, ready = start_server(Path(checkpoint), args, log)
+        try:
+            results |= measure(proc.pid, port, specs, args)
+            results["ready_s"] = round(ready, 3)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        text = log.read_text()
+        results["server_log"] = {"tracebacks": text.count("Traceback"), "lines": text.count("\n")}
+    return results
+
+
+def measure(pid: int, port: int, specs: list[Spec], args: argparse.Namespace) -> dict[str, Any]:
+    first = asyncio.run(send(port, specs[0]))
+    results: dict[str, Any] = {"first_request_ms": round(1000 * first.latency, 2)}
+    start = time.perf_counter()
+    alone = [asyncio.run(send(port, s)) for s in specs]  # one at a time
+    failed = [f"{o.spec.index}: {o.status} {o.error}" for o in alone if o.status != 200 or o.error]
+    if failed:
+        raise RuntimeError(f"requests alone failed: {failed[:5]}")
+    results["alone"] = {"requests": len(specs), "seconds": round(time.perf_counter() - start, 3)}
+    results["alone"] |= summarize(alone, args.tokens)
+    _, before = settle(pid, port)
+    results["memory"] = {"before": before, "after_wave": []}
+    results["waves"], mismatches = [], []
+    counts = list(args.clients[:-1]) + [args.clients[-1]] * args.waves
+    for clients in counts:
+        generated = health(port)["generated_tokens"]
+        start = time.perf_counter()
+        outcomes = asyncio.run(wave(port, specs, clients, args.cancel_after))
+        seconds = time.perf_counter() - start
+        generated = health(port)["generated_tokens"] - generated
+        wrong = [o for o in outcomes if not equal(o, alone[o.spec.index])]
+        mismatches += [
+            {"clients": clients, "spec": o.spec.index, "kind": o.spec.kind, "status": o.status}
+            | {"error": o.error, "got": o.answer, "alone": alone[o.spec.index].answer}
+            for o in wrong
+        ]
+        h, after = settle(pid, port, before["threads"])
+        results["memory"]["after_wave"].append({"clients": clients} | after)
+        results["waves"].append(
+            {
+                "clients": clients,
+                "seconds": round(seconds, 3),
+                "dropped": sum(o.dropped for o in outcomes),
+                "mismatches": len(wrong),
+                "generated_tokens": generated,
+                "tokens_per_s": round(generated / seconds, 1),
+            }
+            | summarize(outcomes, args.tokens)
+        )
+        w = results["waves"][-1]
+        print(
+            f"{clients:4d} clients: {seconds:6.2f} s, {w['tokens_per_s']:8.1f} tokens/s, "
+            f"latency p50 {w['all']['latency_ms']['p50']:8.1f} ms p99 "
+            f"{w['all']['latency_ms']['p99']:8.1f} ms, {w['dropped']} dropped, "
+            f"{len(wrong)} not equal to alone; then {results['memory']['after_wave'][-1]}",
+            flush=True,
+        )
+    results["engine"] = {k: h[k] for k in ("active", "waiting", "finished", "cancelled")}
+    last = results["memory"]["after_wave"][-args.waves :]
+    results["memory"]["growth_last_waves_mib"] = round(last[-1]["rss_mib"] - last[0]["rss_mib"], 1)
+    results["mismatches"] = mismatches
+    results["equal"] = not mismatches
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/serve_load.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=Path, help="serve this checkpoint (root or step)")
+    which.add_argument(
+        "--tiny",
+        action="store_true",
+        help="serve a random-weight tiny hybrid written to a temporary directory (the default)",
+    )
+    p.add_argument("--set", action="append", default=[], help="--tiny recipe override key=value")
+    p.add_argument("--clients", default="1,8,32,64", help="comma-separated concurrent clients")
+    p.add_argument("--waves", type=int, default=2, help="waves at the largest --clients")
+    p.add_argument("--distinct", type=int, default=64, help="distinct requests (sent alone once)")
+    p.add_argument("--tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--cancel-tokens", type=int, default=64, help="max_tokens of dropped streams")
+    p.add_argument("--cancel-after", type=int, default=2, help="events a dropping client reads")
+    p.add_argument("--slots", type=int, default=64, help="the server's --slots")
+    p.add_argument("--max-len", type=int, default=512, help="the server's --max-len")
+    p.add_argument("--device", default="cpu", help="the server's --device")
+    p.add_argument("--dtype", default="float32", help="the server's --dtype")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server")
+    p.add_argument(
+        "--start-timeout", type=float, default=900, help="seconds for the server to load"
+    )
+    p.add_argument("--log", type=Path, help="keep the server's log here")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--no-check", action="store_true", help="report mismatches, exit 0 anyway")
+    args = p.parse_args(argv)
+    args.tiny = args.checkpoint is None
+    try:
+        args.clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        p.error(f"--clients must be whole numbers separated by commas, not {args.clients!r}")
+    if min(args.clients) < 1 or args.waves < 1 or args.distinct < len(KINDS) or args.tokens < 2:
+        p.error("--clients and --waves >= 1, --distinct >= 4, --tokens >= 2")
+    if args.cancel_tokens + 16 > args.max_len or args.cancel_after < 1:
+        p.error("--cancel-tokens must leave room for a prompt under --max-len; --cancel-after >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    print(
+        f"ready {results['ready_s']} s, first request {results['first_request_ms']} ms, "
+        f"{results['alone']['requests']} requests alone in {results['alone']['seconds']} s; "
+        f"RSS growth over the last {args.waves} waves "
+        f"{results['memory']['growth_last_waves_mib']} MiB; "
+        f"{len(results['mismatches'])} answers not equal to alone"
+    )
+    for m in results["mismatches"][:5]:
+        print(f"  not equal: {m}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 1 if results["mismatches"] and not args.no_check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Resuming past a damaged checkpoint: every rank restores the same, newest intact checkpoint.
+
+A checkpoint is damaged when a chunk's CRC32C or size is wrong, a chunk file or an array is
+missing, or its metadata does not parse. Restoring finds all of these for what it reads: it reads
+every chunk through `store.read_region`, the check that `checkpoints_tools/inspect.py --verify`
+runs over a whole checkpoint. So a resume verifies by restoring, and nothing is read twice.
+
+Which checkpoint, on many ranks: each rank restores only its own slices, so a damaged chunk is
+seen by the ranks that read it and by no other. After each attempt the ranks exchange their
+errors; if any rank failed, every rank moves on to the next older checkpoint together, so all
+agree on one step (a rank-0 verification of the whole checkpoint would agree too, but would read
+all of a large checkpoint once more, on one node, before every resume). The list of candidates is
+taken by rank 0 and broadcast, so that ranks on other nodes cannot see different directories.
+
+A damaged checkpoint that was passed over is renamed `corrupt-step_N` (never deleted: it may be
+worth repairing or examining), out of the `step_*` names that resuming and retention look at, and
+`latest` moves back to the checkpoint resumed from. The run then saves step N again as usual.
+"""
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from toolkit.checkpoint import store
+from toolkit.checkpoint.sharded import Comm
+from toolkit.checkpoint.store import CheckpointError
+
+log = logging.getLogger(__name__)
+
+VERIFY_HINT = "checkpoints_tools/inspect.py --verify lists all of a checkpoint's damage"
+
+
+@dataclass
+class Resumed:
+    """The checkpoint restored, its metadata, and the damaged ones passed over (newest first,
+    each with the first error found in it)."""
+
+    path: Path
+    meta: dict[str, Any]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def resume_candidates(root: str | Path) -> tuple[list[Path], str | None]:
+    """The checkpoints to try, newest first: the one `latest` names, then the older published
+    ones. If `latest` itself is damaged (it names no checkpoint), every published one, with the
+    problem as the second value."""
+    published = store.list_checkpoints(root)
+    try:
+        latest = store.latest_checkpoint(root)
+    except CheckpointError as e:
+        return published[::-1], str(e)
+    if latest is None:
+        return [], None
+    return [latest] + [p for p in reversed(published) if p.name < latest.name], None
+
+
+def step_of(path: Path) -> int | None:
+    """The step a `step_NNNNNNNN` directory holds, from its name (its metadata may be damaged)."""
+    digits = path.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else None
+
+
+def _one_line(error: BaseException) -> str:
+    # restore() wraps the chunk error with "the model is incomplete": true, but beside the point
+    # when another checkpoint is restored next.
+    cause = error.__cause__ if isinstance(error.__cause__, CheckpointError) else error
+    return " ".join(str(cause).split())
+
+
+def restore_newest_intact(
+    root: str | Path,
+    restore_from: Callable[[Path], dict[str, Any]],
+    comm: Comm,
+    on_corrupt: Literal["fallback", "fail"] = "fallback",
+) -> Resumed | None:
+    """Collective. Call `restore_from(path)` (which restores this rank's share of the state and
+    returns the metadata, raising CheckpointError for damage) on the newest checkpoint under
+    `root`, then on older ones while any rank finds damage. Returns what was restored, or None if
+    `root` holds no checkpoint. Raises CheckpointError (one line) when on_corrupt='fail' and the
+    newest is damaged, or when none is intact. Rank 0 logs a warning for each damaged checkpoint
+    and renames it out of the way (see the module's docstring)."""
+    root = Path(root)
+    candidates, pointer_problem = comm.broadcast(
+        resume_candidates(root) if comm.rank == 0 else None
+    )
+    if pointer_problem is not None:
+        if on_corrupt == "fail" or not candidates:
+            raise CheckpointError(f"cannot resume: {pointer_problem}")
+        if comm.rank == 0:
+            log.warning("%s: trying the newest published checkpoint instead", pointer_problem)
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        error, meta = None, None
+        try:
+            meta = restore_from(path)
+        except (CheckpointError, OSError) as e:  # OSError: an unreadable file (EIO) is damage too
+            error = _one_line(e)
+        errors = [e for e in comm.all_gather(error) if e is not None]
+        if not errors:
+            resumed = Resumed(path, meta, skipped)
+            if skipped or pointer_problem is not None:
+                _set_aside(resumed, comm)
+            return resumed
+        if on_corrupt == "fail":
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {errors[0]}; checkpoint.on_corrupt='fail', so "
+                "the run stops: repair or move it away, or set checkpoint.on_corrupt='fallback' "
+                f"to resume from the newest intact one ({VERIFY_HINT})"
+            )
+        skipped.append((path, errors[0]))
+        if comm.rank == 0:
+            log.warning("checkpoint %s is damaged: %s", path, errors[0])
+    if not skipped:
+        return None
+    listed = "; ".join(f"{path.name}: {error}" for path, error in skipped)
+    raise CheckpointError(
+        f"no intact checkpoint to resume from in {root} ({listed}); move them away to start "
+        f"afresh, or repair them ({VERIFY_HINT})"
+    )
+
+
+def _set_aside(resumed: Resumed, comm: Comm) -> None:
+    """On rank 0: rename the damaged checkpoints, point `latest` at the one resumed from, and
+    say what was lost. Every rank hears of a failure (or would wait for rank 0 forever)."""
+    error = None
+    if comm.rank == 0:
+        try:
+            kept = [_rename_damaged(path) for path, _ in resumed.skipped]
+            # Renamed first: a crash before the pointer moves leaves `latest` naming nothing, which
+            # the next resume treats as damage too, instead of a step_N it would collide with.
+            store.point_latest(resumed.path)
+            _warn_fallback(resumed, kept)
+        except OSError as e:
+            error = f"could not set the damaged checkpoints aside: {e}"
+    error = comm.broadcast(error)
+    if error is not None:
+        raise CheckpointError(error)
+
+
+def _rename_damaged(path: Path) -> Path:
+    target, n = path.with_name(f"corrupt-{path.name}"), 1
+    while target.exists():  # step N was damaged before, and again after it was saved anew
+        n += 1
+        target = path.with_name(f"corrupt-{path.name}.{n}")
+    os.rename(path, target)
+    return target
+
+
+def _warn_fallback(resumed: Resumed, kept: list[Path]) -> None:
+    step = resumed.meta["step"]
+    if not kept:  # only `latest` was damaged
+        log.warning("`latest` now names %s (step %d)", resumed.path.name, step)
+        return
+    newest = max((s for s in (step_of(p) for p, _ in resumed.skipped) if s is not None), default=0)
+    lost = (
+        f"steps {step + 1}-{newest} ({newest - step} steps) will be trained again"
+        if newest > step
+        else "no steps are lost"
+    )
+    log.warning(
+        "RESUMING FROM AN OLDER CHECKPOINT: %s (step %d), the newest intact one: %s; the damaged "
+        "%s kept as %s (%s)",
+        resumed.path,
+        step,
+        lost,
+        "one is" if len(kept) == 1 else "ones are",
+        ", ".join(p.name for p in kept),
+        VERIFY_HINT,
+    )

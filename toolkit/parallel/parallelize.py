@@ -1,0 +1,113 @@
+"""The one place where a built model and a parallel layout become the model that trains.
+
+The transforms, in the order they are applied (torchtitan's), each from outside the model code:
+
+1. `apply_tensor_parallel`  TP shards (+ sequence parallelism); gives the loss for the logits
+2. `apply_fp8`              float8 linears (train.precision='fp8') for this rank's shards
+3. `apply_ac`               activation checkpointing, per block kind
+4. `apply_compile`          per-block torch.compile (after AC, so the recomputation compiles too)
+5. pipeline stage           this rank's blocks and its schedule (`StepRunner`)
+6. optimizer                AdamW, its state sharded over DP when asked (ZeRO-1)
+
+Why this order: TP cuts plain `nn.Linear` weights and puts its collectives in hooks around each
+mixer, outside the linears. So a TP rank's linears are ordinary local matmuls, and float8 (torchao
+or Transformer Engine) converts them exactly as on one GPU: the float8 filter sees the shapes that
+really run, and the shard placement each weight carries (for checkpoints) stays on it. (torchtitan
+converts first because its TP styles must know the float8 types; ours need not.) TP must see the
+whole block stack before the pipeline keeps only this rank's blocks; checkpointing and compile
+wrap the blocks as TP and float8 left them (hooks included); the optimizer takes the parameters
+this rank ends up owning. Evaluation and serving take step 1 only (`apply_tensor_parallel`).
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from toolkit.activation_checkpoint import apply_ac, apply_compile, selected_kinds
+from toolkit.config import Recipe, TrainConfig
+from toolkit.distributed import ParallelEnv
+from toolkit.model import HybridLM
+from toolkit.optim import build_optimizer
+from toolkit.parallel.runtime import LossFn, StepRunner, cross_entropy
+from toolkit.parallel.tp import apply_tp, vocab_parallel_cross_entropy
+from toolkit.precision import Engine, apply_fp8, autocast_context
+
+
+@dataclass
+class ParallelModel:
+    """What training needs from the transformed model on this rank."""
+
+    module: nn.Module  # the whole model, or this rank's pipeline stage
+    loss_fn: LossFn
+    run_step: StepRunner
+    optimizer: torch.optim.Optimizer
+    fp8_engine: Engine | None
+
+
+def apply_tensor_parallel(
+    model: HybridLM, env: ParallelEnv, *, sequence_parallel: bool = False
+) -> LossFn:
+    """Shard a freshly built model (identical on every rank) over the TP group; returns the loss
+    for its logits (vocab-parallel when TP > 1). Sequence parallelism needs TP > 1: at TP=1 there
+    is nothing to split the sequence over, and the switch changes nothing."""
+    if env.tp == 1:
+        return partial(cross_entropy, vocab_size=model.vocab_size)
+    group = env.group("tp")
+    vocab_start = apply_tp(
+        model, group=group, tp=env.tp, rank=env.tp_rank, sequence_parallel=sequence_parallel
+    )
+    return partial(
+        vocab_parallel_cross_entropy,
+        vocab_start=vocab_start,
+        vocab_size=model.vocab_size,
+        group=group,
+    )
+
+
+def apply_float8(model: HybridLM, cfg: TrainConfig, device: torch.device) -> Engine | None:
+    """Step 2: float8 linears when train.precision='fp8' (engine and scaling from the recipe);
+    returns the engine that runs them, None otherwise."""
+    if cfg.precision != "fp8":
+        return None
+    engine, _ = apply_fp8(
+        model,
+        device=device,
+        engine=cfg.fp8_engine,
+        recipe=cfg.fp8_recipe,
+        compiled=bool(selected_kinds(cfg.compile)),
+    )
+    if engine == "transformer_engine" and selected_kinds(cfg.activation_checkpointing):
+        # torch.utils.checkpoint recomputes outside Transformer Engine's autocast: the
+        # recomputed linears would not be the float8 ones of the forward pass.
+        raise NotImplementedError(
+            "train.activation_checkpointing with Transformer Engine's fp8 is not supported "
+            "yet: use train.activation_checkpointing='none' or train.fp8_engine='torchao'"
+        )
+    return engine
+
+
+def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelModel:
+    """Apply every transform of the recipe to `model`, in the order of this module's docstring."""
+    cfg, par = recipe.train, recipe.parallel
+    device = env.device
+    loss_fn = apply_tensor_parallel(model, env, sequence_parallel=par.sequence_parallel)
+    engine = apply_float8(model, cfg, device)
+    apply_ac(model, cfg.activation_checkpointing)
+    apply_compile(model, cfg.compile)
+    micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * env.dp)
+    run_step = StepRunner(
+        model,
+        env,
+        loss_fn,
+        micro_batch_size=cfg.micro_batch_size,
+        micro_batches=micro_batches,
+        seq_length=recipe.model.seq_length,
+        sequence_shards=env.tp if par.sequence_parallel else 1,
+        autocast=lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
+        logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
+    )
+    shard_over = env.group("dp") if env.dp > 1 and par.shard_optimizer else None
+    optimizer = build_optimizer(run_step.module, cfg, shard_over)
+    return ParallelModel(run_step.module, loss_fn, run_step, optimizer, engine)
