@@ -275,6 +275,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 TOOLS = [
+    (["-m", "toolkit.config", "recipe.toml", "--world-size", "0"], ("--world-size",)),
     (["-m", "toolkit.layout", "--layers", "100000000000000000000"], ("num_layers",)),
     (["-m", "toolkit.evaluate", "--recipe", "recipe.toml", "--checkpoint", "nope"], ("nope",)),
     (["-m", "toolkit.evaluate", "--recipe", "folder", "--checkpoint", "CKPT"], ("folder",)),

@@ -799,6 +799,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.recipe:
         parser.error("give a recipe file, or --keys")
+    if args.world_size is not None and args.world_size < 1:
+        parser.error("--world-size must be >= 1")
     try:
         recipe = load_recipe(args.recipe, args.set, args.world_size)
     except RecipeError as e:
