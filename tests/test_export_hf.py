@@ -196,5 +196,5 @@ def test_command_line(tmp_path, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     assert cli.main(["--in", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
-    assert "is not empty" in capsys.readouterr().err
+    assert "exists and is not an empty directory" in capsys.readouterr().err
     assert cli.parse_size("2GiB") == 2 * 2**30 and cli.parse_size("1.5") == 1_500_000_000
