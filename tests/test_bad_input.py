@@ -122,7 +122,13 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+# Every case through toolkit.config in make test; through the launchers too in make test-long.
+ENTRIES = [
+    e if e == "toolkit.config" else pytest.param(e, marks=pytest.mark.long) for e in ENTRY_POINTS
+]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize(("sets", "words", "text"), MALFORMED)
 def test_malformed_recipe_is_refused(tmp_path, entry, sets, words, text):
     (tmp_path / "recipe.toml").write_bytes(text if text is not None else RECIPE.encode())

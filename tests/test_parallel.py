@@ -23,6 +23,7 @@ from toolkit.parallel.tp import reduce_sequence_parallel_grads
 
 # fp32 everywhere; TP changes only the summation order of the row-parallel reductions.
 TOL = dict(rtol=1e-5, atol=1e-6)
+LONG = pytest.mark.long  # beyond make test's time: make test-long (CI runs it)
 
 MODELS = {
     "hybrid_gelu": dict(),
@@ -113,7 +114,11 @@ TP4 = dict(num_query_groups=4, mamba_num_groups=4)
 
 @pytest.mark.parametrize(
     "case, world, kwargs",
-    [(case, 2, MODELS[case]) for case in sorted(MODELS)] + [("hybrid_gelu", 4, TP4)],
+    [
+        pytest.param(case, 2, MODELS[case], marks=() if case == "rope_relu2" else LONG)
+        for case in sorted(MODELS)
+    ]
+    + [("hybrid_gelu", 4, TP4)],
 )
 def test_sequence_parallel_matches_single_process(case, world, kwargs):
     """Loss, logits and every gradient (the norms' summed over TP) as one process computes them."""
@@ -374,7 +379,9 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=LONG) if "sp" in n else n for n in sorted(LAYOUTS)]
+)
 def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_process_run, name):
     reference = losses(single_process_run)
     layout = LAYOUTS[name]
@@ -411,7 +418,9 @@ RESHARDS = {  # saved at -> resumed at
 }
 
 
-@pytest.mark.parametrize("name", sorted(RESHARDS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=LONG) if "sp" in n else n for n in sorted(RESHARDS)]
+)
 def test_checkpoint_resumes_at_another_layout(tmp_path, single_process_run, name):
     saved_at, resumed_at = RESHARDS[name]
     recipe = write_recipe(tmp_path, "run", 2, **saved_at)
@@ -429,6 +438,7 @@ def test_checkpoint_resumes_at_another_layout(tmp_path, single_process_run, name
         assert got[step] == pytest.approx(reference[step], rel=1e-4)
 
 
+@LONG
 def test_a_damage_only_one_rank_reads_sends_every_rank_back(tmp_path):
     """Under PP=2, layer 3 is read by rank 1 alone: when its chunk in the newest checkpoint is
     damaged, both ranks must resume from the older one (one rank alone would leave the other
@@ -452,6 +462,7 @@ def test_a_damage_only_one_rank_reads_sends_every_rank_back(tmp_path):
     assert (ckpt / "corrupt-step_00000002").is_dir()
 
 
+@LONG
 def test_the_closing_sample_under_pp_is_the_whole_models(tmp_path):
     """With PP=2, rank 0 trained only the first stage: its own copy of the model is half trained.
     The sample printed after training must be what toolkit.inference.generate draws from the
@@ -477,6 +488,7 @@ def test_the_closing_sample_under_pp_is_the_whole_models(tmp_path):
     assert f"from 'ab':\n{text}\n" in proc.stderr, (text, proc.stderr[-1500:])
 
 
+@LONG
 def test_sigterm_to_the_local_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
     """SIGTERM to `submit.py --local --nproc 2` reaches both ranks (before, it ended the launcher
     alone and left them training): they checkpoint one step and stop, and the launcher exits with
@@ -501,6 +513,7 @@ def test_sigterm_to_the_local_launcher_stops_every_rank_with_a_checkpoint(tmp_pa
     assert 1 <= int(latest.removeprefix("step_")) < 40
 
 
+@LONG
 def test_the_8b_recipe_trains_at_tp4_with_sequence_parallelism(tmp_path):
     """recipes/8b_hybrid.toml as shipped (TP=4, sequence parallelism, micro-batch 4, its layer
     mix) at reduced widths and length, on 4 CPU ranks."""

@@ -221,6 +221,7 @@ def tensorboard_losses(event_file: Path) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars("train/loss")}
 
 
+@pytest.mark.long
 def test_lost_node_requeues_and_resumes_from_last_checkpoint(cluster, tmp_path):
     """A node lost mid-job: the second node's slurmd, step daemon and rank are killed at once.
     Rank 0 fails at its next collective, slurmctld declares the node DOWN after SlurmdTimeout and
