@@ -10,6 +10,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks/serve_load.py")
 serve_load = importlib.util.module_from_spec(spec)
@@ -18,6 +20,7 @@ spec.loader.exec_module(serve_load)
 TINY = ["--set", "model.hidden_size=64", "--dtype", "float64", "--threads", "1"]
 
 
+@pytest.mark.long  # make test-long (CI runs it)
 def test_256_mixed_clients_get_their_answer_alone_and_memory_stays_bounded():
     args = serve_load.parse_args(
         ["--clients", "256", "--waves", "2", "--distinct", "64", "--tokens", "8"]
@@ -78,6 +81,7 @@ def test_serve_load_refuses_bad_flags():
     assert proc.returncode == 2 and "--clients" in proc.stderr.splitlines()[-1]
 
 
+@pytest.mark.long  # make test-long (CI runs it)
 def test_cpu_server_memory_does_not_grow_with_each_new_prompt_length(tmp_path):
     """oneDNN caches a compiled convolution per input shape (up to 1,024 by default): each new
     prompt length cost a float32 CPU server ~0.6 MiB for good, ~90 MiB per 150 lengths here."""
