@@ -149,6 +149,7 @@ def test_what_is_not_a_recipe_file_is_refused(tmp_path, entry, recipe, words):
     assert_refused(proc, tmp_path, {"folder"}, *words)
 
 
+@pytest.mark.long  # make test-long (CI runs it)
 @pytest.mark.parametrize(
     ("sets", "words"),
     [
@@ -315,6 +316,7 @@ TOOLS = [
 ]
 
 
+@pytest.mark.long  # make test-long (CI runs it)
 @pytest.mark.parametrize(("args", "words"), TOOLS, ids=lambda v: " ".join(v)[:60])
 def test_bad_flags_and_paths_of_the_other_tools(tmp_path, checkpoint, args, words):
     (tmp_path / "recipe.toml").write_text(RECIPE)
