@@ -38,8 +38,6 @@ from toolkit.parallel import tp as tensor_parallel
 from toolkit.parallel.runtime import cross_entropy
 
 GiB = 2**30
-# One GPU's memory by device name, for the check against it (an override: slurm.gpu_memory_gb).
-GPU_MEMORY_GB = {"H200": 141.0, "H100": 80.0, "A100-SXM4-80GB": 80.0, "A100-SXM4-40GB": 40.0}
 
 
 @dataclass
