@@ -92,3 +92,30 @@ def test_decode_uses_the_state():
         full = model(tokens)
         fresh = model(tokens[:, 11:12], model.allocate_states(1, max_len=12))
     assert (fresh[:, 0] - full[:, 11]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_row_copied_between_states_continues_the_sequence(case):
+    """What the engine does on admission, through the states' own methods: prefill the first
+    rows of a scratch batch (views), copy one row into another batch's slot, and that slot
+    decodes on beside other rows as the sequence's full forward does."""
+    model = build(case)
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        full = model(tokens)
+        scratch = model.allocate_states(3, max_len=10)
+        model(tokens[:, :4], scratch.rows(2))
+        model(tokens[:, 4:7], scratch.rows(2, seen=4))  # continues where the rows stopped
+        slots = model.allocate_states(4, max_len=10)
+        slots.copy_row(2, scratch, 1, length=7)
+        positions = torch.tensor([0, 5, 7, 0])  # rows 0, 1: other sequences, here zeros
+        for t in range(7, 10):
+            step = torch.zeros(3, 1, dtype=torch.long)
+            step[2] = tokens[1, t]
+            out = model(step, slots.decode_rows(3, positions))
+            torch.testing.assert_close(out[2, 0], full[1, t], **TOL)
+            positions += 1
+    assert slots.batch_size == 4 and scratch.rows(2).batch_size == 2
+    assert slots.nbytes == sum(
+        t.nbytes for s in slots if s is not None for t in vars(s).values() if torch.is_tensor(t)
+    )

@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 
-from toolkit.model.attention import KVCache
-from toolkit.model.mamba2 import MambaState
+from toolkit.model.states import DecodeStates
 
 log = logging.getLogger(__name__)
 
 # forward(tokens [slots, 1], per-layer state views) -> logits [slots, vocab]
-DecodeForward = Callable[[torch.Tensor, list[Any]], torch.Tensor]
+DecodeForward = Callable[[torch.Tensor, DecodeStates], torch.Tensor]
 
 
 def span_bucket(needed: int, max_len: int, minimum: int = 256) -> int:
@@ -40,21 +39,6 @@ def span_bucket(needed: int, max_len: int, minimum: int = 256) -> int:
     return min(max_len, -(-needed // step) * step)
 
 
-def static_views(states: list[Any], positions: torch.Tensor, span: int) -> list[Any]:
-    """Views of all rows of the engine's states for one static decode step (no copies). New
-    views each time: the step's Python-side bookkeeping (MambaState.seen += 1) lands on them,
-    and the KV views' `lengths` is the engine's tensor itself, read, never rebound."""
-    views: list[Any] = []
-    for s in states:
-        if isinstance(s, MambaState):
-            views.append(MambaState(s.conv, s.ssm, seen=1))  # seen > 0: the step path
-        elif isinstance(s, KVCache):
-            views.append(KVCache(s.k, s.v, lengths=positions, span=span))
-        else:
-            views.append(None)
-    return views
-
-
 class StaticDecoder:
     """Decodes one token for every slot: `decoder(tokens, needed)` -> logits [slots, vocab].
 
@@ -65,7 +49,7 @@ class StaticDecoder:
     def __init__(
         self,
         forward: DecodeForward,
-        states: list[Any],
+        states: DecodeStates,
         positions: torch.Tensor,
         *,
         max_len: int,
@@ -101,7 +85,10 @@ class StaticDecoder:
         return logits
 
     def _step(self, span: int) -> torch.Tensor:
-        return self.forward(self.tokens, static_views(self.states, self.positions, span))
+        # New views each step: the step's Python-side bookkeeping (MambaState.seen += 1) lands
+        # on them, and the KV views read the engine's positions, never rebind them.
+        views = self.states.decode_rows(self.states.batch_size, self.positions, span)
+        return self.forward(self.tokens, views)
 
     def _record(self, span: int) -> torch.Tensor:
         """The first step at a new span runs eagerly on a side stream, which is the warm-up

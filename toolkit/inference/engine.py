@@ -27,8 +27,6 @@ import torch
 from toolkit.inference.cuda_graph import StaticDecoder
 from toolkit.inference.sampling import sample
 from toolkit.model import HybridLM
-from toolkit.model.attention import KVCache
-from toolkit.model.mamba2 import MambaState
 from toolkit.model.norms import add_norm
 from toolkit.tokenizer import ByteTokenizer
 
@@ -339,14 +337,7 @@ class Engine:
         hi = rows[-1] + 1
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor([self.next_input[s] for s in rows])
-        views = []
-        for s in self.states:
-            if isinstance(s, MambaState):
-                views.append(MambaState(s.conv[:hi], s.ssm[:hi], seen=1))
-            elif isinstance(s, KVCache):
-                views.append(KVCache(s.k[:hi], s.v[:hi], lengths=self.positions[:hi]))
-            else:
-                views.append(None)
+        views = self.states.decode_rows(hi, self.positions)
         hidden = self._hidden(tokens.to(self.device), views)
         index = self._index(rows)
         self.positions[index] += 1
@@ -390,7 +381,7 @@ class Engine:
             m = sum(length > start for length in lengths)  # rows still running: a prefix
             # Up to the next prompt's end, in pieces of at most prefill_chunk tokens per row.
             end = min(lengths[m - 1], start + self.prefill_chunk)
-            hidden = self._hidden(tokens[:m, start:end], _prefix_views(scratch, m, start))
+            hidden = self._hidden(tokens[:m, start:end], scratch.rows(m, start))
             ending = [row for row in range(m) if lengths[row] == end]
             last[ending] = self._logits(hidden[ending, -1])
             for row in range(m):
@@ -410,13 +401,7 @@ class Engine:
             slot = slots[i] = free.pop(0)
             self.active[slot] = r
             self.positions[slot] = self.host_positions[slot] = lengths[row]
-            for big, small in zip(self.states, scratch, strict=True):
-                if isinstance(big, MambaState):
-                    big.conv[slot].copy_(small.conv[row])
-                    big.ssm[slot].copy_(small.ssm[row])
-                elif isinstance(big, KVCache):
-                    big.k[slot, :, : lengths[row]].copy_(small.k[row, :, : lengths[row]])
-                    big.v[slot, :, : lengths[row]].copy_(small.v[row, :, : lengths[row]])
+            self.states.copy_row(slot, scratch, row, lengths[row])
         inverse = torch.tensor(order, device=self.device).argsort()
         return last[inverse], slots
 
@@ -530,19 +515,6 @@ class Engine:
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
 
 
-def _prefix_views(states: list[Any], m: int, start: int) -> list[Any]:
-    """The first m rows of prefill states that have consumed `start` tokens (views, no copies)."""
-    views: list[Any] = []
-    for s in states:
-        if isinstance(s, MambaState):
-            views.append(MambaState(s.conv[:m], s.ssm[:m], seen=start))
-        elif isinstance(s, KVCache):
-            views.append(KVCache(s.k[:m], s.v[:m], length=start))
-        else:
-            views.append(None)
-    return views
-
-
 def _longest(strings: Sequence[str]) -> int:
     return max((len(s) for s in strings), default=0)
 
@@ -551,11 +523,5 @@ def memory_bytes(
     model: HybridLM, slots: int, max_len: int, ssm_dtype: torch.dtype = torch.float32
 ) -> int:
     """Bytes of decode state the engine allocates up front for `slots` x `max_len`."""
-    states = model.allocate_states(1, 1, device=torch.device("meta"), ssm_dtype=ssm_dtype)
-    total = 0
-    for s in states:
-        if isinstance(s, MambaState):
-            total += s.conv.nbytes + s.ssm.nbytes
-        elif isinstance(s, KVCache):
-            total += (s.k.nbytes + s.v.nbytes) * max_len
-    return total * slots
+    meta = torch.device("meta")  # shapes only, no memory
+    return model.allocate_states(slots, max_len, device=meta, ssm_dtype=ssm_dtype).nbytes

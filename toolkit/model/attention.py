@@ -26,6 +26,23 @@ class KVCache:
     # positions masked per row; `lengths` is only read (the caller advances it in place).
     span: int | None = None
 
+    # The methods every decode state has (toolkit/model/states.py).
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def rows(self, n: int, seen: int = 0) -> "KVCache":
+        """The first n rows (a view, no copy), `seen` positions filled."""
+        return KVCache(self.k[:n], self.v[:n], length=seen)
+
+    def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "KVCache":
+        """The first n rows for one token each, row r at positions[r]."""
+        return KVCache(self.k[:n], self.v[:n], lengths=positions[:n], span=span)
+
+    def copy_row(self, row: int, source: "KVCache", source_row: int, length: int) -> None:
+        self.k[row, :, :length].copy_(source.k[source_row, :, :length])
+        self.v[row, :, :length].copy_(source.v[source_row, :, :length])
+
 
 class Rotary(nn.Module):
     """Rotary embedding of the first `rotary_percent` of each head's channels (half-split form)."""

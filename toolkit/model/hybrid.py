@@ -17,6 +17,7 @@ from toolkit.model.attention import Attention, Rotary
 from toolkit.model.mamba2 import Mamba2Mixer, select_ssd, use_fused_mamba
 from toolkit.model.mlp import MLP
 from toolkit.model.norms import build_norm
+from toolkit.model.states import DecodeStates, MambaCache
 
 
 class Block(nn.Module):
@@ -105,15 +106,16 @@ class HybridLM(nn.Module):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         ssm_dtype: torch.dtype = torch.float32,
-    ) -> list[Any]:
+    ) -> DecodeStates:
         """Per-layer decode states: Mamba conv/SSM state (the SSM part in `ssm_dtype`), attention
         KV cache, None for MLPs."""
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
-        states: list[Any] = []
+        states = DecodeStates([], batch_size)
         for block in self.layers:
             if block.kind == "M":
-                states.append(block.mixer.allocate_state(batch_size, device, dtype, ssm_dtype))
+                state = block.mixer.allocate_state(batch_size, device, dtype, ssm_dtype)
+                states.append(MambaCache(state.conv, state.ssm))
             elif block.kind == "*":
                 states.append(block.mixer.allocate_state(batch_size, max_len, device, dtype))
             else:

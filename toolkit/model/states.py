@@ -1,0 +1,78 @@
+"""Decode states: what a layer carries from one token to the next, one row per sequence.
+
+Every kind (KVCache in attention.py, MambaCache here) answers the same few questions (bytes, a
+view of some rows, copy a row), so the inference code never asks which kind it holds.
+`DecodeStates` is the stack's list of them (None for MLP blocks, which carry nothing), as
+`HybridLM.allocate_states` returns it.
+"""
+
+from collections.abc import Iterable
+from typing import Protocol, Self
+
+import torch
+
+from toolkit.model.mamba2 import MambaState
+
+
+class DecodeState(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+    def rows(self, n: int, seen: int = 0) -> Self: ...
+
+    def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> Self: ...
+
+    def copy_row(self, row: int, source: Self, source_row: int, length: int) -> None: ...
+
+
+class MambaCache(MambaState):
+    """A Mamba layer's conv and SSM state with the methods of a decode state; its size does not
+    depend on the sequence's length. (A subclass while mamba2.py is being split: the methods
+    belong on MambaState itself.)"""
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.ssm.nbytes
+
+    def rows(self, n: int, seen: int = 0) -> "MambaCache":
+        """The first n rows (a view, no copy), having consumed `seen` tokens."""
+        return MambaCache(self.conv[:n], self.ssm[:n], seen=seen)
+
+    def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "MambaCache":
+        """The first n rows for one token each at any positions: seen > 0 is the step path."""
+        return MambaCache(self.conv[:n], self.ssm[:n], seen=1)
+
+    def copy_row(self, row: int, source: "MambaCache", source_row: int, length: int) -> None:
+        self.conv[row].copy_(source.conv[source_row])
+        self.ssm[row].copy_(source.ssm[source_row])
+
+
+class DecodeStates(list):
+    """The per-layer decode states of a model, in layer order (None for layers without one),
+    each of `batch_size` rows."""
+
+    def __init__(self, states: Iterable[DecodeState | None], batch_size: int) -> None:
+        super().__init__(states)
+        self.batch_size = batch_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self if s is not None)
+
+    def rows(self, n: int, seen: int = 0) -> "DecodeStates":
+        """The first n rows, having consumed `seen` tokens (views, no copies): a prefill."""
+        return DecodeStates((None if s is None else s.rows(n, seen) for s in self), n)
+
+    def decode_rows(
+        self, n: int, positions: torch.Tensor, span: int | None = None
+    ) -> "DecodeStates":
+        """The first n rows for one token each, row r at positions[r] (the caller's tensor: a
+        KV view reads it; with `span`, over that many cache positions at static shapes)."""
+        views = (None if s is None else s.decode_rows(n, positions, span) for s in self)
+        return DecodeStates(views, n)
+
+    def copy_row(self, row: int, source: "DecodeStates", source_row: int, length: int) -> None:
+        """Row `row` takes row `source_row` of `source`, a sequence of `length` tokens."""
+        for mine, theirs in zip(self, source, strict=True):
+            if mine is not None:
+                mine.copy_row(row, theirs, source_row, length)
