@@ -119,3 +119,17 @@ def test_a_row_copied_between_states_continues_the_sequence(case):
     assert slots.nbytes == sum(
         t.nbytes for s in slots if s is not None for t in vars(s).values() if torch.is_tensor(t)
     )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_forward_with_states_is_the_forward_without(case):
+    """One forward: the decode path (residual sum fused into the next norm, states updated)
+    and the training path (whole blocks) give the same hidden states, and forward() is
+    hidden() and the output layer."""
+    model = build(case)
+    tokens = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        hidden = model.hidden(tokens)
+        decoded = model.hidden(tokens, model.allocate_states(2, max_len=9))
+        assert torch.equal(model(tokens), model.output_layer(hidden))
+    torch.testing.assert_close(decoded, hidden, rtol=0.0, atol=1e-12)

@@ -118,7 +118,7 @@ class HybridToolkitLM(TemplateLM):
         tokens = torch.zeros(len(inputs), width, dtype=torch.long)
         for row, x in enumerate(inputs):
             tokens[row, : len(x)] = torch.tensor(x)
-        hidden = self._hidden(tokens.to(self._device))
+        hidden = self.model.hidden(tokens.to(self._device))  # no [b, l, vocab] logits
         picked = torch.cat([hidden[row, s : s + n] for row, (s, n) in enumerate(spans)])
         targets = torch.tensor([t for _, _, c in pairs for t in c], device=self._device)
         logprobs, greedy = self._score(picked, targets)
@@ -127,13 +127,6 @@ class HybridToolkitLM(TemplateLM):
             (float(lp.sum()), bool(g.all()))
             for lp, g in zip(logprobs.split(sizes), greedy.split(sizes), strict=True)
         ]
-
-    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """HybridLM.forward without the output layer (its logits would be [b, l, vocab])."""
-        x = self.model.embedding(tokens)
-        for block in self.model.layers:
-            x = block(x)
-        return self.model.final_norm(x)
 
     def _score(
         self, hidden: torch.Tensor, targets: torch.Tensor

@@ -27,7 +27,6 @@ import torch
 from toolkit.inference.cuda_graph import StaticDecoder
 from toolkit.inference.sampling import sample
 from toolkit.model import HybridLM
-from toolkit.model.norms import add_norm
 from toolkit.tokenizer import ByteTokenizer
 
 FinishReason = Literal["length", "stop", "eod", "cancelled", "error"]
@@ -117,7 +116,7 @@ class Engine:
         self.decoder: StaticDecoder | None = None
         if cuda_graphs:
             self.decoder = StaticDecoder(
-                lambda tokens, views: self._logits(self._hidden(tokens, views)[:, 0]),
+                lambda tokens, views: self._logits(self.model.hidden(tokens, views)[:, 0]),
                 self.states,
                 self.positions,
                 max_len=self.max_len,
@@ -306,16 +305,7 @@ class Engine:
             self.next_input[slot] = r.prompt[-1]
             self.positions[slot] = self.host_positions[slot] = context
 
-    # The model, split so that only the positions that need logits pay for the output layer.
-    def _hidden(self, tokens: torch.Tensor, states: list[Any]) -> torch.Tensor:
-        model = self.model
-        # Each block's x + mixer(norm(x)), with the residual sum fused into the next norm.
-        x, residual = model.embedding(tokens), None
-        for block, state in zip(model.layers, states, strict=True):
-            normed, residual = add_norm(x, residual, block.norm)
-            x = block.mixer(normed, state)
-        return add_norm(x, residual, model.final_norm)[0]
-
+    # The output layer apart from model.hidden: only the positions that need logits pay for it.
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.output_layer(hidden)[..., : self.model.vocab_size].float()
 
@@ -338,7 +328,7 @@ class Engine:
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor([self.next_input[s] for s in rows])
         views = self.states.decode_rows(hi, self.positions)
-        hidden = self._hidden(tokens.to(self.device), views)
+        hidden = self.model.hidden(tokens.to(self.device), views)
         index = self._index(rows)
         self.positions[index] += 1
         return self._logits(hidden[index, 0])
@@ -381,7 +371,7 @@ class Engine:
             m = sum(length > start for length in lengths)  # rows still running: a prefix
             # Up to the next prompt's end, in pieces of at most prefill_chunk tokens per row.
             end = min(lengths[m - 1], start + self.prefill_chunk)
-            hidden = self._hidden(tokens[:m, start:end], scratch.rows(m, start))
+            hidden = self.model.hidden(tokens[:m, start:end], scratch.rows(m, start))
             ending = [row for row in range(m) if lengths[row] == end]
             last[ending] = self._logits(hidden[ending, -1])
             for row in range(m):

@@ -16,7 +16,7 @@ from toolkit.layout import build_layout
 from toolkit.model.attention import Attention, Rotary
 from toolkit.model.mamba2 import Mamba2Mixer, select_ssd, use_fused_mamba
 from toolkit.model.mlp import MLP
-from toolkit.model.norms import build_norm
+from toolkit.model.norms import add_norm, build_norm
 from toolkit.model.states import DecodeStates, MambaCache
 
 
@@ -122,13 +122,27 @@ class HybridLM(nn.Module):
                 states.append(None)
         return states
 
-    def forward(self, tokens: torch.Tensor, states: list[Any] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, states: DecodeStates | None = None) -> torch.Tensor:
         """tokens [b, l] -> logits [b, l, padded_vocab]. With `states`, continue from them and
         update them in place (prefill, then one token at a time)."""
+        return self.output_layer(self.hidden(tokens, states))
+
+    def hidden(self, tokens: torch.Tensor, states: DecodeStates | None = None) -> torch.Tensor:
+        """forward() before the output layer: [b, l, hidden] (callers that need logits at a few
+        positions, or over a sharded vocabulary, apply it themselves)."""
         x = self.embedding(tokens)
-        for i, block in enumerate(self.layers):
-            x = block(x, None if states is None else states[i])
-        return self.output_layer(self.final_norm(x))
+        if states is None:
+            # Whole blocks: the training transforms (activation checkpointing, compile) wrap them.
+            for block in self.layers:
+                x = block(x)
+            return self.final_norm(x)
+        # Decoding: each block's x + mixer(norm(x)) with the residual sum carried beside x and
+        # fused into the next norm (add_norm: one kernel on CUDA, the same numbers).
+        residual = None
+        for block, state in zip(self.layers, states, strict=True):
+            normed, residual = add_norm(x, residual, block.norm)
+            x = block.mixer(normed, state)
+        return add_norm(x, residual, self.final_norm)[0]
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
