@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             command = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]
             ranks = tp_serving.start(args.tp, device, command)
-            model, recipe, tokenizer = tp_serving.load_shard(args.checkpoint, ranks)
             device = ranks.env.device
+            model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, env=ranks.env)
     except (CheckpointError, FileNotFoundError, RuntimeError, RecipeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

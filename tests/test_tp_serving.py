@@ -214,7 +214,7 @@ def shard_worker(rank: int, world: int, port: int, checkpoint: str) -> None:
     os.environ.update(WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     ranks = tp_serving.start(world, torch.device("cpu"), [])
-    shard, _, _ = tp_serving.load_shard(checkpoint, ranks)
+    shard, _, _ = model_from_checkpoint(checkpoint, env=ranks.env)
     full, _, _ = model_from_checkpoint(checkpoint)
     whole = dict(full.named_parameters())
     vocab = full.vocab_size

@@ -2,10 +2,13 @@
 checkpoint."""
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from toolkit.checkpoint import (
     Comm,
@@ -24,7 +27,9 @@ from toolkit.data.index_cache import IndexCache
 from toolkit.data.indexed import IndexedDataset, IndexedDatasetError
 from toolkit.data.packed import SPLITS, PackedSamples, parse_split, split_ranges
 from toolkit.data.sampler import Samples
+from toolkit.distributed import ParallelEnv
 from toolkit.model import HybridLM, count_parameters
+from toolkit.parallel.parallelize import apply_tensor_parallel
 from toolkit.tokenizer import Tokenizer, TokenizerError, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -128,16 +133,65 @@ def describe_model(model: HybridLM) -> str:
 
 
 def model_from_checkpoint(
-    path: str, device: torch.device | str = "cpu"
+    path: str, device: torch.device | str = "cpu", *, env: ParallelEnv | None = None
 ) -> tuple[HybridLM, Recipe, Tokenizer]:
-    """Rebuild the model a checkpoint was trained with (its recipe is in the metadata)."""
+    """Rebuild the model a checkpoint was trained with (its recipe is in the metadata): the whole
+    model on `device`, or with `env` (TP > 1) this rank's tensor-parallel shard on env.device,
+    built on the meta device, sharded, then filled with only the slices the rank owns (a rank
+    never holds the whole model)."""
     path = resolve_checkpoint(path)
-    recipe = recipe_from_dict(read_metadata(path)["recipe"])
+    tp = 1 if env is None else env.tp
+    # A shard's TP sets the vocabulary padding and is checked against the model's heads.
+    overrides = [f"parallel.tp={tp}"] if tp > 1 else []
+    recipe = recipe_from_dict(read_metadata(path)["recipe"], overrides)
     tokenizer = tokenizer_from_recipe(recipe)
-    model = build_model(recipe, tokenizer, device)
-    meta = restore(path, model, None, RankView(model.cfg, model.vocab_size))
-    log.info("loaded %s (step %s)", path, meta.get("step"))
+    if tp == 1:
+        model = build_model(recipe, tokenizer, device)
+        view = RankView(model.cfg, model.vocab_size)
+    else:
+        with _parameters_on_meta():
+            model = build_model(recipe, tokenizer, "cpu")
+        apply_tensor_parallel(model, env)  # parallelize.py's TP step, as training takes it
+        _materialize(model, env.device)
+        view = RankView(model.cfg, model.vocab_size, tp, env.tp_rank, 0, env.rank)
+    step = restore(path, model, None, view).get("step")
+    if tp == 1:
+        log.info("loaded %s (step %s)", path, step)
+    else:
+        log.info("loaded TP shard %d/%d of %s (step %s)", view.tp_rank, tp, path, step)
     return model.eval(), recipe, tokenizer
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside keep their parameters on the meta device (no memory, no init) and
+    their buffers (rotary frequencies) real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            param = meta
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Real parameters for the meta ones (keeping their sharding attributes), then everything
+    on `device`: zeros, since padding rows of the vocabulary are not in the checkpoint."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                real = nn.Parameter(torch.zeros_like(param, device=device), requires_grad=False)
+                real.__dict__.update(param.__dict__)
+                module._parameters[name] = real
+    model.to(device)
 
 
 def checkpoint_metadata(

@@ -22,22 +22,17 @@ import signal
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from toolkit.build import build_model, tokenizer_from_recipe
-from toolkit.checkpoint import RankView, read_metadata, resolve_checkpoint, restore
-from toolkit.config import ParallelConfig, Recipe, recipe_from_dict
+from toolkit.config import ParallelConfig
 from toolkit.distributed import ParallelEnv, free_port, init_distributed, launch_environment
 from toolkit.inference.engine import Engine, Request
 from toolkit.inference.server import EngineThread, GenerationServer
 from toolkit.model import HybridLM
-from toolkit.parallel.parallelize import apply_tensor_parallel
 from toolkit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -134,51 +129,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside keep their parameters on the meta device (no memory, no init) and
-    their buffers (rotary frequencies) real: a rank never holds the whole model."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-            meta.__dict__.update(param.__dict__)
-            param = meta
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def load_shard(checkpoint: str, ranks: Ranks) -> tuple[HybridLM, Recipe, Tokenizer]:
-    """This rank's TP shard of the checkpoint's model: built on the meta device, sharded, then
-    filled from the checkpoint with only the slices this rank owns."""
-    path = resolve_checkpoint(checkpoint)
-    # The serving TP sets the vocabulary padding and is checked against the model's heads.
-    recipe = recipe_from_dict(read_metadata(path)["recipe"], [f"parallel.tp={ranks.tp}"])
-    tokenizer = tokenizer_from_recipe(recipe)
-    with _parameters_on_meta():
-        model = build_model(recipe, tokenizer, "cpu")
-    apply_tensor_parallel(model, ranks.env)  # parallelize.py's TP step, as training takes it
-    device = ranks.env.device
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None and param.is_meta:
-                # zeros: padding rows of the vocabulary are not in the checkpoint
-                real = nn.Parameter(torch.zeros_like(param, device=device), requires_grad=False)
-                real.__dict__.update(param.__dict__)
-                module._parameters[name] = real
-    model.to(device)
-    view = RankView(model.cfg, model.vocab_size, ranks.tp, ranks.env.tp_rank, 0, ranks.env.rank)
-    meta = restore(path, model, None, view)
-    log.info("loaded TP shard %d/%d of %s (step %s)", view.tp_rank, view.tp, path, meta.get("step"))
-    return model.eval(), recipe, tokenizer
 
 
 class TPEngine(Engine):
