@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.inference.engine import Request
-from toolkit.tokenizer import ByteTokenizer
+from toolkit.tokenizer import Tokenizer
 
 MAX_PROMPTS = 128
 MAX_STOP_STRINGS = 16
@@ -79,7 +79,7 @@ def _strings(body: dict[str, Any], name: str, *, required: bool, most: int) -> l
 
 
 def _encode(
-    prompts: list[str], field: str, tokenizer: ByteTokenizer, add_bos: bool, new: int, lim: Limits
+    prompts: list[str], field: str, tokenizer: Tokenizer, add_bos: bool, new: int, lim: Limits
 ) -> list[list[int]]:
     out = []
     for i, text in enumerate(prompts):
@@ -104,7 +104,7 @@ def _one_filter(top_k: int, top_p: float, top_p_off: float) -> None:
         raise BadRequest("top_p", "top_k and top_p cannot both be set: choose one")
 
 
-def parse_megatron(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits) -> list[Request]:
+def parse_megatron(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> list[Request]:
     """The reference server's request: one engine request per prompt."""
     prompts = _strings(body, "prompts", required=True, most=MAX_PROMPTS)
     new = _integer(body, "tokens_to_generate", 64, 0)
@@ -143,7 +143,7 @@ def parse_megatron(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits) 
     ]
 
 
-def generated_text(r: Request, tokenizer: ByteTokenizer, final: bool | None = None) -> str:
+def generated_text(r: Request, tokenizer: Tokenizer, final: bool | None = None) -> str:
     """The output text so far. Unfinished, it holds back what may still change: an incomplete
     UTF-8 character and a tail that could become a stop string (never sent, then taken back)."""
     text = tokenizer.decode(r.tokens)
@@ -156,7 +156,7 @@ def generated_text(r: Request, tokenizer: ByteTokenizer, final: bool | None = No
     return text
 
 
-def megatron_response(requests: list[Request], tokenizer: ByteTokenizer) -> dict[str, Any]:
+def megatron_response(requests: list[Request], tokenizer: Tokenizer) -> dict[str, Any]:
     """`text` is prompt + generation; `segments` and `tokens` cover every token (a stop string's
     tokens included); `logprobs` follow the tokens from the second one."""
     logprobs = requests[0].logprobs
@@ -180,7 +180,7 @@ class Completion:
     created: int
 
 
-def parse_completion(body: dict[str, Any], tokenizer: ByteTokenizer, lim: Limits) -> Completion:
+def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> Completion:
     prompts = _strings(body, "prompt", required=True, most=MAX_PROMPTS)
     new = _integer(body, "max_tokens", 16, 0)
     temperature = _number(body, "temperature", 1.0, 0.0, 100.0)  # 0 is greedy here
@@ -236,7 +236,7 @@ def finish_reason(r: Request) -> str | None:
 
 
 def completion_logprobs(
-    r: Request, tokenizer: ByteTokenizer, tokens: range, with_prompt: bool, offset: int = 0
+    r: Request, tokenizer: Tokenizer, tokens: range, with_prompt: bool, offset: int = 0
 ) -> dict[str, Any]:
     """OpenAI's logprobs object for the generated tokens in `tokens` (and the prompt's before
     them with echo; the prompt's positions have no alternatives: top_logprobs None there)."""
@@ -263,7 +263,7 @@ def completion_logprobs(
     }
 
 
-def completion_response(c: Completion, tokenizer: ByteTokenizer, model: str) -> dict[str, Any]:
+def completion_response(c: Completion, tokenizer: Tokenizer, model: str) -> dict[str, Any]:
     choices = []
     for i, r in enumerate(c.requests):
         prefix = tokenizer.decode(r.prompt) if c.echo else ""

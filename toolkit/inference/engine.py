@@ -27,7 +27,7 @@ import torch
 from toolkit.inference.cuda_graph import StaticDecoder
 from toolkit.inference.sampling import sample
 from toolkit.model import HybridLM
-from toolkit.tokenizer import ByteTokenizer
+from toolkit.tokenizer import Tokenizer
 
 FinishReason = Literal["length", "stop", "eod", "cancelled", "error"]
 
@@ -81,7 +81,7 @@ class Engine:
     def __init__(
         self,
         model: HybridLM,
-        tokenizer: ByteTokenizer,
+        tokenizer: Tokenizer,
         *,
         slots: int = 8,
         max_len: int | None = None,
