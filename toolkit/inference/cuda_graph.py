@@ -1,7 +1,7 @@
 """The engine's decode step at static shapes, replayed as CUDA graphs on the GPU.
 
-Eager decode is launch-bound (one Mamba-2 layer's step: ~1 ms eager, 88 us as a graph on the
-H200), so every step of the running batch replays a recorded graph instead. A graph fixes the
+Eager decode is launch-bound (21x slower at batch 1 on the H200: benchmarks/RESULTS.md), so every
+step of the running batch replays a recorded graph instead. A graph fixes the
 shapes and the addresses of its inputs, hence:
 - every one of the engine's `slots` rows is decoded at every step: free rows compute garbage in
   their own rows only (a slot is overwritten when a prefill seats a request in it);

@@ -98,7 +98,7 @@ class Engine:
         replayed as CUDA graphs on a CUDA device and run eagerly elsewhere; None: on for CUDA.
         Off: only the running rows are decoded, eagerly. `overlap`: with the static decoder,
         launch each decode step ahead (see the module's docstring); the same tokens. None: on
-        where the decoder replays CUDA graphs (measured faster at every batch on the H200).
+        where the decoder replays CUDA graphs (faster at every batch: benchmarks/RESULTS.md).
         `ssm_state_dtype`: the slots' Mamba recurrent states (prefill always runs in fp32);
         bfloat16 halves the state a decode step reads and writes, as mamba-ssm's generation."""
         self.model = model.eval()
