@@ -18,54 +18,17 @@ it and thrown away.
 
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from toolkit.inference.cuda_graph import StaticDecoder
-from toolkit.inference.sampling import sample
+from toolkit.inference.request import FinishReason, Request, finish_reason
+from toolkit.inference.sampling import copy_to_host, pick, read_copy
 from toolkit.model import HybridLM
 from toolkit.tokenizer import Tokenizer
-
-FinishReason = Literal["length", "stop", "eod", "cancelled", "error"]
-
-
-@dataclass(kw_only=True, eq=False)
-class Request:
-    """One prompt and how to continue it; the engine fills the fields below the line."""
-
-    prompt: list[int]
-    max_new_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 0.0  # 0 or 1: off
-    seed: int | None = None  # None: a fresh random seed
-    stop: Sequence[str] = ()  # stop strings; the text ends before the first one generated
-    stop_at_eod: bool = True
-    logprobs: bool = False  # log-probabilities of the generated tokens
-    score_prompt: bool = False  # and of the prompt's tokens (from the 2nd): prompt_logprobs
-    top_logprobs: int = 0  # and the most likely alternatives at each generated position
-    on_update: Callable[["Request"], None] | None = None  # called from the engine's thread
-
-    tokens: list[int] = field(default_factory=list, init=False)
-    token_logprobs: list[float] = field(default_factory=list, init=False)
-    prompt_logprobs: list[float] = field(default_factory=list, init=False)
-    alternatives: list[list[tuple[int, float]]] = field(default_factory=list, init=False)
-    finish_reason: FinishReason | None = field(default=None, init=False)
-    stop_offset: int | None = field(default=None, init=False)  # where the stop string begins
-    error: str | None = field(default=None, init=False)
-    cancelled: bool = field(default=False, init=False)  # set by cancel(), from any thread
-    generator: torch.Generator | None = field(default=None, init=False, repr=False)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        """Ask the engine to drop the request at its next step (its slot is freed)."""
-        self.cancelled = True
 
 
 @dataclass
@@ -199,9 +162,9 @@ class Engine:
         if rows:
             index = self._index(rows)
             logits = launched.logits if len(rows) == self.slots else launched.logits[index]
-            picked = self._pick(logits, requests)
+            picked = pick(logits, requests)
             self.decoder.tokens[index, 0] = picked[0]  # the next step's inputs, on the device
-            copy = self._copy_to_host(picked)
+            copy = copy_to_host(picked)
         # Every running request that has tokens to go: those sampled just now and those seated
         # by the last prefill (their first token is already in the graph's input).
         going = {
@@ -210,7 +173,7 @@ class Engine:
         if going:
             self.launched = Launched(going, self._launch(sorted(going), from_host=False))
         if copy is not None:
-            self._apply(self._read_copy(copy), requests, rows)
+            self._apply(read_copy(copy), requests, rows)
             updated += requests
         return self._admit_and_sample(updated, [], [], [])
 
@@ -396,60 +359,7 @@ class Engine:
         return last[inverse], slots
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
-        self._apply(
-            self._read_copy(self._copy_to_host(self._pick(logits, requests))), requests, rows
-        )
-
-    def _pick(self, logits: torch.Tensor, requests: list[Request]) -> list[torch.Tensor | None]:
-        """[tokens, their logprobs or None, top logprobs' values or None, their ids or None]:
-        device work only, nothing read on the host (the random draws are made here)."""
-
-        def column(values: list[float | int], dtype: torch.dtype) -> torch.Tensor:
-            host = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
-            return host.to(self.device, non_blocking=True)
-
-        if all(r.temperature == 0 for r in requests):
-            # All greedy: no draws (a sampling request's own stream is drawn at every one of
-            # its steps either way) and no settings copied to the device.
-            tokens = logits.argmax(-1)
-        else:
-            uniform = [float(torch.rand((), generator=r.generator)) for r in requests]
-            tokens = sample(
-                logits,
-                temperature=column([r.temperature for r in requests], torch.float32),
-                top_k=column([min(r.top_k, logits.size(-1)) for r in requests], torch.long),
-                top_p=column([r.top_p for r in requests], torch.float32),
-                uniform=column(uniform, torch.float64),
-                any_sampled=True,
-            )
-        picked: list[torch.Tensor | None] = [tokens, None, None, None]
-        if any(r.logprobs for r in requests):
-            lp = logits.log_softmax(-1)
-            picked[1] = lp.gather(-1, tokens[:, None]).squeeze(-1)
-            k = max(r.top_logprobs for r in requests)
-            if k > 0:
-                picked[2], picked[3] = lp.topk(min(k, lp.size(-1)), dim=-1)
-        return picked
-
-    def _copy_to_host(self, picked: list[torch.Tensor | None]) -> tuple[list, Any]:
-        """Start copying to the host; on CUDA into pinned memory, without waiting."""
-        if self.device.type != "cuda":
-            return picked, None
-        host = []
-        for t in picked:
-            if t is not None:
-                t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-            host.append(t)
-        done = torch.cuda.Event()
-        done.record()
-        return host, done
-
-    @staticmethod
-    def _read_copy(copy: tuple[list, Any]) -> list[list | None]:
-        host, done = copy
-        if done is not None:
-            done.synchronize()
-        return [None if t is None else t.tolist() for t in host]
+        self._apply(read_copy(copy_to_host(pick(logits, requests))), requests, rows)
 
     def _apply(self, picked: list[list | None], requests: list[Request], rows: list[int]) -> None:
         """The sampled tokens (and logprobs) reach their requests; finished ones free slots."""
@@ -463,25 +373,10 @@ class Engine:
             r.tokens.append(token)
             self.stats["generated_tokens"] += 1
             self.next_input[slot] = token
-            reason = self._finish_reason(r, token)
+            reason = finish_reason(r, token, self.tokenizer)
             if reason is not None:
                 self._release(slot)
                 self._finish(r, reason)
-
-    def _finish_reason(self, r: Request, token: int) -> FinishReason | None:
-        if r.stop_at_eod and token == self.tokenizer.eod:
-            return "eod"
-        if r.stop:
-            text = self.tokenizer.decode(r.tokens)
-            # Only an occurrence that ends in the newest token's text is new.
-            since = max(0, len(text) - len(self.tokenizer.decode([token])) - _longest(r.stop))
-            hits = [i for i in (text.find(s, since) for s in r.stop) if i >= 0]
-            if hits:
-                r.stop_offset = min(hits)
-                return "stop"
-        if len(r.tokens) >= r.max_new_tokens:
-            return "length"
-        return None
 
     def _drop_cancelled(self) -> list[Request]:
         dropped = [r for r in self.waiting if r.cancelled]
@@ -503,10 +398,6 @@ class Engine:
     def _finish(self, r: Request, reason: FinishReason) -> None:
         r.finish_reason = reason
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
-
-
-def _longest(strings: Sequence[str]) -> int:
-    return max((len(s) for s in strings), default=0)
 
 
 def memory_bytes(
