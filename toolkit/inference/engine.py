@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from toolkit.inference.cuda_graph import StaticDecoder
-from toolkit.inference.request import FinishReason, Request, finish_reason
+from toolkit.inference.request import FinishReason, Request, check_request, finish_reason
 from toolkit.inference.sampling import copy_to_host, pick, read_copy
 from toolkit.model import HybridLM
 from toolkit.tokenizer import Tokenizer
@@ -98,20 +98,7 @@ class Engine:
 
     def check(self, request: Request) -> None:
         """Raise ValueError if the request can never run here."""
-        if not request.prompt:
-            raise ValueError("the prompt has no tokens")
-        if request.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={request.max_new_tokens} is negative")
-        total = len(request.prompt) + request.max_new_tokens
-        if total > self.max_len:
-            raise ValueError(
-                f"prompt ({len(request.prompt)} tokens) plus generation "
-                f"({request.max_new_tokens}) is {total} tokens, over the limit of {self.max_len}"
-            )
-        if max(request.prompt) >= self.model.vocab_size or min(request.prompt) < 0:
-            raise ValueError(f"prompt token ids must lie in [0, {self.model.vocab_size})")
-        if request.seed is not None and not 0 <= request.seed < 2**64:
-            raise ValueError(f"seed={request.seed} is not a 64-bit unsigned integer")
+        check_request(request, self.max_len, self.model.vocab_size)
 
     def add(self, request: Request) -> None:
         """Queue a request; it joins the running batch at the next step with a free slot."""

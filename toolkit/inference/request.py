@@ -47,6 +47,25 @@ class Request:
         self.cancelled = True
 
 
+def check_request(request: Request, max_len: int, vocab_size: int) -> None:
+    """Raise ValueError if the request can never run within `max_len` tokens over a
+    vocabulary of `vocab_size`."""
+    if not request.prompt:
+        raise ValueError("the prompt has no tokens")
+    if request.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={request.max_new_tokens} is negative")
+    total = len(request.prompt) + request.max_new_tokens
+    if total > max_len:
+        raise ValueError(
+            f"prompt ({len(request.prompt)} tokens) plus generation "
+            f"({request.max_new_tokens}) is {total} tokens, over the limit of {max_len}"
+        )
+    if max(request.prompt) >= vocab_size or min(request.prompt) < 0:
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    if request.seed is not None and not 0 <= request.seed < 2**64:
+        raise ValueError(f"seed={request.seed} is not a 64-bit unsigned integer")
+
+
 def finish_reason(r: Request, token: int, tokenizer: Tokenizer) -> FinishReason | None:
     """Why `r` ends with its newest token `token`, or None if it goes on."""
     if r.stop_at_eod and token == tokenizer.eod:
