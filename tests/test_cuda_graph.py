@@ -313,13 +313,14 @@ def test_cuda_graph_engine_equals_eager_engine_on_gpu(case):
     model = build(case).float().cuda()
     requests = workload()
     eager = Engine(model, TOKENIZER, slots=3, cuda_graphs=False)
-    graphs = Engine(model, TOKENIZER, slots=3)
+    graphs = Engine(model, TOKENIZER, slots=3, overlap=False)  # record_decodes sees its steps
     assert graphs.decoder is not None and graphs.decoder.cuda_graphs
     eager_logits, graph_logits = record_decodes(eager), record_decodes(graphs)
     again = [clone(r) for r in requests]
     eager.run(requests)
     graphs.run(again)
     assert graphs.decoder.error is None and graphs.decoder.graphs  # recorded, then replayed
+    assert graph_logits and len(graph_logits) == len(eager_logits)
     for a, b in zip(graph_logits, eager_logits):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
