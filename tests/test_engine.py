@@ -109,6 +109,34 @@ def test_request_joining_mid_batch_gets_its_alone_output():
     assert late.tokens == alone(model, late).tokens
 
 
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_requests_moved_to_lower_slots_get_their_alone_output(case):
+    """When a low slot frees, the highest running request moves into it (its state rows, KV
+    prefix, position and next input), so a step's batch stays as small as the running set; the
+    moved requests, greedy and sampled, continue as if alone."""
+    model = build(case)
+    # Seated in order; slot 0 finishes first (the last request moves down from slot 2), then
+    # slot 1 (the fourth, seated in slot 2 meanwhile, moves down).
+    requests = [
+        Request(prompt=p, max_new_tokens=n, stop_at_eod=False, **extra)
+        for p, n, extra in zip(
+            prompts(5, 5, 5, 5),
+            (2, 6, 16, 9),
+            [{}, {}, dict(temperature=0.7, seed=2, logprobs=True), dict(temperature=1.0, seed=1)],
+        )
+    ]
+    engine = Engine(model, TOKENIZER, slots=3)
+    moves = []
+    move = engine._move
+    engine._move = lambda src, dst: moves.append((src, dst)) or move(src, dst)
+    engine.run(requests)
+    assert moves == [(2, 0), (2, 1)]
+    for r in requests:
+        ref = alone(model, r)
+        assert r.tokens == ref.tokens
+        torch.testing.assert_close(r.token_logprobs, ref.token_logprobs)
+
+
 def test_state_memory_is_allocated_once_and_bounded():
     model = build()
     engine = Engine(model, TOKENIZER, slots=2, max_len=48)

@@ -4,7 +4,9 @@ Each slot owns one row of every layer's decode state (Mamba conv/SSM state, atte
 allocated once for `slots` rows of `max_len` positions: memory never grows with the load.
 Requests wait in a queue until a slot is free (never dropped). Every `step()`:
 1. the running requests decode one token each, in one batch (the rows' caches hold different
-   lengths; attention masks each row at its own position);
+   lengths; attention masks each row at its own position); they are kept in the lowest slots
+   (one moves down when a slot below it frees), so the batch is the first rows, as few as the
+   smallest of the decoder's batch buckets that holds them;
 2. waiting requests are prefilled together (prompts of different lengths, no padding: the batch
    runs up to the shortest prompt, then the longer ones continue from their states) and copied
    into free slots, so they join the running batch at the next step;
@@ -16,6 +18,7 @@ GPU does not wait for the host between steps; a request that finishes has one st
 it and thrown away.
 """
 
+import logging
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -24,11 +27,13 @@ from typing import Any
 
 import torch
 
-from toolkit.inference.cuda_graph import StaticDecoder
+from toolkit.inference.cuda_graph import StaticDecoder, span_bucket
 from toolkit.inference.request import FinishReason, Request, check_request, finish_reason
 from toolkit.inference.sampling import copy_to_host, pick, read_copy
 from toolkit.model import HybridLM
 from toolkit.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,15 +58,17 @@ class Engine:
         cuda_graphs: bool | None = None,
         overlap: bool | None = None,
         ssm_state_dtype: torch.dtype = torch.float32,
+        decode_buckets: Sequence[int] | None = None,
     ) -> None:
         """`max_prefill_tokens`: prompt tokens admitted per step (one prompt at least);
         `prefill_chunk`: the most positions of one prompt run through the model at once, which
         bounds the activations (attention scores grow with its square) for long prompts;
-        `cuda_graphs`: decode all slots at static shapes (toolkit/inference/cuda_graph.py),
-        replayed as CUDA graphs on a CUDA device and run eagerly elsewhere; None: on for CUDA.
-        Off: only the running rows are decoded, eagerly. `overlap`: with the static decoder,
-        launch each decode step ahead (see the module's docstring); the same tokens. None: on
-        where the decoder replays CUDA graphs (faster at every batch: benchmarks/RESULTS.md).
+        `cuda_graphs`: decode at static shapes (toolkit/inference/cuda_graph.py), replayed as
+        CUDA graphs on a CUDA device and run eagerly elsewhere; None: on for CUDA. Off: only the
+        running rows are decoded, eagerly. `decode_buckets`: the batch sizes the static decoder
+        steps at (None: powers of two, and `slots`). `overlap`: with the static decoder, launch
+        each decode step ahead (see the module's docstring); the same tokens. None: on where
+        the decoder replays CUDA graphs (faster at every batch: benchmarks/RESULTS.md).
         `ssm_state_dtype`: the slots' Mamba recurrent states (prefill always runs in fp32);
         bfloat16 halves the state a decode step reads and writes, as mamba-ssm's generation."""
         self.model = model.eval()
@@ -84,6 +91,7 @@ class Engine:
                 self.positions,
                 max_len=self.max_len,
                 cuda_graphs=True,
+                buckets=decode_buckets,
             )
         self._rows_index: tuple[tuple[int, ...], Any] = ((), None)  # the last decode's rows
         if overlap is None:
@@ -95,6 +103,22 @@ class Engine:
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
         self.admitted: list[Request] = []  # taken from the queue by the step in progress
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
+
+    @torch.no_grad()
+    def warm_up(self, context: int = 1) -> int:
+        """Record (CUDA) or run once the static decode step of every batch bucket at every
+        attention span up to `context` positions, before any request: a server does this before
+        it says ready. Free rows only, whose states hold garbage anyway. Returns the steps run."""
+        if self.decoder is None or self.active or self.launched is not None:
+            return 0
+        steps, needed = 0, 1
+        while needed <= min(context, self.max_len):
+            for rows in self.decoder.buckets:
+                self.decoder.launch(needed, rows)
+                steps += 1
+            needed = span_bucket(needed, self.max_len) + 1
+        log.info("decode warmed up: %d steps, batch buckets %s", steps, self.decoder.buckets)
+        return steps
 
     def check(self, request: Request) -> None:
         """Raise ValueError if the request can never run here."""
@@ -125,6 +149,7 @@ class Engine:
         if self.overlap:
             return self._step_overlapped()
         updated = self._drop_cancelled()
+        self._compact()
         rows = sorted(self.active)
         requests = [self.active[s] for s in rows]
         logits = [self._decode(rows)] if rows else []
@@ -134,47 +159,52 @@ class Engine:
         """step() with the decode launched ahead: sample the step in flight on the device, feed
         its tokens to the graph's input, launch the next step, then read the tokens."""
         updated = self._drop_cancelled()
+        self._compact()  # after the step in flight, on the device: it moves what that step left
         launched, self.launched = self.launched, None
         if launched is None and self.active:
             owners = dict(self.active)
             launched = Launched(owners, self._launch(sorted(owners), from_host=True))
-        # Rows whose request still holds the slot (not finished, cancelled or replaced since).
-        rows = (
-            []
-            if launched is None
-            else sorted(s for s, r in launched.owners.items() if self.active.get(s) is r)
-        )
-        requests = [self.active[s] for s in rows]
+        # The step in flight's rows (by slot at its launch) whose request still runs (not
+        # finished or cancelled since), and the slots they hold now.
+        slot_of = {id(r): s for s, r in self.active.items()}
+        running = [] if launched is None else sorted(launched.owners.items())
+        rows = [row for row, r in running if id(r) in slot_of]
+        requests = [launched.owners[row] for row in rows]
+        slots = [slot_of[id(r)] for r in requests]
         copy = None
         if rows:
             index = self._index(rows)
-            logits = launched.logits if len(rows) == self.slots else launched.logits[index]
-            picked = pick(logits, requests)
-            self.decoder.tokens[index, 0] = picked[0]  # the next step's inputs, on the device
+            whole = len(rows) == launched.logits.size(0)
+            picked = pick(launched.logits if whole else launched.logits[index], requests)
+            # The next step's inputs, on the device.
+            self.decoder.tokens[index if slots == rows else self._index(slots), 0] = picked[0]
             copy = copy_to_host(picked)
         # Every running request that has tokens to go: those sampled just now and those seated
         # by the last prefill (their first token is already in the graph's input).
+        sampled = {id(r) for r in requests}
         going = {
-            s: r for s, r in self.active.items() if len(r.tokens) + (s in rows) < r.max_new_tokens
+            s: r
+            for s, r in self.active.items()
+            if len(r.tokens) + (id(r) in sampled) < r.max_new_tokens
         }
         if going:
             self.launched = Launched(going, self._launch(sorted(going), from_host=False))
         if copy is not None:
-            self._apply(read_copy(copy), requests, rows)
+            self._apply(read_copy(copy), requests, slots)
             updated += requests
         return self._admit_and_sample(updated, [], [], [])
 
     def _launch(self, rows: list[int], *, from_host: bool) -> torch.Tensor:
-        """Run the static decode step (all slots) for `rows`, sorted: their inputs are their
-        next_input from the host, or already in the graph's input; their positions advance.
-        Returns the logits of every slot, a buffer the next launch overwrites."""
+        """Run the static decode step for `rows`, sorted: their inputs are their next_input from
+        the host, or already in the graph's input; their positions advance. Returns the logits
+        of the bucket's rows (the first slots), a buffer the next launch overwrites."""
         needed = max(self.host_positions[s] for s in rows) + 1
         if from_host:
-            tokens = torch.zeros(self.slots, dtype=torch.long)
+            tokens = torch.zeros(rows[-1] + 1, dtype=torch.long)
             tokens[rows] = torch.tensor([self.next_input[s] for s in rows])
             logits = self.decoder(tokens, needed)
         else:
-            logits = self.decoder.launch(needed)
+            logits = self.decoder.launch(needed, rows[-1] + 1)
         if len(rows) == self.slots:  # every slot runs: no scatter
             self.positions += 1  # in place: the graphs read this tensor
         else:
@@ -272,8 +302,9 @@ class Engine:
         """Feed each running slot its pending token; the batch spans slots 0..max(rows) (free slots
         inside that range compute garbage that nobody reads: views need no gather or scatter).
         The logits may be a CUDA graph's output buffer, which the next step overwrites."""
-        if self.decoder is not None:
-            return self._decode_static(rows)
+        if self.decoder is not None:  # one CUDA graph per batch and span bucket
+            logits = self._launch(rows, from_host=True)
+            return logits if len(rows) == logits.size(0) else logits[self._index(rows)]
         hi = rows[-1] + 1
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor([self.next_input[s] for s in rows])
@@ -281,12 +312,9 @@ class Engine:
         hidden = self.model.hidden(tokens.to(self.device), views)
         index = self._index(rows)
         self.positions[index] += 1
+        for s in rows:
+            self.host_positions[s] += 1
         return self._logits(hidden[index, 0])
-
-    def _decode_static(self, rows: list[int]) -> torch.Tensor:
-        """The same through the static decoder: all slots, one CUDA graph per attention span."""
-        logits = self._launch(rows, from_host=True)
-        return logits if len(rows) == self.slots else logits[self._index(rows)]
 
     def _admit(self) -> list[Request]:
         """Waiting requests for the free slots, within the prefill token budget (at least one)."""
@@ -375,6 +403,23 @@ class Engine:
         for r in dropped:
             self._finish(r, "cancelled")
         return dropped
+
+    def _compact(self) -> None:
+        """Keep the running requests in the lowest slots, so that a decode step runs the
+        smallest batch bucket that holds them: the highest moves into each free slot below."""
+        for hole in [s for s in range(len(self.active)) if s not in self.active]:
+            self._move(max(self.active), hole)
+
+    def _move(self, src: int, dst: int) -> None:
+        """The request of slot `src` to the free slot `dst`: its state rows, position, input."""
+        self.states.copy_row(dst, self.states, src, self.host_positions[src])
+        self.positions[dst] = self.host_positions[dst] = self.host_positions[src]
+        if self.decoder is not None:  # the input of its next step, if already there (overlap)
+            self.decoder.tokens[dst] = self.decoder.tokens[src]
+        self.active[dst] = self.active[src]
+        if src in self.next_input:
+            self.next_input[dst] = self.next_input[src]
+        self._release(src)
 
     def _release(self, slot: int) -> None:
         del self.active[slot]
