@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="decode eagerly on GPUs (default: CUDA graphs at static shapes; off with --tp > 1)",
     )
     p.add_argument(
+        "--decode-buckets",
+        help="comma-separated live-batch sizes the decode step runs at, each step the smallest "
+        "that holds the running requests, all recorded before the server says ready (default: "
+        "powers of two below --slots, and --slots)",
+    )
+    p.add_argument(
         "--ssm-state-dtype",
         choices=["float32", "bfloat16"],
         default="float32",
@@ -92,6 +98,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--port must be in [0, 65535] (0: any free port)")
     if args.max_len is not None and args.max_len < 2:
         p.error("--max-len must be >= 2")
+    if args.decode_buckets is not None:
+        try:
+            args.decode_buckets = [int(n) for n in args.decode_buckets.split(",")]
+        except ValueError:
+            p.error("--decode-buckets takes comma-separated integers, e.g. 1,4,16")
+        if not all(1 <= n <= args.slots for n in args.decode_buckets):
+            p.error(f"--decode-buckets must lie in [1, {args.slots}] (--slots)")
     return args
 
 
@@ -152,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         else (None if ranks is None else True),
         overlap=getattr(args, "overlap", None),
         ssm_state_dtype=getattr(torch, args.ssm_state_dtype),
+        decode_buckets=args.decode_buckets,
     )
+    engine.warm_up()  # every rank, before the server says ready
     if ranks is not None and not ranks.leader:
         return tp_serving.follow(engine)
     server_class = GenerationServer if ranks is None else tp_serving.TPGenerationServer

@@ -308,6 +308,7 @@ TOOLS = [
     (["launchers/serve.py", "--checkpoint", "nope"], ("nope",)),
     (["launchers/serve.py", "--checkpoint", "CKPT", "--port", "-5"], ("--port",)),
     (["launchers/serve.py", "--checkpoint", "CKPT", "--device", "bogus"], ("--device",)),
+    (["launchers/serve.py", "--checkpoint", "CKPT", "--decode-buckets", "1,128"], ("--decode-b",)),
     (["launchers/serve_slurm.py", "--checkpoint", "a-file", "--dry-run"], ("--checkpoint",)),
     (
         ["launchers/serve_slurm.py", "--checkpoint", "CKPT", "--time", "2h", "--dry-run"],

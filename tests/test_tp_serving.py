@@ -309,7 +309,11 @@ def test_two_ranks_on_the_static_decode_step_serve_like_the_engine_alone(tmp_pat
     reference = reference_runner(model.double(), tokenizer)
     server = TPServer(checkpoint, tmp_path / "server.log", "--tp", "2", "--tp-cuda-graphs")
     try:
-        assert "decoding eagerly on cpu" in server.log.read_text()  # the static decoder
+        text = server.log.read_text()
+        assert "decoding eagerly on cpu" in text  # the static decoder
+        # Every live-batch bucket ran (on a GPU: was recorded) before the server listened.
+        warmed = text.index("decode warmed up: 3 steps, batch buckets [1, 2, 4]")
+        assert warmed < text.index("serving on")
         for path, body in BODIES:
             same(call(server, path, body), reference(path, body))
     finally:
