@@ -183,6 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         "with CUDA graphs, as the engine)",
     )
     p.add_argument(
+        "--slots",
+        type=int,
+        help="the engine's slots (default: the batch): a batch below them decodes at the "
+        "smallest of the engine's batch buckets that holds it, as a server's live batch does",
+    )
+    p.add_argument(
+        "--decode-buckets",
+        type=ints,
+        help="comma-separated batch sizes the engine decodes at (default: the engine's, powers "
+        "of two up to the slots; e.g. the slot count alone to decode every slot at each step)",
+    )
+    p.add_argument(
         "--mamba-ssm-reference",
         action="store_true",
         help="also time mamba-ssm's own decode at pure Mamba-2 recipes' shapes (CUDA)",
@@ -190,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or not args.contexts or not args.batches:
         p.error("--steps >= 1, --warmup >= 0, and at least one context and batch size")
+    if args.slots is not None and not 1 <= max(args.batches) <= args.slots:
+        p.error("--slots must hold the largest of --batches")
+    if args.decode_buckets and not (
+        args.slots and all(1 <= n <= args.slots for n in args.decode_buckets)
+    ):
+        p.error("--decode-buckets needs --slots, and sizes in [1, --slots]")
     device = resolve_device(args.device)
     if args.mamba_ssm_reference and device.type != "cuda":
         p.error("--mamba-ssm-reference needs a CUDA device")
@@ -231,17 +249,20 @@ def main(argv: list[str] | None = None) -> int:
                 row["cuda_graphs"] = cuda_graphs
                 # A multiple of 256: the attention span of a graph never ends at an odd size.
                 max_len = -(-(context + args.warmup + args.steps + 2) // 256) * 256
-                row["state_bytes"] = memory_bytes(model, batch, max_len, ssm_dtype)
+                slots = args.slots or batch
+                row["slots"] = slots
+                row["state_bytes"] = memory_bytes(model, slots, max_len, ssm_dtype)
                 row["ssm_state_dtype"] = args.ssm_state_dtype
                 try:
                     engine = Engine(
                         model,
                         build_tokenizer("byte"),
-                        slots=batch,
+                        slots=slots,
                         max_len=max_len,
                         cuda_graphs=cuda_graphs,
                         overlap=args.overlap,
                         ssm_state_dtype=ssm_dtype,
+                        decode_buckets=args.decode_buckets,
                     )
                     row["overlap"] = engine.overlap
                     mean, std = measure(engine, batch, context, args.steps, args.warmup)

@@ -267,6 +267,8 @@ def start_server(checkpoint: Path, args: argparse.Namespace, log: Path) -> tuple
     cmd = [sys.executable, str(ROOT / "launchers/serve.py"), "--checkpoint", str(checkpoint)]
     cmd += ["--port", str(port), "--device", args.device, "--dtype", args.dtype]
     cmd += ["--slots", str(args.slots), "--max-len", str(args.max_len)]
+    if args.decode_buckets:
+        cmd += ["--decode-buckets", args.decode_buckets]
     env = os.environ | {"TOOLKIT_SERVE_TOKEN": ""}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -381,6 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cancel-after", type=int, default=2, help="events a dropping client reads")
     p.add_argument("--slots", type=int, default=64, help="the server's --slots")
     p.add_argument("--max-len", type=int, default=512, help="the server's --max-len")
+    p.add_argument("--decode-buckets", help="the server's --decode-buckets (default: its own)")
     p.add_argument("--device", default="cpu", help="the server's --device")
     p.add_argument("--dtype", default="float32", help="the server's --dtype")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server")
