@@ -415,15 +415,6 @@ BROKEN += [
         r"^slurm\.tasks_per_node: 4 ranks per node but 2 GPUs",
         "slurm-ranks-gpus",
     ),
-    case(
-        [
-            "train.precision='fp8'",
-            "train.fp8_engine='transformer_engine'",
-            "train.activation_checkpointing='full'",
-        ],
-        r"^train\.activation_checkpointing: with Transformer Engine's fp8 is not supported yet",
-        "fp8-te-checkpointing",
-    ),
 ]
 
 
@@ -705,10 +696,6 @@ def test_world_size_errors_start_with_the_path(tmp_path):
     path.write_text((RECIPE_DIR / "tiny_hybrid.toml").read_text())
     with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: parallel: TP x PP x DP"):
         load_recipe(path, ["parallel.tp=2"], world_size=1)
-    te_ac = [
-        "train.precision='fp8'",
-        "train.fp8_engine='transformer_engine'",
-        "train.activation_checkpointing='full'",
-    ]
-    with pytest.raises(RecipeError, match=r"^train\.activation_checkpointing: with Transformer"):
-        recipe_from_dict(base_table(), te_ac, world_size=1)
+    slurm = ["slurm.gpus_per_node=2", "slurm.tasks_per_node=4"]
+    with pytest.raises(RecipeError, match=r"^slurm\.tasks_per_node: 4 ranks per node but 2 GPUs"):
+        recipe_from_dict(base_table(), slurm, world_size=1)

@@ -233,18 +233,6 @@ def test_requested_engine_that_does_not_import_names_the_key(monkeypatch):
         apply_fp8(model, device=CPU, engine="transformer_engine", check_device=False)
 
 
-def test_transformer_engine_with_activation_checkpointing_is_refused(tmp_path, monkeypatch):
-    """torch.utils.checkpoint recomputes outside TE's autocast: refused, not silently wrong. The
-    engine choice is replaced here (TE need not be installed); the refusal is the trainer's."""
-    import toolkit.parallel.parallelize as parallelize
-
-    monkeypatch.setattr(parallelize, "apply_fp8", lambda *a, **k: ("transformer_engine", []))
-    r = recipe(tmp_path, precision="fp8", activation_checkpointing="full")
-    model = build_model(r, ByteTokenizer())
-    with pytest.raises(NotImplementedError, match=r"train\.activation_checkpointing with Transfo"):
-        parallelize.apply_float8(model, r.train, CPU)
-
-
 def store_arrays(path) -> list[str]:
     return sorted(
         str(m.parent.relative_to(path))
@@ -386,3 +374,34 @@ def test_te_checkpoint_round_trip_on_gpu(tmp_path):
     apply_fp8(other, device=CUDA, engine="transformer_engine")
     restore(bf16_path, other, None, RankView(other.cfg, other.vocab_size))
     same(other, plain)
+
+
+@needs_te_gpu
+@pytest.mark.parametrize("fp8_recipe", ["tensorwise", "delayed"])
+def test_te_activation_checkpointing_recomputes_the_fp8_forward(fp8_recipe):
+    """train.activation_checkpointing with Transformer Engine: the blocks recompute through TE's
+    checkpoint, inside the FP8 autocast with the forward pass's scales, so the loss and every
+    gradient equal those of the same model without checkpointing."""
+    import transformer_engine.pytorch as te
+
+    from toolkit.activation_checkpoint import apply_ac
+
+    r = recipe_from_dict(te_recipe_dict(fp8_recipe=fp8_recipe))
+    torch.manual_seed(0)
+    plain = build_model(r, ByteTokenizer(), CUDA)
+    apply_fp8(plain, device=CUDA, engine="transformer_engine", recipe=fp8_recipe)
+    model = copy.deepcopy(plain)
+    assert apply_ac(model, "full", "transformer_engine") == list(range(6))
+    tokens = torch.randint(0, model.vocab_size, (2, 65), device=CUDA)
+    results = []
+    for m in (plain, model):
+        with autocast_context("fp8", CUDA, "transformer_engine", fp8_recipe):
+            loss = cross_entropy(m(tokens[:, :-1]), tokens[:, 1:], m.vocab_size)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in m.named_parameters()}))
+    (want_loss, want), (got_loss, got) = results
+    assert any(isinstance(m, te.Linear) and m.fp8 for m in model.modules())
+    assert abs(got_loss - want_loss) < 1e-6, (got_loss, want_loss)
+    for name, g in want.items():
+        rel = ((got[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+        assert rel < 1e-3, (name, rel)

@@ -530,26 +530,7 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _validate_parallel(r, layout)
     _validate_train(r)
     _validate_slurm(r.slurm)
-    check_supported(r)
     _validate_world_size(r, world_size)  # last: the recipe fits no job, or not this one
-
-
-def check_supported(r: Recipe) -> None:
-    """Combinations of valid settings that the code does not implement yet, refused here rather
-    than failing once the job runs: the one place to lift each when its implementation lands.
-    (With train.fp8_engine='auto' the engine is known only where the job runs: there
-    parallelize.apply_float8 refuses the same combination.)"""
-    t = r.train
-    _check(
-        not (
-            t.precision == "fp8"
-            and t.fp8_engine == "transformer_engine"
-            and t.activation_checkpointing not in ("none", False, [])
-        ),
-        "train.activation_checkpointing",
-        "with Transformer Engine's fp8 is not supported yet (checkpointing recomputes outside "
-        "its autocast): use train.activation_checkpointing='none' or train.fp8_engine='torchao'",
-    )
 
 
 def _validate_model(m: ModelConfig) -> LayerLayout:

@@ -78,13 +78,6 @@ def apply_float8(model: HybridLM, cfg: TrainConfig, device: torch.device) -> Eng
         recipe=cfg.fp8_recipe,
         compiled=bool(selected_kinds(cfg.compile)),
     )
-    if engine == "transformer_engine" and selected_kinds(cfg.activation_checkpointing):
-        # torch.utils.checkpoint recomputes outside Transformer Engine's autocast: the
-        # recomputed linears would not be the float8 ones of the forward pass.
-        raise NotImplementedError(
-            "train.activation_checkpointing with Transformer Engine's fp8 is not supported "
-            "yet: use train.activation_checkpointing='none' or train.fp8_engine='torchao'"
-        )
     return engine
 
 
@@ -94,7 +87,7 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     device = env.device
     loss_fn = apply_tensor_parallel(model, env, sequence_parallel=par.sequence_parallel)
     engine = apply_float8(model, cfg, device)
-    apply_ac(model, cfg.activation_checkpointing)
+    apply_ac(model, cfg.activation_checkpointing, engine)
     apply_compile(model, cfg.compile)
     micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * env.dp)
     run_step = StepRunner(
