@@ -122,6 +122,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "fp8_engine": engine,
         "fp8_recipe": cfg.fp8_recipe if engine else None,
         "compile": cfg.compile,
+        "te_fused_norm": cfg.te_fused_norm,
         "activation_checkpointing": cfg.activation_checkpointing,
         "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),
         "kernels": recipe.model.kernels,

@@ -377,6 +377,62 @@ def test_te_checkpoint_round_trip_on_gpu(tmp_path):
 
 
 @needs_te_gpu
+def test_te_fused_norms_compute_the_unfused_block_and_keep_parameters(tmp_path):
+    """train.te_fused_norm: each FP8 block's pre-norm moves into te.LayerNormLinear sharing the
+    norm's Parameter: names, parameter count and checkpoints stay; loss and the norm weights'
+    gradients match the unfused model's (bf16, and FP8 within FP8's own noise); training falls."""
+    import transformer_engine.pytorch as te
+
+    from toolkit.parallel.parallelize import apply_float8
+    from toolkit.precision import FIRST_LINEAR, NormInNextLinear
+
+    table = te_recipe_dict(tmp_path, te_fused_norm=True)
+    table["model"] = table["model"] | {"mamba_head_dim": 8}  # in_proj rows a multiple of 16
+    r = recipe_from_dict(table)
+    torch.manual_seed(0)
+    model = build_model(r, ByteTokenizer(), CUDA)
+    unfused = copy.deepcopy(model)
+    apply_fp8(unfused, device=CUDA, engine="transformer_engine")
+    assert apply_float8(model, r.train, CUDA, tp=1) == "transformer_engine"
+    fused = [n for n, m in model.named_modules() if isinstance(m, te.LayerNormLinear)]
+    kinds = [model.layers[i].kind for i in range(1, 5)]
+    assert kinds == ["*", "-", "M", "-"]
+    assert fused == [f"layers.{i}.mixer.{FIRST_LINEAR[k]}" for i, k in enumerate(kinds, 1)]
+    assert isinstance(model.layers[3].norm, NormInNextLinear)
+    assert model.layers[3].mixer.in_proj.layer_norm_weight is model.layers[3].norm.weight
+    assert not isinstance(model.layers[0].norm, NormInNextLinear)  # bf16 first block
+    got, want = dict(model.named_parameters()), dict(unfused.named_parameters())
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    tokens = torch.randint(0, model.vocab_size, (2, 65), device=CUDA)
+
+    def loss_and_norm_grads(m, precision):
+        m.zero_grad(set_to_none=True)
+        with autocast_context(precision, CUDA, "transformer_engine", "tensorwise"):
+            logits = m(tokens[:, :-1])
+        loss = cross_entropy(logits, tokens[:, 1:], m.vocab_size)
+        loss.backward()
+        return loss.item(), torch.cat([m.layers[i].norm.weight.grad for i in (1, 2, 3, 4)])
+
+    for precision, tol in (("bf16", 2e-3), ("fp8", 2e-2)):
+        (lf, gf), (lu, gu) = (loss_and_norm_grads(m, precision) for m in (model, unfused))
+        assert abs(lf - lu) < tol, (precision, lf, lu)
+        rel = (gf - gu).norm() / gu.norm()
+        assert rel < (0.05 if precision == "bf16" else 0.15), (precision, rel.item())
+    te_path = save_model_checkpoint(tmp_path / "fused", model, r, step=1)
+    plain_path = save_model_checkpoint(tmp_path / "plain", unfused, r, step=1)
+    assert store_arrays(te_path) == store_arrays(plain_path)
+    optimizer = build_optimizer(model, r.train)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_and_norm_grads(model, "fp8")[0])
+        optimizer.step()
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@needs_te_gpu
 @pytest.mark.parametrize("fp8_recipe", ["tensorwise", "delayed"])
 def test_te_activation_checkpointing_recomputes_the_fp8_forward(fp8_recipe):
     """train.activation_checkpointing with Transformer Engine: the blocks recompute through TE's

@@ -139,6 +139,12 @@ class TrainConfig:
         "amax: torchao tensorwise, Transformer Engine Float8CurrentScaling), rowwise (torchao "
         "only), delayed (scales from an amax history: Transformer Engine DelayedScaling only)",
     )
+    te_fused_norm: bool = opt(
+        False,
+        "with Transformer Engine's fp8 at TP=1: each FP8 block's pre-norm runs inside its first "
+        "linear (te.LayerNormLinear: one kernel normalises and casts to FP8); same parameters "
+        "and checkpoints",
+    )
     activation_checkpointing: Any = opt(
         "none",
         "recompute block activations in backward: 'none', 'full' (every block), or a list of "
