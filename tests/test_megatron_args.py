@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.config import load_recipe
-from toolkit.megatron_args import FLAGS
+from toolkit.megatron_flags import FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
