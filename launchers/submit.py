@@ -3,6 +3,8 @@
 
     python launchers/submit.py recipes/8b_hybrid.toml [--nodes 4 --time 2:00:00] [--dry-run]
     python launchers/submit.py recipes/8b_hybrid.toml --via sbatch
+    python launchers/submit.py recipes/8b_hybrid.toml --data data/corpus_text_document \
+        --tokenizer tok.model        # real data: the reference's train.sh <data-path> <tokenizer>
     python launchers/submit.py recipes/8b_hybrid.toml --emit-sbatch job.sbatch
 
     python launchers/submit.py recipes/tiny_hybrid.toml --local [--set train.steps=50]
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 # Light imports only: torch loads when training starts, so --help, --dry-run and bad input answer
 # at once.
 from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recipe  # noqa: E402
+from toolkit.data.flags import data_overrides  # noqa: E402
 from toolkit.slurm import (  # noqa: E402
     TRAIN_HERE,
     TrainTask,
@@ -285,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="run here instead of on Slurm")
     parser.add_argument("--nproc", type=int, default=1, help="with --local: number of ranks")
     parser.add_argument(
+        "--data", help="data.blend: PREFIX or W1,PREFIX1,W2,PREFIX2 (indexed .bin/.idx datasets)"
+    )
+    parser.add_argument("--tokenizer", help="data.tokenizer: a tokenizer.json or .model file")
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="start nothing: print the sbatch script (with --local: the command) and exit",
@@ -309,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         help="submit N jobs, each starting when the previous ends (long runs)",
     )
     args = parser.parse_args(argv)
+    try:  # shorthands for recipe keys: they travel to the ranks and jobs as --set overrides
+        args.set = [*data_overrides(args.data, args.tokenizer), *args.set]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.chain < 1:
         parser.error("--chain must be >= 1")
     if args.local:

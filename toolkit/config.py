@@ -772,9 +772,16 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import sys
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("--from-megatron-args"):  # its values start with '--'
+        from toolkit.megatron_args import main as from_megatron_args
+
+        return from_megatron_args(argv)
     parser = argparse.ArgumentParser(
         prog="python -m toolkit.config",
         description="Validate a recipe and print it resolved, or list every recipe key.",
+        epilog="--from-megatron-args 'ARGS...' | @FILE: the reference's command line as a "
+        "recipe (TOML on stdout); see toolkit/megatron_args.py",
     )
     parser.add_argument("recipe", nargs="?", help="recipe TOML file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
