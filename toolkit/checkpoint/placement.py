@@ -60,12 +60,6 @@ def components(name: str, cfg: ModelConfig) -> list[tuple[str, int]] | None:
     return None
 
 
-def array_names(name: str, cfg: ModelConfig) -> list[str]:
-    """The arrays a parameter is stored as."""
-    parts = components(name, cfg)
-    return [name] if parts is None else [f"{name}.{part}" for part, _ in parts]
-
-
 def pieces(
     name: str,
     local_shape: tuple[int, ...],

@@ -85,10 +85,3 @@ def shard_indices(components: Components, tp: int, rank: int) -> torch.Tensor:
         pieces.append(torch.arange(offset + rank * part, offset + (rank + 1) * part))
         offset += size
     return torch.cat(pieces)
-
-
-def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """Cut this rank's piece of `full` (a global tensor) the way `param` was cut by TP; a
-    parameter that was not cut (`_tp_dim` unset) takes `full` whole."""
-    dim = getattr(param, "_tp_dim", None)
-    return full if dim is None else full.index_select(dim, param._tp_index.to(full.device))
