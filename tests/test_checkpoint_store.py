@@ -17,14 +17,13 @@ import torch
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
+from tests.whole_checkpoints import load_checkpoint, save_checkpoint
 from toolkit.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     placement,
     resolve_checkpoint,
-    save_checkpoint,
     store,
 )
 from toolkit.checkpoint.store import FORMAT_VERSION, step_dirname
@@ -424,7 +423,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     import torch
-    from toolkit.checkpoint import save_checkpoint
+    from tests.whole_checkpoints import save_checkpoint
 
     root, step = sys.argv[1], int(sys.argv[2])
     print("ready", flush=True)

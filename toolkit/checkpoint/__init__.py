@@ -12,19 +12,15 @@ from toolkit.checkpoint.sharded import (
     write_checkpoint,
 )
 from toolkit.checkpoint.store import (
-    Checkpoint,
     CheckpointError,
     ReadCounter,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     read_metadata,
     resolve_checkpoint,
-    save_checkpoint,
 )
 
 __all__ = [
-    "Checkpoint",
     "CheckpointError",
     "CheckpointSaver",
     "Comm",
@@ -32,13 +28,11 @@ __all__ = [
     "ReadCounter",
     "latest_checkpoint",
     "list_checkpoints",
-    "load_checkpoint",
     "planned_writes",
     "read_metadata",
     "resolve_checkpoint",
     "restore",
     "restore_rng",
-    "save_checkpoint",
     "snapshot",
     "write_checkpoint",
 ]

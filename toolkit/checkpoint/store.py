@@ -31,7 +31,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,6 @@ import google_crc32c
 import numpy as np
 import torch
 import zarr
-
-from toolkit.checkpoint import placement
 
 FORMAT = "hybrid-toolkit-checkpoint"
 FORMAT_VERSION = 2  # 2: packed weights split into components, vocabulary rows unpadded
@@ -56,16 +54,6 @@ class ArraySpec:
     shape: tuple[int, ...]
     dtype: str  # torch's name: "float32", "bfloat16", ...
     chunks: tuple[int, ...]
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint read whole: tensors by array name."""
-
-    path: Path
-    model: dict[str, torch.Tensor]
-    optim: dict[str, torch.Tensor]
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def step_dirname(step: int) -> str:
@@ -93,13 +81,6 @@ def _numpy_dtype(dtype: str) -> np.dtype:
     if dtype == "bfloat16":
         return np.dtype(np.uint16)
     return torch.empty(0, dtype=getattr(torch, dtype)).numpy().dtype
-
-
-def spec_for(key: str, tensor: torch.Tensor) -> ArraySpec:
-    """A whole tensor as one array, chunked along dim 0 when large."""
-    shape = tuple(tensor.shape)
-    chunks = placement.chunk_shape(shape, None, 0, tensor.element_size())
-    return ArraySpec(key, shape, dtype_name(tensor.dtype), chunks)
 
 
 # ---- reading, with a byte count for measuring read amplification ----
@@ -533,26 +514,6 @@ def publish(tmp: Path, keep_last: int = 0) -> Path:
     return final
 
 
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model: dict[str, torch.Tensor],
-    optim: dict[str, torch.Tensor],
-    metadata: dict[str, Any],
-    keep_last: int = 0,
-) -> Path:
-    """Write (with checksums) and publish whole tensors from one process (optimizer keys are
-    '<array>/<state>'); returns the step directory. Sharded training saves through
-    `toolkit.checkpoint.sharded`, which uses the same protocol with many writers."""
-    tmp = begin(root, step, metadata)
-    tensors = {f"model/{k}": v for k, v in model.items()} | {
-        f"optim/{k}": v for k, v in optim.items()
-    }
-    create_arrays(tmp, [spec_for(key, t) for key, t in tensors.items()])
-    fsync_files([path for key, t in tensors.items() for path in write_region(tmp, key, (), t)])
-    return publish(tmp, keep_last)
-
-
 # ---- finding checkpoints ----
 
 
@@ -597,21 +558,6 @@ def array_keys(group: zarr.Group | Path, prefix: str) -> list[str]:
             keys.append(key)
             dirnames.clear()  # below an array: its chunks
     return sorted(keys)
-
-
-def load_checkpoint(path: str | Path, counter: ReadCounter | None = None) -> Checkpoint:
-    """Read a whole checkpoint (root or step directory); checksums are verified on read."""
-    path = resolve_checkpoint(path)
-    group = open_checkpoint(path)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for prefix in ("model", "optim"):
-        parts[prefix] = {
-            key.removeprefix(prefix + "/"): read_region(
-                open_array(group, key), (), str(path), counter
-            )
-            for key in array_keys(group, prefix)
-        }
-    return Checkpoint(path, parts["model"], parts["optim"], metadata(group))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
