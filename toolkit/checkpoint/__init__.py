@@ -1,5 +1,6 @@
 """Checkpoints: Zarr stores of global, layout-independent arrays (see store.py for the format,
-placement.py for how parameters map onto arrays, sharded.py for who writes and reads what)."""
+arrays.py and chunks.py for the arrays and their chunk files, placement.py for how parameters map
+onto arrays, sharded.py for who writes and reads what)."""
 
 from toolkit.checkpoint.sharded import (
     CheckpointSaver,
