@@ -118,9 +118,9 @@ def ssd_step(
     C: torch.Tensor,
     state: torch.Tensor,
 ) -> torch.Tensor:
-    """One token of the recurrence, computed in fp32; `state` [b,h,p,n] is updated in place. x [b,h,p],
-    dt [b,h] (after softplus), A [h], B and C [b,g,n]. Returns y [b,h,p] (without the D skip)
-    in x's dtype."""
+    """One token of the recurrence, computed in fp32; `state` [b,h,p,n] is updated in place.
+    x [b,h,p], dt [b,h] (after softplus), A [h], B and C [b,g,n]. Returns y [b,h,p] (without the
+    D skip) in x's dtype."""
     heads = x.size(1)
     Bh = B.repeat_interleave(heads // B.size(1), dim=1)  # [b, h, n]
     Ch = C.repeat_interleave(heads // C.size(1), dim=1)

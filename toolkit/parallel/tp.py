@@ -6,8 +6,8 @@ Every mixer becomes column-parallel in, row-parallel out: its input passes throu
 their rank's slice of heads, groups and channels.
 
 - Mamba-2: by sharding.py's MAMBA_LAYOUT: in_proj rows and conv1d channels per component,
-  A_log, D, dt_bias and the gated norm by heads/groups, out_proj by columns. The group-wise norm needs no communication
-  because every group lives on one rank.
+  A_log, D, dt_bias and the gated norm by heads/groups, out_proj by columns. The group-wise norm
+  needs no communication because every group lives on one rank.
 - Attention: linear_qkv rows by whole KV groups (its rows are grouped), linear_proj by columns.
 - MLP: linear_fc1 rows (SwiGLU: gate and up separately), linear_fc2 columns.
 - Embedding and output layer: vocab-parallel; the loss is `vocab_parallel_cross_entropy`.
