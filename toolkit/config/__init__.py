@@ -1,0 +1,53 @@
+"""The recipe: one TOML file drives model, data, training, parallel layout, checkpoints, logging, Slurm.
+
+`load_recipe(path, overrides)` parses, type-checks and validates; every error names the key and
+the reason, e.g. ``recipes/x.toml: model.hidden_size: expected int, got str 'big'``.
+
+One module per concern, all re-exported here (`from toolkit.config import X`):
+- base.py: RecipeError and the field helpers; ranges.py: RANGES, the run name
+- model.py, training.py (train, data), job.py (parallel, checkpoint, logging, slurm): the sections
+- recipe.py: the whole Recipe and the key reference; validate.py: the checks across keys
+- load.py: TOML and `--set` overrides; cli.py: `python -m toolkit.config`
+"""
+
+from toolkit.config.base import RecipeError, opt, req
+from toolkit.config.cli import default_world_size, main
+from toolkit.config.job import CheckpointConfig, LoggingConfig, ParallelConfig, SlurmConfig
+from toolkit.config.load import add_recipe_arguments, apply_override, load_recipe, recipe_from_dict
+from toolkit.config.model import ModelConfig, padded_vocab_size
+from toolkit.config.ranges import INT64_MAX, MAX_SIZE, NAME, RANGES, check_name, check_ranges
+from toolkit.config.recipe import Recipe, describe_keys
+from toolkit.config.training import DataConfig, ProfileConfig, TrainConfig
+from toolkit.config.validate import BLOCK_KINDS, check_supported, validate
+
+__all__ = [
+    "BLOCK_KINDS",
+    "INT64_MAX",
+    "MAX_SIZE",
+    "NAME",
+    "RANGES",
+    "CheckpointConfig",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "ProfileConfig",
+    "Recipe",
+    "RecipeError",
+    "SlurmConfig",
+    "TrainConfig",
+    "add_recipe_arguments",
+    "apply_override",
+    "check_name",
+    "check_ranges",
+    "check_supported",
+    "default_world_size",
+    "describe_keys",
+    "load_recipe",
+    "main",
+    "opt",
+    "padded_vocab_size",
+    "recipe_from_dict",
+    "req",
+    "validate",
+]
