@@ -6,8 +6,9 @@ import json
 import sys
 
 from toolkit.config.base import RecipeError
+from toolkit.config.layout_check import default_world_size
 from toolkit.config.load import load_recipe
-from toolkit.config.recipe import Recipe, describe_keys
+from toolkit.config.recipe import describe_keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +40,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory plan at {world} ranks (bf16 activations, GPU kernels; toolkit/memory.py):")
     print(describe_plan(plan_memory(recipe, world), gpu_memory_gb(recipe.slurm.gpu_memory_gb)))
     return 0
-
-
-def default_world_size(recipe: Recipe) -> int:
-    """The ranks a recipe's job gets: its Slurm GPUs, or TP x PP x DP when DP is fixed."""
-    p = recipe.parallel
-    if p.dp != -1:
-        return p.tp * p.pp * p.dp
-    s = recipe.slurm
-    return max(s.nodes * (s.tasks_per_node or s.gpus_per_node or 1), p.tp * p.pp)

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from toolkit.config.base import RecipeError, shown, type_name
-from toolkit.config.recipe import Recipe
-from toolkit.config.validate import validate
+from toolkit.config.recipe import Recipe, validate
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:

@@ -3,7 +3,9 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from toolkit.config.base import opt, req
+from toolkit.config.base import RecipeError, check, opt, req
+from toolkit.config.ranges import check_ranges
+from toolkit.layout import LayerLayout, build_layout
 
 
 @dataclass(kw_only=True, slots=True)
@@ -39,6 +41,53 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.mamba_expand * self.hidden_size // self.mamba_head_dim
+
+    def layer_layout(self) -> LayerLayout:
+        """The layer pattern and its pipeline stages; RecipeError naming the key that is off."""
+        try:
+            return build_layout(self.num_layers, self.att_ratio, self.mlp_ratio, self.pattern)
+        except ValueError as e:
+            key = (
+                "model.pattern" if self.pattern is not None else "model.att_ratio / model.mlp_ratio"
+            )
+            raise RecipeError(f"{key}: {e}") from None
+
+    def validate(self) -> None:
+        """The ranges, the layer layout and the block shapes (heads against groups and width)."""
+        check_ranges(self, "model")  # first: the layout is computed from these numbers
+        check(
+            self.att_ratio + self.mlp_ratio <= 1 + 1e-9,
+            "model.mlp_ratio",
+            "att_ratio + mlp_ratio must be <= 1",
+        )
+        pattern = self.layer_layout().pattern
+        if "*" in pattern:
+            h, g = self.num_attention_heads, self.num_query_groups
+            check(
+                h % g == 0, "model.num_query_groups", f"{h} heads are not divisible by {g} groups"
+            )
+            check(
+                self.hidden_size % h == 0,
+                "model.num_attention_heads",
+                f"hidden_size {self.hidden_size} is not divisible by {h} heads",
+            )
+        if "M" in pattern:
+            d_inner = self.mamba_expand * self.hidden_size
+            check(
+                d_inner % self.mamba_head_dim == 0,
+                "model.mamba_head_dim",
+                f"d_inner {d_inner} is not divisible by head dim {self.mamba_head_dim}",
+            )
+            check(
+                self.mamba_heads % self.mamba_num_groups == 0,
+                "model.mamba_num_groups",
+                f"{self.mamba_heads} Mamba heads are not divisible by {self.mamba_num_groups} "
+                "groups",
+            )
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:

@@ -1,9 +1,13 @@
 """[train] and [data]: the optimizer, precision, switches and schedule; what the model reads."""
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from toolkit.config.base import opt, req
+from toolkit.config.base import RecipeError, check, opt, req
+from toolkit.config.ranges import check_ranges
+
+BLOCK_KINDS = {"mamba": "M", "attention": "*", "mlp": "-"}  # recipe name -> pattern symbol
 
 
 @dataclass(kw_only=True, slots=True)
@@ -32,6 +36,53 @@ class DataConfig:
     def weighted_prefixes(self) -> list[tuple[float, str]]:
         """data.blend as (weight, prefix) pairs; a bare prefix weighs 1."""
         return [(1.0, e) if isinstance(e, str) else (float(e[0]), e[1]) for e in self.blend]
+
+    def validation_share(self) -> float:
+        """The share held out for validation: valid_fraction, or with a blend its data.split's."""
+        from toolkit.data.packed import parse_split  # local: the data package is not always needed
+
+        return parse_split(self.split)[1] if self.blend else self.valid_fraction
+
+    def validate(self) -> None:
+        """The ranges, data.blend's entries, and a blend against data.source and data.split."""
+        check_ranges(self, "data")
+        for i, e in enumerate(self.blend):
+            _check_blend_entry(e, f"data.blend[{i}]")
+        if not self.blend:
+            return
+        weights = [w for w, _ in self.weighted_prefixes()]
+        check(
+            sum(weights) > 0, "data.blend", f"weights must sum to a positive number, got {weights}"
+        )
+        check(
+            self.source == "stdlib", "data.source", "set either data.source or data.blend, not both"
+        )
+        check(
+            self.valid_fraction == 0,
+            "data.valid_fraction",
+            "applies to data.source; a blend's validation share is in data.split",
+        )
+        try:
+            self.validation_share()
+        except ValueError as e:
+            raise RecipeError(f"data.split: {e}") from None
+
+
+def _check_blend_entry(e: Any, key: str) -> None:
+    """A blend entry is "prefix" or [weight, "prefix"] with a finite weight >= 0."""
+    pair = (
+        isinstance(e, list)
+        and len(e) == 2
+        and isinstance(e[0], int | float)
+        and not isinstance(e[0], bool)
+        and isinstance(e[1], str)
+    )
+    check(isinstance(e, str) or pair, key, f'expected [weight, "prefix"] or "prefix", got {e!r}')
+    check(
+        isinstance(e, str) or (math.isfinite(e[0]) and e[0] >= 0),
+        key,
+        f"weight must be a finite number >= 0, got {e[0] if pair else e!r}",
+    )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -96,3 +147,47 @@ class TrainConfig:
     profile: ProfileConfig = opt(None, "profiling: train.profile = {start = 10, steps = 3}")
     eval_interval: int = opt(0, "validation loss every N steps and at the end (0: never)")
     eval_batches: int = opt(4, "micro-batches per validation (the same ones every time)")
+
+    def validate(self) -> None:
+        """The ranges, the per-block-kind switches, the float8 recipe and the learning rates."""
+        check_ranges(self, "train")
+        _check_block_kinds(
+            self.activation_checkpointing, "train.activation_checkpointing", ("none", "full")
+        )
+        _check_block_kinds(self.compile, "train.compile", (False, True))
+        if self.precision == "fp8":
+            check(
+                not (self.fp8_engine == "torchao" and self.fp8_recipe == "delayed"),
+                "train.fp8_recipe",
+                "'delayed' is Transformer Engine's recipe (torchao has no delayed scaling): use "
+                "'tensorwise' or 'rowwise', or train.fp8_engine='transformer_engine'",
+            )
+            check(
+                not (self.fp8_engine == "transformer_engine" and self.fp8_recipe == "rowwise"),
+                "train.fp8_recipe",
+                "'rowwise' is torchao's recipe: use 'tensorwise' or 'delayed' with Transformer "
+                "Engine, or train.fp8_engine='torchao'",
+            )
+        check(
+            self.min_lr <= self.lr,
+            "train.min_lr",
+            f"need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}",
+        )
+
+
+def _check_block_kinds(value: Any, key: str, allowed: tuple[Any, Any]) -> None:
+    """A per-block-kind switch: `allowed` (off, on) or a list of block kinds."""
+    if isinstance(value, list):
+        for i, kind in enumerate(value):
+            check(
+                isinstance(kind, str) and kind in BLOCK_KINDS,
+                f"{key}[{i}]",
+                f"{kind!r} is not a block kind; use {', '.join(map(repr, BLOCK_KINDS))}",
+            )
+        return
+    check(
+        value in allowed and type(value) is type(allowed[0]),
+        key,
+        f"expected {' or '.join(map(repr, allowed))} or a list of block kinds "
+        f"({', '.join(map(repr, BLOCK_KINDS))}), got {value!r}",
+    )
