@@ -16,6 +16,8 @@ from typing import Any, Literal
 from toolkit.config.base import RecipeError, shown, type_name
 from toolkit.config.recipe import Recipe, validate
 
+WorldSize = int | Literal["slurm"] | None  # the ranks to check the layout against (validate)
+
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -102,7 +104,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_from_dict(
-    table: dict[str, Any], overrides: list[str] = (), world_size: int | None = None
+    table: dict[str, Any], overrides: list[str] = (), world_size: WorldSize = None
 ) -> Recipe:
     table = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
     for assignment in overrides:
@@ -113,10 +115,10 @@ def recipe_from_dict(
 
 
 def load_recipe(
-    path: str | Path, overrides: list[str] = (), world_size: int | None = None
+    path: str | Path, overrides: list[str] = (), world_size: WorldSize = None
 ) -> Recipe:
-    """Read, type-check and validate a recipe (with world_size: for that many ranks);
-    RecipeError messages start with the file name."""
+    """Read, type-check and validate a recipe (with world_size: for that many ranks, or 'slurm'
+    for its Slurm job's); RecipeError messages start with the file name."""
     path = Path(path)
     try:
         table = tomllib.loads(path.read_bytes().decode("utf-8"))  # UTF-8 whatever the locale

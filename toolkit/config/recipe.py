@@ -7,7 +7,7 @@ the recipe's order, then the checks across sections, the parallel layout last.
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from toolkit.config.base import check, opt, req, type_name
 from toolkit.config.job import CheckpointConfig, LoggingConfig, ParallelConfig, SlurmConfig
@@ -43,8 +43,9 @@ class Recipe:
         )
 
 
-def validate(r: Recipe, world_size: int | None = None) -> None:
-    """Raise RecipeError for an impossible recipe; with world_size, also check the layout fits it."""
+def validate(r: Recipe, world_size: int | Literal["slurm"] | None = None) -> None:
+    """Raise RecipeError for an impossible recipe; with world_size, also check the layout fits it
+    ('slurm': the ranks of the job the slurm section asks for, nodes x tasks per node)."""
     check_name(r.name)
     for section in r.sections():
         section.validate()  # its ranges first: what follows computes from these numbers
@@ -55,6 +56,8 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         "valid share in data.split",
     )
     check_supported(r)
+    if world_size == "slurm":
+        world_size = r.slurm.world_size
     check_layout(r, world_size)  # last: the recipe fits no job, or not this one
 
 
