@@ -24,22 +24,37 @@ from toolkit.config.job import (
 )
 from toolkit.config.layout_check import check_layout, default_world_size, parallel_degrees
 from toolkit.config.load import add_recipe_arguments, apply_override, load_recipe, recipe_from_dict
-from toolkit.config.model import ModelConfig, padded_vocab_size
+from toolkit.config.model import MLP_ACTIVATIONS, MlpActivation, ModelConfig, padded_vocab_size
 from toolkit.config.ranges import INT64_MAX, MAX_SIZE, NAME, RANGES, check_name, check_ranges
 from toolkit.config.recipe import Recipe, check_supported, describe_keys, validate
-from toolkit.config.training import BLOCK_KINDS, DataConfig, ProfileConfig, TrainConfig
+from toolkit.config.training import (
+    BLOCK_KINDS,
+    FP8_RECIPES,
+    DataConfig,
+    Fp8Engine,
+    Fp8Recipe,
+    Precision,
+    ProfileConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "BLOCK_KINDS",
+    "FP8_RECIPES",
     "INT64_MAX",
     "MAX_SIZE",
+    "MLP_ACTIVATIONS",
     "NAME",
     "RANGES",
     "CheckpointConfig",
     "DataConfig",
+    "Fp8Engine",
+    "Fp8Recipe",
     "LoggingConfig",
+    "MlpActivation",
     "ModelConfig",
     "ParallelConfig",
+    "Precision",
     "ProfileConfig",
     "Recipe",
     "RecipeError",

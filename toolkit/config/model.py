@@ -1,11 +1,15 @@
 """[model]: the shape of the hybrid stack (layer mix, widths, heads, Mamba-2 sizes)."""
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 from toolkit.config.base import RecipeError, check, opt, req
 from toolkit.config.ranges import check_ranges
 from toolkit.layout import LayerLayout, build_layout
+
+MlpActivation = Literal["gelu", "relu2", "swiglu"]
+MLP_ACTIVATIONS: tuple[str, ...] = typing.get_args(MlpActivation)  # read by toolkit.model.mlp
 
 
 @dataclass(kw_only=True, slots=True)
@@ -19,7 +23,7 @@ class ModelConfig:
     num_attention_heads: int = opt(16, "query heads per attention block")
     num_query_groups: int = opt(8, "key/value heads (GQA groups)")
     ffn_hidden_size: int = opt(0, "MLP inner width (0: 4 x hidden_size)")
-    mlp_activation: Literal["gelu", "relu2", "swiglu"] = opt("gelu", "MLP activation")
+    mlp_activation: MlpActivation = opt("gelu", "MLP activation")
     norm: Literal["rmsnorm", "layernorm"] = opt("rmsnorm", "block norm type")
     norm_eps: float = opt(1e-5, "norm epsilon")
     position_embedding: Literal["none", "rope"] = opt("none", "hybrids use none")

@@ -6,8 +6,24 @@ from typing import Any, Literal
 
 from toolkit.config.base import RecipeError, check, opt, req
 from toolkit.config.ranges import check_ranges
+from toolkit.layout import BLOCK_KINDS
 
-BLOCK_KINDS = {"mamba": "M", "attention": "*", "mlp": "-"}  # recipe name -> pattern symbol
+Precision = Literal["fp32", "bf16", "fp8"]
+Fp8Engine = Literal["transformer_engine", "torchao"]
+Fp8Recipe = Literal["tensorwise", "rowwise", "delayed"]
+# The float8 scaling recipes each library runs (train.fp8_recipe with train.fp8_engine); read by
+# toolkit.precision too.
+FP8_RECIPES: dict[str, tuple[str, ...]] = {
+    "transformer_engine": ("tensorwise", "delayed"),
+    "torchao": ("tensorwise", "rowwise"),
+}
+# Why a recipe does not run with the library asked for, and what to do.
+_OTHER_LIBRARY = {
+    "delayed": "'delayed' is Transformer Engine's recipe (torchao has no delayed scaling): use "
+    "'tensorwise' or 'rowwise', or train.fp8_engine='transformer_engine'",
+    "rowwise": "'rowwise' is torchao's recipe: use 'tensorwise' or 'delayed' with Transformer "
+    "Engine, or train.fp8_engine='torchao'",
+}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -110,18 +126,18 @@ class TrainConfig:
     adam_beta2: float = opt(0.95, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    precision: Literal["fp32", "bf16", "fp8"] = opt(
+    precision: Precision = opt(
         "bf16",
         "compute precision (master weights fp32); fp8: the blocks' linears in float8 (Transformer "
         "Engine if importable, else torchao; CUDA with compute capability >= 8.9), the first and "
         "last blocks, embedding and output layer in bf16",
     )
-    fp8_engine: Literal["auto", "transformer_engine", "torchao"] = opt(
+    fp8_engine: Literal["auto", Fp8Engine] = opt(
         "auto",
         "float8 library with precision='fp8': auto takes the one installed; with both, torchao "
         "when train.compile is on (it was faster here), Transformer Engine when it is off",
     )
-    fp8_recipe: Literal["tensorwise", "rowwise", "delayed"] = opt(
+    fp8_recipe: Fp8Recipe = opt(
         "tensorwise",
         "float8 scaling with precision='fp8': tensorwise (one scale per tensor from its current "
         "amax: torchao tensorwise, Transformer Engine Float8CurrentScaling), rowwise (torchao "
@@ -155,18 +171,11 @@ class TrainConfig:
             self.activation_checkpointing, "train.activation_checkpointing", ("none", "full")
         )
         _check_block_kinds(self.compile, "train.compile", (False, True))
-        if self.precision == "fp8":
+        if self.precision == "fp8" and self.fp8_engine != "auto":  # 'auto': where the job runs
             check(
-                not (self.fp8_engine == "torchao" and self.fp8_recipe == "delayed"),
+                self.fp8_recipe in FP8_RECIPES[self.fp8_engine],
                 "train.fp8_recipe",
-                "'delayed' is Transformer Engine's recipe (torchao has no delayed scaling): use "
-                "'tensorwise' or 'rowwise', or train.fp8_engine='transformer_engine'",
-            )
-            check(
-                not (self.fp8_engine == "transformer_engine" and self.fp8_recipe == "rowwise"),
-                "train.fp8_recipe",
-                "'rowwise' is torchao's recipe: use 'tensorwise' or 'delayed' with Transformer "
-                "Engine, or train.fp8_engine='torchao'",
+                _OTHER_LIBRARY.get(self.fp8_recipe, f"does not run with {self.fp8_engine}"),
             )
         check(
             self.min_lr <= self.lr,
