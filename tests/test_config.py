@@ -1,4 +1,4 @@
-"""The recipe schema (toolkit/config.py): shipped recipes load, validate and build; broken recipes
+"""The recipe schema (toolkit/config/): shipped recipes load, validate and build; broken recipes
 fail with a RecipeError that names the key and the reason."""
 
 import dataclasses

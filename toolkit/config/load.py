@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from toolkit.config.base import RecipeError, shown, type_name
-from toolkit.config.recipe import Recipe, validate
-
-WorldSize = int | Literal["slurm"] | None  # the ranks to check the layout against (validate)
+from toolkit.config.recipe import Recipe, WorldSize, validate
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:

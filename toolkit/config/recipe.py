@@ -32,6 +32,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def sections(self) -> tuple[Any, ...]:
+        """Every section in the recipe's order; each has its validate()."""
         return (
             self.model,
             self.data,
@@ -43,7 +44,10 @@ class Recipe:
         )
 
 
-def validate(r: Recipe, world_size: int | Literal["slurm"] | None = None) -> None:
+WorldSize = int | Literal["slurm"] | None  # the ranks to check the layout against
+
+
+def validate(r: Recipe, world_size: WorldSize = None) -> None:
     """Raise RecipeError for an impossible recipe; with world_size, also check the layout fits it
     ('slurm': the ranks of the job the slurm section asks for, nodes x tasks per node)."""
     check_name(r.name)
