@@ -42,7 +42,6 @@ from toolkit.slurm import (  # noqa: E402
     python_command,
     render_sbatch,
     submitit_parameters,
-    tasks_per_node,
 )
 
 
@@ -196,14 +195,12 @@ def submit_to_slurm(args: argparse.Namespace) -> int:
             overrides.append(
                 f"slurm.{key}={value!r}" if isinstance(value, str) else f"slurm.{key}={value}"
             )
-    try:
-        recipe = load_recipe(args.recipe, overrides)  # checks the Slurm section too
-        s = recipe.slurm
-        world = s.nodes * tasks_per_node(s)
-        load_recipe(args.recipe, overrides, world_size=world)  # and the layout against the job
+    try:  # once: the sections, and the layout on the job's slurm.nodes x tasks per node
+        recipe = load_recipe(args.recipe, overrides, world_size="slurm")
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    s, world = recipe.slurm, recipe.slurm.world_size
     too_big = memory_problem(recipe, world)
     if too_big:
         print(f"error: {args.recipe}: slurm.gpu_memory_gb: {too_big}", file=sys.stderr)

@@ -26,15 +26,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from toolkit.config import FP8_RECIPES as RECIPES  # the recipes each engine runs
+from toolkit.config import Fp8Engine as Engine
+from toolkit.config import Fp8Recipe
 
-Engine = Literal["transformer_engine", "torchao"]
-Fp8Recipe = Literal["tensorwise", "rowwise", "delayed"]
-# The recipes each engine runs (train.fp8_recipe values).
-RECIPES: dict[Engine, tuple[str, ...]] = {
-    "transformer_engine": ("tensorwise", "delayed"),
-    "torchao": ("tensorwise", "rowwise"),
-}
+log = logging.getLogger(__name__)
 
 
 class PrecisionError(RuntimeError):

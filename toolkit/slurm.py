@@ -12,7 +12,6 @@ SIGTERM and USR2, checkpoints on them at a step boundary, and rank 0 then calls
   usable Slurm.
 """
 
-import dataclasses
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import Recipe, RecipeError, SlurmConfig, check_ranges
+from toolkit.config import Recipe, RecipeError, SlurmConfig, slurm_seconds, tasks_per_node
 
 log = logging.getLogger("toolkit.slurm")
 
@@ -64,53 +63,10 @@ def no_slurm_here(command: str, stderr: str | None = None, advice: str = TRAIN_H
     return None
 
 
-def tasks_per_node(s: SlurmConfig) -> int:
-    """Ranks per node: as configured, else one per GPU, else one."""
-    return s.tasks_per_node or s.gpus_per_node or 1
-
-
-def slurm_seconds(value: str) -> int | None:
-    """Seconds in a Slurm duration (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None for no
-    limit. ValueError for anything else."""
-    if value.upper() in ("UNLIMITED", "INFINITE"):
-        return None
-    days, _, clock = value.rpartition("-")
-    parts = clock.split(":")
-    if not (days == "" or days.isdigit()) or len(parts) > 3 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"{value!r} is not a Slurm time (HH:MM:SS, D-HH:MM:SS or minutes)")
-    n = [int(p) for p in parts]
-    if days:  # D-HH[:MM[:SS]]
-        h, m, sec = (n + [0, 0])[:3]
-        return int(days) * 86400 + h * 3600 + m * 60 + sec
-    if len(n) == 3:
-        return n[0] * 3600 + n[1] * 60 + n[2]
-    return n[0] * 60 + (n[1] if len(n) == 2 else 0)  # MM or MM:SS
-
-
 def check_job(s: SlurmConfig) -> None:
-    """RecipeError for a job no cluster could run. The cluster's own sizes (nodes, CPUs, GPUs per
-    node) are Slurm's to check at submission."""
-    check_ranges(s, "slurm")
-    for f in dataclasses.fields(s):  # a line break would end an #SBATCH line and start a command
-        values = getattr(s, f.name)
-        for i, v in enumerate(values if isinstance(values, list) else [values]):
-            if isinstance(v, str) and any(c < " " or c == "\x7f" for c in v):
-                key = f"slurm.{f.name}" + (f"[{i}]" if isinstance(values, list) else "")
-                raise RecipeError(f"{key}: {v!r} holds a control character; give one line")
-    if s.gpus_per_node and tasks_per_node(s) > s.gpus_per_node:
-        raise RecipeError(
-            f"slurm.tasks_per_node: {tasks_per_node(s)} ranks per node but {s.gpus_per_node} GPUs "
-            "per node: each rank needs its own GPU"
-        )
-    try:
-        limit = slurm_seconds(s.time)
-    except ValueError as e:
-        raise RecipeError(f"slurm.time: {e}") from None
-    if limit and s.signal_delay_s >= limit:  # 0 is no limit, as in Slurm
-        raise RecipeError(
-            f"slurm.signal_delay_s: {s.signal_delay_s} s before a limit of {s.time} leaves no "
-            "time to train: lower it or raise slurm.time"
-        )
+    """RecipeError for a job no cluster could run: the slurm section's own check, for jobs made
+    of flags (launchers/serve_slurm.py)."""
+    s.validate()
 
 
 def _is_sif(s: SlurmConfig) -> bool:

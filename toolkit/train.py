@@ -49,8 +49,8 @@ from toolkit.config import (
     SlurmConfig,
     TrainConfig,
     add_recipe_arguments,
+    check_layout,
     load_recipe,
-    validate,
 )
 from toolkit.data.sampler import Samples, rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
@@ -105,7 +105,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     cfg, result = recipe.train, TrainResult()
     stop = stop or StopRequest()
     env = init_distributed(recipe.parallel, resolve_device(cfg.device).type)
-    validate(recipe, env.world_size)  # batch sizes against the DP degree this job really has
+    # The sections were checked as the recipe loaded; the layout against the ranks this job got.
+    check_layout(recipe, env.world_size)
     device, main_rank = env.device, env.rank == 0
     if not main_rank:
         log.setLevel(logging.WARNING)
