@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recipe  # noqa: E402
 from toolkit.slurm import (  # noqa: E402
     TRAIN_HERE,
-    TrainTask,
     log_dir,
     no_slurm_here,
     python_command,
@@ -41,6 +40,7 @@ from toolkit.slurm import (  # noqa: E402
     submitit_parameters,
     tasks_per_node,
 )
+from toolkit.train_task import TrainTask  # noqa: E402
 
 
 def train_command(recipe: str, overrides: list[str]) -> list[str]:
