@@ -29,8 +29,8 @@ from toolkit.config import Recipe, RecipeError, load_recipe
 from toolkit.data.sampler import Samples
 from toolkit.model import HybridLM
 from toolkit.parallel.runtime import cross_entropy
+from toolkit.precision import autocast_context
 from toolkit.tokenizer import Tokenizer
-from toolkit.train import autocast_context
 
 log = logging.getLogger("toolkit.evaluate")
 
