@@ -52,17 +52,17 @@ from toolkit.config import (
     load_recipe,
     validate,
 )
-from toolkit.data.sampler import Samples, rank_samples
+from toolkit.data.sampler import rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import learning_rate
 from toolkit.parallel.parallelize import parallelize
-from toolkit.parallel.pp import pipeline_forward
 from toolkit.parallel.runtime import average_over_dp, clip_grad_norm
-from toolkit.precision import Engine, PrecisionError, autocast_context
+from toolkit.precision import PrecisionError, autocast_context
 from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
 from toolkit.slurm import requeue_after_signal
 from toolkit.tokenizer import Tokenizer
+from toolkit.validation import validation_loss
 
 log = logging.getLogger("toolkit.train")
 
@@ -272,9 +272,16 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             and (step % cfg.eval_interval == 0 or step == cfg.steps)
         ):
             valid_loss = validation_loss(
-                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size, engine,
+                module,
+                valid,
+                loss_fn,
+                batches=cfg.eval_batches,
+                micro_batch_size=cfg.micro_batch_size,
+                autocast=lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
+                env=env,
+                hidden_size=recipe.model.hidden_size,
                 sequence_shards=run_step.sequence_shards,
-            )  # fmt: skip
+            )
             if writer is not None:
                 writer.add_scalar("valid/loss", valid_loss, step)
                 writer.add_scalar("valid/perplexity", math.exp(min(valid_loss, 700.0)), step)
@@ -376,47 +383,6 @@ def resume(
         meta["restore_s"],
     )
     return meta["step"], meta["consumed_samples"]
-
-
-@torch.no_grad()
-def validation_loss(
-    module: torch.nn.Module,
-    valid: Samples,
-    loss_fn,
-    cfg,
-    env: ParallelEnv,
-    device: torch.device,
-    hidden_size: int,
-    engine: Engine | None = None,
-    sequence_shards: int = 1,
-) -> float:
-    """Mean loss over the first `eval_batches` validation micro-batches (the same ones every
-    time, split over DP ranks). Under PP, `module` is this rank's stage: each micro-batch goes
-    forward through the stages in turn and the last one computes the loss."""
-    module.eval()
-    total = torch.zeros((), device=device)
-    for i in range(env.dp_rank, cfg.eval_batches, env.dp):
-        inputs, labels = valid.batch(i * cfg.micro_batch_size, cfg.micro_batch_size)
-        if env.pp > 1:
-            logits = pipeline_forward(
-                module,
-                env,
-                inputs.to(device),
-                hidden_size,
-                lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
-                sequence_shards,
-            )
-        else:
-            with autocast_context(cfg.precision, device, engine, cfg.fp8_recipe):
-                logits = module(inputs.to(device))
-        if logits is not None:
-            total += loss_fn(logits, labels.to(device)).float()
-    module.train()
-    if env.pp > 1:  # only the last stage has a loss; every rank logs or returns the same number
-        torch.distributed.all_reduce(total, group=env.group("pp"))
-    if env.dp > 1:
-        torch.distributed.all_reduce(total, group=env.group("dp"))
-    return total.item() / cfg.eval_batches
 
 
 def requeue_slurm_job(s: SlurmConfig) -> None:
