@@ -37,12 +37,8 @@ from toolkit.checkpoint import (
     CheckpointSaver,
     Comm,
     RankView,
-    list_checkpoints,
-    read_metadata,
-    restore,
-    restore_rng,
 )
-from toolkit.checkpoint.resume import restore_newest_intact
+from toolkit.checkpoint.resume import resume_training, run_layout
 from toolkit.config import (
     Recipe,
     RecipeError,
@@ -142,11 +138,14 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
 
     ckpt_dir = recipe.checkpoint.dir
     view = RankView(model.cfg, model.vocab_size, env.tp, env.tp_rank, env.dp_rank, env.rank)
-    layout = {"tp": env.tp, "pp": env.pp, "dp": env.dp, "world_size": env.world_size}
+    layout = run_layout(env)
     # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
     # background thread while training uses the other groups.
     comm = Comm(torch.distributed.new_group(backend="gloo") if env.world_size > 1 else None)
-    start_step, consumed = resume(recipe, module, optimizer, view, comm, env)
+    try:
+        start_step, consumed = resume_training(recipe, module, optimizer, view, comm, env)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
     saver = CheckpointSaver(
         ckpt_dir, comm, recipe.checkpoint.keep_last, asynchronous=recipe.checkpoint.async_save
     )
@@ -324,65 +323,6 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
             )
     return result
-
-
-def resume(
-    recipe: Recipe,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    view: RankView,
-    comm: Comm,
-    env: ParallelEnv,
-) -> tuple[int, int]:
-    """Restore the newest intact checkpoint in checkpoint.dir (this rank's share of it), passing
-    over damaged ones as checkpoint.on_corrupt says. Returns (step, consumed samples): (0, 0)
-    for a fresh run. Collective."""
-    ckpt = recipe.checkpoint
-    layout = {"tp": env.tp, "pp": env.pp, "dp": env.dp, "world_size": env.world_size}
-    if not ckpt.resume:
-        newest = list_checkpoints(ckpt.dir)
-        if newest:
-            raise RecipeError(
-                f"checkpoint.dir={ckpt.dir} already holds checkpoints (latest {newest[-1].name}) "
-                "and checkpoint.resume is false: choose another checkpoint.dir, or resume"
-            )
-        return 0, 0
-    seeded = torch.get_rng_state()
-
-    def restore_from(path: Path) -> dict:
-        meta = read_metadata(path)
-        if meta["recipe"]["model"] != recipe.to_dict()["model"]:
-            raise RecipeError(
-                f"{path} was written for a different [model] section; point checkpoint.dir "
-                "elsewhere or set checkpoint.resume=false"
-            )
-        # A damaged checkpoint tried before may have restored part of the state: start clean.
-        optimizer.state.clear()
-        torch.set_rng_state(seeded)
-        started = time.perf_counter()
-        restore(path, module, optimizer, view, whole=env.pp == 1)  # only this rank's slices
-        if meta.get("layout") != layout:
-            log.info("resharding %s from %s to %s", path.name, meta.get("layout"), layout)
-        if not restore_rng(path, env.rank):
-            log.info("no RNG state for rank %d in %s: keeping the seeded one", env.rank, path)
-        meta["restore_s"] = time.perf_counter() - started
-        return meta
-
-    try:
-        resumed = restore_newest_intact(ckpt.dir, restore_from, comm, ckpt.on_corrupt)
-    except CheckpointError as e:
-        raise TrainingError(str(e)) from None
-    if resumed is None:
-        return 0, 0
-    meta = resumed.meta
-    log.info(
-        "resumed from %s at step %d (%d samples consumed), restored in %.1f s",
-        resumed.path,
-        meta["step"],
-        meta["consumed_samples"],
-        meta["restore_s"],
-    )
-    return meta["step"], meta["consumed_samples"]
 
 
 def requeue_slurm_job(s: SlurmConfig) -> None:
