@@ -14,7 +14,6 @@ import argparse
 import logging
 import math
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from toolkit.checkpoint.resume import resume_training, run_layout
 from toolkit.config import (
     Recipe,
     RecipeError,
-    SlurmConfig,
     TrainConfig,
     add_recipe_arguments,
     load_recipe,
@@ -56,15 +54,17 @@ from toolkit.parallel.parallelize import parallelize
 from toolkit.parallel.runtime import average_over_dp, clip_grad_norm
 from toolkit.precision import PrecisionError, autocast_context
 from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
-from toolkit.slurm import requeue_after_signal
+from toolkit.stopping import (
+    NanPolicy,
+    StopRequest,
+    TrainingError,
+    requeue_after_usr2,
+    stop_requested,
+)
 from toolkit.tokenizer import Tokenizer
 from toolkit.validation import validation_loss
 
 log = logging.getLogger("toolkit.train")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. non-finite loss under nan_policy='stop')."""
 
 
 @dataclass
@@ -75,20 +75,6 @@ class TrainResult:
     stopped_by_signal: bool = False
     finished: bool = False  # every one of train.steps is done (a signal may stop it before)
     sample: str | None = None
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGUSR2; the loop checkpoints and returns at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -168,7 +154,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         writer.add_text("recipe", f"```\n{recipe.to_dict()}\n```")
         writer.add_text("pattern", model.layout.summary())
     trainable = [p for p in module.parameters() if p.requires_grad]
-    skipped_in_a_row = 0
+    nan_policy = NanPolicy(cfg, ckpt_dir)
     # A live bar on a terminal; in batch logs (Slurm, CI) one line per logging interval instead.
     show_bar = main_rank and recipe.logging.progress_bar and sys.stderr.isatty()
     bar = tqdm(
@@ -202,26 +188,9 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         consumed += cfg.global_batch_size
         step += 1
 
-        if not math.isfinite(loss_value):
+        if not nan_policy.accept(step, loss_value):  # or TrainingError (train.nan_policy)
             optimizer.zero_grad(set_to_none=True)
-            if cfg.nan_policy == "stop":
-                raise TrainingError(
-                    f"step {step}: loss is {loss_value}; stopping without saving this state. "
-                    f"Resume from the last checkpoint in {ckpt_dir} with a lower train.lr, or set "
-                    "train.nan_policy='skip'"
-                )
-            result.skipped_steps += 1
-            skipped_in_a_row += 1
-            log.warning(
-                "step %d: loss is %s, step skipped (%d in a row)",
-                step,
-                loss_value,
-                skipped_in_a_row,
-            )
-            if skipped_in_a_row > cfg.max_skipped_steps:
-                raise TrainingError(f"{skipped_in_a_row} non-finite losses in a row; stopping")
             continue
-        skipped_in_a_row = 0
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm(trainable, clip, env)
         optimizer.step()
@@ -297,6 +266,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             result.stopped_by_signal = True
             break
     result.finished = step >= cfg.steps
+    result.skipped_steps = nan_policy.skipped
     profiler.stop()  # if the run ended inside the traced steps
     bar.close()
     last = saver.wait()  # a background save still in flight
@@ -313,8 +283,8 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
             steps[-1],
             result.losses[steps[-1]],
         )
-    if result.stopped_by_signal and stop.signum == signal.SIGUSR2 and main_rank:
-        requeue_slurm_job(recipe.slurm)
+    if result.stopped_by_signal and main_rank:
+        requeue_after_usr2(stop, recipe.slurm)
     if cfg.sample_prompt and not result.stopped_by_signal and main_rank:
         final = (result.checkpoint or ckpt_dir) if recipe.checkpoint.enabled else None
         result.sample = closing_sample(model, tokenizer, cfg, env, final)
@@ -323,23 +293,6 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
             )
     return result
-
-
-def requeue_slurm_job(s: SlurmConfig) -> None:
-    """Slurm's pre-timeout signal (USR2): put this job back in the queue; it resumes from the
-    checkpoint just written. After more than slurm.max_num_timeout timeouts, the run ends here
-    (TrainingError). (A preemption or `scontrol requeue` requeues the job by itself.)"""
-    refused = requeue_after_signal(s)
-    if refused is not None:
-        raise TrainingError(refused)
-
-
-def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:
-    """Whether any rank got a stop signal: all ranks must checkpoint and stop at the same step."""
-    flag = torch.tensor(float(stop.signum is not None), device=env.device)
-    if env.world_size > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag)
 
 
 def closing_sample(
