@@ -13,7 +13,6 @@ pre-timeout signal) save a checkpoint at the next step boundary and stop.
 import argparse
 import logging
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from toolkit.build import (
     build_data,
@@ -48,12 +46,13 @@ from toolkit.config import (
 )
 from toolkit.data.sampler import rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
+from toolkit.metrics import Metrics, StepStats
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import learning_rate
 from toolkit.parallel.parallelize import parallelize
 from toolkit.parallel.runtime import average_over_dp, clip_grad_norm
 from toolkit.precision import PrecisionError, autocast_context
-from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
+from toolkit.profiling import StepProfiler, add_nvtx_ranges
 from toolkit.stopping import (
     NanPolicy,
     StopRequest,
@@ -75,12 +74,6 @@ class TrainResult:
     stopped_by_signal: bool = False
     finished: bool = False  # every one of train.steps is done (a signal may stop it before)
     sample: str | None = None
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
@@ -147,25 +140,10 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         else:
             log.info("checkpoint of step %d: training resumed after %.1f s", step, seconds)
 
-    from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
-
-    writer = SummaryWriter(recipe.logging.dir) if main_rank else None
-    if writer is not None and start_step == 0:
-        writer.add_text("recipe", f"```\n{recipe.to_dict()}\n```")
-        writer.add_text("pattern", model.layout.summary())
+    metrics = Metrics(recipe, model, device, rank=env.rank, world_size=env.world_size,
+                      start_step=start_step, params=params, step_flops=step_flops)  # fmt: skip
     trainable = [p for p in module.parameters() if p.requires_grad]
     nan_policy = NanPolicy(cfg, ckpt_dir)
-    # A live bar on a terminal; in batch logs (Slurm, CI) one line per logging interval instead.
-    show_bar = main_rank and recipe.logging.progress_bar and sys.stderr.isatty()
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        disable=not show_bar,
-        mininterval=1.0,
-        file=sys.stderr,
-    )
     step = start_step
     if cfg.profile.nvtx and device.type == "cuda":
         add_nvtx_ranges(module)
@@ -173,7 +151,6 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         log.warning("train.profile.nvtx needs CUDA: no NVTX ranges on %s", device)
     profile_dir = Path(recipe.logging.dir) / "profile"
     profiler = StepProfiler(cfg.profile, profile_dir, env.rank, device, next_step=step + 1)
-    peak = peak_tflops(device, cfg.precision, recipe.logging.peak_tflops)
     module.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -195,45 +172,11 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         grad_norm = clip_grad_norm(trainable, clip, env)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - t0
+        stats = StepStats(loss_value, lr, grad_norm, time.perf_counter() - t0)
         profiler.after_step(step)
         result.losses[step] = loss_value
+        metrics.train_step(step, stats, consumed)
 
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        log_now = step == start_step + 1 or step % recipe.logging.interval == 0 or step == cfg.steps
-        if writer is not None and log_now:
-            scalars = {
-                "train/loss": loss_value,
-                "train/lr": lr,
-                "train/grad_norm": grad_norm,
-                "perf/step_time_s": step_time,
-                "perf/tokens_per_s": tokens_per_step / step_time,
-                # Per rank: one GPU each on GPUs, while CPU ranks may share one processor.
-                "perf/tflops_per_rank": step_flops / step_time / 1e12 / env.world_size,
-                "perf/peak_memory_gb": peak_memory_gb(device),
-                "model/parameters": params,
-                "train/consumed_samples": consumed,
-            }
-            if peak is not None:  # model FLOPs utilisation against the GPU's dense peak
-                scalars["perf/mfu"] = scalars["perf/tflops_per_rank"] / peak
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, value, step)
-            writer.flush()
-            if not show_bar:
-                log.info(
-                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s per rank "
-                    "%speak memory %.2f GB",
-                    step,
-                    cfg.steps,
-                    loss_value,
-                    lr,
-                    grad_norm,
-                    scalars["perf/tokens_per_s"],
-                    scalars["perf/tflops_per_rank"],
-                    f"MFU {scalars['perf/mfu']:.1%} " if "perf/mfu" in scalars else "",
-                    scalars["perf/peak_memory_gb"],
-                )
         if (
             valid is not None
             and cfg.eval_interval
@@ -250,12 +193,7 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
                 hidden_size=recipe.model.hidden_size,
                 sequence_shards=run_step.sequence_shards,
             )
-            if writer is not None:
-                writer.add_scalar("valid/loss", valid_loss, step)
-                writer.add_scalar("valid/perplexity", math.exp(min(valid_loss, 700.0)), step)
-                writer.flush()
-                log.info("step %d validation loss %.4f (perplexity %.2f)", step, valid_loss,
-                         math.exp(min(valid_loss, 700.0)))  # fmt: skip
+            metrics.validation(step, valid_loss)
         interval = recipe.checkpoint.interval
         stopping = stop_requested(stop, env)
         due = (interval and step % interval == 0) or step == cfg.steps or stopping
@@ -268,12 +206,10 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
     result.finished = step >= cfg.steps
     result.skipped_steps = nan_policy.skipped
     profiler.stop()  # if the run ended inside the traced steps
-    bar.close()
+    metrics.close()
     last = saver.wait()  # a background save still in flight
     if last is not None:
         result.checkpoint = str(last)
-    if writer is not None:
-        writer.close()
     if result.losses:
         steps = sorted(result.losses)
         log.info(
