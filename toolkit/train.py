@@ -1,5 +1,6 @@
-"""The training loop (single process today; parallelism wraps the model, the loss and the data slice
-from outside, without changing this loop).
+"""The training loop, run by every rank (one process per GPU or CPU rank, started by `srun`,
+torchrun or launchers/submit.py --local); parallelism wraps the model, the loss and the data
+slice from outside (toolkit.parallel.parallelize), without changing this loop.
 
     python -m toolkit.train RECIPE.toml [--set train.steps=100 ...]
 
@@ -29,12 +30,7 @@ from toolkit.build import (
     resolve_device,
     tokenizer_from_recipe,
 )
-from toolkit.checkpoint import (
-    CheckpointError,
-    CheckpointSaver,
-    Comm,
-    RankView,
-)
+from toolkit.checkpoint import CheckpointError, CheckpointSaver, Comm, RankView
 from toolkit.checkpoint.resume import resume_training, run_layout
 from toolkit.config import (
     Recipe,
@@ -68,6 +64,8 @@ log = logging.getLogger("toolkit.train")
 
 @dataclass
 class TrainResult:
+    """What a run did on this rank."""
+
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> loss
     skipped_steps: int = 0
     checkpoint: str | None = None
@@ -77,158 +75,219 @@ class TrainResult:
 
 
 def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
-    cfg, result = recipe.train, TrainResult()
-    stop = stop or StopRequest()
-    env = init_distributed(recipe.parallel, resolve_device(cfg.device).type)
-    validate(recipe, env.world_size)  # batch sizes against the DP degree this job really has
-    device, main_rank = env.device, env.rank == 0
-    if not main_rank:
-        log.setLevel(logging.WARNING)
-    # The same seed everywhere: every rank builds the same full model, then keeps its shard.
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    """Train `recipe` on this rank, from its last checkpoint if there is one, until train.steps
+    or a stop signal in `stop` (then checkpointed at that step boundary). Collective.
 
-    tokenizer = tokenizer_from_recipe(recipe)
-    sampler, valid = build_data(recipe, tokenizer)
-    model = build_model(recipe, tokenizer, device)
-    log.info("%s", describe_model(model))
-    params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
-    step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step  # whole model
-    parallel = parallelize(model, recipe, env)  # fp8, TP/SP, AC, compile, PP, ZeRO: in order
-    module = parallel.module  # the whole model, or this rank's pipeline stage
-    run_step, loss_fn, optimizer = parallel.run_step, parallel.loss_fn, parallel.optimizer
-    engine = parallel.fp8_engine
-    # Each DP rank takes its own slice of every global batch.
-    dp_rank, dp_size = env.dp_rank, env.dp
-    sp = "+SP" if run_step.sequence_shards > 1 else ""
-    log.info(
-        "layout: TP=%d%s PP=%d DP=%d on %d ranks (%s)",
-        env.tp,
-        sp,
-        env.pp,
-        env.dp,
-        env.world_size,
-        device,
-    )
-    log.info("data: %s", sampler.describe())
-    if valid is not None:
-        log.info("validation data: %s", valid.describe())
-
-    ckpt_dir = recipe.checkpoint.dir
-    view = RankView(model.cfg, model.vocab_size, env.tp, env.tp_rank, env.dp_rank, env.rank)
-    layout = run_layout(env)
-    # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
-    # background thread while training uses the other groups.
-    comm = Comm(torch.distributed.new_group(backend="gloo") if env.world_size > 1 else None)
-    try:
-        start_step, consumed = resume_training(recipe, module, optimizer, view, comm, env)
-    except CheckpointError as e:
-        raise TrainingError(str(e)) from None
-    saver = CheckpointSaver(
-        ckpt_dir, comm, recipe.checkpoint.keep_last, asynchronous=recipe.checkpoint.async_save
-    )
-
-    def save(step: int, blocking: bool) -> None:
-        meta = checkpoint_metadata(recipe, model, step, consumed, layout)
-        start = time.perf_counter()
-        path = saver.save(step, module, optimizer, view, meta, blocking=blocking)
-        seconds = time.perf_counter() - start
-        if path is not None:
-            result.checkpoint = str(path)
-            log.info("saved checkpoint %s in %.1f s", path, seconds)
-        else:
-            log.info("checkpoint of step %d: training resumed after %.1f s", step, seconds)
-
-    metrics = Metrics(recipe, model, device, rank=env.rank, world_size=env.world_size,
-                      start_step=start_step, params=params, step_flops=step_flops)  # fmt: skip
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    nan_policy = NanPolicy(cfg, ckpt_dir)
-    step = start_step
-    if cfg.profile.nvtx and device.type == "cuda":
-        add_nvtx_ranges(module)
-    elif cfg.profile.nvtx:
-        log.warning("train.profile.nvtx needs CUDA: no NVTX ranges on %s", device)
-    profile_dir = Path(recipe.logging.dir) / "profile"
-    profiler = StepProfiler(cfg.profile, profile_dir, env.rank, device, next_step=step + 1)
-    module.train()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        mine = rank_samples(consumed, cfg.global_batch_size, dp_rank, dp_size)
-        batch = sampler.batch(mine.start, len(mine))
-        loss_sum = run_step(*(t.to(device) for t in batch))
-        average_over_dp([loss_sum, *(p.grad for p in trainable if p.grad is not None)], env)
-        loss_value = loss_sum.item()
-        consumed += cfg.global_batch_size
-        step += 1
-
-        if not nan_policy.accept(step, loss_value):  # or TrainingError (train.nan_policy)
-            optimizer.zero_grad(set_to_none=True)
+    The phases, in order: set-up (`Trainer.__init__`), resume (toolkit.checkpoint.resume), the
+    steps (`Trainer.train_step`; a non-finite loss: toolkit.stopping.NanPolicy), each followed
+    when due by metrics (toolkit.metrics), validation (toolkit.validation), a checkpoint and the
+    stop vote (toolkit.stopping); then `Trainer.finish`: requeue after USR2, the closing sample.
+    """
+    cfg, stop = recipe.train, stop or StopRequest()
+    trainer = Trainer(recipe)
+    trainer.resume()
+    result, metrics = trainer.result, trainer.start_metrics()
+    profiler = trainer.start_profiler()
+    trainer.module.train()
+    while trainer.step < cfg.steps:
+        stats = trainer.train_step()
+        if stats is None:  # a non-finite loss, skipped (train.nan_policy)
             continue
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(trainable, clip, env)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats = StepStats(loss_value, lr, grad_norm, time.perf_counter() - t0)
+        step = trainer.step
         profiler.after_step(step)
-        result.losses[step] = loss_value
-        metrics.train_step(step, stats, consumed)
-
-        if (
-            valid is not None
-            and cfg.eval_interval
-            and (step % cfg.eval_interval == 0 or step == cfg.steps)
-        ):
-            valid_loss = validation_loss(
-                module,
-                valid,
-                loss_fn,
-                batches=cfg.eval_batches,
-                micro_batch_size=cfg.micro_batch_size,
-                autocast=lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
-                env=env,
-                hidden_size=recipe.model.hidden_size,
-                sequence_shards=run_step.sequence_shards,
-            )
-            metrics.validation(step, valid_loss)
-        interval = recipe.checkpoint.interval
-        stopping = stop_requested(stop, env)
-        due = (interval and step % interval == 0) or step == cfg.steps or stopping
-        if due and recipe.checkpoint.enabled:
-            save(step, blocking=stopping or step == cfg.steps)
+        result.losses[step] = stats.loss
+        metrics.train_step(step, stats, trainer.consumed)
+        if trainer.validation_due():
+            metrics.validation(step, trainer.validation_loss())
+        stopping = stop_requested(stop, trainer.env)
+        if recipe.checkpoint.enabled and (stopping or trainer.checkpoint_due()):
+            trainer.save(blocking=stopping or step == cfg.steps)
         if stopping:
             log.warning("stop signal received: stopping after step %d", step)
             result.stopped_by_signal = True
             break
-    result.finished = step >= cfg.steps
-    result.skipped_steps = nan_policy.skipped
+    result.finished = trainer.step >= cfg.steps
     profiler.stop()  # if the run ended inside the traced steps
     metrics.close()
-    last = saver.wait()  # a background save still in flight
-    if last is not None:
-        result.checkpoint = str(last)
-    if result.losses:
-        steps = sorted(result.losses)
-        log.info(
-            "loss: step %d %.4f -> step %d %.4f",
-            steps[0],
-            result.losses[steps[0]],
-            steps[-1],
-            result.losses[steps[-1]],
-        )
-    if result.stopped_by_signal and main_rank:
-        requeue_after_usr2(stop, recipe.slurm)
-    if cfg.sample_prompt and not result.stopped_by_signal and main_rank:
-        final = (result.checkpoint or ckpt_dir) if recipe.checkpoint.enabled else None
-        result.sample = closing_sample(model, tokenizer, cfg, env, final)
-        if result.sample is not None:
-            log.info(
-                "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
-            )
+    trainer.finish(stop)
     return result
+
+
+class Trainer:
+    """One rank's training run, phase by phase (`train` calls them in order). Holds what the
+    phases share: the recipe, the parallel environment, the data, the model and its parallel
+    form, the optimizer, the step and the samples consumed so far."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        """Set-up: join the job, then build the tokenizer, the data and the model, and apply
+        the parallel transforms (toolkit.parallel.parallelize, in its order)."""
+        self.recipe, cfg = recipe, recipe.train
+        self.env = env = init_distributed(recipe.parallel, resolve_device(cfg.device).type)
+        validate(recipe, env.world_size)  # batch sizes against the DP degree this job really has
+        if env.rank != 0:
+            log.setLevel(logging.WARNING)
+        # The same seed everywhere: every rank builds the same full model, then keeps its shard.
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.tokenizer = tokenizer_from_recipe(recipe)
+        self.sampler, self.valid = build_data(recipe, self.tokenizer)
+        self.model = model = build_model(recipe, self.tokenizer, env.device)
+        log.info("%s", describe_model(model))
+        self.params = sum(p.numel() for p in model.parameters())  # the whole model's, unsharded
+        tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
+        self.step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step
+        self.parallel = parallelize(model, recipe, env)
+        self.module = self.parallel.module  # the whole model, or this rank's pipeline stage
+        self.optimizer = self.parallel.optimizer
+        sp = "+SP" if self.parallel.run_step.sequence_shards > 1 else ""
+        log.info("layout: TP=%d%s PP=%d DP=%d on %d ranks (%s)",
+                 env.tp, sp, env.pp, env.dp, env.world_size, env.device)  # fmt: skip
+        log.info("data: %s", self.sampler.describe())
+        if self.valid is not None:
+            log.info("validation data: %s", self.valid.describe())
+        self.view = RankView(
+            model.cfg, model.vocab_size, env.tp, env.tp_rank, env.dp_rank, env.rank
+        )
+        # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
+        # background thread while training uses the other groups.
+        self.comm = Comm(
+            torch.distributed.new_group(backend="gloo") if env.world_size > 1 else None
+        )
+        ckpt = recipe.checkpoint
+        self.saver = CheckpointSaver(
+            ckpt.dir, self.comm, ckpt.keep_last, asynchronous=ckpt.async_save
+        )
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self.step = self.consumed = 0
+        self.nan_policy = NanPolicy(cfg, recipe.checkpoint.dir)
+        self.result = TrainResult()
+
+    def resume(self) -> None:
+        """Continue from the newest intact checkpoint in checkpoint.dir, if there is one."""
+        try:
+            self.step, self.consumed = resume_training(
+                self.recipe, self.module, self.optimizer, self.view, self.comm, self.env
+            )
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+
+    def start_metrics(self) -> Metrics:
+        """TensorBoard and the progress bar, from the step resumed at."""
+        env = self.env
+        return Metrics(
+            self.recipe,
+            self.model,
+            env.device,
+            rank=env.rank,
+            world_size=env.world_size,
+            start_step=self.step,
+            params=self.params,
+            step_flops=self.step_flops,
+        )
+
+    def start_profiler(self) -> StepProfiler:
+        """NVTX ranges and torch.profiler traces of the steps train.profile names."""
+        cfg, device = self.recipe.train.profile, self.env.device
+        if cfg.nvtx and device.type == "cuda":
+            add_nvtx_ranges(self.module)
+        elif cfg.nvtx:
+            log.warning("train.profile.nvtx needs CUDA: no NVTX ranges on %s", device)
+        out = Path(self.recipe.logging.dir) / "profile"
+        return StepProfiler(cfg, out, self.env.rank, device, next_step=self.step + 1)
+
+    def train_step(self) -> StepStats | None:
+        """One optimizer step on this DP rank's slice of the next global batch: forward and
+        backward (micro-batches or the pipeline schedule), the mean over DP, clipping and the
+        update. None for a step skipped for its non-finite loss."""
+        cfg, env, optimizer = self.recipe.train, self.env, self.optimizer
+        started = time.perf_counter()
+        lr = learning_rate(self.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        mine = rank_samples(self.consumed, cfg.global_batch_size, env.dp_rank, env.dp)
+        batch = self.sampler.batch(mine.start, len(mine))
+        loss_sum = self.parallel.run_step(*(t.to(env.device) for t in batch))
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        average_over_dp([loss_sum, *grads], env)
+        loss = loss_sum.item()
+        self.consumed += cfg.global_batch_size
+        self.step += 1
+        if not self.nan_policy.accept(self.step, loss):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm(self.trainable, clip, env)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss, lr, grad_norm, time.perf_counter() - started)
+
+    def validation_due(self) -> bool:
+        """Every train.eval_interval steps and at the last, when there is validation data."""
+        cfg = self.recipe.train
+        if self.valid is None or not cfg.eval_interval:
+            return False
+        return self.step % cfg.eval_interval == 0 or self.step == cfg.steps
+
+    def checkpoint_due(self) -> bool:
+        """Every checkpoint.interval steps (0: none between) and at the last."""
+        interval = self.recipe.checkpoint.interval
+        return bool(interval and self.step % interval == 0) or self.step == self.recipe.train.steps
+
+    def validation_loss(self) -> float:
+        """The loss on the first train.eval_batches held-out micro-batches. Collective."""
+        cfg, engine = self.recipe.train, self.parallel.fp8_engine
+        return validation_loss(
+            self.module,
+            self.valid,
+            self.parallel.loss_fn,
+            batches=cfg.eval_batches,
+            micro_batch_size=cfg.micro_batch_size,
+            autocast=lambda: autocast_context(
+                cfg.precision, self.env.device, engine, cfg.fp8_recipe
+            ),
+            env=self.env,
+            hidden_size=self.recipe.model.hidden_size,
+            sequence_shards=self.parallel.run_step.sequence_shards,
+        )
+
+    def save(self, blocking: bool) -> None:
+        """Checkpoint this step (in the background with checkpoint.async_save, unless
+        `blocking`). Collective."""
+        meta = checkpoint_metadata(
+            self.recipe, self.model, self.step, self.consumed, run_layout(self.env)
+        )
+        started = time.perf_counter()
+        path = self.saver.save(
+            self.step, self.module, self.optimizer, self.view, meta, blocking=blocking
+        )
+        seconds = time.perf_counter() - started
+        if path is not None:
+            self.result.checkpoint = str(path)
+            log.info("saved checkpoint %s in %.1f s", path, seconds)
+        else:
+            log.info("checkpoint of step %d: training resumed after %.1f s", self.step, seconds)
+
+    def finish(self, stop: StopRequest) -> None:
+        """After the last step: wait for a background save, sum up, requeue the Slurm job after
+        USR2 (rank 0), and sample train.sample_prompt from the trained model."""
+        cfg, result, main_rank = self.recipe.train, self.result, self.env.rank == 0
+        last = self.saver.wait()  # a background save still in flight
+        if last is not None:
+            result.checkpoint = str(last)
+        result.skipped_steps = self.nan_policy.skipped
+        if result.losses:
+            first, end = min(result.losses), max(result.losses)
+            log.info("loss: step %d %.4f -> step %d %.4f",
+                     first, result.losses[first], end, result.losses[end])  # fmt: skip
+        if result.stopped_by_signal and main_rank:
+            requeue_after_usr2(stop, self.recipe.slurm)
+        if cfg.sample_prompt and not result.stopped_by_signal and main_rank:
+            ckpt = self.recipe.checkpoint
+            final = (result.checkpoint or ckpt.dir) if ckpt.enabled else None
+            result.sample = closing_sample(self.model, self.tokenizer, cfg, self.env, final)
+            if result.sample is not None:
+                log.info("sample (temperature 0.7, top-k 20) from %r:\n%s",
+                         cfg.sample_prompt, result.sample)  # fmt: skip
 
 
 def closing_sample(
