@@ -36,13 +36,13 @@ from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recip
 from toolkit.data.flags import data_overrides  # noqa: E402
 from toolkit.slurm import (  # noqa: E402
     TRAIN_HERE,
-    TrainTask,
     log_dir,
     no_slurm_here,
     python_command,
     render_sbatch,
     submitit_parameters,
 )
+from toolkit.train_task import TrainTask  # noqa: E402
 
 
 def train_command(recipe: str, overrides: list[str]) -> list[str]:

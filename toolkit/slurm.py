@@ -5,7 +5,8 @@ signals reach the ranks (no torchrun in between), and both requeue the same way:
 SIGTERM and USR2, checkpoints on them at a step boundary, and rank 0 then calls
 `requeue_after_signal`, which counts timeouts against `slurm.max_num_timeout`.
 
-- `submitit_parameters` and `TrainTask`: what launchers/submit.py gives submitit's SlurmExecutor.
+- `submitit_parameters`: how launchers/submit.py sets up submitit's SlurmExecutor (the task it
+  submits, `toolkit.train_task.TrainTask`, starts the trainer).
 - `render_sbatch`: the standalone script (`--dry-run`, `--emit-sbatch`, `--via sbatch`); `sbatch
   FILE` is all a site needs.
 - `log_dir`: where a job's logs go; `no_slurm_here`: a plain sentence when this machine has no
@@ -17,9 +18,7 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -215,34 +214,6 @@ def submitit_parameters(
     if s.exclusive:
         params["exclusive"] = True
     return params
-
-
-@dataclass(frozen=True)
-class TrainTask:
-    """One submitit task: what `python -m toolkit.train RECIPE --set ...` does, in this process.
-
-    In-process rather than submitit's CommandFunction, whose child process would get Slurm's
-    signals while submitit's handlers in the parent requeued the job too (or raised, killing the
-    child mid-checkpoint). Not submitit's Checkpointable either: its checkpoint() runs in rank 0's
-    signal handler alone, and our checkpoints are written by every rank at one step boundary. So
-    the trainer's handlers replace submitit's, and only `requeue_after_signal` requeues.
-    """
-
-    recipe: str
-    overrides: tuple[str, ...]
-
-    def __call__(self) -> None:
-        # Until the trainer installs its handlers (after importing torch), the defaults: a signal
-        # then ends the task, with nothing to save yet, instead of submitit requeueing by itself.
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
-        from toolkit.train import run  # torch: only on the compute nodes
-
-        logging.getLogger("submitit").propagate = False  # it has its own handlers: log once
-
-        status = run(self.recipe, list(self.overrides))
-        if status:
-            raise RuntimeError(f"training exited with status {status}; the log above says why")
 
 
 def job_fields(job_id: str) -> dict[str, str]:
