@@ -103,13 +103,6 @@ MALFORMED = [
     case("slurm-time", "slurm.time='2h'", words=("recipe.toml", "slurm.time")),
     case("slurm-newline", 'slurm.partition="a\\nb"', words=("recipe.toml", "slurm.partition")),
     case("slurm-nodes", "slurm.nodes=0", words=("recipe.toml", "slurm.nodes")),
-    case(
-        "fp8-te-checkpointing",
-        "train.precision='fp8'",
-        "train.fp8_engine='transformer_engine'",
-        "train.activation_checkpointing='full'",
-        words=("recipe.toml", "train.activation_checkpointing", "train.fp8_engine"),
-    ),
     case("tp-heads", "parallel.tp=3", words=("recipe.toml", "parallel.tp", "divisible")),
     case("pp-layers", "parallel.pp=3", words=("recipe.toml", "parallel.pp")),
 ]

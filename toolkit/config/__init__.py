@@ -13,7 +13,6 @@ One module per concern, all re-exported here (`from toolkit.config import X`):
 """
 
 from toolkit.config.base import RecipeError, opt, req
-from toolkit.config.cli import main
 from toolkit.config.job import (
     CheckpointConfig,
     LoggingConfig,
@@ -68,7 +67,6 @@ __all__ = [
     "default_world_size",
     "describe_keys",
     "load_recipe",
-    "main",
     "opt",
     "padded_vocab_size",
     "parallel_degrees",
