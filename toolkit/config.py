@@ -218,6 +218,9 @@ class SlurmConfig:
     extra_sbatch: list[str] = opt([], "extra '#SBATCH' lines, without the prefix")
     container_image: str | None = opt(None, "pyxis image (.sqsh or docker ref) or Apptainer .sif")
     container_mounts: list[str] = opt([], "host:container mounts")
+    container_engine: Literal["auto", "pyxis", "apptainer", "podman"] = opt(
+        "auto", "how srun runs container_image (auto: apptainer for a .sif, else pyxis)"
+    )
     python: str | None = opt(
         None, "Python on the nodes (default: this one; python3 in a container)"
     )
