@@ -68,14 +68,44 @@ def check_job(s: SlurmConfig) -> None:
     s.validate()
 
 
-def _is_sif(s: SlurmConfig) -> bool:
-    return bool(s.container_image) and s.container_image.endswith(".sif")
+def container_engine(s: SlurmConfig) -> str | None:
+    """What runs the job's image: pyxis, apptainer or podman; None without an image."""
+    if not s.container_image:
+        return None
+    if s.container_engine != "auto":
+        return s.container_engine
+    return "apptainer" if s.container_image.endswith(".sif") else "pyxis"
+
+
+# What each podman task takes from the job's environment (podman's --env=PREFIX* form): Slurm's
+# rank variables, submitit's, the rendezvous job_setup finds, and the thread and NCCL settings.
+PODMAN_ENV = ("SLURM_*", "SUBMITIT_*", "MASTER_ADDR", "MASTER_PORT", "OMP_*", "TORCH_*", "NCCL_*")
+
+
+def podman_run(s: SlurmConfig, workdir: str | Path) -> list[str]:
+    """`podman run` of the image for one task, up to the command: the host's network (ranks on
+    other nodes reach the rendezvous), the working directory mounted at its own path (the recipe,
+    checkpoints and logs), and the job's variables. Root's podman is rootful: the task runs as
+    root, as the submitter (the image's own user could not write the working directory); anyone
+    else's is rootless, and keep-id makes the task its submitter. Runtime settings of the site
+    (runtime, cgroup manager, ulimits) belong in its containers.conf."""
+    user = "--user=0:0" if os.getuid() == 0 else "--userns=keep-id"
+    cmd = ["podman", "run", "--rm", "--network=host", "--ipc=host", user]
+    cmd += [f"--volume={workdir}:{workdir}", f"--workdir={workdir}"]
+    cmd += [f"--volume={m}" for m in s.container_mounts]
+    cmd += [f"--env={name}" for name in PODMAN_ENV]
+    if s.gpus_per_node:
+        cmd.append("--device=nvidia.com/gpu=all")  # CDI; each rank picks its GPU by local rank
+    return [*cmd, s.container_image]
 
 
 def python_command(s: SlurmConfig, python: str, workdir: str | Path) -> list[str]:
     """How each task starts Python: directly (pyxis puts the whole task in its container), or
-    inside `apptainer exec` for an Apptainer image."""
-    if not _is_sif(s):
+    inside `apptainer exec` or `podman run` of the image."""
+    engine = container_engine(s)
+    if engine == "podman":
+        return [*podman_run(s, workdir), python]
+    if engine != "apptainer":
         return [python]
     cmd = ["apptainer", "exec", *(["--nv"] if s.gpus_per_node else [])]
     if s.container_mounts:
@@ -84,13 +114,24 @@ def python_command(s: SlurmConfig, python: str, workdir: str | Path) -> list[str
 
 
 def srun_options(s: SlurmConfig, workdir: str | Path) -> list[str]:
-    """Options of the `srun` that starts the ranks: one bad rank ends the job; pyxis flags."""
+    """Options of the `srun` that starts the ranks: one bad rank ends the job; pyxis flags, with
+    the working directory mounted (the recipe and runs/ are there)."""
     opts = ["--kill-on-bad-exit=1", "--cpu-bind=none"]
-    if s.container_image and not _is_sif(s):
+    if container_engine(s) == "pyxis":
+        mounts = [f"{workdir}:{workdir}", *s.container_mounts]
         opts += [f"--container-image={s.container_image}", f"--container-workdir={workdir}"]
-        if s.container_mounts:
-            opts.append(f"--container-mounts={','.join(s.container_mounts)}")
+        opts.append(f"--container-mounts={','.join(mounts)}")
     return opts
+
+
+# Inside a podman container there is no scontrol to find the first node with: find it here.
+PODMAN_RENDEZVOUS = [
+    "# the ranks' rendezvous, found on the host: the image has no scontrol",
+    'first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+    "MASTER_ADDR=$(scontrol show node \"$first_node\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')",
+    "export MASTER_ADDR=${MASTER_ADDR:-$first_node}",
+    "export MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))",
+]
 
 
 def job_setup(recipe: Recipe, recipe_path: str | Path, workdir: str | Path) -> list[str]:
@@ -104,6 +145,7 @@ def job_setup(recipe: Recipe, recipe_path: str | Path, workdir: str | Path) -> l
         'echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks, restart '
         '${SLURM_RESTART_COUNT:-0}"',
         "env | grep -E '^(NCCL|TORCH|CUDA|SLURM_JOB|OMP)_' | sort || true",
+        *(PODMAN_RENDEZVOUS if container_engine(recipe.slurm) == "podman" else []),
     ]
 
 

@@ -82,6 +82,9 @@ class SlurmConfig:
     extra_sbatch: list[str] = opt([], "extra '#SBATCH' lines, without the prefix")
     container_image: str | None = opt(None, "pyxis image (.sqsh or docker ref) or Apptainer .sif")
     container_mounts: list[str] = opt([], "host:container mounts")
+    container_engine: Literal["auto", "pyxis", "apptainer", "podman"] = opt(
+        "auto", "how srun runs container_image (auto: apptainer for a .sif, else pyxis)"
+    )
     python: str | None = opt(
         None, "Python on the nodes (default: this one; python3 in a container)"
     )
@@ -107,6 +110,12 @@ class SlurmConfig:
                 if isinstance(v, str) and any(c < " " or c == "\x7f" for c in v):
                     key = f"slurm.{f.name}" + (f"[{i}]" if isinstance(values, list) else "")
                     raise RecipeError(f"{key}: {v!r} holds a control character; give one line")
+        check(
+            self.container_engine == "auto" or bool(self.container_image),
+            "slurm.container_engine",
+            f"{self.container_engine!r} needs slurm.container_image (the image to run): set it, "
+            "or leave the engine at 'auto'",
+        )
         check(
             not self.gpus_per_node or tasks_per_node(self) <= self.gpus_per_node,
             "slurm.tasks_per_node",

@@ -4,6 +4,7 @@ causal-conv1d's GPU kernels import and run here, and the fallback to the PyTorch
 """
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -13,6 +14,8 @@ from toolkit.model.ssd import SSDFunction, ssd_chunked
 
 if TYPE_CHECKING:
     from toolkit.model.mamba2 import Mamba2Mixer
+
+log = logging.getLogger(__name__)
 
 
 def ssd_mamba_ssm(
@@ -43,33 +46,59 @@ def ssd_mamba_ssm(
     return y.to(x.dtype), final_state.float()
 
 
-def mamba_ssm_available() -> bool:
-    """Whether mamba-ssm's Triton SSD can run here (the package imports and CUDA is present)."""
+def _import_error(*modules: str) -> str | None:
+    """Why importing `modules` fails here ("ModuleNotFoundError: No module named 'einops'"), or
+    None when they import."""
+    try:
+        for module in modules:
+            __import__(module)
+    except Exception as e:  # ImportError, a missing compiled extension, one built for another GPU
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(what: str, error: str) -> None:
+    """Once per process: 'auto' took the slow path on a GPU because a kernel package is broken
+    (a silent fallback costs several times the step time and nobody notices)."""
+    if what not in _WARNED:
+        _WARNED.add(what)
+        log.warning(
+            "model.kernels='auto' on a GPU: %s, because it does not import (%s). Install it and "
+            "what it imports (mamba-ssm needs einops and transformers), or use the image from "
+            "containers/",
+            what,
+            error,
+        )
+
+
+def mamba_ssm_available(kernels: str = "") -> bool:
+    """Whether mamba-ssm's Triton SSD can run here (the package imports and CUDA is present).
+    With kernels='auto', a GPU without it is worth a warning."""
     if not torch.cuda.is_available():
         return False
-    try:
-        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
-    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
-        return False
-    return True
+    error = _import_error("mamba_ssm.ops.triton.ssd_combined")
+    if error and kernels == "auto":
+        _warn_fallback("the reference SSD kernels run instead of mamba-ssm's (mamba_ssm)", error)
+    return error is None
 
 
-def fused_mamba_available() -> bool:
+def fused_mamba_available(kernels: str = "") -> bool:
     """Whether mamba-ssm's fused training op (causal conv, SSD and gated norm in one autograd
     function) can run here: mamba-ssm's Triton kernels plus the causal-conv1d extension."""
-    if not mamba_ssm_available():
+    if not mamba_ssm_available(kernels):
         return False
-    try:
-        import causal_conv1d  # noqa: F401
-        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined  # noqa: F401
-    except Exception:  # ImportError, or an extension built for another GPU
-        return False
-    return True
+    error = _import_error("causal_conv1d", "mamba_ssm.ops.triton.ssd_combined")
+    if error and kernels == "auto":
+        _warn_fallback("the fused Mamba training op is off (causal_conv1d)", error)
+    return error is None
 
 
 def use_fused_mamba(kernels: str) -> bool:
     """`model.kernels` 'auto' and 'mamba_ssm' take the fused op when it is available."""
-    return kernels in ("auto", "mamba_ssm") and fused_mamba_available()
+    return kernels in ("auto", "mamba_ssm") and fused_mamba_available(kernels)
 
 
 SSD_KERNELS: dict[str, SSDFunction] = {"reference": ssd_chunked, "mamba_ssm": ssd_mamba_ssm}
@@ -78,7 +107,7 @@ SSD_KERNELS: dict[str, SSDFunction] = {"reference": ssd_chunked, "mamba_ssm": ss
 def select_ssd(kernels: str) -> SSDFunction:
     """The SSD implementation for `model.kernels`; 'auto' picks the fastest one available."""
     if kernels == "auto":
-        return SSD_KERNELS["mamba_ssm" if mamba_ssm_available() else "reference"]
+        return SSD_KERNELS["mamba_ssm" if mamba_ssm_available("auto") else "reference"]
     if kernels not in SSD_KERNELS:
         raise ValueError(f"model.kernels={kernels!r} is not one of {sorted(SSD_KERNELS)}")
     if kernels == "mamba_ssm" and not mamba_ssm_available():
