@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Run a recipe as a Slurm job (through submitit, or sbatch), or on this machine (--local).
 
     python launchers/submit.py recipes/8b_hybrid.toml [--nodes 4 --time 2:00:00] [--dry-run]
@@ -26,12 +25,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
 # Light imports only: torch loads when training starts, so --help, --dry-run and bad input answer
 # at once.
-from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recipe  # noqa: E402
-from toolkit.slurm import (  # noqa: E402
+from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recipe
+from toolkit.slurm import (
     TRAIN_HERE,
     TrainTask,
     log_dir,

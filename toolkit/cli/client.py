@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Interactive client for a running server (like the reference's text_generation_cli.py):
 asks for a prompt and a number of tokens, sends PUT /api, prints the text. Ctrl-D ends it.
 

@@ -12,35 +12,29 @@ fused into `linear_qkv` / `linear_fc1` in both.
     python checkpoints_tools/reshard.py --in runs/x/checkpoints --out runs/x-tp4 --tp 4 --pp 2
 """
 
-import os
+import argparse
+import math
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-# checkpoints_tools/inspect.py would shadow the standard library's inspect, which torch imports.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from toolkit.build import build_model, model_from_checkpoint  # noqa: E402
-from toolkit.checkpoint import (  # noqa: E402
+from toolkit.build import build_model, model_from_checkpoint
+from toolkit.checkpoint import (
     CheckpointError,
     RankView,
     ReadCounter,
     resolve_checkpoint,
     store,
 )
-from toolkit.checkpoint.megatron import save_megatron  # noqa: E402
-from toolkit.checkpoint.megatron_layout import GENERATIONS  # noqa: E402
-from toolkit.config import RecipeError, recipe_from_dict, validate  # noqa: E402
-from toolkit.parallel import apply_tp  # noqa: E402
-from toolkit.tokenizer import build_tokenizer  # noqa: E402
+from toolkit.checkpoint.megatron import save_megatron
+from toolkit.checkpoint.megatron_layout import GENERATIONS
+from toolkit.config import RecipeError, recipe_from_dict, validate
+from toolkit.parallel import apply_tp
+from toolkit.tokenizer import build_tokenizer
 
 BLOCK_BYTES = 256 << 20  # copy at most this much of an array at a time
 

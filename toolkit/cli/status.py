@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """This toolkit's Slurm jobs: state, last step and loss, last checkpoint (read from each job's log).
 
     python launchers/status.py [--all-users]
@@ -13,9 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from toolkit.slurm import MARKER, no_slurm_here  # noqa: E402
+from toolkit.slurm import MARKER, no_slurm_here
 
 # Runs started with --local are no Slurm jobs: say where their progress is instead.
 LOCAL_RUNS = (

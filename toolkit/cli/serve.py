@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Serve a checkpoint over HTTP: PUT /api (the reference's API), POST /v1/completions (OpenAI
 style, `stream: true` for server-sent events), GET /health.
 
@@ -16,8 +15,6 @@ import sys
 import threading
 from functools import partial
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOKEN_ENV = "TOOLKIT_SERVE_TOKEN"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -118,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.tp == 1:
             model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, device)
         else:
-            command = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)]
+            args_given = sys.argv[1:] if argv is None else argv
+            command = [sys.executable, "-m", "toolkit.cli.serve", *args_given]
             ranks = tp_serving.start(args.tp, device, command)
             model, recipe, tokenizer = tp_serving.load_shard(args.checkpoint, ranks)
             device = ranks.env.device

@@ -12,24 +12,18 @@ and non-gated MLPs (relu2 or gelu); other models are refused with the reason.
 The output directory must be new or empty. Exit status: 0 done, 2 bad input, 1 failure.
 """
 
-import os
+import argparse
+import re
 import sys
+from pathlib import Path
 
-# checkpoints_tools/inspect.py would shadow the standard library's inspect, which torch imports.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
 
-import argparse  # noqa: E402
-import re  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from toolkit.build import model_from_checkpoint  # noqa: E402
-from toolkit.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
-from toolkit.checkpoint.hf import export_hf  # noqa: E402
-from toolkit.config import RecipeError  # noqa: E402
-from toolkit.tokenizer import ByteTokenizer, HFTokenizer  # noqa: E402
+from toolkit.build import model_from_checkpoint
+from toolkit.checkpoint import CheckpointError, resolve_checkpoint
+from toolkit.checkpoint.hf import export_hf
+from toolkit.config import RecipeError
+from toolkit.tokenizer import ByteTokenizer, HFTokenizer
 
 UNITS = {
     "": 10**9,

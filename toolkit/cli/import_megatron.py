@@ -15,22 +15,16 @@ optimizer (fine-tuning).
 Exit status: 0 done, 2 bad input (a wrong directory, pattern, missing rank or key), 1 failure.
 """
 
-import os
+import argparse
+import logging
 import sys
+from pathlib import Path
+from typing import Any
 
-# checkpoints_tools/inspect.py would shadow the standard library's inspect, which torch imports.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from toolkit.build import build_model, save_model_checkpoint  # noqa: E402
-from toolkit.checkpoint.megatron import (  # noqa: E402
+from toolkit.build import build_model, save_model_checkpoint
+from toolkit.checkpoint.megatron import (
     check_grid,
     find_rank_files,
     get_arg,
@@ -38,11 +32,11 @@ from toolkit.checkpoint.megatron import (  # noqa: E402
     load_into,
     load_megatron,
 )
-from toolkit.checkpoint.megatron_layout import pattern_of  # noqa: E402
-from toolkit.config import RecipeError, recipe_from_dict  # noqa: E402
-from toolkit.layout import allocate_layers  # noqa: E402
-from toolkit.model import count_parameters  # noqa: E402
-from toolkit.tokenizer import build_tokenizer  # noqa: E402
+from toolkit.checkpoint.megatron_layout import pattern_of
+from toolkit.config import RecipeError, recipe_from_dict
+from toolkit.layout import allocate_layers
+from toolkit.model import count_parameters
+from toolkit.tokenizer import build_tokenizer
 
 
 def model_table(margs: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
