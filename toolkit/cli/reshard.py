@@ -140,6 +140,7 @@ def check_target(src: Path, out: Path, tp: int, pp: int, fmt: str) -> None:
         raise RecipeError(f"--out {out} already holds {src.name}: give a new directory")
 
 
+@torch.no_grad()  # a copy of arrays: no autograd graph, also as a console script
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="checkpoints_tools/reshard.py",
@@ -200,5 +201,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())
