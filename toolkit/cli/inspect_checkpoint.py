@@ -2,7 +2,7 @@
 table of arrays (global shape, dtype, bytes, chunking). --verify reads every chunk and checks its
 CRC32C checksum and that no chunk file is missing.
 
-    python checkpoints_tools/inspect.py runs/tiny_hybrid/checkpoints [--verify] [--all]
+    python checkpoints_tools/inspect_checkpoint.py runs/tiny_hybrid/checkpoints [--verify] [--all]
 """
 
 import argparse
@@ -64,7 +64,7 @@ def verify(group, keys: list[str], path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="checkpoints_tools/inspect.py",
+        prog="checkpoints_tools/inspect_checkpoint.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
