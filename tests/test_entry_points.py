@@ -116,3 +116,7 @@ def test_every_module_with_a_main_block_is_a_console_script():
     assert commands and sorted(set(commands) - targets) == []
     assert all(name.startswith("hybrid-") for name in SCRIPTS)
 
+
+def test_the_readme_lists_every_console_script():
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name in SCRIPTS if f"| `{name}` |" not in readme] == []
