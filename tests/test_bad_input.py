@@ -288,8 +288,8 @@ TOOLS = [
         ["-m", "toolkit.data.preprocess", "--input", "a-file", "--output-prefix", "a-file/x"],
         ("--output-prefix",),
     ),
-    (["checkpoints_tools/inspect.py", "nope"], ("nope",)),
-    (["checkpoints_tools/inspect.py", "a-file"], ("a-file",)),
+    (["checkpoints_tools/inspect_checkpoint.py", "nope"], ("nope",)),
+    (["checkpoints_tools/inspect_checkpoint.py", "a-file"], ("a-file",)),
     (["checkpoints_tools/reshard.py", "--in", "nope", "--out", "out"], ("nope",)),
     (["checkpoints_tools/reshard.py", "--in", "CKPT", "--out", "a-file"], ("--out", "a-file")),
     (

@@ -3,8 +3,9 @@
 
 A checkpoint is damaged when a chunk's CRC32C or size is wrong, a chunk file or an array is
 missing, or its metadata does not parse. Restoring finds all of these for what it reads: it reads
-every chunk through `store.read_region`, the check that `checkpoints_tools/inspect.py --verify`
-runs over a whole checkpoint. So a resume verifies by restoring, and nothing is read twice.
+every chunk through `store.read_region`, the check that
+`checkpoints_tools/inspect_checkpoint.py --verify` runs over a whole checkpoint. So a resume
+verifies by restoring, and nothing is read twice.
 
 Which checkpoint, on many ranks: each rank restores only its own slices, so a damaged chunk is
 seen by the ranks that read it and by no other. After each attempt the ranks exchange their
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 # What a resume reports at INFO is the trainer's news: its logger, which only rank 0 logs at INFO.
 train_log = logging.getLogger("toolkit.train")
 
-VERIFY_HINT = "checkpoints_tools/inspect.py --verify lists all of a checkpoint's damage"
+VERIFY_HINT = "checkpoints_tools/inspect_checkpoint.py --verify lists all of a checkpoint's damage"
 
 
 @dataclass
