@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from toolkit.build import build_model
-from toolkit.checkpoint import CheckpointSaver, Comm, RankView, ReadCounter, restore, store
+from toolkit.checkpoint import CheckpointSaver, Comm, RankView, ReadCounter, chunks, restore
 from toolkit.config import RecipeError, load_recipe, validate
 from toolkit.parallel import apply_tp
 from toolkit.tokenizer import build_tokenizer
@@ -121,8 +121,8 @@ def main() -> None:
         "checkpoint_gb": nbytes / 1e9,
     }
 
-    results["chunk_threads"] = store.CHUNK_THREADS
-    results["early_writeback"] = str(store.EARLY_WRITEBACK)
+    results["chunk_threads"] = chunks.CHUNK_THREADS
+    results["early_writeback"] = str(chunks.EARLY_WRITEBACK)
     ddfile = root / "dd.bin"
     if not args.no_dd:
         count = max(1, nbytes // (64 << 20))

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from toolkit.model.mamba2 import mamba_ssm_available, ssd_chunked, ssd_mamba_ssm
+from toolkit.model.kernels import mamba_ssm_available, ssd_mamba_ssm
+from toolkit.model.ssd import ssd_chunked
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -20,12 +20,9 @@ import statistics
 import torch
 from gpu_kernels import rel_l2  # this script's folder is on sys.path
 
-from toolkit.model.mamba2 import (
-    Mamba2Mixer,
-    fused_mamba_available,
-    ssd_chunked,
-    ssd_mamba_ssm,
-)
+from toolkit.model.kernels import fused_mamba_available, ssd_mamba_ssm
+from toolkit.model.mamba2 import Mamba2Mixer
+from toolkit.model.ssd import ssd_chunked
 
 SHAPE = dict(d_model=4096, d_state=128, head_dim=64, groups=8, chunk=128, batch=8, seq=4096)
 

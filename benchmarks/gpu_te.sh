@@ -32,6 +32,8 @@ FP8=(--set 'train.precision="fp8"')
 AO=("${FP8[@]}" --set 'train.fp8_engine="torchao"' --set 'train.fp8_recipe="tensorwise"')
 TEC=("${FP8[@]}" --set 'train.fp8_engine="transformer_engine"' --set 'train.fp8_recipe="tensorwise"')
 TED=("${FP8[@]}" --set 'train.fp8_engine="transformer_engine"' --set 'train.fp8_recipe="delayed"')
+TEF=("${TEC[@]}" --set train.te_fused_norm=true)  # pre-norms inside te.LayerNormLinear
+EAGER=(--set train.compile=false)
 
 case "${1:-}" in
   warm)  # from prebuild's copy of the tree: the carried tree is gone by the next call
@@ -49,7 +51,12 @@ case "${1:-}" in
 esac
 
 source benchmarks/gpu_setup_te.sh "" > "$OUT/setup.log" 2>&1
+TE_OK=$?
 tail -12 "$OUT/setup.log"
+if [ "$TE_OK" != 0 ]; then  # a fresh machine without the core wheel's parts: measure nothing
+  echo "Transformer Engine set-up failed (a fresh machine? gpu_setup_te.sh stash); stopping"
+  exit 1
+fi
 if [ -e "$TE_HOME/warm.pid" ] && kill -0 "$(cat "$TE_HOME/warm.pid")" 2>/dev/null; then
   for _ in $(seq 240); do kill -0 "$(cat "$TE_HOME/warm.pid")" 2>/dev/null || break; sleep 1; done
   kill -- -"$(cat "$TE_HOME/warm.pid")" 2>/dev/null && echo "warm-up stopped"
@@ -79,16 +86,21 @@ run() {  # name timeout_s command...
   echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$W/$name.log" | cut -c 1-400)"
 }
 
-run tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -rs
+run tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -rs ${TESTS_K:+-k "$TESTS_K"}
 run parity 150 python3 benchmarks/gpu_fp8_parity.py --steps 50 --json "$W/parity.json"
-run 800m_bf16 100 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_bf16.json"
-run 800m_torchao 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_torchao.json" "${AO[@]}"
-run 800m_te_current 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_te_current.json" "${TEC[@]}"
-run 800m_te_delayed 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_te_delayed.json" "${TED[@]}"
+run 8b28_te_fused_eager 150 "${P8B[@]}" "${STEPS[@]}" --json "$W/8b28_te_fused_eager.json" "${TEF[@]}" "${EAGER[@]}"
+run 8b28_te_eager 150 "${P8B[@]}" "${STEPS[@]}" --json "$W/8b28_te_eager.json" "${TEC[@]}" "${EAGER[@]}"
 run 8b28_bf16 120 "${P8B[@]}" "${STEPS[@]}" --json "$W/8b28_bf16.json"
 run 8b28_torchao 150 "${P8B[@]}" "${STEPS[@]}" --json "$W/8b28_torchao.json" "${AO[@]}"
 run 8b28_te_current 150 "${P8B[@]}" "${STEPS[@]}" --json "$W/8b28_te_current.json" "${TEC[@]}"
+run 8b28_te_fused 150 "${P8B[@]}" "${STEPS[@]}" --json "$W/8b28_te_fused.json" "${TEF[@]}"
 run 8b28_te_delayed 150 "${P8B[@]}" "${STEPS[@]}" --json "$W/8b28_te_delayed.json" "${TED[@]}"
+run 800m_bf16 100 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_bf16.json"
+run 800m_torchao 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_torchao.json" "${AO[@]}"
+run 800m_te_current 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_te_current.json" "${TEC[@]}"
+run 800m_te_fused 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_te_fused.json" "${TEF[@]}"
+run 800m_te_delayed 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_te_delayed.json" "${TED[@]}"
+run 800m_te_eager 120 "${P800[@]}" "${STEPS[@]}" --json "$W/800m_te_eager.json" "${TEC[@]}" "${EAGER[@]}"
 
 python3 - "$W" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys
@@ -104,7 +116,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     else:
         print(f"{p.stem:16} {r['tokens_per_s']:9.0f} {r['step_time_s']*1e3:8.1f} "
               f"{r['tflops_per_gpu']:8.1f} {r['mfu']:6.1%} {r['peak_memory_gb']:6.1f}  "
-              f"{r['fp8_engine']} {r['fp8_recipe']}; warm-up steps "
+              f"{r['fp8_engine']} {r['fp8_recipe']}{' fused-norm' if r.get('te_fused_norm') else ''}"
+              f"{'' if r.get('compile') else ' eager'}; warm-up steps "
               f"{', '.join(f'{t:.1f}' for t in r['warmup_times_s'])} s")
 EOF
 cat "$OUT/summary.txt"

@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from toolkit.build import build_model, describe_model, resolve_device, tokenizer_from_recipe  # noqa: E402
 from toolkit.config import RecipeError, load_recipe  # noqa: E402
 from toolkit.distributed import ParallelEnv  # noqa: E402
+from toolkit.metrics import peak_memory_gb  # noqa: E402
 from toolkit.model import flops_per_token  # noqa: E402
 from toolkit.parallel.parallelize import parallelize  # noqa: E402
 from toolkit.parallel.runtime import cross_entropy  # noqa: E402
 from toolkit.precision import PrecisionError, autocast_context  # noqa: E402
 from toolkit.profiling import measure_matmul_tflops, peak_tflops  # noqa: E402
-from toolkit.train import peak_memory_gb  # noqa: E402
 
 log = logging.getLogger("train_throughput")
 
@@ -122,6 +122,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "fp8_engine": engine,
         "fp8_recipe": cfg.fp8_recipe if engine else None,
         "compile": cfg.compile,
+        "te_fused_norm": cfg.te_fused_norm,
         "activation_checkpointing": cfg.activation_checkpointing,
         "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),
         "kernels": recipe.model.kernels,

@@ -1,86 +1,10 @@
 #!/usr/bin/env python3
-"""Interactive client for a running server (like the reference's text_generation_cli.py):
-asks for a prompt and a number of tokens, sends PUT /api, prints the text. Ctrl-D ends it.
+"""Ask a running server for text: the same as `hybrid-client`, whose code is
+toolkit/cli/client.py."""
 
-    python launchers/generate_cli.py 127.0.0.1:5000 [--tokens-to-generate 64]
-"""
-
-import argparse
-import json
-import os
 import sys
-import urllib.error
-import urllib.request
-from typing import Any
 
-TOKEN_ENV = "TOOLKIT_SERVE_TOKEN"
-
-
-def put(url: str, body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, json.dumps(body).encode(), headers, method="PUT")
-    try:
-        with urllib.request.urlopen(req) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
-
-
-def ask(prompt: str) -> str | None:
-    try:
-        return input(prompt)
-    except EOFError:
-        return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python launchers/generate_cli.py", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument("address", help="HOST:PORT of launchers/serve.py")
-    p.add_argument("--tokens-to-generate", type=int, help="ask for each prompt when not given")
-    p.add_argument("--temperature", type=float, default=1.0, help="in (0, 100]")
-    p.add_argument("--top-k", type=int, default=0, help="1 is greedy")
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=-1, help="-1: a new one per request")
-    p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
-    args = p.parse_args(argv)
-    url = f"http://{args.address}/api"
-    token = args.token or os.environ.get(TOKEN_ENV)
-    while True:
-        sentence = ask("Enter prompt: ")
-        if sentence is None:
-            return 0
-        n = args.tokens_to_generate
-        while n is None:
-            answer = ask("Enter number of tokens to generate: ")
-            if answer is None:
-                return 0
-            try:
-                n = int(answer)
-            except ValueError:
-                print(f"not a whole number: {answer!r}")
-        body = {
-            "prompts": [sentence],
-            "tokens_to_generate": n,
-            "temperature": args.temperature,
-            "top_k": args.top_k,
-            "top_p": args.top_p,
-            "random_seed": args.seed,
-        }
-        try:
-            status, reply = put(url, body, token)
-        except (urllib.error.URLError, ConnectionError) as e:
-            print(f"error: cannot reach {url}: {e}", file=sys.stderr)
-            return 1
-        if status != 200:
-            print(f"Error {status}: {reply.get('message', reply)}")
-        else:
-            print("Response:")
-            print(reply["text"][0])
-
+from toolkit.cli.client import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -103,13 +103,6 @@ MALFORMED = [
     case("slurm-time", "slurm.time='2h'", words=("recipe.toml", "slurm.time")),
     case("slurm-newline", 'slurm.partition="a\\nb"', words=("recipe.toml", "slurm.partition")),
     case("slurm-nodes", "slurm.nodes=0", words=("recipe.toml", "slurm.nodes")),
-    case(
-        "fp8-te-checkpointing",
-        "train.precision='fp8'",
-        "train.fp8_engine='transformer_engine'",
-        "train.activation_checkpointing='full'",
-        words=("recipe.toml", "train.activation_checkpointing", "train.fp8_engine"),
-    ),
     case("tp-heads", "parallel.tp=3", words=("recipe.toml", "parallel.tp", "divisible")),
     case("pp-layers", "parallel.pp=3", words=("recipe.toml", "parallel.pp")),
 ]
@@ -295,8 +288,8 @@ TOOLS = [
         ["-m", "toolkit.data.preprocess", "--input", "a-file", "--output-prefix", "a-file/x"],
         ("--output-prefix",),
     ),
-    (["checkpoints_tools/inspect.py", "nope"], ("nope",)),
-    (["checkpoints_tools/inspect.py", "a-file"], ("a-file",)),
+    (["checkpoints_tools/inspect_checkpoint.py", "nope"], ("nope",)),
+    (["checkpoints_tools/inspect_checkpoint.py", "a-file"], ("a-file",)),
     (["checkpoints_tools/reshard.py", "--in", "nope", "--out", "out"], ("nope",)),
     (["checkpoints_tools/reshard.py", "--in", "CKPT", "--out", "a-file"], ("--out", "a-file")),
     (

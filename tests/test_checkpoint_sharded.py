@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model_config
+from tests.whole_checkpoints import load_checkpoint
 from toolkit.checkpoint import (
     CheckpointError,
     CheckpointSaver,
     Comm,
     RankView,
     ReadCounter,
-    load_checkpoint,
     placement,
     planned_writes,
     read_metadata,

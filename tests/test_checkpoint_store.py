@@ -17,14 +17,15 @@ import torch
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
+from tests.whole_checkpoints import load_checkpoint, save_checkpoint
 from toolkit.checkpoint import (
     CheckpointError,
+    arrays,
+    chunks,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     placement,
     resolve_checkpoint,
-    save_checkpoint,
     store,
 )
 from toolkit.checkpoint.store import FORMAT_VERSION, step_dirname
@@ -203,7 +204,7 @@ def test_array_metadata_is_what_zarr_writes(tmp_path, shape, dtype, chunks):
     theirs = zarr.open_group(tmp_path / "theirs", mode="w").create_array(
         spec.key,
         shape=shape,
-        dtype=store._numpy_dtype(dtype),
+        dtype=arrays._numpy_dtype(dtype),
         chunks=chunks,
         fill_value=0,
         compressors=[Crc32cCodec()],
@@ -424,7 +425,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     import torch
-    from toolkit.checkpoint import save_checkpoint
+    from tests.whole_checkpoints import save_checkpoint
 
     root, step = sys.argv[1], int(sys.argv[2])
     print("ready", flush=True)
@@ -562,9 +563,9 @@ def test_checkpoint_io_benchmark_runs_on_cpu(tmp_path):
 def test_early_writeback_saves_the_same_checkpoint(tmp_path, monkeypatch):
     """TOOLKIT_CHECKPOINT_EARLY_WRITEBACK's path: every chunk file is handed to
     sync_file_range as soon as it is written, and the checkpoint reads back bit-exactly."""
-    start = store._load_sync_file_range()
+    start = chunks._load_sync_file_range()
     started = []
-    monkeypatch.setattr(store, "_start_writeback", lambda fd: started.append(start(fd)))
+    monkeypatch.setattr(chunks, "_start_writeback", lambda fd: started.append(start(fd)))
     model = {"w": torch.randn(6, 4), "b": special_bf16()}
     path = save_checkpoint(tmp_path, 1, model, {"w/exp_avg": torch.randn(6, 4)}, {})
     assert len(started) == 3 and set(started) == {0}  # one call per chunk file, each succeeded

@@ -1,4 +1,4 @@
-"""checkpoints_tools/inspect.py and reshard.py, run as users run them (subprocesses)."""
+"""checkpoints_tools/inspect_checkpoint.py and reshard.py, run as users run them (subprocesses)."""
 
 import re
 import shutil
@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_inspect_lists_arrays_and_metadata(checkpoint):
-    proc = tool("inspect", checkpoint.parent)
+    proc = tool("inspect_checkpoint", checkpoint.parent)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "step         7" in out and "MM-*M-" in out and "(vocabulary 259)" in out
@@ -50,22 +50,23 @@ def test_inspect_lists_arrays_and_metadata(checkpoint):
 def test_inspect_verify_names_a_damaged_array(tmp_path, checkpoint):
     copy = tmp_path / "copy"
     shutil.copytree(checkpoint, copy)
-    assert tool("inspect", copy, "--verify").returncode == 0
+    assert tool("inspect_checkpoint", copy, "--verify").returncode == 0
     chunk = next((copy / "model" / "final_norm.weight" / "c").rglob("*"))
     data = bytearray(chunk.read_bytes())
     data[3] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    proc = tool("inspect", copy, "--verify")
+    proc = tool("inspect_checkpoint", copy, "--verify")
     assert proc.returncode == 1
     assert "1 damaged array" in proc.stderr and "'model/final_norm.weight'" in proc.stderr
     missing = next((copy / "model" / "layers.1.norm.weight" / "c").rglob("*"))
     missing.unlink()
-    proc = tool("inspect", copy, "--verify")
+    proc = tool("inspect_checkpoint", copy, "--verify")
     assert "2 damaged array" in proc.stderr and "chunk file c/0 is missing" in proc.stderr
 
 
 def test_inspect_rejects_what_is_not_a_checkpoint(tmp_path):
-    proc = tool("inspect", tmp_path)  # bad input: 2 (a damaged checkpoint fails --verify: 1)
+    # bad input: 2 (a damaged checkpoint fails --verify: 1)
+    proc = tool("inspect_checkpoint", tmp_path)
     assert proc.returncode == 2 and "neither a checkpoint directory" in proc.stderr
 
 

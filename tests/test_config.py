@@ -1,4 +1,4 @@
-"""The recipe schema (toolkit/config.py): shipped recipes load, validate and build; broken recipes
+"""The recipe schema (toolkit/config/): shipped recipes load, validate and build; broken recipes
 fail with a RecipeError that names the key and the reason."""
 
 import dataclasses
@@ -415,15 +415,6 @@ BROKEN += [
         r"^slurm\.tasks_per_node: 4 ranks per node but 2 GPUs",
         "slurm-ranks-gpus",
     ),
-    case(
-        [
-            "train.precision='fp8'",
-            "train.fp8_engine='transformer_engine'",
-            "train.activation_checkpointing='full'",
-        ],
-        r"^train\.activation_checkpointing: with Transformer Engine's fp8 is not supported yet",
-        "fp8-te-checkpointing",
-    ),
 ]
 
 
@@ -705,10 +696,39 @@ def test_world_size_errors_start_with_the_path(tmp_path):
     path.write_text((RECIPE_DIR / "tiny_hybrid.toml").read_text())
     with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: parallel: TP x PP x DP"):
         load_recipe(path, ["parallel.tp=2"], world_size=1)
-    te_ac = [
-        "train.precision='fp8'",
-        "train.fp8_engine='transformer_engine'",
-        "train.activation_checkpointing='full'",
-    ]
-    with pytest.raises(RecipeError, match=r"^train\.activation_checkpointing: with Transformer"):
-        recipe_from_dict(base_table(), te_ac, world_size=1)
+    slurm = ["slurm.gpus_per_node=2", "slurm.tasks_per_node=4"]
+    with pytest.raises(RecipeError, match=r"^slurm\.tasks_per_node: 4 ranks per node but 2 GPUs"):
+        recipe_from_dict(base_table(), slurm, world_size=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. One launch, one validation.
+
+
+def test_a_slurm_launch_validates_the_recipe_once(capsys):
+    """launchers/submit.py --dry-run checks every section and the layout on the job's ranks once.
+    (It used to load the recipe twice, without and with the world size: two full validations,
+    each also checking the Slurm section's ranges twice.)"""
+    import collections
+    import importlib.util
+    import sys
+
+    path = RECIPE_DIR.parent / "launchers" / "submit.py"
+    spec = importlib.util.spec_from_file_location("submit_once", path)
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    calls = collections.Counter()
+
+    def count(frame, event, arg):
+        if event == "call":
+            calls[frame.f_code.co_qualname] += 1
+
+    sys.setprofile(count)
+    try:
+        status = submit.main([str(RECIPE_DIR / "tiny_hybrid.toml"), "--dry-run"])
+    finally:
+        sys.setprofile(None)
+    assert status == 0 and "#SBATCH --nodes=1" in capsys.readouterr().out
+    sections = ["Model", "Data", "Train", "Parallel", "Checkpoint", "Logging", "Slurm"]
+    checks = ["validate", "check_layout", *(f"{s}Config.validate" for s in sections)]
+    assert {name: calls[name] for name in checks} == dict.fromkeys(checks, 1)

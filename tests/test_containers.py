@@ -18,8 +18,8 @@ DEFINITION = ROOT / "containers" / "toolkit.def"
 FROM_BASE_IMAGE = {"torch", "numpy", "tensorboard"}  # the NGC image provides these
 
 
-def pins() -> dict[str, str]:
-    lines = (ROOT / "containers" / "constraints.txt").read_text().splitlines()
+def pins(name: str = "constraints.txt") -> dict[str, str]:
+    lines = (ROOT / "containers" / name).read_text().splitlines()
     reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
     out = {}
     for req in reqs:
@@ -37,6 +37,24 @@ def test_pins_satisfy_pyproject_and_cover_every_dependency():
             continue
         assert dep.name in pinned, f"{dep.name} is a dependency but containers pin no version"
         assert dep.specifier.contains(pinned[dep.name]), f"{dep.name}=={pinned[dep.name]} vs {dep}"
+
+
+def test_cpu_image_pins_what_the_gpu_base_provides_and_nothing_twice():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    cpu, common = pins("constraints-cpu.txt"), pins()
+    assert not set(cpu) & set(common)  # one pin per package: the images cannot disagree
+    assert cpu["torch"].endswith("+cpu")
+    for dep in map(Requirement, deps):
+        if dep.name in FROM_BASE_IMAGE:
+            assert dep.specifier.contains(cpu[dep.name]), f"{dep.name}=={cpu[dep.name]} vs {dep}"
+
+
+def test_gpu_image_installs_what_mamba_ssm_imports_and_fails_without_its_kernels():
+    gpu = DOCKERFILE.read_text().split(" AS gpu\n", 1)[1].split("\nFROM ", 1)[0]
+    assert "einops transformers" in gpu and "-c /tmp/constraints.txt" in gpu
+    assert {"einops", "transformers"} <= set(pins())
+    # In the same RUN as the install: a failed import fails the build.
+    assert '&& python -c "import mamba_ssm, causal_conv1d"' in gpu
 
 
 def test_both_recipes_use_the_same_base_image_and_kernel_versions():
@@ -83,7 +101,8 @@ def test_apptainer_definition_has_its_sections():
 @pytest.mark.parametrize(
     "target,variable,needs",
     [
-        ("container", "DOCKER", "docker"),
+        ("container", "CONTAINER_ENGINE", "docker or podman"),
+        ("container-cpu", "CONTAINER_ENGINE", "docker or podman"),
         ("sif", "APPTAINER", "apptainer"),
         ("sqsh", "ENROOT", "enroot"),
     ],

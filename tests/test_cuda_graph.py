@@ -11,7 +11,14 @@ from toolkit.inference.cuda_graph import span_bucket
 from toolkit.inference.engine import Engine, Request
 from toolkit.model import attention, mamba2
 from toolkit.model.attention import KVCache
-from toolkit.model.mamba2 import Mamba2Mixer, decode_kernels, ssd_chunked, ssd_mamba_ssm
+from toolkit.model.kernels import (
+    DecodeKernels,
+    decode_kernels,
+    mamba_ssm_available,
+    ssd_mamba_ssm,
+)
+from toolkit.model.mamba2 import Mamba2Mixer
+from toolkit.model.ssd import ssd_chunked
 
 # float64 models: the static step attends over a longer (masked) span and groups the queries of
 # a KV group differently, so logits differ from the eager path by rounding only.
@@ -322,7 +329,7 @@ def test_step_through_the_kernel_contracts_equals_the_torch_step(monkeypatch):
 
     def kernels(m, x):
         used.append(m)
-        return mamba2.DecodeKernels(
+        return DecodeKernels(
             selective_state_update_ref, causal_conv1d_update_ref, gated_rmsnorm_ref
         )
 
@@ -341,7 +348,7 @@ def test_decode_kernels_fall_back_to_torch_on_the_cpu():
         assert decode_kernels(mixer, u) == (None, None, None)
 
 
-@pytest.mark.skipif(not mamba2.mamba_ssm_available(), reason="needs CUDA and mamba-ssm")
+@pytest.mark.skipif(not mamba_ssm_available(), reason="needs CUDA and mamba-ssm")
 def test_kernel_step_equals_torch_step_on_gpu():
     torch.manual_seed(0)
     mixer = Mamba2Mixer(256, d_state=64, head_dim=32, num_groups=2, ssd=ssd_mamba_ssm).cuda()

@@ -148,12 +148,10 @@ def test_config_cli_validates_and_lists_keys():
 def test_local_launcher_kills_ranks_that_ignore_sigterm():
     """A rank stuck in a collective with a dead peer never reaches the step boundary where it
     would stop: after the grace period the launcher must kill it rather than wait forever."""
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("submit", ROOT / "launchers" / "submit.py")
-    submit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(submit)
+    from toolkit.cli import submit
+
     stubborn = (
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "print('ready', flush=True); time.sleep(60)"

@@ -3,7 +3,6 @@ loads the exported directory with no missing or unexpected weight and gives our 
 continuations (through its caches) and, with AutoTokenizer, our byte-level token ids."""
 
 import dataclasses
-import importlib.util
 import json
 import random
 import subprocess
@@ -190,11 +189,8 @@ def test_command_line(tmp_path, capsys):
         "model.safetensors.index.json",
     } <= written
     assert sum(name.endswith(".safetensors") for name in written) > 1  # 100KB each at most
-    spec = importlib.util.spec_from_file_location(
-        "export_hf", ROOT / "checkpoints_tools/export_hf.py"
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from toolkit.cli import export_hf as cli
+
     assert cli.main(["--in", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
     assert "exists and is not an empty directory" in capsys.readouterr().err
     assert cli.parse_size("2GiB") == 2 * 2**30 and cli.parse_size("1.5") == 1_500_000_000

@@ -17,8 +17,9 @@ from tests.conftest import TINY_MODEL, tiny_model_config
 from toolkit.config import ParallelConfig
 from toolkit.distributed import free_port, init_distributed
 from toolkit.model import HybridLM
+from toolkit.model.mamba2 import Mamba2Mixer
 from toolkit.parallel import apply_tp, vocab_parallel_cross_entropy
-from toolkit.parallel.sharding import shard_indices
+from toolkit.parallel.sharding import MAMBA_LAYOUT, mamba_components, shard_indices
 from toolkit.parallel.tp import reduce_sequence_parallel_grads
 
 # fp32 everywhere; TP changes only the summation order of the row-parallel reductions.
@@ -286,6 +287,23 @@ def test_shard_indices_take_a_piece_of_every_component():
     assert shard_indices(comps, 2, 1).tolist() == [2, 3, 6, 7, 9, 11]
     with pytest.raises(ValueError, match="component B of size 2 does not split into TP=4"):
         shard_indices(comps, 4, 0)
+
+
+def test_the_mamba_layout_table_describes_the_mixer():
+    """MAMBA_LAYOUT, which TP, checkpoint placement and the Megatron layout read, lists every
+    parameter of the mixer, and its components fill each along the cut dim in the mixer's own
+    order: in_proj [z, xBC, dt], conv1d the xBC channels."""
+    mixer = Mamba2Mixer(64, d_state=8, head_dim=16, num_groups=2)
+    params = dict(mixer.named_parameters())
+    assert set(MAMBA_LAYOUT) == set(params)
+    layout = mamba_components(mixer)
+    for name, (dim, components) in layout.items():
+        assert sum(size for _, size in components) == params[name].shape[dim], name
+    z, xbc, dt = mixer.split_sizes
+    in_proj = dict(layout["in_proj.weight"][1])
+    assert (in_proj["z"], in_proj["x"] + in_proj["B"] + in_proj["C"], in_proj["dt"]) == (z, xbc, dt)
+    assert [part for part, _ in layout["in_proj.weight"][1]] == ["z", "x", "B", "C", "dt"]
+    assert layout["conv1d.weight"][1] == layout["in_proj.weight"][1][1:4]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -233,18 +233,6 @@ def test_requested_engine_that_does_not_import_names_the_key(monkeypatch):
         apply_fp8(model, device=CPU, engine="transformer_engine", check_device=False)
 
 
-def test_transformer_engine_with_activation_checkpointing_is_refused(tmp_path, monkeypatch):
-    """torch.utils.checkpoint recomputes outside TE's autocast: refused, not silently wrong. The
-    engine choice is replaced here (TE need not be installed); the refusal is the trainer's."""
-    import toolkit.parallel.parallelize as parallelize
-
-    monkeypatch.setattr(parallelize, "apply_fp8", lambda *a, **k: ("transformer_engine", []))
-    r = recipe(tmp_path, precision="fp8", activation_checkpointing="full")
-    model = build_model(r, ByteTokenizer())
-    with pytest.raises(NotImplementedError, match=r"train\.activation_checkpointing with Transfo"):
-        parallelize.apply_float8(model, r.train, CPU)
-
-
 def store_arrays(path) -> list[str]:
     return sorted(
         str(m.parent.relative_to(path))
@@ -386,3 +374,90 @@ def test_te_checkpoint_round_trip_on_gpu(tmp_path):
     apply_fp8(other, device=CUDA, engine="transformer_engine")
     restore(bf16_path, other, None, RankView(other.cfg, other.vocab_size))
     same(other, plain)
+
+
+@needs_te_gpu
+def test_te_fused_norms_compute_the_unfused_block_and_keep_parameters(tmp_path):
+    """train.te_fused_norm: each FP8 block's pre-norm moves into te.LayerNormLinear sharing the
+    norm's Parameter: names, parameter count and checkpoints stay; loss and the norm weights'
+    gradients match the unfused model's (bf16, and FP8 within FP8's own noise); training falls."""
+    import transformer_engine.pytorch as te
+
+    from toolkit.parallel.parallelize import apply_float8
+    from toolkit.precision import FIRST_LINEAR, NormInNextLinear
+
+    table = te_recipe_dict(tmp_path, te_fused_norm=True)
+    table["model"] = table["model"] | {"mamba_head_dim": 8}  # in_proj rows a multiple of 16
+    r = recipe_from_dict(table)
+    torch.manual_seed(0)
+    model = build_model(r, ByteTokenizer(), CUDA)
+    unfused = copy.deepcopy(model)
+    apply_fp8(unfused, device=CUDA, engine="transformer_engine")
+    assert apply_float8(model, r.train, CUDA, tp=1) == "transformer_engine"
+    fused = [n for n, m in model.named_modules() if isinstance(m, te.LayerNormLinear)]
+    kinds = [model.layers[i].kind for i in range(1, 5)]
+    assert kinds == ["*", "-", "M", "-"]
+    assert fused == [f"layers.{i}.mixer.{FIRST_LINEAR[k]}" for i, k in enumerate(kinds, 1)]
+    assert isinstance(model.layers[3].norm, NormInNextLinear)
+    assert model.layers[3].mixer.in_proj.layer_norm_weight is model.layers[3].norm.weight
+    assert not isinstance(model.layers[0].norm, NormInNextLinear)  # bf16 first block
+    got, want = dict(model.named_parameters()), dict(unfused.named_parameters())
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    tokens = torch.randint(0, model.vocab_size, (2, 65), device=CUDA)
+
+    def loss_and_norm_grads(m, precision):
+        m.zero_grad(set_to_none=True)
+        with autocast_context(precision, CUDA, "transformer_engine", "tensorwise"):
+            logits = m(tokens[:, :-1])
+        loss = cross_entropy(logits, tokens[:, 1:], m.vocab_size)
+        loss.backward()
+        return loss.item(), torch.cat([m.layers[i].norm.weight.grad for i in (1, 2, 3, 4)])
+
+    for precision, tol in (("bf16", 2e-3), ("fp8", 2e-2)):
+        (lf, gf), (lu, gu) = (loss_and_norm_grads(m, precision) for m in (model, unfused))
+        assert abs(lf - lu) < tol, (precision, lf, lu)
+        rel = (gf - gu).norm() / gu.norm()
+        assert rel < (0.05 if precision == "bf16" else 0.15), (precision, rel.item())
+    te_path = save_model_checkpoint(tmp_path / "fused", model, r, step=1)
+    plain_path = save_model_checkpoint(tmp_path / "plain", unfused, r, step=1)
+    assert store_arrays(te_path) == store_arrays(plain_path)
+    optimizer = build_optimizer(model, r.train)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_and_norm_grads(model, "fp8")[0])
+        optimizer.step()
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@needs_te_gpu
+@pytest.mark.parametrize("fp8_recipe", ["tensorwise", "delayed"])
+def test_te_activation_checkpointing_recomputes_the_fp8_forward(fp8_recipe):
+    """train.activation_checkpointing with Transformer Engine: the blocks recompute through TE's
+    checkpoint, inside the FP8 autocast with the forward pass's scales, so the loss and every
+    gradient equal those of the same model without checkpointing."""
+    import transformer_engine.pytorch as te
+
+    from toolkit.activation_checkpoint import apply_ac
+
+    r = recipe_from_dict(te_recipe_dict(fp8_recipe=fp8_recipe))
+    torch.manual_seed(0)
+    plain = build_model(r, ByteTokenizer(), CUDA)
+    apply_fp8(plain, device=CUDA, engine="transformer_engine", recipe=fp8_recipe)
+    model = copy.deepcopy(plain)
+    assert apply_ac(model, "full", "transformer_engine") == list(range(6))
+    tokens = torch.randint(0, model.vocab_size, (2, 65), device=CUDA)
+    results = []
+    for m in (plain, model):
+        with autocast_context("fp8", CUDA, "transformer_engine", fp8_recipe):
+            loss = cross_entropy(m(tokens[:, :-1]), tokens[:, 1:], m.vocab_size)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in m.named_parameters()}))
+    (want_loss, want), (got_loss, got) = results
+    assert any(isinstance(m, te.Linear) and m.fp8 for m in model.modules())
+    assert abs(got_loss - want_loss) < 1e-6, (got_loss, want_loss)
+    for name, g in want.items():
+        rel = ((got[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+        assert rel < 1e-3, (name, rel)

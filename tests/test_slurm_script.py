@@ -150,3 +150,75 @@ def test_only_timeouts_count_against_max_num_timeout(tmp_path, monkeypatch):
     refused = requeue_after_signal(s, "5")
     assert "reached its time limit (00:10:00) 2 times, more than slurm.max_num_timeout=1" in refused
     assert (tmp_path / "log").read_text() == "requeue 5\n" * 2  # not a third time
+
+
+def test_podman_engine_runs_each_rank_in_podman_with_the_workdir_and_the_jobs_variables():
+    overrides = [
+        'slurm.container_image="localhost/hybrid-toolkit:0.1.0-cpu"',
+        'slurm.container_engine="podman"',
+        'slurm.container_mounts=["/d:/data"]',
+    ]
+    script = render_sbatch(
+        load_recipe(RECIPE, overrides),
+        "/work/recipes/8b_hybrid.toml",
+        [],
+        python="python3",
+        workdir="/work",
+        log_dir="/work/runs",
+    )
+    srun = script.splitlines()[-1]
+    user = "--user=0:0" if os.getuid() == 0 else "--userns=keep-id"
+    assert srun.startswith(
+        f"srun --kill-on-bad-exit=1 --cpu-bind=none podman run --rm --network=host --ipc=host "
+        f"{user} --volume=/work:/work --workdir=/work --volume=/d:/data '--env=SLURM_*' "
+    )
+    assert "--env=MASTER_ADDR --env=MASTER_PORT" in srun
+    assert srun.endswith(
+        "--device=nvidia.com/gpu=all localhost/hybrid-toolkit:0.1.0-cpu python3 -m toolkit.train "
+        "/work/recipes/8b_hybrid.toml"
+    )
+    assert "--container-image" not in script and "apptainer" not in script
+    # scontrol is not in the image: the script finds the rendezvous before srun.
+    assert (
+        script.index("export MASTER_ADDR=")
+        < script.index("export MASTER_PORT=")
+        < len(script) - len(srun)
+    )
+
+
+def test_podman_engine_rendezvous_lines_find_the_first_nodes_address(tmp_path, monkeypatch):
+    """The script's own lines, run by bash against a stand-in scontrol, give the address and
+    port slurm_rendezvous would (the real cluster runs them in test_container_image.py)."""
+    import subprocess
+
+    from toolkit.distributed import slurm_rendezvous
+    from toolkit.slurm import PODMAN_RENDEZVOUS
+
+    fake = tmp_path / "scontrol"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = hostnames ]; then printf "n7\\nn8\\n"; exit; fi\n'
+        'echo "NodeName=$3 Arch=x86_64"; echo "   NodeAddr=10.1.2.3 NodeHostName=$3"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")  # for slurm_rendezvous too
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_NODELIST": "n[7-8]", "SLURM_JOB_ID": "4242"}
+    lines = ["set -euo pipefail", *PODMAN_RENDEZVOUS, 'echo "$MASTER_ADDR $MASTER_PORT"']
+    out = subprocess.run(
+        ["bash", "-c", "\n".join(lines)], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == list(slurm_rendezvous(env)) == ["10.1.2.3", "19242"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (['slurm.container_engine="docker"'], "slurm.container_engine: 'docker' is not one of"),
+        (['slurm.container_engine="podman"'], "slurm.container_engine: 'podman' needs"),
+    ],
+)
+def test_bad_container_engine_is_refused(overrides, message):
+    from toolkit.config import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPE, overrides)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from toolkit.model.mamba2 import segment_sum, ssd_chunked, ssd_recurrent
+from toolkit.model.ssd import segment_sum, ssd_chunked, ssd_recurrent, ssd_step
 
 CUDA = torch.cuda.is_available()
 
@@ -42,6 +42,17 @@ def test_chunked_equals_recurrence(chunk, length, with_initial_state):
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_decode_steps_equal_recurrence():
+    """ssd_step, token by token from an initial state (as decoding runs it), gives the
+    recurrence's outputs and final state; it computes in fp32, as the chunked scan does."""
+    x, dt, A, B, C, h0 = random_inputs(length=9)
+    y_ref, h_ref = ssd_recurrent(x, dt, A, B, C, initial_state=h0)
+    state = h0.float()
+    ys = [ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state) for t in range(9)]
+    torch.testing.assert_close(torch.stack(ys, 1), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double(), h_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_chunked_gradients_equal_recurrence():
     inputs = [t.requires_grad_() for t in random_inputs(length=21)]
     x, dt, A, B, C, h0 = inputs
@@ -68,7 +79,7 @@ def test_splitting_a_sequence_carries_the_state():
 def test_kernel_selection_without_mamba_ssm():
     """Here (no CUDA, no mamba-ssm) 'auto' is the reference, an explicit 'mamba_ssm' is a clear
     error, and the mamba-ssm wrapper falls back to the reference for CPU tensors."""
-    from toolkit.model.mamba2 import mamba_ssm_available, select_ssd, ssd_chunked, ssd_mamba_ssm
+    from toolkit.model.kernels import mamba_ssm_available, select_ssd, ssd_mamba_ssm
 
     assert not mamba_ssm_available()
     assert select_ssd("auto") is ssd_chunked
@@ -90,7 +101,8 @@ def test_kernel_selection_without_mamba_ssm():
 def test_fused_mamba_path_is_off_without_its_kernels():
     """The fused op needs CUDA, mamba-ssm and causal-conv1d: here no recipe turns it on, and a
     mixer told to use it still runs CPU tensors through the reference path, same numbers."""
-    from toolkit.model.mamba2 import Mamba2Mixer, fused_mamba_available, use_fused_mamba
+    from toolkit.model.kernels import fused_mamba_available, use_fused_mamba
+    from toolkit.model.mamba2 import Mamba2Mixer
 
     assert not fused_mamba_available()
     assert not any(use_fused_mamba(k) for k in ("auto", "mamba_ssm", "reference"))

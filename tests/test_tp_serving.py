@@ -78,7 +78,7 @@ class TPServer(Server):
             subprocess.Popen = popen
 
     def ranks(self) -> list[int]:
-        """Process ids of this server's other ranks (its children running serve.py)."""
+        """Process ids of this server's other ranks (its children running toolkit.cli.serve)."""
         out = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -86,7 +86,7 @@ class TPServer(Server):
                 cmdline = (stat.parent / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == self.proc.pid and b"serve.py" in cmdline:
+            if int(fields[1]) == self.proc.pid and b"toolkit.cli.serve" in cmdline:
                 out.append(int(stat.parent.name))
         return out
 

@@ -36,13 +36,27 @@ def _checkpointed_forward(self: nn.Module, x: torch.Tensor, state: Any = None) -
     return checkpoint(type(self).forward, self, x, None, use_reentrant=False)
 
 
-def apply_ac(model: nn.Module, spec: Any) -> list[int]:
+def _te_checkpointed_forward(self: nn.Module, x: torch.Tensor, state: Any = None) -> torch.Tensor:
+    # Transformer Engine's checkpoint recomputes inside the forward pass's FP8 autocast, with the
+    # scales that pass used (torch's would recompute in bf16, or move delayed scaling's history).
+    if state is not None or not torch.is_grad_enabled():
+        return type(self).forward(self, x, state)
+    from transformer_engine.pytorch.distributed import checkpoint as te_checkpoint
+
+    return te_checkpoint(lambda h: type(self).forward(self, h, None), x, use_reentrant=False)
+
+
+def apply_ac(model: nn.Module, spec: Any, fp8_engine: str | None = None) -> list[int]:
     """Recompute the chosen blocks' activations in the backward pass: only each block's input is
-    kept. Returns the indices of the checkpointed blocks."""
+    kept. `fp8_engine` 'transformer_engine': through its checkpoint function (it runs eagerly,
+    also inside compiled blocks). Returns the indices of the checkpointed blocks."""
     kinds, chosen = selected_kinds(spec), []
+    forward = (
+        _te_checkpointed_forward if fp8_engine == "transformer_engine" else _checkpointed_forward
+    )
     for i, block in enumerate(model.layers):
         if block.kind in kinds:
-            block.forward = types.MethodType(_checkpointed_forward, block)
+            block.forward = types.MethodType(forward, block)
             chosen.append(i)
     if chosen:
         log.info("activation checkpointing: %d of %d blocks (%s)", len(chosen), len(model.layers),

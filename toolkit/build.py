@@ -90,6 +90,13 @@ def build_data(recipe: Recipe, tokenizer: Tokenizer) -> tuple[Samples, Samples |
             tokens = load_corpus(d.source, tokenizer, d.max_corpus_bytes)
         except FileNotFoundError:
             raise RecipeError(f"data.source: {d.source!r} is not a file") from None
+        if d.source == "stdlib":
+            log.warning(
+                "data: the embedded corpus (Python's standard library source, %d tokens) is a "
+                "smoke test, not training data: give real data with data.blend and "
+                "data.tokenizer (launchers/submit.py RECIPE --data PREFIX --tokenizer PATH)",
+                len(tokens),
+            )
         # The corpus's end is held out for validation: training never sees those tokens.
         held_out = int(len(tokens) * d.valid_fraction)
         train = SequenceSampler(tokens[: len(tokens) - held_out], seq, seed)

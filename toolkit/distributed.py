@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from toolkit.config import ParallelConfig, RecipeError
+from toolkit.config import ParallelConfig, parallel_degrees
 
 
 @dataclass
@@ -90,19 +90,9 @@ def slurm_rendezvous(env: dict[str, str] | None = None) -> tuple[str, str]:
 
 
 def resolve_layout(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
-    """(tp, pp, dp) for this world size; dp=-1 takes what TP x PP leaves."""
-    tp, pp = cfg.tp, cfg.pp
-    if world_size % (tp * pp):
-        raise RecipeError(
-            f"parallel: world size {world_size} is not divisible by TP x PP = {tp * pp}"
-        )
-    dp = world_size // (tp * pp) if cfg.dp == -1 else cfg.dp
-    if tp * pp * dp != world_size:
-        raise RecipeError(
-            f"parallel: TP x PP x DP = {tp}x{pp}x{dp} = {tp * pp * dp} but the world size is "
-            f"{world_size}"
-        )
-    return tp, pp, dp
+    """(tp, pp, dp) for this world size; dp=-1 takes what TP x PP leaves. RecipeError from the
+    recipe's one layout check (toolkit.config.layout_check) if they do not make the world size."""
+    return parallel_degrees(cfg, world_size)
 
 
 def init_distributed(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelEnv:

@@ -19,18 +19,17 @@ import json
 import logging
 import math
 import sys
+from functools import partial
 from pathlib import Path
-
-import torch
 
 from toolkit.build import build_blend, build_data, model_from_checkpoint, resolve_device
 from toolkit.checkpoint import CheckpointError, resolve_checkpoint
 from toolkit.config import Recipe, RecipeError, load_recipe
 from toolkit.data.sampler import Samples
-from toolkit.model import HybridLM
 from toolkit.parallel.runtime import cross_entropy
+from toolkit.precision import autocast_context
 from toolkit.tokenizer import Tokenizer
-from toolkit.train import autocast_context
+from toolkit.validation import validation_loss
 
 log = logging.getLogger("toolkit.evaluate")
 
@@ -45,21 +44,6 @@ def evaluation_samples(recipe: Recipe, tokenizer: Tokenizer, split: str) -> Samp
     if valid is None:
         raise RecipeError("data.valid_fraction is 0: there is no validation data to evaluate on")
     return valid
-
-
-@torch.no_grad()
-def mean_loss(
-    model: HybridLM, samples: Samples, batches: int, micro_batch: int, precision: str
-) -> float:
-    """Mean cross-entropy (nats per token) over the first `batches` micro-batches of samples."""
-    device = next(model.parameters()).device
-    total = 0.0
-    for i in range(batches):
-        inputs, labels = samples.batch(i * micro_batch, micro_batch)
-        with autocast_context(precision, device):
-            logits = model(inputs.to(device))
-        total += cross_entropy(logits, labels.to(device), model.vocab_size).item()
-    return total / batches
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if checkpoint is None else 1  # a checkpoint, but damaged: a failure
     batches = args.batches or recipe.train.eval_batches
-    loss = mean_loss(model, samples, batches, recipe.train.micro_batch_size, recipe.train.precision)
+    loss = validation_loss(
+        model,
+        samples,
+        partial(cross_entropy, vocab_size=model.vocab_size),
+        batches=batches,
+        micro_batch_size=recipe.train.micro_batch_size,
+        autocast=lambda: autocast_context(recipe.train.precision, device),
+    )
     result = {
         "split": args.split,
         "loss": loss,

@@ -15,6 +15,7 @@ LAYER_SYMBOLS = MAMBA + ATTENTION + MLP
 # a typo such as 1e9 from running out of memory.
 MAX_LAYERS = 10_000
 _KINDS = ((MAMBA, "mamba", "Mamba-2"), (ATTENTION, "attention", "attention"), (MLP, "mlp", "MLP"))
+BLOCK_KINDS = {key: sym for sym, key, _ in _KINDS}  # recipe name ('mamba') -> pattern symbol
 
 
 def _check_args(num_layers: int, att_ratio: float, mlp_ratio: float) -> None:

@@ -26,15 +26,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from toolkit.config import FP8_RECIPES as RECIPES  # the recipes each engine runs
+from toolkit.config import Fp8Engine as Engine
+from toolkit.config import Fp8Recipe
 
-Engine = Literal["transformer_engine", "torchao"]
-Fp8Recipe = Literal["tensorwise", "rowwise", "delayed"]
-# The recipes each engine runs (train.fp8_recipe values).
-RECIPES: dict[Engine, tuple[str, ...]] = {
-    "transformer_engine": ("tensorwise", "delayed"),
-    "torchao": ("tensorwise", "rowwise"),
-}
+log = logging.getLogger(__name__)
 
 
 class PrecisionError(RuntimeError):
@@ -132,11 +128,14 @@ def apply_fp8(
     recipe: Fp8Recipe = "tensorwise",
     check_device: bool = True,
     compiled: bool = False,
+    fuse_norms: bool = False,
 ) -> tuple[Engine, list[str]]:
     """Swap the chosen linears for float8 training ones, in place. Returns the engine and the
     converted module names. `engine` None or 'auto': fp8_engine(compiled), `compiled` saying
     whether the blocks will be compiled. `check_device=False` converts on any device (tests: the
-    module tree converts on CPUs; the float8 matmuls do not run there)."""
+    module tree converts on CPUs; the float8 matmuls do not run there). `fuse_norms` (Transformer
+    Engine only; callers pass it at TP=1, see fuse_te_norms): each converted block's pre-norm
+    runs inside its first linear."""
     if check_device:
         check_fp8_device(device)
     engine = _resolve_engine(engine, compiled)
@@ -155,6 +154,9 @@ def apply_fp8(
         convert_to_float8_training(model, config=config, module_filter_fn=keep)
     else:
         _swap_te_linears(model, names)
+        if fuse_norms:
+            fused = fuse_te_norms(model, names)
+            log.info("fp8: %d pre-norms fused into te.LayerNormLinear", len(fused))
     log.info(
         "fp8: %d linears through %s (%s scaling); first and last blocks, embedding and output "
         "in bf16",
@@ -183,6 +185,64 @@ def _swap_te_linears(model: nn.Module, names: list[str]) -> None:
             new.weight.copy_(old.weight)
         new.weight.__dict__.update(old.weight.__dict__)  # TP shard placement, weight-decay marks
         setattr(parent, child, new)
+
+
+# The linear each kind of block feeds its pre-norm into (Block.forward: x + mixer(norm(x))).
+FIRST_LINEAR = {"M": "in_proj", "*": "linear_qkv", "-": "linear_fc1"}
+
+
+class NormInNextLinear(nn.Module):
+    """A block's pre-norm whose work moved into the next linear (te.LayerNormLinear, which holds
+    these same Parameter objects): it passes x through and keeps the parameters registered under
+    their old names, so named_parameters(), the optimizer and checkpoints do not change."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        if getattr(norm, "bias", None) is not None:
+            self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fuse_te_norms(model: nn.Module, names: list[str]) -> list[str]:
+    """Replace each block's first linear (when in `names`, i.e. already a te.Linear) with a
+    te.LayerNormLinear that applies the block's RMSNorm or LayerNorm before its FP8 GEMM: one
+    kernel normalises and casts to FP8, where unfused the norm writes bf16 and te.Linear reads
+    and casts it again (the fusion the reference's `layer_norm_weight` names reflect). Only for
+    unsharded linears: under tensor parallelism the norm's weight gradient would come out
+    partial per rank. Returns the fused linears' names."""
+    import transformer_engine.pytorch as te
+
+    from toolkit.model.norms import RMSNorm
+
+    fused = []
+    for i, block in enumerate(model.layers):
+        name = f"layers.{i}.mixer.{FIRST_LINEAR[block.kind]}"
+        norm = block.norm
+        if name not in names or not isinstance(norm, RMSNorm | nn.LayerNorm):
+            continue
+        old = block.mixer.get_submodule(FIRST_LINEAR[block.kind])
+        new = te.LayerNormLinear(
+            old.in_features,
+            old.out_features,
+            eps=norm.eps,
+            bias=False,
+            normalization="RMSNorm" if isinstance(norm, RMSNorm) else "LayerNorm",
+            params_dtype=old.weight.dtype,
+            device=old.weight.device,
+        )
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+        new.weight.__dict__.update(old.weight.__dict__)
+        new.layer_norm_weight = norm.weight  # the same Parameter: one tensor, one gradient
+        if isinstance(norm, nn.LayerNorm):
+            new.layer_norm_bias = norm.bias
+        setattr(block.mixer, FIRST_LINEAR[block.kind], new)
+        block.norm = NormInNextLinear(norm)
+        fused.append(name)
+    return fused
 
 
 @functools.cache

@@ -5,26 +5,24 @@ signals reach the ranks (no torchrun in between), and both requeue the same way:
 SIGTERM and USR2, checkpoints on them at a step boundary, and rank 0 then calls
 `requeue_after_signal`, which counts timeouts against `slurm.max_num_timeout`.
 
-- `submitit_parameters` and `TrainTask`: what launchers/submit.py gives submitit's SlurmExecutor.
+- `submitit_parameters`: how launchers/submit.py sets up submitit's SlurmExecutor (the task it
+  submits, `toolkit.train_task.TrainTask`, starts the trainer).
 - `render_sbatch`: the standalone script (`--dry-run`, `--emit-sbatch`, `--via sbatch`); `sbatch
   FILE` is all a site needs.
 - `log_dir`: where a job's logs go; `no_slurm_here`: a plain sentence when this machine has no
   usable Slurm.
 """
 
-import dataclasses
 import logging
 import math
 import os
 import shlex
 import shutil
-import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import Recipe, RecipeError, SlurmConfig, check_ranges
+from toolkit.config import Recipe, RecipeError, SlurmConfig, slurm_seconds, tasks_per_node
 
 log = logging.getLogger("toolkit.slurm")
 
@@ -64,63 +62,50 @@ def no_slurm_here(command: str, stderr: str | None = None, advice: str = TRAIN_H
     return None
 
 
-def tasks_per_node(s: SlurmConfig) -> int:
-    """Ranks per node: as configured, else one per GPU, else one."""
-    return s.tasks_per_node or s.gpus_per_node or 1
-
-
-def slurm_seconds(value: str) -> int | None:
-    """Seconds in a Slurm duration (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None for no
-    limit. ValueError for anything else."""
-    if value.upper() in ("UNLIMITED", "INFINITE"):
-        return None
-    days, _, clock = value.rpartition("-")
-    parts = clock.split(":")
-    if not (days == "" or days.isdigit()) or len(parts) > 3 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"{value!r} is not a Slurm time (HH:MM:SS, D-HH:MM:SS or minutes)")
-    n = [int(p) for p in parts]
-    if days:  # D-HH[:MM[:SS]]
-        h, m, sec = (n + [0, 0])[:3]
-        return int(days) * 86400 + h * 3600 + m * 60 + sec
-    if len(n) == 3:
-        return n[0] * 3600 + n[1] * 60 + n[2]
-    return n[0] * 60 + (n[1] if len(n) == 2 else 0)  # MM or MM:SS
-
-
 def check_job(s: SlurmConfig) -> None:
-    """RecipeError for a job no cluster could run. The cluster's own sizes (nodes, CPUs, GPUs per
-    node) are Slurm's to check at submission."""
-    check_ranges(s, "slurm")
-    for f in dataclasses.fields(s):  # a line break would end an #SBATCH line and start a command
-        values = getattr(s, f.name)
-        for i, v in enumerate(values if isinstance(values, list) else [values]):
-            if isinstance(v, str) and any(c < " " or c == "\x7f" for c in v):
-                key = f"slurm.{f.name}" + (f"[{i}]" if isinstance(values, list) else "")
-                raise RecipeError(f"{key}: {v!r} holds a control character; give one line")
-    if s.gpus_per_node and tasks_per_node(s) > s.gpus_per_node:
-        raise RecipeError(
-            f"slurm.tasks_per_node: {tasks_per_node(s)} ranks per node but {s.gpus_per_node} GPUs "
-            "per node: each rank needs its own GPU"
-        )
-    try:
-        limit = slurm_seconds(s.time)
-    except ValueError as e:
-        raise RecipeError(f"slurm.time: {e}") from None
-    if limit and s.signal_delay_s >= limit:  # 0 is no limit, as in Slurm
-        raise RecipeError(
-            f"slurm.signal_delay_s: {s.signal_delay_s} s before a limit of {s.time} leaves no "
-            "time to train: lower it or raise slurm.time"
-        )
+    """RecipeError for a job no cluster could run: the slurm section's own check, for jobs made
+    of flags (launchers/serve_slurm.py)."""
+    s.validate()
 
 
-def _is_sif(s: SlurmConfig) -> bool:
-    return bool(s.container_image) and s.container_image.endswith(".sif")
+def container_engine(s: SlurmConfig) -> str | None:
+    """What runs the job's image: pyxis, apptainer or podman; None without an image."""
+    if not s.container_image:
+        return None
+    if s.container_engine != "auto":
+        return s.container_engine
+    return "apptainer" if s.container_image.endswith(".sif") else "pyxis"
+
+
+# What each podman task takes from the job's environment (podman's --env=PREFIX* form): Slurm's
+# rank variables, submitit's, the rendezvous job_setup finds, and the thread and NCCL settings.
+PODMAN_ENV = ("SLURM_*", "SUBMITIT_*", "MASTER_ADDR", "MASTER_PORT", "OMP_*", "TORCH_*", "NCCL_*")
+
+
+def podman_run(s: SlurmConfig, workdir: str | Path) -> list[str]:
+    """`podman run` of the image for one task, up to the command: the host's network (ranks on
+    other nodes reach the rendezvous), the working directory mounted at its own path (the recipe,
+    checkpoints and logs), and the job's variables. Root's podman is rootful: the task runs as
+    root, as the submitter (the image's own user could not write the working directory); anyone
+    else's is rootless, and keep-id makes the task its submitter. Runtime settings of the site
+    (runtime, cgroup manager, ulimits) belong in its containers.conf."""
+    user = "--user=0:0" if os.getuid() == 0 else "--userns=keep-id"
+    cmd = ["podman", "run", "--rm", "--network=host", "--ipc=host", user]
+    cmd += [f"--volume={workdir}:{workdir}", f"--workdir={workdir}"]
+    cmd += [f"--volume={m}" for m in s.container_mounts]
+    cmd += [f"--env={name}" for name in PODMAN_ENV]
+    if s.gpus_per_node:
+        cmd.append("--device=nvidia.com/gpu=all")  # CDI; each rank picks its GPU by local rank
+    return [*cmd, s.container_image]
 
 
 def python_command(s: SlurmConfig, python: str, workdir: str | Path) -> list[str]:
     """How each task starts Python: directly (pyxis puts the whole task in its container), or
-    inside `apptainer exec` for an Apptainer image."""
-    if not _is_sif(s):
+    inside `apptainer exec` or `podman run` of the image."""
+    engine = container_engine(s)
+    if engine == "podman":
+        return [*podman_run(s, workdir), python]
+    if engine != "apptainer":
         return [python]
     cmd = ["apptainer", "exec", *(["--nv"] if s.gpus_per_node else [])]
     if s.container_mounts:
@@ -129,13 +114,24 @@ def python_command(s: SlurmConfig, python: str, workdir: str | Path) -> list[str
 
 
 def srun_options(s: SlurmConfig, workdir: str | Path) -> list[str]:
-    """Options of the `srun` that starts the ranks: one bad rank ends the job; pyxis flags."""
+    """Options of the `srun` that starts the ranks: one bad rank ends the job; pyxis flags, with
+    the working directory mounted (the recipe and runs/ are there)."""
     opts = ["--kill-on-bad-exit=1", "--cpu-bind=none"]
-    if s.container_image and not _is_sif(s):
+    if container_engine(s) == "pyxis":
+        mounts = [f"{workdir}:{workdir}", *s.container_mounts]
         opts += [f"--container-image={s.container_image}", f"--container-workdir={workdir}"]
-        if s.container_mounts:
-            opts.append(f"--container-mounts={','.join(s.container_mounts)}")
+        opts.append(f"--container-mounts={','.join(mounts)}")
     return opts
+
+
+# Inside a podman container there is no scontrol to find the first node with: find it here.
+PODMAN_RENDEZVOUS = [
+    "# the ranks' rendezvous, found on the host: the image has no scontrol",
+    'first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+    "MASTER_ADDR=$(scontrol show node \"$first_node\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')",
+    "export MASTER_ADDR=${MASTER_ADDR:-$first_node}",
+    "export MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))",
+]
 
 
 def job_setup(recipe: Recipe, recipe_path: str | Path, workdir: str | Path) -> list[str]:
@@ -149,6 +145,7 @@ def job_setup(recipe: Recipe, recipe_path: str | Path, workdir: str | Path) -> l
         'echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks, restart '
         '${SLURM_RESTART_COUNT:-0}"',
         "env | grep -E '^(NCCL|TORCH|CUDA|SLURM_JOB|OMP)_' | sort || true",
+        *(PODMAN_RENDEZVOUS if container_engine(recipe.slurm) == "podman" else []),
     ]
 
 
@@ -259,34 +256,6 @@ def submitit_parameters(
     if s.exclusive:
         params["exclusive"] = True
     return params
-
-
-@dataclass(frozen=True)
-class TrainTask:
-    """One submitit task: what `python -m toolkit.train RECIPE --set ...` does, in this process.
-
-    In-process rather than submitit's CommandFunction, whose child process would get Slurm's
-    signals while submitit's handlers in the parent requeued the job too (or raised, killing the
-    child mid-checkpoint). Not submitit's Checkpointable either: its checkpoint() runs in rank 0's
-    signal handler alone, and our checkpoints are written by every rank at one step boundary. So
-    the trainer's handlers replace submitit's, and only `requeue_after_signal` requeues.
-    """
-
-    recipe: str
-    overrides: tuple[str, ...]
-
-    def __call__(self) -> None:
-        # Until the trainer installs its handlers (after importing torch), the defaults: a signal
-        # then ends the task, with nothing to save yet, instead of submitit requeueing by itself.
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
-        from toolkit.train import run  # torch: only on the compute nodes
-
-        logging.getLogger("submitit").propagate = False  # it has its own handlers: log once
-
-        status = run(self.recipe, list(self.overrides))
-        if status:
-            raise RuntimeError(f"training exited with status {status}; the log above says why")
 
 
 def job_fields(job_id: str) -> dict[str, str]:

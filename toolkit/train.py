@@ -1,5 +1,6 @@
-"""The training loop (single process today; parallelism wraps the model, the loss and the data slice
-from outside, without changing this loop).
+"""The training loop, run by every rank (one process per GPU or CPU rank, started by `srun`,
+torchrun or launchers/submit.py --local); parallelism wraps the model, the loss and the data
+slice from outside (toolkit.parallel.parallelize), without changing this loop.
 
     python -m toolkit.train RECIPE.toml [--set train.steps=100 ...]
 
@@ -13,8 +14,6 @@ pre-timeout signal) save a checkpoint at the next step boundary and stop.
 import argparse
 import logging
 import math
-import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from toolkit.build import (
     build_data,
@@ -32,47 +30,42 @@ from toolkit.build import (
     resolve_device,
     tokenizer_from_recipe,
 )
-from toolkit.checkpoint import (
-    CheckpointError,
-    CheckpointSaver,
-    Comm,
-    RankView,
-    list_checkpoints,
-    read_metadata,
-    restore,
-    restore_rng,
-)
-from toolkit.checkpoint.resume import restore_newest_intact
+from toolkit.checkpoint import CheckpointError, CheckpointSaver, Comm, RankView
+from toolkit.checkpoint.resume import resume_training, run_layout
 from toolkit.config import (
     Recipe,
     RecipeError,
-    SlurmConfig,
     TrainConfig,
     add_recipe_arguments,
+    check_layout,
     load_recipe,
-    validate,
 )
-from toolkit.data.sampler import Samples, rank_samples
+from toolkit.data.sampler import rank_samples
 from toolkit.distributed import ParallelEnv, init_distributed
+from toolkit.metrics import Metrics, StepStats
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import learning_rate
 from toolkit.parallel.parallelize import parallelize
-from toolkit.parallel.pp import pipeline_forward
 from toolkit.parallel.runtime import average_over_dp, clip_grad_norm
-from toolkit.precision import Engine, PrecisionError, autocast_context
-from toolkit.profiling import StepProfiler, add_nvtx_ranges, peak_tflops
-from toolkit.slurm import requeue_after_signal
+from toolkit.precision import PrecisionError, autocast_context
+from toolkit.profiling import StepProfiler, add_nvtx_ranges
+from toolkit.stopping import (
+    NanPolicy,
+    StopRequest,
+    TrainingError,
+    requeue_after_usr2,
+    stop_requested,
+)
 from toolkit.tokenizer import Tokenizer
+from toolkit.validation import validation_loss
 
 log = logging.getLogger("toolkit.train")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. non-finite loss under nan_policy='stop')."""
-
-
 @dataclass
 class TrainResult:
+    """What a run did on this rank."""
+
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> loss
     skipped_steps: int = 0
     checkpoint: str | None = None
@@ -81,359 +74,221 @@ class TrainResult:
     sample: str | None = None
 
 
-class StopRequest:
-    """Set by SIGTERM/SIGUSR2; the loop checkpoints and returns at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
-    cfg, result = recipe.train, TrainResult()
-    stop = stop or StopRequest()
-    env = init_distributed(recipe.parallel, resolve_device(cfg.device).type)
-    validate(recipe, env.world_size)  # batch sizes against the DP degree this job really has
-    device, main_rank = env.device, env.rank == 0
-    if not main_rank:
-        log.setLevel(logging.WARNING)
-    # The same seed everywhere: every rank builds the same full model, then keeps its shard.
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    """Train `recipe` on this rank, from its last checkpoint if there is one, until train.steps
+    or a stop signal in `stop` (then checkpointed at that step boundary). Collective.
 
-    tokenizer = tokenizer_from_recipe(recipe)
-    sampler, valid = build_data(recipe, tokenizer)
-    model = build_model(recipe, tokenizer, device)
-    log.info("%s", describe_model(model))
-    params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
-    step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step  # whole model
-    parallel = parallelize(model, recipe, env)  # fp8, TP/SP, AC, compile, PP, ZeRO: in order
-    module = parallel.module  # the whole model, or this rank's pipeline stage
-    run_step, loss_fn, optimizer = parallel.run_step, parallel.loss_fn, parallel.optimizer
-    engine = parallel.fp8_engine
-    # Each DP rank takes its own slice of every global batch.
-    dp_rank, dp_size = env.dp_rank, env.dp
-    sp = "+SP" if run_step.sequence_shards > 1 else ""
-    log.info(
-        "layout: TP=%d%s PP=%d DP=%d on %d ranks (%s)",
-        env.tp,
-        sp,
-        env.pp,
-        env.dp,
-        env.world_size,
-        device,
-    )
-    log.info("data: %s", sampler.describe())
-    if valid is not None:
-        log.info("validation data: %s", valid.describe())
-
-    ckpt_dir = recipe.checkpoint.dir
-    view = RankView(model.cfg, model.vocab_size, env.tp, env.tp_rank, env.dp_rank, env.rank)
-    layout = {"tp": env.tp, "pp": env.pp, "dp": env.dp, "world_size": env.world_size}
-    # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
-    # background thread while training uses the other groups.
-    comm = Comm(torch.distributed.new_group(backend="gloo") if env.world_size > 1 else None)
-    start_step, consumed = resume(recipe, module, optimizer, view, comm, env)
-    saver = CheckpointSaver(
-        ckpt_dir, comm, recipe.checkpoint.keep_last, asynchronous=recipe.checkpoint.async_save
-    )
-
-    def save(step: int, blocking: bool) -> None:
-        meta = checkpoint_metadata(recipe, model, step, consumed, layout)
-        start = time.perf_counter()
-        path = saver.save(step, module, optimizer, view, meta, blocking=blocking)
-        seconds = time.perf_counter() - start
-        if path is not None:
-            result.checkpoint = str(path)
-            log.info("saved checkpoint %s in %.1f s", path, seconds)
-        else:
-            log.info("checkpoint of step %d: training resumed after %.1f s", step, seconds)
-
-    from torch.utils.tensorboard import SummaryWriter  # slow import: only when training
-
-    writer = SummaryWriter(recipe.logging.dir) if main_rank else None
-    if writer is not None and start_step == 0:
-        writer.add_text("recipe", f"```\n{recipe.to_dict()}\n```")
-        writer.add_text("pattern", model.layout.summary())
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    skipped_in_a_row = 0
-    # A live bar on a terminal; in batch logs (Slurm, CI) one line per logging interval instead.
-    show_bar = main_rank and recipe.logging.progress_bar and sys.stderr.isatty()
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        disable=not show_bar,
-        mininterval=1.0,
-        file=sys.stderr,
-    )
-    step = start_step
-    if cfg.profile.nvtx and device.type == "cuda":
-        add_nvtx_ranges(module)
-    elif cfg.profile.nvtx:
-        log.warning("train.profile.nvtx needs CUDA: no NVTX ranges on %s", device)
-    profile_dir = Path(recipe.logging.dir) / "profile"
-    profiler = StepProfiler(cfg.profile, profile_dir, env.rank, device, next_step=step + 1)
-    peak = peak_tflops(device, cfg.precision, recipe.logging.peak_tflops)
-    module.train()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        mine = rank_samples(consumed, cfg.global_batch_size, dp_rank, dp_size)
-        batch = sampler.batch(mine.start, len(mine))
-        loss_sum = run_step(*(t.to(device) for t in batch))
-        average_over_dp([loss_sum, *(p.grad for p in trainable if p.grad is not None)], env)
-        loss_value = loss_sum.item()
-        consumed += cfg.global_batch_size
-        step += 1
-
-        if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.nan_policy == "stop":
-                raise TrainingError(
-                    f"step {step}: loss is {loss_value}; stopping without saving this state. "
-                    f"Resume from the last checkpoint in {ckpt_dir} with a lower train.lr, or set "
-                    "train.nan_policy='skip'"
-                )
-            result.skipped_steps += 1
-            skipped_in_a_row += 1
-            log.warning(
-                "step %d: loss is %s, step skipped (%d in a row)",
-                step,
-                loss_value,
-                skipped_in_a_row,
-            )
-            if skipped_in_a_row > cfg.max_skipped_steps:
-                raise TrainingError(f"{skipped_in_a_row} non-finite losses in a row; stopping")
+    The phases, in order: set-up (`Trainer.__init__`), resume (toolkit.checkpoint.resume), the
+    steps (`Trainer.train_step`; a non-finite loss: toolkit.stopping.NanPolicy), each followed
+    when due by metrics (toolkit.metrics), validation (toolkit.validation), a checkpoint and the
+    stop vote (toolkit.stopping); then `Trainer.finish`: requeue after USR2, the closing sample.
+    """
+    cfg, stop = recipe.train, stop or StopRequest()
+    trainer = Trainer(recipe)
+    trainer.resume()
+    result, metrics = trainer.result, trainer.start_metrics()
+    profiler = trainer.start_profiler()
+    trainer.module.train()
+    while trainer.step < cfg.steps:
+        stats = trainer.train_step()
+        if stats is None:  # a non-finite loss, skipped (train.nan_policy)
             continue
-        skipped_in_a_row = 0
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(trainable, clip, env)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - t0
+        step = trainer.step
         profiler.after_step(step)
-        result.losses[step] = loss_value
-
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        log_now = step == start_step + 1 or step % recipe.logging.interval == 0 or step == cfg.steps
-        if writer is not None and log_now:
-            scalars = {
-                "train/loss": loss_value,
-                "train/lr": lr,
-                "train/grad_norm": grad_norm,
-                "perf/step_time_s": step_time,
-                "perf/tokens_per_s": tokens_per_step / step_time,
-                # Per rank: one GPU each on GPUs, while CPU ranks may share one processor.
-                "perf/tflops_per_rank": step_flops / step_time / 1e12 / env.world_size,
-                "perf/peak_memory_gb": peak_memory_gb(device),
-                "model/parameters": params,
-                "train/consumed_samples": consumed,
-            }
-            if peak is not None:  # model FLOPs utilisation against the GPU's dense peak
-                scalars["perf/mfu"] = scalars["perf/tflops_per_rank"] / peak
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, value, step)
-            writer.flush()
-            if not show_bar:
-                log.info(
-                    "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s %.2f TFLOP/s per rank "
-                    "%speak memory %.2f GB",
-                    step,
-                    cfg.steps,
-                    loss_value,
-                    lr,
-                    grad_norm,
-                    scalars["perf/tokens_per_s"],
-                    scalars["perf/tflops_per_rank"],
-                    f"MFU {scalars['perf/mfu']:.1%} " if "perf/mfu" in scalars else "",
-                    scalars["perf/peak_memory_gb"],
-                )
-        if (
-            valid is not None
-            and cfg.eval_interval
-            and (step % cfg.eval_interval == 0 or step == cfg.steps)
-        ):
-            valid_loss = validation_loss(
-                module, valid, loss_fn, cfg, env, device, recipe.model.hidden_size, engine,
-                sequence_shards=run_step.sequence_shards,
-            )  # fmt: skip
-            if writer is not None:
-                writer.add_scalar("valid/loss", valid_loss, step)
-                writer.add_scalar("valid/perplexity", math.exp(min(valid_loss, 700.0)), step)
-                writer.flush()
-                log.info("step %d validation loss %.4f (perplexity %.2f)", step, valid_loss,
-                         math.exp(min(valid_loss, 700.0)))  # fmt: skip
-        interval = recipe.checkpoint.interval
-        stopping = stop_requested(stop, env)
-        due = (interval and step % interval == 0) or step == cfg.steps or stopping
-        if due and recipe.checkpoint.enabled:
-            save(step, blocking=stopping or step == cfg.steps)
+        result.losses[step] = stats.loss
+        metrics.train_step(step, stats, trainer.consumed)
+        if trainer.validation_due():
+            metrics.validation(step, trainer.validation_loss())
+        stopping = stop_requested(stop, trainer.env)
+        if recipe.checkpoint.enabled and (stopping or trainer.checkpoint_due()):
+            trainer.save(blocking=stopping or step == cfg.steps)
         if stopping:
             log.warning("stop signal received: stopping after step %d", step)
             result.stopped_by_signal = True
             break
-    result.finished = step >= cfg.steps
+    result.finished = trainer.step >= cfg.steps
     profiler.stop()  # if the run ended inside the traced steps
-    bar.close()
-    last = saver.wait()  # a background save still in flight
-    if last is not None:
-        result.checkpoint = str(last)
-    if writer is not None:
-        writer.close()
-    if result.losses:
-        steps = sorted(result.losses)
-        log.info(
-            "loss: step %d %.4f -> step %d %.4f",
-            steps[0],
-            result.losses[steps[0]],
-            steps[-1],
-            result.losses[steps[-1]],
-        )
-    if result.stopped_by_signal and stop.signum == signal.SIGUSR2 and main_rank:
-        requeue_slurm_job(recipe.slurm)
-    if cfg.sample_prompt and not result.stopped_by_signal and main_rank:
-        final = (result.checkpoint or ckpt_dir) if recipe.checkpoint.enabled else None
-        result.sample = closing_sample(model, tokenizer, cfg, env, final)
-        if result.sample is not None:
-            log.info(
-                "sample (temperature 0.7, top-k 20) from %r:\n%s", cfg.sample_prompt, result.sample
-            )
+    metrics.close()
+    trainer.finish(stop)
     return result
 
 
-def resume(
-    recipe: Recipe,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    view: RankView,
-    comm: Comm,
-    env: ParallelEnv,
-) -> tuple[int, int]:
-    """Restore the newest intact checkpoint in checkpoint.dir (this rank's share of it), passing
-    over damaged ones as checkpoint.on_corrupt says. Returns (step, consumed samples): (0, 0)
-    for a fresh run. Collective."""
-    ckpt = recipe.checkpoint
-    layout = {"tp": env.tp, "pp": env.pp, "dp": env.dp, "world_size": env.world_size}
-    if not ckpt.resume:
-        newest = list_checkpoints(ckpt.dir)
-        if newest:
-            raise RecipeError(
-                f"checkpoint.dir={ckpt.dir} already holds checkpoints (latest {newest[-1].name}) "
-                "and checkpoint.resume is false: choose another checkpoint.dir, or resume"
-            )
-        return 0, 0
-    seeded = torch.get_rng_state()
+class Trainer:
+    """One rank's training run, phase by phase (`train` calls them in order). Holds what the
+    phases share: the recipe, the parallel environment, the data, the model and its parallel
+    form, the optimizer, the step and the samples consumed so far."""
 
-    def restore_from(path: Path) -> dict:
-        meta = read_metadata(path)
-        if meta["recipe"]["model"] != recipe.to_dict()["model"]:
-            raise RecipeError(
-                f"{path} was written for a different [model] section; point checkpoint.dir "
-                "elsewhere or set checkpoint.resume=false"
+    def __init__(self, recipe: Recipe) -> None:
+        """Set-up: join the job, then build the tokenizer, the data and the model, and apply
+        the parallel transforms (toolkit.parallel.parallelize, in its order)."""
+        self.recipe, cfg = recipe, recipe.train
+        self.env = env = init_distributed(recipe.parallel, resolve_device(cfg.device).type)
+        # The sections were checked as the recipe loaded; the layout against the ranks it got.
+        check_layout(recipe, env.world_size)
+        if env.rank != 0:
+            log.setLevel(logging.WARNING)
+        # The same seed everywhere: every rank builds the same full model, then keeps its shard.
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.tokenizer = tokenizer_from_recipe(recipe)
+        self.sampler, self.valid = build_data(recipe, self.tokenizer)
+        self.model = model = build_model(recipe, self.tokenizer, env.device)
+        log.info("%s", describe_model(model))
+        self.params = sum(p.numel() for p in model.parameters())  # the whole model's, unsharded
+        tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
+        self.step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step
+        self.parallel = parallelize(model, recipe, env)
+        self.module = self.parallel.module  # the whole model, or this rank's pipeline stage
+        self.optimizer = self.parallel.optimizer
+        sp = "+SP" if self.parallel.run_step.sequence_shards > 1 else ""
+        log.info("layout: TP=%d%s PP=%d DP=%d on %d ranks (%s)",
+                 env.tp, sp, env.pp, env.dp, env.world_size, env.device)  # fmt: skip
+        log.info("data: %s", self.sampler.describe())
+        if self.valid is not None:
+            log.info("validation data: %s", self.valid.describe())
+        self.view = RankView(
+            model.cfg, model.vocab_size, env.tp, env.tp_rank, env.dp_rank, env.rank
+        )
+        # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
+        # background thread while training uses the other groups.
+        self.comm = Comm(
+            torch.distributed.new_group(backend="gloo") if env.world_size > 1 else None
+        )
+        ckpt = recipe.checkpoint
+        self.saver = CheckpointSaver(
+            ckpt.dir, self.comm, ckpt.keep_last, asynchronous=ckpt.async_save
+        )
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self.step = self.consumed = 0
+        self.nan_policy = NanPolicy(cfg, recipe.checkpoint.dir)
+        self.result = TrainResult()
+
+    def resume(self) -> None:
+        """Continue from the newest intact checkpoint in checkpoint.dir, if there is one."""
+        try:
+            self.step, self.consumed = resume_training(
+                self.recipe, self.module, self.optimizer, self.view, self.comm, self.env
             )
-        # A damaged checkpoint tried before may have restored part of the state: start clean.
-        optimizer.state.clear()
-        torch.set_rng_state(seeded)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+
+    def start_metrics(self) -> Metrics:
+        """TensorBoard and the progress bar, from the step resumed at."""
+        env = self.env
+        return Metrics(
+            self.recipe,
+            self.model,
+            env.device,
+            rank=env.rank,
+            world_size=env.world_size,
+            start_step=self.step,
+            params=self.params,
+            step_flops=self.step_flops,
+        )
+
+    def start_profiler(self) -> StepProfiler:
+        """NVTX ranges and torch.profiler traces of the steps train.profile names."""
+        cfg, device = self.recipe.train.profile, self.env.device
+        if cfg.nvtx and device.type == "cuda":
+            add_nvtx_ranges(self.module)
+        elif cfg.nvtx:
+            log.warning("train.profile.nvtx needs CUDA: no NVTX ranges on %s", device)
+        out = Path(self.recipe.logging.dir) / "profile"
+        return StepProfiler(cfg, out, self.env.rank, device, next_step=self.step + 1)
+
+    def train_step(self) -> StepStats | None:
+        """One optimizer step on this DP rank's slice of the next global batch: forward and
+        backward (micro-batches or the pipeline schedule), the mean over DP, clipping and the
+        update. None for a step skipped for its non-finite loss."""
+        cfg, env, optimizer = self.recipe.train, self.env, self.optimizer
         started = time.perf_counter()
-        restore(path, module, optimizer, view, whole=env.pp == 1)  # only this rank's slices
-        if meta.get("layout") != layout:
-            log.info("resharding %s from %s to %s", path.name, meta.get("layout"), layout)
-        if not restore_rng(path, env.rank):
-            log.info("no RNG state for rank %d in %s: keeping the seeded one", env.rank, path)
-        meta["restore_s"] = time.perf_counter() - started
-        return meta
+        lr = learning_rate(self.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        mine = rank_samples(self.consumed, cfg.global_batch_size, env.dp_rank, env.dp)
+        batch = self.sampler.batch(mine.start, len(mine))
+        loss_sum = self.parallel.run_step(*(t.to(env.device) for t in batch))
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        average_over_dp([loss_sum, *grads], env)
+        loss = loss_sum.item()
+        self.consumed += cfg.global_batch_size
+        self.step += 1
+        if not self.nan_policy.accept(self.step, loss):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm(self.trainable, clip, env)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss, lr, grad_norm, time.perf_counter() - started)
 
-    try:
-        resumed = restore_newest_intact(ckpt.dir, restore_from, comm, ckpt.on_corrupt)
-    except CheckpointError as e:
-        raise TrainingError(str(e)) from None
-    if resumed is None:
-        return 0, 0
-    meta = resumed.meta
-    log.info(
-        "resumed from %s at step %d (%d samples consumed), restored in %.1f s",
-        resumed.path,
-        meta["step"],
-        meta["consumed_samples"],
-        meta["restore_s"],
-    )
-    return meta["step"], meta["consumed_samples"]
+    def validation_due(self) -> bool:
+        """Every train.eval_interval steps and at the last, when there is validation data."""
+        cfg = self.recipe.train
+        if self.valid is None or not cfg.eval_interval:
+            return False
+        return self.step % cfg.eval_interval == 0 or self.step == cfg.steps
 
+    def checkpoint_due(self) -> bool:
+        """Every checkpoint.interval steps (0: none between) and at the last."""
+        interval = self.recipe.checkpoint.interval
+        return bool(interval and self.step % interval == 0) or self.step == self.recipe.train.steps
 
-@torch.no_grad()
-def validation_loss(
-    module: torch.nn.Module,
-    valid: Samples,
-    loss_fn,
-    cfg,
-    env: ParallelEnv,
-    device: torch.device,
-    hidden_size: int,
-    engine: Engine | None = None,
-    sequence_shards: int = 1,
-) -> float:
-    """Mean loss over the first `eval_batches` validation micro-batches (the same ones every
-    time, split over DP ranks). Under PP, `module` is this rank's stage: each micro-batch goes
-    forward through the stages in turn and the last one computes the loss."""
-    module.eval()
-    total = torch.zeros((), device=device)
-    for i in range(env.dp_rank, cfg.eval_batches, env.dp):
-        inputs, labels = valid.batch(i * cfg.micro_batch_size, cfg.micro_batch_size)
-        if env.pp > 1:
-            logits = pipeline_forward(
-                module,
-                env,
-                inputs.to(device),
-                hidden_size,
-                lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
-                sequence_shards,
-            )
+    def validation_loss(self) -> float:
+        """The loss on the first train.eval_batches held-out micro-batches. Collective."""
+        cfg, engine = self.recipe.train, self.parallel.fp8_engine
+        return validation_loss(
+            self.module,
+            self.valid,
+            self.parallel.loss_fn,
+            batches=cfg.eval_batches,
+            micro_batch_size=cfg.micro_batch_size,
+            autocast=lambda: autocast_context(
+                cfg.precision, self.env.device, engine, cfg.fp8_recipe
+            ),
+            env=self.env,
+            hidden_size=self.recipe.model.hidden_size,
+            sequence_shards=self.parallel.run_step.sequence_shards,
+        )
+
+    def save(self, blocking: bool) -> None:
+        """Checkpoint this step (in the background with checkpoint.async_save, unless
+        `blocking`). Collective."""
+        meta = checkpoint_metadata(
+            self.recipe, self.model, self.step, self.consumed, run_layout(self.env)
+        )
+        started = time.perf_counter()
+        path = self.saver.save(
+            self.step, self.module, self.optimizer, self.view, meta, blocking=blocking
+        )
+        seconds = time.perf_counter() - started
+        if path is not None:
+            self.result.checkpoint = str(path)
+            log.info("saved checkpoint %s in %.1f s", path, seconds)
         else:
-            with autocast_context(cfg.precision, device, engine, cfg.fp8_recipe):
-                logits = module(inputs.to(device))
-        if logits is not None:
-            total += loss_fn(logits, labels.to(device)).float()
-    module.train()
-    if env.pp > 1:  # only the last stage has a loss; every rank logs or returns the same number
-        torch.distributed.all_reduce(total, group=env.group("pp"))
-    if env.dp > 1:
-        torch.distributed.all_reduce(total, group=env.group("dp"))
-    return total.item() / cfg.eval_batches
+            log.info("checkpoint of step %d: training resumed after %.1f s", self.step, seconds)
 
-
-def requeue_slurm_job(s: SlurmConfig) -> None:
-    """Slurm's pre-timeout signal (USR2): put this job back in the queue; it resumes from the
-    checkpoint just written. After more than slurm.max_num_timeout timeouts, the run ends here
-    (TrainingError). (A preemption or `scontrol requeue` requeues the job by itself.)"""
-    refused = requeue_after_signal(s)
-    if refused is not None:
-        raise TrainingError(refused)
-
-
-def stop_requested(stop: StopRequest, env: ParallelEnv) -> bool:
-    """Whether any rank got a stop signal: all ranks must checkpoint and stop at the same step."""
-    flag = torch.tensor(float(stop.signum is not None), device=env.device)
-    if env.world_size > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag)
+    def finish(self, stop: StopRequest) -> None:
+        """After the last step: wait for a background save, sum up, requeue the Slurm job after
+        USR2 (rank 0), and sample train.sample_prompt from the trained model."""
+        cfg, result, main_rank = self.recipe.train, self.result, self.env.rank == 0
+        last = self.saver.wait()  # a background save still in flight
+        if last is not None:
+            result.checkpoint = str(last)
+        result.skipped_steps = self.nan_policy.skipped
+        if result.losses:
+            first, end = min(result.losses), max(result.losses)
+            log.info("loss: step %d %.4f -> step %d %.4f",
+                     first, result.losses[first], end, result.losses[end])  # fmt: skip
+        if result.stopped_by_signal and main_rank:
+            requeue_after_usr2(stop, self.recipe.slurm)
+        if cfg.sample_prompt and not result.stopped_by_signal and main_rank:
+            ckpt = self.recipe.checkpoint
+            final = (result.checkpoint or ckpt.dir) if ckpt.enabled else None
+            result.sample = closing_sample(self.model, self.tokenizer, cfg, self.env, final)
+            if result.sample is not None:
+                log.info("sample (temperature 0.7, top-k 20) from %r:\n%s",
+                         cfg.sample_prompt, result.sample)  # fmt: skip
 
 
 def closing_sample(

@@ -29,4 +29,4 @@ env | grep -E '^(NCCL|TORCH|CUDA|SLURM_JOB|OMP)_' | sort || true
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /work/runs/8b_hybrid/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=none '--container-image=nvcr.io#nvidia/pytorch:25.01-py3' --container-workdir=/work --container-mounts=/lustre/data:/data python3 -u -m submitit.core._submit /work/runs/8b_hybrid/slurm
+srun --unbuffered --output /work/runs/8b_hybrid/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=none '--container-image=nvcr.io#nvidia/pytorch:25.01-py3' --container-workdir=/work --container-mounts=/work:/work,/lustre/data:/data python3 -u -m submitit.core._submit /work/runs/8b_hybrid/slurm

@@ -1,5 +1,6 @@
 """Checkpoints: Zarr stores of global, layout-independent arrays (see store.py for the format,
-placement.py for how parameters map onto arrays, sharded.py for who writes and reads what)."""
+arrays.py and chunks.py for the arrays and their chunk files, placement.py for how parameters map
+onto arrays, sharded.py for who writes and reads what)."""
 
 from toolkit.checkpoint.sharded import (
     CheckpointSaver,
@@ -12,19 +13,15 @@ from toolkit.checkpoint.sharded import (
     write_checkpoint,
 )
 from toolkit.checkpoint.store import (
-    Checkpoint,
     CheckpointError,
     ReadCounter,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     read_metadata,
     resolve_checkpoint,
-    save_checkpoint,
 )
 
 __all__ = [
-    "Checkpoint",
     "CheckpointError",
     "CheckpointSaver",
     "Comm",
@@ -32,13 +29,11 @@ __all__ = [
     "ReadCounter",
     "latest_checkpoint",
     "list_checkpoints",
-    "load_checkpoint",
     "planned_writes",
     "read_metadata",
     "resolve_checkpoint",
     "restore",
     "restore_rng",
-    "save_checkpoint",
     "snapshot",
     "write_checkpoint",
 ]

@@ -11,9 +11,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from toolkit.parallel.sharding import Components, packed_mamba_components, shard_indices
+from toolkit.parallel.sharding import (
+    VOCAB_PARAMS,
+    Components,
+    mamba_layout,
+    packed_mamba_parameter,
+    shard_indices,
+    split_dim,
+)
 
-VOCAB_PARAMS = ("embedding.weight", "output_layer.weight")
 MIXER_KEY = {"M": "mixer", "*": "self_attention", "-": "mlp"}
 # A layer's pre-norm: 2024-era `norm`, Megatron's local specs, and the fused (Transformer Engine)
 # norms inside the first linear of each block kind.
@@ -106,28 +112,15 @@ def pattern_of(state: Iterable[str]) -> str:
 
 
 def tp_dim(name: str) -> int | None:
-    """The dimension tensor parallelism cuts our parameter `name` along; None: replicated."""
-    if name in VOCAB_PARAMS:
-        return 0  # vocab-parallel
+    """The dimension tensor parallelism cuts our parameter `name` along (sharding's TP_DIM);
+    None: replicated (the norms). A parameter of no known kind is a KeyError."""
     if re.fullmatch(r"layers\.\d+\.norm\.\w+|final_norm\.\w+", name):
         return None
-    match = re.fullmatch(r"layers\.\d+\.mixer\.(.+)", name)
-    param = match[1] if match else ""
-    if param in ("out_proj.weight", "linear_proj.weight", "linear_fc2.weight"):
-        return 1  # row-parallel: input columns
-    if param in (
-        "in_proj.weight",
-        "conv1d.weight",
-        "conv1d.bias",
-        "A_log",
-        "D",
-        "dt_bias",
-        "norm.weight",
-        "linear_qkv.weight",  # rows grouped per KV group: an even cut is a cut by whole groups
-        "linear_fc1.weight",
-    ):
-        return 0
-    raise KeyError(f"no tensor-parallel rule for parameter {name!r}")
+    known = name in VOCAB_PARAMS or re.fullmatch(r"layers\.\d+\.mixer\..+", name)
+    dim = split_dim(name) if known else None
+    if dim is None:
+        raise KeyError(f"no tensor-parallel rule for parameter {name!r}")
+    return dim
 
 
 def tp_components(name: str, shapes: Mapping[str, Sequence[int]]) -> Components:
@@ -142,11 +135,11 @@ def tp_components(name: str, shapes: Mapping[str, Sequence[int]]) -> Components:
             raise KeyError(f"{name}: its layout needs {prefix}.mixer.{other}, which is missing")
         return shapes[f"{prefix}.mixer.{other}"][dim]
 
-    if param in ("in_proj.weight", "conv1d.weight", "conv1d.bias"):
+    mamba = packed_mamba_parameter(name)
+    if mamba is not None:
         d_inner, heads = size("out_proj.weight", 1), size("A_log", 0)
         gn = (size("in_proj.weight", 0) - 2 * d_inner - heads) // 2
-        layout = packed_mamba_components(d_inner, heads, gn)
-        return layout["in_proj" if param == "in_proj.weight" else "conv1d"]
+        return mamba_layout(d_inner, heads, gn)[mamba][1]
     rows = shapes[name][tp_dim(name)]
     if param == "linear_fc1.weight" and rows == 2 * size("linear_fc2.weight", 1):
         return [("gate", rows // 2), ("up", rows // 2)]

@@ -4,7 +4,8 @@ A checkpoint holds one array per logical tensor in its global shape. Packed weig
 their components (`layers.0.mixer.in_proj.weight.z`, `.x`, `.B`, `.C`, `.dt`; conv1d `.x|.B|.C`;
 SwiGLU fc1 `.gate|.up`), so that any tensor-parallel degree reads each component as one
 contiguous slice. The vocabulary arrays keep only the real vocabulary's rows: padding depends on
-TP, and padded rows are inert (the loss and generation mask them).
+TP, and padded rows are inert (the loss and generation mask them). Which dim TP cuts and the
+components of each packed weight come from toolkit/parallel/sharding.py, as for the TP code.
 
 The same function serves the writer (local rows -> where they go) and the reader (where its rows
 come from), so a checkpoint written at one TP degree reads at any other.
@@ -14,26 +15,8 @@ import math
 from dataclasses import dataclass
 
 from toolkit.config import ModelConfig, padded_vocab_size
+from toolkit.parallel.sharding import VOCAB_PARAMS, mamba_layout, packed_mamba_parameter, split_dim
 
-# Which dim tensor parallelism cuts, by parameter-name suffix; everything else is replicated.
-# toolkit/parallel/tp.py does the cutting; tests check that the two agree.
-SPLIT_DIM = {
-    "mixer.in_proj.weight": 0,
-    "mixer.conv1d.weight": 0,
-    "mixer.conv1d.bias": 0,
-    "mixer.A_log": 0,
-    "mixer.D": 0,
-    "mixer.dt_bias": 0,
-    "mixer.norm.weight": 0,
-    "mixer.out_proj.weight": 1,
-    "mixer.linear_qkv.weight": 0,
-    "mixer.linear_proj.weight": 1,
-    "mixer.linear_fc1.weight": 0,
-    "mixer.linear_fc2.weight": 1,
-    "embedding.weight": 0,
-    "output_layer.weight": 0,
-}
-VOCAB_PARAMS = ("embedding.weight", "output_layer.weight")
 # A shard is split into this many chunks (the first that divides it and leaves chunks of at least
 # MIN_CHUNK_BYTES), so that readers at up to 8x the writer's TP read whole chunks only.
 FINE_SPLITS = (8, 4, 2)
@@ -65,32 +48,16 @@ def _index(dim: int | None, rows: slice, ndim: int) -> tuple[slice, ...]:
     return (slice(None),) * dim + (rows,)
 
 
-def split_dim(name: str) -> int | None:
-    for suffix, dim in SPLIT_DIM.items():
-        if name == suffix or name.endswith("." + suffix):
-            return dim
-    return None
-
-
 def components(name: str, cfg: ModelConfig) -> list[tuple[str, int]] | None:
     """The packed components of a parameter along dim 0, in order, or None if not packed."""
-    d_inner = cfg.mamba_expand * cfg.hidden_size
-    groups_x_state = cfg.mamba_num_groups * cfg.mamba_state_dim
-    if name.endswith("mixer.in_proj.weight"):
-        heads = d_inner // cfg.mamba_head_dim
-        sizes = [d_inner, d_inner, groups_x_state, groups_x_state, heads]
-        return list(zip(["z", "x", "B", "C", "dt"], sizes))
-    if name.endswith(("mixer.conv1d.weight", "mixer.conv1d.bias")):
-        return [("x", d_inner), ("B", groups_x_state), ("C", groups_x_state)]
+    mamba = packed_mamba_parameter(name)
+    if mamba is not None:
+        d_inner = cfg.mamba_expand * cfg.hidden_size
+        heads, gn = d_inner // cfg.mamba_head_dim, cfg.mamba_num_groups * cfg.mamba_state_dim
+        return mamba_layout(d_inner, heads, gn)[mamba][1]
     if name.endswith("mixer.linear_fc1.weight") and cfg.mlp_activation == "swiglu":
         return [("gate", cfg.ffn_size), ("up", cfg.ffn_size)]
     return None
-
-
-def array_names(name: str, cfg: ModelConfig) -> list[str]:
-    """The arrays a parameter is stored as."""
-    parts = components(name, cfg)
-    return [name] if parts is None else [f"{name}.{part}" for part, _ in parts]
 
 
 def pieces(

@@ -1,9 +1,11 @@
-"""Resuming past a damaged checkpoint: every rank restores the same, newest intact checkpoint.
+"""Resuming a run: every rank restores its share of the same, newest intact checkpoint
+(`resume_training`), passing over damaged ones.
 
 A checkpoint is damaged when a chunk's CRC32C or size is wrong, a chunk file or an array is
 missing, or its metadata does not parse. Restoring finds all of these for what it reads: it reads
-every chunk through `store.read_region`, the check that `checkpoints_tools/inspect.py --verify`
-runs over a whole checkpoint. So a resume verifies by restoring, and nothing is read twice.
+every chunk through `store.read_region`, the check that
+`checkpoints_tools/inspect_checkpoint.py --verify` runs over a whole checkpoint. So a resume
+verifies by restoring, and nothing is read twice.
 
 Which checkpoint, on many ranks: each rank restores only its own slices, so a damaged chunk is
 seen by the ranks that read it and by no other. After each attempt the ranks exchange their
@@ -19,18 +21,26 @@ worth repairing or examining), out of the `step_*` names that resuming and reten
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+from torch import nn
+
 from toolkit.checkpoint import store
-from toolkit.checkpoint.sharded import Comm
+from toolkit.checkpoint.sharded import Comm, RankView, restore, restore_rng
 from toolkit.checkpoint.store import CheckpointError
+from toolkit.config import Recipe, RecipeError
+from toolkit.distributed import ParallelEnv
 
 log = logging.getLogger(__name__)
+# What a resume reports at INFO is the trainer's news: its logger, which only rank 0 logs at INFO.
+train_log = logging.getLogger("toolkit.train")
 
-VERIFY_HINT = "checkpoints_tools/inspect.py --verify lists all of a checkpoint's damage"
+VERIFY_HINT = "checkpoints_tools/inspect_checkpoint.py --verify lists all of a checkpoint's damage"
 
 
 @dataclass
@@ -41,6 +51,68 @@ class Resumed:
     path: Path
     meta: dict[str, Any]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def run_layout(env: ParallelEnv) -> dict[str, int]:
+    """The parallel layout a checkpoint's metadata records (the writer's; readers may differ)."""
+    return {"tp": env.tp, "pp": env.pp, "dp": env.dp, "world_size": env.world_size}
+
+
+def resume_training(
+    recipe: Recipe,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    view: RankView,
+    comm: Comm,
+    env: ParallelEnv,
+) -> tuple[int, int]:
+    """Restore the newest intact checkpoint in checkpoint.dir (this rank's share of it), passing
+    over damaged ones as checkpoint.on_corrupt says. Returns (step, consumed samples): (0, 0)
+    for a fresh run. Collective. RecipeError for a checkpoint of another [model], or for
+    checkpoints found when checkpoint.resume is false; CheckpointError when none can be resumed."""
+    ckpt = recipe.checkpoint
+    if not ckpt.resume:
+        newest = store.list_checkpoints(ckpt.dir)
+        if newest:
+            raise RecipeError(
+                f"checkpoint.dir={ckpt.dir} already holds checkpoints (latest {newest[-1].name}) "
+                "and checkpoint.resume is false: choose another checkpoint.dir, or resume"
+            )
+        return 0, 0
+    seeded = torch.get_rng_state()
+    layout = run_layout(env)
+
+    def restore_from(path: Path) -> dict:
+        meta = store.read_metadata(path)
+        if meta["recipe"]["model"] != recipe.to_dict()["model"]:
+            raise RecipeError(
+                f"{path} was written for a different [model] section; point checkpoint.dir "
+                "elsewhere or set checkpoint.resume=false"
+            )
+        # A damaged checkpoint tried before may have restored part of the state: start clean.
+        optimizer.state.clear()
+        torch.set_rng_state(seeded)
+        started = time.perf_counter()
+        restore(path, module, optimizer, view, whole=env.pp == 1)  # only this rank's slices
+        if meta.get("layout") != layout:
+            train_log.info("resharding %s from %s to %s", path.name, meta.get("layout"), layout)
+        if not restore_rng(path, env.rank):
+            train_log.info("no RNG state for rank %d in %s: keeping the seeded one", env.rank, path)
+        meta["restore_s"] = time.perf_counter() - started
+        return meta
+
+    resumed = restore_newest_intact(ckpt.dir, restore_from, comm, ckpt.on_corrupt)
+    if resumed is None:
+        return 0, 0
+    meta = resumed.meta
+    train_log.info(
+        "resumed from %s at step %d (%d samples consumed), restored in %.1f s",
+        resumed.path,
+        meta["step"],
+        meta["consumed_samples"],
+        meta["restore_s"],
+    )
+    return meta["step"], meta["consumed_samples"]
 
 
 def resume_candidates(root: str | Path) -> tuple[list[Path], str | None]:

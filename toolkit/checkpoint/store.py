@@ -19,110 +19,78 @@ bfloat16 (which zarr and numpy lack) is stored as its raw uint16 bits with the a
 `torch.from_numpy(arr[...].view(np.int16)).view(torch.bfloat16)`, or `(arr[...].astype(np.uint32)
 << 16).view(np.float32)` without torch.
 
-This module is the store; `toolkit.checkpoint.sharded` decides which rank writes what.
+This module holds the format, the commit protocol and finding checkpoints; arrays.py the arrays'
+metadata and chunks.py their chunk files; `toolkit.checkpoint.sharded` decides which rank writes
+what.
 """
 
-import ctypes
-import itertools
 import json
-import math
 import os
 import shutil
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
-import numpy as np
-import torch
 import zarr
 
-from toolkit.checkpoint import placement
+from toolkit.checkpoint.arrays import (
+    GROUP_METADATA,
+    ArraySpec,
+    CheckpointError,
+    StoredArray,
+    array_keys,
+    array_metadata,
+    dtype_name,
+    has,
+    open_array,
+    to_numpy,
+)
+from toolkit.checkpoint.chunks import (
+    ReadCounter,
+    can_read_into,
+    fsync,
+    fsync_files,
+    read_region,
+    run_all,
+    write_region,
+)
+
+# The store is one module to its callers: the names of arrays.py and chunks.py they use are
+# re-exported here, beside the store's own.
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ArraySpec",
+    "CheckpointError",
+    "ReadCounter",
+    "StoredArray",
+    "array_keys",
+    "begin",
+    "can_read_into",
+    "create_arrays",
+    "dtype_name",
+    "fsync_files",
+    "has",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "metadata",
+    "open_array",
+    "open_checkpoint",
+    "point_latest",
+    "publish",
+    "read_metadata",
+    "read_region",
+    "resolve_checkpoint",
+    "step_dirname",
+    "to_numpy",
+    "write_region",
+]
 
 FORMAT = "hybrid-toolkit-checkpoint"
 FORMAT_VERSION = 2  # 2: packed weights split into components, vocabulary rows unpadded
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupted; the message names the array or file."""
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    key: str  # e.g. "model/layers.0.norm.weight"
-    shape: tuple[int, ...]
-    dtype: str  # torch's name: "float32", "bfloat16", ...
-    chunks: tuple[int, ...]
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint read whole: tensors by array name."""
-
-    path: Path
-    model: dict[str, torch.Tensor]
-    optim: dict[str, torch.Tensor]
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
-def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
-    if dtype == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
-def _numpy_dtype(dtype: str) -> np.dtype:
-    if dtype == "bfloat16":
-        return np.dtype(np.uint16)
-    return torch.empty(0, dtype=getattr(torch, dtype)).numpy().dtype
-
-
-def spec_for(key: str, tensor: torch.Tensor) -> ArraySpec:
-    """A whole tensor as one array, chunked along dim 0 when large."""
-    shape = tuple(tensor.shape)
-    chunks = placement.chunk_shape(shape, None, 0, tensor.element_size())
-    return ArraySpec(key, shape, dtype_name(tensor.dtype), chunks)
-
-
-# ---- reading, with a byte count for measuring read amplification ----
-
-
-class ReadCounter:
-    """Chunk files read and their bytes, checksums included (thread-safe: zarr reads from
-    several threads)."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.chunks = 0
-        self._lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.bytes += n
-            self.chunks += 1
-
-    @property
-    def payload_bytes(self) -> int:
-        """The tensor data read: bytes without each chunk's 4-byte CRC32C."""
-        return self.bytes - 4 * self.chunks
 
 
 def open_checkpoint(path: str | Path) -> zarr.Group:
@@ -154,232 +122,6 @@ def metadata(group: zarr.Group) -> dict[str, Any]:
     return dict(group.attrs).get("metadata", {})
 
 
-# Arrays' metadata (zarr.json) and chunks are read and written here directly, in zarr's own
-# layout (chunk files `c/i/j`, C-order little-endian bytes followed by their CRC32C), so threads
-# work in parallel without zarr's event loop, which serialises every call at ~2 ms per array (a
-# checkpoint of the 800M has 2,141 arrays); zarr-python reads the result as any other store.
-
-
-@dataclass(frozen=True)
-class StoredArray:
-    """One array of a checkpoint as its zarr.json describes it."""
-
-    root: Path  # the step directory
-    path: str  # its key, e.g. "model/layers.0.norm.weight"
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    dtype: np.dtype  # as stored: bfloat16 as uint16, attrs["dtype"] says which
-    attrs: dict[str, Any]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-
-GROUP_METADATA = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
-
-
-def array_metadata(spec: ArraySpec) -> dict[str, Any]:
-    """The zarr.json of an array: what zarr-python 3 writes for `create_array(..., fill_value=0,
-    compressors=[Crc32cCodec()])` (tests compare the two)."""
-    dtype = _numpy_dtype(spec.dtype)
-    layout = {"name": "bytes"}
-    if dtype.itemsize > 1:
-        layout["configuration"] = {"endian": "little"}
-    return {
-        "shape": list(spec.shape),
-        "data_type": dtype.name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(spec.chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": 0.0 if dtype.kind == "f" else 0,
-        "codecs": [layout, {"name": "crc32c"}],
-        "attributes": {"dtype": spec.dtype},
-        "zarr_format": 3,
-        "node_type": "array",
-        "storage_transformers": [],
-    }
-
-
-def group_dir(group: zarr.Group | Path) -> Path:
-    """The directory of a zarr group (or the directory itself)."""
-    if isinstance(group, zarr.Group):
-        return Path(group.store.root) / group.path
-    return Path(group)
-
-
-def _node(group: zarr.Group | Path, key: str) -> dict[str, Any] | None:
-    """The parsed zarr.json of `key` under `group`, or None if there is none."""
-    path = group_dir(group) / key / "zarr.json"
-    try:
-        return json.loads(path.read_bytes())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except ValueError as e:  # a damaged file (not JSON, not UTF-8) is a damaged checkpoint
-        raise CheckpointError(f"{path}: unreadable array metadata: {e}") from None
-
-
-def has(group: zarr.Group | Path, key: str) -> bool:
-    """Whether `key` (an array or a group) exists under `group`."""
-    return (group_dir(group) / key / "zarr.json").is_file()
-
-
-def open_array(group: zarr.Group | Path, key: str) -> StoredArray:
-    root = group_dir(group)
-    meta = _node(root, key)
-    if meta is None or meta.get("node_type") != "array":
-        raise CheckpointError(f"{root}: array {key!r} is missing")
-    codecs = [c.get("name") for c in meta.get("codecs", [])]
-    endian = (meta.get("codecs") or [{}])[0].get("configuration", {}).get("endian", "little")
-    encoding = meta.get("chunk_key_encoding", {})
-    if (
-        codecs != ["bytes", "crc32c"]
-        or endian != "little"
-        or encoding.get("configuration", {}).get("separator") != "/"
-        or meta.get("chunk_grid", {}).get("name") != "regular"
-    ):
-        raise CheckpointError(
-            f"{root}: array {key!r} is stored with codecs {codecs} and chunk keys {encoding}; "
-            "this toolkit reads plain little-endian chunks with a CRC32C, under 'c/...'"
-        )
-    try:
-        return StoredArray(
-            root,
-            key,
-            tuple(meta["shape"]),
-            tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
-            np.dtype(meta["data_type"]),
-            meta.get("attributes", {}),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{root}: array {key!r} has malformed metadata: {e!r}") from None
-
-
-def _array_dir(arr: StoredArray) -> Path:
-    return arr.root / arr.path
-
-
-def _chunk_file(array_dir: Path, coords: tuple[int, ...]) -> Path:
-    return array_dir.joinpath("c", *map(str, coords))
-
-
-def _boxes(arr: StoredArray, region: list[range]):
-    """(chunk coords, chunk box, the part of the box inside `region`) for every chunk `region`
-    touches."""
-    spans = [
-        range(r.start // c, (r.stop + c - 1) // c) if len(r) else range(0)
-        for r, c in zip(region, arr.chunks)
-    ]
-    for coords in itertools.product(*spans):
-        box = [range(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, arr.chunks, arr.shape)]
-        inside = [range(max(b.start, r.start), min(b.stop, r.stop)) for b, r in zip(box, region)]
-        yield coords, box, inside
-
-
-def _read_into(f: Any, buffer: np.ndarray) -> bool:
-    """Fill `buffer` from the file; False if the file ends first."""
-    view, filled = memoryview(buffer), 0
-    while filled < len(view):  # a single read may return less (over 2 GiB on Linux)
-        n = f.readinto(view[filled:])
-        if not n:
-            return False
-        filled += n
-    return True
-
-
-def _region(arr: StoredArray, index: tuple) -> list[range]:
-    index = tuple(index) + (slice(None),) * (arr.ndim - len(index))
-    return [range(*sl.indices(n)) for sl, n in zip(index, arr.shape)]
-
-
-# Chunk files are read, written, checksummed and fsynced by this pool's threads (file I/O and
-# CRC32C release the GIL), also when one array has many chunks. TOOLKIT_CHECKPOINT_THREADS tunes
-# it for a file system (a parallel one wants more threads, one spinning disk fewer).
-CHUNK_THREADS = int(
-    os.environ.get("TOOLKIT_CHECKPOINT_THREADS") or min(32, 2 * (os.cpu_count() or 1))
-)
-_CHUNK_POOL = ThreadPoolExecutor(CHUNK_THREADS, "checkpoint-chunk")
-
-
-def can_read_into(arr: StoredArray, index: tuple, tensor: torch.Tensor) -> bool:
-    """Whether `read_region(arr, index, out=tensor)` can fill `tensor` in place: CPU memory,
-    contiguous, the stored dtype and the region's shape."""
-    return (
-        tensor.device.type == "cpu"
-        and tensor.is_contiguous()
-        and dtype_name(tensor.dtype) == arr.attrs["dtype"]
-        and tuple(tensor.shape) == tuple(len(r) for r in _region(arr, index))
-    )
-
-
-def read_region(
-    arr: StoredArray,
-    index: tuple,
-    where: str,
-    counter: ReadCounter | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Read `arr[index]` (plain slices), touching only the chunk files it needs; every chunk's
-    checksum is verified, and a missing chunk file is an error (zarr would return zeros).
-    With `out` (see `can_read_into`), the chunks are read straight into its memory: a restored
-    parameter needs no fresh buffer (page faults) and no copy."""
-    region = _region(arr, index)
-    if out is not None:
-        if not can_read_into(arr, index, out):
-            raise ValueError(f"{arr.path}: cannot read {region} into {out.dtype} {out.shape}")
-        result, out = out, to_numpy(out)  # a view of the same memory
-    else:
-        out = np.empty([len(r) for r in region], dtype=arr.dtype)
-        result = None
-    array_dir, nbytes = _array_dir(arr), arr.dtype.itemsize * math.prod(arr.chunks)
-
-    def read_chunk(coords: tuple[int, ...], box: list[range], inside: list[range]) -> None:
-        path = _chunk_file(array_dir, coords)
-        src = tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inside, box))
-        dst = tuple(slice(i.start - r.start, i.stop - r.start) for i, r in zip(inside, region))
-        target = out[dst] if out.ndim else out  # out[()] of a 0-d array is a copy
-        # A whole chunk landing on contiguous memory of `out` (row-split arrays, whole-array
-        # reads) is read straight into it: no intermediate buffer, no copy.
-        direct = inside == box and target.shape == tuple(arr.chunks) and target.flags.c_contiguous
-        try:
-            with open(path, "rb", buffering=0) as f:
-                if direct:
-                    payload = target.reshape(-1).view(np.uint8)
-                    ok = os.fstat(f.fileno()).st_size == nbytes + 4 and _read_into(f, payload)
-                    crc = f.read(4) if ok else b""
-                else:
-                    raw = f.read()
-                    ok = len(raw) == nbytes + 4
-                    payload = np.frombuffer(raw, dtype=np.uint8)[:-4]
-                    crc = raw[-4:]
-        except FileNotFoundError:
-            raise CheckpointError(
-                f"{where}: array {arr.path!r}: chunk file {path.relative_to(array_dir)} is missing"
-            ) from None
-        if counter is not None:
-            counter.add(nbytes + 4)
-        if not ok or google_crc32c.value(payload) != int.from_bytes(crc, "little"):
-            raise CheckpointError(
-                f"{where}: array {arr.path!r}: chunk {path.relative_to(array_dir)} is corrupted "
-                "(checksum mismatch or wrong size)"
-            )
-        if not direct:
-            chunk = payload.view(arr.dtype).reshape(arr.chunks)
-            target[...] = chunk[src]
-
-    _run_all(read_chunk, list(_boxes(arr, region)))
-    return result if result is not None else from_numpy(out, arr.attrs["dtype"])
-
-
-def _run_all(fn: Callable, calls: list[tuple]) -> list:
-    """fn(*args) for every args, on the chunk pool when there is more than one."""
-    if len(calls) <= 1:
-        return [fn(*args) for args in calls]
-    return [f.result() for f in [_CHUNK_POOL.submit(fn, *args) for args in calls]]
-
-
-# ---- writing ----
-
-
 def begin(root: str | Path, step: int, meta: dict[str, Any]) -> Path:
     """Start the checkpoint of `step`: remove what crashed saves left, create the temporary
     group with its metadata. Returns the temporary directory."""
@@ -409,87 +151,12 @@ def create_arrays(tmp: Path, specs: list[ArraySpec]) -> None:
         for i in range(1, len(parts)):
             documents.setdefault("/".join(parts[:i]), GROUP_METADATA)
         documents[spec.key] = array_metadata(spec)
-    _run_all(_write_node, [(tmp / key, doc) for key, doc in documents.items()])
+    run_all(_write_node, [(tmp / key, doc) for key, doc in documents.items()])
 
 
 def _write_node(directory: Path, document: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "zarr.json").write_text(json.dumps(document, indent=2))
-
-
-def write_region(
-    group: zarr.Group | Path, key: str, index: tuple, tensor: torch.Tensor
-) -> list[Path]:
-    """Write `tensor` into `group[key][index]`, whose chunks it must cover whole (writers never
-    share a chunk), each chunk file with its checksum. Returns the files
-    written: the caller fsyncs them (`fsync_files`), all at once. Each chunk is taken from the
-    tensor as it is written: a GPU tensor's chunks are copied to the host by the chunk threads,
-    overlapping the copies with other chunks' writes (not the whole tensor first)."""
-    arr = open_array(group, key)
-    data = tensor.detach()
-    region = _region(arr, index)
-    if tuple(data.shape) != tuple(len(r) for r in region):
-        raise CheckpointError(f"{key}: data of shape {tuple(data.shape)} for region {region}")
-    array_dir = _array_dir(arr)
-
-    def write_chunk(coords: tuple[int, ...], box: list[range], inside: list[range]) -> Path:
-        if inside != box:
-            raise CheckpointError(f"{key}: region {region} cuts chunk {coords} (a layout bug)")
-        part = data[tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))]
-        part = to_numpy(part)  # a view of CPU memory; a copy of this chunk from a GPU
-        if part.shape != tuple(arr.chunks):  # an edge chunk: zarr stores it whole, padded
-            padded = np.zeros(arr.chunks, dtype=part.dtype)
-            padded[tuple(slice(0, n) for n in part.shape)] = part
-            part = padded
-        payload = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
-        crc = google_crc32c.value(payload).to_bytes(4, "little")
-        path = _chunk_file(array_dir, coords)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            written = f.write(payload) + f.write(crc)
-            f.flush()
-            _start_writeback(f.fileno())  # a no-op unless EARLY_WRITEBACK
-        # No read-back: before the fsync it would come from the page cache and prove nothing
-        # about the disk. Readers verify every chunk's checksum (and inspect.py --verify).
-        if written != len(payload) + 4:
-            raise CheckpointError(f"{path}: short write ({written} of {len(payload) + 4} bytes)")
-        return path
-
-    return _run_all(write_chunk, list(_boxes(arr, region)))
-
-
-def _load_sync_file_range() -> Callable[[int], None]:
-    """Linux's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writing a file's dirty
-    pages to disk now, without waiting. Elsewhere, nothing (the final fsync does it all)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.sync_file_range
-        call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    except (OSError, AttributeError):
-        return lambda fd: None
-    return lambda fd: call(fd, 0, 0, 2)
-
-
-# TOOLKIT_CHECKPOINT_EARLY_WRITEBACK=1: each chunk's bytes head for the disk as soon as they are
-# written, while other chunks are still being written, instead of all in the final fsync. Off by
-# default: on the development VM it made saves slower (7.3-8.5 s against 5.9-6.8 s for 7 GB);
-# benchmarks/checkpoint_io.py measures both where it matters.
-EARLY_WRITEBACK = os.environ.get("TOOLKIT_CHECKPOINT_EARLY_WRITEBACK", "0") == "1"
-_start_writeback = _load_sync_file_range() if EARLY_WRITEBACK else (lambda fd: None)
-
-
-def fsync_files(paths: list[Path]) -> None:
-    """Flush written chunk files to disk, in parallel."""
-    _run_all(_fsync, [(p,) for p in paths])
-
-
-def _fsync(path: Path | str) -> None:
-    """fsync a file or a directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_metadata(path: Path) -> None:
@@ -499,15 +166,15 @@ def _fsync_metadata(path: Path) -> None:
     for dirpath, _, files in os.walk(path):
         paths += [(os.path.join(dirpath, "zarr.json"),)] if "zarr.json" in files else []
         paths.append((dirpath,))
-    _run_all(_fsync, paths)
+    run_all(fsync, paths)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 def point_latest(step_dir: Path) -> None:
@@ -521,7 +188,7 @@ def publish(tmp: Path, keep_last: int = 0) -> Path:
     final = root / tmp.name.removeprefix(".tmp-")
     _fsync_metadata(tmp)
     os.rename(tmp, final)
-    _fsync(root)
+    fsync(root)
     point_latest(final)
     if keep_last > 0:
         older = [p for p in list_checkpoints(root) if p.name < final.name]
@@ -531,26 +198,6 @@ def publish(tmp: Path, keep_last: int = 0) -> Path:
             os.rename(old, trash)
             shutil.rmtree(trash, ignore_errors=True)
     return final
-
-
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model: dict[str, torch.Tensor],
-    optim: dict[str, torch.Tensor],
-    metadata: dict[str, Any],
-    keep_last: int = 0,
-) -> Path:
-    """Write (with checksums) and publish whole tensors from one process (optimizer keys are
-    '<array>/<state>'); returns the step directory. Sharded training saves through
-    `toolkit.checkpoint.sharded`, which uses the same protocol with many writers."""
-    tmp = begin(root, step, metadata)
-    tensors = {f"model/{k}": v for k, v in model.items()} | {
-        f"optim/{k}": v for k, v in optim.items()
-    }
-    create_arrays(tmp, [spec_for(key, t) for key, t in tensors.items()])
-    fsync_files([path for key, t in tensors.items() for path in write_region(tmp, key, (), t)])
-    return publish(tmp, keep_last)
 
 
 # ---- finding checkpoints ----
@@ -584,34 +231,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "zarr.json").is_file():
         return path
     raise CheckpointError(f"{path}: neither a checkpoint directory nor a step directory")
-
-
-def array_keys(group: zarr.Group | Path, prefix: str) -> list[str]:
-    """Keys ('model/…', 'optim/…/exp_avg') of every array under `prefix`, sorted."""
-    root = group_dir(group)
-    keys = []
-    for dirpath, dirnames, files in os.walk(root / prefix):
-        key = Path(dirpath).relative_to(root).as_posix()
-        node = _node(root, key) if "zarr.json" in files else None
-        if node is not None and node.get("node_type") == "array":
-            keys.append(key)
-            dirnames.clear()  # below an array: its chunks
-    return sorted(keys)
-
-
-def load_checkpoint(path: str | Path, counter: ReadCounter | None = None) -> Checkpoint:
-    """Read a whole checkpoint (root or step directory); checksums are verified on read."""
-    path = resolve_checkpoint(path)
-    group = open_checkpoint(path)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for prefix in ("model", "optim"):
-        parts[prefix] = {
-            key.removeprefix(prefix + "/"): read_region(
-                open_array(group, key), (), str(path), counter
-            )
-            for key in array_keys(group, prefix)
-        }
-    return Checkpoint(path, parts["model"], parts["optim"], metadata(group))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from torch import nn
 from toolkit.config import ModelConfig, padded_vocab_size
 from toolkit.layout import build_layout
 from toolkit.model.attention import Attention, Rotary
-from toolkit.model.mamba2 import Mamba2Mixer, select_ssd, use_fused_mamba
+from toolkit.model.kernels import select_ssd, use_fused_mamba
+from toolkit.model.mamba2 import Mamba2Mixer
 from toolkit.model.mlp import MLP
 from toolkit.model.norms import add_norm, build_norm
 from toolkit.model.states import DecodeStates, MambaCache

@@ -1,191 +1,21 @@
-"""Mamba-2 mixer with a pure-PyTorch chunked SSD (the reference kernel) and a one-token decode step.
+"""The Mamba-2 mixer: in_proj, causal conv, SSD, gated norm, out_proj, and its one-token decode
+step. The SSD itself is ssd.py's reference or a GPU kernel that kernels.py chose.
 
 Shapes: batch b, length l, heads h, head dim p, groups g, state n. in_proj rows are ordered
 [z, x, B, C, dt] (DESIGN.md section 2); head h reads B and C of group h // (heads / groups).
 """
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.model.kernels import decode_kernels
 from toolkit.model.norms import GatedRMSNorm
-
-# ssd(x, dt, A, B, C, chunk_size, initial_state) -> (y, final_state); see ssd_chunked.
-SSDFunction = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-def segment_sum(x: torch.Tensor) -> torch.Tensor:
-    """out[..., i, j] = sum(x[..., j+1 : i+1]) for j <= i, -inf above the diagonal.
-
-    Built from a masked cumulative sum rather than a difference of cumsums, which cancels badly.
-    """
-    t = x.size(-1)
-    x = x.unsqueeze(-1).expand(*x.shape, t)  # [..., i, j] = x[i]
-    strictly_lower = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device), -1)
-    x = x.masked_fill(~strictly_lower, 0.0)
-    sums = torch.cumsum(x, dim=-2)
-    lower = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
-    return sums.masked_fill(~lower, -torch.inf)
-
-
-def _heads_from_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, l, g, n] -> [b, l, h, n]: each group serves heads/g consecutive heads."""
-    return t.repeat_interleave(heads // t.size(2), dim=2)
-
-
-def ssd_chunked(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked state-space duality scan, fp32 inside.
-
-    x [b,l,h,p], dt [b,l,h] (after softplus), A [h] (negative), B and C [b,l,g,n],
-    initial_state [b,h,p,n]. Returns y [b,l,h,p] (without the D skip) in x's dtype and the
-    final state [b,h,p,n] in fp32. Equals the recurrence h_t = exp(dt A) h_{t-1} + dt B_t x_t,
-    y_t = C_t h_t.
-    """
-    b, length, heads, p = x.shape
-    pad = (-length) % chunk_size
-    # Zero dt on padded steps: decay exp(0) = 1 and no input, so the final state is unchanged.
-    xf, dtf = F.pad(x.float(), (0, 0, 0, 0, 0, pad)), F.pad(dt.float(), (0, 0, 0, pad))
-    Bf = F.pad(_heads_from_groups(B.float(), heads), (0, 0, 0, 0, 0, pad))
-    Cf = F.pad(_heads_from_groups(C.float(), heads), (0, 0, 0, 0, 0, pad))
-    c = (length + pad) // chunk_size
-
-    def chunks(t: torch.Tensor) -> torch.Tensor:  # [b, c*k, ...] -> [b, c, k, ...]
-        return t.unflatten(1, (c, chunk_size))
-
-    xdt = chunks(xf * dtf.unsqueeze(-1))  # b c k h p
-    Bc, Cc = chunks(Bf), chunks(Cf)  # b c k h n
-    a = chunks(dtf * A.float()).permute(0, 3, 1, 2)  # b h c k
-    a_cumsum = torch.cumsum(a, dim=-1)
-
-    # 1. Outputs from inputs within the same chunk (the quadratic, attention-like part).
-    decay = torch.exp(segment_sum(a))  # b h c k k
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cc, Bc, decay, xdt)
-
-    # 2. Each chunk's own contribution to the state at its end.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # b h c k
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, xdt)
-
-    # 3. Carry states across chunks: state entering chunk i, plus the final state.
-    if initial_state is None:
-        initial_state = xf.new_zeros(b, heads, p, Bf.size(-1))
-    states = torch.cat([initial_state.float().unsqueeze(1), chunk_states], dim=1)
-    chunk_decay = torch.exp(segment_sum(F.pad(a_cumsum[..., -1], (1, 0))))  # b h c+1 c+1
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    entering, final_state = states[:, :-1], states[:, -1]
-
-    # 4. Outputs from the state entering each chunk.
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, entering, torch.exp(a_cumsum))
-    y = (y_diag + y_off).flatten(1, 2)[:, :length]
-    return y.to(x.dtype), final_state
-
-
-def ssd_recurrent(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int = 0,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The defining recurrence, one step at a time (slow; the ground truth for tests)."""
-    b, length, heads, p = x.shape
-    Bh, Ch = _heads_from_groups(B, heads), _heads_from_groups(C, heads)
-    state = x.new_zeros(b, heads, p, B.size(-1)) if initial_state is None else initial_state
-    ys = []
-    for t in range(length):
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
-        state = decay * state + (dt[:, t, :, None] * x[:, t]).unsqueeze(-1) * Bh[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
-    return torch.stack(ys, dim=1), state
-
-
-def ssd_mamba_ssm(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same contract as ssd_chunked, through mamba-ssm's Triton chunked scan on CUDA tensors
-    (same group-to-head mapping); CPU tensors take the reference."""
-    if not x.is_cuda:
-        return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    y, final_state = mamba_chunk_scan_combined(
-        x.contiguous(),
-        dt.contiguous(),
-        A.contiguous(),
-        B.contiguous(),
-        C.contiguous(),
-        chunk_size,
-        initial_states=None if initial_state is None else initial_state.contiguous(),
-        return_final_states=True,
-    )
-    return y.to(x.dtype), final_state.float()
-
-
-def mamba_ssm_available() -> bool:
-    """Whether mamba-ssm's Triton SSD can run here (the package imports and CUDA is present)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
-    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
-        return False
-    return True
-
-
-def fused_mamba_available() -> bool:
-    """Whether mamba-ssm's fused training op (causal conv, SSD and gated norm in one autograd
-    function) can run here: mamba-ssm's Triton kernels plus the causal-conv1d extension."""
-    if not mamba_ssm_available():
-        return False
-    try:
-        import causal_conv1d  # noqa: F401
-        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined  # noqa: F401
-    except Exception:  # ImportError, or an extension built for another GPU
-        return False
-    return True
-
-
-def use_fused_mamba(kernels: str) -> bool:
-    """`model.kernels` 'auto' and 'mamba_ssm' take the fused op when it is available."""
-    return kernels in ("auto", "mamba_ssm") and fused_mamba_available()
-
-
-SSD_KERNELS: dict[str, SSDFunction] = {"reference": ssd_chunked, "mamba_ssm": ssd_mamba_ssm}
-
-
-def select_ssd(kernels: str) -> SSDFunction:
-    """The SSD implementation for `model.kernels`; 'auto' picks the fastest one available."""
-    if kernels == "auto":
-        return SSD_KERNELS["mamba_ssm" if mamba_ssm_available() else "reference"]
-    if kernels not in SSD_KERNELS:
-        raise ValueError(f"model.kernels={kernels!r} is not one of {sorted(SSD_KERNELS)}")
-    if kernels == "mamba_ssm" and not mamba_ssm_available():
-        raise ValueError(
-            "model.kernels='mamba_ssm' needs CUDA and the mamba-ssm package (pip install "
-            "mamba-ssm, or the image from containers/); use 'auto' to fall back to 'reference'"
-        )
-    return SSD_KERNELS[kernels]
+from toolkit.model.ssd import SSDFunction, ssd_chunked, ssd_step
 
 
 @dataclass
@@ -376,15 +206,8 @@ class Mamba2Mixer(nn.Module):
     def _ssm_step_torch(
         self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm: torch.Tensor
     ) -> torch.Tensor:
-        A = self.decode_A()
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, h]
-        heads = self.num_heads
-        Bh = B.repeat_interleave(heads // self.num_groups, dim=1)  # [b, h, n]
-        Ch = C.repeat_interleave(heads // self.num_groups, dim=1)
-        decay = torch.exp(dt * A)[:, :, None, None]
-        update = (dt.unsqueeze(-1) * x.float()).unsqueeze(-1) * Bh.float().unsqueeze(2)
-        ssm.copy_(decay * ssm + update)
-        y = torch.einsum("bhpn,bhn->bhp", ssm.float(), Ch.float()).to(x.dtype)
+        y = ssd_step(x, dt, self.decode_A(), B, C, ssm)
         return y + x * self.D.to(x.dtype)[:, None]
 
     def _ssm_step_kernel(
@@ -412,40 +235,3 @@ class Mamba2Mixer(nn.Module):
             dt_bias=self.dt_bias[:, None].expand(h, p),
             dt_softplus=True,
         )
-
-
-class DecodeKernels(NamedTuple):
-    """Kernels for a decode step; None: the torch code."""
-
-    ssm_update: Callable[..., torch.Tensor] | None = None  # mamba-ssm selective_state_update
-    conv_update: Callable[..., torch.Tensor] | None = None  # causal_conv1d_update
-    gated_norm: Callable[..., torch.Tensor] | None = None  # mamba-ssm rmsnorm_fn (Triton)
-
-
-@functools.cache
-def _import_decode_kernels() -> DecodeKernels:
-    """Each kernel that imports here."""
-    found: dict[str, Any] = {}
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-
-        found |= dict(ssm_update=selective_state_update, gated_norm=rmsnorm_fn)
-    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
-        pass
-    try:
-        from causal_conv1d import causal_conv1d_update
-
-        found["conv_update"] = causal_conv1d_update
-    except Exception:  # ImportError, or an extension built for another GPU
-        pass
-    return DecodeKernels(**found)
-
-
-def decode_kernels(mixer: Mamba2Mixer, u: torch.Tensor) -> DecodeKernels:
-    """The kernels for a decode step. Only for CUDA input of a mixer built with mamba-ssm's SSD
-    (`model.kernels` 'auto' where it is available, or 'mamba_ssm'); the conv kernel only where
-    causal-conv1d imports."""
-    if not u.is_cuda or mixer.ssd is not ssd_mamba_ssm:
-        return DecodeKernels()
-    return _import_decode_kernels()

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("gelu", "relu2", "swiglu")
+from toolkit.config import MLP_ACTIVATIONS as ACTIVATIONS
 
 
 class MLP(nn.Module):

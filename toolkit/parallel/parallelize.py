@@ -66,9 +66,12 @@ def apply_tensor_parallel(
     )
 
 
-def apply_float8(model: HybridLM, cfg: TrainConfig, device: torch.device) -> Engine | None:
+def apply_float8(
+    model: HybridLM, cfg: TrainConfig, device: torch.device, tp: int = 1
+) -> Engine | None:
     """Step 2: float8 linears when train.precision='fp8' (engine and scaling from the recipe);
-    returns the engine that runs them, None otherwise."""
+    returns the engine that runs them, None otherwise. train.te_fused_norm fuses the pre-norms
+    into Transformer Engine's linears only at TP=1 (precision.fuse_te_norms says why)."""
     if cfg.precision != "fp8":
         return None
     engine, _ = apply_fp8(
@@ -77,14 +80,8 @@ def apply_float8(model: HybridLM, cfg: TrainConfig, device: torch.device) -> Eng
         engine=cfg.fp8_engine,
         recipe=cfg.fp8_recipe,
         compiled=bool(selected_kinds(cfg.compile)),
+        fuse_norms=cfg.te_fused_norm and tp == 1,
     )
-    if engine == "transformer_engine" and selected_kinds(cfg.activation_checkpointing):
-        # torch.utils.checkpoint recomputes outside Transformer Engine's autocast: the
-        # recomputed linears would not be the float8 ones of the forward pass.
-        raise NotImplementedError(
-            "train.activation_checkpointing with Transformer Engine's fp8 is not supported "
-            "yet: use train.activation_checkpointing='none' or train.fp8_engine='torchao'"
-        )
     return engine
 
 
@@ -93,8 +90,8 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     cfg, par = recipe.train, recipe.parallel
     device = env.device
     loss_fn = apply_tensor_parallel(model, env, sequence_parallel=par.sequence_parallel)
-    engine = apply_float8(model, cfg, device)
-    apply_ac(model, cfg.activation_checkpointing)
+    engine = apply_float8(model, cfg, device, tp=env.tp)
+    apply_ac(model, cfg.activation_checkpointing, engine)
     apply_compile(model, cfg.compile)
     micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * env.dp)
     run_step = StepRunner(

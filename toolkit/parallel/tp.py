@@ -5,9 +5,9 @@ Every mixer becomes column-parallel in, row-parallel out: its input passes throu
 (all-reduce forward, identity backward). The mixers keep their own code: they are simply given
 their rank's slice of heads, groups and channels.
 
-- Mamba-2: in_proj rows and conv1d channels per component (sharding.py), A_log, D, dt_bias and
-  the gated norm by heads/groups, out_proj by columns. The group-wise norm needs no communication
-  because every group lives on one rank.
+- Mamba-2: by sharding.py's MAMBA_LAYOUT: in_proj rows and conv1d channels per component,
+  A_log, D, dt_bias and the gated norm by heads/groups, out_proj by columns. The group-wise norm
+  needs no communication because every group lives on one rank.
 - Attention: linear_qkv rows by whole KV groups (its rows are grouped), linear_proj by columns.
 - MLP: linear_fc1 rows (SwiGLU: gate and up separately), linear_fc2 columns.
 - Embedding and output layer: vocab-parallel; the loss is `vocab_parallel_cross_entropy`.
@@ -142,8 +142,10 @@ def _keep_rows(module: nn.Module, rows: torch.Tensor | slice, attr: str = "weigh
         module.out_features = len(rows)
 
 
-def _keep_columns(linear: nn.Linear, columns: slice) -> None:
-    linear.weight = _shard(linear.weight, 1, torch.arange(linear.weight.shape[1])[columns])
+def _keep_columns(linear: nn.Linear, columns: torch.Tensor | slice, attr: str = "weight") -> None:
+    if isinstance(columns, slice):
+        columns = torch.arange(linear.weight.shape[1])[columns]
+    setattr(linear, attr, _shard(getattr(linear, attr), 1, columns))
     linear.in_features = linear.weight.shape[1]
 
 
@@ -153,15 +155,10 @@ def _even(size: int, tp: int, rank: int) -> slice:
 
 
 def shard_mamba(m: Mamba2Mixer, tp: int, rank: int) -> None:
-    layout = mamba_components(m)
-    _keep_rows(m.in_proj, shard_indices(layout["in_proj"], tp, rank))
-    conv = shard_indices(layout["conv1d"], tp, rank)
-    _keep_rows(m.conv1d, conv, "weight")
-    _keep_rows(m.conv1d, conv, "bias")
-    for name in ("A_log", "D", "dt_bias"):
-        _keep_rows(m, _even(m.num_heads, tp, rank), name)
-    _keep_rows(m.norm, _even(m.d_inner, tp, rank))
-    _keep_columns(m.out_proj, _even(m.d_inner, tp, rank))
+    for name, (dim, components) in mamba_components(m).items():
+        path, _, attr = name.rpartition(".")
+        keep = _keep_rows if dim == 0 else _keep_columns
+        keep(m.get_submodule(path), shard_indices(components, tp, rank), attr)
     m.d_inner //= tp
     m.num_heads //= tp
     m.num_groups //= tp

@@ -2,24 +2,17 @@
 table of arrays (global shape, dtype, bytes, chunking). --verify reads every chunk and checks its
 CRC32C checksum and that no chunk file is missing.
 
-    python checkpoints_tools/inspect.py runs/tiny_hybrid/checkpoints [--verify] [--all]
+    python checkpoints_tools/inspect_checkpoint.py runs/tiny_hybrid/checkpoints [--verify] [--all]
 """
 
-import os
+import argparse
+import fnmatch
+import math
 import sys
 
-# This file shares its name with the standard library's inspect, which torch imports: keep this
-# script's folder off the import path.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import fnmatch  # noqa: E402
-import math  # noqa: E402
-
-from tqdm import tqdm  # noqa: E402
-
-from toolkit.checkpoint import CheckpointError, resolve_checkpoint, store  # noqa: E402
+from toolkit.checkpoint import CheckpointError, resolve_checkpoint, store
 
 
 def human(n: float) -> str:
@@ -71,7 +64,7 @@ def verify(group, keys: list[str], path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="checkpoints_tools/inspect.py",
+        prog="checkpoints_tools/inspect_checkpoint.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

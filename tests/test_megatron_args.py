@@ -1,0 +1,179 @@
+"""The reference's command line as a recipe (toolkit/megatron_args.py), through the real
+`python -m toolkit.config --from-megatron-args` command."""
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from toolkit.config import load_recipe
+from toolkit.megatron_flags import FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# examples/mamba/train.sh of the reference with MODEL_SCALE="8B" and its variables expanded, as a
+# user pastes it into a file: backslash-newlines, the torchrun launcher in front.
+REFERENCE_8B = r"""
+torchrun --nproc_per_node 8 ../../examples/classes/pretrain_mamba.py \
+       --tensor-model-parallel-size 4 \
+       --sequence-parallel \
+       --pipeline-model-parallel-size 1 \
+       --use-distributed-optimizer \
+       --overlap-param-gather \
+       --overlap-grad-reduce \
+       --untie-embeddings-and-output-weights \
+       --init-method-std 0.02 \
+       --position-embedding-type none \
+       --num-layers 56 \
+       --hidden-size 4096 \
+       --num-attention-heads 32 \
+       --group-query-attention \
+       --num-query-groups 8 \
+       --hybrid-attention-ratio 0.08 \
+       --hybrid-mlp-ratio 0.5 \
+       --seq-length 4096 \
+       --max-position-embeddings 4096 \
+       --train-samples 73242188 \
+       --lr-warmup-samples 50000 \
+       --lr-decay-samples 73192188 \
+       --save ./checkpoints \
+       --load ./checkpoints \
+       --data-path /data/pile_text_document \
+       --data-cache-path ./data-cache \
+       --split 99,1,0 \
+       --tokenizer-type GPTSentencePieceTokenizer \
+       --tokenizer-model /data/tok.model \
+       --distributed-backend nccl \
+       --micro-batch-size 4 \
+       --global-batch-size 8 \
+       --lr 2.5e-4 \
+       --min-lr 2.5e-5 \
+       --lr-decay-style cosine \
+       --weight-decay 0.1 \
+       --clip-grad 1.0 \
+       --attention-dropout 0.0 \
+       --hidden-dropout 0.0 \
+       --disable-bias-linear \
+       --normalization RMSNorm \
+       --adam-beta1 0.9 \
+       --adam-beta2 0.95 \
+       --log-interval 10 \
+       --save-interval 2000 \
+       --eval-interval 2000 \
+       --eval-iters 32 \
+       --bf16 \
+       --use-mcore-models \
+       --spec megatron.core.models.mamba.mamba_layer_specs mamba_stack_spec \
+       --no-create-attention-mask-in-dataloader \
+       --tensorboard-dir ./tensorboard
+"""
+SCALE_FLAGS = (
+    "--tensor-model-parallel-size 4",
+    "--num-layers 56",
+    "--hidden-size 4096",
+    "--num-attention-heads 32",
+    "--global-batch-size 8",
+)
+
+
+def convert(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "toolkit.config", "--from-megatron-args", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def overlap(converted: dict, recipe: dict, section: str) -> dict:
+    """converted[section]'s keys that the shipped recipe also sets, with both values."""
+    return {
+        k: (v, recipe[section][k]) for k, v in converted[section].items() if k in recipe[section]
+    }
+
+
+def check_8b(text: str, tmp_path: Path) -> None:
+    out = tmp_path / "recipe.toml"
+    out.write_text(text)
+    converted = tomllib.loads(text)
+    shipped = tomllib.loads((ROOT / "recipes/8b_hybrid.toml").read_text())
+    for section in ("model", "parallel", "train"):
+        pairs = overlap(converted, shipped, section)
+        assert pairs and all(a == b for a, b in pairs.values()), (section, pairs)
+    # The architecture is all there, not only what happens to overlap.
+    assert {"num_layers", "hidden_size", "att_ratio", "mlp_ratio", "ffn_hidden_size"} <= set(
+        overlap(converted, shipped, "model")
+    )
+    assert {"tp", "sequence_parallel", "pp"} <= set(overlap(converted, shipped, "parallel"))
+    # And as resolved by the recipe loader: the same layers and layout as the shipped recipe.
+    mine, theirs = load_recipe(out), load_recipe(ROOT / "recipes/8b_hybrid.toml")
+    same = ("num_layers", "hidden_size", "seq_length", "num_attention_heads", "num_query_groups")
+    assert all(getattr(mine.model, k) == getattr(theirs.model, k) for k in same)
+    assert mine.model.ffn_size == theirs.model.ffn_size
+    assert (mine.parallel.tp, mine.parallel.sequence_parallel) == (4, True)
+    assert mine.data.tokenizer == "sentencepiece:/data/tok.model"
+    assert mine.data.blend == ["/data/pile_text_document"] and mine.data.split == "99,1,0"
+    assert (mine.train.decay_steps, mine.train.eval_batches) == (73192188 // 8, 32 * 8 // 4)
+    assert (mine.checkpoint.dir, mine.checkpoint.interval) == ("./checkpoints", 2000)
+    assert mine.logging.dir == "./tensorboard"
+
+
+def test_reference_8b_from_a_file(tmp_path):
+    args = tmp_path / "args.sh"
+    args.write_text(REFERENCE_8B)
+    proc = convert(f"@{args}")
+    assert proc.returncode == 0, proc.stderr
+    check_8b(proc.stdout, tmp_path)
+
+
+def test_reference_8b_from_one_string_with_model_scale(tmp_path):
+    # MODEL_SCALE=8B stands for the five flags the reference's script sets from it.
+    text = REFERENCE_8B.split("pretrain_mamba.py", 1)[1]
+    for flag in SCALE_FLAGS:
+        text = text.replace(flag + " \\", "\\")
+    proc = convert("MODEL_SCALE=8B " + text.replace("\\\n", " "))
+    assert proc.returncode == 0, proc.stderr
+    check_8b(proc.stdout, tmp_path)
+
+
+def test_unhonourable_flags_are_refused_by_name(tmp_path):
+    text = REFERENCE_8B.replace("--hidden-dropout 0.0", "--hidden-dropout 0.1")
+    text = text.replace("--bf16", "--bf16 --moe-router-topk 2 --num-experts 8")
+    text = text.replace("--lr-decay-style cosine", "--lr-decay-style linear")
+    proc = convert(text.replace("\\\n", " "), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    for name in ("--moe-router-topk", "--num-experts", "--hidden-dropout", "--lr-decay-style"):
+        assert name in proc.stderr
+    assert "--attention-dropout" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        ("", "give the arguments"),
+        ("--num-layers ${NUM_LAYERS}", "expand the shell variables"),
+        ("'--num-layers 4", "quotation"),
+        ("@/nonexistent/args.txt", "cannot read"),
+        ("MODEL_SCALE=2B", "MODEL_SCALE=2B"),
+        ("--num-layers four", "--num-layers: expected an integer"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, named):
+    proc = convert(args)
+    assert proc.returncode == 2, proc.stderr
+    assert named in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_converted_recipe_is_validated():
+    # Every flag honoured, but the layout is impossible: the recipe loader's error, exit 2.
+    text = REFERENCE_8B.replace("--num-query-groups 8", "--num-query-groups 5")
+    proc = convert(text.replace("\\\n", " "))
+    assert proc.returncode == 2 and "model.num_query_groups" in proc.stderr
+
+
+def test_readme_maps_every_flag():
+    readme = (ROOT / "README.md").read_text()
+    for name in FLAGS:
+        assert f"`{name}`" in readme, name

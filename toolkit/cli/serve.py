@@ -1,0 +1,222 @@
+"""Serve a checkpoint over HTTP: PUT /api (the reference's API), POST /v1/completions (OpenAI
+style, `stream: true` for server-sent events), GET /health.
+
+    python launchers/serve.py --checkpoint runs/tiny_hybrid/checkpoints [--port 5000]
+
+Binds 127.0.0.1 unless --host says otherwise. With --token (or the TOOLKIT_SERVE_TOKEN
+environment variable) every generation request needs `Authorization: Bearer TOKEN`.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from functools import partial
+from pathlib import Path
+
+TOKEN_ENV = "TOOLKIT_SERVE_TOKEN"
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python launchers/serve.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint root or one step directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--token", help=f"require this bearer token (none given: ${TOKEN_ENV}, if set)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPUs")
+    p.add_argument("--slots", type=int, default=64, help="requests decoded together at most")
+    p.add_argument(
+        "--max-len", type=int, help="prompt + generation limit (none: the recipe's seq_length)"
+    )
+    p.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per step")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="longest prompt piece per pass")
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="decode eagerly on GPUs (default: CUDA graphs at static shapes; off with --tp > 1)",
+    )
+    p.add_argument(
+        "--decode-buckets",
+        help="comma-separated live-batch sizes the decode step runs at, each step the smallest "
+        "that holds the running requests, all recorded before the server says ready (default: "
+        "powers of two below --slots, and --slots)",
+    )
+    p.add_argument(
+        "--ssm-state-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the Mamba recurrent state kept per request while decoding: bfloat16 halves what "
+        "each step reads and writes for it (as mamba-ssm's generation), float32 is exact",
+    )
+    p.add_argument(
+        "--tp-cuda-graphs",
+        action="store_true",
+        help="with --tp, record the decode step with its collectives as CUDA graphs too "
+        "(tested on CPU, not yet measured on GPUs)",
+    )
+    p.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,  # unset: the engine decides (on with CUDA graphs)
+        help="with CUDA graphs, launch each decode step before the host reads the last one's "
+        "tokens, so the GPU does not wait for the host between steps (default: on with CUDA "
+        "graphs, off with --tp)",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks, one per GPU of this node (gloo on CPUs); started here, or "
+        "one task each under srun/torchrun",
+    )
+    p.add_argument(
+        "--address-file",
+        metavar="PATH",
+        help="once listening, write the reachable host and port here as JSON (removed on exit); "
+        "launchers/serve_slurm.py sets it",
+    )
+    args = p.parse_args(argv)
+    for name in ("slots", "max_prefill_tokens", "prefill_chunk", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.tp < 1:
+        p.error("--tp must be >= 1")
+    if not 0 <= args.port <= 65535:
+        p.error("--port must be in [0, 65535] (0: any free port)")
+    if args.max_len is not None and args.max_len < 2:
+        p.error("--max-len must be >= 2")
+    if args.decode_buckets is not None:
+        try:
+            args.decode_buckets = [int(n) for n in args.decode_buckets.split(",")]
+        except ValueError:
+            p.error("--decode-buckets takes comma-separated integers, e.g. 1,4,16")
+        if not all(1 <= n <= args.slots for n in args.decode_buckets):
+            p.error(f"--decode-buckets must lie in [1, {args.slots}] (--slots)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # oneDNN (CPU convolutions: the Mamba prefill's conv1d) keeps a compiled primitive per input
+    # shape, up to 1,024 of them, and prefill shapes change with every batch of prompts: a CPU
+    # server grew by ~400 MiB over its first thousand requests. A few dozen cover the shapes
+    # that recur. Set before torch loads oneDNN.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    import torch
+
+    from toolkit.build import model_from_checkpoint, resolve_device
+    from toolkit.checkpoint import CheckpointError
+    from toolkit.config import RecipeError
+    from toolkit.inference import tp_serving
+    from toolkit.inference.engine import Engine, memory_bytes
+    from toolkit.inference.server import GenerationServer
+
+    ranks = None  # TP > 1: this process's place among the ranks
+    try:
+        device = resolve_device(args.device, "--device")
+        if args.tp == 1:
+            model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, device)
+        else:
+            args_given = sys.argv[1:] if argv is None else argv
+            command = [sys.executable, "-m", "toolkit.cli.serve", *args_given]
+            ranks = tp_serving.start(args.tp, device, command)
+            device = ranks.env.device
+            model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, env=ranks.env)
+    except (CheckpointError, FileNotFoundError, RuntimeError, RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model = model.to(getattr(torch, dtype))
+    max_len = args.max_len or recipe.model.seq_length
+    log.info(
+        "%s: %s, %d slots x %d tokens of decode state (%.1f MiB)",
+        recipe.name,
+        dtype,
+        args.slots,
+        max_len,
+        memory_bytes(model, args.slots, max_len) / 2**20,
+    )
+    engine_class = Engine if ranks is None else partial(tp_serving.TPEngine, ranks=ranks)
+    engine = engine_class(
+        model,
+        tokenizer,
+        slots=args.slots,
+        max_len=max_len,
+        max_prefill_tokens=args.max_prefill_tokens,
+        prefill_chunk=args.prefill_chunk,
+        # TP ranks decode eagerly unless asked: graphs with NCCL collectives inside are new here.
+        cuda_graphs=False
+        if args.no_cuda_graphs or (ranks is not None and not args.tp_cuda_graphs)
+        else (None if ranks is None else True),
+        overlap=getattr(args, "overlap", None),
+        ssm_state_dtype=getattr(torch, args.ssm_state_dtype),
+        decode_buckets=args.decode_buckets,
+    )
+    engine.warm_up()  # every rank, before the server says ready
+    if ranks is not None and not ranks.leader:
+        return tp_serving.follow(engine)
+    server_class = GenerationServer if ranks is None else tp_serving.TPGenerationServer
+    try:
+        server = server_class(
+            (args.host, args.port),
+            engine,
+            model_name=recipe.name,
+            token=args.token or os.environ.get(TOKEN_ENV) or None,
+            max_body_bytes=args.max_body_bytes,
+            log_prompts=args.log_prompts,
+        )
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    # SIGTERM (Slurm, docker stop) ends the server like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    host, port = server.server_address[:2]
+    log.info(
+        "serving on http://%s:%d (token %s)", host, port, "required" if server.token else "off"
+    )
+    if args.address_file:
+        write_address(Path(args.address_file), host, port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        if args.address_file:
+            Path(args.address_file).unlink(missing_ok=True)  # a stale address misleads
+    return 0
+
+
+def write_address(path: Path, host: str, port: int) -> None:
+    """Where clients reach this server, for whoever started it elsewhere (a Slurm job)."""
+    import json
+    import socket
+
+    if host in ("0.0.0.0", "::", ""):  # every interface: the node's name reaches one of them
+        host = socket.gethostname()
+    info = {"host": host, "port": port, "url": f"http://{host}:{port}", "pid": os.getpid()}
+    info["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, path)  # readers never see half a file
+    log.info("address written to %s", path)
+
+
+log = logging.getLogger("serve")
+
+if __name__ == "__main__":
+    sys.exit(main())

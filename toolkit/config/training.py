@@ -1,0 +1,208 @@
+"""[train] and [data]: the optimizer, precision, switches and schedule; what the model reads."""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from toolkit.config.base import RecipeError, check, opt, req
+from toolkit.config.ranges import check_ranges
+from toolkit.layout import BLOCK_KINDS
+
+Precision = Literal["fp32", "bf16", "fp8"]
+Fp8Engine = Literal["transformer_engine", "torchao"]
+Fp8Recipe = Literal["tensorwise", "rowwise", "delayed"]
+# The float8 scaling recipes each library runs (train.fp8_recipe with train.fp8_engine); read by
+# toolkit.precision too.
+FP8_RECIPES: dict[str, tuple[str, ...]] = {
+    "transformer_engine": ("tensorwise", "delayed"),
+    "torchao": ("tensorwise", "rowwise"),
+}
+# Why a recipe does not run with the library asked for, and what to do.
+_OTHER_LIBRARY = {
+    "delayed": "'delayed' is Transformer Engine's recipe (torchao has no delayed scaling): use "
+    "'tensorwise' or 'rowwise', or train.fp8_engine='transformer_engine'",
+    "rowwise": "'rowwise' is torchao's recipe: use 'tensorwise' or 'delayed' with Transformer "
+    "Engine, or train.fp8_engine='torchao'",
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    tokenizer: str = opt(
+        "byte",
+        "'byte' (256 bytes + specials), a Hugging Face tokenizer .json file or a SentencePiece "
+        ".model file (or hf:PATH, sentencepiece:PATH)",
+    )
+    source: str = opt("stdlib", "'stdlib' (embedded corpus from Python's sources) or a text file")
+    max_corpus_bytes: int = opt(4_000_000, "cap on the corpus size read from the source")
+    valid_fraction: float = opt(
+        0.0, "share of the source (its end) held out for validation; never trained on"
+    )
+    blend: list[Any] = opt(
+        [],
+        "indexed datasets (.bin/.idx path prefixes) and weights, [[0.7, 'a'], [0.3, 'b']] "
+        "(or ['a']); used instead of source",
+    )
+    split: str = opt("969,30,1", "train,valid,test shares of each blended dataset's documents")
+    cache_dir: str | None = opt(
+        None,
+        "where sample/shuffle/blend index files go (default: index_cache/ beside each dataset)",
+    )
+
+    def weighted_prefixes(self) -> list[tuple[float, str]]:
+        """data.blend as (weight, prefix) pairs; a bare prefix weighs 1."""
+        return [(1.0, e) if isinstance(e, str) else (float(e[0]), e[1]) for e in self.blend]
+
+    def validation_share(self) -> float:
+        """The share held out for validation: valid_fraction, or with a blend its data.split's."""
+        from toolkit.data.packed import parse_split  # local: the data package is not always needed
+
+        return parse_split(self.split)[1] if self.blend else self.valid_fraction
+
+    def validate(self) -> None:
+        """The ranges, data.blend's entries, and a blend against data.source and data.split."""
+        check_ranges(self, "data")
+        for i, e in enumerate(self.blend):
+            _check_blend_entry(e, f"data.blend[{i}]")
+        if not self.blend:
+            return
+        weights = [w for w, _ in self.weighted_prefixes()]
+        check(
+            sum(weights) > 0, "data.blend", f"weights must sum to a positive number, got {weights}"
+        )
+        check(
+            self.source == "stdlib", "data.source", "set either data.source or data.blend, not both"
+        )
+        check(
+            self.valid_fraction == 0,
+            "data.valid_fraction",
+            "applies to data.source; a blend's validation share is in data.split",
+        )
+        try:
+            self.validation_share()
+        except ValueError as e:
+            raise RecipeError(f"data.split: {e}") from None
+
+
+def _check_blend_entry(e: Any, key: str) -> None:
+    """A blend entry is "prefix" or [weight, "prefix"] with a finite weight >= 0."""
+    pair = (
+        isinstance(e, list)
+        and len(e) == 2
+        and isinstance(e[0], int | float)
+        and not isinstance(e[0], bool)
+        and isinstance(e[1], str)
+    )
+    check(isinstance(e, str) or pair, key, f'expected [weight, "prefix"] or "prefix", got {e!r}')
+    check(
+        isinstance(e, str) or (math.isfinite(e[0]) and e[0] >= 0),
+        key,
+        f"weight must be a finite number >= 0, got {e[0] if pair else e!r}",
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class ProfileConfig:
+    start: int = opt(0, "first step traced by torch.profiler (0: no trace)")
+    steps: int = opt(3, "how many steps to trace")
+    nvtx: bool = opt(False, "NVTX ranges around every block, for Nsight Systems (CUDA only)")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = req("optimizer steps to run")
+    micro_batch_size: int = opt(1, "sequences per forward/backward")
+    global_batch_size: int = opt(1, "sequences per optimizer step (all ranks, all micro-batches)")
+    lr: float = opt(2.5e-4, "peak learning rate")
+    min_lr: float = opt(2.5e-5, "final learning rate")
+    lr_schedule: Literal["cosine", "wsd", "constant"] = opt("cosine", "decay after warmup")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    decay_steps: int | None = opt(None, "steps over which lr decays (default: steps)")
+    wsd_decay_fraction: float = opt(0.1, "WSD: final fraction of decay_steps spent decaying")
+    weight_decay: float = opt(
+        0.1, "AdamW decoupled weight decay (not on norms, biases, A_log, D, dt_bias)"
+    )
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.95, "Adam beta2")
+    adam_eps: float = opt(1e-8, "Adam epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    precision: Precision = opt(
+        "bf16",
+        "compute precision (master weights fp32); fp8: the blocks' linears in float8 (Transformer "
+        "Engine if importable, else torchao; CUDA with compute capability >= 8.9), the first and "
+        "last blocks, embedding and output layer in bf16",
+    )
+    fp8_engine: Literal["auto", Fp8Engine] = opt(
+        "auto",
+        "float8 library with precision='fp8': auto takes the one installed; with both, torchao "
+        "when train.compile is on (it was faster here), Transformer Engine when it is off",
+    )
+    fp8_recipe: Fp8Recipe = opt(
+        "tensorwise",
+        "float8 scaling with precision='fp8': tensorwise (one scale per tensor from its current "
+        "amax: torchao tensorwise, Transformer Engine Float8CurrentScaling), rowwise (torchao "
+        "only), delayed (scales from an amax history: Transformer Engine DelayedScaling only)",
+    )
+    te_fused_norm: bool = opt(
+        False,
+        "with Transformer Engine's fp8 at TP=1: each FP8 block's pre-norm runs inside its first "
+        "linear (te.LayerNormLinear: one kernel normalises and casts to FP8); same parameters "
+        "and checkpoints",
+    )
+    activation_checkpointing: Any = opt(
+        "none",
+        "recompute block activations in backward: 'none', 'full' (every block), or a list of "
+        "block kinds out of 'mamba', 'attention', 'mlp'",
+    )
+    compile: Any = opt(
+        False,
+        "torch.compile each block separately: true, false, or a list of block kinds out of "
+        "'mamba', 'attention', 'mlp'",
+    )
+    seed: int = opt(1234, "seed for init and data order")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available")
+    nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop, or skip the step")
+    max_skipped_steps: int = opt(10, "with nan_policy=skip, stop after this many skips in a row")
+    sample_prompt: str = opt(
+        "", "if set, print a sampled continuation of it after training (temperature 0.7, top-k 20)"
+    )
+    profile: ProfileConfig = opt(None, "profiling: train.profile = {start = 10, steps = 3}")
+    eval_interval: int = opt(0, "validation loss every N steps and at the end (0: never)")
+    eval_batches: int = opt(4, "micro-batches per validation (the same ones every time)")
+
+    def validate(self) -> None:
+        """The ranges, the per-block-kind switches, the float8 recipe and the learning rates."""
+        check_ranges(self, "train")
+        _check_block_kinds(
+            self.activation_checkpointing, "train.activation_checkpointing", ("none", "full")
+        )
+        _check_block_kinds(self.compile, "train.compile", (False, True))
+        if self.precision == "fp8" and self.fp8_engine != "auto":  # 'auto': where the job runs
+            check(
+                self.fp8_recipe in FP8_RECIPES[self.fp8_engine],
+                "train.fp8_recipe",
+                _OTHER_LIBRARY.get(self.fp8_recipe, f"does not run with {self.fp8_engine}"),
+            )
+        check(
+            self.min_lr <= self.lr,
+            "train.min_lr",
+            f"need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}",
+        )
+
+
+def _check_block_kinds(value: Any, key: str, allowed: tuple[Any, Any]) -> None:
+    """A per-block-kind switch: `allowed` (off, on) or a list of block kinds."""
+    if isinstance(value, list):
+        for i, kind in enumerate(value):
+            check(
+                isinstance(kind, str) and kind in BLOCK_KINDS,
+                f"{key}[{i}]",
+                f"{kind!r} is not a block kind; use {', '.join(map(repr, BLOCK_KINDS))}",
+            )
+        return
+    check(
+        value in allowed and type(value) is type(allowed[0]),
+        key,
+        f"expected {' or '.join(map(repr, allowed))} or a list of block kinds "
+        f"({', '.join(map(repr, BLOCK_KINDS))}), got {value!r}",
+    )

@@ -1,0 +1,135 @@
+"""The reference framework's flags (its Mamba example, `examples/mamba/train.sh`, and the others
+the converter honours) and the recipe key each one sets: the one home of that mapping, read by
+toolkit/megatron_args.py and printed as the README's table (`markdown_table`)."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Flag:
+    nargs: int | str  # 0 (a switch), 1, or "*" (one or more values)
+    key: str  # the recipe key it sets ("" when it has no effect here)
+    note: str = ""
+
+
+# Every flag the converter knows, in the reference script's order, then the others it honours.
+FLAGS = {
+    "--tensor-model-parallel-size": Flag(1, "parallel.tp"),
+    "--sequence-parallel": Flag(0, "parallel.sequence_parallel"),
+    "--pipeline-model-parallel-size": Flag(1, "parallel.pp"),
+    "--use-distributed-optimizer": Flag(0, "parallel.shard_optimizer", "absent: false"),
+    "--overlap-param-gather": Flag(0, "", "communication overlap: no effect on the math"),
+    "--overlap-grad-reduce": Flag(0, "", "communication overlap: no effect on the math"),
+    "--untie-embeddings-and-output-weights": Flag(
+        0, "", "required: the toolkit's embedding and output layer are always untied"
+    ),
+    "--init-method-std": Flag(1, "model.init_std"),
+    "--position-embedding-type": Flag(
+        1, "model.position_embedding", "none or rope; Megatron's default learned_absolute refused"
+    ),
+    "--num-layers": Flag(1, "model.num_layers"),
+    "--hidden-size": Flag(1, "model.hidden_size"),
+    "--ffn-hidden-size": Flag(1, "model.ffn_hidden_size", "absent: 4 x hidden (as Megatron)"),
+    "--num-attention-heads": Flag(1, "model.num_attention_heads"),
+    "--group-query-attention": Flag(0, "model.num_query_groups", "absent: groups = heads"),
+    "--num-query-groups": Flag(1, "model.num_query_groups"),
+    "--kv-channels": Flag(1, "", "must equal hidden / heads"),
+    "--hybrid-attention-ratio": Flag(1, "model.att_ratio"),
+    "--hybrid-mlp-ratio": Flag(1, "model.mlp_ratio"),
+    "--hybrid-override-pattern": Flag(1, "model.pattern"),
+    "--mamba-state-dim": Flag(1, "model.mamba_state_dim"),
+    "--mamba-head-dim": Flag(1, "model.mamba_head_dim"),
+    "--mamba-num-groups": Flag(1, "model.mamba_num_groups"),
+    "--seq-length": Flag(1, "model.seq_length"),
+    "--max-position-embeddings": Flag(1, "", "no learned positions: no effect"),
+    "--train-samples": Flag(1, "train.steps", "samples / global batch"),
+    "--train-iters": Flag(1, "train.steps"),
+    "--lr-warmup-samples": Flag(1, "train.warmup_steps", "samples / global batch"),
+    "--lr-warmup-iters": Flag(1, "train.warmup_steps"),
+    "--lr-decay-samples": Flag(1, "train.decay_steps", "samples / global batch"),
+    "--lr-decay-iters": Flag(1, "train.decay_steps"),
+    "--save": Flag(1, "checkpoint.dir", "absent: checkpoint.enabled = false"),
+    "--load": Flag(1, "checkpoint.dir", "must equal --save: runs resume from checkpoint.dir"),
+    "--data-path": Flag("*", "data.blend", "PREFIX or W1 PREFIX1 W2 PREFIX2 ..."),
+    "--data-cache-path": Flag(1, "data.cache_dir"),
+    "--split": Flag(1, "data.split"),
+    "--tokenizer-type": Flag(
+        1,
+        "data.tokenizer",
+        "GPTSentencePieceTokenizer, SentencePieceTokenizer, HuggingFaceTokenizer (a tokenizer.json)",
+    ),
+    "--tokenizer-model": Flag(1, "data.tokenizer", "the file, with --tokenizer-type"),
+    "--distributed-backend": Flag(1, "", "nccl on GPUs, gloo on CPUs, chosen by the toolkit"),
+    "--micro-batch-size": Flag(1, "train.micro_batch_size"),
+    "--global-batch-size": Flag(1, "train.global_batch_size"),
+    "--lr": Flag(1, "train.lr"),
+    "--min-lr": Flag(1, "train.min_lr", "absent: 0"),
+    "--lr-decay-style": Flag(
+        1, "train.lr_schedule", "cosine, constant, WSD; absent (Megatron: linear) refused"
+    ),
+    "--weight-decay": Flag(1, "train.weight_decay", "absent: 0.01"),
+    "--clip-grad": Flag(1, "train.grad_clip"),
+    "--attention-dropout": Flag(1, "", "must be 0 (no dropout here; Megatron's default 0.1)"),
+    "--hidden-dropout": Flag(1, "", "must be 0 (no dropout here; Megatron's default 0.1)"),
+    "--disable-bias-linear": Flag(0, "", "required: the toolkit's linear layers have no bias"),
+    "--normalization": Flag(1, "model.norm", "RMSNorm or LayerNorm (absent: LayerNorm)"),
+    "--norm-epsilon": Flag(1, "model.norm_eps"),
+    "--adam-beta1": Flag(1, "train.adam_beta1"),
+    "--adam-beta2": Flag(1, "train.adam_beta2", "absent: 0.999"),
+    "--adam-eps": Flag(1, "train.adam_eps"),
+    "--log-interval": Flag(1, "logging.interval", "absent: 100"),
+    "--save-interval": Flag(1, "checkpoint.interval"),
+    "--eval-interval": Flag(1, "train.eval_interval", "with a validation share in --split"),
+    "--eval-iters": Flag(1, "train.eval_batches", "x global / micro batch"),
+    "--bf16": Flag(0, "train.precision", "absent: fp32"),
+    "--use-mcore-models": Flag(0, "", "no effect"),
+    "--spec": Flag("*", "", "the layer spec: the toolkit's blocks are Megatron-core's"),
+    "--no-create-attention-mask-in-dataloader": Flag(0, "", "no effect (causal attention)"),
+    "--tensorboard-dir": Flag(1, "logging.dir"),
+    "--swiglu": Flag(0, "model.mlp_activation", "swiglu"),
+    "--squared-relu": Flag(0, "model.mlp_activation", "relu2"),
+    "--rotary-percent": Flag(1, "model.rotary_percent"),
+    "--rotary-base": Flag(1, "model.rotary_base"),
+    "--vocab-size": Flag(1, "model.vocab_size"),
+    "--make-vocab-size-divisible-by": Flag(1, "model.make_vocab_size_divisible_by"),
+    "--seed": Flag(1, "train.seed"),
+    "--recompute-granularity": Flag(
+        1, "train.activation_checkpointing", "full (with --recompute-method uniform) -> 'full'"
+    ),
+    "--recompute-method": Flag(1, "train.activation_checkpointing", "uniform"),
+    "--recompute-num-layers": Flag(1, "train.activation_checkpointing", "1"),
+    "--use-flash-attn": Flag(0, "", "attention kernel: chosen by the toolkit"),
+    "--attention-softmax-in-fp32": Flag(0, "", "the toolkit's softmax is fp32"),
+    "--num-workers": Flag(1, "", "data loading: no effect"),
+}
+DEFAULTS = {"--attention-dropout": "0.1", "--hidden-dropout": "0.1"}
+# The reference's MODEL_SCALE shell variable: the flags each scale sets.
+SCALES = {
+    "800M": {
+        "--tensor-model-parallel-size": "1",
+        "--num-layers": "48",
+        "--hidden-size": "1024",
+        "--num-attention-heads": "16",
+        "--global-batch-size": "32",
+    },
+    "8B": {
+        "--tensor-model-parallel-size": "4",
+        "--num-layers": "56",
+        "--hidden-size": "4096",
+        "--num-attention-heads": "32",
+        "--global-batch-size": "8",
+    },
+}
+
+
+def markdown_table() -> str:
+    """The README's table: each flag, its recipe key, and how it maps."""
+    rows = ["| Megatron flag | recipe key | notes |", "|---|---|---|"]
+    rows.append(
+        "| `MODEL_SCALE=800M\\|8B` | the recipe file | `recipes/800m_hybrid.toml`, "
+        "`recipes/8b_hybrid.toml`; accepted by the converter (sets the five flags below) |"
+    )
+    for name, flag in FLAGS.items():
+        key = f"`{flag.key}`" if flag.key else "-"
+        rows.append(f"| `{name}` | {key} | {flag.note} |")
+    return "\n".join(rows)

@@ -1,0 +1,155 @@
+"""Kernel selection for the Mamba-2 mixer (`model.kernels`): which of mamba-ssm's and
+causal-conv1d's GPU kernels import and run here, and the fallback to the PyTorch reference
+(ssd.py) where they do not. The mixer (mamba2.py) takes what these functions choose.
+"""
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from toolkit.model.ssd import SSDFunction, ssd_chunked
+
+if TYPE_CHECKING:
+    from toolkit.model.mamba2 import Mamba2Mixer
+
+log = logging.getLogger(__name__)
+
+
+def ssd_mamba_ssm(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same contract as ssd_chunked, through mamba-ssm's Triton chunked scan on CUDA tensors
+    (same group-to-head mapping); CPU tensors take the reference."""
+    if not x.is_cuda:
+        return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    y, final_state = mamba_chunk_scan_combined(
+        x.contiguous(),
+        dt.contiguous(),
+        A.contiguous(),
+        B.contiguous(),
+        C.contiguous(),
+        chunk_size,
+        initial_states=None if initial_state is None else initial_state.contiguous(),
+        return_final_states=True,
+    )
+    return y.to(x.dtype), final_state.float()
+
+
+def _import_error(*modules: str) -> str | None:
+    """Why importing `modules` fails here ("ModuleNotFoundError: No module named 'einops'"), or
+    None when they import."""
+    try:
+        for module in modules:
+            __import__(module)
+    except Exception as e:  # ImportError, a missing compiled extension, one built for another GPU
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(what: str, error: str) -> None:
+    """Once per process: 'auto' took the slow path on a GPU because a kernel package is broken
+    (a silent fallback costs several times the step time and nobody notices)."""
+    if what not in _WARNED:
+        _WARNED.add(what)
+        log.warning(
+            "model.kernels='auto' on a GPU: %s, because it does not import (%s). Install it and "
+            "what it imports (mamba-ssm needs einops and transformers), or use the image from "
+            "containers/",
+            what,
+            error,
+        )
+
+
+def mamba_ssm_available(kernels: str = "") -> bool:
+    """Whether mamba-ssm's Triton SSD can run here (the package imports and CUDA is present).
+    With kernels='auto', a GPU without it is worth a warning."""
+    if not torch.cuda.is_available():
+        return False
+    error = _import_error("mamba_ssm.ops.triton.ssd_combined")
+    if error and kernels == "auto":
+        _warn_fallback("the reference SSD kernels run instead of mamba-ssm's (mamba_ssm)", error)
+    return error is None
+
+
+def fused_mamba_available(kernels: str = "") -> bool:
+    """Whether mamba-ssm's fused training op (causal conv, SSD and gated norm in one autograd
+    function) can run here: mamba-ssm's Triton kernels plus the causal-conv1d extension."""
+    if not mamba_ssm_available(kernels):
+        return False
+    error = _import_error("causal_conv1d", "mamba_ssm.ops.triton.ssd_combined")
+    if error and kernels == "auto":
+        _warn_fallback("the fused Mamba training op is off (causal_conv1d)", error)
+    return error is None
+
+
+def use_fused_mamba(kernels: str) -> bool:
+    """`model.kernels` 'auto' and 'mamba_ssm' take the fused op when it is available."""
+    return kernels in ("auto", "mamba_ssm") and fused_mamba_available(kernels)
+
+
+SSD_KERNELS: dict[str, SSDFunction] = {"reference": ssd_chunked, "mamba_ssm": ssd_mamba_ssm}
+
+
+def select_ssd(kernels: str) -> SSDFunction:
+    """The SSD implementation for `model.kernels`; 'auto' picks the fastest one available."""
+    if kernels == "auto":
+        return SSD_KERNELS["mamba_ssm" if mamba_ssm_available("auto") else "reference"]
+    if kernels not in SSD_KERNELS:
+        raise ValueError(f"model.kernels={kernels!r} is not one of {sorted(SSD_KERNELS)}")
+    if kernels == "mamba_ssm" and not mamba_ssm_available():
+        raise ValueError(
+            "model.kernels='mamba_ssm' needs CUDA and the mamba-ssm package (pip install "
+            "mamba-ssm, or the image from containers/); use 'auto' to fall back to 'reference'"
+        )
+    return SSD_KERNELS[kernels]
+
+
+class DecodeKernels(NamedTuple):
+    """Kernels for a decode step; None: the torch code."""
+
+    ssm_update: Callable[..., torch.Tensor] | None = None  # mamba-ssm selective_state_update
+    conv_update: Callable[..., torch.Tensor] | None = None  # causal_conv1d_update
+    gated_norm: Callable[..., torch.Tensor] | None = None  # mamba-ssm rmsnorm_fn (Triton)
+
+
+@functools.cache
+def _import_decode_kernels() -> DecodeKernels:
+    """Each kernel that imports here."""
+    found: dict[str, Any] = {}
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        found |= dict(ssm_update=selective_state_update, gated_norm=rmsnorm_fn)
+    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
+        pass
+    try:
+        from causal_conv1d import causal_conv1d_update
+
+        found["conv_update"] = causal_conv1d_update
+    except Exception:  # ImportError, or an extension built for another GPU
+        pass
+    return DecodeKernels(**found)
+
+
+def decode_kernels(mixer: "Mamba2Mixer", u: torch.Tensor) -> DecodeKernels:
+    """The kernels for a decode step. Only for CUDA input of a mixer built with mamba-ssm's SSD
+    (`model.kernels` 'auto' where it is available, or 'mamba_ssm'); the conv kernel only where
+    causal-conv1d imports."""
+    if not u.is_cuda or mixer.ssd is not ssd_mamba_ssm:
+        return DecodeKernels()
+    return _import_decode_kernels()
