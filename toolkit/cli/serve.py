@@ -15,6 +15,12 @@ import sys
 import threading
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from toolkit.config import Recipe
+    from toolkit.inference.engine import Engine
+    from toolkit.model import HybridLM
 
 TOKEN_ENV = "TOOLKIT_SERVE_TOKEN"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -105,46 +111,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    # oneDNN (CPU convolutions: the Mamba prefill's conv1d) keeps a compiled primitive per input
-    # shape, up to 1,024 of them, and prefill shapes change with every batch of prompts: a CPU
-    # server grew by ~400 MiB over its first thousand requests. A few dozen cover the shapes
-    # that recur. Set before torch loads oneDNN.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+def load_model(
+    args: argparse.Namespace, argv: list[str] | None
+) -> tuple["HybridLM", "Recipe", Any, Any]:
+    """The model (whole, or this rank's TP shard), its recipe and tokenizer, the ranks (None at
+    TP=1); the model in the serving dtype. Exit-2 errors raise as they are."""
     import torch
 
     from toolkit.build import model_from_checkpoint, resolve_device
-    from toolkit.checkpoint import CheckpointError
-    from toolkit.config import RecipeError
     from toolkit.inference import tp_serving
-    from toolkit.inference.engine import Engine, memory_bytes
-    from toolkit.inference.server import GenerationServer
 
     ranks = None  # TP > 1: this process's place among the ranks
-    try:
-        device = resolve_device(args.device, "--device")
-        if args.tp == 1:
-            model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, device)
-        else:
-            args_given = sys.argv[1:] if argv is None else argv
-            command = [sys.executable, "-m", "toolkit.cli.serve", *args_given]
-            ranks = tp_serving.start(args.tp, device, command)
-            device = ranks.env.device
-            model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, env=ranks.env)
-    except (CheckpointError, FileNotFoundError, RuntimeError, RecipeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device, "--device")
+    if args.tp == 1:
+        model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, device)
+    else:
+        args_given = sys.argv[1:] if argv is None else argv
+        command = [sys.executable, "-m", "toolkit.cli.serve", *args_given]
+        ranks = tp_serving.start(args.tp, device, command)
+        device = ranks.env.device
+        model, recipe, tokenizer = model_from_checkpoint(args.checkpoint, env=ranks.env)
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model = model.to(getattr(torch, dtype))
+    return model.to(getattr(torch, dtype)), recipe, tokenizer, ranks
+
+
+def build_engine(
+    args: argparse.Namespace, model: "HybridLM", recipe: "Recipe", tokenizer: Any, ranks: Any
+) -> "Engine":
+    """The engine (TP: each rank's), its decode graphs warmed up before the server says ready."""
+    import torch
+
+    from toolkit.inference import tp_serving
+    from toolkit.inference.engine import Engine, memory_bytes
+
     max_len = args.max_len or recipe.model.seq_length
     log.info(
         "%s: %s, %d slots x %d tokens of decode state (%.1f MiB)",
         recipe.name,
-        dtype,
+        str(next(model.parameters()).dtype).removeprefix("torch."),
         args.slots,
         max_len,
         memory_bytes(model, args.slots, max_len) / 2**20,
@@ -166,8 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         decode_buckets=args.decode_buckets,
     )
     engine.warm_up()  # every rank, before the server says ready
-    if ranks is not None and not ranks.leader:
-        return tp_serving.follow(engine)
+    return engine
+
+
+def serve(args: argparse.Namespace, engine: "Engine", recipe: "Recipe", ranks: Any) -> int:
+    """Listen and answer until SIGTERM or Ctrl-C (the TP leader, or the only rank)."""
+    from toolkit.inference import tp_serving
+    from toolkit.inference.server import GenerationServer
+
     server_class = GenerationServer if ranks is None else tp_serving.TPGenerationServer
     try:
         server = server_class(
@@ -198,6 +210,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.address_file:
             Path(args.address_file).unlink(missing_ok=True)  # a stale address misleads
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # oneDNN (CPU convolutions: the Mamba prefill's conv1d) keeps a compiled primitive per input
+    # shape, up to 1,024 of them, and prefill shapes change with every batch of prompts: a CPU
+    # server grew by ~400 MiB over its first thousand requests. A few dozen cover the shapes
+    # that recur. Set before torch loads oneDNN.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    from toolkit.checkpoint import CheckpointError
+    from toolkit.config import RecipeError
+    from toolkit.inference import tp_serving
+
+    try:
+        model, recipe, tokenizer, ranks = load_model(args, argv)
+    except (CheckpointError, FileNotFoundError, RuntimeError, RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    engine = build_engine(args, model, recipe, tokenizer, ranks)
+    if ranks is not None and not ranks.leader:
+        return tp_serving.follow(engine)
+    return serve(args, engine, recipe, ranks)
 
 
 def write_address(path: Path, host: str, port: int) -> None:
