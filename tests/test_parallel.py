@@ -397,8 +397,14 @@ LAYOUTS = {
 }
 
 
+# Layouts whose parts the others cover (TP, DP, PP each; the optimizer replicated is DP without
+# ZeRO): in make test-long, to keep make test within its 15 minutes.
+LONG_LAYOUTS = {"tp2_dp2", "dp2_replicated_optimizer", "dp2_async_to_tp1", "tp1_to_pp2_tp2"}
+
+
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=LONG) if "sp" in n else n for n in sorted(LAYOUTS)]
+    "name",
+    [pytest.param(n, marks=LONG) if "sp" in n or n in LONG_LAYOUTS else n for n in sorted(LAYOUTS)],
 )
 def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_process_run, name):
     reference = losses(single_process_run)
@@ -437,7 +443,11 @@ RESHARDS = {  # saved at -> resumed at
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=LONG) if "sp" in n else n for n in sorted(RESHARDS)]
+    "name",
+    [
+        pytest.param(n, marks=LONG) if "sp" in n or n in LONG_LAYOUTS else n
+        for n in sorted(RESHARDS)
+    ],
 )
 def test_checkpoint_resumes_at_another_layout(tmp_path, single_process_run, name):
     saved_at, resumed_at = RESHARDS[name]

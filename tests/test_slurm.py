@@ -107,6 +107,7 @@ def test_submit_two_nodes_through_submitit(cluster, tmp_path):
     assert "8/8" in row and "runs/ck/step_00000008" in row
 
 
+@pytest.mark.long  # make test-long: make test keeps within 15 minutes
 def test_emitted_script_runs_with_plain_sbatch(cluster, tmp_path):
     script = tmp_path / "job.sbatch"
     proc = submit_run(cluster, tmp_path, "--set", "train.steps=8", "--emit-sbatch", str(script))
@@ -172,6 +173,7 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     assert "restart 1" in text
 
 
+@pytest.mark.long  # make test-long: make test keeps within 15 minutes
 def test_timeouts_stop_requeueing_after_max_num_timeout(cluster, tmp_path):
     """slurm.max_num_timeout=1: the first timeout requeues the job, the second ends it.
 

@@ -284,6 +284,7 @@ def test_bad_tp_is_refused(tmp_path):
     assert "parallel.tp" in run.stderr and "not divisible by TP=3" in run.stderr
 
 
+@pytest.mark.long  # make test-long: make test keeps within 15 minutes
 def test_tp_serving_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/tp_serve.py end to end (gloo): both servers start, answer, and agree."""
     out = tmp_path / "tp.json"
