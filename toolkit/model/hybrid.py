@@ -18,7 +18,7 @@ from toolkit.model.kernels import select_ssd, use_fused_mamba
 from toolkit.model.mamba2 import Mamba2Mixer
 from toolkit.model.mlp import MLP
 from toolkit.model.norms import add_norm, build_norm
-from toolkit.model.states import DecodeStates, MambaCache
+from toolkit.model.states import DecodeStates
 
 
 class Block(nn.Module):
@@ -115,8 +115,7 @@ class HybridLM(nn.Module):
         states = DecodeStates([], batch_size)
         for block in self.layers:
             if block.kind == "M":
-                state = block.mixer.allocate_state(batch_size, device, dtype, ssm_dtype)
-                states.append(MambaCache(state.conv, state.ssm))
+                states.append(block.mixer.allocate_state(batch_size, device, dtype, ssm_dtype))
             elif block.kind == "*":
                 states.append(block.mixer.allocate_state(batch_size, max_len, device, dtype))
             else:

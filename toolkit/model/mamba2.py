@@ -26,6 +26,23 @@ class MambaState:
     ssm: torch.Tensor  # [b, heads, head_dim, d_state], fp32 (or bf16 if asked for decode)
     seen: int = 0  # tokens consumed so far
 
+    # The decode-state methods (toolkit/model/states.py); the size does not depend on the length.
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.ssm.nbytes
+
+    def rows(self, n: int, seen: int = 0) -> "MambaState":
+        """The first n rows (a view, no copy), having consumed `seen` tokens."""
+        return MambaState(self.conv[:n], self.ssm[:n], seen=seen)
+
+    def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "MambaState":
+        """The first n rows for one token each at any positions: seen > 0 is the step path."""
+        return MambaState(self.conv[:n], self.ssm[:n], seen=1)
+
+    def copy_row(self, row: int, source: "MambaState", source_row: int, length: int) -> None:
+        self.conv[row].copy_(source.conv[source_row])
+        self.ssm[row].copy_(source.ssm[source_row])
+
 
 class Mamba2Mixer(nn.Module):
     def __init__(

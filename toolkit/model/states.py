@@ -1,7 +1,7 @@
 """Decode states: what a layer carries from one token to the next, one row per sequence.
 
-Every kind (KVCache in attention.py, MambaCache here) answers the same few questions (bytes, a
-view of some rows, copy a row), so the inference code never asks which kind it holds.
+Every kind (KVCache in attention.py, MambaState in mamba2.py) answers the same few questions
+(bytes, a view of some rows, copy a row), so the inference code never asks which kind it holds.
 `DecodeStates` is the stack's list of them (None for MLP blocks, which carry nothing), as
 `HybridLM.allocate_states` returns it.
 """
@@ -10,8 +10,6 @@ from collections.abc import Iterable
 from typing import Protocol, Self
 
 import torch
-
-from toolkit.model.mamba2 import MambaState
 
 
 class DecodeState(Protocol):
@@ -23,28 +21,6 @@ class DecodeState(Protocol):
     def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> Self: ...
 
     def copy_row(self, row: int, source: Self, source_row: int, length: int) -> None: ...
-
-
-class MambaCache(MambaState):
-    """A Mamba layer's conv and SSM state with the methods of a decode state; its size does not
-    depend on the sequence's length. (A subclass while mamba2.py is being split: the methods
-    belong on MambaState itself.)"""
-
-    @property
-    def nbytes(self) -> int:
-        return self.conv.nbytes + self.ssm.nbytes
-
-    def rows(self, n: int, seen: int = 0) -> "MambaCache":
-        """The first n rows (a view, no copy), having consumed `seen` tokens."""
-        return MambaCache(self.conv[:n], self.ssm[:n], seen=seen)
-
-    def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "MambaCache":
-        """The first n rows for one token each at any positions: seen > 0 is the step path."""
-        return MambaCache(self.conv[:n], self.ssm[:n], seen=1)
-
-    def copy_row(self, row: int, source: "MambaCache", source_row: int, length: int) -> None:
-        self.conv[row].copy_(source.conv[source_row])
-        self.ssm[row].copy_(source.ssm[source_row])
 
 
 class DecodeStates(list):
