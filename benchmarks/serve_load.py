@@ -15,7 +15,17 @@ writes itself, served on CPU) and measures over HTTP:
   is compared with the one alone (a dropped stream: what it received is a prefix of it);
 - memory: the server's resident set (VmRSS) and its peak (VmHWM) from /proc before the load and
   after each wave; the largest N runs --waves times, so memory that grows with the number of
-  requests shows as growth from one of those waves to the next.
+  requests shows as growth from one of those waves to the next;
+- engine: after the server has exited (the two never share the device), the same checkpoint
+  loaded in this process with the server's own flags and code (serve.py's load_model and
+  build_engine: dtype, --slots, --max-len, --decode-buckets, warm-up), and its decode step timed
+  as benchmarks/decode.py times it (whole engine steps, greedy) at batch N for each N of
+  --clients (at most --slots), seated at the context the requests reach (the median prompt's
+  tokens + 1), --tokens - 1 steps after 2 warm-up steps. Printed beside each N's HTTP numbers
+  (the last wave of N): the per-token latency of its greedy streams (N = 1: of the streams sent
+  alone, whose live batch is 1 too), its tokens/s (generated tokens over the wave's wall time,
+  prefill and queueing included), and the ratios HTTP/engine of the per-token p50 to the step
+  time and of the tokens/s; --no-engine skips it.
 
     python benchmarks/serve_load.py                          # tiny model, 1/8/32/64 clients
     python benchmarks/serve_load.py --clients 256 --waves 2 --json load.json
@@ -259,16 +269,22 @@ def tiny_checkpoint(directory: Path, overrides: list[str]) -> Path:
     return save_model_checkpoint(directory, model, recipe)
 
 
+def serve_flags(checkpoint: Path, args: argparse.Namespace) -> list[str]:
+    """serve.py's flags: the server runs with them, the engine measured alone is built from them."""
+    flags = ["--checkpoint", str(checkpoint), "--device", args.device, "--dtype", args.dtype]
+    flags += ["--slots", str(args.slots), "--max-len", str(args.max_len)]
+    if args.decode_buckets:
+        flags += ["--decode-buckets", args.decode_buckets]
+    return flags
+
+
 def start_server(checkpoint: Path, args: argparse.Namespace, log: Path) -> tuple:
     """(process, port, seconds to ready)."""
     from toolkit.distributed import free_port
 
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "launchers/serve.py"), "--checkpoint", str(checkpoint)]
-    cmd += ["--port", str(port), "--device", args.device, "--dtype", args.dtype]
-    cmd += ["--slots", str(args.slots), "--max-len", str(args.max_len)]
-    if args.decode_buckets:
-        cmd += ["--decode-buckets", args.decode_buckets]
+    cmd = [sys.executable, str(ROOT / "launchers/serve.py"), *serve_flags(checkpoint, args)]
+    cmd += ["--port", str(port)]
     env = os.environ | {"TOOLKIT_SERVE_TOKEN": ""}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -302,7 +318,108 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             proc.wait(timeout=60)
         text = log.read_text()
         results["server_log"] = {"tracebacks": text.count("Traceback"), "lines": text.count("\n")}
+        if not args.no_engine:  # the server has exited: the device is the engine's alone
+            results["engine_decode"] = engine_decode(Path(checkpoint), args, specs)
+    results["comparison"] = compare(results, args)
     return results
+
+
+ENGINE_WARMUP = 2  # untimed engine steps before the timed ones
+
+
+def engine_decode(checkpoint: Path, args: argparse.Namespace, specs: list[Spec]) -> dict[str, Any]:
+    """The engine's decode step in this process, built by serve.py's own code from the server's
+    flags, timed by benchmarks/decode.py's `measure` at each batch the waves had (at most
+    --slots), greedy, at the context the requests reach."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # decode.py imports its sibling decode_profile
+    from decode import measure, release_memory
+
+    from toolkit.cli import serve
+
+    if args.threads:  # the server's OMP_NUM_THREADS
+        torch.set_num_threads(args.threads)
+    flags = serve.parse_args(serve_flags(checkpoint, args))
+    model, recipe, tokenizer, _ = serve.load_model(flags, None)
+    engine = serve.build_engine(flags, model, recipe, tokenizer, None)
+    device = engine.device
+    prompts = [s.body["prompts"][0] if s.kind == "api" else s.body["prompt"] for s in specs]
+    lengths = sorted(len(tokenizer.encode(p)) for p in prompts)
+    steps = args.tokens - 1  # the decode steps a stream's per-token latency spans
+    # A stream's decode steps start after its prompt and first token (occupy needs the room).
+    context = lengths[len(lengths) // 2] + 1
+    context = max(1, min(context, engine.max_len - ENGINE_WARMUP - steps - 1))
+    out: dict[str, Any] = {"context": context, "steps": steps, "warmup": ENGINE_WARMUP}
+    out["batches"] = []
+    try:
+        for batch in sorted({min(n, args.slots) for n in args.clients}):
+            row: dict[str, Any] = {"batch": batch}
+            try:
+                mean, _ = measure(engine, batch, context, steps, ENGINE_WARMUP)
+            except torch.OutOfMemoryError:
+                row["error"] = "OOM"
+            else:
+                row |= {"ms_per_step": round(1e3 * mean, 3), "tokens_per_s": round(batch / mean, 1)}
+            out["batches"].append(row)
+        if engine.decoder is not None and engine.decoder.error:
+            out["cuda_graph_error"] = engine.decoder.error[:500]
+    finally:
+        engine = model = None  # the engine and its graph decoder refer to each other: gc frees them
+        release_memory(device)
+    return out
+
+
+def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per N of --clients: the last wave of N over HTTP beside the engine at batch N."""
+    engine = {r["batch"]: r for r in results.get("engine_decode", {}).get("batches", [])}
+    rows = []
+    for clients in dict.fromkeys(args.clients):
+        wave = [w for w in results["waves"] if w["clients"] == clients][-1]
+        streams, source = wave.get("stream/greedy"), "wave"
+        if streams is None and clients == 1:  # a wave of 1 sends no stream; alone, each did
+            streams, source = results["alone"].get("stream/greedy"), "alone"
+        per_token = streams["per_token_ms"] if streams else None
+        step = engine.get(min(clients, args.slots), {})
+        ms, tps = step.get("ms_per_step"), step.get("tokens_per_s")
+        rows.append(
+            {
+                "clients": clients,
+                "http_per_token_ms": per_token,
+                "per_token_from": source,
+                "http_tokens_per_s": wave["tokens_per_s"],
+                "engine_batch": step.get("batch"),
+                "engine_ms_per_step": ms,
+                "engine_tokens_per_s": tps,
+                # > 1: HTTP slower than the engine alone
+                "per_token_ratio": round(per_token["p50"] / ms, 2) if per_token and ms else None,
+                # < 1: HTTP delivers less than the engine alone
+                "tokens_per_s_ratio": round(wave["tokens_per_s"] / tps, 2) if tps else None,
+            }
+        )
+    return rows
+
+
+def print_comparison(rows: list[dict[str, Any]]) -> None:
+    def num(value: float | None, spec: str = ".2f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    print(
+        f"{'clients':>7} | {'HTTP ms/token p50 / p99':>23} | {'HTTP tokens/s':>13} | "
+        f"{'engine ms/step':>14} | {'engine tokens/s':>15} | {'HTTP/engine ms, tokens/s':>24}"
+    )
+    for r in rows:
+        pt = r["http_per_token_ms"] or {}
+        http = f"{num(pt.get('p50'))} / {num(pt.get('p99'))}"
+        if r["per_token_from"] == "alone":
+            http = "(alone) " + http
+        ratios = f"{num(r['per_token_ratio'])}, {num(r['tokens_per_s_ratio'])}"
+        batch = "" if r["engine_batch"] is None else f" @{r['engine_batch']}"
+        print(
+            f"{r['clients']:>7} | {http:>23} | {num(r['http_tokens_per_s'], '.1f'):>13} | "
+            f"{num(r['engine_ms_per_step']) + batch:>14} | "
+            f"{num(r['engine_tokens_per_s'], '.1f'):>15} | {ratios:>24}"
+        )
 
 
 def measure(pid: int, port: int, specs: list[Spec], args: argparse.Namespace) -> dict[str, Any]:
@@ -393,6 +510,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log", type=Path, help="keep the server's log here")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--no-check", action="store_true", help="report mismatches, exit 0 anyway")
+    p.add_argument(
+        "--no-engine",
+        action="store_true",
+        help="skip timing the engine's decode step in this process after the server exits",
+    )
     args = p.parse_args(argv)
     args.tiny = args.checkpoint is None
     try:
@@ -418,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for m in results["mismatches"][:5]:
         print(f"  not equal: {m}")
+    print_comparison(results["comparison"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 1 if results["mismatches"] and not args.no_check else 0

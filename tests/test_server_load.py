@@ -69,6 +69,22 @@ def test_serve_load_benchmark_smoke(tmp_path):
     memory = results["memory"]
     assert len(memory["after_wave"]) == 3 and memory["before"]["rss_mib"] > 0
     assert "not equal to alone" in proc.stdout
+    # The engine's own decode step, from the same run, beside each N's HTTP numbers.
+    engine = results["engine_decode"]
+    assert engine["steps"] == 3 and engine["context"] > 1
+    rows = {r["clients"]: r for r in results["comparison"]}
+    assert sorted(rows) == [1, 4] and rows[1]["per_token_from"] == "alone"
+    for n, row in rows.items():
+        assert row["engine_batch"] == n and row["http_per_token_ms"]["p50"] > 0
+        assert row["engine_ms_per_step"] > 0 and row["engine_tokens_per_s"] > 0
+        assert row["per_token_ratio"] > 0 and row["tokens_per_s_ratio"] > 0
+    table = [line.split("|") for line in proc.stdout.splitlines() if line.count("|") == 5]
+    assert "engine ms/step" in table[0][3]
+    printed = {int(cells[0]): cells for cells in table[1:]}
+    for cells in printed.values():  # numbers, not "-": float() raises on a placeholder
+        engine_ms, engine_tps, ratio = cells[3].split()[0], cells[4], cells[5].split(",")[0]
+        assert float(engine_ms) > 0 and float(engine_tps) > 0 and float(ratio) > 0
+    assert sorted(printed) == [1, 4]
 
 
 def test_serve_load_refuses_bad_flags():
