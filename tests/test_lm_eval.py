@@ -161,6 +161,7 @@ def pick_stop(texts: list[str]) -> str:
     raise AssertionError(f"no usable stop character in {texts}")
 
 
+@pytest.mark.long  # make test-long: make test keeps within 15 minutes
 def test_cli_scores_multiple_choice_generation_and_perplexity(checkpoint, reference, tmp_path):
     model, tokenizer = reference
     free = [greedy_text(model, tokenizer, p) for p in GEN_PROMPTS]
@@ -268,6 +269,7 @@ def test_generate_until_stops_at_max_gen_toks_and_stop_strings(checkpoint, refer
         lm.generate_until(requests("generate_until", ("def ", {"max_gen_toks": SEQ})))
 
 
+@pytest.mark.long  # make test-long: make test keeps within 15 minutes
 def test_cli_errors(checkpoint, tmp_path, monkeypatch, capsys):
     args = ["--checkpoint", str(checkpoint), "--tasks"]
     assert evaluate.main([*args[:1], str(tmp_path / "missing"), "--tasks", "toy"]) == 2

@@ -397,9 +397,15 @@ LAYOUTS = {
 }
 
 
-# Layouts whose parts the others cover (TP, DP, PP each; the optimizer replicated is DP without
-# ZeRO): in make test-long, to keep make test within its 15 minutes.
-LONG_LAYOUTS = {"tp2_dp2", "dp2_replicated_optimizer", "dp2_async_to_tp1", "tp1_to_pp2_tp2"}
+# Layouts whose parts the others cover (TP, DP, PP each, and resuming across TP and across PP;
+# the optimizer replicated is DP without ZeRO): in make test-long, to keep make test within its 15 minutes.
+LONG_LAYOUTS = {
+    "tp2_dp2",
+    "pp2_tp2",
+    "dp2_replicated_optimizer",
+    "dp2_async_to_tp1",
+    "tp1_to_pp2_tp2",
+}
 
 
 @pytest.mark.parametrize(
