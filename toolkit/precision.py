@@ -153,10 +153,10 @@ def apply_fp8(
         config = Float8LinearConfig.from_recipe_name(recipe)
         convert_to_float8_training(model, config=config, module_filter_fn=keep)
     else:
-        _swap_te_linears(model, names)
-        if fuse_norms:
-            fused = fuse_te_norms(model, names)
+        fused = fuse_te_norms(model, names) if fuse_norms else []
+        if fused:
             log.info("fp8: %d pre-norms fused into te.LayerNormLinear", len(fused))
+        _swap_te_linears(model, [n for n in names if n not in fused])
     log.info(
         "fp8: %d linears through %s (%s scaling); first and last blocks, embedding and output "
         "in bf16",
@@ -167,6 +167,16 @@ def apply_fp8(
     return engine, names
 
 
+def _replace_linear(parent: nn.Module, child: str, new: nn.Module) -> None:
+    """Put `new` (a Transformer Engine linear) where nn.Linear `parent.child` was, with its
+    weight's values and marks (TP shard placement, weight decay)."""
+    old = getattr(parent, child)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+    new.weight.__dict__.update(old.weight.__dict__)
+    setattr(parent, child, new)
+
+
 def _swap_te_linears(model: nn.Module, names: list[str]) -> None:
     import transformer_engine.pytorch as te
 
@@ -174,17 +184,8 @@ def _swap_te_linears(model: nn.Module, names: list[str]) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        new = te.Linear(
-            old.in_features,
-            old.out_features,
-            bias=False,
-            params_dtype=old.weight.dtype,
-            device=old.weight.device,
-        )
-        with torch.no_grad():
-            new.weight.copy_(old.weight)
-        new.weight.__dict__.update(old.weight.__dict__)  # TP shard placement, weight-decay marks
-        setattr(parent, child, new)
+        kwargs = dict(bias=False, params_dtype=old.weight.dtype, device=old.weight.device)
+        _replace_linear(parent, child, te.Linear(old.in_features, old.out_features, **kwargs))
 
 
 # The linear each kind of block feeds its pre-norm into (Block.forward: x + mixer(norm(x))).
@@ -207,7 +208,7 @@ class NormInNextLinear(nn.Module):
 
 
 def fuse_te_norms(model: nn.Module, names: list[str]) -> list[str]:
-    """Replace each block's first linear (when in `names`, i.e. already a te.Linear) with a
+    """Replace each block's first nn.Linear (when in `names`, the FP8 ones) with a
     te.LayerNormLinear that applies the block's RMSNorm or LayerNorm before its FP8 GEMM: one
     kernel normalises and casts to FP8, where unfused the norm writes bf16 and te.Linear reads
     and casts it again (the fusion the reference's `layer_norm_weight` names reflect). Only for
@@ -223,7 +224,8 @@ def fuse_te_norms(model: nn.Module, names: list[str]) -> list[str]:
         norm = block.norm
         if name not in names or not isinstance(norm, RMSNorm | nn.LayerNorm):
             continue
-        old = block.mixer.get_submodule(FIRST_LINEAR[block.kind])
+        child = FIRST_LINEAR[block.kind]
+        old = block.mixer.get_submodule(child)
         new = te.LayerNormLinear(
             old.in_features,
             old.out_features,
@@ -233,13 +235,10 @@ def fuse_te_norms(model: nn.Module, names: list[str]) -> list[str]:
             params_dtype=old.weight.dtype,
             device=old.weight.device,
         )
-        with torch.no_grad():
-            new.weight.copy_(old.weight)
-        new.weight.__dict__.update(old.weight.__dict__)
         new.layer_norm_weight = norm.weight  # the same Parameter: one tensor, one gradient
         if isinstance(norm, nn.LayerNorm):
             new.layer_norm_bias = norm.bias
-        setattr(block.mixer, FIRST_LINEAR[block.kind], new)
+        _replace_linear(block.mixer, child, new)
         block.norm = NormInNextLinear(norm)
         fused.append(name)
     return fused
