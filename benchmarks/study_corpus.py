@@ -8,7 +8,12 @@ Sources, one document per file, in sorted path order:
   directory, site-packages excluded; 1,790 files, 31.5 MB for CPython 3.11.7);
 - optionally --docs DIR: English text files (.txt, .rst, .md) under DIR, e.g. Debian's Python
   documentation sources after `apt-get install python3.11-doc`:
-  /usr/share/doc/python3.11/html/_sources.
+  /usr/share/doc/python3.11/html/_sources;
+- optionally --package NAME: the .py source of an installed third-party package (e.g. torch,
+  transformers), found without importing it; its version goes into the manifest.
+--max-bytes caps the text: sources are taken in the order given (stdlib, docs, packages) and the
+first file that would pass the cap ends the corpus. Documents are then shuffled (seed 0), so
+that the recipes' contiguous train/valid split samples every source.
 Writes OUT/corpus.jsonl, OUT/tok.json, OUT/corpus_text_document.bin/.idx (end-of-document
 tokens appended) and OUT/manifest.json (sources, files, bytes, tokens, SHA-256 of the JSONL,
 Python version): what the study's report cites for where the corpus comes from and its size.
@@ -16,10 +21,13 @@ Python version): what the study's report cites for where the corpus comes from a
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import platform
+import random
 import sys
 import sysconfig
+from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -41,29 +49,46 @@ def stdlib_sources() -> tuple[Path, list[Path]]:
     return root, files
 
 
+def package_sources(name: str) -> tuple[Path, list[Path], str]:
+    """An installed package's directory, its .py files and its version (no import)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LookupError(name)
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return root, sorted(p for p in root.rglob("*.py") if p.is_file()), metadata.version(name)
+
+
 def doc_sources(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in DOC_SUFFIXES)
 
 
 def write_jsonl(out: Path, groups: list[tuple[str, Path, list[Path]]], max_bytes: int) -> dict:
-    """One JSON line per file ({"text", "source"}); returns the per-source counts."""
+    """One JSON line per file ({"text", "source"}), in a shuffled order (seed 0) so that the
+    contiguous train/valid/test document ranges each sample every source; returns the
+    per-source counts. The cap applies in source order, before the shuffle."""
     counts: dict[str, dict] = {}
+    records = []
     total = 0
+    for name, root, files in groups:
+        c = counts.setdefault(name, {"root": str(root), "files": 0, "bytes": 0})
+        for path in files:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if not text.strip():
+                continue
+            size = len(text.encode("utf-8"))
+            if total + size > max_bytes:
+                break
+            records.append({"text": text, "source": f"{name}:{path.relative_to(root)}"})
+            c["files"] += 1
+            c["bytes"] += size
+            total += size
+        else:
+            continue
+        break
+    random.Random(0).shuffle(records)
     with open(out, "w", encoding="utf-8") as f:
-        for name, root, files in groups:
-            c = counts.setdefault(name, {"root": str(root), "files": 0, "bytes": 0})
-            for path in files:
-                text = path.read_text(encoding="utf-8", errors="replace")
-                if not text.strip():
-                    continue
-                size = len(text.encode("utf-8"))
-                if total + size > max_bytes:
-                    return counts
-                record = {"text": text, "source": f"{name}:{path.relative_to(root)}"}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                c["files"] += 1
-                c["bytes"] += size
-                total += size
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return counts
 
 
@@ -75,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="directory to write (e.g. data/study)")
     parser.add_argument("--docs", action="append", default=[], help="a directory of text files")
+    parser.add_argument(
+        "--package", action="append", default=[], help="an installed package's .py source"
+    )
     parser.add_argument("--no-stdlib", action="store_true", help="leave the stdlib source out")
     parser.add_argument("--vocab-size", type=int, default=16384, help="BPE vocabulary (16384)")
     parser.add_argument("--max-bytes", type=int, default=10**12, help="cap on the text (bytes)")
@@ -90,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --docs {d}: not a directory", file=sys.stderr)
             return 2
         groups.append((f"docs:{d}", d, doc_sources(d)))
+    versions = {}
+    for name in args.package:
+        try:
+            root, files, versions[name] = package_sources(name)
+        except (LookupError, metadata.PackageNotFoundError):
+            print(f"error: --package {name}: not installed in this Python", file=sys.stderr)
+            return 2
+        groups.append((f"package:{name}", root, files))
     if not groups:
         print("error: no sources: drop --no-stdlib or give --docs DIR", file=sys.stderr)
         return 2
@@ -106,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "sources": counts,
+        "package_versions": versions,
         "documents": summary.documents,
         "bytes": sum(c["bytes"] for c in counts.values()),
         "tokens": summary.tokens,
