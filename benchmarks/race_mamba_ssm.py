@@ -621,6 +621,10 @@ def print_table(r: dict) -> None:
     if not all("error" not in r[k] for k in sides):
         return
     predicted = r["predicted"]
+    for side in sides:  # the shape match rests on these predictions
+        if r[side]["parameters"] != predicted[side]["parameters"]:
+            built, want = r[side]["parameters"], predicted[side]["parameters"]
+            print(f"warning: {side}: {built:,} parameters built, {want:,} predicted")
     rows = [
         ("parameters (built)", "{:,}", lambda x: x["parameters"]),
         ("tokens/s", "{:,.0f}", lambda x: x["tokens_per_s"]),
