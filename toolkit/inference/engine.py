@@ -267,7 +267,7 @@ class Engine:
             logits.append(first[generating])
             requests += [admitted[i] for i in generating]
             rows += [prefilled[i] for i in generating]
-        if self.prefilling is not None and self.prefilling.done == 0:
+        if self.prefilling is not None and self.prefilling.done == 0:  # started by _admit
             self._prefill_long(budget, updated, logits, requests, rows)
         if requests:
             self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), requests, rows)
