@@ -25,10 +25,20 @@ writes itself, served on CPU) and measures over HTTP:
   (the last wave of N): the per-token latency of its greedy streams (N = 1: of the streams sent
   alone, whose live batch is 1 too), its tokens/s (generated tokens over the wave's wall time,
   prefill and queueing included), and the ratios HTTP/engine of the per-token p50 to the step
-  time and of the tokens/s; --no-engine skips it.
+  time and of the tokens/s; --no-engine skips it;
+- long prompt (--long-prompt N): a prompt of N tokens sent alone (its time to first token, and
+  the first prefill of that length, untimed otherwise), then --long-streams greedy streams that,
+  once each has received --long-before tokens, see the same prompt sent and keep reading until
+  --long-after tokens past its first token. The streams' per-token latency (the time between
+  events over the tokens they carry) before it was sent, during its admission (the events
+  after it was sent up to and including the first one after its first token) and after; its
+  time to first token beside the one alone. The server prefills at most --max-prefill-tokens
+  prompt positions per step (its own default if not given).
 
     python benchmarks/serve_load.py                          # tiny model, 1/8/32/64 clients
     python benchmarks/serve_load.py --clients 256 --waves 2 --json load.json
+    python benchmarks/serve_load.py --clients 1 --long-prompt 4096 --max-len 4608 \\
+        --max-prefill-tokens 512
     python benchmarks/serve_load.py --checkpoint runs/x/checkpoints --device cuda \\
         --dtype bfloat16 --clients 1,8,32,64
 
@@ -275,6 +285,8 @@ def serve_flags(checkpoint: Path, args: argparse.Namespace) -> list[str]:
     flags += ["--slots", str(args.slots), "--max-len", str(args.max_len)]
     if args.decode_buckets:
         flags += ["--decode-buckets", args.decode_buckets]
+    if args.max_prefill_tokens:
+        flags += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     return flags
 
 
@@ -313,6 +325,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             results |= measure(proc.pid, port, specs, args)
             results["ready_s"] = round(ready, 3)
+            if args.long_prompt:
+                results["long_prompt"] = long_prompt(port, Path(checkpoint), args)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -422,6 +436,153 @@ def print_comparison(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def checkpoint_tokenizer(checkpoint: Path) -> Any:
+    """The tokenizer of a checkpoint's recipe, without loading the model."""
+    from toolkit.build import tokenizer_from_recipe
+    from toolkit.checkpoint.store import read_metadata, resolve_checkpoint
+    from toolkit.config import recipe_from_dict
+
+    recipe = recipe_from_dict(read_metadata(resolve_checkpoint(checkpoint))["recipe"])
+    return tokenizer_from_recipe(recipe)
+
+
+def text_of_tokens(tokenizer: Any, count: int) -> tuple[str, int]:
+    """Text that encodes to about `count` tokens (exactly, for most tokenizers), and its count."""
+    # About `count` entries of a few tokens each (2 at least, with any tokenizer): enough.
+    ids = tokenizer.encode(" ".join(f"{w} {i}" for i, w in enumerate(PROMPTS * (count // 6 + 1))))
+    n = count
+    for _ in range(8):  # decode and encode need not round-trip: trim until they do
+        text = tokenizer.decode(ids[:n])
+        got = len(tokenizer.encode(text))
+        if got <= count:
+            break
+        n -= got - count
+    return text, got
+
+
+async def stream_events(
+    port: int,
+    body: dict[str, Any],
+    events: list[tuple[float, int]],
+    leave: asyncio.Event,
+    progress: asyncio.Event,
+) -> str:
+    """A streamed completion with logprobs (so every event says how many tokens it carries):
+    (perf_counter time, tokens) per event into `events`, until the end or until `leave` is set;
+    sets `progress` at each event and at the end. Returns why it stopped: "left", "ended" or
+    an error."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    try:
+        writer.write(head.encode() + data)
+        status = int((await reader.readline()).split()[1])
+        if status != 200:
+            return f"HTTP {status}: {(await reader.read(300)).decode(errors='replace')}"
+        while line := await reader.readline():
+            if leave.is_set():
+                return "left"
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            tokens = len((choice.get("logprobs") or {}).get("tokens") or [])
+            if tokens:
+                events.append((time.perf_counter(), tokens))
+                progress.set()
+        return "ended"
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        writer.transport.abort()  # the server cancels the request and frees its slot
+        progress.set()
+
+
+def long_prompt(port: int, checkpoint: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The --long-prompt scenario of the module docstring."""
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    text, count = text_of_tokens(tokenizer, args.long_prompt)
+    body = {"prompt": text, "max_tokens": 1, "temperature": 0.0, "stream": True}
+    body["logprobs"] = 0
+    alone = asyncio.run(send(port, Spec(-1, "stream", False, body)))
+    if alone.status != 200 or alone.first_event is None:
+        raise RuntimeError(f"the long prompt alone failed: {alone.status} {alone.error}")
+    out: dict[str, Any] = {"tokens": count, "streams": args.long_streams}
+    out["ttft_alone_ms"] = round(1000 * alone.first_event, 2)
+    out |= asyncio.run(long_prompt_while_streaming(port, tokenizer, body, args))
+    print(
+        f"long prompt of {count} tokens: first token in {out['ttft_ms']} ms "
+        f"({out['ttft_alone_ms']} ms alone); {args.long_streams} running streams, ms per token "
+        f"p50/p99 before {fmt(out['per_token_ms']['before'])}, during its admission "
+        f"{fmt(out['per_token_ms']['during'])} (longest gap {out['longest_gap_during_ms']} ms), "
+        f"after {fmt(out['per_token_ms']['after'])}",
+        flush=True,
+    )
+    return out
+
+
+def fmt(p: dict[str, float] | None) -> str:
+    return "-" if p is None else f"{p['p50']}/{p['p99']}"
+
+
+async def long_prompt_while_streaming(
+    port: int, tokenizer: Any, long_body: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    events: list[list[tuple[float, int]]] = [[] for _ in range(args.long_streams)]
+    leave, progress = asyncio.Event(), asyncio.Event()
+    tasks = []
+    for i in range(args.long_streams):
+        prompt = f"{PROMPTS[i % len(PROMPTS)]} {i}"
+        room = args.max_len - len(tokenizer.encode(prompt)) - 1
+        body = {"prompt": prompt, "max_tokens": room, "temperature": 0.0, "ignore_eos": True}
+        body |= {"stream": True, "logprobs": 0}
+        task = stream_events(port, body, events[i], leave, progress)
+        tasks.append(asyncio.create_task(task))
+
+    async def until_each_has(tokens: int, since: float = 0.0) -> None:
+        """Until every stream has received `tokens` since `since`, or one has stopped."""
+        while not any(t.done() for t in tasks) and any(
+            sum(n for t, n in stream if t > since) < tokens for stream in events
+        ):
+            progress.clear()
+            await progress.wait()
+
+    await until_each_has(args.long_before)
+    sent = time.perf_counter()
+    outcome = await send(port, Spec(-1, "stream", False, long_body))
+    first = None if outcome.first_event is None else sent + outcome.first_event
+    if first is not None:
+        await until_each_has(args.long_after, first)
+    leave.set()
+    stopped = await asyncio.gather(*tasks)
+    if first is None or any(s != "left" for s in stopped):
+        raise RuntimeError(
+            f"long prompt: {outcome.status} {outcome.error}; streams: {sorted(set(stopped))}"
+        )
+    phases: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+    longest = 0.0
+    started = max(stream[0][0] for stream in events)  # every stream runs: no more admissions
+    for stream in events:
+        for (t0, _), (t1, n) in zip(stream, stream[1:]):
+            if t1 <= sent:
+                if t0 < started:
+                    continue
+                phase = "before"
+            elif t0 < first:  # the gap overlaps the admission (the first after it included)
+                phase = "during"
+                longest = max(longest, t1 - t0)
+            else:
+                phase = "after"
+            phases[phase] += [(t1 - t0) / n] * n
+    return {
+        "ttft_ms": round(1000 * outcome.first_event, 2),
+        "per_token_ms": {k: percentiles(v) for k, v in phases.items()},
+        "longest_gap_during_ms": round(1000 * longest, 2),
+    }
+
+
 def measure(pid: int, port: int, specs: list[Spec], args: argparse.Namespace) -> dict[str, Any]:
     first = asyncio.run(send(port, specs[0]))
     results: dict[str, Any] = {"first_request_ms": round(1000 * first.latency, 2)}
@@ -501,6 +662,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=64, help="the server's --slots")
     p.add_argument("--max-len", type=int, default=512, help="the server's --max-len")
     p.add_argument("--decode-buckets", help="the server's --decode-buckets (default: its own)")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        help="the server's --max-prefill-tokens (default: its own)",
+    )
+    p.add_argument(
+        "--long-prompt",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also send an N-token prompt while --long-streams streams decode (0: off)",
+    )
+    p.add_argument("--long-streams", type=int, default=8, help="streams running meanwhile")
+    p.add_argument(
+        "--long-before", type=int, default=16, help="tokens each stream reads before it is sent"
+    )
+    p.add_argument(
+        "--long-after", type=int, default=16, help="tokens each stream reads after its first"
+    )
     p.add_argument("--device", default="cpu", help="the server's --device")
     p.add_argument("--dtype", default="float32", help="the server's --dtype")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server")
@@ -525,6 +705,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--clients and --waves >= 1, --distinct >= 4, --tokens >= 2")
     if args.cancel_tokens + 16 > args.max_len or args.cancel_after < 1:
         p.error("--cancel-tokens must leave room for a prompt under --max-len; --cancel-after >= 1")
+    if args.max_prefill_tokens is not None and args.max_prefill_tokens < 1:
+        p.error("--max-prefill-tokens must be >= 1")
+    if args.long_prompt:
+        if args.long_prompt < 0 or args.long_prompt + 1 > args.max_len:
+            p.error(f"--long-prompt must lie in [1, {args.max_len - 1}] (raise --max-len)")
+        if not 1 <= args.long_streams < args.slots:
+            p.error("--long-streams must be >= 1 and leave a slot free (--slots)")
+        if min(args.long_before, args.long_after) < 2:
+            p.error("--long-before and --long-after must be >= 2")
+        if args.long_before + args.long_after + 256 > args.max_len:
+            p.error("--max-len must leave the streams room for --long-before + --long-after")
     return args
 
 

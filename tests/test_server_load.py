@@ -51,7 +51,10 @@ def test_serve_load_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/serve_load.py"), "--clients", "1,4"]
         + ["--waves", "2", "--distinct", "8", "--tokens", "4", "--cancel-tokens", "24"]
-        + ["--json", str(out), *TINY],
+        + ["--json", str(out), *TINY]
+        # A 96-token prompt admitted 16 positions a step while 2 streams decode.
+        + ["--long-prompt", "96", "--max-prefill-tokens", "16", "--long-streams", "2"]
+        + ["--long-before", "4", "--long-after", "4"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -69,6 +72,10 @@ def test_serve_load_benchmark_smoke(tmp_path):
     memory = results["memory"]
     assert len(memory["after_wave"]) == 3 and memory["before"]["rss_mib"] > 0
     assert "not equal to alone" in proc.stdout
+    long = results["long_prompt"]
+    assert long["tokens"] == 96 and long["ttft_ms"] > 0 and long["ttft_alone_ms"] > 0
+    assert all(long["per_token_ms"][phase]["p99"] > 0 for phase in ("before", "during", "after"))
+    assert "long prompt of 96 tokens: first token in" in proc.stdout
     # The engine's own decode step, from the same run, beside each N's HTTP numbers.
     engine = results["engine_decode"]
     assert engine["steps"] == 3 and engine["context"] > 1

@@ -42,7 +42,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-len", type=int, help="prompt + generation limit (none: the recipe's seq_length)"
     )
-    p.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens per step")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=8192,
+        help="prompt tokens prefilled per step; a longer prompt takes several steps, the running "
+        "requests decoding meanwhile",
+    )
     p.add_argument("--prefill-chunk", type=int, default=2048, help="longest prompt piece per pass")
     p.add_argument(
         "--no-cuda-graphs",

@@ -9,7 +9,11 @@ Requests wait in a queue until a slot is free (never dropped). Every `step()`:
    smallest of the decoder's batch buckets that holds them;
 2. waiting requests are prefilled together (prompts of different lengths, no padding: the batch
    runs up to the shortest prompt, then the longer ones continue from their states) and copied
-   into free slots, so they join the running batch at the next step;
+   into free slots, so they join the running batch at the next step; at most
+   `max_prefill_tokens` prompt positions per step: a longer prompt is prefilled over several
+   steps, a piece per step continuing from its own states (held apart from the slots, which the
+   decode step runs over), and seated after its last piece, so the running requests still get a
+   token at every step while it is admitted;
 3. one token is sampled per row with the row's own settings and seed, and finished requests
    (end of document, stop string, length, cancelled) free their slots.
 With `overlap` (on by default with CUDA graphs), the tokens a step samples go back into the
@@ -31,6 +35,7 @@ from toolkit.inference.cuda_graph import StaticDecoder, span_bucket
 from toolkit.inference.request import FinishReason, Request, check_request, finish_reason
 from toolkit.inference.sampling import copy_to_host, pick, read_copy
 from toolkit.model import HybridLM
+from toolkit.model.states import DecodeStates
 from toolkit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,18 @@ class Launched:
 
     owners: dict[int, Request]
     logits: torch.Tensor
+
+
+@dataclass
+class Prefill:
+    """A prompt longer than a step's prefill budget, prefilled a piece per step: `done`
+    positions so far, in its own one-row states (not a slot's: the static decode step runs over
+    free slots too, and would step a half-filled Mamba state), copied into a slot at the end."""
+
+    request: Request
+    states: DecodeStates
+    tokens: torch.Tensor  # [1, prompt + 1] on the device (a spare column: see _prefill)
+    done: int = 0
 
 
 class Engine:
@@ -60,9 +77,11 @@ class Engine:
         ssm_state_dtype: torch.dtype = torch.float32,
         decode_buckets: Sequence[int] | None = None,
     ) -> None:
-        """`max_prefill_tokens`: prompt tokens admitted per step (one prompt at least);
-        `prefill_chunk`: the most positions of one prompt run through the model at once, which
-        bounds the activations (attention scores grow with its square) for long prompts;
+        """`max_prefill_tokens`: prompt positions prefilled per step, beside the running rows'
+        decode; a longer prompt takes several steps (it trades the running requests' latency per
+        token while it is admitted against its time to first token); `prefill_chunk`: the most
+        positions of one prompt run through the model at once, which bounds the activations
+        (attention scores grow with its square) for long prompts;
         `cuda_graphs`: decode at static shapes (toolkit/inference/cuda_graph.py), replayed as
         CUDA graphs on a CUDA device and run eagerly elsewhere; None: on for CUDA. Off: only the
         running rows are decoded, eagerly. `decode_buckets`: the batch sizes the static decoder
@@ -71,6 +90,8 @@ class Engine:
         the decoder replays CUDA graphs (faster at every batch: benchmarks/RESULTS.md).
         `ssm_state_dtype`: the slots' Mamba recurrent states (prefill always runs in fp32);
         bfloat16 halves the state a decode step reads and writes, as mamba-ssm's generation."""
+        if max_prefill_tokens < 1 or prefill_chunk < 1:
+            raise ValueError("max_prefill_tokens and prefill_chunk must be >= 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.slots = slots
@@ -102,6 +123,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
         self.admitted: list[Request] = []  # taken from the queue by the step in progress
+        self.prefilling: Prefill | None = None  # a long prompt admitted over several steps
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
     @torch.no_grad()
@@ -132,7 +154,7 @@ class Engine:
         self.waiting.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.active or self.waiting)
+        return bool(self.active or self.waiting or self.prefilling)
 
     def run(self, requests: Sequence[Request]) -> list[Request]:
         """Add the requests and step until all are finished (for scripts, tests, benchmarks)."""
@@ -228,9 +250,14 @@ class Engine:
         requests: list[Request],
         rows: list[int],
     ) -> list[Request]:
-        """Prefill newcomers, sample every row with logits, and report the updated requests."""
-        admitted = self.admitted = self._admit()
+        """Prefill newcomers within the step's budget (the long prompt in progress first), sample
+        every row with logits, and report the updated requests."""
+        budget = self.max_prefill_tokens
+        if self.prefilling is not None:
+            budget = self._prefill_long(budget, updated, logits, requests, rows)
+        admitted = self.admitted = self._admit(budget)  # may start a long prompt: what is left
         if admitted:
+            budget -= sum(len(r.prompt) for r in admitted)
             first, prefilled = self._prefill(admitted)
             updated += [r for r in admitted if r.max_new_tokens == 0]
             for r in admitted:
@@ -240,6 +267,8 @@ class Engine:
             logits.append(first[generating])
             requests += [admitted[i] for i in generating]
             rows += [prefilled[i] for i in generating]
+        if self.prefilling is not None and self.prefilling.done == 0:  # started by _admit
+            self._prefill_long(budget, updated, logits, requests, rows)
         if requests:
             self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), requests, rows)
             updated += requests
@@ -258,8 +287,11 @@ class Engine:
         self.launched = None
         running = list(self.active.values())
         failed = running + [r for r in self.admitted if r not in running] + list(self.waiting)
+        if self.prefilling is not None and self.prefilling.request not in failed:
+            failed.append(self.prefilling.request)
         self.waiting.clear()
         self.admitted = []
+        self.prefilling = None
         for slot in list(self.active):
             self._release(slot)
         for r in failed:
@@ -316,20 +348,65 @@ class Engine:
             self.host_positions[s] += 1
         return self._logits(hidden[index, 0])
 
-    def _admit(self) -> list[Request]:
-        """Waiting requests for the free slots, within the prefill token budget (at least one)."""
+    def _admit(self, budget: int) -> list[Request]:
+        """Waiting requests, in order, for the free slots, whose whole prompts fit in `budget`
+        positions; the first that does not fit becomes the long prompt in progress (its slot
+        stays free until it is seated: nothing else is admitted meanwhile)."""
+        if self.prefilling is not None:
+            return []
         free = self.slots - len(self.active)
         admitted: list[Request] = []
-        budget = self.max_prefill_tokens
-        while self.waiting:
+        while self.waiting and budget > 0:
             r = self.waiting[0]
             needs_slot = r.max_new_tokens > 0
-            if (needs_slot and free == 0) or (admitted and len(r.prompt) > budget):
+            if needs_slot and free == 0:
                 break
-            admitted.append(self.waiting.popleft())
+            self.waiting.popleft()
+            if len(r.prompt) > budget:
+                tokens = torch.tensor([r.prompt + [0]], device=self.device)
+                states = self.model.allocate_states(1, len(r.prompt))
+                self.prefilling = Prefill(r, states, tokens)
+                break
+            admitted.append(r)
             free -= needs_slot
             budget -= len(r.prompt)
         return admitted
+
+    def _prefill_long(
+        self,
+        budget: int,
+        updated: list[Request],
+        logits: list[torch.Tensor],
+        requests: list[Request],
+        rows: list[int],
+    ) -> int:
+        """Up to `budget` more positions of the long prompt in progress; after its last, seat it
+        and add its first logits to the step's (or finish it: nothing to generate). Returns the
+        budget left."""
+        p = self.prefilling
+        r, length = p.request, len(p.request.prompt)
+        end = min(length, p.done + budget)
+        budget -= end - p.done
+        while p.done < end:
+            # Pieces end at multiples of prefill_chunk, as the prompt admitted in one step runs.
+            stop = min(end, (p.done // self.prefill_chunk + 1) * self.prefill_chunk)
+            hidden = self.model.hidden(p.tokens[:, p.done : stop], p.states.rows(1, p.done))
+            if r.score_prompt:
+                last = stop - p.done - (stop == length)  # the last position has no target
+                r.prompt_logprobs += self._score(hidden[0, :last], p.tokens[0, p.done + 1 :])
+            p.done = stop
+        if p.done < length:
+            return budget
+        self.prefilling = None
+        self.stats["prompt_tokens"] += length
+        if r.max_new_tokens == 0:
+            self._finish(r, "length")
+            updated.append(r)
+            return budget
+        logits.append(self._logits(hidden[:, -1]))
+        requests.append(r)
+        rows.append(self._seat(r, p.states, 0, length))
+        return budget
 
     def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
         """Run the prompts; returns the logits after each prompt [n, vocab] and the slots the
@@ -359,19 +436,22 @@ class Engine:
                     r.prompt_logprobs += self._score(hidden[row, :stop], tokens[row, start + 1 :])
             start = end
 
-        free = [s for s in range(self.slots) if s not in self.active]
         slots = [-1] * n
         for row, i in enumerate(order):
             r = requests[i]
             self.stats["prompt_tokens"] += lengths[row]
-            if r.max_new_tokens == 0:
-                continue
-            slot = slots[i] = free.pop(0)
-            self.active[slot] = r
-            self.positions[slot] = self.host_positions[slot] = lengths[row]
-            self.states.copy_row(slot, scratch, row, lengths[row])
+            if r.max_new_tokens > 0:
+                slots[i] = self._seat(r, scratch, row, lengths[row])
         inverse = torch.tensor(order, device=self.device).argsort()
         return last[inverse], slots
+
+    def _seat(self, r: Request, prefilled: DecodeStates, row: int, length: int) -> int:
+        """Seat a prefilled request (row `row` of `prefilled`) in the lowest free slot."""
+        slot = next(s for s in range(self.slots) if s not in self.active)
+        self.active[slot] = r
+        self.positions[slot] = self.host_positions[slot] = length
+        self.states.copy_row(slot, prefilled, row, length)
+        return slot
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
         self._apply(read_copy(copy_to_host(pick(logits, requests))), requests, rows)
@@ -393,11 +473,17 @@ class Engine:
                 self._release(slot)
                 self._finish(r, reason)
 
+    def _cancelled(self, r: Request) -> bool:
+        return r.cancelled
+
     def _drop_cancelled(self) -> list[Request]:
-        dropped = [r for r in self.waiting if r.cancelled]
-        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        dropped = [r for r in self.waiting if self._cancelled(r)]
+        self.waiting = deque(r for r in self.waiting if not self._cancelled(r))
+        if self.prefilling is not None and self._cancelled(self.prefilling.request):
+            dropped.append(self.prefilling.request)  # its states go, its slot was never taken
+            self.prefilling = None
         for slot, r in list(self.active.items()):
-            if r.cancelled:
+            if self._cancelled(r):
                 self._release(slot)
                 dropped.append(r)
         for r in dropped:

@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -183,18 +182,9 @@ class TPEngine(Engine):
         finally:
             self.tracked = {i: r for i, r in self.tracked.items() if not r.done}
 
-    def _drop_cancelled(self) -> list[Request]:
-        """The base class's, deciding by this step's events instead of the live flag."""
-        doomed = self.doomed
-        dropped = [r for r in self.waiting if r in doomed]
-        self.waiting = deque(r for r in self.waiting if r not in doomed)
-        for slot, r in list(self.active.items()):
-            if r in doomed:
-                self._release(slot)
-                dropped.append(r)
-        for r in dropped:
-            self._finish(r, "cancelled")
-        return dropped
+    def _cancelled(self, r: Request) -> bool:
+        """By this step's events, not the live flag (which an HTTP thread may set meanwhile)."""
+        return r in self.doomed
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.model.output_layer(hidden).contiguous()  # this rank's vocabulary slice
