@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_engine import TOKENIZER, build, one_thread  # noqa: F401 (autouse fixture)
 from toolkit.inference.engine import Engine
@@ -118,3 +119,33 @@ def test_failed_warm_up_stops_the_server():
         assert not g.server.engine_thread.ready.is_set()
     finally:
         g.server.server_close()
+
+
+def test_warm_up_runs_requests_through_prefill_and_sampling_and_forgets_them():
+    """Beyond the decode buckets, warm-up prefills a few prompts together (fresh and continuing
+    pieces of lengths 1, 16 and more: the shape classes GPU kernels compile for), samples and
+    decodes them; then the engine is as new: no counts, free slots, the same answers."""
+    from tests.test_engine import clone, prompts
+    from toolkit.inference.engine import Request
+
+    torch.manual_seed(0)
+    model = build()
+    warm, cold = (Engine(model, TOKENIZER, slots=3) for _ in "ab")
+    pieces = []
+    hidden = model.hidden
+    model.hidden = lambda tokens, states=None: (
+        pieces.append(tuple(tokens.shape)) or hidden(tokens, states)
+    )
+    assert warm.warm_up() == 0  # no static decoder on the CPU by default
+    del model.hidden
+    assert pieces[:3] == [(3, 1), (2, 16), (1, 45)]  # the prompts (1, 17, 62 tokens) prefilled
+    assert len(pieces) > 3  # then decoded
+    assert warm.stats == dict.fromkeys(warm.stats, 0) and not warm.active and not warm.waiting
+    requests = [
+        Request(prompt=p, max_new_tokens=6, temperature=t, seed=3)
+        for p, t in zip(prompts(5, 9, 3), (0.0, 0.9, 0.0))
+    ]
+    again = [clone(r) for r in requests]
+    warm.run(requests), cold.run(again)
+    assert [r.tokens for r in requests] == [r.tokens for r in again]
+    assert warm.stats == cold.stats
