@@ -317,7 +317,7 @@ def test_two_ranks_on_the_static_decode_step_serve_like_the_engine_alone(tmp_pat
         # every rank before it said ready.
         warmed = text.index("decode warmed up: 3 steps, batch buckets [1, 2, 4]")
         assert text.index("serving on") < warmed < text.index("warm-up took")
-        assert re.search(r"every rank warm: rank 0 [\d.]+ s, rank 1 [\d.]+ s\n", text), text
+        assert re.search(r"every rank warm: rank 0 [\d.]+ s, rank 1 [\d.]+ s; ready\n", text), text
         for path, body in BODIES:
             same(call(server, path, body), reference(path, body))
     finally:

@@ -206,16 +206,21 @@ def warm_up(engine: "Engine", ranks: Any) -> dict[str, Any]:
         everyone = [None] * ranks.tp
         dist.all_gather_object(everyone, done, group=ranks.events)
     if ranks is None or ranks.leader:
+        decode = "eager decode, no graphs"
+        if decoder is not None:
+            decode = (
+                f"{steps} decode steps over batch buckets {decoder.buckets}, "
+                f"{done['cuda_graphs']} CUDA graphs recorded"
+            )
+        ranks_warm = ""
+        if ranks is not None:
+            times = ", ".join(f"rank {d['rank']} {d['seconds']:.2f} s" for d in everyone)
+            ranks_warm = f"; every rank warm: {times}"
         log.info(
-            "warm-up took %.2f s: %d decode steps (batch buckets %s), %d CUDA graphs recorded%s",
+            "warm-up took %.2f s (%s; prefill and sampling run)%s; ready",
             done["seconds"],
-            steps,
-            done["batch_buckets"],
-            done["cuda_graphs"],
-            ""
-            if ranks is None
-            else "; every rank warm: "
-            + ", ".join(f"rank {d['rank']} {d['seconds']:.2f} s" for d in everyone),
+            decode,
+            ranks_warm,
         )
     return done
 
