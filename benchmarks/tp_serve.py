@@ -58,12 +58,21 @@ def serve(checkpoint: Path, tp: int, args: argparse.Namespace, log: Path) -> tup
         cmd.append("--tp-cuda-graphs")
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + args.start_timeout
-    while not address.exists():
+    while not (address.exists() and ready(port)):  # listening, then warm (200)
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"the --tp {tp} server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     return proc, port
+
+
+def ready(port: int) -> bool:
+    """/health answers 200 (503 "starting" while the server warms up)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as reply:
+            return reply.status == 200
+    except OSError:  # HTTPError 503 included
+        return False
 
 
 def measure(port: int, args: argparse.Namespace) -> dict:

@@ -263,7 +263,8 @@ def test_warm_up_runs_every_bucket_and_changes_no_answer():
     step = warm.decoder._step
     warm.decoder._step = lambda rows, span: shapes.append((rows, span)) or step(rows, span)
     assert warm.warm_up(context=300) == 6
-    assert shapes == [(1, 256), (2, 256), (3, 256), (1, 512), (2, 512), (3, 512)]
+    # Then the warm-up requests' one decode step, their three rows together.
+    assert shapes == [(1, 256), (2, 256), (3, 256), (1, 512), (2, 512), (3, 512), (3, 256)]
     cold = Engine(model, TOKENIZER, slots=3, cuda_graphs=True)
     again = [clone(r) for r in requests]
     warm.run(requests), cold.run(again)

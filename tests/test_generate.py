@@ -1,7 +1,11 @@
 """Generation with states equals recomputing the whole prefix; sampling controls behave."""
 
+import logging
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from tests.conftest import tiny_model_config
 from toolkit.inference.generate import generate, sample_next
@@ -72,3 +76,52 @@ def test_stops_when_every_row_emitted_end_of_document(model):
     out = generate(model, torch.randint(0, 50, (2, 4)), 50, eod_id=7)
     assert out.shape == (2, 5) and torch.all(out[:, -1] == 7)
     assert generate(model, torch.randint(0, 50, (2, 4)), 50).shape == (2, 54)
+
+
+class Shapes(TorchDispatchMode):
+    """Every distinct (operator, input shapes) the model and sampling run while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = tree_leaves((args, kwargs))
+        shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor))
+        self.seen.add((str(func), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+# A short prompt fed through the decode step, 200 tokens; a long one prefilled at once.
+@pytest.mark.parametrize("prompt_length, tokens", [(5, 200), (40, 60)])
+def test_decode_shapes_do_not_change_from_token_to_token(model, prompt_length, tokens):
+    """The shapes a generation runs at do not grow with the tokens it generates: on a GPU each
+    new shape is a new CUDA graph to record (and, for Triton kernels, to compile), so 200 tokens
+    must run at as few shapes as 10. (Before: attention over a cache one position longer each
+    token, a new shape every token.)"""
+    prompt = torch.randint(0, 50, (1, prompt_length))
+    generate(model, prompt, 2)  # what a first call computes once per process (decode_A)
+    counts = []
+    for n in (10, tokens):
+        with Shapes() as shapes:
+            generate(model, prompt, n, temperature=1.0, seed=0)
+        counts.append(len(shapes.seen))
+    assert counts[0] == counts[1]
+
+
+def test_long_prompt_prefill_and_short_prompt_steps_agree(model):
+    """A prompt fed through the decode step a token at a time continues as the same prompt
+    prefilled at once (both greedy, float64)."""
+    model = model.double()
+    prompt = torch.randint(0, 50, (3, 12))
+    stepped = generate(model, prompt, 16)
+    prefilled = generate(model, prompt, 16, step_prefill=0)
+    assert torch.equal(stepped, prefilled)
+    assert torch.equal(stepped, naive_greedy(model, prompt, 16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_200_tokens_record_one_decode_graph(model, caplog):
+    caplog.set_level(logging.INFO, logger="toolkit.inference.cuda_graph")
+    generate(model.cuda(), torch.randint(0, 50, (1, 4)), 200, temperature=1.0, seed=0)
+    assert caplog.text.count("recorded a decode graph") == 1

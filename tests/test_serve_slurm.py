@@ -131,6 +131,15 @@ def test_real_slurm_job_serves_and_cancels(checkpoint, tmp_path):
             time.sleep(0.3)
         info = json.loads(address.read_text())
         assert info["slurm_job_id"] == job
+        # Written once it listens; /health says when it is warm (503 "starting" until then).
+        while True:
+            conn = http.client.HTTPConnection(info["host"], info["port"], timeout=30)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                break
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        conn.close()
         conn = http.client.HTTPConnection(info["host"], info["port"], timeout=30)
         body = {"prompts": ["def f"], "tokens_to_generate": 4, "top_k": 1}
         conn.request("PUT", "/api", json.dumps(body), {"Content-Type": "application/json"})

@@ -4,6 +4,7 @@ concurrent clients, streaming and disconnects, the bearer token, the interactive
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,7 +51,8 @@ class Server:
                 if self.call("GET", "/health")[0] == 200:
                     return
             except OSError:
-                time.sleep(0.2)
+                pass  # not listening yet
+            time.sleep(0.2)  # or still warming up (503)
         raise TimeoutError(log.read_text())
 
     def call(self, method: str, path: str, body=None, headers=None, token: str | None = TOKEN):
@@ -396,6 +398,12 @@ def test_client_that_leaves_before_its_answer_frees_its_slot(server):
         assert time.monotonic() < deadline, h
         time.sleep(0.05)
     assert h["cancelled"] == before + 1
+
+
+def test_server_listens_before_warm_up_and_logs_how_long_it_took(server):
+    text = server.log.read_text()
+    assert text.index("serving on") < text.index("warm-up took")
+    assert re.search(r"warm-up took [\d.]+ s \(eager decode, no graphs; .*\); ready\n", text)
 
 
 def test_ignore_eos_generates_to_the_limit():

@@ -63,6 +63,8 @@ def test_serve_load_benchmark_smoke(tmp_path):
     results = json.loads(out.read_text())
     assert results["equal"] and results["mismatches"] == []
     assert results["ready_s"] > 0 and results["first_request_ms"] > 0
+    assert results["tenth_request_ms"] > 0 and results["first_over_tenth"] > 0
+    assert "first/tenth" in proc.stdout
     assert results["alone"]["requests"] == 8
     assert [w["clients"] for w in results["waves"]] == [1, 4, 4]
     for wave in results["waves"]:

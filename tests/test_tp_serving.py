@@ -4,6 +4,7 @@ clients and a client that disconnects mid-stream, and stops every rank on SIGTER
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -312,9 +313,11 @@ def test_two_ranks_on_the_static_decode_step_serve_like_the_engine_alone(tmp_pat
     try:
         text = server.log.read_text()
         assert "decoding eagerly on cpu" in text  # the static decoder
-        # Every live-batch bucket ran (on a GPU: was recorded) before the server listened.
+        # The server listened first; every live-batch bucket ran (on a GPU: was recorded) on
+        # every rank before it said ready.
         warmed = text.index("decode warmed up: 3 steps, batch buckets [1, 2, 4]")
-        assert warmed < text.index("serving on")
+        assert text.index("serving on") < warmed < text.index("warm-up took")
+        assert re.search(r"every rank warm: rank 0 [\d.]+ s, rank 1 [\d.]+ s; ready\n", text), text
         for path, body in BODIES:
             same(call(server, path, body), reference(path, body))
     finally:

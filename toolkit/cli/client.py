@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -15,16 +16,28 @@ from typing import Any
 TOKEN_ENV = "TOOLKIT_SERVE_TOKEN"
 
 
-def put(url: str, body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
+def put(
+    url: str, body: dict[str, Any], token: str | None, wait_ready: float = 0.0
+) -> tuple[int, dict[str, Any]]:
+    """(status, reply). A 503 from a server still warming up is retried (as its Retry-After
+    says) for up to `wait_ready` seconds, with one line on stderr."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, json.dumps(body).encode(), headers, method="PUT")
-    try:
-        with urllib.request.urlopen(req) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+    deadline, told = time.monotonic() + wait_ready, False
+    while True:
+        req = urllib.request.Request(url, json.dumps(body).encode(), headers, method="PUT")
+        try:
+            with urllib.request.urlopen(req) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as e:
+            status, reply, retry = e.code, json.load(e), e.headers.get("Retry-After", "1")
+        if status != 503 or time.monotonic() > deadline:
+            return status, reply
+        if not told:
+            print("the server is starting (warming up): waiting for it", file=sys.stderr)
+            told = True
+        time.sleep(float(retry) if retry.isdigit() else 1.0)
 
 
 def ask(prompt: str) -> str | None:
@@ -45,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=-1, help="-1: a new one per request")
     p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    p.add_argument(
+        "--wait-ready",
+        type=float,
+        default=600.0,
+        help="seconds to wait for a server that is still starting (503) before giving up",
+    )
     args = p.parse_args(argv)
     url = f"http://{args.address}/api"
     token = args.token or os.environ.get(TOKEN_ENV)
@@ -70,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "random_seed": args.seed,
         }
         try:
-            status, reply = put(url, body, token)
+            status, reply = put(url, body, token, args.wait_ready)
         except (urllib.error.URLError, ConnectionError) as e:
             print(f"error: cannot reach {url}: {e}", file=sys.stderr)
             return 1

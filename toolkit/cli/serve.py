@@ -144,9 +144,15 @@ def load_model(
 
 
 def build_engine(
-    args: argparse.Namespace, model: "HybridLM", recipe: "Recipe", tokenizer: Any, ranks: Any
+    args: argparse.Namespace,
+    model: "HybridLM",
+    recipe: "Recipe",
+    tokenizer: Any,
+    ranks: Any,
+    warm: bool = True,
 ) -> "Engine":
-    """The engine (TP: each rank's), its decode graphs warmed up before the server says ready."""
+    """The engine (TP: each rank's), warmed up (`warm_up`) unless `warm` is false (the server
+    warms it once it listens)."""
     import torch
 
     from toolkit.inference import tp_serving
@@ -177,8 +183,52 @@ def build_engine(
         ssm_state_dtype=getattr(torch, args.ssm_state_dtype),
         decode_buckets=args.decode_buckets,
     )
-    engine.warm_up()  # every rank, before the server says ready
+    if warm:
+        warm_up(engine, ranks)
     return engine
+
+
+def warm_up(engine: "Engine", ranks: Any) -> dict[str, Any]:
+    """Record every decode graph and tune the kernels requests use (Engine.warm_up), timed and
+    logged. Under TP every rank runs it (the collectives inside pair up) and the ranks then
+    exchange what each did, so that the leader says ready only once every rank is warm.
+    Returns this rank's numbers."""
+    import time
+
+    import torch.distributed as dist
+
+    start = time.perf_counter()
+    steps = engine.warm_up()
+    decoder = engine.decoder
+    done = {
+        "rank": 0 if ranks is None else ranks.env.rank,
+        "seconds": round(time.perf_counter() - start, 2),
+        "decode_steps": steps,
+        "batch_buckets": decoder.buckets if decoder is not None else None,
+        "cuda_graphs": len(decoder.graphs) if decoder is not None else 0,
+    }
+    everyone = [done]
+    if ranks is not None:
+        everyone = [None] * ranks.tp
+        dist.all_gather_object(everyone, done, group=ranks.events)
+    if ranks is None or ranks.leader:
+        decode = "eager decode, no graphs"
+        if decoder is not None:
+            decode = (
+                f"{steps} decode steps over batch buckets {decoder.buckets}, "
+                f"{done['cuda_graphs']} CUDA graphs recorded"
+            )
+        ranks_warm = ""
+        if ranks is not None:
+            times = ", ".join(f"rank {d['rank']} {d['seconds']:.2f} s" for d in everyone)
+            ranks_warm = f"; every rank warm: {times}"
+        log.info(
+            "warm-up took %.2f s (%s; prefill and sampling run)%s; ready",
+            done["seconds"],
+            decode,
+            ranks_warm,
+        )
+    return done
 
 
 def serve(args: argparse.Namespace, engine: "Engine", recipe: "Recipe", ranks: Any) -> int:
@@ -195,6 +245,7 @@ def serve(args: argparse.Namespace, engine: "Engine", recipe: "Recipe", ranks: A
             token=args.token or os.environ.get(TOKEN_ENV) or None,
             max_body_bytes=args.max_body_bytes,
             log_prompts=args.log_prompts,
+            warm_up=partial(warm_up, engine, ranks),
         )
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
@@ -203,7 +254,10 @@ def serve(args: argparse.Namespace, engine: "Engine", recipe: "Recipe", ranks: A
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     host, port = server.server_address[:2]
     log.info(
-        "serving on http://%s:%d (token %s)", host, port, "required" if server.token else "off"
+        "serving on http://%s:%d (token %s); warming up: /health answers 503 until ready",
+        host,
+        port,
+        "required" if server.token else "off",
     )
     if args.address_file:
         write_address(Path(args.address_file), host, port)
@@ -215,6 +269,9 @@ def serve(args: argparse.Namespace, engine: "Engine", recipe: "Recipe", ranks: A
         server.server_close()
         if args.address_file:
             Path(args.address_file).unlink(missing_ok=True)  # a stale address misleads
+    if server.engine_thread.failed:
+        print(f"error: {server.engine_thread.failed}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -235,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, RuntimeError, RecipeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = build_engine(args, model, recipe, tokenizer, ranks)
+    # The server listens first and answers 503 "starting" while its engine thread warms up.
+    engine = build_engine(args, model, recipe, tokenizer, ranks, warm=False)
     if ranks is not None and not ranks.leader:
+        warm_up(engine, ranks)
         return tp_serving.follow(engine)
     return serve(args, engine, recipe, ranks)
 

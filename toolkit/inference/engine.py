@@ -127,20 +127,60 @@ class Engine:
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
     @torch.no_grad()
-    def warm_up(self, context: int = 1) -> int:
+    def warm_up(self, context: int = 1, *, requests: bool = True) -> int:
         """Record (CUDA) or run once the static decode step of every batch bucket at every
         attention span up to `context` positions, before any request: a server does this before
-        it says ready. Free rows only, whose states hold garbage anyway. Returns the steps run."""
-        if self.decoder is None or self.active or self.launched is not None:
+        it says ready. Free rows only, whose states hold garbage anyway. With `requests`, then
+        a few requests through the whole path (see _warm_requests). Returns the decode steps
+        of the buckets."""
+        if self.active or self.waiting or self.launched is not None:
             return 0
         steps, needed = 0, 1
-        while needed <= min(context, self.max_len):
+        while self.decoder is not None and needed <= min(context, self.max_len):
             for rows in self.decoder.buckets:
                 self.decoder.launch(needed, rows)
                 steps += 1
             needed = span_bucket(needed, self.max_len) + 1
-        log.info("decode warmed up: %d steps, batch buckets %s", steps, self.decoder.buckets)
+        if self.decoder is not None:
+            log.info("decode warmed up: %d steps, batch buckets %s", steps, self.decoder.buckets)
+        if requests:
+            self._warm_requests()
         return steps
+
+    WARM_PROMPTS = (1, 17, 160)  # prompt lengths of _warm_requests
+
+    def _warm_requests(self) -> None:
+        """Prefill, sample and decode a few requests, then forget them (counters included):
+        the kernels of the first request's path, which the decode graphs do not cover, are
+        compiled and tuned now (on GPUs Triton autotunes mamba-ssm's chunked scan at its first
+        call, with and without initial states, and compiles per class of length: 1, multiples
+        of 16, others). The prompts, prefilled together, run pieces of 3 rows x 1 token
+        (fresh), 2 x 16 and 1 x 143 (continuing); one request greedy with logprobs, one
+        sampled (temperature, top-k, top-p), one scoring its prompt."""
+        new = min(2, self.max_len - 1)
+        lengths = sorted({min(n, self.max_len - new) for n in self.WARM_PROMPTS})
+        vocab = self.model.vocab_size
+        settings = [
+            {"logprobs": True, "top_logprobs": 2},
+            {"temperature": 0.8, "top_k": 8, "top_p": 0.9},
+            {"score_prompt": True, "logprobs": True},
+        ]
+        warm = [
+            Request(
+                prompt=[(7 * i + 1) % vocab for i in range(n)],
+                max_new_tokens=new,
+                seed=0,
+                stop_at_eod=False,
+                **s,
+            )
+            for n, s in zip(lengths, settings)
+        ]
+        for r in warm:  # not through add(): a TP leader would send them to the other ranks
+            r.generator = torch.Generator().manual_seed(0)
+            self.waiting.append(r)
+        while self.has_work():
+            self.step()
+        self.stats = dict.fromkeys(self.stats, 0)
 
     def check(self, request: Request) -> None:
         """Raise ValueError if the request can never run here."""

@@ -1,6 +1,13 @@
 """Generation: prefill the prompt once, then decode one token per step from the carried states
 (Mamba conv/SSM state, attention KV cache); the prefix is never recomputed.
 
+Decode steps run at static shapes, as the server's (toolkit/inference/cuda_graph.py): attention
+reads a fixed span of the cache, rounded up to a bucket and masked per row, so the shapes do not
+change from one token to the next (200 tokens after a short prompt: one shape), and on a CUDA
+device each bucket's step is recorded once as a CUDA graph and replayed. Short prompts go
+through that same step a token at a time rather than through the chunked prefill, whose GPU
+kernels would be compiled and autotuned at their first call (seconds, for a few tokens).
+
 CLI: python -m toolkit.inference.generate --checkpoint CKPT --prompt "def main(" [--temperature ...]
 """
 
@@ -10,8 +17,12 @@ import sys
 
 import torch
 
+from toolkit.inference.cuda_graph import StaticDecoder
 from toolkit.inference.sampling import sample
 from toolkit.model import HybridLM
+
+# Prompts of at most this many tokens are fed through the decode step (see the docstring).
+STEP_PREFILL = 32
 
 
 def sample_next(
@@ -44,10 +55,14 @@ def generate(
     top_p: float = 0.0,
     seed: int | None = None,
     eod_id: int | None = None,
+    cuda_graphs: bool | None = None,
+    step_prefill: int = STEP_PREFILL,
 ) -> torch.Tensor:
     """prompt [b, l] (same length per row) -> [b, l + n] with n <= max_new_tokens new tokens.
 
     Rows that produced `eod_id` keep emitting it; generation stops when every row has.
+    `cuda_graphs`: replay each decode step as a CUDA graph (None: on a CUDA device);
+    `step_prefill`: prompts up to this many tokens are fed through the decode step.
     """
     device = model.embedding.weight.device
     prompt = prompt.to(device)
@@ -55,8 +70,30 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    states = model.allocate_states(b, length + max_new_tokens)
-    logits = model(prompt, states)[:, -1]
+    max_len = length + max_new_tokens
+    states = model.allocate_states(b, max_len)
+    positions = torch.zeros(b, dtype=torch.long, device=device)  # read by the decode step
+    decoder = StaticDecoder(
+        lambda tokens, views: model(tokens, views)[:, 0],
+        states,
+        positions,
+        max_len=max_len,
+        cuda_graphs=device.type == "cuda" if cuda_graphs is None else cuda_graphs,
+        buckets=[b],
+    )
+
+    def step(tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """The logits after `tokens` [b] at `position` (a buffer the next step overwrites)."""
+        logits = decoder(tokens.contiguous(), position + 1)
+        positions.add_(1)  # in place: a recorded graph reads this tensor
+        return logits
+
+    if length <= step_prefill:  # from zero states, as a prefill starts
+        for p in range(length):
+            logits = step(prompt[:, p], p)
+    else:
+        logits = model(prompt, states)[:, -1]
+        positions.fill_(length)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out = [prompt]
     for i in range(max_new_tokens):
@@ -70,7 +107,7 @@ def generate(
         out.append(token[:, None])
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = model(token[:, None], states)[:, -1]
+        logits = step(token, length + i)
     return torch.cat(out, dim=1)
 
 
@@ -87,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--no-cuda-graphs", action="store_true", help="decode eagerly on GPUs (default: graphs)"
+    )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
@@ -111,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             seed=args.seed,
             eod_id=tokenizer.eod,
+            cuda_graphs=False if args.no_cuda_graphs else None,
         )
         print(f"--- prompt: {text!r}\n{tokenizer.decode(out[0].tolist())}\n---")
     return 0

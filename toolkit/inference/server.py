@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -26,13 +27,37 @@ log = logging.getLogger(__name__)
 
 
 class EngineThread(threading.Thread):
-    """Owns the engine: takes new requests from a queue, steps while there is work."""
+    """Owns the engine: warms it up (`warm_up`, while the HTTP threads already answer that the
+    server is starting), then takes new requests from a queue and steps while there is work."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        warm_up: Callable[[], Any] | None = None,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(name="engine", daemon=True)
         self.engine = engine
         self.inbox: queue.Queue[Request | None] = queue.Queue()
         self.running = True
+        self.warm_up = warm_up
+        self.on_failure = on_failure  # called (in a thread of its own) when warm-up fails
+        self.ready = threading.Event()  # set once warm: requests are taken from then on
+        self.failed: str | None = None  # why warm-up failed
+
+    def warm(self) -> bool:
+        """Run the warm-up, then say ready; False (and `failed` says why) if it raised."""
+        try:
+            if self.warm_up is not None:
+                self.warm_up()
+        except Exception as e:
+            log.exception("warm-up failed: the server stops")
+            self.failed = f"warm-up failed: {type(e).__name__}: {e}"
+            if self.on_failure is not None:
+                threading.Thread(target=self.on_failure, daemon=True).start()
+            return False
+        self.ready.set()
+        return True
 
     def submit(self, requests: list[Request]) -> None:
         for r in requests:
@@ -66,6 +91,8 @@ class EngineThread(threading.Thread):
             pass
 
     def run(self) -> None:
+        if not self.warm():
+            return
         while self.running:
             self._take()
             if not self.engine.has_work():
@@ -90,9 +117,14 @@ class GenerationServer(ThreadingHTTPServer):
         token: str | None = None,
         max_body_bytes: int = 1 << 20,
         log_prompts: bool = False,
+        warm_up: Callable[[], Any] | None = None,
     ) -> None:
+        """Listens at once; `warm_up` (None: the engine's own) runs on the engine thread when
+        serving starts, and until it returns /health answers 503 "starting" and generation
+        requests 503."""
         super().__init__(address, Handler)
-        self.engine_thread = EngineThread(engine)
+        self.warm_up = engine.warm_up if warm_up is None else warm_up
+        self.engine_thread = EngineThread(engine, self.warm_up, on_failure=self.shutdown)
         self.engine = engine
         self.model_name = model_name
         self.token = token
@@ -106,6 +138,10 @@ class GenerationServer(ThreadingHTTPServer):
             super().serve_forever(poll_interval)
         finally:
             self.engine_thread.stop()
+
+
+class Starting(Exception):
+    """A generation request before the engine is warm (or after its warm-up failed)."""
 
 
 class Unauthorized(Exception):
@@ -149,6 +185,10 @@ class Handler(JSONRequestHandler):
             except NotServed as e:
                 headers = {"Allow": e.allow} if e.allow else {}
                 self._error(e.status, path, str(e), headers)
+            except Starting as e:
+                # Retry-After: a client that honours it comes back when warm-up may be over.
+                headers = {"Retry-After": "1"}
+                self._error(HTTPStatus.SERVICE_UNAVAILABLE, "", str(e), headers)
             except Unauthorized:
                 headers = {"WWW-Authenticate": "Bearer"}
                 message = "a valid bearer token is required"
@@ -190,7 +230,13 @@ class Handler(JSONRequestHandler):
             getattr(self, name)()
 
     def _health(self) -> None:
-        engine = self.server.engine
+        engine, thread = self.server.engine, self.server.engine_thread
+        if not thread.ready.is_set():  # 503 until warm: load balancers and clients wait
+            status = "failed" if thread.failed else "starting"
+            body = {"status": status, "model": self.server.model_name}
+            if thread.failed:
+                body["error"] = thread.failed
+            return self._json(HTTPStatus.SERVICE_UNAVAILABLE, body, {"Retry-After": "1"})
         self._json(
             HTTPStatus.OK,
             {
@@ -203,6 +249,15 @@ class Handler(JSONRequestHandler):
                 **engine.stats,
             },
         )
+
+    def _check_ready(self) -> None:
+        thread = self.server.engine_thread
+        if not thread.ready.is_set():
+            raise Starting(
+                thread.failed
+                or "the server is starting (warming up: recording decode graphs, tuning "
+                "kernels); retry when GET /health answers 200"
+            )
 
     def _body(self) -> dict[str, Any]:
         """The JSON object in the body, after the checks that need no body."""
@@ -299,12 +354,14 @@ class Handler(JSONRequestHandler):
             return gone(e)
 
     def _megatron(self) -> None:
+        self._check_ready()
         tokenizer = self.server.engine.tokenizer
         requests = api.parse_megatron(self._body(), tokenizer, self.server.limits)
         self._wait(requests, self._submit(requests))
         self._json(HTTPStatus.OK, api.megatron_response(requests, tokenizer))
 
     def _completions(self) -> None:
+        self._check_ready()
         tokenizer, name = self.server.engine.tokenizer, self.server.model_name
         c = api.parse_completion(self._body(), tokenizer, self.server.limits)
         updates = self._submit(c.requests)

@@ -202,13 +202,22 @@ class LeaderThread(EngineThread):
     """The server's engine thread on rank 0: steps on a heartbeat while idle (the followers wait
     in a collective), and tells the followers to stop when the server stops."""
 
-    def __init__(self, engine: TPEngine, on_failure: Callable[[], None]) -> None:
-        super().__init__(engine)
+    def __init__(
+        self,
+        engine: TPEngine,
+        on_failure: Callable[[], None],
+        warm_up: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__(engine, warm_up, on_failure)
         self.engine: TPEngine = engine
-        self.on_failure = on_failure
 
     def run(self) -> None:
         try:
+            if not self.warm():
+                # The other ranks may wait inside the warm-up's collectives: a stop message
+                # would not pair with them. Those this process started die with it.
+                self.engine.ranks.stopped = True
+                return
             while self.running:
                 self._take(idle_timeout=HEARTBEAT_S)  # the followers wait in a collective
                 if not self.running:
@@ -235,7 +244,7 @@ class TPGenerationServer(GenerationServer):
 
     def __init__(self, address: tuple[str, int], engine: TPEngine, **kw: Any) -> None:
         super().__init__(address, engine, **kw)
-        self.engine_thread = LeaderThread(engine, on_failure=self.shutdown)
+        self.engine_thread = LeaderThread(engine, self.shutdown, self.warm_up)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         try:
