@@ -29,7 +29,7 @@ import torch
 
 from toolkit.inference.cuda_graph import StaticDecoder, span_bucket
 from toolkit.inference.request import FinishReason, Request, check_request, finish_reason
-from toolkit.inference.sampling import copy_to_host, pick, read_copy
+from toolkit.inference.sampling import RowsCache, copy_to_host, pick, read_copy
 from toolkit.model import HybridLM
 from toolkit.tokenizer import Tokenizer
 
@@ -102,6 +102,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
         self.admitted: list[Request] = []  # taken from the queue by the step in progress
+        self.rows = RowsCache()  # the decode batch's sampling settings, kept on the device
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
     @torch.no_grad()
@@ -175,7 +176,7 @@ class Engine:
         if rows:
             index = self._index(rows)
             whole = len(rows) == launched.logits.size(0)
-            picked = pick(launched.logits if whole else launched.logits[index], requests)
+            picked = pick(launched.logits if whole else launched.logits[index], requests, self.rows)
             # The next step's inputs, on the device.
             self.decoder.tokens[index if slots == rows else self._index(slots), 0] = picked[0]
             copy = copy_to_host(picked)
@@ -374,7 +375,8 @@ class Engine:
         return last[inverse], slots
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
-        self._apply(read_copy(copy_to_host(pick(logits, requests))), requests, rows)
+        cache = None if self.admitted else self.rows  # newcomers: a one-off batch
+        self._apply(read_copy(copy_to_host(pick(logits, requests, cache))), requests, rows)
 
     def _apply(self, picked: list[list | None], requests: list[Request], rows: list[int]) -> None:
         """The sampled tokens (and logprobs) reach their requests; finished ones free slots."""
