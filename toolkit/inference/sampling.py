@@ -197,9 +197,9 @@ def _natural(
     distribution as over a ranking, and no sort). Also the softmax's normaliser per row."""
     cdf = _exp_cumsum(x, best, inverse)
     total = cdf[:, -1]
-    # Strictly below the total: the draw lands on a token of positive probability.
-    target = torch.minimum(uniform * total, total.nextafter(total.new_zeros(())))
-    pick = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+    # right=True: the first token whose cdf exceeds the draw, so a token of zero probability
+    # never wins (u * total < total for a float32 u < 1: no token past the last possible one).
+    pick = torch.searchsorted(cdf, (uniform * total)[:, None], right=True).squeeze(-1)
     return pick.clamp_(max=x.size(-1) - 1), total
 
 
