@@ -1,6 +1,12 @@
 """The sampler's fast paths: the exact filtered distribution, the full sort's picks where they
 rank, one request's draws whatever the batch, and logprobs."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -162,3 +168,28 @@ def test_cached_settings_follow_the_batch():
     tokens = pick(logits, other, cache)[0]
     assert cache.rows is not rows and cache.rows.sampled
     assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_decode_benchmark_times_each_sampling_setting_on_cpu(tmp_path):
+    """benchmarks/decode.py --sampling: the same engine steps with each setting, beside greedy,
+    with the overhead; a bad name is refused with exit status 2 (no timing asserted)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "decode.json"
+    args = ["--recipe", str(root / "recipes/tiny_hybrid.toml"), "--contexts", "8"]
+    args += ["--batches", "3", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+    args += ["--dtype", "float32", "--json", str(out)]
+    run = [sys.executable, str(root / "benchmarks/decode.py"), *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    names = "temperature,topk,topp,seeded,logprobs"
+    proc = subprocess.run(
+        [*run, "--sampling", names], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["sampling"] for r in rows] == ["greedy", *names.split(",")]
+    assert all(r["ms_per_step"] > 0 and "overhead_vs_greedy" in r for r in rows[1:])
+    assert "over greedy" in proc.stdout
+    bad = subprocess.run(
+        [*run, "--sampling", "topz"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert bad.returncode == 2 and "topz" in bad.stderr and "Traceback" not in bad.stderr
