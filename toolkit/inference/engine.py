@@ -106,14 +106,15 @@ class Engine:
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
     @torch.no_grad()
-    def warm_up(self, context: int = 1) -> int:
+    def warm_up(self, context: int | None = None) -> int:
         """Record (CUDA) or run once the static decode step of every batch bucket at every
-        attention span up to `context` positions, before any request: a server does this before
-        it says ready. Free rows only, whose states hold garbage anyway. Returns the steps run."""
+        attention span up to `context` positions (None: every span up to max_len, so that no
+        graph is recorded while serving), before any request: a server does this before it says
+        ready. Free rows only, whose states hold garbage anyway. Returns the steps run."""
         if self.decoder is None or self.active or self.launched is not None:
             return 0
         steps, needed = 0, 1
-        while needed <= min(context, self.max_len):
+        while needed <= min(context or self.max_len, self.max_len):
             for rows in self.decoder.buckets:
                 self.decoder.launch(needed, rows)
                 steps += 1
