@@ -312,8 +312,9 @@ def test_two_ranks_on_the_static_decode_step_serve_like_the_engine_alone(tmp_pat
     try:
         text = server.log.read_text()
         assert "decoding eagerly on cpu" in text  # the static decoder
-        # Every live-batch bucket ran (on a GPU: was recorded) before the server listened.
-        warmed = text.index("decode warmed up: 3 steps, batch buckets [1, 2, 4]")
+        # Every live-batch bucket at every span up to the 4096 positions ran (on a GPU: was
+        # recorded) before the server listened: 3 buckets x 16 spans.
+        warmed = text.index("decode warmed up: 48 steps, batch buckets [1, 2, 4]")
         assert warmed < text.index("serving on")
         for path, body in BODIES:
             same(call(server, path, body), reference(path, body))
