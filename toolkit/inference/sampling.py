@@ -162,14 +162,14 @@ def draw(
     rows: Rows,
     uniform: torch.Tensor | None,
     nucleus_candidates: int = NUCLEUS_CANDIDATES,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
-    """Token ids [b] for `rows`' settings and draws (float32); also each row's largest logit
-    [b], the sums of exp((logits - largest) / temperature) [b] when computed (else None), and
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool]:
+    """Token ids [b] for `rows`' settings and draws (float32); also, when a row samples,
+    each row's largest logit [b] and the sums of exp((logits - largest) / temperature) [b] when computed (else None), and
     whether a top-p row's nucleus reached past its `nucleus_candidates` best tokens (then it
     was sorted in full). A row's token depends on its own logits, settings and draw only."""
-    best, tokens = logits.max(-1)  # the greedy tokens, and each row's top for a stable exp
     if not rows.sampled:
-        return tokens, best, None, False
+        return logits.argmax(-1), None, None, False
+    best, tokens = logits.max(-1)  # the greedy tokens, and each row's top for a stable exp
     x, best = logits.float(), best.float()
     total, wide = None, False
     if rows.any_plain or rows.any_nucleus_only:
@@ -276,8 +276,7 @@ def pick(
     if any(want):
         # Each row's logprobs come the same way in any batch: from the sampling pass's sum for
         # the rows that share it, else from a log_softmax.
-        x, best = logits.float(), best.float()
-        k = min(max(r.top_logprobs for r in requests), vocab)
+        x, k = logits.float(), min(max(r.top_logprobs for r in requests), vocab)
         lp = None
         if not all(share for share, w in zip(rows.shares_host, want) if w):
             lp = x.log_softmax(-1)
@@ -286,7 +285,7 @@ def pick(
             if k > 0:
                 picked[2], picked[3] = lp.topk(k, dim=-1)
             return picked
-        lse = best + total.log()  # valid for the sharing rows
+        lse = best.float() + total.log()  # valid for the sharing rows
         picked[1] = x.gather(-1, tokens[:, None]).squeeze(-1) - lse
         if lp is not None:
             picked[1] = torch.where(rows.shares, picked[1], lp.gather(-1, tokens[:, None])[:, 0])
