@@ -8,12 +8,15 @@ read per second (the memory-bandwidth roofline of decode: compare with the devic
 Combinations that do not fit in memory are reported as OOM and skipped. On CUDA the engine
 decodes through CUDA graphs unless --no-cuda-graphs. --mamba-ssm-reference also times
 mamba-ssm's own CUDA-graph decode (MambaLMHeadModel, Mamba2 layers, random weights) at the
-same shape, for recipes made of Mamba-2 blocks only.
+same shape, for recipes made of Mamba-2 blocks only. --sampling times the same engine steps
+with each named sampling setting (SAMPLING) and prints each one's overhead over greedy.
 
     python benchmarks/decode.py --recipe recipes/8b_hybrid.toml --recipe recipes/8b_gpt3.toml \\
         --contexts 4096,32768 --batches 1,32,64 --device cuda --dtype bfloat16
     python benchmarks/decode.py --recipe recipes/tiny_hybrid.toml --contexts 64 --batches 1,4 \\
         --steps 5 --device cpu --dtype float32          # runs on a laptop in seconds
+    python benchmarks/decode.py --recipe recipes/8b_hybrid.toml --contexts 4096 --batches 32 \
+        --sampling greedy,temperature,topk,topp,seeded,logprobs --device cuda
 """
 
 import argparse
@@ -32,16 +35,32 @@ from toolkit.inference.engine import Engine, Request, memory_bytes
 from toolkit.model import count_parameters
 from toolkit.tokenizer import build_tokenizer
 
+# --sampling's settings, every request alike (seeded: each its own seed).
+SAMPLING = {
+    "greedy": {},
+    "temperature": dict(temperature=0.8),
+    "topk": dict(temperature=0.8, top_k=50),
+    "topp": dict(temperature=0.8, top_p=0.95),
+    "seeded": dict(temperature=0.8, top_p=0.95, seed=...),
+    "logprobs": dict(temperature=1.0, logprobs=True, top_logprobs=5),
+}
+
 
 def measure(
-    engine: Engine, batch: int, context: int, steps: int, warmup: int
+    engine: Engine, batch: int, context: int, steps: int, warmup: int, sampling: str = "greedy"
 ) -> tuple[float, float]:
-    """(seconds per step, seconds per step's standard deviation) over `steps` engine steps.
-    Timed as a run (one sync before, one after), not step by step: with --overlap a step's GPU
-    work runs on into the next step."""
+    """(seconds per step, seconds per step's standard deviation) over `steps` engine steps,
+    every request with the `sampling` setting. Timed as a run (one sync before, one after), not
+    step by step: with --overlap a step's GPU work runs on into the next step."""
+    setting = SAMPLING[sampling]
     requests = [
-        Request(prompt=[0], max_new_tokens=warmup + steps + 1, stop_at_eod=False)
-        for _ in range(batch)
+        Request(
+            prompt=[0],
+            max_new_tokens=warmup + steps + 1,
+            stop_at_eod=False,
+            **setting | ({"seed": i} if "seed" in setting else {}),
+        )
+        for i in range(batch)
     ]
     engine.occupy(requests, context)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
@@ -145,6 +164,14 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def samplings(text: str) -> list[str]:
+    names = [v for v in text.split(",") if v]
+    unknown = [v for v in names if v not in SAMPLING]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{unknown or text!r}: choose among {','.join(SAMPLING)}")
+    return ["greedy"] + [v for v in names if v != "greedy"]  # greedy first: the baseline
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python benchmarks/decode.py",
@@ -193,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         type=ints,
         help="comma-separated batch sizes the engine decodes at (default: the engine's, powers "
         "of two up to the slots; e.g. the slot count alone to decode every slot at each step)",
+    )
+    p.add_argument(
+        "--sampling",
+        type=samplings,
+        help=f"comma-separated sampling settings to time at each point ({','.join(SAMPLING)}), "
+        "each with its overhead over greedy",
     )
     p.add_argument(
         "--mamba-ssm-reference",
@@ -247,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batches:
                 row = {"recipe": recipe.name, "context": context, "batch": batch}
                 row["cuda_graphs"] = cuda_graphs
+                if args.sampling:
+                    row["sampling"] = "greedy"
                 # A multiple of 256: the attention span of a graph never ends at an odd size.
                 max_len = -(-(context + args.warmup + args.steps + 2) // 256) * 256
                 slots = args.slots or batch
@@ -266,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     row["overlap"] = engine.overlap
                     mean, std = measure(engine, batch, context, args.steps, args.warmup)
+                    sampled = {  # the same engine and shapes: only the sampling differs
+                        name: measure(engine, batch, context, args.steps, args.warmup, name)
+                        for name in (args.sampling or [])[1:]
+                    }
                     if engine.decoder is not None and engine.decoder.error:
                         row["cuda_graph_error"] = engine.decoder.error[:500]
                 except torch.OutOfMemoryError:
@@ -291,6 +330,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"{batch / mean:>12.1f}{weight_bytes / mean / 1e9:>14.1f}"
                     + (f"{row['of_hbm_roofline']:>10.1%}" if hbm else "")
                 )
+                for name, (s_mean, s_std) in sampled.items():
+                    overhead = s_mean / mean - 1
+                    save(
+                        {k: row[k] for k in ("recipe", "context", "batch", "slots")}
+                        | {"sampling": name, "ms_per_step": 1e3 * s_mean, "ms_std": 1e3 * s_std}
+                        | {"tokens_per_s": batch / s_mean, "overhead_vs_greedy": overhead}
+                    )
+                    print(
+                        f"{'  ' + name:<16}{context:>9}{batch:>7}{1e3 * s_mean:>10.2f}"
+                        f"{batch / s_mean:>12.1f}  {overhead:+.1%} over greedy"
+                    )
         for context in args.contexts if args.prefill else []:
             row = {"recipe": recipe.name, "impl": "prefill", "context": context, "batch": 1}
             try:

@@ -31,7 +31,14 @@ def running_requests() -> list[Request]:
     """Two streams decoding while the long prompt arrives: greedy and seeded sampling."""
     return [
         Request(prompt=prompts(5)[0], max_new_tokens=40, stop_at_eod=False),
-        Request(prompt=prompts(3)[0], max_new_tokens=40, temperature=0.9, seed=4, logprobs=True),
+        Request(
+            prompt=prompts(3)[0],
+            max_new_tokens=40,
+            temperature=0.9,
+            seed=4,
+            logprobs=True,
+            stop_at_eod=False,
+        ),
     ]
 
 

