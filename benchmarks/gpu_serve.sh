@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The server at the 8B hybrid's size on one H200, over HTTP (benchmarks/serve_load.py): time to
+# ready, first vs tenth request, 1/8/32/64 concurrent clients beside the engine's own decode step
+# at the same batch, and a 32k-token prompt admitted while 32 streams decode. The 8B checkpoint
+# (random bf16 weights, 17 GB) is written once to $GPU_SERVE_CKPT (kept on a warm machine).
+# Each part is cut at its own time limit and skipped once GPU_SERVE_BUDGET_S is spent; JSON and
+# server logs go to $OUT. Usage from the repository root, with .dev/ and .whl/ carried:
+#     OUT=/some/dir bash benchmarks/gpu_serve.sh [load] [sampling] [waves] [long]
+set -u
+OUT=${OUT:-runs/gpu_serve}
+CKPT=${GPU_SERVE_CKPT:-$HOME/ckpt8b}
+BUDGET=${GPU_SERVE_BUDGET_S:-540}
+PARTS=${*:-load sampling waves long}
+mkdir -p "$OUT"
+T0=$(date +%s)
+source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
+echo "set-up $(( $(date +%s) - T0 )) s"; tail -4 "$OUT/setup.log"
+
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+
+part() {  # name timeout_s command...: skipped when not asked for or out of budget
+  local name=$1 limit=$2; shift 2
+  [[ " $PARTS " != *" $name "* ]] && return
+  local remaining; remaining=$(left)
+  if [ "$remaining" -lt 30 ]; then echo "$name skipped (budget spent)"; return; fi
+  [ "$limit" -gt "$remaining" ] && limit=$remaining
+  local t; t=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.out" 2>&1
+  echo "== $name exit $? in $(( $(date +%s) - t )) s"; tail -25 "$OUT/$name.out"
+}
+
+if [ ! -e "$CKPT/.written" ] && [[ " $PARTS " != " sampling " ]]; then
+  t=$(date +%s)
+  python3 - "$CKPT" <<'EOF'
+import sys
+
+import torch
+
+from toolkit.build import build_model, save_model_checkpoint
+from toolkit.config import load_recipe
+from toolkit.tokenizer import build_tokenizer
+
+recipe = load_recipe("recipes/8b_hybrid.toml", [])
+torch.manual_seed(0)
+model = build_model(recipe, build_tokenizer(recipe.data.tokenizer), "cuda", torch.bfloat16)
+print(save_model_checkpoint(sys.argv[1], model, recipe))
+EOF
+  touch "$CKPT/.written"
+  echo "8B checkpoint written in $(( $(date +%s) - t )) s"
+fi
+
+# Which Triton kernels tune or compile after ready: the server's log says (its stdout).
+export TRITON_PRINT_AUTOTUNING=1
+SERVE=(python3 benchmarks/serve_load.py --checkpoint "$CKPT" --device cuda --dtype bfloat16)
+part load 330 "${SERVE[@]}" --slots 64 --max-len 4096 --clients 1,8,32,64 --waves 1 \
+  --distinct 16 --tokens 128 --cancel-tokens 256 --no-check --json "$OUT/load.json" \
+  --log "$OUT/load_server.log"
+part sampling 120 python3 benchmarks/decode.py --recipe recipes/8b_hybrid.toml --contexts 4096 \
+  --batches 32 --slots 64 --device cuda --dtype bfloat16 --json "$OUT/sampling.json" \
+  --sampling greedy,temperature,topk,topp,seeded,logprobs
+# The largest wave three times: later waves show what the first one paid for first uses.
+part waves 200 "${SERVE[@]}" --slots 64 --max-len 4096 --clients 64 --waves 3 --distinct 8 \
+  --tokens 128 --cancel-tokens 256 --no-check --no-engine --json "$OUT/waves.json" \
+  --log "$OUT/waves_server.log"
+part long 200 "${SERVE[@]}" --slots 64 --max-len 33280 --clients 1 --distinct 4 --tokens 32 \
+  --long-prompt 32768 --long-streams 32 --max-prefill-tokens 2048 --no-engine --no-check \
+  --json "$OUT/long.json" --log "$OUT/long_server.log"
