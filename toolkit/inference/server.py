@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -24,6 +25,11 @@ from toolkit.inference.engine import Engine, Request
 from toolkit.inference.http_json import ClientGone, JSONRequestHandler, gone
 
 log = logging.getLogger(__name__)
+
+
+def _put_when_done(updates: "queue.SimpleQueue[Request]", r: Request) -> None:
+    if r.done:
+        updates.put(r)
 
 
 class EngineThread(threading.Thread):
@@ -309,11 +315,16 @@ class Handler(JSONRequestHandler):
             raise api.BadRequest("body", "the body must be a JSON object")
         return body
 
-    def _submit(self, requests: list[Request]) -> "queue.SimpleQueue[Request]":
-        """Queue the requests; the returned queue receives each request whenever it changes."""
+    def _submit(
+        self, requests: list[Request], *, every_token: bool = False
+    ) -> "queue.SimpleQueue[Request]":
+        """Queue the requests; the returned queue receives each request when it is done, or
+        with `every_token` (streams) whenever it changes. A waiting thread woken at every step
+        takes the GIL from the engine's thread as often: with tens of clients that slowed every
+        step, so whole answers wake their thread once."""
         updates: queue.SimpleQueue[Request] = queue.SimpleQueue()
         for r in requests:
-            r.on_update = updates.put
+            r.on_update = updates.put if every_token else partial(_put_when_done, updates)
         try:
             self.server.engine_thread.submit(requests)
         except ValueError as e:  # the API checks should have caught it; still the client's fault
@@ -332,7 +343,7 @@ class Handler(JSONRequestHandler):
                 updates.get(timeout=0.5)
             except queue.Empty:
                 pass
-            if time.monotonic() - check > 0.5:  # updates come every step: check on a clock
+            if time.monotonic() - check > 0.5:  # a long answer: check on a clock
                 check = time.monotonic()
                 if how := self._client_gone():
                     for r in requests:
@@ -364,7 +375,7 @@ class Handler(JSONRequestHandler):
         self._check_ready()
         tokenizer, name = self.server.engine.tokenizer, self.server.model_name
         c = api.parse_completion(self._body(), tokenizer, self.server.limits)
-        updates = self._submit(c.requests)
+        updates = self._submit(c.requests, every_token=c.stream)
         if not c.stream:
             self._wait(c.requests, updates)
             return self._json(HTTPStatus.OK, api.completion_response(c, tokenizer, name))
