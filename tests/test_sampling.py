@@ -170,6 +170,7 @@ def test_cached_settings_follow_the_batch():
     assert tokens.tolist() == logits.argmax(-1).tolist()
 
 
+@pytest.mark.long  # make test-long (CI runs it): decode.py in a subprocess
 def test_decode_benchmark_times_each_sampling_setting_on_cpu(tmp_path):
     """benchmarks/decode.py --sampling: the same engine steps with each setting, beside greedy,
     with the overhead; a bad name is refused with exit status 2 (no timing asserted)."""

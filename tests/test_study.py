@@ -86,6 +86,7 @@ def test_corpus_takes_an_installed_package(tmp_path):
     assert manifest["package_versions"] == {"iniconfig": metadata.version("iniconfig")}
 
 
+@pytest.mark.long  # make test-long (CI runs it): a real training run and decode.py
 def test_report_reads_a_real_run(tmp_path):
     """benchmarks/study_report.py on what a real (tiny, CPU) training run and decode.py wrote."""
     recipes = tmp_path / "recipes"

@@ -313,10 +313,9 @@ def test_two_ranks_on_the_static_decode_step_serve_like_the_engine_alone(tmp_pat
     try:
         text = server.log.read_text()
         assert "decoding eagerly on cpu" in text  # the static decoder
-        # The server listened first; every live-batch bucket at every span up to the 4096
-        # positions ran (on a GPU: was recorded) on every rank before it said ready: 3 buckets
-        # x 16 spans.
-        warmed = text.index("decode warmed up: 48 steps, batch buckets [1, 2, 4]")
+        # The server listened first; every live-batch bucket ran on every rank before it said
+        # ready (on a GPU: recorded at every span up to --max-len; on CPUs the first span).
+        warmed = text.index("decode warmed up: 3 steps, batch buckets [1, 2, 4]")
         assert text.index("serving on") < warmed < text.index("warm-up took")
         assert re.search(r"every rank warm: rank 0 [\d.]+ s, rank 1 [\d.]+ s; ready\n", text), text
         for path, body in BODIES:
