@@ -468,6 +468,7 @@ def check_published(root: Path) -> Path | None:
     return latest
 
 
+@pytest.mark.long  # make test-long (CI runs it); the sharded writer's kill stays here
 def test_sigkill_mid_save_never_corrupts(tmp_path):
     root = tmp_path / "ckpt"
     rng = random.Random(1234)

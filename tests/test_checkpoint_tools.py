@@ -102,6 +102,7 @@ def test_reshard_refuses_an_output_that_holds_the_step(tmp_path, checkpoint):
     assert f"--out {checkpoint.parent} already holds {checkpoint.name}" in proc.stderr
 
 
+@pytest.mark.long  # make test-long (CI runs it): 33 s
 def test_reshard_writes_megatron_files_of_either_generation(tmp_path, checkpoint):
     """--format megatron writes 2024-era keys by default (a Mamba layer's own norm.weight) and
     current ones on request (fused into in_proj, conv1d_weight); attention and MLP pre-norms

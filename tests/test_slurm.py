@@ -203,7 +203,10 @@ def test_timeouts_stop_requeueing_after_max_num_timeout(cluster, tmp_path):
     assert log.with_name(f"{job_id}.timeouts").read_text() == "2\n"
 
 
-@pytest.mark.parametrize("via", ["submitit", "sbatch"])
+@pytest.mark.parametrize(
+    "via",
+    ["submitit", pytest.param("sbatch", marks=pytest.mark.long)],  # test-long: 20 s
+)
 def test_chained_jobs_continue_one_run(cluster, tmp_path, via):
     proc = submit_run(cluster, tmp_path, "--via", via, "--chain", "2", "--set", "train.steps=2")
     first = submitted(proc, via)
