@@ -323,6 +323,7 @@ def test_bad_flags_and_paths_of_the_other_tools(tmp_path, checkpoint, args, word
     assert_refused(run(*args, cwd=tmp_path), tmp_path, before, *words)
 
 
+@pytest.mark.long  # make test-long (CI runs it): 14 s
 def test_a_layout_that_cannot_fit_the_gpus_is_refused_before_submission(tmp_path):
     """The 8B recipe planned against 40 GB GPUs (55.6 GB a rank at TP=4 + SP): refused, naming
     the largest term of the memory plan; the 80 GB it ships with passes."""

@@ -279,6 +279,7 @@ def test_stopping_the_server_stops_every_rank(tmp_path, how):
         server.stop()
 
 
+@pytest.mark.long  # make test-long (CI runs it): four refused starts, 13 s
 def test_bad_tp_is_refused(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", MODELS["hybrid"])  # 4 attention heads
     cmd = [sys.executable, str(ROOT / "launchers/serve.py"), "--checkpoint", str(checkpoint)]
