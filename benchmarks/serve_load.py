@@ -109,7 +109,9 @@ def build_specs(count: int, tokens: int, cancel_tokens: int) -> list[Spec]:
             body = {"prompt": prompt, "max_tokens": tokens, "seed": i, "ignore_eos": True}
             body["temperature"] = 0.8 if sampled else 0.0
             if kind != "completion":
-                body["stream"] = True
+                # logprobs: every token is an event, even one whose text is held back (not yet
+                # valid UTF-8), so the per-token latency reads the tokens, not the text.
+                body |= {"stream": True, "logprobs": 0}
             if kind == "cancel":  # long enough to be still running when the client leaves
                 body["max_tokens"] = cancel_tokens
         specs.append(Spec(i, kind, sampled, body))
@@ -154,7 +156,7 @@ async def send(port: int, spec: Spec, cancel_after: int | None = None) -> Outcom
             if line.strip() == b"data: [DONE]":
                 break
             choice = json.loads(line[6:])["choices"][0]
-            if choice["text"]:
+            if choice["text"] or (choice.get("logprobs") or {}).get("tokens"):
                 now = time.perf_counter() - start
                 out.first_event = now if out.first_event is None else out.first_event
                 out.last_event = now
