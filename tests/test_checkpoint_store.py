@@ -535,6 +535,7 @@ def test_chunk_file_of_the_wrong_size_is_detected(tmp_path, change, part):
         store.read_region(arr, index, "here")
 
 
+@pytest.mark.long  # make test-long (CI runs it): a benchmark's CPU smoke run
 def test_checkpoint_io_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/checkpoint_io.py end to end at the tiny recipe: dd of zeros and of random
     bytes, save, two restores each paired with a dd read, and the ratios between them."""

@@ -47,6 +47,7 @@ def test_inspect_lists_arrays_and_metadata(checkpoint):
     assert "model      63 arrays" in out
 
 
+@pytest.mark.long  # make test-long (CI runs it): 9 s
 def test_inspect_verify_names_a_damaged_array(tmp_path, checkpoint):
     copy = tmp_path / "copy"
     shutil.copytree(checkpoint, copy)

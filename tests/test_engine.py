@@ -274,6 +274,7 @@ def test_requests_that_cannot_fit_are_refused():
     engine.add(Request(prompt=[1] * 10, max_new_tokens=6))
 
 
+@pytest.mark.long  # make test-long (CI runs it): a benchmark's CPU smoke run
 def test_decode_benchmark_runs_on_cpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "decode.json"

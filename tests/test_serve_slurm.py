@@ -104,6 +104,7 @@ def test_missing_checkpoint_is_refused(tmp_path):
     bool(missing_binaries()),
     reason=f"Slurm binaries not installed ({', '.join(missing_binaries())}); .ci/run installs them",
 )
+@pytest.mark.long  # make test-long (CI runs it): a real Slurm job, 11 s
 def test_real_slurm_job_serves_and_cancels(checkpoint, tmp_path):
     (tmp_path / "slurm").mkdir()
     cluster = SlurmCluster(tmp_path / "slurm").start()
