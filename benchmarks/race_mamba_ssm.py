@@ -41,7 +41,6 @@ import logging
 import math
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,7 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import synchronize, versions  # noqa: E402
+from train_throughput import time_steps, versions  # noqa: E402
 
 from toolkit.build import build_model, describe_model, tokenizer_from_recipe  # noqa: E402
 from toolkit.config import ModelConfig, Recipe, RecipeError, load_recipe  # noqa: E402
@@ -415,15 +414,7 @@ def timed_steps(
     step: Callable[[], torch.Tensor], s: RaceShape, args: argparse.Namespace, device: torch.device
 ) -> dict:
     """Warm-up steps (compilation, autotuning), then timed optimizer steps, each synchronised."""
-    losses, warmup_times, times = [], [], []
-    for i in range(args.warmup + args.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        loss = step()
-        synchronize(device)
-        (warmup_times if i < args.warmup else times).append(time.perf_counter() - start)
-        losses.append(float(loss))
-        log.info("step %d: %.3f s, loss %.4f", i + 1, (warmup_times + times)[-1], losses[-1])
+    losses, warmup_times, times = time_steps(step, args.warmup, args.steps, device)
     step_time = statistics.median(times)
     result = {
         "step_time_s": step_time,

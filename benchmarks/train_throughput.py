@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,6 +61,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_steps(
+    step: Callable[[], torch.Tensor], warmup: int, steps: int, device: torch.device
+) -> tuple[list[float], list[float], list[float]]:
+    """(losses, warm-up step seconds, timed step seconds): `warmup` steps (compilation,
+    autotuning), then `steps` timed ones, each synchronised on the device."""
+    losses, warmup_times, times = [], [], []
+    for i in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = step()
+        synchronize(device)
+        (warmup_times if i < warmup else times).append(time.perf_counter() - start)
+        losses.append(float(loss))
+        log.info("step %d: %.3f s, loss %.4f", i + 1, (warmup_times + times)[-1], losses[-1])
+    return losses, warmup_times, times
+
+
 def benchmark(args: argparse.Namespace) -> dict:
     overrides = list(args.set)
     if args.seq:
@@ -93,15 +111,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         return loss.detach()
 
     model.train()
-    losses, warmup_times, times = [], [], []
-    for i in range(args.warmup + args.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        loss = step()
-        synchronize(device)
-        (warmup_times if i < args.warmup else times).append(time.perf_counter() - start)
-        losses.append(float(loss))
-        log.info("step %d: %.3f s, loss %.4f", i + 1, (warmup_times + times)[-1], losses[-1])
+    losses, warmup_times, times = time_steps(step, args.warmup, args.steps, device)
     memory = peak_memory_gb(device)
 
     step_time = statistics.median(times)
