@@ -26,18 +26,8 @@ TOKEN_ENV = "TOOLKIT_SERVE_TOKEN"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python launchers/serve.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint root or one step directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--token", help=f"require this bearer token (none given: ${TOKEN_ENV}, if set)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPUs")
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """How the engine decodes: slots, lengths, prefill budget, CUDA graphs, state dtype."""
     p.add_argument("--slots", type=int, default=64, help="requests decoded together at most")
     p.add_argument(
         "--max-len", type=int, help="prompt + generation limit (none: the recipe's seq_length)"
@@ -82,22 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "tokens, so the GPU does not wait for the host between steps (default: on with CUDA "
         "graphs, off with --tp)",
     )
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
-    p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
-    p.add_argument(
-        "--tp",
-        type=int,
-        default=1,
-        help="tensor-parallel ranks, one per GPU of this node (gloo on CPUs); started here, or "
-        "one task each under srun/torchrun",
-    )
-    p.add_argument(
-        "--address-file",
-        metavar="PATH",
-        help="once listening, write the reachable host and port here as JSON (removed on exit); "
-        "launchers/serve_slurm.py sets it",
-    )
-    args = p.parse_args(argv)
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ranges argparse cannot state; --decode-buckets parsed into a list of ints."""
     for name in ("slots", "max_prefill_tokens", "prefill_chunk", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -114,6 +92,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--decode-buckets takes comma-separated integers, e.g. 1,4,16")
         if not all(1 <= n <= args.slots for n in args.decode_buckets):
             p.error(f"--decode-buckets must lie in [1, {args.slots}] (--slots)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python launchers/serve.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint root or one step directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--token", help=f"require this bearer token (none given: ${TOKEN_ENV}, if set)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPUs")
+    add_engine_arguments(p)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks, one per GPU of this node (gloo on CPUs); started here, or "
+        "one task each under srun/torchrun",
+    )
+    p.add_argument(
+        "--address-file",
+        metavar="PATH",
+        help="once listening, write the reachable host and port here as JSON (removed on exit); "
+        "launchers/serve_slurm.py sets it",
+    )
+    args = p.parse_args(argv)
+    check_arguments(p, args)
     return args
 
 
