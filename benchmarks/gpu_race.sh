@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The race against mamba-ssm's MambaLMHeadModel (benchmarks/race_mamba_ssm.py) on one H200, every
+# shape of issue 21 item 4 in one call: the 8B Mamba-2 widths eager and compiled, the 800M's
+# widths compiled (pure Mamba-2 and the hybrid form), and the 8B hybrid's first mixers. Each race
+# gets its own time limit and the whole stays under GPU_RACE_BUDGET_S (default 570 s, counted from
+# the script's start); a race that would start with under 60 s left is skipped. JSON and logs go
+# to $OUT, the side-by-side table to $OUT/summary.txt. From the repository root, .dev/ and .whl/
+# carried:
+#     GPU_STATE_DIR=/root/gpu OUT=/some/dir bash benchmarks/gpu_race.sh [NAME ...]
+set -u
+OUT=${OUT:-runs/gpu_race}
+mkdir -p "$OUT"
+START=$(date +%s)
+source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1 || { tail "$OUT/setup.log"; exit 1; }
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor
+BUDGET=${GPU_RACE_BUDGET_S:-570}
+WANT=" $* "
+race() {  # name limit_s args...
+  local name=$1 limit=$2; shift 2
+  if [ "$WANT" != "  " ] && [[ "$WANT" != *" $name "* ]]; then return; fi
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -lt 60 ]; then echo "$name skipped (budget spent)"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local t; t=$(date +%s)
+  timeout "$limit" python3 benchmarks/race_mamba_ssm.py "$@" --json "$OUT/$name.json" \
+    > "$OUT/$name.log" 2>&1
+  echo "$name exit $? in $(( $(date +%s) - t )) s"
+  tail -4 "$OUT/$name.log"
+}
+race 8b_mamba2 140 --shape 8b-mamba2
+race 8b_mamba2_compiled 160 --shape 8b-mamba2 --compile
+race 800m_compiled 160 --shape 800m --compile
+race 800m_hybrid_compiled 160 --shape 800m --hybrid --compile
+race 8b_hybrid 140 --shape 8b-mamba2 --hybrid
+echo "total $(( $(date +%s) - START )) s"
