@@ -4,6 +4,8 @@ back; benchmarks/prefill_profile.py's plumbing on the CPU."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,28 @@ def test_a_real_cpu_trace_has_no_gpu_kernels(tmp_path, capsys):
     }
     assert ts.main([str(path)]) == 2
     assert "no GPU kernels in these traces (a CPU run" in capsys.readouterr().err
+
+
+def test_prefill_profile_runs_on_the_cpu(tmp_path):
+    """The prefill profile's plumbing at the tiny recipe: model, engine, the timed and profiled
+    first tokens, and the matmul FLOPs (the blocks' linears over the prompt, the output layer
+    once); no GPU, so no families."""
+    out = tmp_path / "prefill.json"
+    cmd = [sys.executable, "benchmarks/prefill_profile.py", "--recipe", "recipes/tiny_hybrid.toml"]
+    cmd += ["--context", "48", "--device", "cpu", "--dtype", "float32", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tiny_hybrid, 48-token prompt: first token" in proc.stdout
+    assert "no summary:" in proc.stdout and "no GPU kernels" in proc.stdout
+    result = json.loads(out.read_text())
+    from toolkit.build import build_model
+    from toolkit.config import load_recipe
+    from toolkit.tokenizer import build_tokenizer
+
+    recipe = load_recipe(ROOT / "recipes/tiny_hybrid.toml")
+    model = build_model(recipe, build_tokenizer(recipe.data.tokenizer), "meta")
+    linears = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    expected = 2 * 48 * sum(m.in_features * m.out_features for m in linears)
+    expected += 2 * model.output_layer.in_features * model.output_layer.out_features
+    assert result["matmul_flops"] == expected
+    assert result["first_token_s"] > 0 and "families_ms" not in result
