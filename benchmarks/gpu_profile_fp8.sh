@@ -104,6 +104,6 @@ if run prefill 150 python3 benchmarks/prefill_profile.py --recipe recipes/8b_hyb
   cp "$W/prefill.log" "$OUT/prefill.txt"
   say ""
   say "== 8B hybrid, first token after a 32k prompt =="
-  grep -v "^USDT" "$W/prefill.log" | sed '/launching ops:$/q' | tee -a "$SUMMARY"
+  grep -v "^USDT" "$W/prefill.log" | sed '/launching ops:$/,$d' | tee -a "$SUMMARY"
 fi
 say "total $(( $(date +%s) - START )) s"

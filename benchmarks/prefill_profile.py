@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from toolkit.build import build_model, resolve_device
 from toolkit.config import RecipeError, load_recipe
 from toolkit.inference.engine import Engine, Request
+from toolkit.profiling import measure_matmul_tflops
 from toolkit.tokenizer import build_tokenizer
 
 
@@ -99,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{recipe.name}, {args.context}-token prompt: first token {seconds:.3f} s "
         f"(warm-up {warm:.3f} s, under the profiler {profiled:.3f} s); matmuls "
-        f"{flops / 1e12:.1f} TFLOP"
+        f"{flops / 1e12:.3g} TFLOP"
     )
+    if device.type == "cuda":  # the matmuls alone at the rate a large bf16 matmul reaches here
+        peak = measure_matmul_tflops(device, "bf16")
+        result |= {"measured_bf16_matmul_tflops": peak, "matmul_ceiling_s": flops / peak / 1e12}
+        print(f"matmul ceiling {flops / peak / 1e12:.3f} s at the measured {peak:.0f} TFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
         trace = args.trace or Path(tmp) / "prefill.pt.trace.json"
         prof.export_chrome_trace(str(trace))
