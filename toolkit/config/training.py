@@ -126,6 +126,11 @@ class TrainConfig:
     adam_beta2: float = opt(0.95, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    flat_optimizer: bool = opt(
+        False,
+        "keep each AdamW group's parameters, gradients and moments in one flat fp32 buffer and "
+        "update it in one pass (on CUDA one compiled kernel); same arithmetic and checkpoints",
+    )
     precision: Precision = opt(
         "bf16",
         "compute precision (master weights fp32); fp8: the blocks' linears in float8 (Transformer "
