@@ -146,3 +146,19 @@ def test_the_recipe_key_takes_booleans_only():
     assert load_recipe(
         "recipes/tiny_hybrid.toml", ["train.flat_optimizer=true"]
     ).train.flat_optimizer
+
+
+def test_the_optimizer_benchmark_runs_both_and_they_agree(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "opt.json"
+    command = [sys.executable, "benchmarks/optimizer_step.py", "recipes/tiny_hybrid.toml"]
+    command += ["--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["ms"]) == {"torch_step", "flat_accumulate", "flat_step"}
+    assert result["params_rel_l2_after"] == 0.0  # the CPU runs the same ops: bit for bit
+    assert "torch AdamW + clip" in proc.stdout
