@@ -109,11 +109,10 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               f"{r['training']['steps']} steps, loss mean/max |diff| "
               f"{r['training']['mean_abs_diff']:.4f}/{r['training']['max_abs_diff']:.4f}")
     elif p.stem == "opt_step":
-        ms = r["ms"]
-        print(f"opt_step: {r['parameters'] / 1e6:.0f}M, torch fused={r['torch_fused']} AdamW + "
-              f"clip {ms['torch_step']:.2f} ms; flat {ms['flat_step']:.2f} ms "
-              f"({r['flat_update_gb_per_s']:.0f} GB/s) + accumulate {ms['flat_accumulate']:.2f} "
-              f"ms; saves {r['saved_ms']:.2f} ms; params rel L2 {r['params_rel_l2_after']:.1e}")
+        ms, rel = r["ms"], r["params_rel_l2_after"]
+        print(f"opt_step ({r['parameters'] / 1e6:.0f}M; grads in + clip + AdamW): torch fused "
+              f"{ms['torch']:.2f} ms, flat {ms['flat']:.2f}, flat views {ms['flat_views']:.2f}; "
+              f"params rel L2 vs torch {rel['flat']:.1e} / {rel['flat_views']:.1e}")
     elif "error" in r:
         print(f"{p.stem:32} error: {r['error']}")
     else:

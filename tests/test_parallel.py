@@ -654,7 +654,7 @@ def zero_flat_worker(rank: int, world: int, port: int) -> None:
         opt = build_optimizer(model, TrainConfig(steps=1, flat_optimizer=True), env.group("dp"))
         model(torch.randint(0, 50, (2, 8))).square().mean().backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         for p in model.parameters():
             if opt.owns(p):  # kept as a zeroed view of the flat buffer, not dropped
                 assert p.grad is not None and not p.grad.any()

@@ -12,6 +12,12 @@ Seen from outside it is an AdamW over the original parameters: `param_groups[i][
 the parameters and `state[param]` is {"step", "exp_avg", "exp_avg_sq"} with moments of the
 parameter's shape (views into the buffers), so checkpoints save and restore it per parameter
 exactly as torch's; assigning `state[param]` (a restore) copies into the views.
+
+Gradients: `zero_grad(set_to_none=True)` (the trainer's) hands the next backward no gradient,
+so autograd writes new tensors as usual and `step` copies them into the buffer (2 passes over
+the gradients); with set_to_none=False they stay views of the zeroed buffer and backward adds
+into it (zeroing and an in-place add: 4 passes). A parameter without a gradient at `step` gets a
+zero one (torch's AdamW would skip it; every parameter of these models has one every step).
 """
 
 from collections.abc import Iterator, MutableMapping
@@ -85,13 +91,13 @@ class _FlatGroup:
         return flat[offset : offset + n].view(p.shape)
 
     def attach_grads(self) -> None:
-        """Point every .grad into the gradient buffer (backward then accumulates in place)."""
+        """Point every .grad into the gradient buffer (backward then adds in place)."""
         for p in self.params:
             p.grad = self.view(self.grad, p)
 
     def gather_grads(self) -> None:
-        """Whoever set a .grad to None or replaced it (a zero_grad from outside): take its
-        values into the buffer and re-attach the view (None: a zero gradient)."""
+        """Copy every gradient that is not a view of the buffer into it (None: a zero gradient)
+        and point .grad at the view."""
         for p in self.params:
             view = self.view(self.grad, p)
             if p.grad is None:
@@ -182,10 +188,14 @@ class FlatAdamW:
         self._update = _update_fn(device)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradient buffers (the views stay: `set_to_none` cannot apply here)."""
+        """No gradients (`set_to_none`), or zeroed views of the buffers."""
         for g in self._flat:
-            g.grad.zero_()
-            g.attach_grads()
+            if set_to_none:
+                for p in g.params:
+                    p.grad = None
+            else:
+                g.grad.zero_()
+                g.attach_grads()
 
     @torch.no_grad()
     def step(self) -> None:
