@@ -11,8 +11,8 @@
 #     OUT=/some/dir bash benchmarks/gpu_train.sh
 # The training-step levers (train.flat_optimizer, train.compile_scope, train.compile_mode), each
 # alone against the 800M's best setting in one run (~8 minutes with warm caches):
-#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="opt_step bf16_compile_mbs8 lever_flat_optimizer
-#       lever_compile_model lever_autotune lever_flat_compile_model" OUT=$OUT \
+#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="bf16_compile_mbs8 opt_step lever_flat_optimizer
+#       lever_compile_model lever_flat_compile_model lever_autotune" OUT=$OUT \
 #       GPU_TRAIN_BUDGET_S=500 bash benchmarks/gpu_train.sh
 # GPU_STATE_DIR, if set, becomes .gpu (installs, Triton and Inductor caches: kept while the
 # machine is).
@@ -85,16 +85,17 @@ tp bf16_compile_mbs8 120 8 --set train.compile=true
 # The training-step levers, each alone against bf16_compile_mbs8 (issue 21): the optimizer step
 # alone (torch's fused AdamW against the flat one, and their agreement on the GPU), then whole
 # steps with AdamW over flat buffers, the whole model as one compiled region (graph breaks and
-# recompiles logged), inductor's max-autotune, and flat buffers with the whole-model region.
+# recompiles logged), flat buffers with the whole-model region, and (last: minutes of
+# autotuning when its caches are cold) inductor's max-autotune.
 run opt_step 120 python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml \
   --set 'train.device="cuda"' --steps 20 --json "$W/opt_step.json"
 tp lever_flat_optimizer 120 8 --set train.compile=true --set train.flat_optimizer=true
 TORCH_LOGS=graph_breaks,recompiles tp lever_compile_model 200 8 --set train.compile=true \
   --set 'train.compile_scope="model"'
-tp lever_autotune 240 8 --set train.compile=true \
-  --set 'train.compile_mode="max-autotune-no-cudagraphs"'
 tp lever_flat_compile_model 150 8 --set train.compile=true --set train.flat_optimizer=true \
   --set 'train.compile_scope="model"'
+tp lever_autotune 240 8 --set train.compile=true \
+  --set 'train.compile_mode="max-autotune-no-cudagraphs"'
 tp bf16_mbs4 90 4
 
 python3 - "$W" > "$OUT/summary.txt" 2>&1 <<'EOF'
