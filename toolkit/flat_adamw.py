@@ -173,11 +173,11 @@ class FlatAdamW:
     ) -> None:
         self.param_groups: list[dict] = []
         self._flat: list[_FlatGroup] = []
+        check_flat_params([p for group in param_groups for p in group["params"]])
         for group in param_groups:
             params = list(group["params"])
             if not params:
                 continue
-            check_flat_params(params)
             self._flat.append(_FlatGroup(params))
             self.param_groups.append(
                 {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, **group}
