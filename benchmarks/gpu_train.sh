@@ -9,7 +9,17 @@
 # (GPU_TRAIN_BUDGET_S, default 500 s after set-up). GPU_TRAIN_RUNS="name ..." runs only those.
 # Usage from the repository root, with .dev/ and .whl/ carried:
 #     OUT=/some/dir bash benchmarks/gpu_train.sh
+# The training-step levers (train.flat_optimizer, train.compile_scope, train.compile_mode), each
+# alone against the 800M's best setting in one run (~8 minutes with warm caches):
+#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="bf16_compile_mbs8 opt_step lever_flat_optimizer
+#       lever_compile_model lever_flat_compile_model lever_autotune" OUT=$OUT \
+#       GPU_TRAIN_BUDGET_S=500 bash benchmarks/gpu_train.sh
+# GPU_STATE_DIR, if set, becomes .gpu (installs, Triton and Inductor caches: kept while the
+# machine is).
 set -u
+if [ -n "${GPU_STATE_DIR:-}" ] && [ ! -L .gpu ]; then
+  mkdir -p "$GPU_STATE_DIR" && rm -rf .gpu && ln -s "$GPU_STATE_DIR" .gpu
+fi
 OUT=${OUT:-runs/gpu_train}
 W=$(mktemp -d)  # each run's JSON and log; $OUT gets the summary and one archive of them
 mkdir -p "$OUT"
@@ -72,6 +82,20 @@ tp bf16_compile_mbs12_ac_mamba 120 12 --set train.compile=true \
   --set 'train.activation_checkpointing=["mamba"]'
 # The 800M's best setting and the eager baseline, measured before (re-run after changes).
 tp bf16_compile_mbs8 120 8 --set train.compile=true
+# The training-step levers, each alone against bf16_compile_mbs8 (issue 21): the optimizer step
+# alone (torch's fused AdamW against the flat one, and their agreement on the GPU), then whole
+# steps with AdamW over flat buffers, the whole model as one compiled region (graph breaks and
+# recompiles logged), flat buffers with the whole-model region, and (last: minutes of
+# autotuning when its caches are cold) inductor's max-autotune.
+run opt_step 120 python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml \
+  --set 'train.device="cuda"' --steps 20 --json "$W/opt_step.json"
+tp lever_flat_optimizer 120 8 --set train.compile=true --set train.flat_optimizer=true
+TORCH_LOGS=graph_breaks,recompiles tp lever_compile_model 200 8 --set train.compile=true \
+  --set 'train.compile_scope="model"'
+tp lever_flat_compile_model 150 8 --set train.compile=true --set train.flat_optimizer=true \
+  --set 'train.compile_scope="model"'
+tp lever_autotune 240 8 --set train.compile=true \
+  --set 'train.compile_mode="max-autotune-no-cudagraphs"'
 tp bf16_mbs4 90 4
 
 python3 - "$W" > "$OUT/summary.txt" 2>&1 <<'EOF'
@@ -85,6 +109,11 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               f"gradient {bf16['grad (all)']:.2e}, fp32 max {one['gpu_fp32']['max_rel_l2']:.2e}; "
               f"{r['training']['steps']} steps, loss mean/max |diff| "
               f"{r['training']['mean_abs_diff']:.4f}/{r['training']['max_abs_diff']:.4f}")
+    elif p.stem == "opt_step":
+        ms, rel = r["ms"], r["params_rel_l2_after"]
+        print(f"opt_step ({r['parameters'] / 1e6:.0f}M; grads in + clip + AdamW): torch fused "
+              f"{ms['torch']:.2f} ms, flat {ms['flat']:.2f}, flat views {ms['flat_views']:.2f}; "
+              f"params rel L2 vs torch {rel['flat']:.1e} / {rel['flat_views']:.1e}")
     elif "error" in r:
         print(f"{p.stem:32} error: {r['error']}")
     else:

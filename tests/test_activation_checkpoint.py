@@ -112,10 +112,12 @@ def inductor_available() -> str | None:
     return None
 
 
-def test_compiled_blocks_train_to_the_same_losses():
+# The whole-model region takes minutes to compile on the 2-core VM: make test-long.
+@pytest.mark.parametrize("scope", ["block", pytest.param("model", marks=pytest.mark.long)])
+def test_compiled_blocks_train_to_the_same_losses(scope):
     """Three SGD steps of the tiny model with every block compiled (checkpointed too, the
-    combination the GPU runs) against eager: losses within 1e-4 relative (inductor fuses and
-    reorders fp32 reductions)."""
+    combination the GPU runs), or the whole model as one region, against eager: losses within
+    1e-4 relative (inductor fuses and reorders fp32 reductions)."""
     reason = inductor_available()
     if reason:
         pytest.skip(reason)
@@ -133,7 +135,27 @@ def test_compiled_blocks_train_to_the_same_losses():
 
     eager, compiled = build(), build()
     apply_ac(compiled, "full")
-    assert apply_compile(compiled, True) == list(range(len(compiled.layers)))
+    chosen = apply_compile(compiled, True, scope=scope)
+    assert chosen == list(range(len(compiled.layers)))
+    # One region: the model itself compiled, no block on its own; or each block.
+    assert (compiled._compiled_call_impl is not None) == (scope == "model")
+    assert all((b._compiled_call_impl is not None) == (scope == "block") for b in compiled.layers)
     ref, got = run(eager), run(compiled)
     assert ref[-1] < ref[0]
     assert got == pytest.approx(ref, rel=1e-4)
+
+
+def test_the_whole_model_scope_is_refused_where_it_cannot_run():
+    from toolkit.config import RecipeError, load_recipe
+
+    recipe = "recipes/tiny_hybrid.toml"
+    model_scope = 'train.compile_scope="model"'
+    with pytest.raises(RecipeError, match="train.compile_scope: 'model' compiles every block"):
+        load_recipe(recipe, [model_scope, 'train.compile=["mlp"]'])
+    for layout in ("parallel.pp=2", "parallel.tp=2"):
+        with pytest.raises(RecipeError, match="train.compile_scope: 'model' runs at TP=1 and PP=1"):
+            load_recipe(recipe, [model_scope, "train.compile=true", layout])
+    cfg = load_recipe(recipe, [model_scope, "train.compile=true"]).train
+    assert (cfg.compile_scope, cfg.compile_mode) == ("model", "default")
+    with pytest.raises(RecipeError, match="train.compile_mode"):
+        load_recipe(recipe, ['train.compile_mode="fastest"'])

@@ -439,6 +439,22 @@ def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_proce
         assert valid[step] == pytest.approx(valid_reference[step], rel=1e-4), (step, valid)
 
 
+# train.flat_optimizer under ZeRO (its buffers hold this rank's share) and a pipeline (this
+# stage's parameters), with the checkpoint it saves resumed by the replicated optimizer.
+@pytest.mark.parametrize("name", ["dp2", "pp2"])
+def test_the_flat_optimizer_trains_at_other_layouts(tmp_path, single_process_run, name):
+    layout = LAYOUTS[name]
+    recipe = write_recipe(tmp_path, "run", 2, **layout)
+    proc = launch(recipe, _world(layout), "train.flat_optimizer=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = launch(write_recipe(tmp_path, "run", 4, tp=1, dp=1), 1)
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-2000:]
+    got, reference = losses(tmp_path / "run" / "tb"), losses(single_process_run)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got)
+
+
 RESHARDS = {  # saved at -> resumed at
     "tp2_to_tp1": ({"tp": 2, "dp": 1}, {"tp": 1, "dp": 1}),
     "pp2_to_tp1": ({"pp": 2, "dp": 1}, {"tp": 1, "dp": 1}),
@@ -625,3 +641,28 @@ def zero_worker(rank: int, world: int, port: int) -> None:
 
 def test_sharded_optimizer_keeps_half_the_state_per_rank():
     spawn(zero_worker, 2)
+
+
+def zero_flat_worker(rank: int, world: int, port: int) -> None:
+    env = setup(rank, world, port, dp=world)
+    try:
+        from toolkit.config import TrainConfig
+        from toolkit.optim import build_optimizer
+
+        torch.manual_seed(0)
+        model = HybridLM(tiny_model_config(), vocab_size=50)
+        opt = build_optimizer(model, TrainConfig(steps=1, flat_optimizer=True), env.group("dp"))
+        model(torch.randint(0, 50, (2, 8))).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        for p in model.parameters():
+            if opt.owns(p):  # kept as a zeroed view of the flat buffer, not dropped
+                assert p.grad is not None and not p.grad.any()
+            else:
+                assert p.grad is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_flat_optimizer_keeps_its_gradient_buffers():
+    spawn(zero_flat_worker, 2)

@@ -64,14 +64,27 @@ def apply_ac(model: nn.Module, spec: Any, fp8_engine: str | None = None) -> list
     return chosen
 
 
-def apply_compile(model: nn.Module, spec: Any) -> list[int]:
+def apply_compile(
+    model: nn.Module, spec: Any, *, mode: str = "default", scope: str = "block"
+) -> list[int]:
     """torch.compile each chosen block on its own (bounded compile time; the blocks of one kind
     share their compiled code through dynamo's cache). Call after apply_ac so that the
-    recomputation is compiled too. Returns the indices of the compiled blocks."""
+    recomputation is compiled too. Returns the indices of the compiled blocks.
+
+    `mode`: torch.compile's (train.compile_mode). `scope` 'model' (train.compile_scope, with
+    every block chosen): the whole model's forward as one region instead, so that a block's
+    residual add fuses with the next block's norm and fewer kernels run between graphs; longer
+    to compile, and only where the model runs as a whole (not a pipeline stage)."""
     kinds, chosen = selected_kinds(spec), []
+    options = {"mode": None if mode == "default" else mode}
+    if scope == "model" and kinds:
+        model.compile(**options)  # in place: same module, same parameter names
+        chosen = list(range(len(model.layers)))
+        log.info("torch.compile: the whole model (%d blocks), mode %s", len(chosen), mode)
+        return chosen
     for i, block in enumerate(model.layers):
         if block.kind in kinds:
-            block.compile()  # in place: same module, same parameter names
+            block.compile(**options)
             chosen.append(i)
     if chosen:
         # Every block runs the same Block code object: leave room for one entry per block and
@@ -81,5 +94,6 @@ def apply_compile(model: nn.Module, spec: Any) -> list[int]:
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, limit
         )
-        log.info("torch.compile: %d of %d blocks (%s)", len(chosen), len(model.layers), spec)
+        log.info("torch.compile: %d of %d blocks (%s), mode %s", len(chosen), len(model.layers),
+                 spec, mode)  # fmt: skip
     return chosen

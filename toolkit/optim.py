@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from toolkit.config import TrainConfig
+from toolkit.flat_adamw import FlatAdamW
 from toolkit.parallel.zero import ShardedOptimizer
 
 
@@ -26,11 +27,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, shard_over: dist.ProcessGroup | None = None
-) -> torch.optim.Optimizer | ShardedOptimizer:
-    """AdamW; with `shard_over` (the DP group), each rank holds only its share of the state."""
+) -> torch.optim.Optimizer | FlatAdamW | ShardedOptimizer:
+    """AdamW (train.flat_optimizer: over flat buffers, toolkit.flat_adamw); with `shard_over`
+    (the DP group), each rank holds only its share of the state."""
 
-    def adamw(groups: list[dict]) -> torch.optim.Optimizer:
+    def adamw(groups: list[dict]) -> torch.optim.Optimizer | FlatAdamW:
         betas = (cfg.adam_beta1, cfg.adam_beta2)
+        if cfg.flat_optimizer:
+            return FlatAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
         # On GPUs one fused kernel per step instead of a dozen multi-tensor passes.
         fused = all(p.is_cuda for g in groups for p in g["params"])
         kind = {"fused": True} if fused else {"foreach": True}

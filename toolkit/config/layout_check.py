@@ -47,6 +47,12 @@ def check_layout(r: Recipe, world_size: int | None = None) -> None:
     _check_pipeline(r.model, r.parallel, len(layout.stages))
     dp = r.parallel.dp if world_size is None else parallel_degrees(r.parallel, world_size)[2]
     t = r.train
+    check(
+        t.compile_scope == "block" or r.parallel.tp == r.parallel.pp == 1,
+        "train.compile_scope",
+        f"'model' runs at TP=1 and PP=1 only (the pipeline runs stages, TP's collectives would "
+        f"split the region); got TP={r.parallel.tp} PP={r.parallel.pp}: use 'block'",
+    )
     per_step = t.micro_batch_size * max(dp, 1)
     check(
         t.global_batch_size % per_step == 0,

@@ -126,6 +126,11 @@ class TrainConfig:
     adam_beta2: float = opt(0.95, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    flat_optimizer: bool = opt(
+        False,
+        "keep each AdamW group's parameters, gradients and moments in one flat fp32 buffer and "
+        "update it in one pass (on CUDA one compiled kernel); same arithmetic and checkpoints",
+    )
     precision: Precision = opt(
         "bf16",
         "compute precision (master weights fp32); fp8: the blocks' linears in float8 (Transformer "
@@ -159,6 +164,16 @@ class TrainConfig:
         "torch.compile each block separately: true, false, or a list of block kinds out of "
         "'mamba', 'attention', 'mlp'",
     )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = opt(
+        "default",
+        "torch.compile mode of the compiled blocks; max-autotune-no-cudagraphs also tunes the "
+        "matmuls and kernels (minutes of compilation on first use)",
+    )
+    compile_scope: Literal["block", "model"] = opt(
+        "block",
+        "what train.compile compiles: each block on its own, or the whole model's forward as "
+        "one region ('model': needs train.compile=true, TP=1 and PP=1)",
+    )
     seed: int = opt(1234, "seed for init and data order")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available")
     nan_policy: Literal["stop", "skip"] = opt("stop", "on a NaN/inf loss: stop, or skip the step")
@@ -177,6 +192,11 @@ class TrainConfig:
             self.activation_checkpointing, "train.activation_checkpointing", ("none", "full")
         )
         _check_block_kinds(self.compile, "train.compile", (False, True))
+        check(
+            self.compile_scope == "block" or self.compile is True,
+            "train.compile_scope",
+            f"'model' compiles every block: needs train.compile=true, got {self.compile!r}",
+        )
         if self.precision == "fp8" and self.fp8_engine != "auto":  # 'auto': where the job runs
             check(
                 self.fp8_recipe in FP8_RECIPES[self.fp8_engine],

@@ -5,7 +5,8 @@ The transforms, in the order they are applied (torchtitan's), each from outside 
 1. `apply_tensor_parallel`  TP shards (+ sequence parallelism); gives the loss for the logits
 2. `apply_fp8`              float8 linears (train.precision='fp8') for this rank's shards
 3. `apply_ac`               activation checkpointing, per block kind
-4. `apply_compile`          per-block torch.compile (after AC, so the recomputation compiles too)
+4. `apply_compile`          per-block (or whole-model) torch.compile (after AC, so the
+                            recomputation compiles too)
 5. pipeline stage           this rank's blocks and its schedule (`StepRunner`)
 6. optimizer                AdamW, its state sharded over DP when asked (ZeRO-1)
 
@@ -92,7 +93,7 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     loss_fn = apply_tensor_parallel(model, env, sequence_parallel=par.sequence_parallel)
     engine = apply_float8(model, cfg, device, tp=env.tp)
     apply_ac(model, cfg.activation_checkpointing, engine)
-    apply_compile(model, cfg.compile)
+    apply_compile(model, cfg.compile, mode=cfg.compile_mode, scope=cfg.compile_scope)
     micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * env.dp)
     run_step = StepRunner(
         model,

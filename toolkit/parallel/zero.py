@@ -52,8 +52,11 @@ class ShardedOptimizer:
         return self.inner.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        # The inner optimizer's own way for its parameters (a flat one keeps its gradient views).
+        self.inner.zero_grad(set_to_none=set_to_none)
         for p in self.params:
-            p.grad = None
+            if p not in self._mine:
+                p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

@@ -1,0 +1,185 @@
+"""train.flat_optimizer (toolkit/flat_adamw.py): the same training as torch's AdamW, bit for bit
+on the CPU; checkpoints that either optimizer restores; the compiled update within fp32 rounding.
+Its runs under ZeRO and a pipeline are in tests/test_parallel.py."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model_config
+from tests.test_checkpoint_sharded import VOCAB, full_model, save_single, view
+from toolkit.checkpoint import placement, restore
+from toolkit.config import RecipeError, TrainConfig
+from toolkit.distributed import ParallelEnv
+from toolkit.flat_adamw import FlatAdamW, adamw_update_, check_flat_params
+from toolkit.model import HybridLM
+from toolkit.optim import build_optimizer
+from toolkit.parallel.runtime import clip_grad_norm
+
+ENV = ParallelEnv(0, 1, 0, torch.device("cpu"), tp=1, pp=1, dp=1)
+
+
+def batches(n: int, micro_batches: int = 2) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [[torch.randint(0, VOCAB, (2, 9), generator=g) for _ in range(micro_batches)]] * n
+
+
+def train(
+    model: HybridLM, optimizer, steps: list[list[torch.Tensor]], first: int = 0, to_none=True
+) -> None:
+    """The trainer's step: accumulated micro-batches, clipping by the global norm, a schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i, micro in enumerate(steps, start=first):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 * (i + 1)
+        for tokens in micro:
+            model(tokens[:, :-1])[..., :VOCAB].logsumexp(-1).mean().backward()  # real columns
+        clip_grad_norm(params, 0.5, ENV)  # active: these gradients' norm is above 0.5
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=to_none)
+
+
+def build(flat: bool, seed: int = 0) -> tuple[HybridLM, object]:
+    model = full_model(seed=seed, kernels="reference")
+    cfg = TrainConfig(steps=4, flat_optimizer=flat, weight_decay=0.1)
+    return model, build_optimizer(model, cfg)
+
+
+def assert_same(model, optimizer, other, other_optimizer) -> None:
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        rows = VOCAB if name in placement.VOCAB_PARAMS else None  # padding rows are not stored
+        assert torch.equal(p[:rows], q[:rows]), name
+        mine, theirs = optimizer.state[p], other_optimizer.state[q]
+        assert set(mine) == set(theirs) == {"step", "exp_avg", "exp_avg_sq"}, name
+        assert float(mine["step"]) == float(theirs["step"]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(mine[key][:rows], theirs[key][:rows]), (name, key)
+
+
+@pytest.mark.parametrize("to_none", [True, False])
+def test_flat_adamw_trains_bit_for_bit_as_torch_adamw(to_none):
+    model, optimizer = build(flat=False)
+    flat_model, flat_optimizer = build(flat=True)
+    assert isinstance(flat_optimizer, FlatAdamW)
+    assert [g["weight_decay"] for g in flat_optimizer.param_groups] == [0.1, 0.0]
+    steps = batches(4)
+    train(model, optimizer, steps)
+    train(flat_model, flat_optimizer, steps, to_none=to_none)
+    assert_same(model, optimizer, flat_model, flat_optimizer)
+    buffers = [g.grad for g in flat_optimizer._flat]
+    for p in flat_model.parameters():
+        if to_none:  # backward hands over new gradients, as without the buffers
+            assert p.grad is None
+        else:  # backward added into the buffer in place: the gradients are still views of it
+            assert any(p.grad.untyped_storage().data_ptr() == b.data_ptr() for b in buffers)
+            assert not p.grad.any()
+
+
+def test_a_gradient_set_from_outside_is_taken_into_the_buffer():
+    model, optimizer = build(flat=False)
+    flat_model, flat_optimizer = build(flat=True)
+    for m, o in ((model, optimizer), (flat_model, flat_optimizer)):
+        for i, p in enumerate(m.parameters()):
+            p.grad = None if i == 0 else torch.full_like(p, 0.01 * i)  # not views of the buffer
+        if o is optimizer:
+            next(m.parameters()).grad = torch.zeros_like(next(m.parameters()))
+        o.step()
+    assert_same(model, optimizer, flat_model, flat_optimizer)
+
+
+def test_checkpoints_restore_into_either_optimizer(tmp_path):
+    steps = batches(4)
+    reference, reference_optimizer = build(flat=False)
+    train(reference, reference_optimizer, steps)
+
+    for saved_flat, restored_flat in ((True, False), (False, True), (True, True)):
+        root = tmp_path / f"{saved_flat}_{restored_flat}"
+        model, optimizer = build(flat=saved_flat)
+        train(model, optimizer, steps[:2])
+        save_single(root, model, optimizer, step=2)
+        resumed, resumed_optimizer = build(flat=restored_flat, seed=5)
+        resumed_optimizer.state.clear()  # as resume_training does before a restore
+        restore(root, resumed, resumed_optimizer, view(resumed))
+        train(resumed, resumed_optimizer, steps[2:], first=2)
+        assert_same(reference, reference_optimizer, resumed, resumed_optimizer)
+
+
+def test_a_cleared_state_starts_over():
+    model, optimizer = build(flat=True)
+    train(model, optimizer, batches(1))
+    assert len(optimizer.state) == len(list(model.parameters()))
+    optimizer.state.clear()
+    assert len(optimizer.state) == 0 and optimizer.state.get(next(model.parameters())) is None
+    fresh, fresh_optimizer = build(flat=True)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            q.copy_(p)
+    train(model, optimizer, batches(1))
+    train(fresh, fresh_optimizer, batches(1))
+    assert_same(fresh, fresh_optimizer, model, optimizer)
+
+
+def test_the_compiled_update_matches_the_eager_ops():
+    # One graph (fullgraph: no break), the scalars as a tensor: the GPU path, compiled here for
+    # the CPU. Inductor may contract multiply-adds: equal within fp32 rounding, not bit for bit.
+    compiled = torch.compile(adamw_update_, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    n = 4099
+    eager = [torch.randn(n, generator=g), torch.randn(n, generator=g)]
+    eager += [0.01 * torch.randn(n, generator=g), 1e-4 * torch.rand(n, generator=g)]
+    other = [t.clone() for t in eager]
+    for step in (1, 2, 3):
+        scalars = torch.tensor([1 - 1e-3 * 0.1, 1e-3 / (1 - 0.9**step), (1 - 0.95**step) ** 0.5])
+        adamw_update_(*eager, scalars, 0.9, 0.95, 1e-8)
+        compiled(*other, scalars, 0.9, 0.95, 1e-8)
+    for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq"), eager, other):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_parameters_a_flat_fp32_buffer_cannot_hold_are_refused():
+    model = HybridLM(tiny_model_config(), vocab_size=50).to(torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="train.flat_optimizer"):
+        check_flat_params(list(model.parameters()))
+    with pytest.raises(NotImplementedError, match="train.flat_optimizer"):
+        build_optimizer(model, TrainConfig(steps=1, flat_optimizer=True))
+
+
+def test_the_recipe_key_takes_booleans_only():
+    from toolkit.config import load_recipe
+
+    with pytest.raises(RecipeError, match="flat_optimizer"):
+        load_recipe("recipes/tiny_hybrid.toml", ['train.flat_optimizer="yes"'])
+    assert load_recipe(
+        "recipes/tiny_hybrid.toml", ["train.flat_optimizer=true"]
+    ).train.flat_optimizer
+
+
+def test_the_optimizer_benchmark_runs_both_and_they_agree(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "opt.json"
+    command = [sys.executable, "benchmarks/optimizer_step.py", "recipes/tiny_hybrid.toml"]
+    command += ["--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["ms"]) == {"torch", "flat", "flat_views"}
+    # The CPU runs the same ops: bit for bit, whichever way the gradients come in.
+    assert result["params_rel_l2_after"] == {"flat": 0.0, "flat_views": 0.0}
+    assert "gradients in + clip + AdamW" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_compiled_gpu_update_tracks_torchs_fused_adamw():
+    # On CUDA the update is one compiled kernel against torch's fused one: fp32 rounding apart.
+    models = []
+    for flat in (False, True):
+        model = full_model(kernels="reference").cuda()
+        cfg = TrainConfig(steps=4, flat_optimizer=flat, weight_decay=0.1)
+        optimizer = build_optimizer(model, cfg)
+        assert isinstance(optimizer, FlatAdamW) == flat
+        train(model, optimizer, [[t.cuda() for t in micro] for micro in batches(4)])
+        models.append(model)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
