@@ -159,3 +159,47 @@ def test_validation_settings_are_checked(tmp_path):
     recipe.data.valid_fraction = 0.6
     with pytest.raises(RecipeError, match=r"data.valid_fraction.*\[0, 0.5\)"):
         validate(recipe)
+
+
+class FakeClock:
+    """time.perf_counter for toolkit.train: one second a call, plus what the test adds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_step_time_counts_the_work_between_steps(tmp_path, monkeypatch):
+    """The update queued at a step's end runs on the GPU while the host logs, and the next loss
+    fetch waits for it: a step's time runs from the previous step's end, so what the host does
+    between steps counts (5 s here), while validation (100 s) is not the next step's time."""
+    import toolkit.metrics
+    import toolkit.train
+
+    clock = FakeClock()
+    monkeypatch.setattr(toolkit.train, "time", clock)
+    logged = toolkit.metrics.Metrics.train_step
+
+    def slow_log(self, step, stats, consumed):
+        logged(self, step, stats, consumed)
+        clock.now += 5.0
+
+    def slow_validation(self):
+        clock.now += 100.0
+        return 1.0
+
+    monkeypatch.setattr(toolkit.metrics.Metrics, "train_step", slow_log)
+    monkeypatch.setattr(toolkit.train.Trainer, "validation_loss", slow_validation)
+    recipe = make_recipe(tmp_path, RANDOM_TEXT, steps=4)
+    recipe.data.valid_fraction, recipe.train.eval_interval = 0.1, 2
+    recipe.checkpoint.enabled = False
+    train(recipe)
+    acc = EventAccumulator(recipe.logging.dir)
+    acc.Reload()
+    seconds = {e.step: e.value for e in acc.Scalars("perf/step_time_s")}
+    # Step 1 from its start; step 2 after 5 s of logging; step 3 after validation: from its own
+    # start; step 4 after logging again.
+    assert seconds == {1: 1.0, 2: 6.0, 3: 1.0, 4: 6.0}

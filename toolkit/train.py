@@ -99,9 +99,11 @@ def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
         metrics.train_step(step, stats, trainer.consumed)
         if trainer.validation_due():
             metrics.validation(step, trainer.validation_loss())
+            trainer.step_ended = None  # validation is not the next step's time
         stopping = stop_requested(stop, trainer.env)
         if recipe.checkpoint.enabled and (stopping or trainer.checkpoint_due()):
             trainer.save(blocking=stopping or step == cfg.steps)
+            trainer.step_ended = None  # nor is a save
         if stopping:
             log.warning("stop signal received: stopping after step %d", step)
             result.stopped_by_signal = True
@@ -160,6 +162,7 @@ class Trainer:
         )
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         self.step = self.consumed = 0
+        self.step_ended: float | None = None  # perf_counter at the last step's end
         self.nan_policy = NanPolicy(cfg, recipe.checkpoint.dir)
         self.result = TrainResult()
 
@@ -201,7 +204,10 @@ class Trainer:
         backward (micro-batches or the pipeline schedule), the mean over DP, clipping and the
         update. None for a step skipped for its non-finite loss."""
         cfg, env, optimizer = self.recipe.train, self.env, self.optimizer
-        started = time.perf_counter()
+        # From the previous step's end: the update queued there runs on the GPU while the host
+        # logs between steps, and the next loss fetch waits for it. Timing train_step alone
+        # left that overlap out (the 8B's shapes logged 19k tokens/s for 15.8k real).
+        started = self.step_ended or time.perf_counter()
         lr = learning_rate(self.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -215,12 +221,14 @@ class Trainer:
         self.step += 1
         if not self.nan_policy.accept(self.step, loss):
             optimizer.zero_grad(set_to_none=True)
+            self.step_ended = None
             return None
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm(self.trainable, clip, env)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss, lr, grad_norm, time.perf_counter() - started)
+        self.step_ended = time.perf_counter()
+        return StepStats(loss, lr, grad_norm, self.step_ended - started)
 
     def validation_due(self) -> bool:
         """Every train.eval_interval steps and at the last, when there is validation data."""
