@@ -126,6 +126,9 @@ class Profile:
     )
     wall_us: float = 0.0  # first kernel's start to last kernel's end, summed over the traces
     steps: int = 0  # profiled steps (ProfilerStep#N marks), summed over the traces
+    # Kernels launched before recording began (the previous step's optimizer, still running
+    # as the traced step starts): left out of every sum, or that work would count twice.
+    before_us: float = 0.0
 
     @property
     def busy_us(self) -> float:
@@ -162,6 +165,7 @@ class Profile:
             "kernel_table": 1,
             "wall_us": self.wall_us,
             "steps": self.steps,
+            "before_us": self.before_us,
             "kernels": [[n, op, one, round(us, 3), int(c)] for (n, op, one), (us, c) in rows],
         }
 
@@ -193,6 +197,7 @@ def load(paths: list[str]) -> Profile:
                 row[1] += count
             prof.wall_us += data["wall_us"]
             prof.steps += data["steps"]
+            prof.before_us += data.get("before_us", 0.0)
             continue
         if not isinstance(data, dict) or "traceEvents" not in data:
             raise TraceError(f"{path}: no traceEvents (not a torch.profiler Chrome trace)")
@@ -204,11 +209,20 @@ def load(paths: list[str]) -> Profile:
             for e in events
             if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})
         }
+        launched = {
+            e["args"]["correlation"]
+            for e in events
+            if e.get("cat") in ("cuda_runtime", "cuda_driver")
+            and "correlation" in e.get("args", {})
+        }
         first, last = float("inf"), 0.0
         for e in events:
             if e.get("cat") not in GPU_WORK:
                 continue
             args = e.get("args", {})
+            if launched and e["cat"] == "kernel" and args.get("correlation") not in launched:
+                prof.before_us += e["dur"]
+                continue
             op = op_of.get(args.get("External id"), "?")
             row = prof.kernels[(e["name"], op, _one_block(args))]
             row[0] += e["dur"]
@@ -235,6 +249,8 @@ def summarise(prof: Profile, top: int, flops: float | None) -> None:
         f"{f' per step, {prof.steps} steps' if prof.steps > 1 else ''}; "
         f"{prof.launches() / max(prof.steps, 1):.0f} kernels per step"
     )
+    if prof.before_us:
+        print(f"left out: {ms(prof.before_us):.1f} ms of kernels launched before the traced steps")
     fams = prof.families()
     if flops:
         t = ms(matmul_us(fams)) / 1e3
@@ -267,6 +283,7 @@ def compare(a: Profile, b: Profile, labels: tuple[str, str], top: int, flops: fl
     line("GPU busy", ma(a.busy_us), mb(b.busy_us))
     line("gaps (GPU idle)", ma(a.wall_us - a.busy_us), mb(b.wall_us - b.busy_us))
     line("kernels launched", a.launches() / max(a.steps, 1), b.launches() / max(b.steps, 1), "")
+    line("left out: launched before the trace", ma(a.before_us), mb(b.before_us))
     print()
     for label in [lab for lab in LABELS if lab in fa or lab in fb]:
         line(label, ma(fa.get(label, 0.0)), mb(fb.get(label, 0.0)))

@@ -121,6 +121,28 @@ def test_one_trace_per_step_with_flops(tmp_path, capsys):
     assert "      1.0 ms    0.9%  one-block kernels (FP8 scales...)" in out
 
 
+def test_kernels_launched_before_the_trace_are_left_out(tmp_path, capsys):
+    """The step before the traced one queues its optimizer update and returns; those kernels run
+    (and are recorded) inside the traced step, but their launch calls are not in the trace. They
+    are left out, or the update would count twice (the 8B's first FP8 profile did so)."""
+    path = trace(tmp_path / "t.pt.trace.json", BF16, steps=1, gap_us=0)
+    data = json.loads(path.read_text())
+    events = data["traceEvents"]
+    for i, e in enumerate([e for e in events if e["cat"] == "kernel"]):
+        e["args"]["correlation"] = 100 + i
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel",
+                       "ts": e["ts"], "dur": 1, "args": {"correlation": 100 + i}})  # fmt: skip
+    events.append({"ph": "X", "cat": "kernel", "name": "multi_tensor_apply_kernel", "ts": 0,
+                   "dur": 40_000, "args": {"correlation": 7, "grid": [320, 1, 1]}})  # fmt: skip
+    path.write_text(json.dumps(data))
+    assert ts.main([str(path), "--json-out", str(tmp_path / "k.json")]) == 0
+    out = capsys.readouterr().out
+    assert "GPU busy 130.0 ms over 130.0 ms of wall" in out
+    assert "left out: 40.0 ms of kernels launched before the traced steps" in out
+    assert "optimizer" not in out
+    assert ts.load([str(tmp_path / "k.json")]).before_us == 40_000
+
+
 def test_bad_input_exits_2(tmp_path, capsys):
     missing = tmp_path / "none.json"
     assert ts.main([str(missing)]) == 2
