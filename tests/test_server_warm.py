@@ -150,7 +150,10 @@ def test_warm_up_runs_requests_through_prefill_and_sampling_and_forgets_them():
     again = [clone(r) for r in requests]
     warm.run(requests), cold.run(again)
     assert [r.tokens for r in requests] == [r.tokens for r in again]
-    assert warm.stats == cold.stats
+    def counts(stats: dict) -> dict:  # the host times differ from run to run
+        return {k: v for k, v in stats.items() if not k.endswith("_seconds")}
+
+    assert counts(warm.stats) == counts(cold.stats)
 
 
 def test_a_whole_answer_wakes_its_thread_once_a_stream_every_token(gated, monkeypatch):

@@ -24,6 +24,7 @@ it and thrown away.
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,7 +126,14 @@ class Engine:
         self.admitted: list[Request] = []  # taken from the queue by the step in progress
         self.prefilling: Prefill | None = None  # a long prompt admitted over several steps
         self.rows = RowsCache()  # the decode batch's sampling settings, kept on the device
+        self.steps = 0  # step() calls ever (warm-up included): requests' queued/first steps
+        # Counters since warm-up (/health shows them; deltas over a load say where time goes):
+        # steps, their host wall time and the part in prefill (on CPUs the forward itself; on
+        # GPUs the launches and the syncs), the prefill passes through the model, and the steps
+        # from add() to the first token summed over the requests that got one.
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.stats |= {"steps": 0, "step_seconds": 0.0, "prefill_seconds": 0.0}
+        self.stats |= {"prefill_passes": 0, "first_tokens": 0, "first_token_steps": 0}
 
     @torch.no_grad()
     def warm_up(self, context: int | None = None, *, requests: bool = True) -> int:
@@ -193,6 +201,7 @@ class Engine:
         self.check(request)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
         request.generator = torch.Generator().manual_seed(seed)
+        request.queued_step = self.steps
         self.waiting.append(request)
 
     def has_work(self) -> bool:
@@ -210,6 +219,15 @@ class Engine:
     def step(self) -> list[Request]:
         """One decode step for the running batch plus the prefill of newcomers; returns the
         requests that got a token or finished."""
+        start = time.perf_counter()
+        self.steps += 1
+        try:
+            return self._step()
+        finally:
+            self.stats["steps"] += 1
+            self.stats["step_seconds"] += time.perf_counter() - start
+
+    def _step(self) -> list[Request]:
         if self.overlap:
             return self._step_overlapped()
         updated = self._drop_cancelled()
@@ -294,6 +312,7 @@ class Engine:
     ) -> list[Request]:
         """Prefill newcomers within the step's budget (the long prompt in progress first), sample
         every row with logits, and report the updated requests."""
+        start = time.perf_counter()
         budget = self.max_prefill_tokens
         if self.prefilling is not None:
             budget = self._prefill_long(budget, updated, logits, requests, rows)
@@ -311,6 +330,7 @@ class Engine:
             rows += [prefilled[i] for i in generating]
         if self.prefilling is not None and self.prefilling.done == 0:  # started by _admit
             self._prefill_long(budget, updated, logits, requests, rows)
+        self.stats["prefill_seconds"] += time.perf_counter() - start
         if requests:
             self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), requests, rows)
             updated += requests
@@ -433,6 +453,7 @@ class Engine:
             # Pieces end at multiples of prefill_chunk, as the prompt admitted in one step runs.
             stop = min(end, (p.done // self.prefill_chunk + 1) * self.prefill_chunk)
             hidden = self.model.hidden(p.tokens[:, p.done : stop], p.states.rows(1, p.done))
+            self.stats["prefill_passes"] += 1
             if r.score_prompt:
                 last = stop - p.done - (stop == length)  # the last position has no target
                 r.prompt_logprobs += self._score(hidden[0, :last], p.tokens[0, p.done + 1 :])
@@ -469,6 +490,7 @@ class Engine:
             # Up to the next prompt's end, in pieces of at most prefill_chunk tokens per row.
             end = min(lengths[m - 1], start + self.prefill_chunk)
             hidden = self.model.hidden(tokens[:m, start:end], scratch.rows(m, start))
+            self.stats["prefill_passes"] += 1
             ending = [row for row in range(m) if lengths[row] == end]
             last[ending] = self._logits(hidden[ending, -1])
             for row in range(m):
@@ -510,6 +532,10 @@ class Engine:
                 r.token_logprobs.append(logprobs[i])
             r.tokens.append(token)
             self.stats["generated_tokens"] += 1
+            if len(r.tokens) == 1:
+                r.first_token_step = self.steps
+                self.stats["first_tokens"] += 1
+                self.stats["first_token_steps"] += self.steps - r.queued_step
             self.next_input[slot] = token
             reason = finish_reason(r, token, self.tokenizer)
             if reason is not None:
