@@ -31,8 +31,10 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def rows(self, n: int, seen: int = 0) -> "KVCache":
-        """The first n rows (a view, no copy), `seen` positions filled."""
+    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> "KVCache":
+        """The first n rows (a view, no copy), `seen` positions filled. `valid` (a prefill
+        piece's real positions per row) needs nothing here: keys of padding land past a row's
+        prompt, where its decode writes before any query reaches them."""
         return KVCache(self.k[:n], self.v[:n], length=seen)
 
     def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "KVCache":

@@ -16,7 +16,7 @@ class DecodeState(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def rows(self, n: int, seen: int = 0) -> Self: ...
+    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> Self: ...
 
     def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> Self: ...
 
@@ -35,9 +35,12 @@ class DecodeStates(list):
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self if s is not None)
 
-    def rows(self, n: int, seen: int = 0) -> "DecodeStates":
-        """The first n rows, having consumed `seen` tokens (views, no copies): a prefill."""
-        return DecodeStates((None if s is None else s.rows(n, seen) for s in self), n)
+    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> "DecodeStates":
+        """The first n rows, having consumed `seen` tokens (views, no copies): a prefill.
+        `valid` [n]: the real positions of each row in the piece, the rest padding after them
+        that leaves the row's state as it was (None: all real)."""
+        views = (None if s is None else s.rows(n, seen, valid) for s in self)
+        return DecodeStates(views, n)
 
     def decode_rows(
         self, n: int, positions: torch.Tensor, span: int | None = None
