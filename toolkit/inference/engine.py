@@ -169,25 +169,33 @@ class Engine:
         power of two up to the slots' (prompts that only score theirs, which take no slot, may
         go past it), positions a piece length, for as many prompts of the least length that
         gives that piece as one step admits (max_prefill_tokens) within max_len."""
-        pieces, n = [], 1
-        while n <= min(self.prefill_chunk, self.max_len):  # the least length of each piece
-            pieces.append((piece_length(n, self.prefill_chunk), n))
-            n = pieces[-1][0] + 1
         shapes, rows = [], 1
         while rows <= row_bucket(self.slots):
-            least = rows // 2 + 1 if rows > 1 else 1  # prompts that give this row bucket
-            shapes += [(rows, p) for p, n in pieces if least * n <= self.max_prefill_tokens]
+            prompts = rows // 2 + 1 if rows > 1 else 1  # the fewest that give these rows
+            pieces = self._pieces().items()
+            shapes += [(rows, p) for p, n in pieces if prompts * n <= self.max_prefill_tokens]
             rows *= 2
         return shapes
 
+    def _pieces(self) -> dict[int, int]:
+        """Each piece length -> the fewest real positions that give it."""
+        pieces, n = {}, 1
+        while n <= min(self.prefill_chunk, self.max_len):
+            piece = piece_length(n, self.prefill_chunk)
+            pieces[piece], n = n, piece + 1
+        return pieces
+
     def _warm_prefill(self) -> None:
-        """A fresh and a continuing pass at every prefill shape (their rows half padding, as
-        most passes have), on scratch states: kernels that specialise on shapes (Triton per
-        class of length and count, cuDNN per shape) are compiled and tuned before ready."""
+        """A fresh and a continuing pass at every prefill shape, on scratch states, padded as
+        most passes are (the last row the fewest positions of its piece, the rows past the
+        prompts none): kernels that specialise on shapes (Triton per class of length and
+        count, cuDNN per shape) are compiled and tuned before ready."""
+        least = self._pieces()
         for rows, piece in self.prefill_shapes():
             tokens = torch.zeros(rows, 2 * piece + 1, dtype=torch.long, device=self.device)
             scratch = self.model.allocate_states(rows, 2 * piece)
-            real = [piece - (piece // 2) * (row % 2) for row in range(rows)]
+            prompts = rows // 2 + 1 if rows > 1 else 1
+            real = [piece] * (prompts - 1) + [least[piece]] + [0] * (rows - prompts)
             for start in (0, piece):
                 self._pass(tokens, scratch, rows, start, real)
         self.stats["prefill_passes"] = 0
