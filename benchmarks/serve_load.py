@@ -15,6 +15,9 @@ writes itself, served on CPU) and measures over HTTP:
   per-token latency ((last event - first event) / (tokens - 1); the streams ignore the end of
   document so every one generates --tokens tokens); tokens/s of the whole wave. Every answer
   is compared with the one alone (a dropped stream: what it received is a prefix of it);
+  and what the server's own counters (/health) say of the wave: engine steps, host ms per step
+  and its share in prefill, prefill passes, mean steps from arrival to first token, HTTP
+  threads woken per step;
 - memory: the server's resident set (VmRSS) and its peak (VmHWM) from /proc before the load and
   after each wave; the largest N runs --waves times, so memory that grows with the number of
   requests shows as growth from one of those waves to the next;
