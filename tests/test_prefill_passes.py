@@ -132,3 +132,33 @@ def test_warm_up_runs_every_prefill_shape_that_serving_runs():
     served = set(passes)
     assert len(served) > 6  # many kinds of admission ran
     assert served <= warmed, served - warmed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU kernels need a CUDA device")
+def test_padded_passes_on_the_gpu_kernels_give_the_full_forward():
+    """The same on a GPU, where the passes run mamba-ssm's chunked scan (dt zeroed on the
+    padding) and cuDNN's conv, and the full forward the fused training op: the logprob of every
+    generated token (greedy) within fp32 rounding of the full forward's."""
+    from pathlib import Path
+
+    from toolkit.build import build_model
+    from toolkit.config import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes/tiny_hybrid.toml", [])
+    torch.manual_seed(5)
+    model = build_model(recipe, TOKENIZER).cuda().eval()
+    engine = Engine(model, TOKENIZER, slots=9, max_len=256, prefill_chunk=64)
+    engine.warm_up(32)
+    requests = [
+        Request(prompt=p, max_new_tokens=6, stop_at_eod=False, logprobs=True)
+        for p in prompts(3, 100, 17, 1, 16, 33, 200, 5, 2)
+    ]
+    engine.run(requests)
+    for r in requests:
+        with torch.no_grad():
+            logits = model(torch.tensor([r.prompt + r.tokens], device="cuda"))[0].float()
+        lp = logits[len(r.prompt) - 1 : -1, : model.vocab_size].log_softmax(-1)
+        expected = lp.gather(-1, torch.tensor(r.tokens, device="cuda")[:, None]).squeeze(-1)
+        got = torch.tensor(r.token_logprobs, device="cuda")
+        assert torch.allclose(got, expected, atol=2e-3), (len(r.prompt), got, expected)
