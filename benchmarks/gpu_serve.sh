@@ -55,7 +55,7 @@ fi
 # how many prefill shapes the warm-up ran.
 export TRITON_PRINT_AUTOTUNING=1
 SERVE=(python3 benchmarks/serve_load.py --checkpoint "$CKPT" --device cuda --dtype bfloat16)
-part load 360 "${SERVE[@]}" --slots 64 --max-len 4096 --clients 1,8,32,64 --waves 1 \
+part load 420 "${SERVE[@]}" --slots 64 --max-len 4096 --clients 1,8,32,64 --waves 1 \
   --distinct 16 --tokens 128 --cancel-tokens 256 --no-check --json "$OUT/load.json" \
   --log "$OUT/load_server.log"
 part sampling 120 python3 benchmarks/decode.py --recipe recipes/8b_hybrid.toml --contexts 4096 \

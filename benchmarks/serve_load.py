@@ -393,8 +393,11 @@ def engine_decode(checkpoint: Path, args: argparse.Namespace, specs: list[Spec])
         torch.set_num_threads(args.threads)
     flags = serve.parse_args(serve_flags(checkpoint, args))
     model, recipe, tokenizer, _ = serve.load_model(flags, None)
-    engine = serve.build_engine(flags, model, recipe, tokenizer, None)
+    engine = serve.build_engine(flags, model, recipe, tokenizer, None, warm=False)
     device = engine.device
+    # The server's warm-up of the decode step (every graph before timing); its prefill shapes
+    # are no part of a decode step.
+    engine.warm_up(None if device.type == "cuda" else 1, prefill=False)
     prompts = [s.body["prompts"][0] if s.kind == "api" else s.body["prompt"] for s in specs]
     lengths = sorted(len(tokenizer.encode(p)) for p in prompts)
     steps = args.tokens - 1  # the decode steps a stream's per-token latency spans
