@@ -162,3 +162,23 @@ def test_padded_passes_on_the_gpu_kernels_give_the_full_forward():
         expected = lp.gather(-1, torch.tensor(r.tokens, device="cuda")[:, None]).squeeze(-1)
         got = torch.tensor(r.token_logprobs, device="cuda")
         assert torch.allclose(got, expected, atol=2e-3), (len(r.prompt), got, expected)
+
+
+def admission_ops(prompt_count: int) -> int:
+    """Torch ops of the engine step that prefills, seats and samples `prompt_count` greedy
+    prompts of one length (one pass each)."""
+    engine = Engine(build(), TOKENIZER, slots=32)
+    torch.manual_seed(6)
+    for p in prompts(*[9] * prompt_count):
+        engine.add(Request(prompt=p, max_new_tokens=3, stop_at_eod=False))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        engine.step()
+    assert engine.stats["prefill_passes"] == 1 and len(engine.active) == prompt_count
+    return sum(e.count for e in prof.key_averages())
+
+
+def test_admission_runs_as_many_ops_for_32_prompts_as_for_2():
+    """Seating the prefilled rows in their slots copies all of them at once, a few ops per layer:
+    copied one request at a time (the old code), 64 requests admitted together on the 8B took
+    thousands of small kernels."""
+    assert admission_ops(32) == admission_ops(2)

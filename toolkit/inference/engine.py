@@ -512,7 +512,7 @@ class Engine:
             return budget
         logits.append(self._logits(hidden[:, length - 1 - first]))  # the last piece's
         requests.append(r)
-        rows.append(self._seat(r, p.states, 0, length))
+        rows += self._seat([r], p.states, [0], [length])
         return budget
 
     def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
@@ -533,10 +533,9 @@ class Engine:
             passes.append((m, start, piece))
             start += piece
         # One spare column: the target of the last position (never read as a prompt logprob).
-        tokens = torch.zeros(row_bucket(n), start + 1, dtype=torch.long)
-        for row, i in enumerate(order):
-            tokens[row, : lengths[row]] = torch.tensor(requests[i].prompt)
-        tokens = tokens.to(self.device)
+        padded = [requests[i].prompt + [0] * (start + 1 - n) for i, n in zip(order, lengths)]
+        padded += [[0] * (start + 1)] * (row_bucket(n) - n)
+        tokens = torch.tensor(padded, device=self.device)
         scratch = self.model.allocate_states(row_bucket(n), start)
         last = torch.empty(n, self.model.vocab_size, device=self.device)
         for m, start, piece in passes:
@@ -552,12 +551,12 @@ class Engine:
                     stop = real[row] - (row in ending)  # the last position has no target
                     r.prompt_logprobs += self._score(hidden[row, :stop], tokens[row, start + 1 :])
 
+        self.stats["prompt_tokens"] += sum(lengths)
+        seated = [row for row, i in enumerate(order) if requests[order[row]].max_new_tokens > 0]
+        taken = self._seat([requests[order[row]] for row in seated], scratch, seated, lengths)
         slots = [-1] * n
-        for row, i in enumerate(order):
-            r = requests[i]
-            self.stats["prompt_tokens"] += lengths[row]
-            if r.max_new_tokens > 0:
-                slots[i] = self._seat(r, scratch, row, lengths[row])
+        for row, slot in zip(seated, taken):
+            slots[order[row]] = slot
         inverse = torch.tensor(order, device=self.device).argsort()
         return last[inverse], slots
 
@@ -580,13 +579,25 @@ class Engine:
             tokens[:rows, start : start + piece], states.rows(rows, start, valid)
         )
 
-    def _seat(self, r: Request, prefilled: DecodeStates, row: int, length: int) -> int:
-        """Seat a prefilled request (row `row` of `prefilled`) in the lowest free slot."""
-        slot = next(s for s in range(self.slots) if s not in self.active)
-        self.active[slot] = r
-        self.positions[slot] = self.host_positions[slot] = length
-        self.states.copy_row(slot, prefilled, row, length)
-        return slot
+    def _seat(
+        self, requests: list[Request], prefilled: DecodeStates, rows: list[int], lengths: list[int]
+    ) -> list[int]:
+        """Seat prefilled requests (rows `rows` of `prefilled`, whose prompts are `lengths[row]`
+        long) in the lowest free slots, all at once; returns their slots."""
+        if not requests:
+            return []
+        free = [s for s in range(self.slots) if s not in self.active][: len(requests)]
+        seated = [lengths[row] for row in rows]
+        for slot, r, length in zip(free, requests, seated, strict=True):
+            self.active[slot] = r
+            self.host_positions[slot] = length
+        # From pinned memory without waiting (as _index): the copies stay on the device.
+        cuda = self.device.type == "cuda"
+        host = torch.tensor([free, rows, seated], pin_memory=cuda)
+        slots, source, at = host.to(self.device, non_blocking=True)
+        self.positions[slots] = at
+        self.states.copy_rows(slots, prefilled, source, max(seated))
+        return free
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
         cache = None if self.admitted else self.rows  # newcomers: a one-off batch

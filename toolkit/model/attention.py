@@ -45,6 +45,12 @@ class KVCache:
         self.k[row, :, :length].copy_(source.k[source_row, :, :length])
         self.v[row, :, :length].copy_(source.v[source_row, :, :length])
 
+    def copy_rows(
+        self, rows: torch.Tensor, source: "KVCache", source_rows: torch.Tensor, length: int
+    ) -> None:
+        self.k[rows, :, :length] = source.k[source_rows, :, :length].to(self.k.dtype)
+        self.v[rows, :, :length] = source.v[source_rows, :, :length].to(self.v.dtype)
+
 
 class Rotary(nn.Module):
     """Rotary embedding of the first `rotary_percent` of each head's channels (half-split form)."""

@@ -47,6 +47,12 @@ class MambaState:
         self.conv[row].copy_(source.conv[source_row])
         self.ssm[row].copy_(source.ssm[source_row])
 
+    def copy_rows(
+        self, rows: torch.Tensor, source: "MambaState", source_rows: torch.Tensor, length: int
+    ) -> None:
+        self.conv[rows] = source.conv[source_rows].to(self.conv.dtype)
+        self.ssm[rows] = source.ssm[source_rows].to(self.ssm.dtype)
+
 
 class Mamba2Mixer(nn.Module):
     def __init__(
