@@ -336,6 +336,13 @@ class Engine:
             self.host_positions[s] += 1
         return logits
 
+    def _to_device(self, values: list) -> torch.Tensor:
+        """Integers (nested lists) as a device tensor, copied from pinned memory without
+        waiting: from pageable memory the copy waits for the GPU to finish what is queued, and
+        the prefill's host would stop at each pass."""
+        pinned = torch.tensor(values, pin_memory=self.device.type == "cuda")
+        return pinned.to(self.device, non_blocking=True)
+
     def _index(self, rows: list[int]) -> torch.Tensor:
         """`rows` as a device tensor, kept while the rows stay the same. Copied from pinned
         memory without waiting: a copy from pageable memory would wait for the GPU to finish."""
@@ -535,7 +542,7 @@ class Engine:
         # One spare column: the target of the last position (never read as a prompt logprob).
         padded = [requests[i].prompt + [0] * (start + 1 - n) for i, n in zip(order, lengths)]
         padded += [[0] * (start + 1)] * (row_bucket(n) - n)
-        tokens = torch.tensor(padded, device=self.device)
+        tokens = self._to_device(padded)
         scratch = self.model.allocate_states(row_bucket(n), start)
         last = torch.empty(n, self.model.vocab_size, device=self.device)
         for m, start, piece in passes:
@@ -543,8 +550,8 @@ class Engine:
             hidden = self._pass(tokens, scratch, m, start, real)
             ending = [row for row in range(m) if lengths[row] <= start + piece]
             if ending:
-                at = torch.tensor([lengths[row] - start - 1 for row in ending], device=self.device)
-                last[ending] = self._logits(hidden[ending, at])
+                at = self._to_device([ending, [lengths[row] - start - 1 for row in ending]])
+                last[at[0]] = self._logits(hidden[at[0], at[1]])
             for row in range(m):
                 r = requests[order[row]]
                 if r.score_prompt:
@@ -557,7 +564,7 @@ class Engine:
         slots = [-1] * n
         for row, slot in zip(seated, taken):
             slots[order[row]] = slot
-        inverse = torch.tensor(order, device=self.device).argsort()
+        inverse = self._to_device(order).argsort()
         return last[inverse], slots
 
     def _pass(
@@ -573,7 +580,7 @@ class Engine:
         if all(n == piece for n in real):
             valid = None  # nothing padded: the plain path
         else:
-            valid = torch.tensor(real, device=self.device)
+            valid = self._to_device(real)
         self.stats["prefill_passes"] += 1
         return self.model.hidden(
             tokens[:rows, start : start + piece], states.rows(rows, start, valid)
@@ -591,10 +598,7 @@ class Engine:
         for slot, r, length in zip(free, requests, seated, strict=True):
             self.active[slot] = r
             self.host_positions[slot] = length
-        # From pinned memory without waiting (as _index): the copies stay on the device.
-        cuda = self.device.type == "cuda"
-        host = torch.tensor([free, rows, seated], pin_memory=cuda)
-        slots, source, at = host.to(self.device, non_blocking=True)
+        slots, source, at = self._to_device([free, rows, seated])
         self.positions[slots] = at
         self.states.copy_rows(slots, prefilled, source, max(seated))
         return free
