@@ -49,10 +49,13 @@ EOF
   echo "8B checkpoint written in $(( $(date +%s) - t )) s"
 fi
 
-# Which Triton kernels tune or compile after ready: the server's log says (its stdout).
+# Which Triton kernels tune or compile after ready: the server's log says (its stdout). Each
+# wave's line "server: ..." gives the engine's steps, host ms per step, prefill share and passes,
+# steps to the first token and threads woken per step; "prefill warmed up" in the server log
+# how many prefill shapes the warm-up ran.
 export TRITON_PRINT_AUTOTUNING=1
 SERVE=(python3 benchmarks/serve_load.py --checkpoint "$CKPT" --device cuda --dtype bfloat16)
-part load 330 "${SERVE[@]}" --slots 64 --max-len 4096 --clients 1,8,32,64 --waves 1 \
+part load 420 "${SERVE[@]}" --slots 64 --max-len 4096 --clients 1,8,32,64 --waves 1 \
   --distinct 16 --tokens 128 --cancel-tokens 256 --no-check --json "$OUT/load.json" \
   --log "$OUT/load_server.log"
 part sampling 120 python3 benchmarks/decode.py --recipe recipes/8b_hybrid.toml --contexts 4096 \

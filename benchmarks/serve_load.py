@@ -15,6 +15,9 @@ writes itself, served on CPU) and measures over HTTP:
   per-token latency ((last event - first event) / (tokens - 1); the streams ignore the end of
   document so every one generates --tokens tokens); tokens/s of the whole wave. Every answer
   is compared with the one alone (a dropped stream: what it received is a prefix of it);
+  and what the server's own counters (/health) say of the wave: engine steps, host ms per step
+  and its share in prefill, prefill passes, mean steps from arrival to first token, HTTP
+  threads woken per step;
 - memory: the server's resident set (VmRSS) and its peak (VmHWM) from /proc before the load and
   after each wave; the largest N runs --waves times, so memory that grows with the number of
   requests shows as growth from one of those waves to the next;
@@ -264,6 +267,36 @@ def settle(
         time.sleep(0.05)
 
 
+def server_counters(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the server's /health counters say of a wave (their growth from `before` to
+    `after`): engine steps, host ms per step and the share of it in prefill, prefill passes
+    through the model, the mean steps from a request's arrival at the engine to its first
+    token, and HTTP threads woken per step. Empty for a server without these counters."""
+    keys = ("steps", "step_seconds", "prefill_seconds", "prefill_passes", "first_tokens")
+    keys += ("first_token_steps", "wakes")
+    if not all(k in before and k in after for k in keys):
+        return {}
+    d = {k: after[k] - before[k] for k in keys}
+    steps, first = max(d["steps"], 1), max(d["first_tokens"], 1)
+    return {
+        "steps": d["steps"],
+        "host_ms_per_step": round(1000 * d["step_seconds"] / steps, 3),
+        "prefill_share": round(d["prefill_seconds"] / max(d["step_seconds"], 1e-9), 3),
+        "prefill_passes": d["prefill_passes"],
+        "first_tokens": d["first_tokens"],
+        "steps_to_first_token": round(d["first_token_steps"] / first, 2),
+        "wakes_per_step": round(d["wakes"] / steps, 2),
+    }
+
+
+def format_counters(c: dict[str, Any]) -> str:
+    return (
+        f"{c['steps']} steps at {c['host_ms_per_step']} ms ({100 * c['prefill_share']:.0f}% "
+        f"prefill, {c['prefill_passes']} passes), {c['steps_to_first_token']} steps to the first "
+        f"token (mean of {c['first_tokens']}), {c['wakes_per_step']} HTTP threads woken per step"
+    )
+
+
 def health(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as reply:
         return json.loads(reply.read())
@@ -360,8 +393,11 @@ def engine_decode(checkpoint: Path, args: argparse.Namespace, specs: list[Spec])
         torch.set_num_threads(args.threads)
     flags = serve.parse_args(serve_flags(checkpoint, args))
     model, recipe, tokenizer, _ = serve.load_model(flags, None)
-    engine = serve.build_engine(flags, model, recipe, tokenizer, None)
+    engine = serve.build_engine(flags, model, recipe, tokenizer, None, warm=False)
     device = engine.device
+    # The server's warm-up of the decode step (every graph before timing); its prefill shapes
+    # are no part of a decode step.
+    engine.warm_up(None if device.type == "cuda" else 1, prefill=False)
     prompts = [s.body["prompts"][0] if s.kind == "api" else s.body["prompt"] for s in specs]
     lengths = sorted(len(tokenizer.encode(p)) for p in prompts)
     steps = args.tokens - 1  # the decode steps a stream's per-token latency spans
@@ -606,11 +642,11 @@ def measure(pid: int, port: int, specs: list[Spec], args: argparse.Namespace) ->
     results["waves"], mismatches = [], []
     counts = list(args.clients[:-1]) + [args.clients[-1]] * args.waves
     for clients in counts:
-        generated = health(port)["generated_tokens"]
+        h0 = health(port)
         start = time.perf_counter()
         outcomes = asyncio.run(wave(port, specs, clients, args.cancel_after))
         seconds = time.perf_counter() - start
-        generated = health(port)["generated_tokens"] - generated
+        generated = health(port)["generated_tokens"] - h0["generated_tokens"]
         wrong = [o for o in outcomes if not equal(o, alone[o.spec.index])]
         mismatches += [
             {"clients": clients, "spec": o.spec.index, "kind": o.spec.kind, "status": o.status}
@@ -627,6 +663,7 @@ def measure(pid: int, port: int, specs: list[Spec], args: argparse.Namespace) ->
                 "mismatches": len(wrong),
                 "generated_tokens": generated,
                 "tokens_per_s": round(generated / seconds, 1),
+                "server": server_counters(h0, h),
             }
             | summarize(outcomes, args.tokens)
         )
@@ -638,6 +675,8 @@ def measure(pid: int, port: int, specs: list[Spec], args: argparse.Namespace) ->
             f"{len(wrong)} not equal to alone; then {results['memory']['after_wave'][-1]}",
             flush=True,
         )
+        if w["server"]:
+            print(f"{'':14}server: {format_counters(w['server'])}", flush=True)
     results["engine"] = {k: h[k] for k in ("active", "waiting", "finished", "cancelled")}
     last = results["memory"]["after_wave"][-args.waves :]
     results["memory"]["growth_last_waves_mib"] = round(last[-1]["rss_mib"] - last[0]["rss_mib"], 1)

@@ -69,6 +69,11 @@ def test_serve_load_benchmark_smoke(tmp_path):
     assert [w["clients"] for w in results["waves"]] == [1, 4, 4]
     for wave in results["waves"]:
         assert wave["tokens_per_s"] > 0 and set(wave["all"]["latency_ms"]) == {"p50", "p99", "n"}
+        # The server's counters over the wave: every request's first token, steps to reach it.
+        server = wave["server"]
+        assert server["first_tokens"] == wave["clients"] and server["steps_to_first_token"] >= 1
+        assert server["steps"] > 0 and server["prefill_passes"] > 0 and server["wakes_per_step"] > 0
+    assert "steps to the first token" in proc.stdout
     stream = results["waves"][-1]["stream/greedy"]
     assert stream["ttft_ms"]["p50"] > 0 and stream["per_token_ms"]["p99"] > 0
     memory = results["memory"]

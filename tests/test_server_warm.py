@@ -125,8 +125,8 @@ def test_failed_warm_up_stops_the_server():
 
 def test_warm_up_runs_requests_through_prefill_and_sampling_and_forgets_them():
     """Beyond the decode buckets, warm-up prefills a few prompts together (fresh and continuing
-    pieces of lengths 1, 16 and more: the shape classes GPU kernels compile for), samples and
-    decodes them; then the engine is as new: no counts, free slots, the same answers."""
+    passes; every pass shape is test_prefill_passes.py's), samples and decodes them; then the
+    engine is as new: no counts, free slots, the same answers."""
     from tests.test_engine import clone, prompts
     from toolkit.inference.engine import Request
 
@@ -140,7 +140,9 @@ def test_warm_up_runs_requests_through_prefill_and_sampling_and_forgets_them():
     )
     assert warm.warm_up() == 0  # no static decoder on the CPU by default
     del model.hidden
-    assert pieces[:3] == [(3, 1), (2, 16), (1, 45)]  # the prompts (1, 17, 62 tokens) prefilled
+    # The prompts (1, 17, 62 tokens) prefilled: rows padded to a power of two, positions to 16,
+    # 32, ... (Engine._pass).
+    assert pieces[:3] == [(4, 16), (2, 16), (1, 32)]
     assert len(pieces) > 3  # then decoded
     assert warm.stats == dict.fromkeys(warm.stats, 0) and not warm.active and not warm.waiting
     requests = [
@@ -150,7 +152,11 @@ def test_warm_up_runs_requests_through_prefill_and_sampling_and_forgets_them():
     again = [clone(r) for r in requests]
     warm.run(requests), cold.run(again)
     assert [r.tokens for r in requests] == [r.tokens for r in again]
-    assert warm.stats == cold.stats
+
+    def counts(stats: dict) -> dict:  # the host times differ from run to run
+        return {k: v for k, v in stats.items() if not k.endswith("_seconds")}
+
+    assert counts(warm.stats) == counts(cold.stats)
 
 
 def test_a_whole_answer_wakes_its_thread_once_a_stream_every_token(gated, monkeypatch):

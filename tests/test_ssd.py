@@ -162,3 +162,14 @@ def test_fused_add_norm_equals_add_then_norm_on_gpu(kind):
             want_total = x if res is None else res + x
             assert torch.equal(total, want_total)
             torch.testing.assert_close(out, norm(want_total), rtol=2**-7, atol=2**-7)
+
+
+def test_a_sequence_shorter_than_a_chunk_runs_at_its_own_length():
+    """A 16-position prefill piece with 64-position chunks: the quadratic within-chunk part runs
+    over 16 x 16 positions, not over a chunk of padding (on CPUs that was most of the time of
+    admitting 64 short prompts)."""
+    x, dt, A, B, C, h0 = random_inputs(length=16)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        ssd_chunked(x, dt, A, B, C, 64, h0)
+    shapes = [s for e in prof.events() for s in e.input_shapes if s]
+    assert shapes and not any(64 in s for s in shapes), [s for s in shapes if 64 in s][:3]

@@ -7,8 +7,10 @@ Requests wait in a queue until a slot is free (never dropped). Every `step()`:
    lengths; attention masks each row at its own position); they are kept in the lowest slots
    (one moves down when a slot below it frees), so the batch is the first rows, as few as the
    smallest of the decoder's batch buckets that holds them;
-2. waiting requests are prefilled together (prompts of different lengths, no padding: the batch
-   runs up to the shortest prompt, then the longer ones continue from their states) and copied
+2. waiting requests are prefilled together (longest first, each pass as far as the shortest
+   running prompt needs, rounded up to 16, 32, ... positions and the rows to a power of two:
+   the prompts that end inside a pass are padded, the padding masked, and the longer ones
+   continue from their states; a few passes, at a few shapes that warm-up runs) and copied
    into free slots, so they join the running batch at the next step; at most
    `max_prefill_tokens` prompt positions per step: a longer prompt is prefilled over several
    steps, a piece per step continuing from its own states (held apart from the slots, which the
@@ -24,6 +26,7 @@ it and thrown away.
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,18 +128,30 @@ class Engine:
         self.admitted: list[Request] = []  # taken from the queue by the step in progress
         self.prefilling: Prefill | None = None  # a long prompt admitted over several steps
         self.rows = RowsCache()  # the decode batch's sampling settings, kept on the device
+        self.steps = 0  # step() calls ever (warm-up included): requests' queued/first steps
+        # Counters since warm-up (/health shows them; deltas over a load say where time goes):
+        # steps, their host wall time and the part in prefill (on CPUs the forward itself; on
+        # GPUs the launches and the syncs), the prefill passes through the model, and the steps
+        # from add() to the first token summed over the requests that got one.
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.stats |= {"steps": 0, "step_seconds": 0.0, "prefill_seconds": 0.0}
+        self.stats |= {"prefill_passes": 0, "first_tokens": 0, "first_token_steps": 0}
 
     @torch.no_grad()
-    def warm_up(self, context: int | None = None, *, requests: bool = True) -> int:
+    def warm_up(
+        self, context: int | None = None, *, requests: bool = True, prefill: bool | None = None
+    ) -> int:
         """Record (CUDA) or run once the static decode step of every batch bucket at every
         attention span up to `context` positions (None: every span up to max_len, so that no
         graph is recorded while serving), before any request: a server does this before it says
-        ready. Free rows only, whose states hold garbage anyway. With `requests`, then a few
-        requests through the whole path (see _warm_requests). Returns the decode steps of the
-        buckets."""
+        ready. Free rows only, whose states hold garbage anyway. With `prefill` (None: on CUDA
+        devices), then every prefill pass shape (prefill_shapes), fresh and continuing. With
+        `requests`, then a few requests through the whole path (see _warm_requests). Returns
+        the decode steps of the buckets."""
         if self.active or self.waiting or self.launched is not None:
             return 0
+        if prefill if prefill is not None else self.device.type == "cuda":
+            self._warm_prefill()
         steps, needed = 0, 1
         while self.decoder is not None and needed <= min(context or self.max_len, self.max_len):
             for rows in self.decoder.buckets:
@@ -149,16 +164,50 @@ class Engine:
             self._warm_requests()
         return steps
 
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """(rows, positions) of every prefill pass that admission can run (_pass): rows a
+        power of two up to the slots' (prompts that only score theirs, which take no slot, may
+        go past it), positions a piece length, for as many prompts of the least length that
+        gives that piece as one step admits (max_prefill_tokens) within max_len."""
+        shapes, rows = [], 1
+        while rows <= row_bucket(self.slots):
+            prompts = rows // 2 + 1 if rows > 1 else 1  # the fewest that give these rows
+            pieces = self._pieces().items()
+            shapes += [(rows, p) for p, n in pieces if prompts * n <= self.max_prefill_tokens]
+            rows *= 2
+        return shapes
+
+    def _pieces(self) -> dict[int, int]:
+        """Each piece length -> the fewest real positions that give it."""
+        pieces, n = {}, 1
+        while n <= min(self.prefill_chunk, self.max_len):
+            piece = piece_length(n, self.prefill_chunk)
+            pieces[piece], n = n, piece + 1
+        return pieces
+
+    def _warm_prefill(self) -> None:
+        """A fresh and a continuing pass at every prefill shape, on scratch states, padded as
+        most passes are (the last row the fewest positions of its piece, the rows past the
+        prompts none): kernels that specialise on shapes (Triton per class of length and
+        count, cuDNN per shape) are compiled and tuned before ready."""
+        least = self._pieces()
+        for rows, piece in self.prefill_shapes():
+            tokens = torch.zeros(rows, 2 * piece + 1, dtype=torch.long, device=self.device)
+            scratch = self.model.allocate_states(rows, 2 * piece)
+            prompts = rows // 2 + 1 if rows > 1 else 1
+            real = [piece] * (prompts - 1) + [least[piece]] + [0] * (rows - prompts)
+            for start in (0, piece):
+                self._pass(tokens, scratch, rows, start, real)
+        self.stats["prefill_passes"] = 0
+        log.info("prefill warmed up: %d shapes, fresh and continuing", len(self.prefill_shapes()))
+
     WARM_PROMPTS = (1, 17, 160)  # prompt lengths of _warm_requests
 
     def _warm_requests(self) -> None:
         """Prefill, sample and decode a few requests, then forget them (counters included):
-        the kernels of the first request's path, which the decode graphs do not cover, are
-        compiled and tuned now (on GPUs Triton autotunes mamba-ssm's chunked scan at its first
-        call, with and without initial states, and compiles per class of length: 1, multiples
-        of 16, others). The prompts, prefilled together, run pieces of 3 rows x 1 token
-        (fresh), 2 x 16 and 1 x 143 (continuing); one request greedy with logprobs, one
-        sampled (temperature, top-k, top-p), one scoring its prompt."""
+        the first request's path beyond the prefill passes (_warm_prefill) and the decode
+        graphs: sampling, logprobs, seating. One request greedy with logprobs, one sampled
+        (temperature, top-k, top-p), one scoring its prompt."""
         new = min(2, self.max_len - 1)
         lengths = sorted({min(n, self.max_len - new) for n in self.WARM_PROMPTS})
         vocab = self.model.vocab_size
@@ -193,6 +242,7 @@ class Engine:
         self.check(request)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
         request.generator = torch.Generator().manual_seed(seed)
+        request.queued_step = self.steps
         self.waiting.append(request)
 
     def has_work(self) -> bool:
@@ -210,6 +260,15 @@ class Engine:
     def step(self) -> list[Request]:
         """One decode step for the running batch plus the prefill of newcomers; returns the
         requests that got a token or finished."""
+        start = time.perf_counter()
+        self.steps += 1
+        try:
+            return self._step()
+        finally:
+            self.stats["steps"] += 1
+            self.stats["step_seconds"] += time.perf_counter() - start
+
+    def _step(self) -> list[Request]:
         if self.overlap:
             return self._step_overlapped()
         updated = self._drop_cancelled()
@@ -277,6 +336,13 @@ class Engine:
             self.host_positions[s] += 1
         return logits
 
+    def _to_device(self, values: list) -> torch.Tensor:
+        """Integers (nested lists) as a device tensor, copied from pinned memory without
+        waiting: from pageable memory the copy waits for the GPU to finish what is queued, and
+        the prefill's host would stop at each pass."""
+        pinned = torch.tensor(values, pin_memory=self.device.type == "cuda")
+        return pinned.to(self.device, non_blocking=True)
+
     def _index(self, rows: list[int]) -> torch.Tensor:
         """`rows` as a device tensor, kept while the rows stay the same. Copied from pinned
         memory without waiting: a copy from pageable memory would wait for the GPU to finish."""
@@ -294,6 +360,7 @@ class Engine:
     ) -> list[Request]:
         """Prefill newcomers within the step's budget (the long prompt in progress first), sample
         every row with logits, and report the updated requests."""
+        start = time.perf_counter()
         budget = self.max_prefill_tokens
         if self.prefilling is not None:
             budget = self._prefill_long(budget, updated, logits, requests, rows)
@@ -311,6 +378,7 @@ class Engine:
             rows += [prefilled[i] for i in generating]
         if self.prefilling is not None and self.prefilling.done == 0:  # started by _admit
             self._prefill_long(budget, updated, logits, requests, rows)
+        self.stats["prefill_seconds"] += time.perf_counter() - start
         if requests:
             self._sample(logits[0] if len(logits) == 1 else torch.cat(logits), requests, rows)
             updated += requests
@@ -405,8 +473,12 @@ class Engine:
                 break
             self.waiting.popleft()
             if len(r.prompt) > budget:
-                tokens = torch.tensor([r.prompt + [0]], device=self.device)
-                states = self.model.allocate_states(1, len(r.prompt))
+                # Room for the padding of its last piece (see _pass) and a spare column.
+                room = len(r.prompt) + self.prefill_chunk
+                tokens = torch.zeros(1, room + 1, dtype=torch.long)
+                tokens[0, : len(r.prompt)] = torch.tensor(r.prompt)
+                states = self.model.allocate_states(1, room)
+                tokens = tokens.to(self.device)
                 self.prefilling = Prefill(r, states, tokens)
                 break
             admitted.append(r)
@@ -432,7 +504,7 @@ class Engine:
         while p.done < end:
             # Pieces end at multiples of prefill_chunk, as the prompt admitted in one step runs.
             stop = min(end, (p.done // self.prefill_chunk + 1) * self.prefill_chunk)
-            hidden = self.model.hidden(p.tokens[:, p.done : stop], p.states.rows(1, p.done))
+            hidden, first = self._pass(p.tokens, p.states, 1, p.done, [stop - p.done]), p.done
             if r.score_prompt:
                 last = stop - p.done - (stop == length)  # the last position has no target
                 r.prompt_logprobs += self._score(hidden[0, :last], p.tokens[0, p.done + 1 :])
@@ -445,55 +517,91 @@ class Engine:
             self._finish(r, "length")
             updated.append(r)
             return budget
-        logits.append(self._logits(hidden[:, -1]))
+        logits.append(self._logits(hidden[:, length - 1 - first]))  # the last piece's
         requests.append(r)
-        rows.append(self._seat(r, p.states, 0, length))
+        rows += self._seat([r], p.states, [0], [length])
         return budget
 
     def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
         """Run the prompts; returns the logits after each prompt [n, vocab] and the slots the
-        generating requests now occupy (-1 for those that generate nothing)."""
+        generating requests now occupy (-1 for those that generate nothing).
+
+        Longest first, the rows still running at each pass are a prefix; a pass runs as far as
+        the shortest of them needs, rounded up to a piece length (_pass): those that end
+        inside it are padded, the others go on. Prompts of a few to a hundred tokens take one
+        or two passes, not one per distinct length."""
         n = len(requests)
         order = sorted(range(n), key=lambda i: -len(requests[i].prompt))
         lengths = [len(requests[i].prompt) for i in order]
-        # One spare column: the target of the last position (never read as a prompt logprob).
-        tokens = torch.zeros(n, lengths[0] + 1, dtype=torch.long)
-        for row, i in enumerate(order):
-            tokens[row, : lengths[row]] = torch.tensor(requests[i].prompt)
-        tokens = tokens.to(self.device)
-        scratch = self.model.allocate_states(n, lengths[0])
-        last = torch.empty(n, self.model.vocab_size, device=self.device)
-        start = 0
+        passes, start = [], 0  # (rows running, first position, piece length)
         while start < lengths[0]:
-            m = sum(length > start for length in lengths)  # rows still running: a prefix
-            # Up to the next prompt's end, in pieces of at most prefill_chunk tokens per row.
-            end = min(lengths[m - 1], start + self.prefill_chunk)
-            hidden = self.model.hidden(tokens[:m, start:end], scratch.rows(m, start))
-            ending = [row for row in range(m) if lengths[row] == end]
-            last[ending] = self._logits(hidden[ending, -1])
+            m = sum(length > start for length in lengths)
+            piece = piece_length(lengths[m - 1] - start, self.prefill_chunk)
+            passes.append((m, start, piece))
+            start += piece
+        # One spare column: the target of the last position (never read as a prompt logprob).
+        padded = [requests[i].prompt + [0] * (start + 1 - n) for i, n in zip(order, lengths)]
+        padded += [[0] * (start + 1)] * (row_bucket(n) - n)
+        tokens = self._to_device(padded)
+        scratch = self.model.allocate_states(row_bucket(n), start)
+        last = torch.empty(n, self.model.vocab_size, device=self.device)
+        for m, start, piece in passes:
+            real = [max(0, min(length - start, piece)) for length in lengths]
+            hidden = self._pass(tokens, scratch, m, start, real)
+            ending = [row for row in range(m) if lengths[row] <= start + piece]
+            if ending:
+                at = self._to_device([ending, [lengths[row] - start - 1 for row in ending]])
+                last[at[0]] = self._logits(hidden[at[0], at[1]])
             for row in range(m):
                 r = requests[order[row]]
                 if r.score_prompt:
-                    stop = end - start - (lengths[row] == end)  # the last position has no target
+                    stop = real[row] - (row in ending)  # the last position has no target
                     r.prompt_logprobs += self._score(hidden[row, :stop], tokens[row, start + 1 :])
-            start = end
 
+        self.stats["prompt_tokens"] += sum(lengths)
+        seated = [row for row, i in enumerate(order) if requests[order[row]].max_new_tokens > 0]
+        taken = self._seat([requests[order[row]] for row in seated], scratch, seated, lengths)
         slots = [-1] * n
-        for row, i in enumerate(order):
-            r = requests[i]
-            self.stats["prompt_tokens"] += lengths[row]
-            if r.max_new_tokens > 0:
-                slots[i] = self._seat(r, scratch, row, lengths[row])
-        inverse = torch.tensor(order, device=self.device).argsort()
+        for row, slot in zip(seated, taken):
+            slots[order[row]] = slot
+        inverse = self._to_device(order).argsort()
         return last[inverse], slots
 
-    def _seat(self, r: Request, prefilled: DecodeStates, row: int, length: int) -> int:
-        """Seat a prefilled request (row `row` of `prefilled`) in the lowest free slot."""
-        slot = next(s for s in range(self.slots) if s not in self.active)
-        self.active[slot] = r
-        self.positions[slot] = self.host_positions[slot] = length
-        self.states.copy_row(slot, prefilled, row, length)
-        return slot
+    def _pass(
+        self, tokens: torch.Tensor, states: DecodeStates, m: int, start: int, real: list[int]
+    ) -> torch.Tensor:
+        """One prefill pass of the first `m` rows from position `start`, `real[row]` positions
+        each: at a few shapes only, so that every one is compiled and tuned by warm-up (GPU
+        kernels specialise on them: Triton per class of length, cuDNN per exact shape): rows
+        padded to a power of two (rows past `m`, padding only), positions to piece_length.
+        Padding leaves the rows' states as they were. Returns the hidden states [rows, piece]."""
+        rows, piece = row_bucket(m), piece_length(max(real[:m]), self.prefill_chunk)
+        real = real[:rows] + [0] * (rows - len(real[:rows]))
+        if all(n == piece for n in real):
+            valid = None  # nothing padded: the plain path
+        else:
+            valid = self._to_device(real)
+        self.stats["prefill_passes"] += 1
+        return self.model.hidden(
+            tokens[:rows, start : start + piece], states.rows(rows, start, valid)
+        )
+
+    def _seat(
+        self, requests: list[Request], prefilled: DecodeStates, rows: list[int], lengths: list[int]
+    ) -> list[int]:
+        """Seat prefilled requests (rows `rows` of `prefilled`, whose prompts are `lengths[row]`
+        long) in the lowest free slots, all at once; returns their slots."""
+        if not requests:
+            return []
+        free = [s for s in range(self.slots) if s not in self.active][: len(requests)]
+        seated = [lengths[row] for row in rows]
+        for slot, r, length in zip(free, requests, seated, strict=True):
+            self.active[slot] = r
+            self.host_positions[slot] = length
+        slots, source, at = self._to_device([free, rows, seated])
+        self.positions[slots] = at
+        self.states.copy_rows(slots, prefilled, source, max(seated))
+        return free
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
         cache = None if self.admitted else self.rows  # newcomers: a one-off batch
@@ -510,6 +618,10 @@ class Engine:
                 r.token_logprobs.append(logprobs[i])
             r.tokens.append(token)
             self.stats["generated_tokens"] += 1
+            if len(r.tokens) == 1:
+                r.first_token_step = self.steps
+                self.stats["first_tokens"] += 1
+                self.stats["first_token_steps"] += self.steps - r.queued_step
             self.next_input[slot] = token
             reason = finish_reason(r, token, self.tokenizer)
             if reason is not None:
@@ -559,6 +671,17 @@ class Engine:
     def _finish(self, r: Request, reason: FinishReason) -> None:
         r.finish_reason = reason
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
+
+
+def row_bucket(n: int) -> int:
+    """The rows a prefill pass runs for `n` prompts: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
+def piece_length(n: int, chunk: int) -> int:
+    """The positions a prefill pass runs for `n` real ones (at most `chunk`): the next power of
+    two from 16, or `chunk` itself."""
+    return min(max(16, 1 << (n - 1).bit_length()), chunk)
 
 
 def memory_bytes(

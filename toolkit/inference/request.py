@@ -37,6 +37,9 @@ class Request:
     error: str | None = field(default=None, init=False)
     cancelled: bool = field(default=False, init=False)  # set by cancel(), from any thread
     generator: torch.Generator | None = field(default=None, init=False, repr=False)
+    # Engine steps (Engine.steps) when it was queued and when its first token was sampled.
+    queued_step: int = field(default=0, init=False, repr=False)
+    first_token_step: int | None = field(default=None, init=False, repr=False)
 
     @property
     def done(self) -> bool:

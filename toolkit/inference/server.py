@@ -27,8 +27,12 @@ from toolkit.inference.http_json import ClientGone, JSONRequestHandler, gone
 log = logging.getLogger(__name__)
 
 
-def _put_when_done(updates: "queue.SimpleQueue[Request]", r: Request) -> None:
-    if r.done:
+def _wake(
+    server: "GenerationServer", updates: "queue.SimpleQueue[Request]", every: bool, r: Request
+) -> None:
+    """The engine thread's callback: hand `r` to its HTTP thread (every update, or once done)."""
+    if every or r.done:
+        server.wakes += 1  # only the engine thread writes it
         updates.put(r)
 
 
@@ -137,6 +141,7 @@ class GenerationServer(ThreadingHTTPServer):
         self.max_body_bytes = max_body_bytes
         self.log_prompts = log_prompts
         self.limits = api.Limits(max_len=engine.max_len)
+        self.wakes = 0  # HTTP threads handed an update (woken) by the engine thread
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self.engine_thread.start()
@@ -253,6 +258,7 @@ class Handler(JSONRequestHandler):
                 "active": len(engine.active),
                 "waiting": len(engine.waiting),
                 **engine.stats,
+                "wakes": self.server.wakes,
             },
         )
 
@@ -324,7 +330,7 @@ class Handler(JSONRequestHandler):
         step, so whole answers wake their thread once."""
         updates: queue.SimpleQueue[Request] = queue.SimpleQueue()
         for r in requests:
-            r.on_update = updates.put if every_token else partial(_put_when_done, updates)
+            r.on_update = partial(_wake, self.server, updates, every_token)
         try:
             self.server.engine_thread.submit(requests)
         except ValueError as e:  # the API checks should have caught it; still the client's fault

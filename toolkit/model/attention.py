@@ -31,8 +31,10 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def rows(self, n: int, seen: int = 0) -> "KVCache":
-        """The first n rows (a view, no copy), `seen` positions filled."""
+    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> "KVCache":
+        """The first n rows (a view, no copy), `seen` positions filled. `valid` (a prefill
+        piece's real positions per row) needs nothing here: keys of padding land past a row's
+        prompt, where its decode writes before any query reaches them."""
         return KVCache(self.k[:n], self.v[:n], length=seen)
 
     def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "KVCache":
@@ -42,6 +44,12 @@ class KVCache:
     def copy_row(self, row: int, source: "KVCache", source_row: int, length: int) -> None:
         self.k[row, :, :length].copy_(source.k[source_row, :, :length])
         self.v[row, :, :length].copy_(source.v[source_row, :, :length])
+
+    def copy_rows(
+        self, rows: torch.Tensor, source: "KVCache", source_rows: torch.Tensor, length: int
+    ) -> None:
+        self.k[rows, :, :length] = source.k[source_rows, :, :length].to(self.k.dtype)
+        self.v[rows, :, :length] = source.v[source_rows, :, :length].to(self.v.dtype)
 
 
 class Rotary(nn.Module):

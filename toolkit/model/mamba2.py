@@ -25,15 +25,19 @@ class MambaState:
     conv: torch.Tensor  # [b, conv_dim, d_conv]
     ssm: torch.Tensor  # [b, heads, head_dim, d_state], fp32 (or bf16 if asked for decode)
     seen: int = 0  # tokens consumed so far
+    # Prefill of padded pieces: each row's real positions in the piece [b] (the rest is padding
+    # that leaves the row's state as it was); None: every position is real.
+    valid: torch.Tensor | None = None
 
     # The decode-state methods (toolkit/model/states.py); the size does not depend on the length.
     @property
     def nbytes(self) -> int:
         return self.conv.nbytes + self.ssm.nbytes
 
-    def rows(self, n: int, seen: int = 0) -> "MambaState":
-        """The first n rows (a view, no copy), having consumed `seen` tokens."""
-        return MambaState(self.conv[:n], self.ssm[:n], seen=seen)
+    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> "MambaState":
+        """The first n rows (a view, no copy), having consumed `seen` tokens; `valid`: see
+        the field."""
+        return MambaState(self.conv[:n], self.ssm[:n], seen=seen, valid=valid)
 
     def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "MambaState":
         """The first n rows for one token each at any positions: seen > 0 is the step path."""
@@ -42,6 +46,12 @@ class MambaState:
     def copy_row(self, row: int, source: "MambaState", source_row: int, length: int) -> None:
         self.conv[row].copy_(source.conv[source_row])
         self.ssm[row].copy_(source.ssm[source_row])
+
+    def copy_rows(
+        self, rows: torch.Tensor, source: "MambaState", source_rows: torch.Tensor, length: int
+    ) -> None:
+        self.conv[rows] = source.conv[source_rows].to(self.conv.dtype)
+        self.ssm[rows] = source.ssm[source_rows].to(self.ssm.dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -122,7 +132,8 @@ class Mamba2Mixer(nn.Module):
         )
 
     def forward(self, u: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        if state is not None and state.seen > 0 and u.size(1) == 1:
+        valid = None if state is None else state.valid
+        if state is not None and state.seen > 0 and u.size(1) == 1 and valid is None:
             return self.step(u, state)
         if state is None and self.fused and u.is_cuda:
             return self._forward_fused(u)
@@ -135,13 +146,21 @@ class Mamba2Mixer(nn.Module):
             padded = torch.cat([state.conv[..., 1:].to(xbc_t.dtype), xbc_t], dim=-1)
         else:
             padded = F.pad(xbc_t, (self.d_conv - 1, 0))
-        if state is not None:
+        if state is not None and valid is None:
             state.conv.copy_(padded[..., -self.d_conv :])  # padded has >= d_conv columns
+        elif state is not None:  # each row's last d_conv columns before its padding
+            first = state.conv[..., :1].to(padded.dtype) if state.seen > 0 else padded[..., :1]
+            columns = torch.cat([first, padded], dim=-1)  # a row with valid 0 keeps its state
+            index = valid[:, None] + torch.arange(self.d_conv, device=valid.device)
+            state.conv.copy_(columns.gather(-1, index[:, None].expand_as(state.conv)))
         xbc = F.silu(F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
 
         A = -torch.exp(self.A_log.float())
         dt = F.softplus(dt.float() + self.dt_bias.float())
+        if valid is not None:  # zero dt on padding: decay exp(0) = 1 and no input (as ssd.py)
+            real = torch.arange(length, device=dt.device) < valid[:, None]
+            dt = dt * real[..., None]
         initial = state.ssm if state is not None and state.seen > 0 else None
         y, final_state = self.ssd(x, dt, A, B, C, self.chunk_size, initial)
         if state is not None:

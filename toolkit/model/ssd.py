@@ -52,6 +52,9 @@ def ssd_chunked(
     y_t = C_t h_t.
     """
     b, length, heads, p = x.shape
+    # A sequence shorter than a chunk is one chunk of its own length (the same sums): a short
+    # prefill piece does not pay the quadratic part over a whole chunk of padding.
+    chunk_size = max(1, min(chunk_size, length))
     pad = (-length) % chunk_size
     # Zero dt on padded steps: decay exp(0) = 1 and no input, so the final state is unchanged.
     xf, dtf = F.pad(x.float(), (0, 0, 0, 0, 0, pad)), F.pad(dt.float(), (0, 0, 0, pad))

@@ -16,11 +16,15 @@ class DecodeState(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def rows(self, n: int, seen: int = 0) -> Self: ...
+    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> Self: ...
 
     def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> Self: ...
 
     def copy_row(self, row: int, source: Self, source_row: int, length: int) -> None: ...
+
+    def copy_rows(
+        self, rows: torch.Tensor, source: Self, source_rows: torch.Tensor, length: int
+    ) -> None: ...
 
 
 class DecodeStates(list):
@@ -35,9 +39,12 @@ class DecodeStates(list):
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self if s is not None)
 
-    def rows(self, n: int, seen: int = 0) -> "DecodeStates":
-        """The first n rows, having consumed `seen` tokens (views, no copies): a prefill."""
-        return DecodeStates((None if s is None else s.rows(n, seen) for s in self), n)
+    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> "DecodeStates":
+        """The first n rows, having consumed `seen` tokens (views, no copies): a prefill.
+        `valid` [n]: the real positions of each row in the piece, the rest padding after them
+        that leaves the row's state as it was (None: all real)."""
+        views = (None if s is None else s.rows(n, seen, valid) for s in self)
+        return DecodeStates(views, n)
 
     def decode_rows(
         self, n: int, positions: torch.Tensor, span: int | None = None
@@ -52,3 +59,14 @@ class DecodeStates(list):
         for mine, theirs in zip(self, source, strict=True):
             if mine is not None:
                 mine.copy_row(row, theirs, source_row, length)
+
+    def copy_rows(
+        self, rows: torch.Tensor, source: "DecodeStates", source_rows: torch.Tensor, length: int
+    ) -> None:
+        """Rows `rows` take rows `source_rows` of `source`, sequences of at most `length`
+        tokens (past a row's own length what is copied is garbage that nothing reads): a few
+        kernels per layer however many rows, where copy_row for each would take a few per
+        row (64 requests admitted at once on the 8B: thousands of launches)."""
+        for mine, theirs in zip(self, source, strict=True):
+            if mine is not None:
+                mine.copy_rows(rows, theirs, source_rows, length)
