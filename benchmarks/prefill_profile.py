@@ -61,11 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--top", type=int, default=20, help="kernels to list")
+    p.add_argument(
+        "--prefill-chunk", type=int, help="the engine's prefill_chunk (default: the engine's)"
+    )
     p.add_argument("--json", type=Path, help="the numbers and the kernel table")
     p.add_argument("--trace", type=Path, help="keep the profiled run's Chrome trace here")
     args = p.parse_args(argv)
     if args.context < 1 or args.top < 0:
         p.error("--context >= 1 and --top >= 0")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        p.error("--prefill-chunk >= 1")
     try:
         recipe = load_recipe(args.recipe, args.set)
     except RecipeError as e:
@@ -77,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe, build_tokenizer(recipe.data.tokenizer), device, getattr(torch, args.dtype)
     )
     model.eval()
+    chunk = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
     engine = Engine(
-        model, build_tokenizer("byte"), slots=1, max_len=args.context + 2, cuda_graphs=False
+        model,
+        build_tokenizer("byte"),
+        slots=1,
+        max_len=args.context + 2,
+        cuda_graphs=False,
+        **chunk,
     )
     prompt = torch.randint(0, model.vocab_size, (args.context,)).tolist()
     warm = first_token(engine, prompt)  # autotuning at these shapes, allocator warm-up
@@ -90,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "recipe": recipe.name,
         "context": args.context,
+        "prefill_chunk": engine.prefill_chunk,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "warmup_s": warm,
         "first_token_s": seconds,
@@ -98,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_tflops_if_all_time": flops / seconds / 1e12,
     }
     print(
-        f"{recipe.name}, {args.context}-token prompt: first token {seconds:.3f} s "
+        f"{recipe.name}, {args.context}-token prompt in pieces of {engine.prefill_chunk}: first "
+        f"token {seconds:.3f} s "
         f"(warm-up {warm:.3f} s, under the profiler {profiled:.3f} s); matmuls "
         f"{flops / 1e12:.3g} TFLOP"
     )

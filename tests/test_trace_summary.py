@@ -188,9 +188,11 @@ def test_prefill_profile_runs_on_the_cpu(tmp_path):
     out = tmp_path / "prefill.json"
     cmd = [sys.executable, "benchmarks/prefill_profile.py", "--recipe", "recipes/tiny_hybrid.toml"]
     cmd += ["--context", "48", "--device", "cpu", "--dtype", "float32", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd + ["--prefill-chunk", "16"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "tiny_hybrid, 48-token prompt: first token" in proc.stdout
+    assert "tiny_hybrid, 48-token prompt in pieces of 16: first token" in proc.stdout
     assert "no summary:" in proc.stdout and "no GPU kernels" in proc.stdout
     result = json.loads(out.read_text())
     from toolkit.build import build_model
@@ -204,3 +206,7 @@ def test_prefill_profile_runs_on_the_cpu(tmp_path):
     expected += 2 * model.output_layer.in_features * model.output_layer.out_features
     assert result["matmul_flops"] == expected
     assert result["first_token_s"] > 0 and "families_ms" not in result
+    assert result["prefill_chunk"] == 16
+    bad = subprocess.run(cmd + ["--prefill-chunk", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--prefill-chunk >= 1" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -153,3 +153,39 @@ def decode_kernels(mixer: "Mamba2Mixer", u: torch.Tensor) -> DecodeKernels:
     if not u.is_cuda or mixer.ssd is not ssd_mamba_ssm:
         return DecodeKernels()
     return _import_decode_kernels()
+
+
+class PrefillKernels(NamedTuple):
+    """Kernels for a forward that continues from decode states (prefill); None: the torch code."""
+
+    conv: Callable[..., torch.Tensor] | None = None  # causal_conv1d_fn
+    scan: Callable[..., Any] | None = None  # mamba-ssm mamba_chunk_scan_combined
+    gated_norm: Callable[..., torch.Tensor] | None = None  # mamba-ssm rmsnorm_fn (Triton)
+
+
+@functools.cache
+def _import_prefill_kernels() -> PrefillKernels:
+    """Each kernel that imports here (the scan and the norm come from mamba-ssm together)."""
+    found: dict[str, Any] = {}
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        found |= dict(scan=mamba_chunk_scan_combined, gated_norm=rmsnorm_fn)
+    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
+        pass
+    try:
+        from causal_conv1d import causal_conv1d_fn
+
+        found["conv"] = causal_conv1d_fn
+    except Exception:  # ImportError, or an extension built for another GPU
+        pass
+    return PrefillKernels(**found)
+
+
+def prefill_kernels(mixer: "Mamba2Mixer", u: torch.Tensor) -> PrefillKernels:
+    """The kernels for a prefill (a forward with states), chosen as decode_kernels: CUDA input
+    of a mixer built with mamba-ssm's SSD; the conv kernel only where causal-conv1d imports."""
+    if not u.is_cuda or mixer.ssd is not ssd_mamba_ssm:
+        return PrefillKernels()
+    return _import_prefill_kernels()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.model.kernels import decode_kernels
+from toolkit.model.kernels import PrefillKernels, decode_kernels, prefill_kernels
 from toolkit.model.norms import GatedRMSNorm
 from toolkit.model.ssd import SSDFunction, ssd_chunked, ssd_step
 
@@ -52,6 +52,66 @@ class MambaState:
     ) -> None:
         self.conv[rows] = source.conv[source_rows].to(self.conv.dtype)
         self.ssm[rows] = source.ssm[source_rows].to(self.ssm.dtype)
+
+
+def _channel_last(xt: torch.Tensor, width: int) -> bool:
+    """Whether causal-conv1d's channel-last kernel takes xt [b, c, l] as it is: channels adjacent
+    in memory, 8 at a time (strides in multiples of 8 elements, a 16-byte aligned start), and a
+    width of 2 to 4. A slice of in_proj's output is, for the usual widths."""
+    return (
+        xt.stride(1) == 1
+        and xt.size(1) % 8 == 0
+        and xt.stride(0) % 8 == 0
+        and xt.stride(2) % 8 == 0
+        and xt.data_ptr() % 16 == 0
+        and 2 <= width <= 4
+    )
+
+
+def causal_conv(
+    xbc: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor | None = None,
+    continuing: bool = False,
+    conv_fn: Callable[..., torch.Tensor] | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SiLU(depthwise causal conv) of xbc [b, l, c] -> [b, l, c]; weight [c, k]. The left context
+    is the last k - 1 columns of `conv_state` [b, c, k] when `continuing` (a sequence resumed
+    from its decode state), zeros otherwise; `conv_state`, when given, then takes the last k
+    columns of [left context, xbc^T], as the decode step keeps it; with `valid` [b] (each row's
+    real positions, padding after them), the last k columns before each row's padding.
+
+    `conv_fn`: causal-conv1d's causal_conv1d_fn, when xbc^T is channel-last (see
+    _channel_last). It reads the left context itself (no copy of the state and the piece into
+    one tensor) and applies the SiLU, and its output is channel-last: [b, l, c] contiguous, which
+    the SSD kernels read without a transposing copy. Otherwise (and on CPUs) the torch code: the
+    reference."""
+    k = weight.size(-1)
+    xt = xbc.transpose(1, 2)  # [b, c, l]
+    left = conv_state[..., 1:].to(xt.dtype) if continuing else None  # a view in the same dtype
+    if conv_fn is not None and valid is None and _channel_last(xt, k):
+        if left is not None:  # its initial states are read channel-last only
+            b, c, _ = xt.shape
+            left = xt.new_empty(b, k - 1, c).transpose(1, 2).copy_(left)
+        if conv_state is not None:  # at most 2k - 1 columns: the piece itself is not copied
+            head = left if left is not None else xt.new_zeros(xt.size(0), xt.size(1), k - 1)
+            conv_state.copy_(torch.cat([head, xt[..., -k:]], dim=-1)[..., -k:])
+        return conv_fn(xt, weight, bias, initial_states=left, activation="silu").transpose(1, 2)
+    if left is not None:
+        padded = torch.cat([left, xt], dim=-1)
+    else:
+        padded = F.pad(xt, (k - 1, 0))
+    if conv_state is not None and valid is None:
+        conv_state.copy_(padded[..., -k:])  # padded has >= k columns
+    elif conv_state is not None:  # each row's last k columns before its padding
+        first = conv_state[..., :1].to(padded.dtype) if continuing else padded[..., :1]
+        columns = torch.cat([first, padded], dim=-1)  # a row with valid 0 keeps its state
+        index = valid[:, None] + torch.arange(k, device=valid.device)
+        conv_state.copy_(columns.gather(-1, index[:, None].expand_as(conv_state)))
+    out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=xt.size(1))
+    return F.silu(out).transpose(1, 2)
 
 
 class Mamba2Mixer(nn.Module):
@@ -137,37 +197,76 @@ class Mamba2Mixer(nn.Module):
             return self.step(u, state)
         if state is None and self.fused and u.is_cuda:
             return self._forward_fused(u)
-        b, length, _ = u.shape
+        # A prefill (with states) takes the GPU kernels the model chose; training keeps autograd
+        # through the torch code or the fused op above.
+        kernels = PrefillKernels() if state is None else prefill_kernels(self, u)
+        length = u.size(1)
         z, xbc, dt = self.in_proj(u).split(self.split_sizes, dim=-1)
+        continuing = state is not None and state.seen > 0
+        conv_state = None if state is None else state.conv
+        weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
+        xbc = causal_conv(
+            xbc, weight, self.conv1d.bias, conv_state, continuing, kernels.conv, valid
+        )
+        x, B, C = self._split_xbc(xbc)
 
-        # Depthwise causal conv; continuing a sequence, the cached columns are the left context.
-        xbc_t = xbc.transpose(1, 2)
-        if state is not None and state.seen > 0:
-            padded = torch.cat([state.conv[..., 1:].to(xbc_t.dtype), xbc_t], dim=-1)
+        # With states, A is kept between calls (decode_A): 2 fewer kernels per layer and piece.
+        A = -torch.exp(self.A_log.float()) if state is None else self.decode_A()
+        initial = state.ssm if continuing else None
+        if kernels.scan is not None and kernels.gated_norm is not None and valid is None:
+            y = self._scan_norm_kernels(kernels, x, dt, A, B, C, z, initial, state)
         else:
-            padded = F.pad(xbc_t, (self.d_conv - 1, 0))
-        if state is not None and valid is None:
-            state.conv.copy_(padded[..., -self.d_conv :])  # padded has >= d_conv columns
-        elif state is not None:  # each row's last d_conv columns before its padding
-            first = state.conv[..., :1].to(padded.dtype) if state.seen > 0 else padded[..., :1]
-            columns = torch.cat([first, padded], dim=-1)  # a row with valid 0 keeps its state
-            index = valid[:, None] + torch.arange(self.d_conv, device=valid.device)
-            state.conv.copy_(columns.gather(-1, index[:, None].expand_as(state.conv)))
-        xbc = F.silu(F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
-        x, B, C = self._split_xbc(xbc.transpose(1, 2))
-
-        A = -torch.exp(self.A_log.float())
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if valid is not None:  # zero dt on padding: decay exp(0) = 1 and no input (as ssd.py)
-            real = torch.arange(length, device=dt.device) < valid[:, None]
-            dt = dt * real[..., None]
-        initial = state.ssm if state is not None and state.seen > 0 else None
-        y, final_state = self.ssd(x, dt, A, B, C, self.chunk_size, initial)
+            dt = F.softplus(dt.float() + self.dt_bias.float())
+            if valid is not None:  # zero dt on padding: decay exp(0) = 1 and no input (ssd.py)
+                real = torch.arange(length, device=dt.device) < valid[:, None]
+                dt = dt * real[..., None]
+            y, final_state = self.ssd(x, dt, A, B, C, self.chunk_size, initial)
+            if state is not None:
+                state.ssm.copy_(final_state)
+            y = y + x * self.D.to(x.dtype)[:, None]
+            y = self.norm(y.flatten(-2), z)
         if state is not None:
-            state.ssm.copy_(final_state)
             state.seen += length
-        y = y + x * self.D.to(x.dtype)[:, None]
-        return self.out_proj(self.norm(y.flatten(-2), z))
+        return self.out_proj(y)
+
+    def _scan_norm_kernels(
+        self,
+        kernels: PrefillKernels,
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        z: torch.Tensor,
+        initial: torch.Tensor | None,
+        state: MambaState,
+    ) -> torch.Tensor:
+        """The reference's SSD, D skip, softplus(dt + dt_bias) and gated norm as two mamba-ssm
+        kernels (~15 eager passes over [b, l, d_inner] otherwise, in fp32). x, B, C and dt are
+        strided views (of the conv output and of in_proj's), which the kernels read in place."""
+        y, final_state = kernels.scan(
+            x,
+            dt,  # pre-softplus, as in_proj wrote it
+            A,
+            B,
+            C,
+            self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            initial_states=initial,
+            dt_softplus=True,
+            return_final_states=True,
+        )
+        state.ssm.copy_(final_state)
+        return kernels.gated_norm(
+            y.flatten(-2),
+            self.norm.weight,
+            None,
+            z=z,
+            eps=self.norm.eps,
+            group_size=self.d_inner // self.norm.groups,
+            norm_before_gate=False,  # rmsnorm(y * silu(z)), as GatedRMSNorm
+        )
 
     def _forward_fused(self, u: torch.Tensor) -> torch.Tensor:
         """forward() without a state through one mamba-ssm op: conv + SiLU, SSD with D and the
@@ -229,9 +328,9 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y).unsqueeze(1)
 
     def decode_A(self) -> torch.Tensor:
-        """A = -exp(A_log) in fp32 for decode steps, kept between steps (3 kernels per layer and
-        token otherwise) and recomputed when A_log changes (in place: its version counter moves;
-        moved: its address). With gradients on it is not kept: it would hold the graph."""
+        """A = -exp(A_log) in fp32 for decode steps and prefills, kept between calls (3 kernels
+        per layer and call otherwise) and recomputed when A_log changes (in place: its version
+        counter moves; moved: its address). With gradients on it is not kept: it would hold the graph."""
         if torch.is_grad_enabled():
             return -torch.exp(self.A_log.float())
         key = (self.A_log._version, self.A_log.data_ptr())
