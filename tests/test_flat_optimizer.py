@@ -153,6 +153,7 @@ def test_the_recipe_key_takes_booleans_only():
     ).train.flat_optimizer
 
 
+@pytest.mark.long
 def test_the_optimizer_benchmark_runs_both_and_they_agree(tmp_path):
     import json
     import subprocess

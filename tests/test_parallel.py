@@ -441,6 +441,7 @@ def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_proce
 
 # train.flat_optimizer under ZeRO (its buffers hold this rank's share) and a pipeline (this
 # stage's parameters), with the checkpoint it saves resumed by the replicated optimizer.
+@pytest.mark.long
 @pytest.mark.parametrize("name", ["dp2", "pp2"])
 def test_the_flat_optimizer_trains_at_other_layouts(tmp_path, single_process_run, name):
     layout = LAYOUTS[name]

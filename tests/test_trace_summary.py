@@ -181,6 +181,7 @@ def test_a_real_cpu_trace_has_no_gpu_kernels(tmp_path, capsys):
     assert "no GPU kernels in these traces (a CPU run" in capsys.readouterr().err
 
 
+@pytest.mark.long
 def test_prefill_profile_runs_on_the_cpu(tmp_path):
     """The prefill profile's plumbing at the tiny recipe: model, engine, the timed and profiled
     first tokens, and the matmul FLOPs (the blocks' linears over the prompt, the output layer
