@@ -53,7 +53,7 @@ def fake_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_
     """mamba_chunk_scan_combined's contract (softplus(dt + dt_bias) and the D skip inside)."""
     assert z is None and seq_idx is None and return_final_states and not return_varlen_states
     fake_scan.calls += 1
-    dt = dt.float() + dt_bias.float()
+    dt = dt.float() + (0.0 if dt_bias is None else dt_bias.float())
     dt = F.softplus(dt) if dt_softplus else dt
     y, final_state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_states)
     return y + x * D[:, None], final_state
@@ -146,6 +146,41 @@ def test_a_prefill_through_the_kernels_equals_the_torch_prefill(monkeypatch):
     # conv kernel's output is channel-last): fp32 rounding apart, the same numbers.
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_passes_through_the_kernels_equal_the_torch_passes(monkeypatch):
+    """Prompts admitted together run in passes whose rows are padded after their real positions
+    (the engine's `valid`): through the kernels (stand-ins), each row's outputs at its real
+    positions and every state (the conv's columns before the padding, the SSM state with dt
+    zero on the padding, rows that are padding only keeping theirs) equal the torch code's."""
+    kernels = PrefillKernels(conv=FakeConv(), scan=fake_scan, gated_norm=fake_gated_norm)
+    fake_scan.calls = fake_gated_norm.calls = 0
+    model = HybridLM(tiny_model_config(), vocab_size=50).double().eval()
+    tokens = torch.randint(0, 50, (4, 24))
+    passes = [(0, 16, [16, 9, 3, 0]), (16, 8, [8, 0, 0, 0])]  # start, piece, real per row
+
+    def prefill() -> tuple[list[torch.Tensor], list]:
+        states = model.allocate_states(4, max_len=24)
+        outs = []
+        for start, piece, real in passes:
+            views = states.rows(4, start, torch.tensor(real))
+            hidden = model.hidden(tokens[:, start : start + piece], views)
+            outs += [hidden[row, :n] for row, n in enumerate(real)]
+        return outs, [s for s in states if isinstance(s, mamba2.MambaState)]
+
+    with torch.no_grad():
+        want, want_states = prefill()
+        monkeypatch.setattr(mamba2, "prefill_kernels", lambda mixer, u: kernels)
+        got, got_states = prefill()
+    assert fake_scan.calls == 2 * len(want_states) and kernels.conv.calls == fake_scan.calls
+    # The stand-in norm computes in fp32 (as the real one): fp32 rounding apart, equal.
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got_states[0].conv, want_states[0].conv)  # before any fp32 rounding
+    for g, w in zip(got_states, want_states, strict=True):
+        torch.testing.assert_close(g.conv, w.conv, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g.ssm, w.ssm, rtol=1e-6, atol=1e-6)
+    assert not want_states[0].ssm[3].any()  # padding only: as fresh as it started
 
 
 needs_kernels = pytest.mark.skipif(

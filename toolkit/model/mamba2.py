@@ -91,13 +91,16 @@ def causal_conv(
     k = weight.size(-1)
     xt = xbc.transpose(1, 2)  # [b, c, l]
     left = conv_state[..., 1:].to(xt.dtype) if continuing else None  # a view in the same dtype
-    if conv_fn is not None and valid is None and _channel_last(xt, k):
+    if conv_fn is not None and _channel_last(xt, k):
         if left is not None:  # its initial states are read channel-last only
             b, c, _ = xt.shape
             left = xt.new_empty(b, k - 1, c).transpose(1, 2).copy_(left)
-        if conv_state is not None:  # at most 2k - 1 columns: the piece itself is not copied
+        if conv_state is not None and valid is None:  # 2k - 1 columns, not the whole piece
             head = left if left is not None else xt.new_zeros(xt.size(0), xt.size(1), k - 1)
             conv_state.copy_(torch.cat([head, xt[..., -k:]], dim=-1)[..., -k:])
+        elif conv_state is not None:
+            head = left if left is not None else xt.new_zeros(xt.size(0), xt.size(1), k - 1)
+            _keep_columns_before_padding(conv_state, torch.cat([head, xt], -1), valid, continuing)
         return conv_fn(xt, weight, bias, initial_states=left, activation="silu").transpose(1, 2)
     if left is not None:
         padded = torch.cat([left, xt], dim=-1)
@@ -105,13 +108,23 @@ def causal_conv(
         padded = F.pad(xt, (k - 1, 0))
     if conv_state is not None and valid is None:
         conv_state.copy_(padded[..., -k:])  # padded has >= k columns
-    elif conv_state is not None:  # each row's last k columns before its padding
-        first = conv_state[..., :1].to(padded.dtype) if continuing else padded[..., :1]
-        columns = torch.cat([first, padded], dim=-1)  # a row with valid 0 keeps its state
-        index = valid[:, None] + torch.arange(k, device=valid.device)
-        conv_state.copy_(columns.gather(-1, index[:, None].expand_as(conv_state)))
+    elif conv_state is not None:
+        _keep_columns_before_padding(conv_state, padded, valid, continuing)
     out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=xt.size(1))
     return F.silu(out).transpose(1, 2)
+
+
+def _keep_columns_before_padding(
+    conv_state: torch.Tensor, padded: torch.Tensor, valid: torch.Tensor, continuing: bool
+) -> None:
+    """conv_state [b, c, k] <- each row's last k columns of `padded` ([left context, piece],
+    k - 1 + l columns) before its padding: those of column valid[row] - 1 of the piece and the
+    k - 1 before it. A row with valid 0 keeps its state."""
+    k = conv_state.size(-1)
+    first = conv_state[..., :1].to(padded.dtype) if continuing else padded[..., :1]
+    columns = torch.cat([first, padded], dim=-1)
+    index = valid[:, None] + torch.arange(k, device=valid.device)
+    conv_state.copy_(columns.gather(-1, index[:, None].expand_as(conv_state)))
 
 
 class Mamba2Mixer(nn.Module):
@@ -213,8 +226,8 @@ class Mamba2Mixer(nn.Module):
         # With states, A is kept between calls (decode_A): 2 fewer kernels per layer and piece.
         A = -torch.exp(self.A_log.float()) if state is None else self.decode_A()
         initial = state.ssm if continuing else None
-        if kernels.scan is not None and kernels.gated_norm is not None and valid is None:
-            y = self._scan_norm_kernels(kernels, x, dt, A, B, C, z, initial, state)
+        if kernels.scan is not None and kernels.gated_norm is not None:
+            y = self._scan_norm_kernels(kernels, x, dt, A, B, C, z, initial, state, valid)
         else:
             dt = F.softplus(dt.float() + self.dt_bias.float())
             if valid is not None:  # zero dt on padding: decay exp(0) = 1 and no input (ssd.py)
@@ -240,21 +253,29 @@ class Mamba2Mixer(nn.Module):
         z: torch.Tensor,
         initial: torch.Tensor | None,
         state: MambaState,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The reference's SSD, D skip, softplus(dt + dt_bias) and gated norm as two mamba-ssm
         kernels (~15 eager passes over [b, l, d_inner] otherwise, in fp32). x, B, C and dt are
-        strided views (of the conv output and of in_proj's), which the kernels read in place."""
+        strided views (of the conv output and of in_proj's), which the kernels read in place.
+        With `valid` (padded rows), dt is taken through softplus here and zeroed on the padding
+        (decay 1, no input: the state stays as it was), as the torch code does."""
+        dt_bias, softplus = self.dt_bias, True  # pre-softplus, as in_proj wrote it
+        if valid is not None:
+            dt = F.softplus(dt.float() + self.dt_bias.float())
+            dt = dt * (torch.arange(x.size(1), device=dt.device) < valid[:, None])[..., None]
+            dt_bias, softplus = None, False
         y, final_state = kernels.scan(
             x,
-            dt,  # pre-softplus, as in_proj wrote it
+            dt,
             A,
             B,
             C,
             self.chunk_size,
             D=self.D,
-            dt_bias=self.dt_bias,
+            dt_bias=dt_bias,
             initial_states=initial,
-            dt_softplus=True,
+            dt_softplus=softplus,
             return_final_states=True,
         )
         state.ssm.copy_(final_state)
