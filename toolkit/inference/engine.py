@@ -171,7 +171,7 @@ class Engine:
         gives that piece as one step admits (max_prefill_tokens) within max_len."""
         shapes, rows = [], 1
         while rows <= row_bucket(self.slots):
-            prompts = rows // 2 + 1 if rows > 1 else 1  # the fewest that give these rows
+            prompts = fewest_prompts(rows)
             pieces = self._pieces().items()
             shapes += [(rows, p) for p, n in pieces if prompts * n <= self.max_prefill_tokens]
             rows *= 2
@@ -190,16 +190,16 @@ class Engine:
         most passes are (the last row the fewest positions of its piece, the rows past the
         prompts none): kernels that specialise on shapes (Triton per class of length and
         count, cuDNN per shape) are compiled and tuned before ready."""
-        least = self._pieces()
-        for rows, piece in self.prefill_shapes():
+        least, shapes = self._pieces(), self.prefill_shapes()
+        for rows, piece in shapes:
             tokens = torch.zeros(rows, 2 * piece + 1, dtype=torch.long, device=self.device)
             scratch = self.model.allocate_states(rows, 2 * piece)
-            prompts = rows // 2 + 1 if rows > 1 else 1
+            prompts = fewest_prompts(rows)
             real = [piece] * (prompts - 1) + [least[piece]] + [0] * (rows - prompts)
             for start in (0, piece):
                 self._pass(tokens, scratch, rows, start, real)
         self.stats["prefill_passes"] = 0
-        log.info("prefill warmed up: %d shapes, fresh and continuing", len(self.prefill_shapes()))
+        log.info("prefill warmed up: %d shapes, fresh and continuing", len(shapes))
 
     WARM_PROMPTS = (1, 17, 160)  # prompt lengths of _warm_requests
 
@@ -344,11 +344,9 @@ class Engine:
         return pinned.to(self.device, non_blocking=True)
 
     def _index(self, rows: list[int]) -> torch.Tensor:
-        """`rows` as a device tensor, kept while the rows stay the same. Copied from pinned
-        memory without waiting: a copy from pageable memory would wait for the GPU to finish."""
+        """`rows` as a device tensor (_to_device), kept while the rows stay the same."""
         if self._rows_index[0] != tuple(rows):
-            pinned = torch.tensor(rows, pin_memory=self.device.type == "cuda")
-            self._rows_index = (tuple(rows), pinned.to(self.device, non_blocking=True))
+            self._rows_index = (tuple(rows), self._to_device(rows))
         return self._rows_index[1]
 
     def _admit_and_sample(
@@ -676,6 +674,11 @@ class Engine:
 def row_bucket(n: int) -> int:
     """The rows a prefill pass runs for `n` prompts: the next power of two."""
     return 1 << (n - 1).bit_length()
+
+
+def fewest_prompts(rows: int) -> int:
+    """The fewest prompts whose pass runs `rows` rows (a power of two): row_bucket's inverse."""
+    return rows // 2 + 1 if rows > 1 else 1
 
 
 def piece_length(n: int, chunk: int) -> int:
