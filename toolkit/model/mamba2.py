@@ -92,15 +92,16 @@ def causal_conv(
     xt = xbc.transpose(1, 2)  # [b, c, l]
     left = conv_state[..., 1:].to(xt.dtype) if continuing else None  # a view in the same dtype
     if conv_fn is not None and _channel_last(xt, k):
+        b, c, _ = xt.shape
         if left is not None:  # its initial states are read channel-last only
-            b, c, _ = xt.shape
             left = xt.new_empty(b, k - 1, c).transpose(1, 2).copy_(left)
-        if conv_state is not None and valid is None:  # 2k - 1 columns, not the whole piece
-            head = left if left is not None else xt.new_zeros(xt.size(0), xt.size(1), k - 1)
-            conv_state.copy_(torch.cat([head, xt[..., -k:]], dim=-1)[..., -k:])
-        elif conv_state is not None:
-            head = left if left is not None else xt.new_zeros(xt.size(0), xt.size(1), k - 1)
-            _keep_columns_before_padding(conv_state, torch.cat([head, xt], -1), valid, continuing)
+        if conv_state is not None:
+            head = left if left is not None else xt.new_zeros(b, c, k - 1)
+            if valid is None:  # 2k - 1 columns, not the whole piece
+                conv_state.copy_(torch.cat([head, xt[..., -k:]], dim=-1)[..., -k:])
+            else:
+                padded = torch.cat([head, xt], dim=-1)
+                _keep_columns_before_padding(conv_state, padded, valid, continuing)
         return conv_fn(xt, weight, bias, initial_states=left, activation="silu").transpose(1, 2)
     if left is not None:
         padded = torch.cat([left, xt], dim=-1)
@@ -229,10 +230,7 @@ class Mamba2Mixer(nn.Module):
         if kernels.scan is not None and kernels.gated_norm is not None:
             y = self._scan_norm_kernels(kernels, x, dt, A, B, C, z, initial, state, valid)
         else:
-            dt = F.softplus(dt.float() + self.dt_bias.float())
-            if valid is not None:  # zero dt on padding: decay exp(0) = 1 and no input (ssd.py)
-                real = torch.arange(length, device=dt.device) < valid[:, None]
-                dt = dt * real[..., None]
+            dt = self._dt(dt, valid)
             y, final_state = self.ssd(x, dt, A, B, C, self.chunk_size, initial)
             if state is not None:
                 state.ssm.copy_(final_state)
@@ -241,6 +239,15 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             state.seen += length
         return self.out_proj(y)
+
+    def _dt(self, dt: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """softplus(dt + dt_bias) in fp32; with `valid` (each row's real positions), zero on the
+        padding after them: decay exp(0) = 1 and no input, so the state stays as it was (as
+        ssd.py pads)."""
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if valid is None:
+            return dt
+        return dt * (torch.arange(dt.size(1), device=dt.device) < valid[:, None])[..., None]
 
     def _scan_norm_kernels(
         self,
@@ -262,9 +269,7 @@ class Mamba2Mixer(nn.Module):
         (decay 1, no input: the state stays as it was), as the torch code does."""
         dt_bias, softplus = self.dt_bias, True  # pre-softplus, as in_proj wrote it
         if valid is not None:
-            dt = F.softplus(dt.float() + self.dt_bias.float())
-            dt = dt * (torch.arange(x.size(1), device=dt.device) < valid[:, None])[..., None]
-            dt_bias, softplus = None, False
+            dt, dt_bias, softplus = self._dt(dt, valid), None, False
         y, final_state = kernels.scan(
             x,
             dt,
