@@ -4,6 +4,7 @@ causal-conv1d's GPU kernels import and run here, and the fallback to the PyTorch
 """
 
 import functools
+import importlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -126,31 +127,39 @@ class DecodeKernels(NamedTuple):
     gated_norm: Callable[..., torch.Tensor] | None = None  # mamba-ssm rmsnorm_fn (Triton)
 
 
+def _imported(*names: str) -> list[Any]:
+    """The objects named "module:attribute", or Nones for all of them if any fails to import
+    here (ImportError, a missing compiled extension, one built for another GPU)."""
+    try:
+        return [getattr(importlib.import_module(m), a) for m, a in (n.split(":") for n in names)]
+    except Exception:
+        return [None] * len(names)
+
+
+_GATED_NORM = "mamba_ssm.ops.triton.layernorm_gated:rmsnorm_fn"
+
+
 @functools.cache
 def _import_decode_kernels() -> DecodeKernels:
-    """Each kernel that imports here."""
-    found: dict[str, Any] = {}
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    """Each kernel that imports here (the state update and the norm come from mamba-ssm
+    together)."""
+    update, norm = _imported(
+        "mamba_ssm.ops.triton.selective_state_update:selective_state_update", _GATED_NORM
+    )
+    (conv,) = _imported("causal_conv1d:causal_conv1d_update")
+    return DecodeKernels(ssm_update=update, conv_update=conv, gated_norm=norm)
 
-        found |= dict(ssm_update=selective_state_update, gated_norm=rmsnorm_fn)
-    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
-        pass
-    try:
-        from causal_conv1d import causal_conv1d_update
 
-        found["conv_update"] = causal_conv1d_update
-    except Exception:  # ImportError, or an extension built for another GPU
-        pass
-    return DecodeKernels(**found)
+def _kernels_wanted(mixer: "Mamba2Mixer", u: torch.Tensor) -> bool:
+    """CUDA input of a mixer built with mamba-ssm's SSD (`model.kernels` 'auto' where it is
+    available, or 'mamba_ssm')."""
+    return u.is_cuda and mixer.ssd is ssd_mamba_ssm
 
 
 def decode_kernels(mixer: "Mamba2Mixer", u: torch.Tensor) -> DecodeKernels:
-    """The kernels for a decode step. Only for CUDA input of a mixer built with mamba-ssm's SSD
-    (`model.kernels` 'auto' where it is available, or 'mamba_ssm'); the conv kernel only where
+    """The kernels for a decode step where _kernels_wanted; the conv kernel only where
     causal-conv1d imports."""
-    if not u.is_cuda or mixer.ssd is not ssd_mamba_ssm:
+    if not _kernels_wanted(mixer, u):
         return DecodeKernels()
     return _import_decode_kernels()
 
@@ -166,26 +175,16 @@ class PrefillKernels(NamedTuple):
 @functools.cache
 def _import_prefill_kernels() -> PrefillKernels:
     """Each kernel that imports here (the scan and the norm come from mamba-ssm together)."""
-    found: dict[str, Any] = {}
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-        found |= dict(scan=mamba_chunk_scan_combined, gated_norm=rmsnorm_fn)
-    except Exception:  # ImportError, or its missing compiled Mamba-1 extension
-        pass
-    try:
-        from causal_conv1d import causal_conv1d_fn
-
-        found["conv"] = causal_conv1d_fn
-    except Exception:  # ImportError, or an extension built for another GPU
-        pass
-    return PrefillKernels(**found)
+    scan, norm = _imported(
+        "mamba_ssm.ops.triton.ssd_combined:mamba_chunk_scan_combined", _GATED_NORM
+    )
+    (conv,) = _imported("causal_conv1d:causal_conv1d_fn")
+    return PrefillKernels(conv=conv, scan=scan, gated_norm=norm)
 
 
 def prefill_kernels(mixer: "Mamba2Mixer", u: torch.Tensor) -> PrefillKernels:
-    """The kernels for a prefill (a forward with states), chosen as decode_kernels: CUDA input
-    of a mixer built with mamba-ssm's SSD; the conv kernel only where causal-conv1d imports."""
-    if not u.is_cuda or mixer.ssd is not ssd_mamba_ssm:
+    """The kernels for a prefill (a forward with states) where _kernels_wanted; the conv
+    kernel only where causal-conv1d imports."""
+    if not _kernels_wanted(mixer, u):
         return PrefillKernels()
     return _import_prefill_kernels()
