@@ -89,21 +89,32 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_prefill(model: torch.nn.Module, context: int) -> float:
-    """Seconds from a `context`-token prompt's arrival to its first token (one request alone:
-    the chunked scan and attention over the prompt, then one sample), after a warm-up at the
-    same length."""
-    # One token: no decode step, so no decode graphs to record.
-    engine = Engine(model, build_tokenizer("byte"), slots=1, max_len=context + 2, cuda_graphs=False)
+def prefill_engine(model: torch.nn.Module, context: int, **kwargs) -> Engine:
+    """An engine for one prompt of `context` tokens and its first token (kwargs: the engine's,
+    e.g. prefill_chunk). One token: no decode step, so no decode graphs to record."""
+    return Engine(
+        model, build_tokenizer("byte"), slots=1, max_len=context + 2, cuda_graphs=False, **kwargs
+    )
+
+
+def first_token_seconds(engine: Engine, prompt: list[int]) -> float:
+    """Seconds from `prompt`'s arrival to its first token, one request alone: the chunked scan
+    and attention over the prompt, then one sample."""
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    prompt = torch.randint(0, model.vocab_size, (context,)).tolist()
-    # Warm-up at the same length: the kernels' autotuning depends on the shapes.
-    engine.run([Request(prompt=prompt, max_new_tokens=1)])
     sync()
     start = time.perf_counter()
     engine.run([Request(prompt=prompt, max_new_tokens=1)])
     sync()
     return time.perf_counter() - start
+
+
+def measure_prefill(model: torch.nn.Module, context: int) -> float:
+    """first_token_seconds of a `context`-token prompt, after a warm-up at the same length (the
+    kernels' autotuning depends on the shapes)."""
+    engine = prefill_engine(model, context)
+    prompt = torch.randint(0, model.vocab_size, (context,)).tolist()
+    first_token_seconds(engine, prompt)
+    return first_token_seconds(engine, prompt)
 
 
 def measure_mamba_ssm(

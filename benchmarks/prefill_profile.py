@@ -16,17 +16,16 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import trace_summary  # benchmarks/, this script's folder
+from decode import first_token_seconds, prefill_engine  # benchmarks/ too
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from toolkit.build import build_model, resolve_device
 from toolkit.config import RecipeError, load_recipe
-from toolkit.inference.engine import Engine, Request
 from toolkit.profiling import measure_matmul_tflops
 from toolkit.tokenizer import build_tokenizer
 
@@ -36,16 +35,6 @@ def matmul_flops(model: nn.Module, context: int) -> float:
     layer for the last position only (the engine computes no other logits)."""
     blocks = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, nn.Linear))
     return 2.0 * context * blocks + 2.0 * model.output_layer.weight.numel()
-
-
-def first_token(engine: Engine, prompt: list[int]) -> float:
-    """Seconds from the prompt's arrival to its first token."""
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    engine.run([Request(prompt=prompt, max_new_tokens=1)])
-    sync()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,21 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     model.eval()
     chunk = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
-    engine = Engine(
-        model,
-        build_tokenizer("byte"),
-        slots=1,
-        max_len=args.context + 2,
-        cuda_graphs=False,
-        **chunk,
-    )
+    engine = prefill_engine(model, args.context, **chunk)
     prompt = torch.randint(0, model.vocab_size, (args.context,)).tolist()
-    warm = first_token(engine, prompt)  # autotuning at these shapes, allocator warm-up
-    seconds = first_token(engine, prompt)
+    warm = first_token_seconds(engine, prompt)  # autotuning at these shapes, allocator warm-up
+    seconds = first_token_seconds(engine, prompt)
     flops = matmul_flops(model, args.context)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        profiled = first_token(engine, prompt)
+        profiled = first_token_seconds(engine, prompt)
     result = {
         "recipe": recipe.name,
         "context": args.context,
