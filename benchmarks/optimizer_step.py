@@ -12,7 +12,6 @@ ones end where torch's does (relative L2 of the parameters: 0 on CPUs, fp32 roun
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_throughput import add_step_arguments, check_step_arguments, write_json  # noqa: E402
 
 from toolkit.build import build_model, resolve_device, tokenizer_from_recipe  # noqa: E402
 from toolkit.config import RecipeError, load_recipe  # noqa: E402
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/800m_hybrid.toml")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    add_step_arguments(parser, steps=20)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: train.device")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
@@ -133,16 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    check_step_arguments(parser, args)
     try:
         result = benchmark(args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     ms, rel = result["ms"], result["params_rel_l2_after"]
     print(
         f"{result['parameters'] / 1e6:.0f}M parameters, gradients in + clip + AdamW: torch "

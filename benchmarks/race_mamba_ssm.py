@@ -51,7 +51,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import time_steps, versions  # noqa: E402
+from train_throughput import (  # noqa: E402
+    add_step_arguments,
+    check_step_arguments,
+    time_steps,
+    versions,
+    write_json,
+)
 
 from toolkit.build import build_model, describe_model, tokenizer_from_recipe  # noqa: E402
 from toolkit.config import ModelConfig, Recipe, RecipeError, load_recipe  # noqa: E402
@@ -646,8 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(PRESETS), default="8b-mamba2", help="preset")
     parser.add_argument("--hybrid", action="store_true", help="their hybrid form against ours")
     parser.add_argument("--compile", action="store_true", help="torch.compile both, per block")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    add_step_arguments(parser)
     parser.add_argument("--layers", type=int, help="their blocks (Mamba-2 layers, or mixers)")
     parser.add_argument("--mbs", type=int, help="micro-batch size (sequences per step)")
     parser.add_argument("--seq", type=int, help="sequence length")
@@ -655,8 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    check_step_arguments(parser, args)
     for flag in ("layers", "mbs", "seq"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
@@ -673,9 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     print_table(result)
     return 1 if any("error" in result[k] for k in ("ours", "theirs") if k in result) else 0
 

@@ -61,6 +61,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def add_step_arguments(parser: argparse.ArgumentParser, steps: int = 10) -> None:
+    """--steps and --warmup, as the step benchmarks here take them (check_step_arguments)."""
+    parser.add_argument("--steps", type=int, default=steps, help=f"timed steps (default {steps})")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+
+
+def check_step_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """`result` as JSON at `path` (--json), its folder made; nothing without one."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def time_steps(
     step: Callable[[], torch.Tensor], warmup: int, steps: int, device: torch.device
 ) -> tuple[list[float], list[float], list[float]]:
@@ -170,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/800m_hybrid.toml")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    add_step_arguments(parser)
     parser.add_argument("--seq", type=int, help="sequence length (model.seq_length)")
     parser.add_argument("--mbs", type=int, help="micro-batch size (sequences per step)")
     parser.add_argument(
@@ -180,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    check_step_arguments(parser, args)
     try:
         result = benchmark(args)
     except RecipeError as e:
@@ -193,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError as e:
         print(f"error: out of memory: {str(e)[:300]}", file=sys.stderr)
         result = {"recipe": args.recipe, "command": " ".join(sys.argv), "error": "out of memory"}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     if "error" in result:
         return 1
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
