@@ -16,15 +16,10 @@ set -u
 OUT=${OUT:-runs/gpu_decode} START=$(date +%s) W=$(mktemp -d)  # W: each run's JSON and log
 mkdir -p "$OUT" && source benchmarks/gpu_setup.sh > "$W/setup.log" 2>&1
 echo "set-up $(( $(date +%s) - START )) s"; tail -5 "$W/setup.log"
-DEADLINE=$(( $(date +%s) + ${GPU_DECODE_BUDGET_S:-420} ))
-
-run() {  # name timeout_s command...: skipped past the deadline, cut short at it
-  local name=$1 t; t=$(date +%s)
-  local limit=$(( DEADLINE - t < $2 ? DEADLINE - t : $2 )); shift 2
-  if (( limit < 20 )); then echo "$name skipped (budget spent)"; return; fi
-  timeout "$limit" "$@" > "$W/$name.log" 2>&1
-  echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$W/$name.log" | cut -c 1-300)"
-}
+source benchmarks/gpu_lib.sh
+part_budget "${GPU_DECODE_BUDGET_S:-420}"
+PART_MIN_S=20 PART_DIR=$W
+run() { part "$@"; }  # name timeout_s command...
 
 decode() {  # name timeout_s recipe extra args...: 3 warm-up + 15 timed steps per point
   local name=$1 limit=$2 recipe=$3; shift 3

@@ -22,8 +22,9 @@ set -u
 OUT=${OUT:-runs/gpu_profile_fp8}
 mkdir -p "$OUT"
 START=$(date +%s)
-BUDGET=${GPU_PROFILE_BUDGET_S:-540}
-WANT=" ${*:-bf16 fp8 prefill} "
+source benchmarks/gpu_lib.sh
+part_budget "${GPU_PROFILE_BUDGET_S:-540}" "$START"
+PART_ONLY=${*:-bf16 fp8 prefill} PART_MIN_S=40
 W=/tmp/gpu_profile_fp8
 rm -rf "$W" && mkdir -p "$W"
 SUMMARY=$OUT/summary.txt
@@ -47,17 +48,11 @@ TRAIN=(python3 launchers/submit.py recipes/8b_hybrid.toml --local
 AO=(--set 'train.precision="fp8"' --set 'train.fp8_engine="torchao"'
   --set 'train.fp8_recipe="tensorwise"')
 
-run() {  # name timeout_s command...: skipped when not asked for or past the budget
-  local name=$1 limit=$2; shift 2
-  [[ "$WANT" == *" $name "* ]] || return 1
-  local remaining=$(( BUDGET - ($(date +%s) - START) ))
-  if [ "$remaining" -lt 40 ]; then say "$name skipped (budget spent)"; return 1; fi
-  [ "$limit" -gt "$remaining" ] && limit=$remaining
-  local t rc; t=$(date +%s)
-  timeout "$limit" "$@" > "$W/$name.log" 2>&1
-  rc=$?
-  say "$name exit $rc in $(( $(date +%s) - t )) s (limit $limit s)"
-  return 0
+PART_DIR=$W
+part_say() { say "$@"; }
+part_done() { say "$1 exit $2 in $3 s (limit $5 s)"; }
+run() {  # name timeout_s command...: fails when not asked for or past the budget
+  part "$@" && [ "$PART_RAN" = 1 ]
 }
 
 train_part() {  # name timeout_s [overrides...]: a traced run, its log's tail and trace summary

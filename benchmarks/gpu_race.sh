@@ -13,19 +13,12 @@ mkdir -p "$OUT"
 START=$(date +%s)
 source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1 || { tail "$OUT/setup.log"; exit 1; }
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor
-BUDGET=${GPU_RACE_BUDGET_S:-570}
-WANT=" $* "
+source benchmarks/gpu_lib.sh
+part_budget "${GPU_RACE_BUDGET_S:-570}" "$START"
+PART_ONLY="$*" PART_MIN_S=60
+part_done() { echo "$1 exit $2 in $3 s"; tail -4 "$4"; }
 race() {  # name limit_s args...
-  local name=$1 limit=$2; shift 2
-  if [ "$WANT" != "  " ] && [[ "$WANT" != *" $name "* ]]; then return; fi
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  if [ "$left" -lt 60 ]; then echo "$name skipped (budget spent)"; return; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  local t; t=$(date +%s)
-  timeout "$limit" python3 benchmarks/race_mamba_ssm.py "$@" --json "$OUT/$name.json" \
-    > "$OUT/$name.log" 2>&1
-  echo "$name exit $? in $(( $(date +%s) - t )) s"
-  tail -4 "$OUT/$name.log"
+  part "$1" "$2" python3 benchmarks/race_mamba_ssm.py "${@:3}" --json "$OUT/$1.json"
 }
 race 8b_mamba2 140 --shape 8b-mamba2
 race 8b_mamba2_compiled 160 --shape 8b-mamba2 --compile

@@ -23,20 +23,14 @@ source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
 tail -3 "$OUT/setup.log"
 NGPU=$(nvidia-smi -L | wc -l)
 echo "$NGPU GPUs"
-BUDGET=${GPU_SCALE_BUDGET_S:-500}
-T0=$(date +%s)
-
-run() {  # name timeout_s command...: skipped past the budget, cut short at it
-  local name=$1 limit=$2; shift 2
-  local remaining=$(( BUDGET - ($(date +%s) - T0) ))
-  if [ "$remaining" -lt 60 ]; then echo "$name skipped (budget spent)"; return; fi
-  [ "$limit" -gt "$remaining" ] && limit=$remaining
-  local t
-  t=$(date +%s)
-  timeout "$limit" "$@" > "$W/$name.log" 2>&1
-  echo "$name exit $? in $(( $(date +%s) - t )) s: $(grep -E 'step [0-9]+/' "$W/$name.log" \
-    | tail -1 | sed 's/.*tokens\/s/tokens\/s/' | cut -c 1-160)"
+source benchmarks/gpu_lib.sh
+part_budget "${GPU_SCALE_BUDGET_S:-500}"
+PART_MIN_S=60 PART_DIR=$W
+part_done() {  # the last step's throughput
+  echo "$1 exit $2 in $3 s: $(grep -E 'step [0-9]+/' "$4" | tail -1 \
+    | sed 's/.*tokens\/s/tokens\/s/' | cut -c 1-160)"
 }
+run() { part "$@"; }  # name timeout_s command...
 
 train() {  # name nproc tp extra...: the 8B hybrid at TP=tp x DP=nproc/tp
   local name=$1 nproc=$2 tp=$3; shift 3

@@ -9,25 +9,16 @@
 set -u
 OUT=${OUT:-runs/gpu_serve}
 CKPT=${GPU_SERVE_CKPT:-$HOME/ckpt8b}
-BUDGET=${GPU_SERVE_BUDGET_S:-540}
 PARTS=${*:-load sampling waves long}
 mkdir -p "$OUT"
 T0=$(date +%s)
 source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
 echo "set-up $(( $(date +%s) - T0 )) s"; tail -4 "$OUT/setup.log"
 
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-
-part() {  # name timeout_s command...: skipped when not asked for or out of budget
-  local name=$1 limit=$2; shift 2
-  [[ " $PARTS " != *" $name "* ]] && return
-  local remaining; remaining=$(left)
-  if [ "$remaining" -lt 30 ]; then echo "$name skipped (budget spent)"; return; fi
-  [ "$limit" -gt "$remaining" ] && limit=$remaining
-  local t; t=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.out" 2>&1
-  echo "== $name exit $? in $(( $(date +%s) - t )) s"; tail -25 "$OUT/$name.out"
-}
+source benchmarks/gpu_lib.sh
+part_budget "${GPU_SERVE_BUDGET_S:-540}" "$T0"
+PART_ONLY=$PARTS PART_EXT=.out
+part_done() { echo "== $1 exit $2 in $3 s"; tail -25 "$4"; }
 
 if [ ! -e "$CKPT/.written" ] && [[ " $PARTS " != " sampling " ]]; then
   t=$(date +%s)

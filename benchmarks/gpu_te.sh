@@ -72,19 +72,10 @@ if [ "${PACK:-0}" = 1 ]; then
 fi
 echo "set-up $(( $(date +%s) - START )) s"
 W=$(mktemp -d)
-BUDGET=${GPU_TE_BUDGET_S:-560}
-WANT=" $* "
-
-run() {  # name timeout_s command...
-  local name=$1 limit=$2; shift 2
-  if [ "$WANT" != "  " ] && [[ "$WANT" != *" $name "* ]]; then return; fi
-  local remaining=$(( BUDGET - ($(date +%s) - START) ))
-  if [ "$remaining" -lt 40 ]; then echo "$name skipped (budget spent)"; return; fi
-  [ "$limit" -gt "$remaining" ] && limit=$remaining
-  local t; t=$(date +%s)
-  timeout "$limit" "$@" > "$W/$name.log" 2>&1
-  echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$W/$name.log" | cut -c 1-400)"
-}
+source benchmarks/gpu_lib.sh
+part_budget "${GPU_TE_BUDGET_S:-560}" "$START"
+PART_ONLY="$*" PART_MIN_S=40 PART_DIR=$W PART_CUT=400
+run() { part "$@"; }  # name timeout_s command...
 
 run tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -rs ${TESTS_K:+-k "$TESTS_K"}
 run parity 150 python3 benchmarks/gpu_fp8_parity.py --steps 50 --json "$W/parity.json"

@@ -31,22 +31,10 @@ export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor
 if [ ! -d .gpu/inductor ] && ls .dev/inductor.tar.xz.part* > /dev/null 2>&1; then
   cat .dev/inductor.tar.xz.part* | tar xJf - -C .gpu
 fi
-BUDGET=${GPU_TRAIN_BUDGET_S:-500}
-T0=$(date +%s)
-
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-
-run() {  # name timeout_s command...
-  local name=$1 limit=$2; shift 2
-  if [ -n "${GPU_TRAIN_RUNS:-}" ] && [[ " $GPU_TRAIN_RUNS " != *" $name "* ]]; then return; fi
-  local remaining; remaining=$(left)
-  if [ "$remaining" -lt 30 ]; then echo "$name skipped (budget spent)"; return; fi
-  [ "$limit" -gt "$remaining" ] && limit=$remaining
-  local t
-  t=$(date +%s)
-  timeout "$limit" "$@" > "$W/$name.log" 2>&1
-  echo "$name exit $? in $(( $(date +%s) - t )) s: $(tail -1 "$W/$name.log" | cut -c 1-300)"
-}
+source benchmarks/gpu_lib.sh
+part_budget "${GPU_TRAIN_BUDGET_S:-500}"
+PART_ONLY=${GPU_TRAIN_RUNS:-} PART_DIR=$W
+run() { part "$@"; }  # name timeout_s command...
 
 tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 timed steps
   local name=$1 limit=$2 mbs=$3; shift 3

@@ -1,0 +1,37 @@
+# The budgeted parts of the gpu_*.sh scripts, sourced by them (`source benchmarks/gpu_lib.sh`):
+# device calls are cut at 600 s, so each part runs under `timeout`, clipped to what is left of
+# the script's budget, and is skipped when too little is left for it to say anything.
+#   part_budget SECONDS [FROM]  the budget ends SECONDS after FROM (epoch seconds; default now)
+#   part NAME TIMEOUT_S CMD...  runs CMD into $PART_DIR/NAME$PART_EXT, then prints a summary
+#     PART_ONLY   names to run, space-separated; empty: every part
+#     PART_MIN_S  a part with fewer seconds of the budget left is skipped (default 30)
+#     PART_DIR, PART_EXT  where its output goes (default $OUT, .log)
+#     PART_CUT    characters of the log's last line in the summary (default 300)
+# `part` returns 0 and sets PART_RAN=1 if it ran, 0 if not asked for or skipped. A script may
+# redefine part_say (how lines are printed) and part_done NAME RC SECONDS LOG LIMIT (the summary).
+
+part_budget() { PART_DEADLINE=$((${2:-$(date +%s)} + $1)); }
+
+part_left() { echo $((PART_DEADLINE - $(date +%s))); }
+
+part_say() { echo "$*"; }
+
+part_done() {  # name rc seconds log limit
+  part_say "$1 exit $2 in $3 s: $(tail -1 "$4" | cut -c 1-"${PART_CUT:-300}")"
+}
+
+part() {  # name timeout_s command...
+  local name=$1 limit=$2 left t rc log
+  shift 2
+  PART_RAN=0
+  if [ -n "${PART_ONLY:-}" ] && [[ " $PART_ONLY " != *" $name "* ]]; then return 0; fi
+  left=$(part_left)
+  if [ "$left" -lt "${PART_MIN_S:-30}" ]; then part_say "$name skipped (budget spent)"; return 0; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  log=${PART_DIR:-$OUT}/$name${PART_EXT:-.log}
+  t=$(date +%s)
+  timeout "$limit" "$@" > "$log" 2>&1
+  rc=$?
+  PART_RAN=1
+  part_done "$name" "$rc" "$(($(date +%s) - t))" "$log" "$limit"
+}

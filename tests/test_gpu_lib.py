@@ -1,0 +1,59 @@
+"""benchmarks/gpu_lib.sh, the budgeted parts of the gpu_*.sh scripts, run in bash on the CPU."""
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bash(script: str, out: Path) -> list[str]:
+    proc = subprocess.run(
+        ["bash", "-c", f"set -u; source benchmarks/gpu_lib.sh\n{script}"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_a_part_is_cut_at_the_budget_and_the_next_one_skipped(tmp_path):
+    """The first part asks for 100 s but gets what is left of a 3 s budget (timeout's 124); it
+    ends at the deadline, so the second finds nothing left and does not start."""
+    lines = bash(
+        """PART_MIN_S=1
+part_budget 3
+part slow 100 bash -c 'echo started; sleep 20'
+echo "ran $PART_RAN"
+part late 100 echo late
+echo "ran $PART_RAN"
+""",
+        tmp_path,
+    )
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("slow exit 124 in ") and lines[0].endswith(" s: started"), lines
+    assert lines[1:] == ["ran 1", "late skipped (budget spent)", "ran 0"]
+    assert (tmp_path / "slow.log").read_text() == "started\n"
+    assert not (tmp_path / "late.log").exists()
+
+
+def test_parts_not_asked_for_are_silent_and_short_budgets_skip(tmp_path):
+    """PART_ONLY picks parts by name; PART_DIR, PART_EXT and part_done shape a script's output;
+    a budget under PART_MIN_S (default 30 s) runs nothing."""
+    lines = bash(
+        f"""part_budget 600
+PART_ONLY="b c" PART_DIR={tmp_path}/w PART_EXT=.out
+mkdir -p "$PART_DIR"
+part_done() {{ echo "== $1 exit $2"; tail -1 "$4"; }}
+part a 10 echo one
+part b 10 bash -c 'echo two; echo three; exit 3'
+part_budget 29
+part c 10 echo four
+""",
+        tmp_path,
+    )
+    assert lines == ["== b exit 3", "three", "c skipped (budget spent)"]
+    assert (tmp_path / "w" / "b.out").read_text() == "two\nthree\n"
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["b.out"]
