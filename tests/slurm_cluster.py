@@ -4,6 +4,7 @@ two nodes; the third is the spare that a job requeued after losing a node restar
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -109,10 +110,13 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
     def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, **kw)
 
-    def job_state(self, job_id: str) -> str:
+    def job_fields(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict."""
         out = self.run("scontrol", "show", "job", job_id).stdout
-        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-        return fields.get("JobState", "UNKNOWN")
+        return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+    def job_state(self, job_id: str) -> str:
+        return self.job_fields(job_id).get("JobState", "UNKNOWN")
 
     def wait(self, job_id: str, states: tuple[str, ...], timeout: float = 180) -> str:
         deadline = time.monotonic() + timeout
@@ -123,10 +127,30 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout} s")
 
+    def release(self, job_id: str, *fields: str) -> None:
+        """Start a requeued job, once PENDING, without the hold Slurm puts on it, but not within
+        the second of its requeue. slurmd launches a job again only with a credential newer, in
+        whole seconds, than the kill of its last run; it refuses one launched within that second
+        ("Job N already killed, do not launch batch job"), and slurmctld then ends the job FAILED
+        before it has written a line ("Killing non-startable batch JobId=N: Job credential
+        revoked"). Slurm's hold (the credential's lifetime) is its own guard against that; the
+        next second is enough, as a PENDING job's requeue is done. (StartTime=now+1 would leave
+        it to the backfill scheduler's next pass, up to 30 s.) `fields`: more KEY=VALUE to set."""
+        time.sleep(1 - time.time() % 1)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *fields)
+
+    def job_daemon_log(self, job_id: str) -> str:
+        """What slurmctld and the slurmd logged about the job: why it ended as it did."""
+        mention = re.compile(rf"(JobId=|[Jj]ob |\[){job_id}\b")
+        lines = []
+        for log in sorted((self.root / "log").glob("slurm*.log")):
+            text = log.read_text(errors="replace").splitlines()
+            lines += [f"{log.stem}: {line}" for line in text if mention.search(line)]
+        return "\n".join(lines)
+
     def job_nodes(self, job_id: str) -> list[str]:
         """The nodes the job runs on (its latest allocation), the batch script's first."""
-        out = self.run("scontrol", "show", "job", job_id).stdout
-        nodelist = dict(f.split("=", 1) for f in out.split() if "=" in f).get("NodeList", "")
+        nodelist = self.job_fields(job_id).get("NodeList", "")
         return self.run("scontrol", "show", "hostnames", nodelist).stdout.split()
 
     def processes(self, *marks: str) -> set[int]:

@@ -66,7 +66,8 @@ def log_path(workdir: Path, job_id: str, via: str = "submitit") -> Path:
 
 
 def finished_log(cluster, workdir: Path, job_id: str, via: str = "submitit") -> str:
-    assert cluster.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) == "COMPLETED"
+    state = cluster.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{cluster.job_daemon_log(job_id)}"
     return log_path(workdir, job_id, via).read_text()
 
 
@@ -164,13 +165,39 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     wait_for(log_path(tmp_path, job_id), f"step 6/{steps}")
     assert cluster.run("scontrol", "requeue", job_id).returncode == 0
     cluster.wait(job_id, ("PENDING",), timeout=60)
-    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip the hold
+    cluster.release(job_id)
     text = finished_log(cluster, tmp_path, job_id)
     resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
     assert 6 <= resumed_at < steps  # saved on the signal
     done = [int(s) for s in re.findall(rf"step (\d+)/{steps} loss", text)]
     assert sorted(done) == list(range(1, steps + 1)), done  # none twice, none skipped
     assert "restart 1" in text
+
+
+def test_a_released_job_runs_again_after_its_requeue(cluster, tmp_path):
+    """A job released right after its requeue runs again, rather than end FAILED without a line
+    (slurmd refuses to launch it within the second its last run was killed in: see
+    SlurmCluster.release). The requeue comes at the start of a second, so that a release within
+    that second would be seen: the job eligible in the second its requeue was done."""
+    log = tmp_path / "job.out"
+    script = 'echo "restart ${SLURM_RESTART_COUNT:-0}"; sleep 300'
+    sbatch = ["sbatch", "--parsable", "--nodes=2", "--requeue", "--open-mode=append"]
+    job_id = cluster.run(*sbatch, f"--output={log}", "--wrap", script, cwd=tmp_path).stdout.strip()
+    wait_for(log, "restart 0")
+    time.sleep(1 - time.time() % 1)  # to the start of a second
+    assert cluster.run("scontrol", "requeue", job_id).returncode == 0
+    cluster.wait(job_id, ("PENDING",), timeout=60)
+    cluster.release(job_id)
+    try:
+        job = cluster.job_fields(job_id)  # SubmitTime: when the requeue was done, to the second
+        eligible, requeued = job["EligibleTime"], job["SubmitTime"]
+        assert eligible > requeued, f"eligible at {eligible}, requeued at {requeued}"
+        state = cluster.wait(job_id, ("RUNNING", "FAILED", "CANCELLED"))
+        assert state == "RUNNING", f"job {job_id} {state}:\n{cluster.job_daemon_log(job_id)}"
+        wait_for(log, "restart 1")
+    finally:
+        cluster.run("scancel", job_id)
+        cluster.wait(job_id, ("CANCELLED", "FAILED", "COMPLETED"), timeout=60)
 
 
 @pytest.mark.long  # make test-long: make test keeps within 15 minutes
@@ -194,7 +221,7 @@ def test_timeouts_stop_requeueing_after_max_num_timeout(cluster, tmp_path):
     cluster.wait(job_id, ("PENDING",), timeout=60)  # USR2, checkpoint, requeue
     first = log.read_text()
     assert "timeout 1 of slurm.max_num_timeout=1" in first and "requeued Slurm job" in first
-    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10")
+    cluster.release(job_id, "TimeLimit=10")
     wait_for(log, r"resumed from[\s\S]*step \d+/1000 loss", after=len(first))
     cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=2")
     cluster.run("scancel", "--signal=USR2", job_id)
@@ -256,7 +283,7 @@ def test_lost_node_requeues_and_resumes_from_last_checkpoint(cluster, tmp_path):
         assert latest == published[-1] and latest >= "step_00000004", published
         assert all(p.name.startswith((".tmp-step_", ".latest")) for p in ckpts.glob(".*"))
 
-        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip the hold
+        cluster.release(job_id)
         text = finished_log(cluster, tmp_path, job_id)[len(first) :]  # appended to the same log
         assert lost not in cluster.job_nodes(job_id)
     finally:
