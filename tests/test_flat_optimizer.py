@@ -178,12 +178,12 @@ def test_checkpoints_restore_into_either_optimizer(tmp_path):
     for saved_flat, restored_flat in ((True, False), (False, True), (True, True)):
         root = tmp_path / f"{saved_flat}_{restored_flat}"
         model, optimizer = build(flat=saved_flat)
-        train(model, optimizer, steps[:2])
+        train(model, optimizer, steps[:2], fold=True)
         save_single(root, model, optimizer, step=2)
         resumed, resumed_optimizer = build(flat=restored_flat, seed=5)
         resumed_optimizer.state.clear()  # as resume_training does before a restore
         restore(root, resumed, resumed_optimizer, view(resumed))
-        train(resumed, resumed_optimizer, steps[2:], first=2)
+        train(resumed, resumed_optimizer, steps[2:], first=2, fold=True)
         assert_same(reference, reference_optimizer, resumed, resumed_optimizer)
 
 
