@@ -264,14 +264,18 @@ def test_the_optimizer_benchmark_runs_both_and_they_agree(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_compiled_gpu_update_tracks_torchs_fused_adamw():
     # On CUDA the update is one compiled kernel against torch's fused one: fp32 rounding apart.
-    models = []
+    # Clipped as the trainer does: in place for torch's, folded into the kernel for the flat one
+    # (its norm fetched through pinned memory while the update runs).
+    models, norms = [], []
     for flat in (False, True):
         model = full_model(kernels="reference").cuda()
         cfg = TrainConfig(steps=4, flat_optimizer=flat, weight_decay=0.1)
         optimizer = build_optimizer(model, cfg)
         assert isinstance(optimizer, FlatAdamW) == flat
-        train(model, optimizer, [[t.cuda() for t in micro] for micro in batches(4)])
+        steps = [[t.cuda() for t in micro] for micro in batches(4)]
+        norms.append(train(model, optimizer, steps, fold=True))
         models.append(model)
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4) and min(norms[0]) > MAX_NORM
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
 
