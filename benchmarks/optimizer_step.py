@@ -1,13 +1,16 @@
 """The optimizer step alone at a recipe's model size: torch's AdamW (fused on GPUs) against
-train.flat_optimizer (toolkit/flat_adamw.py), each with the gradient clipping the benchmark
-step does and its gradients coming in as backward would leave them: handed over as new tensors
-(zero_grad(set_to_none=True), what training does; the flat one then copies them in), or added
-into the flat buffer's zeroed views (set_to_none=False).
+train.flat_optimizer (toolkit/flat_adamw.py), each with the trainer's gradient clipping
+(toolkit.parallel.runtime.clip_and_step: in place for torch's, the coefficient folded into the
+flat update) and its gradients coming in as backward would leave them: handed over as new
+tensors (zero_grad(set_to_none=True), what training does; the flat one then copies them in), or
+added into the flat buffer's zeroed views (set_to_none=False). Also the flat one clipped in
+place first (clip_grad_norm, then the update), what folding saves.
 
     python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml [--steps 20] [--json OUT]
 
 Random gradients, no forward pass; the same ones for every variant. Also checks that the flat
 ones end where torch's does (relative L2 of the parameters: 0 on CPUs, fp32 rounding on GPUs).
+The gradients' norm is in the JSON (`grad_norm`; clipping is active when above train.grad_clip).
 """
 
 import argparse
@@ -28,7 +31,9 @@ from train_throughput import add_step_arguments, check_step_arguments, write_jso
 
 from toolkit.build import build_model, resolve_device, tokenizer_from_recipe  # noqa: E402
 from toolkit.config import RecipeError, load_recipe  # noqa: E402
+from toolkit.distributed import ParallelEnv  # noqa: E402
 from toolkit.optim import build_optimizer  # noqa: E402
+from toolkit.parallel.runtime import clip_and_step, clip_grad_norm  # noqa: E402
 
 log = logging.getLogger("optimizer_step")
 
@@ -54,16 +59,21 @@ def benchmark(args: argparse.Namespace) -> dict:
     model = build_model(recipe, tokenizer_from_recipe(recipe), device)
     cfg = recipe.train
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
     n = sum(p.numel() for p in model.parameters())
     log.info("%.0fM parameters on %s", n / 1e6, device)
     source = [torch.empty_like(p) for p in model.parameters()]
     grads: list[torch.Tensor] = []  # the step's gradients, a fresh copy for each variant
+    norms: list[float] = []
 
-    def variant(flat: bool, to_none: bool) -> tuple[list[torch.Tensor], Callable[[], None]]:
+    def variant(
+        flat: bool, to_none: bool, fold: bool = True
+    ) -> tuple[list[torch.Tensor], Callable[[], None]]:
         """The parameters and one timed step: gradients handed over (a new tensor per
         parameter, as autograd leaves them after zero_grad(set_to_none=True): made before the
         timing) or added into the existing ones (after set_to_none=False: timed, autograd's
-        in-place add), clipping, the update."""
+        in-place add), clipping (the trainer's; `fold=False`: in place even for a flat
+        optimizer), the update."""
         copy_of = model if not flat else copy.deepcopy(model)
         optimizer = build_optimizer(copy_of, replace(cfg, flat_optimizer=flat))
         params = list(copy_of.parameters())
@@ -75,8 +85,11 @@ def benchmark(args: argparse.Namespace) -> dict:
                     p.grad = g  # `grads` is this variant's own copy (the clip scales it)
                 else:
                     p.grad.add_(g)
-            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-            optimizer.step()
+            if fold:
+                norms.append(clip_and_step(optimizer, params, clip, env))
+            else:
+                norms.append(clip_grad_norm(params, clip, env))
+                optimizer.step()
             optimizer.zero_grad(set_to_none=to_none)
 
         return params, step
@@ -85,6 +98,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "torch": variant(flat=False, to_none=True),
         "flat": variant(flat=True, to_none=True),
         "flat_views": variant(flat=True, to_none=False),
+        "flat_clip_in_place": variant(flat=True, to_none=True, fold=False),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.warmup + args.steps):
@@ -100,7 +114,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     rel_l2 = {}
     with torch.no_grad():
         norm = sum(float(p.double().square().sum()) for p in reference)
-        for name in ("flat", "flat_views"):
+        for name in [v for v in variants if v != "torch"]:
             pairs = zip(reference, variants[name][0])
             diff = sum(float((p - q).double().square().sum()) for p, q in pairs)
             rel_l2[name] = (diff / norm) ** 0.5
@@ -113,7 +127,10 @@ def benchmark(args: argparse.Namespace) -> dict:
         "parameters": n,
         "ms": ms,  # each: gradients in, clipping, the update, zero_grad
         "saved_ms": ms["torch"] - ms["flat"],
+        "clip_fold_saved_ms": ms["flat_clip_in_place"] - ms["flat"],
         "params_rel_l2_after": rel_l2,
+        "grad_clip": clip,
+        "grad_norm": statistics.median(norms),  # each variant's, every step: before clipping
         "steps": args.steps,
     }
 
@@ -143,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     ms, rel = result["ms"], result["params_rel_l2_after"]
     print(
         f"{result['parameters'] / 1e6:.0f}M parameters, gradients in + clip + AdamW: torch "
-        f"{ms['torch']:.2f} ms, flat {ms['flat']:.2f} ms, flat with gradient views "
-        f"{ms['flat_views']:.2f} ms; parameters after against torch's: rel L2 "
-        f"{rel['flat']:.1e}, {rel['flat_views']:.1e}"
+        f"{ms['torch']:.2f} ms, flat (clip folded in) {ms['flat']:.2f} ms, flat with gradient "
+        f"views {ms['flat_views']:.2f} ms, flat clipped in place {ms['flat_clip_in_place']:.2f} "
+        f"ms; norm {result['grad_norm']:.3g} (clip {result['grad_clip']:g}); parameters after "
+        f"against torch's: rel L2 {rel['flat']:.1e}, {rel['flat_views']:.1e}, "
+        f"{rel['flat_clip_in_place']:.1e}"
     )
     return 0
 

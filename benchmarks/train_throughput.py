@@ -6,7 +6,9 @@
 Builds the model on the device (train.device; random tokens, no data pipeline), applies what the
 trainer applies (fp8 linears, activation checkpointing, per-block compile: the recipe's keys, or
 --set), and times full optimizer steps of one micro-batch: forward, loss, backward, gradient
-clipping, AdamW. The warm-up steps absorb compilation and Triton autotuning.
+clipping and AdamW as the trainer does them (toolkit.parallel.runtime.clip_and_step: the global
+norm always, the scale in place or, with train.flat_optimizer, folded into the update). The
+warm-up steps absorb compilation and Triton autotuning.
 
 MFU = model FLOP/s (toolkit.model.flops_per_token: 6 x matmul parameters + attention + SSD scan,
 forward and backward) / peak. Two peaks are reported: the data-sheet dense bf16 peak
@@ -38,7 +40,7 @@ from toolkit.distributed import ParallelEnv  # noqa: E402
 from toolkit.metrics import peak_memory_gb  # noqa: E402
 from toolkit.model import flops_per_token  # noqa: E402
 from toolkit.parallel.parallelize import parallelize  # noqa: E402
-from toolkit.parallel.runtime import cross_entropy  # noqa: E402
+from toolkit.parallel.runtime import clip_and_step, cross_entropy  # noqa: E402
 from toolkit.precision import PrecisionError, autocast_context  # noqa: E402
 from toolkit.profiling import measure_matmul_tflops, peak_tflops  # noqa: E402
 
@@ -111,10 +113,13 @@ def benchmark(args: argparse.Namespace) -> dict:
     fpt = flops_per_token(model, seq)
     mamba = [b.mixer for b in model.layers if b.kind == "M"]
     # One process: the recipe's float8, checkpointing and compile, in parallelize's order.
-    parallel = parallelize(model, recipe, ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1))
+    env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
+    parallel = parallelize(model, recipe, env)
     engine, optimizer = parallel.fp8_engine, parallel.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.vocab_size
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # the trainer's: a norm to log
+    grad_norms: list[float] = []  # before clipping, as the trainer logs them
 
     def step() -> float:
         tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device)
@@ -122,9 +127,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             logits = model(tokens[:, :-1])
         loss = cross_entropy(logits, tokens[:, 1:], vocab)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        optimizer.step()
+        grad_norms.append(clip_and_step(optimizer, params, clip, env))
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -175,6 +178,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "mfu_of_measured_bf16": tflops / measured["bf16"] if measured["bf16"] else None,
         "peak_memory_gb": memory,
         "losses": losses,
+        "grad_norms": grad_norms,
     }
     if not all(math.isfinite(x) for x in losses):
         result["error"] = "non-finite loss"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.parallel.runtime import clip_and_step
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location(
     "train_throughput", ROOT / "benchmarks/train_throughput.py"
@@ -42,6 +44,31 @@ def test_tiny_recipe_on_cpu(tmp_path, capsys):
     assert r["activation_checkpointing"] == ["mlp"] and r["compile"] is False
     assert r["precision"] == "fp32" and r["fp8_engine"] is None
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_steps_clip_as_the_trainer_does_flat_optimizer_or_not(tmp_path, monkeypatch):
+    # The trainer's clip_and_step at the recipe's grad_clip: with the flat optimizer the
+    # coefficient folded into its update, the same losses and norms as clipping in place.
+    calls = []
+
+    def spy(optimizer, params, max_norm, env):
+        calls.append((getattr(optimizer, "folds_grad_scale", False), max_norm))
+        return clip_and_step(optimizer, params, max_norm, env)
+
+    monkeypatch.setattr(train_throughput, "clip_and_step", spy)
+    runs = []
+    for flat in ("false", "true"):
+        out = tmp_path / f"{flat}.json"
+        args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "2", "--warmup", "1"]
+        args += ["--seq", "32", "--mbs", "2", "--set", "train.grad_clip=0.01"]
+        args += ["--set", f"train.flat_optimizer={flat}", "--json", str(out)]
+        assert train_throughput.main(args) == 0
+        runs.append(json.loads(out.read_text()))
+    assert calls == [(False, 0.01)] * 3 + [(True, 0.01)] * 3
+    plain, flat = runs
+    assert flat["flat_optimizer"] and len(plain["grad_norms"]) == 3
+    assert min(plain["grad_norms"]) > 0.01  # clipped at every step
+    assert flat["grad_norms"] == plain["grad_norms"] and flat["losses"] == plain["losses"]
 
 
 def test_fp8_on_cpu_is_an_error_in_the_json(tmp_path, capsys):

@@ -46,7 +46,7 @@ from toolkit.metrics import Metrics, StepStats
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import learning_rate
 from toolkit.parallel.parallelize import parallelize
-from toolkit.parallel.runtime import average_over_dp, clip_grad_norm
+from toolkit.parallel.runtime import average_over_dp, clip_and_step
 from toolkit.precision import PrecisionError, autocast_context
 from toolkit.profiling import StepProfiler, add_nvtx_ranges
 from toolkit.stopping import (
@@ -224,8 +224,7 @@ class Trainer:
             self.step_ended = None
             return None
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(self.trainable, clip, env)
-        optimizer.step()
+        grad_norm = clip_and_step(optimizer, self.trainable, clip, env)
         optimizer.zero_grad(set_to_none=True)
         self.step_ended = time.perf_counter()
         return StepStats(loss, lr, grad_norm, self.step_ended - started)

@@ -6,6 +6,7 @@ The transforms that make the model parallel are applied in parallelize.py.
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,9 +37,9 @@ def average_over_dp(tensors: list[torch.Tensor], env: ParallelEnv) -> None:
         t.div_(env.dp)
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: ParallelEnv) -> float:
-    """Global gradient norm over the whole model (TP shards counted once each, replicated
-    parameters once), then scale gradients so it is at most max_norm (as torch's clip does)."""
+def global_grad_squares(params: list[torch.Tensor], env: ParallelEnv) -> torch.Tensor:
+    """The squared global gradient norm over the whole model (TP shards counted once each,
+    replicated parameters once), a 0-dim fp64 tensor on env.device; no host sync."""
     with_grad = [p for p in params if p.grad is not None]
 
     def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -56,11 +57,52 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: ParallelEnv
     squares = sharded + replicated
     if env.pp > 1:  # each stage holds different parameters
         dist.all_reduce(squares, group=env.group("pp"))
-    total = math.sqrt(float(squares))
+    return squares
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: ParallelEnv) -> float:
+    """Global gradient norm over the whole model (global_grad_squares), then scale gradients in
+    place so it is at most max_norm (as torch's clip does)."""
+    total = math.sqrt(float(global_grad_squares(params, env)))
     coef = max_norm / (total + 1e-6)
+    with_grad = [p.grad for p in params if p.grad is not None]
     if coef < 1.0 and with_grad:
-        torch._foreach_mul_([p.grad for p in with_grad], coef)
+        torch._foreach_mul_(with_grad, coef)
     return total
+
+
+def clip_and_step(
+    optimizer: Any, params: list[torch.Tensor], max_norm: float, env: ParallelEnv
+) -> float:
+    """The trainer's clipping and update: the global gradient norm (returned, before clipping),
+    gradients scaled so it is at most max_norm, optimizer.step(). An optimizer that folds the
+    scale into its update (`folds_grad_scale`: train.flat_optimizer) gets the coefficient as a
+    0-dim device tensor, so the gradients are read by the norm and the update only, and the
+    update is queued without waiting for the norm; any other gets them scaled in place first
+    (clip_grad_norm). Both scale by the same fp32 coefficient: the same numbers."""
+    if not getattr(optimizer, "folds_grad_scale", False):
+        total = clip_grad_norm(params, max_norm, env)
+        optimizer.step()
+        return total
+    norm = global_grad_squares(params, env).sqrt()
+    # clip_grad_norm's coefficient in the same fp64 ops (a true division: `max_norm / tensor`
+    # would take a reciprocal), and 1 wherever it does not scale (coef >= 1, or NaN).
+    coef = torch.full_like(norm, max_norm) / (norm + 1e-6)
+    coef = torch.where(coef < 1.0, coef, 1.0)
+    if norm.device.type != "cuda":
+        total = float(norm)
+        optimizer.step(grad_scale=coef)
+        return total
+    # The norm comes back through pinned memory while the update runs (a .item() after the
+    # step would wait for the update; one before it would leave the GPU idle while the host
+    # queues the update).
+    host = torch.empty((), dtype=norm.dtype, pin_memory=True)
+    host.copy_(norm, non_blocking=True)
+    fetched = torch.cuda.Event()
+    fetched.record()
+    optimizer.step(grad_scale=coef)
+    fetched.synchronize()
+    return float(host)
 
 
 class StepRunner:

@@ -58,8 +58,18 @@ class ShardedOptimizer:
             if p not in self._mine:
                 p.grad = None
 
+    @property
+    def folds_grad_scale(self) -> bool:
+        """Whether step takes the clip coefficient (the inner optimizer is a flat one)."""
+        return getattr(self.inner, "folds_grad_scale", False)
+
     @torch.no_grad()
-    def step(self) -> None:
-        self.inner.step()
+    def step(self, grad_scale: torch.Tensor | None = None) -> None:
+        # The coefficient only matters for the parameters this rank updates: the others'
+        # gradients are not read, their new values come from their owners.
+        if grad_scale is None:
+            self.inner.step()
+        else:
+            self.inner.step(grad_scale=grad_scale)
         for p in self.params:
             dist.broadcast(p.data, src=self.owner_of[p], group=self.group)
