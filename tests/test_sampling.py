@@ -178,26 +178,27 @@ def nucleus_rows(dtype: torch.dtype, per_kind: int = 24, vocab: int = VOCAB) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nucleus_keeps_what_a_full_sort_keeps(dtype):
-    """Top-p alone, without a sort: on 168 rows of every shape (nucleus_rows) and top_p from
-    1e-6 to the largest float32 below 1, the kept tokens are exactly the full sort's (ties at
-    the threshold kept), and each draw lands where the inverse CDF over those tokens, in the
-    vocabulary's order, puts it. A threshold one bit pattern off, or a mass compared with >
-    instead of >=, keeps another set in some row."""
-    logits = nucleus_rows(dtype)
+@pytest.mark.parametrize("vocab,per_kind", [(VOCAB, 24), (1 << 16, 3)])  # 8 or 16 bits a pass
+def test_nucleus_keeps_what_a_full_sort_keeps(dtype, vocab, per_kind):
+    """Top-p alone, without a sort: on rows of every shape (nucleus_rows) and top_p from 1e-6
+    to the largest float32 below 1, the kept tokens are exactly the full sort's (ties at the
+    threshold kept), and each draw lands where the inverse CDF over those tokens, in the
+    vocabulary's order, puts it. A threshold one bit pattern off keeps another set in some
+    row."""
+    logits = nucleus_rows(dtype, per_kind, vocab)
     b = logits.size(0)
     g = torch.Generator().manual_seed(12)
     ps = [1e-6, 0.1, 0.5, 0.9, 0.95, 0.999, 1 - 2**-24]
     top_p = [ps[i] for i in torch.randint(len(ps), (b,), generator=g)]
     temperature = [(0.5, 1.0, 1.7)[i] for i in torch.randint(3, (b,), generator=g)]
     kept = sort_nucleus(logits, temperature, top_p)
-    rows = rows_of(list(zip(temperature, [0] * b, top_p)))
+    rows = rows_of(list(zip(temperature, [0] * b, top_p)), vocab)
     x = logits.float()
     weights = (x - x.max(-1).values[:, None]).mul_(rows.inverse[:, None]).exp_()
     outside = sampling._outside(logits, weights, rows.top_p, rows.nucleus_only)
     assert torch.equal(~outside, kept)
     sizes = kept.sum(-1)
-    assert sizes.min() == 1 and sizes.max() > VOCAB // 2  # from one token to most of them
+    assert sizes.min() == 1 and sizes.max() > vocab // 2  # from one token to most of them
     for u in torch.linspace(0, 1 - 2**-24, 7):
         uniform = torch.full((b,), u.item())
         expected = vocab_order_draw(logits, kept, temperature, uniform)
