@@ -221,15 +221,15 @@ def _outside(
     above = torch.zeros_like(found)  # the mass of the logits above the bin searched
     target = None
     for low in range(width - digit_bits, -1, -digit_bits):
-        digit = key >> low
+        digit = key >> low if low else key
         if target is None:  # the top digit, signed: unsigned, largest logits in bin 0
-            index = digit.neg_().add_(bins // 2 - 1).long()
+            index = (bins // 2 - 1 - digit).long()
             src = mass
         else:  # the next digit, within the bin found so far
-            index = digit.bitwise_and_(bins - 1).neg_().add_(bins - 1).long()
-            high = width - low - digit_bits  # the bits found so far
-            prefix = found >> (low + digit_bits)
-            src = mass * ((key >> (low + digit_bits)) + (1 << (high - 1)) == prefix[:, None])
+            index = (bins - 1 - (digit & (bins - 1))).long()
+            high = width - low - digit_bits  # the bits found so far, signed as the key's
+            prefix = ((found >> (low + digit_bits)) - (1 << (high - 1))).int()
+            src = torch.where((key >> (low + digit_bits)) == prefix[:, None], mass, 0)
         hist = torch.zeros(b, bins, dtype=torch.long, device=key.device)
         cum = hist.scatter_add_(1, index, src).cumsum_(-1).add_(above[:, None])
         if target is None:
