@@ -1,5 +1,6 @@
 """The sampler's fast paths: the exact filtered distribution, the full sort's picks where they
-rank, one request's draws whatever the batch, and logprobs."""
+rank, top-p's nucleus without a sort against a sort's, one request's draws whatever the batch,
+and logprobs."""
 
 import json
 import os
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from toolkit.inference import sampling
 from toolkit.inference.request import Request
 from toolkit.inference.sampling import Rows, RowsCache, draw, pick
 
-# (temperature, top_k, top_p): greedy, plain, top-k, top-k then top-p, top-p alone (peaked:
-# inside the candidates; flat: past them, sorted in full), top-k at the vocabulary (off).
+# (temperature, top_k, top_p): greedy, plain, top-k, top-k then top-p, top-p alone (peaked: a
+# nucleus of ~18 tokens; flat: of thousands), top-k at the vocabulary (off).
 SETTINGS = [
     (0.0, 0, 0.0),
     (1.0, 0, 0.0),
@@ -31,7 +33,6 @@ VOCAB = 4000
 def logits_for(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     scale = torch.tensor([4.0, 1.0, 2.0, 3.0, 4.0, 3.0, 0.3, 1.0])[:n, None]
-    # Row 5: a nucleus of ~18 tokens, 64 candidates hold ~70% of the mass; row 6 flat.
     return torch.randn(n, VOCAB, generator=g) * scale
 
 
@@ -68,20 +69,25 @@ def filtered_softmax(logits: torch.Tensor, setting) -> torch.Tensor:
 
 
 def test_empirical_distribution_is_the_filtered_softmax():
-    """Every kind of row in one batch, 6000 draws each: each token's frequency lies within 5
-    standard deviations of its exact probability (plus 1/n), and no token outside the
-    filtered support is ever drawn."""
-    n = 6000
+    """Every kind of row in each batch, 6000 draws each (in batches of 1000 of each kind, to
+    bound the memory): each token's frequency lies within 5 standard deviations of its exact
+    probability (plus 1/n), and no token outside the filtered support is ever drawn."""
+    n, per_batch = 6000, 1000
     logits = logits_for(len(SETTINGS))
     settings = SETTINGS[1:]  # sampled rows (greedy below)
-    batch = logits[1:].repeat_interleave(n, 0)
-    rows = rows_of([s for s in settings for _ in range(n)])
-    uniform = torch.rand(batch.size(0), generator=torch.Generator().manual_seed(1))
-    tokens, _, _, wide = draw(batch, rows, uniform, nucleus_candidates=64)
-    assert wide  # the flat row's nucleus reaches past 64 candidates: sorted in full
+    batch = logits[1:].repeat(per_batch, 1)
+    rows = rows_of(settings * per_batch)
+    uniform = torch.rand(len(settings), n, generator=torch.Generator().manual_seed(1))
+    tokens = torch.cat(
+        [
+            draw(batch, rows, u.T.flatten())[0].view(-1, len(settings)).T
+            for u in uniform.split(per_batch, 1)
+        ],
+        1,
+    )
     for i, setting in enumerate(settings):
         exact = filtered_softmax(logits[1 + i], setting)
-        counts = torch.bincount(tokens[i * n : (i + 1) * n], minlength=VOCAB).double()
+        counts = torch.bincount(tokens[i], minlength=VOCAB).double()
         assert counts[exact == 0].sum() == 0, setting
         freq = counts / n
         bound = 5 * (exact * (1 - exact) / n).sqrt() + 1 / n
@@ -90,31 +96,156 @@ def test_empirical_distribution_is_the_filtered_softmax():
     assert greedy.item() == logits[0].argmax().item()
 
 
-@pytest.mark.parametrize("candidates", [64, 1024])
-def test_ranked_paths_pick_as_the_full_sort(candidates):
-    """Top-k (torch.topk of the largest k), top-k then top-p, and top-p alone (within its
-    candidates or sorted in full) pick the same token as a full sort for the same draw; the
-    greedy row its argmax. Rows without top-k or top-p draw over the vocabulary's own order
-    (the same distribution, another token per draw)."""
+def vocab_order_draw(logits, kept, temperature, uniform):
+    """The inverse CDF of exp((logits - max) / T) over the `kept` tokens in the vocabulary's own
+    order (float32, as the sampler computes it)."""
+    x = logits.float()
+    inverse = torch.tensor([1 / t for t in temperature], dtype=torch.float32)
+    w = (x - x.max(-1, keepdim=True).values).mul(inverse[:, None]).exp().where(kept, 0.0)
+    cdf = w.cumsum(-1)
+    pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
+    return pick.squeeze(-1).clamp(max=x.size(-1) - 1)
+
+
+def test_ranked_paths_pick_as_the_full_sort():
+    """Top-k (torch.topk of the largest k) and top-k then top-p pick the same token as a full
+    sort for the same draw; the greedy row its argmax. Top-p alone draws from the full sort's
+    nucleus over the vocabulary's own order, as rows without top-k or top-p draw over the
+    whole vocabulary (the same distribution, another token per draw)."""
     logits = logits_for(len(SETTINGS), seed=2).repeat(8, 1)
     settings = SETTINGS * 8
     t, k, p = (torch.tensor(c) for c in zip(*settings))
     uniform = torch.rand(len(settings), generator=torch.Generator().manual_seed(3))
-    tokens = draw(logits, rows_of(settings), uniform, nucleus_candidates=candidates)[0]
-    expected = full_sort(logits, torch.where(t > 0, t, 1.0), k, p, uniform)[0]
-    ranked = torch.tensor([(0 < kk < VOCAB or 0 < pp < 1) for _, kk, pp in settings])
+    tokens = draw(logits, rows_of(settings), uniform)[0]
+    expected, probs = full_sort(logits, torch.where(t > 0, t, 1.0), k, p, uniform)
+    ranked = (0 < k) & (k < VOCAB)
     assert torch.equal(tokens[ranked], expected[ranked])
     assert torch.equal(tokens[t == 0], logits[t == 0].argmax(-1))
+    nucleus = ~ranked & (0 < p) & (p < 1)
+    order = logits.argsort(-1, descending=True)
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, probs > 0)
+    alone = vocab_order_draw(logits[nucleus], kept[nucleus], t[nucleus].tolist(), uniform[nucleus])
+    assert nucleus.sum() == 16 and torch.equal(tokens[nucleus], alone)
+
+
+def sort_nucleus(logits: torch.Tensor, temperature, top_p) -> torch.Tensor:
+    """The reference nucleus, by a full sort of each row: the smallest top set whose mass
+    reaches top_p, and every token tied with its last (the module's docstring: masses exact
+    integers of the float32 weights, compared in float64) -> the kept tokens [b, v]."""
+    x = logits.float()
+    inverse = torch.tensor([1 / t for t in temperature], dtype=torch.float32)
+    w = (x - x.max(-1, keepdim=True).values).mul(inverse[:, None]).exp()
+    mass = (w * 2.0 ** (62 - (x.size(-1) - 1).bit_length())).long()
+    ranked, order = x.sort(dim=-1, descending=True, stable=True)
+    cum = mass.gather(-1, order).cumsum(-1)
+    target = torch.tensor(top_p, dtype=torch.float32).double() * cum[:, -1].double()
+    last = (cum.double() >= target[:, None]).int().argmax(-1)  # the first rank reaching it
+    return x >= ranked.gather(-1, last[:, None])
+
+
+def nucleus_rows(dtype: torch.dtype, per_kind: int = 24, vocab: int = VOCAB) -> torch.Tensor:
+    """Rows of logits of every shape a nucleus meets: peaked, flat, few distinct values (ties
+    everywhere), consecutive bit patterns (a threshold one pattern off keeps another set),
+    across zero with +0 and -0, and with -inf padding."""
+    g = torch.Generator().manual_seed(11)
+    width = 16 if dtype.itemsize == 2 else 32
+    int_type = torch.int16 if width == 16 else torch.int32
+
+    def patterns(base: int, spread: int) -> torch.Tensor:
+        offsets = torch.randint(-spread, spread + 1, (per_kind, vocab), generator=g)
+        return (offsets + base).to(int_type).view(dtype)
+
+    one = torch.tensor(1.0, dtype=dtype).view(int_type).item()
+    sign = -(1 << (width - 1))
+    kinds = [
+        torch.randn(per_kind, vocab, generator=g) * 6,
+        torch.randn(per_kind, vocab, generator=g) * 0.2,
+        torch.randint(-8, 3, (per_kind, vocab), generator=g) * 0.5,
+        patterns(one, 3000).float(),  # around 1.0: weights of every size near 1
+        patterns(one, 40).float(),  # 81 consecutive values, each some 50 times
+        # The first patterns of either sign: tiny values, w = 1 for all, +0 and -0 among them.
+        torch.where(
+            torch.rand(per_kind, vocab, generator=g) < 0.5,
+            patterns(15, 15).float(),
+            -patterns(15, 15).float(),
+        ),
+    ]
+    padded = torch.randn(per_kind, vocab, generator=g) * 3
+    padded[:, torch.randperm(vocab, generator=g)[: vocab // 4]] = -torch.inf
+    logits = torch.cat([*kinds, padded]).to(dtype)
+    assert (logits.view(int_type) == sign).any() and (logits.view(int_type) == 0).any()
+    return logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,per_kind", [(VOCAB, 24), (1 << 16, 3)])  # 8 or 16 bits a pass
+def test_nucleus_keeps_what_a_full_sort_keeps(dtype, vocab, per_kind):
+    """Top-p alone, without a sort: on rows of every shape (nucleus_rows) and top_p from 1e-6
+    to the largest float32 below 1, the kept tokens are exactly the full sort's (ties at the
+    threshold kept), and each draw lands where the inverse CDF over those tokens, in the
+    vocabulary's order, puts it. A threshold one bit pattern off keeps another set in some
+    row."""
+    logits = nucleus_rows(dtype, per_kind, vocab)
+    b = logits.size(0)
+    g = torch.Generator().manual_seed(12)
+    ps = [1e-6, 0.1, 0.5, 0.9, 0.95, 0.999, 1 - 2**-24]
+    top_p = [ps[i] for i in torch.randint(len(ps), (b,), generator=g)]
+    temperature = [(0.5, 1.0, 1.7)[i] for i in torch.randint(3, (b,), generator=g)]
+    kept = sort_nucleus(logits, temperature, top_p)
+    rows = rows_of(list(zip(temperature, [0] * b, top_p)), vocab)
+    x = logits.float()
+    weights = (x - x.max(-1).values[:, None]).mul_(rows.inverse[:, None]).exp_()
+    outside = sampling._outside(logits, weights, rows.top_p, rows.nucleus_only)
+    assert torch.equal(~outside, kept)
+    sizes = kept.sum(-1)
+    assert sizes.min() == 1 and sizes.max() > vocab // 2  # from one token to most of them
+    for u in torch.linspace(0, 1 - 2**-24, 7):
+        uniform = torch.full((b,), u.item())
+        expected = vocab_order_draw(logits, kept, temperature, uniform)
+        assert torch.equal(draw(logits, rows, uniform)[0], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nucleus_that_reaches_top_p_exactly_stops_there(dtype):
+    """Two tokens of the same weight (logits 0 and -1e-10: exp rounds both to 1) and top_p 0.5:
+    the first reaches it, the second is left out; two equal logits are both kept."""
+    logits = torch.full((2, VOCAB), -torch.inf)
+    logits[:, :2] = torch.tensor([[0.0, -1e-10], [0.0, 0.0]])
+    logits = logits.to(dtype)
+    rows = rows_of([(1.0, 0, 0.5)] * 2)
+    x = logits.float()
+    weights = (x - x.max(-1).values[:, None]).exp_()
+    assert torch.equal(weights[0, :2], torch.ones(2))
+    outside = sampling._outside(logits, weights, rows.top_p, rows.nucleus_only)
+    assert (~outside).nonzero().tolist() == [[0, 0], [1, 0], [1, 1]]
+    tokens = [draw(logits, rows, torch.full((2,), u))[0].tolist() for u in (0.0, 0.75)]
+    assert tokens == [[0, 0], [0, 1]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_reads_nothing_on_the_host_on_cuda():
+    """Every path of a step's sampling (greedy, plain, top-k, top-k then top-p, top-p alone)
+    runs without waiting for the device: no host sync, so the step ahead keeps the GPU busy."""
+    device = torch.device("cuda")
+    logits = logits_for(len(SETTINGS)).to(device, torch.bfloat16)
+    rows = Rows.build(*zip(*SETTINGS), VOCAB, device)
+    uniform = torch.rand(len(SETTINGS), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        draw(logits, rows, uniform)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_a_row_draws_the_same_token_in_any_batch():
     """A row's token depends on its own logits, settings and draw: alone, or among rows that
-    change the paths taken (candidates' count, full sorts, the whole-vocabulary pass)."""
+    change the paths taken (top-k's candidates, the nucleus, the whole-vocabulary pass)."""
     logits = logits_for(len(SETTINGS), seed=4)
     uniform = torch.rand(len(SETTINGS), generator=torch.Generator().manual_seed(5))
-    together = draw(logits, rows_of(SETTINGS), uniform, nucleus_candidates=64)[0]
+    together = draw(logits, rows_of(SETTINGS), uniform)[0]
     for i, s in enumerate(SETTINGS):
-        alone = draw(logits[i : i + 1], rows_of([s]), uniform[i : i + 1], 64)[0]
+        alone = draw(logits[i : i + 1], rows_of([s]), uniform[i : i + 1])[0]
         assert alone.item() == together[i].item(), s
 
 
@@ -125,7 +256,7 @@ def test_extreme_draws_never_land_on_impossible_tokens(u):
     logits = logits_for(len(SETTINGS), seed=6)
     logits[:, :100] = logits[:, -100:] = -torch.inf
     uniform = torch.full((len(SETTINGS),), u)
-    tokens = draw(logits, rows_of(SETTINGS), uniform, nucleus_candidates=64)[0]
+    tokens = draw(logits, rows_of(SETTINGS), uniform)[0]
     assert ((100 <= tokens) & (tokens < VOCAB - 100)).all()
 
 

@@ -5,23 +5,29 @@ CDF): a request's random stream then depends only on its own seed, never on whic
 share the batch. What a step costs depends on the settings present, known on the host:
 - temperature only: the CDF over the vocabulary in its own order, no sort;
 - top-k (then top-p): the best max(top_k) tokens (torch.topk), ranked as a full sort would;
-- top-p without top-k: the best NUCLEUS_CANDIDATES tokens, with the whole vocabulary's
-  normaliser; a row whose nucleus reaches past them is sorted in full (a flat distribution).
+- top-p without top-k: each row's nucleus threshold from histograms of its logits' bit
+  patterns, 16 bits a pass (one pass for 16-bit logits over a 256k vocabulary, two for float32;
+  no sort, nothing read on the host), then the CDF over the kept tokens in the vocabulary's
+  own order.
 Filtering rules: top_k, then top_p over what is left (a token is dropped when the tokens ranked
 above it already cover top_p; the first always stays); temperature 0 is greedy.
+
+Top-p without top-k, exactly (_outside): the weights w = exp((logit - max) / T) (float32, the
+bits the draw uses) are counted as integers q = floor(w * 2**S), S = 62 - ceil(log2(vocab)), so
+that a row's masses are exact whatever the order of summation. M(v), the mass of the tokens whose
+logit is >= v; Z = M(-inf). The threshold t is the largest logit of the row with
+float64(M(t)) >= float64(top_p) * float64(Z), and the row keeps every token whose logit is >= t:
+the sort-based nucleus (the smallest top set reaching top_p), with every token tied with its last
+token kept too (a sort orders equal logits arbitrarily; +0 and -0 are equal).
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from toolkit.inference.request import Request
-
-# Top-p without top-k: the best tokens ranked before falling back to a full sort. A peaked
-# distribution's nucleus lies well inside; a flat one's does not, and is sorted.
-NUCLEUS_CANDIDATES = 1024
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +47,7 @@ class Rows:
     any_plain: bool
     max_k: int  # the largest top_k of a filtered row (0: none)
     any_nucleus_only: bool
+    natural: torch.Tensor  # [b] bool: drawn over the vocabulary's order (plain or nucleus_only)
     shares: torch.Tensor  # [b] bool: the sampling pass gives the row's logprobs (see pick)
     shares_host: tuple[bool, ...]  # the same, on the host
 
@@ -57,9 +64,9 @@ class Rows:
         sampled = [t > 0 for t in temperature]
         filtered = [s and (k > 0 or p > 0) for s, k, p in zip(sampled, ks, ps)]
         nucleus_only = [f and k == 0 for f, k in zip(filtered, ks)]
-        # Sampled at temperature 1 without top-k: the pass over the whole vocabulary sums
-        # exp(logits - max), the softmax's normaliser.
-        shares = [t == 1 and k == 0 for t, k in zip(temperature, ks)]
+        # Sampled at temperature 1 without top-k or top-p: the pass over the whole vocabulary
+        # sums exp(logits - max), the softmax's normaliser.
+        shares = [t == 1 and k == 0 and p == 0 for t, k, p in zip(temperature, ks, ps)]
         columns = [
             list(temperature),
             [1 / t if t > 0 else 1.0 for t in temperature],
@@ -69,6 +76,7 @@ class Rows:
             filtered,
             nucleus_only,
             shares,
+            [s and k == 0 for s, k in zip(sampled, ks)],
         ]
         # One copy to the device for every column; from pinned memory, without waiting.
         host = torch.tensor(columns, dtype=torch.float32, pin_memory=device.type == "cuda")
@@ -85,31 +93,19 @@ class Rows:
             any_plain=any(columns[4]),
             max_k=max((k for f, k in zip(filtered, ks) if f), default=0),
             any_nucleus_only=any(nucleus_only),
+            natural=dev[8].bool(),
             shares=dev[7].bool(),
             shares_host=tuple(shares),
         )
 
-    def select(self, index: torch.Tensor) -> "Rows":
-        """The rows at `index` (a device tensor)."""
-        tensors = {
-            f: getattr(self, f)[index]
-            for f in ("temperature", "inverse", "top_k", "top_p", "plain", "filtered", "shares")
-        }
-        return replace(self, **tensors, nucleus_only=self.nucleus_only[index])
-
 
 class RowsCache:
-    """The last batch's Rows, kept while the same requests run in the same rows; and whether
-    top-p rows lately needed the full sort (then sorted at once for a while: a flat
-    distribution stays flat for some steps, and the candidates would be wasted work)."""
-
-    RESORT_STEPS = 16  # steps sorted in full after a nucleus reached past its candidates
+    """The last batch's Rows, kept while the same requests run in the same rows."""
 
     def __init__(self) -> None:
         self.requests: tuple[Request, ...] = ()
         self.vocab = 0
         self.rows: Rows | None = None
-        self.sort_steps = 0  # steps left to sort top-p rows in full
 
     def get(self, requests: Sequence[Request], vocab: int, device: torch.device) -> Rows:
         same = len(requests) == len(self.requests) and all(
@@ -125,16 +121,6 @@ class RowsCache:
                 device,
             )
         return self.rows
-
-    def nucleus_candidates(self) -> int:
-        if self.sort_steps:
-            self.sort_steps -= 1
-            return 1 << 62  # more than any vocabulary: a full sort
-        return NUCLEUS_CANDIDATES
-
-    def saw_wide(self, wide: bool) -> None:
-        if wide:
-            self.sort_steps = self.RESORT_STEPS
 
 
 def sample(
@@ -158,63 +144,111 @@ def sample(
 
 
 def draw(
-    logits: torch.Tensor,
-    rows: Rows,
-    uniform: torch.Tensor | None,
-    nucleus_candidates: int = NUCLEUS_CANDIDATES,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool]:
-    """Token ids [b] for `rows`' settings and draws (float32); also, when a row samples,
-    each row's largest logit [b] and the sums of exp((logits - largest) / temperature) [b] when computed (else None), and
-    whether a top-p row's nucleus reached past its `nucleus_candidates` best tokens (then it
-    was sorted in full). A row's token depends on its own logits, settings and draw only."""
+    logits: torch.Tensor, rows: Rows, uniform: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Token ids [b] for `rows`' settings and draws (float32); also, when a row samples, each
+    row's largest logit [b] and, when computed (else None), the sums of the weights each row
+    draws from [b]: for a row without top-k or top-p, exp((logits - largest) / temperature)
+    over the whole vocabulary. A row's token depends on its own logits, settings and draw only;
+    nothing is read on the host."""
     if not rows.sampled:
-        return logits.argmax(-1), None, None, False
+        return logits.argmax(-1), None, None
     best, tokens = logits.max(-1)  # the greedy tokens, and each row's top for a stable exp
     x, best = logits.float(), best.float()
-    total, wide = None, False
+    total = None
     if rows.any_plain or rows.any_nucleus_only:
-        natural, total = _natural(x, best, rows.inverse, uniform)
-        if rows.any_plain:
-            tokens = torch.where(rows.plain, natural, tokens)
-    if rows.max_k or rows.any_nucleus_only:
-        c = max(rows.max_k, nucleus_candidates if rows.any_nucleus_only else 0)
+        weights = _weights(x, best, rows.inverse)
+        if rows.any_nucleus_only:
+            weights.masked_fill_(_outside(logits, weights, rows.top_p, rows.nucleus_only), 0.0)
+        natural, total = _natural(weights, uniform)
+        tokens = torch.where(rows.natural, natural, tokens)
+    if rows.max_k:
+        c = rows.max_k
         c = x.size(-1) if c > x.size(-1) // 2 else c  # a partial selection would cost a sort
-        ranked, wide = _ranked(x, best, rows, uniform, total, c)
-        tokens = torch.where(rows.filtered, ranked, tokens)
-    return tokens, best, total, wide
+        ranked = _ranked(x, best, rows, uniform, c)
+        tokens = torch.where(rows.filtered & ~rows.nucleus_only, ranked, tokens)
+    return tokens, best, total
 
 
-def _exp_cumsum(x: torch.Tensor, best: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """cumsum(exp((x - best) / T)) along each row: the row's top maps to 1, nothing overflows.
-    Every op acts on each element alone, or along its row: the same bits in any batch."""
-    return (x - best[:, None]).mul_(inverse[:, None]).exp_().cumsum_(-1)
+def _weights(x: torch.Tensor, best: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """exp((x - best) / T) per row: the row's top maps to 1, nothing overflows. Every op acts on
+    each element alone: the same bits in any batch."""
+    return (x - best[:, None]).mul_(inverse[:, None]).exp_()
 
 
-def _natural(
-    x: torch.Tensor, best: torch.Tensor, inverse: torch.Tensor, uniform: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unfiltered sampling: the inverse CDF over the vocabulary in its own order (the same
-    distribution as over a ranking, and no sort). Also the softmax's normaliser per row."""
-    cdf = _exp_cumsum(x, best, inverse)
+def _natural(weights: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse CDF of `weights` (zero: never drawn) over the vocabulary in its own order (the
+    same distribution as over a ranking, and no sort); also each row's sum of the weights."""
+    cdf = weights.cumsum(-1)  # along each row: the same bits in any batch
     total = cdf[:, -1]
     # right=True: the first token whose cdf exceeds the draw, so a token of zero probability
     # never wins (u * total < total for a float32 u < 1: no token past the last possible one).
     pick = torch.searchsorted(cdf, (uniform * total)[:, None], right=True).squeeze(-1)
-    return pick.clamp_(max=x.size(-1) - 1), total
+    return pick.clamp_(max=weights.size(-1) - 1), total
+
+
+def _order_key(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each logit's bit pattern as an int32 that orders as the logits do (+0 and -0 alike), in
+    [-2**(bits - 1), 2**(bits - 1)), and the bits: 16 for 16-bit logits, else 32 (float32)."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        bits, width = logits.view(torch.int16).int(), 16
+    else:
+        bits, width = logits.float().view(torch.int32), 32
+    # Sign and magnitude to two's complement: a negative float orders as minus its magnitude.
+    sign = bits >> (width - 1)  # 0 or -1
+    key = bits & ((1 << (width - 1)) - 1)
+    return key.bitwise_xor_(sign).sub_(sign), width
+
+
+def _outside(
+    logits: torch.Tensor, weights: torch.Tensor, top_p: torch.Tensor, on: torch.Tensor
+) -> torch.Tensor:
+    """[b, v] bool: the tokens outside each row's nucleus (the module's docstring says which);
+    none in the rows where `on` is False. `weights`: the rows' exp((logits - max) / T).
+
+    A radix select on the masses: the mass per value of the keys' top bits (a histogram:
+    scatter_add of exact integers), summed from the largest logits down, and the first bin that
+    reaches the target; then the same over the next bits within that bin. Fixed shapes, no
+    sort, nothing read on the host."""
+    b, vocab = weights.shape
+    key, width = _order_key(logits)
+    # Exact integer masses: a row's sum stays below 2**62 (each weight is at most 1).
+    mass = weights.mul(2.0 ** (62 - (vocab - 1).bit_length())).long()
+    # 16 bits a pass (one for 16-bit logits), or 8 where the bins would outnumber the tokens.
+    digit_bits = 16 if vocab >= 1 << 16 else 8
+    bins = 1 << digit_bits
+    found = torch.zeros(b, dtype=torch.long, device=key.device)  # the threshold's key, unsigned
+    above = torch.zeros_like(found)  # the mass of the logits above the bin searched
+    target = None
+    for low in range(width - digit_bits, -1, -digit_bits):
+        digit = key >> low if low else key
+        if target is None:  # the top digit, signed: unsigned, largest logits in bin 0
+            index = (bins // 2 - 1 - digit).long()
+            src = mass
+        else:  # the next digit, within the bin found so far
+            index = (bins - 1 - (digit & (bins - 1))).long()
+            high = width - low - digit_bits  # the bits found so far, signed as the key's
+            prefix = ((found >> (low + digit_bits)) - (1 << (high - 1))).int()
+            src = torch.where((key >> (low + digit_bits)) == prefix[:, None], mass, 0)
+        hist = torch.zeros(b, bins, dtype=torch.long, device=key.device)
+        cum = hist.scatter_add_(1, index, src).cumsum_(-1).add_(above[:, None])
+        if target is None:
+            target = top_p.double() * cum[:, -1].double()
+        first = (cum.double() < target[:, None]).sum(-1)  # the first bin that reaches it
+        found |= (bins - 1 - first) << low
+        if low:
+            below = cum.gather(-1, (first - 1).clamp_(min=0)[:, None]).squeeze(-1)
+            above = torch.where(first > 0, below, above)
+    threshold = found - (1 << (width - 1))  # signed again
+    threshold = torch.where(on, threshold, -(1 << 31)).int()  # off: below every key
+    return key < threshold[:, None]
 
 
 def _ranked(
-    x: torch.Tensor,
-    best: torch.Tensor,
-    rows: Rows,
-    uniform: torch.Tensor,
-    total: torch.Tensor | None,
-    c: int,
-) -> tuple[torch.Tensor, bool]:
-    """Top-k / top-p sampling over the rows' best `c` tokens ranked best first (the inverse CDF
-    in rank order, as over a full sort); top-p rows whose nucleus reaches past them are sorted
-    in full (and the second result is True). `total`: the whole vocabulary's normaliser
-    (needed for top-p rows without top-k)."""
+    x: torch.Tensor, best: torch.Tensor, rows: Rows, uniform: torch.Tensor, c: int
+) -> torch.Tensor:
+    """Top-k (then top-p) sampling over the rows' best `c` tokens ranked best first (the inverse
+    CDF in rank order, as over a full sort)."""
     vocab = x.size(-1)
     # Temperature keeps each row's order: rank the logits themselves.
     if c < vocab:
@@ -224,11 +258,8 @@ def _ranked(
     k = torch.where(rows.top_k > 0, rows.top_k, c).clamp_(max=c)  # rows unfiltered: any k
     weights = (values - best[:, None]).mul_(rows.inverse[:, None]).exp_()
     weights.masked_fill_(torch.arange(c, device=x.device) >= k[:, None], 0.0)
-    # The top k's mass summed in rank order (the same bits whatever the candidates' count);
-    # top-p alone: the whole vocabulary's.
+    # The top k's mass summed in rank order (the same bits whatever the candidates' count).
     norm = weights.cumsum(-1).gather(-1, (k - 1)[:, None]).squeeze(-1)
-    if total is not None:
-        norm = torch.where(rows.nucleus_only, total, norm)
     probs = weights / norm[:, None]
     # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
     nucleus = (rows.top_p > 0)[:, None]
@@ -236,27 +267,15 @@ def _ranked(
     cdf = probs.masked_fill(drop, 0.0).double().cumsum(-1)
     # right=True: the first rank whose cdf exceeds the draw, so a zero-probability rank never wins.
     pick = torch.searchsorted(cdf, (uniform.double() * cdf[:, -1])[:, None], right=True)
-    tokens = order.gather(-1, pick.clamp(max=c - 1)).squeeze(-1)
-    wide = False
-    if c < vocab and rows.any_nucleus_only:
-        # Not one candidate dropped: the nucleus may reach past them (reads the device).
-        index = (rows.nucleus_only & ~drop[:, -1]).nonzero().squeeze(-1)
-        if index.numel():
-            sub = rows.select(index)
-            tokens[index] = _ranked(
-                x[index], best[index], sub, uniform[index], total[index], vocab
-            )[0]
-            wide = True
-    return tokens, wide
+    return order.gather(-1, pick.clamp(max=c - 1)).squeeze(-1)
 
 
 def pick(
     logits: torch.Tensor, requests: list[Request], cache: RowsCache | None = None
 ) -> list[torch.Tensor | None]:
     """[tokens, their logprobs or None, top logprobs' values or None, their ids or None]:
-    device work only, nothing read on the host (the random draws are made here), except where
-    a top-p row's nucleus reaches past its candidates. `cache`: keeps the rows' settings on the
-    device while the batch's requests stay the same."""
+    device work only, nothing read on the host (the random draws are made here). `cache`: keeps
+    the rows' settings on the device while the batch's requests stay the same."""
     device, vocab = logits.device, logits.size(-1)
     cache = cache or RowsCache()
     rows = cache.get(requests, vocab, device)
@@ -269,8 +288,7 @@ def pick(
         ]
         host = torch.tensor(draws, dtype=torch.float32, pin_memory=device.type == "cuda")
         uniform = host.to(device, non_blocking=True)
-    tokens, best, total, wide = draw(logits, rows, uniform, cache.nucleus_candidates())
-    cache.saw_wide(wide)
+    tokens, best, total = draw(logits, rows, uniform)
     picked: list[torch.Tensor | None] = [tokens, None, None, None]
     want = [r.logprobs for r in requests]
     if any(want):
