@@ -136,6 +136,12 @@ class Engine:
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self.stats |= {"steps": 0, "step_seconds": 0.0, "prefill_seconds": 0.0}
         self.stats |= {"prefill_passes": 0, "first_tokens": 0, "first_token_steps": 0}
+        # Decode steps (no prefill pass, some tokens): their tokens and the time from the end
+        # of the step before to their own end (the loop between steps included), in all and by
+        # live batch: the server's decode rate, beside the engine's own at the same batch.
+        self.stats |= {"decode_steps": 0, "decode_seconds": 0.0, "decode_tokens": 0}
+        self.decode_by_batch: dict[int, dict[str, float]] = {}
+        self._last_step_end: float | None = None
 
     @torch.no_grad()
     def warm_up(
@@ -232,6 +238,7 @@ class Engine:
         while self.has_work():
             self.step()
         self.stats = dict.fromkeys(self.stats, 0)
+        self.decode_by_batch = {}
 
     def check(self, request: Request) -> None:
         """Raise ValueError if the request can never run here."""
@@ -262,11 +269,26 @@ class Engine:
         requests that got a token or finished."""
         start = time.perf_counter()
         self.steps += 1
+        passes, tokens = self.stats["prefill_passes"], self.stats["generated_tokens"]
         try:
             return self._step()
         finally:
+            end = time.perf_counter()
             self.stats["steps"] += 1
-            self.stats["step_seconds"] += time.perf_counter() - start
+            self.stats["step_seconds"] += end - start
+            tokens = self.stats["generated_tokens"] - tokens
+            if tokens and passes == self.stats["prefill_passes"] and self._last_step_end:
+                self._count_decode(tokens, end - self._last_step_end)
+            self._last_step_end = end
+
+    def _count_decode(self, tokens: int, seconds: float) -> None:
+        self.stats["decode_steps"] += 1
+        self.stats["decode_seconds"] += seconds
+        self.stats["decode_tokens"] += tokens
+        batch = self.decode_by_batch.setdefault(tokens, dict.fromkeys(DECODE_KEYS, 0))
+        batch["steps"] += 1
+        batch["seconds"] += seconds
+        batch["tokens"] += tokens
 
     def _step(self) -> list[Request]:
         if self.overlap:
@@ -669,6 +691,9 @@ class Engine:
     def _finish(self, r: Request, reason: FinishReason) -> None:
         r.finish_reason = reason
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
+
+
+DECODE_KEYS = ("steps", "seconds", "tokens")  # of each live batch's decode steps
 
 
 def row_bucket(n: int) -> int:

@@ -258,6 +258,10 @@ class Handler(JSONRequestHandler):
                 "active": len(engine.active),
                 "waiting": len(engine.waiting),
                 **engine.stats,
+                # list(): one call under the GIL, while the engine thread may add a batch
+                "decode_by_batch": {
+                    str(b): dict(d) for b, d in list(engine.decode_by_batch.items())
+                },
                 "wakes": self.server.wakes,
             },
         )
