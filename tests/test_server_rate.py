@@ -7,6 +7,42 @@ from tests.test_engine import TOKENIZER, build, one_thread, prompts  # noqa: F40
 from toolkit.inference.engine import Engine, Request
 
 
+def test_overlap_hands_a_steps_tokens_over_after_the_next_launch():
+    """With a decode step launched ahead, the requests a step updated are handed to on_update
+    at the next step, once it has launched: woken threads then take the GIL while the engine
+    waits for the device, not while it prepares a launch. Every update still arrives, one per
+    step, and the last says done."""
+    engine = Engine(build(), TOKENIZER, slots=2, cuda_graphs=True, overlap=True)
+    launches = []
+    launch = engine.decoder.launch
+    engine.decoder.launch = lambda *a: launches.append(1) or launch(*a)
+    seen: list[tuple[int, int, bool]] = []  # (tokens, launches so far, done) at each update
+    r = Request(prompt=prompts(4)[0], max_new_tokens=7, stop_at_eod=False)
+    r.on_update = lambda r: seen.append((len(r.tokens), len(launches), r.done))
+    engine.run([r])
+    assert [t for t, _, _ in seen] == list(range(1, 8)) and seen[-1][2]
+    assert not any(done for _, _, done in seen[:-1]) and not engine.has_work()
+    # Token t (2 <= t <= 6) comes from launch t - 1 and is handed over after launch t + 1
+    # (launch t is already running when it is read); no launch follows the 6th's read.
+    assert [n for _, n, _ in seen] == [0, 3, 4, 5, 6, 6, 6], seen
+
+
+def test_the_last_update_reaches_a_request_that_stops_with_a_step_launched_for_it():
+    """A stop string ends a request after a step was launched ahead for it: nothing runs any
+    more, yet its last update is still to be handed over; the engine has work until it is."""
+    model = build()
+    p = prompts(4)[0]
+    free = Engine(model, TOKENIZER, slots=1).run([Request(prompt=p, max_new_tokens=12)])[0]
+    text = TOKENIZER.decode(free.tokens)
+    engine = Engine(model, TOKENIZER, slots=2, cuda_graphs=True, overlap=True)
+    r = Request(prompt=p, max_new_tokens=12, stop=[text[3:5]])
+    updates = []
+    r.on_update = lambda r: updates.append((len(r.tokens), r.done))
+    engine.run([r])
+    assert r.finish_reason == "stop" and len(r.tokens) < 12, (r.tokens, free.tokens)
+    assert updates[-1] == (len(r.tokens), True) and not engine.unsent
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_decode_steps_are_counted_by_live_batch(overlap):
     """Steps that ran no prefill pass and gave tokens are decode steps, keyed by how many
