@@ -1,9 +1,13 @@
 """What the engine does per step for a server: when it wakes the HTTP threads, and the decode
 steps it counts (the server's decode rate, compared with the engine's own by serve_load)."""
 
+import http.client
+import json
+
 import pytest
 
 from tests.test_engine import TOKENIZER, build, one_thread, prompts  # noqa: F401 (autouse fixture)
+from tests.test_server_warm import Gated
 from toolkit.inference.engine import Engine, Request
 
 
@@ -58,3 +62,36 @@ def test_decode_steps_are_counted_by_live_batch(overlap):
     assert {b: (d["steps"], d["tokens"]) for b, d in by_batch.items()} == {2: (2, 4), 1: (3, 3)}
     assert all(d["seconds"] > 0 for d in by_batch.values())
     assert stats["decode_seconds"] == pytest.approx(sum(d["seconds"] for d in by_batch.values()))
+
+
+@pytest.fixture
+def gated():
+    g = Gated()
+    yield g
+    g.close()
+
+
+def test_a_stream_of_several_prompts_wakes_its_thread_at_most_once_a_step(gated):
+    """Each of a stream's requests changes at every step; its thread is woken once for all
+    of them (it reads every choice when woken), not once per request and step, and every
+    choice still gets all its tokens."""
+    gated.gate.set()
+    assert gated.server.engine_thread.ready.wait(60)
+    engine, server = gated.engine, gated.server
+    steps, wakes = engine.stats["steps"], server.wakes
+    body = {"prompt": ["def ", "x = "], "max_tokens": 10, "temperature": 0, "stream": True}
+    body |= {"ignore_eos": True, "logprobs": 0}
+    conn = http.client.HTTPConnection("127.0.0.1", gated.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    events = [
+        json.loads(line[6:])["choices"][0]
+        for line in response.read().decode().splitlines()
+        if line.startswith("data: {")
+    ]
+    conn.close()
+    tokens = {0: 0, 1: 0}
+    for e in events:
+        tokens[e["index"]] += len(e["logprobs"]["tokens"])
+    assert tokens == {0: 10, 1: 10}, events
+    assert 1 <= server.wakes - wakes <= engine.stats["steps"] - steps
