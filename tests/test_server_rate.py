@@ -3,12 +3,17 @@ steps it counts (the server's decode rate, compared with the engine's own by ser
 
 import http.client
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.test_engine import TOKENIZER, build, one_thread, prompts  # noqa: F401 (autouse fixture)
 from tests.test_server_warm import Gated
 from toolkit.inference.engine import Engine, Request
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_overlap_hands_a_steps_tokens_over_after_the_next_launch():
@@ -95,3 +100,21 @@ def test_a_stream_of_several_prompts_wakes_its_thread_at_most_once_a_step(gated)
         tokens[e["index"]] += len(e["logprobs"]["tokens"])
     assert tokens == {0: 10, 1: 10}, events
     assert 1 <= server.wakes - wakes <= engine.stats["steps"] - steps
+
+
+def test_serve_host_benchmark_smoke(tmp_path):
+    """benchmarks/serve_host.py end to end with small numbers: both runs reported."""
+    out = tmp_path / "host.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/serve_host.py"), "--clients", "3"]
+        + ["--kind", "mixed", "--tokens", "4", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    for run in (results["alone"], results["server"]):
+        assert run["decode_steps"] > 0 and run["decode_ms_per_step"] > 0
+        assert run["engine_thread_cpu_ms_per_step"] > 0
+    assert results["server"]["wakes_per_step"] > 0 and results["alone"]["wakes_per_step"] == 0
