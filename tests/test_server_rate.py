@@ -11,6 +11,7 @@ import pytest
 
 from tests.test_engine import TOKENIZER, build, one_thread, prompts  # noqa: F401 (autouse fixture)
 from tests.test_server_warm import Gated
+from toolkit.inference import api
 from toolkit.inference.engine import Engine, Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +119,21 @@ def test_serve_host_benchmark_smoke(tmp_path):
         assert run["decode_steps"] > 0 and run["decode_ms_per_step"] > 0
         assert run["engine_thread_cpu_ms_per_step"] > 0
     assert results["server"]["wakes_per_step"] > 0 and results["alone"]["wakes_per_step"] == 0
+
+
+def test_top_k_1_runs_as_greedy_with_the_same_tokens_and_logprobs():
+    """top_k=1 (the reference client's greedy) is parsed as greedy: each step takes the argmax
+    path (no random draw, no top-k pass); tokens and logprobs are those top-k sampling gave."""
+    limits = api.Limits(max_len=64)
+    body = {"prompts": ["def "], "tokens_to_generate": 8, "top_k": 1, "temperature": 0.7}
+    (parsed,) = api.parse_megatron(body | {"logprobs": True}, TOKENIZER, limits)
+    completion = {"prompt": "def ", "max_tokens": 8, "top_k": 1, "temperature": 0.7}
+    (parsed_v1,) = api.parse_completion(completion, TOKENIZER, limits).requests
+    assert (parsed.temperature, parsed.top_k) == (parsed_v1.temperature, parsed_v1.top_k) == (0, 0)
+    sampled = Request(
+        prompt=parsed.prompt, max_new_tokens=8, temperature=0.7, top_k=1, logprobs=True, seed=3
+    )
+    model = build()
+    Engine(model, TOKENIZER, slots=2).run([parsed, sampled])
+    assert parsed.tokens == sampled.tokens
+    assert parsed.token_logprobs == pytest.approx(sampled.token_logprobs, abs=1e-12)
