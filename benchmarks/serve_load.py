@@ -17,7 +17,8 @@ writes itself, served on CPU) and measures over HTTP:
   is compared with the one alone (a dropped stream: what it received is a prefix of it);
   and what the server's own counters (/health) say of the wave: engine steps, host ms per step
   and its share in prefill, prefill passes, mean steps from arrival to first token, HTTP
-  threads woken per step;
+  threads woken per step, and its decode steps (those without a prefill pass: ms per step,
+  tokens/s, in all and at the live batch that decoded the most tokens);
 - memory: the server's resident set (VmRSS) and its peak (VmHWM) from /proc before the load and
   after each wave; the largest N runs --waves times, so memory that grows with the number of
   requests shows as growth from one of those waves to the next;
@@ -30,7 +31,10 @@ writes itself, served on CPU) and measures over HTTP:
   (the last wave of N): the per-token latency of its greedy streams (N = 1: of the streams sent
   alone, whose live batch is 1 too), its tokens/s (generated tokens over the wave's wall time,
   prefill and queueing included), and the ratios HTTP/engine of the per-token p50 to the step
-  time and of the tokens/s; --no-engine skips it;
+  time and of the tokens/s; and, in a second table, the server's decode tokens/s at the live
+  batch it decoded most at beside the engine's at that batch (timed too), with their ratio:
+  the decode rate without the prefill, queueing and HTTP that the wave's tokens/s include;
+  --no-engine skips it;
 - long prompt (--long-prompt N): a prompt of N tokens sent alone (its time to first token, and
   the first prefill of that length, untimed otherwise), then --long-streams greedy streams that,
   once each has received --long-before tokens, see the same prompt sent and keep reading until
@@ -286,15 +290,56 @@ def server_counters(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
         "first_tokens": d["first_tokens"],
         "steps_to_first_token": round(d["first_token_steps"] / first, 2),
         "wakes_per_step": round(d["wakes"] / steps, 2),
+    } | decode_counters(before, after)
+
+
+def decode_counters(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The wave's decode steps (no prefill pass; their time includes the engine loop between
+    steps): in all, and at the live batch that decoded the most tokens (the batch the engine
+    alone is timed at beside it). Empty for a server without these counters."""
+    if "decode_by_batch" not in after:
+        return {}
+    out: dict[str, Any] = {"decode": rate(before, after, "decode_")}
+    by_batch = {}
+    for batch, d in after["decode_by_batch"].items():
+        since = before["decode_by_batch"].get(batch, dict.fromkeys(d, 0))
+        if d["steps"] > since["steps"]:
+            by_batch[int(batch)] = rate(since, d)
+    out["decode_by_batch"] = dict(sorted(by_batch.items()))
+    if by_batch:
+        batch = max(by_batch, key=lambda b: (by_batch[b]["tokens"], b))
+        out["decode_batch"] = {"batch": batch} | by_batch[batch]
+    return out
+
+
+def rate(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Steps, tokens, ms per step and tokens/s from counters `steps`, `seconds`, `tokens`."""
+    steps, tokens, seconds = (
+        after[prefix + k] - before[prefix + k] for k in ("steps", "tokens", "seconds")
+    )
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "ms_per_step": round(1000 * seconds / max(steps, 1), 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
     }
 
 
 def format_counters(c: dict[str, Any]) -> str:
-    return (
+    line = (
         f"{c['steps']} steps at {c['host_ms_per_step']} ms ({100 * c['prefill_share']:.0f}% "
         f"prefill, {c['prefill_passes']} passes), {c['steps_to_first_token']} steps to the first "
         f"token (mean of {c['first_tokens']}), {c['wakes_per_step']} HTTP threads woken per step"
     )
+    if "decode" in c:
+        d = c["decode"]
+        line += (
+            f"; {d['steps']} decode steps at {d['ms_per_step']} ms, {d['tokens_per_s']} tokens/s"
+        )
+    if "decode_batch" in c:
+        b = c["decode_batch"]
+        line += f" (at batch {b['batch']}: {b['steps']} at {b['ms_per_step']} ms)"
+    return line
 
 
 def health(port: int) -> dict[str, Any]:
@@ -370,7 +415,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         text = log.read_text()
         results["server_log"] = {"tracebacks": text.count("Traceback"), "lines": text.count("\n")}
         if not args.no_engine:  # the server has exited: the device is the engine's alone
-            results["engine_decode"] = engine_decode(Path(checkpoint), args, specs)
+            results["engine_decode"] = engine_decode(
+                Path(checkpoint), args, specs, results["waves"]
+            )
     results["comparison"] = compare(results, args)
     return results
 
@@ -378,10 +425,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 ENGINE_WARMUP = 2  # untimed engine steps before the timed ones
 
 
-def engine_decode(checkpoint: Path, args: argparse.Namespace, specs: list[Spec]) -> dict[str, Any]:
+def engine_decode(
+    checkpoint: Path, args: argparse.Namespace, specs: list[Spec], results_waves: list[dict]
+) -> dict[str, Any]:
     """The engine's decode step in this process, built by serve.py's own code from the server's
     flags, timed by benchmarks/decode.py's `measure` at each batch the waves had (at most
-    --slots), greedy, at the context the requests reach."""
+    --slots) and at the live batch each wave decoded at most, greedy, at the context the
+    requests reach."""
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))  # decode.py imports its sibling decode_profile
@@ -407,7 +457,7 @@ def engine_decode(checkpoint: Path, args: argparse.Namespace, specs: list[Spec])
     out: dict[str, Any] = {"context": context, "steps": steps, "warmup": ENGINE_WARMUP}
     out["batches"] = []
     try:
-        for batch in sorted({min(n, args.slots) for n in args.clients}):
+        for batch in engine_batches(results_waves, args):
             row: dict[str, Any] = {"batch": batch}
             try:
                 mean, _ = measure(engine, batch, context, steps, ENGINE_WARMUP)
@@ -422,6 +472,16 @@ def engine_decode(checkpoint: Path, args: argparse.Namespace, specs: list[Spec])
         engine = model = None  # the engine and its graph decoder refer to each other: gc frees them
         release_memory(device)
     return out
+
+
+def engine_batches(waves: list[dict[str, Any]], args: argparse.Namespace) -> list[int]:
+    """The batches the engine alone is timed at: each N of --clients (at most --slots) and
+    the live batch at which each wave decoded the most tokens."""
+    batches = {min(n, args.slots) for n in args.clients}
+    batches |= {
+        w["server"]["decode_batch"]["batch"] for w in waves if "decode_batch" in w["server"]
+    }
+    return sorted(batches)
 
 
 def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -450,8 +510,29 @@ def compare(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str,
                 # < 1: HTTP delivers less than the engine alone
                 "tokens_per_s_ratio": round(wave["tokens_per_s"] / tps, 2) if tps else None,
             }
+            | decode_comparison(wave["server"].get("decode_batch"), engine)
         )
     return rows
+
+
+def decode_comparison(server: dict[str, Any] | None, engine: dict[int, dict]) -> dict[str, Any]:
+    """The server's decode steps at the live batch it decoded most at, beside the engine's
+    own steps at that batch: the issue's "at 64 concurrent, >= 95% of the engine's tokens/s"
+    read without the prefill, queueing and HTTP that the wave's tokens/s include."""
+    if server is None:
+        return {}
+    alone = engine.get(server["batch"], {})
+    ratio = None
+    if server["tokens_per_s"] and alone.get("tokens_per_s"):
+        ratio = round(server["tokens_per_s"] / alone["tokens_per_s"], 3)
+    return {
+        "decode_batch": server["batch"],
+        "server_decode_steps": server["steps"],
+        "server_decode_ms_per_step": server["ms_per_step"],
+        "server_decode_tokens_per_s": server["tokens_per_s"],
+        "engine_decode_tokens_per_s": alone.get("tokens_per_s"),
+        "decode_ratio": ratio,  # < 1: the server's decode steps slower than the engine's
+    }
 
 
 def print_comparison(rows: list[dict[str, Any]]) -> None:
@@ -473,6 +554,18 @@ def print_comparison(rows: list[dict[str, Any]]) -> None:
             f"{r['clients']:>7} | {http:>23} | {num(r['http_tokens_per_s'], '.1f'):>13} | "
             f"{num(r['engine_ms_per_step']) + batch:>14} | "
             f"{num(r['engine_tokens_per_s'], '.1f'):>15} | {ratios:>24}"
+        )
+    print(
+        f"{'clients':>7} : {'server decode batch, steps':>26} : {'server decode tokens/s':>22} "
+        f": {'engine tokens/s':>15} : {'server/engine':>13}"
+    )
+    for r in rows:
+        if "decode_batch" not in r:
+            continue
+        steps = f"{r['decode_batch']}, {r['server_decode_steps']}"
+        print(
+            f"{r['clients']:>7} : {steps:>26} : {num(r['server_decode_tokens_per_s'], '.1f'):>22} "
+            f": {num(r['engine_decode_tokens_per_s'], '.1f'):>15} : {num(r['decode_ratio'], '.3f'):>13}"
         )
 
 

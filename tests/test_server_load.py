@@ -99,6 +99,21 @@ def test_serve_load_benchmark_smoke(tmp_path):
         engine_ms, engine_tps, ratio = cells[3].split()[0], cells[4], cells[5].split(",")[0]
         assert float(engine_ms) > 0 and float(engine_tps) > 0 and float(ratio) > 0
     assert sorted(printed) == [1, 4]
+    # The server's decode steps beside the engine's at the batch it decoded most at.
+    for wave in results["waves"]:
+        decode, batch = wave["server"]["decode"], wave["server"]["decode_batch"]
+        assert decode["steps"] > 0 and decode["tokens_per_s"] > 0
+        assert 1 <= batch["batch"] <= wave["clients"] and batch["tokens"] <= decode["tokens"]
+    engine_batches = {b["batch"] for b in engine["batches"]}
+    for row in rows.values():
+        assert row["decode_batch"] in engine_batches and row["server_decode_tokens_per_s"] > 0
+        assert row["engine_decode_tokens_per_s"] > 0 and row["decode_ratio"] > 0
+    decode_table = [
+        line.split(" : ") for line in proc.stdout.splitlines() if line.count(" : ") == 4
+    ]
+    assert "server decode tokens/s" in decode_table[0][2]
+    assert sorted(int(cells[0]) for cells in decode_table[1:]) == [1, 4]
+    assert all(float(cells[4]) > 0 for cells in decode_table[1:])
 
 
 def test_serve_load_refuses_bad_flags():

@@ -104,6 +104,15 @@ def _one_filter(top_k: int, top_p: float, top_p_off: float) -> None:
         raise BadRequest("top_p", "top_k and top_p cannot both be set: choose one")
 
 
+def _settings(temperature: float, top_k: int, top_p: float, stop: list[str]) -> dict[str, Any]:
+    """The requests' sampling settings. top_k=1 (the reference client's way to ask for greedy)
+    runs as greedy: the same token, by argmax, without a random draw and a top-k pass at every
+    step (the logprobs are the raw logits' either way)."""
+    if top_k == 1:
+        temperature, top_k = 0.0, 0
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, stop=tuple(stop))
+
+
 def parse_megatron(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> list[Request]:
     """The reference server's request: one engine request per prompt."""
     prompts = _strings(body, "prompts", required=True, most=MAX_PROMPTS)
@@ -128,7 +137,7 @@ def parse_megatron(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> l
     if any(not s for s in stop):
         raise BadRequest("stop_strings", "stop_strings must not contain empty strings")
     ids = _encode(prompts, "prompts", tokenizer, _flag(body, "add_BOS"), new, lim)
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop=tuple(stop))
+    settings = _settings(temperature, top_k, top_p, stop)
     seed_or_none = None if seed < 0 else seed
     return [
         Request(
@@ -205,7 +214,7 @@ def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) ->
     echo = _flag(body, "echo")
     ignore_eos = _flag(body, "ignore_eos")  # vLLM's extension: generate max_tokens regardless
     ids = _encode(prompts, "prompt", tokenizer, False, new, lim)
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop=tuple(stop))
+    settings = _settings(temperature, top_k, top_p, stop)
     want = logprobs is not None
     requests = [
         Request(

@@ -122,6 +122,9 @@ class Engine:
             overlap = self.device.type == "cuda"
         self.overlap = overlap and self.decoder is not None
         self.launched: Launched | None = None  # overlap: the decode step running ahead
+        # Overlap: requests updated by the last step whose on_update is still to be called, at
+        # the next step right after it launches (see _notify).
+        self.unsent: list[Request] = []
         self.active: dict[int, Request] = {}  # slot -> request
         self.waiting: deque[Request] = deque()
         self.next_input: dict[int, int] = {}  # slot -> sampled token not yet fed to the model
@@ -136,6 +139,12 @@ class Engine:
         self.stats = {"finished": 0, "cancelled": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self.stats |= {"steps": 0, "step_seconds": 0.0, "prefill_seconds": 0.0}
         self.stats |= {"prefill_passes": 0, "first_tokens": 0, "first_token_steps": 0}
+        # Decode steps (no prefill pass, some tokens): their tokens and the time from the end
+        # of the step before to their own end (the loop between steps included), in all and by
+        # live batch: the server's decode rate, beside the engine's own at the same batch.
+        self.stats |= {"decode_steps": 0, "decode_seconds": 0.0, "decode_tokens": 0}
+        self.decode_by_batch: dict[int, dict[str, float]] = {}
+        self._last_step_end: float | None = None
 
     @torch.no_grad()
     def warm_up(
@@ -232,6 +241,7 @@ class Engine:
         while self.has_work():
             self.step()
         self.stats = dict.fromkeys(self.stats, 0)
+        self.decode_by_batch = {}
 
     def check(self, request: Request) -> None:
         """Raise ValueError if the request can never run here."""
@@ -246,7 +256,7 @@ class Engine:
         self.waiting.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.active or self.waiting or self.prefilling)
+        return bool(self.active or self.waiting or self.prefilling or self.unsent)
 
     def run(self, requests: Sequence[Request]) -> list[Request]:
         """Add the requests and step until all are finished (for scripts, tests, benchmarks)."""
@@ -262,11 +272,26 @@ class Engine:
         requests that got a token or finished."""
         start = time.perf_counter()
         self.steps += 1
+        passes, tokens = self.stats["prefill_passes"], self.stats["generated_tokens"]
         try:
             return self._step()
         finally:
+            end = time.perf_counter()
             self.stats["steps"] += 1
-            self.stats["step_seconds"] += time.perf_counter() - start
+            self.stats["step_seconds"] += end - start
+            tokens = self.stats["generated_tokens"] - tokens
+            if tokens and passes == self.stats["prefill_passes"] and self._last_step_end:
+                self._count_decode(tokens, end - self._last_step_end)
+            self._last_step_end = end
+
+    def _count_decode(self, tokens: int, seconds: float) -> None:
+        self.stats["decode_steps"] += 1
+        self.stats["decode_seconds"] += seconds
+        self.stats["decode_tokens"] += tokens
+        batch = self.decode_by_batch.setdefault(tokens, dict.fromkeys(DECODE_KEYS, 0))
+        batch["steps"] += 1
+        batch["seconds"] += seconds
+        batch["tokens"] += tokens
 
     def _step(self) -> list[Request]:
         if self.overlap:
@@ -312,6 +337,7 @@ class Engine:
         }
         if going:
             self.launched = Launched(going, self._launch(sorted(going), from_host=False))
+        self._notify([])  # the last step's updates, while the device runs this one
         if copy is not None:
             self._apply(read_copy(copy), requests, slots)
             updated += requests
@@ -385,14 +411,27 @@ class Engine:
                     if self.active.get(s) is r:
                         self.decoder.tokens[s, 0] = self.next_input[s]
         self.admitted = []
-        for r in updated:
+        self._notify(updated)
+        return updated
+
+    def _notify(self, updated: list[Request]) -> None:
+        """Call the on_update of the requests updated, and of those left unsent before. With a
+        decode step launched ahead, `updated` waits for the next step's launch: a server's
+        threads woken now would take the GIL while this thread prepares that launch (64
+        streams against a simulated device, benchmarks/serve_host.py: steps 1.6-2x the
+        device's); once it is launched they run while this thread waits for the device."""
+        if self.launched is not None and updated:
+            self.unsent += updated
+            return
+        unsent, self.unsent = self.unsent + updated, []
+        for r in unsent:
             if r.on_update is not None:
                 r.on_update(r)
-        return updated
 
     def fail_all(self, message: str) -> list[Request]:
         """Finish every request with an error (after an exception inside step())."""
         self.launched = None
+        self._notify([])  # what the last steps gave them
         running = list(self.active.values())
         failed = running + [r for r in self.admitted if r not in running] + list(self.waiting)
         if self.prefilling is not None and self.prefilling.request not in failed:
@@ -669,6 +708,9 @@ class Engine:
     def _finish(self, r: Request, reason: FinishReason) -> None:
         r.finish_reason = reason
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
+
+
+DECODE_KEYS = ("steps", "seconds", "tokens")  # of each live batch's decode steps
 
 
 def row_bucket(n: int) -> int:

@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -27,13 +26,29 @@ from toolkit.inference.http_json import ClientGone, JSONRequestHandler, gone
 log = logging.getLogger(__name__)
 
 
-def _wake(
-    server: "GenerationServer", updates: "queue.SimpleQueue[Request]", every: bool, r: Request
-) -> None:
-    """The engine thread's callback: hand `r` to its HTTP thread (every update, or once done)."""
-    if every or r.done:
-        server.wakes += 1  # only the engine thread writes it
-        updates.put(r)
+class Updates:
+    """How the engine thread wakes one HTTP request's thread (the requests' on_update): when
+    one of its requests changed (`every`: streams) or finished (whole answers), with at most
+    one wake pending. Woken, the thread reads every request of its own: a thread with several
+    prompts, or one that fell behind, is woken once for all that is new, not once per request
+    and step (each wake takes the GIL from the engine thread)."""
+
+    def __init__(self, server: "GenerationServer", every: bool) -> None:
+        self.server, self.every = server, every
+        self.queue: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.pending = False
+
+    def __call__(self, r: Request) -> None:
+        if (self.every or r.done) and not self.pending:
+            self.pending = True
+            self.server.wakes += 1  # only the engine thread writes it
+            self.queue.put(None)
+
+    def get(self, timeout: float | None = None) -> None:
+        """Wait for a wake (queue.Empty after `timeout`), then let the next change wake again:
+        what changed before this returns is there to read."""
+        self.queue.get(timeout=timeout)
+        self.pending = False
 
 
 class EngineThread(threading.Thread):
@@ -258,6 +273,10 @@ class Handler(JSONRequestHandler):
                 "active": len(engine.active),
                 "waiting": len(engine.waiting),
                 **engine.stats,
+                # list(): one call under the GIL, while the engine thread may add a batch
+                "decode_by_batch": {
+                    str(b): dict(d) for b, d in list(engine.decode_by_batch.items())
+                },
                 "wakes": self.server.wakes,
             },
         )
@@ -321,16 +340,14 @@ class Handler(JSONRequestHandler):
             raise api.BadRequest("body", "the body must be a JSON object")
         return body
 
-    def _submit(
-        self, requests: list[Request], *, every_token: bool = False
-    ) -> "queue.SimpleQueue[Request]":
-        """Queue the requests; the returned queue receives each request when it is done, or
-        with `every_token` (streams) whenever it changes. A waiting thread woken at every step
+    def _submit(self, requests: list[Request], *, every_token: bool = False) -> Updates:
+        """Queue the requests; the returned Updates wakes this thread when one is done, or with
+        `every_token` (streams) whenever one changes. A waiting thread woken at every step
         takes the GIL from the engine's thread as often: with tens of clients that slowed every
         step, so whole answers wake their thread once."""
-        updates: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        updates = Updates(self.server, every_token)
         for r in requests:
-            r.on_update = partial(_wake, self.server, updates, every_token)
+            r.on_update = updates
         try:
             self.server.engine_thread.submit(requests)
         except ValueError as e:  # the API checks should have caught it; still the client's fault
@@ -342,7 +359,7 @@ class Handler(JSONRequestHandler):
             )
         return updates
 
-    def _wait(self, requests: list[Request], updates: "queue.SimpleQueue[Request]") -> None:
+    def _wait(self, requests: list[Request], updates: Updates) -> None:
         check = time.monotonic()
         while not all(r.done for r in requests):
             try:
@@ -387,14 +404,12 @@ class Handler(JSONRequestHandler):
             return self._json(HTTPStatus.OK, api.completion_response(c, tokenizer, name))
         self._stream(c, updates)
 
-    def _stream(self, c: api.Completion, updates: "queue.SimpleQueue[Request]") -> None:
+    def _stream(self, c: api.Completion, updates: Updates) -> None:
         """Server-sent events: text deltas per choice as tokens arrive, then `data: [DONE]`."""
         tokenizer, name = self.server.engine.tokenizer, self.server.model_name
         self.status = HTTPStatus.OK
         self.close_connection = True
-        index = {id(r): i for i, r in enumerate(c.requests)}
-        sent_text = [0] * len(c.requests)
-        sent_tokens = [0] * len(c.requests)
+        sent = [[0, 0] for _ in c.requests]  # per choice: characters and tokens sent
         finished: set[int] = set()
         try:
             self.send_response(HTTPStatus.OK)
@@ -408,29 +423,10 @@ class Handler(JSONRequestHandler):
                         api.completion_chunk(c, name, i, tokenizer.decode(r.prompt), None, None)
                     )
             while len(finished) < len(c.requests):
-                r = updates.get()
-                i = index[id(r)]
-                if i in finished:
-                    continue
-                done = r.done  # read once: the engine thread may finish it meanwhile
-                text = api.generated_text(r, tokenizer, final=done)
-                n = len(r.tokens)
-                logprobs = None
-                if c.logprobs:
-                    offset = sent_text[i]
-                    logprobs = api.completion_logprobs(
-                        r, tokenizer, range(sent_tokens[i], n), False, offset
-                    )
-                reason = api.finish_reason(r) if done else None
-                if text[sent_text[i] :] or reason or (logprobs and n > sent_tokens[i]):
-                    self._event(
-                        api.completion_chunk(c, name, i, text[sent_text[i] :], logprobs, reason)
-                    )
-                sent_text[i], sent_tokens[i] = len(text), n
-                if done:
-                    finished.add(i)
-                    if r.finish_reason == "error":
-                        self._event({"error": {"message": r.error, "type": "server_error"}})
+                updates.get()
+                for i, r in enumerate(c.requests):
+                    if i not in finished and self._stream_news(c, i, r, sent[i]):
+                        finished.add(i)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except OSError as e:  # reset, broken pipe, or a client that stopped reading (timeout)
@@ -440,6 +436,26 @@ class Handler(JSONRequestHandler):
             raise ClientGone(gone(e)) from None
         finally:
             self.note += f" generated={sum(len(r.tokens) for r in c.requests)} stream"
+
+    def _stream_news(self, c: api.Completion, i: int, r: Request, sent: list[int]) -> bool:
+        """The event of choice `i` for what it got since `sent` (characters, tokens; updated);
+        True once it is done."""
+        done = r.done  # read once: the engine thread may finish it meanwhile
+        if not done and len(r.tokens) == sent[1]:
+            return False  # nothing new (a wake for another choice)
+        tokenizer, name = self.server.engine.tokenizer, self.server.model_name
+        text = api.generated_text(r, tokenizer, final=done)
+        n = len(r.tokens)
+        logprobs = None
+        if c.logprobs:
+            logprobs = api.completion_logprobs(r, tokenizer, range(sent[1], n), False, sent[0])
+        reason = api.finish_reason(r) if done else None
+        if text[sent[0] :] or reason or (logprobs and n > sent[1]):
+            self._event(api.completion_chunk(c, name, i, text[sent[0] :], logprobs, reason))
+        sent[:] = len(text), n
+        if done and r.finish_reason == "error":
+            self._event({"error": {"message": r.error, "type": "server_error"}})
+        return done
 
     def _event(self, payload: dict[str, Any]) -> None:
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")

@@ -1,0 +1,139 @@
+"""What the engine does per step for a server: when it wakes the HTTP threads, and the decode
+steps it counts (the server's decode rate, compared with the engine's own by serve_load)."""
+
+import http.client
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_engine import TOKENIZER, build, one_thread, prompts  # noqa: F401 (autouse fixture)
+from tests.test_server_warm import Gated
+from toolkit.inference import api
+from toolkit.inference.engine import Engine, Request
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overlap_hands_a_steps_tokens_over_after_the_next_launch():
+    """With a decode step launched ahead, the requests a step updated are handed to on_update
+    at the next step, once it has launched: woken threads then take the GIL while the engine
+    waits for the device, not while it prepares a launch. Every update still arrives, one per
+    step, and the last says done."""
+    engine = Engine(build(), TOKENIZER, slots=2, cuda_graphs=True, overlap=True)
+    launches = []
+    launch = engine.decoder.launch
+    engine.decoder.launch = lambda *a: launches.append(1) or launch(*a)
+    seen: list[tuple[int, int, bool]] = []  # (tokens, launches so far, done) at each update
+    r = Request(prompt=prompts(4)[0], max_new_tokens=7, stop_at_eod=False)
+    r.on_update = lambda r: seen.append((len(r.tokens), len(launches), r.done))
+    engine.run([r])
+    assert [t for t, _, _ in seen] == list(range(1, 8)) and seen[-1][2]
+    assert not any(done for _, _, done in seen[:-1]) and not engine.has_work()
+    # Token t (2 <= t <= 6) comes from launch t - 1 and is handed over after launch t + 1
+    # (launch t is already running when it is read); no launch follows the 6th's read.
+    assert [n for _, n, _ in seen] == [0, 3, 4, 5, 6, 6, 6], seen
+
+
+def test_the_last_update_reaches_a_request_that_stops_with_a_step_launched_for_it():
+    """A stop string ends a request after a step was launched ahead for it: nothing runs any
+    more, yet its last update is still to be handed over; the engine has work until it is."""
+    model = build()
+    p = prompts(4)[0]
+    free = Engine(model, TOKENIZER, slots=1).run([Request(prompt=p, max_new_tokens=12)])[0]
+    text = TOKENIZER.decode(free.tokens)
+    engine = Engine(model, TOKENIZER, slots=2, cuda_graphs=True, overlap=True)
+    r = Request(prompt=p, max_new_tokens=12, stop=[text[3:5]])
+    updates = []
+    r.on_update = lambda r: updates.append((len(r.tokens), r.done))
+    engine.run([r])
+    assert r.finish_reason == "stop" and len(r.tokens) < 12, (r.tokens, free.tokens)
+    assert updates[-1] == (len(r.tokens), True) and not engine.unsent
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_decode_steps_are_counted_by_live_batch(overlap):
+    """Steps that ran no prefill pass and gave tokens are decode steps, keyed by how many
+    tokens they gave; the admission step's first tokens are not decode tokens."""
+    engine = Engine(build(), TOKENIZER, slots=2, cuda_graphs=overlap, overlap=overlap)
+    a, b = (Request(prompt=p, max_new_tokens=n) for p, n in zip(prompts(3, 5), (3, 6)))
+    a.stop_at_eod = b.stop_at_eod = False
+    engine.run([a, b])
+    stats = engine.stats
+    assert stats["generated_tokens"] == 9 and stats["first_tokens"] == 2
+    assert stats["decode_tokens"] == 7 and stats["decode_steps"] == 5
+    by_batch = engine.decode_by_batch
+    assert {b: (d["steps"], d["tokens"]) for b, d in by_batch.items()} == {2: (2, 4), 1: (3, 3)}
+    assert all(d["seconds"] > 0 for d in by_batch.values())
+    assert stats["decode_seconds"] == pytest.approx(sum(d["seconds"] for d in by_batch.values()))
+
+
+@pytest.fixture
+def gated():
+    g = Gated()
+    yield g
+    g.close()
+
+
+def test_a_stream_of_several_prompts_wakes_its_thread_at_most_once_a_step(gated):
+    """Each of a stream's requests changes at every step; its thread is woken once for all
+    of them (it reads every choice when woken), not once per request and step, and every
+    choice still gets all its tokens."""
+    gated.gate.set()
+    assert gated.server.engine_thread.ready.wait(60)
+    engine, server = gated.engine, gated.server
+    steps, wakes = engine.stats["steps"], server.wakes
+    body = {"prompt": ["def ", "x = "], "max_tokens": 10, "temperature": 0, "stream": True}
+    body |= {"ignore_eos": True, "logprobs": 0}
+    conn = http.client.HTTPConnection("127.0.0.1", gated.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    events = [
+        json.loads(line[6:])["choices"][0]
+        for line in response.read().decode().splitlines()
+        if line.startswith("data: {")
+    ]
+    conn.close()
+    tokens = {0: 0, 1: 0}
+    for e in events:
+        tokens[e["index"]] += len(e["logprobs"]["tokens"])
+    assert tokens == {0: 10, 1: 10}, events
+    assert 1 <= server.wakes - wakes <= engine.stats["steps"] - steps
+
+
+def test_serve_host_benchmark_smoke(tmp_path):
+    """benchmarks/serve_host.py end to end with small numbers: both runs reported."""
+    out = tmp_path / "host.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/serve_host.py"), "--clients", "3"]
+        + ["--kind", "mixed", "--tokens", "4", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    for run in (results["alone"], results["server"]):
+        assert run["decode_steps"] > 0 and run["decode_ms_per_step"] > 0
+        assert run["engine_thread_cpu_ms_per_step"] > 0
+    assert results["server"]["wakes_per_step"] > 0 and results["alone"]["wakes_per_step"] == 0
+
+
+def test_top_k_1_runs_as_greedy_with_the_same_tokens_and_logprobs():
+    """top_k=1 (the reference client's greedy) is parsed as greedy: each step takes the argmax
+    path (no random draw, no top-k pass); tokens and logprobs are those top-k sampling gave."""
+    limits = api.Limits(max_len=64)
+    body = {"prompts": ["def "], "tokens_to_generate": 8, "top_k": 1, "temperature": 0.7}
+    (parsed,) = api.parse_megatron(body | {"logprobs": True}, TOKENIZER, limits)
+    completion = {"prompt": "def ", "max_tokens": 8, "top_k": 1, "temperature": 0.7}
+    (parsed_v1,) = api.parse_completion(completion, TOKENIZER, limits).requests
+    assert (parsed.temperature, parsed.top_k) == (parsed_v1.temperature, parsed_v1.top_k) == (0, 0)
+    sampled = Request(
+        prompt=parsed.prompt, max_new_tokens=8, temperature=0.7, top_k=1, logprobs=True, seed=3
+    )
+    model = build()
+    Engine(model, TOKENIZER, slots=2).run([parsed, sampled])
+    assert parsed.tokens == sampled.tokens
+    assert parsed.token_logprobs == pytest.approx(sampled.token_logprobs, abs=1e-12)
