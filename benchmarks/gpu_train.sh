@@ -12,7 +12,7 @@
 # The training-step levers (train.flat_optimizer, train.compile_scope, train.compile_mode), each
 # alone against the 800M's best setting in one run (~8 minutes with warm caches):
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="bf16_compile_mbs8 opt_step lever_flat_optimizer
-#       lever_compile_model lever_flat_compile_model lever_autotune" OUT=$OUT \
+#       8b28l_bf16_compile lever_8b28l_flat_optimizer lever_compile_model lever_flat_compile_model lever_autotune" OUT=$OUT \
 #       GPU_TRAIN_BUDGET_S=500 bash benchmarks/gpu_train.sh
 # GPU_STATE_DIR, if set, becomes .gpu (installs, Triton and Inductor caches: kept while the
 # machine is).
@@ -58,7 +58,7 @@ t8b() {  # name timeout_s layers extra args...: the 8B hybrid's shapes (hidden 4
 run parity 150 python3 benchmarks/gpu_parity.py --json "$W/parity.json"
 # bf16 against FP8 at 28 of the 8B layers with the new cross-entropy; FP8 rowwise; the 800M with
 # FP8 at its best micro-batch; checkpointing of the Mamba blocks only.
-t8b 8b28l_bf16_compile 120 28 --set train.compile=true
+t8b 8b28l_bf16_compile 200 28 --set train.compile=true
 t8b 8b28l_fp8_compile 150 28 --set 'train.precision="fp8"' \
   --set train.compile=true
 t8b 8b28l_fp8_rowwise_compile 150 28 --set 'train.precision="fp8"' \
@@ -69,7 +69,8 @@ tp bf16_compile_mbs8_ac_mamba 120 8 --set train.compile=true \
 tp bf16_compile_mbs12_ac_mamba 120 12 --set train.compile=true \
   --set 'train.activation_checkpointing=["mamba"]'
 # The 800M's best setting and the eager baseline, measured before (re-run after changes).
-tp bf16_compile_mbs8 120 8 --set train.compile=true
+# 200 s: a cold Inductor cache takes ~120 s to compile the blocks (carry .dev/inductor.tar.xz.part*).
+tp bf16_compile_mbs8 200 8 --set train.compile=true
 # The training-step levers, each alone against bf16_compile_mbs8 (issue 21): the optimizer step
 # alone (torch's fused AdamW against the flat one, and their agreement on the GPU), then whole
 # steps with AdamW over flat buffers, the whole model as one compiled region (graph breaks and
@@ -78,6 +79,9 @@ tp bf16_compile_mbs8 120 8 --set train.compile=true
 run opt_step 120 python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml \
   --set 'train.device="cuda"' --steps 20 --json "$W/opt_step.json"
 tp lever_flat_optimizer 120 8 --set train.compile=true --set train.flat_optimizer=true
+# At the 8B's shapes, where the clip's scale pass folded into the update is worth the most
+# (against 8b28l_bf16_compile): 240 s for the cold compile of its blocks.
+t8b lever_8b28l_flat_optimizer 240 28 --set train.compile=true --set train.flat_optimizer=true
 TORCH_LOGS=graph_breaks,recompiles tp lever_compile_model 200 8 --set train.compile=true \
   --set 'train.compile_scope="model"'
 tp lever_flat_compile_model 150 8 --set train.compile=true --set train.flat_optimizer=true \
