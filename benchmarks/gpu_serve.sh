@@ -4,12 +4,15 @@
 # at the same batch, and a 32k-token prompt admitted while 32 streams decode. The 8B checkpoint
 # (random bf16 weights, 17 GB) is written once to $GPU_SERVE_CKPT (kept on a warm machine).
 # Each part is cut at its own time limit and skipped once GPU_SERVE_BUDGET_S is spent; JSON and
-# server logs go to $OUT. Usage from the repository root, with .dev/ and .whl/ carried:
-#     OUT=/some/dir bash benchmarks/gpu_serve.sh [load] [sampling] [waves] [long]
+# server logs go to $OUT. `generate` (first, before anything has compiled a Triton kernel on the
+# machine): toolkit.inference.generate's first call against its tenth, for the tiny model's
+# closing training sample and a greedy run (benchmarks/generate_warm.py). Usage from the
+# repository root, with .dev/ and .whl/ carried:
+#     OUT=/some/dir bash benchmarks/gpu_serve.sh [generate] [load] [sampling] [waves] [long]
 set -u
 OUT=${OUT:-runs/gpu_serve}
 CKPT=${GPU_SERVE_CKPT:-$HOME/ckpt8b}
-PARTS=${*:-load sampling waves long}
+PARTS=${*:-generate load sampling waves long}
 mkdir -p "$OUT"
 T0=$(date +%s)
 source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
@@ -20,7 +23,10 @@ part_budget "${GPU_SERVE_BUDGET_S:-540}" "$T0"
 PART_ONLY=$PARTS PART_EXT=.out
 part_done() { echo "== $1 exit $2 in $3 s"; tail -25 "$4"; }
 
-if [ ! -e "$CKPT/.written" ] && [[ " $PARTS " != " sampling " ]]; then
+part generate 120 python3 benchmarks/generate_warm.py --recipe recipes/tiny_hybrid.toml \
+  --device cuda --json "$OUT/generate.json"
+
+if [ ! -e "$CKPT/.written" ] && [[ " $PARTS " =~ \ (load|waves|long)\  ]]; then
   t=$(date +%s)
   python3 - "$CKPT" <<'EOF'
 import sys

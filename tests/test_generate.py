@@ -125,3 +125,29 @@ def test_200_tokens_record_one_decode_graph(model, caplog):
     caplog.set_level(logging.INFO, logger="toolkit.inference.cuda_graph")
     generate(model.cuda(), torch.randint(0, 50, (1, 4)), 200, temperature=1.0, seed=0)
     assert caplog.text.count("recorded a decode graph") == 1
+
+
+def test_generate_warm_benchmark_times_every_call_of_both_kinds(tmp_path):
+    """benchmarks/generate_warm.py on the CPU: each kind called --calls times, first against the
+    last, the closing sample and greedy both; bad flags exit 2 (no timing asserted)."""
+    import json
+    import subprocess
+    import sys
+
+    script = "benchmarks/generate_warm.py"
+    out = tmp_path / "warm.json"
+    run = subprocess.run(
+        [sys.executable, script, "--device", "cpu", "--tokens", "4", "--calls", "2",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    for kind in ("closing_sample", "greedy"):
+        seconds = result[kind]["seconds"]
+        assert len(seconds) == 2 and all(s > 0 for s in seconds)
+        assert result[kind]["first_over_tenth"] == pytest.approx(seconds[0] / seconds[1])
+    bad = subprocess.run(
+        [sys.executable, script, "--calls", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "--calls" in bad.stderr
