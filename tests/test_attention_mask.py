@@ -152,3 +152,61 @@ def test_the_ragged_mask_is_built_once_per_forward_and_only_reused_there(monkeyp
             torch.testing.assert_close(model(tokens[rows, pos], views), full[rows, pos], **TIGHT)
             assert builds == [width]  # three attention layers, one build
             done += width
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@needs_cuda
+@pytest.mark.parametrize("q_len,kv_len", [(2048, 8192), (512, 2048), (17, 300)])
+def test_gpu_lower_right_bias_runs_flash_and_equals_the_explicit_mask_in_bf16(q_len, kv_len):
+    """The 8B's attention shape (32 query heads over 8 groups of 128 channels), bf16: the
+    lower-right bias runs flash attention (the profiler names it) and its output is within 1e-2
+    relative L2 of the explicit mask's (cuDNN or the efficient kernel), both within 1e-2 of the
+    fp32 answer (bf16's own rounding is ~4e-3); the top-left alignment is far off."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, q_len, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 1, 8, kv_len, 128, device="cuda", dtype=torch.bfloat16).unbind(0)
+    assert attention.lower_right_bias(q)
+    bias = causal_after_cache(q, kv_len - q_len, kv_len)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+        torch.cuda.synchronize()
+    assert any("flash" in e.name for e in prof.events()), "flash attention did not run"
+    mask = explicit(q_len, kv_len).cuda()
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    exact = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=True)
+    assert rel_l2(got, want) < 1e-2
+    assert rel_l2(got, exact) < 1e-2 and rel_l2(want, exact) < 1e-2
+    top_left = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True)
+    assert rel_l2(top_left, exact) > 0.1
+
+
+@needs_cuda
+def test_gpu_bf16_pieces_after_cached_keys_equal_the_explicit_mask_path(monkeypatch):
+    """Through the layer on the GPU in bf16: pieces of 256, 1000 and 7 after cached keys by the
+    bias (the default there) and by the explicit mask agree within 1e-2 relative L2."""
+    torch.manual_seed(0)
+    attn = Attention(1024, num_heads=8, num_groups=2, head_dim=128).cuda().bfloat16().eval()
+    x = torch.randn(2, 1263, 1024, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for lower_right in (True, False):
+        monkeypatch.setattr(
+            attention, "lower_right_bias", lambda q, lr=lower_right: lr and q.is_cuda
+        )
+        cache = attn.allocate_state(2, 1263, torch.device("cuda"), torch.bfloat16)
+        with torch.no_grad():
+            outs.append(
+                torch.cat(
+                    [attn(x[:, a:b], cache) for a, b in [(0, 256), (256, 1256), (1256, 1263)]], 1
+                )
+            )
+    assert rel_l2(outs[0], outs[1]) < 1e-2
