@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -25,21 +26,40 @@ class KVCache:
     # Static-shape decode (CUDA graphs): one token per row, attention over the first `span`
     # positions masked per row; `lengths` is only read (the caller advances it in place).
     span: int | None = None
+    # Scratch shared by the views one DecodeStates.rows/decode_rows call made, i.e. by every
+    # attention layer of one forward: the mask they would each build alike is built by the first.
+    shared: dict | None = None
 
     # The methods every decode state has (toolkit/model/states.py).
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> "KVCache":
+    def rows(
+        self,
+        n: int,
+        seen: int = 0,
+        valid: torch.Tensor | None = None,
+        shared: dict | None = None,
+    ) -> "KVCache":
         """The first n rows (a view, no copy), `seen` positions filled. `valid` (a prefill
         piece's real positions per row) needs nothing here: keys of padding land past a row's
         prompt, where its decode writes before any query reaches them."""
-        return KVCache(self.k[:n], self.v[:n], length=seen)
+        return KVCache(self.k[:n], self.v[:n], length=seen, shared=shared)
 
-    def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "KVCache":
-        """The first n rows for one token each, row r at positions[r]."""
-        return KVCache(self.k[:n], self.v[:n], lengths=positions[:n], span=span)
+    def decode_rows(
+        self,
+        n: int,
+        positions: torch.Tensor,
+        span: int | None = None,
+        shared: dict | None = None,
+    ) -> "KVCache":
+        """The first n rows for one token each, row r at positions[r]. With `shared`, every view
+        of one call holds the same `lengths` tensor: the ragged mask's cache is keyed on it."""
+        lengths = positions[:n]
+        if shared is not None and span is None:
+            lengths = shared.setdefault("lengths", lengths)
+        return KVCache(self.k[:n], self.v[:n], lengths=lengths, span=span, shared=shared)
 
     def copy_row(self, row: int, source: "KVCache", source_row: int, length: int) -> None:
         self.k[row, :, :length].copy_(source.k[source_row, :, :length])
@@ -137,11 +157,10 @@ class Attention(nn.Module):
             k, v = state.k[:, :, :end], state.v[:, :, :end]
             if offset > 0:
                 # SDPA's is_causal aligns the mask top-left: with cached keys, query i must see
-                # keys up to offset + i, so pass the bottom-right mask explicitly.
+                # keys up to offset + i, so the alignment is bottom-right (q_len 1: no mask).
                 causal = False
                 if length > 1:
-                    q_pos = torch.arange(offset, end, device=x.device)[:, None]
-                    mask = q_pos >= torch.arange(end, device=x.device)[None, :]
+                    mask = causal_after_cache(q, offset, end, state.shared)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_groups != self.num_heads
         )
@@ -152,21 +171,18 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Rows continue from their own cache lengths: write each row's keys at its positions and
         let query i of row r see keys up to lengths[r] + i."""
-        b, _, length, _ = k.shape
-        pos = state.lengths[:, None] + torch.arange(length, device=k.device)  # b l
-        end = int(pos.max()) + 1
+        piece = ragged_piece(state.lengths, k.size(2), state.shared)
+        end = piece.end
         if end > state.k.size(2):
             raise RuntimeError(f"KV cache holds {state.k.size(2)} positions, {end} needed")
-        rows = torch.arange(b, device=k.device)[:, None]
-        state.k[rows, :, pos] = k.transpose(1, 2)  # indexed as [b, l, groups, d]
-        state.v[rows, :, pos] = v.transpose(1, 2)
-        state.lengths = state.lengths + length
-        mask = pos[:, None, :, None] >= torch.arange(end, device=k.device)  # b 1 l end
+        state.k[piece.rows, :, piece.pos] = k.transpose(1, 2)  # indexed as [b, l, groups, d]
+        state.v[piece.rows, :, piece.pos] = v.transpose(1, 2)
+        state.lengths = piece.after
         return F.scaled_dot_product_attention(
             q,
             state.k[:, :, :end],
             state.v[:, :, :end],
-            attn_mask=mask,
+            attn_mask=piece.mask,
             enable_gqa=self.num_groups != self.num_heads,
         )
 
@@ -192,6 +208,78 @@ class Attention(nn.Module):
         mask = pos[:, :, None, None] >= torch.arange(span, device=k.device)  # b 1 1 span
         out = decode_attention(q, state.k[:, :, :span], state.v[:, :, :span], mask)
         return out.reshape(b, self.num_heads, d)
+
+
+def lower_right_bias(query: torch.Tensor) -> bool:
+    """Whether queries after cached keys take SDPA's lower-right causal bias instead of an
+    explicit mask: on CUDA in half precision, where flash attention runs it with no mask in
+    memory (cuDNN with a materialised mask took 130 of the 8B's 32k prefill's 930 ms). Elsewhere
+    the bias would be materialised on every call anyway (the CPU's math backend; fp32 CUDA with
+    grouped heads, which the efficient kernel does not take), so the explicit mask, built once
+    per forward, is the cheaper."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+
+
+def causal_after_cache(
+    q: torch.Tensor, offset: int, end: int, shared: dict | None = None
+) -> torch.Tensor:
+    """The attn_mask for queries at positions offset..end-1 (every row alike) over keys 0..end-1:
+    query i sees keys up to offset + i (bottom-right aligned). SDPA's lower-right causal bias where
+    lower_right_bias(q) says so; otherwise a boolean [l, end] mask, kept in `shared` (one
+    forward's scratch, see KVCache.shared) under its ints, so the layers after the first reuse
+    it and nothing else can."""
+    length = end - offset
+    if lower_right_bias(q):
+        return causal_lower_right(length, end)
+    key = (offset, end, q.device)
+    hit = None if shared is None else shared.get("causal")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    q_pos = torch.arange(offset, end, device=q.device)[:, None]
+    mask = q_pos >= torch.arange(end, device=q.device)[None, :]
+    if shared is not None:
+        shared["causal"] = (key, mask)
+    return mask
+
+
+@dataclass
+class RaggedPiece:
+    """Where one piece of l tokens per row goes when rows continue from their own lengths."""
+
+    lengths: torch.Tensor  # [b] before the piece: the key it was built for (held, so `is` holds)
+    length: int
+    rows: torch.Tensor  # [b, 1]
+    pos: torch.Tensor  # [b, l] the queries' positions
+    end: int  # keys 0..end-1 are read
+    mask: torch.Tensor  # [b, 1, l, end] query i of row r sees keys up to lengths[r] + i
+    after: torch.Tensor  # [b] lengths after the piece
+
+
+def ragged_piece(lengths: torch.Tensor, length: int, shared: dict | None = None) -> RaggedPiece:
+    """The positions and mask of a piece after per-row `lengths`. Every attention layer of one
+    forward continues from the same lengths: with `shared` (one DecodeStates call's scratch,
+    whose views hold the same lengths tensor) the first layer builds them (and reads `end` on
+    the host, a sync) and the others reuse them, advancing to the same `after` tensor, so the
+    next forward of the same views hits as well. The key is the lengths tensor itself (`is`,
+    not its values: reading those would sync), which the views rebind rather than change."""
+    hit = None if shared is None else shared.get("ragged")
+    if hit is not None and hit.lengths is lengths and hit.length == length:
+        return hit
+    device = lengths.device
+    pos = lengths[:, None] + torch.arange(length, device=device)  # b l
+    end = int(pos.max()) + 1
+    piece = RaggedPiece(
+        lengths=lengths,
+        length=length,
+        rows=torch.arange(lengths.size(0), device=device)[:, None],
+        pos=pos,
+        end=end,
+        mask=pos[:, None, :, None] >= torch.arange(end, device=device),
+        after=lengths + length,
+    )
+    if shared is not None:
+        shared["ragged"] = piece
+    return piece
 
 
 # (row, group) pairs from which decode_attention uses SDPA (benchmarks/decode_profile.py).

@@ -34,12 +34,24 @@ class MambaState:
     def nbytes(self) -> int:
         return self.conv.nbytes + self.ssm.nbytes
 
-    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> "MambaState":
+    def rows(
+        self,
+        n: int,
+        seen: int = 0,
+        valid: torch.Tensor | None = None,
+        shared: dict | None = None,
+    ) -> "MambaState":
         """The first n rows (a view, no copy), having consumed `seen` tokens; `valid`: see
-        the field."""
+        the field. `shared` (one forward's scratch) serves attention only."""
         return MambaState(self.conv[:n], self.ssm[:n], seen=seen, valid=valid)
 
-    def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> "MambaState":
+    def decode_rows(
+        self,
+        n: int,
+        positions: torch.Tensor,
+        span: int | None = None,
+        shared: dict | None = None,
+    ) -> "MambaState":
         """The first n rows for one token each at any positions: seen > 0 is the step path."""
         return MambaState(self.conv[:n], self.ssm[:n], seen=1)
 

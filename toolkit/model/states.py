@@ -16,9 +16,21 @@ class DecodeState(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def rows(self, n: int, seen: int = 0, valid: torch.Tensor | None = None) -> Self: ...
+    def rows(
+        self,
+        n: int,
+        seen: int = 0,
+        valid: torch.Tensor | None = None,
+        shared: dict | None = None,
+    ) -> Self: ...
 
-    def decode_rows(self, n: int, positions: torch.Tensor, span: int | None = None) -> Self: ...
+    def decode_rows(
+        self,
+        n: int,
+        positions: torch.Tensor,
+        span: int | None = None,
+        shared: dict | None = None,
+    ) -> Self: ...
 
     def copy_row(self, row: int, source: Self, source_row: int, length: int) -> None: ...
 
@@ -43,7 +55,8 @@ class DecodeStates(list):
         """The first n rows, having consumed `seen` tokens (views, no copies): a prefill.
         `valid` [n]: the real positions of each row in the piece, the rest padding after them
         that leaves the row's state as it was (None: all real)."""
-        views = (None if s is None else s.rows(n, seen, valid) for s in self)
+        shared: dict = {}  # one forward's scratch for all layers (KVCache.shared)
+        views = (None if s is None else s.rows(n, seen, valid, shared) for s in self)
         return DecodeStates(views, n)
 
     def decode_rows(
@@ -51,7 +64,8 @@ class DecodeStates(list):
     ) -> "DecodeStates":
         """The first n rows for one token each, row r at positions[r] (the caller's tensor: a
         KV view reads it; with `span`, over that many cache positions at static shapes)."""
-        views = (None if s is None else s.decode_rows(n, positions, span) for s in self)
+        shared: dict = {}  # one forward's scratch for all layers (KVCache.shared)
+        views = (None if s is None else s.decode_rows(n, positions, span, shared) for s in self)
         return DecodeStates(views, n)
 
     def copy_row(self, row: int, source: "DecodeStates", source_row: int, length: int) -> None:
