@@ -100,7 +100,9 @@ def test_a_stream_of_several_prompts_wakes_its_thread_at_most_once_a_step(gated)
     for e in events:
         tokens[e["index"]] += len(e["logprobs"]["tokens"])
     assert tokens == {0: 10, 1: 10}, events
-    assert 1 <= server.wakes - wakes <= engine.stats["steps"] - steps
+    # The last step's wake can come before the engine thread counts that step (its count is
+    # taken when the step returns): hence + 1. Woken once per request and step, it was 2x.
+    assert 1 <= server.wakes - wakes <= engine.stats["steps"] - steps + 1
 
 
 def test_serve_host_benchmark_smoke(tmp_path):
