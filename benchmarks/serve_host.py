@@ -189,7 +189,12 @@ def served(args: argparse.Namespace) -> dict:
 
     timers = Timers()
     engine = build(args, timers)
-    server = GenerationServer(("127.0.0.1", 0), engine, warm_up=lambda: engine.warm_up(1))
+    server = GenerationServer(
+        ("127.0.0.1", 0),
+        engine,
+        warm_up=lambda: engine.warm_up(1),
+        **({} if args.stream_wakes is None else {"stream_wakes": args.stream_wakes}),
+    )
     thread = server.engine_thread
     ident: list[int] = []
     run = thread.run
@@ -228,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
     p.add_argument("--device-ms", type=float, default=9.17, help="a decode step at batch 64")
     p.add_argument("--device-ms-1", type=float, default=4.73, help="a decode step at batch 1")
+    p.add_argument("--stream-wakes", type=int, help="the server's stream_wakes (none: its default)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
