@@ -11,7 +11,9 @@ engine (overlap on), the real server and real HTTP clients (in a subprocess).
 It prints, for the engine alone (`Engine.run`) and for the server over HTTP with the same
 requests: decode steps and their mean period (ms; the device's step when the host keeps up),
 the engine thread's CPU and the other threads' CPU per step, HTTP threads woken per step,
-and the engine thread's parts per step (wall / CPU ms). A second wave of the same requests is
+and the engine thread's parts per step (wall / CPU ms), with the streams' HTTP threads' work
+once woken ("http: ...", summed over the threads). --stream-wakes sets the server's budget of
+stream wakes per step. A second wave of the same requests is
 measured, after a first that sees every shape.
 
     python benchmarks/serve_host.py --clients 64 --kind stream
@@ -189,6 +191,11 @@ def served(args: argparse.Namespace) -> dict:
 
     timers = Timers()
     engine = build(args, timers)
+    # The streams' HTTP threads, woken: an event's text and fields, and its write (summed over
+    # the threads, so wall time includes their waits for the GIL).
+    handler = server_module.Handler
+    handler._stream_news = timers.wrap("http: a stream's news", handler._stream_news)
+    handler._event = timers.wrap("http: an event's write (in news)", handler._event)
     server = GenerationServer(
         ("127.0.0.1", 0),
         engine,
