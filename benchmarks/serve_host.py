@@ -11,7 +11,9 @@ engine (overlap on), the real server and real HTTP clients (in a subprocess).
 It prints, for the engine alone (`Engine.run`) and for the server over HTTP with the same
 requests: decode steps and their mean period (ms; the device's step when the host keeps up),
 the engine thread's CPU and the other threads' CPU per step, HTTP threads woken per step,
-and the engine thread's parts per step (wall / CPU ms). A second wave of the same requests is
+and the engine thread's parts per step (wall / CPU ms), with the streams' HTTP threads' work
+once woken ("http: ...", summed over the threads). --stream-wakes sets the server's budget of
+stream wakes per step. A second wave of the same requests is
 measured, after a first that sees every shape.
 
     python benchmarks/serve_host.py --clients 64 --kind stream
@@ -189,7 +191,17 @@ def served(args: argparse.Namespace) -> dict:
 
     timers = Timers()
     engine = build(args, timers)
-    server = GenerationServer(("127.0.0.1", 0), engine, warm_up=lambda: engine.warm_up(1))
+    # The streams' HTTP threads, woken: an event's text and fields, and its write (summed over
+    # the threads, so wall time includes their waits for the GIL).
+    handler = server_module.Handler
+    handler._stream_news = timers.wrap("http: a stream's news", handler._stream_news)
+    handler._event = timers.wrap("http: an event's write (in news)", handler._event)
+    server = GenerationServer(
+        ("127.0.0.1", 0),
+        engine,
+        warm_up=lambda: engine.warm_up(1),
+        **({} if args.stream_wakes is None else {"stream_wakes": args.stream_wakes}),
+    )
     thread = server.engine_thread
     ident: list[int] = []
     run = thread.run
@@ -228,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
     p.add_argument("--device-ms", type=float, default=9.17, help="a decode step at batch 64")
     p.add_argument("--device-ms-1", type=float, default=4.73, help="a decode step at batch 1")
+    p.add_argument("--stream-wakes", type=int, help="the server's stream_wakes (none: its default)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -369,6 +369,8 @@ def serve_flags(checkpoint: Path, args: argparse.Namespace) -> list[str]:
         flags += ["--decode-buckets", args.decode_buckets]
     if args.max_prefill_tokens:
         flags += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+    if args.stream_wakes is not None:
+        flags += ["--stream-wakes", str(args.stream_wakes)]
     return flags
 
 
@@ -806,6 +808,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-prefill-tokens",
         type=int,
         help="the server's --max-prefill-tokens (default: its own)",
+    )
+    p.add_argument(
+        "--stream-wakes", type=int, help="the server's --stream-wakes (default: its own)"
     )
     p.add_argument(
         "--long-prompt",

@@ -302,6 +302,7 @@ TOOLS = [
     (["launchers/serve.py", "--checkpoint", "CKPT", "--port", "-5"], ("--port",)),
     (["launchers/serve.py", "--checkpoint", "CKPT", "--device", "bogus"], ("--device",)),
     (["launchers/serve.py", "--checkpoint", "CKPT", "--decode-buckets", "1,128"], ("--decode-b",)),
+    (["launchers/serve.py", "--checkpoint", "CKPT", "--stream-wakes", "-1"], ("--stream-wakes",)),
     (["launchers/serve_slurm.py", "--checkpoint", "a-file", "--dry-run"], ("--checkpoint",)),
     (
         ["launchers/serve_slurm.py", "--checkpoint", "CKPT", "--time", "2h", "--dry-run"],

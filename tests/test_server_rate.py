@@ -5,7 +5,10 @@ import http.client
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +16,7 @@ from tests.test_engine import TOKENIZER, build, one_thread, prompts  # noqa: F40
 from tests.test_server_warm import Gated
 from toolkit.inference import api
 from toolkit.inference.engine import Engine, Request
+from toolkit.inference.server import GenerationServer, Updates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +88,7 @@ def test_a_stream_of_several_prompts_wakes_its_thread_at_most_once_a_step(gated)
     gated.gate.set()
     assert gated.server.engine_thread.ready.wait(60)
     engine, server = gated.engine, gated.server
-    steps, wakes = engine.stats["steps"], server.wakes
+    steps, wakes = engine.steps, server.wakes  # (counted at the start of a step)
     body = {"prompt": ["def ", "x = "], "max_tokens": 10, "temperature": 0, "stream": True}
     body |= {"ignore_eos": True, "logprobs": 0}
     conn = http.client.HTTPConnection("127.0.0.1", gated.port, timeout=60)
@@ -100,9 +104,7 @@ def test_a_stream_of_several_prompts_wakes_its_thread_at_most_once_a_step(gated)
     for e in events:
         tokens[e["index"]] += len(e["logprobs"]["tokens"])
     assert tokens == {0: 10, 1: 10}, events
-    # The last step's wake can come before the engine thread counts that step (its count is
-    # taken when the step returns): hence + 1. Woken once per request and step, it was 2x.
-    assert 1 <= server.wakes - wakes <= engine.stats["steps"] - steps + 1
+    assert 1 <= server.wakes - wakes <= engine.steps - steps
 
 
 def test_serve_host_benchmark_smoke(tmp_path):
@@ -139,3 +141,130 @@ def test_top_k_1_runs_as_greedy_with_the_same_tokens_and_logprobs():
     Engine(model, TOKENIZER, slots=2).run([parsed, sampled])
     assert parsed.tokens == sampled.tokens
     assert parsed.token_logprobs == pytest.approx(sampled.token_logprobs, abs=1e-12)
+
+
+class Counted(Updates):
+    """Updates that counts its calls (the engine's updates of its requests) and notes the
+    tokens of the request that woke it at each wake."""
+
+    calls = 0
+
+    def __call__(self, r: Request) -> None:
+        self.calls += 1
+        pending = self.pending
+        super().__call__(r)
+        if self.pending and not pending:
+            self.tokens = len(r.tokens)
+
+
+def stepped_wakes(engine: Engine, requests: list[Request]) -> list[dict[int, int]]:
+    """Step the engine to the end, reading each request's Updates as its HTTP thread would:
+    per step that handed tokens over, the streams woken (their index: the tokens then)."""
+    woken = []
+    while engine.has_work():
+        calls = sum(r.on_update.calls for r in requests)
+        engine.step()
+        updates = [r.on_update for r in requests]
+        woken.append({i: u.tokens for i, u in enumerate(updates) if not u.queue.empty()})
+        for i in woken[-1]:
+            updates[i].get(timeout=0)
+        if calls == sum(u.calls for u in updates):
+            assert not woken.pop()  # overlap: the admission's tokens are handed over later
+    return woken
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streams_share_a_budget_of_wakes_per_step(overlap):
+    """Six streams, a budget of two wakes per step: each is woken every third step (at a phase
+    of its own, so two a step), and always for its first token and its end; a stream alone is
+    woken for every token."""
+    engine = Engine(build(), TOKENIZER, slots=8, cuda_graphs=overlap, overlap=overlap)
+    server = GenerationServer(("127.0.0.1", 0), engine, stream_wakes=2)
+    try:
+        requests = [
+            Request(prompt=p, max_new_tokens=20, stop_at_eod=False) for p in prompts(*[4] * 6)
+        ]
+        for r in requests:
+            r.on_update = Counted(server, every=True)
+            engine.add(r)
+        woken = stepped_wakes(engine, requests)
+        # The last step wakes all: each one's end (in one wake with its token before, if due).
+        assert woken[0] == dict.fromkeys(range(6), 1) and set(woken[-1]) == set(range(6))
+        assert all(len(w) == 2 for w in woken[1:-1]), woken
+        for i in range(6):  # every third token (step)
+            tokens = [w[i] for w in woken if i in w]
+            assert max(b - a for a, b in zip(tokens, tokens[1:])) == 3, (i, woken)
+
+        lone = Request(prompt=prompts(4)[0], max_new_tokens=10, stop_at_eod=False)
+        lone.on_update = Counted(server, every=True)
+        engine.add(lone)
+        # (Overlap: the last step hands over the last two tokens, in one wake.)
+        last = 9 if overlap else 10
+        assert stepped_wakes(engine, [lone]) == [{0: n} for n in range(1, last + 1)]
+    finally:
+        server.server_close()
+
+
+def test_streams_woken_every_few_steps_send_the_same_output():
+    """Four streams at once under a budget of one wake a step: each is woken every fourth step,
+    its events carry several tokens, and what they add up to (text, logprobs' tokens, finish
+    reason) is the answer the same request gets whole."""
+    engine = Engine(build(), TOKENIZER, slots=4, cuda_graphs=True, overlap=True)
+    server = GenerationServer(("127.0.0.1", 0), engine, stream_wakes=1)
+    thread, take = server.engine_thread, server.engine_thread._take
+    gather = threading.Event()
+
+    def gathered(idle_timeout: float | None = None) -> None:  # the four admitted together
+        if gather.is_set() and not engine.has_work():
+            while thread.inbox.qsize() < 4:
+                time.sleep(0.01)
+            gather.clear()
+        take(idle_timeout)
+
+    thread._take = gathered
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert thread.ready.wait(60)
+        bodies = [
+            {"prompt": p, "max_tokens": 24, "temperature": t, "seed": 5, "logprobs": 0}
+            | {"ignore_eos": True}
+            for p, t in [("def ", 0), ("x = ", 0), ("import", 0.8), ("class ", 0.8)]
+        ]
+        port = server.server_address[1]
+        whole = [post(port, b) for b in bodies]
+        wakes = server.wakes
+        gather.set()
+        streams: list = [None] * 4
+
+        def send(i: int) -> None:
+            streams[i] = post(port, bodies[i] | {"stream": True})
+
+        clients = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(60)
+        for answer, events in zip(whole, streams):
+            choice = answer["choices"][0]
+            assert "".join(e["text"] for e in events) == choice["text"]
+            tokens = [t for e in events for t in e["logprobs"]["tokens"]]
+            assert tokens == choice["logprobs"]["tokens"]
+            assert [e["finish_reason"] for e in events][-1] == choice["finish_reason"] == "length"
+            assert len(events) <= 24 // 4 + 3, events  # first token, every 4th step, the end
+        assert server.wakes - wakes <= 4 * (24 // 4 + 3)  # 96 woken at every step
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def post(port: int, body: dict) -> Any:
+    """The JSON answer of POST /v1/completions, or a stream's events' first choices."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    data = conn.getresponse().read().decode()
+    conn.close()
+    if not body.get("stream"):
+        return json.loads(data)
+    lines = [line[6:] for line in data.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]", lines
+    return [json.loads(line)["choices"][0] for line in lines[:-1]]

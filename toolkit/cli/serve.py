@@ -81,6 +81,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.tp < 1:
         p.error("--tp must be >= 1")
+    if args.stream_wakes < 0:
+        p.error("--stream-wakes must be >= 0 (0: every stream at every step)")
     if not 0 <= args.port <= 65535:
         p.error("--port must be in [0, 65535] (0: any free port)")
     if args.max_len is not None and args.max_len < 2:
@@ -109,6 +111,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_engine_arguments(p)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
+    p.add_argument(
+        "--stream-wakes",
+        type=int,
+        default=8,
+        help="streams' threads woken per decode step, at most about: with more streams getting "
+        "tokens, each gets them every ceil(streams / N) steps, several to an event (each wake "
+        "takes the GIL from the engine thread); a stream alone gets every token at once; 0: "
+        "every stream at every step",
+    )
     p.add_argument(
         "--tp",
         type=int,
@@ -257,6 +268,7 @@ def serve(args: argparse.Namespace, engine: "Engine", recipe: "Recipe", ranks: A
             token=args.token or os.environ.get(TOKEN_ENV) or None,
             max_body_bytes=args.max_body_bytes,
             log_prompts=args.log_prompts,
+            stream_wakes=args.stream_wakes,
             warm_up=partial(warm_up, engine, ranks),
         )
     except OSError as e:

@@ -7,6 +7,7 @@ the batch; a streaming client that goes away has its requests cancelled and thei
 """
 
 import hmac
+import itertools
 import json
 import logging
 import queue
@@ -25,21 +26,40 @@ from toolkit.inference.http_json import ClientGone, JSONRequestHandler, gone
 
 log = logging.getLogger(__name__)
 
+# Streams' HTTP threads woken per decode step, about, at most: each wake costs the engine thread
+# the GIL for ~0.15 ms of the thread's work (benchmarks/serve_host.py).
+STREAM_WAKES = 8
+
 
 class Updates:
     """How the engine thread wakes one HTTP request's thread (the requests' on_update): when
-    one of its requests changed (`every`: streams) or finished (whole answers), with at most
-    one wake pending. Woken, the thread reads every request of its own: a thread with several
+    one of its requests finished, or for streams (`every`) when one changed, with at most one
+    wake pending. Woken, the thread reads every request of its own: a thread with several
     prompts, or one that fell behind, is woken once for all that is new, not once per request
-    and step (each wake takes the GIL from the engine thread)."""
+    and step (each wake takes the GIL from the engine thread).
+
+    Streams share a budget of wakes per step (the server's `stream_wakes`): with n streams
+    getting tokens, each is woken every ceil(n / budget) steps, at a step of its own phase so
+    that the wakes spread evenly over the steps, and always for its first token and its end.
+    A stream alone, or among at most `budget`, is woken at every step."""
 
     def __init__(self, server: "GenerationServer", every: bool) -> None:
         self.server, self.every = server, every
         self.queue: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.pending = False
+        self.phase = next(server.stream_phases)  # itertools.count: safe from any thread
+        self.step = -1  # the last engine step that updated one of its requests
 
     def __call__(self, r: Request) -> None:
-        if (self.every or r.done) and not self.pending:
+        due = r.done
+        if self.every and not due:
+            step = self.server.engine.steps
+            if self.step != step:  # this stream's first update of the step: count it
+                self.step = step
+                self.server.count_stream(step)
+            interval = self.server.stream_interval()
+            due = interval == 1 or (step + self.phase) % interval == 0 or len(r.tokens) == 1
+        if due and not self.pending:
             self.pending = True
             self.server.wakes += 1  # only the engine thread writes it
             self.queue.put(None)
@@ -143,10 +163,12 @@ class GenerationServer(ThreadingHTTPServer):
         max_body_bytes: int = 1 << 20,
         log_prompts: bool = False,
         warm_up: Callable[[], Any] | None = None,
+        stream_wakes: int = STREAM_WAKES,
     ) -> None:
         """Listens at once; `warm_up` (None: the engine's own) runs on the engine thread when
         serving starts, and until it returns /health answers 503 "starting" and generation
-        requests 503."""
+        requests 503. `stream_wakes`: streams' threads woken per decode step, about, at most
+        (see Updates; 0: every stream at every step)."""
         super().__init__(address, Handler)
         self.warm_up = engine.warm_up if warm_up is None else warm_up
         self.engine_thread = EngineThread(engine, self.warm_up, on_failure=self.shutdown)
@@ -157,6 +179,25 @@ class GenerationServer(ThreadingHTTPServer):
         self.log_prompts = log_prompts
         self.limits = api.Limits(max_len=engine.max_len)
         self.wakes = 0  # HTTP threads handed an update (woken) by the engine thread
+        self.stream_wakes = stream_wakes
+        self.stream_phases = itertools.count()
+        # Streams updated by the engine's last step and by its current one (engine thread only).
+        self.streams_last = self.streams_now = 0
+        self.streams_step = -1
+
+    def count_stream(self, step: int) -> None:
+        """One more stream updated at engine step `step` (from the engine thread)."""
+        if step != self.streams_step:
+            self.streams_step = step
+            self.streams_last, self.streams_now = self.streams_now, 0
+        self.streams_now += 1
+
+    def stream_interval(self) -> int:
+        """Every how many steps a stream is woken: its share of the wakes' budget."""
+        if self.stream_wakes <= 0:
+            return 1
+        streams = max(self.streams_last, self.streams_now)
+        return max(1, -(-streams // self.stream_wakes))
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self.engine_thread.start()
