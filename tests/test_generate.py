@@ -127,6 +127,7 @@ def test_200_tokens_record_one_decode_graph(model, caplog):
     assert caplog.text.count("recorded a decode graph") == 1
 
 
+@pytest.mark.long  # ~12 s of subprocesses; make test stays under 15 minutes
 def test_generate_warm_benchmark_times_every_call_of_both_kinds(tmp_path):
     """benchmarks/generate_warm.py on the CPU: each kind called --calls times, first against the
     last, the closing sample and greedy both; bad flags exit 2 (no timing asserted)."""
