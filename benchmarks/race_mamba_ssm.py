@@ -12,7 +12,7 @@ for --ours-only on a CPU, a smoke test only), fused AdamW with the recipe's hype
 weight-decay groups (toolkit.optim), gradient clipping at the recipe's norm, random tokens, one
 micro-batch per optimizer step; `--compile` compiles each block of both models on its own (as
 train.compile does ours). Ours runs the trainer's step (parallelize's StepRunner: our blockwise
-cross-entropy; then toolkit.parallel.runtime.clip_grad_norm) with model.kernels='mamba_ssm'
+cross-entropy; then toolkit.parallel.runtime.clip_and_step) with model.kernels='mamba_ssm'
 (mamba-ssm's fused SSD op, the one their Mamba2 runs). Theirs runs the step as it is commonly
 written: `F.cross_entropy(model(x).logits.float(), y)`, torch's clip_grad_norm_. Ours runs
 first, then theirs, each built, warmed up (compilation, Triton autotuning) and timed alone, its
@@ -67,7 +67,7 @@ from toolkit.metrics import peak_memory_gb  # noqa: E402
 from toolkit.model import flops_per_token  # noqa: E402
 from toolkit.optim import build_optimizer  # noqa: E402
 from toolkit.parallel.parallelize import parallelize  # noqa: E402
-from toolkit.parallel.runtime import clip_grad_norm  # noqa: E402
+from toolkit.parallel.runtime import clip_and_step  # noqa: E402
 
 log = logging.getLogger("race_mamba_ssm")
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,7 +441,7 @@ def random_tokens(s: RaceShape, device: torch.device) -> torch.Tensor:
 
 def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: torch.device) -> dict:
     """Our model through the trainer's code path: parallelize (compile, fused AdamW), the
-    StepRunner (autocast, loss, backward), clip_grad_norm, the optimizer step."""
+    StepRunner (autocast, loss, backward), clip_and_step (the clip and the update)."""
     baseline = fresh_device(device)
     torch.manual_seed(0)
     model = build_model(recipe, tokenizer_from_recipe(recipe), device)
@@ -454,8 +454,7 @@ def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: tor
     def step() -> torch.Tensor:
         tokens = random_tokens(s, device)
         loss = parallel.run_step(tokens[:, :-1], tokens[:, 1:])
-        clip_grad_norm(params, clip, env)
-        parallel.optimizer.step()
+        clip_and_step(parallel.optimizer, params, clip, env)
         parallel.optimizer.zero_grad(set_to_none=True)
         return loss
 
