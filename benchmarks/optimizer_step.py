@@ -33,7 +33,7 @@ from toolkit.build import build_model, resolve_device, tokenizer_from_recipe  # 
 from toolkit.config import RecipeError, load_recipe  # noqa: E402
 from toolkit.distributed import ParallelEnv  # noqa: E402
 from toolkit.optim import build_optimizer  # noqa: E402
-from toolkit.parallel.runtime import clip_and_step, clip_grad_norm  # noqa: E402
+from toolkit.parallel.runtime import clip_and_step  # noqa: E402
 
 log = logging.getLogger("optimizer_step")
 
@@ -85,11 +85,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                     p.grad = g  # `grads` is this variant's own copy (the clip scales it)
                 else:
                     p.grad.add_(g)
-            if fold:
-                norms.append(clip_and_step(optimizer, params, clip, env))
-            else:
-                norms.append(clip_grad_norm(params, clip, env))
-                optimizer.step()
+            norms.append(clip_and_step(optimizer, params, clip, env, fold=fold))
             optimizer.zero_grad(set_to_none=to_none)
 
         return params, step

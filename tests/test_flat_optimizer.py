@@ -47,11 +47,7 @@ def train(
             group["lr"] = 1e-2 * (i + 1)
         for tokens in micro:
             model(tokens[:, :-1])[..., :VOCAB].logsumexp(-1).mean().backward()  # real columns
-        if fold:
-            norms.append(clip_and_step(optimizer, params, MAX_NORM, ENV))
-        else:
-            norms.append(clip_grad_norm(params, MAX_NORM, ENV))
-            optimizer.step()
+        norms.append(clip_and_step(optimizer, params, MAX_NORM, ENV, fold=fold))
         optimizer.zero_grad(set_to_none=to_none)
     return norms
 
@@ -305,11 +301,7 @@ def clip_fold_worker(rank: int, world: int, port: int, layout: dict) -> None:
                 tokens = torch.randint(0, VOCAB, (2, 9), generator=g)
                 model(tokens[:, :-1])[..., :VOCAB].logsumexp(-1).mean().backward()
                 average_over_dp([p.grad for p in params], env)
-                if fold:
-                    norms.append(clip_and_step(optimizer, params, max_norm, env))
-                else:
-                    norms.append(clip_grad_norm(params, max_norm, env))
-                    optimizer.step()
+                norms.append(clip_and_step(optimizer, params, max_norm, env, fold=fold))
                 optimizer.zero_grad(set_to_none=True)
             runs.append((params, optimizer, norms))
         (reference, reference_optimizer, norms), *others = runs
