@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import write_json  # noqa: E402
+from train_throughput import synchronize, write_json  # noqa: E402
 
-from toolkit.build import build_model  # noqa: E402
+from toolkit.build import build_model, resolve_device  # noqa: E402
 from toolkit.config import RecipeError, load_recipe  # noqa: E402
 from toolkit.inference.generate import generate  # noqa: E402
 from toolkit.tokenizer import build_tokenizer  # noqa: E402
@@ -28,12 +28,10 @@ from toolkit.train import sample_text  # noqa: E402
 
 def timed(fn, device: torch.device) -> float:
     """Seconds one call of `fn()` takes, the device's queue drained on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--recipe", default="recipes/tiny_hybrid.toml", help="model recipe")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="parameters' dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=200, help="new tokens a call (default 200)")
@@ -55,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tokens must be >= 1 and --calls >= 2")
     try:
         recipe = load_recipe(args.recipe, args.set)
+        device = resolve_device(args.device, "--device")
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
-    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     start = time.perf_counter()
     tokenizer = build_tokenizer(recipe.data.tokenizer)
