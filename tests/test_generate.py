@@ -7,8 +7,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tests.conftest import tiny_model_config
-from toolkit.inference.generate import generate, sample_next
+import toolkit.inference.generate as generate_module
+from tests.conftest import TINY_MODEL, tiny_model_config
+from toolkit.inference.generate import generate, sample_next, warm_up
 from toolkit.model import HybridLM
 
 
@@ -125,6 +126,67 @@ def test_200_tokens_record_one_decode_graph(model, caplog):
     caplog.set_level(logging.INFO, logger="toolkit.inference.cuda_graph")
     generate(model.cuda(), torch.randint(0, 50, (1, 4)), 200, temperature=1.0, seed=0)
     assert caplog.text.count("recorded a decode graph") == 1
+
+
+def test_warm_up_runs_both_paths_and_changes_nothing(model, monkeypatch):
+    """warm_up (forced on the CPU) generates greedy and with the given sampling settings, then
+    leaves the model as it was: the same tokens for the same seed, the same parameters, its
+    training mode back, the global random stream untouched. Unforced on the CPU it does nothing."""
+    prompt = torch.randint(0, 50, (1, 6))
+    model.train()
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def outputs():
+        sampled = generate(model, prompt, 24, temperature=0.7, top_k=5, seed=1)
+        return sampled, generate(model, prompt, 24)
+
+    before = outputs()
+    calls = []
+    real = generate_module.generate
+    monkeypatch.setattr(
+        generate_module, "generate", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
+    assert warm_up(model, prompt, temperature=0.7, top_k=5) is None and not calls  # CPU: skipped
+    rng = torch.get_rng_state()
+    seconds = warm_up(model, prompt, temperature=0.7, top_k=5, force=True)
+    assert seconds is not None and seconds > 0
+    assert [k.get("temperature", 0.0) for k in calls] == [0.0, 0.7] and calls[1]["top_k"] == 5
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    after = outputs()
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_generate_cli_warms_up_once_with_its_settings(tmp_path, monkeypatch, capsys, caplog):
+    """python -m toolkit.inference.generate warms the decode path after loading (here forced on
+    the CPU), once, with the first prompt and the CLI's sampling settings, logs its time, and
+    prints the same text as a run without the warm-up."""
+    from toolkit.build import build_model, save_model_checkpoint
+    from toolkit.config import recipe_from_dict
+    from toolkit.tokenizer import ByteTokenizer
+
+    train = {"steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "lr": 1e-3}
+    recipe = recipe_from_dict({"model": TINY_MODEL, "train": train})
+    torch.manual_seed(0)
+    save_model_checkpoint(tmp_path, build_model(recipe, ByteTokenizer()), recipe)
+    argv = ["--checkpoint", str(tmp_path), "--prompt", "ab", "--prompt", "xyz",
+            "--max-new-tokens", "12", "--temperature", "0.7", "--top-k", "20", "--seed", "3"]  # fmt: skip
+    assert generate_module.main(argv) == 0
+    unwarmed = capsys.readouterr().out
+    assert "decode path warmed" not in caplog.text  # skipped on the CPU
+    calls = []
+
+    def forced(model, prompt, **settings):
+        calls.append((prompt.tolist(), settings))
+        return warm_up(model, prompt, **settings, force=True)
+
+    monkeypatch.setattr(generate_module, "warm_up", forced)
+    caplog.set_level(logging.INFO, logger="toolkit.inference.generate")
+    assert generate_module.main(argv) == 0
+    assert capsys.readouterr().out == unwarmed
+    settings = dict(temperature=0.7, top_k=20, top_p=0.0, eod_id=ByteTokenizer().eod)
+    assert calls == [([[97, 98]], settings | {"cuda_graphs": None})]
+    assert "decode path warmed in" in caplog.text
 
 
 @pytest.mark.long  # ~12 s of subprocesses; make test stays under 15 minutes

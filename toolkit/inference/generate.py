@@ -8,12 +8,19 @@ device each bucket's step is recorded once as a CUDA graph and replayed. Short p
 through that same step a token at a time rather than through the chunked prefill, whose GPU
 kernels would be compiled and autotuned at their first call (seconds, for a few tokens).
 
+A process's first generation on a GPU pays once for what later ones reuse (cuBLAS handles, the
+Triton kernels of mamba-ssm and our fused norms compiled or read from their cache, the first
+CUDA graph capture, the sampler's kernels): seconds against ~0.2 s for 200 tokens of the tiny
+model. `warm_up` pays it ahead of the call a user waits for; the CLI and the trainer (before the
+sample it prints at the end) call it, `generate` itself never does.
+
 CLI: python -m toolkit.inference.generate --checkpoint CKPT --prompt "def main(" [--temperature ...]
 """
 
 import argparse
 import logging
 import sys
+import time
 
 import torch
 
@@ -21,8 +28,12 @@ from toolkit.inference.cuda_graph import StaticDecoder
 from toolkit.inference.sampling import sample
 from toolkit.model import HybridLM
 
+log = logging.getLogger(__name__)
+
 # Prompts of at most this many tokens are fed through the decode step (see the docstring).
 STEP_PREFILL = 32
+# New tokens of a warm-up generation: the decode graph is recorded, then replayed.
+WARM_UP_TOKENS = 8
 
 
 def sample_next(
@@ -111,6 +122,48 @@ def generate(
     return torch.cat(out, dim=1)
 
 
+def warm_up(
+    model: HybridLM,
+    prompt: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    eod_id: int | None = None,
+    cuda_graphs: bool | None = None,
+    force: bool = False,
+) -> float | None:
+    """Run the decode path once, as the `generate` calls to come will (`prompt` [b, l] with their
+    batch and length: the same prefill path; their sampling settings, and greedy; their
+    `eod_id`), a few tokens each; returns the seconds it took, None when skipped.
+
+    On the CPU it is skipped unless `force`d: eager CPU kernels have nothing to compile, load or
+    record, so a first call costs what later ones do and a warm-up would only add its own time.
+    Nothing in the model changes: no parameter is touched, it runs in eval mode (the mode is put
+    back), and both runs draw from seeded generators of their own, never from the global one."""
+    device = model.embedding.weight.device
+    if device.type != "cuda" and not force:
+        return None
+    training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        # Compiled blocks (train.compile) would compile for the decode shapes: eagerly, as
+        # toolkit.train.sample_text runs them.
+        with torch.compiler.set_stance("force_eager"):
+            # seed: even greedy draws its (unused) numbers, from a generator of its own.
+            common = dict(seed=0, eod_id=eod_id, cuda_graphs=cuda_graphs)
+            generate(model, prompt, WARM_UP_TOKENS, **common)
+            if temperature > 0:
+                generate(model, prompt, WARM_UP_TOKENS, temperature=temperature, top_k=top_k,
+                         top_p=top_p, **common)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        model.train(training)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m toolkit.inference.generate",
@@ -140,8 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for text in args.prompt or ["def "]:
-        ids = torch.tensor([tokenizer.encode(text) or [tokenizer.eod]])  # empty: start a document
+    prompts = [
+        torch.tensor([tokenizer.encode(text) or [tokenizer.eod]])  # empty: start a document
+        for text in args.prompt or ["def "]
+    ]
+    seconds = warm_up(
+        model,
+        prompts[0],
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eod_id=tokenizer.eod,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+    )
+    if seconds is not None:
+        log.info("decode path warmed in %.1f s", seconds)
+    for text, ids in zip(args.prompt or ["def "], prompts, strict=True):
         out = generate(
             model,
             ids,
