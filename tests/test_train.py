@@ -241,6 +241,23 @@ def test_compiled_blocks_train_and_sample(tmp_path):
     assert compiled.sample.startswith("ab")
 
 
+def test_the_closing_samples_decode_path_is_warmed_at_start_up(tmp_path, caplog):
+    """With train.sample_prompt set, the trainer warms the decode path before the first step
+    (on GPUs; forced here on the CPU) and logs its time; the run is the one without it, the
+    same loss and the same sample."""
+    plain = train(make_recipe(tmp_path / "a", RANDOM_TEXT, steps=1, sample_prompt="ab"))
+    assert "decode path warmed" not in caplog.text  # the CPU skips it unless forced
+    caplog.set_level(logging.INFO, logger="toolkit.train")
+    result = train(
+        make_recipe(tmp_path / "b", RANDOM_TEXT, steps=1, sample_prompt="ab"), force_warm_up=True
+    )
+    lines = [r.getMessage() for r in caplog.records]
+    warm = next(i for i, m in enumerate(lines) if m.startswith("decode path warmed in "))
+    assert warm < next(i for i, m in enumerate(lines) if m.startswith("layout: "))  # start-up
+    assert result.losses == plain.losses and result.sample == plain.sample
+    assert result.sample.startswith("ab")
+
+
 @pytest.mark.parametrize("max_norm", [1e9, 0.5], ids=["not clipped", "clipped"])
 def test_clip_grad_norm_equals_torchs(max_norm):
     """The single-process path of our clipping (one multi-tensor norm kernel): the same norm and

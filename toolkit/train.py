@@ -74,17 +74,21 @@ class TrainResult:
     sample: str | None = None
 
 
-def train(recipe: Recipe, stop: StopRequest | None = None) -> TrainResult:
+def train(
+    recipe: Recipe, stop: StopRequest | None = None, *, force_warm_up: bool = False
+) -> TrainResult:
     """Train `recipe` on this rank, from its last checkpoint if there is one, until train.steps
     or a stop signal in `stop` (then checkpointed at that step boundary). Collective.
+    `force_warm_up`: warm the closing sample's decode path on the CPU too (Trainer.warm_decode).
 
-    The phases, in order: set-up (`Trainer.__init__`), resume (toolkit.checkpoint.resume), the
+    The phases, in order: set-up (`Trainer.__init__`, the decode path warmed for the closing
+    sample), resume (toolkit.checkpoint.resume), the
     steps (`Trainer.train_step`; a non-finite loss: toolkit.stopping.NanPolicy), each followed
     when due by metrics (toolkit.metrics), validation (toolkit.validation), a checkpoint and the
     stop vote (toolkit.stopping); then `Trainer.finish`: requeue after USR2, the closing sample.
     """
     cfg, stop = recipe.train, stop or StopRequest()
-    trainer = Trainer(recipe)
+    trainer = Trainer(recipe, force_warm_up=force_warm_up)
     trainer.resume()
     result, metrics = trainer.result, trainer.start_metrics()
     profiler = trainer.start_profiler()
@@ -120,9 +124,10 @@ class Trainer:
     phases share: the recipe, the parallel environment, the data, the model and its parallel
     form, the optimizer, the step and the samples consumed so far."""
 
-    def __init__(self, recipe: Recipe) -> None:
-        """Set-up: join the job, then build the tokenizer, the data and the model, and apply
-        the parallel transforms (toolkit.parallel.parallelize, in its order)."""
+    def __init__(self, recipe: Recipe, *, force_warm_up: bool = False) -> None:
+        """Set-up: join the job, then build the tokenizer, the data and the model, warm the
+        closing sample's decode path (`warm_decode`), and apply the parallel transforms
+        (toolkit.parallel.parallelize, in its order)."""
         self.recipe, cfg = recipe, recipe.train
         self.env = env = init_distributed(recipe.parallel, resolve_device(cfg.device).type)
         # The sections were checked as the recipe loaded; the layout against the ranks it got.
@@ -136,6 +141,7 @@ class Trainer:
         self.sampler, self.valid = build_data(recipe, self.tokenizer)
         self.model = model = build_model(recipe, self.tokenizer, env.device)
         log.info("%s", describe_model(model))
+        self.decode_warm_s = self.warm_decode(force_warm_up)
         self.params = sum(p.numel() for p in model.parameters())  # the whole model's, unsharded
         tokens_per_step = cfg.global_batch_size * recipe.model.seq_length
         self.step_flops = flops_per_token(model, recipe.model.seq_length) * tokens_per_step
@@ -165,6 +171,34 @@ class Trainer:
         self.step_ended: float | None = None  # perf_counter at the last step's end
         self.nan_policy = NanPolicy(cfg, recipe.checkpoint.dir)
         self.result = TrainResult()
+
+    def samples_at_end(self) -> bool:
+        """Whether this rank prints the closing sample (unless a signal stops the run)."""
+        env, cfg = self.env, self.recipe.train
+        whole = (env.tp == 1 and env.pp == 1) or self.recipe.checkpoint.enabled  # closing_sample
+        return bool(cfg.sample_prompt) and env.rank == 0 and whole
+
+    def warm_decode(self, force: bool = False) -> float | None:
+        """Run the closing sample's decode path once now (toolkit.inference.generate.warm_up;
+        GPUs only unless `force`), on the rank that samples; the seconds it took, or None.
+
+        Training warms the prefill's kernels, not the decode step's (Mamba state update, conv
+        update, the sampler's top-k, CUDA graph capture): left cold, the sample's first call paid
+        seconds (4.9 s for the tiny model's 200 tokens on an H200, 0.19 s warm). At start-up, not
+        just before the sample: a decode path that fails stops the run before it trains, not
+        after. On the model as built, before parallelize shards or converts it; under TP or PP
+        the sample is generated from a whole model read back from the checkpoint, which has
+        these shapes and runs these kernels."""
+        if not self.samples_at_end():
+            return None
+        from toolkit.inference.generate import warm_up
+
+        prompt = torch.tensor([self.tokenizer.encode(self.recipe.train.sample_prompt)])
+        seconds = warm_up(self.model, prompt, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K,
+                          eod_id=self.tokenizer.eod, force=force)  # fmt: skip
+        if seconds is not None:
+            log.info("decode path warmed in %.1f s (for the closing sample)", seconds)
+        return seconds
 
     def resume(self) -> None:
         """Continue from the newest intact checkpoint in checkpoint.dir, if there is one."""
@@ -294,8 +328,12 @@ class Trainer:
             final = (result.checkpoint or ckpt.dir) if ckpt.enabled else None
             result.sample = closing_sample(self.model, self.tokenizer, cfg, self.env, final)
             if result.sample is not None:
-                log.info("sample (temperature 0.7, top-k 20) from %r:\n%s",
-                         cfg.sample_prompt, result.sample)  # fmt: skip
+                log.info("sample (temperature %g, top-k %d) from %r:\n%s", SAMPLE_TEMPERATURE,
+                         SAMPLE_TOP_K, cfg.sample_prompt, result.sample)  # fmt: skip
+
+
+# The closing sample's settings (greedy decoding of a tiny model loops on whitespace).
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.7, 20
 
 
 def closing_sample(
@@ -327,7 +365,7 @@ def closing_sample(
 def sample_text(
     model: HybridLM, tokenizer: Tokenizer, prompt: str, seed: int, max_new_tokens: int = 200
 ) -> str:
-    """A short sampled continuation (greedy decoding of a tiny model loops on whitespace)."""
+    """A short sampled continuation (SAMPLE_TEMPERATURE, SAMPLE_TOP_K)."""
     from toolkit.inference.generate import generate
 
     model.eval()
@@ -335,7 +373,13 @@ def sample_text(
     # Compiled blocks (train.compile) would recompile for every decode shape: run them eagerly.
     with torch.compiler.set_stance("force_eager"):
         out = generate(
-            model, ids, max_new_tokens, temperature=0.7, top_k=20, seed=seed, eod_id=tokenizer.eod
+            model,
+            ids,
+            max_new_tokens,
+            temperature=SAMPLE_TEMPERATURE,
+            top_k=SAMPLE_TOP_K,
+            seed=seed,
+            eod_id=tokenizer.eod,
         )
     return tokenizer.decode(out[0].tolist())
 
