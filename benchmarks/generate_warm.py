@@ -1,14 +1,21 @@
-"""How long `toolkit.inference.generate` takes on its first call in a fresh process against later
-calls: the sample printed at the end of training (train.sample_prompt: 200 tokens, temperature
-0.7, top-k 20, through `toolkit.train.sample_text`) and a greedy generation, each called
-`--calls` times. A fresh process pays what no later call does (CUDA context, Triton kernels
-compiled or read from the cache, cuBLAS handles); every call records its own CUDA graphs.
+"""How long `toolkit.inference.generate` takes on its first call against later calls: the sample
+printed at the end of training (train.sample_prompt: 200 tokens, temperature 0.7, top-k 20,
+through `toolkit.train.sample_text`) and a greedy generation, each called `--calls` times.
+
+With `--train-steps N` (default 3) the model is the trainer's (`toolkit.train.Trainer`: its
+set-up, the decode warm-up included, then N of its steps on the recipe's data), so the closing
+sample is timed where it really runs: after training, which warms the prefill's kernels but not
+the decode step's. With `--train-steps 0` the model is only built, in a fresh process: the first
+call pays what no later one does (cuBLAS handles, Triton kernels compiled or read from the cache,
+the first CUDA graph capture); `--warm-up on` then warms as `python -m toolkit.inference.generate`
+does after loading. Every call records its own CUDA graphs.
 
     python benchmarks/generate_warm.py --recipe recipes/tiny_hybrid.toml --device cuda \\
-        --json warm.json
+        --train-steps 3 --json warm.json
 """
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -20,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import synchronize, write_json  # noqa: E402
 
 from toolkit.build import build_model, resolve_device  # noqa: E402
-from toolkit.config import RecipeError, load_recipe  # noqa: E402
-from toolkit.inference.generate import generate  # noqa: E402
+from toolkit.config import Recipe, RecipeError, load_recipe  # noqa: E402
+from toolkit.inference.generate import generate, warm_up  # noqa: E402
+from toolkit.model import HybridLM  # noqa: E402
 from toolkit.tokenizer import build_tokenizer  # noqa: E402
-from toolkit.train import sample_text  # noqa: E402
+from toolkit.train import SAMPLE_TEMPERATURE, SAMPLE_TOP_K, Trainer, sample_text  # noqa: E402
 
 
 def timed(fn, device: torch.device) -> float:
@@ -35,6 +43,16 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def trained_model(recipe: Recipe, steps: int, warm: str) -> tuple[HybridLM, float | None]:
+    """The model after the trainer's set-up and `steps` of its steps, and the seconds its decode
+    warm-up took (None: none ran; `warm` 'on' forces it on the CPU, 'off' skips it)."""
+    trainer = Trainer(recipe, force_warm_up=warm == "on")
+    trainer.module.train()
+    for _ in range(steps):
+        trainer.train_step()
+    return trainer.model, trainer.decode_warm_s
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,28 +61,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="parameters' dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+                        help="parameters' dtype with --train-steps 0 (default: bfloat16 on CUDA, "
+                        "float32 on CPU); the trainer's model has the recipe's")  # fmt: skip
+    parser.add_argument("--train-steps", type=int, default=3, metavar="N",
+                        help="training steps before the timed calls (default 3; 0: the model "
+                        "only built, in a fresh process)")  # fmt: skip
+    parser.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
+                        help="the decode warm-up: auto (default) as the toolkit does, i.e. the "
+                        "trainer's on GPUs with --train-steps, none with 0; on: also on the CPU, "
+                        "and with 0 as the generate CLI does; off: none")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=200, help="new tokens a call (default 200)")
     parser.add_argument("--calls", type=int, default=10, help="calls of each kind (default 10)")
     parser.add_argument("--prompt", default="def main(", help="the prompt")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    if args.tokens < 1 or args.calls < 2:
-        parser.error("--tokens must be >= 1 and --calls >= 2")
+    if args.tokens < 1 or args.calls < 2 or args.train_steps < 0:
+        parser.error("--tokens must be >= 1, --calls >= 2 and --train-steps >= 0")
+    if args.train_steps and args.dtype:
+        parser.error("--dtype is for --train-steps 0: the trainer builds the recipe's model")
     try:
-        recipe = load_recipe(args.recipe, args.set)
         device = resolve_device(args.device, "--device")
+        # The trainer warms for train.sample_prompt: the prompt timed here, or none ('off').
+        prompt = "" if args.warm_up == "off" else args.prompt
+        trainer_keys = [f"train.device={json.dumps(device.type)}", "checkpoint.enabled=false",
+                        f"train.sample_prompt={json.dumps(prompt)}"]  # fmt: skip
+        recipe = load_recipe(args.recipe, args.set + (trainer_keys if args.train_steps else []))
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    start = time.perf_counter()
     tokenizer = build_tokenizer(recipe.data.tokenizer)
-    torch.manual_seed(0)
-    model = build_model(recipe, tokenizer, device, dtype).eval()
-    built = time.perf_counter() - start
     ids = torch.tensor([tokenizer.encode(args.prompt)])
+    start = time.perf_counter()
+    if args.train_steps:
+        model, warmed = trained_model(recipe, args.train_steps, args.warm_up)
+    else:
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        torch.manual_seed(0)
+        model = build_model(recipe, tokenizer, device, dtype).eval()
+        warmed = None
+        if args.warm_up == "on":  # as python -m toolkit.inference.generate does
+            warmed = warm_up(model, ids, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K,
+                             eod_id=tokenizer.eod, force=True)  # fmt: skip
+    built = time.perf_counter() - start
+    # The trainer's device is cuda:<local rank> (train.device takes no index).
+    device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
 
     kinds = {
         "closing_sample": lambda: sample_text(
@@ -73,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         "greedy": lambda: generate(model, ids, args.tokens),
     }
     result = {"recipe": args.recipe, "device": str(device), "dtype": str(dtype),
-              "tokens": args.tokens, "model_built_s": built}  # fmt: skip
-    print(f"{args.recipe} on {device} ({dtype}), model built in {built:.2f} s")
+              "tokens": args.tokens, "train_steps": args.train_steps, "warm_up": args.warm_up,
+              "model_ready_s": built, "decode_warm_s": warmed}  # fmt: skip
+    warm_note = "no decode warm-up" if warmed is None else f"decode path warmed in {warmed:.2f} s"
+    print(f"{args.recipe} on {device} ({dtype}) after {args.train_steps} training steps: "
+          f"model ready in {built:.2f} s, {warm_note}")  # fmt: skip
     for name, fn in kinds.items():
         seconds = [timed(fn, device) for _ in range(args.calls)]
         first, tenth = seconds[0], seconds[min(9, len(seconds) - 1)]

@@ -6,8 +6,10 @@
 # Each part is cut at its own time limit and skipped once GPU_SERVE_BUDGET_S is spent; JSON and
 # server logs go to $OUT. `generate` (first, before anything has compiled a Triton kernel on the
 # machine): toolkit.inference.generate's first call against its tenth, for the tiny model's
-# closing training sample and a greedy run (benchmarks/generate_warm.py). Usage from the
-# repository root, with .dev/ and .whl/ carried:
+# closing training sample and a greedy run (benchmarks/generate_warm.py): after the trainer's
+# set-up (its decode warm-up) and 3 training steps, then in a fresh process warmed as the generate
+# CLI does, then in a fresh process not warmed at all. Usage from the repository root, with .dev/
+# and .whl/ carried:
 #     OUT=/some/dir bash benchmarks/gpu_serve.sh [generate] [load] [sampling] [waves] [long]
 set -u
 OUT=${OUT:-runs/gpu_serve}
@@ -23,8 +25,11 @@ part_budget "${GPU_SERVE_BUDGET_S:-540}" "$T0"
 PART_ONLY=$PARTS PART_EXT=.out
 part_done() { echo "== $1 exit $2 in $3 s"; tail -25 "$4"; }
 
-part generate 120 python3 benchmarks/generate_warm.py --recipe recipes/tiny_hybrid.toml \
-  --device cuda --json "$OUT/generate.json"
+# The trainer's case first: it meets the Triton cache as empty as a first job would.
+part generate 180 bash -c 'w="python3 benchmarks/generate_warm.py --recipe recipes/tiny_hybrid.toml
+  --device cuda"; $w --train-steps 3 --json "$1/generate.json" &&
+  $w --train-steps 0 --warm-up on --json "$1/generate_cli.json" &&
+  $w --train-steps 0 --warm-up off --json "$1/generate_cold.json"' generate "$OUT"
 
 if [ ! -e "$CKPT/.written" ] && [[ " $PARTS " =~ \ (load|waves|long)\  ]]; then
   t=$(date +%s)

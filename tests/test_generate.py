@@ -189,28 +189,41 @@ def test_generate_cli_warms_up_once_with_its_settings(tmp_path, monkeypatch, cap
     assert "decode path warmed in" in caplog.text
 
 
-@pytest.mark.long  # ~12 s of subprocesses; make test stays under 15 minutes
+@pytest.mark.long  # ~30 s of subprocesses; make test stays under 15 minutes
 def test_generate_warm_benchmark_times_every_call_of_both_kinds(tmp_path):
     """benchmarks/generate_warm.py on the CPU: each kind called --calls times, first against the
-    last, the closing sample and greedy both; bad flags exit 2 (no timing asserted)."""
+    last, the closing sample and greedy both, in a fresh process and after the trainer's set-up
+    (its decode warm-up forced) and a training step; --help works, bad flags exit 2 (no timing
+    asserted)."""
     import json
     import subprocess
     import sys
 
-    script = "benchmarks/generate_warm.py"
-    out = tmp_path / "warm.json"
-    run = subprocess.run(
-        [sys.executable, script, "--device", "cpu", "--tokens", "4", "--calls", "2",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    result = json.loads(out.read_text())
-    for kind in ("closing_sample", "greedy"):
-        seconds = result[kind]["seconds"]
-        assert len(seconds) == 2 and all(s > 0 for s in seconds)
-        assert result[kind]["first_over_tenth"] == pytest.approx(seconds[0] / seconds[1])
-    bad = subprocess.run(
-        [sys.executable, script, "--calls", "1"], capture_output=True, text=True, timeout=120
-    )
-    assert bad.returncode == 2 and "--calls" in bad.stderr
+    def bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "benchmarks/generate_warm.py", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    small = ["--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=2",
+             "--set", "data.max_corpus_bytes=100000",
+             "--set", "model.seq_length=64"]  # fmt: skip
+    for name, flags, warmed in [
+        ("fresh", ["--train-steps", "0"], False),
+        ("trained", ["--train-steps", "1", "--warm-up", "on", *small], True),
+    ]:
+        out = tmp_path / f"{name}.json"
+        run = bench("--device", "cpu", "--tokens", "4", "--calls", "2", "--json", str(out), *flags)
+        assert run.returncode == 0, run.stderr
+        result = json.loads(out.read_text())
+        assert result["train_steps"] == (1 if warmed else 0)
+        assert (result["decode_warm_s"] is not None) == warmed
+        assert ("decode path warmed in" in run.stdout) == warmed
+        for kind in ("closing_sample", "greedy"):
+            seconds = result[kind]["seconds"]
+            assert len(seconds) == 2 and all(s > 0 for s in seconds)
+            assert result[kind]["first_over_tenth"] == pytest.approx(seconds[0] / seconds[1])
+    helped = bench("--help", timeout=120)
+    assert helped.returncode == 0 and "--train-steps" in helped.stdout
+    for flags, message in [(["--calls", "1"], "--calls"),
+                           (["--dtype", "float32"], "--dtype is for --train-steps 0")]:  # fmt: skip
+        bad = bench(*flags, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr
