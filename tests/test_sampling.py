@@ -28,6 +28,7 @@ SETTINGS = [
     (1.0, 4000, 1.0),
 ]
 VOCAB = 4000
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def logits_for(n: int, seed: int = 0) -> torch.Tensor:
@@ -97,13 +98,17 @@ def test_empirical_distribution_is_the_filtered_softmax():
 
 
 def vocab_order_draw(logits, kept, temperature, uniform):
-    """The inverse CDF of exp((logits - max) / T) over the `kept` tokens in the vocabulary's own
-    order (float32, as the sampler computes it)."""
+    """The inverse CDF of the integer masses floor(exp((logits - max) / T) * 2**S) over the
+    `kept` tokens in the vocabulary's own order: the first token whose running mass exceeds
+    floor(u * total) (exact integers, as the sampler's docstring says)."""
     x = logits.float()
     inverse = torch.tensor([1 / t for t in temperature], dtype=torch.float32)
-    w = (x - x.max(-1, keepdim=True).values).mul(inverse[:, None]).exp().where(kept, 0.0)
-    cdf = w.cumsum(-1)
-    pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
+    w = (x - x.max(-1, keepdim=True).values).mul(inverse[:, None]).exp()
+    mass = (w * 2.0 ** (62 - (x.size(-1) - 1).bit_length())).long().where(kept, 0)
+    cum = mass.cumsum(-1)
+    target = (uniform.double() * cum[:, -1].double()).floor().long()
+    target = torch.minimum(target, cum[:, -1] - 1)
+    pick = torch.searchsorted(cum, target[:, None], right=True)
     return pick.squeeze(-1).clamp(max=x.size(-1) - 1)
 
 
@@ -325,3 +330,69 @@ def test_decode_benchmark_times_each_sampling_setting_on_cpu(tmp_path):
         [*run, "--sampling", "topz"], capture_output=True, text=True, timeout=300, env=env
     )
     assert bad.returncode == 2 and "topz" in bad.stderr and "Traceback" not in bad.stderr
+
+
+KERNEL_CHECK = """
+import os, sys
+import torch
+from toolkit.inference import sampling
+from test_sampling import SETTINGS, nucleus_rows, rows_of
+
+assert sampling._kernels(torch.zeros(1)) is not None, "the Triton kernels are not in use"
+for dtype in (torch.float32, torch.bfloat16):
+    for vocab in (4000, 1 << 16):  # 8 or 16 bits a radix pass
+        logits = nucleus_rows(dtype, 1, vocab)
+        b = logits.size(0)
+        ps = (1e-6, 0.5, 0.9, 1 - 2**-24)
+        settings = [SETTINGS[i % len(SETTINGS)] for i in range(b)]  # every path in one batch
+        settings += [((0.5, 1.0, 1.7)[i % 3], 0, ps[i % 4]) for i in range(b)]
+        settings += [(0.8, 0, 0.0)] * b
+        rows = rows_of(settings, vocab)
+        batch = logits.repeat(3, 1)
+        for u in (0.0, 1 - 2**-24):
+            uniform = torch.full((len(settings),), u)
+            got = sampling.draw(batch, rows, uniform)
+            os.environ["TOOLKIT_TRITON_SAMPLING"] = "off"
+            want = sampling.draw(batch, rows, uniform)
+            del os.environ["TOOLKIT_TRITON_SAMPLING"]
+            assert torch.equal(got[0], want[0]), (dtype, vocab, u, got[0] - want[0])
+            # The totals of the rows that define them, to numpy's exp against torch's (a float32
+            # ulp or so per weight: the interpreter's; on a GPU both are libdevice's).
+            natural = rows.natural
+            torch.testing.assert_close(got[2][natural], want[2][natural], rtol=1e-6, atol=0)
+print("kernels agree")
+"""
+
+
+@pytest.mark.long  # make test-long (CI runs it): ~30 s under Triton's interpreter
+def test_triton_kernels_draw_what_the_torch_path_draws():
+    """The CUDA path's Triton kernels (run here by Triton's interpreter) give the torch path's
+    tokens and totals, bit for bit, on rows of every shape and every setting in one batch,
+    float32 and bfloat16 logits, 8- and 16-bit radix passes, draws at 0 and just below 1."""
+    pytest.importorskip("triton")
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    out = subprocess.run(
+        [sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels agree" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_kernels_draw_what_the_torch_path_draws_on_cuda(monkeypatch):
+    """On the GPU itself (libdevice's exp, the same float32 as torch's): the same tokens and
+    totals as the torch path, over a 256k vocabulary at batch 32."""
+    pytest.importorskip("triton")
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(32, 256000, generator=g) * torch.linspace(0.2, 8, 32)[:, None]).to(
+        device, torch.bfloat16
+    )
+    settings = [((0.7, 1.0)[i % 2], 0, (0.0, 0.9, 0.95, 0.5)[i % 4]) for i in range(32)]
+    rows = Rows.build(*zip(*settings), 256000, device)
+    uniform = torch.rand(32, generator=g).to(device)
+    assert sampling._kernels(logits) is not None
+    got = draw(logits, rows, uniform)
+    monkeypatch.setenv("TOOLKIT_TRITON_SAMPLING", "off")
+    want = draw(logits, rows, uniform)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])  # every row natural

@@ -3,25 +3,31 @@
 The draw is a uniform number per row, mapped through the row's filtered distribution (inverse
 CDF): a request's random stream then depends only on its own seed, never on which other requests
 share the batch. What a step costs depends on the settings present, known on the host:
-- temperature only: the CDF over the vocabulary in its own order, no sort;
+- temperature only: the inverse CDF of the row's integer masses (below) over the vocabulary in
+  its own order, no sort;
 - top-k (then top-p): the best max(top_k) tokens (torch.topk), ranked as a full sort would;
 - top-p without top-k: each row's nucleus threshold from histograms of its logits' bit
   patterns, 16 bits a pass (one pass for 16-bit logits over a 256k vocabulary, two for float32;
-  no sort, nothing read on the host), then the CDF over the kept tokens in the vocabulary's
-  own order.
+  no sort, nothing read on the host), then the same inverse CDF over the kept tokens.
+On CUDA these whole-vocabulary rows run as a few Triton kernels (sampling_kernels) that compute
+the same integers; elsewhere in torch.
 Filtering rules: top_k, then top_p over what is left (a token is dropped when the tokens ranked
 above it already cover top_p; the first always stays); temperature 0 is greedy.
 
-Top-p without top-k, exactly (_outside): the weights w = exp((logit - max) / T) (float32, the
-bits the draw uses) are counted as integers q = floor(w * 2**S), S = 62 - ceil(log2(vocab)), so
-that a row's masses are exact whatever the order of summation. M(v), the mass of the tokens whose
+The masses: the weights w = exp((logit - max) / T) (float32) are counted as integers
+q = floor(w * 2**S), S = 62 - ceil(log2(vocab)), so that a row's sums are exact whatever their
+order (a weight below 2**-S, some 1e-13 of the row's top, is never drawn). The draw u in [0, 1)
+picks the first token whose running mass exceeds floor(u * Q), Q the row's total.
+
+Top-p without top-k, exactly (_outside): M(v), the mass of the tokens whose
 logit is >= v; Z = M(-inf). The threshold t is the largest logit of the row with
 float64(M(t)) >= float64(top_p) * float64(Z), and the row keeps every token whose logit is >= t:
 the sort-based nucleus (the smallest top set reaching top_p), with every token tied with its last
 token kept too (a sort orders equal logits arbitrarily; +0 and -0 are equal).
 """
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,24 +154,21 @@ def draw(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Token ids [b] for `rows`' settings and draws (float32); also, when a row samples, each
     row's largest logit [b] and, when computed (else None), the sums of the weights each row
-    draws from [b]: for a row without top-k or top-p, exp((logits - largest) / temperature)
-    over the whole vocabulary. A row's token depends on its own logits, settings and draw only;
+    draws from [b] (defined in the rows without top-k): for a row without top-k or top-p,
+    exp((logits - largest) / temperature) over the whole vocabulary. A row's token depends on its own logits, settings and draw only;
     nothing is read on the host."""
     if not rows.sampled:
         return logits.argmax(-1), None, None
     best, tokens = logits.max(-1)  # the greedy tokens, and each row's top for a stable exp
-    x, best = logits.float(), best.float()
+    best = best.float()
     total = None
     if rows.any_plain or rows.any_nucleus_only:
-        weights = _weights(x, best, rows.inverse)
-        if rows.any_nucleus_only:
-            weights.masked_fill_(_outside(logits, weights, rows.top_p, rows.nucleus_only), 0.0)
-        natural, total = _natural(weights, uniform)
+        natural, total = _natural(logits, best, rows, uniform)
         tokens = torch.where(rows.natural, natural, tokens)
     if rows.max_k:
-        c = rows.max_k
-        c = x.size(-1) if c > x.size(-1) // 2 else c  # a partial selection would cost a sort
-        ranked = _ranked(x, best, rows, uniform, c)
+        c, vocab = rows.max_k, logits.size(-1)
+        c = vocab if c > vocab // 2 else c  # a partial selection would cost a sort
+        ranked = _ranked(logits.float(), best, rows, uniform, c)
         tokens = torch.where(rows.filtered & ~rows.nucleus_only, ranked, tokens)
     return tokens, best, total
 
@@ -176,15 +179,73 @@ def _weights(x: torch.Tensor, best: torch.Tensor, inverse: torch.Tensor) -> torc
     return (x - best[:, None]).mul_(inverse[:, None]).exp_()
 
 
-def _natural(weights: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse CDF of `weights` (zero: never drawn) over the vocabulary in its own order (the
-    same distribution as over a ranking, and no sort); also each row's sum of the weights."""
-    cdf = weights.cumsum(-1)  # along each row: the same bits in any batch
-    total = cdf[:, -1]
-    # right=True: the first token whose cdf exceeds the draw, so a token of zero probability
-    # never wins (u * total < total for a float32 u < 1: no token past the last possible one).
-    pick = torch.searchsorted(cdf, (uniform * total)[:, None], right=True).squeeze(-1)
-    return pick.clamp_(max=weights.size(-1) - 1), total
+def _natural(
+    logits: torch.Tensor, best: torch.Tensor, rows: Rows, uniform: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws of the rows without top-k (`rows.natural`): the inverse CDF of the rows' exact
+    integer masses (the module's docstring), top-p's nucleus applied, over the vocabulary in its
+    own order (the same distribution as over a ranking, and no sort); also each row's sum of the
+    weights. Triton kernels where they run (sampling_kernels), else torch: the same integers."""
+    vocab = logits.size(-1)
+    scale = _mass_scale(vocab)
+    kernels = _kernels(logits)
+    if kernels is None:
+        mass = _weights(logits.float(), best, rows.inverse).mul_(scale).long()
+        if rows.any_nucleus_only:
+            key, width = _order_key(logits)
+            outside = _outside_keys(key, width, mass, rows.top_p, rows.nucleus_only)
+            mass.masked_fill_(outside, 0)
+        cum = mass.cumsum(-1)  # exact: integers
+        total = cum[:, -1]
+        target = _target(uniform, total)
+        pick = torch.searchsorted(cum, target[:, None], right=True).squeeze(-1)
+        pick = pick.clamp_(max=vocab - 1)
+    else:
+        args = (logits.contiguous(), best.contiguous(), rows.inverse)
+        threshold = torch.full_like(best, -(1 << 31), dtype=torch.int32)
+        if rows.any_nucleus_only:
+
+            def histogram(low: int, digit_bits: int, prefix: torch.Tensor | None) -> torch.Tensor:
+                return kernels.histogram(*args, rows.nucleus_only, scale, low, digit_bits, prefix)
+
+            width = 16 if logits.dtype in (torch.bfloat16, torch.float16) else 32
+            threshold = _threshold(width, vocab, rows.top_p, rows.nucleus_only, histogram)
+        sums = kernels.block_masses(*args, rows.natural, threshold, scale)
+        cum = sums.cumsum(-1)
+        total = cum[:, -1]
+        target = _target(uniform, total)
+        block = (cum <= target[:, None]).sum(-1)  # the first block whose mass passes the draw
+        before = cum.gather(-1, (block - 1).clamp(min=0)[:, None]).squeeze(-1)
+        offset = target - torch.where(block > 0, before, 0)
+        pick = kernels.pick_in_block(*args, threshold, block, offset, scale)
+    return pick, (total.double() / scale).float()
+
+
+def _mass_scale(vocab: int) -> float:
+    """2**S: a row's integer masses floor(w * 2**S) sum below 2**62 (each weight is at most 1)."""
+    return 2.0 ** (62 - (vocab - 1).bit_length())
+
+
+def _target(uniform: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """floor(u * total), below total: the draw lands on the first token whose running mass
+    exceeds it, so a token of zero mass never wins (total 0, a row not drawn here: -1)."""
+    target = (uniform.double() * total.double()).floor_().long()
+    return torch.minimum(target, total - 1)
+
+
+def _kernels(logits: torch.Tensor):  # noqa: ANN202 - the module, imported on demand
+    """sampling_kernels for these logits, or None for the torch path: on CUDA when Triton
+    imports; on a CPU only under Triton's interpreter (TRITON_INTERPRET=1: the tests).
+    TOOLKIT_TRITON_SAMPLING=off keeps the torch path (to compare them)."""
+    if os.environ.get("TOOLKIT_TRITON_SAMPLING", "auto") == "off":
+        return None
+    if not (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    try:
+        from toolkit.inference import sampling_kernels
+    except ImportError:
+        return None
+    return sampling_kernels
 
 
 def _order_key(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -204,34 +265,57 @@ def _outside(
     logits: torch.Tensor, weights: torch.Tensor, top_p: torch.Tensor, on: torch.Tensor
 ) -> torch.Tensor:
     """[b, v] bool: the tokens outside each row's nucleus (the module's docstring says which);
-    none in the rows where `on` is False. `weights`: the rows' exp((logits - max) / T).
+    none in the rows where `on` is False. `weights`: the rows' exp((logits - max) / T)."""
+    mass = weights.mul(_mass_scale(weights.size(-1))).long()
+    return _outside_keys(*_order_key(logits), mass, top_p, on)
 
-    A radix select on the masses: the mass per value of the keys' top bits (a histogram:
-    scatter_add of exact integers), summed from the largest logits down, and the first bin that
-    reaches the target; then the same over the next bits within that bin. Fixed shapes, no
-    sort, nothing read on the host."""
-    b, vocab = weights.shape
-    key, width = _order_key(logits)
-    # Exact integer masses: a row's sum stays below 2**62 (each weight is at most 1).
-    mass = weights.mul(2.0 ** (62 - (vocab - 1).bit_length())).long()
+
+def _outside_keys(
+    key: torch.Tensor, width: int, mass: torch.Tensor, top_p: torch.Tensor, on: torch.Tensor
+) -> torch.Tensor:
+    """_outside from the logits' order keys (of `width` bits) and the rows' integer masses."""
+    b, vocab = mass.shape
+
+    def histogram(low: int, digit_bits: int, prefix: torch.Tensor | None) -> torch.Tensor:
+        bins = 1 << digit_bits
+        digit = key >> low if low else key
+        if prefix is None:  # the top digit, signed: unsigned, largest logits in bin 0
+            index, src = (bins // 2 - 1 - digit).long(), mass
+        else:  # the next digit, within the bin found so far
+            index = (bins - 1 - (digit & (bins - 1))).long()
+            src = torch.where((key >> (low + digit_bits)) == prefix[:, None], mass, 0)
+        hist = torch.zeros(b, bins, dtype=torch.long, device=key.device)
+        return hist.scatter_add_(1, index, src)
+
+    return key < _threshold(width, vocab, top_p, on, histogram)[:, None]
+
+
+def _threshold(
+    width: int,
+    vocab: int,
+    top_p: torch.Tensor,
+    on: torch.Tensor,
+    histogram: Callable[[int, int, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """[b] int32: each row's nucleus threshold key (the smallest key kept; below every key in
+    the rows where `on` is False), by a radix select on the masses: `histogram(low, digit_bits,
+    prefix)` gives the mass per value of the keys' digit at bit `low` (prefix None: the top
+    digit, else only the keys whose higher bits equal the row's prefix found so far), summed
+    here from the largest logits down until the first bin that reaches the target. Fixed
+    shapes, no sort, nothing read on the host."""
+    device = top_p.device
     # 16 bits a pass (one for 16-bit logits), or 8 where the bins would outnumber the tokens.
     digit_bits = 16 if vocab >= 1 << 16 else 8
     bins = 1 << digit_bits
-    found = torch.zeros(b, dtype=torch.long, device=key.device)  # the threshold's key, unsigned
+    found = torch.zeros(top_p.size(0), dtype=torch.long, device=device)  # the key, unsigned
     above = torch.zeros_like(found)  # the mass of the logits above the bin searched
     target = None
     for low in range(width - digit_bits, -1, -digit_bits):
-        digit = key >> low if low else key
-        if target is None:  # the top digit, signed: unsigned, largest logits in bin 0
-            index = (bins // 2 - 1 - digit).long()
-            src = mass
-        else:  # the next digit, within the bin found so far
-            index = (bins - 1 - (digit & (bins - 1))).long()
+        prefix = None
+        if target is not None:
             high = width - low - digit_bits  # the bits found so far, signed as the key's
             prefix = ((found >> (low + digit_bits)) - (1 << (high - 1))).int()
-            src = torch.where((key >> (low + digit_bits)) == prefix[:, None], mass, 0)
-        hist = torch.zeros(b, bins, dtype=torch.long, device=key.device)
-        cum = hist.scatter_add_(1, index, src).cumsum_(-1).add_(above[:, None])
+        cum = histogram(low, digit_bits, prefix).cumsum_(-1).add_(above[:, None])
         if target is None:
             target = top_p.double() * cum[:, -1].double()
         first = (cum.double() < target[:, None]).sum(-1)  # the first bin that reaches it
@@ -240,8 +324,7 @@ def _outside(
             below = cum.gather(-1, (first - 1).clamp_(min=0)[:, None]).squeeze(-1)
             above = torch.where(first > 0, below, above)
     threshold = found - (1 << (width - 1))  # signed again
-    threshold = torch.where(on, threshold, -(1 << 31)).int()  # off: below every key
-    return key < threshold[:, None]
+    return torch.where(on, threshold, -(1 << 31)).int()  # off: below every key
 
 
 def _ranked(
