@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(recipe, tokenizer, device, dtype).eval()
         warmed = None
         if args.warm_up == "on":  # as python -m toolkit.inference.generate does
-            warmed = warm_up(model, ids, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K,
-                             eod_id=tokenizer.eod, force=True)  # fmt: skip
+            warmed = warm_up(model, ids, args.tokens, temperature=SAMPLE_TEMPERATURE,
+                             top_k=SAMPLE_TOP_K, eod_id=tokenizer.eod, force=True)  # fmt: skip
     built = time.perf_counter() - start
     # The trainer's device is cuda:<local rank> (train.device takes no index).
     device, dtype = model.embedding.weight.device, model.embedding.weight.dtype

@@ -176,16 +176,16 @@ def test_generate_cli_warms_up_once_with_its_settings(tmp_path, monkeypatch, cap
     assert "decode path warmed" not in caplog.text  # skipped on the CPU
     calls = []
 
-    def forced(model, prompt, **settings):
-        calls.append((prompt.tolist(), settings))
-        return warm_up(model, prompt, **settings, force=True)
+    def forced(model, prompt, tokens, **settings):
+        calls.append((prompt.tolist(), tokens, settings))
+        return warm_up(model, prompt, tokens, **settings, force=True)
 
     monkeypatch.setattr(generate_module, "warm_up", forced)
     caplog.set_level(logging.INFO, logger="toolkit.inference.generate")
     assert generate_module.main(argv) == 0
     assert capsys.readouterr().out == unwarmed
     settings = dict(temperature=0.7, top_k=20, top_p=0.0, eod_id=ByteTokenizer().eod)
-    assert calls == [([[97, 98]], settings | {"cuda_graphs": None})]
+    assert calls == [([[97, 98]], 12, settings | {"cuda_graphs": None})]  # the calls' length
     assert "decode path warmed in" in caplog.text
 
 

@@ -194,8 +194,8 @@ class Trainer:
         from toolkit.inference.generate import warm_up
 
         prompt = torch.tensor([self.tokenizer.encode(self.recipe.train.sample_prompt)])
-        seconds = warm_up(self.model, prompt, temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K,
-                          eod_id=self.tokenizer.eod, force=force)  # fmt: skip
+        seconds = warm_up(self.model, prompt, SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE,
+                          top_k=SAMPLE_TOP_K, eod_id=self.tokenizer.eod, force=force)  # fmt: skip
         if seconds is not None:
             log.info("decode path warmed in %.1f s (for the closing sample)", seconds)
         return seconds
@@ -333,7 +333,7 @@ class Trainer:
 
 
 # The closing sample's settings (greedy decoding of a tiny model loops on whitespace).
-SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.7, 20
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOKENS = 0.7, 20, 200
 
 
 def closing_sample(
@@ -363,7 +363,11 @@ def closing_sample(
 
 
 def sample_text(
-    model: HybridLM, tokenizer: Tokenizer, prompt: str, seed: int, max_new_tokens: int = 200
+    model: HybridLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    seed: int,
+    max_new_tokens: int = SAMPLE_TOKENS,
 ) -> str:
     """A short sampled continuation (SAMPLE_TEMPERATURE, SAMPLE_TOP_K)."""
     from toolkit.inference.generate import generate
