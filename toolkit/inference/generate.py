@@ -196,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    texts = args.prompt or ["def "]
     prompts = [
         torch.tensor([tokenizer.encode(text) or [tokenizer.eod]])  # empty: start a document
-        for text in args.prompt or ["def "]
+        for text in texts
     ]
     seconds = warm_up(
         model,
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if seconds is not None:
         log.info("decode path warmed in %.1f s", seconds)
-    for text, ids in zip(args.prompt or ["def "], prompts, strict=True):
+    for text, ids in zip(texts, prompts, strict=True):
         out = generate(
             model,
             ids,
