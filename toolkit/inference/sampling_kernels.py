@@ -20,8 +20,6 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from toolkit.inference.sampling import key_width
-
 BLOCK = 4096
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -113,6 +111,10 @@ def _pick_kernel(
     tl.store(out_ptr + row, tl.min(tl.where(past, offs, vocab - 1), 0))
 
 
+def _width(logits: torch.Tensor) -> int:
+    return 16 if logits.dtype in (torch.bfloat16, torch.float16) else 32
+
+
 def histogram(
     logits: torch.Tensor,
     best: torch.Tensor,
@@ -130,7 +132,7 @@ def histogram(
     prefix = on if first else prefix  # any tensor: the first pass does not read it
     _histogram_kernel[(b, triton.cdiv(vocab, BLOCK))](
         logits, best, inverse, on, prefix, hist, vocab, scale, low,
-        WIDTH=key_width(logits), DIGIT_BITS=digit_bits, FIRST=first, BLOCK=BLOCK,
+        WIDTH=_width(logits), DIGIT_BITS=digit_bits, FIRST=first, BLOCK=BLOCK,
         INTERPRET=_INTERPRET, num_warps=8,
     )  # fmt: skip
     return hist
@@ -150,7 +152,7 @@ def block_masses(
     sums = torch.empty(b, blocks, dtype=torch.long, device=logits.device)
     _block_mass_kernel[(b, blocks)](
         logits, best, inverse, on, threshold, sums, vocab, scale, blocks,
-        WIDTH=key_width(logits), BLOCK=BLOCK, num_warps=8,
+        WIDTH=_width(logits), BLOCK=BLOCK, num_warps=8,
     )  # fmt: skip
     return sums
 
@@ -169,6 +171,6 @@ def pick_in_block(
     out = torch.empty(b, dtype=torch.long, device=logits.device)
     _pick_kernel[(b,)](
         logits, best, inverse, threshold, block, offset, out, vocab, scale,
-        WIDTH=key_width(logits), BLOCK=BLOCK, num_warps=8,
+        WIDTH=_width(logits), BLOCK=BLOCK, num_warps=8,
     )  # fmt: skip
     return out
