@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from toolkit.inference import gemv
 from toolkit.model.states import DecodeStates
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ class StaticDecoder:
         # New views each step: the step's Python-side bookkeeping (MambaState.seen += 1) lands
         # on them, and the KV views read the engine's positions, never rebind them.
         views = self.states.decode_rows(rows, self.positions, span)
-        return self.forward(self.tokens[:rows], views)
+        with gemv.decode_products(gemv.runs_on(self.device)):  # batch 1's products: gemv.py
+            return self.forward(self.tokens[:rows], views)
 
     def _record(self, rows: int, span: int) -> torch.Tensor:
         """The first step at a new shape runs eagerly on a side stream, which is the warm-up

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from toolkit.inference import gemv
 from toolkit.inference.cuda_graph import StaticDecoder, span_bucket
 from toolkit.inference.request import FinishReason, Request, check_request, finish_reason
 from toolkit.inference.sampling import RowsCache, copy_to_host, pick, read_copy
@@ -488,12 +489,13 @@ class Engine:
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor([self.next_input[s] for s in rows])
         views = self.states.decode_rows(hi, self.positions)
-        hidden = self.model.hidden(tokens.to(self.device), views)
-        index = self._index(rows)
-        self.positions[index] += 1
-        for s in rows:
-            self.host_positions[s] += 1
-        return self._logits(hidden[index, 0])
+        with gemv.decode_products(gemv.runs_on(self.device)):  # as the graphs' steps
+            hidden = self.model.hidden(tokens.to(self.device), views)
+            index = self._index(rows)
+            self.positions[index] += 1
+            for s in rows:
+                self.host_positions[s] += 1
+            return self._logits(hidden[index, 0])
 
     def _admit(self, budget: int) -> list[Request]:
         """Waiting requests, in order, for the free slots, whose whole prompts fit in `budget`

@@ -1,0 +1,135 @@
+"""Tiles of toolkit/inference/gemv.py's matrix-vector kernel against cuBLAS, per weight shape of
+a recipe's model, at batch 1: bytes of weight read per second, each product replayed in a CUDA
+graph over enough copies of the weight (> 2 GiB) that the L2 cache does not serve them (as
+decode_profile.py measures cuBLAS). Prints the fastest tile per shape as gemv.TILES entries.
+
+    python benchmarks/gemv_sweep.py --recipe recipes/8b_hybrid.toml --json sweep.json
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.decode_profile import graph_time, hbm_bandwidth  # noqa: E402
+from toolkit.config import load_recipe  # noqa: E402
+from toolkit.inference import gemv  # noqa: E402
+from toolkit.model.hybrid import HybridLM  # noqa: E402
+
+
+def tiles(quick: bool) -> list[gemv.Tile]:
+    """The sweep: tiles of at most 16k weights (registers), 4 or 8 warps, 1 or 3 stages, with
+    and without evict-first loads (quick: a dozen around the default)."""
+    if quick:
+        pairs = [(4, 512), (8, 256), (8, 512), (16, 256)]
+        return [gemv.Tile(n, k, 4, 1, e) for n, k in pairs for e in (False, True)]
+    out = []
+    for n, k, warps, stages, evict in itertools.product(
+        (2, 4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8), (1, 3), (False, True)
+    ):
+        if n * k <= 16384:
+            out.append(gemv.Tile(n, k, warps, stages, evict))
+    return out
+
+
+def weight_shapes(recipe_path: str) -> dict[tuple[int, int], list[str]]:
+    """Distinct nn.Linear weight shapes of the recipe's model (built on the meta device)."""
+    recipe = load_recipe(recipe_path)
+    with torch.device("meta"):
+        model = HybridLM(recipe.model, recipe.model.vocab_size or 256)
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            shapes.setdefault(tuple(module.weight.shape), []).append(name)
+    return shapes
+
+
+def _compile(tile_list: list[gemv.Tile]) -> int:
+    """Compile the tiles in this process (a pool worker): Triton's on-disk cache keeps them."""
+    w = torch.empty(64, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty(4096, device="cuda", dtype=torch.bfloat16)
+    for tile in tile_list:
+        gemv.gemv(x, w, tile)
+    torch.cuda.synchronize()
+    return len(tile_list)
+
+
+def precompile(tile_list: list[gemv.Tile], workers: int) -> None:
+    """Triton compiles one tile at a time (~0.5 s each); a pool of processes fills the cache."""
+    chunks = [tile_list[i::workers] for i in range(workers)]
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        done = sum(pool.map(_compile, chunks))
+    print(f"compiled {done} tiles in {workers} processes", flush=True)
+
+
+def sweep(n: int, k: int, tile_list: list[gemv.Tile]) -> dict:
+    copies = max(2, -(-(2 << 30) // (n * k * 2)))
+    weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    reps = copies * max(1, 64 // copies)
+    nbytes = n * k * 2
+
+    def cublas(i: int) -> None:
+        torch.matmul(x, weights[i % copies].t(), out=out)
+
+    want = (x.float() @ weights[0].float().t()).view(-1)
+    row = {"shape": [n, k], "cublas_us": graph_time(cublas, reps) * 1e6, "tiles": []}
+    row["cublas_gb_per_s"] = nbytes / row["cublas_us"] / 1e3
+    for tile in tile_list:
+        got = gemv.gemv(x, weights[0], tile).float().view(-1)
+        error = ((got - want).abs() / (want.abs() + 1)).max().item()
+        t = graph_time(lambda i, tile=tile: gemv.gemv(x, weights[i % copies], tile), reps)
+        row["tiles"].append(
+            {"tile": list(tile), "us": t * 1e6, "gb_per_s": nbytes / t / 1e9, "error": error}
+        )
+    row["tiles"].sort(key=lambda r: r["us"])
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default="recipes/8b_hybrid.toml")
+    p.add_argument("--quick", action="store_true", help="a dozen tiles, not the whole sweep")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gemv_sweep.py needs a CUDA device")
+    tile_list = tiles(args.quick)
+    if args.workers > 1:
+        precompile(tile_list, args.workers)
+    result = {"device": torch.cuda.get_device_name(0), "hbm": hbm_bandwidth(), "shapes": []}
+    print(f"HBM: {result['hbm']}", flush=True)
+    for (n, k), names in weight_shapes(args.recipe).items():
+        row = sweep(n, k, tile_list)
+        torch.cuda.empty_cache()  # the copies of this shape's weight
+        row["layers"], row["example"] = len(names), names[0]
+        best = row["tiles"][0]
+        print(
+            f"{n}x{k} ({len(names)} layers): cuBLAS {row['cublas_us']:.1f} us "
+            f"{row['cublas_gb_per_s']:.0f} GB/s; best {best['tile']} {best['us']:.1f} us "
+            f"{best['gb_per_s']:.0f} GB/s (error {best['error']:.1e}); next "
+            + ", ".join(f"{r['tile']} {r['gb_per_s']:.0f}" for r in row["tiles"][1:4]),
+            flush=True,
+        )
+        result["shapes"].append(row)
+    print("TILES = {")
+    for row in result["shapes"]:
+        print(f"    ({row['shape'][0]}, {row['shape'][1]}): Tile{tuple(row['tiles'][0]['tile'])},")
+    print("}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""A Triton matrix-vector product for decoding one row: y = x W^T, the weight read once.
+
+At batch 1 a decode step is matrix-vector products (3.94 of its 4.55 ms of kernels for the 8B
+hybrid on an H200) and cuBLAS reads the weights at 2.7-4.1 TB/s against the 4.3 TB/s a plain
+sum reads them at (benchmarks/RESULTS.md). This kernel streams [BLOCK_N, BLOCK_K] tiles of the
+weight through fp32 accumulators, one program per BLOCK_N rows, no split-K (so no second
+kernel to add partial sums). Its tile per weight shape comes from benchmarks/gemv_sweep.py on
+the H200 (TILES); other shapes take the tile most of those chose.
+
+`decode_products()` is a TorchFunctionMode that sends F.linear calls of one bf16/fp16 row on a
+CUDA tensor, without gradients, bias or tensor subclasses, to the kernel; every other call runs
+as it would have. The decoder enters it around the steps it records as CUDA graphs, so the
+kernels are captured and replays pay nothing in Python. On a CPU the kernel runs under Triton's
+interpreter (TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off
+keeps cuBLAS.
+"""
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+class Tile(NamedTuple):
+    block_n: int  # weight rows per program
+    block_k: int  # columns per step of a program's loop
+    warps: int
+    stages: int
+    evict_first: bool  # weights are read once: keep x, not them, in L2
+
+
+# (out_features, in_features) -> the fastest of 136 tiles in benchmarks/gemv_sweep.py on the
+# H200 (the 8B hybrid's shapes; GB/s read, ours against cuBLAS, in benchmarks/RESULTS.md).
+TILES: dict[tuple[int, int], Tile] = {
+    (18560, 4096): Tile(4, 2048, 4, 3, True),  # Mamba in_proj: 4229 against 3577
+    (4096, 8192): Tile(16, 1024, 8, 3, True),  # Mamba out_proj: 3903 against 3292
+    (16384, 4096): Tile(4, 2048, 4, 3, False),  # MLP fc1: 4182 against 4098
+    (4096, 16384): Tile(4, 2048, 4, 1, True),  # MLP fc2: 4217 against 3924
+    (6144, 4096): Tile(2, 1024, 4, 1, True),  # attention qkv: 3675 against 3259
+    (4096, 4096): Tile(16, 1024, 8, 3, True),  # attention proj: 3431 against 2681
+    (256000, 4096): Tile(4, 2048, 4, 3, True),  # output layer: 4660 against 4442
+}
+
+
+def tile_for(n: int, k: int) -> Tile:
+    """TILES's, else the tile most shapes there chose, its columns cut to the row's width."""
+    if (n, k) in TILES:
+        return TILES[n, k]
+    return Tile(4, min(2048, max(16, 1 << (k - 1).bit_length())), 4, 1, True)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
+    """x [..., K] holding one row, weight [N, K] (rows contiguous) -> [..., N] in x's dtype:
+    the products summed in fp32 and rounded once, as cuBLAS's."""
+    n, k = weight.shape
+    if x.numel() != k or weight.stride(1) != 1:
+        raise ValueError(f"gemv: one row of {k} against a row-major weight, got {tuple(x.shape)}")
+    from toolkit.inference.gemv_kernel import launch
+
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    launch(weight, x.contiguous(), y, tile or tile_for(n, k))
+    return y
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether F.linear(x, weight, bias) goes to the kernel: one half-precision row, on CUDA
+    (or under the interpreter), no bias, no gradients, plain tensors of one dtype."""
+    return (
+        bias is None
+        and not torch.is_grad_enabled()
+        and _plain(x)
+        and _plain(weight)
+        and runs_on(x.device)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and weight.dim() == 2
+        and x.numel() == weight.size(1)
+        and weight.stride(1) == 1
+    )
+
+
+class _DecodeProducts(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, *rest = args
+            bias = rest[0] if rest else kwargs.get("bias")
+            if takes(x, weight, bias):
+                return gemv(x, weight)
+        return func(*args, **kwargs)
+
+
+def enabled() -> bool:
+    return os.environ.get("TOOLKIT_TRITON_GEMV", "auto") != "off"
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernel is meant for this device: CUDA, or any under Triton's interpreter."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def decode_products(on: bool = True) -> Iterator[None]:
+    """Inside: one-row F.linear calls run through the kernel (see the module's docstring).
+    `on=False`, or TOOLKIT_TRITON_GEMV=off, or no Triton: a no-op."""
+    if not (on and enabled() and _triton_imports()):
+        yield
+        return
+    with _DecodeProducts():
+        yield
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install: cuBLAS it is
+        return False
+    return True

@@ -1,0 +1,39 @@
+"""The Triton kernel of gemv.py (imported on first use: Triton takes 0.3 s to import)."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(
+    w_ptr, x_ptr, y_ptr, N, K, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT_FIRST: tl.constexpr,
+):  # fmt: skip
+    """y[rows] = w[rows, :] @ x for this program's BLOCK_N rows, in fp32, rounded once."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    inside = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + cols
+        mask = inside[:, None] & (k < K)[None, :]
+        if EVICT_FIRST:  # each weight is read once per step: leave L2 to x and the rest
+            w = tl.load(w_rows + k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + k[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def launch(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, tile) -> None:  # noqa: ANN001
+    """y [N] = weight [N, K] @ x [K] with gemv.Tile `tile` (x, y contiguous)."""
+    n, k = weight.shape
+    _gemv_kernel[(triton.cdiv(n, tile.block_n),)](
+        weight, x, y, n, k, weight.stride(0),
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, EVICT_FIRST=tile.evict_first,
+        num_warps=tile.warps, num_stages=tile.stages,
+    )  # fmt: skip
