@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from toolkit.model import flash_decoding
+
 
 @dataclass
 class KVCache:
@@ -199,12 +201,16 @@ class Attention(nn.Module):
                 f"static decode takes one token per row within the cache ({state.k.size(2)} "
                 f"positions); got {length} tokens, span {span}"
             )
+        # A group's query heads become its queries: no GQA expansion of the keys.
+        q = q.reshape(b, groups, self.heads_per_group, d)
+        if flash_decoding.takes(q, state.k):  # the keys split over the GPU, in 2 kernels
+            cache = state.k[:, :, :span], state.v[:, :, :span]
+            out = flash_decoding.attend(q, k[:, :, 0], v[:, :, 0], *cache, state.lengths)
+            return out.reshape(b, self.num_heads, d)
         pos = state.lengths[:, None]  # b 1
         rows = torch.arange(b, device=k.device)[:, None]
         state.k[rows, :, pos] = k.transpose(1, 2)  # indexed as [b, 1, groups, d]
         state.v[rows, :, pos] = v.transpose(1, 2)
-        # A group's query heads become its queries: no GQA expansion of the keys.
-        q = q.reshape(b, groups, self.heads_per_group, d)
         mask = pos[:, :, None, None] >= torch.arange(span, device=k.device)  # b 1 1 span
         out = decode_attention(q, state.k[:, :, :span], state.v[:, :, :span], mask)
         return out.reshape(b, self.num_heads, d)
