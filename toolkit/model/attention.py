@@ -193,7 +193,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """One query per row at position lengths[r], keys over a fixed `span` of the cache: the
         shapes do not depend on the lengths, and nothing here reads a value on the host, so a
-        CUDA graph can capture it. Returns [b, heads, head_dim]."""
+        CUDA graph can capture it. Returns [b, heads, head_dim]. Where flash_decoding takes it,
+        its kernels write the new keys and attend; elsewhere decode_attention, the reference."""
         b, groups, length, d = k.shape
         span = state.span
         if length != 1 or span > state.k.size(2):
