@@ -7,7 +7,11 @@ weight shape's matrix-vector product, and the kernels of one engine step.
    weight read per second by F.linear, replayed in a CUDA graph over enough copies of the
    weight (> 2 GiB) that the 50 MB L2 cache does not serve them; with --compiled-gemv also
    torch.compile's kernel for the same product (batch 1).
-3. One engine step (CUDA graph replay; the same with the next step launched ahead, --overlap;
+3. Decode attention at the model's shape over 4k and 32k keys: SDPA, two matmuls, and the
+   static step's Triton flash decoding (toolkit/model/flash_decoding.py), bytes of keys and
+   values read per second; then the flash-decoding kernels' time at batch 1 for a grid of
+   plans (keys per step, programs per SM, stages), the data to tune its plan with.
+4. One engine step (CUDA graph replay; the same with the next step launched ahead, --overlap;
    eagerly) under torch.profiler: step time, the sum of its kernels' times, their count, and the
    kernels that take the most time.
 
@@ -18,6 +22,7 @@ weight shape's matrix-vector product, and the kernels of one engine step.
 import argparse
 import functools
 import gc
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -28,7 +33,7 @@ from torch import nn
 from toolkit.build import build_model
 from toolkit.config import load_recipe
 from toolkit.inference.engine import Engine, Request
-from toolkit.model import attention
+from toolkit.model import attention, flash_decoding
 from toolkit.tokenizer import build_tokenizer
 
 
@@ -111,36 +116,100 @@ def gemv_bandwidth(model: nn.Module, batch: int, compiled: bool) -> list[dict]:
     return rows
 
 
-def attention_bandwidth(cfg, batches: list[int], span: int) -> list[dict]:
-    """Decode attention over a `span`-key cache at the model's shape: SDPA with a mask against
-    decode_attention's two matmuls; bytes of keys and values read per second."""
+def attention_inputs(cfg, batch: int, span: int) -> dict:
+    """A decode step's attention inputs at the model's shape, keys 0..span-8 visible, over
+    enough copies of the cache (> 256 MiB) that the 50 MB L2 does not serve them, as in a step,
+    where the weights pass through it between layers."""
     groups, d = cfg.num_query_groups, cfg.hidden_size // cfg.num_attention_heads
-    per_group = cfg.num_attention_heads // groups
+    heads = cfg.num_attention_heads // groups
+    nbytes = 2 * batch * groups * span * d * 2  # keys and values read
+    copies = -(-(256 << 20) // nbytes)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    mask = torch.arange(span, device="cuda") < span - 7
+    return {
+        "q": randn(batch, groups, heads, d),
+        "new": randn(2, batch, groups, d),
+        "k": randn(copies, batch, groups, span, d),
+        "v": randn(copies, batch, groups, span, d),
+        "mask": mask.expand(batch, 1, 1, span),
+        "lengths": torch.full((batch,), span - 8, device="cuda"),
+        "copies": copies,
+        "nbytes": nbytes,
+    }
+
+
+def attention_time(a: dict, kind: str, plan: flash_decoding.Plan | None = None) -> float:
+    """Seconds per call: decode_attention ('sdpa' or 'matmul', whichever way it goes now) or
+    the static step's flash decoding ('triton', which also writes the new keys)."""
+    copies = a["copies"]
+
+    def step(i: int) -> None:
+        k, v = a["k"][i % copies], a["v"][i % copies]
+        if kind == "triton":
+            flash_decoding.attend(a["q"], *a["new"], k, v, a["lengths"], plan)
+        else:
+            attention.decode_attention(a["q"], k, v, a["mask"])
+
+    return graph_time(step, max(8, copies))
+
+
+def attention_bandwidth(cfg, batches: list[int], spans: list[int]) -> list[dict]:
+    """Decode attention over a `span`-key cache at the model's shape: SDPA with a mask,
+    decode_attention's two matmuls, the static step's Triton flash decoding; bytes of keys and
+    values read per second."""
     rows, below = [], attention.MATMUL_ATTENTION_BELOW
-    for b in batches:
-        q = torch.randn(b, groups, per_group, d, device="cuda", dtype=torch.bfloat16)
-        k, v = (
-            torch.randn(b, groups, span, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)
-        )
-        mask = torch.arange(span, device="cuda") < span - 7
-        mask = mask.expand(b, 1, 1, span)
-        nbytes = 2 * k.numel() * k.element_size()
+    for span, b in itertools.product(spans, batches):
+        a = attention_inputs(cfg, b, span)
         row = {"batch": b, "span": span}
-        for name, threshold in (("sdpa", 0), ("matmul", 1 << 30)):
+        for name, threshold in (("sdpa", 0), ("matmul", 1 << 30), ("triton", below)):
             attention.MATMUL_ATTENTION_BELOW = threshold  # which way decode_attention goes
             try:
-                t = graph_time(lambda i, a=(q, k, v, mask): attention.decode_attention(*a), 8)
+                t = attention_time(a, name)
             finally:
                 attention.MATMUL_ATTENTION_BELOW = below
-            row[f"{name}_us"], row[f"{name}_gb_per_s"] = t * 1e6, nbytes / t / 1e9
+            row[f"{name}_us"], row[f"{name}_gb_per_s"] = t * 1e6, a["nbytes"] / t / 1e9
+        pairs = b * cfg.num_query_groups
+        row["triton_plan"] = flash_decoding.plan_for(pairs, span, torch.device("cuda"))._asdict()
         print(
-            f"attention b={b} span={span}: sdpa {row['sdpa_us']:.0f} us "
-            f"({row['sdpa_gb_per_s']:.0f} GB/s), matmul {row['matmul_us']:.0f} us "
-            f"({row['matmul_gb_per_s']:.0f} GB/s)"
+            f"attention b={b} span={span}: "
+            + ", ".join(
+                f"{name} {row[f'{name}_us']:.1f} us ({row[f'{name}_gb_per_s']:.0f} GB/s)"
+                for name in ("sdpa", "matmul", "triton")
+            )
         )
         rows.append(row)
+        del a
         torch.cuda.empty_cache()
     return rows
+
+
+def attention_plans(cfg, span: int, batch: int = 1) -> list[dict]:
+    """The flash-decoding kernels' time at one (batch, span) for each plan of a small grid
+    (keys per step, programs per SM, pipeline stages), fastest first: the data to tune
+    flash_decoding.plan_for with."""
+    a = attention_inputs(cfg, batch, span)
+    out = []
+    for block, per_sm, stages in itertools.product((32, 64, 128), (1, 2, 4, 8), (2, 3)):
+        plan = flash_decoding.plan_for(
+            batch * cfg.num_query_groups, span, torch.device("cuda"), block, per_sm
+        )._replace(stages=stages)
+        row: dict = {"plan": plan._asdict(), "per_sm": per_sm}
+        try:
+            t = attention_time(a, "triton", plan)
+        except Exception as e:  # e.g. out of shared memory at 128 keys x 3 stages
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+        else:
+            row["us"], row["gb_per_s"] = t * 1e6, a["nbytes"] / t / 1e9
+        out.append(row)
+    out.sort(key=lambda r: r.get("us", float("inf")))
+    for r in out[:4]:
+        print(f"attention plan b={batch} span={span}: {r}")
+    del a
+    torch.cuda.empty_cache()
+    return out
 
 
 def profile_steps(engine: Engine, steps: int, label: str, trace: Path | None) -> dict:
@@ -229,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_gemv:
         result["gemv"] = gemv_bandwidth(model, args.batch, args.compiled_gemv)
     if "*" in model.layout.pattern:
-        result["attention"] = attention_bandwidth(recipe.model, [1, 2, 4, 8, 32], 32768)
+        result["attention"] = attention_bandwidth(recipe.model, [1, 2, 4, 8, 32], [4096, 32768])
+        result["attention_plans"] = {
+            span: attention_plans(recipe.model, span) for span in (4096, 32768)
+        }
     steps = args.steps
     max_len = -(-(args.context + 4 * steps + 8) // 256) * 256
     for label, graphs, overlap in (
