@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from toolkit.model.kernels import _import_error
+
 PROGRAMS_PER_SM = 3  # enough programs in flight to hide a split's load latency
 MAX_SPLITS = 256  # pass 2 holds a head's split maxima at once
 INTERPRETER_SMS = 8  # under the interpreter: a few splits, so that the tests combine some
@@ -99,11 +101,7 @@ def takes(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 @functools.cache
 def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install: decode_attention it is
-        return False
-    return True
+    return _import_error("triton") is None  # else (a broken install too): decode_attention
 
 
 @functools.cache
