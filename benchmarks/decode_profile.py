@@ -278,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", type=Path, help="Chrome trace of the graph steps")
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument(
+        "--attention",
+        choices=("on", "off", "only"),
+        default="on",
+        help="the attention tables and flash decoding's plan sweep (only: nothing else)",
+    )
+    p.add_argument(
         "--compiled-gemv",
         action="store_true",
         help="at batch 1, also time torch.compile's matrix-vector kernel for every shape",
@@ -293,15 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     recipe = load_recipe(args.recipe, args.set)
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(recipe.data.tokenizer)
-    model = build_model(recipe, tokenizer, torch.device("cuda"), torch.bfloat16).eval()
-    if not args.skip_gemv:
-        result["gemv"] = gemv_bandwidth(model, args.batch, args.compiled_gemv)
-    if "*" in model.layout.pattern:
+    if args.attention != "off":
         result["attention"] = attention_bandwidth(recipe.model, [1, 2, 4, 8, 32], [4096, 32768])
         result["attention_plans"] = {
             span: attention_plans(recipe.model, span) for span in (4096, 32768)
         }
+    if args.attention == "only":
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return 0
+    tokenizer = build_tokenizer(recipe.data.tokenizer)
+    model = build_model(recipe, tokenizer, torch.device("cuda"), torch.bfloat16).eval()
+    if not args.skip_gemv:
+        result["gemv"] = gemv_bandwidth(model, args.batch, args.compiled_gemv)
     steps = args.steps
     max_len = -(-(args.context + 4 * steps + 8) // 256) * 256
     for label, graphs, overlap in (
