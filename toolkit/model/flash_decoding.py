@@ -22,7 +22,9 @@ import torch
 
 from toolkit.model.kernels import _import_error
 
-PROGRAMS_PER_SM = 3  # enough programs in flight to hide a split's load latency
+# The fastest of decode_profile.py's plan sweep on the H200 at batch 1 (8B shapes): 41.6 us at
+# 32k keys against 48.2 for 3 per SM and 2 stages, 13.2 against 13.3 at 4k (RESULTS.md).
+PROGRAMS_PER_SM = 2
 MAX_SPLITS = 256  # pass 2 holds a head's split maxima at once
 INTERPRETER_SMS = 8  # under the interpreter: a few splits, so that the tests combine some
 
@@ -32,7 +34,7 @@ class Plan(NamedTuple):
     keys_per_split: int  # a multiple of block
     splits: int
     warps: int = 4
-    stages: int = 2
+    stages: int = 3
 
 
 def plan_for(
