@@ -40,11 +40,15 @@ def tiles(quick: bool) -> list[gemv.Tile]:
     return out
 
 
-def weight_shapes(recipe_path: str) -> dict[tuple[int, int], list[str]]:
-    """Distinct nn.Linear weight shapes of the recipe's model (built on the meta device)."""
+def meta_model(recipe_path: str) -> HybridLM:
     recipe = load_recipe(recipe_path)
     with torch.device("meta"):
-        model = HybridLM(recipe.model, recipe.model.vocab_size or 256)
+        return HybridLM(recipe.model, recipe.model.vocab_size or 256)
+
+
+def weight_shapes(recipe_path: str) -> dict[tuple[int, int], list[str]]:
+    """Distinct nn.Linear weight shapes of the recipe's model (built on the meta device)."""
+    model = meta_model(recipe_path)
     shapes: dict[tuple[int, int], list[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -55,7 +59,7 @@ def weight_shapes(recipe_path: str) -> dict[tuple[int, int], list[str]]:
 def _compile(tile_list: list[gemv.Tile]) -> int:
     """Compile the tiles in this process (a pool worker): Triton's on-disk cache keeps them."""
     w = torch.empty(64, 4096, device="cuda", dtype=torch.bfloat16)
-    x = torch.empty(4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.zeros(4096, device="cuda", dtype=torch.bfloat16)
     for tile in tile_list:
         gemv.gemv(x, w, tile)
     torch.cuda.synchronize()
@@ -96,15 +100,39 @@ def sweep(n: int, k: int, tile_list: list[gemv.Tile]) -> dict:
     return row
 
 
+def sweep_fused(recipe_path: str) -> list[dict]:
+    """An MLP's fc1 with its activation in one kernel (at fc1's tile) against fc1 alone."""
+    model = meta_model(recipe_path)
+    mlp = next((b.mixer for b in model.layers if b.kind == "-"), None)
+    if mlp is None or mlp.activation not in ("gelu", "relu2"):
+        return []
+    n, k = mlp.linear_fc1.weight.shape
+    copies = max(2, -(-(2 << 30) // (n * k * 2)))
+    weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    reps = copies * max(1, 64 // copies)
+    plain = graph_time(lambda i: gemv.gemv(x, weights[i % copies]), reps)
+    fused = graph_time(lambda i: gemv.gemv(x, weights[i % copies], None, mlp.activation), reps)
+    print(f"fc1 {n}x{k}: {plain * 1e6:.1f} us, with {mlp.activation} {fused * 1e6:.1f} us")
+    return [{"shape": [n, k], "activation": mlp.activation, "plain_us": plain * 1e6,
+             "fused_us": fused * 1e6}]  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="recipes/8b_hybrid.toml")
     p.add_argument("--quick", action="store_true", help="a dozen tiles, not the whole sweep")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--fused", action="store_true", help="only fc1 with its activation fused")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gemv_sweep.py needs a CUDA device")
+    if args.fused:
+        result = {"device": torch.cuda.get_device_name(0), "fused": sweep_fused(args.recipe)}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     tile_list = tiles(args.quick)
     if args.workers > 1:
         precompile(tile_list, args.workers)

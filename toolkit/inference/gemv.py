@@ -9,10 +9,14 @@ the H200 (TILES); other shapes take the tile most of those chose.
 
 `decode_products()` is a TorchFunctionMode that sends F.linear calls of one bf16/fp16 row on a
 CUDA tensor, without gradients, bias or tensor subclasses, to the kernel; every other call runs
-as it would have. The decoder enters it around the steps it records as CUDA graphs, so the
+as it would have. The model marks an MLP's fc1 and its GELU or squared ReLU as one overridable
+function (mlp.linear_activation), which the mode runs as one kernel, the activation applied to
+the sums (28 fewer kernels in the 8B's step). Mamba-2's gated norm folded into out_proj the same
+way (each group's 1/rms scaling its partial sums) was slower on the H200: the per-group
+reductions cost more than the norm's own kernel (benchmarks/RESULTS.md). The decoder enters it around the steps it records as CUDA graphs, so the
 kernels are captured and replays pay nothing in Python. On a CPU the kernel runs under Triton's
 interpreter (TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off
-keeps cuBLAS.
+keeps cuBLAS; =plain takes the kernel for the products but not the activation's fusion.
 """
 
 import contextlib
@@ -25,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from toolkit.model.mlp import activate, linear_activation
 
 
 class Tile(NamedTuple):
@@ -55,16 +61,22 @@ def tile_for(n: int, k: int) -> Tile:
     return Tile(4, min(2048, max(16, 1 << (k - 1).bit_length())), 4, 1, True)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tile: Tile | None = None) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    tile: Tile | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] (rows contiguous) -> [..., N] in x's dtype:
-    the products summed in fp32 and rounded once, as cuBLAS's."""
+    the products summed in fp32 and rounded once, as cuBLAS's; `activation` ('gelu', 'relu2')
+    applied to the sums before the rounding."""
     n, k = weight.shape
     if x.numel() != k or weight.stride(1) != 1:
         raise ValueError(f"gemv: one row of {k} against a row-major weight, got {tuple(x.shape)}")
     from toolkit.inference.gemv_kernel import launch
 
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    launch(weight, x.contiguous(), y, tile or tile_for(n, k))
+    launch(weight, x.contiguous(), y, tile or tile_for(n, k), activation)
     return y
 
 
@@ -90,14 +102,28 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
 
 
 class _DecodeProducts(TorchFunctionMode):
+    """F.linear, and an MLP's fc1 with its activation (marked overridable by the model), through
+    the kernel where `takes` says so."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight, *rest = args
-            bias = rest[0] if rest else kwargs.get("bias")
-            if takes(x, weight, bias):
-                return gemv(x, weight)
+            return self.linear(*args, **kwargs)
+        if func is linear_activation:
+            return self.linear_activation(*args)
         return func(*args, **kwargs)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if takes(x, weight, bias):
+            return gemv(x, weight)
+        return F.linear(x, weight, bias)
+
+    def linear_activation(self, linear: nn.Module, x: torch.Tensor, activation: str):
+        fuse = os.environ.get("TOOLKIT_TRITON_GEMV", "auto") != "plain"
+        if fuse and type(linear) is nn.Linear and takes(x, linear.weight, linear.bias):
+            return gemv(x, linear.weight, activation=activation)
+        with self:  # its product may still come here
+            return activate(linear(x), activation)
 
 
 def enabled() -> bool:

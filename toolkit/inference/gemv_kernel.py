@@ -4,13 +4,15 @@ import torch
 import triton
 import triton.language as tl
 
+ACTIVATIONS = {None: 0, "gelu": 1, "relu2": 2}
+
 
 @triton.jit
 def _gemv_kernel(
-    w_ptr, x_ptr, y_ptr, N, K, stride_w,
+    w_ptr, x_ptr, y_ptr, N, K, stride_w, ACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT_FIRST: tl.constexpr,
 ):  # fmt: skip
-    """y[rows] = w[rows, :] @ x for this program's BLOCK_N rows, in fp32, rounded once."""
+    """y[rows] = act(w[rows, :] @ x) for this program's BLOCK_N rows, in fp32, rounded once."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     inside = rows < N
@@ -26,14 +28,25 @@ def _gemv_kernel(
         x = tl.load(x_ptr + k, mask=k < K, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
+    if ACT == 1:  # GELU, erf form (F.gelu's default)
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 2:  # squared ReLU
+        y = tl.maximum(y, 0.0)
+        y = y * y
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-def launch(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, tile) -> None:  # noqa: ANN001
-    """y [N] = weight [N, K] @ x [K] with gemv.Tile `tile` (x, y contiguous)."""
+def launch(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tile,  # noqa: ANN001 - a gemv.Tile
+    activation: str | None = None,
+) -> None:
+    """y [N] = act(weight [N, K] @ x [K]) with gemv.Tile `tile` (x, y contiguous)."""
     n, k = weight.shape
     _gemv_kernel[(triton.cdiv(n, tile.block_n),)](
-        weight, x, y, n, k, weight.stride(0),
+        weight, x, y, n, k, weight.stride(0), ACT=ACTIVATIONS[activation],
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, EVICT_FIRST=tile.evict_first,
         num_warps=tile.warps, num_stages=tile.stages,
     )  # fmt: skip

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 from toolkit.config import MLP_ACTIVATIONS as ACTIVATIONS
 
@@ -20,12 +21,22 @@ class MLP(nn.Module):
         self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, state: None = None) -> torch.Tensor:
-        h = self.linear_fc1(x)
-        if self.activation == "gelu":
-            h = F.gelu(h)
-        elif self.activation == "relu2":
-            h = F.relu(h).square()
-        else:  # swiglu: fc1 rows are [gate; up], as in Megatron
-            gate, up = h.chunk(2, dim=-1)
+        if self.activation == "swiglu":  # fc1 rows are [gate; up], as in Megatron
+            gate, up = self.linear_fc1(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
+        else:
+            h = linear_activation(self.linear_fc1, x, self.activation)
         return self.linear_fc2(h)
+
+
+def linear_activation(linear: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """activation(linear(x)) for 'gelu' and 'relu2'. A TorchFunctionMode may take the pair
+    whole: the decode step's matrix-vector kernel applies the activation to its sums
+    (toolkit/inference/gemv.py)."""
+    if has_torch_function((x,)):
+        return handle_torch_function(linear_activation, (x,), linear, x, activation)
+    return activate(linear(x), activation)
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.gelu(h) if activation == "gelu" else F.relu(h).square()
