@@ -202,22 +202,23 @@ def _natural(
         pick = pick.clamp_(max=vocab - 1)
     else:
         args = (logits.contiguous(), best.contiguous(), rows.inverse)
+        width = key_width(logits)
         threshold = torch.full_like(best, -(1 << 31), dtype=torch.int32)
         if rows.any_nucleus_only:
 
             def histogram(low: int, digit_bits: int, prefix: torch.Tensor | None) -> torch.Tensor:
-                return kernels.histogram(*args, rows.nucleus_only, scale, low, digit_bits, prefix)
+                on = rows.nucleus_only
+                return kernels.histogram(*args, on, scale, width, low, digit_bits, prefix)
 
-            width = 16 if logits.dtype in (torch.bfloat16, torch.float16) else 32
             threshold = _threshold(width, vocab, rows.top_p, rows.nucleus_only, histogram)
-        sums = kernels.block_masses(*args, rows.natural, threshold, scale)
+        sums = kernels.block_masses(*args, rows.natural, threshold, scale, width)
         cum = sums.cumsum(-1)
         total = cum[:, -1]
         target = _target(uniform, total)
         block = (cum <= target[:, None]).sum(-1)  # the first block whose mass passes the draw
         before = cum.gather(-1, (block - 1).clamp(min=0)[:, None]).squeeze(-1)
         offset = target - torch.where(block > 0, before, 0)
-        pick = kernels.pick_in_block(*args, threshold, block, offset, scale)
+        pick = kernels.pick_in_block(*args, threshold, block, offset, scale, width)
     return pick, (total.double() / scale).float()
 
 
@@ -248,13 +249,19 @@ def _kernels(logits: torch.Tensor):  # noqa: ANN202 - the module, imported on de
     return sampling_kernels
 
 
+def key_width(logits: torch.Tensor) -> int:
+    """The bits of the logits' order keys: 16 for 16-bit logits, else 32 (as float32)."""
+    return 16 if logits.dtype in (torch.bfloat16, torch.float16) else 32
+
+
 def _order_key(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Each logit's bit pattern as an int32 that orders as the logits do (+0 and -0 alike), in
-    [-2**(bits - 1), 2**(bits - 1)), and the bits: 16 for 16-bit logits, else 32 (float32)."""
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        bits, width = logits.view(torch.int16).int(), 16
+    [-2**(bits - 1), 2**(bits - 1)), and the bits (key_width)."""
+    width = key_width(logits)
+    if width == 16:
+        bits = logits.view(torch.int16).int()
     else:
-        bits, width = logits.float().view(torch.int32), 32
+        bits = logits.float().view(torch.int32)
     # Sign and magnitude to two's complement: a negative float orders as minus its magnitude.
     sign = bits >> (width - 1)  # 0 or -1
     key = bits & ((1 << (width - 1)) - 1)

@@ -111,28 +111,26 @@ def _pick_kernel(
     tl.store(out_ptr + row, tl.min(tl.where(past, offs, vocab - 1), 0))
 
 
-def _width(logits: torch.Tensor) -> int:
-    return 16 if logits.dtype in (torch.bfloat16, torch.float16) else 32
-
-
 def histogram(
     logits: torch.Tensor,
     best: torch.Tensor,
     inverse: torch.Tensor,
     on: torch.Tensor,
     scale: float,
+    width: int,
     low: int,
     digit_bits: int,
     prefix: torch.Tensor | None,
 ) -> torch.Tensor:
-    """[b, 2**digit_bits] int64: sampling's radix pass at bit `low` (prefix None: the first)."""
+    """[b, 2**digit_bits] int64: sampling's radix pass at bit `low` (prefix None: the first)
+    over order keys of `width` bits (sampling.key_width)."""
     b, vocab = logits.shape
     hist = torch.zeros(b, 1 << digit_bits, dtype=torch.long, device=logits.device)
     first = prefix is None
     prefix = on if first else prefix  # any tensor: the first pass does not read it
     _histogram_kernel[(b, triton.cdiv(vocab, BLOCK))](
         logits, best, inverse, on, prefix, hist, vocab, scale, low,
-        WIDTH=_width(logits), DIGIT_BITS=digit_bits, FIRST=first, BLOCK=BLOCK,
+        WIDTH=width, DIGIT_BITS=digit_bits, FIRST=first, BLOCK=BLOCK,
         INTERPRET=_INTERPRET, num_warps=8,
     )  # fmt: skip
     return hist
@@ -145,6 +143,7 @@ def block_masses(
     on: torch.Tensor,
     threshold: torch.Tensor,
     scale: float,
+    width: int,
 ) -> torch.Tensor:
     """[b, blocks] int64: each block's kept mass in the rows where `on`, else 0."""
     b, vocab = logits.shape
@@ -152,7 +151,7 @@ def block_masses(
     sums = torch.empty(b, blocks, dtype=torch.long, device=logits.device)
     _block_mass_kernel[(b, blocks)](
         logits, best, inverse, on, threshold, sums, vocab, scale, blocks,
-        WIDTH=_width(logits), BLOCK=BLOCK, num_warps=8,
+        WIDTH=width, BLOCK=BLOCK, num_warps=8,
     )  # fmt: skip
     return sums
 
@@ -165,12 +164,13 @@ def pick_in_block(
     block: torch.Tensor,
     offset: torch.Tensor,
     scale: float,
+    width: int,
 ) -> torch.Tensor:
     """[b] long: the token of each row's `block` where the running mass first exceeds `offset`."""
     b, vocab = logits.shape
     out = torch.empty(b, dtype=torch.long, device=logits.device)
     _pick_kernel[(b,)](
         logits, best, inverse, threshold, block, offset, out, vocab, scale,
-        WIDTH=_width(logits), BLOCK=BLOCK, num_warps=8,
+        WIDTH=width, BLOCK=BLOCK, num_warps=8,
     )  # fmt: skip
     return out
