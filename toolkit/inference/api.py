@@ -155,7 +155,7 @@ def parse_megatron(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> l
 def generated_text(r: Request, tokenizer: Tokenizer, final: bool | None = None) -> str:
     """The output text so far. Unfinished, it holds back what may still change: an incomplete
     UTF-8 character and a tail that could become a stop string (never sent, then taken back)."""
-    text = tokenizer.decode(r.tokens)
+    text = r.text(tokenizer)
     if r.done if final is None else final:
         return text if r.stop_offset is None else text[: r.stop_offset]
     text = text.rstrip("\ufffd")

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 
+from toolkit.inference.incremental_text import IncrementalText
 from toolkit.tokenizer import Tokenizer
 
 FinishReason = Literal["length", "stop", "eod", "cancelled", "error"]
@@ -40,10 +41,15 @@ class Request:
     # Engine steps (Engine.steps) when it was queued and when its first token was sampled.
     queued_step: int = field(default=0, init=False, repr=False)
     first_token_step: int | None = field(default=None, init=False, repr=False)
+    decoded: IncrementalText = field(default_factory=IncrementalText, init=False, repr=False)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def text(self, tokenizer: Tokenizer) -> str:
+        """The generated tokens' text so far (decoded a few new tokens at a time)."""
+        return self.decoded.text(self.tokens, tokenizer)
 
     def cancel(self) -> None:
         """Ask the engine to drop the request at its next step (its slot is freed)."""
@@ -74,7 +80,7 @@ def finish_reason(r: Request, token: int, tokenizer: Tokenizer) -> FinishReason 
     if r.stop_at_eod and token == tokenizer.eod:
         return "eod"
     if r.stop:
-        text = tokenizer.decode(r.tokens)
+        text = r.text(tokenizer)
         # Only an occurrence that ends in the newest token's text is new.
         since = max(0, len(text) - len(tokenizer.decode([token])) - _longest(r.stop))
         hits = [i for i in (text.find(s, since) for s in r.stop) if i >= 0]
