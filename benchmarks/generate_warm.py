@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = build_model(recipe, tokenizer, device, dtype).eval()
         warmed = None
-        if args.warm_up == "on":  # as python -m toolkit.inference.generate does
+        if args.warm_up == "on":  # as the generate CLI does with several prompts (both kinds)
             warmed = warm_up(model, ids, args.tokens, temperature=SAMPLE_TEMPERATURE,
                              top_k=SAMPLE_TOP_K, eod_id=tokenizer.eod, force=True)  # fmt: skip
     built = time.perf_counter() - start

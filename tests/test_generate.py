@@ -129,9 +129,10 @@ def test_200_tokens_record_one_decode_graph(model, caplog):
 
 
 def test_warm_up_runs_both_paths_and_changes_nothing(model, monkeypatch):
-    """warm_up (forced on the CPU) generates greedy and with the given sampling settings, then
-    leaves the model as it was: the same tokens for the same seed, the same parameters, its
-    training mode back, the global random stream untouched. Unforced on the CPU it does nothing."""
+    """warm_up (forced on the CPU) generates greedy (unless greedy=False) and with the given
+    sampling settings, then leaves the model as it was: the same tokens for the same seed, the
+    same parameters, its training mode back, the global random stream untouched. Unforced on
+    the CPU it does nothing."""
     prompt = torch.randint(0, 50, (1, 6))
     model.train()
     params = {k: v.clone() for k, v in model.state_dict().items()}
@@ -151,6 +152,9 @@ def test_warm_up_runs_both_paths_and_changes_nothing(model, monkeypatch):
     seconds = warm_up(model, prompt, temperature=0.7, top_k=5, force=True)
     assert seconds is not None and seconds > 0
     assert [k.get("temperature", 0.0) for k in calls] == [0.0, 0.7] and calls[1]["top_k"] == 5
+    calls.clear()
+    warm_up(model, prompt, temperature=0.7, top_k=5, force=True, greedy=False)
+    assert [k.get("temperature", 0.0) for k in calls] == [0.7]  # its own setting alone
     assert model.training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
     after = outputs()
@@ -158,9 +162,10 @@ def test_warm_up_runs_both_paths_and_changes_nothing(model, monkeypatch):
 
 
 def test_generate_cli_warms_up_once_with_its_settings(tmp_path, monkeypatch, capsys, caplog):
-    """python -m toolkit.inference.generate warms the decode path after loading (here forced on
-    the CPU), once, with the first prompt and the CLI's sampling settings, logs its time, and
-    prints the same text as a run without the warm-up."""
+    """python -m toolkit.inference.generate with several prompts warms the decode path after
+    loading (here forced on the CPU), once, with the first prompt and the CLI's sampling
+    settings alone, logs its time, and prints the same text as a run without the warm-up; with
+    one prompt it does not warm up (that run is its own warm-up)."""
     from toolkit.build import build_model, save_model_checkpoint
     from toolkit.config import recipe_from_dict
     from toolkit.tokenizer import ByteTokenizer
@@ -185,8 +190,12 @@ def test_generate_cli_warms_up_once_with_its_settings(tmp_path, monkeypatch, cap
     assert generate_module.main(argv) == 0
     assert capsys.readouterr().out == unwarmed
     settings = dict(temperature=0.7, top_k=20, top_p=0.0, eod_id=ByteTokenizer().eod)
-    assert calls == [([[97, 98]], 12, settings | {"cuda_graphs": None})]  # the calls' length
+    settings |= {"cuda_graphs": None, "greedy": False}
+    assert calls == [([[97, 98]], 12, settings)]  # the calls' length
     assert "decode path warmed in" in caplog.text
+    calls.clear()
+    assert generate_module.main(argv[:4]) == 0  # one prompt
+    assert not calls
 
 
 @pytest.mark.long  # ~30 s of subprocesses; make test stays under 15 minutes

@@ -133,12 +133,13 @@ def warm_up(
     eod_id: int | None = None,
     cuda_graphs: bool | None = None,
     force: bool = False,
+    greedy: bool = True,
 ) -> float | None:
     """Run the decode path once, as the `generate` calls to come will (`prompt` [b, l] with their
-    batch and length: the same prefill path; their sampling settings, and greedy; their
-    `eod_id`), `max_new_tokens` each; returns the seconds it took, None when skipped. Give the
-    calls' own length: on an H200 a warm-up of 8 tokens left a 200-token sample's first calls
-    settling (1.36x the tenth).
+    batch and length: the same prefill path; their sampling settings, and greedy unless
+    `greedy` is False; their `eod_id`), `max_new_tokens` each; returns the seconds it took, None
+    when skipped. Give the calls' own length: on an H200 a warm-up of 8 tokens left a 200-token
+    sample's first calls settling (1.36x the tenth).
 
     On the CPU it is skipped unless `force`d: eager CPU kernels have nothing to compile, load or
     record, so a first call costs what later ones do and a warm-up would only add its own time.
@@ -156,7 +157,8 @@ def warm_up(
         with torch.compiler.set_stance("force_eager"):
             # seed: even greedy draws its (unused) numbers, from a generator of its own.
             common = dict(seed=0, eod_id=eod_id, cuda_graphs=cuda_graphs)
-            generate(model, prompt, max_new_tokens, **common)
+            if greedy or temperature <= 0:
+                generate(model, prompt, max_new_tokens, **common)
             if temperature > 0:
                 generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, **common)  # fmt: skip
@@ -201,18 +203,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.tensor([tokenizer.encode(text) or [tokenizer.eod]])  # empty: start a document
         for text in texts
     ]
-    seconds = warm_up(
-        model,
-        prompts[0],
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eod_id=tokenizer.eod,
-        cuda_graphs=False if args.no_cuda_graphs else None,
-    )
-    if seconds is not None:
-        log.info("decode path warmed in %.1f s", seconds)
+    if len(prompts) > 1:
+        # The first of several prompts as fast as the rest. One prompt is its own warm-up: a
+        # warm-up would only add its time (on the H200, 1.9 s before a 0.3 s sample).
+        seconds = warm_up(
+            model,
+            prompts[0],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eod_id=tokenizer.eod,
+            cuda_graphs=False if args.no_cuda_graphs else None,
+            greedy=False,  # only the CLI's own setting runs
+        )
+        if seconds is not None:
+            log.info("decode path warmed in %.1f s", seconds)
     for text, ids in zip(texts, prompts, strict=True):
         out = generate(
             model,
