@@ -29,7 +29,12 @@ def corpus_ids(tokenizer, n: int) -> list[int]:  # noqa: ANN001
     return ids
 
 
-def per_token_us(ids: list[int], tokenizer, lengths: list[int], whole: bool) -> dict:  # noqa: ANN001
+def per_token_us(
+    ids: list[int],
+    tokenizer,  # noqa: ANN001
+    lengths: list[int],
+    whole: bool,
+) -> dict:
     """Microseconds per token spent at each length (the 64 tokens before it) on the stop check
     and the stream's text, one request growing token by token."""
     r = Request(prompt=[0], max_new_tokens=len(ids) + 1, stop=["<never appears>"])

@@ -92,7 +92,8 @@ for case, fused in (("hybrid", {"gelu": 1}), ("transformer", {"relu2": 1})):
         engine = Engine(model, ByteTokenizer(), slots=1, max_len=64, cuda_graphs=graphs)
         seen = []
         decode = engine._decode
-        engine._decode = lambda rows: (lambda l: (seen.append(l.float().clone()), l)[1])(decode(rows))
+        record = lambda l: (seen.append(l.float().clone()), l)[1]
+        engine._decode = lambda rows: record(decode(rows))
         done = engine.run([Request(prompt=[3, 1, 4, 1, 5], max_new_tokens=6, stop_at_eod=False)])
         runs[label] = (done[0].tokens, torch.cat(seen), list(calls))
     (tokens, logits, got), (tokens_off, logits_off, off) = runs["kernel"], runs["off"]

@@ -9,14 +9,15 @@ the H200 (TILES); other shapes take the tile most of those chose.
 
 `decode_products()` is a TorchFunctionMode that sends F.linear calls of one bf16/fp16 row on a
 CUDA tensor, without gradients, bias or tensor subclasses, to the kernel; every other call runs
-as it would have. The model marks an MLP's fc1 and its GELU or squared ReLU as one overridable
-function (mlp.linear_activation), which the mode runs as one kernel, the activation applied to
-the sums (28 fewer kernels in the 8B's step). Mamba-2's gated norm folded into out_proj the same
-way (each group's 1/rms scaling its partial sums) was slower on the H200: the per-group
-reductions cost more than the norm's own kernel (benchmarks/RESULTS.md). The decoder enters it around the steps it records as CUDA graphs, so the
-kernels are captured and replays pay nothing in Python. On a CPU the kernel runs under Triton's
-interpreter (TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off
-keeps cuBLAS; =plain takes the kernel for the products but not the activation's fusion.
+as it would have. The decoder enters it around the steps it records as CUDA graphs, so the
+kernels are captured and replays pay nothing in Python. The model marks an MLP's fc1 and its
+GELU or squared ReLU as one overridable function (mlp.linear_activation), which the mode runs
+as one kernel, the activation applied to the sums (28 fewer kernels in the 8B's step).
+Mamba-2's gated norm folded into out_proj the same way (each group's 1/rms scaling its partial
+sums) was slower on the H200: the per-group reductions cost more than the norm's own kernel
+(benchmarks/RESULTS.md). On a CPU the kernel runs under Triton's interpreter
+(TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off keeps cuBLAS;
+=plain takes the kernel for the products but not the activation's fusion.
 """
 
 import contextlib

@@ -149,8 +149,8 @@ def launch(
         PRECISION=precision, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=plan.warps, num_stages=plan.stages,
     )  # fmt: skip
+    splits_p = triton.next_power_of_2(plan.splits)
     _combine_kernel[(heads, groups, b)](
         m, total, acc, out, plan.splits, out.stride(0), out.stride(1), out.stride(2),
-        D=d, SPLITS_P=triton.next_power_of_2(plan.splits), CHUNK=min(16, triton.next_power_of_2(plan.splits)),
-        num_warps=4,
+        D=d, SPLITS_P=splits_p, CHUNK=min(16, splits_p), num_warps=4,
     )  # fmt: skip
