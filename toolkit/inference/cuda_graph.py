@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from toolkit.inference import gemv
+from toolkit.model.kernels import triton_runs_on
 from toolkit.model.states import DecodeStates
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class StaticDecoder:
         # New views each step: the step's Python-side bookkeeping (MambaState.seen += 1) lands
         # on them, and the KV views read the engine's positions, never rebind them.
         views = self.states.decode_rows(rows, self.positions, span)
-        with gemv.decode_products(gemv.runs_on(self.device)):  # batch 1's products: gemv.py
+        with gemv.decode_products(triton_runs_on(self.device)):  # batch 1's products: gemv.py
             return self.forward(self.tokens[:rows], views)
 
     def _record(self, rows: int, span: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from toolkit.inference.cuda_graph import StaticDecoder, span_bucket
 from toolkit.inference.request import FinishReason, Request, check_request, finish_reason
 from toolkit.inference.sampling import RowsCache, copy_to_host, pick, read_copy
 from toolkit.model import HybridLM
+from toolkit.model.kernels import triton_runs_on
 from toolkit.model.states import DecodeStates
 from toolkit.tokenizer import Tokenizer
 
@@ -489,7 +490,7 @@ class Engine:
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor([self.next_input[s] for s in rows])
         views = self.states.decode_rows(hi, self.positions)
-        with gemv.decode_products(gemv.runs_on(self.device)):  # as the graphs' steps
+        with gemv.decode_products(triton_runs_on(self.device)):  # as the graphs' steps
             hidden = self.model.hidden(tokens.to(self.device), views)
             index = self._index(rows)
             self.positions[index] += 1

@@ -21,7 +21,6 @@ sums) was slower on the H200: the per-group reductions cost more than the norm's
 """
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from toolkit.model.kernels import triton_imports, triton_runs_on
 from toolkit.model.mlp import activate, linear_activation
 
 
@@ -93,7 +93,7 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
         and not torch.is_grad_enabled()
         and _plain(x)
         and _plain(weight)
-        and runs_on(x.device)
+        and triton_runs_on(x.device)
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and weight.dim() == 2
@@ -131,26 +131,12 @@ def enabled() -> bool:
     return os.environ.get("TOOLKIT_TRITON_GEMV", "auto") != "off"
 
 
-def runs_on(device: torch.device) -> bool:
-    """Whether the kernel is meant for this device: CUDA, or any under Triton's interpreter."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @contextlib.contextmanager
 def decode_products(on: bool = True) -> Iterator[None]:
     """Inside: one-row F.linear calls run through the kernel (see the module's docstring).
     `on=False`, or TOOLKIT_TRITON_GEMV=off, or no Triton: a no-op."""
-    if not (on and enabled() and _triton_imports()):
+    if not (on and enabled() and triton_imports()):
         yield
         return
     with _DecodeProducts():
         yield
-
-
-@functools.cache
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install: cuBLAS it is
-        return False
-    return True

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from toolkit.inference.request import Request
+from toolkit.model.kernels import triton_runs_on
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,7 +241,7 @@ def _kernels(logits: torch.Tensor):  # noqa: ANN202 - the module, imported on de
     TOOLKIT_TRITON_SAMPLING=off keeps the torch path (to compare them)."""
     if os.environ.get("TOOLKIT_TRITON_SAMPLING", "auto") == "off":
         return None
-    if not (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_runs_on(logits.device):
         return None
     try:
         from toolkit.inference import sampling_kernels

@@ -10,7 +10,7 @@ and also writes the row's new key and value into the cache; pass 2 combines the 
 past a row's length are neither read nor computed; the shapes depend only on the span, so a
 CUDA graph can capture the step. flash_decoding_kernel.py holds the kernels.
 
-Policy (`kernels_for`): CUDA tensors in bf16/fp16 (on a CPU under Triton's interpreter,
+Policy (`takes`): CUDA tensors in bf16/fp16 (on a CPU under Triton's interpreter,
 TRITON_INTERPRET=1: the tests); TOOLKIT_TRITON_ATTENTION=off keeps decode_attention.
 """
 
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from toolkit.model.kernels import _import_error
+from toolkit.model.kernels import triton_imports, triton_runs_on
 
 # The fastest of decode_profile.py's plan sweep on the H200 at batch 1 (8B shapes): 41.6 us at
 # 32k keys against 48.2 for 3 per SM and 2 stages, 13.2 against 13.3 at 4k (RESULTS.md).
@@ -91,19 +91,14 @@ def takes(q: torch.Tensor, k: torch.Tensor) -> bool:
     d = q.size(-1)
     return (
         enabled()
-        and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        and triton_runs_on(q.device)
         and q.dtype in (torch.bfloat16, torch.float16)
         and k.dtype == q.dtype
         and not q.requires_grad
         and 16 <= d <= 256
         and not d & (d - 1)
-        and _triton_imports()
+        and triton_imports()
     )
-
-
-@functools.cache
-def _triton_imports() -> bool:
-    return _import_error("triton") is None  # else (a broken install too): decode_attention
 
 
 @functools.cache

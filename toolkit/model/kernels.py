@@ -6,6 +6,7 @@ causal-conv1d's GPU kernels import and run here, and the fallback to the PyTorch
 import functools
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -56,6 +57,18 @@ def _import_error(*modules: str) -> str | None:
     except Exception as e:  # ImportError, a missing compiled extension, one built for another GPU
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether our Triton kernels are meant for tensors on `device`: CUDA, or any device under
+    Triton's interpreter (TRITON_INTERPRET=1: how the CPU tests run them)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def triton_imports() -> bool:
+    """Whether Triton imports here (a broken install counts as no: the torch code runs)."""
+    return _import_error("triton") is None
 
 
 _WARNED: set[str] = set()
