@@ -490,13 +490,13 @@ class Engine:
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor([self.next_input[s] for s in rows])
         views = self.states.decode_rows(hi, self.positions)
+        index = self._index(rows)
         with gemv.decode_products(triton_runs_on(self.device)):  # as the graphs' steps
-            hidden = self.model.hidden(tokens.to(self.device), views)
-            index = self._index(rows)
-            self.positions[index] += 1
-            for s in rows:
-                self.host_positions[s] += 1
-            return self._logits(hidden[index, 0])
+            logits = self._logits(self.model.hidden(tokens.to(self.device), views)[index, 0])
+        self.positions[index] += 1
+        for s in rows:
+            self.host_positions[s] += 1
+        return logits
 
     def _admit(self, budget: int) -> list[Request]:
         """Waiting requests, in order, for the free slots, whose whole prompts fit in `budget`
