@@ -78,14 +78,18 @@ def compiled_gemv():
     return torch.compile(lambda x, w: (w * x).sum(-1, dtype=torch.float32), dynamic=False)
 
 
-def gemv_bandwidth(model: nn.Module, batch: int, compiled: bool) -> list[dict]:
+def linear_shapes(model: nn.Module) -> dict[tuple[int, int], list[str]]:
+    """Each distinct nn.Linear weight shape and the modules that have it."""
     shapes: dict[tuple[int, int], list[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            key = tuple(module.weight.shape)
-            shapes.setdefault(key, []).append(name)
+            shapes.setdefault(tuple(module.weight.shape), []).append(name)
+    return shapes
+
+
+def gemv_bandwidth(model: nn.Module, batch: int, compiled: bool) -> list[dict]:
     rows = []
-    for (n, k), names in shapes.items():
+    for (n, k), names in linear_shapes(model).items():
         copies = max(2, -(-(2 << 30) // (n * k * 2)))
         weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)

@@ -15,11 +15,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode_profile import graph_time, hbm_bandwidth  # noqa: E402
+from benchmarks.decode_profile import graph_time, hbm_bandwidth, linear_shapes  # noqa: E402
 from toolkit.config import load_recipe  # noqa: E402
 from toolkit.inference import gemv  # noqa: E402
 from toolkit.model.hybrid import HybridLM  # noqa: E402
@@ -48,12 +47,7 @@ def meta_model(recipe_path: str) -> HybridLM:
 
 def weight_shapes(recipe_path: str) -> dict[tuple[int, int], list[str]]:
     """Distinct nn.Linear weight shapes of the recipe's model (built on the meta device)."""
-    model = meta_model(recipe_path)
-    shapes: dict[tuple[int, int], list[str]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            shapes.setdefault(tuple(module.weight.shape), []).append(name)
-    return shapes
+    return linear_shapes(meta_model(recipe_path))
 
 
 def _compile(tile_list: list[gemv.Tile]) -> int:
