@@ -2,10 +2,12 @@
 # One H200, ~6 minutes: the batch-1 decode step's Triton kernels, the matrix-vector products
 # (toolkit/inference/gemv.py) and flash decoding (toolkit/model/flash_decoding.py).
 # `sweep`: every tile against cuBLAS at each weight shape of the 8B hybrid (gemv_sweep.py);
-# `fused`: fc1 with its GELU in one kernel (gemv_sweep.py --fused); `tests`: both's GPU tests;
+# `fused`: fc1 with its GELU, and Mamba's in_proj with its conv step, in one kernel each
+# (gemv_sweep.py --fused); `tests`: both's GPU tests;
 # `decode`: the 8B hybrid's decode (benchmarks/decode.py, CUDA graphs, overlap) at 4k and 32k
 # context, batches 1 and 8, with the kernels and with cuBLAS and torch's attention, side by
-# side; without flash decoding; without fc1's GELU fused (TOOLKIT_TRITON_GEMV=plain);
+# side; without flash decoding; without the fused pairs (fc1's GELU, in_proj's conv step:
+# TOOLKIT_TRITON_GEMV=plain);
 # `profile`: the batch-1 step's kernels
 # (decode_profile.py); `attention`: decode attention's kernels alone and flash decoding's plans.
 # JSON and logs go to $OUT. Usage from the repository root, with .dev/
@@ -24,7 +26,7 @@ want() { [[ " $PARTS " == *" $1 "* ]]; }
 part_done() { echo "== $1 exit $2 in $3 s"; tail -"${PART_TAIL:-12}" "$4"; }
 
 want tests && part tests 150 python3 -m pytest -q -x -p no:cacheprovider -m "not long" \
-  tests/test_gemv.py tests/test_flash_decoding.py
+  tests/test_gemv.py tests/test_gemv_conv.py tests/test_flash_decoding.py
 decode() {  # name contexts batches VAR=value...: the 8B's decode under those settings
   local name=$1 contexts=$2 batches=$3; shift 3
   (export "$@"; PART_TAIL=5 part "$name" 120 python3 benchmarks/decode.py \
