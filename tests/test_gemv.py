@@ -25,9 +25,9 @@ def assert_one_rounding(
     plus fp32 summation-order error over a few thousand terms of size ~|x||w| (1e-4 of the
     row's scale is far above it). Triton's interpreter rounds fp32 to bf16 toward zero: a whole
     ulp there (relative=2^-7)."""
-    want = x.double().reshape(1, -1) @ w.double().t()
-    scale = (x.double().abs().reshape(1, -1) @ w.double().abs().t()).clamp_min(1e-6)
-    error = (got.double().reshape(1, -1) - want).abs()
+    want = x.double().reshape(-1, w.size(1)) @ w.double().t()
+    scale = (x.double().abs().reshape(-1, w.size(1)) @ w.double().abs().t()).clamp_min(1e-6)
+    error = (got.double().reshape(want.shape) - want).abs()
     assert (error <= relative * want.abs() + 1e-4 * scale).all(), (error / scale).max()
 
 
@@ -57,11 +57,11 @@ def spy(weight, x, y, tile, activation=None):
     launch(weight, x, y, tile, activation)
 gemv_kernel.launch = spy
 w = torch.randn(24, 40, dtype=torch.bfloat16)
-one, two = torch.randn(1, 40, dtype=torch.bfloat16), torch.randn(2, 40, dtype=torch.bfloat16)
+one, many = torch.randn(1, 40, dtype=torch.bfloat16), torch.randn(17, 40, dtype=torch.bfloat16)
 with gemv.decode_products():
     with torch.no_grad():
         routed = F.linear(one, w)
-        assert torch.equal(F.linear(two, w), two @ w.t())  # two rows: cuBLAS's (here torch's)
+        assert torch.equal(F.linear(many, w), many @ w.t())  # 17 rows: cuBLAS's (torch's here)
         F.linear(one, w, torch.zeros(24, dtype=torch.bfloat16))  # a bias
         F.linear(one.float(), w.float())  # fp32
     F.linear(one, w)  # gradients on
