@@ -107,6 +107,18 @@ def sweep(n: int, k: int, tile_list: list[gemv.Tile]) -> dict:
     return row
 
 
+def report(label: str, row: dict) -> None:
+    """One line: cuBLAS, the fastest tile of row["tiles"] (sorted) and its speed-up, the next."""
+    best, cublas = row["tiles"][0], row["cublas_us"]
+    print(
+        f"{label}: cuBLAS {cublas:.1f} us {row['cublas_gb_per_s']:.0f} GB/s; best {best['tile']} "
+        f"{best['us']:.1f} us {best['gb_per_s']:.0f} GB/s (x{cublas / best['us']:.2f}, error "
+        f"{best['error']:.1e}); next "
+        + ", ".join(f"{r['tile']} {r['gb_per_s']:.0f}" for r in row["tiles"][1:4]),
+        flush=True,
+    )
+
+
 def _time_rows(weights: torch.Tensor, m: int, tile_list: list[gemm_rows.Tile]) -> dict:
     """cuBLAS and each tile at `m` rows over `weights` [copies, N, K] (one replayed graph each)."""
     copies, n, k = weights.shape
@@ -138,14 +150,7 @@ def sweep_rows(n: int, k: int, ms: list[int], tile_list: list[gemm_rows.Tile]) -
     for m in sorted(ms, reverse=True):
         result = row["rows"][m] = _time_rows(weights, m, top)
         top = [gemm_rows.Tile(*r["tile"]) for r in result["tiles"][:4]]
-        best, cublas = result["tiles"][0], result["cublas_us"]
-        print(
-            f"{n}x{k} M={m}: cuBLAS {cublas:.1f} us {result['cublas_gb_per_s']:.0f} GB/s; "
-            f"best {best['tile']} {best['us']:.1f} us {best['gb_per_s']:.0f} GB/s "
-            f"(x{cublas / best['us']:.2f}, error {best['error']:.1e}); next "
-            + ", ".join(f"{r['tile']} {r['gb_per_s']:.0f}" for r in result["tiles"][1:4]),
-            flush=True,
-        )
+        report(f"{n}x{k} M={m}", result)
     total = {tuple(tile): 0.0 for tile in top}
     for result in row["rows"].values():
         for r in result["tiles"]:
@@ -223,14 +228,7 @@ def main() -> None:
         row = sweep(n, k, tile_list)
         torch.cuda.empty_cache()  # the copies of this shape's weight
         row["layers"], row["example"] = len(names), names[0]
-        best = row["tiles"][0]
-        print(
-            f"{n}x{k} ({len(names)} layers): cuBLAS {row['cublas_us']:.1f} us "
-            f"{row['cublas_gb_per_s']:.0f} GB/s; best {best['tile']} {best['us']:.1f} us "
-            f"{best['gb_per_s']:.0f} GB/s (error {best['error']:.1e}); next "
-            + ", ".join(f"{r['tile']} {r['gb_per_s']:.0f}" for r in row["tiles"][1:4]),
-            flush=True,
-        )
+        report(f"{n}x{k} ({len(names)} layers)", row)
         result["shapes"].append(row)
     print("TILES = {")
     for row in result["shapes"]:
