@@ -2,8 +2,11 @@
 a recipe's model, at batch 1: bytes of weight read per second, each product replayed in a CUDA
 graph over enough copies of the weight (> 2 GiB) that the L2 cache does not serve them (as
 decode_profile.py measures cuBLAS). Prints the fastest tile per shape as gemv.TILES entries.
+--rows 2,4,8,16 does the same for gemm_rows.py's kernel at those batches (every candidate at the
+largest, the four fastest there at the others) and prints gemm_rows.TILES entries.
 
     python benchmarks/gemv_sweep.py --recipe recipes/8b_hybrid.toml --json sweep.json
+    python benchmarks/gemv_sweep.py --rows 2,4,8,16 --json rows.json
 """
 
 import argparse
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode_profile import graph_time, hbm_bandwidth, linear_shapes  # noqa: E402
 from toolkit.config import load_recipe  # noqa: E402
-from toolkit.inference import gemv  # noqa: E402
+from toolkit.inference import gemm_rows, gemv  # noqa: E402
 from toolkit.model.hybrid import HybridLM  # noqa: E402
 
 
@@ -39,6 +42,13 @@ def tiles(quick: bool) -> list[gemv.Tile]:
     return out
 
 
+def row_tiles() -> list[gemm_rows.Tile]:
+    """gemm_rows.py's candidates: weight tiles of at most 16k (registers), 4 or 8 warps, 3 or 4
+    stages of loads in flight (21: a minute on an H200 for the 8B's seven shapes)."""
+    pairs = [(16, 256), (16, 512), (32, 128), (32, 256), (32, 512), (64, 128), (64, 256)]
+    return [gemm_rows.Tile(n, k, w, s) for n, k in pairs for w, s in ((4, 3), (4, 4), (8, 3))]
+
+
 def meta_model(recipe_path: str) -> HybridLM:
     recipe = load_recipe(recipe_path)
     with torch.device("meta"):
@@ -50,17 +60,20 @@ def weight_shapes(recipe_path: str) -> dict[tuple[int, int], list[str]]:
     return linear_shapes(meta_model(recipe_path))
 
 
-def _compile(tile_list: list[gemv.Tile]) -> int:
+def _compile(tile_list: list) -> int:
     """Compile the tiles in this process (a pool worker): Triton's on-disk cache keeps them."""
     w = torch.empty(64, 4096, device="cuda", dtype=torch.bfloat16)
-    x = torch.zeros(4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.zeros(16, 4096, device="cuda", dtype=torch.bfloat16)
     for tile in tile_list:
-        gemv.gemv(x, w, tile)
+        if isinstance(tile, gemm_rows.Tile):  # 16 rows: Triton's own specialization (M % 16)
+            gemm_rows.gemm_rows(x[:2], w, tile), gemm_rows.gemm_rows(x, w, tile)
+        else:
+            gemv.gemv(x[0], w, tile)
     torch.cuda.synchronize()
     return len(tile_list)
 
 
-def precompile(tile_list: list[gemv.Tile], workers: int) -> None:
+def precompile(tile_list: list, workers: int) -> None:
     """Triton compiles one tile at a time (~0.5 s each); a pool of processes fills the cache."""
     chunks = [tile_list[i::workers] for i in range(workers)]
     ctx = torch.multiprocessing.get_context("spawn")
@@ -92,6 +105,79 @@ def sweep(n: int, k: int, tile_list: list[gemv.Tile]) -> dict:
         )
     row["tiles"].sort(key=lambda r: r["us"])
     return row
+
+
+def report(label: str, row: dict) -> None:
+    """One line: cuBLAS, the fastest tile of row["tiles"] (sorted) and its speed-up, the next."""
+    best, cublas = row["tiles"][0], row["cublas_us"]
+    print(
+        f"{label}: cuBLAS {cublas:.1f} us {row['cublas_gb_per_s']:.0f} GB/s; best {best['tile']} "
+        f"{best['us']:.1f} us {best['gb_per_s']:.0f} GB/s (x{cublas / best['us']:.2f}, error "
+        f"{best['error']:.1e}); next "
+        + ", ".join(f"{r['tile']} {r['gb_per_s']:.0f}" for r in row["tiles"][1:4]),
+        flush=True,
+    )
+
+
+def _time_rows(weights: torch.Tensor, m: int, tile_list: list[gemm_rows.Tile]) -> dict:
+    """cuBLAS and each tile at `m` rows over `weights` [copies, N, K] (one replayed graph each)."""
+    copies, n, k = weights.shape
+    reps = copies * max(1, 64 // copies)
+    nbytes = n * k * 2
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    cublas = graph_time(lambda i: torch.matmul(x, weights[i % copies].t(), out=out), reps)
+    want = x.float() @ weights[0].float().t()
+    timed = []
+    for tile in tile_list:
+        got = gemm_rows.gemm_rows(x, weights[0], tile).float()
+        error = ((got - want).abs() / (want.abs() + 1)).max().item()
+        t = graph_time(lambda i, t=tile: gemm_rows.gemm_rows(x, weights[i % copies], t), reps)
+        timed.append({"tile": list(tile), "us": t * 1e6, "gb_per_s": nbytes / t / 1e9,
+                      "error": error})  # fmt: skip
+    timed.sort(key=lambda r: r["us"])
+    return {"cublas_us": cublas * 1e6, "cublas_gb_per_s": nbytes / cublas / 1e9, "tiles": timed}
+
+
+def sweep_rows(n: int, k: int, ms: list[int], tile_list: list[gemm_rows.Tile]) -> dict:
+    """gemm_rows.py's tiles against cuBLAS at each of `ms` rows: every tile at the most rows (the
+    kernel's work does not depend on them: x is padded to 16), the four fastest there at the
+    others; "best": the fastest of those four summed over `ms`."""
+    copies = max(2, -(-(2 << 30) // (n * k * 2)))
+    weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
+    row: dict = {"shape": [n, k], "rows": {}}
+    top = tile_list
+    for m in sorted(ms, reverse=True):
+        result = row["rows"][m] = _time_rows(weights, m, top)
+        top = [gemm_rows.Tile(*r["tile"]) for r in result["tiles"][:4]]
+        report(f"{n}x{k} M={m}", result)
+    total = {tuple(tile): 0.0 for tile in top}
+    for result in row["rows"].values():
+        for r in result["tiles"]:
+            if tuple(r["tile"]) in total:
+                total[tuple(r["tile"])] += r["us"]
+    row["best"] = list(min(total, key=total.get))
+    return row
+
+
+def main_rows(recipe_path: str, ms: list[int], workers: int) -> dict:
+    if not all(2 <= m <= gemm_rows.MAX_ROWS for m in ms):
+        sys.exit(f"--rows: between 2 and {gemm_rows.MAX_ROWS}, got {ms}")
+    tile_list = row_tiles()
+    if workers > 1:
+        precompile(tile_list, workers)
+    result = {"device": torch.cuda.get_device_name(0), "hbm": hbm_bandwidth(), "shapes": []}
+    print(f"HBM: {result['hbm']}", flush=True)
+    for (n, k), names in weight_shapes(recipe_path).items():
+        row = sweep_rows(n, k, ms, tile_list)
+        torch.cuda.empty_cache()
+        row["layers"], row["example"] = len(names), names[0]
+        result["shapes"].append(row)
+    print("TILES = {  # gemm_rows.py")
+    for row in result["shapes"]:
+        print(f"    ({row['shape'][0]}, {row['shape'][1]}): Tile{tuple(row['best'])},")
+    print("}")
+    return result
 
 
 def sweep_fused(recipe_path: str) -> list[dict]:
@@ -168,10 +254,16 @@ def main() -> None:
         action="store_true",
         help="only the fused pairs: fc1 + activation, in_proj + conv step",
     )
+    p.add_argument("--rows", help="comma-separated rows (2-16): gemm_rows.py's kernel")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gemv_sweep.py needs a CUDA device")
+    if args.rows:
+        result = main_rows(args.recipe, [int(m) for m in args.rows.split(",")], args.workers)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     if args.fused:
         result = {"device": torch.cuda.get_device_name(0), "fused": sweep_fused(args.recipe)}
         if args.json:
@@ -186,14 +278,7 @@ def main() -> None:
         row = sweep(n, k, tile_list)
         torch.cuda.empty_cache()  # the copies of this shape's weight
         row["layers"], row["example"] = len(names), names[0]
-        best = row["tiles"][0]
-        print(
-            f"{n}x{k} ({len(names)} layers): cuBLAS {row['cublas_us']:.1f} us "
-            f"{row['cublas_gb_per_s']:.0f} GB/s; best {best['tile']} {best['us']:.1f} us "
-            f"{best['gb_per_s']:.0f} GB/s (error {best['error']:.1e}); next "
-            + ", ".join(f"{r['tile']} {r['gb_per_s']:.0f}" for r in row["tiles"][1:4]),
-            flush=True,
-        )
+        report(f"{n}x{k} ({len(names)} layers)", row)
         result["shapes"].append(row)
     print("TILES = {")
     for row in result["shapes"]:

@@ -25,9 +25,9 @@ def assert_one_rounding(
     plus fp32 summation-order error over a few thousand terms of size ~|x||w| (1e-4 of the
     row's scale is far above it). Triton's interpreter rounds fp32 to bf16 toward zero: a whole
     ulp there (relative=2^-7)."""
-    want = x.double().reshape(1, -1) @ w.double().t()
-    scale = (x.double().abs().reshape(1, -1) @ w.double().abs().t()).clamp_min(1e-6)
-    error = (got.double().reshape(1, -1) - want).abs()
+    want = x.double().reshape(-1, w.size(1)) @ w.double().t()
+    scale = (x.double().abs().reshape(-1, w.size(1)) @ w.double().abs().t()).clamp_min(1e-6)
+    error = (got.double().reshape(want.shape) - want).abs()
     assert (error <= relative * want.abs() + 1e-4 * scale).all(), (error / scale).max()
 
 
@@ -58,11 +58,11 @@ def spy(weight, x, y, tile, activation=None, conv=None):
     launch(weight, x, y, tile, activation, conv)
 gemv_kernel.launch = spy
 w = torch.randn(24, 40, dtype=torch.bfloat16)
-one, two = torch.randn(1, 40, dtype=torch.bfloat16), torch.randn(2, 40, dtype=torch.bfloat16)
+one, many = torch.randn(1, 40, dtype=torch.bfloat16), torch.randn(17, 40, dtype=torch.bfloat16)
 with gemv.decode_products():
     with torch.no_grad():
         routed = F.linear(one, w)
-        assert torch.equal(F.linear(two, w), two @ w.t())  # two rows: cuBLAS's (here torch's)
+        assert torch.equal(F.linear(many, w), many @ w.t())  # 17 rows: cuBLAS's (torch's here)
         F.linear(one, w, torch.zeros(24, dtype=torch.bfloat16))  # a bias
         F.linear(one.float(), w.float())  # fp32
     F.linear(one, w)  # gradients on
@@ -143,6 +143,22 @@ def test_decode_products_is_a_no_op_where_the_kernel_does_not_run(monkeypatch):
     assert not gemv.enabled()
     with gemv.decode_products(), torch.no_grad():
         assert torch.equal(F.linear(x, w), x @ w.t())
+
+
+def test_fused_pairs_follow_the_environment(monkeypatch):
+    """TOOLKIT_GEMV_UNFUSED leaves out the pairs it names (a typo is an error naming the known
+    ones); TOOLKIT_TRITON_GEMV=plain leaves out all."""
+    monkeypatch.delenv("TOOLKIT_TRITON_GEMV", raising=False)
+    monkeypatch.delenv("TOOLKIT_GEMV_UNFUSED", raising=False)
+    assert gemv.fuses("activation") and gemv.fuses("conv")
+    monkeypatch.setenv("TOOLKIT_GEMV_UNFUSED", "conv")
+    assert gemv.fuses("activation") and not gemv.fuses("conv")
+    monkeypatch.setenv("TOOLKIT_GEMV_UNFUSED", "conv, gelu")
+    with pytest.raises(ValueError, match=r"unknown \['gelu'\]; known \('activation', 'conv'\)"):
+        gemv.fuses("conv")
+    monkeypatch.setenv("TOOLKIT_GEMV_UNFUSED", "")
+    monkeypatch.setenv("TOOLKIT_TRITON_GEMV", "plain")
+    assert not gemv.fuses("activation") and not gemv.fuses("conv")
 
 
 def test_gemv_refuses_more_than_one_row():

@@ -110,7 +110,7 @@ class StaticDecoder:
         # New views each step: the step's Python-side bookkeeping (MambaState.seen += 1) lands
         # on them, and the KV views read the engine's positions, never rebind them.
         views = self.states.decode_rows(rows, self.positions, span)
-        with gemv.decode_products(triton_runs_on(self.device)):  # batch 1's products: gemv.py
+        with gemv.decode_products(triton_runs_on(self.device)):  # 1-16 rows: gemv.py, gemm_rows.py
             return self.forward(self.tokens[:rows], views)
 
     def _record(self, rows: int, span: int) -> torch.Tensor:

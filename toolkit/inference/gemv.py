@@ -19,7 +19,9 @@ Mamba-2's gated norm folded into out_proj the same way (each group's 1/rms scali
 sums) was slower on the H200: the per-group reductions cost more than the norm's own kernel
 (benchmarks/RESULTS.md). On a CPU the kernel runs under Triton's interpreter
 (TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off keeps cuBLAS;
-=plain takes the kernel for the products but not the fused pairs.
+=plain takes the kernel for the products but not the fused pairs, TOOLKIT_GEMV_UNFUSED=conv
+(or activation, comma-separated) not those named. Products of 2-16 rows go to gemm_rows.py's
+kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS).
 """
 
 import contextlib
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from toolkit.inference import gemm_rows
 from toolkit.model.kernels import triton_imports, triton_runs_on
 from toolkit.model.mamba2 import Mamba2Mixer, conv_step, in_proj_conv
 from toolkit.model.mlp import activate, linear_activation
@@ -88,11 +91,13 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter)
 
 
-def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether F.linear(x, weight, bias) goes to the kernel: one half-precision row, on CUDA
-    (or under the interpreter), no bias, no gradients, plain tensors of one dtype."""
+def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 1) -> bool:
+    """Whether F.linear(x, weight, bias) goes to the kernel: one half-precision row (`rows`
+    of them: gemm_rows.py's), on CUDA (or under the interpreter), no bias, no gradients, plain
+    tensors of one dtype."""
     return (
-        bias is None
+        rows >= 1
+        and bias is None
         and not torch.is_grad_enabled()
         and _plain(x)
         and _plain(weight)
@@ -100,7 +105,8 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and weight.dim() == 2
-        and x.numel() == weight.size(1)
+        and x.shape[-1:] == weight.shape[1:]
+        and x.numel() == rows * weight.size(1)
         and weight.stride(1) == 1
     )
 
@@ -139,9 +145,21 @@ def gemv_conv(
     return y.split(mixer.split_sizes, dim=-1)
 
 
-def _fuses() -> bool:
-    """Whether pairs run as one kernel (not with TOOLKIT_TRITON_GEMV=plain)."""
-    return os.environ.get("TOOLKIT_TRITON_GEMV", "auto") != "plain"
+# The pairs the kernel can take whole: an MLP's activation after fc1, a Mamba layer's conv
+# step after in_proj.
+FUSIONS = ("activation", "conv")
+
+
+def fuses(pair: str) -> bool:
+    """Whether `pair` (one of FUSIONS) runs as one kernel: not with TOOLKIT_TRITON_GEMV=plain,
+    nor when TOOLKIT_GEMV_UNFUSED (comma-separated) names it."""
+    if os.environ.get("TOOLKIT_TRITON_GEMV", "auto") == "plain":
+        return False
+    left_out = {name.strip() for name in os.environ.get("TOOLKIT_GEMV_UNFUSED", "").split(",")}
+    unknown = left_out - set(FUSIONS) - {""}
+    if unknown:
+        raise ValueError(f"TOOLKIT_GEMV_UNFUSED: unknown {sorted(unknown)}; known {FUSIONS}")
+    return pair not in left_out
 
 
 class _DecodeProducts(TorchFunctionMode):
@@ -161,11 +179,17 @@ class _DecodeProducts(TorchFunctionMode):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if takes(x, weight, bias):
             return gemv(x, weight)
+        if takes(x, weight, bias, gemm_rows.rows(x)):
+            return gemm_rows.gemm_rows(x, weight)
         return F.linear(x, weight, bias)
 
     def linear_activation(self, linear: nn.Module, x: torch.Tensor, activation: str):
-        if _fuses() and type(linear) is nn.Linear and takes(x, linear.weight, linear.bias):
-            return gemv(x, linear.weight, activation=activation)
+        if fuses("activation") and type(linear) is nn.Linear:
+            weight, bias = linear.weight, linear.bias
+            if takes(x, weight, bias):
+                return gemv(x, weight, activation=activation)
+            if takes(x, weight, bias, gemm_rows.rows(x)):
+                return gemm_rows.gemm_rows(x, weight, activation=activation)
         with self:  # its product may still come here
             return activate(linear(x), activation)
 
@@ -176,7 +200,7 @@ class _DecodeProducts(TorchFunctionMode):
         conv_state: torch.Tensor,
         conv_update: Callable[..., torch.Tensor] | None = None,
     ):
-        if _fuses() and takes_conv(mixer, u, conv_state):
+        if fuses("conv") and takes_conv(mixer, u, conv_state):
             return gemv_conv(mixer, u, conv_state)
         with self:  # in_proj's product may still come here
             z, xbc, dt = mixer.in_proj(u).split(mixer.split_sizes, dim=-1)

@@ -1,0 +1,64 @@
+"""The Triton kernel of gemm_rows.py (imported on first use: Triton takes 0.3 s to import)."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from toolkit.inference.gemv_kernel import ACTIVATIONS
+
+ROWS = 16  # tl.dot's least M: x's rows padded to it (masked loads of zeros)
+
+
+@triton.jit
+def _rows_kernel(
+    x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, ACT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """y[:M, cols] = act(x[:M] @ w[cols, :]^T) for this program's BLOCK_N weight rows (the
+    output's columns), summed in fp32 and rounded once."""
+    m = tl.arange(0, ROWS)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + m[:, None] * stride_x
+    w_cols = w_ptr + n[None, :].to(tl.int64) * stride_w  # [BLOCK_K, BLOCK_N] tiles of w^T
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        x = tl.load(x_rows + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :], other=0.0)
+        w = tl.load(
+            w_cols + k[:, None],
+            mask=(k < K)[:, None] & (n < N)[None, :],
+            other=0.0,
+            eviction_policy="evict_first",  # each weight is read once per step
+        )
+        if UPCAST:  # Triton 3.9's interpreter gets bf16 tl.dot wrong
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
+        else:
+            acc = tl.dot(x, w, acc)
+    if ACT == 1:  # GELU, erf form (F.gelu's default)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 2:  # squared ReLU
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
+    y = y_ptr + m[:, None] * stride_y + n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
+
+
+def launch(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tile,  # noqa: ANN001 - a gemm_rows.Tile
+    activation: str | None = None,
+) -> None:
+    """y [M, N] = act(x [M, K] @ weight [N, K]^T) with gemm_rows.Tile `tile`, M <= 16 (x, y
+    with rows of contiguous columns)."""
+    n, k = weight.shape
+    _rows_kernel[(triton.cdiv(n, tile.block_n),)](
+        x, weight, y, x.size(0), n, k, x.stride(0), weight.stride(0), y.stride(0),
+        ACT=ACTIVATIONS[activation], ROWS=ROWS, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=tile.warps, num_stages=tile.stages,
+    )  # fmt: skip
