@@ -181,67 +181,21 @@ def main_rows(recipe_path: str, ms: list[int], workers: int) -> dict:
 
 
 def sweep_fused(recipe_path: str) -> list[dict]:
-    """An MLP's fc1 with its activation in one kernel (at fc1's tile) against fc1 alone, and a
-    Mamba layer's in_proj with its conv step against in_proj alone and with causal-conv1d's
-    update after it."""
+    """An MLP's fc1 with its activation in one kernel (at fc1's tile) against fc1 alone."""
     model = meta_model(recipe_path)
-    rows = []
     mlp = next((b.mixer for b in model.layers if b.kind == "-"), None)
-    if mlp is not None and mlp.activation in ("gelu", "relu2"):
-        n, k = mlp.linear_fc1.weight.shape
-        weights, x, reps = _copies(n, k)
-        plain = graph_time(lambda i: gemv.gemv(x, weights[i % len(weights)]), reps)
-        fused = graph_time(
-            lambda i: gemv.gemv(x, weights[i % len(weights)], None, mlp.activation), reps
-        )
-        print(f"fc1 {n}x{k}: {plain * 1e6:.1f} us, with {mlp.activation} {fused * 1e6:.1f} us")
-        rows.append({"shape": [n, k], "activation": mlp.activation, "plain_us": plain * 1e6,
-                     "fused_us": fused * 1e6})  # fmt: skip
-    mamba = next((b.mixer for b in model.layers if b.kind == "M"), None)
-    if mamba is not None:
-        rows.append(_sweep_conv(mamba))
-    return rows
-
-
-def _copies(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Copies of an [n, k] weight (> 2 GiB: L2 does not serve them), a row, the replays."""
+    if mlp is None or mlp.activation not in ("gelu", "relu2"):
+        return []
+    n, k = mlp.linear_fc1.weight.shape
     copies = max(2, -(-(2 << 30) // (n * k * 2)))
     weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    return weights, x, copies * max(1, 64 // copies)
-
-
-def _sweep_conv(mamba: torch.nn.Module) -> dict:
-    """in_proj with the conv step in its kernel (gemv.gemv_conv's launch) against in_proj
-    alone and followed by causal-conv1d's update (when it imports)."""
-    from toolkit.inference.gemv_kernel import ConvStep, launch
-
-    n, k = mamba.in_proj.weight.shape
-    weights, x, reps = _copies(n, k)
-    lo, channels, width = mamba.d_inner, mamba.conv_dim, mamba.d_conv
-    state = torch.randn(1, channels, width, device="cuda", dtype=torch.bfloat16)
-    conv = ConvStep(state, torch.randn_like(state[0]), torch.randn_like(state[0, :, 0]), lo)
-    y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-    tile = gemv.tile_for(n, k)
-    plain = graph_time(lambda i: gemv.gemv(x, weights[i % len(weights)]), reps)
-    fused = graph_time(lambda i: launch(weights[i % len(weights)], x, y, tile, conv=conv), reps)
-    row = {"shape": [n, k], "conv": [channels, width], "plain_us": plain * 1e6,
-           "fused_us": fused * 1e6}  # fmt: skip
-    try:
-        from causal_conv1d import causal_conv1d_update
-    except ImportError:
-        causal_conv1d_update = None
-    if causal_conv1d_update is not None:
-
-        def apart(i: int) -> None:
-            xbc = gemv.gemv(x, weights[i % len(weights)])[:, lo : lo + channels].contiguous()
-            causal_conv1d_update(xbc, state, conv.weight, conv.bias, "silu")
-
-        row["apart_us"] = graph_time(apart, reps) * 1e6
-    apart_us = f"{row['apart_us']:.1f} us" if "apart_us" in row else "(no causal-conv1d)"
-    print(f"in_proj {n}x{k}: {plain * 1e6:.1f} us, then causal-conv1d's update {apart_us}, "
-          f"the conv step in it {fused * 1e6:.1f} us")  # fmt: skip
-    return row
+    reps = copies * max(1, 64 // copies)
+    plain = graph_time(lambda i: gemv.gemv(x, weights[i % copies]), reps)
+    fused = graph_time(lambda i: gemv.gemv(x, weights[i % copies], None, mlp.activation), reps)
+    print(f"fc1 {n}x{k}: {plain * 1e6:.1f} us, with {mlp.activation} {fused * 1e6:.1f} us")
+    return [{"shape": [n, k], "activation": mlp.activation, "plain_us": plain * 1e6,
+             "fused_us": fused * 1e6}]  # fmt: skip
 
 
 def main() -> None:
@@ -249,11 +203,7 @@ def main() -> None:
     p.add_argument("--recipe", default="recipes/8b_hybrid.toml")
     p.add_argument("--quick", action="store_true", help="a dozen tiles, not the whole sweep")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    p.add_argument(
-        "--fused",
-        action="store_true",
-        help="only the fused pairs: fc1 + activation, in_proj + conv step",
-    )
+    p.add_argument("--fused", action="store_true", help="only fc1 with its activation fused")
     p.add_argument("--rows", help="comma-separated rows (2-16): gemm_rows.py's kernel")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

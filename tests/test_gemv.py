@@ -36,7 +36,6 @@ import os, torch, torch.nn.functional as F
 from tests.test_gemv import assert_one_rounding
 from tests.test_engine import build
 from toolkit.inference import gemv, gemv_kernel
-from toolkit.model import mamba2
 from toolkit.inference.engine import Engine, Request
 from toolkit.tokenizer import ByteTokenizer
 
@@ -53,9 +52,9 @@ for n, k, tile in [(50, 70, gemv.Tile(8, 32, 4, 1, False)), (48, 64, gemv.Tile(1
 # Inside decode_products only one-row, bias-free, gradient-free products reach the kernel.
 calls = []
 launch = gemv_kernel.launch
-def spy(weight, x, y, tile, activation=None, conv=None):
-    calls.append((tuple(weight.shape), "conv" if conv is not None else activation))
-    launch(weight, x, y, tile, activation, conv)
+def spy(weight, x, y, tile, activation=None):
+    calls.append((tuple(weight.shape), activation))
+    launch(weight, x, y, tile, activation)
 gemv_kernel.launch = spy
 w = torch.randn(24, 40, dtype=torch.bfloat16)
 one, many = torch.randn(1, 40, dtype=torch.bfloat16), torch.randn(17, 40, dtype=torch.bfloat16)
@@ -78,39 +77,31 @@ for activation, f in (("gelu", F.gelu), ("relu2", lambda h: F.relu(h).square()))
     want = f(exact)
     torch.testing.assert_close(got, want, rtol=2.0**-7, atol=1e-2 * exact.abs().max().item())
 # A bf16 model's decode steps: every product of the step through the kernel (fc1 with its
-# activation, Mamba's in_proj with its conv step: no conv step outside it), logits as cuBLAS's
-# (here the CPU's) within bf16 rounding of the products, the same greedy tokens; eager and
-# static steps alike; TOOLKIT_TRITON_GEMV=plain: the products alone, the conv steps as before.
-conv_steps = []
-conv_step = mamba2.conv_step
-mamba2.conv_step = lambda *a: (conv_steps.append(1), conv_step(*a))[1]
-gemv.conv_step = mamba2.conv_step
-for case, fused in (("hybrid", {"gelu": 1, "conv": 2}), ("transformer", {"relu2": 1})):
+# activation), logits as cuBLAS's (here the CPU's) within bf16
+# rounding of the products, the same greedy tokens; eager and static steps alike.
+for case, fused in (("hybrid", {"gelu": 1}), ("transformer", {"relu2": 1})):
     model = build(case).to(torch.bfloat16)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    mlp_or_mamba = sum(fused.values())
+    os.environ.pop("TOOLKIT_TRITON_GEMV", None)
     runs = {}
-    for label, graphs in (("kernel", True), ("eager", False), ("plain", True), ("off", True)):
+    for label, graphs in (("kernel", True), ("eager", False), ("off", True)):
         calls.clear()
-        conv_steps.clear()
-        os.environ["TOOLKIT_TRITON_GEMV"] = "auto" if label in ("kernel", "eager") else label
+        if label == "off":
+            os.environ["TOOLKIT_TRITON_GEMV"] = "off"
         engine = Engine(model, ByteTokenizer(), slots=1, max_len=64, cuda_graphs=graphs)
         seen = []
         decode = engine._decode
         record = lambda l: (seen.append(l.float().clone()), l)[1]
         engine._decode = lambda rows: record(decode(rows))
         done = engine.run([Request(prompt=[3, 1, 4, 1, 5], max_new_tokens=6, stop_at_eod=False)])
-        runs[label] = (done[0].tokens, torch.cat(seen), list(calls), len(conv_steps))
-    (tokens, logits, got, convs), (tokens_off, logits_off, off, convs_off) = (
-        runs["kernel"], runs["off"])
+        runs[label] = (done[0].tokens, torch.cat(seen), list(calls))
+    (tokens, logits, got), (tokens_off, logits_off, off) = runs["kernel"], runs["off"]
     # 5 decode steps after the prefill, one launch per linear (the fused pairs: one each).
     assert len(got) == 5 * linears and runs["eager"][2] == got and not off, (case, len(got))
-    kinds = {k: sum(1 for c in got if c[1] == k) // 5 for k in ("gelu", "relu2", "conv")}
+    kinds = {k: sum(1 for c in got if c[1] == k) // 5 for k in ("gelu", "relu2")}
     assert {k: v for k, v in kinds.items() if v} == fused, (case, kinds)
-    # No conv step outside the kernel; with =plain and =off, one per Mamba layer and step.
-    assert convs == runs["eager"][3] == 0, (case, convs)
-    assert convs_off == runs["plain"][3] == 5 * fused.get("conv", 0), (case, convs_off)
-    assert not any(c[1] for c in runs["plain"][2]), (case, runs["plain"][2])
-    assert tokens == tokens_off == runs["eager"][0] == runs["plain"][0], (case, tokens, tokens_off)
+    assert tokens == tokens_off == runs["eager"][0], (case, tokens, tokens_off)
     torch.testing.assert_close(logits, logits_off, rtol=0.05, atol=0.05)
 print("gemv agrees")
 """
@@ -121,8 +112,7 @@ def test_kernel_products_and_routing_under_the_interpreter():
     """Under Triton's interpreter: the kernel's products (tiles that do and do not divide the
     shape) within one bf16 rounding of the exact ones; inside decode_products only one-row bf16
     products without bias or gradients reach it; a bf16 hybrid's engine sends every product of
-    its decode steps through it (Mamba's conv steps inside in_proj's: none outside it) and picks
-    the tokens it picks with TOOLKIT_TRITON_GEMV=plain and =off."""
+    its decode steps through it and picks the tokens it picks with TOOLKIT_TRITON_GEMV=off."""
     pytest.importorskip("triton")
     if CUDA:  # the GPU tests below run the compiled kernel (and Triton 3.6's interpreter fails
         pytest.skip("on a GPU the compiled kernel is tested")  # its loop bound on numpy 2.4)
@@ -143,22 +133,6 @@ def test_decode_products_is_a_no_op_where_the_kernel_does_not_run(monkeypatch):
     assert not gemv.enabled()
     with gemv.decode_products(), torch.no_grad():
         assert torch.equal(F.linear(x, w), x @ w.t())
-
-
-def test_fused_pairs_follow_the_environment(monkeypatch):
-    """TOOLKIT_GEMV_UNFUSED leaves out the pairs it names (a typo is an error naming the known
-    ones); TOOLKIT_TRITON_GEMV=plain leaves out all."""
-    monkeypatch.delenv("TOOLKIT_TRITON_GEMV", raising=False)
-    monkeypatch.delenv("TOOLKIT_GEMV_UNFUSED", raising=False)
-    assert gemv.fuses("activation") and gemv.fuses("conv")
-    monkeypatch.setenv("TOOLKIT_GEMV_UNFUSED", "conv")
-    assert gemv.fuses("activation") and not gemv.fuses("conv")
-    monkeypatch.setenv("TOOLKIT_GEMV_UNFUSED", "conv, gelu")
-    with pytest.raises(ValueError, match=r"unknown \['gelu'\]; known \('activation', 'conv'\)"):
-        gemv.fuses("conv")
-    monkeypatch.setenv("TOOLKIT_GEMV_UNFUSED", "")
-    monkeypatch.setenv("TOOLKIT_TRITON_GEMV", "plain")
-    assert not gemv.fuses("activation") and not gemv.fuses("conv")
 
 
 def test_gemv_refuses_more_than_one_row():

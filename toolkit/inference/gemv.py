@@ -12,21 +12,21 @@ CUDA tensor, without gradients, bias or tensor subclasses, to the kernel; every 
 as it would have. The decoder enters it around the steps it records as CUDA graphs, so the
 kernels are captured and replays pay nothing in Python. The model marks an MLP's fc1 and its
 GELU or squared ReLU as one overridable function (mlp.linear_activation), which the mode runs
-as one kernel, the activation applied to the sums (28 fewer kernels in the 8B's step), and a
-Mamba layer's in_proj with its conv step (mamba2.in_proj_conv): the kernel's rows of xBC shift
-the conv state and take the conv's SiLU (24 fewer).
-Mamba-2's gated norm folded into out_proj the same way (each group's 1/rms scaling its partial
-sums) was slower on the H200: the per-group reductions cost more than the norm's own kernel
-(benchmarks/RESULTS.md). On a CPU the kernel runs under Triton's interpreter
+as one kernel, the activation applied to the sums (28 fewer kernels in the 8B's step).
+Three other pairs measured slower on the H200 than their kernels apart (benchmarks/RESULTS.md),
+each adding more to every program of the product than the small kernel it saved: Mamba-2's
+gated norm folded into out_proj (per-group reductions), a block's residual-add + RMSNorm folded
+into the next product (each program re-reading the residual and the norm's weight and summing
+squares), and Mamba's conv step as in_proj's epilogue (each program's tail waiting on the conv
+state's loads). On a CPU the kernel runs under Triton's interpreter
 (TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off keeps cuBLAS;
-=plain takes the kernel for the products but not the fused pairs, TOOLKIT_GEMV_UNFUSED=conv
-(or activation, comma-separated) not those named. Products of 2-16 rows go to gemm_rows.py's
-kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS).
+=plain takes the kernel for the products but not the activation's fusion. Products of 2-16
+rows go to gemm_rows.py's kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS).
 """
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -36,7 +36,6 @@ from torch.overrides import TorchFunctionMode
 
 from toolkit.inference import gemm_rows
 from toolkit.model.kernels import triton_imports, triton_runs_on
-from toolkit.model.mamba2 import Mamba2Mixer, conv_step, in_proj_conv
 from toolkit.model.mlp import activate, linear_activation
 
 
@@ -111,60 +110,9 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows
     )
 
 
-def takes_conv(mixer: Mamba2Mixer, u: torch.Tensor, conv_state: torch.Tensor) -> bool:
-    """Whether mamba2.in_proj_conv(mixer, u, conv_state) goes to the kernel: in_proj's product
-    where `takes`, and the conv step's tensors in the layout and dtype the kernel reads."""
-    weight, conv_weight, bias = mixer.in_proj.weight, mixer.conv1d.weight, mixer.conv1d.bias
-    conv_tensors = (conv_state, conv_weight) if bias is None else (conv_state, conv_weight, bias)
-    return (
-        type(mixer.in_proj) is nn.Linear
-        and takes(u, weight, mixer.in_proj.bias)
-        and 2 <= mixer.d_conv <= 4
-        and weight.size(0) == sum(mixer.split_sizes)
-        and conv_state.shape == (1, mixer.conv_dim, mixer.d_conv)
-        and conv_weight.shape == (mixer.conv_dim, 1, mixer.d_conv)
-        and all(
-            _plain(t) and t.is_contiguous() and t.dtype == weight.dtype and t.device == u.device
-            for t in conv_tensors
-        )
-    )
-
-
-def gemv_conv(
-    mixer: Mamba2Mixer, u: torch.Tensor, conv_state: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """in_proj_conv in one kernel: in_proj's product, its xBC rows through the conv step and
-    SiLU (conv_state updated in place); z, xBC and dt as views of its output."""
-    from toolkit.inference.gemv_kernel import ConvStep, launch
-
-    weight = mixer.in_proj.weight
-    n, k = weight.shape
-    y = torch.empty(*u.shape[:-1], n, dtype=u.dtype, device=u.device)
-    conv = ConvStep(conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.d_inner)
-    launch(weight, u.contiguous(), y, tile_for(n, k), conv=conv)
-    return y.split(mixer.split_sizes, dim=-1)
-
-
-# The pairs the kernel can take whole: an MLP's activation after fc1, a Mamba layer's conv
-# step after in_proj.
-FUSIONS = ("activation", "conv")
-
-
-def fuses(pair: str) -> bool:
-    """Whether `pair` (one of FUSIONS) runs as one kernel: not with TOOLKIT_TRITON_GEMV=plain,
-    nor when TOOLKIT_GEMV_UNFUSED (comma-separated) names it."""
-    if os.environ.get("TOOLKIT_TRITON_GEMV", "auto") == "plain":
-        return False
-    left_out = {name.strip() for name in os.environ.get("TOOLKIT_GEMV_UNFUSED", "").split(",")}
-    unknown = left_out - set(FUSIONS) - {""}
-    if unknown:
-        raise ValueError(f"TOOLKIT_GEMV_UNFUSED: unknown {sorted(unknown)}; known {FUSIONS}")
-    return pair not in left_out
-
-
 class _DecodeProducts(TorchFunctionMode):
-    """F.linear, an MLP's fc1 with its activation and a Mamba layer's in_proj with its conv step
-    (both marked overridable by the model), through the kernel where `takes` says so."""
+    """F.linear, and an MLP's fc1 with its activation (marked overridable by the model), through
+    the kernel where `takes` says so (or gemm_rows.py's, for 2-16 rows)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
@@ -172,8 +120,6 @@ class _DecodeProducts(TorchFunctionMode):
             return self.linear(*args, **kwargs)
         if func is linear_activation:
             return self.linear_activation(*args)
-        if func is in_proj_conv:
-            return self.in_proj_conv(*args, **kwargs)
         return func(*args, **kwargs)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -184,7 +130,8 @@ class _DecodeProducts(TorchFunctionMode):
         return F.linear(x, weight, bias)
 
     def linear_activation(self, linear: nn.Module, x: torch.Tensor, activation: str):
-        if fuses("activation") and type(linear) is nn.Linear:
+        fuse = os.environ.get("TOOLKIT_TRITON_GEMV", "auto") != "plain"
+        if fuse and type(linear) is nn.Linear:
             weight, bias = linear.weight, linear.bias
             if takes(x, weight, bias):
                 return gemv(x, weight, activation=activation)
@@ -192,19 +139,6 @@ class _DecodeProducts(TorchFunctionMode):
                 return gemm_rows.gemm_rows(x, weight, activation=activation)
         with self:  # its product may still come here
             return activate(linear(x), activation)
-
-    def in_proj_conv(
-        self,
-        mixer: Mamba2Mixer,
-        u: torch.Tensor,
-        conv_state: torch.Tensor,
-        conv_update: Callable[..., torch.Tensor] | None = None,
-    ):
-        if fuses("conv") and takes_conv(mixer, u, conv_state):
-            return gemv_conv(mixer, u, conv_state)
-        with self:  # in_proj's product may still come here
-            z, xbc, dt = mixer.in_proj(u).split(mixer.split_sizes, dim=-1)
-            return z, conv_step(mixer, xbc, conv_state, conv_update), dt
 
 
 def enabled() -> bool:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import handle_torch_function, has_torch_function
 
 from toolkit.model.kernels import PrefillKernels, decode_kernels, prefill_kernels
 from toolkit.model.norms import GatedRMSNorm
@@ -139,41 +138,6 @@ def _keep_columns_before_padding(
     columns = torch.cat([first, padded], dim=-1)
     index = valid[:, None] + torch.arange(k, device=valid.device)
     conv_state.copy_(columns.gather(-1, index[:, None].expand_as(conv_state)))
-
-
-def in_proj_conv(
-    mixer: "Mamba2Mixer",
-    u: torch.Tensor,
-    conv_state: torch.Tensor,
-    conv_update: Callable[..., torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's z, xBC and dt from one token u [b, hidden]: in_proj's output split, xBC
-    through the conv step (conv_state [b, conv_dim, d_conv] shifted left in place, xBC its last
-    column) and SiLU. `conv_update`: causal-conv1d's causal_conv1d_update, else the torch code
-    (the reference). A TorchFunctionMode may take it whole: the decode step's matrix-vector
-    kernel does the conv step on in_proj's rows of xBC (toolkit/inference/gemv.py)."""
-    if has_torch_function((u,)):
-        return handle_torch_function(in_proj_conv, (u,), mixer, u, conv_state, conv_update)
-    z, xbc, dt = mixer.in_proj(u).split(mixer.split_sizes, dim=-1)
-    return z, conv_step(mixer, xbc, conv_state, conv_update), dt
-
-
-def conv_step(
-    mixer: "Mamba2Mixer",
-    xbc: torch.Tensor,
-    conv_state: torch.Tensor,
-    conv_update: Callable[..., torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """SiLU of the conv over conv_state [b, conv_dim, d_conv] shifted left by one with xbc [b,
-    conv_dim] as its last column (in place): causal-conv1d's update, else the torch code."""
-    weight, bias = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias  # [conv_dim, d_conv]
-    # causal-conv1d's update wants one dtype throughout and a width of 2 to 4.
-    same_dtype = conv_state.dtype == xbc.dtype == weight.dtype
-    if conv_update is not None and same_dtype and 2 <= mixer.d_conv <= 4:
-        return conv_update(xbc.contiguous(), conv_state, weight, bias, "silu")
-    conv_state.copy_(torch.cat([conv_state[..., 1:], xbc.unsqueeze(-1).to(conv_state.dtype)], -1))
-    out = (conv_state.to(weight.dtype) * weight).sum(-1)
-    return F.silu(out if bias is None else out + bias)
 
 
 class Mamba2Mixer(nn.Module):
@@ -367,9 +331,19 @@ class Mamba2Mixer(nn.Module):
     def step(self, u: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token [b, 1, hidden] -> [b, 1, hidden], updating `state` in place. Takes
         mamba-ssm's Triton state update and causal-conv1d's conv update on CUDA when the model
-        chose mamba-ssm kernels (see decode_kernels); the torch code is the reference."""
+        chose mamba-ssm kernels (see decode_kernels); the torch code below is the reference."""
         ssm_update, conv_update, gated_norm = decode_kernels(self, u)
-        z, xbc, dt = in_proj_conv(self, u.squeeze(1), state.conv, conv_update)
+        z, xbc, dt = self.in_proj(u.squeeze(1)).split(self.split_sizes, dim=-1)
+        weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
+        # causal-conv1d's update wants one dtype throughout and a width of 2 to 4.
+        same_dtype = state.conv.dtype == xbc.dtype == weight.dtype
+        if conv_update is not None and same_dtype and 2 <= self.d_conv <= 4:
+            xbc = conv_update(xbc.contiguous(), state.conv, weight, self.conv1d.bias, "silu")
+        else:
+            state.conv.copy_(
+                torch.cat([state.conv[..., 1:], xbc.unsqueeze(-1).to(state.conv.dtype)], -1)
+            )
+            xbc = F.silu((state.conv.to(weight.dtype) * weight).sum(-1) + self.conv1d.bias)
         x, B, C = self._split_xbc(xbc)
         if ssm_update is not None:
             y = self._ssm_step_kernel(ssm_update, x, dt, B, C, state.ssm)
