@@ -28,10 +28,16 @@ def norms_with_random_weights(
 
 
 def check_against_the_reference(
-    width: int, groups: int, rows: int, dtype: torch.dtype, device: str, ulps: float = 1
+    width: int,
+    groups: int,
+    rows: int,
+    dtype: torch.dtype,
+    device: str,
+    ulps: float = 1,
+    exact_sum: bool = True,
 ) -> None:
     """Ours (through decode_norms) against norms.py's torch code for `rows` rows of `width`:
-    the sum equal to torch's residual + x (ulps > 1: within an ulp), the norms within `ulps` of
+    the sum equal to torch's residual + x (or within an ulp), the norms within `ulps` of
     dtype's rounding."""
     rtol = ulps * torch.finfo(dtype).eps
     norm, gated = norms_with_random_weights(width, groups, dtype, device)
@@ -41,10 +47,10 @@ def check_against_the_reference(
         assert decode_norms.takes_add_norm(x, r, norm)
         assert decode_norms.takes_gated_norm(gated, x, z)
         out, total = decode_norms.add_norm(x, r, norm)
-        if ulps > 1:  # the interpreter truncates fp32 to bf16
-            torch.testing.assert_close(total, r + x, rtol=torch.finfo(dtype).eps, atol=0)
-        else:
+        if exact_sum:
             assert torch.equal(total, r + x)
+        else:
+            torch.testing.assert_close(total, r + x, rtol=torch.finfo(dtype).eps, atol=0)
         torch.testing.assert_close(out, norm(r + x), rtol=rtol, atol=1e-5)
         out, total = decode_norms.add_norm(x, None, norm)  # the first block: no residual yet
         assert total is x
@@ -53,6 +59,21 @@ def check_against_the_reference(
         torch.testing.assert_close(
             decode_norms.gated_norm(gated, y2, z2), gated(y2, z2), rtol=rtol, atol=1e-5
         )
+
+
+def run_interpreted(script: str, done: str) -> None:
+    """`script` in a subprocess under Triton's interpreter, the decode kernels at their defaults;
+    it must print `done`."""
+    pytest.importorskip("triton")
+    if CUDA:
+        pytest.skip("on a GPU the compiled kernels are tested")
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
+    for switch in ("GEMV", "ROWS", "ATTENTION", "PDL"):
+        env.pop(f"TOOLKIT_TRITON_{switch}", None)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and done in out.stdout, out.stdout + out.stderr
 
 
 KERNEL_CHECK = r"""
@@ -69,7 +90,7 @@ torch.manual_seed(0)
 # (one more ulp on the norms, and the sum within an ulp: checked exact at fp16).
 for width, groups, rows in ((120, 4, 1), (96, 3, 3), (100, 1, 1)):
     check_against_the_reference(width, groups, rows, torch.float16, "cpu")
-check_against_the_reference(96, 3, 3, torch.bfloat16, "cpu", ulps=2)
+check_against_the_reference(96, 3, 3, torch.bfloat16, "cpu", ulps=2, exact_sum=False)
 
 # A bf16 hybrid's decode steps send every norm to our kernels: one add_norm per block and the
 # final norm, one gated norm per Mamba layer, and decode as with TOOLKIT_TRITON_GEMV=off.
@@ -103,15 +124,7 @@ def test_norm_kernels_and_routing_under_the_interpreter():
     """Under Triton's interpreter: both kernels against the torch reference at odd widths and
     groups, and a bf16 hybrid's engine sending each decode step's norms to them (a spy on the
     launches) and decoding the tokens it decodes with TOOLKIT_TRITON_GEMV=off."""
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU the compiled kernels are tested")
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
-    env.pop("TOOLKIT_TRITON_GEMV", None)
-    out = subprocess.run(
-        [sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and "decode norms agree" in out.stdout, out.stdout + out.stderr
+    run_interpreted(KERNEL_CHECK, "decode norms agree")
 
 
 def test_norms_stay_torch_where_the_kernels_do_not_take_them(monkeypatch):
@@ -141,6 +154,6 @@ def test_norms_stay_torch_where_the_kernels_do_not_take_them(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 8])
 def test_norm_kernels_on_cuda_at_the_8b_widths(rows):
     """hidden 4096 and the gated norm's 8192 in 8 groups: the sum exactly torch's, the norms
-    within one bf16 rounding of torch's."""
+    within two bf16 roundings of torch's (each rounds once from its own fp32 sums)."""
     torch.manual_seed(0)
-    check_against_the_reference(4096, 8, rows, torch.bfloat16, "cuda")
+    check_against_the_reference(4096, 8, rows, torch.bfloat16, "cuda", ulps=2)

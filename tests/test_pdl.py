@@ -4,17 +4,12 @@ computing bit for bit what the plain ones do (under Triton's interpreter, its gr
 calls as no-ops, and on a GPU at the 8B's shapes), and the CUDA-graph engine decoding the same
 tokens with TOOLKIT_TRITON_PDL=off."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.test_decode_norms import run_interpreted
 from toolkit.inference import gemm_rows, gemv, pdl
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 SHAPES_8B = [(18560, 4096), (4096, 8192), (16384, 4096), (4096, 16384), (6144, 4096)]
 
@@ -142,15 +137,7 @@ def test_pdl_variants_compute_what_the_plain_kernels_do_under_the_interpreter():
     interpreter with the grid dependency calls as no-ops: bit for bit the plain kernels'
     products at shapes the tiles do and do not divide, and a bf16 hybrid's decode steps (each
     kernel of the step, norms and flash decoding included, waiting)."""
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU the compiled kernels are tested")
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
-    env.pop("TOOLKIT_TRITON_GEMV", None)
-    out = subprocess.run(
-        [sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and "pdl variants agree" in out.stdout, out.stdout + out.stderr
+    run_interpreted(KERNEL_CHECK, "pdl variants agree")
 
 
 def _with_and_without_pdl(f, monkeypatch):  # noqa: ANN001, ANN202
