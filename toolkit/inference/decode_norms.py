@@ -10,6 +10,8 @@ it runs. gemv.decode_products() sends them the calls of 1-16 half-precision rows
 gradients on CUDA (or under Triton's interpreter); any other call runs as it would have.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from toolkit.inference.gemm_rows import MAX_ROWS
@@ -70,7 +72,10 @@ def takes_gated_norm(norm: torch.nn.Module, y: torch.Tensor, z: torch.Tensor) ->
 
 
 def gated_norm(
-    norm: torch.nn.Module, y: torch.Tensor, z: torch.Tensor, kernel: object = None
+    norm: torch.nn.Module,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    kernel: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """norms.gated_norm's norm(y, z) through our kernel where it takes it (else `kernel`'s, or
     the torch code's, as norms.gated_norm chooses)."""
