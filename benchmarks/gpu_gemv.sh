@@ -7,7 +7,8 @@
 # `tests`: the kernels' GPU tests; `decode`: the 8B hybrid's decode (benchmarks/decode.py, CUDA
 # graphs, overlap) at 4k and 32k context, batches 1, 2, 4, 8, with the kernels and with cuBLAS
 # and torch's attention, side by side; batches 2-8 without the rows kernel
-# (TOOLKIT_TRITON_ROWS=off); without flash decoding; without fc1's GELU fused (=plain);
+# (TOOLKIT_TRITON_ROWS=off); without flash decoding; without fc1's GELU fused (=plain); at
+# batches 1 and 8 without programmatic dependent launch (TOOLKIT_TRITON_PDL=off);
 # `profile`: the batch-1 step's kernels
 # (decode_profile.py); `attention`: decode attention's kernels alone and flash decoding's plans.
 # JSON and logs go to $OUT. GPU_GEMV_DECODES="decode_kernel ..." runs those of decode's runs
@@ -26,8 +27,9 @@ PARTS=${*:-sweep rows fused tests decode profile attention}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 part_done() { echo "== $1 exit $2 in $3 s"; tail -"${PART_TAIL:-12}" "$4"; }
 
-want tests && part tests 180 python3 -m pytest -q -x -p no:cacheprovider -m "not long" \
-  tests/test_gemv.py tests/test_gemm_rows.py tests/test_flash_decoding.py
+want tests && part tests 240 python3 -m pytest -q -x -p no:cacheprovider -m "not long" \
+  tests/test_gemv.py tests/test_gemm_rows.py tests/test_flash_decoding.py tests/test_pdl.py \
+  tests/test_decode_norms.py
 decode() {  # name contexts batches VAR=value...: the 8B's decode under those settings
   local name=$1 contexts=$2 batches=$3; shift 3
   [[ -z "${GPU_GEMV_DECODES:-}" || " $GPU_GEMV_DECODES " == *" $name "* ]] || return 0
@@ -38,6 +40,7 @@ decode() {  # name contexts batches VAR=value...: the 8B's decode under those se
 if want decode; then
   decode decode_kernel 4096,32768 1,2,4,8 TOOLKIT_TRITON_GEMV=auto
   decode decode_kernel_again 4096 1 TOOLKIT_TRITON_GEMV=auto  # batch 1's spread in one run
+  decode decode_pdl_off 4096,32768 1,8 TOOLKIT_TRITON_PDL=off  # launched without PDL (pdl.py)
   decode decode_cublas 4096,32768 1,2,4,8 TOOLKIT_TRITON_GEMV=off TOOLKIT_TRITON_ATTENTION=off
   decode decode_rows_off 4096,32768 2,4,8 TOOLKIT_TRITON_ROWS=off
   decode decode_attention_off 4096,32768 1 TOOLKIT_TRITON_ATTENTION=off

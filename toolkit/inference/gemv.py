@@ -21,7 +21,10 @@ squares), and Mamba's conv step as in_proj's epilogue (each program's tail waiti
 state's loads). On a CPU the kernel runs under Triton's interpreter
 (TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off keeps cuBLAS;
 =plain takes the kernel for the products but not the activation's fusion. Products of 2-16
-rows go to gemm_rows.py's kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS).
+rows go to gemm_rows.py's kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS). The mode also sends the
+norms between the products to our kernels (decode_norms.py), so that with the products they can
+launch with PDL (pdl.py: each product streams its first weight tile while the kernel before it
+ends; TOOLKIT_TRITON_PDL=off: launched as usual).
 """
 
 import contextlib
@@ -34,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from toolkit.inference import gemm_rows
+from toolkit.inference import decode_norms, gemm_rows
+from toolkit.model import norms
 from toolkit.model.kernels import triton_imports, triton_runs_on
 from toolkit.model.mlp import activate, linear_activation
 
@@ -112,7 +116,8 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows
 
 class _DecodeProducts(TorchFunctionMode):
     """F.linear, and an MLP's fc1 with its activation (marked overridable by the model), through
-    the kernel where `takes` says so (or gemm_rows.py's, for 2-16 rows)."""
+    the kernel where `takes` says so (or gemm_rows.py's, for 2-16 rows); the norms between them
+    (marked overridable too) through decode_norms.py's."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
@@ -120,6 +125,10 @@ class _DecodeProducts(TorchFunctionMode):
             return self.linear(*args, **kwargs)
         if func is linear_activation:
             return self.linear_activation(*args)
+        if func is norms.add_norm:
+            return decode_norms.add_norm(*args, **kwargs)
+        if func is norms.gated_norm:
+            return decode_norms.gated_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):

@@ -5,7 +5,8 @@ an online softmax in fp32 (base 2: the scale folds in log2(e)) into the split's 
 sum of exponentials and weighted sum of values. The row's new key and value come from their
 inputs, not the cache, and the program whose split holds the row's position writes them there
 (no other program reads that position). Pass 2, one program per (head, group, row): the splits'
-partial results combined by their maxima, divided once, rounded once.
+partial results combined by their maxima, divided once, rounded once. With PDL
+(toolkit/inference/pdl.py) each pass waits for the kernel before it, then lets the next launch.
 """
 
 import os
@@ -13,6 +14,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from toolkit.inference import pdl
 
 
 @triton.jit
@@ -31,8 +34,11 @@ def _split_kernel(
     stride_qb, stride_qg, stride_qh, stride_kb, stride_kg, stride_ks,
     stride_vb, stride_vg, stride_vs, stride_nkb, stride_nkg, stride_nvb, stride_nvg,
     HEADS: tl.constexpr, HEADS_P: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # q and the new key and value are the kernels before's outputs; pass 2 may launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split, group, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = tl.num_programs(1)
     length = tl.load(lengths_ptr + row).to(tl.int32)  # keys 0..length are visible
@@ -94,8 +100,11 @@ def _split_kernel(
 @triton.jit
 def _combine_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, splits, stride_ob, stride_og, stride_oh,
-    D: tl.constexpr, SPLITS_P: tl.constexpr, CHUNK: tl.constexpr,
+    D: tl.constexpr, SPLITS_P: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # pass 1's results; the next product may start loading its weight
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     head, group, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = ((row * tl.num_programs(1) + group) * tl.num_programs(0) + head) * splits
     every = tl.arange(0, SPLITS_P)
@@ -139,6 +148,7 @@ def launch(
     acc = torch.empty(b, groups, heads, plan.splits, d, device=q.device, dtype=torch.float32)
     scale_log2 = d**-0.5 * 1.4426950408889634  # exp(x) = exp2(x log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # bf16/fp16: exact products
+    on = pdl.enabled(q.device)  # both passes wait for the kernel before them, then release it
     _split_kernel[(plan.splits, groups, b)](
         q, k, v, k_new, v_new, lengths, m, total, acc,
         span, plan.keys_per_split, plan.splits, scale_log2,
@@ -146,11 +156,11 @@ def launch(
         v.stride(0), v.stride(1), v.stride(2),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         HEADS=heads, HEADS_P=max(16, triton.next_power_of_2(heads)), D=d, BLOCK=plan.block,
-        PRECISION=precision, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=plan.warps, num_stages=plan.stages,
+        PRECISION=precision, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", PDL=on,
+        num_warps=plan.warps, num_stages=plan.stages, launch_pdl=on,
     )  # fmt: skip
     splits_p = triton.next_power_of_2(plan.splits)
     _combine_kernel[(heads, groups, b)](
         m, total, acc, out, plan.splits, out.stride(0), out.stride(1), out.stride(2),
-        D=d, SPLITS_P=splits_p, CHUNK=min(16, splits_p), num_warps=4,
+        D=d, SPLITS_P=splits_p, CHUNK=min(16, splits_p), PDL=on, num_warps=4, launch_pdl=on,
     )  # fmt: skip

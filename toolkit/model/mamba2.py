@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.model.kernels import PrefillKernels, decode_kernels, prefill_kernels
-from toolkit.model.norms import GatedRMSNorm
+from toolkit.model.norms import GatedRMSNorm, gated_norm
 from toolkit.model.ssd import SSDFunction, ssd_chunked, ssd_step
 
 
@@ -332,7 +332,7 @@ class Mamba2Mixer(nn.Module):
         """One token [b, 1, hidden] -> [b, 1, hidden], updating `state` in place. Takes
         mamba-ssm's Triton state update and causal-conv1d's conv update on CUDA when the model
         chose mamba-ssm kernels (see decode_kernels); the torch code below is the reference."""
-        ssm_update, conv_update, gated_norm = decode_kernels(self, u)
+        ssm_update, conv_update, norm_kernel = decode_kernels(self, u)
         z, xbc, dt = self.in_proj(u.squeeze(1)).split(self.split_sizes, dim=-1)
         weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
         # causal-conv1d's update wants one dtype throughout and a width of 2 to 4.
@@ -350,19 +350,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y = self._ssm_step_torch(x, dt, B, C, state.ssm)
         state.seen += 1
-        y = y.flatten(-2)
-        if gated_norm is not None:  # one kernel instead of ~8 small ones per layer and token
-            y = gated_norm(
-                y.contiguous(),
-                self.norm.weight,
-                None,
-                z=z.contiguous(),
-                eps=self.norm.eps,
-                group_size=y.size(-1) // self.norm.groups,
-                norm_before_gate=False,  # rmsnorm(y * silu(z)), as GatedRMSNorm
-            )
-        else:
-            y = self.norm(y, z)
+        y = gated_norm(self.norm, y.flatten(-2), z, norm_kernel)
         return self.out_proj(y).unsqueeze(1)
 
     def decode_A(self) -> torch.Tensor:

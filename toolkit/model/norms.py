@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +75,10 @@ def add_norm(
     """(norm(s), s) with s = residual + x (x alone when residual is None): a block's residual
     sum and the next block's normalised input. On CUDA, with mamba-ssm, one kernel instead of
     an add and a norm (a decode step at batch 1 is ~100 such pairs of tiny kernels); the same
-    numbers: the sum rounded to x's dtype, the norm computed in fp32."""
+    numbers: the sum rounded to x's dtype, the norm computed in fp32. A TorchFunctionMode may
+    take it: the decode step's own kernel (toolkit/inference/decode_norms.py)."""
+    if has_torch_function((x,)):
+        return handle_torch_function(add_norm, (x,), x, residual, norm)
     fused = _fused_add_norm() if x.is_cuda else None
     if fused is not None and isinstance(norm, RMSNorm | nn.LayerNorm) and not x.requires_grad:
         if x.dtype == norm.weight.dtype and (residual is None or residual.dtype == x.dtype):
@@ -90,3 +94,27 @@ def add_norm(
             return out, total
     total = x if residual is None else residual + x
     return norm(total), total
+
+
+def gated_norm(
+    norm: GatedRMSNorm,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    kernel: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """norm(y, z), through mamba-ssm's Triton rmsnorm_fn `kernel` where the caller has it (one
+    kernel instead of ~8 small ones). A TorchFunctionMode may take it: the decode step's own
+    kernel (toolkit/inference/decode_norms.py)."""
+    if has_torch_function((y,)):
+        return handle_torch_function(gated_norm, (y,), norm, y, z, kernel)
+    if kernel is None:
+        return norm(y, z)
+    return kernel(
+        y.contiguous(),
+        norm.weight,
+        None,
+        z=z.contiguous(),
+        eps=norm.eps,
+        group_size=y.size(-1) // norm.groups,
+        norm_before_gate=False,  # rmsnorm(y * silu(z)), as GatedRMSNorm
+    )

@@ -1,0 +1,39 @@
+"""Programmatic dependent launch (PDL) for the decode step's Triton kernels.
+
+At batch 1 the 8B hybrid's decode step is ~110 matrix-vector products with ~150 kernels of 2-4
+us between them (norms, state updates, attention), each launched only when the one before has
+finished. On Hopper a kernel launched with PDL may start while the kernel before it in the
+stream still runs (CUDA graphs keep the edge); it must call Triton's gdc_wait() before it reads
+anything that earlier kernels write, and a kernel's gdc_launch_dependents() lets the next one
+start early. The products' weights are constants, so a product launched with PDL loads its
+first weight tile before its wait, while the small kernel before it runs; our small kernels
+(norm_kernels.py) wait first and release the next product at once.
+
+TOOLKIT_TRITON_PDL=off turns it off (the kernels compiled without the calls and launched
+without PDL); it is off under Triton's interpreter (which has no grid dependency control) and
+on GPUs before compute capability 9.0.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.cache
+def _supported(index: int) -> bool:
+    """Hopper or later, and a Triton with grid dependency control (3.3 and later)."""
+    if torch.cuda.get_device_capability(index) < (9, 0):
+        return False
+    return importlib.util.find_spec("triton.language.extra.cuda.gdc") is not None
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether our kernels for tensors on `device` launch with PDL (see the module's docstring)."""
+    if os.environ.get("TOOLKIT_TRITON_PDL", "auto") == "off":
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _supported(index)
