@@ -62,7 +62,8 @@ def check_against_the_reference(
 
 
 def run_interpreted(script: str, done: str) -> None:
-    """`script` in a subprocess under Triton's interpreter, the decode kernels at their defaults;
+    """`script` in a subprocess under Triton's interpreter, the decode kernels at their defaults
+    but for our norms taken (TOOLKIT_TRITON_PDL=on: PDL itself is off under the interpreter);
     it must print `done`."""
     pytest.importorskip("triton")
     if CUDA:
@@ -70,6 +71,7 @@ def run_interpreted(script: str, done: str) -> None:
     env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
     for switch in ("GEMV", "ROWS", "ATTENTION", "PDL"):
         env.pop(f"TOOLKIT_TRITON_{switch}", None)
+    env["TOOLKIT_TRITON_PDL"] = "on"
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
@@ -125,6 +127,23 @@ def test_norm_kernels_and_routing_under_the_interpreter():
     groups, and a bf16 hybrid's engine sending each decode step's norms to them (a spy on the
     launches) and decoding the tokens it decodes with TOOLKIT_TRITON_GEMV=off."""
     run_interpreted(KERNEL_CHECK, "decode norms agree")
+
+
+def test_norms_stay_mamba_ssms_by_default(monkeypatch):
+    """Without TOOLKIT_TRITON_PDL (off until measured on an H200) the decode mode hands no norm
+    to our kernels, even where they would take it; with =norms it does."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the mode is on here on a CPU
+    monkeypatch.delenv("TOOLKIT_TRITON_PDL", raising=False)
+    calls = []
+    monkeypatch.setattr(decode_norms, "add_norm", lambda *a: calls.append(a) or (a[0], a[0]))
+    norm, _ = norms_with_random_weights(64, 2, torch.bfloat16)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with gemv.decode_products(), torch.no_grad():
+        out, total = add_norm(x, x, norm)
+        assert not calls and torch.equal(total, x + x)
+        monkeypatch.setenv("TOOLKIT_TRITON_PDL", "norms")
+        add_norm(x, x, norm)
+        assert len(calls) == 1
 
 
 def test_norms_stay_torch_where_the_kernels_do_not_take_them(monkeypatch):

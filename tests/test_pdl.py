@@ -2,7 +2,7 @@
 the switch, each kernel compiled and launched with PDL exactly where it is on, the PDL variants
 computing bit for bit what the plain ones do (under Triton's interpreter, its grid dependency
 calls as no-ops, and on a GPU at the 8B's shapes), and the CUDA-graph engine decoding the same
-tokens with TOOLKIT_TRITON_PDL=off."""
+tokens without PDL (TOOLKIT_TRITON_PDL=norms)."""
 
 import pytest
 import torch
@@ -15,8 +15,9 @@ SHAPES_8B = [(18560, 4096), (4096, 8192), (16384, 4096), (4096, 16384), (6144, 4
 
 
 def test_switch(monkeypatch):
-    """Off with TOOLKIT_TRITON_PDL=off, under the interpreter, on a CPU tensor and before
-    compute capability 9.0; on at 9.0 and later."""
+    """Off by default and with TOOLKIT_TRITON_PDL=norms (our norms only); with =on, off under
+    the interpreter, on a CPU tensor and before compute capability 9.0, on at 9.0 and later;
+    a misspelt value is an error naming the variable."""
     monkeypatch.delenv("TOOLKIT_TRITON_PDL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     capability = {"value": (9, 0)}
@@ -24,10 +25,14 @@ def test_switch(monkeypatch):
     pdl._supported.cache_clear()
     cuda = torch.device("cuda", 0)
     try:
+        assert not pdl.enabled(cuda) and not pdl.our_norms()
+        monkeypatch.setenv("TOOLKIT_TRITON_PDL", "norms")
+        assert not pdl.enabled(cuda) and pdl.our_norms()
+        monkeypatch.setenv("TOOLKIT_TRITON_PDL", "yes")
+        with pytest.raises(ValueError, match="TOOLKIT_TRITON_PDL='yes'"):
+            pdl.enabled(cuda)
+        monkeypatch.setenv("TOOLKIT_TRITON_PDL", "on")
         assert pdl.enabled(cuda) and not pdl.enabled(torch.device("cpu"))
-        monkeypatch.setenv("TOOLKIT_TRITON_PDL", "off")
-        assert not pdl.enabled(cuda)
-        monkeypatch.setenv("TOOLKIT_TRITON_PDL", "auto")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert not pdl.enabled(cuda)
         monkeypatch.delenv("TRITON_INTERPRET")
@@ -142,7 +147,7 @@ def test_pdl_variants_compute_what_the_plain_kernels_do_under_the_interpreter():
 
 def _with_and_without_pdl(f, monkeypatch):  # noqa: ANN001, ANN202
     outs = []
-    for setting in ("auto", "off"):
+    for setting in ("on", "norms"):  # our norms both times: only the launches differ
         monkeypatch.setenv("TOOLKIT_TRITON_PDL", setting)
         outs.append(f())
     return outs
@@ -159,6 +164,7 @@ needs_hopper = pytest.mark.skipif(
 def test_products_with_pdl_equal_those_without_on_cuda(shape, rows, monkeypatch):
     """The 8B's products at their tuned tiles (one row: gemv.py's; 8: gemm_rows.py's), bit for
     bit with and without PDL."""
+    monkeypatch.setenv("TOOLKIT_TRITON_PDL", "on")
     assert pdl.enabled(torch.device("cuda"))
     torch.manual_seed(0)
     n, k = shape
@@ -192,7 +198,7 @@ def test_norms_with_pdl_equal_those_without_on_cuda(rows, monkeypatch):
 @needs_hopper
 def test_graph_engine_decodes_as_without_pdl_on_cuda(monkeypatch):
     """A bf16 hybrid's engine on the GPU (CUDA graphs, batch 1, then three requests at once):
-    the same greedy tokens and the same logits, bit for bit, with TOOLKIT_TRITON_PDL=off (a
+    the same greedy tokens and the same logits, bit for bit, with TOOLKIT_TRITON_PDL=norms (a
     kernel reading before the one it depends on had finished would show here)."""
     from tests.test_flash_decoding import hybrid
     from toolkit.inference.engine import Engine, Request

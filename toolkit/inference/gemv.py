@@ -21,10 +21,11 @@ squares), and Mamba's conv step as in_proj's epilogue (each program's tail waiti
 state's loads). On a CPU the kernel runs under Triton's interpreter
 (TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off keeps cuBLAS;
 =plain takes the kernel for the products but not the activation's fusion. Products of 2-16
-rows go to gemm_rows.py's kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS). The mode also sends the
-norms between the products to our kernels (decode_norms.py), so that with the products they can
-launch with PDL (pdl.py: each product streams its first weight tile while the kernel before it
-ends; TOOLKIT_TRITON_PDL=off: launched as usual).
+rows go to gemm_rows.py's kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS). With
+TOOLKIT_TRITON_PDL=on (or =norms) the mode also sends the norms between the products to our
+kernels (decode_norms.py), so that with the products they can launch with PDL (pdl.py: each
+product streams its first weight tile while the kernel before it ends); off by default until
+measured on an H200.
 """
 
 import contextlib
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from toolkit.inference import decode_norms, gemm_rows
+from toolkit.inference import decode_norms, gemm_rows, pdl
 from toolkit.model import norms
 from toolkit.model.kernels import triton_imports, triton_runs_on
 from toolkit.model.mlp import activate, linear_activation
@@ -125,9 +126,9 @@ class _DecodeProducts(TorchFunctionMode):
             return self.linear(*args, **kwargs)
         if func is linear_activation:
             return self.linear_activation(*args)
-        if func is norms.add_norm:
+        if func is norms.add_norm and pdl.our_norms():
             return decode_norms.add_norm(*args, **kwargs)
-        if func is norms.gated_norm:
+        if func is norms.gated_norm and pdl.our_norms():
             return decode_norms.gated_norm(*args, **kwargs)
         return func(*args, **kwargs)
 

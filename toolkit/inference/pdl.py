@@ -9,9 +9,11 @@ start early. The products' weights are constants, so a product launched with PDL
 first weight tile before its wait, while the small kernel before it runs; our small kernels
 (norm_kernels.py) wait first and release the next product at once.
 
-TOOLKIT_TRITON_PDL=off turns it off (the kernels compiled without the calls and launched
-without PDL); it is off under Triton's interpreter (which has no grid dependency control) and
-on GPUs before compute capability 9.0.
+TOOLKIT_TRITON_PDL: `off` (the default until it is measured on an H200: benchmarks/gpu_gemv.sh
+decode) keeps mamba-ssm's norms and launches every kernel as usual; `norms` takes our norm
+kernels, launched as usual; `on` takes them and launches our kernels with PDL (the kernels
+compiled with the grid dependency calls). PDL itself stays off under Triton's interpreter (it
+has no grid dependency control) and on GPUs before compute capability 9.0.
 """
 
 import functools
@@ -29,9 +31,25 @@ def _supported(index: int) -> bool:
     return importlib.util.find_spec("triton.language.extra.cuda.gdc") is not None
 
 
+SETTINGS = ("off", "norms", "on")
+
+
+def setting() -> str:
+    """TOOLKIT_TRITON_PDL's value (see the module's docstring)."""
+    value = os.environ.get("TOOLKIT_TRITON_PDL", "off")
+    if value not in SETTINGS:
+        raise ValueError(f"TOOLKIT_TRITON_PDL={value!r}: expected one of {SETTINGS}")
+    return value
+
+
+def our_norms() -> bool:
+    """Whether the decode step's norms go to our kernels (decode_norms.py)."""
+    return setting() != "off"
+
+
 def enabled(device: torch.device) -> bool:
     """Whether our kernels for tensors on `device` launch with PDL (see the module's docstring)."""
-    if os.environ.get("TOOLKIT_TRITON_PDL", "auto") == "off":
+    if setting() != "on":
         return False
     if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
         return False
