@@ -130,6 +130,7 @@ def test_kernels_under_the_interpreter():
 ENGINE_CHECK = r"""
 import os
 import torch
+from tests.test_cuda_graph import record_decodes
 from tests.test_flash_decoding import hybrid
 from toolkit.inference.engine import Engine, Request
 from toolkit.model import flash_decoding_kernel
@@ -146,9 +147,7 @@ for label in ("kernel", "off"):
     if label == "off":
         os.environ["TOOLKIT_TRITON_ATTENTION"] = "off"
     engine = Engine(model, ByteTokenizer(), slots=2, max_len=64, cuda_graphs=True)
-    seen = []
-    decode = engine._decode
-    engine._decode = lambda rows: (lambda l: (seen.append(l.float().clone()), l)[1])(decode(rows))
+    seen = record_decodes(engine)
     done = engine.run([
         Request(prompt=[3, 1, 4, 1, 5], max_new_tokens=6, stop_at_eod=False),
         Request(prompt=[2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5], max_new_tokens=5, stop_at_eod=False),

@@ -21,6 +21,7 @@ CUDA = torch.cuda.is_available()
 KERNEL_CHECK = r"""
 import os, torch, torch.nn.functional as F
 from tests.test_gemv import assert_one_rounding
+from tests.test_cuda_graph import record_decodes
 from tests.test_engine import build
 from toolkit.inference import gemm_rows, gemm_rows_kernel, gemv, gemv_kernel
 from toolkit.inference.engine import Engine, Request
@@ -87,9 +88,7 @@ for label in ("kernel", "off"):
         os.environ["TOOLKIT_TRITON_ROWS"] = "off"
     calls.clear()
     engine = Engine(model, ByteTokenizer(), slots=4, max_len=64, cuda_graphs=False)
-    seen = []
-    decode = engine._decode
-    engine._decode = lambda rows: (lambda l: (seen.append(l.float().clone()), l)[1])(decode(rows))
+    seen = record_decodes(engine)
     requests = [Request(prompt=p, max_new_tokens=5, stop_at_eod=False)
                 for p in ([3, 1, 4, 1, 5], [2, 7, 1], [8, 2, 8, 1, 8, 2])]
     done = engine.run(requests)
@@ -182,6 +181,7 @@ def test_fc1_with_gelu_on_cuda_at_four_rows():
 def test_graph_engine_at_three_rows_decodes_as_with_cublas(monkeypatch):
     """A bf16 hybrid's engine on the GPU decoding three requests (CUDA graphs at the 4-row
     bucket): each step's logits within bf16 rounding of cuBLAS's with TOOLKIT_TRITON_ROWS=off."""
+    from tests.test_cuda_graph import record_decodes
     from tests.test_engine import build
     from toolkit.inference.engine import Engine, Request
     from toolkit.tokenizer import ByteTokenizer
@@ -194,11 +194,7 @@ def test_graph_engine_at_three_rows_decodes_as_with_cublas(monkeypatch):
         if label == "off":
             monkeypatch.setenv("TOOLKIT_TRITON_ROWS", "off")
         engine = Engine(model, ByteTokenizer(), slots=4, max_len=128, overlap=False)
-        seen = []
-        decode = engine._decode
-        engine._decode = lambda rows, d=decode, s=seen: (lambda l: (s.append(l.float()), l)[1])(
-            d(rows).clone()
-        )
+        seen = record_decodes(engine)
         requests = [
             Request(prompt=p, max_new_tokens=8, stop_at_eod=False)
             for p in ([3, 1, 4, 1, 5], [2, 7, 1], [8, 2, 8, 1, 8, 2])

@@ -33,6 +33,7 @@ def assert_one_rounding(
 
 KERNEL_CHECK = r"""
 import os, torch, torch.nn.functional as F
+from tests.test_cuda_graph import record_decodes
 from tests.test_gemv import assert_one_rounding
 from tests.test_engine import build
 from toolkit.inference import gemv, gemv_kernel
@@ -90,10 +91,7 @@ for case, fused in (("hybrid", {"gelu": 1}), ("transformer", {"relu2": 1})):
         if label == "off":
             os.environ["TOOLKIT_TRITON_GEMV"] = "off"
         engine = Engine(model, ByteTokenizer(), slots=1, max_len=64, cuda_graphs=graphs)
-        seen = []
-        decode = engine._decode
-        record = lambda l: (seen.append(l.float().clone()), l)[1]
-        engine._decode = lambda rows: record(decode(rows))
+        seen = record_decodes(engine)
         done = engine.run([Request(prompt=[3, 1, 4, 1, 5], max_new_tokens=6, stop_at_eod=False)])
         runs[label] = (done[0].tokens, torch.cat(seen), list(calls))
     (tokens, logits, got), (tokens_off, logits_off, off) = runs["kernel"], runs["off"]
@@ -166,6 +164,7 @@ def test_graph_engine_decodes_as_with_cublas_on_cuda(monkeypatch):
     kernel): each step's logits within bf16 rounding of cuBLAS's path with
     TOOLKIT_TRITON_GEMV=off, and the same greedy tokens up to a near-tie (random weights: the
     fused GELU skips a rounding, which may decide a tie)."""
+    from tests.test_cuda_graph import record_decodes
     from tests.test_engine import build
     from toolkit.inference.engine import Engine, Request
     from toolkit.tokenizer import ByteTokenizer
@@ -177,11 +176,7 @@ def test_graph_engine_decodes_as_with_cublas_on_cuda(monkeypatch):
         if label == "off":
             monkeypatch.setenv("TOOLKIT_TRITON_GEMV", "off")
         engine = Engine(model, ByteTokenizer(), slots=1, max_len=128, overlap=False)
-        seen = []
-        decode = engine._decode
-        engine._decode = lambda rows, d=decode, s=seen: (lambda l: (s.append(l.float()), l)[1])(
-            d(rows).clone()
-        )
+        seen = record_decodes(engine)
         request = Request(prompt=[3, 1, 4, 1, 5, 9, 2, 6], max_new_tokens=24, stop_at_eod=False)
         runs[label] = (engine.run([request])[0].tokens, seen)
     (tokens, logits), (tokens_off, logits_off) = runs["kernel"], runs["off"]

@@ -81,6 +81,7 @@ def test_each_kernel_compiled_and_launched_with_pdl_where_it_is_on(on, monkeypat
 
 KERNEL_CHECK = r"""
 import sys, torch, triton.language.extra.cuda as gdc
+from tests.test_cuda_graph import record_decodes
 from tests.test_flash_decoding import hybrid
 from toolkit.inference import gemm_rows, gemv, pdl
 from toolkit.inference.engine import Engine, Request
@@ -122,9 +123,7 @@ runs = []
 for on in (False, True):
     enabled["on"] = on
     engine = Engine(model, ByteTokenizer(), slots=2, max_len=64, cuda_graphs=True)
-    seen = []
-    decode = engine._decode
-    engine._decode = lambda rows: (lambda l: (seen.append(l.float().clone()), l)[1])(decode(rows))
+    seen = record_decodes(engine)
     done = engine.run([Request(prompt=[3, 1, 4, 1, 5], max_new_tokens=5, stop_at_eod=False),
                        Request(prompt=[2, 7, 1], max_new_tokens=2, stop_at_eod=False)])
     runs.append(([r.tokens for r in done], torch.cat(seen)))
@@ -200,6 +199,7 @@ def test_graph_engine_decodes_as_without_pdl_on_cuda(monkeypatch):
     """A bf16 hybrid's engine on the GPU (CUDA graphs, batch 1, then three requests at once):
     the same greedy tokens and the same logits, bit for bit, with TOOLKIT_TRITON_PDL=norms (a
     kernel reading before the one it depends on had finished would show here)."""
+    from tests.test_cuda_graph import record_decodes
     from tests.test_flash_decoding import hybrid
     from toolkit.inference.engine import Engine, Request
     from toolkit.tokenizer import ByteTokenizer
@@ -209,9 +209,7 @@ def test_graph_engine_decodes_as_without_pdl_on_cuda(monkeypatch):
 
     def decode(requests: int) -> tuple[list[list[int]], torch.Tensor]:
         engine = Engine(model, ByteTokenizer(), slots=4, max_len=128, overlap=False)
-        seen = []
-        step = engine._decode
-        engine._decode = lambda rows: (lambda l: (seen.append(l.float()), l)[1])(step(rows).clone())
+        seen = record_decodes(engine)
         done = engine.run(
             [Request(prompt=p, max_new_tokens=24, stop_at_eod=False) for p in prompts[:requests]]
         )
