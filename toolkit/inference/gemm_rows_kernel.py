@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from toolkit.inference import pdl
-from toolkit.inference.gemv_kernel import ACTIVATIONS
+from toolkit.inference.gemv_kernel import ACTIVATIONS, activate
 
 ROWS = 16  # tl.dot's least M: x's rows padded to it (masked loads of zeros)
 
@@ -58,11 +58,7 @@ def _rows_kernel(
         acc = _tile_dot(x, w, acc, UPCAST)
     if PDL:  # the next kernel may start (and load its own weights) while this one ends
         tl.extra.cuda.gdc_launch_dependents()
-    if ACT == 1:  # GELU, erf form (F.gelu's default)
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 2:  # squared ReLU
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
+    acc = activate(acc, ACT)
     y = y_ptr + m[:, None] * stride_y + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
 

@@ -10,6 +10,17 @@ ACTIVATIONS = {None: 0, "gelu": 1, "relu2": 2}
 
 
 @triton.jit
+def activate(y, ACT: tl.constexpr):
+    """ACTIVATIONS's activation ACT of fp32 sums y (also gemm_rows_kernel's)."""
+    if ACT == 1:  # GELU, erf form (F.gelu's default)
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 2:  # squared ReLU
+        y = tl.maximum(y, 0.0)
+        y = y * y
+    return y
+
+
+@triton.jit
 def _weight_tile(w_rows, k, inside, K, EVICT_FIRST: tl.constexpr):
     mask = inside[:, None] & (k < K)[None, :]
     if EVICT_FIRST:  # each weight is read once per step: leave L2 to x and the rest
@@ -43,12 +54,7 @@ def _gemv_kernel(
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     if PDL:  # the next kernel may start (and load its own weights) while this one ends
         tl.extra.cuda.gdc_launch_dependents()
-    y = tl.sum(acc, axis=1)
-    if ACT == 1:  # GELU, erf form (F.gelu's default)
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACT == 2:  # squared ReLU
-        y = tl.maximum(y, 0.0)
-        y = y * y
+    y = activate(tl.sum(acc, axis=1), ACT)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
