@@ -100,8 +100,7 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows
     of them: gemm_rows.py's), on CUDA (or under the interpreter), no bias, no gradients, plain
     tensors of one dtype."""
     return (
-        rows >= 1
-        and bias is None
+        bias is None
         and not torch.is_grad_enabled()
         and _plain(x)
         and _plain(weight)
@@ -133,22 +132,30 @@ class _DecodeProducts(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        if takes(x, weight, bias):
-            return gemv(x, weight)
-        if takes(x, weight, bias, gemm_rows.rows(x)):
-            return gemm_rows.gemm_rows(x, weight)
-        return F.linear(x, weight, bias)
+        y = _kernel_product(x, weight, bias)
+        return F.linear(x, weight, bias) if y is None else y
 
     def linear_activation(self, linear: nn.Module, x: torch.Tensor, activation: str):
         fuse = os.environ.get("TOOLKIT_TRITON_GEMV", "auto") != "plain"
         if fuse and type(linear) is nn.Linear:
-            weight, bias = linear.weight, linear.bias
-            if takes(x, weight, bias):
-                return gemv(x, weight, activation=activation)
-            if takes(x, weight, bias, gemm_rows.rows(x)):
-                return gemm_rows.gemm_rows(x, weight, activation=activation)
+            y = _kernel_product(x, linear.weight, linear.bias, activation)
+            if y is not None:
+                return y
         with self:  # its product may still come here
             return activate(linear(x), activation)
+
+
+def _kernel_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
+) -> torch.Tensor | None:
+    """act(x W^T) through the one-row kernel, or gemm_rows.py's for 2-16 rows, where `takes`
+    says so; None where neither takes it."""
+    rows = gemm_rows.rows(x) or 1
+    if not takes(x, weight, bias, rows):
+        return None
+    if rows == 1:
+        return gemv(x, weight, activation=activation)
+    return gemm_rows.gemm_rows(x, weight, activation=activation)
 
 
 def enabled() -> bool:
