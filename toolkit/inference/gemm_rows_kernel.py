@@ -1,13 +1,12 @@
 """The Triton kernel of gemm_rows.py (imported on first use: Triton takes 0.3 s to import)."""
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from toolkit.inference import pdl
 from toolkit.inference.gemv_kernel import ACTIVATIONS, activate
+from toolkit.model.kernels import triton_interprets
 
 ROWS = 16  # tl.dot's least M: x's rows padded to it (masked loads of zeros)
 
@@ -77,6 +76,6 @@ def launch(
     _rows_kernel[(triton.cdiv(n, tile.block_n),)](
         x, weight, y, x.size(0), n, k, x.stride(0), weight.stride(0), y.stride(0),
         ACT=ACTIVATIONS[activation], ROWS=ROWS, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", PDL=on,
+        UPCAST=triton_interprets(), PDL=on,
         num_warps=tile.warps, num_stages=tile.stages, launch_pdl=on,
     )  # fmt: skip

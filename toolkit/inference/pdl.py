@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from toolkit.model.kernels import triton_interprets
+
 
 @functools.cache
 def _supported(index: int) -> bool:
@@ -51,7 +53,7 @@ def enabled(device: torch.device) -> bool:
     """Whether our kernels for tensors on `device` launch with PDL (see the module's docstring)."""
     if setting() != "on":
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+    if triton_interprets() or device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _supported(index)

@@ -13,15 +13,15 @@ they run under Triton's interpreter (TRITON_INTERPRET=1), which is how the tests
 against the reference without a GPU.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from toolkit.model.kernels import triton_interprets
+
 BLOCK = 4096
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = triton_interprets()
 
 if _INTERPRET:  # the interpreter has no libdevice: numpy's exp
 

@@ -9,13 +9,12 @@ partial results combined by their maxima, divided once, rounded once. With PDL
 (toolkit/inference/pdl.py) each pass waits for the kernel before it, then lets the next launch.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from toolkit.inference import pdl
+from toolkit.model.kernels import triton_interprets
 
 
 @triton.jit
@@ -156,7 +155,7 @@ def launch(
         v.stride(0), v.stride(1), v.stride(2),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         HEADS=heads, HEADS_P=max(16, triton.next_power_of_2(heads)), D=d, BLOCK=plan.block,
-        PRECISION=precision, UPCAST=os.environ.get("TRITON_INTERPRET") == "1", PDL=on,
+        PRECISION=precision, UPCAST=triton_interprets(), PDL=on,
         num_warps=plan.warps, num_stages=plan.stages, launch_pdl=on,
     )  # fmt: skip
     splits_p = triton.next_power_of_2(plan.splits)

@@ -59,10 +59,16 @@ def _import_error(*modules: str) -> str | None:
     return None
 
 
+def triton_interprets() -> bool:
+    """Whether Triton's interpreter runs our kernels (TRITON_INTERPRET=1: how the CPU tests run
+    them)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Whether our Triton kernels are meant for tensors on `device`: CUDA, or any device under
-    Triton's interpreter (TRITON_INTERPRET=1: how the CPU tests run them)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    Triton's interpreter."""
+    return device.type == "cuda" or triton_interprets()
 
 
 @functools.cache
