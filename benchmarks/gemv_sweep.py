@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -82,29 +83,41 @@ def precompile(tile_list: list, workers: int) -> None:
     print(f"compiled {done} tiles in {workers} processes", flush=True)
 
 
-def sweep(n: int, k: int, tile_list: list[gemv.Tile]) -> dict:
+def weight_copies(n: int, k: int) -> torch.Tensor:
+    """[copies, n, k] random bf16 weights, more than 2 GiB in all: L2 does not serve them."""
     copies = max(2, -(-(2 << 30) // (n * k * 2)))
-    weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-    reps = copies * max(1, 64 // copies)
+    return torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
+
+
+def replays(weights: torch.Tensor) -> int:
+    """Products a timed graph replays: each copy at least once, 64 or more in all."""
+    return len(weights) * max(1, 64 // len(weights))
+
+
+def time_tiles(weights: torch.Tensor, m: int, product: Callable, tile_list: list) -> dict:
+    """cuBLAS and `product(x, weight, tile)` at each tile for x of `m` rows over `weights`
+    [copies, N, K] (one replayed graph each), the tiles fastest first, with their error."""
+    copies, n, k = weights.shape
+    reps = replays(weights)
     nbytes = n * k * 2
-
-    def cublas(i: int) -> None:
-        torch.matmul(x, weights[i % copies].t(), out=out)
-
-    want = (x.float() @ weights[0].float().t()).view(-1)
-    row = {"shape": [n, k], "cublas_us": graph_time(cublas, reps) * 1e6, "tiles": []}
-    row["cublas_gb_per_s"] = nbytes / row["cublas_us"] / 1e3
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    cublas = graph_time(lambda i: torch.matmul(x, weights[i % copies].t(), out=out), reps)
+    want = x.float() @ weights[0].float().t()
+    timed = []
     for tile in tile_list:
-        got = gemv.gemv(x, weights[0], tile).float().view(-1)
+        got = product(x, weights[0], tile).float()
         error = ((got - want).abs() / (want.abs() + 1)).max().item()
-        t = graph_time(lambda i, tile=tile: gemv.gemv(x, weights[i % copies], tile), reps)
-        row["tiles"].append(
-            {"tile": list(tile), "us": t * 1e6, "gb_per_s": nbytes / t / 1e9, "error": error}
-        )
-    row["tiles"].sort(key=lambda r: r["us"])
-    return row
+        t = graph_time(lambda i, t=tile: product(x, weights[i % copies], t), reps)
+        timed.append({"tile": list(tile), "us": t * 1e6, "gb_per_s": nbytes / t / 1e9,
+                      "error": error})  # fmt: skip
+    timed.sort(key=lambda r: r["us"])
+    return {"cublas_us": cublas * 1e6, "cublas_gb_per_s": nbytes / cublas / 1e9, "tiles": timed}
+
+
+def sweep(n: int, k: int, tile_list: list[gemv.Tile]) -> dict:
+    """gemv.py's tiles against cuBLAS for one row."""
+    return {"shape": [n, k]} | time_tiles(weight_copies(n, k), 1, gemv.gemv, tile_list)
 
 
 def report(label: str, row: dict) -> None:
@@ -119,36 +132,15 @@ def report(label: str, row: dict) -> None:
     )
 
 
-def _time_rows(weights: torch.Tensor, m: int, tile_list: list[gemm_rows.Tile]) -> dict:
-    """cuBLAS and each tile at `m` rows over `weights` [copies, N, K] (one replayed graph each)."""
-    copies, n, k = weights.shape
-    reps = copies * max(1, 64 // copies)
-    nbytes = n * k * 2
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    cublas = graph_time(lambda i: torch.matmul(x, weights[i % copies].t(), out=out), reps)
-    want = x.float() @ weights[0].float().t()
-    timed = []
-    for tile in tile_list:
-        got = gemm_rows.gemm_rows(x, weights[0], tile).float()
-        error = ((got - want).abs() / (want.abs() + 1)).max().item()
-        t = graph_time(lambda i, t=tile: gemm_rows.gemm_rows(x, weights[i % copies], t), reps)
-        timed.append({"tile": list(tile), "us": t * 1e6, "gb_per_s": nbytes / t / 1e9,
-                      "error": error})  # fmt: skip
-    timed.sort(key=lambda r: r["us"])
-    return {"cublas_us": cublas * 1e6, "cublas_gb_per_s": nbytes / cublas / 1e9, "tiles": timed}
-
-
 def sweep_rows(n: int, k: int, ms: list[int], tile_list: list[gemm_rows.Tile]) -> dict:
     """gemm_rows.py's tiles against cuBLAS at each of `ms` rows: every tile at the most rows (the
     kernel's work does not depend on them: x is padded to 16), the four fastest there at the
     others; "best": the fastest of those four summed over `ms`."""
-    copies = max(2, -(-(2 << 30) // (n * k * 2)))
-    weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
+    weights = weight_copies(n, k)
     row: dict = {"shape": [n, k], "rows": {}}
     top = tile_list
     for m in sorted(ms, reverse=True):
-        result = row["rows"][m] = _time_rows(weights, m, top)
+        result = row["rows"][m] = time_tiles(weights, m, gemm_rows.gemm_rows, top)
         top = [gemm_rows.Tile(*r["tile"]) for r in result["tiles"][:4]]
         report(f"{n}x{k} M={m}", result)
     total = {tuple(tile): 0.0 for tile in top}
@@ -187,10 +179,9 @@ def sweep_fused(recipe_path: str) -> list[dict]:
     if mlp is None or mlp.activation not in ("gelu", "relu2"):
         return []
     n, k = mlp.linear_fc1.weight.shape
-    copies = max(2, -(-(2 << 30) // (n * k * 2)))
-    weights = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
+    weights = weight_copies(n, k)
+    copies, reps = len(weights), replays(weights)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    reps = copies * max(1, 64 // copies)
     plain = graph_time(lambda i: gemv.gemv(x, weights[i % copies]), reps)
     fused = graph_time(lambda i: gemv.gemv(x, weights[i % copies], None, mlp.activation), reps)
     print(f"fc1 {n}x{k}: {plain * 1e6:.1f} us, with {mlp.activation} {fused * 1e6:.1f} us")
