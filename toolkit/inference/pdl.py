@@ -7,7 +7,7 @@ stream still runs (CUDA graphs keep the edge); it must call Triton's gdc_wait() 
 anything that earlier kernels write, and a kernel's gdc_launch_dependents() lets the next one
 start early. The products' weights are constants, so a product launched with PDL loads its
 first weight tile before its wait, while the small kernel before it runs; our small kernels
-(norm_kernels.py) wait first and release the next product at once.
+(decode_norms.py) wait first and release the next product at once.
 
 TOOLKIT_TRITON_PDL: `off` (the default until it is measured on an H200: benchmarks/gpu_gemv.sh
 decode) keeps mamba-ssm's norms and launches every kernel as usual; `norms` takes our norm
