@@ -8,8 +8,8 @@
 # graphs, overlap) at 4k and 32k context, batches 1, 2, 4, 8, with the kernels and with cuBLAS
 # and torch's attention, side by side; batches 2-8 without the rows kernel
 # (TOOLKIT_TRITON_ROWS=off); without flash decoding; without fc1's GELU fused (=plain); at
-# batches 1 and 8 with our norm kernels (TOOLKIT_TRITON_PDL=norms), and with them and
-# programmatic dependent launch (=on);
+# batches 1 and 8 with our norm kernels but without programmatic dependent launch
+# (TOOLKIT_TRITON_PDL=norms), and with neither (=off);
 # `profile`: the batch-1 step's kernels
 # (decode_profile.py); `attention`: decode attention's kernels alone and flash decoding's plans.
 # JSON and logs go to $OUT. GPU_GEMV_DECODES="decode_kernel ..." runs those of decode's runs
@@ -42,7 +42,7 @@ if want decode; then
   decode decode_kernel 4096,32768 1,2,4,8 TOOLKIT_TRITON_GEMV=auto
   decode decode_kernel_again 4096 1 TOOLKIT_TRITON_GEMV=auto  # batch 1's spread in one run
   decode decode_norms 4096,32768 1,8 TOOLKIT_TRITON_PDL=norms  # our norms, usual launches
-  decode decode_pdl 4096,32768 1,8 TOOLKIT_TRITON_PDL=on  # and launched with PDL (pdl.py)
+  decode decode_pdl_off 4096,32768 1,8 TOOLKIT_TRITON_PDL=off  # mamba-ssm's norms (pdl.py)
   decode decode_cublas 4096,32768 1,2,4,8 TOOLKIT_TRITON_GEMV=off TOOLKIT_TRITON_ATTENTION=off
   decode decode_rows_off 4096,32768 2,4,8 TOOLKIT_TRITON_ROWS=off
   decode decode_attention_off 4096,32768 1 TOOLKIT_TRITON_ATTENTION=off

@@ -63,15 +63,13 @@ def check_against_the_reference(
 
 def run_interpreted(script: str, done: str) -> None:
     """`script` in a subprocess under Triton's interpreter, the decode kernels at their defaults
-    but for our norms taken (TOOLKIT_TRITON_PDL=on: PDL itself is off under the interpreter);
-    it must print `done`."""
+    (our norms taken; PDL itself is off under the interpreter); it must print `done`."""
     pytest.importorskip("triton")
     if CUDA:
         pytest.skip("on a GPU the compiled kernels are tested")
     env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
     for switch in ("GEMV", "ROWS", "ATTENTION", "PDL"):
         env.pop(f"TOOLKIT_TRITON_{switch}", None)
-    env["TOOLKIT_TRITON_PDL"] = "on"
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
@@ -129,11 +127,11 @@ def test_norm_kernels_and_routing_under_the_interpreter():
     run_interpreted(KERNEL_CHECK, "decode norms agree")
 
 
-def test_norms_stay_mamba_ssms_by_default(monkeypatch):
-    """Without TOOLKIT_TRITON_PDL (off until measured on an H200) the decode mode hands no norm
-    to our kernels, even where they would take it; with =norms it does."""
+def test_norms_stay_mamba_ssms_with_pdl_off(monkeypatch):
+    """With TOOLKIT_TRITON_PDL=off the decode mode hands no norm to our kernels, even where they
+    would take it; by default it does."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the mode is on here on a CPU
-    monkeypatch.delenv("TOOLKIT_TRITON_PDL", raising=False)
+    monkeypatch.setenv("TOOLKIT_TRITON_PDL", "off")
     calls = []
     monkeypatch.setattr(decode_norms, "add_norm", lambda *a: calls.append(a) or (a[0], a[0]))
     norm, _ = norms_with_random_weights(64, 2, torch.bfloat16)
@@ -141,7 +139,7 @@ def test_norms_stay_mamba_ssms_by_default(monkeypatch):
     with gemv.decode_products(), torch.no_grad():
         out, total = add_norm(x, x, norm)
         assert not calls and torch.equal(total, x + x)
-        monkeypatch.setenv("TOOLKIT_TRITON_PDL", "norms")
+        monkeypatch.delenv("TOOLKIT_TRITON_PDL")
         add_norm(x, x, norm)
         assert len(calls) == 1
 

@@ -15,9 +15,9 @@ SHAPES_8B = [(18560, 4096), (4096, 8192), (16384, 4096), (4096, 16384), (6144, 4
 
 
 def test_switch(monkeypatch):
-    """Off by default and with TOOLKIT_TRITON_PDL=norms (our norms only); with =on, off under
-    the interpreter, on a CPU tensor and before compute capability 9.0, on at 9.0 and later;
-    a misspelt value is an error naming the variable."""
+    """On by default and with TOOLKIT_TRITON_PDL=on, except under the interpreter, on a CPU
+    tensor and before compute capability 9.0; off with =norms (our norms only) and =off (not
+    our norms either); a misspelt value is an error naming the variable."""
     monkeypatch.delenv("TOOLKIT_TRITON_PDL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     capability = {"value": (9, 0)}
@@ -25,6 +25,8 @@ def test_switch(monkeypatch):
     pdl._supported.cache_clear()
     cuda = torch.device("cuda", 0)
     try:
+        assert pdl.enabled(cuda) and pdl.our_norms()
+        monkeypatch.setenv("TOOLKIT_TRITON_PDL", "off")
         assert not pdl.enabled(cuda) and not pdl.our_norms()
         monkeypatch.setenv("TOOLKIT_TRITON_PDL", "norms")
         assert not pdl.enabled(cuda) and pdl.our_norms()

@@ -21,11 +21,10 @@ squares), and Mamba's conv step as in_proj's epilogue (each program's tail waiti
 state's loads). On a CPU the kernel runs under Triton's interpreter
 (TRITON_INTERPRET=1), which is how the tests check it. TOOLKIT_TRITON_GEMV=off keeps cuBLAS;
 =plain takes the kernel for the products but not the activation's fusion. Products of 2-16
-rows go to gemm_rows.py's kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS). With
-TOOLKIT_TRITON_PDL=on (or =norms) the mode also sends the norms between the products to our
-kernels (decode_norms.py), so that with the products they can launch with PDL (pdl.py: each
-product streams its first weight tile while the kernel before it ends); off by default until
-measured on an H200.
+rows go to gemm_rows.py's kernel (TOOLKIT_TRITON_ROWS=off: to cuBLAS). The mode
+also sends the norms between the products to our kernels (decode_norms.py), so that with the
+products they can launch with PDL (pdl.py: each product streams its first weight tile while the
+kernel before it ends); TOOLKIT_TRITON_PDL=off keeps mamba-ssm's norms and the usual launches.
 """
 
 import contextlib
