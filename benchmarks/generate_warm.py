@@ -17,6 +17,7 @@ does after loading. Every call records its own CUDA graphs.
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,25 @@ def timed(fn, device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def sm_clock_mhz(device: torch.device) -> int | None:
+    """The GPU's SM clock now (MHz, from nvidia-smi), None off CUDA or without nvidia-smi: a GPU
+    left idle drops its clock, and a host-bound first call after the idle can pay for the ramp."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    query = [
+        "nvidia-smi",
+        "-i",
+        str(index),
+        "--query-gpu=clocks.sm",
+        "--format=csv,noheader,nounits",
+    ]
+    try:
+        return int(subprocess.run(query, capture_output=True, text=True, timeout=10).stdout)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
 
 
 def trained_model(recipe: Recipe, steps: int, warm: str) -> tuple[HybridLM, float | None]:
@@ -120,14 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.recipe} on {device} ({dtype}) after {args.train_steps} training steps: "
           f"model ready in {built:.2f} s, {warm_note}")  # fmt: skip
     for name, fn in kinds.items():
-        seconds = [timed(fn, device) for _ in range(args.calls)]
+        seconds, clocks = [], []
+        for _ in range(args.calls):
+            clocks.append(sm_clock_mhz(device))  # before the call, outside its time
+            seconds.append(timed(fn, device))
         first, tenth = seconds[0], seconds[min(9, len(seconds) - 1)]
-        result[name] = {"seconds": seconds, "first_over_tenth": first / tenth}
+        result[name] = {"seconds": seconds, "first_over_tenth": first / tenth,
+                        "sm_clock_mhz_before": clocks}  # fmt: skip
         print(
             f"{name:>14}: first call {first * 1e3:9.1f} ms, call {min(10, len(seconds))} "
             f"{tenth * 1e3:8.1f} ms (first/that {first / tenth:.2f}), "
             f"best {min(seconds) * 1e3:.1f} ms = {args.tokens / min(seconds):.0f} tokens/s"
         )
+        print(f"{'':>14}  calls (ms): {' '.join(f'{t * 1e3:.0f}' for t in seconds)}")
+        if clocks[0] is not None:
+            print(f"{'':>14}  SM clock before each (MHz): {' '.join(map(str, clocks))}")
     write_json(args.json, result)
     return 0
 
