@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -77,6 +78,53 @@ def test_stops_when_every_row_emitted_end_of_document(model):
     out = generate(model, torch.randint(0, 50, (2, 4)), 50, eod_id=7)
     assert out.shape == (2, 5) and torch.all(out[:, -1] == 7)
     assert generate(model, torch.randint(0, 50, (2, 4)), 50).shape == (2, 54)
+
+
+class EndsAt(torch.nn.Module):
+    """An output layer that makes row r emit token 1 until its new token ends[r] (an index, None:
+    never), then end of document (7); prompt tokens, fed a step at a time, count as calls."""
+
+    def __init__(self, vocab: int, prompt_length: int, ends: list[int | None]) -> None:
+        super().__init__()
+        self.vocab, self.calls, self.prompt_length, self.ends = vocab, 0, prompt_length, ends
+
+    def forward(self, x):
+        index = self.calls - (self.prompt_length - 1)  # the new token these logits give
+        self.calls += 1
+        logits = torch.zeros(*x.shape[:-1], self.vocab)
+        for row, end in enumerate(self.ends):
+            logits[row, ..., 7 if end is not None and index >= end else 1] = 1.0
+        return logits
+
+
+class HostReads(TorchFunctionMode):
+    """How many times a tensor's value is read on the host (bool, item) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in ("__bool__", "item")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("ends", [[2, 9], [3, None], [0, 0], [5, 29], [None, None]])
+def test_end_of_document_checked_every_few_tokens_cut_as_if_at_each(model, ends):
+    """The loop reads whether every row has ended once every DONE_CHECK_EVERY tokens, not at
+    each (a host sync a token on a GPU); the output is cut after the token that ended the last
+    row, as a check at every token would: rows ending at new tokens 2 and 9 give 10 new tokens,
+    the ended row padded with end of document; a row that never ends gives all 30."""
+    model.output_layer = EndsAt(model.padded_vocab_size, 4, ends)
+    with HostReads() as reads:
+        out = generate(model, torch.randint(8, 50, (2, 4)), 30, eod_id=7)
+    assert reads.count <= 30 // generate_module.DONE_CHECK_EVERY + 1
+    last = 29 if None in ends else max(ends)
+    expected = torch.ones(2, last + 1, dtype=torch.long)
+    for row, end in enumerate(ends):
+        if end is not None:
+            expected[row, end:] = 7
+    assert torch.equal(out[:, 4:], expected)
 
 
 class Shapes(TorchDispatchMode):

@@ -6,7 +6,9 @@ reads a fixed span of the cache, rounded up to a bucket and masked per row, so t
 change from one token to the next (200 tokens after a short prompt: one shape), and on a CUDA
 device each bucket's step is recorded once as a CUDA graph and replayed. Short prompts go
 through that same step a token at a time rather than through the chunked prefill, whose GPU
-kernels would be compiled and autotuned at their first call (seconds, for a few tokens).
+kernels would be compiled and autotuned at their first call (seconds, for a few tokens). The
+host never waits for a token: whether every row has ended is read a few tokens late (DoneFlag),
+so the host launches steps ahead of the GPU.
 
 A process's first generation on a GPU pays once for what later ones reuse (cuBLAS handles, the
 Triton kernels of mamba-ssm and our fused norms compiled or read from their cache, the first
@@ -32,8 +34,38 @@ log = logging.getLogger(__name__)
 
 # Prompts of at most this many tokens are fed through the decode step (see the docstring).
 STEP_PREFILL = 32
+# The decode loop checks whether every row has ended every this many tokens (see DoneFlag): a
+# generation whose rows all ended runs at most 2 * DONE_CHECK_EVERY - 1 steps too many, cut.
+DONE_CHECK_EVERY = 4
 # New tokens of a warm-up generation: the decode graph is recorded, then replayed.
 WARM_UP_TOKENS = 8
+
+
+class DoneFlag:
+    """Whether every row has ended, copied to the host without waiting for it: the decode loop
+    reads the copy made DONE_CHECK_EVERY tokens before, so that the host keeps launching steps
+    ahead of the GPU instead of waiting on each token's end-of-document check (a tiny model's
+    200 tokens are launch-bound: the wait at every token made them slower and uneven)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+
+    def copy_async(self, flag: torch.Tensor) -> None:
+        self.host.copy_(flag, non_blocking=self.cuda)
+        if self.event is not None:
+            self.event.record()
+        self.pending = True
+
+    def read(self) -> bool:
+        """The last copy's value (False before the first)."""
+        if not self.pending:
+            return False
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
 
 
 def sample_next(
@@ -106,7 +138,8 @@ def generate(
         logits = model(prompt, states)[:, -1]
         positions.fill_(length)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    out = [prompt]
+    all_done = DoneFlag(device)
+    out = []
     for i in range(max_new_tokens):
         logits[:, model.vocab_size :] = -torch.inf  # never sample vocabulary padding
         token = sample_next(
@@ -116,10 +149,19 @@ def generate(
             token = torch.where(done, torch.full_like(token, eod_id), token)
             done |= token == eod_id
         out.append(token[:, None])
-        if bool(done.all()) or i == max_new_tokens - 1:
+        if i == max_new_tokens - 1:
             break
+        if eod_id is not None and (i + 1) % DONE_CHECK_EVERY == 0:
+            if all_done.read():  # as of DONE_CHECK_EVERY tokens ago: no wait on this step
+                break
+            all_done.copy_async(done.all())
         logits = step(token, length + i)
-    return torch.cat(out, dim=1)
+    new = torch.cat(out, dim=1)
+    if eod_id is not None:  # cut after the token that ended the last row, as a check at each would
+        ended = new == eod_id
+        if bool(ended.any(dim=1).all()):
+            new = new[:, : int(ended.int().argmax(dim=1).max()) + 1]
+    return torch.cat([prompt, new], dim=1)
 
 
 def warm_up(
