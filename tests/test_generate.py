@@ -169,6 +169,47 @@ def test_long_prompt_prefill_and_short_prompt_steps_agree(model):
     assert torch.equal(stepped, naive_greedy(model, prompt, 16))
 
 
+class Graded(torch.nn.Module):
+    """An output layer giving every row the logits 4, 3, 2, ... over the first tokens."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, x):
+        logits = torch.full((*x.shape[:-1], self.vocab), -100.0, device=x.device)
+        logits[..., :6] = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0], device=x.device)
+        return logits
+
+
+def test_sampling_settings_reach_the_device_once_per_generation(model, monkeypatch):
+    """generate builds the rows' sampling settings once (sampling.Rows.build reads them on the
+    host and copies them over), not at every token, and samples with them: top-k 2 keeps
+    tokens 0 and 1, a temperature without it reaches further."""
+    model.output_layer = Graded(model.padded_vocab_size)
+    builds = []
+    build = generate_module.Rows.build
+    monkeypatch.setattr(generate_module.Rows, "build", lambda *a: builds.append(a) or build(*a))
+    prompt = torch.randint(8, 50, (4, 3))
+    top2 = generate(model, prompt, 40, temperature=1.0, top_k=2, seed=0)[:, 3:]
+    assert len(builds) == 1 and set(top2.flatten().tolist()) == {0, 1}
+    wider = generate(model, prompt, 40, temperature=1.0, seed=0)[:, 3:]
+    assert len(set(wider.flatten().tolist())) >= 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_sampling_inside_the_recorded_step_as_eagerly(model):
+    """On a GPU the decode graph samples too (top-k, a temperature, end of document): the same
+    tokens as the same seed decoded without graphs, short and long prompts."""
+    model = model.cuda()
+    for length in (4, 40):
+        prompt = torch.randint(0, 50, (2, length))
+        kwargs = dict(temperature=0.8, top_k=10, seed=1, eod_id=3)
+        graphed = generate(model, prompt, 60, cuda_graphs=True, **kwargs)
+        eager = generate(model, prompt, 60, cuda_graphs=False, **kwargs)
+        assert torch.equal(graphed, eager)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_200_tokens_record_one_decode_graph(model, caplog):
     caplog.set_level(logging.INFO, logger="toolkit.inference.cuda_graph")

@@ -6,9 +6,10 @@ reads a fixed span of the cache, rounded up to a bucket and masked per row, so t
 change from one token to the next (200 tokens after a short prompt: one shape), and on a CUDA
 device each bucket's step is recorded once as a CUDA graph and replayed. Short prompts go
 through that same step a token at a time rather than through the chunked prefill, whose GPU
-kernels would be compiled and autotuned at their first call (seconds, for a few tokens). The
-host never waits for a token: whether every row has ended is read a few tokens late (DoneFlag),
-so the host launches steps ahead of the GPU.
+kernels would be compiled and autotuned at their first call (seconds, for a few tokens). Sampling
+runs inside the step (its settings on the device once, every token's random draw drawn up
+front), so that a token costs the host one graph launch, and the host never waits for a token:
+whether every row has ended is read a few tokens late (DoneFlag).
 
 A process's first generation on a GPU pays once for what later ones reuse (cuBLAS handles, the
 Triton kernels of mamba-ssm and our fused norms compiled or read from their cache, the first
@@ -27,8 +28,9 @@ import time
 import torch
 
 from toolkit.inference.cuda_graph import StaticDecoder
-from toolkit.inference.sampling import sample
+from toolkit.inference.sampling import Rows, draw, sample
 from toolkit.model import HybridLM
+from toolkit.model.states import DecodeStates
 
 log = logging.getLogger(__name__)
 
@@ -113,50 +115,64 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    # What sampling reads, on the device before the first step: the settings (read on the host
+    # once, not at each token) and every token's random draw.
+    rows = Rows.build([float(temperature)] * b, [top_k] * b, [float(top_p)] * b,
+                      model.padded_vocab_size, device)  # fmt: skip
+    uniforms = torch.rand(max_new_tokens, b, generator=generator, device=device)
+    drawn = torch.zeros(1, dtype=torch.long, device=device)  # new tokens sampled so far
+    new = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        """The next token [b] from the logits, written to `new`; on the device throughout, so
+        that a recorded decode step samples too."""
+        logits[:, model.vocab_size :] = -torch.inf  # never sample vocabulary padding
+        token = draw(logits, rows, uniforms.index_select(0, drawn).view(-1))[0]
+        if eod_id is not None:
+            token = torch.where(done, torch.full_like(token, eod_id), token)
+            done.logical_or_(token == eod_id)
+        new.index_copy_(1, drawn, token[:, None])
+        drawn.add_(1)
+        return token
+
+    def decode_and_choose(tokens: torch.Tensor, views: DecodeStates) -> torch.Tensor:
+        token = choose(model(tokens, views)[:, 0])
+        decoder.tokens[:b, 0].copy_(token)  # the next step's input, already in place
+        return token
+
     max_len = length + max_new_tokens
     states = model.allocate_states(b, max_len)
     positions = torch.zeros(b, dtype=torch.long, device=device)  # read by the decode step
     decoder = StaticDecoder(
-        lambda tokens, views: model(tokens, views)[:, 0],
+        decode_and_choose,
         states,
         positions,
         max_len=max_len,
         cuda_graphs=device.type == "cuda" if cuda_graphs is None else cuda_graphs,
         buckets=[b],
     )
-
-    def step(tokens: torch.Tensor, position: int) -> torch.Tensor:
-        """The logits after `tokens` [b] at `position` (a buffer the next step overwrites)."""
-        logits = decoder(tokens.contiguous(), position + 1)
-        positions.add_(1)  # in place: a recorded graph reads this tensor
-        return logits
-
     if length <= step_prefill:  # from zero states, as a prefill starts
         for p in range(length):
-            logits = step(prompt[:, p], p)
+            drawn.zero_()  # a prompt token's choice is overwritten by the next one's
+            if p == length - 1:
+                done.zero_()
+            decoder(prompt[:, p].contiguous(), p + 1)
+            positions.add_(1)  # in place: a recorded graph reads this tensor
     else:
-        logits = model(prompt, states)[:, -1]
+        decoder.tokens[:b, 0].copy_(choose(model(prompt, states)[:, -1]))
         positions.fill_(length)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
     all_done = DoneFlag(device)
-    out = []
-    for i in range(max_new_tokens):
-        logits[:, model.vocab_size :] = -torch.inf  # never sample vocabulary padding
-        token = sample_next(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-        )
-        if eod_id is not None:
-            token = torch.where(done, torch.full_like(token, eod_id), token)
-            done |= token == eod_id
-        out.append(token[:, None])
-        if i == max_new_tokens - 1:
-            break
-        if eod_id is not None and (i + 1) % DONE_CHECK_EVERY == 0:
+    made = max_new_tokens
+    for i in range(1, max_new_tokens):  # token i from token i - 1 at position length + i - 1
+        if eod_id is not None and i % DONE_CHECK_EVERY == 0:
             if all_done.read():  # as of DONE_CHECK_EVERY tokens ago: no wait on this step
+                made = i
                 break
             all_done.copy_async(done.all())
-        logits = step(token, length + i)
-    new = torch.cat(out, dim=1)
+        decoder.launch(length + i, b)
+        positions.add_(1)
+    new = new[:, :made]
     if eod_id is not None:  # cut after the token that ended the last row, as a check at each would
         ended = new == eod_id
         if bool(ended.any(dim=1).all()):
