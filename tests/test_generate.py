@@ -1,6 +1,8 @@
 """Generation with states equals recomputing the whole prefix; sampling controls behave."""
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -197,10 +199,33 @@ def test_sampling_settings_reach_the_device_once_per_generation(model, monkeypat
     assert len(set(wider.flatten().tolist())) >= 4
 
 
+def test_decoder_freed_when_generate_returns(model, monkeypatch):
+    """generate's decode step holds no reference cycle: its decoder (and on a GPU its graphs) is
+    freed as the call returns, not whenever Python's cyclic collector runs, which could be
+    while a later call records its own graph (seen on an H200: the capture invalidated)."""
+    decoders = []
+
+    class Tracked(generate_module.StaticDecoder):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            decoders.append(weakref.ref(self))
+
+    monkeypatch.setattr(generate_module, "StaticDecoder", Tracked)
+    gc.collect()
+    gc.disable()
+    try:
+        generate(model, torch.randint(0, 50, (1, 4)), 10, temperature=1.0, top_k=5, seed=0)
+        assert len(decoders) == 1 and decoders[0]() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_sampling_inside_the_recorded_step_as_eagerly(model):
+def test_sampling_inside_the_recorded_step_as_eagerly(model, caplog):
     """On a GPU the decode graph samples too (top-k, a temperature, end of document): the same
-    tokens as the same seed decoded without graphs, short and long prompts."""
+    tokens as the same seed decoded without graphs, short and long prompts, every graph
+    recorded."""
+    caplog.set_level(logging.INFO, logger="toolkit.inference.cuda_graph")
     model = model.cuda()
     for length in (4, 40):
         prompt = torch.randint(0, 50, (2, length))
@@ -208,6 +233,42 @@ def test_sampling_inside_the_recorded_step_as_eagerly(model):
         graphed = generate(model, prompt, 60, cuda_graphs=True, **kwargs)
         eager = generate(model, prompt, 60, cuda_graphs=False, **kwargs)
         assert torch.equal(graphed, eager)
+    assert caplog.text.count("recorded a decode graph") == 2 and "failed" not in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_graph_records_while_garbage_holds_another(model):
+    """A recorded graph left in cyclic garbage is not collected while another graph records
+    (the collector's runs are off during a capture): collected then, its reset would invalidate
+    the capture and the decoder would fall back to eager steps."""
+    model = model.cuda()
+    token = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def decoder(forward):
+        positions = torch.zeros(1, dtype=torch.long, device="cuda")
+        return generate_module.StaticDecoder(
+            forward, model.allocate_states(1, 64), positions, max_len=64, cuda_graphs=True
+        )
+
+    spare = [decoder(lambda tokens, views: model(tokens, views)[:, 0])]
+    spare[0](token, 1)  # recorded
+
+    def forward(tokens, views):
+        if torch.cuda.is_current_stream_capturing() and spare:
+            box = [spare.pop()]
+            box.append(box)  # the recorded decoder now held by young cyclic garbage only
+            del box
+            thresholds = gc.get_threshold()
+            gc.set_threshold(1)  # the collector would run at the next allocations
+            try:
+                [[] for _ in range(1000)]
+            finally:
+                gc.set_threshold(*thresholds)
+        return model(tokens, views)[:, 0]
+
+    recording = decoder(forward)
+    recording(token, 1)
+    assert recording.error is None and recording.graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -15,6 +15,7 @@ addresses of its inputs, hence:
 On the CPU, or with graphs off, the same static step runs eagerly (what the CPU tests check).
 """
 
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -125,6 +126,11 @@ class StaticDecoder:
         current.wait_stream(side)
         logits.record_stream(current)
         graph = torch.cuda.CUDAGraph()
+        # No cyclic collection during the capture: garbage holding another graph (its reset) or
+        # CUDA memory would invalidate it (seen on an H200: a generate call's decoder in a
+        # reference cycle, collected while the next call recorded).
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             # thread_local: a server's other threads may touch CUDA meanwhile.
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
@@ -134,6 +140,9 @@ class StaticDecoder:
             self.cuda_graphs = False
             log.error("recording a decode graph failed; decoding eagerly: %s", self.error)
             return logits
+        finally:
+            if collecting:
+                gc.enable()
         self.pool = graph.pool()
         self.graphs[rows, span] = (graph, static_logits)
         log.info("recorded a decode graph for %d rows x %d cache positions", rows, span)

@@ -138,7 +138,10 @@ def generate(
 
     def decode_and_choose(tokens: torch.Tensor, views: DecodeStates) -> torch.Tensor:
         token = choose(model(tokens, views)[:, 0])
-        decoder.tokens[:b, 0].copy_(token)  # the next step's input, already in place
+        # `tokens` is the decoder's input buffer: the next step's input, already in place. (Not
+        # reached through `decoder`: a reference cycle would keep this call's graph alive until
+        # Python's cyclic collector frees it, maybe while a later call records its own.)
+        tokens[:, 0].copy_(token)
         return token
 
     max_len = length + max_new_tokens
