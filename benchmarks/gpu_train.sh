@@ -14,6 +14,9 @@
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="bf16_compile_mbs8 opt_step lever_flat_optimizer
 #       8b28l_bf16_compile lever_8b28l_flat_optimizer lever_compile_model lever_flat_compile_model lever_autotune" OUT=$OUT \
 #       GPU_TRAIN_BUDGET_S=500 bash benchmarks/gpu_train.sh
+# The recipes' global batches, micro-batches accumulated (8B: 8 of 1 sequence, 800M: 4 of 8):
+#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_compile 8b28l_bf16_compile_gb8
+#       8b28l_fp8_compile_gb8 bf16_compile_mbs8_gb32 fp8_compile_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
 # GPU_STATE_DIR, if set, becomes .gpu (installs, Triton and Inductor caches: kept while the
 # machine is).
 set -u
@@ -89,6 +92,15 @@ tp lever_flat_compile_model 150 8 --set train.compile=true --set train.flat_opti
 tp lever_autotune 240 8 --set train.compile=true \
   --set 'train.compile_mode="max-autotune-no-cudagraphs"'
 tp bf16_mbs4 90 4
+# At the recipes' global batches (issue 21 items 1-3): the 8B's 8 sequences as 8 micro-batches of
+# one accumulated before each update, the 800M's 32 as 4 of 8; the update's share of a step is
+# then an eighth (a quarter) of what one update per micro-batch gives it.
+t8b 8b28l_bf16_compile_gb8 200 28 --accumulate 8 --set train.compile=true
+t8b 8b28l_fp8_compile_gb8 200 28 --accumulate 8 --set 'train.precision="fp8"' \
+  --set train.compile=true
+tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
+tp fp8_compile_mbs8_gb32 200 8 --accumulate 4 --set 'train.precision="fp8"' \
+  --set train.compile=true
 
 python3 - "$W" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys

@@ -7,8 +7,11 @@ Builds the model on the device (train.device; random tokens, no data pipeline), 
 trainer applies (fp8 linears, activation checkpointing, per-block compile: the recipe's keys, or
 --set), and times full optimizer steps of one micro-batch: forward, loss, backward, gradient
 clipping and AdamW as the trainer does them (toolkit.parallel.runtime.clip_and_step: the global
-norm always, the scale in place or, with train.flat_optimizer, folded into the update). The
-warm-up steps absorb compilation and Triton autotuning.
+norm always, the scale in place or, with train.flat_optimizer, folded into the update). With
+--accumulate N a step is N micro-batches, their gradients accumulated (the trainer's StepRunner)
+before one clip and update: what a recipe whose global batch is N micro-batches does on one GPU
+(the 8B's 8 sequences at micro-batch 1: N=8), the update's cost spread over N. The warm-up steps
+absorb compilation and Triton autotuning.
 
 MFU = model FLOP/s (toolkit.model.flops_per_token: 6 x matmul parameters + attention + SSD scan,
 forward and backward) / peak. Two peaks are reported: the data-sheet dense bf16 peak
@@ -40,8 +43,8 @@ from toolkit.distributed import ParallelEnv  # noqa: E402
 from toolkit.metrics import peak_memory_gb  # noqa: E402
 from toolkit.model import flops_per_token  # noqa: E402
 from toolkit.parallel.parallelize import parallelize  # noqa: E402
-from toolkit.parallel.runtime import clip_and_step, cross_entropy  # noqa: E402
-from toolkit.precision import PrecisionError, autocast_context  # noqa: E402
+from toolkit.parallel.runtime import clip_and_step  # noqa: E402
+from toolkit.precision import PrecisionError  # noqa: E402
 from toolkit.profiling import measure_matmul_tflops, peak_tflops  # noqa: E402
 
 log = logging.getLogger("train_throughput")
@@ -103,9 +106,14 @@ def benchmark(args: argparse.Namespace) -> dict:
     if args.seq:
         overrides.append(f"model.seq_length={args.seq}")
     if args.mbs:
-        overrides += [f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.mbs}"]
+        overrides.append(f"train.micro_batch_size={args.mbs}")
     recipe = load_recipe(args.recipe, overrides)
-    cfg, seq, mbs = recipe.train, recipe.model.seq_length, recipe.train.micro_batch_size
+    mbs = recipe.train.micro_batch_size
+    # The global batch: --accumulate micro-batches on this one device.
+    recipe = load_recipe(
+        args.recipe, overrides + [f"train.global_batch_size={mbs * args.accumulate}"]
+    )
+    cfg, seq = recipe.train, recipe.model.seq_length
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(recipe, tokenizer_from_recipe(recipe), device)
@@ -122,11 +130,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     grad_norms: list[float] = []  # before clipping, as the trainer logs them
 
     def step() -> float:
-        tokens = torch.randint(0, vocab, (mbs, seq + 1), device=device)
-        with autocast_context(cfg.precision, device, engine, cfg.fp8_recipe):
-            logits = model(tokens[:, :-1])
-        loss = cross_entropy(logits, tokens[:, 1:], vocab)
-        loss.backward()
+        tokens = torch.randint(0, vocab, (mbs * args.accumulate, seq + 1), device=device)
+        loss = parallel.run_step(tokens[:, :-1], tokens[:, 1:])  # the mean micro-batch loss
         grad_norms.append(clip_and_step(optimizer, params, clip, env))
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -136,7 +141,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     memory = peak_memory_gb(device)
 
     step_time = statistics.median(times)
-    tokens = mbs * seq
+    tokens = mbs * args.accumulate * seq
     tflops = fpt * tokens / step_time / 1e12
     measured = {"bf16": measure_matmul_tflops(device, "bf16")}
     if cfg.precision == "fp8":
@@ -162,6 +167,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "kernels": recipe.model.kernels,
         "seq": seq,
         "mbs": mbs,
+        "micro_batches_per_step": args.accumulate,
         "warmup_steps": args.warmup,
         "steps": args.steps,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -194,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/800m_hybrid.toml")
     add_step_arguments(parser)
     parser.add_argument("--seq", type=int, help="sequence length (model.seq_length)")
-    parser.add_argument("--mbs", type=int, help="micro-batch size (sequences per step)")
+    parser.add_argument("--mbs", type=int, help="micro-batch size (sequences per micro-batch)")
+    parser.add_argument("--accumulate", type=int, default=1, metavar="N",
+                        help="micro-batches per optimizer step, gradients accumulated "
+                        "(default 1: an update after each micro-batch)")  # fmt: skip
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
     )
@@ -202,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_step_arguments(parser, args)
+    if args.accumulate < 1:
+        parser.error("--accumulate must be >= 1")
     try:
         result = benchmark(args)
     except RecipeError as e:

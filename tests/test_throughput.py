@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.model import HybridLM
 from toolkit.parallel.runtime import clip_and_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,28 @@ def test_steps_clip_as_the_trainer_does_flat_optimizer_or_not(tmp_path, monkeypa
     assert flat["flat_optimizer"] and len(plain["grad_norms"]) == 3
     assert min(plain["grad_norms"]) > 0.01  # clipped at every step
     assert flat["grad_norms"] == plain["grad_norms"] and flat["losses"] == plain["losses"]
+
+
+def test_accumulated_micro_batches_share_one_update(tmp_path, monkeypatch):
+    """--accumulate 3: each step runs 3 micro-batches through the trainer's StepRunner (loss
+    scaled by 1/3 each) before one clip and update, and counts 3 micro-batches' tokens."""
+    updates, forwards = [], []
+    monkeypatch.setattr(
+        train_throughput, "clip_and_step", lambda *a: updates.append(1) or clip_and_step(*a)
+    )
+    real_forward = HybridLM.forward
+    monkeypatch.setattr(
+        HybridLM, "forward", lambda *a, **k: forwards.append(1) or real_forward(*a, **k)
+    )
+    out = tmp_path / "r.json"
+    args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "2", "--warmup", "1"]
+    args += ["--seq", "32", "--mbs", "2", "--accumulate", "3", "--json", str(out)]
+    assert train_throughput.main(args) == 0
+    r = json.loads(out.read_text())
+    assert len(updates) == 3 and len(forwards) == 9 and r["micro_batches_per_step"] == 3
+    assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(2 * 3 * 32)
+    with pytest.raises(SystemExit):
+        train_throughput.main([*args[:-2], "--accumulate", "0"])
 
 
 def test_fp8_on_cpu_is_an_error_in_the_json(tmp_path, capsys):
