@@ -80,6 +80,7 @@ def test_stops_when_every_row_emitted_end_of_document(model):
     out = generate(model, torch.randint(0, 50, (2, 4)), 50, eod_id=7)
     assert out.shape == (2, 5) and torch.all(out[:, -1] == 7)
     assert generate(model, torch.randint(0, 50, (2, 4)), 50).shape == (2, 54)
+    assert generate(model, torch.randint(0, 50, (2, 4)), 0).shape == (2, 4)
 
 
 class EndsAt(torch.nn.Module):

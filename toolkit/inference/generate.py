@@ -112,6 +112,8 @@ def generate(
     device = model.embedding.weight.device
     prompt = prompt.to(device)
     b, length = prompt.shape
+    if max_new_tokens < 1:
+        return prompt
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
