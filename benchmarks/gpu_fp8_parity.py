@@ -9,7 +9,8 @@ Model and data: gpu_parity.py's small hybrid (the 800M's block shapes, 6 blocks,
 1. Loss curves: `--steps` AdamW steps (lr 3e-4, clip 1.0) on the same batches from the same
    initial weights in bf16 autocast, torchao float8 (tensorwise), Transformer Engine FP8 with
    current scaling (train.fp8_recipe='tensorwise') and with delayed scaling ('delayed'), and with
-   current scaling and the pre-norms fused into te.LayerNormLinear (train.te_fused_norm); each
+   current scaling and the pre-norms fused into te.LayerNormLinear (train.te_fused_norm), and
+   torchao's with every block and the output layer in float8 (train.fp8_layers='all'); each
    FP8 curve's mean and max |loss - bf16 loss|. The yardstick is a second bf16 run from weights
    perturbed by 1e-4 relative (what bf16 training itself wanders by) and torchao's difference (the
    FP8 path already in use). Pass for an engine: mean |diff| <= max(2 x torchao's mean, 2 x the
@@ -51,6 +52,7 @@ RUNS = {
     "te_current": ("fp8", "transformer_engine", "tensorwise"),
     "te_delayed": ("fp8", "transformer_engine", "delayed"),
     "te_current_fused_norm": ("fp8", "transformer_engine", "tensorwise"),  # train.te_fused_norm
+    "torchao_tensorwise_all": ("fp8", "torchao", "tensorwise"),  # train.fp8_layers='all'
 }
 
 
@@ -69,13 +71,21 @@ def make_recipe(root: Path):
     )
 
 
-def build(recipe, state: dict, engine: str | None, fp8_recipe: str, fuse_norms: bool = False):
+def build(
+    recipe,
+    state: dict,
+    engine: str | None,
+    fp8_recipe: str,
+    fuse_norms: bool = False,
+    layers: str = "inner",
+):
     model = build_model(recipe, ByteTokenizer(), CUDA)
     model.load_state_dict(state)
     if engine is not None:
         engine, _ = apply_fp8(
-            model, device=CUDA, engine=engine, recipe=fp8_recipe, fuse_norms=fuse_norms
-        )
+            model, device=CUDA, engine=engine, recipe=fp8_recipe, fuse_norms=fuse_norms,
+            layers=layers,
+        )  # fmt: skip
     return model, engine
 
 
@@ -87,9 +97,9 @@ def loss_of(model, tokens, precision, engine, fp8_recipe) -> torch.Tensor:
 
 
 def curve(
-    recipe, state, data, precision, engine, fp8_recipe, fuse_norms=False
+    recipe, state, data, precision, engine, fp8_recipe, fuse_norms=False, layers="inner"
 ) -> tuple[list[float], object]:
-    model, engine = build(recipe, state, engine, fp8_recipe, fuse_norms)
+    model, engine = build(recipe, state, engine, fp8_recipe, fuse_norms, layers)
     opt = build_optimizer(model, TrainConfig(steps=len(data), lr=3e-4, weight_decay=0.1))
     losses = []
     for tokens in data:
@@ -200,7 +210,10 @@ def main() -> int:
             continue
         state = perturbed if label == "bf16_perturbed" else init
         fuse = label.endswith("_fused_norm")
-        curves[label], model = curve(recipe, state, data, precision, engine, fp8_recipe, fuse)
+        layers = "all" if label.endswith("_all") else "inner"
+        curves[label], model = curve(
+            recipe, state, data, precision, engine, fp8_recipe, fuse, layers
+        )
         if label == "te_current":
             te_model = model
         print(f"{label:20} first {curves[label][0]:.4f} last {curves[label][-1]:.4f}")
@@ -213,7 +226,8 @@ def main() -> int:
         diffs[label] = {"mean_abs_diff": sum(d) / len(d), "max_abs_diff": max(d)}
     yard = max(2 * diffs["torchao_tensorwise"]["mean_abs_diff"],
                2 * diffs["bf16_perturbed"]["mean_abs_diff"], 0.02)  # fmt: skip
-    for label in ("torchao_tensorwise", "te_current", "te_delayed", "te_current_fused_norm"):
+    for label in ("torchao_tensorwise", "te_current", "te_delayed", "te_current_fused_norm",
+                  "torchao_tensorwise_all"):  # fmt: skip
         if label in diffs:
             x = diffs[label]
             x["pass"] = (

@@ -95,6 +95,52 @@ def test_fp8_filter_keeps_first_and_last_blocks_embedding_and_output():
     assert not keep(odd, "layers.2.mixer.linear_fc1")
 
 
+def test_fp8_layers_blocks_and_all():
+    """train.fp8_layers: 'blocks' adds the first and last blocks' linears to 'inner''s, 'all'
+    the output layer too; the embedding is never a linear. 'all' at TP > 1 is a recipe error
+    naming the key (the vocabulary-parallel output layer's input hook)."""
+    model = HybridLM(recipe_from_dict({"model": FP8_MODEL, "train": {"steps": 1}}).model, 100)
+
+    def chosen(layers: str) -> set[str]:
+        keep = fp8_filter(model, layers)
+        return {n for n, m in model.named_modules() if keep(m, n)}
+
+    inner, blocks, every = chosen("inner"), chosen("blocks"), chosen("all")
+    edge = {n for n in blocks if n.startswith(("layers.0.", "layers.5."))}
+    assert edge and blocks == inner | edge and every == blocks | {"output_layer"}
+    ok = {"model": FP8_MODEL, "train": {"steps": 1, "fp8_layers": "all"}}
+    recipe_from_dict(ok)
+    with pytest.raises(RecipeError, match=r"train\.fp8_layers.*parallel\.tp = 1"):
+        recipe_from_dict(ok | {"parallel": {"tp": 2}})
+
+
+@needs_torchao
+@pytest.mark.parametrize(
+    "train, compiled",
+    [
+        ({"fp8_layers": "all", "compile": True}, True),
+        ({"fp8_layers": "all", "compile": ["mlp"]}, True),
+        ({"fp8_layers": "all", "compile": True, "compile_scope": "model"}, False),
+        ({"fp8_layers": "all"}, False),
+        ({"fp8_layers": "blocks", "compile": True}, False),
+    ],
+)
+def test_float8_output_layer_compiled_with_the_blocks(train, compiled):
+    """With the output layer in float8 and per-block compile, parallelize compiles it on its own
+    (a float8 linear pays only compiled); not when the whole model is one region, nor when
+    nothing compiles or the output layer stays bf16."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from toolkit.parallel.parallelize import compile_fp8_output_layer
+
+    r = recipe_from_dict({"model": FP8_MODEL, "train": {"steps": 1, "precision": "fp8"} | train})
+    model = build_model(r, ByteTokenizer())
+    apply_fp8(model, device=CPU, engine="torchao", check_device=False, layers=r.train.fp8_layers)
+    assert isinstance(model.output_layer, Float8Linear) == (r.train.fp8_layers == "all")
+    assert compile_fp8_output_layer(model, r.train) == compiled
+    assert (model.output_layer._compiled_call_impl is not None) == compiled
+
+
 def test_autocast_contexts():
     assert not isinstance(autocast_context("fp32", CPU), torch.autocast)
     for precision, engine in (("bf16", None), ("fp8", "torchao"), ("fp8", None)):

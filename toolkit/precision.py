@@ -5,7 +5,7 @@ fp8 swaps the nn.Linear layers of the blocks for float8-training linears, from o
 Transformer Engine's `te.Linear` (NVIDIA's containers) or torchao's `Float8Linear` (a small
 wheel); train.fp8_engine picks one ('auto': fp8_engine()). As in the
 reference 8B FP8 recipe, the first and last blocks, the embedding and the output layer stay in
-bf16. The swapped layers keep their module paths and one parameter named `weight` (fp32 master,
+bf16 (train.fp8_layers='blocks' takes every block, 'all' the output layer too). The swapped layers keep their module paths and one parameter named `weight` (fp32 master,
 same shape); checkpoints hold parameters only (not Transformer Engine's `_extra_state` scaling
 history), so they are the same whichever precision or engine wrote them.
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from toolkit.config import FP8_RECIPES as RECIPES  # the recipes each engine runs
 from toolkit.config import Fp8Engine as Engine
-from toolkit.config import Fp8Recipe
+from toolkit.config import Fp8Layers, Fp8Recipe
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +102,23 @@ def check_fp8_device(device: torch.device) -> None:
         )
 
 
-def fp8_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
-    """Which linears go float8: those inside blocks 1 .. N-2 whose dimensions are multiples of 16
-    (the float8 GEMMs' requirement). Names are relative to `model` (`layers.3.mixer.in_proj`)."""
+def fp8_filter(model: nn.Module, layers: Fp8Layers = "inner") -> Callable[[nn.Module, str], bool]:
+    """Which linears go float8 (train.fp8_layers): those inside blocks 1 .. N-2 ('inner', the
+    reference's), inside every block ('blocks'), or those and the output layer ('all'); each
+    only when its dimensions are multiples of 16 (the float8 GEMMs' requirement). Names are
+    relative to `model` (`layers.3.mixer.in_proj`, `output_layer`)."""
     last = len(model.layers) - 1
 
     def keep(module: nn.Module, name: str) -> bool:
         if not isinstance(module, nn.Linear):
             return False
         parts = name.split(".")
-        if parts[0] != "layers" or len(parts) < 2 or not parts[1].isdigit():
-            return False  # embedding, output layer
-        if int(parts[1]) in (0, last):
+        if name == "output_layer":
+            if layers != "all":
+                return False
+        elif parts[0] != "layers" or len(parts) < 2 or not parts[1].isdigit():
+            return False
+        elif layers == "inner" and int(parts[1]) in (0, last):
             return False
         return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
@@ -129,9 +134,10 @@ def apply_fp8(
     check_device: bool = True,
     compiled: bool = False,
     fuse_norms: bool = False,
+    layers: Fp8Layers = "inner",
 ) -> tuple[Engine, list[str]]:
-    """Swap the chosen linears for float8 training ones, in place. Returns the engine and the
-    converted module names. `engine` None or 'auto': fp8_engine(compiled), `compiled` saying
+    """Swap the linears that fp8_filter(model, `layers`) chooses for float8 training ones, in
+    place. Returns the engine and the converted module names. `engine` None or 'auto': fp8_engine(compiled), `compiled` saying
     whether the blocks will be compiled. `check_device=False` converts on any device (tests: the
     module tree converts on CPUs; the float8 matmuls do not run there). `fuse_norms` (Transformer
     Engine only; callers pass it at TP=1, see fuse_te_norms): each converted block's pre-norm
@@ -145,7 +151,7 @@ def apply_fp8(
             f"{' or '.join(map(repr, RECIPES[engine]))}): change train.fp8_recipe, or choose the "
             f"other library with train.fp8_engine"
         )
-    keep = fp8_filter(model)
+    keep = fp8_filter(model, layers)
     names = [name for name, m in model.named_modules() if keep(m, name)]
     if engine == "torchao":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -157,13 +163,10 @@ def apply_fp8(
         if fused:
             log.info("fp8: %d pre-norms fused into te.LayerNormLinear", len(fused))
         _swap_te_linears(model, [n for n in names if n not in fused])
-    log.info(
-        "fp8: %d linears through %s (%s scaling); first and last blocks, embedding and output "
-        "in bf16",
-        len(names),
-        engine,
-        recipe,
-    )
+    bf16 = {"inner": "first and last blocks, embedding and output", "blocks":
+            "embedding and output", "all": "embedding"}[layers]  # fmt: skip
+    log.info("fp8: %d linears through %s (%s scaling); %s in bf16", len(names), engine, recipe,
+             bf16)  # fmt: skip
     return engine, names
 
 
