@@ -8,13 +8,15 @@
 # machine): toolkit.inference.generate's first call against its tenth, for the tiny model's
 # closing training sample and a greedy run (benchmarks/generate_warm.py): after the trainer's
 # set-up (its decode warm-up) and 3 training steps, then in a fresh process warmed as the generate
-# CLI does, then in a fresh process not warmed at all. Usage from the repository root, with .dev/
-# and .whl/ carried:
-#     OUT=/some/dir bash benchmarks/gpu_serve.sh [generate] [load] [sampling] [waves] [long]
+# CLI does, then in a fresh process not warmed at all. `generate_tests`: generate's GPU tests
+# (sampling inside the recorded step, a capture beside a graph in cyclic garbage). Usage from the
+# repository root, with .dev/ and .whl/ carried:
+#     OUT=/some/dir bash benchmarks/gpu_serve.sh [generate] [generate_tests] [load] [sampling]
+#       [waves] [long]
 set -u
 OUT=${OUT:-runs/gpu_serve}
 CKPT=${GPU_SERVE_CKPT:-$HOME/ckpt8b}
-PARTS=${*:-generate load sampling waves long}
+PARTS=${*:-generate generate_tests load sampling waves long}
 mkdir -p "$OUT"
 T0=$(date +%s)
 source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
@@ -30,6 +32,8 @@ part generate 180 bash -c 'w="python3 benchmarks/generate_warm.py --recipe recip
   --device cuda"; $w --train-steps 3 --json "$1/generate.json" &&
   $w --train-steps 0 --warm-up on --json "$1/generate_cli.json" &&
   $w --train-steps 0 --warm-up off --json "$1/generate_cold.json"' generate "$OUT"
+part generate_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_generate.py \
+  -k "recorded or garbage or graph"
 
 if [ ! -e "$CKPT/.written" ] && [[ " $PARTS " =~ \ (load|waves|long)\  ]]; then
   t=$(date +%s)
