@@ -81,6 +81,8 @@ def test_local_run_trains_on_the_data(data, tmp_path):
         *("--set", "train.global_batch_size=2", "--set", 'train.sample_prompt=""'),
         *("--set", "checkpoint.enabled=false", "--set", "logging.progress_bar=false"),
         *("--set", f'logging.dir="{tmp_path / "tb"}"', "--set", 'data.split="100,0,0"'),
+        # not the recipe's runs/tiny_hybrid/checkpoints, which `make demo` fills (byte vocabulary)
+        *("--set", f'checkpoint.dir="{tmp_path / "ckpt"}"'),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"data: {prefix}" in proc.stderr and "step 2/2 loss" in proc.stderr
