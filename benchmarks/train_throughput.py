@@ -107,9 +107,9 @@ def benchmark(args: argparse.Namespace) -> dict:
         overrides.append(f"model.seq_length={args.seq}")
     if args.mbs:
         overrides.append(f"train.micro_batch_size={args.mbs}")
-    recipe = load_recipe(args.recipe, overrides)
-    mbs = recipe.train.micro_batch_size
-    # The global batch: --accumulate micro-batches on this one device.
+    # The global batch: --accumulate micro-batches on this one device (set with --mbs, which
+    # need not divide the recipe's own global batch).
+    mbs = args.mbs or load_recipe(args.recipe, overrides).train.micro_batch_size
     recipe = load_recipe(
         args.recipe, overrides + [f"train.global_batch_size={mbs * args.accumulate}"]
     )
