@@ -50,13 +50,13 @@ class DoneFlag:
     200 tokens are launch-bound: the wait at every token made them slower and uneven)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
-        self.event = torch.cuda.Event() if self.cuda else None
+        cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
         self.pending = False
 
     def copy_async(self, flag: torch.Tensor) -> None:
-        self.host.copy_(flag, non_blocking=self.cuda)
+        self.host.copy_(flag, non_blocking=self.event is not None)
         if self.event is not None:
             self.event.record()
         self.pending = True
@@ -89,6 +89,64 @@ def sample_next(
     )
 
 
+class Choices:
+    """A generation's sampling on the device: its settings (read on the host once, not at each
+    token), every new token's random draw (drawn up front), the rows that ended, and the tokens
+    chosen so far, so that `choose` reads nothing on the host and a recorded decode step can
+    sample too."""
+
+    def __init__(
+        self,
+        model: HybridLM,
+        rows: int,
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        eod_id: int | None,
+    ) -> None:
+        device = model.embedding.weight.device
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        self.vocab_size, self.eod_id = model.vocab_size, eod_id
+        self.rows = Rows.build([float(temperature)] * rows, [top_k] * rows,
+                               [float(top_p)] * rows, model.padded_vocab_size, device)  # fmt: skip
+        self.uniforms = torch.rand(max_new_tokens, rows, generator=generator, device=device)
+        self.drawn = torch.zeros(1, dtype=torch.long, device=device)  # new tokens so far
+        self.tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token [rows] from the logits, appended to `tokens`."""
+        logits[:, self.vocab_size :] = -torch.inf  # never sample vocabulary padding
+        uniform = self.uniforms.index_select(0, self.drawn).view(-1)
+        token = draw(logits, self.rows, uniform)[0]
+        if self.eod_id is not None:
+            token = torch.where(self.done, torch.full_like(token, self.eod_id), token)
+            self.done.logical_or_(token == self.eod_id)
+        self.tokens.index_copy_(1, self.drawn, token[:, None])
+        self.drawn.add_(1)
+        return token
+
+    def restart(self, *, ended_too: bool) -> None:
+        """Forget what was chosen (a prompt token's choice is overwritten by the next one's);
+        `ended_too`: and which rows ended."""
+        self.drawn.zero_()
+        if ended_too:
+            self.done.zero_()
+
+    def made(self, count: int) -> torch.Tensor:
+        """The first `count` tokens chosen [rows, <= count], cut after the token that ended the
+        last row, as a check at every token would have stopped."""
+        new = self.tokens[:, :count]
+        if self.eod_id is not None:
+            ended = new == self.eod_id
+            if bool(ended.any(dim=1).all()):
+                new = new[:, : int(ended.int().argmax(dim=1).max()) + 1]
+        return new
+
+
 @torch.no_grad()
 def generate(
     model: HybridLM,
@@ -114,32 +172,11 @@ def generate(
     b, length = prompt.shape
     if max_new_tokens < 1:
         return prompt
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    # What sampling reads, on the device before the first step: the settings (read on the host
-    # once, not at each token) and every token's random draw.
-    rows = Rows.build([float(temperature)] * b, [top_k] * b, [float(top_p)] * b,
-                      model.padded_vocab_size, device)  # fmt: skip
-    uniforms = torch.rand(max_new_tokens, b, generator=generator, device=device)
-    drawn = torch.zeros(1, dtype=torch.long, device=device)  # new tokens sampled so far
-    new = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        """The next token [b] from the logits, written to `new`; on the device throughout, so
-        that a recorded decode step samples too."""
-        logits[:, model.vocab_size :] = -torch.inf  # never sample vocabulary padding
-        token = draw(logits, rows, uniforms.index_select(0, drawn).view(-1))[0]
-        if eod_id is not None:
-            token = torch.where(done, torch.full_like(token, eod_id), token)
-            done.logical_or_(token == eod_id)
-        new.index_copy_(1, drawn, token[:, None])
-        drawn.add_(1)
-        return token
+    choices = Choices(model, b, max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, eod_id=eod_id)  # fmt: skip
 
     def decode_and_choose(tokens: torch.Tensor, views: DecodeStates) -> torch.Tensor:
-        token = choose(model(tokens, views)[:, 0])
+        token = choices.choose(model(tokens, views)[:, 0])
         # `tokens` is the decoder's input buffer: the next step's input, already in place. (Not
         # reached through `decoder`: a reference cycle would keep this call's graph alive until
         # Python's cyclic collector frees it, maybe while a later call records its own.)
@@ -159,13 +196,11 @@ def generate(
     )
     if length <= step_prefill:  # from zero states, as a prefill starts
         for p in range(length):
-            drawn.zero_()  # a prompt token's choice is overwritten by the next one's
-            if p == length - 1:
-                done.zero_()
+            choices.restart(ended_too=p == length - 1)
             decoder(prompt[:, p].contiguous(), p + 1)
             positions.add_(1)  # in place: a recorded graph reads this tensor
     else:
-        decoder.tokens[:b, 0].copy_(choose(model(prompt, states)[:, -1]))
+        decoder.tokens[:b, 0].copy_(choices.choose(model(prompt, states)[:, -1]))
         positions.fill_(length)
     all_done = DoneFlag(device)
     made = max_new_tokens
@@ -174,15 +209,10 @@ def generate(
             if all_done.read():  # as of DONE_CHECK_EVERY tokens ago: no wait on this step
                 made = i
                 break
-            all_done.copy_async(done.all())
+            all_done.copy_async(choices.done.all())
         decoder.launch(length + i, b)
         positions.add_(1)
-    new = new[:, :made]
-    if eod_id is not None:  # cut after the token that ended the last row, as a check at each would
-        ended = new == eod_id
-        if bool(ended.any(dim=1).all()):
-            new = new[:, : int(ended.int().argmax(dim=1).max()) + 1]
-    return torch.cat([prompt, new], dim=1)
+    return torch.cat([prompt, choices.made(made)], dim=1)
 
 
 def warm_up(
