@@ -13,8 +13,8 @@ TOOLKIT_TRITON_PDL: `on` (the default) takes our norm kernels and launches our k
 (the kernels compiled with the grid dependency calls): the 8B hybrid's batch-1 step at 4k
 context went from 4.21 ms to 4.05 ms on an H200 (benchmarks/RESULTS.md); `norms` takes our norm
 kernels, launched as usual (4.22 ms); `off` keeps mamba-ssm's norms and launches every kernel as
-usual. PDL itself stays off under Triton's interpreter (it
-has no grid dependency control) and on GPUs before compute capability 9.0.
+usual. PDL itself stays off under Triton's interpreter (it has no grid dependency control) and on
+GPUs before compute capability 9.0.
 """
 
 import functools
