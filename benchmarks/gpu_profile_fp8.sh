@@ -5,17 +5,18 @@
 #              1, compiled blocks; gpu_te.sh's P8B / AO settings: torchao tensorwise float8),
 #              through the trainer (launchers/submit.py --local), 6 steps with step 5 traced by
 #              torch.profiler (train.profile.start=5: step 4 is the profiler's warm-up; no
-#              shapes recorded); each trace summed by benchmarks/trace_summary.py, then both side
-#              by side: bf16 GEMMs against FP8 scaled_mm, amax reductions, scales, casts, the
-#              rest (SSD, conv, norms, attention, optimizer, cross-entropy), gaps.
+#              shapes recorded); each trace summed by benchmarks/trace_summary.py, then each FP8
+#              one beside bf16: bf16 GEMMs against FP8 scaled_mm, amax reductions, scales, casts,
+#              the rest (SSD, conv, norms, attention, optimizer, cross-entropy), gaps.
+#   fp8_all    fp8 with every block and the output layer in float8 (train.fp8_layers='all').
 #   prefill    the 8B hybrid's first token after a 32,768-token prompt (random weights, batch 1,
 #              benchmarks/prefill_profile.py): matmuls with their TFLOP/s, SSD, attention, conv.
 # Brings back (at most 8 files, no raw traces: they are 100s of MB): summary.txt (set-up, step
-# times from the logs, the side-by-side table, the prefill summary), bf16.txt / fp8.txt (log
-# tail and the trace's summary), kernels_bf16.json / kernels_fp8.json (kernel tables that
-# trace_summary.py reads back, to re-sum on a laptop), prefill.txt, prefill.json.
-# From the repository root, with .dev/ and .whl/ carried; parts by name (default all three):
-#     OUT=/some/dir bash benchmarks/gpu_profile_fp8.sh [bf16] [fp8] [prefill]
+# times from the logs, the side-by-side tables, the prefill summary), bf16.txt / fp8.txt /
+# fp8_all.txt (log tail and the trace's summary), kernels_*.json (kernel tables that
+# trace_summary.py reads back, to re-sum on a laptop), prefill.json.
+# From the repository root, with .dev/ and .whl/ carried; parts by name (default all four):
+#     OUT=/some/dir bash benchmarks/gpu_profile_fp8.sh [bf16] [fp8] [fp8_all] [prefill]
 # Each part is skipped once GPU_PROFILE_BUDGET_S (default 540 s, counted from the start) would
 # be passed.
 set -u
@@ -24,7 +25,7 @@ mkdir -p "$OUT"
 START=$(date +%s)
 source benchmarks/gpu_lib.sh
 part_budget "${GPU_PROFILE_BUDGET_S:-540}" "$START"
-PART_ONLY=${*:-bf16 fp8 prefill} PART_MIN_S=40
+PART_ONLY=${*:-bf16 fp8 fp8_all prefill} PART_MIN_S=40
 W=/tmp/gpu_profile_fp8
 rm -rf "$W" && mkdir -p "$W"
 SUMMARY=$OUT/summary.txt
@@ -87,16 +88,18 @@ say "matmul FLOPs per step: ${FLOPS:-unknown ($(tail -1 "$W/flops.log"))}"
 
 train_part bf16 170
 train_part fp8 200 "${AO[@]}"
-if [ -s "$OUT/kernels_bf16.json" ] && [ -s "$OUT/kernels_fp8.json" ]; then
-  say ""
-  say "== bf16 vs torchao FP8 (tensorwise), one traced step each =="
-  python3 benchmarks/trace_summary.py "$OUT/kernels_bf16.json" --vs "$OUT/kernels_fp8.json" \
-    --labels bf16,fp8 --top 25 ${FLOPS:+--flops "$FLOPS"} 2>&1 | tee -a "$SUMMARY"
-fi
+train_part fp8_all 200 "${AO[@]}" --set 'train.fp8_layers="all"'
+for fp8 in fp8 fp8_all; do
+  if [ -s "$OUT/kernels_bf16.json" ] && [ -s "$OUT/kernels_$fp8.json" ]; then
+    say ""
+    say "== bf16 vs torchao FP8 (tensorwise, $fp8), one traced step each =="
+    python3 benchmarks/trace_summary.py "$OUT/kernels_bf16.json" --vs "$OUT/kernels_$fp8.json" \
+      --labels "bf16,$fp8" --top 25 ${FLOPS:+--flops "$FLOPS"} 2>&1 | tee -a "$SUMMARY"
+  fi
+done
 
 if run prefill 150 python3 benchmarks/prefill_profile.py --recipe recipes/8b_hybrid.toml \
     --context 32768 --top 30 --json "$OUT/prefill.json"; then
-  cp "$W/prefill.log" "$OUT/prefill.txt"
   say ""
   say "== 8B hybrid, first token after a 32k prompt =="
   grep -v "^USDT" "$W/prefill.log" | sed '/launching ops:$/,$d' | tee -a "$SUMMARY"
