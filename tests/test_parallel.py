@@ -144,8 +144,11 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-def fp8_tp_worker(rank: int, world: int, port: int) -> None:
-    """torchao float8 at TP=2 with sequence parallelism against float8 at TP=1 (and bf16)."""
+def fp8_tp_worker(rank: int, world: int, port: int, layers: str) -> None:
+    """torchao float8 at TP=2 with sequence parallelism against float8 at TP=1 (and bf16), for
+    train.fp8_layers `layers`. With 'all' the vocabulary-parallel output layer is float8 too: it
+    must keep TP's input hook (the sequence gathered from the ranks' parts), or its logits cover
+    1/TP of the tokens."""
     from torchao.float8.float8_linear import Float8Linear
 
     from toolkit.precision import apply_fp8
@@ -169,13 +172,15 @@ def fp8_tp_worker(rank: int, world: int, port: int) -> None:
         bf16 = copy.deepcopy(model)
         bf16_loss = forward_backward(bf16, full_loss)
         reference = copy.deepcopy(model)
-        apply_fp8(reference, device=cpu, engine="torchao", check_device=False)
+        apply_fp8(reference, device=cpu, engine="torchao", check_device=False, layers=layers)
         ref_loss = forward_backward(reference, full_loss)
 
         group = env.group("tp")
         start = apply_tp(model, group=group, tp=world, rank=env.tp_rank, sequence_parallel=True)
-        _, names = apply_fp8(model, device=cpu, engine="torchao", check_device=False)
-        assert len(names) == 6  # in_proj, out_proj, linear_qkv, linear_proj, fc1, fc2 of 1-3
+        _, names = apply_fp8(model, device=cpu, engine="torchao", check_device=False, layers=layers)
+        # in_proj, out_proj, linear_qkv, linear_proj, fc1, fc2 of blocks 1-3; with 'all' also
+        # blocks 0 and 4 (in_proj, out_proj each) and the output layer
+        assert len(names) == {"inner": 6, "all": 11}[layers]
         assert all(isinstance(model.get_submodule(n), Float8Linear) for n in names)
         assert hasattr(model.layers[1].mixer.in_proj.weight, "_tp_dim")  # placement kept
         loss = forward_backward(
@@ -183,13 +188,21 @@ def fp8_tp_worker(rank: int, world: int, port: int) -> None:
         )
         reduce_sequence_parallel_grads(list(model.parameters()), group)
 
-        # Measured (torch 2.13 CPU, torchao 0.18): |loss - float8 TP=1| 4e-4 while float8 TP=1
-        # differs from bf16 by 1.7e-3; per-parameter gradients differ from float8 TP=1 by <= 0.11
-        # relative L2, as much as float8 TP=1 differs from bf16 (<= 0.10). TP changes only which
-        # rows share a float8 scale, so it must stay within float8's own error.
-        assert abs(float(bf16_loss - ref_loss)) > 1e-4  # float8 really ran
-        assert abs(float(loss - ref_loss)) < 1e-3
+        # TP changes only which rows share a float8 scale (with 'all' each rank's shard of the
+        # output layer and of the logits' gradient has its own), so TP=2 must stay within twice
+        # float8's own error, its distance from bf16 at TP=1. Measured (torch 2.13 CPU, torchao
+        # 0.18), 'inner' / 'all': |loss - float8 TP=1| 4e-4 / 1.4e-3, float8 TP=1 from bf16
+        # 1.7e-3 / 1.0e-3; per-parameter gradients from float8 TP=1 <= 0.11 / 0.24 relative L2,
+        # float8 TP=1's from bf16 up to 0.14 / 0.15.
+        fp8_error = abs(float(bf16_loss - ref_loss))
+        assert fp8_error > 1e-4  # float8 really ran
+        assert abs(float(loss - ref_loss)) < max(1e-3, 2 * fp8_error)
         expected = dict(reference.named_parameters())
+        fp8_grad_error = max(
+            _relative(expected[n].grad, q.grad)
+            for n, q in bf16.named_parameters()
+            if q.grad.norm() > 0
+        )
         for name, p in model.named_parameters():
             want = expected[name].grad
             if hasattr(p, "_tp_dim"):
@@ -197,14 +210,15 @@ def fp8_tp_worker(rank: int, world: int, port: int) -> None:
             if want.norm() == 0:  # vocabulary rows of this rank that no token uses
                 assert p.grad.norm() == 0, name
             else:
-                assert _relative(p.grad, want) < 0.2, name
+                assert _relative(p.grad, want) < 2 * fp8_grad_error, name
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
-def test_fp8_with_tensor_and_sequence_parallelism_matches_one_process():
-    spawn(fp8_tp_worker, 2)
+@pytest.mark.parametrize("layers", ["inner", "all"])
+def test_fp8_with_tensor_and_sequence_parallelism_matches_one_process(layers):
+    spawn(fp8_tp_worker, 2, layers)
 
 
 def saved_by_norms(model: HybridLM, tokens: torch.Tensor) -> int:

@@ -24,6 +24,7 @@ from toolkit.precision import (
     _te_imports,
     apply_fp8,
     autocast_context,
+    carry_forward_hooks,
     check_fp8_device,
     fp8_engine,
     fp8_filter,
@@ -97,8 +98,8 @@ def test_fp8_filter_keeps_first_and_last_blocks_embedding_and_output():
 
 def test_fp8_layers_blocks_and_all():
     """train.fp8_layers: 'blocks' adds the first and last blocks' linears to 'inner''s, 'all'
-    the output layer too; the embedding is never a linear. 'all' at TP > 1 is a recipe error
-    naming the key (the vocabulary-parallel output layer's input hook)."""
+    the output layer too; the embedding is never a linear. 'all' is a valid recipe at any TP
+    (test_parallel runs it at TP=2)."""
     model = HybridLM(recipe_from_dict({"model": FP8_MODEL, "train": {"steps": 1}}).model, 100)
 
     def chosen(layers: str) -> set[str]:
@@ -108,10 +109,23 @@ def test_fp8_layers_blocks_and_all():
     inner, blocks, every = chosen("inner"), chosen("blocks"), chosen("all")
     edge = {n for n in blocks if n.startswith(("layers.0.", "layers.5."))}
     assert edge and blocks == inner | edge and every == blocks | {"output_layer"}
-    ok = {"model": FP8_MODEL, "train": {"steps": 1, "fp8_layers": "all"}}
-    recipe_from_dict(ok)
-    with pytest.raises(RecipeError, match=r"train\.fp8_layers.*parallel\.tp = 1"):
-        recipe_from_dict(ok | {"parallel": {"tp": 2}})
+    every_tp2 = {"train": {"steps": 1, "fp8_layers": "all"}, "parallel": {"tp": 2}}
+    assert recipe_from_dict({"model": FP8_MODEL} | every_tp2).train.fp8_layers == "all"
+
+
+def test_swapped_linear_keeps_its_forward_hooks():
+    """carry_forward_hooks: the hooks on a linear (TP's input hook on the output layer) run on
+    the module that replaced it, and their handles still remove them there."""
+    old, new, x = nn.Linear(4, 4), nn.Linear(4, 4), torch.ones(1, 4)
+    seen = []
+    pre = old.register_forward_pre_hook(lambda mod, args: (2 * args[0],))
+    old.register_forward_hook(lambda mod, args, out: seen.append(args[0].sum().item()))
+    carry_forward_hooks(old, new)
+    new(x)
+    assert seen == [8.0]  # the input doubled by the pre-hook, seen by the hook
+    pre.remove()
+    new(x)
+    assert seen == [8.0, 4.0]
 
 
 @needs_torchao

@@ -5,9 +5,10 @@ fp8 swaps the nn.Linear layers of the blocks for float8-training linears, from o
 Transformer Engine's `te.Linear` (NVIDIA's containers) or torchao's `Float8Linear` (a small
 wheel); train.fp8_engine picks one ('auto': fp8_engine()). As in the
 reference 8B FP8 recipe, the first and last blocks, the embedding and the output layer stay in
-bf16 (train.fp8_layers='blocks' takes every block, 'all' the output layer too). The swapped layers keep their module paths and one parameter named `weight` (fp32 master,
-same shape); checkpoints hold parameters only (not Transformer Engine's `_extra_state` scaling
-history), so they are the same whichever precision or engine wrote them.
+bf16 (train.fp8_layers='blocks' takes every block, 'all' the output layer too). The swapped
+layers keep their module paths, forward hooks (tensor parallelism's) and one parameter named
+`weight` (fp32 master, same shape); checkpoints hold parameters only (not Transformer Engine's
+`_extra_state` scaling history), so they are the same whichever precision or engine wrote them.
 
 train.fp8_recipe: 'tensorwise' is one scale per tensor from its current amax (torchao's
 tensorwise, Transformer Engine's Float8CurrentScaling), 'rowwise' torchao's per-row scales,
@@ -153,6 +154,7 @@ def apply_fp8(
         )
     keep = fp8_filter(model, layers)
     names = [name for name, m in model.named_modules() if keep(m, name)]
+    before = {name: model.get_submodule(name) for name in names}
     if engine == "torchao":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -163,11 +165,28 @@ def apply_fp8(
         if fused:
             log.info("fp8: %d pre-norms fused into te.LayerNormLinear", len(fused))
         _swap_te_linears(model, [n for n in names if n not in fused])
+    for name, old in before.items():
+        carry_forward_hooks(old, model.get_submodule(name))
     bf16 = {"inner": "first and last blocks, embedding and output", "blocks":
             "embedding and output", "all": "embedding"}[layers]  # fmt: skip
     log.info("fp8: %d linears through %s (%s scaling); %s in bf16", len(names), engine, recipe,
              bf16)  # fmt: skip
     return engine, names
+
+
+# nn.Module's forward-hook tables: a swapped linear keeps the ones put on it before (tensor
+# parallelism's input hook on the vocabulary-parallel output layer, train.fp8_layers='all').
+FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called")  # fmt: skip
+
+
+def carry_forward_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give `new` the forward hooks registered on `old`, the module it replaced. The tables are
+    shared, not copied, so the handles returned when they were registered still remove them."""
+    if new is old:
+        return
+    for table in FORWARD_HOOKS:
+        setattr(new, table, getattr(old, table))
 
 
 def _replace_linear(parent: nn.Module, child: str, new: nn.Module) -> None:

@@ -54,12 +54,6 @@ def validate(r: Recipe, world_size: WorldSize = None) -> None:
     for section in r.sections():
         section.validate()  # its ranges first: what follows computes from these numbers
     check(
-        r.train.fp8_layers != "all" or r.parallel.tp == 1,
-        "train.fp8_layers",
-        "'all' needs parallel.tp = 1: under TP the output layer is vocabulary-parallel, with an "
-        "input hook that a float8 swap would not carry; use 'blocks'",
-    )
-    check(
         r.train.eval_interval == 0 or r.data.validation_share() > 0,
         "train.eval_interval",
         "needs a validation split: set data.valid_fraction (e.g. 0.01), or with data.blend a "
