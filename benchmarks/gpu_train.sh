@@ -18,6 +18,10 @@
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_compile 8b28l_bf16_compile_gb8
 #       8b28l_fp8_compile_gb8 8b28l_fp8_all_compile 8b28l_fp8_all_compile_gb8 bf16_compile_mbs8_gb32
 #       fp8_compile_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
+# FP8 with the weights cast once per update, beside the same without (~5 minutes, cold caches):
+#     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_fp8_all_compile_gb8
+#       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_compile 8b28l_fp8_all_cache_compile"
+#       OUT=$OUT bash benchmarks/gpu_train.sh
 # GPU_STATE_DIR, if set, becomes .gpu (installs, Triton and Inductor caches: kept while the
 # machine is).
 set -u
@@ -106,6 +110,12 @@ t8b 8b28l_fp8_all_compile 200 28 --set 'train.precision="fp8"' --set train.compi
   --set 'train.fp8_layers="all"' --set parallel.tp=1
 t8b 8b28l_fp8_all_compile_gb8 200 28 --accumulate 8 --set 'train.precision="fp8"' \
   --set train.compile=true --set 'train.fp8_layers="all"' --set parallel.tp=1
+# The float8 weights cast once per update instead of in each micro-batch's forward and backward
+# (train.fp8_weight_cache; against 8b28l_fp8_all_compile[_gb8] in the same call).
+t8b 8b28l_fp8_all_cache_compile 200 28 --set 'train.precision="fp8"' --set train.compile=true \
+  --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true
+t8b 8b28l_fp8_all_cache_compile_gb8 200 28 --accumulate 8 --set 'train.precision="fp8"' \
+  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true
 tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
 tp fp8_compile_mbs8_gb32 200 8 --accumulate 4 --set 'train.precision="fp8"' \
   --set train.compile=true

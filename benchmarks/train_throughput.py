@@ -157,6 +157,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         "precision": cfg.precision,
         "fp8_engine": engine,
         "fp8_recipe": cfg.fp8_recipe if engine else None,
+        "fp8_layers": cfg.fp8_layers if engine else None,
+        "fp8_weight_cache": cfg.fp8_weight_cache if engine else None,
         "compile": cfg.compile,
         "compile_scope": cfg.compile_scope,
         "compile_mode": cfg.compile_mode,

@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -198,6 +199,93 @@ def test_torchao_conversion_keeps_names_and_weights(scaling):
     assert list(got) == list(want)
     for name in want:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+
+
+@needs_torchao
+def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch):
+    """train.fp8_weight_cache: through StepRunner (2 micro-batches a step, 2 steps with AdamW
+    between), each float8 weight is cast once a step, none inside torchao's matmuls, and loss,
+    gradients and weights stay bit for bit those of torchao's casting in every forward and
+    backward; after a step the casts are dropped and an evaluation forward casts as torchao's."""
+    import torchao.float8.float8_linear as float8_linear
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    import toolkit.fp8_weight_cache as cache
+    from toolkit.distributed import ParallelEnv
+    from toolkit.parallel.runtime import StepRunner
+
+    casts = {"matmul": 0, "once": 0}
+
+    def counting(where: str, cast):
+        def count(*args, **kwargs):
+            casts[where] += kwargs.get("gemm_input_role") == GemmInputRole.WEIGHT
+            return cast(*args, **kwargs)
+
+        return count
+
+    monkeypatch.setattr(float8_linear, "hp_tensor_to_float8_dynamic",
+                        counting("matmul", float8_linear.hp_tensor_to_float8_dynamic))  # fmt: skip
+    monkeypatch.setattr(cache, "hp_tensor_to_float8_dynamic",
+                        counting("once", cache.hp_tensor_to_float8_dynamic))  # fmt: skip
+    r = recipe_from_dict({"model": FP8_MODEL, "train": {"steps": 1}})
+    env = ParallelEnv(0, 1, 0, CPU, tp=1, pp=1, dp=1)
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for once in (False, True):
+        torch.manual_seed(0)
+        model = build_model(r, ByteTokenizer())
+        _, names = apply_fp8(model, device=CPU, engine="torchao", check_device=False,
+                             layers="all", cast_weights_once=once)  # fmt: skip
+        assert all(isinstance(model.get_submodule(n), cache.Float8LinearCastOnce) == once
+                   for n in names)  # fmt: skip
+        run_step = StepRunner(
+            model, env, partial(cross_entropy, vocab_size=model.vocab_size),
+            micro_batch_size=1, micro_batches=2, seq_length=16,
+            autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+            logits_dtype=torch.bfloat16,
+            step_context=cache.cast_weights_once if once else None,
+        )  # fmt: skip
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+        losses, grads = [], []
+        for _ in range(2):
+            casts.update(matmul=0, once=0)
+            losses.append(run_step(tokens[:, :-1], tokens[:, 1:]))
+            grads.append([p.grad.clone() for p in model.parameters()])
+            counted = dict(casts)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # Each forward and each backward of the 2 micro-batches casts every weight, or once.
+        assert counted == ({"matmul": 4 * len(names), "once": 0} if not once else
+                           {"matmul": 0, "once": len(names)})  # fmt: skip
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        if once:
+            assert all(m.weight_fp8 is None for m in model.modules()
+                       if isinstance(m, cache.Float8LinearCastOnce))  # fmt: skip
+            assert casts["matmul"] == len(names)  # evaluation: torchao's own cast
+        runs[once] = losses, grads, list(model.parameters()), logits
+    (want_losses, want_grads, want_params, want_logits), got = runs[False], runs[True]
+    assert [float(x) for x in got[0]] == [float(x) for x in want_losses]
+    for step_grads, step_want in zip(got[1], want_grads):
+        assert all(torch.equal(g, w) for g, w in zip(step_grads, step_want))
+    assert all(torch.equal(p, w) for p, w in zip(got[2], want_params))
+    assert torch.equal(got[3], want_logits)
+
+
+def test_weight_cache_is_refused_where_it_cannot_run():
+    """train.fp8_weight_cache casts tensorwise weights through torchao: rowwise scaling or
+    Transformer Engine named in the recipe are recipe errors; apply_fp8 refuses the same."""
+    base = {"model": FP8_MODEL}
+    ok = {"steps": 1, "precision": "fp8", "fp8_weight_cache": True}
+    assert recipe_from_dict(base | {"train": ok}).train.fp8_weight_cache
+    for other in ({"fp8_recipe": "rowwise"}, {"fp8_engine": "transformer_engine"}):
+        with pytest.raises(RecipeError, match=r"^train\.fp8_weight_cache: casts torchao's"):
+            recipe_from_dict(base | {"train": ok | other})
+    if importlib.util.find_spec("torchao") is not None:
+        model = HybridLM(recipe_from_dict(base | {"train": {"steps": 1}}).model, 100)
+        with pytest.raises(PrecisionError, match=r"train\.fp8_weight_cache .*fp8_recipe='rowwise'"):
+            apply_fp8(model, device=CPU, engine="torchao", recipe="rowwise", check_device=False,
+                      cast_weights_once=True)  # fmt: skip
 
 
 @needs_torchao

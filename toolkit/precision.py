@@ -136,13 +136,15 @@ def apply_fp8(
     compiled: bool = False,
     fuse_norms: bool = False,
     layers: Fp8Layers = "inner",
+    cast_weights_once: bool = False,
 ) -> tuple[Engine, list[str]]:
     """Swap the linears that fp8_filter(model, `layers`) chooses for float8 training ones, in
     place. Returns the engine and the converted module names. `engine` None or 'auto': fp8_engine(compiled), `compiled` saying
     whether the blocks will be compiled. `check_device=False` converts on any device (tests: the
     module tree converts on CPUs; the float8 matmuls do not run there). `fuse_norms` (Transformer
     Engine only; callers pass it at TP=1, see fuse_te_norms): each converted block's pre-norm
-    runs inside its first linear."""
+    runs inside its first linear. `cast_weights_once` (torchao, tensorwise: train.fp8_weight_cache):
+    the linears take their float8 weights from toolkit.fp8_weight_cache.cast_weights_once."""
     if check_device:
         check_fp8_device(device)
     engine = _resolve_engine(engine, compiled)
@@ -152,6 +154,12 @@ def apply_fp8(
             f"{' or '.join(map(repr, RECIPES[engine]))}): change train.fp8_recipe, or choose the "
             f"other library with train.fp8_engine"
         )
+    if cast_weights_once and (engine != "torchao" or recipe != "tensorwise"):
+        raise PrecisionError(
+            f"train.fp8_weight_cache casts torchao's tensorwise weights; this job runs {engine} "
+            f"with train.fp8_recipe={recipe!r}: set train.fp8_engine='torchao' and "
+            f"train.fp8_recipe='tensorwise', or train.fp8_weight_cache=false"
+        )
     keep = fp8_filter(model, layers)
     names = [name for name, m in model.named_modules() if keep(m, name)]
     before = {name: model.get_submodule(name) for name in names}
@@ -160,6 +168,10 @@ def apply_fp8(
 
         config = Float8LinearConfig.from_recipe_name(recipe)
         convert_to_float8_training(model, config=config, module_filter_fn=keep)
+        if cast_weights_once:
+            from toolkit.fp8_weight_cache import cast_once_linears
+
+            cast_once_linears(model)
     else:
         fused = fuse_te_norms(model, names) if fuse_norms else []
         if fused:

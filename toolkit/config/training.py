@@ -155,6 +155,11 @@ class TrainConfig:
         "last: the reference's), blocks (every block), all (every block and the output layer, "
         "compiled with train.compile: at the 8B's shapes on an H200 1.10x inner's tokens/s)",
     )
+    fp8_weight_cache: bool = opt(
+        False,
+        "with precision='fp8' through torchao, tensorwise: cast each float8 weight once per "
+        "optimizer step, not in every micro-batch's forward and backward; the same numbers",
+    )
     te_fused_norm: bool = opt(
         False,
         "with Transformer Engine's fp8 at TP=1: each FP8 block's pre-norm runs inside its first "
@@ -204,6 +209,14 @@ class TrainConfig:
             "train.compile_scope",
             f"'model' compiles every block: needs train.compile=true, got {self.compile!r}",
         )
+        if self.precision == "fp8" and self.fp8_weight_cache:
+            check(
+                self.fp8_recipe == "tensorwise" and self.fp8_engine != "transformer_engine",
+                "train.fp8_weight_cache",
+                "casts torchao's tensorwise weights: needs train.fp8_recipe='tensorwise' and "
+                f"train.fp8_engine 'torchao' or 'auto', got {self.fp8_recipe!r} and "
+                f"{self.fp8_engine!r}",
+            )
         if self.precision == "fp8" and self.fp8_engine != "auto":  # 'auto': where the job runs
             check(
                 self.fp8_recipe in FP8_RECIPES[self.fp8_engine],

@@ -7,7 +7,8 @@ The transforms, in the order they are applied (torchtitan's), each from outside 
 3. `apply_ac`               activation checkpointing, per block kind
 4. `apply_compile`          per-block (or whole-model) torch.compile (after AC, so the
                             recomputation compiles too); a float8 output layer on its own
-5. pipeline stage           this rank's blocks and its schedule (`StepRunner`)
+5. pipeline stage           this rank's blocks and its schedule (`StepRunner`; with
+                            train.fp8_weight_cache the float8 weights cast once a step)
 6. optimizer                AdamW, its state sharded over DP when asked (ZeRO-1)
 
 Why this order: TP cuts plain `nn.Linear` weights and puts its collectives in hooks around each
@@ -20,6 +21,8 @@ wrap the blocks as TP and float8 left them (hooks included); the optimizer takes
 this rank ends up owning. Evaluation and serving take step 1 only (`apply_tensor_parallel`).
 """
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 
@@ -83,6 +86,7 @@ def apply_float8(
         compiled=bool(selected_kinds(cfg.compile)),
         fuse_norms=cfg.te_fused_norm and tp == 1,
         layers=cfg.fp8_layers,
+        cast_weights_once=cfg.fp8_weight_cache,
     )
     return engine
 
@@ -98,6 +102,16 @@ def compile_fp8_output_layer(model: HybridLM, cfg: TrainConfig) -> bool:
         return False  # inside the whole model's region already; or left bf16 (odd widths)
     model.output_layer.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     return True
+
+
+def fp8_weight_casts(cfg: TrainConfig) -> Callable[[nn.Module], AbstractContextManager] | None:
+    """Step 5's addition (train.fp8_weight_cache): what StepRunner enters around a step's
+    micro-batches so that each float8 weight is cast once for all of them."""
+    if not (cfg.precision == "fp8" and cfg.fp8_weight_cache):
+        return None
+    from toolkit.fp8_weight_cache import cast_weights_once  # torchao: only with float8
+
+    return cast_weights_once
 
 
 def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelModel:
@@ -120,6 +134,7 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
         sequence_shards=env.tp if par.sequence_parallel else 1,
         autocast=lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
         logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
+        step_context=fp8_weight_casts(cfg),
     )
     shard_over = env.group("dp") if env.dp > 1 and par.shard_optimizer else None
     optimizer = build_optimizer(run_step.module, cfg, shard_over)

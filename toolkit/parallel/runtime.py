@@ -118,7 +118,8 @@ class StepRunner:
     loss, the same on every rank of the model replica, with this rank's gradients complete
     (sequence-parallel ones summed over TP); averaging over DP is left to the caller.
     `sequence_shards` is TP under sequence parallelism (the pipeline's activations hold that
-    share of the sequence), else 1."""
+    share of the sequence), else 1. `step_context(module)`, if given, is entered around each
+    call's micro-batches (train.fp8_weight_cache: the float8 weights cast once for them)."""
 
     def __init__(
         self,
@@ -132,8 +133,10 @@ class StepRunner:
         autocast: Callable[[], AbstractContextManager],
         logits_dtype: torch.dtype,
         sequence_shards: int = 1,
+        step_context: Callable[[torch.nn.Module], AbstractContextManager] | None = None,
     ) -> None:
         self.env, self.loss_fn, self.autocast = env, loss_fn, autocast
+        self.step_context = step_context
         self.micro_batch_size, self.micro_batches = micro_batch_size, micro_batches
         self.module: torch.nn.Module = model
         self.schedule = None
@@ -154,7 +157,11 @@ class StepRunner:
         ]
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self._forward_backward(inputs, labels)
+        if self.step_context is None:
+            loss = self._forward_backward(inputs, labels)
+        else:
+            with self.step_context(self.module):
+                loss = self._forward_backward(inputs, labels)
         if self.sequence_parallel:
             reduce_sequence_parallel_grads(self.sequence_parallel, self.env.group("tp"))
         return loss

@@ -1,0 +1,102 @@
+"""Float8 weights cast once per optimizer step (train.fp8_weight_cache: torchao, tensorwise).
+
+torchao's Float8Linear casts its fp32 master weight to float8 in every forward and again in
+every backward: an amax reduction over the weight and a cast, twice per micro-batch, though the
+weights change only at the optimizer step. At the 8B's shapes on an H200 the amax reductions and
+casts were 38 ms of a 215 ms micro-batch, the weights' share of them ~9-13 ms (4.3B parameters
+read as fp32 several times over), and the recipe's global batch repeats them in each of its 8
+micro-batches. Here each layer's weight is cast once when a step's forward and backward begin
+(`cast_weights_once`, around StepRunner's micro-batches) and read from there by every forward
+and backward of the step; its gradient still reaches the fp32 weight. Outside a step
+(evaluation, generation) the layers cast as torchao's do.
+
+The same numbers as torchao's: tensorwise scaling takes one scale from the whole weight, the
+same in the forward, the backward and every micro-batch, so the products read the same float8
+values. Rowwise scaling casts the weight differently for its two products: refused (recipe).
+"""
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
+from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+from torchao.float8.float8_training_tensor import GemmInputRole
+
+
+class _WeightCastBefore(torch.autograd.Function):
+    """The weight as torchao's matmul takes it (transposed), already cast to float8; the
+    matmul's gradient for it goes back to the fp32 weight."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, weight_fp8: torch.Tensor) -> torch.Tensor:
+        return weight_fp8.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.t(), None
+
+
+class Float8LinearCastOnce(Float8Linear):
+    """torchao's Float8Linear that reads its weight's float8 cast from `weight_fp8` (a
+    non-persistent buffer: not in checkpoints) while cast_weights_once holds one, and casts as
+    Float8Linear does otherwise."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_fp8", None, persistent=False)
+
+    def cast_weight(self) -> torch.Tensor:
+        """The weight in float8, cast as Float8Linear.forward casts it (tensorwise)."""
+        c = self.config.cast_config_weight
+        return hp_tensor_to_float8_dynamic(
+            self.weight.detach(),
+            c.target_dtype,
+            self.linear_mm_config,
+            gemm_input_role=GemmInputRole.WEIGHT,
+            scaling_granularity=c.scaling_granularity,
+            round_scales_to_power_of_2=self.config.round_scales_to_power_of_2,
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.weight_fp8 is None:
+            return super().forward(input)
+        if torch.is_autocast_enabled():  # Float8Linear.forward's rule for the input
+            input = input.to(torch.get_autocast_dtype("cuda"))
+        weight_t = _WeightCastBefore.apply(self.weight, self.weight_fp8)
+        output = matmul_with_hp_or_float8_args.apply(
+            input, weight_t, self.linear_mm_config, self.config
+        )
+        if self.bias is not None:
+            output = output + self.bias.to(output.dtype)
+        return output
+
+
+@contextlib.contextmanager
+def cast_weights_once(module: nn.Module) -> Iterator[int]:
+    """Cast the weight of each Float8LinearCastOnce in `module` to float8 once, for the
+    forwards and backwards run inside (one optimizer step's micro-batches); the casts are
+    dropped on the way out, so nothing reads a weight cast before the next update. Yields how
+    many weights it cast."""
+    layers = [m for m in module.modules() if isinstance(m, Float8LinearCastOnce)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight_fp8 = layer.cast_weight()
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.weight_fp8 = None
+
+
+def cast_once_linears(model: nn.Module) -> list[str]:
+    """Replace each torchao Float8Linear in `model` by a Float8LinearCastOnce with the same
+    weight Parameter and config; returns their names."""
+    names = [name for name, m in model.named_modules() if type(m) is Float8Linear]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        setattr(parent, child, Float8LinearCastOnce.from_float(old, old.config))
+    return names
