@@ -272,6 +272,44 @@ def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch
     assert torch.equal(got[3], want_logits)
 
 
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+         and importlib.util.find_spec("torchao") is not None),
+    reason="needs torchao and a GPU with compute capability >= 8.9",
+)  # fmt: skip
+def test_weights_cast_once_train_as_torchao_compiled_on_gpu():
+    """On the GPU, through parallelize with compiled blocks and the float8 output layer (the
+    benchmark's setting): 4 steps of 2 micro-batches with train.fp8_weight_cache track those
+    without it (the casts run eagerly, not fused into the blocks: fp32 rounding apart), and
+    after the first steps nothing compiles again (the cast weights are new tensors each step)."""
+    from toolkit.distributed import ParallelEnv
+    from toolkit.parallel.parallelize import parallelize
+    from toolkit.parallel.runtime import clip_and_step
+
+    env = ParallelEnv(0, 1, 0, CUDA, tp=1, pp=1, dp=1)
+    tokens = torch.randint(0, 256, (2, 65), device=CUDA)
+    runs = []
+    for once in (False, True):
+        train = {"steps": 4, "device": "cuda", "precision": "fp8", "fp8_engine": "torchao",
+                 "fp8_layers": "all", "compile": True, "micro_batch_size": 1,
+                 "global_batch_size": 2, "fp8_weight_cache": once}  # fmt: skip
+        r = recipe_from_dict({"model": FP8_MODEL, "train": train})
+        torch.manual_seed(0)
+        model = build_model(r, ByteTokenizer(), CUDA)
+        parallel = parallelize(model, r, env)
+        params = list(parallel.module.parameters())
+        losses, compiled = [], []
+        for _ in range(4):
+            losses.append(float(parallel.run_step(tokens[:, :-1], tokens[:, 1:])))
+            clip_and_step(parallel.optimizer, params, 1.0, env)
+            parallel.optimizer.zero_grad(set_to_none=True)
+            compiled.append(torch._dynamo.utils.counters["frames"]["ok"])
+        assert compiled[-1] == compiled[1], compiled  # no compiles after the second step
+        runs.append(losses)
+    torch.testing.assert_close(runs[1], runs[0], rtol=2e-3, atol=0)
+    assert runs[1][-1] < runs[1][0]
+
+
 def test_weight_cache_is_refused_where_it_cannot_run():
     """train.fp8_weight_cache casts tensorwise weights through torchao: rowwise scaling or
     Transformer Engine named in the recipe are recipe errors; apply_fp8 refuses the same."""
