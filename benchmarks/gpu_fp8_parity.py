@@ -10,7 +10,8 @@ Model and data: gpu_parity.py's small hybrid (the 800M's block shapes, 6 blocks,
    initial weights in bf16 autocast, torchao float8 (tensorwise), Transformer Engine FP8 with
    current scaling (train.fp8_recipe='tensorwise') and with delayed scaling ('delayed'), and with
    current scaling and the pre-norms fused into te.LayerNormLinear (train.te_fused_norm), and
-   torchao's with every block and the output layer in float8 (train.fp8_layers='all'); each
+   torchao's with every block and the output layer in float8 (train.fp8_layers='all'), and that
+   with each weight cast once a step (train.fp8_weight_cache: the same curve expected); each
    FP8 curve's mean and max |loss - bf16 loss|. The yardstick is a second bf16 run from weights
    perturbed by 1e-4 relative (what bf16 training itself wanders by) and torchao's difference (the
    FP8 path already in use). Pass for an engine: mean |diff| <= max(2 x torchao's mean, 2 x the
@@ -25,6 +26,7 @@ Exit status 0 when everything that ran passes, 1 otherwise (2: no CUDA device).
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from benchmarks.gpu_parity import BATCH, MODEL, SEQ, VOCAB, batches  # noqa: E40
 from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint  # noqa: E402
 from toolkit.checkpoint import RankView, restore  # noqa: E402
 from toolkit.config import TrainConfig, recipe_from_dict  # noqa: E402
+from toolkit.fp8_weight_cache import cast_weights_once  # noqa: E402
 from toolkit.optim import build_optimizer  # noqa: E402
 from toolkit.parallel.runtime import cross_entropy  # noqa: E402
 from toolkit.precision import _te_imports, apply_fp8, autocast_context  # noqa: E402
@@ -53,6 +56,7 @@ RUNS = {
     "te_delayed": ("fp8", "transformer_engine", "delayed"),
     "te_current_fused_norm": ("fp8", "transformer_engine", "tensorwise"),  # train.te_fused_norm
     "torchao_tensorwise_all": ("fp8", "torchao", "tensorwise"),  # train.fp8_layers='all'
+    "torchao_tensorwise_all_cache": ("fp8", "torchao", "tensorwise"),  # + train.fp8_weight_cache
 }
 
 
@@ -78,13 +82,14 @@ def build(
     fp8_recipe: str,
     fuse_norms: bool = False,
     layers: str = "inner",
+    cast_once: bool = False,
 ):
     model = build_model(recipe, ByteTokenizer(), CUDA)
     model.load_state_dict(state)
     if engine is not None:
         engine, _ = apply_fp8(
             model, device=CUDA, engine=engine, recipe=fp8_recipe, fuse_norms=fuse_norms,
-            layers=layers,
+            layers=layers, cast_weights_once=cast_once,
         )  # fmt: skip
     return model, engine
 
@@ -97,14 +102,17 @@ def loss_of(model, tokens, precision, engine, fp8_recipe) -> torch.Tensor:
 
 
 def curve(
-    recipe, state, data, precision, engine, fp8_recipe, fuse_norms=False, layers="inner"
-) -> tuple[list[float], object]:
-    model, engine = build(recipe, state, engine, fp8_recipe, fuse_norms, layers)
+    recipe, state, data, precision, engine, fp8_recipe, fuse_norms=False, layers="inner",
+    cast_once=False,
+) -> tuple[list[float], object]:  # fmt: skip
+    model, engine = build(recipe, state, engine, fp8_recipe, fuse_norms, layers, cast_once)
     opt = build_optimizer(model, TrainConfig(steps=len(data), lr=3e-4, weight_decay=0.1))
     losses = []
     for tokens in data:
-        loss = loss_of(model, tokens, precision, engine, fp8_recipe)
-        loss.backward()
+        # train.fp8_weight_cache: the weights cast once for the step's forward and backward
+        with cast_weights_once(model) if cast_once else contextlib.nullcontext():
+            loss = loss_of(model, tokens, precision, engine, fp8_recipe)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -210,10 +218,11 @@ def main() -> int:
             continue
         state = perturbed if label == "bf16_perturbed" else init
         fuse = label.endswith("_fused_norm")
-        layers = "all" if label.endswith("_all") else "inner"
+        layers = "all" if "_all" in label else "inner"
         curves[label], model = curve(
-            recipe, state, data, precision, engine, fp8_recipe, fuse, layers
-        )
+            recipe, state, data, precision, engine, fp8_recipe, fuse, layers,
+            cast_once=label.endswith("_cache"),
+        )  # fmt: skip
         if label == "te_current":
             te_model = model
         print(f"{label:20} first {curves[label][0]:.4f} last {curves[label][-1]:.4f}")
@@ -227,7 +236,7 @@ def main() -> int:
     yard = max(2 * diffs["torchao_tensorwise"]["mean_abs_diff"],
                2 * diffs["bf16_perturbed"]["mean_abs_diff"], 0.02)  # fmt: skip
     for label in ("torchao_tensorwise", "te_current", "te_delayed", "te_current_fused_norm",
-                  "torchao_tensorwise_all"):  # fmt: skip
+                  "torchao_tensorwise_all", "torchao_tensorwise_all_cache"):  # fmt: skip
         if label in diffs:
             x = diffs[label]
             x["pass"] = (
@@ -240,6 +249,11 @@ def main() -> int:
         print(f"{label:20} vs bf16: mean |diff| {x['mean_abs_diff']:.4f}, max "
               f"{x['max_abs_diff']:.4f}{'' if 'pass' not in x else ' pass' if x['pass'] else ' FAIL'}")  # fmt: skip
     print(f"tolerance on the mean |diff|: {yard:.4f} nats")
+    pair = ("torchao_tensorwise_all", "torchao_tensorwise_all_cache")
+    if set(pair) <= set(curves):  # the same casts, made once a step: the same curve
+        same = max(abs(a - b) for a, b in zip(curves[pair[0]], curves[pair[1]]))
+        result["weight_cache_max_abs_diff"] = same
+        print(f"weights cast once a step against every time ('all'): max |diff| {same:.2e}")
     ok = all(x.get("pass", True) for x in diffs.values())
     if te_model is not None:
         result["checkpoints"] = checkpoints(recipe, te_model, init, tmp, yard * 2)
