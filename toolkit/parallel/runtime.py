@@ -5,7 +5,7 @@ The transforms that make the model parallel are applied in parallelize.py.
 
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -136,7 +136,7 @@ class StepRunner:
         step_context: Callable[[torch.nn.Module], AbstractContextManager] | None = None,
     ) -> None:
         self.env, self.loss_fn, self.autocast = env, loss_fn, autocast
-        self.step_context = step_context
+        self.step_context = step_context or nullcontext
         self.micro_batch_size, self.micro_batches = micro_batch_size, micro_batches
         self.module: torch.nn.Module = model
         self.schedule = None
@@ -157,11 +157,8 @@ class StepRunner:
         ]
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.step_context is None:
+        with self.step_context(self.module):
             loss = self._forward_backward(inputs, labels)
-        else:
-            with self.step_context(self.module):
-                loss = self._forward_backward(inputs, labels)
         if self.sequence_parallel:
             reduce_sequence_parallel_grads(self.sequence_parallel, self.env.group("tp"))
         return loss
