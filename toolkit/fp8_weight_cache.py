@@ -95,8 +95,6 @@ def cast_once_linears(model: nn.Module) -> list[str]:
     weight Parameter and config; returns their names."""
     names = [name for name, m in model.named_modules() if type(m) is Float8Linear]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        setattr(parent, child, Float8LinearCastOnce.from_float(old, old.config))
+        old = model.get_submodule(name)
+        model.set_submodule(name, Float8LinearCastOnce.from_float(old, old.config))
     return names
