@@ -139,12 +139,13 @@ def apply_fp8(
     cast_weights_once: bool = False,
 ) -> tuple[Engine, list[str]]:
     """Swap the linears that fp8_filter(model, `layers`) chooses for float8 training ones, in
-    place. Returns the engine and the converted module names. `engine` None or 'auto': fp8_engine(compiled), `compiled` saying
-    whether the blocks will be compiled. `check_device=False` converts on any device (tests: the
-    module tree converts on CPUs; the float8 matmuls do not run there). `fuse_norms` (Transformer
-    Engine only; callers pass it at TP=1, see fuse_te_norms): each converted block's pre-norm
-    runs inside its first linear. `cast_weights_once` (torchao, tensorwise: train.fp8_weight_cache):
-    the linears take their float8 weights from toolkit.fp8_weight_cache.cast_weights_once."""
+    place. Returns the engine and the converted module names. `engine` None or 'auto':
+    fp8_engine(compiled), `compiled` saying whether the blocks will be compiled.
+    `check_device=False` converts on any device (tests: the module tree converts on CPUs; the
+    float8 matmuls do not run there). `fuse_norms` (Transformer Engine only; callers pass it at
+    TP=1, see fuse_te_norms): each converted block's pre-norm runs inside its first linear.
+    `cast_weights_once` (torchao, tensorwise: train.fp8_weight_cache): the linears take their
+    float8 weights from toolkit.fp8_weight_cache.cast_weights_once."""
     if check_device:
         check_fp8_device(device)
     engine = _resolve_engine(engine, compiled)
