@@ -134,9 +134,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     elif p.stem == "opt_step":
         ms, rel = r["ms"], r["params_rel_l2_after"]
         print(f"opt_step ({r['parameters'] / 1e6:.0f}M; grads in + clip + AdamW): torch fused "
-              f"{ms['torch']:.2f} ms (clipped in place {ms['torch_clip_in_place']:.2f}), flat "
-              f"{ms['flat']:.2f}, flat views {ms['flat_views']:.2f}; params rel L2 vs torch "
-              f"{rel['flat']:.1e} / {rel['flat_views']:.1e} / {rel['torch_clip_in_place']:.1e}")
+              f"{ms['torch']:.2f} ms, flat {ms['flat']:.2f}, flat views {ms['flat_views']:.2f}; "
+              f"params rel L2 vs torch {rel['flat']:.1e} / {rel['flat_views']:.1e}")
     elif "error" in r:
         print(f"{p.stem:32} error: {r['error']}")
     else:

@@ -17,12 +17,11 @@ from toolkit.config import RecipeError, TrainConfig
 from toolkit.distributed import ParallelEnv
 from toolkit.flat_adamw import FlatAdamW, adamw_update_, check_flat_params
 from toolkit.model import HybridLM
-from toolkit.optim import FusedAdamW, build_optimizer, parameter_groups
+from toolkit.optim import build_optimizer
 from toolkit.parallel.runtime import clip_and_step, clip_grad_norm
 
 ENV = ParallelEnv(0, 1, 0, torch.device("cpu"), tp=1, pp=1, dp=1)
 MAX_NORM = 0.25  # below these gradients' norms at every step (0.41 and up): clipping is active
-ADAM_ARGS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
 
 def batches(n: int, micro_batches: int = 2) -> list[list[torch.Tensor]]:
@@ -101,37 +100,6 @@ def test_the_clip_folded_into_the_flat_update_trains_as_clipping_in_place(to_non
     assert min(norms) > MAX_NORM  # the clip is active at every step: the coefficient matters
     assert folded == norms  # the logged norm: before clipping, as in place
     assert_same(model, optimizer, flat_model, flat_optimizer)
-
-
-def test_torchs_fused_adamw_takes_the_clip_into_its_kernel():
-    """FusedAdamW (build_optimizer's on GPUs; torch's fused kernel runs on CPUs too): clipped by
-    clip_and_step through the kernel's grad_scale, it trains as torch's fused AdamW clipped in
-    place, within fp32 rounding (a division by the reciprocal); the kernel writes the clipped
-    gradients back, as clipping in place leaves them."""
-    runs = []
-    for folding in (False, True):
-        model = full_model(kernels="reference")
-        groups = parameter_groups(model, 0.1)
-        if folding:
-            optimizer = FusedAdamW(groups, **ADAM_ARGS)
-        else:
-            optimizer = torch.optim.AdamW(groups, **ADAM_ARGS, fused=True)
-        assert getattr(optimizer, "folds_grad_scale", False) == folding
-        runs.append((model, optimizer, train(model, optimizer, batches(3), fold=True)))
-    (reference, _, norms), (model, optimizer, folded) = runs
-    assert min(norms) > MAX_NORM  # the coefficient matters at every step
-    assert folded == pytest.approx(norms, rel=1e-5)
-    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
-    params = list(model.parameters())
-    for tokens in batches(1)[0]:
-        model(tokens[:, :-1])[..., :VOCAB].logsumexp(-1).mean().backward()
-    raw = [p.grad.clone() for p in params]
-    norm = clip_and_step(optimizer, params, MAX_NORM, ENV)
-    assert norm > MAX_NORM
-    for p, g in zip(params, raw):
-        torch.testing.assert_close(p.grad, g * (MAX_NORM / (norm + 1e-6)), rtol=1e-6, atol=0)
-    assert not hasattr(optimizer, "grad_scale")  # no coefficient left for a later step
 
 
 def gradients_and_optimizers(scale: float) -> tuple[list[list[torch.Tensor]], list[object]]:
@@ -280,12 +248,11 @@ def test_the_optimizer_benchmark_runs_both_and_they_agree(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert set(result["ms"]) == {"torch", "flat", "flat_views", "flat_clip_in_place",
-                                 "torch_clip_in_place"}  # fmt: skip
+    assert set(result["ms"]) == {"torch", "flat", "flat_views", "flat_clip_in_place"}
     assert result["grad_norm"] > result["grad_clip"] == 0.01
     # The CPU runs the same ops: bit for bit, whichever way the gradients come in and whether
     # the clip is folded into the update or not.
-    want = {"flat": 0.0, "flat_views": 0.0, "flat_clip_in_place": 0.0, "torch_clip_in_place": 0.0}
+    want = {"flat": 0.0, "flat_views": 0.0, "flat_clip_in_place": 0.0}
     assert result["params_rel_l2_after"] == want
     assert "gradients in + clip + AdamW" in proc.stdout
 
@@ -293,15 +260,14 @@ def test_the_optimizer_benchmark_runs_both_and_they_agree(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_compiled_gpu_update_tracks_torchs_fused_adamw():
     # On CUDA the update is one compiled kernel against torch's fused one: fp32 rounding apart.
-    # Clipped as the trainer does: the coefficient folded into either kernel (FusedAdamW's
-    # grad_scale, the flat one's multiplier; the norm fetched through pinned memory while the
-    # update runs).
+    # Clipped as the trainer does: in place for torch's, folded into the kernel for the flat one
+    # (its norm fetched through pinned memory while the update runs).
     models, norms = [], []
     for flat in (False, True):
         model = full_model(kernels="reference").cuda()
         cfg = TrainConfig(steps=4, flat_optimizer=flat, weight_decay=0.1)
         optimizer = build_optimizer(model, cfg)
-        assert isinstance(optimizer, FlatAdamW if flat else FusedAdamW)
+        assert isinstance(optimizer, FlatAdamW) == flat
         steps = [[t.cuda() for t in micro] for micro in batches(4)]
         norms.append(train(model, optimizer, steps, fold=True))
         models.append(model)

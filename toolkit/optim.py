@@ -25,47 +25,20 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-class FusedAdamW(torch.optim.AdamW):
-    """torch's fused AdamW (one kernel a step) that takes the clip coefficient into that kernel:
-    clip_and_step hands it over (`folds_grad_scale`) instead of scaling the gradients in place
-    first, a pass that reads and writes every gradient (11.8 ms of a 259 ms step at the 8B's
-    shapes on an H200) after a host sync on the norm. The kernel divides the gradients by its
-    `grad_scale` (the tensor torch's GradScaler sets for unscaling: here the coefficient's
-    reciprocal) and writes them back, so the update and the gradients left match clipping in
-    place up to fp32 rounding. State and checkpoints are torch's AdamW's."""
-
-    folds_grad_scale = True
-
-    def __init__(self, params: list[dict], **kwargs: object) -> None:
-        super().__init__(params, **kwargs, fused=True)
-
-    @torch.no_grad()
-    def step(self, closure: None = None, grad_scale: torch.Tensor | None = None) -> None:
-        """One update; `grad_scale`: the clip coefficient, a 0-dim tensor on the device."""
-        if grad_scale is None:
-            super().step(closure)
-            return
-        self.grad_scale = (1.0 / grad_scale).to(torch.float32)  # read by the fused kernel
-        try:
-            super().step(closure)
-        finally:
-            del self.grad_scale
-
-
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, shard_over: dist.ProcessGroup | None = None
 ) -> torch.optim.Optimizer | FlatAdamW | ShardedOptimizer:
-    """AdamW (on GPUs FusedAdamW; train.flat_optimizer: over flat buffers, toolkit.flat_adamw);
-    with `shard_over` (the DP group), each rank holds only its share of the state."""
+    """AdamW (train.flat_optimizer: over flat buffers, toolkit.flat_adamw); with `shard_over`
+    (the DP group), each rank holds only its share of the state."""
 
     def adamw(groups: list[dict]) -> torch.optim.Optimizer | FlatAdamW:
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         if cfg.flat_optimizer:
             return FlatAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
         # On GPUs one fused kernel per step instead of a dozen multi-tensor passes.
-        if all(p.is_cuda for g in groups for p in g["params"]):
-            return FusedAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, foreach=True)
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        kind = {"fused": True} if fused else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, **kind)
 
     groups = parameter_groups(model, cfg.weight_decay)
     return adamw(groups) if shard_over is None else ShardedOptimizer(groups, adamw, shard_over)

@@ -80,13 +80,11 @@ def clip_and_step(
 ) -> float:
     """The trainer's clipping and update: the global gradient norm (returned, before clipping),
     gradients scaled so it is at most max_norm, optimizer.step(). An optimizer that folds the
-    scale into its update (`folds_grad_scale`: train.flat_optimizer's, or on GPUs torch's fused
-    AdamW, toolkit.optim.FusedAdamW) gets the coefficient as a 0-dim device tensor, so the
-    gradients are not scaled in a pass of their own and the update is queued without waiting
-    for the norm; any other gets them scaled in place first (clip_grad_norm). The flat
-    one scales by the same fp32 coefficient (the same numbers), the fused one divides by its
-    reciprocal (fp32 rounding). `fold=False` scales in place whatever the optimizer (to compare
-    the two)."""
+    scale into its update (`folds_grad_scale`: train.flat_optimizer) gets the coefficient as a
+    0-dim device tensor, so the gradients are read by the norm and the update only, and the
+    update is queued without waiting for the norm; any other gets them scaled in place first
+    (clip_grad_norm). Both scale by the same fp32 coefficient: the same numbers. `fold=False`
+    scales in place whatever the optimizer (to compare the two)."""
     if not (fold and getattr(optimizer, "folds_grad_scale", False)):
         total = clip_grad_norm(params, max_norm, env)
         optimizer.step()

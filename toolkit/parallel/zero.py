@@ -60,7 +60,7 @@ class ShardedOptimizer:
 
     @property
     def folds_grad_scale(self) -> bool:
-        """Whether step takes the clip coefficient (the inner optimizer folds it in)."""
+        """Whether step takes the clip coefficient (the inner optimizer is a flat one)."""
         return getattr(self.inner, "folds_grad_scale", False)
 
     @torch.no_grad()
