@@ -158,7 +158,9 @@ class TrainConfig:
     fp8_weight_cache: bool = opt(
         False,
         "with precision='fp8' through torchao, tensorwise: cast each float8 weight once per "
-        "optimizer step, not in every micro-batch's forward and backward; the same numbers",
+        "optimizer step, not in every micro-batch's forward and backward; the same numbers. "
+        "Pays where a step accumulates micro-batches (8B's shapes on an H200: 8 a step 1.04x, "
+        "1 a step 0.97x) for ~1 byte a float8 weight of memory",
     )
     te_fused_norm: bool = opt(
         False,
