@@ -9,6 +9,9 @@
 #              one beside bf16: bf16 GEMMs against FP8 scaled_mm, amax reductions, scales, casts,
 #              the rest (SSD, conv, norms, attention, optimizer, cross-entropy), gaps.
 #   fp8_all    fp8 with every block and the output layer in float8 (train.fp8_layers='all').
+#   bf16_gb2, fp8_all_cache_gb2  bf16, and fp8_all with each float8 weight cast once a step
+#              (train.fp8_weight_cache), at 2 micro-batches a step: the traced step holds the
+#              once-a-step cast and two micro-batches' casts of activations and gradients.
 #   prefill    the 8B hybrid's first token after a 32,768-token prompt (random weights, batch 1,
 #              benchmarks/prefill_profile.py): matmuls with their TFLOP/s, SSD, attention, conv.
 # Brings back (at most 8 files, no raw traces: they are 100s of MB): summary.txt (set-up, step
@@ -17,6 +20,7 @@
 # trace_summary.py reads back, to re-sum on a laptop), prefill.json.
 # From the repository root, with .dev/ and .whl/ carried; parts by name (default all four):
 #     OUT=/some/dir bash benchmarks/gpu_profile_fp8.sh [bf16] [fp8] [fp8_all] [prefill]
+#       [bf16_gb2] [fp8_all_cache_gb2]
 # Each part is skipped once GPU_PROFILE_BUDGET_S (default 540 s, counted from the start) would
 # be passed.
 set -u
@@ -57,7 +61,8 @@ run() {  # name timeout_s command...: fails when not asked for or past the budge
 }
 
 train_part() {  # name timeout_s [overrides...]: a traced run, its log's tail and trace summary
-  local name=$1 limit=$2; shift 2
+  # (MICRO=N before the call: N micro-batches in the traced step, for its matmul FLOPs)
+  local name=$1 limit=$2 flops=${FLOPS:+$((FLOPS * ${MICRO:-1}))}; shift 2
   run "$name" "$limit" "${TRAIN[@]}" --set "logging.dir=\"$W/tb_$name\"" "$@" || return
   grep -E "step [0-9]+/6 " "$W/$name.log" | sed "s/^/$name: /" | tee -a "$SUMMARY"
   local trace
@@ -65,7 +70,7 @@ train_part() {  # name timeout_s [overrides...]: a traced run, its log's tail an
   { tail -25 "$W/$name.log"; echo; } > "$OUT/$name.txt"
   if [ -n "$trace" ]; then
     say "$name trace: $(du -m "$trace" | cut -f1) MB"
-    python3 benchmarks/trace_summary.py "$trace" --top 40 ${FLOPS:+--flops "$FLOPS"} \
+    python3 benchmarks/trace_summary.py "$trace" --top 40 ${flops:+--flops "$flops"} \
       --json-out "$OUT/kernels_$name.json" >> "$OUT/$name.txt" 2>&1
   else
     say "$name: no trace written"
@@ -89,12 +94,18 @@ say "matmul FLOPs per step: ${FLOPS:-unknown ($(tail -1 "$W/flops.log"))}"
 train_part bf16 170
 train_part fp8 200 "${AO[@]}"
 train_part fp8_all 200 "${AO[@]}" --set 'train.fp8_layers="all"'
-for fp8 in fp8 fp8_all; do
-  if [ -s "$OUT/kernels_bf16.json" ] && [ -s "$OUT/kernels_$fp8.json" ]; then
+GB2=(--set train.global_batch_size=2)
+MICRO=2 train_part bf16_gb2 170 "${GB2[@]}"
+MICRO=2 train_part fp8_all_cache_gb2 200 "${GB2[@]}" "${AO[@]}" --set 'train.fp8_layers="all"' \
+  --set train.fp8_weight_cache=true
+for pair in bf16:fp8:1 bf16:fp8_all:1 bf16_gb2:fp8_all_cache_gb2:2; do
+  IFS=: read -r base fp8 micro <<< "$pair"
+  if [ -s "$OUT/kernels_$base.json" ] && [ -s "$OUT/kernels_$fp8.json" ]; then
     say ""
-    say "== bf16 vs torchao FP8 (tensorwise, $fp8), one traced step each =="
-    python3 benchmarks/trace_summary.py "$OUT/kernels_bf16.json" --vs "$OUT/kernels_$fp8.json" \
-      --labels "bf16,$fp8" --top 25 ${FLOPS:+--flops "$FLOPS"} 2>&1 | tee -a "$SUMMARY"
+    say "== $base vs torchao FP8 (tensorwise, $fp8), one traced step each =="
+    python3 benchmarks/trace_summary.py "$OUT/kernels_$base.json" --vs "$OUT/kernels_$fp8.json" \
+      --labels "$base,$fp8" --top 25 ${FLOPS:+--flops "$((FLOPS * micro))"} 2>&1 |
+      tee -a "$SUMMARY"
   fi
 done
 
