@@ -67,6 +67,30 @@ def test_resume_gives_the_same_next_step_loss(tmp_path):
         assert resumed.losses[step] == full.losses[step], (step, resumed.losses, full.losses)
 
 
+def test_checkpoint_enabled_writes_and_checkpoint_resume_reads(tmp_path):
+    """The two keys are independent: checkpoint.enabled=false writes nothing but still resumes
+    from what checkpoint.dir holds; with checkpoint.resume=false as well the run starts fresh
+    (not refused: it cannot overwrite the checkpoints it does not write)."""
+    first = train(make_recipe(tmp_path, RANDOM_TEXT, steps=3, decay_steps=5))
+    written = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+
+    reader = make_recipe(tmp_path, RANDOM_TEXT, steps=5)
+    reader.checkpoint.enabled = False
+    resumed = train(reader)
+    assert sorted(resumed.losses) == [4, 5] and resumed.checkpoint is None
+
+    reader.checkpoint.resume = False
+    fresh = train(reader)
+    assert sorted(fresh.losses) == [1, 2, 3, 4, 5]
+    assert [fresh.losses[s] for s in (1, 2, 3)] == [first.losses[s] for s in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == written
+
+    writer = make_recipe(tmp_path, RANDOM_TEXT, steps=5)
+    writer.checkpoint.resume = False
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(writer)
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     train(make_recipe(tmp_path, RANDOM_TEXT, steps=1))
     other = make_recipe(tmp_path, RANDOM_TEXT, steps=2)

@@ -69,11 +69,12 @@ def resume_training(
     """Restore the newest intact checkpoint in checkpoint.dir (this rank's share of it), passing
     over damaged ones as checkpoint.on_corrupt says. Returns (step, consumed samples): (0, 0)
     for a fresh run. Collective. RecipeError for a checkpoint of another [model], or for
-    checkpoints found when checkpoint.resume is false; CheckpointError when none can be resumed."""
+    checkpoints found when checkpoint.resume is false in a run that writes checkpoints (it
+    would overwrite theirs); CheckpointError when none can be resumed."""
     ckpt = recipe.checkpoint
     if not ckpt.resume:
         newest = store.list_checkpoints(ckpt.dir)
-        if newest:
+        if newest and ckpt.enabled:
             raise RecipeError(
                 f"checkpoint.dir={ckpt.dir} already holds checkpoints (latest {newest[-1].name}) "
                 "and checkpoint.resume is false: choose another checkpoint.dir, or resume"

@@ -28,7 +28,11 @@ class ParallelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
-    enabled: bool = opt(True, "write checkpoints (false for benchmarks and throwaway runs)")
+    enabled: bool = opt(
+        True,
+        "write checkpoints (false for benchmarks and throwaway runs; checkpoint.resume still "
+        "reads checkpoint.dir: with both false the run starts fresh whatever the dir holds)",
+    )
     dir: str = opt("runs/default/checkpoints", "where checkpoints go")
     interval: int = opt(0, "save every N steps (0: only at the end)")
     keep_last: int = opt(2, "how many published checkpoints to keep (0: all)")
