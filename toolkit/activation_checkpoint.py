@@ -64,6 +64,11 @@ def apply_ac(model: nn.Module, spec: Any, fp8_engine: str | None = None) -> list
     return chosen
 
 
+def compile_options(mode: str) -> dict[str, str | None]:
+    """torch.compile's keyword for train.compile_mode ('default': torch's own default)."""
+    return {"mode": None if mode == "default" else mode}
+
+
 def apply_compile(
     model: nn.Module, spec: Any, *, mode: str = "default", scope: str = "block"
 ) -> list[int]:
@@ -76,7 +81,7 @@ def apply_compile(
     residual add fuses with the next block's norm and fewer kernels run between graphs; longer
     to compile, and only where the model runs as a whole (not a pipeline stage)."""
     kinds, chosen = selected_kinds(spec), []
-    options = {"mode": None if mode == "default" else mode}
+    options = compile_options(mode)
     if scope == "model" and kinds:
         model.compile(**options)  # in place: same module, same parameter names
         chosen = list(range(len(model.layers)))

@@ -29,7 +29,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from toolkit.activation_checkpoint import apply_ac, apply_compile, selected_kinds
+from toolkit.activation_checkpoint import apply_ac, apply_compile, compile_options, selected_kinds
 from toolkit.config import Recipe, TrainConfig
 from toolkit.distributed import ParallelEnv
 from toolkit.model import HybridLM
@@ -100,7 +100,7 @@ def compile_fp8_output_layer(model: HybridLM, cfg: TrainConfig) -> bool:
         return False
     if cfg.compile_scope == "model" or type(model.output_layer) is nn.Linear:
         return False  # inside the whole model's region already; or left bf16 (odd widths)
-    model.output_layer.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    model.output_layer.compile(**compile_options(cfg.compile_mode))
     return True
 
 
