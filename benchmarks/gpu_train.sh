@@ -18,6 +18,10 @@
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_compile 8b28l_bf16_compile_gb8
 #       8b28l_fp8_compile_gb8 8b28l_fp8_all_compile 8b28l_fp8_all_compile_gb8 bf16_compile_mbs8_gb32
 #       fp8_compile_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
+# The compiled blocks as CUDA graphs, each beside the same without (issue 21's gaps):
+#     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_cudagraphs_gb8
+#       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_cache_cudagraphs_gb8 bf16_compile_mbs8
+#       bf16_cudagraphs_mbs8" OUT=$OUT bash benchmarks/gpu_train.sh
 # FP8 with the weights cast once per update, beside the same without (~5 minutes, cold caches):
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_fp8_all_compile_gb8
 #       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_compile 8b28l_fp8_all_cache_compile"
@@ -119,6 +123,17 @@ t8b 8b28l_fp8_all_cache_compile_gb8 200 28 --accumulate 8 --set 'train.precision
 tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
 tp fp8_compile_mbs8_gb32 200 8 --accumulate 4 --set 'train.precision="fp8"' \
   --set train.compile=true
+# The gaps between kernels (9.6 ms of a bf16 micro-batch at the 8B's shapes, 15.2 in FP8 'all';
+# ~10 ms of the 800M's step): the compiled blocks replayed as CUDA graphs (Inductor's cudagraph
+# trees, TORCHINDUCTOR_CUDAGRAPHS=1; no recipe key until it pays). Against the runs above in
+# the same call; the last loss and grad norm in the summary show whether the accumulated
+# gradients survive the graphs' memory reuse (same data and seed: they should match).
+TORCHINDUCTOR_CUDAGRAPHS=1 t8b 8b28l_bf16_cudagraphs_gb8 240 28 --accumulate 8 \
+  --set train.compile=true
+TORCHINDUCTOR_CUDAGRAPHS=1 t8b 8b28l_fp8_all_cache_cudagraphs_gb8 240 28 --accumulate 8 \
+  --set 'train.precision="fp8"' --set train.compile=true --set 'train.fp8_layers="all"' \
+  --set train.fp8_weight_cache=true
+TORCHINDUCTOR_CUDAGRAPHS=1 tp bf16_cudagraphs_mbs8 240 8 --set train.compile=true
 
 python3 - "$W" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys
@@ -143,7 +158,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         print(f"{p.stem:32} {r['tokens_per_s']:9.0f} {r['step_time_s']*1e3:8.1f} "
               f"{r['tflops_per_gpu']:8.1f} {mfu:>6} {r['mfu_of_measured_bf16']:8.1%} "
               f"{r['peak_memory_gb']:6.1f}  fp8={r['fp8_engine']} fused={r['mamba_fused']} "
-              f"bf16 matmul {r['measured_matmul_tflops']['bf16']:.0f}")
+              f"bf16 matmul {r['measured_matmul_tflops']['bf16']:.0f} last loss "
+              f"{r['losses'][-1]:.4f} grad norm {r['grad_norms'][-1]:.4f}")
 EOF
 cat "$OUT/summary.txt"
 tar czf "$OUT/runs.tar.gz" -C "$W" .
