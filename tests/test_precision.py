@@ -272,6 +272,30 @@ def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch
     assert torch.equal(got[3], want_logits)
 
 
+@needs_torchao
+def test_the_compiled_weight_cast_gives_torchaos_bits():
+    """train.fp8_weight_cache casts through a compiled cast on CUDA (one graph for every weight
+    shape): the same float8 bits and scale as torchao's eager cast, on two shapes."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    from toolkit.fp8_weight_cache import Float8LinearCastOnce, cast_once_linears
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48, bias=False), nn.Linear(48, 32, bias=False))
+    config = Float8LinearConfig.from_recipe_name("tensorwise")
+    assert cast_once_linears(convert_to_float8_training(model, config=config)) == ["0", "1"]
+    torch._dynamo.reset()  # compiled afresh here, whatever ran before
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for layer in model:
+        assert isinstance(layer, Float8LinearCastOnce)
+        with torch.no_grad():
+            eager, compiled = layer.cast_weight(compiled=False), layer.cast_weight(compiled=True)
+        assert compiled._data.dtype == eager._data.dtype == torch.float8_e4m3fn
+        assert torch.equal(compiled._data.view(torch.uint8), eager._data.view(torch.uint8))
+        assert torch.equal(compiled._scale, eager._scale)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # both shapes
+
+
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
          and importlib.util.find_spec("torchao") is not None),
@@ -280,7 +304,7 @@ def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch
 def test_weights_cast_once_train_as_torchao_compiled_on_gpu():
     """On the GPU, through parallelize with compiled blocks and the float8 output layer (the
     benchmark's setting): 4 steps of 2 micro-batches with train.fp8_weight_cache track those
-    without it (the casts run eagerly, not fused into the blocks: fp32 rounding apart), and
+    without it (the casts compiled apart, not fused into the blocks: fp32 rounding apart), and
     after the first steps nothing compiles again (the cast weights are new tensors each step)."""
     from toolkit.distributed import ParallelEnv
     from toolkit.parallel.parallelize import parallelize

@@ -16,7 +16,8 @@ values. Rowwise scaling casts the weight differently for its two products: refus
 """
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -38,6 +39,15 @@ class _WeightCastBefore(torch.autograd.Function):
         return grad.t(), None
 
 
+@functools.cache
+def compiled_cast() -> Callable[..., torch.Tensor]:
+    """torchao's cast compiled once for all weight shapes: the amax and the scaled cast fused
+    into two passes over the fp32 weight. Eagerly it runs as several ops of a pass each: ~16 ms
+    a step for the 8B's 4.3B float8 weights on an H200 (inferred from the cache's measured
+    gain at 1 and at 8 micro-batches a step), against ~9 ms for two passes at HBM speed."""
+    return torch.compile(hp_tensor_to_float8_dynamic, fullgraph=True, dynamic=True)
+
+
 class Float8LinearCastOnce(Float8Linear):
     """torchao's Float8Linear that reads its weight's float8 cast from `weight_fp8` (a
     non-persistent buffer: not in checkpoints) while cast_weights_once holds one, and casts as
@@ -47,10 +57,13 @@ class Float8LinearCastOnce(Float8Linear):
         super().__init__(*args, **kwargs)
         self.register_buffer("weight_fp8", None, persistent=False)
 
-    def cast_weight(self) -> torch.Tensor:
-        """The weight in float8, cast as Float8Linear.forward casts it (tensorwise)."""
+    def cast_weight(self, compiled: bool | None = None) -> torch.Tensor:
+        """The weight in float8, cast as Float8Linear.forward casts it (tensorwise); through
+        compiled_cast where `compiled` (default: on CUDA), the same bits."""
         c = self.config.cast_config_weight
-        return hp_tensor_to_float8_dynamic(
+        compiled = self.weight.is_cuda if compiled is None else compiled
+        cast = compiled_cast() if compiled else hp_tensor_to_float8_dynamic
+        return cast(
             self.weight.detach(),
             c.target_dtype,
             self.linear_mm_config,
