@@ -201,18 +201,37 @@ def test_torchao_conversion_keeps_names_and_weights(scaling):
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
 
 
-@needs_torchao
-def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch):
-    """train.fp8_weight_cache: through StepRunner (2 micro-batches a step, 2 steps with AdamW
-    between), each float8 weight is cast once a step, none inside torchao's matmuls, and loss,
-    gradients and weights stay bit for bit those of torchao's casting in every forward and
-    backward; after a step the casts are dropped and an evaluation forward casts as torchao's."""
-    import torchao.float8.float8_linear as float8_linear
-    from torchao.float8.float8_training_tensor import GemmInputRole
-
+def two_micro_batch_steps(model: nn.Module, cast_weights_once: bool) -> object:
+    """StepRunner on the CPU, 2 micro-batches of 1 x 16 tokens a step, bf16 autocast; with
+    `cast_weights_once`, train.fp8_weight_cache's step context."""
     import toolkit.fp8_weight_cache as cache
     from toolkit.distributed import ParallelEnv
     from toolkit.parallel.runtime import StepRunner
+
+    return StepRunner(
+        model, ParallelEnv(0, 1, 0, CPU, tp=1, pp=1, dp=1),
+        partial(cross_entropy, vocab_size=model.vocab_size),
+        micro_batch_size=1, micro_batches=2, seq_length=16,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        logits_dtype=torch.bfloat16,
+        step_context=cache.cast_weights_once if cast_weights_once else None,
+    )  # fmt: skip
+
+
+@needs_torchao
+def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch):
+    """train.fp8_weight_cache: through StepRunner (2 micro-batches a step, 2 steps with AdamW
+    between), each float8 weight is cast once a step, none inside torchao's matmuls, no float8
+    weight is copied into the column-major layout a product takes (torchao's backward copies
+    each), and loss, gradients and weights stay bit for bit those of torchao's casting in every
+    forward and backward; after a step the casts are dropped and an evaluation forward casts as
+    torchao's."""
+    import torchao.float8.float8_linear as float8_linear
+    import torchao.float8.float8_ops as float8_ops
+    from torchao.float8.float8_training_tensor import GemmInputRole
+    from torchao.float8.float8_utils import is_row_major
+
+    import toolkit.fp8_weight_cache as cache
 
     casts = {"matmul": 0, "once": 0}
 
@@ -227,8 +246,16 @@ def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch
                         counting("matmul", float8_linear.hp_tensor_to_float8_dynamic))  # fmt: skip
     monkeypatch.setattr(cache, "hp_tensor_to_float8_dynamic",
                         counting("once", cache.hp_tensor_to_float8_dynamic))  # fmt: skip
+    preprocess, weight_copies = float8_ops.preprocess_addmm, [0]
+
+    def copies_counted(a, b):  # torchao copies a row-major second operand to column-major
+        weight_copies[0] += b._gemm_input_role == GemmInputRole.WEIGHT and is_row_major(
+            b._data.stride()
+        )
+        return preprocess(a, b)
+
+    monkeypatch.setattr(float8_ops, "preprocess_addmm", copies_counted)
     r = recipe_from_dict({"model": FP8_MODEL, "train": {"steps": 1}})
-    env = ParallelEnv(0, 1, 0, CPU, tp=1, pp=1, dp=1)
     tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
     runs = {}
     for once in (False, True):
@@ -238,17 +265,12 @@ def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch
                              layers="all", cast_weights_once=once)  # fmt: skip
         assert all(isinstance(model.get_submodule(n), cache.Float8LinearCastOnce) == once
                    for n in names)  # fmt: skip
-        run_step = StepRunner(
-            model, env, partial(cross_entropy, vocab_size=model.vocab_size),
-            micro_batch_size=1, micro_batches=2, seq_length=16,
-            autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-            logits_dtype=torch.bfloat16,
-            step_context=cache.cast_weights_once if once else None,
-        )  # fmt: skip
+        run_step = two_micro_batch_steps(model, cast_weights_once=once)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
         losses, grads = [], []
         for _ in range(2):
             casts.update(matmul=0, once=0)
+            weight_copies[0] = 0
             losses.append(run_step(tokens[:, :-1], tokens[:, 1:]))
             grads.append([p.grad.clone() for p in model.parameters()])
             counted = dict(casts)
@@ -257,6 +279,8 @@ def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch
         # Each forward and each backward of the 2 micro-batches casts every weight, or once.
         assert counted == ({"matmul": 4 * len(names), "once": 0} if not once else
                            {"matmul": 0, "once": len(names)})  # fmt: skip
+        # One copy per layer in each micro-batch's backward (2 a step), or none.
+        assert weight_copies[0] == (0 if once else 2 * len(names)), weight_copies
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(tokens[:, :-1])
         if once:
@@ -270,6 +294,37 @@ def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch
         assert all(torch.equal(g, w) for g, w in zip(step_grads, step_want))
     assert all(torch.equal(p, w) for p, w in zip(got[2], want_params))
     assert torch.equal(got[3], want_logits)
+
+
+@needs_torchao
+def test_weights_cast_once_compile_with_the_blocks_on_cpu():
+    """Compiled blocks (train.compile) with train.fp8_weight_cache: the matmul reading the
+    cached casts traces into the blocks' graphs without a graph break, nothing compiles after
+    the second step, and the losses are those of the compiled blocks casting every time."""
+    from toolkit.activation_checkpoint import apply_compile
+
+    r = recipe_from_dict({"model": FP8_MODEL, "train": {"steps": 1}})
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    counters = torch._dynamo.utils.counters
+    runs = []
+    for once in (False, True):
+        torch.manual_seed(0)
+        model = build_model(r, ByteTokenizer())
+        apply_fp8(model, device=CPU, engine="torchao", check_device=False, layers="all",
+                  cast_weights_once=once)  # fmt: skip
+        apply_compile(model, True)
+        run_step = two_micro_batch_steps(model, cast_weights_once=once)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+        breaks, losses, frames = sum(counters["graph_break"].values()), [], []
+        for _ in range(3):
+            losses.append(float(run_step(tokens[:, :-1], tokens[:, 1:])))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            frames.append(counters["frames"]["ok"])
+        assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+        assert frames[2] == frames[1] > 0, frames
+        runs.append(losses)
+    assert runs[1] == runs[0]
 
 
 @needs_torchao

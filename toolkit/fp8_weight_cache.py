@@ -10,6 +10,10 @@ micro-batches. Here each layer's weight is cast once when a step's forward and b
 and backward of the step; its gradient still reaches the fp32 weight. Outside a step
 (evaluation, generation) the layers cast as torchao's do.
 
+The cast is kept in the two layouts the products take (row-major for the forward's,
+column-major for the backward's gradient of the input), so no backward copies it; on CUDA it
+is made by a compiled cast (two fused passes over the fp32 weight).
+
 The same numbers as torchao's: tensorwise scaling takes one scale from the whole weight, the
 same in the forward, the backward and every micro-batch, so the products read the same float8
 values. Rowwise scaling casts the weight differently for its two products: refused (recipe).
@@ -21,22 +25,67 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
-from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
-from torchao.float8.float8_training_tensor import GemmInputRole
+from torchao.float8.config import CastConfig, Float8LinearConfig
+from torchao.float8.float8_linear import Float8Linear
+from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
+from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig
 
 
-class _WeightCastBefore(torch.autograd.Function):
-    """The weight as torchao's matmul takes it (transposed), already cast to float8; the
-    matmul's gradient for it goes back to the fp32 weight."""
+def _cast(
+    t: torch.Tensor,
+    role: GemmInputRole,
+    cast: CastConfig,
+    dim: int,
+    mm_config: LinearMMConfig,
+    config: Float8LinearConfig,
+) -> torch.Tensor:
+    """An activation or gradient cast as torchao's float8 matmul casts it."""
+    return hp_tensor_to_float8_dynamic(
+        t,
+        cast.target_dtype,
+        mm_config,
+        gemm_input_role=role,
+        scaling_granularity=cast.scaling_granularity,
+        axiswise_dim=get_maybe_axiswise_dim(dim, cast.scaling_granularity),
+        round_scales_to_power_of_2=config.round_scales_to_power_of_2,
+    )
+
+
+class _MatmulCastWeight(torch.autograd.Function):
+    """torchao's float8 matmul (matmul_with_hp_or_float8_args: the same casts of the input and
+    the output gradient, the same products) reading the weight's float8 cast in the two layouts
+    its products take: row-major for the forward's, column-major for the backward's gradient of
+    the input, where torchao's copies the float8 weight into that layout in every backward (2
+    bytes a parameter a micro-batch). The weight gradient goes to the fp32 weight."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, weight_fp8: torch.Tensor) -> torch.Tensor:
-        return weight_fp8.t()
+    def forward(
+        ctx,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        weight_fp8: torch.Tensor,
+        weight_fp8_cm: torch.Tensor,
+        mm_config: LinearMMConfig,
+        config: Float8LinearConfig,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(input, weight_fp8_cm)
+        ctx.mm_config, ctx.config = mm_config, config
+        x = _cast(input, GemmInputRole.INPUT, config.cast_config_input, -1, mm_config, config)
+        out = torch.mm(x.reshape(-1, x.shape[-1]), weight_fp8.t())
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.t(), None
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        input, weight_cm = ctx.saved_tensors
+        c, mm = ctx.config, ctx.mm_config
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output, -1, mm, c)
+        grad_input = torch.mm(g, weight_cm).reshape(*grad_output.shape[:-1], -1)
+        g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output_for_grad_weight, 0,
+                  mm, c)  # fmt: skip
+        x = input.reshape(-1, input.shape[-1])
+        x = _cast(x, GemmInputRole.INPUT, c.cast_config_input_for_grad_weight, 0, mm, c)
+        return grad_input, torch.mm(g.t(), x), None, None, None, None
 
 
 @functools.cache
@@ -56,6 +105,7 @@ class Float8LinearCastOnce(Float8Linear):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("weight_fp8", None, persistent=False)
+        self.register_buffer("weight_fp8_cm", None, persistent=False)  # column-major
 
     def cast_weight(self, compiled: bool | None = None) -> torch.Tensor:
         """The weight in float8, cast as Float8Linear.forward casts it (tensorwise); through
@@ -77,10 +127,10 @@ class Float8LinearCastOnce(Float8Linear):
             return super().forward(input)
         if torch.is_autocast_enabled():  # Float8Linear.forward's rule for the input
             input = input.to(torch.get_autocast_dtype("cuda"))
-        weight_t = _WeightCastBefore.apply(self.weight, self.weight_fp8)
-        output = matmul_with_hp_or_float8_args.apply(
-            input, weight_t, self.linear_mm_config, self.config
-        )
+        output = _MatmulCastWeight.apply(
+            input, self.weight, self.weight_fp8, self.weight_fp8_cm, self.linear_mm_config,
+            self.config,
+        )  # fmt: skip
         if self.bias is not None:
             output = output + self.bias.to(output.dtype)
         return output
@@ -96,11 +146,12 @@ def cast_weights_once(module: nn.Module) -> Iterator[int]:
     with torch.no_grad():
         for layer in layers:
             layer.weight_fp8 = layer.cast_weight()
+            layer.weight_fp8_cm = layer.weight_fp8.t().contiguous().t()
     try:
         yield len(layers)
     finally:
         for layer in layers:
-            layer.weight_fp8 = None
+            layer.weight_fp8 = layer.weight_fp8_cm = None
 
 
 def cast_once_linears(model: nn.Module) -> list[str]:

@@ -160,7 +160,7 @@ class TrainConfig:
         "with precision='fp8' through torchao, tensorwise: cast each float8 weight once per "
         "optimizer step, not in every micro-batch's forward and backward; the same numbers. "
         "Pays where a step accumulates micro-batches (8B's shapes on an H200: 8 a step 1.04x, "
-        "1 a step 0.97x) for ~1 byte a float8 weight of memory",
+        "1 a step 0.97x) for 2 bytes of memory a float8 weight (its two layouts)",
     )
     te_fused_norm: bool = opt(
         False,
