@@ -20,7 +20,7 @@
 #       fp8_compile_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
 # The compiled blocks as CUDA graphs, each beside the same without (issue 21's gaps):
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_cudagraphs_gb8
-#       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_cache_cudagraphs_gb8 bf16_compile_mbs8
+#       8b28l_fp8_all_compile_gb8 8b28l_fp8_all_cudagraphs_gb8 bf16_compile_mbs8
 #       bf16_cudagraphs_mbs8" OUT=$OUT bash benchmarks/gpu_train.sh
 # FP8 with the weights cast once per update, beside the same without (~5 minutes, cold caches):
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_fp8_all_compile_gb8
@@ -124,16 +124,15 @@ tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
 tp fp8_compile_mbs8_gb32 200 8 --accumulate 4 --set 'train.precision="fp8"' \
   --set train.compile=true
 # The gaps between kernels (9.6 ms of a bf16 micro-batch at the 8B's shapes, 15.2 in FP8 'all';
-# ~10 ms of the 800M's step): the compiled blocks replayed as CUDA graphs (Inductor's cudagraph
-# trees, TORCHINDUCTOR_CUDAGRAPHS=1; no recipe key until it pays). Against the runs above in
-# the same call; the last loss and grad norm in the summary show whether the accumulated
-# gradients survive the graphs' memory reuse (same data and seed: they should match).
-TORCHINDUCTOR_CUDAGRAPHS=1 t8b 8b28l_bf16_cudagraphs_gb8 240 28 --accumulate 8 \
-  --set train.compile=true
-TORCHINDUCTOR_CUDAGRAPHS=1 t8b 8b28l_fp8_all_cache_cudagraphs_gb8 240 28 --accumulate 8 \
-  --set 'train.precision="fp8"' --set train.compile=true --set 'train.fp8_layers="all"' \
-  --set train.fp8_weight_cache=true
-TORCHINDUCTOR_CUDAGRAPHS=1 tp bf16_cudagraphs_mbs8 240 8 --set train.compile=true
+# ~10 ms of the 800M's step): the compiled blocks replayed as CUDA graphs (--cuda-graphs:
+# Inductor's cudagraph trees, the gradients kept outside the graphs' memory; no recipe key until
+# it pays). Against the runs above in the same call; the summary's last loss and grad norm
+# (same data and seed) show that the accumulated gradients are right. FP8 without the weight
+# cache: its casts are new tensors each step, which a graph would copy in or re-record for.
+t8b 8b28l_bf16_cudagraphs_gb8 240 28 --accumulate 8 --cuda-graphs --set train.compile=true
+t8b 8b28l_fp8_all_cudagraphs_gb8 240 28 --accumulate 8 --cuda-graphs \
+  --set 'train.precision="fp8"' --set train.compile=true --set 'train.fp8_layers="all"'
+tp bf16_cudagraphs_mbs8 240 8 --cuda-graphs --set train.compile=true
 
 python3 - "$W" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys

@@ -13,6 +13,12 @@ before one clip and update: what a recipe whose global batch is N micro-batches 
 (the 8B's 8 sequences at micro-batch 1: N=8), the update's cost spread over N. The warm-up steps
 absorb compilation and Triton autotuning.
 
+--cuda-graphs (with train.compile) replays the compiled regions as CUDA graphs (Inductor's
+cudagraph trees), a lever against the gaps between kernels; no recipe key has it until it pays.
+The gradients are then allocated once and zeroed in place: autograd would otherwise keep a
+parameter's first gradient in the graph's memory, which the next micro-batch's replay
+overwrites (a known failure of cudagraph trees with gradient accumulation).
+
 MFU = model FLOP/s (toolkit.model.flops_per_token: 6 x matmul parameters + attention + SSD scan,
 forward and backward) / peak. Two peaks are reported: the data-sheet dense bf16 peak
 (toolkit.profiling.PEAK_TFLOPS; `mfu`) and the bf16 matmul rate measured in the same run
@@ -114,6 +120,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         args.recipe, overrides + [f"train.global_batch_size={mbs * args.accumulate}"]
     )
     cfg, seq = recipe.train, recipe.model.seq_length
+    if args.cuda_graphs and not cfg.compile:
+        raise RecipeError("--cuda-graphs replays compiled code: set train.compile=true")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(recipe, tokenizer_from_recipe(recipe), device)
@@ -122,9 +130,13 @@ def benchmark(args: argparse.Namespace) -> dict:
     mamba = [b.mixer for b in model.layers if b.kind == "M"]
     # One process: the recipe's float8, checkpointing and compile, in parallelize's order.
     env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
+    torch._inductor.config.triton.cudagraphs = args.cuda_graphs  # read when compiling
     parallel = parallelize(model, recipe, env)
     engine, optimizer = parallel.fp8_engine, parallel.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
+    if args.cuda_graphs:  # autograd then adds into these instead of keeping its own
+        for p in params:
+            p.grad = torch.zeros_like(p)
     vocab = model.vocab_size
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # the trainer's: a norm to log
     grad_norms: list[float] = []  # before clipping, as the trainer logs them
@@ -133,7 +145,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         tokens = torch.randint(0, vocab, (mbs * args.accumulate, seq + 1), device=device)
         loss = parallel.run_step(tokens[:, :-1], tokens[:, 1:])  # the mean micro-batch loss
         grad_norms.append(clip_and_step(optimizer, params, clip, env))
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not args.cuda_graphs)
         return loss.detach()
 
     model.train()
@@ -162,6 +174,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "compile": cfg.compile,
         "compile_scope": cfg.compile_scope,
         "compile_mode": cfg.compile_mode,
+        "cuda_graphs": args.cuda_graphs,
         "flat_optimizer": cfg.flat_optimizer,
         "te_fused_norm": cfg.te_fused_norm,
         "activation_checkpointing": cfg.activation_checkpointing,
@@ -206,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accumulate", type=int, default=1, metavar="N",
                         help="micro-batches per optimizer step, gradients accumulated "
                         "(default 1: an update after each micro-batch)")  # fmt: skip
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the compiled blocks as CUDA graphs (needs train.compile; "
+                        "gradients allocated once and zeroed in place)")  # fmt: skip
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
     )

@@ -95,6 +95,47 @@ def test_accumulated_micro_batches_share_one_update(tmp_path, monkeypatch):
         train_throughput.main([*args[:-2], "--accumulate", "0"])
 
 
+def test_cuda_graphs_keep_the_gradients_outside_the_graphs(tmp_path, monkeypatch, capsys):
+    """--cuda-graphs: Inductor's cudagraph trees switched on for the compiled blocks, and the
+    gradients allocated once and zeroed in place, so micro-batches accumulate into tensors of
+    ours; the losses and norms are those of the run without it (the CPU replays no graph, so
+    this checks the gradient handling). Without train.compile it is an error naming the key."""
+    import torch
+
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraphs", False)  # restored after
+    base = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "2", "--warmup", "1", "--seq"]
+    base += ["32", "--mbs", "1", "--accumulate", "2"]
+    seen, real_zero = [], torch.optim.AdamW.zero_grad
+
+    def zero_grad(self, set_to_none=True):
+        seen.append((set_to_none, torch._inductor.config.triton.cudagraphs))
+        return real_zero(self, set_to_none)
+
+    monkeypatch.setattr(torch.optim.AdamW, "zero_grad", zero_grad)
+    first_forward, real_forward = [], HybridLM.forward
+
+    def forward(self, *a, **k):  # are the gradients there before any backward?
+        if not first_forward:
+            first_forward.append(all(p.grad is not None for p in self.parameters()))
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(HybridLM, "forward", forward)
+    runs = []
+    for graphs in (False, True):
+        out = tmp_path / f"{graphs}.json"
+        args = base + ["--set", "train.compile=true", "--json", str(out)]
+        first_forward.clear()
+        assert train_throughput.main(args + ["--cuda-graphs"] * graphs) == 0
+        runs.append(json.loads(out.read_text()))
+        assert first_forward == [graphs]  # allocated up front only for the graphs
+    assert runs[1]["cuda_graphs"] and not runs[0]["cuda_graphs"]
+    assert seen == [(True, False)] * 3 + [(False, True)] * 3
+    assert runs[1]["losses"] == runs[0]["losses"]
+    assert runs[1]["grad_norms"] == runs[0]["grad_norms"]
+    assert train_throughput.main(base + ["--cuda-graphs"]) == 2
+    assert "train.compile" in capsys.readouterr().err
+
+
 def test_fp8_on_cpu_is_an_error_in_the_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "1", "--seq", "32", "--mbs", "1"]
