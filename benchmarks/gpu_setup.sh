@@ -1,6 +1,7 @@
 # Source this on the GPU host, from the repository root, before a GPU benchmark:
 #     source benchmarks/gpu_setup.sh
-# Installs what the device image lacks (see ../shared/device/README.md) into .gpu/ (ignored, kept
+# Installs what the device image lacks (fetched into .dev/ and .whl/ by benchmarks/gpu_fetch.sh
+# on a machine with network; ../shared/device/README.md says why each) into .gpu/ (ignored, kept
 # on a warm machine between calls, so a second call skips the work): zarr and its dependencies
 # from .whl/, torchao, mamba-ssm (Triton kernels only) and causal-conv1d (built for sm_90,
 # ~85 s, or unpacked from .dev/cc1d.tar.xz.part* that an earlier call brought back) from .dev/.
