@@ -98,9 +98,9 @@ def compiled_cast() -> Callable[..., torch.Tensor]:
 
 
 class Float8LinearCastOnce(Float8Linear):
-    """torchao's Float8Linear that reads its weight's float8 cast from `weight_fp8` (a
-    non-persistent buffer: not in checkpoints) while cast_weights_once holds one, and casts as
-    Float8Linear does otherwise."""
+    """torchao's Float8Linear that reads its weight's float8 cast from `weight_fp8` and
+    `weight_fp8_cm` (row- and column-major; non-persistent buffers: not in checkpoints) while
+    cast_weights_once holds them, and casts as Float8Linear does otherwise."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
