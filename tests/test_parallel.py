@@ -144,13 +144,15 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-def fp8_tp_worker(rank: int, world: int, port: int, layers: str) -> None:
+def fp8_tp_worker(rank: int, world: int, port: int, layers: str, cached: bool = False) -> None:
     """torchao float8 at TP=2 with sequence parallelism against float8 at TP=1 (and bf16), for
     train.fp8_layers `layers`. With 'all' the vocabulary-parallel output layer is float8 too: it
     must keep TP's input hook (the sequence gathered from the ranks' parts), or its logits cover
-    1/TP of the tokens."""
+    1/TP of the tokens. `cached`: the TP=2 ranks cast each weight shard once for the step
+    (train.fp8_weight_cache), as the trainer's step context does."""
     from torchao.float8.float8_linear import Float8Linear
 
+    from toolkit.fp8_weight_cache import Float8LinearCastOnce, cast_weights_once
     from toolkit.precision import apply_fp8
 
     env = setup(rank, world, port, tp=world)
@@ -177,15 +179,19 @@ def fp8_tp_worker(rank: int, world: int, port: int, layers: str) -> None:
 
         group = env.group("tp")
         start = apply_tp(model, group=group, tp=world, rank=env.tp_rank, sequence_parallel=True)
-        _, names = apply_fp8(model, device=cpu, engine="torchao", check_device=False, layers=layers)
+        _, names = apply_fp8(model, device=cpu, engine="torchao", check_device=False, layers=layers,
+                             cast_weights_once=cached)  # fmt: skip
         # in_proj, out_proj, linear_qkv, linear_proj, fc1, fc2 of blocks 1-3; with 'all' also
         # blocks 0 and 4 (in_proj, out_proj each) and the output layer
         assert len(names) == {"inner": 6, "all": 11}[layers]
-        assert all(isinstance(model.get_submodule(n), Float8Linear) for n in names)
+        kind = Float8LinearCastOnce if cached else Float8Linear
+        assert all(isinstance(model.get_submodule(n), kind) for n in names)
         assert hasattr(model.layers[1].mixer.in_proj.weight, "_tp_dim")  # placement kept
-        loss = forward_backward(
-            model, lambda logits: vocab_parallel_cross_entropy(logits, labels, start, group)
-        )
+        with cast_weights_once(model) as cast:
+            assert cast == (len(names) if cached else 0)
+            loss = forward_backward(
+                model, lambda logits: vocab_parallel_cross_entropy(logits, labels, start, group)
+            )
         reduce_sequence_parallel_grads(list(model.parameters()), group)
 
         # TP changes only which rows share a float8 scale (with 'all' each rank's shard of the
@@ -220,6 +226,12 @@ def fp8_tp_worker(rank: int, world: int, port: int, layers: str) -> None:
 @pytest.mark.parametrize("layers", [pytest.param("inner", marks=LONG), "all"])
 def test_fp8_with_tensor_and_sequence_parallelism_matches_one_process(layers):
     spawn(fp8_tp_worker, 2, layers)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+@LONG
+def test_fp8_weights_cast_once_under_tensor_and_sequence_parallelism():
+    spawn(fp8_tp_worker, 2, "all", True)
 
 
 def saved_by_norms(model: HybridLM, tokens: torch.Tensor) -> int:
