@@ -236,8 +236,13 @@ class FlatAdamW:
             host.append(
                 [1 - lr * group["weight_decay"], lr / bias_correction1, bias_correction2**0.5]
             )
-        # One small host-to-device copy per step for all groups, without waiting on the GPU.
-        self._scalars.copy_(torch.tensor(host, dtype=torch.float32), non_blocking=True)
+        # One small host-to-device copy per step for all groups, without waiting on the GPU: from
+        # pinned memory (pageable memory would make the host wait for the stream to drain); torch's
+        # pinned-memory cache keeps the buffer until the copy is done.
+        scalars = torch.tensor(host, dtype=torch.float32)
+        if self._scalars.is_cuda:
+            scalars = scalars.pin_memory()
+        self._scalars.copy_(scalars, non_blocking=True)
         for i, (g, group) in enumerate(zip(self._flat, self.param_groups)):
             beta1, beta2 = group["betas"]
             self._update(
