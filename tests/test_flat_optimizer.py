@@ -255,6 +255,16 @@ def test_the_optimizer_benchmark_runs_both_and_they_agree(tmp_path):
     want = {"flat": 0.0, "flat_views": 0.0, "flat_clip_in_place": 0.0}
     assert result["params_rel_l2_after"] == want
     assert "gradients in + clip + AdamW" in proc.stdout
+    # A subset, one variant on the device at a time, the first the others' reference.
+    command = command[:-2] + ["--variants", "flat,torch", "--steps", "1"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert list(result["ms"]) == ["flat", "torch"] and result["reference"] == "flat"
+    assert result["params_rel_l2_after"] == {"torch": 0.0}
+    bad = subprocess.run(command[:-4] + ["--variants", "flat,adam"], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "--variants: 'flat,adam'" in bad.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
