@@ -330,8 +330,10 @@ def test_weights_cast_once_compile_with_the_blocks_on_cpu():
 @needs_torchao
 def test_the_compiled_weight_cast_gives_torchaos_bits():
     """train.fp8_weight_cache casts through a compiled cast on CUDA (one graph for every weight
-    shape): the same float8 bits and scale as torchao's eager cast, on two shapes."""
+    shape): the same float8 bits and scale as torchao's eager cast, on two shapes; and so for
+    the compiled column-major copy."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
 
     from toolkit.fp8_weight_cache import Float8LinearCastOnce, cast_once_linears
 
@@ -348,7 +350,15 @@ def test_the_compiled_weight_cast_gives_torchaos_bits():
         assert compiled._data.dtype == eager._data.dtype == torch.float8_e4m3fn
         assert torch.equal(compiled._data.view(torch.uint8), eager._data.view(torch.uint8))
         assert torch.equal(compiled._scale, eager._scale)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # both shapes
+        # Its column-major copy, compiled (a tiled transpose) and eager: the same bytes, layout
+        # and scale.
+        cm, cm_eager = layer.column_major(compiled, compiled=True), layer.column_major(eager, False)
+        assert isinstance(cm, Float8TrainingTensor) and cm.shape == eager.shape
+        assert cm._data.stride() == cm_eager._data.stride() == (1, eager.shape[0])
+        assert torch.equal(cm._data.view(torch.uint8), cm_eager._data.view(torch.uint8))
+        assert cm._scale is compiled._scale and cm._gemm_input_role == eager._gemm_input_role
+    # One graph each for the cast and the copy, whatever the shape.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
 
 
 @pytest.mark.skipif(
