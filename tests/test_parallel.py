@@ -483,6 +483,22 @@ def test_the_flat_optimizer_trains_at_other_layouts(tmp_path, single_process_run
         assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got)
 
 
+# train.fused_grad_accumulation (weight gradients added into .grad in the backward, 2
+# micro-batches a step here) under a pipeline schedule (which scales the accumulated gradients)
+# and under TP with sequence parallelism (each rank's shards).
+@pytest.mark.parametrize("name", ["pp2", pytest.param("tp2_sp", marks=LONG)])
+def test_fused_grad_accumulation_trains_at_other_layouts(tmp_path, single_process_run, name):
+    layout = LAYOUTS[name]
+    recipe = write_recipe(tmp_path, "run", 4, **layout)
+    proc = launch(recipe, _world(layout), "train.fused_grad_accumulation=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train.fused_grad_accumulation: " in proc.stderr
+    got, reference = losses(tmp_path / "run" / "tb"), losses(single_process_run)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got)
+
+
 RESHARDS = {  # saved at -> resumed at
     "tp2_to_tp1": ({"tp": 2, "dp": 1}, {"tp": 1, "dp": 1}),
     "pp2_to_tp1": ({"pp": 2, "dp": 1}, {"tp": 1, "dp": 1}),

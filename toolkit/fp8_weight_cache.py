@@ -34,6 +34,8 @@ from torchao.float8.float8_training_tensor import (
     LinearMMConfig,
 )
 
+from toolkit.grad_accumulation import add_weight_grad
+
 
 def _cast(
     t: torch.Tensor,
@@ -71,8 +73,9 @@ class _MatmulCastWeight(torch.autograd.Function):
         weight_fp8_cm: torch.Tensor,
         mm_config: LinearMMConfig,
         config: Float8LinearConfig,
+        weight_grad: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        ctx.save_for_backward(input, weight_fp8_cm)
+        ctx.save_for_backward(input, weight_fp8_cm, weight_grad)
         ctx.mm_config, ctx.config = mm_config, config
         x = _cast(input, GemmInputRole.INPUT, config.cast_config_input, -1, mm_config, config)
         out = torch.mm(x.reshape(-1, x.shape[-1]), weight_fp8.t())
@@ -80,7 +83,7 @@ class _MatmulCastWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input, weight_cm = ctx.saved_tensors
+        input, weight_cm, weight_grad = ctx.saved_tensors
         c, mm = ctx.config, ctx.mm_config
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output, -1, mm, c)
@@ -89,7 +92,11 @@ class _MatmulCastWeight(torch.autograd.Function):
                   mm, c)  # fmt: skip
         x = input.reshape(-1, input.shape[-1])
         x = _cast(x, GemmInputRole.INPUT, c.cast_config_input_for_grad_weight, 0, mm, c)
-        return grad_input, torch.mm(g.t(), x), None, None, None, None
+        grad_weight = torch.mm(g.t(), x)
+        if weight_grad is not None:  # train.fused_grad_accumulation: into the held gradient
+            add_weight_grad(weight_grad, grad_weight)
+            grad_weight = None
+        return grad_input, grad_weight, None, None, None, None, None
 
 
 @functools.cache
@@ -122,6 +129,8 @@ class Float8LinearCastOnce(Float8Linear):
         super().__init__(*args, **kwargs)
         self.register_buffer("weight_fp8", None, persistent=False)
         self.register_buffer("weight_fp8_cm", None, persistent=False)  # column-major
+        # train.fused_grad_accumulation: once the weight holds a gradient, add into it.
+        self.weight_grad_into_grad = False
 
     def cast_weight(self, compiled: bool | None = None) -> torch.Tensor:
         """The weight in float8, cast as Float8Linear.forward casts it (tensorwise); through
@@ -155,9 +164,12 @@ class Float8LinearCastOnce(Float8Linear):
             return super().forward(input)
         if torch.is_autocast_enabled():  # Float8Linear.forward's rule for the input
             input = input.to(torch.get_autocast_dtype("cuda"))
+        weight_grad = self.weight.grad if self.weight_grad_into_grad else None
+        if not torch.is_grad_enabled():
+            weight_grad = None
         output = _MatmulCastWeight.apply(
             input, self.weight, self.weight_fp8, self.weight_fp8_cm, self.linear_mm_config,
-            self.config,
+            self.config, weight_grad,
         )  # fmt: skip
         if self.bias is not None:
             output = output + self.bias.to(output.dtype)

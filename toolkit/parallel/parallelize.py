@@ -3,7 +3,8 @@
 The transforms, in the order they are applied (torchtitan's), each from outside the model code:
 
 1. `apply_tensor_parallel`  TP shards (+ sequence parallelism); gives the loss for the logits
-2. `apply_fp8`              float8 linears (train.precision='fp8') for this rank's shards
+2. `apply_fp8`              float8 linears (train.precision='fp8') for this rank's shards;
+                            then train.fused_grad_accumulation's linears
 3. `apply_ac`               activation checkpointing, per block kind
 4. `apply_compile`          per-block (or whole-model) torch.compile (after AC, so the
                             recomputation compiles too); a float8 output layer on its own
@@ -21,6 +22,7 @@ wrap the blocks as TP and float8 left them (hooks included); the optimizer takes
 this rank ends up owning. Evaluation and serving take step 1 only (`apply_tensor_parallel`).
 """
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -32,11 +34,14 @@ from torch import nn
 from toolkit.activation_checkpoint import apply_ac, apply_compile, compile_options, selected_kinds
 from toolkit.config import Recipe, TrainConfig
 from toolkit.distributed import ParallelEnv
+from toolkit.grad_accumulation import LinearIntoGrad, fuse_grad_accumulation
 from toolkit.model import HybridLM
 from toolkit.optim import build_optimizer
 from toolkit.parallel.runtime import LossFn, StepRunner, cross_entropy
 from toolkit.parallel.tp import apply_tp, vocab_parallel_cross_entropy
 from toolkit.precision import Engine, apply_fp8, autocast_context
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,7 +103,7 @@ def compile_fp8_output_layer(model: HybridLM, cfg: TrainConfig) -> bool:
     compiled it."""
     if not (cfg.precision == "fp8" and cfg.fp8_layers == "all" and selected_kinds(cfg.compile)):
         return False
-    if cfg.compile_scope == "model" or type(model.output_layer) is nn.Linear:
+    if cfg.compile_scope == "model" or type(model.output_layer) in (nn.Linear, LinearIntoGrad):
         return False  # inside the whole model's region already; or left bf16 (odd widths)
     model.output_layer.compile(**compile_options(cfg.compile_mode))
     return True
@@ -120,6 +125,9 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     device = env.device
     loss_fn = apply_tensor_parallel(model, env, sequence_parallel=par.sequence_parallel)
     engine = apply_float8(model, cfg, device, tp=env.tp)
+    if cfg.fused_grad_accumulation:  # the linears as float8 left them, before compile wraps
+        fused = fuse_grad_accumulation(model)
+        log.info("train.fused_grad_accumulation: %d linears add into their .grad", len(fused))
     apply_ac(model, cfg.activation_checkpointing, engine)
     apply_compile(model, cfg.compile, mode=cfg.compile_mode, scope=cfg.compile_scope)
     compile_fp8_output_layer(model, cfg)

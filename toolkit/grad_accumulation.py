@@ -1,0 +1,96 @@
+"""Weight gradients added into their fp32 `.grad` inside the backward (train.fused_grad_accumulation).
+
+When a step accumulates micro-batches, autograd computes each linear's weight gradient as a bf16
+product, casts it to a new fp32 tensor and then AccumulateGrad adds that into the gradient the
+weight holds: 18 bytes of traffic a parameter for each micro-batch after the first. At the 8B's
+shapes on an H200 the adds alone were 16.3 ms a micro-batch, the same in bf16 and FP8, so they
+also cap FP8's ratio to bf16. Here, once a weight holds a gradient, its linear adds the product
+into it from inside its own backward, where a compiled block fuses the cast into the add (10
+bytes a parameter): Megatron's gradient-accumulation fusion, with the weight's `.grad` as the
+buffer. A step's first micro-batch (no gradient yet) runs as plain autograd does, and so does
+every linear outside a step's backward. Bit for bit the same numbers: the same bf16 products,
+the same fp32 additions.
+
+Covers plain `nn.Linear` (bf16 under autocast, or fp32) and the float8 linears of
+train.fp8_weight_cache (toolkit.fp8_weight_cache); torchao's other float8 linears and
+Transformer Engine's keep autograd's accumulation.
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _compute_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear computes in here: autocast's where it is on, else the input's."""
+    device = input.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return input.dtype
+
+
+def weight_grad_of(input_2d: torch.Tensor, grad_2d: torch.Tensor) -> torch.Tensor:
+    """A linear's weight gradient ([out, in]) as autograd's mm backward computes it (input^T
+    grad, transposed), so that the products are the same bits."""
+    return (input_2d.t() @ grad_2d).t()
+
+
+def add_weight_grad(weight_grad: torch.Tensor, product: torch.Tensor) -> None:
+    """`weight_grad += product`, the product's cast to the gradient's dtype inside the add."""
+    weight_grad.add_(product)
+
+
+class _LinearIntoGrad(torch.autograd.Function):
+    """F.linear without bias whose weight gradient is added into `weight_grad` (the weight's
+    `.grad`) in the backward instead of being returned."""
+
+    @staticmethod
+    def forward(
+        ctx, input: torch.Tensor, weight: torch.Tensor, weight_grad: torch.Tensor
+    ) -> torch.Tensor:
+        dtype = _compute_dtype(input)  # autocast's rule for linear: both operands cast
+        x, w = input.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x, w, weight_grad)
+        ctx.input_dtype = input.dtype
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, w, weight_grad = ctx.saved_tensors
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        add_weight_grad(weight_grad, weight_grad_of(x.reshape(-1, x.shape[-1]), grad))
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad_input = (grad @ w).reshape(*grad_output.shape[:-1], w.shape[1])
+        return grad_input.to(ctx.input_dtype), None, None
+
+
+class LinearIntoGrad(nn.Linear):
+    """nn.Linear (no bias) whose weight gradient, once the weight holds one, is added into it
+    by its own backward (the module docstring says why)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        grad = self.weight.grad
+        if grad is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return super().forward(input)
+        return _LinearIntoGrad.apply(input, self.weight, grad)
+
+
+def fuse_grad_accumulation(model: nn.Module) -> list[str]:
+    """Make the linears of `model` that can add their weight gradients into `.grad` in their
+    backward do so: plain bias-free nn.Linear become LinearIntoGrad, train.fp8_weight_cache's
+    float8 linears are told to. Returns their names."""
+    cache = sys.modules.get("toolkit.fp8_weight_cache")  # imported where its linears are
+    cast_once = cache.Float8LinearCastOnce if cache else ()
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and module.bias is None:
+            module.__class__ = LinearIntoGrad
+        elif isinstance(module, cast_once):
+            module.weight_grad_into_grad = True
+        else:
+            continue
+        names.append(name)
+    return names
