@@ -22,6 +22,9 @@
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_cudagraphs_gb8
 #       8b28l_fp8_all_compile_gb8 8b28l_fp8_all_cudagraphs_gb8 bf16_compile_mbs8
 #       bf16_cudagraphs_mbs8" OUT=$OUT bash benchmarks/gpu_train.sh
+# Weight gradients added into .grad in the backward, beside the same without (~6 minutes):
+#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_fga_gb8
+#       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_cache_fga_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
 # FP8 with the weights cast once per update, beside the same without (~5 minutes, cold caches):
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_fp8_all_compile_gb8
 #       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_compile 8b28l_fp8_all_cache_compile"
@@ -123,6 +126,15 @@ t8b 8b28l_fp8_all_cache_compile 200 28 --set 'train.precision="fp8"' --set train
   --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true
 t8b 8b28l_fp8_all_cache_compile_gb8 200 28 --accumulate 8 --set 'train.precision="fp8"' \
   --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true
+# train.fused_grad_accumulation (each linear's weight gradient added into its fp32 .grad in its
+# backward; the fp32 adds of accumulation were 16.3 ms a micro-batch after the first), against
+# 8b28l_bf16_compile_gb8 and 8b28l_fp8_all_cache_compile_gb8 in the same call (300 s: the blocks
+# compile a second variant, for the micro-batches that find a gradient).
+t8b 8b28l_bf16_fga_gb8 300 28 --accumulate 8 --set train.compile=true \
+  --set train.fused_grad_accumulation=true
+t8b 8b28l_fp8_all_cache_fga_gb8 300 28 --accumulate 8 --set 'train.precision="fp8"' \
+  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
+  --set train.fused_grad_accumulation=true
 tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
 tp fp8_compile_mbs8_gb32 200 8 --accumulate 4 --set 'train.precision="fp8"' \
   --set train.compile=true
