@@ -35,3 +35,11 @@ part() {  # name timeout_s command...
   PART_RAN=1
   part_done "$name" "$rc" "$(($(date +%s) - t))" "$log" "$limit"
 }
+
+# The code a call ran, as a digest of the Python and shell files under toolkit/ and benchmarks/
+# (the device's copy of .git can lag the tree sent with the call, so its HEAD may name an older
+# commit). `bash -c 'source benchmarks/gpu_lib.sh; tree_digest'` here names the same tree.
+tree_digest() {
+  find toolkit benchmarks -type f \( -name '*.py' -o -name '*.sh' \) | LC_ALL=C sort |
+    xargs sha1sum | sha1sum | cut -c 1-12
+}

@@ -42,7 +42,7 @@ export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor
 if [ ! -d .gpu/inductor ] && ls .dev/inductor.tar.xz.part* > /dev/null 2>&1; then
   cat .dev/inductor.tar.xz.part* | tar xJf - -C .gpu
 fi
-say "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), set-up $(( $(date +%s) - START )) s"
+say "tree $(tree_digest) (benchmarks/gpu_lib.sh), set-up $(( $(date +%s) - START )) s"
 
 TRAIN=(python3 launchers/submit.py recipes/8b_hybrid.toml --local
   --set 'train.device="cuda"' --set model.num_layers=28 --set parallel.tp=1

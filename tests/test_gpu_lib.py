@@ -57,3 +57,23 @@ part c 10 echo four
     assert lines == ["== b exit 3", "three", "c skipped (budget spent)"]
     assert (tmp_path / "w" / "b.out").read_text() == "two\nthree\n"
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["b.out"]
+
+
+def test_the_tree_digest_names_the_code_and_changes_with_it(tmp_path):
+    """tree_digest: 12 hex digits over toolkit/ and benchmarks/, the same for the same files, and
+    another when one of them changes (a copy of the two folders, edited)."""
+    import shutil
+
+    (digest,) = bash("tree_digest", tmp_path)
+    assert len(digest) == 12 and int(digest, 16) >= 0
+    assert bash("tree_digest", tmp_path) == [digest]
+    copy = tmp_path / "copy"
+    for folder in ("toolkit", "benchmarks"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    run = ["bash", "-c", "source benchmarks/gpu_lib.sh; tree_digest"]
+    same = subprocess.run(run, cwd=copy, capture_output=True, text=True, timeout=60)
+    assert same.stdout.strip() == digest
+    with open(copy / "toolkit" / "train.py", "a") as f:
+        f.write("\n")
+    other = subprocess.run(run, cwd=copy, capture_output=True, text=True, timeout=60)
+    assert other.stdout.strip() not in ("", digest)
