@@ -62,7 +62,8 @@ class _MatmulCastWeight(torch.autograd.Function):
     the output gradient, the same products) reading the weight's float8 cast in the two layouts
     its products take: row-major for the forward's, column-major for the backward's gradient of
     the input, where torchao's copies the float8 weight into that layout in every backward (2
-    bytes a parameter a micro-batch). The weight gradient goes to the fp32 weight."""
+    bytes a parameter a micro-batch). The weight gradient goes to the fp32 weight, or, given
+    its `weight_grad` (train.fused_grad_accumulation), is added into that."""
 
     @staticmethod
     def forward(
@@ -164,9 +165,8 @@ class Float8LinearCastOnce(Float8Linear):
             return super().forward(input)
         if torch.is_autocast_enabled():  # Float8Linear.forward's rule for the input
             input = input.to(torch.get_autocast_dtype("cuda"))
-        weight_grad = self.weight.grad if self.weight_grad_into_grad else None
-        if not torch.is_grad_enabled():
-            weight_grad = None
+        into_grad = self.weight_grad_into_grad and torch.is_grad_enabled()
+        weight_grad = self.weight.grad if into_grad else None
         output = _MatmulCastWeight.apply(
             input, self.weight, self.weight_fp8, self.weight_fp8_cm, self.linear_mm_config,
             self.config, weight_grad,
