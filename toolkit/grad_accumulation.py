@@ -16,8 +16,6 @@ train.fp8_weight_cache (toolkit.fp8_weight_cache); torchao's other float8 linear
 Transformer Engine's keep autograd's accumulation.
 """
 
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,17 +76,20 @@ class LinearIntoGrad(nn.Linear):
         return _LinearIntoGrad.apply(input, self.weight, grad)
 
 
+# What computes as a plain nn.Linear (F.linear), fused accumulation or not: for the checks that
+# tell a bf16 linear from a float8 or Transformer Engine one.
+PLAIN_LINEARS = (nn.Linear, LinearIntoGrad)
+
+
 def fuse_grad_accumulation(model: nn.Module) -> list[str]:
     """Make the linears of `model` that can add their weight gradients into `.grad` in their
     backward do so: plain bias-free nn.Linear become LinearIntoGrad, train.fp8_weight_cache's
     float8 linears are told to. Returns their names."""
-    cache = sys.modules.get("toolkit.fp8_weight_cache")  # imported where its linears are
-    cast_once = cache.Float8LinearCastOnce if cache else ()
     names = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear and module.bias is None:
             module.__class__ = LinearIntoGrad
-        elif isinstance(module, cast_once):
+        elif hasattr(module, "weight_grad_into_grad"):  # fp8_weight_cache.Float8LinearCastOnce
             module.weight_grad_into_grad = True
         else:
             continue

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from toolkit.grad_accumulation import LinearIntoGrad
+from toolkit.grad_accumulation import PLAIN_LINEARS
 from toolkit.inference import decode_norms, gemm_rows, pdl
 from toolkit.model import norms
 from toolkit.model.kernels import triton_imports, triton_runs_on
@@ -137,7 +137,7 @@ class _DecodeProducts(TorchFunctionMode):
 
     def linear_activation(self, linear: nn.Module, x: torch.Tensor, activation: str):
         fuse = os.environ.get("TOOLKIT_TRITON_GEMV", "auto") != "plain"
-        if fuse and type(linear) in (nn.Linear, LinearIntoGrad):  # a trained model's too
+        if fuse and type(linear) in PLAIN_LINEARS:  # a trained model's too
             y = _kernel_product(x, linear.weight, linear.bias, activation)
             if y is not None:
                 return y

@@ -34,7 +34,7 @@ from torch import nn
 from toolkit.activation_checkpoint import apply_ac, apply_compile, compile_options, selected_kinds
 from toolkit.config import Recipe, TrainConfig
 from toolkit.distributed import ParallelEnv
-from toolkit.grad_accumulation import LinearIntoGrad, fuse_grad_accumulation
+from toolkit.grad_accumulation import PLAIN_LINEARS, fuse_grad_accumulation
 from toolkit.model import HybridLM
 from toolkit.optim import build_optimizer
 from toolkit.parallel.runtime import LossFn, StepRunner, cross_entropy
@@ -103,7 +103,7 @@ def compile_fp8_output_layer(model: HybridLM, cfg: TrainConfig) -> bool:
     compiled it."""
     if not (cfg.precision == "fp8" and cfg.fp8_layers == "all" and selected_kinds(cfg.compile)):
         return False
-    if cfg.compile_scope == "model" or type(model.output_layer) in (nn.Linear, LinearIntoGrad):
+    if cfg.compile_scope == "model" or type(model.output_layer) in PLAIN_LINEARS:
         return False  # inside the whole model's region already; or left bf16 (odd widths)
     model.output_layer.compile(**compile_options(cfg.compile_mode))
     return True
