@@ -154,7 +154,7 @@ class Float8LinearCastOnce(Float8Linear):
         scale; through compiled_column_major where `compiled` (default: on CUDA)."""
         compiled = weight_fp8.is_cuda if compiled is None else compiled
         if not compiled:
-            return weight_fp8.t().contiguous().t()
+            return _column_major(weight_fp8)  # torchao's transpose and copy keep the scale
         return Float8TrainingTensor(
             compiled_column_major()(weight_fp8._data), weight_fp8._scale, weight_fp8._orig_dtype,
             weight_fp8._linear_mm_config, weight_fp8._gemm_input_role, weight_fp8._axiswise_dim,
