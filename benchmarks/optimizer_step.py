@@ -67,7 +67,12 @@ VARIANTS = {  # name: (flat optimizer, zero_grad(set_to_none=...), clip folded i
 
 
 def run_variant(
-    name: str, recipe: object, device: torch.device, args: argparse.Namespace, norms: list[float]
+    name: str,
+    recipe: object,
+    device: torch.device,
+    clip: float,
+    args: argparse.Namespace,
+    norms: list[float],
 ) -> tuple[list[float], list[float], list[torch.Tensor]]:
     """One variant's timed steps on a model of its own (from the recipe's seed): device and
     host milliseconds of each, and its parameters after, on the host. Each step's gradients are
@@ -77,7 +82,6 @@ def run_variant(
     for a flat optimizer too where the variant does not fold it) and the update."""
     flat, to_none, fold = VARIANTS[name]
     cfg = recipe.train
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
     torch.manual_seed(cfg.seed)
     model = build_model(recipe, tokenizer_from_recipe(recipe), device)
@@ -112,6 +116,7 @@ def run_variant(
 def benchmark(args: argparse.Namespace) -> dict:
     recipe = load_recipe(args.recipe, list(args.set))
     device = resolve_device(args.device or recipe.train.device)
+    clip = recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf")  # the trainer's
     times: dict[str, list[float]] = {}
     host_times: dict[str, list[float]] = {}
     norms: list[float] = []
@@ -120,7 +125,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     # One variant on the device at a time (its model, gradients and AdamW state: ~20 bytes a
     # parameter), each from the same initial weights and with the same gradients.
     for name in args.variants:
-        times[name], host_times[name], after = run_variant(name, recipe, device, args, norms)
+        times[name], host_times[name], after = run_variant(name, recipe, device, clip, args, norms)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if not reference:
@@ -129,7 +134,6 @@ def benchmark(args: argparse.Namespace) -> dict:
         diff = sum(float((p - q).double().square().sum()) for p, q in zip(reference, after))
         rel_l2[name] = (diff / sum(float(p.double().square().sum()) for p in reference)) ** 0.5
     ms = {k: statistics.median(v) for k, v in times.items()}
-    clip = recipe.train.grad_clip
     return {
         "recipe": args.recipe,
         "command": " ".join(sys.argv),
@@ -146,7 +150,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         ),  # fmt: skip
         "params_rel_l2_after": rel_l2,  # against the first variant's
         "reference": args.variants[0],
-        "grad_clip": clip if clip > 0 else float("inf"),
+        "grad_clip": clip,
         "grad_norm": statistics.median(norms),  # each variant's, every step: before clipping
         "steps": args.steps,
     }
