@@ -126,6 +126,11 @@ t8b 8b28l_fp8_all_cache_compile 200 28 --set 'train.precision="fp8"' --set train
   --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true
 t8b 8b28l_fp8_all_cache_compile_gb8 200 28 --accumulate 8 --set 'train.precision="fp8"' \
   --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true
+# The cached float8 linears casting their input again in the backward, as torchao's do (the A/B
+# of reading the forward's cast, the default: against 8b28l_fp8_all_cache_compile_gb8).
+t8b 8b28l_fp8_all_cache_recast_gb8 200 28 --accumulate 8 --set 'train.precision="fp8"' \
+  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
+  --fp8-recast-input
 # train.fused_grad_accumulation (each linear's weight gradient added into its fp32 .grad in its
 # backward; the fp32 adds of accumulation were 16.3 ms a micro-batch after the first), against
 # 8b28l_bf16_compile_gb8 and 8b28l_fp8_all_cache_compile_gb8 in the same call (300 s: the blocks

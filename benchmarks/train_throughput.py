@@ -19,6 +19,10 @@ The gradients are then allocated once and zeroed in place: autograd would otherw
 parameter's first gradient in the graph's memory, which the next micro-batch's replay
 overwrites (a known failure of cudagraph trees with gradient accumulation).
 
+--fp8-recast-input (with train.fp8_weight_cache) has the cached float8 linears cast their input
+again in the backward for the weight gradient, as torchao's do, instead of reading the forward's
+cast (the same bits): the A/B of that lever.
+
 MFU = model FLOP/s (toolkit.model.flops_per_token: 6 x matmul parameters + attention + SSD scan,
 forward and backward) / peak. Two peaks are reported: the data-sheet dense bf16 peak
 (toolkit.profiling.PEAK_TFLOPS; `mfu`) and the bf16 matmul rate measured in the same run
@@ -122,6 +126,13 @@ def benchmark(args: argparse.Namespace) -> dict:
     cfg, seq = recipe.train, recipe.model.seq_length
     if args.cuda_graphs and not cfg.compile:
         raise RecipeError("--cuda-graphs replays compiled code: set train.compile=true")
+    if args.fp8_recast_input:
+        if not (cfg.precision == "fp8" and cfg.fp8_weight_cache):
+            raise RecipeError("--fp8-recast-input is a lever of train.fp8_weight_cache: set "
+                              "train.precision=\"fp8\" and train.fp8_weight_cache=true")  # fmt: skip
+        from toolkit.fp8_weight_cache import Float8LinearCastOnce
+
+        Float8LinearCastOnce.reuse_input_cast = False
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(recipe, tokenizer_from_recipe(recipe), device)
@@ -171,6 +182,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "fp8_recipe": cfg.fp8_recipe if engine else None,
         "fp8_layers": cfg.fp8_layers if engine else None,
         "fp8_weight_cache": cfg.fp8_weight_cache if engine else None,
+        "fp8_recast_input": args.fp8_recast_input,
         "compile": cfg.compile,
         "compile_scope": cfg.compile_scope,
         "compile_mode": cfg.compile_mode,
@@ -222,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the compiled blocks as CUDA graphs (needs train.compile; "
                         "gradients allocated once and zeroed in place)")  # fmt: skip
+    parser.add_argument("--fp8-recast-input", action="store_true",
+                        help="with train.fp8_weight_cache: cast each float8 linear's input "
+                        "again in the backward, as torchao does (the lever's A/B)")  # fmt: skip
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
     )

@@ -361,6 +361,76 @@ def test_the_compiled_weight_cast_gives_torchaos_bits():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
 
 
+@needs_torchao
+@pytest.mark.parametrize("reuse", [True, False])
+def test_weight_gradient_reads_the_forwards_float8_input(reuse, monkeypatch):
+    """train.fp8_weight_cache's linears: the weight gradient's product reads the input's float8
+    cast made in the forward, so the backward casts only the output gradient: eagerly no cast
+    of the input, compiled one amax reduction a linear in the backward graph (the gradient's),
+    where torchao's casts the input again (with reuse_input_cast off, the benchmark's A/B:
+    two). Output and gradients bit for bit torchao's either way."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    import toolkit.fp8_weight_cache as cache
+
+    monkeypatch.setattr(cache.Float8LinearCastOnce, "reuse_input_cast", reuse)
+    input_casts = []
+    cast = cache.hp_tensor_to_float8_dynamic
+    monkeypatch.setattr(
+        cache,
+        "hp_tensor_to_float8_dynamic",
+        lambda *a, **k: (
+            input_casts.append(k["gemm_input_role"] == GemmInputRole.INPUT) or cast(*a, **k)
+        ),
+    )
+    torch.manual_seed(0)
+    torchaos = nn.Sequential(nn.RMSNorm(64), nn.Linear(64, 128, bias=False), nn.ReLU(),
+                             nn.Linear(128, 64, bias=False))  # fmt: skip
+    config = Float8LinearConfig.from_recipe_name("tensorwise")
+    convert_to_float8_training(torchaos, config=config)
+    cached = copy.deepcopy(torchaos)
+    assert cache.cast_once_linears(cached) == ["1", "3"]
+    x = torch.randn(2, 16, 64)
+
+    def run(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), cache.cast_weights_once(model):
+            out = model(x)
+            out.float().pow(2).mean().backward()
+        return out, [p.grad for p in model.parameters()]
+
+    want, got = run(torchaos), run(cached)
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(g, w) for g, w in zip(got[1], want[1]))
+    # The cached linears' input casts: one a forward, and one a backward without the reuse.
+    input_casts.clear()
+    run(cached)
+    assert sum(input_casts) == (2 if reuse else 4), input_casts
+
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        def keep(graph: torch.fx.GraphModule, _: list) -> object:
+            graphs.append(graph)
+            return make_boxed_func(graph)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep,
+                                     partition_fn=min_cut_rematerialization_partition)  # fmt: skip
+
+    monkeypatch.setattr(cache, "hp_tensor_to_float8_dynamic", cast)  # not counted in graphs
+    torch._dynamo.reset()
+    compiled = run(torch.compile(cached, backend=capture, fullgraph=True))
+    assert torch.equal(compiled[0], want[0])
+    assert all(torch.equal(g, w) for g, w in zip(compiled[1], want[1]))
+    forward, backward = graphs
+    amax = [torch.ops.aten.max.default, torch.ops.aten.amax.default]
+    reductions = [n for n in backward.graph.nodes if n.target in amax]
+    assert len(reductions) == (2 if reuse else 4), backward.code
+
+
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
          and importlib.util.find_spec("torchao") is not None),

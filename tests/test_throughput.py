@@ -182,3 +182,9 @@ def test_trace_summary_counts_kernels_and_dma_copies(tmp_path, capsys, monkeypat
     assert "0.3 ms   30.0%  copy / cast" in out
     assert "0.1 ms   10.0%  cross-entropy / softmax" in out
     assert "0.6 ms   60.0%  aten::mm" in out and "0.3 ms   30.0%  aten::copy_" in out
+
+
+def test_fp8_recast_input_needs_the_weight_cache(capsys):
+    args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "1", "--fp8-recast-input"]
+    assert train_throughput.main(args) == 2
+    assert "train.fp8_weight_cache=true" in capsys.readouterr().err

@@ -14,6 +14,12 @@ The cast is kept in the two layouts the products take (row-major for the forward
 column-major for the backward's gradient of the input), so no backward copies it; on CUDA both
 are made by compiled code (two fused passes over the fp32 weight, then a tiled transpose).
 
+The backward's weight-gradient product reads the input's float8 cast the forward made, where
+torchao's backward casts the input again (an amax reduction over it and a cast: per linear, ~5
+bytes an input element; a compiled block recomputes at most the cast's pointwise pass from what
+it saves, no reduction). The same bits: tensorwise, the input's two casts are one scale of the
+same tensor.
+
 The same numbers as torchao's: tensorwise scaling takes one scale from the whole weight, the
 same in the forward, the backward and every micro-batch, so the products read the same float8
 values. Rowwise scaling casts the weight differently for its two products: refused (recipe).
@@ -25,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from torchao.float8.config import CastConfig, Float8LinearConfig
+from torchao.float8.config import CastConfig, Float8LinearConfig, ScalingGranularity
 from torchao.float8.float8_linear import Float8Linear
 from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
 from torchao.float8.float8_training_tensor import (
@@ -62,8 +68,10 @@ class _MatmulCastWeight(torch.autograd.Function):
     the output gradient, the same products) reading the weight's float8 cast in the two layouts
     its products take: row-major for the forward's, column-major for the backward's gradient of
     the input, where torchao's copies the float8 weight into that layout in every backward (2
-    bytes a parameter a micro-batch). The weight gradient goes to the fp32 weight, or, given
-    its `weight_grad` (train.fused_grad_accumulation), is added into that."""
+    bytes a parameter a micro-batch). With `reuse_input_cast` the weight gradient's product
+    reads the forward's float8 input (`_reuses_input_cast` says where that is the same bits).
+    The weight gradient goes to the fp32 weight, or, given its `weight_grad`
+    (train.fused_grad_accumulation), is added into that."""
 
     @staticmethod
     def forward(
@@ -75,29 +83,47 @@ class _MatmulCastWeight(torch.autograd.Function):
         mm_config: LinearMMConfig,
         config: Float8LinearConfig,
         weight_grad: torch.Tensor | None = None,
+        reuse_input_cast: bool = False,
     ) -> torch.Tensor:
-        ctx.save_for_backward(input, weight_fp8_cm, weight_grad)
         ctx.mm_config, ctx.config = mm_config, config
         x = _cast(input, GemmInputRole.INPUT, config.cast_config_input, -1, mm_config, config)
-        out = torch.mm(x.reshape(-1, x.shape[-1]), weight_fp8.t())
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        x = x.reshape(-1, x.shape[-1])
+        ctx.reuse_input_cast = reuse_input_cast
+        if reuse_input_cast:
+            ctx.save_for_backward(x, weight_fp8_cm, weight_grad)
+        else:
+            ctx.save_for_backward(input, weight_fp8_cm, weight_grad)
+        out = torch.mm(x, weight_fp8.t())
+        return out.reshape(*input.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input, weight_cm, weight_grad = ctx.saved_tensors
         c, mm = ctx.config, ctx.mm_config
+        if ctx.reuse_input_cast:
+            x, weight_cm, weight_grad = ctx.saved_tensors
+        else:
+            input, weight_cm, weight_grad = ctx.saved_tensors
+            x = input.reshape(-1, input.shape[-1])
+            x = _cast(x, GemmInputRole.INPUT, c.cast_config_input_for_grad_weight, 0, mm, c)
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output, -1, mm, c)
         grad_input = torch.mm(g, weight_cm).reshape(*grad_output.shape[:-1], -1)
         g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output_for_grad_weight, 0,
                   mm, c)  # fmt: skip
-        x = input.reshape(-1, input.shape[-1])
-        x = _cast(x, GemmInputRole.INPUT, c.cast_config_input_for_grad_weight, 0, mm, c)
         grad_weight = torch.mm(g.t(), x)
         if weight_grad is not None:  # train.fused_grad_accumulation: into the held gradient
             add_weight_grad(weight_grad, grad_weight)
             grad_weight = None
-        return grad_input, grad_weight, None, None, None, None, None
+        return grad_input, grad_weight, None, None, None, None, None, None
+
+
+def _reuses_input_cast(config: Float8LinearConfig) -> bool:
+    """Whether the weight gradient's cast of the input is the forward's, bit for bit: one
+    tensorwise cast config for both (torchao's default)."""
+    c = config.cast_config_input
+    return c == config.cast_config_input_for_grad_weight and (
+        c.scaling_granularity is ScalingGranularity.TENSORWISE
+    )
 
 
 @functools.cache
@@ -125,6 +151,10 @@ class Float8LinearCastOnce(Float8Linear):
     """torchao's Float8Linear that reads its weight's float8 cast from `weight_fp8` and
     `weight_fp8_cm` (row- and column-major; non-persistent buffers: not in checkpoints) while
     cast_weights_once holds them, and casts as Float8Linear does otherwise."""
+
+    # The weight gradient's product reads the forward's float8 input where that is the same
+    # bits; False: cast the input again in the backward, as torchao does (a benchmark's A/B).
+    reuse_input_cast = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -169,7 +199,7 @@ class Float8LinearCastOnce(Float8Linear):
         weight_grad = self.weight.grad if into_grad else None
         output = _MatmulCastWeight.apply(
             input, self.weight, self.weight_fp8, self.weight_fp8_cm, self.linear_mm_config,
-            self.config, weight_grad,
+            self.config, weight_grad, self.reuse_input_cast and _reuses_input_cast(self.config),
         )  # fmt: skip
         if self.bias is not None:
             output = output + self.bias.to(output.dtype)
