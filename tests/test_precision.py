@@ -558,6 +558,53 @@ def test_recipe_of_the_other_engine_is_a_recipe_error(engine, fp8_recipe):
     recipe_from_dict(table, overrides + ["train.precision='bf16'"])
 
 
+def test_delayed_scaling_takes_the_recipes_amax_history(monkeypatch):
+    """train.fp8_amax_history and train.fp8_amax_algo reach Transformer Engine's DelayedScaling
+    (a stand-in module here: TE is not installed on CPUs) through the step's autocast; the
+    defaults are TE's own (1024, max); other recipes refuse them by name."""
+    import sys
+    import types
+
+    import toolkit.parallel.parallelize as parallelize_module
+    import toolkit.precision as precision
+    from toolkit.distributed import ParallelEnv
+
+    made = []
+    fake = types.ModuleType("transformer_engine.common.recipe")
+    fake.DelayedScaling = lambda **kwargs: made.append(kwargs) or kwargs
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.common",
+                        types.SimpleNamespace(recipe=fake))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "transformer_engine.common.recipe", fake)
+    precision.te_recipe.cache_clear()
+    try:
+        assert precision.te_recipe("delayed") == {"amax_history_len": 1024,
+                                                  "amax_compute_algo": "max"}  # fmt: skip
+        assert precision.te_recipe("delayed", (1, "most_recent")) == {
+            "amax_history_len": 1, "amax_compute_algo": "most_recent"}  # fmt: skip
+    finally:
+        precision.te_recipe.cache_clear()
+    # The trainer's step passes the recipe's history to the autocast it enters.
+    seen = []
+    real = parallelize_module.autocast_context
+    monkeypatch.setattr(parallelize_module, "autocast_context",
+                        lambda *a: seen.append(a[3:]) or real(*a))  # fmt: skip
+    table = {"model": FP8_MODEL, "train": {"steps": 1, "micro_batch_size": 1,
+             "global_batch_size": 1, "precision": "bf16", "device": "cpu"}}  # fmt: skip
+    r = recipe_from_dict(table, ["train.fp8_recipe='delayed'", "train.fp8_amax_history=16",
+                                 "train.fp8_amax_algo='most_recent'"])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(r, ByteTokenizer())
+    parallel = parallelize_module.parallelize(model, r, ParallelEnv(0, 1, 0, CPU, tp=1, pp=1,
+                                                                    dp=1))  # fmt: skip
+    tokens = torch.randint(0, 100, (1, FP8_MODEL["seq_length"] + 1))
+    parallel.run_step(tokens[:, :-1], tokens[:, 1:])
+    assert seen and set(seen) == {("delayed", (16, "most_recent"))}
+    for key, value in (("fp8_amax_history", "16"), ("fp8_amax_algo", "'most_recent'")):
+        with pytest.raises(RecipeError, match=rf"^train\.{key}: is read by train\.fp8_recipe="):
+            recipe_from_dict(table, [f"train.{key}={value}"])
+
+
 def test_auto_engine_refuses_a_recipe_it_cannot_run(monkeypatch):
     import toolkit.precision as precision
 

@@ -280,13 +280,16 @@ def fuse_te_norms(model: nn.Module, names: list[str]) -> list[str]:
 
 
 @functools.cache
-def te_recipe(name: str) -> object:
+def te_recipe(name: str, amax_history: tuple[int, str] = (1024, "max")) -> object:
     """Transformer Engine's recipe object for a train.fp8_recipe value, made once: autocast
-    contexts of every step share it (a recipe is not made inside compiled code)."""
+    contexts of every step share it (a recipe is not made inside compiled code). 'delayed'
+    takes its scales from `amax_history` (train.fp8_amax_history and train.fp8_amax_algo:
+    how many steps' amaxes, and which of them)."""
     from transformer_engine.common import recipe
 
-    if name == "delayed":
-        return recipe.DelayedScaling()  # E4M3 forward, E5M2 gradients, max of 1024 amaxes
+    if name == "delayed":  # E4M3 forward, E5M2 gradients (HYBRID, TE's default), margin 0
+        length, algo = amax_history
+        return recipe.DelayedScaling(amax_history_len=length, amax_compute_algo=algo)
     if name == "tensorwise":
         return recipe.Float8CurrentScaling()
     raise PrecisionError(f"train.fp8_recipe={name!r} does not run with transformer_engine")
@@ -297,11 +300,13 @@ def autocast_context(
     device: torch.device,
     engine: Engine | None = None,
     fp8_recipe: str = "tensorwise",
+    amax_history: tuple[int, str] = (1024, "max"),
 ) -> contextlib.AbstractContextManager:
     """What a forward pass runs under: nothing (fp32), bf16 autocast, or for fp8 bf16 autocast
     around the float8 linears (plus Transformer Engine's autocast with `fp8_recipe` when it is the
-    engine). fp8 without an engine is a model that was not converted (e.g. evaluation): bf16, and
-    te.Linear layers outside Transformer Engine's autocast compute in bf16."""
+    engine; te_recipe says what `amax_history` is). fp8 without an engine is a model that was
+    not converted (e.g. evaluation): bf16, and te.Linear layers outside Transformer Engine's
+    autocast compute in bf16."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16" or (precision == "fp8" and engine != "transformer_engine"):
@@ -312,8 +317,12 @@ def autocast_context(
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
         if hasattr(te, "autocast"):  # TE >= 2.8; fp8_autocast warns there
-            stack.enter_context(te.autocast(enabled=True, recipe=te_recipe(fp8_recipe)))
+            stack.enter_context(
+                te.autocast(enabled=True, recipe=te_recipe(fp8_recipe, amax_history))
+            )
         else:
-            stack.enter_context(te.fp8_autocast(enabled=True, fp8_recipe=te_recipe(fp8_recipe)))
+            stack.enter_context(
+                te.fp8_autocast(enabled=True, fp8_recipe=te_recipe(fp8_recipe, amax_history))
+            )
         return stack
     raise ValueError(f"unknown precision {precision!r}")

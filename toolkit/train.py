@@ -285,7 +285,11 @@ class Trainer:
             batches=cfg.eval_batches,
             micro_batch_size=cfg.micro_batch_size,
             autocast=lambda: autocast_context(
-                cfg.precision, self.env.device, engine, cfg.fp8_recipe
+                cfg.precision,
+                self.env.device,
+                engine,
+                cfg.fp8_recipe,
+                (cfg.fp8_amax_history, cfg.fp8_amax_algo),
             ),
             env=self.env,
             hidden_size=self.recipe.model.hidden_size,

@@ -58,6 +58,7 @@ RANGES = {
     "train.grad_clip": "[0, inf)",
     "train.seed": f"[0, {2**32 - 1}]",  # numpy's seed range
     "train.max_skipped_steps": "[0, inf)",
+    "train.fp8_amax_history": f"[1, {MAX_SIZE}]",
     "train.profile.start": "[0, inf)",
     "train.profile.steps": "[1, inf)",
     "train.eval_interval": "[0, inf)",

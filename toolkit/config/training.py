@@ -149,6 +149,18 @@ class TrainConfig:
         "amax: torchao tensorwise, Transformer Engine Float8CurrentScaling), rowwise (torchao "
         "only), delayed (scales from an amax history: Transformer Engine DelayedScaling only)",
     )
+    fp8_amax_history: int = opt(
+        1024,
+        "with fp8_recipe='delayed': how many steps' amaxes each tensor's scale is taken from "
+        "(Transformer Engine's amax_history_len; Megatron's --fp8-amax-history-len, 1 there "
+        "when absent)",
+    )
+    fp8_amax_algo: Literal["max", "most_recent"] = opt(
+        "max",
+        "with fp8_recipe='delayed': each scale from the largest amax of the history or from "
+        "the most recent (Transformer Engine's amax_compute_algo; Megatron's default "
+        "most_recent)",
+    )
     fp8_layers: Fp8Layers = opt(
         "inner",
         "which linears go float8 with precision='fp8': inner (the blocks but the first and the "
@@ -226,6 +238,16 @@ class TrainConfig:
                 "casts torchao's tensorwise weights: needs train.fp8_recipe='tensorwise' and "
                 f"train.fp8_engine 'torchao' or 'auto', got {self.fp8_recipe!r} and "
                 f"{self.fp8_engine!r}",
+            )
+        if self.fp8_recipe != "delayed":
+            check(
+                (self.fp8_amax_history, self.fp8_amax_algo) == (1024, "max"),
+                "train.fp8_amax_history"
+                if self.fp8_amax_history != 1024
+                else "train.fp8_amax_algo",
+                "is read by train.fp8_recipe='delayed' only (scales from an amax history); "
+                f"this recipe's is {self.fp8_recipe!r} (scales from the current amax): leave it "
+                "unset",
             )
         if self.precision == "fp8" and self.fp8_engine != "auto":  # 'auto': where the job runs
             check(

@@ -140,7 +140,13 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
         micro_batches=micro_batches,
         seq_length=recipe.model.seq_length,
         sequence_shards=env.tp if par.sequence_parallel else 1,
-        autocast=lambda: autocast_context(cfg.precision, device, engine, cfg.fp8_recipe),
+        autocast=lambda: autocast_context(
+            cfg.precision,
+            device,
+            engine,
+            cfg.fp8_recipe,
+            (cfg.fp8_amax_history, cfg.fp8_amax_algo),
+        ),
         logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
         step_context=fp8_weight_casts(cfg),
     )
