@@ -177,3 +177,50 @@ def test_readme_maps_every_flag():
     readme = (ROOT / "README.md").read_text()
     for name in FLAGS:
         assert f"`{name}`" in readme, name
+
+
+def test_fp8_flags_become_the_recipes_float8_keys(tmp_path):
+    """--fp8-format hybrid: float8 with Megatron's defaults where its flags are absent (delayed
+    scaling from the most recent of 1 amax, every block in float8); the other FP8 flags map to
+    their keys, and the converted recipes load."""
+    one_line = REFERENCE_8B.replace("\\\n", " ")
+    runs = {
+        "defaults": ("--fp8-format hybrid", {"precision": "fp8", "fp8_recipe": "delayed",
+                     "fp8_amax_history": 1, "fp8_amax_algo": "most_recent",
+                     "fp8_layers": "blocks"}),
+        "set": ("--fp8-format hybrid --fp8-recipe delayed --fp8-amax-history-len 1024 "
+                "--fp8-amax-compute-algo max --fp8-margin 0 --first-last-layers-bf16 "
+                "--num-layers-at-start-in-bf16 1", {"fp8_amax_history": 1024,
+                "fp8_amax_algo": "max", "fp8_layers": "inner"}),
+        "tensorwise": ("--fp8-format hybrid --fp8-recipe tensorwise --fp8-interval 1 "
+                       "--transformer-impl transformer_engine --no-gradient-accumulation-fusion",
+                       {"fp8_recipe": "tensorwise", "fused_grad_accumulation": False}),
+    }  # fmt: skip
+    for name, (flags, want) in runs.items():
+        proc = convert(one_line.replace("--bf16", "--bf16 " + flags))
+        assert proc.returncode == 0, (name, proc.stderr)
+        train = tomllib.loads(proc.stdout)["train"]
+        assert {k: train.get(k) for k in want} == want, name
+        if name == "tensorwise":  # delayed scaling's keys are left to their defaults
+            assert "fp8_amax_history" not in train and "fp8_amax_algo" not in train
+        out = tmp_path / f"{name}.toml"
+        out.write_text(proc.stdout)
+        assert load_recipe(out).train.precision == "fp8"
+    # Without --fp8-format Megatron reads none of them: bf16.
+    proc = convert(one_line.replace("--bf16", "--bf16 --fp8-recipe tensorwise"))
+    assert proc.returncode == 0 and tomllib.loads(proc.stdout)["train"]["precision"] == "bf16"
+
+
+def test_fp8_flags_it_cannot_honour_are_refused_by_name():
+    one_line = REFERENCE_8B.replace("\\\n", " ")
+    flags = ("--fp8-format e4m3 --fp8-margin 1 --no-fp8-wgrad --fp8-param-gather "
+             "--num-layers-at-end-in-bf16 2 --fp8-amax-compute-algo min")  # fmt: skip
+    proc = convert(one_line.replace("--bf16", "--bf16 " + flags))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    for name in ("--fp8-format", "--fp8-margin", "--no-fp8-wgrad", "--fp8-param-gather",
+                 "--num-layers-at-end-in-bf16", "--fp8-amax-compute-algo"):  # fmt: skip
+        assert f"{name}:" in proc.stderr, name
+    for flags, named in (("--fp8-format hybrid --fp8-recipe mxfp8", "--fp8-recipe: 'mxfp8'"),
+                         ("--fp8-format hybrid", "--fp8-format: needs --bf16")):  # fmt: skip
+        proc = convert(one_line.replace("--bf16", flags))
+        assert proc.returncode == 2 and named in proc.stderr, proc.stderr

@@ -276,6 +276,13 @@ def _train(r: _Reader) -> dict[str, Any]:
     t["grad_clip"] = r.num("--clip-grad", float, 1.0)
     t["seed"] = r.num("--seed", int, 1234)
     t["precision"] = "bf16" if r.has("--bf16") else "fp32"
+    if r.has("--fp8-format"):
+        t |= _fp8(r)
+    for name in ("--no-fp8-wgrad", "--fp8-param-gather"):
+        if r.has(name):
+            r.refuse(name, FLAGS[name].note)
+    if r.has("--no-gradient-accumulation-fusion"):
+        t["fused_grad_accumulation"] = False
     t["eval_batches"] = max(r.num("--eval-iters", int, 100) * gbs // mbs, 1)
     granularity = r.text("--recompute-granularity")
     if granularity is not None:
@@ -292,6 +299,33 @@ def _train(r: _Reader) -> dict[str, Any]:
                 f"{granularity} (method {method}): the toolkit recomputes whole blocks: "
                 "full with --recompute-method uniform --recompute-num-layers 1",
             )
+    return t
+
+
+def _fp8(r: _Reader) -> dict[str, Any]:
+    """--fp8-format and the flags that shape it (Megatron's Transformer Engine group); Megatron
+    reads none of them without --fp8-format, and neither does this."""
+    fmt = r.text("--fp8-format")
+    if fmt != "hybrid":
+        r.refuse("--fp8-format", f"{fmt!r}: float8 gradients are E5M2 here (Megatron's 'hybrid')")
+    if not r.has("--bf16"):
+        r.refuse("--fp8-format", "needs --bf16: the toolkit's float8 runs the rest in bf16")
+    t: dict[str, Any] = {"precision": "fp8"}
+    t["fp8_recipe"] = r.text("--fp8-recipe", "delayed")
+    if t["fp8_recipe"] not in ("delayed", "tensorwise"):
+        r.refuse("--fp8-recipe", f"{t['fp8_recipe']!r}: the toolkit has delayed and tensorwise")
+    elif t["fp8_recipe"] == "delayed":
+        t["fp8_amax_history"] = r.num("--fp8-amax-history-len", int, 1)
+        t["fp8_amax_algo"] = r.text("--fp8-amax-compute-algo", "most_recent")
+        if t["fp8_amax_algo"] not in ("most_recent", "max"):
+            r.refuse("--fp8-amax-compute-algo", f"{t['fp8_amax_algo']!r}: most_recent or max")
+        if r.num("--fp8-margin", int, 0) != 0:
+            r.refuse("--fp8-margin", "must be 0: the toolkit's delayed scaling has no margin")
+    # Megatron puts every layer in float8 unless --first-last-layers-bf16 keeps some in bf16.
+    t["fp8_layers"] = "inner" if r.has("--first-last-layers-bf16") else "blocks"
+    for name in ("--num-layers-at-start-in-bf16", "--num-layers-at-end-in-bf16"):
+        if r.num(name, int, 1) != 1:
+            r.refuse(name, "must be 1: the toolkit keeps the first and the last block in bf16")
     return t
 
 

@@ -82,6 +82,29 @@ FLAGS = {
     "--eval-interval": Flag(1, "train.eval_interval", "with a validation share in --split"),
     "--eval-iters": Flag(1, "train.eval_batches", "x global / micro batch"),
     "--bf16": Flag(0, "train.precision", "absent: fp32"),
+    "--fp8-format": Flag(
+        1,
+        "train.precision",
+        "hybrid -> fp8 (E4M3 forward, E5M2 gradients), with --bf16; e4m3 refused",
+    ),
+    "--fp8-recipe": Flag(1, "train.fp8_recipe", "delayed or tensorwise; absent: delayed"),
+    "--fp8-amax-history-len": Flag(1, "train.fp8_amax_history", "delayed; absent: 1"),
+    "--fp8-amax-compute-algo": Flag(1, "train.fp8_amax_algo", "delayed; absent: most_recent"),
+    "--fp8-margin": Flag(1, "", "must be 0 (Megatron's default)"),
+    "--fp8-interval": Flag(1, "", "no effect (Megatron ignores it)"),
+    "--first-last-layers-bf16": Flag(
+        0, "train.fp8_layers", "inner (first and last blocks bf16); absent with fp8: blocks"
+    ),
+    "--num-layers-at-start-in-bf16": Flag(1, "train.fp8_layers", "must be 1"),
+    "--num-layers-at-end-in-bf16": Flag(1, "train.fp8_layers", "must be 1"),
+    "--no-fp8-wgrad": Flag(0, "", "refused: the weight gradients' products are float8 here"),
+    "--fp8-param-gather": Flag(0, "", "refused: float8 parameters are not kept here"),
+    "--transformer-impl": Flag(
+        1, "", "no effect: the toolkit's own layers; train.fp8_engine picks the float8 library"
+    ),
+    "--no-gradient-accumulation-fusion": Flag(
+        0, "train.fused_grad_accumulation", "false; absent: the key's default (the same math)"
+    ),
     "--use-mcore-models": Flag(0, "", "no effect"),
     "--spec": Flag("*", "", "the layer spec: the toolkit's blocks are Megatron-core's"),
     "--no-create-attention-mask-in-dataloader": Flag(0, "", "no effect (causal attention)"),
