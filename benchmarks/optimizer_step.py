@@ -116,7 +116,7 @@ def run_variant(
 def benchmark(args: argparse.Namespace) -> dict:
     recipe = load_recipe(args.recipe, list(args.set))
     device = resolve_device(args.device or recipe.train.device)
-    clip = recipe.train.grad_clip if recipe.train.grad_clip > 0 else float("inf")  # the trainer's
+    clip = recipe.train.max_grad_norm  # the trainer's
     times: dict[str, list[float]] = {}
     host_times: dict[str, list[float]] = {}
     norms: list[float] = []

@@ -449,7 +449,7 @@ def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: tor
     env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
     parallel = parallelize(model, recipe, env)
     params = [p for p in model.parameters() if p.requires_grad]
-    clip = recipe.train.grad_clip if recipe.train.grad_clip > 0 else math.inf
+    clip = recipe.train.max_grad_norm
 
     def step() -> torch.Tensor:
         tokens = random_tokens(s, device)
@@ -486,7 +486,7 @@ def run_theirs(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: t
         apply_compile(model.backbone, True)  # each block on its own, as ours
     optimizer = build_optimizer(model, recipe.train)
     params = [p for p in model.parameters() if p.requires_grad]
-    clip = recipe.train.grad_clip if recipe.train.grad_clip > 0 else math.inf
+    clip = recipe.train.max_grad_norm
 
     def step() -> torch.Tensor:
         tokens = random_tokens(s, device)

@@ -149,13 +149,12 @@ def benchmark(args: argparse.Namespace) -> dict:
         for p in params:
             p.grad = torch.zeros_like(p)
     vocab = model.vocab_size
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # the trainer's: a norm to log
     grad_norms: list[float] = []  # before clipping, as the trainer logs them
 
     def step() -> float:
         tokens = torch.randint(0, vocab, (mbs * args.accumulate, seq + 1), device=device)
         loss = parallel.run_step(tokens[:, :-1], tokens[:, 1:])  # the mean micro-batch loss
-        grad_norms.append(clip_and_step(optimizer, params, clip, env))
+        grad_norms.append(clip_and_step(optimizer, params, cfg.max_grad_norm, env))
         optimizer.zero_grad(set_to_none=not args.cuda_graphs)
         return loss.detach()
 

@@ -3,6 +3,7 @@ fail with a RecipeError that names the key and the reason."""
 
 import dataclasses
 import functools
+import math
 import re
 import tomllib
 import typing
@@ -630,6 +631,11 @@ def test_int_for_a_float_field_becomes_float(tmp_path):
     r = load_recipe(path)
     assert type(r.train.weight_decay) is float and r.train.weight_decay == 0.0
     assert type(r.train.grad_clip) is float and r.train.grad_clip == 2.0
+
+
+def test_max_grad_norm_is_the_clip_or_infinity_when_off():
+    assert recipe_from_dict(base_table(), ["train.grad_clip=0.5"]).train.max_grad_norm == 0.5
+    assert recipe_from_dict(base_table(), ["train.grad_clip=0"]).train.max_grad_norm == math.inf
 
 
 @pytest.mark.parametrize(

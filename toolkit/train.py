@@ -13,7 +13,6 @@ pre-timeout signal) save a checkpoint at the next step boundary and stop.
 
 import argparse
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -257,8 +256,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             self.step_ended = None
             return None
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = clip_and_step(optimizer, self.trainable, clip, env)
+        grad_norm = clip_and_step(optimizer, self.trainable, cfg.max_grad_norm, env)
         optimizer.zero_grad(set_to_none=True)
         self.step_ended = time.perf_counter()
         return StepStats(loss, lr, grad_norm, self.step_ended - started)

@@ -219,6 +219,12 @@ class TrainConfig:
     eval_interval: int = opt(0, "validation loss every N steps and at the end (0: never)")
     eval_batches: int = opt(4, "micro-batches per validation (the same ones every time)")
 
+    @property
+    def max_grad_norm(self) -> float:
+        """The bound clip_and_step clips the global gradient norm to: train.grad_clip, or
+        infinity where it is 0 (off: the norm is still computed, for the logs)."""
+        return self.grad_clip if self.grad_clip > 0 else math.inf
+
     def validate(self) -> None:
         """The ranges, the per-block-kind switches, the float8 recipe and the learning rates."""
         check_ranges(self, "train")
