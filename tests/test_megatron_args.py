@@ -207,14 +207,15 @@ def test_fp8_flags_become_the_recipes_float8_keys(tmp_path):
         out.write_text(proc.stdout)
         assert load_recipe(out).train.precision == "fp8"
     # Without --fp8-format Megatron reads none of them: bf16.
-    proc = convert(one_line.replace("--bf16", "--bf16 --fp8-recipe tensorwise"))
+    proc = convert(one_line.replace("--bf16", "--bf16 --fp8-recipe tensorwise --no-fp8-wgrad"))
     assert proc.returncode == 0 and tomllib.loads(proc.stdout)["train"]["precision"] == "bf16"
 
 
 def test_fp8_flags_it_cannot_honour_are_refused_by_name():
     one_line = REFERENCE_8B.replace("\\\n", " ")
     flags = ("--fp8-format e4m3 --fp8-margin 1 --no-fp8-wgrad --fp8-param-gather "
-             "--num-layers-at-end-in-bf16 2 --fp8-amax-compute-algo min")  # fmt: skip
+             "--first-last-layers-bf16 --num-layers-at-end-in-bf16 2 "
+             "--fp8-amax-compute-algo min")  # fmt: skip
     proc = convert(one_line.replace("--bf16", "--bf16 " + flags))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     for name in ("--fp8-format", "--fp8-margin", "--no-fp8-wgrad", "--fp8-param-gather",

@@ -278,9 +278,6 @@ def _train(r: _Reader) -> dict[str, Any]:
     t["precision"] = "bf16" if r.has("--bf16") else "fp32"
     if r.has("--fp8-format"):
         t |= _fp8(r)
-    for name in ("--no-fp8-wgrad", "--fp8-param-gather"):
-        if r.has(name):
-            r.refuse(name, FLAGS[name].note)
     if r.has("--no-gradient-accumulation-fusion"):
         t["fused_grad_accumulation"] = False
     t["eval_batches"] = max(r.num("--eval-iters", int, 100) * gbs // mbs, 1)
@@ -320,12 +317,15 @@ def _fp8(r: _Reader) -> dict[str, Any]:
         if t["fp8_amax_algo"] not in ("most_recent", "max"):
             r.refuse("--fp8-amax-compute-algo", f"{t['fp8_amax_algo']!r}: most_recent or max")
         if r.num("--fp8-margin", int, 0) != 0:
-            r.refuse("--fp8-margin", "must be 0: the toolkit's delayed scaling has no margin")
+            r.refuse("--fp8-margin", "must be 0: the toolkit's delayed scaling runs margin 0")
     # Megatron puts every layer in float8 unless --first-last-layers-bf16 keeps some in bf16.
     t["fp8_layers"] = "inner" if r.has("--first-last-layers-bf16") else "blocks"
     for name in ("--num-layers-at-start-in-bf16", "--num-layers-at-end-in-bf16"):
-        if r.num(name, int, 1) != 1:
+        if r.has("--first-last-layers-bf16") and r.num(name, int, 1) != 1:
             r.refuse(name, "must be 1: the toolkit keeps the first and the last block in bf16")
+    for name in ("--no-fp8-wgrad", "--fp8-param-gather"):
+        if r.has(name):
+            r.refuse(name, FLAGS[name].note)
     return t
 
 
