@@ -22,9 +22,13 @@
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_cudagraphs_gb8
 #       8b28l_fp8_all_compile_gb8 8b28l_fp8_all_cudagraphs_gb8 bf16_compile_mbs8
 #       bf16_cudagraphs_mbs8" OUT=$OUT bash benchmarks/gpu_train.sh
-# Weight gradients added into .grad in the backward, beside the same without (~6 minutes):
+# Weight gradients added into .grad in the backward, beside the same without (~6 minutes), and
+# the cached float8 linears casting their input again in the backward (torchao's way):
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_fga_gb8
-#       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_cache_fga_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
+#       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_cache_fga_gb8
+#       8b28l_fp8_all_cache_recast_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
+# The same at the 800M's global batch (4 micro-batches of 8):
+#     GPU_TRAIN_RUNS="bf16_compile_mbs8_gb32 bf16_fga_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
 # FP8 with the weights cast once per update, beside the same without (~5 minutes, cold caches):
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_fp8_all_compile_gb8
 #       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_compile 8b28l_fp8_all_cache_compile"
@@ -141,6 +145,10 @@ t8b 8b28l_fp8_all_cache_fga_gb8 300 28 --accumulate 8 --set 'train.precision="fp
   --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
   --set train.fused_grad_accumulation=true
 tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
+# train.fused_grad_accumulation at the 800M's global batch (item 1; against
+# bf16_compile_mbs8_gb32 in the same call): 3 of its 4 micro-batches add into .grad.
+tp bf16_fga_mbs8_gb32 300 8 --accumulate 4 --set train.compile=true \
+  --set train.fused_grad_accumulation=true
 tp fp8_compile_mbs8_gb32 200 8 --accumulate 4 --set 'train.precision="fp8"' \
   --set train.compile=true
 # The 800M's output layer (1024 x 256k) is ~40% of its matmul FLOPs and stays bf16 in 'inner'
