@@ -8,7 +8,9 @@ Model and data: gpu_parity.py's small hybrid (the 800M's block shapes, 6 blocks,
 
 1. Loss curves: `--steps` AdamW steps (lr 3e-4, clip 1.0) on the same batches from the same
    initial weights in bf16 autocast, torchao float8 (tensorwise), Transformer Engine FP8 with
-   current scaling (train.fp8_recipe='tensorwise') and with delayed scaling ('delayed'), and with
+   current scaling (train.fp8_recipe='tensorwise') and with delayed scaling ('delayed': TE's
+   default history, and Megatron's, the most recent of 1 amax: train.fp8_amax_history=1,
+   train.fp8_amax_algo='most_recent'), and with
    current scaling and the pre-norms fused into te.LayerNormLinear (train.te_fused_norm), and
    torchao's with every block and the output layer in float8 (train.fp8_layers='all'), and that
    with each weight cast once a step (train.fp8_weight_cache: the same curve expected); each
@@ -54,10 +56,13 @@ RUNS = {
     "torchao_tensorwise": ("fp8", "torchao", "tensorwise"),
     "te_current": ("fp8", "transformer_engine", "tensorwise"),
     "te_delayed": ("fp8", "transformer_engine", "delayed"),
+    "te_delayed_megatron": ("fp8", "transformer_engine", "delayed"),  # Megatron's amax history
     "te_current_fused_norm": ("fp8", "transformer_engine", "tensorwise"),  # train.te_fused_norm
     "torchao_tensorwise_all": ("fp8", "torchao", "tensorwise"),  # train.fp8_layers='all'
     "torchao_tensorwise_all_cache": ("fp8", "torchao", "tensorwise"),  # + train.fp8_weight_cache
 }
+# train.fp8_amax_history and train.fp8_amax_algo where a run sets them (else TE's defaults)
+AMAX_HISTORY = {"te_delayed_megatron": (1, "most_recent")}
 
 
 def make_recipe(root: Path):
@@ -94,16 +99,18 @@ def build(
     return model, engine
 
 
-def loss_of(model, tokens, precision, engine, fp8_recipe) -> torch.Tensor:
+def loss_of(
+    model, tokens, precision, engine, fp8_recipe, amax_history=(1024, "max")
+) -> torch.Tensor:
     tokens = tokens.to(CUDA)
-    with autocast_context(precision, CUDA, engine, fp8_recipe):
+    with autocast_context(precision, CUDA, engine, fp8_recipe, amax_history):
         logits = model(tokens[:, :-1])
     return cross_entropy(logits, tokens[:, 1:], model.vocab_size)
 
 
 def curve(
     recipe, state, data, precision, engine, fp8_recipe, fuse_norms=False, layers="inner",
-    cast_once=False,
+    cast_once=False, amax_history=(1024, "max"),
 ) -> tuple[list[float], object]:  # fmt: skip
     model, engine = build(recipe, state, engine, fp8_recipe, fuse_norms, layers, cast_once)
     opt = build_optimizer(model, TrainConfig(steps=len(data), lr=3e-4, weight_decay=0.1))
@@ -111,7 +118,7 @@ def curve(
     for tokens in data:
         # train.fp8_weight_cache: the weights cast once for the step's forward and backward
         with cast_weights_once(model) if cast_once else contextlib.nullcontext():
-            loss = loss_of(model, tokens, precision, engine, fp8_recipe)
+            loss = loss_of(model, tokens, precision, engine, fp8_recipe, amax_history)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -222,6 +229,7 @@ def main() -> int:
         curves[label], model = curve(
             recipe, state, data, precision, engine, fp8_recipe, fuse, layers,
             cast_once=label.endswith("_cache"),
+            amax_history=AMAX_HISTORY.get(label, (1024, "max")),
         )  # fmt: skip
         if label == "te_current":
             te_model = model
@@ -235,8 +243,9 @@ def main() -> int:
         diffs[label] = {"mean_abs_diff": sum(d) / len(d), "max_abs_diff": max(d)}
     yard = max(2 * diffs["torchao_tensorwise"]["mean_abs_diff"],
                2 * diffs["bf16_perturbed"]["mean_abs_diff"], 0.02)  # fmt: skip
-    for label in ("torchao_tensorwise", "te_current", "te_delayed", "te_current_fused_norm",
-                  "torchao_tensorwise_all", "torchao_tensorwise_all_cache"):  # fmt: skip
+    for label in ("torchao_tensorwise", "te_current", "te_delayed", "te_delayed_megatron",
+                  "te_current_fused_norm", "torchao_tensorwise_all",
+                  "torchao_tensorwise_all_cache"):  # fmt: skip
         if label in diffs:
             x = diffs[label]
             x["pass"] = (
