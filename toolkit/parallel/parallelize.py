@@ -119,6 +119,30 @@ def fp8_weight_casts(cfg: TrainConfig) -> Callable[[nn.Module], AbstractContextM
     return cast_weights_once
 
 
+def warn_where_nothing_accumulates(cfg: TrainConfig, micro_batches: int) -> list[str]:
+    """The keys that pay only where a step accumulates micro-batches, set for a step of one:
+    logged as warnings (a recipe can still run them); returns the keys it warned about."""
+    if micro_batches > 1:
+        return []
+    why = {
+        "fused_grad_accumulation": "has nothing to add into: a step's first micro-batch runs "
+        "as autograd does",
+        "fp8_weight_cache": "costs more than it saves: there are no other micro-batches to "
+        "reuse the casts in (0.955x at the 8B's shapes on an H200)",
+    }
+    keys = [
+        k for k in why if getattr(cfg, k) and (k != "fp8_weight_cache" or cfg.precision == "fp8")
+    ]
+    for key in keys:
+        log.warning(
+            "train.%s pays where a step accumulates micro-batches; this one runs 1 (train."
+            "global_batch_size = micro_batch_size x data-parallel ranks): it %s",
+            key,
+            why[key],
+        )
+    return keys
+
+
 def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelModel:
     """Apply every transform of the recipe to `model`, in the order of this module's docstring."""
     cfg, par = recipe.train, recipe.parallel
@@ -132,6 +156,7 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     apply_compile(model, cfg.compile, mode=cfg.compile_mode, scope=cfg.compile_scope)
     compile_fp8_output_layer(model, cfg)
     micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * env.dp)
+    warn_where_nothing_accumulates(cfg, micro_batches)
     run_step = StepRunner(
         model,
         env,
