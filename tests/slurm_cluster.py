@@ -134,9 +134,14 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         ("Job N already killed, do not launch batch job"), and slurmctld then ends the job FAILED
         before it has written a line ("Killing non-startable batch JobId=N: Job credential
         revoked"). Slurm's hold (the credential's lifetime) is its own guard against that; the
-        next second is enough, as a PENDING job's requeue is done. (StartTime=now+1 would leave
-        it to the backfill scheduler's next pass, up to 30 s.) `fields`: more KEY=VALUE to set."""
-        time.sleep(1 - time.time() % 1)
+        next second is enough, as a PENDING job's requeue is done: the second after the requeue
+        as slurmctld recorded it (the job's SubmitTime), not as a sleep to this clock's next
+        second measures it, which a sleep ending a hair early or a slow `scontrol` can leave in
+        the same second. (StartTime=now+1 would leave it to the backfill scheduler's next pass,
+        up to 30 s.) `fields`: more KEY=VALUE to set."""
+        requeued = self.job_fields(job_id)["SubmitTime"]  # local time, to the second
+        while time.strftime("%Y-%m-%dT%H:%M:%S") <= requeued:
+            time.sleep(0.05)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *fields)
 
     def job_daemon_log(self, job_id: str) -> str:
