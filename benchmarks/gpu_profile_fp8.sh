@@ -12,6 +12,8 @@
 #   bf16_gb2, fp8_all_cache_gb2  bf16, and fp8_all with each float8 weight cast once a step
 #              (train.fp8_weight_cache), at 2 micro-batches a step: the traced step holds the
 #              once-a-step cast and two micro-batches' casts of activations and gradients.
+#   bf16_fga_gb2, fp8_all_cache_fga_gb2  the same with train.fused_grad_accumulation: the second
+#              micro-batch's weight gradients added into .grad inside the blocks' backward.
 #   prefill    the 8B hybrid's first token after a 32,768-token prompt (random weights, batch 1,
 #              benchmarks/prefill_profile.py): matmuls with their TFLOP/s, SSD, attention, conv.
 # Brings back (at most 8 files, no raw traces: they are 100s of MB): summary.txt (set-up, step
@@ -20,7 +22,7 @@
 # trace_summary.py reads back, to re-sum on a laptop), prefill.json.
 # From the repository root, with .dev/ and .whl/ carried; parts by name (default all four):
 #     OUT=/some/dir bash benchmarks/gpu_profile_fp8.sh [bf16] [fp8] [fp8_all] [prefill]
-#       [bf16_gb2] [fp8_all_cache_gb2]
+#       [bf16_gb2] [fp8_all_cache_gb2] [bf16_fga_gb2] [fp8_all_cache_fga_gb2]
 # Each part is skipped once GPU_PROFILE_BUDGET_S (default 540 s, counted from the start) would
 # be passed.
 set -u
@@ -98,7 +100,12 @@ GB2=(--set train.global_batch_size=2)
 MICRO=2 train_part bf16_gb2 170 "${GB2[@]}"
 MICRO=2 train_part fp8_all_cache_gb2 200 "${GB2[@]}" "${AO[@]}" --set 'train.fp8_layers="all"' \
   --set train.fp8_weight_cache=true
-for pair in bf16:fp8:1 bf16:fp8_all:1 bf16_gb2:fp8_all_cache_gb2:2; do
+FGA=(--set train.fused_grad_accumulation=true)  # blocks compile a second variant: longer limits
+MICRO=2 train_part bf16_fga_gb2 230 "${GB2[@]}" "${FGA[@]}"
+MICRO=2 train_part fp8_all_cache_fga_gb2 260 "${GB2[@]}" "${AO[@]}" "${FGA[@]}" \
+  --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true
+for pair in bf16:fp8:1 bf16:fp8_all:1 bf16_gb2:fp8_all_cache_gb2:2 \
+    bf16_fga_gb2:fp8_all_cache_fga_gb2:2; do
   IFS=: read -r base fp8 micro <<< "$pair"
   if [ -s "$OUT/kernels_$base.json" ] && [ -s "$OUT/kernels_$fp8.json" ]; then
     say ""
