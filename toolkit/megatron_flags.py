@@ -97,8 +97,12 @@ FLAGS = {
     ),
     "--num-layers-at-start-in-bf16": Flag(1, "train.fp8_layers", "must be 1"),
     "--num-layers-at-end-in-bf16": Flag(1, "train.fp8_layers", "must be 1"),
-    "--no-fp8-wgrad": Flag(0, "", "refused: the weight gradients' products are float8 here"),
-    "--fp8-param-gather": Flag(0, "", "refused: float8 parameters are not kept here"),
+    "--no-fp8-wgrad": Flag(
+        0, "", "with --fp8-format refused: the weight gradients' products are float8 here"
+    ),
+    "--fp8-param-gather": Flag(
+        0, "", "with --fp8-format refused: float8 parameters are not kept here"
+    ),
     "--transformer-impl": Flag(
         1, "", "no effect: the toolkit's own layers; train.fp8_engine picks the float8 library"
     ),
