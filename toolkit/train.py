@@ -46,7 +46,7 @@ from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import learning_rate
 from toolkit.parallel.parallelize import parallelize
 from toolkit.parallel.runtime import average_over_dp, clip_and_step
-from toolkit.precision import PrecisionError, autocast_context
+from toolkit.precision import PrecisionError
 from toolkit.profiling import StepProfiler, add_nvtx_ranges
 from toolkit.stopping import (
     NanPolicy,
@@ -275,20 +275,14 @@ class Trainer:
 
     def validation_loss(self) -> float:
         """The loss on the first train.eval_batches held-out micro-batches. Collective."""
-        cfg, engine = self.recipe.train, self.parallel.fp8_engine
+        cfg = self.recipe.train
         return validation_loss(
             self.module,
             self.valid,
             self.parallel.loss_fn,
             batches=cfg.eval_batches,
             micro_batch_size=cfg.micro_batch_size,
-            autocast=lambda: autocast_context(
-                cfg.precision,
-                self.env.device,
-                engine,
-                cfg.fp8_recipe,
-                (cfg.fp8_amax_history, cfg.fp8_amax_algo),
-            ),
+            autocast=self.parallel.run_step.autocast,  # the training step's, float8 and all
             env=self.env,
             hidden_size=self.recipe.model.hidden_size,
             sequence_shards=self.parallel.run_step.sequence_shards,
