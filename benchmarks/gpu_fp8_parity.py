@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_parity import BATCH, MODEL, SEQ, VOCAB, batches  # noqa: E402
 from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint  # noqa: E402
 from toolkit.checkpoint import RankView, restore  # noqa: E402
-from toolkit.config import TrainConfig, recipe_from_dict  # noqa: E402
+from toolkit.config import TE_AMAX_HISTORY, TrainConfig, recipe_from_dict  # noqa: E402
 from toolkit.fp8_weight_cache import cast_weights_once  # noqa: E402
 from toolkit.optim import build_optimizer  # noqa: E402
 from toolkit.parallel.runtime import cross_entropy  # noqa: E402
@@ -100,7 +100,7 @@ def build(
 
 
 def loss_of(
-    model, tokens, precision, engine, fp8_recipe, amax_history=(1024, "max")
+    model, tokens, precision, engine, fp8_recipe, amax_history=TE_AMAX_HISTORY
 ) -> torch.Tensor:
     tokens = tokens.to(CUDA)
     with autocast_context(precision, CUDA, engine, fp8_recipe, amax_history):
@@ -110,7 +110,7 @@ def loss_of(
 
 def curve(
     recipe, state, data, precision, engine, fp8_recipe, fuse_norms=False, layers="inner",
-    cast_once=False, amax_history=(1024, "max"),
+    cast_once=False, amax_history=TE_AMAX_HISTORY,
 ) -> tuple[list[float], object]:  # fmt: skip
     model, engine = build(recipe, state, engine, fp8_recipe, fuse_norms, layers, cast_once)
     opt = build_optimizer(model, TrainConfig(steps=len(data), lr=3e-4, weight_decay=0.1))
@@ -229,7 +229,7 @@ def main() -> int:
         curves[label], model = curve(
             recipe, state, data, precision, engine, fp8_recipe, fuse, layers,
             cast_once=label.endswith("_cache"),
-            amax_history=AMAX_HISTORY.get(label, (1024, "max")),
+            amax_history=AMAX_HISTORY.get(label, TE_AMAX_HISTORY),
         )  # fmt: skip
         if label == "te_current":
             te_model = model

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from toolkit.config import FP8_RECIPES as RECIPES  # the recipes each engine runs
+from toolkit.config import TE_AMAX_HISTORY, Fp8Layers, Fp8Recipe
 from toolkit.config import Fp8Engine as Engine
-from toolkit.config import Fp8Layers, Fp8Recipe
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def fuse_te_norms(model: nn.Module, names: list[str]) -> list[str]:
 
 
 @functools.cache
-def te_recipe(name: str, amax_history: tuple[int, str] = (1024, "max")) -> object:
+def te_recipe(name: str, amax_history: tuple[int, str] = TE_AMAX_HISTORY) -> object:
     """Transformer Engine's recipe object for a train.fp8_recipe value, made once: autocast
     contexts of every step share it (a recipe is not made inside compiled code). 'delayed'
     takes its scales from `amax_history` (train.fp8_amax_history and train.fp8_amax_algo:
@@ -300,7 +300,7 @@ def autocast_context(
     device: torch.device,
     engine: Engine | None = None,
     fp8_recipe: str = "tensorwise",
-    amax_history: tuple[int, str] = (1024, "max"),
+    amax_history: tuple[int, str] = TE_AMAX_HISTORY,
 ) -> contextlib.AbstractContextManager:
     """What a forward pass runs under: nothing (fp32), bf16 autocast, or for fp8 bf16 autocast
     around the float8 linears (plus Transformer Engine's autocast with `fp8_recipe` when it is the

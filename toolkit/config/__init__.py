@@ -29,6 +29,7 @@ from toolkit.config.recipe import Recipe, describe_keys, validate
 from toolkit.config.training import (
     BLOCK_KINDS,
     FP8_RECIPES,
+    TE_AMAX_HISTORY,
     DataConfig,
     Fp8Engine,
     Fp8Layers,
@@ -46,6 +47,7 @@ __all__ = [
     "MLP_ACTIVATIONS",
     "NAME",
     "RANGES",
+    "TE_AMAX_HISTORY",
     "CheckpointConfig",
     "DataConfig",
     "Fp8Engine",

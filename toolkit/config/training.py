@@ -18,6 +18,9 @@ FP8_RECIPES: dict[str, tuple[str, ...]] = {
     "transformer_engine": ("tensorwise", "delayed"),
     "torchao": ("tensorwise", "rowwise"),
 }
+# Transformer Engine's DelayedScaling defaults (amax_history_len, amax_compute_algo): the
+# defaults of train.fp8_amax_history and train.fp8_amax_algo.
+TE_AMAX_HISTORY: tuple[int, str] = (1024, "max")
 # Why a recipe does not run with the library asked for, and what to do.
 _OTHER_LIBRARY = {
     "delayed": "'delayed' is Transformer Engine's recipe (torchao has no delayed scaling): use "
@@ -150,13 +153,13 @@ class TrainConfig:
         "only), delayed (scales from an amax history: Transformer Engine DelayedScaling only)",
     )
     fp8_amax_history: int = opt(
-        1024,
+        TE_AMAX_HISTORY[0],
         "with fp8_recipe='delayed': how many steps' amaxes each tensor's scale is taken from "
         "(Transformer Engine's amax_history_len; Megatron's --fp8-amax-history-len, 1 there "
         "when absent)",
     )
     fp8_amax_algo: Literal["max", "most_recent"] = opt(
-        "max",
+        TE_AMAX_HISTORY[1],
         "with fp8_recipe='delayed': each scale from the largest amax of the history or from "
         "the most recent (Transformer Engine's amax_compute_algo; Megatron's default "
         "most_recent)",
@@ -247,9 +250,9 @@ class TrainConfig:
             )
         if self.fp8_recipe != "delayed":
             check(
-                (self.fp8_amax_history, self.fp8_amax_algo) == (1024, "max"),
+                (self.fp8_amax_history, self.fp8_amax_algo) == TE_AMAX_HISTORY,
                 "train.fp8_amax_history"
-                if self.fp8_amax_history != 1024
+                if self.fp8_amax_history != TE_AMAX_HISTORY[0]
                 else "train.fp8_amax_algo",
                 "is read by train.fp8_recipe='delayed' only (scales from an amax history); "
                 f"this recipe's is {self.fp8_recipe!r} (scales from the current amax): leave it "
