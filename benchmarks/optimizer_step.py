@@ -121,6 +121,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     host_times: dict[str, list[float]] = {}
     norms: list[float] = []
     reference: list[torch.Tensor] = []  # the first variant's parameters after
+    reference_norm = 0.0  # their squared L2 norm
     rel_l2: dict[str, float] = {}
     # One variant on the device at a time (its model, gradients and AdamW state: ~20 bytes a
     # parameter), each from the same initial weights and with the same gradients.
@@ -130,9 +131,10 @@ def benchmark(args: argparse.Namespace) -> dict:
             torch.cuda.empty_cache()
         if not reference:
             reference = after
+            reference_norm = sum(float(p.double().square().sum()) for p in reference)
             continue
         diff = sum(float((p - q).double().square().sum()) for p, q in zip(reference, after))
-        rel_l2[name] = (diff / sum(float(p.double().square().sum()) for p in reference)) ** 0.5
+        rel_l2[name] = (diff / reference_norm) ** 0.5
     ms = {k: statistics.median(v) for k, v in times.items()}
     return {
         "recipe": args.recipe,
