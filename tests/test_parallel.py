@@ -466,6 +466,14 @@ def test_training_at_another_layout_gives_the_same_losses(tmp_path, single_proce
         assert valid[step] == pytest.approx(valid_reference[step], rel=1e-4), (step, valid)
 
 
+def assert_losses_track_single_process(run_tb: Path, single_process_run: Path) -> None:
+    """Steps 1-4 logged, each loss within 1e-4 (relative) of the single-process run's."""
+    got, reference = losses(run_tb), losses(single_process_run)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got)
+
+
 # train.flat_optimizer under ZeRO (its buffers hold this rank's share) and a pipeline (this
 # stage's parameters), with the checkpoint it saves resumed by the replicated optimizer.
 @pytest.mark.long
@@ -477,10 +485,7 @@ def test_the_flat_optimizer_trains_at_other_layouts(tmp_path, single_process_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = launch(write_recipe(tmp_path, "run", 4, tp=1, dp=1), 1)
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-2000:]
-    got, reference = losses(tmp_path / "run" / "tb"), losses(single_process_run)
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
-        assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got)
+    assert_losses_track_single_process(tmp_path / "run" / "tb", single_process_run)
 
 
 # train.fused_grad_accumulation (weight gradients added into .grad in the backward, 2
@@ -493,10 +498,7 @@ def test_fused_grad_accumulation_trains_at_other_layouts(tmp_path, single_proces
     proc = launch(recipe, _world(layout), "train.fused_grad_accumulation=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "train.fused_grad_accumulation: " in proc.stderr
-    got, reference = losses(tmp_path / "run" / "tb"), losses(single_process_run)
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
-        assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got)
+    assert_losses_track_single_process(tmp_path / "run" / "tb", single_process_run)
 
 
 RESHARDS = {  # saved at -> resumed at
