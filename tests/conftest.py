@@ -10,6 +10,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_afresh():
+    """Each test file compiles from a clean dynamo: code another file compiled at other shapes
+    would come back with dynamic shapes, which Inductor cannot always compile on the CPU ('cannot
+    determine truth value of Relational'), so a test's outcome would depend on the files run
+    before it."""
+    torch._dynamo.reset()
+    yield
+
+
 # A model small enough for exhaustive CPU tests, with every block type.
 TINY_MODEL = dict(
     num_layers=4,

@@ -103,9 +103,6 @@ def test_cuda_graphs_keep_the_gradients_outside_the_graphs(tmp_path, monkeypatch
     import torch
 
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraphs", False)  # restored after
-    # Compiled afresh: blocks an earlier test compiled at other shapes would come back with
-    # dynamic shapes, which Inductor's cudagraph path cannot compile on the CPU.
-    torch._dynamo.reset()
     base = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "2", "--warmup", "1", "--seq"]
     base += ["32", "--mbs", "1", "--accumulate", "2"]
     seen, real_zero = [], torch.optim.AdamW.zero_grad
