@@ -9,6 +9,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,26 @@ def test_a_whole_answer_wakes_its_thread_once_a_stream_every_token(gated, monkey
             super().put(item, block, timeout)
 
     monkeypatch.setattr(server_module.queue, "SimpleQueue", Counting)
+    streams = []  # the streams' Updates: the engine steps only once their last wake was taken
+
+    class Recorded(server_module.Updates):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            if self.every:
+                streams.append(self)
+
+    step = gated.engine.step
+
+    def step_after_the_streams_caught_up() -> None:
+        # One wake is pending at most: a stream's thread that fell behind (a loaded CI machine)
+        # is woken once for several tokens. Waiting for it makes the count per step exact.
+        deadline = time.monotonic() + 30
+        while any(u.pending for u in streams) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        step()
+
+    monkeypatch.setattr(server_module, "Updates", Recorded)
+    monkeypatch.setattr(gated.engine, "step", step_after_the_streams_caught_up)
     gated.gate.set()
     assert gated.server.engine_thread.ready.wait(60)
     api = {"prompts": ["def "], "tokens_to_generate": 12, "top_k": 1}
