@@ -67,8 +67,21 @@ def log_path(workdir: Path, job_id: str, via: str = "submitit") -> Path:
 
 def finished_log(cluster, workdir: Path, job_id: str, via: str = "submitit") -> str:
     state = cluster.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
-    assert state == "COMPLETED", f"job {job_id} {state}:\n{cluster.job_daemon_log(job_id)}"
+    assert state == "COMPLETED", (
+        f"job {job_id} {state}:\n{cluster.job_daemon_log(job_id)}\n{task_logs(workdir, job_id)}"
+    )
     return log_path(workdir, job_id, via).read_text()
+
+
+def task_logs(workdir: Path, job_id: str, lines: int = 40) -> str:
+    """The end of each of the job's own logs (every task's, stdout and stderr): what the ranks
+    were doing when it failed, before the test's directory is cleaned away."""
+    tails = []
+    for log in sorted((workdir / "runs" / "slurm").glob(f"*{job_id}*")):
+        if log.suffix in (".out", ".err"):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {log.name} (last {lines} lines)\n" + "\n".join(text))
+    return "\n".join(tails)
 
 
 def wait_for(log: Path, pattern: str, after: int = 0, timeout: float = 120) -> None:
