@@ -1,7 +1,12 @@
 """mamba-ssm's Triton SSD (model.kernels = "mamba_ssm") against the pure-PyTorch reference on one
 GPU: parity of outputs and gradients, and the time of the SSD alone.
 
-    PYTHONPATH=.:/tmp/site python3 benchmarks/gpu_kernels.py
+    PYTHONPATH=.:/tmp/site python3 benchmarks/gpu_kernels.py [--chunks 64,128,256]
+
+`--chunks`: also time the kernels' forward and backward at each chunk length (model.
+mamba_chunk_size; the recipes keep the reference's 128, mamba-ssm's own default is 256) on one
+micro-batch of the 800M's and of the 8B's Mamba layers at seq 4096, and the output's distance
+from the first chunk length's (the same sums, in another order).
 
 Parity is relative L2 error (||a - b|| / ||b||) against the reference run in fp32, for fp32 and
 bf16 inputs. Whole-model throughput: run the trainer twice with `--set model.kernels=...`.
@@ -54,8 +59,42 @@ def timed(fn, args, chunk, reps=10) -> float:
     return (time.perf_counter() - start) / reps * 1e3
 
 
+# One micro-batch of the recipes' Mamba layers at seq 4096 (800M: micro-batch 8, d_inner 2048;
+# 8B: micro-batch 1, d_inner 8192), state 128, heads of 64, 8 groups.
+SWEEP_SHAPES = {
+    "800m": dict(b=8, length=4096, heads=32, p=64, groups=8, n=128),
+    "8b": dict(b=1, length=4096, heads=128, p=64, groups=8, n=128),
+}
+
+
+def sweep_chunks(chunks: list[int]) -> None:
+    """SSD forward+backward time at each chunk length, bf16, and how far its output is from the
+    first length's (relative L2 of y and of dx)."""
+    for name, shape in SWEEP_SHAPES.items():
+        args = inputs(**shape, dtype=torch.bfloat16)
+        first = run(ssd_mamba_ssm, args, chunks[0])
+        base_ms = None
+        for chunk in chunks:
+            got = run(ssd_mamba_ssm, args, chunk)
+            ms = timed(ssd_mamba_ssm, args, chunk)
+            base_ms = base_ms or ms
+            print(
+                f"SSD chunks {name:5} chunk {chunk:4}: fwd+bwd {ms:7.2f} ms "
+                f"({base_ms / ms:.3f}x chunk {chunks[0]}), y vs chunk {chunks[0]} "
+                f"{rel_l2(got[0], first[0]):.1e}, dx {rel_l2(got[2][0], first[2][0]):.1e}"
+            )
+        del args, first, got
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--chunks",
+        type=lambda v: [int(c) for c in v.split(",")],
+        help="comma-separated chunk lengths to time at the recipes' shapes, e.g. 64,128,256",
+    )
+    chunks = parser.parse_args().chunks
     if not (torch.cuda.is_available() and mamba_ssm_available()):
         raise SystemExit("error: needs a CUDA device and mamba-ssm (see benchmarks/gpu_setup.sh)")
     shape = dict(b=2, length=2048, heads=32, p=64, groups=8, n=128)
@@ -73,6 +112,8 @@ def main() -> None:
             f"SSD fwd+bwd {dtype}: reference {ref_ms:.2f} ms, mamba_ssm {kernel_ms:.2f} ms "
             f"({ref_ms / kernel_ms:.1f}x)"
         )
+    if chunks:
+        sweep_chunks(chunks)
 
 
 if __name__ == "__main__":

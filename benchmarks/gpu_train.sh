@@ -22,6 +22,9 @@
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_cudagraphs_gb8
 #       8b28l_fp8_all_compile_gb8 8b28l_fp8_all_cudagraphs_gb8 bf16_compile_mbs8
 #       bf16_cudagraphs_mbs8" OUT=$OUT bash benchmarks/gpu_train.sh
+# The SSD's chunk length, the kernels alone and whole steps (800M and the 8B's shapes):
+#     GPU_TRAIN_RUNS="ssd_chunks bf16_compile_mbs8 lever_chunk256 8b28l_bf16_compile_gb8
+#       8b28l_bf16_chunk256_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
 # Weight gradients added into .grad in the backward, beside the same without (~6 minutes), and
 # the cached float8 linears casting their input again in the backward (torchao's way):
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_fga_gb8
@@ -112,6 +115,14 @@ tp lever_flat_compile_model 150 8 --set train.compile=true --set train.flat_opti
 tp lever_autotune 240 8 --set train.compile=true \
   --set 'train.compile_mode="max-autotune-no-cudagraphs"'
 tp bf16_mbs4 90 4
+# The SSD's chunk length (model.mamba_chunk_size; the recipes keep the reference's 128,
+# mamba-ssm's own default is 256; the same sums in another order): the kernels alone at one
+# micro-batch of the 800M's and the 8B's Mamba layers, then whole steps against
+# bf16_compile_mbs8 and 8b28l_bf16_compile_gb8 in the same call (items 1 and 2).
+run ssd_chunks 120 python3 benchmarks/gpu_kernels.py --chunks 128,64,256
+tp lever_chunk256 200 8 --set train.compile=true --set model.mamba_chunk_size=256
+t8b 8b28l_bf16_chunk256_gb8 200 28 --accumulate 8 --set train.compile=true \
+  --set model.mamba_chunk_size=256
 # At the recipes' global batches (issue 21 items 1-3): the 8B's 8 sequences as 8 micro-batches of
 # one accumulated before each update, the 800M's 32 as 4 of 8; the update's share of a step is
 # then an eighth (a quarter) of what one update per micro-batch gives it.
@@ -171,6 +182,8 @@ tp bf16_cudagraphs_mbs8 240 8 --cuda-graphs --set train.compile=true
 python3 - "$W" > "$OUT/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys
 print(f"{'run':32} {'tokens/s':>9} {'step ms':>8} {'TFLOP/s':>8} {'MFU':>6} {'MFU/meas':>8} {'GB':>6}")
+for p in pathlib.Path(sys.argv[1]).glob("ssd_chunks.log"):  # gpu_kernels.py --chunks
+    print(*(l for l in p.read_text().splitlines() if l.startswith(("shape", "SSD"))), sep="\n")
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(p.read_text())
     if p.stem == "parity":
