@@ -368,7 +368,8 @@ def test_weight_gradient_reads_the_forwards_float8_input(reuse, monkeypatch):
     cast made in the forward, so the backward casts only the output gradient: eagerly no cast
     of the input, compiled one amax reduction a linear in the backward graph (the gradient's),
     where torchao's casts the input again (with reuse_input_cast off, the benchmark's A/B:
-    two). Output and gradients bit for bit torchao's either way."""
+    two). The output gradient is cast once a backward either way, where torchao's eager one
+    casts it for each of its two products. Output and gradients bit for bit torchao's."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._functorch.aot_autograd import aot_module_simplified
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -377,14 +378,12 @@ def test_weight_gradient_reads_the_forwards_float8_input(reuse, monkeypatch):
     import toolkit.fp8_weight_cache as cache
 
     monkeypatch.setattr(cache.Float8LinearCastOnce, "reuse_input_cast", reuse)
-    input_casts = []
+    casts = []  # the role of each activation's or gradient's cast
     cast = cache.hp_tensor_to_float8_dynamic
     monkeypatch.setattr(
         cache,
         "hp_tensor_to_float8_dynamic",
-        lambda *a, **k: (
-            input_casts.append(k["gemm_input_role"] == GemmInputRole.INPUT) or cast(*a, **k)
-        ),
+        lambda *a, **k: casts.append(k["gemm_input_role"]) or cast(*a, **k),
     )
     torch.manual_seed(0)
     torchaos = nn.Sequential(nn.RMSNorm(64), nn.Linear(64, 128, bias=False), nn.ReLU(),
@@ -405,10 +404,12 @@ def test_weight_gradient_reads_the_forwards_float8_input(reuse, monkeypatch):
     want, got = run(torchaos), run(cached)
     assert torch.equal(got[0], want[0])
     assert all(torch.equal(g, w) for g, w in zip(got[1], want[1]))
-    # The cached linears' input casts: one a forward, and one a backward without the reuse.
-    input_casts.clear()
+    # The cached linears' casts: the input's one a forward, and one a backward without the
+    # reuse; the output gradient's one a backward.
+    casts.clear()
     run(cached)
-    assert sum(input_casts) == (2 if reuse else 4), input_casts
+    assert casts.count(GemmInputRole.INPUT) == (2 if reuse else 4), casts
+    assert casts.count(GemmInputRole.GRAD_OUTPUT) == 2, casts
 
     graphs = []
 

@@ -69,7 +69,9 @@ class _MatmulCastWeight(torch.autograd.Function):
     its products take: row-major for the forward's, column-major for the backward's gradient of
     the input, where torchao's copies the float8 weight into that layout in every backward (2
     bytes a parameter a micro-batch). With `reuse_input_cast` the weight gradient's product
-    reads the forward's float8 input (`_reuses_input_cast` says where that is the same bits).
+    reads the forward's float8 input, and it always reads the output gradient's cast made for
+    the input's gradient, where those are the same bits (`_same_cast`; torchao casts each
+    again: compiled, Inductor merges the gradient's two casts, not the input's).
     The weight gradient goes to the fp32 weight, or, given its `weight_grad`
     (train.fused_grad_accumulation), is added into that."""
 
@@ -108,8 +110,9 @@ class _MatmulCastWeight(torch.autograd.Function):
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output, -1, mm, c)
         grad_input = torch.mm(g, weight_cm).reshape(*grad_output.shape[:-1], -1)
-        g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output_for_grad_weight, 0,
-                  mm, c)  # fmt: skip
+        if not _same_cast(c.cast_config_grad_output, c.cast_config_grad_output_for_grad_weight):
+            g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output_for_grad_weight,
+                      0, mm, c)  # fmt: skip
         grad_weight = torch.mm(g.t(), x)
         if weight_grad is not None:  # train.fused_grad_accumulation: into the held gradient
             add_weight_grad(weight_grad, grad_weight)
@@ -117,12 +120,11 @@ class _MatmulCastWeight(torch.autograd.Function):
         return grad_input, grad_weight, None, None, None, None, None, None
 
 
-def _reuses_input_cast(config: Float8LinearConfig) -> bool:
-    """Whether the weight gradient's cast of the input is the forward's, bit for bit: one
-    tensorwise cast config for both (torchao's default)."""
-    c = config.cast_config_input
-    return c == config.cast_config_input_for_grad_weight and (
-        c.scaling_granularity is ScalingGranularity.TENSORWISE
+def _same_cast(cast: CastConfig, cast_for_grad_weight: CastConfig) -> bool:
+    """Whether a tensor's cast for the weight gradient is its other cast, bit for bit: one
+    tensorwise cast config for both (torchao's default; no axis, so the layout is irrelevant)."""
+    return cast == cast_for_grad_weight and (
+        cast.scaling_granularity is ScalingGranularity.TENSORWISE
     )
 
 
@@ -197,9 +199,13 @@ class Float8LinearCastOnce(Float8Linear):
             input = input.to(torch.get_autocast_dtype("cuda"))
         into_grad = self.weight_grad_into_grad and torch.is_grad_enabled()
         weight_grad = self.weight.grad if into_grad else None
+        c = self.config
+        reuse = self.reuse_input_cast and _same_cast(
+            c.cast_config_input, c.cast_config_input_for_grad_weight
+        )
         output = _MatmulCastWeight.apply(
-            input, self.weight, self.weight_fp8, self.weight_fp8_cm, self.linear_mm_config,
-            self.config, weight_grad, self.reuse_input_cast and _reuses_input_cast(self.config),
+            input, self.weight, self.weight_fp8, self.weight_fp8_cm, self.linear_mm_config, c,
+            weight_grad, reuse,
         )  # fmt: skip
         if self.bias is not None:
             output = output + self.bias.to(output.dtype)
