@@ -60,6 +60,30 @@ def setup(rank: int, world: int, port: int, **parallel) -> object:
     return init_distributed(ParallelConfig(**parallel))
 
 
+def timeout_worker(rank: int, world: int, port: int, minutes: int) -> None:
+    env = setup(rank, world, port, tp=2, timeout_minutes=minutes)
+    try:
+        groups = {"default": dist.group.WORLD, **{d: env.group(d) for d in ("pp", "dp", "tp")}}
+        seen = {
+            name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60
+            for name, g in groups.items()
+        }
+        assert seen == dict.fromkeys(groups, minutes), seen
+        assert env.timeout.total_seconds() == minutes * 60
+        total = torch.ones(1)
+        dist.all_reduce(total, group=env.group("tp"))  # the groups still talk
+        assert total.item() == 2
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("minutes", [10, 42])
+def test_every_process_group_waits_parallel_timeout_minutes(minutes):
+    """parallel.timeout_minutes reaches the mesh's TP, DP and PP groups too, not only the
+    default one: torch gives each new gloo group 30 minutes of its own otherwise."""
+    spawn(timeout_worker, 4, minutes)
+
+
 def tp_worker(
     rank: int, world: int, port: int, model_kwargs: dict, sequence_parallel: bool = False
 ) -> None:

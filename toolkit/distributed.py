@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from toolkit.config import ParallelConfig, parallel_degrees
@@ -27,6 +28,7 @@ class ParallelEnv:
     pp: int
     dp: int
     mesh: DeviceMesh | None = None  # dims ("pp", "dp", "tp"); None for a single process
+    timeout: datetime.timedelta = datetime.timedelta(minutes=10)  # parallel.timeout_minutes
 
     def group(self, dim: str) -> dist.ProcessGroup | None:
         return None if self.mesh is None else self.mesh.get_group(dim)
@@ -108,8 +110,10 @@ def init_distributed(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelE
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
     if world_size == 1:
-        return ParallelEnv(0, 1, 0, device, tp, pp, dp)
+        return ParallelEnv(0, 1, 0, device, tp, pp, dp, timeout=timeout)
+    backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
         if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"], port = slurm_rendezvous()
@@ -117,11 +121,26 @@ def init_distributed(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelE
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"rank {rank}: {var} is not set; launch through launchers/")
-        dist.init_process_group(
-            "nccl" if device_type == "cuda" else "gloo",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=10),
-        )
-    mesh = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-    return ParallelEnv(rank, world_size, local_rank, device, tp, pp, dp, mesh)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    dims = ("pp", "dp", "tp")
+    mesh = init_device_mesh(
+        device_type, (pp, dp, tp), mesh_dim_names=dims,
+        backend_override=groups_with_timeout(backend, timeout, dims),
+    )  # fmt: skip
+    return ParallelEnv(rank, world_size, local_rank, device, tp, pp, dp, mesh, timeout)
+
+
+def groups_with_timeout(
+    backend: str, timeout: datetime.timedelta, dims: tuple[str, ...]
+) -> dict[str, tuple[str, object]] | None:
+    """init_device_mesh's backend_override that gives the mesh's groups `timeout`: torch gives
+    each new group its own default, not the default group's (10 minutes for NCCL, 30 for gloo).
+    None where that default is `timeout` already (NCCL at the key's default)."""
+    if timeout == (default_pg_nccl_timeout if backend == "nccl" else default_pg_timeout):
+        return None
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+    else:
+        options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return {dim: (backend, options) for dim in dims}

@@ -159,7 +159,9 @@ class Trainer:
         # Checkpoint coordination gets its own gloo group: an asynchronous save talks from a
         # background thread while training uses the other groups.
         self.comm = Comm(
-            torch.distributed.new_group(backend="gloo") if env.world_size > 1 else None
+            torch.distributed.new_group(backend="gloo", timeout=env.timeout)
+            if env.world_size > 1
+            else None
         )
         ckpt = recipe.checkpoint
         self.saver = CheckpointSaver(

@@ -20,6 +20,11 @@ class ParallelConfig:
     shard_optimizer: bool = opt(
         True, "with DP > 1, each rank keeps only its share of the Adam state"
     )
+    timeout_minutes: int = opt(
+        10,
+        "how long a collective waits for the other ranks before the run fails (every process "
+        "group; Megatron's --distributed-timeout-minutes)",
+    )
 
     def validate(self) -> None:
         """The degrees' ranges; what they must divide is config.layout_check's."""

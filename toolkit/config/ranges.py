@@ -66,6 +66,7 @@ RANGES = {
     "parallel.tp": "[1, inf)",
     "parallel.pp": "[1, inf)",
     "parallel.dp": "-1 or [1, inf)",  # -1: world size / (tp x pp)
+    "parallel.timeout_minutes": "[1, inf)",
     "checkpoint.interval": "[0, inf)",
     "checkpoint.keep_last": "[0, inf)",
     "logging.interval": "[1, inf)",
