@@ -136,6 +136,35 @@ def test_reference_8b_from_one_string_with_model_scale(tmp_path):
     check_8b(proc.stdout, tmp_path)
 
 
+def test_current_megatron_flags_map_or_change_nothing(tmp_path):
+    """Flags of current Megatron scripts beyond the Mamba example: the collective timeout and
+    the asynchronous save become keys; kernel, overlap, logging and garbage-collector flags
+    change no number and are accepted, not refused as unknown."""
+    extra = (
+        "--distributed-timeout-minutes 60 --async-save --ckpt-format torch_dist "
+        "--attention-backend flash --cross-entropy-loss-fusion --cross-entropy-fusion-impl te "
+        "--no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-swiglu-fusion "
+        "--no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm --tp-comm-overlap "
+        "--ddp-bucket-size 40000000 --accumulate-allreduce-grads-in-fp32 --manual-gc "
+        "--manual-gc-interval 100 --exit-signal-handler --log-throughput "
+        "--log-timers-to-tensorboard --log-validation-ppl-to-tensorboard "
+        "--log-memory-to-tensorboard"
+    )
+    plain = convert(REFERENCE_8B.replace("\\\n", " "))
+    proc = convert(REFERENCE_8B.replace("\\\n", " ") + " " + extra)
+    assert proc.returncode == 0 and plain.returncode == 0, proc.stderr + plain.stderr
+    converted, before = tomllib.loads(proc.stdout), tomllib.loads(plain.stdout)
+    assert before["parallel"].pop("timeout_minutes") == 10  # Megatron's default when absent
+    assert converted["parallel"].pop("timeout_minutes") == 60
+    assert converted["checkpoint"].pop("async_save") is True
+    assert "async_save" not in before["checkpoint"]
+    assert converted == before  # nothing else moved
+    out = tmp_path / "recipe.toml"
+    out.write_text(proc.stdout)
+    recipe = load_recipe(out)
+    assert (recipe.parallel.timeout_minutes, recipe.checkpoint.async_save) == (60, True)
+
+
 def test_unhonourable_flags_are_refused_by_name(tmp_path):
     text = REFERENCE_8B.replace("--hidden-dropout 0.0", "--hidden-dropout 0.1")
     text = text.replace("--bf16", "--bf16 --moe-router-topk 2 --num-experts 8")

@@ -114,6 +114,7 @@ def to_table(args: dict[str, list[str]], problems: list[str] = ()) -> dict[str, 
             "pp": r.num("--pipeline-model-parallel-size", int, 1),
             "sequence_parallel": r.has("--sequence-parallel"),
             "shard_optimizer": r.has("--use-distributed-optimizer"),
+            "timeout_minutes": r.num("--distributed-timeout-minutes", int, 10),
         },
         "checkpoint": _checkpoint(r),
         "logging": {"interval": r.num("--log-interval", int, 100)},
@@ -339,7 +340,10 @@ def _checkpoint(r: _Reader) -> dict[str, Any]:
         )
     if save is None:
         return {"enabled": False}
-    return {"dir": save, "interval": r.num("--save-interval", int, 0)}
+    table = {"dir": save, "interval": r.num("--save-interval", int, 0)}
+    if r.has("--async-save"):
+        table["async_save"] = True
+    return table
 
 
 def toml_value(value: Any) -> str:

@@ -128,6 +128,39 @@ FLAGS = {
     "--use-flash-attn": Flag(0, "", "attention kernel: chosen by the toolkit"),
     "--attention-softmax-in-fp32": Flag(0, "", "the toolkit's softmax is fp32"),
     "--num-workers": Flag(1, "", "data loading: no effect"),
+    # Flags of current Megatron scripts beyond the Mamba example (argument names from its
+    # training config dataclasses): a timeout and an asynchronous save map to keys; the rest
+    # pick kernels, overlap communication or choose what to log, none of which changes the math.
+    "--distributed-timeout-minutes": Flag(
+        1, "parallel.timeout_minutes", "absent: 10 (as Megatron)"
+    ),
+    "--async-save": Flag(0, "checkpoint.async_save", "absent: false"),
+    "--ckpt-format": Flag(
+        1,
+        "",
+        "no effect: checkpoints are Zarr stores (`reshard.py --format megatron` writes Megatron's)",
+    ),
+    "--attention-backend": Flag(1, "", "attention kernel: chosen by the toolkit"),
+    "--cross-entropy-loss-fusion": Flag(0, "", "no effect: the toolkit's cross-entropy is fused"),
+    "--cross-entropy-fusion-impl": Flag(1, "", "no effect: the toolkit's cross-entropy is fused"),
+    "--no-masked-softmax-fusion": Flag(0, "", "kernel choice: no effect on the math"),
+    "--no-bias-gelu-fusion": Flag(0, "", "kernel choice: no effect on the math"),
+    "--no-bias-swiglu-fusion": Flag(0, "", "kernel choice: no effect on the math"),
+    "--no-bias-dropout-fusion": Flag(0, "", "kernel choice: no effect on the math"),
+    "--no-rope-fusion": Flag(0, "", "kernel choice: no effect on the math"),
+    "--no-persist-layer-norm": Flag(0, "", "kernel choice: no effect on the math"),
+    "--tp-comm-overlap": Flag(0, "", "communication overlap: no effect on the math"),
+    "--ddp-bucket-size": Flag(1, "", "communication buckets: no effect on the math"),
+    "--accumulate-allreduce-grads-in-fp32": Flag(
+        0, "", "no effect: gradients are fp32 here, accumulated and reduced in fp32"
+    ),
+    "--manual-gc": Flag(0, "", "Python's garbage collector: no effect on the math"),
+    "--manual-gc-interval": Flag(1, "", "Python's garbage collector: no effect on the math"),
+    "--exit-signal-handler": Flag(0, "", "no effect: SIGTERM always checkpoints and stops here"),
+    "--log-throughput": Flag(0, "", "logged always (tokens/s, TFLOP/s, MFU)"),
+    "--log-timers-to-tensorboard": Flag(0, "", "the step time is logged always"),
+    "--log-validation-ppl-to-tensorboard": Flag(0, "", "logged always (valid/perplexity)"),
+    "--log-memory-to-tensorboard": Flag(0, "", "logged always"),
 }
 DEFAULTS = {"--attention-dropout": "0.1", "--hidden-dropout": "0.1"}
 # The reference's MODEL_SCALE shell variable: the flags each scale sets.
@@ -158,5 +191,6 @@ def markdown_table() -> str:
     )
     for name, flag in FLAGS.items():
         key = f"`{flag.key}`" if flag.key else "-"
-        rows.append(f"| `{name}` | {key} | {flag.note} |")
+        note = f" {flag.note} " if flag.note else " "
+        rows.append(f"| `{name}` | {key} |{note}|")
     return "\n".join(rows)
