@@ -346,6 +346,26 @@ def test_command_line_takes_the_vocabulary_from_the_tokenizer(tmp_path):
     assert_same(model, back)
 
 
+def test_command_line_reads_current_megatrons_layer_pattern(tmp_path):
+    """Current Megatron saves the pattern as args.hybrid_layer_pattern (hybrid_override_pattern
+    unset, no ratios): the import takes the layers from it, where the ratios alone would say
+    four Mamba layers."""
+    model, recipe = model_and_recipe("relu2")
+    save_megatron(model, recipe, tmp_path / "mg", tp=2, pp=1, iteration=2)
+
+    def as_current(args):
+        args.hybrid_layer_pattern, args.hybrid_override_pattern = args.hybrid_override_pattern, None
+        args.hybrid_attention_ratio = args.hybrid_mlp_ratio = 0.0
+
+    for rank in (0, 1):
+        rewrite(rank_file(tmp_path / "mg", 2, rank), lambda s: s, as_current)
+    argv = ["--in", str(tmp_path / "mg"), "--out", str(tmp_path / "ours")]
+    assert import_cli().main(argv) == 0
+    back, back_recipe, _ = model_from_checkpoint(tmp_path / "ours")
+    assert back_recipe.model.pattern == "M*-M"
+    assert_same(model, back)
+
+
 def test_command_line_refuses_bad_input(tmp_path, capsys):
     cli = import_cli()
     model, recipe = model_and_recipe("relu2")

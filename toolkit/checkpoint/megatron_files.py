@@ -129,6 +129,7 @@ ARGS_READ = (
     "squared_relu",
     "mamba_state_dim",
     "mamba_chunk_size",
+    "hybrid_layer_pattern",
     "hybrid_override_pattern",
     "hybrid_attention_ratio",
     "hybrid_mlp_ratio",

@@ -4,7 +4,8 @@ files at any TP and PP, 2024-era or fused-norm keys) as one of ours.
     python checkpoints_tools/import_megatron.py --in megatron_ckpt/ --out runs/imported/checkpoints
 
 Sizes come from the tensors and the checkpoint's `args`; the layer pattern from --pattern, else
---att/--mlp, else the args' `hybrid_override_pattern` or ratios; whichever is used must describe
+--att/--mlp, else the args' `hybrid_layer_pattern` (current Megatron) or
+`hybrid_override_pattern` (earlier), or its ratios; whichever is used must describe
 the layers the files hold (with no information at all, the files' own layers are the pattern).
 Every parameter of the model must be in the files and every tensor in the files must be used.
 The files are read by a restricted unpickler: tensors, the args' Namespace and RNG states load,
@@ -105,10 +106,15 @@ def pattern_keys(found: str, margs: Any, cli: argparse.Namespace) -> dict[str, A
     elif margs is None:
         source, pattern, att, mlp = "the files' layers", found, 0.0, 0.0
     else:
-        pattern = get_arg(margs, "hybrid_override_pattern")
+        # Current Megatron's name for the pattern, then the one its earlier checkpoints hold.
+        field = next(
+            (f for f in ("hybrid_layer_pattern", "hybrid_override_pattern") if get_arg(margs, f)),
+            None,
+        )
+        pattern = get_arg(margs, field) if field else None
         att = float(get_arg(margs, "hybrid_attention_ratio") or 0.0)
         mlp = float(get_arg(margs, "hybrid_mlp_ratio") or 0.0)
-        source = "the args' " + ("hybrid_override_pattern" if pattern else "hybrid ratios")
+        source = "the args' " + (field or "hybrid ratios")
     layers = pattern.replace("|", "") if pattern else allocate_layers(len(found), att, mlp)
     if layers != found:
         raise RecipeError(
