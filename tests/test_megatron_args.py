@@ -136,6 +136,72 @@ def test_reference_8b_from_one_string_with_model_scale(tmp_path):
     check_8b(proc.stdout, tmp_path)
 
 
+# The reference's current train.sh (MODEL_SCALE="8B"): the layers as --hybrid-layer-pattern, no
+# --num-layers or ratios, the hybrid entry point and layer spec.
+PATTERN_8B = "M-M-M--M-M*-M-M-M-M--M*-M-M-M-M-M*--M-M-M-M-M*-M--M-M-M-"
+CURRENT_8B = (
+    REFERENCE_8B.replace("pretrain_mamba.py", "pretrain_hybrid.py")
+    .replace("--num-layers 56 \\", f"--hybrid-layer-pattern {PATTERN_8B} \\")
+    .replace("--hybrid-attention-ratio 0.08 \\\n", "")
+    .replace("--hybrid-mlp-ratio 0.5 \\\n", "")
+    .replace(
+        "models.mamba.mamba_layer_specs mamba_stack_spec",
+        "models.hybrid.hybrid_layer_specs hybrid_stack_spec",
+    )
+)
+
+
+def test_current_reference_with_a_layer_pattern(tmp_path):
+    """The current script names the layers by --hybrid-layer-pattern: the same 56 layers as the
+    shipped 8B recipe (the layer count taken from the pattern, as Megatron does)."""
+    assert "--num-layers" not in CURRENT_8B and "ratio" not in CURRENT_8B
+    proc = convert(CURRENT_8B.replace("\\\n", " "))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "recipe.toml"
+    out.write_text(proc.stdout)
+    mine, shipped = load_recipe(out), load_recipe(ROOT / "recipes/8b_hybrid.toml")
+    assert mine.model.num_layers == 56 and mine.model.pattern == PATTERN_8B
+    assert mine.model.layer_layout().pattern == shipped.model.layer_layout().pattern
+    # One '|' segment per pipeline stage becomes the stages; the old flag name still works.
+    staged = PATTERN_8B[:28] + "|" + PATTERN_8B[28:]
+    args = CURRENT_8B.replace(PATTERN_8B, staged).replace(
+        "--pipeline-model-parallel-size 1", "--pipeline-model-parallel-size 2"
+    )
+    proc = convert(
+        args.replace("--hybrid-layer-pattern", "--hybrid-override-pattern").replace("\\\n", " ")
+    )
+    assert proc.returncode == 0, proc.stderr
+    out.write_text(proc.stdout)
+    assert [len(s) for s in load_recipe(out).model.layer_layout().stages] == [28, 28]
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ((PATTERN_8B, PATTERN_8B.replace("-", "E", 1)), "'E' (mixture of experts)"),
+        ((PATTERN_8B, PATTERN_8B.replace("*", "G", 1)), "'G' (Gated DeltaNet)"),
+        ((PATTERN_8B, PATTERN_8B + "/*-"), "'/' (multi-token prediction)"),
+        ((PATTERN_8B, PATTERN_8B[:28] + "|" + PATTERN_8B[28:]), "2 '|' segments for PP=1"),
+        (("--bf16", f"--bf16 --hybrid-override-pattern {PATTERN_8B}"), "together"),
+        (("--bf16", "--bf16 --num-layers 52"), "--num-layers: 52, but the layer pattern has 56"),
+        (("--bf16", "--bf16 --mamba-num-heads 96"), "--mamba-num-heads: heads x --mamba-head-dim"),
+    ],
+    ids=["moe", "gdn", "mtp", "virtual-pipeline", "both-names", "num-layers", "mamba-heads"],
+)
+def test_layer_patterns_it_cannot_build_are_refused_by_name(change, named):
+    proc = convert(CURRENT_8B.replace(*change).replace("\\\n", " "))
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_mamba_heads_set_the_mamba_width(tmp_path):
+    """--mamba-num-heads: Megatron's Mamba width is heads x head dim (else 2 x hidden)."""
+    for heads, expand in ((128, 2), (192, 3)):
+        proc = convert(CURRENT_8B.replace("\\\n", " ") + f" --mamba-num-heads {heads}")
+        assert proc.returncode == 0, proc.stderr
+        assert tomllib.loads(proc.stdout)["model"]["mamba_expand"] == expand
+
+
 def test_current_megatron_flags_map_or_change_nothing(tmp_path):
     """Flags of current Megatron scripts beyond the Mamba example: the collective timeout and
     the asynchronous save become keys; kernel, overlap, logging and garbage-collector flags

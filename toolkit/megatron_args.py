@@ -28,6 +28,15 @@ class ArgsError(ValueError):
 USAGE = "python -m toolkit.config --from-megatron-args 'ARGS...' | @FILE > recipe.toml"
 SCHEDULES = {"cosine": "cosine", "constant": "constant", "WSD": "wsd"}
 SENTENCEPIECE = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer")
+# The layer pattern's flag, and its former name (Megatron refuses both together).
+PATTERN, OLD_PATTERN = "--hybrid-layer-pattern", "--hybrid-override-pattern"
+# Megatron's pattern symbols for what the toolkit has no layer of.
+OTHER_SYMBOLS = {
+    "G": "Gated DeltaNet",
+    "D": "DeepSeek sparse attention",
+    "E": "mixture of experts",
+    "/": "multi-token prediction",
+}
 
 
 def split_args(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -129,7 +138,9 @@ def to_table(args: dict[str, list[str]], problems: list[str] = ()) -> dict[str, 
 
 
 def _model(r: _Reader) -> dict[str, Any]:
-    for name in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length"):
+    pattern = _pattern(r)
+    required = ["--hidden-size", "--num-attention-heads", "--seq-length"]
+    for name in required if pattern else ["--num-layers", *required]:
         if not r.has(name):
             r.refuse(name, "missing (Megatron requires it)")
     hidden = r.num("--hidden-size", int, 1)
@@ -151,8 +162,24 @@ def _model(r: _Reader) -> dict[str, Any]:
         "norm_eps": r.num("--norm-epsilon", float, 1e-5),
         "make_vocab_size_divisible_by": r.num("--make-vocab-size-divisible-by", int, 128),
     }
-    if r.has("--hybrid-override-pattern"):
-        m["pattern"] = r.text("--hybrid-override-pattern")
+    if pattern:
+        m["pattern"], layers = pattern, len(pattern.replace("|", ""))
+        if r.has("--num-layers") and m["num_layers"] != layers:
+            r.refuse(
+                "--num-layers",
+                f"{m['num_layers']}, but the layer pattern has {layers} layers (Megatron would "
+                "ignore --num-layers): drop it or make it agree",
+            )
+        m["num_layers"] = layers
+    if r.has("--mamba-num-heads"):  # Megatron's Mamba width: heads x head dim, else 2 x hidden
+        inner = r.num("--mamba-num-heads", int, 1) * m["mamba_head_dim"]
+        if inner % hidden:
+            r.refuse(
+                "--mamba-num-heads",
+                f"heads x --mamba-head-dim = {inner} must be a multiple of the hidden size "
+                f"{hidden} here (model.mamba_expand)",
+            )
+        m["mamba_expand"] = inner // hidden
     if r.has("--swiglu") and r.has("--squared-relu"):
         r.refuse("--swiglu", "and --squared-relu together: give one")
     m["mlp_activation"] = (
@@ -191,6 +218,29 @@ def _model(r: _Reader) -> dict[str, Any]:
         if r.num(name, float, 0.0) != 0:
             r.refuse(name, f"{r.text(name)}: the toolkit has no dropout: pass {name} 0.0")
     return m
+
+
+def _pattern(r: _Reader) -> str | None:
+    """The layer pattern of --hybrid-layer-pattern (or its former name), where the toolkit
+    can build it: layers M, * and -, and '|' only between pipeline stages."""
+    given = [name for name in (PATTERN, OLD_PATTERN) if r.has(name)]
+    if len(given) == 2:
+        r.refuse(OLD_PATTERN, f"and {PATTERN} together (Megatron refuses both): give {PATTERN}")
+    if not given:
+        return None
+    pattern = r.text(given[0])
+    others = [f"{s!r} ({what})" for s, what in OTHER_SYMBOLS.items() if s in pattern]
+    if others:
+        r.refuse(given[0], f"{', '.join(others)}: the toolkit's layers are M, * and -")
+        return None
+    segments, pp = pattern.count("|") + 1, r.num("--pipeline-model-parallel-size", int, 1)
+    if segments > 1 and segments != pp:
+        r.refuse(
+            given[0],
+            f"{segments} '|' segments for PP={pp}: more segments than stages are Megatron's "
+            "virtual pipeline stages, which the toolkit has not; give one segment per stage",
+        )
+    return pattern
 
 
 def _data(r: _Reader) -> dict[str, Any]:

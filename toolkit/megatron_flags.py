@@ -27,7 +27,7 @@ FLAGS = {
     "--position-embedding-type": Flag(
         1, "model.position_embedding", "none or rope; Megatron's default learned_absolute refused"
     ),
-    "--num-layers": Flag(1, "model.num_layers"),
+    "--num-layers": Flag(1, "model.num_layers", "absent with a layer pattern: its count"),
     "--hidden-size": Flag(1, "model.hidden_size"),
     "--ffn-hidden-size": Flag(1, "model.ffn_hidden_size", "absent: 4 x hidden (as Megatron)"),
     "--num-attention-heads": Flag(1, "model.num_attention_heads"),
@@ -36,10 +36,16 @@ FLAGS = {
     "--kv-channels": Flag(1, "", "must equal hidden / heads"),
     "--hybrid-attention-ratio": Flag(1, "model.att_ratio"),
     "--hybrid-mlp-ratio": Flag(1, "model.mlp_ratio"),
-    "--hybrid-override-pattern": Flag(1, "model.pattern"),
+    "--hybrid-layer-pattern": Flag(
+        1, "model.pattern", "M * - with '|' between PP stages; sets the layer count (as Megatron)"
+    ),
+    "--hybrid-override-pattern": Flag(1, "model.pattern", "the former name of the above"),
     "--mamba-state-dim": Flag(1, "model.mamba_state_dim"),
     "--mamba-head-dim": Flag(1, "model.mamba_head_dim"),
     "--mamba-num-groups": Flag(1, "model.mamba_num_groups"),
+    "--mamba-num-heads": Flag(
+        1, "model.mamba_expand", "heads x head dim / hidden; absent: 2 x hidden (expand 2)"
+    ),
     "--seq-length": Flag(1, "model.seq_length"),
     "--max-position-embeddings": Flag(1, "", "no learned positions: no effect"),
     "--train-samples": Flag(1, "train.steps", "samples / global batch"),
