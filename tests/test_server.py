@@ -169,6 +169,12 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "max_tokens": MAX_LEN}, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+    ("/v1/completions", {"prompt": [True]}, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
+    ("/v1/completions", {"prompt": [100, 259]}, "prompt"),  # the byte vocabulary is [0, 259)
+    ("/v1/completions", {"prompt": [-1]}, "prompt"),
+    ("/v1/completions", {"prompt": [1] * MAX_LEN, "max_tokens": 1}, "prompt"),
 ]
 
 
@@ -291,6 +297,28 @@ def events(sock: socket.socket) -> list[str]:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"200 OK" in head and b"text/event-stream" in head
     return [e.removeprefix("data: ") for e in body.decode().split("\n\n") if e]
+
+
+def test_prompts_as_token_ids_answer_as_their_text(server, reference):
+    """OpenAI's token-id prompts (a list of ids, or a list of lists, as lm-evaluation-harness's
+    completions client sends them): the same answer as the text they encode, echo included."""
+    texts = ["def f(x):", "import o"]
+    ids = [list(t.encode()) for t in texts]  # the byte tokenizer's ids
+    body = {"max_tokens": 12, "temperature": 0, "logprobs": 2}
+    status, by_text = server.call("POST", "/v1/completions", body | {"prompt": texts})
+    assert status == 200, by_text
+    for prompt in (ids, ids[0]):
+        status, by_ids = server.call("POST", "/v1/completions", body | {"prompt": prompt})
+        assert status == 200, by_ids
+        n = len(by_ids["choices"])
+        assert n == (2 if prompt is ids else 1)
+        same(by_ids, by_text | {"choices": by_text["choices"][:n]})
+    same(by_text, reference("/v1/completions", body | {"prompt": ids}))
+    status, echoed = server.call("POST", "/v1/completions", body | {"prompt": ids, "echo": True})
+    assert status == 200, echoed
+    assert [c["text"] for c in echoed["choices"]] == [
+        t + c["text"] for t, c in zip(texts, by_text["choices"])
+    ]  # echo decodes the ids
 
 
 def test_stream_equals_the_whole_answer(server):

@@ -89,14 +89,53 @@ def _encode(
             raise BadRequest(field, f"{field}[{i}] is not valid text: {e}") from None
         if not ids:
             raise BadRequest(field, f"{field}[{i}] is empty (set add_BOS to start from nothing)")
-        if len(ids) + new > lim.max_len:
-            raise BadRequest(
-                field,
-                f"{field}[{i}] has {len(ids)} tokens; with {new} to generate that is "
-                f"{len(ids) + new}, over the model's limit of {lim.max_len}",
-            )
+        _check_length(ids, f"{field}[{i}]", field, new, lim)
         out.append(ids)
     return out
+
+
+def _check_length(ids: list[int], what: str, field: str, new: int, lim: Limits) -> None:
+    if len(ids) + new > lim.max_len:
+        raise BadRequest(
+            field,
+            f"{what} has {len(ids)} tokens; with {new} to generate that is "
+            f"{len(ids) + new}, over the model's limit of {lim.max_len}",
+        )
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_prompts(
+    body: dict[str, Any], field: str, tokenizer: Tokenizer, new: int, lim: Limits
+) -> list[list[int]] | None:
+    """OpenAI's prompts as token ids (a list of ids, or a list of such lists), each id checked
+    against the vocabulary; None where the prompts are text."""
+    value = body.get(field)
+    if not isinstance(value, list) or all(isinstance(v, str) for v in value):
+        return None  # text (or missing, or not a list): _strings says what is wrong
+    prompts = [value] if all(_is_token(v) for v in value) else value
+    if not all(isinstance(p, list) and all(_is_token(t) for t in p) for p in prompts):
+        raise BadRequest(
+            field,
+            f"{field} must be a string, a list of strings, a list of token ids or a list of "
+            "lists of token ids",
+        )
+    if len(prompts) > MAX_PROMPTS:
+        raise BadRequest(field, f"{field} has {len(prompts)} prompts, at most {MAX_PROMPTS}")
+    vocab = tokenizer.vocab_size
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise BadRequest(field, f"{field}[{i}] is empty: send at least one token")
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            raise BadRequest(
+                field,
+                f"{field}[{i}] has token ids outside the vocabulary [0, {vocab}): {outside[:5]}",
+            )
+        _check_length(ids, f"{field}[{i}]", field, new, lim)
+    return prompts
 
 
 def _one_filter(top_k: int, top_p: float, top_p_off: float) -> None:
@@ -194,8 +233,11 @@ class Completion:
 
 
 def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> Completion:
-    prompts = _strings(body, "prompt", required=True, most=MAX_PROMPTS)
     new = _integer(body, "max_tokens", 16, 0)
+    ids = _token_prompts(body, "prompt", tokenizer, new, lim)
+    if ids is None:
+        texts = _strings(body, "prompt", required=True, most=MAX_PROMPTS)
+        ids = _encode(texts, "prompt", tokenizer, False, new, lim)
     temperature = _number(body, "temperature", 1.0, 0.0, 100.0)  # 0 is greedy here
     top_k = _integer(body, "top_k", 0, 0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
@@ -217,7 +259,6 @@ def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) ->
         raise BadRequest("stop", "stop must not contain empty strings")
     echo = _flag(body, "echo")
     ignore_eos = _flag(body, "ignore_eos")  # vLLM's extension: generate max_tokens regardless
-    ids = _encode(prompts, "prompt", tokenizer, False, new, lim)
     settings = _settings(temperature, top_k, top_p, stop)
     want = logprobs is not None
     requests = [
