@@ -175,6 +175,18 @@ BAD = [
     ("/v1/completions", {"prompt": [100, 259]}, "prompt"),  # the byte vocabulary is [0, 259)
     ("/v1/completions", {"prompt": [-1]}, "prompt"),
     ("/v1/completions", {"prompt": [1] * MAX_LEN, "max_tokens": 1}, "prompt"),
+    (
+        "/v1/completions",
+        {"prompt": "a", "stream_options": {"include_usage": True}},
+        "stream_options",
+    ),
+    ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": 1}, "stream_options"),
+    (
+        "/v1/completions",
+        {"prompt": "a", "stream": True, "stream_options": {"include_usage": "yes"}},
+        "stream_options",
+    ),
+    ("/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens"),
 ]
 
 
@@ -274,20 +286,20 @@ def test_same_seed_same_text(server):
     assert first == again and first["tokens"] != other["tokens"]
 
 
-def completion(port: int, body: dict) -> socket.socket:
-    """A /v1/completions request on a raw socket, left open for the caller to read or drop."""
+def completion(port: int, body: dict, path: str = "/v1/completions") -> socket.socket:
+    """A completions request on a raw socket, left open for the caller to read or drop."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     data = json.dumps(body).encode()
     head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n"
     )
     sock.sendall(head.encode() + data)
     return sock
 
 
-def stream(port: int, body: dict) -> socket.socket:
-    return completion(port, body | {"stream": True})
+def stream(port: int, body: dict, path: str = "/v1/completions") -> socket.socket:
+    return completion(port, body | {"stream": True}, path)
 
 
 def events(sock: socket.socket) -> list[str]:
@@ -319,6 +331,31 @@ def test_prompts_as_token_ids_answer_as_their_text(server, reference):
     assert [c["text"] for c in echoed["choices"]] == [
         t + c["text"] for t, c in zip(texts, by_text["choices"])
     ]  # echo decodes the ids
+
+
+def test_a_stream_ends_with_its_usage_when_asked(server):
+    """stream_options.include_usage (OpenAI's): every chunk has usage null, and a last one
+    before [DONE], with no choices, has the token counts the whole answer reports."""
+    body = {"prompt": ["for i in", "x = "], "max_tokens": 9, "temperature": 0}
+    whole = server.call("POST", "/v1/completions", body)[1]
+    parts = events(stream(server.port, body | {"stream_options": {"include_usage": True}}))
+    assert parts[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in parts[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert whole["usage"]["completion_tokens"] > 0
+    assert all(c["usage"] is None and c["choices"] for c in chunks[:-1]) and len(chunks) > 2
+    plain = [json.loads(p) for p in events(stream(server.port, body))[:-1]]
+    assert all("usage" not in c and c["choices"] for c in plain)  # not asked: as before
+
+
+def test_megatrons_completions_path_answers_as_v1(server):
+    """/completions, where Megatron's own server answers too, is /v1/completions."""
+    body = {"prompt": "def f(", "max_tokens": 10, "temperature": 0}
+    status, alias = server.call("POST", "/completions", body)
+    assert status == 200, alias
+    assert alias["choices"] == server.call("POST", "/v1/completions", body)[1]["choices"]
+    streamed = [json.loads(p) for p in events(stream(server.port, body, "/completions"))[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in streamed) == alias["choices"][0]["text"]
 
 
 def test_stream_equals_the_whole_answer(server):

@@ -230,6 +230,22 @@ class Completion:
     logprobs: bool
     id: str
     created: int
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+
+def _include_usage(body: dict[str, Any], stream: bool) -> bool:
+    """OpenAI's stream_options: {"include_usage": bool}, allowed with stream: true only."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise BadRequest("stream_options", "stream_options is allowed with stream: true only")
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options", "stream_options must be an object")
+    try:
+        return _flag(options, "include_usage")
+    except BadRequest as e:
+        raise BadRequest("stream_options", f"stream_options.{e}") from None
 
 
 def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> Completion:
@@ -274,13 +290,15 @@ def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) ->
         )
         for p in ids
     ]
+    stream = _flag(body, "stream")
     return Completion(
         requests=requests,
-        stream=_flag(body, "stream"),
+        stream=stream,
         echo=echo,
         logprobs=logprobs is not None,
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
+        include_usage=_include_usage(body, stream),
     )
 
 
@@ -332,30 +350,49 @@ def completion_response(c: Completion, tokenizer: Tokenizer, model: str) -> dict
                 "finish_reason": finish_reason(r),
             }
         )
-    prompt_tokens = sum(len(r.prompt) for r in c.requests)
-    completion_tokens = sum(len(r.tokens) for r in c.requests)
     return {
         "id": c.id,
         "object": "text_completion",
         "created": c.created,
         "model": model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage(c),
+    }
+
+
+def usage(c: Completion) -> dict[str, int]:
+    """OpenAI's token counts of a completion (all its prompts)."""
+    prompt_tokens = sum(len(r.prompt) for r in c.requests)
+    completion_tokens = sum(len(r.tokens) for r in c.requests)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
 def completion_chunk(
     c: Completion, model: str, index: int, text: str, logprobs: Any, reason: str | None
 ) -> dict[str, Any]:
-    """One server-sent event of a streamed completion."""
-    return {
+    """One server-sent event of a streamed completion (with stream_options.include_usage its
+    usage is null: the last chunk, usage_chunk, carries it)."""
+    chunk = {
         "id": c.id,
         "object": "text_completion",
         "created": c.created,
         "model": model,
         "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}],
+    }
+    return chunk | ({"usage": None} if c.include_usage else {})
+
+
+def usage_chunk(c: Completion, model: str) -> dict[str, Any]:
+    """The last event of a stream with stream_options.include_usage: no choices, the usage."""
+    return {
+        "id": c.id,
+        "object": "text_completion",
+        "created": c.created,
+        "model": model,
+        "choices": [],
+        "usage": usage(c),
     }

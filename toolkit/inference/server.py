@@ -228,7 +228,10 @@ ROUTES = {
     "/health": {"GET": "_health"},
     "/api": {"PUT": "_megatron"},
     "/v1/completions": {"POST": "_completions"},
+    "/completions": {"POST": "_completions"},  # Megatron's own server answers here too
 }
+# The paths whose errors are OpenAI's error object (the others: the reference client's).
+OPENAI_PATHS = ("/v1/completions", "/completions")
 
 
 def allowed(path: str) -> str:
@@ -468,6 +471,8 @@ class Handler(JSONRequestHandler):
                 for i, r in enumerate(c.requests):
                     if i not in finished and self._stream_news(c, i, r, sent[i]):
                         finished.add(i)
+            if c.include_usage:
+                self._event(api.usage_chunk(c, name))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except OSError as e:  # reset, broken pipe, or a client that stopped reading (timeout)
@@ -503,8 +508,10 @@ class Handler(JSONRequestHandler):
         self.wfile.flush()
 
     def _error_payload(self, status: int, field: str, message: str) -> dict[str, Any]:
-        """OpenAI's error object on /v1 paths, the reference client's `message` elsewhere."""
-        if getattr(self, "path", "").startswith("/v1/"):
+        """OpenAI's error object on its paths (OPENAI_PATHS, /v1/*), the reference client's
+        `message` elsewhere."""
+        path = getattr(self, "path", "").split("?", 1)[0]
+        if path.startswith("/v1/") or path in OPENAI_PATHS:
             kind = "invalid_request_error" if status < 500 else "server_error"
             return {"error": {"message": message, "type": kind, "param": field, "code": None}}
         return super()._error_payload(status, field, message)
