@@ -99,6 +99,48 @@ def test_resume_refuses_a_different_model(tmp_path):
         train(other)
 
 
+def test_init_from_starts_a_new_run_from_trained_weights(tmp_path):
+    """checkpoint.init_from (fine-tuning): the weights of another run's checkpoint, then step 0,
+    a new optimizer, the data from its start; the first loss is those weights' loss on the first
+    batch. Once the new run has checkpoints of its own, it resumes from them instead."""
+    from toolkit.build import build_data, model_from_checkpoint
+
+    text = "0123456789" * 3000
+    base = train(make_recipe(tmp_path / "base", text, steps=60))
+    assert base.losses[60] < 1.5  # it learned the sequence
+    tuned = make_recipe(tmp_path / "tuned", text, steps=3, micro_batch_size=4, decay_steps=5)
+    tuned.checkpoint.init_from = str(tmp_path / "base" / "ckpt")
+    fresh = train(make_recipe(tmp_path / "fresh", text, steps=1, micro_batch_size=4))
+    first = train(tuned)
+    assert sorted(first.losses) == [1, 2, 3]
+    # The base run's weights on the new run's first batch, computed here.
+    model, _, tokenizer = model_from_checkpoint(str(tmp_path / "base" / "ckpt"))
+    inputs, labels = build_data(tuned, tokenizer)[0].batch(0, 4)
+    with torch.no_grad():
+        logits = model(inputs)[..., : model.vocab_size]  # the padded rows are no tokens
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    assert first.losses[1] == pytest.approx(expected.item(), rel=1e-5)
+    assert first.losses[1] < 2.0 < fresh.losses[1]  # not the fresh weights' loss
+    # Its own checkpoints now exist: running on resumes at step 4, not from the base weights.
+    tuned.train.steps = 5
+    resumed = train(tuned)
+    assert sorted(resumed.losses) == [4, 5]
+
+
+def test_init_from_that_does_not_fit_is_refused_naming_the_key(tmp_path):
+    train(make_recipe(tmp_path / "base", RANDOM_TEXT, steps=1))
+    missing = make_recipe(tmp_path / "a", RANDOM_TEXT, steps=1)
+    missing.checkpoint.init_from = str(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="checkpoint.init_from=.*nothing.*neither a checkpoint"):
+        train(missing)
+    wider = make_recipe(tmp_path / "b", RANDOM_TEXT, steps=1)
+    wider.model.hidden_size = 64
+    wider.checkpoint.init_from = str(tmp_path / "base" / "ckpt")
+    with pytest.raises(ValueError, match="checkpoint.init_from=.*has shape"):
+        train(wider)
+    assert not (tmp_path / "b" / "ckpt").exists()  # refused before any step was saved
+
+
 def poison_loss(monkeypatch, bad_calls: set[int]):
     """Make the loss non-finite on the given loss_fn calls (0-based), as a blow-up would."""
     import toolkit.parallel.parallelize as parallelize  # where the trainer's loss is chosen

@@ -68,7 +68,7 @@ def resume_training(
 ) -> tuple[int, int]:
     """Restore the newest intact checkpoint in checkpoint.dir (this rank's share of it), passing
     over damaged ones as checkpoint.on_corrupt says. Returns (step, consumed samples): (0, 0)
-    for a fresh run. Collective. RecipeError for a checkpoint of another [model], or for
+    for a fresh run (from checkpoint.init_from's weights where set: start_fresh). Collective. RecipeError for a checkpoint of another [model], or for
     checkpoints found when checkpoint.resume is false in a run that writes checkpoints (it
     would overwrite theirs); CheckpointError when none can be resumed."""
     ckpt = recipe.checkpoint
@@ -79,7 +79,7 @@ def resume_training(
                 f"checkpoint.dir={ckpt.dir} already holds checkpoints (latest {newest[-1].name}) "
                 "and checkpoint.resume is false: choose another checkpoint.dir, or resume"
             )
-        return 0, 0
+        return start_fresh(recipe, module, view, comm, env)
     seeded = torch.get_rng_state()
     layout = run_layout(env)
 
@@ -104,7 +104,7 @@ def resume_training(
 
     resumed = restore_newest_intact(ckpt.dir, restore_from, comm, ckpt.on_corrupt)
     if resumed is None:
-        return 0, 0
+        return start_fresh(recipe, module, view, comm, env)
     meta = resumed.meta
     train_log.info(
         "resumed from %s at step %d (%d samples consumed), restored in %.1f s",
@@ -114,6 +114,37 @@ def resume_training(
         meta["restore_s"],
     )
     return meta["step"], meta["consumed_samples"]
+
+
+def start_fresh(
+    recipe: Recipe, module: nn.Module, view: RankView, comm: Comm, env: ParallelEnv
+) -> tuple[int, int]:
+    """(0, 0): a new run, its weights checkpoint.init_from's where that is set (this rank's
+    slices, read from any layout; no optimizer state, RNG or data position). Collective: a
+    checkpoint that is missing or does not fit the model is a RecipeError on every rank."""
+    source = recipe.checkpoint.init_from
+    if source is None:
+        return 0, 0
+    meta, error = None, None
+    try:
+        path = store.resolve_checkpoint(source)
+        meta = store.read_metadata(path)
+        restore(path, module, None, view, whole=env.pp == 1)
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        error = f"{type(e).__name__}: {e}"
+    errors = [e for e in comm.all_gather(error) if e]
+    if errors:
+        raise RecipeError(f"checkpoint.init_from={source}: {errors[0]}")
+    theirs, ours = meta["recipe"]["model"], recipe.to_dict()["model"]
+    changed = sorted(k for k in ours if theirs.get(k) != ours[k])
+    if changed:  # the same arrays and shapes, or restore would have refused them
+        train_log.info("model keys that differ from %s's: %s", path.name, ", ".join(changed))
+    train_log.info(
+        "weights from %s (step %d of its run): a new run from step 0, with a new optimizer",
+        path,
+        meta["step"],
+    )
+    return 0, 0
 
 
 def resume_candidates(root: str | Path) -> tuple[list[Path], str | None]:

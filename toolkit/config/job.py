@@ -50,10 +50,19 @@ class CheckpointConfig:
     async_save: bool = opt(
         False, "write checkpoints in a background thread (costs one CPU copy of each rank's share)"
     )
+    init_from: str | None = opt(
+        None,
+        "start a new run from this checkpoint's model weights (a run's checkpoint dir, its "
+        "latest, or one step_N; any TP/PP layout): step 0, a new optimizer, the data from its "
+        "start (fine-tuning; Megatron's --pretrained-checkpoint). Once checkpoint.dir holds a "
+        "checkpoint the run resumes from that instead",
+    )
 
     def validate(self) -> None:
         check_ranges(self, "checkpoint")
         _check_directory(self.dir, "checkpoint.dir")
+        if self.init_from is not None:
+            _check_directory(self.init_from, "checkpoint.init_from")
 
 
 @dataclass(kw_only=True, slots=True)
