@@ -231,6 +231,50 @@ def test_current_megatron_flags_map_or_change_nothing(tmp_path):
     assert (recipe.parallel.timeout_minutes, recipe.checkpoint.async_save) == (60, True)
 
 
+def test_finetuning_flags_start_from_the_base_weights(tmp_path):
+    """--pretrained-checkpoint, or --finetune with --load: checkpoint.init_from (the base's
+    weights, step 0, a new optimizer), --save the run's own checkpoints; --no-load-optim and
+    --no-load-rng say nothing more then."""
+    flat = REFERENCE_8B.replace("\\\n", " ")
+    cases = {
+        "--pretrained-checkpoint /base": flat.replace(
+            "--bf16", "--bf16 --pretrained-checkpoint /base"
+        ),
+        "--finetune --load /base": flat.replace("--load ./checkpoints", "--load /base").replace(
+            "--bf16", "--bf16 --finetune --no-load-optim --no-load-rng"
+        ),
+    }
+    for what, args in cases.items():
+        proc = convert(args)
+        assert proc.returncode == 0, (what, proc.stderr)
+        checkpoint = tomllib.loads(proc.stdout)["checkpoint"]
+        assert (checkpoint["init_from"], checkpoint["dir"]) == ("/base", "./checkpoints"), what
+        out = tmp_path / "recipe.toml"
+        out.write_text(proc.stdout)
+        assert load_recipe(out).checkpoint.init_from == "/base"
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ([("--bf16", "--bf16 --finetune")], "--finetune: with --load equal to --save"),
+        (
+            [("--load ./checkpoints", ""), ("--bf16", "--bf16 --finetune")],
+            "--finetune: needs --load",
+        ),
+        ([("--bf16", "--bf16 --no-load-optim")], "--no-load-optim: a resume without that state"),
+        ([("--load ./checkpoints", "--load /base")], "--load: '/base' differs from --save"),
+    ],
+    ids=["finetune-resumes", "finetune-without-load", "no-load-optim", "load-elsewhere"],
+)
+def test_finetuning_flags_it_cannot_honour(changes, named):
+    args = REFERENCE_8B.replace("\\\n", " ")
+    for change in changes:
+        args = args.replace(*change)
+    proc = convert(args)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+
+
 def test_unhonourable_flags_are_refused_by_name(tmp_path):
     text = REFERENCE_8B.replace("--hidden-dropout 0.0", "--hidden-dropout 0.1")
     text = text.replace("--bf16", "--bf16 --moe-router-topk 2 --num-experts 8")

@@ -382,18 +382,52 @@ def _fp8(r: _Reader) -> dict[str, Any]:
 
 def _checkpoint(r: _Reader) -> dict[str, Any]:
     save, load = r.text("--save"), r.text("--load")
-    if load is not None and load != save:
+    base = _finetune_base(r, save, load)
+    if load is not None and load != save and not r.has("--finetune"):
         r.refuse(
             "--load",
             f"{load!r} differs from --save {save!r}: a run resumes from checkpoint.dir; import a "
-            "Megatron checkpoint with checkpoints_tools/import_megatron.py into it",
+            "Megatron checkpoint with checkpoints_tools/import_megatron.py into it, or start "
+            "from its weights with --finetune (or --pretrained-checkpoint)",
         )
     if save is None:
-        return {"enabled": False}
+        return {"enabled": False} | ({"init_from": base} if base else {})
     table = {"dir": save, "interval": r.num("--save-interval", int, 0)}
     if r.has("--async-save"):
         table["async_save"] = True
+    if base:
+        table["init_from"] = base
     return table
+
+
+def _finetune_base(r: _Reader, save: str | None, load: str | None) -> str | None:
+    """The checkpoint whose weights start the run (checkpoint.init_from): Megatron's
+    --pretrained-checkpoint, or --load with --finetune (weights only, iteration 0)."""
+    pretrained = r.text("--pretrained-checkpoint")
+    if r.has("--finetune"):
+        if load is None and pretrained is None:
+            r.refuse(
+                "--finetune", "needs --load (or --pretrained-checkpoint): the weights to start from"
+            )
+        elif load is not None and pretrained is not None and load != save:
+            r.refuse("--finetune", "with both --load and --pretrained-checkpoint: give one base")
+        elif load is not None and load == save:
+            r.refuse(
+                "--finetune",
+                f"with --load equal to --save ({save!r}) restarts from the base at every resume "
+                "in Megatron; give the base as --pretrained-checkpoint (or --load) and --save "
+                "another directory",
+            )
+        elif load is not None:
+            pretrained = load
+    for name in ("--no-load-optim", "--no-load-rng"):
+        if r.has(name) and pretrained is None:
+            r.refuse(
+                name,
+                "a resume without that state is not a mode the toolkit has; to start from a "
+                "checkpoint's weights only, give --finetune or --pretrained-checkpoint",
+            )
+    return pretrained
 
 
 def toml_value(value: Any) -> str:

@@ -55,7 +55,19 @@ FLAGS = {
     "--lr-decay-samples": Flag(1, "train.decay_steps", "samples / global batch"),
     "--lr-decay-iters": Flag(1, "train.decay_steps"),
     "--save": Flag(1, "checkpoint.dir", "absent: checkpoint.enabled = false"),
-    "--load": Flag(1, "checkpoint.dir", "must equal --save: runs resume from checkpoint.dir"),
+    "--load": Flag(
+        1,
+        "checkpoint.dir",
+        "must equal --save (runs resume from checkpoint.dir), but with --finetune",
+    ),
+    "--pretrained-checkpoint": Flag(
+        1, "checkpoint.init_from", "the weights a new run starts from (step 0, new optimizer)"
+    ),
+    "--finetune": Flag(
+        0, "checkpoint.init_from", "--load's weights start a new run; --save another directory"
+    ),
+    "--no-load-optim": Flag(0, "", "with --finetune or --pretrained-checkpoint: no effect"),
+    "--no-load-rng": Flag(0, "", "with --finetune or --pretrained-checkpoint: no effect"),
     "--data-path": Flag("*", "data.blend", "PREFIX or W1 PREFIX1 W2 PREFIX2 ..."),
     "--data-cache-path": Flag(1, "data.cache_dir"),
     "--split": Flag(1, "data.split"),
