@@ -275,6 +275,29 @@ def test_finetuning_flags_it_cannot_honour(changes, named):
     assert proc.returncode == 2 and named in proc.stderr, proc.stderr
 
 
+def test_wsd_takes_megatrons_decay_length_and_shape(tmp_path):
+    """--lr-decay-style WSD: the decay's length from --lr-wsd-decay-iters (or -samples / the
+    global batch) and its shape from --lr-wsd-decay-style, exponential where absent, as
+    Megatron; without a length Megatron refuses to run, and so does the converter."""
+    flat = REFERENCE_8B.replace("\\\n", " ").replace(
+        "--lr-decay-style cosine", "--lr-decay-style WSD"
+    )
+    for extra, steps, style in (
+        ("--lr-wsd-decay-iters 1000", 1000, "exponential"),
+        ("--lr-wsd-decay-samples 8000 --lr-wsd-decay-style minus_sqrt", 1000, "minus_sqrt"),
+    ):
+        proc = convert(f"{flat} {extra}")
+        assert proc.returncode == 0, proc.stderr
+        train = tomllib.loads(proc.stdout)["train"]
+        assert (train["lr_schedule"], train["wsd_decay_steps"], train["wsd_decay_style"]) == (
+            "wsd",
+            steps,
+            style,
+        )
+    proc = convert(flat)
+    assert proc.returncode == 2 and "WSD without --lr-wsd-decay-iters" in proc.stderr
+
+
 def test_unhonourable_flags_are_refused_by_name(tmp_path):
     text = REFERENCE_8B.replace("--hidden-dropout 0.0", "--hidden-dropout 0.1")
     text = text.replace("--bf16", "--bf16 --moe-router-topk 2 --num-experts 8")

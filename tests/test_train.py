@@ -215,6 +215,38 @@ def test_schedules(schedule):
         assert set(lrs[10:]) == {1.0}
 
 
+@pytest.mark.parametrize(
+    "style, share",
+    [
+        ("linear", lambda r: 1 - r),
+        ("cosine", lambda r: 0.5 * (math.cos(math.pi * r) + 1)),
+        ("exponential", lambda r: 2 * 0.5**r - 1),
+        ("minus_sqrt", lambda r: 1 - math.sqrt(r)),
+    ],
+)
+def test_wsd_decays_over_its_steps_in_each_shape(style, share):
+    """train.wsd_decay_steps and train.wsd_decay_style (Megatron's --lr-wsd-decay-iters and
+    --lr-wsd-decay-style): lr until the last 30 of the 100 decay steps, then min_lr plus the
+    shape's share of (lr - min_lr), by the fraction of the decay done."""
+    cfg = TrainConfig(steps=120, decay_steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    cfg.lr_schedule, cfg.wsd_decay_steps, cfg.wsd_decay_style = "wsd", 30, style
+    cfg.validate()
+    lrs = [learning_rate(s, cfg) for s in range(120)]
+    assert set(lrs[10:71]) == {1.0}
+    for step in (75, 85, 99):
+        assert lrs[step] == pytest.approx(0.1 + 0.9 * share((step - 70) / 30)), step
+    assert lrs[100:] == pytest.approx([0.1] * 20)
+
+
+def test_wsd_keys_are_refused_where_they_would_be_ignored():
+    cfg = TrainConfig(steps=100, lr_schedule="cosine", wsd_decay_style="cosine")
+    with pytest.raises(ValueError, match="train.wsd_decay_style: is read by .*'wsd' only"):
+        cfg.validate()
+    cfg = TrainConfig(steps=100, lr_schedule="wsd", decay_steps=50, wsd_decay_steps=60)
+    with pytest.raises(ValueError, match="train.wsd_decay_steps: 60 is more than the 50"):
+        cfg.validate()
+
+
 def test_no_weight_decay_on_norms_biases_and_ssm_parameters():
     mixer = Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2)
     decay, no_decay = parameter_groups(mixer, 0.1)

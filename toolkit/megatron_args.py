@@ -311,6 +311,16 @@ def _train(r: _Reader) -> dict[str, Any]:
     style = r.text("--lr-decay-style", "linear")
     if style in SCHEDULES:
         t["lr_schedule"] = SCHEDULES[style]
+        if style == "WSD":  # Megatron requires its decay's length; its shape defaults
+            t["wsd_decay_steps"] = steps("lr-wsd-decay")
+            t["wsd_decay_style"] = r.text("--lr-wsd-decay-style", "exponential")
+            if t["wsd_decay_steps"] is None:
+                r.refuse(
+                    "--lr-decay-style",
+                    "WSD without --lr-wsd-decay-iters or --lr-wsd-decay-samples (Megatron "
+                    "requires one)",
+                )
+                del t["wsd_decay_steps"]
     else:
         r.refuse(
             "--lr-decay-style",

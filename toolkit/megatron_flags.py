@@ -85,6 +85,11 @@ FLAGS = {
     "--lr-decay-style": Flag(
         1, "train.lr_schedule", "cosine, constant, WSD; absent (Megatron: linear) refused"
     ),
+    "--lr-wsd-decay-style": Flag(
+        1, "train.wsd_decay_style", "with WSD; absent: exponential (as Megatron)"
+    ),
+    "--lr-wsd-decay-iters": Flag(1, "train.wsd_decay_steps", "with WSD (Megatron requires one)"),
+    "--lr-wsd-decay-samples": Flag(1, "train.wsd_decay_steps", "samples / global batch"),
     "--weight-decay": Flag(1, "train.weight_decay", "absent: 0.01"),
     "--clip-grad": Flag(1, "train.grad_clip"),
     "--attention-dropout": Flag(1, "", "must be 0 (no dropout here; Megatron's default 0.1)"),

@@ -55,9 +55,20 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
         span = max(decay_steps - cfg.warmup_steps, 1)
         progress = min((step - cfg.warmup_steps) / span, 1.0)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-    # WSD: warmup, stable at lr, then a linear decay to min_lr over the last fraction.
-    decay_start = decay_steps - int(cfg.wsd_decay_fraction * decay_steps)
+    # WSD: warmup, stable at lr, then a decay to min_lr over the last wsd_decay_steps.
+    decaying = cfg.wsd_decay_steps or int(cfg.wsd_decay_fraction * decay_steps)
+    decay_start = decay_steps - decaying
     if step < decay_start:
         return cfg.lr
-    progress = min((step - decay_start) / max(decay_steps - decay_start, 1), 1.0)
-    return cfg.lr - (cfg.lr - cfg.min_lr) * progress
+    progress = min((step - decay_start) / max(decaying, 1), 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * WSD_DECAYS[cfg.wsd_decay_style](progress)
+
+
+# WSD's decays: the share of (lr - min_lr) left at `progress` through the decay, 1 -> 0 (the
+# coefficients of Megatron's --lr-wsd-decay-style).
+WSD_DECAYS = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (math.cos(math.pi * progress) + 1.0),
+    "exponential": lambda progress: 2.0 * 0.5**progress - 1.0,
+    "minus_sqrt": lambda progress: 1.0 - math.sqrt(progress),
+}

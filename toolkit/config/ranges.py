@@ -51,6 +51,7 @@ RANGES = {
     "train.warmup_steps": "[0, inf)",
     "train.decay_steps": "[1, inf)",
     "train.wsd_decay_fraction": "(0, 1]",
+    "train.wsd_decay_steps": "[1, inf)",
     "train.weight_decay": "[0, inf)",
     "train.adam_beta1": "[0, 1)",
     "train.adam_beta2": "[0, 1)",

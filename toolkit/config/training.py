@@ -123,6 +123,14 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear warmup steps")
     decay_steps: int | None = opt(None, "steps over which lr decays (default: steps)")
     wsd_decay_fraction: float = opt(0.1, "WSD: final fraction of decay_steps spent decaying")
+    wsd_decay_steps: int | None = opt(
+        None, "WSD: steps spent decaying, the last of decay_steps (default: wsd_decay_fraction)"
+    )
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = opt(
+        "linear",
+        "WSD: the decay's shape from lr to min_lr (Megatron's --lr-wsd-decay-style; its default "
+        "is exponential)",
+    )
     weight_decay: float = opt(
         0.1, "AdamW decoupled weight decay (not on norms, biases, A_log, D, dt_bias)"
     )
@@ -269,6 +277,22 @@ class TrainConfig:
             "train.min_lr",
             f"need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}",
         )
+        if self.lr_schedule != "wsd":
+            for key, unset in (("wsd_decay_steps", None), ("wsd_decay_style", "linear")):
+                check(
+                    getattr(self, key) == unset,
+                    f"train.{key}",
+                    f"is read by train.lr_schedule='wsd' only; this recipe's is "
+                    f"{self.lr_schedule!r}: leave it unset",
+                )
+        elif self.wsd_decay_steps is not None:
+            decay_steps = self.decay_steps or self.steps
+            check(
+                self.wsd_decay_steps <= decay_steps,
+                "train.wsd_decay_steps",
+                f"{self.wsd_decay_steps} is more than the {decay_steps} decay steps "
+                "(train.decay_steps, else train.steps)",
+            )
 
 
 def _check_block_kinds(value: Any, key: str, allowed: tuple[Any, Any]) -> None:
