@@ -298,6 +298,25 @@ def test_wsd_takes_megatrons_decay_length_and_shape(tmp_path):
     assert proc.returncode == 2 and "WSD without --lr-wsd-decay-iters" in proc.stderr
 
 
+def test_warmup_as_a_fraction_of_the_decay():
+    """--lr-warmup-fraction: that fraction of the decay steps (Megatron's), to whole steps;
+    --lr-warmup-init must be Megatron's 0; a fraction beside a warmup length is ambiguous."""
+    flat = REFERENCE_8B.replace("\\\n", " ")
+    by_fraction = flat.replace("--lr-warmup-samples 50000", "--lr-warmup-fraction 0.01")
+    proc = convert(by_fraction + " --lr-warmup-init 0.0")
+    assert proc.returncode == 0, proc.stderr
+    train = tomllib.loads(proc.stdout)["train"]
+    assert (train["decay_steps"], train["warmup_steps"]) == (73192188 // 8, 91490)
+    proc = convert(by_fraction + " --lr-warmup-init 1e-6")
+    assert (
+        proc.returncode == 2 and "--lr-warmup-init: 1e-6: the warmup starts from 0" in proc.stderr
+    )
+    proc = convert(flat + " --lr-warmup-fraction 0.01")
+    assert (
+        proc.returncode == 2 and "--lr-warmup-fraction: given with --lr-warmup-iters" in proc.stderr
+    )
+
+
 def test_unhonourable_flags_are_refused_by_name(tmp_path):
     text = REFERENCE_8B.replace("--hidden-dropout 0.0", "--hidden-dropout 0.1")
     text = text.replace("--bf16", "--bf16 --moe-router-topk 2 --num-experts 8")

@@ -308,6 +308,13 @@ def _train(r: _Reader) -> dict[str, Any]:
     t["warmup_steps"] = warmup or 0
     if decay is not None:
         t["decay_steps"] = decay
+    fraction = r.num("--lr-warmup-fraction", float)
+    if fraction is not None:  # Megatron: the fraction of the decay steps, which default to all
+        if warmup:
+            r.refuse("--lr-warmup-fraction", "given with --lr-warmup-iters/-samples: give one")
+        t["warmup_steps"] = round(fraction * (decay or t["steps"] or 0))
+    if r.num("--lr-warmup-init", float, 0.0) != 0:
+        r.refuse("--lr-warmup-init", f"{r.text('--lr-warmup-init')}: the warmup starts from 0 here")
     style = r.text("--lr-decay-style", "linear")
     if style in SCHEDULES:
         t["lr_schedule"] = SCHEDULES[style]

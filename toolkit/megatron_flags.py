@@ -53,6 +53,10 @@ FLAGS = {
     "--lr-warmup-samples": Flag(1, "train.warmup_steps", "samples / global batch"),
     "--lr-warmup-iters": Flag(1, "train.warmup_steps"),
     "--lr-decay-samples": Flag(1, "train.decay_steps", "samples / global batch"),
+    "--lr-warmup-fraction": Flag(
+        1, "train.warmup_steps", "x the decay steps (all steps where absent), to whole steps"
+    ),
+    "--lr-warmup-init": Flag(1, "", "must be 0 (Megatron's default): the warmup starts from 0"),
     "--lr-decay-iters": Flag(1, "train.decay_steps"),
     "--save": Flag(1, "checkpoint.dir", "absent: checkpoint.enabled = false"),
     "--load": Flag(
