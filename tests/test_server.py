@@ -187,6 +187,26 @@ BAD = [
         "stream_options",
     ),
     ("/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"max_tokens": 3}, "messages"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": -1},
+        "max_completion_tokens",
+    ),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 2}, "n"),
 ]
 
 
@@ -356,6 +376,74 @@ def test_megatrons_completions_path_answers_as_v1(server):
     assert alias["choices"] == server.call("POST", "/v1/completions", body)[1]["choices"]
     streamed = [json.loads(p) for p in events(stream(server.port, body, "/completions"))[:-1]]
     assert "".join(c["choices"][0]["text"] for c in streamed) == alias["choices"][0]["text"]
+
+
+CHAT = [
+    {"role": "system", "content": "You write Python."},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "def add"}, {"type": "text", "text": "("}],
+    },
+    {"role": "assistant", "content": "a, b):"},
+    {"role": "user", "content": "    return"},
+]
+
+
+def test_chat_is_a_completion_of_its_messages_as_one_prompt(server):
+    """/v1/chat/completions (and /chat/completions, as Megatron's server): the messages joined
+    by Megatron's template for pretrained models (api.chat_prompt) and completed; the answer as
+    the assistant's message, logprobs in chat's form, the same tokens as /v1/completions."""
+    prompt = "You write Python.\ndef add(\na, b):\n\n    return\n"
+    assert api.chat_prompt([api._message(m, i) for i, m in enumerate(CHAT)]) == prompt
+    settings = {"max_tokens": 10, "temperature": 0}
+    status, chat = server.call(
+        "POST",
+        "/v1/chat/completions",
+        settings | {"messages": CHAT, "logprobs": True, "top_logprobs": 2},
+    )
+    assert status == 200, chat
+    text = server.call("POST", "/v1/completions", settings | {"prompt": prompt, "logprobs": 2})[1]
+    choice, plain = chat["choices"][0], text["choices"][0]
+    assert chat["object"] == "chat.completion" and chat["id"].startswith("chatcmpl-")
+    assert choice["message"] == {"role": "assistant", "content": plain["text"]}
+    assert choice["finish_reason"] == plain["finish_reason"] and chat["usage"] == text["usage"]
+    tokens = choice["logprobs"]["content"]
+    assert [t["token"] for t in tokens] == plain["logprobs"]["tokens"]
+    assert [t["logprob"] for t in tokens] == pytest.approx(plain["logprobs"]["token_logprobs"])
+    assert all(
+        len(t["top_logprobs"]) == 2 and t["bytes"] == list(t["token"].encode()) for t in tokens
+    )
+    status, alias = server.call("POST", "/chat/completions", settings | {"messages": CHAT})
+    assert status == 200 and alias["choices"][0]["message"] == choice["message"]
+
+
+def test_a_chat_stream_sends_the_role_then_deltas(server):
+    body = {"messages": CHAT, "max_tokens": 12, "temperature": 0}
+    whole = server.call("POST", "/v1/chat/completions", body)[1]
+    parts = events(
+        stream(
+            server.port, body | {"stream_options": {"include_usage": True}}, "/v1/chat/completions"
+        )
+    )
+    assert parts[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in parts[:-1]]
+    assert all(
+        c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks
+    )
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    assert (
+        "".join(d.get("content", "") for d in deltas) == whole["choices"][0]["message"]["content"]
+    )
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_a_chat_without_max_tokens_may_fill_the_context():
+    """OpenAI's default for chat: up to the model's context, not a fixed count."""
+    tokenizer = build_tokenizer("byte")
+    c = api.parse_chat({"messages": CHAT[-1:]}, tokenizer, api.Limits(max_len=100))
+    assert c.requests[0].max_new_tokens == 100 - len("    return\n") and c.chat
 
 
 def test_stream_equals_the_whole_answer(server):

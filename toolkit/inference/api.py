@@ -231,6 +231,7 @@ class Completion:
     id: str
     created: int
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    chat: bool = False  # a /v1/chat/completions request: chat objects, not text_completion
 
 
 def _include_usage(body: dict[str, Any], stream: bool) -> bool:
@@ -254,26 +255,89 @@ def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) ->
     if ids is None:
         texts = _strings(body, "prompt", required=True, most=MAX_PROMPTS)
         ids = _encode(texts, "prompt", tokenizer, False, new, lim)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = _integer(body, "logprobs", 0, 0)
+        if logprobs > MAX_TOP_LOGPROBS:
+            raise BadRequest("logprobs", f"logprobs={logprobs}: at most {MAX_TOP_LOGPROBS}")
+    if _integer(body, "best_of", 1, 1) != 1:
+        raise BadRequest("n", "only one completion per prompt (n=1, best_of=1) is supported")
+    echo = _flag(body, "echo")
+    return _sampled(body, ids, new, logprobs, echo=echo, chat=False)
+
+
+def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> Completion:
+    """An OpenAI chat request: its messages as one prompt (chat_prompt), one completion."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages", "messages must be a non-empty list of {role, content}")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest("messages", f"messages has {len(messages)}, at most {MAX_MESSAGES}")
+    text = chat_prompt([_message(m, i) for i, m in enumerate(messages)])
+    ids = _encode([text], "messages", tokenizer, False, 0, lim)[0]
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    new = _integer(body, name, max(lim.max_len - len(ids), 0), 0)  # default: the rest
+    _check_length(ids, "messages", "messages", new, lim)
+    top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    logprobs = _flag(body, "logprobs")
+    if top and not logprobs:
+        raise BadRequest("top_logprobs", "top_logprobs needs logprobs: true")
+    return _sampled(body, [ids], new, top if logprobs else None, echo=False, chat=True)
+
+
+def _message(m: Any, i: int) -> tuple[str, str]:
+    """(role, text) of one chat message; its content a string or OpenAI's text parts."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in CHAT_ENDS:
+        raise BadRequest("messages", f"{where} must have a role of {', '.join(CHAT_ENDS)}")
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+            raise BadRequest("messages", f"{where}.content: only text parts are served here")
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise BadRequest("messages", f"{where}.content must be a string or a list of text parts")
+    return m["role"], content
+
+
+# What ends each role's turn in the prompt: Megatron's chat template for pretrained models
+# (its pretraining.jinja), for models trained here, which have no chat tokens of their own.
+CHAT_ENDS = {"system": "\n", "user": "\n", "assistant": "\n\n"}
+MAX_MESSAGES = 256
+
+
+def chat_prompt(messages: list[tuple[str, str]]) -> str:
+    """The prompt of a conversation: each turn's text and its role's end (CHAT_ENDS); an empty
+    system message adds nothing."""
+    return "".join(text + CHAT_ENDS[role] for role, text in messages if text or role != "system")
+
+
+def _sampled(
+    body: dict[str, Any],
+    ids: list[list[int]],
+    new: int,
+    logprobs: int | None,
+    *,
+    echo: bool,
+    chat: bool,
+) -> Completion:
+    """The sampling fields completions and chat share, and the requests of the prompts `ids`
+    (`logprobs`: how many alternatives a token, None for no logprobs)."""
     temperature = _number(body, "temperature", 1.0, 0.0, 100.0)  # 0 is greedy here
     top_k = _integer(body, "top_k", 0, 0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise BadRequest("top_p", "top_p must be in (0, 1]")
     _one_filter(top_k, top_p, 1.0)
-    if _integer(body, "n", 1, 1) != 1 or _integer(body, "best_of", 1, 1) != 1:
-        raise BadRequest("n", "only one completion per prompt (n=1, best_of=1) is supported")
+    if _integer(body, "n", 1, 1) != 1:
+        raise BadRequest("n", "only one completion per prompt (n=1) is supported")
     seed = body.get("seed")
     if seed is not None:
         seed = _integer(body, "seed", 0, 0, MAX_SEED)
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        logprobs = _integer(body, "logprobs", 0, 0)
-        if logprobs > MAX_TOP_LOGPROBS:
-            raise BadRequest("logprobs", f"logprobs={logprobs}: at most {MAX_TOP_LOGPROBS}")
     stop = _strings(body, "stop", required=False, most=MAX_STOP_STRINGS)
     if any(not s for s in stop):
         raise BadRequest("stop", "stop must not contain empty strings")
-    echo = _flag(body, "echo")
     ignore_eos = _flag(body, "ignore_eos")  # vLLM's extension: generate max_tokens regardless
     settings = _settings(temperature, top_k, top_p, stop)
     want = logprobs is not None
@@ -295,10 +359,11 @@ def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) ->
         requests=requests,
         stream=stream,
         echo=echo,
-        logprobs=logprobs is not None,
-        id=f"cmpl-{uuid.uuid4().hex}",
+        logprobs=want,
+        id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         created=int(time.time()),
         include_usage=_include_usage(body, stream),
+        chat=chat,
     )
 
 
@@ -350,14 +415,7 @@ def completion_response(c: Completion, tokenizer: Tokenizer, model: str) -> dict
                 "finish_reason": finish_reason(r),
             }
         )
-    return {
-        "id": c.id,
-        "object": "text_completion",
-        "created": c.created,
-        "model": model,
-        "choices": choices,
-        "usage": usage(c),
-    }
+    return _head(c, model) | {"choices": choices, "usage": usage(c)}
 
 
 def usage(c: Completion) -> dict[str, int]:
@@ -375,24 +433,69 @@ def completion_chunk(
     c: Completion, model: str, index: int, text: str, logprobs: Any, reason: str | None
 ) -> dict[str, Any]:
     """One server-sent event of a streamed completion (with stream_options.include_usage its
-    usage is null: the last chunk, usage_chunk, carries it)."""
-    chunk = {
-        "id": c.id,
-        "object": "text_completion",
-        "created": c.created,
-        "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}],
-    }
-    return chunk | ({"usage": None} if c.include_usage else {})
+    usage is null: the last chunk, usage_chunk, carries it). For chat, the text is the
+    choice's `delta`, and logprobs are chat's (chat_logprobs)."""
+    choice: dict[str, Any] = {"index": index}
+    if c.chat:
+        choice["delta"] = {"content": text} if text else {}
+    else:
+        choice["text"] = text
+    choice |= {"logprobs": logprobs, "finish_reason": reason}
+    return (
+        _head(c, model, chunk=True)
+        | {"choices": [choice]}
+        | ({"usage": None} if c.include_usage else {})
+    )
+
+
+def chat_role_chunk(c: Completion, model: str, index: int) -> dict[str, Any]:
+    """A chat stream's first event for a choice: its role, as OpenAI's streams begin."""
+    choice = {"index": index, "delta": {"role": "assistant", "content": ""}}
+    choice |= {"logprobs": None, "finish_reason": None}
+    return (
+        _head(c, model, chunk=True)
+        | {"choices": [choice]}
+        | ({"usage": None} if c.include_usage else {})
+    )
+
+
+def _head(c: Completion, model: str, chunk: bool = False) -> dict[str, Any]:
+    kind = (
+        ("chat.completion.chunk" if chunk else "chat.completion") if c.chat else "text_completion"
+    )
+    return {"id": c.id, "object": kind, "created": c.created, "model": model}
+
+
+def chat_response(c: Completion, tokenizer: Tokenizer, model: str) -> dict[str, Any]:
+    """OpenAI's chat.completion object: one assistant message a prompt."""
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": generated_text(r, tokenizer)},
+            "logprobs": chat_logprobs(r, tokenizer, range(len(r.tokens))) if c.logprobs else None,
+            "finish_reason": finish_reason(r),
+        }
+        for i, r in enumerate(c.requests)
+    ]
+    return _head(c, model) | {"choices": choices, "usage": usage(c)}
+
+
+def chat_logprobs(r: Request, tokenizer: Tokenizer, tokens: range) -> dict[str, Any]:
+    """Chat's logprobs object for the generated tokens in `tokens`: each token, its logprob,
+    its UTF-8 bytes and its top_logprobs alternatives."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.token_string(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    content = []
+    for k in tokens:
+        item = entry(r.tokens[k], r.token_logprobs[k])
+        item["top_logprobs"] = [entry(t, v) for t, v in r.alternatives[k]] if r.top_logprobs else []
+        content.append(item)
+    return {"content": content}
 
 
 def usage_chunk(c: Completion, model: str) -> dict[str, Any]:
     """The last event of a stream with stream_options.include_usage: no choices, the usage."""
-    return {
-        "id": c.id,
-        "object": "text_completion",
-        "created": c.created,
-        "model": model,
-        "choices": [],
-        "usage": usage(c),
-    }
+    return _head(c, model, chunk=True) | {"choices": [], "usage": usage(c)}

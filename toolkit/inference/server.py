@@ -229,9 +229,11 @@ ROUTES = {
     "/api": {"PUT": "_megatron"},
     "/v1/completions": {"POST": "_completions"},
     "/completions": {"POST": "_completions"},  # Megatron's own server answers here too
+    "/v1/chat/completions": {"POST": "_chat"},
+    "/chat/completions": {"POST": "_chat"},
 }
 # The paths whose errors are OpenAI's error object (the others: the reference client's).
-OPENAI_PATHS = ("/v1/completions", "/completions")
+OPENAI_PATHS = ("/v1/completions", "/completions", "/v1/chat/completions", "/chat/completions")
 
 
 def allowed(path: str) -> str:
@@ -438,15 +440,19 @@ class Handler(JSONRequestHandler):
         self._wait(requests, self._submit(requests))
         self._json(HTTPStatus.OK, api.megatron_response(requests, tokenizer))
 
-    def _completions(self) -> None:
+    def _completions(self, parse=api.parse_completion, respond=api.completion_response) -> None:
         self._check_ready()
         tokenizer, name = self.server.engine.tokenizer, self.server.model_name
-        c = api.parse_completion(self._body(), tokenizer, self.server.limits)
+        c = parse(self._body(), tokenizer, self.server.limits)
         updates = self._submit(c.requests, every_token=c.stream)
         if not c.stream:
             self._wait(c.requests, updates)
-            return self._json(HTTPStatus.OK, api.completion_response(c, tokenizer, name))
+            return self._json(HTTPStatus.OK, respond(c, tokenizer, name))
         self._stream(c, updates)
+
+    def _chat(self) -> None:
+        """OpenAI's chat completions: the messages as one prompt (api.chat_prompt)."""
+        self._completions(api.parse_chat, api.chat_response)
 
     def _stream(self, c: api.Completion, updates: Updates) -> None:
         """Server-sent events: text deltas per choice as tokens arrive, then `data: [DONE]`."""
@@ -466,6 +472,9 @@ class Handler(JSONRequestHandler):
                     self._event(
                         api.completion_chunk(c, name, i, tokenizer.decode(r.prompt), None, None)
                     )
+            if c.chat:
+                for i in range(len(c.requests)):
+                    self._event(api.chat_role_chunk(c, name, i))
             while len(finished) < len(c.requests):
                 updates.get()
                 for i, r in enumerate(c.requests):
@@ -493,7 +502,9 @@ class Handler(JSONRequestHandler):
         text = api.generated_text(r, tokenizer, final=done)
         n = len(r.tokens)
         logprobs = None
-        if c.logprobs:
+        if c.logprobs and c.chat:
+            logprobs = api.chat_logprobs(r, tokenizer, range(sent[1], n))
+        elif c.logprobs:
             logprobs = api.completion_logprobs(r, tokenizer, range(sent[1], n), False, sent[0])
         reason = api.finish_reason(r) if done else None
         if text[sent[0] :] or reason or (logprobs and n > sent[1]):
