@@ -161,6 +161,14 @@ BAD = [
     ("/api", {"prompts": ["a", "\ud800"]}, "prompts"),
     ("/api", {"prompts": ["x" * (MAX_LEN - 10)], "tokens_to_generate": 20}, "prompts"),
     ("/api", [1, 2], "body"),
+    ("/api", {"prompts": ["a"], "top_p": 0.9, "top_p_decay": 0.5}, "top_p_decay"),
+    ("/api", {"prompts": ["a"], "top_p": 0.9, "top_p_bound": 0.1}, "top_p_bound"),
+    (
+        "/api",
+        {"prompts": ["a"], "prevent_newline_after_colon": True},
+        "prevent_newline_after_colon",
+    ),
+    ("/api", {"prompts": ["a"], "stop_token": "eod"}, "stop_token"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": "a", "temperature": 101}, "temperature"),
@@ -241,6 +249,17 @@ def test_unknown_paths_and_methods(server):
     assert server.call("POST", "/api", {"prompts": ["a"]})[0] == 405
     assert server.call("DELETE", "/api")[0] == 405
     assert server.health()["status"] == "ok"  # the bad requests above did not hurt it
+
+
+def test_the_references_fields_that_change_nothing_are_served(server):
+    """Fields of the reference's PUT /api at their off values, and its beam search's own
+    (stop_token, length_penalty), are accepted: the same answer as without them."""
+    body = {"prompts": ["def "], "tokens_to_generate": 6, "top_k": 1}
+    extra = {"top_p_decay": 0.0, "top_p_bound": 0.0, "prevent_newline_after_colon": False}
+    extra |= {"stop_token": 50256, "length_penalty": 1.0}
+    status, plain = server.call("PUT", "/api", body)
+    assert status == 200, plain
+    assert server.call("PUT", "/api", body | extra) == (200, plain)
 
 
 def test_extreme_but_valid_values_are_served(server):

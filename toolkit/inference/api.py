@@ -168,6 +168,17 @@ def parse_megatron(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> l
     seed = _integer(body, "random_seed", -1, -1, MAX_SEED)
     if body.get("beam_width") not in (None, 1):
         raise BadRequest("beam_width", "beam search is not supported")
+    # The reference's fields that change sampling in ways this server has not, refused unless
+    # off; its beam search's own (stop_token, length_penalty) are checked and have no effect.
+    for name in ("top_p_decay", "top_p_bound"):
+        if _number(body, name, 0.0, 0.0, 1.0):
+            raise BadRequest(name, f"{name} (top_p narrowed token by token) is not supported")
+    if _flag(body, "prevent_newline_after_colon"):
+        raise BadRequest(
+            "prevent_newline_after_colon", "prevent_newline_after_colon is not supported"
+        )
+    _integer(body, "stop_token", 0, 0)
+    _number(body, "length_penalty", 1.0, -100.0, 100.0)
     stop = _strings(body, "stop_strings", required=False, most=MAX_STOP_STRINGS)
     if _flag(body, "stop_on_double_eol"):
         stop.append("\n\n")
