@@ -215,6 +215,23 @@ BAD = [
         "max_completion_tokens",
     ),
     ("/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": -0.1}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"50": 100}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "tools": [{}]},
+        "tools",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "a"}],
+            "response_format": {"type": "json_object"},
+        },
+        "response_format",
+    ),
 ]
 
 
@@ -260,6 +277,23 @@ def test_the_references_fields_that_change_nothing_are_served(server):
     status, plain = server.call("PUT", "/api", body)
     assert status == 200, plain
     assert server.call("PUT", "/api", body | extra) == (200, plain)
+
+
+def test_openai_fields_at_their_off_values_are_served(server):
+    """OpenAI's fields the server refuses when set (penalties, logit_bias, suffix, tools,
+    response_format other than text) change nothing at their off values, which clients send."""
+    body = {"prompt": "def ", "max_tokens": 6, "temperature": 0}
+    off = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None}
+    assert (
+        server.call("POST", "/v1/completions", body | off)[1]["choices"]
+        == (server.call("POST", "/v1/completions", body)[1]["choices"])
+    )
+    chat = {"messages": CHAT, "max_tokens": 6, "temperature": 0}
+    chat_off = {"tools": [], "response_format": {"type": "text"}, "logit_bias": None}
+    assert (
+        server.call("POST", "/v1/chat/completions", chat | chat_off)[1]["choices"]
+        == (server.call("POST", "/v1/chat/completions", chat)[1]["choices"])
+    )
 
 
 def test_extreme_but_valid_values_are_served(server):

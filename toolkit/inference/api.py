@@ -324,6 +324,20 @@ def chat_prompt(messages: list[tuple[str, str]]) -> str:
     return "".join(text + CHAT_ENDS[role] for role, text in messages if text or role != "system")
 
 
+def _refuse_unserved(body: dict[str, Any], chat: bool) -> None:
+    """OpenAI's fields that would change the answer in ways this server has not: a 400 naming
+    the field unless it is off (answering without them would be another answer than asked)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0):
+            raise BadRequest(name, f"{name} is not supported: leave it 0")
+    unserved = ["logit_bias"] + (["tools", "functions"] if chat else ["suffix"])
+    for name in unserved:
+        if body.get(name):
+            raise BadRequest(name, f"{name} is not supported here")
+    if chat and body.get("response_format") not in (None, {"type": "text"}):
+        raise BadRequest("response_format", "only text answers are served (type: text)")
+
+
 def _sampled(
     body: dict[str, Any],
     ids: list[list[int]],
@@ -350,6 +364,7 @@ def _sampled(
     if any(not s for s in stop):
         raise BadRequest("stop", "stop must not contain empty strings")
     ignore_eos = _flag(body, "ignore_eos")  # vLLM's extension: generate max_tokens regardless
+    _refuse_unserved(body, chat)
     settings = _settings(temperature, top_k, top_p, stop)
     want = logprobs is not None
     requests = [
