@@ -120,6 +120,46 @@ def test_blend_weights_and_splits(tmp_path):
     assert "blend of 0.7000 x" in train_samples.describe() and len(a) == 50
 
 
+def test_valid_and_test_datasets_of_their_own_are_used_whole(tmp_path):
+    """data.valid_blend / data.test_blend (Megatron's --valid-data-path, --test-data-path):
+    validation and test read every document of their own datasets, training all of its blend's
+    (split 100,0,0); the samples are those of the dataset used whole as a train split."""
+    tagged_dataset(tmp_path / "a", 10000, 50)
+    tagged_dataset(tmp_path / "v", 30000, 20)
+    tagged_dataset(tmp_path / "t", 40000, 10)
+    recipe = blend_recipe(
+        tmp_path, [str(tmp_path / "a")], split="100,0,0",
+        valid_blend=[str(tmp_path / "v")], test_blend=[[1.0, str(tmp_path / "t")]],
+    )  # fmt: skip
+    train_samples, valid = build_data(recipe, ByteTokenizer())
+    train_docs = set().union(*(owner(train_samples.sample(k))[1] for k in range(2000)))
+    assert train_docs == set(range(50))  # the whole training dataset
+    valid_owners = [owner(valid.sample(k)) for k in range(500)]
+    assert {base for base, _ in valid_owners} == {30000}
+    assert set().union(*(d for _, d in valid_owners)) == set(range(20))  # every document
+    test = build_blend(recipe, "test")
+    assert {owner(test.sample(k))[0] for k in range(100)} == {40000}
+    alone = blend_recipe(tmp_path, [str(tmp_path / "v")], split="100,0,0")
+    assert all(
+        (valid.sample(k) == build_data(alone, ByteTokenizer())[0].sample(k)).all()
+        for k in range(50)
+    )
+
+
+def test_a_split_given_twice_is_refused(tmp_path):
+    tagged_dataset(tmp_path / "a", 10000, 50)
+    a = str(tmp_path / "a")
+    with pytest.raises(RecipeError, match=r"data.valid_blend: and a valid share in data.split"):
+        blend_recipe(tmp_path, [a], split="80,20,0", valid_blend=[a])
+    with pytest.raises(RecipeError, match=r"data.test_blend: and a test share in data.split"):
+        blend_recipe(tmp_path, [a], split="80,10,10", test_blend=[a])
+    with pytest.raises(RecipeError, match=r"data.valid_blend\[0\]: weight must be"):
+        blend_recipe(tmp_path, [a], split="100,0,0", valid_blend=[[-1, a]])
+    missing = blend_recipe(tmp_path, [a], split="100,0,0", valid_blend=[str(tmp_path / "nope")])
+    with pytest.raises(RecipeError, match=r"data.valid_blend\[0\]: .*nope\.idx: no such file"):
+        build_data(missing, ByteTokenizer())
+
+
 def test_each_dp_rank_gets_a_disjoint_slice_of_every_global_batch(tmp_path):
     tagged_dataset(tmp_path / "a", 10000, 50)
     tagged_dataset(tmp_path / "b", 20000, 40)

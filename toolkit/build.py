@@ -102,24 +102,28 @@ def build_data(recipe: Recipe, tokenizer: Tokenizer) -> tuple[Samples, Samples |
         train = SequenceSampler(tokens[: len(tokens) - held_out], seq, seed)
         return train, SequenceSampler(tokens[-held_out:], seq, seed) if held_out else None
     train = build_blend(recipe, "train")
-    return train, build_blend(recipe, "valid") if parse_split(d.split)[1] > 0 else None
+    return train, build_blend(recipe, "valid") if d.validation_share() > 0 else None
 
 
 def build_blend(recipe: Recipe, split: str) -> Samples:
-    """One split ('train', 'valid' or 'test') of data.blend; errors name the blend entry."""
+    """One split ('train', 'valid' or 'test'): data.valid_blend or data.test_blend where the
+    split has datasets of its own (each used whole), else data.split's share of data.blend;
+    errors name the blend entry."""
     d = recipe.data
-    shares = parse_split(d.split)
+    own = {"valid": d.valid_blend, "test": d.test_blend}.get(split)
+    key = f"data.{split}_blend" if own else "data.blend"
+    shares, index = ([1.0, 0.0, 0.0], 0) if own else (parse_split(d.split), SPLITS.index(split))
     parts, weights = [], []
-    for i, (weight, prefix) in enumerate(d.weighted_prefixes()):
+    for i, (weight, prefix) in enumerate(d.weighted_prefixes(own or d.blend)):
         try:
             dataset = IndexedDataset(prefix)
             cache = IndexCache(d.cache_dir or Path(prefix).parent / "index_cache")
-            sequences = split_ranges(len(dataset), shares)[SPLITS.index(split)]
+            sequences = split_ranges(len(dataset), shares)[index]
             part = PackedSamples(
                 dataset, sequences, recipe.model.seq_length, recipe.train.seed, cache, split
             )
         except (IndexedDatasetError, ValueError) as e:
-            raise RecipeError(f"data.blend[{i}]: {e}") from None
+            raise RecipeError(f"{key}[{i}]: {e}") from None
         parts.append(part)
         weights.append(weight)
     if len(parts) == 1:
@@ -127,7 +131,7 @@ def build_blend(recipe: Recipe, split: str) -> Samples:
     try:
         return BlendedSamples(parts, weights, IndexCache(d.cache_dir or parts[0].cache.directory))
     except ValueError as e:
-        raise RecipeError(f"data.blend: {e}") from None
+        raise RecipeError(f"{key}: {e}") from None
 
 
 def describe_model(model: HybridLM) -> str:

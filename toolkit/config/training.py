@@ -48,27 +48,45 @@ class DataConfig:
         "(or ['a']); used instead of source",
     )
     split: str = opt("969,30,1", "train,valid,test shares of each blended dataset's documents")
+    valid_blend: list[Any] = opt(
+        [],
+        "indexed datasets for validation alone, as data.blend, each used whole (Megatron's "
+        "--valid-data-path); instead of data.split's valid share, which must then be 0",
+    )
+    test_blend: list[Any] = opt(
+        [],
+        "indexed datasets for the test split alone, each used whole (Megatron's "
+        "--test-data-path); instead of data.split's test share, which must then be 0",
+    )
     cache_dir: str | None = opt(
         None,
         "where sample/shuffle/blend index files go (default: index_cache/ beside each dataset)",
     )
 
-    def weighted_prefixes(self) -> list[tuple[float, str]]:
-        """data.blend as (weight, prefix) pairs; a bare prefix weighs 1."""
-        return [(1.0, e) if isinstance(e, str) else (float(e[0]), e[1]) for e in self.blend]
+    def weighted_prefixes(self, entries: list[Any] | None = None) -> list[tuple[float, str]]:
+        """data.blend (or `entries`, another blend) as (weight, prefix) pairs; a bare prefix
+        weighs 1."""
+        entries = self.blend if entries is None else entries
+        return [(1.0, e) if isinstance(e, str) else (float(e[0]), e[1]) for e in entries]
 
     def validation_share(self) -> float:
-        """The share held out for validation: valid_fraction, or with a blend its data.split's."""
+        """The share held out for validation: valid_fraction, or with a blend its data.split's
+        (1 with a data.valid_blend of its own)."""
         from toolkit.data.packed import parse_split  # local: the data package is not always needed
 
+        if self.valid_blend:
+            return 1.0
         return parse_split(self.split)[1] if self.blend else self.valid_fraction
 
     def validate(self) -> None:
         """The ranges, data.blend's entries, and a blend against data.source and data.split."""
         check_ranges(self, "data")
-        for i, e in enumerate(self.blend):
-            _check_blend_entry(e, f"data.blend[{i}]")
+        for key in ("blend", "valid_blend", "test_blend"):
+            for i, e in enumerate(getattr(self, key)):
+                _check_blend_entry(e, f"data.{key}[{i}]")
         if not self.blend:
+            for key in ("valid_blend", "test_blend"):
+                check(not getattr(self, key), f"data.{key}", "needs data.blend to train on")
             return
         weights = [w for w, _ in self.weighted_prefixes()]
         check(
@@ -82,10 +100,22 @@ class DataConfig:
             "data.valid_fraction",
             "applies to data.source; a blend's validation share is in data.split",
         )
+        from toolkit.data.packed import parse_split
+
         try:
-            self.validation_share()
+            shares = parse_split(self.split)
         except ValueError as e:
             raise RecipeError(f"data.split: {e}") from None
+        for key, share, what in (
+            ("valid_blend", shares[1], "valid"),
+            ("test_blend", shares[2], "test"),
+        ):
+            check(
+                not getattr(self, key) or share == 0,
+                f"data.{key}",
+                f"and a {what} share in data.split ({self.split!r}) both say what the {what} "
+                f"split is: give one (data.split='100,0,0' with {what} datasets of their own)",
+            )
 
 
 def _check_blend_entry(e: Any, key: str) -> None:
