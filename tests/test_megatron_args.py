@@ -317,6 +317,27 @@ def test_warmup_as_a_fraction_of_the_decay():
     )
 
 
+def test_datasets_per_split_become_the_splits_own_blends():
+    """--train/--valid/--test-data-path (each used whole, --split ignored, as Megatron): the
+    training blend at split 100,0,0 and the other splits' own blends; validation runs."""
+    flat = REFERENCE_8B.replace("\\\n", " ").replace(" --split 99,1,0", "")
+    per_split = flat.replace(
+        "--data-path /data/pile_text_document",
+        "--train-data-path 0.7 /d/a 0.3 /d/b --valid-data-path /d/v --test-data-path /d/t",
+    )
+    proc = convert(per_split)
+    assert proc.returncode == 0, proc.stderr
+    converted = tomllib.loads(proc.stdout)
+    data = converted["data"]
+    assert data["blend"] == [[0.7, "/d/a"], [0.3, "/d/b"]] and data["split"] == "100,0,0"
+    assert (data["valid_blend"], data["test_blend"]) == (["/d/v"], ["/d/t"])
+    assert converted["train"]["eval_interval"] == 2000
+    both = convert(flat + " --valid-data-path /d/v")
+    assert both.returncode == 2 and "--valid-data-path: with --data-path" in both.stderr
+    alone = convert(per_split.replace("--train-data-path 0.7 /d/a 0.3 /d/b ", ""))
+    assert alone.returncode == 2 and "without --train-data-path" in alone.stderr
+
+
 def test_unhonourable_flags_are_refused_by_name(tmp_path):
     text = REFERENCE_8B.replace("--hidden-dropout 0.0", "--hidden-dropout 0.1")
     text = text.replace("--bf16", "--bf16 --moe-router-topk 2 --num-experts 8")

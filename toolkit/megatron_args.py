@@ -28,6 +28,12 @@ class ArgsError(ValueError):
 USAGE = "python -m toolkit.config --from-megatron-args 'ARGS...' | @FILE > recipe.toml"
 SCHEDULES = {"cosine": "cosine", "constant": "constant", "WSD": "wsd"}
 SENTENCEPIECE = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer")
+# Megatron's datasets per split, each used whole, and the data keys they become.
+SPLIT_PATHS = {
+    "--train-data-path": "blend",
+    "--valid-data-path": "valid_blend",
+    "--test-data-path": "test_blend",
+}
 # The layer pattern's flag, and its former name (Megatron refuses both together).
 PATTERN, OLD_PATTERN = "--hybrid-layer-pattern", "--hybrid-override-pattern"
 # Megatron's pattern symbols for what the toolkit has no layer of.
@@ -130,7 +136,10 @@ def to_table(args: dict[str, list[str]], problems: list[str] = ()) -> dict[str, 
     }
     if r.has("--tensorboard-dir"):
         table["logging"]["dir"] = r.text("--tensorboard-dir")
-    if table["data"].get("blend") and _valid_share(table["data"].get("split", "969,30,1")):
+    data = table["data"]
+    if data.get("valid_blend") or (
+        data.get("blend") and _valid_share(data.get("split", "969,30,1"))
+    ):
         table["train"]["eval_interval"] = r.num("--eval-interval", int, 1000)
     if r.problems:
         raise ArgsError("cannot honour: " + "; ".join(r.problems))
@@ -261,22 +270,33 @@ def _data(r: _Reader) -> dict[str, Any]:
     elif model:
         r.refuse("--tokenizer-model", "needs --tokenizer-type")
     if r.has("--data-path"):
-        d["blend"] = _blend(r, r.args["--data-path"])
+        d["blend"] = _blend(r, "--data-path")
     if r.has("--split"):
         d["split"] = r.text("--split").replace("/", ",").replace(" ", "")
+    per_split = [name for name in SPLIT_PATHS if r.has(name)]
+    if per_split and r.has("--data-path"):
+        r.refuse(per_split[0], "with --data-path: give the blend one way")
+    elif per_split:  # each split's datasets used whole; Megatron ignores --split then
+        if not r.has("--train-data-path"):
+            r.refuse(per_split[0], "without --train-data-path: nothing to train on")
+        for name, key in SPLIT_PATHS.items():
+            if r.has(name):
+                d[key] = _blend(r, name)
+        d["split"] = "100,0,0"
     if r.has("--data-cache-path"):
         d["cache_dir"] = r.text("--data-cache-path")
     return d
 
 
-def _blend(r: _Reader, values: list[str]) -> list[Any]:
-    """--data-path PREFIX [PREFIX ...] or W1 PREFIX1 W2 PREFIX2 ... as data.blend."""
+def _blend(r: _Reader, name: str) -> list[Any]:
+    """`name` PREFIX [PREFIX ...] or W1 PREFIX1 W2 PREFIX2 ... as a blend's entries."""
+    values = r.args[name]
     try:
         weights = [float(v) for v in values[0::2]]
     except ValueError:
         return list(values)  # prefixes only: equal weights
     if len(values) % 2:
-        r.refuse("--data-path", "weights and prefixes must come in pairs: W1 PREFIX1 W2 PREFIX2")
+        r.refuse(name, "weights and prefixes must come in pairs: W1 PREFIX1 W2 PREFIX2")
         return []
     return [[w, p] for w, p in zip(weights, values[1::2], strict=True)]
 

@@ -73,6 +73,9 @@ FLAGS = {
     "--no-load-optim": Flag(0, "", "with --finetune or --pretrained-checkpoint: no effect"),
     "--no-load-rng": Flag(0, "", "with --finetune or --pretrained-checkpoint: no effect"),
     "--data-path": Flag("*", "data.blend", "PREFIX or W1 PREFIX1 W2 PREFIX2 ..."),
+    "--train-data-path": Flag("*", "data.blend", "as --data-path, used whole (data.split 100,0,0)"),
+    "--valid-data-path": Flag("*", "data.valid_blend", "validation's own datasets, used whole"),
+    "--test-data-path": Flag("*", "data.test_blend", "the test split's own datasets, used whole"),
     "--data-cache-path": Flag(1, "data.cache_dir"),
     "--split": Flag(1, "data.split"),
     "--tokenizer-type": Flag(
