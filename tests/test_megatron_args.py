@@ -214,7 +214,9 @@ def test_current_megatron_flags_map_or_change_nothing(tmp_path):
         "--ddp-bucket-size 40000000 --accumulate-allreduce-grads-in-fp32 --manual-gc "
         "--manual-gc-interval 100 --exit-signal-handler --log-throughput "
         "--log-timers-to-tensorboard --log-validation-ppl-to-tensorboard "
-        "--log-memory-to-tensorboard"
+        "--log-memory-to-tensorboard --no-mmap-bin-files --num-dataset-builder-threads 8 "
+        "--calculate-per-token-loss --no-check-for-nan-in-loss-and-grad --context-parallel-size 1 "
+        "--expert-model-parallel-size 1 --virtual-pipeline-model-parallel-size 1"
     )
     plain = convert(REFERENCE_8B.replace("\\\n", " "))
     proc = convert(REFERENCE_8B.replace("\\\n", " ") + " " + extra)
@@ -336,6 +338,15 @@ def test_datasets_per_split_become_the_splits_own_blends():
     assert both.returncode == 2 and "--valid-data-path: with --data-path" in both.stderr
     alone = convert(per_split.replace("--train-data-path 0.7 /d/a 0.3 /d/b ", ""))
     assert alone.returncode == 2 and "without --train-data-path" in alone.stderr
+
+
+@pytest.mark.parametrize(
+    "flag", ["--context-parallel-size", "--expert-model-parallel-size",
+             "--virtual-pipeline-model-parallel-size"],
+)  # fmt: skip
+def test_parallelism_the_toolkit_has_not_is_refused_unless_1(flag):
+    proc = convert(REFERENCE_8B.replace("\\\n", " ") + f" {flag} 2")
+    assert proc.returncode == 2 and f"{flag}: 2: must be 1" in proc.stderr, proc.stderr
 
 
 def test_unhonourable_flags_are_refused_by_name(tmp_path):

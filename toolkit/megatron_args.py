@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.config import RecipeError, recipe_from_dict
-from toolkit.megatron_flags import DEFAULTS, FLAGS, SCALES
+from toolkit.megatron_flags import DEFAULTS, FLAGS, MUST_BE_ONE, SCALES
 
 
 class ArgsError(ValueError):
@@ -136,6 +136,9 @@ def to_table(args: dict[str, list[str]], problems: list[str] = ()) -> dict[str, 
     }
     if r.has("--tensorboard-dir"):
         table["logging"]["dir"] = r.text("--tensorboard-dir")
+    for name in MUST_BE_ONE:
+        if r.num(name, int, 1) != 1:
+            r.refuse(name, f"{r.text(name)}: {FLAGS[name].note}")
     data = table["data"]
     if data.get("valid_blend") or (
         data.get("blend") and _valid_share(data.get("split", "969,30,1"))

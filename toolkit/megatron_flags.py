@@ -191,7 +191,26 @@ FLAGS = {
     "--log-timers-to-tensorboard": Flag(0, "", "the step time is logged always"),
     "--log-validation-ppl-to-tensorboard": Flag(0, "", "logged always (valid/perplexity)"),
     "--log-memory-to-tensorboard": Flag(0, "", "logged always"),
+    "--no-mmap-bin-files": Flag(0, "", "data loading: no effect"),
+    "--num-dataset-builder-threads": Flag(1, "", "data loading: no effect"),
+    "--calculate-per-token-loss": Flag(
+        0, "", "no effect: samples are packed to the sequence length, every batch as many tokens"
+    ),
+    "--no-check-for-nan-in-loss-and-grad": Flag(
+        0, "", "no effect: a non-finite loss stops the run or is skipped (train.nan_policy)"
+    ),
+    "--context-parallel-size": Flag(1, "", "must be 1: no context parallelism here"),
+    "--expert-model-parallel-size": Flag(1, "", "must be 1: no experts here"),
+    "--virtual-pipeline-model-parallel-size": Flag(
+        1, "", "must be 1: no virtual pipeline stages here"
+    ),
 }
+# The flags whose only value the toolkit can honour is 1 (its FLAGS note says why).
+MUST_BE_ONE = (
+    "--context-parallel-size",
+    "--expert-model-parallel-size",
+    "--virtual-pipeline-model-parallel-size",
+)
 DEFAULTS = {"--attention-dropout": "0.1", "--hidden-dropout": "0.1"}
 # The reference's MODEL_SCALE shell variable: the flags each scale sets.
 SCALES = {
