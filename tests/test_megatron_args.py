@@ -349,6 +349,28 @@ def test_parallelism_the_toolkit_has_not_is_refused_unless_1(flag):
     assert proc.returncode == 2 and f"{flag}: 2: must be 1" in proc.stderr, proc.stderr
 
 
+def test_uneven_pipeline_stages_become_the_patterns_stages(tmp_path):
+    """--decoder-first/last-pipeline-num-layers: '|' where Megatron cuts the stages, the layers
+    left evenly over the stages between; from the ratios or from a layer pattern."""
+    flat = REFERENCE_8B.replace("\\\n", " ").replace(
+        "--pipeline-model-parallel-size 1", "--pipeline-model-parallel-size 4"
+    )
+    for args, sizes in (
+        (flat + " --decoder-first-pipeline-num-layers 12 --decoder-last-pipeline-num-layers 12", [12, 16, 16, 12]),
+        (flat + " --decoder-last-pipeline-num-layers 2", [18, 18, 18, 2]),
+        (CURRENT_8B.replace("\\\n", " ").replace("--pipeline-model-parallel-size 1",
+            "--pipeline-model-parallel-size 2") + " --decoder-first-pipeline-num-layers 20", [20, 36]),
+    ):  # fmt: skip
+        proc = convert(args)
+        assert proc.returncode == 0, proc.stderr
+        out = tmp_path / "recipe.toml"
+        out.write_text(proc.stdout)
+        layout = load_recipe(out).model.layer_layout()
+        assert [len(s) for s in layout.stages] == sizes and layout.pattern == PATTERN_8B
+    proc = convert(flat + " --decoder-first-pipeline-num-layers 12")  # 44 over 3 stages
+    assert proc.returncode == 2 and "56 layers do not make PP=4 stages" in proc.stderr
+
+
 def test_unhonourable_flags_are_refused_by_name(tmp_path):
     text = REFERENCE_8B.replace("--hidden-dropout 0.0", "--hidden-dropout 0.1")
     text = text.replace("--bf16", "--bf16 --moe-router-topk 2 --num-experts 8")

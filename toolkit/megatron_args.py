@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.config import RecipeError, recipe_from_dict
+from toolkit.layout import allocate_layers
 from toolkit.megatron_flags import DEFAULTS, FLAGS, MUST_BE_ONE, SCALES
 
 
@@ -28,6 +29,10 @@ class ArgsError(ValueError):
 USAGE = "python -m toolkit.config --from-megatron-args 'ARGS...' | @FILE > recipe.toml"
 SCHEDULES = {"cosine": "cosine", "constant": "constant", "WSD": "wsd"}
 SENTENCEPIECE = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer")
+FIRST_STAGE, LAST_STAGE = (
+    "--decoder-first-pipeline-num-layers",
+    "--decoder-last-pipeline-num-layers",
+)
 # Megatron's datasets per split, each used whole, and the data keys they become.
 SPLIT_PATHS = {
     "--train-data-path": "blend",
@@ -183,6 +188,8 @@ def _model(r: _Reader) -> dict[str, Any]:
                 "ignore --num-layers): drop it or make it agree",
             )
         m["num_layers"] = layers
+    if r.has(FIRST_STAGE) or r.has(LAST_STAGE):
+        _uneven_stages(r, m)
     if r.has("--mamba-num-heads"):  # Megatron's Mamba width: heads x head dim, else 2 x hidden
         inner = r.num("--mamba-num-heads", int, 1) * m["mamba_head_dim"]
         if inner % hidden:
@@ -230,6 +237,32 @@ def _model(r: _Reader) -> dict[str, Any]:
         if r.num(name, float, 0.0) != 0:
             r.refuse(name, f"{r.text(name)}: the toolkit has no dropout: pass {name} 0.0")
     return m
+
+
+def _uneven_stages(r: _Reader, m: dict[str, Any]) -> None:
+    """--decoder-first/last-pipeline-num-layers: model.pattern with '|' where Megatron cuts the
+    stages (the first and last stage given, the layers left evenly over the stages between)."""
+    pp = r.num("--pipeline-model-parallel-size", int, 1)
+    pattern = m.get("pattern") or allocate_layers(m["num_layers"], m["att_ratio"], m["mlp_ratio"])
+    if "|" in pattern:
+        r.refuse(
+            FIRST_STAGE if r.has(FIRST_STAGE) else LAST_STAGE, "with '|' in the pattern: give one"
+        )
+        return
+    first, last = r.num(FIRST_STAGE, int), r.num(LAST_STAGE, int)
+    middle = pp - (first is not None) - (last is not None)
+    left = len(pattern) - (first or 0) - (last or 0)
+    if pp < 2 or middle < 0 or left < 0 or (middle and left % middle) or (not middle and left):
+        r.refuse(
+            FIRST_STAGE if first is not None else LAST_STAGE,
+            f"{len(pattern)} layers do not make PP={pp} stages of {first or '-'} first, "
+            f"{last or '-'} last and the rest evenly between",
+        )
+        return
+    sizes = ([first] if first is not None else []) + [left // max(middle, 1)] * middle
+    sizes += [last] if last is not None else []
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    m["pattern"] = "|".join(pattern[a:b] for a, b in zip(bounds, bounds[1:]))
 
 
 def _pattern(r: _Reader) -> str | None:

@@ -40,6 +40,12 @@ FLAGS = {
         1, "model.pattern", "M * - with '|' between PP stages; sets the layer count (as Megatron)"
     ),
     "--hybrid-override-pattern": Flag(1, "model.pattern", "the former name of the above"),
+    "--decoder-first-pipeline-num-layers": Flag(
+        1, "model.pattern", "the first PP stage's layers: '|' where Megatron cuts the stages"
+    ),
+    "--decoder-last-pipeline-num-layers": Flag(
+        1, "model.pattern", "the last PP stage's layers (the rest evenly between)"
+    ),
     "--mamba-state-dim": Flag(1, "model.mamba_state_dim"),
     "--mamba-head-dim": Flag(1, "model.mamba_head_dim"),
     "--mamba-num-groups": Flag(1, "model.mamba_num_groups"),
