@@ -1,5 +1,6 @@
-"""Serve a checkpoint over HTTP: PUT /api (the reference's API), POST /v1/completions (OpenAI
-style, `stream: true` for server-sent events), GET /health.
+"""Serve a checkpoint over HTTP: PUT /api (the reference's API), POST /v1/completions and POST
+/v1/chat/completions (OpenAI style, also at /completions and /chat/completions as Megatron's
+server has them; `stream: true` for server-sent events), GET /health.
 
     python launchers/serve.py --checkpoint runs/tiny_hybrid/checkpoints [--port 5000]
 
