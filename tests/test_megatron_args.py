@@ -126,6 +126,21 @@ def test_reference_8b_from_a_file(tmp_path):
     check_8b(proc.stdout, tmp_path)
 
 
+def test_the_recipe_names_the_flags_that_set_no_key():
+    """A comment at the top of the converted recipe lists the given flags that set nothing
+    (checked, or without effect), so a reader sees what was not carried over."""
+    proc = convert(REFERENCE_8B.replace("\\\n", " "))
+    assert proc.returncode == 0, proc.stderr
+    head = "".join(line[2:] for line in proc.stdout.splitlines() if line.startswith("# ")).replace(
+        " ", ""
+    )
+    named = head.partition("whichandwhy):")[2].split(",")
+    assert {"--overlap-grad-reduce", "--use-mcore-models", "--spec", "--hidden-dropout"} <= set(
+        named
+    )
+    assert not {n for n in named if FLAGS[n].key}  # only flags that set no key
+
+
 def test_reference_8b_from_one_string_with_model_scale(tmp_path):
     # MODEL_SCALE=8B stands for the five flags the reference's script sets from it.
     text = REFERENCE_8B.split("pretrain_mamba.py", 1)[1]

@@ -14,6 +14,7 @@ all of them named in one line, exit status 2; nothing is written then.
 import json
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -513,8 +514,18 @@ def toml_value(value: Any) -> str:
     return "[" + ", ".join(toml_value(v) for v in value) + "]"
 
 
-def to_toml(table: dict[str, Any], source: str = "") -> str:
+def to_toml(table: dict[str, Any], source: str = "", unmapped: list[str] = ()) -> str:
+    """The recipe's TOML; `unmapped`: the flags given that set no key, named in a comment."""
     lines = [f"# Converted from Megatron arguments by python -m toolkit.config{source}."]
+    if unmapped:
+        lines += textwrap.wrap(
+            "Given, but setting no key here (checked, or without effect: the README's flag "
+            "table says which and why): " + ", ".join(unmapped),
+            width=98,
+            initial_indent="# ",
+            subsequent_indent="# ",
+            break_on_hyphens=False,
+        )
     lines += [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
     for section, values in table.items():
         if isinstance(values, dict):
@@ -524,9 +535,11 @@ def to_toml(table: dict[str, Any], source: str = "") -> str:
 
 def convert(tokens: list[str]) -> str:
     """The validated recipe (TOML text) for a Megatron command line; ArgsError or RecipeError."""
-    table = to_table(*split_args(tokens))
+    args, problems = split_args(tokens)
+    table = to_table(args, problems)
     recipe_from_dict(table)  # validated: the recipe loads as written
-    return to_toml(table, " --from-megatron-args")
+    unmapped = [name for name in args if not FLAGS[name].key]
+    return to_toml(table, " --from-megatron-args", unmapped)
 
 
 def read_tokens(argv: list[str]) -> list[str]:
