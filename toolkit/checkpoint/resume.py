@@ -68,9 +68,10 @@ def resume_training(
 ) -> tuple[int, int]:
     """Restore the newest intact checkpoint in checkpoint.dir (this rank's share of it), passing
     over damaged ones as checkpoint.on_corrupt says. Returns (step, consumed samples): (0, 0)
-    for a fresh run (from checkpoint.init_from's weights where set: start_fresh). Collective. RecipeError for a checkpoint of another [model], or for
-    checkpoints found when checkpoint.resume is false in a run that writes checkpoints (it
-    would overwrite theirs); CheckpointError when none can be resumed."""
+    for a fresh run (from checkpoint.init_from's weights where set: start_fresh). Collective.
+    RecipeError for a checkpoint of another [model], or for checkpoints found when
+    checkpoint.resume is false in a run that writes checkpoints (it would overwrite theirs);
+    CheckpointError when none can be resumed."""
     ckpt = recipe.checkpoint
     if not ckpt.resume:
         newest = store.list_checkpoints(ckpt.dir)
