@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.config import load_recipe
-from toolkit.megatron_flags import FLAGS
+from toolkit.megatron_flags import FLAGS, REFUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -425,8 +425,24 @@ def test_converted_recipe_is_validated():
 
 def test_readme_maps_every_flag():
     readme = (ROOT / "README.md").read_text()
-    for name in FLAGS:
+    for name in [*FLAGS, *REFUSED]:
         assert f"`{name}`" in readme, name
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        ("--wandb-project p --wandb-exp-name e", "--wandb-project: W&B logging is not built in"),
+        ("--exit-duration-in-mins 230", "--exit-duration-in-mins: under Slurm a run checkpoints"),
+        ("--exit-interval 1000", "--exit-interval: stopping at a multiple"),
+        ("--eod-mask-loss", "--eod-mask-loss: the loss counts every position"),
+    ],
+    ids=["wandb", "exit-duration", "exit-interval", "eod-mask-loss"],
+)
+def test_known_flags_refused_say_what_the_toolkit_does_instead(extra, named):
+    proc = convert(REFERENCE_8B.replace("\\\n", " ") + " " + extra)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+    assert "unknown flag" not in proc.stderr
 
 
 def test_fp8_flags_become_the_recipes_float8_keys(tmp_path):

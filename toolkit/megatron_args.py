@@ -20,7 +20,7 @@ from typing import Any
 
 from toolkit.config import RecipeError, recipe_from_dict
 from toolkit.layout import allocate_layers
-from toolkit.megatron_flags import DEFAULTS, FLAGS, MUST_BE_ONE, SCALES
+from toolkit.megatron_flags import DEFAULTS, FLAGS, MUST_BE_ONE, REFUSED, SCALES
 
 
 class ArgsError(ValueError):
@@ -69,7 +69,9 @@ def split_args(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
             flag = None
         elif token.startswith("--"):
             flag, _, value = token.partition("=")
-            if flag not in FLAGS:
+            if flag in REFUSED:
+                problems.append(f"{flag}: {REFUSED[flag]}")
+            elif flag not in FLAGS:
                 problems.append(f"{flag} (unknown flag)")
             args[flag] = [value] if value else []
         elif "$" in token:

@@ -211,6 +211,19 @@ FLAGS = {
         1, "", "must be 1: no virtual pipeline stages here"
     ),
 }
+# Flags the converter knows and refuses at any value, each with what the toolkit does instead.
+_NO_WANDB = "W&B logging is not built in: TensorBoard logs go to logging.dir"
+REFUSED = {
+    "--wandb-project": _NO_WANDB,
+    "--wandb-exp-name": _NO_WANDB,
+    "--wandb-save-dir": _NO_WANDB,
+    "--wandb-entity": _NO_WANDB,
+    "--exit-duration-in-mins": "under Slurm a run checkpoints and requeues on the USR2 sent "
+    "before its time limit (slurm.signal_delay_s)",
+    "--exit-interval": "stopping at a multiple of a step count is not a mode here: set train.steps",
+    "--eod-mask-loss": "the loss counts every position, an end of document's too (Megatron's "
+    "default)",
+}
 # The flags whose only value the toolkit can honour is 1 (its FLAGS note says why).
 MUST_BE_ONE = (
     "--context-parallel-size",
@@ -248,4 +261,5 @@ def markdown_table() -> str:
         key = f"`{flag.key}`" if flag.key else "-"
         note = f" {flag.note} " if flag.note else " "
         rows.append(f"| `{name}` | {key} |{note}|")
+    rows += [f"| `{name}` | - | refused: {why} |" for name, why in REFUSED.items()]
     return "\n".join(rows)
