@@ -467,22 +467,19 @@ def completion_chunk(
     else:
         choice["text"] = text
     choice |= {"logprobs": logprobs, "finish_reason": reason}
-    return (
-        _head(c, model, chunk=True)
-        | {"choices": [choice]}
-        | ({"usage": None} if c.include_usage else {})
-    )
+    return _chunk(c, model, choice)
 
 
 def chat_role_chunk(c: Completion, model: str, index: int) -> dict[str, Any]:
     """A chat stream's first event for a choice: its role, as OpenAI's streams begin."""
     choice = {"index": index, "delta": {"role": "assistant", "content": ""}}
-    choice |= {"logprobs": None, "finish_reason": None}
-    return (
-        _head(c, model, chunk=True)
-        | {"choices": [choice]}
-        | ({"usage": None} if c.include_usage else {})
-    )
+    return _chunk(c, model, choice | {"logprobs": None, "finish_reason": None})
+
+
+def _chunk(c: Completion, model: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """A stream event of one choice (usage null where the stream ends with usage_chunk)."""
+    usage_field = {"usage": None} if c.include_usage else {}
+    return _head(c, model, chunk=True) | {"choices": [choice]} | usage_field
 
 
 def _head(c: Completion, model: str, chunk: bool = False) -> dict[str, Any]:

@@ -232,8 +232,9 @@ ROUTES = {
     "/v1/chat/completions": {"POST": "_chat"},
     "/chat/completions": {"POST": "_chat"},
 }
-# The paths whose errors are OpenAI's error object (the others: the reference client's).
-OPENAI_PATHS = ("/v1/completions", "/completions", "/v1/chat/completions", "/chat/completions")
+# Paths outside /v1/ whose errors are OpenAI's error object, as those under /v1/ (the others':
+# the reference client's).
+OPENAI_ALIASES = ("/completions", "/chat/completions")
 
 
 def allowed(path: str) -> str:
@@ -519,10 +520,10 @@ class Handler(JSONRequestHandler):
         self.wfile.flush()
 
     def _error_payload(self, status: int, field: str, message: str) -> dict[str, Any]:
-        """OpenAI's error object on its paths (OPENAI_PATHS, /v1/*), the reference client's
-        `message` elsewhere."""
+        """OpenAI's error object on /v1/* and OPENAI_ALIASES, the reference client's `message`
+        elsewhere."""
         path = getattr(self, "path", "").split("?", 1)[0]
-        if path.startswith("/v1/") or path in OPENAI_PATHS:
+        if path.startswith("/v1/") or path in OPENAI_ALIASES:
             kind = "invalid_request_error" if status < 500 else "server_error"
             return {"error": {"message": message, "type": kind, "param": field, "code": None}}
         return super()._error_payload(status, field, message)
