@@ -182,26 +182,7 @@ def _model(r: _Reader) -> dict[str, Any]:
         "norm_eps": r.num("--norm-epsilon", float, 1e-5),
         "make_vocab_size_divisible_by": r.num("--make-vocab-size-divisible-by", int, 128),
     }
-    if pattern:
-        m["pattern"], layers = pattern, len(pattern.replace("|", ""))
-        if r.has("--num-layers") and m["num_layers"] != layers:
-            r.refuse(
-                "--num-layers",
-                f"{m['num_layers']}, but the layer pattern has {layers} layers (Megatron would "
-                "ignore --num-layers): drop it or make it agree",
-            )
-        m["num_layers"] = layers
-    if r.has(FIRST_STAGE) or r.has(LAST_STAGE):
-        _uneven_stages(r, m)
-    if r.has("--mamba-num-heads"):  # Megatron's Mamba width: heads x head dim, else 2 x hidden
-        inner = r.num("--mamba-num-heads", int, 1) * m["mamba_head_dim"]
-        if inner % hidden:
-            r.refuse(
-                "--mamba-num-heads",
-                f"heads x --mamba-head-dim = {inner} must be a multiple of the hidden size "
-                f"{hidden} here (model.mamba_expand)",
-            )
-        m["mamba_expand"] = inner // hidden
+    _layers(r, m, pattern)
     if r.has("--swiglu") and r.has("--squared-relu"):
         r.refuse("--swiglu", "and --squared-relu together: give one")
     m["mlp_activation"] = (
@@ -242,22 +223,47 @@ def _model(r: _Reader) -> dict[str, Any]:
     return m
 
 
+def _layers(r: _Reader, m: dict[str, Any], pattern: str | None) -> None:
+    """Into `m`: the layer pattern and count (as Megatron derives them from
+    --hybrid-layer-pattern), uneven pipeline stages, and the Mamba width."""
+    hidden = m["hidden_size"]
+    if pattern:
+        m["pattern"], layers = pattern, len(pattern.replace("|", ""))
+        if r.has("--num-layers") and m["num_layers"] != layers:
+            r.refuse(
+                "--num-layers",
+                f"{m['num_layers']}, but the layer pattern has {layers} layers (Megatron would "
+                "ignore --num-layers): drop it or make it agree",
+            )
+        m["num_layers"] = layers
+    if r.has(FIRST_STAGE) or r.has(LAST_STAGE):
+        _uneven_stages(r, m)
+    if r.has("--mamba-num-heads"):  # Megatron's Mamba width: heads x head dim, else 2 x hidden
+        inner = r.num("--mamba-num-heads", int, 1) * m["mamba_head_dim"]
+        if inner % hidden:
+            r.refuse(
+                "--mamba-num-heads",
+                f"heads x --mamba-head-dim = {inner} must be a multiple of the hidden size "
+                f"{hidden} here (model.mamba_expand)",
+            )
+        m["mamba_expand"] = inner // hidden
+
+
 def _uneven_stages(r: _Reader, m: dict[str, Any]) -> None:
     """--decoder-first/last-pipeline-num-layers: model.pattern with '|' where Megatron cuts the
     stages (the first and last stage given, the layers left evenly over the stages between)."""
     pp = r.num("--pipeline-model-parallel-size", int, 1)
     pattern = m.get("pattern") or allocate_layers(m["num_layers"], m["att_ratio"], m["mlp_ratio"])
+    named = FIRST_STAGE if r.has(FIRST_STAGE) else LAST_STAGE  # the flag an error names
     if "|" in pattern:
-        r.refuse(
-            FIRST_STAGE if r.has(FIRST_STAGE) else LAST_STAGE, "with '|' in the pattern: give one"
-        )
+        r.refuse(named, "with '|' in the pattern: give one")
         return
     first, last = r.num(FIRST_STAGE, int), r.num(LAST_STAGE, int)
     middle = pp - (first is not None) - (last is not None)
     left = len(pattern) - (first or 0) - (last or 0)
     if pp < 2 or middle < 0 or left < 0 or (middle and left % middle) or (not middle and left):
         r.refuse(
-            FIRST_STAGE if first is not None else LAST_STAGE,
+            named,
             f"{len(pattern)} layers do not make PP={pp} stages of {first or '-'} first, "
             f"{last or '-'} last and the rest evenly between",
         )
