@@ -124,7 +124,7 @@ def pattern_keys(found: str, margs: Any, cli: argparse.Namespace) -> dict[str, A
     return {"pattern": pattern or found, "att_ratio": att, "mlp_ratio": mlp}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="checkpoints_tools/import_megatron.py",
         description=__doc__,
@@ -153,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
     )
-    cli = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     src = Path(cli.src)
     try:
