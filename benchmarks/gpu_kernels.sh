@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
 # mamba-ssm's SSD kernel on one H200: parity and timing, then the 800M hybrid's training throughput
-# with model.kernels = reference and = mamba_ssm. Needs .dev/mamba_ssm-2.3.2.post1.tar.gz (see
-# ../shared/device/README.md). Usage from the repository root:  OUT=/dir bash benchmarks/gpu_kernels.sh
+# with model.kernels = reference and = mamba_ssm. Needs .dev/ and .whl/ carried (gpu_setup.sh
+# installs from them). Usage from the repository root:  OUT=/dir bash benchmarks/gpu_kernels.sh
 set -u
 OUT=${OUT:-runs/gpu_kernels}
 mkdir -p "$OUT"
-MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE python3 -m pip install -q --no-build-isolation \
-  --no-deps --no-index --no-cache-dir --target /tmp/site .dev/mamba_ssm-2.3.2.post1.tar.gz
-echo '# Mamba-1 CUDA extension not built' > /tmp/site/selective_scan_cuda.py
-export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1 || { tail "$OUT/setup.log"; exit 1; }
 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/kernels.txt"
 for kernels in mamba_ssm reference; do
   python3 launchers/submit.py recipes/800m_hybrid.toml --local --set 'train.device="cuda"' \

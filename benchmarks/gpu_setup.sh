@@ -6,7 +6,8 @@
 # from .whl/, torchao, mamba-ssm (Triton kernels only) and causal-conv1d (built for sm_90,
 # ~85 s, or unpacked from .dev/cc1d.tar.xz.part* that an earlier call brought back) from .dev/.
 # Sets PYTHONPATH and the Triton cache (seeded from .dev/triton.tar.xz if present, which skips
-# most of the ~100 s of autotuning). Safe to source twice.
+# most of the ~100 s of autotuning). Safe to source twice. The versions are gpu_fetch.sh's: the
+# packages are found by name, so .dev/ must hold one version of each.
 GPU_SITE=$PWD/.gpu/site
 mkdir -p "$GPU_SITE" .gpu/triton
 if [ ! -e "$GPU_SITE/.done" ]; then
@@ -14,14 +15,14 @@ if [ ! -e "$GPU_SITE/.done" ]; then
     .whl/*.whl .dev/torchao-*.whl
   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE python3 -m pip install -q \
     --no-build-isolation --no-deps --no-index --no-cache-dir --target "$GPU_SITE" \
-    .dev/mamba_ssm-2.3.2.post1.tar.gz
+    .dev/mamba_ssm-*.tar.gz
   # Released mamba-ssm imports its Mamba-1 extension unconditionally; Mamba-2 does not use it.
   echo '# Mamba-1 CUDA extension not built' > "$GPU_SITE/selective_scan_cuda.py"
   if ls .dev/cc1d.tar.xz.part* > /dev/null 2>&1; then  # built by an earlier call, brought back
     cat .dev/cc1d.tar.xz.part* | tar xJf - -C "$GPU_SITE"
   else
-    rm -rf /tmp/cc1d && mkdir -p /tmp/cc1d && tar xzf .dev/causal_conv1d-1.7.0.tar.gz -C /tmp/cc1d
-    (cd /tmp/cc1d/causal_conv1d-1.7.0 && python3 "$OLDPWD/.dev/patch_cc1d_sm90.py" setup.py --split &&
+    rm -rf /tmp/cc1d && mkdir -p /tmp/cc1d && tar xzf .dev/causal_conv1d-*.tar.gz -C /tmp/cc1d
+    (cd /tmp/cc1d/causal_conv1d-* && python3 "$OLDPWD/.dev/patch_cc1d_sm90.py" setup.py --split &&
       CAUSAL_CONV1D_FORCE_BUILD=TRUE TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 400 \
         python3 -m pip install -q --no-build-isolation --no-deps --no-index --no-cache-dir \
         --target "$GPU_SITE" .) > .gpu/causal_conv1d_build.log 2>&1 ||
