@@ -359,45 +359,10 @@ def _train(r: _Reader) -> dict[str, Any]:
     mbs = r.num("--micro-batch-size", int, 1)
     gbs = gbs or mbs
     t: dict[str, Any] = {"micro_batch_size": mbs, "global_batch_size": gbs}
-
-    def steps(name: str) -> int | None:  # --X-iters, or --X-samples / global batch (Megatron's)
-        if r.has(f"--{name}-iters"):
-            return r.num(f"--{name}-iters", int)
-        samples = r.num(f"--{name}-samples", int)
-        return None if samples is None else samples // gbs
-
-    t["steps"] = steps("train")
+    t["steps"] = _steps(r, "train", gbs)
     if t["steps"] is None:
         r.refuse("--train-samples", "missing (or --train-iters): Megatron requires one")
-    warmup, decay = steps("lr-warmup"), steps("lr-decay")
-    t["warmup_steps"] = warmup or 0
-    if decay is not None:
-        t["decay_steps"] = decay
-    fraction = r.num("--lr-warmup-fraction", float)
-    if fraction is not None:  # Megatron: the fraction of the decay steps, which default to all
-        if warmup:
-            r.refuse("--lr-warmup-fraction", "given with --lr-warmup-iters/-samples: give one")
-        t["warmup_steps"] = round(fraction * (decay or t["steps"] or 0))
-    if r.num("--lr-warmup-init", float, 0.0) != 0:
-        r.refuse("--lr-warmup-init", f"{r.text('--lr-warmup-init')}: the warmup starts from 0 here")
-    style = r.text("--lr-decay-style", "linear")
-    if style in SCHEDULES:
-        t["lr_schedule"] = SCHEDULES[style]
-        if style == "WSD":  # Megatron requires its decay's length; its shape defaults
-            t["wsd_decay_steps"] = steps("lr-wsd-decay")
-            t["wsd_decay_style"] = r.text("--lr-wsd-decay-style", "exponential")
-            if t["wsd_decay_steps"] is None:
-                r.refuse(
-                    "--lr-decay-style",
-                    "WSD without --lr-wsd-decay-iters or --lr-wsd-decay-samples (Megatron "
-                    "requires one)",
-                )
-                del t["wsd_decay_steps"]
-    else:
-        r.refuse(
-            "--lr-decay-style",
-            f"{style!r} (Megatron's default when absent): the toolkit has cosine, constant, WSD",
-        )
+    t |= _schedule(r, gbs, t["steps"])
     if not r.has("--lr"):
         r.refuse("--lr", "missing (Megatron requires it)")
     t["lr"] = r.num("--lr", float, 1.0)
@@ -414,22 +379,68 @@ def _train(r: _Reader) -> dict[str, Any]:
     if r.has("--no-gradient-accumulation-fusion"):
         t["fused_grad_accumulation"] = False
     t["eval_batches"] = max(r.num("--eval-iters", int, 100) * gbs // mbs, 1)
-    granularity = r.text("--recompute-granularity")
-    if granularity is not None:
-        method = r.text("--recompute-method", "uniform")
-        if (
-            granularity == "full"
-            and method == "uniform"
-            and r.num("--recompute-num-layers", int, 1) == 1
-        ):
-            t["activation_checkpointing"] = "full"
-        else:
-            r.refuse(
-                "--recompute-granularity",
-                f"{granularity} (method {method}): the toolkit recomputes whole blocks: "
-                "full with --recompute-method uniform --recompute-num-layers 1",
-            )
+    if r.has("--recompute-granularity"):
+        t |= _recompute(r)
     return t
+
+
+def _steps(r: _Reader, name: str, gbs: int) -> int | None:
+    """--X-iters, or --X-samples over the global batch (as Megatron counts them)."""
+    if r.has(f"--{name}-iters"):
+        return r.num(f"--{name}-iters", int)
+    samples = r.num(f"--{name}-samples", int)
+    return None if samples is None else samples // gbs
+
+
+def _schedule(r: _Reader, gbs: int, train_steps: int | None) -> dict[str, Any]:
+    """The learning-rate schedule: warmup, decay length and style, WSD's decay."""
+    warmup, decay = _steps(r, "lr-warmup", gbs), _steps(r, "lr-decay", gbs)
+    t: dict[str, Any] = {"warmup_steps": warmup or 0}
+    if decay is not None:
+        t["decay_steps"] = decay
+    fraction = r.num("--lr-warmup-fraction", float)
+    if fraction is not None:  # Megatron: the fraction of the decay steps, which default to all
+        if warmup:
+            r.refuse("--lr-warmup-fraction", "given with --lr-warmup-iters/-samples: give one")
+        t["warmup_steps"] = round(fraction * (decay or train_steps or 0))
+    if r.num("--lr-warmup-init", float, 0.0) != 0:
+        r.refuse("--lr-warmup-init", f"{r.text('--lr-warmup-init')}: the warmup starts from 0 here")
+    style = r.text("--lr-decay-style", "linear")
+    if style not in SCHEDULES:
+        r.refuse(
+            "--lr-decay-style",
+            f"{style!r} (Megatron's default when absent): the toolkit has cosine, constant, WSD",
+        )
+        return t
+    t["lr_schedule"] = SCHEDULES[style]
+    if style == "WSD":  # Megatron requires its decay's length; its shape defaults
+        t["wsd_decay_steps"] = _steps(r, "lr-wsd-decay", gbs)
+        t["wsd_decay_style"] = r.text("--lr-wsd-decay-style", "exponential")
+        if t["wsd_decay_steps"] is None:
+            r.refuse(
+                "--lr-decay-style",
+                "WSD without --lr-wsd-decay-iters or --lr-wsd-decay-samples (Megatron requires one)",
+            )
+            del t["wsd_decay_steps"]
+    return t
+
+
+def _recompute(r: _Reader) -> dict[str, Any]:
+    """--recompute-*: only whole blocks, every one, are recomputed here."""
+    granularity = r.text("--recompute-granularity")
+    method = r.text("--recompute-method", "uniform")
+    if (
+        granularity == "full"
+        and method == "uniform"
+        and r.num("--recompute-num-layers", int, 1) == 1
+    ):
+        return {"activation_checkpointing": "full"}
+    r.refuse(
+        "--recompute-granularity",
+        f"{granularity} (method {method}): the toolkit recomputes whole blocks: "
+        "full with --recompute-method uniform --recompute-num-layers 1",
+    )
+    return {}
 
 
 def _fp8(r: _Reader) -> dict[str, Any]:
