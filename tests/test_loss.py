@@ -1,4 +1,5 @@
-"""The blockwise cross-entropy against torch's own, in fp32 and bf16, across several blocks."""
+"""The blockwise cross-entropy against torch's own, in fp32 and bf16, across several blocks, with
+and without ignored labels (torch's ignore_index)."""
 
 import pytest
 import torch
@@ -8,12 +9,14 @@ from toolkit import loss
 from toolkit.loss import blockwise_cross_entropy
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("padded", [64, 50])
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_torch_cross_entropy(monkeypatch, dtype, path, padded):
+def test_matches_torch_cross_entropy(monkeypatch, dtype, path, padded, masked):
     """Eager: blocks of 7 of the 30 rows (7, 7, 7, 7, 2). "compiled": the functions GPUs
-    compile, run eagerly here, in one block of all rows."""
+    compile, run eagerly here, in one block of all rows. Masked: a third of the rows labelled
+    IGNORE_INDEX, which take no part in the mean and get no gradient."""
     monkeypatch.setattr(loss, "ROWS_PER_BLOCK", 7)
     if path == "compiled":
         fusable = loss._Kernels(loss._block_lse, loss._fusable_block_grad_into, compiled=True)
@@ -22,13 +25,17 @@ def test_matches_torch_cross_entropy(monkeypatch, dtype, path, padded):
     vocab = 50
     logits = (torch.randn(3, 10, padded, generator=g) * 3).to(dtype)
     labels = torch.randint(0, vocab, (3, 10), generator=g)
+    if masked:
+        labels[:, ::3] = loss.IGNORE_INDEX
 
     mine = logits.clone().requires_grad_()
     got = blockwise_cross_entropy(mine, labels, vocab)
     (got * 0.5).backward()  # a scaled loss, as gradient accumulation makes it
 
     ref = logits.clone().requires_grad_()
-    want = F.cross_entropy(ref[..., :vocab].float().flatten(0, 1), labels.flatten())
+    want = F.cross_entropy(
+        ref[..., :vocab].float().flatten(0, 1), labels.flatten(), ignore_index=loss.IGNORE_INDEX
+    )
     (want * 0.5).backward()
 
     assert got.dtype == torch.float32
@@ -37,6 +44,8 @@ def test_matches_torch_cross_entropy(monkeypatch, dtype, path, padded):
     tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
     torch.testing.assert_close(mine.grad, ref.grad, **tol)
     assert not mine.grad[..., vocab:].any()  # padding columns: no gradient
+    assert mine.grad[labels != loss.IGNORE_INDEX].abs().sum() > 0
+    assert not mine.grad[labels == loss.IGNORE_INDEX].any()  # ignored rows: none either
     assert torch.equal(mine.detach(), logits)  # the logits themselves are left alone
 
 
@@ -88,6 +97,7 @@ def test_the_compiled_kernels_write_the_gradient_in_place(monkeypatch):
     g = torch.Generator().manual_seed(2)
     logits = (torch.randn(2, 8, 40, generator=g) * 3).requires_grad_()
     labels = torch.randint(0, 33, (2, 8), generator=g)
+    labels[1, 2:5] = loss.IGNORE_INDEX  # ignored rows: a zero scale in the compiled kernel
     got = blockwise_cross_entropy(logits, labels, 33)
     (got * 0.25).backward()
     ref = logits.detach().clone().requires_grad_()
@@ -127,3 +137,13 @@ def test_a_second_backward_gives_the_same_gradient():
     first = logits.grad.clone()
     got.backward()
     torch.testing.assert_close(logits.grad, 2 * first)
+
+
+def test_every_row_ignored_gives_zero_loss_and_no_gradient():
+    """A micro-batch with nothing to count (every position after an end of document, say) adds
+    0 and no gradient, where a mean over no rows would be NaN."""
+    logits = torch.randn(2, 3, 8, requires_grad=True)
+    got = blockwise_cross_entropy(logits, torch.full((2, 3), loss.IGNORE_INDEX))
+    got.backward()
+    assert got.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from tests.conftest import TINY_MODEL, tiny_model_config
 from toolkit.config import ParallelConfig
 from toolkit.distributed import free_port, init_distributed
+from toolkit.loss import IGNORE_INDEX
 from toolkit.model import HybridLM
 from toolkit.model.mamba2 import Mamba2Mixer
 from toolkit.parallel import apply_tp, vocab_parallel_cross_entropy
@@ -85,7 +86,12 @@ def test_every_process_group_waits_parallel_timeout_minutes(minutes):
 
 
 def tp_worker(
-    rank: int, world: int, port: int, model_kwargs: dict, sequence_parallel: bool = False
+    rank: int,
+    world: int,
+    port: int,
+    model_kwargs: dict,
+    sequence_parallel: bool = False,
+    masked: bool = False,
 ) -> None:
     env = setup(rank, world, port, tp=world)
     try:
@@ -94,6 +100,8 @@ def tp_worker(
         length = 24 if sequence_parallel else 21  # sequence parallelism splits it into TP parts
         tokens = torch.randint(0, 50, (2, length))
         labels = torch.randint(0, 50, (2, length))
+        if masked:  # data.eod_mask_loss: these rows count on no rank (torch's ignore_index)
+            labels[:, ::4] = IGNORE_INDEX
 
         reference = copy.deepcopy(model)
         ref_logits = reference(tokens)
@@ -131,6 +139,10 @@ def tp_worker(
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_tp2_matches_single_process(case):
     spawn(tp_worker, 2, MODELS[case])
+
+
+def test_tp2_vocab_parallel_loss_leaves_out_ignored_labels():
+    spawn(tp_worker, 2, MODELS["hybrid_gelu"], False, True)
 
 
 # TP=4 needs 4 KV groups and 4 Mamba groups.

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 ROWS_PER_BLOCK = 4096  # eager blocks: a 4096 x 256k fp32 copy is 4 GB
+IGNORE_INDEX = -100  # a label that takes no part in the loss (data.eod_mask_loss), as torch's
 log = logging.getLogger(__name__)
 
 
@@ -132,7 +133,7 @@ def _softmax_grad(
     def fill(kernels: _Kernels) -> None:
         for rows in _row_blocks(flat, kernels):
             kernels.grad_into(
-                grad[rows, :columns], flat[rows, :columns], targets[rows], lse[rows], scale
+                grad[rows, :columns], flat[rows, :columns], targets[rows], lse[rows], scale[rows]
             )
 
     _with_fallback(flat.device, fill)
@@ -140,13 +141,15 @@ def _softmax_grad(
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """The mean loss and its gradient. With `group` (tensor parallelism), `logits` are this
-    rank's columns from `vocab_start`: each rank computes its rows' log-sum-exp over its own
-    columns, and the ranks combine those and the target logits (a few bytes per row)."""
+    """The mean loss over the rows not labelled IGNORE_INDEX, and its gradient. With `group`
+    (tensor parallelism), `logits` are this rank's columns from `vocab_start`: each rank
+    computes its rows' log-sum-exp over its own columns, and the ranks combine those and the
+    target logits (a few bytes per row)."""
 
     @staticmethod
     def forward(ctx, logits, labels, vocab_start: int, vocab_size: int, group) -> Tensor:
         flat = logits.reshape(-1, logits.size(-1))
+        counted = labels.reshape(-1) >= 0  # IGNORE_INDEX rows take no part
         targets = labels.reshape(-1) - vocab_start  # outside [0, columns): another rank's
         columns = max(0, min(flat.size(1), vocab_size - vocab_start))  # the rest is padding
         lse, picked = _row_lse(flat, targets, columns)
@@ -155,14 +158,16 @@ class _CrossEntropy(torch.autograd.Function):
             dist.all_gather(shards, lse, group=group)
             lse = torch.logsumexp(torch.stack(shards), dim=0)
             dist.all_reduce(picked, group=group)  # each target's logit lives on one rank
-        ctx.save_for_backward(flat, targets, lse)
+        rows = counted.sum().clamp_(min=1)  # a tensor: no host sync
+        ctx.save_for_backward(flat, targets, lse, counted, rows)
         ctx.columns, ctx.shape = columns, logits.shape
-        return ((lse - picked).sum(dtype=torch.float64) / flat.size(0)).float()
+        losses = torch.where(counted, lse - picked, 0.0)
+        return (losses.sum(dtype=torch.float64) / rows).float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        flat, targets, lse = ctx.saved_tensors
-        scale = grad_loss.float() / flat.size(0)  # a tensor: no host sync, no recompilation
+        flat, targets, lse, counted, rows = ctx.saved_tensors
+        scale = (grad_loss.float() / rows * counted).unsqueeze(-1)  # [rows, 1]: 0 if ignored
         grad = _softmax_grad(flat, targets, lse, scale, ctx.columns)
         return grad.view(ctx.shape), None, None, None, None
 
@@ -176,7 +181,8 @@ def blockwise_cross_entropy(
     group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Mean cross-entropy of `logits` [..., V] against `labels` [...], over the first
-    `vocab_size` columns (the rest is vocabulary padding and takes no probability). With
+    `vocab_size` columns (the rest is vocabulary padding and takes no probability); rows
+    labelled IGNORE_INDEX count in neither the sum nor the mean (0 if every row is). With
     `group`, `logits` are this tensor-parallel rank's vocabulary columns from `vocab_start`,
     and `vocab_size` counts the whole vocabulary."""
     if vocab_size is None:
