@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.test_train import make_recipe
@@ -263,3 +264,63 @@ def test_validation_is_logged_and_evaluate_reproduces_it(full_run):
     bad = subprocess.run(cmd + ["--checkpoint", result.checkpoint, "--split", "test"],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "data.blend[0]:" in bad.stderr and "test split" in bad.stderr
+
+
+def test_eod_mask_loss_leaves_out_the_label_after_each_end_of_document(tmp_path):
+    """data.eod_mask_loss (Megatron's --eod-mask-loss): where the input is an end of document,
+    the label (the next document's first token) is IGNORE_INDEX, in the training, validation
+    and evaluation samples alike; every other label and every input is unchanged."""
+    from toolkit.evaluate import evaluation_samples
+    from toolkit.loss import IGNORE_INDEX
+
+    tagged_dataset(tmp_path / "a", 10000, 50)
+    plain = blend_recipe(tmp_path, [str(tmp_path / "a")])
+    masked = blend_recipe(tmp_path, [str(tmp_path / "a")], eod_mask_loss=True)
+    tokenizer = ByteTokenizer()
+    pairs = [
+        *zip(build_data(plain, tokenizer), build_data(masked, tokenizer)),
+        (build_blend(plain, "valid"), evaluation_samples(masked, tokenizer, "valid")),
+    ]
+    for without, with_mask in pairs:
+        inputs, labels = without.batch(3, 8)
+        got_inputs, got_labels = with_mask.batch(3, 8)
+        at_eod = inputs == EOD
+        assert at_eod.sum() >= 4 and (labels != IGNORE_INDEX).all()
+        assert torch.equal(got_inputs, inputs)
+        assert (got_labels[at_eod] == IGNORE_INDEX).all()
+        assert torch.equal(got_labels[~at_eod], labels[~at_eod])
+
+
+def test_eod_mask_loss_trains_on_the_masked_loss(tmp_path):
+    """A run with data.eod_mask_loss logs, at its first step, the mean loss of its first batch
+    over the positions whose input is not an end of document (computed here from the same
+    starting weights, through checkpoint.init_from); without the key, the loss over all."""
+    from toolkit.build import model_from_checkpoint
+
+    tokenizer = ByteTokenizer()
+    with IndexedDatasetWriter(tmp_path / "docs", np.uint16) as w:
+        for i in range(300):
+            w.add_document(tokenizer.encode(f"doc {i}: " + "abcdefghij"[: 1 + i % 9]) + [EOD])
+
+    def recipe(name: str, **data):
+        table = make_recipe(tmp_path / name, "unused", steps=1, micro_batch_size=4).to_dict()
+        table["data"] = {"blend": [str(tmp_path / "docs")], "split": "100,0,0", **data}
+        return recipe_from_dict(table)
+
+    train(recipe("base"))
+    base = str(tmp_path / "base" / "ckpt")
+    losses = {}
+    for mask in (True, False):
+        run = recipe(f"mask_{mask}", eod_mask_loss=mask)
+        run.checkpoint.init_from = base
+        losses[mask] = train(run).losses[1]
+    model, _, _ = model_from_checkpoint(base)
+    inputs, labels = build_data(run, tokenizer)[0].batch(0, 4)
+    with torch.no_grad():
+        logits = model(inputs)[..., : model.vocab_size].flatten(0, 1).float()
+    labels, keep = labels.flatten(), inputs.flatten() != EOD
+    assert 0 < (~keep).sum() < keep.sum()
+    cross_entropy = torch.nn.functional.cross_entropy
+    assert losses[True] == pytest.approx(cross_entropy(logits[keep], labels[keep]).item(), rel=1e-5)
+    assert losses[False] == pytest.approx(cross_entropy(logits, labels).item(), rel=1e-5)
+    assert losses[True] != pytest.approx(losses[False], rel=1e-3)

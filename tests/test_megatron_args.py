@@ -435,9 +435,8 @@ def test_readme_maps_every_flag():
         ("--wandb-project p --wandb-exp-name e", "--wandb-project: W&B logging is not built in"),
         ("--exit-duration-in-mins 230", "--exit-duration-in-mins: under Slurm a run checkpoints"),
         ("--exit-interval 1000", "--exit-interval: stopping at a multiple"),
-        ("--eod-mask-loss", "--eod-mask-loss: the loss counts every position"),
     ],
-    ids=["wandb", "exit-duration", "exit-interval", "eod-mask-loss"],
+    ids=["wandb", "exit-duration", "exit-interval"],
 )
 def test_known_flags_refused_say_what_the_toolkit_does_instead(extra, named):
     proc = convert(REFERENCE_8B.replace("\\\n", " ") + " " + extra)
@@ -491,3 +490,11 @@ def test_fp8_flags_it_cannot_honour_are_refused_by_name():
                          ("--fp8-format hybrid", "--fp8-format: needs --bf16")):  # fmt: skip
         proc = convert(one_line.replace("--bf16", flags))
         assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+
+
+def test_eod_mask_loss_becomes_the_data_key():
+    flat = REFERENCE_8B.replace("\\\n", " ")
+    masked, plain = convert(flat + " --eod-mask-loss"), convert(flat)
+    assert masked.returncode == 0 and plain.returncode == 0, masked.stderr + plain.stderr
+    assert tomllib.loads(masked.stdout)["data"]["eod_mask_loss"] is True
+    assert "eod_mask_loss" not in tomllib.loads(plain.stdout)["data"]  # the default: false

@@ -84,6 +84,19 @@ def tokenizer_from_recipe(recipe: Recipe) -> Tokenizer:
 
 def build_data(recipe: Recipe, tokenizer: Tokenizer) -> tuple[Samples, Samples | None]:
     """The training samples and the validation samples (None without a validation split)."""
+    train, valid = _splits(recipe, tokenizer)
+    return eod_masked(train, recipe, tokenizer), valid and eod_masked(valid, recipe, tokenizer)
+
+
+def eod_masked(samples: Samples, recipe: Recipe, tokenizer: Tokenizer) -> Samples:
+    """`samples`, whose labels after the tokenizer's end of document take no part in the loss
+    where data.eod_mask_loss asks for it."""
+    if recipe.data.eod_mask_loss:
+        samples.loss_mask_eod = tokenizer.eod
+    return samples
+
+
+def _splits(recipe: Recipe, tokenizer: Tokenizer) -> tuple[Samples, Samples | None]:
     d, seq, seed = recipe.data, recipe.model.seq_length, recipe.train.seed
     if not d.blend:
         try:

@@ -22,7 +22,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from toolkit.build import build_blend, build_data, model_from_checkpoint, resolve_device
+from toolkit.build import (
+    build_blend,
+    build_data,
+    eod_masked,
+    model_from_checkpoint,
+    resolve_device,
+)
 from toolkit.checkpoint import CheckpointError, resolve_checkpoint
 from toolkit.config import Recipe, RecipeError, load_recipe
 from toolkit.data.sampler import Samples
@@ -37,7 +43,7 @@ log = logging.getLogger("toolkit.evaluate")
 def evaluation_samples(recipe: Recipe, tokenizer: Tokenizer, split: str) -> Samples:
     """The recipe's held-out samples: its valid (or, for a blend, test) split."""
     if recipe.data.blend:
-        return build_blend(recipe, split)
+        return eod_masked(build_blend(recipe, split), recipe, tokenizer)
     if split != "valid":
         raise RecipeError("data.source has only a valid part (data.valid_fraction), no test split")
     _, valid = build_data(recipe, tokenizer)

@@ -330,6 +330,8 @@ def _data(r: _Reader) -> dict[str, Any]:
         d["split"] = "100,0,0"
     if r.has("--data-cache-path"):
         d["cache_dir"] = r.text("--data-cache-path")
+    if r.has("--eod-mask-loss"):
+        d["eod_mask_loss"] = True
     return d
 
 

@@ -84,6 +84,7 @@ FLAGS = {
     "--test-data-path": Flag("*", "data.test_blend", "the test split's own datasets, used whole"),
     "--data-cache-path": Flag(1, "data.cache_dir"),
     "--split": Flag(1, "data.split"),
+    "--eod-mask-loss": Flag(0, "data.eod_mask_loss", "true; absent: false (as Megatron)"),
     "--tokenizer-type": Flag(
         1,
         "data.tokenizer",
@@ -221,8 +222,6 @@ REFUSED = {
     "--exit-duration-in-mins": "under Slurm a run checkpoints and requeues on the USR2 sent "
     "before its time limit (slurm.signal_delay_s)",
     "--exit-interval": "stopping at a multiple of a step count is not a mode here: set train.steps",
-    "--eod-mask-loss": "the loss counts every position, an end of document's too (Megatron's "
-    "default)",
 }
 # The flags whose only value the toolkit can honour is 1 (its FLAGS note says why).
 MUST_BE_ONE = (

@@ -62,6 +62,12 @@ class DataConfig:
         None,
         "where sample/shuffle/blend index files go (default: index_cache/ beside each dataset)",
     )
+    eod_mask_loss: bool = opt(
+        False,
+        "leave out of the loss the prediction made at each end-of-document token (the next "
+        "document's first token), in training, validation and evaluation (Megatron's "
+        "--eod-mask-loss)",
+    )
 
     def weighted_prefixes(self, entries: list[Any] | None = None) -> list[tuple[float, str]]:
         """data.blend (or `entries`, another blend) as (weight, prefix) pairs; a bare prefix

@@ -19,6 +19,9 @@ class Samples:
     """Base of every sample source: subclasses define `sample(k)` and `describe()`."""
 
     seq_length: int
+    # data.eod_mask_loss: the label after this token (the next document's first) is
+    # IGNORE_INDEX, so the loss leaves it out (Megatron's --eod-mask-loss)
+    loss_mask_eod: int | None = None
 
     def sample(self, k: int) -> np.ndarray:
         """The seq_length + 1 tokens of sample k (k = 0, 1, ...; epochs repeat the data)."""
@@ -33,7 +36,12 @@ class Samples:
 
         rows = [self.sample(k).astype(np.int64) for k in range(first_sample, first_sample + size)]
         block = torch.from_numpy(np.stack(rows))
-        return block[:, :-1], block[:, 1:]
+        inputs, labels = block[:, :-1], block[:, 1:]
+        if self.loss_mask_eod is not None:
+            from toolkit.loss import IGNORE_INDEX
+
+            labels = labels.masked_fill(inputs == self.loss_mask_eod, IGNORE_INDEX)
+        return inputs, labels
 
 
 def rank_samples(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
