@@ -7,7 +7,8 @@ CPU in fp32 with `model.kernels = "reference"` (the pure-PyTorch SSD) and copied
 `model.kernels = "auto"` (mamba-ssm's fused conv + SSD + gated-norm op when causal-conv1d imports;
 the JSON says which ran).
 
-1. One forward/backward on the same batch. Relative L2 (||gpu - cpu|| / ||cpu||) of the logits
+1. One forward/backward on the same batch, every fourth label IGNORE_INDEX (as
+   data.eod_mask_loss leaves labels out of the loss). Relative L2 (||gpu - cpu|| / ||cpu||) of the logits
    and of every parameter's gradient, for the GPU in fp32 (kernel correctness: expect <= 1e-4) and
    under bf16 autocast (how the trainer runs). Pass: under bf16, the logits and the whole
    gradient (all parameters as one vector) <= 1e-2; tensors above 1e-2 on their own are listed
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.config import ModelConfig, TrainConfig  # noqa: E402
+from toolkit.loss import IGNORE_INDEX  # noqa: E402
 from toolkit.model import HybridLM  # noqa: E402
 from toolkit.optim import build_optimizer  # noqa: E402
 from toolkit.parallel.runtime import cross_entropy  # noqa: E402
@@ -71,13 +73,16 @@ def batches(steps: int, seed: int = 0) -> torch.Tensor:
     return torch.where(noise, torch.randint(0, VOCAB, tokens.shape, generator=g), tokens)
 
 
-def forward_backward(model: HybridLM, tokens: torch.Tensor, autocast: bool):
+def forward_backward(model: HybridLM, tokens: torch.Tensor, autocast: bool, ignore_every: int = 0):
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     model.zero_grad(set_to_none=True)
     with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         logits = model(tokens[:, :-1])
-    loss = cross_entropy(logits, tokens[:, 1:], model.vocab_size)
+    labels = tokens[:, 1:].clone()
+    if ignore_every:
+        labels[:, ::ignore_every] = IGNORE_INDEX
+    loss = cross_entropy(logits, labels, model.vocab_size)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return logits[..., : model.vocab_size].detach().float(), grads, loss.item()
@@ -85,10 +90,10 @@ def forward_backward(model: HybridLM, tokens: torch.Tensor, autocast: bool):
 
 def one_step_parity(cpu: HybridLM, gpu: HybridLM) -> dict:
     tokens = batches(1, seed=123)[0]
-    want_logits, want_grads, want_loss = forward_backward(cpu, tokens, autocast=False)
+    want_logits, want_grads, want_loss = forward_backward(cpu, tokens, False, ignore_every=4)
     out = {"loss_cpu_fp32": want_loss}
     for label, autocast in (("gpu_fp32", False), ("gpu_bf16_autocast", True)):
-        logits, grads, loss = forward_backward(gpu, tokens, autocast)
+        logits, grads, loss = forward_backward(gpu, tokens, autocast, ignore_every=4)
         names = list(grads)
         errors = {
             "logits": rel_l2(logits, want_logits),
