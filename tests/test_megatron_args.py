@@ -498,3 +498,9 @@ def test_eod_mask_loss_becomes_the_data_key():
     assert masked.returncode == 0 and plain.returncode == 0, masked.stderr + plain.stderr
     assert tomllib.loads(masked.stdout)["data"]["eod_mask_loss"] is True
     assert "eod_mask_loss" not in tomllib.loads(plain.stdout)["data"]  # the default: false
+    # Per-token normalisation differs from the micro-batches' means only once masks vary them.
+    assert convert(flat + " --calculate-per-token-loss").returncode == 0
+    both = convert(flat + " --eod-mask-loss --calculate-per-token-loss")
+    assert (
+        both.returncode == 2 and "--calculate-per-token-loss: with --eod-mask-loss" in both.stderr
+    )

@@ -332,6 +332,12 @@ def _data(r: _Reader) -> dict[str, Any]:
         d["cache_dir"] = r.text("--data-cache-path")
     if r.has("--eod-mask-loss"):
         d["eod_mask_loss"] = True
+        if r.has("--calculate-per-token-loss"):
+            r.refuse(
+                "--calculate-per-token-loss",
+                "with --eod-mask-loss: the loss here is the mean of each micro-batch's mean over "
+                "its unmasked tokens (Megatron's default), not one mean over the global batch's",
+            )
     return d
 
 
