@@ -175,3 +175,16 @@ def test_weight_grads_added_in_compiled_blocks_on_gpu():
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
     for p, w in zip(got[2], want[2]):
         torch.testing.assert_close(p, w, rtol=1e-3, atol=1e-5)
+
+
+def test_refused_with_the_flat_optimizer():
+    """The flat optimizer's gradients are views of one buffer, sharing one version counter: an
+    add into one linear's gradient in the backward would fail another's saved-tensor check
+    (seen: 'modified by an inplace operation'). The pair is refused when the recipe loads."""
+    from toolkit.config import RecipeError
+
+    table = {"model": TINY_MODEL, "train": {"steps": 1}}
+    with pytest.raises(RecipeError, match="train.fused_grad_accumulation: does not run with train"):
+        recipe_from_dict(table, ["train.fused_grad_accumulation=true", "train.flat_optimizer=true"])
+    for ok in ("train.fused_grad_accumulation=true", "train.flat_optimizer=true"):
+        recipe_from_dict(table, [ok])
