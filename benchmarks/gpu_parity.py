@@ -7,12 +7,12 @@ CPU in fp32 with `model.kernels = "reference"` (the pure-PyTorch SSD) and copied
 `model.kernels = "auto"` (mamba-ssm's fused conv + SSD + gated-norm op when causal-conv1d imports;
 the JSON says which ran).
 
-1. One forward/backward on the same batch, every fourth label IGNORE_INDEX (as
-   data.eod_mask_loss leaves labels out of the loss). Relative L2 (||gpu - cpu|| / ||cpu||) of the logits
-   and of every parameter's gradient, for the GPU in fp32 (kernel correctness: expect <= 1e-4) and
-   under bf16 autocast (how the trainer runs). Pass: under bf16, the logits and the whole
-   gradient (all parameters as one vector) <= 1e-2; tensors above 1e-2 on their own are listed
-   (small, token-summed ones such as dt_bias reach ~2e-2 under bf16 autocast even on the CPU).
+1. One forward/backward on the same batch, every fourth label IGNORE_INDEX (as data.eod_mask_loss
+   leaves labels out of the loss). Relative L2 (||gpu - cpu|| / ||cpu||) of the logits and of every
+   parameter's gradient, for the GPU in fp32 (kernel correctness: expect <= 1e-4) and under bf16
+   autocast (how the trainer runs). Pass: under bf16, the logits and the whole gradient (all
+   parameters as one vector) <= 1e-2; tensors above 1e-2 on their own are listed (small,
+   token-summed ones such as dt_bias reach ~2e-2 under bf16 autocast even on the CPU).
 2. `--steps` steps of the toolkit's AdamW (fused on the GPU; lr 3e-4, betas 0.9/0.95, weight
    decay 0.1 on matrices, clip 1.0) on the same batches, CPU fp32 vs GPU bf16 autocast. Pass:
    mean |loss difference| <= 0.03 nats and max <= 0.1 nats, and the loss falls by at least 1 nat
