@@ -158,16 +158,16 @@ class _CrossEntropy(torch.autograd.Function):
             dist.all_gather(shards, lse, group=group)
             lse = torch.logsumexp(torch.stack(shards), dim=0)
             dist.all_reduce(picked, group=group)  # each target's logit lives on one rank
-        rows = counted.sum().clamp_(min=1)  # a tensor: no host sync
-        ctx.save_for_backward(flat, targets, lse, counted, rows)
+        count = counted.sum().clamp_(min=1)  # a tensor: no host sync
+        ctx.save_for_backward(flat, targets, lse, counted, count)
         ctx.columns, ctx.shape = columns, logits.shape
         losses = torch.where(counted, lse - picked, 0.0)
-        return (losses.sum(dtype=torch.float64) / rows).float()
+        return (losses.sum(dtype=torch.float64) / count).float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        flat, targets, lse, counted, rows = ctx.saved_tensors
-        scale = (grad_loss.float() / rows * counted).unsqueeze(-1)  # [rows, 1]: 0 if ignored
+        flat, targets, lse, counted, count = ctx.saved_tensors
+        scale = (grad_loss.float() / count * counted).unsqueeze(-1)  # [rows, 1]: 0 if ignored
         grad = _softmax_grad(flat, targets, lse, scale, ctx.columns)
         return grad.view(ctx.shape), None, None, None, None
 
