@@ -104,9 +104,11 @@ def test_weight_grads_added_in_compiled_blocks():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
-def test_fp8_weight_cache_linears_add_their_weight_grads(monkeypatch):
+@pytest.mark.parametrize("flat", [False, True], ids=["own_grads", "flat_optimizer"])
+def test_fp8_weight_cache_linears_add_their_weight_grads(flat, monkeypatch):
     """train.fp8_weight_cache's float8 linears (here every block's and the output layer) add
-    their weight gradients into `.grad` too: the same training as the cache alone."""
+    their weight gradients into `.grad` too: the same training as the cache alone, also into
+    train.flat_optimizer's views of one buffer (test_with_the_flat_optimizer... says why)."""
     import toolkit.fp8_weight_cache as cache
 
     adds = []
@@ -114,14 +116,15 @@ def test_fp8_weight_cache_linears_add_their_weight_grads(monkeypatch):
     monkeypatch.setattr(cache, "add_weight_grad",
                         lambda grad, product: adds.append(1) or add(grad, product))  # fmt: skip
     fp8 = {"precision": "fp8", "fp8_engine": "torchao", "fp8_layers": "all",
-           "fp8_weight_cache": True}  # fmt: skip
+           "fp8_weight_cache": True, "flat_optimizer": flat}  # fmt: skip
     monkeypatch.setattr("toolkit.precision.check_fp8_device", lambda device: None)
     want = train(False, **fp8)
     assert not adds
     got = train(True, **fp8)
     linears = [m for m in got[3].module.modules() if isinstance(m, cache.Float8LinearCastOnce)]
     assert linears and all(m.weight_grad_into_grad for m in linears)
-    assert len(adds) == len(linears) * (MICRO_BATCHES - 1) * 2
+    # Autograd's gradient in each step's first micro-batch, but the flat optimizer's first.
+    assert len(adds) == len(linears) * ((MICRO_BATCHES - 1) * 2 + flat)
     assert_same_training(got, want)
 
 
@@ -177,14 +180,19 @@ def test_weight_grads_added_in_compiled_blocks_on_gpu():
         torch.testing.assert_close(p, w, rtol=1e-3, atol=1e-5)
 
 
-def test_refused_with_the_flat_optimizer():
-    """The flat optimizer's gradients are views of one buffer, sharing one version counter: an
-    add into one linear's gradient in the backward would fail another's saved-tensor check
-    (seen: 'modified by an inplace operation'). The pair is refused when the recipe loads."""
-    from toolkit.config import RecipeError
-
-    table = {"model": TINY_MODEL, "train": {"steps": 1}}
-    with pytest.raises(RecipeError, match="train.fused_grad_accumulation: does not run with train"):
-        recipe_from_dict(table, ["train.fused_grad_accumulation=true", "train.flat_optimizer=true"])
-    for ok in ("train.fused_grad_accumulation=true", "train.flat_optimizer=true"):
-        recipe_from_dict(table, [ok])
+@pytest.mark.parametrize("compile", [False, True])
+def test_with_the_flat_optimizer_gradients_views_of_one_buffer(compile):
+    """train.flat_optimizer's gradients are views of one buffer, sharing its version counter:
+    an add into one linear's gradient in the backward must not fail another's check of what it
+    saved ('modified by an inplace operation', seen when the gradient was a saved tensor). Its
+    gradients are views from the start, so every micro-batch adds into them: the same training
+    as autograd's accumulation into the same optimizer."""
+    steps = 3 if compile else 2
+    want = train(False, steps=steps, compile=compile, flat_optimizer=True)
+    got = train(True, steps=steps, compile=compile, flat_optimizer=True)
+    linears = 2 * TINY_MODEL["num_layers"] + 1
+    assert want[3].accumulated == linears * MICRO_BATCHES * steps
+    # Autograd accumulates in the first micro-batch of every step but the first: there the
+    # weights hold the zeroed views already, and the linears add into them.
+    assert got[3].accumulated == linears * (steps - 1)
+    assert_same_training(got, want)

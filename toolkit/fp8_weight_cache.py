@@ -91,21 +91,18 @@ class _MatmulCastWeight(torch.autograd.Function):
         x = _cast(input, GemmInputRole.INPUT, config.cast_config_input, -1, mm_config, config)
         x = x.reshape(-1, x.shape[-1])
         ctx.reuse_input_cast = reuse_input_cast
-        if reuse_input_cast:
-            ctx.save_for_backward(x, weight_fp8_cm, weight_grad)
-        else:
-            ctx.save_for_backward(input, weight_fp8_cm, weight_grad)
+        ctx.weight_grad = weight_grad  # held, not saved: toolkit.grad_accumulation says why
+        ctx.save_for_backward(x if reuse_input_cast else input, weight_fp8_cm)
         out = torch.mm(x, weight_fp8.t())
         return out.reshape(*input.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         c, mm = ctx.config, ctx.mm_config
-        if ctx.reuse_input_cast:
-            x, weight_cm, weight_grad = ctx.saved_tensors
-        else:
-            input, weight_cm, weight_grad = ctx.saved_tensors
-            x = input.reshape(-1, input.shape[-1])
+        x, weight_cm = ctx.saved_tensors
+        weight_grad = ctx.weight_grad
+        if not ctx.reuse_input_cast:
+            x = x.reshape(-1, x.shape[-1])
             x = _cast(x, GemmInputRole.INPUT, c.cast_config_input_for_grad_weight, 0, mm, c)
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         g = _cast(grad, GemmInputRole.GRAD_OUTPUT, c.cast_config_grad_output, -1, mm, c)

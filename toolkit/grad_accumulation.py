@@ -50,13 +50,17 @@ class _LinearIntoGrad(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = _compute_dtype(input)  # autocast's rule for linear: both operands cast
         x, w = input.to(dtype), weight.to(dtype)
-        ctx.save_for_backward(x, w, weight_grad)
+        ctx.save_for_backward(x, w)
+        # Held, not saved: saved tensors are version-checked, and where gradients are views of
+        # one buffer (train.flat_optimizer) they share its version, which every add bumps.
+        ctx.weight_grad = weight_grad
         ctx.input_dtype = input.dtype
         return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x, w, weight_grad = ctx.saved_tensors
+        x, w = ctx.saved_tensors
+        weight_grad = ctx.weight_grad
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         add_weight_grad(weight_grad, weight_grad_of(x.reshape(-1, x.shape[-1]), grad))
         if not ctx.needs_input_grad[0]:

@@ -292,13 +292,6 @@ class TrainConfig:
                 f"train.fp8_engine 'torchao' or 'auto', got {self.fp8_recipe!r} and "
                 f"{self.fp8_engine!r}",
             )
-        check(
-            not (self.fused_grad_accumulation and self.flat_optimizer),
-            "train.fused_grad_accumulation",
-            "does not run with train.flat_optimizer: that optimizer's gradients are views of one "
-            "flat buffer, and an add into one view in the backward invalidates the others that "
-            "autograd saved: set one of the two",
-        )
         if self.fp8_recipe != "delayed":
             check(
                 (self.fp8_amax_history, self.fp8_amax_algo) == TE_AMAX_HISTORY,
