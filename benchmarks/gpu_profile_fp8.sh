@@ -51,7 +51,8 @@ TRAIN=(python3 launchers/submit.py recipes/8b_hybrid.toml --local
   --set parallel.sequence_parallel=false --set train.steps=6 --set train.micro_batch_size=1
   --set train.global_batch_size=1 --set train.compile=true --set checkpoint.enabled=false
   --set 'checkpoint.dir="/tmp/ck"' --set logging.interval=1 --set 'train.sample_prompt=""'
-  --set train.profile.start=5 --set train.profile.steps=1)
+  --set train.profile.start=5 --set train.profile.steps=1
+  --set train.fused_grad_accumulation=false)  # on by default; FGA below turns it on
 AO=(--set 'train.precision="fp8"' --set 'train.fp8_engine="torchao"'
   --set 'train.fp8_recipe="tensorwise"')
 

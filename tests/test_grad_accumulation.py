@@ -129,23 +129,22 @@ def test_fp8_weight_cache_linears_add_their_weight_grads(flat, monkeypatch):
 
 
 def test_keys_that_need_accumulation_warn_on_a_step_of_one(caplog):
-    """train.fused_grad_accumulation (and train.fp8_weight_cache with fp8) on a step of one
-    micro-batch: parallelize logs a warning naming the key; none where a step accumulates,
-    and none for the cache without fp8 (it does nothing then)."""
+    """train.fp8_weight_cache with fp8 on a step of one micro-batch: a warning naming the key;
+    none where a step accumulates, and none for the cache without fp8 (it does nothing then).
+    train.fused_grad_accumulation, on by default, changes nothing there: no warning."""
     from toolkit.parallel.parallelize import warn_where_nothing_accumulates
 
-    with caplog.at_level("WARNING", logger="toolkit.parallel.parallelize"):
-        train(True, steps=1, global_batch_size=1)
-    assert "train.fused_grad_accumulation pays where a step accumulates" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="toolkit.parallel.parallelize"):
-        train(True, steps=1)
-    assert "pays where" not in caplog.text
     base = {"model": TINY_MODEL, "train": {"steps": 1, "fp8_weight_cache": True}}
     fp8 = recipe_from_dict(base, ["train.precision='fp8'"]).train
-    assert warn_where_nothing_accumulates(fp8, 1) == ["fp8_weight_cache"]
+    with caplog.at_level("WARNING", logger="toolkit.parallel.parallelize"):
+        assert warn_where_nothing_accumulates(fp8, 1) == ["fp8_weight_cache"]
+    assert "train.fp8_weight_cache pays where a step accumulates" in caplog.text
     assert warn_where_nothing_accumulates(fp8, 2) == []
     assert warn_where_nothing_accumulates(recipe_from_dict(base).train, 1) == []
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="toolkit.parallel.parallelize"):
+        train(True, steps=1, global_batch_size=1)
+    assert "pays where" not in caplog.text
 
 
 def test_outside_a_backward_the_linears_run_as_nn_linear():

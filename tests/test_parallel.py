@@ -525,13 +525,13 @@ def test_the_flat_optimizer_trains_at_other_layouts(tmp_path, single_process_run
 
 
 # train.fused_grad_accumulation (weight gradients added into .grad in the backward, 2
-# micro-batches a step here) under a pipeline schedule (which scales the accumulated gradients)
-# and under TP with sequence parallelism (each rank's shards).
+# micro-batches a step here; on by default) under a pipeline schedule (which scales the
+# accumulated gradients) and under TP with sequence parallelism (each rank's shards).
 @pytest.mark.parametrize("name", ["pp2", pytest.param("tp2_sp", marks=LONG)])
 def test_fused_grad_accumulation_trains_at_other_layouts(tmp_path, single_process_run, name):
     layout = LAYOUTS[name]
     recipe = write_recipe(tmp_path, "run", 4, **layout)
-    proc = launch(recipe, _world(layout), "train.fused_grad_accumulation=true")
+    proc = launch(recipe, _world(layout))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "train.fused_grad_accumulation: " in proc.stderr
     assert_losses_track_single_process(tmp_path / "run" / "tb", single_process_run)

@@ -144,7 +144,9 @@ FLAGS = {
         1, "", "no effect: the toolkit's own layers; train.fp8_engine picks the float8 library"
     ),
     "--no-gradient-accumulation-fusion": Flag(
-        0, "train.fused_grad_accumulation", "false; absent: the key's default (the same math)"
+        0,
+        "train.fused_grad_accumulation",
+        "false; absent: true, as Megatron's default (the same math)",
     ),
     "--use-mcore-models": Flag(0, "", "no effect"),
     "--spec": Flag("*", "", "the layer spec: the toolkit's blocks are Megatron-core's"),

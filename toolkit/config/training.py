@@ -222,11 +222,12 @@ class TrainConfig:
         "1 a step 0.955x; from 2 a step) for 2 bytes of memory a float8 weight (its two layouts)",
     )
     fused_grad_accumulation: bool = opt(
-        False,
+        True,
         "add each linear's weight gradient into its fp32 .grad inside its backward once the "
-        "weight holds one (Megatron's gradient-accumulation fusion: the product's cast and the "
-        "add in one pass), instead of autograd's new fp32 tensor and separate add; the same "
-        "numbers. Pays where a step accumulates micro-batches: plain linears and "
+        "weight holds one (Megatron's gradient-accumulation fusion, on by default there too: "
+        "the product's cast and the add in one pass), instead of autograd's new fp32 tensor "
+        "and separate add; the same numbers. Pays where a step accumulates micro-batches (8B's "
+        "shapes on an H200, 8 a step: bf16 1.011x, FP8 1.042x): plain linears and "
         "fp8_weight_cache's float8 ones",
     )
     te_fused_norm: bool = opt(
