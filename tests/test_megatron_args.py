@@ -218,9 +218,9 @@ def test_mamba_heads_set_the_mamba_width(tmp_path):
 
 
 def test_current_megatron_flags_map_or_change_nothing(tmp_path):
-    """Flags of current Megatron scripts beyond the Mamba example: the collective timeout and
-    the asynchronous save become keys; kernel, overlap, logging and garbage-collector flags
-    change no number and are accepted, not refused as unknown."""
+    """Flags of current Megatron scripts beyond the Mamba example: the collective timeout, the
+    asynchronous save and the per-token loss become keys; kernel, overlap, logging and
+    garbage-collector flags change no number and are accepted, not refused as unknown."""
     extra = (
         "--distributed-timeout-minutes 60 --async-save --ckpt-format torch_dist "
         "--attention-backend flash --cross-entropy-loss-fusion --cross-entropy-fusion-impl te "
@@ -241,6 +241,8 @@ def test_current_megatron_flags_map_or_change_nothing(tmp_path):
     assert converted["parallel"].pop("timeout_minutes") == 60
     assert converted["checkpoint"].pop("async_save") is True
     assert "async_save" not in before["checkpoint"]
+    assert converted["train"].pop("per_token_loss") is True
+    assert "per_token_loss" not in before["train"]
     assert converted == before  # nothing else moved
     out = tmp_path / "recipe.toml"
     out.write_text(proc.stdout)
@@ -498,9 +500,8 @@ def test_eod_mask_loss_becomes_the_data_key():
     assert masked.returncode == 0 and plain.returncode == 0, masked.stderr + plain.stderr
     assert tomllib.loads(masked.stdout)["data"]["eod_mask_loss"] is True
     assert "eod_mask_loss" not in tomllib.loads(plain.stdout)["data"]  # the default: false
-    # Per-token normalisation differs from the micro-batches' means only once masks vary them.
-    assert convert(flat + " --calculate-per-token-loss").returncode == 0
+    # Per-token normalisation differs from the micro-batches' means once masks vary them.
     both = convert(flat + " --eod-mask-loss --calculate-per-token-loss")
-    assert (
-        both.returncode == 2 and "--calculate-per-token-loss: with --eod-mask-loss" in both.stderr
-    )
+    assert both.returncode == 0, both.stderr
+    converted = tomllib.loads(both.stdout)
+    assert converted["data"]["eod_mask_loss"] is True and converted["train"]["per_token_loss"]

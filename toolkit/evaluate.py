@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         batches=batches,
         micro_batch_size=recipe.train.micro_batch_size,
         autocast=lambda: autocast_context(recipe.train.precision, device),
+        per_token=recipe.train.per_token_loss,
     )
     result = {
         "split": args.split,

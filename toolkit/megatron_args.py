@@ -332,12 +332,6 @@ def _data(r: _Reader) -> dict[str, Any]:
         d["cache_dir"] = r.text("--data-cache-path")
     if r.has("--eod-mask-loss"):
         d["eod_mask_loss"] = True
-        if r.has("--calculate-per-token-loss"):
-            r.refuse(
-                "--calculate-per-token-loss",
-                "with --eod-mask-loss: the loss here is the mean of each micro-batch's mean over "
-                "its unmasked tokens (Megatron's default), not one mean over the global batch's",
-            )
     return d
 
 
@@ -386,6 +380,8 @@ def _train(r: _Reader) -> dict[str, Any]:
         t |= _fp8(r)
     if r.has("--no-gradient-accumulation-fusion"):
         t["fused_grad_accumulation"] = False
+    if r.has("--calculate-per-token-loss"):
+        t["per_token_loss"] = True
     t["eval_batches"] = max(r.num("--eval-iters", int, 100) * gbs // mbs, 1)
     if r.has("--recompute-granularity"):
         t |= _recompute(r)

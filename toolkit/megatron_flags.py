@@ -203,10 +203,7 @@ FLAGS = {
     "--no-mmap-bin-files": Flag(0, "", "data loading: no effect"),
     "--num-dataset-builder-threads": Flag(1, "", "data loading: no effect"),
     "--calculate-per-token-loss": Flag(
-        0,
-        "",
-        "no effect: samples are packed to the sequence length, every batch as many tokens; "
-        "refused with --eod-mask-loss, whose masks make the counts differ",
+        0, "train.per_token_loss", "true; absent: false (as Megatron)"
     ),
     "--no-check-for-nan-in-loss-and-grad": Flag(
         0, "", "no effect: a non-finite loss stops the run or is skipped (train.nan_policy)"

@@ -288,6 +288,7 @@ class Trainer:
             env=self.env,
             hidden_size=self.recipe.model.hidden_size,
             sequence_shards=self.parallel.run_step.sequence_shards,
+            per_token=cfg.per_token_loss,
         )
 
     def save(self, blocking: bool) -> None:

@@ -25,18 +25,23 @@ def validation_loss(
     env: ParallelEnv | None = None,
     hidden_size: int = 0,
     sequence_shards: int = 1,
+    per_token: bool = False,
 ) -> float:
     """Mean loss (nats per token) over the first `batches` micro-batches of `samples`, the same
     ones every time; summed in float64. Without `env`: the whole model in this one process. With
     it, the micro-batches are split over DP ranks, and under PP `module` is this rank's stage:
     each micro-batch goes forward through the stages in turn (activations `hidden_size` wide,
     1/`sequence_shards` of the sequence) and the last one computes the loss. Every rank returns
-    the same number. Collective with `env`; `module`'s train/eval mode is left as it was."""
+    the same number. Collective with `env`; `module`'s train/eval mode is left as it was.
+    `per_token` (train.per_token_loss): one mean over every counted token of those
+    micro-batches instead of the mean of their means."""
     dp_rank, dp, pp = (env.dp_rank, env.dp, env.pp) if env else (0, 1, 1)
     device = env.device if env else next(module.parameters()).device
     was_training = module.training
     module.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    # The weighted sum of the micro-batches' means and the sum of their weights (1 each, or
+    # their counted labels), so that one reduction serves PP and DP.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(dp_rank, batches, dp):
         inputs, labels = samples.batch(i * micro_batch_size, micro_batch_size)
         if pp > 1:
@@ -47,10 +52,14 @@ def validation_loss(
             with autocast():
                 logits = module(inputs.to(device))
         if logits is not None:
-            total += loss_fn(logits, labels.to(device)).double()
+            labels = labels.to(device)
+            weight = (labels >= 0).sum().double() if per_token else 1.0
+            sums[0] += loss_fn(logits, labels).double() * weight
+            sums[1] += weight
     module.train(was_training)
     if pp > 1:  # only the last stage has a loss; every rank logs or returns the same number
-        torch.distributed.all_reduce(total, group=env.group("pp"))
+        torch.distributed.all_reduce(sums, group=env.group("pp"))
     if dp > 1:
-        torch.distributed.all_reduce(total, group=env.group("dp"))
-    return total.item() / batches
+        torch.distributed.all_reduce(sums, group=env.group("dp"))
+    total, weights = sums.tolist()
+    return total / max(weights, 1.0)

@@ -230,6 +230,13 @@ class TrainConfig:
         "shapes on an H200, 8 a step: bf16 1.011x, FP8 1.042x): plain linears and "
         "fp8_weight_cache's float8 ones",
     )
+    per_token_loss: bool = opt(
+        False,
+        "the training and validation loss as one mean over every counted token of the global "
+        "batch (Megatron's --calculate-per-token-loss), not the mean of the micro-batches' "
+        "means (Megatron's default); they differ only where data.eod_mask_loss leaves tokens "
+        "out, so that micro-batches count different numbers of them",
+    )
     te_fused_norm: bool = opt(
         False,
         "with Transformer Engine's fp8 at TP=1: each FP8 block's pre-norm runs inside its first "

@@ -166,6 +166,7 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
         ),
         logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
         step_context=fp8_weight_casts(cfg),
+        per_token_loss=cfg.per_token_loss,
     )
     shard_over = env.group("dp") if env.dp > 1 and par.shard_optimizer else None
     optimizer = build_optimizer(run_step.module, cfg, shard_over)

@@ -117,7 +117,12 @@ class StepRunner:
     (sequence-parallel ones summed over TP); averaging over DP is left to the caller.
     `sequence_shards` is TP under sequence parallelism (the pipeline's activations hold that
     share of the sequence), else 1. `step_context(module)`, if given, is entered around each
-    call's micro-batches (train.fp8_weight_cache: the float8 weights cast once for them)."""
+    call's micro-batches (train.fp8_weight_cache: the float8 weights cast once for them).
+
+    The loss is the mean of the micro-batches' means (Megatron's default), or with
+    `per_token_loss` (train.per_token_loss) one mean over every counted token of the global
+    batch: each micro-batch's mean weighted by its share of those tokens, counted over DP
+    before the step. The two differ only where labels are left out (data.eod_mask_loss)."""
 
     def __init__(
         self,
@@ -132,8 +137,11 @@ class StepRunner:
         logits_dtype: torch.dtype,
         sequence_shards: int = 1,
         step_context: Callable[[torch.nn.Module], AbstractContextManager] | None = None,
+        per_token_loss: bool = False,
     ) -> None:
         self.env, self.loss_fn, self.autocast = env, loss_fn, autocast
+        self.per_token_loss = per_token_loss
+        self._counted_in_step = torch.ones(())  # per_token_loss: the global batch's count
         self.step_context = step_context or nullcontext
         self.micro_batch_size, self.micro_batches = micro_batch_size, micro_batches
         self.module: torch.nn.Module = model
@@ -143,7 +151,7 @@ class StepRunner:
             self.module, self.schedule = build_pipeline(
                 model,
                 env,
-                loss_fn=loss_fn,
+                loss_fn=self._pipeline_loss if per_token_loss else loss_fn,
                 micro_batch_size=micro_batch_size,
                 micro_batches=micro_batches,
                 seq_length=seq_length,
@@ -155,11 +163,32 @@ class StepRunner:
         ]
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.per_token_loss:
+            self._counted_in_step = self._count_over_dp(labels)
         with self.step_context(self.module):
             loss = self._forward_backward(inputs, labels)
         if self.sequence_parallel:
             reduce_sequence_parallel_grads(self.sequence_parallel, self.env.group("tp"))
         return loss
+
+    def _count_over_dp(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels that count (not IGNORE_INDEX) in the global batch: this rank's summed
+        over DP (TP and PP ranks of a replica hold the same labels). At least 1: a batch with
+        none gives a loss of 0. Stays on the device: no host sync."""
+        counted = (labels >= 0).sum()
+        if self.env.dp > 1:
+            dist.all_reduce(counted, group=self.env.group("dp"))
+        return counted.clamp(min=1)
+
+    def _share_of_step(self, labels: torch.Tensor) -> torch.Tensor:
+        """per_token_loss: a micro-batch's weight, its counted labels over the global batch's,
+        times DP (the caller's mean over DP divides that back out)."""
+        return (labels >= 0).sum() * self.env.dp / self._counted_in_step
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """per_token_loss under PP: the schedule divides the gradients by the micro-batch count
+        (scale_grads) and its losses are averaged below; the weight undoes both."""
+        return self.loss_fn(logits, labels) * (self._share_of_step(labels) * self.micro_batches)
 
     def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.schedule is None:
@@ -169,7 +198,11 @@ class StepRunner:
             ):
                 with self.autocast():
                     logits = self.module(x)
-                loss = self.loss_fn(logits, y) / self.micro_batches
+                loss = self.loss_fn(logits, y)
+                if self.per_token_loss:
+                    loss = loss * self._share_of_step(y)
+                else:
+                    loss = loss / self.micro_batches
                 loss.backward()
                 total += loss.detach()
             return total
