@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "containers" / "Dockerfile"
 DEFINITION = ROOT / "containers" / "toolkit.def"
-FROM_BASE_IMAGE = {"torch", "numpy", "tensorboard"}  # the NGC image provides these
+FROM_BASE_IMAGE = {"torch", "numpy", "tensorboard", "jinja2"}  # the NGC image provides these
 
 
 def pins(name: str = "constraints.txt") -> dict[str, str]:

@@ -228,3 +228,45 @@ def test_the_thin_script(hub_dir, tmp_path, capsys, monkeypatch):
         runpy.run_path(str(ROOT / "checkpoints_tools" / "import_hf.py"), run_name="__main__")
     assert done.value.code == 0 and "imported" in capsys.readouterr().out
     assert build_tokenizer(str(tmp_path / "ckpt" / "tokenizer.json")).vocab_size == VOCAB
+
+
+def test_an_instruct_models_chat_template_comes_along(hub_dir, tmp_path, capsys):
+    """tokenizer_config.json's chat_template (here named templates: 'default' is taken) and
+    its eos token (an AddedToken's form) go beside the copied tokenizer.json, where the server
+    finds them; a chat_template.jinja file, as newer directories keep it, wins over the config.
+    An unreadable tokenizer_config.json is refused before anything is written."""
+    from toolkit.inference.chat_template import (
+        SPECIALS_FILE,
+        TEMPLATE_FILE,
+        chat_template_beside,
+        load_chat_template,
+    )
+
+    src = edited(hub_dir[0], tmp_path)
+    default = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
+    config = {
+        "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": default}],
+        "eos_token": {"content": "<|endoftext|>", "special": True},
+        "bos_token": None,
+    }  # fmt: skip
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    code, err = import_main(src, tmp_path / "ckpt", capsys)
+    assert code == 0, err
+    out = tmp_path / "ckpt"
+    assert (out / TEMPLATE_FILE).read_text() == default
+    assert json.loads((out / SPECIALS_FILE).read_text()) == {"eos_token": "<|endoftext|>"}
+    _, recipe, tok = model_from_checkpoint(str(out))
+    path = chat_template_beside(recipe.data.tokenizer)
+    assert path == out / TEMPLATE_FILE
+    template = load_chat_template(path, tok)
+    assert template.end_ids == {tok.eod}
+    assert template.render([{"role": "user", "content": "hi"}]) == "<|endoftext|>hi"
+
+    (src / TEMPLATE_FILE).write_text("{{ messages[0]['content'] }}")
+    assert import_main(src, tmp_path / "ckpt2", capsys)[0] == 0
+    assert (tmp_path / "ckpt2" / TEMPLATE_FILE).read_text() == "{{ messages[0]['content'] }}"
+
+    (src / "tokenizer_config.json").write_text("{not json")
+    code, err = import_main(src, tmp_path / "ckpt3", capsys)
+    assert code == 2 and "tokenizer_config.json: not a readable JSON file" in err, err
+    assert not (tmp_path / "ckpt3").exists()

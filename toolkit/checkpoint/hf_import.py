@@ -11,7 +11,10 @@ Weights are stored in float32 (bf16 ones exactly: an upcast; export with --dtype
 the same bits back). One difference is only warned about: transformers clamps the Mamba dt below
 at `time_step_min` (0.001 in released configs); we, like Megatron-core's mixer that trained those
 models, do not (the export writes 0). The tokenizer.json is copied into the checkpoint root and
-named in the recipe; our own byte-level tokenizer files become `byte` again.
+named in the recipe; our own byte-level tokenizer files become `byte` again. An instruct model's
+chat template (`chat_template.jinja`, or tokenizer_config.json's `chat_template`) goes beside it
+with the bos and eos tokens it names, where the server's chat endpoint finds it
+(toolkit.inference.chat_template).
 Exit status: 0 done, 2 bad input (not a NemotronH directory, a refused feature), 1 failure.
 """
 
@@ -28,6 +31,7 @@ from safetensors import safe_open
 
 from toolkit.checkpoint.hf import HF_ACTIVATION, HF_LAYER_TYPE, byte_tokenizer_files
 from toolkit.config import RecipeError
+from toolkit.inference.chat_template import SPECIALS_FILE, TEMPLATE_FILE
 from toolkit.model import HybridLM
 from toolkit.tokenizer import ByteTokenizer
 
@@ -254,8 +258,10 @@ def import_hf(
     table = model_table(config)
     tensors = read_tensors(src)
     source = tokenizer_source(src, tokenizer)
-    # A directory's tokenizer.json is copied into the checkpoint root, which the recipe names.
+    # A directory's tokenizer.json is copied into the checkpoint root, which the recipe names,
+    # and its chat template beside it.
     copy = tokenizer is None and source != "byte"
+    chat = read_chat_template(src) if copy else None
     spec = str(out.resolve() / "tokenizer.json") if copy else source
     try:
         recipe = recipe_from_dict(
@@ -275,7 +281,43 @@ def import_hf(
     path = save_model_checkpoint(out, model, recipe, metadata={"imported_from": str(src.resolve())})
     if copy:
         shutil.copyfile(source, spec)
+    if chat is not None:
+        template, specials = chat
+        (out / TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        (out / SPECIALS_FILE).write_text(json.dumps(specials, indent=1) + "\n", encoding="utf-8")
     return path, model, spec
+
+
+def read_chat_template(src: Path) -> tuple[str, dict[str, str]] | None:
+    """The directory's chat template (chat_template.jinja, else tokenizer_config.json's
+    `chat_template`: a string, or named templates of which 'default' is taken) and the special
+    tokens tokenizer_config.json names; None where it has none. Read as text only: it is
+    rendered in a sandbox when served (toolkit.inference.chat_template)."""
+    config_path = src / "tokenizer_config.json"
+    config: dict[str, Any] = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ImportRefused(f"{config_path}: not a readable JSON file: {e}") from None
+    template = config.get("chat_template")
+    if (src / TEMPLATE_FILE).is_file():
+        try:
+            template = (src / TEMPLATE_FILE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ImportRefused(f"{src / TEMPLATE_FILE}: not a readable text file: {e}") from None
+    elif isinstance(template, list):  # [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not isinstance(template, str):
+        return None
+    specials = {}
+    for name in ("bos_token", "eos_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token  # an AddedToken
+        if isinstance(token, str):
+            specials[name] = token
+    return template, specials
 
 
 def main(argv: list[str] | None = None) -> int:

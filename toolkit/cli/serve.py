@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from toolkit.config import Recipe
+    from toolkit.inference.chat_template import ChatTemplate
     from toolkit.inference.engine import Engine
     from toolkit.model import HybridLM
 
@@ -112,6 +113,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_engine_arguments(p)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text with each request")
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        metavar="auto|none|PATH",
+        help="the chat endpoint's prompt: a Jinja chat template file (rendered in a sandbox, "
+        "its turn ending at the eos token of chat_template.json beside it); auto: the one "
+        "beside the checkpoint's tokenizer file, which checkpoints_tools/import_hf.py copies "
+        "from an instruct model, if any; none (or no file): Megatron's template for "
+        "pretrained models",
+    )
     p.add_argument(
         "--stream-wakes",
         type=int,
@@ -255,7 +266,13 @@ def warm_up(engine: "Engine", ranks: Any) -> dict[str, Any]:
     return done
 
 
-def serve(args: argparse.Namespace, engine: "Engine", recipe: "Recipe", ranks: Any) -> int:
+def serve(
+    args: argparse.Namespace,
+    engine: "Engine",
+    recipe: "Recipe",
+    ranks: Any,
+    chat_template: "ChatTemplate | None" = None,
+) -> int:
     """Listen and answer until SIGTERM or Ctrl-C (the TP leader, or the only rank)."""
     from toolkit.inference import tp_serving
     from toolkit.inference.server import GenerationServer
@@ -271,6 +288,7 @@ def serve(args: argparse.Namespace, engine: "Engine", recipe: "Recipe", ranks: A
             log_prompts=args.log_prompts,
             stream_wakes=args.stream_wakes,
             warm_up=partial(warm_up, engine, ranks),
+            chat_template=chat_template,
         )
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
@@ -311,10 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.checkpoint import CheckpointError
     from toolkit.config import RecipeError
     from toolkit.inference import tp_serving
+    from toolkit.inference.chat_template import ChatTemplateError
 
     try:
         model, recipe, tokenizer, ranks = load_model(args, argv)
-    except (CheckpointError, FileNotFoundError, RuntimeError, RecipeError) as e:
+        chat_template = load_chat(args.chat_template, tokenizer)
+    except (CheckpointError, FileNotFoundError, RuntimeError, RecipeError, ChatTemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The server listens first and answers 503 "starting" while its engine thread warms up.
@@ -322,7 +342,27 @@ def main(argv: list[str] | None = None) -> int:
     if ranks is not None and not ranks.leader:
         warm_up(engine, ranks)
         return tp_serving.follow(engine)
-    return serve(args, engine, recipe, ranks)
+    return serve(args, engine, recipe, ranks, chat_template)
+
+
+def load_chat(given: str, tokenizer: Any) -> "ChatTemplate | None":
+    """--chat-template: the template the chat endpoint renders, or None for Megatron's
+    template for pretrained models; logged. ChatTemplateError names the file."""
+    from toolkit.inference.chat_template import chat_template_beside, load_chat_template
+
+    path = None
+    if given == "auto":
+        file = getattr(tokenizer, "path", None)  # a tokenizer loaded from a file
+        path = chat_template_beside(str(file)) if file is not None else None
+    elif given != "none":
+        path = Path(given)
+    if path is None:
+        log.info("chat template: Megatron's for pretrained models (--chat-template %s)", given)
+        return None
+    template = load_chat_template(path, tokenizer)
+    end = ", ".join(tokenizer.token_string(i) for i in sorted(template.end_ids))
+    log.info("chat template: %s (rendered in a sandbox; a turn ends at %s)", path, end)
+    return template
 
 
 def write_address(path: Path, host: str, port: int) -> None:

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from toolkit.inference.chat_template import ChatTemplate, ChatTemplateError
 from toolkit.inference.engine import Request
 from toolkit.tokenizer import Tokenizer
 
@@ -277,14 +278,25 @@ def parse_completion(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) ->
     return _sampled(body, ids, new, logprobs, echo=echo, chat=False)
 
 
-def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> Completion:
-    """An OpenAI chat request: its messages as one prompt (chat_prompt), one completion."""
+def parse_chat(
+    body: dict[str, Any], tokenizer: Tokenizer, lim: Limits, template: ChatTemplate | None = None
+) -> Completion:
+    """An OpenAI chat request: its messages as one prompt, one completion. The prompt is the
+    model's own chat `template`'s, the completion ending at its end of turn; without one,
+    Megatron's template for pretrained models (chat_prompt)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "messages must be a non-empty list of {role, content}")
     if len(messages) > MAX_MESSAGES:
         raise BadRequest("messages", f"messages has {len(messages)}, at most {MAX_MESSAGES}")
-    text = chat_prompt([_message(m, i) for i, m in enumerate(messages)])
+    turns = [_message(m, i) for i, m in enumerate(messages)]
+    if template is None:
+        text = chat_prompt(turns)
+    else:
+        try:
+            text = template.render([{"role": role, "content": text} for role, text in turns])
+        except ChatTemplateError as e:
+            raise BadRequest("messages", str(e)) from None
     ids = _encode([text], "messages", tokenizer, False, 0, lim)[0]
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     new = _integer(body, name, max(lim.max_len - len(ids), 0), 0)  # default: the rest
@@ -293,7 +305,11 @@ def parse_chat(body: dict[str, Any], tokenizer: Tokenizer, lim: Limits) -> Compl
     logprobs = _flag(body, "logprobs")
     if top and not logprobs:
         raise BadRequest("top_logprobs", "top_logprobs needs logprobs: true")
-    return _sampled(body, [ids], new, top if logprobs else None, echo=False, chat=True)
+    c = _sampled(body, [ids], new, top if logprobs else None, echo=False, chat=True)
+    if template is not None:
+        for r in c.requests:
+            r.stop_tokens = template.end_ids
+    return c
 
 
 def _message(m: Any, i: int) -> tuple[str, str]:

@@ -24,6 +24,7 @@ class Request:
     seed: int | None = None  # None: a fresh random seed
     stop: Sequence[str] = ()  # stop strings; the text ends before the first one generated
     stop_at_eod: bool = True
+    stop_tokens: frozenset[int] = frozenset()  # more ids that end it as <eod> does (chat turns)
     logprobs: bool = False  # log-probabilities of the generated tokens
     score_prompt: bool = False  # and of the prompt's tokens (from the 2nd): prompt_logprobs
     top_logprobs: int = 0  # and the most likely alternatives at each generated position
@@ -77,7 +78,7 @@ def check_request(request: Request, max_len: int, vocab_size: int) -> None:
 
 def finish_reason(r: Request, token: int, tokenizer: Tokenizer) -> FinishReason | None:
     """Why `r` ends with its newest token `token`, or None if it goes on."""
-    if r.stop_at_eod and token == tokenizer.eod:
+    if r.stop_at_eod and (token == tokenizer.eod or token in r.stop_tokens):
         return "eod"
     if r.stop:
         text = r.text(tokenizer)

@@ -16,11 +16,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from typing import Any
 
 from toolkit.inference import api
+from toolkit.inference.chat_template import ChatTemplate
 from toolkit.inference.engine import Engine, Request
 from toolkit.inference.http_json import ClientGone, JSONRequestHandler, gone
 
@@ -164,11 +166,13 @@ class GenerationServer(ThreadingHTTPServer):
         log_prompts: bool = False,
         warm_up: Callable[[], Any] | None = None,
         stream_wakes: int = STREAM_WAKES,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         """Listens at once; `warm_up` (None: the engine's own) runs on the engine thread when
         serving starts, and until it returns /health answers 503 "starting" and generation
         requests 503. `stream_wakes`: streams' threads woken per decode step, about, at most
-        (see Updates; 0: every stream at every step)."""
+        (see Updates; 0: every stream at every step). `chat_template`: the model's own, for
+        the chat endpoint (None: Megatron's template for pretrained models)."""
         super().__init__(address, Handler)
         self.warm_up = engine.warm_up if warm_up is None else warm_up
         self.engine_thread = EngineThread(engine, self.warm_up, on_failure=self.shutdown)
@@ -177,6 +181,7 @@ class GenerationServer(ThreadingHTTPServer):
         self.token = token
         self.max_body_bytes = max_body_bytes
         self.log_prompts = log_prompts
+        self.chat_template = chat_template
         self.limits = api.Limits(max_len=engine.max_len)
         self.wakes = 0  # HTTP threads handed an update (woken) by the engine thread
         self.stream_wakes = stream_wakes
@@ -452,8 +457,9 @@ class Handler(JSONRequestHandler):
         self._stream(c, updates)
 
     def _chat(self) -> None:
-        """OpenAI's chat completions: the messages as one prompt (api.chat_prompt)."""
-        self._completions(api.parse_chat, api.chat_response)
+        """OpenAI's chat completions: the messages as one prompt (api.parse_chat)."""
+        parse = partial(api.parse_chat, template=self.server.chat_template)
+        self._completions(parse, api.chat_response)
 
     def _stream(self, c: api.Completion, updates: Updates) -> None:
         """Server-sent events: text deltas per choice as tokens arrive, then `data: [DONE]`."""
