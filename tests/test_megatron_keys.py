@@ -150,6 +150,11 @@ def test_exported_keys_and_shapes_match_megatron_specs(tmp_path, generation, tp,
             assert sorted(state) == sorted(want), path
             for key, shape in want.items():
                 assert tuple(state[key].shape) == shape, (path, key)
+            # The pattern under the generation's argument name (current Megatron asserts that
+            # hybrid_override_pattern, its deprecated name, is not given beside it).
+            args = load_rank_file(path)["args"]
+            named = (args.hybrid_override_pattern, args.hybrid_layer_pattern)
+            assert named == (("M*-M", None) if generation == "2024" else (None, "M*-M"))
             # Each layer's pre-norm is its own layer's, under its kind's key.
             offset = sum(len(s) for s in stages[:stage])
             for local, kind in enumerate(stages[stage]):

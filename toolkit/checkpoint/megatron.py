@@ -67,9 +67,11 @@ __all__ = [
 
 
 def megatron_args(
-    model: HybridLM, recipe: Recipe, tp: int, pp: int, iteration: int
+    model: HybridLM, recipe: Recipe, tp: int, pp: int, iteration: int, generation: str = "2024"
 ) -> argparse.Namespace:
-    """The arguments the reference's loader and converters read or compare, and ours."""
+    """The arguments the reference's loader and converters read or compare, and ours. The
+    layer pattern under its `generation`'s name: hybrid_override_pattern (2024), or
+    hybrid_layer_pattern (current Megatron, which refuses the two together)."""
     cfg, train = model.cfg, recipe.train
     dtype = model.embedding.weight.dtype
     heads = cfg.num_attention_heads
@@ -93,7 +95,8 @@ def megatron_args(
         is_hybrid_model=True,
         hybrid_attention_ratio=cfg.att_ratio,
         hybrid_mlp_ratio=cfg.mlp_ratio,
-        hybrid_override_pattern=model.layout.pattern,
+        hybrid_override_pattern=model.layout.pattern if generation == "2024" else None,
+        hybrid_layer_pattern=model.layout.pattern if generation == "current" else None,
         mamba_state_dim=cfg.mamba_state_dim,
         mamba_head_dim=cfg.mamba_head_dim,
         mamba_num_groups=cfg.mamba_num_groups,
@@ -217,7 +220,7 @@ def save_megatron(
     stages, pattern = stage_bounds(split_stages(cfg.pattern, pp)), model.layout.pattern
     out = Path(out_dir)
     common = {
-        "args": megatron_args(model, recipe, tp, pp, iteration),
+        "args": megatron_args(model, recipe, tp, pp, iteration, generation),
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration,
         "opt_param_scheduler": scheduler_state(recipe, iteration),
