@@ -125,14 +125,20 @@ def _environment() -> jinja2.Environment:
         raise jinja2.TemplateError(message)
 
     def tojson(
-        value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
         sort_keys: bool = False,
-    ) -> str:  # fmt: skip
+    ) -> str:
         # Jinja's own escapes HTML characters, which would change a prompt's text.
         return json.dumps(
-            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
             sort_keys=sort_keys,
-        )  # fmt: skip
+        )
 
     def strftime_now(format: str) -> str:
         return datetime.now().strftime(format)
