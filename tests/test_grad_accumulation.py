@@ -166,14 +166,16 @@ def test_outside_a_backward_the_linears_run_as_nn_linear():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_weight_grads_added_in_compiled_blocks_on_gpu():
+@pytest.mark.parametrize("flat", [False, True], ids=["own_grads", "flat_optimizer"])
+def test_weight_grads_added_in_compiled_blocks_on_gpu(flat):
     """On the GPU, compiled blocks in bf16: autograd accumulates in a step's first micro-batch
-    only, and the training tracks autograd's accumulation (the products' kernels may differ
-    from autograd's transposed ones there: fp32 rounding apart)."""
+    only (none in the flat optimizer's first step), and the training tracks autograd's
+    accumulation (the products' kernels may differ from autograd's transposed ones there:
+    fp32 rounding apart)."""
     cuda = torch.device("cuda")
-    want = train(False, steps=3, device=cuda, compile=True)
-    got = train(True, steps=3, device=cuda, compile=True)
-    assert got[3].accumulated == (2 * TINY_MODEL["num_layers"] + 1) * 3
+    want = train(False, steps=3, device=cuda, compile=True, flat_optimizer=flat)
+    got = train(True, steps=3, device=cuda, compile=True, flat_optimizer=flat)
+    assert got[3].accumulated == (2 * TINY_MODEL["num_layers"] + 1) * (3 - flat)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
     for p, w in zip(got[2], want[2]):
         torch.testing.assert_close(p, w, rtol=1e-3, atol=1e-5)
