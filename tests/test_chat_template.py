@@ -3,6 +3,8 @@ renders it, kept inside Jinja's sandbox, found beside the tokenizer by the serve
 Hugging Face import, the assistant's turn ended at its end token."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tests.test_engine import one_thread  # noqa: F401 (autouse fixture)
-from tests.test_server import ROOT, Server
+from tests.test_server import ROOT, TOKEN, Server
 from toolkit.build import build_model, save_model_checkpoint
 from toolkit.config import load_recipe
 from toolkit.inference import api
@@ -244,6 +246,21 @@ def test_the_server_chats_in_the_models_template(chat_checkpoint, chat_dir, tmp_
                                       settings | {"messages": CONVERSATIONS[1][:3]})  # fmt: skip
         assert status == 400 and refused["error"]["param"] == "messages", refused
         assert "must end with a user message" in refused["error"]["message"]
+        # The interactive client's --chat: the conversation's turns, an answer each, /reset.
+        first = server.call("POST", "/v1/chat/completions",
+                            settings | {"messages": CONVERSATIONS[0]})[1]  # fmt: skip
+        answer = first["choices"][0]["message"]["content"]
+        out = client(server, "Hi there\nAnd?\n/reset\nHi there\n", "--chat", "--top-k", "1",
+                     "--tokens-to-generate", "8")  # fmt: skip
+        answers = [
+            line.split("Assistant: ", 1)[1] for line in out.splitlines() if "Assistant: " in line
+        ]
+        assert len(answers) == 3 and answers[0] == answers[2] == answer, out
+        # The second turn went with the first turn's question and answer, the third alone.
+        log = (tmp_path / "serve.log").read_text()
+        n1, n2, n3 = [int(n) for n in re.findall(r"prompt_tokens=(\d+)", log)[-3:]]
+        assert n2 > n1 + 2 and n3 == n1, (n1, n2, n3)
+        assert "(a new conversation)" in out
         # A message's text is never template text.
         status, literal = server.call("POST", "/v1/chat/completions",
                                       settings | {"messages": [{"role": "user", "content": "{{ 7 * 7 }}"}]})  # fmt: skip
@@ -262,6 +279,15 @@ def test_the_server_chats_in_the_models_template(chat_checkpoint, chat_dir, tmp_
         server.stop()
 
 
+def client(server: Server, text: str, *args: str) -> str:
+    """launchers/generate_cli.py against `server`, `text` as its input: its output."""
+    cmd = [sys.executable, str(ROOT / "launchers/generate_cli.py"), f"127.0.0.1:{server.port}"]
+    done = subprocess.run([*cmd, *args], input=text, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"TOOLKIT_SERVE_TOKEN": TOKEN})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_the_server_refuses_a_broken_template(chat_checkpoint, tmp_path):
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% if %}")
@@ -269,3 +295,9 @@ def test_the_server_refuses_a_broken_template(chat_checkpoint, tmp_path):
            "--chat-template", str(broken)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and f"{broken}: not a Jinja template" in done.stderr
+
+
+def test_the_client_wants_chat_for_a_system_message():
+    cmd = [sys.executable, str(ROOT / "launchers/generate_cli.py"), "127.0.0.1:1", "--system", "x"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--system needs --chat" in done.stderr
