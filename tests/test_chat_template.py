@@ -82,7 +82,8 @@ def chat_dir(tmp_path_factory) -> Path:
     tok.train_from_iterator([json.dumps(c) for c in CONVERSATIONS] * 20, trainer)
     tok.save(str(root / "tokenizer.json"))
     (root / TEMPLATE_FILE).write_text(TEMPLATE)
-    (root / SPECIALS_FILE).write_text(json.dumps({"bos_token": "", "eos_token": "<|im_end|>"}))
+    specials = {"bos_token": "", "eos_token": "<|im_end|>", "end_tokens": ["<|endoftext|>"]}
+    (root / SPECIALS_FILE).write_text(json.dumps(specials))
     return root
 
 
@@ -100,8 +101,11 @@ def test_renders_as_transformers_does(chat_dir):
         assert ours.render(conversation) == want
         assert want.endswith("<|im_start|>assistant\n")
     assert 'Say "ça va" <b><|im_end|>' in want  # no HTML escapes, non-ASCII kept
-    # The end of the assistant's turn: <|im_end|>'s one id; special tokens encode as one id.
-    assert ours.end_ids == {theirs.convert_tokens_to_ids("<|im_end|>")}
+    # The end of the assistant's turn: <|im_end|>'s and <|endoftext|>'s ids (the eos token and
+    # generation_config's); special tokens encode as one id.
+    assert ours.end_ids == {
+        theirs.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+    }
     assert tokenizer.encode("<|im_start|>user")[0] == theirs.convert_tokens_to_ids("<|im_start|>")
 
 
@@ -177,6 +181,9 @@ def test_load_errors_name_the_file(tmp_path, chat_dir, monkeypatch):
     path.write_text("{{ messages }}")
     (tmp_path / SPECIALS_FILE).write_text("[1]")
     with pytest.raises(ChatTemplateError, match=f"{SPECIALS_FILE}: bos_token and eos_token"):
+        load_chat_template(path, byte)
+    (tmp_path / SPECIALS_FILE).write_text(json.dumps({"end_tokens": "<eod>"}))
+    with pytest.raises(ChatTemplateError, match="end_tokens must be a list of strings"):
         load_chat_template(path, byte)
     # An end token that is not one token of the tokenizer could never be generated.
     (tmp_path / SPECIALS_FILE).write_text(json.dumps({"eos_token": "<|im_end|>"}))

@@ -230,11 +230,12 @@ def test_the_thin_script(hub_dir, tmp_path, capsys, monkeypatch):
     assert build_tokenizer(str(tmp_path / "ckpt" / "tokenizer.json")).vocab_size == VOCAB
 
 
-def test_an_instruct_models_chat_template_comes_along(hub_dir, tmp_path, capsys):
-    """tokenizer_config.json's chat_template (here named templates: 'default' is taken) and
-    its eos token (an AddedToken's form) go beside the copied tokenizer.json, where the server
-    finds them; a chat_template.jinja file, as newer directories keep it, wins over the config.
-    An unreadable tokenizer_config.json is refused before anything is written."""
+def test_an_instruct_models_chat_template_comes_along(hub_dir, tmp_path, capsys, caplog):
+    """tokenizer_config.json's chat_template (here named templates: 'default' is taken), its eos
+    token (an AddedToken's form) and generation_config.json's end ids (as token strings) go
+    beside the copied tokenizer.json, where the server finds them; a chat_template.jinja file,
+    as newer directories keep it, wins over the config. An unreadable tokenizer_config.json or
+    a bad eos_token_id is refused before anything is written."""
     from toolkit.inference.chat_template import (
         SPECIALS_FILE,
         TEMPLATE_FILE,
@@ -250,11 +251,16 @@ def test_an_instruct_models_chat_template_comes_along(hub_dir, tmp_path, capsys)
         "bos_token": None,
     }  # fmt: skip
     (src / "tokenizer_config.json").write_text(json.dumps(config))
+    # id 0 is <|endoftext|>; the last id is an ordinary piece, which would not stop a chat.
+    last = build_tokenizer(str(src / "tokenizer.json")).vocab_size - 1
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, last]}))
     code, err = import_main(src, tmp_path / "ckpt", capsys)
     assert code == 0, err
+    assert f"eos_token_id {last} (" in caplog.text and "will not stop at it" in caplog.text
     out = tmp_path / "ckpt"
     assert (out / TEMPLATE_FILE).read_text() == default
-    assert json.loads((out / SPECIALS_FILE).read_text()) == {"eos_token": "<|endoftext|>"}
+    specials = json.loads((out / SPECIALS_FILE).read_text())
+    assert specials == {"eos_token": "<|endoftext|>", "end_tokens": ["<|endoftext|>"]}
     _, recipe, tok = model_from_checkpoint(str(out))
     path = chat_template_beside(recipe.data.tokenizer)
     assert path == out / TEMPLATE_FILE
@@ -266,7 +272,11 @@ def test_an_instruct_models_chat_template_comes_along(hub_dir, tmp_path, capsys)
     assert import_main(src, tmp_path / "ckpt2", capsys)[0] == 0
     assert (tmp_path / "ckpt2" / TEMPLATE_FILE).read_text() == "{{ messages[0]['content'] }}"
 
-    (src / "tokenizer_config.json").write_text("{not json")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
     code, err = import_main(src, tmp_path / "ckpt3", capsys)
-    assert code == 2 and "tokenizer_config.json: not a readable JSON file" in err, err
+    assert code == 2 and "eos_token_id must be an id or a list of ids" in err, err
     assert not (tmp_path / "ckpt3").exists()
+    (src / "tokenizer_config.json").write_text("{not json")
+    code, err = import_main(src, tmp_path / "ckpt4", capsys)
+    assert code == 2 and "tokenizer_config.json: not a readable JSON file" in err, err
+    assert not (tmp_path / "ckpt4").exists()

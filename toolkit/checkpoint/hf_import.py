@@ -13,8 +13,8 @@ at `time_step_min` (0.001 in released configs); we, like Megatron-core's mixer t
 models, do not (the export writes 0). The tokenizer.json is copied into the checkpoint root and
 named in the recipe; our own byte-level tokenizer files become `byte` again. An instruct model's
 chat template (`chat_template.jinja`, or tokenizer_config.json's `chat_template`) goes beside it
-with the bos and eos tokens it names, where the server's chat endpoint finds it
-(toolkit.inference.chat_template).
+with the bos and eos tokens it names and the tokens generation_config.json ends generation at,
+where the server's chat endpoint finds it (toolkit.inference.chat_template).
 Exit status: 0 done, 2 bad input (not a NemotronH directory, a refused feature), 1 failure.
 """
 
@@ -262,6 +262,7 @@ def import_hf(
     # and its chat template beside it.
     copy = tokenizer is None and source != "byte"
     chat = read_chat_template(src) if copy else None
+    ends = generation_end_ids(src) if chat is not None else []
     spec = str(out.resolve() / "tokenizer.json") if copy else source
     try:
         recipe = recipe_from_dict(
@@ -283,6 +284,19 @@ def import_hf(
         shutil.copyfile(source, spec)
     if chat is not None:
         template, specials = chat
+        # As token strings, so that the file reads (and is checked) against the tokenizer.
+        strings = [tok.token_string(i) for i in ends]
+        for i, token in zip(ends, strings):
+            if tok.encode(token) != [i]:
+                log.warning(
+                    "generation_config.json's eos_token_id %d (%r) is not a token this tokenizer "
+                    "encodes as itself: the chat endpoint will not stop at it",
+                    i,
+                    token,
+                )
+        strings = [t for i, t in zip(ends, strings) if tok.encode(t) == [i]]
+        if strings:
+            specials["end_tokens"] = strings
         (out / TEMPLATE_FILE).write_text(template, encoding="utf-8")
         (out / SPECIALS_FILE).write_text(json.dumps(specials, indent=1) + "\n", encoding="utf-8")
     return path, model, spec
@@ -318,6 +332,22 @@ def read_chat_template(src: Path) -> tuple[str, dict[str, str]] | None:
         if isinstance(token, str):
             specials[name] = token
     return template, specials
+
+
+def generation_end_ids(src: Path) -> list[int]:
+    """generation_config.json's eos_token_id (one id or a list): the ids transformers' generation
+    stops at, which for an instruct model include its end of turn. [] where there is none."""
+    path = src / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ImportRefused(f"{path}: not a readable JSON object: {e}") from None
+    ids = [ids] if isinstance(ids, int) else ids
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise ImportRefused(f"{path}: eos_token_id must be an id or a list of ids, got {ids!r}")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:

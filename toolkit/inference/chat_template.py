@@ -11,8 +11,9 @@ whitespace rules, so that a conversation becomes the same prompt text as there. 
 refuse underscore-prefixed names too. Jinja before 3.1.6 had known sandbox escapes: refused.
 What the sandbox does not bound is time: a template's own loops run to their end.
 
-Where the template names special tokens (`bos_token`, `eos_token`), the end of the assistant's
-turn is the eos token: a chat request stops at its id, as transformers' generation does.
+The assistant's turn ends at the eos token and at the `end_tokens` (what the model's
+generation_config.json stops at, which for instruct models includes the end of a turn): a chat
+request stops at any of their ids, as transformers' generation does.
 """
 
 import json
@@ -28,7 +29,8 @@ import jinja2.utils
 from toolkit.tokenizer import Tokenizer
 
 TEMPLATE_FILE = "chat_template.jinja"
-SPECIALS_FILE = "chat_template.json"  # {"bos_token": "...", "eos_token": "..."}
+# {"bos_token": "...", "eos_token": "...", "end_tokens": ["...", ...]} (each optional)
+SPECIALS_FILE = "chat_template.json"
 MIN_JINJA = (3, 1, 6)
 
 
@@ -69,14 +71,14 @@ def chat_template_beside(tokenizer_spec: str) -> Path | None:
 
 def load_chat_template(path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
     """Compile the template at `path`; its special tokens from SPECIALS_FILE beside it, each
-    else the tokenizer's <bos> and <eod>, and the turn's end at the eos token's id.
-    ChatTemplateError names the file on any problem."""
+    else the tokenizer's <bos> and <eod>, and the turn's end at the ids of its eos and end
+    tokens (none given: <eod>). ChatTemplateError names the file on any problem."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ChatTemplateError(f"{path}: not a readable text file: {e}") from None
-    given = _specials(path.parent / SPECIALS_FILE)
+    given, end_tokens = _specials(path.parent / SPECIALS_FILE)
     environment = _environment()
     try:
         template = environment.from_string(text)
@@ -86,22 +88,24 @@ def load_chat_template(path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
         "bos_token": tokenizer.token_string(tokenizer.bos),
         "eos_token": tokenizer.token_string(tokenizer.eod),
     } | given
-    end_id = tokenizer.eod
-    if "eos_token" in given:
-        ids = tokenizer.encode(given["eos_token"])
+    ends = end_tokens + ([given["eos_token"]] if "eos_token" in given else [])
+    end_ids = {tokenizer.eod} if not ends else set()
+    for token in ends:
+        ids = tokenizer.encode(token)
         if len(ids) != 1:
             raise ChatTemplateError(
-                f"{path.parent / SPECIALS_FILE}: the end-of-turn token {given['eos_token']!r} "
-                "is not one token of this tokenizer"
+                f"{path.parent / SPECIALS_FILE}: the end-of-turn token {token!r} is not one "
+                "token of this tokenizer"
             )
-        end_id = ids[0]
-    return ChatTemplate(path, template, specials, frozenset({end_id}))
+        end_ids.add(ids[0])
+    return ChatTemplate(path, template, specials, frozenset(end_ids))
 
 
-def _specials(path: Path) -> dict[str, str]:
-    """bos_token and eos_token as SPECIALS_FILE gives them (none: the file is optional)."""
+def _specials(path: Path) -> tuple[dict[str, str], list[str]]:
+    """bos_token and eos_token, and end_tokens, as SPECIALS_FILE gives them (none: the file
+    is optional)."""
     if not path.exists():
-        return {}
+        return {}, []
     try:
         given = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -109,7 +113,10 @@ def _specials(path: Path) -> dict[str, str]:
     names = ("bos_token", "eos_token")
     if not isinstance(given, dict) or not all(isinstance(given.get(k, ""), str) for k in names):
         raise ChatTemplateError(f"{path}: bos_token and eos_token must be strings")
-    return {k: given[k] for k in names if k in given}
+    ends = given.get("end_tokens", [])
+    if not isinstance(ends, list) or not all(isinstance(t, str) for t in ends):
+        raise ChatTemplateError(f"{path}: end_tokens must be a list of strings")
+    return {k: given[k] for k in names if k in given}, ends
 
 
 def _environment() -> jinja2.Environment:
