@@ -285,16 +285,18 @@ def import_hf(
     if chat is not None:
         template, specials = chat
         # As token strings, so that the file reads (and is checked) against the tokenizer.
-        strings = [tok.token_string(i) for i in ends]
-        for i, token in zip(ends, strings):
-            if tok.encode(token) != [i]:
+        strings = []
+        for i in ends:
+            token = tok.token_string(i)
+            if tok.encode(token) == [i]:
+                strings.append(token)
+            else:
                 log.warning(
                     "generation_config.json's eos_token_id %d (%r) is not a token this tokenizer "
                     "encodes as itself: the chat endpoint will not stop at it",
                     i,
                     token,
                 )
-        strings = [t for i, t in zip(ends, strings) if tok.encode(t) == [i]]
         if strings:
             specials["end_tokens"] = strings
         (out / TEMPLATE_FILE).write_text(template, encoding="utf-8")

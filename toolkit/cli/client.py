@@ -18,8 +18,6 @@ import urllib.request
 from typing import Any
 
 TOKEN_ENV = "TOOLKIT_SERVE_TOKEN"
-
-
 CHAT_TOKENS = 256  # --chat without --tokens-to-generate: the most an answer may take
 
 
