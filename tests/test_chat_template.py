@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tests.test_engine import one_thread  # noqa: F401 (autouse fixture)
-from tests.test_server import ROOT, TOKEN, Server
+from tests.test_server import ROOT, TOKEN, Server, events, stream
 from toolkit.build import build_model, save_model_checkpoint
 from toolkit.config import load_recipe
 from toolkit.inference import api
@@ -249,6 +249,13 @@ def test_the_server_chats_in_the_models_template(chat_checkpoint, chat_dir, tmp_
         assert chat["usage"]["prompt_tokens"] == len(tokenizer.encode(prompt))
         assert chat["usage"] == plain["usage"]
         assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+        # Streamed, the same answer in deltas.
+        body = settings | {"messages": CONVERSATIONS[1]}
+        chunks = [
+            json.loads(e) for e in events(stream(server.port, body, "/v1/chat/completions"))[:-1]
+        ]
+        deltas = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert deltas == chat["choices"][0]["message"]["content"]
         status, refused = server.call("POST", "/v1/chat/completions",
                                       settings | {"messages": CONVERSATIONS[1][:3]})  # fmt: skip
         assert status == 400 and refused["error"]["param"] == "messages", refused
