@@ -272,6 +272,45 @@ def test_generate_until_stops_at_max_gen_toks_and_stop_strings(checkpoint, refer
         lm.generate_until(requests("generate_until", ("def ", {"max_gen_toks": SEQ})))
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_tasks_in_the_checkpoints_chat_template(checkpoint, reference, tmp_path, capsys):
+    """--apply-chat-template (lm-eval's): each prompt reaches the model as the checkpoint's
+    chat template renders it, a user turn after --system-instruction's system turn; the
+    answer is the greedy continuation of that text up to the template's end of turn (here the
+    byte of a character the free continuation holds), which the answer leaves out. Without a
+    template beside the checkpoint's tokenizer the command line exits 2."""
+    from toolkit.inference.chat_template import SPECIALS_FILE
+    from toolkit.lm_eval_adapter import run_tasks, task_manager
+
+    model, tokenizer = reference
+    prompt = "def f(x):"
+    context = f"<system>Be brief.\n<user>{prompt}\n<assistant>"
+    free = greedy_text(model, tokenizer, context)
+    end = pick_stop([free])
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    (tmp_path / SPECIALS_FILE).write_text(json.dumps({"eos_token": end}))
+    generation = {"until": ["\x00\x01"], "max_gen_toks": MAX_GEN, "do_sample": False}
+    write_task(tmp_path, "toy_chat", [{"prompt": prompt}], output_type="generate_until",
+               doc_to_text="{{prompt}}", doc_to_target="{{prompt}}",
+               generation_kwargs=generation, metric_list=[metric("exact_match")])  # fmt: skip
+    lm = HybridToolkitLM(str(checkpoint), device="cpu", dtype="float64",
+                         chat_template=str(tmp_path / "chat.jinja"))  # fmt: skip
+    assert lm.chat_template(True) == CHAT_TEMPLATE
+    results = run_tasks(lm, ["toy_chat"], task_manager(str(tmp_path)), log_samples=True,
+                        apply_chat_template=True, system_instruction="Be brief.")  # fmt: skip
+    (sample,) = results["samples"]["toy_chat"]
+    assert sample["arguments"][0][0] == context
+    assert sample["resps"][0][0] == free.split(end)[0] != free
+    args = ["--checkpoint", str(checkpoint), "--tasks", "toy_chat", "--include-path"]
+    assert evaluate.main([*args, str(tmp_path), "--apply-chat-template"]) == 2
+    assert "has no chat template beside it" in capsys.readouterr().err
+
+
 @pytest.mark.long  # make test-long: make test keeps within 15 minutes
 def test_cli_errors(checkpoint, tmp_path, monkeypatch, capsys):
     args = ["--checkpoint", str(checkpoint), "--tasks"]

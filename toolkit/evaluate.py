@@ -85,6 +85,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     harness.add_argument(
         "--bootstrap-iters", type=int, default=100000, help="for the stderr of some metrics"
     )
+    harness.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="prompts (few-shot examples as turns) in the checkpoint's own chat template, the "
+        "one beside its tokenizer file (an instruct model's, from checkpoints_tools/import_hf.py)",
+    )
+    harness.add_argument(
+        "--system-instruction", help="a system message before each prompt (with the template)"
+    )
     args = parser.parse_args(argv)
     if (args.recipe is None) == (args.tasks is None):
         parser.error("give --recipe (validation loss) or --tasks (lm-evaluation-harness), not both")
@@ -173,6 +182,11 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
         lm = adapter.HybridToolkitLM(
             args.checkpoint, batch_size=args.batch_size, device=args.device, dtype=args.dtype
         )
+        if args.apply_chat_template and lm.chat is None:
+            raise ValueError(
+                "--apply-chat-template: the checkpoint's tokenizer has no chat template beside "
+                "it (checkpoints_tools/import_hf.py copies an instruct model's)"
+            )
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -184,6 +198,8 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
         limit=args.limit,
         bootstrap_iters=args.bootstrap_iters,
         log_samples=args.log_samples,
+        apply_chat_template=args.apply_chat_template,
+        system_instruction=args.system_instruction,
     )
     print(adapter.results_table(results))
     if args.output:

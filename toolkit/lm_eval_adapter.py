@@ -7,6 +7,9 @@
   token predicted once with as much context as fits (lm-eval's rolling windows).
 - generate_until: generation through toolkit.inference.engine (greedy unless the task asks to
   sample), cut at the task's stop strings and at the end-of-document token.
+- apply_chat_template (lm-eval's --apply_chat_template, `toolkit.evaluate
+  --apply-chat-template`): the checkpoint's own chat template (toolkit.inference.chat_template,
+  rendered in its sandbox), generation then also ending at the template's end of turn.
 
 Tokenization is the checkpoint's own (toolkit.tokenizer); the end-of-document token is the
 prefix of an empty context, as it starts every document in training. `python -m
@@ -27,6 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
 from toolkit.build import model_from_checkpoint, resolve_device
+from toolkit.inference.chat_template import ChatTemplate, chat_template_for
 from toolkit.inference.engine import Engine, Request
 
 log = logging.getLogger(__name__)
@@ -45,10 +49,12 @@ class HybridToolkitLM(TemplateLM):
         batch_size: int | str = 8,
         device: str = "auto",
         dtype: str = "auto",
+        chat_template: str = "auto",
         **_: Any,  # lm-eval passes max_batch_size and the like to every model
     ) -> None:
         """`checkpoint`: a checkpoint root (its latest step) or a step directory; `dtype` auto is
-        bfloat16 on a GPU, float32 otherwise (as the server)."""
+        bfloat16 on a GPU, float32 otherwise (as the server); `chat_template` as the server's
+        --chat-template (auto: the one beside the tokenizer's file, if any)."""
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(
@@ -60,6 +66,7 @@ class HybridToolkitLM(TemplateLM):
             dtype = "bfloat16" if dev.type == "cuda" else "float32"
         self.model = model.to(getattr(torch, dtype))
         self.tokenizer = tokenizer
+        self.chat: ChatTemplate | None = chat_template_for(chat_template, tokenizer)
         self.name = recipe.name
         self.batch_size = int(batch_size)
         self._device = dev
@@ -80,6 +87,20 @@ class HybridToolkitLM(TemplateLM):
         self, string: str, add_special_tokens: bool | None = None, **_: Any
     ) -> list[int]:
         return self.tokenizer.encode(string)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template's source, which lm-eval records with the results ('' without one)."""
+        return self.chat.text if self.chat is not None else ""
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        if self.chat is None:
+            raise ValueError(
+                "apply_chat_template: the checkpoint's tokenizer has no chat template beside it "
+                "(checkpoints_tools/import_hf.py copies an instruct model's)"
+            )
+        return self.chat.render(chat_history, add_generation_prompt)
 
     # -------------------------------------------------------------- log-likelihood
     def _loglikelihood_tokens(
@@ -194,6 +215,7 @@ class HybridToolkitLM(TemplateLM):
                 top_p=float(kwargs.get("top_p") or 0.0) if sampled else 0.0,
                 seed=index,  # reproducible when a task samples
                 stop=until,
+                stop_tokens=self.chat.end_ids if self.chat is not None else frozenset(),
                 on_update=lambda r: bar.update(1) if r.done else None,
             )
             jobs.append((request, until))
@@ -204,8 +226,8 @@ class HybridToolkitLM(TemplateLM):
             if request.error is not None:
                 raise RuntimeError(f"generation failed: {request.error}")
             ids = request.tokens
-            if ids and ids[-1] == self.eot_token_id:
-                ids = ids[:-1]
+            if ids and (ids[-1] == self.eot_token_id or ids[-1] in request.stop_tokens):
+                ids = ids[:-1]  # the end of the document, or of the chat template's turn
             text = self.tokenizer.decode(ids)
             for stop in until:  # the text ends before the first stop string, as in lm-eval's HF
                 text = text.split(stop)[0]
@@ -235,6 +257,8 @@ def run_tasks(
     limit: float | None = None,
     bootstrap_iters: int = 100000,
     log_samples: bool = False,
+    apply_chat_template: bool = False,
+    system_instruction: str | None = None,
 ) -> dict[str, Any]:
     """lm_eval.simple_evaluate on our model: results, configs, versions (and samples)."""
     from lm_eval import simple_evaluate
@@ -247,6 +271,8 @@ def run_tasks(
         task_manager=manager,
         bootstrap_iters=bootstrap_iters,
         log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        system_instruction=system_instruction,
     )
     if results is None:  # non-zero ranks; we run one process
         raise RuntimeError("lm-eval returned no results")

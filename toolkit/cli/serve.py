@@ -348,20 +348,14 @@ def main(argv: list[str] | None = None) -> int:
 def load_chat(given: str, tokenizer: Any) -> "ChatTemplate | None":
     """--chat-template: the template the chat endpoint renders, or None for Megatron's
     template for pretrained models; logged. ChatTemplateError names the file."""
-    from toolkit.inference.chat_template import chat_template_beside, load_chat_template
+    from toolkit.inference.chat_template import chat_template_for
 
-    path = None
-    if given == "auto":
-        file = getattr(tokenizer, "path", None)  # a tokenizer loaded from a file
-        path = chat_template_beside(str(file)) if file is not None else None
-    elif given != "none":
-        path = Path(given)
-    if path is None:
+    template = chat_template_for(given, tokenizer)
+    if template is None:
         log.info("chat template: Megatron's for pretrained models (--chat-template %s)", given)
         return None
-    template = load_chat_template(path, tokenizer)
     end = ", ".join(tokenizer.token_string(i) for i in sorted(template.end_ids))
-    log.info("chat template: %s (rendered in a sandbox; a turn ends at %s)", path, end)
+    log.info("chat template: %s (rendered in a sandbox; a turn ends at %s)", template.path, end)
     return template
 
 

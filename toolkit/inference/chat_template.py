@@ -44,16 +44,17 @@ class ChatTemplate:
     """A compiled template (`render`) and the ids that end the assistant's turn."""
 
     path: Path
+    text: str  # the template's source
     template: jinja2.Template
     specials: dict[str, str]  # bos_token, eos_token: the strings the template may name
     end_ids: frozenset[int]
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt for `messages` ([{role, content}]), ending where the assistant's turn
-        begins (add_generation_prompt). ChatTemplateError: what the template refused."""
+        begins (`add_generation_prompt`). ChatTemplateError: what the template refused."""
         try:
             return self.template.render(
-                messages=messages, add_generation_prompt=True, **self.specials
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.specials
             )
         except jinja2.TemplateError as e:  # raise_exception, or the sandbox's SecurityError
             raise ChatTemplateError(f"the chat template refused the conversation: {e}") from None
@@ -98,7 +99,19 @@ def load_chat_template(path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
                 "token of this tokenizer"
             )
         end_ids.add(ids[0])
-    return ChatTemplate(path, template, specials, frozenset(end_ids))
+    return ChatTemplate(path, text, template, specials, frozenset(end_ids))
+
+
+def chat_template_for(given: str, tokenizer: Tokenizer) -> ChatTemplate | None:
+    """The template a --chat-template option names: 'auto', the one beside the tokenizer's
+    file if it has one; 'none', no template; else a template file. None: no template."""
+    path = None
+    if given == "auto":
+        file = getattr(tokenizer, "path", None)  # a tokenizer loaded from a file
+        path = chat_template_beside(str(file)) if file is not None else None
+    elif given != "none":
+        path = Path(given)
+    return load_chat_template(path, tokenizer) if path is not None else None
 
 
 def _specials(path: Path) -> tuple[dict[str, str], list[str]]:
