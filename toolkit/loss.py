@@ -23,6 +23,12 @@ IGNORE_INDEX = -100  # a label that takes no part in the loss (data.eod_mask_los
 log = logging.getLogger(__name__)
 
 
+def counted_labels(labels: Tensor) -> Tensor:
+    """Where labels take part in the loss: all but IGNORE_INDEX (any negative label). The one
+    rule for the loss, its per-token weighting (train.per_token_loss) and validation."""
+    return labels >= 0
+
+
 def _target_columns(target: Tensor, columns: int) -> tuple[Tensor, Tensor]:
     """(whether each row's target is among these `columns`, its column as a [r, 1] index, clamped
     into range where it is not: another tensor-parallel rank's column)."""
@@ -149,7 +155,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start: int, vocab_size: int, group) -> Tensor:
         flat = logits.reshape(-1, logits.size(-1))
-        counted = labels.reshape(-1) >= 0  # IGNORE_INDEX rows take no part
+        counted = counted_labels(labels.reshape(-1))  # IGNORE_INDEX rows take no part
         targets = labels.reshape(-1) - vocab_start  # outside [0, columns): another rank's
         columns = max(0, min(flat.size(1), vocab_size - vocab_start))  # the rest is padding
         lse, picked = _row_lse(flat, targets, columns)

@@ -9,6 +9,7 @@ from torch import nn
 
 from toolkit.data.sampler import Samples
 from toolkit.distributed import ParallelEnv
+from toolkit.loss import counted_labels
 from toolkit.parallel.pp import pipeline_forward
 from toolkit.parallel.runtime import LossFn
 
@@ -53,7 +54,7 @@ def validation_loss(
                 logits = module(inputs.to(device))
         if logits is not None:
             labels = labels.to(device)
-            weight = (labels >= 0).sum().double() if per_token else 1.0
+            weight = counted_labels(labels).sum().double() if per_token else 1.0
             sums[0] += loss_fn(logits, labels).double() * weight
             sums[1] += weight
     module.train(was_training)

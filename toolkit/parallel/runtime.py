@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from toolkit.distributed import ParallelEnv
-from toolkit.loss import blockwise_cross_entropy
+from toolkit.loss import blockwise_cross_entropy, counted_labels
 from toolkit.model import HybridLM
 from toolkit.parallel.pp import build_pipeline
 from toolkit.parallel.tp import reduce_sequence_parallel_grads
@@ -175,7 +175,7 @@ class StepRunner:
         """The labels that count (not IGNORE_INDEX) in the global batch: this rank's summed
         over DP (TP and PP ranks of a replica hold the same labels). At least 1: a batch with
         none gives a loss of 0. Stays on the device: no host sync."""
-        counted = (labels >= 0).sum()
+        counted = counted_labels(labels).sum()
         if self.env.dp > 1:
             dist.all_reduce(counted, group=self.env.group("dp"))
         return counted.clamp(min=1)
@@ -183,7 +183,7 @@ class StepRunner:
     def _share_of_step(self, labels: torch.Tensor) -> torch.Tensor:
         """per_token_loss: a micro-batch's weight, its counted labels over the global batch's,
         times DP (the caller's mean over DP divides that back out)."""
-        return (labels >= 0).sum() * self.env.dp / self._counted_in_step
+        return counted_labels(labels).sum() * self.env.dp / self._counted_in_step
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """per_token_loss under PP: the schedule divides the gradients by the micro-batch count
