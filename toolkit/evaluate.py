@@ -183,10 +183,7 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
             args.checkpoint, batch_size=args.batch_size, device=args.device, dtype=args.dtype
         )
         if args.apply_chat_template and lm.chat is None:
-            raise ValueError(
-                "--apply-chat-template: the checkpoint's tokenizer has no chat template beside "
-                "it (checkpoints_tools/import_hf.py copies an instruct model's)"
-            )
+            raise ValueError(f"--apply-chat-template: {adapter.NO_CHAT_TEMPLATE}")
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@
   sample), cut at the task's stop strings and at the end-of-document token.
 - apply_chat_template (lm-eval's --apply_chat_template, `toolkit.evaluate
   --apply-chat-template`): the checkpoint's own chat template (toolkit.inference.chat_template,
-  rendered in its sandbox), generation then also ending at the template's end of turn.
+  rendered in its sandbox). Where the checkpoint has a template, generation also ends at its
+  end of turn, templated prompts or not, as transformers' generation stops at its eos ids.
 
 Tokenization is the checkpoint's own (toolkit.tokenizer); the end-of-document token is the
 prefix of an empty context, as it starts every document in training. `python -m
@@ -36,6 +37,10 @@ from toolkit.inference.engine import Engine, Request
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task names none
+NO_CHAT_TEMPLATE = (
+    "the checkpoint's tokenizer has no chat template beside it (checkpoints_tools/import_hf.py "
+    "copies an instruct model's)"
+)
 SCORE_BLOCK = 1024  # positions per output-layer block: [block, vocab] fp32 logits at a time
 
 Pair = tuple[tuple[str, str], list[int], list[int]]  # (strings, context ids, continuation ids)
@@ -96,10 +101,7 @@ class HybridToolkitLM(TemplateLM):
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
         if self.chat is None:
-            raise ValueError(
-                "apply_chat_template: the checkpoint's tokenizer has no chat template beside it "
-                "(checkpoints_tools/import_hf.py copies an instruct model's)"
-            )
+            raise ValueError(f"apply_chat_template: {NO_CHAT_TEMPLATE}")
         return self.chat.render(chat_history, add_generation_prompt)
 
     # -------------------------------------------------------------- log-likelihood

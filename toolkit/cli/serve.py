@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         metavar="auto|none|PATH",
         help="the chat endpoint's prompt: a Jinja chat template file (rendered in a sandbox, "
-        "its turn ending at the eos token of chat_template.json beside it); auto: the one "
+        "its turn ending at the eos and end tokens of chat_template.json beside it); auto: the one "
         "beside the checkpoint's tokenizer file, which checkpoints_tools/import_hf.py copies "
         "from an instruct model, if any; none (or no file): Megatron's template for "
         "pretrained models",
