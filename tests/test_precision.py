@@ -4,6 +4,7 @@ Transformer Engine tests need TE and such a GPU (benchmarks/gpu_setup_te.sh brin
 H200) and are skipped elsewhere."""
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -244,8 +245,13 @@ def test_weights_cast_once_a_step_train_as_torchaos_casts_every_time(monkeypatch
 
     monkeypatch.setattr(float8_linear, "hp_tensor_to_float8_dynamic",
                         counting("matmul", float8_linear.hp_tensor_to_float8_dynamic))  # fmt: skip
-    monkeypatch.setattr(cache, "hp_tensor_to_float8_dynamic",
-                        counting("once", cache.hp_tensor_to_float8_dynamic))  # fmt: skip
+    both_layouts = cache._both_layouts
+
+    def cast_once(*args):  # cast_all's cast of one weight into both layouts
+        casts["once"] += 1
+        return both_layouts(*args)
+
+    monkeypatch.setattr(cache, "_both_layouts", cast_once)
     preprocess, weight_copies = float8_ops.preprocess_addmm, [0]
 
     def copies_counted(a, b):  # torchao copies a row-major second operand to column-major
@@ -359,6 +365,47 @@ def test_the_compiled_weight_cast_gives_torchaos_bits():
         assert cm._scale is compiled._scale and cm._gemm_input_role == eager._gemm_input_role
     # One graph each for the cast and the copy, whatever the shape.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
+
+
+@needs_torchao
+@pytest.mark.parametrize("compiled", [False, True])
+def test_all_weights_cast_at_once_give_each_layers_torchao_bits(compiled):
+    """cast_all (cast_weights_once's cast: one multi-tensor amax pass, then one pass a weight
+    writing both layouts; compiled on CUDA) gives each layer torchao's own cast of its weight:
+    the same float8 bytes and scale, row-major and column-major, also with the scales rounded
+    to powers of 2 and on weights whose amaxes differ by orders of magnitude."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    from toolkit.fp8_weight_cache import cast_all, cast_once_linears
+
+    for round_scales in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 48, bias=False), nn.Linear(48, 32, bias=False),
+                              nn.Linear(32, 24, bias=False))  # fmt: skip
+        with torch.no_grad():
+            model[1].weight.mul_(1e-3)
+            model[2].weight.mul_(300.0)
+        config = Float8LinearConfig.from_recipe_name("tensorwise")
+        config = dataclasses.replace(config, round_scales_to_power_of_2=round_scales)
+        cast_once_linears(convert_to_float8_training(model, config=config))
+        torch._dynamo.reset()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        cast_all(list(model), compiled=compiled)
+        for layer in model:
+            with torch.no_grad():
+                want = layer.cast_weight(compiled=False)
+            want_cm = layer.column_major(want, compiled=False)
+            for got, expected in ((layer.weight_fp8, want), (layer.weight_fp8_cm, want_cm)):
+                assert got._data.dtype == torch.float8_e4m3fn
+                assert got._data.stride() == expected._data.stride()
+                assert torch.equal(got._data.view(torch.uint8), expected._data.view(torch.uint8))
+                assert torch.equal(got._scale, expected._scale)
+                assert got._gemm_input_role == expected._gemm_input_role
+                assert got._orig_dtype == expected._orig_dtype
+            assert layer.weight_fp8_cm._scale is layer.weight_fp8._scale
+        # Compiled: one graph for every shape.
+        new_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        assert new_graphs == (1 if compiled else 0)
 
 
 @needs_torchao

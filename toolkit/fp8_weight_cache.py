@@ -11,8 +11,10 @@ and backward of the step; its gradient still reaches the fp32 weight. Outside a 
 (evaluation, generation) the layers cast as torchao's do.
 
 The cast is kept in the two layouts the products take (row-major for the forward's,
-column-major for the backward's gradient of the input), so no backward copies it; on CUDA both
-are made by compiled code (two fused passes over the fp32 weight, then a tiled transpose).
+column-major for the backward's gradient of the input), so no backward copies it. All the
+weights' amaxes come from one multi-tensor pass, their scales from a few vector ops, and each
+weight's two layouts from one more pass (compiled on CUDA): the fp32 weights are read twice a
+step, where a cast per layer reads each twice and then copies its float8 bytes again.
 
 The backward's weight-gradient product reads the input's float8 cast the forward made, where
 torchao's backward casts the input again (an amax reduction over it and a cast: per linear, ~5
@@ -27,6 +29,7 @@ values. Rowwise scaling casts the weight differently for its two products: refus
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -39,6 +42,7 @@ from torchao.float8.float8_training_tensor import (
     GemmInputRole,
     LinearMMConfig,
 )
+from torchao.float8.float8_utils import amax_to_scale, to_fp8_saturated
 
 from toolkit.grad_accumulation import add_weight_grad
 
@@ -209,6 +213,53 @@ class Float8LinearCastOnce(Float8Linear):
         return output
 
 
+def _both_layouts(
+    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` scaled and cast as torchao's cast does, row- and column-major."""
+    data = to_fp8_saturated(weight.to(torch.float32) * scale, dtype)
+    return data, data.t().contiguous().t()
+
+
+@functools.cache
+def compiled_both_layouts() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """_both_layouts compiled once for every weight shape: one pass that reads the fp32 weight
+    and writes its float8 bytes in both layouts."""
+    return torch.compile(_both_layouts, fullgraph=True, dynamic=True)
+
+
+@torch.no_grad()
+def cast_all(layers: list[Float8LinearCastOnce], compiled: bool | None = None) -> None:
+    """Set each layer's `weight_fp8` and `weight_fp8_cm`: the bits and scale of its cast_weight
+    and column_major. One multi-tensor pass takes every weight's amax (as torchao's
+    max(abs(w)): a max is exact), vector ops their scales, and one pass per weight (through
+    compiled_both_layouts where `compiled`, default on CUDA) writes its two layouts."""
+    if not layers:
+        return
+    weights = [layer.weight.detach() for layer in layers]
+    compiled = weights[0].is_cuda if compiled is None else compiled
+    both = compiled_both_layouts() if compiled else _both_layouts
+    amaxes = torch.stack(torch._foreach_norm(weights, ord=math.inf))
+    keys = [
+        (layer.config.cast_config_weight.target_dtype, layer.config.round_scales_to_power_of_2)
+        for layer in layers
+    ]
+    scales: list[torch.Tensor | None] = [None] * len(layers)
+    for dtype, round_to_power_of_2 in set(keys):  # one config in practice: a few ops in all
+        picked = [i for i, key in enumerate(keys) if key == (dtype, round_to_power_of_2)]
+        index = torch.tensor(picked, device=amaxes.device)
+        group = amax_to_scale(amaxes[index], dtype, round_to_power_of_2).unbind()
+        for i, scale in zip(picked, group):
+            scales[i] = scale
+    for layer, weight, scale, (dtype, _) in zip(layers, weights, scales, keys):
+        data, data_cm = both(weight, scale, dtype)
+        layer.weight_fp8, layer.weight_fp8_cm = (
+            Float8TrainingTensor(d, scale, weight.dtype, layer.linear_mm_config,
+                                 GemmInputRole.WEIGHT, None)
+            for d in (data, data_cm)
+        )  # fmt: skip
+
+
 @contextlib.contextmanager
 def cast_weights_once(module: nn.Module) -> Iterator[int]:
     """Cast the weight of each Float8LinearCastOnce in `module` to float8 once, for the
@@ -216,10 +267,7 @@ def cast_weights_once(module: nn.Module) -> Iterator[int]:
     dropped on the way out, so nothing reads a weight cast before the next update. Yields how
     many weights it cast."""
     layers = [m for m in module.modules() if isinstance(m, Float8LinearCastOnce)]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight_fp8 = layer.cast_weight()
-            layer.weight_fp8_cm = layer.column_major(layer.weight_fp8)
+    cast_all(layers)
     try:
         yield len(layers)
     finally:
