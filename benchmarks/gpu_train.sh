@@ -30,6 +30,10 @@
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_bf16_fga_gb8
 #       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_cache_fga_gb8
 #       8b28l_fp8_all_cache_recast_fga_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
+# The float8 weights' once-a-step cast alone (cast_all against a cast per layer), then FP8 with
+# the cache against bf16, both with the fused accumulation (issue 21 item 3; ~8 minutes):
+#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="fp8_weight_cast 8b28l_bf16_fga_gb8
+#       8b28l_fp8_all_cache_fga_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
 # The same at the 800M's global batch (4 micro-batches of 8):
 #     GPU_TRAIN_RUNS="bf16_compile_mbs8_gb32 bf16_fga_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
 # FP8 with the weights cast once per update, beside the same without (~5 minutes, cold caches):
@@ -106,6 +110,11 @@ tp bf16_compile_mbs8 200 8 --set train.compile=true
 # autotuning when its caches are cold) inductor's max-autotune.
 run opt_step 120 python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml \
   --set 'train.device="cuda"' --steps 20 --json "$W/opt_step.json"
+# train.fp8_weight_cache's once-a-step cast alone at the 8B's shapes (28 layers, 4.3B float8
+# weights, ~22 GB): cast_all (one multi-tensor amax pass, one pass a weight for both layouts)
+# against a compiled cast and column-major copy per layer; the same bits checked.
+run fp8_weight_cast 150 python3 benchmarks/fp8_weight_cast.py recipes/8b_hybrid.toml \
+  --set model.num_layers=28 --json "$W/fp8_weight_cast.json"
 # The same at the 8B's shapes (28 layers, 5.4B parameters; one variant at a time, ~108 GB).
 run opt_step_8b28l 150 python3 benchmarks/optimizer_step.py recipes/8b_hybrid.toml \
   --set 'train.device="cuda"' --set model.num_layers=28 --steps 5 --warmup 2 \
@@ -208,6 +217,11 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         rel = ", ".join(f"{k} {v:.1e}" for k, v in r["params_rel_l2_after"].items())
         print(f"{p.stem} ({r['parameters'] / 1e6:.0f}M; grads in + clip + AdamW), ms: {ms}; "
               f"host ms: {host}; params rel L2 vs {r['reference']}: {rel}")
+    elif p.stem == "fp8_weight_cast":
+        print(f"fp8_weight_cast ({r['layers']} weights, {r['weights'] / 1e9:.2f}B), ms: "
+              + ", ".join(f"{k} {v:.2f} ({r['tb_per_s'][k]:.2f} TB/s; host {r['host_ms'][k]:.2f})"
+                          for k, v in r["ms"].items())
+              + f"; cast_all {r['speed_up']:.2f}x, same bits {r['same_bits']}")
     elif "error" in r:
         print(f"{p.stem:32} error: {r['error']}")
     else:
