@@ -34,6 +34,11 @@
 # the cache against bf16, both with the fused accumulation (issue 21 item 3; ~8 minutes):
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="fp8_weight_cast 8b28l_bf16_fga_gb8
 #       8b28l_fp8_all_cache_fga_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
+# Inductor's kernels tuned (train.compile_mode="coordinate-descent-tuning") at the 8B's shapes
+# and the 800M, each beside the same without:
+#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_fga_gb8 8b28l_bf16_fga_cdt_gb8
+#       8b28l_fp8_all_cache_fga_gb8 8b28l_fp8_all_cache_fga_cdt_gb8 bf16_compile_mbs8
+#       bf16_cdt_mbs8" OUT=$OUT bash benchmarks/gpu_train.sh
 # The same at the 800M's global batch (4 micro-batches of 8):
 #     GPU_TRAIN_RUNS="bf16_compile_mbs8_gb32 bf16_fga_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
 # FP8 with the weights cast once per update, beside the same without (~5 minutes, cold caches):
@@ -174,6 +179,16 @@ t8b 8b28l_fp8_all_cache_fga_gb8 300 28 --accumulate 8 --set 'train.precision="fp
 t8b 8b28l_fp8_all_cache_recast_fga_gb8 300 28 --accumulate 8 --set 'train.precision="fp8"' \
   --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
   --set train.fused_grad_accumulation=true --fp8-recast-input
+# train.compile_mode="coordinate-descent-tuning" (Inductor's kernels' block sizes tuned: the
+# float8 casts with their transposed copies ran at ~1.2 TB/s in the 2026-12-04 profile), each
+# against the same run without in the same call (300 s: the tuning at the cold compile).
+t8b 8b28l_bf16_fga_cdt_gb8 300 28 --accumulate 8 --set train.compile=true \
+  --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
+t8b 8b28l_fp8_all_cache_fga_cdt_gb8 300 28 --accumulate 8 --set 'train.precision="fp8"' \
+  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
+  --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
+tp bf16_cdt_mbs8 300 8 --set train.compile=true \
+  --set 'train.compile_mode="coordinate-descent-tuning"'
 tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
 # train.fused_grad_accumulation at the 800M's global batch (item 1; against
 # bf16_compile_mbs8_gb32 in the same call): 3 of its 4 micro-batches add into .grad.

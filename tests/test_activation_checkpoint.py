@@ -159,3 +159,27 @@ def test_the_whole_model_scope_is_refused_where_it_cannot_run():
     assert (cfg.compile_scope, cfg.compile_mode) == ("model", "default")
     with pytest.raises(RecipeError, match="train.compile_mode"):
         load_recipe(recipe, ['train.compile_mode="fastest"'])
+
+
+def test_coordinate_descent_tuning_compiles_the_blocks_with_inductors_option():
+    """train.compile_mode='coordinate-descent-tuning' is no torch.compile mode but an Inductor
+    option: the blocks compile with it (torch.compile refuses an unknown mode or option) and
+    give eager's loss."""
+    from toolkit.activation_checkpoint import compile_options
+    from toolkit.config import load_recipe
+
+    reason = inductor_available()
+    if reason:
+        pytest.skip(reason)
+    mode = "coordinate-descent-tuning"
+    cfg = load_recipe("recipes/tiny_hybrid.toml", [f'train.compile_mode="{mode}"']).train
+    assert cfg.compile_mode == mode
+    assert compile_options(mode) == {"options": {"coordinate_descent_tuning": True}}
+    assert compile_options("default") == {"mode": None}
+    torch._dynamo.reset()
+    eager, compiled = build(), build()
+    assert apply_compile(compiled, ["mlp"], mode=mode) != []
+    tokens = torch.randint(0, 100, (2, 33))
+    want, _ = loss_and_grads(eager, tokens)
+    got, _ = loss_and_grads(compiled, tokens)
+    assert float(got) == pytest.approx(float(want), rel=1e-4)

@@ -64,8 +64,16 @@ def apply_ac(model: nn.Module, spec: Any, fp8_engine: str | None = None) -> list
     return chosen
 
 
-def compile_options(mode: str) -> dict[str, str | None]:
+# train.compile_mode values that are Inductor options, not torch.compile modes: what
+# 'coordinate-descent-tuning' turns on is the half of max-autotune that tunes Inductor's own
+# kernels (block sizes, warps), not the matmuls (seconds of tuning, not minutes).
+INDUCTOR_OPTIONS = {"coordinate-descent-tuning": {"coordinate_descent_tuning": True}}
+
+
+def compile_options(mode: str) -> dict[str, str | dict | None]:
     """torch.compile's keyword for train.compile_mode ('default': torch's own default)."""
+    if mode in INDUCTOR_OPTIONS:
+        return {"options": dict(INDUCTOR_OPTIONS[mode])}
     return {"mode": None if mode == "default" else mode}
 
 

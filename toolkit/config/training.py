@@ -253,10 +253,14 @@ class TrainConfig:
         "torch.compile each block separately: true, false, or a list of block kinds out of "
         "'mamba', 'attention', 'mlp'",
     )
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = opt(
-        "default",
-        "torch.compile mode of the compiled blocks; max-autotune-no-cudagraphs also tunes the "
-        "matmuls and kernels (minutes of compilation on first use)",
+    compile_mode: Literal["default", "coordinate-descent-tuning", "max-autotune-no-cudagraphs"] = (
+        opt(
+            "default",
+            "torch.compile mode of the compiled blocks; coordinate-descent-tuning tunes the "
+            "block sizes of Inductor's own kernels (casts, norms, reductions); "
+            "max-autotune-no-cudagraphs also tunes the matmuls (minutes of compilation on first "
+            "use)",
+        )
     )
     compile_scope: Literal["block", "model"] = opt(
         "block",
