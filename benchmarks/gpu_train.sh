@@ -39,6 +39,9 @@
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_fga_gb8 8b28l_bf16_fga_cdt_gb8
 #       8b28l_fp8_all_cache_fga_gb8 8b28l_fp8_all_cache_fga_cdt_gb8 bf16_compile_mbs8
 #       bf16_cdt_mbs8" OUT=$OUT bash benchmarks/gpu_train.sh
+# On an H100 (80 GB) the same A/B at 14 of the 8B's layers, with the cast alone (22 GB):
+#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="fp8_weight_cast 8b14l_fp8_all_cache_fga_gb8
+#       8b14l_fp8_all_cache_fga_cdt_gb8 8b14l_bf16_fga_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
 # The same at the 800M's global batch (4 micro-batches of 8):
 #     GPU_TRAIN_RUNS="bf16_compile_mbs8_gb32 bf16_fga_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
 # FP8 with the weights cast once per update, beside the same without (~5 minutes, cold caches):
@@ -185,6 +188,16 @@ t8b 8b28l_fp8_all_cache_recast_fga_gb8 300 28 --accumulate 8 --set 'train.precis
 t8b 8b28l_bf16_fga_cdt_gb8 300 28 --accumulate 8 --set train.compile=true \
   --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
 t8b 8b28l_fp8_all_cache_fga_cdt_gb8 300 28 --accumulate 8 --set 'train.precision="fp8"' \
+  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
+  --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
+# The same three at 14 of the 8B's layers, for a GPU of 80 GB (the 28-layer runs peak at ~104 GB:
+# an H100 holds 14); not item 3's shapes, but the same A/B.
+t8b 8b14l_bf16_fga_gb8 240 14 --accumulate 8 --set train.compile=true \
+  --set train.fused_grad_accumulation=true
+t8b 8b14l_fp8_all_cache_fga_gb8 240 14 --accumulate 8 --set 'train.precision="fp8"' \
+  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
+  --set train.fused_grad_accumulation=true
+t8b 8b14l_fp8_all_cache_fga_cdt_gb8 240 14 --accumulate 8 --set 'train.precision="fp8"' \
   --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
   --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
 tp bf16_cdt_mbs8 300 8 --set train.compile=true \
