@@ -124,6 +124,33 @@ def test_what_a_template_refuses_is_an_error_naming_it(chat_dir, tmp_path):
         failing.render([{"role": "user", "content": "hi"}])
 
 
+def test_a_render_that_runs_too_long_is_stopped(tmp_path, monkeypatch):
+    """The sandbox bounds each range, not their product: a template looping 3 x 10^8 times
+    (~10 s unbounded here) is stopped at RENDER_SECONDS with an error naming the time, and the
+    thread's own trace function (a debugger's, coverage's) is back after; an ordinary render is
+    untouched."""
+    import sys
+    import time
+
+    import toolkit.inference.chat_template as chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
+    (tmp_path / TEMPLATE_FILE).write_text(
+        "{% for i in range(100000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}"
+    )
+    looping = load_chat_template(tmp_path / TEMPLATE_FILE, build_tokenizer("byte"))
+    before = sys.gettrace()
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=r"ran past 0.3 s on the conversation"):
+        looping.render(CONVERSATIONS[0])
+    assert time.monotonic() - start < 3
+    assert sys.gettrace() is before
+    (tmp_path / TEMPLATE_FILE).write_text(TEMPLATE)
+    ordinary = load_chat_template(tmp_path / TEMPLATE_FILE, build_tokenizer("byte"))
+    assert ordinary.render(CONVERSATIONS[1]).endswith("<|im_start|>assistant\n")
+    assert sys.gettrace() is before
+
+
 # Templates that would reach Python's internals, the process or the values handed in (each of
 # the first four ran `touch MARKER` in a plain Jinja environment), and what the sandbox makes of
 # them: an error, or nothing (`attr` of an unsafe name is undefined there).

@@ -9,14 +9,20 @@ ranges), as transformers renders it, with the same helpers templates are written
 (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text) and the same
 whitespace rules, so that a conversation becomes the same prompt text as there. Namespaces
 refuse underscore-prefixed names too. Jinja before 3.1.6 had known sandbox escapes: refused.
-What the sandbox does not bound is time: a template's own loops run to their end.
+The sandbox does not bound time (nested loops over its bounded ranges multiply), so a render
+that runs past RENDER_SECONDS is stopped: a trace function, set for the render's thread alone,
+checks the clock at each line the compiled template runs.
 
 The assistant's turn ends at the eos token and at the `end_tokens` (what the model's
 generation_config.json stops at, which for instruct models includes the end of a turn): a chat
 request stops at any of their ids, as transformers' generation does.
 """
 
+import contextlib
 import json
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +38,8 @@ TEMPLATE_FILE = "chat_template.jinja"
 # {"bos_token": "...", "eos_token": "...", "end_tokens": ["...", ...]} (each optional)
 SPECIALS_FILE = "chat_template.json"
 MIN_JINJA = (3, 1, 6)
+# A real template renders a conversation in milliseconds; one still running after this is stopped.
+RENDER_SECONDS = 2.0
 
 
 class ChatTemplateError(ValueError):
@@ -53,15 +61,44 @@ class ChatTemplate:
         """The prompt for `messages` ([{role, content}]), ending where the assistant's turn
         begins (`add_generation_prompt`). ChatTemplateError: what the template refused."""
         try:
-            return self.template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.specials
-            )
+            with _time_bound(RENDER_SECONDS):
+                return self.template.render(
+                    messages=messages, add_generation_prompt=add_generation_prompt, **self.specials
+                )
+        except _OutOfTime:
+            raise ChatTemplateError(
+                f"the chat template ran past {RENDER_SECONDS:g} s on the conversation: stopped"
+            ) from None
         except jinja2.TemplateError as e:  # raise_exception, or the sandbox's SecurityError
             raise ChatTemplateError(f"the chat template refused the conversation: {e}") from None
         except Exception as e:  # the template's own arithmetic or types, on these messages
             raise ChatTemplateError(
                 f"the chat template failed on the conversation: {type(e).__name__}: {e}"
             ) from None
+
+
+class _OutOfTime(BaseException):
+    """Raised inside a render past its time (BaseException: no `except Exception` in the
+    template's own helpers catches it)."""
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float) -> Iterator[None]:
+    """Stop the Python code run inside, in this thread, once `seconds` have passed: a trace
+    function checks the clock at each call and line (and restores whatever tracer was set)."""
+    deadline = time.monotonic() + seconds
+
+    def check(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _OutOfTime
+        return check
+
+    previous = sys.gettrace()
+    sys.settrace(check)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def chat_template_beside(tokenizer_spec: str) -> Path | None:
