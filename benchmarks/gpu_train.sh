@@ -184,10 +184,11 @@ t8b 8b28l_fp8_all_cache_recast_fga_gb8 300 28 --accumulate 8 --set 'train.precis
   --set train.fused_grad_accumulation=true --fp8-recast-input
 # train.compile_mode="coordinate-descent-tuning" (Inductor's kernels' block sizes tuned: the
 # float8 casts with their transposed copies ran at ~1.2 TB/s in the 2026-12-04 profile), each
-# against the same run without in the same call (300 s: the tuning at the cold compile).
-t8b 8b28l_bf16_fga_cdt_gb8 300 28 --accumulate 8 --set train.compile=true \
+# against the same run without in the same call. 450 s: with cold caches the first compile of
+# 14 of the 8B's layers with the tuning was still running at 215 s on an H100 (2026-12-05).
+t8b 8b28l_bf16_fga_cdt_gb8 450 28 --accumulate 8 --set train.compile=true \
   --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
-t8b 8b28l_fp8_all_cache_fga_cdt_gb8 300 28 --accumulate 8 --set 'train.precision="fp8"' \
+t8b 8b28l_fp8_all_cache_fga_cdt_gb8 450 28 --accumulate 8 --set 'train.precision="fp8"' \
   --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
   --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
 # The same three at 14 of the 8B's layers, for a GPU of 80 GB (the 28-layer runs peak at ~104 GB:
@@ -197,10 +198,10 @@ t8b 8b14l_bf16_fga_gb8 240 14 --accumulate 8 --set train.compile=true \
 t8b 8b14l_fp8_all_cache_fga_gb8 240 14 --accumulate 8 --set 'train.precision="fp8"' \
   --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
   --set train.fused_grad_accumulation=true
-t8b 8b14l_fp8_all_cache_fga_cdt_gb8 240 14 --accumulate 8 --set 'train.precision="fp8"' \
+t8b 8b14l_fp8_all_cache_fga_cdt_gb8 450 14 --accumulate 8 --set 'train.precision="fp8"' \
   --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
   --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
-tp bf16_cdt_mbs8 300 8 --set train.compile=true \
+tp bf16_cdt_mbs8 450 8 --set train.compile=true \
   --set 'train.compile_mode="coordinate-descent-tuning"'
 tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
 # train.fused_grad_accumulation at the 800M's global batch (item 1; against
