@@ -239,7 +239,7 @@ def cast_all(layers: list[Float8LinearCastOnce], compiled: bool | None = None) -
     weights = [layer.weight.detach() for layer in layers]
     compiled = weights[0].is_cuda if compiled is None else compiled
     both = compiled_both_layouts() if compiled else _both_layouts
-    amaxes = torch.stack(torch._foreach_norm(weights, ord=math.inf))
+    amaxes = torch._foreach_norm(weights, ord=math.inf)
     keys = [
         (layer.config.cast_config_weight.target_dtype, layer.config.round_scales_to_power_of_2)
         for layer in layers
@@ -247,8 +247,8 @@ def cast_all(layers: list[Float8LinearCastOnce], compiled: bool | None = None) -
     scales: list[torch.Tensor | None] = [None] * len(layers)
     for dtype, round_to_power_of_2 in set(keys):  # one config in practice: a few ops in all
         picked = [i for i, key in enumerate(keys) if key == (dtype, round_to_power_of_2)]
-        index = torch.tensor(picked, device=amaxes.device)
-        group = amax_to_scale(amaxes[index], dtype, round_to_power_of_2).unbind()
+        group = torch.stack([amaxes[i] for i in picked])
+        group = amax_to_scale(group, dtype, round_to_power_of_2).unbind()
         for i, scale in zip(picked, group):
             scales[i] = scale
     for layer, weight, scale, (dtype, _) in zip(layers, weights, scales, keys):
