@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -365,6 +366,42 @@ def test_the_compiled_weight_cast_gives_torchaos_bits():
         assert cm._scale is compiled._scale and cm._gemm_input_role == eager._gemm_input_role
     # One graph each for the cast and the copy, whatever the shape.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
+
+
+@needs_torchao
+def test_the_cast_benchmark_compares_both_ways_on_the_same_bits(monkeypatch):
+    """benchmarks/fp8_weight_cast.py's A/B, run on the CPU (its timer and device swapped for
+    the host's): the per-layer casts and cast_all over the tiny recipe's float8 linears give the
+    same bits, and each way is timed."""
+    import argparse
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "fp8_weight_cast", root / "benchmarks/fp8_weight_cast.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def host_timed(fn, device):
+        start = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - start) * 1e3
+        return ms, ms
+
+    convert = bench.apply_fp8
+    monkeypatch.setattr(bench, "timed", host_timed)
+    monkeypatch.setattr(bench, "resolve_device", lambda name: CPU)
+    monkeypatch.setattr(bench, "apply_fp8", partial(convert, check_device=False))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "cpu")
+    args = argparse.Namespace(recipe=str(root / "recipes/tiny_hybrid.toml"), set=[],
+                              layers="all", warmup=1, steps=2)  # fmt: skip
+    result = bench.benchmark(args)
+    assert result["same_bits"] is True
+    assert result["layers"] > 0 and result["weights"] > 0
+    assert set(result["ms"]) == {"per_layer", "cast_all"}
+    assert all(ms > 0 for ms in result["ms"].values())
 
 
 @needs_torchao
