@@ -228,8 +228,8 @@ class HybridToolkitLM(TemplateLM):
             if request.error is not None:
                 raise RuntimeError(f"generation failed: {request.error}")
             ids = request.tokens
-            if ids and (ids[-1] == self.eot_token_id or ids[-1] in request.stop_tokens):
-                ids = ids[:-1]  # the end of the document, or of the chat template's turn
+            if request.finish_reason == "eod":  # its last token ends the document or the turn
+                ids = ids[:-1]
             text = self.tokenizer.decode(ids)
             for stop in until:  # the text ends before the first stop string, as in lm-eval's HF
                 text = text.split(stop)[0]
