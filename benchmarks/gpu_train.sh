@@ -73,6 +73,11 @@ run() { part "$@"; }  # name timeout_s command...
 # their name says fga (their extra --set comes later and wins), so a name means what it meant
 # in the RESULTS.md entries before.
 NO_FGA=(--set train.fused_grad_accumulation=false)
+# The FP8 runs' best setting (every linear in float8, the weights cast once a step, the weight
+# gradients added into .grad), and Inductor's kernels tuned: the A/B runs below share them.
+FP8_CACHE_FGA=(--set 'train.precision="fp8"' --set train.compile=true --set 'train.fp8_layers="all"'
+  --set train.fp8_weight_cache=true --set train.fused_grad_accumulation=true)
+CDT=(--set 'train.compile_mode="coordinate-descent-tuning"')
 
 tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 timed steps
   local name=$1 limit=$2 mbs=$3; shift 3
@@ -175,34 +180,24 @@ t8b 8b28l_fp8_all_cache_recast_gb8 200 28 --accumulate 8 --set 'train.precision=
 # compile a second variant, for the micro-batches that find a gradient).
 t8b 8b28l_bf16_fga_gb8 300 28 --accumulate 8 --set train.compile=true \
   --set train.fused_grad_accumulation=true
-t8b 8b28l_fp8_all_cache_fga_gb8 300 28 --accumulate 8 --set 'train.precision="fp8"' \
-  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
-  --set train.fused_grad_accumulation=true
+t8b 8b28l_fp8_all_cache_fga_gb8 300 28 --accumulate 8 "${FP8_CACHE_FGA[@]}"
 # The recast A/B again with the fused accumulation (against 8b28l_fp8_all_cache_fga_gb8).
-t8b 8b28l_fp8_all_cache_recast_fga_gb8 300 28 --accumulate 8 --set 'train.precision="fp8"' \
-  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
-  --set train.fused_grad_accumulation=true --fp8-recast-input
+t8b 8b28l_fp8_all_cache_recast_fga_gb8 300 28 --accumulate 8 "${FP8_CACHE_FGA[@]}" \
+  --fp8-recast-input
 # train.compile_mode="coordinate-descent-tuning" (Inductor's kernels' block sizes tuned: the
 # float8 casts with their transposed copies ran at ~1.2 TB/s in the 2026-12-04 profile), each
 # against the same run without in the same call. 450 s: with cold caches the first compile of
 # 14 of the 8B's layers with the tuning was still running at 215 s on an H100 (2026-12-05).
 t8b 8b28l_bf16_fga_cdt_gb8 450 28 --accumulate 8 --set train.compile=true \
-  --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
-t8b 8b28l_fp8_all_cache_fga_cdt_gb8 450 28 --accumulate 8 --set 'train.precision="fp8"' \
-  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
-  --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
+  --set train.fused_grad_accumulation=true "${CDT[@]}"
+t8b 8b28l_fp8_all_cache_fga_cdt_gb8 450 28 --accumulate 8 "${FP8_CACHE_FGA[@]}" "${CDT[@]}"
 # The same three at 14 of the 8B's layers, for a GPU of 80 GB (the 28-layer runs peak at ~104 GB:
 # an H100 holds 14); not item 3's shapes, but the same A/B.
 t8b 8b14l_bf16_fga_gb8 240 14 --accumulate 8 --set train.compile=true \
   --set train.fused_grad_accumulation=true
-t8b 8b14l_fp8_all_cache_fga_gb8 240 14 --accumulate 8 --set 'train.precision="fp8"' \
-  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
-  --set train.fused_grad_accumulation=true
-t8b 8b14l_fp8_all_cache_fga_cdt_gb8 450 14 --accumulate 8 --set 'train.precision="fp8"' \
-  --set train.compile=true --set 'train.fp8_layers="all"' --set train.fp8_weight_cache=true \
-  --set train.fused_grad_accumulation=true --set 'train.compile_mode="coordinate-descent-tuning"'
-tp bf16_cdt_mbs8 450 8 --set train.compile=true \
-  --set 'train.compile_mode="coordinate-descent-tuning"'
+t8b 8b14l_fp8_all_cache_fga_gb8 240 14 --accumulate 8 "${FP8_CACHE_FGA[@]}"
+t8b 8b14l_fp8_all_cache_fga_cdt_gb8 450 14 --accumulate 8 "${FP8_CACHE_FGA[@]}" "${CDT[@]}"
+tp bf16_cdt_mbs8 450 8 --set train.compile=true "${CDT[@]}"
 tp bf16_compile_mbs8_gb32 200 8 --accumulate 4 --set train.compile=true
 # train.fused_grad_accumulation at the 800M's global batch (item 1; against
 # bf16_compile_mbs8_gb32 in the same call): 3 of its 4 micro-batches add into .grad.
