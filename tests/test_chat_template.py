@@ -125,30 +125,71 @@ def test_what_a_template_refuses_is_an_error_naming_it(chat_dir, tmp_path):
 
 
 def test_a_render_that_runs_too_long_is_stopped(tmp_path, monkeypatch):
-    """The sandbox bounds each range, not their product: a template looping 3 x 10^8 times
-    (~10 s unbounded here) is stopped at RENDER_SECONDS with an error naming the time, and the
-    thread's own trace function (a debugger's, coverage's) is back after; an ordinary render is
-    untouched."""
-    import sys
+    """The sandbox bounds each range, not their product, and no check inside the rendering
+    process can stop one long C call: a template looping 3 x 10^8 times (~10 s unbounded here)
+    and one raising 3 to the 10^8th (minutes in one call) are stopped at RENDER_SECONDS with an
+    error naming the time; the next conversation renders in a fresh process."""
     import time
 
     import toolkit.inference.chat_template as chat_template
 
     monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
-    (tmp_path / TEMPLATE_FILE).write_text(
-        "{% for i in range(100000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}"
+    byte = build_tokenizer("byte")
+    for text in (
+        "{% for i in range(100000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}",
+        "{% if messages | length > 1 %}{{ 3 ** (10**8 + messages | length) > 0 }}{% endif %}ok",
+    ):
+        (tmp_path / TEMPLATE_FILE).write_text(text)
+        template = load_chat_template(tmp_path / TEMPLATE_FILE, byte)
+        start = time.monotonic()
+        with pytest.raises(ChatTemplateError, match=r"ran past 0.3 s on the conversation"):
+            template.render(CONVERSATIONS[1])
+        assert time.monotonic() - start < 3
+    assert template.render(CONVERSATIONS[0]) == "ok"
+    # Jinja folds constant expressions as it compiles: that too runs in the bounded process.
+    (tmp_path / TEMPLATE_FILE).write_text("{{ 3 ** (10**8) > 0 }}")
+    with pytest.raises(ChatTemplateError, match=r"did not compile: ran past 0.3 s"):
+        load_chat_template(tmp_path / TEMPLATE_FILE, byte)
+
+
+def test_a_render_is_bounded_in_memory(tmp_path):
+    """One expression asking for 10 GB stops at RENDER_MEMORY_BYTES in the render's own
+    process (the address space there is capped), at once, with an error naming the bound;
+    the same process renders the next conversation, and a render just under the bound works."""
+    import time
+
+    from toolkit.inference.chat_template import RENDER_MEMORY_BYTES
+
+    text = (
+        "{{ ('a' * (messages | length * (10**10 if messages | length > 1 else 10**8))) | length }}"
     )
-    looping = load_chat_template(tmp_path / TEMPLATE_FILE, build_tokenizer("byte"))
-    before = sys.gettrace()
+    (tmp_path / TEMPLATE_FILE).write_text(text)
+    template = load_chat_template(tmp_path / TEMPLATE_FILE, build_tokenizer("byte"))
+    child = template.template._child
     start = time.monotonic()
-    with pytest.raises(ChatTemplateError, match=r"ran past 0.3 s on the conversation"):
-        looping.render(CONVERSATIONS[0])
+    with pytest.raises(ChatTemplateError, match=rf"ran past its {RENDER_MEMORY_BYTES >> 20} MiB"):
+        template.render(CONVERSATIONS[1])
     assert time.monotonic() - start < 3
-    assert sys.gettrace() is before
-    (tmp_path / TEMPLATE_FILE).write_text(TEMPLATE)
-    ordinary = load_chat_template(tmp_path / TEMPLATE_FILE, build_tokenizer("byte"))
-    assert ordinary.render(CONVERSATIONS[1]).endswith("<|im_start|>assistant\n")
-    assert sys.gettrace() is before
+    assert template.render(CONVERSATIONS[0]) == str(10**8)
+    assert template.template._child is child
+
+
+def test_renders_take_turns_and_survive_their_process(chat_dir):
+    """Threads render through one process, each getting its own conversation's prompt; a
+    render whose process died is an error, and the next starts a fresh one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    template = load_chat_template(
+        chat_dir / TEMPLATE_FILE, HFTokenizer(chat_dir / "tokenizer.json")
+    )
+    conversations = [[{"role": "user", "content": f"question {i}"}] for i in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        prompts = list(pool.map(template.render, conversations))
+    assert all(f"question {i}<|im_end|>" in p for i, p in enumerate(prompts))
+    template.template._child.kill()
+    with pytest.raises(ChatTemplateError, match="could not render the conversation: its render"):
+        template.render(conversations[0])
+    assert template.render(conversations[0]) == prompts[0]
 
 
 # Templates that would reach Python's internals, the process or the values handed in (each of

@@ -9,37 +9,29 @@ ranges), as transformers renders it, with the same helpers templates are written
 (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text) and the same
 whitespace rules, so that a conversation becomes the same prompt text as there. Namespaces
 refuse underscore-prefixed names too. Jinja before 3.1.6 had known sandbox escapes: refused.
-The sandbox does not bound time (nested loops over its bounded ranges multiply), so a render
-that runs past RENDER_SECONDS is stopped: a trace function, set for the render's thread alone,
-checks the clock at each line the compiled template runs.
+The sandbox bounds neither time (nested loops over its bounded ranges multiply) nor memory
+(`'a' * 10**10`), so the template renders in a child process (toolkit/inference/
+template_sandbox.py) of at most RENDER_MEMORY_BYTES, killed past RENDER_SECONDS.
 
 The assistant's turn ends at the eos token and at the `end_tokens` (what the model's
 generation_config.json stops at, which for instruct models includes the end of a turn): a chat
 request stops at any of their ids, as transformers' generation does.
 """
 
-import contextlib
 import json
-import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import jinja2
-import jinja2.sandbox
-import jinja2.utils
-
+from toolkit.inference.template_sandbox import SandboxedTemplate, TemplateRefused
 from toolkit.tokenizer import Tokenizer
 
 TEMPLATE_FILE = "chat_template.jinja"
 # {"bos_token": "...", "eos_token": "...", "end_tokens": ["...", ...]} (each optional)
 SPECIALS_FILE = "chat_template.json"
-MIN_JINJA = (3, 1, 6)
-# A real template renders a conversation in milliseconds; one still running after this is stopped.
+# A real template renders a conversation in milliseconds and megabytes; one still running after
+# this, or asking for more than this beyond its process's start-up size, is stopped.
 RENDER_SECONDS = 2.0
+RENDER_MEMORY_BYTES = 512 << 20
 
 
 class ChatTemplateError(ValueError):
@@ -53,7 +45,7 @@ class ChatTemplate:
 
     path: Path
     text: str  # the template's source
-    template: jinja2.Template
+    template: SandboxedTemplate
     specials: dict[str, str]  # bos_token, eos_token: the strings the template may name
     end_ids: frozenset[int]
 
@@ -61,44 +53,21 @@ class ChatTemplate:
         """The prompt for `messages` ([{role, content}]), ending where the assistant's turn
         begins (`add_generation_prompt`). ChatTemplateError: what the template refused."""
         try:
-            with _time_bound(RENDER_SECONDS):
-                return self.template.render(
-                    messages=messages, add_generation_prompt=add_generation_prompt, **self.specials
-                )
-        except _OutOfTime:
-            raise ChatTemplateError(
-                f"the chat template ran past {RENDER_SECONDS:g} s on the conversation: stopped"
-            ) from None
-        except jinja2.TemplateError as e:  # raise_exception, or the sandbox's SecurityError
-            raise ChatTemplateError(f"the chat template refused the conversation: {e}") from None
-        except Exception as e:  # the template's own arithmetic or types, on these messages
-            raise ChatTemplateError(
-                f"the chat template failed on the conversation: {type(e).__name__}: {e}"
-            ) from None
+            return self.template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.specials
+            )
+        except TemplateRefused as e:
+            raise ChatTemplateError(_refusal(e)) from None
 
 
-class _OutOfTime(BaseException):
-    """Raised inside a render past its time (BaseException: no `except Exception` in the
-    template's own helpers catches it)."""
-
-
-@contextlib.contextmanager
-def _time_bound(seconds: float) -> Iterator[None]:
-    """Stop the Python code run inside, in this thread, once `seconds` have passed: a trace
-    function checks the clock at each call and line (and restores whatever tracer was set)."""
-    deadline = time.monotonic() + seconds
-
-    def check(frame: Any, event: str, arg: Any) -> Any:
-        if time.monotonic() > deadline:
-            raise _OutOfTime
-        return check
-
-    previous = sys.gettrace()
-    sys.settrace(check)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
+def _refusal(e: TemplateRefused) -> str:
+    if e.kind == "refused":  # raise_exception, or the sandbox's SecurityError
+        return f"the chat template refused the conversation: {e}"
+    if e.kind == "failed":  # the template's own arithmetic or types, on these messages
+        return f"the chat template failed on the conversation: {e}"
+    if e.kind in ("time", "memory"):
+        return f"the chat template {e} on the conversation: stopped"
+    return f"the chat template could not render the conversation: {e}"  # its process died
 
 
 def chat_template_beside(tokenizer_spec: str) -> Path | None:
@@ -117,11 +86,14 @@ def load_chat_template(path: str | Path, tokenizer: Tokenizer) -> ChatTemplate:
     except (OSError, UnicodeDecodeError) as e:
         raise ChatTemplateError(f"{path}: not a readable text file: {e}") from None
     given, end_tokens = _specials(path.parent / SPECIALS_FILE)
-    environment = _environment()
     try:
-        template = environment.from_string(text)
-    except Exception as e:  # jinja2.TemplateSyntaxError, and what a broken file raises
-        raise ChatTemplateError(f"{path}: not a Jinja template: {e}") from None
+        template = SandboxedTemplate(text, RENDER_MEMORY_BYTES, RENDER_SECONDS)
+    except RuntimeError as e:  # a jinja2 with known sandbox escapes
+        raise ChatTemplateError(str(e)) from None
+    except TemplateRefused as e:
+        if e.kind == "syntax":
+            raise ChatTemplateError(f"{path}: not a Jinja template: {e}") from None
+        raise ChatTemplateError(f"{path}: the chat template did not compile: {e}") from None
     specials = {
         "bos_token": tokenizer.token_string(tokenizer.bos),
         "eos_token": tokenizer.token_string(tokenizer.eod),
@@ -167,67 +139,3 @@ def _specials(path: Path) -> tuple[dict[str, str], list[str]]:
     if not isinstance(ends, list) or not all(isinstance(t, str) for t in ends):
         raise ChatTemplateError(f"{path}: end_tokens must be a list of strings")
     return {k: given[k] for k in names if k in given}, ends
-
-
-def _environment() -> jinja2.Environment:
-    """Jinja's immutable sandbox, set up as transformers renders chat templates."""
-    version = tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit())
-    if version < MIN_JINJA:
-        raise ChatTemplateError(
-            f"jinja2 {jinja2.__version__} has known sandbox escapes: chat templates need "
-            f">= {'.'.join(map(str, MIN_JINJA))} (pip install -U jinja2)"
-        )
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    def tojson(
-        value: Any,
-        ensure_ascii: bool = False,
-        indent: Any = None,
-        separators: Any = None,
-        sort_keys: bool = False,
-    ) -> str:
-        # Jinja's own escapes HTML characters, which would change a prompt's text.
-        return json.dumps(
-            value,
-            ensure_ascii=ensure_ascii,
-            indent=indent,
-            separators=separators,
-            sort_keys=sort_keys,
-        )
-
-    def strftime_now(format: str) -> str:
-        return datetime.now().strftime(format)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = tojson
-    env.globals.update(
-        raise_exception=raise_exception, strftime_now=strftime_now, namespace=_Namespace
-    )
-    return env
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """Jinja's namespace (a record a template's loops may write), refusing underscore-prefixed
-    names: nothing a template stores can shadow Python's internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # Namespace's own signature trick
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-
-def _check_name(name: Any) -> None:
-    if isinstance(name, str) and name.startswith("_"):
-        raise jinja2.exceptions.SecurityError(
-            f"a namespace attribute may not start with an underscore: {name!r}"
-        )
