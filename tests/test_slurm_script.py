@@ -173,6 +173,9 @@ def test_podman_engine_runs_each_rank_in_podman_with_the_workdir_and_the_jobs_va
         f"{user} --volume=/work:/work --workdir=/work --volume=/d:/data '--env=SLURM_*' "
     )
     assert "--env=MASTER_ADDR --env=MASTER_PORT" in srun
+    # torch's allocator and compile-cache settings reach the ranks, as they do outside podman.
+    for prefix in ("PYTORCH", "TORCHINDUCTOR", "TRITON"):
+        assert f"'--env={prefix}_*'" in srun
     assert srun.endswith(
         "--device=nvidia.com/gpu=all localhost/hybrid-toolkit:0.1.0-cpu python3 -m toolkit.train "
         "/work/recipes/8b_hybrid.toml"

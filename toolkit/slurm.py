@@ -78,8 +78,12 @@ def container_engine(s: SlurmConfig) -> str | None:
 
 
 # What each podman task takes from the job's environment (podman's --env=PREFIX* form): Slurm's
-# rank variables, submitit's, the rendezvous job_setup finds, and the thread and NCCL settings.
-PODMAN_ENV = ("SLURM_*", "SUBMITIT_*", "MASTER_ADDR", "MASTER_PORT", "OMP_*", "TORCH_*", "NCCL_*")
+# rank variables, submitit's, the rendezvous job_setup finds, the thread and NCCL settings, and
+# torch's own (PYTORCH_CUDA_ALLOC_CONF; the compile caches a site points at a shared directory).
+PODMAN_ENV = (
+    "SLURM_*", "SUBMITIT_*", "MASTER_ADDR", "MASTER_PORT", "OMP_*", "NCCL_*",
+    "TORCH_*", "PYTORCH_*", "TORCHINDUCTOR_*", "TRITON_*",
+)  # fmt: skip
 
 
 def podman_run(s: SlurmConfig, workdir: str | Path) -> list[str]:
@@ -144,7 +148,7 @@ def job_setup(recipe: Recipe, recipe_path: str | Path, workdir: str | Path) -> l
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed collective ends the job, not hangs it",
         'echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks, restart '
         '${SLURM_RESTART_COUNT:-0}"',
-        "env | grep -E '^(NCCL|TORCH|CUDA|SLURM_JOB|OMP)_' | sort || true",
+        "env | grep -E '^(NCCL|TORCH|PYTORCH|TORCHINDUCTOR|TRITON|CUDA|SLURM_JOB|OMP)_' | sort || true",
         *(PODMAN_RENDEZVOUS if container_engine(recipe.slurm) == "podman" else []),
     ]
 

@@ -25,7 +25,7 @@ cd /work
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed collective ends the job, not hangs it
 echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks, restart ${SLURM_RESTART_COUNT:-0}"
-env | grep -E '^(NCCL|TORCH|CUDA|SLURM_JOB|OMP)_' | sort || true
+env | grep -E '^(NCCL|TORCH|PYTORCH|TORCHINDUCTOR|TRITON|CUDA|SLURM_JOB|OMP)_' | sort || true
 
 # command
 export SUBMITIT_EXECUTOR=slurm
