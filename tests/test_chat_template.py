@@ -383,3 +383,22 @@ def test_the_client_wants_chat_for_a_system_message():
     cmd = [sys.executable, str(ROOT / "launchers/generate_cli.py"), "127.0.0.1:1", "--system", "x"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--system needs --chat" in done.stderr
+
+
+def test_a_site_cap_on_memory_below_the_bound_is_kept(tmp_path):
+    """Under a lower `ulimit -v` (a cluster's cap), the render's process keeps that cap rather
+    than failing to raise it: the template loads and renders."""
+    code = (
+        "from toolkit.inference.template_sandbox import SandboxedTemplate\n"
+        "t = SandboxedTemplate('{{ messages | length }} turns', 512 << 20, 5.0)\n"
+        "print(t.render(messages=[1, 2]))\n"
+    )
+    proc = subprocess.run(
+        ["bash", "-c", f'ulimit -v 400000 && exec "{sys.executable}" -c "$0"', code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "2 turns\n"

@@ -211,7 +211,11 @@ def _serve(memory_bytes: int) -> None:
         base = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         base = 0
-    resource.setrlimit(resource.RLIMIT_AS, (base + memory_bytes, base + memory_bytes))
+    limit = base + memory_bytes
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:  # the site's own cap (ulimit -v) may be lower: keep it
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     environment, template = sandbox_environment(), None
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     stdout.write(b'{"ready": true}\n')
