@@ -28,4 +28,11 @@ race 800m_hybrid_compiled 160 --shape 800m --hybrid --compile
 race 8b_hybrid 140 --shape 8b-mamba2 --hybrid
 # Both sides' blocks compiled, as in the 8B Mamba-2 and 800M rows (eager: 1.04x on 2026-12-03).
 race 8b_hybrid_compiled 180 --shape 8b-mamba2 --hybrid --compile
+# Where each side's step goes (item 4 missed at the 8B widths: the profile that shows why): the
+# same races and one more step of each side under torch.profiler, the kernels by family side by
+# side in the log and the two kernel tables in $OUT/profile_NAME (trace_summary.py reads them).
+# Named, not in the default run: GPU_STATE_DIR=/root/gpu OUT=$OUT bash benchmarks/gpu_race.sh
+#   8b_mamba2_compiled_profile 800m_compiled_profile
+race 8b_mamba2_compiled_profile 200 --shape 8b-mamba2 --compile --profile "$OUT/profile_8b_mamba2"
+race 800m_compiled_profile 200 --shape 800m --compile --profile "$OUT/profile_800m"
 echo "total $(( $(date +%s) - START )) s"

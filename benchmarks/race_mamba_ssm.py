@@ -3,7 +3,8 @@ Mamba-2 layers), training at the same shapes, in one run on one GPU.
 
     source benchmarks/gpu_setup.sh
     python3 benchmarks/race_mamba_ssm.py --shape 8b-mamba2 [--hybrid] [--compile] \\
-        [--steps 10] [--warmup 3] [--layers N] [--mbs B] [--seq L] [--json OUT.json]
+        [--steps 10] [--warmup 3] [--layers N] [--mbs B] [--seq L] [--json OUT.json] \\
+        [--profile DIR]
     python3 benchmarks/race_mamba_ssm.py --shape 800m [--hybrid] [--compile] [--json OUT.json]
     python3 benchmarks/race_mamba_ssm.py --ours-only --shape tiny --steps 2   # CPU smoke test
 
@@ -41,16 +42,19 @@ import logging
 import math
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import trace_summary  # noqa: E402 (benchmarks/, this script's folder)
 from train_throughput import (  # noqa: E402
     add_step_arguments,
     check_step_arguments,
@@ -417,9 +421,14 @@ def fresh_device(device: torch.device) -> float:
 
 
 def timed_steps(
-    step: Callable[[], torch.Tensor], s: RaceShape, args: argparse.Namespace, device: torch.device
+    step: Callable[[], torch.Tensor],
+    s: RaceShape,
+    args: argparse.Namespace,
+    device: torch.device,
+    side: str,
 ) -> dict:
-    """Warm-up steps (compilation, autotuning), then timed optimizer steps, each synchronised."""
+    """Warm-up steps (compilation, autotuning), then timed optimizer steps, each synchronised;
+    with --profile one more step under torch.profiler (profiled_step)."""
     losses, warmup_times, times = time_steps(step, args.warmup, args.steps, device)
     step_time = statistics.median(times)
     result = {
@@ -432,7 +441,37 @@ def timed_steps(
     }
     if not all(math.isfinite(x) for x in losses):
         result["error"] = "non-finite loss"
+    if args.profile:
+        result |= profiled_step(step, device, Path(args.profile), side)
     return result
+
+
+def profiled_step(step: Callable[[], torch.Tensor], device: torch.device, out: Path, side: str):
+    """One more optimizer step under torch.profiler: its GPU kernels summed by family
+    (benchmarks/trace_summary.py), the table written to OUT/SIDE.kernels.json for
+    `trace_summary.py OUT/ours.kernels.json --vs OUT/theirs.kernels.json`. On a CPU there are
+    no GPU kernels to sum: the step runs and the result says so."""
+    out.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / f"{side}.pt.trace.json"
+        prof.export_chrome_trace(str(trace))
+        try:
+            kernels = trace_summary.load([str(trace)])
+        except trace_summary.TraceError:
+            return {"profile": f"no GPU kernels in the profiled step (a {device.type} run)"}
+    table = out / f"{side}.kernels.json"
+    table.write_text(json.dumps(kernels.table()))
+    fams = sorted(kernels.families().items(), key=lambda kv: -kv[1])
+    return {
+        "profile": str(table),
+        "profile_busy_ms": kernels.busy_us / 1e3,
+        "profile_families_ms": {k: v / 1e3 for k, v in fams},
+    }
 
 
 def random_tokens(s: RaceShape, device: torch.device) -> torch.Tensor:
@@ -460,7 +499,7 @@ def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: tor
 
     model.train()
     mamba = [b.mixer for b in model.layers if b.kind == "M"]
-    return timed_steps(step, s, args, device) | {
+    return timed_steps(step, s, args, device, "ours") | {
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token(model, s.seq),
         "kernels": recipe.model.kernels,
@@ -500,7 +539,7 @@ def run_theirs(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: t
         return loss.detach()
 
     model.train()
-    return timed_steps(step, s, args, device) | {
+    return timed_steps(step, s, args, device, "theirs") | {
         "parameters": sum(p.numel() for p in model.parameters()),
         "optimizer_fused": bool(optimizer.defaults.get("fused")),
         "memory_before_gb": baseline,
@@ -642,6 +681,22 @@ def print_table(r: dict) -> None:
         print(line)
 
 
+def print_profiles(r: dict) -> None:
+    """Where each side's profiled step went, side by side (trace_summary.compare), or why not."""
+    sides = [k for k in ("ours", "theirs") if k in r and "profile" in r[k]]
+    tables = [r[k]["profile"] for k in sides if r[k]["profile"].endswith(".kernels.json")]
+    if len(tables) == 2:
+        ours, theirs = trace_summary.load(tables[:1]), trace_summary.load(tables[1:])
+        print(f"\nthe profiled step, ours against mamba-ssm's ({', '.join(tables)}):")
+        trace_summary.compare(ours, theirs, ("ours", "mamba-ssm"), 15, None)
+    elif len(tables) == 1:
+        print(f"\nthe profiled step, {sides[0]}:")
+        trace_summary.summarise(trace_summary.load(tables), 15, None)
+    for k in sides:
+        if not r[k]["profile"].endswith(".kernels.json"):
+            print(f"{k}: profile: {r[k]['profile']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="benchmarks/race_mamba_ssm.py",
@@ -657,6 +712,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, help="sequence length")
     parser.add_argument("--ours-only", action="store_true", help="our side alone (CPU too)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the timed steps, one more step of each side under torch.profiler: its GPU "
+        "kernels by family side by side, the kernel tables in DIR (trace_summary.py reads them)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_step_arguments(parser, args)
@@ -678,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     write_json(args.json, result)
     print_table(result)
+    print_profiles(result)
     return 1 if any("error" in result[k] for k in ("ours", "theirs") if k in result) else 0
 
 

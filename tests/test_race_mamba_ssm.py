@@ -108,3 +108,51 @@ def test_race_without_cuda_or_mamba_ssm_exits_2(tmp_path):
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "a CUDA GPU" in errors[0] and "mamba_ssm (" in errors[0]
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_profile_on_cpu_runs_the_step_and_says_there_is_nothing_to_sum(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--ours-only", "--shape", "tiny", "--steps", "1", "--warmup", "1", "--seq", "32"]
+    assert race.main([*args, "--profile", str(tmp_path / "prof"), "--json", str(out)]) == 0
+    ours = json.loads(out.read_text())["ours"]
+    assert ours["profile"] == "no GPU kernels in the profiled step (a cpu run)"
+    assert len(ours["losses"]) == 2  # the profiled step is not one of the timed ones
+    assert not list((tmp_path / "prof").iterdir())
+    assert "ours: profile: no GPU kernels" in capsys.readouterr().out
+
+
+def test_profiled_sides_are_summed_by_family_side_by_side(tmp_path, monkeypatch, capsys):
+    """profiled_step writes each side's kernel table (what trace_summary.load made of its
+    trace: stood in for here, a CPU has no GPU kernels) and its families; print_profiles puts
+    the two tables side by side."""
+    ts = race.trace_summary
+
+    def fake_trace(ssd_us: float, adam_us: float) -> "ts.Profile":
+        prof = ts.Profile(wall_us=ssd_us + adam_us + 1000.0, steps=1)
+        prof.kernels[("_chunk_scan_fwd_kernel", "?", False)] = [ssd_us, 8]
+        prof.kernels[("multi_tensor_apply_kernel_FusedAdamW", "aten::_fused_adamw_", False)] = [
+            adam_us,
+            4,
+        ]
+        return prof
+
+    steps = []
+    results = {}
+    for side, ssd, adam in (("ours", 4000.0, 9000.0), ("theirs", 6000.0, 9000.0)):
+        traced = fake_trace(ssd, adam)
+        monkeypatch.setattr(ts, "load", lambda paths, p=traced: p)
+        results[side] = race.profiled_step(
+            lambda: steps.append(1) or torch.zeros(()), torch.device("cpu"), tmp_path, side
+        )
+    assert len(steps) == 2
+    assert results["ours"]["profile"] == str(tmp_path / "ours.kernels.json")
+    assert results["ours"]["profile_busy_ms"] == pytest.approx(13.0)
+    assert results["theirs"]["profile_families_ms"]["Mamba SSD (Triton)"] == pytest.approx(6.0)
+    monkeypatch.undo()  # the real loader reads the tables back
+    race.print_profiles(results)
+    out = capsys.readouterr().out
+    assert "ours against mamba-ssm's" in out
+    ssd = next(line for line in out.splitlines() if line.startswith("Mamba SSD (Triton)"))
+    assert ssd.split()[-5:] == ["4.0", "6.0", "1.50", "+2.0", "ms"]
+    busy = next(line for line in out.splitlines() if line.startswith("GPU busy"))
+    assert busy.split()[-5:] == ["13.0", "15.0", "1.15", "+2.0", "ms"]
