@@ -27,6 +27,7 @@ from toolkit.inference.chat_template import (
 )
 from toolkit.inference.engine import Engine
 from toolkit.inference.request import Request
+from toolkit.inference.template_sandbox import TemplateRefused
 from toolkit.tokenizer import HFTokenizer, build_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -174,9 +175,11 @@ def test_a_render_is_bounded_in_memory(tmp_path):
     assert template.template._child is child
 
 
-def test_renders_take_turns_and_survive_their_process(chat_dir):
+def test_renders_take_turns_and_survive_their_process(chat_dir, tmp_path):
     """Threads render through one process, each getting its own conversation's prompt; a
-    render whose process died is an error, and the next starts a fresh one."""
+    process that ended while idle is replaced unseen; one that dies during a render fails that
+    render, and the next starts a fresh one."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     template = load_chat_template(
@@ -187,9 +190,24 @@ def test_renders_take_turns_and_survive_their_process(chat_dir):
         prompts = list(pool.map(template.render, conversations))
     assert all(f"question {i}<|im_end|>" in p for i, p in enumerate(prompts))
     template.template._child.kill()
-    with pytest.raises(ChatTemplateError, match="could not render the conversation: its render"):
-        template.render(conversations[0])
+    template.template._child.wait()
     assert template.render(conversations[0]) == prompts[0]
+    # Ended between that check and the request (1 MiB: more than a pipe holds): still an
+    # error naming the process, not a broken pipe.
+    sandbox = template.template
+    sandbox._child.kill()
+    sandbox._child.wait()
+    with pytest.raises(TemplateRefused, match="its render process ended"):
+        sandbox._ask(json.dumps({"variables": {"x": "x" * (1 << 20)}}).encode() + b"\n", 5, "")
+    (tmp_path / TEMPLATE_FILE).write_text(
+        "{% if messages | length > 1 %}{% for i in range(100000) %}{% for j in range(3000) %}"
+        "{% endfor %}{% endfor %}{% endif %}ok"
+    )
+    looping = load_chat_template(tmp_path / TEMPLATE_FILE, build_tokenizer("byte"))
+    threading.Timer(0.3, looping.template._child.kill).start()
+    with pytest.raises(ChatTemplateError, match="could not render the conversation: its render"):
+        looping.render(CONVERSATIONS[1])
+    assert looping.render(CONVERSATIONS[0]) == "ok"
 
 
 # Templates that would reach Python's internals, the process or the values handed in (each of

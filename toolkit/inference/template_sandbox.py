@@ -17,6 +17,7 @@ compiles), "refused" (a TemplateError: raise_exception, or the sandbox's Securit
 "memory", or "failed" (anything else the template raised).
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -131,6 +132,8 @@ class SandboxedTemplate:
     def render(self, **variables: Any) -> str:
         request = json.dumps({"variables": variables}).encode() + b"\n"
         with self._lock:
+            if self._child is not None and self._child.poll() is not None:
+                self._stop()  # it ended while idle (killed from outside): not this render's doing
             if self._child is None:
                 self._start()
             reply = self._ask(request, self.seconds, "time")
@@ -175,11 +178,12 @@ class SandboxedTemplate:
             child.wait()
             for pipe in (child.stdin, child.stdout):
                 assert pipe is not None
-                pipe.close()
+                with contextlib.suppress(BrokenPipeError):  # a request it never read, unsent
+                    pipe.close()
 
     def _ask(self, request: bytes, seconds: float, late: str) -> dict[str, Any]:
-        """Send one line (if any) and read the answer's; past `seconds` (or if the child is gone) the
-        child is killed and TemplateRefused(late or "died") raised."""
+        """Send one line (if any) and read the answer's; past `seconds` (or if the child is
+        gone) the child is killed and TemplateRefused(late or "died") raised."""
         child = self._child
         assert child is not None and child.stdin is not None and child.stdout is not None
         deadline = time.monotonic() + seconds
