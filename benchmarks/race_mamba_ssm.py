@@ -446,7 +446,9 @@ def timed_steps(
     return result
 
 
-def profiled_step(step: Callable[[], torch.Tensor], device: torch.device, out: Path, side: str):
+def profiled_step(
+    step: Callable[[], torch.Tensor], device: torch.device, out: Path, side: str
+) -> dict:
     """One more optimizer step under torch.profiler: its GPU kernels summed by family
     (benchmarks/trace_summary.py), the table written to OUT/SIDE.kernels.json for
     `trace_summary.py OUT/ours.kernels.json --vs OUT/theirs.kernels.json`. On a CPU there are
