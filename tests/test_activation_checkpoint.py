@@ -159,6 +159,11 @@ def test_the_whole_model_scope_is_refused_where_it_cannot_run():
     assert (cfg.compile_scope, cfg.compile_mode) == ("model", "default")
     with pytest.raises(RecipeError, match="train.compile_mode"):
         load_recipe(recipe, ['train.compile_mode="fastest"'])
+    # A mode with nothing compiled would tune nothing: refused, naming the key it needs.
+    tuned = 'train.compile_mode="coordinate-descent-tuning"'
+    with pytest.raises(RecipeError, match="train.compile_mode: 'coordinate-descent-tuning' tunes"):
+        load_recipe(recipe, [tuned])
+    assert load_recipe(recipe, [tuned, 'train.compile=["mlp"]']).train.compile == ["mlp"]
 
 
 def test_coordinate_descent_tuning_compiles_the_blocks_with_inductors_option():
@@ -172,7 +177,9 @@ def test_coordinate_descent_tuning_compiles_the_blocks_with_inductors_option():
     if reason:
         pytest.skip(reason)
     mode = "coordinate-descent-tuning"
-    cfg = load_recipe("recipes/tiny_hybrid.toml", [f'train.compile_mode="{mode}"']).train
+    cfg = load_recipe(
+        "recipes/tiny_hybrid.toml", [f'train.compile_mode="{mode}"', "train.compile=true"]
+    ).train
     assert cfg.compile_mode == mode
     assert compile_options(mode) == {"options": {"coordinate_descent_tuning": True}}
     assert compile_options("default") == {"mode": None}

@@ -296,6 +296,12 @@ class TrainConfig:
             "train.compile_scope",
             f"'model' compiles every block: needs train.compile=true, got {self.compile!r}",
         )
+        check(
+            self.compile_mode == "default" or self.compile not in (False, []),
+            "train.compile_mode",
+            f"{self.compile_mode!r} tunes compiled blocks: needs train.compile (true or block "
+            "kinds), which is off",
+        )
         if self.precision == "fp8" and self.fp8_weight_cache:
             check(
                 self.fp8_recipe == "tensorwise" and self.fp8_engine != "transformer_engine",
