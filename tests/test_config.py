@@ -416,6 +416,28 @@ BROKEN += [
         r"^slurm\.tasks_per_node: 4 ranks per node but 2 GPUs",
         "slurm-ranks-gpus",
     ),
+    case(
+        ["slurm.env=['NCCL_DEBUG=WARN', 'expandable_segments']"],
+        r"^slurm\.env\[1\]: 'expandable_segments': expected NAME=value",
+        "slurm-env-no-name",
+    ),
+    case(["slurm.env=['CUDA-X=1']"], r"^slurm\.env\[0\]: 'CUDA-X=1': expected", "slurm-env-name"),
+    case(
+        ["slurm.env=['MASTER_PORT=1234']"],
+        r"^slurm\.env\[0\]: MASTER_PORT is set for each rank by Slurm or the launcher",
+        "slurm-env-launcher",
+    ),
+    case(
+        ["slurm.env=['SLURM_NTASKS=3']"],
+        r"^slurm\.env\[0\]: SLURM_NTASKS is set",
+        "slurm-env-slurm",
+    ),
+    case(["slurm.env=['A=1', 'A=2']"], r"^slurm\.env\[1\]: A is given twice", "slurm-env-twice"),
+    case(
+        ['slurm.env=["A=1\\nrm -rf ~"]'],
+        r"^slurm\.env\[0\]: .* holds a control character",
+        "slurm-env-newline",
+    ),
 ]
 
 

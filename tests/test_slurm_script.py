@@ -225,3 +225,46 @@ def test_bad_container_engine_is_refused(overrides, message):
 
     with pytest.raises(RecipeError, match=message):
         load_recipe(RECIPE, overrides)
+
+
+def test_the_recipes_environment_reaches_every_rank_literally(tmp_path):
+    """slurm.env: exported by the job script before srun, each value as written (spaces, `$`
+    and quotes reach the rank unexpanded), and named to podman, whose tasks see only what
+    they are given."""
+    import subprocess
+
+    env = ["PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "MY_NOTE=it's $HOME, 2 words"]
+    recipe = load_recipe(RECIPE, [f"slurm.env={env!r}"])
+    script = render_sbatch(recipe, "/w/r.toml", [], python="python3", workdir=tmp_path,
+                           log_dir=tmp_path)  # fmt: skip
+    exports = [line for line in script.splitlines() if line.startswith("export ")]
+    shown = "\n".join([*exports, 'printf "%s|%s" "$PYTORCH_CUDA_ALLOC_CONF" "$MY_NOTE"'])
+    out = subprocess.run(["bash", "-c", shown], capture_output=True, text=True, check=True)
+    assert out.stdout == "expandable_segments:True|it's $HOME, 2 words"
+    assert script.index("export MY_NOTE=") < script.index("\nsrun ")
+    podman_sets = ['slurm.container_image="img"', 'slurm.container_engine="podman"']
+    podman = load_recipe(RECIPE, [f"slurm.env={env!r}", *podman_sets])
+    srun = render_sbatch(podman, "/w/r.toml", [], python="python3", workdir=tmp_path,
+                         log_dir=tmp_path).splitlines()[-1]  # fmt: skip
+    assert "--env=PYTORCH_CUDA_ALLOC_CONF --env=MY_NOTE " in srun
+
+
+def test_the_recipes_environment_reaches_local_ranks(tmp_path, monkeypatch, capsys):
+    """--local: the dry run shows slurm.env before the command, and each rank process gets it
+    (the rank here a stand-in that writes what it sees)."""
+    import sys
+
+    import toolkit.cli.submit as submit
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(Path(__file__).parents[1].joinpath("recipes/tiny_hybrid.toml").read_text())
+    sets = ["--set", "slurm.env=['MY_NOTE=two words']"]
+    assert submit.main([str(recipe), "--local", "--dry-run", *sets]) == 0
+    assert "would run here (1 process): 'MY_NOTE=two words' " in capsys.readouterr().out
+    seen = tmp_path / "seen"
+    write = f"import os, sys; open({str(seen)!r} + os.environ['RANK'], 'w').write(os.environ['MY_NOTE'])"
+    monkeypatch.setattr(
+        submit, "train_command", lambda recipe, overrides: [sys.executable, "-c", write]
+    )
+    assert submit.run_local_processes(str(recipe), [], 2, {"MY_NOTE": "two words"}) == 0
+    assert [(tmp_path / f"seen{r}").read_text() for r in (0, 1)] == ["two words"] * 2

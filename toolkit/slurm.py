@@ -22,7 +22,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from toolkit.config import Recipe, RecipeError, SlurmConfig, slurm_seconds, tasks_per_node
+from toolkit.config import (
+    Recipe,
+    RecipeError,
+    SlurmConfig,
+    job_environment,
+    slurm_seconds,
+    tasks_per_node,
+)
 
 log = logging.getLogger("toolkit.slurm")
 
@@ -97,7 +104,7 @@ def podman_run(s: SlurmConfig, workdir: str | Path) -> list[str]:
     cmd = ["podman", "run", "--rm", "--network=host", "--ipc=host", user]
     cmd += [f"--volume={workdir}:{workdir}", f"--workdir={workdir}"]
     cmd += [f"--volume={m}" for m in s.container_mounts]
-    cmd += [f"--env={name}" for name in PODMAN_ENV]
+    cmd += [f"--env={name}" for name in (*PODMAN_ENV, *job_environment(s))]
     if s.gpus_per_node:
         cmd.append("--device=nvidia.com/gpu=all")  # CDI; each rank picks its GPU by local rank
     return [*cmd, s.container_image]
@@ -146,6 +153,8 @@ def job_setup(recipe: Recipe, recipe_path: str | Path, workdir: str | Path) -> l
         f"cd {shlex.quote(str(workdir))}",
         f"export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{recipe.slurm.cpus_per_task}}}",
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed collective ends the job, not hangs it",
+        *(["# slurm.env"] if recipe.slurm.env else []),
+        *(f"export {k}={shlex.quote(v)}" for k, v in job_environment(recipe.slurm).items()),
         'echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks, restart '
         '${SLURM_RESTART_COUNT:-0}"',
         "env | grep -E '^(NCCL|TORCH|PYTORCH|TORCHINDUCTOR|TRITON|CUDA|SLURM_JOB|OMP)_' | sort || true",

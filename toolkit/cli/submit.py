@@ -29,7 +29,13 @@ from pathlib import Path
 
 # Light imports only: torch loads when training starts, so --help, --dry-run and bad input answer
 # at once.
-from toolkit.config import Recipe, RecipeError, add_recipe_arguments, load_recipe
+from toolkit.config import (
+    Recipe,
+    RecipeError,
+    add_recipe_arguments,
+    job_environment,
+    load_recipe,
+)
 from toolkit.data.flags import data_overrides
 from toolkit.slurm import (
     TRAIN_HERE,
@@ -48,8 +54,11 @@ def train_command(recipe: str, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "toolkit.train", recipe, *sets]
 
 
-def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
-    """Start nproc ranks of `python -m toolkit.train` here; if one fails, stop the others.
+def run_local_processes(
+    recipe: str, overrides: list[str], nproc: int, environment: dict[str, str] | None = None
+) -> int:
+    """Start nproc ranks of `python -m toolkit.train` here, with `environment` (slurm.env) in
+    theirs; if one fails, stop the others.
     SIGTERM and SIGUSR2 are passed on to the ranks, which save a checkpoint at their next step
     boundary and stop: exit status STOPPED when they stopped before the last step."""
     from toolkit.distributed import free_port  # torch: only when ranks start
@@ -73,6 +82,7 @@ def run_local_processes(recipe: str, overrides: list[str], nproc: int) -> int:
             "WORLD_SIZE": str(nproc),
             "LOCAL_RANK": str(rank),
             "OMP_NUM_THREADS": "1",
+            **(environment or {}),
         }
         cmd = [*train_command(recipe, overrides), f"--stopped-status={STOPPED}"]
         procs.append(subprocess.Popen(cmd, env=env))
@@ -338,19 +348,25 @@ def run_here(args: argparse.Namespace) -> int:
     """--local: check the recipe against --nproc ranks, then train here (--dry-run: only say
     what would run)."""
     try:  # a bad recipe or layout fails here, before any process starts
-        load_recipe(args.recipe, args.set, world_size=args.nproc)
+        recipe = load_recipe(args.recipe, args.set, world_size=args.nproc)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    environment = job_environment(recipe.slurm)
     if args.dry_run:
         ranks = f"{args.nproc} ranks" if args.nproc > 1 else "1 process"
-        print(f"would run here ({ranks}): {shlex.join(train_command(args.recipe, args.set))}")
+        command = [
+            *(f"{k}={v}" for k, v in environment.items()),
+            *train_command(args.recipe, args.set),
+        ]
+        print(f"would run here ({ranks}): {shlex.join(command)}")
         return 0
     if args.nproc == 1:
+        os.environ.update(environment)  # before torch reads any of it (the CUDA allocator's...)
         from toolkit.train import STOPPED, run  # torch: only when training starts
 
         return run(args.recipe, args.set, stopped_status=STOPPED)
-    return run_local_processes(args.recipe, args.set, args.nproc)
+    return run_local_processes(args.recipe, args.set, args.nproc, environment)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from toolkit.config.job import (
     LoggingConfig,
     ParallelConfig,
     SlurmConfig,
+    job_environment,
     slurm_seconds,
     tasks_per_node,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "check_ranges",
     "default_world_size",
     "describe_keys",
+    "job_environment",
     "load_recipe",
     "opt",
     "padded_vocab_size",

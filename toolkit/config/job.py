@@ -2,6 +2,7 @@
 the Slurm job that runs it."""
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -98,6 +99,11 @@ class SlurmConfig:
     mail_user: str | None = opt(None, "mail address")
     mail_type: str | None = opt(None, "mail events, e.g. END,FAIL")
     extra_sbatch: list[str] = opt([], "extra '#SBATCH' lines, without the prefix")
+    env: list[str] = opt(
+        [],
+        "environment of every rank, 'NAME=value' each (the value taken literally, no shell "
+        "expansion), e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; --local runs too",
+    )
     container_image: str | None = opt(None, "pyxis image (.sqsh or docker ref) or Apptainer .sif")
     container_mounts: list[str] = opt([], "host:container mounts")
     container_engine: Literal["auto", "pyxis", "apptainer", "podman"] = opt(
@@ -128,6 +134,22 @@ class SlurmConfig:
                 if isinstance(v, str) and any(c < " " or c == "\x7f" for c in v):
                     key = f"slurm.{f.name}" + (f"[{i}]" if isinstance(values, list) else "")
                     raise RecipeError(f"{key}: {v!r} holds a control character; give one line")
+        seen: set[str] = set()
+        for i, entry in enumerate(self.env):
+            name, sep, _ = entry.partition("=")
+            key = f"slurm.env[{i}]"
+            check(
+                bool(sep) and ENV_NAME.match(name) is not None,
+                key,
+                f"{entry!r}: expected NAME=value, NAME of letters, digits and underscores",
+            )
+            check(
+                name not in LAUNCHER_ENV and not name.startswith(LAUNCHER_ENV_PREFIXES),
+                key,
+                f"{name} is set for each rank by Slurm or the launcher",
+            )
+            check(name not in seen, key, f"{name} is given twice")
+            seen.add(name)
         check(
             self.container_engine == "auto" or bool(self.container_image),
             "slurm.container_engine",
@@ -150,6 +172,17 @@ class SlurmConfig:
             f"{self.signal_delay_s} s before a limit of {self.time} leaves no time to train: "
             "lower it or raise slurm.time",
         )
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# What Slurm and the launchers set for each rank (its place in the job): not a recipe's to set.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+LAUNCHER_ENV_PREFIXES = ("SLURM_", "SUBMITIT_")
+
+
+def job_environment(s: SlurmConfig) -> dict[str, str]:
+    """slurm.env as {NAME: value}, in the recipe's order."""
+    return dict(entry.split("=", 1) for entry in s.env)
 
 
 def tasks_per_node(s: SlurmConfig) -> int:
