@@ -100,7 +100,8 @@ def check_training(log: str, workdir: Path, steps: int) -> None:
 
 
 def test_submit_two_nodes_through_submitit(cluster, tmp_path):
-    proc = submit_run(cluster, tmp_path, "--set", "train.steps=8")
+    note = "--set", "slurm.env=['PYTORCH_HYBRID_NOTE=from the recipe']"
+    proc = submit_run(cluster, tmp_path, "--set", "train.steps=8", *note)
     job_id = submitted(proc)
     log = log_path(tmp_path, job_id)
     assert f"log:      {log} (rank 0" in proc.stdout and f"squeue -j {job_id};" in proc.stdout
@@ -109,6 +110,10 @@ def test_submit_two_nodes_through_submitit(cluster, tmp_path):
     script = log.with_name(f"{job_id}_submission.sh").read_text()  # submitit's, from our recipe
     assert "#SBATCH --signal=USR2@90" in script and "#SBATCH --requeue" in script
     assert "srun --unbuffered" in script and "--kill-on-bad-exit=1" in script
+    # slurm.env: exported before srun, which hands the job's environment to every task.
+    assert "export PYTORCH_HYBRID_NOTE='from the recipe'" in script
+    printed = [p.read_text() for p in log.parent.glob(f"{job_id}_*.out")]
+    assert any("PYTORCH_HYBRID_NOTE=from the recipe" in text for text in printed), printed
     status = subprocess.run(
         [sys.executable, str(ROOT / "launchers" / "status.py")],
         env=cluster.env,
