@@ -1,7 +1,7 @@
 """A Jinja template rendered in a child process bounded in memory and time.
 
 Jinja's immutable sandbox keeps a template from Python's internals and from the values handed
-in, but not from the machine: one expression (`'a' * 10**10`, `3 ** 10**8`) asks for gigabytes
+in, but not from the machine: one expression (`'a' * 10**10`, `3 ** (10**8)`) asks for gigabytes
 or minutes inside a single C call, which no check in the rendering process can interrupt. So a
 template from a file renders in a small child interpreter (this module and jinja2, nothing
 else) whose address space is capped (RLIMIT_AS: a larger allocation fails there with
@@ -48,16 +48,21 @@ class TemplateRefused(Exception):
         self.kind = kind
 
 
-def sandbox_environment() -> jinja2.Environment:
-    """Jinja's immutable sandbox, set up as transformers renders chat templates: the helpers
-    templates are written against (`raise_exception`, `strftime_now`, a `tojson` that keeps
-    non-ASCII text and HTML characters), trimmed blocks, loop controls."""
+def check_jinja() -> None:
+    """RuntimeError for a jinja2 with known sandbox escapes."""
     version = tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit())
     if version < MIN_JINJA:
         raise RuntimeError(
             f"jinja2 {jinja2.__version__} has known sandbox escapes: chat templates need "
             f">= {'.'.join(map(str, MIN_JINJA))} (pip install -U jinja2)"
         )
+
+
+def sandbox_environment() -> jinja2.Environment:
+    """Jinja's immutable sandbox, set up as transformers renders chat templates: the helpers
+    templates are written against (`raise_exception`, `strftime_now`, a `tojson` that keeps
+    non-ASCII text and HTML characters), trimmed blocks, loop controls."""
+    check_jinja()
 
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
@@ -122,7 +127,7 @@ class SandboxedTemplate:
     "syntax" at construction."""
 
     def __init__(self, text: str, memory_bytes: int, seconds: float) -> None:
-        sandbox_environment()  # a jinja2 with known sandbox escapes: refused before any child
+        check_jinja()  # before any child starts
         self.text, self.memory_bytes, self.seconds = text, memory_bytes, seconds
         self._lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
@@ -140,10 +145,6 @@ class SandboxedTemplate:
         if "error" in reply:
             raise TemplateRefused(reply["error"], reply["message"])
         return reply["text"]
-
-    def close(self) -> None:
-        with self._lock:
-            self._stop()
 
     def __del__(self) -> None:
         if getattr(self, "_child", None) is not None:
