@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -18,6 +20,23 @@ def _compiled_afresh():
     before it."""
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture
+def descriptors_past_1024():
+    """1,100 descriptors held open (the open-files limit raised for them), so that the next
+    ones are numbered past select()'s 1024, as in a server with many clients."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    yield
+    for fd in held:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # A model small enough for exhaustive CPU tests, with every block type.
