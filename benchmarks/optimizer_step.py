@@ -1,13 +1,14 @@
 """The optimizer step alone at a recipe's model size: torch's AdamW (fused on GPUs) against
-train.flat_optimizer (toolkit/flat_adamw.py), each with the trainer's gradient clipping
+train.adamw_kernel="triton" (toolkit/triton_adamw.py) and train.flat_optimizer
+(toolkit/flat_adamw.py), each with the trainer's gradient clipping
 (toolkit.parallel.runtime.clip_and_step: in place for torch's, the coefficient folded into the
-flat update) and its gradients coming in as backward would leave them: handed over as new
+Triton and the flat updates) and its gradients coming in as backward would leave them: handed over as new
 tensors (zero_grad(set_to_none=True), what training does; the flat one then copies them in), or
 added into the flat buffer's zeroed views (set_to_none=False). Also the flat one clipped in
 place first (clip_grad_norm, then the update), what folding saves.
 
     python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml [--steps 20] [--json OUT]
-        [--variants torch,flat,flat_views,flat_clip_in_place]
+        [--variants torch,triton,flat,flat_views,flat_clip_in_place]
 
 Random gradients, no forward pass; the same ones for every variant. The variants run one after
 another, each on a model of its own built from the same seed (~20 bytes a parameter on the
@@ -58,11 +59,12 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
     return begin.elapsed_time(end), host
 
 
-VARIANTS = {  # name: (flat optimizer, zero_grad(set_to_none=...), clip folded into the update)
-    "torch": (False, True, True),
-    "flat": (True, True, True),
-    "flat_views": (True, False, True),
-    "flat_clip_in_place": (True, True, False),
+VARIANTS = {  # name: (train.adamw_kernel, flat optimizer, zero_grad(set_to_none=...), clip folded)
+    "torch": ("torch", False, True, True),
+    "triton": ("triton", False, True, True),
+    "flat": ("torch", True, True, True),
+    "flat_views": ("torch", True, False, True),
+    "flat_clip_in_place": ("torch", True, True, False),
 }
 
 
@@ -80,14 +82,14 @@ def run_variant(
     zero_grad(set_to_none=True): made before the timing) or added into the existing ones (after
     set_to_none=False: timed, autograd's in-place add); then the trainer's clipping (in place
     for a flat optimizer too where the variant does not fold it) and the update."""
-    flat, to_none, fold = VARIANTS[name]
+    kernel, flat, to_none, fold = VARIANTS[name]
     cfg = recipe.train
     env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
     torch.manual_seed(cfg.seed)
     model = build_model(recipe, tokenizer_from_recipe(recipe), device)
     log.info("%s: %.0fM parameters on %s", name, sum(p.numel() for p in model.parameters()) / 1e6,
              device)  # fmt: skip
-    optimizer = build_optimizer(model, replace(cfg, flat_optimizer=flat))
+    optimizer = build_optimizer(model, replace(cfg, adamw_kernel=kernel, flat_optimizer=flat))
     params = list(model.parameters())
     optimizer.zero_grad(set_to_none=to_none)
     grads: list[torch.Tensor] = []
@@ -145,6 +147,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "ms": ms,  # each: gradients in, clipping, the update, zero_grad
         "host_ms": {k: statistics.median(v) for k, v in host_times.items()},  # to queue it
         "saved_ms": ms["torch"] - ms["flat"] if {"torch", "flat"} <= set(ms) else None,
+        "triton_saved_ms": ms["torch"] - ms["triton"] if {"torch", "triton"} <= set(ms) else None,
         "clip_fold_saved_ms": (
             ms["flat_clip_in_place"] - ms["flat"]
             if {"flat", "flat_clip_in_place"} <= set(ms)

@@ -511,8 +511,9 @@ def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: tor
 
 
 def run_theirs(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: torch.device):
-    """mamba-ssm's MambaLMHeadModel, trained as it is commonly written, with our optimizer
-    (toolkit.optim.build_optimizer: fused AdamW, the same groups) and clipping norm."""
+    """mamba-ssm's MambaLMHeadModel, trained as it is commonly written: torch's fused AdamW
+    (through toolkit.optim.build_optimizer: the same groups and hyperparameters) and torch's
+    clip_grad_norm_ at the same norm."""
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
@@ -525,7 +526,10 @@ def run_theirs(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: t
         for block in model.backbone.layers:  # our block kinds, so apply_compile takes them
             block.kind = "*" if block.layer_idx in s.attn_layer_idx else "M"
         apply_compile(model.backbone, True)  # each block on its own, as ours
-    optimizer = build_optimizer(model, recipe.train)
+    # torch's fused AdamW, as commonly written, whatever ours uses (train.adamw_kernel).
+    optimizer = build_optimizer(
+        model, replace(recipe.train, adamw_kernel="torch", flat_optimizer=False)
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     clip = recipe.train.max_grad_norm
 
@@ -594,6 +598,7 @@ def race(args: argparse.Namespace) -> dict:
     usable = device.type == "cuda" and mamba_ssm_import_error() is None
     kernels = "mamba_ssm" if usable else "reference"
     overrides = our_overrides(shape, device=str(device), kernels=kernels, compile=args.compile)
+    overrides += args.set  # ours only: theirs is built from the shape
     recipe = load_recipe(ROOT / shape.recipe, overrides)
     predicted = {"ours": our_parameters(recipe.model, shape.vocab_size)}
     if not args.ours_only:
@@ -609,7 +614,12 @@ def race(args: argparse.Namespace) -> dict:
         "precision": {"bf16": "bf16 autocast, fp32 weights", "fp32": "fp32"}[
             recipe.train.precision
         ],
-        "optimizer": "AdamW, fused on CUDA (toolkit.optim.build_optimizer)",
+        "optimizer": {
+            "ours": f"AdamW, train.adamw_kernel={recipe.train.adamw_kernel!r} on CUDA, clip "
+            "through toolkit.parallel.runtime.clip_and_step",
+            "theirs": "torch's fused AdamW on CUDA, torch's clip_grad_norm_",
+        },
+        "set": args.set,
         "steps": args.steps,
         "warmup_steps": args.warmup,
         "pattern": shape.pattern,
@@ -714,6 +724,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, help="sequence length")
     parser.add_argument("--ours-only", action="store_true", help="our side alone (CPU too)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='a recipe key for our side (repeatable), e.g. train.adamw_kernel="triton"',
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",

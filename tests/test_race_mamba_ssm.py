@@ -26,9 +26,11 @@ spec.loader.exec_module(race)
 def test_ours_only_tiny_on_cpu(tmp_path, capsys):
     out = tmp_path / "r.json"
     args = ["--ours-only", "--shape", "tiny", "--steps", "2", "--warmup", "1", "--seq", "64"]
+    args += ["--set", 'train.adamw_kernel="triton"']  # our side's keys
     assert race.main([*args, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["steps"] == 2 and r["warmup_steps"] == 1
+    assert r["set"] == ['train.adamw_kernel="triton"'] and "'triton'" in r["optimizer"]["ours"]
     assert r["shape"]["name"] == "tiny" and r["shape"]["seq"] == 64
     assert r["shape"]["micro_batch"] == 2 and r["pattern"] == "MMMMMM"
     assert "theirs" not in r and "ratio" not in r and r["their_config"] is None

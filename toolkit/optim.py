@@ -8,7 +8,9 @@ from torch import nn
 
 from toolkit.config import TrainConfig
 from toolkit.flat_adamw import FlatAdamW
+from toolkit.model.kernels import triton_imports
 from toolkit.parallel.zero import ShardedOptimizer
+from toolkit.triton_adamw import TritonAdamW
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -28,7 +30,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, shard_over: dist.ProcessGroup | None = None
 ) -> torch.optim.Optimizer | FlatAdamW | ShardedOptimizer:
-    """AdamW (train.flat_optimizer: over flat buffers, toolkit.flat_adamw); with `shard_over`
+    """AdamW (train.flat_optimizer: over flat buffers, toolkit.flat_adamw; on GPUs
+    train.adamw_kernel picks torch's fused kernel or toolkit.triton_adamw's); with `shard_over`
     (the DP group), each rank holds only its share of the state."""
 
     def adamw(groups: list[dict]) -> torch.optim.Optimizer | FlatAdamW:
@@ -36,8 +39,15 @@ def build_optimizer(
         if cfg.flat_optimizer:
             return FlatAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
         # On GPUs one fused kernel per step instead of a dozen multi-tensor passes.
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-        kind = {"fused": True} if fused else {"foreach": True}
+        if all(p.is_cuda for g in groups for p in g["params"]):
+            if cfg.adamw_kernel == "triton":
+                if not triton_imports():
+                    raise ValueError("train.adamw_kernel='triton' needs Triton, which does not "
+                                     "import here; use 'torch'")  # fmt: skip
+                return TritonAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
+            kind = {"fused": True}
+        else:
+            kind = {"foreach": True}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, **kind)
 
     groups = parameter_groups(model, cfg.weight_decay)

@@ -174,6 +174,12 @@ class TrainConfig:
     adam_beta2: float = opt(0.95, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    adamw_kernel: Literal["torch", "triton"] = opt(
+        "torch",
+        "the GPU update: torch's fused AdamW after clipping in place, or one Triton kernel over "
+        "every parameter with the clip coefficient applied as gradients are read "
+        "(toolkit/triton_adamw.py); same arithmetic and checkpoints. CPUs take torch's",
+    )
     flat_optimizer: bool = opt(
         False,
         "keep each AdamW group's parameters, gradients and moments in one flat fp32 buffer and "
@@ -295,6 +301,11 @@ class TrainConfig:
             self.compile_scope == "block" or self.compile is True,
             "train.compile_scope",
             f"'model' compiles every block: needs train.compile=true, got {self.compile!r}",
+        )
+        check(
+            self.adamw_kernel == "torch" or not self.flat_optimizer,
+            "train.adamw_kernel",
+            f"{self.adamw_kernel!r} and train.flat_optimizer are two updates: choose one",
         )
         check(
             self.compile_mode == "default" or self.compile not in (False, []),

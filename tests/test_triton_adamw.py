@@ -1,0 +1,184 @@
+"""train.adamw_kernel = "triton" (toolkit/triton_adamw.py): torch's AdamW, clipped in place, within
+fp32 rounding, with the clip coefficient applied as gradients are read (and the gradients left
+as they were), torch's state and checkpoints, and the eager reference for what the kernel cannot
+address. On a CPU the kernel runs under Triton's interpreter in a subprocess (TRITON_INTERPRET
+must be set before Triton compiles anything); on a GPU against torch's fused AdamW."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.config import RecipeError, TrainConfig, load_recipe
+from toolkit.optim import build_optimizer
+from toolkit.triton_adamw import BLOCK, TritonAdamW, _block_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+
+# Sizes across the kernel's blocks: two blocks and a remainder, one exact block, tiny ones.
+SHAPES = [(3, BLOCK - 5), (BLOCK,), (7,), (1,), (33, 17)]
+
+# Shared by the interpreter's subprocess and the GPU test: both optimizers from the same weights,
+# the same gradients, the clip active on odd steps (coefficient < 1) and a moving lr.
+RACE = """
+import torch
+from toolkit.triton_adamw import TritonAdamW
+
+
+def groups(params):
+    return [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}]
+
+
+def race(shapes, device, reference_kind, steps=5):
+    torch.manual_seed(0)
+    ours = [torch.randn(s, device=device).requires_grad_() for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    opt = TritonAdamW(groups(ours), **kw)
+    ref = torch.optim.AdamW(groups(theirs), **kw, **{reference_kind: True})
+    for step in range(steps):
+        grads = [torch.randn(s, device=device) for s in shapes]
+        coef = torch.tensor(0.37 if step % 2 else 1.0, dtype=torch.float64, device=device)
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        torch._foreach_mul_([q.grad for q in theirs], coef.float())  # clipped in place
+        opt.step(grad_scale=coef)
+        ref.step()
+        for p, g in zip(ours, grads):
+            assert torch.equal(p.grad, g), "the gradients are read, not written"
+        for o in (opt, ref):
+            for group in o.param_groups:
+                group["lr"] *= 0.7
+    return ours, theirs, opt, ref
+
+
+def worst(ours, theirs):
+    pairs = [(p.detach(), q.detach()) for p, q in zip(ours, theirs)]
+    return max(float(((p - q).abs() / (q.abs() + 1e-3)).max()) for p, q in pairs)
+"""
+
+INTERPRETED = (
+    RACE
+    + """
+import toolkit.triton_adamw as module
+from toolkit.triton_adamw import BLOCK
+
+def refuse(*args, **kwargs):
+    raise AssertionError("the eager reference ran: the kernel did not take these tensors")
+
+SHAPES = [(3, BLOCK - 5), (BLOCK,), (7,), (1,), (33, 17)]
+eager = module.adamw_update_
+module.adamw_update_ = refuse
+ours, theirs, opt, ref = race(SHAPES, "cpu", "foreach")
+assert worst(ours, theirs) < 1e-5, worst(ours, theirs)
+for p, q in zip(ours, theirs):
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.allclose(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-6), key
+    assert float(opt.state[p]["step"]) == 5.0
+
+# Its checkpoint is torch's AdamW's: either loads the other's and steps the same.
+swapped = torch.optim.AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+swapped.load_state_dict(opt.state_dict())
+back = TritonAdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+back.load_state_dict(ref.state_dict())
+for p, q in zip(ours, theirs):
+    g = torch.randn(p.shape)
+    p.grad, q.grad = g.clone(), g.clone()
+swapped.step()
+back.step()
+assert worst(ours, theirs) < 1e-5, worst(ours, theirs)
+
+# A non-contiguous parameter and a bf16 one take the eager reference, beside the kernel's.
+module.adamw_update_ = eager
+odd = [torch.randn(5, 3).t().contiguous().t().requires_grad_(),
+       torch.randn(6, dtype=torch.bfloat16).requires_grad_(), torch.randn(9).requires_grad_()]
+assert [module.kernel_addressable(p) for p in odd] == [False, False, True]
+copies = [p.detach().clone().requires_grad_() for p in odd]
+opt = TritonAdamW([{"params": odd, "weight_decay": 0.1}], lr=1e-2)
+ref = torch.optim.AdamW([{"params": copies, "weight_decay": 0.1}], lr=1e-2, foreach=False)
+for _ in range(2):
+    for p, q in zip(odd, copies):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+for p, q in zip(odd, copies):
+    assert torch.allclose(p.float(), q.float(), rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-5)
+print("triton adamw agrees")
+"""
+)
+
+
+def test_kernel_is_torchs_adamw_clipped_in_place_under_the_interpreter():
+    """The kernel (the eager reference made to fail) against torch's foreach AdamW with the
+    clip applied in place first, over 5 steps of two groups, a moving lr and sizes across its
+    blocks: parameters and moments within 1e-5 relative; the gradients untouched; either
+    optimizer continues from the other's state_dict; bf16 and non-contiguous parameters take
+    the eager reference beside the kernel."""
+    pytest.importorskip("triton")
+    if CUDA:
+        pytest.skip("on a GPU the compiled kernel is tested")
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
+    out = subprocess.run(
+        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and "triton adamw agrees" in out.stdout, out.stdout + out.stderr
+
+
+def test_block_tables_cover_every_element_once():
+    numels = [3 * BLOCK + 1, BLOCK, 1, 5]
+    tensor, start = _block_tables(numels, torch.device("cpu"))
+    covered = {(int(t), int(s) + i) for t, s in zip(tensor, start) for i in range(BLOCK)}
+    want = {(t, i) for t, n in enumerate(numels) for i in range(n)}
+    assert want <= covered
+    assert len(tensor) == sum(-(-n // BLOCK) for n in numels)  # no block without elements
+    assert all(int(s) < numels[int(t)] for t, s in zip(tensor, start))
+
+
+def test_without_the_interpreter_a_cpu_update_is_the_eager_reference(monkeypatch):
+    """CPU tensors with no interpreter: every parameter through flat_adamw's ops, torch's
+    foreach AdamW clipped in place within fp32 rounding."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    namespace: dict = {}
+    exec(RACE, namespace)
+    ours, theirs, _, _ = namespace["race"](SHAPES, "cpu", "foreach", steps=3)
+    assert namespace["worst"](ours, theirs) < 1e-5
+
+
+def test_the_key_chooses_the_gpu_update_and_is_checked():
+    """CPUs take torch's foreach AdamW whatever the key; a wrong value and the key beside
+    train.flat_optimizer are refused naming it."""
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(model, TrainConfig(steps=1, adamw_kernel="triton"))
+    assert type(opt) is torch.optim.AdamW and opt.defaults["foreach"]
+    with pytest.raises(RecipeError, match="train.adamw_kernel"):
+        load_recipe("recipes/tiny_hybrid.toml", ['train.adamw_kernel="apex"'])
+    with pytest.raises(RecipeError, match="train.adamw_kernel"):
+        load_recipe(
+            "recipes/tiny_hybrid.toml",
+            ['train.adamw_kernel="triton"', "train.flat_optimizer=true"],
+        )
+    assert (
+        load_recipe("recipes/tiny_hybrid.toml", ['train.adamw_kernel="triton"']).train.adamw_kernel
+        == "triton"
+    )
+
+
+def test_amsgrad_is_refused():
+    with pytest.raises(NotImplementedError, match="amsgrad"):
+        TritonAdamW([torch.nn.Parameter(torch.zeros(2))], amsgrad=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_kernel_is_torchs_fused_adamw_clipped_in_place_on_gpu():
+    pytest.importorskip("triton")
+    namespace: dict = {}
+    exec(RACE, namespace)
+    ours, theirs, opt, _ = namespace["race"](SHAPES + [(4096, 1024)], "cuda", "fused")
+    assert namespace["worst"](ours, theirs) < 1e-5
+    assert isinstance(build_optimizer(torch.nn.Linear(4, 4).cuda(), TrainConfig(
+        steps=1, adamw_kernel="triton")), TritonAdamW)  # fmt: skip
