@@ -92,11 +92,13 @@ swapped.step()
 back.step()
 assert worst(ours, theirs) < 1e-5, worst(ours, theirs)
 
-# A non-contiguous parameter and a bf16 one take the eager reference, beside the kernel's.
+# A non-contiguous parameter, a bf16 one and one starting off a 16-byte boundary take the
+# eager reference, beside the kernel's.
 module.adamw_update_ = eager
 odd = [torch.randn(5, 3).t().contiguous().t().requires_grad_(),
-       torch.randn(6, dtype=torch.bfloat16).requires_grad_(), torch.randn(9).requires_grad_()]
-assert [module.kernel_addressable(p) for p in odd] == [False, False, True]
+       torch.randn(6, dtype=torch.bfloat16).requires_grad_(), torch.randn(10)[1:].requires_grad_(),
+       torch.randn(9).requires_grad_()]
+assert [module.kernel_addressable(p) for p in odd] == [False, False, False, True]
 copies = [p.detach().clone().requires_grad_() for p in odd]
 opt = TritonAdamW([{"params": odd, "weight_decay": 0.1}], lr=1e-2)
 ref = torch.optim.AdamW([{"params": copies, "weight_decay": 0.1}], lr=1e-2, foreach=False)
@@ -117,8 +119,8 @@ def test_kernel_is_torchs_adamw_clipped_in_place_under_the_interpreter():
     """The kernel (the eager reference made to fail) against torch's foreach AdamW with the
     clip applied in place first, over 5 steps of two groups, a moving lr and sizes across its
     blocks: parameters and moments within 1e-5 relative; the gradients untouched; either
-    optimizer continues from the other's state_dict; bf16 and non-contiguous parameters take
-    the eager reference beside the kernel."""
+    optimizer continues from the other's state_dict; bf16, non-contiguous and unaligned
+    parameters take the eager reference beside the kernel."""
     pytest.importorskip("triton")
     if CUDA:
         pytest.skip("on a GPU the compiled kernel is tested")
@@ -182,3 +184,33 @@ def test_kernel_is_torchs_fused_adamw_clipped_in_place_on_gpu():
     assert namespace["worst"](ours, theirs) < 1e-5
     assert isinstance(build_optimizer(torch.nn.Linear(4, 4).cuda(), TrainConfig(
         steps=1, adamw_kernel="triton")), TritonAdamW)  # fmt: skip
+
+
+def test_whole_blocks_load_and_store_16_bytes_at_a_time():
+    """The kernel compiled ahead of time for an H100/H200 (sm_90, no GPU needed): whole blocks
+    move 4 floats per instruction (16 per thread: 4 loads from each of the 4 arrays, 4 stores to
+    each of the 3 written). Without the alignment hints on the loaded addresses and the unmasked
+    path, every access was 4 bytes wide and the update ran at ~55% of the HBM bandwidth (16.1 ms
+    against torch's 14.4 at the 800M on an H100, 2026-12-05)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import toolkit.triton_adamw as module
+
+    signature = {"addresses": "*i64", "numels": "*i64", "scalars": "*fp32",
+                 "block_tensor": "*i32", "block_start": "*i64", "grad_scale": "*fp32", "n": "i32",
+                 "HAS_SCALE": "constexpr", "BLOCK": "constexpr", "SCALARS": "constexpr"}  # fmt: skip
+    source = ASTSource(
+        fn=module._adamw_kernel,
+        signature=signature,
+        constexprs={"HAS_SCALE": True, "BLOCK": BLOCK, "SCALARS": module.SCALARS},
+    )
+    try:
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    except Exception as e:  # a Triton built without its CUDA backend
+        pytest.skip(f"Triton cannot compile for sm_90 here: {type(e).__name__}: {e}")
+    ptx = ptx.asm["ptx"]
+    per_thread = BLOCK // (8 * 32)
+    assert ptx.count("ld.global.v4.b32") == 4 * per_thread // 4
+    assert ptx.count("st.global.v4.b32") == 3 * per_thread // 4

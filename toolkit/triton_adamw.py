@@ -32,27 +32,11 @@ if triton_imports():
     import triton.language as tl
 
     @triton.jit
-    def _adamw_kernel(
-        addresses,  # int64 [4, n]: parameter, gradient, exp_avg, exp_avg_sq of each tensor
-        numels,  # int64 [n]
-        scalars,  # fp32 [n, SCALARS]: see TritonAdamW._scalars
-        block_tensor,  # int32 [programs]: the tensor of each program's block
-        block_start,  # int64 [programs]: the block's first element in it
-        grad_scale,  # fp32 [1]: the clip coefficient (read when HAS_SCALE)
-        n,
-        HAS_SCALE: tl.constexpr,
-        BLOCK: tl.constexpr,
-        SCALARS: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor + pid)
-        offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numels + t)
-        param = tl.load(addresses + t).to(tl.pointer_type(tl.float32))
-        grad = tl.load(addresses + n + t).to(tl.pointer_type(tl.float32))
-        exp_avg = tl.load(addresses + 2 * n + t).to(tl.pointer_type(tl.float32))
-        exp_avg_sq = tl.load(addresses + 3 * n + t).to(tl.pointer_type(tl.float32))
-        row = scalars + SCALARS * t
+    def _adamw_block(param, grad, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
+                     HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+        """One block in place: row holds the tensor's scalars (TritonAdamW._scalars). A mask
+        only for a tensor's last, partial block: with one, the loads are 4 bytes wide."""
+        mask = offs < numel if MASKED else None
         decay, step_size, bias_correction2_sqrt = tl.load(row), tl.load(row + 1), tl.load(row + 2)
         beta2, one_minus_beta1 = tl.load(row + 3), tl.load(row + 4)
         one_minus_beta2, eps = tl.load(row + 5), tl.load(row + 6)
@@ -69,14 +53,50 @@ if triton_imports():
         tl.store(exp_avg + offs, m, mask=mask)
         tl.store(exp_avg_sq + offs, v, mask=mask)
 
+    @triton.jit
+    def _adamw_kernel(
+        addresses,  # int64 [4, n]: parameter, gradient, exp_avg, exp_avg_sq of each tensor
+        numels,  # int64 [n]
+        scalars,  # fp32 [n, SCALARS]: see TritonAdamW._scalars
+        block_tensor,  # int32 [programs]: the tensor of each program's block
+        block_start,  # int64 [programs]: the block's first element in it
+        grad_scale,  # fp32 [1]: the clip coefficient (read when HAS_SCALE)
+        n,
+        HAS_SCALE: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SCALARS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor + pid)
+        # What the compiler cannot see in loaded values: blocks start at multiples of BLOCK and
+        # the tensors at 16-byte boundaries (kernel_addressable), so it loads 4 floats at once.
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
+        offs = start + tl.arange(0, BLOCK)
+        numel = tl.load(numels + t)
+        param = tl.multiple_of(tl.load(addresses + t).to(tl.pointer_type(tl.float32)), 16)
+        grad = tl.multiple_of(tl.load(addresses + n + t).to(tl.pointer_type(tl.float32)), 16)
+        exp_avg = tl.multiple_of(tl.load(addresses + 2 * n + t).to(tl.pointer_type(tl.float32)), 16)
+        exp_avg_sq = tl.multiple_of(
+            tl.load(addresses + 3 * n + t).to(tl.pointer_type(tl.float32)), 16
+        )
+        row = scalars + SCALARS * t
+        if start + BLOCK <= numel:
+            _adamw_block(param, grad, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
+                         HAS_SCALE, False)  # fmt: skip
+        else:
+            _adamw_block(param, grad, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
+                         HAS_SCALE, True)  # fmt: skip
+
 
 def kernel_addressable(t: torch.Tensor) -> bool:
     """Whether the kernel can read and write `t` through its address: a plain contiguous fp32
-    tensor (not a float8 or distributed tensor subclass) on a device Triton runs on."""
+    tensor (not a float8 or distributed tensor subclass) on a device Triton runs on, starting at
+    a 16-byte boundary (the kernel's loads are 16 bytes wide; a view into a buffer may not)."""
     return (
         type(t) is torch.Tensor
         and t.dtype == torch.float32
         and t.is_contiguous()
+        and t.data_ptr() % 16 == 0
         and triton_runs_on(t.device)
     )
 
