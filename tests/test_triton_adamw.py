@@ -141,14 +141,17 @@ def test_block_tables_cover_every_element_once():
     assert all(int(s) < numels[int(t)] for t, s in zip(tensor, start))
 
 
-def test_without_the_interpreter_a_cpu_update_is_the_eager_reference(monkeypatch):
+def test_without_the_interpreter_a_cpu_update_is_the_eager_reference(monkeypatch, caplog):
     """CPU tensors with no interpreter: every parameter through flat_adamw's ops, torch's
-    foreach AdamW clipped in place within fp32 rounding."""
+    foreach AdamW clipped in place within fp32 rounding, and one log line saying so."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     namespace: dict = {}
     exec(RACE, namespace)
-    ours, theirs, _, _ = namespace["race"](SHAPES, "cpu", "foreach", steps=3)
+    with caplog.at_level("WARNING", logger="toolkit.triton_adamw"):
+        ours, theirs, _, _ = namespace["race"](SHAPES, "cpu", "foreach", steps=3)
     assert namespace["worst"](ours, theirs) < 1e-5
+    told = [r.getMessage() for r in caplog.records if "eager update" in r.getMessage()]
+    assert len(told) == 1 and f"5 of {len(SHAPES)} parameters" in told[0]
 
 
 def test_the_key_chooses_the_gpu_update_and_is_checked():

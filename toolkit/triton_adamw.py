@@ -17,12 +17,15 @@ address (not a plain contiguous fp32 tensor on the device, or a gradient that is
 reference's eager ops instead.
 """
 
+import logging
 from collections.abc import Iterable
 
 import torch
 
 from toolkit.flat_adamw import adamw_update_
 from toolkit.model.kernels import triton_imports, triton_runs_on
+
+log = logging.getLogger(__name__)
 
 BLOCK = 4096  # elements of one tensor per program: 16 per thread per array at 8 warps
 SCALARS = 8  # per tensor (7 used, a row of 32 bytes)
@@ -132,6 +135,7 @@ class TritonAdamW(torch.optim.AdamW):
         if any(g["amsgrad"] or g["maximize"] for g in self.param_groups):
             raise NotImplementedError("TritonAdamW: amsgrad and maximize are not supported")
         self._tables: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._told_eager = False  # the log line about the eager update, once
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -197,7 +201,17 @@ class TritonAdamW(torch.optim.AdamW):
             self._launch([entries[i] for i in in_kernel], [rows[i] for i in in_kernel], grad_scale)
         else:
             in_kernel = []
-        for i in sorted(set(range(len(entries))) - set(in_kernel)):
+        eager = sorted(set(range(len(entries))) - set(in_kernel))
+        if eager and not self._told_eager:
+            self._told_eager = True
+            log.warning(
+                "TritonAdamW: %d of %d parameters take the eager update, one kernel launch each "
+                "(the kernel takes plain contiguous fp32 tensors at 16-byte boundaries on one "
+                "GPU, with their gradients alike); first: %s %s",
+                len(eager), len(entries), entries[eager[0]][0].dtype,
+                tuple(entries[eager[0]][0].shape),
+            )  # fmt: skip
+        for i in eager:
             p, state, group = entries[i]
             beta1, beta2 = group["betas"]
             scalars = torch.tensor(rows[i][:3], dtype=torch.float32, device=p.device)
