@@ -74,6 +74,10 @@ SHAPES = [(3, BLOCK - 5), (BLOCK,), (7,), (1,), (33, 17)]
 eager = module.adamw_update_
 module.adamw_update_ = refuse
 ours, theirs, opt, ref = race(SHAPES, "cpu", "foreach")
+# Written through their addresses, yet seen as changed, once per step (as torch's in-place ops
+# leave them).
+assert all(p._version == 5 for p in ours), [p._version for p in ours]
+assert all(opt.state[p]["exp_avg"]._version == 5 for p in ours)
 assert worst(ours, theirs) < 1e-5, worst(ours, theirs)
 for p, q in zip(ours, theirs):
     for key in ("exp_avg", "exp_avg_sq"):
@@ -119,8 +123,9 @@ def test_kernel_is_torchs_adamw_clipped_in_place_under_the_interpreter():
     """The kernel (the eager reference made to fail) against torch's foreach AdamW with the
     clip applied in place first, over 5 steps of two groups, a moving lr and sizes across its
     blocks: parameters and moments within 1e-5 relative; the gradients untouched; either
-    optimizer continues from the other's state_dict; bf16, non-contiguous and unaligned
-    parameters take the eager reference beside the kernel."""
+    optimizer continues from the other's state_dict; the tensors it writes have their version
+    counters moved; bf16, non-contiguous and unaligned parameters take the eager reference
+    beside the kernel."""
     pytest.importorskip("triton")
     if CUDA:
         pytest.skip("on a GPU the compiled kernel is tested")

@@ -245,3 +245,9 @@ class TritonAdamW(torch.optim.AdamW):
             SCALARS=SCALARS,
             num_warps=8,
         )
+        # Written through their addresses, which torch does not see: bump their version
+        # counters as an in-place op would (caches keyed on them, e.g. Mamba2Mixer.decode_A,
+        # would otherwise keep values from before the update).
+        torch.autograd.graph.increment_version(
+            [t for p, s, _ in entries for t in (p, s["exp_avg"], s["exp_avg_sq"])]
+        )
