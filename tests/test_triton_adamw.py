@@ -89,6 +89,8 @@ swapped = torch.optim.AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, 
 swapped.load_state_dict(opt.state_dict())
 back = TritonAdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 back.load_state_dict(ref.state_dict())
+back.state[theirs[0]]["step"] = 5  # a step count restored as a number is taken too
+back.state[theirs[1]]["step"] = torch.tensor(5.0, dtype=torch.float64)
 for p, q in zip(ours, theirs):
     g = torch.randn(p.shape)
     p.grad, q.grad = g.clone(), g.clone()

@@ -143,8 +143,11 @@ class TritonAdamW(torch.optim.AdamW):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif state["step"].device.type != "cpu":  # restored from torch's fused AdamW's state
-            state["step"] = state["step"].cpu()
+        else:  # restored: torch's fused AdamW keeps it on the GPU, other code as a number
+            step = torch.as_tensor(state["step"])
+            if step.device.type != "cpu" or step.dtype != torch.float32:
+                step = step.to("cpu", torch.float32)
+            state["step"] = step
         return state
 
     @staticmethod
