@@ -650,7 +650,9 @@ def print_header(r: dict) -> None:
         f"{s['seq']}, {r['precision']}, {'compiled' if r['compile'] else 'eager'} (the recipe "
         f"has {r['recipe_layers']} layers)"
     )
-    print(f"ours: {r['pattern']}")
+    print(f"ours: {r['pattern']}" + "".join(f" --set {kv}" for kv in r["set"]))
+    for side, how in r["optimizer"].items():
+        print(f"optimizer, {side}: {how}")
     counts = ", ".join(f"{k} {v['parameters']:,}" for k, v in p.items())
     flops = ", ".join(f"{k} {v['flops_per_token'] / 1e9:.3f}" for k, v in p.items())
     print(f"parameters (predicted from the shape): {counts}; GFLOPs per token: {flops}")

@@ -43,7 +43,9 @@ def test_ours_only_tiny_on_cpu(tmp_path, capsys):
     assert ours["parameters"] == r["predicted"]["ours"]["parameters"]
     assert ours["flops_per_token"] == r["predicted"]["ours"]["flops_per_token"]
     assert r["notes"]["matched"] and r["notes"]["kernels"]
-    assert "tokens/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "ours: MMMMMM --set train.adamw_kernel=" in printed
+    assert "optimizer, theirs: torch's fused AdamW" in printed
 
 
 SHAPES = [(name, hybrid) for name in race.PRESETS for hybrid in (False, True)]
