@@ -115,6 +115,9 @@ def run_variant(
     return times, host_times, [p.detach().to("cpu", copy=True) for p in params]
 
 
+MIN_BYTES_PER_PARAMETER = 4 + 7 * 4  # the norm's read, then the update's 4 reads and 3 writes
+
+
 def benchmark(args: argparse.Namespace) -> dict:
     recipe = load_recipe(args.recipe, list(args.set))
     device = resolve_device(args.device or recipe.train.device)
@@ -138,6 +141,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         diff = sum(float((p - q).double().square().sum()) for p, q in zip(reference, after))
         rel_l2[name] = (diff / reference_norm) ** 0.5
     ms = {k: statistics.median(v) for k, v in times.items()}
+    n = sum(p.numel() for p in reference)
     return {
         "recipe": args.recipe,
         "command": " ".join(sys.argv),
@@ -148,6 +152,10 @@ def benchmark(args: argparse.Namespace) -> dict:
         "host_ms": {k: statistics.median(v) for k, v in host_times.items()},  # to queue it
         "saved_ms": ms["torch"] - ms["flat"] if {"torch", "flat"} <= set(ms) else None,
         "triton_saved_ms": ms["torch"] - ms["triton"] if {"torch", "triton"} <= set(ms) else None,
+        # The bytes a clipped AdamW step must move (the norm reads each fp32 gradient; the update
+        # reads parameter, gradient and both moments and writes three back) over each one's time:
+        # against the device's bandwidth, how far from "at HBM speed" it is.
+        "gb_per_s_at_32_bytes": {k: MIN_BYTES_PER_PARAMETER * n / t / 1e6 for k, t in ms.items()},
         "clip_fold_saved_ms": (
             ms["flat_clip_in_place"] - ms["flat"]
             if {"flat", "flat_clip_in_place"} <= set(ms)
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     host = ", ".join(f"{name} {t:.2f}" for name, t in result["host_ms"].items())
     print(f"host time to queue each step, ms: {host}")
+    rates = ", ".join(f"{name} {r:.0f}" for name, r in result["gb_per_s_at_32_bytes"].items())
+    print(f"GB/s at the 32 bytes a parameter a clipped update must move: {rates}")
     return 0
 
 

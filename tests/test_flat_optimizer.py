@@ -250,6 +250,9 @@ def test_the_optimizer_benchmark_runs_both_and_they_agree(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["ms"]) == {"torch", "triton", "flat", "flat_views", "flat_clip_in_place"}
     assert result["grad_norm"] > result["grad_clip"] == 0.01
+    rates = result["gb_per_s_at_32_bytes"]  # 32 bytes a parameter over each variant's time
+    assert rates["torch"] == pytest.approx(32 * result["parameters"] / result["ms"]["torch"] / 1e6)
+    assert set(rates) == set(result["ms"]) and "GB/s at the 32 bytes" in proc.stdout
     # The CPU runs the same ops: bit for bit, whichever way the gradients come in and whether
     # the clip is folded into the update or not ('triton' is torch's on CPUs).
     want = {"triton": 0.0, "flat": 0.0, "flat_views": 0.0, "flat_clip_in_place": 0.0}
