@@ -60,6 +60,23 @@ def adamw_update_(
     param.sub_(step_size * exp_avg / denom)
 
 
+def adamw_scalars(group: dict, step: float) -> list[float]:
+    """adamw_update_'s `scalars` for `group` at its `step`-th update (counted from 1): Python
+    floats, as torch's AdamW computes them on the host (non-capturable)."""
+    lr, (beta1, beta2) = group["lr"], group["betas"]
+    return [1 - lr * group["weight_decay"], lr / (1 - beta1**step), (1 - beta2**step) ** 0.5]
+
+
+def host_table(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host table (a step's scalars, addresses) on `device` without waiting for the GPU:
+    copied from pinned memory (from pageable memory the host would wait for the stream to
+    drain); torch's pinned-memory cache keeps the buffer until the copy is done."""
+    host = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 _compiled_update = None
 
 
@@ -203,9 +220,8 @@ class FlatAdamW:
                 {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, **group}
             )
         self.state = _FlatState(self._flat)
-        device = self._flat[0].param.device if self._flat else torch.device("cpu")
-        self._scalars = torch.empty(len(self._flat), 3, dtype=torch.float32, device=device)
-        self._update = _update_fn(device)
+        self._device = self._flat[0].param.device if self._flat else torch.device("cpu")
+        self._update = _update_fn(self._device)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No gradients (`set_to_none`), or zeroed views of the buffers."""
@@ -228,25 +244,12 @@ class FlatAdamW:
             g.gather_grads()
             g.step += 1
             g.started = True
-            step = float(g.step)
-            lr, (beta1, beta2) = group["lr"], group["betas"]
-            # Python floats, as torch's AdamW computes them on the host (non-capturable).
-            bias_correction1 = 1 - beta1**step
-            bias_correction2 = 1 - beta2**step
-            host.append(
-                [1 - lr * group["weight_decay"], lr / bias_correction1, bias_correction2**0.5]
-            )
-        # One small host-to-device copy per step for all groups, without waiting on the GPU: from
-        # pinned memory (pageable memory would make the host wait for the stream to drain); torch's
-        # pinned-memory cache keeps the buffer until the copy is done.
-        scalars = torch.tensor(host, dtype=torch.float32)
-        if self._scalars.is_cuda:
-            scalars = scalars.pin_memory()
-        self._scalars.copy_(scalars, non_blocking=True)
+            host.append(adamw_scalars(group, float(g.step)))
+        scalars = host_table(host, torch.float32, self._device)  # one copy for all groups
         for i, (g, group) in enumerate(zip(self._flat, self.param_groups)):
             beta1, beta2 = group["betas"]
             self._update(
-                g.param, g.grad, g.exp_avg, g.exp_avg_sq, self._scalars[i], beta1, beta2,
+                g.param, g.grad, g.exp_avg, g.exp_avg_sq, scalars[i], beta1, beta2,
                 group["eps"], grad_scale,
             )  # fmt: skip
 

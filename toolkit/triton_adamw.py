@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
-from toolkit.flat_adamw import adamw_update_
+from toolkit.flat_adamw import adamw_scalars, adamw_update_, host_table
 from toolkit.model.kernels import triton_imports, triton_runs_on
 
 log = logging.getLogger(__name__)
@@ -114,16 +114,6 @@ def _block_tables(numels: list[int], device: torch.device) -> tuple[torch.Tensor
     return tensor.to(device, torch.int32), start.to(device, torch.int64)
 
 
-def _to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host table on `device` without waiting for the GPU: from pinned memory (pageable
-    memory would make the host wait for the stream to drain); torch's pinned-memory cache keeps
-    the buffer until the copy is done."""
-    host = torch.tensor(rows, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
-
-
 class TritonAdamW(torch.optim.AdamW):
     """torch's AdamW (same hyperparameters, state and checkpoints) updated by one Triton kernel
     over all parameters; the module docstring says how."""
@@ -152,20 +142,11 @@ class TritonAdamW(torch.optim.AdamW):
 
     @staticmethod
     def _scalars(group: dict, step: float) -> list[float]:
-        """A tensor's row of the kernel's scalars: Python floats (fp32 in the table), as torch's
-        AdamW computes them on the host: 1 - lr * weight_decay, lr / bias_correction1,
-        sqrt(bias_correction2), beta2, 1 - beta1, 1 - beta2, eps, and a pad."""
-        lr, (beta1, beta2) = group["lr"], group["betas"]
-        return [
-            1 - lr * group["weight_decay"],
-            lr / (1 - beta1**step),
-            (1 - beta2**step) ** 0.5,
-            beta2,
-            1 - beta1,
-            1 - beta2,
-            group["eps"],
-            0.0,
-        ]
+        """A tensor's row of the kernel's scalars: adamw_update_'s three (1 - lr * weight_decay,
+        lr / bias_correction1, sqrt(bias_correction2)), then beta2, 1 - beta1, 1 - beta2, eps and
+        a pad, as Python floats (fp32 in the table)."""
+        beta1, beta2 = group["betas"]
+        return [*adamw_scalars(group, step), beta2, 1 - beta1, 1 - beta2, group["eps"], 0.0]
 
     @torch.no_grad()
     def step(self, closure: None = None, grad_scale: torch.Tensor | None = None) -> None:
@@ -236,9 +217,9 @@ class TritonAdamW(torch.optim.AdamW):
             for column in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"]) for p, s, _ in entries])
         ]
         _adamw_kernel[(block_tensor.numel(),)](
-            _to_device(addresses, torch.int64, device),
-            _to_device(numels, torch.int64, device),
-            _to_device(rows, torch.float32, device),
+            host_table(addresses, torch.int64, device),
+            host_table(numels, torch.int64, device),
+            host_table(rows, torch.float32, device),
             block_tensor,
             block_start,
             grad_scale if grad_scale is not None else block_start,  # not read without a scale
