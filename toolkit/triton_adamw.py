@@ -172,20 +172,16 @@ class TritonAdamW(torch.optim.AdamW):
                 cached[key] = self._scalars(group, step)
             rows.append(cached[key])
 
-        in_kernel = [
-            i
-            for i, (p, state, _) in enumerate(entries)
-            if all(
+        device, kernel = entries[0][0].device, triton_imports()
+        in_kernel, eager = [], []
+        for i, (p, state, _) in enumerate(entries):
+            addressable = p.device == device and all(
                 kernel_addressable(t)
                 for t in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
             )
-            and p.device == entries[0][0].device
-        ]
-        if in_kernel and triton_imports():
+            (in_kernel if kernel and addressable else eager).append(i)
+        if in_kernel:
             self._launch([entries[i] for i in in_kernel], [rows[i] for i in in_kernel], grad_scale)
-        else:
-            in_kernel = []
-        eager = sorted(set(range(len(entries))) - set(in_kernel))
         if eager and not self._told_eager:
             self._told_eager = True
             log.warning(
@@ -198,7 +194,7 @@ class TritonAdamW(torch.optim.AdamW):
         for i in eager:
             p, state, group = entries[i]
             beta1, beta2 = group["betas"]
-            scalars = torch.tensor(rows[i][:3], dtype=torch.float32, device=p.device)
+            scalars = host_table(rows[i][:3], torch.float32, p.device)  # no wait for the GPU
             scale = None if grad_scale is None else grad_scale.to(p.device)[0]
             adamw_update_(
                 p, p.grad.to(p.dtype), state["exp_avg"], state["exp_avg_sq"], scalars, beta1,
