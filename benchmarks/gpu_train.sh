@@ -133,14 +133,15 @@ run opt_step_8b28l 150 python3 benchmarks/optimizer_step.py recipes/8b_hybrid.to
   --set 'train.device="cuda"' --set model.num_layers=28 --steps 5 --warmup 2 \
   --variants torch,flat,flat_clip_in_place --json "$W/opt_step_8b28l.json"
 tp lever_flat_optimizer 120 8 --set train.compile=true --set train.flat_optimizer=true
-# train.adamw_kernel="triton" (one Triton kernel over every parameter, the clip folded in), the
-# update alone against torch's fused AdamW clipped in place, then whole steps against
+# train.adamw_kernel: one Triton kernel over every parameter, the clip folded in (the default on
+# GPUs since 2026-12-05, "auto"; runs before that took torch's), the update alone against
+# torch's fused AdamW clipped in place, then whole steps with torch's against
 # bf16_compile_mbs8 (the 800M) and 8b28l_bf16_compile_gb8 (the 8B's shapes).
 run opt_step_triton 120 python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml \
   --set 'train.device="cuda"' --steps 20 --variants torch,triton --json "$W/opt_step_triton.json"
-tp lever_triton_adamw 200 8 --set train.compile=true --set 'train.adamw_kernel="triton"'
-t8b lever_8b28l_triton_adamw_gb8 240 28 --set train.compile=true --set train.global_batch_size=8 \
-  --set 'train.adamw_kernel="triton"'
+tp lever_torch_adamw 200 8 --set train.compile=true --set 'train.adamw_kernel="torch"'
+t8b lever_8b28l_torch_adamw_gb8 240 28 --set train.compile=true --set train.global_batch_size=8 \
+  --set 'train.adamw_kernel="torch"'
 # At the 8B's shapes, where the clip's scale pass folded into the update is worth the most
 # (against 8b28l_bf16_compile): 240 s for the cold compile of its blocks.
 t8b lever_8b28l_flat_optimizer 240 28 --set train.compile=true --set train.flat_optimizer=true

@@ -505,6 +505,7 @@ def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: tor
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token(model, s.seq),
         "kernels": recipe.model.kernels,
+        "optimizer_class": type(parallel.optimizer).__name__,
         "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),
         "memory_before_gb": baseline,
     }
@@ -615,8 +616,8 @@ def race(args: argparse.Namespace) -> dict:
             recipe.train.precision
         ],
         "optimizer": {
-            "ours": f"AdamW, train.adamw_kernel={recipe.train.adamw_kernel!r} on CUDA, clip "
-            "through toolkit.parallel.runtime.clip_and_step",
+            "ours": f"AdamW, train.adamw_kernel={recipe.train.adamw_kernel!r} ('auto': the "
+            "Triton kernel on CUDA), clip through toolkit.parallel.runtime.clip_and_step",
             "theirs": "torch's fused AdamW on CUDA, torch's clip_grad_norm_",
         },
         "set": args.set,

@@ -36,6 +36,7 @@ def test_ours_only_tiny_on_cpu(tmp_path, capsys):
     assert "theirs" not in r and "ratio" not in r and r["their_config"] is None
     ours = r["ours"]
     assert ours["kernels"] == "reference" and ours["mamba_fused"] is False
+    assert ours["optimizer_class"] == "AdamW"  # torch's on CPUs, whatever the key says
     assert len(ours["step_times_s"]) == 2 and len(ours["warmup_times_s"]) == 1
     assert len(ours["losses"]) == 3 and all(math.isfinite(x) for x in ours["losses"])
     assert ours["tokens_per_s"] == pytest.approx(2 * 64 / ours["step_time_s"])

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from toolkit import optim
 from toolkit.config import RecipeError, TrainConfig, load_recipe
-from toolkit.optim import build_optimizer
+from toolkit.optim import build_optimizer, gpu_adamw_kernel
 from toolkit.triton_adamw import BLOCK, TritonAdamW, _block_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +179,18 @@ def test_the_key_chooses_the_gpu_update_and_is_checked():
         load_recipe("recipes/tiny_hybrid.toml", ['train.adamw_kernel="triton"']).train.adamw_kernel
         == "triton"
     )
+    # The default leaves train.flat_optimizer free and picks the kernel where Triton imports.
+    flat = load_recipe("recipes/tiny_hybrid.toml", ["train.flat_optimizer=true"]).train
+    assert flat.adamw_kernel == "auto" and flat.flat_optimizer
+    assert gpu_adamw_kernel(TrainConfig(steps=1)) == "triton"
+    assert gpu_adamw_kernel(TrainConfig(steps=1, adamw_kernel="torch")) == "torch"
+
+
+def test_without_triton_auto_takes_torchs_and_triton_is_refused(monkeypatch):
+    monkeypatch.setattr(optim, "triton_imports", lambda: False)
+    assert gpu_adamw_kernel(TrainConfig(steps=1)) == "torch"
+    with pytest.raises(ValueError, match="needs Triton"):
+        gpu_adamw_kernel(TrainConfig(steps=1, adamw_kernel="triton"))
 
 
 def test_amsgrad_is_refused():
@@ -192,8 +205,9 @@ def test_kernel_is_torchs_fused_adamw_clipped_in_place_on_gpu():
     exec(RACE, namespace)
     ours, theirs, opt, _ = namespace["race"](SHAPES + [(4096, 1024)], "cuda", "fused")
     assert namespace["worst"](ours, theirs) < 1e-5
-    assert isinstance(build_optimizer(torch.nn.Linear(4, 4).cuda(), TrainConfig(
-        steps=1, adamw_kernel="triton")), TritonAdamW)  # fmt: skip
+    assert isinstance(
+        build_optimizer(torch.nn.Linear(4, 4).cuda(), TrainConfig(steps=1)), TritonAdamW
+    )  # fmt: skip (the default, 'auto')
 
 
 def test_whole_blocks_load_and_store_16_bytes_at_a_time():

@@ -27,6 +27,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def gpu_adamw_kernel(cfg: TrainConfig) -> str:
+    """What train.adamw_kernel picks on GPUs: 'triton' or 'torch' ('auto': the Triton kernel
+    where Triton imports, as it does beside any CUDA build of torch)."""
+    if cfg.adamw_kernel == "auto":
+        return "triton" if triton_imports() else "torch"
+    if cfg.adamw_kernel == "triton" and not triton_imports():
+        raise ValueError("train.adamw_kernel='triton' needs Triton, which does not import here; "
+                         "use 'torch'")  # fmt: skip
+    return cfg.adamw_kernel
+
+
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, shard_over: dist.ProcessGroup | None = None
 ) -> torch.optim.Optimizer | FlatAdamW | ShardedOptimizer:
@@ -40,10 +51,7 @@ def build_optimizer(
             return FlatAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
         # On GPUs one fused kernel per step instead of a dozen multi-tensor passes.
         if all(p.is_cuda for g in groups for p in g["params"]):
-            if cfg.adamw_kernel == "triton":
-                if not triton_imports():
-                    raise ValueError("train.adamw_kernel='triton' needs Triton, which does not "
-                                     "import here; use 'torch'")  # fmt: skip
+            if gpu_adamw_kernel(cfg) == "triton":
                 return TritonAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
             kind = {"fused": True}
         else:

@@ -174,11 +174,12 @@ class TrainConfig:
     adam_beta2: float = opt(0.95, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    adamw_kernel: Literal["torch", "triton"] = opt(
-        "torch",
-        "the GPU update: torch's fused AdamW after clipping in place, or one Triton kernel over "
-        "every parameter with the clip coefficient applied as gradients are read "
-        "(toolkit/triton_adamw.py); same arithmetic and checkpoints. CPUs take torch's",
+    adamw_kernel: Literal["auto", "torch", "triton"] = opt(
+        "auto",
+        "the GPU update: 'triton', one Triton kernel over every parameter with the clip "
+        "coefficient applied as gradients are read (toolkit/triton_adamw.py; 1.10x torch's at "
+        "the 800M), or 'torch', its fused AdamW after clipping in place; same arithmetic and "
+        "checkpoints. 'auto': 'triton' unless train.flat_optimizer. CPUs take torch's",
     )
     flat_optimizer: bool = opt(
         False,
@@ -303,7 +304,7 @@ class TrainConfig:
             f"'model' compiles every block: needs train.compile=true, got {self.compile!r}",
         )
         check(
-            self.adamw_kernel == "torch" or not self.flat_optimizer,
+            self.adamw_kernel != "triton" or not self.flat_optimizer,
             "train.adamw_kernel",
             f"{self.adamw_kernel!r} and train.flat_optimizer are two updates: choose one",
         )
