@@ -446,6 +446,9 @@ def timed_steps(
     return result
 
 
+HOST_OPS = 15  # the host ops (by CPU time, children included) a profile lists
+
+
 def profiled_step(
     step: Callable[[], torch.Tensor], device: torch.device, out: Path, side: str
 ) -> dict:
@@ -469,10 +472,13 @@ def profiled_step(
     table = out / f"{side}.kernels.json"
     table.write_text(json.dumps(kernels.table()))
     fams = sorted(kernels.families().items(), key=lambda kv: -kv[1])
+    # The host's side: where a step that the GPU waits on spends the CPU's time.
+    host = sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[:HOST_OPS]
     return {
         "profile": str(table),
         "profile_busy_ms": kernels.busy_us / 1e3,
         "profile_families_ms": {k: v / 1e3 for k, v in fams},
+        "profile_host_ms": {e.key: e.cpu_time_total / 1e3 for e in host},
     }
 
 
@@ -710,6 +716,10 @@ def print_profiles(r: dict) -> None:
     for k in sides:
         if not r[k]["profile"].endswith(".kernels.json"):
             print(f"{k}: profile: {r[k]['profile']}")
+        if r[k].get("profile_host_ms"):
+            print(f"{k}: host ms (CPU time, children included) by op:")
+            for op, ms in r[k]["profile_host_ms"].items():
+                print(f"  {ms:10.2f}  {op[:90]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,6 +153,7 @@ def test_profiled_sides_are_summed_by_family_side_by_side(tmp_path, monkeypatch,
     assert results["ours"]["profile"] == str(tmp_path / "ours.kernels.json")
     assert results["ours"]["profile_busy_ms"] == pytest.approx(13.0)
     assert results["theirs"]["profile_families_ms"]["Mamba SSD (Triton)"] == pytest.approx(6.0)
+    assert "aten::zeros" in results["ours"]["profile_host_ms"]  # the host's ops, by CPU time
     monkeypatch.undo()  # the real loader reads the tables back
     race.print_profiles(results)
     out = capsys.readouterr().out
@@ -161,3 +162,4 @@ def test_profiled_sides_are_summed_by_family_side_by_side(tmp_path, monkeypatch,
     assert ssd.split()[-5:] == ["4.0", "6.0", "1.50", "+2.0", "ms"]
     busy = next(line for line in out.splitlines() if line.startswith("GPU busy"))
     assert busy.split()[-5:] == ["13.0", "15.0", "1.15", "+2.0", "ms"]
+    assert "ours: host ms (CPU time, children included) by op:" in out
