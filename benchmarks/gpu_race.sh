@@ -40,4 +40,8 @@ race 800m_compiled_profile 200 --shape 800m --compile --profile "$OUT/profile_80
 race 8b_mamba2_compiled_torch_adamw 160 --shape 8b-mamba2 --compile \
   --set 'train.adamw_kernel="torch"'
 race 800m_compiled_torch_adamw 160 --shape 800m --compile --set 'train.adamw_kernel="torch"'
+# Our whole step as one CUDA graph (toolkit.step_graph, --step-graph): the 800M's widths are
+# host-bound (48 blocks, ~3,700 launches a step: 262 ms of GPU work in 361-383 ms on an H100).
+race 800m_compiled_step_graph 200 --shape 800m --compile --step-graph
+race 8b_mamba2_compiled_step_graph 200 --shape 8b-mamba2 --compile --step-graph
 echo "total $(( $(date +%s) - START )) s"

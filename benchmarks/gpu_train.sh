@@ -140,6 +140,9 @@ tp lever_flat_optimizer 120 8 --set train.compile=true --set train.flat_optimize
 run opt_step_triton 120 python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml \
   --set 'train.device="cuda"' --steps 20 --variants torch,triton --json "$W/opt_step_triton.json"
 tp lever_torch_adamw 200 8 --set train.compile=true --set 'train.adamw_kernel="torch"'
+# The whole step as one CUDA graph (toolkit.step_graph) against bf16_compile_mbs8: what the host's
+# time to queue the 800M's launches costs.
+tp lever_step_graph 200 8 --set train.compile=true --step-graph
 t8b lever_8b28l_torch_adamw_gb8 240 28 --set train.compile=true --set train.global_batch_size=8 \
   --set 'train.adamw_kernel="torch"'
 # At the 8B's shapes, where the clip's scale pass folded into the update is worth the most

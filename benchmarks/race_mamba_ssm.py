@@ -58,6 +58,7 @@ import trace_summary  # noqa: E402 (benchmarks/, this script's folder)
 from train_throughput import (  # noqa: E402
     add_step_arguments,
     check_step_arguments,
+    graphed_step,
     time_steps,
     versions,
     write_json,
@@ -505,6 +506,9 @@ def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: tor
         parallel.optimizer.zero_grad(set_to_none=True)
         return loss
 
+    if args.step_graph:  # the whole step as one CUDA graph (toolkit.step_graph)
+        step = graphed_step(parallel, params, clip, env, [], s.seq, s.vocab_size)
+
     model.train()
     mamba = [b.mixer for b in model.layers if b.kind == "M"]
     return timed_steps(step, s, args, device, "ours") | {
@@ -512,6 +516,7 @@ def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: tor
         "flops_per_token": flops_per_token(model, s.seq),
         "kernels": recipe.model.kernels,
         "optimizer_class": type(parallel.optimizer).__name__,
+        "step_graph": args.step_graph,
         "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),
         "memory_before_gb": baseline,
     }
@@ -732,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hybrid", action="store_true", help="their hybrid form against ours")
     parser.add_argument("--compile", action="store_true", help="torch.compile both, per block")
     add_step_arguments(parser)
+    parser.add_argument("--step-graph", action="store_true",
+                        help="our side's whole step (forward to update) as one CUDA graph "
+                        "(toolkit.step_graph; theirs as commonly written, eager)")  # fmt: skip
     parser.add_argument("--layers", type=int, help="their blocks (Mamba-2 layers, or mixers)")
     parser.add_argument("--mbs", type=int, help="micro-batch size (sequences per step)")
     parser.add_argument("--seq", type=int, help="sequence length")

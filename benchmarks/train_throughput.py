@@ -19,6 +19,10 @@ The gradients are then allocated once and zeroed in place: autograd would otherw
 parameter's first gradient in the graph's memory, which the next micro-batch's replay
 overwrites (a known failure of cudagraph trees with gradient accumulation).
 
+--step-graph replays the whole step, forward to update, as one CUDA graph (toolkit.step_graph):
+against the host's time to queue a step's kernels (the 800M's ~3,700). It needs the Triton
+AdamW (train.adamw_kernel, the default on GPUs); on CPUs the same step runs eagerly.
+
 --fp8-recast-input (with train.fp8_weight_cache) has the cached float8 linears cast their input
 again in the backward for the weight gradient, as torchao's do, instead of reading the forward's
 cast (the same bits): the A/B of that lever.
@@ -52,10 +56,11 @@ from toolkit.config import RecipeError, load_recipe  # noqa: E402
 from toolkit.distributed import ParallelEnv  # noqa: E402
 from toolkit.metrics import peak_memory_gb  # noqa: E402
 from toolkit.model import flops_per_token  # noqa: E402
-from toolkit.parallel.parallelize import parallelize  # noqa: E402
-from toolkit.parallel.runtime import clip_and_step  # noqa: E402
+from toolkit.parallel.parallelize import ParallelModel, parallelize  # noqa: E402
+from toolkit.parallel.runtime import clip_and_queue_step, clip_and_step  # noqa: E402
 from toolkit.precision import PrecisionError  # noqa: E402
 from toolkit.profiling import measure_matmul_tflops, peak_tflops  # noqa: E402
+from toolkit.step_graph import StepGraph  # noqa: E402
 
 log = logging.getLogger("train_throughput")
 
@@ -111,6 +116,41 @@ def time_steps(
     return losses, warmup_times, times
 
 
+def graphed_step(
+    parallel: ParallelModel,
+    params: list[torch.Tensor],
+    max_norm: float,
+    env: ParallelEnv,
+    grad_norms: list[float],
+    seq: int,
+    vocab: int,
+) -> Callable[[], torch.Tensor]:
+    """--step-graph: the whole step (forward, backward, clip, update) as one CUDA graph
+    (toolkit.step_graph: two eager steps, then the capture); the tokens are drawn into a fixed
+    buffer before each step."""
+    runner, optimizer = parallel.run_step, parallel.optimizer
+    tokens = torch.zeros((runner.micro_batch_size * runner.micro_batches, seq + 1),
+                         dtype=torch.long, device=env.device)  # fmt: skip
+
+    def body() -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=False)  # in place: the graph's gradients stay put
+        loss = runner(tokens[:, :-1], tokens[:, 1:])
+        return loss.detach(), clip_and_queue_step(optimizer, params, max_norm, env)
+
+    try:
+        graph = StepGraph(body, optimizer, env.device)
+    except ValueError as e:
+        raise RecipeError(f"--step-graph: {e}; it runs on GPUs") from e
+
+    def step() -> torch.Tensor:
+        tokens.random_(0, vocab)
+        loss, norm = graph()
+        grad_norms.append(float(norm))
+        return loss
+
+    return step
+
+
 def benchmark(args: argparse.Namespace) -> dict:
     overrides = list(args.set)
     if args.seq:
@@ -124,6 +164,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         args.recipe, overrides + [f"train.global_batch_size={mbs * args.accumulate}"]
     )
     cfg, seq = recipe.train, recipe.model.seq_length
+    if args.step_graph and args.cuda_graphs:
+        raise RecipeError("--step-graph captures the whole step: leave out --cuda-graphs")
     if args.cuda_graphs and not cfg.compile:
         raise RecipeError("--cuda-graphs replays compiled code: set train.compile=true")
     if args.fp8_recast_input:
@@ -158,6 +200,9 @@ def benchmark(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=not args.cuda_graphs)
         return loss.detach()
 
+    if args.step_graph:
+        step = graphed_step(parallel, params, cfg.max_grad_norm, env, grad_norms, seq, vocab)
+
     model.train()
     losses, warmup_times, times = time_steps(step, args.warmup, args.steps, device)
     memory = peak_memory_gb(device)
@@ -186,6 +231,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         "compile_scope": cfg.compile_scope,
         "compile_mode": cfg.compile_mode,
         "cuda_graphs": args.cuda_graphs,
+        "step_graph": args.step_graph,
+        "optimizer_class": type(optimizer).__name__,
         "flat_optimizer": cfg.flat_optimizer,
         "te_fused_norm": cfg.te_fused_norm,
         "activation_checkpointing": cfg.activation_checkpointing,
@@ -233,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the compiled blocks as CUDA graphs (needs train.compile; "
                         "gradients allocated once and zeroed in place)")  # fmt: skip
+    parser.add_argument("--step-graph", action="store_true",
+                        help="replay the whole step, forward to update, as one CUDA graph "
+                        "(toolkit.step_graph; needs the Triton AdamW, train.adamw_kernel)")  # fmt: skip
     parser.add_argument("--fp8-recast-input", action="store_true",
                         help="with train.fp8_weight_cache: cast each float8 linear's input "
                         "again in the backward, as torchao does (the lever's A/B)")  # fmt: skip

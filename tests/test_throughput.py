@@ -185,3 +185,15 @@ def test_fp8_recast_input_needs_the_weight_cache(capsys):
     args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "1", "--fp8-recast-input"]
     assert train_throughput.main(args) == 2
     assert "train.fp8_weight_cache=true" in capsys.readouterr().err
+
+
+def test_step_graph_needs_the_triton_adamw_and_not_cuda_graphs(capsys):
+    """--step-graph (toolkit.step_graph, tested in tests/test_step_graph.py) on a CPU, where the
+    update is torch's AdamW: an error naming the flag and the key; beside --cuda-graphs, one
+    naming both."""
+    args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "1", "--seq", "32", "--mbs", "1"]
+    assert train_throughput.main(args + ["--step-graph"]) == 2
+    err = capsys.readouterr().err
+    assert "--step-graph" in err and "train.adamw_kernel" in err
+    assert train_throughput.main(args + ["--step-graph", "--cuda-graphs"]) == 2
+    assert "leave out --cuda-graphs" in capsys.readouterr().err

@@ -126,6 +126,7 @@ class TritonAdamW(torch.optim.AdamW):
             raise NotImplementedError("TritonAdamW: amsgrad and maximize are not supported")
         self._tables: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self._told_eager = False  # the log line about the eager update, once
+        self._graph: dict | None = None  # capture(): the fixed tables of a captured step
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -156,6 +157,8 @@ class TritonAdamW(torch.optim.AdamW):
             raise NotImplementedError("TritonAdamW.step takes no closure")
         if grad_scale is not None:
             grad_scale = grad_scale.to(torch.float32).reshape(1)  # as a scale of fp32 grads
+        if self._graph is not None:
+            return self._step_captured(grad_scale)
         entries = []  # (param, state, group)
         for group in self.param_groups:
             for p in group["params"]:
@@ -166,7 +169,7 @@ class TritonAdamW(torch.optim.AdamW):
         steps = [state["step"] for _, state, _ in entries]
         torch._foreach_add_(steps, 1.0)
         rows, cached = [], {}
-        for (_, _, group), step in zip(entries, torch.stack(steps).tolist()):
+        for (_, _, group), step in zip(entries, steps_of(steps)):
             key = (id(group), step)
             if key not in cached:
                 cached[key] = self._scalars(group, step)
@@ -203,31 +206,116 @@ class TritonAdamW(torch.optim.AdamW):
 
     def _launch(self, entries: list, rows: list, grad_scale: torch.Tensor | None) -> None:
         device = entries[0][0].device
+        tables = self._address_tables(entries)
+        _run_kernel(tables, host_table(rows, torch.float32, device), grad_scale, len(entries))
+        _moved(entries)
+
+    def _address_tables(self, entries: list) -> tuple[torch.Tensor, ...]:
+        """(addresses, numels, block_tensor, block_start) on the device for `entries`."""
+        device = entries[0][0].device
         numels = [p.numel() for p, _, _ in entries]
         key = (str(device), tuple(numels))
         if self._tables is None or self._tables[0] != key:
             self._tables = (key, *_block_tables(numels, device))
         _, block_tensor, block_start = self._tables
-        addresses = [
-            [t.data_ptr() for t in column]
-            for column in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"]) for p, s, _ in entries])
-        ]
-        _adamw_kernel[(block_tensor.numel(),)](
+        addresses = [[t.data_ptr() for t in column] for column in zip(*map(_tensors, entries))]
+        return (
             host_table(addresses, torch.int64, device),
             host_table(numels, torch.int64, device),
-            host_table(rows, torch.float32, device),
             block_tensor,
             block_start,
-            grad_scale if grad_scale is not None else block_start,  # not read without a scale
-            len(entries),
-            HAS_SCALE=grad_scale is not None,
-            BLOCK=BLOCK,
-            SCALARS=SCALARS,
-            num_warps=8,
         )
-        # Written through their addresses, which torch does not see: bump their version
-        # counters as an in-place op would (caches keyed on them, e.g. Mamba2Mixer.decode_A,
-        # would otherwise keep values from before the update).
-        torch.autograd.graph.increment_version(
-            [t for p, s, _ in entries for t in (p, s["exp_avg"], s["exp_avg_sq"])]
-        )
+
+    # A step captured in a CUDA graph (toolkit.step_graph): the replay runs only the kernel, so
+    # what the host computes each step, the step counts and the scalars (lr, bias corrections),
+    # moves to stage(), called before each replay; the addresses are fixed at capture().
+    def capture(self) -> None:
+        """Make the steps from now on replayable: the parameters that hold gradients now, those
+        gradients (kept: zero them in place, never set them to None, from here on) and the
+        moments are fixed in device tables, and step() only launches the kernel over them with
+        the scalars stage() last wrote. Every tensor must be one the kernel addresses."""
+        entries = [
+            (p, self._state(p), group)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not entries:
+            raise RuntimeError("TritonAdamW.capture: no parameter holds a gradient yet")
+        device = entries[0][0].device
+        unfit = [
+            tuple(p.shape)
+            for p, state, _ in entries
+            if p.device != device or not all(map(kernel_addressable, _tensors((p, state, None))))
+        ]
+        if unfit or not triton_imports():
+            raise RuntimeError(
+                "TritonAdamW.capture: a captured step runs only the kernel, which cannot "
+                f"address {len(unfit)} parameters (first: {unfit[:1]}) or their gradients "
+                "(plain contiguous fp32 tensors at 16-byte boundaries on one GPU)"
+            )
+        self._graph = {
+            "entries": entries,
+            "pointers": [t.data_ptr() for entry in entries for t in _tensors(entry)],
+            "tables": self._address_tables(entries),
+            "scalars": torch.zeros((len(entries), SCALARS), dtype=torch.float32, device=device),
+        }
+
+    def stage(self) -> None:
+        """Before a captured step's replay: count the step and write its scalars (the groups'
+        lr as they are now) to the device table the kernel reads, on the current stream."""
+        entries = self._graph["entries"]
+        steps = [state["step"] for _, state, _ in entries]
+        torch._foreach_add_(steps, 1.0)
+        rows = [self._scalars(group, step) for (_, _, group), step in zip(entries, steps_of(steps))]
+        scalars = self._graph["scalars"]
+        scalars.copy_(host_table(rows, torch.float32, scalars.device), non_blocking=True)
+        _moved(entries)
+
+    def _step_captured(self, grad_scale: torch.Tensor | None) -> None:
+        graph = self._graph
+        now = [t.data_ptr() for entry in graph["entries"] for t in _tensors(entry)]
+        if now != graph["pointers"]:
+            raise RuntimeError(
+                "TritonAdamW: a parameter, gradient or moment moved since capture(); a captured "
+                "step needs its gradients zeroed in place, not set to None"
+            )
+        _run_kernel(graph["tables"], graph["scalars"], grad_scale, len(graph["entries"]))
+
+
+def _tensors(entry: tuple) -> tuple[torch.Tensor, ...]:
+    """What the kernel reads and writes of an entry (param, state, group): the parameter, its
+    gradient and both moments."""
+    p, state, _ = entry
+    return p.data, p.grad, state["exp_avg"], state["exp_avg_sq"]
+
+
+def steps_of(steps: list[torch.Tensor]) -> list[float]:
+    """Step-count tensors (on the host) as numbers, in one conversion."""
+    return torch.stack(steps).tolist()
+
+
+def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor | None, n: int):
+    addresses, numels, block_tensor, block_start = tables
+    _adamw_kernel[(block_tensor.numel(),)](
+        addresses,
+        numels,
+        scalars,
+        block_tensor,
+        block_start,
+        grad_scale if grad_scale is not None else block_start,  # not read without a scale
+        n,
+        HAS_SCALE=grad_scale is not None,
+        BLOCK=BLOCK,
+        SCALARS=SCALARS,
+        num_warps=8,
+    )
+
+
+def _moved(entries: list) -> None:
+    """Written through their addresses, which torch does not see: bump the version counters
+    as an in-place op would (caches keyed on them, e.g. Mamba2Mixer.decode_A, would otherwise
+    keep values from before the update)."""
+    torch.autograd.graph.increment_version(
+        [t for p, s, _ in entries for t in (p, s["exp_avg"], s["exp_avg_sq"])]
+    )

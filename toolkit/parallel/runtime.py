@@ -89,25 +89,39 @@ def clip_and_step(
         total = clip_grad_norm(params, max_norm, env)
         optimizer.step()
         return total
+    if env.device.type != "cuda":
+        return float(clip_and_queue_step(optimizer, params, max_norm, env))
+    # The norm comes back through pinned memory while the update runs (a .item() after the
+    # step would wait for the update; one before it would leave the GPU idle while the host
+    # queues the update).
+    host = torch.empty((), dtype=torch.float64, pin_memory=True)
+    fetched = torch.cuda.Event()
+    clip_and_queue_step(optimizer, params, max_norm, env, fetch=(host, fetched))
+    fetched.synchronize()
+    return float(host)
+
+
+def clip_and_queue_step(
+    optimizer: Any,
+    params: list[torch.Tensor],
+    max_norm: float,
+    env: ParallelEnv,
+    fetch: tuple[torch.Tensor, torch.cuda.Event] | None = None,
+) -> torch.Tensor:
+    """clip_and_step's folded path without any host sync (so it can be captured in a CUDA
+    graph: toolkit.step_graph): the norm's coefficient handed to an optimizer that
+    `folds_grad_scale`. Returns the global gradient norm, a 0-dim fp64 tensor on the device;
+    with `fetch` (pinned host tensor, event) it is also copied there before the update."""
     norm = global_grad_squares(params, env).sqrt()
     # clip_grad_norm's coefficient in the same fp64 ops (a true division: `max_norm / tensor`
     # would take a reciprocal), and 1 wherever it does not scale (coef >= 1, or NaN).
     coef = torch.full_like(norm, max_norm) / (norm + 1e-6)
     coef = torch.where(coef < 1.0, coef, 1.0)
-    if norm.device.type != "cuda":
-        total = float(norm)
-        optimizer.step(grad_scale=coef)
-        return total
-    # The norm comes back through pinned memory while the update runs (a .item() after the
-    # step would wait for the update; one before it would leave the GPU idle while the host
-    # queues the update).
-    host = torch.empty((), dtype=norm.dtype, pin_memory=True)
-    host.copy_(norm, non_blocking=True)
-    fetched = torch.cuda.Event()
-    fetched.record()
+    if fetch is not None:
+        fetch[0].copy_(norm, non_blocking=True)
+        fetch[1].record()
     optimizer.step(grad_scale=coef)
-    fetched.synchronize()
-    return float(host)
+    return norm
 
 
 class StepRunner:

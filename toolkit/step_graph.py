@@ -1,0 +1,81 @@
+"""A whole training step, forward to update, replayed as one CUDA graph.
+
+Where a step launches thousands of small kernels (the 800M's 48 blocks: ~3,700 a step, most of
+the host's time in mamba-ssm's backward launching its Triton kernels), the host cannot queue
+them as fast as the GPU runs them: on an H100 the 800M race's step took 361-383 ms for 262 ms
+of GPU work. Captured once, the step costs the host one graph launch.
+
+What a replay needs, and this module arranges:
+- inputs read from tensors the caller refills in place before each call (the tokens);
+- gradients that stay where they are: the body zeroes them in place (set_to_none=False), so
+  autograd and train.fused_grad_accumulation add into them;
+- no host sync inside the body: the clip through clip_and_queue_step, its norm returned as a
+  device tensor;
+- an optimizer whose host work can leave the graph: TritonAdamW (train.adamw_kernel), whose
+  capture() fixes its tables and whose stage(), called before each replay, writes the step's
+  lr and bias corrections to the device.
+
+The first calls run eagerly, on a side stream (compilation, autotuning, cuBLAS workspaces, the
+optimizer's state), as CUDA graphs need; every call is a training step. Without CUDA (CPUs, the
+tests) the body runs eagerly each call with the optimizer captured and staged all the same: the
+split between host and device that a replay relies on is what runs.
+"""
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+
+Outputs = TypeVar("Outputs")
+
+
+class StepGraph(Generic[Outputs]):
+    """`body()` (one training step that returns device tensors) called once per training step:
+    the first `warmup` calls eagerly (on a side stream where CUDA is used), then, on CUDA, the
+    next one captured and every call from there a replay, `optimizer` staged before each. The
+    caller refills the body's inputs in place before every call; each call is one step."""
+
+    def __init__(
+        self,
+        body: Callable[[], Outputs],
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        warmup: int = 2,
+    ) -> None:
+        if not (hasattr(optimizer, "capture") and hasattr(optimizer, "stage")):
+            raise ValueError(
+                f"a step replayed as a CUDA graph needs its update on the device alone: "
+                f"{type(optimizer).__name__} is not one (train.adamw_kernel='triton' is)"
+            )
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (the optimizer's state), got {warmup}")
+        self.body, self.optimizer, self.device, self.warmup = body, optimizer, device, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: Outputs | None = None
+
+    def __call__(self) -> Outputs:
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self._eager()
+        if self.calls == self.warmup + 1:
+            self.optimizer.capture()
+            if self.device.type == "cuda":
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.outputs = self.body()
+        self.optimizer.stage()
+        if self.graph is None:
+            return self.body()
+        self.graph.replay()
+        return self.outputs
+
+    def _eager(self) -> Outputs:
+        if self.device.type != "cuda":
+            return self.body()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            outputs = self.body()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return outputs
