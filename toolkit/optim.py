@@ -8,7 +8,7 @@ from torch import nn
 
 from toolkit.config import TrainConfig
 from toolkit.flat_adamw import FlatAdamW
-from toolkit.model.kernels import triton_imports
+from toolkit.model.kernels import triton_imports, triton_interprets
 from toolkit.parallel.zero import ShardedOptimizer
 from toolkit.triton_adamw import TritonAdamW
 
@@ -54,6 +54,9 @@ def build_optimizer(
             if gpu_adamw_kernel(cfg) == "triton":
                 return TritonAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
             kind = {"fused": True}
+        elif cfg.adamw_kernel == "triton" and triton_interprets():
+            # The kernel on CPU tensors under Triton's interpreter: how tests run it (slowly).
+            return TritonAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
         else:
             kind = {"foreach": True}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, **kind)

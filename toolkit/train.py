@@ -45,9 +45,10 @@ from toolkit.metrics import Metrics, StepStats
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import learning_rate
 from toolkit.parallel.parallelize import parallelize
-from toolkit.parallel.runtime import average_over_dp, clip_and_step
+from toolkit.parallel.runtime import average_over_dp, clip_and_queue_step, clip_and_step
 from toolkit.precision import PrecisionError
 from toolkit.profiling import StepProfiler, add_nvtx_ranges
+from toolkit.step_graph import StepGraph
 from toolkit.stopping import (
     NanPolicy,
     StopRequest,
@@ -172,6 +173,7 @@ class Trainer:
         self.step_ended: float | None = None  # perf_counter at the last step's end
         self.nan_policy = NanPolicy(cfg, recipe.checkpoint.dir)
         self.result = TrainResult()
+        self.step_graph = self.build_step_graph() if cfg.step_graph else None
 
     def samples_at_end(self) -> bool:
         """Whether this rank prints the closing sample (unless a signal stops the run)."""
@@ -234,6 +236,31 @@ class Trainer:
         out = Path(self.recipe.logging.dir) / "profile"
         return StepProfiler(cfg, out, self.env.rank, device, next_step=self.step + 1)
 
+    def build_step_graph(self) -> StepGraph:
+        """train.step_graph: the step's work on the device alone (forward and backward into
+        gradients zeroed in place, the clip's norm, the update, skipped there for a non-finite
+        loss) for toolkit.step_graph, reading the batch from buffers train_step refills."""
+        env, cfg = self.env, self.recipe.train
+        if env.dp > 1:
+            raise RecipeError(f"train.step_graph captures one GPU's whole step; DP={env.dp}")
+        if self.parallel.fp8_engine == "transformer_engine":
+            raise RecipeError("train.step_graph: Transformer Engine's float8 linears keep host "
+                              "state between steps; use train.fp8_engine='torchao'")  # fmt: skip
+        shape = (cfg.global_batch_size, self.recipe.model.seq_length)
+        self.graph_batch = [torch.zeros(shape, dtype=torch.long, device=env.device) for _ in "xy"]
+
+        def body() -> tuple[torch.Tensor, torch.Tensor]:
+            self.optimizer.zero_grad(set_to_none=False)  # the graph's gradients stay put
+            loss = self.parallel.run_step(*self.graph_batch)
+            norm = clip_and_queue_step(self.optimizer, self.trainable, cfg.max_grad_norm, env,
+                                       skip_unless_finite=loss)  # fmt: skip
+            return loss.detach(), norm
+
+        try:
+            return StepGraph(body, self.optimizer, env.device)
+        except ValueError as e:
+            raise RecipeError(f"train.step_graph: {e}") from e
+
     def train_step(self) -> StepStats | None:
         """One optimizer step on this DP rank's slice of the next global batch: forward and
         backward (micro-batches or the pipeline schedule), the mean over DP, clipping and the
@@ -248,6 +275,8 @@ class Trainer:
             group["lr"] = lr
         mine = rank_samples(self.consumed, cfg.global_batch_size, env.dp_rank, env.dp)
         batch = self.sampler.batch(mine.start, len(mine))
+        if self.step_graph is not None:
+            return self.graphed_step(batch, lr, started)
         loss_sum = self.parallel.run_step(*(t.to(env.device) for t in batch))
         grads = [p.grad for p in self.trainable if p.grad is not None]
         average_over_dp([loss_sum, *grads], env)
@@ -262,6 +291,23 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         self.step_ended = time.perf_counter()
         return StepStats(loss, lr, grad_norm, self.step_ended - started)
+
+    def graphed_step(self, batch: tuple, lr: float, started: float) -> StepStats | None:
+        """train_step through the step graph: the batch into its buffers, one replay (or, for
+        the first steps, the eager body), then the loss; the update already skipped on the
+        device for a non-finite one, so a skipped step only takes its count back."""
+        for buffer, part in zip(self.graph_batch, batch):
+            buffer.copy_(part, non_blocking=True)
+        loss_t, norm_t = self.step_graph()
+        loss = loss_t.item()
+        self.consumed += self.recipe.train.global_batch_size
+        self.step += 1
+        if not self.nan_policy.accept(self.step, loss):
+            self.optimizer.unstage()
+            self.step_ended = None
+            return None
+        self.step_ended = time.perf_counter()
+        return StepStats(loss, lr, float(norm_t), self.step_ended - started)
 
     def validation_due(self) -> bool:
         """Every train.eval_interval steps and at the last, when there is validation data."""

@@ -76,6 +76,9 @@ if triton_imports():
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
         offs = start + tl.arange(0, BLOCK)
         numel = tl.load(numels + t)
+        if HAS_SCALE:  # a NaN coefficient: no update at all (a captured step's skipped loss)
+            scale = tl.load(grad_scale)
+            numel = tl.where(scale == scale, numel, 0)
         param = tl.multiple_of(tl.load(addresses + t).to(tl.pointer_type(tl.float32)), 16)
         grad = tl.multiple_of(tl.load(addresses + n + t).to(tl.pointer_type(tl.float32)), 16)
         exp_avg = tl.multiple_of(tl.load(addresses + 2 * n + t).to(tl.pointer_type(tl.float32)), 16)
@@ -271,6 +274,17 @@ class TritonAdamW(torch.optim.AdamW):
         scalars = self._graph["scalars"]
         scalars.copy_(host_table(rows, torch.float32, scalars.device), non_blocking=True)
         _moved(entries)
+
+    def unstage(self) -> None:
+        """Take back the last step's count (stage()'s, or an eager step's), for a step whose
+        update the kernel skipped: its coefficient NaN, from clip_and_queue_step with a
+        non-finite loss."""
+        if self._graph is not None:
+            states = [state for _, state, _ in self._graph["entries"]]
+        else:
+            held = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            states = [self.state[p] for p in held if p in self.state]
+        torch._foreach_add_([state["step"] for state in states], -1.0)
 
     def _step_captured(self, grad_scale: torch.Tensor | None) -> None:
         graph = self._graph

@@ -59,6 +59,12 @@ def validate(r: Recipe, world_size: WorldSize = None) -> None:
         "needs a validation split: set data.valid_fraction (e.g. 0.01), or with data.blend a "
         "valid share in data.split",
     )
+    check(
+        not r.train.step_graph or (r.parallel.tp == 1 and r.parallel.pp == 1),
+        "train.step_graph",
+        f"captures one GPU's whole step: needs parallel.tp=1 and parallel.pp=1, got "
+        f"tp={r.parallel.tp} pp={r.parallel.pp}",
+    )
     if world_size == "slurm":
         world_size = r.slurm.world_size
     check_layout(r, world_size)  # last: the recipe fits no job, or not this one

@@ -179,7 +179,15 @@ class TrainConfig:
         "the GPU update: 'triton', one Triton kernel over every parameter with the clip "
         "coefficient applied as gradients are read (toolkit/triton_adamw.py; 1.10x torch's at "
         "the 800M), or 'torch', its fused AdamW after clipping in place; same arithmetic and "
-        "checkpoints. 'auto': 'triton' unless train.flat_optimizer. CPUs take torch's",
+        "checkpoints. 'auto': 'triton' unless train.flat_optimizer. CPUs take torch's (with "
+        "Triton's interpreter on, 'triton' runs the kernel on them: the tests)",
+    )
+    step_graph: bool = opt(
+        False,
+        "replay each optimizer step, forward to update, as one CUDA graph (toolkit.step_graph): "
+        "for steps the host cannot launch as fast as the GPU runs them (the 800M race's widths: "
+        "1.38x on an H100). One GPU (TP=PP=DP=1), the Triton AdamW (train.adamw_kernel), no "
+        "Transformer Engine; the batch's shape fixed",
     )
     flat_optimizer: bool = opt(
         False,
@@ -302,6 +310,12 @@ class TrainConfig:
             self.compile_scope == "block" or self.compile is True,
             "train.compile_scope",
             f"'model' compiles every block: needs train.compile=true, got {self.compile!r}",
+        )
+        check(
+            not self.step_graph or (self.adamw_kernel != "torch" and not self.flat_optimizer),
+            "train.step_graph",
+            "a captured step needs the Triton AdamW: leave train.adamw_kernel 'auto' or "
+            "'triton' and train.flat_optimizer off",
         )
         check(
             self.adamw_kernel != "triton" or not self.flat_optimizer,

@@ -107,16 +107,21 @@ def clip_and_queue_step(
     max_norm: float,
     env: ParallelEnv,
     fetch: tuple[torch.Tensor, torch.cuda.Event] | None = None,
+    skip_unless_finite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """clip_and_step's folded path without any host sync (so it can be captured in a CUDA
     graph: toolkit.step_graph): the norm's coefficient handed to an optimizer that
     `folds_grad_scale`. Returns the global gradient norm, a 0-dim fp64 tensor on the device;
-    with `fetch` (pinned host tensor, event) it is also copied there before the update."""
+    with `fetch` (pinned host tensor, event) it is also copied there before the update. With
+    `skip_unless_finite` (the step's loss) a non-finite one makes the coefficient NaN, which
+    TritonAdamW takes as: no update (train.nan_policy='skip' where the host cannot look first)."""
     norm = global_grad_squares(params, env).sqrt()
     # clip_grad_norm's coefficient in the same fp64 ops (a true division: `max_norm / tensor`
     # would take a reciprocal), and 1 wherever it does not scale (coef >= 1, or NaN).
     coef = torch.full_like(norm, max_norm) / (norm + 1e-6)
     coef = torch.where(coef < 1.0, coef, 1.0)
+    if skip_unless_finite is not None:
+        coef = torch.where(skip_unless_finite.isfinite(), coef, torch.nan)
     if fetch is not None:
         fetch[0].copy_(norm, non_blocking=True)
         fetch[1].record()
