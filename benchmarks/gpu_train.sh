@@ -142,7 +142,9 @@ run opt_step_triton 120 python3 benchmarks/optimizer_step.py recipes/800m_hybrid
 tp lever_torch_adamw 200 8 --set train.compile=true --set 'train.adamw_kernel="torch"'
 # The whole step as one CUDA graph (toolkit.step_graph) against bf16_compile_mbs8: what the host's
 # time to queue the 800M's launches costs.
+run step_graph_gpu_test 300 python3 -m pytest -q tests/test_step_graph.py
 tp lever_step_graph 200 8 --set train.compile=true --step-graph
+t8b lever_8b28l_step_graph_gb8 300 28 --accumulate 8 --set train.compile=true --step-graph
 t8b lever_8b28l_torch_adamw_gb8 240 28 --set train.compile=true --set train.global_batch_size=8 \
   --set 'train.adamw_kernel="torch"'
 # At the 8B's shapes, where the clip's scale pass folded into the update is worth the most
