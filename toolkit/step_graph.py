@@ -62,8 +62,15 @@ class StepGraph(Generic[Outputs]):
             self.optimizer.capture()
             if self.device.type == "cuda":
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.outputs = self.body()
+                try:
+                    with torch.cuda.graph(self.graph):
+                        self.outputs = self.body()
+                except RuntimeError as e:
+                    raise RuntimeError(
+                        f"capturing the training step as a CUDA graph failed ({e}): something in "
+                        "the step waits for the GPU or copies from pageable host memory; run "
+                        "without train.step_graph (--step-graph)"
+                    ) from e
         self.optimizer.stage()
         if self.graph is None:
             return self.body()
