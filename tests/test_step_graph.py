@@ -164,17 +164,23 @@ from toolkit.train import train
 def run(tmp, poisoned=(), **keys):
     with pytest.MonkeyPatch.context() as mp:
         poison_loss(mp, set(poisoned))
-        return train(make_recipe(Path(tmp), RANDOM_TEXT, steps=6, adamw_kernel="triton",
-                                 nan_policy="skip", **keys))
+        keys = {"steps": 6, "adamw_kernel": "triton", "nan_policy": "skip"} | keys
+        return train(make_recipe(Path(tmp), RANDOM_TEXT, **keys))
 
 with tempfile.TemporaryDirectory() as tmp:
     want = run(f"{tmp}/a")
     got = run(f"{tmp}/b", step_graph=True)
     assert got.losses == want.losses, (got.losses, want.losses)
+    # Stopped after step 3 (the capture's) and resumed to 6: the optimizer's restored state is
+    # captured anew, and the steps are the uninterrupted run's.
+    first = run(f"{tmp}/c", step_graph=True, steps=3, decay_steps=6)
+    resumed = run(f"{tmp}/c", step_graph=True)
+    assert sorted(resumed.losses) == [4, 5, 6], resumed.losses
+    assert all(resumed.losses[s] == want.losses[s] for s in (4, 5, 6)), resumed.losses
     # Step 2 (eager, before the capture) and step 5 (staged) poisoned: both skipped, and the
     # steps after them the same as the trainer's own skips give.
-    want = run(f"{tmp}/c", poisoned={2, 8})
-    got = run(f"{tmp}/d", poisoned={2, 8}, step_graph=True)
+    want = run(f"{tmp}/d", poisoned={2, 8})
+    got = run(f"{tmp}/e", poisoned={2, 8}, step_graph=True)
     assert sorted(got.losses) == [1, 3, 4, 6] and got.skipped_steps == 2, got.losses
     assert got.losses == want.losses, (got.losses, want.losses)
 print("trainer agrees")
@@ -183,9 +189,10 @@ print("trainer agrees")
 
 def test_the_trainers_step_graph_is_its_step_under_the_interpreter():
     """train.step_graph in the trainer (the tiny hybrid, 6 steps, the Triton AdamW under the
-    interpreter): the losses of the run without it, bit for bit; with train.nan_policy='skip'
-    a poisoned step before the capture and one after it are skipped as the trainer skips them
-    (the update left out on the device, the step count taken back)."""
+    interpreter): the losses of the run without it, bit for bit, also stopped after 3 steps
+    and resumed; with train.nan_policy='skip' a poisoned step before the capture and one after
+    it are skipped as the trainer skips them (the update left out on the device, the step
+    count taken back)."""
     interpret(TRAINER, "trainer agrees")
 
 
