@@ -152,6 +152,28 @@ class TritonAdamW(torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         return [*adamw_scalars(group, step), beta2, 1 - beta1, 1 - beta2, group["eps"], 0.0]
 
+    def _entries(self) -> list[tuple]:
+        """(param, state, group) of every parameter that holds a gradient, its state started."""
+        return [
+            (p, self._state(p), group)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+
+    def _count_step(self, entries: list) -> list[list[float]]:
+        """Count a step for each entry (its step count, on the host) and return each one's row
+        of the kernel's scalars, computed once per group and step count."""
+        steps = [state["step"] for _, state, _ in entries]
+        torch._foreach_add_(steps, 1.0)
+        rows, cached = [], {}
+        for (_, _, group), step in zip(entries, torch.stack(steps).tolist()):
+            key = (id(group), step)
+            if key not in cached:
+                cached[key] = self._scalars(group, step)
+            rows.append(cached[key])
+        return rows
+
     @torch.no_grad()
     def step(self, closure: None = None, grad_scale: torch.Tensor | None = None) -> None:
         """One update; `grad_scale` (a 0-dim tensor on the parameters' device): the gradients
@@ -162,30 +184,14 @@ class TritonAdamW(torch.optim.AdamW):
             grad_scale = grad_scale.to(torch.float32).reshape(1)  # as a scale of fp32 grads
         if self._graph is not None:
             return self._step_captured(grad_scale)
-        entries = []  # (param, state, group)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    entries.append((p, self._state(p), group))
+        entries = self._entries()
         if not entries:
             return
-        steps = [state["step"] for _, state, _ in entries]
-        torch._foreach_add_(steps, 1.0)
-        rows, cached = [], {}
-        for (_, _, group), step in zip(entries, steps_of(steps)):
-            key = (id(group), step)
-            if key not in cached:
-                cached[key] = self._scalars(group, step)
-            rows.append(cached[key])
-
+        rows = self._count_step(entries)
         device, kernel = entries[0][0].device, triton_imports()
         in_kernel, eager = [], []
-        for i, (p, state, _) in enumerate(entries):
-            addressable = p.device == device and all(
-                kernel_addressable(t)
-                for t in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])
-            )
-            (in_kernel if kernel and addressable else eager).append(i)
+        for i, entry in enumerate(entries):
+            (in_kernel if kernel and _addressable(entry, device) else eager).append(i)
         if in_kernel:
             self._launch([entries[i] for i in in_kernel], [rows[i] for i in in_kernel], grad_scale)
         if eager and not self._told_eager:
@@ -237,20 +243,11 @@ class TritonAdamW(torch.optim.AdamW):
         gradients (kept: zero them in place, never set them to None, from here on) and the
         moments are fixed in device tables, and step() only launches the kernel over them with
         the scalars stage() last wrote. Every tensor must be one the kernel addresses."""
-        entries = [
-            (p, self._state(p), group)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
+        entries = self._entries()
         if not entries:
             raise RuntimeError("TritonAdamW.capture: no parameter holds a gradient yet")
         device = entries[0][0].device
-        unfit = [
-            tuple(p.shape)
-            for p, state, _ in entries
-            if p.device != device or not all(map(kernel_addressable, _tensors((p, state, None))))
-        ]
+        unfit = [tuple(e[0].shape) for e in entries if not _addressable(e, device)]
         if unfit or not triton_imports():
             raise RuntimeError(
                 "TritonAdamW.capture: a captured step runs only the kernel, which cannot "
@@ -268,9 +265,7 @@ class TritonAdamW(torch.optim.AdamW):
         """Before a captured step's replay: count the step and write its scalars (the groups'
         lr as they are now) to the device table the kernel reads, on the current stream."""
         entries = self._graph["entries"]
-        steps = [state["step"] for _, state, _ in entries]
-        torch._foreach_add_(steps, 1.0)
-        rows = [self._scalars(group, step) for (_, _, group), step in zip(entries, steps_of(steps))]
+        rows = self._count_step(entries)
         scalars = self._graph["scalars"]
         scalars.copy_(host_table(rows, torch.float32, scalars.device), non_blocking=True)
         _moved(entries)
@@ -279,12 +274,8 @@ class TritonAdamW(torch.optim.AdamW):
         """Take back the last step's count (stage()'s, or an eager step's), for a step whose
         update the kernel skipped: its coefficient NaN, from clip_and_queue_step with a
         non-finite loss."""
-        if self._graph is not None:
-            states = [state for _, state, _ in self._graph["entries"]]
-        else:
-            held = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            states = [self.state[p] for p in held if p in self.state]
-        torch._foreach_add_([state["step"] for state in states], -1.0)
+        entries = self._graph["entries"] if self._graph is not None else self._entries()
+        torch._foreach_add_([state["step"] for _, state, _ in entries], -1.0)
 
     def _step_captured(self, grad_scale: torch.Tensor | None) -> None:
         graph = self._graph
@@ -304,9 +295,9 @@ def _tensors(entry: tuple) -> tuple[torch.Tensor, ...]:
     return p.data, p.grad, state["exp_avg"], state["exp_avg_sq"]
 
 
-def steps_of(steps: list[torch.Tensor]) -> list[float]:
-    """Step-count tensors (on the host) as numbers, in one conversion."""
-    return torch.stack(steps).tolist()
+def _addressable(entry: tuple, device: torch.device) -> bool:
+    """Whether the kernel takes an entry: its tensors all kernel_addressable, on `device`."""
+    return entry[0].device == device and all(map(kernel_addressable, _tensors(entry)))
 
 
 def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor | None, n: int):
