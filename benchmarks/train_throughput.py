@@ -57,10 +57,10 @@ from toolkit.distributed import ParallelEnv  # noqa: E402
 from toolkit.metrics import peak_memory_gb  # noqa: E402
 from toolkit.model import flops_per_token  # noqa: E402
 from toolkit.parallel.parallelize import ParallelModel, parallelize  # noqa: E402
-from toolkit.parallel.runtime import clip_and_queue_step, clip_and_step  # noqa: E402
+from toolkit.parallel.runtime import clip_and_step  # noqa: E402
 from toolkit.precision import PrecisionError  # noqa: E402
 from toolkit.profiling import measure_matmul_tflops, peak_tflops  # noqa: E402
-from toolkit.step_graph import StepGraph  # noqa: E402
+from toolkit.step_graph import StepGraph, training_body  # noqa: E402
 
 log = logging.getLogger("train_throughput")
 
@@ -128,17 +128,14 @@ def graphed_step(
     """--step-graph: the whole step (forward, backward, clip, update) as one CUDA graph
     (toolkit.step_graph: two eager steps, then the capture); the tokens are drawn into a fixed
     buffer before each step."""
-    runner, optimizer = parallel.run_step, parallel.optimizer
+    runner = parallel.run_step
     tokens = torch.zeros((runner.micro_batch_size * runner.micro_batches, seq + 1),
                          dtype=torch.long, device=env.device)  # fmt: skip
-
-    def body() -> tuple[torch.Tensor, torch.Tensor]:
-        optimizer.zero_grad(set_to_none=False)  # in place: the graph's gradients stay put
-        loss = runner(tokens[:, :-1], tokens[:, 1:])
-        return loss.detach(), clip_and_queue_step(optimizer, params, max_norm, env)
-
+    # As the eager step here: the update applied whatever the loss (a NaN is the run's error).
+    body = training_body(parallel, params, max_norm, env, tokens[:, :-1], tokens[:, 1:],
+                         skip_non_finite=False)  # fmt: skip
     try:
-        graph = StepGraph(body, optimizer, env.device)
+        graph = StepGraph(body, parallel.optimizer, env.device)
     except ValueError as e:
         raise RecipeError(f"--step-graph: {e}; it runs on GPUs") from e
 

@@ -24,9 +24,15 @@ split between host and device that a replay relies on is what runs.
 import logging
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
+
+from toolkit.distributed import ParallelEnv
+from toolkit.parallel.runtime import clip_and_queue_step
+
+if TYPE_CHECKING:
+    from toolkit.parallel.parallelize import ParallelModel
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +99,28 @@ class StepGraph(Generic[Outputs]):
             outputs = self.body()
         torch.cuda.current_stream(self.device).wait_stream(side)
         return outputs
+
+
+def training_body(
+    parallel: "ParallelModel",
+    params: list[torch.Tensor],
+    max_norm: float,
+    env: ParallelEnv,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    skip_non_finite: bool = True,
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A StepGraph body of one training step over `inputs` and `labels` (buffers the caller
+    refills): gradients zeroed in place, forward and backward, the clip and the update queued
+    with no host sync (with `skip_non_finite`, no update for a non-finite loss: train.nan_policy
+    'skip'). It returns (the loss, the gradient norm before clipping), device tensors."""
+    optimizer = parallel.optimizer
+
+    def body() -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=False)  # the graph's gradients stay put
+        loss = parallel.run_step(inputs, labels)
+        skip = loss if skip_non_finite else None
+        norm = clip_and_queue_step(optimizer, params, max_norm, env, skip_unless_finite=skip)
+        return loss.detach(), norm
+
+    return body

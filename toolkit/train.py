@@ -45,10 +45,10 @@ from toolkit.metrics import Metrics, StepStats
 from toolkit.model import HybridLM, flops_per_token
 from toolkit.optim import learning_rate
 from toolkit.parallel.parallelize import parallelize
-from toolkit.parallel.runtime import average_over_dp, clip_and_queue_step, clip_and_step
+from toolkit.parallel.runtime import average_over_dp, clip_and_step
 from toolkit.precision import PrecisionError
 from toolkit.profiling import StepProfiler, add_nvtx_ranges
-from toolkit.step_graph import StepGraph
+from toolkit.step_graph import StepGraph, training_body
 from toolkit.stopping import (
     NanPolicy,
     StopRequest,
@@ -248,14 +248,8 @@ class Trainer:
                               "state between steps; use train.fp8_engine='torchao'")  # fmt: skip
         shape = (cfg.global_batch_size, self.recipe.model.seq_length)
         self.graph_batch = [torch.zeros(shape, dtype=torch.long, device=env.device) for _ in "xy"]
-
-        def body() -> tuple[torch.Tensor, torch.Tensor]:
-            self.optimizer.zero_grad(set_to_none=False)  # the graph's gradients stay put
-            loss = self.parallel.run_step(*self.graph_batch)
-            norm = clip_and_queue_step(self.optimizer, self.trainable, cfg.max_grad_norm, env,
-                                       skip_unless_finite=loss)  # fmt: skip
-            return loss.detach(), norm
-
+        body = training_body(self.parallel, self.trainable, cfg.max_grad_norm, env,
+                             *self.graph_batch)  # fmt: skip
         try:
             return StepGraph(body, self.optimizer, env.device)
         except ValueError as e:
