@@ -43,3 +43,12 @@ tree_digest() {
   find toolkit benchmarks -type f \( -name '*.py' -o -name '*.sh' \) | LC_ALL=C sort |
     xargs sha1sum | sha1sum | cut -c 1-12
 }
+
+# Inductor's compiled blocks in .gpu/inductor for this and later processes, unpacked from the
+# parts an earlier call brought back (gpu_train.sh writes them; carry them in .dev/).
+inductor_cache() {
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor
+  if [ ! -d .gpu/inductor ] && ls .dev/inductor.tar.xz.part* > /dev/null 2>&1; then
+    mkdir -p .gpu && cat .dev/inductor.tar.xz.part* | tar xJf - -C .gpu
+  fi
+}

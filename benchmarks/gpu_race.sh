@@ -13,8 +13,8 @@ OUT=${OUT:-runs/gpu_race}
 mkdir -p "$OUT"
 START=$(date +%s)
 source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1 || { tail "$OUT/setup.log"; exit 1; }
-export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor
 source benchmarks/gpu_lib.sh
+inductor_cache  # the compiled blocks of earlier calls, carried in .dev/
 part_budget "${GPU_RACE_BUDGET_S:-570}" "$START"
 PART_ONLY="$*" PART_MIN_S=60
 part_done() { echo "$1 exit $2 in $3 s"; tail -4 "$4"; }

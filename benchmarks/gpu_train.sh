@@ -62,10 +62,7 @@ source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1
 source benchmarks/gpu_lib.sh
 echo "set-up $(( $(date +%s) - START )) s, tree $(tree_digest)"; tail -5 "$OUT/setup.log"
 # Later processes (and, carried back in .dev/, later calls) reuse the compiled blocks.
-export TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor
-if [ ! -d .gpu/inductor ] && ls .dev/inductor.tar.xz.part* > /dev/null 2>&1; then
-  cat .dev/inductor.tar.xz.part* | tar xJf - -C .gpu
-fi
+inductor_cache
 part_budget "${GPU_TRAIN_BUDGET_S:-500}"
 PART_ONLY=${GPU_TRAIN_RUNS:-} PART_DIR=$W
 run() { part "$@"; }  # name timeout_s command...

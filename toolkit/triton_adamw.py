@@ -130,6 +130,7 @@ class TritonAdamW(torch.optim.AdamW):
         self._tables: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self._told_eager = False  # the log line about the eager update, once
         self._graph: dict | None = None  # capture(): the fixed tables of a captured step
+        self._last_params: list[tuple] = []  # (param, group) the last eager step updated
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -187,6 +188,7 @@ class TritonAdamW(torch.optim.AdamW):
         entries = self._entries()
         if not entries:
             return
+        self._last_params = [(p, group) for p, _, group in entries]
         rows = self._count_step(entries)
         device, kernel = entries[0][0].device, triton_imports()
         in_kernel, eager = [], []
@@ -237,55 +239,94 @@ class TritonAdamW(torch.optim.AdamW):
 
     # A step captured in a CUDA graph (toolkit.step_graph): the replay runs only the kernel, so
     # what the host computes each step, the step counts and the scalars (lr, bias corrections),
-    # moves to stage(), called before each replay; the addresses are fixed at capture().
+    # moves to stage(), called before each replay. The gradients are autograd's own, as in eager
+    # steps (set to None after each step, made anew by the backward): inside the capture they
+    # come from the graph's memory pool, where every replay writes them again, so the address
+    # table is written once, outside the graph, by the first stage() after the capture.
+
     def capture(self) -> None:
-        """Make the steps from now on replayable: the parameters that hold gradients now, those
-        gradients (kept: zero them in place, never set them to None, from here on) and the
-        moments are fixed in device tables, and step() only launches the kernel over them with
-        the scalars stage() last wrote. Every tensor must be one the kernel addresses."""
-        entries = self._entries()
-        if not entries:
-            raise RuntimeError("TritonAdamW.capture: no parameter holds a gradient yet")
+        """Make the steps from now on replayable. The parameters the last step updated (every
+        tensor one the kernel addresses), their moments and the device tables are fixed here;
+        each step from now on must update the same parameters, and the moments must stay where
+        they are (a restored optimizer state needs a new capture)."""
+        params = self._last_params
+        if not params:
+            raise RuntimeError("TritonAdamW.capture: no step has run yet")
+        entries = [(p, self._state(p), group) for p, group in params]
         device = entries[0][0].device
-        unfit = [tuple(e[0].shape) for e in entries if not _addressable(e, device)]
+        unfit = [tuple(p.shape) for p, state, _ in entries
+                 if not all(kernel_addressable(t) and t.device == device
+                            for t in (p.data, state["exp_avg"], state["exp_avg_sq"]))]  # fmt: skip
         if unfit or not triton_imports():
             raise RuntimeError(
                 "TritonAdamW.capture: a captured step runs only the kernel, which cannot "
-                f"address {len(unfit)} parameters (first: {unfit[:1]}) or their gradients "
-                "(plain contiguous fp32 tensors at 16-byte boundaries on one GPU)"
+                f"address {len(unfit)} parameters (first: {unfit[:1]}) (plain contiguous fp32 "
+                "tensors at 16-byte boundaries on one GPU)"
             )
+        numels = [p.numel() for p, _, _ in entries]
         self._graph = {
             "entries": entries,
-            "pointers": [t.data_ptr() for entry in entries for t in _tensors(entry)],
-            "tables": self._address_tables(entries),
+            "moments": _state_pointers(entries),
+            "addresses": torch.zeros((4, len(entries)), dtype=torch.int64, device=device),
+            "numels": host_table(numels, torch.int64, device),
+            "blocks": _block_tables(numels, device),
             "scalars": torch.zeros((len(entries), SCALARS), dtype=torch.float32, device=device),
+            "pending": None,  # the addresses of a captured step, for stage() to write
         }
 
     def stage(self) -> None:
         """Before a captured step's replay: count the step and write its scalars (the groups'
-        lr as they are now) to the device table the kernel reads, on the current stream."""
-        entries = self._graph["entries"]
+        lr as they are now) to the device table the kernel reads, on the current stream; after
+        the capture, its gradients' addresses too."""
+        graph = self._graph
+        entries = graph["entries"] = [(p, self._state(p), g) for p, _, g in graph["entries"]]
+        if _state_pointers(entries) != graph["moments"]:
+            raise RuntimeError(
+                "TritonAdamW: a parameter or moment moved since capture() (a restored state?): "
+                "the captured step would update the old ones; capture anew"
+            )
         rows = self._count_step(entries)
-        scalars = self._graph["scalars"]
+        scalars = graph["scalars"]
         scalars.copy_(host_table(rows, torch.float32, scalars.device), non_blocking=True)
+        pending, graph["pending"] = graph["pending"], None
+        if pending is not None:
+            addresses = host_table(pending, torch.int64, scalars.device)
+            graph["addresses"].copy_(addresses, non_blocking=True)
         _moved(entries)
 
     def unstage(self) -> None:
         """Take back the last step's count (stage()'s, or an eager step's), for a step whose
         update the kernel skipped: its coefficient NaN, from clip_and_queue_step with a
         non-finite loss."""
-        entries = self._graph["entries"] if self._graph is not None else self._entries()
-        torch._foreach_add_([state["step"] for _, state, _ in entries], -1.0)
+        last = self._graph["entries"] if self._graph is not None else self._last_params
+        torch._foreach_add_([self._state(p)["step"] for p, *_ in last], -1.0)
 
     def _step_captured(self, grad_scale: torch.Tensor | None) -> None:
         graph = self._graph
-        now = [t.data_ptr() for entry in graph["entries"] for t in _tensors(entry)]
-        if now != graph["pointers"]:
+        entries = graph["entries"]
+        now = self._entries()
+        if [p for p, _, _ in now] != [p for p, _, _ in entries]:
             raise RuntimeError(
-                "TritonAdamW: a parameter, gradient or moment moved since capture(); a captured "
-                "step needs its gradients zeroed in place, not set to None"
+                f"TritonAdamW: a captured step must update the parameters of capture() "
+                f"({len(entries)}); {len(now)} hold gradients now"
             )
-        _run_kernel(graph["tables"], graph["scalars"], grad_scale, len(graph["entries"]))
+        unfit = [tuple(p.shape) for p, _, _ in now if not kernel_addressable(p.grad)]
+        if unfit:
+            raise RuntimeError(f"TritonAdamW: a captured step's gradients must be plain "
+                               f"contiguous fp32 tensors on the GPU (first: {unfit[0]})")  # fmt: skip
+        addresses = [[t.data_ptr() for t in column] for column in zip(*map(_tensors, now))]
+        device = entries[0][0].device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            graph["pending"] = addresses  # no host copies inside a capture: stage() writes them
+        else:  # the body run eagerly (no CUDA): its gradients are new each call
+            graph["addresses"].copy_(host_table(addresses, torch.int64, device))
+        tables = (graph["addresses"], graph["numels"], *graph["blocks"])
+        _run_kernel(tables, graph["scalars"], grad_scale, len(entries))
+
+
+def _state_pointers(entries: list) -> list[int]:
+    """Where each entry's parameter and moments are: what a captured step writes."""
+    return [t.data_ptr() for p, s, _ in entries for t in (p.data, s["exp_avg"], s["exp_avg_sq"])]
 
 
 def _tensors(entry: tuple) -> tuple[torch.Tensor, ...]:
