@@ -8,17 +8,20 @@ added into the flat buffer's zeroed views (set_to_none=False). Also the flat one
 place first (clip_grad_norm, then the update), what folding saves.
 
     python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml [--steps 20] [--json OUT]
-        [--variants torch,triton,flat,flat_views,flat_clip_in_place]
+        [--variants torch,triton,flat,flat_views,flat_clip_in_place,triton_b8192_w16]
 
 Random gradients, no forward pass; the same ones for every variant. The variants run one after
 another, each on a model of its own built from the same seed (~20 bytes a parameter on the
 device at a time: the 8B's shapes at 28 layers fit one H200). Also checks that the others end
 where the first does (relative L2 of the parameters: 0 on CPUs, fp32 rounding on GPUs).
 The gradients' norm is in the JSON (`grad_norm`; clipping is active when above train.grad_clip).
+A variant `triton_bBLOCK_wWARPS` is the Triton kernel with BLOCK elements a program and WARPS
+warps (the default: triton_adamw.BLOCK and NUM_WARPS, 4096 and 8): what its bandwidth depends on.
 """
 
 import argparse
 import logging
+import re
 import statistics
 import sys
 import time
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_throughput import add_step_arguments, check_step_arguments, write_json  # noqa: E402
 
+from toolkit import triton_adamw  # noqa: E402
 from toolkit.build import build_model, resolve_device, tokenizer_from_recipe  # noqa: E402
 from toolkit.config import RecipeError, load_recipe  # noqa: E402
 from toolkit.distributed import ParallelEnv  # noqa: E402
@@ -66,6 +70,20 @@ VARIANTS = {  # name: (train.adamw_kernel, flat optimizer, zero_grad(set_to_none
     "flat_views": ("torch", True, False, True),
     "flat_clip_in_place": ("torch", True, True, False),
 }
+KERNEL_SHAPE = re.compile(r"triton_b(\d+)_w(\d+)")  # the Triton kernel's block and warps
+
+
+def variant(name: str) -> tuple:
+    """VARIANTS[name], or for triton_bBLOCK_wWARPS the Triton kernel's with those set."""
+    shape = KERNEL_SHAPE.fullmatch(name)
+    if shape is None:
+        return VARIANTS[name]
+    block, warps = map(int, shape.groups())
+    if block & (block - 1) or not 256 <= block <= 65536 or warps not in (1, 2, 4, 8, 16, 32):
+        raise argparse.ArgumentTypeError(
+            f"{name}: BLOCK a power of two from 256 to 65536, WARPS one of 1 to 32 (powers of 2)"
+        )
+    return VARIANTS["triton"]
 
 
 def run_variant(
@@ -82,7 +100,10 @@ def run_variant(
     zero_grad(set_to_none=True): made before the timing) or added into the existing ones (after
     set_to_none=False: timed, autograd's in-place add); then the trainer's clipping (in place
     for a flat optimizer too where the variant does not fold it) and the update."""
-    kernel, flat, to_none, fold = VARIANTS[name]
+    kernel, flat, to_none, fold = variant(name)
+    shape = KERNEL_SHAPE.fullmatch(name)
+    block, warps = map(int, shape.groups()) if shape else (4096, 8)
+    triton_adamw.BLOCK, triton_adamw.NUM_WARPS = block, warps  # read at each launch
     cfg = recipe.train
     env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
     torch.manual_seed(cfg.seed)
@@ -170,13 +191,16 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def variant_list(text: str) -> list[str]:
-    """--variants: names from VARIANTS, comma-separated, each once."""
+    """--variants: names from VARIANTS or triton_bBLOCK_wWARPS, comma-separated, each once."""
     names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v not in VARIANTS and not KERNEL_SHAPE.fullmatch(v)]
     if unknown or not names or len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give names from {', '.join(VARIANTS)}, comma-separated, each once"
+            f"{text!r}: give names from {', '.join(VARIANTS)} or triton_bBLOCK_wWARPS, "
+            "comma-separated, each once"
         )
+    for name in names:
+        variant(name)  # a kernel shape out of range: said here
     return names
 
 

@@ -28,6 +28,7 @@ from toolkit.model.kernels import triton_imports, triton_runs_on
 log = logging.getLogger(__name__)
 
 BLOCK = 4096  # elements of one tensor per program: 16 per thread per array at 8 warps
+NUM_WARPS = 8  # (benchmarks/optimizer_step.py's triton_bBLOCK_wWARPS variants set both)
 SCALARS = 8  # per tensor (7 used, a row of 32 bytes)
 
 if triton_imports():
@@ -354,7 +355,7 @@ def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor |
         HAS_SCALE=grad_scale is not None,
         BLOCK=BLOCK,
         SCALARS=SCALARS,
-        num_warps=8,
+        num_warps=NUM_WARPS,
     )
 
 
