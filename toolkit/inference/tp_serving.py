@@ -67,7 +67,9 @@ class Ranks:
         return box[0]
 
     def close(self, timeout: float = 30.0) -> None:
-        """Leader: stop the followers if nobody has, then wait for the ranks it started."""
+        """Leader: stop the followers if nobody has, then wait for the ranks it started. Every
+        rank then leaves the process groups: left to the interpreter's exit, gloo's threads
+        could abort the process (SIGABRT, "terminate called without an active exception")."""
         if self.leader and not self.stopped:
             self.stopped = True
             try:
@@ -83,6 +85,8 @@ class Ranks:
                 )
                 child.kill()
                 child.wait()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def start(tp: int, device: torch.device, command: list[str]) -> Ranks:
@@ -111,8 +115,7 @@ def start(tp: int, device: torch.device, command: list[str]) -> Ranks:
         logging.getLogger().setLevel(logging.WARNING)
     env = init_distributed(ParallelConfig(tp=tp), device.type)
     ranks = Ranks(env, env.group("tp"), dist.new_group(backend="gloo"), children)
-    if ranks.leader:
-        atexit.register(ranks.close)
+    atexit.register(ranks.close)
     return ranks
 
 
