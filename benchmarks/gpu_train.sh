@@ -142,6 +142,21 @@ tp lever_torch_adamw 200 8 --set train.compile=true --set 'train.adamw_kernel="t
 run step_graph_gpu_test 300 python3 -m pytest -q tests/test_step_graph.py
 tp lever_step_graph 200 8 --set train.compile=true --step-graph
 t8b lever_8b28l_step_graph_gb8 300 28 --accumulate 8 --set train.compile=true --step-graph
+# The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
+# recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
+# eager against graphed from the same seed and data, their loss curves side by side.
+trainer() {  # name timeout_s extra --set args...
+  local name=$1 limit=$2; shift 2
+  run "$name" "$limit" python3 launchers/submit.py recipes/800m_hybrid.toml --local \
+    --set 'train.device="cuda"' --set train.steps=8 --set train.micro_batch_size=4 \
+    --set train.global_batch_size=8 --set train.compile=true --set checkpoint.enabled=false \
+    --set "checkpoint.dir=\"$W/ck_$name\"" --set 'train.sample_prompt=""' \
+    --set logging.interval=1 --set "logging.dir=\"$W/tb_$name\"" "$@"
+}
+trainer trainer_eager 200
+trainer trainer_step_graph 200 --set train.step_graph=true
+run trainer_losses 60 python3 benchmarks/compare_losses.py "$W/tb_trainer_eager" \
+  "$W/tb_trainer_step_graph"
 t8b lever_8b28l_torch_adamw_gb8 240 28 --set train.compile=true --set train.global_batch_size=8 \
   --set 'train.adamw_kernel="torch"'
 # At the 8B's shapes, where the clip's scale pass folded into the update is worth the most
