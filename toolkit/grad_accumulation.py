@@ -42,42 +42,61 @@ def add_weight_grad(weight_grad: torch.Tensor, product: torch.Tensor) -> None:
 
 class _LinearIntoGrad(torch.autograd.Function):
     """F.linear without bias whose weight gradient is added into `weight_grad` (the weight's
-    `.grad`) in the backward instead of being returned."""
+    `.grad`) in the backward instead of being returned; with `weight_grad` None, returned in
+    the weight's dtype as autograd's cast would. `weight_cast`: the weight already in the
+    compute dtype (train.bf16_weight_cache), else cast here."""
 
     @staticmethod
     def forward(
-        ctx, input: torch.Tensor, weight: torch.Tensor, weight_grad: torch.Tensor
+        ctx,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        weight_grad: torch.Tensor | None,
+        weight_cast: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = _compute_dtype(input)  # autocast's rule for linear: both operands cast
-        x, w = input.to(dtype), weight.to(dtype)
+        x = input.to(dtype)
+        w = weight_cast if weight_cast is not None else weight.to(dtype)
         ctx.save_for_backward(x, w)
         # Held, not saved: saved tensors are version-checked, and where gradients are views of
         # one buffer (train.flat_optimizer) they share its version, which every add bumps.
         ctx.weight_grad = weight_grad
-        ctx.input_dtype = input.dtype
+        ctx.input_dtype, ctx.weight_dtype = input.dtype, weight.dtype
         return F.linear(x, w)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
-        weight_grad = ctx.weight_grad
         grad = grad_output.reshape(-1, grad_output.shape[-1])
-        add_weight_grad(weight_grad, weight_grad_of(x.reshape(-1, x.shape[-1]), grad))
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        grad_input = (grad @ w).reshape(*grad_output.shape[:-1], w.shape[1])
-        return grad_input.to(ctx.input_dtype), None, None
+        product = weight_grad_of(x.reshape(-1, x.shape[-1]), grad)
+        if ctx.weight_grad is None:
+            grad_weight = product.to(ctx.weight_dtype)
+        else:
+            add_weight_grad(ctx.weight_grad, product)
+            grad_weight = None
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (grad @ w).reshape(*grad_output.shape[:-1], w.shape[1])
+            grad_input = grad_input.to(ctx.input_dtype)
+        return grad_input, grad_weight, None, None
 
 
 class LinearIntoGrad(nn.Linear):
     """nn.Linear (no bias) whose weight gradient, once the weight holds one, is added into it
-    by its own backward (the module docstring says why)."""
+    by its own backward (the module docstring says why); while `weight_cast` holds the weight
+    in the compute dtype (toolkit.bf16_weight_cache), every product reads that."""
+
+    weight_cast: torch.Tensor | None  # a buffer, registered by fuse_grad_accumulation
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        grad = self.weight.grad
-        if grad is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
             return super().forward(input)
-        return _LinearIntoGrad.apply(input, self.weight, grad)
+        grad, cast = self.weight.grad, getattr(self, "weight_cast", None)
+        if cast is not None and cast.dtype != _compute_dtype(input):
+            cast = None  # autocast off (evaluation in fp32): cast as F.linear would
+        if grad is None and cast is None:
+            return super().forward(input)
+        return _LinearIntoGrad.apply(input, self.weight, grad, cast)
 
 
 # What computes as a plain nn.Linear (F.linear), fused accumulation or not: for the checks that
@@ -93,6 +112,9 @@ def fuse_grad_accumulation(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if type(module) is nn.Linear and module.bias is None:
             module.__class__ = LinearIntoGrad
+            # A buffer, as compiled blocks read it (a new tensor each step, no recompile);
+            # not persistent: never in checkpoints.
+            module.register_buffer("weight_cast", None, persistent=False)
         elif hasattr(module, "weight_grad_into_grad"):  # fp8_weight_cache.Float8LinearCastOnce
             module.weight_grad_into_grad = True
         else:

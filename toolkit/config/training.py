@@ -236,6 +236,14 @@ class TrainConfig:
         "Pays where a step accumulates micro-batches (8B's shapes on an H200: 8 a step 1.068x, "
         "1 a step 0.955x; from 2 a step) for 2 bytes of memory a float8 weight (its two layouts)",
     )
+    bf16_weight_cache: bool = opt(
+        False,
+        "cast each bf16 linear's fp32 weight once per optimizer step, not in every "
+        "micro-batch's forward (autocast's cast: 6 bytes a parameter each time); the same "
+        "numbers. For steps that accumulate micro-batches; needs fused_grad_accumulation "
+        "(its linears read the cast) and bf16 compute (precision 'bf16', or 'fp8' for the "
+        "linears left bf16)",
+    )
     fused_grad_accumulation: bool = opt(
         True,
         "add each linear's weight gradient into its fp32 .grad inside its backward once the "
@@ -327,6 +335,14 @@ class TrainConfig:
             "train.compile_mode",
             f"{self.compile_mode!r} tunes compiled blocks: needs train.compile (true or block "
             "kinds), which is off",
+        )
+        check(
+            not self.bf16_weight_cache
+            or (self.fused_grad_accumulation and self.precision != "fp32"),
+            "train.bf16_weight_cache",
+            "its linears are train.fused_grad_accumulation's, computing in bf16: needs "
+            f"fused_grad_accumulation on and precision 'bf16' or 'fp8', got "
+            f"{self.fused_grad_accumulation} and {self.precision!r}",
         )
         if self.precision == "fp8" and self.fp8_weight_cache:
             check(

@@ -22,8 +22,9 @@ wrap the blocks as TP and float8 left them (hooks included); the optimizer takes
 this rank ends up owning. Evaluation and serving take step 1 only (`apply_tensor_parallel`).
 """
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +35,7 @@ from torch import nn
 from toolkit.activation_checkpoint import apply_ac, apply_compile, compile_options, selected_kinds
 from toolkit.config import Recipe, TrainConfig
 from toolkit.distributed import ParallelEnv
-from toolkit.grad_accumulation import PLAIN_LINEARS, fuse_grad_accumulation
+from toolkit.grad_accumulation import PLAIN_LINEARS, LinearIntoGrad, fuse_grad_accumulation
 from toolkit.model import HybridLM
 from toolkit.optim import build_optimizer
 from toolkit.parallel.runtime import LossFn, StepRunner, cross_entropy
@@ -109,14 +110,29 @@ def compile_fp8_output_layer(model: HybridLM, cfg: TrainConfig) -> bool:
     return True
 
 
-def fp8_weight_casts(cfg: TrainConfig) -> Callable[[nn.Module], AbstractContextManager] | None:
-    """Step 5's addition (train.fp8_weight_cache): what StepRunner enters around a step's
-    micro-batches so that each float8 weight is cast once for all of them."""
-    if not (cfg.precision == "fp8" and cfg.fp8_weight_cache):
-        return None
-    from toolkit.fp8_weight_cache import cast_weights_once  # torchao: only with float8
+def weight_casts(cfg: TrainConfig) -> Callable[[nn.Module], AbstractContextManager] | None:
+    """Step 5's addition (train.fp8_weight_cache, train.bf16_weight_cache): what StepRunner
+    enters around a step's micro-batches so that each weight is cast once for all of them."""
+    casts = []
+    if cfg.precision == "fp8" and cfg.fp8_weight_cache:
+        from toolkit.fp8_weight_cache import cast_weights_once  # torchao: only with float8
 
-    return cast_weights_once
+        casts.append(cast_weights_once)
+    if cfg.bf16_weight_cache:
+        from toolkit.bf16_weight_cache import cast_weights_once as cast_bf16
+
+        casts.append(cast_bf16)
+    if not casts:
+        return None
+
+    @contextlib.contextmanager
+    def cast_once(module: nn.Module) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for cast in casts:
+                stack.enter_context(cast(module))
+            yield
+
+    return cast_once
 
 
 def warn_where_nothing_accumulates(cfg: TrainConfig, micro_batches: int) -> list[str]:
@@ -144,6 +160,9 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     if cfg.fused_grad_accumulation:  # the linears as float8 left them, before compile wraps
         fused = fuse_grad_accumulation(model)
         log.info("train.fused_grad_accumulation: %d linears add into their .grad", len(fused))
+    if cfg.bf16_weight_cache:
+        cached = sum(isinstance(m, LinearIntoGrad) for m in model.modules())
+        log.info("train.bf16_weight_cache: %d linears read their weights cast once a step", cached)
     apply_ac(model, cfg.activation_checkpointing, engine)
     apply_compile(model, cfg.compile, mode=cfg.compile_mode, scope=cfg.compile_scope)
     compile_fp8_output_layer(model, cfg)
@@ -165,7 +184,7 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
             (cfg.fp8_amax_history, cfg.fp8_amax_algo),
         ),
         logits_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16,
-        step_context=fp8_weight_casts(cfg),
+        step_context=weight_casts(cfg),
         per_token_loss=cfg.per_token_loss,
     )
     shard_over = env.group("dp") if env.dp > 1 and par.shard_optimizer else None

@@ -1,0 +1,116 @@
+"""train.bf16_weight_cache: each linear's fp32 weight cast to bf16 once per optimizer step.
+
+Against the same training without it (autocast casting every weight in each micro-batch's
+forward): bit for bit the same losses, gradients and weights over steps of several
+micro-batches, eager and with compiled blocks; and the casts counted: once a step, not once a
+micro-batch.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.test_grad_accumulation import MICRO_BATCHES, assert_same_training, train
+from toolkit.config import RecipeError, load_recipe
+from toolkit.grad_accumulation import LinearIntoGrad
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts fp32 -> bf16 copies of tensors shaped as one of `shapes` (the linears' weights)."""
+
+    def __init__(self, shapes: set[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.shapes, self.count = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            source = args[0]
+            if (source.dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16
+                    and tuple(source.shape) in self.shapes):  # fmt: skip
+                self.count += 1
+        return func(*args, **kwargs)
+
+
+def weight_shapes() -> set[tuple[int, ...]]:
+    model = train(True, steps=1)[3].module
+    return {tuple(m.weight.shape) for m in model.modules() if isinstance(m, LinearIntoGrad)}
+
+
+def test_weights_cast_once_a_step_train_as_autocast_casts():
+    shapes = weight_shapes()
+    counted = {}
+    for cache in (False, True):
+        with WeightCasts(shapes) as casts:
+            counted[cache] = train(True, steps=2, precision="bf16", bf16_weight_cache=cache)
+        counted[cache] += (casts.count,)
+    want, got = counted[False], counted[True]
+    linears = [m for m in got[3].module.modules() if isinstance(m, LinearIntoGrad)]
+    # Every linear's weight in each micro-batch's forward without; once a step with.
+    assert want[4] == len(linears) * MICRO_BATCHES * 2
+    assert got[4] == len(linears) * 2
+    assert_same_training(got[:4], want[:4])
+    assert all(m.weight_cast is None for m in linears)  # dropped after each step
+
+
+def test_weights_cast_once_in_compiled_blocks(monkeypatch):
+    """Compiled blocks read the cast as a buffer: the same training, no graph break; and it
+    is the cast they read (a cast scaled by 2 changes the losses)."""
+    import toolkit.bf16_weight_cache as cache
+
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    want = train(True, steps=3, compile=True)
+    got = train(True, steps=3, compile=True, bf16_weight_cache=True)
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+    assert_same_training(got, want)
+    cast = cache.cast
+    monkeypatch.setattr(cache, "cast", lambda weight, dtype: cast(weight, dtype) * 2)
+    doubled = train(True, steps=3, compile=True, bf16_weight_cache=True)
+    assert all(a != b for a, b in zip(doubled[0], want[0])), (doubled[0], want[0])
+
+
+def test_outside_a_step_the_linears_cast_as_autocast():
+    """Evaluation in fp32 (no autocast) with a cast left in place reads the fp32 weight."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 4, bias=False)
+    from toolkit.bf16_weight_cache import cast_weights_once
+    from toolkit.grad_accumulation import fuse_grad_accumulation
+
+    fuse_grad_accumulation(torch.nn.Sequential(linear))
+    x = torch.randn(3, 8)
+    want = linear(x)
+    with cast_weights_once(linear) as cast:
+        assert cast == 1 and linear.weight_cast.dtype == torch.bfloat16
+        assert torch.equal(linear(x), want)  # fp32: the cast is not the compute dtype
+        with torch.autocast("cpu", torch.bfloat16):
+            assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight))
+    assert linear.weight_cast is None
+    assert "weight_cast" not in linear.state_dict()
+
+
+@pytest.mark.long
+def test_the_cache_trains_as_autocast_under_tp_and_sp(tmp_path):
+    """Two TP ranks with sequence parallelism (gloo), bf16, 2 micro-batches a step: the
+    sharded weights cast once a step give the losses of autocast's casts, bit for bit."""
+    from tests.test_parallel import LAYOUTS, launch, losses, write_recipe
+
+    runs = {}
+    for cache in ("false", "true"):
+        (tmp_path / cache).mkdir()
+        recipe = write_recipe(tmp_path / cache, "run", 3, **LAYOUTS["tp2_sp"])
+        proc = launch(recipe, 2, 'train.precision="bf16"', f"train.bf16_weight_cache={cache}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert ("train.bf16_weight_cache: " in proc.stderr) == (cache == "true")
+        runs[cache] = losses(tmp_path / cache / "run" / "tb")
+    assert sorted(runs["true"]) == [1, 2, 3]
+    assert runs["true"] == runs["false"]
+
+
+def test_the_key_needs_the_fused_linears_and_bf16():
+    assert load_recipe("recipes/tiny_hybrid.toml", ["train.bf16_weight_cache=true",
+                                                    'train.precision="bf16"'])  # fmt: skip
+    for bad in (['train.precision="fp32"'], ["train.fused_grad_accumulation=false"]):
+        with pytest.raises(RecipeError, match="train.bf16_weight_cache"):
+            load_recipe("recipes/tiny_hybrid.toml",
+                        ["train.bf16_weight_cache=true", 'train.precision="bf16"', *bad])  # fmt: skip
