@@ -44,9 +44,4 @@ race 800m_compiled_torch_adamw 160 --shape 800m --compile --set 'train.adamw_ker
 # host-bound (48 blocks, ~3,700 launches a step: 262 ms of GPU work in 361-383 ms on an H100).
 race 800m_compiled_step_graph 200 --shape 800m --compile --step-graph
 race 8b_mamba2_compiled_step_graph 200 --shape 8b-mamba2 --compile --step-graph
-# Our weights cast to bf16 once a step (train.bf16_weight_cache): one micro-batch a step casts
-# once either way, but a compiled block may cast again in its backward where it reads the fp32
-# weight (against 8b_mamba2_compiled in the same call).
-race 8b_mamba2_compiled_bf16_cache 160 --shape 8b-mamba2 --compile \
-  --set train.bf16_weight_cache=true
 echo "total $(( $(date +%s) - START )) s"
