@@ -6,6 +6,8 @@ micro-batches, eager and with compiled blocks; and the casts counted: once a ste
 micro-batch.
 """
 
+import importlib.util
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,40 +18,45 @@ from toolkit.grad_accumulation import LinearIntoGrad
 
 
 class WeightCasts(TorchDispatchMode):
-    """Counts fp32 -> bf16 copies of tensors shaped as one of `shapes` (the linears' weights)."""
+    """Records where each fp32 -> bf16 copy reads from; count() says how many read a weight of
+    the given linears (autocast's casts and the cache's alike)."""
 
-    def __init__(self, shapes: set[tuple[int, ...]]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.shapes, self.count = shapes, 0
+        self.sources: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default:
-            source = args[0]
-            if (source.dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16
-                    and tuple(source.shape) in self.shapes):  # fmt: skip
-                self.count += 1
+        source = args[0] if args else None
+        if (func is torch.ops.aten._to_copy.default and source.dtype == torch.float32
+                and kwargs.get("dtype") == torch.bfloat16):  # fmt: skip
+            try:
+                self.sources.append(source.untyped_storage().data_ptr())
+            except RuntimeError:  # a tensor subclass's (float8's) storage: not a weight's
+                pass
         return func(*args, **kwargs)
 
+    def count(self, linears: list[LinearIntoGrad]) -> int:
+        weights = {m.weight.untyped_storage().data_ptr() for m in linears}
+        return sum(source in weights for source in self.sources)
 
-def weight_shapes() -> set[tuple[int, ...]]:
-    model = train(True, steps=1)[3].module
-    return {tuple(m.weight.shape) for m in model.modules() if isinstance(m, LinearIntoGrad)}
+
+def counted_training(cache: bool, **keys: object) -> tuple:
+    """train() with train.bf16_weight_cache = `cache`: its results, its LinearIntoGrad
+    linears, and how many times their weights were cast to bf16."""
+    with WeightCasts() as casts:
+        run = train(True, steps=2, bf16_weight_cache=cache, **keys)
+    linears = [m for m in run[3].module.modules() if isinstance(m, LinearIntoGrad)]
+    return run, linears, casts.count(linears)
 
 
 def test_weights_cast_once_a_step_train_as_autocast_casts():
-    shapes = weight_shapes()
-    counted = {}
-    for cache in (False, True):
-        with WeightCasts(shapes) as casts:
-            counted[cache] = train(True, steps=2, precision="bf16", bf16_weight_cache=cache)
-        counted[cache] += (casts.count,)
-    want, got = counted[False], counted[True]
-    linears = [m for m in got[3].module.modules() if isinstance(m, LinearIntoGrad)]
+    want, _, autocast_casts = counted_training(False, precision="bf16")
+    got, linears, cached_casts = counted_training(True, precision="bf16")
     # Every linear's weight in each micro-batch's forward without; once a step with.
-    assert want[4] == len(linears) * MICRO_BATCHES * 2
-    assert got[4] == len(linears) * 2
-    assert_same_training(got[:4], want[:4])
+    assert autocast_casts == len(linears) * MICRO_BATCHES * 2
+    assert cached_casts == len(linears) * 2
+    assert_same_training(got, want)
     assert all(m.weight_cast is None for m in linears)  # dropped after each step
 
 
@@ -114,3 +121,19 @@ def test_the_key_needs_the_fused_linears_and_bf16():
         with pytest.raises(RecipeError, match="train.bf16_weight_cache"):
             load_recipe("recipes/tiny_hybrid.toml",
                         ["train.bf16_weight_cache=true", 'train.precision="bf16"', *bad])  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+def test_with_float8_the_bf16_linears_cast_once_beside_the_float8_cache(monkeypatch):
+    """precision='fp8' with fp8_layers='inner': the first and last blocks and the output layer
+    stay bf16. Both caches at once (StepRunner enters both): the bf16 linears' weights cast
+    once a step, the float8 ones as train.fp8_weight_cache alone casts them; the same
+    training as the float8 cache alone."""
+    monkeypatch.setattr("toolkit.precision.check_fp8_device", lambda device: None)
+    fp8 = {"precision": "fp8", "fp8_engine": "torchao", "fp8_layers": "inner",
+           "fp8_weight_cache": True}  # fmt: skip
+    want, _, autocast_casts = counted_training(False, **fp8)
+    got, bf16, cached_casts = counted_training(True, **fp8)
+    assert bf16 and cached_casts == len(bf16) * 2
+    assert autocast_casts == len(bf16) * MICRO_BATCHES * 2
+    assert_same_training(got, want)
