@@ -61,15 +61,20 @@ def test_weights_cast_once_a_step_train_as_autocast_casts():
 
 
 def test_weights_cast_once_in_compiled_blocks(monkeypatch):
-    """Compiled blocks read the cast as a buffer: the same training, no graph break; and it
-    is the cast they read (a cast scaled by 2 changes the losses)."""
+    """Compiled blocks read the cast as a buffer: the same training, no graph break, no more
+    compiles; and it is the cast they read (a cast scaled by 2 changes the losses)."""
     import toolkit.bf16_weight_cache as cache
 
     counters = torch._dynamo.utils.counters
     breaks = sum(counters["graph_break"].values())
+    frames = [counters["frames"]["ok"]]
     want = train(True, steps=3, compile=True)
+    frames.append(counters["frames"]["ok"])
     got = train(True, steps=3, compile=True, bf16_weight_cache=True)
+    frames.append(counters["frames"]["ok"])
     assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+    # As many compiles as without: a new cast each step is a new input, not a recompile.
+    assert frames[2] - frames[1] == frames[1] - frames[0] > 0, frames
     assert_same_training(got, want)
     cast = cache.cast
     monkeypatch.setattr(cache, "cast", lambda weight, dtype: cast(weight, dtype) * 2)
