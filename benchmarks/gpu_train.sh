@@ -43,8 +43,9 @@
 #     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="fp8_weight_cast 8b14l_fp8_all_cache_fga_gb8
 #       8b14l_fp8_all_cache_fga_cdt_gb8 8b14l_bf16_fga_gb8" OUT=$OUT bash benchmarks/gpu_train.sh
 # The bf16 weights cast once a step (train.bf16_weight_cache), each beside the same without:
-#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="8b28l_bf16_fga_gb8 8b28l_bf16_fga_cache_gb8
-#       bf16_fga_mbs8_gb32 bf16_fga_cache_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
+#     GPU_STATE_DIR=/root/gpu GPU_TRAIN_RUNS="bf16_cache_gpu_test 8b28l_bf16_fga_gb8
+#       8b28l_bf16_fga_cache_gb8 bf16_fga_mbs8_gb32 bf16_fga_cache_mbs8_gb32" OUT=$OUT bash
+#       benchmarks/gpu_train.sh
 #   (on an H100: 8b14l_bf16_fga_gb8 8b14l_bf16_fga_cache_gb8)
 # The same at the 800M's global batch (4 micro-batches of 8):
 #     GPU_TRAIN_RUNS="bf16_compile_mbs8_gb32 bf16_fga_mbs8_gb32" OUT=$OUT bash benchmarks/gpu_train.sh
@@ -215,6 +216,7 @@ t8b 8b28l_fp8_all_cache_fga_gb8 300 28 --accumulate 8 "${FP8_CACHE_FGA[@]}"
 # forward (4.3B parameters in linears at 28 layers: ~26 GB of casts a micro-batch, 7 of 8
 # repeats), against 8b28l_bf16_fga_gb8 in the same call; at 14 layers (an H100) against
 # 8b14l_bf16_fga_gb8; at the 800M's global batch against bf16_fga_mbs8_gb32.
+run bf16_cache_gpu_test 240 python3 -m pytest -q tests/test_bf16_weight_cache.py -k gpu
 t8b 8b28l_bf16_fga_cache_gb8 300 28 --accumulate 8 --set train.compile=true \
   --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true
 t8b 8b14l_bf16_fga_cache_gb8 240 14 --accumulate 8 --set train.compile=true \

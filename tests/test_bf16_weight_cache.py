@@ -142,3 +142,15 @@ def test_with_float8_the_bf16_linears_cast_once_beside_the_float8_cache(monkeypa
     assert bf16 and cached_casts == len(bf16) * 2
     assert autocast_casts == len(bf16) * MICRO_BATCHES * 2
     assert_same_training(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weights_cast_once_in_compiled_blocks_on_gpu():
+    """On the GPU, compiled blocks in bf16: the same casts read by the same kernels, so the
+    training tracks autocast's within fp32 rounding (GPU kernels need not be deterministic)."""
+    cuda = torch.device("cuda")
+    want = train(True, steps=3, device=cuda, compile=True)
+    got = train(True, steps=3, device=cuda, compile=True, bf16_weight_cache=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
+    for p, w in zip(got[2], want[2]):
+        torch.testing.assert_close(p, w, rtol=1e-3, atol=1e-5)
