@@ -344,6 +344,12 @@ class TrainConfig:
             f"fused_grad_accumulation on and precision 'bf16' or 'fp8', got "
             f"{self.fused_grad_accumulation} and {self.precision!r}",
         )
+        self._validate_float8()
+        self._validate_schedule()
+
+    def _validate_float8(self) -> None:
+        """The float8 keys: the weight cache's recipe, the amax history only where read, the
+        recipe the chosen library runs."""
         if self.precision == "fp8" and self.fp8_weight_cache:
             check(
                 self.fp8_recipe == "tensorwise" and self.fp8_engine != "transformer_engine",
@@ -368,6 +374,9 @@ class TrainConfig:
                 "train.fp8_recipe",
                 _OTHER_LIBRARY.get(self.fp8_recipe, f"does not run with {self.fp8_engine}"),
             )
+
+    def _validate_schedule(self) -> None:
+        """The learning rates and the WSD schedule's keys, only where read."""
         check(
             self.min_lr <= self.lr,
             "train.min_lr",
