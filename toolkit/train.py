@@ -237,9 +237,9 @@ class Trainer:
         return StepProfiler(cfg, out, self.env.rank, device, next_step=self.step + 1)
 
     def build_step_graph(self) -> StepGraph:
-        """train.step_graph: the step's work on the device alone (forward and backward into
-        gradients zeroed in place, the clip's norm, the update, skipped there for a non-finite
-        loss) for toolkit.step_graph, reading the batch from buffers train_step refills."""
+        """train.step_graph: the step's work on the device alone (forward and backward, the
+        clip's norm, the update, skipped there for a non-finite loss, the gradients set to
+        None) for toolkit.step_graph, reading the batch from buffers train_step refills."""
         env, cfg = self.env, self.recipe.train
         if env.dp > 1:
             raise RecipeError(f"train.step_graph captures one GPU's whole step; DP={env.dp}")

@@ -255,9 +255,9 @@ class TritonAdamW(torch.optim.AdamW):
             raise RuntimeError("TritonAdamW.capture: no step has run yet")
         entries = [(p, self._state(p), group) for p, group in params]
         device = entries[0][0].device
-        unfit = [tuple(p.shape) for p, state, _ in entries
+        unfit = [tuple(entry[0].shape) for entry in entries
                  if not all(kernel_addressable(t) and t.device == device
-                            for t in (p.data, state["exp_avg"], state["exp_avg_sq"]))]  # fmt: skip
+                            for t in _updated(entry))]  # fmt: skip
         if unfit or not triton_imports():
             raise RuntimeError(
                 "TritonAdamW.capture: a captured step runs only the kernel, which cannot "
@@ -325,16 +325,23 @@ class TritonAdamW(torch.optim.AdamW):
         _run_kernel(tables, graph["scalars"], grad_scale, len(entries))
 
 
+def _updated(entry: tuple) -> tuple[torch.Tensor, ...]:
+    """What the kernel writes of an entry (param, state, group): the parameter and both
+    moments."""
+    p, state, _ = entry
+    return p.data, state["exp_avg"], state["exp_avg_sq"]
+
+
 def _state_pointers(entries: list) -> list[int]:
     """Where each entry's parameter and moments are: what a captured step writes."""
-    return [t.data_ptr() for p, s, _ in entries for t in (p.data, s["exp_avg"], s["exp_avg_sq"])]
+    return [t.data_ptr() for entry in entries for t in _updated(entry)]
 
 
 def _tensors(entry: tuple) -> tuple[torch.Tensor, ...]:
-    """What the kernel reads and writes of an entry (param, state, group): the parameter, its
-    gradient and both moments."""
-    p, state, _ = entry
-    return p.data, p.grad, state["exp_avg"], state["exp_avg_sq"]
+    """What the kernel reads and writes of an entry: the parameter, its gradient and both
+    moments (the address table's rows, in this order)."""
+    param, exp_avg, exp_avg_sq = _updated(entry)
+    return param, entry[0].grad, exp_avg, exp_avg_sq
 
 
 def _addressable(entry: tuple, device: torch.device) -> bool:
