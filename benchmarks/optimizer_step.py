@@ -73,17 +73,21 @@ VARIANTS = {  # name: (train.adamw_kernel, flat optimizer, zero_grad(set_to_none
 KERNEL_SHAPE = re.compile(r"triton_b(\d+)_w(\d+)")  # the Triton kernel's block and warps
 
 
-def variant(name: str) -> tuple:
-    """VARIANTS[name], or for triton_bBLOCK_wWARPS the Triton kernel's with those set."""
+DEFAULT_SHAPE = (triton_adamw.BLOCK, triton_adamw.NUM_WARPS)
+
+
+def variant(name: str) -> tuple[tuple, tuple[int, int]]:
+    """(VARIANTS[name], the Triton kernel's block and warps: the module's defaults), or for
+    triton_bBLOCK_wWARPS the Triton kernel's with those."""
     shape = KERNEL_SHAPE.fullmatch(name)
     if shape is None:
-        return VARIANTS[name]
+        return VARIANTS[name], DEFAULT_SHAPE
     block, warps = map(int, shape.groups())
     if block & (block - 1) or not 256 <= block <= 65536 or warps not in (1, 2, 4, 8, 16, 32):
         raise argparse.ArgumentTypeError(
             f"{name}: BLOCK a power of two from 256 to 65536, WARPS one of 1 to 32 (powers of 2)"
         )
-    return VARIANTS["triton"]
+    return VARIANTS["triton"], (block, warps)
 
 
 def run_variant(
@@ -100,10 +104,8 @@ def run_variant(
     zero_grad(set_to_none=True): made before the timing) or added into the existing ones (after
     set_to_none=False: timed, autograd's in-place add); then the trainer's clipping (in place
     for a flat optimizer too where the variant does not fold it) and the update."""
-    kernel, flat, to_none, fold = variant(name)
-    shape = KERNEL_SHAPE.fullmatch(name)
-    block, warps = map(int, shape.groups()) if shape else (4096, 8)
-    triton_adamw.BLOCK, triton_adamw.NUM_WARPS = block, warps  # read at each launch
+    (kernel, flat, to_none, fold), shape = variant(name)
+    triton_adamw.BLOCK, triton_adamw.NUM_WARPS = shape  # read at each launch
     cfg = recipe.train
     env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
     torch.manual_seed(cfg.seed)
