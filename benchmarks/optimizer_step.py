@@ -8,15 +8,17 @@ added into the flat buffer's zeroed views (set_to_none=False). Also the flat one
 place first (clip_grad_norm, then the update), what folding saves.
 
     python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml [--steps 20] [--json OUT]
-        [--variants torch,triton,flat,flat_views,flat_clip_in_place,triton_b8192_w16]
+        [--variants torch,triton,flat,flat_views,flat_clip_in_place,triton_b1024_w8_x4_stream]
 
 Random gradients, no forward pass; the same ones for every variant. The variants run one after
 another, each on a model of its own built from the same seed (~20 bytes a parameter on the
 device at a time: the 8B's shapes at 28 layers fit one H200). Also checks that the others end
 where the first does (relative L2 of the parameters: 0 on CPUs, fp32 rounding on GPUs).
 The gradients' norm is in the JSON (`grad_norm`; clipping is active when above train.grad_clip).
-A variant `triton_bBLOCK_wWARPS` is the Triton kernel with BLOCK elements a program and WARPS
-warps (the default: triton_adamw.BLOCK and NUM_WARPS, 4096 and 8): what its bandwidth depends on.
+A variant `triton_bBLOCK_wWARPS[_xSPAN][_stream]` is the Triton kernel with BLOCK elements a
+block, WARPS warps, SPAN blocks a program (the next one's loads issued before a block's stores)
+and, with `_stream`, evict-first loads and stores (the defaults: triton_adamw's BLOCK, NUM_WARPS,
+SPAN and STREAM, 4096, 8, 1 and off): what its bandwidth depends on.
 """
 
 import argparse
@@ -70,24 +72,26 @@ VARIANTS = {  # name: (train.adamw_kernel, flat optimizer, zero_grad(set_to_none
     "flat_views": ("torch", True, False, True),
     "flat_clip_in_place": ("torch", True, True, False),
 }
-KERNEL_SHAPE = re.compile(r"triton_b(\d+)_w(\d+)")  # the Triton kernel's block and warps
+# The Triton kernel's block, warps, blocks a program and evict-first accesses.
+KERNEL_SHAPE = re.compile(r"triton_b(\d+)_w(\d+)(?:_x(\d+))?(_stream)?")
+SHAPE_GLOBALS = ("BLOCK", "NUM_WARPS", "SPAN", "STREAM")  # triton_adamw's, set per variant
+DEFAULT_SHAPE = tuple(getattr(triton_adamw, name) for name in SHAPE_GLOBALS)
 
 
-DEFAULT_SHAPE = (triton_adamw.BLOCK, triton_adamw.NUM_WARPS)
-
-
-def variant(name: str) -> tuple[tuple, tuple[int, int]]:
-    """(VARIANTS[name], the Triton kernel's block and warps: the module's defaults), or for
-    triton_bBLOCK_wWARPS the Triton kernel's with those."""
+def variant(name: str) -> tuple[tuple, tuple]:
+    """(VARIANTS[name], the Triton kernel's shape: the module's defaults), or for
+    triton_bBLOCK_wWARPS[_xSPAN][_stream] the Triton kernel's with those."""
     shape = KERNEL_SHAPE.fullmatch(name)
     if shape is None:
         return VARIANTS[name], DEFAULT_SHAPE
-    block, warps = map(int, shape.groups())
+    block, warps, span = int(shape[1]), int(shape[2]), int(shape[3] or 1)
     if block & (block - 1) or not 256 <= block <= 65536 or warps not in (1, 2, 4, 8, 16, 32):
         raise argparse.ArgumentTypeError(
             f"{name}: BLOCK a power of two from 256 to 65536, WARPS one of 1 to 32 (powers of 2)"
         )
-    return VARIANTS["triton"], (block, warps)
+    if not 1 <= span <= 16:
+        raise argparse.ArgumentTypeError(f"{name}: SPAN (blocks a program) from 1 to 16")
+    return VARIANTS["triton"], (block, warps, span, shape[4] is not None)
 
 
 def run_variant(
@@ -105,7 +109,8 @@ def run_variant(
     set_to_none=False: timed, autograd's in-place add); then the trainer's clipping (in place
     for a flat optimizer too where the variant does not fold it) and the update."""
     (kernel, flat, to_none, fold), shape = variant(name)
-    triton_adamw.BLOCK, triton_adamw.NUM_WARPS = shape  # read at each launch
+    for global_name, value in zip(SHAPE_GLOBALS, shape):  # read at each launch
+        setattr(triton_adamw, global_name, value)
     cfg = recipe.train
     env = ParallelEnv(0, 1, 0, device, tp=1, pp=1, dp=1)
     torch.manual_seed(cfg.seed)
@@ -193,12 +198,14 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def variant_list(text: str) -> list[str]:
-    """--variants: names from VARIANTS or triton_bBLOCK_wWARPS, comma-separated, each once."""
+    """--variants: names from VARIANTS or triton_bBLOCK_wWARPS[_xSPAN][_stream], comma-separated,
+    each once."""
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS and not KERNEL_SHAPE.fullmatch(v)]
     if unknown or not names or len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give names from {', '.join(VARIANTS)} or triton_bBLOCK_wWARPS, "
+            f"{text!r}: give names from {', '.join(VARIANTS)} or "
+            "triton_bBLOCK_wWARPS[_xSPAN][_stream], "
             "comma-separated, each once"
         )
     for name in names:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import toolkit.triton_adamw as module
 from toolkit import optim
 from toolkit.config import RecipeError, TrainConfig, load_recipe
 from toolkit.optim import build_optimizer, gpu_adamw_kernel
@@ -85,6 +86,13 @@ for p, q in zip(ours, theirs):
         assert torch.allclose(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-6), key
     assert float(opt.state[p]["step"]) == 5.0
 
+# The benchmarks' variants: small blocks, three to a program (whole spans and a tensor's last,
+# partial one), evict-first accesses: the same bits.
+module.BLOCK, module.SPAN, module.STREAM = 256, 3, True
+spanned, _, _, _ = race(SHAPES, "cpu", "foreach")
+assert all(torch.equal(p, q) for p, q in zip(ours, spanned)), "a span's update differs"
+module.BLOCK, module.SPAN, module.STREAM = BLOCK, 1, False
+
 # Its checkpoint is torch's AdamW's: either loads the other's and steps the same.
 swapped = torch.optim.AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
 swapped.load_state_dict(opt.state_dict())
@@ -139,13 +147,18 @@ def test_kernel_is_torchs_adamw_clipped_in_place_under_the_interpreter():
     assert out.returncode == 0 and "triton adamw agrees" in out.stdout, out.stdout + out.stderr
 
 
-def test_block_tables_cover_every_element_once():
-    numels = [3 * BLOCK + 1, BLOCK, 1, 5]
+@pytest.mark.parametrize("span", [1, 3])
+def test_block_tables_cover_every_element_once(monkeypatch, span):
+    """Each program's SPAN blocks of one tensor: every element in exactly one program's range,
+    no program without elements."""
+    monkeypatch.setattr(module, "SPAN", span)
+    numels = [3 * BLOCK + 1, BLOCK, 1, 5, 7 * BLOCK]
     tensor, start = _block_tables(numels, torch.device("cpu"))
-    covered = {(int(t), int(s) + i) for t, s in zip(tensor, start) for i in range(BLOCK)}
+    width = BLOCK * span
+    covered = [(int(t), int(s) + i) for t, s in zip(tensor, start) for i in range(width)]
     want = {(t, i) for t, n in enumerate(numels) for i in range(n)}
-    assert want <= covered
-    assert len(tensor) == sum(-(-n // BLOCK) for n in numels)  # no block without elements
+    assert want <= set(covered) and len(set(covered)) == len(covered)
+    assert len(tensor) == sum(-(-n // width) for n in numels)
     assert all(int(s) < numels[int(t)] for t, s in zip(tensor, start))
 
 
@@ -210,31 +223,67 @@ def test_kernel_is_torchs_fused_adamw_clipped_in_place_on_gpu():
     )  # fmt: skip (the default, 'auto')
 
 
-def test_whole_blocks_load_and_store_16_bytes_at_a_time():
+@pytest.mark.parametrize(
+    "block, span, eviction", [(BLOCK, 1, ""), (1024, 4, ""), (2048, 2, "evict_first")]
+)
+def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, span, eviction):
     """The kernel compiled ahead of time for an H100/H200 (sm_90, no GPU needed): whole blocks
-    move 4 floats per instruction (16 per thread: 4 loads from each of the 4 arrays, 4 stores to
-    each of the 3 written). Without the alignment hints on the loaded addresses and the unmasked
-    path, every access was 4 bytes wide and the update ran at ~55% of the HBM bandwidth (16.1 ms
-    against torch's 14.4 at the 800M on an H100, 2026-12-05)."""
+    move 4 floats per instruction (at 4096 a block and 8 warps, 16 per thread: 4 loads from each
+    of the 4 arrays, 4 stores to each of the 3 written), in each of a program's SPAN blocks, with
+    the next block's loads issued before a block is stored; evict-first when asked. Without the
+    alignment hints on the loaded addresses and the unmasked path, every access was 4 bytes wide
+    and the update ran at ~55% of the HBM bandwidth (16.1 ms against torch's 14.4 at the 800M on
+    an H100, 2026-12-05)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import toolkit.triton_adamw as module
-
     signature = {"addresses": "*i64", "numels": "*i64", "scalars": "*fp32",
                  "block_tensor": "*i32", "block_start": "*i64", "grad_scale": "*fp32", "n": "i32",
-                 "HAS_SCALE": "constexpr", "BLOCK": "constexpr", "SCALARS": "constexpr"}  # fmt: skip
-    source = ASTSource(
-        fn=module._adamw_kernel,
-        signature=signature,
-        constexprs={"HAS_SCALE": True, "BLOCK": BLOCK, "SCALARS": module.SCALARS},
-    )
+                 "HAS_SCALE": "constexpr", "BLOCK": "constexpr", "SCALARS": "constexpr",
+                 "SPAN": "constexpr", "EVICTION": "constexpr"}  # fmt: skip
+    constexprs = {"HAS_SCALE": True, "BLOCK": block, "SCALARS": module.SCALARS, "SPAN": span,
+                  "EVICTION": eviction}  # fmt: skip
+    source = ASTSource(fn=module._adamw_kernel, signature=signature, constexprs=constexprs)
     try:
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     except Exception as e:  # a Triton built without its CUDA backend
         pytest.skip(f"Triton cannot compile for sm_90 here: {type(e).__name__}: {e}")
-    ptx = ptx.asm["ptx"]
-    per_thread = BLOCK // (8 * 32)
-    assert ptx.count("ld.global.v4.b32") == 4 * per_thread // 4
-    assert ptx.count("st.global.v4.b32") == 3 * per_thread // 4
+    accesses = [
+        "L" if line.lstrip().startswith("ld.global") else "S"
+        for line in ptx.asm["ptx"].splitlines()
+        if line.lstrip().startswith(("ld.global", "st.global")) and ".v4.b32" in line
+    ]
+    per_block = block // (8 * 32) // 4  # 16-byte accesses per thread and array
+    assert accesses.count("L") == 4 * per_block * span
+    assert accesses.count("S") == 3 * per_block * span
+    # Block i + 1's loads come before block i's stores: loads, then (stores, loads) pairs.
+    first_store = accesses.index("S")
+    assert first_store == 4 * per_block * min(span, 2)
+    hinted = [line for line in ptx.asm["ptx"].splitlines() if "evict_first" in line]
+    assert bool(hinted) == bool(eviction)
+
+
+def test_the_benchmarks_kernel_variants_name_its_shape(monkeypatch):
+    """benchmarks/optimizer_step.py's triton_bBLOCK_wWARPS[_xSPAN][_stream]: the globals each
+    variant sets, the defaults for the plain names, and a bad shape refused naming the part."""
+    import argparse
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script
+    spec = importlib.util.spec_from_file_location(
+        "optimizer_step", ROOT / "benchmarks/optimizer_step.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.variant("triton")[1] == (BLOCK, module.NUM_WARPS, 1, False)
+    assert bench.variant("triton_b8192_w16")[1] == (8192, 16, 1, False)
+    assert bench.variant("triton_b1024_w8_x4_stream") == (bench.VARIANTS["triton"],
+                                                          (1024, 8, 4, True))  # fmt: skip
+    assert bench.variant("triton_b2048_w4_stream")[1] == (2048, 4, 1, True)
+    for bad, part in [("triton_b1000_w8", "BLOCK"), ("triton_b1024_w3", "WARPS"),
+                      ("triton_b1024_w8_x17", "SPAN")]:  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=part):
+            bench.variant_list(f"torch,{bad}")
+    with pytest.raises(argparse.ArgumentTypeError, match="triton_bBLOCK_wWARPS"):
+        bench.variant_list("torch,triton_b1024")

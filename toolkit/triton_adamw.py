@@ -27,8 +27,16 @@ from toolkit.model.kernels import triton_imports, triton_runs_on
 
 log = logging.getLogger(__name__)
 
-BLOCK = 4096  # elements of one tensor per program: 16 per thread per array at 8 warps
-NUM_WARPS = 8  # (benchmarks/optimizer_step.py's triton_bBLOCK_wWARPS variants set both)
+BLOCK = 4096  # elements of one tensor per block: 16 per thread per array at 8 warps
+NUM_WARPS = 8
+# Consecutive blocks of one tensor a program updates, each block's loads issued before the last
+# one's stores: the table look-ups that precede a program's first load are paid once per SPAN
+# blocks, and loads stay in flight while a block computes. STREAM: loads and stores marked
+# evict-first (nothing is read twice). Both for benchmarks/optimizer_step.py's variants
+# (triton_bBLOCK_wWARPS_xSPAN_stream), which set these globals; the defaults are the measured
+# kernel's.
+SPAN = 1
+STREAM = False
 SCALARS = 8  # per tensor (7 used, a row of 32 bytes)
 
 if triton_imports():
@@ -36,26 +44,54 @@ if triton_imports():
     import triton.language as tl
 
     @triton.jit
-    def _adamw_block(param, grad, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
-                     HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-        """One block in place: row holds the tensor's scalars (TritonAdamW._scalars). A mask
-        only for a tensor's last, partial block: with one, the loads are 4 bytes wide."""
+    def _load_block(param, grad, exp_avg, exp_avg_sq, offs, numel,
+                    MASKED: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
+        """A block's gradient, parameter and moments. A mask only for a tensor's last, partial
+        block: with one, the loads are 4 bytes wide."""
+        mask = offs < numel if MASKED else None
+        g = tl.load(grad + offs, mask=mask, eviction_policy=EVICTION)
+        p = tl.load(param + offs, mask=mask, eviction_policy=EVICTION)
+        m = tl.load(exp_avg + offs, mask=mask, eviction_policy=EVICTION)
+        v = tl.load(exp_avg_sq + offs, mask=mask, eviction_policy=EVICTION)
+        return g, p, m, v
+
+    @triton.jit
+    def _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
+                      HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
+        """A loaded block's update, stored in place: row holds the tensor's scalars
+        (TritonAdamW._scalars)."""
         mask = offs < numel if MASKED else None
         decay, step_size, bias_correction2_sqrt = tl.load(row), tl.load(row + 1), tl.load(row + 2)
         beta2, one_minus_beta1 = tl.load(row + 3), tl.load(row + 4)
         one_minus_beta2, eps = tl.load(row + 5), tl.load(row + 6)
-        g = tl.load(grad + offs, mask=mask)
         if HAS_SCALE:
             g = g * tl.load(grad_scale)
-        p = tl.load(param + offs, mask=mask) * decay
-        m = tl.load(exp_avg + offs, mask=mask)
+        p = p * decay
         m = m + one_minus_beta1 * (g - m)  # torch's lerp for a weight below 0.5
-        v = tl.load(exp_avg_sq + offs, mask=mask) * beta2 + one_minus_beta2 * g * g
+        v = v * beta2 + one_minus_beta2 * g * g
         denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
         p = p - tl.div_rn(step_size * m, denom)
-        tl.store(param + offs, p, mask=mask)
-        tl.store(exp_avg + offs, m, mask=mask)
-        tl.store(exp_avg_sq + offs, v, mask=mask)
+        tl.store(param + offs, p, mask=mask, eviction_policy=EVICTION)
+        tl.store(exp_avg + offs, m, mask=mask, eviction_policy=EVICTION)
+        tl.store(exp_avg_sq + offs, v, mask=mask, eviction_policy=EVICTION)
+
+    @triton.jit
+    def _adamw_span(param, grad, exp_avg, exp_avg_sq, start, numel, row, grad_scale,
+                    HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+                    SPAN: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
+        """SPAN consecutive blocks from `start`, each one's loads issued before the one before
+        it is stored (the blocks are disjoint, so the order is free)."""
+        offs = start + tl.arange(0, BLOCK)
+        g, p, m, v = _load_block(param, grad, exp_avg, exp_avg_sq, offs, numel, MASKED, EVICTION)
+        for _ in tl.static_range(SPAN - 1):
+            ahead = offs + BLOCK
+            g2, p2, m2, v2 = _load_block(param, grad, exp_avg, exp_avg_sq, ahead, numel,
+                                         MASKED, EVICTION)  # fmt: skip
+            _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
+                          HAS_SCALE, MASKED, EVICTION)  # fmt: skip
+            g, p, m, v, offs = g2, p2, m2, v2, ahead
+        _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
+                      HAS_SCALE, MASKED, EVICTION)  # fmt: skip
 
     @triton.jit
     def _adamw_kernel(
@@ -69,13 +105,14 @@ if triton_imports():
         HAS_SCALE: tl.constexpr,
         BLOCK: tl.constexpr,
         SCALARS: tl.constexpr,
+        SPAN: tl.constexpr,
+        EVICTION: tl.constexpr,
     ):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
-        # What the compiler cannot see in loaded values: blocks start at multiples of BLOCK and
+        # What the compiler cannot see in loaded values: spans start at multiples of BLOCK and
         # the tensors at 16-byte boundaries (kernel_addressable), so it loads 4 floats at once.
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
-        offs = start + tl.arange(0, BLOCK)
         numel = tl.load(numels + t)
         if HAS_SCALE:  # a NaN coefficient: no update at all (a captured step's skipped loss)
             scale = tl.load(grad_scale)
@@ -87,12 +124,12 @@ if triton_imports():
             tl.load(addresses + 3 * n + t).to(tl.pointer_type(tl.float32)), 16
         )
         row = scalars + SCALARS * t
-        if start + BLOCK <= numel:
-            _adamw_block(param, grad, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
-                         HAS_SCALE, False)  # fmt: skip
+        if start + BLOCK * SPAN <= numel:
+            _adamw_span(param, grad, exp_avg, exp_avg_sq, start, numel, row, grad_scale,
+                        HAS_SCALE, False, BLOCK, SPAN, EVICTION)  # fmt: skip
         else:
-            _adamw_block(param, grad, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
-                         HAS_SCALE, True)  # fmt: skip
+            _adamw_span(param, grad, exp_avg, exp_avg_sq, start, numel, row, grad_scale,
+                        HAS_SCALE, True, BLOCK, SPAN, EVICTION)  # fmt: skip
 
 
 def kernel_addressable(t: torch.Tensor) -> bool:
@@ -109,12 +146,13 @@ def kernel_addressable(t: torch.Tensor) -> bool:
 
 
 def _block_tables(numels: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block_tensor, block_start): program i updates elements block_start[i] ... + BLOCK of
-    tensor block_tensor[i]."""
-    blocks = torch.tensor([-(-n // BLOCK) for n in numels])
+    """(block_tensor, block_start): program i updates elements block_start[i] ... + BLOCK * SPAN
+    of tensor block_tensor[i]."""
+    span = BLOCK * SPAN
+    blocks = torch.tensor([-(-n // span) for n in numels])
     first = torch.cumsum(blocks, 0) - blocks  # each tensor's first program
     tensor = torch.repeat_interleave(torch.arange(len(numels)), blocks)
-    start = (torch.arange(int(blocks.sum())) - first[tensor]) * BLOCK
+    start = (torch.arange(int(blocks.sum())) - first[tensor]) * span
     return tensor.to(device, torch.int32), start.to(device, torch.int64)
 
 
@@ -226,7 +264,7 @@ class TritonAdamW(torch.optim.AdamW):
         """(addresses, numels, block_tensor, block_start) on the device for `entries`."""
         device = entries[0][0].device
         numels = [p.numel() for p, _, _ in entries]
-        key = (str(device), tuple(numels))
+        key = (str(device), BLOCK * SPAN, tuple(numels))
         if self._tables is None or self._tables[0] != key:
             self._tables = (key, *_block_tables(numels, device))
         _, block_tensor, block_start = self._tables
@@ -362,6 +400,8 @@ def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor |
         HAS_SCALE=grad_scale is not None,
         BLOCK=BLOCK,
         SCALARS=SCALARS,
+        SPAN=SPAN,
+        EVICTION="evict_first" if STREAM else "",
         num_warps=NUM_WARPS,
     )
 
