@@ -142,6 +142,16 @@ tp lever_flat_optimizer 120 8 --set train.compile=true --set train.flat_optimize
 run opt_step_triton 120 python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml \
   --set 'train.device="cuda"' --steps 20 --variants torch,triton --json "$W/opt_step_triton.json"
 tp lever_torch_adamw 200 8 --set train.compile=true --set 'train.adamw_kernel="torch"'
+# The Triton AdamW's shape swept (the update alone, 800M): smaller blocks (more programs resident
+# on an SM), SPAN blocks a program with the next block's loads before a block's stores, and
+# evict-first accesses; torch's fused AdamW and the default kernel beside them. Whether the
+# kernel waits on latency rather than bandwidth: its time should then hardly differ between an
+# H100 and an H200 (the 8B widths' step did not, 2026-12-05).
+run opt_step_sweep 150 python3 benchmarks/optimizer_step.py recipes/800m_hybrid.toml \
+  --set 'train.device="cuda"' --steps 20 --json "$W/opt_step_sweep.json" --variants \
+  torch,triton,triton_b2048_w8,triton_b1024_w8,triton_b1024_w4,triton_b4096_w8_stream,\
+triton_b4096_w8_x4,triton_b2048_w8_x4,triton_b1024_w8_x8,triton_b1024_w8_x8_stream,\
+triton_b1024_w4_x8,triton_b2048_w4_x4
 # The whole step as one CUDA graph (toolkit.step_graph) against bf16_compile_mbs8: what the host's
 # time to queue the 800M's launches costs.
 run step_graph_gpu_test 300 python3 -m pytest -q tests/test_step_graph.py
