@@ -204,10 +204,11 @@ def test_model_and_optimizer_restore_bit_identical(tmp_path, device, fused):
 def test_a_cpu_restore_reads_the_parameters_straight_into_place(tmp_path, monkeypatch):
     """Every parameter is read into its own memory, packed ones (in_proj: z, x, B, C, dt) a
     component's rows at a time: no buffer, no copy. The vocabulary padding rows, which no array
-    covers, are zeroed."""
+    covers, are zeroed. Each parameter's version counter moves, as an in-place op's would."""
     model = full_model()
     save_single(tmp_path, model)
     model2 = full_model(seed=5)
+    versions = [p._version for p in model2.parameters()]
     in_place, real = [], store.read_region
 
     def spy(arr, index, where, counter=None, out=None):
@@ -222,6 +223,7 @@ def test_a_cpu_restore_reads_the_parameters_straight_into_place(tmp_path, monkey
         assert torch.equal(p[:rows], p2[:rows]), name
         if rows is not None:
             assert p2[rows:].numel() and not p2[rows:].any(), name  # padding: zero
+    assert all(p._version > v for p, v in zip(model2.parameters(), versions))
 
 
 def test_a_corrupted_chunk_stops_the_restore_with_an_error_naming_it(tmp_path):

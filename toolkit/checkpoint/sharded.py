@@ -321,6 +321,9 @@ def restore(
         if value is not into:  # not read straight into the parameter
             with torch.no_grad():
                 param.copy_(value)
+        else:  # written through its memory, unseen by torch: move its version counter as an
+            # in-place op would (what caches keyed on it check: toolkit.bf16_weight_cache)
+            torch.autograd.graph.increment_version(param)
         if optimizer is not None and owns(param):
             state = _read_state(group, path, layout, param, counter)
             if state:
