@@ -44,4 +44,11 @@ race 800m_compiled_torch_adamw 160 --shape 800m --compile --set 'train.adamw_ker
 # host-bound (48 blocks, ~3,700 launches a step: 262 ms of GPU work in 361-383 ms on an H100).
 race 800m_compiled_step_graph 200 --shape 800m --compile --step-graph
 race 8b_mamba2_compiled_step_graph 200 --shape 8b-mamba2 --compile --step-graph
+# train.bf16_weight_cache with the Triton AdamW writing the casts: ours casts no weight in the
+# step (the forward's cast of each linear's weight, 6 bytes a parameter, becomes the update's
+# 2): eager steps and the graph, each beside 8b_mamba2_compiled(_step_graph) in the same call.
+race 8b_mamba2_compiled_bf16_cache 160 --shape 8b-mamba2 --compile \
+  --set train.bf16_weight_cache=true
+race 8b_mamba2_compiled_step_graph_bf16_cache 200 --shape 8b-mamba2 --compile --step-graph \
+  --set train.bf16_weight_cache=true
 echo "total $(( $(date +%s) - START )) s"

@@ -3,7 +3,8 @@
 Against the same training without it (autocast casting every weight in each micro-batch's
 forward): bit for bit the same losses, gradients and weights over steps of several
 micro-batches, eager and with compiled blocks; and the casts counted: once a step, not once a
-micro-batch.
+micro-batch. With the Triton AdamW (under Triton's interpreter on CPUs, in a subprocess) the
+update writes the casts: none after the first step's, unless a weight changed in place.
 """
 
 import importlib.util
@@ -13,13 +14,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.test_grad_accumulation import MICRO_BATCHES, assert_same_training, train
+from tests.test_step_graph import interpret
 from toolkit.config import RecipeError, load_recipe
 from toolkit.grad_accumulation import LinearIntoGrad
 
 
 class WeightCasts(TorchDispatchMode):
     """Records where each fp32 -> bf16 copy reads from; count() says how many read a weight of
-    the given linears (autocast's casts and the cache's alike)."""
+    the given linears (autocast's casts and the cache's alike, into new tensors or in place)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,8 +30,15 @@ class WeightCasts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         source = args[0] if args else None
-        if (func is torch.ops.aten._to_copy.default and source.dtype == torch.float32
-                and kwargs.get("dtype") == torch.bfloat16):  # fmt: skip
+        if func is torch.ops.aten.copy_.default:  # copy_(into, source)
+            into, source = args[0], args[1]
+            if into.dtype != torch.bfloat16:
+                source = None
+        elif not (
+            func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+        ):
+            source = None
+        if source is not None and source.dtype == torch.float32:
             try:
                 self.sources.append(source.untyped_storage().data_ptr())
             except RuntimeError:  # a tensor subclass's (float8's) storage: not a weight's
@@ -41,11 +50,11 @@ class WeightCasts(TorchDispatchMode):
         return sum(source in weights for source in self.sources)
 
 
-def counted_training(cache: bool, **keys: object) -> tuple:
+def counted_training(cache: bool, steps: int = 2, **keys: object) -> tuple:
     """train() with train.bf16_weight_cache = `cache`: its results, its LinearIntoGrad
     linears, and how many times their weights were cast to bf16."""
     with WeightCasts() as casts:
-        run = train(True, steps=2, bf16_weight_cache=cache, **keys)
+        run = train(True, steps=steps, bf16_weight_cache=cache, **keys)
     linears = [m for m in run[3].module.modules() if isinstance(m, LinearIntoGrad)]
     return run, linears, casts.count(linears)
 
@@ -154,3 +163,55 @@ def test_weights_cast_once_in_compiled_blocks_on_gpu():
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
     for p, w in zip(got[2], want[2]):
         torch.testing.assert_close(p, w, rtol=1e-3, atol=1e-5)
+
+
+UPDATED = """
+import torch
+from tests.test_bf16_weight_cache import WeightCasts, counted_training
+from tests.test_grad_accumulation import MICRO_BATCHES, assert_same_training
+from toolkit.triton_adamw import TritonAdamW
+
+keys = {"precision": "bf16", "adamw_kernel": "triton", "steps": 3}
+want, _, autocast_casts = counted_training(False, **keys)
+got, linears, casts = counted_training(True, **keys)
+assert isinstance(got[3].optimizer, TritonAdamW)
+assert autocast_casts == len(linears) * MICRO_BATCHES * 3
+assert casts == len(linears), casts  # the first step's; the update wrote the others
+assert_same_training(got, want)
+
+# A weight changed in place between steps (its version counter moves) is cast again, the others
+# read as the update wrote them: every copy the step reads is its weight's cast.
+parallel, updated = got[3], got[3].optimizer._casts
+edited = linears[1].weight
+with torch.no_grad():
+    edited.add_(1e-2)
+tokens = torch.randint(0, 256, (MICRO_BATCHES, 17), generator=torch.Generator().manual_seed(2))
+with WeightCasts() as recast:
+    parallel.run_step(tokens[:, :-1], tokens[:, 1:])
+assert recast.count(linears) == 1 and recast.count([linears[1]]) == 1
+for layer in linears:
+    assert torch.equal(updated.copy_of(layer.weight), layer.weight.to(torch.bfloat16))
+
+# The trainer with train.step_graph: the captured update writes the copies the next step reads.
+import tempfile
+from pathlib import Path
+from tests.test_train import RANDOM_TEXT, make_recipe
+from toolkit.train import train
+
+with tempfile.TemporaryDirectory() as tmp:
+    keys = {"adamw_kernel": "triton", "precision": "bf16", "steps": 5}
+    want = train(make_recipe(Path(tmp, "a"), RANDOM_TEXT, **keys))
+    got = train(make_recipe(Path(tmp, "b"), RANDOM_TEXT, step_graph=True, bf16_weight_cache=True,
+                            **keys))  # fmt: skip
+    assert got.losses == want.losses, (got.losses, want.losses)
+print("the update's casts agree")
+"""
+
+
+def test_the_triton_update_writes_the_casts_under_the_interpreter():
+    """train.bf16_weight_cache with the Triton AdamW (under Triton's interpreter): 3 steps of 3
+    micro-batches bit for bit autocast's, with the weights cast in the first step only (the
+    update writes each new weight's bf16 copy); a weight edited in place between steps is cast
+    again, and every copy a step reads is its weight's cast; and the trainer's step graph with
+    the cache, 5 steps, bit for bit the losses without either."""
+    interpret(UPDATED, "the update's casts agree")

@@ -10,15 +10,22 @@ Here each linear's weight is cast once when a step's forward and backward begin
 that cast; the gradient still reaches the fp32 weight. The same numbers: the same cast, made
 once. Outside a step (evaluation, generation) the linears cast as autocast does.
 
+Where the update is toolkit.triton_adamw's kernel, it writes the casts itself (UpdatedCasts): it
+holds each new fp32 weight in registers anyway, so a bf16 copy kept between steps costs it 2
+bytes a parameter, and the step then casts nothing: 4 bytes a parameter less a step than the
+cast when it begins (at the 8B Mamba-2 widths, 1.9B parameters in linears, ~7.7 GB a step;
+also with one micro-batch a step, where casting once a step saved nothing over autocast).
+
 The linears are train.fused_grad_accumulation's (toolkit.grad_accumulation.LinearIntoGrad):
 the key needs it. train.fp8_weight_cache is the same idea for float8 weights.
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from toolkit.grad_accumulation import LinearIntoGrad
 
@@ -28,19 +35,69 @@ def cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.detach().to(dtype)
 
 
+def _stamp(weight: torch.Tensor) -> tuple[int, int]:
+    """Where a weight is and its version counter: any in-place change through torch moves it."""
+    return weight.data_ptr(), weight._version
+
+
+class UpdatedCasts:
+    """The weights' bf16 copies, kept between steps and written by the optimizer's update
+    (TritonAdamW.write_casts). A copy counts as the weight's cast only while the weight is as the
+    update left it (its address and version counter as written() recorded them); anything else
+    that changes a weight in place (a checkpoint restore, a user's edit) moves its counter, and
+    the next step casts it again."""
+
+    def __init__(self) -> None:
+        self._copies = WeakIdKeyDictionary()  # weight -> its bf16 copy
+        self._stamps = WeakIdKeyDictionary()  # weight -> _stamp() when the update wrote it
+
+    def copy_of(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The copy the update is to write for `weight` (None: none yet)."""
+        return self._copies.get(weight)
+
+    def written(self, weights: Iterable[torch.Tensor]) -> None:
+        """The update wrote these weights' copies from their new values."""
+        for weight in weights:
+            self._stamps[weight] = _stamp(weight)
+
+    def take(self, weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+        """`weight`'s cast for a step: its copy as the last update wrote it, or cast now (into
+        the copy, made on first use). Returns (the cast, whether it was cast here)."""
+        copy = self._copies.get(weight)
+        if copy is None or (copy.shape, copy.dtype, copy.device) != (
+            weight.shape, dtype, weight.device
+        ):  # fmt: skip
+            copy = self._copies[weight] = torch.empty(
+                weight.shape, dtype=dtype, device=weight.device
+            )  # fmt: skip
+            self._stamps.pop(weight, None)
+        if self._stamps.get(weight) == _stamp(weight):
+            return copy, False
+        copy.copy_(weight.detach())  # autocast's cast (to nearest even), into the copy
+        return copy, True
+
+
 @contextlib.contextmanager
-def cast_weights_once(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iterator[int]:
+def cast_weights_once(
+    module: nn.Module, dtype: torch.dtype = torch.bfloat16, updated: UpdatedCasts | None = None
+) -> Iterator[int]:
     """Cast the weight of each LinearIntoGrad in `module` to `dtype` once, for the forwards and
     backwards run inside (one optimizer step's micro-batches); the casts are dropped on the way
-    out, so nothing reads a weight cast before the next update. Yields how many it cast."""
+    out, so nothing reads a weight cast before the next update. With `updated`, the copies the
+    update wrote are read instead, and only the others cast. Yields how many it cast."""
     layers = [
         m for m in module.modules() if isinstance(m, LinearIntoGrad) and m.weight.requires_grad
     ]
+    casts = 0
     with torch.no_grad():
         for layer in layers:
-            layer.weight_cast = cast(layer.weight, dtype)
+            if updated is None:
+                layer.weight_cast, cast_here = cast(layer.weight, dtype), True
+            else:
+                layer.weight_cast, cast_here = updated.take(layer.weight, dtype)
+            casts += cast_here
     try:
-        yield len(layers)
+        yield casts
     finally:
         for layer in layers:
             layer.weight_cast = None

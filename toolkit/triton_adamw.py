@@ -15,6 +15,10 @@ corrections computed on the host from each parameter's step count. State and che
 torch's AdamW's ({"step": a CPU tensor, "exp_avg", "exp_avg_sq"}). A parameter the kernel cannot
 address (not a plain contiguous fp32 tensor on the device, or a gradient that is not) takes the
 reference's eager ops instead.
+
+With train.bf16_weight_cache the kernel also writes each linear's new weight as a bf16 copy
+(write_casts, toolkit.bf16_weight_cache.UpdatedCasts), which the next step reads instead of
+casting: the value is in registers already, so it costs the 2 bytes written.
 """
 
 import logging
@@ -22,6 +26,7 @@ from collections.abc import Iterable
 
 import torch
 
+from toolkit.bf16_weight_cache import UpdatedCasts
 from toolkit.flat_adamw import adamw_scalars, adamw_update_, host_table
 from toolkit.model.kernels import triton_imports, triton_runs_on
 
@@ -56,10 +61,21 @@ if triton_imports():
         return g, p, m, v
 
     @triton.jit
-    def _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
-                      HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
+    def _bf16_bits(x):
+        """`x` (fp32) rounded to bf16 as torch casts (to nearest, ties to even; NaN to 0x7FC0),
+        as the bf16's 16 bits: in integer ops, since Triton's interpreter truncates its casts
+        and the tests run the kernel there."""
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+
+    @triton.jit
+    def _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, cast, offs, numel, row, grad_scale,
+                      HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, HAS_CASTS: tl.constexpr,
+                      EVICTION: tl.constexpr):  # fmt: skip
         """A loaded block's update, stored in place: row holds the tensor's scalars
-        (TritonAdamW._scalars)."""
+        (TritonAdamW._scalars). With HAS_CASTS, `cast` is the address of the parameter's bf16
+        copy (0: none), written from the new parameter (torch's rounding, to nearest even)."""
         mask = offs < numel if MASKED else None
         decay, step_size, bias_correction2_sqrt = tl.load(row), tl.load(row + 1), tl.load(row + 2)
         beta2, one_minus_beta1 = tl.load(row + 3), tl.load(row + 4)
@@ -74,11 +90,15 @@ if triton_imports():
         tl.store(param + offs, p, mask=mask, eviction_policy=EVICTION)
         tl.store(exp_avg + offs, m, mask=mask, eviction_policy=EVICTION)
         tl.store(exp_avg_sq + offs, v, mask=mask, eviction_policy=EVICTION)
+        if HAS_CASTS:
+            if cast != 0:
+                copy = tl.multiple_of(cast.to(tl.pointer_type(tl.uint16)), 16)
+                tl.store(copy + offs, _bf16_bits(p), mask=mask, eviction_policy=EVICTION)
 
     @triton.jit
-    def _adamw_span(param, grad, exp_avg, exp_avg_sq, start, numel, row, grad_scale,
-                    HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
-                    SPAN: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
+    def _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
+                    HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, HAS_CASTS: tl.constexpr,
+                    BLOCK: tl.constexpr, SPAN: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
         """SPAN consecutive blocks from `start`, each one's loads issued before the one before
         it is stored (the blocks are disjoint, so the order is free)."""
         offs = start + tl.arange(0, BLOCK)
@@ -87,15 +107,15 @@ if triton_imports():
             ahead = offs + BLOCK
             g2, p2, m2, v2 = _load_block(param, grad, exp_avg, exp_avg_sq, ahead, numel,
                                          MASKED, EVICTION)  # fmt: skip
-            _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
-                          HAS_SCALE, MASKED, EVICTION)  # fmt: skip
+            _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, cast, offs, numel, row,
+                          grad_scale, HAS_SCALE, MASKED, HAS_CASTS, EVICTION)  # fmt: skip
             g, p, m, v, offs = g2, p2, m2, v2, ahead
-        _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, offs, numel, row, grad_scale,
-                      HAS_SCALE, MASKED, EVICTION)  # fmt: skip
+        _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, cast, offs, numel, row, grad_scale,
+                      HAS_SCALE, MASKED, HAS_CASTS, EVICTION)  # fmt: skip
 
     @triton.jit
     def _adamw_kernel(
-        addresses,  # int64 [4, n]: parameter, gradient, exp_avg, exp_avg_sq of each tensor
+        addresses,  # int64 [4 or 5, n]: parameter, gradient, exp_avg, exp_avg_sq (, bf16 copy)
         numels,  # int64 [n]
         scalars,  # fp32 [n, SCALARS]: see TritonAdamW._scalars
         block_tensor,  # int32 [programs]: the tensor of each program's block
@@ -103,6 +123,7 @@ if triton_imports():
         grad_scale,  # fp32 [1]: the clip coefficient (read when HAS_SCALE)
         n,
         HAS_SCALE: tl.constexpr,
+        HAS_CASTS: tl.constexpr,
         BLOCK: tl.constexpr,
         SCALARS: tl.constexpr,
         SPAN: tl.constexpr,
@@ -123,13 +144,14 @@ if triton_imports():
         exp_avg_sq = tl.multiple_of(
             tl.load(addresses + 3 * n + t).to(tl.pointer_type(tl.float32)), 16
         )
+        cast = tl.load(addresses + 4 * n + t) if HAS_CASTS else 0
         row = scalars + SCALARS * t
         if start + BLOCK * SPAN <= numel:
-            _adamw_span(param, grad, exp_avg, exp_avg_sq, start, numel, row, grad_scale,
-                        HAS_SCALE, False, BLOCK, SPAN, EVICTION)  # fmt: skip
+            _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
+                        HAS_SCALE, False, HAS_CASTS, BLOCK, SPAN, EVICTION)  # fmt: skip
         else:
-            _adamw_span(param, grad, exp_avg, exp_avg_sq, start, numel, row, grad_scale,
-                        HAS_SCALE, True, BLOCK, SPAN, EVICTION)  # fmt: skip
+            _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
+                        HAS_SCALE, True, HAS_CASTS, BLOCK, SPAN, EVICTION)  # fmt: skip
 
 
 def kernel_addressable(t: torch.Tensor) -> bool:
@@ -170,6 +192,35 @@ class TritonAdamW(torch.optim.AdamW):
         self._told_eager = False  # the log line about the eager update, once
         self._graph: dict | None = None  # capture(): the fixed tables of a captured step
         self._last_params: list[tuple] = []  # (param, group) the last eager step updated
+        self._casts: UpdatedCasts | None = None  # write_casts(): the bf16 copies to write
+
+    def write_casts(self, casts: UpdatedCasts) -> None:
+        """Have every update also write the bf16 copies `casts` holds (train.bf16_weight_cache)
+        from the new parameters, in the same pass: 2 bytes a parameter, where casting when
+        the next step begins reads 4 and writes 2. Copies the kernel cannot address (see
+        _cast_of) are left to the step's cast."""
+        self._casts = casts
+
+    def _cast_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The bf16 copy the kernel writes for `p`: one of write_casts()'s, contiguous, of p's
+        shape and device, at a 16-byte boundary (the kernel stores 16 bytes at a time)."""
+        copy = self._casts.copy_of(p) if self._casts is not None else None
+        fits = (
+            copy is not None
+            and type(copy) is torch.Tensor
+            and copy.dtype == torch.bfloat16
+            and copy.is_contiguous()
+            and copy.data_ptr() % 16 == 0
+            and copy.shape == p.shape
+            and copy.device == p.device
+        )
+        return copy if fits else None
+
+    def _written(self, entries: list, casts: list) -> None:
+        """Tell write_casts()'s holder which copies the update wrote (after _moved: the
+        parameters' version counters as the next step will find them)."""
+        if self._casts is not None:
+            self._casts.written([p for (p, _, _), c in zip(entries, casts) if c is not None])
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -256,19 +307,22 @@ class TritonAdamW(torch.optim.AdamW):
 
     def _launch(self, entries: list, rows: list, grad_scale: torch.Tensor | None) -> None:
         device = entries[0][0].device
-        tables = self._address_tables(entries)
+        casts = [self._cast_of(p) for p, _, _ in entries]
+        tables = self._address_tables(entries, casts)
         _run_kernel(tables, host_table(rows, torch.float32, device), grad_scale, len(entries))
         _moved(entries)
+        self._written(entries, casts)
 
-    def _address_tables(self, entries: list) -> tuple[torch.Tensor, ...]:
-        """(addresses, numels, block_tensor, block_start) on the device for `entries`."""
+    def _address_tables(self, entries: list, casts: list) -> tuple[torch.Tensor, ...]:
+        """(addresses, numels, block_tensor, block_start) on the device for `entries`, with a
+        fifth row of addresses for their bf16 copies where any has one (0: none)."""
         device = entries[0][0].device
         numels = [p.numel() for p, _, _ in entries]
         key = (str(device), BLOCK * SPAN, tuple(numels))
         if self._tables is None or self._tables[0] != key:
             self._tables = (key, *_block_tables(numels, device))
         _, block_tensor, block_start = self._tables
-        addresses = [[t.data_ptr() for t in column] for column in zip(*map(_tensors, entries))]
+        addresses = _addresses(entries, casts)
         return (
             host_table(addresses, torch.int64, device),
             host_table(numels, torch.int64, device),
@@ -287,7 +341,8 @@ class TritonAdamW(torch.optim.AdamW):
         """Make the steps from now on replayable. The parameters the last step updated (every
         tensor one the kernel addresses), their moments and the device tables are fixed here;
         each step from now on must update the same parameters, and the moments must stay where
-        they are (a restored optimizer state needs a new capture)."""
+        they are (a restored optimizer state needs a new capture); so must the bf16 copies the
+        update writes (write_casts)."""
         params = self._last_params
         if not params:
             raise RuntimeError("TritonAdamW.capture: no step has run yet")
@@ -303,10 +358,13 @@ class TritonAdamW(torch.optim.AdamW):
                 "tensors at 16-byte boundaries on one GPU)"
             )
         numels = [p.numel() for p, _, _ in entries]
+        casts = [self._cast_of(p) for p, _, _ in entries]
+        rows = 5 if any(c is not None for c in casts) else 4
         self._graph = {
             "entries": entries,
-            "moments": _state_pointers(entries),
-            "addresses": torch.zeros((4, len(entries)), dtype=torch.int64, device=device),
+            "casts": casts,
+            "moments": _state_pointers(entries, casts),
+            "addresses": torch.zeros((rows, len(entries)), dtype=torch.int64, device=device),
             "numels": host_table(numels, torch.int64, device),
             "blocks": _block_tables(numels, device),
             "scalars": torch.zeros((len(entries), SCALARS), dtype=torch.float32, device=device),
@@ -319,10 +377,11 @@ class TritonAdamW(torch.optim.AdamW):
         the capture, its gradients' addresses too."""
         graph = self._graph
         entries = graph["entries"] = [(p, self._state(p), g) for p, _, g in graph["entries"]]
-        if _state_pointers(entries) != graph["moments"]:
+        casts = [self._cast_of(p) for p, _, _ in entries]
+        if _state_pointers(entries, casts) != graph["moments"]:
             raise RuntimeError(
-                "TritonAdamW: a parameter or moment moved since capture() (a restored state?): "
-                "the captured step would update the old ones; capture anew"
+                "TritonAdamW: a parameter, moment or bf16 copy moved since capture() (a "
+                "restored state?): the captured step would update the old ones; capture anew"
             )
         rows = self._count_step(entries)
         scalars = graph["scalars"]
@@ -332,6 +391,7 @@ class TritonAdamW(torch.optim.AdamW):
             addresses = host_table(pending, torch.int64, scalars.device)
             graph["addresses"].copy_(addresses, non_blocking=True)
         _moved(entries)
+        self._written(entries, casts)  # by the replay that follows
 
     def unstage(self) -> None:
         """Take back the last step's count (stage()'s, or an eager step's), for a step whose
@@ -353,7 +413,7 @@ class TritonAdamW(torch.optim.AdamW):
         if unfit:
             raise RuntimeError(f"TritonAdamW: a captured step's gradients must be plain "
                                f"contiguous fp32 tensors on the GPU (first: {unfit[0]})")  # fmt: skip
-        addresses = [[t.data_ptr() for t in column] for column in zip(*map(_tensors, now))]
+        addresses = _addresses(now, graph["casts"])
         device = entries[0][0].device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             graph["pending"] = addresses  # no host copies inside a capture: stage() writes them
@@ -370,9 +430,20 @@ def _updated(entry: tuple) -> tuple[torch.Tensor, ...]:
     return p.data, state["exp_avg"], state["exp_avg_sq"]
 
 
-def _state_pointers(entries: list) -> list[int]:
-    """Where each entry's parameter and moments are: what a captured step writes."""
-    return [t.data_ptr() for entry in entries for t in _updated(entry)]
+def _state_pointers(entries: list, casts: list) -> list[int]:
+    """Where each entry's parameter, moments and bf16 copy (0: none) are: what a captured step
+    writes."""
+    moments = [t.data_ptr() for entry in entries for t in _updated(entry)]
+    return moments + [0 if c is None else c.data_ptr() for c in casts]
+
+
+def _addresses(entries: list, casts: list) -> list[list[int]]:
+    """The kernel's address table as rows: parameters, gradients, exp_avg, exp_avg_sq, and
+    where any entry has a bf16 copy to write, the copies (0: none)."""
+    rows = [[t.data_ptr() for t in column] for column in zip(*map(_tensors, entries))]
+    if any(c is not None for c in casts):
+        rows.append([0 if c is None else c.data_ptr() for c in casts])
+    return rows
 
 
 def _tensors(entry: tuple) -> tuple[torch.Tensor, ...]:
@@ -389,7 +460,7 @@ def _addressable(entry: tuple, device: torch.device) -> bool:
 
 def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor | None, n: int):
     addresses, numels, block_tensor, block_start = tables
-    _adamw_kernel[(block_tensor.numel(),)](
+    _adamw_kernel[(block_tensor.numel(),)](  # a fifth row of addresses: bf16 copies to write
         addresses,
         numels,
         scalars,
@@ -398,6 +469,7 @@ def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor |
         grad_scale if grad_scale is not None else block_start,  # not read without a scale
         n,
         HAS_SCALE=grad_scale is not None,
+        HAS_CASTS=addresses.shape[0] == 5,
         BLOCK=BLOCK,
         SCALARS=SCALARS,
         SPAN=SPAN,

@@ -240,9 +240,11 @@ class TrainConfig:
         False,
         "cast each bf16 linear's fp32 weight once per optimizer step, not in every "
         "micro-batch's forward (autocast's cast: 6 bytes a parameter each time); the same "
-        "numbers. For steps that accumulate micro-batches; needs fused_grad_accumulation "
-        "(its linears read the cast) and bf16 compute (precision 'bf16', or 'fp8' for the "
-        "linears left bf16)",
+        "numbers. With the Triton AdamW (adamw_kernel) the update writes the casts (2 bytes a "
+        "parameter, the copies kept between steps), so steps of one micro-batch save too; "
+        "else for steps that accumulate micro-batches. Needs fused_grad_accumulation (its "
+        "linears read the cast) and bf16 compute (precision 'bf16', or 'fp8' for the linears "
+        "left bf16)",
     )
     fused_grad_accumulation: bool = opt(
         True,

@@ -10,7 +10,9 @@ The transforms, in the order they are applied (torchtitan's), each from outside 
                             recomputation compiles too); a float8 output layer on its own
 5. pipeline stage           this rank's blocks and its schedule (`StepRunner`; with
                             train.fp8_weight_cache the float8 weights cast once a step)
-6. optimizer                AdamW, its state sharded over DP when asked (ZeRO-1)
+6. optimizer                AdamW, its state sharded over DP when asked (ZeRO-1); with
+                            train.bf16_weight_cache and the Triton update, the update
+                            writes the bf16 casts step 5 reads
 
 Why this order: TP cuts plain `nn.Linear` weights and puts its collectives in hooks around each
 mixer, outside the linears. So a TP rank's linears are ordinary local matmuls, and float8 (torchao
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from toolkit.activation_checkpoint import apply_ac, apply_compile, compile_options, selected_kinds
+from toolkit.bf16_weight_cache import UpdatedCasts
 from toolkit.config import Recipe, TrainConfig
 from toolkit.distributed import ParallelEnv
 from toolkit.grad_accumulation import PLAIN_LINEARS, LinearIntoGrad, fuse_grad_accumulation
@@ -41,6 +44,7 @@ from toolkit.optim import build_optimizer
 from toolkit.parallel.runtime import LossFn, StepRunner, cross_entropy
 from toolkit.parallel.tp import apply_tp, vocab_parallel_cross_entropy
 from toolkit.precision import Engine, apply_fp8, autocast_context
+from toolkit.triton_adamw import TritonAdamW
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +114,12 @@ def compile_fp8_output_layer(model: HybridLM, cfg: TrainConfig) -> bool:
     return True
 
 
-def weight_casts(cfg: TrainConfig) -> Callable[[nn.Module], AbstractContextManager] | None:
+def weight_casts(
+    cfg: TrainConfig, updated: UpdatedCasts | None = None
+) -> Callable[[nn.Module], AbstractContextManager] | None:
     """Step 5's addition (train.fp8_weight_cache, train.bf16_weight_cache): what StepRunner
-    enters around a step's micro-batches so that each weight is cast once for all of them."""
+    enters around a step's micro-batches so that each weight is cast once for all of them;
+    `updated`: the bf16 casts the update writes (step 6)."""
     casts = []
     if cfg.precision == "fp8" and cfg.fp8_weight_cache:
         from toolkit.fp8_weight_cache import cast_weights_once  # torchao: only with float8
@@ -121,7 +128,7 @@ def weight_casts(cfg: TrainConfig) -> Callable[[nn.Module], AbstractContextManag
     if cfg.bf16_weight_cache:
         from toolkit.bf16_weight_cache import cast_weights_once as cast_bf16
 
-        casts.append(cast_bf16)
+        casts.append(partial(cast_bf16, updated=updated))
     if not casts:
         return None
 
@@ -189,4 +196,9 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     )
     shard_over = env.group("dp") if env.dp > 1 and par.shard_optimizer else None
     optimizer = build_optimizer(run_step.module, cfg, shard_over)
+    if cfg.bf16_weight_cache and isinstance(optimizer, TritonAdamW):
+        updated = UpdatedCasts()
+        optimizer.write_casts(updated)
+        run_step.step_context = weight_casts(cfg, updated)
+        log.info("train.bf16_weight_cache: the update writes the bf16 casts (TritonAdamW)")
     return ParallelModel(run_step.module, loss_fn, run_step, optimizer, engine)
