@@ -227,6 +227,9 @@ t8b 8b28l_fp8_all_cache_fga_gb8 300 28 --accumulate 8 "${FP8_CACHE_FGA[@]}"
 # repeats), against 8b28l_bf16_fga_gb8 in the same call; at 14 layers (an H100) against
 # 8b14l_bf16_fga_gb8; at the 800M's global batch against bf16_fga_mbs8_gb32.
 run bf16_cache_gpu_test 240 python3 -m pytest -q tests/test_bf16_weight_cache.py -k gpu
+# train.fp32_weight_grad_gemm on the GPU: cuBLAS's fp32-output GEMM (aten::mm.dtype) against
+# float64 sums, and compiled blocks training with it.
+run fp32_wgrad_gpu_test 240 python3 -m pytest -q tests/test_grad_accumulation.py -k gpu_sums_in_fp32
 t8b 8b28l_bf16_fga_cache_gb8 300 28 --accumulate 8 --set train.compile=true \
   --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true
 t8b 8b14l_bf16_fga_cache_gb8 240 14 --accumulate 8 --set train.compile=true \

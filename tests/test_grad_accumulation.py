@@ -197,3 +197,90 @@ def test_with_the_flat_optimizer_gradients_views_of_one_buffer(compile):
     # weights hold the zeroed views already, and the linears add into them.
     assert got[3].accumulated == linears * (steps - 1)
     assert_same_training(got, want)
+
+
+def fp32_gemm_linear(on: bool) -> tuple[LinearIntoGrad, torch.Tensor, torch.Tensor]:
+    """A LinearIntoGrad with train.fp32_weight_grad_gemm `on`, and bf16 inputs and output
+    gradients whose products need more than bf16's 8 bits."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=False)
+    grad_accumulation.fuse_grad_accumulation(nn.Sequential(linear), fp32_weight_grad_gemm=on)
+    x = torch.randn(2, 40, 64).bfloat16()
+    grad_output = torch.randn(2, 40, 48).bfloat16()
+    return linear, x, grad_output
+
+
+def backward_bf16(linear: nn.Module, x: torch.Tensor, grad_output: torch.Tensor) -> None:
+    with torch.autocast("cpu", torch.bfloat16):
+        y = linear(x)
+    y.backward(grad_output)
+
+
+def test_fp32_weight_grad_gemm_writes_the_sums_unrounded():
+    """train.fp32_weight_grad_gemm: a weight with no gradient yet gets the products summed in
+    fp32 (here from fp32 copies: CPUs have no fp32-output bf16 GEMM), contiguous, where
+    autograd rounds the sum to bf16 first; once it holds one, the bf16 product is added in as
+    before."""
+    x2d, g2d = (t.reshape(-1, t.shape[-1]) for t in fp32_gemm_linear(True)[1:])
+    exact = g2d.t().float() @ x2d.float()
+    rounded = (g2d.t() @ x2d).float()
+    assert not torch.equal(exact, rounded)
+    linear, x, grad_output = fp32_gemm_linear(True)
+    backward_bf16(linear, x, grad_output)
+    assert linear.weight.grad.is_contiguous() and torch.equal(linear.weight.grad, exact)
+    backward_bf16(linear, x, grad_output)  # a second micro-batch: added into .grad
+    assert torch.equal(linear.weight.grad, exact + rounded)
+    plain, x, grad_output = fp32_gemm_linear(False)
+    backward_bf16(plain, x, grad_output)
+    assert torch.equal(plain.weight.grad, rounded)
+
+
+def test_fp32_weight_grad_gemm_trains_close_to_autograds():
+    """Through parallelize, eager and compiled (no graph break): the first step's loss is the
+    same (the forward is), the gradients within bf16's rounding of autograd's (relative to each
+    tensor's largest) and not equal to them, and the later losses close."""
+    counters = torch._dynamo.utils.counters
+    for compile in (False, True):
+        want = train(True, steps=3, precision="bf16", compile=compile)
+        breaks = sum(counters["graph_break"].values())
+        got = train(True, steps=3, precision="bf16", fp32_weight_grad_gemm=True, compile=compile)
+        assert sum(counters["graph_break"].values()) == breaks
+        assert got[0][0] == want[0][0]
+        assert got[0] == pytest.approx(want[0], rel=1e-3)
+        assert any(not torch.equal(g, w) for g, w in zip(got[1][0], want[1][0]))
+        for g, w in zip(got[1][0], want[1][0]):  # one micro-batch's bf16 rounding of 3
+            assert (g - w).abs().max() <= 2**-8 * w.abs().max()
+
+
+def test_the_fp32_gemm_key_needs_the_fused_linears_and_bf16():
+    from toolkit.config import RecipeError, load_recipe
+
+    key = "train.fp32_weight_grad_gemm=true"
+    assert load_recipe("recipes/tiny_hybrid.toml", [key, 'train.precision="bf16"'])
+    for bad in (['train.precision="fp32"'], ["train.fused_grad_accumulation=false"]):
+        with pytest.raises(RecipeError, match="train.fp32_weight_grad_gemm"):
+            load_recipe("recipes/tiny_hybrid.toml", [key, 'train.precision="bf16"', *bad])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_weight_grad_gemm_on_gpu_sums_in_fp32():
+    """On CUDA the fp32-output GEMM (aten::mm.dtype): the weight gradient within fp32
+    summation of the exact sums (float64), where the bf16 product is off by bf16's rounding;
+    and compiled blocks train with it."""
+    linear, x, grad_output = fp32_gemm_linear(True)
+    linear, x, grad_output = linear.cuda(), x.cuda(), grad_output.cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        y = linear(x)
+    y.backward(grad_output)
+    x2d, g2d = x.reshape(-1, 64), grad_output.reshape(-1, 48)
+    exact = g2d.t().double() @ x2d.double()
+    rounded = (g2d.t() @ x2d).double()
+    got = linear.weight.grad
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    scale = exact.abs().max()
+    assert (got.double() - exact).abs().max() / scale < 1e-6
+    assert (rounded - exact).abs().max() / scale > 1e-4
+    cuda = torch.device("cuda")
+    want = train(True, steps=3, device=cuda, compile=True)
+    got = train(True, steps=3, device=cuda, compile=True, fp32_weight_grad_gemm=True)
+    assert got[0] == pytest.approx(want[0], rel=1e-3)

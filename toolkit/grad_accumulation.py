@@ -14,6 +14,13 @@ the same fp32 additions.
 Covers plain `nn.Linear` (bf16 under autocast, or fp32) and the float8 linears of
 train.fp8_weight_cache (toolkit.fp8_weight_cache); torchao's other float8 linears and
 Transformer Engine's keep autograd's accumulation.
+
+train.fp32_weight_grad_gemm: where the weight holds no gradient yet (a step's first micro-batch,
+or its only one), the GEMM writes the fp32 gradient itself (cuBLAS's fp32-output GEMM,
+aten::mm.dtype) instead of a bf16 product that a pass of its own casts and lays out as the
+weight (read 2 bytes, write 4): 4 bytes a parameter less, and the products summed in fp32
+without a rounding to bf16 between (Megatron's weight-gradient GEMM writes fp32 too). Not the
+same bits as autograd's, so a key of its own.
 """
 
 import torch
@@ -35,6 +42,16 @@ def weight_grad_of(input_2d: torch.Tensor, grad_2d: torch.Tensor) -> torch.Tenso
     return (input_2d.t() @ grad_2d).t()
 
 
+def weight_grad_fp32(input_2d: torch.Tensor, grad_2d: torch.Tensor) -> torch.Tensor:
+    """A linear's weight gradient ([out, in], contiguous) in fp32 as the GEMM writes it: the
+    products summed in fp32, never rounded to the inputs' bf16 (train.fp32_weight_grad_gemm).
+    On CUDA cuBLAS's fp32-output GEMM; elsewhere (CPUs: no such kernel) the same sums from fp32
+    copies of the inputs, whose products are exact."""
+    if grad_2d.is_cuda and grad_2d.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(grad_2d.t(), input_2d, out_dtype=torch.float32)
+    return torch.mm(grad_2d.t().float(), input_2d.float())
+
+
 def add_weight_grad(weight_grad: torch.Tensor, product: torch.Tensor) -> None:
     """`weight_grad += product`, the product's cast to the gradient's dtype inside the add."""
     weight_grad.add_(product)
@@ -44,7 +61,8 @@ class _LinearIntoGrad(torch.autograd.Function):
     """F.linear without bias whose weight gradient is added into `weight_grad` (the weight's
     `.grad`) in the backward instead of being returned; with `weight_grad` None, returned in
     the weight's dtype as autograd's cast would. `weight_cast`: the weight already in the
-    compute dtype (train.bf16_weight_cache), else cast here."""
+    compute dtype (train.bf16_weight_cache), else cast here. `fp32_gemm`: with `weight_grad`
+    None, the gradient as weight_grad_fp32 writes it (train.fp32_weight_grad_gemm)."""
 
     @staticmethod
     def forward(
@@ -53,6 +71,7 @@ class _LinearIntoGrad(torch.autograd.Function):
         weight: torch.Tensor,
         weight_grad: torch.Tensor | None,
         weight_cast: torch.Tensor | None = None,
+        fp32_gemm: bool = False,
     ) -> torch.Tensor:
         dtype = _compute_dtype(input)  # autocast's rule for linear: both operands cast
         x = input.to(dtype)
@@ -62,31 +81,36 @@ class _LinearIntoGrad(torch.autograd.Function):
         # one buffer (train.flat_optimizer) they share its version, which every add bumps.
         ctx.weight_grad = weight_grad
         ctx.input_dtype, ctx.weight_dtype = input.dtype, weight.dtype
+        ctx.fp32_gemm = fp32_gemm
         return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
         grad = grad_output.reshape(-1, grad_output.shape[-1])
-        product = weight_grad_of(x.reshape(-1, x.shape[-1]), grad)
-        if ctx.weight_grad is None:
-            grad_weight = product.to(ctx.weight_dtype)
+        x_2d = x.reshape(-1, x.shape[-1])
+        if ctx.weight_grad is None and ctx.fp32_gemm:
+            grad_weight = weight_grad_fp32(x_2d, grad).to(ctx.weight_dtype)
+        elif ctx.weight_grad is None:
+            grad_weight = weight_grad_of(x_2d, grad).to(ctx.weight_dtype)
         else:
-            add_weight_grad(ctx.weight_grad, product)
+            add_weight_grad(ctx.weight_grad, weight_grad_of(x_2d, grad))
             grad_weight = None
         grad_input = None
         if ctx.needs_input_grad[0]:
             grad_input = (grad @ w).reshape(*grad_output.shape[:-1], w.shape[1])
             grad_input = grad_input.to(ctx.input_dtype)
-        return grad_input, grad_weight, None, None
+        return grad_input, grad_weight, None, None, None
 
 
 class LinearIntoGrad(nn.Linear):
     """nn.Linear (no bias) whose weight gradient, once the weight holds one, is added into it
     by its own backward (the module docstring says why); while `weight_cast` holds the weight
-    in the compute dtype (toolkit.bf16_weight_cache), every product reads that."""
+    in the compute dtype (toolkit.bf16_weight_cache), every product reads that; with
+    `fp32_weight_grad_gemm`, a gradient it returns is weight_grad_fp32's."""
 
     weight_cast: torch.Tensor | None  # a buffer, registered by fuse_grad_accumulation
+    fp32_weight_grad_gemm = False  # train.fp32_weight_grad_gemm, set by fuse_grad_accumulation
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
@@ -94,9 +118,10 @@ class LinearIntoGrad(nn.Linear):
         grad, cast = self.weight.grad, getattr(self, "weight_cast", None)
         if cast is not None and cast.dtype != _compute_dtype(input):
             cast = None  # autocast off (evaluation in fp32): cast as F.linear would
-        if grad is None and cast is None:
+        fp32_gemm = self.fp32_weight_grad_gemm
+        if grad is None and cast is None and not fp32_gemm:
             return super().forward(input)
-        return _LinearIntoGrad.apply(input, self.weight, grad, cast)
+        return _LinearIntoGrad.apply(input, self.weight, grad, cast, fp32_gemm)
 
 
 # What computes as a plain nn.Linear (F.linear), fused accumulation or not: for the checks that
@@ -104,14 +129,16 @@ class LinearIntoGrad(nn.Linear):
 PLAIN_LINEARS = (nn.Linear, LinearIntoGrad)
 
 
-def fuse_grad_accumulation(model: nn.Module) -> list[str]:
+def fuse_grad_accumulation(model: nn.Module, fp32_weight_grad_gemm: bool = False) -> list[str]:
     """Make the linears of `model` that can add their weight gradients into `.grad` in their
-    backward do so: plain bias-free nn.Linear become LinearIntoGrad, train.fp8_weight_cache's
-    float8 linears are told to. Returns their names."""
+    backward do so: plain bias-free nn.Linear become LinearIntoGrad (with
+    `fp32_weight_grad_gemm`, train.fp32_weight_grad_gemm's), train.fp8_weight_cache's float8
+    linears are told to. Returns their names."""
     names = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear and module.bias is None:
             module.__class__ = LinearIntoGrad
+            module.fp32_weight_grad_gemm = fp32_weight_grad_gemm
             # A buffer, as compiled blocks read it (a new tensor each step, no recompile);
             # not persistent: never in checkpoints.
             module.register_buffer("weight_cast", None, persistent=False)

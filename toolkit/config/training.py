@@ -246,6 +246,14 @@ class TrainConfig:
         "linears read the cast) and bf16 compute (precision 'bf16', or 'fp8' for the linears "
         "left bf16)",
     )
+    fp32_weight_grad_gemm: bool = opt(
+        False,
+        "where a weight holds no gradient yet (a step's first or only micro-batch), its "
+        "gradient GEMM writes fp32 (cuBLAS's fp32-output GEMM; on CPUs the same sums from fp32 "
+        "copies) instead of a bf16 product cast in a pass of its own: 4 bytes a parameter less, "
+        "the products summed in fp32 unrounded (Megatron's weight-gradient GEMM writes fp32 "
+        "too); not bit for bit autograd's. Needs fused_grad_accumulation and bf16 compute",
+    )
     fused_grad_accumulation: bool = opt(
         True,
         "add each linear's weight gradient into its fp32 .grad inside its backward once the "
@@ -338,14 +346,15 @@ class TrainConfig:
             f"{self.compile_mode!r} tunes compiled blocks: needs train.compile (true or block "
             "kinds), which is off",
         )
-        check(
-            not self.bf16_weight_cache
-            or (self.fused_grad_accumulation and self.precision != "fp32"),
-            "train.bf16_weight_cache",
-            "its linears are train.fused_grad_accumulation's, computing in bf16: needs "
-            f"fused_grad_accumulation on and precision 'bf16' or 'fp8', got "
-            f"{self.fused_grad_accumulation} and {self.precision!r}",
-        )
+        for key in ("bf16_weight_cache", "fp32_weight_grad_gemm"):
+            check(
+                not getattr(self, key)
+                or (self.fused_grad_accumulation and self.precision != "fp32"),
+                f"train.{key}",
+                "its linears are train.fused_grad_accumulation's, computing in bf16: needs "
+                f"fused_grad_accumulation on and precision 'bf16' or 'fp8', got "
+                f"{self.fused_grad_accumulation} and {self.precision!r}",
+            )
         self._validate_float8()
         self._validate_schedule()
 

@@ -165,7 +165,7 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     loss_fn = apply_tensor_parallel(model, env, sequence_parallel=par.sequence_parallel)
     engine = apply_float8(model, cfg, device, tp=env.tp)
     if cfg.fused_grad_accumulation:  # the linears as float8 left them, before compile wraps
-        fused = fuse_grad_accumulation(model)
+        fused = fuse_grad_accumulation(model, cfg.fp32_weight_grad_gemm)
         log.info("train.fused_grad_accumulation: %d linears add into their .grad", len(fused))
     if cfg.bf16_weight_cache:
         cached = sum(isinstance(m, LinearIntoGrad) for m in model.modules())
