@@ -248,11 +248,12 @@ def test_kernel_is_torchs_fused_adamw_clipped_in_place_on_gpu():
 
 
 @pytest.mark.parametrize(
-    "block, span, eviction, casts",
-    [(BLOCK, 1, "", False), (1024, 4, "", False), (2048, 2, "evict_first", False),
-     (BLOCK, 1, "", True), (2048, 2, "", True)],
+    "block, warps, span, eviction, casts",
+    [(BLOCK, module.NUM_WARPS, 1, "", False), (4096, 8, 1, "", False), (1024, 8, 4, "", False),
+     (2048, 8, 2, "evict_first", False), (BLOCK, module.NUM_WARPS, 1, "", True),
+     (2048, 8, 2, "", True)],
 )  # fmt: skip
-def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, span, eviction, casts):
+def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, warps, span, eviction, casts):
     """The kernel compiled ahead of time for an H100/H200 (sm_90, no GPU needed): whole blocks
     move 4 floats per instruction (at 4096 a block and 8 warps, 16 per thread: 4 loads from each
     of the 4 arrays, 4 stores to each of the 3 written), in each of a program's SPAN blocks, with
@@ -273,7 +274,7 @@ def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, span, eviction, c
                   "SCALARS": module.SCALARS, "SPAN": span, "EVICTION": eviction}  # fmt: skip
     source = ASTSource(fn=module._adamw_kernel, signature=signature, constexprs=constexprs)
     try:
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     except Exception as e:  # a Triton built without its CUDA backend
         pytest.skip(f"Triton cannot compile for sm_90 here: {type(e).__name__}: {e}")
     accesses = [
@@ -281,7 +282,7 @@ def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, span, eviction, c
         for line in ptx.asm["ptx"].splitlines()
         if line.lstrip().startswith(("ld.global", "st.global")) and ".v4.b32" in line
     ]
-    per_block = block // (8 * 32) // 4  # 16-byte accesses per thread and array
+    per_block = block // (warps * 32) // 4  # 16-byte accesses per thread and array
     assert accesses.count("L") == 4 * per_block * span
     assert accesses.count("S") == (3 + casts / 2) * per_block * span  # a copy: half the bytes
     # Block i + 1's loads come before block i's stores: loads, then (stores, loads) pairs.
