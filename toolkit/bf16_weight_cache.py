@@ -13,8 +13,10 @@ once. Outside a step (evaluation, generation) the linears cast as autocast does.
 Where the update is toolkit.triton_adamw's kernel, it writes the casts itself (UpdatedCasts): it
 holds each new fp32 weight in registers anyway, so a bf16 copy kept between steps costs it 2
 bytes a parameter, and the step then casts nothing: 4 bytes a parameter less a step than the
-cast when it begins (at the 8B Mamba-2 widths, 1.9B parameters in linears, ~7.7 GB a step;
-also with one micro-batch a step, where casting once a step saved nothing over autocast).
+cast when it begins (at the 8B Mamba-2 widths, 1.9B parameters in linears, ~7.7 GB a step).
+Measured there at one micro-batch a step on an H200 the step was slower, 213.2 against 203.2 ms
+(2026-12-05): the cause, somewhere in the linears' backward through _LinearIntoGrad, is not
+profiled yet; steps of several micro-batches are not measured.
 
 The linears are train.fused_grad_accumulation's (toolkit.grad_accumulation.LinearIntoGrad):
 the key needs it. train.fp8_weight_cache is the same idea for float8 weights.

@@ -18,9 +18,10 @@ Transformer Engine's keep autograd's accumulation.
 train.fp32_weight_grad_gemm: where the weight holds no gradient yet (a step's first micro-batch,
 or its only one), the GEMM writes the fp32 gradient itself (cuBLAS's fp32-output GEMM,
 aten::mm.dtype) instead of a bf16 product that a pass of its own casts and lays out as the
-weight (read 2 bytes, write 4): 4 bytes a parameter less, and the products summed in fp32
-without a rounding to bf16 between (Megatron's weight-gradient GEMM writes fp32 too). Not the
-same bits as autograd's, so a key of its own.
+weight (read 2 bytes, write 4), and the products summed in fp32 without a rounding to bf16
+between (Megatron's weight-gradient GEMM writes fp32 too). Not the same bits as autograd's, so a
+key of its own; level in speed at the 8B Mamba-2 widths on an H200 (202.7 against 203.2 ms a
+step, 2026-12-05), so a key for the fp32 sums.
 """
 
 import torch
