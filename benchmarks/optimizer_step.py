@@ -18,7 +18,7 @@ The gradients' norm is in the JSON (`grad_norm`; clipping is active when above t
 A variant `triton_bBLOCK_wWARPS[_xSPAN][_stream]` is the Triton kernel with BLOCK elements a
 block, WARPS warps, SPAN blocks a program (the next one's loads issued before a block's stores)
 and, with `_stream`, evict-first loads and stores (the defaults: triton_adamw's BLOCK, NUM_WARPS,
-SPAN and STREAM, 4096, 8, 1 and off): what its bandwidth depends on.
+SPAN and STREAM): what its bandwidth depends on.
 """
 
 import argparse
