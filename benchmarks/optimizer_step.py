@@ -15,7 +15,7 @@ another, each on a model of its own built from the same seed (~20 bytes a parame
 device at a time: the 8B's shapes at 28 layers fit one H200). Also checks that the others end
 where the first does (relative L2 of the parameters: 0 on CPUs, fp32 rounding on GPUs).
 The gradients' norm is in the JSON (`grad_norm`; clipping is active when above train.grad_clip).
-A variant `triton_bBLOCK_wWARPS[_xSPAN][_stream]` is the Triton kernel with BLOCK elements a
+A variant `triton_bBLOCK_wWARPS[_xSPAN][_stream][_approx]` is the Triton kernel with BLOCK elements a
 block, WARPS warps, SPAN blocks a program (the next one's loads issued before a block's stores)
 and, with `_stream`, evict-first loads and stores (the defaults: triton_adamw's BLOCK, NUM_WARPS,
 SPAN and STREAM): what its bandwidth depends on.
@@ -73,14 +73,14 @@ VARIANTS = {  # name: (train.adamw_kernel, flat optimizer, zero_grad(set_to_none
     "flat_clip_in_place": ("torch", True, True, False),
 }
 # The Triton kernel's block, warps, blocks a program and evict-first accesses.
-KERNEL_SHAPE = re.compile(r"triton_b(\d+)_w(\d+)(?:_x(\d+))?(_stream)?")
-SHAPE_GLOBALS = ("BLOCK", "NUM_WARPS", "SPAN", "STREAM")  # triton_adamw's, set per variant
+KERNEL_SHAPE = re.compile(r"triton_b(\d+)_w(\d+)(?:_x(\d+))?(_stream)?(_approx)?")
+SHAPE_GLOBALS = ("BLOCK", "NUM_WARPS", "SPAN", "STREAM", "EXACT")  # triton_adamw's, set per variant
 DEFAULT_SHAPE = tuple(getattr(triton_adamw, name) for name in SHAPE_GLOBALS)
 
 
 def variant(name: str) -> tuple[tuple, tuple]:
     """(VARIANTS[name], the Triton kernel's shape: the module's defaults), or for
-    triton_bBLOCK_wWARPS[_xSPAN][_stream] the Triton kernel's with those."""
+    triton_bBLOCK_wWARPS[_xSPAN][_stream][_approx] the Triton kernel's with those."""
     shape = KERNEL_SHAPE.fullmatch(name)
     if shape is None:
         return VARIANTS[name], DEFAULT_SHAPE
@@ -91,7 +91,7 @@ def variant(name: str) -> tuple[tuple, tuple]:
         )
     if not 1 <= span <= 16:
         raise argparse.ArgumentTypeError(f"{name}: SPAN (blocks a program) from 1 to 16")
-    return VARIANTS["triton"], (block, warps, span, shape[4] is not None)
+    return VARIANTS["triton"], (block, warps, span, shape[4] is not None, shape[5] is None)
 
 
 def run_variant(
@@ -198,14 +198,14 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def variant_list(text: str) -> list[str]:
-    """--variants: names from VARIANTS or triton_bBLOCK_wWARPS[_xSPAN][_stream], comma-separated,
+    """--variants: names from VARIANTS or triton_bBLOCK_wWARPS[_xSPAN][_stream][_approx], comma-separated,
     each once."""
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS and not KERNEL_SHAPE.fullmatch(v)]
     if unknown or not names or len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(
             f"{text!r}: give names from {', '.join(VARIANTS)} or "
-            "triton_bBLOCK_wWARPS[_xSPAN][_stream], "
+            "triton_bBLOCK_wWARPS[_xSPAN][_stream][_approx], "
             "comma-separated, each once"
         )
     for name in names:

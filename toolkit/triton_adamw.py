@@ -45,6 +45,9 @@ NUM_WARPS = 4
 # kernel's.
 SPAN = 1
 STREAM = False
+# EXACT: division and square root rounded as IEEE's (and torch's CUDA kernels') are; False:
+# the GPU's approximate ones (within 2 ulp), a variant that measures what they cost.
+EXACT = True
 SCALARS = 8  # per tensor (7 used, a row of 32 bytes)
 
 if triton_imports():
@@ -75,7 +78,7 @@ if triton_imports():
     @triton.jit
     def _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, cast, offs, numel, row, grad_scale,
                       HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, HAS_CASTS: tl.constexpr,
-                      EVICTION: tl.constexpr):  # fmt: skip
+                      EVICTION: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
         """A loaded block's update, stored in place: row holds the tensor's scalars
         (TritonAdamW._scalars). With HAS_CASTS, `cast` is the address of the parameter's bf16
         copy (0: none), written from the new parameter (torch's rounding, to nearest even)."""
@@ -88,8 +91,12 @@ if triton_imports():
         p = p * decay
         m = m + one_minus_beta1 * (g - m)  # torch's lerp for a weight below 0.5
         v = v * beta2 + one_minus_beta2 * g * g
-        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-        p = p - tl.div_rn(step_size * m, denom)
+        if EXACT:
+            denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+            p = p - tl.div_rn(step_size * m, denom)
+        else:
+            denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+            p = p - step_size * m / denom
         tl.store(param + offs, p, mask=mask, eviction_policy=EVICTION)
         tl.store(exp_avg + offs, m, mask=mask, eviction_policy=EVICTION)
         tl.store(exp_avg_sq + offs, v, mask=mask, eviction_policy=EVICTION)
@@ -101,7 +108,8 @@ if triton_imports():
     @triton.jit
     def _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
                     HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, HAS_CASTS: tl.constexpr,
-                    BLOCK: tl.constexpr, SPAN: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
+                    BLOCK: tl.constexpr, SPAN: tl.constexpr, EVICTION: tl.constexpr,
+                    EXACT: tl.constexpr):  # fmt: skip
         """SPAN consecutive blocks from `start`, each one's loads issued before the one before
         it is stored (the blocks are disjoint, so the order is free)."""
         offs = start + tl.arange(0, BLOCK)
@@ -111,10 +119,10 @@ if triton_imports():
             g2, p2, m2, v2 = _load_block(param, grad, exp_avg, exp_avg_sq, ahead, numel,
                                          MASKED, EVICTION)  # fmt: skip
             _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, cast, offs, numel, row,
-                          grad_scale, HAS_SCALE, MASKED, HAS_CASTS, EVICTION)  # fmt: skip
+                          grad_scale, HAS_SCALE, MASKED, HAS_CASTS, EVICTION, EXACT)  # fmt: skip
             g, p, m, v, offs = g2, p2, m2, v2, ahead
         _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, cast, offs, numel, row, grad_scale,
-                      HAS_SCALE, MASKED, HAS_CASTS, EVICTION)  # fmt: skip
+                      HAS_SCALE, MASKED, HAS_CASTS, EVICTION, EXACT)  # fmt: skip
 
     @triton.jit
     def _adamw_kernel(
@@ -131,6 +139,7 @@ if triton_imports():
         SCALARS: tl.constexpr,
         SPAN: tl.constexpr,
         EVICTION: tl.constexpr,
+        EXACT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
@@ -151,10 +160,10 @@ if triton_imports():
         row = scalars + SCALARS * t
         if start + BLOCK * SPAN <= numel:
             _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
-                        HAS_SCALE, False, HAS_CASTS, BLOCK, SPAN, EVICTION)  # fmt: skip
+                        HAS_SCALE, False, HAS_CASTS, BLOCK, SPAN, EVICTION, EXACT)  # fmt: skip
         else:
             _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
-                        HAS_SCALE, True, HAS_CASTS, BLOCK, SPAN, EVICTION)  # fmt: skip
+                        HAS_SCALE, True, HAS_CASTS, BLOCK, SPAN, EVICTION, EXACT)  # fmt: skip
 
 
 def kernel_addressable(t: torch.Tensor) -> bool:
@@ -477,6 +486,7 @@ def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor |
         SCALARS=SCALARS,
         SPAN=SPAN,
         EVICTION="evict_first" if STREAM else "",
+        EXACT=EXACT,
         num_warps=NUM_WARPS,
     )
 
