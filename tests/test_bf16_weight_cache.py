@@ -114,17 +114,9 @@ def test_outside_a_step_the_linears_cast_as_autocast():
 def test_the_cache_trains_as_autocast_under_tp_and_sp(tmp_path):
     """Two TP ranks with sequence parallelism (gloo), bf16, 2 micro-batches a step: the
     sharded weights cast once a step give the losses of autocast's casts, bit for bit."""
-    from tests.test_parallel import LAYOUTS, launch, losses, write_recipe
+    from tests.test_grad_accumulation import tp2_sp_losses
 
-    runs = {}
-    for cache in ("false", "true"):
-        (tmp_path / cache).mkdir()
-        recipe = write_recipe(tmp_path / cache, "run", 3, **LAYOUTS["tp2_sp"])
-        proc = launch(recipe, 2, 'train.precision="bf16"', f"train.bf16_weight_cache={cache}")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert ("train.bf16_weight_cache: " in proc.stderr) == (cache == "true")
-        runs[cache] = losses(tmp_path / cache / "run" / "tb")
-    assert sorted(runs["true"]) == [1, 2, 3]
+    runs = tp2_sp_losses(tmp_path, "train.bf16_weight_cache")
     assert runs["true"] == runs["false"]
 
 

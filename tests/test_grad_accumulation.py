@@ -65,13 +65,20 @@ def assert_same_training(got: tuple, want: tuple) -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_weight_grads_added_in_the_backward_train_as_autograd_accumulates(precision, monkeypatch):
-    adds = []
+    adds, rows = [], []
     add = grad_accumulation.add_weight_grad
     monkeypatch.setattr(grad_accumulation, "add_weight_grad",
                         lambda grad, product: adds.append(product.dtype) or add(grad, product))  # fmt: skip
+    add_rows = grad_accumulation.add_embedding_grad
+    monkeypatch.setattr(grad_accumulation, "add_embedding_grad",
+                        lambda grad, *sums: rows.append(grad.shape) or add_rows(grad, *sums))  # fmt: skip
     want = train(False, precision=precision)
-    assert not adds
+    assert not adds and not rows
     got = train(True, precision=precision)
+    # The input embedding's rows, in each micro-batch after a step's first, into its fp32 grad.
+    embedding = got[3].module.embedding
+    assert type(embedding) is grad_accumulation.EmbeddingIntoGrad
+    assert rows == [embedding.weight.shape] * ((MICRO_BATCHES - 1) * 2)
     linears = [m for m in got[3].module.modules() if isinstance(m, LinearIntoGrad)]
     assert len(linears) == 2 * TINY_MODEL["num_layers"] + 1  # two a block, the output layer
     # Every linear's weight, in each micro-batch after a step's first, in its compute dtype.
@@ -81,6 +88,24 @@ def test_weight_grads_added_in_the_backward_train_as_autograd_accumulates(precis
     assert want[3].accumulated == len(linears) * MICRO_BATCHES * 2
     assert got[3].accumulated == len(linears) * 2
     assert_same_training(got, want)
+
+
+def test_embedding_rows_summed_per_token_as_the_whole_tables_backward():
+    """distinct_token_sums: each distinct token's gradient rows summed as autograd's backward
+    sums them into the whole table (repeated tokens, token 0, tokens absent), so adding them
+    into a gradient gives that gradient plus the table's, bit for bit; fixed sizes."""
+    torch.manual_seed(0)
+    vocab, dim = 50, 8
+    tokens = torch.tensor([7, 0, 7, 31, 7, 0, 49, 3, 31, 7, 12, 3])
+    grad = torch.randn(tokens.numel(), dim)
+    table = torch.ops.aten.embedding_dense_backward(grad, tokens, vocab, -1, False)
+    rows, sums = grad_accumulation.distinct_token_sums(tokens, grad)
+    assert rows.shape == tokens.shape and sums.shape == grad.shape
+    assert rows[:6].tolist() == [0, 3, 7, 12, 31, 49] and not sums[6:].any()
+    held = torch.randn(vocab, dim)
+    want = held + table
+    grad_accumulation.add_embedding_grad(held, rows, sums)
+    assert torch.equal(held, want)
 
 
 def test_weight_grads_added_in_compiled_blocks():
@@ -284,3 +309,29 @@ def test_fp32_weight_grad_gemm_on_gpu_sums_in_fp32():
     want = train(True, steps=3, device=cuda, compile=True)
     got = train(True, steps=3, device=cuda, compile=True, fp32_weight_grad_gemm=True)
     assert got[0] == pytest.approx(want[0], rel=1e-3)
+
+
+def tp2_sp_losses(tmp_path, key: str) -> dict[str, dict]:
+    """3 steps on two TP ranks with sequence parallelism (gloo), bf16, 2 micro-batches a step,
+    with the recipe key `key` off and on: each run's losses by step ("false", "true"), each
+    run logging the key's line only where it is on."""
+    from tests.test_parallel import LAYOUTS, launch, losses, write_recipe
+
+    runs = {}
+    for value in ("false", "true"):
+        (tmp_path / value).mkdir()
+        recipe = write_recipe(tmp_path / value, "run", 3, **LAYOUTS["tp2_sp"])
+        proc = launch(recipe, 2, 'train.precision="bf16"', f"{key}={value}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (f"{key}: " in proc.stderr) == (value == "true")
+        runs[value] = losses(tmp_path / value / "run" / "tb")
+    assert sorted(runs["true"]) == [1, 2, 3]
+    return runs
+
+
+@pytest.mark.long
+def test_fused_accumulation_trains_as_autograd_under_tp_and_sp(tmp_path):
+    """train.fused_grad_accumulation under TP and SP: the vocab-parallel embedding's and the
+    sharded linears' gradients added in the backward give autograd's losses, bit for bit."""
+    runs = tp2_sp_losses(tmp_path, "train.fused_grad_accumulation")
+    assert runs["true"] == runs["false"]

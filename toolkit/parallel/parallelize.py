@@ -166,7 +166,7 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     engine = apply_float8(model, cfg, device, tp=env.tp)
     if cfg.fused_grad_accumulation:  # the linears as float8 left them, before compile wraps
         fused = fuse_grad_accumulation(model, cfg.fp32_weight_grad_gemm)
-        log.info("train.fused_grad_accumulation: %d linears add into their .grad", len(fused))
+        log.info("train.fused_grad_accumulation: %d layers add into their .grad", len(fused))
     if cfg.bf16_weight_cache:
         cached = sum(isinstance(m, LinearIntoGrad) for m in model.modules())
         log.info("train.bf16_weight_cache: %d linears read their weights cast once a step", cached)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.grad_accumulation import embedding_into_grad
 from toolkit.loss import blockwise_cross_entropy
 from toolkit.model.attention import Attention
 from toolkit.model.hybrid import HybridLM
@@ -192,7 +193,11 @@ def shard_mlp(m: MLP, tp: int, rank: int) -> None:
 class VocabParallelEmbedding(nn.Embedding):
     """This rank's rows [vocab_start, vocab_start + rows) of the embedding; ids elsewhere give
     zeros here and are filled in by the all-reduce over TP (with sequence parallelism, a
-    reduce-scatter that leaves this rank its part of the sequence)."""
+    reduce-scatter that leaves this rank its part of the sequence). `weight_grad_into_grad`
+    (train.fused_grad_accumulation): the weight gradient added into `.grad` once there is one
+    (toolkit.grad_accumulation.embedding_into_grad)."""
+
+    weight_grad_into_grad = False
 
     def __init__(
         self,
@@ -209,7 +214,8 @@ class VocabParallelEmbedding(nn.Embedding):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.vocab_start
         outside = (local < 0) | (local >= self.num_embeddings)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        lookup = embedding_into_grad if self.weight_grad_into_grad else F.embedding
+        out = lookup(local.masked_fill(outside, 0), self.weight)
         return self.combine(out.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
 
 
