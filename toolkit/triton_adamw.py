@@ -102,7 +102,11 @@ if triton_imports():
         tl.store(exp_avg_sq + offs, v, mask=mask, eviction_policy=EVICTION)
         if HAS_CASTS:
             if cast != 0:
-                copy = tl.multiple_of(cast.to(tl.pointer_type(tl.uint16)), 16)
+                # Aligned to 8 bytes as far as the compiler knows (16 in fact): it then stores
+                # the 4 bf16 of each float4 from the registers that hold it. Told 16, it
+                # regrouped them 8 a thread through shared memory in every program: 30.2 against
+                # 19.7 ms for the update at the 8B Mamba-2 widths on an H200 (2026-12-06).
+                copy = tl.multiple_of(cast.to(tl.pointer_type(tl.uint16)), 8)
                 tl.store(copy + offs, _bf16_bits(p), mask=mask, eviction_policy=EVICTION)
 
     @triton.jit
@@ -215,7 +219,8 @@ class TritonAdamW(torch.optim.AdamW):
 
     def _cast_of(self, p: torch.Tensor) -> torch.Tensor | None:
         """The bf16 copy the kernel writes for `p`: one of write_casts()'s, contiguous, of p's
-        shape and device, at a 16-byte boundary (the kernel stores 16 bytes at a time)."""
+        shape and device, at a 16-byte boundary (as the parameters: the kernel stores 8 bytes at
+        a time)."""
         copy = self._casts.copy_of(p) if self._casts is not None else None
         fits = (
             copy is not None
