@@ -15,8 +15,9 @@ holds each new fp32 weight in registers anyway, so a bf16 copy kept between step
 bytes a parameter, and the step then casts nothing: 4 bytes a parameter less a step than the
 cast when it begins (at the 8B Mamba-2 widths, 1.9B parameters in linears, ~7.7 GB a step).
 Measured there at one micro-batch a step on an H200 the step was slower, 213.2 against 203.2 ms
-(2026-12-05): the cause, somewhere in the linears' backward through _LinearIntoGrad, is not
-profiled yet; steps of several micro-batches are not measured.
+(2026-12-05): the profile put all of it in the update (30.2 against 19.7 ms), whose copy stores
+went through shared memory; adc6950 stores them from registers, not yet measured. Steps of
+several micro-batches are not measured.
 
 The linears are train.fused_grad_accumulation's (toolkit.grad_accumulation.LinearIntoGrad):
 the key needs it. train.fp8_weight_cache is the same idea for float8 weights.

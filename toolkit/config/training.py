@@ -242,7 +242,8 @@ class TrainConfig:
         "micro-batch's forward (autocast's cast: 6 bytes a parameter each time); the same "
         "numbers. With the Triton AdamW (adamw_kernel) the update writes the casts (2 bytes a "
         "parameter, the copies kept between steps). Measured slower at one micro-batch a step "
-        "(8B Mamba-2 widths, H200: 213 against 203 ms); for steps that accumulate "
+        "(8B Mamba-2 widths, H200: 213 against 203 ms), all of it in the update's stores of "
+        "the copies, since fixed and not measured again; for steps that accumulate "
         "micro-batches, not measured. Needs fused_grad_accumulation (its linears read the "
         "cast) and bf16 compute (precision 'bf16', or 'fp8' for the linears left bf16)",
     )
