@@ -8,19 +8,14 @@ multi-tensor in-place scale, each over 4 GiB fp32 tensors, in TB/s from CUDA eve
 import argparse
 
 import torch
+from decode_profile import cuda_seconds  # a sibling script: benchmarks/ is on the path
 
 
 def timed_ms(work, repeats: int) -> float:
     """Mean milliseconds of `work` over `repeats` calls after one untimed call."""
     work()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        work()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    return 1e3 * cuda_seconds(work, repeats)
 
 
 def main() -> None:
