@@ -17,8 +17,9 @@ where the first does (relative L2 of the parameters: 0 on CPUs, fp32 rounding on
 The gradients' norm is in the JSON (`grad_norm`; clipping is active when above train.grad_clip).
 A variant `triton_bBLOCK_wWARPS[_xSPAN][_stream][_approx]` is the Triton kernel with BLOCK elements a
 block, WARPS warps, SPAN blocks a program (the next one's loads issued before a block's stores)
-and, with `_stream`, evict-first loads and stores (the defaults: triton_adamw's BLOCK, NUM_WARPS,
-SPAN and STREAM): what its bandwidth depends on.
+and, with `_stream`, evict-first loads and stores, with `_approx`, the GPU's approximate division
+and square root (the defaults: triton_adamw's BLOCK, NUM_WARPS, SPAN, STREAM and EXACT): what its
+bandwidth depends on.
 """
 
 import argparse
@@ -72,7 +73,7 @@ VARIANTS = {  # name: (train.adamw_kernel, flat optimizer, zero_grad(set_to_none
     "flat_views": ("torch", True, False, True),
     "flat_clip_in_place": ("torch", True, True, False),
 }
-# The Triton kernel's block, warps, blocks a program and evict-first accesses.
+# The Triton kernel's block, warps, blocks a program, evict-first accesses and exact math.
 KERNEL_SHAPE = re.compile(r"triton_b(\d+)_w(\d+)(?:_x(\d+))?(_stream)?(_approx)?")
 SHAPE_GLOBALS = ("BLOCK", "NUM_WARPS", "SPAN", "STREAM", "EXACT")  # triton_adamw's, set per variant
 DEFAULT_SHAPE = tuple(getattr(triton_adamw, name) for name in SHAPE_GLOBALS)
