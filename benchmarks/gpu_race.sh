@@ -51,6 +51,10 @@ race 8b_mamba2_compiled_bf16_cache 160 --shape 8b-mamba2 --compile \
   --set train.bf16_weight_cache=true
 race 8b_mamba2_compiled_step_graph_bf16_cache 200 --shape 8b-mamba2 --compile --step-graph \
   --set train.bf16_weight_cache=true
+# The graph with no cast of a weight or its gradient left in the step: the update writes the bf16
+# copies, the GEMM writes the fp32 weight gradients.
+race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad 200 --shape 8b-mamba2 --compile \
+  --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
 # train.fp32_weight_grad_gemm: the weight gradients written in fp32 by the GEMM (the bf16
 # product's cast and layout pass gone: ~1.8 ms a step in the layers and ~1.2 ms for the output
 # layer in the afternoon profile, H100), alone and with the update's bf16 casts, eager steps.
