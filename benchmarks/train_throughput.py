@@ -36,6 +36,7 @@ there is no data-sheet peak: MFU is against the measured fp32 matmul rate.
 
 import argparse
 import datetime
+import gc
 import importlib
 import json
 import logging
@@ -85,6 +86,9 @@ def add_step_arguments(parser: argparse.ArgumentParser, steps: int = 10) -> None
     """--steps and --warmup, as the step benchmarks here take them (check_step_arguments)."""
     parser.add_argument("--steps", type=int, default=steps, help=f"timed steps (default {steps})")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--manual-gc", action="store_true",
+                        help="Python's garbage collector off in the timed steps, what the "
+                        "warm-up left frozen out of its reach (time_steps)")  # fmt: skip
 
 
 def check_step_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -99,21 +103,70 @@ def write_json(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
+class GcClock:
+    """Python's cyclic garbage collector while inside: the seconds its collections ran and how
+    many of each generation (gc.callbacks). A full collection walks every object the process
+    holds (compiled code, modules), and where it lands between a step's synchronisation and its
+    first launch the GPU waits for it."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.collections[info["generation"]] += 1
+
+    def __enter__(self) -> "GcClock":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def time_steps(
-    step: Callable[[], torch.Tensor], warmup: int, steps: int, device: torch.device
-) -> tuple[list[float], list[float], list[float]]:
-    """(losses, warm-up step seconds, timed step seconds): `warmup` steps (compilation,
-    autotuning), then `steps` timed ones, each synchronised on the device."""
-    losses, warmup_times, times = [], [], []
-    for i in range(warmup + steps):
-        synchronize(device)
-        start = time.perf_counter()
-        loss = step()
-        synchronize(device)
-        (warmup_times if i < warmup else times).append(time.perf_counter() - start)
-        losses.append(float(loss))
-        log.info("step %d: %.3f s, loss %.4f", i + 1, (warmup_times + times)[-1], losses[-1])
-    return losses, warmup_times, times
+    step: Callable[[], torch.Tensor],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    manual_gc: bool = False,
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(losses, warm-up step seconds, timed step seconds, the garbage collector's seconds in
+    each timed step): `warmup` steps (compilation, autotuning), then `steps` timed ones, each
+    synchronised on the device. `manual_gc`: the objects left after the warm-up frozen out of
+    the collector's reach and automatic collection off for the timed steps (Megatron's
+    --manual-gc, torchtitan's gc_freq), restored after."""
+    losses, warmup_times, times, gc_times = [], [], [], []
+    try:
+        for i in range(warmup + steps):
+            if i == warmup and manual_gc:
+                gc.collect()
+                gc.freeze()
+                gc.disable()
+            synchronize(device)
+            with GcClock() as collector:
+                start = time.perf_counter()
+                loss = step()
+                synchronize(device)
+                seconds = time.perf_counter() - start
+            (warmup_times if i < warmup else times).append(seconds)
+            if i >= warmup:
+                gc_times.append(collector.seconds)
+            losses.append(float(loss))
+            log.info(
+                "step %d: %.3f s, loss %.4f, garbage collection %.1f ms (generations %s)",
+                i + 1, seconds, losses[-1], 1e3 * collector.seconds, collector.collections,
+            )  # fmt: skip
+    finally:
+        if manual_gc:
+            gc.enable()
+            gc.unfreeze()
+    return losses, warmup_times, times, gc_times
 
 
 def graphed_step(
@@ -201,7 +254,9 @@ def benchmark(args: argparse.Namespace) -> dict:
         step = graphed_step(parallel, params, cfg.max_grad_norm, env, grad_norms, seq, vocab)
 
     model.train()
-    losses, warmup_times, times = time_steps(step, args.warmup, args.steps, device)
+    losses, warmup_times, times, gc_times = time_steps(
+        step, args.warmup, args.steps, device, args.manual_gc
+    )
     memory = peak_memory_gb(device)
 
     step_time = statistics.median(times)
@@ -245,6 +300,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         "step_time_s": step_time,
         "step_times_s": times,
         "warmup_times_s": warmup_times,
+        "gc_times_s": gc_times,
+        "manual_gc": args.manual_gc,
         "tokens_per_s": tokens / step_time,
         "tflops_per_gpu": tflops,
         "datasheet_bf16_tflops": sheet,

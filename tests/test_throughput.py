@@ -47,6 +47,38 @@ def test_tiny_recipe_on_cpu(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self  # garbage only the cyclic collector frees
+
+
+def test_time_steps_counts_collections_and_turns_them_off(monkeypatch):
+    import gc
+
+    device = train_throughput.torch.device("cpu")
+
+    def step():  # garbage with a cycle, then a full collection, as a heavy step triggers
+        _Cycle()
+        gc.collect()
+        return train_throughput.torch.tensor(1.0)
+
+    before = gc.isenabled()
+    losses, warm, times, gc_times = train_throughput.time_steps(step, 1, 3, device)
+    assert len(losses) == 4 and len(warm) == 1 and len(times) == len(gc_times) == 3
+    assert all(0 < g <= t for g, t in zip(gc_times, times, strict=True))  # each step's collect
+
+    seen = []
+
+    def step_manual():
+        seen.append((gc.isenabled(), gc.get_freeze_count()))
+        return train_throughput.torch.tensor(1.0)
+
+    *_, gc_times = train_throughput.time_steps(step_manual, 2, 2, device, manual_gc=True)
+    assert [on for on, _ in seen] == [before, before, False, False]  # off in the timed steps
+    assert all(frozen > 0 for _, frozen in seen[2:]) and gc_times == [0.0, 0.0]
+    assert gc.isenabled() == before and gc.get_freeze_count() == 0  # restored
+
+
 def test_steps_clip_as_the_trainer_does_flat_optimizer_or_not(tmp_path, monkeypatch):
     # The trainer's clip_and_step at the recipe's grad_clip: with the flat optimizer the
     # coefficient folded into its update, the same losses and norms as clipping in place.
