@@ -52,15 +52,10 @@ race 8b_mamba2_compiled_bf16_cache 160 --shape 8b-mamba2 --compile \
 race 8b_mamba2_compiled_step_graph_bf16_cache 200 --shape 8b-mamba2 --compile --step-graph \
   --set train.bf16_weight_cache=true
 # The graph with no cast of a weight or its gradient left in the step: the update writes the bf16
-# copies, the GEMM writes the fp32 weight gradients.
+# copies, the GEMM writes the fp32 weight gradients. Ours' fastest at these widths: 1.208-1.212x
+# on an H100, 1.176x on an H200 (RESULTS.md 2026-12-06, early morning).
 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad 200 --shape 8b-mamba2 --compile \
   --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
-# Python's garbage collector off in both sides' timed steps (--manual-gc): ours' steps had
-# outliers of 6-20 ms at the same places in every run on 2026-12-06, theirs' none.
-race 8b_mamba2_compiled_manual_gc 160 --shape 8b-mamba2 --compile --manual-gc
-race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_manual_gc 200 --shape 8b-mamba2 \
-  --compile --step-graph --set train.bf16_weight_cache=true \
-  --set train.fp32_weight_grad_gemm=true --manual-gc
 # train.fp32_weight_grad_gemm: the weight gradients written in fp32 by the GEMM (the bf16
 # product's cast and layout pass gone: ~1.8 ms a step in the layers and ~1.2 ms for the output
 # layer in the afternoon profile, H100), alone and with the update's bf16 casts, eager steps.
