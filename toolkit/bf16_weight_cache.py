@@ -14,10 +14,12 @@ Where the update is toolkit.triton_adamw's kernel, it writes the casts itself (U
 holds each new fp32 weight in registers anyway, so a bf16 copy kept between steps costs it 2
 bytes a parameter, and the step then casts nothing: 4 bytes a parameter less a step than the
 cast when it begins (at the 8B Mamba-2 widths, 1.9B parameters in linears, ~7.7 GB a step).
-Measured there at one micro-batch a step on an H200 the step was slower, 213.2 against 203.2 ms
-(2026-12-05): the profile put all of it in the update (30.2 against 19.7 ms), whose copy stores
-went through shared memory; adc6950 stores them from registers, not yet measured. Steps of
-several micro-batches are not measured.
+Measured there at one micro-batch a step (RESULTS.md 2026-12-06): level alone on an H200
+(201.8 against 201.3 ms), the update writing the copies in 21.2 ms against 19.7 (30.2 before
+adc6950 stored them from registers, not through shared memory); with
+train.fp32_weight_grad_gemm no cast of a weight or a gradient is left, and in one CUDA graph
+the step is 196.5 ms against 201.2 (H200), 212.3-212.5 against 216.7 (H100). Steps of several
+micro-batches are not measured.
 
 The linears are train.fused_grad_accumulation's (toolkit.grad_accumulation.LinearIntoGrad):
 the key needs it. train.fp8_weight_cache is the same idea for float8 weights.
