@@ -10,6 +10,17 @@
 # `part` returns 0 and sets PART_RAN=1 if it ran, 0 if not asked for or skipped. A script may
 # redefine part_say (how lines are printed) and part_done NAME RC SECONDS LOG LIMIT (the summary).
 
+# The card's SM clock, power draw and throttle reasons every 100 ms into FILE until clock_log_stop
+# (benchmarks/clock_summary.py FILE RESULT.json... sets them beside each side's timed steps): a
+# card at its power limit slows whatever runs on it.
+clock_log() {  # FILE
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active \
+    --format=csv,noheader -lms 100 > "$1" 2>&1 &
+  CLOCK_LOG_PID=$!
+}
+
+clock_log_stop() { [ -n "${CLOCK_LOG_PID:-}" ] && kill "$CLOCK_LOG_PID" 2>/dev/null; wait "$CLOCK_LOG_PID" 2>/dev/null; CLOCK_LOG_PID=; }
+
 part_budget() { PART_DEADLINE=$((${2:-$(date +%s)} + $1)); }
 
 part_left() { echo $((PART_DEADLINE - $(date +%s))); }

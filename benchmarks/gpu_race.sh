@@ -15,6 +15,7 @@ START=$(date +%s)
 source benchmarks/gpu_setup.sh > "$OUT/setup.log" 2>&1 || { tail "$OUT/setup.log"; exit 1; }
 source benchmarks/gpu_lib.sh
 inductor_cache  # the compiled blocks of earlier calls, carried in .dev/
+clock_log "$OUT/clocks.csv"  # the power cap, beside each side's steps (clock_summary.py)
 part_budget "${GPU_RACE_BUDGET_S:-570}" "$START"
 PART_ONLY="$*" PART_MIN_S=60
 part_done() { echo "$1 exit $2 in $3 s"; tail -4 "$4"; }
@@ -63,4 +64,6 @@ race 8b_mamba2_compiled_fp32_wgrad 160 --shape 8b-mamba2 --compile \
   --set train.fp32_weight_grad_gemm=true
 race 8b_mamba2_compiled_bf16_cache_fp32_wgrad 160 --shape 8b-mamba2 --compile \
   --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
+clock_log_stop
+python3 benchmarks/clock_summary.py "$OUT/clocks.csv" "$OUT"/*.json
 echo "total $(( $(date +%s) - START )) s"

@@ -430,7 +430,7 @@ def timed_steps(
 ) -> dict:
     """Warm-up steps (compilation, autotuning), then timed optimizer steps, each synchronised;
     with --profile one more step under torch.profiler (profiled_step)."""
-    losses, warmup_times, times, gc_times = time_steps(
+    losses, warmup_times, times, gc_times, span = time_steps(
         step, args.warmup, args.steps, device, args.manual_gc
     )
     step_time = statistics.median(times)
@@ -439,6 +439,7 @@ def timed_steps(
         "step_times_s": times,
         "warmup_times_s": warmup_times,
         "gc_times_s": gc_times,
+        "timed_span_s": span,
         "manual_gc": args.manual_gc,
         "tokens_per_s": s.micro_batch * s.seq / step_time,
         "peak_memory_gb": peak_memory_gb(device),

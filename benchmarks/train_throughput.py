@@ -135,13 +135,14 @@ def time_steps(
     steps: int,
     device: torch.device,
     manual_gc: bool = False,
-) -> tuple[list[float], list[float], list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
     """(losses, warm-up step seconds, timed step seconds, the garbage collector's seconds in
-    each timed step): `warmup` steps (compilation, autotuning), then `steps` timed ones, each
-    synchronised on the device. `manual_gc`: the objects left after the warm-up frozen out of
+    each timed step, the timed steps' span [start, end] in epoch seconds, for
+    benchmarks/clock_summary.py): `warmup` steps (compilation, autotuning), then `steps` timed
+    ones, each synchronised on the device. `manual_gc`: the objects left after the warm-up frozen out of
     the collector's reach and automatic collection off for the timed steps (Megatron's
     --manual-gc, torchtitan's gc_freq), restored after."""
-    losses, warmup_times, times, gc_times = [], [], [], []
+    losses, warmup_times, times, gc_times, span = [], [], [], [], []
     try:
         for i in range(warmup + steps):
             if i == warmup and manual_gc:
@@ -149,6 +150,8 @@ def time_steps(
                 gc.freeze()
                 gc.disable()
             synchronize(device)
+            if i == warmup:
+                span.append(time.time())
             with GcClock() as collector:
                 start = time.perf_counter()
                 loss = step()
@@ -162,11 +165,12 @@ def time_steps(
                 "step %d: %.3f s, loss %.4f, garbage collection %.1f ms (generations %s)",
                 i + 1, seconds, losses[-1], 1e3 * collector.seconds, collector.collections,
             )  # fmt: skip
+        span.append(time.time())
     finally:
         if manual_gc:
             gc.enable()
             gc.unfreeze()
-    return losses, warmup_times, times, gc_times
+    return losses, warmup_times, times, gc_times, span
 
 
 def graphed_step(
@@ -254,7 +258,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         step = graphed_step(parallel, params, cfg.max_grad_norm, env, grad_norms, seq, vocab)
 
     model.train()
-    losses, warmup_times, times, gc_times = time_steps(
+    losses, warmup_times, times, gc_times, span = time_steps(
         step, args.warmup, args.steps, device, args.manual_gc
     )
     memory = peak_memory_gb(device)
@@ -301,6 +305,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "step_times_s": times,
         "warmup_times_s": warmup_times,
         "gc_times_s": gc_times,
+        "timed_span_s": span,
         "manual_gc": args.manual_gc,
         "tokens_per_s": tokens / step_time,
         "tflops_per_gpu": tflops,

@@ -63,8 +63,9 @@ def test_time_steps_counts_collections_and_turns_them_off(monkeypatch):
         return train_throughput.torch.tensor(1.0)
 
     before = gc.isenabled()
-    losses, warm, times, gc_times = train_throughput.time_steps(step, 1, 3, device)
+    losses, warm, times, gc_times, span = train_throughput.time_steps(step, 1, 3, device)
     assert len(losses) == 4 and len(warm) == 1 and len(times) == len(gc_times) == 3
+    assert len(span) == 2 and span[1] - span[0] >= sum(times)  # the timed steps inside it
     assert all(0 < g <= t for g, t in zip(gc_times, times, strict=True))  # each step's collect
 
     seen = []
@@ -73,7 +74,7 @@ def test_time_steps_counts_collections_and_turns_them_off(monkeypatch):
         seen.append((gc.isenabled(), gc.get_freeze_count()))
         return train_throughput.torch.tensor(1.0)
 
-    *_, gc_times = train_throughput.time_steps(step_manual, 2, 2, device, manual_gc=True)
+    *_, gc_times, _ = train_throughput.time_steps(step_manual, 2, 2, device, manual_gc=True)
     assert [on for on, _ in seen] == [before, before, False, False]  # off in the timed steps
     assert all(frozen > 0 for _, frozen in seen[2:]) and gc_times == [0.0, 0.0]
     assert gc.isenabled() == before and gc.get_freeze_count() == 0  # restored
