@@ -29,6 +29,10 @@ race 800m_hybrid_compiled 160 --shape 800m --hybrid --compile
 race 8b_hybrid 140 --shape 8b-mamba2 --hybrid
 # Both sides' blocks compiled, as in the 8B Mamba-2 and 800M rows (eager: 1.04x on 2026-12-03).
 race 8b_hybrid_compiled 180 --shape 8b-mamba2 --hybrid --compile
+# The same with ours' fastest setting at the 8B Mamba-2 widths (below): the graph, the bf16 cache
+# and fp32 weight gradients. Theirs peaks at ~89 GiB here: an H200's.
+race 8b_hybrid_compiled_step_graph_bf16_cache_fp32_wgrad 240 --shape 8b-mamba2 --hybrid \
+  --compile --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
 # Where each side's step goes (item 4 missed at the 8B widths: the profile that shows why): the
 # same races and one more step of each side under torch.profiler, the kernels by family side by
 # side in the log and the two kernel tables in $OUT/profile_NAME (trace_summary.py reads them).
