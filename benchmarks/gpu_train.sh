@@ -68,6 +68,7 @@ source benchmarks/gpu_lib.sh
 echo "set-up $(( $(date +%s) - START )) s, tree $(tree_digest)"; tail -5 "$OUT/setup.log"
 # Later processes (and, carried back in .dev/, later calls) reuse the compiled blocks.
 inductor_cache
+clock_log "$W/clocks.csv"  # the power cap beside each run's timed steps (clock_summary.py)
 part_budget "${GPU_TRAIN_BUDGET_S:-500}"
 PART_ONLY=${GPU_TRAIN_RUNS:-} PART_DIR=$W
 run() { part "$@"; }  # name timeout_s command...
@@ -311,6 +312,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               f"bf16 matmul {r['measured_matmul_tflops']['bf16']:.0f} last loss "
               f"{r['losses'][-1]:.4f} grad norm {r['grad_norms'][-1]:.4f}")
 EOF
+clock_log_stop
+python3 benchmarks/clock_summary.py "$W/clocks.csv" "$W"/*.json >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 tar czf "$OUT/runs.tar.gz" -C "$W" .
 # The compiled blocks, in parts under 16 MiB, to carry in .dev/ next time (if not too large).
