@@ -1,6 +1,10 @@
 """What a GPU's memory moves for streaming kernels, the ceiling the optimizer's update is held
 to: torch's copy (1 read, 1 write), an add (2 reads, 1 write), a sum (reads only) and a
-multi-tensor in-place scale, each over 4 GiB fp32 tensors, in TB/s from CUDA events.
+multi-tensor in-place scale, each over 4 GiB fp32 tensors, in TB/s from CUDA events. Also the
+gradient clip's norm both ways (toolkit.parallel.runtime.global_grad_squares): the multi-tensor
+norm, which takes 320 blocks of 64k elements a launch (the 8B Mamba-2 race's 2.97B gradients:
+142 launches, 3.3 ms on an H200 where a read-only pass at the sum's rate would take 2.8), and
+one reduction per tensor.
 
     python3 benchmarks/hbm_bandwidth.py [--gib 4] [--repeats 20]
 """
@@ -36,6 +40,8 @@ def main() -> None:
             lambda: torch._foreach_mul_([a, b, c], 1.0),
             24,
         ),
+        ("foreach norm over 3 (1 read each)", lambda: torch._foreach_norm([a, b, c], 2), 12),
+        ("vector_norm of each of 3 (1 read each)", lambda: [x.norm() for x in (a, b, c)], 12),
     ]
     print(f"{torch.cuda.get_device_name()}: tensors of {n:,} fp32 ({args.gib} GiB)")
     for name, work, bytes_per_element in cases:
