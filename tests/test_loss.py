@@ -147,3 +147,70 @@ def test_every_row_ignored_gives_zero_loss_and_no_gradient():
     got.backward()
     assert got.item() == 0.0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 50, 64, 250, 1024])
+def test_the_chunked_log_sum_exp_is_logsumexps(chunk):
+    """TOOLKIT_LSE_CHUNK's form: the same log-sum-exp within fp32 rounding whether the width is
+    a multiple of the chunk or not (a shorter last chunk), on a strided view, with rows and
+    chunks of -inf and a +inf, and the same target logits (0 outside the columns)."""
+    g = torch.Generator().manual_seed(3)
+    block = (torch.randn(7, 300, generator=g) * 4)[:, :250]  # a padded, strided view
+    block[0] = -torch.inf  # a row of -inf: -inf, as torch's
+    block[1, :100] = -torch.inf  # whole chunks of -inf: they add nothing
+    block[2, 7] = torch.inf
+    target = torch.tensor([0, 249, -1, 250, 7, 120, 3])
+    want, want_picked = loss._block_lse(block, target)
+    got, picked = loss._chunked_block_lse(block, target, chunk)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got[0] == -torch.inf and got[2] == torch.inf and torch.isfinite(got[3:]).all()
+    assert torch.equal(picked, want_picked)
+    wider = loss._chunked_block_lse(block * 30, target, chunk)[0]  # no overflow in the exps
+    torch.testing.assert_close(wider, loss._block_lse(block * 30, target)[0], rtol=1e-6, atol=1e-5)
+
+
+def test_lse_chunk_picks_the_compiled_log_sum_exp(monkeypatch):
+    """With LSE_CHUNK set the kernels GPUs compile take the chunked form, and the loss and its
+    gradient stay torch's; unset, torch.logsumexp's."""
+    monkeypatch.setattr(torch, "compile", lambda **kw: lambda fn: fn)  # the functions as given
+    monkeypatch.setattr(loss, "_compiled", None)
+    monkeypatch.setattr(loss, "LSE_CHUNK", 0)
+    assert loss._kernels(torch.device("cuda")).lse is loss._block_lse
+    monkeypatch.setattr(loss, "_compiled", None)
+    monkeypatch.setattr(loss, "LSE_CHUNK", 16)
+    kernels = loss._kernels(torch.device("cuda"))
+    assert kernels.compiled and kernels.lse.func is loss._chunked_block_lse
+    assert kernels.lse.keywords == {"chunk": 16}
+    monkeypatch.setattr(loss, "_kernels", lambda _: kernels)
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(3, 5, 40, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, 37, (3, 5), generator=g)
+    got = blockwise_cross_entropy(logits, labels, 37)
+    got.backward()
+    ref = logits.detach().clone().requires_grad_()
+    want = F.cross_entropy(ref[..., :37].flatten(0, 1), labels.flatten())
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(logits.grad, ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_cross_entropy_benchmark_runs_and_checks_each_form(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/cross_entropy.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as running the script puts it there
+    spec = importlib.util.spec_from_file_location("cross_entropy_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ce.json"
+    args = ["--rows", "16", "--vocab", "300", "--chunks", "0,64", "--repeats", "2"]
+    assert bench.main([*args, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and set(r["lse"]) == {"0", "64"}
+    assert all(v["max_abs_error"] < 1e-5 and v["ms"] > 0 for v in r["lse"].values())
+    assert r["grad"]["ms"] > 0 and "log-sum-exp, chunk" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--chunks", "-1"])
+    assert e.value.code == 2 and "integers >= 0" in capsys.readouterr().err
