@@ -17,9 +17,16 @@ clock_log() {  # FILE
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active \
     --format=csv,noheader -lms 100 > "$1" 2>&1 &
   CLOCK_LOG_PID=$!
+  trap clock_log_stop EXIT  # a script that stops early leaves no sampler behind
 }
 
-clock_log_stop() { [ -n "${CLOCK_LOG_PID:-}" ] && kill "$CLOCK_LOG_PID" 2>/dev/null; wait "$CLOCK_LOG_PID" 2>/dev/null; CLOCK_LOG_PID=; }
+clock_log_stop() {
+  if [ -n "${CLOCK_LOG_PID:-}" ]; then
+    kill "$CLOCK_LOG_PID" 2>/dev/null
+    wait "$CLOCK_LOG_PID" 2>/dev/null
+  fi
+  CLOCK_LOG_PID=
+}
 
 part_budget() { PART_DEADLINE=$((${2:-$(date +%s)} + $1)); }
 
