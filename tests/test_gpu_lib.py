@@ -77,3 +77,38 @@ def test_the_tree_digest_names_the_code_and_changes_with_it(tmp_path):
         f.write("\n")
     other = subprocess.run(run, cwd=copy, capture_output=True, text=True, timeout=60)
     assert other.stdout.strip() not in ("", digest)
+
+
+def test_the_clock_log_samples_until_stopped_or_the_script_exits(tmp_path):
+    """clock_log runs nvidia-smi (a stand-in here, on PATH first) into a file in the background;
+    clock_log_stop ends it, and so does the script's exit if it stops first. Stopping none is
+    no error under set -u."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(
+        '#!/bin/bash\necho "$@" > "$(dirname "$0")/args"\n'
+        "while true; do echo '2026/12/06 03:15:04.085, 1980 MHz, 99.00 W, 0x4'; sleep 0.05; done\n"
+    )
+    fake.chmod(0o755)
+    pids = tmp_path / "pids"
+    for stop in ("clock_log_stop", "exit 0"):  # stopped by hand, then by the EXIT trap
+        csv = tmp_path / "clocks.csv"
+        proc = subprocess.run(
+            ["bash", "-c", f"""set -u; source benchmarks/gpu_lib.sh
+clock_log_stop
+clock_log {csv}
+echo $CLOCK_LOG_PID >> {pids}
+sleep 0.3
+{stop}"""],
+            cwd=ROOT,
+            env={"PATH": f"{fake.parent}:/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0 and not proc.stderr, proc.stderr
+        assert "1980 MHz" in csv.read_text()
+    args = (fake.parent / "args").read_text()
+    assert "clocks.sm,power.draw,clocks_throttle_reasons.active" in args and "-lms 100" in args
+    for pid in pids.read_text().split():
+        assert not Path(f"/proc/{pid}").exists(), f"sampler {pid} still running"
