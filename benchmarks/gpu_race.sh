@@ -4,9 +4,9 @@
 # widths compiled (pure Mamba-2 and the hybrid form), and the 8B hybrid's first mixers (eager and
 # compiled). Each race gets its own time limit and the whole stays under GPU_RACE_BUDGET_S
 # (default 570 s, counted from the script's start); a race that would start with under 60 s left
-# is skipped. JSON and logs go to $OUT, the side-by-side table to $OUT/summary.txt. From the
-# repository root, .dev/ and .whl/
-# carried:
+# is skipped. JSON and logs go to $OUT; each race's side-by-side table and the GPU's clock and
+# power beside each side's steps (clock_summary.py) are printed and kept in $OUT/summary.txt.
+# From the repository root, .dev/ and .whl/ carried:
 #     GPU_STATE_DIR=/root/gpu OUT=/some/dir bash benchmarks/gpu_race.sh [NAME ...]
 set -u
 OUT=${OUT:-runs/gpu_race}
@@ -18,7 +18,7 @@ inductor_cache  # the compiled blocks of earlier calls, carried in .dev/
 clock_log "$OUT/clocks.csv"  # the power cap, beside each side's steps (clock_summary.py)
 part_budget "${GPU_RACE_BUDGET_S:-570}" "$START"
 PART_ONLY="$*" PART_MIN_S=60
-part_done() { echo "$1 exit $2 in $3 s"; tail -4 "$4"; }
+part_done() { { echo "$1 exit $2 in $3 s"; tail -4 "$4"; } | tee -a "$OUT/summary.txt"; }
 race() {  # name limit_s args...
   part "$1" "$2" python3 benchmarks/race_mamba_ssm.py "${@:3}" --json "$OUT/$1.json"
 }
@@ -78,5 +78,5 @@ race 8b_mamba2_compiled_fp32_wgrad 160 --shape 8b-mamba2 --compile \
 race 8b_mamba2_compiled_bf16_cache_fp32_wgrad 160 --shape 8b-mamba2 --compile \
   --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
 clock_log_stop
-python3 benchmarks/clock_summary.py "$OUT/clocks.csv" "$OUT"/*.json
+python3 benchmarks/clock_summary.py "$OUT/clocks.csv" "$OUT"/*.json | tee -a "$OUT/summary.txt"
 echo "total $(( $(date +%s) - START )) s"
