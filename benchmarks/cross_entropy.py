@@ -15,13 +15,13 @@ import argparse
 import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from optimizer_step import timed  # noqa: E402
 from train_throughput import write_json  # noqa: E402
 
 from toolkit import loss  # noqa: E402
@@ -38,22 +38,10 @@ def chunk_list(text: str) -> list[int]:
 
 
 def timed_ms(work, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of `work` over `repeats` calls after two untimed ones."""
+    """Median milliseconds of `work` over `repeats` calls after two untimed ones (device time
+    by CUDA events, wall time on CPUs: optimizer_step.timed)."""
     work(), work()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            work()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            work()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(work, device)[0] for _ in range(repeats))
 
 
 def run(args: argparse.Namespace) -> dict:
