@@ -69,9 +69,11 @@ def _chunked_block_lse(block: Tensor, target: Tensor, chunk: int) -> tuple[Tenso
     maxes, sums = [], []
     for part in parts:
         m = part.amax(-1)
-        m_shift = torch.where(m.isfinite(), m, 0.0)  # a chunk of -inf only: exp(-inf) = 0
+        # Shifted by 0 where the maximum is infinite: a chunk of -inf sums to 0, one with +inf
+        # to +inf, as they should (x - m would be NaN).
+        m_shift = torch.where(m.isfinite(), m, 0.0)
         maxes.append(m)
-        sums.append(torch.exp(part - m_shift.unsqueeze(-1)).sum(-1) * torch.exp(m - m_shift))
+        sums.append(torch.exp(part - m_shift.unsqueeze(-1)).sum(-1))
     m, s = torch.cat(maxes, -1), torch.cat(sums, -1)  # [r, chunks]
     top = m.amax(-1, keepdim=True)
     top = torch.where(top.isfinite(), top, 0.0)
