@@ -139,9 +139,9 @@ def time_steps(
     """(losses, warm-up step seconds, timed step seconds, the garbage collector's seconds in
     each timed step, the timed steps' span [start, end] in epoch seconds, for
     benchmarks/clock_summary.py): `warmup` steps (compilation, autotuning), then `steps` timed
-    ones, each synchronised on the device. `manual_gc`: the objects left after the warm-up frozen out of
-    the collector's reach and automatic collection off for the timed steps (Megatron's
-    --manual-gc, torchtitan's gc_freq), restored after."""
+    ones, each synchronised on the device. `manual_gc`: the objects left after the warm-up
+    frozen out of the collector's reach and automatic collection off for the timed steps
+    (Megatron's --manual-gc, torchtitan's gc_freq), restored after."""
     losses, warmup_times, times, gc_times, span = [], [], [], [], []
     try:
         for i in range(warmup + steps):
@@ -150,7 +150,7 @@ def time_steps(
                 gc.freeze()
                 gc.disable()
             synchronize(device)
-            if i == warmup:
+            if i == warmup:  # after the collection above: the span holds the timed steps only
                 span.append(time.time())
             with GcClock() as collector:
                 start = time.perf_counter()

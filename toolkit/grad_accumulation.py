@@ -28,9 +28,9 @@ aten::mm.dtype) instead of a bf16 product that a pass of its own casts and lays 
 weight (read 2 bytes, write 4), and the products summed in fp32 without a rounding to bf16
 between (Megatron's weight-gradient GEMM writes fp32 too). Not the same bits as autograd's, so a
 key of its own. Alone level in speed at the 8B Mamba-2 widths on an H200 (202.7 against 203.2 ms
-a step, 2026-12-05; its fp32-output GEMMs as fast as the bf16 ones); with
-train.bf16_weight_cache the step casts nothing, 196.5 against 201.2 ms in one CUDA graph
-(2026-12-06).
+a step, 2026-12-05; its fp32-output GEMMs about as fast as the bf16 ones, profiles on two
+H200s); with train.bf16_weight_cache the step casts nothing, 196.5 against 201.2 ms in one CUDA
+graph (2026-12-06).
 """
 
 import torch
