@@ -48,9 +48,9 @@ race 800m_compiled_torch_adamw 160 --shape 800m --compile --set 'train.adamw_ker
 # Our whole step as one CUDA graph (toolkit.step_graph, --step-graph): the 800M's widths are
 # host-bound (48 blocks, ~3,700 launches a step: 262 ms of GPU work in 361-383 ms on an H100).
 race 800m_compiled_step_graph 200 --shape 800m --compile --step-graph
-part 800m_compiled_step_graph_lse1024 200 env TOOLKIT_LSE_CHUNK=1024 python3 \
-  benchmarks/race_mamba_ssm.py --shape 800m --compile --step-graph \
-  --json "$OUT/800m_compiled_step_graph_lse1024.json"  # the loss's log-sum-exp read once a row
+# The loss's log-sum-exp read once a row (an assignment before a function reaches its commands).
+TOOLKIT_LSE_CHUNK=1024 race 800m_compiled_step_graph_lse1024 200 --shape 800m --compile \
+  --step-graph
 race 8b_mamba2_compiled_step_graph 200 --shape 8b-mamba2 --compile --step-graph
 # train.bf16_weight_cache with the Triton AdamW writing the casts: ours casts no weight in the
 # step (the forward's cast of each linear's weight, 6 bytes a parameter, becomes the update's
@@ -66,10 +66,9 @@ race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad 200 --shape 8b-mamba2 -
   --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
 # The same with our loss's log-sum-exp read once a row (TOOLKIT_LSE_CHUNK, toolkit/loss.py; off by
 # default until measured: ~0.8 ms of the 1.85 expected here, more at the 800M's 32k rows).
-part 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_lse1024 200 env TOOLKIT_LSE_CHUNK=1024 \
-  python3 benchmarks/race_mamba_ssm.py --shape 8b-mamba2 --compile --step-graph \
-  --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true \
-  --json "$OUT/8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_lse1024.json"
+TOOLKIT_LSE_CHUNK=1024 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_lse1024 200 \
+  --shape 8b-mamba2 --compile --step-graph --set train.bf16_weight_cache=true \
+  --set train.fp32_weight_grad_gemm=true
 # train.fp32_weight_grad_gemm: the weight gradients written in fp32 by the GEMM (the bf16
 # product's cast and layout pass gone: ~1.8 ms a step in the layers and ~1.2 ms for the output
 # layer in the afternoon profile, H100), alone and with the update's bf16 casts, eager steps.
