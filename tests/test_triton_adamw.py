@@ -249,12 +249,14 @@ def test_kernel_is_torchs_fused_adamw_clipped_in_place_on_gpu():
 
 
 @pytest.mark.parametrize(
-    "block, warps, span, eviction, casts",
-    [(BLOCK, module.NUM_WARPS, 1, "", False), (4096, 8, 1, "", False), (1024, 8, 4, "", False),
-     (2048, 8, 2, "evict_first", False), (BLOCK, module.NUM_WARPS, 1, "", True),
-     (2048, 8, 2, "", True)],
+    "block, warps, span, eviction, casts, sparse",
+    [(BLOCK, module.NUM_WARPS, 1, "", False, False), (4096, 8, 1, "", False, False),
+     (1024, 8, 4, "", False, False), (2048, 8, 2, "evict_first", False, False),
+     (BLOCK, module.NUM_WARPS, 1, "", True, False), (2048, 8, 2, "", True, False),
+     (BLOCK, module.NUM_WARPS, 1, "", True, True), (2048, 8, 2, "", False, True)],
 )  # fmt: skip
-def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, warps, span, eviction, casts):
+def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, warps, span, eviction, casts,
+                                                        sparse):  # fmt: skip
     """The kernel compiled ahead of time for an H100/H200 (sm_90, no GPU needed): whole blocks
     move 4 floats per instruction (at 4096 a block and 8 warps, 16 per thread: 4 loads from each
     of the 4 arrays, 4 stores to each of the 3 written), in each of a program's SPAN blocks, with
@@ -264,17 +266,20 @@ def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, warps, span, evic
     every access was 4 bytes wide and the update ran at ~55% of the HBM bandwidth (16.1 ms
     against torch's 14.4 at the 800M on an H100, 2026-12-05); with the copies stored 8 at a time
     (16 bytes) the values went through shared memory in every program to regroup them, and the
-    update took 30.2 ms against 19.7 at the 8B Mamba-2 widths on an H200 (2026-12-06)."""
+    update took 30.2 ms against 19.7 at the 8B Mamba-2 widths on an H200 (2026-12-06). With
+    row-sparse gradients among the tensors (HAS_SPARSE) the same: only such a tensor's gradient
+    is gathered a float at a time, in a branch of its own."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {"addresses": "*i64", "numels": "*i64", "scalars": "*fp32",
                  "block_tensor": "*i32", "block_start": "*i64", "grad_scale": "*fp32", "n": "i32",
-                 "HAS_SCALE": "constexpr", "HAS_CASTS": "constexpr", "BLOCK": "constexpr",
+                 "HAS_SCALE": "constexpr", "HAS_CASTS": "constexpr", "HAS_SPARSE": "constexpr",
+                 "BLOCK": "constexpr",
                  "SCALARS": "constexpr", "SPAN": "constexpr", "EVICTION": "constexpr",
                  "EXACT": "constexpr"}  # fmt: skip
-    constexprs = {"HAS_SCALE": True, "HAS_CASTS": casts, "BLOCK": block,
+    constexprs = {"HAS_SCALE": True, "HAS_CASTS": casts, "HAS_SPARSE": sparse, "BLOCK": block,
                   "SCALARS": module.SCALARS, "SPAN": span, "EVICTION": eviction, "EXACT": True}  # fmt: skip
     from triton.backends import backends
 

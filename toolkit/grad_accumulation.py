@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit import row_sparse_grad
+
 
 def _compute_dtype(input: torch.Tensor) -> torch.dtype:
     """The dtype F.linear computes in here: autocast's where it is on, else the input's."""
@@ -186,12 +188,45 @@ def embedding_into_grad(tokens: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return _EmbeddingIntoGrad.apply(tokens, weight, weight.grad)
 
 
+class _EmbeddingRowSparse(torch.autograd.Function):
+    """F.embedding whose backward, for a weight that holds no gradient yet, keeps it as the rows
+    of the micro-batch's tokens (toolkit.row_sparse_grad); for one that does (a row-sparse one
+    made whole first), adds those rows into `.grad`. Decided in the backward: what the weight
+    holds then."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(tokens)
+        ctx.weight = weight
+        return F.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[None, None]:
+        (tokens,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        rows, sums = distinct_token_sums(tokens.reshape(-1), grad)
+        if weight.grad is None and row_sparse_grad.row_sparse_grad(weight) is None:
+            row_sparse_grad.keep(weight, rows, sums)
+        else:
+            row_sparse_grad.densify_(weight)
+            add_embedding_grad(weight.grad, rows, sums)
+        return None, None
+
+
 class EmbeddingIntoGrad(nn.Embedding):
     """nn.Embedding (no padding index, max norm, frequency scaling or sparse gradient) whose
-    weight gradient, once the weight holds one, is added into it (embedding_into_grad)."""
+    weight gradient, once the weight holds one, is added into it (embedding_into_grad); with
+    `keeps_row_sparse_grad` (train.row_sparse_embedding_grad, set by parallelize), a step's
+    first is kept as rows (_EmbeddingRowSparse)."""
+
+    keeps_row_sparse_grad = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return embedding_into_grad(input, self.weight)
+        weight = self.weight
+        if self.keeps_row_sparse_grad and torch.is_grad_enabled() and weight.requires_grad:
+            return _EmbeddingRowSparse.apply(input, weight)
+        return embedding_into_grad(input, weight)
 
 
 def _plain_embedding(module: nn.Module) -> bool:

@@ -29,6 +29,7 @@ import torch
 from toolkit.bf16_weight_cache import UpdatedCasts
 from toolkit.flat_adamw import adamw_scalars, adamw_update_, host_table
 from toolkit.model.kernels import triton_imports, triton_runs_on
+from toolkit.row_sparse_grad import clear_, dense, held_grad, row_sparse_grad
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,41 @@ if triton_imports():
     import triton.language as tl
 
     @triton.jit
-    def _load_block(param, grad, exp_avg, exp_avg_sq, offs, numel,
-                    MASKED: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
+    def _load_row_grad(grad, slots, width, first, offs, numel, MASKED: tl.constexpr,
+                       BLOCK: tl.constexpr, EVICTION: tl.constexpr):  # fmt: skip
+        """A block's gradient from a row-sparse one (toolkit.row_sparse_grad): `grad` its sums
+        [held rows, width], `slots` the int32 table of each row's place among them (-1: none);
+        0 for a row with none. The block starts at element `first`: one 64-bit division for the
+        block, 32-bit ones for its elements."""
+        row0 = first // width
+        col = (first - row0 * width).to(tl.int32) + tl.arange(0, BLOCK)
+        width32 = width.to(tl.int32)
+        rows_on = col // width32
+        row, col = row0 + rows_on, col - rows_on * width32
+        table = slots.to(tl.pointer_type(tl.int32))
+        if MASKED:  # past the tensor's end: no row
+            slot = tl.load(table + row, mask=offs < numel, other=-1)
+        else:
+            slot = tl.load(table + row)
+        at = slot.to(tl.int64) * width + col
+        return tl.load(grad + at, mask=slot >= 0, other=0.0, eviction_policy=EVICTION)
+
+    @triton.jit
+    def _load_block(param, grad, exp_avg, exp_avg_sq, slots, width, first, offs, numel,
+                    MASKED: tl.constexpr, HAS_SPARSE: tl.constexpr, BLOCK: tl.constexpr,
+                    EVICTION: tl.constexpr):  # fmt: skip
         """A block's gradient, parameter and moments. A mask only for a tensor's last, partial
-        block: with one, the loads are 4 bytes wide."""
+        block: with one, the loads are 4 bytes wide. With HAS_SPARSE, a tensor whose `slots`
+        is not 0 has a row-sparse gradient (_load_row_grad)."""
         mask = offs < numel if MASKED else None
-        g = tl.load(grad + offs, mask=mask, eviction_policy=EVICTION)
+        if HAS_SPARSE:
+            if slots != 0:
+                g = _load_row_grad(grad, slots, width, first, offs, numel, MASKED, BLOCK,
+                                   EVICTION)  # fmt: skip
+            else:
+                g = tl.load(grad + offs, mask=mask, eviction_policy=EVICTION)
+        else:
+            g = tl.load(grad + offs, mask=mask, eviction_policy=EVICTION)
         p = tl.load(param + offs, mask=mask, eviction_policy=EVICTION)
         m = tl.load(exp_avg + offs, mask=mask, eviction_policy=EVICTION)
         v = tl.load(exp_avg_sq + offs, mask=mask, eviction_policy=EVICTION)
@@ -110,18 +140,20 @@ if triton_imports():
                 tl.store(copy + offs, _bf16_bits(p), mask=mask, eviction_policy=EVICTION)
 
     @triton.jit
-    def _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
-                    HAS_SCALE: tl.constexpr, MASKED: tl.constexpr, HAS_CASTS: tl.constexpr,
-                    BLOCK: tl.constexpr, SPAN: tl.constexpr, EVICTION: tl.constexpr,
-                    EXACT: tl.constexpr):  # fmt: skip
+    def _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, slots, width, start, numel, row,
+                    grad_scale, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_CASTS: tl.constexpr, HAS_SPARSE: tl.constexpr, BLOCK: tl.constexpr,
+                    SPAN: tl.constexpr, EVICTION: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
         """SPAN consecutive blocks from `start`, each one's loads issued before the one before
         it is stored (the blocks are disjoint, so the order is free)."""
         offs = start + tl.arange(0, BLOCK)
-        g, p, m, v = _load_block(param, grad, exp_avg, exp_avg_sq, offs, numel, MASKED, EVICTION)
-        for _ in tl.static_range(SPAN - 1):
+        g, p, m, v = _load_block(param, grad, exp_avg, exp_avg_sq, slots, width, start, offs,
+                                 numel, MASKED, HAS_SPARSE, BLOCK, EVICTION)  # fmt: skip
+        for i in tl.static_range(SPAN - 1):
             ahead = offs + BLOCK
-            g2, p2, m2, v2 = _load_block(param, grad, exp_avg, exp_avg_sq, ahead, numel,
-                                         MASKED, EVICTION)  # fmt: skip
+            g2, p2, m2, v2 = _load_block(param, grad, exp_avg, exp_avg_sq, slots, width,
+                                         start + (i + 1) * BLOCK, ahead, numel, MASKED,
+                                         HAS_SPARSE, BLOCK, EVICTION)  # fmt: skip
             _update_block(g, p, m, v, param, exp_avg, exp_avg_sq, cast, offs, numel, row,
                           grad_scale, HAS_SCALE, MASKED, HAS_CASTS, EVICTION, EXACT)  # fmt: skip
             g, p, m, v, offs = g2, p2, m2, v2, ahead
@@ -130,7 +162,9 @@ if triton_imports():
 
     @triton.jit
     def _adamw_kernel(
-        addresses,  # int64 [4 or 5, n]: parameter, gradient, exp_avg, exp_avg_sq (, bf16 copy)
+        # int64 [4, 5 or 7, n]: parameter, gradient, exp_avg, exp_avg_sq (, bf16 copy (, row
+        # slots of a row-sparse gradient, its row width)): _addresses
+        addresses,
         numels,  # int64 [n]
         scalars,  # fp32 [n, SCALARS]: see TritonAdamW._scalars
         block_tensor,  # int32 [programs]: the tensor of each program's block
@@ -139,6 +173,7 @@ if triton_imports():
         n,
         HAS_SCALE: tl.constexpr,
         HAS_CASTS: tl.constexpr,
+        HAS_SPARSE: tl.constexpr,
         BLOCK: tl.constexpr,
         SCALARS: tl.constexpr,
         SPAN: tl.constexpr,
@@ -161,13 +196,17 @@ if triton_imports():
             tl.load(addresses + 3 * n + t).to(tl.pointer_type(tl.float32)), 16
         )
         cast = tl.load(addresses + 4 * n + t) if HAS_CASTS else 0
+        slots = tl.load(addresses + 5 * n + t) if HAS_SPARSE else 0
+        width = tl.load(addresses + 6 * n + t) if HAS_SPARSE else 1
         row = scalars + SCALARS * t
         if start + BLOCK * SPAN <= numel:
-            _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
-                        HAS_SCALE, False, HAS_CASTS, BLOCK, SPAN, EVICTION, EXACT)  # fmt: skip
+            _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, slots, width, start, numel, row,
+                        grad_scale, HAS_SCALE, False, HAS_CASTS, HAS_SPARSE, BLOCK, SPAN,
+                        EVICTION, EXACT)  # fmt: skip
         else:
-            _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, start, numel, row, grad_scale,
-                        HAS_SCALE, True, HAS_CASTS, BLOCK, SPAN, EVICTION, EXACT)  # fmt: skip
+            _adamw_span(param, grad, exp_avg, exp_avg_sq, cast, slots, width, start, numel, row,
+                        grad_scale, HAS_SCALE, True, HAS_CASTS, HAS_SPARSE, BLOCK, SPAN,
+                        EVICTION, EXACT)  # fmt: skip
 
 
 def kernel_addressable(t: torch.Tensor) -> bool:
@@ -199,6 +238,7 @@ class TritonAdamW(torch.optim.AdamW):
     over all parameters; the module docstring says how."""
 
     folds_grad_scale = True  # step(grad_scale=...): clip_and_step hands it the coefficient
+    reads_row_sparse_grads = True  # toolkit.row_sparse_grad's, in the kernel or made whole
 
     def __init__(self, params: Iterable, **kwargs: object) -> None:
         super().__init__(params, **kwargs, foreach=False)
@@ -261,13 +301,19 @@ class TritonAdamW(torch.optim.AdamW):
         return [*adamw_scalars(group, step), beta2, 1 - beta1, 1 - beta2, group["eps"], 0.0]
 
     def _entries(self) -> list[tuple]:
-        """(param, state, group) of every parameter that holds a gradient, its state started."""
+        """(param, state, group) of every parameter that holds a gradient (a row-sparse one
+        too), its state started."""
         return [
             (p, self._state(p), group)
             for group in self.param_groups
             for p in group["params"]
-            if p.grad is not None
+            if held_grad(p) is not None
         ]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's, and the row-sparse gradients (toolkit.row_sparse_grad) dropped too."""
+        super().zero_grad(set_to_none=set_to_none)
+        clear_([p for group in self.param_groups for p in group["params"]])
 
     def _count_step(self, entries: list) -> list[list[float]]:
         """Count a step for each entry (its step count, on the host) and return each one's row
@@ -318,28 +364,29 @@ class TritonAdamW(torch.optim.AdamW):
             scalars = host_table(rows[i][:3], torch.float32, p.device)  # no wait for the GPU
             scale = None if grad_scale is None else grad_scale.to(p.device)[0]
             adamw_update_(
-                p, p.grad.to(p.dtype), state["exp_avg"], state["exp_avg_sq"], scalars, beta1,
+                p, dense(p).to(p.dtype), state["exp_avg"], state["exp_avg_sq"], scalars, beta1,
                 beta2, group["eps"], scale,
             )  # fmt: skip
 
     def _launch(self, entries: list, rows: list, grad_scale: torch.Tensor | None) -> None:
         device = entries[0][0].device
         casts = [self._cast_of(p) for p, _, _ in entries]
-        tables = self._address_tables(entries, casts)
-        _run_kernel(tables, host_table(rows, torch.float32, device), grad_scale, len(entries))
+        addresses = _addresses(entries, casts)
+        tables = self._address_tables(entries, addresses)
+        _run_kernel(tables, host_table(rows, torch.float32, device), grad_scale, len(entries),
+                    *_flags(addresses))  # fmt: skip
         _moved(entries)
         self._written(entries, casts)
 
-    def _address_tables(self, entries: list, casts: list) -> tuple[torch.Tensor, ...]:
-        """(addresses, numels, block_tensor, block_start) on the device for `entries`, with a
-        fifth row of addresses for their bf16 copies where any has one (0: none)."""
+    def _address_tables(self, entries: list, addresses: list) -> tuple[torch.Tensor, ...]:
+        """(addresses, numels, block_tensor, block_start) on the device for `entries`, their
+        `addresses` (_addresses) copied there."""
         device = entries[0][0].device
         numels = [p.numel() for p, _, _ in entries]
         key = (str(device), BLOCK * SPAN, tuple(numels))
         if self._tables is None or self._tables[0] != key:
             self._tables = (key, *_block_tables(numels, device))
         _, block_tensor, block_start = self._tables
-        addresses = _addresses(entries, casts)
         return (
             host_table(addresses, torch.int64, device),
             host_table(numels, torch.int64, device),
@@ -376,12 +423,13 @@ class TritonAdamW(torch.optim.AdamW):
             )
         numels = [p.numel() for p, _, _ in entries]
         casts = [self._cast_of(p) for p, _, _ in entries]
-        rows = 5 if any(c is not None for c in casts) else 4
         self._graph = {
             "entries": entries,
             "casts": casts,
             "moments": _state_pointers(entries, casts),
-            "addresses": torch.zeros((rows, len(entries)), dtype=torch.int64, device=device),
+            # _addresses's rows, as many as it may write (which, the captured step's gradients
+            # say: row-sparse ones or not).
+            "addresses": torch.zeros((7, len(entries)), dtype=torch.int64, device=device),
             "numels": host_table(numels, torch.int64, device),
             "blocks": _block_tables(numels, device),
             "scalars": torch.zeros((len(entries), SCALARS), dtype=torch.float32, device=device),
@@ -406,7 +454,7 @@ class TritonAdamW(torch.optim.AdamW):
         pending, graph["pending"] = graph["pending"], None
         if pending is not None:
             addresses = host_table(pending, torch.int64, scalars.device)
-            graph["addresses"].copy_(addresses, non_blocking=True)
+            graph["addresses"][: len(pending)].copy_(addresses, non_blocking=True)
         _moved(entries)
         self._written(entries, casts)  # by the replay that follows
 
@@ -426,18 +474,19 @@ class TritonAdamW(torch.optim.AdamW):
                 f"TritonAdamW: a captured step must update the parameters of capture() "
                 f"({len(entries)}); {len(now)} hold gradients now"
             )
-        unfit = [tuple(p.shape) for p, _, _ in now if not kernel_addressable(p.grad)]
+        device = entries[0][0].device
+        unfit = [tuple(e[0].shape) for e in now if not _addressable(e, device)]
         if unfit:
             raise RuntimeError(f"TritonAdamW: a captured step's gradients must be plain "
                                f"contiguous fp32 tensors on the GPU (first: {unfit[0]})")  # fmt: skip
         addresses = _addresses(now, graph["casts"])
-        device = entries[0][0].device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             graph["pending"] = addresses  # no host copies inside a capture: stage() writes them
         else:  # the body run eagerly (no CUDA): its gradients are new each call
-            graph["addresses"].copy_(host_table(addresses, torch.int64, device))
+            written = graph["addresses"][: len(addresses)]
+            written.copy_(host_table(addresses, torch.int64, device))
         tables = (graph["addresses"], graph["numels"], *graph["blocks"])
-        _run_kernel(tables, graph["scalars"], grad_scale, len(entries))
+        _run_kernel(tables, graph["scalars"], grad_scale, len(entries), *_flags(addresses))
 
 
 def _updated(entry: tuple) -> tuple[torch.Tensor, ...]:
@@ -455,29 +504,54 @@ def _state_pointers(entries: list, casts: list) -> list[int]:
 
 
 def _addresses(entries: list, casts: list) -> list[list[int]]:
-    """The kernel's address table as rows: parameters, gradients, exp_avg, exp_avg_sq, and
-    where any entry has a bf16 copy to write, the copies (0: none)."""
+    """The kernel's address table as rows: parameters, gradients (a row-sparse one's sums),
+    exp_avg, exp_avg_sq; where any entry has a bf16 copy to write or a row-sparse gradient, the
+    copies (0: none); where any has a row-sparse gradient, its slots (0: a dense gradient) and
+    the width of its rows."""
     rows = [[t.data_ptr() for t in column] for column in zip(*map(_tensors, entries))]
-    if any(c is not None for c in casts):
+    sparse = [row_sparse_grad(p) if p.grad is None else None for p, _, _ in entries]
+    if any(c is not None for c in casts) or any(s is not None for s in sparse):
         rows.append([0 if c is None else c.data_ptr() for c in casts])
+    if any(s is not None for s in sparse):
+        rows.append([0 if s is None else s.slots.data_ptr() for s in sparse])
+        rows.append([p.numel() // max(1, p.size(0)) if p.dim() else 1 for p, _, _ in entries])
     return rows
 
 
+def _flags(addresses: list) -> tuple[bool, bool]:
+    """The kernel's HAS_CASTS and HAS_SPARSE for an address table (_addresses): whether any
+    entry has a bf16 copy (a fifth row not all 0) and whether any has a row-sparse gradient
+    (a sixth row)."""
+    return len(addresses) > 4 and any(addresses[4]), len(addresses) > 5
+
+
 def _tensors(entry: tuple) -> tuple[torch.Tensor, ...]:
-    """What the kernel reads and writes of an entry: the parameter, its gradient and both
-    moments (the address table's rows, in this order)."""
+    """What the kernel reads and writes of an entry: the parameter, its gradient (a row-sparse
+    one's sums) and both moments (the address table's rows, in this order)."""
     param, exp_avg, exp_avg_sq = _updated(entry)
-    return param, entry[0].grad, exp_avg, exp_avg_sq
+    return param, held_grad(entry[0]), exp_avg, exp_avg_sq
 
 
 def _addressable(entry: tuple, device: torch.device) -> bool:
-    """Whether the kernel takes an entry: its tensors all kernel_addressable, on `device`."""
-    return entry[0].device == device and all(map(kernel_addressable, _tensors(entry)))
+    """Whether the kernel takes an entry: its tensors all kernel_addressable, on `device`; a
+    row-sparse gradient's sums of the parameter's row width and slots on `device` too."""
+    p = entry[0]
+    if not (p.device == device and all(map(kernel_addressable, _tensors(entry)))):
+        return False
+    sparse = row_sparse_grad(p) if p.grad is None else None
+    return sparse is None or (
+        p.dim() == 2
+        and sparse.sums.shape[1:] == p.shape[1:]
+        and sparse.slots.is_contiguous()
+        and sparse.slots.device == device
+        and sparse.slots.dtype == torch.int32
+    )
 
 
-def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor | None, n: int):
+def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor | None, n: int,
+                has_casts: bool, has_sparse: bool):  # fmt: skip
     addresses, numels, block_tensor, block_start = tables
-    _adamw_kernel[(block_tensor.numel(),)](  # a fifth row of addresses: bf16 copies to write
+    _adamw_kernel[(block_tensor.numel(),)](
         addresses,
         numels,
         scalars,
@@ -486,7 +560,8 @@ def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor |
         grad_scale if grad_scale is not None else block_start,  # not read without a scale
         n,
         HAS_SCALE=grad_scale is not None,
-        HAS_CASTS=addresses.shape[0] == 5,
+        HAS_CASTS=has_casts,
+        HAS_SPARSE=has_sparse,
         BLOCK=BLOCK,
         SCALARS=SCALARS,
         SPAN=SPAN,

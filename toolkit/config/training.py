@@ -267,6 +267,18 @@ class TrainConfig:
         "fp8_weight_cache's float8 ones, and the input embedding (only the rows of the "
         "micro-batch's tokens added, not a whole-table gradient)",
     )
+    row_sparse_embedding_grad: bool = opt(
+        False,
+        "at a step's only micro-batch (or its first), keep the input embedding's gradient as "
+        "the rows of the micro-batch's tokens, not a whole-table fp32 tensor written, read by "
+        "the clip and read by the update (~12 bytes a parameter: 1.05B at a 256k vocabulary); "
+        "the Triton AdamW reads the rows, a row no token touched as 0 (toolkit/"
+        "row_sparse_grad.py). The same update but for the clip's norm, summed in another "
+        "order (fp32 rounding). Needs fused_grad_accumulation, the Triton AdamW "
+        "(adamw_kernel, not flat_optimizer) and compile_scope 'block'; left off, with a "
+        "warning, where the update is torch's (no Triton), at DP or PP > 1, or with a "
+        "tensor-parallel embedding",
+    )
     per_token_loss: bool = opt(
         False,
         "the training and validation loss as one mean over every counted token of the global "
@@ -359,6 +371,21 @@ class TrainConfig:
                 f"fused_grad_accumulation on and precision 'bf16' or 'fp8', got "
                 f"{self.fused_grad_accumulation} and {self.precision!r}",
             )
+        check(
+            not self.row_sparse_embedding_grad
+            or (
+                self.fused_grad_accumulation
+                and self.adamw_kernel != "torch"
+                and not self.flat_optimizer
+                and self.compile_scope == "block"
+            ),
+            "train.row_sparse_embedding_grad",
+            "its embedding is train.fused_grad_accumulation's and its gradient the Triton "
+            "AdamW's to read: needs fused_grad_accumulation on, adamw_kernel 'auto' or "
+            "'triton', flat_optimizer off and compile_scope 'block', got "
+            f"{self.fused_grad_accumulation}, {self.adamw_kernel!r}, {self.flat_optimizer} and "
+            f"{self.compile_scope!r}",
+        )
         self._validate_float8()
         self._validate_schedule()
 

@@ -38,7 +38,12 @@ from toolkit.activation_checkpoint import apply_ac, apply_compile, compile_optio
 from toolkit.bf16_weight_cache import UpdatedCasts
 from toolkit.config import Recipe, TrainConfig
 from toolkit.distributed import ParallelEnv
-from toolkit.grad_accumulation import PLAIN_LINEARS, LinearIntoGrad, fuse_grad_accumulation
+from toolkit.grad_accumulation import (
+    PLAIN_LINEARS,
+    EmbeddingIntoGrad,
+    LinearIntoGrad,
+    fuse_grad_accumulation,
+)
 from toolkit.model import HybridLM
 from toolkit.optim import build_optimizer
 from toolkit.parallel.runtime import LossFn, StepRunner, cross_entropy
@@ -201,4 +206,32 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
         optimizer.write_casts(updated)
         run_step.step_context = weight_casts(cfg, updated)
         log.info("train.bf16_weight_cache: the update writes the bf16 casts (TritonAdamW)")
+    if cfg.row_sparse_embedding_grad:
+        keep_row_sparse_embedding_grads(model, optimizer, env)
     return ParallelModel(run_step.module, loss_fn, run_step, optimizer, engine)
+
+
+def keep_row_sparse_embedding_grads(model: nn.Module, optimizer: object, env: ParallelEnv) -> int:
+    """train.row_sparse_embedding_grad: have the input embedding keep a step's first gradient as
+    rows where `optimizer` reads them and nothing else needs the whole table (one rank of the
+    model: the DP all-reduce and the pipeline read `.grad`); else a warning. Returns the
+    embeddings that do."""
+    why = None
+    if not getattr(optimizer, "reads_row_sparse_grads", False):
+        why = f"the update is {type(optimizer).__name__}, which reads whole gradients only"
+    elif env.dp > 1 or env.pp > 1:
+        why = f"DP={env.dp} PP={env.pp}: their gradient exchange reads whole gradients"
+    embeddings = [m for m in model.modules() if isinstance(m, EmbeddingIntoGrad)]
+    if why is None and not embeddings:
+        why = "no plain embedding (a tensor-parallel one is not covered)"
+    shared = {id(p) for m in model.modules() if not isinstance(m, EmbeddingIntoGrad)
+              for p in m.parameters(recurse=False)}  # fmt: skip
+    if why is None and any(id(m.weight) in shared for m in embeddings):
+        why = "the embedding's weight is shared (tied): its other use's gradient is whole"
+    if why is not None:
+        log.warning("train.row_sparse_embedding_grad left off: %s", why)
+        return 0
+    for m in embeddings:
+        m.keeps_row_sparse_grad = True
+    log.info("train.row_sparse_embedding_grad: the input embedding's gradient kept as rows")
+    return len(embeddings)

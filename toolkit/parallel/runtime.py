@@ -16,6 +16,7 @@ from toolkit.loss import blockwise_cross_entropy, counted_labels
 from toolkit.model import HybridLM
 from toolkit.parallel.pp import build_pipeline
 from toolkit.parallel.tp import reduce_sequence_parallel_grads
+from toolkit.row_sparse_grad import held_grad
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,8 +40,9 @@ def average_over_dp(tensors: list[torch.Tensor], env: ParallelEnv) -> None:
 
 def global_grad_squares(params: list[torch.Tensor], env: ParallelEnv) -> torch.Tensor:
     """The squared global gradient norm over the whole model (TP shards counted once each,
-    replicated parameters once), a 0-dim fp64 tensor on env.device; no host sync."""
-    with_grad = [p for p in params if p.grad is not None]
+    replicated parameters once), a 0-dim fp64 tensor on env.device; no host sync. A row-sparse
+    gradient (toolkit.row_sparse_grad) by its sums: the rows it leaves out are zeros."""
+    with_grad = [(p, g) for p in params if (g := held_grad(p)) is not None]
 
     def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
         # One multi-tensor kernel for all the norms instead of ~4 small kernels per parameter
@@ -50,8 +52,8 @@ def global_grad_squares(params: list[torch.Tensor], env: ParallelEnv) -> torch.T
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
         return torch.stack(norms).double().square().sum()
 
-    sharded = sum_of_squares([p.grad.detach() for p in with_grad if hasattr(p, "_tp_dim")])
-    replicated = sum_of_squares([p.grad.detach() for p in with_grad if not hasattr(p, "_tp_dim")])
+    sharded = sum_of_squares([g.detach() for p, g in with_grad if hasattr(p, "_tp_dim")])
+    replicated = sum_of_squares([g.detach() for p, g in with_grad if not hasattr(p, "_tp_dim")])
     if env.tp > 1:
         dist.all_reduce(sharded, group=env.group("tp"))
     squares = sharded + replicated
@@ -65,7 +67,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, env: ParallelEnv
     place so it is at most max_norm (as torch's clip does)."""
     total = math.sqrt(float(global_grad_squares(params, env)))
     coef = max_norm / (total + 1e-6)
-    with_grad = [p.grad for p in params if p.grad is not None]
+    with_grad = [g for p in params if (g := held_grad(p)) is not None]
     if coef < 1.0 and with_grad:
         torch._foreach_mul_(with_grad, coef)
     return total
