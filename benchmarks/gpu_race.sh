@@ -33,6 +33,10 @@ race 8b_hybrid_compiled 180 --shape 8b-mamba2 --hybrid --compile
 # and fp32 weight gradients. Theirs peaks at ~89 GiB here: an H200's.
 race 8b_hybrid_compiled_step_graph_bf16_cache_fp32_wgrad 240 --shape 8b-mamba2 --hybrid \
   --compile --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
+# And with the embedding's gradient kept as rows and the log-sum-exp chunked (below).
+TOOLKIT_LSE_CHUNK=1024 race 8b_hybrid_compiled_step_graph_bf16_cache_fp32_wgrad_rows_lse1024 \
+  240 --shape 8b-mamba2 --hybrid --compile --step-graph --set train.bf16_weight_cache=true \
+  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true
 # Where each side's step goes (item 4 missed at the 8B widths: the profile that shows why): the
 # same races and one more step of each side under torch.profiler, the kernels by family side by
 # side in the log and the two kernel tables in $OUT/profile_NAME (trace_summary.py reads them).
@@ -69,6 +73,15 @@ race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad 200 --shape 8b-mamba2 -
 TOOLKIT_LSE_CHUNK=1024 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_lse1024 200 \
   --shape 8b-mamba2 --compile --step-graph --set train.bf16_weight_cache=true \
   --set train.fp32_weight_grad_gemm=true
+# The same with the input embedding's gradient kept as the micro-batch's rows, never a whole
+# table (train.row_sparse_embedding_grad: ~12 bytes a parameter of the 1.05B table's fill, norm
+# read and update read, ~2.9 ms expected on an H200), then with the log-sum-exp chunked too.
+race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows 200 --shape 8b-mamba2 --compile \
+  --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true \
+  --set train.row_sparse_embedding_grad=true
+TOOLKIT_LSE_CHUNK=1024 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows_lse1024 \
+  200 --shape 8b-mamba2 --compile --step-graph --set train.bf16_weight_cache=true \
+  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true
 # train.fp32_weight_grad_gemm: the weight gradients written in fp32 by the GEMM (the bf16
 # product's cast and layout pass gone: ~1.8 ms a step in the layers and ~1.2 ms for the output
 # layer in the afternoon profile, H100), alone and with the update's bf16 casts, eager steps.
