@@ -119,9 +119,10 @@ tp bf16_compile_mbs12_ac_mamba 120 12 --set train.compile=true \
 # The 800M's best setting and the eager baseline, measured before (re-run after changes).
 # 200 s: a cold Inductor cache takes ~120 s to compile the blocks (carry .dev/inductor.tar.xz.part*).
 tp bf16_compile_mbs8 200 8 --set train.compile=true
-# The loss's log-sum-exp read once a row (TOOLKIT_LSE_CHUNK, toolkit/loss.py): the 800M's 32k rows
-# of 256k logits a step, ~4 ms of a two-pass forward by bandwidth; against bf16_compile_mbs8.
-TOOLKIT_LSE_CHUNK=1024 tp lever_lse1024 200 8 --set train.compile=true
+# The loss's log-sum-exp read once a row (TOOLKIT_LSE_CHUNK, toolkit/loss.py; 1024, the default
+# since 2026-12-06): the 800M's 32k rows of 256k logits a step, ~4 ms of a two-pass forward by
+# bandwidth; lever_lse0 is torch.logsumexp's two passes, against bf16_compile_mbs8.
+TOOLKIT_LSE_CHUNK=0 tp lever_lse0 200 8 --set train.compile=true
 # The training-step levers, each alone against bf16_compile_mbs8 (issue 21): the optimizer step
 # alone (torch's fused AdamW against the flat one, and their agreement on the GPU), then whole
 # steps with AdamW over flat buffers, the whole model as one compiled region (graph breaks and
