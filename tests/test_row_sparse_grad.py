@@ -263,3 +263,32 @@ def test_the_key_is_checked(bad):
     assert load_recipe("recipes/tiny_hybrid.toml", [key]).train.row_sparse_embedding_grad
     with pytest.raises(RecipeError, match="train.row_sparse_embedding_grad"):
         load_recipe("recipes/tiny_hybrid.toml", [key, bad])
+
+
+@pytest.mark.parametrize("alone", [0, 100, 1 << 30])
+def test_the_norm_of_large_and_small_gradients(monkeypatch, alone):
+    """The large gradients' norms taken one reduction each (NORM_ALONE elements and more),
+    the small ones' in one multi-tensor launch, or all either way: the squared norm float64's
+    within fp32 rounding, a row-sparse gradient among them."""
+    from toolkit.distributed import ParallelEnv
+    from toolkit.parallel import runtime
+
+    monkeypatch.setattr(runtime, "NORM_ALONE", alone)
+    alone_norms = []
+    vector_norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm",
+                        lambda g, **kw: alone_norms.append(g.numel()) or vector_norm(g, **kw))  # fmt: skip
+    torch.manual_seed(0)
+    params = [torch.zeros(s, requires_grad=True) for s in [(30, 7), (5,), (1000,), (2, 3, 4)]]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    table = torch.zeros(64, 8, requires_grad=True)
+    row_sparse_grad.keep(table, *distinct_token_sums(torch.randint(0, 64, (40,)),
+                                                     torch.randn(40, 8)))  # fmt: skip
+    env = ParallelEnv(0, 1, 0, torch.device("cpu"), tp=1, pp=1, dp=1)
+    grads = [p.grad for p in params] + [row_sparse_grad.dense(table)]
+    want = sum(g.double().square().sum() for g in grads)
+    got = runtime.global_grad_squares([*params, table], env)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-6), (got, want)
+    sizes = [210, 5, 1000, 24, 40 * 8]  # the sums' rows, not the table's
+    assert sorted(alone_norms) == sorted(n for n in sizes if n >= alone)

@@ -38,6 +38,11 @@ def average_over_dp(tensors: list[torch.Tensor], env: ParallelEnv) -> None:
         t.div_(env.dp)
 
 
+# Gradients of at least this many elements get a norm reduction each: 3.17 against 2.64 TB/s for
+# the multi-tensor norm's at 1G elements a tensor (H100, benchmarks/hbm_bandwidth.py, 2026-12-06).
+NORM_ALONE = 1 << 24
+
+
 def global_grad_squares(params: list[torch.Tensor], env: ParallelEnv) -> torch.Tensor:
     """The squared global gradient norm over the whole model (TP shards counted once each,
     replicated parameters once), a 0-dim fp64 tensor on env.device; no host sync. A row-sparse
@@ -45,11 +50,15 @@ def global_grad_squares(params: list[torch.Tensor], env: ParallelEnv) -> torch.T
     with_grad = [(p, g) for p in params if (g := held_grad(p)) is not None]
 
     def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-        # One multi-tensor kernel for all the norms instead of ~4 small kernels per parameter
-        # (launch-bound on a GPU); the per-tensor norms are summed in fp64.
+        # One multi-tensor kernel for the small tensors' norms instead of ~4 small kernels per
+        # parameter (launch-bound on a GPU), a reduction of its own for each large one (faster
+        # there: NORM_ALONE); the per-tensor norms are summed in fp64.
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=env.device)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        small = [g for g in grads if g.numel() < NORM_ALONE]
+        norms = list(torch._foreach_norm(small, 2, dtype=torch.float32)) if small else []
+        norms += [torch.linalg.vector_norm(g, dtype=torch.float32)
+                  for g in grads if g.numel() >= NORM_ALONE]  # fmt: skip
         return torch.stack(norms).double().square().sum()
 
     sharded = sum_of_squares([g.detach() for p, g in with_grad if hasattr(p, "_tp_dim")])
