@@ -159,6 +159,45 @@ print("row-sparse training agrees")
 """
 
 
+# The trainer itself (toolkit.train: data, the step, checkpoints, logs), key on against off, at
+# one micro-batch a step in the step graph and at two a step in eager steps.
+TRAINER = """
+import math
+import tempfile
+from pathlib import Path
+
+from tests.test_train import RANDOM_TEXT, make_recipe
+from toolkit import row_sparse_grad
+from toolkit.train import train
+
+kept = []
+keep = row_sparse_grad.keep
+row_sparse_grad.keep = lambda p, *rows: kept.append(p.shape) or keep(p, *rows)
+
+with tempfile.TemporaryDirectory() as tmp:
+    for n, keys in enumerate([{"global_batch_size": 2, "step_graph": True},
+                              {"global_batch_size": 4}]):
+        keys |= {"steps": 4, "adamw_kernel": "triton"}
+        want = train(make_recipe(Path(f"{tmp}/{n}a"), RANDOM_TEXT, **keys))
+        assert not kept
+        got = train(make_recipe(Path(f"{tmp}/{n}b"), RANDOM_TEXT, **keys,
+                                row_sparse_embedding_grad=True))
+        assert len(kept) == 4, kept  # a step's first gradient, every step
+        kept.clear()
+        assert sorted(got.losses) == sorted(want.losses) == [1, 2, 3, 4]
+        for step, loss in want.losses.items():
+            assert math.isclose(got.losses[step], loss, rel_tol=1e-6), (got.losses, want.losses)
+print("row-sparse trainer agrees")
+"""
+
+
+def test_the_trainer_with_the_key_under_the_interpreter():
+    """toolkit.train with the key on against off (the Triton AdamW under the interpreter, the
+    clip at its default): the same losses within 1e-6 over 4 steps, at one micro-batch a step
+    through the step graph and at two in eager steps, the rows kept at each step's first."""
+    interpret(TRAINER, "row-sparse trainer agrees")
+
+
 def test_the_kernel_reads_rows_as_the_whole_table_under_the_interpreter():
     """The update from (rows, sums) against the same optimizer from the whole table they stand
     for, 3 steps, the clip coefficient on odd ones: parameters and moments bit for bit, and
