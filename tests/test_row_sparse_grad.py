@@ -59,7 +59,7 @@ def race(device, steps=3):
             o.zero_grad(set_to_none=True)
             for group in o.param_groups:
                 group["lr"] *= 0.7
-    assert all(row_sparse_grad.row_sparse_grad(p) is None for p in ours), "zero_grad drops them"
+    assert all(row_sparse_grad.held_rows(p) is None for p in ours), "zero_grad drops them"
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q), (p.shape, float((p - q).abs().max()))
         for key in ("exp_avg", "exp_avg_sq"):
@@ -101,7 +101,7 @@ calls = {"keep": 0, "densify": 0}
 for name in calls:
     function = getattr(row_sparse_grad, {"keep": "keep", "densify": "densify_"}[name])
     def counted(p, *args, name=name, function=function):
-        if name == "keep" or row_sparse_grad.row_sparse_grad(p) is not None:
+        if name == "keep" or row_sparse_grad.held_rows(p) is not None:
             calls[name] += 1
         return function(p, *args)
     setattr(row_sparse_grad, {"keep": "keep", "densify": "densify_"}[name], counted)
@@ -230,7 +230,7 @@ def test_rows_slots_and_the_whole_table():
     weight = torch.zeros(40, 4, requires_grad=True)
     rows, sums = distinct_token_sums(tokens, grad)
     row_sparse_grad.keep(weight, rows, sums)
-    held = row_sparse_grad.row_sparse_grad(weight)
+    held = row_sparse_grad.held_rows(weight)
     assert held.slots.dtype == torch.int32 and held.slots.shape == (40,)
     assert held.slots[[0, 7, 31]].tolist() == [0, 1, 2]
     assert (held.slots.tolist().count(-1)) == 37
@@ -238,10 +238,10 @@ def test_rows_slots_and_the_whole_table():
     table = torch.ops.aten.embedding_dense_backward(grad, tokens, 40, -1, False)
     assert torch.equal(row_sparse_grad.dense(weight), table)
     row_sparse_grad.densify_(weight)
-    assert torch.equal(weight.grad, table) and row_sparse_grad.row_sparse_grad(weight) is None
+    assert torch.equal(weight.grad, table) and row_sparse_grad.held_rows(weight) is None
     row_sparse_grad.keep(weight, rows, sums)
     row_sparse_grad.clear_([weight])
-    assert row_sparse_grad.row_sparse_grad(weight) is None
+    assert row_sparse_grad.held_rows(weight) is None
 
 
 def test_the_norm_reads_the_rows():
@@ -284,15 +284,81 @@ def test_without_an_update_that_reads_rows_the_key_is_off(caplog):
     tokens = torch.randint(0, 256, (1, 17))
     parallel.run_step(tokens[:, :-1], tokens[:, 1:])
     assert model.embedding.weight.grad is not None
-    assert row_sparse_grad.row_sparse_grad(model.embedding.weight) is None
+    assert row_sparse_grad.held_rows(model.embedding.weight) is None
+
+
+class ReadsRows:
+    """An optimizer as keep_row_sparse_embedding_grads sees TritonAdamW."""
+
+    reads_row_sparse_grads = True
+
+
+@pytest.mark.parametrize(
+    "layout, tie, words",
+    [
+        ({"dp": 2}, False, "DP=2 PP=1"),
+        ({"pp": 2}, False, "DP=1 PP=2"),
+        ({}, True, "shared (tied)"),
+        ({}, None, "no plain embedding"),
+        ({}, False, None),
+    ],
+)
+def test_the_key_is_left_off_where_whole_gradients_are_read(caplog, layout, tie, words):
+    """keep_row_sparse_embedding_grads: off with a warning that says why at DP or PP > 1, with
+    the embedding's weight shared, or with no plain embedding; on otherwise."""
+    from torch import nn
+
+    from toolkit.distributed import ParallelEnv
+    from toolkit.grad_accumulation import EmbeddingIntoGrad
+    from toolkit.parallel.parallelize import keep_row_sparse_embedding_grads
+
+    embedding = EmbeddingIntoGrad(10, 4) if tie is not None else nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    if tie:
+        head.weight = embedding.weight
+    model = nn.Sequential(embedding, head)
+    env = ParallelEnv(0, 1, 0, torch.device("cpu"), **({"tp": 1, "pp": 1, "dp": 1} | layout))
+    with caplog.at_level("WARNING"):
+        kept = keep_row_sparse_embedding_grads(model, ReadsRows(), env)
+    if words is None:
+        assert kept == 1 and embedding.keeps_row_sparse_grad and not caplog.text
+    else:
+        assert kept == 0 and not getattr(embedding, "keeps_row_sparse_grad", False)
+        assert "train.row_sparse_embedding_grad left off" in caplog.text and words in caplog.text
+
+
+def test_both_held_are_added_and_an_in_place_clip_scales_the_rows():
+    """A `.grad` set beside the rows (by other code) is not lost: held_grad adds the rows into
+    it; clip_grad_norm (the clip in place, for optimizers that do not take the coefficient)
+    scales the rows as it scales the whole table."""
+    from toolkit.distributed import ParallelEnv
+    from toolkit.parallel.runtime import clip_grad_norm
+
+    torch.manual_seed(0)
+    tokens, grad = torch.randint(0, 30, (12,)), torch.randn(12, 4)
+    table = torch.ops.aten.embedding_dense_backward(grad, tokens, 30, -1, False)
+    weight = torch.zeros(30, 4, requires_grad=True)
+    row_sparse_grad.keep(weight, *distinct_token_sums(tokens, grad))
+    weight.grad = torch.ones(30, 4)
+    assert torch.equal(row_sparse_grad.held_grad(weight), table + 1)
+    assert row_sparse_grad.held_rows(weight) is None
+
+    weight.grad = None
+    row_sparse_grad.keep(weight, *distinct_token_sums(tokens, grad))
+    env = ParallelEnv(0, 1, 0, torch.device("cpu"), tp=1, pp=1, dp=1)
+    norm = clip_grad_norm([weight], 0.5, env)
+    assert norm == pytest.approx(float(table.norm()), rel=1e-6) and norm > 0.5
+    want = table * (0.5 / (norm + 1e-6))
+    assert weight.grad is None and torch.allclose(row_sparse_grad.dense(weight), want)
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        "train.fused_grad_accumulation=false",
-        'train.adamw_kernel="torch"',
-        "train.flat_optimizer=true",
+        ["train.fused_grad_accumulation=false"],
+        ['train.adamw_kernel="torch"'],
+        ["train.flat_optimizer=true"],
+        ["train.compile=true", 'train.compile_scope="model"'],
     ],
 )
 def test_the_key_is_checked(bad):
@@ -300,8 +366,9 @@ def test_the_key_is_checked(bad):
 
     key = "train.row_sparse_embedding_grad=true"
     assert load_recipe("recipes/tiny_hybrid.toml", [key]).train.row_sparse_embedding_grad
+    load_recipe("recipes/tiny_hybrid.toml", bad)  # fine without the key
     with pytest.raises(RecipeError, match="train.row_sparse_embedding_grad"):
-        load_recipe("recipes/tiny_hybrid.toml", [key, bad])
+        load_recipe("recipes/tiny_hybrid.toml", [key, *bad])
 
 
 @pytest.mark.parametrize("alone", [0, 100, 1 << 30])

@@ -206,7 +206,7 @@ class _EmbeddingRowSparse(torch.autograd.Function):
         weight = ctx.weight
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         rows, sums = distinct_token_sums(tokens.reshape(-1), grad)
-        if weight.grad is None and row_sparse_grad.row_sparse_grad(weight) is None:
+        if weight.grad is None and row_sparse_grad.held_rows(weight) is None:
             row_sparse_grad.keep(weight, rows, sums)
         else:
             row_sparse_grad.densify_(weight)

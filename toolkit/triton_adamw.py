@@ -29,7 +29,7 @@ import torch
 from toolkit.bf16_weight_cache import UpdatedCasts
 from toolkit.flat_adamw import adamw_scalars, adamw_update_, host_table
 from toolkit.model.kernels import triton_imports, triton_runs_on
-from toolkit.row_sparse_grad import clear_, dense, held_grad, row_sparse_grad
+from toolkit.row_sparse_grad import clear_, dense, held_grad, held_rows
 
 log = logging.getLogger(__name__)
 
@@ -427,8 +427,8 @@ class TritonAdamW(torch.optim.AdamW):
             "entries": entries,
             "casts": casts,
             "moments": _state_pointers(entries, casts),
-            # _addresses's rows, as many as it may write (which, the captured step's gradients
-            # say: row-sparse ones or not).
+            # All 7 rows _addresses may write; which are used depends on the captured step's
+            # gradients (row-sparse ones or not).
             "addresses": torch.zeros((7, len(entries)), dtype=torch.int64, device=device),
             "numels": host_table(numels, torch.int64, device),
             "blocks": _block_tables(numels, device),
@@ -509,7 +509,7 @@ def _addresses(entries: list, casts: list) -> list[list[int]]:
     copies (0: none); where any has a row-sparse gradient, its slots (0: a dense gradient) and
     the width of its rows."""
     rows = [[t.data_ptr() for t in column] for column in zip(*map(_tensors, entries))]
-    sparse = [row_sparse_grad(p) if p.grad is None else None for p, _, _ in entries]
+    sparse = [held_rows(p) if p.grad is None else None for p, _, _ in entries]
     if any(c is not None for c in casts) or any(s is not None for s in sparse):
         rows.append([0 if c is None else c.data_ptr() for c in casts])
     if any(s is not None for s in sparse):
@@ -538,10 +538,11 @@ def _addressable(entry: tuple, device: torch.device) -> bool:
     p = entry[0]
     if not (p.device == device and all(map(kernel_addressable, _tensors(entry)))):
         return False
-    sparse = row_sparse_grad(p) if p.grad is None else None
+    sparse = held_rows(p) if p.grad is None else None
     return sparse is None or (
         p.dim() == 2
         and sparse.sums.shape[1:] == p.shape[1:]
+        and sparse.slots.shape == (p.size(0),)
         and sparse.slots.is_contiguous()
         and sparse.slots.device == device
         and sparse.slots.dtype == torch.int32
@@ -549,7 +550,7 @@ def _addressable(entry: tuple, device: torch.device) -> bool:
 
 
 def _run_kernel(tables: tuple, scalars: torch.Tensor, grad_scale: torch.Tensor | None, n: int,
-                has_casts: bool, has_sparse: bool):  # fmt: skip
+                has_casts: bool, has_sparse: bool) -> None:  # fmt: skip
     addresses, numels, block_tensor, block_start = tables
     _adamw_kernel[(block_tensor.numel(),)](
         addresses,

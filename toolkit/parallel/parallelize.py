@@ -211,7 +211,9 @@ def parallelize(model: HybridLM, recipe: Recipe, env: ParallelEnv) -> ParallelMo
     return ParallelModel(run_step.module, loss_fn, run_step, optimizer, engine)
 
 
-def keep_row_sparse_embedding_grads(model: nn.Module, optimizer: object, env: ParallelEnv) -> int:
+def keep_row_sparse_embedding_grads(
+    model: nn.Module, optimizer: torch.optim.Optimizer, env: ParallelEnv
+) -> int:
     """train.row_sparse_embedding_grad: have the input embedding keep a step's first gradient as
     rows where `optimizer` reads them and nothing else needs the whole table (one rank of the
     model: the DP all-reduce and the pipeline read `.grad`); else a warning. Returns the
