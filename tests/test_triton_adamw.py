@@ -285,8 +285,21 @@ def test_whole_blocks_load_and_store_16_bytes_at_a_time(block, warps, span, evic
 
     if "nvidia" not in backends:  # only a Triton built without its CUDA backend is excused
         pytest.skip("Triton has no CUDA backend here")
-    source = ASTSource(fn=module._adamw_kernel, signature=signature, constexprs=constexprs)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+    def compiled(constexprs: dict):
+        source = ASTSource(fn=module._adamw_kernel, signature=signature, constexprs=constexprs)
+        target, options = GPUTarget("cuda", 90, 32), {"num_warps": warps}
+        return triton.compile(source, target=target, options=options)
+
+    ptx = compiled(constexprs)
+    if sparse:  # the gather is there, beside the dense path: scalar loads the dense one lacks
+        dense = compiled(constexprs | {"HAS_SPARSE": False})
+
+        def scalar_loads(kernel) -> int:
+            lines = kernel.asm["ptx"].splitlines()
+            return sum(x.lstrip().startswith("ld.global") and ".v" not in x for x in lines)
+
+        assert scalar_loads(ptx) >= scalar_loads(dense) + 2  # each block's slot and gradient
     accesses = [
         "L" if line.lstrip().startswith("ld.global") else "S"
         for line in ptx.asm["ptx"].splitlines()
