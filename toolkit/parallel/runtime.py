@@ -39,7 +39,8 @@ def average_over_dp(tensors: list[torch.Tensor], env: ParallelEnv) -> None:
 
 
 # Gradients of at least this many elements get a norm reduction each: 3.17 against 2.64 TB/s for
-# the multi-tensor norm's at 1G elements a tensor (H100, benchmarks/hbm_bandwidth.py, 2026-12-06).
+# the multi-tensor norm's at 1G elements a tensor (H100, benchmarks/hbm_bandwidth.py, 2026-12-06);
+# the threshold is not measured, only taken where one launch's cost is small beside the reads.
 NORM_ALONE = 1 << 24
 
 
