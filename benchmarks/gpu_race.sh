@@ -33,10 +33,10 @@ race 8b_hybrid_compiled 180 --shape 8b-mamba2 --hybrid --compile
 # and fp32 weight gradients. Theirs peaks at ~89 GiB here: an H200's.
 race 8b_hybrid_compiled_step_graph_bf16_cache_fp32_wgrad 240 --shape 8b-mamba2 --hybrid \
   --compile --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
-# And with the embedding's gradient kept as rows and the log-sum-exp chunked (below).
-TOOLKIT_LSE_CHUNK=1024 race 8b_hybrid_compiled_step_graph_bf16_cache_fp32_wgrad_rows_lse1024 \
-  240 --shape 8b-mamba2 --hybrid --compile --step-graph --set train.bf16_weight_cache=true \
-  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true
+# And with the embedding's gradient kept as rows (below).
+race 8b_hybrid_compiled_step_graph_bf16_cache_fp32_wgrad_rows 240 --shape 8b-mamba2 --hybrid \
+  --compile --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true \
+  --set train.row_sparse_embedding_grad=true
 # Where each side's step goes (item 4 missed at the 8B widths: the profile that shows why): the
 # same races and one more step of each side under torch.profiler, the kernels by family side by
 # side in the log and the two kernel tables in $OUT/profile_NAME (trace_summary.py reads them).
@@ -52,9 +52,9 @@ race 800m_compiled_torch_adamw 160 --shape 800m --compile --set 'train.adamw_ker
 # Our whole step as one CUDA graph (toolkit.step_graph, --step-graph): the 800M's widths are
 # host-bound (48 blocks, ~3,700 launches a step: 262 ms of GPU work in 361-383 ms on an H100).
 race 800m_compiled_step_graph 200 --shape 800m --compile --step-graph
-# The loss's log-sum-exp read once a row (an assignment before a function reaches its commands).
-TOOLKIT_LSE_CHUNK=1024 race 800m_compiled_step_graph_lse1024 200 --shape 800m --compile \
-  --step-graph
+# The loss's log-sum-exp as torch.logsumexp's two passes over a row (TOOLKIT_LSE_CHUNK=0: the
+# default chunks since 2026-12-06; an assignment before a function reaches its commands).
+TOOLKIT_LSE_CHUNK=0 race 800m_compiled_step_graph_lse0 200 --shape 800m --compile --step-graph
 race 8b_mamba2_compiled_step_graph 200 --shape 8b-mamba2 --compile --step-graph
 # train.bf16_weight_cache with the Triton AdamW writing the casts: ours casts no weight in the
 # step (the forward's cast of each linear's weight, 6 bytes a parameter, becomes the update's
@@ -64,25 +64,22 @@ race 8b_mamba2_compiled_bf16_cache 160 --shape 8b-mamba2 --compile \
 race 8b_mamba2_compiled_step_graph_bf16_cache 200 --shape 8b-mamba2 --compile --step-graph \
   --set train.bf16_weight_cache=true
 # The graph with no cast of a weight or its gradient left in the step: the update writes the bf16
-# copies, the GEMM writes the fp32 weight gradients. Ours' fastest at these widths: 1.208-1.212x
-# on an H100, 1.176x on an H200 (RESULTS.md 2026-12-06, early morning).
+# copies, the GEMM writes the fp32 weight gradients: 1.194-1.212x on an H100, 1.176x on an H200
+# (RESULTS.md 2026-12-06, early morning and morning); with the rows below ours' fastest.
 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad 200 --shape 8b-mamba2 --compile \
   --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
-# The same with our loss's log-sum-exp read once a row (TOOLKIT_LSE_CHUNK, toolkit/loss.py): the
-# default since 2026-12-06 (1.54 against 2.82 ms alone on an H100); the races above without the
-# variable ran torch.logsumexp before that, and take TOOLKIT_LSE_CHUNK=0 to do so now.
-TOOLKIT_LSE_CHUNK=1024 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_lse1024 200 \
+# The same with our loss's log-sum-exp as torch.logsumexp's two passes (TOOLKIT_LSE_CHUNK=0): the
+# chunks read once are the default since 2026-12-06 (1.54 against 2.82 ms alone on an H100;
+# before, these races ran torch.logsumexp, and the chunked ones were named _lse1024).
+TOOLKIT_LSE_CHUNK=0 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_lse0 200 \
   --shape 8b-mamba2 --compile --step-graph --set train.bf16_weight_cache=true \
   --set train.fp32_weight_grad_gemm=true
 # The same with the input embedding's gradient kept as the micro-batch's rows, never a whole
 # table (train.row_sparse_embedding_grad: ~12 bytes a parameter of the 1.05B table's fill, norm
-# read and update read, ~2.9 ms expected on an H200), then with the log-sum-exp chunked too.
+# read and update read, ~2.9 ms expected on an H200; 3.5 ms measured on an H100).
 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows 200 --shape 8b-mamba2 --compile \
   --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true \
   --set train.row_sparse_embedding_grad=true
-TOOLKIT_LSE_CHUNK=1024 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows_lse1024 \
-  200 --shape 8b-mamba2 --compile --step-graph --set train.bf16_weight_cache=true \
-  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true
 # train.fp32_weight_grad_gemm: the weight gradients written in fp32 by the GEMM (the bf16
 # product's cast and layout pass gone: ~1.8 ms a step in the layers and ~1.2 ms for the output
 # layer in the afternoon profile, H100), alone and with the update's bf16 casts, eager steps.
