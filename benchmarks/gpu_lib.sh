@@ -2,6 +2,7 @@
 # device calls are cut at 600 s, so each part runs under `timeout`, clipped to what is left of
 # the script's budget, and is skipped when too little is left for it to say anything.
 #   part_budget SECONDS [FROM]  the budget ends SECONDS after FROM (epoch seconds; default now)
+#   fits GIB NAME  before a part that needs GIB of the card's memory: skipped (said) if not
 #   part NAME TIMEOUT_S CMD...  runs CMD into $PART_DIR/NAME$PART_EXT, then prints a summary
 #     PART_ONLY   names to run, space-separated; empty: every part
 #     PART_MIN_S  a part with fewer seconds of the budget left is skipped (default 30)
@@ -26,6 +27,26 @@ clock_log_stop() {
     wait "$CLOCK_LOG_PID" 2>/dev/null
   fi
   CLOCK_LOG_PID=
+}
+
+# The first card's memory in whole GiB (0 where nvidia-smi does not answer with a number).
+card_gib() {
+  local mib
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  [[ "$mib" =~ ^[0-9]+$ ]] || mib=0
+  echo $((mib / 1024))
+}
+
+# Whether a part needing GIB of the card's memory fits it (CARD_GIB, card_gib's if unset); if not,
+# says NAME is skipped where PART_ONLY asks for it (or is empty), so that no device time goes to
+# a run that can only end out of memory.
+fits() {  # GIB NAME
+  local have=${CARD_GIB:-$(card_gib)}
+  [ "$have" -ge "$1" ] && return 0
+  if [ -z "${PART_ONLY:-}" ] || [[ " $PART_ONLY " == *" $2 "* ]]; then
+    part_say "$2 skipped (needs ~$1 GiB of the card's memory, this one has $have)"
+  fi
+  return 1
 }
 
 part_budget() { PART_DEADLINE=$((${2:-$(date +%s)} + $1)); }

@@ -112,3 +112,38 @@ sleep 0.3
     assert "clocks.sm,power.draw,clocks_throttle_reasons.active" in args and "-lms 100" in args
     for pid in pids.read_text().split():
         assert not Path(f"/proc/{pid}").exists(), f"sampler {pid} still running"
+
+
+def test_a_part_that_cannot_fit_the_cards_memory_is_skipped(tmp_path):
+    """fits: the card's memory from nvidia-smi (a stand-in here) against what a part needs; a
+    part that cannot fit is skipped with the reason, said only where it was asked for; no
+    answer from nvidia-smi counts as no memory."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\necho "$@" > "$(dirname "$0")/args"\necho "${MIB:-81559}"\n')
+    fake.chmod(0o755)
+
+    def run(script: str, mib: str) -> list[str]:
+        proc = subprocess.run(
+            ["bash", "-c", f"set -u; source benchmarks/gpu_lib.sh\n{script}"],
+            cwd=ROOT,
+            env={"PATH": f"{fake.parent}:/usr/bin:/bin", "MIB": mib},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0 and not proc.stderr, proc.stderr
+        return proc.stdout.splitlines()
+
+    script = """card_gib
+fits 100 big && echo big runs
+fits 60 small && echo small runs
+PART_ONLY="other"
+fits 100 big || echo big not run
+"""
+    assert run(script, "81559") == ["79", "big skipped (needs ~100 GiB of the card's memory, "
+                                    "this one has 79)", "small runs", "big not run"]  # fmt: skip
+    assert run(script, "143771") == ["140", "big runs", "small runs"]
+    assert run(script, "[N/A]")[0] == "0"
+    args = (fake.parent / "args").read_text()
+    assert "--query-gpu=memory.total" in args and "nounits" in args
