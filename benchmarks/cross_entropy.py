@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "rows": args.rows, "vocab": args.vocab, "lse": {}}  # fmt: skip
     for chunk in args.chunks:
-        fn = compile_(functools.partial(loss._chunked_block_lse, chunk=chunk) if chunk
-                      else loss._block_lse)  # fmt: skip
+        fn = compile_(functools.partial(loss._block_lse, chunk=chunk))
         lse, _ = fn(logits, target)
         ms = timed_ms(lambda fn=fn: fn(logits, target), args.repeats, device)
         error = float((lse.double() - want).abs().max())

@@ -161,11 +161,11 @@ def test_the_chunked_log_sum_exp_is_logsumexps(chunk):
     block[2, 7] = torch.inf
     target = torch.tensor([0, 249, -1, 250, 7, 120, 3])
     want, want_picked = loss._block_lse(block, target)
-    got, picked = loss._chunked_block_lse(block, target, chunk)
+    got, picked = loss._block_lse(block, target, chunk)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert got[0] == -torch.inf and got[2] == torch.inf and torch.isfinite(got[3:]).all()
     assert torch.equal(picked, want_picked)
-    wider = loss._chunked_block_lse(block * 30, target, chunk)[0]  # no overflow in the exps
+    wider = loss._block_lse(block * 30, target, chunk)[0]  # no overflow in the exps
     torch.testing.assert_close(wider, loss._block_lse(block * 30, target)[0], rtol=1e-6, atol=1e-5)
 
 
@@ -179,7 +179,7 @@ def test_lse_chunk_picks_the_compiled_log_sum_exp(monkeypatch):
     monkeypatch.setattr(loss, "_compiled", None)
     monkeypatch.setattr(loss, "LSE_CHUNK", 16)
     kernels = loss._kernels(torch.device("cuda"))
-    assert kernels.compiled and kernels.lse.func is loss._chunked_block_lse
+    assert kernels.compiled and kernels.lse.func is loss._block_lse
     assert kernels.lse.keywords == {"chunk": 16}
     monkeypatch.setattr(loss, "_kernels", lambda _: kernels)
     g = torch.Generator().manual_seed(4)

@@ -11,7 +11,7 @@ applied in fp32 before rounding (no extra pass over the 256k-wide gradient to sc
 torch.logsumexp compiled for GPUs reads each 256k-wide row twice, once for its maximum and once
 for the sum of exponentials. Here, compiled, it is combined from chunks of TOOLKIT_LSE_CHUNK
 columns (default 1024; 0: torch.logsumexp), each chunk's maximum and sum taken from one read of
-it (`_chunked_block_lse`): 1.54 against 2.82 ms for 8k rows of 256k on an H100
+it (`_chunked_lse`): 1.54 against 2.82 ms for 8k rows of 256k on an H100
 (benchmarks/cross_entropy.py, 2026-12-06), the same sums within fp32 rounding.
 """
 
@@ -44,24 +44,23 @@ def _target_columns(target: Tensor, columns: int) -> tuple[Tensor, Tensor]:
     return here, target.clamp(0, columns - 1).unsqueeze(-1)
 
 
-def _block_lse(block: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def _block_lse(block: Tensor, target: Tensor, chunk: int = 0) -> tuple[Tensor, Tensor]:
     """Rows of logits [r, V] (any float dtype) -> (log-sum-exp, the target's logit), both fp32
-    [r]; a target outside [0, V) (another tensor-parallel rank's column) has logit 0 here."""
+    [r]; a target outside [0, V) (another tensor-parallel rank's column) has logit 0 here. The
+    log-sum-exp torch.logsumexp's, or with `chunk` _chunked_lse's (the same sums, grouped
+    otherwise: within fp32 rounding)."""
     x = block.float()
     here, index = _target_columns(target, x.size(-1))
     picked = x.gather(-1, index).squeeze(-1)
-    return torch.logsumexp(x, dim=-1), torch.where(here, picked, 0.0)
+    lse = _chunked_lse(x, chunk) if chunk else torch.logsumexp(x, dim=-1)
+    return lse, torch.where(here, picked, 0.0)
 
 
-def _chunked_block_lse(block: Tensor, target: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """_block_lse's results (the same sums, grouped otherwise: within fp32 rounding), the
-    log-sum-exp combined from chunks of `chunk` columns (the last one shorter where the width
-    is not a multiple): each chunk's maximum m and sum s of exp(x - m), then
-    M + log(sum(s * exp(m - M))) with M the row's maximum. Compiled, a chunk of up to ~1k
-    columns is one persistent reduction that loads it once for both its m and its s."""
-    x = block.float()
-    here, index = _target_columns(target, x.size(-1))
-    picked = x.gather(-1, index).squeeze(-1)
+def _chunked_lse(x: Tensor, chunk: int) -> Tensor:
+    """Each row's log-sum-exp of fp32 `x` [r, V] combined from chunks of `chunk` columns (the
+    last one shorter where the width is not a multiple): each chunk's maximum m and sum s of
+    exp(x - m), then M + log(sum(s * exp(m - M))) with M the row's maximum. Compiled, a chunk of
+    up to ~1k columns is one persistent reduction that loads it once for both its m and its s."""
     whole = x.size(-1) // chunk * chunk
     parts = [x[:, :whole].unflatten(-1, (whole // chunk, chunk))] if whole else []
     if whole < x.size(-1):
@@ -77,8 +76,7 @@ def _chunked_block_lse(block: Tensor, target: Tensor, chunk: int) -> tuple[Tenso
     m, s = torch.cat(maxes, -1), torch.cat(sums, -1)  # [r, chunks]
     top = m.amax(-1, keepdim=True)
     top = torch.where(top.isfinite(), top, 0.0)
-    lse = top.squeeze(-1) + torch.log((s * torch.exp(m - top)).sum(-1))
-    return lse, torch.where(here, picked, 0.0)
+    return top.squeeze(-1) + torch.log((s * torch.exp(m - top)).sum(-1))
 
 
 def _block_grad_into(out: Tensor, block: Tensor, target: Tensor, lse: Tensor, scale: Tensor):
@@ -118,7 +116,7 @@ def _kernels(device: torch.device) -> _Kernels:
         return EAGER
     if _compiled is None:
         compile_ = torch.compile(dynamic=False, fullgraph=True)
-        lse = functools.partial(_chunked_block_lse, chunk=LSE_CHUNK) if LSE_CHUNK else _block_lse
+        lse = functools.partial(_block_lse, chunk=LSE_CHUNK) if LSE_CHUNK else _block_lse
         _compiled = _Kernels(compile_(lse), compile_(_fusable_block_grad_into), True)
     return _compiled
 
