@@ -514,7 +514,8 @@ def _addresses(entries: list, casts: list) -> list[list[int]]:
         rows.append([0 if c is None else c.data_ptr() for c in casts])
     if any(s is not None for s in sparse):
         rows.append([0 if s is None else s.slots.data_ptr() for s in sparse])
-        rows.append([p.numel() // max(1, p.size(0)) if p.dim() else 1 for p, _, _ in entries])
+        # A row-sparse gradient's parameter is a 2-D table (_addressable): its rows' width.
+        rows.append([0 if s is None else p.size(1) for s, (p, _, _) in zip(sparse, entries)])
     return rows
 
 
