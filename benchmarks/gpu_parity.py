@@ -153,7 +153,9 @@ def main() -> int:
         "batch": BATCH,
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "mamba_path": "fused (mamba-ssm + causal-conv1d)" if mixer.fused else mixer.ssd.__name__,
+        "mamba_path": f"fused (mamba-ssm + {mixer.conv_backend})"
+        if mixer.fused
+        else mixer.ssd.__name__,
     }
     print("GPU Mamba path:", result["mamba_path"])
     result["one_step"] = one_step_parity(cpu, gpu)

@@ -85,6 +85,11 @@ TOOLKIT_LSE_CHUNK=0 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_lse
 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows 200 --shape 8b-mamba2 --compile \
   --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true \
   --set train.row_sparse_embedding_grad=true
+# The same with our causal conv in Triton inside our fused op (model.mamba_conv_backend): theirs
+# runs causal-conv1d's in mamba-ssm's op, as ours did.
+race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows_triton_conv 200 --shape 8b-mamba2 \
+  --compile --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true \
+  --set train.row_sparse_embedding_grad=true --set 'model.mamba_conv_backend="triton"'
 # train.fp32_weight_grad_gemm: the weight gradients written in fp32 by the GEMM (the bf16
 # product's cast and layout pass gone: ~1.8 ms a step in the layers and ~1.2 ms for the output
 # layer in the afternoon profile, H100), alone and with the update's bf16 casts, eager steps.

@@ -161,6 +161,13 @@ triton_b1024_w4_x8,triton_b2048_w4_x4
 # time to queue the 800M's launches costs.
 run step_graph_gpu_test 300 python3 -m pytest -q tests/test_step_graph.py
 tp lever_step_graph 200 8 --set train.compile=true --step-graph
+# Our causal conv in Triton inside our fused op (model.mamba_conv_backend, conv_kernel.py)
+# against causal-conv1d's three passes a layer in mamba-ssm's (17.6 ms of the 800M's step on
+# 2026-11-29): the kernels alone, then whole steps against bf16_compile_mbs8.
+run conv_gpu_test 200 python3 -m pytest -q tests/test_conv_kernel.py
+run conv_kernel 120 python3 benchmarks/conv_kernel.py --json "$W/conv_kernel.json" \
+  --variants default,b64_w8,b16,b32_c64,b32_w8,b32_r256,b32_r1024,b64_c64_w4
+tp lever_triton_conv 200 8 --set train.compile=true --set 'model.mamba_conv_backend="triton"'
 t8b lever_8b28l_step_graph_gb8 300 28 --accumulate 8 --set train.compile=true --step-graph
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
@@ -306,6 +313,10 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               + ", ".join(f"{k} {v:.2f} ({r['tb_per_s'][k]:.2f} TB/s; host {r['host_ms'][k]:.2f})"
                           for k, v in r["ms"].items())
               + f"; cast_all {r['speed_up']:.2f}x, same bits {r['same_bits']}")
+    elif p.stem == "conv_kernel":
+        print("conv_kernel (ms: forward / backward / a layer):", "; ".join(
+            f"{k} {v['forward']:.3f} / {v['backward']:.3f} / {v['layer']:.3f}"
+            for k, v in r["ms"].items()))
     elif "error" in r:
         print(f"{p.stem:32} error: {r['error']}")
     else:

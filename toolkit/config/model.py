@@ -41,6 +41,12 @@ class ModelConfig:
     kernels: Literal["auto", "reference", "mamba_ssm"] = opt(
         "auto", "SSD implementation: mamba_ssm (Triton, CUDA) when available, else reference"
     )
+    mamba_conv_backend: Literal["auto", "causal_conv1d", "triton"] = opt(
+        "auto",
+        "the fused Mamba training op's causal conv: causal_conv1d (mamba-ssm's op with "
+        "causal-conv1d's CUDA kernels), triton (ours, toolkit/model/conv_kernel.py: needs no "
+        "causal-conv1d, slower backward), auto: causal_conv1d where it imports, else triton",
+    )
 
     @property
     def ffn_size(self) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 from toolkit.config import ModelConfig, padded_vocab_size
 from toolkit.layout import build_layout
 from toolkit.model.attention import Attention, Rotary
-from toolkit.model.kernels import select_ssd, use_fused_mamba
+from toolkit.model.kernels import fused_mamba_conv, select_ssd
 from toolkit.model.mamba2 import Mamba2Mixer
 from toolkit.model.mlp import MLP
 from toolkit.model.norms import add_norm, build_norm
@@ -34,6 +34,7 @@ class Block(nn.Module):
 
 def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
     if kind == "M":
+        conv = fused_mamba_conv(cfg.kernels, cfg.mamba_conv_backend)
         return Mamba2Mixer(
             cfg.hidden_size,
             d_state=cfg.mamba_state_dim,
@@ -44,7 +45,8 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
             chunk_size=cfg.mamba_chunk_size,
             norm_eps=cfg.norm_eps,
             ssd=select_ssd(cfg.kernels),
-            fused=use_fused_mamba(cfg.kernels),
+            fused=conv is not None,
+            conv_backend=conv or "causal_conv1d",
         )
     if kind == "*":
         head_dim = cfg.hidden_size // cfg.num_attention_heads

@@ -105,20 +105,45 @@ def mamba_ssm_available(kernels: str = "") -> bool:
     return error is None
 
 
-def fused_mamba_available(kernels: str = "") -> bool:
-    """Whether mamba-ssm's fused training op (causal conv, SSD and gated norm in one autograd
-    function) can run here: mamba-ssm's Triton kernels plus the causal-conv1d extension."""
-    if not mamba_ssm_available(kernels):
-        return False
+def fused_mamba_conv(kernels: str, conv: str = "auto") -> str | None:
+    """The causal conv the fused training op (conv, SSD and gated norm in one autograd
+    function) runs with here, or None where no fused op can run (the torch path). `kernels`:
+    model.kernels ('auto' and 'mamba_ssm' take the fused op); `conv`: model.mamba_conv_backend.
+    'causal_conv1d': mamba-ssm's own op, which needs the causal-conv1d extension; 'triton':
+    ours (fused_mamba.py), which needs only Triton beside mamba-ssm; 'auto': causal-conv1d's
+    where it imports (its backward is faster: RESULTS.md 2026-12-06), else ours, with a
+    warning."""
+    if kernels not in ("auto", "mamba_ssm") or not mamba_ssm_available(kernels):
+        return None
+    if conv == "triton":
+        return "triton" if triton_imports() else None
     error = _import_error("causal_conv1d", "mamba_ssm.ops.triton.ssd_combined")
-    if error and kernels == "auto":
+    if error is None:
+        return "causal_conv1d"
+    if conv == "auto" and triton_imports():
+        if "conv" not in _WARNED:
+            _WARNED.add("conv")
+            log.warning(
+                "causal-conv1d does not import (%s): the fused Mamba training op runs with our "
+                "Triton conv (model.mamba_conv_backend='triton': ~0.9 ms more a Mamba layer "
+                "than causal-conv1d's at the 800M's widths on an H100, in its backward)",
+                error,
+            )
+        return "triton"
+    if kernels == "auto":
         _warn_fallback("the fused Mamba training op is off (causal_conv1d)", error)
-    return error is None
+    return None
 
 
-def use_fused_mamba(kernels: str) -> bool:
-    """`model.kernels` 'auto' and 'mamba_ssm' take the fused op when it is available."""
-    return kernels in ("auto", "mamba_ssm") and fused_mamba_available(kernels)
+def fused_mamba_available(kernels: str = "", conv: str = "causal_conv1d") -> bool:
+    """Whether a fused training op with `conv` can run here (fused_mamba_conv): by default
+    mamba-ssm's own, with causal-conv1d."""
+    return fused_mamba_conv(kernels or "mamba_ssm", conv) is not None
+
+
+def use_fused_mamba(kernels: str, conv: str = "auto") -> bool:
+    """`model.kernels` 'auto' and 'mamba_ssm' take a fused op when one can run here."""
+    return fused_mamba_conv(kernels, conv) is not None
 
 
 SSD_KERNELS: dict[str, SSDFunction] = {"reference": ssd_chunked, "mamba_ssm": ssd_mamba_ssm}

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.model.fused_mamba import conv_scan_norm
 from toolkit.model.kernels import PrefillKernels, decode_kernels, prefill_kernels
 from toolkit.model.norms import GatedRMSNorm, gated_norm
 from toolkit.model.ssd import SSDFunction, ssd_chunked, ssd_step
@@ -154,8 +155,11 @@ class Mamba2Mixer(nn.Module):
         norm_eps: float = 1e-5,
         ssd: SSDFunction = ssd_chunked,
         fused: bool = False,
+        conv_backend: str = "causal_conv1d",
     ) -> None:
-        """`fused`: train through mamba-ssm's fused op on CUDA (same parameters and math)."""
+        """`fused`: train through one fused op on CUDA (same parameters and math): mamba-ssm's,
+        or with `conv_backend` 'triton' ours (fused_mamba.py: mamba-ssm's SSD and norm kernels,
+        our causal conv)."""
         super().__init__()
         self.d_inner = expand * hidden_size
         if self.d_inner % head_dim:
@@ -165,6 +169,7 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"mamba: {self.num_heads} heads not divisible by {num_groups} groups")
         self.head_dim, self.d_state, self.num_groups = head_dim, d_state, num_groups
         self.d_conv, self.chunk_size, self.ssd, self.fused = d_conv, chunk_size, ssd, fused
+        self.conv_backend = conv_backend
         self.conv_dim = self.d_inner + 2 * num_groups * d_state
         self.split_sizes = [self.d_inner, self.conv_dim, self.num_heads]  # z, xBC, dt
 
@@ -310,14 +315,21 @@ class Mamba2Mixer(nn.Module):
         """forward() without a state through one mamba-ssm op: conv + SiLU, SSD with D and the
         softplus of dt + dt_bias, and the group-wise gated RMSNorm (norm after the gate), fused.
         out_proj stays a module call so that tensor-parallel hooks and autocast apply to it."""
+        zxbcdt, A = self.in_proj(u), -torch.exp(self.A_log.float())
+        weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        if self.conv_backend == "triton":  # ours: the same op with our conv (fused_mamba.py)
+            y = conv_scan_norm(zxbcdt, weight, bias, self.dt_bias, A, self.D, self.norm.weight,
+                               self.chunk_size, self.head_dim, self.num_groups,
+                               self.norm.eps)  # fmt: skip
+            return self.out_proj(y)
         from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 
         y = mamba_split_conv1d_scan_combined(
-            self.in_proj(u),
-            self.conv1d.weight.squeeze(1),
-            self.conv1d.bias,
+            zxbcdt,
+            weight,
+            bias,
             self.dt_bias,
-            -torch.exp(self.A_log.float()),
+            A,
             self.D,
             self.chunk_size,
             rmsnorm_weight=self.norm.weight,

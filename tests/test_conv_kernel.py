@@ -1,0 +1,217 @@
+"""model.mamba_conv_backend = "triton": our causal conv kernels (toolkit/model/conv_kernel.py)
+against the mixer's torch conv, and the fused training op around them (fused_mamba.py) against
+the mixer's torch path. On a CPU the kernels run under Triton's interpreter in a subprocess
+(TRITON_INTERPRET must be set before Triton compiles anything), and mamba-ssm's SSD and norm
+kernels, which CPUs lack, are stood in for by torch functions with their contracts (outputs
+written into the gradient views they are given); on a GPU against causal-conv1d and mamba-ssm's
+own fused op."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.config import RecipeError, load_recipe
+from toolkit.model.kernels import fused_mamba_available
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+
+# The kernels against causal_conv (the mixer's torch conv, its CPU reference) and autograd's
+# gradients of it: x a slice of a wider tensor (in_proj's row), lengths and channels that end in
+# partial tiles, one and several backward programs a sequence, with and without a bias, fp32 and
+# bf16 (the reference in fp32 from the same bf16 values). The weight's and bias's gradients are
+# sums over 2 x 100 rows. dx is written into a slice of a wider tensor, whose other columns stay.
+KERNELS = """
+import torch
+import toolkit.model.conv_kernel as ck
+from toolkit.model.mamba2 import causal_conv
+
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+    for bias in (True, False):
+        for rows, block in ((512, 32), (48, 16)):
+            ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS = rows, block
+            b, L, C, k = 2, 100, 136, 4
+            x = torch.randn(b, L, 300).to(dtype)[:, :, 37:37 + C]
+            w = torch.randn(C, k)
+            bb = torch.randn(C) if bias else None
+            dout = torch.randn(b, L, C).to(dtype)
+            xr = x.float().requires_grad_()
+            wr = w.clone().requires_grad_()
+            br = bb.clone().requires_grad_() if bias else None
+            ref = causal_conv(xr, wr, br)
+            ref.backward(dout.float())
+            out = ck.conv_silu_forward(x, w, bb)
+            assert out.dtype == dtype and out.is_contiguous()
+            wide = torch.full((b, L, 300), 7.0, dtype=dtype)
+            dx, dw, db = ck.conv_silu_backward(x, w, bb, dout, dx=wide[:, :, 37:37 + C])
+            assert dx.data_ptr() == wide[:, :, 37:].data_ptr()
+            assert (wide[:, :, :37] == 7).all() and (wide[:, :, 37 + C:] == 7).all()
+            def close(got, want, name):
+                err = (got.float() - want).abs().max().item()
+                scale = want.abs().max().item()
+                assert err <= tol * max(scale, 1.0), (name, dtype, bias, rows, err, scale)
+            close(out, ref.detach(), "out")
+            close(dx, xr.grad, "dx")
+            close(dw, wr.grad, "dweight")
+            if bias:
+                close(db, br.grad, "dbias")
+            else:
+                assert db is None
+print("conv kernels agree")
+"""
+
+# The fused op (our conv kernels, torch stand-ins for mamba-ssm's SSD and norm kernels with their
+# contracts) against the same mixer's torch path: the output and every parameter's gradient.
+FUSED = """
+import sys, types
+import torch
+import torch.nn.functional as F
+from toolkit.model.ssd import ssd_chunked
+
+
+def ssd(x, dt, A, B, C, chunk_size, D, dt_bias):
+    dt = F.softplus(dt.float() + dt_bias)
+    y, _ = ssd_chunked(x, dt, A, B, C, chunk_size)
+    return y + x * D[:, None]
+
+
+def scan_fwd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False):
+    assert z is None and dt_softplus
+    return ssd(x, dt, A, B, C, chunk_size, D, dt_bias), None, None, None, None, None
+
+
+def scan_bwd(dout, x, dt, A, B, C, out, chunk_size, D=None, dt_bias=None, dt_softplus=False,
+             dx=None, ddt=None, dB=None, dC=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
+    with torch.enable_grad():  # a backward runs without it
+        grads = torch.autograd.grad(ssd(*leaves[:5], chunk_size, *leaves[5:]), leaves, dout)
+    for given, g in zip((dx, ddt, dB, dC), (grads[0], grads[1], grads[3], grads[4])):
+        given.copy_(g)  # mamba-ssm's writes into the views it is given
+    return dx, ddt, grads[2], dB, dC, grads[5], None, grads[6], None
+
+
+def norm(y, weight, z, group_size, eps):
+    g = y * F.silu(z)
+    g = g.unflatten(-1, (-1, group_size))
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return g.flatten(-2) * weight
+
+
+def norm_fwd(x, weight, bias, eps, z=None, group_size=None, norm_before_gate=True,
+             is_rms_norm=False):
+    assert bias is None and not norm_before_gate and is_rms_norm
+    return norm(x, weight, z, group_size, eps), None, torch.zeros(1)
+
+
+def norm_bwd(dy, x, weight, bias, eps, mean, rstd, z=None, group_size=None,
+             norm_before_gate=True, is_rms_norm=False, dz=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, z)]
+    with torch.enable_grad():
+        dx, dw, dz_ = torch.autograd.grad(norm(*leaves, group_size, eps), leaves, dy)
+    dz.copy_(dz_)
+    return dx, dw, None, dz
+
+
+for name, attrs in (
+    ("mamba_ssm", {}), ("mamba_ssm.ops", {}), ("mamba_ssm.ops.triton", {}),
+    ("mamba_ssm.ops.triton.ssd_combined", {"_mamba_chunk_scan_combined_fwd": scan_fwd,
+                                            "_mamba_chunk_scan_combined_bwd": scan_bwd}),
+    ("mamba_ssm.ops.triton.layernorm_gated", {"_layer_norm_fwd": norm_fwd,
+                                              "_layer_norm_bwd": norm_bwd}),
+):
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+
+from toolkit.model.mamba2 import Mamba2Mixer
+
+torch.manual_seed(0)
+mixer = Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2, chunk_size=8,
+                    conv_backend="triton")
+with torch.no_grad():
+    for p in mixer.parameters():
+        p.add_(0.1 * torch.randn_like(p))  # the norm's ones, D's and the bias off their inits
+u = torch.randn(2, 37, 32)
+dout = torch.randn(2, 37, 32)
+results = []
+for path in (mixer._forward_fused, mixer.forward):
+    mixer.zero_grad()
+    out = path(u)
+    out.backward(dout)
+    results.append((out.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
+(fused, fused_grads), (ref, ref_grads) = results
+assert (fused - ref).abs().max() <= 1e-5 * ref.abs().max(), (fused - ref).abs().max()
+assert fused_grads.keys() == ref_grads.keys() and len(ref_grads) == 8
+for n, g in ref_grads.items():
+    err = (fused_grads[n] - g).abs().max().item()
+    assert err <= 1e-4 * max(g.abs().max().item(), 1e-3), (n, err)
+print("fused op agrees")
+"""
+
+
+def _interpret(script: str) -> str:
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_conv_kernels_are_the_torch_conv_under_the_interpreter():
+    pytest.importorskip("triton")
+    if CUDA:
+        pytest.skip("on a GPU the compiled kernels are tested")
+    assert "conv kernels agree" in _interpret(KERNELS)
+
+
+def test_fused_op_is_the_mixers_torch_path_under_the_interpreter():
+    """Forward within 1e-5 and all 8 parameters' gradients within 1e-4 of the largest: the
+    views of in_proj's output and gradient, z's and dt's gradients written in place, the conv's
+    gradient written into in_proj's, and the order of the returned gradients."""
+    pytest.importorskip("triton")
+    if CUDA:
+        pytest.skip("on a GPU against mamba-ssm's own op")
+    assert "fused op agrees" in _interpret(FUSED)
+
+
+def test_the_backend_is_a_recipe_key():
+    recipe = load_recipe(ROOT / "recipes/800m_hybrid.toml", ['model.mamba_conv_backend="triton"'])
+    assert recipe.model.mamba_conv_backend == "triton"
+    with pytest.raises(RecipeError, match="mamba_conv_backend"):
+        load_recipe(ROOT / "recipes/800m_hybrid.toml", ['model.mamba_conv_backend="cuda"'])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.skipif(
+    CUDA and not fused_mamba_available(conv="causal_conv1d"), reason="needs mamba-ssm"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_op_matches_mamba_ssms_on_the_gpu(dtype):
+    """The mixer through our op and through mamba-ssm's (causal-conv1d's conv) from the same
+    weights at the 800M's mixer widths (shorter sequences): the output and every gradient within
+    the two convs' rounding, fp32 parameters under bf16 autocast and bf16 parameters."""
+    from toolkit.model.mamba2 import Mamba2Mixer
+
+    torch.manual_seed(0)
+    ours = Mamba2Mixer(1024, conv_backend="triton", fused=True).cuda().to(dtype)
+    theirs = Mamba2Mixer(1024, fused=True).cuda().to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    u = torch.randn(2, 1000, 1024, device="cuda", dtype=dtype)
+    dout = torch.randn_like(u)
+    results = []
+    for mixer in (ours, theirs):
+        with torch.autocast("cuda", torch.bfloat16):
+            out = mixer(u)
+        out.backward(dout)
+        results.append((out.float(), {n: p.grad.float() for n, p in mixer.named_parameters()}))
+    (a, ga), (b, gb) = results
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    for n, g in gb.items():
+        err = (ga[n] - g).norm() / g.norm()
+        assert err <= 2e-2, (n, err.item())

@@ -1,0 +1,179 @@
+"""SiLU(depthwise causal conv) of the Mamba-2 mixer's xBC for training, forward and backward, as
+two Triton kernels: the conv of our fused op (fused_mamba.py), which needs no causal-conv1d
+(model.mamba_conv_backend; 'auto' takes it where causal-conv1d does not import).
+
+xBC is read as it lies in in_proj's output, channels adjacent ([b, l, c], l's stride the whole
+row). Each program takes a tile of rows and channels; the k shifted loads of a tile are mostly
+L1/L2 hits. Arithmetic in fp32 as causal-conv1d's: out = silu(bias + sum_j w[c, j]
+x[t - (k - 1) + j]), zeros before the first row. The backward computes g = dout silu'(a) once a
+tile into a ring of two tiles that the next pass reads shifted for dx; the weight's and bias's
+gradients are summed per program over its rows, then over programs by torch: the same sums as
+causal-conv1d's in another order, deterministic.
+
+Measured on an H100 at the 800M's widths (RESULTS.md 2026-12-06, late morning): the forward
+bit for bit causal-conv1d's and as fast, the backward 2.5x slower (1.53 against 0.61 ms).
+"""
+
+import torch
+
+from toolkit.model.kernels import triton_imports
+
+if triton_imports():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _preactivation(x_row, rows, cols, col_ok, weight, bias, L, stride_l,
+                       K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+        """bias + sum_j w[c, j] x[t - (K - 1) + j] for the tile's rows `rows` [BL] and channels
+        `cols` [BC], in fp32; x_row points at this sequence's row 0."""
+        acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(K):
+            t = rows - (K - 1) + j
+            ok = ((t >= 0) & (t < L))[:, None] & col_ok[None, :]
+            xs = tl.load(x_row + t[:, None] * stride_l + cols[None, :], mask=ok, other=0.0)
+            w = tl.load(weight + cols * K + j, mask=col_ok, other=0.0).to(tl.float32)
+            acc += xs.to(tl.float32) * w[None, :]
+        return acc
+
+    @triton.jit
+    def _conv_silu_fwd_kernel(x, weight, bias, out, L, C, sx_b, sx_l, so_b, so_l,
+                              K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr,
+                              BC: tl.constexpr):  # fmt: skip
+        pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_l * BL + tl.arange(0, BL)
+        cols = pid_c * BC + tl.arange(0, BC)
+        col_ok = cols < C
+        a = _preactivation(x + b.to(tl.int64) * sx_b, rows, cols, col_ok, weight, bias, L, sx_l,
+                           K, HAS_BIAS)  # fmt: skip
+        y = a * tl.sigmoid(a)
+        ok = (rows < L)[:, None] & col_ok[None, :]
+        dst = out + b.to(tl.int64) * so_b + rows[:, None] * so_l + cols[None, :]
+        tl.store(dst, y.to(out.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _conv_silu_bwd_kernel(x, weight, bias, dout, dx, dw_part, db_part, ring, L, C, sx_b,
+                              sx_l, sd_b, sd_l, sdx_b, sdx_l, ROWS: tl.constexpr,
+                              K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr,
+                              BC: tl.constexpr):  # fmt: skip
+        """One program: ROWS rows of BC channels of one sequence, BL rows a tile, in order.
+        g = dout silu'(a) of each tile is computed once, into the program's ring of two tiles
+        (a few KB, in L2), from which the next pass reads it shifted: dx[t] = sum_s w[K - 1 - s]
+        g[t + s] for the tile before (a tile of g past the program's rows is computed for its
+        last one). dw[j] = sum_t g[t] x[t - (K - 1) + j] and db = sum_t g[t] go into the
+        program's row of dw_part and db_part."""
+        pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = pid_c * BC + tl.arange(0, BC)
+        col_ok = cols < C
+        x_row = x + b.to(tl.int64) * sx_b
+        d_row = dout + b.to(tl.int64) * sd_b
+        part = (b * tl.num_programs(0) + pid_l).to(tl.int64)
+        program = part * tl.num_programs(1) + pid_c
+        tile = tl.arange(0, BL)
+        ring_at = ring + program * (2 * BL * BC) + tl.arange(0, BC)[None, :]
+        first = pid_l * ROWS
+        tiles = tl.cdiv(tl.minimum(first + ROWS, L) - first, BL)
+        db_acc = tl.zeros((BC,), dtype=tl.float32)
+        for i in range(0, tiles + 1):
+            rows = first + i * BL + tile
+            a = _preactivation(x_row, rows, cols, col_ok, weight, bias, L, sx_l, K, HAS_BIAS)
+            ok = (rows < L)[:, None] & col_ok[None, :]
+            d = tl.load(d_row + rows[:, None] * sd_l + cols[None, :], mask=ok, other=0.0)
+            sig = tl.sigmoid(a)
+            g = d.to(tl.float32) * sig * (1.0 + a * (1.0 - sig))  # zero past L
+            if i < tiles:  # this program's rows: the weight's and bias's sums
+                db_acc += tl.sum(g, axis=0)
+                for j in tl.static_range(K):
+                    tj = rows - (K - 1) + j
+                    okj = ((tj >= 0) & (tj < L))[:, None] & col_ok[None, :]
+                    xj = tl.load(x_row + tj[:, None] * sx_l + cols[None, :], mask=okj, other=0.0)
+                    at = dw_part + (part * C + cols) * K + j
+                    dw = tl.sum(g * xj.to(tl.float32), axis=0)
+                    tl.store(at, tl.load(at, mask=col_ok, other=0.0) + dw, mask=col_ok)
+            tl.store(ring_at + ((i % 2) * BL + tile)[:, None] * BC, g)
+            tl.debug_barrier()  # the tile's g, stored by all threads, is read shifted below
+            if i > 0:
+                prev = rows - BL
+                dx_acc = tl.zeros((BL, BC), dtype=tl.float32)
+                for s in tl.static_range(K):
+                    slot = ((i - 1) * BL + tile + s) % (2 * BL)
+                    gs = tl.load(ring_at + slot[:, None] * BC, cache_modifier=".cg")
+                    w = tl.load(weight + cols * K + (K - 1 - s), mask=col_ok, other=0.0)
+                    dx_acc += gs * w.to(tl.float32)[None, :]
+                okp = (prev < L)[:, None] & col_ok[None, :]
+                dst = dx + b.to(tl.int64) * sdx_b + prev[:, None] * sdx_l + cols[None, :]
+                tl.store(dst, dx_acc.to(dx.dtype.element_ty), mask=okp)
+            tl.debug_barrier()  # all reads of the older slot done before the next tile's store
+        if HAS_BIAS:
+            tl.store(db_part + part * C + cols, db_acc, mask=col_ok)
+
+
+# Tile: 32 rows of 128 channels (16-byte loads of 8 bf16 channels); a backward program walks
+# 512 rows, so the weight's partial sums are 1/512 of x. Globals: benchmarks/conv_kernel.py's
+# variants set them.
+BLOCK_ROWS, BLOCK_CHANNELS, ROWS_PER_PROGRAM, NUM_WARPS = 32, 128, 512, 4
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 3 or x.stride(2) != 1:
+        raise ValueError(f"x must be [b, l, c] with adjacent channels, got {tuple(x.stride())}")
+    if weight.dim() != 2 or weight.size(0) != x.size(2) or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous [c, k], got {tuple(weight.shape)}")
+
+
+def conv_silu_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """silu(causal depthwise conv(x) + bias) -> a contiguous [b, l, c] in x's dtype. x [b, l, c]
+    with adjacent channels (any row and batch strides: a slice of in_proj's output), weight
+    [c, k] contiguous, bias [c] or None."""
+    _check(x, weight)
+    b, L, C = x.shape
+    out = torch.empty(b, L, C, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(L, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS), b)
+    _conv_silu_fwd_kernel[grid](
+        x, weight, x if bias is None else bias, out, L, C, x.stride(0), x.stride(1),
+        out.stride(0), out.stride(1), K=weight.size(1), HAS_BIAS=bias is not None,
+        BL=BLOCK_ROWS, BC=BLOCK_CHANNELS, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def conv_silu_backward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dout: torch.Tensor,
+    dx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of conv_silu_forward: (dx, dweight, dbias). dx is written into `dx` when
+    given (a [b, l, c] view with adjacent channels: the fused op's slice of in_proj's
+    gradient), else into a new tensor; dweight and dbias come in the weight's and bias's
+    dtypes."""
+    _check(x, weight)
+    if dout.shape != x.shape or dout.stride(2) != 1:
+        raise ValueError(f"dout must be {tuple(x.shape)} with adjacent channels")
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif dx.shape != x.shape or dx.stride(2) != 1:
+        raise ValueError(f"dx must be {tuple(x.shape)} with adjacent channels")
+    b, L, C = x.shape
+    k = weight.size(1)
+    programs_l = triton.cdiv(L, ROWS_PER_PROGRAM)
+    programs_c = triton.cdiv(C, BLOCK_CHANNELS)
+    dw_part = torch.zeros(b * programs_l, C, k, dtype=torch.float32, device=x.device)
+    db_part = torch.zeros(b * programs_l, C, dtype=torch.float32, device=x.device)
+    ring = torch.empty(b * programs_l * programs_c, 2 * BLOCK_ROWS, BLOCK_CHANNELS, device=x.device)
+    grid = (programs_l, programs_c, b)
+    _conv_silu_bwd_kernel[grid](
+        x, weight, x if bias is None else bias, dout, dx, dw_part, db_part, ring, L, C,
+        x.stride(0),
+        x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
+        ROWS=ROWS_PER_PROGRAM, K=k, HAS_BIAS=bias is not None, BL=BLOCK_ROWS,
+        BC=BLOCK_CHANNELS, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    dweight = dw_part.sum(0).to(weight.dtype)
+    dbias = None if bias is None else db_part.sum(0).to(bias.dtype)
+    return dx, dweight, dbias
