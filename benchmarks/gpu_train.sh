@@ -168,6 +168,12 @@ run conv_gpu_test 200 python3 -m pytest -q tests/test_conv_kernel.py
 run conv_kernel 120 python3 benchmarks/conv_kernel.py --json "$W/conv_kernel.json" \
   --variants default,b64_w8,b16,b32_c64,b32_w8,b32_r256,b32_r1024,b64_c64_w4
 tp lever_triton_conv 200 8 --set train.compile=true --set 'model.mamba_conv_backend="triton"'
+# The 800M recipe with the 8B race's fastest setting (RESULTS.md 2026-12-06): the graph, the bf16
+# weight cache, fp32 weight gradients from the GEMM and the embedding's gradient as rows (these
+# need fused gradient accumulation), against bf16_compile_mbs8 and lever_step_graph.
+tp lever_fastest 200 8 --set train.compile=true --step-graph \
+  --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
+  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true
 t8b lever_8b28l_step_graph_gb8 300 28 --accumulate 8 --set train.compile=true --step-graph
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
