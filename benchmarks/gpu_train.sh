@@ -161,6 +161,9 @@ triton_b1024_w4_x8,triton_b2048_w4_x4
 # time to queue the 800M's launches costs.
 run step_graph_gpu_test 300 python3 -m pytest -q tests/test_step_graph.py
 tp lever_step_graph 200 8 --set train.compile=true --step-graph
+# train.row_sparse_embedding_grad on the GPU: the kernel's gather, and training with the key
+# against without, eager and through a real CUDA graph of the step (tests/test_row_sparse_grad.py).
+run row_sparse_gpu_test 240 python3 -m pytest -q tests/test_row_sparse_grad.py -k on_gpu
 # Our causal conv in Triton inside our fused op (model.mamba_conv_backend, conv_kernel.py)
 # against causal-conv1d's three passes a layer in mamba-ssm's (17.6 ms of the 800M's step on
 # 2026-11-29): the kernels alone, then whole steps against bf16_compile_mbs8.
