@@ -22,8 +22,9 @@ CUDA = torch.cuda.is_available()
 
 # The kernels against causal_conv (the mixer's torch conv, its CPU reference) and autograd's
 # gradients of it: x a slice of a wider tensor (in_proj's row), lengths and channels that end in
-# partial tiles, one and several backward programs a sequence, with and without a bias, fp32 and
-# bf16 (the reference in fp32 from the same bf16 values). The weight's and bias's gradients are
+# partial tiles, one and several backward programs a sequence and tiles a program, widths 4, 3
+# and 2 (the backward pads them to 4 taps), with and without a bias, fp32 and bf16 (the
+# reference in fp32 from the same bf16 values). The weight's and bias's gradients are
 # sums over 2 x 100 rows. dx is written into a slice of a wider tensor, whose other columns stay.
 KERNELS = """
 import torch
@@ -31,37 +32,38 @@ import toolkit.model.conv_kernel as ck
 from toolkit.model.mamba2 import causal_conv
 
 torch.manual_seed(0)
-for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
-    for bias in (True, False):
-        for rows, block in ((512, 32), (48, 16)):
-            ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS = rows, block
-            b, L, C, k = 2, 100, 136, 4
-            x = torch.randn(b, L, 300).to(dtype)[:, :, 37:37 + C]
-            w = torch.randn(C, k)
-            bb = torch.randn(C) if bias else None
-            dout = torch.randn(b, L, C).to(dtype)
-            xr = x.float().requires_grad_()
-            wr = w.clone().requires_grad_()
-            br = bb.clone().requires_grad_() if bias else None
-            ref = causal_conv(xr, wr, br)
-            ref.backward(dout.float())
-            out = ck.conv_silu_forward(x, w, bb)
-            assert out.dtype == dtype and out.is_contiguous()
-            wide = torch.full((b, L, 300), 7.0, dtype=dtype)
-            dx, dw, db = ck.conv_silu_backward(x, w, bb, dout, dx=wide[:, :, 37:37 + C])
-            assert dx.data_ptr() == wide[:, :, 37:].data_ptr()
-            assert (wide[:, :, :37] == 7).all() and (wide[:, :, 37 + C:] == 7).all()
-            def close(got, want, name):
-                err = (got.float() - want).abs().max().item()
-                scale = want.abs().max().item()
-                assert err <= tol * max(scale, 1.0), (name, dtype, bias, rows, err, scale)
-            close(out, ref.detach(), "out")
-            close(dx, xr.grad, "dx")
-            close(dw, wr.grad, "dweight")
-            if bias:
-                close(db, br.grad, "dbias")
-            else:
-                assert db is None
+cases = [(torch.float32, 2e-5, k, bias, rows) for k in (4, 3, 2) for bias in (True, False)
+         for rows in ((512, 32, 16), (48, 16, 16), (32, 16, 8))]  # fmt: skip
+cases += [(torch.bfloat16, 2e-2, 4, True, (48, 16, 16))]
+for dtype, tol, k, bias, (rows, block, backward_block) in cases:
+    ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS, ck.BACKWARD_BLOCK_ROWS = rows, block, backward_block
+    b, L, C = 2, 100, 136
+    x = torch.randn(b, L, 300).to(dtype)[:, :, 37:37 + C]
+    w = torch.randn(C, k)
+    bb = torch.randn(C) if bias else None
+    dout = torch.randn(b, L, C).to(dtype)
+    xr = x.float().requires_grad_()
+    wr = w.clone().requires_grad_()
+    br = bb.clone().requires_grad_() if bias else None
+    ref = causal_conv(xr, wr, br)
+    ref.backward(dout.float())
+    out = ck.conv_silu_forward(x, w, bb)
+    assert out.dtype == dtype and out.is_contiguous()
+    wide = torch.full((b, L, 300), 7.0, dtype=dtype)
+    dx, dw, db = ck.conv_silu_backward(x, w, bb, dout, dx=wide[:, :, 37:37 + C])
+    assert dx.data_ptr() == wide[:, :, 37:].data_ptr()
+    assert (wide[:, :, :37] == 7).all() and (wide[:, :, 37 + C:] == 7).all()
+    def close(got, want, name):
+        err = (got.float() - want).abs().max().item()
+        scale = want.abs().max().item()
+        assert err <= tol * max(scale, 1.0), (name, dtype, bias, rows, err, scale)
+    close(out, ref.detach(), "out")
+    close(dx, xr.grad, "dx")
+    close(dw, wr.grad, "dweight")
+    if bias:
+        close(db, br.grad, "dbias")
+    else:
+        assert db is None
 print("conv kernels agree")
 """
 

@@ -7,11 +7,11 @@ row). Each program takes a tile of rows and channels; the k shifted loads of a t
 L1/L2 hits. Arithmetic in fp32 as causal-conv1d's: out = silu(bias + sum_j w[c, j]
 x[t - (k - 1) + j]), zeros before the first row. The backward computes g = dout silu'(a) once a
 tile into a ring of two tiles that the next pass reads shifted for dx; the weight's and bias's
-gradients are summed per program over its rows, then over programs by torch: the same sums as
-causal-conv1d's in another order, deterministic.
+gradients are kept per row in registers and summed per program once, then over programs by
+torch: the same sums as causal-conv1d's in another order, deterministic.
 
 Measured on an H100 at the 800M's widths (RESULTS.md 2026-12-06, late morning): the forward
-bit for bit causal-conv1d's and as fast, the backward 2.5x slower (1.53 against 0.61 ms).
+bit for bit causal-conv1d's and as fast, the backward 1.4x slower (0.93 against 0.65 ms).
 """
 
 import torch
@@ -54,16 +54,36 @@ if triton_imports():
         tl.store(dst, y.to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _tap(x_row, rows, shift, cols, col_ok, L, stride_l):
+        """x[t - shift] for the tile's rows, fp32, zeros outside the sequence."""
+        t = rows - shift
+        ok = ((t >= 0) & (t < L))[:, None] & col_ok[None, :]
+        return tl.load(x_row + t[:, None] * stride_l + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
+
+    @triton.jit
+    def _weight_tap(weight, cols, col_ok, j: tl.constexpr, K: tl.constexpr):
+        """w[c, j] as a [1, BC] fp32 row; zeros for a padding tap (j < 0)."""
+        if j >= 0:
+            w = tl.load(weight + cols * K + j, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            w = tl.zeros(cols.shape, dtype=tl.float32)
+        return w[None, :]
+
+    @triton.jit
     def _conv_silu_bwd_kernel(x, weight, bias, dout, dx, dw_part, db_part, ring, L, C, sx_b,
                               sx_l, sd_b, sd_l, sdx_b, sdx_l, ROWS: tl.constexpr,
                               K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr,
                               BC: tl.constexpr):  # fmt: skip
-        """One program: ROWS rows of BC channels of one sequence, BL rows a tile, in order.
+        """One program: ROWS rows of BC channels of one sequence, BL rows a tile, in order. The
+        conv is taken as 4 taps, the first 4 - K of them zero (K <= 4): x[t - 3 + j] is loaded
+        once a tile for tap j and serves both the pre-activation a and the weight's gradient.
         g = dout silu'(a) of each tile is computed once, into the program's ring of two tiles
-        (a few KB, in L2), from which the next pass reads it shifted: dx[t] = sum_s w[K - 1 - s]
+        (a few KB, in L2), from which the next pass reads it shifted: dx[t] = sum_s w[3 - s]
         g[t + s] for the tile before (a tile of g past the program's rows is computed for its
-        last one). dw[j] = sum_t g[t] x[t - (K - 1) + j] and db = sum_t g[t] go into the
-        program's row of dw_part and db_part."""
+        last one). dw[j] = sum_t g[t] x[t - 3 + j] and db = sum_t g[t] are kept per row and
+        channel in registers and summed over the rows once, at the end."""
         pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = pid_c * BC + tl.arange(0, BC)
         col_ok = cols < C
@@ -73,47 +93,73 @@ if triton_imports():
         program = part * tl.num_programs(1) + pid_c
         tile = tl.arange(0, BL)
         ring_at = ring + program * (2 * BL * BC) + tl.arange(0, BC)[None, :]
+        PAD: tl.constexpr = 4 - K
+        w0 = _weight_tap(weight, cols, col_ok, 0 - PAD, K)
+        w1 = _weight_tap(weight, cols, col_ok, 1 - PAD, K)
+        w2 = _weight_tap(weight, cols, col_ok, 2 - PAD, K)
+        w3 = _weight_tap(weight, cols, col_ok, 3 - PAD, K)
+        a0 = tl.zeros((BL, BC), dtype=tl.float32)
+        if HAS_BIAS:
+            a0 += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        dw0 = tl.zeros((BL, BC), dtype=tl.float32)
+        dw1 = tl.zeros((BL, BC), dtype=tl.float32)
+        dw2 = tl.zeros((BL, BC), dtype=tl.float32)
+        dw3 = tl.zeros((BL, BC), dtype=tl.float32)
+        db = tl.zeros((BL, BC), dtype=tl.float32)
         first = pid_l * ROWS
         tiles = tl.cdiv(tl.minimum(first + ROWS, L) - first, BL)
-        db_acc = tl.zeros((BC,), dtype=tl.float32)
         for i in range(0, tiles + 1):
             rows = first + i * BL + tile
-            a = _preactivation(x_row, rows, cols, col_ok, weight, bias, L, sx_l, K, HAS_BIAS)
+            x0 = _tap(x_row, rows, 3, cols, col_ok, L, sx_l)
+            x1 = _tap(x_row, rows, 2, cols, col_ok, L, sx_l)
+            x2 = _tap(x_row, rows, 1, cols, col_ok, L, sx_l)
+            x3 = _tap(x_row, rows, 0, cols, col_ok, L, sx_l)
+            a = a0 + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
             ok = (rows < L)[:, None] & col_ok[None, :]
             d = tl.load(d_row + rows[:, None] * sd_l + cols[None, :], mask=ok, other=0.0)
             sig = tl.sigmoid(a)
             g = d.to(tl.float32) * sig * (1.0 + a * (1.0 - sig))  # zero past L
-            if i < tiles:  # this program's rows: the weight's and bias's sums
-                db_acc += tl.sum(g, axis=0)
-                for j in tl.static_range(K):
-                    tj = rows - (K - 1) + j
-                    okj = ((tj >= 0) & (tj < L))[:, None] & col_ok[None, :]
-                    xj = tl.load(x_row + tj[:, None] * sx_l + cols[None, :], mask=okj, other=0.0)
-                    at = dw_part + (part * C + cols) * K + j
-                    dw = tl.sum(g * xj.to(tl.float32), axis=0)
-                    tl.store(at, tl.load(at, mask=col_ok, other=0.0) + dw, mask=col_ok)
+            mine = (i < tiles).to(tl.float32)  # the tile past the program's rows: dx only
+            gm = g * mine
+            dw0 += gm * x0
+            dw1 += gm * x1
+            dw2 += gm * x2
+            dw3 += gm * x3
+            db += gm
             tl.store(ring_at + ((i % 2) * BL + tile)[:, None] * BC, g)
             tl.debug_barrier()  # the tile's g, stored by all threads, is read shifted below
             if i > 0:
                 prev = rows - BL
-                dx_acc = tl.zeros((BL, BC), dtype=tl.float32)
-                for s in tl.static_range(K):
-                    slot = ((i - 1) * BL + tile + s) % (2 * BL)
-                    gs = tl.load(ring_at + slot[:, None] * BC, cache_modifier=".cg")
-                    w = tl.load(weight + cols * K + (K - 1 - s), mask=col_ok, other=0.0)
-                    dx_acc += gs * w.to(tl.float32)[None, :]
+                ring_rows = ((i - 1) * BL + tile) % (2 * BL)
+                g0 = tl.load(ring_at + ring_rows[:, None] * BC, cache_modifier=".cg")
+                g1 = tl.load(ring_at + ((ring_rows + 1) % (2 * BL))[:, None] * BC,
+                             cache_modifier=".cg")  # fmt: skip
+                g2 = tl.load(ring_at + ((ring_rows + 2) % (2 * BL))[:, None] * BC,
+                             cache_modifier=".cg")  # fmt: skip
+                g3 = tl.load(ring_at + ((ring_rows + 3) % (2 * BL))[:, None] * BC,
+                             cache_modifier=".cg")  # fmt: skip
+                dx_acc = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
                 okp = (prev < L)[:, None] & col_ok[None, :]
                 dst = dx + b.to(tl.int64) * sdx_b + prev[:, None] * sdx_l + cols[None, :]
                 tl.store(dst, dx_acc.to(dx.dtype.element_ty), mask=okp)
             tl.debug_barrier()  # all reads of the older slot done before the next tile's store
+        at = dw_part + (part * C + cols) * K
+        if PAD <= 0:
+            tl.store(at + (0 - PAD), tl.sum(dw0, axis=0), mask=col_ok)
+        if PAD <= 1:
+            tl.store(at + (1 - PAD), tl.sum(dw1, axis=0), mask=col_ok)
+        if PAD <= 2:
+            tl.store(at + (2 - PAD), tl.sum(dw2, axis=0), mask=col_ok)
+        tl.store(at + (3 - PAD), tl.sum(dw3, axis=0), mask=col_ok)
         if HAS_BIAS:
-            tl.store(db_part + part * C + cols, db_acc, mask=col_ok)
+            tl.store(db_part + part * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
-# Tile: 32 rows of 128 channels (16-byte loads of 8 bf16 channels); a backward program walks
-# 512 rows, so the weight's partial sums are 1/512 of x. Globals: benchmarks/conv_kernel.py's
-# variants set them.
+# Tile: 32 rows (the backward's: 16, it keeps 5 accumulators a tile) of 128 channels (16-byte
+# loads of 8 bf16 channels); a backward program walks 512 rows, so the weight's partial sums
+# are 1/512 of x. Globals: benchmarks/conv_kernel.py's variants set them.
 BLOCK_ROWS, BLOCK_CHANNELS, ROWS_PER_PROGRAM, NUM_WARPS = 32, 128, 512, 4
+BACKWARD_BLOCK_ROWS = 16
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -161,17 +207,21 @@ def conv_silu_backward(
         raise ValueError(f"dx must be {tuple(x.shape)} with adjacent channels")
     b, L, C = x.shape
     k = weight.size(1)
+    if not 1 <= k <= 4:
+        raise ValueError(f"the backward takes conv widths of 1 to 4, got {k}")
     programs_l = triton.cdiv(L, ROWS_PER_PROGRAM)
     programs_c = triton.cdiv(C, BLOCK_CHANNELS)
     dw_part = torch.zeros(b * programs_l, C, k, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(b * programs_l, C, dtype=torch.float32, device=x.device)
-    ring = torch.empty(b * programs_l * programs_c, 2 * BLOCK_ROWS, BLOCK_CHANNELS, device=x.device)
+    ring = torch.empty(
+        b * programs_l * programs_c, 2 * BACKWARD_BLOCK_ROWS, BLOCK_CHANNELS, device=x.device
+    )
     grid = (programs_l, programs_c, b)
     _conv_silu_bwd_kernel[grid](
         x, weight, x if bias is None else bias, dout, dx, dw_part, db_part, ring, L, C,
         x.stride(0),
         x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-        ROWS=ROWS_PER_PROGRAM, K=k, HAS_BIAS=bias is not None, BL=BLOCK_ROWS,
+        ROWS=ROWS_PER_PROGRAM, K=k, HAS_BIAS=bias is not None, BL=BACKWARD_BLOCK_ROWS,
         BC=BLOCK_CHANNELS, num_warps=NUM_WARPS,
     )  # fmt: skip
     dweight = dw_part.sum(0).to(weight.dtype)
