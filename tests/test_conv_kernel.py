@@ -27,21 +27,27 @@ CUDA = torch.cuda.is_available()
 # reference in fp32 from the same bf16 values). The weight's and bias's gradients are
 # sums over 2 x 100 rows. dx is written into a slice of a wider tensor, whose other columns stay.
 KERNELS = """
+import sys
 import torch
 import toolkit.model.conv_kernel as ck
 from toolkit.model.mamba2 import causal_conv
 
+device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 torch.manual_seed(0)
-cases = [(torch.float32, 2e-5, k, bias, rows) for k in (4, 3, 2) for bias in (True, False)
-         for rows in ((512, 32, 16), (48, 16, 16), (32, 16, 8))]  # fmt: skip
-cases += [(torch.bfloat16, 2e-2, 4, True, (48, 16, 16))]
-for dtype, tol, k, bias, (rows, block, backward_block) in cases:
+cases = [(torch.float32, 2e-5, k, bias, rows, 100, 300) for k in (4, 3, 2)
+         for bias in (True, False) for rows in ((512, 32, 16), (48, 16, 16), (32, 16, 8))]
+cases += [(torch.bfloat16, 2e-2, 4, True, (48, 16, 16), 100, 300)]
+# A sequence whose rows pass 2^31 elements (the offsets in 64 bits); its pages are touched at
+# 16 channels a row only.
+cases += [(torch.bfloat16, 2e-2, 4, True, (512, 32, 16), 2100, 2**20)]
+for dtype, tol, k, bias, (rows, block, backward_block), L, width in cases:
     ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS, ck.BACKWARD_BLOCK_ROWS = rows, block, backward_block
-    b, L, C = 2, 100, 136
-    x = torch.randn(b, L, 300).to(dtype)[:, :, 37:37 + C]
-    w = torch.randn(C, k)
-    bb = torch.randn(C) if bias else None
-    dout = torch.randn(b, L, C).to(dtype)
+    b, C = (2, 136) if width < 2**20 else (1, 16)
+    x = torch.empty(b, L, width, dtype=dtype, device=device)[:, :, 37:37 + C]
+    x.copy_(torch.randn(b, L, C))
+    w = torch.randn(C, k, device=device)
+    bb = torch.randn(C, device=device) if bias else None
+    dout = torch.randn(b, L, C, device=device).to(dtype)
     xr = x.float().requires_grad_()
     wr = w.clone().requires_grad_()
     br = bb.clone().requires_grad_() if bias else None
@@ -49,7 +55,10 @@ for dtype, tol, k, bias, (rows, block, backward_block) in cases:
     ref.backward(dout.float())
     out = ck.conv_silu_forward(x, w, bb)
     assert out.dtype == dtype and out.is_contiguous()
-    wide = torch.full((b, L, 300), 7.0, dtype=dtype)
+    wide = torch.full((b, L, 300), 7.0, dtype=dtype, device=device)
+    if width == 2**20:
+        wide = x.as_strided((b, L, 300), x.stride(), x.storage_offset() + C)
+        wide.fill_(7.0)
     dx, dw, db = ck.conv_silu_backward(x, w, bb, dout, dx=wide[:, :, 37:37 + C])
     assert dx.data_ptr() == wide[:, :, 37:].data_ptr()
     assert (wide[:, :, :37] == 7).all() and (wide[:, :, 37 + C:] == 7).all()
@@ -156,11 +165,14 @@ print("fused op agrees")
 """
 
 
-def _interpret(script: str) -> str:
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
+def _interpret(script: str, *args: str, interpret: bool = True) -> str:
+    env = os.environ | {"PYTHONPATH": f"{ROOT}"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -170,6 +182,12 @@ def test_conv_kernels_are_the_torch_conv_under_the_interpreter():
     if CUDA:
         pytest.skip("on a GPU the compiled kernels are tested")
     assert "conv kernels agree" in _interpret(KERNELS)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_compiled_conv_kernels_are_the_torch_conv_on_the_gpu():
+    """The same cases compiled, with the ring's barriers between the threads of a program."""
+    assert "conv kernels agree" in _interpret(KERNELS, "cuda", interpret=False)
 
 
 def test_fused_op_is_the_mixers_torch_path_under_the_interpreter():
@@ -194,11 +212,20 @@ def test_the_backend_is_a_recipe_key():
     CUDA and not fused_mamba_available(conv="causal_conv1d"), reason="needs mamba-ssm"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_op_matches_mamba_ssms_on_the_gpu(dtype):
+def test_fused_op_matches_mamba_ssms_on_the_gpu(dtype, monkeypatch):
     """The mixer through our op and through mamba-ssm's (causal-conv1d's conv) from the same
     weights at the 800M's mixer widths (shorter sequences): the output and every gradient within
-    the two convs' rounding, fp32 parameters under bf16 autocast and bf16 parameters."""
+    the two convs' rounding, fp32 parameters under bf16 autocast and bf16 parameters; our
+    conv's forward ran twice (the backward recomputes it) and its backward once."""
+    from toolkit.model import fused_mamba
     from toolkit.model.mamba2 import Mamba2Mixer
+
+    calls = []
+    for name in ("conv_silu_forward", "conv_silu_backward"):
+        function = getattr(fused_mamba, name)
+        monkeypatch.setattr(
+            fused_mamba, name, lambda *a, f=function, n=name, **k: calls.append(n) or f(*a, **k)
+        )
 
     torch.manual_seed(0)
     ours = Mamba2Mixer(1024, conv_backend="triton", fused=True).cuda().to(dtype)
@@ -212,6 +239,7 @@ def test_fused_op_matches_mamba_ssms_on_the_gpu(dtype):
             out = mixer(u)
         out.backward(dout)
         results.append((out.float(), {n: p.grad.float() for n, p in mixer.named_parameters()}))
+    assert calls == ["conv_silu_forward", "conv_silu_forward", "conv_silu_backward"], calls
     (a, ga), (b, gb) = results
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()
     for n, g in gb.items():

@@ -112,3 +112,18 @@ def test_with_causal_conv1d_auto_takes_mamba_ssms_op(gpu_with_mamba_ssm, caplog)
     assert not caplog.records
     mixer = build_mixer("M", _tiny())
     assert mixer.fused and mixer.conv_backend == "causal_conv1d"
+
+
+def test_conv_widths_the_kernels_do_not_take_run_the_torch_path(gpu_with_mamba_ssm, caplog):
+    """Both convs take widths 2 to 4: a recipe's width of 5 builds mixers on the torch path,
+    with one warning naming the key, not a fused op whose backward fails."""
+    from toolkit.model.hybrid import build_mixer
+
+    _package(gpu_with_mamba_ssm, "causal_conv1d", "")
+    with caplog.at_level(logging.WARNING, logger="toolkit.model.kernels"):
+        for conv in ("auto", "causal_conv1d", "triton"):
+            assert kernels.fused_mamba_conv("auto", conv, width=5) is None
+            assert not build_mixer("M", _tiny(mamba_conv_kernel=5, mamba_conv_backend=conv)).fused
+        assert kernels.fused_mamba_conv("auto", "triton", width=2) == "triton"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "model.mamba_conv_kernel=5" in warnings[0], warnings

@@ -23,6 +23,12 @@ if triton_imports():
     import triton.language as tl
 
     @triton.jit
+    def _row_offsets(rows, stride):
+        """rows x stride as a [BL, 1] column in 64 bits: a long sequence of a wide row (the
+        8B's in_proj: 18,560 elements) passes 2^31 elements within one sequence."""
+        return rows.to(tl.int64)[:, None] * stride
+
+    @triton.jit
     def _preactivation(x_row, rows, cols, col_ok, weight, bias, L, stride_l,
                        K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
         """bias + sum_j w[c, j] x[t - (K - 1) + j] for the tile's rows `rows` [BL] and channels
@@ -33,7 +39,7 @@ if triton_imports():
         for j in tl.static_range(K):
             t = rows - (K - 1) + j
             ok = ((t >= 0) & (t < L))[:, None] & col_ok[None, :]
-            xs = tl.load(x_row + t[:, None] * stride_l + cols[None, :], mask=ok, other=0.0)
+            xs = tl.load(x_row + _row_offsets(t, stride_l) + cols[None, :], mask=ok, other=0.0)
             w = tl.load(weight + cols * K + j, mask=col_ok, other=0.0).to(tl.float32)
             acc += xs.to(tl.float32) * w[None, :]
         return acc
@@ -50,7 +56,7 @@ if triton_imports():
                            K, HAS_BIAS)  # fmt: skip
         y = a * tl.sigmoid(a)
         ok = (rows < L)[:, None] & col_ok[None, :]
-        dst = out + b.to(tl.int64) * so_b + rows[:, None] * so_l + cols[None, :]
+        dst = out + b.to(tl.int64) * so_b + _row_offsets(rows, so_l) + cols[None, :]
         tl.store(dst, y.to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -58,7 +64,7 @@ if triton_imports():
         """x[t - shift] for the tile's rows, fp32, zeros outside the sequence."""
         t = rows - shift
         ok = ((t >= 0) & (t < L))[:, None] & col_ok[None, :]
-        return tl.load(x_row + t[:, None] * stride_l + cols[None, :], mask=ok, other=0.0).to(
+        return tl.load(x_row + _row_offsets(t, stride_l) + cols[None, :], mask=ok, other=0.0).to(
             tl.float32
         )
 
@@ -116,7 +122,7 @@ if triton_imports():
             x3 = _tap(x_row, rows, 0, cols, col_ok, L, sx_l)
             a = a0 + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
             ok = (rows < L)[:, None] & col_ok[None, :]
-            d = tl.load(d_row + rows[:, None] * sd_l + cols[None, :], mask=ok, other=0.0)
+            d = tl.load(d_row + _row_offsets(rows, sd_l) + cols[None, :], mask=ok, other=0.0)
             sig = tl.sigmoid(a)
             g = d.to(tl.float32) * sig * (1.0 + a * (1.0 - sig))  # zero past L
             mine = (i < tiles).to(tl.float32)  # the tile past the program's rows: dx only
@@ -140,7 +146,7 @@ if triton_imports():
                              cache_modifier=".cg")  # fmt: skip
                 dx_acc = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
                 okp = (prev < L)[:, None] & col_ok[None, :]
-                dst = dx + b.to(tl.int64) * sdx_b + prev[:, None] * sdx_l + cols[None, :]
+                dst = dx + b.to(tl.int64) * sdx_b + _row_offsets(prev, sdx_l) + cols[None, :]
                 tl.store(dst, dx_acc.to(dx.dtype.element_ty), mask=okp)
             tl.debug_barrier()  # all reads of the older slot done before the next tile's store
         at = dw_part + (part * C + cols) * K
@@ -209,13 +215,21 @@ def conv_silu_backward(
     k = weight.size(1)
     if not 1 <= k <= 4:
         raise ValueError(f"the backward takes conv widths of 1 to 4, got {k}")
+    if ROWS_PER_PROGRAM % BACKWARD_BLOCK_ROWS or BACKWARD_BLOCK_ROWS < 3:
+        # a program's last tile would reach into the next one's rows; a shift of 3 rows must
+        # stay within the ring's next tile
+        raise ValueError(
+            f"ROWS_PER_PROGRAM ({ROWS_PER_PROGRAM}) must be a multiple of BACKWARD_BLOCK_ROWS "
+            f"({BACKWARD_BLOCK_ROWS}), which must be at least 3"
+        )
     programs_l = triton.cdiv(L, ROWS_PER_PROGRAM)
     programs_c = triton.cdiv(C, BLOCK_CHANNELS)
     dw_part = torch.zeros(b * programs_l, C, k, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(b * programs_l, C, dtype=torch.float32, device=x.device)
     ring = torch.empty(
-        b * programs_l * programs_c, 2 * BACKWARD_BLOCK_ROWS, BLOCK_CHANNELS, device=x.device
-    )
+        b * programs_l * programs_c, 2 * BACKWARD_BLOCK_ROWS, BLOCK_CHANNELS,
+        dtype=torch.float32, device=x.device,
+    )  # fmt: skip
     grid = (programs_l, programs_c, b)
     _conv_silu_bwd_kernel[grid](
         x, weight, x if bias is None else bias, dout, dx, dw_part, db_part, ring, L, C,

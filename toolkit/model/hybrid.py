@@ -34,7 +34,7 @@ class Block(nn.Module):
 
 def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
     if kind == "M":
-        conv = fused_mamba_conv(cfg.kernels, cfg.mamba_conv_backend)
+        conv = fused_mamba_conv(cfg.kernels, cfg.mamba_conv_backend, cfg.mamba_conv_kernel)
         return Mamba2Mixer(
             cfg.hidden_size,
             d_state=cfg.mamba_state_dim,

@@ -105,15 +105,24 @@ def mamba_ssm_available(kernels: str = "") -> bool:
     return error is None
 
 
-def fused_mamba_conv(kernels: str, conv: str = "auto") -> str | None:
+def fused_mamba_conv(kernels: str, conv: str = "auto", width: int = 4) -> str | None:
     """The causal conv the fused training op (conv, SSD and gated norm in one autograd
     function) runs with here, or None where no fused op can run (the torch path). `kernels`:
     model.kernels ('auto' and 'mamba_ssm' take the fused op); `conv`: model.mamba_conv_backend.
     'causal_conv1d': mamba-ssm's own op, which needs the causal-conv1d extension; 'triton':
     ours (fused_mamba.py), which needs only Triton beside mamba-ssm; 'auto': causal-conv1d's
     where it imports (its backward is faster: RESULTS.md 2026-12-06), else ours, with a
-    warning."""
+    warning. Both convs take widths (model.mamba_conv_kernel) of 2 to 4 only."""
     if kernels not in ("auto", "mamba_ssm") or not mamba_ssm_available(kernels):
+        return None
+    if not 2 <= width <= 4:
+        if "width" not in _WARNED:
+            _WARNED.add("width")
+            log.warning(
+                "model.mamba_conv_kernel=%d: the fused Mamba training op takes conv widths of 2 "
+                "to 4 (causal-conv1d's and ours); the torch path runs instead",
+                width,
+            )
         return None
     if conv == "triton":
         return "triton" if triton_imports() else None
