@@ -346,7 +346,9 @@ def differences(s: RaceShape, recipe: Recipe) -> dict[str, list[str]]:
         "fp32 residual stream); ours compute x + mixer(norm(x)) per block, add and norm apart "
         "(the same math; our residual stream is fp32 under autocast too)",
         "Mamba-2: both through mamba_split_conv1d_scan_combined (ours where causal-conv1d "
-        "imports: ours.mamba_fused); theirs runs out_proj inside it, ours as a module after it",
+        "imports: ours.mamba_fused, and ours.mamba_conv 'causal_conv1d'; with 'triton' ours "
+        "runs toolkit/model/fused_mamba.py, the same SSD and norm kernels with our conv); "
+        "theirs runs out_proj inside it, ours as a module after it",
         "loss: theirs F.cross_entropy on an fp32 copy of the logits (as commonly written); ours "
         "toolkit/loss.py's blockwise fp32 cross-entropy, with no fp32 copy of the logits",
     ]
@@ -523,6 +525,7 @@ def run_ours(s: RaceShape, recipe: Recipe, args: argparse.Namespace, device: tor
         "optimizer_class": type(parallel.optimizer).__name__,
         "step_graph": args.step_graph,
         "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),
+        "mamba_conv": mamba[0].conv_backend if mamba and mamba[0].fused else None,
         "memory_before_gb": baseline,
     }
 

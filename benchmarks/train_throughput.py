@@ -293,6 +293,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "te_fused_norm": cfg.te_fused_norm,
         "activation_checkpointing": cfg.activation_checkpointing,
         "mamba_fused": bool(mamba and mamba[0].fused and device.type == "cuda"),
+        "mamba_conv": mamba[0].conv_backend if mamba and mamba[0].fused else None,
         "kernels": recipe.model.kernels,
         "seq": seq,
         "mbs": mbs,
