@@ -64,11 +64,11 @@ def causal_conv1d_passes():
 def with_tiles(variant: str, fn):
     """fn with conv_kernel's tile globals set from `variant`: 'default', or e.g. 'b64_g8_w8'
     (b: rows a forward tile, g: a backward one, c: channels a tile, r: rows a backward program,
-    w: warps)."""
+    w: warps, s: tiles in the backward's ring)."""
     if variant == "default":
         return fn
     keys = {"b": "BLOCK_ROWS", "g": "BACKWARD_BLOCK_ROWS", "c": "BLOCK_CHANNELS",
-            "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS"}  # fmt: skip
+            "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS", "s": "RING_SLOTS"}  # fmt: skip
     values = {keys[part[0]]: int(part[1:]) for part in variant.split("_")}
 
     def tiled(*args):
@@ -87,7 +87,7 @@ def with_tiles(variant: str, fn):
 def variant_list(text: str) -> list[str]:
     variants = [v for v in text.split(",") if v]
     for v in variants:
-        if v != "default" and not re.fullmatch(r"([bgcrw]\d+)(_[bgcrw]\d+)*", v):
+        if v != "default" and not re.fullmatch(r"([bgcrws]\d+)(_[bgcrws]\d+)*", v):
             raise argparse.ArgumentTypeError(f"'default' or e.g. b64_c128_r512_w8, got {v!r}")
     return variants
 
@@ -162,7 +162,8 @@ def main() -> None:
         type=variant_list,
         default=["default"],
         help="our kernels' tiles, comma-separated: 'default' or e.g. b64_g8_w8 (b: rows a forward "
-        "tile, g: a backward one, c: channels a tile, r: rows a backward program, w: warps)",
+        "tile, g: a backward one, c: channels a tile, r: rows a backward program, w: warps, s: "
+        "tiles in the backward's ring)",
     )
     parser.add_argument("--json", type=Path)
     run(parser.parse_args())

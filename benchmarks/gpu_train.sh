@@ -169,7 +169,7 @@ run row_sparse_gpu_test 240 python3 -m pytest -q tests/test_row_sparse_grad.py -
 # 2026-11-29): the kernels alone, then whole steps against bf16_compile_mbs8.
 run conv_gpu_test 200 python3 -m pytest -q tests/test_conv_kernel.py
 run conv_kernel 120 python3 benchmarks/conv_kernel.py --json "$W/conv_kernel.json" \
-  --variants default,g8,g32,g16_w8,g16_r256,g16_r1024,g8_c256_w8,g16_c64
+  --variants default,s3,g8,g8_s3,g16_r1024,g16_r1024_s3,g32_s3
 tp lever_triton_conv 200 8 --set train.compile=true --set 'model.mamba_conv_backend="triton"'
 # The 800M recipe with the 8B race's fastest setting (RESULTS.md 2026-12-06): the graph, the bf16
 # weight cache, fp32 weight gradients from the GEMM and the embedding's gradient as rows (these

@@ -37,11 +37,14 @@ torch.manual_seed(0)
 cases = [(torch.float32, 2e-5, k, bias, rows, 100, 300) for k in (4, 3, 2)
          for bias in (True, False) for rows in ((512, 32, 16), (48, 16, 16), (32, 16, 8))]
 cases += [(torch.bfloat16, 2e-2, 4, True, (48, 16, 16), 100, 300)]
+# The ring of 3 tiles (one barrier a tile), at the ring's smallest tile.
+cases += [(torch.float32, 2e-5, k, True, (48, 16, 4, 3), 100, 300) for k in (4, 2)]
 # A sequence whose rows pass 2^31 elements (the offsets in 64 bits); its pages are touched at
 # 16 channels a row only.
 cases += [(torch.bfloat16, 2e-2, 4, True, (512, 32, 16), 2100, 2**20)]
-for dtype, tol, k, bias, (rows, block, backward_block), L, width in cases:
+for dtype, tol, k, bias, (rows, block, backward_block, *slots), L, width in cases:
     ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS, ck.BACKWARD_BLOCK_ROWS = rows, block, backward_block
+    ck.RING_SLOTS = slots[0] if slots else 2
     b, C = (2, 136) if width < 2**20 else (1, 16)
     x = torch.empty(b, L, width, dtype=dtype, device=device)[:, :, 37:37 + C]
     x.copy_(torch.randn(b, L, C))

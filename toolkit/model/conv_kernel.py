@@ -81,15 +81,18 @@ if triton_imports():
     def _conv_silu_bwd_kernel(x, weight, bias, dout, dx, dw_part, db_part, ring, L, C, sx_b,
                               sx_l, sd_b, sd_l, sdx_b, sdx_l, ROWS: tl.constexpr,
                               K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr,
-                              BC: tl.constexpr):  # fmt: skip
+                              BC: tl.constexpr, SLOTS: tl.constexpr):  # fmt: skip
         """One program: ROWS rows of BC channels of one sequence, BL rows a tile, in order. The
         conv is taken as 4 taps, the first 4 - K of them zero (K <= 4): x[t - 3 + j] is loaded
         once a tile for tap j and serves both the pre-activation a and the weight's gradient.
-        g = dout silu'(a) of each tile is computed once, into the program's ring of two tiles
+        g = dout silu'(a) of each tile is computed once, into the program's ring of SLOTS tiles
         (a few KB, in L2), from which the next pass reads it shifted: dx[t] = sum_s w[3 - s]
         g[t + s] for the tile before (a tile of g past the program's rows is computed for its
         last one). dw[j] = sum_t g[t] x[t - 3 + j] and db = sum_t g[t] are kept per row and
-        channel in registers and summed over the rows once, at the end."""
+        channel in registers and summed over the rows once, at the end. With 2 slots a second
+        barrier a tile keeps the next tile's store off the slot still being read; with 3 the
+        slot stored is never one being read, and the first barrier of the next tile orders
+        the rest."""
         pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = pid_c * BC + tl.arange(0, BC)
         col_ok = cols < C
@@ -98,7 +101,7 @@ if triton_imports():
         part = (b * tl.num_programs(0) + pid_l).to(tl.int64)
         program = part * tl.num_programs(1) + pid_c
         tile = tl.arange(0, BL)
-        ring_at = ring + program * (2 * BL * BC) + tl.arange(0, BC)[None, :]
+        ring_at = ring + program * (SLOTS * BL * BC) + tl.arange(0, BC)[None, :]
         PAD: tl.constexpr = 4 - K
         w0 = _weight_tap(weight, cols, col_ok, 0 - PAD, K)
         w1 = _weight_tap(weight, cols, col_ok, 1 - PAD, K)
@@ -132,23 +135,24 @@ if triton_imports():
             dw2 += gm * x2
             dw3 += gm * x3
             db += gm
-            tl.store(ring_at + ((i % 2) * BL + tile)[:, None] * BC, g)
+            tl.store(ring_at + ((i % SLOTS) * BL + tile)[:, None] * BC, g)
             tl.debug_barrier()  # the tile's g, stored by all threads, is read shifted below
             if i > 0:
                 prev = rows - BL
-                ring_rows = ((i - 1) * BL + tile) % (2 * BL)
+                ring_rows = ((i - 1) * BL + tile) % (SLOTS * BL)
                 g0 = tl.load(ring_at + ring_rows[:, None] * BC, cache_modifier=".cg")
-                g1 = tl.load(ring_at + ((ring_rows + 1) % (2 * BL))[:, None] * BC,
+                g1 = tl.load(ring_at + ((ring_rows + 1) % (SLOTS * BL))[:, None] * BC,
                              cache_modifier=".cg")  # fmt: skip
-                g2 = tl.load(ring_at + ((ring_rows + 2) % (2 * BL))[:, None] * BC,
+                g2 = tl.load(ring_at + ((ring_rows + 2) % (SLOTS * BL))[:, None] * BC,
                              cache_modifier=".cg")  # fmt: skip
-                g3 = tl.load(ring_at + ((ring_rows + 3) % (2 * BL))[:, None] * BC,
+                g3 = tl.load(ring_at + ((ring_rows + 3) % (SLOTS * BL))[:, None] * BC,
                              cache_modifier=".cg")  # fmt: skip
                 dx_acc = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
                 okp = (prev < L)[:, None] & col_ok[None, :]
                 dst = dx + b.to(tl.int64) * sdx_b + _row_offsets(prev, sdx_l) + cols[None, :]
                 tl.store(dst, dx_acc.to(dx.dtype.element_ty), mask=okp)
-            tl.debug_barrier()  # all reads of the older slot done before the next tile's store
+            if SLOTS == 2:
+                tl.debug_barrier()  # all reads of the older slot done before the next store
         at = dw_part + (part * C + cols) * K
         if PAD <= 0:
             tl.store(at + (0 - PAD), tl.sum(dw0, axis=0), mask=col_ok)
@@ -166,6 +170,9 @@ if triton_imports():
 # are 1/512 of x. Globals: benchmarks/conv_kernel.py's variants set them.
 BLOCK_ROWS, BLOCK_CHANNELS, ROWS_PER_PROGRAM, NUM_WARPS = 32, 128, 512, 4
 BACKWARD_BLOCK_ROWS = 16
+# Tiles in the backward's ring: 2 (measured), or 3 (one barrier a tile instead of two; not yet
+# measured on a GPU: benchmarks/conv_kernel.py --variants s3).
+RING_SLOTS = 2
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -215,6 +222,8 @@ def conv_silu_backward(
     k = weight.size(1)
     if not 1 <= k <= 4:
         raise ValueError(f"the backward takes conv widths of 1 to 4, got {k}")
+    if RING_SLOTS not in (2, 3):
+        raise ValueError(f"RING_SLOTS must be 2 or 3, got {RING_SLOTS}")
     if ROWS_PER_PROGRAM % BACKWARD_BLOCK_ROWS or BACKWARD_BLOCK_ROWS < 3:
         # a program's last tile would reach into the next one's rows; a shift of 3 rows must
         # stay within the ring's next tile
@@ -227,7 +236,7 @@ def conv_silu_backward(
     dw_part = torch.zeros(b * programs_l, C, k, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(b * programs_l, C, dtype=torch.float32, device=x.device)
     ring = torch.empty(
-        b * programs_l * programs_c, 2 * BACKWARD_BLOCK_ROWS, BLOCK_CHANNELS,
+        b * programs_l * programs_c, RING_SLOTS * BACKWARD_BLOCK_ROWS, BLOCK_CHANNELS,
         dtype=torch.float32, device=x.device,
     )  # fmt: skip
     grid = (programs_l, programs_c, b)
@@ -236,7 +245,7 @@ def conv_silu_backward(
         x.stride(0),
         x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
         ROWS=ROWS_PER_PROGRAM, K=k, HAS_BIAS=bias is not None, BL=BACKWARD_BLOCK_ROWS,
-        BC=BLOCK_CHANNELS, num_warps=NUM_WARPS,
+        BC=BLOCK_CHANNELS, SLOTS=RING_SLOTS, num_warps=NUM_WARPS,
     )  # fmt: skip
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = None if bias is None else db_part.sum(0).to(bias.dtype)
