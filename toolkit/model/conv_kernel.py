@@ -29,19 +29,42 @@ if triton_imports():
         return rows.to(tl.int64)[:, None] * stride
 
     @triton.jit
+    def _tap(x_row, rows, shift, cols, col_ok, L, stride_l):
+        """x[t - shift] for the tile's rows, fp32, zeros outside the sequence."""
+        t = rows - shift
+        ok = ((t >= 0) & (t < L))[:, None] & col_ok[None, :]
+        return tl.load(x_row + _row_offsets(t, stride_l) + cols[None, :], mask=ok, other=0.0).to(
+            tl.float32
+        )
+
+    @triton.jit
+    def _weight_tap(weight, cols, col_ok, j: tl.constexpr, K: tl.constexpr):
+        """w[c, j] as a [1, BC] fp32 row; zeros for a padding tap (j < 0)."""
+        if j >= 0:
+            w = tl.load(weight + cols * K + j, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            w = tl.zeros(cols.shape, dtype=tl.float32)
+        return w[None, :]
+
+    @triton.jit
+    def _bias_row(bias, cols, col_ok, HAS_BIAS: tl.constexpr):
+        """The bias as a [1, BC] fp32 row; zeros without one."""
+        if HAS_BIAS:
+            b = tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros(cols.shape, dtype=tl.float32)
+        return b[None, :]
+
+    @triton.jit
     def _preactivation(x_row, rows, cols, col_ok, weight, bias, L, stride_l,
                        K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
         """bias + sum_j w[c, j] x[t - (K - 1) + j] for the tile's rows `rows` [BL] and channels
         `cols` [BC], in fp32; x_row points at this sequence's row 0."""
         acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += _bias_row(bias, cols, col_ok, HAS_BIAS)
         for j in tl.static_range(K):
-            t = rows - (K - 1) + j
-            ok = ((t >= 0) & (t < L))[:, None] & col_ok[None, :]
-            xs = tl.load(x_row + _row_offsets(t, stride_l) + cols[None, :], mask=ok, other=0.0)
-            w = tl.load(weight + cols * K + j, mask=col_ok, other=0.0).to(tl.float32)
-            acc += xs.to(tl.float32) * w[None, :]
+            x_j = _tap(x_row, rows, K - 1 - j, cols, col_ok, L, stride_l)
+            acc += x_j * _weight_tap(weight, cols, col_ok, j, K)
         return acc
 
     @triton.jit
@@ -60,22 +83,16 @@ if triton_imports():
         tl.store(dst, y.to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _tap(x_row, rows, shift, cols, col_ok, L, stride_l):
-        """x[t - shift] for the tile's rows, fp32, zeros outside the sequence."""
-        t = rows - shift
-        ok = ((t >= 0) & (t < L))[:, None] & col_ok[None, :]
-        return tl.load(x_row + _row_offsets(t, stride_l) + cols[None, :], mask=ok, other=0.0).to(
-            tl.float32
-        )
+    def _ring_tile(ring_at, ring_rows, BC: tl.constexpr, ROWS: tl.constexpr):
+        """The ring's rows `ring_rows` (mod its ROWS), from L2 (.cg: another thread stored
+        them, after a barrier)."""
+        return tl.load(ring_at + (ring_rows % ROWS)[:, None] * BC, cache_modifier=".cg")
 
     @triton.jit
-    def _weight_tap(weight, cols, col_ok, j: tl.constexpr, K: tl.constexpr):
-        """w[c, j] as a [1, BC] fp32 row; zeros for a padding tap (j < 0)."""
+    def _store_tap_sum(at, dw, j: tl.constexpr, col_ok):
+        """A tap's weight gradient summed over its rows into at[j]; a padding tap's not."""
         if j >= 0:
-            w = tl.load(weight + cols * K + j, mask=col_ok, other=0.0).to(tl.float32)
-        else:
-            w = tl.zeros(cols.shape, dtype=tl.float32)
-        return w[None, :]
+            tl.store(at + j, tl.sum(dw, axis=0), mask=col_ok)
 
     @triton.jit
     def _conv_silu_bwd_kernel(x, weight, bias, dout, dx, dw_part, db_part, ring, L, C, sx_b,
@@ -107,9 +124,7 @@ if triton_imports():
         w1 = _weight_tap(weight, cols, col_ok, 1 - PAD, K)
         w2 = _weight_tap(weight, cols, col_ok, 2 - PAD, K)
         w3 = _weight_tap(weight, cols, col_ok, 3 - PAD, K)
-        a0 = tl.zeros((BL, BC), dtype=tl.float32)
-        if HAS_BIAS:
-            a0 += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        bias_row = _bias_row(bias, cols, col_ok, HAS_BIAS)
         dw0 = tl.zeros((BL, BC), dtype=tl.float32)
         dw1 = tl.zeros((BL, BC), dtype=tl.float32)
         dw2 = tl.zeros((BL, BC), dtype=tl.float32)
@@ -123,13 +138,12 @@ if triton_imports():
             x1 = _tap(x_row, rows, 2, cols, col_ok, L, sx_l)
             x2 = _tap(x_row, rows, 1, cols, col_ok, L, sx_l)
             x3 = _tap(x_row, rows, 0, cols, col_ok, L, sx_l)
-            a = a0 + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
+            a = bias_row + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3
             ok = (rows < L)[:, None] & col_ok[None, :]
             d = tl.load(d_row + _row_offsets(rows, sd_l) + cols[None, :], mask=ok, other=0.0)
             sig = tl.sigmoid(a)
             g = d.to(tl.float32) * sig * (1.0 + a * (1.0 - sig))  # zero past L
-            mine = (i < tiles).to(tl.float32)  # the tile past the program's rows: dx only
-            gm = g * mine
+            gm = g * (i < tiles).to(tl.float32)  # the tile past the program's rows: dx only
             dw0 += gm * x0
             dw1 += gm * x1
             dw2 += gm * x2
@@ -137,30 +151,23 @@ if triton_imports():
             db += gm
             tl.store(ring_at + ((i % SLOTS) * BL + tile)[:, None] * BC, g)
             tl.debug_barrier()  # the tile's g, stored by all threads, is read shifted below
-            if i > 0:
+            if i > 0:  # dx of the tile before: its g and this one's first 3 rows
                 prev = rows - BL
-                ring_rows = ((i - 1) * BL + tile) % (SLOTS * BL)
-                g0 = tl.load(ring_at + ring_rows[:, None] * BC, cache_modifier=".cg")
-                g1 = tl.load(ring_at + ((ring_rows + 1) % (SLOTS * BL))[:, None] * BC,
-                             cache_modifier=".cg")  # fmt: skip
-                g2 = tl.load(ring_at + ((ring_rows + 2) % (SLOTS * BL))[:, None] * BC,
-                             cache_modifier=".cg")  # fmt: skip
-                g3 = tl.load(ring_at + ((ring_rows + 3) % (SLOTS * BL))[:, None] * BC,
-                             cache_modifier=".cg")  # fmt: skip
-                dx_acc = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
+                r = (i - 1) * BL + tile
+                dx_acc = (w3 * _ring_tile(ring_at, r, BC, SLOTS * BL)
+                          + w2 * _ring_tile(ring_at, r + 1, BC, SLOTS * BL)
+                          + w1 * _ring_tile(ring_at, r + 2, BC, SLOTS * BL)
+                          + w0 * _ring_tile(ring_at, r + 3, BC, SLOTS * BL))  # fmt: skip
                 okp = (prev < L)[:, None] & col_ok[None, :]
                 dst = dx + b.to(tl.int64) * sdx_b + _row_offsets(prev, sdx_l) + cols[None, :]
                 tl.store(dst, dx_acc.to(dx.dtype.element_ty), mask=okp)
             if SLOTS == 2:
                 tl.debug_barrier()  # all reads of the older slot done before the next store
         at = dw_part + (part * C + cols) * K
-        if PAD <= 0:
-            tl.store(at + (0 - PAD), tl.sum(dw0, axis=0), mask=col_ok)
-        if PAD <= 1:
-            tl.store(at + (1 - PAD), tl.sum(dw1, axis=0), mask=col_ok)
-        if PAD <= 2:
-            tl.store(at + (2 - PAD), tl.sum(dw2, axis=0), mask=col_ok)
-        tl.store(at + (3 - PAD), tl.sum(dw3, axis=0), mask=col_ok)
+        _store_tap_sum(at, dw0, 0 - PAD, col_ok)
+        _store_tap_sum(at, dw1, 1 - PAD, col_ok)
+        _store_tap_sum(at, dw2, 2 - PAD, col_ok)
+        _store_tap_sum(at, dw3, 3 - PAD, col_ok)
         if HAS_BIAS:
             tl.store(db_part + part * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
