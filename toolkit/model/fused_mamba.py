@@ -34,7 +34,7 @@ class ConvScanNorm(torch.autograd.Function):
 
         d_inner = D.size(0) * head_dim
         z, xbc, dt = _views(zxbcdt, d_inner, conv_weight.size(0))
-        x, B, C = _split_heads(conv_silu_forward(xbc, conv_weight, conv_bias), d_inner, head_dim,
+        x, B, C = split_xbc(conv_silu_forward(xbc, conv_weight, conv_bias), d_inner, head_dim,
                                groups)  # fmt: skip
         y, *_ = _mamba_chunk_scan_combined_fwd(  # y with D's skip; no z: gated below
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True
@@ -57,12 +57,12 @@ class ConvScanNorm(torch.autograd.Function):
         chunk_size, head_dim, groups, eps = ctx.shape
         d_inner = D.size(0) * head_dim
         z, xbc, dt = _views(zxbcdt, d_inner, conv_weight.size(0))
-        x, B, C = _split_heads(conv_silu_forward(xbc, conv_weight, conv_bias), d_inner, head_dim,
+        x, B, C = split_xbc(conv_silu_forward(xbc, conv_weight, conv_bias), d_inner, head_dim,
                                groups)  # fmt: skip
         dzxbcdt = torch.empty_like(zxbcdt)
         dz, dxbc_in, ddt = _views(dzxbcdt, d_inner, conv_weight.size(0))
         dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # the conv's output's
-        dx, dB, dC = _split_heads(dxbc, d_inner, head_dim, groups)
+        dx, dB, dC = split_xbc(dxbc, d_inner, head_dim, groups)
         dy, dnorm_weight, _, _ = _layer_norm_bwd(
             dout.flatten(0, 1), y.flatten(0, 1).flatten(-2), norm_weight, None, eps, None, rstd,
             z.flatten(0, 1), group_size=d_inner // groups, norm_before_gate=False,
@@ -79,10 +79,11 @@ class ConvScanNorm(torch.autograd.Function):
                 None, None, None, None)  # fmt: skip
 
 
-def _split_heads(
+def split_xbc(
     xbc: torch.Tensor, d_inner: int, head_dim: int, groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [b, l, heads, head_dim], B and C [b, l, groups, state]: views of the conv's output."""
+    """x [b, l, heads, head_dim], B and C [b, l, groups, state]: views of the conv's output
+    (the mixer's torch path splits it so too)."""
     state = (xbc.size(-1) - d_inner) // (2 * groups)
     x, B, C = xbc.split([d_inner, groups * state, groups * state], dim=-1)
     return (

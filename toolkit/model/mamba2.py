@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.model.fused_mamba import conv_scan_norm
+from toolkit.model.fused_mamba import conv_scan_norm, split_xbc
 from toolkit.model.kernels import PrefillKernels, decode_kernels, prefill_kernels
 from toolkit.model.norms import GatedRMSNorm, gated_norm
 from toolkit.model.ssd import SSDFunction, ssd_chunked, ssd_step
@@ -213,15 +213,6 @@ class Mamba2Mixer(nn.Module):
         )
         return MambaState(conv, ssm)
 
-    def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gn = self.num_groups * self.d_state
-        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
-        return (
-            x.unflatten(-1, (self.num_heads, self.head_dim)),
-            B.unflatten(-1, (self.num_groups, self.d_state)),
-            C.unflatten(-1, (self.num_groups, self.d_state)),
-        )
-
     def forward(self, u: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
         valid = None if state is None else state.valid
         if state is not None and state.seen > 0 and u.size(1) == 1 and valid is None:
@@ -239,7 +230,7 @@ class Mamba2Mixer(nn.Module):
         xbc = causal_conv(
             xbc, weight, self.conv1d.bias, conv_state, continuing, kernels.conv, valid
         )
-        x, B, C = self._split_xbc(xbc)
+        x, B, C = split_xbc(xbc, self.d_inner, self.head_dim, self.num_groups)
 
         # With states, A is kept between calls (decode_A): 2 fewer kernels per layer and piece.
         A = -torch.exp(self.A_log.float()) if state is None else self.decode_A()
@@ -356,7 +347,7 @@ class Mamba2Mixer(nn.Module):
                 torch.cat([state.conv[..., 1:], xbc.unsqueeze(-1).to(state.conv.dtype)], -1)
             )
             xbc = F.silu((state.conv.to(weight.dtype) * weight).sum(-1) + self.conv1d.bias)
-        x, B, C = self._split_xbc(xbc)
+        x, B, C = split_xbc(xbc, self.d_inner, self.head_dim, self.num_groups)
         if ssm_update is not None:
             y = self._ssm_step_kernel(ssm_update, x, dt, B, C, state.ssm)
         else:
