@@ -24,6 +24,21 @@ def _views(
     return zxbcdt.split([d_inner, conv_dim, heads], dim=-1)
 
 
+def _conv_inputs(
+    zxbcdt: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    head_dim: int,
+    groups: int,
+    d_inner: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """z, xBC and dt (views of in_proj's output) and the SSD's x, B and C from the conv's
+    output: the forward's, and the backward's recompute of it."""
+    z, xbc, dt = _views(zxbcdt, d_inner, conv_weight.size(0))
+    conv = conv_silu_forward(xbc, conv_weight, conv_bias)
+    return z, xbc, dt, split_xbc(conv, d_inner, head_dim, groups)
+
+
 class ConvScanNorm(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -33,9 +48,8 @@ class ConvScanNorm(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_fwd
 
         d_inner = D.size(0) * head_dim
-        z, xbc, dt = _views(zxbcdt, d_inner, conv_weight.size(0))
-        x, B, C = split_xbc(conv_silu_forward(xbc, conv_weight, conv_bias), d_inner, head_dim,
-                               groups)  # fmt: skip
+        z, xbc, dt, (x, B, C) = _conv_inputs(zxbcdt, conv_weight, conv_bias, head_dim, groups,
+                                             d_inner)  # fmt: skip
         y, *_ = _mamba_chunk_scan_combined_fwd(  # y with D's skip; no z: gated below
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True
         )
@@ -56,9 +70,8 @@ class ConvScanNorm(torch.autograd.Function):
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y, rstd = ctx.saved_tensors
         chunk_size, head_dim, groups, eps = ctx.shape
         d_inner = D.size(0) * head_dim
-        z, xbc, dt = _views(zxbcdt, d_inner, conv_weight.size(0))
-        x, B, C = split_xbc(conv_silu_forward(xbc, conv_weight, conv_bias), d_inner, head_dim,
-                               groups)  # fmt: skip
+        z, xbc, dt, (x, B, C) = _conv_inputs(zxbcdt, conv_weight, conv_bias, head_dim, groups,
+                                             d_inner)  # fmt: skip
         dzxbcdt = torch.empty_like(zxbcdt)
         dz, dxbc_in, ddt = _views(dzxbcdt, d_inner, conv_weight.size(0))
         dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # the conv's output's
