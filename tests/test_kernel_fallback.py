@@ -29,7 +29,7 @@ def gpu_with_broken_mamba_ssm(tmp_path, monkeypatch):
 def test_auto_falls_back_to_the_reference_kernels_with_a_warning(gpu_with_broken_mamba_ssm, caplog):
     with caplog.at_level(logging.WARNING, logger="toolkit.model.kernels"):
         assert kernels.select_ssd("auto") is kernels.ssd_chunked
-        assert not kernels.use_fused_mamba("auto")
+        assert kernels.fused_mamba_conv("auto") is None
         kernels.select_ssd("auto")  # every layer asks: one warning, not one per layer
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings

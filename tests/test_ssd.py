@@ -101,11 +101,11 @@ def test_kernel_selection_without_mamba_ssm():
 def test_fused_mamba_path_is_off_without_its_kernels():
     """The fused op needs CUDA, mamba-ssm and causal-conv1d: here no recipe turns it on, and a
     mixer told to use it still runs CPU tensors through the reference path, same numbers."""
-    from toolkit.model.kernels import fused_mamba_available, use_fused_mamba
+    from toolkit.model.kernels import fused_mamba_available, fused_mamba_conv
     from toolkit.model.mamba2 import Mamba2Mixer
 
     assert not fused_mamba_available()
-    assert not any(use_fused_mamba(k) for k in ("auto", "mamba_ssm", "reference"))
+    assert all(fused_mamba_conv(k) is None for k in ("auto", "mamba_ssm", "reference"))
     torch.manual_seed(0)
     plain = Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2, chunk_size=4)
     fused = Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2, chunk_size=4, fused=True)

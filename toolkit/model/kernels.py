@@ -150,11 +150,6 @@ def fused_mamba_available(kernels: str = "", conv: str = "causal_conv1d") -> boo
     return fused_mamba_conv(kernels or "mamba_ssm", conv) is not None
 
 
-def use_fused_mamba(kernels: str, conv: str = "auto") -> bool:
-    """`model.kernels` 'auto' and 'mamba_ssm' take a fused op when one can run here."""
-    return fused_mamba_conv(kernels, conv) is not None
-
-
 SSD_KERNELS: dict[str, SSDFunction] = {"reference": ssd_chunked, "mamba_ssm": ssd_mamba_ssm}
 
 
