@@ -6,14 +6,12 @@ kernels, which CPUs lack, are stood in for by torch functions with their contrac
 written into the gradient views they are given); on a GPU against causal-conv1d and mamba-ssm's
 own fused op."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.test_step_graph import in_subprocess
 from toolkit.config import RecipeError, load_recipe
 from toolkit.model.kernels import fused_mamba_available
 
@@ -168,29 +166,17 @@ print("fused op agrees")
 """
 
 
-def _interpret(script: str, *args: str, interpret: bool = True) -> str:
-    env = os.environ | {"PYTHONPATH": f"{ROOT}"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
-
-
 def test_conv_kernels_are_the_torch_conv_under_the_interpreter():
     pytest.importorskip("triton")
     if CUDA:
         pytest.skip("on a GPU the compiled kernels are tested")
-    assert "conv kernels agree" in _interpret(KERNELS)
+    in_subprocess(KERNELS, "conv kernels agree", timeout=300, TRITON_INTERPRET="1")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 def test_compiled_conv_kernels_are_the_torch_conv_on_the_gpu():
     """The same cases compiled, with the ring's barriers between the threads of a program."""
-    assert "conv kernels agree" in _interpret(KERNELS, "cuda", interpret=False)
+    in_subprocess(KERNELS, "conv kernels agree", "cuda", timeout=300)
 
 
 def test_fused_op_is_the_mixers_torch_path_under_the_interpreter():
@@ -200,7 +186,7 @@ def test_fused_op_is_the_mixers_torch_path_under_the_interpreter():
     pytest.importorskip("triton")
     if CUDA:
         pytest.skip("on a GPU against mamba-ssm's own op")
-    assert "fused op agrees" in _interpret(FUSED)
+    in_subprocess(FUSED, "fused op agrees", timeout=300, TRITON_INTERPRET="1")
 
 
 def test_the_backend_is_a_recipe_key():

@@ -9,14 +9,10 @@ rounding (steps of one and of three micro-batches, the clip active, the step gra
 optimizer). The kernel runs under Triton's interpreter in a subprocess on CPUs (the variable
 must be set before Triton compiles anything), compiled on a GPU."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.test_step_graph import ROOT, interpret  # Triton's interpreter, in a subprocess
+from tests.test_step_graph import in_subprocess, interpret  # in a fresh process
 from toolkit import row_sparse_grad
 from toolkit.grad_accumulation import distinct_token_sums
 
@@ -223,11 +219,7 @@ def test_training_with_the_key_is_training_without_on_gpu():
     """As under the interpreter, with the compiled kernel and, graphed, a real CUDA graph of
     the step whose captured update gathers the rows: losses, norms and weights within 1e-5."""
     script = TRAINING + 'check("cuda", 1e-5)\nprint("row-sparse training agrees")\n'
-    out = subprocess.run(  # its counting wrappers stay out of this process
-        [sys.executable, "-c", script], env=os.environ | {"PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
-    assert "row-sparse training agrees" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
+    in_subprocess(script, "row-sparse training agrees")  # its counting wrappers stay there
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

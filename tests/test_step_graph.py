@@ -137,10 +137,16 @@ def interpret(script: str, done: str) -> None:
     pytest.importorskip("triton")
     if CUDA:
         pytest.skip("on a GPU the CUDA graph is tested")
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
+    in_subprocess(script, done, TRITON_INTERPRET="1")
+
+
+def in_subprocess(script: str, done: str, *args: str, timeout: int = 600, **env: str) -> None:
+    """Run `script` with `args` in a fresh process (its patches and Triton's mode its own),
+    `env` added to the environment, for at most `timeout` s; it prints `done` at its end."""
+    env = os.environ | {"PYTHONPATH": f"{ROOT}"} | env
     out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
-        cwd=ROOT,
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+        timeout=timeout, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 0 and done in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
 
