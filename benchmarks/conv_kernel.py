@@ -15,7 +15,6 @@ interpreter when TRITON_INTERPRET=1 (a check that the script runs, no timing wor
 import argparse
 import functools
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,17 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimizer_step import timed  # noqa: E402
+from cross_entropy import timed_ms  # noqa: E402
 from train_throughput import write_json  # noqa: E402
 
 from toolkit.config import load_recipe  # noqa: E402
 from toolkit.model import conv_kernel  # noqa: E402
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward  # noqa: E402
-
-
-def timed_ms(work, repeats: int, device: torch.device) -> float:
-    work(), work()
-    return statistics.median(timed(work, device)[0] for _ in range(repeats))
 
 
 def causal_conv1d_passes():
