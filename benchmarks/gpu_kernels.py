@@ -8,6 +8,11 @@ mamba_chunk_size; the recipes keep the reference's 128, mamba-ssm's own default 
 micro-batch of the 800M's and of the 8B's Mamba layers at seq 4096, and the output's distance
 from the first chunk length's (the same sums, in another order).
 
+`--profile`: each of mamba-ssm's SSD kernels at those shapes (chunk 128), forward + backward
+under torch.profiler: calls and ms per step, and the bytes the SSD's inputs, outputs and
+gradients need at the least (each read or written once), to show where its time goes beside
+what the HBM allows.
+
 Parity is relative L2 error (||a - b|| / ||b||) against the reference run in fp32, for fp32 and
 bf16 inputs. Whole-model throughput: run the trainer twice with `--set model.kernels=...`.
 """
@@ -87,6 +92,51 @@ def sweep_chunks(chunks: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
+def profile_kernels(chunk: int = 128, reps: int = 5) -> None:
+    """Per-kernel GPU time of the SSD's forward + backward (mean of `reps` steps) at each of
+    SWEEP_SHAPES, and the least bytes it must move."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, shape in SWEEP_SHAPES.items():
+        args = inputs(**shape, dtype=torch.bfloat16)
+        run(ssd_mamba_ssm, args, chunk)  # autotune outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                run(ssd_mamba_ssm, args, chunk)
+            torch.cuda.synchronize()
+        rows = sorted(
+            (e for e in prof.key_averages() if e.device_time_total > 0),
+            key=lambda e: -e.device_time_total,
+        )
+        # mamba-ssm's Triton kernels are named _..._kernel; the rest is this script's loss,
+        # copies and gradient clones around them.
+        ssd_rows = [e for e in rows if e.key.startswith("_")]
+        total = sum(e.device_time_total for e in ssd_rows) / reps / 1e3
+        b, length, heads, p, groups, n = (
+            shape[k] for k in ("b", "length", "heads", "p", "groups", "n")
+        )
+        tokens = b * length
+        x_bytes, bc_bytes, dt_bytes = (
+            tokens * heads * p * 2,
+            tokens * groups * n * 2,
+            tokens * heads * 4,
+        )
+        # forward: x, dt, B, C read, y written; backward: the same and dy read, dx, ddt, dB, dC
+        # written
+        least = 5 * x_bytes + 3 * dt_bytes + 6 * bc_bytes
+        print(
+            f"SSD kernels {name} {shape} chunk {chunk}: {total:.2f} ms a forward + backward in "
+            f"mamba-ssm's kernels; the least bytes {least / 1e9:.2f} GB, {least / total / 1e6:.0f} "
+            "GB/s at this time"
+        )
+        for e in ssd_rows:
+            ms = e.device_time_total / reps / 1e3
+            print(f"  {ms:7.3f} ms {ms / total:6.1%} {e.count // reps:3d}x  {e.key[:90]}")
+        del args
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -94,7 +144,11 @@ def main() -> None:
         type=lambda v: [int(c) for c in v.split(",")],
         help="comma-separated chunk lengths to time at the recipes' shapes, e.g. 64,128,256",
     )
-    chunks = parser.parse_args().chunks
+    parser.add_argument(
+        "--profile", action="store_true", help="each SSD kernel's time at the recipes' shapes"
+    )
+    options = parser.parse_args()
+    chunks = options.chunks
     if not (torch.cuda.is_available() and mamba_ssm_available()):
         raise SystemExit("error: needs a CUDA device and mamba-ssm (see benchmarks/gpu_setup.sh)")
     shape = dict(b=2, length=2048, heads=32, p=64, groups=8, n=128)
@@ -114,6 +168,8 @@ def main() -> None:
         )
     if chunks:
         sweep_chunks(chunks)
+    if options.profile:
+        profile_kernels()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # torch.profiler trace of step 6 summed by benchmarks/trace_summary.py; then the checkpoint I/O
 # against the disk (benchmarks/gpu_checkpoint_io.sh). Brings back $OUT/800m.log (the training
 # log and the trace summary) and gpu_checkpoint_io.sh's files under $OUT/io (WITH_IO=0 skips
-# the checkpoint I/O).
+# the checkpoint I/O; MBS=4 profiles micro-batches of 4, which fit an H100's 80 GB).
 # Usage from the repository root, with .dev/ (the compiled blocks in .dev/inductor.tar.xz.part*
 # skip most of the compilation) and .whl/ carried:
 #     OUT=/some/dir bash benchmarks/gpu_profile_800m.sh
@@ -21,8 +21,8 @@ fi
 TB=/tmp/tb_800m
 rm -rf "$TB"
 timeout 240 python3 launchers/submit.py recipes/800m_hybrid.toml --local \
-  --set 'train.device="cuda"' --set train.steps=7 --set train.micro_batch_size=8 \
-  --set train.global_batch_size=8 --set train.compile=true --set checkpoint.enabled=false \
+  --set 'train.device="cuda"' --set train.steps=7 --set train.micro_batch_size=${MBS:-8} \
+  --set train.global_batch_size=${MBS:-8} --set train.compile=true --set checkpoint.enabled=false \
   --set 'checkpoint.dir="/tmp/ck"' --set logging.interval=1 --set 'train.sample_prompt=""' \
   --set "logging.dir=\"$TB\"" --set train.profile.start=6 --set train.profile.steps=1 \
   > "$OUT/800m.log" 2>&1
