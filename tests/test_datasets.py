@@ -2,6 +2,7 @@
 shuffled from the seed, cached index files, weighted blends, exact resume, DP slices,
 validation and `python -m toolkit.evaluate`."""
 
+import json
 import subprocess
 import sys
 
@@ -245,7 +246,7 @@ def test_validation_is_logged_and_evaluate_reproduces_it(full_run):
     toml = tmp / "eval.toml"
     blend = ", ".join(f'[{w}, "{p}"]' for w, p in recipe.data.blend)
     model = "\n".join(
-        f"{k} = {v!r}".replace("'", '"')
+        f"{k} = {json.dumps(v)}"  # TOML's strings, numbers, booleans and arrays
         for k, v in recipe.to_dict()["model"].items()
         if v is not None
     )
