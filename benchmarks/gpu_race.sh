@@ -90,6 +90,10 @@ race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows 200 --shape 8b-mam
 race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows_triton_conv 200 --shape 8b-mamba2 \
   --compile --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true \
   --set train.row_sparse_embedding_grad=true --set 'model.mamba_conv_backend="triton"'
+# And keeping the conv's output and the SSD's states for the backward (model.mamba_recompute).
+race 8b_mamba2_compiled_step_graph_bf16_cache_fp32_wgrad_rows_keep 200 --shape 8b-mamba2 \
+  --compile --step-graph --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true \
+  --set train.row_sparse_embedding_grad=true --set model.mamba_recompute=false
 # train.fp32_weight_grad_gemm: the weight gradients written in fp32 by the GEMM (the bf16
 # product's cast and layout pass gone: ~1.8 ms a step in the layers and ~1.2 ms for the output
 # layer in the afternoon profile, H100), alone and with the update's bf16 casts, eager steps.

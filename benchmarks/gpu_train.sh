@@ -178,6 +178,17 @@ tp lever_fastest 200 8 --set train.compile=true --step-graph \
   --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
   --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true
 t8b lever_8b28l_step_graph_gb8 300 28 --accumulate 8 --set train.compile=true --step-graph
+# The fused Mamba op keeping the conv's output and the SSD's chunk states for the backward
+# instead of recomputing them (model.mamba_recompute=false, fused_mamba.py: 4 kernels a layer
+# fewer, 16 KB a token a layer more): against bf16_compile_mbs8, and at micro-batch 4 (an H100's
+# size) against bf16_compile_mbs4; then with lever_fastest's setting.
+tp lever_no_recompute 200 8 --set train.compile=true --set model.mamba_recompute=false
+tp bf16_compile_mbs4 200 4 --set train.compile=true
+tp lever_no_recompute_mbs4 200 4 --set train.compile=true --set model.mamba_recompute=false
+tp lever_fastest_no_recompute 200 8 --set train.compile=true --step-graph \
+  --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
+  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
+  --set model.mamba_recompute=false
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
 # eager against graphed from the same seed and data, their loss curves side by side.

@@ -129,39 +129,114 @@ def norm_bwd(dy, x, weight, bias, eps, mean, rstd, z=None, group_size=None,
     return dx, dw, None, dz
 
 
+# causal-conv1d's channel-last functions (model.mamba_conv_backend "causal_conv1d"), by the
+# mixer's torch conv: x, dout and dx [b, c, l] views with adjacent channels, dx written into.
+from toolkit.model.mamba2 import causal_conv
+
+CONV_CALLS = []
+
+
+def channel_last_conv(x, weight, bias):
+    return causal_conv(x.transpose(1, 2), weight, bias).transpose(1, 2)
+
+
+def cc_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation):
+    assert x.stride(1) == 1 and silu_activation and seq_idx is None and initial_states is None
+    CONV_CALLS.append("forward")
+    out = torch.empty_like(x)  # channel-last, dense: a contiguous [b, l, c] transposed
+    assert out.transpose(1, 2).is_contiguous()
+    return out.copy_(channel_last_conv(x, weight, bias))
+
+
+def cc_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx,
+           return_dinitial_states, silu_activation):
+    assert x.stride(1) == dout.stride(1) == dx.stride(1) == 1 and silu_activation
+    CONV_CALLS.append("backward")
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(channel_last_conv(*leaves), leaves, dout)
+    dx.copy_(grads[0])
+    return dx, grads[1].float(), grads[2].float(), None
+
+
 for name, attrs in (
     ("mamba_ssm", {}), ("mamba_ssm.ops", {}), ("mamba_ssm.ops.triton", {}),
     ("mamba_ssm.ops.triton.ssd_combined", {"_mamba_chunk_scan_combined_fwd": scan_fwd,
                                             "_mamba_chunk_scan_combined_bwd": scan_bwd}),
     ("mamba_ssm.ops.triton.layernorm_gated", {"_layer_norm_fwd": norm_fwd,
                                               "_layer_norm_bwd": norm_bwd}),
+    ("causal_conv1d", {}),
+    ("causal_conv1d.cpp_functions", {"causal_conv1d_fwd_function": cc_fwd,
+                                     "causal_conv1d_bwd_function": cc_bwd}),
 ):
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
     sys.modules[name] = module
 
+import toolkit.model.fused_mamba as fm
 from toolkit.model.mamba2 import Mamba2Mixer
 
-torch.manual_seed(0)
-mixer = Mamba2Mixer(32, d_state=8, head_dim=8, num_groups=2, chunk_size=8,
-                    conv_backend="triton")
-with torch.no_grad():
-    for p in mixer.parameters():
-        p.add_(0.1 * torch.randn_like(p))  # the norm's ones, D's and the bias off their inits
-u = torch.randn(2, 37, 32)
-dout = torch.randn(2, 37, 32)
-results = []
-for path in (mixer._forward_fused, mixer.forward):
-    mixer.zero_grad()
-    out = path(u)
-    out.backward(dout)
-    results.append((out.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
-(fused, fused_grads), (ref, ref_grads) = results
-assert (fused - ref).abs().max() <= 1e-5 * ref.abs().max(), (fused - ref).abs().max()
-assert fused_grads.keys() == ref_grads.keys() and len(ref_grads) == 8
-for n, g in ref_grads.items():
-    err = (fused_grads[n] - g).abs().max().item()
-    assert err <= 1e-4 * max(g.abs().max().item(), 1e-3), (n, err)
+# The SSD without recompute (model.mamba_recompute = false): what the forward keeps must reach
+# the backward, and neither the conv nor the combined scan may run again.
+KEPT = []
+
+
+def forward_keeping(x, dt, A, B, C, chunk_size, D, dt_bias):
+    CONV_CALLS.append("ssd forward")
+    KEPT.append(tuple(torch.randn(3) for _ in range(3)))
+    return ssd(x, dt, A, B, C, chunk_size, D, dt_bias), KEPT[-1]
+
+
+def backward_from(dy, x, dt, A, B, C, chunk_size, D, dt_bias, kept, dx, ddt, dB, dC):
+    assert [t.data_ptr() for t in kept] == [t.data_ptr() for t in KEPT[-1]]
+    CONV_CALLS.append("ssd backward")
+    got = scan_bwd(dy, x, dt, A, B, C, None, chunk_size, D=D, dt_bias=dt_bias,
+                   dt_softplus=True, dx=dx, ddt=ddt, dB=dB, dC=dC)
+    return got[2], got[5], got[7]
+
+
+def counted(function, name):
+    return lambda *a, **k: CONV_CALLS.append(name) or function(*a, **k)
+
+
+fm.ssd_forward_keeping_states, fm.ssd_backward_from_states = forward_keeping, backward_from
+fm.conv_silu_forward = counted(fm.conv_silu_forward, "forward")
+fm.conv_silu_backward = counted(fm.conv_silu_backward, "backward")
+ssd_combined = sys.modules["mamba_ssm.ops.triton.ssd_combined"]
+ssd_combined._mamba_chunk_scan_combined_fwd = counted(scan_fwd, "scan forward")
+ssd_combined._mamba_chunk_scan_combined_bwd = counted(scan_bwd, "scan backward")
+
+EXPECTED = {
+    True: ["forward", "scan forward", "forward", "scan backward", "backward"],
+    False: ["forward", "ssd forward", "ssd backward", "backward"],
+}
+# head_dim 16: in_proj's rows 164 wide, not a multiple of 8 (causal-conv1d's views copied).
+for backend, recompute, head_dim in (("triton", True, 8), ("triton", False, 8),
+                                     ("causal_conv1d", False, 8), ("causal_conv1d", False, 16)):
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(32, d_state=8, head_dim=head_dim, num_groups=2, chunk_size=8,
+                        conv_backend=backend, recompute=recompute)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # the norm's ones, D's and the bias off their inits
+    u = torch.randn(2, 37, 32)
+    dout = torch.randn(2, 37, 32)
+    results = []
+    for path in (mixer._forward_fused, mixer.forward):
+        CONV_CALLS.clear()
+        mixer.zero_grad()
+        out = path(u)
+        out.backward(dout)
+        results.append((out.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
+        if path == mixer._forward_fused:
+            assert CONV_CALLS == EXPECTED[recompute], (backend, recompute, CONV_CALLS)
+    (fused, fused_grads), (ref, ref_grads) = results
+    case = (backend, recompute, head_dim)
+    assert (fused - ref).abs().max() <= 1e-5 * ref.abs().max(), (case, (fused - ref).abs().max())
+    assert fused_grads.keys() == ref_grads.keys() and len(ref_grads) == 8
+    for n, g in ref_grads.items():
+        err = (fused_grads[n] - g).abs().max().item()
+        assert err <= 1e-4 * max(g.abs().max().item(), 1e-3), (case, n, err)
 print("fused op agrees")
 """
 
@@ -182,18 +257,24 @@ def test_compiled_conv_kernels_are_the_torch_conv_on_the_gpu():
 def test_fused_op_is_the_mixers_torch_path_under_the_interpreter():
     """Forward within 1e-5 and all 8 parameters' gradients within 1e-4 of the largest: the
     views of in_proj's output and gradient, z's and dt's gradients written in place, the conv's
-    gradient written into in_proj's, and the order of the returned gradients."""
+    gradient written into in_proj's, and the order of the returned gradients; with our conv
+    and with causal-conv1d's (stood in), recomputing or keeping the conv's output and the
+    SSD's states (model.mamba_recompute), each pass run as often as the choice says."""
     pytest.importorskip("triton")
     if CUDA:
         pytest.skip("on a GPU against mamba-ssm's own op")
     in_subprocess(FUSED, "fused op agrees", timeout=300, TRITON_INTERPRET="1")
 
 
-def test_the_backend_is_a_recipe_key():
+def test_the_backend_and_recompute_are_recipe_keys():
     recipe = load_recipe(ROOT / "recipes/800m_hybrid.toml", ['model.mamba_conv_backend="triton"'])
     assert recipe.model.mamba_conv_backend == "triton"
     with pytest.raises(RecipeError, match="mamba_conv_backend"):
         load_recipe(ROOT / "recipes/800m_hybrid.toml", ['model.mamba_conv_backend="cuda"'])
+    keep = load_recipe(ROOT / "recipes/800m_hybrid.toml", ["model.mamba_recompute=false"])
+    assert keep.model.mamba_recompute is False
+    with pytest.raises(RecipeError, match="mamba_recompute"):
+        load_recipe(ROOT / "recipes/800m_hybrid.toml", ['model.mamba_recompute="sometimes"'])
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
@@ -201,23 +282,30 @@ def test_the_backend_is_a_recipe_key():
     CUDA and not fused_mamba_available(conv="causal_conv1d"), reason="needs mamba-ssm"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_op_matches_mamba_ssms_on_the_gpu(dtype, monkeypatch):
-    """The mixer through our op and through mamba-ssm's (causal-conv1d's conv) from the same
-    weights at the 800M's mixer widths (shorter sequences): the output and every gradient within
-    the two convs' rounding, fp32 parameters under bf16 autocast and bf16 parameters; our
-    conv's forward ran twice (the backward recomputes it) and its backward once."""
+@pytest.mark.parametrize(
+    "backend, recompute, tolerance",
+    [("triton", True, 2e-2), ("triton", False, 2e-2), ("causal_conv1d", False, 2e-3)],
+)
+def test_fused_op_matches_mamba_ssms_on_the_gpu(dtype, backend, recompute, tolerance, monkeypatch):
+    """The mixer through our op and through mamba-ssm's (causal-conv1d's conv, recomputing)
+    from the same weights at the 800M's mixer widths (shorter sequences): the output and every
+    gradient within the two convs' rounding (our conv), or within the order of atomic sums
+    (causal-conv1d's conv, the states kept), fp32 parameters under bf16 autocast and bf16
+    parameters; the conv's forward ran twice with `recompute` and once without, its backward
+    once, and the backward from the kept states once without."""
     from toolkit.model import fused_mamba
     from toolkit.model.mamba2 import Mamba2Mixer
 
     calls = []
-    for name in ("conv_silu_forward", "conv_silu_backward"):
+    for name in ("conv_forward", "conv_backward", "ssd_backward_from_states"):
         function = getattr(fused_mamba, name)
         monkeypatch.setattr(
             fused_mamba, name, lambda *a, f=function, n=name, **k: calls.append(n) or f(*a, **k)
         )
 
     torch.manual_seed(0)
-    ours = Mamba2Mixer(1024, conv_backend="triton", fused=True).cuda().to(dtype)
+    ours = Mamba2Mixer(1024, conv_backend=backend, recompute=recompute, fused=True)
+    ours = ours.cuda().to(dtype)
     theirs = Mamba2Mixer(1024, fused=True).cuda().to(dtype)
     theirs.load_state_dict(ours.state_dict())
     u = torch.randn(2, 1000, 1024, device="cuda", dtype=dtype)
@@ -228,9 +316,12 @@ def test_fused_op_matches_mamba_ssms_on_the_gpu(dtype, monkeypatch):
             out = mixer(u)
         out.backward(dout)
         results.append((out.float(), {n: p.grad.float() for n, p in mixer.named_parameters()}))
-    assert calls == ["conv_silu_forward", "conv_silu_forward", "conv_silu_backward"], calls
+    expected = ["conv_forward", "conv_forward", "conv_backward"]
+    if not recompute:
+        expected = ["conv_forward", "ssd_backward_from_states", "conv_backward"]
+    assert calls == expected, calls
     (a, ga), (b, gb) = results
-    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    assert (a - b).abs().max() <= tolerance * b.abs().max()
     for n, g in gb.items():
         err = (ga[n] - g).norm() / g.norm()
-        assert err <= 2e-2, (n, err.item())
+        assert err <= tolerance, (n, err.item())

@@ -107,12 +107,25 @@ class _Keeps(torch.autograd.Function):
 
 def _fused_mamba_forward(self: nn.Module, u: torch.Tensor, state: object = None) -> torch.Tensor:
     """What `mamba_split_conv1d_scan_combined` keeps: its input zxbcdt, the scan's output
-    (out_x) and the norm's rstd per group; out_proj keeps its own input."""
+    (out_x) and the norm's rstd per group; out_proj keeps its own input. Without
+    model.mamba_recompute (fused_mamba.py) also the conv's output and, in fp32, the states
+    passed into each chunk, dt after its softplus and dA's sums within each chunk."""
     zxbcdt = self.in_proj(u)
     b, length, _ = u.shape
     y = zxbcdt.new_empty(b, length, self.d_inner)
     rstd = torch.empty(b * length * self.num_groups, dtype=torch.float32, device=u.device)
-    return self.out_proj(_Keeps.apply(y, zxbcdt, y.new_empty(y.shape), rstd))
+    kept = [zxbcdt, y.new_empty(y.shape), rstd]
+    if not self.recompute:
+        chunks = -(-length // self.chunk_size)
+        fp32 = dict(dtype=torch.float32, device=u.device)
+        heads, p, n = self.num_heads, self.head_dim, self.d_state
+        kept += [
+            y.new_empty(b, length, self.conv_dim),
+            torch.empty(b, chunks, heads, p, n, **fp32),
+            torch.empty(b, heads, chunks, self.chunk_size, **fp32),
+            torch.empty(b, heads, chunks, self.chunk_size, **fp32),
+        ]
+    return self.out_proj(_Keeps.apply(y, *kept))
 
 
 def _flash_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **_):

@@ -47,6 +47,13 @@ class ModelConfig:
         "causal-conv1d's CUDA kernels), triton (ours, toolkit/model/conv_kernel.py: needs no "
         "causal-conv1d, slower backward), auto: causal_conv1d where it imports, else triton",
     )
+    mamba_recompute: bool = opt(
+        True,
+        "the fused Mamba training op's backward recomputes the conv's output and the SSD's "
+        "chunk states (mamba-ssm's op); false keeps them from the forward (ours, "
+        "toolkit/model/fused_mamba.py): 4 kernels a layer fewer, 2 x conv channels + 4 x "
+        "heads x head_dim x state / chunk bytes a token a layer more (16 KB at the 800M's)",
+    )
 
     @property
     def ffn_size(self) -> int:

@@ -1,14 +1,20 @@
-"""The Mamba-2 mixer's training op with our causal conv (model.mamba_conv_backend "triton", and
-"auto" where causal-conv1d does not import): in_proj's output in, the gated norm's output out,
-in one autograd function.
+"""The Mamba-2 mixer's training op of our own: in_proj's output in, the gated norm's output
+out, in one autograd function. The mixer takes it for model.mamba_conv_backend "triton" (and
+"auto" where causal-conv1d does not import) and for model.mamba_recompute = false; otherwise
+it takes mamba-ssm's mamba_split_conv1d_scan_combined.
 
-It does what mamba-ssm's mamba_split_conv1d_scan_combined does for our mixer (no extra MLP
-channels, no out_proj inside, the norm after the gate, no initial state, no sequence index):
-SiLU(causal conv) of xBC, the chunked SSD with D and softplus(dt + dt_bias), and the group-wise
-gated RMSNorm; the backward recomputes the conv's output instead of keeping it. The SSD and the
-norm are mamba-ssm's Triton kernels, called as its op calls them; the conv is conv_kernel.py's,
-which reads xBC in place in in_proj's output and writes its gradient straight into in_proj's
-gradient.
+It does what that op does for our mixer (no extra MLP channels, no out_proj inside, the norm
+after the gate, no initial state, no sequence index): SiLU(causal conv) of xBC, the chunked SSD
+with D and softplus(dt + dt_bias), and the group-wise gated RMSNorm. The SSD and the norm are
+mamba-ssm's Triton kernels, called as its op calls them; the conv is causal-conv1d's or ours
+(conv_kernel.py), either reading xBC in place in in_proj's output and writing its gradient
+straight into in_proj's gradient.
+
+With `recompute` (mamba-ssm's choice) the backward recomputes the conv's output and the SSD's
+chunk states; without, the forward keeps them (the conv's output in bf16, the states passed
+between chunks and dA's sums in each chunk in fp32: 16 KB a token a layer at the 800M's
+widths) and the backward runs mamba-ssm's backward kernels on them, skipping the 4 kernels a
+layer that made them again (RESULTS.md 2026-12-06, afternoon).
 """
 
 import torch
@@ -24,41 +30,165 @@ def _views(
     return zxbcdt.split([d_inner, conv_dim, heads], dim=-1)
 
 
-def _conv_inputs(
-    zxbcdt: torch.Tensor,
-    conv_weight: torch.Tensor,
-    conv_bias: torch.Tensor | None,
-    head_dim: int,
-    groups: int,
-    d_inner: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """z, xBC and dt (views of in_proj's output) and the SSD's x, B and C from the conv's
-    output: the forward's, and the backward's recompute of it."""
-    z, xbc, dt = _views(zxbcdt, d_inner, conv_weight.size(0))
-    conv = conv_silu_forward(xbc, conv_weight, conv_bias)
-    return z, xbc, dt, split_xbc(conv, d_inner, head_dim, groups)
+def _channels_first(t: torch.Tensor) -> torch.Tensor:
+    """[b, l, c] with adjacent channels as causal-conv1d's channel-last [b, c, l] view (its
+    kernels want the row stride a multiple of 8: a copy where it is not)."""
+    return (t if t.stride(1) % 8 == 0 else t.contiguous()).transpose(1, 2)
+
+
+def conv_forward(
+    xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    """silu(causal depthwise conv(xBC) + bias) [b, l, c] by `backend`'s kernel ('triton' ours,
+    'causal_conv1d' causal-conv1d's channel-last one, as mamba-ssm's op calls it)."""
+    if backend == "triton":
+        return conv_silu_forward(xbc, weight, bias)
+    from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
+
+    out = causal_conv1d_fwd_function(_channels_first(xbc), weight, bias, None, None, None, True)
+    return out.transpose(1, 2)
+
+
+def conv_backward(
+    xbc: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dout: torch.Tensor,
+    dx: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """conv_forward's gradients: xBC's written into `dx` (a view of in_proj's gradient), the
+    weight's and bias's returned in their dtypes."""
+    if backend == "triton":
+        return conv_silu_backward(xbc, weight, bias, dout, dx=dx)[1:]
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
+
+    target = _channels_first(dx)
+    got, dweight, dbias, *_ = causal_conv1d_bwd_function(
+        _channels_first(xbc), weight, bias, _channels_first(dout.contiguous()), None, None,
+        None, target, False, True,
+    )  # fmt: skip
+    if target.data_ptr() != dx.data_ptr():
+        dx.copy_(got.transpose(1, 2))
+    return dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype)
+
+
+def ssd_forward_keeping_states(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """mamba-ssm's SSD forward (y with D's skip; dt through softplus(dt + dt_bias)) by its
+    kernels, and what its backward would otherwise recompute: (dt after the softplus, dA's
+    sums within each chunk, the states passed into each chunk) as the recompute makes them,
+    in fp32. The scan reads the fp32 states and rounds them to bf16 as the combined forward's
+    bf16 copy of them is rounded: the same output."""
+    from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd, _chunk_state_fwd
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_fwd
+
+    dA_sums, dt_soft = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
+    chunk_states = _chunk_state_fwd(B, x, dt_soft, dA_sums, states_in_fp32=True)
+    states, _ = _state_passing_fwd(chunk_states.flatten(-2), dA_sums[:, :, :, -1])
+    states = states.unflatten(-1, chunk_states.shape[-2:])  # [b, chunks, heads, p, n]
+    CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    y, _ = _chunk_scan_fwd(CB, x, dt_soft, dA_sums, C, states, D=D)
+    return y, (dt_soft, dA_sums, states)
+
+
+def ssd_backward_from_states(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    kept: tuple[torch.Tensor, ...],
+    dx: torch.Tensor,
+    ddt: torch.Tensor,
+    dB: torch.Tensor,
+    dC: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ssd_forward_keeping_states from what it kept: x's, dt's (before the
+    softplus), B's and C's written into the views given; (A's, D's, dt_bias's) returned. The
+    kernels of mamba-ssm's combined backward in its order, less its recompute of the states
+    (C Bt, 1 MB a chunk and head group in fp32, is made again: cheap beside its bytes)."""
+    from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_scan import (
+        _chunk_scan_bwd_dC,
+        _chunk_scan_bwd_dcb,
+        _chunk_scan_bwd_ddAcs_stable,
+        _chunk_scan_bwd_dstates,
+    )
+    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_state_bwd_db
+    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
+
+    dt_soft, dA_sums, states = kept
+    groups, shape = B.size(2), states.shape[-2:]
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    dstates = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
+    dstates, ddA_chunk, _, states = _state_passing_bwd(
+        states.flatten(-2), dA_sums[:, :, :, -1], dstates.flatten(-2), has_initial_states=False,
+        dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
+    )  # fmt: skip
+    dstates, states = dstates.unflatten(-1, shape), states.unflatten(-1, shape)
+    _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
+        x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
+    )
+    dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
+    dC_part, ddA_prev = _chunk_scan_bwd_dC(states, dA_sums, dy, C=C, ngroups=groups)
+    dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
+    _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
+    _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
+    ddA_prev[..., -1] += ddA_chunk
+    ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
+    ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+    _, dA, ddt_bias = _chunk_cumsum_bwd(
+        ddA, ddt_soft, dt, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt
+    )
+    return dA, dD, ddt_bias
 
 
 class ConvScanNorm(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
-                chunk_size: int, head_dim: int, groups: int, eps: float):  # fmt: skip
+                chunk_size: int, head_dim: int, groups: int, eps: float, conv_backend: str,
+                recompute: bool):  # fmt: skip
         from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
         from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_fwd
 
         d_inner = D.size(0) * head_dim
-        z, xbc, dt, (x, B, C) = _conv_inputs(zxbcdt, conv_weight, conv_bias, head_dim, groups,
-                                             d_inner)  # fmt: skip
-        y, *_ = _mamba_chunk_scan_combined_fwd(  # y with D's skip; no z: gated below
-            x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True
-        )
+        z, xbc, dt = _views(zxbcdt, d_inner, conv_weight.size(0))
+        conv = conv_forward(xbc, conv_weight, conv_bias, conv_backend)
+        x, B, C = split_xbc(conv, d_inner, head_dim, groups)
+        if recompute:
+            y, *_ = _mamba_chunk_scan_combined_fwd(  # y with D's skip; no z: gated below
+                x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True
+            )
+            kept = ()
+        else:
+            y, kept = ssd_forward_keeping_states(x, dt, A, B, C, chunk_size, D, dt_bias)
+            kept = (conv, *kept)
         out, _, rstd = _layer_norm_fwd(
             y.flatten(0, 1).flatten(-2), norm_weight, None, eps, z.flatten(0, 1),
             group_size=d_inner // groups, norm_before_gate=False, is_rms_norm=True,
         )  # fmt: skip
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y, rstd)
-        ctx.shape = (chunk_size, head_dim, groups, eps)
+        ctx.save_for_backward(
+            zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y, rstd, *kept
+        )
+        ctx.shape = (chunk_size, head_dim, groups, eps, conv_backend)
         return out.view(*zxbcdt.shape[:2], d_inner)
 
     @staticmethod
@@ -67,11 +197,14 @@ class ConvScanNorm(torch.autograd.Function):
         from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd
         from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd
 
-        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y, rstd = ctx.saved_tensors
-        chunk_size, head_dim, groups, eps = ctx.shape
+        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y, rstd, *kept = (
+            ctx.saved_tensors
+        )
+        chunk_size, head_dim, groups, eps, conv_backend = ctx.shape
         d_inner = D.size(0) * head_dim
-        z, xbc, dt, (x, B, C) = _conv_inputs(zxbcdt, conv_weight, conv_bias, head_dim, groups,
-                                             d_inner)  # fmt: skip
+        z, xbc, dt = _views(zxbcdt, d_inner, conv_weight.size(0))
+        conv = kept[0] if kept else conv_forward(xbc, conv_weight, conv_bias, conv_backend)
+        x, B, C = split_xbc(conv, d_inner, head_dim, groups)
         dzxbcdt = torch.empty_like(zxbcdt)
         dz, dxbc_in, ddt = _views(dzxbcdt, d_inner, conv_weight.size(0))
         dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # the conv's output's
@@ -81,15 +214,21 @@ class ConvScanNorm(torch.autograd.Function):
             z.flatten(0, 1), group_size=d_inner // groups, norm_before_gate=False,
             is_rms_norm=True, dz=dz.flatten(0, 1),
         )  # fmt: skip
-        _, _, dA, _, _, dD, _, ddt_bias, _ = _mamba_chunk_scan_combined_bwd(
-            dy.view_as(y), x, dt, A, B, C, y, chunk_size, D=D, dt_bias=dt_bias,
-            dt_softplus=True, dx=dx, ddt=ddt, dB=dB, dC=dC,
-        )  # fmt: skip
-        _, dconv_weight, dconv_bias = conv_silu_backward(
-            xbc, conv_weight, conv_bias, dxbc, dx=dxbc_in
+        dy = dy.view_as(y)
+        if kept:
+            dA, dD, ddt_bias = ssd_backward_from_states(
+                dy, x, dt, A, B, C, chunk_size, D, dt_bias, kept[1:], dx, ddt, dB, dC
+            )
+        else:
+            _, _, dA, _, _, dD, _, ddt_bias, _ = _mamba_chunk_scan_combined_bwd(
+                dy, x, dt, A, B, C, y, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+                dx=dx, ddt=ddt, dB=dB, dC=dC,
+            )  # fmt: skip
+        dconv_weight, dconv_bias = conv_backward(
+            xbc, conv_weight, conv_bias, dxbc, dxbc_in, conv_backend
         )
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight,
-                None, None, None, None)  # fmt: skip
+                None, None, None, None, None, None)  # fmt: skip
 
 
 def split_xbc(
@@ -118,9 +257,14 @@ def conv_scan_norm(
     head_dim: int,
     groups: int,
     eps: float,
+    conv_backend: str = "triton",
+    recompute: bool = True,
 ) -> torch.Tensor:
     """gated_rmsnorm(SSD(SiLU(conv(xBC))), z) of in_proj's output zxbcdt [b, l, d_inner + conv
     channels + heads] -> [b, l, d_inner]; conv_weight [channels, k], A the decay (-exp(A_log)),
-    D [heads]; the norm's `groups` are B's and C's."""
+    D [heads]; the norm's `groups` are B's and C's. `conv_backend`: 'triton' or
+    'causal_conv1d'; `recompute`: the backward makes the conv's output and the SSD's states
+    again (less memory) instead of keeping them from the forward."""
     return ConvScanNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
-                              chunk_size, head_dim, groups, eps)  # fmt: skip
+                              chunk_size, head_dim, groups, eps, conv_backend,
+                              recompute)  # fmt: skip

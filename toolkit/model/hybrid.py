@@ -47,6 +47,7 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
             ssd=select_ssd(cfg.kernels),
             fused=conv is not None,
             conv_backend=conv or "causal_conv1d",
+            recompute=cfg.mamba_recompute,
         )
     if kind == "*":
         head_dim = cfg.hidden_size // cfg.num_attention_heads

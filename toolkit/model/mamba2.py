@@ -156,10 +156,12 @@ class Mamba2Mixer(nn.Module):
         ssd: SSDFunction = ssd_chunked,
         fused: bool = False,
         conv_backend: str = "causal_conv1d",
+        recompute: bool = True,
     ) -> None:
         """`fused`: train through one fused op on CUDA (same parameters and math): mamba-ssm's,
-        or with `conv_backend` 'triton' ours (fused_mamba.py: mamba-ssm's SSD and norm kernels,
-        our causal conv)."""
+        or ours (fused_mamba.py: mamba-ssm's SSD and norm kernels) with `conv_backend` 'triton'
+        (our causal conv) or without `recompute` (the conv's output and the SSD's states kept
+        from the forward for the backward)."""
         super().__init__()
         self.d_inner = expand * hidden_size
         if self.d_inner % head_dim:
@@ -169,7 +171,7 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"mamba: {self.num_heads} heads not divisible by {num_groups} groups")
         self.head_dim, self.d_state, self.num_groups = head_dim, d_state, num_groups
         self.d_conv, self.chunk_size, self.ssd, self.fused = d_conv, chunk_size, ssd, fused
-        self.conv_backend = conv_backend
+        self.conv_backend, self.recompute = conv_backend, recompute
         self.conv_dim = self.d_inner + 2 * num_groups * d_state
         self.split_sizes = [self.d_inner, self.conv_dim, self.num_heads]  # z, xBC, dt
 
@@ -308,10 +310,10 @@ class Mamba2Mixer(nn.Module):
         out_proj stays a module call so that tensor-parallel hooks and autocast apply to it."""
         zxbcdt, A = self.in_proj(u), -torch.exp(self.A_log.float())
         weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
-        if self.conv_backend == "triton":  # ours: the same op with our conv (fused_mamba.py)
+        if self.conv_backend == "triton" or not self.recompute:  # ours (fused_mamba.py)
             y = conv_scan_norm(zxbcdt, weight, bias, self.dt_bias, A, self.D, self.norm.weight,
-                               self.chunk_size, self.head_dim, self.num_groups,
-                               self.norm.eps)  # fmt: skip
+                               self.chunk_size, self.head_dim, self.num_groups, self.norm.eps,
+                               self.conv_backend, self.recompute)  # fmt: skip
             return self.out_proj(y)
         from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 
