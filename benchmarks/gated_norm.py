@@ -1,0 +1,111 @@
+"""The Mamba-2 mixer's gated RMSNorm alone, forward and backward: mamba-ssm's kernels (what the
+fused training op runs) against ours in Triton (toolkit/model/gated_norm_kernel.py), z read in
+place from in_proj's output at a recipe's mixer widths. Milliseconds and TB/s over the bytes
+each pass must move (forward: y and z read, out written; backward: y, z and the output's
+gradient read, y's and z's gradients written), and the largest differences between the two.
+
+    python3 benchmarks/gated_norm.py [--recipe recipes/800m_hybrid.toml] [--batch 8]
+        [--seq 4096] [--repeats 20] [--json OUT]
+
+Needs CUDA and mamba-ssm for the comparison; on a CPU only ours runs, under Triton's
+interpreter when TRITON_INTERPRET=1 (a check that the script runs, no timing worth reading).
+"""
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cross_entropy import timed_ms  # noqa: E402
+from train_throughput import write_json  # noqa: E402
+
+from toolkit.config import load_recipe  # noqa: E402
+from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward  # noqa: E402
+
+
+def mamba_ssm_passes(groups: int, eps: float):
+    """mamba-ssm's norm forward and backward as its fused op calls them, or None where it does
+    not import."""
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
+    except ImportError:
+        return None
+
+    def forward(y, z, weight):
+        out, _, rstd = _layer_norm_fwd(y, weight, None, eps, z, group_size=y.size(1) // groups,
+                                       norm_before_gate=False, is_rms_norm=True)  # fmt: skip
+        return out, rstd
+
+    def backward(dout, y, z, weight, rstd, dz):
+        dy, dw, _, _ = _layer_norm_bwd(
+            dout, y, weight, None, eps, None, rstd, z, group_size=y.size(1) // groups,
+            norm_before_gate=False, is_rms_norm=True, dz=dz,
+        )  # fmt: skip
+        return dy, dw
+
+    return forward, backward
+
+
+def run(args: argparse.Namespace) -> dict:
+    model = load_recipe(args.recipe).model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d_inner, groups = model.mamba_expand * model.hidden_size, model.mamba_num_groups
+    width = 2 * d_inner + 2 * groups * model.mamba_state_dim + model.mamba_heads  # in_proj's
+    rows = args.batch * args.seq
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    z = torch.randn(rows, width, device=device, dtype=dtype)[:, :d_inner]
+    y = torch.randn(rows, d_inner, device=device, dtype=dtype)
+    weight = 1 + 0.1 * torch.randn(d_inner, device=device)
+    dout = torch.randn(rows, d_inner, device=device, dtype=dtype)
+    dz = torch.empty_like(y)
+    pass_bytes = rows * d_inner * 2
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "rows": rows, "channels": d_inner, "groups": groups, "ms": {}}  # fmt: skip
+    eps = model.norm_eps
+    sides = {
+        "ours": (lambda y, z, w: gated_norm_forward(y, z, w, groups, eps), gated_norm_backward)
+    }
+    theirs = mamba_ssm_passes(groups, eps) if device.type == "cuda" else None
+    if theirs:
+        sides["mamba_ssm"] = theirs
+    outputs = {}
+    for name, (forward, backward) in sides.items():
+        fwd = functools.partial(forward, y, z, weight)
+        out, rstd = fwd()
+        bwd = functools.partial(backward, dout, y, z, weight, rstd, dz)
+        dy, dw = bwd()
+        outputs[name] = (out.float(), dy.float(), dz.float().clone(), dw.float())
+        ms = [timed_ms(fwd, args.repeats, device), timed_ms(bwd, args.repeats, device)]
+        result["ms"][name] = {"forward": ms[0], "backward": ms[1]}
+        print(f"{name:9}: forward {ms[0]:7.3f} ms ({3 * pass_bytes / ms[0] / 1e9:5.2f} TB/s), "
+              f"backward {ms[1]:7.3f} ms ({5 * pass_bytes / ms[1] / 1e9:5.2f} TB/s)")  # fmt: skip
+    if "mamba_ssm" in outputs:
+        for label, a, b in zip(("out", "dy", "dz", "dweight"), outputs["ours"], outputs["mamba_ssm"]):  # fmt: skip
+            diff = float((a - b).abs().max() / b.abs().max())
+            result[f"max_rel_diff_{label}"] = diff
+            print(
+                f"ours against mamba-ssm's, {label}: largest difference {diff:.1e} of the largest"
+            )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/800m_hybrid.toml"))
+    parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
+    parser.add_argument("--seq", type=int, default=4096, help="tokens a sequence (default 4096)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls (median)")
+    parser.add_argument("--json", type=Path, help="write the numbers here")
+    args = parser.parse_args()
+    result = run(args)
+    if args.json:
+        write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
