@@ -76,6 +76,9 @@ run() { part "$@"; }  # name timeout_s command...
 # their name says fga (their extra --set comes later and wins), so a name means what it meant
 # in the RESULTS.md entries before.
 NO_FGA=(--set train.fused_grad_accumulation=false)
+# Likewise model.mamba_recompute, off in the 800M recipe since 2026-12-06 afternoon: on in the
+# runs unless their name says no_recompute.
+RECOMPUTE=(--set model.mamba_recompute=true)
 # The FP8 runs' best setting (every linear in float8, the weights cast once a step, the weight
 # gradients added into .grad), and Inductor's kernels tuned: the A/B runs below share them.
 FP8_CACHE_FGA=(--set 'train.precision="fp8"' --set train.compile=true --set 'train.fp8_layers="all"'
@@ -86,7 +89,7 @@ tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 tim
   local name=$1 limit=$2 mbs=$3; shift 3
   run "$name" "$limit" python3 benchmarks/train_throughput.py recipes/800m_hybrid.toml \
     --seq 4096 --mbs "$mbs" --warmup 3 --steps 10 --set 'train.device="cuda"' \
-    --json "$W/$name.json" "${NO_FGA[@]}" "$@"
+    --json "$W/$name.json" "${NO_FGA[@]}" "${RECOMPUTE[@]}" "$@"
 }
 
 t8b() {  # name timeout_s layers extra args...: the 8B hybrid's shapes (hidden 4096, FFN 16384,
@@ -171,6 +174,10 @@ run conv_gpu_test 200 python3 -m pytest -q tests/test_conv_kernel.py
 run conv_kernel 120 python3 benchmarks/conv_kernel.py --json "$W/conv_kernel.json" \
   --variants default,s3,g8,g8_s3,g16_r1024,g16_r1024_s3,g32_s3
 tp lever_triton_conv 200 8 --set train.compile=true --set 'model.mamba_conv_backend="triton"'
+# Our gated RMSNorm in Triton (gated_norm_kernel.py; mamba-ssm's backward took ~2.5x its bytes'
+# time at the 800M's widths): compiled against the torch norm and mamba-ssm's, then both timed.
+run gated_norm_gpu_test 200 python3 -m pytest -q tests/test_gated_norm_kernel.py
+run gated_norm 120 python3 benchmarks/gated_norm.py --json "$W/gated_norm.json"
 # The 800M recipe with the 8B race's fastest setting (RESULTS.md 2026-12-06): the graph, the bf16
 # weight cache, fp32 weight gradients from the GEMM and the embedding's gradient as rows (these
 # need fused gradient accumulation), against bf16_compile_mbs8 and lever_step_graph.
