@@ -8,6 +8,9 @@ mamba_chunk_size; the recipes keep the reference's 128, mamba-ssm's own default 
 micro-batch of the 800M's and of the 8B's Mamba layers at seq 4096, and the output's distance
 from the first chunk length's (the same sums, in another order).
 
+`--fused-forward p64_w8,p32_w4`: our SSD forward in one kernel (toolkit/model/ssd_scan_kernel.py)
+against mamba-ssm's kernels at those shapes, at each setting of channels a program and warps.
+
 `--profile`: each of mamba-ssm's SSD kernels at those shapes (chunk 128), forward + backward
 under torch.profiler: calls and ms per step, and the bytes the SSD's inputs, outputs and
 gradients need at the least (each read or written once), to show where its time goes beside
@@ -18,6 +21,7 @@ bf16 inputs. Whole-model throughput: run the trainer twice with `--set model.ker
 """
 
 import argparse
+import functools
 import time
 
 import torch
@@ -137,6 +141,41 @@ def profile_kernels(chunk: int = 128, reps: int = 5) -> None:
         torch.cuda.empty_cache()
 
 
+def fused_forward(variants: list[str], reps: int = 20) -> None:
+    """Our SSD forward in one kernel (ssd_scan_kernel.py) against mamba-ssm's 5 kernels as the
+    fused op's keeping forward runs them (fused_mamba.ssd_forward_keeping_states), at each of
+    SWEEP_SHAPES, bf16, chunk 128, x, B, C and dt slices of one row as in the op: median ms of
+    `reps` and y's largest difference. Variants 'pP_wW': P channels a program, W warps."""
+    from cross_entropy import timed_ms  # benchmarks/, this script's folder
+
+    from toolkit.model import ssd_scan_kernel
+    from toolkit.model.fused_mamba import ssd_forward_keeping_states
+
+    for name, shape in SWEEP_SHAPES.items():
+        b, L, H, P, G, N = (shape[k] for k in ("b", "length", "heads", "p", "groups", "n"))
+        torch.manual_seed(0)
+        row = torch.randn(b, L, H * P + 2 * G * N + H, device="cuda", dtype=torch.bfloat16)
+        x = row[..., : H * P].unflatten(-1, (H, P))
+        B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
+        C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
+        dt = row[..., H * P + 2 * G * N :].sub_(2)
+        dt_bias, D = torch.randn(H, device="cuda") * 0.5, torch.randn(H, device="cuda")
+        A = -torch.rand(H, device="cuda") - 0.5
+        args = (x, dt, A, B, C, 128, D, dt_bias)
+        want = ssd_forward_keeping_states(*args)[0].float()
+        theirs = timed_ms(functools.partial(ssd_forward_keeping_states, *args), reps, x.device)
+        print(f"SSD forward {name}: mamba-ssm's kernels {theirs:.3f} ms")
+        for variant in variants:
+            p_block, warps = (int(v[1:]) for v in variant.split("_"))
+            ssd_scan_kernel.BLOCK_P, ssd_scan_kernel.NUM_WARPS = p_block, warps
+            y = ssd_scan_kernel.ssd_forward_fused(*args)[0].float()
+            ms = timed_ms(
+                functools.partial(ssd_scan_kernel.ssd_forward_fused, *args), reps, x.device
+            )
+            diff = float((y - want).abs().max() / want.abs().max())
+            print(f"  ours {variant:8}: {ms:.3f} ms ({theirs / ms:.2f}x), y differs by {diff:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -146,6 +185,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", action="store_true", help="each SSD kernel's time at the recipes' shapes"
+    )
+    parser.add_argument(
+        "--fused-forward",
+        type=lambda v: v.split(","),
+        metavar="VARIANTS",
+        help="time our one-kernel SSD forward against mamba-ssm's, e.g. p64_w8,p32_w4",
     )
     options = parser.parse_args()
     chunks = options.chunks
@@ -170,6 +215,8 @@ def main() -> None:
         sweep_chunks(chunks)
     if options.profile:
         profile_kernels()
+    if options.fused_forward:
+        fused_forward(options.fused_forward)
 
 
 if __name__ == "__main__":

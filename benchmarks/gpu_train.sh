@@ -178,6 +178,12 @@ tp lever_triton_conv 200 8 --set train.compile=true --set 'model.mamba_conv_back
 # time at the 800M's widths): compiled against the torch norm and mamba-ssm's, then both timed.
 run gated_norm_gpu_test 200 python3 -m pytest -q tests/test_gated_norm_kernel.py
 run gated_norm 120 python3 benchmarks/gated_norm.py --json "$W/gated_norm.json"
+# Our SSD forward as one kernel carrying the states through the chunks (ssd_scan_kernel.py;
+# mamba-ssm's SSD ran at a tenth of the HBM's bandwidth by its bytes): against the reference and
+# mamba-ssm's kernels (with its backward from either's kept states), then timed at the 800M's
+# and the 8B's Mamba widths at channels a program x warps.
+run ssd_forward_gpu_test 240 python3 -m pytest -q tests/test_ssd_scan_kernel.py
+run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward p64_w8,p64_w4,p32_w4,p32_w8
 # The 800M recipe with the 8B race's fastest setting (RESULTS.md 2026-12-06): the graph, the bf16
 # weight cache, fp32 weight gradients from the GEMM and the embedding's gradient as rows (these
 # need fused gradient accumulation), against bf16_compile_mbs8 and lever_step_graph.

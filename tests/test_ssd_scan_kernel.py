@@ -1,0 +1,124 @@
+"""Our SSD forward in one kernel (toolkit/model/ssd_scan_kernel.py) against the reference
+chunked scan (toolkit/model/ssd.py) and what the fused op's backward reads from it: under
+Triton's interpreter on a CPU (in a subprocess: TRITON_INTERPRET must be set before Triton
+compiles anything), compiled on a GPU, and there against mamba-ssm's kernels
+(fused_mamba.ssd_forward_keeping_states)."""
+
+import pytest
+import torch
+
+from tests.test_step_graph import in_subprocess
+
+CUDA = torch.cuda.is_available()
+
+# A length that ends in a partial chunk, several chunks, heads in groups of 2, one and two
+# channel blocks a head, x a slice of a wider row (the conv's output), D and none, fp32 and bf16
+# (the reference in fp32 from the same bf16 values; bf16 on a GPU only). The states are the
+# reference's final states of each prefix that ends before a chunk.
+CASES = """
+import sys
+import torch
+import torch.nn.functional as F
+import toolkit.model.ssd_scan_kernel as sk
+from toolkit.model.ssd import ssd_chunked
+
+device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+torch.manual_seed(0)
+cases = [(torch.float32, 1e-4, 37, 16, 16, True), (torch.float32, 1e-4, 48, 32, 16, False),
+         (torch.bfloat16, 3e-2, 37, 32, 16, True)]
+if device == "cpu":  # the interpreter's tl.dot of bf16 tiles is wrong (2.7e10 off at 16 x 16)
+    cases = [case for case in cases if case[0] == torch.float32]
+for dtype, tol, L, P, block_p, with_d in cases:
+    sk.BLOCK_P = block_p
+    b, H, G, N, Q = 2, 4, 2, 16, 16
+    row = torch.randn(b, L, H * P + 2 * G * N + 8, device=device).to(dtype)
+    x = row[..., : H * P].unflatten(-1, (H, P))
+    B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
+    C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
+    dt = torch.randn(b, L, H, device=device) - 1
+    dt_bias = torch.randn(H, device=device) * 0.5
+    A = -torch.rand(H, device=device) - 0.5
+    D = torch.randn(H, device=device) if with_d else None
+    y, (dt_s, dA, states) = sk.ssd_forward_fused(x, dt, A, B, C, Q, D, dt_bias)
+    soft = F.softplus(dt + dt_bias)
+    want, _ = ssd_chunked(x.float(), soft, A, B.float(), C.float(), Q)
+    if with_d:
+        want = want + x.float() * D[:, None]
+    chunks = -(-L // Q)
+    pad = chunks * Q - L
+    soft_chunks = F.pad(soft, (0, 0, 0, pad)).unflatten(1, (chunks, Q)).permute(0, 3, 1, 2)
+    want_states = torch.zeros(b, chunks, H, P, N, device=device)
+    for c in range(1, chunks):
+        _, want_states[:, c] = ssd_chunked(x[:, : c * Q].float(), soft[:, : c * Q], A,
+                                           B[:, : c * Q].float(), C[:, : c * Q].float(), Q)
+    def close(name, got, ref):
+        err = (got.float() - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        assert err <= tol * max(scale, 1.0), (name, dtype, L, P, err, scale)
+    assert y.dtype == dtype and y.is_contiguous()
+    close("y", y, want)
+    close("dt", dt_s, soft_chunks)
+    close("dA", dA, torch.cumsum(soft_chunks * A[:, None, None], -1))
+    close("states", states, want_states)
+print("ssd forward kernel agrees")
+"""
+
+
+def test_ssd_forward_kernel_is_the_reference_under_the_interpreter():
+    pytest.importorskip("triton")
+    if CUDA:
+        pytest.skip("on a GPU the compiled kernel is tested")
+    in_subprocess(CASES, "ssd forward kernel agrees", timeout=300, TRITON_INTERPRET="1")
+
+
+def test_ssd_forward_kernel_refuses_what_it_cannot_read():
+    pytest.importorskip("triton")
+    from toolkit.model.ssd_scan_kernel import ssd_forward_fused
+
+    x, dt = torch.randn(1, 32, 4, 16), torch.randn(1, 32, 4)
+    B = torch.randn(1, 32, 2, 16)
+    A, bias = -torch.ones(4), torch.zeros(4)
+    with pytest.raises(ValueError, match="chunk 24"):
+        ssd_forward_fused(x, dt, A, B, B, 24, None, bias)
+    with pytest.raises(ValueError, match="adjacent channels"):
+        ssd_forward_fused(x.transpose(2, 3).contiguous().transpose(2, 3), dt, A, B, B, 16, None, bias)  # fmt: skip
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_compiled_ssd_forward_kernel_is_the_reference_on_the_gpu():
+    in_subprocess(CASES, "ssd forward kernel agrees", "cuda", timeout=300)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_ssd_forward_kernel_matches_mamba_ssms_on_the_gpu():
+    """At the 800M's mixer widths (bf16, dt a slice of in_proj's output as the op passes it):
+    y, dt, dA's sums and the states against mamba-ssm's kernels
+    (fused_mamba.ssd_forward_keeping_states) within bf16 roundings, and the gradients mamba-ssm's
+    backward kernels make from each side's kept tensors within 2e-2 of each other."""
+    pytest.importorskip("mamba_ssm")
+    from toolkit.model.fused_mamba import ssd_backward_from_states, ssd_forward_keeping_states
+    from toolkit.model.ssd_scan_kernel import ssd_forward_fused
+
+    torch.manual_seed(0)
+    b, L, H, P, G, N, Q = 2, 1000, 32, 64, 8, 128, 128
+    row = torch.randn(b, L, H * P + 2 * G * N + H, device="cuda", dtype=torch.bfloat16)
+    x = row[..., : H * P].unflatten(-1, (H, P))
+    B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
+    C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
+    dt = row[..., H * P + 2 * G * N :].sub_(2)  # a view, as the op's dt is
+    dt_bias, D = torch.randn(H, device="cuda") * 0.5, torch.randn(H, device="cuda")
+    A = -torch.rand(H, device="cuda") - 0.5
+    ours = ssd_forward_fused(x, dt, A, B, C, Q, D, dt_bias)
+    theirs = ssd_forward_keeping_states(x, dt, A, B, C, Q, D, dt_bias)
+    for name, a, t in zip(("y", "dt", "dA", "states"), (ours[0], *ours[1]), (theirs[0], *theirs[1])):  # fmt: skip
+        err = (a.float() - t.float()).abs().max().item()
+        assert err <= 1e-2 * t.float().abs().max().item(), (name, err)
+    dy = torch.randn_like(ours[0])
+    grads = []
+    for _, kept in (ours, theirs):
+        out = [torch.empty_like(t) for t in (x, dt, B, C)]
+        rest = ssd_backward_from_states(dy, x, dt, A, B, C, Q, D, dt_bias, kept, *out)
+        grads.append([*out, *rest])
+    for name, a, t in zip(("dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias"), *grads):
+        err = ((a.float() - t.float()).norm() / t.float().norm()).item()
+        assert err <= 2e-2, (name, err)
