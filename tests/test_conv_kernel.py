@@ -206,16 +206,35 @@ ssd_combined = sys.modules["mamba_ssm.ops.triton.ssd_combined"]
 ssd_combined._mamba_chunk_scan_combined_fwd = counted(scan_fwd, "scan forward")
 ssd_combined._mamba_chunk_scan_combined_bwd = counted(scan_bwd, "scan backward")
 
+# With TOOLKIT_TRITON_MAMBA our norm kernels run in the op, and our SSD forward kernel itself
+# where the states are kept (counted, its kept tensors handed to the backward), at tl.dot's
+# smallest sizes (16).
+if "forward" in fm.TRITON_MAMBA:
+    ssd_forward_kernel = fm.ssd_forward_fused
+
+    def forward_by_our_kernel(*args):
+        CONV_CALLS.append("ssd forward")
+        y, kept = ssd_forward_kernel(*args)
+        KEPT.append(kept)
+        return y, kept
+
+    fm.ssd_forward_fused = forward_by_our_kernel
+
 EXPECTED = {
     True: ["forward", "scan forward", "forward", "scan backward", "backward"],
     False: ["forward", "ssd forward", "ssd backward", "backward"],
 }
-# head_dim 16: in_proj's rows 164 wide, not a multiple of 8 (causal-conv1d's views copied).
-for backend, recompute, head_dim in (("triton", True, 8), ("triton", False, 8),
-                                     ("causal_conv1d", False, 8), ("causal_conv1d", False, 16)):
+# head_dim 16: in_proj's rows 164 wide (196 at state 16), not a multiple of 8 (causal-conv1d's
+# views copied).
+CASES = [("triton", True, 8), ("triton", False, 8), ("causal_conv1d", False, 8),
+         ("causal_conv1d", False, 16)]
+SIZES = dict(d_state=8, chunk_size=8)
+if fm.TRITON_MAMBA:
+    CASES, SIZES = [(b, r, 16) for b, r, _ in CASES[:3]], dict(d_state=16, chunk_size=16)
+for backend, recompute, head_dim in CASES:
     torch.manual_seed(0)
-    mixer = Mamba2Mixer(32, d_state=8, head_dim=head_dim, num_groups=2, chunk_size=8,
-                        conv_backend=backend, recompute=recompute)
+    mixer = Mamba2Mixer(32, head_dim=head_dim, num_groups=2, conv_backend=backend,
+                        recompute=recompute, **SIZES)
     with torch.no_grad():
         for p in mixer.parameters():
             p.add_(0.1 * torch.randn_like(p))  # the norm's ones, D's and the bias off their inits
@@ -264,6 +283,17 @@ def test_fused_op_is_the_mixers_torch_path_under_the_interpreter():
     if CUDA:
         pytest.skip("on a GPU against mamba-ssm's own op")
     in_subprocess(FUSED, "fused op agrees", timeout=300, TRITON_INTERPRET="1")
+
+
+def test_fused_op_with_our_norm_and_ssd_forward_kernels_under_the_interpreter():
+    """The same with TOOLKIT_TRITON_MAMBA=norm,forward: our gated norm kernels and, where the
+    states are kept, our one-kernel SSD forward in the op, fp32 (gated_norm_kernel.py and
+    ssd_scan_kernel.py have their own tests)."""
+    pytest.importorskip("triton")
+    if CUDA:
+        pytest.skip("on a GPU against mamba-ssm's own op")
+    in_subprocess(FUSED, "fused op agrees", timeout=300, TRITON_INTERPRET="1",
+                  TOOLKIT_TRITON_MAMBA="norm,forward")  # fmt: skip
 
 
 def test_the_backend_and_recompute_are_recipe_keys():

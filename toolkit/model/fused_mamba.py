@@ -17,9 +17,21 @@ widths) and the backward runs mamba-ssm's backward kernels on them, skipping the
 layer that made them again (RESULTS.md 2026-12-06, afternoon).
 """
 
+import os
+
 import torch
 
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward
+from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward
+from toolkit.model.ssd_scan_kernel import ssd_forward_fused
+
+# Our gated norm and one-kernel SSD forward (gated_norm_kernel.py, ssd_scan_kernel.py) in place
+# of mamba-ssm's, asked for by name ("norm", "forward"; the forward where the states are kept)
+# until they are checked and timed on a GPU: for A/B runs, off by default.
+TRITON_MAMBA = frozenset(os.environ.get("TOOLKIT_TRITON_MAMBA", "").split(",")) - {""}
+if TRITON_MAMBA - {"norm", "forward"}:
+    raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
+                     "are 'norm' and 'forward', comma-separated")  # fmt: skip
 
 
 def _views(
@@ -179,12 +191,17 @@ class ConvScanNorm(torch.autograd.Function):
             )
             kept = ()
         else:
-            y, kept = ssd_forward_keeping_states(x, dt, A, B, C, chunk_size, D, dt_bias)
+            keeping = ssd_forward_fused if "forward" in TRITON_MAMBA else ssd_forward_keeping_states
+            y, kept = keeping(x, dt, A, B, C, chunk_size, D, dt_bias)
             kept = (conv, *kept)
-        out, _, rstd = _layer_norm_fwd(
-            y.flatten(0, 1).flatten(-2), norm_weight, None, eps, z.flatten(0, 1),
-            group_size=d_inner // groups, norm_before_gate=False, is_rms_norm=True,
-        )  # fmt: skip
+        y2d, z2d = y.flatten(0, 1).flatten(-2), z.flatten(0, 1)
+        if "norm" in TRITON_MAMBA:
+            out, rstd = gated_norm_forward(y2d, z2d, norm_weight, groups, eps)
+        else:
+            out, _, rstd = _layer_norm_fwd(
+                y2d, norm_weight, None, eps, z2d, group_size=d_inner // groups,
+                norm_before_gate=False, is_rms_norm=True,
+            )  # fmt: skip
         ctx.save_for_backward(
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y, rstd, *kept
         )
@@ -209,11 +226,18 @@ class ConvScanNorm(torch.autograd.Function):
         dz, dxbc_in, ddt = _views(dzxbcdt, d_inner, conv_weight.size(0))
         dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # the conv's output's
         dx, dB, dC = split_xbc(dxbc, d_inner, head_dim, groups)
-        dy, dnorm_weight, _, _ = _layer_norm_bwd(
-            dout.flatten(0, 1), y.flatten(0, 1).flatten(-2), norm_weight, None, eps, None, rstd,
-            z.flatten(0, 1), group_size=d_inner // groups, norm_before_gate=False,
-            is_rms_norm=True, dz=dz.flatten(0, 1),
-        )  # fmt: skip
+        dout, y2d, z2d = dout.reshape(-1, d_inner), y.flatten(0, 1).flatten(-2), z.flatten(0, 1)
+        if "norm" in TRITON_MAMBA:
+            dout = dout if dout.stride(1) == 1 else dout.contiguous()
+            dy, dnorm_weight = gated_norm_backward(
+                dout, y2d, z2d, norm_weight, rstd, dz.flatten(0, 1)
+            )
+        else:
+            dy, dnorm_weight, _, _ = _layer_norm_bwd(
+                dout, y2d, norm_weight, None, eps, None, rstd, z2d,
+                group_size=d_inner // groups, norm_before_gate=False, is_rms_norm=True,
+                dz=dz.flatten(0, 1),
+            )  # fmt: skip
         dy = dy.view_as(y)
         if kept:
             dA, dD, ddt_bias = ssd_backward_from_states(

@@ -6,75 +6,79 @@ backward y, z, the output's gradient and 1/rms, writing y's gradient and z's (in
 in_proj's gradient it is given), and the weight's gradient summed per program in registers. In
 fp32 inside, bf16 or fp32 outside, as mamba-ssm's norm kernels, whose backward took ~2.5x its
 bytes' time at the 800M's widths on an H100 (RESULTS.md 2026-12-06 afternoon). Written for our
-fused training op (fused_mamba.py), which still calls mamba-ssm's: it takes these once they are
-checked and timed on a GPU (tests/test_gated_norm_kernel.py, benchmarks/gated_norm.py).
+fused training op (fused_mamba.py), which calls mamba-ssm's unless TOOLKIT_TRITON_MAMBA names
+"norm": these wait for their check and timing on a GPU (tests/test_gated_norm_kernel.py,
+benchmarks/gated_norm.py).
 """
 
 import torch
-import triton
-import triton.language as tl
+
+from toolkit.model.kernels import triton_imports
 
 ELEMENTS_PER_TILE = 8192  # rows x channels of a tile: 32 rows of a 256-channel group
 ROWS_PER_PROGRAM = 512  # backward: rows a program walks, summing the weight's gradient
 
+if triton_imports():
+    import triton
+    import triton.language as tl
 
-@triton.jit
-def _tile(ptr, rows, row_stride, cols, ok):
-    """A [rows, cols] tile in fp32 (0 where not ok); 64-bit row offsets."""
-    return tl.load(ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], ok, 0.0).to(
-        tl.float32
-    )
+    @triton.jit
+    def _tile(ptr, rows, row_stride, cols, ok):
+        """A [rows, cols] tile in fp32 (0 where not ok); 64-bit row offsets."""
+        return tl.load(ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], ok, 0.0).to(
+            tl.float32
+        )
 
-
-@triton.jit
-def _gated_norm_fwd_kernel(y, z, weight, out, rstd, M, N, stride_y, stride_z, stride_out, eps,
-                           GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                           BLOCK_GROUP: tl.constexpr):  # fmt: skip
-    group = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = group * GROUP + tl.arange(0, BLOCK_GROUP)
-    row_ok = rows < M
-    ok = row_ok[:, None] & (tl.arange(0, BLOCK_GROUP) < GROUP)[None, :]
-    zv = _tile(z, rows, stride_z, cols, ok)
-    g = _tile(y, rows, stride_y, cols, ok) * zv * tl.sigmoid(zv)
-    r = 1.0 / tl.sqrt(tl.sum(g * g, axis=1) / GROUP + eps)
-    tl.store(rstd + rows.to(tl.int64) * (N // GROUP) + group, r, row_ok)
-    w = tl.load(weight + cols, cols < N, 0.0).to(tl.float32)
-    result = g * r[:, None] * w[None, :]
-    at = out + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-    tl.store(at, result.to(out.dtype.element_ty), ok)
-
-
-@triton.jit
-def _gated_norm_bwd_kernel(y, z, weight, dout, rstd, dy, dz, dweight_part, M, N, stride_y,
-                           stride_z, stride_dout, stride_dy, stride_dz,
-                           GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                           BLOCK_GROUP: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
-    part, group = tl.program_id(0), tl.program_id(1)
-    cols = group * GROUP + tl.arange(0, BLOCK_GROUP)
-    col_ok = tl.arange(0, BLOCK_GROUP) < GROUP
-    w = tl.load(weight + cols, col_ok, 0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_GROUP], dtype=tl.float32)
-    for start in range(part * ROWS, part * ROWS + ROWS, BLOCK_ROWS):
-        rows = start + tl.arange(0, BLOCK_ROWS)
+    @triton.jit
+    def _gated_norm_fwd_kernel(y, z, weight, out, rstd, M, N, stride_y, stride_z, stride_out, eps,
+                               GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               BLOCK_GROUP: tl.constexpr):  # fmt: skip
+        group = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = group * GROUP + tl.arange(0, BLOCK_GROUP)
         row_ok = rows < M
-        ok = row_ok[:, None] & col_ok[None, :]
-        yv = _tile(y, rows, stride_y, cols, ok)
+        ok = row_ok[:, None] & (tl.arange(0, BLOCK_GROUP) < GROUP)[None, :]
         zv = _tile(z, rows, stride_z, cols, ok)
-        do = _tile(dout, rows, stride_dout, cols, ok)
-        r = tl.load(rstd + rows.to(tl.int64) * (N // GROUP) + group, row_ok, 0.0)
-        s = tl.sigmoid(zv)
-        gate = zv * s
-        normed = yv * gate * r[:, None]
-        dw += tl.sum(do * normed, axis=0)
-        dnormed = do * w[None, :]
-        mean = tl.sum(dnormed * normed, axis=1) / GROUP
-        dg = r[:, None] * (dnormed - normed * mean[:, None])
-        offsets = rows.to(tl.int64)[:, None]
-        tl.store(dy + offsets * stride_dy + cols[None, :], (dg * gate).to(dy.dtype.element_ty), ok)
-        dzv = dg * yv * s * (1.0 + zv * (1.0 - s))
-        tl.store(dz + offsets * stride_dz + cols[None, :], dzv.to(dz.dtype.element_ty), ok)
-    tl.store(dweight_part + part.to(tl.int64) * N + cols, dw, col_ok)
+        g = _tile(y, rows, stride_y, cols, ok) * zv * tl.sigmoid(zv)
+        r = 1.0 / tl.sqrt(tl.sum(g * g, axis=1) / GROUP + eps)
+        tl.store(rstd + rows.to(tl.int64) * (N // GROUP) + group, r, row_ok)
+        w = tl.load(weight + cols, cols < N, 0.0).to(tl.float32)
+        result = g * r[:, None] * w[None, :]
+        at = out + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+        tl.store(at, result.to(out.dtype.element_ty), ok)
+
+    @triton.jit
+    def _gated_norm_bwd_kernel(y, z, weight, dout, rstd, dy, dz, dweight_part, M, N, stride_y,
+                               stride_z, stride_dout, stride_dy, stride_dz,
+                               GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               BLOCK_GROUP: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+        part, group = tl.program_id(0), tl.program_id(1)
+        cols = group * GROUP + tl.arange(0, BLOCK_GROUP)
+        col_ok = tl.arange(0, BLOCK_GROUP) < GROUP
+        w = tl.load(weight + cols, col_ok, 0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_GROUP], dtype=tl.float32)
+        for start in range(part * ROWS, part * ROWS + ROWS, BLOCK_ROWS):
+            rows = start + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < M
+            ok = row_ok[:, None] & col_ok[None, :]
+            yv = _tile(y, rows, stride_y, cols, ok)
+            zv = _tile(z, rows, stride_z, cols, ok)
+            do = _tile(dout, rows, stride_dout, cols, ok)
+            r = tl.load(rstd + rows.to(tl.int64) * (N // GROUP) + group, row_ok, 0.0)
+            s = tl.sigmoid(zv)
+            gate = zv * s
+            normed = yv * gate * r[:, None]
+            dw += tl.sum(do * normed, axis=0)
+            dnormed = do * w[None, :]
+            mean = tl.sum(dnormed * normed, axis=1) / GROUP
+            dg = r[:, None] * (dnormed - normed * mean[:, None])
+            offsets = rows.to(tl.int64)[:, None]
+            tl.store(
+                dy + offsets * stride_dy + cols[None, :], (dg * gate).to(dy.dtype.element_ty), ok
+            )
+            dzv = dg * yv * s * (1.0 + zv * (1.0 - s))
+            tl.store(dz + offsets * stride_dz + cols[None, :], dzv.to(dz.dtype.element_ty), ok)
+        tl.store(dweight_part + part.to(tl.int64) * N + cols, dw, col_ok)
 
 
 def _shape(y: torch.Tensor, z: torch.Tensor, groups: int) -> tuple[int, int, int, int]:

@@ -10,77 +10,80 @@ and dA's sums within the chunk, C Bt, the chunk's output from its own inputs and
 passed in, then the state passed on. It writes y, and what mamba-ssm's backward kernels read
 (fused_mamba.ssd_backward_from_states): dt after the softplus, dA's sums and the state passed
 into each chunk in fp32. The rounding follows mamba-ssm's kernels: the products' operands in
-the inputs' dtype, sums in fp32. Not yet taken by the op: it waits for its check and timing on
-a GPU (tests/test_ssd_scan_kernel.py, benchmarks/gpu_kernels.py --fused-forward).
+the inputs' dtype, sums in fp32. The op takes it only where TOOLKIT_TRITON_MAMBA names "forward": it
+waits for its check and timing on a GPU (tests/test_ssd_scan_kernel.py,
+benchmarks/gpu_kernels.py --fused-forward).
 """
 
 import torch
-import triton
-import triton.language as tl
+
+from toolkit.model.kernels import triton_imports
 
 BLOCK_P = 64  # a head's channels a program carries (its state: BLOCK_P x state in fp32)
 NUM_WARPS = 8
 
+if triton_imports():
+    import triton
+    import triton.language as tl
 
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    @triton.jit
+    def _softplus(x):
+        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
-
-@triton.jit
-def _ssd_forward_kernel(x, dt, dt_bias, A, B, C, D, y, dt_out, dA_out, states, L, CHUNKS,
-                        stride_x_b, stride_x_l, stride_x_h, stride_dt_b, stride_dt_l,
-                        stride_bc_b, stride_bc_l, stride_bc_g, stride_y_b, stride_y_l,
-                        stride_y_h, HEADS_PER_GROUP: tl.constexpr, P: tl.constexpr,
-                        N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
-    pid_p, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    H = tl.num_programs(1)
-    g = h // HEADS_PER_GROUP
-    cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    col_ok = cols < P
-    n = tl.arange(0, N)
-    i = tl.arange(0, Q)
-    causal = i[:, None] >= i[None, :]
-    bias, a, d = tl.load(dt_bias + h).to(tl.float32), tl.load(A + h).to(tl.float32), 0.0
-    if D is not None:
-        d = tl.load(D + h).to(tl.float32)
-    b64 = b.to(tl.int64)
-    state = tl.zeros([BLOCK_P, N], dtype=tl.float32)
-    for c in range(CHUNKS):
-        t = c * Q + i
-        t_ok = t < L
-        t64 = t.to(tl.int64)
-        raw = tl.load(dt + b64 * stride_dt_b + t64 * stride_dt_l + h, t_ok, 0.0).to(tl.float32)
-        dt_s = tl.where(t_ok, _softplus(raw + bias), 0.0)
-        dA = tl.cumsum(dt_s * a, axis=0)
-        # [b, h, chunks, Q] as mamba-ssm's cumsum kernel writes them
-        at = ((b64 * H + h) * CHUNKS + c) * Q + i
-        if pid_p == 0:
-            tl.store(dt_out + at, dt_s)
-            tl.store(dA_out + at, dA)
-        # the state passed into chunk c: [b, chunks, h, P, N]
-        base = (((b64 * CHUNKS + c) * H + h) * P) * N
-        tl.store(states + base + cols[:, None] * N + n[None, :], state, col_ok[:, None])
-        bc = b64 * stride_bc_b + t64[:, None] * stride_bc_l + g * stride_bc_g + n[None, :]
-        Cc = tl.load(C + bc, t_ok[:, None], 0.0)
-        Bc = tl.load(B + bc, t_ok[:, None], 0.0)
-        xo = b64 * stride_x_b + t64[:, None] * stride_x_l + h * stride_x_h + cols[None, :]
-        ok = t_ok[:, None] & col_ok[None, :]
-        xc = tl.load(x + xo, ok, 0.0)
-        # within the chunk: (C Bt * exp(dA_i - dA_j) * dt_j, causal) x
-        cb = tl.dot(Cc, tl.trans(Bc))
-        decay = tl.exp(tl.where(causal, dA[:, None] - dA[None, :], -float("inf")))
-        m = cb * decay * dt_s[None, :]
-        out = tl.dot(m.to(xc.dtype), xc)
-        # from the state passed in: C h * exp(dA_i)
-        out += tl.dot(Cc, tl.trans(state.to(Cc.dtype))) * tl.exp(dA)[:, None]
-        out += d * xc.to(tl.float32)
-        yo = b64 * stride_y_b + t64[:, None] * stride_y_l + h * stride_y_h + cols[None, :]
-        tl.store(y + yo, out.to(y.dtype.element_ty), ok)
-        # the state passed on: h * exp(dA_last) + xt (B * exp(dA_last - dA_j) * dt_j)
-        last = tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
-        scaled = (Bc.to(tl.float32) * (tl.exp(last - dA) * dt_s)[:, None]).to(xc.dtype)
-        state = state * tl.exp(last) + tl.dot(tl.trans(xc), scaled)
+    @triton.jit
+    def _ssd_forward_kernel(x, dt, dt_bias, A, B, C, D, y, dt_out, dA_out, states, L, CHUNKS,
+                            stride_x_b, stride_x_l, stride_x_h, stride_dt_b, stride_dt_l,
+                            stride_bc_b, stride_bc_l, stride_bc_g, stride_y_b, stride_y_l,
+                            stride_y_h, HEADS_PER_GROUP: tl.constexpr, P: tl.constexpr,
+                            N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+        pid_p, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        H = tl.num_programs(1)
+        g = h // HEADS_PER_GROUP
+        cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        col_ok = cols < P
+        n = tl.arange(0, N)
+        i = tl.arange(0, Q)
+        causal = i[:, None] >= i[None, :]
+        bias, a, d = tl.load(dt_bias + h).to(tl.float32), tl.load(A + h).to(tl.float32), 0.0
+        if D is not None:
+            d = tl.load(D + h).to(tl.float32)
+        b64 = b.to(tl.int64)
+        state = tl.zeros([BLOCK_P, N], dtype=tl.float32)
+        for c in range(CHUNKS):
+            t = c * Q + i
+            t_ok = t < L
+            t64 = t.to(tl.int64)
+            raw = tl.load(dt + b64 * stride_dt_b + t64 * stride_dt_l + h, t_ok, 0.0).to(tl.float32)
+            dt_s = tl.where(t_ok, _softplus(raw + bias), 0.0)
+            dA = tl.cumsum(dt_s * a, axis=0)
+            # [b, h, chunks, Q] as mamba-ssm's cumsum kernel writes them
+            at = ((b64 * H + h) * CHUNKS + c) * Q + i
+            if pid_p == 0:
+                tl.store(dt_out + at, dt_s)
+                tl.store(dA_out + at, dA)
+            # the state passed into chunk c: [b, chunks, h, P, N]
+            base = (((b64 * CHUNKS + c) * H + h) * P) * N
+            tl.store(states + base + cols[:, None] * N + n[None, :], state, col_ok[:, None])
+            bc = b64 * stride_bc_b + t64[:, None] * stride_bc_l + g * stride_bc_g + n[None, :]
+            Cc = tl.load(C + bc, t_ok[:, None], 0.0)
+            Bc = tl.load(B + bc, t_ok[:, None], 0.0)
+            xo = b64 * stride_x_b + t64[:, None] * stride_x_l + h * stride_x_h + cols[None, :]
+            ok = t_ok[:, None] & col_ok[None, :]
+            xc = tl.load(x + xo, ok, 0.0)
+            # within the chunk: (C Bt * exp(dA_i - dA_j) * dt_j, causal) x
+            cb = tl.dot(Cc, tl.trans(Bc))
+            decay = tl.exp(tl.where(causal, dA[:, None] - dA[None, :], -float("inf")))
+            m = cb * decay * dt_s[None, :]
+            out = tl.dot(m.to(xc.dtype), xc)
+            # from the state passed in: C h * exp(dA_i)
+            out += tl.dot(Cc, tl.trans(state.to(Cc.dtype))) * tl.exp(dA)[:, None]
+            out += d * xc.to(tl.float32)
+            yo = b64 * stride_y_b + t64[:, None] * stride_y_l + h * stride_y_h + cols[None, :]
+            tl.store(y + yo, out.to(y.dtype.element_ty), ok)
+            # the state passed on: h * exp(dA_last) + xt (B * exp(dA_last - dA_j) * dt_j)
+            last = tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
+            scaled = (Bc.to(tl.float32) * (tl.exp(last - dA) * dt_s)[:, None]).to(xc.dtype)
+            state = state * tl.exp(last) + tl.dot(tl.trans(xc), scaled)
 
 
 def ssd_forward_fused(
