@@ -24,30 +24,8 @@ from cross_entropy import timed_ms  # noqa: E402
 from train_throughput import write_json  # noqa: E402
 
 from toolkit.config import load_recipe  # noqa: E402
-from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward  # noqa: E402
-
-
-def mamba_ssm_passes(groups: int, eps: float):
-    """mamba-ssm's norm forward and backward as its fused op calls them, or None where it does
-    not import."""
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
-    except ImportError:
-        return None
-
-    def forward(y, z, weight):
-        out, _, rstd = _layer_norm_fwd(y, weight, None, eps, z, group_size=y.size(1) // groups,
-                                       norm_before_gate=False, is_rms_norm=True)  # fmt: skip
-        return out, rstd
-
-    def backward(dout, y, z, weight, rstd, dz):
-        dy, dw, _, _ = _layer_norm_bwd(
-            dout, y, weight, None, eps, None, rstd, z, group_size=y.size(1) // groups,
-            norm_before_gate=False, is_rms_norm=True, dz=dz,
-        )  # fmt: skip
-        return dy, dw
-
-    return forward, backward
+from toolkit.model.fused_mamba import norm_backward, norm_forward  # noqa: E402
+from toolkit.model.kernels import mamba_ssm_available  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -67,17 +45,12 @@ def run(args: argparse.Namespace) -> dict:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "rows": rows, "channels": d_inner, "groups": groups, "ms": {}}  # fmt: skip
     eps = model.norm_eps
-    sides = {
-        "ours": (lambda y, z, w: gated_norm_forward(y, z, w, groups, eps), gated_norm_backward)
-    }
-    theirs = mamba_ssm_passes(groups, eps) if device.type == "cuda" else None
-    if theirs:
-        sides["mamba_ssm"] = theirs
+    backends = ["triton"] + (["mamba_ssm"] if mamba_ssm_available() else [])
     outputs = {}
-    for name, (forward, backward) in sides.items():
-        fwd = functools.partial(forward, y, z, weight)
+    for name in backends:  # the fused op's two norms, as it calls them
+        fwd = functools.partial(norm_forward, y, z, weight, groups, eps, name)
         out, rstd = fwd()
-        bwd = functools.partial(backward, dout, y, z, weight, rstd, dz)
+        bwd = functools.partial(norm_backward, dout, y, z, weight, rstd, groups, eps, dz, name)
         dy, dw = bwd()
         outputs[name] = (out.float(), dy.float(), dz.float().clone(), dw.float())
         ms = [timed_ms(fwd, args.repeats, device), timed_ms(bwd, args.repeats, device)]
@@ -85,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{name:9}: forward {ms[0]:7.3f} ms ({3 * pass_bytes / ms[0] / 1e9:5.2f} TB/s), "
               f"backward {ms[1]:7.3f} ms ({5 * pass_bytes / ms[1] / 1e9:5.2f} TB/s)")  # fmt: skip
     if "mamba_ssm" in outputs:
-        for label, a, b in zip(("out", "dy", "dz", "dweight"), outputs["ours"], outputs["mamba_ssm"]):  # fmt: skip
+        for label, a, b in zip(("out", "dy", "dz", "dweight"), outputs["triton"], outputs["mamba_ssm"]):  # fmt: skip
             diff = float((a - b).abs().max() / b.abs().max())
             result[f"max_rel_diff_{label}"] = diff
             print(

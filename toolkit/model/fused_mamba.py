@@ -32,6 +32,7 @@ TRITON_MAMBA = frozenset(os.environ.get("TOOLKIT_TRITON_MAMBA", "").split(",")) 
 if TRITON_MAMBA - {"norm", "forward"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
                      "are 'norm' and 'forward', comma-separated")  # fmt: skip
+NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
 
 def _views(
@@ -83,6 +84,46 @@ def conv_backward(
     if target.data_ptr() != dx.data_ptr():
         dx.copy_(got.transpose(1, 2))
     return dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype)
+
+
+def norm_forward(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gated RMSNorm of y [rows, channels] by z, 1/rms) by `backend`'s kernels ('triton' ours,
+    gated_norm_kernel.py; 'mamba_ssm' its own, as its fused op calls them); z may be a slice of
+    in_proj's output."""
+    if backend == "triton":
+        return gated_norm_forward(y, z, weight, groups, eps)
+    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
+
+    out, _, rstd = _layer_norm_fwd(y, weight, None, eps, z, group_size=y.size(1) // groups,
+                                   norm_before_gate=False, is_rms_norm=True)  # fmt: skip
+    return out, rstd
+
+
+def norm_backward(
+    dout: torch.Tensor,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    groups: int,
+    eps: float,
+    dz: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_forward's gradients: (y's, the weight's); z's written into `dz` (a view of
+    in_proj's gradient). `rstd` is the same backend's."""
+    dout = dout if dout.stride(1) == 1 else dout.contiguous()
+    if backend == "triton":
+        return gated_norm_backward(dout, y, z, weight, rstd, dz)
+    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd
+
+    dy, dweight, _, _ = _layer_norm_bwd(
+        dout, y, weight, None, eps, None, rstd, z, group_size=y.size(1) // groups,
+        norm_before_gate=False, is_rms_norm=True, dz=dz,
+    )  # fmt: skip
+    return dy, dweight
 
 
 def ssd_forward_keeping_states(
@@ -178,7 +219,6 @@ class ConvScanNorm(torch.autograd.Function):
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
                 chunk_size: int, head_dim: int, groups: int, eps: float, conv_backend: str,
                 recompute: bool):  # fmt: skip
-        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
         from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_fwd
 
         d_inner = D.size(0) * head_dim
@@ -194,14 +234,9 @@ class ConvScanNorm(torch.autograd.Function):
             keeping = ssd_forward_fused if "forward" in TRITON_MAMBA else ssd_forward_keeping_states
             y, kept = keeping(x, dt, A, B, C, chunk_size, D, dt_bias)
             kept = (conv, *kept)
-        y2d, z2d = y.flatten(0, 1).flatten(-2), z.flatten(0, 1)
-        if "norm" in TRITON_MAMBA:
-            out, rstd = gated_norm_forward(y2d, z2d, norm_weight, groups, eps)
-        else:
-            out, _, rstd = _layer_norm_fwd(
-                y2d, norm_weight, None, eps, z2d, group_size=d_inner // groups,
-                norm_before_gate=False, is_rms_norm=True,
-            )  # fmt: skip
+        out, rstd = norm_forward(
+            y.flatten(0, 1).flatten(-2), z.flatten(0, 1), norm_weight, groups, eps, NORM_BACKEND
+        )
         ctx.save_for_backward(
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y, rstd, *kept
         )
@@ -211,7 +246,6 @@ class ConvScanNorm(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd
         from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd
 
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y, rstd, *kept = (
@@ -226,18 +260,10 @@ class ConvScanNorm(torch.autograd.Function):
         dz, dxbc_in, ddt = _views(dzxbcdt, d_inner, conv_weight.size(0))
         dxbc = torch.empty(xbc.shape, dtype=xbc.dtype, device=xbc.device)  # the conv's output's
         dx, dB, dC = split_xbc(dxbc, d_inner, head_dim, groups)
-        dout, y2d, z2d = dout.reshape(-1, d_inner), y.flatten(0, 1).flatten(-2), z.flatten(0, 1)
-        if "norm" in TRITON_MAMBA:
-            dout = dout if dout.stride(1) == 1 else dout.contiguous()
-            dy, dnorm_weight = gated_norm_backward(
-                dout, y2d, z2d, norm_weight, rstd, dz.flatten(0, 1)
-            )
-        else:
-            dy, dnorm_weight, _, _ = _layer_norm_bwd(
-                dout, y2d, norm_weight, None, eps, None, rstd, z2d,
-                group_size=d_inner // groups, norm_before_gate=False, is_rms_norm=True,
-                dz=dz.flatten(0, 1),
-            )  # fmt: skip
+        dy, dnorm_weight = norm_backward(
+            dout.reshape(-1, d_inner), y.flatten(0, 1).flatten(-2), z.flatten(0, 1), norm_weight,
+            rstd, groups, eps, dz.flatten(0, 1), NORM_BACKEND,
+        )  # fmt: skip
         dy = dy.view_as(y)
         if kept:
             dA, dD, ddt_bias = ssd_backward_from_states(
