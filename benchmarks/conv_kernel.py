@@ -27,32 +27,26 @@ from train_throughput import write_json  # noqa: E402
 
 from toolkit.config import load_recipe  # noqa: E402
 from toolkit.model import conv_kernel  # noqa: E402
-from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward  # noqa: E402
+from toolkit.model.fused_mamba import conv_backward, conv_forward  # noqa: E402
 
 
-def causal_conv1d_passes():
-    """causal-conv1d's forward and backward as mamba-ssm's fused op calls them, on [b, l, c]
-    views (its channel-last kernels), or None where it does not import."""
-    try:
-        from causal_conv1d.cpp_functions import (
-            causal_conv1d_bwd_function,
-            causal_conv1d_fwd_function,
-        )
-    except ImportError:
-        return None
-
-    def forward(x, w, b):
-        out = causal_conv1d_fwd_function(x.transpose(1, 2), w, b, None, None, None, True)
-        return out.transpose(1, 2)  # [b, l, c], as ours
+def passes(backend: str):
+    """The fused op's conv forward and backward by `backend` (fused_mamba.conv_forward and
+    conv_backward), the backward returning (dx, dweight, dbias) with dx written into the view
+    given."""
 
     def backward(x, w, b, dout, dx):
-        dx_t, dw, db, *_ = causal_conv1d_bwd_function(
-            x.transpose(1, 2), w, b, dout.transpose(1, 2), None, None, None,
-            dx.transpose(1, 2), False, True,
-        )  # fmt: skip
-        return dx_t.transpose(1, 2), dw, db
+        return (dx, *conv_backward(x, w, b, dout, dx, backend))
 
-    return forward, backward
+    return functools.partial(conv_forward, backend=backend), backward
+
+
+def causal_conv1d_imports() -> bool:
+    try:
+        import causal_conv1d.cpp_functions  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def with_tiles(variant: str, fn):
@@ -105,15 +99,10 @@ def run(args: argparse.Namespace) -> dict:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "recipe": str(args.recipe), "shape": [args.batch, args.seq, channels, k],
               "dtype": str(dtype), "ms": {}, "tb_per_s": {}}  # fmt: skip
-    sides = {}
-    for variant in args.variants:
-        sides[f"triton_{variant}"] = (
-            with_tiles(variant, conv_silu_forward),
-            with_tiles(variant, lambda *a: conv_silu_backward(*a[:4], dx=a[4])),
-        )
-    theirs = causal_conv1d_passes() if device.type == "cuda" else None
-    if theirs is not None:
-        sides["causal_conv1d"] = theirs
+    ours = passes("triton")
+    sides = {f"triton_{v}": tuple(with_tiles(v, f) for f in ours) for v in args.variants}
+    if device.type == "cuda" and causal_conv1d_imports():
+        sides["causal_conv1d"] = passes("causal_conv1d")
     outputs = {}
     for name, (forward, backward) in sides.items():
         fwd = timed_ms(functools.partial(forward, x, w, b), args.repeats, device)
