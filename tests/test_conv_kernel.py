@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_step_graph import in_subprocess
+from tests.test_step_graph import in_subprocess, interpret
 from toolkit.config import RecipeError, load_recipe
 from toolkit.model.kernels import fused_mamba_available
 
@@ -261,10 +261,7 @@ print("fused op agrees")
 
 
 def test_conv_kernels_are_the_torch_conv_under_the_interpreter():
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU the compiled kernels are tested")
-    in_subprocess(KERNELS, "conv kernels agree", timeout=300, TRITON_INTERPRET="1")
+    interpret(KERNELS, "conv kernels agree", timeout=300)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
@@ -279,21 +276,14 @@ def test_fused_op_is_the_mixers_torch_path_under_the_interpreter():
     gradient written into in_proj's, and the order of the returned gradients; with our conv
     and with causal-conv1d's (stood in), recomputing or keeping the conv's output and the
     SSD's states (model.mamba_recompute), each pass run as often as the choice says."""
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU against mamba-ssm's own op")
-    in_subprocess(FUSED, "fused op agrees", timeout=300, TRITON_INTERPRET="1")
+    interpret(FUSED, "fused op agrees", timeout=300)  # on a GPU: against mamba-ssm's own op
 
 
 def test_fused_op_with_our_norm_and_ssd_forward_kernels_under_the_interpreter():
     """The same with TOOLKIT_TRITON_MAMBA=norm,forward: our gated norm kernels and, where the
     states are kept, our one-kernel SSD forward in the op, fp32 (gated_norm_kernel.py and
     ssd_scan_kernel.py have their own tests)."""
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU against mamba-ssm's own op")
-    in_subprocess(FUSED, "fused op agrees", timeout=300, TRITON_INTERPRET="1",
-                  TOOLKIT_TRITON_MAMBA="norm,forward")  # fmt: skip
+    interpret(FUSED, "fused op agrees", timeout=300, TOOLKIT_TRITON_MAMBA="norm,forward")
 
 
 def test_the_backend_and_recompute_are_recipe_keys():

@@ -6,7 +6,7 @@ and there against mamba-ssm's own norm kernels."""
 import pytest
 import torch
 
-from tests.test_step_graph import in_subprocess
+from tests.test_step_graph import in_subprocess, interpret
 
 CUDA = torch.cuda.is_available()
 
@@ -53,10 +53,7 @@ print("gated norm kernels agree")
 
 
 def test_gated_norm_kernels_are_the_torch_norm_under_the_interpreter():
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU the compiled kernels are tested")
-    in_subprocess(CASES, "gated norm kernels agree", timeout=300, TRITON_INTERPRET="1")
+    interpret(CASES, "gated norm kernels agree", timeout=300)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -7,7 +7,7 @@ compiles anything), compiled on a GPU, and there against mamba-ssm's kernels
 import pytest
 import torch
 
-from tests.test_step_graph import in_subprocess
+from tests.test_step_graph import in_subprocess, interpret
 
 CUDA = torch.cuda.is_available()
 
@@ -65,10 +65,7 @@ print("ssd forward kernel agrees")
 
 
 def test_ssd_forward_kernel_is_the_reference_under_the_interpreter():
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU the compiled kernel is tested")
-    in_subprocess(CASES, "ssd forward kernel agrees", timeout=300, TRITON_INTERPRET="1")
+    interpret(CASES, "ssd forward kernel agrees", timeout=300)
 
 
 def test_ssd_forward_kernel_refuses_what_it_cannot_read():

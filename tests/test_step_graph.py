@@ -131,13 +131,14 @@ def test_staged_steps_are_the_trainers_steps_under_the_interpreter():
     interpret(INTERPRETED, "step graph agrees")
 
 
-def interpret(script: str, done: str) -> None:
+def interpret(script: str, done: str, timeout: int = 600, **env: str) -> None:
     """Run `script` under Triton's interpreter in a fresh process (the variable must be set
-    before Triton compiles anything); it prints `done` at its end."""
+    before Triton compiles anything), `env` added; it prints `done` at its end. Skipped on a
+    GPU, where the tests run the compiled code."""
     pytest.importorskip("triton")
     if CUDA:
-        pytest.skip("on a GPU the CUDA graph is tested")
-    in_subprocess(script, done, TRITON_INTERPRET="1")
+        pytest.skip("on a GPU the compiled code is tested")
+    in_subprocess(script, done, timeout=timeout, TRITON_INTERPRET="1", **env)
 
 
 def in_subprocess(script: str, done: str, *args: str, timeout: int = 600, **env: str) -> None:
