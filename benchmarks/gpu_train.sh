@@ -185,15 +185,9 @@ run gated_norm 120 python3 benchmarks/gated_norm.py --json "$W/gated_norm.json"
 run ssd_forward_gpu_test 240 python3 -m pytest -q tests/test_ssd_scan_kernel.py
 run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward p64_w8,p64_w4,p32_w4,p32_w8
 # Both in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's own,
-# then whole steps against lever_no_recompute_mbs4 / lever_no_recompute (mamba-ssm's kernels).
+# then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward run triton_mamba_gpu_test 240 python3 -m pytest -q \
   tests/test_conv_kernel.py -k fused_op_matches
-TOOLKIT_TRITON_MAMBA=norm tp lever_no_recompute_norm_mbs4 200 4 --set train.compile=true \
-  --set model.mamba_recompute=false
-TOOLKIT_TRITON_MAMBA=norm,forward tp lever_no_recompute_norm_forward_mbs4 200 4 \
-  --set train.compile=true --set model.mamba_recompute=false
-TOOLKIT_TRITON_MAMBA=norm,forward tp lever_no_recompute_norm_forward 200 8 \
-  --set train.compile=true --set model.mamba_recompute=false
 # The 800M recipe with the 8B race's fastest setting (RESULTS.md 2026-12-06): the graph, the bf16
 # weight cache, fp32 weight gradients from the GEMM and the embedding's gradient as rows (these
 # need fused gradient accumulation), against bf16_compile_mbs8 and lever_step_graph.
@@ -208,6 +202,13 @@ t8b lever_8b28l_step_graph_gb8 300 28 --accumulate 8 --set train.compile=true --
 tp lever_no_recompute 200 8 --set train.compile=true --set model.mamba_recompute=false
 tp bf16_compile_mbs4 200 4 --set train.compile=true
 tp lever_no_recompute_mbs4 200 4 --set train.compile=true --set model.mamba_recompute=false
+# (the kernels' steps, after their baselines above so a cut call still has those)
+TOOLKIT_TRITON_MAMBA=norm tp lever_no_recompute_norm_mbs4 200 4 --set train.compile=true \
+  --set model.mamba_recompute=false
+TOOLKIT_TRITON_MAMBA=norm,forward tp lever_no_recompute_norm_forward_mbs4 200 4 \
+  --set train.compile=true --set model.mamba_recompute=false
+TOOLKIT_TRITON_MAMBA=norm,forward tp lever_no_recompute_norm_forward 200 8 \
+  --set train.compile=true --set model.mamba_recompute=false
 tp lever_fastest_no_recompute 200 8 --set train.compile=true --step-graph \
   --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
   --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
