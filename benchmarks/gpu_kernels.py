@@ -10,6 +10,8 @@ from the first chunk length's (the same sums, in another order).
 
 `--fused-forward p64_w8,p32_w4`: our SSD forward in one kernel (toolkit/model/ssd_scan_kernel.py)
 against mamba-ssm's kernels at those shapes, at each setting of channels a program and warps.
+`--state-grads p64_w4`: likewise our chunk-state gradients in one kernel
+(toolkit/model/ssd_state_grad_kernel.py) against mamba-ssm's two kernels.
 
 `--profile`: each of mamba-ssm's SSD kernels at those shapes (chunk 128), forward + backward
 under torch.profiler: calls and ms per step, and the bytes the SSD's inputs, outputs and
@@ -141,39 +143,90 @@ def profile_kernels(chunk: int = 128, reps: int = 5) -> None:
         torch.cuda.empty_cache()
 
 
+def op_inputs(b: int, length: int, heads: int, p: int, groups: int, n: int, **_):
+    """The fused op's SSD inputs, bf16: x, B, C and dt slices of one row as in_proj's output
+    (after the conv) gives them; A, D and dt_bias fp32."""
+    torch.manual_seed(0)
+    H, P, G, N = heads, p, groups, n
+    row = torch.randn(b, length, H * P + 2 * G * N + H, device="cuda", dtype=torch.bfloat16)
+    x = row[..., : H * P].unflatten(-1, (H, P))
+    B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
+    C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
+    dt = row[..., H * P + 2 * G * N :].sub_(2)
+    dt_bias, D = torch.randn(H, device="cuda") * 0.5, torch.randn(H, device="cuda")
+    A = -torch.rand(H, device="cuda") - 0.5
+    return x, dt, A, B, C, D, dt_bias
+
+
+def kernel_settings(variant: str) -> tuple[int, int]:
+    """'pP_wW' -> (P channels a program, W warps)."""
+    p_block, warps = (int(v[1:]) for v in variant.split("_"))
+    return p_block, warps
+
+
 def fused_forward(variants: list[str], reps: int = 20) -> None:
     """Our SSD forward in one kernel (ssd_scan_kernel.py) against mamba-ssm's 5 kernels as the
     fused op's keeping forward runs them (fused_mamba.ssd_forward_keeping_states), at each of
-    SWEEP_SHAPES, bf16, chunk 128, x, B, C and dt slices of one row as in the op: median ms of
-    `reps` and y's largest difference. Variants 'pP_wW': P channels a program, W warps."""
+    SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and y's largest difference."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 
     from toolkit.model import ssd_scan_kernel
     from toolkit.model.fused_mamba import ssd_forward_keeping_states
 
     for name, shape in SWEEP_SHAPES.items():
-        b, L, H, P, G, N = (shape[k] for k in ("b", "length", "heads", "p", "groups", "n"))
-        torch.manual_seed(0)
-        row = torch.randn(b, L, H * P + 2 * G * N + H, device="cuda", dtype=torch.bfloat16)
-        x = row[..., : H * P].unflatten(-1, (H, P))
-        B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
-        C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
-        dt = row[..., H * P + 2 * G * N :].sub_(2)
-        dt_bias, D = torch.randn(H, device="cuda") * 0.5, torch.randn(H, device="cuda")
-        A = -torch.rand(H, device="cuda") - 0.5
+        x, dt, A, B, C, D, dt_bias = op_inputs(**shape)
         args = (x, dt, A, B, C, 128, D, dt_bias)
         want = ssd_forward_keeping_states(*args)[0].float()
         theirs = timed_ms(functools.partial(ssd_forward_keeping_states, *args), reps, x.device)
         print(f"SSD forward {name}: mamba-ssm's kernels {theirs:.3f} ms")
         for variant in variants:
-            p_block, warps = (int(v[1:]) for v in variant.split("_"))
-            ssd_scan_kernel.BLOCK_P, ssd_scan_kernel.NUM_WARPS = p_block, warps
+            ssd_scan_kernel.BLOCK_P, ssd_scan_kernel.NUM_WARPS = kernel_settings(variant)
             y = ssd_scan_kernel.ssd_forward_fused(*args)[0].float()
             ms = timed_ms(
                 functools.partial(ssd_scan_kernel.ssd_forward_fused, *args), reps, x.device
             )
             diff = float((y - want).abs().max() / want.abs().max())
             print(f"  ours {variant:8}: {ms:.3f} ms ({theirs / ms:.2f}x), y differs by {diff:.1e}")
+
+
+def state_grads(variants: list[str], reps: int = 20) -> None:
+    """Our chunk-state gradients in one kernel (ssd_state_grad_kernel.py) against mamba-ssm's
+    _chunk_scan_bwd_dstates + _state_passing_bwd as fused_mamba.ssd_backward_from_states runs
+    them, at each of SWEEP_SHAPES, bf16, chunk 128, from mamba-ssm's forward's states: median
+    ms of `reps` and the gradients' relative L2 distance."""
+    from cross_entropy import timed_ms  # benchmarks/, this script's folder
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
+
+    from toolkit.model import ssd_state_grad_kernel
+    from toolkit.model.fused_mamba import ssd_forward_keeping_states
+
+    def theirs(dy, C, dA_sums, states):
+        dout = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
+        dstates, ddA, _, _ = _state_passing_bwd(
+            states.flatten(-2), dA_sums[:, :, :, -1], dout.flatten(-2), has_initial_states=False,
+            dstates_dtype=dy.dtype, states_dtype=dy.dtype, chunk_size=dA_sums.size(-1),
+        )  # fmt: skip
+        return dstates.view_as(states), ddA
+
+    for name, shape in SWEEP_SHAPES.items():
+        x, dt, A, B, C, D, dt_bias = op_inputs(**shape)
+        _, (_, dA_sums, states) = ssd_forward_keeping_states(x, dt, A, B, C, 128, D, dt_bias)
+        dy = torch.randn_like(x)
+        args = (dy, C, dA_sums, states)
+        want = theirs(*args)
+        their_ms = timed_ms(functools.partial(theirs, *args), reps, x.device)
+        print(f"SSD state grads {name}: mamba-ssm's kernels {their_ms:.3f} ms")
+        for variant in variants:
+            ssd_state_grad_kernel.BLOCK_P, ssd_state_grad_kernel.NUM_WARPS = kernel_settings(
+                variant
+            )
+            got = ssd_state_grad_kernel.ssd_state_grads(*args)
+            ms = timed_ms(
+                functools.partial(ssd_state_grad_kernel.ssd_state_grads, *args), reps, x.device
+            )
+            diffs = ", ".join(f"{rel_l2(a, b):.1e}" for a, b in zip(got, want))
+            print(f"  ours {variant:8}: {ms:.3f} ms ({their_ms / ms:.2f}x), rel L2 {diffs}")
 
 
 def main() -> None:
@@ -191,6 +244,12 @@ def main() -> None:
         type=lambda v: v.split(","),
         metavar="VARIANTS",
         help="time our one-kernel SSD forward against mamba-ssm's, e.g. p64_w8,p32_w4",
+    )
+    parser.add_argument(
+        "--state-grads",
+        type=lambda v: v.split(","),
+        metavar="VARIANTS",
+        help="time our one-kernel chunk-state gradients against mamba-ssm's, e.g. p64_w4,p32_w4",
     )
     options = parser.parse_args()
     chunks = options.chunks
@@ -217,6 +276,8 @@ def main() -> None:
         profile_kernels()
     if options.fused_forward:
         fused_forward(options.fused_forward)
+    if options.state_grads:
+        state_grads(options.state_grads)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,20 @@ def test_compiled_ssd_forward_kernel_is_the_reference_on_the_gpu():
     in_subprocess(CASES, "ssd forward kernel agrees", "cuda", timeout=300)
 
 
+def mixer_ssd_inputs(b: int = 2, L: int = 1000, H: int = 32, P: int = 64, G: int = 8, N: int = 128):
+    """The fused op's SSD inputs at the 800M's mixer widths on the GPU: x, B, C and dt (bf16)
+    views of one row as the conv's output and in_proj's give them, A, D and dt_bias fp32."""
+    torch.manual_seed(0)
+    row = torch.randn(b, L, H * P + 2 * G * N + H, device="cuda", dtype=torch.bfloat16)
+    x = row[..., : H * P].unflatten(-1, (H, P))
+    B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
+    C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
+    dt = row[..., H * P + 2 * G * N :].sub_(2)  # a view, as the op's dt is
+    dt_bias, D = torch.randn(H, device="cuda") * 0.5, torch.randn(H, device="cuda")
+    A = -torch.rand(H, device="cuda") - 0.5
+    return x, dt, A, B, C, D, dt_bias
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
 def test_ssd_forward_kernel_matches_mamba_ssms_on_the_gpu():
     """At the 800M's mixer widths (bf16, dt a slice of in_proj's output as the op passes it):
@@ -96,15 +110,8 @@ def test_ssd_forward_kernel_matches_mamba_ssms_on_the_gpu():
     from toolkit.model.fused_mamba import ssd_backward_from_states, ssd_forward_keeping_states
     from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 
-    torch.manual_seed(0)
-    b, L, H, P, G, N, Q = 2, 1000, 32, 64, 8, 128, 128
-    row = torch.randn(b, L, H * P + 2 * G * N + H, device="cuda", dtype=torch.bfloat16)
-    x = row[..., : H * P].unflatten(-1, (H, P))
-    B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
-    C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
-    dt = row[..., H * P + 2 * G * N :].sub_(2)  # a view, as the op's dt is
-    dt_bias, D = torch.randn(H, device="cuda") * 0.5, torch.randn(H, device="cuda")
-    A = -torch.rand(H, device="cuda") - 0.5
+    x, dt, A, B, C, D, dt_bias = mixer_ssd_inputs()
+    Q = 128
     ours = ssd_forward_fused(x, dt, A, B, C, Q, D, dt_bias)
     theirs = ssd_forward_keeping_states(x, dt, A, B, C, Q, D, dt_bias)
     for name, a, t in zip(("y", "dt", "dA", "states"), (ours[0], *ours[1]), (theirs[0], *theirs[1])):  # fmt: skip

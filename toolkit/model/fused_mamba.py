@@ -24,14 +24,16 @@ import torch
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward
 from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
+from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
-# Our gated norm and one-kernel SSD forward (gated_norm_kernel.py, ssd_scan_kernel.py) in place
-# of mamba-ssm's, asked for by name ("norm", "forward"; the forward where the states are kept)
-# until they are checked and timed on a GPU: for A/B runs, off by default.
+# Our gated norm, one-kernel SSD forward and chunk-state gradients (gated_norm_kernel.py,
+# ssd_scan_kernel.py, ssd_state_grad_kernel.py) in place of mamba-ssm's, asked for by name
+# ("norm", "forward", "dstates"; the last two where the states are kept) until they are checked
+# and timed on a GPU: for A/B runs, off by default.
 TRITON_MAMBA = frozenset(os.environ.get("TOOLKIT_TRITON_MAMBA", "").split(",")) - {""}
-if TRITON_MAMBA - {"norm", "forward"}:
+if TRITON_MAMBA - {"norm", "forward", "dstates"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm' and 'forward', comma-separated")  # fmt: skip
+                     "are 'norm', 'forward' and 'dstates', comma-separated")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
 
@@ -190,12 +192,16 @@ def ssd_backward_from_states(
     groups, shape = B.size(2), states.shape[-2:]
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
-    dstates = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
-    dstates, ddA_chunk, _, states = _state_passing_bwd(
-        states.flatten(-2), dA_sums[:, :, :, -1], dstates.flatten(-2), has_initial_states=False,
-        dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
-    )  # fmt: skip
-    dstates, states = dstates.unflatten(-1, shape), states.unflatten(-1, shape)
+    if "dstates" in TRITON_MAMBA:
+        dstates, ddA_chunk, states = ssd_state_grads(dy, C, dA_sums, states)
+    else:
+        dstates = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
+        dstates, ddA_chunk, _, states = _state_passing_bwd(
+            states.flatten(-2), dA_sums[:, :, :, -1], dstates.flatten(-2),
+            has_initial_states=False, dstates_dtype=x.dtype, states_dtype=x.dtype,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+        dstates, states = dstates.unflatten(-1, shape), states.unflatten(-1, shape)
     _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
         x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
     )

@@ -1,0 +1,115 @@
+"""The SSD's chunk-state gradients in one kernel (toolkit/model/ssd_state_grad_kernel.py)
+against autograd through the states' recurrence: under Triton's interpreter on a CPU (in a
+subprocess: TRITON_INTERPRET must be set before Triton compiles anything), compiled on a GPU,
+and there against mamba-ssm's two kernels it replaces."""
+
+import pytest
+import torch
+
+from tests.test_ssd_scan_kernel import mixer_ssd_inputs
+from tests.test_step_graph import in_subprocess, interpret
+
+CUDA = torch.cuda.is_available()
+
+# The reference: chunk c passes on exp(last_c) * (the state passed in) + X_c, and its outputs
+# read the state passed in as exp(dA) * C S^T; the loss is sum(y * dy). Its gradients: X_c's is
+# the gradient of the state chunk c passes on, last_c's (dA's last sum, taken as a leaf of its
+# own) that of dA_last through it. A length that ends in a partial chunk (dy and C zero past
+# it), heads in groups of 2, one and two channel blocks a head, fp32 and bf16 (bf16 on a GPU
+# only: the interpreter's tl.dot of bf16 tiles is wrong).
+CASES = """
+import sys
+import torch
+import toolkit.model.ssd_state_grad_kernel as sk
+
+device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+torch.manual_seed(0)
+cases = [(torch.float32, 1e-4, 37, 16, 16), (torch.float32, 1e-4, 64, 32, 16),
+         (torch.bfloat16, 2e-2, 37, 32, 16)]
+if device == "cpu":
+    cases = [case for case in cases if case[0] == torch.float32]
+for dtype, tol, L, P, block_p in cases:
+    sk.BLOCK_P = block_p
+    b, H, G, N, Q = 2, 4, 2, 16, 16
+    chunks = -(-L // Q)
+    row = torch.randn(b, L, H * P + 2 * G * N, device=device).to(dtype)
+    dy = row[..., : H * P].unflatten(-1, (H, P))  # views of wider rows, as the op's are
+    C = row[..., H * P + G * N :].unflatten(-1, (G, N))
+    dA = torch.cumsum(-torch.rand(b, H, chunks, Q, device=device) * 0.3, -1)
+    X = torch.randn(b, chunks, H, P, N, device=device, requires_grad=True)
+    last = dA[..., -1].clone().requires_grad_()
+    pad = chunks * Q - L
+    dyc = torch.nn.functional.pad(dy.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, Q))
+    Cc = torch.nn.functional.pad(C.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (chunks, Q))
+    Cc = Cc.repeat_interleave(H // G, dim=3)  # [b, chunks, Q, H, N]
+    state, states, loss = torch.zeros(b, H, P, N, device=device), [], 0.0
+    for c in range(chunks):
+        states.append(state)
+        y = torch.einsum("bqhn,bhpn->bqhp", Cc[:, c], state) * dA[:, :, c].exp().mT[..., None]
+        loss = loss + (y * dyc[:, c]).sum()
+        state = state * last[:, :, c].exp()[..., None, None] + X[:, c]
+    want_dstates, want_ddA = torch.autograd.grad(loss, (X, last))
+    states = torch.stack(states, 1).detach().contiguous()
+    dstates, ddA_last, states_out = sk.ssd_state_grads(dy, C, dA, states)
+
+    def close(name, got, ref):
+        err = (got.float() - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        assert err <= tol * max(scale, 1.0), (name, dtype, L, P, err, scale)
+
+    assert dstates.dtype == states_out.dtype == dtype and ddA_last.dtype == torch.float32
+    close("dstates", dstates, want_dstates)
+    close("ddA_last", ddA_last, want_ddA)
+    close("states", states_out, states)
+print("state grad kernel agrees")
+"""
+
+
+def test_state_grad_kernel_is_autograd_under_the_interpreter():
+    interpret(CASES, "state grad kernel agrees", timeout=300)
+
+
+def test_state_grad_kernel_refuses_what_it_cannot_read():
+    pytest.importorskip("triton")
+    from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
+
+    dy, C = torch.randn(1, 32, 4, 16), torch.randn(1, 32, 2, 16)
+    dA, states = torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 4, 16, 16)
+    with pytest.raises(ValueError, match="states"):
+        ssd_state_grads(dy, C, dA, states.transpose(3, 4))
+    with pytest.raises(ValueError, match="adjacent channels"):
+        ssd_state_grads(dy.transpose(2, 3).contiguous().transpose(2, 3), C, dA, states)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_compiled_state_grad_kernel_is_autograd_on_the_gpu():
+    in_subprocess(CASES, "state grad kernel agrees", "cuda", timeout=300)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_state_grad_kernel_matches_mamba_ssms_on_the_gpu():
+    """At the 800M's mixer widths (bf16, states from mamba-ssm's forward kernels): the three
+    outputs against _chunk_scan_bwd_dstates then _state_passing_bwd, as
+    fused_mamba.ssd_backward_from_states calls them, within bf16 roundings."""
+    pytest.importorskip("mamba_ssm")
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
+
+    from toolkit.model.fused_mamba import ssd_forward_keeping_states
+    from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
+
+    x, dt, A, B, C, D, dt_bias = mixer_ssd_inputs()
+    Q, (P, N) = 128, (x.size(-1), B.size(-1))
+    _, (_, dA_sums, states) = ssd_forward_keeping_states(x, dt, A, B, C, Q, D, dt_bias)
+    dy = torch.randn_like(x)
+    ours = ssd_state_grads(dy, C, dA_sums, states)
+    theirs = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
+    dstates, ddA, _, states_lowp = _state_passing_bwd(
+        states.flatten(-2), dA_sums[:, :, :, -1], theirs.flatten(-2), has_initial_states=False,
+        dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=Q,
+    )  # fmt: skip
+    theirs = (dstates.unflatten(-1, (P, N)), ddA, states_lowp.unflatten(-1, (P, N)))
+    for name, a, t in zip(("dstates", "ddA_last", "states"), ours, theirs):
+        assert a.dtype == t.dtype and a.shape == t.shape, (name, a.dtype, t.dtype)
+        err = ((a.float() - t.float()).norm() / t.float().norm()).item()
+        assert err <= 1e-2, (name, err)
