@@ -12,6 +12,8 @@ from the first chunk length's (the same sums, in another order).
 against mamba-ssm's kernels at those shapes, at each setting of channels a program and warps.
 `--state-grads p64_w4`: likewise our chunk-state gradients in one kernel
 (toolkit/model/ssd_state_grad_kernel.py) against mamba-ssm's two kernels.
+`--backward dstates,dstates+bc`: the SSD backward from the forward's kept states with those of
+our kernels (fused_mamba.TRITON_MAMBA's names) against mamba-ssm's kernels alone.
 
 `--profile`: each of mamba-ssm's SSD kernels at those shapes (chunk 128), forward + backward
 under torch.profiler: calls and ms per step, and the bytes the SSD's inputs, outputs and
@@ -229,6 +231,39 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
             print(f"  ours {variant:8}: {ms:.3f} ms ({their_ms / ms:.2f}x), rel L2 {diffs}")
 
 
+def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
+    """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
+    set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
+    bc; 'none' for mamba-ssm's alone), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of
+    `reps` and each gradient's relative L2 distance from mamba-ssm's."""
+    from cross_entropy import timed_ms  # benchmarks/, this script's folder
+
+    import toolkit.model.fused_mamba as fm
+
+    names = ("dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias")
+    for name, shape in SWEEP_SHAPES.items():
+        x, dt, A, B, C, D, dt_bias = op_inputs(**shape)
+        args = (x, dt, A, B, C, 128, D, dt_bias)
+        _, kept = fm.ssd_forward_keeping_states(*args)
+        dy = torch.randn_like(x)
+        out = [torch.empty_like(t) for t in (x, dt, B, C)]
+
+        def backward(dy=dy, args=args, kept=kept, out=out):
+            return [*out, *fm.ssd_backward_from_states(dy, *args, kept, *out)]
+
+        fm.TRITON_MAMBA = frozenset()
+        want = [t.clone() for t in backward()]
+        their_ms = timed_ms(backward, reps, x.device)
+        print(f"SSD backward from the states {name}: mamba-ssm's kernels {their_ms:.3f} ms")
+        for kernel_set in kernel_sets:
+            fm.TRITON_MAMBA = frozenset(kernel_set.split("+")) - {"none"}
+            got = backward()
+            diffs = ", ".join(f"{n} {rel_l2(a, b):.1e}" for n, a, b in zip(names, got, want))
+            ms = timed_ms(backward, reps, x.device)
+            print(f"  {kernel_set:12}: {ms:.3f} ms ({their_ms / ms:.2f}x); rel L2 {diffs}")
+        fm.TRITON_MAMBA = frozenset()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -250,6 +285,12 @@ def main() -> None:
         type=lambda v: v.split(","),
         metavar="VARIANTS",
         help="time our one-kernel chunk-state gradients against mamba-ssm's, e.g. p64_w4,p32_w4",
+    )
+    parser.add_argument(
+        "--backward",
+        type=lambda v: v.split(","),
+        metavar="SETS",
+        help="time the SSD backward from kept states with our kernels, e.g. dstates,dstates+bc",
     )
     options = parser.parse_args()
     chunks = options.chunks
@@ -278,6 +319,8 @@ def main() -> None:
         fused_forward(options.fused_forward)
     if options.state_grads:
         state_grads(options.state_grads)
+    if options.backward:
+        backward_from_states(options.backward)
 
 
 if __name__ == "__main__":

@@ -23,17 +23,19 @@ import torch
 
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward
 from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward
+from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
-# Our gated norm, one-kernel SSD forward and chunk-state gradients (gated_norm_kernel.py,
-# ssd_scan_kernel.py, ssd_state_grad_kernel.py) in place of mamba-ssm's, asked for by name
-# ("norm", "forward", "dstates"; the last two where the states are kept) until they are checked
-# and timed on a GPU: for A/B runs, off by default.
+# Our gated norm, one-kernel SSD forward, chunk-state gradients and B's, C's and dA's gradients
+# (gated_norm_kernel.py, ssd_scan_kernel.py, ssd_state_grad_kernel.py, ssd_bc_grad_kernel.py)
+# in place of mamba-ssm's, asked for by name ("norm", "forward", "dstates", "bc"; all but the
+# norm where the states are kept) until they are checked and timed on a GPU: for A/B runs, off
+# by default.
 TRITON_MAMBA = frozenset(os.environ.get("TOOLKIT_TRITON_MAMBA", "").split(",")) - {""}
-if TRITON_MAMBA - {"norm", "forward", "dstates"}:
+if TRITON_MAMBA - {"norm", "forward", "dstates", "bc"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm', 'forward' and 'dstates', comma-separated")  # fmt: skip
+                     "are 'norm', 'forward', 'dstates' and 'bc', comma-separated")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
 
@@ -192,27 +194,31 @@ def ssd_backward_from_states(
     groups, shape = B.size(2), states.shape[-2:]
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    ours = "bc" in TRITON_MAMBA  # B's, C's and dA's gradients by ssd_bc_grads
     if "dstates" in TRITON_MAMBA:
-        dstates, ddA_chunk, states = ssd_state_grads(dy, C, dA_sums, states)
+        dstates, ddA_chunk, states_lowp = ssd_state_grads(dy, C, dA_sums, states, not ours)
     else:
         dstates = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
-        dstates, ddA_chunk, _, states = _state_passing_bwd(
+        dstates, ddA_chunk, _, states_lowp = _state_passing_bwd(
             states.flatten(-2), dA_sums[:, :, :, -1], dstates.flatten(-2),
             has_initial_states=False, dstates_dtype=x.dtype, states_dtype=x.dtype,
             chunk_size=chunk_size,
         )  # fmt: skip
-        dstates, states = dstates.unflatten(-1, shape), states.unflatten(-1, shape)
+        dstates, states_lowp = dstates.unflatten(-1, shape), states_lowp.unflatten(-1, shape)
     _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
         x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
     )
-    dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
-    dC_part, ddA_prev = _chunk_scan_bwd_dC(states, dA_sums, dy, C=C, ngroups=groups)
-    dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
-    _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
-    _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
-    ddA_prev[..., -1] += ddA_chunk
-    ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
-    ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+    if ours:
+        ddA = ssd_bc_grads(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_chunk, dB, dC)
+    else:
+        dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
+        dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
+        dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
+        _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
+        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
+        ddA_prev[..., -1] += ddA_chunk
+        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
+        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
     _, dA, ddt_bias = _chunk_cumsum_bwd(
         ddA, ddt_soft, dt, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt
     )

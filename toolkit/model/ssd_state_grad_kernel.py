@@ -52,7 +52,8 @@ if triton_imports():
             at = (((b64 * CHUNKS + c) * H + h) * P + cols[:, None]) * N + n[None, :]
             state = tl.load(states + at, col_ok[:, None], 0.0)
             tl.store(dstates + at, grad.to(dstates.dtype.element_ty), col_ok[:, None])
-            tl.store(states_out + at, state.to(states_out.dtype.element_ty), col_ok[:, None])
+            if states_out is not None:
+                tl.store(states_out + at, state.to(states_out.dtype.element_ty), col_ok[:, None])
             # dA_last's gradient through the state passed on: exp(dA_last) sum(state * grad)
             tl.atomic_add(
                 ddA_last + (b64 * H + h) * CHUNKS + c, tl.exp(last) * tl.sum(state * grad)
@@ -67,14 +68,18 @@ if triton_imports():
 
 
 def ssd_state_grads(
-    dy: torch.Tensor, C: torch.Tensor, dA_sums: torch.Tensor, states: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dy: torch.Tensor,
+    C: torch.Tensor,
+    dA_sums: torch.Tensor,
+    states: torch.Tensor,
+    lowp_states: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """From dy [b, l, h, p] (adjacent channels), C [b, l, g, n] (adjacent state), dA's sums
     within each chunk [b, h, chunks, chunk] and the states passed into each chunk
     [b, chunks, h, p, n] (fp32, contiguous): (the gradient of the state each chunk passes on
     [b, chunks, h, p, n] in dy's dtype, that of each chunk's last dA sum through it
-    [b, h, chunks] in fp32, the states in dy's dtype): mamba-ssm's _chunk_scan_bwd_dstates and
-    _state_passing_bwd (without initial states) in one kernel."""
+    [b, h, chunks] in fp32, the states in dy's dtype or None without `lowp_states`): mamba-ssm's
+    _chunk_scan_bwd_dstates and _state_passing_bwd (without initial states) in one kernel."""
     b, L, H, P = dy.shape
     G, N = C.shape[2:]
     chunks, chunk_size = dA_sums.shape[2:]
@@ -86,7 +91,9 @@ def ssd_state_grads(
         raise ValueError(f"states {tuple(states.shape)}: want contiguous {(b, chunks, H, P, N)}")
     dA_sums = dA_sums.contiguous()
     dstates = torch.empty(states.shape, dtype=dy.dtype, device=dy.device)
-    states_out = torch.empty(states.shape, dtype=dy.dtype, device=dy.device)
+    states_out = (
+        torch.empty(states.shape, dtype=dy.dtype, device=dy.device) if lowp_states else None
+    )
     ddA_last = torch.zeros(b, H, chunks, dtype=torch.float32, device=dy.device)
     block_p = min(BLOCK_P, triton.next_power_of_2(P))
     grid = (triton.cdiv(P, block_p), H, b)
