@@ -28,14 +28,14 @@ from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
 # Our gated norm, one-kernel SSD forward, chunk-state gradients and B's, C's and dA's gradients
-# (gated_norm_kernel.py, ssd_scan_kernel.py, ssd_state_grad_kernel.py, ssd_bc_grad_kernel.py)
-# in place of mamba-ssm's, asked for by name ("norm", "forward", "dstates", "bc"; all but the
-# norm where the states are kept) until they are checked and timed on a GPU: for A/B runs, off
-# by default.
+# (gated_norm_kernel.py, ssd_scan_kernel.py, ssd_state_grad_kernel.py, ssd_bc_grad_kernel.py;
+# "dx": that kernel makes x's and dt's too) in place of mamba-ssm's, asked for by name ("norm",
+# "forward", "dstates", "bc", "dx"; all but the norm where the states are kept) until they are
+# checked and timed on a GPU: for A/B runs, off by default.
 TRITON_MAMBA = frozenset(os.environ.get("TOOLKIT_TRITON_MAMBA", "").split(",")) - {""}
-if TRITON_MAMBA - {"norm", "forward", "dstates", "bc"}:
+if TRITON_MAMBA - {"norm", "forward", "dstates", "bc", "dx"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm', 'forward', 'dstates' and 'bc', comma-separated")  # fmt: skip
+                     "are 'norm', 'forward', 'dstates', 'bc' and 'dx', comma-separated")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
 
@@ -178,7 +178,8 @@ def ssd_backward_from_states(
     """The gradients of ssd_forward_keeping_states from what it kept: x's, dt's (before the
     softplus), B's and C's written into the views given; (A's, D's, dt_bias's) returned. The
     kernels of mamba-ssm's combined backward in its order, less its recompute of the states
-    (C Bt, 1 MB a chunk and head group in fp32, is made again: cheap beside its bytes)."""
+    (C Bt, 1 MB a chunk and head group in fp32, is made again: cheap beside its bytes), or
+    ours where TRITON_MAMBA names them."""
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import (
         _chunk_scan_bwd_dC,
@@ -193,8 +194,7 @@ def ssd_backward_from_states(
     dt_soft, dA_sums, states = kept
     groups, shape = B.size(2), states.shape[-2:]
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
-    ours = "bc" in TRITON_MAMBA  # B's, C's and dA's gradients by ssd_bc_grads
+    ours = TRITON_MAMBA & {"bc", "dx"}  # ssd_bc_grads reads the fp32 states: no bf16 copy
     if "dstates" in TRITON_MAMBA:
         dstates, ddA_chunk, states_lowp = ssd_state_grads(dy, C, dA_sums, states, not ours)
     else:
@@ -205,20 +205,25 @@ def ssd_backward_from_states(
             chunk_size=chunk_size,
         )  # fmt: skip
         dstates, states_lowp = dstates.unflatten(-1, shape), states_lowp.unflatten(-1, shape)
-    _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
-        x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
-    )
-    if ours:
-        ddA = ssd_bc_grads(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_chunk, dB, dC)
+    bc_args = (x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_chunk, dB, dC)
+    if "dx" in TRITON_MAMBA:  # one kernel: x's, dt's (but through dA), B's, C's, dA's, D's
+        ddA, ddt_soft, dD = ssd_bc_grads(*bc_args, D=D, dx=dx)
     else:
-        dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
-        dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
-        dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
-        _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
-        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
-        ddA_prev[..., -1] += ddA_chunk
-        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
-        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+        CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+        _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
+            x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
+        )
+        if "bc" in TRITON_MAMBA:
+            ddA = ssd_bc_grads(*bc_args)[0]
+        else:
+            dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)  # fmt: skip
+            dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
+            dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
+            _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
+            _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
+            ddA_prev[..., -1] += ddA_chunk
+            ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
+            ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
     _, dA, ddt_bias = _chunk_cumsum_bwd(
         ddA, ddt_soft, dt, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt
     )

@@ -9,15 +9,18 @@ passing through memory in fp32; 1.2 of the SSD backward's 2.3 ms a layer at the 
 on an H100 (RESULTS.md 2026-12-06 afternoon). Here a program takes one chunk of one sequence
 for one group of heads and, head by head, adds each head's part of dB and dC in registers,
 writing them once, and writes each head's gradient of dA (each step's dt * A) in fp32, summed
-in mamba-ssm's stable order (no difference of cumulative sums). The op takes it only where
-TOOLKIT_TRITON_MAMBA names "bc": it waits for its check and timing on a GPU
-(tests/test_ssd_bc_grad_kernel.py, benchmarks/gpu_kernels.py --bc-grads).
+in mamba-ssm's stable order (no difference of cumulative sums). Given dx it also makes x's, dt's
+(but through dA) and D's gradients, which mamba-ssm's backward makes in one more kernel from C Bt
+made again. The op takes it only where TOOLKIT_TRITON_MAMBA names "bc" or "dx" (with x's): it
+waits for its check and timing on a GPU (tests/test_ssd_bc_grad_kernel.py,
+benchmarks/gpu_kernels.py --backward).
 
 With s the sums of dA within a chunk, S the state passed in, G the gradient of the one passed
 on and w_j = exp(s_last - s_j) dt_j, the chunk's outputs are y_i = exp(s_i) C_i S^T +
 sum_{j <= i} (C_i . B_j) exp(s_i - s_j) dt_j x_j, and it passes on exp(s_last) S + sum_j w_j
 x_j B_j^T, so
     dC_i = exp(s_i) dy_i S + sum_j dCB_ij B_j,   dB_j = w_j x_j G + sum_i dCB_ij C_i,
+    dx_j = w_j B_j G^T + sum_i (C_i . B_j) exp(s_i - s_j) dt_j dy_i + D dy_j,
 with dCB_ij = (dy_i . x_j) exp(s_i - s_j) dt_j (j <= i, summed over the group's heads).
 """
 
@@ -33,9 +36,10 @@ if triton_imports():
 
     @triton.jit
     def _ssd_bc_grad_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dB, dC,
-                            ddA, L, stride_x_b, stride_x_l, stride_x_h, stride_dy_b, stride_dy_l,
-                            stride_dy_h, stride_bc_b, stride_bc_l, stride_bc_g, stride_dbc_b,
-                            stride_dbc_l, stride_dbc_g, HEADS_PER_GROUP: tl.constexpr,
+                            ddA, D, dx, ddt, dD, L, stride_x_b, stride_x_l, stride_x_h,
+                            stride_dy_b, stride_dy_l, stride_dy_h, stride_bc_b, stride_bc_l,
+                            stride_bc_g, stride_dbc_b, stride_dbc_l, stride_dbc_g, stride_dx_b,
+                            stride_dx_l, stride_dx_h, HEADS_PER_GROUP: tl.constexpr,
                             P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr):  # fmt: skip
         c, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         CHUNKS = tl.num_programs(0)
@@ -84,8 +88,23 @@ if triton_imports():
             # within the chunk: dCB, and each step k's gradient: the decays exp(s_i - s_j) that
             # span it (j < k <= i), each row's partial sums over j, never a difference of totals
             decay = tl.exp(tl.where(causal, s[:, None] - s[None, :], -float("inf")))
-            dcb = tl.dot(dyc, tl.trans(xc)) * decay * dt_s[None, :]
+            dyx_decay = tl.dot(dyc, tl.trans(xc)) * decay
+            dcb = dyx_decay * dt_s[None, :]
             z = dcb * cb
+            if dx is not None:  # x's gradient, dt's (but through dA) and D's
+                m = cb * decay * dt_s[None, :]
+                dxc = tl.dot(tl.trans(m.to(dyc.dtype)), dyc)
+                dxc += tl.dot(Bc, tl.trans(grad)) * w[:, None]
+                d = 0.0
+                if D is not None:
+                    d = tl.load(D + h).to(tl.float32)
+                    tl.store(dD + (b64 * CHUNKS + c) * H + h, tl.sum(dyc.to(tl.float32) * xc.to(tl.float32)))  # fmt: skip
+                dxc += d * dyc.to(tl.float32)
+                dxo = b64 * stride_dx_b + t64[:, None] * stride_dx_l + h * stride_dx_h + p[None, :]
+                tl.store(dx + dxo, dxc.to(dx.dtype.element_ty), rows)
+                ddt_in = tl.sum(dyx_decay * cb, axis=0)
+                ddt_out = tl.exp(last - s) * tl.sum(xg * Bc.to(tl.float32), axis=1)
+                tl.store(ddt + at, ddt_in + ddt_out)
             spans = tl.cumsum(z, axis=1) - z  # [i, k]: sum_{j < k} z_ij
             within = tl.sum(tl.where(causal, spans, 0.0), axis=0)
             dC_sum += tl.dot(dcb.to(Bc.dtype), Bc)
@@ -110,18 +129,23 @@ def ssd_bc_grads(
     ddA_last: torch.Tensor,
     dB: torch.Tensor,
     dC: torch.Tensor,
-) -> torch.Tensor:
+    D: torch.Tensor | None = None,
+    dx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """B's and C's gradients written into dB and dC (B's shape and strides) and dA's (each
     step's dt * A, [b, h, chunks, chunk] fp32) returned, from x and dy [b, l, h, p], dt after
     the softplus and dA's sums within each chunk [b, h, chunks, chunk] (fp32), B and C
     [b, l, g, n], the states passed into each chunk [b, chunks, h, p, n] (fp32), the gradients
     of those each passes on (same shape) and of each chunk's last dA sum through it
-    [b, h, chunks] (ssd_state_grad_kernel.ssd_state_grads). Channels adjacent throughout."""
+    [b, h, chunks] (ssd_state_grad_kernel.ssd_state_grads). Channels adjacent throughout.
+    Given dx (x's shape), also x's gradient (with D's skip [h], if given) written into it, and
+    returned (dA's, dt's through all but dA [b, h, chunks, chunk] fp32, D's [h] fp32 or None);
+    without, (dA's, None, None)."""
     b, L, H, P = x.shape
     G, N = B.shape[2:]
     chunks, chunk_size = dA_sums.shape[2:]
-    if any(t.stride(-1) != 1 for t in (x, dy, B, C, dB, dC)):
-        raise ValueError("x, dy, B, C, dB and dC need adjacent channels")
+    if any(t.stride(-1) != 1 for t in (x, dy, B, C, dB, dC, *([dx] if dx is not None else []))):
+        raise ValueError("x, dy, B, C, dB, dC and dx need adjacent channels")
     if C.stride() != B.stride() or dC.stride() != dB.stride():
         raise ValueError("C's strides must be B's and dC's dB's")
     if H % G or chunk_size & (chunk_size - 1) or N & (N - 1) or P & (P - 1):
@@ -132,11 +156,16 @@ def ssd_bc_grads(
         if t.shape != (b, chunks, H, P, N) or not t.is_contiguous():
             raise ValueError(f"{name} {tuple(t.shape)}: want contiguous {(b, chunks, H, P, N)}")
     dt_soft, dA_sums, ddA_last = dt_soft.contiguous(), dA_sums.contiguous(), ddA_last.contiguous()
-    ddA = torch.empty(dA_sums.shape, dtype=torch.float32, device=x.device)
+    fp32 = dict(dtype=torch.float32, device=x.device)
+    ddA = torch.empty(dA_sums.shape, **fp32)
+    ddt = torch.empty(dA_sums.shape, **fp32) if dx is not None else None
+    dD = torch.empty(b, chunks, H, **fp32) if dx is not None and D is not None else None
+    dx_strides = dx.stride()[:3] if dx is not None else (0, 0, 0)
     _ssd_bc_grad_kernel[(chunks, G, b)](
-        x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dB, dC, ddA, L,
+        x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dB, dC, ddA,
+        D if dx is not None else None, dx, ddt, dD, L,
         x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
         B.stride(0), B.stride(1), B.stride(2), dB.stride(0), dB.stride(1), dB.stride(2),
-        HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, num_warps=NUM_WARPS,
+        *dx_strides, HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, num_warps=NUM_WARPS,
     )  # fmt: skip
-    return ddA
+    return ddA, ddt, dD.sum((0, 1)) if dD is not None else None
