@@ -197,19 +197,10 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
     them, at each of SWEEP_SHAPES, bf16, chunk 128, from mamba-ssm's forward's states: median
     ms of `reps` and the gradients' relative L2 distance."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
-    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
-    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
     from toolkit.model import ssd_state_grad_kernel
     from toolkit.model.fused_mamba import ssd_forward_keeping_states
-
-    def theirs(dy, C, dA_sums, states):
-        dout = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
-        dstates, ddA, _, _ = _state_passing_bwd(
-            states.flatten(-2), dA_sums[:, :, :, -1], dout.flatten(-2), has_initial_states=False,
-            dstates_dtype=dy.dtype, states_dtype=dy.dtype, chunk_size=dA_sums.size(-1),
-        )  # fmt: skip
-        return dstates.view_as(states), ddA
+    from toolkit.model.fused_mamba import ssd_state_grads_by_mamba_ssm as theirs
 
     for name, shape in SWEEP_SHAPES.items():
         x, dt, A, B, C, D, dt_bias = op_inputs(**shape)
@@ -234,7 +225,7 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
 def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
     """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
     set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
-    bc; 'none' for mamba-ssm's alone), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of
+    bc, dx; 'none' for mamba-ssm's alone), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of
     `reps` and each gradient's relative L2 distance from mamba-ssm's."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 

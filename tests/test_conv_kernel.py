@@ -187,9 +187,18 @@ def forward_keeping(x, dt, A, B, C, chunk_size, D, dt_bias):
     return ssd(x, dt, A, B, C, chunk_size, D, dt_bias), KEPT[-1]
 
 
+# With TOOLKIT_TRITON_MAMBA naming all of the SSD backward's kernels of ours ("dstates", "dx"),
+# the op's own backward from the kept states runs them: no mamba-ssm kernel stood in.
+OURS_BACKWARD = {"dstates", "dx"} <= fm.TRITON_MAMBA
+backward_by_our_kernels = fm.ssd_backward_from_states
+
+
 def backward_from(dy, x, dt, A, B, C, chunk_size, D, dt_bias, kept, dx, ddt, dB, dC):
     assert [t.data_ptr() for t in kept] == [t.data_ptr() for t in KEPT[-1]]
     CONV_CALLS.append("ssd backward")
+    if OURS_BACKWARD:
+        return backward_by_our_kernels(dy, x, dt, A, B, C, chunk_size, D, dt_bias, kept, dx,
+                                       ddt, dB, dC)
     got = scan_bwd(dy, x, dt, A, B, C, None, chunk_size, D=D, dt_bias=dt_bias,
                    dt_softplus=True, dx=dx, ddt=ddt, dB=dB, dC=dC)
     return got[2], got[5], got[7]
@@ -279,11 +288,12 @@ def test_fused_op_is_the_mixers_torch_path_under_the_interpreter():
     interpret(FUSED, "fused op agrees", timeout=300)  # on a GPU: against mamba-ssm's own op
 
 
-def test_fused_op_with_our_norm_and_ssd_forward_kernels_under_the_interpreter():
-    """The same with TOOLKIT_TRITON_MAMBA=norm,forward: our gated norm kernels and, where the
-    states are kept, our one-kernel SSD forward in the op, fp32 (gated_norm_kernel.py and
-    ssd_scan_kernel.py have their own tests)."""
-    interpret(FUSED, "fused op agrees", timeout=300, TOOLKIT_TRITON_MAMBA="norm,forward")
+def test_fused_op_with_all_our_kernels_under_the_interpreter():
+    """The same with TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx: our gated norm kernels and,
+    where the states are kept, our SSD forward and backward kernels in the op (no mamba-ssm
+    kernel then), fp32 (gated_norm_kernel.py, ssd_scan_kernel.py, ssd_state_grad_kernel.py and
+    ssd_bc_grad_kernel.py have their own tests)."""
+    interpret(FUSED, "fused op agrees", timeout=300, TOOLKIT_TRITON_MAMBA="norm,forward,dstates,dx")
 
 
 def test_the_backend_and_recompute_are_recipe_keys():

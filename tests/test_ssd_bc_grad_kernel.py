@@ -11,83 +11,92 @@ from tests.test_step_graph import in_subprocess, interpret
 
 CUDA = torch.cuda.is_available()
 
-# The reference: y_t = sum_{s <= t} (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s over the whole
-# sequence, each step's a (dt * A) a leaf of its own; the loss sum(y * dy). The kernels get
-# what the forward keeps (the states passed into each chunk, dA's sums within it, chunked as
-# the reference chunked scan's prefixes end), and their dB, dC and a's gradient must be
-# autograd's, and with dx given x's, dt's (but through a) and D's. A length that ends in a
-# partial chunk, heads in groups of 2 and 4, B, C, x and dy views of wider rows, fp32 (bf16 on a
-# GPU only: the interpreter's tl.dot of bf16 tiles is wrong).
+# The reference: y_t = sum_{s <= t} (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s (+ D x_t) over
+# the whole sequence, dt = softplus(dt + dt_bias) and a = dt * A; the loss sum(y * dy). The
+# kernels get what the forward keeps (the states passed into each chunk, dA's sums within it,
+# chunked as the reference chunked scan's prefixes end), and their dB, dC and a's gradient must
+# be autograd's; all of them, dt's before the softplus, D's, A's and dt_bias's too. A length that
+# ends in a partial chunk, a dt_bias on softplus's linear side, D and none, heads in groups of 2
+# and 4, B, C, x and dy views of wider rows, fp32 (bf16 on a GPU only: the interpreter's tl.dot
+# of bf16 tiles is wrong).
 CASES = """
 import sys
 import torch
+import torch.nn.functional as F
 from toolkit.model.ssd import ssd_chunked
-from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads
+from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads, ssd_input_grads
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 torch.manual_seed(0)
-cases = [(torch.float32, 1e-4, 37, 4, 2), (torch.float32, 1e-4, 48, 8, 2),
-         (torch.bfloat16, 3e-2, 37, 8, 2)]
+cases = [(torch.float32, 1e-4, 37, 4, 2, True), (torch.float32, 1e-4, 48, 8, 2, False),
+         (torch.bfloat16, 3e-2, 37, 8, 2, True)]
 if device == "cpu":
     cases = [case for case in cases if case[0] == torch.float32]
-for dtype, tol, L, H, G in cases:
+for dtype, tol, L, H, G, with_d in cases:
     b, P, N, Q = 2, 16, 16, 16
     chunks = -(-L // Q)
-    row = torch.randn(b, L, 2 * H * P + 2 * G * N + 8, device=device).to(dtype)
+    row = torch.randn(b, L, 2 * H * P + 2 * G * N + H + 8, device=device).to(dtype)
     x = row[..., : H * P].unflatten(-1, (H, P))
     dy = row[..., H * P : 2 * H * P].unflatten(-1, (H, P))
     B = row[..., 2 * H * P : 2 * H * P + G * N].unflatten(-1, (G, N))
     C = row[..., 2 * H * P + G * N : 2 * H * P + 2 * G * N].unflatten(-1, (G, N))
-    dt = torch.rand(b, L, H, device=device) * 0.5 + 0.05
+    dt = row[..., 2 * H * P + 2 * G * N : 2 * H * P + 2 * G * N + H]  # before the softplus
+    dt_bias = torch.randn(H, device=device) * 0.5 - 1
+    dt_bias[0] = 25.0  # softplus's linear side (mamba-ssm's threshold: 20)
     A = -torch.rand(H, device=device) - 0.5
-    D = torch.randn(H, device=device)
-    a = (dt * A).requires_grad_()
-    xl, dtl, Dl = x.float().requires_grad_(), dt.clone().requires_grad_(), D.clone().requires_grad_()
-    Bl, Cl = B.float().requires_grad_(), C.float().requires_grad_()
+    D = torch.randn(H, device=device) if with_d else None
+    leaves = [t.float().requires_grad_() for t in (x, B, C, dt, dt_bias, A)]
+    xl, Bl, Cl, dtl, biasl, Al = leaves
+    if with_d:
+        leaves.append(D.clone().requires_grad_())
+    soft = torch.where(dtl + biasl > 20, dtl + biasl, F.softplus(dtl + biasl))
+    a = soft * Al  # each step's dA: its gradient asked for too
     Bh, Ch = (t.repeat_interleave(H // G, dim=2) for t in (Bl, Cl))
     cum = torch.cumsum(a, 1)  # [b, l, h]
     span = cum[:, :, None] - cum[:, None, :]  # [b, t, s, h]
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None, :, :, None]
     decay = torch.where(causal, span, -torch.inf).exp()
-    y = torch.einsum("bthn,bshn,btsh,bsh,bshp->bthp", Ch, Bh, decay, dtl, xl) + xl * Dl[:, None]
-    leaves = (a, Bl, Cl, xl, dtl, Dl)
-    da, want_dB, want_dC, want_dx, want_ddt, want_dD = torch.autograd.grad((y * dy.float()).sum(), leaves)
-    # what the forward keeps: dt and dA's sums [b, h, chunks, Q], the states passed in
+    y = torch.einsum("bthn,bshn,btsh,bsh,bshp->bthp", Ch, Bh, decay, soft, xl)
+    if with_d:
+        y = y + xl * leaves[-1][:, None]
+    da, *want = torch.autograd.grad((y * dy.float()).sum(), [a, *leaves])
+    # what the forward keeps: dt after the softplus and dA's sums [b, h, chunks, Q], the states
+    soft = soft.detach()
     pad = chunks * Q - L
-    dt_soft = torch.nn.functional.pad(dt, (0, 0, 0, pad)).unflatten(1, (chunks, Q))
-    dt_soft = dt_soft.permute(0, 3, 1, 2).contiguous()
+    dt_soft = F.pad(soft, (0, 0, 0, pad)).unflatten(1, (chunks, Q)).permute(0, 3, 1, 2)
+    dt_soft = dt_soft.contiguous()
     dA_sums = torch.cumsum(dt_soft * A[:, None, None], -1)
     states = torch.zeros(b, chunks, H, P, N, device=device)
     for c in range(1, chunks):
-        _, states[:, c] = ssd_chunked(x[:, : c * Q].float(), dt[:, : c * Q], A,
+        _, states[:, c] = ssd_chunked(x[:, : c * Q].float(), soft[:, : c * Q], A,
                                       B[:, : c * Q].float(), C[:, : c * Q].float(), Q)
     dstates, ddA_last, lowp = ssd_state_grads(dy, C, dA_sums, states, lowp_states=False)
-    assert lowp is None  # as the op asks: the kernel below reads the fp32 states
-    args = (x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last)
-
-    def unchunk(t):  # [b, h, chunks, Q] -> [b, l, h]
-        return t.permute(0, 2, 3, 1).flatten(1, 2)[:, :L]
+    assert lowp is None  # as the op asks: the kernels below read the fp32 states
 
     def close(name, got, ref):
         err = (got.float() - ref).abs().max().item()
         scale = ref.abs().max().item()
         assert err <= tol * max(scale, 1.0), (name, dtype, L, H, err, scale)
 
-    # B's, C's and dA's alone (mamba-ssm's kernel makes x's), then x's, dt's and D's too
-    for with_dx in (False, True):
-        dB, dC = torch.full_like(B, float("nan")), torch.full_like(C, float("nan"))
-        dx = torch.full_like(x, float("nan")) if with_dx else None
-        ddA, ddt, dD = ssd_bc_grads(*args, dB, dC, D=D, dx=dx)
-        close("dB", dB, want_dB)
-        close("dC", dC, want_dC)
-        close("dA", unchunk(ddA), da)
-        if with_dx:
-            close("dx", dx, want_dx)
-            close("ddt", unchunk(ddt), want_ddt)
-            close("dD", dD, want_dD)
-        else:
-            assert ddt is None and dD is None
+    def nans(t):
+        return torch.full_like(t, float("nan"))
+
+    # B's, C's and each step's dA's alone (mamba-ssm's kernels make the rest) ...
+    dB, dC = nans(B), nans(C)
+    ddA = ssd_bc_grads(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dB, dC)
+    close("dB", dB, want[1])
+    close("dC", dC, want[2])
+    close("dA", ddA.permute(0, 2, 3, 1).flatten(1, 2)[:, :L], da)
+    # ... then all of them, dt's into a view of a wider row as in the op
+    dx, dB, dC, ddt = nans(x), nans(B), nans(C), nans(row)[..., 5 : 5 + H]
+    kept = (dt_soft, dA_sums, states)
+    dA, dD, ddt_bias = ssd_input_grads(x, dy, dt, A, dt_bias, D, kept, B, C, dstates, ddA_last,
+                                       dx, ddt, dB, dC)
+    for name, got, ref in zip(("dx", "dB", "dC", "ddt", "ddt_bias", "dA", "dD"),
+                              (dx, dB, dC, ddt, ddt_bias, dA, dD), want):
+        close(name, got, ref)
+    assert (dD is None) == (not with_d)
 print("bc grad kernel agrees")
 """
 
@@ -121,8 +130,8 @@ def test_compiled_bc_grad_kernel_is_autograd_on_the_gpu():
 def test_bc_grad_kernel_matches_mamba_ssms_on_the_gpu(monkeypatch):
     """At the 800M's mixer widths (bf16, from mamba-ssm's forward kernels' kept tensors): dx,
     dt's, B's, C's, A's, D's and dt_bias's gradients of fused_mamba.ssd_backward_from_states
-    with our two kernels (B's, C's and dA's; and x's too) against those with mamba-ssm's,
-    within bf16 roundings."""
+    with our kernels (B's, C's and dA's; all but the state gradients; and those too) against
+    those with mamba-ssm's, within bf16 roundings."""
     pytest.importorskip("mamba_ssm")
     import toolkit.model.fused_mamba as fm
 
@@ -131,7 +140,8 @@ def test_bc_grad_kernel_matches_mamba_ssms_on_the_gpu(monkeypatch):
     _, kept = fm.ssd_forward_keeping_states(*args)
     dy = torch.randn_like(x)
     grads = []
-    for names in (frozenset(), frozenset({"dstates", "bc"}), frozenset({"dstates", "dx"})):
+    sets = [set(), {"bc"}, {"dx"}, {"dstates", "bc"}, {"dstates", "dx"}]
+    for names in map(frozenset, sets):
         monkeypatch.setattr(fm, "TRITON_MAMBA", names)
         out = [torch.empty_like(t) for t in (x, dt, B, C)]
         rest = fm.ssd_backward_from_states(dy, *args, kept, *out)

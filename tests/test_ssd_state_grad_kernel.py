@@ -90,25 +90,16 @@ def test_compiled_state_grad_kernel_is_autograd_on_the_gpu():
 def test_state_grad_kernel_matches_mamba_ssms_on_the_gpu():
     """At the 800M's mixer widths (bf16, states from mamba-ssm's forward kernels): the three
     outputs against _chunk_scan_bwd_dstates then _state_passing_bwd, as
-    fused_mamba.ssd_backward_from_states calls them, within bf16 roundings."""
+    fused_mamba.ssd_state_grads_by_mamba_ssm calls them, within bf16 roundings."""
     pytest.importorskip("mamba_ssm")
-    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
-    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
-
-    from toolkit.model.fused_mamba import ssd_forward_keeping_states
+    from toolkit.model.fused_mamba import ssd_forward_keeping_states, ssd_state_grads_by_mamba_ssm
     from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
     x, dt, A, B, C, D, dt_bias = mixer_ssd_inputs()
-    Q, (P, N) = 128, (x.size(-1), B.size(-1))
-    _, (_, dA_sums, states) = ssd_forward_keeping_states(x, dt, A, B, C, Q, D, dt_bias)
+    _, (_, dA_sums, states) = ssd_forward_keeping_states(x, dt, A, B, C, 128, D, dt_bias)
     dy = torch.randn_like(x)
     ours = ssd_state_grads(dy, C, dA_sums, states)
-    theirs = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
-    dstates, ddA, _, states_lowp = _state_passing_bwd(
-        states.flatten(-2), dA_sums[:, :, :, -1], theirs.flatten(-2), has_initial_states=False,
-        dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=Q,
-    )  # fmt: skip
-    theirs = (dstates.unflatten(-1, (P, N)), ddA, states_lowp.unflatten(-1, (P, N)))
+    theirs = ssd_state_grads_by_mamba_ssm(dy, C, dA_sums, states)
     for name, a, t in zip(("dstates", "ddA_last", "states"), ours, theirs):
         assert a.dtype == t.dtype and a.shape == t.shape, (name, a.dtype, t.dtype)
         err = ((a.float() - t.float()).norm() / t.float().norm()).item()

@@ -23,7 +23,7 @@ import torch
 
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward
 from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward
-from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads
+from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads, ssd_input_grads
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
@@ -179,55 +179,63 @@ def ssd_backward_from_states(
     softplus), B's and C's written into the views given; (A's, D's, dt_bias's) returned. The
     kernels of mamba-ssm's combined backward in its order, less its recompute of the states
     (C Bt, 1 MB a chunk and head group in fp32, is made again: cheap beside its bytes), or
-    ours where TRITON_MAMBA names them."""
+    ours where TRITON_MAMBA names them ("dstates" and "dx": no mamba-ssm kernel)."""
+    dt_soft, dA_sums, states = kept
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    ours = TRITON_MAMBA & {"bc", "dx"}  # ssd_bc_grad_kernel reads the fp32 states: no bf16 copy
+    if "dstates" in TRITON_MAMBA:
+        dstates, ddA_chunk, states_lowp = ssd_state_grads(dy, C, dA_sums, states, not ours)
+    else:
+        dstates, ddA_chunk, states_lowp = ssd_state_grads_by_mamba_ssm(dy, C, dA_sums, states)
+    if "dx" in TRITON_MAMBA:
+        return ssd_input_grads(
+            x, dy, dt, A, dt_bias, D, kept, B, C, dstates, ddA_chunk, dx, ddt, dB, dC
+        )
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import (
         _chunk_scan_bwd_dC,
         _chunk_scan_bwd_dcb,
         _chunk_scan_bwd_ddAcs_stable,
-        _chunk_scan_bwd_dstates,
     )
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_state_bwd_db
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
-    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-    dt_soft, dA_sums, states = kept
-    groups, shape = B.size(2), states.shape[-2:]
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    ours = TRITON_MAMBA & {"bc", "dx"}  # ssd_bc_grads reads the fp32 states: no bf16 copy
-    if "dstates" in TRITON_MAMBA:
-        dstates, ddA_chunk, states_lowp = ssd_state_grads(dy, C, dA_sums, states, not ours)
+    CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
+        x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
+    )
+    if "bc" in TRITON_MAMBA:
+        ddA = ssd_bc_grads(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_chunk, dB, dC)
     else:
-        dstates = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
-        dstates, ddA_chunk, _, states_lowp = _state_passing_bwd(
-            states.flatten(-2), dA_sums[:, :, :, -1], dstates.flatten(-2),
-            has_initial_states=False, dstates_dtype=x.dtype, states_dtype=x.dtype,
-            chunk_size=chunk_size,
-        )  # fmt: skip
-        dstates, states_lowp = dstates.unflatten(-1, shape), states_lowp.unflatten(-1, shape)
-    bc_args = (x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_chunk, dB, dC)
-    if "dx" in TRITON_MAMBA:  # one kernel: x's, dt's (but through dA), B's, C's, dA's, D's
-        ddA, ddt_soft, dD = ssd_bc_grads(*bc_args, D=D, dx=dx)
-    else:
-        CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
-        _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
-            x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
-        )
-        if "bc" in TRITON_MAMBA:
-            ddA = ssd_bc_grads(*bc_args)[0]
-        else:
-            dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)  # fmt: skip
-            dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
-            dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
-            _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
-            _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
-            ddA_prev[..., -1] += ddA_chunk
-            ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
-            ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+        groups = B.size(2)
+        dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
+        dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
+        dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
+        _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
+        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
+        ddA_prev[..., -1] += ddA_chunk
+        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
+        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
     _, dA, ddt_bias = _chunk_cumsum_bwd(
         ddA, ddt_soft, dt, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt
     )
     return dA, dD, ddt_bias
+
+
+def ssd_state_grads_by_mamba_ssm(
+    dy: torch.Tensor, C: torch.Tensor, dA_sums: torch.Tensor, states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ssd_state_grad_kernel.ssd_state_grads's contract by mamba-ssm's two kernels."""
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
+
+    shape = states.shape[-2:]
+    dstates = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
+    dstates, ddA_chunk, _, states_lowp = _state_passing_bwd(
+        states.flatten(-2), dA_sums[:, :, :, -1], dstates.flatten(-2), has_initial_states=False,
+        dstates_dtype=dy.dtype, states_dtype=dy.dtype, chunk_size=dA_sums.size(-1),
+    )  # fmt: skip
+    return dstates.unflatten(-1, shape), ddA_chunk, states_lowp.unflatten(-1, shape)
 
 
 class ConvScanNorm(torch.autograd.Function):
