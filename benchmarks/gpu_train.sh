@@ -191,7 +191,7 @@ run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads p64_w4,p64_w
 # B's, C's and dA's gradients in one kernel a chunk and head group (ssd_bc_grad_kernel.py; "dx":
 # x's too): against autograd and mamba-ssm's backward, then the whole SSD backward timed with each.
 run bc_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_bc_grad_kernel.py
-run ssd_backward 150 python3 benchmarks/gpu_kernels.py --backward dstates,bc,dx,dstates+bc,dstates+dx
+run ssd_backward 150 python3 benchmarks/gpu_kernels.py --backward dstates,bc,dx,dstates+dx,dstates+dx@w4,dstates+dx@w16
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \

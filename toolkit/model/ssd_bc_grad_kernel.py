@@ -59,7 +59,6 @@ if triton_imports():
         bc = b64 * stride_bc_b + t64[:, None] * stride_bc_l + g * stride_bc_g + n[None, :]
         Bc = tl.load(B + bc, t_ok[:, None], 0.0)
         Cc = tl.load(C + bc, t_ok[:, None], 0.0)
-        cb = tl.dot(Cc, tl.trans(Bc))
         dB_sum = tl.zeros([Q, N], dtype=tl.float32)
         dC_sum = tl.zeros([Q, N], dtype=tl.float32)
         for k in range(HEADS_PER_GROUP):
@@ -94,6 +93,7 @@ if triton_imports():
             # within the chunk: dCB, and each step k's gradient: the decays exp(s_i - s_j) that
             # span it (j < k <= i), each row's partial sums over j, never a difference of totals
             decay = tl.exp(tl.where(causal, s[:, None] - s[None, :], -float("inf")))
+            cb = tl.dot(Cc, tl.trans(Bc))  # each head again: fewer registers held over the heads
             dyx_decay = tl.dot(dyc, tl.trans(xc)) * decay
             dcb = dyx_decay * dt_s[None, :]
             z = dcb * cb
