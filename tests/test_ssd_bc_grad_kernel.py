@@ -33,6 +33,8 @@ cases = [(torch.float32, 1e-4, 37, 4, 2, True), (torch.float32, 1e-4, 48, 8, 2, 
          (torch.bfloat16, 3e-2, 37, 8, 2, True)]
 if device == "cpu":
     cases = [case for case in cases if case[0] == torch.float32]
+else:  # tl.dot of fp32 tiles is TF32 on a GPU, as in mamba-ssm's kernels
+    cases = [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
 for dtype, tol, L, H, G, with_d in cases:
     b, P, N, Q = 2, 16, 16, 16
     chunks = -(-L // Q)

@@ -28,6 +28,8 @@ cases = [(torch.float32, 1e-4, 37, 16, 16, True), (torch.float32, 1e-4, 48, 32, 
          (torch.bfloat16, 3e-2, 37, 32, 16, True)]
 if device == "cpu":  # the interpreter's tl.dot of bf16 tiles is wrong (2.7e10 off at 16 x 16)
     cases = [case for case in cases if case[0] == torch.float32]
+else:  # tl.dot of fp32 tiles is TF32 on a GPU, as in mamba-ssm's kernels
+    cases = [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
 for dtype, tol, L, P, block_p, with_d in cases:
     sk.BLOCK_P = block_p
     b, H, G, N, Q = 2, 4, 2, 16, 16

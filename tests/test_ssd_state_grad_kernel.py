@@ -28,6 +28,8 @@ cases = [(torch.float32, 1e-4, 37, 16, 16), (torch.float32, 1e-4, 64, 32, 16),
          (torch.bfloat16, 2e-2, 37, 32, 16)]
 if device == "cpu":
     cases = [case for case in cases if case[0] == torch.float32]
+else:  # tl.dot of fp32 tiles is TF32 on a GPU, as in mamba-ssm's kernels
+    cases = [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
 for dtype, tol, L, P, block_p in cases:
     sk.BLOCK_P = block_p
     b, H, G, N, Q = 2, 4, 2, 16, 16
