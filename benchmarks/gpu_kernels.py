@@ -160,10 +160,11 @@ def op_inputs(b: int, length: int, heads: int, p: int, groups: int, n: int, **_)
     return x, dt, A, B, C, D, dt_bias
 
 
-def kernel_settings(variant: str) -> tuple[int, int]:
-    """'pP_wW' -> (P channels a program, W warps)."""
-    p_block, warps = (int(v[1:]) for v in variant.split("_"))
-    return p_block, warps
+def apply_settings(module, variant: str) -> None:
+    """'p64_n32_w4_s1' -> module.BLOCK_P, BLOCK_N, NUM_WARPS, NUM_STAGES (those named)."""
+    names = {"p": "BLOCK_P", "n": "BLOCK_N", "w": "NUM_WARPS", "s": "NUM_STAGES"}
+    for token in variant.split("_"):
+        setattr(module, names[token[0]], int(token[1:]))
 
 
 def fused_forward(variants: list[str], reps: int = 20) -> None:
@@ -182,7 +183,7 @@ def fused_forward(variants: list[str], reps: int = 20) -> None:
         theirs = timed_ms(functools.partial(ssd_forward_keeping_states, *args), reps, x.device)
         print(f"SSD forward {name}: mamba-ssm's kernels {theirs:.3f} ms")
         for variant in variants:
-            ssd_scan_kernel.BLOCK_P, ssd_scan_kernel.NUM_WARPS = kernel_settings(variant)
+            apply_settings(ssd_scan_kernel, variant)
             try:
                 y = ssd_scan_kernel.ssd_forward_fused(*args)[0].float()
             except Exception as e:  # noqa: BLE001 - a setting that does not compile: say, go on
@@ -215,9 +216,7 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
         their_ms = timed_ms(functools.partial(theirs, *args), reps, x.device)
         print(f"SSD state grads {name}: mamba-ssm's kernels {their_ms:.3f} ms")
         for variant in variants:
-            ssd_state_grad_kernel.BLOCK_P, ssd_state_grad_kernel.NUM_WARPS = kernel_settings(
-                variant
-            )
+            apply_settings(ssd_state_grad_kernel, variant)
             try:
                 got = ssd_state_grad_kernel.ssd_state_grads(*args)
             except Exception as e:  # noqa: BLE001 - a setting that does not compile: say, go on
@@ -233,8 +232,8 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
 def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
     """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
     set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
-    bc, dx; 'none' for mamba-ssm's alone; '@wW': the B/C kernel at W warps, 8 by default), at
-    each of SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and each gradient's relative L2
+    bc, dx; 'none' for mamba-ssm's alone; '@wW_sS': the B/C kernel at W warps and S stages, 8
+    and 1 by default), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and each gradient's relative L2
     distance from mamba-ssm's."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 
@@ -257,8 +256,8 @@ def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
         their_ms = timed_ms(backward, reps, x.device)
         print(f"SSD backward from the states {name}: mamba-ssm's kernels {their_ms:.3f} ms")
         for kernel_set in kernel_sets:
-            names, _, warps = kernel_set.partition("@w")
-            ssd_bc_grad_kernel.NUM_WARPS = int(warps or 8)
+            names, _, settings = kernel_set.partition("@")
+            apply_settings(ssd_bc_grad_kernel, settings or "w8_s1")
             fm.TRITON_MAMBA = frozenset(names.split("+")) - {"none"}
             try:
                 got = backward()

@@ -187,11 +187,11 @@ run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward p64_w8,p64
 # Our chunk-state gradients in one kernel carrying them back through the chunks
 # (ssd_state_grad_kernel.py): against autograd and mamba-ssm's two kernels, then timed.
 run state_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_state_grad_kernel.py
-run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads p64_w4,p64_w8,p32_w4
+run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads p64_n64_w4,p64_n32_w4,p32_n32_w4,p64_n128_w4,p64_n64_w8
 # B's, C's and dA's gradients in one kernel a chunk and head group (ssd_bc_grad_kernel.py; "dx":
 # x's too): against autograd and mamba-ssm's backward, then the whole SSD backward timed with each.
 run bc_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_bc_grad_kernel.py
-run ssd_backward 150 python3 benchmarks/gpu_kernels.py --backward dstates,bc,dx,dstates+dx,dstates+dx@w4,dstates+dx@w16
+run ssd_backward 150 python3 benchmarks/gpu_kernels.py --backward dstates,bc,dstates+dx,dstates+dx@w4_s1,dstates+dx@w16_s1,dstates+dx@w8_s2
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \

@@ -15,8 +15,8 @@ CUDA = torch.cuda.is_available()
 # read the state passed in as exp(dA) * C S^T; the loss is sum(y * dy). Its gradients: X_c's is
 # the gradient of the state chunk c passes on, last_c's (dA's last sum, taken as a leaf of its
 # own) that of dA_last through it. A length that ends in a partial chunk (dy and C zero past
-# it), heads in groups of 2, one and two channel blocks a head, fp32 and bf16 (bf16 on a GPU
-# only: the interpreter's tl.dot of bf16 tiles is wrong).
+# it), heads in groups of 2, one and two blocks of a head's channels and of its state, fp32 and
+# bf16 (bf16 on a GPU only: the interpreter's tl.dot of bf16 tiles is wrong).
 CASES = """
 import sys
 import torch
@@ -24,15 +24,15 @@ import toolkit.model.ssd_state_grad_kernel as sk
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 torch.manual_seed(0)
-cases = [(torch.float32, 1e-4, 37, 16, 16), (torch.float32, 1e-4, 64, 32, 16),
-         (torch.bfloat16, 2e-2, 37, 32, 16)]
+cases = [(torch.float32, 1e-4, 37, 16, 16, 32), (torch.float32, 1e-4, 64, 32, 16, 16),
+         (torch.bfloat16, 2e-2, 37, 32, 16, 16)]
 if device == "cpu":
     cases = [case for case in cases if case[0] == torch.float32]
 else:  # tl.dot of fp32 tiles is TF32 on a GPU, as in mamba-ssm's kernels
     cases = [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
-for dtype, tol, L, P, block_p in cases:
-    sk.BLOCK_P = block_p
-    b, H, G, N, Q = 2, 4, 2, 16, 16
+for dtype, tol, L, P, block_p, block_n in cases:
+    sk.BLOCK_P, sk.BLOCK_N = block_p, block_n
+    b, H, G, N, Q = 2, 4, 2, 32, 16
     chunks = -(-L // Q)
     row = torch.randn(b, L, H * P + 2 * G * N, device=device).to(dtype)
     dy = row[..., : H * P].unflatten(-1, (H, P))  # views of wider rows, as the op's are

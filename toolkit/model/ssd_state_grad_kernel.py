@@ -19,7 +19,10 @@ import torch
 
 from toolkit.model.kernels import triton_imports
 
-BLOCK_P = 64  # a head's channels a program carries (its gradient: BLOCK_P x state in fp32)
+# A program carries a BLOCK_P x BLOCK_N block of a head's state gradient in fp32 (the blocks are
+# independent: more programs for a walk that is one chunk after another).
+BLOCK_P = 64
+BLOCK_N = 64
 NUM_WARPS = 4
 
 if triton_imports():
@@ -30,16 +33,18 @@ if triton_imports():
     def _ssd_state_grad_kernel(dy, C, dA_sums, states, dstates, ddA_last, states_out, L, CHUNKS,
                                stride_dy_b, stride_dy_l, stride_dy_h, stride_c_b, stride_c_l,
                                stride_c_g, HEADS_PER_GROUP: tl.constexpr, P: tl.constexpr,
-                               N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
-        pid_p, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                               N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_N: tl.constexpr):  # fmt: skip
+        pid, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pid_p, pid_n = pid // (N // BLOCK_N), pid % (N // BLOCK_N)
         H = tl.num_programs(1)
         g = h // HEADS_PER_GROUP
         cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         col_ok = cols < P
-        n = tl.arange(0, N)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         i = tl.arange(0, Q)
         b64 = b.to(tl.int64)
-        grad = tl.zeros([BLOCK_P, N], dtype=tl.float32)  # of the state chunk c passes on
+        grad = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)  # of the state c passes on
         for k in range(CHUNKS):
             c = CHUNKS - 1 - k
             t = c * Q + i
@@ -95,11 +100,12 @@ def ssd_state_grads(
         torch.empty(states.shape, dtype=dy.dtype, device=dy.device) if lowp_states else None
     )
     ddA_last = torch.zeros(b, H, chunks, dtype=torch.float32, device=dy.device)
-    block_p = min(BLOCK_P, triton.next_power_of_2(P))
-    grid = (triton.cdiv(P, block_p), H, b)
+    block_p, block_n = min(BLOCK_P, triton.next_power_of_2(P)), min(BLOCK_N, N)
+    grid = (triton.cdiv(P, block_p) * (N // block_n), H, b)
     _ssd_state_grad_kernel[grid](
         dy, C, dA_sums, states, dstates, ddA_last, states_out, L, chunks,
         dy.stride(0), dy.stride(1), dy.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, BLOCK_P=block_p, num_warps=NUM_WARPS,
+        HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return dstates, ddA_last, states_out
