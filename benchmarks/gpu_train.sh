@@ -78,6 +78,8 @@ run() { part "$@"; }  # name timeout_s command...
 NO_FGA=(--set train.fused_grad_accumulation=false)
 # Likewise model.mamba_recompute, off in the 800M recipe since 2026-12-06 afternoon: on in the
 # runs unless their name says no_recompute.
+# (Since 2026-12-06 evening the kept states' backward takes our state-gradient kernel by default:
+# TOOLKIT_TRITON_MAMBA=none in front of a run for mamba-ssm's kernels alone.)
 RECOMPUTE=(--set model.mamba_recompute=true)
 # The FP8 runs' best setting (every linear in float8, the weights cast once a step, the weight
 # gradients added into .grad), and Inductor's kernels tuned: the A/B runs below share them.

@@ -3,6 +3,11 @@ against autograd through the states' recurrence: under Triton's interpreter on a
 subprocess: TRITON_INTERPRET must be set before Triton compiles anything), compiled on a GPU,
 and there against mamba-ssm's two kernels it replaces."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -10,6 +15,7 @@ from tests.test_ssd_scan_kernel import mixer_ssd_inputs
 from tests.test_step_graph import in_subprocess, interpret
 
 CUDA = torch.cuda.is_available()
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The reference: chunk c passes on exp(last_c) * (the state passed in) + X_c, and its outputs
 # read the state passed in as exp(dA) * C S^T; the loss is sum(y * dy). Its gradients: X_c's is
@@ -81,6 +87,26 @@ def test_state_grad_kernel_refuses_what_it_cannot_read():
         ssd_state_grads(dy, C, dA, states.transpose(3, 4))
     with pytest.raises(ValueError, match="adjacent channels"):
         ssd_state_grads(dy.transpose(2, 3).contiguous().transpose(2, 3), C, dA, states)
+
+
+def test_the_op_takes_this_kernel_by_default_and_names_are_checked():
+    """TOOLKIT_TRITON_MAMBA: unset, our state-gradient kernel alone (checked and timed on a
+    GPU); 'none', none of ours; a name it does not know stops the import, naming it."""
+    pytest.importorskip("triton")
+    code = "import toolkit.model.fused_mamba as fm; print(sorted(fm.TRITON_MAMBA))"
+    env = {k: v for k, v in os.environ.items() if k != "TOOLKIT_TRITON_MAMBA"}
+
+    def names(value):
+        if value is not None:
+            env["TOOLKIT_TRITON_MAMBA"] = value
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, cwd=ROOT)  # fmt: skip
+
+    assert names(None).stdout.strip() == "['dstates']"
+    assert names("none").stdout.strip() == "[]"
+    assert names("norm,dx").stdout.strip() == "['dx', 'norm']"
+    bad = names("dstates,fast")
+    assert bad.returncode != 0 and "TOOLKIT_TRITON_MAMBA: 'dstates,fast'" in bad.stderr
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

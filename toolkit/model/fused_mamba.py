@@ -27,15 +27,20 @@ from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads, ssd_input_grads
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
-# Our gated norm, one-kernel SSD forward, chunk-state gradients and B's, C's and dA's gradients
-# (gated_norm_kernel.py, ssd_scan_kernel.py, ssd_state_grad_kernel.py, ssd_bc_grad_kernel.py;
-# "dx": that kernel makes x's and dt's too) in place of mamba-ssm's, asked for by name ("norm",
-# "forward", "dstates", "bc", "dx"; all but the norm where the states are kept) until they are
-# checked and timed on a GPU: for A/B runs, off by default.
-TRITON_MAMBA = frozenset(os.environ.get("TOOLKIT_TRITON_MAMBA", "").split(",")) - {""}
+# Our kernels in place of mamba-ssm's, by name, where the states are kept (all but the norm):
+# "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two kernels
+# at the 800M's widths on an H100, the SSD backward 1.06x: on by default), and for A/B runs
+# "norm" the gated norm (gated_norm_kernel.py), "forward" the SSD forward in one kernel
+# (ssd_scan_kernel.py; 0.83x), "bc" B's, C's and dA's gradients and "dx" all the others too
+# (ssd_bc_grad_kernel.py; right but 0.28-0.51x: RESULTS.md 2026-12-06 evening). "none": none.
+DEFAULT_TRITON_MAMBA = "dstates"
+TRITON_MAMBA = frozenset(
+    os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
+) - {"", "none"}
 if TRITON_MAMBA - {"norm", "forward", "dstates", "bc", "dx"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm', 'forward', 'dstates', 'bc' and 'dx', comma-separated")  # fmt: skip
+                     "are 'norm', 'forward', 'dstates', 'bc', 'dx' and 'none', "
+                     "comma-separated")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
 
