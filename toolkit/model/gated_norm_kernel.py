@@ -7,8 +7,8 @@ in_proj's gradient it is given), and the weight's gradient summed per program in
 fp32 inside, bf16 or fp32 outside, as mamba-ssm's norm kernels, whose backward took ~2.5x its
 bytes' time at the 800M's widths on an H100 (RESULTS.md 2026-12-06 afternoon). Written for our
 fused training op (fused_mamba.py), which calls mamba-ssm's unless TOOLKIT_TRITON_MAMBA names
-"norm": these wait for their check and timing on a GPU (tests/test_gated_norm_kernel.py,
-benchmarks/gated_norm.py).
+"norm": checked on an H100 (RESULTS.md 2026-12-06 evening), they wait for their timing there
+(tests/test_gated_norm_kernel.py, benchmarks/gated_norm.py).
 """
 
 import torch

@@ -12,9 +12,11 @@ writing them once, and writes each head's gradient of dA (each step's dt * A) in
 in mamba-ssm's stable order (no difference of cumulative sums). ssd_input_grads has it make x's,
 dt's and D's gradients as well, and A's and dt_bias's, which mamba-ssm's backward makes in two
 more kernels (one from C Bt made again): with ssd_state_grads, the whole SSD backward from the
-kept states in two kernels. The op takes them only where TOOLKIT_TRITON_MAMBA names "bc" or
-"dx" (all of it): they wait for their check and timing on a GPU
-(tests/test_ssd_bc_grad_kernel.py, benchmarks/gpu_kernels.py --backward).
+kept states in two kernels. Right on an H100 but 0.51x (bc) and 0.28x (dx) mamba-ssm's kernels
+at the 800M's widths (RESULTS.md 2026-12-06 evening): a program holds two 128 x 128 fp32 sums
+over its heads beside each head's 128 x 128 tiles, too much for its registers. The op takes
+them only where TOOLKIT_TRITON_MAMBA names "bc" or "dx" (all of it), for the A/B runs of a
+split version (tests/test_ssd_bc_grad_kernel.py, benchmarks/gpu_kernels.py --backward).
 
 With s the sums of dA within a chunk, S the state passed in, G the gradient of the one passed
 on and w_j = exp(s_last - s_j) dt_j, the chunk's outputs are y_i = exp(s_i) C_i S^T +

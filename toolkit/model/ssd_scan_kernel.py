@@ -10,9 +10,10 @@ and dA's sums within the chunk, C Bt, the chunk's output from its own inputs and
 passed in, then the state passed on. It writes y, and what mamba-ssm's backward kernels read
 (fused_mamba.ssd_backward_from_states): dt after the softplus, dA's sums and the state passed
 into each chunk in fp32. The rounding follows mamba-ssm's kernels: the products' operands in
-the inputs' dtype, sums in fp32. The op takes it only where TOOLKIT_TRITON_MAMBA names "forward": it
-waits for its check and timing on a GPU (tests/test_ssd_scan_kernel.py,
-benchmarks/gpu_kernels.py --fused-forward).
+the inputs' dtype, sums in fp32. Right on an H100 but 0.83x mamba-ssm's kernels at the 800M's
+widths, 0.88x at the 8B's (RESULTS.md 2026-12-06 evening: one program walks all of a sequence's
+chunks, latency-bound), so the op takes it only where TOOLKIT_TRITON_MAMBA names "forward"
+(tests/test_ssd_scan_kernel.py, benchmarks/gpu_kernels.py --fused-forward).
 """
 
 import torch

@@ -10,9 +10,10 @@ program walks one sequence's chunks backwards for one head and a block of its ch
 writes what mamba-ssm's later backward kernels read: the gradient of the state each chunk passes
 on (x's dtype), the gradient of each chunk's last dA sum through the state it passes on (fp32)
 and the kept states in x's dtype. The rounding follows mamba-ssm's kernels: dy * exp(dA) in the
-inputs' dtype into the product, sums in fp32. The op takes it only where TOOLKIT_TRITON_MAMBA
-names "dstates": it waits for its check and timing on a GPU
-(tests/test_ssd_state_grad_kernel.py, benchmarks/gpu_kernels.py --state-grads).
+inputs' dtype into the product, sums in fp32. On an H100 1.43x mamba-ssm's two kernels at the
+800M's widths, 1.24x at the 8B's (RESULTS.md 2026-12-06 evening): the op takes it by default
+(TOOLKIT_TRITON_MAMBA's "dstates"; tests/test_ssd_state_grad_kernel.py,
+benchmarks/gpu_kernels.py --state-grads).
 """
 
 import torch
