@@ -5,6 +5,7 @@ and there against mamba-ssm's two kernels it replaces."""
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -132,3 +133,22 @@ def test_state_grad_kernel_matches_mamba_ssms_on_the_gpu():
         assert a.dtype == t.dtype and a.shape == t.shape, (name, a.dtype, t.dtype)
         err = ((a.float() - t.float()).norm() / t.float().norm()).item()
         assert err <= 1e-2, (name, err)
+
+
+def test_kernel_resources_compiles_for_hopper_without_a_gpu():
+    """benchmarks/kernel_resources.py: the kernel compiled for sm_90 here, its registers, spills
+    and shared memory read from the cubin (how its tiles were sized on a CPU)."""
+    triton = pytest.importorskip("triton")
+    tools = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin"
+    if not (tools / "cuobjdump").exists():
+        pytest.skip("Triton without its CUDA tools")
+    out = subprocess.run(
+        [sys.executable, "benchmarks/kernel_resources.py", "--only", "state_grads", "--warps", "4"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip()
+    assert re.fullmatch(
+        r"state_grads \(p64_n64\)\s+w4 s1: +\d+ registers, +\d+ stack bytes, +\d+ shared bytes",
+        line,
+    ), line

@@ -1,0 +1,100 @@
+"""Registers, spills and shared memory of our Triton SSD kernels, compiled for a Hopper GPU
+(sm_90) on any machine: no GPU needed, so a kernel's tiles can be sized on a CPU before its GPU
+timing. A kernel that spills (STACK > 0: bytes a thread keeps in local memory) or wants more
+than the H100's 227 KB of shared memory is slow or does not launch.
+
+    python benchmarks/kernel_resources.py [--shape 800m|8b] [--warps 4,8] [--stages 1,2]
+
+Each kernel at the recipes' Mamba widths (chunk 128, state 128, head dim 64; heads per group
+4 at the 800M's widths, 16 at the 8B's) and bf16 inputs, at each warps x stages setting:
+registers a thread, stack bytes a thread (spills), shared memory bytes. The numbers are this
+machine's Triton's; the GPU's may differ in detail (RESULTS.md says which ran where).
+"""
+
+import argparse
+import os
+import pathlib
+import subprocess
+import tempfile
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from toolkit.model import ssd_bc_grad_kernel, ssd_scan_kernel, ssd_state_grad_kernel  # noqa: E402
+
+# pointer arguments in fp32 (the rest of the pointers are bf16); every other argument that is
+# not a constexpr is an int32 (lengths, strides)
+FP32 = {"dt_soft", "dA_sums", "states", "ddA_last", "ddA", "A", "dt_bias", "D", "ddt",
+        "dA_part", "dD_part", "dbias_part", "dt_out", "dA_out", "dt"}  # fmt: skip
+BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out"}
+SHAPES = {"800m": 4, "8b": 16}  # heads per group
+
+
+def kernels(heads_per_group: int) -> dict:
+    """name -> (jit function, {constexpr or None argument: value}, pointer dtype overrides)."""
+    widths = dict(HEADS_PER_GROUP=heads_per_group, P=64, N=128, Q=128)
+    bc_none = dict.fromkeys(("dt", "A", "dt_bias", "D", "dx", "ddt", "dA_part", "dD_part",
+                             "dbias_part"))  # fmt: skip
+    return {
+        "ssd_forward (p64)": (ssd_scan_kernel._ssd_forward_kernel,
+                              {**widths, "BLOCK_P": 64}, {"states": "fp32", "dt": "bf16"}),
+        "state_grads (p64_n64)": (ssd_state_grad_kernel._ssd_state_grad_kernel,
+                                  {**widths, "BLOCK_P": 64, "BLOCK_N": 64}, {"states": "fp32"}),
+        "bc_grads": (ssd_bc_grad_kernel._ssd_bc_grad_kernel, {**widths, **bc_none}, {}),
+        "input_grads (dx)": (ssd_bc_grad_kernel._ssd_bc_grad_kernel, {**widths, "ddA": None},
+                             {"dt": "bf16"}),
+    }  # fmt: skip
+
+
+def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int) -> str:
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in dtypes:
+            signature[name] = "*" + dtypes[name]
+        elif name in FP32:
+            signature[name] = "*fp32"
+        elif name in BF16:
+            signature[name] = "*bf16"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    options = {"num_warps": warps, "num_stages": stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = pathlib.Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        tool = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+        out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    usage = dict(item.split(":") for line in out.splitlines() if "REG:" in line
+                 for item in line.split() if ":" in item)  # fmt: skip
+    return (f"{usage['REG']:>3} registers, {usage['STACK']:>5} stack bytes, "
+            f"{compiled.metadata.shared:>6} shared bytes")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="800m")
+    parser.add_argument("--warps", default="4,8", help="comma-separated warps a program")
+    parser.add_argument("--stages", default="1", help="comma-separated software-pipeline stages")
+    parser.add_argument("--only", help="kernels whose name contains this")
+    options = parser.parse_args()
+    for name, (fn, constants, dtypes) in kernels(SHAPES[options.shape]).items():
+        if options.only and options.only not in name:
+            continue
+        for warps in map(int, options.warps.split(",")):
+            for stages in map(int, options.stages.split(",")):
+                try:
+                    said = resources(fn, constants, dtypes, warps, stages)
+                except Exception as e:  # noqa: BLE001 - one that does not compile: say, go on
+                    said = f"does not compile: {type(e).__name__}: {str(e)[:160]}"
+                print(f"{name:24} w{warps} s{stages}: {said}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
