@@ -12,7 +12,7 @@ from the first chunk length's (the same sums, in another order).
 against mamba-ssm's kernels at those shapes, at each setting of channels a program and warps.
 `--state-grads p64_w4`: likewise our chunk-state gradients in one kernel
 (toolkit/model/ssd_state_grad_kernel.py) against mamba-ssm's two kernels.
-`--backward dstates,dstates+bc`: the SSD backward from the forward's kept states with those of
+`--backward dstates,dstates+dx`: the SSD backward from the forward's kept states with those of
 our kernels (fused_mamba.TRITON_MAMBA's names) against mamba-ssm's kernels alone.
 
 `--profile`: each of mamba-ssm's SSD kernels at those shapes (chunk 128), forward + backward
@@ -161,8 +161,9 @@ def op_inputs(b: int, length: int, heads: int, p: int, groups: int, n: int, **_)
 
 
 def apply_settings(module, variant: str) -> None:
-    """'p64_n32_w4_s1' -> module.BLOCK_P, BLOCK_N, NUM_WARPS, NUM_STAGES (those named)."""
-    names = {"p": "BLOCK_P", "n": "BLOCK_N", "w": "NUM_WARPS", "s": "NUM_STAGES"}
+    """'p64_n32_m16_w4_s1' -> module.BLOCK_P, BLOCK_N, BLOCK_M, NUM_WARPS, NUM_STAGES (those
+    named)."""
+    names = {"p": "BLOCK_P", "n": "BLOCK_N", "m": "BLOCK_M", "w": "NUM_WARPS", "s": "NUM_STAGES"}
     for token in variant.split("_"):
         setattr(module, names[token[0]], int(token[1:]))
 
@@ -232,13 +233,13 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
 def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
     """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
     set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
-    bc, dx; 'none' for mamba-ssm's alone; '@wW_sS': the B/C kernel at W warps and S stages, 8
-    and 1 by default), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and each gradient's relative L2
+    dx; 'none' for mamba-ssm's alone; '@mM_wW_sS': the chunk-gradient kernels at M rows a step,
+    W warps and S stages, 16, 8 and 1 by default), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and each gradient's relative L2
     distance from mamba-ssm's."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 
     import toolkit.model.fused_mamba as fm
-    from toolkit.model import ssd_bc_grad_kernel
+    from toolkit.model import ssd_chunk_grad_kernel
 
     grad_names = ("dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias")
     for name, shape in SWEEP_SHAPES.items():
@@ -257,7 +258,7 @@ def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
         print(f"SSD backward from the states {name}: mamba-ssm's kernels {their_ms:.3f} ms")
         for kernel_set in kernel_sets:
             names, _, settings = kernel_set.partition("@")
-            apply_settings(ssd_bc_grad_kernel, settings or "w8_s1")
+            apply_settings(ssd_chunk_grad_kernel, settings or "m16_w8_s1")
             fm.TRITON_MAMBA = frozenset(names.split("+")) - {"none"}
             try:
                 got = backward()
@@ -296,7 +297,7 @@ def main() -> None:
         "--backward",
         type=lambda v: v.split(","),
         metavar="SETS",
-        help="time the SSD backward from kept states with our kernels, e.g. dstates,dstates+bc",
+        help="time the SSD backward from kept states with our kernels, e.g. dstates,dstates+dx",
     )
     options = parser.parse_args()
     chunks = options.chunks

@@ -190,10 +190,12 @@ run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward p64_w8,p64
 # (ssd_state_grad_kernel.py): against autograd and mamba-ssm's two kernels, then timed.
 run state_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_state_grad_kernel.py
 run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads p64_n64_w4,p64_n32_w4,p32_n32_w4,p64_n128_w4,p64_n64_w8
-# B's, C's and dA's gradients in one kernel a chunk and head group (ssd_bc_grad_kernel.py; "dx":
-# x's too): against autograd and mamba-ssm's backward, then the whole SSD backward timed with each.
-run bc_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_bc_grad_kernel.py
-run ssd_backward 150 python3 benchmarks/gpu_kernels.py --backward dstates,bc,dstates+dx,dstates+dx@w4_s1,dstates+dx@w16_s1,dstates+dx@w8_s2
+# The backward's other gradients in two kernels taking a chunk's rows 16 at a time
+# (ssd_chunk_grad_kernel.py): against autograd and mamba-ssm's backward, then the whole SSD
+# backward timed with each set of our kernels and settings (rows a step, warps).
+run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kernel.py
+run ssd_backward 150 python3 benchmarks/gpu_kernels.py --backward \
+  dstates,dx,dstates+dx,dstates+dx@m32_w8_s1,dstates+dx@m16_w4_s1,dstates+dx@m16_w16_s1
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
@@ -219,9 +221,9 @@ TOOLKIT_TRITON_MAMBA=norm,forward tp lever_no_recompute_norm_forward_mbs4 200 4 
   --set train.compile=true --set model.mamba_recompute=false
 TOOLKIT_TRITON_MAMBA=norm,forward tp lever_no_recompute_norm_forward 200 8 \
   --set train.compile=true --set model.mamba_recompute=false
-TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx tp lever_no_recompute_ours_mbs4 200 4 \
+TOOLKIT_TRITON_MAMBA=norm,dstates,dx tp lever_no_recompute_ours_mbs4 200 4 \
   --set train.compile=true --set model.mamba_recompute=false
-TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx tp lever_no_recompute_ours 200 8 \
+TOOLKIT_TRITON_MAMBA=norm,dstates,dx tp lever_no_recompute_ours 200 8 \
   --set train.compile=true --set model.mamba_recompute=false
 tp lever_fastest_no_recompute 200 8 --set train.compile=true --step-graph \
   --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \

@@ -23,12 +23,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from toolkit.model import ssd_bc_grad_kernel, ssd_scan_kernel, ssd_state_grad_kernel  # noqa: E402
+from toolkit.model import ssd_chunk_grad_kernel, ssd_scan_kernel, ssd_state_grad_kernel  # noqa: E402
 
 # pointer arguments in fp32 (the rest of the pointers are bf16); every other argument that is
 # not a constexpr is an int32 (lengths, strides)
-FP32 = {"dt_soft", "dA_sums", "states", "ddA_last", "ddA", "A", "dt_bias", "D", "ddt",
-        "dA_part", "dD_part", "dbias_part", "dt_out", "dA_out", "dt"}  # fmt: skip
+FP32 = {"dt_soft", "dA_sums", "states", "ddA_last", "A", "dt_bias", "D", "ddt", "dA_part",
+        "dD_part", "dbias_part", "dt_out", "dA_out", "dt"}  # fmt: skip
 BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out"}
 SHAPES = {"800m": 4, "8b": 16}  # heads per group
 
@@ -36,16 +36,15 @@ SHAPES = {"800m": 4, "8b": 16}  # heads per group
 def kernels(heads_per_group: int) -> dict:
     """name -> (jit function, {constexpr or None argument: value}, pointer dtype overrides)."""
     widths = dict(HEADS_PER_GROUP=heads_per_group, P=64, N=128, Q=128)
-    bc_none = dict.fromkeys(("dt", "A", "dt_bias", "D", "dx", "ddt", "dA_part", "dD_part",
-                             "dbias_part"))  # fmt: skip
+    block_m = {"BLOCK_M": ssd_chunk_grad_kernel.BLOCK_M}
     return {
         "ssd_forward (p64)": (ssd_scan_kernel._ssd_forward_kernel,
                               {**widths, "BLOCK_P": 64}, {"states": "fp32", "dt": "bf16"}),
         "state_grads (p64_n64)": (ssd_state_grad_kernel._ssd_state_grad_kernel,
                                   {**widths, "BLOCK_P": 64, "BLOCK_N": 64}, {"states": "fp32"}),
-        "bc_grads": (ssd_bc_grad_kernel._ssd_bc_grad_kernel, {**widths, **bc_none}, {}),
-        "input_grads (dx)": (ssd_bc_grad_kernel._ssd_bc_grad_kernel, {**widths, "ddA": None},
-                             {"dt": "bf16"}),
+        "head_grads": (ssd_chunk_grad_kernel._ssd_head_grad_kernel, {**widths, **block_m},
+                       {"dt": "bf16"}),
+        "bc_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **block_m}, {}),
     }  # fmt: skip
 
 
@@ -83,7 +82,10 @@ def main() -> None:
     parser.add_argument("--warps", default="4,8", help="comma-separated warps a program")
     parser.add_argument("--stages", default="1", help="comma-separated software-pipeline stages")
     parser.add_argument("--only", help="kernels whose name contains this")
+    parser.add_argument("--block-m", type=int, help="ssd_chunk_grad_kernel.BLOCK_M to try")
     options = parser.parse_args()
+    if options.block_m:
+        ssd_chunk_grad_kernel.BLOCK_M = options.block_m
     for name, (fn, constants, dtypes) in kernels(SHAPES[options.shape]).items():
         if options.only and options.only not in name:
             continue

@@ -292,7 +292,7 @@ def test_fused_op_with_all_our_kernels_under_the_interpreter():
     """The same with TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx: our gated norm kernels and,
     where the states are kept, our SSD forward and backward kernels in the op (no mamba-ssm
     kernel then), fp32 (gated_norm_kernel.py, ssd_scan_kernel.py, ssd_state_grad_kernel.py and
-    ssd_bc_grad_kernel.py have their own tests)."""
+    ssd_chunk_grad_kernel.py have their own tests)."""
     interpret(FUSED, "fused op agrees", timeout=300, TOOLKIT_TRITON_MAMBA="norm,forward,dstates,dx")
 
 

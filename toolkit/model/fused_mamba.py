@@ -23,7 +23,7 @@ import torch
 
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward
 from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward
-from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads, ssd_input_grads
+from toolkit.model.ssd_chunk_grad_kernel import ssd_input_grads
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
@@ -31,15 +31,15 @@ from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 # "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two kernels
 # at the 800M's widths on an H100, the SSD backward 1.06x: on by default), and for A/B runs
 # "norm" the gated norm (gated_norm_kernel.py), "forward" the SSD forward in one kernel
-# (ssd_scan_kernel.py; 0.83x), "bc" B's, C's and dA's gradients and "dx" all the others too
-# (ssd_bc_grad_kernel.py; right but 0.28-0.51x: RESULTS.md 2026-12-06 evening). "none": none.
+# (ssd_scan_kernel.py; 0.83x), "dx" the backward's other gradients in two kernels
+# (ssd_chunk_grad_kernel.py; not yet timed: RESULTS.md 2026-12-06 evening). "none": none.
 DEFAULT_TRITON_MAMBA = "dstates"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
 ) - {"", "none"}
-if TRITON_MAMBA - {"norm", "forward", "dstates", "bc", "dx"}:
+if TRITON_MAMBA - {"norm", "forward", "dstates", "dx"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm', 'forward', 'dstates', 'bc', 'dx' and 'none', "
+                     "are 'norm', 'forward', 'dstates', 'dx' and 'none', "
                      "comma-separated")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
@@ -187,12 +187,12 @@ def ssd_backward_from_states(
     ours where TRITON_MAMBA names them ("dstates" and "dx": no mamba-ssm kernel)."""
     dt_soft, dA_sums, states = kept
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    ours = TRITON_MAMBA & {"bc", "dx"}  # ssd_bc_grad_kernel reads the fp32 states: no bf16 copy
+    ours = "dx" in TRITON_MAMBA  # ssd_chunk_grad_kernel reads the fp32 states: no bf16 copy
     if "dstates" in TRITON_MAMBA:
         dstates, ddA_chunk, states_lowp = ssd_state_grads(dy, C, dA_sums, states, not ours)
     else:
         dstates, ddA_chunk, states_lowp = ssd_state_grads_by_mamba_ssm(dy, C, dA_sums, states)
-    if "dx" in TRITON_MAMBA:
+    if ours:
         return ssd_input_grads(
             x, dy, dt, A, dt_bias, D, kept, B, C, dstates, ddA_chunk, dx, ddt, dB, dC
         )
@@ -209,18 +209,15 @@ def ssd_backward_from_states(
     _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
         x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
     )
-    if "bc" in TRITON_MAMBA:
-        ddA = ssd_bc_grads(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_chunk, dB, dC)
-    else:
-        groups = B.size(2)
-        dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
-        dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
-        dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
-        _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
-        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
-        ddA_prev[..., -1] += ddA_chunk
-        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
-        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+    groups = B.size(2)
+    dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
+    dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
+    dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
+    _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
+    _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
+    ddA_prev[..., -1] += ddA_chunk
+    ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
+    ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
     _, dA, ddt_bias = _chunk_cumsum_bwd(
         ddA, ddt_soft, dt, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt
     )

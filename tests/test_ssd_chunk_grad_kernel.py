@@ -1,7 +1,7 @@
-"""The SSD's gradients of B, C and dA in one kernel (toolkit/model/ssd_bc_grad_kernel.py), fed
-by the chunk-state gradients' kernel (ssd_state_grad_kernel.py), against autograd through the
-SSD's quadratic form: under Triton's interpreter on a CPU (in a subprocess), compiled on a GPU,
-and there against mamba-ssm's kernels it replaces."""
+"""The SSD's gradients within each chunk in two kernels (toolkit/model/ssd_chunk_grad_kernel.py),
+fed by the chunk-state gradients' kernel (ssd_state_grad_kernel.py), against autograd through
+the SSD's quadratic form: under Triton's interpreter on a CPU (in a subprocess), compiled on a
+GPU, and there against mamba-ssm's kernels they replace."""
 
 import pytest
 import torch
@@ -14,9 +14,9 @@ CUDA = torch.cuda.is_available()
 # The reference: y_t = sum_{s <= t} (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s (+ D x_t) over
 # the whole sequence, dt = softplus(dt + dt_bias) and a = dt * A; the loss sum(y * dy). The
 # kernels get what the forward keeps (the states passed into each chunk, dA's sums within it,
-# chunked as the reference chunked scan's prefixes end), and their dB, dC and a's gradient must
-# be autograd's; all of them, dt's before the softplus, D's, A's and dt_bias's too. A length that
-# ends in a partial chunk, a dt_bias on softplus's linear side, D and none, heads in groups of 2
+# chunked as the reference chunked scan's prefixes end), and their gradients of x, dt (before
+# the softplus), B, C, dt_bias, A and D must be autograd's. Chunks of one and two blocks of
+# rows (BLOCK_M), a length that ends in a partial chunk, a dt_bias on softplus's linear side, D and none, heads in groups of 2
 # and 4, B, C, x and dy views of wider rows, fp32 (bf16 on a GPU only: the interpreter's tl.dot
 # of bf16 tiles is wrong).
 CASES = """
@@ -24,19 +24,20 @@ import sys
 import torch
 import torch.nn.functional as F
 from toolkit.model.ssd import ssd_chunked
-from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads, ssd_input_grads
+import toolkit.model.ssd_chunk_grad_kernel as ck
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 torch.manual_seed(0)
-cases = [(torch.float32, 1e-4, 37, 4, 2, True), (torch.float32, 1e-4, 48, 8, 2, False),
-         (torch.bfloat16, 3e-2, 37, 8, 2, True)]
+cases = [(torch.float32, 1e-4, 37, 4, 2, True, 16), (torch.float32, 1e-4, 48, 8, 2, False, 32),
+         (torch.bfloat16, 3e-2, 37, 8, 2, True, 16)]
 if device == "cpu":
     cases = [case for case in cases if case[0] == torch.float32]
 else:  # tl.dot of fp32 tiles is TF32 on a GPU, as in mamba-ssm's kernels
     cases = [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
-for dtype, tol, L, H, G, with_d in cases:
-    b, P, N, Q = 2, 16, 16, 16
+for dtype, tol, L, H, G, with_d, Q in cases:
+    b, P, N = 2, 16, 16
+    ck.BLOCK_M = 16
     chunks = -(-L // Q)
     row = torch.randn(b, L, 2 * H * P + 2 * G * N + H + 8, device=device).to(dtype)
     x = row[..., : H * P].unflatten(-1, (H, P))
@@ -53,7 +54,7 @@ for dtype, tol, L, H, G, with_d in cases:
     if with_d:
         leaves.append(D.clone().requires_grad_())
     soft = torch.where(dtl + biasl > 20, dtl + biasl, F.softplus(dtl + biasl))
-    a = soft * Al  # each step's dA: its gradient asked for too
+    a = soft * Al  # each step's dA
     Bh, Ch = (t.repeat_interleave(H // G, dim=2) for t in (Bl, Cl))
     cum = torch.cumsum(a, 1)  # [b, l, h]
     span = cum[:, :, None] - cum[:, None, :]  # [b, t, s, h]
@@ -62,7 +63,7 @@ for dtype, tol, L, H, G, with_d in cases:
     y = torch.einsum("bthn,bshn,btsh,bsh,bshp->bthp", Ch, Bh, decay, soft, xl)
     if with_d:
         y = y + xl * leaves[-1][:, None]
-    da, *want = torch.autograd.grad((y * dy.float()).sum(), [a, *leaves])
+    want = torch.autograd.grad((y * dy.float()).sum(), leaves)
     # what the forward keeps: dt after the softplus and dA's sums [b, h, chunks, Q], the states
     soft = soft.detach()
     pad = chunks * Q - L
@@ -84,56 +85,53 @@ for dtype, tol, L, H, G, with_d in cases:
     def nans(t):
         return torch.full_like(t, float("nan"))
 
-    # B's, C's and each step's dA's alone (mamba-ssm's kernels make the rest) ...
-    dB, dC = nans(B), nans(C)
-    ddA = ssd_bc_grads(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dB, dC)
-    close("dB", dB, want[1])
-    close("dC", dC, want[2])
-    close("dA", ddA.permute(0, 2, 3, 1).flatten(1, 2)[:, :L], da)
-    # ... then all of them, dt's into a view of a wider row as in the op
-    dx, dB, dC, ddt = nans(x), nans(B), nans(C), nans(row)[..., 5 : 5 + H]
+    dx, dB, dC, ddt = nans(x), nans(B), nans(C), nans(row)[..., 5 : 5 + H]  # ddt: a view
     kept = (dt_soft, dA_sums, states)
-    dA, dD, ddt_bias = ssd_input_grads(x, dy, dt, A, dt_bias, D, kept, B, C, dstates, ddA_last,
+    dA, dD, ddt_bias = ck.ssd_input_grads(x, dy, dt, A, dt_bias, D, kept, B, C, dstates, ddA_last,
                                        dx, ddt, dB, dC)
     for name, got, ref in zip(("dx", "dB", "dC", "ddt", "ddt_bias", "dA", "dD"),
                               (dx, dB, dC, ddt, ddt_bias, dA, dD), want):
         close(name, got, ref)
     assert (dD is None) == (not with_d)
-print("bc grad kernel agrees")
+print("chunk grad kernels agree")
 """
 
 
-def test_bc_grad_kernel_is_autograd_under_the_interpreter():
-    interpret(CASES, "bc grad kernel agrees", timeout=300)
+def test_chunk_grad_kernels_are_autograd_under_the_interpreter():
+    interpret(CASES, "chunk grad kernels agree", timeout=300)
 
 
-def test_bc_grad_kernel_refuses_what_it_cannot_read():
+def test_chunk_grad_kernels_refuse_what_they_cannot_read():
     pytest.importorskip("triton")
-    from toolkit.model.ssd_bc_grad_kernel import ssd_bc_grads
+    from toolkit.model.ssd_chunk_grad_kernel import ssd_input_grads
 
-    x, B = torch.randn(1, 32, 4, 16), torch.randn(1, 32, 2, 16)
-    dt, states = torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 4, 16, 16)
+    x, B, dt = torch.randn(1, 32, 4, 16), torch.randn(1, 32, 2, 16), torch.randn(1, 32, 4)
+    h4, soft, states = torch.ones(4), torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 4, 16, 16)
     ddA_last = torch.zeros(1, 4, 2)
+
+    def call(x=x, B=B, dstates=states, dB=B):
+        kept = (soft, soft, states)
+        ssd_input_grads(x, x, dt, h4, h4, None, kept, B, B, dstates, ddA_last, x, dt, dB, dB)
+
     with pytest.raises(ValueError, match="dstates"):
-        ssd_bc_grads(x, x, dt, dt, B, B, states, states[:, :1], ddA_last, B, B)
+        call(dstates=states[:, :1])
     with pytest.raises(ValueError, match="adjacent channels"):
-        ssd_bc_grads(x, x, dt, dt, B, B, states, states, ddA_last, B, B.mT.contiguous().mT)
+        call(dB=B.mT.contiguous().mT)
     with pytest.raises(ValueError, match="head dim 24"):
-        x = torch.randn(1, 32, 4, 24)
-        ssd_bc_grads(x, x, dt, dt, B, B, states, states, ddA_last, B, B)
+        call(x=torch.randn(1, 32, 4, 24))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
-def test_compiled_bc_grad_kernel_is_autograd_on_the_gpu():
-    in_subprocess(CASES, "bc grad kernel agrees", "cuda", timeout=300)
+def test_compiled_chunk_grad_kernels_are_autograd_on_the_gpu():
+    in_subprocess(CASES, "chunk grad kernels agree", "cuda", timeout=300)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
-def test_bc_grad_kernel_matches_mamba_ssms_on_the_gpu(monkeypatch):
+def test_chunk_grad_kernels_match_mamba_ssms_on_the_gpu(monkeypatch):
     """At the 800M's mixer widths (bf16, from mamba-ssm's forward kernels' kept tensors): dx,
     dt's, B's, C's, A's, D's and dt_bias's gradients of fused_mamba.ssd_backward_from_states
-    with our kernels (B's, C's and dA's; all but the state gradients; and those too) against
-    those with mamba-ssm's, within bf16 roundings."""
+    with our kernels (after mamba-ssm's state gradients or ours) against those with mamba-ssm's
+    alone, within bf16 roundings."""
     pytest.importorskip("mamba_ssm")
     import toolkit.model.fused_mamba as fm
 
@@ -142,8 +140,7 @@ def test_bc_grad_kernel_matches_mamba_ssms_on_the_gpu(monkeypatch):
     _, kept = fm.ssd_forward_keeping_states(*args)
     dy = torch.randn_like(x)
     grads = []
-    sets = [set(), {"bc"}, {"dx"}, {"dstates", "bc"}, {"dstates", "dx"}]
-    for names in map(frozenset, sets):
+    for names in map(frozenset, [set(), {"dx"}, {"dstates", "dx"}]):
         monkeypatch.setattr(fm, "TRITON_MAMBA", names)
         out = [torch.empty_like(t) for t in (x, dt, B, C)]
         rest = fm.ssd_backward_from_states(dy, *args, kept, *out)

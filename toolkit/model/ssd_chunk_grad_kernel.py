@@ -1,0 +1,240 @@
+"""The Mamba-2 SSD's gradients within each chunk as two Triton kernels, for our fused training
+op's backward (fused_mamba.ssd_backward_from_states), after the chunk-state gradients
+(ssd_state_grad_kernel.py): with them, the whole SSD backward from the kept states in three
+kernels, against mamba-ssm's 11 and its torch sums (2.4 of its 2.9 ms at the 800M's widths on
+an H100 after the state gradients: RESULTS.md 2026-12-06 evening).
+
+- _ssd_head_grad_kernel, a program per chunk and head: x's gradient, dt's (before the softplus),
+  dA's (each step's dt * A, summed in mamba-ssm's stable order, never a difference of
+  cumulative sums) and the head's parts of A's, D's and dt_bias's.
+- _ssd_bc_grad_kernel, a program per chunk, head group and block of the chunk's rows: dC's rows
+  or dB's, each head's part added in registers and written once.
+
+The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over the heads in one
+program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100);
+these take the chunk's rows BLOCK_M at a time: compiled for sm_90 here, 88 and 488 bytes of
+spills a thread at 16 rows and 8 warps (benchmarks/kernel_resources.py). The op takes them where TOOLKIT_TRITON_MAMBA names "dx", for A/B runs until they
+are timed on a GPU (tests/test_ssd_chunk_grad_kernel.py, benchmarks/gpu_kernels.py --backward).
+
+With s the sums of dA within a chunk, S the state passed in, G the gradient of the one passed
+on and w_j = exp(s_last - s_j) dt_j, the chunk's outputs are y_i = exp(s_i) C_i S^T +
+sum_{j <= i} (C_i . B_j) exp(s_i - s_j) dt_j x_j + D x_i, and it passes on exp(s_last) S +
+sum_j w_j x_j B_j^T, so
+    dC_i = exp(s_i) dy_i S + sum_j dCB_ij B_j,   dB_j = w_j x_j G + sum_i dCB_ij C_i,
+    dx_j = w_j B_j G^T + sum_i (C_i . B_j) exp(s_i - s_j) dt_j dy_i + D dy_j,
+with dCB_ij = (dy_i . x_j) exp(s_i - s_j) dt_j (j <= i, summed over the group's heads).
+"""
+
+import torch
+
+from toolkit.model.kernels import triton_imports
+
+BLOCK_M = 16  # the chunk's rows a step of the head kernel, a program of the B/C kernel
+NUM_WARPS = 8
+NUM_STAGES = 1
+
+if triton_imports():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ssd_head_grad_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A,
+                              dt_bias, D, dx, ddt, dA_part, dD_part, dbias_part, L, stride_x_b,
+                              stride_x_l, stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h,
+                              stride_bc_b, stride_bc_l, stride_bc_g, stride_dx_b, stride_dx_l,
+                              stride_dx_h, stride_dt_b, stride_dt_l, stride_ddt_b, stride_ddt_l,
+                              HEADS_PER_GROUP: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+                              Q: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+        c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        CHUNKS, H = tl.num_programs(0), tl.num_programs(1)
+        g = h // HEADS_PER_GROUP
+        p, n, j = tl.arange(0, P), tl.arange(0, N), tl.arange(0, Q)
+        b64 = b.to(tl.int64)
+        t = c * Q + j
+        t_ok = t < L
+        t64 = t.to(tl.int64)
+        at = ((b64 * H + h) * CHUNKS + c) * Q  # [b, h, chunks, Q]
+        s = tl.load(dA_sums + at + j)
+        dt_s = tl.load(dt_soft + at + j)
+        last = tl.sum(tl.where(j == Q - 1, s, 0.0), axis=0)
+        x_at = b64 * stride_x_b + h * stride_x_h + p[None, :]
+        dy_at = b64 * stride_dy_b + h * stride_dy_h + p[None, :]
+        bc_at = b64 * stride_bc_b + g * stride_bc_g + n[None, :]
+        xc = tl.load(x + x_at + t64[:, None] * stride_x_l, t_ok[:, None], 0.0)
+        Bc = tl.load(B + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
+        # [b, chunks, h, P, N]: the state passed in (fp32) and the gradient of the one passed on
+        so = (((b64 * CHUNKS + c) * H + h) * P + p[:, None]) * N + n[None, :]
+        state = tl.load(states + so).to(xc.dtype)
+        grad = tl.load(dstates + so).to(xc.dtype)
+        # through the state passed on, at each step j: dx's w_j B_j G^T, dt_j's and s_j's
+        decay_out = tl.exp(last - s)
+        w = decay_out * dt_s
+        xgb = tl.sum(tl.dot(xc, grad) * Bc.to(tl.float32), axis=1)  # x_j G . B_j
+        dt_grad = decay_out * xgb
+        out_j = w * xgb
+        # each step k's dA gradient from there, with dA_last's through S: sum_{j < k} of s_j's
+        dA_step = tl.cumsum(out_j, axis=0) - out_j + tl.load(ddA_last + at // Q)
+        dxc = tl.dot(Bc, tl.trans(grad)) * w[:, None]
+        for i0 in range(0, Q, BLOCK_M):  # the chunk's outputs, BLOCK_M rows at a time
+            i = i0 + tl.arange(0, BLOCK_M)
+            ti = c * Q + i
+            i_ok = ti < L
+            ti64 = ti.to(tl.int64)
+            s_i = tl.load(dA_sums + at + i)
+            Cb = tl.load(C + bc_at + ti64[:, None] * stride_bc_l, i_ok[:, None], 0.0)
+            dyb = tl.load(dy + dy_at + ti64[:, None] * stride_dy_l, i_ok[:, None], 0.0)
+            causal = i[:, None] >= j[None, :]
+            decay = tl.exp(tl.where(causal, s_i[:, None] - s[None, :], -float("inf")))
+            cb = tl.dot(Cb, tl.trans(Bc))
+            u = tl.dot(dyb, tl.trans(xc)) * decay  # (dy_i . x_j) exp(s_i - s_j)
+            dt_grad += tl.sum(u * cb, axis=0)
+            # s's gradient within the chunk: step k's sums the decays that span it (j < k <= i)
+            z = u * cb * dt_s[None, :]
+            spans = tl.cumsum(z, axis=1) - z  # [i, k]: sum_{j < k} z_ij
+            dA_step += tl.sum(tl.where(causal, spans, 0.0), axis=0)
+            m = cb * decay * dt_s[None, :]
+            dxc += tl.dot(tl.trans(m.to(dyb.dtype)), dyb)
+            # through the state passed in: s_i's gradient exp(s_i) dy_i S . C_i, at each step
+            # k <= i
+            ds = tl.sum(tl.dot(dyb, state) * Cb.to(tl.float32), axis=1) * tl.exp(s_i)
+            dA_step += tl.sum(tl.where(causal, ds[:, None], 0.0), axis=0)
+        part = (b64 * CHUNKS + c) * H + h  # [b, chunks, h]
+        if D is not None:
+            dyc = tl.load(dy + dy_at + t64[:, None] * stride_dy_l, t_ok[:, None], 0.0)
+            dxc += tl.load(D + h).to(tl.float32) * dyc.to(tl.float32)
+            tl.store(dD_part + part, tl.sum(dyc.to(tl.float32) * xc.to(tl.float32)))
+        dxo = b64 * stride_dx_b + t64[:, None] * stride_dx_l + h * stride_dx_h + p[None, :]
+        tl.store(dx + dxo, dxc.to(dx.dtype.element_ty), t_ok[:, None])
+        dt_grad += dA_step * tl.load(A + h).to(tl.float32)
+        raw = tl.load(dt + b64 * stride_dt_b + t64 * stride_dt_l + h, t_ok, 0.0)
+        raw = raw.to(tl.float32) + tl.load(dt_bias + h).to(tl.float32)
+        dt_grad = tl.where(raw <= 20.0, dt_grad * tl.sigmoid(raw), dt_grad)  # softplus's slope
+        dt_grad = tl.where(t_ok, dt_grad, 0.0)
+        tl.store(ddt + b64 * stride_ddt_b + t64 * stride_ddt_l + h, dt_grad, t_ok)
+        tl.store(dA_part + part, tl.sum(dA_step * dt_s))
+        tl.store(dbias_part + part, tl.sum(dt_grad))
+
+    @triton.jit
+    def _ssd_bc_grad_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L,
+                            stride_x_b, stride_x_l, stride_x_h, stride_dy_b, stride_dy_l,
+                            stride_dy_h, stride_bc_b, stride_bc_l, stride_bc_g, stride_dbc_b,
+                            stride_dbc_l, stride_dbc_g, HEADS_PER_GROUP: tl.constexpr,
+                            P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
+                            BLOCK_M: tl.constexpr):  # fmt: skip
+        # program (c, (g, which, block), b): dC's rows of the block (which 0) or dB's (which 1)
+        c, pid, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        CHUNKS = tl.num_programs(0)
+        H = (tl.num_programs(1) // (2 * (Q // BLOCK_M))) * HEADS_PER_GROUP
+        blocks = Q // BLOCK_M
+        g, which, block = pid // (2 * blocks), (pid // blocks) % 2, pid % blocks
+        p, n, j = tl.arange(0, P), tl.arange(0, N), tl.arange(0, Q)
+        r = block * BLOCK_M + tl.arange(0, BLOCK_M)  # the block's rows in the chunk
+        b64 = b.to(tl.int64)
+        t, tr = c * Q + j, c * Q + r
+        t_ok, r_ok = t < L, tr < L
+        t64, tr64 = t.to(tl.int64), tr.to(tl.int64)
+        bc_at = b64 * stride_bc_b + g * stride_bc_g + n[None, :]
+        # the other of B and C, whole: C's gradient reads B, B's reads C
+        if which == 0:
+            other = tl.load(B + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
+        else:
+            other = tl.load(C + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
+        grad_sum = tl.zeros([BLOCK_M, N], dtype=tl.float32)
+        dcb = tl.zeros([BLOCK_M, Q], dtype=tl.float32)  # [row, the other's step]
+        for k in range(HEADS_PER_GROUP):
+            h = g * HEADS_PER_GROUP + k
+            at = ((b64 * H + h) * CHUNKS + c) * Q
+            s = tl.load(dA_sums + at + j)
+            s_r = tl.load(dA_sums + at + r)
+            x_at = b64 * stride_x_b + h * stride_x_h + p[None, :]
+            dy_at = b64 * stride_dy_b + h * stride_dy_h + p[None, :]
+            so = (((b64 * CHUNKS + c) * H + h) * P + p[:, None]) * N + n[None, :]
+            if which == 0:  # dC_i: exp(s_i) dy_i S, dCB_ij over j <= i
+                dyr = tl.load(dy + dy_at + tr64[:, None] * stride_dy_l, r_ok[:, None], 0.0)
+                state = tl.load(states + so).to(dyr.dtype)
+                grad_sum += tl.dot(dyr, state) * tl.exp(s_r)[:, None]
+                xc = tl.load(x + x_at + t64[:, None] * stride_x_l, t_ok[:, None], 0.0)
+                dt_s = tl.load(dt_soft + at + j)
+                causal = r[:, None] >= j[None, :]
+                decay = tl.exp(tl.where(causal, s_r[:, None] - s[None, :], -float("inf")))
+                dcb += tl.dot(dyr, tl.trans(xc)) * decay * dt_s[None, :]
+            else:  # dB_j: w_j x_j G, dCB_ij over i >= j
+                xr = tl.load(x + x_at + tr64[:, None] * stride_x_l, r_ok[:, None], 0.0)
+                grad = tl.load(dstates + so).to(xr.dtype)
+                last = tl.sum(tl.where(j == Q - 1, s, 0.0), axis=0)
+                dt_r = tl.load(dt_soft + at + r)
+                grad_sum += tl.dot(xr, grad) * (tl.exp(last - s_r) * dt_r)[:, None]
+                dyc = tl.load(dy + dy_at + t64[:, None] * stride_dy_l, t_ok[:, None], 0.0)
+                causal = j[None, :] >= r[:, None]
+                decay = tl.exp(tl.where(causal, s[None, :] - s_r[:, None], -float("inf")))
+                dcb += tl.dot(xr, tl.trans(dyc)) * decay * dt_r[:, None]
+        grad_sum += tl.dot(dcb.to(other.dtype), other)
+        dbc = b64 * stride_dbc_b + tr64[:, None] * stride_dbc_l + g * stride_dbc_g + n[None, :]
+        if which == 0:
+            tl.store(dC + dbc, grad_sum.to(dC.dtype.element_ty), r_ok[:, None])
+        else:
+            tl.store(dB + dbc, grad_sum.to(dB.dtype.element_ty), r_ok[:, None])
+
+
+def ssd_input_grads(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    dt_bias: torch.Tensor,
+    D: torch.Tensor | None,
+    kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    B: torch.Tensor,
+    C: torch.Tensor,
+    dstates: torch.Tensor,
+    ddA_last: torch.Tensor,
+    dx: torch.Tensor,
+    ddt: torch.Tensor,
+    dB: torch.Tensor,
+    dC: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The SSD's gradients from x and dy [b, l, h, p], dt before softplus(dt + dt_bias)
+    [b, l, h], A, dt_bias and D (or None) [h], kept (the forward's dt after the softplus and dA's
+    sums within each chunk [b, h, chunks, chunk] fp32, the states passed into each chunk
+    [b, chunks, h, p, n] fp32), B and C [b, l, g, n], the gradients of the states each chunk
+    passes on (dstates, like the states) and of each chunk's last dA sum through it
+    (ddA_last [b, h, chunks]; both ssd_state_grad_kernel.ssd_state_grads'): x's, dt's, B's and
+    C's written into dx, ddt, dB and dC (their inputs' shapes); (A's, D's or None, dt_bias's)
+    [h] fp32 returned. Channels adjacent throughout."""
+    dt_soft, dA_sums, states = kept
+    b, L, H, P = x.shape
+    G, N = B.shape[2:]
+    chunks, chunk_size = dA_sums.shape[2:]
+    if any(t.stride(-1) != 1 for t in (x, dy, B, C, dx, dB, dC, dt, ddt)):
+        raise ValueError("x, dy, dt, B, C and their gradients need adjacent channels")
+    if C.stride() != B.stride() or dC.stride() != dB.stride():
+        raise ValueError("C's strides must be B's and dC's dB's")
+    block_m = min(BLOCK_M, chunk_size)
+    if H % G or any(v & (v - 1) or v < 16 for v in (chunk_size, N, P)):
+        raise ValueError(
+            f"heads {H} in {G} groups; chunk {chunk_size}, state {N}, head dim {P}: powers of 2"
+            " from 16"
+        )
+    for name, t in (("states", states), ("dstates", dstates)):
+        if t.shape != (b, chunks, H, P, N) or not t.is_contiguous():
+            raise ValueError(f"{name} {tuple(t.shape)}: want contiguous {(b, chunks, H, P, N)}")
+    dt_soft, dA_sums, ddA_last = dt_soft.contiguous(), dA_sums.contiguous(), ddA_last.contiguous()
+    parts = [torch.empty(b, chunks, H, dtype=torch.float32, device=x.device) for _ in range(3)]
+    dA_part, dD_part, dbias_part = parts
+    common = dict(HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, BLOCK_M=block_m,
+                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)  # fmt: skip
+    _ssd_head_grad_kernel[(chunks, H, b)](
+        x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A, dt_bias, D, dx, ddt,
+        dA_part, dD_part if D is not None else None, dbias_part, L,
+        x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+        B.stride(0), B.stride(1), B.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
+        dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), **common,
+    )  # fmt: skip
+    _ssd_bc_grad_kernel[(chunks, G * 2 * (chunk_size // block_m), b)](
+        x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L,
+        x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+        B.stride(0), B.stride(1), B.stride(2), dB.stride(0), dB.stride(1), dB.stride(2),
+        **common,
+    )  # fmt: skip
+    sums = [t.sum((0, 1)) for t in parts]
+    return sums[0], sums[1] if D is not None else None, sums[2]
