@@ -39,7 +39,8 @@ def kernels(heads_per_group: int) -> dict:
     block_m = {"BLOCK_M": ssd_chunk_grad_kernel.BLOCK_M}
     return {
         "ssd_forward (p64)": (ssd_scan_kernel._ssd_forward_kernel,
-                              {**widths, "BLOCK_P": 64}, {"states": "fp32", "dt": "bf16"}),
+                              {**widths, "BLOCK_P": 64, "BLOCK_M": ssd_scan_kernel.BLOCK_M},
+                              {"states": "fp32", "dt": "bf16"}),
         "state_grads (p64_n64)": (ssd_state_grad_kernel._ssd_state_grad_kernel,
                                   {**widths, "BLOCK_P": 64, "BLOCK_N": 64}, {"states": "fp32"}),
         "head_grads": (ssd_chunk_grad_kernel._ssd_head_grad_kernel, {**widths, **block_m},

@@ -11,8 +11,9 @@ from tests.test_step_graph import in_subprocess, interpret
 
 CUDA = torch.cuda.is_available()
 
-# A length that ends in a partial chunk, several chunks, heads in groups of 2, one and two
-# channel blocks a head, x a slice of a wider row (the conv's output), D and none, fp32 and bf16
+# A length that ends in a partial chunk, several chunks, chunks of one and two blocks of output
+# rows, heads in groups of 2, one and two channel blocks a head, x a slice of a wider row (the
+# conv's output), D and none, fp32 and bf16
 # (the reference in fp32 from the same bf16 values; bf16 on a GPU only). The states are the
 # reference's final states of each prefix that ends before a chunk.
 CASES = """
@@ -24,15 +25,15 @@ from toolkit.model.ssd import ssd_chunked
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 torch.manual_seed(0)
-cases = [(torch.float32, 1e-4, 37, 16, 16, True), (torch.float32, 1e-4, 48, 32, 16, False),
-         (torch.bfloat16, 3e-2, 37, 32, 16, True)]
+cases = [(torch.float32, 1e-4, 37, 16, 16, True, 16), (torch.float32, 1e-4, 80, 32, 16, False, 32),
+         (torch.bfloat16, 3e-2, 37, 32, 16, True, 32)]
 if device == "cpu":  # the interpreter's tl.dot of bf16 tiles is wrong (2.7e10 off at 16 x 16)
     cases = [case for case in cases if case[0] == torch.float32]
 else:  # tl.dot of fp32 tiles is TF32 on a GPU, as in mamba-ssm's kernels
     cases = [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
-for dtype, tol, L, P, block_p, with_d in cases:
-    sk.BLOCK_P = block_p
-    b, H, G, N, Q = 2, 4, 2, 16, 16
+for dtype, tol, L, P, block_p, with_d, Q in cases:
+    sk.BLOCK_P, sk.BLOCK_M = block_p, 16  # chunks of 32: two blocks of output rows
+    b, H, G, N = 2, 4, 2, 16
     row = torch.randn(b, L, H * P + 2 * G * N + 8, device=device).to(dtype)
     x = row[..., : H * P].unflatten(-1, (H, P))
     B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))

@@ -12,8 +12,10 @@ passed in, then the state passed on. It writes y, and what mamba-ssm's backward 
 into each chunk in fp32. The rounding follows mamba-ssm's kernels: the products' operands in
 the inputs' dtype, sums in fp32. Right on an H100 but 0.83x mamba-ssm's kernels at the 800M's
 widths, 0.88x at the 8B's (RESULTS.md 2026-12-06 evening: one program walks all of a sequence's
-chunks, latency-bound), so the op takes it only where TOOLKIT_TRITON_MAMBA names "forward"
-(tests/test_ssd_scan_kernel.py, benchmarks/gpu_kernels.py --fused-forward).
+chunks, latency-bound, and its 128 x 128 fp32 tiles spilled 1.5 KB a thread; it now makes a
+chunk's outputs BLOCK_M rows at a time: 0.7 KB compiled for sm_90 here, not yet re-timed), so
+the op takes it only where TOOLKIT_TRITON_MAMBA names "forward" (tests/test_ssd_scan_kernel.py,
+benchmarks/gpu_kernels.py --fused-forward, benchmarks/kernel_resources.py).
 """
 
 import torch
@@ -21,6 +23,7 @@ import torch
 from toolkit.model.kernels import triton_imports
 
 BLOCK_P = 64  # a head's channels a program carries (its state: BLOCK_P x state in fp32)
+BLOCK_M = 32  # the chunk's output rows a step (its 128 x 128 fp32 tiles spilled: 1.5 KB a thread)
 NUM_WARPS = 8
 
 if triton_imports():
@@ -36,7 +39,8 @@ if triton_imports():
                             stride_x_b, stride_x_l, stride_x_h, stride_dt_b, stride_dt_l,
                             stride_bc_b, stride_bc_l, stride_bc_g, stride_y_b, stride_y_l,
                             stride_y_h, HEADS_PER_GROUP: tl.constexpr, P: tl.constexpr,
-                            N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+                            N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_M: tl.constexpr):  # fmt: skip
         pid_p, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         H = tl.num_programs(1)
         g = h // HEADS_PER_GROUP
@@ -44,7 +48,6 @@ if triton_imports():
         col_ok = cols < P
         n = tl.arange(0, N)
         i = tl.arange(0, Q)
-        causal = i[:, None] >= i[None, :]
         bias, a, d = tl.load(dt_bias + h).to(tl.float32), tl.load(A + h).to(tl.float32), 0.0
         if D is not None:
             d = tl.load(D + h).to(tl.float32)
@@ -66,21 +69,33 @@ if triton_imports():
             base = (((b64 * CHUNKS + c) * H + h) * P) * N
             tl.store(states + base + cols[:, None] * N + n[None, :], state, col_ok[:, None])
             bc = b64 * stride_bc_b + t64[:, None] * stride_bc_l + g * stride_bc_g + n[None, :]
-            Cc = tl.load(C + bc, t_ok[:, None], 0.0)
             Bc = tl.load(B + bc, t_ok[:, None], 0.0)
             xo = b64 * stride_x_b + t64[:, None] * stride_x_l + h * stride_x_h + cols[None, :]
             ok = t_ok[:, None] & col_ok[None, :]
             xc = tl.load(x + xo, ok, 0.0)
-            # within the chunk: (C Bt * exp(dA_i - dA_j) * dt_j, causal) x
-            cb = tl.dot(Cc, tl.trans(Bc))
-            decay = tl.exp(tl.where(causal, dA[:, None] - dA[None, :], -float("inf")))
-            m = cb * decay * dt_s[None, :]
-            out = tl.dot(m.to(xc.dtype), xc)
-            # from the state passed in: C h * exp(dA_i)
-            out += tl.dot(Cc, tl.trans(state.to(Cc.dtype))) * tl.exp(dA)[:, None]
-            out += d * xc.to(tl.float32)
-            yo = b64 * stride_y_b + t64[:, None] * stride_y_l + h * stride_y_h + cols[None, :]
-            tl.store(y + yo, out.to(y.dtype.element_ty), ok)
+            state_in = state.to(xc.dtype)
+            for i0 in range(0, Q, BLOCK_M):  # the chunk's outputs, BLOCK_M rows at a time
+                r = i0 + tl.arange(0, BLOCK_M)
+                tr = c * Q + r
+                r_ok = tr < L
+                tr64 = tr.to(tl.int64)
+                # dA's sums at these rows, from the steps' dA in registers (no slice of dA)
+                below = r[:, None] >= i[None, :]
+                dA_r = tl.sum(tl.where(below, (dt_s * a)[None, :], 0.0), axis=1)
+                cr = b64 * stride_bc_b + tr64[:, None] * stride_bc_l + g * stride_bc_g + n[None, :]
+                Cr = tl.load(C + cr, r_ok[:, None], 0.0)
+                # within the chunk: (C Bt * exp(dA_i - dA_j) * dt_j, causal) x
+                cb = tl.dot(Cr, tl.trans(Bc))
+                decay = tl.exp(tl.where(below, dA_r[:, None] - dA[None, :], -float("inf")))
+                m = cb * decay * dt_s[None, :]
+                out = tl.dot(m.to(xc.dtype), xc)
+                # from the state passed in: C h * exp(dA_i)
+                out += tl.dot(Cr, tl.trans(state_in)) * tl.exp(dA_r)[:, None]
+                rows = r_ok[:, None] & col_ok[None, :]
+                xr_at = b64 * stride_x_b + tr64[:, None] * stride_x_l + h * stride_x_h + cols[None, :]  # fmt: skip
+                out += d * tl.load(x + xr_at, rows, 0.0).to(tl.float32)
+                yo = b64 * stride_y_b + tr64[:, None] * stride_y_l + h * stride_y_h + cols[None, :]
+                tl.store(y + yo, out.to(y.dtype.element_ty), rows)
             # the state passed on: h * exp(dA_last) + xt (B * exp(dA_last - dA_j) * dt_j)
             last = tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
             scaled = (Bc.to(tl.float32) * (tl.exp(last - dA) * dt_s)[:, None]).to(xc.dtype)
@@ -120,6 +135,7 @@ def ssd_forward_fused(
         x, dt, dt_bias, A, B, C, D, y, dt_out, dA_out, states, L, chunks,
         x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
         B.stride(0), B.stride(1), B.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, BLOCK_P=block_p, num_warps=NUM_WARPS,
+        HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, BLOCK_P=block_p,
+        BLOCK_M=min(BLOCK_M, chunk_size), num_warps=NUM_WARPS,
     )  # fmt: skip
     return y, (dt_out, dA_out, states)
