@@ -45,7 +45,10 @@ def kernels(heads_per_group: int) -> dict:
                                   {**widths, "BLOCK_P": 64, "BLOCK_N": 64}, {"states": "fp32"}),
         "head_grads": (ssd_chunk_grad_kernel._ssd_head_grad_kernel, {**widths, **block_m},
                        {"dt": "bf16"}),
-        "bc_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **block_m}, {}),
+        "dC_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **block_m, "WHICH": 0},
+                     {}),
+        "dB_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **block_m, "WHICH": 1},
+                     {}),
     }  # fmt: skip
 
 

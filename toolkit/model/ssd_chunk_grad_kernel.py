@@ -8,7 +8,7 @@ an H100 after the state gradients: RESULTS.md 2026-12-06 evening).
   dA's (each step's dt * A, summed in mamba-ssm's stable order, never a difference of
   cumulative sums) and the head's parts of A's, D's and dt_bias's.
 - _ssd_bc_grad_kernel, a program per chunk, head group and block of the chunk's rows: dC's rows
-  or dB's, each head's part added in registers and written once.
+  (WHICH 0) or dB's (1), each head's part added in registers and written once.
 
 The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over the heads in one
 program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100);
@@ -120,13 +120,12 @@ if triton_imports():
                             stride_dy_h, stride_bc_b, stride_bc_l, stride_bc_g, stride_dbc_b,
                             stride_dbc_l, stride_dbc_g, HEADS_PER_GROUP: tl.constexpr,
                             P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
-                            BLOCK_M: tl.constexpr):  # fmt: skip
-        # program (c, (g, which, block), b): dC's rows of the block (which 0) or dB's (which 1)
+                            BLOCK_M: tl.constexpr, WHICH: tl.constexpr):  # fmt: skip
+        # program (c, (g, block), b): dC's rows of the block (WHICH 0) or dB's (WHICH 1)
         c, pid, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         CHUNKS = tl.num_programs(0)
-        H = (tl.num_programs(1) // (2 * (Q // BLOCK_M))) * HEADS_PER_GROUP
-        blocks = Q // BLOCK_M
-        g, which, block = pid // (2 * blocks), (pid // blocks) % 2, pid % blocks
+        H = (tl.num_programs(1) // (Q // BLOCK_M)) * HEADS_PER_GROUP
+        g, block = pid // (Q // BLOCK_M), pid % (Q // BLOCK_M)
         p, n, j = tl.arange(0, P), tl.arange(0, N), tl.arange(0, Q)
         r = block * BLOCK_M + tl.arange(0, BLOCK_M)  # the block's rows in the chunk
         b64 = b.to(tl.int64)
@@ -135,7 +134,7 @@ if triton_imports():
         t64, tr64 = t.to(tl.int64), tr.to(tl.int64)
         bc_at = b64 * stride_bc_b + g * stride_bc_g + n[None, :]
         # the other of B and C, whole: C's gradient reads B, B's reads C
-        if which == 0:
+        if WHICH == 0:
             other = tl.load(B + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
         else:
             other = tl.load(C + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
@@ -149,7 +148,7 @@ if triton_imports():
             x_at = b64 * stride_x_b + h * stride_x_h + p[None, :]
             dy_at = b64 * stride_dy_b + h * stride_dy_h + p[None, :]
             so = (((b64 * CHUNKS + c) * H + h) * P + p[:, None]) * N + n[None, :]
-            if which == 0:  # dC_i: exp(s_i) dy_i S, dCB_ij over j <= i
+            if WHICH == 0:  # dC_i: exp(s_i) dy_i S, dCB_ij over j <= i
                 dyr = tl.load(dy + dy_at + tr64[:, None] * stride_dy_l, r_ok[:, None], 0.0)
                 state = tl.load(states + so).to(dyr.dtype)
                 grad_sum += tl.dot(dyr, state) * tl.exp(s_r)[:, None]
@@ -170,7 +169,7 @@ if triton_imports():
                 dcb += tl.dot(xr, tl.trans(dyc)) * decay * dt_r[:, None]
         grad_sum += tl.dot(dcb.to(other.dtype), other)
         dbc = b64 * stride_dbc_b + tr64[:, None] * stride_dbc_l + g * stride_dbc_g + n[None, :]
-        if which == 0:
+        if WHICH == 0:
             tl.store(dC + dbc, grad_sum.to(dC.dtype.element_ty), r_ok[:, None])
         else:
             tl.store(dB + dbc, grad_sum.to(dB.dtype.element_ty), r_ok[:, None])
@@ -230,11 +229,12 @@ def ssd_input_grads(
         B.stride(0), B.stride(1), B.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
         dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), **common,
     )  # fmt: skip
-    _ssd_bc_grad_kernel[(chunks, G * 2 * (chunk_size // block_m), b)](
-        x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L,
-        x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-        B.stride(0), B.stride(1), B.stride(2), dB.stride(0), dB.stride(1), dB.stride(2),
-        **common,
-    )  # fmt: skip
+    for which in (0, 1):  # dC, then dB: each its own compiled kernel (registers)
+        _ssd_bc_grad_kernel[(chunks, G * (chunk_size // block_m), b)](
+            x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L,
+            x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
+            B.stride(0), B.stride(1), B.stride(2), dB.stride(0), dB.stride(1), dB.stride(2),
+            WHICH=which, **common,
+        )  # fmt: skip
     sums = [t.sum((0, 1)) for t in parts]
     return sums[0], sums[1] if D is not None else None, sums[2]
