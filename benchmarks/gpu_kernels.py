@@ -161,9 +161,10 @@ def op_inputs(b: int, length: int, heads: int, p: int, groups: int, n: int, **_)
 
 
 def apply_settings(module, variant: str) -> None:
-    """'p64_n32_m16_w4_s1' -> module.BLOCK_P, BLOCK_N, BLOCK_M, NUM_WARPS, NUM_STAGES (those
-    named)."""
-    names = {"p": "BLOCK_P", "n": "BLOCK_N", "m": "BLOCK_M", "w": "NUM_WARPS", "s": "NUM_STAGES"}
+    """'p64_n32_q32_m16_w4_s1' -> module.BLOCK_P, BLOCK_N, BLOCK_Q, BLOCK_M, NUM_WARPS,
+    NUM_STAGES (those named)."""
+    names = {"p": "BLOCK_P", "n": "BLOCK_N", "q": "BLOCK_Q", "m": "BLOCK_M", "w": "NUM_WARPS",
+             "s": "NUM_STAGES"}  # fmt: skip
     for token in variant.split("_"):
         setattr(module, names[token[0]], int(token[1:]))
 

@@ -189,7 +189,7 @@ run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward p64_w8,p64
 # Our chunk-state gradients in one kernel carrying them back through the chunks
 # (ssd_state_grad_kernel.py): against autograd and mamba-ssm's two kernels, then timed.
 run state_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_state_grad_kernel.py
-run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads p64_n64_w4,p64_n32_w4,p32_n32_w4,p64_n128_w4,p64_n64_w8
+run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads p64_n64_w4,p64_n64_q32_w4,p64_n64_q64_w4,p64_n64_q32_w8,p32_n32_q32_w4
 # The backward's other gradients in two kernels taking a chunk's rows 16 at a time
 # (ssd_chunk_grad_kernel.py): against autograd and mamba-ssm's backward, then the whole SSD
 # backward timed with each set of our kernels and settings (rows a step, warps).

@@ -22,8 +22,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # read the state passed in as exp(dA) * C S^T; the loss is sum(y * dy). Its gradients: X_c's is
 # the gradient of the state chunk c passes on, last_c's (dA's last sum, taken as a leaf of its
 # own) that of dA_last through it. A length that ends in a partial chunk (dy and C zero past
-# it), heads in groups of 2, one and two blocks of a head's channels and of its state, fp32 and
-# bf16 (bf16 on a GPU only: the interpreter's tl.dot of bf16 tiles is wrong).
+# it), a chunk's steps in two products, heads in groups of 2, one and two blocks of a head's
+# channels and of its state, fp32 and bf16 (bf16 on a GPU only: the interpreter's tl.dot of
+# bf16 tiles is wrong).
 CASES = """
 import sys
 import torch
@@ -38,8 +39,8 @@ if device == "cpu":
 else:  # tl.dot of fp32 tiles is TF32 on a GPU, as in mamba-ssm's kernels
     cases = [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
 for dtype, tol, L, P, block_p, block_n in cases:
-    sk.BLOCK_P, sk.BLOCK_N = block_p, block_n
-    b, H, G, N, Q = 2, 4, 2, 32, 16
+    sk.BLOCK_P, sk.BLOCK_N, sk.BLOCK_Q = block_p, block_n, 16  # chunks of 32: two steps
+    b, H, G, N, Q = 2, 4, 2, 32, 32
     chunks = -(-L // Q)
     row = torch.randn(b, L, H * P + 2 * G * N, device=device).to(dtype)
     dy = row[..., : H * P].unflatten(-1, (H, P))  # views of wider rows, as the op's are
