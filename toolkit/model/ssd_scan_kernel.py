@@ -12,8 +12,9 @@ passed in, then the state passed on. It writes y, and what mamba-ssm's backward 
 into each chunk in fp32. The rounding follows mamba-ssm's kernels: the products' operands in
 the inputs' dtype, sums in fp32. Right on an H100 but 0.83x mamba-ssm's kernels at the 800M's
 widths, 0.88x at the 8B's (RESULTS.md 2026-12-06 evening: one program walks all of a sequence's
-chunks, latency-bound, and its 128 x 128 fp32 tiles spilled 1.5 KB a thread; it now makes a
-chunk's outputs BLOCK_M rows at a time: 0.7 KB compiled for sm_90 here, not yet re-timed), so
+chunks, latency-bound, and its 128 x 128 fp32 tiles spilled 1.5 KB a thread; it now takes a
+chunk's rows BLOCK_M at a time, outputs and state: 0.4 KB compiled for sm_90 here, not yet
+re-timed), so
 the op takes it only where TOOLKIT_TRITON_MAMBA names "forward" (tests/test_ssd_scan_kernel.py,
 benchmarks/gpu_kernels.py --fused-forward, benchmarks/kernel_resources.py).
 """
@@ -74,7 +75,9 @@ if triton_imports():
             ok = t_ok[:, None] & col_ok[None, :]
             xc = tl.load(x + xo, ok, 0.0)
             state_in = state.to(xc.dtype)
-            for i0 in range(0, Q, BLOCK_M):  # the chunk's outputs, BLOCK_M rows at a time
+            last = tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
+            inflow = tl.zeros([BLOCK_P, N], dtype=tl.float32)  # the chunk's own to the state
+            for i0 in range(0, Q, BLOCK_M):  # the chunk's rows, BLOCK_M at a time
                 r = i0 + tl.arange(0, BLOCK_M)
                 tr = c * Q + r
                 r_ok = tr < L
@@ -93,13 +96,17 @@ if triton_imports():
                 out += tl.dot(Cr, tl.trans(state_in)) * tl.exp(dA_r)[:, None]
                 rows = r_ok[:, None] & col_ok[None, :]
                 xr_at = b64 * stride_x_b + tr64[:, None] * stride_x_l + h * stride_x_h + cols[None, :]  # fmt: skip
-                out += d * tl.load(x + xr_at, rows, 0.0).to(tl.float32)
+                xr = tl.load(x + xr_at, rows, 0.0)
+                out += d * xr.to(tl.float32)
                 yo = b64 * stride_y_b + tr64[:, None] * stride_y_l + h * stride_y_h + cols[None, :]
                 tl.store(y + yo, out.to(y.dtype.element_ty), rows)
-            # the state passed on: h * exp(dA_last) + xt (B * exp(dA_last - dA_j) * dt_j)
-            last = tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
-            scaled = (Bc.to(tl.float32) * (tl.exp(last - dA) * dt_s)[:, None]).to(xc.dtype)
-            state = state * tl.exp(last) + tl.dot(tl.trans(xc), scaled)
+                # these rows into the state passed on: xt (B * exp(dA_last - dA_j) * dt_j)
+                raw_r = tl.load(dt + b64 * stride_dt_b + tr64 * stride_dt_l + h, r_ok, 0.0)
+                dt_r = tl.where(r_ok, _softplus(raw_r.to(tl.float32) + bias), 0.0)
+                Br = tl.load(B + cr, r_ok[:, None], 0.0)
+                scaled = (Br.to(tl.float32) * (tl.exp(last - dA_r) * dt_r)[:, None]).to(xr.dtype)
+                inflow += tl.dot(tl.trans(xr), scaled)
+            state = state * tl.exp(last) + inflow  # the state passed on
 
 
 def ssd_forward_fused(
