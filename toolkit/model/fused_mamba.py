@@ -6,7 +6,8 @@ it takes mamba-ssm's mamba_split_conv1d_scan_combined.
 It does what that op does for our mixer (no extra MLP channels, no out_proj inside, the norm
 after the gate, no initial state, no sequence index): SiLU(causal conv) of xBC, the chunked SSD
 with D and softplus(dt + dt_bias), and the group-wise gated RMSNorm. The SSD and the norm are
-mamba-ssm's Triton kernels, called as its op calls them; the conv is causal-conv1d's or ours
+mamba-ssm's Triton kernels, called as its op calls them, or ours where TRITON_MAMBA (below)
+names them; the conv is causal-conv1d's or ours
 (conv_kernel.py), either reading xBC in place in in_proj's output and writing its gradient
 straight into in_proj's gradient.
 
@@ -14,7 +15,8 @@ With `recompute` (mamba-ssm's choice) the backward recomputes the conv's output 
 chunk states; without, the forward keeps them (the conv's output in bf16, the states passed
 between chunks and dA's sums in each chunk in fp32: 16 KB a token a layer at the 800M's
 widths) and the backward runs mamba-ssm's backward kernels on them, skipping the 4 kernels a
-layer that made them again (RESULTS.md 2026-12-06, afternoon).
+layer that made them again (RESULTS.md 2026-12-06, afternoon); the chunk-state gradients by
+default by our kernel (ssd_state_grad_kernel.py: 1.06x the SSD backward, 2026-12-06 evening).
 """
 
 import os
