@@ -183,13 +183,15 @@ run gated_norm 120 python3 benchmarks/gated_norm.py --json "$W/gated_norm.json"
 # Our SSD forward as one kernel carrying the states through the chunks (ssd_scan_kernel.py;
 # mamba-ssm's SSD ran at a tenth of the HBM's bandwidth by its bytes): against the reference and
 # mamba-ssm's kernels (with its backward from either's kept states), then timed at the 800M's
-# and the 8B's Mamba widths at channels a program x warps.
+# and the 8B's Mamba widths at channels a program x output rows a step x warps.
 run ssd_forward_gpu_test 240 python3 -m pytest -q tests/test_ssd_scan_kernel.py
-run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward p64_w8,p64_w4,p32_w4,p32_w8
+run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward \
+  p64_w8,p64_m16_w8,p64_m64_w8,p64_w4,p32_w8
 # Our chunk-state gradients in one kernel carrying them back through the chunks
 # (ssd_state_grad_kernel.py): against autograd and mamba-ssm's two kernels, then timed.
 run state_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_state_grad_kernel.py
-run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads p64_n64_w4,p64_n64_q32_w4,p64_n64_q64_w4,p64_n64_q32_w8,p32_n32_q32_w4
+run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads \
+  p64_n64_w4,p64_n64_q32_w4,p64_n64_q64_w4,p64_n64_q32_w8,p32_n32_q32_w4
 # The backward's other gradients in two kernels taking a chunk's rows 16 at a time
 # (ssd_chunk_grad_kernel.py): against autograd and mamba-ssm's backward, then the whole SSD
 # backward timed with each set of our kernels and settings (rows a step, warps).
