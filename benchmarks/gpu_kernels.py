@@ -160,12 +160,20 @@ def op_inputs(b: int, length: int, heads: int, p: int, groups: int, n: int, **_)
     return x, dt, A, B, C, D, dt_bias
 
 
+_DEFAULTS: dict[str, dict[str, int]] = {}  # each kernel module's settings as first seen
+
+
 def apply_settings(module, variant: str) -> None:
     """'p64_n32_q32_m16_w4_s1' -> module.BLOCK_P, BLOCK_N, BLOCK_Q, BLOCK_M, NUM_WARPS,
-    NUM_STAGES (those named)."""
+    NUM_STAGES (those named; the others back to the module's own)."""
     names = {"p": "BLOCK_P", "n": "BLOCK_N", "q": "BLOCK_Q", "m": "BLOCK_M", "w": "NUM_WARPS",
              "s": "NUM_STAGES"}  # fmt: skip
-    for token in variant.split("_"):
+    own = _DEFAULTS.setdefault(
+        module.__name__, {a: getattr(module, a) for a in names.values() if hasattr(module, a)}
+    )
+    for attr, value in own.items():
+        setattr(module, attr, value)
+    for token in filter(None, variant.split("_")):
         setattr(module, names[token[0]], int(token[1:]))
 
 
@@ -235,7 +243,7 @@ def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
     """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
     set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
     dx; 'none' for mamba-ssm's alone; '@mM_wW_sS': the chunk-gradient kernels at M rows a step,
-    W warps and S stages, 16, 8 and 1 by default), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and each gradient's relative L2
+    W warps and S stages, else the module's settings), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and each gradient's relative L2
     distance from mamba-ssm's."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 
@@ -259,7 +267,7 @@ def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
         print(f"SSD backward from the states {name}: mamba-ssm's kernels {their_ms:.3f} ms")
         for kernel_set in kernel_sets:
             names, _, settings = kernel_set.partition("@")
-            apply_settings(ssd_chunk_grad_kernel, settings or "m16_w8_s1")
+            apply_settings(ssd_chunk_grad_kernel, settings)
             fm.TRITON_MAMBA = frozenset(names.split("+")) - {"none"}
             try:
                 got = backward()
