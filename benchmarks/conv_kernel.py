@@ -28,6 +28,7 @@ from train_throughput import write_json  # noqa: E402
 from toolkit.config import load_recipe  # noqa: E402
 from toolkit.model import conv_kernel  # noqa: E402
 from toolkit.model.fused_mamba import conv_backward, conv_forward  # noqa: E402
+from toolkit.model.kernels import import_error  # noqa: E402
 
 
 def passes(backend: str):
@@ -39,14 +40,6 @@ def passes(backend: str):
         return (dx, *conv_backward(x, w, b, dout, dx, backend))
 
     return functools.partial(conv_forward, backend=backend), backward
-
-
-def causal_conv1d_imports() -> bool:
-    try:
-        import causal_conv1d.cpp_functions  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def with_tiles(variant: str, fn):
@@ -101,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
               "dtype": str(dtype), "ms": {}, "tb_per_s": {}}  # fmt: skip
     ours = passes("triton")
     sides = {f"triton_{v}": tuple(with_tiles(v, f) for f in ours) for v in args.variants}
-    if device.type == "cuda" and causal_conv1d_imports():
+    if device.type == "cuda" and import_error("causal_conv1d.cpp_functions") is None:
         sides["causal_conv1d"] = passes("causal_conv1d")
     outputs = {}
     for name, (forward, backward) in sides.items():

@@ -48,7 +48,7 @@ def ssd_mamba_ssm(
     return y.to(x.dtype), final_state.float()
 
 
-def _import_error(*modules: str) -> str | None:
+def import_error(*modules: str) -> str | None:
     """Why importing `modules` fails here ("ModuleNotFoundError: No module named 'einops'"), or
     None when they import."""
     try:
@@ -74,7 +74,7 @@ def triton_runs_on(device: torch.device) -> bool:
 @functools.cache
 def triton_imports() -> bool:
     """Whether Triton imports here (a broken install counts as no: the torch code runs)."""
-    return _import_error("triton") is None
+    return import_error("triton") is None
 
 
 _WARNED: set[str] = set()
@@ -99,7 +99,7 @@ def mamba_ssm_available(kernels: str = "") -> bool:
     With kernels='auto', a GPU without it is worth a warning."""
     if not torch.cuda.is_available():
         return False
-    error = _import_error("mamba_ssm.ops.triton.ssd_combined")
+    error = import_error("mamba_ssm.ops.triton.ssd_combined")
     if error and kernels == "auto":
         _warn_fallback("the reference SSD kernels run instead of mamba-ssm's (mamba_ssm)", error)
     return error is None
@@ -126,7 +126,7 @@ def fused_mamba_conv(kernels: str, conv: str = "auto", width: int = 4) -> str | 
         return None
     if conv == "triton":
         return "triton" if triton_imports() else None
-    error = _import_error("causal_conv1d", "mamba_ssm.ops.triton.ssd_combined")
+    error = import_error("causal_conv1d", "mamba_ssm.ops.triton.ssd_combined")
     if error is None:
         return "causal_conv1d"
     if conv == "auto" and triton_imports():
