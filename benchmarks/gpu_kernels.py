@@ -179,6 +179,16 @@ def apply_settings(module, variant: str) -> None:
         setattr(module, names[token[0]], int(token[1:]))
 
 
+def attempt(label: str, run):
+    """run(), or None with the error said under `label`: a setting that does not compile (too
+    much shared memory, say) is reported and the sweep goes on."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - any compile or launch error of that setting
+        print(f"  {label}: failed: {type(e).__name__}: {str(e)[:200]}")
+        return None
+
+
 def fused_forward(variants: list[str], reps: int = 20) -> None:
     """Our SSD forward in one kernel (ssd_scan_kernel.py) against mamba-ssm's 5 kernels as the
     fused op's keeping forward runs them (fused_mamba.ssd_forward_keeping_states), at each of
@@ -196,15 +206,12 @@ def fused_forward(variants: list[str], reps: int = 20) -> None:
         print(f"SSD forward {name}: mamba-ssm's kernels {theirs:.3f} ms")
         for variant in variants:
             apply_settings(ssd_scan_kernel, variant)
-            try:
-                y = ssd_scan_kernel.ssd_forward_fused(*args)[0].float()
-            except Exception as e:  # noqa: BLE001 - a setting that does not compile: say, go on
-                print(f"  ours {variant:8}: failed: {type(e).__name__}: {str(e)[:200]}")
+            ours = functools.partial(ssd_scan_kernel.ssd_forward_fused, *args)
+            got = attempt(f"ours {variant:8}", ours)
+            if got is None:
                 continue
-            ms = timed_ms(
-                functools.partial(ssd_scan_kernel.ssd_forward_fused, *args), reps, x.device
-            )
-            diff = float((y - want).abs().max() / want.abs().max())
+            ms = timed_ms(ours, reps, x.device)
+            diff = float((got[0].float() - want).abs().max() / want.abs().max())
             print(f"  ours {variant:8}: {ms:.3f} ms ({theirs / ms:.2f}x), y differs by {diff:.1e}")
 
 
@@ -229,14 +236,11 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
         print(f"SSD state grads {name}: mamba-ssm's kernels {their_ms:.3f} ms")
         for variant in variants:
             apply_settings(ssd_state_grad_kernel, variant)
-            try:
-                got = ssd_state_grad_kernel.ssd_state_grads(*args)
-            except Exception as e:  # noqa: BLE001 - a setting that does not compile: say, go on
-                print(f"  ours {variant:8}: failed: {type(e).__name__}: {str(e)[:200]}")
+            ours = functools.partial(ssd_state_grad_kernel.ssd_state_grads, *args)
+            got = attempt(f"ours {variant:8}", ours)
+            if got is None:
                 continue
-            ms = timed_ms(
-                functools.partial(ssd_state_grad_kernel.ssd_state_grads, *args), reps, x.device
-            )
+            ms = timed_ms(ours, reps, x.device)
             diffs = ", ".join(f"{rel_l2(a, b):.1e}" for a, b in zip(got, want))
             print(f"  ours {variant:8}: {ms:.3f} ms ({their_ms / ms:.2f}x), rel L2 {diffs}")
 
@@ -245,14 +249,15 @@ def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
     """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
     set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
     dx; 'none' for mamba-ssm's alone; '@mM_wW_sS': the chunk-gradient kernels at M rows a step,
-    W warps and S stages, else the module's settings), at each of SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and each gradient's relative L2
-    distance from mamba-ssm's."""
+    W warps and S stages, else the module's settings), at each of SWEEP_SHAPES, bf16, chunk 128:
+    median ms of `reps` and each gradient's relative L2 distance from mamba-ssm's."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 
     import toolkit.model.fused_mamba as fm
     from toolkit.model import ssd_chunk_grad_kernel
 
     grad_names = ("dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias")
+    own = fm.TRITON_MAMBA
     for name, shape in SWEEP_SHAPES.items():
         x, dt, A, B, C, D, dt_bias = op_inputs(**shape)
         args = (x, dt, A, B, C, 128, D, dt_bias)
@@ -271,15 +276,13 @@ def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
             names, _, settings = kernel_set.partition("@")
             apply_settings(ssd_chunk_grad_kernel, settings)
             fm.TRITON_MAMBA = frozenset(names.split("+")) - {"none"}
-            try:
-                got = backward()
-            except Exception as e:  # noqa: BLE001 - a setting that does not compile: say, go on
-                print(f"  {kernel_set:12}: failed: {type(e).__name__}: {str(e)[:200]}")
+            got = attempt(f"{kernel_set:12}", backward)
+            if got is None:
                 continue
             diffs = ", ".join(f"{n} {rel_l2(a, b):.1e}" for n, a, b in zip(grad_names, got, want))
             ms = timed_ms(backward, reps, x.device)
             print(f"  {kernel_set:12}: {ms:.3f} ms ({their_ms / ms:.2f}x); rel L2 {diffs}")
-        fm.TRITON_MAMBA = frozenset()
+    fm.TRITON_MAMBA = own
 
 
 def main() -> None:
