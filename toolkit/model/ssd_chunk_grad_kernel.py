@@ -12,9 +12,11 @@ an H100 after the state gradients: RESULTS.md 2026-12-06 evening).
 
 The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over the heads in one
 program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100);
-these take the chunk's rows BLOCK_M at a time: compiled for sm_90 here, 88 and 488 bytes of
-spills a thread at 16 rows and 8 warps (benchmarks/kernel_resources.py). The op takes them where TOOLKIT_TRITON_MAMBA names "dx", for A/B runs until they
-are timed on a GPU (tests/test_ssd_chunk_grad_kernel.py, benchmarks/gpu_kernels.py --backward).
+these take the chunk's rows BLOCK_M at a time, dC's and dB's as two compiled kernels: 88, 0
+and 0 bytes of spills a thread at 16 rows and 8 warps, compiled for sm_90 here
+(benchmarks/kernel_resources.py). The op takes them where TOOLKIT_TRITON_MAMBA names "dx", for
+A/B runs until they are timed on a GPU (tests/test_ssd_chunk_grad_kernel.py,
+benchmarks/gpu_kernels.py --backward).
 
 With s the sums of dA within a chunk, S the state passed in, G the gradient of the one passed
 on and w_j = exp(s_last - s_j) dt_j, the chunk's outputs are y_i = exp(s_i) C_i S^T +

@@ -14,9 +14,9 @@ the inputs' dtype, sums in fp32. Right on an H100 but 0.83x mamba-ssm's kernels 
 widths, 0.88x at the 8B's (RESULTS.md 2026-12-06 evening: one program walks all of a sequence's
 chunks, latency-bound, and its 128 x 128 fp32 tiles spilled 1.5 KB a thread; it now takes a
 chunk's rows BLOCK_M at a time, outputs and state: 0.4 KB compiled for sm_90 here, not yet
-re-timed), so
-the op takes it only where TOOLKIT_TRITON_MAMBA names "forward" (tests/test_ssd_scan_kernel.py,
-benchmarks/gpu_kernels.py --fused-forward, benchmarks/kernel_resources.py).
+re-timed), so the op takes it only where TOOLKIT_TRITON_MAMBA names "forward"
+(tests/test_ssd_scan_kernel.py, benchmarks/gpu_kernels.py --fused-forward,
+benchmarks/kernel_resources.py).
 """
 
 import torch
