@@ -19,18 +19,18 @@ CUDA = torch.cuda.is_available()
 CASES = """
 import sys
 import torch
+from tests.kernel_cases import for_device
 import torch.nn.functional as F
 import toolkit.model.ssd_scan_kernel as sk
 from toolkit.model.ssd import ssd_chunked
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 torch.manual_seed(0)
-cases = [(torch.float32, 1e-4, 37, 16, 16, True, 16), (torch.float32, 1e-4, 80, 32, 16, False, 32),
-         (torch.bfloat16, 3e-2, 37, 32, 16, True, 32)]
-if device == "cpu":  # the interpreter's tl.dot of bf16 tiles is wrong (2.7e10 off at 16 x 16)
-    cases = [case for case in cases if case[0] == torch.float32]
-else:  # tl.dot of fp32 tiles is TF32 on a GPU, as in mamba-ssm's kernels
-    cases = [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
+cases = for_device([
+    (torch.float32, 1e-4, 37, 16, 16, True, 16),
+    (torch.float32, 1e-4, 80, 32, 16, False, 32),
+    (torch.bfloat16, 3e-2, 37, 32, 16, True, 32),
+], device)
 for dtype, tol, L, P, block_p, with_d, Q in cases:
     sk.BLOCK_P, sk.BLOCK_M = block_p, 16  # chunks of 32: two blocks of output rows
     b, H, G, N = 2, 4, 2, 16
