@@ -156,7 +156,7 @@ def op_inputs(b: int, length: int, heads: int, p: int, groups: int, n: int, **_)
     x = row[..., : H * P].unflatten(-1, (H, P))
     B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
     C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
-    dt = row[..., H * P + 2 * G * N :].sub_(2)
+    dt = row[..., H * P + 2 * G * N :].sub_(2)  # a view, as the op's dt is
     dt_bias, D = torch.randn(H, device="cuda") * 0.5, torch.randn(H, device="cuda")
     A = -torch.rand(H, device="cuda") - 0.5
     return x, dt, A, B, C, D, dt_bias

@@ -4,12 +4,16 @@ Triton's interpreter on a CPU (in a subprocess: TRITON_INTERPRET must be set bef
 compiles anything), compiled on a GPU, and there against mamba-ssm's kernels
 (fused_mamba.ssd_forward_keeping_states)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.test_step_graph import in_subprocess, interpret
 
 CUDA = torch.cuda.is_available()
+ROOT = Path(__file__).resolve().parents[1]
 
 # A length that ends in a partial chunk, several chunks, chunks of one and two blocks of output
 # rows, heads in groups of 2, one and two channel blocks a head, x a slice of a wider row (the
@@ -89,18 +93,14 @@ def test_compiled_ssd_forward_kernel_is_the_reference_on_the_gpu():
     in_subprocess(CASES, "ssd forward kernel agrees", "cuda", timeout=300)
 
 
-def mixer_ssd_inputs(b: int = 2, L: int = 1000, H: int = 32, P: int = 64, G: int = 8, N: int = 128):
-    """The fused op's SSD inputs at the 800M's mixer widths on the GPU: x, B, C and dt (bf16)
-    views of one row as the conv's output and in_proj's give them, A, D and dt_bias fp32."""
-    torch.manual_seed(0)
-    row = torch.randn(b, L, H * P + 2 * G * N + H, device="cuda", dtype=torch.bfloat16)
-    x = row[..., : H * P].unflatten(-1, (H, P))
-    B = row[..., H * P : H * P + G * N].unflatten(-1, (G, N))
-    C = row[..., H * P + G * N : H * P + 2 * G * N].unflatten(-1, (G, N))
-    dt = row[..., H * P + 2 * G * N :].sub_(2)  # a view, as the op's dt is
-    dt_bias, D = torch.randn(H, device="cuda") * 0.5, torch.randn(H, device="cuda")
-    A = -torch.rand(H, device="cuda") - 0.5
-    return x, dt, A, B, C, D, dt_bias
+def mixer_ssd_inputs(L: int = 1000):
+    """The fused op's SSD inputs at the 800M's mixer widths on the GPU, two sequences of L:
+    benchmarks/gpu_kernels.py's op_inputs (x, B, C and dt bf16 views of one row as the conv's
+    output and in_proj's give them; A, D and dt_bias fp32)."""
+    spec = importlib.util.spec_from_file_location("gpu_kernels", ROOT / "benchmarks/gpu_kernels.py")
+    gpu_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_kernels)
+    return gpu_kernels.op_inputs(b=2, length=L, heads=32, p=64, groups=8, n=128)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
