@@ -351,6 +351,8 @@ def test_fused_op_matches_mamba_ssms_on_the_gpu(dtype, backend, recompute, toler
         expected = ["conv_forward", "ssd_backward_from_states", "conv_backward"]
     assert calls == expected, calls
     (a, ga), (b, gb) = results
+    if fused_mamba.TRITON_MAMBA - {"dstates"}:  # our norm, forward or chunk gradients: their
+        tolerance = max(tolerance, 2e-2)  # own rounding (bf16 outputs a ulp apart), as our conv
     assert (a - b).abs().max() <= tolerance * b.abs().max()
     for n, g in gb.items():
         err = (ga[n] - g).norm() / g.norm()
