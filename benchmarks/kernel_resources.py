@@ -37,6 +37,7 @@ def kernels(heads_per_group: int) -> dict:
     """name -> (jit function, {constexpr or None argument: value}, pointer dtype overrides)."""
     widths = dict(HEADS_PER_GROUP=heads_per_group, P=64, N=128, Q=128)
     block_m = {"BLOCK_M": ssd_chunk_grad_kernel.BLOCK_M}
+    bc_block_m = {"BLOCK_M": ssd_chunk_grad_kernel.BC_BLOCK_M}
     return {
         "ssd_forward (p64)": (ssd_scan_kernel._ssd_forward_kernel,
                               {**widths, "BLOCK_P": 64, "BLOCK_M": ssd_scan_kernel.BLOCK_M},
@@ -47,10 +48,10 @@ def kernels(heads_per_group: int) -> dict:
                                   {"states": "fp32"}),
         "head_grads": (ssd_chunk_grad_kernel._ssd_head_grad_kernel, {**widths, **block_m},
                        {"dt": "bf16"}),
-        "dC_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **block_m, "WHICH": 0},
-                     {}),
-        "dB_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **block_m, "WHICH": 1},
-                     {}),
+        "dC_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **bc_block_m,
+                                                                 "WHICH": 0}, {}),
+        "dB_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **bc_block_m,
+                                                                 "WHICH": 1}, {}),
     }  # fmt: skip
 
 
@@ -89,9 +90,12 @@ def main() -> None:
     parser.add_argument("--stages", default="1", help="comma-separated software-pipeline stages")
     parser.add_argument("--only", help="kernels whose name contains this")
     parser.add_argument("--block-m", type=int, help="ssd_chunk_grad_kernel.BLOCK_M to try")
+    parser.add_argument("--bc-block-m", type=int, help="ssd_chunk_grad_kernel.BC_BLOCK_M to try")
     options = parser.parse_args()
     if options.block_m:
         ssd_chunk_grad_kernel.BLOCK_M = options.block_m
+    if options.bc_block_m:
+        ssd_chunk_grad_kernel.BC_BLOCK_M = options.bc_block_m
     for name, (fn, constants, dtypes) in kernels(SHAPES[options.shape]).items():
         if options.only and options.only not in name:
             continue

@@ -16,7 +16,7 @@ CUDA = torch.cuda.is_available()
 # kernels get what the forward keeps (the states passed into each chunk, dA's sums within it,
 # chunked as the reference chunked scan's prefixes end), and their gradients of x, dt (before
 # the softplus), B, C, dt_bias, A and D must be autograd's. Chunks of one and two blocks of
-# rows (BLOCK_M), a length that ends in a partial chunk, a dt_bias on softplus's linear side, D and none, heads in groups of 2
+# rows (BLOCK_M, BC_BLOCK_M), a length that ends in a partial chunk, a dt_bias on softplus's linear side, D and none, heads in groups of 2
 # and 4, B, C, x and dy views of wider rows, fp32 (bf16 on a GPU only: the interpreter's tl.dot
 # of bf16 tiles is wrong).
 CASES = """
@@ -37,7 +37,7 @@ cases = for_device([
 ], device)
 for dtype, tol, L, H, G, with_d, Q in cases:
     b, P, N = 2, 16, 16
-    ck.BLOCK_M = 16
+    ck.BLOCK_M = ck.BC_BLOCK_M = 16
     chunks = -(-L // Q)
     row = torch.randn(b, L, 2 * H * P + 2 * G * N + H + 8, device=device).to(dtype)
     x = row[..., : H * P].unflatten(-1, (H, P))

@@ -31,8 +31,10 @@ import torch
 
 from toolkit.model.kernels import triton_imports
 
-BLOCK_M = 16  # the chunk's rows a step of the head kernel, a program of the B/C kernel
-NUM_WARPS = 8
+BLOCK_M = 16  # the chunk's rows a step of the head kernel
+BC_BLOCK_M = 64  # the chunk's rows a program of the B/C kernels (each reads its heads' states)
+NUM_WARPS = 8  # the head kernel's
+BC_NUM_WARPS = 8
 NUM_STAGES = 1
 
 if triton_imports():
@@ -135,11 +137,6 @@ if triton_imports():
         t_ok, r_ok = t < L, tr < L
         t64, tr64 = t.to(tl.int64), tr.to(tl.int64)
         bc_at = b64 * stride_bc_b + g * stride_bc_g + n[None, :]
-        # the other of B and C, whole: C's gradient reads B, B's reads C
-        if WHICH == 0:
-            other = tl.load(B + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
-        else:
-            other = tl.load(C + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
         grad_sum = tl.zeros([BLOCK_M, N], dtype=tl.float32)
         dcb = tl.zeros([BLOCK_M, Q], dtype=tl.float32)  # [row, the other's step]
         for k in range(HEADS_PER_GROUP):
@@ -169,6 +166,11 @@ if triton_imports():
                 causal = j[None, :] >= r[:, None]
                 decay = tl.exp(tl.where(causal, s[None, :] - s_r[:, None], -float("inf")))
                 dcb += tl.dot(xr, tl.trans(dyc)) * decay * dt_r[:, None]
+        # the other of B and C, whole, loaded last (registers): dC reads B, dB reads C
+        if WHICH == 0:
+            other = tl.load(B + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
+        else:
+            other = tl.load(C + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
         grad_sum += tl.dot(dcb.to(other.dtype), other)
         dbc = b64 * stride_dbc_b + tr64[:, None] * stride_dbc_l + g * stride_dbc_g + n[None, :]
         if WHICH == 0:
@@ -210,7 +212,7 @@ def ssd_input_grads(
         raise ValueError("x, dy, dt, B, C and their gradients need adjacent channels")
     if C.stride() != B.stride() or dC.stride() != dB.stride():
         raise ValueError("C's strides must be B's and dC's dB's")
-    block_m = min(BLOCK_M, chunk_size)
+    block_m, bc_block_m = min(BLOCK_M, chunk_size), min(BC_BLOCK_M, chunk_size)
     if H % G or any(v & (v - 1) or v < 16 for v in (chunk_size, N, P)):
         raise ValueError(
             f"heads {H} in {G} groups; chunk {chunk_size}, state {N}, head dim {P}: powers of 2"
@@ -222,21 +224,21 @@ def ssd_input_grads(
     dt_soft, dA_sums, ddA_last = dt_soft.contiguous(), dA_sums.contiguous(), ddA_last.contiguous()
     parts = [torch.empty(b, chunks, H, dtype=torch.float32, device=x.device) for _ in range(3)]
     dA_part, dD_part, dbias_part = parts
-    common = dict(HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, BLOCK_M=block_m,
-                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)  # fmt: skip
+    common = dict(HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, num_stages=NUM_STAGES)
     _ssd_head_grad_kernel[(chunks, H, b)](
         x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A, dt_bias, D, dx, ddt,
         dA_part, dD_part if D is not None else None, dbias_part, L,
         x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
         B.stride(0), B.stride(1), B.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
-        dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), **common,
+        dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), BLOCK_M=block_m,
+        num_warps=NUM_WARPS, **common,
     )  # fmt: skip
     for which in (0, 1):  # dC, then dB: each its own compiled kernel (registers)
-        _ssd_bc_grad_kernel[(chunks, G * (chunk_size // block_m), b)](
+        _ssd_bc_grad_kernel[(chunks, G * (chunk_size // bc_block_m), b)](
             x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L,
             x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
             B.stride(0), B.stride(1), B.stride(2), dB.stride(0), dB.stride(1), dB.stride(2),
-            WHICH=which, **common,
+            BLOCK_M=bc_block_m, WHICH=which, num_warps=BC_NUM_WARPS, **common,
         )  # fmt: skip
     sums = [t.sum((0, 1)) for t in parts]
     return sums[0], sums[1] if D is not None else None, sums[2]
