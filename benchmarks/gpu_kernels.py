@@ -102,27 +102,31 @@ def sweep_chunks(chunks: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
-def profile_kernels(chunk: int = 128, reps: int = 5) -> None:
-    """Per-kernel GPU time of the SSD's forward + backward (mean of `reps` steps) at each of
-    SWEEP_SHAPES, and the least bytes it must move."""
+def triton_kernel_times(fn, reps: int = 5) -> list[tuple[str, float, int]]:
+    """fn's Triton kernels (named _..._kernel; the rest is the callers' copies and sums) under
+    torch.profiler: (name, ms, calls) a call of fn (mean of `reps`), the most time first."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(
+        (e for e in prof.key_averages() if e.device_time_total > 0 and e.key.startswith("_")),
+        key=lambda e: -e.device_time_total,
+    )
+    return [(e.key, e.device_time_total / reps / 1e3, e.count // reps) for e in rows]
+
+
+def profile_kernels(chunk: int = 128) -> None:
+    """Per-kernel GPU time of mamba-ssm's SSD forward + backward at each of SWEEP_SHAPES, and
+    the least bytes it must move."""
     for name, shape in SWEEP_SHAPES.items():
         args = inputs(**shape, dtype=torch.bfloat16)
         run(ssd_mamba_ssm, args, chunk)  # autotune outside the profile
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                run(ssd_mamba_ssm, args, chunk)
-            torch.cuda.synchronize()
-        rows = sorted(
-            (e for e in prof.key_averages() if e.device_time_total > 0),
-            key=lambda e: -e.device_time_total,
-        )
-        # mamba-ssm's Triton kernels are named _..._kernel; the rest is this script's loss,
-        # copies and gradient clones around them.
-        ssd_rows = [e for e in rows if e.key.startswith("_")]
-        total = sum(e.device_time_total for e in ssd_rows) / reps / 1e3
+        rows = triton_kernel_times(functools.partial(run, ssd_mamba_ssm, args, chunk))
+        total = sum(ms for _, ms, _ in rows)
         b, length, heads, p, groups, n = (
             shape[k] for k in ("b", "length", "heads", "p", "groups", "n")
         )
@@ -140,9 +144,8 @@ def profile_kernels(chunk: int = 128, reps: int = 5) -> None:
             f"mamba-ssm's kernels; the least bytes {least / 1e9:.2f} GB, {least / total / 1e6:.0f} "
             "GB/s at this time"
         )
-        for e in ssd_rows:
-            ms = e.device_time_total / reps / 1e3
-            print(f"  {ms:7.3f} ms {ms / total:6.1%} {e.count // reps:3d}x  {e.key[:90]}")
+        for key, ms, calls in rows:
+            print(f"  {ms:7.3f} ms {ms / total:6.1%} {calls:3d}x  {key[:90]}")
         del args
         torch.cuda.empty_cache()
 
@@ -166,10 +169,11 @@ _DEFAULTS: dict[str, dict[str, int]] = {}  # each kernel module's settings as fi
 
 
 def apply_settings(module, variant: str) -> None:
-    """'p64_n32_q32_m16_w4_s1' -> module.BLOCK_P, BLOCK_N, BLOCK_Q, BLOCK_M, NUM_WARPS,
-    NUM_STAGES (those named; the others back to the module's own)."""
-    names = {"p": "BLOCK_P", "n": "BLOCK_N", "q": "BLOCK_Q", "m": "BLOCK_M", "w": "NUM_WARPS",
-             "s": "NUM_STAGES"}  # fmt: skip
+    """'p64_n32_q32_m16_r64_w4_v8_s1' -> module.BLOCK_P, BLOCK_N, BLOCK_Q, BLOCK_M,
+    BC_BLOCK_M, NUM_WARPS, BC_NUM_WARPS, NUM_STAGES (those named; the others back to the
+    module's own)."""
+    names = {"p": "BLOCK_P", "n": "BLOCK_N", "q": "BLOCK_Q", "m": "BLOCK_M", "r": "BC_BLOCK_M",
+             "w": "NUM_WARPS", "v": "BC_NUM_WARPS", "s": "NUM_STAGES"}  # fmt: skip
     own = _DEFAULTS.setdefault(
         module.__name__, {a: getattr(module, a) for a in names.values() if hasattr(module, a)}
     )
@@ -245,6 +249,11 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
             print(f"  ours {variant:8}: {ms:.3f} ms ({their_ms / ms:.2f}x), rel L2 {diffs}")
 
 
+def kernel_list(fn) -> str:
+    """'name ms; ...' of fn's Triton kernels, the most time first."""
+    return "; ".join(f"{key} {ms:.3f}" for key, ms, _ in triton_kernel_times(fn))
+
+
 def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
     """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
     set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
@@ -272,6 +281,7 @@ def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
         want = [t.clone() for t in backward()]
         their_ms = timed_ms(backward, reps, x.device)
         print(f"SSD backward from the states {name}: mamba-ssm's kernels {their_ms:.3f} ms")
+        print("    kernels (ms):", kernel_list(backward))
         for kernel_set in kernel_sets:
             names, _, settings = kernel_set.partition("@")
             apply_settings(ssd_chunk_grad_kernel, settings)
@@ -282,6 +292,7 @@ def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
             diffs = ", ".join(f"{n} {rel_l2(a, b):.1e}" for n, a, b in zip(grad_names, got, want))
             ms = timed_ms(backward, reps, x.device)
             print(f"  {kernel_set:12}: {ms:.3f} ms ({their_ms / ms:.2f}x); rel L2 {diffs}")
+            print("    kernels (ms):", kernel_list(backward))
     fm.TRITON_MAMBA = own
 
 
