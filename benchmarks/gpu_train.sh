@@ -192,12 +192,14 @@ run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward \
 run state_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_state_grad_kernel.py
 run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads \
   p64_n64_w4,p64_n64_q32_w4,p64_n64_q64_w4,p64_n64_q32_w8,p32_n32_q32_w4
-# The backward's other gradients in two kernels taking a chunk's rows 16 at a time
-# (ssd_chunk_grad_kernel.py): against autograd and mamba-ssm's backward, then the whole SSD
-# backward timed with each set of our kernels and settings (rows a step, warps).
+# The backward's other gradients in a per-head kernel and dC's and dB's (ssd_chunk_grad_kernel.py):
+# against autograd and mamba-ssm's backward, then the whole SSD backward timed with each set of
+# our kernels and settings (m/w: the head kernel's rows a step and warps; r/v: the B/C
+# kernels' rows a program and warps), each kernel's time from torch.profiler beside it.
 run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kernel.py
-run ssd_backward 150 python3 benchmarks/gpu_kernels.py --backward \
-  dstates,dx,dstates+dx,dstates+dx@m32_w8_s1,dstates+dx@m16_w4_s1,dstates+dx@m16_w16_s1
+run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward \
+  dstates,dstates+dx@m16_w4_r16_v8,dstates+dx@m32_w4_r32_v8,dstates+dx@m16_w8_r64_v8,\
+dstates+dx@m32_w8_r32_v4,dstates+dx@m16_w4_r128_v8
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
@@ -214,8 +216,12 @@ t8b lever_8b28l_step_graph_gb8 300 28 --accumulate 8 --set train.compile=true --
 # fewer, 16 KB a token a layer more): against bf16_compile_mbs8, and at micro-batch 4 (an H100's
 # size) against bf16_compile_mbs4; then with lever_fastest's setting.
 tp lever_no_recompute 200 8 --set train.compile=true --set model.mamba_recompute=false
+TOOLKIT_TRITON_MAMBA=none tp lever_no_recompute_mamba 200 8 --set train.compile=true \
+  --set model.mamba_recompute=false
 tp bf16_compile_mbs4 200 4 --set train.compile=true
 tp lever_no_recompute_mbs4 200 4 --set train.compile=true --set model.mamba_recompute=false
+TOOLKIT_TRITON_MAMBA=none tp lever_no_recompute_mamba_mbs4 200 4 --set train.compile=true \
+  --set model.mamba_recompute=false
 # (the kernels' steps, after their baselines above so a cut call still has those)
 TOOLKIT_TRITON_MAMBA=norm tp lever_no_recompute_norm_mbs4 200 4 --set train.compile=true \
   --set model.mamba_recompute=false
