@@ -11,12 +11,14 @@ an H100 after the state gradients: RESULTS.md 2026-12-06 evening).
   (WHICH 0) or dB's (1), each head's part added in registers and written once.
 
 The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over the heads in one
-program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100);
-these take the chunk's rows BLOCK_M at a time, dC's and dB's as two compiled kernels: 88, 0
-and 0 bytes of spills a thread at 16 rows and 8 warps, compiled for sm_90 here
-(benchmarks/kernel_resources.py). The op takes them where TOOLKIT_TRITON_MAMBA names "dx", for
-A/B runs until they are timed on a GPU (tests/test_ssd_chunk_grad_kernel.py,
-benchmarks/gpu_kernels.py --backward).
+program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100).
+These take the chunk's rows 16 at a time (head kernel, 4 warps) and 64 a program (dC's and dB's
+kernels, 4 warps; fewer rows re-read the heads' fp32 states per row block: 16 took 3x as long).
+On an H100 (RESULTS.md 2026-12-06 late) their GPU time matches the mamba-ssm kernels they replace at
+the 800M's widths (2.32 vs 2.34 ms with the state gradients) and is 0.19 ms over at the 8B's
+(1.10 vs 0.91): dC's and dB's are faster than mamba-ssm's five, the head kernel slower than its
+two (1.28 vs 0.83 ms at the 800M's widths). The op takes them where TOOLKIT_TRITON_MAMBA names
+"dx" (3 launches for 11: a step of the 800M at micro-batch 4 took 187.1 ms with, 187.9 without).
 
 With s the sums of dA within a chunk, S the state passed in, G the gradient of the one passed
 on and w_j = exp(s_last - s_j) dt_j, the chunk's outputs are y_i = exp(s_i) C_i S^T +
@@ -33,8 +35,8 @@ from toolkit.model.kernels import triton_imports
 
 BLOCK_M = 16  # the chunk's rows a step of the head kernel
 BC_BLOCK_M = 64  # the chunk's rows a program of the B/C kernels (each reads its heads' states)
-NUM_WARPS = 8  # the head kernel's
-BC_NUM_WARPS = 8
+NUM_WARPS = 4  # the head kernel's
+BC_NUM_WARPS = 4
 NUM_STAGES = 1
 
 if triton_imports():
@@ -91,17 +93,16 @@ if triton_imports():
             decay = tl.exp(tl.where(causal, s_i[:, None] - s[None, :], -float("inf")))
             cb = tl.dot(Cb, tl.trans(Bc))
             u = tl.dot(dyb, tl.trans(xc)) * decay  # (dy_i . x_j) exp(s_i - s_j)
-            dt_grad += tl.sum(u * cb, axis=0)
             # s's gradient within the chunk: step k's sums the decays that span it (j < k <= i)
             z = u * cb * dt_s[None, :]
             spans = tl.cumsum(z, axis=1) - z  # [i, k]: sum_{j < k} z_ij
-            dA_step += tl.sum(tl.where(causal, spans, 0.0), axis=0)
             m = cb * decay * dt_s[None, :]
             dxc += tl.dot(tl.trans(m.to(dyb.dtype)), dyb)
             # through the state passed in: s_i's gradient exp(s_i) dy_i S . C_i, at each step
             # k <= i
             ds = tl.sum(tl.dot(dyb, state) * Cb.to(tl.float32), axis=1) * tl.exp(s_i)
-            dA_step += tl.sum(tl.where(causal, ds[:, None], 0.0), axis=0)
+            dt_grad += tl.sum(u * cb, axis=0)
+            dA_step += tl.sum(tl.where(causal, spans + ds[:, None], 0.0), axis=0)
         part = (b64 * CHUNKS + c) * H + h  # [b, chunks, h]
         if D is not None:
             dyc = tl.load(dy + dy_at + t64[:, None] * stride_dy_l, t_ok[:, None], 0.0)
