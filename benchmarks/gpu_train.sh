@@ -198,8 +198,7 @@ run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads \
 # kernels' rows a program and warps), each kernel's time from torch.profiler beside it.
 run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kernel.py
 run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward \
-  dstates,dstates+dx@m16_w4_r16_v8,dstates+dx@m32_w4_r32_v8,dstates+dx@m16_w8_r64_v8,\
-dstates+dx@m32_w8_r32_v4,dstates+dx@m16_w4_r128_v8
+  dstates,dstates+dx,dstates+dx@v8,dstates+dx@w8,dstates+dx@r32,dstates+dx@r128
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
@@ -221,6 +220,8 @@ TOOLKIT_TRITON_MAMBA=none tp lever_no_recompute_mamba 200 8 --set train.compile=
 tp bf16_compile_mbs4 200 4 --set train.compile=true
 tp lever_no_recompute_mbs4 200 4 --set train.compile=true --set model.mamba_recompute=false
 TOOLKIT_TRITON_MAMBA=none tp lever_no_recompute_mamba_mbs4 200 4 --set train.compile=true \
+  --set model.mamba_recompute=false
+TOOLKIT_TRITON_MAMBA=dstates,dx tp lever_no_recompute_dx_mbs4 200 4 --set train.compile=true \
   --set model.mamba_recompute=false
 # (the kernels' steps, after their baselines above so a cut call still has those)
 TOOLKIT_TRITON_MAMBA=norm tp lever_no_recompute_norm_mbs4 200 4 --set train.compile=true \
