@@ -59,7 +59,7 @@ def kernels(heads_per_group: int) -> dict:
     }  # fmt: skip
 
 
-def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int) -> str:
+def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int, maxnreg=None) -> str:
     signature = {}
     for name in fn.arg_names:
         if name in constants:
@@ -73,7 +73,7 @@ def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int) -> str
         else:
             signature[name] = "i32"
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-    options = {"num_warps": warps, "num_stages": stages}
+    options = {"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as folder:
         cubin = pathlib.Path(folder) / "kernel.cubin"
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--warps", default="4,8", help="comma-separated warps a program")
     parser.add_argument("--stages", default="1", help="comma-separated software-pipeline stages")
     parser.add_argument("--only", help="kernels whose name contains this")
+    parser.add_argument("--maxnreg", type=int, help="registers a thread at most (ptxas's cap)")
     parser.add_argument("--block-m", type=int, help="ssd_chunk_grad_kernel.BLOCK_M to try")
     parser.add_argument("--bc-block-m", type=int, help="ssd_chunk_grad_kernel.BC_BLOCK_M to try")
     options = parser.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
         for warps in map(int, options.warps.split(",")):
             for stages in map(int, options.stages.split(",")):
                 try:
-                    said = resources(fn, constants, dtypes, warps, stages)
+                    said = resources(fn, constants, dtypes, warps, stages, options.maxnreg)
                 except Exception as e:  # noqa: BLE001 - one that does not compile: say, go on
                     said = f"does not compile: {type(e).__name__}: {str(e)[:160]}"
                 print(f"{name:24} w{warps} s{stages}: {said}", flush=True)

@@ -41,6 +41,7 @@ from toolkit.model.kernels import triton_imports
 BLOCK_M = 16  # the chunk's rows a step of the head kernel
 HEAD_SPLIT = 0  # 1: the head kernel's work as _ssd_dx_kernel's blocks + _ssd_dt_kernel
 DX_BLOCK = 32  # _ssd_dx_kernel's rows of x a program and of dy a step
+MAX_REGISTERS = 0  # the head or dx kernel's registers a thread at most (0: the compiler's)
 BC_BLOCK_M = 64  # the chunk's rows a program of the B/C kernels (each reads its heads' states)
 NUM_WARPS = 4  # the head kernel's
 BC_NUM_WARPS = 4
@@ -341,6 +342,7 @@ def ssd_input_grads(
     f32 = dict(dtype=torch.float32, device=x.device)
     dA_part, dbias_part = torch.empty(b, chunks, H, **f32), torch.empty(b, chunks, H, **f32)
     common = dict(HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, num_stages=NUM_STAGES)
+    head = dict(num_warps=NUM_WARPS, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}))
     strides = [t.stride(d) for t in (x, dy, B, dx) for d in (0, 1, 2)]
     if HEAD_SPLIT:
         block = min(DX_BLOCK, chunk_size)
@@ -348,8 +350,7 @@ def ssd_input_grads(
         ddt_direct, dA_acc = torch.empty(b, H, chunks, chunk_size, **f32), torch.zeros_like(dt_soft)
         _ssd_dx_kernel[(chunks * (chunk_size // block), H, b)](
             x, dy, dt_soft, dA_sums, B, C, states, dstates, D, dx, ddt_direct, dA_acc,
-            dD_part if D is not None else None, L, *strides, BLOCK=block, num_warps=NUM_WARPS,
-            **common,
+            dD_part if D is not None else None, L, *strides, BLOCK=block, **head, **common,
         )  # fmt: skip
         _ssd_dt_kernel[(chunks, H, b)](
             dt_soft, ddt_direct, dA_acc, ddA_last, dt, A, dt_bias, ddt, dA_part, dbias_part, L,
@@ -360,8 +361,8 @@ def ssd_input_grads(
         _ssd_head_grad_kernel[(chunks, H, b)](
             x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A, dt_bias, D, dx, ddt,
             dA_part, dD_part if D is not None else None, dbias_part, L, *strides,
-            dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), BLOCK_M=block_m,
-            num_warps=NUM_WARPS, **common,
+            dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), BLOCK_M=block_m, **head,
+            **common,
         )  # fmt: skip
     for which in (0, 1):  # dC, then dB: each its own compiled kernel (registers)
         _ssd_bc_grad_kernel[(chunks, G * (chunk_size // bc_block_m), b)](
