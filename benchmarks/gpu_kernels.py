@@ -197,7 +197,8 @@ def attempt(label: str, run):
 def fused_forward(variants: list[str], reps: int = 20) -> None:
     """Our SSD forward in one kernel (ssd_scan_kernel.py) against mamba-ssm's 5 kernels as the
     fused op's keeping forward runs them (fused_mamba.ssd_forward_keeping_states), at each of
-    SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` and y's largest difference."""
+    SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` (with the host's launches) and y's
+    largest difference, and each kernel's GPU time."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 
     from toolkit.model import ssd_scan_kernel
@@ -207,8 +208,10 @@ def fused_forward(variants: list[str], reps: int = 20) -> None:
         x, dt, A, B, C, D, dt_bias = op_inputs(**shape)
         args = (x, dt, A, B, C, 128, D, dt_bias)
         want = ssd_forward_keeping_states(*args)[0].float()
-        theirs = timed_ms(functools.partial(ssd_forward_keeping_states, *args), reps, x.device)
+        mamba_ssms = functools.partial(ssd_forward_keeping_states, *args)
+        theirs = timed_ms(mamba_ssms, reps, x.device)
         print(f"SSD forward {name}: mamba-ssm's kernels {theirs:.3f} ms")
+        print("    kernels (ms):", kernel_list(mamba_ssms))
         for variant in variants:
             apply_settings(ssd_scan_kernel, variant)
             ours = functools.partial(ssd_scan_kernel.ssd_forward_fused, *args)
@@ -218,6 +221,7 @@ def fused_forward(variants: list[str], reps: int = 20) -> None:
             ms = timed_ms(ours, reps, x.device)
             diff = float((got[0].float() - want).abs().max() / want.abs().max())
             print(f"  ours {variant:8}: {ms:.3f} ms ({theirs / ms:.2f}x), y differs by {diff:.1e}")
+            print("    kernels (ms):", kernel_list(ours))
 
 
 def state_grads(variants: list[str], reps: int = 20) -> None:
