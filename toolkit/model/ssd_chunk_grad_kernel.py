@@ -1,8 +1,7 @@
-"""The Mamba-2 SSD's gradients within each chunk as two Triton kernels, for our fused training
-op's backward (fused_mamba.ssd_backward_from_states), after the chunk-state gradients
-(ssd_state_grad_kernel.py): with them, the whole SSD backward from the kept states in three
-kernels, against mamba-ssm's 11 and its torch sums (2.4 of its 2.9 ms at the 800M's widths on
-an H100 after the state gradients: RESULTS.md 2026-12-06 evening).
+"""The Mamba-2 SSD's gradients within each chunk as Triton kernels, for our fused training op's
+backward (fused_mamba.ssd_backward_from_states), after the chunk-state gradients
+(ssd_state_grad_kernel.py): with them, the whole SSD backward from the kept states in four
+launches (five with HEAD_SPLIT), against mamba-ssm's ten kernels and its torch sums.
 
 - _ssd_head_grad_kernel, a program per chunk and head: x's gradient, dt's (before the softplus),
   dA's (each step's dt * A, summed in mamba-ssm's stable order, never a difference of
@@ -19,11 +18,12 @@ The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over th
 program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100).
 These take the chunk's rows 16 at a time (head kernel, 4 warps) and 64 a program (dC's and dB's
 kernels, 4 warps; fewer rows re-read the heads' fp32 states per row block: 16 took 3x as long).
-On an H100 (RESULTS.md 2026-12-06 late) their GPU time matches the mamba-ssm kernels they replace at
-the 800M's widths (2.32 vs 2.34 ms with the state gradients) and is 0.19 ms over at the 8B's
-(1.10 vs 0.91): dC's and dB's are faster than mamba-ssm's five, the head kernel slower than its
-two (1.28 vs 0.83 ms at the 800M's widths). The op takes them where TOOLKIT_TRITON_MAMBA names
-"dx" (3 launches for 11: a step of the 800M at micro-batch 4 took 187.1 ms with, 187.9 without).
+On an H100 (RESULTS.md 2026-12-06 late) their GPU time matches the mamba-ssm kernels they
+replace at the 800M's widths (2.32 vs 2.34 ms with the state gradients) and is 0.19 ms over at
+the 8B's (1.10 vs 0.91): dC's and dB's are faster than mamba-ssm's five, the head kernel slower
+than its two (1.28 vs 0.83 ms at the 800M's widths). The op takes them where
+TOOLKIT_TRITON_MAMBA names "dx" (a step of the 800M at micro-batch 4: 187.1 ms with, 187.9
+without, within a call's noise).
 
 With s the sums of dA within a chunk, S the state passed in, G the gradient of the one passed
 on and w_j = exp(s_last - s_j) dt_j, the chunk's outputs are y_i = exp(s_i) C_i S^T +
