@@ -226,6 +226,8 @@ TOOLKIT_TRITON_MAMBA=none tp lever_no_recompute_mamba_mbs4 200 4 --set train.com
   --set model.mamba_recompute=false
 TOOLKIT_TRITON_MAMBA=dstates,dx tp lever_no_recompute_dx_mbs4 200 4 --set train.compile=true \
   --set model.mamba_recompute=false
+TOOLKIT_TRITON_MAMBA=dstates,dx tp lever_no_recompute_dx 200 8 --set train.compile=true \
+  --set model.mamba_recompute=false
 # (the kernels' steps, after their baselines above so a cut call still has those)
 TOOLKIT_TRITON_MAMBA=norm tp lever_no_recompute_norm_mbs4 200 4 --set train.compile=true \
   --set model.mamba_recompute=false
