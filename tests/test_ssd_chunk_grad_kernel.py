@@ -18,8 +18,8 @@ CUDA = torch.cuda.is_available()
 # the softplus), B, C, dt_bias, A and D must be autograd's. Chunks of one and two blocks of
 # rows (BLOCK_M, BC_BLOCK_M) and of one to four (DX_BLOCK: the head kernel split,
 # HEAD_SPLIT), a length that ends in a partial chunk, a dt_bias on softplus's linear side, D and
-# none, heads in groups of 2 and 4, B, C, x and dy views of wider rows, fp32 (bf16 on a GPU only: the interpreter's tl.dot
-# of bf16 tiles is wrong).
+# none, heads in groups of 2 and 4, B, C, x and dy views of wider rows, fp32 (bf16 on a GPU
+# only: the interpreter's tl.dot of bf16 tiles is wrong).
 CASES = """
 import sys
 import torch

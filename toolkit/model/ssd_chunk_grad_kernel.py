@@ -343,14 +343,18 @@ def ssd_input_grads(
     dA_part, dbias_part = torch.empty(b, chunks, H, **f32), torch.empty(b, chunks, H, **f32)
     common = dict(HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, num_stages=NUM_STAGES)
     head = dict(num_warps=NUM_WARPS, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}))
-    strides = [t.stride(d) for t in (x, dy, B, dx) for d in (0, 1, 2)]
+
+    def strides(*tensors: torch.Tensor) -> list[int]:  # each one's [b, l, h or g] strides
+        return [t.stride(d) for t in tensors for d in (0, 1, 2)]
+
     if HEAD_SPLIT:
         block = min(DX_BLOCK, chunk_size)
         dD_part = torch.empty(b, chunks, H, chunk_size // block, **f32)
-        ddt_direct, dA_acc = torch.empty(b, H, chunks, chunk_size, **f32), torch.zeros_like(dt_soft)
+        ddt_direct, dA_acc = torch.empty_like(dt_soft), torch.zeros_like(dt_soft)
         _ssd_dx_kernel[(chunks * (chunk_size // block), H, b)](
             x, dy, dt_soft, dA_sums, B, C, states, dstates, D, dx, ddt_direct, dA_acc,
-            dD_part if D is not None else None, L, *strides, BLOCK=block, **head, **common,
+            dD_part if D is not None else None, L, *strides(x, dy, B, dx), BLOCK=block, **head,
+            **common,
         )  # fmt: skip
         _ssd_dt_kernel[(chunks, H, b)](
             dt_soft, ddt_direct, dA_acc, ddA_last, dt, A, dt_bias, ddt, dA_part, dbias_part, L,
@@ -360,15 +364,13 @@ def ssd_input_grads(
         dD_part = torch.empty(b, chunks, H, 1, **f32)
         _ssd_head_grad_kernel[(chunks, H, b)](
             x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A, dt_bias, D, dx, ddt,
-            dA_part, dD_part if D is not None else None, dbias_part, L, *strides,
+            dA_part, dD_part if D is not None else None, dbias_part, L, *strides(x, dy, B, dx),
             dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), BLOCK_M=block_m, **head,
             **common,
         )  # fmt: skip
     for which in (0, 1):  # dC, then dB: each its own compiled kernel (registers)
         _ssd_bc_grad_kernel[(chunks, G * (chunk_size // bc_block_m), b)](
-            x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L,
-            x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-            B.stride(0), B.stride(1), B.stride(2), dB.stride(0), dB.stride(1), dB.stride(2),
+            x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L, *strides(x, dy, B, dB),
             BLOCK_M=bc_block_m, WHICH=which, num_warps=BC_NUM_WARPS, **common,
         )  # fmt: skip
     dD = dD_part.sum((0, 1, 3)) if D is not None else None
