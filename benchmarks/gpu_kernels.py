@@ -169,12 +169,11 @@ _DEFAULTS: dict[str, dict[str, int]] = {}  # each kernel module's settings as fi
 
 
 def apply_settings(module, variant: str) -> None:
-    """'p64_n32_q32_m16_r64_w4_v8_s1_h1_j32_g128' -> module.BLOCK_P, BLOCK_N, BLOCK_Q,
-    BLOCK_M, BC_BLOCK_M, NUM_WARPS, BC_NUM_WARPS, NUM_STAGES, HEAD_SPLIT, DX_BLOCK,
-    MAX_REGISTERS (those named; the others back to the module's own)."""
+    """'p64_n32_q32_m16_r64_w4_v8_s1' -> module.BLOCK_P, BLOCK_N, BLOCK_Q, BLOCK_M,
+    BC_BLOCK_M, NUM_WARPS, BC_NUM_WARPS, NUM_STAGES (those named; the others back to the
+    module's own)."""
     names = {"p": "BLOCK_P", "n": "BLOCK_N", "q": "BLOCK_Q", "m": "BLOCK_M", "r": "BC_BLOCK_M",
-             "w": "NUM_WARPS", "v": "BC_NUM_WARPS", "s": "NUM_STAGES", "h": "HEAD_SPLIT",
-             "j": "DX_BLOCK", "g": "MAX_REGISTERS"}  # fmt: skip
+             "w": "NUM_WARPS", "v": "BC_NUM_WARPS", "s": "NUM_STAGES"}  # fmt: skip
     own = _DEFAULTS.setdefault(
         module.__name__, {a: getattr(module, a) for a in names.values() if hasattr(module, a)}
     )

@@ -195,13 +195,9 @@ run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads \
 # The backward's other gradients in a per-head kernel and dC's and dB's (ssd_chunk_grad_kernel.py):
 # against autograd and mamba-ssm's backward, then the whole SSD backward timed with each set of
 # our kernels and settings (m/w: the head kernel's rows a step and warps; r/v: the B/C
-# kernels' rows a program and warps; h1: the head kernel split into blocks of j rows of x; g:
-# its registers a thread at most, for more programs an SM),
-# each kernel's time from torch.profiler beside it.
+# kernels' rows a program and warps), each kernel's time from torch.profiler beside it.
 run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kernel.py
-run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward \
-  dstates,dstates+dx,dstates+dx@h1_j16,dstates+dx@h1_j32,dstates+dx@h1_j64,dstates+dx@h1_j32_w8,\
-dstates+dx@h1_j16_w2,dstates+dx@h1_j32_g128,dstates+dx@h1_j16_g128
+run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward dstates,dstates+dx
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \

@@ -16,10 +16,10 @@ CUDA = torch.cuda.is_available()
 # kernels get what the forward keeps (the states passed into each chunk, dA's sums within it,
 # chunked as the reference chunked scan's prefixes end), and their gradients of x, dt (before
 # the softplus), B, C, dt_bias, A and D must be autograd's. Chunks of one and two blocks of
-# rows (BLOCK_M, BC_BLOCK_M) and of one to four (DX_BLOCK: the head kernel split,
-# HEAD_SPLIT), a length that ends in a partial chunk, a dt_bias on softplus's linear side, D and
-# none, heads in groups of 2 and 4, B, C, x and dy views of wider rows, fp32 (bf16 on a GPU
-# only: the interpreter's tl.dot of bf16 tiles is wrong).
+# rows (BC_BLOCK_M) and of one to four (BLOCK_M), a length that ends in a partial chunk, a
+# dt_bias on softplus's linear side, D and none, heads in groups of 2 and 4, B, C, x and dy
+# views of wider rows, fp32 (bf16 on a GPU only: the interpreter's tl.dot of bf16 tiles is
+# wrong).
 CASES = """
 import sys
 import torch
@@ -39,7 +39,7 @@ cases = for_device([
 ], device)
 for dtype, tol, L, H, G, with_d, Q in cases:
     b, P, N = 2, 16, 16
-    ck.BLOCK_M = ck.BC_BLOCK_M = ck.DX_BLOCK = 16
+    ck.BLOCK_M = ck.BC_BLOCK_M = 16
     chunks = -(-L // Q)
     row = torch.randn(b, L, 2 * H * P + 2 * G * N + H + 8, device=device).to(dtype)
     x = row[..., : H * P].unflatten(-1, (H, P))
@@ -87,16 +87,14 @@ for dtype, tol, L, H, G, with_d, Q in cases:
     def nans(t):
         return torch.full_like(t, float("nan"))
 
-    for split in (0, 1):  # the head kernel whole, or as x's blocks and dt's kernel
-        ck.HEAD_SPLIT = split
-        dx, dB, dC, ddt = nans(x), nans(B), nans(C), nans(row)[..., 5 : 5 + H]  # ddt: a view
-        kept = (dt_soft, dA_sums, states)
-        dA, dD, ddt_bias = ck.ssd_input_grads(x, dy, dt, A, dt_bias, D, kept, B, C, dstates,
-                                           ddA_last, dx, ddt, dB, dC)
-        for name, got, ref in zip(("dx", "dB", "dC", "ddt", "ddt_bias", "dA", "dD"),
-                                  (dx, dB, dC, ddt, ddt_bias, dA, dD), want):
-            close(f"{name} (split {split})", got, ref)
-        assert (dD is None) == (not with_d)
+    dx, dB, dC, ddt = nans(x), nans(B), nans(C), nans(row)[..., 5 : 5 + H]  # ddt: a view
+    kept = (dt_soft, dA_sums, states)
+    dA, dD, ddt_bias = ck.ssd_input_grads(x, dy, dt, A, dt_bias, D, kept, B, C, dstates, ddA_last,
+                                          dx, ddt, dB, dC)
+    for name, got, ref in zip(("dx", "dB", "dC", "ddt", "ddt_bias", "dA", "dD"),
+                              (dx, dB, dC, ddt, ddt_bias, dA, dD), want):
+        close(name, got, ref)
+    assert (dD is None) == (not with_d)
 print("chunk grad kernels agree")
 """
 

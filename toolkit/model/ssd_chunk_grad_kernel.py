@@ -1,18 +1,13 @@
 """The Mamba-2 SSD's gradients within each chunk as Triton kernels, for our fused training op's
 backward (fused_mamba.ssd_backward_from_states), after the chunk-state gradients
 (ssd_state_grad_kernel.py): with them, the whole SSD backward from the kept states in four
-launches (five with HEAD_SPLIT), against mamba-ssm's ten kernels and its torch sums.
+launches, against mamba-ssm's ten kernels and its torch sums.
 
 - _ssd_head_grad_kernel, a program per chunk and head: x's gradient, dt's (before the softplus),
   dA's (each step's dt * A, summed in mamba-ssm's stable order, never a difference of
   cumulative sums) and the head's parts of A's, D's and dt_bias's.
 - _ssd_bc_grad_kernel, a program per chunk, head group and block of the chunk's rows: dC's rows
   (WHICH 0) or dB's (1), each head's part added in registers and written once.
-- HEAD_SPLIT (not yet timed): the head kernel's work as _ssd_dx_kernel, a program per chunk, head
-  and block of x's rows j against dy's blocks of rows i >= j only (the whole kernel takes every
-  pair and masks half of them), adding its parts of dA's gradient by atomics over exact spans,
-  and _ssd_dt_kernel, dt's gradient once dA's is whole. 248-336 bytes of spills a thread at 16-32
-  rows and 4 warps against the whole kernel's 1.8 KB.
 
 The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over the heads in one
 program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100).
@@ -23,7 +18,9 @@ replace at the 800M's widths (2.32 vs 2.34 ms with the state gradients) and is 0
 the 8B's (1.10 vs 0.91): dC's and dB's are faster than mamba-ssm's five, the head kernel slower
 than its two (1.28 vs 0.83 ms at the 800M's widths). The op takes them where
 TOOLKIT_TRITON_MAMBA names "dx" (a step of the 800M at micro-batch 4: 187.1 ms with, 187.9
-without, within a call's noise).
+without, within a call's noise). The head kernel split into blocks of x's rows (a program per
+chunk, head and block, against dy's causal blocks only, dA's gradient added by atomics; a
+quarter of the spills) was slower at every setting (800M: 1.46-3.41 ms; 8B 0.73-1.70): removed.
 
 With s the sums of dA within a chunk, S the state passed in, G the gradient of the one passed
 on and w_j = exp(s_last - s_j) dt_j, the chunk's outputs are y_i = exp(s_i) C_i S^T +
@@ -39,9 +36,6 @@ import torch
 from toolkit.model.kernels import triton_imports
 
 BLOCK_M = 16  # the chunk's rows a step of the head kernel
-HEAD_SPLIT = 0  # 1: the head kernel's work as _ssd_dx_kernel's blocks + _ssd_dt_kernel
-DX_BLOCK = 32  # _ssd_dx_kernel's rows of x a program and of dy a step
-MAX_REGISTERS = 0  # the head or dx kernel's registers a thread at most (0: the compiler's)
 BC_BLOCK_M = 64  # the chunk's rows a program of the B/C kernels (each reads its heads' states)
 NUM_WARPS = 4  # the head kernel's
 BC_NUM_WARPS = 4
@@ -132,107 +126,6 @@ if triton_imports():
         dt_grad = tl.where(t_ok, dt_grad, 0.0)
         tl.store(ddt + b64 * stride_ddt_b + t64 * stride_ddt_l + h, dt_grad, t_ok)
         tl.store(dA_part + part, tl.sum(dA_step * dt_s))
-        tl.store(dbias_part + part, tl.sum(dt_grad))
-
-    @triton.jit
-    def _ssd_dx_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, D, dx, ddt_direct, dA_acc,
-                       dD_part, L, stride_x_b, stride_x_l, stride_x_h, stride_dy_b, stride_dy_l,
-                       stride_dy_h, stride_bc_b, stride_bc_l, stride_bc_g, stride_dx_b,
-                       stride_dx_l, stride_dx_h, HEADS_PER_GROUP: tl.constexpr, P: tl.constexpr,
-                       N: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        # program (c * blocks + jb, h, b): x's rows j of block jb, against dy's rows i >= j a
-        # block at a time (the causal blocks only). dx_j and dt_j's gradient but the part through
-        # dA are its own; its parts of dA's gradient (summed over exact spans, never a difference)
-        # are added into dA_acc [b, h, chunks, Q] by atomics.
-        pid, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        NB: tl.constexpr = Q // BLOCK
-        c, jb = pid // NB, pid % NB
-        CHUNKS, H = tl.num_programs(0) // NB, tl.num_programs(1)
-        g = h // HEADS_PER_GROUP
-        p, n, k = tl.arange(0, P), tl.arange(0, N), tl.arange(0, Q)
-        jj = jb * BLOCK + tl.arange(0, BLOCK)  # the block's steps in the chunk
-        b64 = b.to(tl.int64)
-        tj = c * Q + jj
-        j_ok = tj < L
-        tj64 = tj.to(tl.int64)
-        at = ((b64 * H + h) * CHUNKS + c) * Q  # [b, h, chunks, Q]
-        s_j = tl.load(dA_sums + at + jj)
-        dt_j = tl.load(dt_soft + at + jj)
-        last = tl.load(dA_sums + at + Q - 1)
-        x_at = b64 * stride_x_b + h * stride_x_h + p[None, :]
-        dy_at = b64 * stride_dy_b + h * stride_dy_h + p[None, :]
-        bc_at = b64 * stride_bc_b + g * stride_bc_g + n[None, :]
-        x_j = tl.load(x + x_at + tj64[:, None] * stride_x_l, j_ok[:, None], 0.0)
-        B_j = tl.load(B + bc_at + tj64[:, None] * stride_bc_l, j_ok[:, None], 0.0)
-        so = (((b64 * CHUNKS + c) * H + h) * P + p[:, None]) * N + n[None, :]
-        grad = tl.load(dstates + so).to(x_j.dtype)
-        # through the state passed on: dx_j's exp(s_last - s_j) B_j G^T (times dt_j below), and
-        # to each step k > j's dA its w_j x_j G . B_j
-        bg = tl.dot(B_j, tl.trans(grad))
-        decay_out = tl.exp(last - s_j)
-        acc = bg * decay_out[:, None]  # dx_j / dt_j, less D's part
-        out_j = tl.sum(bg * x_j.to(tl.float32), axis=1) * decay_out * dt_j
-        dA = tl.sum(tl.where(jj[:, None] < k[None, :], out_j[:, None], 0.0), axis=0)  # [Q]
-        for ib in range(jb, NB):  # dy's blocks of rows i >= the block's
-            ii = ib * BLOCK + tl.arange(0, BLOCK)
-            s_i, C_i, dy_i = _row_block(ii, c, L, at, dA_sums, C, dy, bc_at, dy_at, stride_bc_l,
-                                        stride_dy_l, Q)  # fmt: skip
-            causal = ii[:, None] >= jj[None, :]
-            decay = tl.exp(tl.where(causal, s_i[:, None] - s_j[None, :], -float("inf")))
-            cb_decay = tl.dot(C_i, tl.trans(B_j)) * decay  # [i, j]
-            acc += tl.dot(tl.trans(cb_decay.to(dy_i.dtype)), dy_i)
-            z = tl.dot(dy_i, tl.trans(x_j)) * cb_decay * dt_j[None, :]  # pair (i, j)'s share
-            if ib == jb:  # the diagonal block: to each k in it, the pairs j < k <= i
-                spans = tl.cumsum(z, axis=1) - z
-                at_k = tl.sum(tl.where(causal, spans, 0.0), axis=0)  # [j as k]
-                dA += tl.sum(tl.where(jj[:, None] == k[None, :], at_k[:, None], 0.0), axis=0)
-                # and through the state passed in, to each k <= i: exp(s_i) dy_i S . C_i
-                state = tl.load(states + so).to(dy_i.dtype)
-                ds = tl.sum(tl.dot(dy_i, state) * C_i.to(tl.float32), axis=1) * tl.exp(s_i)
-                dA += tl.sum(tl.where(ii[:, None] >= k[None, :], ds[:, None], 0.0), axis=0)
-            else:  # every j < every i: k in (j, i] before the i block takes its column sums
-                # past j, k in the i block its row sums from i >= k
-                cols = tl.sum(z, axis=0)
-                rows = tl.sum(z, axis=1)
-                before = (jj[:, None] < k[None, :]) & (k[None, :] < ib * BLOCK)
-                dA += tl.sum(tl.where(before, cols[:, None], 0.0), axis=0)
-                within = (ii[:, None] >= k[None, :]) & (k[None, :] >= ib * BLOCK)
-                dA += tl.sum(tl.where(within, rows[:, None], 0.0), axis=0)
-        tl.atomic_add(dA_acc + at + k, dA)
-        # dt_j's gradient but through dA: x_j . (dx_j / dt_j), D's part apart
-        tl.store(ddt_direct + at + jj, tl.sum(acc * x_j.to(tl.float32), axis=1))
-        acc = acc * dt_j[:, None]
-        if D is not None:
-            dy_j = tl.load(dy + dy_at + tj64[:, None] * stride_dy_l, j_ok[:, None], 0.0)
-            acc += tl.load(D + h).to(tl.float32) * dy_j.to(tl.float32)
-            part = ((b64 * CHUNKS + c) * H + h) * NB + jb  # [b, chunks, h, blocks]
-            tl.store(dD_part + part, tl.sum(dy_j.to(tl.float32) * x_j.to(tl.float32)))
-        dxo = b64 * stride_dx_b + tj64[:, None] * stride_dx_l + h * stride_dx_h + p[None, :]
-        tl.store(dx + dxo, acc.to(dx.dtype.element_ty), j_ok[:, None])
-
-    @triton.jit
-    def _ssd_dt_kernel(dt_soft, ddt_direct, dA_acc, ddA_last, dt, A, dt_bias, ddt, dA_part,
-                       dbias_part, L, stride_dt_b, stride_dt_l, stride_ddt_b, stride_ddt_l,
-                       Q: tl.constexpr):  # fmt: skip
-        # program (c, h, b), after _ssd_dx_kernel: dt's gradient with its part through dA (A
-        # times dA's, with dA_last's through S), before the softplus; A's and dt_bias's parts
-        c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        CHUNKS, H = tl.num_programs(0), tl.num_programs(1)
-        j = tl.arange(0, Q)
-        b64 = b.to(tl.int64)
-        t = c * Q + j
-        t_ok = t < L
-        t64 = t.to(tl.int64)
-        at = ((b64 * H + h) * CHUNKS + c) * Q
-        dA_step = tl.load(dA_acc + at + j) + tl.load(ddA_last + at // Q)
-        dt_grad = tl.load(ddt_direct + at + j) + dA_step * tl.load(A + h).to(tl.float32)
-        raw = tl.load(dt + b64 * stride_dt_b + t64 * stride_dt_l + h, t_ok, 0.0)
-        raw = raw.to(tl.float32) + tl.load(dt_bias + h).to(tl.float32)
-        dt_grad = tl.where(raw <= 20.0, dt_grad * tl.sigmoid(raw), dt_grad)  # softplus's slope
-        dt_grad = tl.where(t_ok, dt_grad, 0.0)
-        tl.store(ddt + b64 * stride_ddt_b + t64 * stride_ddt_l + h, dt_grad, t_ok)
-        part = (b64 * CHUNKS + c) * H + h  # [b, chunks, h]
-        tl.store(dA_part + part, tl.sum(dA_step * tl.load(dt_soft + at + j)))
         tl.store(dbias_part + part, tl.sum(dt_grad))
 
     @triton.jit
@@ -342,36 +235,21 @@ def ssd_input_grads(
     f32 = dict(dtype=torch.float32, device=x.device)
     dA_part, dbias_part = torch.empty(b, chunks, H, **f32), torch.empty(b, chunks, H, **f32)
     common = dict(HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, num_stages=NUM_STAGES)
-    head = dict(num_warps=NUM_WARPS, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}))
 
     def strides(*tensors: torch.Tensor) -> list[int]:  # each one's [b, l, h or g] strides
         return [t.stride(d) for t in tensors for d in (0, 1, 2)]
 
-    if HEAD_SPLIT:
-        block = min(DX_BLOCK, chunk_size)
-        dD_part = torch.empty(b, chunks, H, chunk_size // block, **f32)
-        ddt_direct, dA_acc = torch.empty_like(dt_soft), torch.zeros_like(dt_soft)
-        _ssd_dx_kernel[(chunks * (chunk_size // block), H, b)](
-            x, dy, dt_soft, dA_sums, B, C, states, dstates, D, dx, ddt_direct, dA_acc,
-            dD_part if D is not None else None, L, *strides(x, dy, B, dx), BLOCK=block, **head,
-            **common,
-        )  # fmt: skip
-        _ssd_dt_kernel[(chunks, H, b)](
-            dt_soft, ddt_direct, dA_acc, ddA_last, dt, A, dt_bias, ddt, dA_part, dbias_part, L,
-            dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), Q=chunk_size, num_warps=4,
-        )  # fmt: skip
-    else:
-        dD_part = torch.empty(b, chunks, H, 1, **f32)
-        _ssd_head_grad_kernel[(chunks, H, b)](
-            x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A, dt_bias, D, dx, ddt,
-            dA_part, dD_part if D is not None else None, dbias_part, L, *strides(x, dy, B, dx),
-            dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), BLOCK_M=block_m, **head,
-            **common,
-        )  # fmt: skip
+    dD_part = torch.empty(b, chunks, H, **f32)
+    _ssd_head_grad_kernel[(chunks, H, b)](
+        x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A, dt_bias, D, dx, ddt,
+        dA_part, dD_part if D is not None else None, dbias_part, L, *strides(x, dy, B, dx),
+        dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), BLOCK_M=block_m,
+        num_warps=NUM_WARPS, **common,
+    )  # fmt: skip
     for which in (0, 1):  # dC, then dB: each its own compiled kernel (registers)
         _ssd_bc_grad_kernel[(chunks, G * (chunk_size // bc_block_m), b)](
             x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L, *strides(x, dy, B, dB),
             BLOCK_M=bc_block_m, WHICH=which, num_warps=BC_NUM_WARPS, **common,
         )  # fmt: skip
-    dD = dD_part.sum((0, 1, 3)) if D is not None else None
+    dD = dD_part.sum((0, 1)) if D is not None else None
     return dA_part.sum((0, 1)), dD, dbias_part.sum((0, 1))
