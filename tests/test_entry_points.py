@@ -21,7 +21,8 @@ FILES = sorted(
 
 # What an installed console script does (pip's wrapper: argv[0] is the script's name, then
 # sys.exit(main())), for every entry of [project.scripts], all in one fresh interpreter (torch
-# imported once). Prints {name: [callable, exit code, stdout]}.
+# imported once). Prints {name: [callable, exit code, stdout]}, and whether any of them
+# imported torch._dynamo.
 RUN_ALL = """
 import contextlib, importlib, io, json, sys
 results = {}
@@ -35,8 +36,10 @@ for name, target in json.loads(sys.argv[1]).items():
     except SystemExit as e:
         code = e.code
     results[name] = [callable(main), code, out.getvalue()]
+results["(torch._dynamo imported)"] = "torch._dynamo" in sys.modules
 print(json.dumps(results))
 """
+DYNAMO = "(torch._dynamo imported)"  # RUN_ALL's key
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,13 @@ def test_console_script_resolves_and_answers_help(name, answers):
     assert is_callable, SCRIPTS[name]
     assert code in (0, None), out[-2000:]
     assert out.startswith("usage:"), out[:500]
+
+
+def test_no_command_imports_torch_dynamo_to_start(answers):
+    """torch.compile's tracer (torch._dynamo) costs ~1.7 s of imports a process, paid by every
+    rank and every command line: no command's module imports it to start (they import it
+    where they compile, or on the GPU path that needs it)."""
+    assert answers[DYNAMO] is False
 
 
 def main_import(path: str) -> str | None:

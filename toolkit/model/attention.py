@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from toolkit.model import flash_decoding
 
@@ -237,6 +236,10 @@ def causal_after_cache(
     it and nothing else can."""
     length = end - offset
     if lower_right_bias(q):
+        # Imported here: torch.nn.attention.bias imports torch._dynamo, 1.7 s at every start of
+        # a process that never takes this branch (every CPU one).
+        from torch.nn.attention.bias import causal_lower_right
+
         return causal_lower_right(length, end)
     key = (offset, end, q.device)
     hit = None if shared is None else shared.get("causal")

@@ -5,14 +5,18 @@ Stages are given explicit input and output shapes: runtime shape inference is av
 (it hung with gloo on the CPU machine, see DESIGN.md).
 """
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from toolkit.distributed import ParallelEnv
 from toolkit.layout import split_stages
 from toolkit.model import HybridLM
+
+if TYPE_CHECKING:  # imported where used: pipelining imports torch._dynamo, ~1.7 s a process
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
 
 class StageModule(nn.Module):
@@ -56,10 +60,12 @@ def build_pipeline(
     seq_length: int,
     logits_dtype: torch.dtype,
     sequence_shards: int = 1,
-) -> tuple[StageModule, Schedule1F1B | ScheduleGPipe]:
+) -> "tuple[StageModule, Schedule1F1B | ScheduleGPipe]":
     """This rank's stage of `model` (already tensor-parallel if TP > 1) and its schedule. Between
     stages, activations hold 1/`sequence_shards` of the sequence (TP under sequence parallelism);
     the tokens in and the logits out hold all of it."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
     index = env.pp_rank
     layers = stage_ranges(model, env.pp)[index]
     stage_module = StageModule(model, layers.start, layers.stop, env.pp, index)
