@@ -156,6 +156,13 @@ def describe_model(model: HybridLM) -> str:
     )
 
 
+def tokenizer_from_checkpoint(path: str) -> Tokenizer:
+    """The tokenizer a checkpoint's recipe names, without reading its weights."""
+    return tokenizer_from_recipe(
+        recipe_from_dict(read_metadata(resolve_checkpoint(path))["recipe"])
+    )
+
+
 def model_from_checkpoint(
     path: str, device: torch.device | str = "cpu", *, env: ParallelEnv | None = None
 ) -> tuple[HybridLM, Recipe, Tokenizer]:

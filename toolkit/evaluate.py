@@ -28,10 +28,12 @@ from toolkit.build import (
     eod_masked,
     model_from_checkpoint,
     resolve_device,
+    tokenizer_from_checkpoint,
 )
 from toolkit.checkpoint import CheckpointError, resolve_checkpoint
 from toolkit.config import Recipe, RecipeError, load_recipe
 from toolkit.data.sampler import Samples
+from toolkit.inference.chat_template import chat_template_for
 from toolkit.parallel.runtime import cross_entropy
 from toolkit.precision import autocast_context
 from toolkit.tokenizer import Tokenizer
@@ -166,7 +168,11 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
     try:
         if not tasks:
             raise ValueError("--tasks names no task")
-        resolve_checkpoint(args.checkpoint)
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        # Before lm-eval's task index (~15 s) and the weights: the template beside the tokenizer.
+        if args.apply_chat_template:
+            if chat_template_for("auto", tokenizer_from_checkpoint(str(checkpoint))) is None:
+                raise ValueError(f"--apply-chat-template: {adapter.NO_CHAT_TEMPLATE}")
         if args.include_path and not Path(args.include_path).is_dir():
             raise FileNotFoundError(f"--include-path {args.include_path}: no such directory")
         # lm-eval logs every task it indexes and every request it builds at INFO.
@@ -182,8 +188,6 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
         lm = adapter.HybridToolkitLM(
             args.checkpoint, batch_size=args.batch_size, device=args.device, dtype=args.dtype
         )
-        if args.apply_chat_template and lm.chat is None:
-            raise ValueError(f"--apply-chat-template: {adapter.NO_CHAT_TEMPLATE}")
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
