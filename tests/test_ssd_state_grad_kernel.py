@@ -98,17 +98,19 @@ def test_the_op_takes_this_kernel_by_default_and_names_are_checked():
     code = "import toolkit.model.fused_mamba as fm; print(sorted(fm.TRITON_MAMBA))"
     env = {k: v for k, v in os.environ.items() if k != "TOOLKIT_TRITON_MAMBA"}
 
-    def names(value):
-        if value is not None:
-            env["TOOLKIT_TRITON_MAMBA"] = value
-        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True, cwd=ROOT)  # fmt: skip
+    def names(value):  # the import under that setting, started (the four run side by side)
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env if value is None else {**env, "TOOLKIT_TRITON_MAMBA": value},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
 
-    assert names(None).stdout.strip() == "['dstates']"
-    assert names("none").stdout.strip() == "[]"
-    assert names("norm,dx").stdout.strip() == "['dx', 'norm']"
-    bad = names("dstates,fast")
-    assert bad.returncode != 0 and "TOOLKIT_TRITON_MAMBA: 'dstates,fast'" in bad.stderr
+    unset, none, two, bad = map(names, (None, "none", "norm,dx", "dstates,fast"))
+    assert unset.communicate(timeout=120)[0].strip() == "['dstates']"
+    assert none.communicate(timeout=120)[0].strip() == "[]"
+    assert two.communicate(timeout=120)[0].strip() == "['dx', 'norm']"
+    stderr = bad.communicate(timeout=120)[1]
+    assert bad.returncode != 0 and "TOOLKIT_TRITON_MAMBA: 'dstates,fast'" in stderr
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
