@@ -244,6 +244,16 @@ tp lever_fastest_no_recompute_gb32 300 8 --accumulate 4 --set train.compile=true
   --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
   --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
   --set model.mamba_recompute=false
+# The same two at micro-batch 4 (an H100's size: 8 micro-batches a global batch), against
+# lever_no_recompute_mbs4.
+tp lever_fastest_no_recompute_mbs4 200 4 --set train.compile=true --step-graph \
+  --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
+  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
+  --set model.mamba_recompute=false
+tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 --set train.compile=true \
+  --step-graph --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
+  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
+  --set model.mamba_recompute=false
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
 # eager against graphed from the same seed and data, their loss curves side by side.
