@@ -23,7 +23,8 @@ CUDA = torch.cuda.is_available()
 # partial tiles, one and several backward programs a sequence and tiles a program, widths 4, 3
 # and 2 (the backward pads them to 4 taps) at each, with and without a bias by turns (each
 # width and each tiling sees both), fp32 and bf16 (the reference in fp32 from the same bf16
-# values). The weight's and bias's gradients are sums over 2 x 100 rows. dx is written into a slice of a wider tensor, whose other columns stay.
+# values). The weight's and bias's gradients are sums over 2 x 100 rows. dx is written into a
+# slice of a wider tensor, whose other columns stay.
 KERNELS = """
 import sys
 import torch
