@@ -28,7 +28,7 @@ from toolkit.model import ssd_chunk_grad_kernel, ssd_scan_kernel, ssd_state_grad
 # pointer arguments in fp32 (the rest of the pointers are bf16); every other argument that is
 # not a constexpr is an int32 (lengths, strides)
 FP32 = {"dt_soft", "dA_sums", "states", "ddA_last", "A", "dt_bias", "D", "ddt", "dA_part",
-        "dD_part", "dbias_part", "dt_out", "dA_out", "dt", "ddt_direct", "dA_acc"}  # fmt: skip
+        "dD_part", "dbias_part", "dt_out", "dA_out", "dt"}  # fmt: skip
 BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out"}
 SHAPES = {"800m": 4, "8b": 16}  # heads per group
 

@@ -46,17 +46,6 @@ if triton_imports():
     import triton.language as tl
 
     @triton.jit
-    def _row_block(rows, c, L, at, dA_sums, C, dy, bc_at, dy_at, stride_bc_l, stride_dy_l,
-                   Q: tl.constexpr):  # fmt: skip
-        # the chunk's rows `rows` of dA's sums, C and dy (zeros past the sequence's end)
-        t = c * Q + rows
-        ok = t < L
-        t64 = t.to(tl.int64)
-        C_rows = tl.load(C + bc_at + t64[:, None] * stride_bc_l, ok[:, None], 0.0)
-        dy_rows = tl.load(dy + dy_at + t64[:, None] * stride_dy_l, ok[:, None], 0.0)
-        return tl.load(dA_sums + at + rows), C_rows, dy_rows
-
-    @triton.jit
     def _ssd_head_grad_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A,
                               dt_bias, D, dx, ddt, dA_part, dD_part, dbias_part, L, stride_x_b,
                               stride_x_l, stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h,
@@ -96,8 +85,12 @@ if triton_imports():
         dxc = tl.dot(Bc, tl.trans(grad)) * w[:, None]
         for i0 in range(0, Q, BLOCK_M):  # the chunk's outputs, BLOCK_M rows at a time
             i = i0 + tl.arange(0, BLOCK_M)
-            s_i, Cb, dyb = _row_block(i, c, L, at, dA_sums, C, dy, bc_at, dy_at, stride_bc_l,
-                                      stride_dy_l, Q)  # fmt: skip
+            ti = c * Q + i
+            i_ok = ti < L
+            ti64 = ti.to(tl.int64)
+            s_i = tl.load(dA_sums + at + i)
+            Cb = tl.load(C + bc_at + ti64[:, None] * stride_bc_l, i_ok[:, None], 0.0)
+            dyb = tl.load(dy + dy_at + ti64[:, None] * stride_dy_l, i_ok[:, None], 0.0)
             causal = i[:, None] >= j[None, :]
             decay = tl.exp(tl.where(causal, s_i[:, None] - s[None, :], -float("inf")))
             cb = tl.dot(Cb, tl.trans(Bc))
@@ -232,14 +225,13 @@ def ssd_input_grads(
         if t.shape != (b, chunks, H, P, N) or not t.is_contiguous():
             raise ValueError(f"{name} {tuple(t.shape)}: want contiguous {(b, chunks, H, P, N)}")
     dt_soft, dA_sums, ddA_last = dt_soft.contiguous(), dA_sums.contiguous(), ddA_last.contiguous()
-    f32 = dict(dtype=torch.float32, device=x.device)
-    dA_part, dbias_part = torch.empty(b, chunks, H, **f32), torch.empty(b, chunks, H, **f32)
+    parts = [torch.empty(b, chunks, H, dtype=torch.float32, device=x.device) for _ in range(3)]
+    dA_part, dD_part, dbias_part = parts
     common = dict(HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, num_stages=NUM_STAGES)
 
     def strides(*tensors: torch.Tensor) -> list[int]:  # each one's [b, l, h or g] strides
         return [t.stride(d) for t in tensors for d in (0, 1, 2)]
 
-    dD_part = torch.empty(b, chunks, H, **f32)
     _ssd_head_grad_kernel[(chunks, H, b)](
         x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A, dt_bias, D, dx, ddt,
         dA_part, dD_part if D is not None else None, dbias_part, L, *strides(x, dy, B, dx),
