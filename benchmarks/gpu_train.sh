@@ -86,6 +86,12 @@ RECOMPUTE=(--set model.mamba_recompute=true)
 FP8_CACHE_FGA=(--set 'train.precision="fp8"' --set train.compile=true --set 'train.fp8_layers="all"'
   --set train.fp8_weight_cache=true --set train.fused_grad_accumulation=true)
 CDT=(--set 'train.compile_mode="coordinate-descent-tuning"')
+# The 800M's fastest setting (the 8B race's, RESULTS.md 2026-12-06): the graph, the bf16 weight
+# cache, fp32 weight gradients from the GEMM and the embedding's gradient as rows (these need
+# fused gradient accumulation); the lever_fastest runs share it.
+FASTEST=(--set train.compile=true --step-graph --set train.fused_grad_accumulation=true
+  --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
+  --set train.row_sparse_embedding_grad=true)
 
 tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 timed steps
   local name=$1 limit=$2 mbs=$3; shift 3
@@ -202,12 +208,9 @@ run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward dstates,dstate
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
   tests/test_conv_kernel.py -k fused_op_matches
-# The 800M recipe with the 8B race's fastest setting (RESULTS.md 2026-12-06): the graph, the bf16
-# weight cache, fp32 weight gradients from the GEMM and the embedding's gradient as rows (these
-# need fused gradient accumulation), against bf16_compile_mbs8 and lever_step_graph.
-tp lever_fastest 200 8 --set train.compile=true --step-graph \
-  --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
-  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true
+# The 800M recipe with the fastest setting (FASTEST), against bf16_compile_mbs8 and
+# lever_step_graph.
+tp lever_fastest 200 8 "${FASTEST[@]}"
 t8b lever_8b28l_step_graph_gb8 300 28 --accumulate 8 --set train.compile=true --step-graph
 # The fused Mamba op keeping the conv's output and the SSD's chunk states for the backward
 # instead of recomputing them (model.mamba_recompute=false, fused_mamba.py: 4 kernels a layer
@@ -235,24 +238,14 @@ TOOLKIT_TRITON_MAMBA=norm,dstates,dx tp lever_no_recompute_ours_mbs4 200 4 \
   --set train.compile=true --set model.mamba_recompute=false
 TOOLKIT_TRITON_MAMBA=norm,dstates,dx tp lever_no_recompute_ours 200 8 \
   --set train.compile=true --set model.mamba_recompute=false
-tp lever_fastest_no_recompute 200 8 --set train.compile=true --step-graph \
-  --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
-  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
-  --set model.mamba_recompute=false
+tp lever_fastest_no_recompute 200 8 "${FASTEST[@]}" --set model.mamba_recompute=false
 # And at the recipe's global batch (32 sequences: 4 micro-batches of 8 a step on one GPU).
-tp lever_fastest_no_recompute_gb32 300 8 --accumulate 4 --set train.compile=true --step-graph \
-  --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
-  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
+tp lever_fastest_no_recompute_gb32 300 8 --accumulate 4 "${FASTEST[@]}" \
   --set model.mamba_recompute=false
 # The same two at micro-batch 4 (an H100's size: 8 micro-batches a global batch), against
 # lever_no_recompute_mbs4.
-tp lever_fastest_no_recompute_mbs4 200 4 --set train.compile=true --step-graph \
-  --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
-  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
-  --set model.mamba_recompute=false
-tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 --set train.compile=true \
-  --step-graph --set train.fused_grad_accumulation=true --set train.bf16_weight_cache=true \
-  --set train.fp32_weight_grad_gemm=true --set train.row_sparse_embedding_grad=true \
+tp lever_fastest_no_recompute_mbs4 200 4 "${FASTEST[@]}" --set model.mamba_recompute=false
+tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 "${FASTEST[@]}" \
   --set model.mamba_recompute=false
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
