@@ -100,6 +100,17 @@ tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 tim
     --json "$W/$name.json" "${NO_FGA[@]}" "${RECOMPUTE[@]}" "$@"
 }
 
+tp_traced() {  # name timeout_s mbs extra args...: tp's run with one more step traced after the
+  # timed ones (train_throughput.py --profile), summed by trace_summary.py into $W/NAME.trace.txt
+  # and its kernel table into $W/NAME.kernels; the trace itself (tens of MB) stays on the machine
+  local name=$1 trace=/tmp/gpu_traces/$1.json
+  tp "$@" --profile "$trace"
+  if [ "$PART_RAN" = 1 ] && [ -e "$trace" ]; then
+    timeout 120 python3 benchmarks/trace_summary.py "$trace" --top 40 \
+      --json-out "$W/$name.kernels" > "$W/$name.trace.txt" 2>&1
+  fi
+}
+
 t8b() {  # name timeout_s layers extra args...: the 8B hybrid's shapes (hidden 4096, FFN 16384,
   # vocab 256k) with fewer of its 56 layers in the same mix, to fit one GPU (28 do)
   local name=$1 limit=$2 layers=$3; shift 3
@@ -242,10 +253,14 @@ tp lever_fastest_no_recompute 200 8 "${FASTEST[@]}" --set model.mamba_recompute=
 # And at the recipe's global batch (32 sequences: 4 micro-batches of 8 a step on one GPU).
 tp lever_fastest_no_recompute_gb32 300 8 --accumulate 4 "${FASTEST[@]}" \
   --set model.mamba_recompute=false
+# Where its step goes (issue 21 item 1's profile): the same, one more step traced.
+tp_traced lever_fastest_no_recompute_traced 240 8 "${FASTEST[@]}" --set model.mamba_recompute=false
 # The same two at micro-batch 4 (an H100's size: 8 micro-batches a global batch), against
 # lever_no_recompute_mbs4.
 tp lever_fastest_no_recompute_mbs4 200 4 "${FASTEST[@]}" --set model.mamba_recompute=false
 tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 "${FASTEST[@]}" \
+  --set model.mamba_recompute=false
+tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST[@]}" \
   --set model.mamba_recompute=false
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
@@ -409,6 +424,9 @@ clock_log_stop
 if compgen -G "$W/*.json" > /dev/null; then  # (kernel-only calls write no run JSON)
   python3 benchmarks/clock_summary.py "$W/clocks.csv" "$W"/*.json >> "$OUT/summary.txt" 2>&1
 fi
+for f in "$W"/*.trace.txt; do  # each traced step's families (the kernels: runs.tar.gz)
+  [ -e "$f" ] && { echo "$(basename "$f" .trace.txt):"; sed -n '1,/^top /p' "$f"; } >> "$OUT/summary.txt"
+done
 cat "$OUT/summary.txt"
 tar czf "$OUT/runs.tar.gz" -C "$W" .
 # The compiled blocks, in parts under 16 MiB, to carry in .dev/ next time (if not too large).

@@ -23,6 +23,11 @@ overwrites (a known failure of cudagraph trees with gradient accumulation).
 against the host's time to queue a step's kernels (the 800M's ~3,700). It needs the Triton
 AdamW (train.adamw_kernel, the default on GPUs); on CPUs the same step runs eagerly.
 
+--profile TRACE.json traces one more step after the timed ones with torch.profiler (CPU and
+CUDA activity; with --step-graph the graph's kernels) into a Chrome trace that
+benchmarks/trace_summary.py sums by family: where a setting's step goes, measured beside its
+tokens/s. The traced step is not among the timed ones (the profiler slows the host).
+
 --fp8-recast-input (with train.fp8_weight_cache) has the cached float8 linears cast their input
 again in the backward for the weight gradient, as torchao's do, instead of reading the forward's
 cast (the same bits): the A/B of that lever.
@@ -173,6 +178,21 @@ def time_steps(
     return losses, warmup_times, times, gc_times, span
 
 
+def trace_step(step: Callable[[], torch.Tensor], device: torch.device, path: str) -> None:
+    """One more step under torch.profiler, its trace written to `path` (Chrome's format, as
+    the trainer's train.profile writes them; benchmarks/trace_summary.py reads it)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(path)
+    log.info("traced one step into %s", path)
+
+
 def graphed_step(
     parallel: ParallelModel,
     params: list[torch.Tensor],
@@ -262,6 +282,10 @@ def benchmark(args: argparse.Namespace) -> dict:
         step, args.warmup, args.steps, device, args.manual_gc
     )
     memory = peak_memory_gb(device)
+    if args.profile:
+        timed_norms = len(grad_norms)
+        trace_step(step, device, args.profile)
+        del grad_norms[timed_norms:]  # the traced step is not a timed one
 
     step_time = statistics.median(times)
     tokens = mbs * args.accumulate * seq
@@ -288,6 +312,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "compile_mode": cfg.compile_mode,
         "cuda_graphs": args.cuda_graphs,
         "step_graph": args.step_graph,
+        "profile": args.profile,
         "optimizer_class": type(optimizer).__name__,
         "flat_optimizer": cfg.flat_optimizer,
         "te_fused_norm": cfg.te_fused_norm,
@@ -350,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
     )
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--profile", metavar="TRACE.json",
+                        help="trace one more step after the timed ones into this Chrome trace "
+                        "(benchmarks/trace_summary.py sums it)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     check_step_arguments(parser, args)

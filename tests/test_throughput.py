@@ -47,6 +47,19 @@ def test_tiny_recipe_on_cpu(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
+def test_profile_traces_one_more_step(tmp_path):
+    """--profile writes a Chrome trace of one step after the timed ones, which leaves the timed
+    steps' numbers as they are."""
+    trace, out = tmp_path / "t" / "step.json", tmp_path / "r.json"
+    args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "2", "--warmup", "0", "--seq", "32"]
+    args += ["--mbs", "1", "--json", str(out), "--profile", str(trace)]
+    assert train_throughput.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["profile"] == str(trace) and len(r["losses"]) == len(r["grad_norms"]) == 2
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert "aten::mm" in names or "aten::addmm" in names  # the model's matmuls, traced
+
+
 class _Cycle:
     def __init__(self) -> None:
         self.me = self  # garbage only the cyclic collector frees
