@@ -5,7 +5,10 @@ each pass must move (forward: y and z read, out written; backward: y, z and the 
 gradient read, y's and z's gradients written), and the largest differences between the two.
 
     python3 benchmarks/gated_norm.py [--recipe recipes/800m_hybrid.toml] [--batch 8]
-        [--seq 4096] [--repeats 20] [--json OUT]
+        [--seq 4096] [--repeats 20] [--json OUT] [--sweep]
+
+--sweep also times ours at other tilings (elements a tile, the backward's rows a program, warps
+a program: gated_norm_kernel.py's constants), each against the default's numbers.
 
 Needs CUDA and mamba-ssm for the comparison; on a CPU only ours runs, under Triton's
 interpreter when TRITON_INTERPRET=1 (a check that the script runs, no timing worth reading).
@@ -24,6 +27,7 @@ from cross_entropy import timed_ms  # noqa: E402
 from train_throughput import write_json  # noqa: E402
 
 from toolkit.config import load_recipe  # noqa: E402
+from toolkit.model import gated_norm_kernel  # noqa: E402
 from toolkit.model.fused_mamba import norm_backward, norm_forward  # noqa: E402
 from toolkit.model.kernels import mamba_ssm_available  # noqa: E402
 
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> dict:
         result["ms"][name] = {"forward": ms[0], "backward": ms[1]}
         print(f"{name:9}: forward {ms[0]:7.3f} ms ({3 * pass_bytes / ms[0] / 1e9:5.2f} TB/s), "
               f"backward {ms[1]:7.3f} ms ({5 * pass_bytes / ms[1] / 1e9:5.2f} TB/s)")  # fmt: skip
+    if args.sweep:
+        result["sweep"] = sweep(y, z, weight, groups, eps, dout, dz, outputs["triton"], args)
     if "mamba_ssm" in outputs:
         for label, a, b in zip(("out", "dy", "dz", "dweight"), outputs["triton"], outputs["mamba_ssm"]):  # fmt: skip
             diff = float((a - b).abs().max() / b.abs().max())
@@ -67,6 +73,35 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def sweep(y, z, weight, groups, eps, dout, dz, want, args) -> dict:  # noqa: ANN001
+    """Ours at each tiling: {setting: {forward ms, backward ms, largest difference from the
+    default's outputs}}; the module's constants are put back after."""
+    k = gated_norm_kernel
+    saved = (k.ELEMENTS_PER_TILE, k.ROWS_PER_PROGRAM, k.FORWARD_WARPS, k.BACKWARD_WARPS)
+    device, out = y.device, {}
+    try:
+        for tile in (4096, 8192, 16384):
+            for warps in (4, 8):
+                for rows in (64, 128, 512):
+                    k.ELEMENTS_PER_TILE, k.ROWS_PER_PROGRAM = tile, rows
+                    k.FORWARD_WARPS = k.BACKWARD_WARPS = warps
+                    fwd = functools.partial(norm_forward, y, z, weight, groups, eps, "triton")
+                    o, rstd = fwd()
+                    bwd = functools.partial(norm_backward, dout, y, z, weight, rstd, groups, eps,
+                                            dz, "triton")  # fmt: skip
+                    dy, dw = bwd()
+                    diff = max(float((a.float() - b).abs().max() / b.abs().max())
+                               for a, b in zip((o, dy, dz, dw), want))  # fmt: skip
+                    ms = [timed_ms(fwd, args.repeats, device), timed_ms(bwd, args.repeats, device)]
+                    name = f"t{tile}_r{rows}_w{warps}"
+                    out[name] = {"forward": ms[0], "backward": ms[1], "max_rel_diff": diff}
+                    print(f"  {name:16} forward {ms[0]:7.3f} ms, backward {ms[1]:7.3f} ms, "
+                          f"largest difference from the default's {diff:.1e}")  # fmt: skip
+    finally:
+        k.ELEMENTS_PER_TILE, k.ROWS_PER_PROGRAM, k.FORWARD_WARPS, k.BACKWARD_WARPS = saved
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=Path("recipes/800m_hybrid.toml"))
@@ -74,6 +109,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096, help="tokens a sequence (default 4096)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls (median)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--sweep", action="store_true", help="ours at other tilings too")
     args = parser.parse_args()
     result = run(args)
     if args.json:

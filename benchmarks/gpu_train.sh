@@ -197,6 +197,7 @@ tp lever_triton_conv 200 8 --set train.compile=true --set 'model.mamba_conv_back
 # time at the 800M's widths): compiled against the torch norm and mamba-ssm's, then both timed.
 run gated_norm_gpu_test 200 python3 -m pytest -q tests/test_gated_norm_kernel.py
 run gated_norm 120 python3 benchmarks/gated_norm.py --json "$W/gated_norm.json"
+run gated_norm_sweep 200 python3 benchmarks/gated_norm.py --sweep --json "$W/gated_norm_sweep.json"
 # Our SSD forward as one kernel carrying the states through the chunks (ssd_scan_kernel.py;
 # mamba-ssm's SSD ran at a tenth of the HBM's bandwidth by its bytes): against the reference and
 # mamba-ssm's kernels (with its backward from either's kept states), then timed at the 800M's
@@ -261,6 +262,12 @@ tp lever_fastest_no_recompute_mbs4 200 4 "${FASTEST[@]}" --set model.mamba_recom
 tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 "${FASTEST[@]}" \
   --set model.mamba_recompute=false
 tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST[@]}" \
+  --set model.mamba_recompute=false
+# Our gated norm (TOOLKIT_TRITON_MAMBA's norm, beside the default's dstates) in the fastest setting,
+# against lever_fastest_no_recompute_mbs4 / lever_fastest_no_recompute in the same call.
+TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm_mbs4 200 4 "${FASTEST[@]}" \
+  --set model.mamba_recompute=false
+TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm 200 8 "${FASTEST[@]}" \
   --set model.mamba_recompute=false
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
@@ -406,6 +413,13 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               + ", ".join(f"{k} {v:.2f} ({r['tb_per_s'][k]:.2f} TB/s; host {r['host_ms'][k]:.2f})"
                           for k, v in r["ms"].items())
               + f"; cast_all {r['speed_up']:.2f}x, same bits {r['same_bits']}")
+    elif p.stem.startswith("gated_norm"):
+        print(f"{p.stem} (ms: forward / backward):", "; ".join(
+            f"{k} {v['forward']:.3f} / {v['backward']:.3f}" for k, v in r["ms"].items()))
+        if r.get("sweep"):
+            for k in ("forward", "backward"):
+                best = min(r["sweep"].items(), key=lambda kv: kv[1][k])
+                print(f"  fastest {k}: {best[0]} {best[1][k]:.3f} ms")
     elif p.stem == "conv_kernel":
         print("conv_kernel (ms: forward / backward / a layer):", "; ".join(
             f"{k} {v['forward']:.3f} / {v['backward']:.3f} / {v['layer']:.3f}"

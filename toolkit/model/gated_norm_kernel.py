@@ -17,6 +17,9 @@ from toolkit.model.kernels import triton_imports
 
 ELEMENTS_PER_TILE = 8192  # rows x channels of a tile: 32 rows of a 256-channel group
 ROWS_PER_PROGRAM = 512  # backward: rows a program walks, summing the weight's gradient
+FORWARD_WARPS = 4
+BACKWARD_WARPS = 4
+# (benchmarks/gated_norm.py --sweep times other settings of these four)
 
 if triton_imports():
     import triton
@@ -103,6 +106,7 @@ def gated_norm_forward(
     _gated_norm_fwd_kernel[grid](
         y, z, weight, out, rstd, M, N, y.stride(0), z.stride(0), out.stride(0), eps,
         GROUP=group, BLOCK_ROWS=block_rows, BLOCK_GROUP=triton.next_power_of_2(group),
+        num_warps=FORWARD_WARPS,
     )  # fmt: skip
     return out, rstd
 
@@ -129,6 +133,6 @@ def gated_norm_backward(
     _gated_norm_bwd_kernel[(parts, groups)](
         y, z, weight, dout, rstd, dy, dz, dweight_part, M, N, y.stride(0), z.stride(0),
         dout.stride(0), dy.stride(0), dz.stride(0), GROUP=group, BLOCK_ROWS=block_rows,
-        BLOCK_GROUP=triton.next_power_of_2(group), ROWS=rows,
+        BLOCK_GROUP=triton.next_power_of_2(group), ROWS=rows, num_warps=BACKWARD_WARPS,
     )  # fmt: skip
     return dy, dweight_part.sum(0).to(weight.dtype)
