@@ -239,12 +239,13 @@ TOOLKIT_TRITON_MAMBA=dstates,dx tp lever_no_recompute_dx_mbs4 200 4 --set train.
   --set model.mamba_recompute=false
 TOOLKIT_TRITON_MAMBA=dstates,dx tp lever_no_recompute_dx 200 8 --set train.compile=true \
   --set model.mamba_recompute=false
-# (the kernels' steps, after their baselines above so a cut call still has those)
-TOOLKIT_TRITON_MAMBA=norm tp lever_no_recompute_norm_mbs4 200 4 --set train.compile=true \
+# (the kernels' steps, after their baselines above so a cut call still has those; each names the
+# default's dstates too, so that it differs from lever_no_recompute(_mbs4) by its own kernels)
+TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_no_recompute_norm_mbs4 200 4 --set train.compile=true \
   --set model.mamba_recompute=false
-TOOLKIT_TRITON_MAMBA=norm,forward tp lever_no_recompute_norm_forward_mbs4 200 4 \
+TOOLKIT_TRITON_MAMBA=norm,forward,dstates tp lever_no_recompute_norm_forward_mbs4 200 4 \
   --set train.compile=true --set model.mamba_recompute=false
-TOOLKIT_TRITON_MAMBA=norm,forward tp lever_no_recompute_norm_forward 200 8 \
+TOOLKIT_TRITON_MAMBA=norm,forward,dstates tp lever_no_recompute_norm_forward 200 8 \
   --set train.compile=true --set model.mamba_recompute=false
 TOOLKIT_TRITON_MAMBA=norm,dstates,dx tp lever_no_recompute_ours_mbs4 200 4 \
   --set train.compile=true --set model.mamba_recompute=false
