@@ -24,9 +24,10 @@ against the host's time to queue a step's kernels (the 800M's ~3,700). It needs 
 AdamW (train.adamw_kernel, the default on GPUs); on CPUs the same step runs eagerly.
 
 --profile TRACE.json traces one more step after the timed ones with torch.profiler (CPU and
-CUDA activity; with --step-graph the graph's kernels) into a Chrome trace that
-benchmarks/trace_summary.py sums by family: where a setting's step goes, measured beside its
-tokens/s. The traced step is not among the timed ones (the profiler slows the host).
+CUDA activity; with --step-graph, what the profiler records of the graph's replay) into a
+Chrome trace that benchmarks/trace_summary.py sums by family: where a setting's step goes,
+measured beside its tokens/s. The traced step is not among the timed ones (the profiler slows
+the host).
 
 --fp8-recast-input (with train.fp8_weight_cache) has the cached float8 linears cast their input
 again in the backward for the weight gradient, as torchao's do, instead of reading the forward's
