@@ -92,6 +92,7 @@ CDT=(--set 'train.compile_mode="coordinate-descent-tuning"')
 FASTEST=(--set train.compile=true --step-graph --set train.fused_grad_accumulation=true
   --set train.bf16_weight_cache=true --set train.fp32_weight_grad_gemm=true
   --set train.row_sparse_embedding_grad=true)
+FASTEST_KEPT=("${FASTEST[@]}" --set model.mamba_recompute=false)  # and the states kept
 
 tp() {  # name timeout_s mbs extra args...: 800M at seq 4096, 3 warm-up + 10 timed steps
   local name=$1 limit=$2 mbs=$3; shift 3
@@ -251,25 +252,20 @@ TOOLKIT_TRITON_MAMBA=norm,dstates,dx tp lever_no_recompute_ours_mbs4 200 4 \
   --set train.compile=true --set model.mamba_recompute=false
 TOOLKIT_TRITON_MAMBA=norm,dstates,dx tp lever_no_recompute_ours 200 8 \
   --set train.compile=true --set model.mamba_recompute=false
-tp lever_fastest_no_recompute 200 8 "${FASTEST[@]}" --set model.mamba_recompute=false
+tp lever_fastest_no_recompute 200 8 "${FASTEST_KEPT[@]}"
 # And at the recipe's global batch (32 sequences: 4 micro-batches of 8 a step on one GPU).
-tp lever_fastest_no_recompute_gb32 300 8 --accumulate 4 "${FASTEST[@]}" \
-  --set model.mamba_recompute=false
+tp lever_fastest_no_recompute_gb32 300 8 --accumulate 4 "${FASTEST_KEPT[@]}"
 # Where its step goes (issue 21 item 1's profile): the same, one more step traced.
-tp_traced lever_fastest_no_recompute_traced 240 8 "${FASTEST[@]}" --set model.mamba_recompute=false
+tp_traced lever_fastest_no_recompute_traced 240 8 "${FASTEST_KEPT[@]}"
 # The same two at micro-batch 4 (an H100's size: 8 micro-batches a global batch), against
 # lever_no_recompute_mbs4.
-tp lever_fastest_no_recompute_mbs4 200 4 "${FASTEST[@]}" --set model.mamba_recompute=false
-tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 "${FASTEST[@]}" \
-  --set model.mamba_recompute=false
-tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST[@]}" \
-  --set model.mamba_recompute=false
+tp lever_fastest_no_recompute_mbs4 200 4 "${FASTEST_KEPT[@]}"
+tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 "${FASTEST_KEPT[@]}"
+tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST_KEPT[@]}"
 # Our gated norm (TOOLKIT_TRITON_MAMBA's norm, beside the default's dstates) in the fastest setting,
 # against lever_fastest_no_recompute_mbs4 / lever_fastest_no_recompute in the same call.
-TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm_mbs4 200 4 "${FASTEST[@]}" \
-  --set model.mamba_recompute=false
-TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm 200 8 "${FASTEST[@]}" \
-  --set model.mamba_recompute=false
+TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm_mbs4 200 4 "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm 200 8 "${FASTEST_KEPT[@]}"
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
 # eager against graphed from the same seed and data, their loss curves side by side.
@@ -440,7 +436,8 @@ if compgen -G "$W/*.json" > /dev/null; then  # (kernel-only calls write no run J
   python3 benchmarks/clock_summary.py "$W/clocks.csv" "$W"/*.json >> "$OUT/summary.txt" 2>&1
 fi
 for f in "$W"/*.trace.txt; do  # each traced step's families (the kernels: runs.tar.gz)
-  [ -e "$f" ] && { echo "$(basename "$f" .trace.txt):"; sed -n '1,/^top /p' "$f"; } >> "$OUT/summary.txt"
+  [ -e "$f" ] || continue
+  { echo "$(basename "$f" .trace.txt):"; sed -n '1,/^top /p' "$f"; } >> "$OUT/summary.txt"
 done
 cat "$OUT/summary.txt"
 tar czf "$OUT/runs.tar.gz" -C "$W" .
