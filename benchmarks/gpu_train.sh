@@ -266,6 +266,18 @@ tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST_KEPT[@]}"
 # against lever_fastest_no_recompute_mbs4 / lever_fastest_no_recompute in the same call.
 TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm_mbs4 200 4 "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm 200 8 "${FASTEST_KEPT[@]}"
+# Two Inductor options in the fastest setting, against the same baselines (each compiles its
+# blocks afresh: the options are in Inductor's cache key). Programmatic dependent launch in
+# Inductor's kernels (off by default in torch 2.11): each may start while the one before it
+# drains, the gaps between a step's ~2,300 kernels. And the split of the norms' backward
+# kernels that fuse dx's row sums with the weight's column sums (Inductor's mix-order
+# reduction) autotuned instead of derived from the row count.
+TORCHINDUCTOR_ENABLE_PDL=1 tp lever_fastest_no_recompute_pdl_mbs4 240 4 "${FASTEST_KEPT[@]}"
+TORCHINDUCTOR_ENABLE_PDL=1 tp lever_fastest_no_recompute_pdl 240 8 "${FASTEST_KEPT[@]}"
+TORCHINDUCTOR_MIX_ORDER_REDUCTION_AUTOTUNE_SPLIT_SIZE=1 tp lever_fastest_no_recompute_split_mbs4 \
+  240 4 "${FASTEST_KEPT[@]}"
+TORCHINDUCTOR_MIX_ORDER_REDUCTION_AUTOTUNE_SPLIT_SIZE=1 tp lever_fastest_no_recompute_split \
+  240 8 "${FASTEST_KEPT[@]}"
 # The trainer itself with train.step_graph (its CPU tests run the Triton interpreter): the 800M
 # recipe through launchers/submit.py --local, 8 steps of 2 micro-batches of 4 (fits an H100),
 # eager against graphed from the same seed and data, their loss curves side by side.
@@ -430,6 +442,9 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
               f"{r['peak_memory_gb']:6.1f}  fp8={r['fp8_engine']} fused={r['mamba_fused']} "
               f"bf16 matmul {r['measured_matmul_tflops']['bf16']:.0f} last loss "
               f"{r['losses'][-1]:.4f} grad norm {r['grad_norms'][-1]:.4f}")
+        env = r.get("environment", {})
+        if any(k.startswith("TORCHINDUCTOR_") for k in env.get("variables", {})):
+            print(f"{'':32} Inductor options as read: {env['inductor']}")
 EOF
 clock_log_stop
 if compgen -G "$W/*.json" > /dev/null; then  # (kernel-only calls write no run JSON)

@@ -47,6 +47,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -81,6 +82,23 @@ def versions() -> dict[str, str | None]:
         except Exception:  # noqa: BLE001 - absent or broken: recorded as such
             out[name] = None
     return out
+
+
+# Inductor options the device runs set through the environment: recorded as this torch has
+# them (None where it has no such option, so a run that set one measured nothing new).
+INDUCTOR_OPTIONS = ("enable_pdl", "mix_order_reduction", "mix_order_reduction_autotune_split_size")
+
+
+def environment() -> dict[str, object]:
+    """The TOOLKIT_, TORCHINDUCTOR_ and TRITON_ variables a run was given, and the Inductor
+    options above as this torch reads them."""
+    import torch._inductor.config as inductor
+
+    prefixes = ("TOOLKIT_", "TORCHINDUCTOR_", "TRITON_")
+    return {
+        "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)},
+        "inductor": {name: getattr(inductor.triton, name, None) for name in INDUCTOR_OPTIONS},
+    }
 
 
 def synchronize(device: torch.device) -> None:
@@ -302,6 +320,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": versions(),
+        "environment": environment(),
         "precision": cfg.precision,
         "fp8_engine": engine,
         "fp8_recipe": cfg.fp8_recipe if engine else None,

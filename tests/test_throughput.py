@@ -26,7 +26,10 @@ def test_help(capsys):
     assert "--steps" in out and "--mbs" in out and "MFU" in out
 
 
-def test_tiny_recipe_on_cpu(tmp_path, capsys):
+def test_tiny_recipe_on_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "1")  # read at Inductor's import: recorded only
+    monkeypatch.setenv("TOOLKIT_NOT_READ", "x")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "y")
     out = tmp_path / "r.json"
     args = [str(ROOT / "recipes/tiny_hybrid.toml"), "--steps", "2", "--warmup", "1", "--seq", "64"]
     args += ["--mbs", "2", "--set", 'train.activation_checkpointing=["mlp"]', "--json", str(out)]
@@ -42,6 +45,12 @@ def test_tiny_recipe_on_cpu(tmp_path, capsys):
     assert r["mfu"] is None and r["datasheet_bf16_tflops"] is None  # no data-sheet peak on CPUs
     assert r["measured_matmul_tflops"]["bf16"] > 0 and 0 < r["mfu_of_measured_bf16"]
     assert r["peak_memory_gb"] > 0 and r["versions"]["torch"]
+    env = r["environment"]["variables"]
+    assert env["TORCHINDUCTOR_ENABLE_PDL"] == "1" and env["TOOLKIT_NOT_READ"] == "x"
+    assert "UNRELATED_VARIABLE" not in env
+    import torch._inductor.config as inductor
+
+    assert r["environment"]["inductor"]["enable_pdl"] is inductor.triton.enable_pdl
     assert r["activation_checkpointing"] == ["mlp"] and r["compile"] is False
     assert r["precision"] == "fp32" and r["fp8_engine"] is None
     assert "tokens/s" in capsys.readouterr().out
