@@ -212,14 +212,17 @@ def test_streams_woken_every_few_steps_send_the_same_output():
     engine = Engine(build(), TOKENIZER, slots=4, cuda_graphs=True, overlap=True)
     server = GenerationServer(("127.0.0.1", 0), engine, stream_wakes=1)
     thread, take = server.engine_thread, server.engine_thread._take
-    gather = threading.Event()
+    gather, gathering = threading.Event(), threading.Event()
 
     def gathered(idle_timeout: float | None = None) -> None:  # the four admitted together
         if gather.is_set() and not engine.has_work():
+            gathering.set()
             while thread.inbox.qsize() < 4:
                 time.sleep(0.01)
             gather.clear()
-        take(idle_timeout)
+            take(idle_timeout)
+        else:  # idle, look again every 10 ms: blocked in the inbox, it would take the first alone
+            take(0.01)
 
     thread._take = gathered
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -234,6 +237,7 @@ def test_streams_woken_every_few_steps_send_the_same_output():
         whole = [post(port, b) for b in bodies]
         wakes = server.wakes
         gather.set()
+        assert gathering.wait(10)  # the engine thread waits for all four before it takes one
         streams: list = [None] * 4
 
         def send(i: int) -> None:
