@@ -10,6 +10,8 @@ from the first chunk length's (the same sums, in another order).
 
 `--fused-forward p64_w8,p32_w4`: our SSD forward in one kernel (toolkit/model/ssd_scan_kernel.py)
 against mamba-ssm's kernels at those shapes, at each setting of channels a program and warps.
+`--states p32_w4_s2,p64_w4_s1`: our chunk states in one kernel (toolkit/model/ssd_states_kernel.py)
+against mamba-ssm's three kernels they replace (cumsum, chunk state, state passing).
 `--state-grads p64_w4`: likewise our chunk-state gradients in one kernel
 (toolkit/model/ssd_state_grad_kernel.py) against mamba-ssm's two kernels.
 `--backward dstates,dstates+dx`: the SSD backward from the forward's kept states with those of
@@ -21,7 +23,7 @@ gradients need at the least (each read or written once), to show where its time 
 what the HBM allows.
 
 Parity is relative L2 error (||a - b|| / ||b||) against the reference run in fp32, for fp32 and
-bf16 inputs; it runs first unless only our kernels' sweeps (--fused-forward, --state-grads,
+bf16 inputs; it runs first unless only our kernels' sweeps (--fused-forward, --states, --state-grads,
 --backward) are asked for. Whole-model throughput: run the trainer twice with
 `--set model.kernels=...`.
 """
@@ -193,34 +195,63 @@ def attempt(label: str, run):
         return None
 
 
-def fused_forward(variants: list[str], reps: int = 20) -> None:
-    """Our SSD forward in one kernel (ssd_scan_kernel.py) against mamba-ssm's 5 kernels as the
-    fused op's keeping forward runs them (fused_mamba.ssd_forward_keeping_states), at each of
-    SWEEP_SHAPES, bf16, chunk 128: median ms of `reps` (with the host's launches) and y's
-    largest difference, and each kernel's GPU time."""
+def race_variants(title: str, theirs, module, ours, variants: list[str], pick, what: str,
+                  reps: int = 20) -> None:  # fmt: skip
+    """mamba-ssm's kernels (`theirs()`) against ours (`ours()` at each of `variants`, the
+    settings of `module`: apply_settings): median ms of `reps` (with the host's launches), each
+    kernel's GPU time, and how far `pick(ours())` is from `pick(theirs())`, relative to its
+    largest (`what` names it)."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 
+    want = pick(theirs()).float()
+    their_ms = timed_ms(theirs, reps, want.device)
+    print(f"{title}: mamba-ssm's kernels {their_ms:.3f} ms")
+    print("    kernels (ms):", kernel_list(theirs))
+    for variant in variants:
+        apply_settings(module, variant)
+        got = attempt(f"ours {variant:8}", ours)
+        if got is None:
+            continue
+        ms = timed_ms(ours, reps, want.device)
+        diff = float((pick(got).float() - want).abs().max() / want.abs().max())
+        print(
+            f"  ours {variant:8}: {ms:.3f} ms ({their_ms / ms:.2f}x), {what} differs by {diff:.1e}"
+        )
+        print("    kernels (ms):", kernel_list(ours))
+
+
+def fused_forward(variants: list[str]) -> None:
+    """Our SSD forward in one kernel (ssd_scan_kernel.py) against mamba-ssm's 5 kernels as the
+    fused op's keeping forward runs them (fused_mamba.ssd_forward_keeping_states), at each of
+    SWEEP_SHAPES, bf16, chunk 128 (race_variants: y compared)."""
     from toolkit.model import ssd_scan_kernel
     from toolkit.model.fused_mamba import ssd_forward_keeping_states
 
     for name, shape in SWEEP_SHAPES.items():
         x, dt, A, B, C, D, dt_bias = op_inputs(**shape)
         args = (x, dt, A, B, C, 128, D, dt_bias)
-        want = ssd_forward_keeping_states(*args)[0].float()
-        mamba_ssms = functools.partial(ssd_forward_keeping_states, *args)
-        theirs = timed_ms(mamba_ssms, reps, x.device)
-        print(f"SSD forward {name}: mamba-ssm's kernels {theirs:.3f} ms")
-        print("    kernels (ms):", kernel_list(mamba_ssms))
-        for variant in variants:
-            apply_settings(ssd_scan_kernel, variant)
-            ours = functools.partial(ssd_scan_kernel.ssd_forward_fused, *args)
-            got = attempt(f"ours {variant:8}", ours)
-            if got is None:
-                continue
-            ms = timed_ms(ours, reps, x.device)
-            diff = float((got[0].float() - want).abs().max() / want.abs().max())
-            print(f"  ours {variant:8}: {ms:.3f} ms ({theirs / ms:.2f}x), y differs by {diff:.1e}")
-            print("    kernels (ms):", kernel_list(ours))
+        race_variants(
+            f"SSD forward {name}", functools.partial(ssd_forward_keeping_states, *args),
+            ssd_scan_kernel, functools.partial(ssd_scan_kernel.ssd_forward_fused, *args),
+            variants, lambda out: out[0], "y",
+        )  # fmt: skip
+
+
+def chunk_states(variants: list[str]) -> None:
+    """Our chunk states in one kernel (ssd_states_kernel.py) against mamba-ssm's cumsum, chunk
+    state and state passing (fused_mamba.ssd_states_by_mamba_ssm), at each of SWEEP_SHAPES, bf16,
+    chunk 128 (race_variants: the states compared)."""
+    from toolkit.model import ssd_states_kernel
+    from toolkit.model.fused_mamba import ssd_states_by_mamba_ssm
+
+    for name, shape in SWEEP_SHAPES.items():
+        x, dt, A, B, _, _, dt_bias = op_inputs(**shape)
+        args = (x, dt, A, B, 128, dt_bias)
+        race_variants(
+            f"SSD chunk states {name}", functools.partial(ssd_states_by_mamba_ssm, *args),
+            ssd_states_kernel, functools.partial(ssd_states_kernel.ssd_states, *args),
+            variants, lambda out: out[2], "the states",
+        )  # fmt: skip
 
 
 def state_grads(variants: list[str], reps: int = 20) -> None:
@@ -317,6 +348,12 @@ def main() -> None:
         help="time our one-kernel SSD forward against mamba-ssm's, e.g. p64_w8,p32_w4",
     )
     parser.add_argument(
+        "--states",
+        type=lambda v: v.split(","),
+        metavar="VARIANTS",
+        help="time our one-kernel chunk states against mamba-ssm's three, e.g. p32_w4_s2",
+    )
+    parser.add_argument(
         "--state-grads",
         type=lambda v: v.split(","),
         metavar="VARIANTS",
@@ -332,9 +369,8 @@ def main() -> None:
     chunks = options.chunks
     if not (torch.cuda.is_available() and mamba_ssm_available()):
         raise SystemExit("error: needs a CUDA device and mamba-ssm (see benchmarks/gpu_setup.sh)")
-    ours_only = (options.fused_forward or options.state_grads or options.backward) and not (
-        chunks or options.profile
-    )
+    ours_sweeps = (options.fused_forward, options.states, options.state_grads, options.backward)
+    ours_only = any(ours_sweeps) and not (chunks or options.profile)
     if not ours_only:  # (device time: our kernels' sweeps do not need it)
         mamba_ssm_against_reference()
     if chunks:
@@ -343,6 +379,8 @@ def main() -> None:
         profile_kernels()
     if options.fused_forward:
         fused_forward(options.fused_forward)
+    if options.states:
+        chunk_states(options.states)
     if options.state_grads:
         state_grads(options.state_grads)
     if options.backward:

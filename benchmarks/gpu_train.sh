@@ -206,6 +206,12 @@ run gated_norm_sweep 200 python3 benchmarks/gated_norm.py --sweep --json "$W/gat
 run ssd_forward_gpu_test 240 python3 -m pytest -q tests/test_ssd_scan_kernel.py
 run ssd_forward 150 python3 benchmarks/gpu_kernels.py --fused-forward \
   p64_w8,p64_m16_w8,p64_m64_w8,p64_w4,p32_w8
+# Our chunk states in one kernel (ssd_states_kernel.py: mamba-ssm's cumsum, chunk state and
+# state passing, the states carried in registers): against the reference and mamba-ssm's three
+# kernels, then timed at the 800M's and the 8B's widths at channels a program x warps x stages.
+run states_gpu_test 200 python3 -m pytest -q tests/test_ssd_states_kernel.py
+run ssd_states 120 python3 benchmarks/gpu_kernels.py --states \
+  p32_w4_s2,p32_w4_s1,p64_w4_s2,p64_w8_s2,p16_w4_s2,p32_w8_s3
 # Our chunk-state gradients in one kernel carrying them back through the chunks
 # (ssd_state_grad_kernel.py): against autograd and mamba-ssm's two kernels, then timed.
 run state_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_state_grad_kernel.py
@@ -266,6 +272,11 @@ tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST_KEPT[@]}"
 # against lever_fastest_no_recompute_mbs4 / lever_fastest_no_recompute in the same call.
 TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm_mbs4 200 4 "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm 200 8 "${FASTEST_KEPT[@]}"
+# Our chunk-state kernel (TOOLKIT_TRITON_MAMBA's states, beside the default's dstates) in the
+# fastest setting, against the same baselines.
+TOOLKIT_TRITON_MAMBA=states,dstates tp lever_fastest_no_recompute_states_mbs4 200 4 \
+  "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=states,dstates tp lever_fastest_no_recompute_states 200 8 "${FASTEST_KEPT[@]}"
 # Two Inductor options in the fastest setting, against the same baselines (each compiles its
 # blocks afresh: the options are in Inductor's cache key). Programmatic dependent launch in
 # Inductor's kernels (off by default in torch 2.11): each may start while the one before it

@@ -12,3 +12,34 @@ def for_device(cases: list[tuple], device: str) -> list[tuple]:
     if device == "cpu":
         return [case for case in cases if case[0] == torch.float32]
     return [(d, 5e-3 if d == torch.float32 else tol, *rest) for d, tol, *rest in cases]
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float, *case) -> None:
+    """got within tol of ref's largest magnitude (of 1 where that is smaller), the case named
+    in the error."""
+    err = (got.float() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * max(scale, 1.0), (name, *case, err, scale)
+
+
+def chunk_reference(
+    x: torch.Tensor, soft: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Q: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the SSD forward kernels keep for the backward, by the reference scan
+    (toolkit/model/ssd.py) in fp32 from x [b, l, h, p], dt after its softplus [b, l, h], A [h]
+    and B [b, l, g, n]: (dt [b, h, chunks, Q] and dA's sums within each chunk, padded with 0 past
+    the end; the state passed into each chunk [b, chunks, h, p, n], the final state of each
+    prefix that ends before it)."""
+    import torch.nn.functional as F
+
+    from toolkit.model.ssd import ssd_chunked
+
+    b, L, H, P = x.shape
+    chunks = -(-L // Q)
+    soft_chunks = F.pad(soft, (0, 0, 0, chunks * Q - L)).unflatten(1, (chunks, Q))
+    soft_chunks = soft_chunks.permute(0, 3, 1, 2)
+    states = torch.zeros(b, chunks, H, P, B.size(-1), device=x.device)
+    for c in range(1, chunks):  # C plays no part in the states: B in its place
+        prefix = B[:, : c * Q].float()
+        _, states[:, c] = ssd_chunked(x[:, : c * Q].float(), soft[:, : c * Q], A, prefix, prefix, Q)
+    return soft_chunks, torch.cumsum(soft_chunks * A[:, None, None], -1), states

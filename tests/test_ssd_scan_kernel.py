@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = """
 import sys
 import torch
-from tests.kernel_cases import for_device
+from tests.kernel_cases import assert_close, chunk_reference, for_device
 import torch.nn.functional as F
 import toolkit.model.ssd_scan_kernel as sk
 from toolkit.model.ssd import ssd_chunked
@@ -51,22 +51,11 @@ for dtype, tol, L, P, block_p, with_d, Q in cases:
     want, _ = ssd_chunked(x.float(), soft, A, B.float(), C.float(), Q)
     if with_d:
         want = want + x.float() * D[:, None]
-    chunks = -(-L // Q)
-    pad = chunks * Q - L
-    soft_chunks = F.pad(soft, (0, 0, 0, pad)).unflatten(1, (chunks, Q)).permute(0, 3, 1, 2)
-    want_states = torch.zeros(b, chunks, H, P, N, device=device)
-    for c in range(1, chunks):
-        _, want_states[:, c] = ssd_chunked(x[:, : c * Q].float(), soft[:, : c * Q], A,
-                                           B[:, : c * Q].float(), C[:, : c * Q].float(), Q)
-    def close(name, got, ref):
-        err = (got.float() - ref).abs().max().item()
-        scale = ref.abs().max().item()
-        assert err <= tol * max(scale, 1.0), (name, dtype, L, P, err, scale)
+    want_dt, want_dA, want_states = chunk_reference(x, soft, A, B, Q)
     assert y.dtype == dtype and y.is_contiguous()
-    close("y", y, want)
-    close("dt", dt_s, soft_chunks)
-    close("dA", dA, torch.cumsum(soft_chunks * A[:, None, None], -1))
-    close("states", states, want_states)
+    for name, got, ref in (("y", y, want), ("dt", dt_s, want_dt), ("dA", dA, want_dA),
+                           ("states", states, want_states)):
+        assert_close(name, got, ref, tol, dtype, L, P)
 print("ssd forward kernel agrees")
 """
 

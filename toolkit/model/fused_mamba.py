@@ -28,20 +28,23 @@ from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forw
 from toolkit.model.ssd_chunk_grad_kernel import ssd_input_grads
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
+from toolkit.model.ssd_states_kernel import ssd_states
 
 # Our kernels in place of mamba-ssm's, by name, where the states are kept (all but the norm):
 # "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two kernels
 # at the 800M's widths on an H100, the SSD backward 1.06x: on by default), and for A/B runs
 # "norm" the gated norm (gated_norm_kernel.py), "forward" the SSD forward in one kernel
-# (ssd_scan_kernel.py; 0.83x), "dx" the backward's other gradients in two kernels
-# (ssd_chunk_grad_kernel.py; not yet timed: RESULTS.md 2026-12-06 evening). "none": none.
+# (ssd_scan_kernel.py; 0.70x), "states" the forward's chunk states in one kernel before
+# mamba-ssm's scan (ssd_states_kernel.py; not yet timed), "dx" the backward's other gradients in
+# two kernels (ssd_chunk_grad_kernel.py; level with mamba-ssm's: RESULTS.md 2026-12-06 night).
+# "none": none.
 DEFAULT_TRITON_MAMBA = "dstates"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
 ) - {"", "none"}
-if TRITON_MAMBA - {"norm", "forward", "dstates", "dx"}:
+if TRITON_MAMBA - {"norm", "forward", "states", "dstates", "dx"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm', 'forward', 'dstates', 'dx' and 'none', "
+                     "are 'norm', 'forward', 'states', 'dstates', 'dx' and 'none', "
                      "comma-separated")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
@@ -137,6 +140,25 @@ def norm_backward(
     return dy, dweight
 
 
+def ssd_states_by_mamba_ssm(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    chunk_size: int,
+    dt_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ssd_states_kernel.ssd_states's contract by mamba-ssm's cumsum, chunk-state and
+    state-passing kernels."""
+    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd, _chunk_state_fwd
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_fwd
+
+    dA_sums, dt_soft = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
+    chunk_states = _chunk_state_fwd(B, x, dt_soft, dA_sums, states_in_fp32=True)
+    states, _ = _state_passing_fwd(chunk_states.flatten(-2), dA_sums[:, :, :, -1])
+    return dt_soft, dA_sums, states.unflatten(-1, chunk_states.shape[-2:])
+
+
 def ssd_forward_keeping_states(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -148,19 +170,16 @@ def ssd_forward_keeping_states(
     dt_bias: torch.Tensor,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """mamba-ssm's SSD forward (y with D's skip; dt through softplus(dt + dt_bias)) by its
-    kernels, and what its backward would otherwise recompute: (dt after the softplus, dA's
-    sums within each chunk, the states passed into each chunk) as the recompute makes them,
-    in fp32. The scan reads the fp32 states and rounds them to bf16 as the combined forward's
-    bf16 copy of them is rounded: the same output."""
+    kernels, the chunk states by ours where TRITON_MAMBA names "states", and what its backward
+    would otherwise recompute: (dt after the softplus, dA's sums within each chunk, the states
+    passed into each chunk [b, chunks, heads, p, n]) as the recompute makes them, in fp32. The
+    scan reads the fp32 states and rounds them to bf16 as the combined forward's bf16 copy of
+    them is rounded: the same output."""
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
-    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd, _chunk_state_fwd
-    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_fwd
 
-    dA_sums, dt_soft = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
-    chunk_states = _chunk_state_fwd(B, x, dt_soft, dA_sums, states_in_fp32=True)
-    states, _ = _state_passing_fwd(chunk_states.flatten(-2), dA_sums[:, :, :, -1])
-    states = states.unflatten(-1, chunk_states.shape[-2:])  # [b, chunks, heads, p, n]
+    states_of = ssd_states if "states" in TRITON_MAMBA else ssd_states_by_mamba_ssm
+    dt_soft, dA_sums, states = states_of(x, dt, A, B, chunk_size, dt_bias)
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
     y, _ = _chunk_scan_fwd(CB, x, dt_soft, dA_sums, C, states, D=D)
     return y, (dt_soft, dA_sums, states)

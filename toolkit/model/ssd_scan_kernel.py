@@ -36,6 +36,28 @@ if triton_imports():
         return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
     @triton.jit
+    def _chunk_start(dt, dt_out, dA_out, states, state, write_dt, b64, h, c, i, cols, col_ok, L,
+                     bias, a, stride_dt_b, stride_dt_l, H, CHUNKS, P: tl.constexpr,
+                     N: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """Chunk c's steps (in range, 64-bit), dt after the softplus and dA's sums: written
+        (where write_dt) as mamba-ssm's cumsum kernel writes them [b, h, chunks, Q], with the
+        state passed into the chunk [b, chunks, h, P, N]."""
+        t = c * Q + i
+        t_ok = t < L
+        t64 = t.to(tl.int64)
+        raw = tl.load(dt + b64 * stride_dt_b + t64 * stride_dt_l + h, t_ok, 0.0).to(tl.float32)
+        dt_s = tl.where(t_ok, _softplus(raw + bias), 0.0)
+        dA = tl.cumsum(dt_s * a, axis=0)
+        at = ((b64 * H + h) * CHUNKS + c) * Q + i
+        if write_dt:
+            tl.store(dt_out + at, dt_s)
+            tl.store(dA_out + at, dA)
+        base = (((b64 * CHUNKS + c) * H + h) * P) * N
+        n = tl.arange(0, N)
+        tl.store(states + base + cols[:, None] * N + n[None, :], state, col_ok[:, None])
+        return t_ok, t64, dt_s, dA
+
+    @triton.jit
     def _ssd_forward_kernel(x, dt, dt_bias, A, B, C, D, y, dt_out, dA_out, states, L, CHUNKS,
                             stride_x_b, stride_x_l, stride_x_h, stride_dt_b, stride_dt_l,
                             stride_bc_b, stride_bc_l, stride_bc_g, stride_y_b, stride_y_l,
@@ -55,20 +77,10 @@ if triton_imports():
         b64 = b.to(tl.int64)
         state = tl.zeros([BLOCK_P, N], dtype=tl.float32)
         for c in range(CHUNKS):
-            t = c * Q + i
-            t_ok = t < L
-            t64 = t.to(tl.int64)
-            raw = tl.load(dt + b64 * stride_dt_b + t64 * stride_dt_l + h, t_ok, 0.0).to(tl.float32)
-            dt_s = tl.where(t_ok, _softplus(raw + bias), 0.0)
-            dA = tl.cumsum(dt_s * a, axis=0)
-            # [b, h, chunks, Q] as mamba-ssm's cumsum kernel writes them
-            at = ((b64 * H + h) * CHUNKS + c) * Q + i
-            if pid_p == 0:
-                tl.store(dt_out + at, dt_s)
-                tl.store(dA_out + at, dA)
-            # the state passed into chunk c: [b, chunks, h, P, N]
-            base = (((b64 * CHUNKS + c) * H + h) * P) * N
-            tl.store(states + base + cols[:, None] * N + n[None, :], state, col_ok[:, None])
+            t_ok, t64, dt_s, dA = _chunk_start(
+                dt, dt_out, dA_out, states, state, pid_p == 0, b64, h, c, i, cols, col_ok, L,
+                bias, a, stride_dt_b, stride_dt_l, H, CHUNKS, P, N, Q,
+            )  # fmt: skip
             bc = b64 * stride_bc_b + t64[:, None] * stride_bc_l + g * stride_bc_g + n[None, :]
             Bc = tl.load(B + bc, t_ok[:, None], 0.0)
             xo = b64 * stride_x_b + t64[:, None] * stride_x_l + h * stride_x_h + cols[None, :]
