@@ -36,7 +36,7 @@ from toolkit.model.ssd_states_kernel import ssd_states
 # "norm" the gated norm (gated_norm_kernel.py), "forward" the SSD forward in one kernel
 # (ssd_scan_kernel.py; 0.70x), "states" the forward's chunk states in one kernel before
 # mamba-ssm's scan (ssd_states_kernel.py; not yet timed), "dx" the backward's other gradients in
-# two kernels (ssd_chunk_grad_kernel.py; level with mamba-ssm's: RESULTS.md 2026-12-06 night).
+# two kernels (ssd_chunk_grad_kernel.py; level with mamba-ssm's: RESULTS.md 2026-12-06 late).
 # "none": none.
 DEFAULT_TRITON_MAMBA = "dstates"
 TRITON_MAMBA = frozenset(
