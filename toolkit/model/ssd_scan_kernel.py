@@ -39,9 +39,9 @@ if triton_imports():
     def _chunk_start(dt, dt_out, dA_out, states, state, write_dt, b64, h, c, i, cols, col_ok, L,
                      bias, a, stride_dt_b, stride_dt_l, H, CHUNKS, P: tl.constexpr,
                      N: tl.constexpr, Q: tl.constexpr):  # fmt: skip
-        """Chunk c's steps (in range, 64-bit), dt after the softplus and dA's sums: written
-        (where write_dt) as mamba-ssm's cumsum kernel writes them [b, h, chunks, Q], with the
-        state passed into the chunk [b, chunks, h, P, N]."""
+        """Chunk c's steps (in range, 64-bit), dt after the softplus, dA's sums and the last of
+        them: the first two written (where write_dt) as mamba-ssm's cumsum kernel writes them
+        [b, h, chunks, Q], with the state passed into the chunk [b, chunks, h, P, N]."""
         t = c * Q + i
         t_ok = t < L
         t64 = t.to(tl.int64)
@@ -55,7 +55,7 @@ if triton_imports():
         base = (((b64 * CHUNKS + c) * H + h) * P) * N
         n = tl.arange(0, N)
         tl.store(states + base + cols[:, None] * N + n[None, :], state, col_ok[:, None])
-        return t_ok, t64, dt_s, dA
+        return t_ok, t64, dt_s, dA, tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
 
     @triton.jit
     def _ssd_forward_kernel(x, dt, dt_bias, A, B, C, D, y, dt_out, dA_out, states, L, CHUNKS,
@@ -77,7 +77,7 @@ if triton_imports():
         b64 = b.to(tl.int64)
         state = tl.zeros([BLOCK_P, N], dtype=tl.float32)
         for c in range(CHUNKS):
-            t_ok, t64, dt_s, dA = _chunk_start(
+            t_ok, t64, dt_s, dA, last = _chunk_start(
                 dt, dt_out, dA_out, states, state, pid_p == 0, b64, h, c, i, cols, col_ok, L,
                 bias, a, stride_dt_b, stride_dt_l, H, CHUNKS, P, N, Q,
             )  # fmt: skip
@@ -87,7 +87,6 @@ if triton_imports():
             ok = t_ok[:, None] & col_ok[None, :]
             xc = tl.load(x + xo, ok, 0.0)
             state_in = state.to(xc.dtype)
-            last = tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
             inflow = tl.zeros([BLOCK_P, N], dtype=tl.float32)  # the chunk's own to the state
             for i0 in range(0, Q, BLOCK_M):  # the chunk's rows, BLOCK_M at a time
                 r = i0 + tl.arange(0, BLOCK_M)

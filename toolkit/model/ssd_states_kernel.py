@@ -47,7 +47,7 @@ if triton_imports():
         b64 = b.to(tl.int64)
         state = tl.zeros([BLOCK_P, N], dtype=tl.float32)
         for c in range(CHUNKS):
-            t_ok, t64, dt_s, dA = _chunk_start(
+            t_ok, t64, dt_s, dA, last = _chunk_start(
                 dt, dt_out, dA_out, states, state, pid_p == 0, b64, h, c, i, cols, col_ok, L,
                 bias, a, stride_dt_b, stride_dt_l, H, CHUNKS, P, N, Q,
             )  # fmt: skip
@@ -55,7 +55,6 @@ if triton_imports():
                          + n[None, :], t_ok[:, None], 0.0)  # fmt: skip
             xo = b64 * stride_x_b + t64[:, None] * stride_x_l + h * stride_x_h + cols[None, :]
             xc = tl.load(x + xo, t_ok[:, None] & col_ok[None, :], 0.0)
-            last = tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
             # each step's B weighted by its decay to the chunk's end and its dt, in x's dtype
             # for the product (mamba-ssm's chunk-state kernel rounds so)
             weight = tl.exp(tl.minimum(last - dA, 0.0)) * dt_s
