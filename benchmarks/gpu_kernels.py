@@ -14,7 +14,7 @@ against mamba-ssm's kernels at those shapes, at each setting of channels a progr
 against mamba-ssm's three kernels they replace (cumsum, chunk state, state passing).
 `--state-grads p64_w4`: likewise our chunk-state gradients in one kernel
 (toolkit/model/ssd_state_grad_kernel.py) against mamba-ssm's two kernels.
-`--backward dstates,dstates+dx`: the SSD backward from the forward's kept states with those of
+`--backward dstates,dstates+dx,dstates+bc`: the SSD backward from the forward's kept states with those of
 our kernels (fused_mamba.TRITON_MAMBA's names) against mamba-ssm's kernels alone.
 
 `--profile`: each of mamba-ssm's SSD kernels at those shapes (chunk 128), forward + backward
@@ -292,7 +292,7 @@ def kernel_list(fn) -> str:
 def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
     """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
     set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
-    dx; 'none' for mamba-ssm's alone; '@mM_wW_sS': the chunk-gradient kernels at M rows a step,
+    dx, bc; 'none' for mamba-ssm's alone; '@mM_wW_sS': the chunk-gradient kernels at M rows a step,
     W warps and S stages, else the module's settings), at each of SWEEP_SHAPES, bf16, chunk 128:
     median ms of `reps` and each gradient's relative L2 distance from mamba-ssm's."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder

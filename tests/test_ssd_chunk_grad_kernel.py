@@ -19,7 +19,8 @@ CUDA = torch.cuda.is_available()
 # rows (BC_BLOCK_M) and of one to four (BLOCK_M), a length that ends in a partial chunk, a
 # dt_bias on softplus's linear side, D and none, heads in groups of 2 and 4, B, C, x and dy
 # views of wider rows, fp32 (bf16 on a GPU only: the interpreter's tl.dot of bf16 tiles is
-# wrong).
+# wrong). B's and C's kernels alone give dA's gradient through the states by row: with the
+# within-chunk part (autograd through the pairs in one chunk alone), autograd's.
 CASES = """
 import sys
 import torch
@@ -65,7 +66,15 @@ for dtype, tol, L, H, G, with_d, Q in cases:
     y = torch.einsum("bthn,bshn,btsh,bsh,bshp->bthp", Ch, Bh, decay, soft, xl)
     if with_d:
         y = y + xl * leaves[-1][:, None]
-    want = torch.autograd.grad((y * dy.float()).sum(), leaves)
+    *want, want_a = torch.autograd.grad((y * dy.float()).sum(), [*leaves, a])
+    # dA's gradient within the chunks alone (mamba-ssm's ddAcs kernel's part in the "bc" path)
+    a_in = a.detach().requires_grad_()
+    cum = torch.cumsum(a_in, 1)
+    same = (torch.arange(L, device=device) // Q)[:, None] == (torch.arange(L, device=device) // Q)
+    within = torch.where(causal & same[None, :, :, None], cum[:, :, None] - cum[:, None, :],
+                         -torch.inf).exp()
+    y_in = torch.einsum("bthn,bshn,btsh,bsh,bshp->bthp", Ch, Bh, within, soft, xl)
+    (want_within,) = torch.autograd.grad((y_in * dy.float()).sum(), [a_in])
     # what the forward keeps: dt after the softplus and dA's sums [b, h, chunks, Q], the states
     soft = soft.detach()
     pad = chunks * Q - L
@@ -95,6 +104,13 @@ for dtype, tol, L, H, G, with_d, Q in cases:
                               (dx, dB, dC, ddt, ddt_bias, dA, dD), want):
         close(name, got, ref)
     assert (dD is None) == (not with_d)
+    # B's and C's kernels alone, with dA's gradient through the states by row
+    dB, dC = nans(B), nans(C)
+    out_rows, in_rows = ck.ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, dA_rows=True)
+    across = ck.dA_across_chunks(out_rows, in_rows, ddA_last).permute(0, 2, 3, 1).flatten(1, 2)
+    for name, got, ref in (("dB", dB, want[1]), ("dC", dC, want[2]),
+                           ("dA across chunks", across[:, :L], want_a - want_within)):
+        close(name, got, ref)
 print("chunk grad kernels agree")
 """
 
@@ -132,8 +148,8 @@ def test_compiled_chunk_grad_kernels_are_autograd_on_the_gpu():
 def test_chunk_grad_kernels_match_mamba_ssms_on_the_gpu(monkeypatch):
     """At the 800M's mixer widths (bf16, from mamba-ssm's forward kernels' kept tensors): dx,
     dt's, B's, C's, A's, D's and dt_bias's gradients of fused_mamba.ssd_backward_from_states
-    with our kernels (after mamba-ssm's state gradients or ours) against those with mamba-ssm's
-    alone, within bf16 roundings."""
+    with our kernels (after mamba-ssm's state gradients or ours; all, or B's and C's alone)
+    against those with mamba-ssm's alone, within bf16 roundings."""
     pytest.importorskip("mamba_ssm")
     import toolkit.model.fused_mamba as fm
 
@@ -142,7 +158,7 @@ def test_chunk_grad_kernels_match_mamba_ssms_on_the_gpu(monkeypatch):
     _, kept = fm.ssd_forward_keeping_states(*args)
     dy = torch.randn_like(x)
     grads = []
-    for names in map(frozenset, [set(), {"dx"}, {"dstates", "dx"}]):
+    for names in map(frozenset, [set(), {"dx"}, {"dstates", "dx"}, {"bc"}, {"dstates", "bc"}]):
         monkeypatch.setattr(fm, "TRITON_MAMBA", names)
         out = [torch.empty_like(t) for t in (x, dt, B, C)]
         rest = fm.ssd_backward_from_states(dy, *args, kept, *out)

@@ -25,7 +25,7 @@ import torch
 
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward
 from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward
-from toolkit.model.ssd_chunk_grad_kernel import ssd_input_grads
+from toolkit.model.ssd_chunk_grad_kernel import dA_across_chunks, ssd_bc_grads, ssd_input_grads
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 from toolkit.model.ssd_states_kernel import ssd_states
@@ -36,15 +36,17 @@ from toolkit.model.ssd_states_kernel import ssd_states
 # "norm" the gated norm (gated_norm_kernel.py), "forward" the SSD forward in one kernel
 # (ssd_scan_kernel.py; 0.70x), "states" the forward's chunk states in one kernel before
 # mamba-ssm's scan (ssd_states_kernel.py; not yet timed), "dx" the backward's other gradients in
-# two kernels (ssd_chunk_grad_kernel.py; level with mamba-ssm's: RESULTS.md 2026-12-06 late).
-# "none": none.
+# two kernels (ssd_chunk_grad_kernel.py; level with mamba-ssm's: RESULTS.md 2026-12-06 late),
+# "bc" B's and C's gradients and dA's through the states by its B/C kernels alone, x's, dt's
+# and dA's within the chunks by mamba-ssm's (its two faster there, ours faster than its five
+# for B and C; not yet timed). "none": none.
 DEFAULT_TRITON_MAMBA = "dstates"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
 ) - {"", "none"}
-if TRITON_MAMBA - {"norm", "forward", "states", "dstates", "dx"}:
+if TRITON_MAMBA - {"norm", "forward", "states", "dstates", "dx", "bc"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm', 'forward', 'states', 'dstates', 'dx' and 'none', "
+                     "are 'norm', 'forward', 'states', 'dstates', 'dx', 'bc' and 'none', "
                      "comma-separated")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
@@ -205,12 +207,14 @@ def ssd_backward_from_states(
     softplus), B's and C's written into the views given; (A's, D's, dt_bias's) returned. The
     kernels of mamba-ssm's combined backward in its order, less its recompute of the states
     (C Bt, 1 MB a chunk and head group in fp32, is made again: cheap beside its bytes), or
-    ours where TRITON_MAMBA names them ("dstates" and "dx": no mamba-ssm kernel)."""
+    ours where TRITON_MAMBA names them ("dstates", "dx" and "bc")."""
     dt_soft, dA_sums, states = kept
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    ours = "dx" in TRITON_MAMBA  # ssd_chunk_grad_kernel reads the fp32 states: no bf16 copy
+    # ssd_chunk_grad_kernel's ("dx": all of it, "bc": its B/C kernels) read the fp32 states: no
+    # bf16 copy of them where they run
+    ours, bc = "dx" in TRITON_MAMBA, "bc" in TRITON_MAMBA
     if "dstates" in TRITON_MAMBA:
-        dstates, ddA_chunk, states_lowp = ssd_state_grads(dy, C, dA_sums, states, not ours)
+        dstates, ddA_chunk, states_lowp = ssd_state_grads(dy, C, dA_sums, states, not (ours or bc))
     else:
         dstates, ddA_chunk, states_lowp = ssd_state_grads_by_mamba_ssm(dy, C, dA_sums, states)
     if ours:
@@ -230,15 +234,19 @@ def ssd_backward_from_states(
     _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
         x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
     )
-    groups = B.size(2)
-    dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
-    dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
-    dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
-    _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
-    _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
-    ddA_prev[..., -1] += ddA_chunk
-    ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
-    ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+    ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)  # within the chunks
+    if bc:
+        out_rows, in_rows = ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, dA_rows=True)
+        ddA += dA_across_chunks(out_rows, in_rows, ddA_chunk)
+    else:
+        groups = B.size(2)
+        dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
+        dC_part, ddA_prev = _chunk_scan_bwd_dC(states_lowp, dA_sums, dy, C=C, ngroups=groups)
+        dCB = _chunk_scan_bwd_dcb(x, dt_soft, dA_sums, dy, ngroups=groups).to(CB.dtype)
+        _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
+        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
+        ddA_prev[..., -1] += ddA_chunk
+        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
     _, dA, ddt_bias = _chunk_cumsum_bwd(
         ddA, ddt_soft, dt, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt
     )

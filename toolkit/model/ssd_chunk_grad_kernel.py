@@ -7,7 +7,10 @@ launches, against mamba-ssm's ten kernels and its torch sums.
   dA's (each step's dt * A, summed in mamba-ssm's stable order, never a difference of
   cumulative sums) and the head's parts of A's, D's and dt_bias's.
 - _ssd_bc_grad_kernel, a program per chunk, head group and block of the chunk's rows: dC's rows
-  (WHICH 0) or dB's (1), each head's part added in registers and written once.
+  (WHICH 0) or dB's (1), each head's part added in registers and written once; optionally what
+  dA's gradient gets through the states by row (ssd_bc_grads), for the op's "bc" path, where
+  mamba-ssm's dx and within-chunk dA kernels (0.83 ms against our head kernel's 1.28) go with
+  these (0.76 ms against mamba-ssm's five for B and C, 1.03).
 
 The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over the heads in one
 program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100).
@@ -122,7 +125,7 @@ if triton_imports():
         tl.store(dbias_part + part, tl.sum(dt_grad))
 
     @triton.jit
-    def _ssd_bc_grad_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L,
+    def _ssd_bc_grad_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, dA_rows, L,
                             stride_x_b, stride_x_l, stride_x_h, stride_dy_b, stride_dy_l,
                             stride_dy_h, stride_bc_b, stride_bc_l, stride_bc_g, stride_dbc_b,
                             stride_dbc_l, stride_dbc_g, HEADS_PER_GROUP: tl.constexpr,
@@ -142,6 +145,9 @@ if triton_imports():
         bc_at = b64 * stride_bc_b + g * stride_bc_g + n[None, :]
         grad_sum = tl.zeros([BLOCK_M, N], dtype=tl.float32)
         dcb = tl.zeros([BLOCK_M, Q], dtype=tl.float32)  # [row, the other's step]
+        if dA_rows is not None:  # the block's own rows of C (WHICH 0) or B (1), for dA's rows
+            mine = tl.load((C if WHICH == 0 else B) + bc_at + tr64[:, None] * stride_bc_l,
+                           r_ok[:, None], 0.0).to(tl.float32)  # fmt: skip
         for k in range(HEADS_PER_GROUP):
             h = g * HEADS_PER_GROUP + k
             at = ((b64 * H + h) * CHUNKS + c) * Q
@@ -153,7 +159,10 @@ if triton_imports():
             if WHICH == 0:  # dC_i: exp(s_i) dy_i S, dCB_ij over j <= i
                 dyr = tl.load(dy + dy_at + tr64[:, None] * stride_dy_l, r_ok[:, None], 0.0)
                 state = tl.load(states + so).to(dyr.dtype)
-                grad_sum += tl.dot(dyr, state) * tl.exp(s_r)[:, None]
+                inflow = tl.dot(dyr, state) * tl.exp(s_r)[:, None]  # exp(s_i) dy_i S
+                grad_sum += inflow
+                if dA_rows is not None:  # s_i's gradient through S: exp(s_i) dy_i S . C_i
+                    tl.store(dA_rows + at + r, tl.sum(inflow * mine, axis=1))
                 xc = tl.load(x + x_at + t64[:, None] * stride_x_l, t_ok[:, None], 0.0)
                 dt_s = tl.load(dt_soft + at + j)
                 causal = r[:, None] >= j[None, :]
@@ -164,7 +173,10 @@ if triton_imports():
                 grad = tl.load(dstates + so).to(xr.dtype)
                 last = tl.sum(tl.where(j == Q - 1, s, 0.0), axis=0)
                 dt_r = tl.load(dt_soft + at + r)
-                grad_sum += tl.dot(xr, grad) * (tl.exp(last - s_r) * dt_r)[:, None]
+                outflow = tl.dot(xr, grad) * (tl.exp(last - s_r) * dt_r)[:, None]  # w_j x_j G
+                grad_sum += outflow
+                if dA_rows is not None:  # what step j adds to the state passed on: w_j x_j G . B_j
+                    tl.store(dA_rows + at + r, tl.sum(outflow * mine, axis=1))
                 dyc = tl.load(dy + dy_at + t64[:, None] * stride_dy_l, t_ok[:, None], 0.0)
                 causal = j[None, :] >= r[:, None]
                 decay = tl.exp(tl.where(causal, s[None, :] - s_r[:, None], -float("inf")))
@@ -207,41 +219,77 @@ def ssd_input_grads(
     (ddA_last [b, h, chunks]; both ssd_state_grad_kernel.ssd_state_grads'): x's, dt's, B's and
     C's written into dx, ddt, dB and dC (their inputs' shapes); (A's, D's or None, dt_bias's)
     [h] fp32 returned. Channels adjacent throughout."""
-    dt_soft, dA_sums, states = kept
+    if any(t.stride(-1) != 1 for t in (dx, dt, ddt)):
+        raise ValueError("x, dy, dt, B, C and their gradients need adjacent channels")
+    ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC)  # first: it checks the rest
     b, L, H, P = x.shape
     G, N = B.shape[2:]
+    dt_soft, dA_sums, states = (t.contiguous() for t in kept)
     chunks, chunk_size = dA_sums.shape[2:]
-    if any(t.stride(-1) != 1 for t in (x, dy, B, C, dx, dB, dC, dt, ddt)):
+    parts = [torch.empty(b, chunks, H, dtype=torch.float32, device=x.device) for _ in range(3)]
+    dA_part, dD_part, dbias_part = parts
+    _ssd_head_grad_kernel[(chunks, H, b)](
+        x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last.contiguous(), dt, A, dt_bias, D,
+        dx, ddt, dA_part, dD_part if D is not None else None, dbias_part, L,
+        *(t.stride(d) for t in (x, dy, B, dx) for d in (0, 1, 2)), dt.stride(0), dt.stride(1),
+        ddt.stride(0), ddt.stride(1), HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size,
+        BLOCK_M=min(BLOCK_M, chunk_size), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    dD = dD_part.sum((0, 1)) if D is not None else None
+    return dA_part.sum((0, 1)), dD, dbias_part.sum((0, 1))
+
+
+def ssd_bc_grads(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    B: torch.Tensor,
+    C: torch.Tensor,
+    dstates: torch.Tensor,
+    dB: torch.Tensor,
+    dC: torch.Tensor,
+    dA_rows: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """B's and C's gradients (ssd_input_grads' arguments) written into dB and dC; with
+    `dA_rows`, also what dA's gradient gets through the states, by row [b, h, chunks, chunk]
+    fp32: (w_j x_j G . B_j, what step j adds to the state passed on; exp(s_i) dy_i S . C_i,
+    what output i reads of the state passed in): dA's gradient at step k takes the first's
+    rows before k and the second's from k on (dA_across_chunks)."""
+    b, L, H, P = x.shape
+    G, N = B.shape[2:]
+    chunks, chunk_size = kept[1].shape[2:]
+    if any(t.stride(-1) != 1 for t in (x, dy, B, C, dB, dC)):
         raise ValueError("x, dy, dt, B, C and their gradients need adjacent channels")
     if C.stride() != B.stride() or dC.stride() != dB.stride():
         raise ValueError("C's strides must be B's and dC's dB's")
-    block_m, bc_block_m = min(BLOCK_M, chunk_size), min(BC_BLOCK_M, chunk_size)
     if H % G or any(v & (v - 1) or v < 16 for v in (chunk_size, N, P)):
         raise ValueError(
             f"heads {H} in {G} groups; chunk {chunk_size}, state {N}, head dim {P}: powers of 2"
             " from 16"
         )
-    for name, t in (("states", states), ("dstates", dstates)):
+    for name, t in (("states", kept[2]), ("dstates", dstates)):
         if t.shape != (b, chunks, H, P, N) or not t.is_contiguous():
             raise ValueError(f"{name} {tuple(t.shape)}: want contiguous {(b, chunks, H, P, N)}")
-    dt_soft, dA_sums, ddA_last = dt_soft.contiguous(), dA_sums.contiguous(), ddA_last.contiguous()
-    parts = [torch.empty(b, chunks, H, dtype=torch.float32, device=x.device) for _ in range(3)]
-    dA_part, dD_part, dbias_part = parts
-    common = dict(HEADS_PER_GROUP=H // G, P=P, N=N, Q=chunk_size, num_stages=NUM_STAGES)
-
-    def strides(*tensors: torch.Tensor) -> list[int]:  # each one's [b, l, h or g] strides
-        return [t.stride(d) for t in tensors for d in (0, 1, 2)]
-
-    _ssd_head_grad_kernel[(chunks, H, b)](
-        x, dy, dt_soft, dA_sums, B, C, states, dstates, ddA_last, dt, A, dt_bias, D, dx, ddt,
-        dA_part, dD_part if D is not None else None, dbias_part, L, *strides(x, dy, B, dx),
-        dt.stride(0), dt.stride(1), ddt.stride(0), ddt.stride(1), BLOCK_M=block_m,
-        num_warps=NUM_WARPS, **common,
-    )  # fmt: skip
+    dt_soft, dA_sums, states = (t.contiguous() for t in kept)
+    block_m = min(BC_BLOCK_M, chunk_size)
+    rows = [torch.empty_like(dA_sums) if dA_rows else None for _ in range(2)]
     for which in (0, 1):  # dC, then dB: each its own compiled kernel (registers)
-        _ssd_bc_grad_kernel[(chunks, G * (chunk_size // bc_block_m), b)](
-            x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, L, *strides(x, dy, B, dB),
-            BLOCK_M=bc_block_m, WHICH=which, num_warps=BC_NUM_WARPS, **common,
+        _ssd_bc_grad_kernel[(chunks, G * (chunk_size // block_m), b)](
+            x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, rows[which], L,
+            *(t.stride(d) for t in (x, dy, B, dB) for d in (0, 1, 2)), HEADS_PER_GROUP=H // G,
+            P=P, N=N, Q=chunk_size, BLOCK_M=block_m, WHICH=which, num_warps=BC_NUM_WARPS,
+            num_stages=NUM_STAGES,
         )  # fmt: skip
-    dD = dD_part.sum((0, 1)) if D is not None else None
-    return dA_part.sum((0, 1)), dD, dbias_part.sum((0, 1))
+    return (rows[1], rows[0]) if dA_rows else None
+
+
+def dA_across_chunks(
+    out_rows: torch.Tensor, in_rows: torch.Tensor, ddA_last: torch.Tensor
+) -> torch.Tensor:
+    """dA's gradient [b, h, chunks, chunk] through the states passed between chunks, from
+    ssd_bc_grads' rows and the gradient of each chunk's last dA sum through the state it passes
+    on (ssd_state_grads'): step k's dA decays the steps before it into the state passed on,
+    S into the outputs from k on, and every step of the chunk S into the state passed on."""
+    before = out_rows.cumsum(-1) - out_rows
+    from_k = in_rows.flip(-1).cumsum(-1).flip(-1)
+    return before + from_k + ddA_last[..., None]
