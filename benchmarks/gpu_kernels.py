@@ -292,9 +292,10 @@ def kernel_list(fn) -> str:
 def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:
     """The SSD's backward from the kept states (fused_mamba.ssd_backward_from_states) with each
     set of our kernels in place of mamba-ssm's ('+'-joined TOOLKIT_TRITON_MAMBA names: dstates,
-    dx, bc; 'none' for mamba-ssm's alone; '@mM_wW_sS': the chunk-gradient kernels at M rows a step,
-    W warps and S stages, else the module's settings), at each of SWEEP_SHAPES, bf16, chunk 128:
-    median ms of `reps` and each gradient's relative L2 distance from mamba-ssm's."""
+    dx, bc, ddacs; 'none' for mamba-ssm's alone; '@mM_wW_sS': the chunk-gradient kernels at M
+    rows a step, W warps and S stages, else the module's settings), at each of SWEEP_SHAPES,
+    bf16, chunk 128: median ms of `reps` and each gradient's relative L2 distance from
+    mamba-ssm's."""
     from cross_entropy import timed_ms  # benchmarks/, this script's folder
 
     import toolkit.model.fused_mamba as fm

@@ -222,7 +222,8 @@ run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads \
 # our kernels and settings (m/w: the head kernel's rows a step and warps; r/v: the B/C
 # kernels' rows a program and warps), each kernel's time from torch.profiler beside it.
 run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kernel.py
-run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward dstates,dstates+dx,dstates+bc
+run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward \
+  dstates,dstates+dx,dstates+bc,dstates+bc+ddacs,dstates+bc+ddacs@v8
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
@@ -281,6 +282,10 @@ TOOLKIT_TRITON_MAMBA=states,dstates tp lever_fastest_no_recompute_states 200 8 "
 # (TOOLKIT_TRITON_MAMBA's bc), in the fastest setting against the same baselines.
 TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc_mbs4 200 4 "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc 200 8 "${FASTEST_KEPT[@]}"
+# And with dA's gradient within the chunks by our dC kernel too (in place of mamba-ssm's ddAcs).
+TOOLKIT_TRITON_MAMBA=bc,ddacs,dstates tp lever_fastest_no_recompute_bcd_mbs4 200 4 \
+  "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=bc,ddacs,dstates tp lever_fastest_no_recompute_bcd 200 8 "${FASTEST_KEPT[@]}"
 # Two Inductor options in the fastest setting, against the same baselines (each compiles its
 # blocks afresh: the options are in Inductor's cache key). Programmatic dependent launch in
 # Inductor's kernels (off by default in torch 2.11): each may start while the one before it

@@ -19,8 +19,8 @@ CUDA = torch.cuda.is_available()
 # rows (BC_BLOCK_M) and of one to four (BLOCK_M), a length that ends in a partial chunk, a
 # dt_bias on softplus's linear side, D and none, heads in groups of 2 and 4, B, C, x and dy
 # views of wider rows, fp32 (bf16 on a GPU only: the interpreter's tl.dot of bf16 tiles is
-# wrong). B's and C's kernels alone give dA's gradient through the states by row: with the
-# within-chunk part (autograd through the pairs in one chunk alone), autograd's.
+# wrong). B's and C's kernels alone give dA's gradient through the states (autograd's less
+# that through the pairs within one chunk) and with `within` all of it.
 CASES = """
 import sys
 import torch
@@ -104,13 +104,13 @@ for dtype, tol, L, H, G, with_d, Q in cases:
                               (dx, dB, dC, ddt, ddt_bias, dA, dD), want):
         close(name, got, ref)
     assert (dD is None) == (not with_d)
-    # B's and C's kernels alone, with dA's gradient through the states by row
-    dB, dC = nans(B), nans(C)
-    out_rows, in_rows = ck.ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, dA_rows=True)
-    across = ck.dA_across_chunks(out_rows, in_rows, ddA_last).permute(0, 2, 3, 1).flatten(1, 2)
-    for name, got, ref in (("dB", dB, want[1]), ("dC", dC, want[2]),
-                           ("dA across chunks", across[:, :L], want_a - want_within)):
-        close(name, got, ref)
+    # B's and C's kernels alone, with dA's gradient through the states (and within the chunks)
+    for within, ref_a in ((False, want_a - want_within), (True, want_a)):
+        dB, dC = nans(B), nans(C)
+        ddA = ck.ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, ddA_last, within)
+        ddA = ddA.permute(0, 2, 3, 1).flatten(1, 2)[:, :L]  # [b, l, h] as a
+        for name, got, ref in (("dB", dB, want[1]), ("dC", dC, want[2]), ("dA", ddA, ref_a)):
+            close(f"{name} (within {within})", got, ref)
 print("chunk grad kernels agree")
 """
 
@@ -158,7 +158,8 @@ def test_chunk_grad_kernels_match_mamba_ssms_on_the_gpu(monkeypatch):
     _, kept = fm.ssd_forward_keeping_states(*args)
     dy = torch.randn_like(x)
     grads = []
-    for names in map(frozenset, [set(), {"dx"}, {"dstates", "dx"}, {"bc"}, {"dstates", "bc"}]):
+    sets = [set(), {"dx"}, {"dstates", "dx"}, {"bc"}, {"dstates", "bc"}, {"dstates", "bc", "ddacs"}]
+    for names in map(frozenset, sets):
         monkeypatch.setattr(fm, "TRITON_MAMBA", names)
         out = [torch.empty_like(t) for t in (x, dt, B, C)]
         rest = fm.ssd_backward_from_states(dy, *args, kept, *out)

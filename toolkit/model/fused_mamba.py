@@ -25,7 +25,7 @@ import torch
 
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward
 from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward
-from toolkit.model.ssd_chunk_grad_kernel import dA_across_chunks, ssd_bc_grads, ssd_input_grads
+from toolkit.model.ssd_chunk_grad_kernel import ssd_bc_grads, ssd_input_grads
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 from toolkit.model.ssd_states_kernel import ssd_states
@@ -39,15 +39,19 @@ from toolkit.model.ssd_states_kernel import ssd_states
 # two kernels (ssd_chunk_grad_kernel.py; level with mamba-ssm's: RESULTS.md 2026-12-06 late),
 # "bc" B's and C's gradients and dA's through the states by its B/C kernels alone, x's, dt's
 # and dA's within the chunks by mamba-ssm's (its two faster there, ours faster than its five
-# for B and C; not yet timed). "none": none.
+# for B and C; not yet timed), with "ddacs" dA's gradient within the chunks by our dC kernel
+# too (in place of mamba-ssm's ddAcs kernel; not yet timed). "none": none.
 DEFAULT_TRITON_MAMBA = "dstates"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
 ) - {"", "none"}
-if TRITON_MAMBA - {"norm", "forward", "states", "dstates", "dx", "bc"}:
+if TRITON_MAMBA - {"norm", "forward", "states", "dstates", "dx", "bc", "ddacs"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm', 'forward', 'states', 'dstates', 'dx', 'bc' and 'none', "
-                     "comma-separated")  # fmt: skip
+                     "are 'norm', 'forward', 'states', 'dstates', 'dx', 'bc', 'ddacs' and "
+                     "'none', comma-separated")  # fmt: skip
+if "ddacs" in TRITON_MAMBA and "bc" not in TRITON_MAMBA:
+    raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: 'ddacs' "
+                     "is a part of our dC kernel: it goes with 'bc'")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 
 
@@ -234,10 +238,11 @@ def ssd_backward_from_states(
     _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
         x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
     )
-    ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)  # within the chunks
-    if bc:
-        out_rows, in_rows = ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, dA_rows=True)
-        ddA += dA_across_chunks(out_rows, in_rows, ddA_chunk)
+    if bc:  # dA's gradient through the states, and with "ddacs" within the chunks, ours
+        within = "ddacs" in TRITON_MAMBA
+        ddA = ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, ddA_chunk, within)
+        if not within:
+            ddA += _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
     else:
         groups = B.size(2)
         dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)
@@ -246,6 +251,7 @@ def ssd_backward_from_states(
         _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
         ddA_prev[..., -1] += ddA_chunk
+        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
         ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
     _, dA, ddt_bias = _chunk_cumsum_bwd(
         ddA, ddt_soft, dt, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt

@@ -8,9 +8,10 @@ launches, against mamba-ssm's ten kernels and its torch sums.
   cumulative sums) and the head's parts of A's, D's and dt_bias's.
 - _ssd_bc_grad_kernel, a program per chunk, head group and block of the chunk's rows: dC's rows
   (WHICH 0) or dB's (1), each head's part added in registers and written once; optionally what
-  dA's gradient gets through the states by row (ssd_bc_grads), for the op's "bc" path, where
-  mamba-ssm's dx and within-chunk dA kernels (0.83 ms against our head kernel's 1.28) go with
-  these (0.76 ms against mamba-ssm's five for B and C, 1.03).
+  dA's gradient gets through the states by row, and (the dC kernel) within the chunks
+  (ssd_bc_grads), for the op's "bc" path, where mamba-ssm's dx and within-chunk dA kernels
+  (0.83 ms against our head kernel's 1.28) go with these (0.76 ms against mamba-ssm's five for
+  B and C, 1.03), or its dx kernel alone ("bc" and "ddacs").
 
 The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over the heads in one
 program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100).
@@ -125,7 +126,8 @@ if triton_imports():
         tl.store(dbias_part + part, tl.sum(dt_grad))
 
     @triton.jit
-    def _ssd_bc_grad_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, dA_rows, L,
+    def _ssd_bc_grad_kernel(x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, dA_rows,
+                            dA_within, L,
                             stride_x_b, stride_x_l, stride_x_h, stride_dy_b, stride_dy_l,
                             stride_dy_h, stride_bc_b, stride_bc_l, stride_bc_g, stride_dbc_b,
                             stride_dbc_l, stride_dbc_g, HEADS_PER_GROUP: tl.constexpr,
@@ -147,7 +149,10 @@ if triton_imports():
         dcb = tl.zeros([BLOCK_M, Q], dtype=tl.float32)  # [row, the other's step]
         if dA_rows is not None:  # the block's own rows of C (WHICH 0) or B (1), for dA's rows
             mine = tl.load((C if WHICH == 0 else B) + bc_at + tr64[:, None] * stride_bc_l,
-                           r_ok[:, None], 0.0).to(tl.float32)  # fmt: skip
+                           r_ok[:, None], 0.0)  # fmt: skip
+        if dA_within is not None:  # C_i . B_j, the group's, for dA's gradient within the chunk
+            Bc = tl.load(B + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
+            cb = tl.dot(mine, tl.trans(Bc))
         for k in range(HEADS_PER_GROUP):
             h = g * HEADS_PER_GROUP + k
             at = ((b64 * H + h) * CHUNKS + c) * Q
@@ -162,12 +167,17 @@ if triton_imports():
                 inflow = tl.dot(dyr, state) * tl.exp(s_r)[:, None]  # exp(s_i) dy_i S
                 grad_sum += inflow
                 if dA_rows is not None:  # s_i's gradient through S: exp(s_i) dy_i S . C_i
-                    tl.store(dA_rows + at + r, tl.sum(inflow * mine, axis=1))
+                    tl.store(dA_rows + at + r, tl.sum(inflow * mine.to(tl.float32), axis=1))
                 xc = tl.load(x + x_at + t64[:, None] * stride_x_l, t_ok[:, None], 0.0)
                 dt_s = tl.load(dt_soft + at + j)
                 causal = r[:, None] >= j[None, :]
                 decay = tl.exp(tl.where(causal, s_r[:, None] - s[None, :], -float("inf")))
-                dcb += tl.dot(dyr, tl.trans(xc)) * decay * dt_s[None, :]
+                u = tl.dot(dyr, tl.trans(xc)) * decay * dt_s[None, :]
+                dcb += u
+                if dA_within is not None:  # step k's: the decays that span it, j < k <= i
+                    z = u * cb
+                    spans = tl.cumsum(z, axis=1) - z  # [i, k]: sum_{j < k} z_ij
+                    tl.atomic_add(dA_within + at + j, tl.sum(tl.where(causal, spans, 0.0), 0))
             else:  # dB_j: w_j x_j G, dCB_ij over i >= j
                 xr = tl.load(x + x_at + tr64[:, None] * stride_x_l, r_ok[:, None], 0.0)
                 grad = tl.load(dstates + so).to(xr.dtype)
@@ -176,7 +186,7 @@ if triton_imports():
                 outflow = tl.dot(xr, grad) * (tl.exp(last - s_r) * dt_r)[:, None]  # w_j x_j G
                 grad_sum += outflow
                 if dA_rows is not None:  # what step j adds to the state passed on: w_j x_j G . B_j
-                    tl.store(dA_rows + at + r, tl.sum(outflow * mine, axis=1))
+                    tl.store(dA_rows + at + r, tl.sum(outflow * mine.to(tl.float32), axis=1))
                 dyc = tl.load(dy + dy_at + t64[:, None] * stride_dy_l, t_ok[:, None], 0.0)
                 causal = j[None, :] >= r[:, None]
                 decay = tl.exp(tl.where(causal, s[None, :] - s_r[:, None], -float("inf")))
@@ -248,13 +258,13 @@ def ssd_bc_grads(
     dstates: torch.Tensor,
     dB: torch.Tensor,
     dC: torch.Tensor,
-    dA_rows: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """B's and C's gradients (ssd_input_grads' arguments) written into dB and dC; with
-    `dA_rows`, also what dA's gradient gets through the states, by row [b, h, chunks, chunk]
-    fp32: (w_j x_j G . B_j, what step j adds to the state passed on; exp(s_i) dy_i S . C_i,
-    what output i reads of the state passed in): dA's gradient at step k takes the first's
-    rows before k and the second's from k on (dA_across_chunks)."""
+    ddA_last: torch.Tensor | None = None,
+    within: bool = False,
+) -> torch.Tensor | None:
+    """B's and C's gradients (ssd_input_grads' arguments) written into dB and dC; given the
+    gradient of each chunk's last dA sum through the state it passes on (ddA_last, as
+    ssd_input_grads'), also dA's gradient at each step [b, h, chunks, chunk] fp32 through the
+    states, and with `within` within the chunks too (the C Bt pairs' decays), returned."""
     b, L, H, P = x.shape
     G, N = B.shape[2:]
     chunks, chunk_size = kept[1].shape[2:]
@@ -270,26 +280,27 @@ def ssd_bc_grads(
     for name, t in (("states", kept[2]), ("dstates", dstates)):
         if t.shape != (b, chunks, H, P, N) or not t.is_contiguous():
             raise ValueError(f"{name} {tuple(t.shape)}: want contiguous {(b, chunks, H, P, N)}")
+    if within and ddA_last is None:
+        raise ValueError("dA's gradient within the chunks comes with that through the states")
     dt_soft, dA_sums, states = (t.contiguous() for t in kept)
     block_m = min(BC_BLOCK_M, chunk_size)
-    rows = [torch.empty_like(dA_sums) if dA_rows else None for _ in range(2)]
+    # by row: what output i reads of the state passed in (exp(s_i) dy_i S . C_i, the dC
+    # kernel's) and what step j adds to the state passed on (w_j x_j G . B_j, the dB kernel's)
+    rows = [torch.empty_like(dA_sums) if ddA_last is not None else None for _ in range(2)]
+    ddA_within = torch.zeros_like(dA_sums) if within else None  # the dC kernel's, by atomics
     for which in (0, 1):  # dC, then dB: each its own compiled kernel (registers)
         _ssd_bc_grad_kernel[(chunks, G * (chunk_size // block_m), b)](
-            x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, rows[which], L,
+            x, dy, dt_soft, dA_sums, B, C, states, dstates, dB, dC, rows[which],
+            ddA_within if which == 0 else None, L,
             *(t.stride(d) for t in (x, dy, B, dB) for d in (0, 1, 2)), HEADS_PER_GROUP=H // G,
             P=P, N=N, Q=chunk_size, BLOCK_M=block_m, WHICH=which, num_warps=BC_NUM_WARPS,
             num_stages=NUM_STAGES,
         )  # fmt: skip
-    return (rows[1], rows[0]) if dA_rows else None
-
-
-def dA_across_chunks(
-    out_rows: torch.Tensor, in_rows: torch.Tensor, ddA_last: torch.Tensor
-) -> torch.Tensor:
-    """dA's gradient [b, h, chunks, chunk] through the states passed between chunks, from
-    ssd_bc_grads' rows and the gradient of each chunk's last dA sum through the state it passes
-    on (ssd_state_grads'): step k's dA decays the steps before it into the state passed on,
-    S into the outputs from k on, and every step of the chunk S into the state passed on."""
-    before = out_rows.cumsum(-1) - out_rows
-    from_k = in_rows.flip(-1).cumsum(-1).flip(-1)
-    return before + from_k + ddA_last[..., None]
+    if ddA_last is None:
+        return None
+    # step k's dA decays S into the outputs from k on, the steps before k into the state passed
+    # on, and S into that one at every step
+    in_rows, out_rows = rows
+    ddA = in_rows.flip(-1).cumsum(-1).flip(-1) + out_rows.cumsum(-1) - out_rows
+    ddA += ddA_last[..., None]
+    return ddA + ddA_within if within else ddA
