@@ -286,6 +286,13 @@ TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc 200 8 "${FASTES
 TOOLKIT_TRITON_MAMBA=bc,ddacs,dstates tp lever_fastest_no_recompute_bcd_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,ddacs,dstates tp lever_fastest_no_recompute_bcd 200 8 "${FASTEST_KEPT[@]}"
+# Every kernel of ours that may beat mamba-ssm's at once (item 1's candidate), at micro-batch 4,
+# 8 and the recipe's global batch.
+ALL_OURS=norm,states,dstates,bc,ddacs
+TOOLKIT_TRITON_MAMBA=$ALL_OURS tp lever_fastest_no_recompute_all_mbs4 200 4 "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=$ALL_OURS tp lever_fastest_no_recompute_all 200 8 "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=$ALL_OURS tp lever_fastest_no_recompute_all_gb32 300 8 --accumulate 4 \
+  "${FASTEST_KEPT[@]}"
 # Two Inductor options in the fastest setting, against the same baselines (each compiles its
 # blocks afresh: the options are in Inductor's cache key). Programmatic dependent launch in
 # Inductor's kernels (off by default in torch 2.11): each may start while the one before it
