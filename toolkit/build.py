@@ -156,11 +156,16 @@ def describe_model(model: HybridLM) -> str:
     )
 
 
+def checkpoint_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The recipe a checkpoint (root or step directory) was saved with (checkpoint_metadata's),
+    with `overrides` ("key=value") applied and checked: RecipeError names a key that does not
+    fit."""
+    return recipe_from_dict(read_metadata(path)["recipe"], list(overrides))
+
+
 def tokenizer_from_checkpoint(path: str) -> Tokenizer:
     """The tokenizer a checkpoint's recipe names, without reading its weights."""
-    return tokenizer_from_recipe(
-        recipe_from_dict(read_metadata(resolve_checkpoint(path))["recipe"])
-    )
+    return tokenizer_from_recipe(checkpoint_recipe(path))
 
 
 def model_from_checkpoint(
@@ -174,7 +179,7 @@ def model_from_checkpoint(
     tp = 1 if env is None else env.tp
     # A shard's TP sets the vocabulary padding and is checked against the model's heads.
     overrides = [f"parallel.tp={tp}"] if tp > 1 else []
-    recipe = recipe_from_dict(read_metadata(path)["recipe"], overrides)
+    recipe = checkpoint_recipe(path, overrides)
     tokenizer = tokenizer_from_recipe(recipe)
     if tp == 1:
         model = build_model(recipe, tokenizer, device)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from toolkit.build import build_model, model_from_checkpoint
+from toolkit.build import build_model, checkpoint_recipe, model_from_checkpoint
 from toolkit.checkpoint import (
     CheckpointError,
     RankView,
@@ -128,10 +128,7 @@ def check_target(src: Path, out: Path, tp: int, pp: int, fmt: str) -> None:
     """RecipeError if the model does not split into the target layout (naming the flag and the
     key) or --out cannot take the result."""
     try:
-        recipe_from_dict(
-            store.read_metadata(src)["recipe"],
-            [f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.dp=-1"],
-        )
+        checkpoint_recipe(src, [f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.dp=-1"])
     except RecipeError as e:
         raise RecipeError(f"--tp {tp} --pp {pp} do not fit the model of {src}: {e}") from None
     if out.exists() and not out.is_dir():

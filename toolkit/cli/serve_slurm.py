@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> int:
 def check_checkpoint(checkpoint: str, tp: int) -> Path:
     """The checkpoint's step directory, if its model splits over `tp` ranks (else RecipeError):
     a job that cannot serve fails here rather than after waiting in the queue."""
-    from toolkit.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
-    from toolkit.config import recipe_from_dict
+    from toolkit.build import checkpoint_recipe
+    from toolkit.checkpoint import CheckpointError, resolve_checkpoint
 
     try:
         path = resolve_checkpoint(checkpoint)
-        recipe_from_dict(read_metadata(path)["recipe"], [f"parallel.tp={tp}"])
+        checkpoint_recipe(path, [f"parallel.tp={tp}"])
     except (CheckpointError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint {checkpoint}: {e}") from None
     return Path(path).resolve()
