@@ -28,7 +28,7 @@ from toolkit.model import ssd_chunk_grad_kernel, ssd_scan_kernel, ssd_state_grad
 # pointer arguments in fp32 (the rest of the pointers are bf16); every other argument that is
 # not a constexpr is an int32 (lengths, strides)
 FP32 = {"dt_soft", "dA_sums", "states", "ddA_last", "A", "dt_bias", "D", "ddt", "dA_part",
-        "dD_part", "dbias_part", "dt_out", "dA_out", "dt"}  # fmt: skip
+        "dD_part", "dbias_part", "dt_out", "dA_out", "dt", "dA_rows", "dA_within"}  # fmt: skip
 BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out"}
 SHAPES = {"800m": 4, "8b": 16}  # heads per group
 
@@ -48,11 +48,19 @@ def kernels(heads_per_group: int) -> dict:
                                   {"states": "fp32"}),
         "head_grads": (ssd_chunk_grad_kernel._ssd_head_grad_kernel, {**widths, **block_m},
                        {"dt": "bf16"}),
-        "dC_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **bc_block_m,
-                                                                 "WHICH": 0}, {}),
-        "dB_grads": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel, {**widths, **bc_block_m,
-                                                                 "WHICH": 1}, {}),
+        **{f"{name}_grads{label}": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel,
+                                    {**widths, **bc_block_m, "WHICH": which, **extra}, {})
+           for name, which in (("dC", 0), ("dB", 1))
+           for label, extra in bc_variants(which)},
     }  # fmt: skip
+
+
+def bc_variants(which: int) -> list[tuple[str, dict]]:
+    """The B/C kernels as each path compiles them: alone ("dx"), with dA's rows ("bc") and, dC's,
+    with the within-chunk dA too ("bc,ddacs"); an absent pointer is a None constexpr."""
+    alone = {"dA_rows": None, "dA_within": None}
+    rows = {"dA_within": None}  # dA_rows an fp32 pointer
+    return [("", alone), (" +rows", rows)] + ([(" +rows +within", {})] if which == 0 else [])
 
 
 def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int, maxnreg=None) -> str:
