@@ -78,8 +78,9 @@ run() { part "$@"; }  # name timeout_s command...
 NO_FGA=(--set train.fused_grad_accumulation=false)
 # Likewise model.mamba_recompute, off in the 800M recipe since 2026-12-06 afternoon: on in the
 # runs unless their name says no_recompute.
-# (Since 2026-12-06 evening the kept states' backward takes our state-gradient kernel by default:
-# TOOLKIT_TRITON_MAMBA=none in front of a run for mamba-ssm's kernels alone.)
+# (Since 2026-12-06 evening the kept states' backward takes our state-gradient kernel by default,
+# since 2026-12-07 morning also our chunk-state kernel: TOOLKIT_TRITON_MAMBA=none in front of a
+# run for mamba-ssm's kernels alone, =dstates for the default before.)
 RECOMPUTE=(--set model.mamba_recompute=true)
 # The FP8 runs' best setting (every linear in float8, the weights cast once a step, the weight
 # gradients added into .grad), and Inductor's kernels tuned: the A/B runs below share them.
@@ -223,7 +224,7 @@ run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads \
 # kernels' rows a program and warps), each kernel's time from torch.profiler beside it.
 run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kernel.py
 run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward \
-  dstates,dstates+dx,dstates+bc,dstates+bc+ddacs,dstates+bc+ddacs@v8
+  dstates,dstates+dx,dstates+bc,dstates+bc@v8,dstates+bc+ddacs,dstates+bc+ddacs@v8
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
@@ -269,30 +270,37 @@ tp_traced lever_fastest_no_recompute_traced 240 8 "${FASTEST_KEPT[@]}"
 tp lever_fastest_no_recompute_mbs4 200 4 "${FASTEST_KEPT[@]}"
 tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 "${FASTEST_KEPT[@]}"
 tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST_KEPT[@]}"
-# Our gated norm (TOOLKIT_TRITON_MAMBA's norm, beside the default's dstates) in the fastest setting,
-# against lever_fastest_no_recompute_mbs4 / lever_fastest_no_recompute in the same call.
-TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm_mbs4 200 4 "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=norm,dstates tp lever_fastest_no_recompute_norm 200 8 "${FASTEST_KEPT[@]}"
-# Our chunk-state kernel (TOOLKIT_TRITON_MAMBA's states, beside the default's dstates) in the
-# fastest setting, against the same baselines.
+# Our gated norm (TOOLKIT_TRITON_MAMBA's norm, beside the default's kernels) in the fastest
+# setting, against lever_fastest_no_recompute_mbs4 / lever_fastest_no_recompute in the same call.
+DEFAULT_OURS=dstates,states  # fused_mamba.DEFAULT_TRITON_MAMBA
+TOOLKIT_TRITON_MAMBA=norm,$DEFAULT_OURS tp lever_fastest_no_recompute_norm_mbs4 200 4 \
+  "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=norm,$DEFAULT_OURS tp lever_fastest_no_recompute_norm 200 8 \
+  "${FASTEST_KEPT[@]}"
+# Our chunk-state kernel beside the state gradients' (the default's parts since 2026-12-07
+# morning), in the fastest setting against lever_fastest_no_recompute_dstates(_mbs4).
 TOOLKIT_TRITON_MAMBA=states,dstates tp lever_fastest_no_recompute_states_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=states,dstates tp lever_fastest_no_recompute_states 200 8 "${FASTEST_KEPT[@]}"
 # B's and C's gradients by our two kernels, x's and dA's within the chunks by mamba-ssm's two
-# (TOOLKIT_TRITON_MAMBA's bc), in the fastest setting against the same baselines.
+# (TOOLKIT_TRITON_MAMBA's bc, likewise), against the same.
 TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc_mbs4 200 4 "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc 200 8 "${FASTEST_KEPT[@]}"
-# And with dA's gradient within the chunks by our dC kernel too (in place of mamba-ssm's ddAcs).
-TOOLKIT_TRITON_MAMBA=bc,ddacs,dstates tp lever_fastest_no_recompute_bcd_mbs4 200 4 \
+# The default with B's and C's gradients by ours (bc), and with dA's gradient within the chunks
+# by our dC kernel too (bcd: in place of mamba-ssm's ddAcs), against
+# lever_fastest_no_recompute(_mbs4).
+TOOLKIT_TRITON_MAMBA=bc,$DEFAULT_OURS tp lever_fastest_no_recompute_sbc_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=bc,ddacs,dstates tp lever_fastest_no_recompute_bcd 200 8 "${FASTEST_KEPT[@]}"
-# Every kernel of ours that may beat mamba-ssm's at once (item 1's candidate), at micro-batch 4,
-# 8 and the recipe's global batch.
-ALL_OURS=norm,states,dstates,bc,ddacs
-TOOLKIT_TRITON_MAMBA=$ALL_OURS tp lever_fastest_no_recompute_all_mbs4 200 4 "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=$ALL_OURS tp lever_fastest_no_recompute_all 200 8 "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=$ALL_OURS tp lever_fastest_no_recompute_all_gb32 300 8 --accumulate 4 \
+TOOLKIT_TRITON_MAMBA=bc,$DEFAULT_OURS tp lever_fastest_no_recompute_sbc 200 8 \
   "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=bc,ddacs,$DEFAULT_OURS tp lever_fastest_no_recompute_bcd_mbs4 200 4 \
+  "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=bc,ddacs,$DEFAULT_OURS tp lever_fastest_no_recompute_bcd 200 8 \
+  "${FASTEST_KEPT[@]}"
+# The default before 2026-12-07 morning (our state gradients alone), against the default's
+# lever_fastest_no_recompute(_mbs4).
+TOOLKIT_TRITON_MAMBA=dstates tp lever_fastest_no_recompute_dstates_mbs4 200 4 "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=dstates tp lever_fastest_no_recompute_dstates 200 8 "${FASTEST_KEPT[@]}"
 # Two Inductor options in the fastest setting, against the same baselines (each compiles its
 # blocks afresh: the options are in Inductor's cache key). Programmatic dependent launch in
 # Inductor's kernels (off by default in torch 2.11): each may start while the one before it

@@ -15,8 +15,8 @@ With `recompute` (mamba-ssm's choice) the backward recomputes the conv's output 
 chunk states; without, the forward keeps them (the conv's output in bf16, the states passed
 between chunks and dA's sums in each chunk in fp32: 16 KB a token a layer at the 800M's
 widths) and the backward runs mamba-ssm's backward kernels on them, skipping the 4 kernels a
-layer that made them again (RESULTS.md 2026-12-06, afternoon); the chunk-state gradients by
-default by our kernel (ssd_state_grad_kernel.py: 1.06x the SSD backward, 2026-12-06 evening).
+layer that made them again (RESULTS.md 2026-12-06, afternoon); by default the chunk states
+and their gradients by our kernels (TRITON_MAMBA below).
 """
 
 import os
@@ -30,18 +30,19 @@ from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 from toolkit.model.ssd_states_kernel import ssd_states
 
-# Our kernels in place of mamba-ssm's, by name, where the states are kept (all but the norm):
-# "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two kernels
-# at the 800M's widths on an H100, the SSD backward 1.06x: on by default), and for A/B runs
-# "norm" the gated norm (gated_norm_kernel.py), "forward" the SSD forward in one kernel
-# (ssd_scan_kernel.py; 0.70x), "states" the forward's chunk states in one kernel before
-# mamba-ssm's scan (ssd_states_kernel.py; not yet timed), "dx" the backward's other gradients in
-# two kernels (ssd_chunk_grad_kernel.py; level with mamba-ssm's: RESULTS.md 2026-12-06 late),
-# "bc" B's and C's gradients and dA's through the states by its B/C kernels alone, x's, dt's
-# and dA's within the chunks by mamba-ssm's (its two faster there, ours faster than its five
-# for B and C; not yet timed), with "ddacs" dA's gradient within the chunks by our dC kernel
-# too (in place of mamba-ssm's ddAcs kernel; not yet timed). "none": none.
-DEFAULT_TRITON_MAMBA = "dstates"
+# Our kernels in place of mamba-ssm's, by name, where the states are kept (all but the norm).
+# On by default (each measured on an H100 at the 800M's widths, RESULTS.md 2026-12-07 morning):
+# "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two
+# kernels), "states" the forward's chunk states in one kernel before mamba-ssm's scan
+# (ssd_states_kernel.py; 2.34x its three kernels at micro-batch 8; a step 1.003-1.008x at
+# micro-batch 4 with 32 channels a program, before 64 were its default). For A/B runs: "bc" B's and C's gradients and dA's through the states by
+# our B/C kernels, x's and dA's within the chunks by mamba-ssm's (a step 1.009-1.012x at
+# micro-batch 4, but the SSD backward's GPU time 0.92x at 8: the dA rows make the B/C kernels
+# spill), "ddacs" with it dA's within the chunks by our dC kernel too (a step 0.965x), "norm"
+# the gated norm (gated_norm_kernel.py; a step level), "forward" the SSD forward in one kernel
+# (ssd_scan_kernel.py; 0.70x), "dx" all the backward's other gradients
+# (ssd_chunk_grad_kernel.py; its head kernel 1.5x the time of mamba-ssm's two). "none": none.
+DEFAULT_TRITON_MAMBA = "dstates,states"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
 ) - {"", "none"}

@@ -12,14 +12,18 @@ ssd_scan_kernel.py (the whole forward in one kernel, 0.70x mamba-ssm's: each pro
 rows make it latency-bound), a chunk here is one product of x and B with no output to make.
 The rounding is mamba-ssm's: B weighted by each step's decay to the chunk's end and dt, rounded
 to x's dtype for the product, sums in fp32. The op takes it where TOOLKIT_TRITON_MAMBA names
-"states" (tests/test_ssd_states_kernel.py, benchmarks/gpu_kernels.py --states).
+"states", as it does by default (tests/test_ssd_states_kernel.py, benchmarks/gpu_kernels.py
+--states). On an H100 (RESULTS.md 2026-12-07 morning): 0.179 ms at the 800M's widths and
+micro-batch 8 against mamba-ssm's three kernels' 0.419 (64 channels a program, 4 warps, 2
+stages; 32 channels 0.269), 0.147 against 0.191 at the 8B's (32 channels 0.126: half the
+programs there, 128, leave SMs idle).
 """
 
 import torch
 
 from toolkit.model.kernels import triton_imports
 
-BLOCK_P = 32  # a head's channels a program carries (its state: BLOCK_P x state in fp32)
+BLOCK_P = 64  # a head's channels a program carries (its state: BLOCK_P x state in fp32)
 NUM_WARPS = 4
 NUM_STAGES = 2  # the next chunk's x, B and dt loaded while this one's product runs
 # (benchmarks/gpu_kernels.py --states times other settings of these three)
