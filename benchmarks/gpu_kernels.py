@@ -14,8 +14,8 @@ against mamba-ssm's kernels at those shapes, at each setting of channels a progr
 against mamba-ssm's three kernels they replace (cumsum, chunk state, state passing).
 `--state-grads p64_w4`: likewise our chunk-state gradients in one kernel
 (toolkit/model/ssd_state_grad_kernel.py) against mamba-ssm's two kernels.
-`--backward dstates,dstates+dx,dstates+bc`: the SSD backward from the forward's kept states with those of
-our kernels (fused_mamba.TRITON_MAMBA's names) against mamba-ssm's kernels alone.
+`--backward dstates,dstates+dx,dstates+bc`: the SSD backward from the forward's kept states with
+those of our kernels (fused_mamba.TRITON_MAMBA's names) against mamba-ssm's kernels alone.
 
 `--profile`: each of mamba-ssm's SSD kernels at those shapes (chunk 128), forward + backward
 under torch.profiler: calls and ms per step, and the bytes the SSD's inputs, outputs and

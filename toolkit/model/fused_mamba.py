@@ -35,13 +35,14 @@ from toolkit.model.ssd_states_kernel import ssd_states
 # "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two
 # kernels), "states" the forward's chunk states in one kernel before mamba-ssm's scan
 # (ssd_states_kernel.py; 2.34x its three kernels at micro-batch 8; a step 1.003-1.008x at
-# micro-batch 4 with 32 channels a program, before 64 were its default). For A/B runs: "bc" B's and C's gradients and dA's through the states by
-# our B/C kernels, x's and dA's within the chunks by mamba-ssm's (a step 1.009-1.012x at
-# micro-batch 4, but the SSD backward's GPU time 0.92x at 8: the dA rows make the B/C kernels
-# spill), "ddacs" with it dA's within the chunks by our dC kernel too (a step 0.965x), "norm"
-# the gated norm (gated_norm_kernel.py; a step level), "forward" the SSD forward in one kernel
-# (ssd_scan_kernel.py; 0.70x), "dx" all the backward's other gradients
-# (ssd_chunk_grad_kernel.py; its head kernel 1.5x the time of mamba-ssm's two). "none": none.
+# micro-batch 4 with 32 channels a program, before 64 were its default). For A/B runs: "bc"
+# B's and C's gradients and dA's through the states by our B/C kernels, x's and dA's within
+# the chunks by mamba-ssm's (a step 1.009-1.016x at micro-batch 4, but the SSD backward's GPU
+# time 0.92x at 8: the dA rows make the B/C kernels spill), "ddacs" with it dA's within the
+# chunks by our dC kernel too (a step 0.965x), "norm" the gated norm (gated_norm_kernel.py; a
+# step level), "forward" the SSD forward in one kernel (ssd_scan_kernel.py; 0.70x), "dx" all
+# the backward's other gradients (ssd_chunk_grad_kernel.py; its head kernel 1.5x the time of
+# mamba-ssm's two). "none": none.
 DEFAULT_TRITON_MAMBA = "dstates,states"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
