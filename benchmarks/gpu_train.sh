@@ -272,7 +272,9 @@ tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 "${FASTEST_KEPT[@]}
 tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST_KEPT[@]}"
 # Our gated norm (TOOLKIT_TRITON_MAMBA's norm, beside the default's kernels) in the fastest
 # setting, against lever_fastest_no_recompute_mbs4 / lever_fastest_no_recompute in the same call.
-DEFAULT_OURS=dstates,states  # fused_mamba.DEFAULT_TRITON_MAMBA
+# fused_mamba.DEFAULT_TRITON_MAMBA, read from the source (a copy here would go stale)
+DEFAULT_OURS=$(sed -n 's/^DEFAULT_TRITON_MAMBA = "\(.*\)"$/\1/p' toolkit/model/fused_mamba.py)
+: "${DEFAULT_OURS:?DEFAULT_TRITON_MAMBA not found in toolkit/model/fused_mamba.py}"
 TOOLKIT_TRITON_MAMBA=norm,$DEFAULT_OURS tp lever_fastest_no_recompute_norm_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=norm,$DEFAULT_OURS tp lever_fastest_no_recompute_norm 200 8 \
