@@ -70,7 +70,8 @@ for dtype, tol, L, H, G, with_d, Q in cases:
     # dA's gradient within the chunks alone (mamba-ssm's ddAcs kernel's part in the "bc" path)
     a_in = a.detach().requires_grad_()
     cum = torch.cumsum(a_in, 1)
-    same = (torch.arange(L, device=device) // Q)[:, None] == (torch.arange(L, device=device) // Q)
+    chunk_of = torch.arange(L, device=device) // Q
+    same = chunk_of[:, None] == chunk_of
     within = torch.where(causal & same[None, :, :, None], cum[:, :, None] - cum[:, None, :],
                          -torch.inf).exp()
     y_in = torch.einsum("bthn,bshn,btsh,bsh,bshp->bthp", Ch, Bh, within, soft, xl)
