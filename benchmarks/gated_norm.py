@@ -92,12 +92,14 @@ def sweep(
     """Ours at each tiling: {setting: {forward ms, backward ms, largest difference from the
     default's outputs}}; the module's constants are put back after."""
     k = gated_norm_kernel
-    saved = (k.ELEMENTS_PER_TILE, k.ROWS_PER_PROGRAM, k.FORWARD_WARPS, k.BACKWARD_WARPS)
+    saved = (k.ELEMENTS_PER_TILE, k.BACKWARD_ELEMENTS_PER_TILE, k.ROWS_PER_PROGRAM,
+             k.FORWARD_WARPS, k.BACKWARD_WARPS)  # fmt: skip
     device, out = y.device, {}
     try:
         for tile in (4096, 8192, 16384):
             for warps in (4, 8):
-                k.ELEMENTS_PER_TILE, k.FORWARD_WARPS = tile, warps
+                k.ELEMENTS_PER_TILE, k.BACKWARD_ELEMENTS_PER_TILE = tile, tile
+                k.FORWARD_WARPS = warps
                 fwd = functools.partial(norm_forward, y, z, weight, groups, eps, "triton")
                 o, rstd = fwd()
                 forward_ms = timed_ms(fwd, args.repeats, device)  # the rows are the backward's
@@ -114,7 +116,8 @@ def sweep(
                     print(f"  {name:16} forward {ms[0]:7.3f} ms, backward {ms[1]:7.3f} ms, "
                           f"largest difference from the default's {diff:.1e}")  # fmt: skip
     finally:
-        k.ELEMENTS_PER_TILE, k.ROWS_PER_PROGRAM, k.FORWARD_WARPS, k.BACKWARD_WARPS = saved
+        (k.ELEMENTS_PER_TILE, k.BACKWARD_ELEMENTS_PER_TILE, k.ROWS_PER_PROGRAM, k.FORWARD_WARPS,
+         k.BACKWARD_WARPS) = saved  # fmt: skip
     return out
 
 

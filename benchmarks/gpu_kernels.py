@@ -104,9 +104,12 @@ def sweep_chunks(chunks: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
-def triton_kernel_times(fn, reps: int = 5) -> list[tuple[str, float, int]]:
-    """fn's Triton kernels (named _..._kernel; the rest is the callers' copies and sums) under
-    torch.profiler: (name, ms, calls) a call of fn (mean of `reps`), the most time first."""
+def triton_kernel_times(
+    fn, reps: int = 5, everything: bool = False
+) -> list[tuple[str, float, int]]:
+    """fn's Triton kernels (named _..._kernel; with `everything` also the callers' torch copies,
+    fills and sums) under torch.profiler: (name, ms, calls) a call of fn (mean of `reps`), the
+    most time first."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -115,9 +118,10 @@ def triton_kernel_times(fn, reps: int = 5) -> list[tuple[str, float, int]]:
             fn()
         torch.cuda.synchronize()
     rows = sorted(
-        (e for e in prof.key_averages() if e.device_time_total > 0 and e.key.startswith("_")),
+        (e for e in prof.key_averages()
+         if e.device_time_total > 0 and (everything or e.key.startswith("_"))),
         key=lambda e: -e.device_time_total,
-    )
+    )  # fmt: skip
     return [(e.key, e.device_time_total / reps / 1e3, e.count // reps) for e in rows]
 
 
@@ -285,8 +289,16 @@ def state_grads(variants: list[str], reps: int = 20) -> None:
 
 
 def kernel_list(fn) -> str:
-    """'name ms; ...' of fn's Triton kernels, the most time first."""
-    return "; ".join(f"{key} {ms:.3f}" for key, ms, _ in triton_kernel_times(fn))
+    """'GPU T ms: name ms; ...; other kernels O ms (N)' of all fn's kernels: its Triton kernels
+    by name, the most time first, then the torch kernels around them (sums, fills, copies: a
+    graphed step runs them too)."""
+    rows = triton_kernel_times(fn, everything=True)
+    named = [(key, ms) for key, ms, _ in rows if key.startswith("_")]
+    other = [(ms, calls) for key, ms, calls in rows if not key.startswith("_")]
+    total = sum(ms for _, ms, _ in rows)
+    listed = "; ".join(f"{key} {ms:.3f}" for key, ms in named)
+    rest = sum(ms for ms, _ in other)
+    return f"GPU {total:.3f} ms: {listed}; other kernels {rest:.3f} ({sum(c for _, c in other)})"
 
 
 def backward_from_states(kernel_sets: list[str], reps: int = 20) -> None:

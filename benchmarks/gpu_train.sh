@@ -224,7 +224,7 @@ run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads \
 # kernels' rows a program and warps), each kernel's time from torch.profiler beside it.
 run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kernel.py
 run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward \
-  dstates,dstates+dx,dstates+bc,dstates+bc@v8,dstates+bc+ddacs,dstates+bc+ddacs@v8
+  dstates,dstates+dx,dstates+bc@v4,dstates+bc,dstates+bc+ddacs
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
@@ -294,6 +294,11 @@ TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc 200 8 "${FASTES
 TOOLKIT_TRITON_MAMBA=bc,$DEFAULT_OURS tp lever_fastest_no_recompute_sbc_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,$DEFAULT_OURS tp lever_fastest_no_recompute_sbc 200 8 \
+  "${FASTEST_KEPT[@]}"
+# And with our gated norm (its backward at 16 rows a tile since 2026-12-07 late morning) too.
+TOOLKIT_TRITON_MAMBA=norm,bc,$DEFAULT_OURS tp lever_fastest_no_recompute_nsbc_mbs4 200 4 \
+  "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=norm,bc,$DEFAULT_OURS tp lever_fastest_no_recompute_nsbc 200 8 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,ddacs,$DEFAULT_OURS tp lever_fastest_no_recompute_bcd_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"

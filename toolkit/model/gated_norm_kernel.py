@@ -15,7 +15,10 @@ import torch
 
 from toolkit.model.kernels import triton_imports
 
-ELEMENTS_PER_TILE = 8192  # rows x channels of a tile: 32 rows of a 256-channel group
+ELEMENTS_PER_TILE = 8192  # rows x channels of a forward tile: 32 rows of a 256-channel group
+# The backward's tile: 16 rows of a group (0.43 ms against 0.52-0.58 at 32 rows at the 800M's
+# widths and micro-batch 8 on an H100, RESULTS.md 2026-12-07 late morning; mamba-ssm's 0.55)
+BACKWARD_ELEMENTS_PER_TILE = 4096
 ROWS_PER_PROGRAM = 512  # backward: rows a program walks, summing the weight's gradient
 FORWARD_WARPS = 4
 BACKWARD_WARPS = 4
@@ -84,14 +87,16 @@ if triton_imports():
         tl.store(dweight_part + part.to(tl.int64) * N + cols, dw, col_ok)
 
 
-def _shape(y: torch.Tensor, z: torch.Tensor, groups: int) -> tuple[int, int, int, int]:
-    """(rows, channels, channels a group, rows a tile) of [rows, channels] views."""
+def _shape(
+    y: torch.Tensor, z: torch.Tensor, groups: int, elements: int
+) -> tuple[int, int, int, int]:
+    """(rows, channels, channels a group, rows a tile of `elements`) of [rows, channels] views."""
     M, N = y.shape
     if z.shape != y.shape or y.stride(1) != 1 or z.stride(1) != 1 or N % groups:
         raise ValueError(f"y and z must be [rows, {N}] with adjacent channels, {groups} groups")
     group = N // groups
     block_group = triton.next_power_of_2(group)
-    return M, N, group, max(1, ELEMENTS_PER_TILE // block_group)
+    return M, N, group, max(1, elements // block_group)
 
 
 def gated_norm_forward(
@@ -99,7 +104,7 @@ def gated_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [rows, channels] contiguous in y's dtype, 1/rms [rows, groups] fp32) of y and z
     [rows, channels] (any row strides: z is a slice of in_proj's output)."""
-    M, N, group, block_rows = _shape(y, z, groups)
+    M, N, group, block_rows = _shape(y, z, groups, ELEMENTS_PER_TILE)
     out = torch.empty(M, N, dtype=y.dtype, device=y.device)
     rstd = torch.empty(M, groups, dtype=torch.float32, device=y.device)
     grid = (triton.cdiv(M, block_rows), groups)
@@ -123,7 +128,7 @@ def gated_norm_backward(
     written into `dz` ([rows, channels] with adjacent channels: the fused op's view of in_proj's
     gradient)."""
     groups = rstd.size(1)
-    M, N, group, block_rows = _shape(y, z, groups)
+    M, N, group, block_rows = _shape(y, z, groups, BACKWARD_ELEMENTS_PER_TILE)
     if dout.shape != y.shape or dout.stride(1) != 1 or dz.shape != y.shape or dz.stride(1) != 1:
         raise ValueError(f"dout and dz must be [{M}, {N}] with adjacent channels")
     rows = max(block_rows, ROWS_PER_PROGRAM // block_rows * block_rows)

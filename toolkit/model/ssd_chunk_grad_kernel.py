@@ -45,7 +45,9 @@ from toolkit.model.kernels import triton_imports
 BLOCK_M = 16  # the chunk's rows a step of the head kernel
 BC_BLOCK_M = 64  # the chunk's rows a program of the B/C kernels (each reads its heads' states)
 NUM_WARPS = 4  # the head kernel's
-BC_NUM_WARPS = 4
+# 8: with dA's rows 0.94 ms against 4 warps' 1.16 at the 800M's widths and micro-batch 8 on an
+# H100 (fewer spills), without them level (0.77 against 0.76; RESULTS.md 2026-12-07 late morning)
+BC_NUM_WARPS = 8
 NUM_STAGES = 1
 
 if triton_imports():
