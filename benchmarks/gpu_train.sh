@@ -295,6 +295,12 @@ TOOLKIT_TRITON_MAMBA=bc,$DEFAULT_OURS tp lever_fastest_no_recompute_sbc_mbs4 200
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,$DEFAULT_OURS tp lever_fastest_no_recompute_sbc 200 8 \
   "${FASTEST_KEPT[@]}"
+# The RMSNorms writing the residual stream's fp32 (TOOLKIT_NORM_AUTOCAST_OUTPUT=0: as before
+# 2026-12-07 late morning; their readers' linears then cast), against
+# lever_fastest_no_recompute(_mbs4), where they write bf16.
+TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm_mbs4 200 4 \
+  "${FASTEST_KEPT[@]}"
+TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm 200 8 "${FASTEST_KEPT[@]}"
 # And with our gated norm (its backward at 16 rows a tile since 2026-12-07 late morning) too.
 TOOLKIT_TRITON_MAMBA=norm,bc,$DEFAULT_OURS tp lever_fastest_no_recompute_nsbc_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"

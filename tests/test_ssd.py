@@ -140,6 +140,42 @@ def test_rms_norm_is_the_fp32_definition(device, dtype, weight_dtype):
     torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=tol, atol=1e-6)
 
 
+def test_norms_under_autocast_write_its_dtype_with_the_same_numbers(monkeypatch):
+    """Under bf16 autocast each RMSNorm of the model (the blocks' and the final one) writes bf16,
+    the cast its reader's first linear would make, so the loss and every gradient are the
+    ones of the norms writing the fp32 residual stream's dtype (norms.AUTOCAST_OUTPUT False),
+    bit for bit: the Mamba, attention and MLP mixers and the output layer."""
+    import torch.nn.functional as F
+
+    from tests.conftest import tiny_model_config
+    from toolkit.model import HybridLM, norms
+
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def run(autocast_output: bool) -> tuple[torch.Tensor, dict, set]:
+        monkeypatch.setattr(norms, "AUTOCAST_OUTPUT", autocast_output)
+        torch.manual_seed(0)
+        model = HybridLM(tiny_model_config(), vocab_size=100)
+        dtypes = set()
+        for module in model.modules():
+            if isinstance(module, norms.RMSNorm):
+                module.register_forward_hook(lambda m, args, out: dtypes.add(out.dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters()}, dtypes
+
+    loss, grads, dtypes = run(True)
+    assert dtypes == {torch.bfloat16}
+    want_loss, want_grads, want_dtypes = run(False)
+    assert want_dtypes == {torch.float32}
+    assert torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, want_grads[name]), name
+
+
 @pytest.mark.skipif(not CUDA, reason="mamba-ssm's fused add + norm runs on CUDA only")
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
 def test_fused_add_norm_equals_add_then_norm_on_gpu(kind):

@@ -1,6 +1,7 @@
 """Normalisation layers: RMSNorm, the gated group-wise RMSNorm of Mamba-2, and a builder."""
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -8,6 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
+
+# Under autocast the norm's output is in autocast's dtype, not the residual stream's (fp32 in
+# bf16 training): its readers are linears (a block's mixer, the output layer) that would cast
+# it there first, so the numbers are the same, but the cast is made inside the norm's kernel:
+# the fp32 copy is neither written nor read again, nor is its gradient cast back in the
+# backward (two casts a block, ~100 MB each at the 800M's micro-batch 4: RESULTS.md
+# 2026-12-07 late morning). TOOLKIT_NORM_AUTOCAST_OUTPUT=0: the residual stream's dtype, as
+# before (for A/B runs: benchmarks/gpu_train.sh).
+AUTOCAST_OUTPUT = os.environ.get("TOOLKIT_NORM_AUTOCAST_OUTPUT", "1") != "0"
 
 
 class RMSNorm(nn.Module):
@@ -22,11 +32,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: bf16 mean-of-squares loses too many bits on wide hidden sizes.
         # x * rsqrt(mean(x^2) + eps) * weight; on CUDA one fused kernel, not ~6 eager passes.
-        if x.is_cuda and x.dtype == self.weight.dtype:
+        dtype = x.dtype
+        if AUTOCAST_OUTPUT and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        if x.is_cuda and x.dtype == self.weight.dtype == dtype:
             # CUDA's kernel already computes in fp32 for bf16/fp16 and rounds once at the end:
             # the same numbers without the two casts (bf16 inference: 2 of ~12 kernels a block).
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(dtype)
 
 
 class GatedRMSNorm(nn.Module):
