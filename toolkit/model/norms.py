@@ -14,9 +14,9 @@ from torch.overrides import handle_torch_function, has_torch_function
 # bf16 training): its readers are linears (a block's mixer, the output layer) that would cast
 # it there first, so the numbers are the same, but the cast is made inside the norm's kernel:
 # the fp32 copy is neither written nor read again, nor is its gradient cast back in the
-# backward (two casts a block, ~100 MB each at the 800M's micro-batch 4: RESULTS.md
-# 2026-12-07 late morning). TOOLKIT_NORM_AUTOCAST_OUTPUT=0: the residual stream's dtype, as
-# before (for A/B runs: benchmarks/gpu_train.sh).
+# backward (two casts a block, ~100 MB each at the 800M's micro-batch 4): a step 1.017x on an
+# H100 (RESULTS.md 2026-12-07 noon). TOOLKIT_NORM_AUTOCAST_OUTPUT=0: the residual stream's
+# dtype, as before (for A/B runs: benchmarks/gpu_train.sh).
 AUTOCAST_OUTPUT = os.environ.get("TOOLKIT_NORM_AUTOCAST_OUTPUT", "1") != "0"
 
 
