@@ -288,24 +288,19 @@ TOOLKIT_TRITON_MAMBA=states,dstates tp lever_fastest_no_recompute_states 200 8 "
 # (TOOLKIT_TRITON_MAMBA's bc, likewise), against the same.
 TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc_mbs4 200 4 "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc 200 8 "${FASTEST_KEPT[@]}"
-# The default with B's and C's gradients by ours (bc), and with dA's gradient within the chunks
-# by our dC kernel too (bcd: in place of mamba-ssm's ddAcs), against
-# lever_fastest_no_recompute(_mbs4).
-TOOLKIT_TRITON_MAMBA=bc,$DEFAULT_OURS tp lever_fastest_no_recompute_sbc_mbs4 200 4 \
-  "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=bc,$DEFAULT_OURS tp lever_fastest_no_recompute_sbc 200 8 \
-  "${FASTEST_KEPT[@]}"
 # The RMSNorms writing the residual stream's fp32 (TOOLKIT_NORM_AUTOCAST_OUTPUT=0: as before
-# 2026-12-07 late morning; their readers' linears then cast), against
+# 2026-12-07 noon; their readers' linears then cast), against
 # lever_fastest_no_recompute(_mbs4), where they write bf16.
 TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm 200 8 "${FASTEST_KEPT[@]}"
-# And with our gated norm (its backward at 16 rows a tile since 2026-12-07 late morning) too.
-TOOLKIT_TRITON_MAMBA=norm,bc,$DEFAULT_OURS tp lever_fastest_no_recompute_nsbc_mbs4 200 4 \
+# The default without B's and C's gradients by ours (the default before 2026-12-07 noon), and
+# with dA's gradient within the chunks by our dC kernel too (bcd: in place of mamba-ssm's
+# ddAcs), against lever_fastest_no_recompute(_mbs4). (The _sbc and _nsbc runs of 2026-12-07
+# noon, bc and norm,bc beside the default then, are now the default and _norm.)
+TOOLKIT_TRITON_MAMBA=dstates,states tp lever_fastest_no_recompute_nobc_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=norm,bc,$DEFAULT_OURS tp lever_fastest_no_recompute_nsbc 200 8 \
-  "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=dstates,states tp lever_fastest_no_recompute_nobc 200 8 "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,ddacs,$DEFAULT_OURS tp lever_fastest_no_recompute_bcd_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,ddacs,$DEFAULT_OURS tp lever_fastest_no_recompute_bcd 200 8 \

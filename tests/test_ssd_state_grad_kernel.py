@@ -93,7 +93,7 @@ def test_state_grad_kernel_refuses_what_it_cannot_read():
 
 def test_the_op_takes_this_kernel_by_default_and_names_are_checked():
     """TOOLKIT_TRITON_MAMBA: unset, the kernels of ours that were faster on a GPU (the chunk
-    states and their gradients); 'none', none of ours; a name it does not know stops the
+    states and their gradients, B's and C's); 'none', none of ours; a name it does not know stops the
     import, naming it."""
     pytest.importorskip("triton")
     code = "import toolkit.model.fused_mamba as fm; print(sorted(fm.TRITON_MAMBA))"
@@ -107,7 +107,7 @@ def test_the_op_takes_this_kernel_by_default_and_names_are_checked():
         )  # fmt: skip
 
     unset, none, two, bad = map(names, (None, "none", "norm,dx", "dstates,fast"))
-    assert unset.communicate(timeout=120)[0].strip() == "['dstates', 'states']"
+    assert unset.communicate(timeout=120)[0].strip() == "['bc', 'dstates', 'states']"
     assert none.communicate(timeout=120)[0].strip() == "[]"
     assert two.communicate(timeout=120)[0].strip() == "['dx', 'norm']"
     stderr = bad.communicate(timeout=120)[1]

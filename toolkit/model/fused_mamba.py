@@ -15,8 +15,8 @@ With `recompute` (mamba-ssm's choice) the backward recomputes the conv's output 
 chunk states; without, the forward keeps them (the conv's output in bf16, the states passed
 between chunks and dA's sums in each chunk in fp32: 16 KB a token a layer at the 800M's
 widths) and the backward runs mamba-ssm's backward kernels on them, skipping the 4 kernels a
-layer that made them again (RESULTS.md 2026-12-06, afternoon); by default the chunk states
-and their gradients by our kernels (TRITON_MAMBA below).
+layer that made them again (RESULTS.md 2026-12-06, afternoon); by default the chunk states,
+their gradients and B's and C's by our kernels (TRITON_MAMBA below).
 """
 
 import os
@@ -31,19 +31,18 @@ from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 from toolkit.model.ssd_states_kernel import ssd_states
 
 # Our kernels in place of mamba-ssm's, by name, where the states are kept (all but the norm).
-# On by default (each measured on an H100 at the 800M's widths, RESULTS.md 2026-12-07 morning):
-# "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two
-# kernels), "states" the forward's chunk states in one kernel before mamba-ssm's scan
-# (ssd_states_kernel.py; 2.34x its three kernels at micro-batch 8; a step 1.003-1.008x at
-# micro-batch 4 with 32 channels a program, before 64 were its default). For A/B runs: "bc"
-# B's and C's gradients and dA's through the states by our B/C kernels, x's and dA's within
-# the chunks by mamba-ssm's (a step 1.009-1.016x at micro-batch 4, but the SSD backward's GPU
-# time 0.92x at 8: the dA rows make the B/C kernels spill), "ddacs" with it dA's within the
-# chunks by our dC kernel too (a step 0.965x), "norm" the gated norm (gated_norm_kernel.py; a
-# step level), "forward" the SSD forward in one kernel (ssd_scan_kernel.py; 0.70x), "dx" all
-# the backward's other gradients (ssd_chunk_grad_kernel.py; its head kernel 1.5x the time of
-# mamba-ssm's two). "none": none.
-DEFAULT_TRITON_MAMBA = "dstates,states"
+# On by default (each measured on an H100 at the 800M's widths, RESULTS.md 2026-12-07): "dstates"
+# the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two kernels), "states"
+# the forward's chunk states in one kernel before mamba-ssm's scan (ssd_states_kernel.py; 2.34x
+# its three at micro-batch 8), "bc" B's and C's gradients and dA's through the states by our
+# B/C kernels, x's and dA's within the chunks by mamba-ssm's (the SSD backward 1.20x by all its
+# kernels' GPU time at micro-batch 8, 0.97x at the 8B's widths; a step 1.028x at micro-batch
+# 4). For A/B runs: "ddacs" with "bc" dA's within the chunks by our dC kernel too (the SSD
+# backward 0.92x "bc"'s), "norm" the gated norm (gated_norm_kernel.py; a step level), "forward"
+# the SSD forward in one kernel (ssd_scan_kernel.py; 0.70x), "dx" all the backward's other
+# gradients (ssd_chunk_grad_kernel.py; its head kernel 1.5x the time of mamba-ssm's two).
+# "none": none.
+DEFAULT_TRITON_MAMBA = "bc,dstates,states"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
 ) - {"", "none"}

@@ -9,12 +9,13 @@ launches, against mamba-ssm's ten kernels and its torch sums.
 - _ssd_bc_grad_kernel, a program per chunk, head group and block of the chunk's rows: dC's rows
   (WHICH 0) or dB's (1), each head's part added in registers and written once; optionally what
   dA's gradient gets through the states by row, and (the dC kernel) within the chunks
-  (ssd_bc_grads), for the op's "bc" path, where mamba-ssm's dx and within-chunk dA kernels
-  (0.83 ms against our head kernel's 1.28) go with these, or its dx kernel alone ("bc" and
-  "ddacs"). On an H100 at the 800M's widths and micro-batch 8 (RESULTS.md 2026-12-07 morning)
-  the two take 1.17 ms with dA's rows against 0.76 without (at 4 warps the rows add ~800 bytes
-  of spills a thread: benchmarks/kernel_resources.py) and mamba-ssm's four they replace 0.94;
-  with the within-chunk dA too 2.51 ms at 4 warps, 1.43 at 8, against 1.17 + mamba-ssm's 0.30.
+  (ssd_bc_grads), for the op's "bc" path (a default), where mamba-ssm's dx and within-chunk dA
+  kernels (0.83 ms against our head kernel's 1.28) go with these, or its dx kernel alone ("bc"
+  and "ddacs"). On an H100 at the 800M's widths and micro-batch 8 (RESULTS.md 2026-12-07) the
+  two take 0.94 ms with dA's rows at 8 warps (1.17 at 4, where the rows add ~800 bytes of
+  spills a thread: benchmarks/kernel_resources.py), 0.76 without, and replace four of
+  mamba-ssm's kernels (0.94 ms) and the torch sums of its wrappers (~0.4 ms): the SSD backward
+  1.20x; with the within-chunk dA too 1.44 ms at 8 warps, against 0.94 + mamba-ssm's 0.30.
 
 The first version held a whole chunk's 128 x 128 fp32 tiles and two sums over the heads in one
 program (255 registers and 3-6 KB of spills a thread: 0.28x mamba-ssm's kernels on the H100).
