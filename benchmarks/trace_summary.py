@@ -83,6 +83,10 @@ def family(name: str, op: str = "", one_block: bool = False) -> str:
         return "attention"
     if op in MATMUL_OPS or re.search(MATMUL, n):
         return FP8_LABEL if re.search(FP8_MATMUL, n + aten) else MATMUL_LABEL
+    # The compiled loss: its log-sum-exp (a row's max, then the sum of exps) and its gradient
+    # (the exps less the label's one-hot, an eq): in bf16 runs too, so before the amax test.
+    if triton and "exp" in n.split("_") and re.search(r"_(amax|eq)_", n):
+        return "cross-entropy / softmax"
     # torchao's tensorwise scaling under Inductor (torch.max(torch.abs(x)), then max / amax as
     # the scale, then a saturated cast): triton_red_fused_abs_amax_0 and the like (also fused into
     # a norm's or an activation's kernel), the scale (one block) unless fused into the cast,

@@ -40,6 +40,20 @@ spec.loader.exec_module(ts)
             "cross-entropy / softmax",
         ),
         ("triton_poi_fused__to_copy_clamp_max_exp_mul_sub_12", "", False, ts.OTHER_TRITON),
+        (  # the chunked log-sum-exp and the loss's gradient, compiled (bf16 runs)
+            "triton_per_fused__to_copy_abs_amax_eq_exp_mul_ne_scalar_tensor_sub_sum_unsqueeze_"
+            "view_where_0",
+            "",
+            False,
+            "cross-entropy / softmax",
+        ),
+        (
+            "triton_poi_fused__to_copy_arange_copy_copy__eq_exp_mul_sub_unsqueeze_0",
+            "",
+            False,
+            "cross-entropy / softmax",
+        ),
+        ("triton_poi_fused_exp_mul_neg_0", "", False, ts.OTHER_TRITON),
         ("_chunk_scan_fwd_kernel", "MambaSplitConv1dScanCombinedFn", False, "Mamba SSD (Triton)"),
         ("causal_conv1d_fwd_kernel", "MambaSplitConv1dScanCombinedFn", False, "conv1d"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "?", False, "attention"),
