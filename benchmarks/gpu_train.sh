@@ -294,6 +294,10 @@ TOOLKIT_TRITON_MAMBA=bc,dstates tp lever_fastest_no_recompute_bc 200 8 "${FASTES
 TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm 200 8 "${FASTEST_KEPT[@]}"
+# C Bt made again in the backward (TOOLKIT_MAMBA_KEEP_CB=0: as before 2026-12-07 afternoon),
+# against lever_fastest_no_recompute(_mbs4), where the forward's is kept.
+TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb_mbs4 200 4 "${FASTEST_KEPT[@]}"
+TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb 200 8 "${FASTEST_KEPT[@]}"
 # The default without B's and C's gradients by ours (the default before 2026-12-07 noon), and
 # with dA's gradient within the chunks by our dC kernel too (bcd: in place of mamba-ssm's
 # ddAcs), against lever_fastest_no_recompute(_mbs4). (The _sbc and _nsbc runs of 2026-12-07

@@ -183,9 +183,9 @@ from toolkit.model.mamba2 import Mamba2Mixer
 KEPT = []
 
 
-def forward_keeping(x, dt, A, B, C, chunk_size, D, dt_bias):
+def forward_keeping(x, dt, A, B, C, chunk_size, D, dt_bias, keep_cb=False):
     CONV_CALLS.append("ssd forward")
-    KEPT.append(tuple(torch.randn(3) for _ in range(3)))
+    KEPT.append(tuple(torch.randn(3) for _ in range(4 if keep_cb else 3)))  # C Bt the fourth
     return ssd(x, dt, A, B, C, chunk_size, D, dt_bias), KEPT[-1]
 
 
@@ -260,6 +260,9 @@ for backend, recompute, head_dim in CASES:
         results.append((out.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
         if path == mixer._forward_fused:
             assert CONV_CALLS == EXPECTED[recompute], (backend, recompute, CONV_CALLS)
+            # C Bt kept too where mamba-ssm's scan made it and its backward kernels read it
+            if not recompute and fm.KEEP_CB and not {"forward", "dx"} & fm.TRITON_MAMBA:
+                assert len(KEPT[-1]) == 4, len(KEPT[-1])
     (fused, fused_grads), (ref, ref_grads) = results
     case = (backend, recompute, head_dim)
     assert (fused - ref).abs().max() <= 1e-5 * ref.abs().max(), (case, (fused - ref).abs().max())

@@ -134,17 +134,18 @@ def test_config_cli_prints_the_plan():
 
 def test_keeping_the_mamba_states_adds_them_to_the_plan():
     """model.mamba_recompute = false (fused_mamba.py) keeps, per Mamba layer, the conv's output
-    (bf16) and, in fp32, the states passed into each chunk, dt after its softplus and dA's sums
-    within each chunk."""
+    (bf16) and, in fp32, the states passed into each chunk, dt after its softplus, dA's sums
+    within each chunk and C Bt (each group's [chunk, chunk] a chunk)."""
     keep = small_recipe(tp=1)
     keep.model.mamba_recompute = False
     extra = plan_memory(keep, 1)[0].activations - plan_memory(small_recipe(tp=1), 1)[0].activations
     batch, seq, layers = 2, 64, 2  # "M*-M"
-    heads, head_dim, state, chunk = 128 // 16, 16, 16, 16
-    conv_channels, chunks = 128 + 2 * 2 * state, seq // chunk
+    heads, head_dim, state, chunk, groups = 128 // 16, 16, 16, 16, 2
+    conv_channels, chunks = 128 + 2 * groups * state, seq // chunk
     per_layer = (
         batch * seq * conv_channels * 2
         + batch * chunks * heads * head_dim * state * 4
         + 2 * batch * heads * chunks * chunk * 4
+        + batch * chunks * groups * chunk * chunk * 4
     )
     assert extra == layers * per_layer

@@ -109,7 +109,7 @@ def _fused_mamba_forward(self: nn.Module, u: torch.Tensor, state: object = None)
     """What `mamba_split_conv1d_scan_combined` keeps: its input zxbcdt, the scan's output
     (out_x) and the norm's rstd per group; out_proj keeps its own input. Without
     model.mamba_recompute (fused_mamba.py) also the conv's output and, in fp32, the states
-    passed into each chunk, dt after its softplus and dA's sums within each chunk."""
+    passed into each chunk, dt after its softplus, dA's sums within each chunk and C Bt."""
     zxbcdt = self.in_proj(u)
     b, length, _ = u.shape
     y = zxbcdt.new_empty(b, length, self.d_inner)
@@ -124,6 +124,7 @@ def _fused_mamba_forward(self: nn.Module, u: torch.Tensor, state: object = None)
             torch.empty(b, chunks, heads, p, n, **fp32),
             torch.empty(b, heads, chunks, self.chunk_size, **fp32),
             torch.empty(b, heads, chunks, self.chunk_size, **fp32),
+            torch.empty(b, chunks, self.num_groups, self.chunk_size, self.chunk_size, **fp32),
         ]
     return self.out_proj(_Keeps.apply(y, *kept))
 

@@ -13,8 +13,8 @@ straight into in_proj's gradient.
 
 With `recompute` (mamba-ssm's choice) the backward recomputes the conv's output and the SSD's
 chunk states; without, the forward keeps them (the conv's output in bf16, the states passed
-between chunks and dA's sums in each chunk in fp32: 16 KB a token a layer at the 800M's
-widths) and the backward runs mamba-ssm's backward kernels on them, skipping the 4 kernels a
+between chunks, dA's sums in each chunk and C Bt in fp32: 20 KB a token a layer at the 800M's
+widths) and the backward runs mamba-ssm's backward kernels on them, skipping the 5 kernels a
 layer that made them again (RESULTS.md 2026-12-06, afternoon); by default the chunk states,
 their gradients and B's and C's by our kernels (TRITON_MAMBA below).
 """
@@ -54,6 +54,11 @@ if "ddacs" in TRITON_MAMBA and "bc" not in TRITON_MAMBA:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: 'ddacs' "
                      "is a part of our dC kernel: it goes with 'bc'")  # fmt: skip
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
+# Where the states are kept, C Bt too (mamba-ssm's scan made it; its backward's dx and
+# within-chunk dA kernels read it): the backward's C Bt kernel not run again, 0.10 ms a layer at
+# the 800M's widths and micro-batch 8 on an H100 (RESULTS.md 2026-12-07), for 4 KB a token a
+# layer there. TOOLKIT_MAMBA_KEEP_CB=0: made again, as before (for A/B runs).
+KEEP_CB = os.environ.get("TOOLKIT_MAMBA_KEEP_CB", "1") != "0"
 
 
 def _views(
@@ -175,13 +180,15 @@ def ssd_forward_keeping_states(
     chunk_size: int,
     D: torch.Tensor,
     dt_bias: torch.Tensor,
+    keep_cb: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """mamba-ssm's SSD forward (y with D's skip; dt through softplus(dt + dt_bias)) by its
     kernels, the chunk states by ours where TRITON_MAMBA names "states", and what its backward
     would otherwise recompute: (dt after the softplus, dA's sums within each chunk, the states
-    passed into each chunk [b, chunks, heads, p, n]) as the recompute makes them, in fp32. The
-    scan reads the fp32 states and rounds them to bf16 as the combined forward's bf16 copy of
-    them is rounded: the same output."""
+    passed into each chunk [b, chunks, heads, p, n]) as the recompute makes them, in fp32, and
+    with `keep_cb` the C Bt products the scan read ([b, chunks, groups, chunk, chunk] fp32: 4 x
+    groups x chunk bytes a token). The scan reads the fp32 states and rounds them to bf16 as
+    the combined forward's bf16 copy of them is rounded: the same output."""
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
 
@@ -189,7 +196,7 @@ def ssd_forward_keeping_states(
     dt_soft, dA_sums, states = states_of(x, dt, A, B, chunk_size, dt_bias)
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
     y, _ = _chunk_scan_fwd(CB, x, dt_soft, dA_sums, C, states, D=D)
-    return y, (dt_soft, dA_sums, states)
+    return y, (dt_soft, dA_sums, states, CB) if keep_cb else (dt_soft, dA_sums, states)
 
 
 def ssd_backward_from_states(
@@ -211,8 +218,9 @@ def ssd_backward_from_states(
     """The gradients of ssd_forward_keeping_states from what it kept: x's, dt's (before the
     softplus), B's and C's written into the views given; (A's, D's, dt_bias's) returned. The
     kernels of mamba-ssm's combined backward in its order, less its recompute of the states
-    (C Bt, 1 MB a chunk and head group in fp32, is made again: cheap beside its bytes), or
-    ours where TRITON_MAMBA names them ("dstates", "dx" and "bc")."""
+    (and of C Bt where it was kept), or ours where TRITON_MAMBA names them ("dstates", "dx"
+    and "bc")."""
+    kept, kept_cb = kept[:3], kept[3] if len(kept) > 3 else None
     dt_soft, dA_sums, states = kept
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     # ssd_chunk_grad_kernel's ("dx": all of it, "bc": its B/C kernels) read the fp32 states: no
@@ -235,7 +243,11 @@ def ssd_backward_from_states(
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_state_bwd_db
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
 
-    CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    CB = (
+        kept_cb
+        if kept_cb is not None
+        else _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    )
     _, ddt_soft, dD = _chunk_scan_chunk_state_bwd_dx(
         x, dt_soft, dA_sums, B, CB, dy, dstates, D=D, dx=dx
     )
@@ -294,8 +306,12 @@ class ConvScanNorm(torch.autograd.Function):
             )
             kept = ()
         else:
-            keeping = ssd_forward_fused if "forward" in TRITON_MAMBA else ssd_forward_keeping_states
-            y, kept = keeping(x, dt, A, B, C, chunk_size, D, dt_bias)
+            args = (x, dt, A, B, C, chunk_size, D, dt_bias)
+            if "forward" in TRITON_MAMBA:
+                y, kept = ssd_forward_fused(*args)
+            else:  # C Bt for the backward's two kernels that read it (not "dx"'s)
+                keep_cb = KEEP_CB and "dx" not in TRITON_MAMBA
+                y, kept = ssd_forward_keeping_states(*args, keep_cb=keep_cb)
             kept = (conv, *kept)
         out, rstd = norm_forward(
             y.flatten(0, 1).flatten(-2), z.flatten(0, 1), norm_weight, groups, eps, NORM_BACKEND
