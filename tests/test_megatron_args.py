@@ -505,3 +505,14 @@ def test_eod_mask_loss_becomes_the_data_key():
     assert both.returncode == 0, both.stderr
     converted = tomllib.loads(both.stdout)
     assert converted["data"]["eod_mask_loss"] is True and converted["train"]["per_token_loss"]
+
+
+def test_the_residual_streams_dtype_is_megatrons():
+    """Megatron keeps the residual stream in bf16 under --bf16 unless --fp32-residual-connection
+    (the reference's train.sh has not got it); the toolkit's default is fp32, so the converted
+    recipe says which."""
+    flat = REFERENCE_8B.replace("\\\n", " ")
+    fp32, plain = convert(flat + " --fp32-residual-connection"), convert(flat)
+    assert fp32.returncode == 0 and plain.returncode == 0, fp32.stderr + plain.stderr
+    assert tomllib.loads(fp32.stdout)["model"]["fp32_residual"] is True
+    assert tomllib.loads(plain.stdout)["model"]["fp32_residual"] is False

@@ -149,3 +149,17 @@ def test_keeping_the_mamba_states_adds_them_to_the_plan():
         + batch * chunks * groups * chunk * chunk * 4
     )
     assert extra == layers * per_layer
+
+
+def test_a_bf16_residual_stream_halves_what_checkpointed_blocks_keep():
+    """model.fp32_residual = false under bf16: a checkpointed block keeps its input in bf16, 2
+    bytes a channel fewer per block and token. (Without checkpointing eager autograd saves the
+    same bytes either way: the norm keeps its input's fp32 copy.)"""
+    plans = {}
+    for fp32_residual in (True, False):
+        r = small_recipe(tp=1)
+        r.train.precision, r.train.activation_checkpointing = "bf16", "full"
+        r.model.fp32_residual = fp32_residual
+        plans[fp32_residual] = plan_memory(r, 1, target="cpu")[0].activations
+    blocks, tokens, hidden = 4, 2 * 64, 64
+    assert plans[True] - plans[False] == blocks * tokens * hidden * 2

@@ -168,6 +168,43 @@ def test_autocast_contexts():
         autocast_context("fp16", CPU)
 
 
+def test_a_bf16_residual_stream_is_rounded_once_after_the_embedding():
+    """model.fp32_residual = false: under bf16 autocast every block takes and returns bf16 (as
+    Megatron's --bf16 runs without --fp32-residual-connection), not the fp32 the embedding
+    writes; the loss and gradients within bf16 rounding of the fp32 stream's. In fp32 training
+    (no autocast) the key changes nothing."""
+    import torch.nn.functional as F
+
+    from tests.conftest import tiny_model_config
+
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def run(fp32_residual: bool, precision: str = "bf16"):
+        torch.manual_seed(0)
+        model = HybridLM(tiny_model_config(fp32_residual=fp32_residual), vocab_size=100)
+        dtypes = set()
+        for block in model.layers:
+            block.register_forward_hook(lambda m, args, out: dtypes.add((args[0].dtype, out.dtype)))
+        with autocast_context(precision, CPU):
+            logits = model(tokens)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters()}, dtypes
+
+    loss, grads, dtypes = run(False)
+    assert dtypes == {(torch.bfloat16, torch.bfloat16)}
+    want_loss, want_grads, want_dtypes = run(True)
+    assert want_dtypes == {(torch.float32, torch.float32)}
+    assert not torch.equal(loss, want_loss)
+    # Measured: the losses 1.2e-5 apart (relative), the gradients at most 1.3e-2 (relative L2).
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-3)
+    for name, grad in grads.items():
+        assert (grad - want_grads[name]).norm() <= 5e-2 * want_grads[name].norm(), name
+    fp32 = run(False, "fp32")
+    assert fp32[2] == {(torch.float32, torch.float32)}
+    assert torch.equal(fp32[0], run(True, "fp32")[0])
+
+
 def test_no_engine_is_a_clear_error(monkeypatch):
     import toolkit.precision as precision
 

@@ -181,6 +181,7 @@ def _model(r: _Reader) -> dict[str, Any]:
         "init_std": r.num("--init-method-std", float, 0.02),
         "norm_eps": r.num("--norm-epsilon", float, 1e-5),
         "make_vocab_size_divisible_by": r.num("--make-vocab-size-divisible-by", int, 128),
+        "fp32_residual": r.has("--fp32-residual-connection"),
     }
     _layers(r, m, pattern)
     if r.has("--swiglu") and r.has("--squared-relu"):

@@ -119,6 +119,9 @@ FLAGS = {
     "--eval-interval": Flag(1, "train.eval_interval", "with a validation share in --split"),
     "--eval-iters": Flag(1, "train.eval_batches", "x global / micro batch"),
     "--bf16": Flag(0, "train.precision", "absent: fp32"),
+    "--fp32-residual-connection": Flag(
+        0, "model.fp32_residual", "true; absent: false (with --bf16 a bf16 residual stream)"
+    ),
     "--fp8-format": Flag(
         1,
         "train.precision",

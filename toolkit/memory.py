@@ -160,10 +160,12 @@ def _sharded_block(kind: str, cfg: ModelConfig, tp: int) -> Block:
     return block
 
 
-def _block_activations(block: Block, batch: int, seq: int, local_seq: int, hidden: int) -> int:
+def _block_activations(
+    block: Block, batch: int, seq: int, local_seq: int, hidden: int, residual: torch.dtype
+) -> int:
     """Saved bytes of one block's forward at TP-sharded widths: the norm on this rank's part of
     the sequence, the mixer on all of it (its input gathered under sequence parallelism)."""
-    x = torch.empty(batch, local_seq, hidden, requires_grad=True)  # the fp32 residual stream
+    x = torch.empty(batch, local_seq, hidden, dtype=residual, requires_grad=True)
     with _SavedBytes() as saved:
         normed = block.norm(x)
         if local_seq != seq:
@@ -189,6 +191,7 @@ def plan_memory(recipe: Recipe, world_size: int, *, target: str = "cuda") -> lis
     vocab = m.vocab_size or tokenizer_from_recipe(recipe).vocab_size
     half = t.precision != "fp32"  # fp8 traced as bf16: float8 keeps less, so this errs high
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if half else contextlib.nullcontext()
+    residual = torch.float32 if m.fp32_residual or not half else torch.bfloat16  # hybrid.py's
     with FakeTensorMode(), autocast:
         model = HybridLM(m, vocab, tp=tp)
         per_kind: dict[str, int] = {}
@@ -196,9 +199,12 @@ def plan_memory(recipe: Recipe, world_size: int, *, target: str = "cuda") -> lis
             block = _sharded_block(kind, m, tp)
             gpu = _gpu_kernels(block, fused_mamba=m.kernels != "reference")
             with gpu if target == "cuda" else contextlib.nullcontext():
-                per_kind[kind] = _block_activations(block, batch, seq, local_seq, m.hidden_size)
-        last = _last_stage_activations(model, batch, seq, local_seq, tp, vocab)
-    block_input = batch * local_seq * m.hidden_size * 4  # what a checkpointed block keeps
+                per_kind[kind] = _block_activations(
+                    block, batch, seq, local_seq, m.hidden_size, residual
+                )
+        last = _last_stage_activations(model, batch, seq, local_seq, tp, vocab, residual)
+    # What a checkpointed block keeps: its input.
+    block_input = batch * local_seq * m.hidden_size * residual.itemsize
 
     stages = []
     ranges = pipeline.stage_ranges(model, pp)
@@ -234,13 +240,19 @@ def plan_memory(recipe: Recipe, world_size: int, *, target: str = "cuda") -> lis
 
 
 def _last_stage_activations(
-    model: HybridLM, batch: int, seq: int, local_seq: int, tp: int, vocab: int
+    model: HybridLM,
+    batch: int,
+    seq: int,
+    local_seq: int,
+    tp: int,
+    vocab: int,
+    residual: torch.dtype,
 ) -> dict[str, int]:
     """The final norm (on this rank's part of the sequence), the output layer's rows of this
     rank and the loss: what they keep, and the logits' gradient buffer."""
     hidden = model.cfg.hidden_size
     rows = model.padded_vocab_size // tp
-    x = torch.empty(batch, local_seq, hidden, requires_grad=True)
+    x = torch.empty(batch, local_seq, hidden, dtype=residual, requires_grad=True)
     weight = nn.Parameter(torch.empty(rows, hidden))
     labels = torch.zeros(batch, seq, dtype=torch.long)
     with _SavedBytes() as saved:

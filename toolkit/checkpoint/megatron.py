@@ -118,6 +118,7 @@ def megatron_args(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         init_method_std=cfg.init_std,
+        fp32_residual_connection=cfg.fp32_residual,
         seed=train.seed,
         micro_batch_size=train.micro_batch_size,
         global_batch_size=train.global_batch_size,

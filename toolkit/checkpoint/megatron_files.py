@@ -126,6 +126,7 @@ ARGS_READ = (
     "rotary_base",
     "make_vocab_size_divisible_by",
     "init_method_std",
+    "fp32_residual_connection",
     "squared_relu",
     "mamba_state_dim",
     "mamba_chunk_size",

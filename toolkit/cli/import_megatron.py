@@ -68,6 +68,7 @@ def model_table(margs: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         "rotary_base": float(get("rotary_base", 10000)),
         "make_vocab_size_divisible_by": get("make_vocab_size_divisible_by") or 128,
         "init_std": float(get("init_method_std", 0.02)),
+        "fp32_residual": bool(get("fp32_residual_connection", False)),  # Megatron's default
     }
     if "-" in pattern:
         ffn = first("-", "linear_fc2.weight")[1]

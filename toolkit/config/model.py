@@ -55,6 +55,12 @@ class ModelConfig:
         "heads x head_dim x state / chunk + 4 x groups x chunk bytes a token a layer more "
         "(20 KB at the 800M's)",
     )
+    fp32_residual: bool = opt(
+        True,
+        "the residual stream between blocks in fp32 under bf16 and FP8 training (Megatron's "
+        "--fp32-residual-connection); false keeps it in bf16, as Megatron's --bf16 runs do "
+        "without that flag: half the bytes the norms, residual adds and pipeline sends move",
+    )
 
     @property
     def ffn_size(self) -> int:

@@ -32,6 +32,16 @@ class Block(nn.Module):
         return x + self.mixer(self.norm(x), state)
 
 
+def residual_stream(x: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """The embedding's output as the residual stream. Under autocast the embedding writes fp32
+    and each block's x + mixer(...) stays fp32 (model.fp32_residual); without that key it is
+    rounded once to autocast's dtype here, and every block's sum is then in that dtype, as in
+    Megatron's bf16 runs. The norms still compute in fp32."""
+    if not fp32 and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
     if kind == "M":
         conv = fused_mamba_conv(cfg.kernels, cfg.mamba_conv_backend, cfg.mamba_conv_kernel)
@@ -133,7 +143,7 @@ class HybridLM(nn.Module):
     def hidden(self, tokens: torch.Tensor, states: DecodeStates | None = None) -> torch.Tensor:
         """forward() before the output layer: [b, l, hidden] (callers that need logits at a few
         positions, or over a sharded vocabulary, apply it themselves)."""
-        x = self.embedding(tokens)
+        x = residual_stream(self.embedding(tokens), self.cfg.fp32_residual)
         if states is None:
             # Whole blocks: the training transforms (activation checkpointing, compile) wrap them.
             for block in self.layers:

@@ -14,6 +14,7 @@ from torch import nn
 from toolkit.distributed import ParallelEnv
 from toolkit.layout import split_stages
 from toolkit.model import HybridLM
+from toolkit.model.hybrid import residual_stream
 
 if TYPE_CHECKING:  # imported where used: pipelining imports torch._dynamo, ~1.7 s a process
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
@@ -30,15 +31,18 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, stop)})
         self.final_norm = model.final_norm if self.last else None
         self.output_layer = model.output_layer if self.last else None
+        self.fp32_residual = model.cfg.fp32_residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding is not None:
             x = self.embedding(x)
+        x = residual_stream(x, self.fp32_residual)
         for block in self.layers.values():
             x = block(x)
         if self.output_layer is not None:
-            x = self.output_layer(self.final_norm(x))
-        return x
+            return self.output_layer(self.final_norm(x))
+        # Between stages as fp32, the dtype of the schedule's buffers: exact for a bf16 stream.
+        return x.float()
 
 
 def stage_ranges(model: HybridLM, pp: int) -> list[range]:
