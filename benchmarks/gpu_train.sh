@@ -298,17 +298,19 @@ TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm 200 8 "${F
 # against lever_fastest_no_recompute(_mbs4), where the forward's is kept.
 TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb_mbs4 200 4 "${FASTEST_KEPT[@]}"
 TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb 200 8 "${FASTEST_KEPT[@]}"
-# The residual stream in bf16 (model.fp32_residual = false, Megatron's bf16 runs), against
-# lever_fastest_no_recompute(_mbs4), where it is fp32; at the recipe's global batch too.
-BF16RES=(--set model.fp32_residual=false)
-tp lever_fastest_no_recompute_bf16res_mbs4 200 4 "${FASTEST_KEPT[@]}" "${BF16RES[@]}"
-tp lever_fastest_no_recompute_bf16res 200 8 "${FASTEST_KEPT[@]}" "${BF16RES[@]}"
-tp lever_fastest_no_recompute_bf16res_mbs4_gb32 300 4 --accumulate 8 "${FASTEST_KEPT[@]}" \
-  "${BF16RES[@]}"
-tp lever_fastest_no_recompute_bf16res_gb32 300 8 --accumulate 4 "${FASTEST_KEPT[@]}" \
-  "${BF16RES[@]}"
+# The residual stream in bf16 (model.fp32_residual = false, Megatron's bf16 runs) and in fp32
+# (_fp32res), at the recipe's global batch too. The 800M recipe's is bf16 since 2026-12-07
+# evening: the _bf16res runs are then lever_fastest_no_recompute(_mbs4) again, and _fp32res the
+# A/B against them (the RESULTS.md entry of that evening ran _bf16res against fp32 defaults).
+for stream in bf16res:false fp32res:true; do
+  key=(--set "model.fp32_residual=${stream#*:}") name=lever_fastest_no_recompute_${stream%%:*}
+  tp "${name}_mbs4" 200 4 "${FASTEST_KEPT[@]}" "${key[@]}"
+  tp "$name" 200 8 "${FASTEST_KEPT[@]}" "${key[@]}"
+  tp "${name}_mbs4_gb32" 300 4 --accumulate 8 "${FASTEST_KEPT[@]}" "${key[@]}"
+  tp "${name}_gb32" 300 8 --accumulate 4 "${FASTEST_KEPT[@]}" "${key[@]}"
+done
 tp_traced lever_fastest_no_recompute_bf16res_mbs4_traced 240 4 "${FASTEST_KEPT[@]}" \
-  "${BF16RES[@]}"
+  --set model.fp32_residual=false
 # The default without B's and C's gradients by ours (the default before 2026-12-07 noon), and
 # with dA's gradient within the chunks by our dC kernel too (bcd: in place of mamba-ssm's
 # ddAcs), against lever_fastest_no_recompute(_mbs4). (The _sbc and _nsbc runs of 2026-12-07

@@ -237,6 +237,7 @@ def our_overrides(s: RaceShape, *, device: str, kernels: str, compile: bool) -> 
         "model.mamba_chunk_size": s.chunk_size,
         "model.position_embedding": '"none"',  # theirs has none without flash_attn's rotary
         "model.kernels": json.dumps(kernels),
+        "model.fp32_residual": "true",  # theirs: residual_in_fp32=True
         "train.device": json.dumps(device),
         # bf16 autocast over fp32 weights, as our trainer runs; fp32 on CPUs, where autocast to
         # bf16 is many times slower (the CPU run is a smoke test, not a measurement).
