@@ -7,12 +7,14 @@
 Takes the traces that `train.profile = {start = S, steps = N}` writes (or the kernel tables that
 --json-out wrote: a few hundred kB instead of a trace's hundreds of MB). Prints the GPU busy time
 and the wall time the traced steps spanned (busy / wall = how often the GPU idles waiting on the
-host), then the kernels grouped by family (matmul bf16 / FP8, attention, Mamba SSD, FP8 amax and
-casts...), by the op that launched them and by name. Times are per profiled step (the trace's
-ProfilerStep#N marks; 1 without them). --vs: the same for a second set of traces, side by side,
-with the ratio and the difference per family, and for an FP8 run against a bf16 one: how much
-faster the GEMMs that went to FP8 ran, and what the quantisation cost. --flops: the matmul FLOPs
-of one step, for the achieved TFLOP/s of the matmul kernels.
+host), the idle gaps between GPU work by size (many small ones: the cost of many kernels; a few
+large ones: waits on the host) with the largest and what ran around them, then the kernels grouped
+by family (matmul bf16 / FP8, attention, Mamba SSD, FP8 amax and casts...), by the op that launched
+them and by name. Times are per profiled step (the trace's ProfilerStep#N marks; 1 without them).
+--vs: the same for a second set of traces, side by side, with the ratio and the difference per
+family, and for an FP8 run against a bf16 one: how much faster the GEMMs that went to FP8 ran, and
+what the quantisation cost. --flops: the matmul FLOPs of one step, for the achieved TFLOP/s of the
+matmul kernels.
 
 A kernel counts in the first family its name (or launching op, or one-block grid) matches, so a
 kernel Inductor fused from a norm and an FP8 abs-max counts as amax; the bf16 column shows which
@@ -118,6 +120,10 @@ def family(name: str, op: str = "", one_block: bool = False) -> str:
 # Copies and fills that run as DMA (cudaMemcpyAsync/cudaMemsetAsync) are not kernels but take
 # GPU time all the same.
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+# Idle gaps between GPU work by size, microseconds (upper limit, label): many small ones are the
+# cost of launching many kernels; a few large ones are the GPU waiting on the host.
+GAP_SIZES = ((5, "under 5 us"), (20, "5-20 us"), (100, "20-100 us"), (float("inf"), "100 us+"))
+LARGEST_GAPS = 8
 
 
 @dataclass
@@ -133,6 +139,10 @@ class Profile:
     # Kernels launched before recording began (the previous step's optimizer, still running
     # as the traced step starts): left out of every sum, or that work would count twice.
     before_us: float = 0.0
+    # The GPU idle between one piece of work's end and the next's start: [microseconds, count]
+    # by size (GAP_SIZES), and the largest ones as (us, the work before, the work after).
+    gaps: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0]))
+    largest_gaps: list[tuple[float, str, str]] = field(default_factory=list)
 
     @property
     def busy_us(self) -> float:
@@ -163,6 +173,14 @@ class Profile:
     def launches(self) -> int:
         return int(sum(n for _, n in self.kernels.values()))
 
+    def add_gap(self, us: float, before: str, after: str) -> None:
+        """The GPU idle for `us` between the end of `before` and the start of `after`."""
+        label = next(label for limit, label in GAP_SIZES if us < limit)
+        self.gaps[label][0] += us
+        self.gaps[label][1] += 1
+        self.largest_gaps = sorted([*self.largest_gaps, (us, before, after)], reverse=True)
+        del self.largest_gaps[LARGEST_GAPS:]
+
     def table(self) -> dict:
         rows = sorted(self.kernels.items(), key=lambda kv: -kv[1][0])
         return {
@@ -171,6 +189,8 @@ class Profile:
             "steps": self.steps,
             "before_us": self.before_us,
             "kernels": [[n, op, one, round(us, 3), int(c)] for (n, op, one), (us, c) in rows],
+            "gaps": {label: [round(us, 3), int(c)] for label, (us, c) in self.gaps.items()},
+            "largest_gaps": [[round(us, 3), a, b] for us, a, b in self.largest_gaps],
         }
 
 
@@ -202,6 +222,12 @@ def load(paths: list[str]) -> Profile:
             prof.wall_us += data["wall_us"]
             prof.steps += data["steps"]
             prof.before_us += data.get("before_us", 0.0)
+            for label, (us, count) in data.get("gaps", {}).items():
+                prof.gaps[label][0] += us
+                prof.gaps[label][1] += count
+            for us, before, after in data.get("largest_gaps", []):
+                prof.largest_gaps.append((us, before, after))
+            prof.largest_gaps = sorted(prof.largest_gaps, reverse=True)[:LARGEST_GAPS]
             continue
         if not isinstance(data, dict) or "traceEvents" not in data:
             raise TraceError(f"{path}: no traceEvents (not a torch.profiler Chrome trace)")
@@ -219,7 +245,7 @@ def load(paths: list[str]) -> Profile:
             if e.get("cat") in ("cuda_runtime", "cuda_driver")
             and "correlation" in e.get("args", {})
         }
-        first, last = float("inf"), 0.0
+        work = []  # (start, end, name) of what is counted
         for e in events:
             if e.get("cat") not in GPU_WORK:
                 continue
@@ -231,8 +257,16 @@ def load(paths: list[str]) -> Profile:
             row = prof.kernels[(e["name"], op, _one_block(args))]
             row[0] += e["dur"]
             row[1] += 1
-            first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
-        prof.wall_us += max(last - first, 0.0)
+            work.append((e["ts"], e["ts"] + e["dur"], e["name"]))
+        work.sort()
+        if work:
+            prof.wall_us += max(end for _, end, _ in work) - work[0][0]
+        ended, before = (work[0][1], work[0][2]) if work else (0.0, "")
+        for start, end, name in work[1:]:
+            if start > ended:
+                prof.add_gap(start - ended, before, name)
+            if end > ended:
+                ended, before = end, name
         marks = {e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")}
         prof.steps += max(len(marks), 1)
     if not prof.kernels:
@@ -255,6 +289,19 @@ def summarise(prof: Profile, top: int, flops: float | None) -> None:
     )
     if prof.before_us:
         print(f"left out: {ms(prof.before_us):.1f} ms of kernels launched before the traced steps")
+    if prof.gaps:
+        idle = sum(us for us, _ in prof.gaps.values())
+        count = sum(c for _, c in prof.gaps.values())
+        sizes = ", ".join(
+            f"{label} {ms(prof.gaps[label][0]):.1f} ms (x{prof.per_step(prof.gaps[label][1]):g})"
+            for _, label in GAP_SIZES
+            if label in prof.gaps
+        )
+        print(
+            f"gaps between GPU work: {ms(idle):.1f} ms in {prof.per_step(count):g} a step; {sizes}"
+        )
+        for us, before, after in prof.largest_gaps[:5]:
+            print(f"  {us:9.0f} us  after {before[:50]}  before {after[:50]}")
     fams = prof.families()
     if flops:
         t = ms(matmul_us(fams)) / 1e3

@@ -157,6 +157,37 @@ def test_kernels_launched_before_the_trace_are_left_out(tmp_path, capsys):
     assert ts.load([str(tmp_path / "k.json")]).before_us == 40_000
 
 
+def test_gaps_between_gpu_work_by_size_and_the_largest(tmp_path, capsys):
+    """The idle time between one kernel's end and the next one's start, by size (many small
+    gaps: launching many kernels; a few large ones: the GPU waiting on the host), the largest
+    with the kernels around them; work that overlaps (another stream) leaves no gap. The kernel
+    table keeps them."""
+    path = trace(tmp_path / "t.pt.trace.json", BF16, steps=1, gap_us=0)
+    data = json.loads(path.read_text())
+    kernel = {"ph": "X", "cat": "kernel", "args": {"grid": [132, 1, 1]}}
+    # after BF16's three kernels (1,000 to 131,000 us): gaps of 3, 10, 50 and 500 us
+    t = 131_000.0
+    for name, gap in (("a", 3), ("b", 10), ("c", 50), ("d", 500)):
+        t += gap
+        data["traceEvents"].append(kernel | {"name": name, "ts": t, "dur": 100})
+        t += 100
+    # inside d's span, on another stream: no gap before it, none after
+    data["traceEvents"].append(kernel | {"name": "e", "ts": t - 50, "dur": 20})
+    path.write_text(json.dumps(data))
+    assert ts.main([str(path), "--json-out", str(tmp_path / "k.json")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "gaps between GPU work: 0.6 ms in 4 a step; under 5 us 0.0 ms (x1), 5-20 us 0.0 ms "
+        "(x1), 20-100 us 0.1 ms (x1), 100 us+ 0.5 ms (x1)"
+    ) in out
+    largest = [line.split() for line in out.splitlines() if line.endswith("before d")]
+    assert largest == [["500", "us", "after", "c", "before", "d"]]
+    again = ts.load([str(tmp_path / "k.json")])
+    assert dict(again.gaps) == {"under 5 us": [3.0, 1], "5-20 us": [10.0, 1],
+                                "20-100 us": [50.0, 1], "100 us+": [500.0, 1]}  # fmt: skip
+    assert again.largest_gaps[0] == (500.0, "c", "d") and len(again.largest_gaps) == 4
+
+
 def test_bad_input_exits_2(tmp_path, capsys):
     missing = tmp_path / "none.json"
     assert ts.main([str(missing)]) == 2
