@@ -311,6 +311,13 @@ for stream in bf16res:false fp32res:true; do
 done
 tp_traced lever_fastest_no_recompute_bf16res_mbs4_traced 240 4 "${FASTEST_KEPT[@]}" \
   --set model.fp32_residual=false
+# Inductor's max-autotune in the fastest setting (Triton GEMM templates beside cuBLAS, picked
+# with their fused epilogues where faster: GELU into fc1, the residual adds into out_proj and
+# fc2), against lever_fastest_no_recompute(_mbs4); minutes of autotuning on a cold cache (the
+# Inductor parts brought back in .dev keep them for later calls).
+AUTOTUNE=(--set 'train.compile_mode="max-autotune-no-cudagraphs"')
+tp lever_fastest_no_recompute_autotune_mbs4 600 4 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
+tp lever_fastest_no_recompute_autotune 600 8 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
 # The default without B's and C's gradients by ours (the default before 2026-12-07 noon), and
 # with dA's gradient within the chunks by our dC kernel too (bcd: in place of mamba-ssm's
 # ddAcs), against lever_fastest_no_recompute(_mbs4). (The _sbc and _nsbc runs of 2026-12-07
