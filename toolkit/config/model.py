@@ -59,7 +59,7 @@ class ModelConfig:
         True,
         "the residual stream between blocks in fp32 under bf16 and FP8 training (Megatron's "
         "--fp32-residual-connection); false keeps it in bf16, as Megatron's --bf16 runs do "
-        "without that flag: half the bytes the norms, residual adds and pipeline sends move",
+        "without that flag: half the bytes through the norms and the residual adds",
     )
 
     @property
