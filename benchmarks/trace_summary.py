@@ -333,6 +333,9 @@ def compare(a: Profile, b: Profile, labels: tuple[str, str], top: int, flops: fl
     line("wall (first to last kernel)", ma(a.wall_us), mb(b.wall_us))
     line("GPU busy", ma(a.busy_us), mb(b.busy_us))
     line("gaps (GPU idle)", ma(a.wall_us - a.busy_us), mb(b.wall_us - b.busy_us))
+    for _, size in GAP_SIZES:
+        if size in a.gaps or size in b.gaps:
+            line(f"  gaps {size}", ma(a.gaps.get(size, [0.0])[0]), mb(b.gaps.get(size, [0.0])[0]))
     line("kernels launched", a.launches() / max(a.steps, 1), b.launches() / max(b.steps, 1), "")
     line("left out: launched before the trace", ma(a.before_us), mb(b.before_us))
     print()

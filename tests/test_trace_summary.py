@@ -111,6 +111,8 @@ def test_side_by_side_fp8_against_bf16(tmp_path, capsys):
     # per step: bf16 130 ms busy over 140 of wall; fp8 (230 ms / 2 steps) over (230 + 6*2) / 2
     assert lines["GPU busy"] == ["130.0", "115.0", "0.88", "-15.0", "ms"]
     assert lines["gaps (GPU idle)"] == ["10.0", "6.0", "0.60", "-4.0", "ms"]
+    assert lines["gaps 100 us+"] == ["10.0", "6.0", "0.60", "-4.0", "ms"]  # all 2-5 ms apart
+    assert "gaps under 5 us" not in lines
     assert lines[ts.MATMUL_LABEL] == ["100.0", "20.0", "0.20", "-80.0", "ms"]
     assert lines[ts.FP8_LABEL] == ["0.0", "50.0", "-", "+50.0", "ms"]
     assert lines["amax + one-block + casts"] == ["0.0", "15.0", "-", "+15.0", "ms"]
