@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from toolkit.activation_checkpoint import selected_kinds
 from toolkit.config import ModelConfig, Recipe
 from toolkit.model import HybridLM
-from toolkit.model.hybrid import Block, build_mixer
+from toolkit.model.hybrid import Block, build_mixer, residual_stream
 from toolkit.model.norms import build_norm
 from toolkit.parallel import pp as pipeline
 from toolkit.parallel import tp as tensor_parallel
@@ -191,8 +191,9 @@ def plan_memory(recipe: Recipe, world_size: int, *, target: str = "cuda") -> lis
     vocab = m.vocab_size or tokenizer_from_recipe(recipe).vocab_size
     half = t.precision != "fp32"  # fp8 traced as bf16: float8 keeps less, so this errs high
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if half else contextlib.nullcontext()
-    residual = torch.float32 if m.fp32_residual or not half else torch.bfloat16  # hybrid.py's
     with FakeTensorMode(), autocast:
+        # The stream's dtype by the model's own rule: bf16 under autocast without fp32_residual.
+        residual = residual_stream(torch.empty(0), m.fp32_residual).dtype
         model = HybridLM(m, vocab, tp=tp)
         per_kind: dict[str, int] = {}
         for kind in sorted(set(model.layout.pattern)):
