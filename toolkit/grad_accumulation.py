@@ -38,14 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit import row_sparse_grad
-
-
-def _compute_dtype(input: torch.Tensor) -> torch.dtype:
-    """The dtype F.linear computes in here: autocast's where it is on, else the input's."""
-    device = input.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return input.dtype
+from toolkit.model.norms import compute_dtype
 
 
 def weight_grad_of(input_2d: torch.Tensor, grad_2d: torch.Tensor) -> torch.Tensor:
@@ -88,7 +81,7 @@ class _LinearIntoGrad(torch.autograd.Function):
         weight_cast: torch.Tensor | None = None,
         fp32_gemm: bool = False,
     ) -> torch.Tensor:
-        dtype = _compute_dtype(input)  # autocast's rule for linear: both operands cast
+        dtype = compute_dtype(input)  # autocast's rule for linear: both operands cast
         x = input.to(dtype)
         w = weight_cast if weight_cast is not None else weight.to(dtype)
         ctx.save_for_backward(x, w)
@@ -131,7 +124,7 @@ class LinearIntoGrad(nn.Linear):
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
             return super().forward(input)
         grad, cast = self.weight.grad, getattr(self, "weight_cast", None)
-        if cast is not None and cast.dtype != _compute_dtype(input):
+        if cast is not None and cast.dtype != compute_dtype(input):
             cast = None  # autocast off (evaluation in fp32): cast as F.linear would
         fp32_gemm = self.fp32_weight_grad_gemm
         if grad is None and cast is None and not fp32_gemm:

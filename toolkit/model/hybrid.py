@@ -17,7 +17,7 @@ from toolkit.model.attention import Attention, Rotary
 from toolkit.model.kernels import fused_mamba_conv, select_ssd
 from toolkit.model.mamba2 import Mamba2Mixer
 from toolkit.model.mlp import MLP
-from toolkit.model.norms import add_norm, build_norm
+from toolkit.model.norms import add_norm, build_norm, compute_dtype
 from toolkit.model.states import DecodeStates
 
 
@@ -37,9 +37,7 @@ def residual_stream(x: torch.Tensor, fp32: bool) -> torch.Tensor:
     and each block's x + mixer(...) stays fp32 (model.fp32_residual); without that key it is
     rounded once to autocast's dtype here, and every block's sum is then in that dtype, as in
     Megatron's bf16 runs. The norms still compute in fp32."""
-    if not fp32 and torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
+    return x if fp32 else x.to(compute_dtype(x))
 
 
 def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:

@@ -20,6 +20,12 @@ from torch.overrides import handle_torch_function, has_torch_function
 AUTOCAST_OUTPUT = os.environ.get("TOOLKIT_NORM_AUTOCAST_OUTPUT", "1") != "0"
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's readers compute in: autocast's where it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -32,9 +38,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: bf16 mean-of-squares loses too many bits on wide hidden sizes.
         # x * rsqrt(mean(x^2) + eps) * weight; on CUDA one fused kernel, not ~6 eager passes.
-        dtype = x.dtype
-        if AUTOCAST_OUTPUT and torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = compute_dtype(x) if AUTOCAST_OUTPUT else x.dtype
         if x.is_cuda and x.dtype == self.weight.dtype == dtype:
             # CUDA's kernel already computes in fp32 for bf16/fp16 and rounds once at the end:
             # the same numbers without the two casts (bf16 inference: 2 of ~12 kernels a block).
