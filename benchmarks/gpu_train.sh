@@ -279,6 +279,21 @@ TOOLKIT_TRITON_MAMBA=norm,$DEFAULT_OURS tp lever_fastest_no_recompute_norm_mbs4 
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=norm,$DEFAULT_OURS tp lever_fastest_no_recompute_norm 200 8 \
   "${FASTEST_KEPT[@]}"
+# dA's rows summed into dt's gradient by one kernel (TOOLKIT_TRITON_MAMBA's dt,
+# ssd_chunk_grad_kernel.ssd_dt_grads) in place of torch's flips, cumulative sums and adds and
+# mamba-ssm's _chunk_cumsum_bwd (~10 launches a Mamba layer), against the same; then with our
+# gated norm too (_norm_dt, against _norm), and traced (the launches and gaps it removes).
+for ours in dt norm,dt; do
+  name=lever_fastest_no_recompute_${ours/,/_}
+  TOOLKIT_TRITON_MAMBA=$ours,$DEFAULT_OURS tp "${name}_mbs4" 200 4 "${FASTEST_KEPT[@]}"
+  TOOLKIT_TRITON_MAMBA=$ours,$DEFAULT_OURS tp "$name" 200 8 "${FASTEST_KEPT[@]}"
+  TOOLKIT_TRITON_MAMBA=$ours,$DEFAULT_OURS tp "${name}_gb32" 300 8 --accumulate 4 \
+    "${FASTEST_KEPT[@]}"
+done
+TOOLKIT_TRITON_MAMBA=dt,$DEFAULT_OURS tp_traced lever_fastest_no_recompute_dt_mbs4_traced 240 4 \
+  "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=dt,$DEFAULT_OURS tp_traced lever_fastest_no_recompute_dt_traced 240 8 \
+  "${FASTEST_KEPT[@]}"
 # Our chunk-state kernel beside the state gradients' (the default's parts since 2026-12-07
 # morning), in the fastest setting against lever_fastest_no_recompute_dstates(_mbs4).
 TOOLKIT_TRITON_MAMBA=states,dstates tp lever_fastest_no_recompute_states_mbs4 200 4 \

@@ -41,6 +41,7 @@ cases = for_device([
 for dtype, tol, L, H, G, with_d, Q in cases:
     b, P, N = 2, 16, 16
     ck.BLOCK_M = ck.BC_BLOCK_M = 16
+    ck.DT_BLOCK_H = 8  # the dt kernel's: 4 heads half a block (masked), 8 one
     chunks = -(-L // Q)
     row = torch.randn(b, L, 2 * H * P + 2 * G * N + H + 8, device=device).to(dtype)
     x = row[..., : H * P].unflatten(-1, (H, P))
@@ -76,11 +77,18 @@ for dtype, tol, L, H, G, with_d, Q in cases:
                          -torch.inf).exp()
     y_in = torch.einsum("bthn,bshn,btsh,bsh,bshp->bthp", Ch, Bh, within, soft, xl)
     (want_within,) = torch.autograd.grad((y_in * dy.float()).sum(), [a_in])
+    # dt's gradient after the softplus by the path that is not dA's (dt_j x_j's)
+    soft_in = soft.detach().requires_grad_()
+    y_dt = torch.einsum("bthn,bshn,btsh,bsh,bshp->bthp", Ch, Bh, decay.detach(), soft_in, xl)
+    (want_direct,) = torch.autograd.grad((y_dt * dy.float()).sum(), [soft_in])
     # what the forward keeps: dt after the softplus and dA's sums [b, h, chunks, Q], the states
     soft = soft.detach()
     pad = chunks * Q - L
-    dt_soft = F.pad(soft, (0, 0, 0, pad)).unflatten(1, (chunks, Q)).permute(0, 3, 1, 2)
-    dt_soft = dt_soft.contiguous()
+
+    def by_chunk(t):  # [b, l, h] -> [b, h, chunks, Q], zeros past the end
+        return F.pad(t, (0, 0, 0, pad)).unflatten(1, (chunks, Q)).permute(0, 3, 1, 2).contiguous()
+
+    dt_soft = by_chunk(soft)
     dA_sums = torch.cumsum(dt_soft * A[:, None, None], -1)
     states = torch.zeros(b, chunks, H, P, N, device=device)
     for c in range(1, chunks):
@@ -105,13 +113,22 @@ for dtype, tol, L, H, G, with_d, Q in cases:
                               (dx, dB, dC, ddt, ddt_bias, dA, dD), want):
         close(name, got, ref)
     assert (dD is None) == (not with_d)
-    # B's and C's kernels alone, with dA's gradient through the states (and within the chunks)
+    # B's and C's kernels alone, with dA's gradient through the states (and within the chunks);
+    # its rows summed into dt's, A's and dt_bias's gradients by the dt kernel, given dt's by the
+    # other path and, where the rows lack it, dA's within the chunks
     for within, ref_a in ((False, want_a - want_within), (True, want_a)):
         dB, dC = nans(B), nans(C)
-        ddA = ck.ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, ddA_last, within)
-        ddA = ddA.permute(0, 2, 3, 1).flatten(1, 2)[:, :L]  # [b, l, h] as a
+        rows = ck.ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, ddA_last, within)
+        ddA = ck.dA_grads(rows).permute(0, 2, 3, 1).flatten(1, 2)[:, :L]  # [b, l, h] as a
         for name, got, ref in (("dB", dB, want[1]), ("dC", dC, want[2]), ("dA", ddA, ref_a)):
             close(f"{name} (within {within})", got, ref)
+        ddt = nans(row)[..., 5 : 5 + H]
+        extra = None if within else by_chunk(want_within)
+        dA, ddt_bias = ck.ssd_dt_grads(rows, extra, by_chunk(want_direct), dt_soft, dt, A,
+                                       dt_bias, ddt)
+        for name, got, ref in (("ddt", ddt, want[3]), ("ddt_bias", ddt_bias, want[4]),
+                               ("dA", dA, want[5])):
+            close(f"{name} (dt kernel, within {within})", got, ref)
 print("chunk grad kernels agree")
 """
 
@@ -122,6 +139,7 @@ def test_chunk_grad_kernels_are_autograd_under_the_interpreter():
 
 def test_chunk_grad_kernels_refuse_what_they_cannot_read():
     pytest.importorskip("triton")
+    import toolkit.model.ssd_chunk_grad_kernel as ck
     from toolkit.model.ssd_chunk_grad_kernel import ssd_input_grads
 
     x, B, dt = torch.randn(1, 32, 4, 16), torch.randn(1, 32, 2, 16), torch.randn(1, 32, 4)
@@ -138,6 +156,11 @@ def test_chunk_grad_kernels_refuse_what_they_cannot_read():
         call(dB=B.mT.contiguous().mT)
     with pytest.raises(ValueError, match="head dim 24"):
         call(x=torch.randn(1, 32, 4, 24))
+    rows = ck.DARows(soft, soft, ddA_last, soft)
+    with pytest.raises(ValueError, match="within the chunks given twice"):
+        ck.ssd_dt_grads(rows, soft, soft, soft, dt, h4, h4, dt)
+    with pytest.raises(ValueError, match=r"\[b, h, chunks, chunk\] alike"):
+        ck.ssd_dt_grads(rows._replace(within=None), soft[..., :8], soft, soft, dt, h4, h4, dt)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")
@@ -159,7 +182,16 @@ def test_chunk_grad_kernels_match_mamba_ssms_on_the_gpu(monkeypatch):
     _, kept = fm.ssd_forward_keeping_states(*args)
     dy = torch.randn_like(x)
     grads = []
-    sets = [set(), {"dx"}, {"dstates", "dx"}, {"bc"}, {"dstates", "bc"}, {"dstates", "bc", "ddacs"}]
+    sets = [
+        set(),
+        {"dx"},
+        {"dstates", "dx"},
+        {"bc"},
+        {"dstates", "bc"},
+        {"dstates", "bc", "ddacs"},
+        {"dstates", "bc", "dt"},
+        {"dstates", "bc", "ddacs", "dt"},
+    ]
     for names in map(frozenset, sets):
         monkeypatch.setattr(fm, "TRITON_MAMBA", names)
         out = [torch.empty_like(t) for t in (x, dt, B, C)]

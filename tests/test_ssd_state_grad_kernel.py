@@ -93,25 +93,27 @@ def test_state_grad_kernel_refuses_what_it_cannot_read():
 
 def test_the_op_takes_this_kernel_by_default_and_names_are_checked():
     """TOOLKIT_TRITON_MAMBA: unset, the kernels of ours that were faster on a GPU (the chunk
-    states and their gradients, B's and C's); 'none', none of ours; a name it does not know
-    stops the import, naming it."""
+    states and their gradients, B's and C's); 'none', none of ours; a name it does not know, or
+    one without the kernels it reads, stops the import, naming it."""
     pytest.importorskip("triton")
     code = "import toolkit.model.fused_mamba as fm; print(sorted(fm.TRITON_MAMBA))"
     env = {k: v for k, v in os.environ.items() if k != "TOOLKIT_TRITON_MAMBA"}
 
-    def names(value):  # the import under that setting, started (the four run side by side)
+    def names(value):  # the import under that setting, started (the five run side by side)
         return subprocess.Popen(
             [sys.executable, "-c", code],
             env=env if value is None else {**env, "TOOLKIT_TRITON_MAMBA": value},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
 
-    unset, none, two, bad = map(names, (None, "none", "norm,dx", "dstates,fast"))
+    unset, none, two, bad, alone = map(names, (None, "none", "norm,dx", "dstates,fast", "dt"))
     assert unset.communicate(timeout=120)[0].strip() == "['bc', 'dstates', 'states']"
     assert none.communicate(timeout=120)[0].strip() == "[]"
     assert two.communicate(timeout=120)[0].strip() == "['dx', 'norm']"
     stderr = bad.communicate(timeout=120)[1]
     assert bad.returncode != 0 and "TOOLKIT_TRITON_MAMBA: 'dstates,fast'" in stderr
+    stderr = alone.communicate(timeout=120)[1]  # the dt kernel reads the B/C kernels' rows
+    assert alone.returncode != 0 and "'dt' reads our B/C kernels' dA rows" in stderr
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU")

@@ -25,7 +25,12 @@ import torch
 
 from toolkit.model.conv_kernel import conv_silu_backward, conv_silu_forward
 from toolkit.model.gated_norm_kernel import gated_norm_backward, gated_norm_forward
-from toolkit.model.ssd_chunk_grad_kernel import ssd_bc_grads, ssd_input_grads
+from toolkit.model.ssd_chunk_grad_kernel import (
+    dA_grads,
+    ssd_bc_grads,
+    ssd_dt_grads,
+    ssd_input_grads,
+)
 from toolkit.model.ssd_scan_kernel import ssd_forward_fused
 from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 from toolkit.model.ssd_states_kernel import ssd_states
@@ -38,7 +43,8 @@ from toolkit.model.ssd_states_kernel import ssd_states
 # B/C kernels, x's and dA's within the chunks by mamba-ssm's (the SSD backward 1.20x by all its
 # kernels' GPU time at micro-batch 8, 0.97x at the 8B's widths; a step 1.028x at micro-batch
 # 4). For A/B runs: "ddacs" with "bc" dA's within the chunks by our dC kernel too (the SSD
-# backward 0.92x "bc"'s), "norm" the gated norm (gated_norm_kernel.py; a step level), "forward"
+# backward 0.92x "bc"'s), "dt" with "bc" dA's rows summed into dt's gradient by one kernel
+# (ssd_dt_grads) in place of ~10 small launches, "norm" the gated norm (gated_norm_kernel.py; a step level), "forward"
 # the SSD forward in one kernel (ssd_scan_kernel.py; 0.70x), "dx" all the backward's other
 # gradients (ssd_chunk_grad_kernel.py; its head kernel 1.5x the time of mamba-ssm's two).
 # "none": none.
@@ -46,13 +52,16 @@ DEFAULT_TRITON_MAMBA = "bc,dstates,states"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
 ) - {"", "none"}
-if TRITON_MAMBA - {"norm", "forward", "states", "dstates", "dx", "bc", "ddacs"}:
+if TRITON_MAMBA - {"norm", "forward", "states", "dstates", "dx", "bc", "ddacs", "dt"}:
     raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: names "
-                     "are 'norm', 'forward', 'states', 'dstates', 'dx', 'bc', 'ddacs' and "
-                     "'none', comma-separated")  # fmt: skip
-if "ddacs" in TRITON_MAMBA and "bc" not in TRITON_MAMBA:
-    raise ValueError(f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: 'ddacs' "
-                     "is a part of our dC kernel: it goes with 'bc'")  # fmt: skip
+                     "are 'norm', 'forward', 'states', 'dstates', 'dx', 'bc', 'ddacs', 'dt' "
+                     "and 'none', comma-separated")  # fmt: skip
+for _part in ("ddacs", "dt"):
+    if _part in TRITON_MAMBA and "bc" not in TRITON_MAMBA:
+        raise ValueError(
+            f"TOOLKIT_TRITON_MAMBA: {os.environ['TOOLKIT_TRITON_MAMBA']!r}: "
+            f"{_part!r} reads our B/C kernels' dA rows: it goes with 'bc'"
+        )
 NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 # Where the states are kept, C Bt too (mamba-ssm's scan made it; its backward's dx and
 # within-chunk dA kernels read it): the backward's C Bt kernel not run again, 0.10 ms a layer at
@@ -253,9 +262,12 @@ def ssd_backward_from_states(
     )
     if bc:  # dA's gradient through the states, and with "ddacs" within the chunks, ours
         within = "ddacs" in TRITON_MAMBA
-        ddA = ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, ddA_chunk, within)
-        if not within:
-            ddA += _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
+        rows = ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, ddA_chunk, within)
+        extra = None if within else _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
+        if "dt" in TRITON_MAMBA:  # the rows summed and _chunk_cumsum_bwd's work: one kernel
+            dA, ddt_bias = ssd_dt_grads(rows, extra, ddt_soft, dt_soft, dt, A, dt_bias, ddt)
+            return dA, dD, ddt_bias
+        ddA = dA_grads(rows) if extra is None else dA_grads(rows) + extra
     else:
         groups = B.size(2)
         dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)

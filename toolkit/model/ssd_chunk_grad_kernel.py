@@ -39,6 +39,8 @@ sum_j w_j x_j B_j^T, so
 with dCB_ij = (dy_i . x_j) exp(s_i - s_j) dt_j (j <= i, summed over the group's heads).
 """
 
+from typing import NamedTuple
+
 import torch
 
 from toolkit.model.kernels import triton_imports
@@ -50,6 +52,18 @@ NUM_WARPS = 4  # the head kernel's
 # H100 (fewer spills), without them level (0.77 against 0.76; RESULTS.md 2026-12-07 late morning)
 BC_NUM_WARPS = 8
 NUM_STAGES = 1
+DT_BLOCK_H = 4  # heads a program of the dt kernel (each all of a chunk's steps)
+
+
+class DARows(NamedTuple):
+    """dA's gradient through the SSD's states by row, [b, h, chunks, chunk] fp32 (the B/C
+    kernels'), before it is summed along the chunk into each step's (dA_grads, ssd_dt_grads)."""
+
+    into_outputs: torch.Tensor  # row i: what output i reads of the state passed in
+    onto_state: torch.Tensor  # row j: what step j adds to the state passed on
+    last: torch.Tensor  # [b, h, chunks]: the chunk's last dA sum's, through the state passed on
+    within: torch.Tensor | None  # each step's within the chunk (the C Bt pairs'), or None
+
 
 if triton_imports():
     import triton
@@ -209,6 +223,44 @@ if triton_imports():
         else:
             tl.store(dB + dbc, grad_sum.to(dB.dtype.element_ty), r_ok[:, None])
 
+    @triton.jit
+    def _ssd_dt_grad_kernel(into_outputs, onto_state, last, extra, ddt_soft, dt_soft, dt, A,
+                            dt_bias, ddt, parts, L, H, stride_dt_b, stride_dt_l, stride_ddt_b,
+                            stride_ddt_l, Q: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+        # program (c, block of heads, b): each step's dA gradient from dA's rows, then dt's
+        # (before the softplus), and the chunk's parts of A's and dt_bias's
+        c, hb, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        CHUNKS = tl.num_programs(0)
+        h, q = hb * BLOCK_H + tl.arange(0, BLOCK_H), tl.arange(0, Q)
+        b64 = b.to(tl.int64)
+        t = c * Q + q
+        h_ok = h < H
+        ok = h_ok[:, None] & (t < L)[None, :]
+        row = (b64 * H + h) * CHUNKS + c  # [b, h, chunks]
+        at = row[:, None] * Q + q[None, :]
+        # step k's dA decays S into the outputs from k on (a sum from the chunk's end), the
+        # steps before k into the state passed on, and S into that one at every step
+        ins = tl.load(into_outputs + at, ok, 0.0)
+        outs = tl.load(onto_state + at, ok, 0.0)
+        ddA = tl.cumsum(ins, axis=1, reverse=True) + (tl.cumsum(outs, axis=1) - outs)
+        ddA += tl.load(last + row, h_ok, 0.0)[:, None]
+        if extra is not None:  # within the chunks
+            ddA += tl.load(extra + at, ok, 0.0)
+        ddA = tl.where(ok, ddA, 0.0)
+        # mamba-ssm's _chunk_cumsum_bwd from here: dt's gradient through dA = dt A and directly
+        grad = ddA * tl.load(A + h, h_ok, 0.0).to(tl.float32)[:, None]
+        grad += tl.load(ddt_soft + at, ok, 0.0)
+        t64 = t.to(tl.int64)[None, :]
+        raw = tl.load(dt + b64 * stride_dt_b + t64 * stride_dt_l + h[:, None], ok, 0.0)
+        raw = raw.to(tl.float32) + tl.load(dt_bias + h, h_ok, 0.0).to(tl.float32)[:, None]
+        grad = tl.where(raw <= 20.0, grad * tl.sigmoid(raw), grad)  # softplus's slope
+        grad = tl.where(ok, grad, 0.0)
+        out = b64 * stride_ddt_b + t64 * stride_ddt_l + h[:, None]
+        tl.store(ddt + out, grad.to(ddt.dtype.element_ty), ok)
+        part = (b64 * CHUNKS + c) * H + h  # [2, b, chunks, h]: A's, then dt_bias's
+        tl.store(parts + part, tl.sum(ddA * tl.load(dt_soft + at, ok, 0.0), axis=1), h_ok)
+        tl.store(parts + tl.num_programs(2) * CHUNKS * H + part, tl.sum(grad, axis=1), h_ok)
+
 
 def ssd_input_grads(
     x: torch.Tensor,
@@ -266,11 +318,12 @@ def ssd_bc_grads(
     dC: torch.Tensor,
     ddA_last: torch.Tensor | None = None,
     within: bool = False,
-) -> torch.Tensor | None:
+) -> "DARows | None":
     """B's and C's gradients (ssd_input_grads' arguments) written into dB and dC; given the
     gradient of each chunk's last dA sum through the state it passes on (ddA_last, as
-    ssd_input_grads'), also dA's gradient at each step [b, h, chunks, chunk] fp32 through the
-    states, and with `within` within the chunks too (the C Bt pairs' decays), returned."""
+    ssd_input_grads'), also dA's gradient through the states by row, and with `within` within
+    the chunks too (the C Bt pairs' decays), returned (DARows: dA_grads or ssd_dt_grads sum
+    them along the chunk)."""
     b, L, H, P = x.shape
     G, N = B.shape[2:]
     chunks, chunk_size = kept[1].shape[2:]
@@ -304,9 +357,52 @@ def ssd_bc_grads(
         )  # fmt: skip
     if ddA_last is None:
         return None
-    # step k's dA decays S into the outputs from k on, the steps before k into the state passed
-    # on, and S into that one at every step
-    in_rows, out_rows = rows
-    ddA = in_rows.flip(-1).cumsum(-1).flip(-1) + out_rows.cumsum(-1) - out_rows
-    ddA += ddA_last[..., None]
-    return ddA + ddA_within if within else ddA
+    return DARows(*rows, ddA_last, ddA_within)
+
+
+def dA_grads(rows: DARows) -> torch.Tensor:
+    """dA's gradient at each step [b, h, chunks, chunk] fp32 from its rows, by torch (the
+    reference of _ssd_dt_grad_kernel's sums): step k's dA decays S into the outputs from k on,
+    the steps before k into the state passed on, and S into that one at every step."""
+    ddA = rows.into_outputs.flip(-1).cumsum(-1).flip(-1)
+    ddA += rows.onto_state.cumsum(-1) - rows.onto_state
+    ddA += rows.last[..., None]
+    return ddA + rows.within if rows.within is not None else ddA
+
+
+def ssd_dt_grads(
+    rows: DARows,
+    extra: torch.Tensor | None,
+    ddt_soft: torch.Tensor,
+    dt_soft: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    dt_bias: torch.Tensor,
+    ddt: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dA's gradient summed from its rows (and `extra`, its part within the chunks where the
+    rows lack it; both [b, h, chunks, chunk] fp32) and through it dt's (before
+    softplus(dt + dt_bias)), written into ddt [b, l, h], in one kernel: what dA_grads and then
+    mamba-ssm's _chunk_cumsum_bwd do in ~10 launches. ddt_soft is the gradient of dt after the
+    softplus by other paths, dt_soft that dt as the forward kept it (both [b, h, chunks,
+    chunk]). (A's, dt_bias's) [h] fp32 returned."""
+    b, H, chunks, chunk_size = ddt_soft.shape
+    if rows.within is not None and extra is not None:
+        raise ValueError("dA's gradient within the chunks given twice (the rows' and extra)")
+    extra = rows.within if extra is None else extra
+    rowwise = [rows.into_outputs, rows.onto_state, ddt_soft, dt_soft]
+    if extra is not None:
+        rowwise.append(extra)
+    if any(t.shape != (b, H, chunks, chunk_size) for t in rowwise) or dt.shape != ddt.shape:
+        raise ValueError("dA's rows, dt's gradients and dt want [b, h, chunks, chunk] alike")
+    if dt.stride(-1) != 1 or ddt.stride(-1) != 1 or chunk_size & (chunk_size - 1):
+        raise ValueError("dt and its gradient need adjacent heads; the chunk a power of 2")
+    into_outputs, onto_state, ddt_soft, dt_soft, *extra = (t.contiguous() for t in rowwise)
+    parts = torch.empty(2, b, chunks, H, dtype=torch.float32, device=dt.device)
+    _ssd_dt_grad_kernel[(chunks, triton.cdiv(H, DT_BLOCK_H), b)](
+        into_outputs, onto_state, rows.last.contiguous(), extra[0] if extra else None,
+        ddt_soft, dt_soft, dt, A, dt_bias, ddt, parts, dt.size(1), H, dt.stride(0),
+        dt.stride(1), ddt.stride(0), ddt.stride(1), Q=chunk_size, BLOCK_H=DT_BLOCK_H,
+    )  # fmt: skip
+    dA, ddt_bias = parts.sum((1, 2))
+    return dA, ddt_bias
