@@ -62,7 +62,7 @@ if triton_imports():
         cols = group * GROUP + tl.arange(0, BLOCK_GROUP)
         col_ok = tl.arange(0, BLOCK_GROUP) < GROUP
         w = tl.load(weight + cols, col_ok, 0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK_GROUP], dtype=tl.float32)
+        dw = tl.zeros([BLOCK_ROWS, BLOCK_GROUP], dtype=tl.float32)  # summed over rows at the end
         for start in range(part * ROWS, part * ROWS + ROWS, BLOCK_ROWS):
             rows = start + tl.arange(0, BLOCK_ROWS)
             row_ok = rows < M
@@ -74,7 +74,7 @@ if triton_imports():
             s = tl.sigmoid(zv)
             gate = zv * s
             normed = yv * gate * r[:, None]
-            dw += tl.sum(do * normed, axis=0)
+            dw += do * normed
             dnormed = do * w[None, :]
             mean = tl.sum(dnormed * normed, axis=1) / GROUP
             dg = r[:, None] * (dnormed - normed * mean[:, None])
@@ -84,7 +84,7 @@ if triton_imports():
             )
             dzv = dg * yv * s * (1.0 + zv * (1.0 - s))
             tl.store(dz + offsets * stride_dz + cols[None, :], dzv.to(dz.dtype.element_ty), ok)
-        tl.store(dweight_part + part.to(tl.int64) * N + cols, dw, col_ok)
+        tl.store(dweight_part + part.to(tl.int64) * N + cols, tl.sum(dw, axis=0), col_ok)
 
 
 def _shape(
