@@ -270,30 +270,25 @@ tp_traced lever_fastest_no_recompute_traced 240 8 "${FASTEST_KEPT[@]}"
 tp lever_fastest_no_recompute_mbs4 200 4 "${FASTEST_KEPT[@]}"
 tp lever_fastest_no_recompute_mbs4_gb32 300 4 --accumulate 8 "${FASTEST_KEPT[@]}"
 tp_traced lever_fastest_no_recompute_mbs4_traced 240 4 "${FASTEST_KEPT[@]}"
-# Our gated norm (TOOLKIT_TRITON_MAMBA's norm, beside the default's kernels) in the fastest
-# setting, against lever_fastest_no_recompute_mbs4 / lever_fastest_no_recompute in the same call.
 # fused_mamba.DEFAULT_TRITON_MAMBA, read from the source (a copy here would go stale)
 DEFAULT_OURS=$(sed -n 's/^DEFAULT_TRITON_MAMBA = "\(.*\)"$/\1/p' toolkit/model/fused_mamba.py)
 : "${DEFAULT_OURS:?DEFAULT_TRITON_MAMBA not found in toolkit/model/fused_mamba.py}"
-TOOLKIT_TRITON_MAMBA=norm,$DEFAULT_OURS tp lever_fastest_no_recompute_norm_mbs4 200 4 \
-  "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=norm,$DEFAULT_OURS tp lever_fastest_no_recompute_norm 200 8 \
-  "${FASTEST_KEPT[@]}"
-# dA's rows summed into dt's gradient by one kernel (TOOLKIT_TRITON_MAMBA's dt,
-# ssd_chunk_grad_kernel.ssd_dt_grads) in place of torch's flips, cumulative sums and adds and
-# mamba-ssm's _chunk_cumsum_bwd (~10 launches a Mamba layer), against the same; then with our
-# gated norm too (_norm_dt, against _norm), and traced (the launches and gaps it removes).
-for ours in dt norm,dt; do
-  name=lever_fastest_no_recompute_${ours/,/_}
-  TOOLKIT_TRITON_MAMBA=$ours,$DEFAULT_OURS tp "${name}_mbs4" 200 4 "${FASTEST_KEPT[@]}"
-  TOOLKIT_TRITON_MAMBA=$ours,$DEFAULT_OURS tp "$name" 200 8 "${FASTEST_KEPT[@]}"
-  TOOLKIT_TRITON_MAMBA=$ours,$DEFAULT_OURS tp "${name}_gb32" 300 8 --accumulate 4 \
-    "${FASTEST_KEPT[@]}"
+without() {  # the default's names less those given: without norm dt
+  local names=",$DEFAULT_OURS," name
+  for name in "$@"; do names=${names/,$name,/,}; done
+  names=${names#,}; echo "${names%,}"
+}
+# Our gated norm (TOOLKIT_TRITON_MAMBA's norm) and dA's rows summed into dt's gradient by one
+# kernel (dt: ssd_chunk_grad_kernel.ssd_dt_grads, in place of torch's flips, cumulative sums and
+# adds and mamba-ssm's _chunk_cumsum_bwd: ~10 launches a Mamba layer), defaults since 2026-12-08:
+# the default less each and less both (the default before), against
+# lever_fastest_no_recompute(_mbs4)(_gb32) in the same call.
+for less in norm dt norm,dt; do
+  ours=$(without ${less/,/ }) name=lever_fastest_no_recompute_no${less/,/_no}
+  TOOLKIT_TRITON_MAMBA=$ours tp "${name}_mbs4" 200 4 "${FASTEST_KEPT[@]}"
+  TOOLKIT_TRITON_MAMBA=$ours tp "$name" 200 8 "${FASTEST_KEPT[@]}"
+  TOOLKIT_TRITON_MAMBA=$ours tp "${name}_gb32" 300 8 --accumulate 4 "${FASTEST_KEPT[@]}"
 done
-TOOLKIT_TRITON_MAMBA=dt,$DEFAULT_OURS tp_traced lever_fastest_no_recompute_dt_mbs4_traced 240 4 \
-  "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=dt,$DEFAULT_OURS tp_traced lever_fastest_no_recompute_dt_traced 240 8 \
-  "${FASTEST_KEPT[@]}"
 # Our chunk-state kernel beside the state gradients' (the default's parts since 2026-12-07
 # morning), in the fastest setting against lever_fastest_no_recompute_dstates(_mbs4).
 TOOLKIT_TRITON_MAMBA=states,dstates tp lever_fastest_no_recompute_states_mbs4 200 4 \
@@ -333,13 +328,14 @@ tp_traced lever_fastest_no_recompute_bf16res_mbs4_traced 240 4 "${FASTEST_KEPT[@
 AUTOTUNE=(--set 'train.compile_mode="max-autotune-no-cudagraphs"')
 tp lever_fastest_no_recompute_autotune_mbs4 600 4 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
 tp lever_fastest_no_recompute_autotune 600 8 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
-# The default without B's and C's gradients by ours (the default before 2026-12-07 noon), and
+# The default without B's and C's gradients by ours (nor dt, which reads their rows), and
 # with dA's gradient within the chunks by our dC kernel too (bcd: in place of mamba-ssm's
 # ddAcs), against lever_fastest_no_recompute(_mbs4). (The _sbc and _nsbc runs of 2026-12-07
-# noon, bc and norm,bc beside the default then, are now the default and _norm.)
-TOOLKIT_TRITON_MAMBA=dstates,states tp lever_fastest_no_recompute_nobc_mbs4 200 4 \
+# noon, bc and norm,bc beside the default then, are now the default.)
+TOOLKIT_TRITON_MAMBA=$(without bc dt) tp lever_fastest_no_recompute_nobc_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
-TOOLKIT_TRITON_MAMBA=dstates,states tp lever_fastest_no_recompute_nobc 200 8 "${FASTEST_KEPT[@]}"
+TOOLKIT_TRITON_MAMBA=$(without bc dt) tp lever_fastest_no_recompute_nobc 200 8 \
+  "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,ddacs,$DEFAULT_OURS tp lever_fastest_no_recompute_bcd_mbs4 200 4 \
   "${FASTEST_KEPT[@]}"
 TOOLKIT_TRITON_MAMBA=bc,ddacs,$DEFAULT_OURS tp lever_fastest_no_recompute_bcd 200 8 \

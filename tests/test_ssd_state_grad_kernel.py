@@ -93,8 +93,8 @@ def test_state_grad_kernel_refuses_what_it_cannot_read():
 
 def test_the_op_takes_this_kernel_by_default_and_names_are_checked():
     """TOOLKIT_TRITON_MAMBA: unset, the kernels of ours that were faster on a GPU (the chunk
-    states and their gradients, B's and C's); 'none', none of ours; a name it does not know, or
-    one without the kernels it reads, stops the import, naming it."""
+    states and their gradients, B's, C's and dt's, the gated norm); 'none', none of ours; a name
+    it does not know, or one without the kernels it reads, stops the import, naming it."""
     pytest.importorskip("triton")
     code = "import toolkit.model.fused_mamba as fm; print(sorted(fm.TRITON_MAMBA))"
     env = {k: v for k, v in os.environ.items() if k != "TOOLKIT_TRITON_MAMBA"}
@@ -107,7 +107,8 @@ def test_the_op_takes_this_kernel_by_default_and_names_are_checked():
         )  # fmt: skip
 
     unset, none, two, bad, alone = map(names, (None, "none", "norm,dx", "dstates,fast", "dt"))
-    assert unset.communicate(timeout=120)[0].strip() == "['bc', 'dstates', 'states']"
+    want = "['bc', 'dstates', 'dt', 'norm', 'states']"
+    assert unset.communicate(timeout=120)[0].strip() == want
     assert none.communicate(timeout=120)[0].strip() == "[]"
     assert two.communicate(timeout=120)[0].strip() == "['dx', 'norm']"
     stderr = bad.communicate(timeout=120)[1]

@@ -36,19 +36,20 @@ from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 from toolkit.model.ssd_states_kernel import ssd_states
 
 # Our kernels in place of mamba-ssm's, by name, where the states are kept (all but the norm).
-# On by default (each measured on an H100 at the 800M's widths, RESULTS.md 2026-12-07): "dstates"
-# the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two kernels), "states"
-# the forward's chunk states in one kernel before mamba-ssm's scan (ssd_states_kernel.py; 2.34x
-# its three at micro-batch 8), "bc" B's and C's gradients and dA's through the states by our
-# B/C kernels, x's and dA's within the chunks by mamba-ssm's (the SSD backward 1.20x by all its
-# kernels' GPU time at micro-batch 8, 0.97x at the 8B's widths; a step 1.028x at micro-batch
-# 4). For A/B runs: "ddacs" with "bc" dA's within the chunks by our dC kernel too (the SSD
-# backward 0.92x "bc"'s), "dt" with "bc" dA's rows summed into dt's gradient by one kernel
-# (ssd_dt_grads) in place of ~10 small launches, "norm" the gated norm (gated_norm_kernel.py; a step level), "forward"
-# the SSD forward in one kernel (ssd_scan_kernel.py; 0.70x), "dx" all the backward's other
-# gradients (ssd_chunk_grad_kernel.py; its head kernel 1.5x the time of mamba-ssm's two).
-# "none": none.
-DEFAULT_TRITON_MAMBA = "bc,dstates,states"
+# On by default (each measured on an H100 at the 800M's widths, RESULTS.md 2026-12-07/08):
+# "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two
+# kernels), "states" the forward's chunk states in one kernel before mamba-ssm's scan
+# (ssd_states_kernel.py; 2.34x its three at micro-batch 8), "bc" B's and C's gradients and dA's
+# through the states by our B/C kernels, x's and dA's within the chunks by mamba-ssm's (the SSD
+# backward 1.20x by all its kernels' GPU time at micro-batch 8, 0.97x at the 8B's widths; a step
+# 1.028x at micro-batch 4), "dt" with "bc" dA's rows summed into dt's gradient by one kernel
+# (ssd_dt_grads; 180 fewer launches a micro-batch-4 step, 1.006x), "norm" the gated norm
+# (gated_norm_kernel.py, also where the op recomputes the states; its backward 1.6x mamba-ssm's,
+# a step 1.000-1.025x in three calls). For A/B runs: "ddacs" with "bc" dA's within the chunks by our
+# dC kernel too (the SSD backward 0.92x "bc"'s), "forward" the SSD forward in one kernel
+# (ssd_scan_kernel.py; 0.70x), "dx" all the backward's other gradients
+# (ssd_chunk_grad_kernel.py; its head kernel 1.5x the time of mamba-ssm's two). "none": none.
+DEFAULT_TRITON_MAMBA = "bc,dstates,states,dt,norm"
 TRITON_MAMBA = frozenset(
     os.environ.get("TOOLKIT_TRITON_MAMBA", DEFAULT_TRITON_MAMBA).split(",")
 ) - {"", "none"}
