@@ -55,6 +55,7 @@ class UpdatedCasts:
     def __init__(self) -> None:
         self._copies = WeakIdKeyDictionary()  # weight -> its bf16 copy
         self._stamps = WeakIdKeyDictionary()  # weight -> _stamp() when the update wrote it
+        self.generation = 0  # counts the copies made: where none was, none are new
 
     def copy_of(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The copy the update is to write for `weight` (None: none yet)."""
@@ -76,6 +77,7 @@ class UpdatedCasts:
                 weight.shape, dtype=dtype, device=weight.device
             )  # fmt: skip
             self._stamps.pop(weight, None)
+            self.generation += 1
         if self._stamps.get(weight) == _stamp(weight):
             return copy, False
         copy.copy_(weight.detach())  # autocast's cast (to nearest even), into the copy

@@ -15,7 +15,8 @@ What a replay needs, and this module arranges:
   device tensor;
 - an optimizer whose host work can leave the graph: TritonAdamW (train.adamw_kernel), whose
   capture() fixes its tables and whose stage(), called before each replay, writes the step's
-  lr and bias corrections to the device.
+  lr and bias corrections to the device; its settle(), after the replay is queued, does the
+  host's bookkeeping while the GPU runs.
 
 The first calls run eagerly, on a side stream (compilation, autotuning, cuBLAS workspaces, the
 optimizer's state), as CUDA graphs need; every call is a training step. Without CUDA (CPUs, the
@@ -54,7 +55,7 @@ class StepGraph(Generic[Outputs]):
         device: torch.device,
         warmup: int = 2,
     ) -> None:
-        if not (hasattr(optimizer, "capture") and hasattr(optimizer, "stage")):
+        if not all(hasattr(optimizer, name) for name in ("capture", "stage", "settle")):
             raise ValueError(
                 f"a step replayed as a CUDA graph needs its update on the device alone: "
                 f"{type(optimizer).__name__} is not one (train.adamw_kernel='triton' is)"
@@ -88,9 +89,12 @@ class StepGraph(Generic[Outputs]):
                          self.calls, time.perf_counter() - started)  # fmt: skip
         self.optimizer.stage()
         if self.graph is None:
-            return self.body()
-        self.graph.replay()
-        return self.outputs
+            outputs = self.body()
+        else:
+            self.graph.replay()
+            outputs = self.outputs
+        self.optimizer.settle()  # host work while the GPU runs the step
+        return outputs
 
     def _eager(self) -> Outputs:
         if self.device.type != "cuda":

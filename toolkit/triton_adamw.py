@@ -320,8 +320,13 @@ class TritonAdamW(torch.optim.AdamW):
         of the kernel's scalars, computed once per group and step count."""
         steps = [state["step"] for _, state, _ in entries]
         torch._foreach_add_(steps, 1.0)
+        return self._rows(entries, torch.stack(steps).tolist())
+
+    def _rows(self, entries: list, steps: list[float]) -> list[list[float]]:
+        """Each entry's row of the kernel's scalars at its step count, computed once per group
+        and step count."""
         rows, cached = [], {}
-        for (_, _, group), step in zip(entries, torch.stack(steps).tolist()):
+        for (_, _, group), step in zip(entries, steps):
             key = (id(group), step)
             if key not in cached:
                 cached[key] = self._scalars(group, step)
@@ -434,29 +439,48 @@ class TritonAdamW(torch.optim.AdamW):
             "blocks": _block_tables(numels, device),
             "scalars": torch.zeros((len(entries), SCALARS), dtype=torch.float32, device=device),
             "pending": None,  # the addresses of a captured step, for stage() to write
+            # the casts' holder as capture() found it (casts_generation) and the step counts
+            # on the host: stage() reads these instead of the 267 (the 800M's) tensors each
+            "casts_generation": self._casts.generation if self._casts is not None else 0,
+            "steps": torch.stack([state["step"] for _, state, _ in entries]).tolist(),
         }
 
     def stage(self) -> None:
         """Before a captured step's replay: count the step and write its scalars (the groups'
         lr as they are now) to the device table the kernel reads, on the current stream; after
-        the capture, its gradients' addresses too."""
+        the capture, its gradients' addresses too. What can wait for the replay to be queued
+        is settle()'s: the host's time here is the GPU's idle time when a step starts (4.4 ms
+        of a micro-batch-4 step of the 800M on an H100, RESULTS.md 2026-12-08)."""
         graph = self._graph
-        entries = graph["entries"] = [(p, self._state(p), g) for p, _, g in graph["entries"]]
-        casts = [self._cast_of(p) for p, _, _ in entries]
+        # self.state[p], not _state(p): a state restored since capture() has new tensors,
+        # which the check below refuses
+        entries = graph["entries"] = [(p, self.state[p], g) for p, _, g in graph["entries"]]
+        casts = graph["casts"]
+        if self._casts is not None and self._casts.generation != graph["casts_generation"]:
+            casts = [self._cast_of(p) for p, _, _ in entries]  # a copy made since capture()
         if _state_pointers(entries, casts) != graph["moments"]:
             raise RuntimeError(
                 "TritonAdamW: a parameter, moment or bf16 copy moved since capture() (a "
                 "restored state?): the captured step would update the old ones; capture anew"
             )
-        rows = self._count_step(entries)
+        graph["steps"] = [step + 1 for step in graph["steps"]]  # the tensors in settle()
+        rows = self._rows(entries, graph["steps"])
         scalars = graph["scalars"]
         scalars.copy_(host_table(rows, torch.float32, scalars.device), non_blocking=True)
         pending, graph["pending"] = graph["pending"], None
         if pending is not None:
             addresses = host_table(pending, torch.int64, scalars.device)
             graph["addresses"][: len(pending)].copy_(addresses, non_blocking=True)
+
+    def settle(self) -> None:
+        """After stage() and the step it staged was queued (a replay, or the body run eagerly):
+        the step counted in the state's tensors (torch's AdamW's, for checkpoints), and what
+        the update wrote through its addresses, which torch does not see, marked as written."""
+        graph = self._graph
+        entries = graph["entries"]
+        torch._foreach_add_([state["step"] for _, state, _ in entries], 1.0)
         _moved(entries)
-        self._written(entries, casts)  # by the replay that follows
+        self._written(entries, graph["casts"])
 
     def unstage(self) -> None:
         """Take back the last step's count (stage()'s, or an eager step's), for a step whose
@@ -464,6 +488,8 @@ class TritonAdamW(torch.optim.AdamW):
         non-finite loss."""
         last = self._graph["entries"] if self._graph is not None else self._last_params
         torch._foreach_add_([self._state(p)["step"] for p, *_ in last], -1.0)
+        if self._graph is not None:
+            self._graph["steps"] = [step - 1 for step in self._graph["steps"]]
 
     def _step_captured(self, grad_scale: torch.Tensor | None) -> None:
         graph = self._graph
