@@ -280,7 +280,7 @@ without() {  # the default's names less those given: without norm dt
 }
 # Our gated norm (TOOLKIT_TRITON_MAMBA's norm) and dA's rows summed into dt's gradient by one
 # kernel (dt: ssd_chunk_grad_kernel.ssd_dt_grads, in place of torch's flips, cumulative sums and
-# adds and mamba-ssm's _chunk_cumsum_bwd: ~10 launches a Mamba layer), defaults since 2026-12-08:
+# adds and mamba-ssm's _chunk_cumsum_bwd: ~10 launches a Mamba layer), defaults since 2026-12-07 night:
 # the default less each and less both (the default before), against
 # lever_fastest_no_recompute(_mbs4)(_gb32) in the same call.
 for less in norm dt norm,dt; do

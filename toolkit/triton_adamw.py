@@ -450,7 +450,7 @@ class TritonAdamW(torch.optim.AdamW):
         lr as they are now) to the device table the kernel reads, on the current stream; after
         the capture, its gradients' addresses too. What can wait for the replay to be queued
         is settle()'s: the host's time here is the GPU's idle time when a step starts (4.4 ms
-        of a micro-batch-4 step of the 800M on an H100, RESULTS.md 2026-12-08)."""
+        of a micro-batch-4 step of the 800M on an H100, RESULTS.md 2026-12-07 night)."""
         graph = self._graph
         # self.state[p], not _state(p): a state restored since capture() has new tensors,
         # which the check below refuses

@@ -36,7 +36,7 @@ from toolkit.model.ssd_state_grad_kernel import ssd_state_grads
 from toolkit.model.ssd_states_kernel import ssd_states
 
 # Our kernels in place of mamba-ssm's, by name, where the states are kept (all but the norm).
-# On by default (each measured on an H100 at the 800M's widths, RESULTS.md 2026-12-07/08):
+# On by default (each measured on an H100 at the 800M's widths, RESULTS.md 2026-12-07):
 # "dstates" the chunk-state gradients (ssd_state_grad_kernel.py; 1.43x mamba-ssm's two
 # kernels), "states" the forward's chunk states in one kernel before mamba-ssm's scan
 # (ssd_states_kernel.py; 2.34x its three at micro-batch 8), "bc" B's and C's gradients and dA's

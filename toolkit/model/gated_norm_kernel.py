@@ -7,7 +7,7 @@ in_proj's gradient it is given), and the weight's gradient summed per program in
 fp32 inside, bf16 or fp32 outside, as mamba-ssm's norm kernels, whose backward took ~2.5x its
 bytes' time at the 800M's widths on an H100 (RESULTS.md 2026-12-06 afternoon). Written for our
 fused training op (fused_mamba.py), which takes them by default (TOOLKIT_TRITON_MAMBA's "norm",
-since 2026-12-08: the backward 0.335 against mamba-ssm's 0.538 ms at the 800M's widths and
+since 2026-12-07 night: the backward 0.335 against mamba-ssm's 0.538 ms at the 800M's widths and
 micro-batch 8 on an H100, a step 1.000-1.025x in three calls; tests/test_gated_norm_kernel.py,
 benchmarks/gated_norm.py).
 """
