@@ -280,13 +280,14 @@ without() {  # the default's names less those given: without norm dt
 }
 # Our gated norm (TOOLKIT_TRITON_MAMBA's norm) and dA's rows summed into dt's gradient by one
 # kernel (dt: ssd_chunk_grad_kernel.ssd_dt_grads, in place of torch's flips, cumulative sums and
-# adds and mamba-ssm's _chunk_cumsum_bwd: ~10 launches a Mamba layer), defaults since 2026-12-07 night:
-# the default less each and less both (the default before), against
-# lever_fastest_no_recompute(_mbs4)(_gb32) in the same call.
+# adds and mamba-ssm's _chunk_cumsum_bwd: ~10 launches a Mamba layer), defaults since
+# 2026-12-07 night: the default less each and less both (the default before), against
+# lever_fastest_no_recompute(_mbs4)(_gb32) and _mbs4_gb32 in the same call.
 for less in norm dt norm,dt; do
   ours=$(without ${less/,/ }) name=lever_fastest_no_recompute_no${less/,/_no}
   TOOLKIT_TRITON_MAMBA=$ours tp "${name}_mbs4" 200 4 "${FASTEST_KEPT[@]}"
   TOOLKIT_TRITON_MAMBA=$ours tp "$name" 200 8 "${FASTEST_KEPT[@]}"
+  TOOLKIT_TRITON_MAMBA=$ours tp "${name}_mbs4_gb32" 300 4 --accumulate 8 "${FASTEST_KEPT[@]}"
   TOOLKIT_TRITON_MAMBA=$ours tp "${name}_gb32" 300 8 --accumulate 4 "${FASTEST_KEPT[@]}"
 done
 # Our chunk-state kernel beside the state gradients' (the default's parts since 2026-12-07
