@@ -342,3 +342,69 @@ def test_the_benchmarks_kernel_variants_name_its_shape(monkeypatch):
             bench.variant_list(f"torch,{bad}")
     with pytest.raises(argparse.ArgumentTypeError, match="triton_bBLOCK_wWARPS"):
         bench.variant_list("torch,triton_b1024")
+
+
+STAGED = """
+import torch
+from toolkit.bf16_weight_cache import UpdatedCasts
+from toolkit.triton_adamw import TritonAdamW
+
+def refused(call, words):
+    try:
+        call()
+    except RuntimeError as e:
+        assert words in str(e), e
+    else:
+        raise AssertionError(f"not refused: {words}")
+
+params = [torch.nn.Parameter(torch.randn(4, 8)) for _ in range(3)]
+opt = TritonAdamW(params, lr=1e-3)
+casts = UpdatedCasts()
+opt.write_casts(casts)
+casts.take(params[0], torch.bfloat16)  # one copy, made before the capture
+for p in params:
+    p.grad = torch.randn_like(p)
+opt.step()
+opt.capture()
+versions = [p._version for p in params]
+for steps in (2, 3):
+    opt.stage()  # the count on the host; the state's tensors and versions after the step
+    assert all(float(opt.state[p]["step"]) == steps - 1 for p in params)
+    opt.step()  # the captured step, run eagerly here
+    opt.settle()
+    assert all(float(opt.state[p]["step"]) == steps for p in params)
+    assert all(p._version > v for p, v in zip(params, versions))
+    versions = [p._version for p in params]
+opt.unstage()  # a skipped update: the count taken back, on the host too
+assert all(float(opt.state[p]["step"]) == 2 for p in params)
+opt.stage()
+want = torch.tensor(opt._rows(opt._graph["entries"], [3.0])[0], dtype=torch.float32)
+assert torch.equal(opt._graph["scalars"][0], want)  # step 3's bias corrections again
+opt.step()
+opt.settle()
+# A bf16 copy made since the capture, or another holder of them: the captured step would write
+# the old ones, and is refused
+casts.take(params[1], torch.bfloat16)
+refused(opt.stage, "moved since capture")
+opt.capture()
+opt.stage(); opt.step(); opt.settle()
+opt.write_casts(UpdatedCasts())
+refused(opt.stage, "moved since capture")
+print("staged steps agree")
+"""
+
+
+def test_stage_and_settle_count_and_refuse_under_the_interpreter():
+    """A captured step's host work split around the replay: stage() counts the step on the
+    host and writes its scalars, settle() counts it in the state's tensors and moves the
+    version counters; unstage() takes the count back in both; a bf16 copy made since the
+    capture, or another holder of the copies, is refused before a replay could write the old
+    ones."""
+    pytest.importorskip("triton")
+    if CUDA:
+        pytest.skip("on a GPU the compiled kernel is tested")
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
+    out = subprocess.run(
+        [sys.executable, "-c", STAGED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and "staged steps agree" in out.stdout, out.stdout + out.stderr

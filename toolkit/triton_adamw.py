@@ -439,9 +439,9 @@ class TritonAdamW(torch.optim.AdamW):
             "blocks": _block_tables(numels, device),
             "scalars": torch.zeros((len(entries), SCALARS), dtype=torch.float32, device=device),
             "pending": None,  # the addresses of a captured step, for stage() to write
-            # the casts' holder as capture() found it (casts_generation) and the step counts
-            # on the host: stage() reads these instead of the 267 (the 800M's) tensors each
-            "casts_generation": self._casts.generation if self._casts is not None else 0,
+            # the casts' holder as capture() found it and the step counts on the host: stage()
+            # reads these instead of the 267 (the 800M's) tensors each
+            "casts_holder": (self._casts, 0 if self._casts is None else self._casts.generation),
             "steps": torch.stack([state["step"] for _, state, _ in entries]).tolist(),
         }
 
@@ -456,8 +456,9 @@ class TritonAdamW(torch.optim.AdamW):
         # which the check below refuses
         entries = graph["entries"] = [(p, self.state[p], g) for p, _, g in graph["entries"]]
         casts = graph["casts"]
-        if self._casts is not None and self._casts.generation != graph["casts_generation"]:
-            casts = [self._cast_of(p) for p, _, _ in entries]  # a copy made since capture()
+        holder, generation = graph["casts_holder"]
+        if self._casts is not holder or (holder is not None and holder.generation != generation):
+            casts = [self._cast_of(p) for p, _, _ in entries]  # copies made since capture()
         if _state_pointers(entries, casts) != graph["moments"]:
             raise RuntimeError(
                 "TritonAdamW: a parameter, moment or bf16 copy moved since capture() (a "
