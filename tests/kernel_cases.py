@@ -22,6 +22,16 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float, *c
     assert err <= tol * max(scale, 1.0), (name, *case, err, scale)
 
 
+def refused(call, words: str, why: str = "") -> None:
+    """call() raises a RuntimeError that says `words` (`why` names the case if it does not)."""
+    try:
+        call()
+    except RuntimeError as e:
+        assert words in str(e), e
+    else:
+        raise AssertionError(f"{why or words} was not refused")
+
+
 def chunk_reference(
     x: torch.Tensor, soft: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Q: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ from toolkit.distributed import ParallelEnv
 from toolkit.parallel.parallelize import parallelize
 from toolkit.parallel.runtime import clip_and_queue_step, clip_and_step
 from toolkit.step_graph import StepGraph
+from tests.kernel_cases import refused
 from toolkit.triton_adamw import TritonAdamW
 
 
@@ -104,20 +105,13 @@ def body():
     optimizer.zero_grad(set_to_none=True)
     return norm
 graph = StepGraph(body, optimizer, torch.device("cpu"), warmup=1)
-def refused(why, words):
-    try:
-        graph()
-    except RuntimeError as e:
-        assert words in str(e), e
-    else:
-        raise AssertionError(f"{why} was not refused")
 graph(); graph()
 optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as a checkpoint's
-refused("a restored state", "moved since capture")
+refused(graph, "moved since capture", "a restored state")
 optimizer.capture()  # captured anew over the restored state: steps go on
 graph()
 frozen.append(params[0])
-refused("a step over other parameters", "parameters of capture()")
+refused(graph, "parameters of capture()", "a step over other parameters")
 print("step graph agrees")
 """
 )

@@ -162,14 +162,20 @@ def test_kernel_is_torchs_adamw_clipped_in_place_under_the_interpreter():
     optimizer continues from the other's state_dict; the tensors it writes have their version
     counters moved; bf16, non-contiguous and unaligned parameters take the eager reference
     beside the kernel."""
+    interpreted(INTERPRETED, "triton adamw agrees")
+
+
+def interpreted(script: str, done: str) -> None:
+    """`script` run under Triton's interpreter in a subprocess; it prints `done` at its end.
+    Skipped on a GPU, where the compiled kernel is tested."""
     pytest.importorskip("triton")
     if CUDA:
         pytest.skip("on a GPU the compiled kernel is tested")
     env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
     out = subprocess.run(
-        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
-    assert out.returncode == 0 and "triton adamw agrees" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and done in out.stdout, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("span", [1, 3])
@@ -346,16 +352,9 @@ def test_the_benchmarks_kernel_variants_name_its_shape(monkeypatch):
 
 STAGED = """
 import torch
+from tests.kernel_cases import refused
 from toolkit.bf16_weight_cache import UpdatedCasts
 from toolkit.triton_adamw import TritonAdamW
-
-def refused(call, words):
-    try:
-        call()
-    except RuntimeError as e:
-        assert words in str(e), e
-    else:
-        raise AssertionError(f"not refused: {words}")
 
 params = [torch.nn.Parameter(torch.randn(4, 8)) for _ in range(3)]
 opt = TritonAdamW(params, lr=1e-3)
@@ -400,11 +399,4 @@ def test_stage_and_settle_count_and_refuse_under_the_interpreter():
     version counters; unstage() takes the count back in both; a bf16 copy made since the
     capture, or another holder of the copies, is refused before a replay could write the old
     ones."""
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU the compiled kernel is tested")
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
-    out = subprocess.run(
-        [sys.executable, "-c", STAGED], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and "staged steps agree" in out.stdout, out.stdout + out.stderr
+    interpreted(STAGED, "staged steps agree")
