@@ -525,8 +525,11 @@ def _updated(entry: tuple) -> tuple[torch.Tensor, ...]:
 
 def _state_pointers(entries: list, casts: list) -> list[int]:
     """Where each entry's parameter, moments and bf16 copy (0: none) are: what a captured step
-    writes."""
-    moments = [t.data_ptr() for entry in entries for t in _updated(entry)]
+    writes. (The parameter's own data_ptr: _updated's p.data makes a tensor a call, and stage()
+    asks this before every replay: 0.10 against 0.22 ms for 267 parameters on a CPU.)"""
+    moments = [
+        t.data_ptr() for p, state, _ in entries for t in (p, state["exp_avg"], state["exp_avg_sq"])
+    ]
     return moments + [0 if c is None else c.data_ptr() for c in casts]
 
 
