@@ -264,11 +264,12 @@ def ssd_backward_from_states(
     if bc:  # dA's gradient through the states, and with "ddacs" within the chunks, ours
         within = "ddacs" in TRITON_MAMBA
         rows = ssd_bc_grads(x, dy, kept, B, C, dstates, dB, dC, ddA_chunk, within)
-        extra = None if within else _chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB)
+        if not within:  # mamba-ssm's kernel for dA's part within the chunks
+            rows = rows._replace(within=_chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_sums, dy, CB))
         if "dt" in TRITON_MAMBA:  # the rows summed and _chunk_cumsum_bwd's work: one kernel
-            dA, ddt_bias = ssd_dt_grads(rows, extra, ddt_soft, dt_soft, dt, A, dt_bias, ddt)
+            dA, ddt_bias = ssd_dt_grads(rows, ddt_soft, dt_soft, dt, A, dt_bias, ddt)
             return dA, dD, ddt_bias
-        ddA = dA_grads(rows) if extra is None else dA_grads(rows) + extra
+        ddA = dA_grads(rows)
     else:
         groups = B.size(2)
         dB_part, ddA_next = _chunk_state_bwd_db(x, dt_soft, dA_sums, dstates, B=B, ngroups=groups)

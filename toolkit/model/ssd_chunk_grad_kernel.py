@@ -62,7 +62,8 @@ class DARows(NamedTuple):
     into_outputs: torch.Tensor  # row i: what output i reads of the state passed in
     onto_state: torch.Tensor  # row j: what step j adds to the state passed on
     last: torch.Tensor  # [b, h, chunks]: the chunk's last dA sum's, through the state passed on
-    within: torch.Tensor | None  # each step's within the chunk (the C Bt pairs'), or None
+    # each step's within the chunk (the C Bt pairs': our dC kernel's or mamba-ssm's), or None
+    within: torch.Tensor | None
 
 
 if triton_imports():
@@ -224,7 +225,7 @@ if triton_imports():
             tl.store(dB + dbc, grad_sum.to(dB.dtype.element_ty), r_ok[:, None])
 
     @triton.jit
-    def _ssd_dt_grad_kernel(into_outputs, onto_state, last, extra, ddt_soft, dt_soft, dt, A,
+    def _ssd_dt_grad_kernel(into_outputs, onto_state, last, within, ddt_soft, dt_soft, dt, A,
                             dt_bias, ddt, parts, L, H, stride_dt_b, stride_dt_l, stride_ddt_b,
                             stride_ddt_l, Q: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
         # program (c, block of heads, b): each step's dA gradient from dA's rows, then dt's
@@ -244,8 +245,8 @@ if triton_imports():
         outs = tl.load(onto_state + at, ok, 0.0)
         ddA = tl.cumsum(ins, axis=1, reverse=True) + (tl.cumsum(outs, axis=1) - outs)
         ddA += tl.load(last + row, h_ok, 0.0)[:, None]
-        if extra is not None:  # within the chunks
-            ddA += tl.load(extra + at, ok, 0.0)
+        if within is not None:  # within the chunks
+            ddA += tl.load(within + at, ok, 0.0)
         ddA = tl.where(ok, ddA, 0.0)
         # mamba-ssm's _chunk_cumsum_bwd from here: dt's gradient through dA = dt A and directly
         grad = ddA * tl.load(A + h, h_ok, 0.0).to(tl.float32)[:, None]
@@ -372,7 +373,6 @@ def dA_grads(rows: DARows) -> torch.Tensor:
 
 def ssd_dt_grads(
     rows: DARows,
-    extra: torch.Tensor | None,
     ddt_soft: torch.Tensor,
     dt_soft: torch.Tensor,
     dt: torch.Tensor,
@@ -380,27 +380,23 @@ def ssd_dt_grads(
     dt_bias: torch.Tensor,
     ddt: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dA's gradient summed from its rows (and `extra`, its part within the chunks where the
-    rows lack it; both [b, h, chunks, chunk] fp32) and through it dt's (before
-    softplus(dt + dt_bias)), written into ddt [b, l, h], in one kernel: what dA_grads and then
-    mamba-ssm's _chunk_cumsum_bwd do in ~10 launches. ddt_soft is the gradient of dt after the
-    softplus by other paths, dt_soft that dt as the forward kept it (both [b, h, chunks,
-    chunk]). (A's, dt_bias's) [h] fp32 returned."""
+    """dA's gradient summed from its rows (with their part within the chunks, rows.within,
+    where given) and through it dt's (before softplus(dt + dt_bias)), written into ddt
+    [b, l, h], in one kernel: what dA_grads and then mamba-ssm's _chunk_cumsum_bwd do in ~10
+    launches. ddt_soft is the gradient of dt after the softplus by other paths, dt_soft that dt
+    as the forward kept it (both [b, h, chunks, chunk]). (A's, dt_bias's) [h] fp32 returned."""
     b, H, chunks, chunk_size = ddt_soft.shape
-    if rows.within is not None and extra is not None:
-        raise ValueError("dA's gradient within the chunks given twice (the rows' and extra)")
-    extra = rows.within if extra is None else extra
     rowwise = [rows.into_outputs, rows.onto_state, ddt_soft, dt_soft]
-    if extra is not None:
-        rowwise.append(extra)
+    if rows.within is not None:
+        rowwise.append(rows.within)
     if any(t.shape != (b, H, chunks, chunk_size) for t in rowwise) or dt.shape != ddt.shape:
         raise ValueError("dA's rows, dt's gradients and dt want [b, h, chunks, chunk] alike")
     if dt.stride(-1) != 1 or ddt.stride(-1) != 1 or chunk_size & (chunk_size - 1):
         raise ValueError("dt and its gradient need adjacent heads; the chunk a power of 2")
-    into_outputs, onto_state, ddt_soft, dt_soft, *extra = (t.contiguous() for t in rowwise)
+    into_outputs, onto_state, ddt_soft, dt_soft, *within = (t.contiguous() for t in rowwise)
     parts = torch.empty(2, b, chunks, H, dtype=torch.float32, device=dt.device)
     _ssd_dt_grad_kernel[(chunks, triton.cdiv(H, DT_BLOCK_H), b)](
-        into_outputs, onto_state, rows.last.contiguous(), extra[0] if extra else None,
+        into_outputs, onto_state, rows.last.contiguous(), within[0] if within else None,
         ddt_soft, dt_soft, dt, A, dt_bias, ddt, parts, dt.size(1), H, dt.stride(0),
         dt.stride(1), ddt.stride(0), ddt.stride(1), Q=chunk_size, BLOCK_H=DT_BLOCK_H,
     )  # fmt: skip
