@@ -225,6 +225,13 @@ run state_grads 120 python3 benchmarks/gpu_kernels.py --state-grads \
 run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kernel.py
 run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward \
   dstates,dstates+dx,dstates+bc@v4,dstates+bc,dstates+bc+ddacs
+# The default's B/C kernels (with dA's rows and the dt kernel) at other settings (s: stages,
+# now 1), from fp32 kept states and (_lowp) from bf16 ones (TOOLKIT_MAMBA_LOWP_STATES=1).
+BC_SWEEP=dstates+bc+dt,dstates+bc+dt@s2,dstates+bc+dt@v4_s2,dstates+bc+dt@r32_v4_s2
+BC_SWEEP+=,dstates+bc+dt@r128_v16,dstates+bc+dt@r128_v8_s2
+run bc_sweep 200 python3 benchmarks/gpu_kernels.py --backward "$BC_SWEEP"
+TOOLKIT_MAMBA_LOWP_STATES=1 run bc_sweep_lowp 200 python3 benchmarks/gpu_kernels.py \
+  --backward "$BC_SWEEP"
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
@@ -309,6 +316,15 @@ TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm 200 8 "${F
 # against lever_fastest_no_recompute(_mbs4), where the forward's is kept.
 TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb_mbs4 200 4 "${FASTEST_KEPT[@]}"
 TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb 200 8 "${FASTEST_KEPT[@]}"
+# The kept states in bf16 (TOOLKIT_MAMBA_LOWP_STATES=1: half their bytes written, read four
+# times and kept), against lever_fastest_no_recompute(_mbs4)(_gb32) in the same call.
+for suffix in _mbs4 "" _mbs4_gb32 _gb32; do
+  mbs=8 accumulate=()
+  [[ $suffix == _mbs4* ]] && mbs=4
+  [[ $suffix == *_gb32 ]] && accumulate=(--accumulate $((32 / mbs)))
+  TOOLKIT_MAMBA_LOWP_STATES=1 tp "lever_fastest_no_recompute_lowp$suffix" 300 "$mbs" \
+    "${accumulate[@]}" "${FASTEST_KEPT[@]}"
+done
 # The residual stream in bf16 (model.fp32_residual = false, Megatron's bf16 runs) and in fp32
 # (_fp32res), at the recipe's global batch too. The 800M recipe's is bf16 since 2026-12-07
 # evening: the _bf16res runs are then lever_fastest_no_recompute(_mbs4) again, and _fp32res the

@@ -163,3 +163,18 @@ def test_a_bf16_residual_stream_halves_what_checkpointed_blocks_keep():
         plans[fp32_residual] = plan_memory(r, 1, target="cpu")[0].activations
     blocks, tokens, hidden = 4, 2 * 64, 64
     assert plans[True] - plans[False] == blocks * tokens * hidden * 2
+
+
+def test_states_kept_in_the_activations_dtype_halve_in_the_plan(monkeypatch):
+    """fused_mamba.LOWP_STATES (TOOLKIT_MAMBA_LOWP_STATES=1): the states passed into each chunk
+    kept in bf16 under bf16 training, 2 bytes an entry fewer than in fp32."""
+    from toolkit.model import fused_mamba
+
+    plans = {}
+    for lowp in (False, True):
+        monkeypatch.setattr(fused_mamba, "LOWP_STATES", lowp)
+        keep = small_recipe(tp=1)
+        keep.model.mamba_recompute, keep.train.precision = False, "bf16"
+        plans[lowp] = plan_memory(keep, 1)[0].activations
+    batch, layers, heads, head_dim, state, chunks = 2, 2, 128 // 16, 16, 16, 64 // 16
+    assert plans[False] - plans[True] == layers * batch * chunks * heads * head_dim * state * 2

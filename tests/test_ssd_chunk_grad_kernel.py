@@ -129,6 +129,15 @@ for dtype, tol, L, H, G, with_d, Q in cases:
         for name, got, ref in (("ddt", ddt, want[3]), ("ddt_bias", ddt_bias, want[4]),
                                ("dA", dA, want[5])):
             close(f"{name} (dt kernel, within {within})", got, ref)
+    if L == 37:  # states kept in bf16 (fused_mamba.LOWP_STATES) read as their fp32 values
+        low = states.to(torch.bfloat16)
+        got = []
+        for kept_states in (low, low.float()):  # (within the chunks: atomics, in no set order)
+            dB, dC = nans(B), nans(C)
+            rows = ck.ssd_bc_grads(x, dy, (dt_soft, dA_sums, kept_states), B, C, dstates, dB, dC,
+                                   ddA_last)
+            got.append((dB, dC, *rows[:3]))
+        assert all(map(torch.equal, *got))
 print("chunk grad kernels agree")
 """
 
@@ -170,8 +179,8 @@ def test_compiled_chunk_grad_kernels_are_autograd_on_the_gpu():
 def test_chunk_grad_kernels_match_mamba_ssms_on_the_gpu(monkeypatch):
     """At the 800M's mixer widths (bf16, from mamba-ssm's forward kernels' kept tensors): dx,
     dt's, B's, C's, A's, D's and dt_bias's gradients of fused_mamba.ssd_backward_from_states
-    with our kernels (after mamba-ssm's state gradients or ours; all, or B's and C's alone)
-    against those with mamba-ssm's alone, within bf16 roundings."""
+    with our kernels (after mamba-ssm's state gradients or ours; all, or B's and C's alone),
+    and from states kept in bf16, against those with mamba-ssm's alone, within bf16 roundings."""
     pytest.importorskip("mamba_ssm")
     import toolkit.model.fused_mamba as fm
 
@@ -194,6 +203,20 @@ def test_chunk_grad_kernels_match_mamba_ssms_on_the_gpu(monkeypatch):
         monkeypatch.setattr(fm, "TRITON_MAMBA", names)
         out = [torch.empty_like(t) for t in (x, dt, B, C)]
         rest = fm.ssd_backward_from_states(dy, *args, kept, *out)
+        grads.append([*out, *rest])
+    # the states kept in bf16 (LOWP_STATES), by mamba-ssm's kernels and ours: the scan rounds
+    # them so anyway (the same output but for its autotuner's choice of order)
+    for names in map(frozenset, (set(), {"states"}, {"dstates", "bc", "dt", "states"})):
+        monkeypatch.setattr(fm, "TRITON_MAMBA", names)
+        ys = []
+        for lowp in (False, True):
+            monkeypatch.setattr(fm, "LOWP_STATES", lowp)
+            y, kept_now = fm.ssd_forward_keeping_states(*args)
+            ys.append(y.float())
+        assert kept_now[2].dtype == torch.bfloat16, names
+        assert ((ys[1] - ys[0]).norm() / ys[0].norm()).item() <= 4e-3, names
+        out = [torch.empty_like(t) for t in (x, dt, B, C)]
+        rest = fm.ssd_backward_from_states(dy, *args, kept_now, *out)
         grads.append([*out, *rest])
     for ours in grads[1:]:
         for name, a, t in zip(("dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias"), ours, grads[0]):

@@ -71,6 +71,14 @@ for dtype, tol, L, P, block_p, block_n in cases:
     close("dstates", dstates, want_dstates)
     close("ddA_last", ddA_last, want_ddA)
     close("states", states_out, states)
+    # states kept in dy's dtype (fused_mamba.LOWP_STATES under bf16) are given back as they are;
+    # kept in bf16, dA_last's gradient is that of their fp32 values, the rest as before
+    same = states.to(dtype)
+    assert sk.ssd_state_grads(dy, C, dA, same)[2] is same
+    low = states.to(torch.bfloat16)
+    from_low, from_rounded = (sk.ssd_state_grads(dy, C, dA, t) for t in (low, low.float()))
+    for got, ref in zip(from_low, from_rounded):
+        close("from bf16 states", got, ref.float())
 print("state grad kernel agrees")
 """
 

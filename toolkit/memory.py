@@ -109,7 +109,10 @@ def _fused_mamba_forward(self: nn.Module, u: torch.Tensor, state: object = None)
     """What `mamba_split_conv1d_scan_combined` keeps: its input zxbcdt, the scan's output
     (out_x) and the norm's rstd per group; out_proj keeps its own input. Without
     model.mamba_recompute (fused_mamba.py) also the conv's output and, in fp32, the states
-    passed into each chunk, dt after its softplus, dA's sums within each chunk and C Bt."""
+    passed into each chunk (in the activations' dtype with its LOWP_STATES), dt after its
+    softplus, dA's sums within each chunk and C Bt."""
+    from toolkit.model import fused_mamba
+
     zxbcdt = self.in_proj(u)
     b, length, _ = u.shape
     y = zxbcdt.new_empty(b, length, self.d_inner)
@@ -121,7 +124,9 @@ def _fused_mamba_forward(self: nn.Module, u: torch.Tensor, state: object = None)
         heads, p, n = self.num_heads, self.head_dim, self.d_state
         kept += [
             y.new_empty(b, length, self.conv_dim),
-            torch.empty(b, chunks, heads, p, n, **fp32),
+            y.new_empty(b, chunks, heads, p, n)
+            if fused_mamba.LOWP_STATES
+            else torch.empty(b, chunks, heads, p, n, **fp32),
             torch.empty(b, heads, chunks, self.chunk_size, **fp32),
             torch.empty(b, heads, chunks, self.chunk_size, **fp32),
             torch.empty(b, chunks, self.num_groups, self.chunk_size, self.chunk_size, **fp32),

@@ -69,6 +69,13 @@ NORM_BACKEND = "triton" if "norm" in TRITON_MAMBA else "mamba_ssm"
 # the 800M's widths and micro-batch 8 on an H100 (RESULTS.md 2026-12-07), for 4 KB a token a
 # layer there. TOOLKIT_MAMBA_KEEP_CB=0: made again, as before (for A/B runs).
 KEEP_CB = os.environ.get("TOOLKIT_MAMBA_KEEP_CB", "1") != "0"
+# The kept states passed between chunks in x's dtype (bf16 in training) instead of fp32: every
+# kernel that reads them rounds them to it first (mamba-ssm's scan, as its own forward keeps
+# them in bf16; its dC kernel; our B/C kernels), but for the state gradients' dA sum (fp32
+# products of the rounded states here). Half their bytes kept (1.3 GB at the 800M's widths and
+# micro-batch 4), written once and read four times (the scan, the state gradients, our dC
+# kernel's two blocks of rows). TOOLKIT_MAMBA_LOWP_STATES=1 (A/B runs).
+LOWP_STATES = os.environ.get("TOOLKIT_MAMBA_LOWP_STATES", "0") == "1"
 
 
 def _views(
@@ -169,6 +176,7 @@ def ssd_states_by_mamba_ssm(
     B: torch.Tensor,
     chunk_size: int,
     dt_bias: torch.Tensor,
+    states_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ssd_states_kernel.ssd_states's contract by mamba-ssm's cumsum, chunk-state and
     state-passing kernels."""
@@ -177,7 +185,9 @@ def ssd_states_by_mamba_ssm(
 
     dA_sums, dt_soft = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
     chunk_states = _chunk_state_fwd(B, x, dt_soft, dA_sums, states_in_fp32=True)
-    states, _ = _state_passing_fwd(chunk_states.flatten(-2), dA_sums[:, :, :, -1])
+    states, _ = _state_passing_fwd(
+        chunk_states.flatten(-2), dA_sums[:, :, :, -1], out_dtype=states_dtype
+    )
     return dt_soft, dA_sums, states.unflatten(-1, chunk_states.shape[-2:])
 
 
@@ -195,15 +205,17 @@ def ssd_forward_keeping_states(
     """mamba-ssm's SSD forward (y with D's skip; dt through softplus(dt + dt_bias)) by its
     kernels, the chunk states by ours where TRITON_MAMBA names "states", and what its backward
     would otherwise recompute: (dt after the softplus, dA's sums within each chunk, the states
-    passed into each chunk [b, chunks, heads, p, n]) as the recompute makes them, in fp32, and
-    with `keep_cb` the C Bt products the scan read ([b, chunks, groups, chunk, chunk] fp32: 4 x
-    groups x chunk bytes a token). The scan reads the fp32 states and rounds them to bf16 as
-    the combined forward's bf16 copy of them is rounded: the same output."""
+    passed into each chunk [b, chunks, heads, p, n]) as the recompute makes them, in fp32 (the
+    states in x's dtype with LOWP_STATES), and with `keep_cb` the C Bt products the scan read
+    ([b, chunks, groups, chunk, chunk] fp32: 4 x groups x chunk bytes a token). The scan rounds
+    the states to x's dtype as the combined forward's copy of them is rounded: the same
+    output."""
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
 
     states_of = ssd_states if "states" in TRITON_MAMBA else ssd_states_by_mamba_ssm
-    dt_soft, dA_sums, states = states_of(x, dt, A, B, chunk_size, dt_bias)
+    states_dtype = x.dtype if LOWP_STATES else torch.float32
+    dt_soft, dA_sums, states = states_of(x, dt, A, B, chunk_size, dt_bias, states_dtype)
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
     y, _ = _chunk_scan_fwd(CB, x, dt_soft, dA_sums, C, states, D=D)
     return y, (dt_soft, dA_sums, states, CB) if keep_cb else (dt_soft, dA_sums, states)
@@ -233,7 +245,7 @@ def ssd_backward_from_states(
     kept, kept_cb = kept[:3], kept[3] if len(kept) > 3 else None
     dt_soft, dA_sums, states = kept
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    # ssd_chunk_grad_kernel's ("dx": all of it, "bc": its B/C kernels) read the fp32 states: no
+    # ssd_chunk_grad_kernel's ("dx": all of it, "bc": its B/C kernels) read the kept states: no
     # bf16 copy of them where they run
     ours, bc = "dx" in TRITON_MAMBA, "bc" in TRITON_MAMBA
     if "dstates" in TRITON_MAMBA:

@@ -95,7 +95,7 @@ if triton_imports():
         bc_at = b64 * stride_bc_b + g * stride_bc_g + n[None, :]
         xc = tl.load(x + x_at + t64[:, None] * stride_x_l, t_ok[:, None], 0.0)
         Bc = tl.load(B + bc_at + t64[:, None] * stride_bc_l, t_ok[:, None], 0.0)
-        # [b, chunks, h, P, N]: the state passed in (fp32) and the gradient of the one passed on
+        # [b, chunks, h, P, N]: the state passed in and the gradient of the one passed on
         so = (((b64 * CHUNKS + c) * H + h) * P + p[:, None]) * N + n[None, :]
         state = tl.load(states + so).to(xc.dtype)
         grad = tl.load(dstates + so).to(xc.dtype)
@@ -283,8 +283,8 @@ def ssd_input_grads(
     """The SSD's gradients from x and dy [b, l, h, p], dt before softplus(dt + dt_bias)
     [b, l, h], A, dt_bias and D (or None) [h], kept (the forward's dt after the softplus and dA's
     sums within each chunk [b, h, chunks, chunk] fp32, the states passed into each chunk
-    [b, chunks, h, p, n] fp32), B and C [b, l, g, n], the gradients of the states each chunk
-    passes on (dstates, like the states) and of each chunk's last dA sum through it
+    [b, chunks, h, p, n] fp32 or x's dtype), B and C [b, l, g, n], the gradients of the states
+    each chunk passes on (dstates, like the states) and of each chunk's last dA sum through it
     (ddA_last [b, h, chunks]; both ssd_state_grad_kernel.ssd_state_grads'): x's, dt's, B's and
     C's written into dx, ddt, dB and dC (their inputs' shapes); (A's, D's or None, dt_bias's)
     [h] fp32 returned. Channels adjacent throughout."""

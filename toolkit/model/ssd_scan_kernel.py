@@ -41,7 +41,8 @@ if triton_imports():
                      N: tl.constexpr, Q: tl.constexpr):  # fmt: skip
         """Chunk c's steps (in range, 64-bit), dt after the softplus, dA's sums and the last of
         them: the first two written (where write_dt) as mamba-ssm's cumsum kernel writes them
-        [b, h, chunks, Q], with the state passed into the chunk [b, chunks, h, P, N]."""
+        [b, h, chunks, Q], with the state passed into the chunk [b, chunks, h, P, N] (rounded
+        to the states' dtype; the one carried on stays fp32)."""
         t = c * Q + i
         t_ok = t < L
         t64 = t.to(tl.int64)
@@ -54,7 +55,8 @@ if triton_imports():
             tl.store(dA_out + at, dA)
         base = (((b64 * CHUNKS + c) * H + h) * P) * N
         n = tl.arange(0, N)
-        tl.store(states + base + cols[:, None] * N + n[None, :], state, col_ok[:, None])
+        tl.store(states + base + cols[:, None] * N + n[None, :],
+                 state.to(states.dtype.element_ty), col_ok[:, None])  # fmt: skip
         return t_ok, t64, dt_s, dA, tl.sum(tl.where(i == Q - 1, dA, 0.0), axis=0)
 
     @triton.jit

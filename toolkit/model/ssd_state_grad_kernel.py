@@ -59,8 +59,9 @@ if triton_imports():
             if states_out is not None:
                 tl.store(states_out + at, state.to(states_out.dtype.element_ty), col_ok[:, None])
             # dA_last's gradient through the state passed on: exp(dA_last) sum(state * grad)
-            tl.atomic_add(
-                ddA_last + (b64 * H + h) * CHUNKS + c, tl.exp(last) * tl.sum(state * grad)
+            tl.atomic_add(  # in fp32 from the kept states, fp32 or rounded to x's dtype
+                ddA_last + (b64 * H + h) * CHUNKS + c,
+                tl.exp(last) * tl.sum(state.to(tl.float32) * grad),
             )
             # the state passed into chunk c, read by its outputs: (dy * exp(dA))^T C over the
             # chunk's steps, BLOCK_Q at a time
@@ -88,10 +89,11 @@ def ssd_state_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """From dy [b, l, h, p] (adjacent channels), C [b, l, g, n] (adjacent state), dA's sums
     within each chunk [b, h, chunks, chunk] and the states passed into each chunk
-    [b, chunks, h, p, n] (fp32, contiguous): (the gradient of the state each chunk passes on
-    [b, chunks, h, p, n] in dy's dtype, that of each chunk's last dA sum through it
-    [b, h, chunks] in fp32, the states in dy's dtype or None without `lowp_states`): mamba-ssm's
-    _chunk_scan_bwd_dstates and _state_passing_bwd (without initial states) in one kernel."""
+    [b, chunks, h, p, n] (fp32 or dy's dtype, contiguous): (the gradient of the state each
+    chunk passes on [b, chunks, h, p, n] in dy's dtype, that of each chunk's last dA sum through
+    it [b, h, chunks] in fp32, the states in dy's dtype or None without `lowp_states`; those
+    given where they are in dy's dtype already): mamba-ssm's _chunk_scan_bwd_dstates and
+    _state_passing_bwd (without initial states) in one kernel."""
     b, L, H, P = dy.shape
     G, N = C.shape[2:]
     chunks, chunk_size = dA_sums.shape[2:]
@@ -103,9 +105,8 @@ def ssd_state_grads(
         raise ValueError(f"states {tuple(states.shape)}: want contiguous {(b, chunks, H, P, N)}")
     dA_sums = dA_sums.contiguous()
     dstates = torch.empty(states.shape, dtype=dy.dtype, device=dy.device)
-    states_out = (
-        torch.empty(states.shape, dtype=dy.dtype, device=dy.device) if lowp_states else None
-    )
+    copy = lowp_states and states.dtype != dy.dtype
+    states_out = torch.empty(states.shape, dtype=dy.dtype, device=dy.device) if copy else None
     ddA_last = torch.zeros(b, H, chunks, dtype=torch.float32, device=dy.device)
     block_p, block_n = min(BLOCK_P, triton.next_power_of_2(P)), min(BLOCK_N, N)
     grid = (triton.cdiv(P, block_p) * (N // block_n), H, b)
@@ -116,4 +117,6 @@ def ssd_state_grads(
         BLOCK_Q=min(BLOCK_Q, chunk_size),
         num_warps=NUM_WARPS,
     )  # fmt: skip
+    if lowp_states and not copy:  # the states are in dy's dtype already
+        states_out = states
     return dstates, ddA_last, states_out

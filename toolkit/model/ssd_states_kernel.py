@@ -73,11 +73,14 @@ def ssd_states(
     B: torch.Tensor,
     chunk_size: int,
     dt_bias: torch.Tensor,
+    states_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dt after softplus(dt + dt_bias), dA's sums within each chunk [b, h, chunks, chunk], the
-    state passed into each chunk [b, chunks, h, p, n]), all fp32, of x [b, l, h, p], dt [b, l, h],
-    A [h] and B [b, l, g, n]: what mamba-ssm's cumsum, chunk-state and state-passing kernels
-    make for its scan, in one kernel (BLOCK_P of a head's channels a program)."""
+    state passed into each chunk [b, chunks, h, p, n]), fp32 (the states in `states_dtype`:
+    carried in fp32 from chunk to chunk, rounded where written), of x [b, l, h, p],
+    dt [b, l, h], A [h] and B [b, l, g, n]: what mamba-ssm's cumsum, chunk-state and
+    state-passing kernels make for its scan, in one kernel (BLOCK_P of a head's channels a
+    program)."""
     b, L, H, P = x.shape
     G, N = B.shape[2:]
     if x.stride(3) != 1 or B.stride(3) != 1 or dt.stride(2) != 1:
@@ -90,7 +93,7 @@ def ssd_states(
     fp32 = dict(dtype=torch.float32, device=x.device)
     dt_out = torch.empty(b, H, chunks, chunk_size, **fp32)
     dA_out = torch.empty(b, H, chunks, chunk_size, **fp32)
-    states = torch.empty(b, chunks, H, P, N, **fp32)
+    states = torch.empty(b, chunks, H, P, N, dtype=states_dtype, device=x.device)
     block_p = max(16, min(BLOCK_P, triton.next_power_of_2(P)))
     _ssd_states_kernel[(triton.cdiv(P, block_p), H, b)](
         x, dt, dt_bias, A, B, dt_out, dA_out, states, L, chunks, x.stride(0), x.stride(1),
