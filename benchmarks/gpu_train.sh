@@ -200,6 +200,12 @@ tp lever_triton_conv 200 8 --set train.compile=true --set 'model.mamba_conv_back
 run gated_norm_gpu_test 200 python3 -m pytest -q tests/test_gated_norm_kernel.py
 run gated_norm 120 python3 benchmarks/gated_norm.py --json "$W/gated_norm.json"
 run gated_norm_sweep 200 python3 benchmarks/gated_norm.py --sweep --json "$W/gated_norm_sweep.json"
+# The 800M's attention (16 heads, 8 key groups, 64 channels a head, causal) by each SDPA
+# backend, the groups as the model passes them and repeated to every head (5.7 ms a micro-batch-4
+# step in the 2026-12-07 profile: ~340 TFLOP/s), at micro-batch 4 and 8.
+run attention_backends_mbs4 120 python3 benchmarks/attention_backends.py --batch 4 \
+  --json "$W/attention_backends_mbs4.json"
+run attention_backends 120 python3 benchmarks/attention_backends.py --json "$W/attention_backends.json"
 # Our SSD forward as one kernel carrying the states through the chunks (ssd_scan_kernel.py;
 # mamba-ssm's SSD ran at a tenth of the HBM's bandwidth by its bytes): against the reference and
 # mamba-ssm's kernels (with its backward from either's kept states), then timed at the 800M's
@@ -528,6 +534,9 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         print("conv_kernel (ms: forward / backward / a layer):", "; ".join(
             f"{k} {v['forward']:.3f} / {v['backward']:.3f} / {v['layer']:.3f}"
             for k, v in r["ms"].items()))
+    elif p.stem.startswith("attention_backends"):
+        print(f"{p.stem} (ms, TFLOP/s):", "; ".join(
+            f"{k} {v['ms']:.3f} {v['tflops']:.0f}" for k, v in r["runs"].items()))
     elif "error" in r:
         print(f"{p.stem:32} error: {r['error']}")
     else:
