@@ -130,14 +130,16 @@ for dtype, tol, L, H, G, with_d, Q in cases:
                                ("dA", dA, want[5])):
             close(f"{name} (dt kernel, within {within})", got, ref)
     if L == 37:  # states kept in bf16 (fused_mamba.LOWP_STATES) read as their fp32 values
-        low = states.to(torch.bfloat16)
-        got = []
-        for kept_states in (low, low.float()):  # (within the chunks: atomics, in no set order)
+        low = states.to(torch.bfloat16)  # (the same bits under the interpreter; compiled, the
+        got = []  # two kernels may sum in other orders)
+        for kept_states in (low, low.float()):
             dB, dC = nans(B), nans(C)
             rows = ck.ssd_bc_grads(x, dy, (dt_soft, dA_sums, kept_states), B, C, dstates, dB, dC,
                                    ddA_last)
             got.append((dB, dC, *rows[:3]))
-        assert all(map(torch.equal, *got))
+        for name, a, b in zip(("dB", "dC", "into_outputs", "onto_state", "last"), *got):
+            assert device != "cpu" or torch.equal(a, b), name
+            close(f"{name} from bf16 states", a, b.float())
 print("chunk grad kernels agree")
 """
 

@@ -306,7 +306,7 @@ def ssd_state_grads_by_mamba_ssm(
     from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
     shape = states.shape[-2:]
-    dstates = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=states.dtype)
+    dstates = _chunk_scan_bwd_dstates(C, dA_sums, dy, dtype=torch.float32)  # summed below
     dstates, ddA_chunk, _, states_lowp = _state_passing_bwd(
         states.flatten(-2), dA_sums[:, :, :, -1], dstates.flatten(-2), has_initial_states=False,
         dstates_dtype=dy.dtype, states_dtype=dy.dtype, chunk_size=dA_sums.size(-1),
