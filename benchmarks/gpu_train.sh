@@ -232,12 +232,13 @@ run chunk_grad_gpu_test 200 python3 -m pytest -q tests/test_ssd_chunk_grad_kerne
 run ssd_backward 200 python3 benchmarks/gpu_kernels.py --backward \
   dstates,dstates+dx,dstates+bc@v4,dstates+bc,dstates+bc+ddacs
 # The default's B/C kernels (with dA's rows and the dt kernel) at other settings (s: stages,
-# now 1), from fp32 kept states and (_lowp) from bf16 ones (TOOLKIT_MAMBA_LOWP_STATES=1).
+# now 1), from fp32 kept states (_fp32states: TOOLKIT_MAMBA_LOWP_STATES=0) and bf16 ones (the
+# default since 2026-12-07 late night; bc_sweep_lowp in that entry).
 BC_SWEEP=dstates+bc+dt,dstates+bc+dt@s2,dstates+bc+dt@v4_s2,dstates+bc+dt@r32_v4_s2
 BC_SWEEP+=,dstates+bc+dt@r128_v16,dstates+bc+dt@r128_v8_s2
-run bc_sweep 200 python3 benchmarks/gpu_kernels.py --backward "$BC_SWEEP"
-TOOLKIT_MAMBA_LOWP_STATES=1 run bc_sweep_lowp 200 python3 benchmarks/gpu_kernels.py \
+TOOLKIT_MAMBA_LOWP_STATES=0 run bc_sweep_fp32states 200 python3 benchmarks/gpu_kernels.py \
   --backward "$BC_SWEEP"
+run bc_sweep 200 python3 benchmarks/gpu_kernels.py --backward "$BC_SWEEP"
 # All of them in the fused op (TOOLKIT_TRITON_MAMBA, fused_mamba.py): the op against mamba-ssm's
 # own, then (below) whole steps against lever_no_recompute_mbs4 / lever_no_recompute.
 TOOLKIT_TRITON_MAMBA=norm,forward,dstates,dx run triton_mamba_gpu_test 240 python3 -m pytest -q \
@@ -322,13 +323,14 @@ TOOLKIT_NORM_AUTOCAST_OUTPUT=0 tp lever_fastest_no_recompute_fp32norm 200 8 "${F
 # against lever_fastest_no_recompute(_mbs4), where the forward's is kept.
 TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb_mbs4 200 4 "${FASTEST_KEPT[@]}"
 TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb 200 8 "${FASTEST_KEPT[@]}"
-# The kept states in bf16 (TOOLKIT_MAMBA_LOWP_STATES=1: half their bytes written, read four
-# times and kept), against lever_fastest_no_recompute(_mbs4)(_gb32) in the same call.
+# The kept states in fp32 (TOOLKIT_MAMBA_LOWP_STATES=0: as before 2026-12-07 late night, when
+# bf16 ones became the default: half their bytes written, read four times and kept), against
+# lever_fastest_no_recompute(_mbs4)(_gb32) in the same call.
 for suffix in _mbs4 "" _mbs4_gb32 _gb32; do
   mbs=8 accumulate=()
   [[ $suffix == _mbs4* ]] && mbs=4
   [[ $suffix == *_gb32 ]] && accumulate=(--accumulate $((32 / mbs)))
-  TOOLKIT_MAMBA_LOWP_STATES=1 tp "lever_fastest_no_recompute_lowp$suffix" 300 "$mbs" \
+  TOOLKIT_MAMBA_LOWP_STATES=0 tp "lever_fastest_no_recompute_fp32states$suffix" 300 "$mbs" \
     "${accumulate[@]}" "${FASTEST_KEPT[@]}"
 done
 # The residual stream in bf16 (model.fp32_residual = false, Megatron's bf16 runs) and in fp32

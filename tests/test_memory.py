@@ -134,7 +134,7 @@ def test_config_cli_prints_the_plan():
 
 def test_keeping_the_mamba_states_adds_them_to_the_plan():
     """model.mamba_recompute = false (fused_mamba.py) keeps, per Mamba layer, the conv's output
-    (bf16) and, in fp32, the states passed into each chunk, dt after its softplus, dA's sums
+    and the states passed into each chunk (bf16) and, in fp32, dt after its softplus, dA's sums
     within each chunk and C Bt (each group's [chunk, chunk] a chunk)."""
     keep = small_recipe(tp=1)
     keep.model.mamba_recompute = False
@@ -144,7 +144,7 @@ def test_keeping_the_mamba_states_adds_them_to_the_plan():
     conv_channels, chunks = 128 + 2 * groups * state, seq // chunk
     per_layer = (
         batch * seq * conv_channels * 2
-        + batch * chunks * heads * head_dim * state * 4
+        + batch * chunks * heads * head_dim * state * 2
         + 2 * batch * heads * chunks * chunk * 4
         + batch * chunks * groups * chunk * chunk * 4
     )
@@ -166,8 +166,8 @@ def test_a_bf16_residual_stream_halves_what_checkpointed_blocks_keep():
 
 
 def test_states_kept_in_the_activations_dtype_halve_in_the_plan(monkeypatch):
-    """fused_mamba.LOWP_STATES (TOOLKIT_MAMBA_LOWP_STATES=1): the states passed into each chunk
-    kept in bf16 under bf16 training, 2 bytes an entry fewer than in fp32."""
+    """fused_mamba.LOWP_STATES (TOOLKIT_MAMBA_LOWP_STATES, on by default): the states passed
+    into each chunk kept in bf16 under bf16 training, 2 bytes an entry fewer than in fp32."""
     from toolkit.model import fused_mamba
 
     plans = {}

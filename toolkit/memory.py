@@ -108,9 +108,9 @@ class _Keeps(torch.autograd.Function):
 def _fused_mamba_forward(self: nn.Module, u: torch.Tensor, state: object = None) -> torch.Tensor:
     """What `mamba_split_conv1d_scan_combined` keeps: its input zxbcdt, the scan's output
     (out_x) and the norm's rstd per group; out_proj keeps its own input. Without
-    model.mamba_recompute (fused_mamba.py) also the conv's output and, in fp32, the states
-    passed into each chunk (in the activations' dtype with its LOWP_STATES), dt after its
-    softplus, dA's sums within each chunk and C Bt."""
+    model.mamba_recompute (fused_mamba.py) also the conv's output, the states passed into
+    each chunk (in the activations' dtype; fp32 without its LOWP_STATES) and, in fp32, dt after
+    its softplus, dA's sums within each chunk and C Bt."""
     from toolkit.model import fused_mamba
 
     zxbcdt = self.in_proj(u)

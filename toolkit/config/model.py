@@ -51,9 +51,9 @@ class ModelConfig:
         True,
         "the fused Mamba training op's backward recomputes the conv's output and the SSD's "
         "chunk states (mamba-ssm's op); false keeps them from the forward (ours, "
-        "toolkit/model/fused_mamba.py): 5 kernels a layer fewer, 2 x conv channels + 4 x "
-        "heads x head_dim x state / chunk + 4 x groups x chunk bytes a token a layer more "
-        "(20 KB at the 800M's)",
+        "toolkit/model/fused_mamba.py): 5 kernels a layer fewer, 2 x (conv channels + "
+        "heads x head_dim x state / chunk) + 4 x groups x chunk bytes a token a layer more "
+        "(16 KB at the 800M's)",
     )
     fp32_residual: bool = opt(
         True,

@@ -12,9 +12,9 @@ names them; the conv is causal-conv1d's or ours
 straight into in_proj's gradient.
 
 With `recompute` (mamba-ssm's choice) the backward recomputes the conv's output and the SSD's
-chunk states; without, the forward keeps them (the conv's output in bf16, the states passed
-between chunks, dA's sums in each chunk and C Bt in fp32: 20 KB a token a layer at the 800M's
-widths) and the backward runs mamba-ssm's backward kernels on them, skipping the 5 kernels a
+chunk states; without, the forward keeps them (the conv's output and the states passed
+between chunks in bf16, dA's sums in each chunk and C Bt in fp32: 16 KB a token a layer at the
+800M's widths) and the backward runs mamba-ssm's backward kernels on them, skipping the 5 kernels a
 layer that made them again (RESULTS.md 2026-12-06, afternoon); by default the chunk states,
 their gradients and B's and C's by our kernels (TRITON_MAMBA below).
 """
@@ -72,10 +72,11 @@ KEEP_CB = os.environ.get("TOOLKIT_MAMBA_KEEP_CB", "1") != "0"
 # The kept states passed between chunks in x's dtype (bf16 in training) instead of fp32: every
 # kernel that reads them rounds them to it first (mamba-ssm's scan, as its own forward keeps
 # them in bf16; its dC kernel; our B/C kernels), but for the state gradients' dA sum (fp32
-# products of the rounded states here). Half their bytes kept (1.3 GB at the 800M's widths and
-# micro-batch 4), written once and read four times (the scan, the state gradients, our dC
-# kernel's two blocks of rows). TOOLKIT_MAMBA_LOWP_STATES=1 (A/B runs).
-LOWP_STATES = os.environ.get("TOOLKIT_MAMBA_LOWP_STATES", "0") == "1"
+# products of the rounded states here). Half their bytes kept, written once and read four times
+# (the scan, the state gradients, our dC kernel's two blocks of rows): on an H100 at the 800M's
+# widths a step 1.007x and 1.25 GB less at micro-batch 4, the SSD backward's GPU time 0.97x at
+# micro-batch 8 (RESULTS.md 2026-12-07, late night). TOOLKIT_MAMBA_LOWP_STATES=0: fp32 (A/B).
+LOWP_STATES = os.environ.get("TOOLKIT_MAMBA_LOWP_STATES", "1") != "0"
 
 
 def _views(
