@@ -353,6 +353,13 @@ tp_traced lever_fastest_no_recompute_bf16res_mbs4_traced 240 4 "${FASTEST_KEPT[@
 AUTOTUNE=(--set 'train.compile_mode="max-autotune-no-cudagraphs"')
 tp lever_fastest_no_recompute_autotune_mbs4 600 4 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
 tp lever_fastest_no_recompute_autotune 600 8 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
+# Only Inductor's own kernels tuned (train.compile_mode="coordinate-descent-tuning": block sizes
+# and warps of the GELU, norm and residual-add kernels, ~13% of a micro-batch-4 step at ~2.5 TB/s
+# in the 2026-12-07 night profile; 1.022x for FP8 at the 8B's widths, 1.000x for bf16 there),
+# against lever_fastest_no_recompute(_mbs4)(_gb32); ~3 minutes more on a cold cache.
+tp lever_fastest_no_recompute_cdt_mbs4 450 4 "${FASTEST_KEPT[@]}" "${CDT[@]}"
+tp lever_fastest_no_recompute_cdt 450 8 "${FASTEST_KEPT[@]}" "${CDT[@]}"
+tp lever_fastest_no_recompute_cdt_gb32 450 8 --accumulate 4 "${FASTEST_KEPT[@]}" "${CDT[@]}"
 # The default without B's and C's gradients by ours (nor dt, which reads their rows), and
 # with dA's gradient within the chunks by our dC kernel too (bcd: in place of mamba-ssm's
 # ddAcs), against lever_fastest_no_recompute(_mbs4). (The _sbc and _nsbc runs of 2026-12-07
