@@ -194,6 +194,14 @@ run row_sparse_gpu_test 240 python3 -m pytest -q tests/test_row_sparse_grad.py -
 run conv_gpu_test 200 python3 -m pytest -q tests/test_conv_kernel.py
 run conv_kernel 120 python3 benchmarks/conv_kernel.py --json "$W/conv_kernel.json" \
   --variants default,s3,g8,g8_s3,g16_r1024,g16_r1024_s3,g32_s3
+# Both passes a row at a time (conv_kernel.STREAM: no ring, no barrier; ~1.3 TB/s for
+# causal-conv1d's backward, 0.61-0.65 ms a layer at micro-batch 8 on an H100), at micro-batch 4
+# and 8, by rows and channels a program, warps and stages.
+STREAM_VARIANTS=t1,t1_n2,t1_n4,t1_q128,t1_q512,t1_h512,t1_h2048_w8,t1_h512_w2,t1_q128_h512
+run conv_stream 200 python3 benchmarks/conv_kernel.py --json "$W/conv_stream.json" \
+  --variants "default,$STREAM_VARIANTS"
+run conv_stream_mbs4 200 python3 benchmarks/conv_kernel.py --batch 4 \
+  --json "$W/conv_stream_mbs4.json" --variants "default,$STREAM_VARIANTS"
 tp lever_triton_conv 200 8 --set train.compile=true --set 'model.mamba_conv_backend="triton"'
 # Our gated RMSNorm in Triton (gated_norm_kernel.py; mamba-ssm's backward took ~2.5x its bytes'
 # time at the 800M's widths): compiled against the torch norm and mamba-ssm's, then both timed.
@@ -353,6 +361,15 @@ tp_traced lever_fastest_no_recompute_bf16res_mbs4_traced 240 4 "${FASTEST_KEPT[@
 AUTOTUNE=(--set 'train.compile_mode="max-autotune-no-cudagraphs"')
 tp lever_fastest_no_recompute_autotune_mbs4 600 4 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
 tp lever_fastest_no_recompute_autotune 600 8 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
+# Our conv a row at a time (TOOLKIT_CONV_STREAM=1 with model.mamba_conv_backend="triton"; the
+# conv_stream sweep above) in place of causal-conv1d's, against lever_fastest_no_recompute(...).
+for suffix in _mbs4 "" _mbs4_gb32 _gb32; do
+  mbs=8 accumulate=()
+  [[ $suffix == _mbs4* ]] && mbs=4
+  [[ $suffix == *_gb32 ]] && accumulate=(--accumulate $((32 / mbs)))
+  TOOLKIT_CONV_STREAM=1 tp "lever_fastest_no_recompute_conv_stream$suffix" 300 "$mbs" \
+    "${accumulate[@]}" "${FASTEST_KEPT[@]}" --set 'model.mamba_conv_backend="triton"'
+done
 # Only Inductor's own kernels tuned (train.compile_mode="coordinate-descent-tuning": block sizes
 # and warps of the GELU, norm and residual-add kernels, ~13% of a micro-batch-4 step at ~2.5 TB/s
 # in the 2026-12-07 night profile; 1.022x for FP8 at the 8B's widths, 1.000x for bf16 there),
@@ -539,7 +556,7 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
             for k in ("forward", "backward"):
                 best = min(r["sweep"].items(), key=lambda kv: kv[1][k])
                 print(f"  fastest {k}: {best[0]} {best[1][k]:.3f} ms")
-    elif p.stem == "conv_kernel":
+    elif p.stem.startswith("conv_kernel") or p.stem.startswith("conv_stream"):
         print("conv_kernel (ms: forward / backward / a layer):", "; ".join(
             f"{k} {v['forward']:.3f} / {v['backward']:.3f} / {v['layer']:.3f}"
             for k, v in r["ms"].items()))

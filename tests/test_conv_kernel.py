@@ -42,8 +42,16 @@ cases += [(torch.float32, 2e-5, k, True, (48, 16, 4, 3), 100, 300) for k in (4, 
 # A sequence whose rows pass 2^31 elements (the offsets in 64 bits); its pages are touched at
 # 16 channels a row only.
 cases += [(torch.bfloat16, 2e-2, 4, True, (512, 32, 16), 2100, 2**20)]
+# The kernels a row at a time (STREAM): several programs a sequence, one ending past it, and
+# channels in blocks of 64 (the last partial); widths 4 and 2, fp32 and bf16.
+cases += [(torch.float32, 2e-5, 4, True, ("stream", 24, 64), 60, 300),
+          (torch.bfloat16, 2e-2, 2, False, ("stream", 24, 64), 60, 300)]
 for dtype, tol, k, bias, (rows, block, backward_block, *slots), L, width in cases:
-    ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS, ck.BACKWARD_BLOCK_ROWS = rows, block, backward_block
+    ck.STREAM = rows == "stream"
+    if ck.STREAM:
+        ck.STREAM_ROWS, ck.STREAM_CHANNELS = block, backward_block
+    else:
+        ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS, ck.BACKWARD_BLOCK_ROWS = rows, block, backward_block
     ck.RING_SLOTS = slots[0] if slots else 2
     b, C = (2, 136) if width < 2**20 else (1, 16)
     x = torch.empty(b, L, width, dtype=dtype, device=device)[:, :, 37:37 + C]

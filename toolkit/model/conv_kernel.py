@@ -12,7 +12,15 @@ torch: the same sums as causal-conv1d's in another order, deterministic.
 
 Measured on an H100 at the 800M's widths (RESULTS.md 2026-12-06, late morning): the forward
 bit for bit causal-conv1d's and as fast, the backward 1.4x slower (0.93 against 0.65 ms).
+
+The _stream kernels (STREAM) walk a program's rows one at a time over a wide block of channels
+instead, the last 3 rows of x (and in the backward of g) carried in registers from one row to
+the next: no ring, no barrier, every load independent of the loop's carried values, so the
+compiler can keep the next rows' loads in flight (causal-conv1d's backward moves its bytes at
+~1.3 TB/s, a third of the HBM's).
 """
+
+import os
 
 import torch
 
@@ -38,22 +46,42 @@ if triton_imports():
         )
 
     @triton.jit
-    def _weight_tap(weight, cols, col_ok, j: tl.constexpr, K: tl.constexpr):
-        """w[c, j] as a [1, BC] fp32 row; zeros for a padding tap (j < 0)."""
+    def _weight_row(weight, cols, col_ok, j: tl.constexpr, K: tl.constexpr):
+        """w[c, j] as a [BC] fp32 row; zeros for a padding tap (j < 0)."""
         if j >= 0:
             w = tl.load(weight + cols * K + j, mask=col_ok, other=0.0).to(tl.float32)
         else:
             w = tl.zeros(cols.shape, dtype=tl.float32)
-        return w[None, :]
+        return w
 
     @triton.jit
-    def _bias_row(bias, cols, col_ok, HAS_BIAS: tl.constexpr):
-        """The bias as a [1, BC] fp32 row; zeros without one."""
+    def _taps(weight, cols, col_ok, K: tl.constexpr):
+        """The conv's weight as 4 taps of [BC] fp32 rows, the first 4 - K of them zero."""
+        PAD: tl.constexpr = 4 - K
+        w0 = _weight_row(weight, cols, col_ok, 0 - PAD, K)
+        w1 = _weight_row(weight, cols, col_ok, 1 - PAD, K)
+        w2 = _weight_row(weight, cols, col_ok, 2 - PAD, K)
+        w3 = _weight_row(weight, cols, col_ok, 3 - PAD, K)
+        return w0, w1, w2, w3
+
+    @triton.jit
+    def _weight_tap(weight, cols, col_ok, j: tl.constexpr, K: tl.constexpr):
+        """w[c, j] as a [1, BC] fp32 row of a tile."""
+        return _weight_row(weight, cols, col_ok, j, K)[None, :]
+
+    @triton.jit
+    def _bias_1d(bias, cols, col_ok, HAS_BIAS: tl.constexpr):
+        """The bias as a [BC] fp32 row; zeros without one."""
         if HAS_BIAS:
             b = tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         else:
             b = tl.zeros(cols.shape, dtype=tl.float32)
-        return b[None, :]
+        return b
+
+    @triton.jit
+    def _bias_row(bias, cols, col_ok, HAS_BIAS: tl.constexpr):
+        """The bias as a [1, BC] fp32 row of a tile."""
+        return _bias_1d(bias, cols, col_ok, HAS_BIAS)[None, :]
 
     @triton.jit
     def _preactivation(x_row, rows, cols, col_ok, weight, bias, L, stride_l,
@@ -120,10 +148,8 @@ if triton_imports():
         tile = tl.arange(0, BL)
         ring_at = ring + program * (SLOTS * BL * BC) + tl.arange(0, BC)[None, :]
         PAD: tl.constexpr = 4 - K
-        w0 = _weight_tap(weight, cols, col_ok, 0 - PAD, K)
-        w1 = _weight_tap(weight, cols, col_ok, 1 - PAD, K)
-        w2 = _weight_tap(weight, cols, col_ok, 2 - PAD, K)
-        w3 = _weight_tap(weight, cols, col_ok, 3 - PAD, K)
+        w0, w1, w2, w3 = _taps(weight, cols, col_ok, K)
+        w0, w1, w2, w3 = w0[None, :], w1[None, :], w2[None, :], w3[None, :]
         bias_row = _bias_row(bias, cols, col_ok, HAS_BIAS)
         dw0 = tl.zeros((BL, BC), dtype=tl.float32)
         dw1 = tl.zeros((BL, BC), dtype=tl.float32)
@@ -171,6 +197,106 @@ if triton_imports():
         if HAS_BIAS:
             tl.store(db_part + part * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
+    @triton.jit
+    def _stream_row(base, t, stride_l, cols, col_ok, L):
+        """Row t of a sequence at `base` over `cols` as [BC] fp32, zeros outside [0, L)."""
+        row = t + tl.zeros_like(cols)  # a block: the interpreter's t may be a Python int
+        ok = col_ok & (row >= 0) & (row < L)
+        return tl.load(base + row.to(tl.int64) * stride_l + cols, mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _stream_start(weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS: tl.constexpr,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+        """A stream program's 4 weight taps and bias as [BC] rows, its rows [first, last) and
+        the 3 rows of x before its first."""
+        w0, w1, w2, w3 = _taps(weight, cols, col_ok, K)
+        bias_row = _bias_1d(bias, cols, col_ok, HAS_BIAS)
+        first = pid_l * ROWS
+        last = tl.minimum(first + ROWS, L)
+        x3 = _stream_row(x_row, first - 3, sx_l, cols, col_ok, L)
+        x2 = _stream_row(x_row, first - 2, sx_l, cols, col_ok, L)
+        x1 = _stream_row(x_row, first - 1, sx_l, cols, col_ok, L)
+        return w0, w1, w2, w3, bias_row, first, last, x3, x2, x1
+
+    @triton.jit
+    def _conv_silu_fwd_stream_kernel(x, weight, bias, out, L, C, sx_b, sx_l, so_b, so_l,
+                                     ROWS: tl.constexpr, K: tl.constexpr,
+                                     HAS_BIAS: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+        """One program: ROWS rows of BC channels of one sequence, a row at a time, the last 3
+        rows of x carried in registers (no row read twice but the 3 before the first)."""
+        pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = pid_c * BC + tl.arange(0, BC)
+        col_ok = cols < C
+        x_row = x + b.to(tl.int64) * sx_b
+        o_row = out + b.to(tl.int64) * so_b
+        w0, w1, w2, w3, bias_row, first, last, x3, x2, x1 = _stream_start(
+            weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS, K, HAS_BIAS
+        )
+        for t in range(first, last):
+            x0 = _stream_row(x_row, t, sx_l, cols, col_ok, L)
+            a = bias_row + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
+            y = a * tl.sigmoid(a)
+            dst = o_row + (t + tl.zeros_like(cols)).to(tl.int64) * so_l + cols
+            tl.store(dst, y.to(out.dtype.element_ty), mask=col_ok)
+            x3, x2, x1 = x2, x1, x0
+
+    @triton.jit
+    def _conv_silu_bwd_stream_kernel(x, weight, bias, dout, dx, dw_part, db_part, L, C, sx_b,
+                                     sx_l, sd_b, sd_l, sdx_b, sdx_l, ROWS: tl.constexpr,
+                                     K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                     BC: tl.constexpr):  # fmt: skip
+        """One program: ROWS rows of BC channels of one sequence, a row at a time, with no
+        barrier and no memory between rows: the last 3 rows of x and of g = dout silu'(a)
+        carried in registers. Row t's g completes dx[t - 3] = w3 g[t - 3] + w2 g[t - 2] +
+        w1 g[t - 1] + w0 g[t]; the program runs 3 rows past its own (g for dx only) and
+        keeps dw[j] = sum_t g[t] x[t - 3 + j] and db = sum_t g[t] per channel, summed over
+        programs by torch. The same sums per row as the ring kernel's."""
+        pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = pid_c * BC + tl.arange(0, BC)
+        col_ok = cols < C
+        x_row = x + b.to(tl.int64) * sx_b
+        d_row = dout + b.to(tl.int64) * sd_b
+        dx_row = dx + b.to(tl.int64) * sdx_b
+        w0, w1, w2, w3, bias_row, first, last, x3, x2, x1 = _stream_start(
+            weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS, K, HAS_BIAS
+        )
+        g3 = tl.zeros((BC,), dtype=tl.float32)
+        g2 = tl.zeros((BC,), dtype=tl.float32)
+        g1 = tl.zeros((BC,), dtype=tl.float32)
+        dw0 = tl.zeros((BC,), dtype=tl.float32)
+        dw1 = tl.zeros((BC,), dtype=tl.float32)
+        dw2 = tl.zeros((BC,), dtype=tl.float32)
+        dw3 = tl.zeros((BC,), dtype=tl.float32)
+        db = tl.zeros((BC,), dtype=tl.float32)
+        for t in range(first, last + 3):
+            x0 = _stream_row(x_row, t, sx_l, cols, col_ok, L)
+            d = _stream_row(d_row, t, sd_l, cols, col_ok, L)
+            a = bias_row + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
+            sig = tl.sigmoid(a)
+            g = d * sig * (1.0 + a * (1.0 - sig))  # zero past L
+            gm = g * (t < last).to(tl.float32)  # rows past the program's: dx only
+            dw0 += gm * x3
+            dw1 += gm * x2
+            dw2 += gm * x1
+            dw3 += gm * x0
+            db += gm
+            dx_t = w3 * g3 + w2 * g2 + w1 * g1 + w0 * g
+            row = t - 3 + tl.zeros_like(cols)  # (a block: the loop's t is no tensor when
+            # interpreted)
+            dst = dx_row + row.to(tl.int64) * sdx_l + cols
+            tl.store(dst, dx_t.to(dx.dtype.element_ty), mask=col_ok & (row >= first))
+            x3, x2, x1 = x2, x1, x0
+            g3, g2, g1 = g2, g1, g
+        part = (b * tl.num_programs(0) + pid_l).to(tl.int64)
+        at = dw_part + (part * C + cols) * K
+        PAD: tl.constexpr = 4 - K
+        _store_tap_sum(at, dw0[None, :], 0 - PAD, col_ok)
+        _store_tap_sum(at, dw1[None, :], 1 - PAD, col_ok)
+        _store_tap_sum(at, dw2[None, :], 2 - PAD, col_ok)
+        _store_tap_sum(at, dw3[None, :], 3 - PAD, col_ok)
+        if HAS_BIAS:
+            tl.store(db_part + part * C + cols, db, mask=col_ok)
+
 
 # Tile: 32 rows (the backward's: 16, it keeps 5 accumulators a tile) of 128 channels (16-byte
 # loads of 8 bf16 channels); a backward program walks 512 rows, so the weight's partial sums
@@ -180,6 +306,12 @@ BACKWARD_BLOCK_ROWS = 16
 # Tiles in the backward's ring: 2 (measured), or 3 (one barrier a tile instead of two; not yet
 # measured on a GPU: benchmarks/conv_kernel.py --variants s3).
 RING_SLOTS = 2
+# STREAM (TOOLKIT_CONV_STREAM=1): both passes a row at a time (the _stream kernels:
+# STREAM_ROWS rows of STREAM_CHANNELS channels a program, the loads of the next rows in flight
+# over STREAM_STAGES stages), in place of the tiles above; not yet measured on a GPU
+# (benchmarks/conv_kernel.py --variants t1...).
+STREAM = int(os.environ.get("TOOLKIT_CONV_STREAM", "0"))
+STREAM_ROWS, STREAM_CHANNELS, STREAM_STAGES = 256, 1024, 3
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -198,6 +330,14 @@ def conv_silu_forward(
     _check(x, weight)
     b, L, C = x.shape
     out = torch.empty(b, L, C, dtype=x.dtype, device=x.device)
+    if STREAM:
+        _conv_silu_fwd_stream_kernel[(triton.cdiv(L, STREAM_ROWS), triton.cdiv(C, STREAM_CHANNELS), b)](
+            x, weight, x if bias is None else bias, out, L, C, x.stride(0), x.stride(1),
+            out.stride(0), out.stride(1), ROWS=STREAM_ROWS, K=weight.size(1),
+            HAS_BIAS=bias is not None, BC=STREAM_CHANNELS, num_warps=NUM_WARPS,
+            num_stages=STREAM_STAGES,
+        )  # fmt: skip
+        return out
     grid = (triton.cdiv(L, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS), b)
     _conv_silu_fwd_kernel[grid](
         x, weight, x if bias is None else bias, out, L, C, x.stride(0), x.stride(1),
@@ -238,10 +378,20 @@ def conv_silu_backward(
             f"ROWS_PER_PROGRAM ({ROWS_PER_PROGRAM}) must be a multiple of BACKWARD_BLOCK_ROWS "
             f"({BACKWARD_BLOCK_ROWS}), which must be at least 3"
         )
-    programs_l = triton.cdiv(L, ROWS_PER_PROGRAM)
-    programs_c = triton.cdiv(C, BLOCK_CHANNELS)
+    rows, channels = (
+        (STREAM_ROWS, STREAM_CHANNELS) if STREAM else (ROWS_PER_PROGRAM, BLOCK_CHANNELS)
+    )
+    programs_l, programs_c = triton.cdiv(L, rows), triton.cdiv(C, channels)
     dw_part = torch.zeros(b * programs_l, C, k, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(b * programs_l, C, dtype=torch.float32, device=x.device)
+    if STREAM:
+        _conv_silu_bwd_stream_kernel[(programs_l, programs_c, b)](
+            x, weight, x if bias is None else bias, dout, dx, dw_part, db_part, L, C,
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0),
+            dx.stride(1), ROWS=rows, K=k, HAS_BIAS=bias is not None, BC=channels,
+            num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
+        )  # fmt: skip
+        return _summed(dx, dw_part, db_part, weight, bias)
     ring = torch.empty(
         b * programs_l * programs_c, RING_SLOTS * BACKWARD_BLOCK_ROWS, BLOCK_CHANNELS,
         dtype=torch.float32, device=x.device,
@@ -254,6 +404,11 @@ def conv_silu_backward(
         ROWS=ROWS_PER_PROGRAM, K=k, HAS_BIAS=bias is not None, BL=BACKWARD_BLOCK_ROWS,
         BC=BLOCK_CHANNELS, SLOTS=RING_SLOTS, num_warps=NUM_WARPS,
     )  # fmt: skip
-    dweight = dw_part.sum(0).to(weight.dtype)
+    return _summed(dx, dw_part, db_part, weight, bias)
+
+
+def _summed(dx, dw_part, db_part, weight, bias):
+    """(dx, the weight's and bias's gradients summed over the programs' parts, in their
+    dtypes)."""
     dbias = None if bias is None else db_part.sum(0).to(bias.dtype)
-    return dx, dweight, dbias
+    return dx, dw_part.sum(0).to(weight.dtype), dbias
