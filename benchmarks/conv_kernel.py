@@ -45,13 +45,14 @@ def passes(backend: str):
 def with_tiles(variant: str, fn):
     """fn with conv_kernel's tile globals set from `variant`: 'default', or e.g. 'b64_g8_w8'
     (b: rows a forward tile, g: a backward one, c: channels a tile, r: rows a backward program,
-    w: warps, s: tiles in the backward's ring; t1: the kernels a row at a time, with q rows and
-    h channels a program and n stages)."""
+    w: warps, s: tiles in the backward's ring; t1: the kernels a row at a time, with p runs of
+    q rows and h channels a program and n stages)."""
     if variant == "default":
         return fn
     keys = {"b": "BLOCK_ROWS", "g": "BACKWARD_BLOCK_ROWS", "c": "BLOCK_CHANNELS",
             "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS", "s": "RING_SLOTS", "t": "STREAM",
-            "q": "STREAM_ROWS", "h": "STREAM_CHANNELS", "n": "STREAM_STAGES"}  # fmt: skip
+            "q": "STREAM_ROWS", "h": "STREAM_CHANNELS", "n": "STREAM_STAGES",
+            "p": "STREAM_SEGMENTS"}  # fmt: skip
     values = {keys[part[0]]: int(part[1:]) for part in variant.split("_")}
 
     def tiled(*args):
@@ -70,7 +71,7 @@ def with_tiles(variant: str, fn):
 def variant_list(text: str) -> list[str]:
     variants = [v for v in text.split(",") if v]
     for v in variants:
-        if v != "default" and not re.fullmatch(r"([bgcrwstqhn]\d+)(_[bgcrwstqhn]\d+)*", v):
+        if v != "default" and not re.fullmatch(r"([bgcrwstqhnp]\d+)(_[bgcrwstqhnp]\d+)*", v):
             raise argparse.ArgumentTypeError(f"'default' or e.g. b64_c128_r512_w8, got {v!r}")
     return variants
 
@@ -141,8 +142,8 @@ def main() -> None:
         default=["default"],
         help="our kernels' tiles, comma-separated: 'default' or e.g. b64_g8_w8 (b: rows a forward "
         "tile, g: a backward one, c: channels a tile, r: rows a backward program, w: warps, s: "
-        "tiles in the backward's ring; t1: both passes a row at a time, q rows and h channels a "
-        "program, n stages: e.g. t1_q256_h1024_n3)",
+        "tiles in the backward's ring; t1: both passes a row at a time, p runs of q rows and h "
+        "channels a program, n stages: e.g. t1_p4_q64_h512_n3)",
     )
     parser.add_argument("--json", type=Path)
     run(parser.parse_args())

@@ -42,17 +42,18 @@ cases += [(torch.float32, 2e-5, k, True, (48, 16, 4, 3), 100, 300) for k in (4, 
 # A sequence whose rows pass 2^31 elements (the offsets in 64 bits); its pages are touched at
 # 16 channels a row only.
 cases += [(torch.bfloat16, 2e-2, 4, True, (512, 32, 16), 2100, 2**20)]
-# The kernels a row at a time (STREAM): several programs a sequence, one ending past it, and
-# channels in blocks of 64 (the last partial); widths 4 and 2, fp32 and bf16.
-cases += [(torch.float32, 2e-5, 4, True, ("stream", 24, 64), 60, 300),
-          (torch.bfloat16, 2e-2, 2, False, ("stream", 24, 64), 60, 300)]
+# The kernels a row at a time (STREAM): several programs a sequence, one ending past it (with
+# 4 runs of rows a program: a run partly and one wholly past it), and channels in blocks of 64
+# (the last partial); widths 4 and 2, fp32 and bf16.
+cases += [(torch.float32, 2e-5, 4, True, ("stream", 8, 64, 4), 50, 300),
+          (torch.bfloat16, 2e-2, 2, False, ("stream", 24, 64, 1), 60, 300)]
 for dtype, tol, k, bias, (rows, block, backward_block, *slots), L, width in cases:
     ck.STREAM = rows == "stream"
     if ck.STREAM:
-        ck.STREAM_ROWS, ck.STREAM_CHANNELS = block, backward_block
+        ck.STREAM_ROWS, ck.STREAM_CHANNELS, ck.STREAM_SEGMENTS = block, backward_block, *slots
     else:
         ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS, ck.BACKWARD_BLOCK_ROWS = rows, block, backward_block
-    ck.RING_SLOTS = slots[0] if slots else 2
+        ck.RING_SLOTS = slots[0] if slots else 2
     b, C = (2, 136) if width < 2**20 else (1, 16)
     x = torch.empty(b, L, width, dtype=dtype, device=device)[:, :, 37:37 + C]
     x.copy_(torch.randn(b, L, C))
@@ -307,6 +308,21 @@ def test_fused_op_with_all_our_kernels_under_the_interpreter():
     kernel then), fp32 (gated_norm_kernel.py, ssd_scan_kernel.py, ssd_state_grad_kernel.py and
     ssd_chunk_grad_kernel.py have their own tests)."""
     interpret(FUSED, "fused op agrees", timeout=300, TOOLKIT_TRITON_MAMBA="norm,forward,dstates,dx")
+
+
+def test_the_stream_kernels_refuse_runs_and_channels_not_powers_of_2(monkeypatch):
+    pytest.importorskip("triton")
+    import toolkit.model.conv_kernel as ck
+
+    x, w = torch.randn(1, 16, 8), torch.randn(8, 4)
+    monkeypatch.setattr(ck, "STREAM", 1)
+    for name, value in (("STREAM_SEGMENTS", 3), ("STREAM_CHANNELS", 96)):
+        with monkeypatch.context() as m:
+            m.setattr(ck, name, value)
+            with pytest.raises(ValueError, match=f"{name} must be a power of 2, got {value}"):
+                ck.conv_silu_forward(x, w, None)
+            with pytest.raises(ValueError, match=name):
+                ck.conv_silu_backward(x, w, None, torch.randn_like(x))
 
 
 def test_the_backend_and_recompute_are_recipe_keys():

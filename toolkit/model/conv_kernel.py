@@ -17,7 +17,8 @@ The _stream kernels (STREAM) walk a program's rows one at a time over a wide blo
 instead, the last 3 rows of x (and in the backward of g) carried in registers from one row to
 the next: no ring, no barrier, every load independent of the loop's carried values, so the
 compiler can keep the next rows' loads in flight (causal-conv1d's backward moves its bytes at
-~1.3 TB/s, a third of the HBM's).
+~1.3 TB/s, a third of the HBM's). A program walks STREAM_SEGMENTS runs of rows side by side,
+the rows of one tile, for more bytes in flight.
 """
 
 import os
@@ -198,104 +199,112 @@ if triton_imports():
             tl.store(db_part + part * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
     @triton.jit
-    def _stream_row(base, t, stride_l, cols, col_ok, L):
-        """Row t of a sequence at `base` over `cols` as [BC] fp32, zeros outside [0, L)."""
-        row = t + tl.zeros_like(cols)  # a block: the interpreter's t may be a Python int
-        ok = col_ok & (row >= 0) & (row < L)
-        return tl.load(base + row.to(tl.int64) * stride_l + cols, mask=ok, other=0.0).to(tl.float32)
+    def _stream_row(base, rows, stride_l, cols, col_ok, L):
+        """Rows `rows` [S] of a sequence at `base` over `cols` [BC] as [S, BC] fp32, zeros
+        outside [0, L)."""
+        ok = col_ok[None, :] & ((rows >= 0) & (rows < L))[:, None]
+        at = base + rows.to(tl.int64)[:, None] * stride_l + cols[None, :]
+        return tl.load(at, mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
     def _stream_start(weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS: tl.constexpr,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-        """A stream program's 4 weight taps and bias as [BC] rows, its rows [first, last) and
-        the 3 rows of x before its first."""
+                      SEGMENTS: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+        """A stream program's 4 weight taps and bias as [1, BC] rows, its segments' first rows
+        [S] and ends (past their last rows, at most L), and the 3 rows of x before each first
+        row ([S, BC] each)."""
         w0, w1, w2, w3 = _taps(weight, cols, col_ok, K)
-        bias_row = _bias_1d(bias, cols, col_ok, HAS_BIAS)
-        first = pid_l * ROWS
-        last = tl.minimum(first + ROWS, L)
-        x3 = _stream_row(x_row, first - 3, sx_l, cols, col_ok, L)
-        x2 = _stream_row(x_row, first - 2, sx_l, cols, col_ok, L)
-        x1 = _stream_row(x_row, first - 1, sx_l, cols, col_ok, L)
-        return w0, w1, w2, w3, bias_row, first, last, x3, x2, x1
+        bias_row = _bias_1d(bias, cols, col_ok, HAS_BIAS)[None, :]
+        starts = (pid_l * SEGMENTS + tl.arange(0, SEGMENTS)) * ROWS
+        ends = tl.minimum(starts + ROWS, L)
+        x3 = _stream_row(x_row, starts - 3, sx_l, cols, col_ok, L)
+        x2 = _stream_row(x_row, starts - 2, sx_l, cols, col_ok, L)
+        x1 = _stream_row(x_row, starts - 1, sx_l, cols, col_ok, L)
+        taps = (w0[None, :], w1[None, :], w2[None, :], w3[None, :])
+        return taps, bias_row, starts, ends, x3, x2, x1
 
     @triton.jit
     def _conv_silu_fwd_stream_kernel(x, weight, bias, out, L, C, sx_b, sx_l, so_b, so_l,
-                                     ROWS: tl.constexpr, K: tl.constexpr,
-                                     HAS_BIAS: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-        """One program: ROWS rows of BC channels of one sequence, a row at a time, the last 3
-        rows of x carried in registers (no row read twice but the 3 before the first)."""
+                                     ROWS: tl.constexpr, SEGMENTS: tl.constexpr,
+                                     K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                     BC: tl.constexpr):  # fmt: skip
+        """One program: SEGMENTS runs of ROWS rows of one sequence, BC channels, a row of each
+        run at a time, the last 3 rows of x carried in registers (no row read twice but the 3
+        before each run)."""
         pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = pid_c * BC + tl.arange(0, BC)
         col_ok = cols < C
         x_row = x + b.to(tl.int64) * sx_b
         o_row = out + b.to(tl.int64) * so_b
-        w0, w1, w2, w3, bias_row, first, last, x3, x2, x1 = _stream_start(
-            weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS, K, HAS_BIAS
+        (w0, w1, w2, w3), bias_row, starts, ends, x3, x2, x1 = _stream_start(
+            weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS, SEGMENTS, K, HAS_BIAS
         )
-        for t in range(first, last):
-            x0 = _stream_row(x_row, t, sx_l, cols, col_ok, L)
+        for i in range(0, ROWS):
+            rows = starts + i
+            x0 = _stream_row(x_row, rows, sx_l, cols, col_ok, L)
             a = bias_row + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
             y = a * tl.sigmoid(a)
-            dst = o_row + (t + tl.zeros_like(cols)).to(tl.int64) * so_l + cols
-            tl.store(dst, y.to(out.dtype.element_ty), mask=col_ok)
+            dst = o_row + rows.to(tl.int64)[:, None] * so_l + cols[None, :]
+            ok = col_ok[None, :] & (rows < ends)[:, None]
+            tl.store(dst, y.to(out.dtype.element_ty), mask=ok)
             x3, x2, x1 = x2, x1, x0
 
     @triton.jit
     def _conv_silu_bwd_stream_kernel(x, weight, bias, dout, dx, dw_part, db_part, L, C, sx_b,
                                      sx_l, sd_b, sd_l, sdx_b, sdx_l, ROWS: tl.constexpr,
-                                     K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                     BC: tl.constexpr):  # fmt: skip
-        """One program: ROWS rows of BC channels of one sequence, a row at a time, with no
-        barrier and no memory between rows: the last 3 rows of x and of g = dout silu'(a)
-        carried in registers. Row t's g completes dx[t - 3] = w3 g[t - 3] + w2 g[t - 2] +
-        w1 g[t - 1] + w0 g[t]; the program runs 3 rows past its own (g for dx only) and
-        keeps dw[j] = sum_t g[t] x[t - 3 + j] and db = sum_t g[t] per channel, summed over
-        programs by torch. The same sums per row as the ring kernel's."""
+                                     SEGMENTS: tl.constexpr, K: tl.constexpr,
+                                     HAS_BIAS: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+        """One program: SEGMENTS runs of ROWS rows of one sequence, BC channels, a row of each
+        run at a time, with no barrier and no memory between rows: the last 3 rows of x and of
+        g = dout silu'(a) carried in registers. Row t's g completes dx[t - 3] = w3 g[t - 3] +
+        w2 g[t - 2] + w1 g[t - 1] + w0 g[t] (the ring kernel's sum); a run goes 3 rows past
+        its own (g for dx only) and keeps dw[j] = sum_t g[t] x[t - 3 + j] and db = sum_t g[t]
+        per channel, summed over the runs here and over programs by torch."""
         pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = pid_c * BC + tl.arange(0, BC)
         col_ok = cols < C
         x_row = x + b.to(tl.int64) * sx_b
         d_row = dout + b.to(tl.int64) * sd_b
         dx_row = dx + b.to(tl.int64) * sdx_b
-        w0, w1, w2, w3, bias_row, first, last, x3, x2, x1 = _stream_start(
-            weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS, K, HAS_BIAS
+        (w0, w1, w2, w3), bias_row, starts, ends, x3, x2, x1 = _stream_start(
+            weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS, SEGMENTS, K, HAS_BIAS
         )
-        g3 = tl.zeros((BC,), dtype=tl.float32)
-        g2 = tl.zeros((BC,), dtype=tl.float32)
-        g1 = tl.zeros((BC,), dtype=tl.float32)
-        dw0 = tl.zeros((BC,), dtype=tl.float32)
-        dw1 = tl.zeros((BC,), dtype=tl.float32)
-        dw2 = tl.zeros((BC,), dtype=tl.float32)
-        dw3 = tl.zeros((BC,), dtype=tl.float32)
-        db = tl.zeros((BC,), dtype=tl.float32)
-        for t in range(first, last + 3):
-            x0 = _stream_row(x_row, t, sx_l, cols, col_ok, L)
-            d = _stream_row(d_row, t, sd_l, cols, col_ok, L)
+        g3 = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
+        g2 = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
+        g1 = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
+        dw0 = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
+        dw1 = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
+        dw2 = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
+        dw3 = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
+        db = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
+        for i in range(0, ROWS + 3):
+            rows = starts + i
+            x0 = _stream_row(x_row, rows, sx_l, cols, col_ok, L)
+            d = _stream_row(d_row, rows, sd_l, cols, col_ok, L)
             a = bias_row + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
             sig = tl.sigmoid(a)
             g = d * sig * (1.0 + a * (1.0 - sig))  # zero past L
-            gm = g * (t < last).to(tl.float32)  # rows past the program's: dx only
+            gm = g * (rows < ends).to(tl.float32)[:, None]  # rows past the run's: dx only
             dw0 += gm * x3
             dw1 += gm * x2
             dw2 += gm * x1
             dw3 += gm * x0
             db += gm
             dx_t = w3 * g3 + w2 * g2 + w1 * g1 + w0 * g
-            row = t - 3 + tl.zeros_like(cols)  # (a block: the loop's t is no tensor when
-            # interpreted)
-            dst = dx_row + row.to(tl.int64) * sdx_l + cols
-            tl.store(dst, dx_t.to(dx.dtype.element_ty), mask=col_ok & (row >= first))
+            done = rows - 3  # dx's row, whole now
+            dst = dx_row + done.to(tl.int64)[:, None] * sdx_l + cols[None, :]
+            ok = col_ok[None, :] & ((done >= starts) & (done < ends))[:, None]
+            tl.store(dst, dx_t.to(dx.dtype.element_ty), mask=ok)
             x3, x2, x1 = x2, x1, x0
             g3, g2, g1 = g2, g1, g
         part = (b * tl.num_programs(0) + pid_l).to(tl.int64)
         at = dw_part + (part * C + cols) * K
         PAD: tl.constexpr = 4 - K
-        _store_tap_sum(at, dw0[None, :], 0 - PAD, col_ok)
-        _store_tap_sum(at, dw1[None, :], 1 - PAD, col_ok)
-        _store_tap_sum(at, dw2[None, :], 2 - PAD, col_ok)
-        _store_tap_sum(at, dw3[None, :], 3 - PAD, col_ok)
+        _store_tap_sum(at, dw0, 0 - PAD, col_ok)
+        _store_tap_sum(at, dw1, 1 - PAD, col_ok)
+        _store_tap_sum(at, dw2, 2 - PAD, col_ok)
+        _store_tap_sum(at, dw3, 3 - PAD, col_ok)
         if HAS_BIAS:
-            tl.store(db_part + part * C + cols, db, mask=col_ok)
+            tl.store(db_part + part * C + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
 # Tile: 32 rows (the backward's: 16, it keeps 5 accumulators a tile) of 128 channels (16-byte
@@ -311,7 +320,11 @@ RING_SLOTS = 2
 # over STREAM_STAGES stages), in place of the tiles above; not yet measured on a GPU
 # (benchmarks/conv_kernel.py --variants t1...).
 STREAM = int(os.environ.get("TOOLKIT_CONV_STREAM", "0"))
-STREAM_ROWS, STREAM_CHANNELS, STREAM_STAGES = 256, 1024, 3
+STREAM_ROWS, STREAM_CHANNELS, STREAM_STAGES = 256, 512, 3  # the fastest of one run
+# Runs of STREAM_ROWS rows a program, walked side by side as the rows of one [runs, channels]
+# tile: that many rows' loads in flight a stage (one run kept only 1-2 KB a tensor in flight:
+# causal-conv1d's speed, not the HBM's, RESULTS.md 2026-12-07 late night).
+STREAM_SEGMENTS = 1
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -331,11 +344,13 @@ def conv_silu_forward(
     b, L, C = x.shape
     out = torch.empty(b, L, C, dtype=x.dtype, device=x.device)
     if STREAM:
-        _conv_silu_fwd_stream_kernel[(triton.cdiv(L, STREAM_ROWS), triton.cdiv(C, STREAM_CHANNELS), b)](
+        _check_stream()
+        grid = (triton.cdiv(L, STREAM_ROWS * STREAM_SEGMENTS), triton.cdiv(C, STREAM_CHANNELS), b)
+        _conv_silu_fwd_stream_kernel[grid](
             x, weight, x if bias is None else bias, out, L, C, x.stride(0), x.stride(1),
-            out.stride(0), out.stride(1), ROWS=STREAM_ROWS, K=weight.size(1),
-            HAS_BIAS=bias is not None, BC=STREAM_CHANNELS, num_warps=NUM_WARPS,
-            num_stages=STREAM_STAGES,
+            out.stride(0), out.stride(1), ROWS=STREAM_ROWS, SEGMENTS=STREAM_SEGMENTS,
+            K=weight.size(1), HAS_BIAS=bias is not None, BC=STREAM_CHANNELS,
+            num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
         )  # fmt: skip
         return out
     grid = (triton.cdiv(L, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS), b)
@@ -379,16 +394,20 @@ def conv_silu_backward(
             f"({BACKWARD_BLOCK_ROWS}), which must be at least 3"
         )
     rows, channels = (
-        (STREAM_ROWS, STREAM_CHANNELS) if STREAM else (ROWS_PER_PROGRAM, BLOCK_CHANNELS)
+        (STREAM_ROWS * STREAM_SEGMENTS, STREAM_CHANNELS)
+        if STREAM
+        else (ROWS_PER_PROGRAM, BLOCK_CHANNELS)
     )
     programs_l, programs_c = triton.cdiv(L, rows), triton.cdiv(C, channels)
     dw_part = torch.zeros(b * programs_l, C, k, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(b * programs_l, C, dtype=torch.float32, device=x.device)
     if STREAM:
+        _check_stream()
         _conv_silu_bwd_stream_kernel[(programs_l, programs_c, b)](
             x, weight, x if bias is None else bias, dout, dx, dw_part, db_part, L, C,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0),
-            dx.stride(1), ROWS=rows, K=k, HAS_BIAS=bias is not None, BC=channels,
+            dx.stride(1), ROWS=STREAM_ROWS, SEGMENTS=STREAM_SEGMENTS, K=k,
+            HAS_BIAS=bias is not None, BC=channels,
             num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
         )  # fmt: skip
         return _summed(dx, dw_part, db_part, weight, bias)
@@ -405,6 +424,13 @@ def conv_silu_backward(
         BC=BLOCK_CHANNELS, SLOTS=RING_SLOTS, num_warps=NUM_WARPS,
     )  # fmt: skip
     return _summed(dx, dw_part, db_part, weight, bias)
+
+
+def _check_stream() -> None:
+    for name in ("STREAM_SEGMENTS", "STREAM_CHANNELS"):
+        value = globals()[name]
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"conv_kernel.{name} must be a power of 2, got {value}")
 
 
 def _summed(dx, dw_part, db_part, weight, bias):
