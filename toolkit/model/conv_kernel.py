@@ -219,8 +219,8 @@ if triton_imports():
         x3 = _stream_row(x_row, starts - 3, sx_l, cols, col_ok, L)
         x2 = _stream_row(x_row, starts - 2, sx_l, cols, col_ok, L)
         x1 = _stream_row(x_row, starts - 1, sx_l, cols, col_ok, L)
-        taps = (w0[None, :], w1[None, :], w2[None, :], w3[None, :])
-        return taps, bias_row, starts, ends, x3, x2, x1
+        w0, w1, w2, w3 = w0[None, :], w1[None, :], w2[None, :], w3[None, :]
+        return w0, w1, w2, w3, bias_row, starts, ends, x3, x2, x1
 
     @triton.jit
     def _conv_silu_fwd_stream_kernel(x, weight, bias, out, L, C, sx_b, sx_l, so_b, so_l,
@@ -235,7 +235,7 @@ if triton_imports():
         col_ok = cols < C
         x_row = x + b.to(tl.int64) * sx_b
         o_row = out + b.to(tl.int64) * so_b
-        (w0, w1, w2, w3), bias_row, starts, ends, x3, x2, x1 = _stream_start(
+        w0, w1, w2, w3, bias_row, starts, ends, x3, x2, x1 = _stream_start(
             weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS, SEGMENTS, K, HAS_BIAS
         )
         for i in range(0, ROWS):
@@ -265,7 +265,7 @@ if triton_imports():
         x_row = x + b.to(tl.int64) * sx_b
         d_row = dout + b.to(tl.int64) * sd_b
         dx_row = dx + b.to(tl.int64) * sdx_b
-        (w0, w1, w2, w3), bias_row, starts, ends, x3, x2, x1 = _stream_start(
+        w0, w1, w2, w3, bias_row, starts, ends, x3, x2, x1 = _stream_start(
             weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS, SEGMENTS, K, HAS_BIAS
         )
         g3 = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
