@@ -335,7 +335,7 @@ class ConvScanNorm(torch.autograd.Function):
         else:
             args = (x, dt, A, B, C, chunk_size, D, dt_bias)
             if "forward" in TRITON_MAMBA:
-                y, kept = ssd_forward_fused(*args)
+                y, kept = ssd_forward_fused(*args, x.dtype if LOWP_STATES else torch.float32)
             else:  # C Bt for the backward's two kernels that read it (not "dx"'s)
                 keep_cb = KEEP_CB and "dx" not in TRITON_MAMBA
                 y, kept = ssd_forward_keeping_states(*args, keep_cb=keep_cb)

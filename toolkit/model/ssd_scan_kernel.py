@@ -131,12 +131,14 @@ def ssd_forward_fused(
     chunk_size: int,
     D: torch.Tensor | None,
     dt_bias: torch.Tensor,
+    states_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """fused_mamba.ssd_forward_keeping_states's contract in one kernel: y [b, l, h, p]
     (contiguous, x's dtype, with D's skip) of x [b, l, h, p], dt [b, l, h] before
     softplus(dt + dt_bias), A [h], B and C [b, l, g, n] (the channels of each adjacent), and
     (dt after the softplus, dA's sums within each chunk [b, h, chunks, chunk], the state
-    passed into each chunk [b, chunks, h, p, n]) in fp32."""
+    passed into each chunk [b, chunks, h, p, n]) in fp32, the states in `states_dtype` (y from
+    the fp32 ones all the same)."""
     b, L, H, P = x.shape
     G, N = B.shape[2:]
     if x.stride(3) != 1 or B.stride(3) != 1 or C.stride() != B.stride() or dt.stride(2) != 1:
@@ -148,7 +150,7 @@ def ssd_forward_fused(
     y = torch.empty(b, L, H, P, dtype=x.dtype, device=x.device)
     dt_out = torch.empty(b, H, chunks, chunk_size, **fp32)
     dA_out = torch.empty(b, H, chunks, chunk_size, **fp32)
-    states = torch.empty(b, chunks, H, P, N, **fp32)
+    states = torch.empty(b, chunks, H, P, N, dtype=states_dtype, device=x.device)
     block_p = min(BLOCK_P, triton.next_power_of_2(P))
     grid = (triton.cdiv(P, block_p), H, b)
     _ssd_forward_kernel[grid](
