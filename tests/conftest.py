@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,17 @@ def _compiled_afresh():
     before it."""
     torch._dynamo.reset()
     yield
+
+
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """benchmarks/NAME.py as a module, with benchmarks/ on sys.path for the test's length as
+    running the script puts it there (its imports of its neighbours)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
-from tests.conftest import tiny_model_config
+from tests.conftest import load_benchmark, tiny_model_config
 from toolkit.model import HybridLM, attention
 from toolkit.model.attention import Attention, KVCache, Rotary, causal_after_cache
 
@@ -215,15 +215,9 @@ def test_gpu_bf16_pieces_after_cached_keys_equal_the_explicit_mask_path(monkeypa
 def test_the_attention_backends_benchmark_runs_each_form_on_a_cpu(tmp_path, monkeypatch):
     """benchmarks/attention_backends.py: the keys' groups passed as they are and repeated to
     every head give the same output and gradients (the math backend, on a CPU)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks/attention_backends.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as running the script puts it there
-    spec = importlib.util.spec_from_file_location("attention_backends_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("attention_backends", monkeypatch)
     out = tmp_path / "attention.json"
     bench.main(["--batch", "1", "--seq", "32", "--repeats", "1", "--json", str(out)])
     runs = json.loads(out.read_text())["runs"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import load_benchmark
 from toolkit import loss
 from toolkit.loss import blockwise_cross_entropy
 
@@ -195,15 +196,9 @@ def test_lse_chunk_picks_the_compiled_log_sum_exp(monkeypatch):
 
 
 def test_the_cross_entropy_benchmark_runs_and_checks_each_form(tmp_path, capsys, monkeypatch):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks/cross_entropy.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as running the script puts it there
-    spec = importlib.util.spec_from_file_location("cross_entropy_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("cross_entropy", monkeypatch)
     out = tmp_path / "ce.json"
     args = ["--rows", "16", "--vocab", "300", "--chunks", "0,64", "--repeats", "2"]
     assert bench.main([*args, "--json", str(out)]) == 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, load_benchmark
 from toolkit.build import build_model, model_from_checkpoint, save_model_checkpoint
 from toolkit.checkpoint import RankView, restore
 from toolkit.config import RecipeError, recipe_from_dict
@@ -414,12 +414,7 @@ def test_the_cast_benchmark_compares_both_ways_on_the_same_bits(monkeypatch):
     import time
 
     root = Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "fp8_weight_cast", root / "benchmarks/fp8_weight_cast.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("fp8_weight_cast", monkeypatch)
 
     def host_timed(fn, device):
         start = time.perf_counter()
