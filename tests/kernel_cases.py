@@ -22,6 +22,13 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float, *c
     assert err <= tol * max(scale, 1.0), (name, *case, err, scale)
 
 
+def assert_rounded_to_bf16(name: str, low: torch.Tensor, exact: torch.Tensor) -> None:
+    """`low` is `exact` (fp32) kept in bf16: each value within one bf16 step of it (a GPU rounds
+    to the nearest, Triton's interpreter truncates)."""
+    off = (low.float() - exact).abs() - exact.abs() * 2**-7
+    assert low.dtype == torch.bfloat16 and off.max() <= 0, (name, low.dtype, off.max().item())
+
+
 def refused(call, words: str, why: str = "") -> None:
     """call() raises a RuntimeError that says `words` (`why` names the case if it does not)."""
     try:
