@@ -124,6 +124,21 @@ if triton_imports():
             tl.store(at + j, tl.sum(dw, axis=0), mask=col_ok)
 
     @triton.jit
+    def _store_weight_grads(dw_part, db_part, part, C, cols, col_ok, dw0, dw1, dw2, dw3, db,
+                            K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+        """A backward program's part `part` of the weight's gradient (its 4 taps' sums over
+        the rows of dw0..dw3, the padding taps' not) and of the bias's, for torch to sum over
+        the programs."""
+        PAD: tl.constexpr = 4 - K
+        at = dw_part + (part * C + cols) * K
+        _store_tap_sum(at, dw0, 0 - PAD, col_ok)
+        _store_tap_sum(at, dw1, 1 - PAD, col_ok)
+        _store_tap_sum(at, dw2, 2 - PAD, col_ok)
+        _store_tap_sum(at, dw3, 3 - PAD, col_ok)
+        if HAS_BIAS:
+            tl.store(db_part + part * C + cols, tl.sum(db, axis=0), mask=col_ok)
+
+    @triton.jit
     def _conv_silu_bwd_kernel(x, weight, bias, dout, dx, dw_part, db_part, ring, L, C, sx_b,
                               sx_l, sd_b, sd_l, sdx_b, sdx_l, ROWS: tl.constexpr,
                               K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr,
@@ -148,7 +163,6 @@ if triton_imports():
         program = part * tl.num_programs(1) + pid_c
         tile = tl.arange(0, BL)
         ring_at = ring + program * (SLOTS * BL * BC) + tl.arange(0, BC)[None, :]
-        PAD: tl.constexpr = 4 - K
         w0, w1, w2, w3 = _taps(weight, cols, col_ok, K)
         w0, w1, w2, w3 = w0[None, :], w1[None, :], w2[None, :], w3[None, :]
         bias_row = _bias_row(bias, cols, col_ok, HAS_BIAS)
@@ -190,13 +204,8 @@ if triton_imports():
                 tl.store(dst, dx_acc.to(dx.dtype.element_ty), mask=okp)
             if SLOTS == 2:
                 tl.debug_barrier()  # all reads of the older slot done before the next store
-        at = dw_part + (part * C + cols) * K
-        _store_tap_sum(at, dw0, 0 - PAD, col_ok)
-        _store_tap_sum(at, dw1, 1 - PAD, col_ok)
-        _store_tap_sum(at, dw2, 2 - PAD, col_ok)
-        _store_tap_sum(at, dw3, 3 - PAD, col_ok)
-        if HAS_BIAS:
-            tl.store(db_part + part * C + cols, tl.sum(db, axis=0), mask=col_ok)
+        _store_weight_grads(dw_part, db_part, part, C, cols, col_ok, dw0, dw1, dw2, dw3, db, K,
+                            HAS_BIAS)  # fmt: skip
 
     @triton.jit
     def _stream_row(base, rows, stride_l, cols, col_ok, L):
@@ -297,14 +306,8 @@ if triton_imports():
             x3, x2, x1 = x2, x1, x0
             g3, g2, g1 = g2, g1, g
         part = (b * tl.num_programs(0) + pid_l).to(tl.int64)
-        at = dw_part + (part * C + cols) * K
-        PAD: tl.constexpr = 4 - K
-        _store_tap_sum(at, dw0, 0 - PAD, col_ok)
-        _store_tap_sum(at, dw1, 1 - PAD, col_ok)
-        _store_tap_sum(at, dw2, 2 - PAD, col_ok)
-        _store_tap_sum(at, dw3, 3 - PAD, col_ok)
-        if HAS_BIAS:
-            tl.store(db_part + part * C + cols, tl.sum(db, axis=0), mask=col_ok)
+        _store_weight_grads(dw_part, db_part, part, C, cols, col_ok, dw0, dw1, dw2, dw3, db, K,
+                            HAS_BIAS)  # fmt: skip
 
 
 # Tile: 32 rows (the backward's: 16, it keeps 5 accumulators a tile) of 128 channels (16-byte
