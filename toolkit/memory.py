@@ -124,9 +124,7 @@ def _fused_mamba_forward(self: nn.Module, u: torch.Tensor, state: object = None)
         heads, p, n = self.num_heads, self.head_dim, self.d_state
         kept += [
             y.new_empty(b, length, self.conv_dim),
-            y.new_empty(b, chunks, heads, p, n)
-            if fused_mamba.LOWP_STATES
-            else torch.empty(b, chunks, heads, p, n, **fp32),
+            y.new_empty(b, chunks, heads, p, n, dtype=fused_mamba.kept_states_dtype(y)),
             torch.empty(b, heads, chunks, self.chunk_size, **fp32),
             torch.empty(b, heads, chunks, self.chunk_size, **fp32),
             torch.empty(b, chunks, self.num_groups, self.chunk_size, self.chunk_size, **fp32),

@@ -79,6 +79,11 @@ KEEP_CB = os.environ.get("TOOLKIT_MAMBA_KEEP_CB", "1") != "0"
 LOWP_STATES = os.environ.get("TOOLKIT_MAMBA_LOWP_STATES", "1") != "0"
 
 
+def kept_states_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the forward keeps the SSD's states in for the backward (LOWP_STATES)."""
+    return x.dtype if LOWP_STATES else torch.float32
+
+
 def _views(
     zxbcdt: torch.Tensor, d_inner: int, conv_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -215,8 +220,7 @@ def ssd_forward_keeping_states(
     from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
 
     states_of = ssd_states if "states" in TRITON_MAMBA else ssd_states_by_mamba_ssm
-    states_dtype = x.dtype if LOWP_STATES else torch.float32
-    dt_soft, dA_sums, states = states_of(x, dt, A, B, chunk_size, dt_bias, states_dtype)
+    dt_soft, dA_sums, states = states_of(x, dt, A, B, chunk_size, dt_bias, kept_states_dtype(x))
     CB = _bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
     y, _ = _chunk_scan_fwd(CB, x, dt_soft, dA_sums, C, states, D=D)
     return y, (dt_soft, dA_sums, states, CB) if keep_cb else (dt_soft, dA_sums, states)
@@ -335,7 +339,7 @@ class ConvScanNorm(torch.autograd.Function):
         else:
             args = (x, dt, A, B, C, chunk_size, D, dt_bias)
             if "forward" in TRITON_MAMBA:
-                y, kept = ssd_forward_fused(*args, x.dtype if LOWP_STATES else torch.float32)
+                y, kept = ssd_forward_fused(*args, kept_states_dtype(x))
             else:  # C Bt for the backward's two kernels that read it (not "dx"'s)
                 keep_cb = KEEP_CB and "dx" not in TRITON_MAMBA
                 y, kept = ssd_forward_keeping_states(*args, keep_cb=keep_cb)
