@@ -113,6 +113,16 @@ tp_traced() {  # name timeout_s mbs extra args...: tp's run with one more step t
   fi
 }
 
+tp_sizes() {  # timeout_s name extra args...: NAME at micro-batch 4 (_mbs4) and 8, each alone
+  # (timeout_s) and at the recipe's global batch of 32 (_gb32), in the fastest setting with the
+  # states kept (FASTEST_KEPT); the caller's environment goes with each run
+  local limit=$1 name=$2; shift 2
+  tp "${name}_mbs4" "$limit" 4 "${FASTEST_KEPT[@]}" "$@"
+  tp "$name" "$limit" 8 "${FASTEST_KEPT[@]}" "$@"
+  tp "${name}_mbs4_gb32" 300 4 --accumulate 8 "${FASTEST_KEPT[@]}" "$@"
+  tp "${name}_gb32" 300 8 --accumulate 4 "${FASTEST_KEPT[@]}" "$@"
+}
+
 t8b() {  # name timeout_s layers extra args...: the 8B hybrid's shapes (hidden 4096, FFN 16384,
   # vocab 256k) with fewer of its 56 layers in the same mix, to fit one GPU (28 do)
   local name=$1 limit=$2 layers=$3; shift 3
@@ -309,11 +319,8 @@ without() {  # the default's names less those given: without norm dt
 # 2026-12-07 night: the default less each and less both (the default before), against
 # lever_fastest_no_recompute(_mbs4)(_gb32) and _mbs4_gb32 in the same call.
 for less in norm dt norm,dt; do
-  ours=$(without ${less/,/ }) name=lever_fastest_no_recompute_no${less/,/_no}
-  TOOLKIT_TRITON_MAMBA=$ours tp "${name}_mbs4" 200 4 "${FASTEST_KEPT[@]}"
-  TOOLKIT_TRITON_MAMBA=$ours tp "$name" 200 8 "${FASTEST_KEPT[@]}"
-  TOOLKIT_TRITON_MAMBA=$ours tp "${name}_mbs4_gb32" 300 4 --accumulate 8 "${FASTEST_KEPT[@]}"
-  TOOLKIT_TRITON_MAMBA=$ours tp "${name}_gb32" 300 8 --accumulate 4 "${FASTEST_KEPT[@]}"
+  TOOLKIT_TRITON_MAMBA=$(without ${less/,/ }) tp_sizes 200 \
+    "lever_fastest_no_recompute_no${less/,/_no}"
 done
 # Our chunk-state kernel beside the state gradients' (the default's parts since 2026-12-07
 # morning), in the fastest setting against lever_fastest_no_recompute_dstates(_mbs4).
@@ -337,23 +344,14 @@ TOOLKIT_MAMBA_KEEP_CB=0 tp lever_fastest_no_recompute_nocb 200 8 "${FASTEST_KEPT
 # The kept states in fp32 (TOOLKIT_MAMBA_LOWP_STATES=0: as before 2026-12-07 late night, when
 # bf16 ones became the default: half their bytes written, read four times and kept), against
 # lever_fastest_no_recompute(_mbs4)(_gb32) in the same call.
-for suffix in _mbs4 "" _mbs4_gb32 _gb32; do
-  mbs=8 accumulate=()
-  [[ $suffix == _mbs4* ]] && mbs=4
-  [[ $suffix == *_gb32 ]] && accumulate=(--accumulate $((32 / mbs)))
-  TOOLKIT_MAMBA_LOWP_STATES=0 tp "lever_fastest_no_recompute_fp32states$suffix" 300 "$mbs" \
-    "${accumulate[@]}" "${FASTEST_KEPT[@]}"
-done
+TOOLKIT_MAMBA_LOWP_STATES=0 tp_sizes 300 lever_fastest_no_recompute_fp32states
 # The residual stream in bf16 (model.fp32_residual = false, Megatron's bf16 runs) and in fp32
 # (_fp32res), at the recipe's global batch too. The 800M recipe's is bf16 since 2026-12-07
 # evening: the _bf16res runs are then lever_fastest_no_recompute(_mbs4) again, and _fp32res the
 # A/B against them (the RESULTS.md entry of that evening ran _bf16res against fp32 defaults).
 for stream in bf16res:false fp32res:true; do
-  key=(--set "model.fp32_residual=${stream#*:}") name=lever_fastest_no_recompute_${stream%%:*}
-  tp "${name}_mbs4" 200 4 "${FASTEST_KEPT[@]}" "${key[@]}"
-  tp "$name" 200 8 "${FASTEST_KEPT[@]}" "${key[@]}"
-  tp "${name}_mbs4_gb32" 300 4 --accumulate 8 "${FASTEST_KEPT[@]}" "${key[@]}"
-  tp "${name}_gb32" 300 8 --accumulate 4 "${FASTEST_KEPT[@]}" "${key[@]}"
+  tp_sizes 200 "lever_fastest_no_recompute_${stream%%:*}" \
+    --set "model.fp32_residual=${stream#*:}"
 done
 tp_traced lever_fastest_no_recompute_bf16res_mbs4_traced 240 4 "${FASTEST_KEPT[@]}" \
   --set model.fp32_residual=false
@@ -366,13 +364,8 @@ tp lever_fastest_no_recompute_autotune_mbs4 600 4 "${FASTEST_KEPT[@]}" "${AUTOTU
 tp lever_fastest_no_recompute_autotune 600 8 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]}"
 # Our conv a row at a time (TOOLKIT_CONV_STREAM=1 with model.mamba_conv_backend="triton"; the
 # conv_stream sweep above) in place of causal-conv1d's, against lever_fastest_no_recompute(...).
-for suffix in _mbs4 "" _mbs4_gb32 _gb32; do
-  mbs=8 accumulate=()
-  [[ $suffix == _mbs4* ]] && mbs=4
-  [[ $suffix == *_gb32 ]] && accumulate=(--accumulate $((32 / mbs)))
-  TOOLKIT_CONV_STREAM=1 tp "lever_fastest_no_recompute_conv_stream$suffix" 300 "$mbs" \
-    "${accumulate[@]}" "${FASTEST_KEPT[@]}" --set 'model.mamba_conv_backend="triton"'
-done
+TOOLKIT_CONV_STREAM=1 tp_sizes 300 lever_fastest_no_recompute_conv_stream \
+  --set 'model.mamba_conv_backend="triton"'
 # Only Inductor's own kernels tuned (train.compile_mode="coordinate-descent-tuning": block sizes
 # and warps of the GELU, norm and residual-add kernels, ~13% of a micro-batch-4 step at ~2.5 TB/s
 # in the 2026-12-07 night profile; 1.022x for FP8 at the 8B's widths, 1.000x for bf16 there),
@@ -559,7 +552,7 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
             for k in ("forward", "backward"):
                 best = min(r["sweep"].items(), key=lambda kv: kv[1][k])
                 print(f"  fastest {k}: {best[0]} {best[1][k]:.3f} ms")
-    elif p.stem.startswith("conv_kernel") or p.stem.startswith("conv_stream"):
+    elif p.stem.startswith(("conv_kernel", "conv_stream")):
         print("conv_kernel (ms: forward / backward / a layer):", "; ".join(
             f"{k} {v['forward']:.3f} / {v['backward']:.3f} / {v['layer']:.3f}"
             for k, v in r["ms"].items()))
