@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cross_entropy import timed_ms  # noqa: E402
+from gpu_kernels import rel_l2  # noqa: E402
 from train_throughput import write_json  # noqa: E402
 
 from toolkit.config import load_recipe  # noqa: E402
@@ -68,10 +69,6 @@ def kernels(step, device: torch.device) -> list[str]:
         key=lambda e: -e.device_time_total,
     )
     return [f"{e.key[:80]} {e.device_time_total / 1e3:.3f}" for e in rows[:4]]
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -39,7 +39,8 @@ from toolkit.model.ssd import ssd_chunked
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def inputs(b: int, length: int, heads: int, p: int, groups: int, n: int, dtype: torch.dtype):
