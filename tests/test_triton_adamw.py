@@ -4,21 +4,17 @@ as they were), torch's state and checkpoints, and the eager reference for what t
 address. On a CPU the kernel runs under Triton's interpreter in a subprocess (TRITON_INTERPRET
 must be set before Triton compiles anything); on a GPU against torch's fused AdamW."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import toolkit.triton_adamw as module
+from tests.conftest import load_benchmark
+from tests.test_step_graph import interpret
 from toolkit import optim
 from toolkit.config import RecipeError, TrainConfig, load_recipe
 from toolkit.optim import build_optimizer, gpu_adamw_kernel
 from toolkit.triton_adamw import BLOCK, TritonAdamW, _block_tables
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 
 # Sizes across the kernel's blocks: two blocks and a remainder, one exact block, tiny ones.
@@ -162,20 +158,7 @@ def test_kernel_is_torchs_adamw_clipped_in_place_under_the_interpreter():
     optimizer continues from the other's state_dict; the tensors it writes have their version
     counters moved; bf16, non-contiguous and unaligned parameters take the eager reference
     beside the kernel."""
-    interpreted(INTERPRETED, "triton adamw agrees")
-
-
-def interpreted(script: str, done: str) -> None:
-    """`script` run under Triton's interpreter in a subprocess; it prints `done` at its end.
-    Skipped on a GPU, where the compiled kernel is tested."""
-    pytest.importorskip("triton")
-    if CUDA:
-        pytest.skip("on a GPU the compiled kernel is tested")
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}"}
-    out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and done in out.stdout, out.stdout + out.stderr
+    interpret(INTERPRETED, "triton adamw agrees", timeout=300)
 
 
 @pytest.mark.parametrize("span", [1, 3])
@@ -328,14 +311,8 @@ def test_the_benchmarks_kernel_variants_name_its_shape(monkeypatch):
     """benchmarks/optimizer_step.py's triton_bBLOCK_wWARPS[_xSPAN][_stream][_approx]: the globals each
     variant sets, the defaults for the plain names, and a bad shape refused naming the part."""
     import argparse
-    import importlib.util
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script
-    spec = importlib.util.spec_from_file_location(
-        "optimizer_step", ROOT / "benchmarks/optimizer_step.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("optimizer_step", monkeypatch)
     assert bench.variant("triton")[1] == (BLOCK, module.NUM_WARPS, 1, False, True)
     assert bench.variant("triton_b8192_w16")[1] == (8192, 16, 1, False, True)
     assert bench.variant("triton_b1024_w8_x4_stream") == (bench.VARIANTS["triton"],
@@ -399,4 +376,4 @@ def test_stage_and_settle_count_and_refuse_under_the_interpreter():
     version counters; unstage() takes the count back in both; a bf16 copy made since the
     capture, or another holder of the copies, is refused before a replay could write the old
     ones."""
-    interpreted(STAGED, "staged steps agree")
+    interpret(STAGED, "staged steps agree", timeout=300)
