@@ -7,7 +7,8 @@ than the H100's 227 KB of shared memory is slow or does not launch.
 
 Each kernel at the recipes' Mamba widths (chunk 128, state 128, head dim 64; heads per group
 4 at the 800M's widths, 16 at the 8B's) and bf16 inputs, at each warps x stages setting:
-registers a thread, stack bytes a thread (spills), shared memory bytes. The numbers are this
+registers a thread, stack bytes a thread (spills), shared memory bytes; the kept states bf16 as
+trained by default (`--states fp32` for the opt-out). The numbers are this
 machine's Triton's; the GPU's may differ in detail (RESULTS.md says which ran where).
 """
 
@@ -27,29 +28,33 @@ from toolkit.model import ssd_chunk_grad_kernel, ssd_scan_kernel, ssd_state_grad
 
 # pointer arguments in fp32 (the rest of the pointers are bf16); every other argument that is
 # not a constexpr is an int32 (lengths, strides)
-FP32 = {"dt_soft", "dA_sums", "states", "ddA_last", "A", "dt_bias", "D", "ddt", "dA_part",
+FP32 = {"dt_soft", "dA_sums", "ddA_last", "A", "dt_bias", "D", "ddt", "dA_part",
         "dD_part", "dbias_part", "dt_out", "dA_out", "dt", "dA_rows", "dA_within"}  # fmt: skip
-BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out"}
+BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out", "states"}
 SHAPES = {"800m": 4, "8b": 16}  # heads per group
 
 
-def kernels(heads_per_group: int) -> dict:
-    """name -> (jit function, {constexpr or None argument: value}, pointer dtype overrides)."""
+def kernels(heads_per_group: int, states: str = "bf16") -> dict:
+    """name -> (jit function, {constexpr or None argument: value}, pointer dtype overrides), with
+    the SSD's kept states in `states` ("bf16", the default since 2026-12-07, or "fp32": the
+    state gradients' kernel then also writes their bf16 copy, states_out)."""
     widths = dict(HEADS_PER_GROUP=heads_per_group, P=64, N=128, Q=128)
+    kept = {"states": states}
     block_m = {"BLOCK_M": ssd_chunk_grad_kernel.BLOCK_M}
     bc_block_m = {"BLOCK_M": ssd_chunk_grad_kernel.BC_BLOCK_M}
     return {
         "ssd_forward (p64)": (ssd_scan_kernel._ssd_forward_kernel,
                               {**widths, "BLOCK_P": 64, "BLOCK_M": ssd_scan_kernel.BLOCK_M},
-                              {"states": "fp32", "dt": "bf16"}),
+                              {**kept, "dt": "bf16"}),
         "state_grads (p64_n64)": (ssd_state_grad_kernel._ssd_state_grad_kernel,
                                   {**widths, "BLOCK_P": 64, "BLOCK_N": 64,
-                                   "BLOCK_Q": ssd_state_grad_kernel.BLOCK_Q},
-                                  {"states": "fp32"}),
+                                   "BLOCK_Q": ssd_state_grad_kernel.BLOCK_Q,
+                                   **({"states_out": None} if states == "bf16" else {})},
+                                  kept),
         "head_grads": (ssd_chunk_grad_kernel._ssd_head_grad_kernel, {**widths, **block_m},
-                       {"dt": "bf16"}),
+                       {**kept, "dt": "bf16"}),
         **{f"{name}_grads{label}": (ssd_chunk_grad_kernel._ssd_bc_grad_kernel,
-                                    {**widths, **bc_block_m, "WHICH": which, **extra}, {})
+                                    {**widths, **bc_block_m, "WHICH": which, **extra}, kept)
            for name, which in (("dC", 0), ("dB", 1))
            for label, extra in bc_variants(which)},
     }  # fmt: skip
@@ -97,6 +102,12 @@ def main() -> None:
     parser.add_argument("--warps", default="4,8", help="comma-separated warps a program")
     parser.add_argument("--stages", default="1", help="comma-separated software-pipeline stages")
     parser.add_argument("--only", help="kernels whose name contains this")
+    parser.add_argument(
+        "--states",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="the kept states' dtype (fp32: TOOLKIT_MAMBA_LOWP_STATES=0)",
+    )
     parser.add_argument("--maxnreg", type=int, help="registers a thread at most (ptxas's cap)")
     parser.add_argument("--block-m", type=int, help="ssd_chunk_grad_kernel.BLOCK_M to try")
     parser.add_argument("--bc-block-m", type=int, help="ssd_chunk_grad_kernel.BC_BLOCK_M to try")
@@ -105,7 +116,7 @@ def main() -> None:
         ssd_chunk_grad_kernel.BLOCK_M = options.block_m
     if options.bc_block_m:
         ssd_chunk_grad_kernel.BC_BLOCK_M = options.bc_block_m
-    for name, (fn, constants, dtypes) in kernels(SHAPES[options.shape]).items():
+    for name, (fn, constants, dtypes) in kernels(SHAPES[options.shape], options.states).items():
         if options.only and options.only not in name:
             continue
         for warps in map(int, options.warps.split(",")):
