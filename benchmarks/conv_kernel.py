@@ -42,6 +42,17 @@ def passes(backend: str):
     return functools.partial(conv_forward, backend=backend), backward
 
 
+TILE_KEYS = {"b": "BLOCK_ROWS", "g": "BACKWARD_BLOCK_ROWS", "c": "BLOCK_CHANNELS",
+             "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS", "s": "RING_SLOTS", "t": "STREAM",
+             "q": "STREAM_ROWS", "h": "STREAM_CHANNELS", "n": "STREAM_STAGES",
+             "p": "STREAM_SEGMENTS"}  # fmt: skip
+
+
+def tile_values(variant: str) -> dict[str, int]:
+    """'t1_p4_q64' -> {conv_kernel global: value} (with_tiles' tokens)."""
+    return {TILE_KEYS[part[0]]: int(part[1:]) for part in variant.split("_")}
+
+
 def with_tiles(variant: str, fn):
     """fn with conv_kernel's tile globals set from `variant`: 'default', or e.g. 'b64_g8_w8'
     (b: rows a forward tile, g: a backward one, c: channels a tile, r: rows a backward program,
@@ -49,11 +60,7 @@ def with_tiles(variant: str, fn):
     q rows and h channels a program and n stages)."""
     if variant == "default":
         return fn
-    keys = {"b": "BLOCK_ROWS", "g": "BACKWARD_BLOCK_ROWS", "c": "BLOCK_CHANNELS",
-            "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS", "s": "RING_SLOTS", "t": "STREAM",
-            "q": "STREAM_ROWS", "h": "STREAM_CHANNELS", "n": "STREAM_STAGES",
-            "p": "STREAM_SEGMENTS"}  # fmt: skip
-    values = {keys[part[0]]: int(part[1:]) for part in variant.split("_")}
+    values = tile_values(variant)
 
     def tiled(*args):
         saved = {k: getattr(conv_kernel, k) for k in values}

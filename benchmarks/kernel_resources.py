@@ -4,12 +4,15 @@ timing. A kernel that spills (STACK > 0: bytes a thread keeps in local memory) o
 than the H100's 227 KB of shared memory is slow or does not launch.
 
     python benchmarks/kernel_resources.py [--shape 800m|8b] [--warps 4,8] [--stages 1,2]
+    python benchmarks/kernel_resources.py --conv default,t1_h512,t1_p4_q64_h256
 
 Each kernel at the recipes' Mamba widths (chunk 128, state 128, head dim 64; heads per group
 4 at the 800M's widths, 16 at the 8B's) and bf16 inputs, at each warps x stages setting:
 registers a thread, stack bytes a thread (spills), shared memory bytes; the kept states bf16 as
 trained by default (`--states fp32` for the opt-out). The numbers are this
 machine's Triton's; the GPU's may differ in detail (RESULTS.md says which ran where).
+`--conv` compiles the causal conv's two kernels (toolkit/model/conv_kernel.py) instead, at
+benchmarks/conv_kernel.py's variants, each at its own warps and stages.
 """
 
 import argparse
@@ -20,17 +23,24 @@ import tempfile
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
 
+import conv_kernel as conv_benchmark  # noqa: E402 - benchmarks/conv_kernel.py, its variants
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from toolkit.model import ssd_chunk_grad_kernel, ssd_scan_kernel, ssd_state_grad_kernel  # noqa: E402
+from toolkit.model import (  # noqa: E402
+    conv_kernel,  # noqa: E402
+    ssd_chunk_grad_kernel,
+    ssd_scan_kernel,
+    ssd_state_grad_kernel,
+)
 
 # pointer arguments in fp32 (the rest of the pointers are bf16); every other argument that is
 # not a constexpr is an int32 (lengths, strides)
-FP32 = {"dt_soft", "dA_sums", "ddA_last", "A", "dt_bias", "D", "ddt", "dA_part",
+FP32 = {"weight", "bias", "dw_part", "db_part", "ring", "dt_soft", "dA_sums", "ddA_last", "A", "dt_bias", "D", "ddt", "dA_part",
         "dD_part", "dbias_part", "dt_out", "dA_out", "dt", "dA_rows", "dA_within"}  # fmt: skip
-BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out", "states"}
+BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out", "states", "out",
+        "dout"}  # fmt: skip
 SHAPES = {"800m": 4, "8b": 16}  # heads per group
 
 
@@ -68,13 +78,43 @@ def bc_variants(which: int) -> list[tuple[str, dict]]:
     return [("", alone), (" +rows", rows)] + ([(" +rows +within", {})] if which == 0 else [])
 
 
-def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int, maxnreg=None) -> str:
+def conv_kernels(variant: str) -> dict:
+    """The causal conv's forward and backward kernels (toolkit/model/conv_kernel.py) at one of
+    benchmarks/conv_kernel.py's variants ('default' or e.g. 't1_p4_q64_h512_w8'), width 4 with
+    a bias: name -> (jit function, constants, dtype overrides, warps, stages)."""
+    settings = {k: getattr(conv_kernel, k) for k in conv_benchmark.TILE_KEYS.values()}
+    if variant != "default":
+        settings.update(conv_benchmark.tile_values(variant))
+    width = {"K": 4, "HAS_BIAS": True}
+    channels = {"C": "i32"}  # the channel count (the SSD kernels' C is a pointer)
+    warps = settings["NUM_WARPS"]
+    if settings["STREAM"]:
+        run = {"ROWS": settings["STREAM_ROWS"], "SEGMENTS": settings["STREAM_SEGMENTS"],
+               "BC": settings["STREAM_CHANNELS"], **width}  # fmt: skip
+        stages = settings["STREAM_STAGES"]
+        return {f"conv_fwd {variant}": (conv_kernel._conv_silu_fwd_stream_kernel, run, channels,
+                                        warps, stages),
+                f"conv_bwd {variant}": (conv_kernel._conv_silu_bwd_stream_kernel, run, channels,
+                                        warps, stages)}  # fmt: skip
+    tile = {"BC": settings["BLOCK_CHANNELS"], **width}
+    return {f"conv_fwd {variant}": (conv_kernel._conv_silu_fwd_kernel,
+                                    {"BL": settings["BLOCK_ROWS"], **tile}, channels, warps, 3),
+            f"conv_bwd {variant}": (conv_kernel._conv_silu_bwd_kernel,
+                                    {"BL": settings["BACKWARD_BLOCK_ROWS"],
+                                     "ROWS": settings["ROWS_PER_PROGRAM"],
+                                     "SLOTS": settings["RING_SLOTS"], **tile}, channels, warps, 3)}  # fmt: skip
+
+
+def cuobjdump(fn, constants: dict, dtypes: dict, warps: int, stages: int, flag: str,
+              maxnreg=None):  # fmt: skip
+    """The kernel compiled for sm_90 here, and cuobjdump's `flag` ('-res-usage', '-sass') of its
+    cubin: (the compiled kernel, the text)."""
     signature = {}
     for name in fn.arg_names:
         if name in constants:
             signature[name] = "constexpr"
-        elif name in dtypes:
-            signature[name] = "*" + dtypes[name]
+        elif name in dtypes:  # a pointer's dtype, or "i32" (a name that is a pointer elsewhere)
+            signature[name] = dtypes[name] if dtypes[name] == "i32" else "*" + dtypes[name]
         elif name in FP32:
             signature[name] = "*fp32"
         elif name in BF16:
@@ -88,8 +128,13 @@ def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int, maxnre
         cubin = pathlib.Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         tool = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-        out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run([str(tool), flag, str(cubin)], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    return compiled, out
+
+
+def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int, maxnreg=None) -> str:
+    compiled, out = cuobjdump(fn, constants, dtypes, warps, stages, "-res-usage", maxnreg)
     usage = dict(item.split(":") for line in out.splitlines() if "REG:" in line
                  for item in line.split() if ":" in item)  # fmt: skip
     return (f"{usage['REG']:>3} registers, {usage['STACK']:>5} stack bytes, "
@@ -108,10 +153,24 @@ def main() -> None:
         default="bf16",
         help="the kept states' dtype (fp32: TOOLKIT_MAMBA_LOWP_STATES=0)",
     )
+    parser.add_argument(
+        "--conv",
+        help="the conv's kernels instead, at these comma-separated benchmarks/conv_kernel.py "
+        "variants ('default', 't1_p4_q64_h512_w8', ...), each at its own warps and stages",
+    )
     parser.add_argument("--maxnreg", type=int, help="registers a thread at most (ptxas's cap)")
     parser.add_argument("--block-m", type=int, help="ssd_chunk_grad_kernel.BLOCK_M to try")
     parser.add_argument("--bc-block-m", type=int, help="ssd_chunk_grad_kernel.BC_BLOCK_M to try")
     options = parser.parse_args()
+    if options.conv:
+        for variant in conv_benchmark.variant_list(options.conv):
+            for name, (fn, constants, dtypes, warps, stages) in conv_kernels(variant).items():
+                try:
+                    said = resources(fn, constants, dtypes, warps, stages, options.maxnreg)
+                except Exception as e:  # noqa: BLE001 - one that does not compile: say, go on
+                    said = f"does not compile: {type(e).__name__}: {str(e)[:160]}"
+                print(f"{name:36} w{warps} s{stages}: {said}", flush=True)
+        return
     if options.block_m:
         ssd_chunk_grad_kernel.BLOCK_M = options.block_m
     if options.bc_block_m:
