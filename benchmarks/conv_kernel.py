@@ -45,7 +45,7 @@ def passes(backend: str):
 TILE_KEYS = {"b": "BLOCK_ROWS", "g": "BACKWARD_BLOCK_ROWS", "c": "BLOCK_CHANNELS",
              "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS", "s": "RING_SLOTS", "t": "STREAM",
              "q": "STREAM_ROWS", "h": "STREAM_CHANNELS", "n": "STREAM_STAGES",
-             "p": "STREAM_SEGMENTS"}  # fmt: skip
+             "p": "STREAM_SEGMENTS", "f": "STREAM_PREFETCH"}  # fmt: skip
 
 
 def tile_values(variant: str) -> dict[str, int]:
@@ -57,7 +57,7 @@ def with_tiles(variant: str, fn):
     """fn with conv_kernel's tile globals set from `variant`: 'default', or e.g. 'b64_g8_w8'
     (b: rows a forward tile, g: a backward one, c: channels a tile, r: rows a backward program,
     w: warps, s: tiles in the backward's ring; t1: the kernels a row at a time, with p runs of
-    q rows and h channels a program and n stages)."""
+    q rows and h channels a program, n stages, f rows prefetched into L2 ahead)."""
     if variant == "default":
         return fn
     values = tile_values(variant)
@@ -78,7 +78,7 @@ def with_tiles(variant: str, fn):
 def variant_list(text: str) -> list[str]:
     variants = [v for v in text.split(",") if v]
     for v in variants:
-        if v != "default" and not re.fullmatch(r"([bgcrwstqhnp]\d+)(_[bgcrwstqhnp]\d+)*", v):
+        if v != "default" and not re.fullmatch(r"([bgcrwstqhnpf]\d+)(_[bgcrwstqhnpf]\d+)*", v):
             raise argparse.ArgumentTypeError(f"'default' or e.g. b64_c128_r512_w8, got {v!r}")
     return variants
 

@@ -207,10 +207,14 @@ run conv_kernel 120 python3 benchmarks/conv_kernel.py --json "$W/conv_kernel.jso
 # Both passes a row at a time (conv_kernel.STREAM: no ring, no barrier; ~1.3 TB/s for
 # causal-conv1d's backward, 0.61-0.65 ms a layer at micro-batch 8 on an H100), at micro-batch 4
 # and 8, by runs of rows a program (p: side by side in one tile), rows a run, channels, warps
-# (~8 of a tile's elements a thread) and stages. (t1 alone, one run: as fast as causal-conv1d's
-# at best, 2026-12-07 late night.)
-STREAM_VARIANTS=t1_h512,t1_p2_q128_h512,t1_p4_q64_h256,t1_p4_q64_h512_w8,t1_p8_q32_h256_w8
-STREAM_VARIANTS+=,t1_p8_q32_h512_w16,t1_p4_q64_h1024_w16,t1_p4_q64_h512_w8_n2,t1_p16_q16_h256_w8
+# (~8 of a tile's elements a thread) and stages, and rows asked of the L2 ahead (f). (t1
+# alone, one run: as fast as causal-conv1d's at best, 2026-12-07 late night.) Compiled here
+# for sm_90 (kernel_resources.py --conv), the backward spills with p16 and with p8 at h512;
+# p8 at h256 takes 224 registers a thread and p4 at h512 200 (one program an SM): fewer bytes
+# in flight an SM than t1_h512's 96 (five programs), not more.
+STREAM_VARIANTS=t1_h512,t1_p2_q128_h512,t1_p4_q64_h256,t1_p4_q64_h512_w8,t1_h512_f8
+STREAM_VARIANTS+=,t1_h512_f16,t1_h512_f32,t1_h256_f16,t1_h256_f32,t1_h1024_w8_f16
+STREAM_VARIANTS+=,t1_p2_q128_h512_f16,t1_p4_q64_h256_f16,t1_h512_f16_n1
 run conv_stream 200 python3 benchmarks/conv_kernel.py --json "$W/conv_stream.json" \
   --variants "default,$STREAM_VARIANTS"
 run conv_stream_mbs4 200 python3 benchmarks/conv_kernel.py --batch 4 \

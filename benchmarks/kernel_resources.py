@@ -90,7 +90,7 @@ def conv_kernels(variant: str) -> dict:
     warps = settings["NUM_WARPS"]
     if settings["STREAM"]:
         run = {"ROWS": settings["STREAM_ROWS"], "SEGMENTS": settings["STREAM_SEGMENTS"],
-               "BC": settings["STREAM_CHANNELS"], **width}  # fmt: skip
+               "BC": settings["STREAM_CHANNELS"], "PREFETCH": settings["STREAM_PREFETCH"], **width}  # fmt: skip
         stages = settings["STREAM_STAGES"]
         return {f"conv_fwd {variant}": (conv_kernel._conv_silu_fwd_stream_kernel, run, channels,
                                         warps, stages),

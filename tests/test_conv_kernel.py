@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import load_benchmark
 from tests.test_step_graph import in_subprocess, interpret
 from toolkit.config import RecipeError, load_recipe
 from toolkit.model.kernels import fused_mamba_available
@@ -44,13 +45,16 @@ cases += [(torch.float32, 2e-5, k, True, (48, 16, 4, 3), 100, 300) for k in (4, 
 cases += [(torch.bfloat16, 2e-2, 4, True, (512, 32, 16), 2100, 2**20)]
 # The kernels a row at a time (STREAM): several programs a sequence, one ending past it (with
 # 4 runs of rows a program: a run partly and one wholly past it), and channels in blocks of 64
-# (the last partial); widths 4 and 2, fp32 and bf16.
-cases += [(torch.float32, 2e-5, 4, True, ("stream", 8, 64, 4), 50, 300),
-          (torch.bfloat16, 2e-2, 2, False, ("stream", 24, 64, 1), 60, 300)]
+# (the last partial); widths 4 and 2, fp32 and bf16; on a GPU with rows asked of the L2 ahead,
+# past the sequence's end and its last channels too (a hint: the same numbers).
+cases += [(torch.float32, 2e-5, 4, True, ("stream", 8, 64, 4, 0), 50, 300),
+          (torch.bfloat16, 2e-2, 2, False, ("stream", 24, 64, 1, 0), 60, 300),
+          (torch.bfloat16, 2e-2, 4, True, ("stream", 16, 64, 2, 20), 60, 300)]
 for dtype, tol, k, bias, (rows, block, backward_block, *slots), L, width in cases:
     ck.STREAM = rows == "stream"
     if ck.STREAM:
-        ck.STREAM_ROWS, ck.STREAM_CHANNELS, ck.STREAM_SEGMENTS = block, backward_block, *slots
+        ck.STREAM_ROWS, ck.STREAM_CHANNELS = block, backward_block
+        ck.STREAM_SEGMENTS, ck.STREAM_PREFETCH = slots
     else:
         ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS, ck.BACKWARD_BLOCK_ROWS = rows, block, backward_block
         ck.RING_SLOTS = slots[0] if slots else 2
@@ -310,7 +314,7 @@ def test_fused_op_with_all_our_kernels_under_the_interpreter():
     interpret(FUSED, "fused op agrees", timeout=300, TOOLKIT_TRITON_MAMBA="norm,forward,dstates,dx")
 
 
-def test_the_stream_kernels_refuse_runs_and_channels_not_powers_of_2(monkeypatch):
+def test_the_stream_kernels_refuse_settings_they_cannot_run(monkeypatch):
     pytest.importorskip("triton")
     import toolkit.model.conv_kernel as ck
 
@@ -323,6 +327,30 @@ def test_the_stream_kernels_refuse_runs_and_channels_not_powers_of_2(monkeypatch
                 ck.conv_silu_forward(x, w, None)
             with pytest.raises(ValueError, match=name):
                 ck.conv_silu_backward(x, w, None, torch.randn_like(x))
+    for name, value in (("STREAM_PREFETCH", -1), ("STREAM_CHANNELS", 32)):
+        with monkeypatch.context() as m:
+            m.setattr(ck, name, value)
+            with pytest.raises(ValueError, match=f"STREAM_PREFETCH \\({ck.STREAM_PREFETCH}\\)"):
+                ck.conv_silu_forward(x, w, None)
+
+
+def test_stream_kernels_ask_the_l2_ahead_only_with_prefetch(monkeypatch):
+    """Compiled for sm_90 here (benchmarks/kernel_resources.py, no GPU needed): with
+    STREAM_PREFETCH both stream kernels' loops hold an L2 prefetch (SASS CCTL...PF2, from PTX
+    prefetch.global.L2), without it none; Triton's interpreter runs no PTX, so this and the GPU
+    run of the cases above are its tests."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump").exists():
+        pytest.skip("Triton without its CUDA tools")
+    resources = load_benchmark("kernel_resources", monkeypatch)
+    for variant, want in (("t1_h256", 0), ("t1_h256_f16", 1)):
+        kernels = resources.conv_kernels(variant)
+        assert len(kernels) == 2
+        for name, (fn, constants, dtypes, warps, stages) in kernels.items():
+            _, sass = resources.cuobjdump(fn, constants, dtypes, warps, stages, "-sass")
+            assert "LDG" in sass, name
+            prefetches = [line for line in sass.splitlines() if "PF2" in line]
+            assert len(prefetches) == want * (2 if "bwd" in name else 1), (name, prefetches)
 
 
 def test_the_backend_and_recompute_are_recipe_keys():

@@ -15,10 +15,11 @@ bit for bit causal-conv1d's and as fast, the backward 1.4x slower (0.93 against 
 
 The _stream kernels (STREAM) walk a program's rows one at a time over a wide block of channels
 instead, the last 3 rows of x (and in the backward of g) carried in registers from one row to
-the next: no ring, no barrier, every load independent of the loop's carried values, so the
-compiler can keep the next rows' loads in flight (causal-conv1d's backward moves its bytes at
-~1.3 TB/s, a third of the HBM's). A program walks STREAM_SEGMENTS runs of rows side by side,
-the rows of one tile, for more bytes in flight.
+the next: no ring, no barrier. Compiled, a program still waits on each row's loads before the
+next row's are issued (Triton pipelines only loads that feed a dot), so the bytes in flight are
+a row's a program (causal-conv1d's backward moves its bytes at ~1.3 TB/s, a third of the
+HBM's, and so did this one). A program walks STREAM_SEGMENTS runs of rows side by side, the
+rows of one tile, and can ask the L2 for its rows STREAM_PREFETCH rows ahead of its loads.
 """
 
 import os
@@ -216,6 +217,19 @@ if triton_imports():
         return tl.load(at, mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _prefetch_rows(base, rows, stride_l, first_col, C, L, BC: tl.constexpr):
+        """Ask the L2 for rows `rows` [S] of a sequence at `base` over BC channels from
+        `first_col`, one address a 128-byte line (PTX prefetch.global.L2): a hint that holds
+        no register and that no instruction waits on, unlike a load. Rows and channels past
+        the ends are clamped to the last (an address within the tensor)."""
+        per_line: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth
+        lines = tl.minimum(first_col + tl.arange(0, BC // per_line) * per_line, C - 1)
+        rows = tl.minimum(rows, L - 1)
+        at = base + rows.to(tl.int64)[:, None] * stride_l + lines[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [at],
+                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+    @triton.jit
     def _stream_start(weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS: tl.constexpr,
                       SEGMENTS: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
         """A stream program's 4 weight taps and bias as [1, BC] rows, its segments' first rows
@@ -235,10 +249,10 @@ if triton_imports():
     def _conv_silu_fwd_stream_kernel(x, weight, bias, out, L, C, sx_b, sx_l, so_b, so_l,
                                      ROWS: tl.constexpr, SEGMENTS: tl.constexpr,
                                      K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                     BC: tl.constexpr):  # fmt: skip
+                                     BC: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
         """One program: SEGMENTS runs of ROWS rows of one sequence, BC channels, a row of each
         run at a time, the last 3 rows of x carried in registers (no row read twice but the 3
-        before each run)."""
+        before each run); with PREFETCH, each row's x asked of the L2 that many rows ahead."""
         pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = pid_c * BC + tl.arange(0, BC)
         col_ok = cols < C
@@ -249,6 +263,8 @@ if triton_imports():
         )
         for i in range(0, ROWS):
             rows = starts + i
+            if PREFETCH:
+                _prefetch_rows(x_row, rows + PREFETCH, sx_l, pid_c * BC, C, L, BC)
             x0 = _stream_row(x_row, rows, sx_l, cols, col_ok, L)
             a = bias_row + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
             y = a * tl.sigmoid(a)
@@ -261,13 +277,15 @@ if triton_imports():
     def _conv_silu_bwd_stream_kernel(x, weight, bias, dout, dx, dw_part, db_part, L, C, sx_b,
                                      sx_l, sd_b, sd_l, sdx_b, sdx_l, ROWS: tl.constexpr,
                                      SEGMENTS: tl.constexpr, K: tl.constexpr,
-                                     HAS_BIAS: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+                                     HAS_BIAS: tl.constexpr, BC: tl.constexpr,
+                                     PREFETCH: tl.constexpr):  # fmt: skip
         """One program: SEGMENTS runs of ROWS rows of one sequence, BC channels, a row of each
         run at a time, with no barrier and no memory between rows: the last 3 rows of x and of
         g = dout silu'(a) carried in registers. Row t's g completes dx[t - 3] = w3 g[t - 3] +
         w2 g[t - 2] + w1 g[t - 1] + w0 g[t] (the ring kernel's sum); a run goes 3 rows past
         its own (g for dx only) and keeps dw[j] = sum_t g[t] x[t - 3 + j] and db = sum_t g[t]
-        per channel, summed over the runs here and over programs by torch."""
+        per channel, summed over the runs here and over programs by torch. With PREFETCH,
+        each row's x and dout asked of the L2 that many rows ahead, as the forward's."""
         pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = pid_c * BC + tl.arange(0, BC)
         col_ok = cols < C
@@ -287,6 +305,9 @@ if triton_imports():
         db = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
         for i in range(0, ROWS + 3):
             rows = starts + i
+            if PREFETCH:
+                _prefetch_rows(x_row, rows + PREFETCH, sx_l, pid_c * BC, C, L, BC)
+                _prefetch_rows(d_row, rows + PREFETCH, sd_l, pid_c * BC, C, L, BC)
             x0 = _stream_row(x_row, rows, sx_l, cols, col_ok, L)
             d = _stream_row(d_row, rows, sd_l, cols, col_ok, L)
             a = bias_row + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
@@ -328,6 +349,12 @@ STREAM_ROWS, STREAM_CHANNELS, STREAM_STAGES = 256, 512, 3  # the fastest of one 
 # tile: that many rows' loads in flight a stage (one run kept only 1-2 KB a tensor in flight:
 # causal-conv1d's speed, not the HBM's, RESULTS.md 2026-12-07 late night).
 STREAM_SEGMENTS = 1
+# Rows ahead whose x (and dout) a stream program asks the L2 for (0: none). Triton's pipeliner
+# leaves these loads, which feed no dot, out of its stages (no shared memory compiled for sm_90
+# at any STREAM_STAGES: benchmarks/kernel_resources.py --conv), and carrying loaded rows from
+# one iteration to the next by hand waits on them at the loop's end (the compiled code packs
+# them into the carried registers): a program had one row in flight, a few KB an SM.
+STREAM_PREFETCH = 0
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -353,7 +380,7 @@ def conv_silu_forward(
             x, weight, x if bias is None else bias, out, L, C, x.stride(0), x.stride(1),
             out.stride(0), out.stride(1), ROWS=STREAM_ROWS, SEGMENTS=STREAM_SEGMENTS,
             K=weight.size(1), HAS_BIAS=bias is not None, BC=STREAM_CHANNELS,
-            num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
+            PREFETCH=_prefetch(x), num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
         )  # fmt: skip
         return out
     grid = (triton.cdiv(L, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS), b)
@@ -410,7 +437,7 @@ def conv_silu_backward(
             x, weight, x if bias is None else bias, dout, dx, dw_part, db_part, L, C,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0),
             dx.stride(1), ROWS=STREAM_ROWS, SEGMENTS=STREAM_SEGMENTS, K=k,
-            HAS_BIAS=bias is not None, BC=channels,
+            HAS_BIAS=bias is not None, BC=channels, PREFETCH=_prefetch(x),
             num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
         )  # fmt: skip
         return _summed(dx, dw_part, db_part, weight, bias)
@@ -429,11 +456,21 @@ def conv_silu_backward(
     return _summed(dx, dw_part, db_part, weight, bias)
 
 
+def _prefetch(x: torch.Tensor) -> int:
+    """STREAM_PREFETCH on a GPU; 0 elsewhere (Triton's interpreter runs no PTX)."""
+    return STREAM_PREFETCH if x.is_cuda else 0
+
+
 def _check_stream() -> None:
     for name in ("STREAM_SEGMENTS", "STREAM_CHANNELS"):
         value = globals()[name]
         if value < 1 or value & (value - 1):
             raise ValueError(f"conv_kernel.{name} must be a power of 2, got {value}")
+    if STREAM_PREFETCH < 0 or STREAM_CHANNELS < 64:
+        raise ValueError(
+            f"conv_kernel.STREAM_PREFETCH ({STREAM_PREFETCH}) must be >= 0 and STREAM_CHANNELS "
+            f"({STREAM_CHANNELS}) at least a 128-byte line of bf16"
+        )
 
 
 def _summed(dx, dw_part, db_part, weight, bias):
