@@ -327,11 +327,13 @@ def test_the_stream_kernels_refuse_settings_they_cannot_run(monkeypatch):
                 ck.conv_silu_forward(x, w, None)
             with pytest.raises(ValueError, match=name):
                 ck.conv_silu_backward(x, w, None, torch.randn_like(x))
-    for name, value in (("STREAM_PREFETCH", -1), ("STREAM_CHANNELS", 32)):
-        with monkeypatch.context() as m:
-            m.setattr(ck, name, value)
-            with pytest.raises(ValueError, match=f"STREAM_PREFETCH \\({ck.STREAM_PREFETCH}\\)"):
-                ck.conv_silu_forward(x, w, None)
+    monkeypatch.setattr(ck, "STREAM_PREFETCH", -1)
+    with pytest.raises(ValueError, match="STREAM_PREFETCH must be >= 0, got -1"):
+        ck.conv_silu_forward(x, w, None)
+    monkeypatch.setattr(ck, "STREAM_PREFETCH", 8)
+    monkeypatch.setattr(ck, "STREAM_CHANNELS", 32)
+    with pytest.raises(ValueError, match="STREAM_CHANNELS must be at least 64 with STREAM_PREF"):
+        ck.conv_silu_backward(x, w, None, torch.randn_like(x))
 
 
 def test_stream_kernels_ask_the_l2_ahead_only_with_prefetch(monkeypatch):

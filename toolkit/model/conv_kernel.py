@@ -466,10 +466,12 @@ def _check_stream() -> None:
         value = globals()[name]
         if value < 1 or value & (value - 1):
             raise ValueError(f"conv_kernel.{name} must be a power of 2, got {value}")
-    if STREAM_PREFETCH < 0 or STREAM_CHANNELS < 64:
+    if STREAM_PREFETCH < 0:
+        raise ValueError(f"conv_kernel.STREAM_PREFETCH must be >= 0, got {STREAM_PREFETCH}")
+    if STREAM_PREFETCH and STREAM_CHANNELS < 64:  # it asks for whole 128-byte lines of bf16
         raise ValueError(
-            f"conv_kernel.STREAM_PREFETCH ({STREAM_PREFETCH}) must be >= 0 and STREAM_CHANNELS "
-            f"({STREAM_CHANNELS}) at least a 128-byte line of bf16"
+            f"conv_kernel.STREAM_CHANNELS must be at least 64 with STREAM_PREFETCH, got "
+            f"{STREAM_CHANNELS}"
         )
 
 
