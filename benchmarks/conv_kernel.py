@@ -76,9 +76,10 @@ def with_tiles(variant: str, fn):
 
 
 def variant_list(text: str) -> list[str]:
+    token = f"[{''.join(TILE_KEYS)}]\\d+"
     variants = [v for v in text.split(",") if v]
     for v in variants:
-        if v != "default" and not re.fullmatch(r"([bgcrwstqhnpf]\d+)(_[bgcrwstqhnpf]\d+)*", v):
+        if v != "default" and not re.fullmatch(rf"{token}(_{token})*", v):
             raise argparse.ArgumentTypeError(f"'default' or e.g. b64_c128_r512_w8, got {v!r}")
     return variants
 
@@ -150,7 +151,7 @@ def main() -> None:
         help="our kernels' tiles, comma-separated: 'default' or e.g. b64_g8_w8 (b: rows a forward "
         "tile, g: a backward one, c: channels a tile, r: rows a backward program, w: warps, s: "
         "tiles in the backward's ring; t1: both passes a row at a time, p runs of q rows and h "
-        "channels a program, n stages: e.g. t1_p4_q64_h512_n3)",
+        "channels a program, n stages, f rows asked of the L2 ahead: e.g. t1_p4_q64_h512_f16)",
     )
     parser.add_argument("--json", type=Path)
     run(parser.parse_args())

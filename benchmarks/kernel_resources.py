@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from toolkit.model import (  # noqa: E402
-    conv_kernel,  # noqa: E402
+    conv_kernel,
     ssd_chunk_grad_kernel,
     ssd_scan_kernel,
     ssd_state_grad_kernel,
@@ -37,8 +37,9 @@ from toolkit.model import (  # noqa: E402
 
 # pointer arguments in fp32 (the rest of the pointers are bf16); every other argument that is
 # not a constexpr is an int32 (lengths, strides)
-FP32 = {"weight", "bias", "dw_part", "db_part", "ring", "dt_soft", "dA_sums", "ddA_last", "A", "dt_bias", "D", "ddt", "dA_part",
-        "dD_part", "dbias_part", "dt_out", "dA_out", "dt", "dA_rows", "dA_within"}  # fmt: skip
+FP32 = {"weight", "bias", "dw_part", "db_part", "ring", "dt_soft", "dA_sums", "ddA_last", "A",
+        "dt_bias", "D", "ddt", "dA_part", "dD_part", "dbias_part", "dt_out", "dA_out", "dt",
+        "dA_rows", "dA_within"}  # fmt: skip
 BF16 = {"x", "dy", "B", "C", "dB", "dC", "dstates", "dx", "y", "states_out", "states", "out",
         "dout"}  # fmt: skip
 SHAPES = {"800m": 4, "8b": 16}  # heads per group
@@ -141,6 +142,16 @@ def resources(fn, constants: dict, dtypes: dict, warps: int, stages: int, maxnre
             f"{compiled.metadata.shared:>6} shared bytes")  # fmt: skip
 
 
+def report(name: str, fn, constants: dict, dtypes: dict, warps: int, stages: int,
+           maxnreg=None) -> None:  # fmt: skip
+    """Print one kernel's resources at one setting; one that does not compile says so."""
+    try:
+        said = resources(fn, constants, dtypes, warps, stages, maxnreg)
+    except Exception as e:  # noqa: BLE001 - one that does not compile: say, go on
+        said = f"does not compile: {type(e).__name__}: {str(e)[:160]}"
+    print(f"{name:36} w{warps} s{stages}: {said}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="800m")
@@ -164,12 +175,8 @@ def main() -> None:
     options = parser.parse_args()
     if options.conv:
         for variant in conv_benchmark.variant_list(options.conv):
-            for name, (fn, constants, dtypes, warps, stages) in conv_kernels(variant).items():
-                try:
-                    said = resources(fn, constants, dtypes, warps, stages, options.maxnreg)
-                except Exception as e:  # noqa: BLE001 - one that does not compile: say, go on
-                    said = f"does not compile: {type(e).__name__}: {str(e)[:160]}"
-                print(f"{name:36} w{warps} s{stages}: {said}", flush=True)
+            for name, kernel in conv_kernels(variant).items():
+                report(name, *kernel, options.maxnreg)
         return
     if options.block_m:
         ssd_chunk_grad_kernel.BLOCK_M = options.block_m
@@ -180,11 +187,7 @@ def main() -> None:
             continue
         for warps in map(int, options.warps.split(",")):
             for stages in map(int, options.stages.split(",")):
-                try:
-                    said = resources(fn, constants, dtypes, warps, stages, options.maxnreg)
-                except Exception as e:  # noqa: BLE001 - one that does not compile: say, go on
-                    said = f"does not compile: {type(e).__name__}: {str(e)[:160]}"
-                print(f"{name:24} w{warps} s{stages}: {said}", flush=True)
+                report(name, fn, constants, dtypes, warps, stages, options.maxnreg)
 
 
 if __name__ == "__main__":
