@@ -7,6 +7,7 @@ written), and the largest differences between the two.
 
     python3 benchmarks/conv_kernel.py [--recipe recipes/800m_hybrid.toml] [--batch 8]
         [--seq 4096] [--repeats 20] [--variants default,b64_w8] [--json OUT]
+    python3 benchmarks/conv_kernel.py --best OUT   # its fastest variant, if it beat causal-conv1d's
 
 Needs CUDA and causal-conv1d for the comparison; on a CPU only ours runs, under Triton's
 interpreter when TRITON_INTERPRET=1 (a check that the script runs, no timing worth reading).
@@ -14,7 +15,7 @@ interpreter when TRITON_INTERPRET=1 (a check that the script runs, no timing wor
 
 import argparse
 import functools
-import re
+import json
 import sys
 from pathlib import Path
 
@@ -42,22 +43,14 @@ def passes(backend: str):
     return functools.partial(conv_forward, backend=backend), backward
 
 
-TILE_KEYS = {"b": "BLOCK_ROWS", "g": "BACKWARD_BLOCK_ROWS", "c": "BLOCK_CHANNELS",
-             "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS", "s": "RING_SLOTS", "t": "STREAM",
-             "q": "STREAM_ROWS", "h": "STREAM_CHANNELS", "n": "STREAM_STAGES",
-             "p": "STREAM_SEGMENTS", "f": "STREAM_PREFETCH"}  # fmt: skip
-
-
-def tile_values(variant: str) -> dict[str, int]:
-    """'t1_p4_q64' -> {conv_kernel global: value} (with_tiles' tokens)."""
-    return {TILE_KEYS[part[0]]: int(part[1:]) for part in variant.split("_")}
+TILE_KEYS, tile_values = conv_kernel.TILE_KEYS, conv_kernel.tile_values
 
 
 def with_tiles(variant: str, fn):
     """fn with conv_kernel's tile globals set from `variant`: 'default', or e.g. 'b64_g8_w8'
     (b: rows a forward tile, g: a backward one, c: channels a tile, r: rows a backward program,
-    w: warps, s: tiles in the backward's ring; t1: the kernels a row at a time, with p runs of
-    q rows and h channels a program, n stages, f rows prefetched into L2 ahead)."""
+    w: warps, s: tiles in the backward's ring; t1: the kernels a row at a time, t2 the backward
+    alone, with p runs of q rows and h channels a program, n stages, f rows prefetched into L2 ahead)."""
     if variant == "default":
         return fn
     values = tile_values(variant)
@@ -76,12 +69,24 @@ def with_tiles(variant: str, fn):
 
 
 def variant_list(text: str) -> list[str]:
-    token = f"[{''.join(TILE_KEYS)}]\\d+"
     variants = [v for v in text.split(",") if v]
     for v in variants:
-        if v != "default" and not re.fullmatch(rf"{token}(_{token})*", v):
-            raise argparse.ArgumentTypeError(f"'default' or e.g. b64_c128_r512_w8, got {v!r}")
+        if v != "default":
+            try:
+                tile_values(v)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
     return variants
+
+
+def best_variant(result: dict) -> str | None:
+    """The variant of a run's JSON whose layer (2 forwards and a backward) was fastest, if it
+    beat causal-conv1d's; else None."""
+    ours = {n.removeprefix("triton_"): ms["layer"] for n, ms in result["ms"].items()
+            if n.startswith("triton_")}  # fmt: skip
+    best = min(ours, key=ours.get)
+    reference = result["ms"].get("causal_conv1d", {}).get("layer", float("inf"))
+    return best if ours[best] < reference else None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -150,11 +155,26 @@ def main() -> None:
         default=["default"],
         help="our kernels' tiles, comma-separated: 'default' or e.g. b64_g8_w8 (b: rows a forward "
         "tile, g: a backward one, c: channels a tile, r: rows a backward program, w: warps, s: "
-        "tiles in the backward's ring; t1: both passes a row at a time, p runs of q rows and h "
-        "channels a program, n stages, f rows asked of the L2 ahead: e.g. t1_p4_q64_h512_f16)",
+        "tiles in the backward's ring; t1: both passes a row at a time, t2 the backward alone, "
+        "p runs of q rows and h channels a program, n stages, f rows asked of the L2 ahead: e.g. t1_p4_q64_h512_f16)",
     )
     parser.add_argument("--json", type=Path)
-    run(parser.parse_args())
+    parser.add_argument(
+        "--best",
+        type=Path,
+        metavar="JSON",
+        help="print the fastest variant of an earlier run's JSON if it beat causal-conv1d's "
+        "(for TOOLKIT_CONV_TILES), nothing otherwise; runs nothing",
+    )
+    args = parser.parse_args()
+    if args.best:
+        best = best_variant(json.loads(args.best.read_text()))
+        if best is None:
+            print(f"{args.best}: none of our variants beat causal-conv1d's", file=sys.stderr)
+        else:
+            print(best)
+        return
+    run(args)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,9 @@ run conv_kernel 120 python3 benchmarks/conv_kernel.py --json "$W/conv_kernel.jso
 STREAM_VARIANTS=t1_h512,t1_p2_q128_h512,t1_p4_q64_h256,t1_p4_q64_h512_w8,t1_h512_f8
 STREAM_VARIANTS+=,t1_h512_f16,t1_h512_f32,t1_h256_f16,t1_h256_f32,t1_h1024_w8_f16
 STREAM_VARIANTS+=,t1_p2_q128_h512_f16,t1_p4_q64_h256_f16,t1_h512_f16_n1
+# t2: the backward alone a row at a time, the tiled forward (as fast as causal-conv1d's; the
+# fused op runs it twice a layer, its backward once).
+STREAM_VARIANTS+=,t2_h512,t2_h512_f8,t2_h512_f16,t2_h512_f32,t2_h256_f16,t2_h1024_w8_f16
 run conv_stream 200 python3 benchmarks/conv_kernel.py --json "$W/conv_stream.json" \
   --variants "default,$STREAM_VARIANTS"
 run conv_stream_mbs4 200 python3 benchmarks/conv_kernel.py --batch 4 \
@@ -370,6 +373,19 @@ tp lever_fastest_no_recompute_autotune 600 8 "${FASTEST_KEPT[@]}" "${AUTOTUNE[@]
 # conv_stream sweep above) in place of causal-conv1d's, against lever_fastest_no_recompute(...).
 TOOLKIT_CONV_STREAM=1 tp_sizes 300 lever_fastest_no_recompute_conv_stream \
   --set 'model.mamba_conv_backend="triton"'
+# The conv sweep's fastest variant (conv_stream_mbs4's, else conv_stream's) in whole steps, if
+# it beat causal-conv1d's (TOOLKIT_CONV_TILES; none if neither sweep ran in this call).
+BEST_CONV=
+for sweep in conv_stream_mbs4 conv_stream; do
+  if [ -z "$BEST_CONV" ] && [ -e "$W/$sweep.json" ]; then
+    BEST_CONV=$(python3 benchmarks/conv_kernel.py --best "$W/$sweep.json" 2>> "$W/conv_best.txt")
+    echo "$sweep's best: ${BEST_CONV:-none}" | tee -a "$W/conv_best.txt"
+  fi
+done
+if [ -n "$BEST_CONV" ]; then
+  TOOLKIT_CONV_TILES=$BEST_CONV tp_sizes 300 lever_fastest_no_recompute_conv_best \
+    --set 'model.mamba_conv_backend="triton"'
+fi
 # Only Inductor's own kernels tuned (train.compile_mode="coordinate-descent-tuning": block sizes
 # and warps of the GELU, norm and residual-add kernels, ~13% of a micro-batch-4 step at ~2.5 TB/s
 # in the 2026-12-07 night profile; 1.022x for FP8 at the 8B's widths, 1.000x for bf16 there),
@@ -557,7 +573,7 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
                 best = min(r["sweep"].items(), key=lambda kv: kv[1][k])
                 print(f"  fastest {k}: {best[0]} {best[1][k]:.3f} ms")
     elif p.stem.startswith(("conv_kernel", "conv_stream")):
-        print("conv_kernel (ms: forward / backward / a layer):", "; ".join(
+        print(f"{p.stem} (ms: forward / backward / a layer):", "; ".join(
             f"{k} {v['forward']:.3f} / {v['backward']:.3f} / {v['layer']:.3f}"
             for k, v in r["ms"].items()))
     elif p.stem.startswith("attention_backends"):

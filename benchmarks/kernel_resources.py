@@ -83,27 +83,30 @@ def conv_kernels(variant: str) -> dict:
     """The causal conv's forward and backward kernels (toolkit/model/conv_kernel.py) at one of
     benchmarks/conv_kernel.py's variants ('default' or e.g. 't1_p4_q64_h512_w8'), width 4 with
     a bias: name -> (jit function, constants, dtype overrides, warps, stages)."""
-    settings = {k: getattr(conv_kernel, k) for k in conv_benchmark.TILE_KEYS.values()}
+    settings = {k: getattr(conv_kernel, k) for k in conv_kernel.TILE_KEYS.values()}
     if variant != "default":
-        settings.update(conv_benchmark.tile_values(variant))
+        settings.update(conv_kernel.tile_values(variant))
     width = {"K": 4, "HAS_BIAS": True}
     channels = {"C": "i32"}  # the channel count (the SSD kernels' C is a pointer)
     warps = settings["NUM_WARPS"]
-    if settings["STREAM"]:
-        run = {"ROWS": settings["STREAM_ROWS"], "SEGMENTS": settings["STREAM_SEGMENTS"],
-               "BC": settings["STREAM_CHANNELS"], "PREFETCH": settings["STREAM_PREFETCH"], **width}  # fmt: skip
-        stages = settings["STREAM_STAGES"]
-        return {f"conv_fwd {variant}": (conv_kernel._conv_silu_fwd_stream_kernel, run, channels,
-                                        warps, stages),
-                f"conv_bwd {variant}": (conv_kernel._conv_silu_bwd_stream_kernel, run, channels,
-                                        warps, stages)}  # fmt: skip
+    run = {"ROWS": settings["STREAM_ROWS"], "SEGMENTS": settings["STREAM_SEGMENTS"],
+           "BC": settings["STREAM_CHANNELS"], "PREFETCH": settings["STREAM_PREFETCH"], **width}  # fmt: skip
+    stream = (run, channels, warps, settings["STREAM_STAGES"])
     tile = {"BC": settings["BLOCK_CHANNELS"], **width}
-    return {f"conv_fwd {variant}": (conv_kernel._conv_silu_fwd_kernel,
-                                    {"BL": settings["BLOCK_ROWS"], **tile}, channels, warps, 3),
-            f"conv_bwd {variant}": (conv_kernel._conv_silu_bwd_kernel,
-                                    {"BL": settings["BACKWARD_BLOCK_ROWS"],
-                                     "ROWS": settings["ROWS_PER_PROGRAM"],
-                                     "SLOTS": settings["RING_SLOTS"], **tile}, channels, warps, 3)}  # fmt: skip
+    forward = (
+        (conv_kernel._conv_silu_fwd_stream_kernel, *stream)
+        if settings["STREAM"] == 1
+        else (conv_kernel._conv_silu_fwd_kernel, {"BL": settings["BLOCK_ROWS"], **tile},
+              channels, warps, 3)
+    )  # fmt: skip
+    backward = (
+        (conv_kernel._conv_silu_bwd_stream_kernel, *stream)
+        if settings["STREAM"]
+        else (conv_kernel._conv_silu_bwd_kernel,
+              {"BL": settings["BACKWARD_BLOCK_ROWS"], "ROWS": settings["ROWS_PER_PROGRAM"],
+               "SLOTS": settings["RING_SLOTS"], **tile}, channels, warps, 3)
+    )  # fmt: skip
+    return {f"conv_fwd {variant}": forward, f"conv_bwd {variant}": backward}
 
 
 def cuobjdump(fn, constants: dict, dtypes: dict, warps: int, stages: int, flag: str,

@@ -6,6 +6,9 @@ kernels, which CPUs lack, are stood in for by torch functions with their contrac
 written into the gradient views they are given); on a GPU against causal-conv1d and mamba-ssm's
 own fused op."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -336,6 +339,75 @@ def test_the_stream_kernels_refuse_settings_they_cannot_run(monkeypatch):
         ck.conv_silu_backward(x, w, None, torch.randn_like(x))
 
 
+def test_stream_2_runs_the_backward_alone_a_row_at_a_time(monkeypatch):
+    """STREAM=2: the tiled forward (as fast as causal-conv1d's) and the stream backward; 1 both
+    a row at a time, 0 neither; any other value refused by name. The launches are recorded,
+    not run (the cases above check each kernel's numbers)."""
+    pytest.importorskip("triton")
+    import toolkit.model.conv_kernel as ck
+
+    launched = []
+
+    class Launch(Exception):
+        pass
+
+    def recorder(name):
+        def launch(*args, **kwargs):
+            launched.append(name)
+            raise Launch
+
+        return type(name, (), {"__getitem__": lambda self, grid: launch})()
+
+    for name in ("fwd", "fwd_stream", "bwd", "bwd_stream"):
+        monkeypatch.setattr(ck, f"_conv_silu_{name}_kernel", recorder(name))
+    x, w = torch.randn(1, 16, 64), torch.randn(64, 4)
+    for stream, want in ((0, ["fwd", "bwd"]), (1, ["fwd_stream", "bwd_stream"]),
+                         (2, ["fwd", "bwd_stream"])):  # fmt: skip
+        monkeypatch.setattr(ck, "STREAM", stream)
+        launched.clear()
+        with pytest.raises(Launch):
+            ck.conv_silu_forward(x, w, None)
+        with pytest.raises(Launch):
+            ck.conv_silu_backward(x, w, None, torch.randn_like(x))
+        assert launched == want, stream
+    monkeypatch.setattr(ck, "STREAM", 3)
+    with pytest.raises(ValueError, match="STREAM must be 0, 1 or 2, got 3"):
+        ck.conv_silu_forward(x, w, None)
+
+
+def test_tiles_are_set_by_tokens_and_the_environment():
+    """TOOLKIT_CONV_TILES sets the globals in a process (as a sweep's best is run in whole
+    steps); a token it cannot read is refused by name, at import for the variable."""
+    pytest.importorskip("triton")
+    from toolkit.model.conv_kernel import tile_values
+
+    assert tile_values("t2_h512_f16") == {"STREAM": 2, "STREAM_CHANNELS": 512,
+                                          "STREAM_PREFETCH": 16}  # fmt: skip
+    with pytest.raises(ValueError, match="'x4' is not one of"):
+        tile_values("t2_x4")
+    show = "import toolkit.model.conv_kernel as ck; print(ck.STREAM, ck.STREAM_CHANNELS, 'ok')"
+    in_subprocess(show, "2 1024 ok", TOOLKIT_CONV_TILES="t2_h1024")
+    with pytest.raises(AssertionError, match="TOOLKIT_CONV_TILES: conv tiles 'h'"):
+        in_subprocess(show, "ok", TOOLKIT_CONV_TILES="h")
+
+
+def test_the_sweeps_best_is_named_only_if_it_beat_causal_conv1d(tmp_path, monkeypatch):
+    bench = load_benchmark("conv_kernel", monkeypatch)
+    ms = {"triton_default": {"layer": 0.84}, "triton_t2_h512_f16": {"layer": 0.60},
+          "triton_t1_h512": {"layer": 0.79}, "causal_conv1d": {"layer": 0.64}}  # fmt: skip
+    assert bench.best_variant({"ms": ms}) == "t2_h512_f16"
+    assert bench.best_variant({"ms": ms | {"causal_conv1d": {"layer": 0.5}}}) is None
+    assert bench.best_variant({"ms": {"triton_t1_h512": {"layer": 0.79}}}) == "t1_h512"  # no GPU
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"ms": ms}))
+    script = [sys.executable, str(ROOT / "benchmarks/conv_kernel.py"), "--best", str(path)]
+    out = subprocess.run(script, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout == "t2_h512_f16\n", out.stderr
+    path.write_text(json.dumps({"ms": ms | {"causal_conv1d": {"layer": 0.5}}}))
+    out = subprocess.run(script, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout == "" and "none of our" in out.stderr, out.stderr
+
+
 def test_stream_kernels_ask_the_l2_ahead_only_with_prefetch(monkeypatch):
     """Compiled for sm_90 here (benchmarks/kernel_resources.py, no GPU needed): with
     STREAM_PREFETCH both stream kernels' loops hold an L2 prefetch (SASS CCTL...PF2, from PTX
@@ -345,14 +417,15 @@ def test_stream_kernels_ask_the_l2_ahead_only_with_prefetch(monkeypatch):
     if not (Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump").exists():
         pytest.skip("Triton without its CUDA tools")
     resources = load_benchmark("kernel_resources", monkeypatch)
-    for variant, want in (("t1_h256", 0), ("t1_h256_f16", 1)):
+    # (forward's, backward's): t2 runs the tiled forward, which asks for nothing ahead
+    for variant, want in (("t1_h256", (0, 0)), ("t1_h256_f16", (1, 2)), ("t2_h256_f16", (0, 2))):
         kernels = resources.conv_kernels(variant)
         assert len(kernels) == 2
         for name, (fn, constants, dtypes, warps, stages) in kernels.items():
             _, sass = resources.cuobjdump(fn, constants, dtypes, warps, stages, "-sass")
             assert "LDG" in sass, name
             prefetches = [line for line in sass.splitlines() if "PF2" in line]
-            assert len(prefetches) == want * (2 if "bwd" in name else 1), (name, prefetches)
+            assert len(prefetches) == want["bwd" in name], (name, prefetches)
 
 
 def test_the_backend_and_recompute_are_recipe_keys():

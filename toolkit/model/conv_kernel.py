@@ -20,9 +20,13 @@ next row's are issued (Triton pipelines only loads that feed a dot), so the byte
 a row's a program (causal-conv1d's backward moves its bytes at ~1.3 TB/s, a third of the
 HBM's, and so did this one). A program walks STREAM_SEGMENTS runs of rows side by side, the
 rows of one tile, and can ask the L2 for its rows STREAM_PREFETCH rows ahead of its loads.
+
+The globals below choose the kernels and their tiles; benchmarks/conv_kernel.py sweeps them by
+TILE_KEYS' tokens, and TOOLKIT_CONV_TILES (e.g. "t2_h512_f16") sets them in a process.
 """
 
 import os
+import re
 
 import torch
 
@@ -339,10 +343,10 @@ BACKWARD_BLOCK_ROWS = 16
 # Tiles in the backward's ring: 2 (measured), or 3 (one barrier a tile instead of two; not yet
 # measured on a GPU: benchmarks/conv_kernel.py --variants s3).
 RING_SLOTS = 2
-# STREAM (TOOLKIT_CONV_STREAM=1): both passes a row at a time (the _stream kernels:
-# STREAM_ROWS rows of STREAM_CHANNELS channels a program, the loads of the next rows in flight
-# over STREAM_STAGES stages), in place of the tiles above; not yet measured on a GPU
-# (benchmarks/conv_kernel.py --variants t1...).
+# STREAM (TOOLKIT_CONV_STREAM): 1 both passes a row at a time (the _stream kernels: STREAM_ROWS
+# rows of STREAM_CHANNELS channels a program, the loads of the next rows in flight over
+# STREAM_STAGES stages) in place of the tiles above, 2 the backward alone (the tiled forward
+# was as fast as causal-conv1d's, the stream one 1.5x slower: RESULTS.md 2026-12-07 late night).
 STREAM = int(os.environ.get("TOOLKIT_CONV_STREAM", "0"))
 STREAM_ROWS, STREAM_CHANNELS, STREAM_STAGES = 256, 512, 3  # the fastest of one run
 # Runs of STREAM_ROWS rows a program, walked side by side as the rows of one [runs, channels]
@@ -356,12 +360,41 @@ STREAM_SEGMENTS = 1
 # them into the carried registers): a program had one row in flight, a few KB an SM.
 STREAM_PREFETCH = 0
 
+# One letter a global, followed by its value, '_' between: "t2_h512_f16" is STREAM=2,
+# STREAM_CHANNELS=512, STREAM_PREFETCH=16.
+TILE_KEYS = {"b": "BLOCK_ROWS", "g": "BACKWARD_BLOCK_ROWS", "c": "BLOCK_CHANNELS",
+             "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS", "s": "RING_SLOTS", "t": "STREAM",
+             "q": "STREAM_ROWS", "h": "STREAM_CHANNELS", "n": "STREAM_STAGES",
+             "p": "STREAM_SEGMENTS", "f": "STREAM_PREFETCH"}  # fmt: skip
+
+
+def tile_values(tiles: str) -> dict[str, int]:
+    """'t1_p4_q64' -> {global: value} by TILE_KEYS; ValueError naming a token it cannot read."""
+    values = {}
+    for token in tiles.split("_"):
+        if not re.fullmatch(rf"[{''.join(TILE_KEYS)}]\d+", token):
+            raise ValueError(
+                f"conv tiles {tiles!r}: {token!r} is not one of {sorted(TILE_KEYS)} followed by "
+                f"a number (e.g. t2_h512_f16)"
+            )
+        values[TILE_KEYS[token[0]]] = int(token[1:])
+    return values
+
+
+if os.environ.get("TOOLKIT_CONV_TILES"):
+    try:
+        globals().update(tile_values(os.environ["TOOLKIT_CONV_TILES"]))
+    except ValueError as e:
+        raise ValueError(f"TOOLKIT_CONV_TILES: {e}") from None
+
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() != 3 or x.stride(2) != 1:
         raise ValueError(f"x must be [b, l, c] with adjacent channels, got {tuple(x.stride())}")
     if weight.dim() != 2 or weight.size(0) != x.size(2) or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [c, k], got {tuple(weight.shape)}")
+    if STREAM not in (0, 1, 2):
+        raise ValueError(f"conv_kernel.STREAM must be 0, 1 or 2, got {STREAM}")
 
 
 def conv_silu_forward(
@@ -373,7 +406,7 @@ def conv_silu_forward(
     _check(x, weight)
     b, L, C = x.shape
     out = torch.empty(b, L, C, dtype=x.dtype, device=x.device)
-    if STREAM:
+    if STREAM == 1:
         _check_stream()
         grid = (triton.cdiv(L, STREAM_ROWS * STREAM_SEGMENTS), triton.cdiv(C, STREAM_CHANNELS), b)
         _conv_silu_fwd_stream_kernel[grid](
