@@ -50,7 +50,7 @@ def with_tiles(variant: str, fn):
     """fn with conv_kernel's tile globals set from `variant`: 'default', or e.g. 'b64_g8_w8'
     (b: rows a forward tile, g: a backward one, c: channels a tile, r: rows a backward program,
     w: warps, s: tiles in the backward's ring; t1: the kernels a row at a time, t2 the backward
-    alone, with p runs of q rows and h channels a program, n stages, f rows prefetched into L2 ahead)."""
+    alone, with p runs of q rows and h channels a program, n stages)."""
     if variant == "default":
         return fn
     values = tile_values(variant)
@@ -156,7 +156,7 @@ def main() -> None:
         help="our kernels' tiles, comma-separated: 'default' or e.g. b64_g8_w8 (b: rows a forward "
         "tile, g: a backward one, c: channels a tile, r: rows a backward program, w: warps, s: "
         "tiles in the backward's ring; t1: both passes a row at a time, t2 the backward alone, "
-        "p runs of q rows and h channels a program, n stages, f rows asked of the L2 ahead: e.g. t1_p4_q64_h512_f16)",
+        "p runs of q rows and h channels a program, n stages: e.g. t2_p4_q64_h512)",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument(

@@ -90,7 +90,7 @@ def conv_kernels(variant: str) -> dict:
     channels = {"C": "i32"}  # the channel count (the SSD kernels' C is a pointer)
     warps = settings["NUM_WARPS"]
     run = {"ROWS": settings["STREAM_ROWS"], "SEGMENTS": settings["STREAM_SEGMENTS"],
-           "BC": settings["STREAM_CHANNELS"], "PREFETCH": settings["STREAM_PREFETCH"], **width}  # fmt: skip
+           "BC": settings["STREAM_CHANNELS"], **width}  # fmt: skip
     stream = (run, channels, warps, settings["STREAM_STAGES"])
     tile = {"BC": settings["BLOCK_CHANNELS"], **width}
     forward = (

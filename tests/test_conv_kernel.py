@@ -46,18 +46,17 @@ cases += [(torch.float32, 2e-5, k, True, (48, 16, 4, 3), 100, 300) for k in (4, 
 # A sequence whose rows pass 2^31 elements (the offsets in 64 bits); its pages are touched at
 # 16 channels a row only.
 cases += [(torch.bfloat16, 2e-2, 4, True, (512, 32, 16), 2100, 2**20)]
-# The kernels a row at a time (STREAM): several programs a sequence, one ending past it (with
-# 4 runs of rows a program: a run partly and one wholly past it), and channels in blocks of 64
-# (the last partial); widths 4 and 2, fp32 and bf16; on a GPU with rows asked of the L2 ahead,
-# past the sequence's end and its last channels too (a hint: the same numbers).
-cases += [(torch.float32, 2e-5, 4, True, ("stream", 8, 64, 4, 0), 50, 300),
-          (torch.bfloat16, 2e-2, 2, False, ("stream", 24, 64, 1, 0), 60, 300),
-          (torch.bfloat16, 2e-2, 4, True, ("stream", 16, 64, 2, 20), 60, 300)]
+# The kernels a row at a time (STREAM 1, and 2: the backward alone beside the tiled forward):
+# several programs a sequence, one ending past it (with 4 runs of rows a program: a run partly
+# and one wholly past it), and channels in blocks of 64 (the last partial); widths 4 and 2,
+# fp32 and bf16.
+cases += [(torch.float32, 2e-5, 4, True, (1, 8, 64, 4), 50, 300),
+          (torch.bfloat16, 2e-2, 2, False, (1, 24, 64, 1), 60, 300),
+          (torch.bfloat16, 2e-2, 4, True, (2, 16, 64, 2), 60, 300)]
 for dtype, tol, k, bias, (rows, block, backward_block, *slots), L, width in cases:
-    ck.STREAM = rows == "stream"
+    ck.STREAM = rows if rows in (1, 2) else 0  # else rows is ROWS_PER_PROGRAM
     if ck.STREAM:
-        ck.STREAM_ROWS, ck.STREAM_CHANNELS = block, backward_block
-        ck.STREAM_SEGMENTS, ck.STREAM_PREFETCH = slots
+        ck.STREAM_ROWS, ck.STREAM_CHANNELS, ck.STREAM_SEGMENTS = block, backward_block, slots[0]
     else:
         ck.ROWS_PER_PROGRAM, ck.BLOCK_ROWS, ck.BACKWARD_BLOCK_ROWS = rows, block, backward_block
         ck.RING_SLOTS = slots[0] if slots else 2
@@ -330,13 +329,6 @@ def test_the_stream_kernels_refuse_settings_they_cannot_run(monkeypatch):
                 ck.conv_silu_forward(x, w, None)
             with pytest.raises(ValueError, match=name):
                 ck.conv_silu_backward(x, w, None, torch.randn_like(x))
-    monkeypatch.setattr(ck, "STREAM_PREFETCH", -1)
-    with pytest.raises(ValueError, match="STREAM_PREFETCH must be >= 0, got -1"):
-        ck.conv_silu_forward(x, w, None)
-    monkeypatch.setattr(ck, "STREAM_PREFETCH", 8)
-    monkeypatch.setattr(ck, "STREAM_CHANNELS", 32)
-    with pytest.raises(ValueError, match="STREAM_CHANNELS must be at least 64 with STREAM_PREF"):
-        ck.conv_silu_backward(x, w, None, torch.randn_like(x))
 
 
 def test_stream_2_runs_the_backward_alone_a_row_at_a_time(monkeypatch):
@@ -381,10 +373,9 @@ def test_tiles_are_set_by_tokens_and_the_environment():
     pytest.importorskip("triton")
     from toolkit.model.conv_kernel import tile_values
 
-    assert tile_values("t2_h512_f16") == {"STREAM": 2, "STREAM_CHANNELS": 512,
-                                          "STREAM_PREFETCH": 16}  # fmt: skip
-    with pytest.raises(ValueError, match="'x4' is not one of"):
-        tile_values("t2_x4")
+    assert tile_values("t2_h512_w8") == {"STREAM": 2, "STREAM_CHANNELS": 512, "NUM_WARPS": 8}
+    with pytest.raises(ValueError, match="'f16' is not one of"):
+        tile_values("t2_f16")
     show = "import toolkit.model.conv_kernel as ck; print(ck.STREAM, ck.STREAM_CHANNELS, 'ok')"
     in_subprocess(show, "2 1024 ok", TOOLKIT_CONV_TILES="t2_h1024")
     with pytest.raises(AssertionError, match="TOOLKIT_CONV_TILES: conv tiles 'h'"):
@@ -393,39 +384,43 @@ def test_tiles_are_set_by_tokens_and_the_environment():
 
 def test_the_sweeps_best_is_named_only_if_it_beat_causal_conv1d(tmp_path, monkeypatch):
     bench = load_benchmark("conv_kernel", monkeypatch)
-    ms = {"triton_default": {"layer": 0.84}, "triton_t2_h512_f16": {"layer": 0.60},
+    ms = {"triton_default": {"layer": 0.84}, "triton_t2_h512_w8": {"layer": 0.60},
           "triton_t1_h512": {"layer": 0.79}, "causal_conv1d": {"layer": 0.64}}  # fmt: skip
-    assert bench.best_variant({"ms": ms}) == "t2_h512_f16"
+    assert bench.best_variant({"ms": ms}) == "t2_h512_w8"
     assert bench.best_variant({"ms": ms | {"causal_conv1d": {"layer": 0.5}}}) is None
     assert bench.best_variant({"ms": {"triton_t1_h512": {"layer": 0.79}}}) == "t1_h512"  # no GPU
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps({"ms": ms}))
     script = [sys.executable, str(ROOT / "benchmarks/conv_kernel.py"), "--best", str(path)]
     out = subprocess.run(script, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 0 and out.stdout == "t2_h512_f16\n", out.stderr
+    assert out.returncode == 0 and out.stdout == "t2_h512_w8\n", out.stderr
     path.write_text(json.dumps({"ms": ms | {"causal_conv1d": {"layer": 0.5}}}))
     out = subprocess.run(script, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout == "" and "none of our" in out.stderr, out.stderr
 
 
-def test_stream_kernels_ask_the_l2_ahead_only_with_prefetch(monkeypatch):
-    """Compiled for sm_90 here (benchmarks/kernel_resources.py, no GPU needed): with
-    STREAM_PREFETCH both stream kernels' loops hold an L2 prefetch (SASS CCTL...PF2, from PTX
-    prefetch.global.L2), without it none; Triton's interpreter runs no PTX, so this and the GPU
-    run of the cases above are its tests."""
+def test_kernel_resources_compiles_the_kernels_each_setting_runs(monkeypatch):
+    """benchmarks/kernel_resources.py --conv names the kernels conv_silu_forward and
+    conv_silu_backward launch at a variant (t2: the tiled forward, the stream backward), with
+    the variant's tiles; compiled for sm_90 here where Triton has its CUDA tools."""
     triton = pytest.importorskip("triton")
+    import toolkit.model.conv_kernel as ck
+
+    resources = load_benchmark("kernel_resources", monkeypatch)
+    for variant, forward, backward in (
+        ("default", ck._conv_silu_fwd_kernel, ck._conv_silu_bwd_kernel),
+        ("t1_h256", ck._conv_silu_fwd_stream_kernel, ck._conv_silu_bwd_stream_kernel),
+        ("t2_h256", ck._conv_silu_fwd_kernel, ck._conv_silu_bwd_stream_kernel),
+    ):
+        kernels = resources.conv_kernels(variant)
+        assert [fn for fn, *_ in kernels.values()] == [forward, backward], variant
+    (_, tile, *_), (_, run, *_) = resources.conv_kernels("t2_h256_b64").values()
+    assert run["BC"] == 256 and tile["BL"] == 64
     if not (Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump").exists():
         pytest.skip("Triton without its CUDA tools")
-    resources = load_benchmark("kernel_resources", monkeypatch)
-    # (forward's, backward's): t2 runs the tiled forward, which asks for nothing ahead
-    for variant, want in (("t1_h256", (0, 0)), ("t1_h256_f16", (1, 2)), ("t2_h256_f16", (0, 2))):
-        kernels = resources.conv_kernels(variant)
-        assert len(kernels) == 2
-        for name, (fn, constants, dtypes, warps, stages) in kernels.items():
-            _, sass = resources.cuobjdump(fn, constants, dtypes, warps, stages, "-sass")
-            assert "LDG" in sass, name
-            prefetches = [line for line in sass.splitlines() if "PF2" in line]
-            assert len(prefetches) == want["bwd" in name], (name, prefetches)
+    for fn, constants, dtypes, warps, stages in kernels.values():
+        _, sass = resources.cuobjdump(fn, constants, dtypes, warps, stages, "-sass")
+        assert "LDG" in sass, fn
 
 
 def test_the_backend_and_recompute_are_recipe_keys():

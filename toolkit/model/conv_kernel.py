@@ -19,10 +19,10 @@ the next: no ring, no barrier. Compiled, a program still waits on each row's loa
 next row's are issued (Triton pipelines only loads that feed a dot), so the bytes in flight are
 a row's a program (causal-conv1d's backward moves its bytes at ~1.3 TB/s, a third of the
 HBM's, and so did this one). A program walks STREAM_SEGMENTS runs of rows side by side, the
-rows of one tile, and can ask the L2 for its rows STREAM_PREFETCH rows ahead of its loads.
+rows of one tile.
 
 The globals below choose the kernels and their tiles; benchmarks/conv_kernel.py sweeps them by
-TILE_KEYS' tokens, and TOOLKIT_CONV_TILES (e.g. "t2_h512_f16") sets them in a process.
+TILE_KEYS' tokens, and TOOLKIT_CONV_TILES (e.g. "t2_h512_w8") sets them in a process.
 """
 
 import os
@@ -221,19 +221,6 @@ if triton_imports():
         return tl.load(at, mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _prefetch_rows(base, rows, stride_l, first_col, C, L, BC: tl.constexpr):
-        """Ask the L2 for rows `rows` [S] of a sequence at `base` over BC channels from
-        `first_col`, one address a 128-byte line (PTX prefetch.global.L2): a hint that holds
-        no register and that no instruction waits on, unlike a load. Rows and channels past
-        the ends are clamped to the last (an address within the tensor)."""
-        per_line: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth
-        lines = tl.minimum(first_col + tl.arange(0, BC // per_line) * per_line, C - 1)
-        rows = tl.minimum(rows, L - 1)
-        at = base + rows.to(tl.int64)[:, None] * stride_l + lines[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [at],
-                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-
-    @triton.jit
     def _stream_start(weight, bias, x_row, pid_l, cols, col_ok, L, sx_l, ROWS: tl.constexpr,
                       SEGMENTS: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
         """A stream program's 4 weight taps and bias as [1, BC] rows, its segments' first rows
@@ -253,10 +240,10 @@ if triton_imports():
     def _conv_silu_fwd_stream_kernel(x, weight, bias, out, L, C, sx_b, sx_l, so_b, so_l,
                                      ROWS: tl.constexpr, SEGMENTS: tl.constexpr,
                                      K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                     BC: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+                                     BC: tl.constexpr):  # fmt: skip
         """One program: SEGMENTS runs of ROWS rows of one sequence, BC channels, a row of each
         run at a time, the last 3 rows of x carried in registers (no row read twice but the 3
-        before each run); with PREFETCH, each row's x asked of the L2 that many rows ahead."""
+        before each run)."""
         pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = pid_c * BC + tl.arange(0, BC)
         col_ok = cols < C
@@ -267,8 +254,6 @@ if triton_imports():
         )
         for i in range(0, ROWS):
             rows = starts + i
-            if PREFETCH:
-                _prefetch_rows(x_row, rows + PREFETCH, sx_l, pid_c * BC, C, L, BC)
             x0 = _stream_row(x_row, rows, sx_l, cols, col_ok, L)
             a = bias_row + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
             y = a * tl.sigmoid(a)
@@ -281,15 +266,13 @@ if triton_imports():
     def _conv_silu_bwd_stream_kernel(x, weight, bias, dout, dx, dw_part, db_part, L, C, sx_b,
                                      sx_l, sd_b, sd_l, sdx_b, sdx_l, ROWS: tl.constexpr,
                                      SEGMENTS: tl.constexpr, K: tl.constexpr,
-                                     HAS_BIAS: tl.constexpr, BC: tl.constexpr,
-                                     PREFETCH: tl.constexpr):  # fmt: skip
+                                     HAS_BIAS: tl.constexpr, BC: tl.constexpr):  # fmt: skip
         """One program: SEGMENTS runs of ROWS rows of one sequence, BC channels, a row of each
         run at a time, with no barrier and no memory between rows: the last 3 rows of x and of
         g = dout silu'(a) carried in registers. Row t's g completes dx[t - 3] = w3 g[t - 3] +
         w2 g[t - 2] + w1 g[t - 1] + w0 g[t] (the ring kernel's sum); a run goes 3 rows past
         its own (g for dx only) and keeps dw[j] = sum_t g[t] x[t - 3 + j] and db = sum_t g[t]
-        per channel, summed over the runs here and over programs by torch. With PREFETCH,
-        each row's x and dout asked of the L2 that many rows ahead, as the forward's."""
+        per channel, summed over the runs here and over programs by torch."""
         pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = pid_c * BC + tl.arange(0, BC)
         col_ok = cols < C
@@ -309,9 +292,6 @@ if triton_imports():
         db = tl.zeros((SEGMENTS, BC), dtype=tl.float32)
         for i in range(0, ROWS + 3):
             rows = starts + i
-            if PREFETCH:
-                _prefetch_rows(x_row, rows + PREFETCH, sx_l, pid_c * BC, C, L, BC)
-                _prefetch_rows(d_row, rows + PREFETCH, sd_l, pid_c * BC, C, L, BC)
             x0 = _stream_row(x_row, rows, sx_l, cols, col_ok, L)
             d = _stream_row(d_row, rows, sd_l, cols, col_ok, L)
             a = bias_row + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
@@ -353,19 +333,18 @@ STREAM_ROWS, STREAM_CHANNELS, STREAM_STAGES = 256, 512, 3  # the fastest of one 
 # tile: that many rows' loads in flight a stage (one run kept only 1-2 KB a tensor in flight:
 # causal-conv1d's speed, not the HBM's, RESULTS.md 2026-12-07 late night).
 STREAM_SEGMENTS = 1
-# Rows ahead whose x (and dout) a stream program asks the L2 for (0: none). Triton's pipeliner
-# leaves these loads, which feed no dot, out of its stages (no shared memory compiled for sm_90
-# at any STREAM_STAGES: benchmarks/kernel_resources.py --conv), and carrying loaded rows from
-# one iteration to the next by hand waits on them at the loop's end (the compiled code packs
-# them into the carried registers): a program had one row in flight, a few KB an SM.
-STREAM_PREFETCH = 0
+# A program keeps about one row in flight: Triton's pipeliner leaves loads that feed no dot
+# out of its stages (no shared memory at any STREAM_STAGES: benchmarks/kernel_resources.py
+# --conv), rows carried by hand are waited on at the loop's end, and asking the L2 for rows 8,
+# 16 or 32 ahead (PTX prefetch.global.L2) made the backward slower (0.36-0.48 against 0.30
+# ms on an H100: RESULTS.md 2026-12-07 night, removed).
 
-# One letter a global, followed by its value, '_' between: "t2_h512_f16" is STREAM=2,
-# STREAM_CHANNELS=512, STREAM_PREFETCH=16.
+# One letter a global, followed by its value, '_' between: "t2_h512_w8" is STREAM=2,
+# STREAM_CHANNELS=512, NUM_WARPS=8.
 TILE_KEYS = {"b": "BLOCK_ROWS", "g": "BACKWARD_BLOCK_ROWS", "c": "BLOCK_CHANNELS",
              "r": "ROWS_PER_PROGRAM", "w": "NUM_WARPS", "s": "RING_SLOTS", "t": "STREAM",
              "q": "STREAM_ROWS", "h": "STREAM_CHANNELS", "n": "STREAM_STAGES",
-             "p": "STREAM_SEGMENTS", "f": "STREAM_PREFETCH"}  # fmt: skip
+             "p": "STREAM_SEGMENTS"}  # fmt: skip
 
 
 def tile_values(tiles: str) -> dict[str, int]:
@@ -375,7 +354,7 @@ def tile_values(tiles: str) -> dict[str, int]:
         if not re.fullmatch(rf"[{''.join(TILE_KEYS)}]\d+", token):
             raise ValueError(
                 f"conv tiles {tiles!r}: {token!r} is not one of {sorted(TILE_KEYS)} followed by "
-                f"a number (e.g. t2_h512_f16)"
+                f"a number (e.g. t2_h512_w8)"
             )
         values[TILE_KEYS[token[0]]] = int(token[1:])
     return values
@@ -413,7 +392,7 @@ def conv_silu_forward(
             x, weight, x if bias is None else bias, out, L, C, x.stride(0), x.stride(1),
             out.stride(0), out.stride(1), ROWS=STREAM_ROWS, SEGMENTS=STREAM_SEGMENTS,
             K=weight.size(1), HAS_BIAS=bias is not None, BC=STREAM_CHANNELS,
-            PREFETCH=_prefetch(x), num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
+            num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
         )  # fmt: skip
         return out
     grid = (triton.cdiv(L, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS), b)
@@ -470,8 +449,8 @@ def conv_silu_backward(
             x, weight, x if bias is None else bias, dout, dx, dw_part, db_part, L, C,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0),
             dx.stride(1), ROWS=STREAM_ROWS, SEGMENTS=STREAM_SEGMENTS, K=k,
-            HAS_BIAS=bias is not None, BC=channels, PREFETCH=_prefetch(x),
-            num_warps=NUM_WARPS, num_stages=STREAM_STAGES,
+            HAS_BIAS=bias is not None, BC=channels, num_warps=NUM_WARPS,
+            num_stages=STREAM_STAGES,
         )  # fmt: skip
         return _summed(dx, dw_part, db_part, weight, bias)
     ring = torch.empty(
@@ -489,23 +468,11 @@ def conv_silu_backward(
     return _summed(dx, dw_part, db_part, weight, bias)
 
 
-def _prefetch(x: torch.Tensor) -> int:
-    """STREAM_PREFETCH on a GPU; 0 elsewhere (Triton's interpreter runs no PTX)."""
-    return STREAM_PREFETCH if x.is_cuda else 0
-
-
 def _check_stream() -> None:
     for name in ("STREAM_SEGMENTS", "STREAM_CHANNELS"):
         value = globals()[name]
         if value < 1 or value & (value - 1):
             raise ValueError(f"conv_kernel.{name} must be a power of 2, got {value}")
-    if STREAM_PREFETCH < 0:
-        raise ValueError(f"conv_kernel.STREAM_PREFETCH must be >= 0, got {STREAM_PREFETCH}")
-    if STREAM_PREFETCH and STREAM_CHANNELS < 64:  # it asks for whole 128-byte lines of bf16
-        raise ValueError(
-            f"conv_kernel.STREAM_CHANNELS must be at least 64 with STREAM_PREFETCH, got "
-            f"{STREAM_CHANNELS}"
-        )
 
 
 def _summed(dx, dw_part, db_part, weight, bias):
