@@ -7,7 +7,7 @@ written), and the largest differences between the two.
 
     python3 benchmarks/conv_kernel.py [--recipe recipes/800m_hybrid.toml] [--batch 8]
         [--seq 4096] [--repeats 20] [--variants default,b64_w8] [--json OUT]
-    python3 benchmarks/conv_kernel.py --best OUT   # its fastest variant, if it beat causal-conv1d's
+    python3 benchmarks/conv_kernel.py --best JSON  # its fastest variant, if it beat causal-conv1d's
 
 Needs CUDA and causal-conv1d for the comparison; on a CPU only ours runs, under Triton's
 interpreter when TRITON_INTERPRET=1 (a check that the script runs, no timing worth reading).
@@ -43,9 +43,6 @@ def passes(backend: str):
     return functools.partial(conv_forward, backend=backend), backward
 
 
-TILE_KEYS, tile_values = conv_kernel.TILE_KEYS, conv_kernel.tile_values
-
-
 def with_tiles(variant: str, fn):
     """fn with conv_kernel's tile globals set from `variant`: 'default', or e.g. 'b64_g8_w8'
     (b: rows a forward tile, g: a backward one, c: channels a tile, r: rows a backward program,
@@ -53,7 +50,7 @@ def with_tiles(variant: str, fn):
     alone, with p runs of q rows and h channels a program, n stages)."""
     if variant == "default":
         return fn
-    values = tile_values(variant)
+    values = conv_kernel.tile_values(variant)
 
     def tiled(*args):
         saved = {k: getattr(conv_kernel, k) for k in values}
@@ -73,7 +70,7 @@ def variant_list(text: str) -> list[str]:
     for v in variants:
         if v != "default":
             try:
-                tile_values(v)
+                conv_kernel.tile_values(v)
             except ValueError as e:
                 raise argparse.ArgumentTypeError(str(e)) from None
     return variants
