@@ -209,8 +209,8 @@ run conv_kernel 120 python3 benchmarks/conv_kernel.py --json "$W/conv_kernel.jso
 # and 8, by runs of rows a program (p: side by side in one tile), rows a run, channels, warps
 # (~8 of a tile's elements a thread) and stages; t2 the backward alone beside the tiled forward
 # (as fast as causal-conv1d's; the fused op runs it twice a layer, its backward once). On an
-# H100 (2026-12-07 night) none beat causal-conv1d's layer: t2_h512 0.669 against 0.645 ms at
-# micro-batch 4; rows asked of the L2 ahead were slower (removed).
+# H100 (2026-12-07 21:25-23:00) none beat causal-conv1d's layer: t2_h512 0.669 against 0.645
+# ms at micro-batch 4; rows asked of the L2 ahead were slower (removed).
 STREAM_VARIANTS=t1_h512,t1_p2_q128_h512,t1_p4_q64_h256,t2_h512,t2_h256,t2_p2_q128_h512
 STREAM_VARIANTS+=,t2_p4_q64_h256,t2_h1024_w8
 run conv_stream 200 python3 benchmarks/conv_kernel.py --json "$W/conv_stream.json" \

@@ -337,7 +337,7 @@ STREAM_SEGMENTS = 1
 # out of its stages (no shared memory at any STREAM_STAGES: benchmarks/kernel_resources.py
 # --conv), rows carried by hand are waited on at the loop's end, and asking the L2 for rows 8,
 # 16 or 32 ahead (PTX prefetch.global.L2) made the backward slower (0.36-0.48 against 0.30
-# ms on an H100: RESULTS.md 2026-12-07 night, removed).
+# ms on an H100: RESULTS.md 2026-12-07 21:25-23:00, removed).
 
 # One letter a global, followed by its value, '_' between: "t2_h512_w8" is STREAM=2,
 # STREAM_CHANNELS=512, NUM_WARPS=8.
