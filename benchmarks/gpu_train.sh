@@ -381,6 +381,10 @@ if [ -n "$BEST_CONV" ]; then
   TOOLKIT_CONV_TILES=$BEST_CONV tp_sizes 300 lever_fastest_no_recompute_conv_best \
     --set 'model.mamba_conv_backend="triton"'
 fi
+# The backward alone a row at a time in whole steps (t2_h512: the sweep's closest, its layer
+# level with causal-conv1d's within the sweep's spread, 2026-12-07 21:25-23:00).
+TOOLKIT_CONV_TILES=t2_h512 tp_sizes 300 lever_fastest_no_recompute_conv_t2 \
+  --set 'model.mamba_conv_backend="triton"'
 # Only Inductor's own kernels tuned (train.compile_mode="coordinate-descent-tuning": block sizes
 # and warps of the GELU, norm and residual-add kernels, ~13% of a micro-batch-4 step at ~2.5 TB/s
 # in the 2026-12-07 night profile; 1.022x for FP8 at the 8B's widths, 1.000x for bf16 there),
