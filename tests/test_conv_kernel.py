@@ -414,7 +414,7 @@ def test_kernel_resources_compiles_the_kernels_each_setting_runs(monkeypatch):
     assert run["BC"] == 256 and tile["BL"] == 64
     if not (Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump").exists():
         pytest.skip("Triton without its CUDA tools")
-    for fn, constants, dtypes, warps, stages in kernels.values():
+    for fn, constants, dtypes, warps, stages in resources.conv_kernels("t2_h256").values():
         _, sass = resources.cuobjdump(fn, constants, dtypes, warps, stages, "-sass")
         assert "LDG" in sass, fn
 
