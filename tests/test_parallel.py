@@ -537,9 +537,10 @@ def test_fused_grad_accumulation_trains_at_other_layouts(tmp_path, single_proces
     assert_losses_track_single_process(tmp_path / "run" / "tb", single_process_run)
 
 
-# The pipeline in make test; TP with sequence parallelism (each rank's part of the stream bf16,
-# the norms' gradients summed over ranks) in make test-long.
-@pytest.mark.parametrize("name", ["pp2", pytest.param("tp2_sp", marks=LONG)])
+# Both in make test-long (10 s each; make test keeps within 15 minutes): the pipeline, and TP with
+# sequence parallelism (each rank's part of the stream bf16, the norms' gradients summed over ranks).
+@LONG
+@pytest.mark.parametrize("name", ["pp2", "tp2_sp"])
 def test_a_bf16_residual_stream_trains_the_same_at_other_layouts(tmp_path, name):
     """model.fp32_residual = false under bf16: the pipeline's stages send the bf16 stream in the
     schedule's fp32 buffers (exactly) and round it back, and under TP with sequence parallelism

@@ -173,6 +173,7 @@ def test_missing_recipe_fails_before_slurm(cluster, tmp_path):
     assert proc.returncode == 2 and "no such recipe file" in proc.stderr
 
 
+@pytest.mark.long  # make test-long (CI runs it): 31 s; make test keeps within 15 minutes
 def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     """Preemption: `scontrol requeue` SIGTERMs the ranks, which checkpoint at the next step (the
     trainer's handler, not submitit's, which would ignore SIGTERM) and exit; the requeued job
