@@ -3,6 +3,7 @@
 # the script's budget, and is skipped when too little is left for it to say anything.
 #   part_budget SECONDS [FROM]  the budget ends SECONDS after FROM (epoch seconds; default now)
 #   fits GIB NAME  before a part that needs GIB of the card's memory: skipped (said) if not
+#   by_card H200_WORDS OTHER_WORDS  the first if the card is an H200, else the second
 #   part NAME TIMEOUT_S CMD...  runs CMD into $PART_DIR/NAME$PART_EXT, then prints a summary
 #     PART_ONLY   names to run, space-separated; empty: every part
 #     PART_MIN_S  a part with fewer seconds of the budget left is skipped (default 30)
@@ -35,6 +36,18 @@ card_gib() {
   mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
   [[ "$mib" =~ ^[0-9]+$ ]] || mib=0
   echo $((mib / 1024))
+}
+
+# The first card's model as nvidia-smi names it ("NVIDIA H200", "NVIDIA H100 80GB HBM3"; empty
+# where it does not answer).
+card_name() {
+  nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
+}
+
+# H200_WORDS if the first card is an H200, else OTHER_WORDS: a call that asks for any card
+# runs what is queued for the one that came.
+by_card() {  # H200_WORDS OTHER_WORDS
+  if [[ "$(card_name)" == *H200* ]]; then echo "$1"; else echo "$2"; fi
 }
 
 # Whether a part needing GIB of the card's memory fits it (CARD_GIB, card_gib's if unset); if not,

@@ -53,6 +53,9 @@
 #     GPU_TRAIN_RUNS="8b28l_bf16_compile_gb8 8b28l_fp8_all_compile_gb8
 #       8b28l_fp8_all_cache_compile_gb8 8b28l_fp8_all_compile 8b28l_fp8_all_cache_compile"
 #       OUT=$OUT bash benchmarks/gpu_train.sh
+# What the latest RESULTS.md entry queues, on whichever card comes (see GPU_TRAIN_RUNS=next below):
+#     GPU_TRAIN_RUNS=next GPU_STATE_DIR=/root/gpu GPU_TRAIN_BUDGET_S=$((470 - SECONDS)) OUT=$OUT \
+#       bash benchmarks/gpu_train.sh
 # GPU_STATE_DIR, if set, becomes .gpu (installs, Triton and Inductor caches: kept while the
 # machine is).
 set -u
@@ -70,6 +73,20 @@ echo "set-up $(( $(date +%s) - START )) s, tree $(tree_digest)"; tail -5 "$OUT/s
 inductor_cache
 clock_log "$W/clocks.csv"  # the power cap beside each run's timed steps (clock_summary.py)
 part_budget "${GPU_TRAIN_BUDGET_S:-500}"
+# GPU_TRAIN_RUNS=next: what RESULTS.md's latest entry queues, for whichever card came (a call
+# asking for any card is then never wasted): on an H200 issue 21's item 1 (the 800M's fastest
+# setting at micro-batch 8, at the recipe's global batch and alone, one step traced) and the
+# conv's backward-alone stream at the global batch; elsewhere that stream's step A/B and
+# Inductor's tuned kernels at micro-batch 4 (H200: ~5 minutes with set-up, H100 ~6).
+if [ "${GPU_TRAIN_RUNS:-}" = next ]; then
+  GPU_TRAIN_RUNS=$(by_card "lever_fastest_no_recompute_gb32 lever_fastest_no_recompute
+    lever_fastest_no_recompute_traced lever_fastest_no_recompute_conv_t2_gb32" \
+    "lever_fastest_no_recompute_mbs4 lever_fastest_no_recompute_mbs4_gb32
+    lever_fastest_no_recompute_conv_t2_mbs4 lever_fastest_no_recompute_conv_t2_mbs4_gb32
+    lever_fastest_no_recompute_cdt_mbs4")
+  GPU_TRAIN_RUNS=$(echo $GPU_TRAIN_RUNS)  # one line
+  echo "next, on $(card_name): $GPU_TRAIN_RUNS"
+fi
 PART_ONLY=${GPU_TRAIN_RUNS:-} PART_DIR=$W
 run() { part "$@"; }  # name timeout_s command...
 # train.fused_grad_accumulation is on by default since 2026-12-05: the runs leave it off unless

@@ -147,3 +147,29 @@ fits 100 big || echo big not run
     assert run(script, "[N/A]")[0] == "0"
     args = (fake.parent / "args").read_text()
     assert "--query-gpu=memory.total" in args and "nounits" in args
+
+
+def test_by_card_picks_the_words_queued_for_the_card_that_came(tmp_path):
+    """by_card (gpu_train.sh's GPU_TRAIN_RUNS=next): the first words on an H200, the second on
+    any other card or where nvidia-smi does not answer; card_name is nvidia-smi's first line."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\necho "$@" > "$(dirname "$0")/args"\nprintf "$NAMES"\n')
+    fake.chmod(0o755)
+
+    def run(names: str) -> list[str]:
+        proc = subprocess.run(
+            ["bash", "-c", "set -u; source benchmarks/gpu_lib.sh\ncard_name\nby_card 'a b' 'c d'"],
+            cwd=ROOT,
+            env={"PATH": f"{fake.parent}:/usr/bin:/bin", "NAMES": names},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0 and not proc.stderr, proc.stderr
+        return proc.stdout.splitlines()
+
+    assert run("NVIDIA H200\\n") == ["NVIDIA H200", "a b"]
+    assert run("NVIDIA H100 80GB HBM3\\nNVIDIA H200\\n") == ["NVIDIA H100 80GB HBM3", "c d"]
+    assert run("") == ["c d"]  # no name, no line
+    assert "--query-gpu=name" in (fake.parent / "args").read_text()
