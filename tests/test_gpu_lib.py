@@ -6,11 +6,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bash(script: str, out: Path) -> list[str]:
+def bash(
+    script: str, out: Path | None = None, fake_bin: Path | None = None, **env: str
+) -> list[str]:
+    """The script's output lines after sourcing gpu_lib.sh, with the stand-ins in `fake_bin`
+    (if any) first on PATH and `env`; it must succeed and print nothing to stderr."""
+    path = f"{fake_bin}:/usr/bin:/bin" if fake_bin else "/usr/bin:/bin"
     proc = subprocess.run(
         ["bash", "-c", f"set -u; source benchmarks/gpu_lib.sh\n{script}"],
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "OUT": str(out)},
+        env={"PATH": path, **({"OUT": str(out)} if out else {}), **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -124,16 +129,7 @@ def test_a_part_that_cannot_fit_the_cards_memory_is_skipped(tmp_path):
     fake.chmod(0o755)
 
     def run(script: str, mib: str) -> list[str]:
-        proc = subprocess.run(
-            ["bash", "-c", f"set -u; source benchmarks/gpu_lib.sh\n{script}"],
-            cwd=ROOT,
-            env={"PATH": f"{fake.parent}:/usr/bin:/bin", "MIB": mib},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0 and not proc.stderr, proc.stderr
-        return proc.stdout.splitlines()
+        return bash(script, fake_bin=fake.parent, MIB=mib)
 
     script = """card_gib
 fits 100 big && echo big runs
@@ -158,16 +154,7 @@ def test_by_card_picks_the_words_queued_for_the_card_that_came(tmp_path):
     fake.chmod(0o755)
 
     def run(names: str) -> list[str]:
-        proc = subprocess.run(
-            ["bash", "-c", "set -u; source benchmarks/gpu_lib.sh\ncard_name\nby_card 'a b' 'c d'"],
-            cwd=ROOT,
-            env={"PATH": f"{fake.parent}:/usr/bin:/bin", "NAMES": names},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0 and not proc.stderr, proc.stderr
-        return proc.stdout.splitlines()
+        return bash("card_name\nby_card 'a b' 'c d'", fake_bin=fake.parent, NAMES=names)
 
     assert run("NVIDIA H200\\n") == ["NVIDIA H200", "a b"]
     assert run("NVIDIA H100 80GB HBM3\\nNVIDIA H200\\n") == ["NVIDIA H100 80GB HBM3", "c d"]
